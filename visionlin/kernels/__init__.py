@@ -1,0 +1,23 @@
+"""Functional attention ops: tensors in, tensors out, heads-last ``[B, N, H, D]``; a ``*_reference`` next to each."""
+
+from ._dispatch import get_op, list_ops
+from .linear import (
+    FEATURE_MAPS,
+    efficient_attention,
+    efficient_attention_reference,
+    linear_attention,
+    linear_attention_reference,
+)
+from .softmax import softmax_attention, softmax_attention_reference
+
+__all__ = [
+    "FEATURE_MAPS",
+    "efficient_attention",
+    "efficient_attention_reference",
+    "get_op",
+    "linear_attention",
+    "linear_attention_reference",
+    "list_ops",
+    "softmax_attention",
+    "softmax_attention_reference",
+]

@@ -1,0 +1,182 @@
+"""Kernelised linear attention, non-causal (bidirectional), heads-last ``[B, N, H, D]``.
+
+With a feature map ``phi`` and ``M`` keys, the score of query ``i`` for key ``j`` is ``a_ij = s * phi(q_i).phi(k_j) / M``.
+Three normalisations turn scores into weights:
+
+* ``"divide"`` (the usual one): ``w_ij = a_ij / (sum_j a_ij + eps)``, rows sum to ~1, weights are non-negative when
+  ``phi`` is.
+* ``"subtract"`` (InLine, injective): ``w_ij = a_ij - mean_j a_ij + 1/M``, rows sum to exactly 1, weights may be
+  negative.
+* ``"none"``: ``w_ij = M * a_ij = s * phi(q_i).phi(k_j)`` (Efficient Attention / cosine attention style).
+
+All three are computed in ``O(N D^2)`` through the ``D x D`` state ``sum_j phi(k_j) v_j^T``; the test suite proves each
+equals its materialised ``O(N^2)`` form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._dispatch import Op
+
+__all__ = [
+    "FEATURE_MAPS",
+    "NORMALIZATIONS",
+    "apply_feature_map",
+    "efficient_attention",
+    "efficient_attention_reference",
+    "linear_attention",
+    "linear_attention_reference",
+]
+
+FeatureMap = str | Callable[[torch.Tensor], torch.Tensor]
+
+
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def _cosine(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "elu": _elu1,  # ELU(x) + 1 (Katharopoulos et al.)
+    "sigmoid": torch.sigmoid,
+    "cosine": _cosine,  # unit-norm head vectors (Cottention)
+}
+NORMALIZATIONS = ("divide", "subtract", "none")
+
+
+def apply_feature_map(x: torch.Tensor, feature_map: FeatureMap) -> torch.Tensor:
+    """Apply a named (see :data:`FEATURE_MAPS`) or callable feature map over the last dim."""
+    if callable(feature_map):
+        return feature_map(x)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown {feature_map=}; choose one of {sorted(FEATURE_MAPS)} or pass a callable")
+    return FEATURE_MAPS[feature_map](x)
+
+
+def _check_args(normalize: str, eps: float) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown {normalize=}; choose one of {NORMALIZATIONS}")
+    if eps < 0:
+        raise ValueError(f"{eps=} must be >= 0")
+
+
+def _default_scale(normalize: str, head_dim: int) -> float:
+    return head_dim**-0.5 if normalize == "subtract" else 1.0
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: FeatureMap = "elu",
+    normalize: str = "divide",
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Specification of :func:`linear_attention`, in float32 with autocast disabled.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        feature_map: Name in :data:`FEATURE_MAPS` or a callable applied to q and k over the last dim.
+        normalize: ``"divide"``, ``"subtract"`` or ``"none"`` (module docstring).
+        scale: Score multiplier ``s``; ``None`` means ``D ** -0.5`` for ``"subtract"`` and ``1`` otherwise.
+        eps: Added to the denominator of ``"divide"``.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    check_heads_last("linear_attention", q, k, v, same_length=False)
+    _check_args(normalize, eps)
+    s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
+    m = k.shape[1]
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        fq = apply_feature_map(q.to(dt), feature_map)
+        fk = apply_feature_map(k.to(dt), feature_map)
+        v = v.to(dt)
+        kv = torch.einsum("bmhd,bmhe->bhde", fk, v) / m  # [B, H, D, Dv]: mean_j phi(k_j) v_j^T
+        num = torch.einsum("bnhd,bhde->bnhe", fq, kv) * s  # [B, N, H, Dv]
+        if normalize == "none":
+            out = num * m
+        else:
+            k_mean = fk.mean(dim=1)  # [B, H, D]
+            row_sum = torch.einsum("bnhd,bhd->bnh", fq, k_mean).unsqueeze(-1) * s  # [B, N, H, 1] = sum_j a_ij
+            if normalize == "divide":
+                out = num / (row_sum + eps)
+            else:  # subtract: sum_j (a_ij - mean_j a_ij + 1/M) v_j = num - row_sum * mean_j v_j + mean_j v_j
+                out = num + (1.0 - row_sum) * v.mean(dim=1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def _supports_any(q, k, v, **kwargs):
+    return is_floating(q, k, v)
+
+
+_op = Op("linear_attention")
+_op.register("reference", linear_attention_reference, _supports_any)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: FeatureMap = "elu",
+    normalize: str = "divide",
+    scale: float | None = None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Kernelised linear attention; the math is in :func:`linear_attention_reference` and the module docstring."""
+    check_heads_last("linear_attention", q, k, v, same_length=False)
+    _check_args(normalize, eps)
+    return _op(q, k, v, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, backend=backend)
+
+
+def efficient_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Efficient Attention (Shen et al., WACV 2021): ``softmax_D(Q) (softmax_N(K)^T V)`` per head, float32.
+
+    The query is normalised with a softmax over its ``D`` channels, each key channel with a softmax over the ``M``
+    positions; no scaling and no denominator.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    check_heads_last("efficient_attention", q, k, v, same_length=False)
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        rq = q.to(dt).softmax(dim=-1)
+        rk = k.to(dt).softmax(dim=1)
+        ctx = torch.einsum("bmhd,bmhe->bhde", rk, v.to(dt))  # [B, H, D, Dv]
+        out = torch.einsum("bnhd,bhde->bnhe", rq, ctx)
+    return out.to(q.dtype)
+
+
+_eff_op = Op("efficient_attention")
+_eff_op.register("reference", efficient_attention_reference, _supports_any)
+
+
+def efficient_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """Efficient Attention; see :func:`efficient_attention_reference`."""
+    check_heads_last("efficient_attention", q, k, v, same_length=False)
+    return _eff_op(q, k, v, backend=backend)

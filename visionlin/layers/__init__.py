@@ -1,0 +1,13 @@
+"""Token mixers (one module per mechanism) and shared blocks."""
+
+from ._base import TokenMixer
+from ._registry import ATTN_LAYERS, create_attn, register_attn
+from .softmax import SoftmaxAttention
+
+__all__ = [
+    "ATTN_LAYERS",
+    "SoftmaxAttention",
+    "TokenMixer",
+    "create_attn",
+    "register_attn",
+]

@@ -1,0 +1,75 @@
+"""Common base for token mixers: head bookkeeping, the per-instance backend, token-layout checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["TokenMixer", "check_tokens", "split_heads", "merge_heads", "tokens_to_map", "map_to_tokens"]
+
+
+def check_tokens(x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int, name: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[B, num_prefix_tokens + H * W, C]`` for ``feat_size = (H, W)``."""
+    if x.ndim != 3:
+        raise ValueError(f"{name}: expected tokens [B, N, C], got {tuple(x.shape)}")
+    if len(feat_size) != 2 or min(feat_size) < 1:
+        raise ValueError(f"{name}: feat_size must be (H, W) with H, W >= 1, got {feat_size=}")
+    expected = num_prefix_tokens + feat_size[0] * feat_size[1]
+    if x.shape[1] != expected:
+        raise ValueError(
+            f"{name}: {x.shape[1]} tokens do not match {num_prefix_tokens=} + H*W for {feat_size=} (= {expected})"
+        )
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, N, H*D] -> [B, N, H, D]`` (channel ``c`` belongs to head ``c // D``)."""
+    return x.unflatten(-1, (num_heads, -1))
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N, H, D] -> [B, N, H*D]``."""
+    return x.flatten(-2)
+
+
+def tokens_to_map(x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
+    """``[B, H*W, C]`` (row-major) -> ``[B, C, H, W]``."""
+    return x.transpose(1, 2).unflatten(-1, feat_size)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, H*W, C]`` (row-major)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class TokenMixer(nn.Module):
+    """Base class of every attention layer.
+
+    Subclasses take ``(dim, num_heads, ...)`` like timm's ``Attention`` and implement
+    ``forward(x, feat_size, num_prefix_tokens=0)`` on tokens ``[B, num_prefix_tokens + H*W, C]`` (prefix tokens such as
+    a class token first, then the ``H x W`` grid in row-major order).
+
+    Attributes:
+        backend: Kernel backend used by this instance (``None`` = automatic choice); see ``visionlin.set_backend``.
+    """
+
+    attn_name: str = ""
+    #: Whether the layer has parameters whose size depends on the token grid (resampled when the grid changes).
+    size_dependent: bool = False
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0:
+            raise ValueError(f"{type(self).__name__}: dim and num_heads must be positive, got {dim=}, {num_heads=}")
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: {dim=} is not divisible by {num_heads=}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend: str | None = None
+
+    @classmethod
+    def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map the authors' parameter names/shapes for this module (keys relative to it) onto ours."""
+        return dict(state_dict)
