@@ -57,6 +57,8 @@ class TokenMixer(nn.Module):
     attn_name: str = ""
     #: Whether the layer has parameters whose size depends on the token grid (resampled when the grid changes).
     size_dependent: bool = False
+    #: Constructor keyword taking the nominal grid ``(H, W)`` of a size-dependent layer (models fill it in).
+    grid_kwarg: str | None = None
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -72,4 +74,8 @@ class TokenMixer(nn.Module):
     @classmethod
     def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map the authors' parameter names/shapes for this module (keys relative to it) onto ours."""
+        return dict(state_dict)
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resample grid-sized tables of a (converted) state dict to this instance's grid; identity by default."""
         return dict(state_dict)

@@ -1,0 +1,153 @@
+"""Infinite Self-Attention (Roffo & Palmer, 2026), both forms, non-causal (bidirectional), heads-last ``[B, N, H, D]``.
+
+Pure InfSA (``O(N^2)``)::
+
+    A   = relu(Q K^T / D)                      # note 1/D: the authors scale q and k by D^-1/2 each
+    A   = A / (||A||_F + eps)                  # Frobenius norm over the whole N x M matrix of each (batch, head)
+    out = rho * A V
+
+Linear InfSA (``O(N D)``), as the authors' code computes it::
+
+    e_n  = ||q_n|| / sqrt(D);   w_n = e_n / (sum_n e_n + eps)
+    qbar = sum_n w_n q_n / sqrt(D)             # one energy-weighted query summary per (batch, head)
+    a_m  = relu(qbar . k_m / sqrt(D));   a_m = a_m / (sum_m a_m + eps)
+    out_n = rho * sum_m a_m v_m                # the SAME vector for every query n (rank-1 attention)
+
+``per_query=True`` is our option (not in the authors' code) that keeps the relu kernel but makes the output depend on
+the query: ``out_n = rho * sum_m relu(q_n).relu(k_m) v_m / (sum_m relu(q_n).relu(k_m) + eps)`` (scores scaled by 1/D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._dispatch import Op
+
+__all__ = [
+    "linear_infsa_attention",
+    "linear_infsa_attention_reference",
+    "pure_infsa_attention",
+    "pure_infsa_attention_reference",
+]
+
+Rho = float | torch.Tensor
+
+
+def _rho(rho: Rho, dt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``rho`` as a tensor broadcastable to ``[B, N, H, D]`` (a scalar or one value per head)."""
+    r = torch.as_tensor(rho, dtype=dt, device=device)
+    if r.ndim == 1:
+        r = r[:, None]  # [H, 1]
+    elif r.ndim != 0:
+        raise ValueError(f"rho must be a scalar or one value per head [H], got shape {tuple(r.shape)}")
+    return r
+
+
+def pure_infsa_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rho: Rho = 1.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """Specification of pure InfSA (module docstring), materialised in float32.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        rho: Discount ``rho`` (a float, a 0-dim tensor or one value per head ``[H]``).
+        eps: Added to the Frobenius norm.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    check_heads_last("pure_infsa_attention", q, k, v, same_length=False)
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        d = q.shape[-1]
+        a = F.relu(torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) / d)  # [B, H, N, M]
+        a = a / (torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True) + eps)
+        out = torch.einsum("bhnm,bmhe->bnhe", a, v.to(dt)) * _rho(rho, dt, q.device)
+    return out.to(q.dtype)
+
+
+def linear_infsa_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rho: Rho = 1.0,
+    eps: float = 1e-6,
+    per_query: bool = False,
+) -> torch.Tensor:
+    """Specification of linear InfSA (module docstring), in float32.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        rho: Discount ``rho`` (a float, a 0-dim tensor or one value per head ``[H]``).
+        eps: Added to the energy sum and to the score sum.
+        per_query: Our query-dependent option (module docstring); ``False`` reproduces the authors.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``; with ``per_query=False`` every query row is identical.
+    """
+    check_heads_last("linear_infsa_attention", q, k, v, same_length=False)
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        scale = q.shape[-1] ** -0.5
+        qs, ks, v = q.to(dt) * scale, k.to(dt) * scale, v.to(dt)
+        r = _rho(rho, dt, q.device)
+        if per_query:
+            fq, fk = F.relu(qs), F.relu(ks)
+            kv = torch.einsum("bmhd,bmhe->bhde", fk, v)  # [B, H, D, Dv]
+            num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
+            den = torch.einsum("bnhd,bhd->bnh", fq, fk.sum(dim=1)).unsqueeze(-1)
+            return (r * num / (den + eps)).to(q.dtype)
+        energy = torch.linalg.vector_norm(qs, dim=-1)  # [B, N, H]
+        w = energy / (energy.sum(dim=1, keepdim=True) + eps)
+        q_bar = torch.einsum("bnh,bnhd->bhd", w, qs)  # [B, H, D]
+        a = F.relu(torch.einsum("bhd,bmhd->bmh", q_bar, ks))  # [B, M, H]
+        a = a / (a.sum(dim=1, keepdim=True) + eps)
+        ctx = torch.einsum("bmh,bmhe->bhe", a, v)  # [B, H, Dv]
+        out = (r * ctx).unsqueeze(1).expand(-1, q.shape[1], -1, -1)
+    return out.to(q.dtype)
+
+
+def _supports_any(q, k, v, **kwargs):
+    return is_floating(q, k, v)
+
+
+_pure_op = Op("pure_infsa_attention")
+_pure_op.register("reference", pure_infsa_attention_reference, _supports_any)
+_linear_op = Op("linear_infsa_attention")
+_linear_op.register("reference", linear_infsa_attention_reference, _supports_any)
+
+
+def pure_infsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rho: Rho = 1.0,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Pure (quadratic) InfSA; see :func:`pure_infsa_attention_reference`."""
+    check_heads_last("pure_infsa_attention", q, k, v, same_length=False)
+    return _pure_op(q, k, v, rho=rho, eps=eps, backend=backend)
+
+
+def linear_infsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rho: Rho = 1.0,
+    eps: float = 1e-6,
+    per_query: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Linear InfSA; see :func:`linear_infsa_attention_reference`."""
+    check_heads_last("linear_infsa_attention", q, k, v, same_length=False)
+    return _linear_op(q, k, v, rho=rho, eps=eps, per_query=per_query, backend=backend)

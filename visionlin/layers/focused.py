@@ -1,0 +1,143 @@
+"""Focused linear attention token mixer (FLatten), with every part of the authors' module.
+
+Parts: fused ``qkv``; a learned absolute positional encoding added to the keys of the grid tokens
+(``positional_encoding``, ``[1, H*W, C]`` for ``pos_size = (H, W)``, resampled when the grid differs); a per-channel
+learnable scale (``softplus(scale)`` divides q and k); the focusing map with norms over all heads jointly; the
+depthwise convolution ``dwc`` on the value map with ONE ``head_dim``-channel kernel shared by every head; ``proj``.
+Prefix tokens (a class token) attend and are attended, but get no positional encoding and no ``dwc`` term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ..kernels.focused import focused_linear_attention
+from ._base import TokenMixer, check_tokens, merge_heads, split_heads
+from ._registry import register_attn
+
+__all__ = ["FocusedLinearAttention"]
+
+
+@register_attn("flatten")
+class FocusedLinearAttention(TokenMixer):
+    """FLatten focused linear attention.
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads ``H``.
+        qkv_bias: Bias on ``qkv``.
+        qk_norm: Not supported (``NotImplementedError``).
+        attn_drop: Must be 0 (no attention matrix exists).
+        proj_drop: Dropout after ``proj``.
+        norm_layer: Unused unless ``qk_norm``.
+        focusing_factor: The power ``p`` (the authors: 3).
+        dwc_kernel: Kernel size of the shared depthwise convolution (the authors: 5).
+        pos_size: Grid ``(H, W)`` of the learned key positional encoding; ``None`` leaves it out.
+        joint_heads: Focusing norms over all heads (the authors) or per head.
+    """
+
+    size_dependent = True
+    grid_kwarg = "pos_size"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        *,
+        focusing_factor: float = 3.0,
+        dwc_kernel: int = 5,
+        pos_size: tuple[int, int] | None = None,
+        joint_heads: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads)
+        if qk_norm:
+            raise NotImplementedError("FocusedLinearAttention does not support qk_norm=True")
+        if attn_drop:
+            raise NotImplementedError(f"FocusedLinearAttention does not support attention dropout ({attn_drop=})")
+        if dwc_kernel < 1 or dwc_kernel % 2 == 0:
+            raise ValueError(f"{dwc_kernel=} must be a positive odd integer")
+        if not focusing_factor > 0:
+            raise ValueError(f"{focusing_factor=} must be > 0")
+        dd = {"device": device, "dtype": dtype}
+        self.focusing_factor = focusing_factor
+        self.joint_heads = joint_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        hd = self.head_dim
+        self.dwc = nn.Conv2d(hd, hd, dwc_kernel, padding=dwc_kernel // 2, groups=hd, **dd)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim, **dd))
+        self.pos_size = None if pos_size is None else tuple(pos_size)
+        if self.pos_size is not None:
+            self.positional_encoding = nn.Parameter(torch.zeros(1, self.pos_size[0] * self.pos_size[1], dim, **dd))
+        else:
+            self.register_parameter("positional_encoding", None)
+
+    def key_pos_embed(self, feat_size: tuple[int, int]) -> torch.Tensor | None:
+        """The key positional encoding for a ``feat_size`` grid, ``[1, H*W, C]`` (resampled if needed)."""
+        pe = self.positional_encoding
+        if pe is None or tuple(feat_size) == self.pos_size:
+            return pe
+        return resample_abs_pos_embed(pe, new_size=list(feat_size), old_size=list(self.pos_size), num_prefix_tokens=0)
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]``."""
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        pe = self.key_pos_embed(feat_size)
+        if pe is not None:
+            k = torch.cat([k[:, :num_prefix_tokens], k[:, num_prefix_tokens:] + pe], dim=1)
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+        channel_scale = F.softplus(self.scale).view(self.num_heads, self.head_dim)
+        out = focused_linear_attention(
+            q,
+            k,
+            v,
+            focusing_factor=self.focusing_factor,
+            channel_scale=channel_scale,
+            joint_heads=self.joint_heads,
+            backend=self.backend,
+        )
+        out = merge_heads(out)
+        # Shared depthwise conv over every head's (H, W, D) value map.
+        vg = v[:, num_prefix_tokens:]  # [B, HW, h, D]
+        b, hw, h, d = vg.shape
+        vmap = vg.permute(0, 2, 3, 1).reshape(b * h, d, *feat_size)
+        local = self.dwc(vmap).reshape(b, h * d, hw).transpose(1, 2)  # [B, HW, C] with channel = head*D + j
+        out = torch.cat([out[:, :num_prefix_tokens], out[:, num_prefix_tokens:] + local], dim=1)
+        return self.proj_drop(self.proj(out))
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resample a loaded ``positional_encoding`` (square grid assumed, as the authors') to ``pos_size``."""
+        sd = dict(state_dict)
+        pe = sd.get("positional_encoding")
+        if pe is not None and self.pos_size is not None and pe.shape[1] != self.pos_size[0] * self.pos_size[1]:
+            side = int(round(pe.shape[1] ** 0.5))
+            if side * side != pe.shape[1]:
+                raise ValueError(f"cannot infer the grid of a positional_encoding with {pe.shape[1]} tokens")
+            sd["positional_encoding"] = resample_abs_pos_embed(
+                pe, new_size=list(self.pos_size), old_size=[side, side], num_prefix_tokens=0, verbose=False
+            )
+        return sd
+
+    @classmethod
+    def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Identity for the Swin form; the PVT form's ``q`` + ``kv`` Linears are fused into ``qkv``."""
+        sd = dict(state_dict)
+        if "q.weight" in sd and "kv.weight" in sd:
+            for kind in ("weight", "bias"):
+                if f"q.{kind}" in sd:
+                    sd[f"qkv.{kind}"] = torch.cat([sd.pop(f"q.{kind}"), sd.pop(f"kv.{kind}")], dim=0)
+        return sd

@@ -1,0 +1,128 @@
+"""Infinite Self-Attention token mixers (pure and linear), with the authors' parameters.
+
+The authors' module (``infsa.attention.InfSAAttention``) has separate ``q_proj/k_proj/v_proj/out_proj`` Linears with
+bias and a scalar ``rho_logit``; we fuse q/k/v into timm's ``qkv`` and rename ``out_proj`` to ``proj``
+(:meth:`convert_official_state_dict` does both). The authors detach ``rho = sigmoid(rho_logit)`` (via ``.item()``), so
+``rho`` never trains although it is a parameter: our default reproduces that with ``requires_grad=False``;
+``learn_rho=True`` is the fix (a tensor op, no host sync, no graph break).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..kernels.infsa import linear_infsa_attention, pure_infsa_attention
+from ._base import TokenMixer, check_tokens, merge_heads, split_heads
+from ._registry import register_attn
+
+__all__ = ["LinearInfSAAttention", "PureInfSAAttention"]
+
+
+class _InfSABase(TokenMixer):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        *,
+        rho_init: float = 0.95,
+        learn_rho: bool = False,
+        eps: float = 1e-6,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads)
+        if not 0.0 < rho_init < 1.0:
+            raise ValueError(f"{rho_init=} must lie in (0, 1) (rho = sigmoid(rho_logit))")
+        if attn_drop:
+            raise NotImplementedError(f"{type(self).__name__} does not support attention-score dropout ({attn_drop=})")
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or nn.LayerNorm
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.learn_rho = learn_rho
+        self.eps = eps
+        logit = math.log(rho_init / (1.0 - rho_init))
+        self.rho_logit = nn.Parameter(torch.tensor(logit, device=device, dtype=dtype), requires_grad=learn_rho)
+
+    def rho(self) -> torch.Tensor:
+        """``sigmoid(rho_logit)`` in float32; detached unless ``learn_rho`` (the authors detach it)."""
+        r = torch.sigmoid(self.rho_logit.float())
+        return r if self.learn_rho else r.detach()
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)
+        return self.q_norm(q), self.k_norm(k), v
+
+    @classmethod
+    def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fuse the authors' ``q_proj/k_proj/v_proj`` into ``qkv`` and rename ``out_proj`` to ``proj``."""
+        sd = dict(state_dict)
+        if "q_proj.weight" in sd:
+            for kind in ("weight", "bias"):
+                parts = [sd.pop(f"{n}_proj.{kind}", None) for n in "qkv"]
+                if all(p is not None for p in parts):
+                    sd[f"qkv.{kind}"] = torch.cat(parts, dim=0)
+        for kind in ("weight", "bias"):
+            if f"out_proj.{kind}" in sd:
+                sd[f"proj.{kind}"] = sd.pop(f"out_proj.{kind}")
+        return sd
+
+
+@register_attn("infsa")
+class LinearInfSAAttention(_InfSABase):
+    """Linear InfSA (``O(N D)``): an energy-weighted query summary scores the keys once; see ``kernels.infsa``.
+
+    With the default ``per_query=False`` every token receives the same context vector (the authors' code); token
+    identity survives only through the residual path. ``per_query=True`` is our query-dependent option.
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads ``H``.
+        qkv_bias: Bias on ``qkv`` (the authors: always).
+        qk_norm: Normalise q and k per head with ``norm_layer``.
+        attn_drop: Must be 0 (no attention matrix exists to drop from).
+        proj_drop: Dropout after ``proj``.
+        norm_layer: Norm used by ``qk_norm``.
+        rho_init: Initial ``rho``.
+        learn_rho: Let gradients reach ``rho_logit`` (the authors' code does not).
+        eps: The authors' ``1e-6`` in both normalisations.
+        per_query: Query-dependent output (not in the authors' code).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *args, per_query: bool = False, **kwargs) -> None:
+        super().__init__(dim, num_heads, *args, **kwargs)
+        self.per_query = per_query
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        q, k, v = self._qkv(x)
+        out = linear_infsa_attention(q, k, v, rho=self.rho(), eps=self.eps, per_query=self.per_query, backend=self.backend)
+        return self.proj_drop(self.proj(merge_heads(out)))
+
+
+@register_attn("infsa_pure")
+class PureInfSAAttention(_InfSABase):
+    """Pure InfSA (``O(N^2)``): ``rho * relu(QK^T/D) / ||.||_F @ V``; see ``kernels.infsa``.
+
+    Args: as :class:`LinearInfSAAttention`, without ``per_query``.
+    """
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        q, k, v = self._qkv(x)
+        out = pure_infsa_attention(q, k, v, rho=self.rho(), eps=self.eps, backend=self.backend)
+        return self.proj_drop(self.proj(merge_heads(out)))

@@ -1,0 +1,6 @@
+"""Backbone families; importing this package registers every entrypoint with timm."""
+
+from . import vit
+from .vit import EfficientVisionTransformer
+
+__all__ = ["EfficientVisionTransformer", "vit"]

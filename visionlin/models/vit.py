@@ -1,0 +1,659 @@
+"""Isotropic (DeiT-shaped) vision transformers with an efficient-attention token mixer per block.
+
+One skeleton, the mechanism is a constructor argument (``attn_layer``, per block if a sequence). The named
+entrypoints pin the published configurations:
+
+* InfViT (Roffo & Palmer, 2026, arXiv 2603.00175): Linear-InfSA in every block (``infvit_*``) and the quadratic
+  twins (``infvit_pure_*``), DeiT widths.
+* FLatten-DeiT (Han et al., ICCV 2023, arXiv 2308.00442): focused linear attention in every block.
+* Agent-DeiT (Han et al., ECCV 2024, arXiv 2312.08874): agent attention in every block (T/S, 49 agents) or the first
+  four (B, 81 agents), softmax elsewhere.
+* InLine-DeiT (Han et al., NeurIPS 2024, arXiv 2412.06590): injective linear attention in every block; S and B are
+  narrower models trained at 288 and 448 px.
+
+Resolution is not locked: with ``dynamic_img_size=True`` (the entrypoints' default) any input whose sides are
+multiples of the patch size runs; the absolute position embedding and each layer's grid-sized tables are resampled.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import ATTN_LAYERS, TokenMixer, create_attn
+
+__all__ = ["Block", "EfficientVisionTransformer", "checkpoint_filter_fn"]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (optional LayerScale)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        attn_layer: str = "softmax",
+        attn_kwargs: Mapping[str, Any] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn: TokenMixer = create_attn(
+            attn_layer,
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **dict(attn_kwargs or {}),
+            **dd,
+        )
+        self.ls1 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """Tokens ``[B, num_prefix_tokens + H*W, C]`` in and out."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), feat_size, num_prefix_tokens)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class EfficientVisionTransformer(nn.Module):
+    """DeiT-shaped vision transformer whose token mixer is chosen per block.
+
+    Args:
+        img_size: Nominal input size (sets the position-embedding grid and the grid of size-dependent layers).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0 = no classifier).
+        global_pool: ``"token"`` (class token), ``"avg"`` (mean of grid tokens), ``"avgmax"``, ``"max"`` or ``""``.
+        embed_dim: Width ``C``.
+        depth: Number of blocks.
+        num_heads: Attention heads.
+        mlp_ratio: MLP hidden width / ``C``.
+        qkv_bias: Bias on q/k/v projections.
+        qk_norm: Normalise q and k (mechanisms that cannot raise ``NotImplementedError``).
+        init_values: LayerScale init (``None`` = no LayerScale).
+        class_token: Prepend a class token.
+        reg_tokens: Number of register tokens.
+        no_embed_class: Position embedding covers the grid tokens only.
+        dynamic_img_size: Accept any input whose sides are multiples of ``patch_size``.
+        dynamic_img_pad: Pad inputs to a multiple of ``patch_size`` instead of raising.
+        fc_norm: Norm after pooling instead of before (default: with ``"avg"`` pooling).
+        drop_rate: Dropout before the classifier.
+        pos_drop_rate: Dropout after adding position embeddings.
+        proj_drop_rate: Dropout after attention / MLP projections.
+        attn_drop_rate: Attention dropout (mechanisms without an attention matrix must get 0).
+        drop_path_rate: Stochastic depth, linearly increasing over blocks.
+        norm_layer: Norm (default ``LayerNorm(eps=norm_eps)``).
+        norm_eps: LayerNorm epsilon when ``norm_layer`` is not given.
+        act_layer: MLP activation (default GELU).
+        attn_layer: Registered token-mixer name, or one per block.
+        attn_kwargs: Keywords for the token mixer, or one dict per block.
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        dynamic_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        fc_norm: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        norm_eps: float = 1e-6,
+        act_layer: Callable[..., nn.Module] | None = None,
+        attn_layer: str | Sequence[str] = "softmax",
+        attn_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if global_pool not in ("", "avg", "avgmax", "max", "token"):
+            raise ValueError(f"{global_pool=} is not one of '', 'avg', 'avgmax', 'max', 'token'")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if in_chans < 1:
+            raise ValueError(f"{in_chans=} must be >= 1")
+        if embed_dim % num_heads:
+            raise ValueError(f"{embed_dim=} is not divisible by {num_heads=}")
+        attn_layers = [attn_layer] * depth if isinstance(attn_layer, str) else list(attn_layer)
+        if attn_kwargs is None or isinstance(attn_kwargs, Mapping):
+            per_block_kwargs = [dict(attn_kwargs or {}) for _ in range(depth)]
+        else:
+            per_block_kwargs = [dict(a) for a in attn_kwargs]
+        if len(attn_layers) != depth or len(per_block_kwargs) != depth:
+            raise ValueError(
+                f"attn_layer / attn_kwargs need one entry per block ({depth=}), "
+                f"got {len(attn_layers)} and {len(per_block_kwargs)}"
+            )
+        unknown = sorted({name for name in attn_layers if name not in ATTN_LAYERS})
+        if unknown:
+            raise ValueError(f"unknown attention layer(s) {unknown}; choose from {sorted(ATTN_LAYERS)}")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
+        act_layer = act_layer or nn.GELU
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=True,
+            strict_img_size=not dynamic_img_size,
+            dynamic_img_pad=dynamic_img_pad,
+            output_fmt="NHWC",
+            **dd,
+        )
+        grid = tuple(self.patch_embed.grid_size)
+        num_patches = grid[0] * grid[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim, **dd) * 0.02)
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        blocks = []
+        for i, (name, kw) in enumerate(zip(attn_layers, per_block_kwargs)):
+            grid_kwarg = getattr(ATTN_LAYERS[name], "grid_kwarg", None)
+            if grid_kwarg and grid_kwarg not in kw:
+                kw[grid_kwarg] = grid
+            blocks.append(
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    attn_layer=name,
+                    attn_kwargs=kw,
+                    **dd,
+                )
+            )
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = norm_layer(embed_dim, **dd) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim, **dd) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # timm contract: optimisation helpers -----------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Position embeddings, prefix tokens and the mechanisms' positional / bias / scalar parameters."""
+        skip = {"pos_embed", "cls_token", "reg_token"}
+        pattern = re.compile(r"(positional_encoding|_bias$|rho_logit|\.scale$|temperature)")
+        for name, p in self.named_parameters():
+            if ".attn." in name and pattern.search(name) and not name.endswith((".bias",)):
+                skip.add(name)
+            elif name.endswith(("attn.scale", "attn.rho_logit")):
+                skip.add(name)
+        return skip
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed|^reg_token",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (identical outputs, less memory)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier; ``num_classes=0`` keeps pooled features, ``global_pool=''`` disables pooling."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("", "avg", "avgmax", "max", "token"):
+                raise ValueError(f"{global_pool=} is not one of '', 'avg', 'avgmax', 'max', 'token'")
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        ref = self.pos_embed
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+        )
+
+    # Forward ----------------------------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"input has {x.shape[1]} channels, the model expects in_chans={self.in_chans}")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if not self.patch_embed.dynamic_img_pad and (h % p or w % p):
+            raise ValueError(
+                f"input size {(h, w)} is not divisible by patch_size={p}; use sides that are multiples of {p} "
+                "or create the model with dynamic_img_pad=True"
+            )
+        if not self.dynamic_img_size and (h, w) != tuple(self.patch_embed.img_size):
+            raise ValueError(
+                f"input size {(h, w)} differs from img_size={tuple(self.patch_embed.img_size)}; "
+                "create the model with dynamic_img_size=True for other sizes"
+            )
+
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``[B, H, W, C]`` patches -> ``[B, prefix + H*W, C]`` tokens with position embeddings, and ``(H, W)``."""
+        b, h, w, c = x.shape
+        grid = tuple(self.patch_embed.grid_size)
+        pos_embed = self.pos_embed
+        if (h, w) != grid:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            pos_embed = resample_abs_pos_embed(pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=prefix)
+        x = x.reshape(b, h * w, c)
+        prefix_tokens = []
+        if self.cls_token is not None:
+            prefix_tokens.append(self.cls_token.expand(b, -1, -1))
+        if self.reg_token is not None:
+            prefix_tokens.append(self.reg_token.expand(b, -1, -1))
+        if self.no_embed_class:
+            x = torch.cat([*prefix_tokens, x + pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix_tokens, x], dim=1) + pos_embed
+        return self.pos_drop(x), (h, w)
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, feat_size, self.num_prefix_tokens, use_reentrant=False)
+        return blk(x, feat_size, self.num_prefix_tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C_in, H, W]`` -> normalised tokens ``[B, prefix + H/p * W/p, C]`` (unpooled)."""
+        self._check_input(x)
+        x, feat_size = self._pos_embed(self.patch_embed(x))
+        for blk in self.blocks:
+            x = self._run_block(blk, x, feat_size)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """Pool tokens ``[B, N, C] -> [B, C]`` (or pass them through for ``''``)."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
+            return x[:, 0]
+        grid_tokens = x[:, self.num_prefix_tokens :]
+        if pool_type == "avg":
+            return grid_tokens.mean(dim=1)
+        if pool_type == "max":
+            return grid_tokens.amax(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (grid_tokens.mean(dim=1) + grid_tokens.amax(dim=1))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> logits ``[B, num_classes]`` (or pooled features ``[B, C]`` with ``pre_logits=True``)."""
+        x = self.fc_norm(self.pool(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C_in, H, W]`` -> logits ``[B, num_classes]``."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[Any]]:
+        """Block outputs as feature maps (timm's ``forward_intermediates`` contract).
+
+        Args:
+            x: Images ``[B, C_in, H, W]``.
+            indices: Take the last ``n`` blocks if an int, these block indices if a list, all if ``None``.
+            return_prefix_tokens: Pair each map with its prefix tokens ``[B, prefix, C]``.
+            norm: Apply the final norm to each intermediate.
+            stop_early: Stop after the last requested block (only with ``intermediates_only``).
+            output_fmt: ``"NCHW"`` (maps ``[B, C, H/p, W/p]``) or ``"NLC"`` (grid tokens ``[B, H/p*W/p, C]``).
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or ``(final forward_features output, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"{output_fmt=} must be 'NCHW' or 'NLC'")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        b = x.shape[0]
+        x, feat_size = self._pos_embed(self.patch_embed(x))
+        blocks = self.blocks if not (stop_early and intermediates_only) else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x, feat_size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(b, *feat_size, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop blocks (and optionally norm / head) not needed for the requested intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+# Checkpoint conversion ------------------------------------------------------------------------------------------------
+_INFSA_EXAMPLE = [
+    (r"^encoder\.layers\.(\d+)\.ff\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.(\d+)\.ff\.3\.", r"blocks.\1.mlp.fc2."),
+    (r"^encoder\.layers\.(\d+)\.", r"blocks.\1."),
+    (r"^encoder\.norm\.", "norm."),
+    (r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"),
+]
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], Mapping):
+            return state_dict[key]
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTransformer) -> dict[str, torch.Tensor]:
+    """Map the authors' checkpoints onto :class:`EfficientVisionTransformer`.
+
+    Handles DeiT-style checkpoints (Agent-DeiT, InLine-DeiT: ``{'model': ...}`` with ``blocks.i.attn.*``), the InfSA
+    example classifier (``encoder.layers.i.*``, ``q_proj/k_proj/v_proj/out_proj``) and our own. Each block's attention
+    keys go through its layer's ``convert_official_state_dict`` and ``adapt_state_dict`` (grid-sized tables resampled
+    to the model's grid); the position embedding is resampled to the model's grid.
+    """
+    state_dict = dict(_unwrap(state_dict))
+    if any(k.startswith("encoder.layers.") for k in state_dict):
+        renamed = {}
+        for k, v in state_dict.items():
+            for pattern, repl in _INFSA_EXAMPLE:
+                k, n = re.subn(pattern, repl, k)
+                if n:
+                    break
+            renamed[k] = v
+        state_dict = renamed
+    state_dict.pop("head_dist.weight", None)
+    state_dict.pop("head_dist.bias", None)
+    state_dict.pop("dist_token", None)
+
+    out: dict[str, torch.Tensor] = {}
+    per_block: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.(.+)$", k)
+        if m and int(m.group(1)) < len(model.blocks):
+            per_block.setdefault(int(m.group(1)), {})[m.group(2)] = v
+            continue
+        if k == "patch_embed.proj.weight" and v.ndim < 4:
+            v = v.reshape(model.patch_embed.proj.weight.shape)
+        elif k == "pos_embed" and v.shape != model.pos_embed.shape:
+            prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+            v = resample_abs_pos_embed(
+                v, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, verbose=False
+            )
+        out[k] = v
+    for i, sub in per_block.items():
+        attn = model.blocks[i].attn
+        sub = attn.convert_official_state_dict(sub)
+        sub = attn.adapt_state_dict(sub)
+        out.update({f"blocks.{i}.attn.{k}": v for k, v in sub.items()})
+    return out
+
+
+# Configurations -------------------------------------------------------------------------------------------------------
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_INFVIT = {"paper_ids": "arXiv:2603.00175", "origin_url": "https://github.com/giorgioroffo/infinite-self-attention"}
+_FLATTEN = {"paper_ids": "arXiv:2308.00442", "origin_url": "https://github.com/LeapLabTHU/FLatten-Transformer"}
+_AGENT = {"paper_ids": "arXiv:2312.08874", "origin_url": "https://github.com/LeapLabTHU/Agent-Attention"}
+_INLINE = {"paper_ids": "arXiv:2412.06590", "origin_url": "https://github.com/LeapLabTHU/InLine"}
+_UNTRAINED = "No released ImageNet weights; architecture only."
+
+default_cfgs = generate_default_cfgs(
+    {
+        "infvit_tiny.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "infvit_small.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "infvit_base.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "infvit_pure_tiny.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "infvit_pure_small.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "infvit_pure_base.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
+        "flatten_deit_tiny.untrained": _cfg(notes=_UNTRAINED, **_FLATTEN),
+        "flatten_deit_small.untrained": _cfg(notes=_UNTRAINED, **_FLATTEN),
+        "agent_deit_tiny.in1k": _cfg(**_AGENT),
+        "agent_deit_small.in1k": _cfg(**_AGENT),
+        "agent_deit_base.in1k": _cfg(**_AGENT),
+        "inline_deit_tiny.in1k": _cfg(**_INLINE),
+        "inline_deit_small.in1k": _cfg(input_size=(3, 288, 288), crop_pct=1.0, **_INLINE),
+        "inline_deit_base.in1k": _cfg(input_size=(3, 448, 448), crop_pct=1.0, **_INLINE),
+    }
+)
+
+
+def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        EfficientVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _widths(size: str) -> dict[str, Any]:
+    return {
+        "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+        "small": dict(embed_dim=384, depth=12, num_heads=6),
+        "base": dict(embed_dim=768, depth=12, num_heads=12),
+    }[size]
+
+
+# Entrypoints ----------------------------------------------------------------------------------------------------------
+@register_model
+def infvit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InfViT-Tiny: Linear-InfSA in all 12 blocks, DeiT-T widths (192, 3 heads)."""
+    return _create_vit("infvit_tiny", pretrained, **dict(_widths("tiny"), attn_layer="infsa", **kwargs))
+
+
+@register_model
+def infvit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InfViT-Small: Linear-InfSA in all 12 blocks, DeiT-S widths (384, 6 heads)."""
+    return _create_vit("infvit_small", pretrained, **dict(_widths("small"), attn_layer="infsa", **kwargs))
+
+
+@register_model
+def infvit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InfViT-Base: Linear-InfSA in all 12 blocks, DeiT-B widths (768, 12 heads)."""
+    return _create_vit("infvit_base", pretrained, **dict(_widths("base"), attn_layer="infsa", **kwargs))
+
+
+@register_model
+def infvit_pure_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Pure (quadratic) InfViT-Tiny: pure InfSA in all 12 blocks, DeiT-T widths."""
+    return _create_vit("infvit_pure_tiny", pretrained, **dict(_widths("tiny"), attn_layer="infsa_pure", **kwargs))
+
+
+@register_model
+def infvit_pure_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Pure (quadratic) InfViT-Small: pure InfSA in all 12 blocks, DeiT-S widths."""
+    return _create_vit("infvit_pure_small", pretrained, **dict(_widths("small"), attn_layer="infsa_pure", **kwargs))
+
+
+@register_model
+def infvit_pure_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Pure (quadratic) InfViT-Base: pure InfSA in all 12 blocks, DeiT-B widths."""
+    return _create_vit("infvit_pure_base", pretrained, **dict(_widths("base"), attn_layer="infsa_pure", **kwargs))
+
+
+@register_model
+def flatten_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """FLatten-DeiT-Tiny: focused linear attention (p=3, 5x5 shared DWC, key PE) in all blocks, DeiT-T widths."""
+    return _create_vit("flatten_deit_tiny", pretrained, **dict(_widths("tiny"), attn_layer="flatten", **kwargs))
+
+
+@register_model
+def flatten_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """FLatten-DeiT-Small: focused linear attention in all blocks, DeiT-S widths."""
+    return _create_vit("flatten_deit_small", pretrained, **dict(_widths("small"), attn_layer="flatten", **kwargs))
+
+
+def _agent_args(depth: int, agent_num: int, agent_blocks: int) -> dict[str, Any]:
+    layers = ["agent" if i < agent_blocks else "softmax" for i in range(depth)]
+    kwargs = [dict(agent_num=agent_num, num_prefix_tokens=1) if i < agent_blocks else {} for i in range(depth)]
+    return dict(attn_layer=layers, attn_kwargs=kwargs)
+
+
+@register_model
+def agent_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Agent-DeiT-Tiny: agent attention (49 agents) in all 12 blocks, DeiT-T widths."""
+    args = dict(_widths("tiny"), **_agent_args(12, 49, 12))
+    return _create_vit("agent_deit_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Agent-DeiT-Small: agent attention (49 agents) in all 12 blocks, DeiT-S widths."""
+    args = dict(_widths("small"), **_agent_args(12, 49, 12))
+    return _create_vit("agent_deit_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """Agent-DeiT-Base: agent attention (81 agents) in the first 4 blocks, softmax in the other 8, DeiT-B widths."""
+    args = dict(_widths("base"), **_agent_args(12, 81, 4))
+    return _create_vit("agent_deit_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def inline_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InLine-DeiT-Tiny: injective linear attention in all blocks; 192 wide, 6 heads of 32, 224 px."""
+    args = dict(embed_dim=192, depth=12, num_heads=6, attn_layer="inline")
+    return _create_vit("inline_deit_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def inline_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InLine-DeiT-Small: injective linear attention in all blocks; 320 wide, 10 heads, 288 px."""
+    args = dict(embed_dim=320, depth=12, num_heads=10, attn_layer="inline", img_size=288)
+    return _create_vit("inline_deit_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def inline_deit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
+    """InLine-DeiT-Base: injective linear attention in all blocks; 384 wide, 12 heads, 448 px."""
+    args = dict(embed_dim=384, depth=12, num_heads=12, attn_layer="inline", img_size=448)
+    return _create_vit("inline_deit_base", pretrained, **dict(args, **kwargs))
