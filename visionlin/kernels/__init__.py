@@ -1,6 +1,13 @@
 """Functional attention ops: tensors in, tensors out, heads-last ``[B, N, H, D]``; a ``*_reference`` next to each."""
 
 from ._dispatch import get_op, list_ops
+from .focused import focused_linear_attention, focused_linear_attention_reference
+from .infsa import (
+    linear_infsa_attention,
+    linear_infsa_attention_reference,
+    pure_infsa_attention,
+    pure_infsa_attention_reference,
+)
 from .linear import (
     FEATURE_MAPS,
     efficient_attention,
@@ -14,6 +21,12 @@ __all__ = [
     "FEATURE_MAPS",
     "efficient_attention",
     "efficient_attention_reference",
+    "focused_linear_attention",
+    "focused_linear_attention_reference",
+    "linear_infsa_attention",
+    "linear_infsa_attention_reference",
+    "pure_infsa_attention",
+    "pure_infsa_attention_reference",
     "get_op",
     "linear_attention",
     "linear_attention_reference",

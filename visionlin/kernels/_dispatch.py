@@ -68,7 +68,9 @@ class Op:
             chosen = self.backends[backend]
             reasons = chosen.supports(*args, **kwargs)
             if reasons:
-                raise NotImplementedError(f"{self.name}: backend {backend!r} cannot run this call: {'; '.join(reasons)}")
+                raise NotImplementedError(
+                    f"{self.name}: backend {backend!r} cannot run this call: {'; '.join(reasons)}"
+                )
             return chosen
         rejected = []
         for candidate in self.backends.values():

@@ -40,7 +40,9 @@ def focus(
         x = x / channel_scale
     dims = (-2, -1) if joint_heads else (-1,)
     xp = x**focusing_factor
-    return xp * (torch.linalg.vector_norm(x, dim=dims, keepdim=True) / torch.linalg.vector_norm(xp, dim=dims, keepdim=True))
+    return xp * (
+        torch.linalg.vector_norm(x, dim=dims, keepdim=True) / torch.linalg.vector_norm(xp, dim=dims, keepdim=True)
+    )
 
 
 def _check(focusing_factor: float, eps: float) -> None:

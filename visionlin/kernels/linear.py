@@ -7,7 +7,9 @@ Three normalisations turn scores into weights:
   ``phi`` is.
 * ``"subtract"`` (InLine, injective): ``w_ij = a_ij - mean_j a_ij + 1/M``, rows sum to exactly 1, weights may be
   negative.
-* ``"none"``: ``w_ij = M * a_ij = s * phi(q_i).phi(k_j)`` (Efficient Attention / cosine attention style).
+* ``"none"``: ``w_ij = M * a_ij = s * phi(q_i).phi(k_j)`` (cosine attention style). Un-normalised: the output
+  grows with ``M``, and at long sequences its true value can exceed the float16 range (the computation itself runs
+  in float32).
 
 All three are computed in ``O(N D^2)`` through the ``D x D`` state ``sum_j phi(k_j) v_j^T``; the test suite proves each
 equals its materialised ``O(N^2)`` form.

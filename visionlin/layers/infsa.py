@@ -109,7 +109,9 @@ class LinearInfSAAttention(_InfSABase):
         """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
         q, k, v = self._qkv(x)
-        out = linear_infsa_attention(q, k, v, rho=self.rho(), eps=self.eps, per_query=self.per_query, backend=self.backend)
+        out = linear_infsa_attention(
+            q, k, v, rho=self.rho(), eps=self.eps, per_query=self.per_query, backend=self.backend
+        )
         return self.proj_drop(self.proj(merge_heads(out)))
 
 

@@ -259,13 +259,9 @@ class EfficientVisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position embeddings, prefix tokens and the mechanisms' positional / bias / scalar parameters."""
-        skip = {"pos_embed", "cls_token", "reg_token"}
-        pattern = re.compile(r"(positional_encoding|_bias$|rho_logit|\.scale$|temperature)")
-        for name, p in self.named_parameters():
-            if ".attn." in name and pattern.search(name) and not name.endswith((".bias",)):
-                skip.add(name)
-            elif name.endswith(("attn.scale", "attn.rho_logit")):
-                skip.add(name)
+        table = re.compile(r"\.attn\.(positional_encoding|scale|rho_logit|temperature|\w+_bias)$")
+        skip = {"pos_embed", "cls_token", "reg_token"} & {n for n, _ in self.named_parameters()}
+        skip |= {n for n, _ in self.named_parameters() if table.search(n)}
         return skip
 
     @torch.jit.ignore
@@ -296,7 +292,9 @@ class EfficientVisionTransformer(nn.Module):
             self.global_pool = global_pool
         ref = self.pos_embed
         self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
         )
 
     # Forward ----------------------------------------------------------------------------------------------------------
@@ -325,7 +323,9 @@ class EfficientVisionTransformer(nn.Module):
         pos_embed = self.pos_embed
         if (h, w) != grid:
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-            pos_embed = resample_abs_pos_embed(pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=prefix)
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=prefix
+            )
         x = x.reshape(b, h * w, c)
         prefix_tokens = []
         if self.cls_token is not None:

@@ -1,0 +1,279 @@
+"""Kernels vs their specifications: softmax, linear (3 normalisations), focused (FLatten), InfSA; and dispatch.
+
+Each linear-time reference is checked against the materialised O(N^2) weight matrix it claims to compute, forward and
+backward (input gradients), in float64 so that the comparison is exact up to rounding (rtol 1e-9). Fast paths (SDPA)
+are checked against the reference in fp32 (rtol 1e-5) and bf16 / fp16 (rtol/atol 2e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visionlin
+from visionlin.kernels import (
+    efficient_attention,
+    focused_linear_attention,
+    get_op,
+    linear_attention,
+    linear_attention_reference,
+    linear_infsa_attention,
+    pure_infsa_attention,
+    softmax_attention,
+    softmax_attention_reference,
+)
+from visionlin.kernels.focused import focus
+from visionlin.kernels.linear import apply_feature_map
+
+# (batch, tokens, heads, head_dim): batch 1 and 3, N = 49 (7x7), 197 (cls + 14x14), 63 (7x9), odd head dims
+SHAPES = [(1, 49, 2, 32), (3, 197, 3, 64), (2, 63, 1, 80), (1, 50, 2, 128)]
+
+
+def _qkv(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def _check_fwd_bwd(fn_a, fn_b, shape, rtol=1e-9, atol=1e-10, dtype=torch.float64):
+    qa = _qkv(shape, dtype)
+    qb = [t.detach().clone().requires_grad_() for t in qa]
+    out_a, out_b = fn_a(*qa), fn_b(*qb)
+    torch.testing.assert_close(out_a, out_b, rtol=rtol, atol=atol)
+    w = torch.randn_like(out_a)
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()
+    for ta, tb in zip(qa, qb):
+        torch.testing.assert_close(ta.grad, tb.grad, rtol=rtol * 10, atol=atol * 10)
+
+
+def _apply_weights(w, v):
+    """w [B, H, N, M], v [B, M, H, Dv] -> [B, N, H, Dv]."""
+    return torch.einsum("bhnm,bmhe->bnhe", w, v)
+
+
+# Linear attention ----------------------------------------------------------------------------------------------------
+def _linear_materialised(q, k, v, feature_map, normalize, scale, eps=1e-6):
+    fq, fk = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    m = k.shape[1]
+    a = torch.einsum("bnhd,bmhd->bhnm", fq, fk) * scale / m  # a_ij = s phi(q_i).phi(k_j) / M
+    if normalize == "divide":
+        w = a / (a.sum(-1, keepdim=True) + eps)
+    elif normalize == "subtract":
+        w = a - a.mean(-1, keepdim=True) + 1.0 / m
+    else:
+        w = a * m
+    return _apply_weights(w, v)
+
+
+# "divide" is only meaningful with non-negative feature maps (signed scores can cancel to a zero denominator).
+LINEAR_CASES = [
+    (fm, norm)
+    for norm in ("divide", "subtract", "none")
+    for fm in ("identity", "relu", "elu", "sigmoid", "cosine")
+    if not (norm == "divide" and fm in ("identity", "cosine"))
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("feature_map,normalize", LINEAR_CASES)
+def test_linear_equals_materialised(shape, feature_map, normalize):
+    scale = shape[-1] ** -0.5 if normalize == "subtract" else 1.0
+    _check_fwd_bwd(
+        lambda q, k, v: linear_attention(q, k, v, feature_map=feature_map, normalize=normalize),
+        lambda q, k, v: _linear_materialised(q, k, v, feature_map, normalize, scale),
+        shape,
+    )
+
+
+def test_subtract_rows_sum_to_one():
+    q, k, _ = _qkv((2, 30, 2, 16))
+    v = torch.ones(2, 30, 2, 1, dtype=torch.float64)  # output = row sum of the weights
+    out = linear_attention(q, k, v, feature_map="identity", normalize="subtract")
+    torch.testing.assert_close(out, torch.ones_like(out))
+
+
+def test_linear_cross_attention_lengths():
+    q = torch.randn(2, 10, 2, 8)
+    k, v = torch.randn(2, 17, 2, 8), torch.randn(2, 17, 2, 4)
+    assert linear_attention(q, k, v).shape == (2, 10, 2, 4)
+
+
+# Softmax -------------------------------------------------------------------------------------------------------------
+def _softmax_materialised(q, k, v):
+    w = (torch.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5).softmax(-1)
+    return _apply_weights(w, v)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_reference(shape):
+    _check_fwd_bwd(softmax_attention_reference, _softmax_materialised, shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)], ids=["fp32", "bf16", "fp16"]
+)
+def test_softmax_sdpa_vs_reference(shape, dtype, tol):
+    q, k, v = (t.detach().to(dtype) for t in _qkv(shape))
+    ref = softmax_attention(q.float(), k.float(), v.float(), backend="reference")
+    out = softmax_attention(q, k, v, backend="sdpa")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        _check_fwd_bwd(
+            lambda a, b, c: softmax_attention(a, b, c, backend="sdpa"),
+            lambda a, b, c: softmax_attention(a, b, c, backend="reference"),
+            shape,
+            rtol=1e-5,
+            atol=1e-5,
+            dtype=torch.float32,
+        )
+
+
+# Focused (FLatten) ---------------------------------------------------------------------------------------------------
+def _focused_materialised(q, k, v, p, cs, eps=1e-6, joint=True):
+    fq, fk = (
+        focus(q, p, channel_scale=cs, eps=eps, joint_heads=joint),
+        focus(k, p, channel_scale=cs, eps=eps, joint_heads=joint),
+    )
+    a = torch.einsum("bnhd,bmhd->bhnm", fq, fk) / k.shape[1]
+    return _apply_weights(a / (a.sum(-1, keepdim=True) + eps), v)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("joint", [True, False])
+def test_focused_equals_materialised(shape, joint):
+    cs = torch.rand(shape[2], shape[3], dtype=torch.float64) + 0.5
+    _check_fwd_bwd(
+        lambda q, k, v: focused_linear_attention(q, k, v, focusing_factor=3, channel_scale=cs, joint_heads=joint),
+        lambda q, k, v: _focused_materialised(q, k, v, 3, cs, joint=joint),
+        shape,
+    )
+
+
+def test_focus_preserves_norm():
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    f = focus(x, 3.0, eps=0.0, joint_heads=False)
+    torch.testing.assert_close(f.norm(dim=-1), F.relu(x).norm(dim=-1))
+
+
+# InfSA -----------------------------------------------------------------------------------------------------------------
+def _infsa_linear_materialised(q, k, v, rho, eps=1e-6):
+    d = q.shape[-1]
+    e = (q / d**0.5).norm(dim=-1)  # [B, N, H]
+    w = e / (e.sum(1, keepdim=True) + eps)
+    q_bar = torch.einsum("bnh,bnhd->bhd", w, q / d**0.5)
+    a = F.relu(torch.einsum("bhd,bmhd->bhm", q_bar, k / d**0.5))
+    a = a / (a.sum(-1, keepdim=True) + eps)
+    weights = a[:, :, None, :].expand(-1, -1, q.shape[1], -1)  # rank 1: the same row for every query
+    return rho * _apply_weights(weights, v)
+
+
+def _infsa_per_query_materialised(q, k, v, rho, eps=1e-6):
+    d = q.shape[-1]
+    a = torch.einsum("bnhd,bmhd->bhnm", F.relu(q), F.relu(k)) / d
+    return rho * _apply_weights(a / (a.sum(-1, keepdim=True) + eps), v)
+
+
+def _infsa_pure_materialised(q, k, v, rho, eps=1e-6):
+    a = F.relu(torch.einsum("bnhd,bmhd->bhnm", q, k) / q.shape[-1])
+    fro = a.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return rho * _apply_weights(a / (fro + eps), v)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_infsa_equals_materialised(shape):
+    _check_fwd_bwd(
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9),
+        lambda q, k, v: _infsa_linear_materialised(q, k, v, 0.9),
+        shape,
+    )
+    _check_fwd_bwd(
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9, per_query=True),
+        lambda q, k, v: _infsa_per_query_materialised(q, k, v, 0.9),
+        shape,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pure_infsa_equals_materialised(shape):
+    rho = torch.rand(shape[2], dtype=torch.float64)  # one rho per head
+    _check_fwd_bwd(
+        lambda q, k, v: pure_infsa_attention(q, k, v, rho=rho),
+        lambda q, k, v: _infsa_pure_materialised(q, k, v, rho[:, None]),
+        shape,
+    )
+
+
+def test_linear_infsa_output_is_token_independent():
+    q, k, v = (t.detach() for t in _qkv((2, 20, 2, 8)))
+    out = linear_infsa_attention(q, k, v, rho=0.9)
+    torch.testing.assert_close(out, out[:, :1].expand_as(out))
+    assert not torch.allclose(linear_infsa_attention(q, k, v, rho=0.9, per_query=True)[:, 0], out[:, 1])
+
+
+# Half precision at long sequence lengths ---------------------------------------------------------------------------
+LONG = 32768
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda q, k, v: linear_attention(q, k, v, feature_map="elu"),
+        lambda q, k, v: linear_attention(q, k, v, feature_map="identity", normalize="subtract"),
+        lambda q, k, v: efficient_attention(q, k, v),
+        lambda q, k, v: focused_linear_attention(q, k, v),
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9),
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9, per_query=True),
+    ],
+    ids=["elu-divide", "inline-subtract", "efficient", "focused", "infsa", "infsa-per-query"],
+)
+def test_long_sequence_half_precision_no_overflow(op, dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, LONG, 1, 32, generator=g) * 4 for _ in range(3))
+    ref = op(q, k, v)
+    out = op(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+
+# Dispatch and bad input ------------------------------------------------------------------------------------------------
+def test_dispatch_errors():
+    q = k = v = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        linear_attention(q, k, v, backend="nope")
+    with pytest.raises(NotImplementedError, match="dtype torch.int64 is not floating point"):
+        get_op("linear_attention")(q.long(), k.long(), v.long(), backend="reference")
+    with pytest.raises(ValueError, match="normalize='bad'"):
+        linear_attention(q, k, v, normalize="bad")
+    with pytest.raises(ValueError, match="feature_map='bad'"):
+        linear_attention_reference(q, k, v, feature_map="bad")
+    with pytest.raises(ValueError, match=r"q.shape=torch.Size\(\[1, 4, 8\]\)"):
+        softmax_attention(q[:, :, 0], k, v)
+    with pytest.raises(ValueError, match="head counts differ"):
+        linear_attention(q, torch.randn(1, 4, 2, 8), v)
+    with pytest.raises(ValueError, match="focusing_factor=0"):
+        focused_linear_attention(q, k, v, focusing_factor=0)
+
+
+def test_set_backend_is_per_instance():
+    a = visionlin.create_attn("softmax", 32, 2)
+    b = visionlin.create_attn("softmax", 32, 2)
+    assert visionlin.set_backend(a, "reference") == 1
+    assert a.backend == "reference" and b.backend is None
+    with pytest.raises(ValueError, match="unknown backend"):
+        visionlin.set_backend(a, "bogus")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(a(x, (4, 4)), b(x, (4, 4)), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_reference_is_fp32_under_autocast():
+    q, k, v = (torch.randn(1, 16, 1, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_attention_reference(q, k, v)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, linear_attention_reference(q, k, v))
