@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer, create_attn
+from ._pretrained import build_with_weights
 
 __all__ = ["Block", "EfficientVisionTransformer", "checkpoint_filter_fn"]
 
@@ -494,7 +495,32 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
         sub = attn.convert_official_state_dict(sub)
         sub = attn.adapt_state_dict(sub)
         out.update({f"blocks.{i}.attn.{k}": v for k, v in sub.items()})
+    _check_matches(out, model)
     return out
+
+
+def _check_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise ``ValueError`` naming every key that is unknown, missing or of the wrong shape (classifier excepted)."""
+    ours = model.state_dict()
+    classifier = ("head.",)
+    unexpected = sorted(k for k in state_dict if k not in ours)
+    missing = sorted(k for k in ours if k not in state_dict and not k.startswith(classifier))
+    wrong = {
+        k: (tuple(v.shape), tuple(ours[k].shape))
+        for k, v in state_dict.items()
+        if k in ours and not k.startswith(classifier) and tuple(v.shape) != tuple(ours[k].shape)
+    }
+    if unexpected or missing or wrong:
+        parts = []
+        if wrong:
+            parts.append(
+                "shape mismatches (checkpoint, model): " + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in wrong.items())
+            )
+        if unexpected:
+            parts.append(f"unexpected keys: {unexpected[:20]}")
+        if missing:
+            parts.append(f"missing keys: {missing[:20]}")
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
@@ -544,7 +570,7 @@ default_cfgs = generate_default_cfgs(
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_with_weights(
         EfficientVisionTransformer,
         variant,
         pretrained,
