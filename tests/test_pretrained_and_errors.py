@@ -82,3 +82,39 @@ def test_mismatched_state_dict_names_keys_and_shapes():
     assert "blocks.0.mlp.fc1.weight: (7, 32) vs (128, 32)" in msg
     assert "unexpected keys: ['bogus.weight']" in msg
     assert "missing keys: ['norm.weight']" in msg
+
+
+def test_pretrained_download_from_share_link_on_loopback(tmp_path):
+    """The online path, offline: a loopback HTTP server stands in for the authors' '.../f/<id>/?dl=1' link."""
+    import http.server
+    import io
+    import threading
+
+    src = timm.create_model("flatten_deit_tiny")
+    buf = io.BytesIO()
+    torch.save({"model": src.state_dict(), "epoch": 300}, buf)
+    payload = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/f/0123abcd/?dl=1"
+        model = timm.create_model(
+            "flatten_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=url), cache_dir=str(tmp_path)
+        )
+    finally:
+        server.shutdown()
+    assert [p.name for p in tmp_path.iterdir()] == ["flatten_deit_tiny.untrained.pth"]
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), src.eval()(x))

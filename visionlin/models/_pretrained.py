@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import torch
 from timm.models import build_model_with_cfg
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 from torch import nn
 
-__all__ = ["build_with_weights"]
+__all__ = ["build_with_weights", "resolve_cfg"]
 
 _SOURCES = ("url", "file", "hf_hub_id", "state_dict")
 
 
-def _merged_cfg(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def resolve_cfg(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained cfg ``timm.create_model`` will use for ``variant`` (tag and overlay applied), as a dict."""
     cfg = kwargs.get("pretrained_cfg")
     if isinstance(cfg, str):
         cfg = get_pretrained_cfg(cfg)
@@ -36,7 +41,7 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
     """
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    cfg = _merged_cfg(variant, kwargs)
+    cfg = resolve_cfg(variant, kwargs)
     sources = {k: cfg[k] for k in _SOURCES if cfg.get(k)}
     if not sources:
         raise ValueError(
@@ -46,6 +51,19 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
             "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'))"
         )
     try:
+        if cfg.get("url") and not cfg.get("file") and not Path(urlparse(cfg["url"]).path).suffix:
+            # Share links such as '.../f/<id>/?dl=1' have no file name, which torch.hub needs for its cache:
+            # download under the variant's name and hand timm the file.
+            kwargs["pretrained_cfg_overlay"] = {
+                **(kwargs.get("pretrained_cfg_overlay") or {}),
+                "file": str(
+                    _download(
+                        cfg["url"],
+                        f"{cfg.get('architecture', variant)}.{cfg.get('tag') or 'default'}.pth",
+                        kwargs.get("cache_dir"),
+                    )
+                ),
+            }
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except (OSError, ConnectionError, TimeoutError) as e:
         where = ", ".join(f"{k}={v!r}" for k, v in sources.items() if k != "state_dict")
@@ -54,3 +72,15 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
             "offline, download the checkpoint elsewhere and pass "
             "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth') (it is mapped by checkpoint_filter_fn)."
         ) from None
+
+
+def _download(url: str, file_name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Download ``url`` once into the torch hub cache (or ``cache_dir``) as ``visionlin/<file_name>``."""
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints" / "visionlin"
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / file_name
+    if not dst.is_file():
+        tmp = dst.with_suffix(dst.suffix + ".part")
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        os.replace(tmp, dst)  # atomic: a broken download never looks like a checkpoint
+    return dst

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer, create_attn
-from ._pretrained import build_with_weights
+from ._pretrained import build_with_weights, resolve_cfg
 
 __all__ = ["Block", "EfficientVisionTransformer", "checkpoint_filter_fn"]
 
@@ -547,6 +547,8 @@ _FLATTEN = {"paper_ids": "arXiv:2308.00442", "origin_url": "https://github.com/L
 _AGENT = {"paper_ids": "arXiv:2312.08874", "origin_url": "https://github.com/LeapLabTHU/Agent-Attention"}
 _INLINE = {"paper_ids": "arXiv:2412.06590", "origin_url": "https://github.com/LeapLabTHU/InLine"}
 _UNTRAINED = "No released ImageNet weights; architecture only."
+# The authors' ImageNet-1k checkpoints (direct-download share links; the files hold {'model': state_dict, ...}).
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 
 default_cfgs = generate_default_cfgs(
     {
@@ -558,18 +560,27 @@ default_cfgs = generate_default_cfgs(
         "infvit_pure_base.untrained": _cfg(notes=_UNTRAINED, **_INFVIT),
         "flatten_deit_tiny.untrained": _cfg(notes=_UNTRAINED, **_FLATTEN),
         "flatten_deit_small.untrained": _cfg(notes=_UNTRAINED, **_FLATTEN),
-        "agent_deit_tiny.in1k": _cfg(**_AGENT),
-        "agent_deit_small.in1k": _cfg(**_AGENT),
-        "agent_deit_base.in1k": _cfg(**_AGENT),
-        "inline_deit_tiny.in1k": _cfg(**_INLINE),
-        "inline_deit_small.in1k": _cfg(input_size=(3, 288, 288), crop_pct=1.0, **_INLINE),
-        "inline_deit_base.in1k": _cfg(input_size=(3, 448, 448), crop_pct=1.0, **_INLINE),
+        "agent_deit_tiny.in1k": _cfg(_TSINGHUA.format("57e0904221824ee7b7af"), **_AGENT),
+        "agent_deit_small.in1k": _cfg(_TSINGHUA.format("fdd43304372541db8ea7"), **_AGENT),
+        "agent_deit_small.in1k_448": _cfg(
+            _TSINGHUA.format("a228f86241c445f1969b"), input_size=(3, 448, 448), crop_pct=1.0, **_AGENT
+        ),
+        "agent_deit_base.in1k": _cfg(_TSINGHUA.format("5115f15fdd7e4ab58fbc"), **_AGENT),
+        "inline_deit_tiny.in1k": _cfg(_TSINGHUA.format("1d6b8191ad6d4114b291"), **_INLINE),
+        "inline_deit_small.in1k": _cfg(
+            _TSINGHUA.format("2f3898b07e9247f3beb3"), input_size=(3, 288, 288), crop_pct=1.0, **_INLINE
+        ),
+        "inline_deit_base.in1k": _cfg(
+            _TSINGHUA.format("10bdd726d4b0435eb34e"), input_size=(3, 448, 448), crop_pct=1.0, **_INLINE
+        ),
     }
 )
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    if "img_size" not in kwargs:  # a tag trained at another resolution (e.g. '.in1k_448') builds at that resolution
+        kwargs["img_size"] = tuple(resolve_cfg(variant, kwargs)["input_size"][-2:])
     return build_with_weights(
         EfficientVisionTransformer,
         variant,
