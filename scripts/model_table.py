@@ -1,0 +1,76 @@
+"""Print the README's model table: name, mechanism, params, GMACs at the model's input size, source paper.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, which includes
+the einsums of the attention references; element-wise work is not counted), halved to multiply-accumulates.
+
+Usage: python scripts/model_table.py [--markdown docs/models/table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import visionlin
+
+PAPERS = {
+    "infvit": ("Linear InfSA", "[Roffo & Palmer 2026](https://arxiv.org/abs/2603.00175)"),
+    "infvit_pure": ("pure InfSA (O(N²))", "[Roffo & Palmer 2026](https://arxiv.org/abs/2603.00175)"),
+    "flatten": ("focused linear (FLatten)", "[Han et al., ICCV 2023](https://arxiv.org/abs/2308.00442)"),
+    "agent": ("agent attention", "[Han et al., ECCV 2024](https://arxiv.org/abs/2312.08874)"),
+    "inline": ("injective linear (InLine)", "[Han et al., NeurIPS 2024](https://arxiv.org/abs/2412.06590)"),
+}
+
+
+def _family(name: str) -> str:
+    return "infvit_pure" if name.startswith("infvit_pure") else name.split("_")[0]
+
+
+def row(name: str) -> dict:
+    model = timm.create_model(name).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, size, size))
+    mechanism, paper = PAPERS[_family(name)]
+    weights = "yes" if model.pretrained_cfg.get("url") else "no"
+    if name == "agent_deit_base":
+        mechanism += " (blocks 1-4) + softmax"
+    return dict(
+        name=name,
+        mechanism=mechanism,
+        params=params / 1e6,
+        gmacs=counter.get_total_flops() / 2e9,
+        size=size,
+        paper=paper,
+        weights=weights,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+    lines = [
+        "| model | mechanism | params (M) | GMACs | input | authors' weights | paper |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for name in visionlin.list_models():
+        r = row(name)
+        lines.append(
+            f"| `{r['name']}` | {r['mechanism']} | {r['params']:.1f} | {r['gmacs']:.2f} | {r['size']} | "
+            f"{r['weights']} | {r['paper']} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
