@@ -117,7 +117,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         style = "--" if name.startswith("deit") else "-"
         axes[0].plot([p["size"] for p in pts], [p["latency_ms"] for p in pts], style, marker="o", label=name)
         axes[1].plot([p["size"] for p in pts], [max(p["peak_mib"], 1e-3) for p in pts], style, marker="o", label=name)
-    for ax, ylabel in zip(axes, ["forward latency per image (ms)", "peak extra memory (MiB)"]):
+    for ax, ylabel in zip(axes, ["forward latency per image (ms)", "peak extra memory (MiB)"], strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("input side (px)")
@@ -150,7 +150,9 @@ def run(models: list[str], sizes: list[int], device: str, repeats: int, threads:
     result = {**_meta(sys.argv, device), "repeats": repeats, "batch": 1, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scaling.json").write_text(json.dumps(result, indent=1))
-    title = f"{result['device']} | torch {result['versions']['torch']} | commit {result['commit'][:8]} | {result['date']}"
+    title = (
+        f"{result['device']} | torch {result['versions']['torch']} | commit {result['commit'][:8]} | {result['date']}"
+    )
     _plot(rows, out_dir / "scaling.png", title)
     return result
 
@@ -185,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or torch.get_num_threads()
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("cpu" if args.device == "cpu" else "cuda")
-    result = run(args.models.split(","), [int(s) for s in args.sizes.split(",")], args.device, args.repeats, threads, out)
+    result = run(
+        args.models.split(","), [int(s) for s in args.sizes.split(",")], args.device, args.repeats, threads, out
+    )
     print(format_table(result))
     print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.png'}")
     return 0 if not any("error" in r for r in result["rows"]) else 1

@@ -94,7 +94,11 @@ def throughput(name: str, size: int, batch: int, iters: int = 10) -> dict:
             times.append(start.elapsed_time(end))
     times.sort()
     ms = times[len(times) // 2]
-    return {"img_per_s": round(batch * 1e3 / ms, 1), "ms": round(ms, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    return {
+        "img_per_s": round(batch * 1e3 / ms, 1),
+        "ms": round(ms, 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+    }
 
 
 def main() -> int:
@@ -129,8 +133,11 @@ def main() -> int:
                     row = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
                 failures += not row["ok"]
                 result["sanity"][key] = row
-                print(f"sanity {key:32s} {'ok' if row['ok'] else 'FAIL'} {row.get('peak_gib', '')} GiB "
-                      f"{row.get('error', '')}", flush=True)
+                print(
+                    f"sanity {key:32s} {'ok' if row['ok'] else 'FAIL'} {row.get('peak_gib', '')} GiB "
+                    f"{row.get('error', '')}",
+                    flush=True,
+                )
                 torch.cuda.empty_cache()
         if not args.skip_throughput:
             names = list(dict.fromkeys([*TWINS.values(), *models]))
@@ -153,8 +160,10 @@ def main() -> int:
                         row["ratio_vs_twin"] = round(row["img_per_s"] / ref["img_per_s"], 3)
             print(f"{'model@size':36s}{'img/s':>10s}{'vs twin':>9s}{'GiB':>8s}")
             for key, row in result["throughput"].items():
-                print(f"{key:36s}{row.get('img_per_s', 'ERR'):>10}{row.get('ratio_vs_twin', ''):>9}"
-                      f"{row.get('peak_gib', ''):>8}  {row.get('error', '')}")
+                print(
+                    f"{key:36s}{row.get('img_per_s', 'ERR'):>10}{row.get('ratio_vs_twin', ''):>9}"
+                    f"{row.get('peak_gib', ''):>8}  {row.get('error', '')}"
+                )
     (out_dir / "gpu_sanity.json").write_text(json.dumps(result, indent=1))
     print(f"sanity failures: {failures}")
     return 1 if failures else 0

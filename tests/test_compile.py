@@ -14,7 +14,7 @@ from visionlin.layers import ATTN_LAYERS
 from visionlin.models.vit import EfficientVisionTransformer
 
 # Keywords a mechanism needs in a 32-wide, 2-head (head_dim 16) model.
-EXTRA = {"agent": {"agent_num": 4, "num_prefix_tokens": 1}}
+EXTRA = {"agent": {"agent_num": 4}}
 
 
 @pytest.mark.parametrize("attn", sorted(ATTN_LAYERS))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import golden_cases
 import pytest
 import torch
-
-import golden_cases
 from golden_utils import GOLDEN_DIR, fixture_names, load_fixture, relative_error
 
 CASES = {}

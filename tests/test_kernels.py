@@ -43,7 +43,7 @@ def _check_fwd_bwd(fn_a, fn_b, shape, rtol=1e-9, atol=1e-10, dtype=torch.float64
     w = torch.randn_like(out_a)
     (out_a * w).sum().backward()
     (out_b * w).sum().backward()
-    for ta, tb in zip(qa, qb):
+    for ta, tb in zip(qa, qb, strict=True):
         torch.testing.assert_close(ta.grad, tb.grad, rtol=rtol * 10, atol=atol * 10)
 
 
@@ -158,7 +158,7 @@ def test_focus_preserves_norm():
     torch.testing.assert_close(f.norm(dim=-1), F.relu(x).norm(dim=-1))
 
 
-# InfSA -----------------------------------------------------------------------------------------------------------------
+# InfSA ---------------------------------------------------------------------------------------------------------------
 def _infsa_linear_materialised(q, k, v, rho, eps=1e-6):
     d = q.shape[-1]
     e = (q / d**0.5).norm(dim=-1)  # [B, N, H]
@@ -240,7 +240,7 @@ def test_long_sequence_half_precision_no_overflow(op, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
 
 
-# Dispatch and bad input ------------------------------------------------------------------------------------------------
+# Dispatch and bad input ----------------------------------------------------------------------------------------------
 def test_dispatch_errors():
     q = k = v = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import visionlin
-from visionlin.models.vit import EfficientVisionTransformer, checkpoint_filter_fn
+from visionlin.models.vit import checkpoint_filter_fn
 
 MODELS = visionlin.list_models()
 SIZE = 64  # 4 x 4 grid of 16 px patches: every mechanism, far from its nominal grid (exercises resampling)
@@ -92,7 +92,7 @@ def test_features_only(name):
     chans, reductions = model.feature_info.channels(), model.feature_info.reduction()
     outs = model(_x(h=SIZE, w=SIZE + 16))
     assert len(outs) == 2
-    for o, c, r in zip(outs, chans, reductions):
+    for o, c, r in zip(outs, chans, reductions, strict=True):
         assert o.shape == (2, c, SIZE // r, (SIZE + 16) // r)
 
 
@@ -103,12 +103,12 @@ def test_forward_intermediates(name):
     final, inter = model.forward_intermediates(x, indices=3)
     torch.testing.assert_close(final, model.forward_features(x))
     assert len(inter) == 3
-    for f, info in zip(inter, model.feature_info[-3:]):
+    for f, info in zip(inter, model.feature_info[-3:], strict=True):
         assert f.shape == (2, info["num_chs"], SIZE // info["reduction"], SIZE // info["reduction"])
     early = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True, stop_early=True)
     full = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
     assert len(early) == 2
-    for a, b in zip(early, full):
+    for a, b in zip(early, full, strict=True):
         torch.testing.assert_close(a, b)
     pruned = _create(name)
     kept = pruned.prune_intermediate_layers(indices=[0, 2], prune_head=True)

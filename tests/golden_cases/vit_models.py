@@ -41,7 +41,32 @@ def _infvit(attn_layer: str):
     return run
 
 
+def _deit(attn_layer, attn_kwargs=None):
+    def run(spec, state_dict, io):
+        kw = spec["official_kwargs"]
+        model = EfficientVisionTransformer(
+            img_size=kw["img_size"],
+            patch_size=kw["patch_size"],
+            in_chans=kw["in_chans"],
+            num_classes=kw["num_classes"],
+            embed_dim=kw["embed_dim"],
+            depth=kw["depth"],
+            num_heads=kw["num_heads"],
+            mlp_ratio=kw["mlp_ratio"],
+            qkv_bias=kw["qkv_bias"],
+            norm_eps=1e-6,
+            attn_layer=attn_layer,
+            attn_kwargs=attn_kwargs,
+        )
+        return _run_model(model, state_dict, io)
+
+    return run
+
+
 CASES = {
+    # The fixture's official per-block agent counts: agent_num[stage_num[i // 2]] with agent_num = [9, 16, 49, 49].
+    "agent_deit": _deit(["agent"] * 3 + ["softmax"], [dict(agent_num=9), dict(agent_num=9), dict(agent_num=16), {}]),
+    "inline_deit": _deit("inline"),
     "infvit_example": _infvit("infsa_pure"),
     "infvit_example_linear": _infvit("infsa"),
 }

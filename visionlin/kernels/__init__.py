@@ -1,6 +1,7 @@
 """Functional attention ops: tensors in, tensors out, heads-last ``[B, N, H, D]``; a ``*_reference`` next to each."""
 
 from ._dispatch import get_op, list_ops
+from .agent import agent_attention, agent_attention_reference
 from .focused import focused_linear_attention, focused_linear_attention_reference
 from .infsa import (
     linear_infsa_attention,
@@ -19,6 +20,8 @@ from .softmax import softmax_attention, softmax_attention_reference
 
 __all__ = [
     "FEATURE_MAPS",
+    "agent_attention",
+    "agent_attention_reference",
     "efficient_attention",
     "efficient_attention_reference",
     "focused_linear_attention",

@@ -1,6 +1,7 @@
 """Kernelised linear attention, non-causal (bidirectional), heads-last ``[B, N, H, D]``.
 
-With a feature map ``phi`` and ``M`` keys, the score of query ``i`` for key ``j`` is ``a_ij = s * phi(q_i).phi(k_j) / M``.
+With a feature map ``phi`` and ``M`` keys, the score of query ``i`` for key ``j`` is
+``a_ij = s * phi(q_i).phi(k_j) / M``.
 Three normalisations turn scores into weights:
 
 * ``"divide"`` (the usual one): ``w_ij = a_ij / (sum_j a_ij + eps)``, rows sum to ~1, weights are non-negative when

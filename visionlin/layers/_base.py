@@ -59,6 +59,8 @@ class TokenMixer(nn.Module):
     size_dependent: bool = False
     #: Constructor keyword taking the nominal grid ``(H, W)`` of a size-dependent layer (models fill it in).
     grid_kwarg: str | None = None
+    #: Constructor keyword taking the number of prefix tokens the layer is built for (models fill it in).
+    prefix_kwarg: str | None = None
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()

@@ -214,10 +214,12 @@ class EfficientVisionTransformer(nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         blocks = []
-        for i, (name, kw) in enumerate(zip(attn_layers, per_block_kwargs)):
-            grid_kwarg = getattr(ATTN_LAYERS[name], "grid_kwarg", None)
-            if grid_kwarg and grid_kwarg not in kw:
-                kw[grid_kwarg] = grid
+        for i, (name, kw) in enumerate(zip(attn_layers, per_block_kwargs, strict=True)):
+            layer_cls = ATTN_LAYERS[name]
+            if getattr(layer_cls, "grid_kwarg", None):
+                kw.setdefault(layer_cls.grid_kwarg, grid)
+            if getattr(layer_cls, "prefix_kwarg", None):
+                kw.setdefault(layer_cls.prefix_kwarg, self.num_prefix_tokens)
             blocks.append(
                 Block(
                     embed_dim,
@@ -417,7 +419,7 @@ class EfficientVisionTransformer(nn.Module):
         if output_fmt == "NCHW":
             intermediates = [y.reshape(b, *feat_size, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
+            intermediates = list(zip(intermediates, prefix, strict=True))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -650,7 +652,7 @@ def flatten_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisi
 
 def _agent_args(depth: int, agent_num: int, agent_blocks: int) -> dict[str, Any]:
     layers = ["agent" if i < agent_blocks else "softmax" for i in range(depth)]
-    kwargs = [dict(agent_num=agent_num, num_prefix_tokens=1) if i < agent_blocks else {} for i in range(depth)]
+    kwargs = [dict(agent_num=agent_num) if i < agent_blocks else {} for i in range(depth)]
     return dict(attn_layer=layers, attn_kwargs=kwargs)
 
 

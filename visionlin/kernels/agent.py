@@ -1,0 +1,200 @@
+"""Agent attention (Han et al., ECCV 2024), non-causal (bidirectional), heads-last ``[B, N, H, D]``.
+
+``n`` agent tokens ``A`` (``n << N``; the layers pool them from the queries) first gather from the keys and values,
+then broadcast back to the queries, two softmax attentions of cost ``O(n N D)`` each::
+
+    V_A = softmax(s * A K^T + agent_bias) V          # [B, n, H, Dv]   agent aggregation
+    out = softmax(s * Q A^T + query_bias) V_A        # [B, N, H, Dv]   agent broadcast
+
+``agent_bias`` is broadcastable to ``[B, H, n, M]`` and ``query_bias`` to ``[B, H, N, n]`` (the position biases of the
+authors' layers). The weights are never larger than ``[B, H, N, n]``, so the ``"sdpa"`` backend (two
+``scaled_dot_product_attention`` calls with the biases as float masks) runs tens of thousands of tokens in fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._dispatch import Op
+
+__all__ = ["agent_attention", "agent_attention_reference"]
+
+
+def _check_bias(name: str, bias: torch.Tensor | None, target: tuple[int, ...], layout: str) -> None:
+    if bias is None:
+        return
+    try:
+        shape = torch.broadcast_shapes(tuple(bias.shape), target)
+    except RuntimeError:
+        shape = None
+    if shape != target:
+        raise ValueError(
+            f"agent_attention: {name} of shape {tuple(bias.shape)} is not broadcastable to {layout}={target}"
+        )
+
+
+def _check_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    dropout_p: float,
+) -> None:
+    check_heads_last("agent_attention", q, k, v, same_length=False)
+    if agents.ndim != 4:
+        raise ValueError(f"agent_attention: expected heads-last agents [B, n, H, D], got {agents.shape=}")
+    if agents.shape[0] != q.shape[0] or agents.shape[2] != q.shape[2] or agents.shape[3] != q.shape[3]:
+        raise ValueError(
+            "agent_attention: agents must share batch, heads and head dim with the queries: "
+            f"{agents.shape=}, {q.shape=}"
+        )
+    if agents.shape[1] < 1:
+        raise ValueError(f"agent_attention: need at least one agent token, got {agents.shape=}")
+    b, n_q, h, _ = q.shape
+    n_a, m = agents.shape[1], k.shape[1]
+    _check_bias("agent_bias", agent_bias, (b, h, n_a, m), "[B, H, n, M]")
+    _check_bias("query_bias", query_bias, (b, h, n_q, n_a), "[B, H, N, n]")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"agent_attention: {dropout_p=} must be in [0, 1)")
+
+
+def agent_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    *,
+    agent_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Specification of :func:`agent_attention`: both weight matrices materialised, float32, autocast disabled.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        agents: Agent tokens ``[B, n, H, D]``.
+        agent_bias: Additive bias of the aggregation logits, broadcastable to ``[B, H, n, M]``.
+        query_bias: Additive bias of the broadcast logits, broadcastable to ``[B, H, N, n]``.
+        scale: Logit multiplier ``s`` of both softmaxes; ``None`` means ``D ** -0.5``.
+        dropout_p: Dropout probability on both weight matrices (the authors' ``attn_drop``); pass 0 in eval.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    _check_args(q, k, v, agents, agent_bias, query_bias, dropout_p)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        a = agents.to(dt)
+        logits_a = torch.einsum("bahd,bmhd->bham", a, k.to(dt)) * s  # [B, H, n, M]
+        if agent_bias is not None:
+            logits_a = logits_a + agent_bias.to(dt)
+        w_a = F.dropout(logits_a.softmax(dim=-1), p=dropout_p) if dropout_p else logits_a.softmax(dim=-1)
+        v_a = torch.einsum("bham,bmhe->bahe", w_a, v.to(dt))  # [B, n, H, Dv]
+        logits_q = torch.einsum("bnhd,bahd->bhna", q.to(dt), a) * s  # [B, H, N, n]
+        if query_bias is not None:
+            logits_q = logits_q + query_bias.to(dt)
+        w_q = F.dropout(logits_q.softmax(dim=-1), p=dropout_p) if dropout_p else logits_q.softmax(dim=-1)
+        out = torch.einsum("bhna,bahe->bnhe", w_q, v_a)
+    return out.to(q.dtype)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # The fused CUDA kernels (flash / memory-efficient / cuDNN) need a unit stride on the head dim; pooled agents
+    # often come as a transposed view.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sdpa(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, dropout_p=0.0):
+    # SDPA wants [B, H, L, D]; the transposes are views. Float masks must have the query dtype.
+    q, k, v, agents = (_unit_last_stride(t) for t in (q, k, v, agents))
+    a = agents.transpose(1, 2)
+    v_a = F.scaled_dot_product_attention(
+        a,
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if agent_bias is None else agent_bias.to(q.dtype),
+        dropout_p=dropout_p,
+        scale=scale,
+    )  # [B, H, n, Dv]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        a,
+        v_a,
+        attn_mask=None if query_bias is None else query_bias.to(q.dtype),
+        dropout_p=dropout_p,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+def _sdpa_supports(q, k, v, agents, **kwargs):
+    reasons = is_floating(q, k, v, agents)
+    dtypes = {t.dtype for t in (q, k, v, agents)}
+    if len(dtypes) > 1:
+        reasons.append(f"q, k, v and agents have different dtypes {sorted(map(str, dtypes))}")
+    return reasons
+
+
+def _reference_supports(q, k, v, agents, **kwargs):
+    return is_floating(q, k, v, agents)
+
+
+_op = Op("agent_attention")
+_op.register("sdpa", _sdpa, _sdpa_supports)
+_op.register("reference", agent_attention_reference, _reference_supports)
+
+
+def agent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    *,
+    agent_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
+
+    Backends: ``"sdpa"`` (two ``torch.nn.functional.scaled_dot_product_attention`` calls; the default) and
+    ``"reference"``.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        agents: Agent tokens ``[B, n, H, D]``.
+        agent_bias: Broadcastable to ``[B, H, n, M]``.
+        query_bias: Broadcastable to ``[B, H, N, n]``.
+        scale: Logit multiplier; ``None`` means ``D ** -0.5``.
+        dropout_p: Dropout on both weight matrices.
+        backend: ``None`` (automatic), ``"sdpa"`` or ``"reference"``.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: Shapes that do not fit together (the message names them) or ``dropout_p`` outside ``[0, 1)``.
+    """
+    _check_args(q, k, v, agents, agent_bias, query_bias, dropout_p)
+    return _op(
+        q,
+        k,
+        v,
+        agents,
+        agent_bias=agent_bias,
+        query_bias=query_bias,
+        scale=scale,
+        dropout_p=dropout_p,
+        backend=backend,
+    )

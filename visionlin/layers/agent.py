@@ -1,0 +1,258 @@
+"""Agent attention token mixer (Han et al., ECCV 2024), with every part of the authors' module.
+
+Parts: fused ``qkv``; ``n`` agents by adaptive average pooling of the grid tokens' queries to ``(sqrt(n), sqrt(n))``;
+the aggregation bias (agents x keys) ``bilinear(an_bias) + ah_bias + aw_bias`` and the broadcast bias (queries x agents)
+``bilinear(na_bias)^T + ha_bias + wa_bias``; ``ac_bias`` / ``ca_bias`` for prefix (class) tokens; a per-channel
+depthwise convolution ``dwc`` on the grid tokens' value map; ``proj``. The math of the two softmaxes is
+:func:`visionlin.kernels.agent_attention`.
+
+The authors' ``ah/aw/ha/wa`` tables are sized by the window they were built for (``bias_size``). Where the forward grid
+differs, ours resamples them along their spatial axis (linear, ``align_corners=False``) instead of failing; at
+``bias_size`` nothing is resampled and the output is the authors'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..kernels.agent import agent_attention
+from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._registry import register_attn
+
+__all__ = ["AgentAttention", "resample_agent_biases"]
+
+#: Side of the ``an_bias`` / ``na_bias`` tables (bilinearly resized to the grid), as the authors.
+BASE_BIAS_SIZE = 7
+
+# Name -> (dim holding the spatial axis, index into (H, W)) of the grid-sized tables.
+_AXIS_TABLES = {"ah_bias": (3, 0), "aw_bias": (4, 1), "ha_bias": (2, 0), "wa_bias": (3, 1)}
+
+
+def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Linearly resample ``t`` along ``dim`` to ``size`` (``align_corners=False``), in float32 at least."""
+    if t.shape[dim] == size:
+        return t
+    moved = t.movedim(dim, -1)
+    lead = moved.shape[:-1]
+    flat = moved.reshape(1, -1, moved.shape[-1])
+    dt = torch.promote_types(t.dtype, torch.float32)
+    out = F.interpolate(flat.to(dt), size=size, mode="linear", align_corners=False).to(t.dtype)
+    return out.reshape(*lead, size).movedim(-1, dim)
+
+
+def resample_agent_biases(state_dict: Mapping[str, torch.Tensor], new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Resample every ``ah_bias`` / ``aw_bias`` / ``ha_bias`` / ``wa_bias`` of a state dict to ``new_size``.
+
+    Works on a layer's own state dict or on a whole model's (any key ending in ``.ah_bias`` etc.); every other entry
+    is passed through. Resampling is linear along the table's spatial axis with ``align_corners=False`` (the same as
+    :class:`AgentAttention` does on the fly); a table already of the new size is returned unchanged.
+
+    Args:
+        state_dict: Tensors keyed by parameter name; ``ah_bias`` is ``[1, h, n, H, 1]``, ``aw_bias``
+            ``[1, h, n, 1, W]``, ``ha_bias`` ``[1, h, H, 1, n]``, ``wa_bias`` ``[1, h, 1, W, n]``.
+        new_size: Target grid ``(H, W)``.
+
+    Returns:
+        A new dict with the resampled tables.
+
+    Raises:
+        ValueError: ``new_size`` is not two positive ints, or a table is not 5-D.
+    """
+    new_size = tuple(int(s) for s in new_size)
+    if len(new_size) != 2 or min(new_size) < 1:
+        raise ValueError(f"new_size must be (H, W) with H, W >= 1, got {new_size=}")
+    out = {}
+    for key, value in state_dict.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in _AXIS_TABLES:
+            dim, axis = _AXIS_TABLES[name]
+            if value.ndim != 5:
+                raise ValueError(f"{key}: expected a 5-D agent bias table, got shape {tuple(value.shape)}")
+            value = _resample_axis(value, new_size[axis], dim)
+        out[key] = value
+    return out
+
+
+@register_attn("agent")
+class AgentAttention(TokenMixer):
+    """Agent attention with the authors' position biases and depthwise convolution.
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads ``h``.
+        qkv_bias: Bias on ``qkv``.
+        qk_norm: Not supported (``NotImplementedError``).
+        attn_drop: Dropout on both attention weight matrices (as the authors).
+        proj_drop: Dropout after ``proj``.
+        norm_layer: Unused (``qk_norm`` is not supported).
+        agent_num: Number of agents ``n``; must be a perfect square (pooled to ``sqrt(n) x sqrt(n)``).
+        bias_size: Grid ``(H, W)`` the ``ah/aw/ha/wa`` tables are sized for (the authors' window).
+        num_prefix_tokens: Prefix (class) tokens the layer is built for; ``> 0`` creates ``ac_bias`` ``[1, h, n, P]``
+            and ``ca_bias`` ``[1, h, P, n]`` (Agent-DeiT's class-token biases for ``P = 1``).
+        dwc_kernel: Kernel size of the per-channel depthwise convolution on the values (the authors: 3).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    size_dependent = True
+    grid_kwarg = "bias_size"
+    prefix_kwarg = "num_prefix_tokens"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        *,
+        agent_num: int = 49,
+        bias_size: tuple[int, int] = (14, 14),
+        num_prefix_tokens: int = 0,
+        dwc_kernel: int = 3,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads)
+        if qk_norm:
+            raise NotImplementedError("AgentAttention does not support qk_norm=True")
+        pool = math.isqrt(agent_num) if agent_num >= 1 else 0
+        if agent_num < 1 or pool * pool != agent_num:
+            raise ValueError(f"{agent_num=} must be a perfect square (the agents are pooled to a square grid)")
+        bias_size = tuple(int(s) for s in bias_size)
+        if len(bias_size) != 2 or min(bias_size) < 1:
+            raise ValueError(f"bias_size must be (H, W) with H, W >= 1, got {bias_size=}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"{num_prefix_tokens=} must be >= 0")
+        if dwc_kernel < 1 or dwc_kernel % 2 == 0:
+            raise ValueError(f"{dwc_kernel=} must be a positive odd integer")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"{attn_drop=} must be in [0, 1)")
+        dd = {"device": device, "dtype": dtype}
+        h, n = num_heads, agent_num
+        self.agent_num = agent_num
+        self.pool_size = (pool, pool)
+        self.bias_size = bias_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim, **dd)
+        hb, wb = bias_size
+        self.an_bias = nn.Parameter(torch.zeros(h, n, BASE_BIAS_SIZE, BASE_BIAS_SIZE, **dd))
+        self.na_bias = nn.Parameter(torch.zeros(h, n, BASE_BIAS_SIZE, BASE_BIAS_SIZE, **dd))
+        self.ah_bias = nn.Parameter(torch.zeros(1, h, n, hb, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.zeros(1, h, n, 1, wb, **dd))
+        self.ha_bias = nn.Parameter(torch.zeros(1, h, hb, 1, n, **dd))
+        self.wa_bias = nn.Parameter(torch.zeros(1, h, 1, wb, n, **dd))
+        if num_prefix_tokens:
+            self.ac_bias = nn.Parameter(torch.zeros(1, h, n, num_prefix_tokens, **dd))
+            self.ca_bias = nn.Parameter(torch.zeros(1, h, num_prefix_tokens, n, **dd))
+        else:
+            self.register_parameter("ac_bias", None)
+            self.register_parameter("ca_bias", None)
+        self.reset_bias_parameters()
+
+    def reset_bias_parameters(self) -> None:
+        """Initialise every position bias as the authors: truncated normal, std 0.02."""
+        for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
+            trunc_normal_(p, std=0.02)
+        if self.ac_bias is not None:
+            trunc_normal_(self.ac_bias, std=0.02)
+            trunc_normal_(self.ca_bias, std=0.02)
+
+    def position_biases(
+        self, feat_size: tuple[int, int], num_prefix_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two attention biases for a ``feat_size`` grid.
+
+        Returns:
+            ``agent_bias`` ``[1, h, n, P + H*W]`` (agents x keys) and ``query_bias`` ``[1, h, P + H*W, n]``
+            (queries x agents), prefix tokens first.
+        """
+        hh, ww = feat_size
+        h, n = self.num_heads, self.agent_num
+        ah, aw, ha, wa = (
+            _resample_axis(getattr(self, name), feat_size[axis], dim) for name, (dim, axis) in _AXIS_TABLES.items()
+        )
+        an = F.interpolate(self.an_bias, size=(hh, ww), mode="bilinear", align_corners=False)  # [h, n, H, W]
+        agent_bias = an.reshape(1, h, n, hh * ww) + (ah + aw).reshape(1, h, n, hh * ww)
+        na = F.interpolate(self.na_bias, size=(hh, ww), mode="bilinear", align_corners=False)
+        query_bias = na.reshape(1, h, n, hh * ww).transpose(-1, -2) + (ha + wa).reshape(1, h, hh * ww, n)
+        if num_prefix_tokens:
+            if self.ac_bias is not None:
+                agent_bias = torch.cat([self.ac_bias, agent_bias], dim=-1)
+                query_bias = torch.cat([self.ca_bias, query_bias], dim=-2)
+            else:  # built without prefix biases: prefix tokens attend and are attended unbiased
+                agent_bias = F.pad(agent_bias, (num_prefix_tokens, 0))
+                query_bias = F.pad(query_bias, (0, 0, num_prefix_tokens, 0))
+        return agent_bias, query_bias
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order.
+
+        Raises:
+            ValueError: The token count does not match ``feat_size`` and ``num_prefix_tokens``, or the layer was built
+                with prefix-token biases for a different ``num_prefix_tokens``.
+        """
+        name = type(self).__name__
+        check_tokens(x, feat_size, num_prefix_tokens, name)
+        if self.num_prefix_tokens and num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(
+                f"{name}: built with prefix-token biases for {self.num_prefix_tokens} prefix tokens "
+                f"(ac_bias/ca_bias), called with {num_prefix_tokens=}"
+            )
+        feat_size = (int(feat_size[0]), int(feat_size[1]))
+        p = num_prefix_tokens
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
+        agents = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(q[:, p:], feat_size), self.pool_size)).contiguous()
+        agent_bias, query_bias = self.position_biases(feat_size, p)
+        q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
+        out = agent_attention(
+            q,
+            k,
+            v,
+            agents,
+            agent_bias=agent_bias,
+            query_bias=query_bias,
+            scale=self.head_dim**-0.5,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            backend=self.backend,
+        )
+        out = merge_heads(out)
+        local = map_to_tokens(self.dwc(tokens_to_map(merge_heads(v[:, p:]), feat_size)))  # [B, H*W, C]
+        out = torch.cat([out[:, :p], out[:, p:] + local], dim=1)
+        return self.proj_drop(self.proj(out))
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resample a loaded state dict's ``ah/aw/ha/wa`` tables to this layer's ``bias_size``."""
+        return resample_agent_biases(state_dict, self.bias_size)
+
+    @classmethod
+    def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Identity for the DeiT / Swin forms; the PVT form's ``q`` + ``kv`` Linears are fused into ``qkv``.
+
+        Raises:
+            NotImplementedError: The checkpoint has a spatial-reduction branch (``sr.*``, PVT ``sr_ratio > 1``;
+                the authors' configurations use 1).
+        """
+        sd = dict(state_dict)
+        if any(k.startswith(("sr.", "norm.")) for k in sd):
+            raise NotImplementedError(
+                "AgentAttention does not implement PVT's spatial reduction (sr_ratio > 1): found "
+                f"{sorted(k for k in sd if k.startswith(('sr.', 'norm.')))}"
+            )
+        if "q.weight" in sd and "kv.weight" in sd:
+            for kind in ("weight", "bias"):
+                if f"q.{kind}" in sd:
+                    sd[f"qkv.{kind}"] = torch.cat([sd.pop(f"q.{kind}"), sd.pop(f"kv.{kind}")], dim=0)
+        return sd
