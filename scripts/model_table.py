@@ -1,4 +1,4 @@
-"""Print the README's model table: name, mechanism, params, GMACs at the model's input size, source paper.
+"""Print the README's model table: name, mechanism, params, GMACs at 224 px and at the training size, source paper.
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, which includes
 the einsums of the attention references; element-wise work is not counted), halved to multiply-accumulates.
@@ -34,9 +34,12 @@ def row(name: str) -> dict:
     model = timm.create_model(name).eval()
     size = model.pretrained_cfg["input_size"][-1]
     params = sum(p.numel() for p in model.parameters())
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, size, size))
+    gmacs = {}
+    for s in {224, size}:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.randn(1, 3, s, s))
+        gmacs[s] = counter.get_total_flops() / 2e9
     mechanism, paper = PAPERS[_family(name)]
     weights = "yes" if model.pretrained_cfg.get("url") else "no"
     if name == "agent_deit_base":
@@ -45,7 +48,8 @@ def row(name: str) -> dict:
         name=name,
         mechanism=mechanism,
         params=params / 1e6,
-        gmacs=counter.get_total_flops() / 2e9,
+        gmacs=gmacs[224],
+        gmacs_native=gmacs[size],
         size=size,
         paper=paper,
         weights=weights,
@@ -57,13 +61,14 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
     lines = [
-        "| model | mechanism | params (M) | GMACs | input | authors' weights | paper |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| model | mechanism | params (M) | GMACs @224 | trained at | GMACs there | authors' weights | paper |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for name in visionlin.list_models():
         r = row(name)
         lines.append(
             f"| `{r['name']}` | {r['mechanism']} | {r['params']:.1f} | {r['gmacs']:.2f} | {r['size']} | "
+            f"{r['gmacs_native']:.2f} | "
             f"{r['weights']} | {r['paper']} |"
         )
     text = "\n".join(lines)
