@@ -16,12 +16,17 @@ from .linear import (
     linear_attention,
     linear_attention_reference,
 )
+from .magnitude import magnitude_aware_linear_attention, magnitude_aware_linear_attention_reference
+from .norm_aware import norm_aware_linear_attention, norm_aware_linear_attention_reference
+from .rank_augmented import rank_augmented_linear_attention, rank_augmented_linear_attention_reference
+from .rope import apply_rope_2d, rope_2d_tables
 from .softmax import softmax_attention, softmax_attention_reference
 
 __all__ = [
     "FEATURE_MAPS",
     "agent_attention",
     "agent_attention_reference",
+    "apply_rope_2d",
     "efficient_attention",
     "efficient_attention_reference",
     "focused_linear_attention",
@@ -34,6 +39,13 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "list_ops",
+    "magnitude_aware_linear_attention",
+    "magnitude_aware_linear_attention_reference",
+    "norm_aware_linear_attention",
+    "norm_aware_linear_attention_reference",
+    "rank_augmented_linear_attention",
+    "rank_augmented_linear_attention_reference",
+    "rope_2d_tables",
     "softmax_attention",
     "softmax_attention_reference",
 ]

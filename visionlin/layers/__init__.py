@@ -3,18 +3,26 @@
 from ._base import TokenMixer
 from ._registry import ATTN_LAYERS, create_attn, register_attn
 from .agent import AgentAttention, resample_agent_biases
+from .efficient import EfficientAttention
 from .focused import FocusedLinearAttention
 from .infsa import LinearInfSAAttention, PureInfSAAttention
 from .inline import InLineAttention
+from .magnitude import MagnitudeAwareAttention
+from .norm_aware import NormAwareAttention
+from .rank_augmented import RankAugmentedAttention
 from .softmax import SoftmaxAttention
 
 __all__ = [
     "ATTN_LAYERS",
     "AgentAttention",
+    "EfficientAttention",
     "FocusedLinearAttention",
     "InLineAttention",
     "LinearInfSAAttention",
+    "MagnitudeAwareAttention",
+    "NormAwareAttention",
     "PureInfSAAttention",
+    "RankAugmentedAttention",
     "SoftmaxAttention",
     "TokenMixer",
     "create_attn",

@@ -1,0 +1,88 @@
+"""Magnitude-aware linear attention (MALA, Fan et al., ICCV 2025), non-causal (bidirectional), heads-last.
+
+With ``phi(t) = ELU(t) + 1`` applied to the raw q and k inside the op, ``s = D ** -0.5``, ``M`` keys and, optionally,
+the 2-D RoPE ``R`` (:mod:`visionlin.kernels.rope`)::
+
+    z_i   = s * phi(q_i) . mean_j phi(k_j)                         # un-rotated features
+    out_i = (R phi(q_i)) (s/M sum_j (R phi(k_j)) v_j^T) * (1 + 1/(z_i + eps)) - z_i * mean_j v_j
+
+i.e. weights ``w_ij = (1 + 1/(z_i + eps)) * s/M * <R phi(q_i), R phi(k_j)> - z_i / M``. Without RoPE the rows sum to
+exactly 1 (``eps = 0``); the authors compute ``z`` before the rotation, so with RoPE they sum to 1 only approximately
+and may be negative. Computed in ``O(N D^2)`` through the ``D x Dv`` state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import fp32_reference, is_floating, reference_dtype
+from ._dispatch import Op
+from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
+
+__all__ = ["magnitude_aware_linear_attention", "magnitude_aware_linear_attention_reference"]
+
+
+def magnitude_aware_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: RopeTables | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Specification of MALA (module docstring), in float32 with autocast disabled.
+
+    Args:
+        q: Raw queries ``[B, N, H, D]`` (the feature map is applied here).
+        k: Raw keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        rope: ``(sin, cos)`` tables ``[N, D]`` rotating ``phi(q)`` and ``phi(k)`` (needs ``M == N``), or ``None``.
+        scale: ``s``; ``None`` means ``D ** -0.5``.
+        eps: Added to ``z`` before it is inverted.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    check_rope_attention_args("magnitude_aware_linear_attention", q, k, v, rope, eps)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    m = k.shape[1]
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        fq = F.elu(q.to(dt)) + 1.0  # [B, N, H, D]
+        fk = F.elu(k.to(dt)) + 1.0  # [B, M, H, D]
+        v = v.to(dt)
+        tables = None if rope is None else (rope[0].to(dt), rope[1].to(dt))
+        z = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1) * s  # [B, N, H, 1]
+        kv = torch.einsum("bmhd,bmhe->bhde", maybe_apply_rope(fk, tables), v) * (s / m)  # [B, H, D, Dv]
+        num = torch.einsum("bnhd,bhde->bnhe", maybe_apply_rope(fq, tables), kv)  # [B, N, H, Dv]
+        out = num * (1.0 + 1.0 / (z + eps)) - z * v.mean(dim=1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def _supports_any(q, k, v, **kwargs):
+    return is_floating(q, k, v)
+
+
+_op = Op("magnitude_aware_linear_attention")
+_op.register("reference", magnitude_aware_linear_attention_reference, _supports_any)
+
+
+def magnitude_aware_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: RopeTables | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Magnitude-aware linear attention; see :func:`magnitude_aware_linear_attention_reference`.
+
+    Raises:
+        ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, or ``eps < 0``.
+    """
+    check_rope_attention_args("magnitude_aware_linear_attention", q, k, v, rope, eps)
+    return _op(q, k, v, rope=rope, scale=scale, eps=eps, backend=backend)
