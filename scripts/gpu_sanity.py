@@ -42,9 +42,10 @@ def _twin(name: str) -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return ""
+        return "unknown"
+    return out if len(out) == 40 else "unknown"
 
 
 def train_step(name: str, size: int) -> dict:
@@ -106,6 +107,7 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--models", default="")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--commit", default=None, help="commit of the tree (the device copy may have no git data)")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def main() -> int:
     auto = get_op("softmax_attention").select(q, q, q).name
     result = {
         "command": " ".join(sys.argv),
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
