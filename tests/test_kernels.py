@@ -277,3 +277,52 @@ def test_linear_reference_is_fp32_under_autocast():
         out = linear_attention_reference(q, k, v)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, linear_attention_reference(q, k, v))
+
+
+# Native-precision ("torch") backends vs the references ---------------------------------------------------------------
+NATIVE_OPS = {
+    "linear-elu-divide": lambda q, k, v, b: linear_attention(q, k, v, feature_map="elu", backend=b),
+    "linear-relu-divide": lambda q, k, v, b: linear_attention(q, k, v, feature_map="relu", backend=b),
+    "inline-subtract": lambda q, k, v, b: linear_attention(
+        q, k, v, feature_map="identity", normalize="subtract", backend=b
+    ),
+    "cosine-none": lambda q, k, v, b: linear_attention(q, k, v, feature_map="cosine", normalize="none", backend=b),
+    "focused": lambda q, k, v, b: focused_linear_attention(
+        q, k, v, channel_scale=torch.full(q.shape[-2:], 0.7, dtype=q.dtype), backend=b
+    ),
+    "infsa-per-query": lambda q, k, v, b: linear_infsa_attention(q, k, v, rho=0.9, per_query=True, backend=b),
+}
+# Tolerances relative to the largest magnitude of the fp32 reference (forward) / its gradient (backward).
+NATIVE_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (3e-2, 6e-2), torch.float16: (5e-3, 1e-2)}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("op", sorted(NATIVE_OPS))
+def test_native_backend_vs_reference(op, dtype, shape):
+    fn = NATIVE_OPS[op]
+    fwd_tol, bwd_tol = NATIVE_TOL[dtype]
+    # Both paths see the same (rounded) inputs: the test isolates the backend's arithmetic.
+    nat_in = [t.detach().to(dtype).requires_grad_() for t in _qkv(shape, seed=2)]
+    ref_in = [t.detach().float().requires_grad_() for t in nat_in]
+    ref = fn(*ref_in, "reference")
+    out = fn(*nat_in, "torch")
+    assert out.dtype == dtype
+    scale = ref.abs().max()
+    assert ((out.float() - ref).abs().max() / scale).item() <= fwd_tol
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    (ref * w).sum().backward()
+    (out.float() * w).sum().backward()
+    for a, b in zip(nat_in, ref_in, strict=True):
+        err = ((a.grad.float() - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)).item()
+        assert err <= bwd_tol, f"gradient error {err:.2e} > {bwd_tol}"
+
+
+def test_native_is_the_automatic_choice_and_refuses_mixed_dtypes():
+    q = torch.randn(1, 8, 1, 4)
+    assert get_op("linear_attention").select(q, q, q).name == "torch"
+    reasons = get_op("linear_attention").supports(q, q.half(), q, backend="torch")
+    assert reasons == ["mixed dtypes torch.float32, torch.float16, torch.float32"]
+    assert get_op("linear_attention").select(q, q.half(), q).name == "reference"
+    assert get_op("linear_infsa_attention").select(q, q, q).name == "reference"
+    assert get_op("linear_infsa_attention").select(q, q, q, per_query=True).name == "torch"

@@ -90,11 +90,36 @@ def focused_linear_attention_reference(
     return out.to(q.dtype)
 
 
+def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
+    """``"torch"`` backend: native precision, except that float16 focusing runs in float32.
+
+    ``t ** p`` of float16 activations can leave the float16 range before the norms bring it back; the focused
+    features themselves are norm-preserving (``||f_p(t)|| = ||relu(t) + eps||``), so they are cast back safely.
+    """
+    fdt = torch.float32 if q.dtype == torch.float16 else q.dtype
+    cs = None if channel_scale is None else channel_scale.to(fdt)
+    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
+    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
+    r = k.shape[1] ** -0.5
+    kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j f(k_j) v_j^T
+    num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
+    den = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1)
+    return num / (den + eps)
+
+
 def _supports_any(q, k, v, **kwargs):
     return is_floating(q, k, v)
 
 
+def _supports_native(q, k, v, **kwargs):
+    reasons = is_floating(q, k, v)
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    return reasons
+
+
 _op = Op("focused_linear_attention")
+_op.register("torch", _focused_native, _supports_native)
 _op.register("reference", focused_linear_attention_reference, _supports_any)
 
 

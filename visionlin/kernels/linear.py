@@ -124,11 +124,40 @@ def linear_attention_reference(
     return out.to(q.dtype)
 
 
+def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
+    """``"torch"`` backend: the reference's math in the inputs' dtype (matrix products accumulate in float32).
+
+    The ``D x Dv`` state is formed from ``M^-1/2``-scaled keys and values, so it is a mean, not a sum, and stays
+    inside the float16 range at any sequence length.
+    """
+    s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
+    m = k.shape[1]
+    fq = apply_feature_map(q, feature_map)
+    fk = apply_feature_map(k, feature_map)
+    r = m**-0.5
+    kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j phi(k_j) v_j^T
+    num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
+    if normalize == "none":
+        return num * (s * m)
+    row_sum = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1) * s
+    if normalize == "divide":
+        return num * s / (row_sum + eps)
+    return num * s + (1.0 - row_sum) * v.mean(dim=1, keepdim=True)
+
+
 def _supports_any(q, k, v, **kwargs):
     return is_floating(q, k, v)
 
 
+def _supports_native(q, k, v, **kwargs):
+    reasons = is_floating(q, k, v)
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    return reasons
+
+
 _op = Op("linear_attention")
+_op.register("torch", _linear_native, _supports_native)
 _op.register("reference", linear_attention_reference, _supports_any)
 
 
@@ -143,7 +172,11 @@ def linear_attention(
     eps: float = 1e-6,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Kernelised linear attention; the math is in :func:`linear_attention_reference` and the module docstring."""
+    """Kernelised linear attention; the math is in :func:`linear_attention_reference` and the module docstring.
+
+    Backends: ``"torch"`` (native precision: bf16/fp16 inputs stay bf16/fp16, products accumulate in float32) and
+    ``"reference"`` (float32 throughout).
+    """
     check_heads_last("linear_attention", q, k, v, same_length=False)
     _check_args(normalize, eps)
     return _op(q, k, v, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, backend=backend)
