@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -107,6 +108,11 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--models", default="")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-sanity", action="store_true")
+    parser.add_argument(
+        "--bench", default="224:256,1024:16", help="size:batch pairs (default: the protocol of specs/official_speed.md)"
+    )
+    parser.add_argument("--sweeps", type=int, default=2, help="repeat the whole throughput sweep (spread = noise)")
     parser.add_argument("--commit", default=None, help="commit of the tree (the device copy may have no git data)")
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -125,8 +131,10 @@ def main() -> int:
         "throughput": {},
     }
     failures = 0 if auto == "sdpa" else 1
+    bench = [tuple(int(v) for v in pair.split(":")) for pair in args.bench.split(",")]
+    result["protocol"] = {"bench": bench, "sweeps": args.sweeps, "precision": "bf16 autocast, eager, inference_mode"}
     with sdpa_kernel(FUSED):
-        for name in models:
+        for name in models if not args.skip_sanity else []:
             for size in (224, 1024):
                 key = f"{name}@{size}"
                 try:
@@ -143,28 +151,40 @@ def main() -> int:
                 torch.cuda.empty_cache()
         if not args.skip_throughput:
             names = list(dict.fromkeys([*TWINS.values(), *models]))
-            for name in names:
-                for size, batch in ((224, 128), (1024, 4)):
-                    key = f"{name}@{size}"
-                    try:
-                        row = throughput(name, size, batch)
-                    except Exception as e:
-                        row = {"error": f"{type(e).__name__}: {e}"}
-                    row["batch"] = batch
-                    row["twin"] = None if name.startswith("deit") else _twin(name)
-                    result["throughput"][key] = row
-                    torch.cuda.empty_cache()
+            for sweep in range(args.sweeps):
+                order = names if sweep % 2 == 0 else names[::-1]  # alternate the order: drift shows as spread
+                for name in order:
+                    for size, batch in bench:
+                        key = f"{name}@{size}"
+                        try:
+                            row = throughput(name, size, batch)
+                        except Exception as e:
+                            row = {"error": f"{type(e).__name__}: {e}"}
+                        prev = result["throughput"].setdefault(key, {"batch": batch, "sweeps": []})
+                        prev["sweeps"].append(row)
+                        torch.cuda.empty_cache()
+            for key, row in result["throughput"].items():
+                ok = [r for r in row["sweeps"] if "img_per_s" in r]
+                if ok:
+                    vals = sorted(r["img_per_s"] for r in ok)
+                    row["img_per_s"] = round(statistics.median(vals), 1)
+                    row["spread"] = round((vals[-1] - vals[0]) / row["img_per_s"], 3)
+                    row["peak_gib"] = max(r["peak_gib"] for r in ok)
+                else:
+                    row["error"] = row["sweeps"][0]["error"]
+                name = key.split("@")[0]
+                row["twin"] = None if name.startswith("deit") else _twin(name)
             for key, row in result["throughput"].items():
                 twin = row.get("twin")
                 if twin and "img_per_s" in row:
                     ref = result["throughput"].get(f"{twin}@{key.split('@')[1]}", {})
                     if "img_per_s" in ref:
                         row["ratio_vs_twin"] = round(row["img_per_s"] / ref["img_per_s"], 3)
-            print(f"{'model@size':36s}{'img/s':>10s}{'vs twin':>9s}{'GiB':>8s}")
+            print(f"{'model@size':36s}{'img/s':>10s}{'spread':>8s}{'vs twin':>9s}{'GiB':>8s}")
             for key, row in result["throughput"].items():
                 print(
-                    f"{key:36s}{row.get('img_per_s', 'ERR'):>10}{row.get('ratio_vs_twin', ''):>9}"
-                    f"{row.get('peak_gib', ''):>8}  {row.get('error', '')}"
+                    f"{key:36s}{row.get('img_per_s', 'ERR'):>10}{row.get('spread', ''):>8}"
+                    f"{row.get('ratio_vs_twin', ''):>9}{row.get('peak_gib', ''):>8}  {row.get('error', '')}"
                 )
     (out_dir / "gpu_sanity.json").write_text(json.dumps(result, indent=1))
     print(f"sanity failures: {failures}")
