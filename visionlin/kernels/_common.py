@@ -7,7 +7,14 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["check_heads_last", "fp32_reference", "is_floating", "reference_dtype"]
+__all__ = [
+    "check_heads_last",
+    "fp32_reference",
+    "is_floating",
+    "reference_dtype",
+    "same_floating_dtype",
+    "supports_floating",
+]
 
 
 def check_heads_last(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = True) -> None:
@@ -33,6 +40,19 @@ def check_heads_last(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def is_floating(*tensors: torch.Tensor) -> list[str]:
     """Reasons (possibly none) why the tensors are not floating point."""
     return [f"dtype {t.dtype} is not floating point" for t in tensors if not t.is_floating_point()]
+
+
+def supports_floating(*args: object, **kwargs: object) -> list[str]:
+    """A backend ``supports()`` for implementations that take any floating dtype: checks the tensor arguments."""
+    return is_floating(*(a for a in args if isinstance(a, torch.Tensor)))
+
+
+def same_floating_dtype(*tensors: torch.Tensor) -> list[str]:
+    """Reasons (possibly none) why native-precision backends cannot take these tensors: not floating, or mixed."""
+    reasons = is_floating(*tensors)
+    if len({t.dtype for t in tensors}) > 1:
+        reasons.append("mixed dtypes " + ", ".join(str(t.dtype) for t in tensors))
+    return reasons
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:

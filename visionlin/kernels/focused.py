@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._common import (
+    check_heads_last,
+    fp32_reference,
+    reference_dtype,
+    same_floating_dtype,
+    supports_floating,
+)
 from ._dispatch import Op
 
 __all__ = ["focus", "focused_linear_attention", "focused_linear_attention_reference"]
@@ -107,20 +113,13 @@ def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-
     return num / (den + eps)
 
 
-def _supports_any(q, k, v, **kwargs):
-    return is_floating(q, k, v)
-
-
 def _supports_native(q, k, v, **kwargs):
-    reasons = is_floating(q, k, v)
-    if len({q.dtype, k.dtype, v.dtype}) > 1:
-        reasons.append(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-    return reasons
+    return same_floating_dtype(q, k, v)
 
 
 _op = Op("focused_linear_attention")
 _op.register("torch", _focused_native, _supports_native)
-_op.register("reference", focused_linear_attention_reference, _supports_any)
+_op.register("reference", focused_linear_attention_reference, supports_floating)
 
 
 def focused_linear_attention(

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._common import (
+    check_heads_last,
+    fp32_reference,
+    reference_dtype,
+    same_floating_dtype,
+    supports_floating,
+)
 from ._dispatch import Op
 
 __all__ = [
@@ -130,23 +136,16 @@ def _linear_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     return _rho(rho, q.dtype, q.device) * num / (den + eps / k.shape[1])
 
 
-def _supports_any(q, k, v, **kwargs):
-    return is_floating(q, k, v)
-
-
 def _supports_native(q, k, v, *, per_query=False, **kwargs):
     reasons = [] if per_query else ["only the per_query form has a native-precision path (see _linear_native)"]
-    reasons += is_floating(q, k, v)
-    if len({q.dtype, k.dtype, v.dtype}) > 1:
-        reasons.append(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-    return reasons
+    return reasons + same_floating_dtype(q, k, v)
 
 
 _pure_op = Op("pure_infsa_attention")
-_pure_op.register("reference", pure_infsa_attention_reference, _supports_any)
+_pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
 _linear_op = Op("linear_infsa_attention")
 _linear_op.register("torch", _linear_native, _supports_native)
-_linear_op.register("reference", linear_infsa_attention_reference, _supports_any)
+_linear_op.register("reference", linear_infsa_attention_reference, supports_floating)
 
 
 def pure_infsa_attention(

@@ -23,7 +23,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._common import (
+    check_heads_last,
+    fp32_reference,
+    reference_dtype,
+    same_floating_dtype,
+    supports_floating,
+)
 from ._dispatch import Op
 
 __all__ = [
@@ -145,20 +151,13 @@ def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None
     return num * s + (1.0 - row_sum) * v.mean(dim=1, keepdim=True)
 
 
-def _supports_any(q, k, v, **kwargs):
-    return is_floating(q, k, v)
-
-
 def _supports_native(q, k, v, **kwargs):
-    reasons = is_floating(q, k, v)
-    if len({q.dtype, k.dtype, v.dtype}) > 1:
-        reasons.append(f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-    return reasons
+    return same_floating_dtype(q, k, v)
 
 
 _op = Op("linear_attention")
 _op.register("torch", _linear_native, _supports_native)
-_op.register("reference", linear_attention_reference, _supports_any)
+_op.register("reference", linear_attention_reference, supports_floating)
 
 
 def linear_attention(
@@ -207,7 +206,7 @@ def efficient_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 _eff_op = Op("efficient_attention")
-_eff_op.register("reference", efficient_attention_reference, _supports_any)
+_eff_op.register("reference", efficient_attention_reference, supports_floating)
 
 
 def efficient_attention(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import fp32_reference, is_floating, reference_dtype
+from ._common import fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
@@ -64,12 +64,8 @@ def rank_augmented_linear_attention_reference(
     return out.to(q.dtype)
 
 
-def _supports_any(q, k, v, **kwargs):
-    return is_floating(q, k, v)
-
-
 _op = Op("rank_augmented_linear_attention")
-_op.register("reference", rank_augmented_linear_attention_reference, _supports_any)
+_op.register("reference", rank_augmented_linear_attention_reference, supports_floating)
 
 
 def rank_augmented_linear_attention(

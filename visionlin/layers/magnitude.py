@@ -10,7 +10,7 @@ Also home of :class:`RoPELePEMixer`, the shared skeleton of the MALA / RALA / Na
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from ..kernels.rope import RopeTables, rope_2d_tables
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._registry import register_attn
 
-__all__ = ["MagnitudeAwareAttention", "RoPELePEMixer", "conv1x1_to_linear"]
+__all__ = ["GatedRoPELinearAttention", "MagnitudeAwareAttention", "RoPELePEMixer", "conv1x1_to_linear"]
 
 _MAX_CACHED_TABLES = 8
 
@@ -134,25 +134,14 @@ class RoPELePEMixer(TokenMixer):
         return local
 
 
-@register_attn("mala")
-class MagnitudeAwareAttention(RoPELePEMixer):
-    """MALA: magnitude-aware linear attention with 2-D RoPE, LePE and a linear output gate.
+class GatedRoPELinearAttention(RoPELePEMixer):
+    """Shared body of MALA and RALA: ``proj((kernel(q, k, v, RoPE) + lepe(v)) * o)`` with a fused ``qkvo``.
 
-    Args:
-        dim: Channels ``C``.
-        num_heads: Heads ``H`` (``C / H`` a multiple of 4).
-        qkv_bias: Bias on ``qkvo`` (the authors: ``True``).
-        qk_norm: Not supported (``NotImplementedError``).
-        attn_drop: Must be 0 (no attention matrix exists).
-        proj_drop: Dropout after ``proj``.
-        norm_layer: Unused unless ``qk_norm``.
-        lepe_kernel: Depthwise ``lepe`` kernel size (the authors: 5).
-        rope_theta: RoPE frequency base (the authors: 10000).
-        scale: ``s`` of the kernel; ``None`` means ``head_dim ** -0.5`` (the authors).
-        eps: Added to ``z`` before it is inverted (the authors: 1e-6).
-        device: Parameter device.
-        dtype: Parameter dtype.
+    Subclasses set :attr:`kernel` (the functional op) and their docstring; everything else is identical in the authors'
+    ``AddLinearAttention`` and ``GateLinearAttentionNoSilu``.
     """
+
+    kernel: Callable[..., torch.Tensor]
 
     def __init__(
         self,
@@ -193,7 +182,7 @@ class MagnitudeAwareAttention(RoPELePEMixer):
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
         q, k, v, o = self.qkvo(x).chunk(4, dim=-1)
         rope = self.rope_tables(feat_size, num_prefix_tokens, x.device, x.dtype)
-        out = magnitude_aware_linear_attention(
+        out = self.kernel(
             *(split_heads(t, self.num_heads) for t in (q, k, v)),
             rope=rope,
             scale=self.scale,
@@ -205,5 +194,28 @@ class MagnitudeAwareAttention(RoPELePEMixer):
 
     @classmethod
     def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The authors' ``AddLinearAttention``: 1x1 ``Conv2d`` weights of ``qkvo`` and ``proj`` become Linear ones."""
+        """The authors' 1x1 ``Conv2d`` weights of ``qkvo`` and ``proj`` become Linear ones."""
         return conv1x1_to_linear(state_dict, ("qkvo", "proj"))
+
+
+@register_attn("mala")
+class MagnitudeAwareAttention(GatedRoPELinearAttention):
+    """MALA: magnitude-aware linear attention with 2-D RoPE, LePE and a linear output gate.
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads ``H`` (``C / H`` a multiple of 4).
+        qkv_bias: Bias on ``qkvo`` (the authors: ``True``).
+        qk_norm: Not supported (``NotImplementedError``).
+        attn_drop: Must be 0 (no attention matrix exists).
+        proj_drop: Dropout after ``proj``.
+        norm_layer: Unused unless ``qk_norm``.
+        lepe_kernel: Depthwise ``lepe`` kernel size (the authors: 5).
+        rope_theta: RoPE frequency base (the authors: 10000).
+        scale: ``s`` of the kernel; ``None`` means ``head_dim ** -0.5`` (the authors).
+        eps: Added to ``z`` before it is inverted (the authors: 1e-6).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    kernel = staticmethod(magnitude_aware_linear_attention)

@@ -10,21 +10,15 @@ authors' class name). Prefix (class) tokens take part in the attention and its m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
-from torch import nn
-
 from ..kernels.rank_augmented import rank_augmented_linear_attention
-from ._base import check_tokens, merge_heads, split_heads
 from ._registry import register_attn
-from .magnitude import RoPELePEMixer, conv1x1_to_linear
+from .magnitude import GatedRoPELinearAttention
 
 __all__ = ["RankAugmentedAttention"]
 
 
 @register_attn("rala")
-class RankAugmentedAttention(RoPELePEMixer):
+class RankAugmentedAttention(GatedRoPELinearAttention):
     """RALA: rank-augmented linear attention with 2-D RoPE, LePE and a linear output gate.
 
     Args:
@@ -43,56 +37,4 @@ class RankAugmentedAttention(RoPELePEMixer):
         dtype: Parameter dtype.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: type[nn.Module] | None = None,
-        *,
-        lepe_kernel: int = 5,
-        rope_theta: float = 10000.0,
-        scale: float | None = None,
-        eps: float = 1e-6,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            dim,
-            num_heads,
-            qk_norm=qk_norm,
-            attn_drop=attn_drop,
-            lepe_kernel=lepe_kernel,
-            rope_theta=rope_theta,
-            device=device,
-            dtype=dtype,
-        )
-        dd = {"device": device, "dtype": dtype}
-        self.scale = scale
-        self.eps = eps
-        self.qkvo = nn.Linear(dim, 4 * dim, bias=qkv_bias, **dd)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
-        """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]`` (grid tokens row-major)."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
-        q, k, v, o = self.qkvo(x).chunk(4, dim=-1)
-        rope = self.rope_tables(feat_size, num_prefix_tokens, x.device, x.dtype)
-        out = rank_augmented_linear_attention(
-            *(split_heads(t, self.num_heads) for t in (q, k, v)),
-            rope=rope,
-            scale=self.scale,
-            eps=self.eps,
-            backend=self.backend,
-        )
-        out = (merge_heads(out) + self.lepe_tokens(v, feat_size, num_prefix_tokens)) * o
-        return self.proj_drop(self.proj(out))
-
-    @classmethod
-    def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The authors' ``GateLinearAttentionNoSilu``: 1x1 ``Conv2d`` weights of ``qkvo``/``proj`` become Linear."""
-        return conv1x1_to_linear(state_dict, ("qkvo", "proj"))
+    kernel = staticmethod(rank_augmented_linear_attention)
