@@ -136,3 +136,25 @@ def test_checkpoint_roundtrip_and_resize(name):
     same = _create(name)
     same.load_state_dict(checkpoint_filter_fn({"model": src.state_dict()}, same), strict=True)
     torch.testing.assert_close(same(_x()), src(_x()))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_mixed_dtypes_under_autocast(name, monkeypatch):
+    """Under bf16 autocast every kernel call gets one dtype: an fp32 table promoting q/k/v would silently send the
+    call to the float32 reference instead of the native path."""
+    from visionlin.kernels import _dispatch
+
+    calls = []
+    select = _dispatch.Op.select
+
+    def spy(self, *args, backend=None, **kwargs):
+        calls.append((self.name, {a.dtype for a in args if isinstance(a, torch.Tensor)}))
+        return select(self, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(_dispatch.Op, "select", spy)
+    model = _create(name)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_x(batch=1))
+    assert calls
+    mixed = [(op, dtypes) for op, dtypes in calls if dtypes != {torch.bfloat16}]
+    assert not mixed, f"kernels called with non-bf16 or mixed dtypes: {mixed[:3]}"

@@ -120,6 +120,17 @@ def linear_infsa_attention_reference(
     return out.to(q.dtype)
 
 
+def _pure_native(q, k, v, *, rho=1.0, eps=1e-6):
+    """``"torch"`` backend of pure InfSA: scores materialised in the inputs' dtype (bf16/fp16: a third of the
+    reference's float32 memory), the Frobenius norm accumulated in float32, one rescale of the output."""
+    b, _, h, _ = q.shape
+    a = F.relu(torch.einsum("bnhd,bmhd->bhnm", q / q.shape[-1], k))  # [B, H, N, M]
+    acc = reference_dtype(q.dtype)  # float32 accumulation (float64 stays float64)
+    fro = torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc)  # [B, H]
+    factor = _rho(rho, acc, q.device).reshape(-1) / (fro + eps)  # [B, H]
+    return torch.einsum("bhnm,bmhe->bnhe", a, v) * factor.to(q.dtype).view(b, 1, h, 1)
+
+
 def _linear_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     """``"torch"`` backend of the ``per_query`` form: native precision (products accumulate in float32), state from
     ``M^-1/2``-scaled keys and values so it stays in the float16 range.
@@ -142,6 +153,7 @@ def _supports_native(q, k, v, *, per_query=False, **kwargs):
 
 
 _pure_op = Op("pure_infsa_attention")
+_pure_op.register("torch", _pure_native, lambda q, k, v, **kw: same_floating_dtype(q, k, v))
 _pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
 _linear_op = Op("linear_infsa_attention")
 _linear_op.register("torch", _linear_native, _supports_native)

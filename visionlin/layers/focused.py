@@ -98,7 +98,8 @@ class FocusedLinearAttention(TokenMixer):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         pe = self.key_pos_embed(feat_size)
         if pe is not None:
-            k = torch.cat([k[:, :num_prefix_tokens], k[:, num_prefix_tokens:] + pe], dim=1)
+            # Cast: under autocast k is bf16/fp16 and an fp32 table would promote it (and the kernel) to fp32.
+            k = torch.cat([k[:, :num_prefix_tokens], k[:, num_prefix_tokens:] + pe.to(k.dtype)], dim=1)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         channel_scale = F.softplus(self.scale).view(self.num_heads, self.head_dim)
         out = focused_linear_attention(
