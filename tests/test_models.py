@@ -116,26 +116,41 @@ def test_forward_intermediates(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_grad_checkpointing_equal(name):
-    model = _create(name).train()
+def test_grad_checkpointing_equal(name, monkeypatch):
+    """Checkpointing is really used (every block goes through it) and changes neither outputs nor gradients."""
+    import visionlin.models.vit as vit
+
+    calls = []
+    real = vit.checkpoint
+    monkeypatch.setattr(vit, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = _x(batch=1)
-    torch.manual_seed(3)
-    ref = model(x)
-    model.set_grad_checkpointing(True)
-    torch.manual_seed(3)
-    out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grads = []
+    for enable in (False, True):
+        model = _create(name).train()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(3)
+        out = model(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == len(model.blocks)
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpoint_roundtrip_and_resize(name):
-    """Our own state dict loads through checkpoint_filter_fn, also into a model built for another resolution."""
+    """Our own state dict loads through checkpoint_filter_fn; into a model built for another resolution, the
+    resampled tables give the same outputs as the source model resampling on the fly at that resolution."""
     src = _create(name)
-    dst = _create(name, img_size=96)
-    dst.load_state_dict(checkpoint_filter_fn(src.state_dict(), dst), strict=True)
-    same = _create(name)
-    same.load_state_dict(checkpoint_filter_fn({"model": src.state_dict()}, same), strict=True)
-    torch.testing.assert_close(same(_x()), src(_x()))
+    other = timm.create_model(name, img_size=96)  # a different init (seed not reset): loading must overwrite it
+    other.load_state_dict(checkpoint_filter_fn({"model": src.state_dict()}, other), strict=True)
+    x96 = _x(batch=1, h=96, w=96)
+    torch.testing.assert_close(other.eval()(x96), src(x96), rtol=1e-4, atol=1e-5)
+    same = timm.create_model(name)
+    same.load_state_dict(checkpoint_filter_fn(src.state_dict(), same), strict=True)
+    torch.testing.assert_close(same.eval()(_x()), src(_x()))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -158,3 +173,11 @@ def test_no_mixed_dtypes_under_autocast(name, monkeypatch):
     assert calls
     mixed = [(op, dtypes) for op, dtypes in calls if dtypes != {torch.bfloat16}]
     assert not mixed, f"kernels called with non-bf16 or mixed dtypes: {mixed[:3]}"
+
+
+@pytest.mark.parametrize("name", ["infvit_tiny", "agent_deit_tiny", "flatten_deit_tiny", "inline_deit_tiny"])
+def test_construction_dtype_and_device(name):
+    model = timm.create_model(name, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    meta = timm.create_model(name, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}

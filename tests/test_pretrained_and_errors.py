@@ -118,3 +118,86 @@ def test_pretrained_download_from_share_link_on_loopback(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["flatten_deit_tiny.untrained.pth"]
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), src.eval()(x))
+
+
+def test_pretrained_tag_resolves_to_its_own_checkpoint_and_size():
+    from visionlin.models._pretrained import resolve_cfg
+
+    cfg = resolve_cfg("agent_deit_small", {"pretrained_cfg": "in1k_448"})
+    assert cfg["url"] == "https://cloud.tsinghua.edu.cn/f/a228f86241c445f1969b/?dl=1"
+    model = timm.create_model("agent_deit_small.in1k_448")
+    assert tuple(model.patch_embed.img_size) == (448, 448)
+    assert model.pretrained_cfg["tag"] == "in1k_448"
+    assert tuple(timm.create_model("agent_deit_small").patch_embed.img_size) == (224, 224)
+
+
+def test_distilled_checkpoint_loads():
+    model = EfficientVisionTransformer(embed_dim=64, depth=2, num_heads=2, img_size=64, patch_size=16)
+    sd = dict(model.state_dict())
+    sd["dist_token"] = torch.zeros(1, 1, 64)
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], torch.full((1, 1, 64), 7.0), sd["pos_embed"][:, 1:]], 1)
+    sd["head_dist.weight"], sd["head_dist.bias"] = sd["head.weight"], sd["head.bias"]
+    out = checkpoint_filter_fn(sd, model)
+    torch.testing.assert_close(out["pos_embed"], model.state_dict()["pos_embed"])  # the distillation row is dropped
+
+
+def test_class_token_checkpoint_into_avg_pool_model():
+    src = timm.create_model("infvit_tiny")
+    dst = timm.create_model("infvit_tiny", class_token=False, global_pool="avg")
+    dst.load_state_dict(checkpoint_filter_fn(src.state_dict(), dst), strict=True)
+    torch.testing.assert_close(dst.fc_norm.weight, src.norm.weight)
+    torch.testing.assert_close(dst.pos_embed, src.pos_embed[:, 1:])
+
+
+def test_non_square_checkpoint_needs_a_known_grid():
+    src = timm.create_model("infvit_tiny", img_size=(224, 160))
+    with pytest.raises(ValueError, match=r"cannot infer the grid of a checkpoint pos_embed with 140 grid rows"):
+        checkpoint_filter_fn(src.state_dict(), timm.create_model("infvit_tiny"))
+    dst = timm.create_model("infvit_tiny", img_size=(224, 160))
+    dst.load_state_dict(checkpoint_filter_fn(timm.create_model("infvit_tiny").state_dict(), dst), strict=True)
+
+
+def test_pretrained_into_other_input_channels(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": timm.create_model("agent_deit_tiny").state_dict()}, path)
+    model = timm.create_model(
+        "agent_deit_tiny", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(path))
+    )
+    assert model.patch_embed.proj.weight.shape == (192, 1, 16, 16)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+def test_layer_and_model_argument_errors():
+    attn = visionlin.create_attn("flatten", 64, num_heads=2)
+    with pytest.raises(ValueError, match=r"tokens have 32 channels, the layer was built for dim=64"):
+        attn(torch.randn(1, 16, 32), (4, 4))
+    with pytest.raises(ValueError, match=r"num_prefix_tokens=-1 must be >= 0"):
+        visionlin.create_attn("softmax", 32, 2)(torch.randn(1, 15, 32), (4, 4), -1)
+    with pytest.raises(ValueError, match=r"num_heads=0 must be >= 1"):
+        EfficientVisionTransformer(num_heads=0, embed_dim=32, depth=1)
+    with pytest.raises(ValueError, match=r"reg_tokens=-1 >= 0"):
+        EfficientVisionTransformer(num_heads=2, embed_dim=32, depth=1, reg_tokens=-1)
+
+
+def test_softmax_dropout_goes_through_the_chosen_backend(monkeypatch):
+    from visionlin.kernels import _dispatch
+
+    chosen = []
+    select = _dispatch.Op.select
+    monkeypatch.setattr(
+        _dispatch.Op, "select", lambda self, *a, **k: chosen.append(k.get("backend")) or select(self, *a, **k)
+    )
+    layer = visionlin.create_attn("softmax", 32, 2, attn_drop=0.5).train()
+    visionlin.set_backend(layer, "reference")
+    layer(torch.randn(1, 16, 32), (4, 4))
+    assert chosen == ["reference"]
+
+
+def test_rope_cache_never_keeps_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = visionlin.create_attn("mala", 64, num_heads=2)
+    x = torch.randn(1, 16, 64)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        layer(mode.from_tensor(x), (4, 4))
+    assert type(layer(x, (4, 4))) is torch.Tensor

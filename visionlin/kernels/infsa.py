@@ -128,7 +128,8 @@ def _pure_native(q, k, v, *, rho=1.0, eps=1e-6):
     acc = reference_dtype(q.dtype)  # float32 accumulation (float64 stays float64)
     fro = torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc)  # [B, H]
     factor = _rho(rho, acc, q.device).reshape(-1) / (fro + eps)  # [B, H]
-    return torch.einsum("bhnm,bmhe->bnhe", a, v) * factor.to(q.dtype).view(b, 1, h, 1)
+    # Rescale v before the product: A V itself can leave the float16 range, A V / ||A||_F cannot.
+    return torch.einsum("bhnm,bmhe->bnhe", a, v * factor.to(q.dtype).view(b, 1, h, 1))
 
 
 def _linear_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):

@@ -141,14 +141,20 @@ def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None
     fq = apply_feature_map(q, feature_map)
     fk = apply_feature_map(k, feature_map)
     r = m**-0.5
+    k_mean = fk.mean(dim=1, keepdim=True)  # [B, 1, H, D]
+    if normalize == "subtract":
+        # Exact centred form: sum_j w_ij v_j = s * phi(q_i) . mean_j (phi(k_j) - kbar)(v_j - vbar)^T + vbar. The
+        # uncentred form (num - row_sum * vbar + vbar) cancels two large terms (~10% error in bf16 when q, k have a
+        # mean); centring v too keeps the rounding of kbar from leaking in as kbar_error * vbar.
+        v_mean = v.mean(dim=1, keepdim=True)
+        kv = torch.einsum("bmhd,bmhe->bhde", (fk - k_mean) * r, (v - v_mean) * r)
+        return torch.einsum("bnhd,bhde->bnhe", fq, kv) * s + v_mean
     kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j phi(k_j) v_j^T
     num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
     if normalize == "none":
         return num * (s * m)
-    row_sum = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1) * s
-    if normalize == "divide":
-        return num * s / (row_sum + eps)
-    return num * s + (1.0 - row_sum) * v.mean(dim=1, keepdim=True)
+    row_sum = torch.einsum("bnhd,bhd->bnh", fq, k_mean.squeeze(1)).unsqueeze(-1) * s
+    return num * s / (row_sum + eps)
 
 
 def _supports_native(q, k, v, **kwargs):

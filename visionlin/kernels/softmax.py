@@ -18,6 +18,7 @@ def softmax_attention_reference(
     *,
     scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Specification: ``softmax(scale * Q K^T + bias) V`` per head, materialised, in float32.
 
@@ -27,6 +28,7 @@ def softmax_attention_reference(
         v: Values ``[B, M, H, Dv]``.
         scale: Score multiplier; ``None`` means ``D ** -0.5``.
         attn_bias: Additive bias broadcastable to ``[B, H, N, M]``.
+        dropout_p: Dropout probability on the attention weights (pass 0 in eval mode).
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
@@ -38,23 +40,25 @@ def softmax_attention_reference(
         s = torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) * scale  # [B, H, N, M]
         if attn_bias is not None:
             s = s + attn_bias.to(dt)
-        out = torch.einsum("bhnm,bmhe->bnhe", s.softmax(dim=-1), v.to(dt))
+        w = F.dropout(s.softmax(dim=-1), p=dropout_p) if dropout_p else s.softmax(dim=-1)
+        out = torch.einsum("bhnm,bmhe->bnhe", w, v.to(dt))
     return out.to(q.dtype)
 
 
-def _sdpa(q, k, v, *, scale=None, attn_bias=None):
+def _sdpa(q, k, v, *, scale=None, attn_bias=None, dropout_p=0.0):
     # SDPA wants [B, H, N, D]; the transposes are views.
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
         attn_mask=None if attn_bias is None else attn_bias.to(q.dtype),
+        dropout_p=dropout_p,
         scale=scale,
     )
     return out.transpose(1, 2)
 
 
-def _sdpa_supports(q, k, v, *, scale=None, attn_bias=None):
+def _sdpa_supports(q, k, v, **kwargs):
     return is_floating(q, k, v)
 
 
@@ -70,6 +74,7 @@ def softmax_attention(
     *,
     scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Dense softmax attention; see :func:`softmax_attention_reference` for the math.
@@ -78,4 +83,6 @@ def softmax_attention(
     GPU) and ``"reference"``.
     """
     check_heads_last("softmax_attention", q, k, v, same_length=False)
-    return _op(q, k, v, scale=scale, attn_bias=attn_bias, backend=backend)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{dropout_p=} must lie in [0, 1)")
+    return _op(q, k, v, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=backend)

@@ -10,10 +10,16 @@ from torch import nn
 __all__ = ["TokenMixer", "check_tokens", "split_heads", "merge_heads", "tokens_to_map", "map_to_tokens"]
 
 
-def check_tokens(x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int, name: str) -> None:
-    """Raise ``ValueError`` unless ``x`` is ``[B, num_prefix_tokens + H * W, C]`` for ``feat_size = (H, W)``."""
+def check_tokens(
+    x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int, name: str, dim: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[B, num_prefix_tokens + H * W, dim]`` for ``feat_size = (H, W)``."""
     if x.ndim != 3:
         raise ValueError(f"{name}: expected tokens [B, N, C], got {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name}: tokens have {x.shape[-1]} channels, the layer was built for dim={dim}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"{name}: {num_prefix_tokens=} must be >= 0")
     if len(feat_size) != 2 or min(feat_size) < 1:
         raise ValueError(f"{name}: feat_size must be (H, W) with H, W >= 1, got {feat_size=}")
     expected = num_prefix_tokens + feat_size[0] * feat_size[1]

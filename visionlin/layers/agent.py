@@ -205,7 +205,7 @@ class AgentAttention(TokenMixer):
                 with prefix-token biases for a different ``num_prefix_tokens``.
         """
         name = type(self).__name__
-        check_tokens(x, feat_size, num_prefix_tokens, name)
+        check_tokens(x, feat_size, num_prefix_tokens, name, self.dim)
         if self.num_prefix_tokens and num_prefix_tokens != self.num_prefix_tokens:
             raise ValueError(
                 f"{name}: built with prefix-token biases for {self.num_prefix_tokens} prefix tokens "

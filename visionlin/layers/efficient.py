@@ -86,7 +86,7 @@ class EfficientAttention(TokenMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]``; ``feat_size`` is only validated (position-free)."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.queries, self.keys, self.values))
         out = efficient_attention(q, k, v, backend=self.backend)
         out = self.proj_drop(self.reprojection(merge_heads(out)))

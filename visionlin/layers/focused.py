@@ -94,7 +94,7 @@ class FocusedLinearAttention(TokenMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]``."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         pe = self.key_pos_embed(feat_size)
         if pe is not None:

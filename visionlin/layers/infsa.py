@@ -107,7 +107,7 @@ class LinearInfSAAttention(_InfSABase):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = self._qkv(x)
         out = linear_infsa_attention(
             q, k, v, rho=self.rho(), eps=self.eps, per_query=self.per_query, backend=self.backend
@@ -124,7 +124,7 @@ class PureInfSAAttention(_InfSABase):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = self._qkv(x)
         out = pure_infsa_attention(q, k, v, rho=self.rho(), eps=self.eps, backend=self.backend)
         return self.proj_drop(self.proj(merge_heads(out)))

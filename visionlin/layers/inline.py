@@ -27,7 +27,7 @@ def _leaky_relu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, negative_slope=0.01)  # nn.LeakyReLU() default, as the authors
 
 
-#: The authors' kernel functions; the kernel applies them to q and k in float32.
+#: The authors' kernel functions; the linear-attention op applies them to q and k (in its backend's precision).
 KERNEL_FUNCS: dict[str, str | Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": "identity",
     "relu": "relu",
@@ -115,7 +115,7 @@ class InLineAttention(TokenMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         feat_size = (int(feat_size[0]), int(feat_size[1]))
         p = num_prefix_tokens
         q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)  # [B, N, h, d] each

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 
 from ..kernels.magnitude import magnitude_aware_linear_attention
 from ..kernels.rope import RopeTables, rope_2d_tables
@@ -106,8 +107,8 @@ class RoPELePEMixer(TokenMixer):
                 dtype=table_dtype,
             )
 
-        if torch.compiler.is_compiling():
-            return build()
+        if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+            return build()  # traced or fake-tensor tables must never reach a later real forward
         # Tables made under inference_mode cannot be saved for a later backward: they get their own entry.
         key = (tuple(feat_size), num_prefix_tokens, device, table_dtype, torch.is_inference_mode_enabled())
         tables = self._rope_cache.get(key)
@@ -179,7 +180,7 @@ class GatedRoPELinearAttention(RoPELePEMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]`` (grid tokens row-major)."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v, o = self.qkvo(x).chunk(4, dim=-1)
         rope = self.rope_tables(feat_size, num_prefix_tokens, x.device, x.dtype)
         out = self.kernel(

@@ -85,7 +85,7 @@ class NormAwareAttention(RoPELePEMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]`` (grid tokens row-major)."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v, g = self.qkvg(x).chunk(4, dim=-1)
         rope = self.rope_tables(feat_size, num_prefix_tokens, x.device, x.dtype)
         out = norm_aware_linear_attention(

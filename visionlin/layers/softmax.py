@@ -21,7 +21,7 @@ class SoftmaxAttention(TokenMixer):
         num_heads: Heads ``H`` (``C % H == 0``).
         qkv_bias: Bias on the fused ``qkv`` projection.
         qk_norm: Normalise q and k per head with ``norm_layer`` before the dot product.
-        attn_drop: Dropout on attention weights (only the ``reference`` path materialises them; SDPA applies it fused).
+        attn_drop: Dropout on the attention weights in training (SDPA applies it fused).
         proj_drop: Dropout after the output projection.
         norm_layer: Norm used by ``qk_norm``.
     """
@@ -50,12 +50,9 @@ class SoftmaxAttention(TokenMixer):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """Attend over ``x`` ``[B, N, C]``; ``feat_size`` is only validated (softmax attention is position-free)."""
-        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__)
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.training and self.attn_drop > 0:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop).transpose(1, 2)
-        else:
-            out = softmax_attention(q, k, v, backend=self.backend)
+        drop = self.attn_drop if self.training else 0.0
+        out = softmax_attention(q, k, v, dropout_p=drop, backend=self.backend)
         return self.proj_drop(self.proj(merge_heads(out)))

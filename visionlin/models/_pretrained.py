@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 
 import torch
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
 from torch import nn
 
 __all__ = ["build_with_weights", "resolve_cfg"]
@@ -20,15 +20,17 @@ _SOURCES = ("url", "file", "hf_hub_id", "state_dict")
 
 
 def resolve_cfg(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The pretrained cfg ``timm.create_model`` will use for ``variant`` (tag and overlay applied), as a dict."""
-    cfg = kwargs.get("pretrained_cfg")
-    if isinstance(cfg, str):
-        cfg = get_pretrained_cfg(cfg)
-    if cfg is None:
-        cfg = get_pretrained_cfg(variant)
-    cfg = cfg.to_dict() if isinstance(cfg, PretrainedCfg) else dict(cfg or {})
-    cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
-    return cfg
+    """The pretrained cfg ``timm.create_model`` will use for ``variant`` (tag and overlay applied), as a dict.
+
+    ``create_model("name.tag")`` passes the tag as ``pretrained_cfg="tag"``; timm's own resolver turns it into the
+    ``name.tag`` entry.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    return cfg.to_dict() if isinstance(cfg, PretrainedCfg) else dict(cfg)
 
 
 def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:

@@ -162,6 +162,8 @@ class EfficientVisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if in_chans < 1:
             raise ValueError(f"{in_chans=} must be >= 1")
+        if min(patch_size, embed_dim, depth, num_heads) < 1 or reg_tokens < 0:
+            raise ValueError(f"{patch_size=}, {embed_dim=}, {depth=}, {num_heads=} must be >= 1 and {reg_tokens=} >= 0")
         if embed_dim % num_heads:
             raise ValueError(f"{embed_dim=} is not divisible by {num_heads=}")
         attn_layers = [attn_layer] * depth if isinstance(attn_layer, str) else list(attn_layer)
@@ -475,7 +477,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
         state_dict = renamed
     state_dict.pop("head_dist.weight", None)
     state_dict.pop("head_dist.bias", None)
+    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != model.pos_embed.shape:
+        state_dict["pos_embed"] = _adapt_pos_embed(state_dict, model)
     state_dict.pop("dist_token", None)
+    if model.cls_token is None:
+        state_dict.pop("cls_token", None)
+    if isinstance(model.norm, nn.Identity) and "norm.weight" in state_dict and "fc_norm.weight" not in state_dict:
+        # The model pools before its final norm (fc_norm): the checkpoint's final norm moves there.
+        for kind in ("weight", "bias"):
+            if f"norm.{kind}" in state_dict:
+                state_dict[f"fc_norm.{kind}"] = state_dict.pop(f"norm.{kind}")
 
     out: dict[str, torch.Tensor] = {}
     per_block: dict[int, dict[str, torch.Tensor]] = {}
@@ -486,11 +497,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
             continue
         if k == "patch_embed.proj.weight" and v.ndim < 4:
             v = v.reshape(model.patch_embed.proj.weight.shape)
-        elif k == "pos_embed" and v.shape != model.pos_embed.shape:
-            prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-            v = resample_abs_pos_embed(
-                v, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, verbose=False
-            )
         out[k] = v
     for i, sub in per_block.items():
         attn = model.blocks[i].attn
@@ -499,6 +505,47 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
         out.update({f"blocks.{i}.attn.{k}": v for k, v in sub.items()})
     _check_matches(out, model)
     return out
+
+
+def _adapt_pos_embed(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> torch.Tensor:
+    """A checkpoint's ``pos_embed`` fitted to ``model``: prefix rows matched (a distillation row dropped, a class row
+    dropped for a model without class token) and the grid part resampled to the model's grid.
+
+    Raises:
+        ValueError: the model needs prefix rows the checkpoint lacks, or the checkpoint's grid cannot be inferred.
+    """
+    pos = state_dict["pos_embed"]
+    has_cls, has_dist = "cls_token" in state_dict, "dist_token" in state_dict
+    n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    grid = tuple(model.patch_embed.grid_size)
+    n_prefix = int(has_cls) + int(has_dist) + n_reg
+    if pos.shape[1] - n_prefix <= 0 or (pos.shape[1] == grid[0] * grid[1] and model.no_embed_class):
+        n_prefix = 0  # the checkpoint embeds only the grid (no_embed_class)
+    rows = {}
+    if n_prefix:
+        names = ["cls"] * has_cls + ["dist"] * has_dist + ["reg"] * n_reg
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(pos[:, i : i + 1])
+    want = [] if model.no_embed_class else ["cls"] * model.has_class_token + ["reg"] * model.num_reg_tokens
+    if any(len(rows.get(name, [])) < want.count(name) for name in set(want)):
+        raise ValueError(
+            f"checkpoint pos_embed has prefix rows {sorted(rows)} (of {pos.shape[1]} rows); the model needs {want}"
+        )
+    prefix = [rows["cls"][0]] * ("cls" in want) + rows.get("reg", [])[: want.count("reg")]
+    n_grid = pos.shape[1] - n_prefix
+    if n_grid == grid[0] * grid[1]:
+        old = grid  # same token count: taken as the same grid (a transposed H x W checkpoint cannot be told apart)
+    elif round(n_grid**0.5) ** 2 == n_grid:
+        old = (round(n_grid**0.5),) * 2
+    else:
+        raise ValueError(
+            f"cannot infer the grid of a checkpoint pos_embed with {n_grid} grid rows (not square, not the model's "
+            f"{grid}); resample it to {grid} with timm.layers.resample_abs_pos_embed(..., old_size=...) first"
+        )
+    grid_pos = resample_abs_pos_embed(
+        pos[:, n_prefix:], new_size=list(grid), old_size=list(old), num_prefix_tokens=0, verbose=False
+    )
+    return torch.cat([*prefix, grid_pos], dim=1)
 
 
 def _check_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
@@ -512,6 +559,10 @@ def _check_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
         for k, v in state_dict.items()
         if k in ours and not k.startswith(classifier) and tuple(v.shape) != tuple(ours[k].shape)
     }
+    # Only the input-channel count differs: timm's loader adapts the first conv (adapt_input_conv) after filtering.
+    first = "patch_embed.proj.weight"
+    if first in wrong and wrong[first][0][:1] + wrong[first][0][2:] == wrong[first][1][:1] + wrong[first][1][2:]:
+        del wrong[first]
     if unexpected or missing or wrong:
         parts = []
         if wrong:
