@@ -590,7 +590,6 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
         "classifier": "head",
-        "license": "apache-2.0",
         **kwargs,
     }
 
