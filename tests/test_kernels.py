@@ -304,7 +304,7 @@ NATIVE_OPS = {
 NATIVE_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (3e-2, 6e-2), torch.float16: (5e-3, 1e-2)}
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (1, 3136, 2, 32)])  # + a 56 x 56 stage-1 grid
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("op", sorted(NATIVE_OPS))
 def test_native_backend_vs_reference(op, dtype, shape):

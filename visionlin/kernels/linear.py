@@ -149,10 +149,12 @@ def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None
         v_mean = v.mean(dim=1, keepdim=True)
         kv = torch.einsum("bmhd,bmhe->bhde", (fk - k_mean) * r, (v - v_mean) * r)
         return torch.einsum("bnhd,bhde->bnhe", fq, kv) * s + v_mean
+    if normalize == "none":
+        # Un-normalised: the state is the sum it is. Forming a mean and multiplying by M afterwards would scale the
+        # backward by M as well (float16 overflow at a few thousand tokens).
+        return torch.einsum("bnhd,bhde->bnhe", fq, torch.einsum("bmhd,bmhe->bhde", fk, v) * s)
     kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j phi(k_j) v_j^T
     num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
-    if normalize == "none":
-        return num * (s * m)
     row_sum = torch.einsum("bnhd,bhd->bnh", fq, k_mean.squeeze(1)).unsqueeze(-1) * s
     return num * s / (row_sum + eps)
 
