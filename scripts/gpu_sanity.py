@@ -77,10 +77,17 @@ def train_step(name: str, size: int) -> dict:
 
 
 @torch.inference_mode()
-def throughput(name: str, size: int, batch: int, iters: int = 10) -> dict:
-    """Inference img/s (bf16 autocast) with CUDA events; median of ``iters`` timed calls after warm-up."""
+def throughput(name: str, size: int, batch: int, iters: int = 10, compile: bool = False) -> dict:
+    """Inference img/s (bf16 autocast) with CUDA events; median of ``iters`` timed calls after warm-up.
+
+    With ``compile``, the model is wrapped in ``torch.compile`` (Inductor, default mode); compilation happens in the
+    warm-up and is not timed.
+    """
     kwargs = {"dynamic_img_size": True} if name.startswith("deit") else {}
     model = timm.create_model(name, num_classes=1000, **kwargs).cuda().eval()
+    if compile:
+        torch._dynamo.reset()
+        model = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -113,6 +120,7 @@ def main() -> int:
         "--bench", default="224:256,1024:16", help="size:batch pairs (default: the protocol of specs/official_speed.md)"
     )
     parser.add_argument("--sweeps", type=int, default=2, help="repeat the whole throughput sweep (spread = noise)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (compile not timed)")
     parser.add_argument("--commit", default=None, help="commit of the tree (the device copy may have no git data)")
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -127,6 +135,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "softmax_auto_backend_bf16_cuda": auto,
+        "compiled": args.compile,
         "sanity": {},
         "throughput": {},
     }
@@ -157,12 +166,14 @@ def main() -> int:
                     for size, batch in bench:
                         key = f"{name}@{size}"
                         try:
-                            row = throughput(name, size, batch)
+                            row = throughput(name, size, batch, compile=args.compile)
                         except Exception as e:
                             row = {"error": f"{type(e).__name__}: {e}"}
                         prev = result["throughput"].setdefault(key, {"batch": batch, "sweeps": []})
                         prev["sweeps"].append(row)
                         torch.cuda.empty_cache()
+                        print(f"  {key} sweep {sweep}: {row.get('img_per_s', row.get('error'))}", flush=True)
+                        (out_dir / "gpu_sanity.partial.json").write_text(json.dumps(result, indent=1))
             for key, row in result["throughput"].items():
                 ok = [r for r in row["sweeps"] if "img_per_s" in r]
                 if ok:
