@@ -159,7 +159,7 @@ def main() -> int:
                 )
                 torch.cuda.empty_cache()
         if not args.skip_throughput:
-            names = list(dict.fromkeys([*TWINS.values(), *models]))
+            names = list(dict.fromkeys([*(_twin(m) for m in models), *models]))  # only the twins needed
             for sweep in range(args.sweeps):
                 order = names if sweep % 2 == 0 else names[::-1]  # alternate the order: drift shows as spread
                 for name in order:
