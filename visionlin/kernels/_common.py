@@ -47,8 +47,10 @@ def supports_floating(*args: object, **kwargs: object) -> list[str]:
     return is_floating(*(a for a in args if isinstance(a, torch.Tensor)))
 
 
-def same_floating_dtype(*tensors: torch.Tensor) -> list[str]:
-    """Reasons (possibly none) why native-precision backends cannot take these tensors: not floating, or mixed."""
+def same_floating_dtype(*args: object, **kwargs: object) -> list[str]:
+    """A backend ``supports()`` for native-precision implementations: the tensor arguments must be floating point
+    and share one dtype (keyword arguments are not inspected)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
     reasons = is_floating(*tensors)
     if len({t.dtype for t in tensors}) > 1:
         reasons.append("mixed dtypes " + ", ".join(str(t.dtype) for t in tensors))

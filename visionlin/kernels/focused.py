@@ -20,6 +20,7 @@ from ._common import (
     supports_floating,
 )
 from ._dispatch import Op
+from .linear import linear_attention_native
 
 __all__ = ["focus", "focused_linear_attention", "focused_linear_attention_reference"]
 
@@ -106,19 +107,11 @@ def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-
     cs = None if channel_scale is None else channel_scale.to(fdt)
     fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
     fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
-    r = k.shape[1] ** -0.5
-    kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j f(k_j) v_j^T
-    num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
-    den = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1)
-    return num / (den + eps)
-
-
-def _supports_native(q, k, v, **kwargs):
-    return same_floating_dtype(q, k, v)
+    return linear_attention_native(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps)
 
 
 _op = Op("focused_linear_attention")
-_op.register("torch", _focused_native, _supports_native)
+_op.register("torch", _focused_native, same_floating_dtype)
 _op.register("reference", focused_linear_attention_reference, supports_floating)
 
 

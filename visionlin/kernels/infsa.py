@@ -30,6 +30,7 @@ from ._common import (
     supports_floating,
 )
 from ._dispatch import Op
+from .linear import linear_attention_native
 
 __all__ = [
     "linear_infsa_attention",
@@ -132,7 +133,7 @@ def _pure_native(q, k, v, *, rho=1.0, eps=1e-6):
     return torch.einsum("bhnm,bmhe->bnhe", a, v * factor.to(q.dtype).view(b, 1, h, 1))
 
 
-def _linear_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
+def _per_query_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     """``"torch"`` backend of the ``per_query`` form: native precision (products accumulate in float32), state from
     ``M^-1/2``-scaled keys and values so it stays in the float16 range.
 
@@ -141,23 +142,22 @@ def _linear_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     """
     scale = q.shape[-1] ** -0.5
     fq, fk = F.relu(q * scale), F.relu(k * scale)
-    m = k.shape[1] ** -0.5
-    kv = torch.einsum("bmhd,bmhe->bhde", fk * m, v * m)
-    num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
-    den = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1)
-    return _rho(rho, q.dtype, q.device) * num / (den + eps / k.shape[1])
+    # The reference divides sums by (sum + eps); the shared mean-form path divides means, so eps scales by 1/M.
+    eps_mean = eps / k.shape[1]
+    out = linear_attention_native(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps_mean)
+    return _rho(rho, q.dtype, q.device) * out
 
 
 def _supports_native(q, k, v, *, per_query=False, **kwargs):
-    reasons = [] if per_query else ["only the per_query form has a native-precision path (see _linear_native)"]
+    reasons = [] if per_query else ["only the per_query form has a native-precision path (see _per_query_native)"]
     return reasons + same_floating_dtype(q, k, v)
 
 
 _pure_op = Op("pure_infsa_attention")
-_pure_op.register("torch", _pure_native, lambda q, k, v, **kw: same_floating_dtype(q, k, v))
+_pure_op.register("torch", _pure_native, same_floating_dtype)
 _pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
 _linear_op = Op("linear_infsa_attention")
-_linear_op.register("torch", _linear_native, _supports_native)
+_linear_op.register("torch", _per_query_native, _supports_native)
 _linear_op.register("reference", linear_infsa_attention_reference, supports_floating)
 
 

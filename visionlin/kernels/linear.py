@@ -130,7 +130,7 @@ def linear_attention_reference(
     return out.to(q.dtype)
 
 
-def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
+def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
     """``"torch"`` backend: the reference's math in the inputs' dtype (matrix products accumulate in float32).
 
     The ``D x Dv`` state is formed from ``M^-1/2``-scaled keys and values, so it is a mean, not a sum, and stays
@@ -159,12 +159,8 @@ def _linear_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None
     return num * s / (row_sum + eps)
 
 
-def _supports_native(q, k, v, **kwargs):
-    return same_floating_dtype(q, k, v)
-
-
 _op = Op("linear_attention")
-_op.register("torch", _linear_native, _supports_native)
+_op.register("torch", linear_attention_native, same_floating_dtype)
 _op.register("reference", linear_attention_reference, supports_floating)
 
 
