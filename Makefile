@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m visionlin.cli demo
+	$(BIN)/python -m visionlin.cli demo --out benchmarks/results/cpu
 
 test: $(STAMP)
 	$(BIN)/ruff check visionlin tests benchmarks scripts

@@ -1,59 +1,71 @@
-"""The ``visionlin`` console command."""
+"""The ``visionlin`` console command: ``visionlin list`` and ``visionlin demo``.
+
+Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import shlex
 import sys
+
+from .train import scaling
 
 __all__ = ["main"]
 
-DEMO_MODELS = [
-    "deit_small_patch16_224",
-    "infvit_small",
-    "infvit_pure_small",
-    "flatten_deit_small",
-    "agent_deit_small",
-    "inline_deit_small",
-]
 
-
-def _cmd_list(args: argparse.Namespace) -> int:
+def _cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     import visionlin
 
-    for name in visionlin.list_models(args.filter):
+    try:
+        names = visionlin.list_models(args.filter)
+    except ValueError as e:
+        parser.error(f"argument filter: {e}")
+    if not names:
+        everything = visionlin.list_models()
+        hint = ""
+        if not any(c in args.filter for c in "*?["):
+            wider = f"*{args.filter}*"
+            if fnmatch.filter(everything, wider):
+                hint = f" (did you mean {wider!r}?)"
+        print(
+            f"visionlin list: no visionlin model matches {args.filter!r}{hint}. The filter is a wildcard over model "
+            f"names, e.g. 'infvit*'; `visionlin list` shows all {len(everything)}.",
+            file=sys.stderr,
+        )
+        return 1
+    for name in names:
         print(name)
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks import scaling
-    except ImportError as e:  # the demo lives in the source tree, not in the installed wheel
-        raise SystemExit(f"the demo needs a source checkout (benchmarks/ beside visionlin/): {e}") from e
-    argv = ["--models", args.models, "--sizes", args.sizes, "--device", args.device]
-    if args.out:
-        argv += ["--out", args.out]
-    return scaling.main(argv)
+def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    return scaling.execute(parser, args, shlex.join(["visionlin", *argv]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``visionlin list`` and ``visionlin demo``."""
-    args = _parser().parse_args(argv)
-    return args.fn(args)
+    """Entry point: ``visionlin list [FILTER]`` and ``visionlin demo [flags]``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # reported by the subcommand, whose usage line is the one that helps
+        args.parser.error(f"unrecognized arguments: {shlex.join(extra)}")
+    return args.fn(args, args.parser, argv)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo}")
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
-    p.add_argument("filter", nargs="?", default="", help="wildcard, e.g. 'infvit*'")
-    p.set_defaults(fn=_cmd_list)
-    p = sub.add_parser("demo", help="latency and peak memory vs input size, new models vs deit_small_patch16_224")
-    p.add_argument("--models", default=",".join(DEMO_MODELS))
-    p.add_argument("--sizes", default="224,448,896")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
-    p.set_defaults(fn=_cmd_demo)
+    p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
+    p.set_defaults(fn=_cmd_list, parser=p)
+    p = sub.add_parser(
+        "demo",
+        help="latency and peak memory vs input size, new models vs deit_small_patch16_224",
+        description=scaling.__doc__.split("\n\n")[0] + " Writes scaling.json and scaling.png to --out.",
+    )
+    scaling.add_arguments(p)
+    p.set_defaults(fn=_cmd_demo, parser=p)
     return parser
 
 
