@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 __all__ = ["TokenMixer", "check_tokens", "split_heads", "merge_heads", "tokens_to_map", "map_to_tokens"]
@@ -49,8 +50,9 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+@register_notrace_module
 class TokenMixer(nn.Module):
-    """Base class of every attention layer.
+    """Base class of every attention layer (an FX leaf for timm's FX tracing: mixers branch on token-grid sizes).
 
     Subclasses take ``(dim, num_heads, ...)`` like timm's ``Attention`` and implement
     ``forward(x, feat_size, num_prefix_tokens=0)`` on tokens ``[B, num_prefix_tokens + H*W, C]`` (prefix tokens such as
@@ -67,6 +69,8 @@ class TokenMixer(nn.Module):
     grid_kwarg: str | None = None
     #: Constructor keyword taking the number of prefix tokens the layer is built for (models fill it in).
     prefix_kwarg: str | None = None
+    #: Names of the ``visionlin.kernels`` ops the layer calls with its ``backend`` (checked by ``set_backend``).
+    kernel_ops: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -84,6 +88,14 @@ class TokenMixer(nn.Module):
         """Map the authors' parameter names/shapes for this module (keys relative to it) onto ours."""
         return dict(state_dict)
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Resample grid-sized tables of a (converted) state dict to this instance's grid; identity by default."""
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], old_grid: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Resample grid-sized tables of a (converted) state dict to this instance's grid; identity by default.
+
+        Args:
+            state_dict: This layer's entries (keys relative to it).
+            old_grid: The grid ``(H, W)`` the tables were saved for, where the checkpoint says so; ``None`` lets the
+                layer infer it from the table shapes.
+        """
         return dict(state_dict)

@@ -100,6 +100,8 @@ class AgentAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
+    kernel_ops = ("agent_attention",)
+
     size_dependent = True
     grid_kwarg = "bias_size"
     prefix_kwarg = "num_prefix_tokens"
@@ -233,8 +235,11 @@ class AgentAttention(TokenMixer):
         out = torch.cat([out[:, :p], out[:, p:] + local], dim=1)
         return self.proj_drop(self.proj(out))
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Resample a loaded state dict's ``ah/aw/ha/wa`` tables to this layer's ``bias_size``."""
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], old_grid: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Resample a loaded state dict's ``ah/aw/ha/wa`` tables to this layer's ``bias_size`` (each table's shape
+        names its own axis length, so ``old_grid`` is not needed)."""
         return resample_agent_biases(state_dict, self.bias_size)
 
     @classmethod

@@ -45,6 +45,8 @@ class EfficientAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
+    kernel_ops = ("efficient_attention",)
+
     def __init__(
         self,
         dim: int,

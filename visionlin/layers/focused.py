@@ -41,6 +41,8 @@ class FocusedLinearAttention(TokenMixer):
         joint_heads: Focusing norms over all heads (the authors) or per head.
     """
 
+    kernel_ops = ("focused_linear_attention",)
+
     size_dependent = True
     grid_kwarg = "pos_size"
 
@@ -120,16 +122,35 @@ class FocusedLinearAttention(TokenMixer):
         out = torch.cat([out[:, :num_prefix_tokens], out[:, num_prefix_tokens:] + local], dim=1)
         return self.proj_drop(self.proj(out))
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Resample a loaded ``positional_encoding`` (square grid assumed, as the authors') to ``pos_size``."""
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], old_grid: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Resample a loaded ``positional_encoding`` from ``old_grid`` (or, when not given, a square grid, as the
+        authors') to ``pos_size``.
+
+        Raises:
+            ValueError: the table's token count matches neither ``old_grid`` nor a square grid.
+        """
         sd = dict(state_dict)
         pe = sd.get("positional_encoding")
-        if pe is not None and self.pos_size is not None and pe.shape[1] != self.pos_size[0] * self.pos_size[1]:
-            side = int(round(pe.shape[1] ** 0.5))
-            if side * side != pe.shape[1]:
-                raise ValueError(f"cannot infer the grid of a positional_encoding with {pe.shape[1]} tokens")
+        if pe is None or self.pos_size is None:
+            return sd
+        n = pe.shape[1]
+        if old_grid is not None and old_grid[0] * old_grid[1] == n:
+            old = tuple(old_grid)
+        elif n == self.pos_size[0] * self.pos_size[1] and old_grid is None:
+            old = tuple(self.pos_size)
+        else:
+            side = int(round(n**0.5))
+            if side * side != n:
+                raise ValueError(
+                    f"cannot infer the grid of a positional_encoding with {n} tokens ({old_grid=}, "
+                    f"pos_size={self.pos_size})"
+                )
+            old = (side, side)
+        if old != tuple(self.pos_size):
             sd["positional_encoding"] = resample_abs_pos_embed(
-                pe, new_size=list(self.pos_size), old_size=[side, side], num_prefix_tokens=0, verbose=False
+                pe, new_size=list(self.pos_size), old_size=list(old), num_prefix_tokens=0, verbose=False
             )
         return sd
 

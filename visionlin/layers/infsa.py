@@ -3,8 +3,9 @@
 The authors' module (``infsa.attention.InfSAAttention``) has separate ``q_proj/k_proj/v_proj/out_proj`` Linears with
 bias and a scalar ``rho_logit``; we fuse q/k/v into timm's ``qkv`` and rename ``out_proj`` to ``proj``
 (:meth:`convert_official_state_dict` does both). The authors detach ``rho = sigmoid(rho_logit)`` (via ``.item()``), so
-``rho`` never trains although it is a parameter: our default reproduces that with ``requires_grad=False``;
-``learn_rho=True`` is the fix (a tensor op, no host sync, no graph break).
+``rho`` never trains although it is a parameter: our default reproduces that by keeping ``rho_logit`` as a buffer
+(a value that is not trained is not a parameter; the state-dict key is the same, so checkpoints load either way);
+``learn_rho=True`` makes it a parameter that trains (a tensor op, no host sync, no graph break).
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ class _InfSABase(TokenMixer):
         self.proj_drop = nn.Dropout(proj_drop)
         self.learn_rho = learn_rho
         self.eps = eps
-        logit = math.log(rho_init / (1.0 - rho_init))
-        self.rho_logit = nn.Parameter(torch.tensor(logit, device=device, dtype=dtype), requires_grad=learn_rho)
+        logit = torch.tensor(math.log(rho_init / (1.0 - rho_init)), device=device, dtype=dtype)
+        if learn_rho:
+            self.rho_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("rho_logit", logit)
 
     def rho(self) -> torch.Tensor:
-        """``sigmoid(rho_logit)`` in float32; detached unless ``learn_rho`` (the authors detach it)."""
-        r = torch.sigmoid(self.rho_logit.float())
-        return r if self.learn_rho else r.detach()
+        """``sigmoid(rho_logit)`` in float32 (a constant unless ``learn_rho``: the authors never train it)."""
+        return torch.sigmoid(self.rho_logit.float())
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)
@@ -101,6 +104,8 @@ class LinearInfSAAttention(_InfSABase):
         per_query: Query-dependent output (not in the authors' code).
     """
 
+    kernel_ops = ("linear_infsa_attention",)
+
     def __init__(self, dim: int, num_heads: int = 8, *args, per_query: bool = False, **kwargs) -> None:
         super().__init__(dim, num_heads, *args, **kwargs)
         self.per_query = per_query
@@ -121,6 +126,8 @@ class PureInfSAAttention(_InfSABase):
 
     Args: as :class:`LinearInfSAAttention`, without ``per_query``.
     """
+
+    kernel_ops = ("pure_infsa_attention",)
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""

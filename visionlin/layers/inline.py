@@ -48,6 +48,8 @@ def dynamic_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     """
     b, c, hh, ww = x.shape
     k = weight.shape[-1]
+    if b * c == 0:  # grouped convolution needs groups >= 1; an empty batch has nothing to convolve
+        return x * weight.sum()
     out = F.conv2d(x.reshape(1, b * c, hh, ww), weight.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
     return out.reshape(b, c, hh, ww)
 
@@ -69,6 +71,8 @@ class InLineAttention(TokenMixer):
         device: Parameter device.
         dtype: Parameter dtype.
     """
+
+    kernel_ops = ("linear_attention",)
 
     def __init__(
         self,

@@ -220,3 +220,4 @@ class MagnitudeAwareAttention(GatedRoPELinearAttention):
     """
 
     kernel = staticmethod(magnitude_aware_linear_attention)
+    kernel_ops = ("magnitude_aware_linear_attention",)

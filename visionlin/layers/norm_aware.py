@@ -45,6 +45,8 @@ class NormAwareAttention(RoPELePEMixer):
         dtype: Parameter dtype.
     """
 
+    kernel_ops = ("norm_aware_linear_attention",)
+
     def __init__(
         self,
         dim: int,

@@ -38,3 +38,4 @@ class RankAugmentedAttention(GatedRoPELinearAttention):
     """
 
     kernel = staticmethod(rank_augmented_linear_attention)
+    kernel_ops = ("rank_augmented_linear_attention",)

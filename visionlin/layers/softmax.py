@@ -26,6 +26,8 @@ class SoftmaxAttention(TokenMixer):
         norm_layer: Norm used by ``qk_norm``.
     """
 
+    kernel_ops = ("softmax_attention",)
+
     def __init__(
         self,
         dim: int,
