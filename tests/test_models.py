@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import get_notrace_functions, get_notrace_modules
 
 import visionlin
-from visionlin.models.vit import checkpoint_filter_fn
+from visionlin.layers import ATTN_LAYERS
+from visionlin.models.vit import EfficientVisionTransformer, checkpoint_filter_fn
 
 MODELS = visionlin.list_models()
 SIZE = 64  # 4 x 4 grid of 16 px patches: every mechanism, far from its nominal grid (exercises resampling)
@@ -51,7 +53,9 @@ def test_forward_backward(name):
     assert out.shape == (2, 7)
     assert torch.isfinite(out).all()
     out.square().mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert not frozen, f"frozen parameters (a value that is not trained must be a buffer): {frozen[:10]}"
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:10]}"
     nonfinite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not nonfinite
@@ -181,3 +185,91 @@ def test_construction_dtype_and_device(name):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     meta = timm.create_model(name, device="meta")
     assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+class _TimmTracer(torch.fx.Tracer):
+    """``torch.fx`` tracing with timm's registered leaves, as timm's FX feature extraction traces."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, tuple(get_notrace_modules())) or super().is_leaf_module(m, qualname)
+
+
+def _fx_equals_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The FX-traced model gives the eager outputs and parameter gradients."""
+    traced = torch.fx.GraphModule(model, _TimmTracer().trace(model))
+    results = []
+    for fn in (model, traced):
+        model.zero_grad(set_to_none=True)
+        out = fn(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager, eager_grads), (fx, fx_grads) = results
+    torch.testing.assert_close(fx, eager)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(fx_grads[n], g, msg=n)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fx_trace_equals_eager(name):
+    _fx_equals_eager(_create(name, num_classes=5), _x(h=SIZE, w=SIZE + 16))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_fx(name):
+    """timm's FX feature extraction (``feature_cls="fx"``) returns the block outputs (tokens, prefix first)."""
+    torch.manual_seed(0)
+    fx = timm.create_model(name, features_only=True, feature_cls="fx", out_indices=(-2, -1)).eval()
+    model = _create(name)
+    model.load_state_dict(fx.state_dict(), strict=False)  # the extractor keeps only what the features need
+    x = _x()
+    _, inter = model.forward_intermediates(x, indices=2, output_fmt="NLC", return_prefix_tokens=True)
+    for out, (grid, prefix) in zip(fx(x), inter, strict=True):
+        torch.testing.assert_close(out, torch.cat([prefix, grid], dim=1))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_dynamic_batch(name):
+    model = _create(name, num_classes=5)
+    batch = torch.export.Dim("batch", max=64)
+    exported = torch.export.export(model, (_x(batch=2),), dynamic_shapes={"x": {0: batch}})
+    x = _x(batch=3)
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_empty_batch(name):
+    model = _create(name, num_classes=5)
+    assert model(_x(batch=0)).shape == (0, 5)
+    assert model.forward_features(_x(batch=0)).shape[0] == 0
+
+
+@pytest.mark.parametrize("attn", sorted(ATTN_LAYERS))
+def test_every_mixer_traces_and_exports(attn):
+    """FX and ``torch.export`` over every registered token mixer (also those no named model uses yet)."""
+    torch.manual_seed(0)
+    extra = {"agent": {"agent_num": 4}}.get(attn, {})
+    model = EfficientVisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3, attn_layer=attn, attn_kwargs=extra
+    ).eval()
+    x = torch.randn(2, 3, 32, 48)
+    _fx_equals_eager(model, x)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+    x3 = torch.randn(3, 3, 32, 48)
+    torch.testing.assert_close(exported.module()(x3), model(x3))
+    assert ATTN_LAYERS[attn].kernel_ops, "set_backend checks a mixer's ops: declare them"
+    assert set(ATTN_LAYERS[attn].kernel_ops) <= set(visionlin.kernels.list_ops())
+
+
+@pytest.mark.parametrize("name", ["infvit_tiny", "infvit_pure_tiny"])
+def test_rho_is_a_buffer_unless_learned(name):
+    fixed = _create(name)
+    assert "blocks.0.attn.rho_logit" in fixed.state_dict()
+    assert "blocks.0.attn.rho_logit" not in dict(fixed.named_parameters())
+    learned = _create(name, attn_kwargs=dict(learn_rho=True)).train()
+    learned.load_state_dict(fixed.state_dict())  # same key: checkpoints load either way
+    learned(_x()).square().mean().backward()
+    grads = [learned.blocks[i].attn.rho_logit.grad for i in range(len(learned.blocks))]
+    assert all(g is not None and g.abs() > 0 for g in grads), grads

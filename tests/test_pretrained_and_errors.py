@@ -151,10 +151,36 @@ def test_class_token_checkpoint_into_avg_pool_model():
 
 def test_non_square_checkpoint_needs_a_known_grid():
     src = timm.create_model("infvit_tiny", img_size=(224, 160))
-    with pytest.raises(ValueError, match=r"cannot infer the grid of a checkpoint pos_embed with 140 grid rows"):
-        checkpoint_filter_fn(src.state_dict(), timm.create_model("infvit_tiny"))
+    gridless = {k: v for k, v in src.state_dict().items() if k != "pos_embed_grid"}  # e.g. a foreign checkpoint
+    with pytest.raises(ValueError, match=r"cannot tell the grid of a checkpoint pos_embed with 140 grid rows"):
+        checkpoint_filter_fn(gridless, timm.create_model("infvit_tiny"))
+    with pytest.raises(ValueError, match=r"could be laid out \(14, 10\) or \(10, 14\)"):
+        checkpoint_filter_fn(gridless, timm.create_model("infvit_tiny", img_size=(224, 160)))
+    with pytest.raises(ValueError, match=r"no pos_embed_grid and this model's grid \(14, 10\) is not square"):
+        timm.create_model("infvit_tiny", img_size=(224, 160)).load_state_dict(gridless)
     dst = timm.create_model("infvit_tiny", img_size=(224, 160))
     dst.load_state_dict(checkpoint_filter_fn(timm.create_model("infvit_tiny").state_dict(), dst), strict=True)
+    # A square checkpoint without the grid (the authors') loads as before.
+    square = {k: v for k, v in timm.create_model("infvit_tiny").state_dict().items() if k != "pos_embed_grid"}
+    timm.create_model("infvit_tiny").load_state_dict(square)
+
+
+@pytest.mark.parametrize("name", ["infvit_tiny", "flatten_deit_tiny", "agent_deit_tiny"])
+def test_transposed_grid_checkpoint_is_resampled_or_refused(name):
+    """A checkpoint built at (64, 32) carries its 4 x 2 grid: a (32, 64) model refuses it as is and gets a correctly
+    resampled copy through checkpoint_filter_fn (equal to the source model resampling on the fly at 32 x 64)."""
+    src = timm.create_model(name, img_size=(64, 32)).eval()
+    dst = timm.create_model(name, img_size=(32, 64)).eval()
+    with pytest.raises(ValueError, match=r"saved for a 4 x 2 token grid, this model has 2 x 4"):
+        dst.load_state_dict(src.state_dict())
+    dst.load_state_dict(checkpoint_filter_fn(src.state_dict(), dst), strict=True)
+    assert dst.pos_embed_grid.tolist() == [2, 4]
+    x = torch.randn(1, 3, 32, 64)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-4, atol=1e-5)
+    sd = src.state_dict()
+    sd["pos_embed_grid"] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match=r"pos_embed_grid \(3, 3\) does not match its pos_embed's 8 grid rows"):
+        checkpoint_filter_fn(sd, dst)
 
 
 def test_pretrained_into_other_input_channels(tmp_path):
@@ -175,7 +201,7 @@ def test_layer_and_model_argument_errors():
         visionlin.create_attn("softmax", 32, 2)(torch.randn(1, 15, 32), (4, 4), -1)
     with pytest.raises(ValueError, match=r"num_heads=0 must be >= 1"):
         EfficientVisionTransformer(num_heads=0, embed_dim=32, depth=1)
-    with pytest.raises(ValueError, match=r"reg_tokens=-1 >= 0"):
+    with pytest.raises(ValueError, match=r"reg_tokens=-1 must be >= 0"):
         EfficientVisionTransformer(num_heads=2, embed_dim=32, depth=1, reg_tokens=-1)
 
 
@@ -201,3 +227,134 @@ def test_rope_cache_never_keeps_fake_tensors():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         layer(mode.from_tensor(x), (4, 4))
     assert type(layer(x, (4, 4))) is torch.Tensor
+
+
+def _err(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_classes=-5), r"num_classes=-5 must be >= 0"),
+        (dict(num_classes=2.5), r"num_classes=2.5 must be an integer"),
+        (dict(drop_path_rate=-0.5), r"drop_path_rate=-0.5 must be a probability in \[0, 1\)"),
+        (dict(drop_path_rate=1.5), r"drop_path_rate=1.5 must be a probability"),
+        (dict(drop_rate=float("nan")), r"drop_rate=nan must be a probability"),
+        (dict(attn_drop_rate=1.0), r"attn_drop_rate=1.0 must be a probability"),
+        (dict(img_size=8), r"img_size=\(8, 8\) is smaller than one patch"),
+        (dict(img_size="224"), r"img_size='224' must be an integer or a pair"),
+        (dict(img_size=(224, 0)), r"img_size=\(224, 0\) must be an integer or a pair of integers"),
+        (dict(patch_size=0), r"patch_size=0 must be an integer or a pair"),
+        (dict(mlp_ratio=-1), r"mlp_ratio=-1 must be a finite number > 0"),
+        (dict(mlp_ratio=float("inf")), r"mlp_ratio=inf must be a finite number > 0"),
+        (dict(mlp_ratio=1e-4), r"gives an empty MLP"),
+        (dict(depth=0), r"depth=0 must be >= 1"),
+        (dict(embed_dim="192"), r"embed_dim='192' must be an integer"),
+        (dict(init_values=-1.0), r"init_values=-1.0 must be a finite number > 0"),
+        (dict(class_token="yes"), r"class_token='yes' must be True or False"),
+        (dict(attn_layer=3), r"attn_layer=3 must be a registered attention-layer name"),
+        (dict(attn_kwargs=[1] * 12), r"attn_kwargs=\[1, .* must be a dict of keywords or one dict per block"),
+    ],
+)
+def test_bad_model_arguments(kwargs, match):
+    _err(lambda: timm.create_model("infvit_tiny", **kwargs), match)
+
+
+def test_entrypoint_settings_can_be_overridden():
+    for name in ("infvit_tiny", "flatten_deit_tiny", "inline_deit_tiny", "agent_deit_tiny"):
+        model = timm.create_model(name, attn_layer="softmax", depth=2)
+        assert [type(b.attn).__name__ for b in model.blocks] == ["SoftmaxAttention"] * 2
+    model = timm.create_model("agent_deit_tiny", depth=2)  # per-block settings follow depth
+    assert [b.attn.agent_num for b in model.blocks] == [49, 49]
+    model = timm.create_model("agent_deit_base", depth=6)  # agent in the first 4 blocks, softmax after
+    assert [b.attn.attn_name for b in model.blocks] == ["agent"] * 4 + ["softmax"] * 2
+    model = timm.create_model("agent_deit_tiny", depth=2, attn_layer=["softmax", "agent"])
+    assert [b.attn.attn_name for b in model.blocks] == ["softmax", "agent"] and model.blocks[1].attn.agent_num == 49
+    assert timm.create_model("infvit_tiny", embed_dim=96, num_heads=2).embed_dim == 96
+    _err(lambda: timm.create_model("agent_deit_tiny", depth=0), r"depth=0 must be >= 1")
+
+
+def test_reset_classifier_rejects_bad_values():
+    model = _tiny()
+    _err(lambda: model.reset_classifier(-3), r"num_classes=-3 must be >= 0")
+    _err(lambda: model.reset_classifier(3, global_pool="bad"), r"global_pool='bad'")
+    assert model.num_classes == 1000 and model.global_pool == "token"  # nothing half-changed
+
+
+def test_bad_forward_inputs():
+    model = _tiny()
+    _err(lambda: model(torch.randn(1, 3, 0, 0)), r"input size \(0, 0\) is smaller than one patch \(patch_size=8\)")
+    _err(lambda: model(torch.randn(3, 32, 32)), r"expected an image batch \[B, C, H, W\], got shape \(3, 32, 32\)")
+    _err(lambda: model(torch.randn(1, 3, 32, 32, dtype=torch.float64)), r"input dtype torch.float64 differs from")
+    _err(lambda: model(torch.zeros(1, 3, 32, 32, dtype=torch.int64)), r"input dtype torch.int64 is not floating")
+    _err(lambda: model.forward_head(torch.randn(2, 32)), r"forward_head expects .*\[B, N, 32\]; got shape \(2, 32\)")
+    _err(lambda: model.forward_intermediates(torch.randn(1, 3, 36, 32)), r"not divisible by patch_size=8")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the model: allowed
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 1000)
+    assert model.to(torch.float64)(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_checkpoint_filter_rejects_non_tensors():
+    model = _tiny()
+    _err(lambda: checkpoint_filter_fn([1, 2], model), r"expected a checkpoint mapping .* got list")
+    _err(lambda: checkpoint_filter_fn(None, model), r"got NoneType")
+    sd = dict(model.state_dict(), epoch=3)
+    _err(lambda: checkpoint_filter_fn({"model": sd}, model), r"'epoch': int")
+
+
+def test_pretrained_tag_and_file_errors(tmp_path):
+    _err(lambda: timm.create_model("infvit_tiny.in22k"), r"unknown pretrained tag 'in22k'; valid tags: \['untrained'\]")
+    _err(lambda: timm.create_model("agent_deit_small.nope"), r"valid tags: \['in1k', 'in1k_448'\]")
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(FileNotFoundError, match=r"checkpoint file '.*missing.pth' does not exist") as err:
+        timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    assert "cloud.tsinghua" not in str(err.value)  # the unused url is not blamed
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint" * 8)
+    _err(
+        lambda: timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(corrupt))),
+        r"corrupt.pth' is not a readable torch or safetensors checkpoint",
+    )
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"model": _tiny().state_dict()}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    _err(
+        lambda: timm.create_model("infvit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(truncated))),
+        r"truncated.pth' is not a readable torch or safetensors checkpoint",
+    )
+    import argparse
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": timm.create_model("agent_deit_tiny").state_dict(), "args": argparse.Namespace()}, pickled)
+    _err(
+        lambda: timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(pickled))),
+        r"holds Python objects other than tensors.*argparse.Namespace.*torch.load\(path, weights_only=False\)",
+    )
+    from safetensors.torch import save_file
+
+    good = tmp_path / "ok.safetensors"
+    src = timm.create_model("infvit_tiny", num_classes=3)
+    save_file(src.state_dict(), str(good))
+    model = timm.create_model(
+        "infvit_tiny", num_classes=3, pretrained=True, pretrained_cfg_overlay=dict(file=str(good))
+    )
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_api_type_errors_and_set_backend_checks():
+    model = timm.create_model("infvit_tiny", depth=1)
+    _err(lambda: visionlin.set_backend("infvit_tiny", "reference"), r"model must be an nn.Module .* got str")
+    _err(lambda: visionlin.set_backend(None, "reference"), r"got NoneType")
+    _err(lambda: visionlin.set_backend(model, 3), r"backend=3 must be a backend name")
+    _err(lambda: visionlin.list_models(123), r"filter=123 must be a wildcard string")
+    visionlin.set_backend(model, "torch")
+    with pytest.raises(ValueError, match=r"backend 'sdpa' is not available .*linear_infsa_attention"):
+        visionlin.set_backend(model, "sdpa")
+    assert model.blocks[0].attn.backend == "torch"  # unchanged on error
+    mixed = timm.create_model("agent_deit_base", depth=5)  # agent + softmax blocks: both have sdpa
+    assert visionlin.set_backend(mixed, "sdpa") == 5
+    with pytest.raises(ValueError, match=r"AgentAttention uses agent_attention"):
+        visionlin.set_backend(mixed, "torch")
+    assert {b.attn.backend for b in mixed.blocks} == {"sdpa"}

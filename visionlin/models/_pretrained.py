@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 from torch import nn
 
-__all__ = ["build_with_weights", "resolve_cfg"]
+__all__ = ["build_with_weights", "check_checkpoint_file", "resolve_cfg"]
 
 _SOURCES = ("url", "file", "hf_hub_id", "state_dict")
 
@@ -24,7 +27,15 @@ def resolve_cfg(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
     ``create_model("name.tag")`` passes the tag as ``pretrained_cfg="tag"``; timm's own resolver turns it into the
     ``name.tag`` entry.
+
+    Raises:
+        ValueError: the tag names no configuration of ``variant`` (the message lists the valid tags).
     """
+    tag = kwargs.get("pretrained_cfg")
+    if isinstance(tag, str):
+        tags = sorted(n.split(".", 1)[1] for n in get_arch_pretrained_cfgs(variant))
+        if tag not in tags:
+            raise ValueError(f"{variant}: unknown pretrained tag {tag!r}; valid tags: {tags}")
     cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.get("pretrained_cfg"),
@@ -45,6 +56,9 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     cfg = resolve_cfg(variant, kwargs)
     sources = {k: cfg[k] for k in _SOURCES if cfg.get(k)}
+    if cfg.get("file"):  # timm loads a file before a url: the url is not used
+        check_checkpoint_file(cfg["file"])
+        sources = {"file": cfg["file"]}
     if not sources:
         raise ValueError(
             f"{variant}: no released pretrained weights are known for this configuration "
@@ -73,6 +87,47 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
             f"{variant}: could not load pretrained weights from {where}: {type(e).__name__}: {e}. If this machine is "
             "offline, download the checkpoint elsewhere and pass "
             "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth') (it is mapped by checkpoint_filter_fn)."
+        ) from None
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise a clear error unless ``path`` is a checkpoint timm can load (``.safetensors``, or a ``torch.save`` file
+    of tensors readable with ``weights_only=True``). Reads only the header / index (``mmap``) where it can.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not a readable checkpoint or holds pickled Python objects (the message says how to
+            load a trusted one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist (pretrained_cfg_overlay file=...)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # the weights-only unpickler met bytes that are no pickle at all
+            raise ValueError(
+                f"checkpoint file {str(path)!r} is not a readable torch or safetensors checkpoint (not a pickle or "
+                "zip archive torch.save writes); is the download complete?"
+            ) from None
+        first = f"it needs {found.group(1)}"
+        raise ValueError(
+            f"checkpoint file {str(path)!r} holds Python objects other than tensors, which are not loaded for safety "
+            f"({first}). If you trust its source: state = torch.load(path, weights_only=False), then load "
+            "checkpoint_filter_fn(state, model) into the model yourself."
+        ) from None
+    except Exception as e:  # corrupt, truncated or not a checkpoint at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is not a readable torch or safetensors checkpoint "
+            f"({type(e).__name__}: {first}); is the download complete?"
         ) from None
 
 

@@ -31,6 +31,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer, create_attn
+from ._common import (
+    check_bool,
+    check_head_input,
+    check_image,
+    check_int,
+    check_pair,
+    check_positive,
+    check_rate,
+    grid_pos_embed,
+    token_grid,
+)
 from ._pretrained import build_with_weights, resolve_cfg
 
 __all__ = ["Block", "EfficientVisionTransformer", "checkpoint_filter_fn"]
@@ -156,21 +167,60 @@ class EfficientVisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        img_size = check_pair("img_size", img_size)
+        patch_size = check_pair("patch_size", patch_size)
+        if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
+            raise ValueError(f"{img_size=} is smaller than one patch ({patch_size=}): the token grid would be empty")
+        for name, value in (
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
+            check_int(name, value, minimum=1)
+        check_int("num_classes", num_classes, minimum=0)
+        check_int("reg_tokens", reg_tokens, minimum=0)
+        check_positive("mlp_ratio", mlp_ratio)
+        check_positive("norm_eps", norm_eps)
+        for name, value in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            check_rate(name, value)
+        for name, value in (
+            ("qkv_bias", qkv_bias),
+            ("qk_norm", qk_norm),
+            ("class_token", class_token),
+            ("no_embed_class", no_embed_class),
+            ("dynamic_img_size", dynamic_img_size),
+            ("dynamic_img_pad", dynamic_img_pad),
+        ):
+            check_bool(name, value)
+        if init_values is not None:
+            check_positive("init_values", init_values)
+        if int(embed_dim * mlp_ratio) < 1:
+            raise ValueError(f"{mlp_ratio=} gives an empty MLP for {embed_dim=}")
         if global_pool not in ("", "avg", "avgmax", "max", "token"):
             raise ValueError(f"{global_pool=} is not one of '', 'avg', 'avgmax', 'max', 'token'")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if in_chans < 1:
-            raise ValueError(f"{in_chans=} must be >= 1")
-        if min(patch_size, embed_dim, depth, num_heads) < 1 or reg_tokens < 0:
-            raise ValueError(f"{patch_size=}, {embed_dim=}, {depth=}, {num_heads=} must be >= 1 and {reg_tokens=} >= 0")
         if embed_dim % num_heads:
             raise ValueError(f"{embed_dim=} is not divisible by {num_heads=}")
-        attn_layers = [attn_layer] * depth if isinstance(attn_layer, str) else list(attn_layer)
+        if isinstance(attn_layer, str):
+            attn_layers = [attn_layer] * depth
+        elif isinstance(attn_layer, Sequence) and all(isinstance(a, str) for a in attn_layer):
+            attn_layers = list(attn_layer)
+        else:
+            raise ValueError(f"{attn_layer=} must be a registered attention-layer name or one name per block")
         if attn_kwargs is None or isinstance(attn_kwargs, Mapping):
             per_block_kwargs = [dict(attn_kwargs or {}) for _ in range(depth)]
-        else:
+        elif isinstance(attn_kwargs, Sequence) and all(isinstance(a, Mapping) for a in attn_kwargs):
             per_block_kwargs = [dict(a) for a in attn_kwargs]
+        else:
+            raise ValueError(f"{attn_kwargs=} must be a dict of keywords or one dict per block")
         if len(attn_layers) != depth or len(per_block_kwargs) != depth:
             raise ValueError(
                 f"attn_layer / attn_kwargs need one entry per block ({depth=}), "
@@ -178,7 +228,7 @@ class EfficientVisionTransformer(nn.Module):
             )
         unknown = sorted({name for name in attn_layers if name not in ATTN_LAYERS})
         if unknown:
-            raise ValueError(f"unknown attention layer(s) {unknown}; choose from {sorted(ATTN_LAYERS)}")
+            raise ValueError(f"unknown attention layer(s) {unknown}; choose one of {sorted(ATTN_LAYERS)}")
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
         act_layer = act_layer or nn.GELU
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
@@ -192,7 +242,7 @@ class EfficientVisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.patch_size = patch_size
+        self.patch_size = patch_size[0] if patch_size[0] == patch_size[1] else patch_size
         self.in_chans = in_chans
 
         self.patch_embed = PatchEmbed(
@@ -208,6 +258,9 @@ class EfficientVisionTransformer(nn.Module):
         )
         grid = tuple(self.patch_embed.grid_size)
         num_patches = grid[0] * grid[1]
+        # The grid the position embedding (and every grid-sized table) is laid out on, saved with the weights: a
+        # checkpoint's token count alone cannot tell an H x W grid from W x H (see _load_from_state_dict).
+        self.register_buffer("pos_embed_grid", torch.tensor(grid, dtype=torch.int64, device=device))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
@@ -241,7 +294,9 @@ class EfficientVisionTransformer(nn.Module):
                 )
             )
         self.blocks = nn.Sequential(*blocks)
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_size) for i in range(depth)
+        ]
         self.norm = norm_layer(embed_dim, **dd) if not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim, **dd) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -288,13 +343,15 @@ class EfficientVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier; ``num_classes=0`` keeps pooled features, ``global_pool=''`` disables pooling."""
-        self.num_classes = num_classes
+        check_int("num_classes", num_classes, minimum=0)
         if global_pool is not None:
             if global_pool not in ("", "avg", "avgmax", "max", "token"):
                 raise ValueError(f"{global_pool=} is not one of '', 'avg', 'avgmax', 'max', 'token'")
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs a class token")
+        if global_pool is not None:
             self.global_pool = global_pool
+        self.num_classes = num_classes
         ref = self.pos_embed
         self.head = (
             nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
@@ -302,46 +359,60 @@ class EfficientVisionTransformer(nn.Module):
             else nn.Identity()
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Refuse weights laid out on another grid; fill in the grid of older or foreign checkpoints where the
+        position embedding's shape makes it unambiguous (same token count on a square grid)."""
+        key = prefix + "pos_embed_grid"
+        grid = tuple(self.patch_embed.grid_size)
+        if key in state_dict:
+            theirs = tuple(int(v) for v in torch.as_tensor(state_dict[key]).reshape(-1).tolist())
+            if theirs != grid:
+                raise ValueError(
+                    f"checkpoint was saved for a {theirs[0]} x {theirs[1]} token grid, this model has "
+                    f"{grid[0]} x {grid[1]} (img_size={tuple(self.patch_embed.img_size)}); load it through "
+                    "visionlin.models.vit.checkpoint_filter_fn, which resamples position embeddings and grid-sized "
+                    "tables, or build the model at the checkpoint's img_size"
+                )
+        elif prefix + "pos_embed" in state_dict:
+            pos = state_dict[prefix + "pos_embed"]
+            if tuple(pos.shape) == tuple(self.pos_embed.shape) and grid[0] != grid[1]:
+                raise ValueError(
+                    f"checkpoint has no pos_embed_grid and this model's grid {grid} is not square: its "
+                    f"{pos.shape[1]}-row pos_embed could be laid out {grid} or {grid[::-1]}; add "
+                    "state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the grid it was trained on and load it "
+                    "through checkpoint_filter_fn"
+                )
+            state_dict[key] = self.pos_embed_grid.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
     # Forward ----------------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels, the model expects in_chans={self.in_chans}")
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if not self.patch_embed.dynamic_img_pad and (h % p or w % p):
-            raise ValueError(
-                f"input size {(h, w)} is not divisible by patch_size={p}; use sides that are multiples of {p} "
-                "or create the model with dynamic_img_pad=True"
-            )
-        if not self.dynamic_img_size and (h, w) != tuple(self.patch_embed.img_size):
-            raise ValueError(
-                f"input size {(h, w)} differs from img_size={tuple(self.patch_embed.img_size)}; "
-                "create the model with dynamic_img_size=True for other sizes"
-            )
+        check_image(
+            x,
+            self.in_chans,
+            tuple(self.patch_embed.patch_size),
+            tuple(self.patch_embed.img_size),
+            self.patch_embed.proj.weight.dtype,
+            self.dynamic_img_size,
+            self.patch_embed.dynamic_img_pad,
+        )
 
     def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``[B, H, W, C]`` patches -> ``[B, prefix + H*W, C]`` tokens with position embeddings, and ``(H, W)``."""
-        b, h, w, c = x.shape
-        grid = tuple(self.patch_embed.grid_size)
-        pos_embed = self.pos_embed
-        if (h, w) != grid:
-            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-            pos_embed = resample_abs_pos_embed(
-                pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=prefix
-            )
-        x = x.reshape(b, h * w, c)
+        feat_size = token_grid(x)
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos_embed = grid_pos_embed(self.pos_embed, x, tuple(self.patch_embed.grid_size), prefix)
+        x = x.flatten(1, 2)
         prefix_tokens = []
         if self.cls_token is not None:
-            prefix_tokens.append(self.cls_token.expand(b, -1, -1))
+            prefix_tokens.append(self.cls_token.expand(x.shape[0], -1, -1))
         if self.reg_token is not None:
-            prefix_tokens.append(self.reg_token.expand(b, -1, -1))
+            prefix_tokens.append(self.reg_token.expand(x.shape[0], -1, -1))
         if self.no_embed_class:
             x = torch.cat([*prefix_tokens, x + pos_embed], dim=1)
         else:
             x = torch.cat([*prefix_tokens, x], dim=1) + pos_embed
-        return self.pos_drop(x), (h, w)
+        return self.pos_drop(x), feat_size
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -371,7 +442,8 @@ class EfficientVisionTransformer(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> logits ``[B, num_classes]`` (or pooled features ``[B, C]`` with ``pre_logits=True``)."""
+        """Tokens ``[B, N, C]`` -> logits ``[B, num_classes]`` (or pooled features ``[B, C]`` with ``pre_logits``)."""
+        check_head_input(x, self.num_features)
         x = self.fc_norm(self.pool(x))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -451,9 +523,20 @@ _INFSA_EXAMPLE = [
 
 
 def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    """The tensors of a checkpoint: a ``model_ema`` / ``model`` / ``state_dict`` wrapper removed, values checked."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"expected a checkpoint mapping of parameter names to tensors (or a {{'model': ...}} wrapper), got "
+            f"{type(state_dict).__name__}"
+        )
     for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], Mapping):
-            return state_dict[key]
+            state_dict = state_dict[key]
+            break
+    bad = {str(k): type(v).__name__ for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)}
+    if bad:
+        shown = ", ".join(f"{k!r}: {t}" for k, t in list(bad.items())[:10])
+        raise ValueError(f"checkpoint entries must map str names to tensors; these do not: {shown}")
     return state_dict
 
 
@@ -477,8 +560,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
         state_dict = renamed
     state_dict.pop("head_dist.weight", None)
     state_dict.pop("head_dist.bias", None)
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != model.pos_embed.shape:
-        state_dict["pos_embed"] = _adapt_pos_embed(state_dict, model)
+    old_grid = _checkpoint_grid(state_dict, model)
+    grid = tuple(model.patch_embed.grid_size)
+    if "pos_embed" in state_dict and (state_dict["pos_embed"].shape != model.pos_embed.shape or old_grid != grid):
+        state_dict["pos_embed"] = _adapt_pos_embed(state_dict, model, old_grid)
+    state_dict["pos_embed_grid"] = model.pos_embed_grid.detach().clone()
     state_dict.pop("dist_token", None)
     if model.cls_token is None:
         state_dict.pop("cls_token", None)
@@ -501,26 +587,75 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
     for i, sub in per_block.items():
         attn = model.blocks[i].attn
         sub = attn.convert_official_state_dict(sub)
-        sub = attn.adapt_state_dict(sub)
+        sub = attn.adapt_state_dict(sub, old_grid=old_grid)
         out.update({f"blocks.{i}.attn.{k}": v for k, v in sub.items()})
     _check_matches(out, model)
     return out
 
 
-def _adapt_pos_embed(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> torch.Tensor:
-    """A checkpoint's ``pos_embed`` fitted to ``model``: prefix rows matched (a distillation row dropped, a class row
-    dropped for a model without class token) and the grid part resampled to the model's grid.
+def _prefix_rows(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> int:
+    """How many leading rows of the checkpoint's ``pos_embed`` belong to prefix tokens (class, distillation,
+    registers); 0 when the checkpoint embeds only the grid (``no_embed_class``)."""
+    pos = state_dict["pos_embed"]
+    n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    n_prefix = int("cls_token" in state_dict) + int("dist_token" in state_dict) + n_reg
+    grid = tuple(model.patch_embed.grid_size)
+    if pos.shape[1] - n_prefix <= 0 or (pos.shape[1] == grid[0] * grid[1] and model.no_embed_class):
+        return 0
+    return n_prefix
+
+
+def _checkpoint_grid(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> tuple[int, int]:
+    """The token grid a checkpoint's position embedding and grid-sized tables are laid out on.
+
+    Read from ``pos_embed_grid`` (saved by our models) and checked against the ``pos_embed`` rows; otherwise
+    inferred: the model's grid when the row count matches it and it is square, else a square grid.
 
     Raises:
-        ValueError: the model needs prefix rows the checkpoint lacks, or the checkpoint's grid cannot be inferred.
+        ValueError: the saved grid does not match the rows, or the grid cannot be told from the rows alone.
+    """
+    grid = tuple(model.patch_embed.grid_size)
+    pos = state_dict.get("pos_embed")
+    n_grid = None if pos is None else pos.shape[1] - _prefix_rows(state_dict, model)
+    if "pos_embed_grid" in state_dict:
+        saved = state_dict["pos_embed_grid"].reshape(-1)
+        if saved.numel() != 2 or saved.is_floating_point() or bool((saved < 1).any()):
+            raise ValueError(f"checkpoint pos_embed_grid must hold two positive integers (H, W), got {saved.tolist()}")
+        old = (int(saved[0]), int(saved[1]))
+        if n_grid is not None and old[0] * old[1] != n_grid:
+            raise ValueError(f"checkpoint pos_embed_grid {old} does not match its pos_embed's {n_grid} grid rows")
+        return old
+    if n_grid is None:
+        return grid
+    if n_grid == grid[0] * grid[1]:
+        if grid[0] == grid[1]:
+            return grid
+        hint = f"the model's grid {grid} is not square, so the rows could be laid out {grid} or {grid[::-1]}"
+    else:
+        side = round(n_grid**0.5)
+        if side * side == n_grid:
+            return side, side
+        hint = f"{n_grid} is not a square number and differs from the model's grid {grid}"
+    raise ValueError(
+        f"cannot tell the grid of a checkpoint pos_embed with {n_grid} grid rows ({hint}); add "
+        "state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the grid it was trained on"
+    )
+
+
+def _adapt_pos_embed(
+    state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer, old_grid: tuple[int, int]
+) -> torch.Tensor:
+    """A checkpoint's ``pos_embed`` fitted to ``model``: prefix rows matched (a distillation row dropped, a class row
+    dropped for a model without class token) and the grid part resampled from ``old_grid`` to the model's grid.
+
+    Raises:
+        ValueError: the model needs prefix rows the checkpoint lacks.
     """
     pos = state_dict["pos_embed"]
     has_cls, has_dist = "cls_token" in state_dict, "dist_token" in state_dict
     n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
     grid = tuple(model.patch_embed.grid_size)
-    n_prefix = int(has_cls) + int(has_dist) + n_reg
-    if pos.shape[1] - n_prefix <= 0 or (pos.shape[1] == grid[0] * grid[1] and model.no_embed_class):
-        n_prefix = 0  # the checkpoint embeds only the grid (no_embed_class)
+    n_prefix = _prefix_rows(state_dict, model)
     rows = {}
     if n_prefix:
         names = ["cls"] * has_cls + ["dist"] * has_dist + ["reg"] * n_reg
@@ -532,19 +667,11 @@ def _adapt_pos_embed(state_dict: Mapping[str, torch.Tensor], model: EfficientVis
             f"checkpoint pos_embed has prefix rows {sorted(rows)} (of {pos.shape[1]} rows); the model needs {want}"
         )
     prefix = [rows["cls"][0]] * ("cls" in want) + rows.get("reg", [])[: want.count("reg")]
-    n_grid = pos.shape[1] - n_prefix
-    if n_grid == grid[0] * grid[1]:
-        old = grid  # same token count: taken as the same grid (a transposed H x W checkpoint cannot be told apart)
-    elif round(n_grid**0.5) ** 2 == n_grid:
-        old = (round(n_grid**0.5),) * 2
-    else:
-        raise ValueError(
-            f"cannot infer the grid of a checkpoint pos_embed with {n_grid} grid rows (not square, not the model's "
-            f"{grid}); resample it to {grid} with timm.layers.resample_abs_pos_embed(..., old_size=...) first"
+    grid_pos = pos[:, n_prefix:]
+    if tuple(old_grid) != grid:
+        grid_pos = resample_abs_pos_embed(
+            grid_pos, new_size=list(grid), old_size=list(old_grid), num_prefix_tokens=0, verbose=False
         )
-    grid_pos = resample_abs_pos_embed(
-        pos[:, n_prefix:], new_size=list(grid), old_size=list(old), num_prefix_tokens=0, verbose=False
-    )
     return torch.cat([*prefix, grid_pos], dim=1)
 
 
@@ -651,98 +778,114 @@ def _widths(size: str) -> dict[str, Any]:
     }[size]
 
 
+def _defaults(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """An entrypoint's published settings, each overridable by the caller's keywords."""
+    return {**defaults, **kwargs}
+
+
+def _agent(size: str, agent_num: int, agent_blocks: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Agent-DeiT settings: agent attention in the first ``agent_blocks`` blocks, softmax after. Per-block layers and
+    their keywords follow the caller's ``depth``; a caller's ``attn_layer`` replaces the layout, and blocks of it that
+    use agent attention get ``agent_num`` unless ``attn_kwargs`` is given."""
+    args = {**_widths(size), **kwargs}
+    depth = args["depth"]
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        return args  # the model's own checks name the bad depth
+    if "attn_layer" not in kwargs:
+        args["attn_layer"] = ["agent" if i < agent_blocks else "softmax" for i in range(depth)]
+    layers = args["attn_layer"]
+    if "attn_kwargs" not in kwargs:
+        names = [layers] * depth if isinstance(layers, str) else layers
+        if isinstance(names, Sequence) and all(isinstance(n, str) for n in names):
+            args["attn_kwargs"] = [dict(agent_num=agent_num) if n == "agent" else {} for n in names]
+    return args
+
+
 # Entrypoints ----------------------------------------------------------------------------------------------------------
 @register_model
 def infvit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InfViT-Tiny: Linear-InfSA in all 12 blocks, DeiT-T widths (192, 3 heads)."""
-    return _create_vit("infvit_tiny", pretrained, **dict(_widths("tiny"), attn_layer="infsa", **kwargs))
+    return _create_vit("infvit_tiny", pretrained, **_defaults(kwargs, **_widths("tiny"), attn_layer="infsa"))
 
 
 @register_model
 def infvit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InfViT-Small: Linear-InfSA in all 12 blocks, DeiT-S widths (384, 6 heads)."""
-    return _create_vit("infvit_small", pretrained, **dict(_widths("small"), attn_layer="infsa", **kwargs))
+    return _create_vit("infvit_small", pretrained, **_defaults(kwargs, **_widths("small"), attn_layer="infsa"))
 
 
 @register_model
 def infvit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InfViT-Base: Linear-InfSA in all 12 blocks, DeiT-B widths (768, 12 heads)."""
-    return _create_vit("infvit_base", pretrained, **dict(_widths("base"), attn_layer="infsa", **kwargs))
+    return _create_vit("infvit_base", pretrained, **_defaults(kwargs, **_widths("base"), attn_layer="infsa"))
 
 
 @register_model
 def infvit_pure_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Pure (quadratic) InfViT-Tiny: pure InfSA in all 12 blocks, DeiT-T widths."""
-    return _create_vit("infvit_pure_tiny", pretrained, **dict(_widths("tiny"), attn_layer="infsa_pure", **kwargs))
+    return _create_vit("infvit_pure_tiny", pretrained, **_defaults(kwargs, **_widths("tiny"), attn_layer="infsa_pure"))
 
 
 @register_model
 def infvit_pure_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Pure (quadratic) InfViT-Small: pure InfSA in all 12 blocks, DeiT-S widths."""
-    return _create_vit("infvit_pure_small", pretrained, **dict(_widths("small"), attn_layer="infsa_pure", **kwargs))
+    return _create_vit(
+        "infvit_pure_small", pretrained, **_defaults(kwargs, **_widths("small"), attn_layer="infsa_pure")
+    )
 
 
 @register_model
 def infvit_pure_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Pure (quadratic) InfViT-Base: pure InfSA in all 12 blocks, DeiT-B widths."""
-    return _create_vit("infvit_pure_base", pretrained, **dict(_widths("base"), attn_layer="infsa_pure", **kwargs))
+    return _create_vit("infvit_pure_base", pretrained, **_defaults(kwargs, **_widths("base"), attn_layer="infsa_pure"))
 
 
 @register_model
 def flatten_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """FLatten-DeiT-Tiny: focused linear attention (p=3, 5x5 shared DWC, key PE) in all blocks, DeiT-T widths."""
-    return _create_vit("flatten_deit_tiny", pretrained, **dict(_widths("tiny"), attn_layer="flatten", **kwargs))
+    return _create_vit("flatten_deit_tiny", pretrained, **_defaults(kwargs, **_widths("tiny"), attn_layer="flatten"))
 
 
 @register_model
 def flatten_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """FLatten-DeiT-Small: focused linear attention in all blocks, DeiT-S widths."""
-    return _create_vit("flatten_deit_small", pretrained, **dict(_widths("small"), attn_layer="flatten", **kwargs))
-
-
-def _agent_args(depth: int, agent_num: int, agent_blocks: int) -> dict[str, Any]:
-    layers = ["agent" if i < agent_blocks else "softmax" for i in range(depth)]
-    kwargs = [dict(agent_num=agent_num) if i < agent_blocks else {} for i in range(depth)]
-    return dict(attn_layer=layers, attn_kwargs=kwargs)
+    return _create_vit("flatten_deit_small", pretrained, **_defaults(kwargs, **_widths("small"), attn_layer="flatten"))
 
 
 @register_model
 def agent_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Agent-DeiT-Tiny: agent attention (49 agents) in all 12 blocks, DeiT-T widths."""
-    args = dict(_widths("tiny"), **_agent_args(12, 49, 12))
-    return _create_vit("agent_deit_tiny", pretrained, **dict(args, **kwargs))
+    return _create_vit("agent_deit_tiny", pretrained, **_agent("tiny", 49, 12, kwargs))
 
 
 @register_model
 def agent_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Agent-DeiT-Small: agent attention (49 agents) in all 12 blocks, DeiT-S widths."""
-    args = dict(_widths("small"), **_agent_args(12, 49, 12))
-    return _create_vit("agent_deit_small", pretrained, **dict(args, **kwargs))
+    return _create_vit("agent_deit_small", pretrained, **_agent("small", 49, 12, kwargs))
 
 
 @register_model
 def agent_deit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """Agent-DeiT-Base: agent attention (81 agents) in the first 4 blocks, softmax in the other 8, DeiT-B widths."""
-    args = dict(_widths("base"), **_agent_args(12, 81, 4))
-    return _create_vit("agent_deit_base", pretrained, **dict(args, **kwargs))
+    return _create_vit("agent_deit_base", pretrained, **_agent("base", 81, 4, kwargs))
 
 
 @register_model
 def inline_deit_tiny(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InLine-DeiT-Tiny: injective linear attention in all blocks; 192 wide, 6 heads of 32, 224 px."""
-    args = dict(embed_dim=192, depth=12, num_heads=6, attn_layer="inline")
-    return _create_vit("inline_deit_tiny", pretrained, **dict(args, **kwargs))
+    args = _defaults(kwargs, embed_dim=192, depth=12, num_heads=6, attn_layer="inline")
+    return _create_vit("inline_deit_tiny", pretrained, **args)
 
 
 @register_model
 def inline_deit_small(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InLine-DeiT-Small: injective linear attention in all blocks; 320 wide, 10 heads, 288 px."""
-    args = dict(embed_dim=320, depth=12, num_heads=10, attn_layer="inline", img_size=288)
-    return _create_vit("inline_deit_small", pretrained, **dict(args, **kwargs))
+    args = _defaults(kwargs, embed_dim=320, depth=12, num_heads=10, attn_layer="inline", img_size=288)
+    return _create_vit("inline_deit_small", pretrained, **args)
 
 
 @register_model
 def inline_deit_base(pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     """InLine-DeiT-Base: injective linear attention in all blocks; 384 wide, 12 heads, 448 px."""
-    args = dict(embed_dim=384, depth=12, num_heads=12, attn_layer="inline", img_size=448)
-    return _create_vit("inline_deit_base", pretrained, **dict(args, **kwargs))
+    args = _defaults(kwargs, embed_dim=384, depth=12, num_heads=12, attn_layer="inline", img_size=448)
+    return _create_vit("inline_deit_base", pretrained, **args)

@@ -1,0 +1,144 @@
+"""Checks and shape helpers shared by every model family: constructor arguments, input images, head inputs.
+
+The forward-time helpers branch on tensor shapes, so they are registered with timm as FX leaves
+(``register_notrace_function``; FX skips names that start with ``_``, so they have public names). timm's FX
+feature extraction (``features_only=True, feature_cls="fx"``) and ``timm.layers.create_feature_extractor`` record
+them as single calls instead of tracing into their control flow. They read only shapes and dtypes (no host sync), so
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.layers import register_notrace_function, resample_abs_pos_embed
+
+__all__ = [
+    "check_bool",
+    "check_head_input",
+    "check_image",
+    "check_int",
+    "check_pair",
+    "check_positive",
+    "check_rate",
+    "grid_pos_embed",
+    "token_grid",
+]
+
+
+def check_int(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an ``int`` >= ``minimum``; ``ValueError`` naming it otherwise (bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum} (got {type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}={value!r} must be >= {minimum}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a finite ``float`` > 0; ``ValueError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    return float(value)
+
+
+def check_rate(name: str, value: Any) -> float:
+    """A dropout / drop-path probability: a number in ``[0, 1)``; ``ValueError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be a probability in [0, 1)")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``; ``ValueError`` naming it otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return value
+
+
+def check_pair(name: str, value: Any, minimum: int = 1) -> tuple[int, int]:
+    """An int or a pair of ints (``img_size``, ``patch_size``, ...) as ``(H, W)``, each >= ``minimum``."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, Sequence)
+        or isinstance(pair, str)
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)
+    ):
+        raise ValueError(f"{name}={value!r} must be an integer or a pair of integers (H, W), each >= {minimum}")
+    return int(pair[0]), int(pair[1])
+
+
+@register_notrace_function
+def check_image(
+    x: torch.Tensor,
+    in_chans: int,
+    patch_size: tuple[int, int],
+    img_size: tuple[int, int],
+    param_dtype: torch.dtype,
+    dynamic_img_size: bool,
+    dynamic_img_pad: bool,
+) -> None:
+    """Raise ``ValueError`` unless ``x`` is an image batch ``[B, in_chans, H, W]`` the model can embed.
+
+    ``H`` and ``W`` must be at least one patch and multiples of the patch (unless ``dynamic_img_pad``), equal to
+    ``img_size`` unless ``dynamic_img_size``; a floating dtype equal to the parameters' unless autocast is on for the
+    input's device. The batch may be empty.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected an image batch tensor [B, C, H, W], got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"input has {x.shape[1]} channels, the model expects in_chans={in_chans}")
+    h, w = x.shape[-2:]
+    ph, pw = patch_size
+    p = ph if ph == pw else (ph, pw)
+    if h < ph or w < pw:
+        raise ValueError(f"input size {(h, w)} is smaller than one patch (patch_size={p})")
+    if not dynamic_img_pad and (h % ph or w % pw):
+        raise ValueError(
+            f"input size {(h, w)} is not divisible by patch_size={p}; use sides that are multiples of the patch size "
+            "or create the model with dynamic_img_pad=True"
+        )
+    if not dynamic_img_size and (h, w) != tuple(img_size):
+        raise ValueError(
+            f"input size {(h, w)} differs from img_size={tuple(img_size)}; create the model with "
+            "dynamic_img_size=True for other sizes"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"input dtype {x.dtype} is not floating point; convert the images with x.float()")
+    if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"input dtype {x.dtype} differs from the model's parameter dtype {param_dtype}; cast the input "
+            f"(x.to({param_dtype})) or the model (model.to({x.dtype})), or run under torch.autocast"
+        )
+
+
+@register_notrace_function
+def check_head_input(x: torch.Tensor, num_features: int, name: str = "forward_head") -> None:
+    """Raise ``ValueError`` unless ``x`` is ``forward_features`` output ``[B, N, num_features]``."""
+    if x.ndim != 3 or x.shape[-1] != num_features:
+        raise ValueError(
+            f"{name} expects the tokens forward_features returns, [B, N, {num_features}]; got shape "
+            f"{tuple(x.shape)} (pooled features [B, C] are already past the pooling step: apply model.head to them)"
+        )
+
+
+@register_notrace_function
+def token_grid(x: torch.Tensor) -> tuple[int, int]:
+    """The token grid ``(H, W)`` of patches ``[B, H, W, C]``."""
+    return x.shape[1], x.shape[2]
+
+
+@register_notrace_function
+def grid_pos_embed(pos_embed: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """``pos_embed`` ``[1, num_prefix + H0*W0, C]`` laid out on ``grid = (H0, W0)``, resampled (bicubic, prefix rows
+    kept) to the grid of patches ``x`` ``[B, H, W, C]`` where that differs."""
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == tuple(grid):
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=num_prefix)
