@@ -1,0 +1,148 @@
+"""Triton linear attention against its float64 reference, forward and backward.
+
+Tolerance (DESIGN.md, flash-attention's rule): in half precision the kernel's relative error (``||x - ref|| / ||ref||``
+over the output and each input gradient) is at most twice that of the plain PyTorch computation in the same dtype
+(the native ``"torch"`` backend, run on the same half-precision inputs), plus a floor of four units of the dtype's
+rounding; where that plain computation overflows (NaN or inf), the floor alone. In float32 the kernel is held to a
+fixed 1e-5 (its products run in IEEE float32).
+
+The ``gpu`` tests run on the GPU machine; ``test_interpreter_*`` runs the same kernels on the CPU through Triton's
+interpreter (float32 and float16: the interpreter's bfloat16 products are wrong, a Triton limitation) in a
+subprocess, since the interpreter is chosen when the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels.linear import linear_attention_native, linear_attention_reference
+
+FMAPS = ["identity", "relu", "elu", "sigmoid", "cosine"]
+NORMS = ["divide", "subtract", "none"]
+FLOOR = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8, torch.float32: 1e-5}
+
+
+def _inputs(b, n, m, h, d, dv, fmap, norm, dtype, device, non_contiguous=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if non_contiguous:  # q, k, v as views of one fused [B, N, 3, H, D] projection, as the layers produce them
+        qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64)
+        q, k, v = qkv.unbind(2)
+    else:
+        q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+        k = torch.randn(b, m, h, d, generator=g, dtype=torch.float64)
+        v = torch.randn(b, m, h, dv, generator=g, dtype=torch.float64)
+    if norm == "divide" and fmap in ("identity", "cosine"):  # keep the denominators away from zero
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    out = []
+    for t in (q, k, v):
+        t = t.to(device=device, dtype=dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _errors(fn, inputs, fmap, norm, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves, feature_map=fmap, normalize=norm)
+    out.backward(grad.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+def _check(inputs, fmap, norm, dtype):
+    from visionlin.kernels.triton.linear import linear_attention_triton
+
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = linear_attention_reference(*ref_in, feature_map=fmap, normalize=norm)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(ref.device)
+    ref.backward(grad)
+    refs = [ref.detach(), *(t.grad for t in ref_in)]
+    out, grads = _errors(linear_attention_triton, inputs, fmap, norm, grad)
+    assert out.dtype == dtype and out.shape == ref.shape
+    ours = [_rel(x, r) for x, r in zip([out, *grads], refs, strict=True)]
+    if dtype == torch.float32:
+        bound = [FLOOR[dtype]] * 4
+    else:
+        nout, ngrads = _errors(linear_attention_native, inputs, fmap, norm, grad)
+        base = [_rel(x, r) for x, r in zip([nout, *ngrads], refs, strict=True)]
+        # Where the plain computation overflows (NaN / inf: un-normalised fp16 at thousands of tokens), the floor alone.
+        bound = [2 * e + FLOOR[dtype] if math.isfinite(e) else FLOOR[dtype] for e in base]
+    names = ["out", "dq", "dk", "dv"]
+    bad = {n: f"{e:.2e} > {b:.2e}" for n, e, b in zip(names, ours, bound, strict=True) if not e <= b}
+    assert not bad, bad
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("fmap", FMAPS)
+def test_triton_every_map_and_normalisation(fmap, norm, dtype):
+    _check(_inputs(3, 197, 197, 3, 32, 32, fmap, norm, dtype, "cuda"), fmap, norm, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    ("b", "n", "m", "h", "d", "dv"),
+    [(1, 49, 49, 2, 64, 64), (3, 3136, 3136, 3, 32, 32), (1, 197, 100, 4, 80, 80), (1, 65536, 65536, 2, 128, 128)],
+)
+def test_triton_awkward_shapes(b, n, m, h, d, dv, dtype):
+    for fmap, norm in (("relu", "divide"), ("identity", "subtract"), ("elu", "none")):
+        _check(_inputs(b, n, m, h, d, dv, fmap, norm, dtype, "cuda"), fmap, norm, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_non_contiguous_views(dtype):
+    _check(
+        _inputs(2, 197, 197, 3, 64, 64, "relu", "divide", dtype, "cuda", non_contiguous=True), "relu", "divide", dtype
+    )
+
+
+@gpu
+def test_triton_compiles_fullgraph():
+    from visionlin.kernels.triton.linear import linear_attention_triton
+
+    q, k, v = _inputs(2, 197, 197, 3, 32, 32, "relu", "divide", torch.bfloat16, "cuda")
+    fn = torch.compile(linear_attention_triton, fullgraph=True)
+    out = fn(q, k, v, feature_map="relu", normalize="divide")
+    out.float().square().sum().backward()
+    eager = linear_attention_triton(q, k, v, feature_map="relu", normalize="divide")
+    torch.testing.assert_close(out, eager)
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton import FMAPS, NORMS, _check, _inputs
+    for fmap in FMAPS:
+        for norm in NORMS:
+            _check(_inputs(2, 37, 45, 3, 20, 24, fmap, norm, torch.float32, "cpu"), fmap, norm, torch.float32)
+    for fmap, norm in (("elu", "divide"), ("relu", "subtract"), ("sigmoid", "none")):
+        _check(_inputs(1, 70, 130, 2, 32, 16, fmap, norm, torch.float16, "cpu"), fmap, norm, torch.float16)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_matches_reference():
+    """The Triton kernels' math on the CPU (Triton's interpreter), fp32 and fp16, every map and normalisation."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,33 @@
+"""Triton kernels for the functional ops, imported lazily on the first GPU dispatch (never by ``import visionlin``).
+
+Each kernel family is wrapped as ``torch.library`` custom ops with fake (meta) and autograd registrations, so
+``torch.compile(fullgraph=True)`` keeps them as single nodes. The math each one computes is the ``*_reference`` of
+its op in :mod:`visionlin.kernels`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+__all__ = ["triton_unavailable"]
+
+
+@functools.cache
+def _import_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
+    """Reasons the Triton kernels cannot run on these tensors (empty if they can)."""
+    reasons = []
+    reason = _import_reason()
+    if reason:
+        reasons.append(reason)
+    if any(t.device.type != "cuda" for t in tensors):
+        reasons.append("tensors are not on a CUDA device")
+    return reasons

@@ -1,0 +1,458 @@
+"""Fused non-causal (bidirectional) linear attention in Triton, forward and backward.
+
+Forward, two kernels: the state kernel reads every key and value once and adds, per (batch, head), the float32 sums
+``S = sum_j phi(k_j) v_j^T`` ``[D, Dv]``, ``z = sum_j phi(k_j)`` and ``u = sum_j v_j`` (split over key chunks to fill
+the GPU; chunks meet by float32 atomic adds, so sums may differ between runs in the last bits); the read-out kernel
+reads every query once and writes ``out_i = (phi(q_i) A + c) / (phi(q_i) . w + eps)`` (``"divide"``) or
+``phi(q_i) A + c``, with ``(A, c, w)`` formed from the state inside the kernel:
+
+=============  ===========================  ================  ===========
+normalize      A                             c                 w
+=============  ===========================  ================  ===========
+``divide``     ``s S / M``                  0                 ``s z / M``
+``subtract``   ``s (S / M - zbar ubar^T)``  ``ubar = u / M``  (unused)
+``none``       ``s S``                      0                 (unused)
+=============  ===========================  ================  ===========
+
+Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)``; the state
+backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together one custom op pair
+(``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
+
+Feature maps are applied inside the kernels in float32 (``identity``, ``relu``, ``elu`` = ELU + 1, ``sigmoid``,
+``cosine``); products run on the tensor cores with float32 accumulation (see ``_mm``: operands scaled by powers of
+two, so float16 never overflows, and float32 matrices kept as two half-precision parts, about 16 significant bits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
+
+FEATURE_MAP_IDS = {"identity": 0, "relu": 1, "elu": 2, "sigmoid": 3, "cosine": 4}
+_COSINE_EPS = 1e-12  # torch.nn.functional.normalize's clamp
+
+
+@triton.jit
+def _phi(x, mask, FMAP: tl.constexpr):
+    """Feature map of float32 rows ``x`` ``[R, BLOCK_D]``; padded columns (``mask`` False) come out 0."""
+    if FMAP == 1:
+        y = tl.maximum(x, 0.0)
+    elif FMAP == 2:
+        y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 3:
+        y = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        y = x
+    y = tl.where(mask, y, 0.0)
+    if FMAP == 4:
+        norm = tl.sqrt(tl.sum(y * y, axis=1))
+        y = y / tl.maximum(norm, 1e-12)[:, None]
+    return y
+
+
+@triton.jit
+def _phi_backward(x, dy, mask, FMAP: tl.constexpr):
+    """Gradient with respect to ``x`` of ``sum(dy * phi(x))`` for float32 rows ``x`` ``[R, BLOCK_D]``."""
+    if FMAP == 1:
+        dx = tl.where(x > 0, dy, 0.0)
+    elif FMAP == 2:
+        dx = tl.where(x > 0, dy, dy * tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 3:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        dx = dy * s * (1.0 - s)
+    elif FMAP == 4:
+        xm = tl.where(mask, x, 0.0)
+        norm = tl.sqrt(tl.sum(xm * xm, axis=1))
+        n = tl.maximum(norm, 1e-12)
+        y = xm / n[:, None]
+        proj = tl.where(norm > 1e-12, tl.sum(y * dy, axis=1), 0.0)
+        dx = (dy - y * proj[:, None]) / n[:, None]
+    else:
+        dx = dy
+    return tl.where(mask, dx, 0.0)
+
+
+@triton.jit
+def _pow2_scale(x):
+    """A power of two at or above ``max|x|`` (1 for an all-zero tile), so ``x / scale`` lies in [-1, 1]."""
+    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    return tl.exp2(tl.ceil(tl.log2(tl.maximum(m, 1e-30))))
+
+
+@triton.jit
+def _mm(a, b, DTYPE: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` of float32 tiles with float32 accumulation.
+
+    Float32 inputs multiply in IEEE precision. Half inputs (``DTYPE``) run on the tensor cores: each operand is
+    scaled by a power of two to at most 1 (no float16 overflow, nothing lost to the scaling), and with ``SPLIT`` the
+    right operand is kept as ``b_hi + b_lo`` (about 16 significant bits instead of 8 or 11).
+    """
+    if HALF:
+        sa = _pow2_scale(a)
+        sb = _pow2_scale(b)
+        ah = (a / sa).to(DTYPE)
+        bs = b / sb
+        bh = bs.to(DTYPE)
+        out = tl.dot(ah, bh)
+        if SPLIT:
+            out += tl.dot(ah, (bs - bh.to(tl.float32)).to(DTYPE))
+        return out * (sa * sb)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _readout_matrices(
+    S_ptr, offs_d, offs_e, scale, inv_m, NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr
+):
+    """``(A, c, w)`` of one (batch, head) from its float32 sums ``S, z, u`` (module docstring's table)."""
+    s_mat = tl.load(S_ptr + offs_d[:, None] * BLOCK_DV + offs_e[None, :])
+    z = tl.load(S_ptr + BLOCK_D * BLOCK_DV + offs_d)
+    u = tl.load(S_ptr + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e)
+    if NORM == 0:
+        a = s_mat * (scale * inv_m)
+        c = u * 0.0
+        w = z * (scale * inv_m)
+    elif NORM == 1:
+        ubar = u * inv_m
+        a = (s_mat * inv_m - (z * inv_m)[:, None] * ubar[None, :]) * scale
+        c = ubar
+        w = z * 0.0
+    else:
+        a = s_mat * scale
+        c = u * 0.0
+        w = z * 0.0
+    return a, c, w
+
+
+@triton.jit
+def _state_kernel(
+    K, V, S,
+    M, H, D, DV, blocks_per_split,
+    sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Add one split of the keys' ``phi(k) v^T``, ``phi(k)`` and ``v`` sums into a (batch, head)'s float32 state."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < D
+    mask_e = offs_e < DV
+    acc = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
+    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    for i in range(0, blocks_per_split):
+        offs_m = (split * blocks_per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        kmask = mask_m[:, None] & mask_d[None, :]
+        vmask = mask_m[:, None] & mask_e[None, :]
+        k = tl.load(k_base + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0).to(tl.float32)
+        fk = tl.where(mask_m[:, None], _phi(k.to(tl.float32), kmask, FMAP), 0.0)
+        acc += _mm(tl.trans(fk), v, k.dtype, HALF, False)
+        z += tl.sum(fk, axis=0)
+        u += tl.sum(v, axis=0)
+    base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
+    tl.atomic_add(base + offs_d[:, None] * BLOCK_DV + offs_e[None, :], acc, sem="relaxed")
+    tl.atomic_add(base + BLOCK_D * BLOCK_DV + offs_d, z, sem="relaxed")
+    tl.atomic_add(base + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e, u, sem="relaxed")
+
+
+@triton.jit
+def _readout_kernel(
+    Q, S, Out,
+    N, H, D, DV, scale, inv_m, eps,
+    sq_b, sq_n, sq_h, sq_d, so_b, so_n, so_h, so_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for one block of queries."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    qmask = mask_n[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
+    f = _phi(q.to(tl.float32), qmask, FMAP)
+    base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
+    a, c, w = _readout_matrices(base, offs_d, offs_e, scale, inv_m, NORM, BLOCK_D, BLOCK_DV)
+    out = _mm(f, a, q.dtype, HALF, True) + c[None, :]
+    if NORM == 0:
+        out = out / (tl.sum(f * w[None, :], axis=1) + eps)[:, None]
+    omask = mask_n[:, None] & (offs_e < DV)[None, :]
+    o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), omask)
+
+
+@triton.jit
+def _readout_backward_kernel(
+    Q, G, Out, S, DQ, GS,
+    N, H, D, DV, scale, inv_m, eps, blocks_per_split,
+    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, so_b, so_n, so_h, so_d, sdq_b, sdq_n, sdq_h, sdq_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < D
+    mask_e = offs_e < DV
+    stride = BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV
+    a, c, w = _readout_matrices(S + pid_bh * stride, offs_d, offs_e, scale, inv_m, NORM, BLOCK_D, BLOCK_DV)
+    a_t = tl.trans(a)
+    da = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    for i in range(0, blocks_per_split):
+        offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        qmask = mask_n[:, None] & mask_d[None, :]
+        emask = mask_n[:, None] & mask_e[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
+        g = tl.load(G + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_e[None, :] * sg_d, mask=emask, other=0.0)
+        g = g.to(tl.float32)
+        qf = q.to(tl.float32)
+        f = tl.where(mask_n[:, None], _phi(qf, qmask, FMAP), 0.0)
+        if NORM == 0:
+            o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
+            o = tl.load(o_ptr, mask=emask, other=0.0).to(tl.float32)
+            den = tl.where(mask_n, tl.sum(f * w[None, :], axis=1) + eps, 1.0)
+            dnum = g / den[:, None]
+            dden = -tl.sum(dnum * o, axis=1)
+            df = _mm(dnum, a_t, q.dtype, HALF, True) + dden[:, None] * w[None, :]
+            dw += tl.sum(dden[:, None] * f, axis=0)
+        else:
+            dnum = g
+            df = _mm(dnum, a_t, q.dtype, HALF, True)
+        dc += tl.sum(dnum, axis=0)
+        da += _mm(tl.trans(f), dnum, q.dtype, HALF, False)
+        dq = _phi_backward(qf, df, qmask, FMAP)
+        dq_ptr = DQ + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :] * sdq_d
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), qmask)
+    base = GS + pid_bh * stride
+    tl.atomic_add(base + offs_d[:, None] * BLOCK_DV + offs_e[None, :], da, sem="relaxed")
+    tl.atomic_add(base + BLOCK_D * BLOCK_DV + offs_d, dw, sem="relaxed")
+    tl.atomic_add(base + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e, dc, sem="relaxed")
+
+
+@triton.jit
+def _state_backward_kernel(
+    K, V, S, GS, DK, DVv,
+    M, H, D, DV, scale, inv_m,
+    sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dk = phi'(k) * (v dS^T + dz)`` and ``dv = phi(k) dS + du`` for one block of keys, where ``(dS, dz, du)``
+    follow from the read-out's ``(dA, dw, dc)`` through the normalisation's formulas."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < M
+    kmask = mask_m[:, None] & (offs_d < D)[None, :]
+    vmask = mask_m[:, None] & (offs_e < DV)[None, :]
+    stride = BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV
+    gbase = GS + pid_bh * stride
+    da = tl.load(gbase + offs_d[:, None] * BLOCK_DV + offs_e[None, :])
+    dw = tl.load(gbase + BLOCK_D * BLOCK_DV + offs_d)
+    dc = tl.load(gbase + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e)
+    if NORM == 0:
+        ds = da * (scale * inv_m)
+        dz = dw * (scale * inv_m)
+        du = dc * 0.0
+    elif NORM == 1:
+        sbase = S + pid_bh * stride
+        z = tl.load(sbase + BLOCK_D * BLOCK_DV + offs_d)
+        u = tl.load(sbase + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e)
+        ds = da * (scale * inv_m)
+        dz = -tl.sum(da * u[None, :], axis=1) * (scale * inv_m * inv_m)
+        du = dc * inv_m - tl.sum(da * z[:, None], axis=0) * (scale * inv_m * inv_m)
+    else:
+        ds = da * scale
+        dz = dw * 0.0
+        du = dc * 0.0
+    k = tl.load(K + b * sk_b + h * sk_h + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0)
+    kf = k.to(tl.float32)
+    fk = _phi(kf, kmask, FMAP)
+    dfk = _mm(v.to(tl.float32), tl.trans(ds), k.dtype, HALF, True) + dz[None, :]
+    dv = _mm(fk, ds, k.dtype, HALF, True) + du[None, :]
+    dk = _phi_backward(kf, dfk, kmask, FMAP)
+    dk_ptr = DK + b * sdk_b + h * sdk_h + offs_m[:, None] * sdk_n + offs_d[None, :] * sdk_d
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), kmask)
+    dv_ptr = DVv + b * sdv_b + h * sdv_h + offs_m[:, None] * sdv_n + offs_e[None, :] * sdv_d
+    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), vmask)
+
+
+# Launch helpers -------------------------------------------------------------------------------------------------------
+#: Rows per program of the state / read-out kernels, of the backward kernels (``None``: 128 for head dims up to 64, else
+#: 64, which fits Hopper's shared memory at 128 x 128), and warps per program (``None``: by tile size). Benchmarks sweep
+#: these.
+TUNING: dict[str, int | None] = {"rows": 64, "rows_backward": None, "warps": None}
+NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
+
+
+def _pad_dims(d: int, dv: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the Triton interpreter (CPU) only needs some split
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(rows: int, block: int, bh: int, device: torch.device) -> tuple[int, int]:
+    """(splits, blocks per split) so that ``bh * splits`` programs fill the GPU about four times over."""
+    n_blocks = triton.cdiv(rows, block)
+    want = min(n_blocks, max(1, triton.cdiv(4 * _num_sms(device), bh)))
+    per = triton.cdiv(n_blocks, want)
+    return triton.cdiv(n_blocks, per), per
+
+
+def _warps(block_d: int, block_dv: int) -> int:
+    if TUNING["warps"]:
+        return TUNING["warps"]
+    return 8 if block_d * block_dv >= 128 * 64 else 4
+
+
+def _meta(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | bool]:
+    bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return dict(HALF=half, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(bd, bdv))
+
+
+# Custom ops -----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("visionlin::linear_attention_fwd", mutates_args=())
+def linear_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmap: int, norm: int, scale: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, Dv] in q's dtype, the float32 state [B*H, BD*BDV + BD + BDV] holding S, z, u)``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    meta = _meta(q, v)
+    bd, bdv = meta["BLOCK_D"], meta["BLOCK_DV"]
+    state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
+    if b * h == 0 or m == 0:
+        return out, state
+    rows = TUNING["rows"]
+    splits, per = _splits(m, rows, b * h, q.device)
+    _state_kernel[(b * h, splits)](
+        k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
+    )
+    if n:
+        _readout_kernel[(triton.cdiv(n, rows), b * h)](
+            q, state, out, n, h, d, dv, scale, 1.0 / m, eps, *q.stride(), *out.stride(),
+            FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
+        )  # fmt: skip
+    return out, state
+
+
+@linear_attention_fwd.register_fake
+def _(q, k, v, fmap, norm, scale, eps):
+    b, n, h, d = q.shape
+    bd, bdv = _pad_dims(d, v.shape[-1])
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b * h, bd * bdv + bd + bdv, dtype=torch.float32)
+
+
+@torch.library.custom_op("visionlin::linear_attention_bwd", mutates_args=())
+def linear_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    state: torch.Tensor,
+    g: torch.Tensor,
+    fmap: int,
+    norm: int,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    meta = _meta(q, v)
+    dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, m, h, d, device=k.device, dtype=k.dtype)
+    dvv = torch.empty(b, m, h, dv, device=v.device, dtype=v.dtype)
+    if b * h == 0 or m == 0:
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    grads = torch.zeros_like(state)
+    rows = TUNING["rows_backward"] or (128 if meta["BLOCK_D"] * meta["BLOCK_DV"] <= 64 * 64 else 64)
+    if n:
+        splits, per = _splits(n, rows, b * h, q.device)
+        _readout_backward_kernel[(b * h, splits)](
+            q, g, out, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
+            *q.stride(), *g.stride(), *out.stride(), *dq.stride(),
+            FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
+        )  # fmt: skip
+    _state_backward_kernel[(triton.cdiv(m, rows), b * h)](
+        k, v, state, grads, dk, dvv, m, h, d, dv, scale, 1.0 / m,
+        *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(),
+        FMAP=fmap, NORM=norm, BLOCK_M=rows, **meta,
+    )  # fmt: skip
+    return dq, dk, dvv
+
+
+@linear_attention_bwd.register_fake
+def _(q, k, v, out, state, g, fmap, norm, scale, eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, fmap, norm, scale, eps = inputs
+    out, state = output
+    ctx.mark_non_differentiable(state)
+    ctx.save_for_backward(q, k, v, out, state)
+    ctx.args = (fmap, norm, scale, eps)
+
+
+def _backward(ctx, g, _g_state):
+    q, k, v, out, state = ctx.saved_tensors
+    dq, dk, dv = torch.ops.visionlin.linear_attention_bwd(q, k, v, out, state, g, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+linear_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str = "elu",
+    normalize: str = "divide",
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visionlin.kernels.linear_attention` (named feature maps only)."""
+    s = (q.shape[-1] ** -0.5 if normalize == "subtract" else 1.0) if scale is None else float(scale)
+    out, _ = torch.ops.visionlin.linear_attention_fwd(
+        q, k, v, FEATURE_MAP_IDS[feature_map], NORMALIZATION_IDS[normalize], s, float(eps)
+    )
+    return out
