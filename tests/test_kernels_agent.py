@@ -191,5 +191,7 @@ def test_bad_input():
         agent_attention(q, k, v, agents, backend="nope")
     with pytest.raises(NotImplementedError, match="different dtypes"):
         agent_attention(q, k, v.double(), agents, backend="sdpa")
-    with pytest.raises(NotImplementedError, match="not floating point"):
+    with pytest.raises(ValueError, match="must be floating point"):  # bad input: refused before any backend
         agent_attention(q.long(), k.long(), v.long(), agents.long(), backend="reference")
+    with pytest.raises(NotImplementedError, match="not floating point"):  # the backends' own supports() agree
+        get_op("agent_attention")(q.long(), k.long(), v.long(), agents.long(), backend="reference")

@@ -1,30 +1,69 @@
-"""Shared input checks and precision helpers for the functional ops."""
+"""Shared input checks and precision helpers for the functional ops.
+
+Every op validates its arguments with these helpers, in its public function and in its reference alike, before any
+backend runs:
+
+* :func:`check_heads_last`: ranks, matching batch / heads / head dims / lengths, devices, floating dtypes, and the
+  degenerate sizes (``M = 0`` keys or ``D = 0`` channels raise; ``B = 0``, ``N = 0``, ``H = 0`` and ``Dv = 0`` give
+  an empty output of the right shape).
+* :func:`check_real` and :func:`check_flag`: Python hyper-parameters (``eps``, ``scale``, ``dropout_p``, ...).
+* :func:`check_side_tensor`: side tensors (biases, per-channel scales, tables): type, dtype, device, broadcasting.
+* :func:`check_tensor_values`: the only check that reads tensor VALUES. It needs a host sync, so it runs in eager
+  mode only and is skipped while ``torch.compile`` / ``torch.export`` / FX / ``vmap`` trace (see
+  :func:`values_are_checkable`); keeping every value check behind it lets a later speed change revisit all of them
+  in one place. Shape, dtype and device checks are free and always run.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 __all__ = [
+    "as_sdpa_mask",
+    "check_flag",
     "check_heads_last",
+    "check_real",
+    "check_side_tensor",
+    "check_tensor_values",
     "fp32_reference",
     "is_floating",
+    "pow2_floor",
     "reference_dtype",
     "same_floating_dtype",
     "supports_floating",
+    "values_are_checkable",
 ]
 
 
 def check_heads_last(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = True) -> None:
     """Validate heads-last ``[B, N, H, D]`` query/key/value tensors.
 
+    ``B = 0`` (no batch), ``N = 0`` (no queries), ``H = 0`` (no heads) and ``Dv = 0`` (no value channels) are valid
+    and give an empty output. ``M = 0`` (no keys) raises: a query attending to an empty key set has no defined value
+    (the normalisations divide by zero), whatever the op. ``D = 0`` raises too: scores need at least one channel
+    (and the default scales ``D ** -0.5`` / ``1 / D`` are undefined).
+
     Raises:
-        ValueError: naming the offending shapes when ranks, batch, heads or lengths do not agree.
+        ValueError: naming the offending shapes, dtypes or devices.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"{op}: expected heads-last [B, N, H, D] tensors, got {q.shape=}, {k.shape=}, {v.shape=}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise ValueError(
+            f"{op}: q, k and v must be floating point (float16, bfloat16, float32 or float64), "
+            f"got {q.dtype=}, {k.dtype=}, {v.dtype=}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"{op}: batch sizes differ: {q.shape=}, {k.shape=}, {v.shape=}")
     if not (q.shape[2] == k.shape[2] == v.shape[2]):
@@ -35,6 +74,153 @@ def check_heads_last(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"{op}: key and value lengths differ: {k.shape[1]=} vs {v.shape[1]=}")
     if same_length and q.shape[1] != k.shape[1]:
         raise ValueError(f"{op}: self-attention needs equal query and key lengths, got {q.shape[1]=}, {k.shape[1]=}")
+    if k.shape[1] == 0:
+        raise ValueError(
+            f"{op}: no keys ({k.shape[1]=}, i.e. M = 0): attention over an empty key set is undefined; "
+            f"M must be >= 1 (got {q.shape=}, {k.shape=}, {v.shape=})"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: query/key head dim D = {q.shape[-1]} must be >= 1 (got {q.shape=}, {k.shape=})")
+
+
+def check_real(
+    op: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = 0.0,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = True,
+    optional: bool = False,
+) -> None:
+    """Validate a scalar hyper-parameter: a finite real Python number inside ``[low, high)`` (by default ``>= 0``).
+
+    Bools, strings, tensors and other objects are refused. ``low=None`` / ``high=None`` leave that side open;
+    ``low_open`` / ``high_open`` exclude the bound itself. ``optional`` accepts ``None``. Symbolic numbers
+    (``torch.SymInt`` / ``torch.SymFloat`` under ``torch.compile`` with dynamic shapes) pass unchecked.
+
+    Raises:
+        ValueError: naming the value and the allowed range.
+    """
+    if value is None and optional:
+        return
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    allowed = (
+        "a finite real number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+    )
+    if optional:
+        allowed += " (or None)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: {name}={value!r} must be {allowed}, got {type(value).__name__}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{op}: {name}={value!r} must be {allowed}")
+
+
+def check_flag(op: str, name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``value`` unless it is ``True`` or ``False`` (a truthy string is not a flag)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name}={value!r} must be True or False, got {type(value).__name__}")
+
+
+def check_side_tensor(
+    op: str,
+    name: str,
+    t: Any,
+    like: torch.Tensor,
+    target: tuple[int, ...],
+    layout: str,
+) -> None:
+    """Validate a side tensor (bias, per-channel scale, table) that must broadcast to ``target``.
+
+    Args:
+        op: Op name for the message.
+        name: Argument name for the message.
+        t: The tensor.
+        like: The query tensor: ``t`` must be on its device.
+        target: The shape ``t`` must broadcast to, WITHOUT growing it (``broadcast_shapes(t.shape, target) ==
+            target``).
+        layout: ``target`` in words for the message, e.g. ``"[B, H, N, M]"``.
+
+    Raises:
+        ValueError: ``t`` is not a floating-point tensor on ``like``'s device, or does not broadcast to ``target``.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(
+            f"{op}: {name} must be a floating-point torch.Tensor broadcastable to {layout}={target}, "
+            f"got {type(t).__name__}"
+        )
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be floating point, got {name}.dtype={t.dtype}")
+    if t.device != like.device and t.ndim > 0:
+        raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {like.device}")
+    try:
+        shape = torch.broadcast_shapes(tuple(t.shape), target)
+    except RuntimeError:
+        shape = None
+    if shape != tuple(target):
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} is not broadcastable to {layout}={tuple(target)}")
+
+
+def as_sdpa_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """An additive bias (checked by :func:`check_side_tensor`) as SDPA's float mask: q's device and dtype, and 4-D
+    (SDPA's CPU path rejects a broadcastable 1-D mask with an IndexError)."""
+    if bias is None:
+        return None
+    bias = bias.to(device=q.device, dtype=q.dtype)
+    return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+
+
+def values_are_checkable(*tensors: torch.Tensor) -> bool:
+    """Whether tensor VALUES may be inspected now: eager mode on real tensors.
+
+    False under ``torch.compile`` / ``torch.export`` (dynamo or non-strict), FX symbolic tracing, ``torch.jit``
+    tracing, for fake / meta tensors and inside functorch transforms (``vmap``, ``grad``): there a data-dependent
+    ``if`` is a graph break, an error or meaningless.
+    """
+    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing() or torch.jit.is_tracing():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    for t in tensors:
+        if isinstance(t, torch.fx.Proxy) or t.device.type == "meta" or is_fake(t):
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+    return True
+
+
+def check_tensor_values(op: str, name: str, t: torch.Tensor, *, positive: bool = True) -> None:
+    """Eager-only value check: every entry of ``t`` finite (and ``> 0`` if ``positive``).
+
+    One host sync per call in eager mode; skipped (the values are not inspected) while tracing or compiling, see
+    :func:`values_are_checkable`. This is the only place the kernels read tensor values to validate them.
+
+    Raises:
+        ValueError: naming the offending entries' count and the smallest value.
+    """
+    if t.numel() == 0 or not values_are_checkable(t):
+        return
+    with torch.no_grad():
+        ok = torch.isfinite(t)
+        if positive:
+            ok = ok & (t > 0)
+        if bool(ok.all()):
+            return
+        bad = t[~ok]
+    what = "positive and finite" if positive else "finite"
+    raise ValueError(
+        f"{op}: every entry of {name} must be {what}; {bad.numel()} of {t.numel()} are not "
+        f"(e.g. {bad.flatten()[:4].tolist()})"
+    )
 
 
 def is_floating(*tensors: torch.Tensor) -> list[str]:
@@ -55,6 +241,16 @@ def same_floating_dtype(*args: object, **kwargs: object) -> list[str]:
     if len({t.dtype for t in tensors}) > 1:
         reasons.append("mixed dtypes " + ", ".join(str(t.dtype) for t in tensors))
     return reasons
+
+
+def pow2_floor(x: torch.Tensor) -> torch.Tensor:
+    """The power of two at or below each positive entry of ``x`` (1 where ``x`` is 0 or not finite).
+
+    Native half-precision paths rescale by such factors: multiplying by a power of two is exact in binary floating
+    point (outside underflow / overflow), so the rescaled values round exactly as the unscaled ones would.
+    """
+    p = torch.exp2(torch.floor(torch.log2(x)))
+    return torch.where((x > 0) & torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:

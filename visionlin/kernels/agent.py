@@ -16,23 +16,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_heads_last, fp32_reference, is_floating, reference_dtype
+from ._common import (
+    as_sdpa_mask,
+    check_heads_last,
+    check_real,
+    check_side_tensor,
+    fp32_reference,
+    is_floating,
+    reference_dtype,
+)
 from ._dispatch import Op
 
 __all__ = ["agent_attention", "agent_attention_reference"]
 
 
-def _check_bias(name: str, bias: torch.Tensor | None, target: tuple[int, ...], layout: str) -> None:
-    if bias is None:
-        return
-    try:
-        shape = torch.broadcast_shapes(tuple(bias.shape), target)
-    except RuntimeError:
-        shape = None
-    if shape != target:
-        raise ValueError(
-            f"agent_attention: {name} of shape {tuple(bias.shape)} is not broadcastable to {layout}={target}"
-        )
+_OP = "agent_attention"
 
 
 def _check_args(
@@ -42,24 +40,32 @@ def _check_args(
     agents: torch.Tensor,
     agent_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None,
+    scale: float | None,
     dropout_p: float,
 ) -> None:
-    check_heads_last("agent_attention", q, k, v, same_length=False)
+    check_heads_last(_OP, q, k, v, same_length=False)
+    if not isinstance(agents, torch.Tensor):
+        raise ValueError(f"{_OP}: agents must be a torch.Tensor [B, n, H, D], got {type(agents).__name__}")
     if agents.ndim != 4:
-        raise ValueError(f"agent_attention: expected heads-last agents [B, n, H, D], got {agents.shape=}")
+        raise ValueError(f"{_OP}: expected heads-last agents [B, n, H, D], got {agents.shape=}")
+    if not agents.is_floating_point():
+        raise ValueError(f"{_OP}: agents must be floating point, got {agents.dtype=}")
+    if agents.device != q.device:
+        raise ValueError(f"{_OP}: agents are on {agents.device} but the queries are on {q.device}")
     if agents.shape[0] != q.shape[0] or agents.shape[2] != q.shape[2] or agents.shape[3] != q.shape[3]:
         raise ValueError(
-            "agent_attention: agents must share batch, heads and head dim with the queries: "
-            f"{agents.shape=}, {q.shape=}"
+            f"{_OP}: agents must share batch, heads and head dim with the queries: {agents.shape=}, {q.shape=}"
         )
     if agents.shape[1] < 1:
-        raise ValueError(f"agent_attention: need at least one agent token, got {agents.shape=}")
+        raise ValueError(f"{_OP}: need at least one agent token, got {agents.shape=}")
     b, n_q, h, _ = q.shape
     n_a, m = agents.shape[1], k.shape[1]
-    _check_bias("agent_bias", agent_bias, (b, h, n_a, m), "[B, H, n, M]")
-    _check_bias("query_bias", query_bias, (b, h, n_q, n_a), "[B, H, N, n]")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"agent_attention: {dropout_p=} must be in [0, 1)")
+    if agent_bias is not None:
+        check_side_tensor(_OP, "agent_bias", agent_bias, q, (b, h, n_a, m), "[B, H, n, M]")
+    if query_bias is not None:
+        check_side_tensor(_OP, "query_bias", query_bias, q, (b, h, n_q, n_a), "[B, H, N, n]")
+    check_real(_OP, "scale", scale, low=None, optional=True)
+    check_real(_OP, "dropout_p", dropout_p, high=1.0)
 
 
 def agent_attention_reference(
@@ -88,7 +94,7 @@ def agent_attention_reference(
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    _check_args(q, k, v, agents, agent_bias, query_bias, dropout_p)
+    _check_args(q, k, v, agents, agent_bias, query_bias, scale, dropout_p)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
@@ -120,7 +126,7 @@ def _sdpa(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, drop
         a,
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=None if agent_bias is None else agent_bias.to(q.dtype),
+        attn_mask=as_sdpa_mask(agent_bias, q),
         dropout_p=dropout_p,
         scale=scale,
     )  # [B, H, n, Dv]
@@ -128,7 +134,7 @@ def _sdpa(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, drop
         q.transpose(1, 2),
         a,
         v_a,
-        attn_mask=None if query_bias is None else query_bias.to(q.dtype),
+        attn_mask=as_sdpa_mask(query_bias, q),
         dropout_p=dropout_p,
         scale=scale,
     )
@@ -147,7 +153,7 @@ def _reference_supports(q, k, v, agents, **kwargs):
     return is_floating(q, k, v, agents)
 
 
-_op = Op("agent_attention")
+_op = Op(_OP)
 _op.register("sdpa", _sdpa, _sdpa_supports)
 _op.register("reference", agent_attention_reference, _reference_supports)
 
@@ -184,9 +190,10 @@ def agent_attention(
         ``[B, N, H, Dv]`` in the dtype of ``q``.
 
     Raises:
-        ValueError: Shapes that do not fit together (the message names them) or ``dropout_p`` outside ``[0, 1)``.
+        ValueError: Shapes, dtypes or devices that do not fit together (the message names them), biases that do not
+            broadcast, a non-finite ``scale`` or ``dropout_p`` outside ``[0, 1)``.
     """
-    _check_args(q, k, v, agents, agent_bias, query_bias, dropout_p)
+    _check_args(q, k, v, agents, agent_bias, query_bias, scale, dropout_p)
     return _op(
         q,
         k,

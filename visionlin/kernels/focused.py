@@ -9,11 +9,17 @@ With the authors' post-May-2024 numerics::
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from ._common import (
+    check_flag,
     check_heads_last,
+    check_real,
+    check_side_tensor,
+    check_tensor_values,
     fp32_reference,
     reference_dtype,
     same_floating_dtype,
@@ -24,12 +30,14 @@ from .linear import linear_attention_native
 
 __all__ = ["focus", "focused_linear_attention", "focused_linear_attention_reference"]
 
+_OP = "focused_linear_attention"
+
 
 def focus(
     x: torch.Tensor,
     focusing_factor: float,
     *,
-    channel_scale: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | float | None = None,
     eps: float = 1e-6,
     joint_heads: bool = True,
 ) -> torch.Tensor:
@@ -46,17 +54,40 @@ def focus(
     if channel_scale is not None:
         x = x / channel_scale
     dims = (-2, -1) if joint_heads else (-1,)
+    if any(x.shape[d] == 0 for d in dims):
+        return x  # no heads: nothing to focus (and no entry to take a maximum over)
     xp = x**focusing_factor
     return xp * (
         torch.linalg.vector_norm(x, dim=dims, keepdim=True) / torch.linalg.vector_norm(xp, dim=dims, keepdim=True)
     )
 
 
-def _check(focusing_factor: float, eps: float) -> None:
-    if not focusing_factor > 0:
-        raise ValueError(f"{focusing_factor=} must be > 0")
-    if eps < 0:
-        raise ValueError(f"{eps=} must be >= 0")
+def _check(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    focusing_factor: float,
+    channel_scale: torch.Tensor | float | None,
+    eps: float,
+    joint_heads: bool,
+) -> None:
+    check_heads_last(op, q, k, v, same_length=False)
+    check_real(op, "focusing_factor", focusing_factor, low=0.0, low_open=True)
+    check_real(op, "eps", eps)
+    check_flag(op, "joint_heads", joint_heads)
+    if channel_scale is None:
+        return
+    if isinstance(channel_scale, torch.Tensor):
+        check_side_tensor(op, "channel_scale", channel_scale, q, tuple(q.shape[-2:]), "[H, D]")
+        check_tensor_values(op, "channel_scale", channel_scale, positive=True)
+    elif isinstance(channel_scale, numbers.Real) and not isinstance(channel_scale, bool):
+        check_real(op, "channel_scale", channel_scale, low=0.0, low_open=True)
+    else:
+        raise ValueError(
+            f"{op}: channel_scale must be None, a positive number or a floating-point torch.Tensor broadcastable to "
+            f"[H, D]={tuple(q.shape[-2:])}, got {type(channel_scale).__name__}"
+        )
 
 
 def focused_linear_attention_reference(
@@ -65,7 +96,7 @@ def focused_linear_attention_reference(
     v: torch.Tensor,
     *,
     focusing_factor: float = 3.0,
-    channel_scale: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | float | None = None,
     eps: float = 1e-6,
     joint_heads: bool = True,
 ) -> torch.Tensor:
@@ -75,19 +106,19 @@ def focused_linear_attention_reference(
         q: Queries ``[B, N, H, D]``.
         k: Keys ``[B, M, H, D]``.
         v: Values ``[B, M, H, Dv]``.
-        focusing_factor: The power ``p``.
-        channel_scale: Positive divisor broadcastable to ``[H, D]`` applied after ``relu + eps``.
-        eps: Used after the ReLU and in the denominator.
+        focusing_factor: The power ``p`` (finite, ``> 0``).
+        channel_scale: Positive finite divisor broadcastable to ``[H, D]`` (a tensor or a number) applied after
+            ``relu + eps``. Its values are checked in eager mode only (``_common.check_tensor_values``).
+        eps: Used after the ReLU and in the denominator (finite, ``>= 0``).
         joint_heads: Focusing norms over all heads jointly (the authors) or per head.
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    check_heads_last("focused_linear_attention", q, k, v, same_length=False)
-    _check(focusing_factor, eps)
+    _check(_OP, q, k, v, focusing_factor, channel_scale, eps, joint_heads)
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
-        cs = None if channel_scale is None else channel_scale.to(dt)
+        cs = channel_scale.to(dt) if isinstance(channel_scale, torch.Tensor) else channel_scale
         fq = focus(q.to(dt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
         fk = focus(k.to(dt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
         kv = torch.einsum("bmhd,bmhe->bhde", fk, v.to(dt)) / k.shape[1]  # [B, H, D, Dv]
@@ -104,7 +135,7 @@ def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-
     features themselves are norm-preserving (``||f_p(t)|| = ||relu(t) + eps||``), so they are cast back safely.
     """
     fdt = torch.float32 if q.dtype == torch.float16 else q.dtype
-    cs = None if channel_scale is None else channel_scale.to(fdt)
+    cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
     fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
     fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
     return linear_attention_native(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps)
@@ -121,14 +152,13 @@ def focused_linear_attention(
     v: torch.Tensor,
     *,
     focusing_factor: float = 3.0,
-    channel_scale: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | float | None = None,
     eps: float = 1e-6,
     joint_heads: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Focused linear attention; see :func:`focused_linear_attention_reference`."""
-    check_heads_last("focused_linear_attention", q, k, v, same_length=False)
-    _check(focusing_factor, eps)
+    _check(_OP, q, k, v, focusing_factor, channel_scale, eps, joint_heads)
     return _op(
         q,
         k,

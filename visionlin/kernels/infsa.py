@@ -19,11 +19,15 @@ the query: ``out_n = rho * sum_m relu(q_n).relu(k_m) v_m / (sum_m relu(q_n).relu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ._common import (
+    check_flag,
     check_heads_last,
+    check_real,
     fp32_reference,
     reference_dtype,
     same_floating_dtype,
@@ -42,14 +46,32 @@ __all__ = [
 Rho = float | torch.Tensor
 
 
+def _check(
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: Any, eps: Any, per_query: Any = False
+) -> None:
+    """Shared argument checks of the InfSA ops and their references (``ValueError`` naming the offending values)."""
+    check_heads_last(op, q, k, v, same_length=False)
+    check_real(op, "eps", eps)
+    check_flag(op, "per_query", per_query)
+    heads = q.shape[2]
+    if isinstance(rho, torch.Tensor):
+        if not rho.is_floating_point():
+            raise ValueError(f"{op}: rho must be a floating-point tensor, got {rho.dtype=}")
+        if tuple(rho.shape) not in ((), (1,), (heads,)):
+            raise ValueError(
+                f"{op}: rho must be a scalar or one value per head (shape () or [H]=({heads},)), "
+                f"got shape {tuple(rho.shape)}"
+            )
+        if rho.ndim and rho.device != q.device:
+            raise ValueError(f"{op}: rho is on {rho.device} but the queries are on {q.device}")
+    else:
+        check_real(op, "rho", rho, low=None)
+
+
 def _rho(rho: Rho, dt: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``rho`` as a tensor broadcastable to ``[B, N, H, D]`` (a scalar or one value per head)."""
+    """``rho`` (checked by :func:`_check`) as a tensor broadcastable to ``[B, N, H, Dv]``: ``[]`` or ``[H, 1]``."""
     r = torch.as_tensor(rho, dtype=dt, device=device)
-    if r.ndim == 1:
-        r = r[:, None]  # [H, 1]
-    elif r.ndim != 0:
-        raise ValueError(f"rho must be a scalar or one value per head [H], got shape {tuple(r.shape)}")
-    return r
+    return r[:, None] if r.ndim == 1 else r
 
 
 def pure_infsa_attention_reference(
@@ -67,7 +89,7 @@ def pure_infsa_attention_reference(
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    check_heads_last("pure_infsa_attention", q, k, v, same_length=False)
+    _check("pure_infsa_attention", q, k, v, rho, eps)
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
         d = q.shape[-1]
@@ -99,7 +121,7 @@ def linear_infsa_attention_reference(
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``; with ``per_query=False`` every query row is identical.
     """
-    check_heads_last("linear_infsa_attention", q, k, v, same_length=False)
+    _check("linear_infsa_attention", q, k, v, rho, eps, per_query)
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
         scale = q.shape[-1] ** -0.5
@@ -171,7 +193,7 @@ def pure_infsa_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Pure (quadratic) InfSA; see :func:`pure_infsa_attention_reference`."""
-    check_heads_last("pure_infsa_attention", q, k, v, same_length=False)
+    _check("pure_infsa_attention", q, k, v, rho, eps)
     return _pure_op(q, k, v, rho=rho, eps=eps, backend=backend)
 
 
@@ -186,5 +208,5 @@ def linear_infsa_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Linear InfSA; see :func:`linear_infsa_attention_reference`."""
-    check_heads_last("linear_infsa_attention", q, k, v, same_length=False)
+    _check("linear_infsa_attention", q, k, v, rho, eps, per_query)
     return _linear_op(q, k, v, rho=rho, eps=eps, per_query=per_query, backend=backend)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ._common import (
     check_heads_last,
+    check_real,
     fp32_reference,
     reference_dtype,
     same_floating_dtype,
@@ -61,22 +62,43 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cosine": _cosine,  # unit-norm head vectors (Cottention)
 }
 NORMALIZATIONS = ("divide", "subtract", "none")
+_OP = "linear_attention"
 
 
 def apply_feature_map(x: torch.Tensor, feature_map: FeatureMap) -> torch.Tensor:
     """Apply a named (see :data:`FEATURE_MAPS`) or callable feature map over the last dim."""
     if callable(feature_map):
         return feature_map(x)
-    if feature_map not in FEATURE_MAPS:
+    if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown {feature_map=}; choose one of {sorted(FEATURE_MAPS)} or pass a callable")
     return FEATURE_MAPS[feature_map](x)
 
 
-def _check_args(normalize: str, eps: float) -> None:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown {normalize=}; choose one of {NORMALIZATIONS}")
-    if eps < 0:
-        raise ValueError(f"{eps=} must be >= 0")
+def _features(
+    q: torch.Tensor, k: torch.Tensor, feature_map: FeatureMap, op: str = _OP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``phi(q)``, ``phi(k)``; a callable map must keep the token layout and give q and k the same width."""
+    fq, fk = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    for name, x, f in (("q", q, fq), ("k", k, fk)):
+        if not isinstance(f, torch.Tensor) or f.shape[:-1] != x.shape[:-1] or not f.is_floating_point():
+            got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(
+                f"{op}: feature_map must map {name} {tuple(x.shape)} to a floating [B, L, H, D'] tensor, got {got}"
+            )
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"{op}: feature_map gave q and k different widths: {fq.shape[-1]=} vs {fk.shape[-1]=}")
+    return fq, fk
+
+
+def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map, normalize, scale, eps) -> None:
+    check_heads_last(_OP, q, k, v, same_length=False)
+    if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
+        raise ValueError(f"{_OP}: unknown {normalize=}; choose one of {NORMALIZATIONS}")
+    if not callable(feature_map) and (not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS):
+        raise ValueError(f"{_OP}: unknown {feature_map=}; choose one of {sorted(FEATURE_MAPS)} or pass a callable")
+    # "divide" divides by s * sum_j phi(q_i).phi(k_j) + eps: a scale <= 0 sends that denominator through zero.
+    check_real(_OP, "scale", scale, low=0.0 if normalize == "divide" else None, low_open=True, optional=True)
+    check_real(_OP, "eps", eps)
 
 
 def _default_scale(normalize: str, head_dim: int) -> float:
@@ -101,20 +123,19 @@ def linear_attention_reference(
         v: Values ``[B, M, H, Dv]``.
         feature_map: Name in :data:`FEATURE_MAPS` or a callable applied to q and k over the last dim.
         normalize: ``"divide"``, ``"subtract"`` or ``"none"`` (module docstring).
-        scale: Score multiplier ``s``; ``None`` means ``D ** -0.5`` for ``"subtract"`` and ``1`` otherwise.
-        eps: Added to the denominator of ``"divide"``.
+        scale: Score multiplier ``s`` (finite; ``> 0`` for ``"divide"``); ``None`` means ``D ** -0.5`` for
+            ``"subtract"`` and ``1`` otherwise.
+        eps: Added to the denominator of ``"divide"`` (finite, ``>= 0``).
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    check_heads_last("linear_attention", q, k, v, same_length=False)
-    _check_args(normalize, eps)
+    _check_args(q, k, v, feature_map, normalize, scale, eps)
     s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
     m = k.shape[1]
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
-        fq = apply_feature_map(q.to(dt), feature_map)
-        fk = apply_feature_map(k.to(dt), feature_map)
+        fq, fk = _features(q.to(dt), k.to(dt), feature_map)
         v = v.to(dt)
         kv = torch.einsum("bmhd,bmhe->bhde", fk, v) / m  # [B, H, D, Dv]: mean_j phi(k_j) v_j^T
         num = torch.einsum("bnhd,bhde->bnhe", fq, kv) * s  # [B, N, H, Dv]
@@ -138,8 +159,7 @@ def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", s
     """
     s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
     m = k.shape[1]
-    fq = apply_feature_map(q, feature_map)
-    fk = apply_feature_map(k, feature_map)
+    fq, fk = _features(q, k, feature_map)
     r = m**-0.5
     k_mean = fk.mean(dim=1, keepdim=True)  # [B, 1, H, D]
     if normalize == "subtract":
@@ -179,9 +199,13 @@ def linear_attention(
 
     Backends: ``"torch"`` (native precision: bf16/fp16 inputs stay bf16/fp16, products accumulate in float32) and
     ``"reference"`` (float32 throughout).
+
+    Raises:
+        ValueError: shapes that do not fit (named in the message), non-floating inputs, an unknown ``feature_map`` or
+            ``normalize``, a feature map that breaks the token layout, ``eps`` not finite and ``>= 0``, ``scale`` not
+            finite (or not ``> 0`` for ``"divide"``).
     """
-    check_heads_last("linear_attention", q, k, v, same_length=False)
-    _check_args(normalize, eps)
+    _check_args(q, k, v, feature_map, normalize, scale, eps)
     return _op(q, k, v, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, backend=backend)
 
 

@@ -16,11 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import fp32_reference, reference_dtype, supports_floating
+from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
 __all__ = ["magnitude_aware_linear_attention", "magnitude_aware_linear_attention_reference"]
+
+_OP = "magnitude_aware_linear_attention"
+
+
+def _check(q, k, v, rope, scale, eps) -> None:
+    check_rope_attention_args(_OP, q, k, v, rope, eps)
+    # z = s * phi(q).mean phi(k) is inverted: a scale <= 0 sends z + eps through zero.
+    check_real(_OP, "scale", scale, low=0.0, low_open=True, optional=True)
 
 
 def magnitude_aware_linear_attention_reference(
@@ -39,13 +47,13 @@ def magnitude_aware_linear_attention_reference(
         k: Raw keys ``[B, M, H, D]``.
         v: Values ``[B, M, H, Dv]``.
         rope: ``(sin, cos)`` tables ``[N, D]`` rotating ``phi(q)`` and ``phi(k)`` (needs ``M == N``), or ``None``.
-        scale: ``s``; ``None`` means ``D ** -0.5``.
+        scale: ``s`` (finite, ``> 0``); ``None`` means ``D ** -0.5``.
         eps: Added to ``z`` before it is inverted.
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    check_rope_attention_args("magnitude_aware_linear_attention", q, k, v, rope, eps)
+    _check(q, k, v, rope, scale, eps)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     m = k.shape[1]
     dt = reference_dtype(q.dtype)
@@ -61,7 +69,7 @@ def magnitude_aware_linear_attention_reference(
     return out.to(q.dtype)
 
 
-_op = Op("magnitude_aware_linear_attention")
+_op = Op(_OP)
 _op.register("reference", magnitude_aware_linear_attention_reference, supports_floating)
 
 
@@ -78,7 +86,8 @@ def magnitude_aware_linear_attention(
     """Magnitude-aware linear attention; see :func:`magnitude_aware_linear_attention_reference`.
 
     Raises:
-        ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, or ``eps < 0``.
+        ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, ``eps`` is not
+            finite and ``>= 0`` or ``scale`` not finite and ``> 0``.
     """
-    check_rope_attention_args("magnitude_aware_linear_attention", q, k, v, rope, eps)
+    _check(q, k, v, rope, scale, eps)
     return _op(q, k, v, rope=rope, scale=scale, eps=eps, backend=backend)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import fp32_reference, reference_dtype, supports_floating
+from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
@@ -60,8 +60,7 @@ def _check(
     norm_eps: float,
 ) -> None:
     check_rope_attention_args(op, q, k, v, rope, eps)
-    if norm_eps < 0:
-        raise ValueError(f"{op}: {norm_eps=} must be >= 0")
+    check_real(op, "norm_eps", norm_eps)
 
 
 def norm_aware_linear_attention_reference(
@@ -122,7 +121,7 @@ def norm_aware_linear_attention(
 
     Raises:
         ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, or an epsilon
-            is negative.
+            is negative, not finite or not a number.
     """
     _check("norm_aware_linear_attention", q, k, v, rope, eps, norm_eps)
     return _op(q, k, v, rope=rope, eps=eps, norm_eps=norm_eps, backend=backend)

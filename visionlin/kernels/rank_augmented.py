@@ -18,11 +18,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import fp32_reference, reference_dtype, supports_floating
+from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
 __all__ = ["rank_augmented_linear_attention", "rank_augmented_linear_attention_reference"]
+
+_OP = "rank_augmented_linear_attention"
+
+
+def _check(q, k, v, rope, scale, eps) -> None:
+    check_rope_attention_args(_OP, q, k, v, rope, eps)
+    check_real(_OP, "scale", scale, low=None, optional=True)  # a softmax temperature: any finite value
 
 
 def rank_augmented_linear_attention_reference(
@@ -47,7 +54,7 @@ def rank_augmented_linear_attention_reference(
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    check_rope_attention_args("rank_augmented_linear_attention", q, k, v, rope, eps)
+    _check(q, k, v, rope, scale, eps)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     m = k.shape[1]
     dt = reference_dtype(q.dtype)
@@ -56,7 +63,10 @@ def rank_augmented_linear_attention_reference(
         fk = F.elu(k.to(dt)) + 1.0  # [B, M, H, D]
         v = v.to(dt)
         tables = None if rope is None else (rope[0].to(dt), rope[1].to(dt))
-        logits = torch.einsum("bhd,bmhd->bmh", fq.mean(dim=1), fk) * s  # [B, M, H]
+        # mean_i phi(q_i); with no queries (N = 0) the output is empty and any finite summary will do (a mean over
+        # nothing would be NaN and poison the key and value gradients).
+        q_global = fq.sum(dim=1) / max(q.shape[1], 1)  # [B, H, D]
+        logits = torch.einsum("bhd,bmhd->bmh", q_global, fk) * s  # [B, M, H]
         kt = fk * (logits.softmax(dim=1) * m).unsqueeze(-1)  # [B, M, H, D]
         z = 1.0 / (torch.einsum("bnhd,bhd->bnh", fq, kt.mean(dim=1)).unsqueeze(-1) + eps)  # [B, N, H, 1]
         kv = torch.einsum("bmhd,bmhe->bhde", maybe_apply_rope(kt, tables), v) / m  # [B, H, D, Dv]
@@ -64,7 +74,7 @@ def rank_augmented_linear_attention_reference(
     return out.to(q.dtype)
 
 
-_op = Op("rank_augmented_linear_attention")
+_op = Op(_OP)
 _op.register("reference", rank_augmented_linear_attention_reference, supports_floating)
 
 
@@ -81,7 +91,8 @@ def rank_augmented_linear_attention(
     """Rank-augmented linear attention; see :func:`rank_augmented_linear_attention_reference`.
 
     Raises:
-        ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, or ``eps < 0``.
+        ValueError: shapes do not agree (values in the message), the RoPE tables are not ``[N, D]``, ``eps`` is not
+            finite and ``>= 0`` or ``scale`` not finite.
     """
-    check_rope_attention_args("rank_augmented_linear_attention", q, k, v, rope, eps)
+    _check(q, k, v, rope, scale, eps)
     return _op(q, k, v, rope=rope, scale=scale, eps=eps, backend=backend)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_heads_last
+from ._common import check_heads_last, check_real
 
 __all__ = [
     "RopeTables",
@@ -57,15 +57,23 @@ def rope_2d_tables(
         ``(sin, cos)``, each ``[num_prefix_tokens + H * W, D]``.
 
     Raises:
-        ValueError: ``head_dim`` is not a positive multiple of 4, ``feat_size`` is not two positive ints, or
-            ``num_prefix_tokens < 0``.
+        ValueError: ``head_dim`` is not a positive multiple of 4, ``feat_size`` is not two positive ints,
+            ``num_prefix_tokens`` is not an int ``>= 0``, ``theta`` is not finite and ``> 0`` or ``dtype`` is not a
+            floating dtype (bools and floats are not ints here: ``feat_size=(7.5, 7)`` is refused, not truncated).
     """
-    if head_dim <= 0 or head_dim % 4:
+    if not _is_int(head_dim) or head_dim <= 0 or head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim to be a positive multiple of 4, got {head_dim=}")
-    if len(feat_size) != 2 or min(feat_size) < 1:
-        raise ValueError(f"2-D RoPE needs feat_size=(H, W) with H, W >= 1, got {feat_size=}")
-    if num_prefix_tokens < 0:
-        raise ValueError(f"{num_prefix_tokens=} must be >= 0")
+    if (
+        not isinstance(feat_size, (tuple, list, torch.Size))
+        or len(feat_size) != 2
+        or not all(_is_int(s) and s >= 1 for s in feat_size)
+    ):
+        raise ValueError(f"2-D RoPE needs feat_size=(H, W), two integers >= 1, got {feat_size=}")
+    if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
+        raise ValueError(f"{num_prefix_tokens=} must be an integer >= 0")
+    check_real("rope_2d_tables", "theta", theta, low=0.0, low_open=True)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"rope_2d_tables: dtype={dtype!r} must be a floating-point torch.dtype (or None)")
     dtype = dtype or torch.float32
     work = torch.float64 if dtype == torch.float64 else torch.float32
     hh, ww = int(feat_size[0]), int(feat_size[1])
@@ -78,6 +86,10 @@ def rope_2d_tables(
     if num_prefix_tokens:
         phase = torch.cat([phase.new_zeros(num_prefix_tokens, head_dim), phase], dim=0)
     return phase.sin().to(dtype), phase.cos().to(dtype)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +122,17 @@ def check_rope_tables(op: str, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     """Raise ``ValueError`` unless ``rope = (sin, cos)`` are both ``[N, D]`` for heads-last ``x`` ``[B, N, H, D]``."""
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
         raise ValueError(f"{op}: rope must be a (sin, cos) pair of [N, D] tables, got {type(rope).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{op}: expected heads-last [B, N, H, D] input, got {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: expected a floating heads-last [B, N, H, D] input, got {got}")
     n, d = x.shape[1], x.shape[-1]
     sin, cos = rope
+    for name, t in (("sin", sin), ("cos", cos)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: rope table {name} must be a floating-point tensor, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: rope table {name} is on {t.device} but the input is on {x.device}")
     if tuple(sin.shape) != (n, d) or tuple(cos.shape) != (n, d):
         raise ValueError(
             f"{op}: rope tables must be [N, D] = {(n, d)} for input {tuple(x.shape)}, "
@@ -131,7 +150,7 @@ def maybe_apply_rope(x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
 def check_rope_attention_args(
     op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables | None, eps: float
 ) -> None:
-    """Input checks shared by the RoPE linear attentions: heads-last q/k/v, ``[N, D]`` tables, ``eps >= 0``.
+    """Input checks shared by the RoPE linear attentions: heads-last q/k/v, ``[N, D]`` tables, finite ``eps >= 0``.
 
     Without RoPE the key length may differ from the query length; with it both must equal the tables' ``N``.
 
@@ -141,5 +160,4 @@ def check_rope_attention_args(
     check_heads_last(op, q, k, v, same_length=rope is not None)
     if rope is not None:
         check_rope_tables(op, q, rope)
-    if eps < 0:
-        raise ValueError(f"{op}: {eps=} must be >= 0")
+    check_real(op, "eps", eps)
