@@ -132,11 +132,16 @@ def test_softmax_sdpa_vs_reference(shape, dtype, tol):
 
 
 # Focused (FLatten) ---------------------------------------------------------------------------------------------------
+def _raw_focus(x, p, cs=None, eps=1e-6, joint=True):
+    """The focusing map as the authors write it (no rescaling): ||t|| * t**p / ||t**p||, t = (relu(x) + eps) / cs."""
+    t = F.relu(x) + eps
+    t = t if cs is None else t / cs
+    dims = (-2, -1) if joint else (-1,)
+    return t.pow(2).sum(dims, keepdim=True).sqrt() * t**p / (t**p).pow(2).sum(dims, keepdim=True).sqrt()
+
+
 def _focused_materialised(q, k, v, p, cs, eps=1e-6, joint=True):
-    fq, fk = (
-        focus(q, p, channel_scale=cs, eps=eps, joint_heads=joint),
-        focus(k, p, channel_scale=cs, eps=eps, joint_heads=joint),
-    )
+    fq, fk = _raw_focus(q, p, cs, eps, joint), _raw_focus(k, p, cs, eps, joint)
     a = torch.einsum("bnhd,bmhd->bhnm", fq, fk) / k.shape[1]
     return _apply_weights(a / (a.sum(-1, keepdim=True) + eps), v)
 
@@ -149,6 +154,17 @@ def test_focused_equals_materialised(shape, joint):
         lambda q, k, v: focused_linear_attention(q, k, v, focusing_factor=3, channel_scale=cs, joint_heads=joint),
         lambda q, k, v: _focused_materialised(q, k, v, 3, cs, joint=joint),
         shape,
+    )
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_focus_equals_the_raw_formula_forward_and_backward(joint):
+    """`focus` divides each token by its largest entry first; with D = 8 many tokens have one dominant entry, where
+    ||t**p|| rounds to exactly 1 (a clamp there once dropped that norm's gradient)."""
+    _check_fwd_bwd(
+        lambda q, k, v: focus(q, 3.0, channel_scale=k[0, 0].abs() + 0.5, joint_heads=joint) * v,
+        lambda q, k, v: _raw_focus(q, 3.0, k[0, 0].abs() + 0.5, joint=joint) * v,
+        (2, 300, 1, 8),
     )
 
 

@@ -10,6 +10,8 @@ maps, RoPE tables and ``feat_size``. The eager-only value check (``channel_scale
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -473,3 +475,18 @@ def test_rope_tables_and_feat_size():
             rope_2d_tables((4, 4), 8, num_prefix_tokens=bad)
     with pytest.raises(ValueError, match=r"dtype=torch.int64 must be a floating-point"):
         rope_2d_tables((4, 4), 8, dtype=torch.int64)
+
+
+def test_focus_zero_token_and_large_magnitudes_are_finite():
+    """f_p of an all-zero token (eps = 0) is its limit 0, not 0/0; p-th powers of large entries no longer overflow
+    (the focusing runs on the token divided by its largest entry)."""
+    from visionlin.kernels.focused import focus
+
+    x = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    x[0, 0] = -1.0
+    f = focus(x, 3.0, eps=0.0)
+    assert torch.isfinite(f).all() and not f[0, 0].any()
+    big = focus(x.half() * 1000, 3.0)  # 1000**3 is far beyond float16
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(big.double(), focus(x * 1000, 3.0), rtol=4e-3, atol=4e-3 * big.abs().max().item())
+    assert math.isclose(f[0, 1].norm().item(), x[0, 1].relu().norm().item(), rel_tol=1e-12)

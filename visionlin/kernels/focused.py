@@ -26,7 +26,7 @@ from ._common import (
     supports_floating,
 )
 from ._dispatch import Op
-from .linear import linear_attention_native
+from .linear import feature_dtype, scaled_linear_attention
 
 __all__ = ["focus", "focused_linear_attention", "focused_linear_attention_reference"]
 
@@ -43,6 +43,11 @@ def focus(
 ) -> torch.Tensor:
     """The focusing feature map on ``[B, N, H, D]`` (module docstring), in the dtype it is given.
 
+    ``f_p`` is invariant to a positive rescaling of ``t``, so ``t`` is first divided by its largest entry (a
+    constant for autograd): ``t ** p`` then lies in ``[0, 1]`` with a 1 among the entries, and neither overflows
+    (``90 ** 3`` is beyond float16) nor underflows to ``0 / 0`` whatever the magnitude. A token that is all zero
+    (``eps = 0`` and no positive entry) maps to zero, the limit of ``f_p``.
+
     Args:
         x: Queries or keys ``[B, N, H, D]``.
         focusing_factor: The power ``p`` (> 0).
@@ -56,10 +61,15 @@ def focus(
     dims = (-2, -1) if joint_heads else (-1,)
     if any(x.shape[d] == 0 for d in dims):
         return x  # no heads: nothing to focus (and no entry to take a maximum over)
-    xp = x**focusing_factor
-    return xp * (
-        torch.linalg.vector_norm(x, dim=dims, keepdim=True) / torch.linalg.vector_norm(xp, dim=dims, keepdim=True)
-    )
+    with torch.no_grad():
+        top = x.amax(dim=dims, keepdim=True)
+        top = torch.where(top > 0, top, torch.ones_like(top))
+    xp = (x / top) ** focusing_factor
+    # ||xp|| >= 1 unless the token is all zero; then xp = 0 and any divisor will do. (Not clamp_min(1): ||xp|| is
+    # often exactly 1, where the clamp would drop its gradient.)
+    xp_norm = torch.linalg.vector_norm(xp, dim=dims, keepdim=True)
+    xp_norm = torch.where(xp_norm > 0, xp_norm, torch.ones_like(xp_norm))
+    return xp * (torch.linalg.vector_norm(x, dim=dims, keepdim=True) / xp_norm)
 
 
 def _check(
@@ -129,16 +139,15 @@ def focused_linear_attention_reference(
 
 
 def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
-    """``"torch"`` backend: native precision, except that float16 focusing runs in float32.
-
-    ``t ** p`` of float16 activations can leave the float16 range before the norms bring it back; the focused
-    features themselves are norm-preserving (``||f_p(t)|| = ||relu(t) + eps||``), so they are cast back safely.
-    """
-    fdt = torch.float32 if q.dtype == torch.float16 else q.dtype
+    """``"torch"`` backend: products in the inputs' dtype, focusing in float32 for float16 inputs (their range; see
+    :func:`~visionlin.kernels.linear.feature_dtype`), then the shared native core
+    (:func:`~visionlin.kernels.linear.scaled_linear_attention`), which keeps the small focused features and ``eps``
+    out of float16's subnormal range."""
+    fdt = feature_dtype(q.dtype)
     cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
-    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
-    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
-    return linear_attention_native(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps)
+    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
+    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
+    return scaled_linear_attention(fq, fk, v, normalize="divide", scale=1.0, eps=eps).to(q.dtype)
 
 
 _op = Op("focused_linear_attention")

@@ -19,6 +19,7 @@ the query: ``out_n = rho * sum_m relu(q_n).relu(k_m) v_m / (sum_m relu(q_n).relu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,12 +30,13 @@ from ._common import (
     check_heads_last,
     check_real,
     fp32_reference,
+    pow2_floor,
     reference_dtype,
     same_floating_dtype,
     supports_floating,
 )
 from ._dispatch import Op
-from .linear import linear_attention_native
+from .linear import feature_dtype, scaled_linear_attention
 
 __all__ = [
     "linear_infsa_attention",
@@ -94,7 +96,10 @@ def pure_infsa_attention_reference(
     with fp32_reference(q.device):
         d = q.shape[-1]
         a = F.relu(torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) / d)  # [B, H, N, M]
-        a = a / (torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True) + eps)
+        # ||A||_F as the norm of the row norms: one float32 norm over all N * M entries drifts by ~1e-4 at N = 3136
+        # on CPU; the two-level form stays at float32 resolution.
+        fro = torch.linalg.vector_norm(torch.linalg.vector_norm(a, dim=-1, keepdim=True), dim=-2, keepdim=True)
+        a = a / (fro + eps)
         out = torch.einsum("bhnm,bmhe->bnhe", a, v.to(dt)) * _rho(rho, dt, q.device)
     return out.to(q.dtype)
 
@@ -144,30 +149,47 @@ def linear_infsa_attention_reference(
 
 
 def _pure_native(q, k, v, *, rho=1.0, eps=1e-6):
-    """``"torch"`` backend of pure InfSA: scores materialised in the inputs' dtype (bf16/fp16: a third of the
-    reference's float32 memory), the Frobenius norm accumulated in float32, one rescale of the output."""
-    b, _, h, _ = q.shape
-    a = F.relu(torch.einsum("bnhd,bmhd->bhnm", q / q.shape[-1], k))  # [B, H, N, M]
-    acc = reference_dtype(q.dtype)  # float32 accumulation (float64 stays float64)
-    fro = torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc)  # [B, H]
-    factor = _rho(rho, acc, q.device).reshape(-1) / (fro + eps)  # [B, H]
-    # Rescale v before the product: A V itself can leave the float16 range, A V / ||A||_F cannot.
-    return torch.einsum("bhnm,bmhe->bnhe", a, v * factor.to(q.dtype).view(b, 1, h, 1))
+    """``"torch"`` backend of pure InfSA: scores materialised in the inputs' dtype (bf16/fp16: half the reference's
+    float32 memory), every normalisation factor in float32.
+
+    ``relu`` is positively homogeneous, so with ``c_n = ||q_n|| max_m ||k_m|| / D`` the scores are computed as
+    ``a'_nm = relu(q_n / ||q_n|| . k_m / max_m ||k_m||) = a_nm / c_n`` in ``[0, 1]``; the values are divided by their
+    largest magnitude per channel ``h`` and by ``M^1/2``, so each output row ``a'_n V'`` is at most ``M^1/2``. (Each
+    factor is rounded down to a power of two, so the rescaling itself rounds nothing; the bounds grow by 2 or 4.)
+    ``||A||_F`` is accumulated in float32 from the row norms of ``A'`` times ``c_n``, and the output is
+    ``rho c_n h M^1/2 / (||A||_F + eps) * a'_n V'``, formed in float32. The textbook order (``A / ||A||_F`` in half,
+    or ``V * rho / ||A||_F`` in half) puts ``rho / ||A||_F`` (~1e-6 at N = 8192 with std-30 inputs) into float16's
+    subnormal range: 2-5% error. ``c``, ``h`` are exact rescalings undone in float32, constants for autograd.
+    """
+    acc = reference_dtype(q.dtype)
+    d, m = q.shape[-1], k.shape[1]
+    with torch.no_grad():  # powers of two: the rescaled inputs round exactly as the inputs
+        qn = pow2_floor(torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=acc))  # [B, N, H, 1]
+        kmax = pow2_floor(torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc).amax(dim=1, keepdim=True))
+        h = pow2_floor(v.abs().amax(dim=1, keepdim=True).to(acc))  # [B, 1, H, Dv]
+    a = F.relu(torch.einsum("bnhd,bmhd->bhnm", (q.to(acc) / qn).to(q.dtype), (k.to(acc) / kmax).to(q.dtype)))
+    c = qn * kmax / d  # [B, N, H, 1]: a_nm = c_n * a'_nm
+    rows = torch.linalg.vector_norm(a, dim=-1, dtype=acc).transpose(1, 2).unsqueeze(-1)  # [B, N, H, 1]
+    fro = torch.linalg.vector_norm(rows * c, dim=1, keepdim=True)  # [B, 1, H, 1] = ||A||_F
+    r = 2.0 ** math.floor(math.log2(m) / -2)  # ~M^-1/2, a power of two
+    out = torch.einsum("bhnm,bmhe->bnhe", a, (v.to(acc) * (r / h)).to(q.dtype)).to(acc)  # [B, N, H, Dv]
+    return (out * (c * h / r / (fro + eps)) * _rho(rho, acc, q.device)).to(q.dtype)
 
 
 def _per_query_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
-    """``"torch"`` backend of the ``per_query`` form: native precision (products accumulate in float32), state from
-    ``M^-1/2``-scaled keys and values so it stays in the float16 range.
+    """``"torch"`` backend of the ``per_query`` form: the shared native core
+    (:func:`~visionlin.kernels.linear.scaled_linear_attention`) on relu features.
 
     The authors' pooled form has no native path: its q / k gradients cancel (the energy weights sum to one) and
     relu boundaries of ``qbar . k`` flip under bf16 rounding, giving ~8% gradient error; it always runs in float32.
     """
+    fdt = feature_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
-    fq, fk = F.relu(q * scale), F.relu(k * scale)
-    # The reference divides sums by (sum + eps); the shared mean-form path divides means, so eps scales by 1/M.
-    eps_mean = eps / k.shape[1]
-    out = linear_attention_native(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps_mean)
-    return _rho(rho, q.dtype, q.device) * out
+    fq, fk = F.relu(q.to(fdt) * scale), F.relu(k.to(fdt) * scale)
+    # The reference divides sums by (sum + eps); the core divides means, so eps scales by 1/M (in float32: at
+    # M = 65536, 1e-6 / M is below float16's smallest subnormal and a non-positive query gave 0 / 0).
+    out = scaled_linear_attention(fq, fk, v, normalize="divide", scale=1.0, eps=eps / k.shape[1])
+    return (_rho(rho, out.dtype, q.device) * out).to(q.dtype)
 
 
 def _supports_native(q, k, v, *, per_query=False, **kwargs):

@@ -9,8 +9,8 @@ Three normalisations turn scores into weights:
 * ``"subtract"`` (InLine, injective): ``w_ij = a_ij - mean_j a_ij + 1/M``, rows sum to exactly 1, weights may be
   negative.
 * ``"none"``: ``w_ij = M * a_ij = s * phi(q_i).phi(k_j)`` (cosine attention style). Un-normalised: the output
-  grows with ``M``, and at long sequences its true value can exceed the float16 range (the computation itself runs
-  in float32).
+  grows with ``M``, and at long sequences its true value can exceed the float16 range (a float16 output is then
+  ``inf``).
 
 All three are computed in ``O(N D^2)`` through the ``D x D`` state ``sum_j phi(k_j) v_j^T``; the test suite proves each
 equals its materialised ``O(N^2)`` form.
@@ -18,6 +18,7 @@ equals its materialised ``O(N^2)`` form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ from ._common import (
     check_heads_last,
     check_real,
     fp32_reference,
+    pow2_floor,
     reference_dtype,
     same_floating_dtype,
     supports_floating,
@@ -39,15 +41,19 @@ __all__ = [
     "apply_feature_map",
     "efficient_attention",
     "efficient_attention_reference",
+    "feature_dtype",
     "linear_attention",
     "linear_attention_reference",
+    "scaled_linear_attention",
 ]
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor]
 
 
 def _elu1(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x) + 1.0
+    # ELU(x) + 1 = x + 1 for x > 0 and exp(x) otherwise, written without the cancellation of (exp(x) - 1) + 1, which
+    # returns 0 (not exp(x)) once exp(x) falls below the dtype's resolution at 1 (x < -17 in float32, -8 in float16).
+    return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
 
 
 def _cosine(x: torch.Tensor) -> torch.Tensor:
@@ -151,32 +157,102 @@ def linear_attention_reference(
     return out.to(q.dtype)
 
 
-def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
-    """``"torch"`` backend: the reference's math in the inputs' dtype (matrix products accumulate in float32).
+def feature_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype native paths compute feature maps in: float32 for float16 inputs (whose range is too narrow for
+    ``exp``-type maps and powers: ``exp(-18)`` underflows, ``30 ** 3`` overflows), the input dtype otherwise."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
-    The ``D x Dv`` state is formed from ``M^-1/2``-scaled keys and values, so it is a mean, not a sum, and stays
-    inside the float16 range at any sequence length.
+
+def scaled_linear_attention(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    normalize: str = "divide",
+    scale: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The native ``O(N D Dv)`` core shared by every linear form: the key-side reduction in ``v``'s dtype, the rest
+    in float32.
+
+    Args:
+        fq: Query features ``[B, N, H, D]``, in ``v``'s dtype or wider (:func:`feature_dtype`).
+        fk: Key features ``[B, M, H, D]``, same dtype as ``fq``.
+        v: Values ``[B, M, H, Dv]``: the dtype of the key-side product.
+        normalize: ``"divide"``, ``"subtract"`` or ``"none"`` (module docstring); the features are used as given.
+        scale: ``s``.
+        eps: Added to the ``"divide"`` denominator, in float32.
+
+    Returns:
+        ``[B, N, H, Dv]`` in float32 (float64 for float64 ``v``): callers finish in that precision and cast.
+
+    The long reduction, the ``D x Dv`` state ``sum_j phi(k_j) v_j^T`` over all ``M`` keys, runs in ``v``'s dtype with
+    float32 accumulation. In half precision (float16: 11 bits, normal range 6e-5..65504) its textbook forms break: the
+    sum overflows at long sequences, and the mean form's ``M^-1/2``-scaled features underflow (at ``M = 65536`` the
+    focused or relu features were mostly subnormal: 36-54% error for FLatten at D = 8). Here each key channel is
+    divided by its mean magnitude ``g_d`` and each value channel by its largest magnitude ``h_e``, then both by
+    ``M^1/2``, so every state entry is a sum of ``M`` terms of size ``O(1/M)``. ``g``, ``h`` and ``M^-1/2`` are powers
+    of two (rescaling by them rounds nothing), exact (``phi(q) . phi(k)`` is unchanged when channel ``d`` of ``phi(k)``
+    is divided and that of ``phi(q)`` multiplied by ``g_d``; the output is linear in ``v``), undone in float32 and
+    constants for autograd. For ``"divide"`` the key sum of the denominator is one more value column, so numerator and
+    denominator share one product and their opposing gradient contributions meet in float32.
+
+    The query side (``phi(q) . state``, a skinny product with ``K = D``), the denominator, ``eps`` and the division run
+    in float32: ``eps`` next to a float16 denominator is rounded away or flushed (``eps / M`` is 1.5e-11 for per-query
+    InfSA: a non-positive query gave 0 / 0), and a numerator and denominator rounded to half separately give noisy
+    query gradients (a row with one active relu channel has a ratio independent of its scale). The un-normalised
+    ``"none"`` form keeps its textbook sum in the input dtype: no denominator to protect, and a rescaling would carry
+    its inverse (``M`` or the feature magnitudes) into the half-precision backward. Memory stays ``O(N D)``.
     """
-    s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
-    m = k.shape[1]
-    fq, fk = _features(q, k, feature_map)
-    r = m**-0.5
-    k_mean = fk.mean(dim=1, keepdim=True)  # [B, 1, H, D]
+    acc = reference_dtype(v.dtype)
+    dtype = v.dtype
+    m = fk.shape[1]
+    if normalize == "none":
+        # Un-normalised: s * phi(q_i) . sum_j phi(k_j) v_j^T, the state the sum it is. Its true value may exceed the
+        # float16 range (then the output is inf, correctly); no rescaling, whose inverse would carry large factors
+        # (M, or the feature magnitudes) into the half-precision backward.
+        num = torch.einsum("bnhd,bhde->bnhe", fq.to(dtype), torch.einsum("bmhd,bmhe->bhde", fk.to(dtype), v))
+        return num.to(acc) * scale
+    r = 2.0 ** math.floor(math.log2(m) / -2)  # ~M^-1/2 as a power of two
     if normalize == "subtract":
         # Exact centred form: sum_j w_ij v_j = s * phi(q_i) . mean_j (phi(k_j) - kbar)(v_j - vbar)^T + vbar. The
         # uncentred form (num - row_sum * vbar + vbar) cancels two large terms (~10% error in bf16 when q, k have a
         # mean); centring v too keeps the rounding of kbar from leaking in as kbar_error * vbar.
-        v_mean = v.mean(dim=1, keepdim=True)
-        kv = torch.einsum("bmhd,bmhe->bhde", (fk - k_mean) * r, (v - v_mean) * r)
-        return torch.einsum("bnhd,bhde->bnhe", fq, kv) * s + v_mean
-    if normalize == "none":
-        # Un-normalised: the state is the sum it is. Forming a mean and multiplying by M afterwards would scale the
-        # backward by M as well (float16 overflow at a few thousand tokens).
-        return torch.einsum("bnhd,bhde->bnhe", fq, torch.einsum("bmhd,bmhe->bhde", fk, v) * s)
-    kv = torch.einsum("bmhd,bmhe->bhde", fk * r, v * r)  # mean_j phi(k_j) v_j^T
-    num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
-    row_sum = torch.einsum("bnhd,bhd->bnh", fq, k_mean.squeeze(1)).unsqueeze(-1) * s
-    return num * s / (row_sum + eps)
+        v_mean = v.mean(dim=1, keepdim=True, dtype=acc)  # [B, 1, H, Dv]
+        vc = v.to(acc) - v_mean
+        fk = fk.to(acc) - fk.mean(dim=1, keepdim=True, dtype=acc)
+    else:
+        vc = v.to(acc)
+    with torch.no_grad():
+        g = pow2_floor(fk.abs().mean(dim=1, keepdim=True, dtype=acc))  # [B, 1, H, D]
+        h = pow2_floor(vc.abs().amax(dim=1, keepdim=True))  # [B, 1, H, Dv]
+    fk_s = (fk.to(acc) * (r / g)).to(dtype)  # mean |.| in [1, 2) * r per channel
+    v_s = (vc * (r / h)).to(dtype)  # |.| < 2 r
+    if normalize == "divide":
+        # The denominator's key sum rides along as one more value column (r * 1): numerator and denominator come out
+        # of one product, and the backward sums their opposing contributions to phi(k) in float32, rounding once.
+        v_s = torch.cat([v_s, v_s.new_full((*v_s.shape[:-1], 1), r)], dim=-1)
+        h = torch.cat([h, h.new_ones((*h.shape[:-1], 1))], dim=-1)
+    state = torch.einsum("bmhd,bmhe->bhde", fk_s, v_s)  # [B, H, D, Dv(+1)] = r^2 sum_j phi(k_j) v_j^T / (g h)
+    # The query side in float32: phi(q) . state is a skinny product (K = D) whose result must not be rounded to half
+    # before the division (a row with one active channel has a ratio independent of its scale; a numerator and a
+    # denominator rounded separately gave its query gradient half-precision noise, 7x the conditioning floor).
+    state = state.to(acc) * (h.transpose(1, 2) / (r * r))  # [B, H, D, Dv(+1)]: sum_j phi(k_j) [v_j, 1]^T / g
+    num = torch.einsum("bnhd,bhde->bnhe", fq.to(acc) * g, state)  # g undoes the key channel scaling
+    if normalize == "subtract":
+        return num * (scale / m) + v_mean
+    num, den = num[..., :-1], num[..., -1:]  # phi(q_i) . sum_j phi(k_j) v_j^T and phi(q_i) . sum_j phi(k_j)
+    return num * scale / (den * scale + eps * m)  # the reference's means: eps scales by M
+
+
+def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
+    """``"torch"`` backend: the reference's math with the key-side reduction in the inputs' dtype (accumulating in
+    float32), features (float16 inputs), the query side and the normalisation in float32
+    (:func:`scaled_linear_attention`)."""
+    s = _default_scale(normalize, q.shape[-1]) if scale is None else scale
+    fdt = feature_dtype(q.dtype)
+    fq, fk = _features(q.to(fdt), k.to(fdt), feature_map)
+    return scaled_linear_attention(fq, fk, v, normalize=normalize, scale=s, eps=eps).to(q.dtype)
 
 
 _op = Op("linear_attention")
@@ -197,8 +273,9 @@ def linear_attention(
 ) -> torch.Tensor:
     """Kernelised linear attention; the math is in :func:`linear_attention_reference` and the module docstring.
 
-    Backends: ``"torch"`` (native precision: bf16/fp16 inputs stay bf16/fp16, products accumulate in float32) and
-    ``"reference"`` (float32 throughout).
+    Backends: ``"torch"`` (native precision: the output and the long key-side reduction stay bf16/fp16, with float32
+    accumulation; the ``O(N D)`` query side and the normalisation run in float32, see
+    :func:`scaled_linear_attention`) and ``"reference"`` (float32 throughout).
 
     Raises:
         ValueError: shapes that do not fit (named in the message), non-floating inputs, an unknown ``feature_map`` or
