@@ -372,3 +372,117 @@ def test_pure_infsa_native_fp16_does_not_overflow():
     out = pure_infsa_attention(q.half(), k.half(), v.half(), rho=0.9, backend="torch")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+# eps and scales where they matter ------------------------------------------------------------------------------------
+# On unit-variance inputs every eps above is ~1e-6 of its denominator and the 1/D of pure InfSA cancels in the
+# Frobenius normalisation: a wrong eps or scale moves the output by ~1e-7, inside the float64 tolerance above (two
+# planted bugs went unnoticed that way). Here the inputs are shrunk until each term is a large part of its
+# denominator; `_sensitive` proves the test would see a wrong value, and every backend must match the materialised
+# formula in float64, forward and backward.
+def _scaled_qkv(shape, c, seed=0):
+    q, k, v = _qkv(shape, seed=seed)
+    return [(q * c).detach().requires_grad_(), (k * c).detach().requires_grad_(), v]
+
+
+def _check_on(fn_a, fn_b, tensors, rtol=1e-9, atol=1e-12):
+    ta = [t.detach().clone().requires_grad_() for t in tensors]
+    tb = [t.detach().clone().requires_grad_() for t in tensors]
+    out_a, out_b = fn_a(*ta), fn_b(*tb)
+    torch.testing.assert_close(out_a, out_b, rtol=rtol, atol=atol * out_b.abs().max().item())
+    w = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(1), dtype=out_a.dtype)
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()
+    for a, b in zip(ta, tb, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol * 10, atol=atol * 10 * b.grad.abs().max().item())
+
+
+def _sensitive(out, other, minimum=0.05):
+    """The test distinguishes ``out`` from the output of a wrong eps / scale ``other`` by >= ``minimum`` (relative)."""
+    assert ((out - other).abs().max() / out.abs().max()).item() >= minimum
+
+
+EPS_SHAPE = (2, 49, 2, 16)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-4])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("feature_map", ["relu", "elu", "sigmoid"])
+def test_linear_divide_eps_where_it_matters(feature_map, backend, eps):
+    # relu: tiny inputs; elu / sigmoid: inputs far below zero (features exp(x), sigmoid(x) ~ 1e-4)
+    t = _scaled_qkv(EPS_SHAPE, 1e-3) if feature_map == "relu" else _qkv(EPS_SHAPE)
+    if feature_map != "relu":
+        t = [(t[0] - 9).detach().requires_grad_(), (t[1] - 9).detach().requires_grad_(), t[2]]
+    exact = _linear_materialised(*t, feature_map, "divide", 1.0, eps=eps)
+    _sensitive(exact, _linear_materialised(*t, feature_map, "divide", 1.0, eps=eps * 2))
+    _check_on(
+        lambda q, k, v: linear_attention(q, k, v, feature_map=feature_map, eps=eps, backend=backend),
+        lambda q, k, v: _linear_materialised(q, k, v, feature_map, "divide", 1.0, eps=eps),
+        t,
+    )
+    # A scale s != 1 weighs against eps: s * sum_j a_ij / (s * sum_j a_ij + eps).
+    _check_on(
+        lambda q, k, v: linear_attention(q, k, v, feature_map=feature_map, scale=0.1, backend=backend),
+        lambda q, k, v: _linear_materialised(q, k, v, feature_map, "divide", 0.1),
+        t,
+    )
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_focused_eps_where_it_matters(backend, eps):
+    """eps enters twice (after the ReLU and in the denominator); checked against the raw formula (not `focus`)."""
+
+    def raw_focus(x, p, eps):
+        x = F.relu(x) + eps
+        return x.pow(2).sum((-2, -1), keepdim=True).sqrt() * x**p / (x**p).pow(2).sum((-2, -1), keepdim=True).sqrt()
+
+    def materialised(q, k, v, eps):
+        a = torch.einsum("bnhd,bmhd->bhnm", raw_focus(q, 3.0, eps), raw_focus(k, 3.0, eps)) / k.shape[1]
+        return _apply_weights(a / (a.sum(-1, keepdim=True) + eps), v)
+
+    t = _scaled_qkv(EPS_SHAPE, 3e-4)
+    _sensitive(materialised(*t, eps), materialised(*t, eps * 2))
+    _check_on(
+        lambda q, k, v: focused_linear_attention(q, k, v, eps=eps, backend=backend),
+        lambda q, k, v: materialised(q, k, v, eps),
+        t,
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_per_query_infsa_eps_where_it_matters(backend):
+    """The reference divides SUMS by (sum + eps); the native path divides means, with eps / M."""
+    t = _scaled_qkv(EPS_SHAPE, 1e-3)
+    exact = _infsa_per_query_materialised(*t, 0.9)
+    _sensitive(exact, _infsa_per_query_materialised(*t, 0.9, eps=1e-6 / EPS_SHAPE[1]))  # eps applied to means
+    _check_on(
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9, per_query=True, backend=backend),
+        lambda q, k, v: _infsa_per_query_materialised(q, k, v, 0.9),
+        t,
+    )
+
+
+def test_pooled_infsa_eps_where_it_matters():
+    t = _scaled_qkv(EPS_SHAPE, 1e-3)
+    _sensitive(_infsa_linear_materialised(*t, 0.9), _infsa_linear_materialised(*t, 0.9, eps=2e-6))
+    _check_on(
+        lambda q, k, v: linear_infsa_attention(q, k, v, rho=0.9),
+        lambda q, k, v: _infsa_linear_materialised(q, k, v, 0.9),
+        t,
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_pure_infsa_scale_and_eps_where_they_matter(backend):
+    """relu(Q K^T / D) / (||.||_F + eps): the 1/D only shows once ||.||_F is comparable to eps."""
+    t = _scaled_qkv(EPS_SHAPE, 1e-3)
+    d = EPS_SHAPE[-1]
+    exact = _infsa_pure_materialised(*t, 0.9)
+    _sensitive(exact, _infsa_pure_materialised(t[0] * d**0.5, t[1], t[2], 0.9))  # 1/sqrt(D) instead of 1/D
+    _sensitive(exact, _infsa_pure_materialised(*t, 0.9, eps=2e-6))
+    _check_on(
+        lambda q, k, v: pure_infsa_attention(q, k, v, rho=0.9, backend=backend),
+        lambda q, k, v: _infsa_pure_materialised(q, k, v, 0.9),
+        t,
+    )

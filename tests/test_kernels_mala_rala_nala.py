@@ -348,3 +348,25 @@ def test_nala_bad_norm_eps():
     q, k, v = _qkv(1, 16, 16, 2, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="norm_eps=-0.1"):
         norm_aware_linear_attention(q, k, v, norm_eps=-0.1)
+
+
+# eps where it matters ------------------------------------------------------------------------------------------------
+# On unit-variance inputs eps is ~1e-6 of each denominator, below the float64 tolerance: a wrong eps would pass the
+# tests above. Queries far below zero (ELU + 1 = exp(q) ~ 1e-6) or tiny keys (NaLa's cubes ~ 1e-6) make it count.
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_eps_where_it_matters(kind):
+    reference, public, materialised = KERNELS[kind]
+    q, k, v = (t.detach() for t in _qkv(2, 49, 49, 2, 16))
+    if kind == "nala":
+        k = k * 1e-2
+    else:
+        q = q - (14.0 if kind == "mala" else 15.0)
+    rope = rope_2d_tables((7, 7), 16, dtype=F64)
+    mats = _rotation_matrices((7, 7), 16)
+    exact = materialised(q, k, v, mats)
+    other = materialised(q, k, v, mats, eps=2e-6)
+    assert ((exact - other).abs().max() / exact.abs().max()).item() > 0.05  # the test can see a wrong eps
+    tensors = [t.clone().requires_grad_() for t in (q, k, v)]
+    _fwd_bwd(lambda *t: reference(*t, rope=rope), lambda *t: materialised(*t, mats), tensors)
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    _fwd_bwd(lambda *t: public(*t, rope=rope), lambda *t: materialised(*t, mats), tensors)
