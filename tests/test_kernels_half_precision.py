@@ -223,18 +223,16 @@ def _perturbed(tensors, dtype, seed=1):
     """Every element times ``1 +- u`` (random sign), in float64: one rounding's worth of relative error."""
     g = torch.Generator().manual_seed(seed)
     u = UNIT_ROUNDOFF[dtype]
-    return [
-        t.double() * (1 + u * (2 * torch.randint(0, 2, t.shape, generator=g, dtype=torch.float64) - 1)) for t in tensors
-    ]
+    signs = [2 * torch.randint(0, 2, t.shape, generator=g, dtype=torch.float64) - 1 for t in tensors]
+    return [t.double() * (1 + u * s.to(t.device)) for t, s in zip(tensors, signs, strict=True)]
 
 
-@pytest.mark.parametrize("case,point,dtype", SWEEP, ids=[f"{c}-N{p[0]}-D{p[1]}-std{p[2]:g}-{dt}" for c, p, dt in SWEEP])
-def test_native_half_precision_within_bound(case, point, dtype):
+def _check_point(case, point, dtype, device="cpu"):
     native, reference, plain = CASES[case]
     dt = HALF[dtype]
     n, d, std = point
-    q, k, v = _inputs(n, d, std, dt)
-    w = torch.randn(1, n, 1, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q, k, v = (t.to(device) for t in _inputs(n, d, std, dt))
+    w = torch.randn(1, n, 1, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
     w = w if point in GRAD_POINTS else None
     ref, ref_g = _run(reference, [t.double() for t in (q, k, v)], w)
     out, out_g = _run(native, (q, k, v), w)
@@ -250,3 +248,18 @@ def test_native_half_precision_within_bound(case, point, dtype):
     e_cond = _grad_error([g.to(dt) for g in cond_g], ref_g, dt)
     bound = 2 * min(e_plain, PLAIN_CAP * e_cond)
     assert e_native <= bound, f"gradients: {e_native=:.3g} > {bound=:.3g} ({e_plain=:.3g}, {e_cond=:.3g})"
+
+
+IDS = [f"{c}-N{p[0]}-D{p[1]}-std{p[2]:g}-{dt}" for c, p, dt in SWEEP]
+
+
+@pytest.mark.parametrize("case,point,dtype", SWEEP, ids=IDS)
+def test_native_half_precision_within_bound(case, point, dtype):
+    _check_point(case, point, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,point,dtype", SWEEP, ids=IDS)
+def test_native_half_precision_within_bound_cuda(case, point, dtype):
+    """The same sweep on the GPU: cuBLAS / cuDNN products and reductions, PyTorch's defaults for the plain baseline."""
+    _check_point(case, point, dtype, device="cuda")
