@@ -255,7 +255,27 @@ def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", s
     return scaled_linear_attention(fq, fk, v, normalize=normalize, scale=s, eps=eps).to(q.dtype)
 
 
+def _triton_supports(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
+    from .triton import LINEAR_FEATURE_MAPS, MAX_HEAD_DIM, triton_unavailable
+
+    reasons = triton_unavailable(q, k, v)
+    if not (isinstance(feature_map, str) and feature_map in LINEAR_FEATURE_MAPS):
+        reasons.append(f"feature_map={feature_map!r} is not one the kernels apply themselves {LINEAR_FEATURE_MAPS}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"needs one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head dims {q.shape[-1]}, {v.shape[-1]} exceed {MAX_HEAD_DIM}")
+    return reasons
+
+
+def _linear_triton(q, k, v, **kwargs):
+    from .triton.linear import linear_attention_triton  # imports Triton: only on the first GPU dispatch
+
+    return linear_attention_triton(q, k, v, **kwargs)
+
+
 _op = Op("linear_attention")
+_op.register("triton", _linear_triton, _triton_supports)
 _op.register("torch", linear_attention_native, same_floating_dtype)
 _op.register("reference", linear_attention_reference, supports_floating)
 
@@ -273,9 +293,10 @@ def linear_attention(
 ) -> torch.Tensor:
     """Kernelised linear attention; the math is in :func:`linear_attention_reference` and the module docstring.
 
-    Backends: ``"torch"`` (native precision: the output and the long key-side reduction stay bf16/fp16, with float32
-    accumulation; the ``O(N D)`` query side and the normalisation run in float32, see
-    :func:`scaled_linear_attention`) and ``"reference"`` (float32 throughout).
+    Backends: ``"triton"`` (CUDA: fused kernels for the named feature maps with a float32 state, see
+    :mod:`visionlin.kernels.triton.linear`), ``"torch"`` (native precision: the output and the long key-side
+    reduction stay bf16/fp16, with float32 accumulation; the ``O(N D)`` query side and the normalisation run in
+    float32, see :func:`scaled_linear_attention`) and ``"reference"`` (float32 throughout).
 
     Raises:
         ValueError: shapes that do not fit (named in the message), non-floating inputs, an unknown ``feature_map`` or

@@ -12,7 +12,12 @@ import importlib.util
 
 import torch
 
-__all__ = ["triton_unavailable"]
+__all__ = ["LINEAR_FEATURE_MAPS", "MAX_HEAD_DIM", "triton_unavailable"]
+
+#: Feature maps the fused linear-attention kernels apply themselves (by name).
+LINEAR_FEATURE_MAPS = ("identity", "relu", "elu", "sigmoid", "cosine")
+#: Largest q/k and v head dims the kernels tile (a 128 x 128 float32 state per program).
+MAX_HEAD_DIM = 128
 
 
 @functools.cache

@@ -85,23 +85,28 @@ def _pow2_scale(x):
 
 
 @triton.jit
-def _mm(a, b, DTYPE: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr):
+def _mm(a, b, DTYPE: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, SCALE: tl.constexpr):
     """``a @ b`` of float32 tiles with float32 accumulation.
 
-    Float32 inputs multiply in IEEE precision. Half inputs (``DTYPE``) run on the tensor cores: each operand is
-    scaled by a power of two to at most 1 (no float16 overflow, nothing lost to the scaling), and with ``SPLIT`` the
-    right operand is kept as ``b_hi + b_lo`` (about 16 significant bits instead of 8 or 11).
+    Float32 inputs multiply in IEEE precision. Half inputs (``DTYPE``) run on the tensor cores; with ``SCALE``
+    (float16) each operand is first scaled by a power of two to at most 1 (no overflow, nothing lost to the scaling;
+    bfloat16 has float32's range and skips it), and with ``SPLIT`` the right operand is kept as ``b_hi + b_lo``
+    (about 16 significant bits instead of 8 or 11).
     """
     if HALF:
-        sa = _pow2_scale(a)
-        sb = _pow2_scale(b)
-        ah = (a / sa).to(DTYPE)
-        bs = b / sb
-        bh = bs.to(DTYPE)
+        if SCALE:
+            sa = _pow2_scale(a)
+            sb = _pow2_scale(b)
+            a = a / sa
+            b = b / sb
+        ah = a.to(DTYPE)
+        bh = b.to(DTYPE)
         out = tl.dot(ah, bh)
         if SPLIT:
-            out += tl.dot(ah, (bs - bh.to(tl.float32)).to(DTYPE))
-        return out * (sa * sb)
+            out += tl.dot(ah, (b - bh.to(tl.float32)).to(DTYPE))
+        if SCALE:
+            out = out * (sa * sb)
+        return out
     return tl.dot(a, b, input_precision="ieee")
 
 
@@ -134,7 +139,7 @@ def _state_kernel(
     K, V, S,
     M, H, D, DV, blocks_per_split,
     sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d,
-    FMAP: tl.constexpr, HALF: tl.constexpr,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """Add one split of the keys' ``phi(k) v^T``, ``phi(k)`` and ``v`` sums into a (batch, head)'s float32 state."""
@@ -159,7 +164,7 @@ def _state_kernel(
         k = tl.load(k_base + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kmask, other=0.0)
         v = tl.load(v_base + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0).to(tl.float32)
         fk = tl.where(mask_m[:, None], _phi(k.to(tl.float32), kmask, FMAP), 0.0)
-        acc += _mm(tl.trans(fk), v, k.dtype, HALF, False)
+        acc += _mm(tl.trans(fk), v, k.dtype, HALF, False, SCALE)
         z += tl.sum(fk, axis=0)
         u += tl.sum(v, axis=0)
     base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
@@ -173,7 +178,7 @@ def _readout_kernel(
     Q, S, Out,
     N, H, D, DV, scale, inv_m, eps,
     sq_b, sq_n, sq_h, sq_d, so_b, so_n, so_h, so_d,
-    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for one block of queries."""
@@ -190,7 +195,7 @@ def _readout_kernel(
     f = _phi(q.to(tl.float32), qmask, FMAP)
     base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
     a, c, w = _readout_matrices(base, offs_d, offs_e, scale, inv_m, NORM, BLOCK_D, BLOCK_DV)
-    out = _mm(f, a, q.dtype, HALF, True) + c[None, :]
+    out = _mm(f, a, q.dtype, HALF, True, SCALE) + c[None, :]
     if NORM == 0:
         out = out / (tl.sum(f * w[None, :], axis=1) + eps)[:, None]
     omask = mask_n[:, None] & (offs_e < DV)[None, :]
@@ -203,7 +208,7 @@ def _readout_backward_kernel(
     Q, G, Out, S, DQ, GS,
     N, H, D, DV, scale, inv_m, eps, blocks_per_split,
     sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, so_b, so_n, so_h, so_d, sdq_b, sdq_n, sdq_h, sdq_d,
-    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``."""
@@ -237,13 +242,13 @@ def _readout_backward_kernel(
             den = tl.where(mask_n, tl.sum(f * w[None, :], axis=1) + eps, 1.0)
             dnum = g / den[:, None]
             dden = -tl.sum(dnum * o, axis=1)
-            df = _mm(dnum, a_t, q.dtype, HALF, True) + dden[:, None] * w[None, :]
+            df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE) + dden[:, None] * w[None, :]
             dw += tl.sum(dden[:, None] * f, axis=0)
         else:
             dnum = g
-            df = _mm(dnum, a_t, q.dtype, HALF, True)
+            df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
         dc += tl.sum(dnum, axis=0)
-        da += _mm(tl.trans(f), dnum, q.dtype, HALF, False)
+        da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
         dq = _phi_backward(qf, df, qmask, FMAP)
         dq_ptr = DQ + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :] * sdq_d
         tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), qmask)
@@ -258,7 +263,7 @@ def _state_backward_kernel(
     K, V, S, GS, DK, DVv,
     M, H, D, DV, scale, inv_m,
     sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d,
-    FMAP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """``dk = phi'(k) * (v dS^T + dz)`` and ``dv = phi(k) dS + du`` for one block of keys, where ``(dS, dz, du)``
@@ -297,8 +302,8 @@ def _state_backward_kernel(
     v = tl.load(V + b * sv_b + h * sv_h + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0)
     kf = k.to(tl.float32)
     fk = _phi(kf, kmask, FMAP)
-    dfk = _mm(v.to(tl.float32), tl.trans(ds), k.dtype, HALF, True) + dz[None, :]
-    dv = _mm(fk, ds, k.dtype, HALF, True) + du[None, :]
+    dfk = _mm(v.to(tl.float32), tl.trans(ds), k.dtype, HALF, True, SCALE) + dz[None, :]
+    dv = _mm(fk, ds, k.dtype, HALF, True, SCALE) + du[None, :]
     dk = _phi_backward(kf, dfk, kmask, FMAP)
     dk_ptr = DK + b * sdk_b + h * sdk_h + offs_m[:, None] * sdk_n + offs_d[None, :] * sdk_d
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), kmask)
@@ -342,7 +347,8 @@ def _warps(block_d: int, block_dv: int) -> int:
 def _meta(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | bool]:
     bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
     half = q.dtype in (torch.float16, torch.bfloat16)
-    return dict(HALF=half, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(bd, bdv))
+    scale = q.dtype == torch.float16
+    return dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(bd, bdv))
 
 
 # Custom ops -----------------------------------------------------------------------------------------------------------
