@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="torch,triton")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--commit", default=None, help="commit of the tree (a copied tree's git may be stale)")
     args = parser.parse_args(argv)
     rows = []
     names = [n for n in args.models.split(",") if n]
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit.stdout.strip() or "unknown",
+        "commit": args.commit or commit.stdout.strip() or "unknown",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

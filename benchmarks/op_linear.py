@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--sweep", action="store_true", help="also sweep rows per program and warps (first case)")
+    parser.add_argument("--commit", default=None, help="commit of the tree (a copied tree's git may be stale)")
     args = parser.parse_args(argv)
     from visionlin.kernels.triton import linear as tri
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
