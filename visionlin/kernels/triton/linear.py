@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..linear import _default_scale
+
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
 FEATURE_MAP_IDS = {"identity": 0, "relu": 1, "elu": 2, "sigmoid": 3, "cosine": 4}
@@ -457,7 +459,7 @@ def linear_attention_triton(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """The ``"triton"`` backend of :func:`visionlin.kernels.linear_attention` (named feature maps only)."""
-    s = (q.shape[-1] ** -0.5 if normalize == "subtract" else 1.0) if scale is None else float(scale)
+    s = _default_scale(normalize, q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.visionlin.linear_attention_fwd(
         q, k, v, FEATURE_MAP_IDS[feature_map], NORMALIZATION_IDS[normalize], s, float(eps)
     )
