@@ -7,7 +7,6 @@ its op in :mod:`visionlin.kernels`.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -20,19 +19,13 @@ LINEAR_FEATURE_MAPS = ("identity", "relu", "elu", "sigmoid", "cosine")
 MAX_HEAD_DIM = 128
 
 
-@functools.cache
-def _import_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    return None
+# Looked up once, without importing Triton (a plain constant: torch.compile traces the supports() checks).
+_IMPORT_REASON = None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
 
 
 def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
     """Reasons the Triton kernels cannot run on these tensors (empty if they can)."""
-    reasons = []
-    reason = _import_reason()
-    if reason:
-        reasons.append(reason)
+    reasons = [_IMPORT_REASON] if _IMPORT_REASON else []
     if any(t.device.type != "cuda" for t in tensors):
         reasons.append("tensors are not on a CUDA device")
     return reasons
