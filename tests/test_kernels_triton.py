@@ -131,12 +131,14 @@ def test_triton_compiles_fullgraph():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_triton import FMAPS, NORMS, _check, _inputs
+    from tests.test_kernels_triton import FMAPS, NORMS, _check, _check_reduced, _inputs
     for fmap in FMAPS:
         for norm in NORMS:
             _check(_inputs(2, 37, 45, 3, 20, 24, fmap, norm, torch.float32, "cpu"), fmap, norm, torch.float32)
     for fmap, norm in (("elu", "divide"), ("relu", "subtract"), ("sigmoid", "none")):
         _check(_inputs(1, 70, 130, 2, 32, 16, fmap, norm, torch.float16, "cpu"), fmap, norm, torch.float16)
+    for dtype in (torch.float32, torch.float16):
+        _check_reduced(dtype, "cpu", direct=True)
     print("interpreter ok")
     """
 )
@@ -150,6 +152,55 @@ def test_interpreter_matches_reference():
         [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _check_reduced(dtype, device, direct=False):
+    """FLatten's focused attention and per-query InfSA through the fused kernels (``direct``: the backend functions
+    themselves, as the interpreter runs them on the CPU) against their float64 references, forward and backward,
+    with the same tolerance rule as above against their native backends."""
+    from visionlin.kernels import focused, infsa
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 97, 3, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = torch.rand(3, 16, generator=g, dtype=torch.float64) + 0.5
+    cases = [
+        (focused._focused_triton, focused._focused_native, focused.focused_linear_attention_reference,
+         dict(channel_scale=scale)),
+        (infsa._per_query_triton, infsa._per_query_native, infsa.linear_infsa_attention_reference,
+         dict(per_query=True, rho=torch.tensor([0.9, 0.5, 0.7], dtype=torch.float64))),
+    ]  # fmt: skip
+    for fast, native, reference, kwargs in cases:
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference(*ref_in, **kwargs)
+        grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        ref.backward(grad)
+        refs = [ref.detach(), *(t.grad for t in ref_in)]
+        errors = []
+        for fn in (fast, native):
+            ins = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+            kw = {n: (x.to(device=device, dtype=dtype) if torch.is_tensor(x) else x) for n, x in kwargs.items()}
+            if not direct and fn is fast:
+                op = (
+                    focused.focused_linear_attention
+                    if fast is focused._focused_triton
+                    else infsa.linear_infsa_attention
+                )
+                out = op(*ins, backend="triton", **kw)
+            else:
+                out = fn(*ins, **kw)
+            out.backward(grad.to(device=device, dtype=dtype))
+            errors.append([_rel(x.cpu(), r) for x, r in zip([out, *(t.grad for t in ins)], refs, strict=True)])
+        ours, base = errors
+        floor = FLOOR[dtype]
+        bound = [floor if dtype == torch.float32 else 2 * b + floor for b in base]
+        bad = {i: f"{e:.2e} > {b:.2e}" for i, (e, b) in enumerate(zip(ours, bound, strict=True)) if not e <= b}
+        assert not bad, (fast.__name__, bad)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_triton_focused_and_per_query_infsa(dtype):
+    _check_reduced(dtype, "cuda")
 
 
 def test_triton_backend_declines_cpu_with_reasons():

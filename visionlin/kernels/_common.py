@@ -186,7 +186,9 @@ def values_are_checkable(*tensors: torch.Tensor) -> bool:
     tracing, for fake / meta tensors and inside functorch transforms (``vmap``, ``grad``): there a data-dependent
     ``if`` is a graph break, an error or meaningless.
     """
-    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing() or torch.jit.is_tracing():
+    fx = torch.fx._symbolic_trace
+    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)  # the former (torch >= 2.12) does not warn
+    if torch.compiler.is_compiling() or fx_tracing() or torch.jit.is_tracing():
         return False
     from torch._subclasses.fake_tensor import is_fake
 

@@ -26,7 +26,7 @@ from ._common import (
     supports_floating,
 )
 from ._dispatch import Op
-from .linear import feature_dtype, scaled_linear_attention
+from .linear import feature_dtype, linear_attention_triton, scaled_linear_attention, triton_linear_supports
 
 __all__ = ["focus", "focused_linear_attention", "focused_linear_attention_reference"]
 
@@ -150,8 +150,24 @@ def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-
     return scaled_linear_attention(fq, fk, v, normalize="divide", scale=1.0, eps=eps).to(q.dtype)
 
 
+def _focused_triton(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
+    """``"triton"`` backend: the focusing map in PyTorch (float32 for float16 inputs), then the fused linear-attention
+    kernels on the features (identity map, divide, float32 state)."""
+    fdt = feature_dtype(q.dtype)
+    cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
+    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
+    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
+    return linear_attention_triton(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps)
+
+
+def _focused_triton_supports(q, k, v, **kwargs):
+    return triton_linear_supports(q, k, v, feature_map="identity")
+
+
 _op = Op("focused_linear_attention")
 _op.register("torch", _focused_native, same_floating_dtype)
+# Not yet preferred automatically: the fused kernels are GPU-tested, this wiring only on the CPU (Triton's interpreter).
+_op.register("triton", _focused_triton, _focused_triton_supports)
 _op.register("reference", focused_linear_attention_reference, supports_floating)
 
 

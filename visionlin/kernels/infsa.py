@@ -36,7 +36,7 @@ from ._common import (
     supports_floating,
 )
 from ._dispatch import Op
-from .linear import feature_dtype, scaled_linear_attention
+from .linear import feature_dtype, linear_attention_triton, scaled_linear_attention, triton_linear_supports
 
 __all__ = [
     "linear_infsa_attention",
@@ -200,8 +200,27 @@ def _supports_native(q, k, v, *, per_query=False, **kwargs):
 _pure_op = Op("pure_infsa_attention")
 _pure_op.register("torch", _pure_native, same_floating_dtype)
 _pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
+
+
+def _per_query_triton(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
+    """``"triton"`` backend of the ``per_query`` form: the fused linear-attention kernels with the relu map.
+    ``relu(q / sqrt(D)) . relu(k / sqrt(D)) = relu(q) . relu(k) / D`` (scale ``1/D``), and the kernels divide means,
+    so the reference's ``eps`` on sums becomes ``eps / M``."""
+    out = linear_attention_triton(
+        q, k, v, feature_map="relu", normalize="divide", scale=1.0 / q.shape[-1], eps=eps / k.shape[1]
+    )
+    return (_rho(rho, torch.float32, q.device) * out.float()).to(q.dtype)
+
+
+def _supports_triton(q, k, v, *, per_query=False, **kwargs):
+    reasons = [] if per_query else ["only the per_query form maps onto the linear-attention kernels"]
+    return reasons + triton_linear_supports(q, k, v, feature_map="relu")
+
+
 _linear_op = Op("linear_infsa_attention")
 _linear_op.register("torch", _per_query_native, _supports_native)
+# Not yet preferred automatically: the fused kernels are GPU-tested, this wiring only on the CPU (Triton's interpreter).
+_linear_op.register("triton", _per_query_triton, _supports_triton)
 _linear_op.register("reference", linear_infsa_attention_reference, supports_floating)
 
 

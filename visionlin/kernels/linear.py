@@ -255,7 +255,9 @@ def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", s
     return scaled_linear_attention(fq, fk, v, normalize=normalize, scale=s, eps=eps).to(q.dtype)
 
 
-def _triton_supports(q, k, v, *, feature_map="elu", normalize="divide", scale=None, eps=1e-6):
+def triton_linear_supports(q, k, v, *, feature_map="elu", **kwargs) -> list[str]:
+    """Reasons the fused Triton linear-attention kernels cannot run these tensors (empty if they can); shared by the
+    ops that reduce to them (focused, per-query InfSA)."""
     from .triton import LINEAR_FEATURE_MAPS, MAX_HEAD_DIM, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
@@ -268,14 +270,15 @@ def _triton_supports(q, k, v, *, feature_map="elu", normalize="divide", scale=No
     return reasons
 
 
-def _linear_triton(q, k, v, **kwargs):
-    from .triton.linear import linear_attention_triton  # imports Triton: only on the first GPU dispatch
+def linear_attention_triton(q, k, v, **kwargs):
+    """The ``"triton"`` backend (see :mod:`visionlin.kernels.triton.linear`), importing Triton on first use."""
+    from .triton.linear import linear_attention_triton as fused
 
-    return linear_attention_triton(q, k, v, **kwargs)
+    return fused(q, k, v, **kwargs)
 
 
 _op = Op("linear_attention")
-_op.register("triton", _linear_triton, _triton_supports)
+_op.register("triton", linear_attention_triton, triton_linear_supports)
 _op.register("torch", linear_attention_native, same_floating_dtype)
 _op.register("reference", linear_attention_reference, supports_floating)
 
