@@ -228,6 +228,11 @@ def test_features_only_fx(name):
     _, inter = model.forward_intermediates(x, indices=2, output_fmt="NLC", return_prefix_tokens=True)
     for out, (grid, prefix) in zip(fx(x), inter, strict=True):
         torch.testing.assert_close(out, torch.cat([prefix, grid], dim=1))
+    # The input check survives FX's dead-code elimination: bad input gets the eager ValueError.
+    with pytest.raises(ValueError, match=r"input dtype torch.float64 differs from the model's parameter dtype"):
+        fx(x.double())
+    with pytest.raises(ValueError, match=r"input has 1 channels"):
+        fx(x[:, :1])
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -244,6 +249,10 @@ def test_empty_batch(name):
     model = _create(name, num_classes=5)
     assert model(_x(batch=0)).shape == (0, 5)
     assert model.forward_features(_x(batch=0)).shape[0] == 0
+    maps = model.forward_intermediates(_x(batch=0), indices=2, intermediates_only=True)
+    assert [m.shape for m in maps] == [(0, model.embed_dim, SIZE // 16, SIZE // 16)] * 2
+    features = timm.create_model(name, features_only=True, out_indices=(-1,)).eval()
+    assert features(_x(batch=0))[0].shape == (0, model.embed_dim, SIZE // 16, SIZE // 16)
 
 
 @pytest.mark.parametrize("attn", sorted(ATTN_LAYERS))

@@ -358,3 +358,43 @@ def test_api_type_errors_and_set_backend_checks():
     with pytest.raises(ValueError, match=r"AgentAttention uses agent_attention"):
         visionlin.set_backend(mixed, "torch")
     assert {b.attn.backend for b in mixed.blocks} == {"sdpa"}
+
+
+def test_unknown_mixer_keywords_and_agent_kwargs():
+    _err(
+        lambda: timm.create_model("infvit_tiny", depth=1, attn_kwargs=dict(bogus=1)),
+        r"takes no keyword\(s\) \['bogus'\]",
+    )
+    _err(lambda: visionlin.create_attn("softmax", 32, 2, agent_num=4), r"'softmax' \(SoftmaxAttention\) takes no")
+    _err(lambda: timm.create_model("infvit_tiny", depth=1, attn_kwargs=dict(rho_init="0.5")), r"rho_init='0.5' must be")
+    # Agent-DeiT-B: a single dict goes to its agent blocks (on top of agent_num), not to the softmax blocks.
+    model = timm.create_model("agent_deit_base", depth=6, attn_kwargs=dict(agent_num=16))
+    assert [getattr(b.attn, "agent_num", None) for b in model.blocks] == [16] * 4 + [None] * 2
+
+
+def test_head_and_indices_errors():
+    model = timm.create_model("infvit_tiny", depth=2, img_size=32, global_pool="avg", class_token=True).eval()
+    tokens = model.forward_features(torch.randn(1, 3, 32, 32))
+    _err(lambda: model.forward_head(tokens[:, :1]), r"1 tokens, the pooling needs at least 2")
+    _err(lambda: _tiny().forward_head(torch.randn(2, 0, 32)), r"0 tokens, the pooling needs at least 1")
+    x = torch.randn(1, 3, 32, 32)
+    _err(
+        lambda: model.forward_intermediates(x, indices=5), r"indices=5 \(take the last n blocks\) must lie in \[1, 2\]"
+    )
+    _err(lambda: model.forward_intermediates(x, indices=[7]), r"block indices \[7\] are out of range for 2 blocks")
+    _err(lambda: model.forward_intermediates(x, indices="0"), r"indices='0' must be None, an int or")
+    _err(lambda: model.prune_intermediate_layers(5), r"indices=5")
+    _err(lambda: timm.create_model("infvit_tiny", depth=2, features_only=True, out_indices=(5,)), r"\[5\] are out")
+    assert len(model.forward_intermediates(x, indices=[-1], intermediates_only=True)) == 1
+
+
+def test_checkpoint_messages_name_what_is_wrong(tmp_path):
+    model = _tiny()
+    sd = model.state_dict()
+    sd["pos_embed_grid"] = torch.tensor([4, 4, 1])
+    _err(lambda: _tiny().load_state_dict(sd), r"pos_embed_grid must hold two integers \(H, W\), got \[4, 4, 1\]")
+    _err(lambda: checkpoint_filter_fn({**model.state_dict(), 5: torch.zeros(1)}, model), r"5 \(int key\)")
+    _err(
+        lambda: timm.create_model("infvit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path))),
+        r"is a directory; pass the checkpoint file inside it",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -33,4 +34,24 @@ def create_attn(name: str, dim: int, num_heads: int = 8, **kwargs: Any) -> nn.Mo
     """
     if name not in ATTN_LAYERS:
         raise ValueError(f"unknown attention layer {name!r}; choose one of {sorted(ATTN_LAYERS)}")
-    return ATTN_LAYERS[name](dim, num_heads=num_heads, **kwargs)
+    cls = ATTN_LAYERS[name]
+    accepted = _keywords(cls)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        allowed = sorted(accepted - {"self", "dim", "num_heads"})
+        raise ValueError(f"attention layer {name!r} ({cls.__name__}) takes no keyword(s) {unknown}; it takes {allowed}")
+    return cls(dim, num_heads=num_heads, **kwargs)
+
+
+def _keywords(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the MRO (``None``: cannot tell)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None

@@ -41,8 +41,8 @@ class _InfSABase(TokenMixer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(dim, num_heads)
-        if not 0.0 < rho_init < 1.0:
-            raise ValueError(f"{rho_init=} must lie in (0, 1) (rho = sigmoid(rho_logit))")
+        if isinstance(rho_init, bool) or not isinstance(rho_init, (int, float)) or not 0.0 < rho_init < 1.0:
+            raise ValueError(f"{rho_init=} must be a number in (0, 1) (rho = sigmoid(rho_logit))")
         if attn_drop:
             raise NotImplementedError(f"{type(self).__name__} does not support attention-score dropout ({attn_drop=})")
         dd = {"device": device, "dtype": dtype}

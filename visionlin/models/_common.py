@@ -25,6 +25,7 @@ __all__ = [
     "check_positive",
     "check_rate",
     "grid_pos_embed",
+    "take_indices",
     "token_grid",
 ]
 
@@ -81,8 +82,11 @@ def check_image(
     param_dtype: torch.dtype,
     dynamic_img_size: bool,
     dynamic_img_pad: bool,
-) -> None:
-    """Raise ``ValueError`` unless ``x`` is an image batch ``[B, in_chans, H, W]`` the model can embed.
+) -> torch.Tensor:
+    """``x`` itself if it is an image batch ``[B, in_chans, H, W]`` the model can embed, else ``ValueError``.
+
+    Returning ``x`` (callers use the result) keeps the check in FX graphs: a leaf call whose result is unused is
+    dead code to FX's extractors.
 
     ``H`` and ``W`` must be at least one patch and multiples of the patch (unless ``dynamic_img_pad``), equal to
     ``img_size`` unless ``dynamic_img_size``; a floating dtype equal to the parameters' unless autocast is on for the
@@ -116,16 +120,47 @@ def check_image(
             f"input dtype {x.dtype} differs from the model's parameter dtype {param_dtype}; cast the input "
             f"(x.to({param_dtype})) or the model (model.to({x.dtype})), or run under torch.autocast"
         )
+    return x
 
 
 @register_notrace_function
-def check_head_input(x: torch.Tensor, num_features: int, name: str = "forward_head") -> None:
-    """Raise ``ValueError`` unless ``x`` is ``forward_features`` output ``[B, N, num_features]``."""
+def check_head_input(
+    x: torch.Tensor, num_features: int, min_tokens: int = 1, name: str = "forward_head"
+) -> torch.Tensor:
+    """``x`` itself if it is ``forward_features`` output ``[B, N, num_features]`` with ``N >= min_tokens`` (the
+    pooling needs a class token or at least one grid token), else ``ValueError``."""
     if x.ndim != 3 or x.shape[-1] != num_features:
         raise ValueError(
             f"{name} expects the tokens forward_features returns, [B, N, {num_features}]; got shape "
             f"{tuple(x.shape)} (pooled features [B, C] are already past the pooling step: apply model.head to them)"
         )
+    if x.shape[1] < min_tokens:
+        raise ValueError(f"{name}: {x.shape[1]} tokens, the pooling needs at least {min_tokens} (prefix + grid)")
+    return x
+
+
+def take_indices(num_blocks: int, indices: Any) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices`` with a ``ValueError`` for indices out of range (timm asserts).
+
+    ``indices``: ``None`` (all blocks), an int ``n`` in ``[1, num_blocks]`` (the last ``n``), or a sequence of block
+    indices in ``[-num_blocks, num_blocks)``.
+    """
+    from timm.models._features import feature_take_indices
+
+    if indices is None:
+        return feature_take_indices(num_blocks, indices)
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= num_blocks:
+            raise ValueError(f"indices={indices} (take the last n blocks) must lie in [1, {num_blocks}]")
+    elif isinstance(indices, Sequence) and not isinstance(indices, str) and len(indices) > 0:
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -num_blocks <= i < num_blocks]
+        if bad:
+            raise ValueError(
+                f"block indices {bad} are out of range for {num_blocks} blocks ([-{num_blocks}, {num_blocks}))"
+            )
+    else:
+        raise ValueError(f"indices={indices!r} must be None, an int or a non-empty sequence of block indices")
+    return feature_take_indices(num_blocks, indices)
 
 
 @register_notrace_function

@@ -100,6 +100,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
             load a trusted one).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint file {str(path)!r} is a directory; pass the checkpoint file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist (pretrained_cfg_overlay file=...)")
     try:

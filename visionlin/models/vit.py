@@ -26,7 +26,6 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +39,7 @@ from ._common import (
     check_positive,
     check_rate,
     grid_pos_embed,
+    take_indices,
     token_grid,
 )
 from ._pretrained import build_with_weights, resolve_cfg
@@ -366,6 +366,8 @@ class EfficientVisionTransformer(nn.Module):
         grid = tuple(self.patch_embed.grid_size)
         if key in state_dict:
             theirs = tuple(int(v) for v in torch.as_tensor(state_dict[key]).reshape(-1).tolist())
+            if len(theirs) != 2:
+                raise ValueError(f"checkpoint {key} must hold two integers (H, W), got {list(theirs)}")
             if theirs != grid:
                 raise ValueError(
                     f"checkpoint was saved for a {theirs[0]} x {theirs[1]} token grid, this model has "
@@ -386,8 +388,9 @@ class EfficientVisionTransformer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     # Forward ----------------------------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image(
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself once checked (returned, so FX dead-code elimination cannot drop the check)."""
+        return check_image(
             x,
             self.in_chans,
             tuple(self.patch_embed.patch_size),
@@ -421,7 +424,7 @@ class EfficientVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C_in, H, W]`` -> normalised tokens ``[B, prefix + H/p * W/p, C]`` (unpooled)."""
-        self._check_input(x)
+        x = self._check_input(x)
         x, feat_size = self._pos_embed(self.patch_embed(x))
         for blk in self.blocks:
             x = self._run_block(blk, x, feat_size)
@@ -443,7 +446,8 @@ class EfficientVisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, N, C]`` -> logits ``[B, num_classes]`` (or pooled features ``[B, C]`` with ``pre_logits``)."""
-        check_head_input(x, self.num_features)
+        pooled = self.global_pool in ("avg", "max", "avgmax")
+        x = check_head_input(x, self.num_features, min_tokens=self.num_prefix_tokens + 1 if pooled else 1)
         x = self.fc_norm(self.pool(x))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -478,20 +482,23 @@ class EfficientVisionTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"{output_fmt=} must be 'NCHW' or 'NLC'")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._check_input(x)
+        wanted, max_index = take_indices(len(self.blocks), indices)
         b = x.shape[0]
         x, feat_size = self._pos_embed(self.patch_embed(x))
         blocks = self.blocks if not (stop_early and intermediates_only) else self.blocks[: max_index + 1]
         intermediates = []
         for i, blk in enumerate(blocks):
             x = self._run_block(blk, x, feat_size)
-            if i in take_indices:
+            if i in wanted:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
-            intermediates = [y.reshape(b, *feat_size, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [
+                y.reshape(b, feat_size[0], feat_size[1], y.shape[-1]).permute(0, 3, 1, 2).contiguous()
+                for y in intermediates
+            ]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix, strict=True))
         if intermediates_only:
@@ -502,14 +509,14 @@ class EfficientVisionTransformer(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop blocks (and optionally norm / head) not needed for the requested intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        wanted, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
-        return take_indices
+        return wanted
 
 
 # Checkpoint conversion ------------------------------------------------------------------------------------------------
@@ -533,9 +540,12 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
         if key in state_dict and isinstance(state_dict[key], Mapping):
             state_dict = state_dict[key]
             break
-    bad = {str(k): type(v).__name__ for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)}
+    bad = [(k, v) for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
-        shown = ", ".join(f"{k!r}: {t}" for k, t in list(bad.items())[:10])
+        shown = ", ".join(
+            f"{k!r}: {type(v).__name__}" if isinstance(k, str) else f"{k!r} ({type(k).__name__} key)"
+            for k, v in bad[:10]
+        )
         raise ValueError(f"checkpoint entries must map str names to tensors; these do not: {shown}")
     return state_dict
 
@@ -758,6 +768,9 @@ default_cfgs = generate_default_cfgs(
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    depth = kwargs.get("depth", 12)
+    if kwargs.get("features_only") and isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1:
+        take_indices(depth, out_indices)  # a ValueError naming bad out_indices (timm would assert)
     if "img_size" not in kwargs:  # a tag trained at another resolution (e.g. '.in1k_448') builds at that resolution
         kwargs["img_size"] = tuple(resolve_cfg(variant, kwargs)["input_size"][-2:])
     return build_with_weights(
@@ -785,8 +798,8 @@ def _defaults(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
 
 def _agent(size: str, agent_num: int, agent_blocks: int, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Agent-DeiT settings: agent attention in the first ``agent_blocks`` blocks, softmax after. Per-block layers and
-    their keywords follow the caller's ``depth``; a caller's ``attn_layer`` replaces the layout, and blocks of it that
-    use agent attention get ``agent_num`` unless ``attn_kwargs`` is given."""
+    their keywords follow the caller's ``depth``; a caller's ``attn_layer`` replaces the layout; blocks that use agent
+    attention get ``agent_num`` and a caller's single ``attn_kwargs`` dict (a list gives every block its own)."""
     args = {**_widths(size), **kwargs}
     depth = args["depth"]
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
@@ -794,10 +807,12 @@ def _agent(size: str, agent_num: int, agent_blocks: int, kwargs: dict[str, Any])
     if "attn_layer" not in kwargs:
         args["attn_layer"] = ["agent" if i < agent_blocks else "softmax" for i in range(depth)]
     layers = args["attn_layer"]
-    if "attn_kwargs" not in kwargs:
+    given = kwargs.get("attn_kwargs")
+    if given is None or isinstance(given, Mapping):  # one dict: for the agent blocks, on top of their agent_num
         names = [layers] * depth if isinstance(layers, str) else layers
         if isinstance(names, Sequence) and all(isinstance(n, str) for n in names):
-            args["attn_kwargs"] = [dict(agent_num=agent_num) if n == "agent" else {} for n in names]
+            agent = {"agent_num": agent_num, **(given or {})}
+            args["attn_kwargs"] = [dict(agent) if n == "agent" else {} for n in names]
     return args
 
 
