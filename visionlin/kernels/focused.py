@@ -46,8 +46,8 @@ def focus(
     ``f_p`` is invariant to a positive rescaling of ``t``, so ``t`` is first divided by its largest entry (a
     constant for autograd): ``t ** p`` then lies in ``[0, 1]`` with a 1 among the entries, and neither overflows
     (``90 ** 3`` is beyond float16) nor underflows to ``0 / 0`` at any magnitude whose squared norm fits the dtype
-    (float32 inputs beyond about ``1e18`` overflow in the norms and in the products that follow). A token that is all zero
-    (``eps = 0`` and no positive entry) maps to zero, the limit of ``f_p``.
+    (float32 inputs beyond about ``1e18`` overflow in the norms and in the products that follow). A token that is all
+    zero (``eps = 0`` and no positive entry) maps to zero, the limit of ``f_p``.
 
     Args:
         x: Queries or keys ``[B, N, H, D]``.
