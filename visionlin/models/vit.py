@@ -365,9 +365,7 @@ class EfficientVisionTransformer(nn.Module):
         key = prefix + "pos_embed_grid"
         grid = tuple(self.patch_embed.grid_size)
         if key in state_dict:
-            theirs = tuple(int(v) for v in torch.as_tensor(state_dict[key]).reshape(-1).tolist())
-            if len(theirs) != 2:
-                raise ValueError(f"checkpoint {key} must hold two integers (H, W), got {list(theirs)}")
+            theirs = _saved_grid(state_dict[key])
             if theirs != grid:
                 raise ValueError(
                     f"checkpoint was saved for a {theirs[0]} x {theirs[1]} token grid, this model has "
@@ -615,6 +613,18 @@ def _prefix_rows(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionT
     return n_prefix
 
 
+def _saved_grid(value: Any) -> tuple[int, int]:
+    """A checkpoint's ``pos_embed_grid`` as ``(H, W)``.
+
+    Raises:
+        ValueError: it does not hold two positive integers.
+    """
+    saved = torch.as_tensor(value).reshape(-1)
+    if saved.numel() != 2 or saved.is_floating_point() or bool((saved < 1).any()):
+        raise ValueError(f"checkpoint pos_embed_grid must hold two integers (H, W), got {saved.tolist()}; both >= 1")
+    return int(saved[0]), int(saved[1])
+
+
 def _checkpoint_grid(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> tuple[int, int]:
     """The token grid a checkpoint's position embedding and grid-sized tables are laid out on.
 
@@ -628,10 +638,7 @@ def _checkpoint_grid(state_dict: Mapping[str, torch.Tensor], model: EfficientVis
     pos = state_dict.get("pos_embed")
     n_grid = None if pos is None else pos.shape[1] - _prefix_rows(state_dict, model)
     if "pos_embed_grid" in state_dict:
-        saved = state_dict["pos_embed_grid"].reshape(-1)
-        if saved.numel() != 2 or saved.is_floating_point() or bool((saved < 1).any()):
-            raise ValueError(f"checkpoint pos_embed_grid must hold two positive integers (H, W), got {saved.tolist()}")
-        old = (int(saved[0]), int(saved[1]))
+        old = _saved_grid(state_dict["pos_embed_grid"])
         if n_grid is not None and old[0] * old[1] != n_grid:
             raise ValueError(f"checkpoint pos_embed_grid {old} does not match its pos_embed's {n_grid} grid rows")
         return old
