@@ -11,11 +11,8 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -90,19 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"(twin {base['peak_mib']:.0f})", flush=True)  # fmt: skip
             del model
             torch.cuda.empty_cache()
-    import triton
+    from benchmarks._meta import gpu_meta
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": args.commit or commit.stdout.strip() or "unknown",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
+    meta = gpu_meta(argv, args.commit, timm=timm.__version__)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

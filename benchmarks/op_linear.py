@@ -12,10 +12,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,15 +30,6 @@ CASES = [  # (label, B, N, H, D, feature_map, normalize)
     ("224px small (197), D=64", 256, 197, 6, 64, "relu", "divide"),
     ("D=128", 8, 16384, 4, 128, "elu", "divide"),
 ]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _bench(fn, ms=200) -> float:
@@ -147,18 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append({"rows": rows_per, "warps": warps, **{k: r[k] for k in r if k.startswith("triton")}})
             print(f"sweep rows={rows_per} warps={warps}: fwd {r['triton_fwd_ms']:.3f} bwd {r['triton_bwd_ms']:.3f}")
         tri.TUNING.update(rows=64, rows_backward=None, warps=None)
-    import triton
+    from benchmarks._meta import gpu_meta
 
-    meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": args.commit or _commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "copy_bandwidth_GBs": bw,
-    }
+    meta = gpu_meta(argv, args.commit, copy_bandwidth_GBs=bw)
     (out / "op_linear.json").write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep}, indent=2))
     try:
         import matplotlib
