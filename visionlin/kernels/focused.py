@@ -139,26 +139,32 @@ def focused_linear_attention_reference(
     return out.to(q.dtype)
 
 
+def _focused_features(q, k, focusing_factor, channel_scale, eps, joint_heads):
+    """``f_p(q)``, ``f_p(k)`` as the native paths compute them: in float32 for float16 inputs (their range; see
+    :func:`~visionlin.kernels.linear.feature_dtype`), in the input dtype otherwise."""
+    fdt = feature_dtype(q.dtype)
+    cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
+    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
+    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
+    return fq, fk
+
+
 def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
     """``"torch"`` backend: products in the inputs' dtype, focusing in float32 for float16 inputs (their range; see
     :func:`~visionlin.kernels.linear.feature_dtype`), then the shared native core
     (:func:`~visionlin.kernels.linear.scaled_linear_attention`), which keeps the small focused features and ``eps``
     out of float16's subnormal range."""
-    fdt = feature_dtype(q.dtype)
-    cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
-    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
-    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads)
+    fq, fk = _focused_features(q, k, focusing_factor, channel_scale, eps, joint_heads)
     return scaled_linear_attention(fq, fk, v, normalize="divide", scale=1.0, eps=eps).to(q.dtype)
 
 
 def _focused_triton(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
     """``"triton"`` backend: the focusing map in PyTorch (float32 for float16 inputs), then the fused linear-attention
     kernels on the features (identity map, divide, float32 state)."""
-    fdt = feature_dtype(q.dtype)
-    cs = channel_scale.to(fdt) if isinstance(channel_scale, torch.Tensor) else channel_scale
-    fq = focus(q.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
-    fk = focus(k.to(fdt), focusing_factor, channel_scale=cs, eps=eps, joint_heads=joint_heads).to(q.dtype)
-    return linear_attention_triton(fq, fk, v, feature_map="identity", normalize="divide", scale=1.0, eps=eps)
+    fq, fk = _focused_features(q, k, focusing_factor, channel_scale, eps, joint_heads)
+    return linear_attention_triton(
+        fq.to(q.dtype), fk.to(q.dtype), v, feature_map="identity", normalize="divide", scale=1.0, eps=eps
+    )
 
 
 def _focused_triton_supports(q, k, v, **kwargs):
