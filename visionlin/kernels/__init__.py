@@ -17,6 +17,12 @@ from .linear import (
     linear_attention_reference,
 )
 from .magnitude import magnitude_aware_linear_attention, magnitude_aware_linear_attention_reference
+from .neighborhood import (
+    effective_window,
+    neighborhood_attention,
+    neighborhood_attention_reference,
+    neighborhood_indices,
+)
 from .norm_aware import norm_aware_linear_attention, norm_aware_linear_attention_reference
 from .rank_augmented import rank_augmented_linear_attention, rank_augmented_linear_attention_reference
 from .rope import apply_rope_2d, rope_2d_tables
@@ -27,6 +33,7 @@ __all__ = [
     "agent_attention",
     "agent_attention_reference",
     "apply_rope_2d",
+    "effective_window",
     "efficient_attention",
     "efficient_attention_reference",
     "focused_linear_attention",
@@ -41,6 +48,9 @@ __all__ = [
     "list_ops",
     "magnitude_aware_linear_attention",
     "magnitude_aware_linear_attention_reference",
+    "neighborhood_attention",
+    "neighborhood_attention_reference",
+    "neighborhood_indices",
     "norm_aware_linear_attention",
     "norm_aware_linear_attention_reference",
     "rank_augmented_linear_attention",

@@ -8,6 +8,7 @@ from .focused import FocusedLinearAttention
 from .infsa import LinearInfSAAttention, PureInfSAAttention
 from .inline import InLineAttention
 from .magnitude import MagnitudeAwareAttention
+from .neighborhood import NeighborhoodAttention
 from .norm_aware import NormAwareAttention
 from .rank_augmented import RankAugmentedAttention
 from .softmax import SoftmaxAttention
@@ -20,6 +21,7 @@ __all__ = [
     "InLineAttention",
     "LinearInfSAAttention",
     "MagnitudeAwareAttention",
+    "NeighborhoodAttention",
     "NormAwareAttention",
     "PureInfSAAttention",
     "RankAugmentedAttention",
