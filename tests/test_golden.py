@@ -33,6 +33,10 @@ IMPLEMENTED = [
     "mala_attention",
     "nala_attention",
     "efficient_attention",
+    "nat_attention",
+    "dinat_attention",
+    "nat",
+    "dinat",
 ]
 
 

@@ -1,6 +1,7 @@
 """Backbone families; importing this package registers every entrypoint with timm."""
 
-from . import vit
+from . import hierarchical, nat, vit
+from .hierarchical import HierarchicalBackbone
 from .vit import EfficientVisionTransformer
 
-__all__ = ["EfficientVisionTransformer", "vit"]
+__all__ = ["EfficientVisionTransformer", "HierarchicalBackbone", "hierarchical", "nat", "vit"]

@@ -82,6 +82,7 @@ def check_image(
     param_dtype: torch.dtype,
     dynamic_img_size: bool,
     dynamic_img_pad: bool,
+    unit: str = "patch_size",
 ) -> torch.Tensor:
     """``x`` itself if it is an image batch ``[B, in_chans, H, W]`` the model can embed, else ``ValueError``.
 
@@ -90,7 +91,8 @@ def check_image(
 
     ``H`` and ``W`` must be at least one patch and multiples of the patch (unless ``dynamic_img_pad``), equal to
     ``img_size`` unless ``dynamic_img_size``; a floating dtype equal to the parameters' unless autocast is on for the
-    input's device. The batch may be empty.
+    input's device. The batch may be empty. ``unit`` names ``patch_size`` in the messages (hierarchical models pass
+    their total stride as ``patch_size`` and ``unit="stride"``).
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected an image batch tensor [B, C, H, W], got {type(x).__name__}")
@@ -101,11 +103,12 @@ def check_image(
     h, w = x.shape[-2:]
     ph, pw = patch_size
     p = ph if ph == pw else (ph, pw)
+    one, unit_words = ("one patch", "the patch size") if unit == "patch_size" else (f"the {unit}", f"the {unit}")
     if h < ph or w < pw:
-        raise ValueError(f"input size {(h, w)} is smaller than one patch (patch_size={p})")
+        raise ValueError(f"input size {(h, w)} is smaller than {one} ({unit}={p})")
     if not dynamic_img_pad and (h % ph or w % pw):
         raise ValueError(
-            f"input size {(h, w)} is not divisible by patch_size={p}; use sides that are multiples of the patch size "
+            f"input size {(h, w)} is not divisible by {unit}={p}; use sides that are multiples of {unit_words} "
             "or create the model with dynamic_img_pad=True"
         )
     if not dynamic_img_size and (h, w) != tuple(img_size):

@@ -1,0 +1,572 @@
+"""Hierarchical (four-stage, pyramid) backbones with a token mixer chosen per stage or per block.
+
+One skeleton; the family is a set of constructor arguments:
+
+* ``stem_type``: ``"conv"`` (NAT's tokenizer: two 3x3 stride-2 convolutions, then a norm) or ``"patch"`` (one 4x4
+  stride-4 patch embedding, then a norm, as Swin / PVT); both reduce by 4.
+* ``downsample_type`` between stages: ``"conv"`` (NAT: 3x3 stride-2 convolution without bias, then a norm) or
+  ``"patch"`` (2x2 stride-2 patch embedding, then a norm); each halves the grid and sets the next stage's width.
+* ``attn_layer`` / ``attn_kwargs``: a registered token mixer (``visionlin.ATTN_LAYERS``) and its keywords, one for
+  the whole model, one per stage, or one per block of a stage (DiNAT's per-block dilations).
+* the pre-norm transformer :class:`~visionlin.models.vit.Block` (shared with the isotropic family): depths, widths,
+  heads, MLP ratio, LayerScale and stochastic depth per the published configuration.
+
+Tokens stay ``[B, H*W, C]`` (row-major) inside a stage; ``forward_features`` returns the final normalised tokens
+``[B, H/32 * W/32, C]`` (as the isotropic family, without prefix tokens) and ``forward_intermediates`` /
+``features_only=True`` return the four stage outputs at strides 4, 8, 16 and 32. Inputs must have sides that are
+multiples of 32 (the total stride), or pass ``dynamic_img_pad=True`` to pad them at the bottom / right.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import ATTN_LAYERS, TokenMixer
+from ._common import (
+    check_bool,
+    check_head_input,
+    check_image,
+    check_int,
+    check_pair,
+    check_positive,
+    check_rate,
+    take_indices,
+    token_grid,
+)
+from .vit import Block, _check_matches, _unwrap
+
+__all__ = ["HierarchicalBackbone", "HierarchicalStage", "checkpoint_filter_fn"]
+
+_POOLS = ("", "avg", "avgmax", "max")
+
+
+# Stems and downsampling (channels-last [B, H, W, C] out) ------------------------------------------------------------
+class ConvStem(nn.Module):
+    """NAT's tokenizer: conv 3x3 s2 (``C/2``) -> conv 3x3 s2 (``C``) -> norm. Images ``[B, C_in, H, W]`` ->
+    ``[B, H/4, W/4, C]``."""
+
+    stride = 4
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1, **dd),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1, **dd),
+        )
+        self.norm = norm_layer(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchStem(nn.Module):
+    """Non-overlapping 4x4 patch embedding -> norm. Images ``[B, C_in, H, W]`` -> ``[B, H/4, W/4, C]``."""
+
+    stride = 4
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, 4, stride=4, **dd)
+        self.norm = norm_layer(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """NAT's downsampler: conv 3x3 s2 (no bias) -> norm, ``[B, H, W, C_in] -> [B, ceil(H/2), ceil(W/2), C]``."""
+
+    def __init__(self, dim_in: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(dim_in, dim, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_layer(dim, **dd)
+
+    @staticmethod
+    def output_size(size: tuple[int, int]) -> tuple[int, int]:
+        return (size[0] - 1) // 2 + 1, (size[1] - 1) // 2 + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class PatchDownsample(nn.Module):
+    """2x2 stride-2 patch embedding -> norm, ``[B, H, W, C_in] -> [B, H/2, W/2, C]`` (even sides)."""
+
+    def __init__(self, dim_in: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim_in, dim, 2, stride=2, **dd)
+        self.norm = norm_layer(dim, **dd)
+
+    @staticmethod
+    def output_size(size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] // 2, size[1] // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+STEMS: dict[str, type[nn.Module]] = {"conv": ConvStem, "patch": PatchStem}
+DOWNSAMPLES: dict[str, type[nn.Module]] = {"conv": ConvDownsample, "patch": PatchDownsample}
+
+
+# Stage ----------------------------------------------------------------------------------------------------------------
+class HierarchicalStage(nn.Module):
+    """Optional downsampling, then ``depth`` pre-norm blocks on the stage's token grid.
+
+    Args:
+        dim_in: Channels entering the stage.
+        dim: Channels of the stage (``dim_in`` unless downsampling).
+        depth: Number of blocks.
+        num_heads: Attention heads.
+        downsample: ``None`` or a key of :data:`DOWNSAMPLES`.
+        attn_layers: Registered token-mixer name per block.
+        attn_kwargs: Mixer keywords per block.
+        drop_path: Stochastic-depth rate per block.
+        block_kwargs: Remaining :class:`~visionlin.models.vit.Block` keywords (shared by the blocks).
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        downsample: str | None,
+        attn_layers: Sequence[str],
+        attn_kwargs: Sequence[Mapping[str, Any]],
+        drop_path: Sequence[float],
+        norm_layer: Callable[..., nn.Module],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.downsample = DOWNSAMPLES[downsample](dim_in, dim, norm_layer, **dd) if downsample else None
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                drop_path=drop_path[j],
+                norm_layer=norm_layer,
+                attn_layer=attn_layers[j],
+                attn_kwargs=attn_kwargs[j],
+                **block_kwargs,
+                **dd,
+            )
+            for j in range(depth)
+        )
+
+    def output_size(self, feat_size: tuple[int, int]) -> tuple[int, int]:
+        """The stage's token grid for an input grid ``feat_size``."""
+        return feat_size if self.downsample is None else self.downsample.output_size(feat_size)
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
+        """Tokens ``[B, H*W, C_in]`` on grid ``feat_size = (H, W)`` -> tokens ``[B, H'*W', C]`` on
+        :meth:`output_size`."""
+        if self.downsample is not None:
+            x = self.downsample(x.unflatten(1, tuple(feat_size))).flatten(1, 2)
+        grid = self.output_size(feat_size)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, grid, 0, use_reentrant=False)
+            else:
+                x = blk(x, grid, 0)
+        return x
+
+
+# Model --------------------------------------------------------------------------------------------------------------
+def _stage_list(name: str, value: Any, num_stages: int, check: Callable[[str, Any], Any]) -> list[Any]:
+    """A scalar for every stage or one value per stage, each checked with ``check(name, value)``."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * num_stages
+    if len(values) != num_stages:
+        raise ValueError(f"{name}={value!r} needs one entry per stage ({num_stages} stages, from depths)")
+    for i, v in enumerate(values):
+        check(f"{name}[{i}]", v)
+    return values
+
+
+def _per_block(name: str, value: Any, depths: Sequence[int], leaf: Callable[[Any], bool]) -> list[list[Any]]:
+    """One entry for the model, one per stage or one list per stage with an entry per block -> per-block lists."""
+    if leaf(value):
+        return [[value] * d for d in depths]
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(depths):
+        raise ValueError(
+            f"{name}={value!r} must be one entry, one per stage or one list per stage ({len(depths)} stages)"
+        )
+    out = []
+    for i, (stage, d) in enumerate(zip(value, depths, strict=True)):
+        if leaf(stage):
+            out.append([stage] * d)
+        elif isinstance(stage, Sequence) and not isinstance(stage, str) and len(stage) == d and all(map(leaf, stage)):
+            out.append(list(stage))
+        else:
+            raise ValueError(f"{name}[{i}]={stage!r} must be one entry or a list of {d} (depths[{i}]={d}) entries")
+    return out
+
+
+class HierarchicalBackbone(nn.Module):
+    """Four-stage (any number of stages) vision backbone with token mixers chosen per stage or per block.
+
+    Args:
+        img_size: Nominal input size (for the pretrained cfg and ``dynamic_img_size=False``).
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0 = no classifier).
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (tokens out).
+        embed_dim: Width of the first stage (doubled at every stage) or one width per stage.
+        depths: Blocks per stage.
+        num_heads: Attention heads, one for all stages or one per stage.
+        mlp_ratio: MLP hidden width / ``C``, one or one per stage.
+        qkv_bias: Bias on q/k/v projections.
+        qk_norm: Normalise q and k.
+        init_values: LayerScale init (``None`` = no LayerScale).
+        stem_type: Key of :data:`STEMS`.
+        downsample_type: Key of :data:`DOWNSAMPLES`.
+        dynamic_img_size: Accept any input whose sides are multiples of the total stride.
+        dynamic_img_pad: Pad inputs at the bottom / right to a multiple of the total stride instead of raising.
+        drop_rate: Dropout before the classifier.
+        pos_drop_rate: Dropout after the stem.
+        proj_drop_rate: Dropout after attention / MLP projections.
+        attn_drop_rate: Attention dropout.
+        drop_path_rate: Stochastic depth, linearly increasing over all blocks.
+        norm_layer: Norm (default ``LayerNorm(eps=norm_eps)``), channels-last.
+        norm_eps: LayerNorm epsilon when ``norm_layer`` is not given.
+        act_layer: MLP activation (default GELU).
+        attn_layer: Registered token-mixer name: one, one per stage, or one list per stage with a name per block.
+        attn_kwargs: Mixer keywords, nested the same way (dicts).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int | Sequence[int] = 64,
+        depths: Sequence[int] = (3, 4, 6, 5),
+        num_heads: int | Sequence[int] = (2, 4, 8, 16),
+        mlp_ratio: float | Sequence[float] = 3.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        stem_type: str = "conv",
+        downsample_type: str = "conv",
+        dynamic_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        norm_eps: float = 1e-5,
+        act_layer: Callable[..., nn.Module] | None = None,
+        attn_layer: str | Sequence[str | Sequence[str]] = "neighborhood",
+        attn_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        img_size = check_pair("img_size", img_size)
+        check_int("in_chans", in_chans, minimum=1)
+        check_int("num_classes", num_classes, minimum=0)
+        if isinstance(depths, str) or not isinstance(depths, Sequence) or len(depths) < 1:
+            raise ValueError(f"{depths=} must be a non-empty sequence of block counts, one per stage")
+        depths = [check_int(f"depths[{i}]", d, minimum=1) for i, d in enumerate(depths)]
+        n = len(depths)
+        if isinstance(embed_dim, int) and not isinstance(embed_dim, bool):
+            check_int("embed_dim", embed_dim, minimum=1)
+            dims = [embed_dim * 2**i for i in range(n)]
+        else:
+            dims = _stage_list("embed_dim", embed_dim, n, partial(check_int, minimum=1))
+        heads = _stage_list("num_heads", num_heads, n, partial(check_int, minimum=1))
+        mlp_ratios = _stage_list("mlp_ratio", mlp_ratio, n, check_positive)
+        for i, (d, h, r) in enumerate(zip(dims, heads, mlp_ratios, strict=True)):
+            if d % h:
+                raise ValueError(f"stage {i}: width {d} is not divisible by num_heads {h}")
+            if int(d * r) < 1:
+                raise ValueError(f"stage {i}: mlp_ratio={r} gives an empty MLP for width {d}")
+        for name, value in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("dynamic_img_size", dynamic_img_size)):
+            check_bool(name, value)
+        check_bool("dynamic_img_pad", dynamic_img_pad)
+        for name, value in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            check_rate(name, value)
+        check_positive("norm_eps", norm_eps)
+        if init_values is not None:
+            check_positive("init_values", init_values)
+        if global_pool not in _POOLS:
+            raise ValueError(f"{global_pool=} is not one of {_POOLS}")
+        if stem_type not in STEMS:
+            raise ValueError(f"{stem_type=} is not one of {sorted(STEMS)}")
+        if downsample_type not in DOWNSAMPLES:
+            raise ValueError(f"{downsample_type=} is not one of {sorted(DOWNSAMPLES)}")
+        layers = _per_block("attn_layer", attn_layer, depths, lambda a: isinstance(a, str))
+        kwargs = _per_block("attn_kwargs", attn_kwargs, depths, lambda a: a is None or isinstance(a, Mapping))
+        unknown = sorted({name for stage in layers for name in stage if name not in ATTN_LAYERS})
+        if unknown:
+            raise ValueError(f"unknown attention layer(s) {unknown}; choose one of {sorted(ATTN_LAYERS)}")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=norm_eps)
+        act_layer = act_layer or nn.GELU
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dims = tuple(dims)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.num_prefix_tokens = 0
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.grad_checkpointing = False
+
+        self.stem = STEMS[stem_type](in_chans, dims[0], norm_layer, **dd)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.stride = self.stem.stride * 2 ** (n - 1)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        stages = []
+        for i in range(n):
+            start = sum(depths[:i])
+            reduction = self.stem.stride * 2**i
+            grid = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
+            stage_kwargs = []
+            for name, kw in zip(layers[i], kwargs[i], strict=True):
+                kw, layer_cls = dict(kw or {}), ATTN_LAYERS[name]
+                if getattr(layer_cls, "grid_kwarg", None):  # size-dependent mixers: the stage's nominal grid
+                    kw.setdefault(layer_cls.grid_kwarg, grid)
+                if getattr(layer_cls, "prefix_kwarg", None):
+                    kw.setdefault(layer_cls.prefix_kwarg, 0)
+                stage_kwargs.append(kw)
+            stages.append(
+                HierarchicalStage(
+                    dims[i - 1] if i else dims[0],
+                    dims[i],
+                    depths[i],
+                    heads[i],
+                    downsample=downsample_type if i else None,
+                    attn_layers=layers[i],
+                    attn_kwargs=stage_kwargs,
+                    drop_path=dpr[start : start + depths[i]],
+                    norm_layer=norm_layer,
+                    mlp_ratio=mlp_ratios[i],
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    act_layer=act_layer,
+                    **dd,
+                )
+            )
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=self.stem.stride * 2**i, module=f"stages.{i}") for i in range(n)
+        ]
+        self.norm = norm_layer(dims[-1], **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # timm contract: optimisation helpers -----------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The mechanisms' positional / bias / scalar parameters (NAT's ``rpb`` among them)."""
+        table = re.compile(r"\.attn\.(rpb|positional_encoding|scale|rho_logit|temperature|\w+_bias)$")
+        return {n for n, _ in self.named_parameters() if table.search(n)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay."""
+        if coarse:
+            return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+        return dict(
+            stem=r"^stem",
+            blocks=[
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (identical outputs, less memory)."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier; ``num_classes=0`` keeps pooled features, ``global_pool=''`` disables pooling."""
+        check_int("num_classes", num_classes, minimum=0)
+        if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"{global_pool=} is not one of {_POOLS}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(self.stem.parameters())
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
+    # Forward ----------------------------------------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images ``[B, C_in, H, W]`` (checked) -> stem tokens ``[B, H/4 * W/4, C]`` and their grid."""
+        x = check_image(
+            x,
+            self.in_chans,
+            (self.stride, self.stride),
+            self.img_size,
+            next(self.stem.parameters()).dtype,
+            self.dynamic_img_size,
+            self.dynamic_img_pad,
+            "stride",
+        )
+        if self.dynamic_img_pad:
+            x = F.pad(x, (0, (-x.shape[-1]) % self.stride, 0, (-x.shape[-2]) % self.stride))
+        x = self.stem(x)
+        feat_size = token_grid(x)
+        return self.pos_drop(x.flatten(1, 2)), feat_size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C_in, H, W]`` -> normalised last-stage tokens ``[B, H/32 * W/32, C]`` (unpooled)."""
+        x, feat_size = self._embed(x)
+        for stage in self.stages:
+            x = stage(x, feat_size)
+            feat_size = stage.output_size(feat_size)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """Pool tokens ``[B, N, C] -> [B, C]`` (or pass them through for ``''``)."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (x.mean(dim=1) + x.amax(dim=1))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens ``[B, N, C]`` -> logits ``[B, num_classes]`` (or pooled features ``[B, C]`` with ``pre_logits``)."""
+        x = check_head_input(x, self.num_features)
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C_in, H, W]`` -> logits ``[B, num_classes]``."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """Stage outputs as feature maps (timm's ``forward_intermediates`` contract).
+
+        Args:
+            x: Images ``[B, C_in, H, W]``.
+            indices: Take the last ``n`` stages if an int, these stage indices if a list, all if ``None``.
+            return_prefix_tokens: Pair each output with its (empty, ``[B, 0, C]``) prefix tokens, as the isotropic
+                family does.
+            norm: Apply the final norm to the last stage's output.
+            stop_early: Stop after the last requested stage (only with ``intermediates_only``).
+            output_fmt: ``"NCHW"`` (maps ``[B, C, H/s, W/s]``), ``"NHWC"`` or ``"NLC"`` (tokens ``[B, H/s*W/s, C]``).
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or ``(final forward_features output, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NHWC", "NLC"):
+            raise ValueError(f"{output_fmt=} must be 'NCHW', 'NHWC' or 'NLC'")
+        wanted, max_index = take_indices(len(self.stages), indices)
+        x, feat_size = self._embed(x)
+        last = len(self.stages) - 1
+        stages = self.stages if not (stop_early and intermediates_only) else self.stages[: max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x, feat_size)
+            feat_size = stage.output_size(feat_size)
+            if i in wanted:
+                y = self.norm(x) if norm and i == last else x
+                if output_fmt != "NLC":
+                    y = y.unflatten(1, tuple(feat_size))
+                    if output_fmt == "NCHW":
+                        y = y.permute(0, 3, 1, 2).contiguous()
+                intermediates.append((y, x[:, :0]) if return_prefix_tokens else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop stages (and optionally norm / head) not needed for the requested intermediates."""
+        wanted, max_index = take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return wanted
+
+
+# Checkpoint conversion ------------------------------------------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackbone) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint in our key names to ``model``: each block's attention entries go through its layer's
+    ``convert_official_state_dict`` and ``adapt_state_dict`` (e.g. NAT's ``rpb`` resized to another kernel size).
+    Families map their authors' key names first (``visionlin.models.nat.checkpoint_filter_fn``).
+
+    Raises:
+        ValueError: the checkpoint is not a mapping of names to tensors, or (after mapping) has unknown, missing or
+            mis-shaped keys (all named).
+    """
+    out: dict[str, torch.Tensor] = {}
+    per_block: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for k, v in _unwrap(state_dict).items():
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.(.+)$", k)
+        if m and int(m.group(1)) < len(model.stages) and int(m.group(2)) < len(model.stages[int(m.group(1))].blocks):
+            per_block.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = v
+        else:
+            out[k] = v
+    for (i, j), sub in per_block.items():
+        attn: TokenMixer = model.stages[i].blocks[j].attn
+        sub = attn.adapt_state_dict(attn.convert_official_state_dict(sub))
+        out.update({f"stages.{i}.blocks.{j}.attn.{k}": v for k, v in sub.items()})
+    _check_matches(out, model)
+    return out

@@ -1,0 +1,236 @@
+"""NAT and DiNAT: hierarchical backbones with (dilated) neighborhood attention in every block.
+
+* NAT (Hassani et al., CVPR 2023, arXiv 2204.07143): 7x7 neighborhood attention with relative positional bias.
+* DiNAT (Hassani & Shi, 2022, arXiv 2209.15001): NAT whose blocks alternate dilation 1 and a stage dilation chosen
+  for 224 px (56/7 = 8, 28/7 = 4, 14/7 = 2, then 1).
+
+Both are :class:`~visionlin.models.hierarchical.HierarchicalBackbone` with NAT's convolutional stem and downsampler
+and the ``"neighborhood"`` mixer; the entrypoints pin the configurations of the authors' ``classification/nat.py``
+and ``classification/dinat.py`` (SHI-Labs/Neighborhood-Attention-Transformer). Any input whose sides are multiples
+of 32 runs: where a stage's grid is smaller than ``kernel_size * dilation`` the window is clamped to it (see
+``visionlin.kernels.effective_window``), so DiNAT's large dilations shrink to fit small inputs instead of failing.
+The authors' checkpoints load through :func:`checkpoint_filter_fn`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+
+from . import hierarchical
+from ._common import take_indices
+from ._pretrained import build_with_weights
+from .hierarchical import HierarchicalBackbone
+from .vit import _unwrap
+
+__all__ = ["checkpoint_filter_fn", "nat_attn_kwargs"]
+
+
+def nat_attn_kwargs(
+    depths: Sequence[int], kernel_size: int = 7, dilations: Sequence[Sequence[int]] | None = None
+) -> list[list[dict[str, Any]]]:
+    """Per-block ``attn_kwargs`` of a NAT / DiNAT model: ``kernel_size`` everywhere, ``dilations[i][j]`` for block
+    ``j`` of stage ``i`` (all 1 when ``None``).
+
+    Raises:
+        ValueError: ``dilations`` does not have one list per stage with one entry per block.
+    """
+    if dilations is None:
+        return [[{"kernel_size": kernel_size}] * d for d in depths]
+    ok = (
+        isinstance(dilations, Sequence)
+        and len(dilations) == len(depths)
+        and all(isinstance(s, Sequence) and len(s) == d for s, d in zip(dilations, depths, strict=False))
+    )
+    if not ok:
+        raise ValueError(
+            f"dilations={dilations!r} must hold one list per stage with one dilation per block ({depths=}); "
+            "give dilations along with new depths"
+        )
+    return [[{"kernel_size": kernel_size, "dilation": d} for d in stage] for stage in dilations]
+
+
+# Checkpoint conversion ------------------------------------------------------------------------------------------------
+_NAT_KEYS = [
+    (r"^patch_embed\.", "stem."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.gamma1$", r"stages.\1.blocks.\2.ls1.gamma"),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.gamma2$", r"stages.\1.blocks.\2.ls2.gamma"),
+    (r"^levels\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+]
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackbone) -> dict[str, torch.Tensor]:
+    """Map the authors' NAT / DiNAT checkpoints (``patch_embed.*``, ``levels.i.blocks.j.{attn.rpb, gamma1, ...}``,
+    ``levels.i.downsample.*`` at the END of level ``i``) onto ours (``stem.*``, ``stages.i.blocks.j.{attn.rpb,
+    ls1.gamma, ...}``, ``stages.{i+1}.downsample.*`` at the START of the next stage), then fit it to ``model``
+    (``rpb`` resized bicubically to another kernel size). Our own checkpoints pass through unchanged.
+
+    Raises:
+        ValueError: unknown, missing or mis-shaped keys after mapping (all named).
+    """
+    state_dict = _unwrap(state_dict)
+    if any(k.startswith("levels.") for k in state_dict):
+        renamed = {}
+        for k, v in state_dict.items():
+            m = re.match(r"^levels\.(\d+)\.downsample\.(.+)$", k)
+            if m:
+                k = f"stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
+            else:
+                for pattern, repl in _NAT_KEYS:
+                    k, n = re.subn(pattern, repl, k)
+                    if n:
+                        break
+            renamed[k] = v
+        state_dict = renamed
+    return hierarchical.checkpoint_filter_fn(state_dict, model)
+
+
+# Configurations -------------------------------------------------------------------------------------------------------
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj.0",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+_NAT = {"paper_ids": "arXiv:2204.07143", "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer"}
+_DINAT = {
+    "paper_ids": "arXiv:2209.15001",
+    "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
+}
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}.pth"
+
+default_cfgs = generate_default_cfgs(
+    {
+        "nat_mini.in1k": _cfg(_NAT_URL.format("nat_mini"), **_NAT),
+        "nat_tiny.in1k": _cfg(_NAT_URL.format("nat_tiny"), **_NAT),
+        "nat_small.in1k": _cfg(_NAT_URL.format("nat_small"), **_NAT),
+        "nat_base.in1k": _cfg(_NAT_URL.format("nat_base"), **_NAT),
+        "dinat_mini.in1k": _cfg(_DINAT_URL.format("dinat_mini_in1k_224"), **_DINAT),
+        "dinat_tiny.in1k": _cfg(_DINAT_URL.format("dinat_tiny_in1k_224"), **_DINAT),
+        "dinat_small.in1k": _cfg(_DINAT_URL.format("dinat_small_in1k_224"), **_DINAT),
+        "dinat_base.in1k": _cfg(_DINAT_URL.format("dinat_base_in1k_224"), **_DINAT),
+        "dinat_large.in22k_ft_in1k": _cfg(_DINAT_URL.format("dinat_large_in22k_in1k_224"), **_DINAT),
+    }
+)
+
+
+def _create_nat(
+    variant: str,
+    pretrained: bool = False,
+    kernel_size: int = 7,
+    dilations: Sequence[Sequence[int]] | None = None,
+    **kwargs: Any,
+) -> HierarchicalBackbone:
+    """Build a NAT / DiNAT variant; ``kernel_size`` and ``dilations`` become the blocks' ``attn_kwargs`` (unless
+    ``attn_kwargs`` is given)."""
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    depths = kwargs["depths"]
+    if kwargs.get("features_only"):
+        take_indices(len(depths), out_indices)  # a ValueError naming bad out_indices (timm would assert)
+    if "attn_kwargs" not in kwargs:
+        kwargs["attn_kwargs"] = nat_attn_kwargs(depths, kernel_size, dilations)
+    kwargs.setdefault("attn_layer", "neighborhood")
+    return build_with_weights(
+        HierarchicalBackbone,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _args(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """An entrypoint's published settings, each overridable by the caller's keywords."""
+    return {**defaults, **kwargs}
+
+
+_MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
+# DiNAT at 224 px: blocks alternate dilation 1 and the stage's 56/7, 28/7, 14/7 (stage 4: 7/7 = 1 throughout).
+_DILATIONS_MINI = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3, (1,) * 5)
+_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
+
+
+def _dinat(kwargs: dict[str, Any], dilations: Sequence[Sequence[int]], **defaults: Any) -> dict[str, Any]:
+    """DiNAT settings: the published dilations unless the caller gives ``dilations`` (or changes ``depths``, which
+    then needs its own ``dilations``)."""
+    args = _args(kwargs, **defaults)
+    if "dilations" not in kwargs and "attn_kwargs" not in kwargs:
+        args["dilations"] = dilations
+    return args
+
+
+# Entrypoints ----------------------------------------------------------------------------------------------------------
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """NAT-Mini: 64 wide, depths 3-4-6-5, 7x7 neighborhood attention with rpb (20M params, 2.7 GMACs)."""
+    return _create_nat("nat_mini", pretrained, **_args(kwargs, **_MINI))
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """NAT-Tiny: 64 wide, depths 3-4-18-5 (28M params, 4.3 GMACs)."""
+    return _create_nat("nat_tiny", pretrained, **_args(kwargs, **_TINY))
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """NAT-Small: 96 wide, depths 3-4-18-5, MLP ratio 2, LayerScale 1e-5 (51M params, 7.8 GMACs)."""
+    return _create_nat("nat_small", pretrained, **_args(kwargs, **_SMALL, init_values=1e-5))
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """NAT-Base: 128 wide, depths 3-4-18-5, MLP ratio 2, LayerScale 1e-5 (90M params, 13.7 GMACs)."""
+    return _create_nat("nat_base", pretrained, **_args(kwargs, **_BASE, init_values=1e-5))
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """DiNAT-Mini: NAT-Mini with dilations 1/8, 1/4, 1/2, 1 alternating per block (20M params, 2.7 GMACs)."""
+    return _create_nat("dinat_mini", pretrained, **_dinat(kwargs, _DILATIONS_MINI, **_MINI))
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """DiNAT-Tiny: NAT-Tiny with alternating dilations (28M params, 4.3 GMACs)."""
+    return _create_nat("dinat_tiny", pretrained, **_dinat(kwargs, _DILATIONS, **_TINY))
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """DiNAT-Small: NAT-Small with alternating dilations and no LayerScale (51M params, 7.8 GMACs)."""
+    return _create_nat("dinat_small", pretrained, **_dinat(kwargs, _DILATIONS, **_SMALL))
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """DiNAT-Base: NAT-Base with alternating dilations, LayerScale 1e-5 (90M params, 13.7 GMACs)."""
+    return _create_nat("dinat_base", pretrained, **_dinat(kwargs, _DILATIONS, **_BASE, init_values=1e-5))
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
+    """DiNAT-Large (ImageNet-22k, fine-tuned on 1k at 224 px): 192 wide, 6-12-24-48 heads (200M params, 30.6 GMACs)."""
+    return _create_nat("dinat_large", pretrained, **_dinat(kwargs, _DILATIONS, **_LARGE))
