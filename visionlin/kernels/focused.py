@@ -172,9 +172,8 @@ def _focused_triton_supports(q, k, v, **kwargs):
 
 
 _op = Op("focused_linear_attention")
-_op.register("torch", _focused_native, same_floating_dtype)
-# Not yet preferred automatically: the fused kernels are GPU-tested, this wiring only on the CPU (Triton's interpreter).
 _op.register("triton", _focused_triton, _focused_triton_supports)
+_op.register("torch", _focused_native, same_floating_dtype)
 _op.register("reference", focused_linear_attention_reference, supports_floating)
 
 

@@ -41,6 +41,8 @@ from .linear import feature_dtype, linear_attention_triton, scaled_linear_attent
 __all__ = [
     "linear_infsa_attention",
     "linear_infsa_attention_reference",
+    "linear_infsa_context",
+    "linear_infsa_context_reference",
     "pure_infsa_attention",
     "pure_infsa_attention_reference",
 ]
@@ -138,14 +140,67 @@ def linear_infsa_attention_reference(
             num = torch.einsum("bnhd,bhde->bnhe", fq, kv)
             den = torch.einsum("bnhd,bhd->bnh", fq, fk.sum(dim=1)).unsqueeze(-1)
             return (r * num / (den + eps)).to(q.dtype)
-        energy = torch.linalg.vector_norm(qs, dim=-1)  # [B, N, H]
-        w = energy / (energy.sum(dim=1, keepdim=True) + eps)
-        q_bar = torch.einsum("bnh,bnhd->bhd", w, qs)  # [B, H, D]
-        a = F.relu(torch.einsum("bhd,bmhd->bmh", q_bar, ks))  # [B, M, H]
-        a = a / (a.sum(dim=1, keepdim=True) + eps)
-        ctx = torch.einsum("bmh,bmhe->bhe", a, v)  # [B, H, Dv]
-        out = (r * ctx).unsqueeze(1).expand(-1, q.shape[1], -1, -1)
+        out = (r * _pooled_context(qs, ks, v, eps)).expand(-1, q.shape[1], -1, -1)
     return out.to(q.dtype)
+
+
+def _pooled_context(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """The pooled form's context ``[B, 1, H, Dv]`` from scaled queries and keys (all float32), without ``rho``."""
+    energy = torch.linalg.vector_norm(qs, dim=-1)  # [B, N, H]
+    w = energy / (energy.sum(dim=1, keepdim=True) + eps)
+    q_bar = torch.einsum("bnh,bnhd->bhd", w, qs)  # [B, H, D]
+    a = F.relu(torch.einsum("bhd,bmhd->bmh", q_bar, ks))  # [B, M, H]
+    a = a / (a.sum(dim=1, keepdim=True) + eps)
+    return torch.einsum("bmh,bmhe->bhe", a, v).unsqueeze(1)  # [B, 1, H, Dv]
+
+
+def linear_infsa_context_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rho: Rho = 1.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """The one context row ``[B, 1, H, Dv]`` that the authors' linear InfSA gives every query (module docstring), in
+    float32: ``linear_infsa_attention_reference(...)`` is this row repeated ``N`` times.
+
+    A layer applies its output projection to this row once and broadcasts the result, instead of projecting ``N``
+    identical rows.
+    """
+    _check("linear_infsa_context", q, k, v, rho, eps)
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        scale = q.shape[-1] ** -0.5
+        ctx = _pooled_context(q.to(dt) * scale, k.to(dt) * scale, v.to(dt), eps)
+        return (_rho(rho, dt, q.device) * ctx).to(q.dtype)
+
+
+def _context_native(q, k, v, *, rho=1.0, eps=1e-6):
+    """``"torch"`` backend of the pooled context: the reference's float32 math (the pooled form cancels: see
+    :func:`_per_query_native`), without its checks."""
+    scale = q.shape[-1] ** -0.5
+    acc = reference_dtype(q.dtype)
+    ctx = _pooled_context(q.to(acc) * scale, k.to(acc) * scale, v.to(acc), eps)
+    return (_rho(rho, acc, q.device) * ctx).to(q.dtype)
+
+
+def _context_triton(q, k, v, *, rho=1.0, eps=1e-6):
+    """``"triton"`` backend of the pooled context: :mod:`visionlin.kernels.triton.infsa` (float32 math)."""
+    from .triton.infsa import pooled_infsa_context_triton
+
+    ctx = pooled_infsa_context_triton(q, k, v, eps=eps).unsqueeze(1)  # [B, 1, H, Dv] float32
+    return (_rho(rho, torch.float32, q.device) * ctx).to(q.dtype)
+
+
+def _supports_context_triton(q, k, v, **kwargs):
+    from .triton import MAX_HEAD_DIM, triton_unavailable
+
+    reasons = triton_unavailable(q, k, v) + same_floating_dtype(q, k, v)
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head dims {q.shape[-1]=}, {v.shape[-1]=} exceed the kernels' {MAX_HEAD_DIM}")
+    return reasons
+
+
+_context_op = Op("linear_infsa_context")
+_context_op.register("triton", _context_triton, _supports_context_triton)
+_context_op.register("torch", _context_native, supports_floating)
+_context_op.register("reference", linear_infsa_context_reference, supports_floating)
 
 
 def _pure_native(q, k, v, *, rho=1.0, eps=1e-6):
@@ -180,8 +235,9 @@ def _per_query_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     """``"torch"`` backend of the ``per_query`` form: the shared native core
     (:func:`~visionlin.kernels.linear.scaled_linear_attention`) on relu features.
 
-    The authors' pooled form has no native path: its q / k gradients cancel (the energy weights sum to one) and
-    relu boundaries of ``qbar . k`` flip under bf16 rounding, giving ~8% gradient error; it always runs in float32.
+    The authors' pooled form has no half-precision path: its q / k gradients cancel (the energy weights sum to one)
+    and relu boundaries of ``qbar . k`` flip under bf16 rounding, giving ~8% gradient error; its backends compute in
+    float32 (:func:`_context_native`, and the Triton kernels on the inputs' values).
     """
     fdt = feature_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
@@ -192,17 +248,7 @@ def _per_query_native(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     return (_rho(rho, out.dtype, q.device) * out).to(q.dtype)
 
 
-def _supports_native(q, k, v, *, per_query=False, **kwargs):
-    reasons = [] if per_query else ["only the per_query form has a native-precision path (see _per_query_native)"]
-    return reasons + same_floating_dtype(q, k, v)
-
-
-_pure_op = Op("pure_infsa_attention")
-_pure_op.register("torch", _pure_native, same_floating_dtype)
-_pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
-
-
-def _per_query_triton(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
+def _per_query_triton(q, k, v, *, rho=1.0, eps=1e-6, per_query=True):
     """``"triton"`` backend of the ``per_query`` form: the fused linear-attention kernels with the relu map.
     ``relu(q / sqrt(D)) . relu(k / sqrt(D)) = relu(q) . relu(k) / D`` (scale ``1/D``), and the kernels divide means,
     so the reference's ``eps`` on sums becomes ``eps / M``."""
@@ -212,15 +258,22 @@ def _per_query_triton(q, k, v, *, rho=1.0, eps=1e-6, per_query=False):
     return (_rho(rho, torch.float32, q.device) * out.float()).to(q.dtype)
 
 
-def _supports_triton(q, k, v, *, per_query=False, **kwargs):
-    reasons = [] if per_query else ["only the per_query form maps onto the linear-attention kernels"]
-    return reasons + triton_linear_supports(q, k, v, feature_map="relu")
+def _supports_triton(q, k, v, **kwargs):
+    return triton_linear_supports(q, k, v, feature_map="relu")
 
 
+def _native_supports(q, k, v, **kwargs):
+    return same_floating_dtype(q, k, v)
+
+
+_pure_op = Op("pure_infsa_attention")
+_pure_op.register("torch", _pure_native, same_floating_dtype)
+_pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
+
+# The per-query form (the pooled form is the context op above, broadcast).
 _linear_op = Op("linear_infsa_attention")
-_linear_op.register("torch", _per_query_native, _supports_native)
-# Not yet preferred automatically: the fused kernels are GPU-tested, this wiring only on the CPU (Triton's interpreter).
 _linear_op.register("triton", _per_query_triton, _supports_triton)
+_linear_op.register("torch", _per_query_native, _native_supports)
 _linear_op.register("reference", linear_infsa_attention_reference, supports_floating)
 
 
@@ -248,6 +301,24 @@ def linear_infsa_attention(
     per_query: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Linear InfSA; see :func:`linear_infsa_attention_reference`."""
+    """Linear InfSA; see :func:`linear_infsa_attention_reference`. With ``per_query=False`` (the authors' form) the
+    result is :func:`linear_infsa_context` broadcast over the ``N`` queries (a stride-0 view, not ``N`` copies)."""
     _check("linear_infsa_attention", q, k, v, rho, eps, per_query)
-    return _linear_op(q, k, v, rho=rho, eps=eps, per_query=per_query, backend=backend)
+    if not per_query:
+        return _context_op(q, k, v, rho=rho, eps=eps, backend=backend).expand(-1, q.shape[1], -1, -1)
+    return _linear_op(q, k, v, rho=rho, eps=eps, per_query=True, backend=backend)
+
+
+def linear_infsa_context(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rho: Rho = 1.0,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The context row ``[B, 1, H, Dv]`` that the authors' linear InfSA gives every query; see
+    :func:`linear_infsa_context_reference`."""
+    _check("linear_infsa_context", q, k, v, rho, eps)
+    return _context_op(q, k, v, rho=rho, eps=eps, backend=backend)

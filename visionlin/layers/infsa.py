@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..kernels.infsa import linear_infsa_attention, pure_infsa_attention
+from ..kernels.infsa import linear_infsa_attention, linear_infsa_context, pure_infsa_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
 
@@ -104,7 +104,7 @@ class LinearInfSAAttention(_InfSABase):
         per_query: Query-dependent output (not in the authors' code).
     """
 
-    kernel_ops = ("linear_infsa_attention",)
+    kernel_ops = ("linear_infsa_attention", "linear_infsa_context")
 
     def __init__(self, dim: int, num_heads: int = 8, *args, per_query: bool = False, **kwargs) -> None:
         super().__init__(dim, num_heads, *args, **kwargs)
@@ -114,9 +114,12 @@ class LinearInfSAAttention(_InfSABase):
         """``[B, N, C] -> [B, N, C]``; position-free, ``feat_size`` is only validated."""
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         q, k, v = self._qkv(x)
-        out = linear_infsa_attention(
-            q, k, v, rho=self.rho(), eps=self.eps, per_query=self.per_query, backend=self.backend
-        )
+        if not self.per_query:
+            # Every token gets the same context row: project it once and broadcast (proj is per-token affine, so
+            # this equals projecting N copies), then drop out per token as usual.
+            ctx = linear_infsa_context(q, k, v, rho=self.rho(), eps=self.eps, backend=self.backend)
+            return self.proj_drop(self.proj(merge_heads(ctx)).expand(-1, x.shape[1], -1))
+        out = linear_infsa_attention(q, k, v, rho=self.rho(), eps=self.eps, per_query=True, backend=self.backend)
         return self.proj_drop(self.proj(merge_heads(out)))
 
 

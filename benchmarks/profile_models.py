@@ -1,0 +1,115 @@
+"""Where a model's GPU time goes: ``torch.profiler`` kernel table of one inference forward (bf16 autocast, eager),
+for visionlin models and their dense timm twin, grouped into categories (GEMM, attention, normalisation,
+elementwise, convolution, copies, ...).
+
+Usage (on a GPU machine):
+    python benchmarks/profile_models.py --out benchmarks/results/h200 --models infvit_small,inline_deit_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Ordered: the first pattern found in a kernel's (lower-cased) name decides its category.
+CATEGORIES = (
+    ("attention (ours, triton)", ("_state", "_readout", "_infsa", "_pooled", "_fused_linear")),
+    ("attention (sdpa/flash)", ("flash", "fmha", "attention", "cudnn_generated")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "splitk")),
+    ("convolution", ("conv", "depthwise", "implicit")),
+    ("normalisation", ("layer_norm", "layernorm", "norm_kernel", "batch_norm")),
+    ("reduction", ("reduce", "sum_kernel", "softmax", "cumsum")),
+    ("copy / layout", ("copy", "cat", "transpose", "permute", "index", "gather", "fill", "memset", "memcpy")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton_")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile(model: torch.nn.Module, size: int, batch: int) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x)
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[evt.name]
+            k[0] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+            k[1] += 1
+    total = sum(v[0] for v in kernels.values())
+    cats: dict[str, float] = defaultdict(float)
+    for name, (us, _) in kernels.items():
+        cats[category(name)] += us
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {
+        "gpu_us": total,
+        "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "us": us, "calls": c, "category": category(n)} for n, (us, c) in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import timm
+
+    import visionlin
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--models", default="infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small")
+    parser.add_argument("--sizes", default="224:256,1024:16", help="size:batch pairs")
+    parser.add_argument("--backend", default=None, help="kernel backend for visionlin models (default: auto)")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
+    results = []
+    for name in ["deit_small_patch16_224", *args.models.split(",")]:
+        for size, batch in sizes:
+            torch.manual_seed(0)
+            if name.startswith("deit"):
+                model = timm.create_model(name, dynamic_img_size=True, img_size=size)
+            else:
+                model = timm.create_model(name)
+                visionlin.set_backend(model, args.backend)
+            model = model.cuda().eval()
+            r = {"model": name, "size": size, "batch": batch, **profile(model, size, batch)}
+            results.append(r)
+            print(f"\n== {name} {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU per forward", flush=True)
+            for cat, us in r["categories_us"].items():
+                print(f"   {cat:28s} {us / 1e3:8.2f} ms  {100 * us / r['gpu_us']:5.1f}%")
+            for k in r["top_kernels"][:12]:
+                print(f"     {k['us'] / 1e3:7.2f} ms x{k['calls']:3d} [{k['category'][:12]}] {k['name'][:100]}")
+            del model
+            torch.cuda.empty_cache()
+    from benchmarks._meta import gpu_meta
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = gpu_meta(argv, args.commit, timm=timm.__version__)
+    (out / "profile_models.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
