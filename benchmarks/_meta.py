@@ -1,15 +1,17 @@
-"""The metadata every GPU benchmark result carries: command, commit, date, GPU and versions."""
+"""The metadata every GPU benchmark result carries: command, commit, date, GPU and versions.
+
+Built by ``visionlin.train.bench.run_meta`` (the packaged benchmarks use it directly); this keeps the scripts'
+older call.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from visionlin.train.bench import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,17 +27,7 @@ def git_commit() -> str:
 
 
 def gpu_meta(argv: list[str] | None, commit: str | None = None, **extra: Any) -> dict[str, Any]:
-    """``{"command", "commit", "date", "gpu", "torch", "triton", "python", **extra}`` for a script run with ``argv``
-    (``None``: ``sys.argv``)."""
-    import triton
-
-    return {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit or git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        **extra,
-    }
+    """``run_meta`` for a script run with ``argv`` (``None``: ``sys.argv``) on the current CUDA device: command,
+    commit, date, gpu, torch, cuda, triton, timm, visionlin, python and ``extra``."""
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    return run_meta(command, "cuda", commit or git_commit(), **extra)

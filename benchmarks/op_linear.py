@@ -1,168 +1,18 @@
-"""Op-level speed of non-causal linear attention on a GPU: the Triton kernels vs the native ``torch`` backend vs
-flash SDPA (dense softmax, for scale), forward and forward + backward, with achieved bandwidth against the copy
-bandwidth measured in the same run.
+"""Kept for old commands: the op-level linear-attention benchmark now ships in the package as
+``visionlin.train.bench_op`` (``visionlin bench op``).
 
-Bytes counted are the fewest the op must move: forward reads q, k, v and writes out; backward reads q, k, v, out and
-the output gradient and writes dq, dk, dv. Times are medians of ``triton.testing.do_bench``.
-
-Usage (on a GPU machine):
-    python benchmarks/op_linear.py --out benchmarks/results/h200 [--sweep]
+Usage (on a GPU machine; the same flags as ``visionlin bench op``):
+    python benchmarks/op_linear.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-CASES = [  # (label, B, N, H, D, feature_map, normalize)
-    ("deit-s stage, relu/divide", 64, 3136, 3, 32, "relu", "divide"),
-    ("deit-s stage, identity/subtract", 64, 3136, 3, 32, "identity", "subtract"),
-    ("65k tokens, relu/divide", 2, 65536, 3, 32, "relu", "divide"),
-    ("65k tokens, D=64", 2, 65536, 6, 64, "relu", "divide"),
-    ("224px small (197), D=64", 256, 197, 6, 64, "relu", "divide"),
-    ("D=128", 8, 16384, 4, 128, "elu", "divide"),
-]
-
-
-def _bench(fn, ms=200) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=50, rep=ms, return_mode="median")
-
-
-def _bench_graph(fn, ms=200) -> float:
-    """GPU time alone: the call replayed from a CUDA graph (no Python or launch overhead)."""
-    import triton
-
-    with torch.cuda.stream(torch.cuda.Stream()):
-        return triton.testing.do_bench_cudagraph(fn, rep=ms, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    t = _bench(lambda: y.copy_(x))
-    return 2 * x.numel() * x.element_size() / (t * 1e-3) / 1e9
-
-
-def run_case(label, b, n, h, d, fmap, norm, dtype=torch.bfloat16):
-    from visionlin.kernels.linear import linear_attention_native
-    from visionlin.kernels.triton.linear import linear_attention_triton
-
-    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    g = torch.randn(b, n, h, d, device="cuda", dtype=dtype)
-    es = q.element_size()
-    fwd_bytes = 4 * b * n * h * d * es
-    bwd_bytes = 8 * b * n * h * d * es
-    row = {"case": label, "B": b, "N": n, "H": h, "D": d, "feature_map": fmap, "normalize": norm, "dtype": str(dtype)}
-    impls = {
-        "triton": lambda: linear_attention_triton(q, k, v, feature_map=fmap, normalize=norm),
-        "torch": lambda: linear_attention_native(q, k, v, feature_map=fmap, normalize=norm),
-    }
-    if n <= 16384:
-        impls["sdpa_flash"] = lambda: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        ).transpose(1, 2)
-    for name, fn in impls.items():
-        with torch.no_grad():
-            t_fwd = _bench(fn)
-            try:
-                row[f"{name}_fwd_graph_ms"] = _bench_graph(fn)
-            except Exception as e:  # a backend that cannot be captured
-                row[f"{name}_fwd_graph_ms"] = float("nan")
-                print(f"{name}: no CUDA-graph timing ({type(e).__name__}: {e})")
-        out = fn()
-
-        def step(out=out):
-            q.grad = k.grad = v.grad = None
-            out.backward(g, retain_graph=True)
-
-        t_bwd = _bench(step)
-        row[f"{name}_fwd_ms"] = t_fwd
-        row[f"{name}_bwd_ms"] = t_bwd
-        row[f"{name}_fwd_GBs"] = fwd_bytes / (t_fwd * 1e-3) / 1e9
-        row[f"{name}_bwd_GBs"] = bwd_bytes / (t_bwd * 1e-3) / 1e9
-        del out
-    return row
-
-
-def fwd_bytes_of(row: dict) -> int:
-    es = 2 if "bfloat16" in row["dtype"] or "float16" in row["dtype"] else 4
-    return 4 * row["B"] * row["N"] * row["H"] * row["D"] * es
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--sweep", action="store_true", help="also sweep rows per program and warps (first case)")
-    parser.add_argument("--commit", default=None, help="commit of the tree (a copied tree's git may be stale)")
-    args = parser.parse_args(argv)
-    from visionlin.kernels.triton import linear as tri
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bw = copy_bandwidth()
-    rows = []
-    for case in CASES:
-        row = run_case(*case)
-        row["triton_fwd_frac_copy_bw"] = row["triton_fwd_GBs"] / bw
-        row["triton_fwd_graph_frac_copy_bw"] = fwd_bytes_of(row) / (row["triton_fwd_graph_ms"] * 1e-3) / 1e9 / bw
-        row["triton_bwd_over_fwd"] = row["triton_bwd_ms"] / row["triton_fwd_ms"]
-        row["triton_speedup_fwd_vs_torch"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
-        row["triton_speedup_bwd_vs_torch"] = row["torch_bwd_ms"] / row["triton_bwd_ms"]
-        rows.append(row)
-        print(
-            f"{row['case']:34s} fwd {row['triton_fwd_ms']:.3f} ms (graph {row['triton_fwd_graph_ms']:.3f}, "
-            f"sdpa {row.get('sdpa_flash_fwd_ms', float('nan')):.3f}; {row['triton_fwd_frac_copy_bw']:.2f} of copy bw, "
-            f"{row['triton_speedup_fwd_vs_torch']:.1f}x torch) | bwd {row['triton_bwd_ms']:.3f} ms "
-            f"({row['triton_bwd_over_fwd']:.2f}x fwd, {row['triton_speedup_bwd_vs_torch']:.1f}x torch)",
-            flush=True,
-        )
-    sweep = []
-    if args.sweep:
-        for rows_per, warps in [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]:
-            tri.TUNING.update(rows=rows_per, rows_backward=rows_per, warps=warps)
-            r = run_case(*CASES[0])
-            sweep.append({"rows": rows_per, "warps": warps, **{k: r[k] for k in r if k.startswith("triton")}})
-            print(f"sweep rows={rows_per} warps={warps}: fwd {r['triton_fwd_ms']:.3f} bwd {r['triton_bwd_ms']:.3f}")
-        tri.TUNING.update(rows=64, rows_backward=None, warps=None)
-    from benchmarks._meta import gpu_meta
-
-    meta = gpu_meta(argv, args.commit, copy_bandwidth_GBs=bw)
-    (out / "op_linear.json").write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep}, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("op_linear.png skipped: matplotlib is not installed")
-        return 0
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels = [r["case"] for r in rows]
-    for ax, kind in zip(axes, ("fwd", "bwd"), strict=True):
-        xs = range(len(rows))
-        for i, impl in enumerate(("triton", "torch", "sdpa_flash")):
-            vals = [r.get(f"{impl}_{kind}_GBs", 0.0) for r in rows]
-            ax.bar([x + 0.27 * (i - 1) for x in xs], vals, width=0.27, label=impl)
-        ax.axhline(bw, color="k", ls="--", lw=1, label=f"copy {bw:.0f} GB/s")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("GB/s (minimal bytes / time)")
-        ax.set_title(f"linear attention {kind}, bf16, {meta['gpu']}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "op_linear.png", dpi=120)
-    return 0
-
+from visionlin.train.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["op", *sys.argv[1:]], prog="python benchmarks/op_linear.py"))

@@ -1,4 +1,4 @@
-"""The ``visionlin`` console command: ``visionlin list`` and ``visionlin demo``.
+"""The ``visionlin`` console command: ``visionlin list``, ``visionlin demo`` and ``visionlin bench``.
 
 Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
 """
@@ -10,7 +10,7 @@ import fnmatch
 import shlex
 import sys
 
-from .train import scaling
+from .train import bench, scaling
 
 __all__ = ["main"]
 
@@ -45,7 +45,8 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``visionlin list [FILTER]`` and ``visionlin demo [flags]``; returns the exit status."""
+    """Entry point: ``visionlin list [FILTER]``, ``visionlin demo [flags]``, ``visionlin bench WHAT [flags]``; returns
+    the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = _parser().parse_known_args(argv)
     if extra:  # reported by the subcommand, whose usage line is the one that helps
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench}")
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
     p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
     p.set_defaults(fn=_cmd_list, parser=p)
@@ -66,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     scaling.add_arguments(p)
     p.set_defaults(fn=_cmd_demo, parser=p)
+    p = sub.add_parser(
+        "bench",
+        help="GPU benchmarks next to the dense twin: models, train, largest, op (JSON + PNG per benchmark)",
+        description=bench.__doc__.split("\n\n")[0],
+    )
+    bench.add_subcommands(p)
     return parser
 
 

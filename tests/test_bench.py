@@ -1,0 +1,332 @@
+"""``visionlin bench``: flag checks, the measuring code on tiny CPU runs, out-of-memory handling and the largest-input
+search (with fakes whose memory limit the test sets). No timing is asserted: the benchmarks are scripts."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from visionlin import cli
+from visionlin.train import bench, bench_op
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+TINY = ["--device", "cpu", "--models", "infvit_tiny", "--twin", "deit_tiny_patch16_224", "--warmup", "1"]
+TINY += ["--iters", "1", "--repeats", "1"]
+
+
+def _oom(msg: str = "CUDA out of memory (fake)") -> torch.cuda.OutOfMemoryError:
+    return torch.cuda.OutOfMemoryError(msg)
+
+
+# Flag checks ----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_measuring(monkeypatch, tmp_path):
+    def fail(*args, **kwargs):
+        raise AssertionError("a bad flag got past the checks")
+
+    for name in ("bench_models", "bench_train", "bench_largest"):
+        monkeypatch.setattr(bench, name, fail)
+    monkeypatch.chdir(tmp_path)
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: visionlin bench {argv[0]}" in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["models", "--models", "nope_model"], "unknown model 'nope_model'; valid models: agent_deit_base, "),
+        (["models", "--models", "infvit_smal"], "unknown model 'infvit_smal' (did you mean infvit_small"),
+        (["models", "--models", "deit_small_patch16_224"], "unknown model 'deit_small_patch16_224'"),
+        (["models", "--models", ""], "no model given in ''"),
+        (["models", "--sizes", "40"], "'40' is not a positive multiple of 16"),
+        (["models", "--sizes", "0"], "'0' is not a positive multiple of 16"),
+        (["models", "--sizes", "-32"], "'-32' is not a positive multiple of 16"),
+        (["models", "--sizes", "224,224"], "224 given more than once"),
+        (["models", "--batch-sizes", "224:4"], "'224:4' is not SIZE=BATCH"),
+        (["models", "--batch-sizes", "224=0"], "'0' is not a positive integer"),
+        (["models", "--device", "cpu", "--sizes", "224", "--batch-sizes", "512=4"], "512 is not one of --sizes 224"),
+        (["models", "--device", "cpu", "--sizes", "224", "--compile-sizes", "1024"], "1024 is not one of --sizes"),
+        (["models", "--modes", "jit"], "unknown mode 'jit'; choose from eager, compiled"),
+        (["models", "--iters", "0"], "argument --iters: '0' is not a positive integer"),
+        (["models", "--time-budget", "-1"], "'-1' is not a positive number of seconds"),
+        (["models", "--twin", "deit_smal_patch16_224"], "'deit_smal_patch16_224' is not a timm model (did you mean"),
+        (["models", "--twin", "vit_small_patch14_dinov2"], "has patch size 14; the twin needs 16"),
+        (["models", "--backends", "cuda"], "unknown backend 'cuda'; choose from auto, "),
+        (["models", "--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
+        (["models", "--device", "meta"], "'meta' is not measured; use 'cuda' or 'cuda:N', or 'cpu' for a smoke"),
+        pytest.param(["models"], "'cuda' is not available on this machine", marks=NO_GPU),
+        pytest.param(["train"], "'cuda' is not available on this machine", marks=NO_GPU),
+        (["train", "--size", "100"], "'100' is not a positive multiple of 16"),
+        (["largest", "--device", "cpu"], "'cpu' is not measured; use 'cuda' or 'cuda:N' (this benchmark needs a GPU)"),
+        pytest.param(["largest"], "visionlin bench measures on a CUDA GPU", marks=NO_GPU),
+        (["op", "--device", "cpu"], "(this benchmark needs a GPU)"),
+        (["plot", "missing.json"], "'missing.json' is not a file"),
+        (["models", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flag_is_a_usage_error_naming_it(capsys, no_measuring, argv, message):
+    assert message in _usage_error(capsys, argv)
+
+
+def test_unwritable_out_is_a_usage_error(capsys, no_measuring, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert "'a_file' exists and is not a folder" in _usage_error(capsys, ["models", *TINY, "--out", "a_file"])
+    assert "cannot write to folder 'a_file/sub'" in _usage_error(capsys, ["train", *TINY, "--out", "a_file/sub"])
+    (tmp_path / "res" / "bench_models.json").mkdir(parents=True)
+    assert "'res/bench_models.json' is a folder" in _usage_error(capsys, ["models", *TINY, "--out", "res"])
+
+
+def test_plot_refuses_a_json_it_did_not_write(capsys, no_measuring, tmp_path):
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    assert "is not a result written by visionlin bench" in _usage_error(capsys, ["plot", "other.json"])
+
+
+def test_defaults_are_every_small_model_and_quick_settings(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(models, **kwargs):
+        seen.update(models=models, **kwargs)
+        return []
+
+    monkeypatch.setattr(bench, "bench_models", fake)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "models", "--device", "cpu", "--quick", "--iters", "7"]) == 0
+    assert seen["models"] == bench.default_models()
+    assert {"infvit_small", "infvit_pure_small", "flatten_deit_small", "agent_deit_small"} <= set(seen["models"])
+    assert all(m.endswith("_small") for m in seen["models"])
+    assert seen["sizes"] == [224, 512, 1024, 2048, 4096] and seen["compile_sizes"] == [224, 1024]
+    assert seen["iters"] == 7 and seen["warmup"] == 2 and seen["repeats"] == 3  # an explicit flag wins over --quick
+    assert seen["twin"] == "deit_small_patch16_224" and seen["backends"] == [None]
+    assert (tmp_path / "benchmarks" / "results" / "cpu" / "bench_models.json").is_file()  # the default --out
+
+
+def test_append_splits_a_suite_over_calls(monkeypatch, tmp_path):
+    def fake(models, *, modes, **kwargs):
+        rows = [{"model": m, "backend": "auto", "mode": mode, "size": 224, "batch": 2, "status": "ok", "img_s": 1.0,
+                 "peak_mib": 1.0, "ratio_vs_twin": 1.0} for m in models for mode in modes]  # fmt: skip
+        kwargs["on_rows"](rows)
+        return rows
+
+    monkeypatch.setattr(bench, "bench_train", fake)
+    monkeypatch.setattr(bench, "plot_result", lambda result, path: path.write_bytes(b""))
+    base = ["bench", "train", "--device", "cpu", "--models", "infvit_tiny", "--out", str(tmp_path)]
+    assert cli.main([*base, "--modes", "eager"]) == 0
+    assert cli.main([*base, "--modes", "compiled", "--append"]) == 0
+    assert cli.main([*base, "--modes", "compiled", "--append"]) == 0  # measured again: replaced, not duplicated
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    assert [(r["model"], r["mode"]) for r in result["rows"]] == [("infvit_tiny", "eager"), ("infvit_tiny", "compiled")]
+    assert [m["config"]["modes"] for m in result["meta"]["earlier_runs"]] == [["eager"], ["compiled"]]
+    assert cli.main([*base, "--modes", "eager"]) == 0  # without --append: a fresh result
+    assert "earlier_runs" not in json.loads((tmp_path / "bench_train.json").read_text())["meta"]
+
+
+def test_default_batches_and_device_slug():
+    assert [bench.default_batch(s) for s in (224, 512, 1024, 2048, 4096)] == [256, 64, 16, 4, 1]
+    assert bench.default_batch(448) == 64 and bench.default_batch(8192) == 1
+    assert bench.device_slug("NVIDIA H200") == "h200"
+    assert bench.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.device_slug("NVIDIA GeForce RTX 4090") == "rtx_4090"
+
+
+def test_importing_needs_neither_triton_nor_cuda():
+    # Module level only (function bodies run when a benchmark does): no triton import, no torch.cuda call.
+    for module in (bench, bench_op, cli):
+        tree = ast.parse(Path(module.__file__).read_text())
+        body = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        for node in (n for stmt in body for n in ast.walk(stmt)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "triton" for n in names), (module.__name__, names)
+            assert "torch.cuda" not in (ast.unparse(node) if isinstance(node, ast.Call) else ""), module.__name__
+
+
+# Tiny CPU runs --------------------------------------------------------------------------------------------------------
+def test_models_benchmark_on_cpu_writes_json_and_png(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "_compile", lambda module: module)  # the compiled path, without inductor's C++ build
+    argv = ["bench", "models", *TINY, "--sizes", "32,48", "--batch-sizes", "32=2,48=1", "--compile-sizes", "32"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_models.json").read_text())
+    assert (tmp_path / "bench_models.png").read_bytes()[:4] == b"\x89PNG"
+    meta = result["meta"]
+    assert meta["command"].startswith("visionlin bench models --device cpu --models infvit_tiny")
+    assert {"commit", "date", "device", "gpu", "torch", "triton", "timm", "visionlin", "python"} <= set(meta)
+    assert result["benchmark"] == "models" and result["config"]["sizes"] == [32, 48]
+    blocks = [(r["model"], r["mode"], r["size"], r["batch"]) for r in result["rows"]]
+    assert blocks == [
+        ("infvit_tiny", "eager", 32, 2),
+        ("deit_tiny_patch16_224", "eager", 32, 2),
+        ("infvit_tiny", "compiled", 32, 2),
+        ("deit_tiny_patch16_224", "compiled", 32, 2),
+        ("infvit_tiny", "eager", 48, 1),
+        ("deit_tiny_patch16_224", "eager", 48, 1),
+    ]
+    for row in result["rows"]:
+        assert row["status"] == "ok" and row["img_s"] > 0 and row["twin_img_s"] > 0 and row["peak_mib"] is None
+        assert row["ratio_vs_twin"] == pytest.approx(row["img_s"] / row["twin_img_s"])
+        assert row["backend"] == ("twin" if row["model"].startswith("deit") else "auto")
+    assert "infvit_tiny" in capsys.readouterr().out
+
+
+def test_train_benchmark_on_cpu(tmp_path):
+    assert cli.main(["bench", "train", *TINY, "--size", "32", "--batch", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    assert [(r["model"], r["status"], r["size"], r["batch"]) for r in result["rows"]] == [
+        ("infvit_tiny", "ok", 32, 2),
+        ("deit_tiny_patch16_224", "ok", 32, 2),
+    ]
+    assert result["rows"][0]["ratio_vs_twin"] > 0
+    assert (tmp_path / "bench_train.png").is_file()
+    png = tmp_path / "bench_train.png"
+    png.unlink()
+    assert cli.main(["bench", "plot", str(tmp_path / "bench_train.json")]) == 0  # redrawn from the JSON alone
+    assert png.is_file()
+
+
+class _LimitedModel(nn.Module):
+    """Runs inputs whose side is at most ``limit``; larger ones raise the CUDA out-of-memory error."""
+
+    def __init__(self, limit: int, num_classes: int = 10):
+        super().__init__()
+        self.limit, self.num_classes = limit, num_classes
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        if x.shape[-1] > self.limit:
+            raise _oom()
+        return self.head(x.mean((-2, -1)))
+
+
+def test_out_of_memory_is_recorded_and_the_run_continues(monkeypatch):
+    real = bench._create
+
+    def create(name, device, size=None):
+        if name == "infvit_tiny":
+            return _LimitedModel(limit=32).to(device)
+        if name == "flatten_deit_tiny" and size == 48:
+            raise _oom("while building")
+        return real(name, device, size)
+
+    monkeypatch.setattr(bench, "_create", create)
+    rows = bench.bench_models(
+        ["infvit_tiny", "flatten_deit_tiny"], twin="deit_tiny_patch16_224", sizes=[32, 48], batches={32: 2, 48: 1},
+        modes=["eager"], device="cpu", warmup=1, iters=1, repeats=2,
+    )  # fmt: skip
+    status = {(r["model"], r["size"]): r["status"] for r in rows}
+    assert status == {
+        ("infvit_tiny", 32): "ok",
+        ("flatten_deit_tiny", 32): "ok",
+        ("deit_tiny_patch16_224", 32): "ok",
+        ("infvit_tiny", 48): "oom",
+        ("flatten_deit_tiny", 48): "oom",
+        ("deit_tiny_patch16_224", 48): "ok",
+    }
+    oom = next(r for r in rows if r["model"] == "infvit_tiny" and r["size"] == 48)
+    assert oom["img_s"] is None and oom["ratio_vs_twin"] is None and "out of memory" in oom["error"]
+    assert oom["twin_img_s"] > 0  # the twin of the same block still measured
+
+
+def test_an_error_other_than_oom_is_an_error_row_and_exit_status_1(capsys, monkeypatch, tmp_path):
+    real = bench._create
+
+    def create(name, device, size=None):
+        if name == "infvit_tiny":
+            raise RuntimeError("deliberate")
+        return real(name, device, size)
+
+    monkeypatch.setattr(bench, "_create", create)
+    argv = ["bench", "models", *TINY, "--sizes", "32", "--batch-sizes", "32=1", "--modes", "eager"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 1
+    assert "infvit_tiny at 32 px: RuntimeError: deliberate" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench_models.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["error", "ok"]
+
+
+def test_time_budget_skips_the_remaining_blocks_and_warmups(monkeypatch):
+    monkeypatch.setattr(bench._Budget, "spent", lambda self: True)
+    rows = bench.bench_models(["infvit_tiny"], twin=None, sizes=[32], modes=["eager"], device="cpu", time_budget=1)
+    assert [r["status"] for r in rows] == ["skipped"] and "time budget" in rows[0]["error"]
+    calls = iter([False, False, True])  # spent after the first warm-up (the twin's)
+    monkeypatch.setattr(bench._Budget, "spent", lambda self: next(calls, True))
+    monkeypatch.setattr(bench, "_create", lambda name, device, size=None: _LimitedModel(1024))
+    rows = bench.bench_models(["infvit_tiny"], twin="deit_tiny_patch16_224", sizes=[32], batches={32: 1},
+                              modes=["eager"], device="cpu", warmup=1, iters=1, repeats=3, time_budget=1)  # fmt: skip
+    assert [(r["model"], r["status"]) for r in rows] == [("infvit_tiny", "skipped"), ("deit_tiny_patch16_224", "ok")]
+    assert len(rows[1]["img_s_sweeps"]) == 1  # no sweep after the first once the budget is spent
+
+
+# Largest input --------------------------------------------------------------------------------------------------------
+def _fake_run_at(limit: int, seen: list[int]):
+    def run_at(side: int) -> float:
+        seen.append(side)
+        if side > limit:
+            raise _oom()
+        return float(side)  # "peak MiB"
+
+    return run_at
+
+
+def test_largest_search_doubles_then_bisects_to_the_limit():
+    seen: list[int] = []
+    found = bench.search_largest(_fake_run_at(1000, seen), start=224, max_size=131072, time_cap=1e9)
+    assert found["largest_px"] == 992 and found["first_oom_px"] == 1008 and found["limited_by"] == "memory"
+    assert found["peak_mib"] == 992.0 and found["tokens"] == 62**2
+    assert seen[:4] == [224, 448, 896, 1792]
+    assert all(s % 16 == 0 for s in seen) and len(seen) <= 4 + 7
+    assert [p["ok"] for p in found["probes"]] == [s <= 1000 for s in seen]
+
+
+@pytest.mark.parametrize("limit", [224, 240, 447, 4000, 4096])
+def test_largest_search_finds_every_limit(limit):
+    found = bench.search_largest(_fake_run_at(limit, []), start=224, max_size=4096, time_cap=1e9)
+    assert found["largest_px"] == limit // 16 * 16
+    assert found["limited_by"] == ("max_size" if limit >= 4096 else "memory")
+
+
+def test_largest_search_out_of_memory_at_the_start():
+    found = bench.search_largest(_fake_run_at(100, []), start=224, time_cap=1e9)
+    assert found["largest_px"] is None and found["first_oom_px"] == 224 and found["limited_by"] == "oom_at_start"
+
+
+def test_largest_search_stops_before_a_probe_that_would_pass_the_time_cap():
+    now = [0.0]
+
+    def run_at(side: int) -> float:
+        now[0] += (side / 224) ** 2  # one second at 224 px, quadratic in the side
+        return 0.0
+
+    found = bench.search_largest(run_at, start=224, max_size=131072, time_cap=100.0, clock=lambda: now[0])
+    # 224, 448, 896, 1792 cost 1 + 4 + 16 + 64 = 85 s; the next (256 s) would end past 100 s.
+    assert found["largest_px"] == 1792 and found["limited_by"] == "time" and found["first_oom_px"] is None
+    assert found["search_s"] == 85.0
+
+
+def test_largest_benchmark_with_fake_models_on_cpu(monkeypatch):
+    limits = {"infvit_tiny": 300, "deit_tiny_patch16_224": 100}
+    monkeypatch.setattr(bench, "_create", lambda name, device, size=None: _LimitedModel(limits[name]))
+    freed = []
+    monkeypatch.setattr(bench, "_free", lambda device: freed.append(device))
+    rows = bench.bench_largest(["infvit_tiny"], twin="deit_tiny_patch16_224", device="cpu", start=64, max_size=4096)
+    mine, twin = rows
+    assert (mine["largest_px"], mine["first_oom_px"], mine["limited_by"], mine["status"]) == (288, 304, "memory", "ok")
+    assert mine["side_ratio_vs_twin"] == pytest.approx(288 / 96)
+    assert (twin["backend"], twin["largest_px"]) == ("twin", 96)
+    assert len(freed) >= sum(not p["ok"] for r in rows for p in r["probes"])  # memory freed after every OOM
+
+
+def test_op_plot_from_a_result_json(tmp_path):
+    row = {"case": "c", "dtype": "torch.bfloat16", "triton_fwd_GBs": 1.0, "torch_fwd_GBs": 0.5, "triton_bwd_GBs": 1.0}
+    meta = {"gpu": "fake", "commit": "abc", "torch": "t", "triton": "x", "copy_bandwidth_GBs": 2.0}
+    bench.plot_result({"benchmark": "op", "meta": meta, "rows": [row]}, tmp_path / "op.png")
+    assert (tmp_path / "op.png").read_bytes()[:4] == b"\x89PNG"
