@@ -312,11 +312,10 @@ def pure_infsa_fwd(
     rmax = r.amax(dim=1, keepdim=True)
     fro = rmax.squeeze(1) * ((r / rmax).square() * ssq).sum(dim=1).sqrt()
     c = _per_bh(rho, b) / (fro + eps)
-    if dv:
-        _epilogue_kernel[grid](
-            y, r, c, out, n, h, dv, *y.stride(), *out.stride(),
-            BLOCK_N=meta["BLOCK_N"], BLOCK_DV=meta["BLOCK_DV"], num_warps=4,
-        )  # fmt: skip
+    _epilogue_kernel[grid](
+        y, r, c, out, n, h, dv, *y.stride(), *out.stride(),
+        BLOCK_N=meta["BLOCK_N"], BLOCK_DV=meta["BLOCK_DV"], num_warps=4,
+    )  # fmt: skip
     return out, fro
 
 
