@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import timm
 import torch
@@ -9,15 +11,37 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 
 import visionlin
 from visionlin.layers import ATTN_LAYERS
-from visionlin.models.vit import EfficientVisionTransformer, checkpoint_filter_fn
+from visionlin.models.vit import Block, EfficientVisionTransformer
 
 MODELS = visionlin.list_models()
 SIZE = 64  # 4 x 4 grid of 16 px patches: every mechanism, far from its nominal grid (exercises resampling)
 
 
+def _stride(model: torch.nn.Module) -> int:
+    """The model's total stride (16 for the isotropic family, 32 for hierarchical ones): input sides are multiples."""
+    return max(info["reduction"] for info in model.feature_info)
+
+
+def _filter_fn(name: str):
+    """The model family's ``checkpoint_filter_fn`` (in the module of its entrypoint)."""
+    return sys.modules[timm.models.model_entrypoint(name).__module__].checkpoint_filter_fn
+
+
+# Deep hierarchical variants run the contract with fewer blocks per stage (every stage, width, head count and mixer
+# kept): the contract belongs to the family, and their published depths are checked without running them
+# (tests/test_models_nat.py builds every named configuration on the meta device and counts its parameters).
+TEST_KWARGS = {"visionlin.models.nat": dict(depths=(2, 2, 2, 1))}
+
+
+def _build(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model`` with the family's test-size keywords (``TEST_KWARGS``) under the caller's."""
+    test_kwargs = TEST_KWARGS.get(timm.models.model_entrypoint(name).__module__, {})
+    return timm.create_model(name, **{**test_kwargs, **kwargs})
+
+
 def _create(name: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name, **kwargs).eval()
+    return _build(name, **kwargs).eval()
 
 
 def _x(batch: int = 2, h: int = SIZE, w: int = SIZE, chans: int = 3) -> torch.Tensor:
@@ -72,7 +96,8 @@ def test_cfg_and_head(name):
     assert cfg["classifier"] + ".weight" in sd
     x = _x(h=SIZE, w=SIZE + 32)  # non-square, resolution unlocked
     feats = model.forward_features(x)
-    assert feats.shape == (2, model.num_prefix_tokens + (SIZE // 16) * ((SIZE + 32) // 16), model.num_features)
+    s = _stride(model)
+    assert feats.shape == (2, model.num_prefix_tokens + (SIZE // s) * ((SIZE + 32) // s), model.num_features)
     assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
     assert model.forward_head(feats).shape == (2, model.num_classes)
     assert set(model.no_weight_decay()) <= {n for n, _ in model.named_parameters()}
@@ -92,12 +117,13 @@ def test_reset_classifier(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_features_only(name):
-    model = timm.create_model(name, features_only=True, out_indices=(-3, -1)).eval()
+    model = _build(name, features_only=True, out_indices=(-3, -1)).eval()
     chans, reductions = model.feature_info.channels(), model.feature_info.reduction()
-    outs = model(_x(h=SIZE, w=SIZE + 16))
+    w = SIZE + max(reductions)
+    outs = model(_x(h=SIZE, w=w))
     assert len(outs) == 2
     for o, c, r in zip(outs, chans, reductions, strict=True):
-        assert o.shape == (2, c, SIZE // r, (SIZE + 16) // r)
+        assert o.shape == (2, c, SIZE // r, w // r)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -116,17 +142,19 @@ def test_forward_intermediates(name):
         torch.testing.assert_close(a, b)
     pruned = _create(name)
     kept = pruned.prune_intermediate_layers(indices=[0, 2], prune_head=True)
-    assert kept == [0, 2] and len(pruned.blocks) == 3
+    assert kept == [0, 2] and len(pruned.stages if hasattr(pruned, "stages") else pruned.blocks) == 3
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_checkpointing_equal(name, monkeypatch):
     """Checkpointing is really used (every block goes through it) and changes neither outputs nor gradients."""
+    import visionlin.models.hierarchical as hierarchical
     import visionlin.models.vit as vit
 
     calls = []
-    real = vit.checkpoint
-    monkeypatch.setattr(vit, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for family in (vit, hierarchical):
+        real = family.checkpoint
+        monkeypatch.setattr(family, "checkpoint", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     x = _x(batch=1)
     grads = []
     for enable in (False, True):
@@ -136,7 +164,7 @@ def test_grad_checkpointing_equal(name, monkeypatch):
         out = model(x)
         out.square().mean().backward()
         grads.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    assert len(calls) == len(model.blocks)
+    assert len(calls) == sum(isinstance(m, Block) for m in model.modules())
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
     assert grads[1][1].keys() == grads[0][1].keys()
     for n, g in grads[0][1].items():
@@ -147,12 +175,13 @@ def test_grad_checkpointing_equal(name, monkeypatch):
 def test_checkpoint_roundtrip_and_resize(name):
     """Our own state dict loads through checkpoint_filter_fn; into a model built for another resolution, the
     resampled tables give the same outputs as the source model resampling on the fly at that resolution."""
+    checkpoint_filter_fn = _filter_fn(name)
     src = _create(name)
-    other = timm.create_model(name, img_size=96)  # a different init (seed not reset): loading must overwrite it
+    other = _build(name, img_size=96)  # a different init (seed not reset): loading must overwrite it
     other.load_state_dict(checkpoint_filter_fn({"model": src.state_dict()}, other), strict=True)
     x96 = _x(batch=1, h=96, w=96)
     torch.testing.assert_close(other.eval()(x96), src(x96), rtol=1e-4, atol=1e-5)
-    same = timm.create_model(name)
+    same = _build(name)
     same.load_state_dict(checkpoint_filter_fn(src.state_dict(), same), strict=True)
     torch.testing.assert_close(same.eval()(_x()), src(_x()))
 
@@ -214,14 +243,15 @@ def _fx_equals_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_fx_trace_equals_eager(name):
-    _fx_equals_eager(_create(name, num_classes=5), _x(h=SIZE, w=SIZE + 16))
+    model = _create(name, num_classes=5)
+    _fx_equals_eager(model, _x(h=SIZE, w=SIZE + _stride(model)))
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_features_only_fx(name):
     """timm's FX feature extraction (``feature_cls="fx"``) returns the block outputs (tokens, prefix first)."""
     torch.manual_seed(0)
-    fx = timm.create_model(name, features_only=True, feature_cls="fx", out_indices=(-2, -1)).eval()
+    fx = _build(name, features_only=True, feature_cls="fx", out_indices=(-2, -1)).eval()
     model = _create(name)
     model.load_state_dict(fx.state_dict(), strict=False)  # the extractor keeps only what the features need
     x = _x()
@@ -250,9 +280,10 @@ def test_empty_batch(name):
     assert model(_x(batch=0)).shape == (0, 5)
     assert model.forward_features(_x(batch=0)).shape[0] == 0
     maps = model.forward_intermediates(_x(batch=0), indices=2, intermediates_only=True)
-    assert [m.shape for m in maps] == [(0, model.embed_dim, SIZE // 16, SIZE // 16)] * 2
-    features = timm.create_model(name, features_only=True, out_indices=(-1,)).eval()
-    assert features(_x(batch=0))[0].shape == (0, model.embed_dim, SIZE // 16, SIZE // 16)
+    shapes = [(0, i["num_chs"], SIZE // i["reduction"], SIZE // i["reduction"]) for i in model.feature_info[-2:]]
+    assert [m.shape for m in maps] == shapes
+    features = _build(name, features_only=True, out_indices=(-1,)).eval()
+    assert features(_x(batch=0))[0].shape == shapes[-1]
 
 
 @pytest.mark.parametrize("attn", sorted(ATTN_LAYERS))
