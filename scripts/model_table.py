@@ -23,6 +23,8 @@ PAPERS = {
     "flatten": ("focused linear (FLatten)", "[Han et al., ICCV 2023](https://arxiv.org/abs/2308.00442)"),
     "agent": ("agent attention", "[Han et al., ECCV 2024](https://arxiv.org/abs/2312.08874)"),
     "inline": ("injective linear (InLine)", "[Han et al., NeurIPS 2024](https://arxiv.org/abs/2412.06590)"),
+    "nat": ("neighborhood attention 7x7 + rpb", "[Hassani et al., CVPR 2023](https://arxiv.org/abs/2204.07143)"),
+    "dinat": ("dilated neighborhood attention 7x7 + rpb", "[Hassani & Shi 2022](https://arxiv.org/abs/2209.15001)"),
 }
 
 
