@@ -286,6 +286,18 @@ def test_natten_backend_passes_the_effective_window(monkeypatch):
     assert calls[0]["scale"] == 8**-0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
+def test_every_backend_names_a_non_floating_dtype(dtype):
+    q, k, v = (t.to(dtype) for t in _qkv((5, 5)))
+    op = get_op("neighborhood_attention")
+    for backend in op.backends:
+        with pytest.raises(ValueError, match="must be floating point"):
+            neighborhood_attention(q, k, v, 3, backend=backend)
+        reasons = op.supports(q, k, v, (3, 3), (1, 1), backend=backend)
+        if na._natten_module() is not None or backend == "reference":
+            assert any(str(dtype) in r for r in reasons), (backend, reasons)
+
+
 # Bad input ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._common import check_real, fp32_reference, reference_dtype
+from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 
 __all__ = [
@@ -279,6 +279,16 @@ def _version(module: ModuleType) -> tuple[int, ...]:
     return tuple(parts)
 
 
+@torch.compiler.assume_constant_result
+def _natten_state() -> tuple[tuple[int, ...], bool] | None:
+    """``(natten version, has libnatten)``, or ``None`` without natten. A constant to ``torch.compile``, which runs it
+    once while tracing instead of tracing the import."""
+    natten = _natten_module()
+    if natten is None:
+        return None
+    return _version(natten), bool(getattr(natten, "HAS_LIBNATTEN", False))
+
+
 def _natten_supports(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -292,14 +302,14 @@ def _natten_supports(
     additional_keys: torch.Tensor | None = None,
     additional_values: torch.Tensor | None = None,
 ) -> list[str]:
-    natten = _natten_module()
-    if natten is None:
+    state = _natten_state()
+    if state is None:
         return ["natten is not installed (pip install natten, with libnatten for CUDA kernels)"]
-    version = ".".join(map(str, _version(natten)))
-    if _version(natten) < _NATTEN_MIN:
+    version = ".".join(map(str, state[0]))
+    if state[0] < _NATTEN_MIN:
         return [f"natten {version} is older than 0.20 (its API differs; upgrade natten)"]
     reasons = []
-    if not getattr(natten, "HAS_LIBNATTEN", False):
+    if not state[1]:
         reasons.append(
             f"natten {version} has no libnatten (the PyPI wheel ships no kernels; install a libnatten build from "
             "NATTEN's wheel index or from source)"
@@ -353,13 +363,9 @@ def _natten(
     )
 
 
-def _reference_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> list[str]:
-    return []  # _check_args already refused non-floating input
-
-
 _op = Op(_OP)
 _op.register("natten", _natten, _natten_supports)
-_op.register("reference", neighborhood_attention_reference, _reference_supports)
+_op.register("reference", neighborhood_attention_reference, supports_floating)
 
 
 def neighborhood_attention(
