@@ -175,7 +175,7 @@ class HierarchicalStage(nn.Module):
         """Tokens ``[B, H*W, C_in]`` on grid ``feat_size = (H, W)`` -> tokens ``[B, H'*W', C]`` on
         :meth:`output_size`."""
         if self.downsample is not None:
-            x = self.downsample(x.unflatten(1, tuple(feat_size))).flatten(1, 2)
+            x = self.downsample(x.unflatten(1, (feat_size[0], feat_size[1]))).flatten(1, 2)
         grid = self.output_size(feat_size)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -525,7 +525,7 @@ class HierarchicalBackbone(nn.Module):
             if i in wanted:
                 y = self.norm(x) if norm and i == last else x
                 if output_fmt != "NLC":
-                    y = y.unflatten(1, tuple(feat_size))
+                    y = y.unflatten(1, (feat_size[0], feat_size[1]))
                     if output_fmt == "NCHW":
                         y = y.permute(0, 3, 1, 2).contiguous()
                 intermediates.append((y, x[:, :0]) if return_prefix_tokens else y)

@@ -28,7 +28,7 @@ from ._pretrained import build_with_weights
 from .hierarchical import HierarchicalBackbone
 from .vit import _unwrap
 
-__all__ = ["checkpoint_filter_fn", "nat_attn_kwargs"]
+__all__ = ["checkpoint_filter_fn", "dinat_dilations", "nat_attn_kwargs"]
 
 
 def nat_attn_kwargs(
@@ -167,17 +167,32 @@ _TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ra
 _SMALL = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
 _BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
 _LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
-# DiNAT at 224 px: blocks alternate dilation 1 and the stage's 56/7, 28/7, 14/7 (stage 4: 7/7 = 1 throughout).
-_DILATIONS_MINI = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3, (1,) * 5)
-_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
+# DiNAT at 224 px: the stage grids 56, 28, 14, 7 divided by the kernel size 7.
+_STAGE_DILATIONS = (8, 4, 2, 1)
 
 
-def _dinat(kwargs: dict[str, Any], dilations: Sequence[Sequence[int]], **defaults: Any) -> dict[str, Any]:
-    """DiNAT settings: the published dilations unless the caller gives ``dilations`` (or changes ``depths``, which
-    then needs its own ``dilations``)."""
+def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int] = _STAGE_DILATIONS) -> list[list[int]]:
+    """DiNAT's layout: in stage ``i`` the blocks alternate dilation 1 (even blocks) and ``stage_dilations[i]`` (odd
+    blocks). For the published depths this is exactly the authors' tables, e.g. ``[1, 8, 1]``, ``[1, 4, 1, 4]``,
+    ``[1, 2, ..., 1, 2]``, ``[1] * 5`` for DiNAT-Mini.
+
+    Raises:
+        ValueError: ``stage_dilations`` does not have one entry per stage.
+    """
+    if len(stage_dilations) != len(depths):
+        raise ValueError(f"{stage_dilations=} needs one dilation per stage ({depths=})")
+    return [[1 if j % 2 == 0 else d for j in range(depth)] for depth, d in zip(depths, stage_dilations, strict=True)]
+
+
+def _dinat(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """DiNAT settings: alternating dilations (:func:`dinat_dilations`) for the depths in use, unless the caller
+    gives ``dilations`` or ``attn_kwargs``."""
     args = _args(kwargs, **defaults)
     if "dilations" not in kwargs and "attn_kwargs" not in kwargs:
-        args["dilations"] = dilations
+        depths = args["depths"]
+        if isinstance(depths, Sequence) and len(depths) == len(_STAGE_DILATIONS):
+            args["dilations"] = dinat_dilations(depths)
+        # other stage counts: the model's own checks (or nat_attn_kwargs) name the mismatch
     return args
 
 
@@ -209,28 +224,28 @@ def nat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
 @register_model
 def dinat_mini(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Mini: NAT-Mini with dilations 1/8, 1/4, 1/2, 1 alternating per block (20M params, 2.7 GMACs)."""
-    return _create_nat("dinat_mini", pretrained, **_dinat(kwargs, _DILATIONS_MINI, **_MINI))
+    return _create_nat("dinat_mini", pretrained, **_dinat(kwargs, **_MINI))
 
 
 @register_model
 def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Tiny: NAT-Tiny with alternating dilations (28M params, 4.3 GMACs)."""
-    return _create_nat("dinat_tiny", pretrained, **_dinat(kwargs, _DILATIONS, **_TINY))
+    return _create_nat("dinat_tiny", pretrained, **_dinat(kwargs, **_TINY))
 
 
 @register_model
 def dinat_small(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Small: NAT-Small with alternating dilations and no LayerScale (51M params, 7.8 GMACs)."""
-    return _create_nat("dinat_small", pretrained, **_dinat(kwargs, _DILATIONS, **_SMALL))
+    return _create_nat("dinat_small", pretrained, **_dinat(kwargs, **_SMALL))
 
 
 @register_model
 def dinat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Base: NAT-Base with alternating dilations, LayerScale 1e-5 (90M params, 13.7 GMACs)."""
-    return _create_nat("dinat_base", pretrained, **_dinat(kwargs, _DILATIONS, **_BASE, init_values=1e-5))
+    return _create_nat("dinat_base", pretrained, **_dinat(kwargs, **_BASE, init_values=1e-5))
 
 
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Large (ImageNet-22k, fine-tuned on 1k at 224 px): 192 wide, 6-12-24-48 heads (200M params, 30.6 GMACs)."""
-    return _create_nat("dinat_large", pretrained, **_dinat(kwargs, _DILATIONS, **_LARGE))
+    return _create_nat("dinat_large", pretrained, **_dinat(kwargs, **_LARGE))
