@@ -167,10 +167,10 @@ def test_models_benchmark_on_cpu_writes_json_and_png(capsys, monkeypatch, tmp_pa
     assert blocks == [
         ("infvit_tiny", "eager", 32, 2),
         ("deit_tiny_patch16_224", "eager", 32, 2),
-        ("infvit_tiny", "compiled", 32, 2),
-        ("deit_tiny_patch16_224", "compiled", 32, 2),
         ("infvit_tiny", "eager", 48, 1),
         ("deit_tiny_patch16_224", "eager", 48, 1),
+        ("infvit_tiny", "compiled", 32, 2),
+        ("deit_tiny_patch16_224", "compiled", 32, 2),
     ]
     for row in result["rows"]:
         assert row["status"] == "ok" and row["img_s"] > 0 and row["twin_img_s"] > 0 and row["peak_mib"] is None
@@ -312,7 +312,7 @@ def test_largest_search_stops_before_a_probe_that_would_pass_the_time_cap():
     assert found["search_s"] == 85.0
 
 
-def test_largest_benchmark_with_fake_models_on_cpu(monkeypatch):
+def test_largest_benchmark_with_fake_models_on_cpu(monkeypatch, tmp_path):
     limits = {"infvit_tiny": 300, "deit_tiny_patch16_224": 100}
     monkeypatch.setattr(bench, "_create", lambda name, device, size=None: _LimitedModel(limits[name]))
     freed = []
@@ -323,6 +323,9 @@ def test_largest_benchmark_with_fake_models_on_cpu(monkeypatch):
     assert mine["side_ratio_vs_twin"] == pytest.approx(288 / 96)
     assert (twin["backend"], twin["largest_px"]) == ("twin", 96)
     assert len(freed) >= sum(not p["ok"] for r in rows for p in r["probes"])  # memory freed after every OOM
+    result = {"benchmark": "largest", "meta": bench.run_meta("test", "cpu"), "rows": rows}
+    assert bench.write_result(json.loads(json.dumps(result)), tmp_path, "bench_largest")[-1].startswith("wrote")
+    assert (tmp_path / "bench_largest.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_op_plot_from_a_result_json(tmp_path):
