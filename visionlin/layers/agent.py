@@ -22,6 +22,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..kernels.agent import agent_attention
+from ..kernels.conv import token_depthwise_conv2d
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._registry import register_attn
 
@@ -44,6 +45,16 @@ def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     dt = torch.promote_types(t.dtype, torch.float32)
     out = F.interpolate(flat.to(dt), size=size, mode="linear", align_corners=False).to(t.dtype)
     return out.reshape(*lead, size).movedim(-1, dim)
+
+
+def _bilinear(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(t, size, mode="bilinear", align_corners=False)`` of the small ``[h, n, 7, 7]`` bias tables,
+    computed in channels-last layout: CUDA's NCHW kernel runs one thread per output pixel looping over all ``h * n``
+    channels (about 0.1 ms per call at 224 px, as long as the attention itself); the NHWC kernel spreads them."""
+    out = F.interpolate(
+        t.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear", align_corners=False
+    )
+    return out.contiguous()
 
 
 def resample_agent_biases(state_dict: Mapping[str, torch.Tensor], new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -100,7 +111,7 @@ class AgentAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
-    kernel_ops = ("agent_attention",)
+    kernel_ops = ("agent_attention", "token_depthwise_conv2d")
 
     size_dependent = True
     grid_kwarg = "bias_size"
@@ -186,9 +197,9 @@ class AgentAttention(TokenMixer):
         ah, aw, ha, wa = (
             _resample_axis(getattr(self, name), feat_size[axis], dim) for name, (dim, axis) in _AXIS_TABLES.items()
         )
-        an = F.interpolate(self.an_bias, size=(hh, ww), mode="bilinear", align_corners=False)  # [h, n, H, W]
+        an = _bilinear(self.an_bias, (hh, ww))  # [h, n, H, W]
         agent_bias = an.reshape(1, h, n, hh * ww) + (ah + aw).reshape(1, h, n, hh * ww)
-        na = F.interpolate(self.na_bias, size=(hh, ww), mode="bilinear", align_corners=False)
+        na = _bilinear(self.na_bias, (hh, ww))
         query_bias = na.reshape(1, h, n, hh * ww).transpose(-1, -2) + (ha + wa).reshape(1, h, hh * ww, n)
         if num_prefix_tokens:
             if self.ac_bias is not None:
@@ -230,9 +241,15 @@ class AgentAttention(TokenMixer):
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         )
-        out = merge_heads(out)
-        local = map_to_tokens(self.dwc(tokens_to_map(merge_heads(v[:, p:]), feat_size)))  # [B, H*W, C]
-        out = torch.cat([out[:, :p], out[:, p:] + local], dim=1)
+        out = token_depthwise_conv2d(
+            merge_heads(v),
+            self.dwc.weight[:, 0].to(v.dtype),  # the kernel in the values' dtype, as autocast gives a Conv2d
+            None if self.dwc.bias is None else self.dwc.bias.to(v.dtype),
+            feat_size=feat_size,
+            num_prefix_tokens=p,
+            residual=merge_heads(out),
+            backend=self.backend,
+        )  # attention output + depthwise conv of the value map (prefix rows: attention output only)
         return self.proj_drop(self.proj(out))
 
     def adapt_state_dict(

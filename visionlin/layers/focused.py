@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.focused import focused_linear_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
@@ -41,7 +42,7 @@ class FocusedLinearAttention(TokenMixer):
         joint_heads: Focusing norms over all heads (the authors) or per head.
     """
 
-    kernel_ops = ("focused_linear_attention",)
+    kernel_ops = ("focused_linear_attention", "token_depthwise_conv2d")
 
     size_dependent = True
     grid_kwarg = "pos_size"
@@ -113,13 +114,19 @@ class FocusedLinearAttention(TokenMixer):
             joint_heads=self.joint_heads,
             backend=self.backend,
         )
-        out = merge_heads(out)
-        # Shared depthwise conv over every head's (H, W, D) value map.
-        vg = v[:, num_prefix_tokens:]  # [B, HW, h, D]
-        b, hw, h, d = vg.shape
-        vmap = vg.permute(0, 2, 3, 1).reshape(b * h, d, *feat_size)
-        local = self.dwc(vmap).reshape(b, h * d, hw).transpose(1, 2)  # [B, HW, C] with channel = head*D + j
-        out = torch.cat([out[:, :num_prefix_tokens], out[:, num_prefix_tokens:] + local], dim=1)
+        # One depthwise conv shared by the heads over each head's (H, W, D) value map: as a per-channel kernel of the
+        # merged channels (channel = head * D + j takes kernel j), added to the attention output in one pass.
+        h, dt = self.num_heads, v.dtype  # the kernel in the values' dtype, as autocast gives a Conv2d
+        bias = None if self.dwc.bias is None else self.dwc.bias.to(dt).repeat(h)
+        out = token_depthwise_conv2d(
+            merge_heads(v),
+            self.dwc.weight[:, 0].to(dt).repeat(h, 1, 1),
+            bias,
+            feat_size=(int(feat_size[0]), int(feat_size[1])),
+            num_prefix_tokens=num_prefix_tokens,
+            residual=merge_heads(out),
+            backend=self.backend,
+        )
         return self.proj_drop(self.proj(out))
 
     def adapt_state_dict(

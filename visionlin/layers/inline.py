@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.linear import linear_attention
-from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
 
 __all__ = ["KERNEL_FUNCS", "InLineAttention", "dynamic_depthwise_conv2d"]
@@ -34,6 +35,16 @@ KERNEL_FUNCS: dict[str, str | Callable[[torch.Tensor], torch.Tensor]] = {
     "leakyrelu": _leaky_relu,
     "exp": torch.exp,
 }
+
+
+def _grouped_pointwise(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv(x[..., None])[..., 0]`` for a grouped kernel-size-1 ``Conv1d`` on ``x`` ``[B, C_in]``, as a batched
+    matrix product over the groups."""
+    g = conv.groups
+    weight = conv.weight.reshape(g, conv.out_channels // g, conv.in_channels // g)
+    b = x.shape[0]
+    out = torch.einsum("bgi,goi->bgo", x.reshape(b, g, conv.in_channels // g), weight).reshape(b, conv.out_channels)
+    return out if conv.bias is None else out + conv.bias
 
 
 def dynamic_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +83,7 @@ class InLineAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
-    kernel_ops = ("linear_attention",)
+    kernel_ops = ("linear_attention", "token_depthwise_conv2d")
 
     def __init__(
         self,
@@ -114,8 +125,11 @@ class InLineAttention(TokenMixer):
         """Per-sample depthwise kernels ``[B, C, k, k]`` from the token mean of ``x`` ``[B, N, C]``."""
         b, _, c = x.shape
         k = self.dwc_kernel
-        w = self.residual(x.mean(dim=1).unsqueeze(-1))  # [B, k*k*C, 1]: channel c owns outputs c*k*k .. c*k*k+k*k-1
-        return w.reshape(b, c, k, k)
+        first, act, second = self.residual
+        # The grouped 1x1 convolutions of a length-1 sequence are block-diagonal matrix products: computed as one
+        # batched product each (cuDNN's grouped Conv1d ran this as ~20 tiny kernels per layer).
+        w = _grouped_pointwise(act(_grouped_pointwise(x.mean(dim=1), first)), second)
+        return w.reshape(b, c, k, k)  # [B, k*k*C]: channel c owns outputs c*k*k .. c*k*k+k*k-1
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order."""
@@ -132,8 +146,12 @@ class InLineAttention(TokenMixer):
             scale=self.head_dim**-0.5,
             backend=self.backend,
         )
-        out = merge_heads(out)
-        vmap = tokens_to_map(merge_heads(v[:, p:]), feat_size)  # [B, C, H, W]
-        local = map_to_tokens(dynamic_depthwise_conv2d(vmap, self.local_kernels(x)))
-        out = torch.cat([out[:, :p], out[:, p:] + local], dim=1)
+        out = token_depthwise_conv2d(
+            merge_heads(v),
+            self.local_kernels(x).to(v.dtype),
+            feat_size=feat_size,
+            num_prefix_tokens=p,
+            residual=merge_heads(out),
+            backend=self.backend,
+        )  # attention output + per-sample depthwise conv of the value map (prefix rows: attention output only)
         return self.proj_drop(self.proj(out))

@@ -1,0 +1,176 @@
+"""Token-layout depthwise convolution (``visionlin.kernels.conv``): the reference against a loop written from the
+definition, every backend forward and backward against the float64 reference, and bad input.
+
+Tolerance: float32 1e-5 relative (the kernels accumulate the ``k * k`` taps in float32 like the reference); in half
+precision four units of the dtype's rounding (each output is one rounding of a float32 sum; the ``"torch"`` backend's
+error is reported next to ours in the failure message). The ``gpu`` tests run on the GPU machine; the interpreter test
+runs the Triton kernels on the CPU in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels.conv import token_depthwise_conv2d, token_depthwise_conv2d_reference
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+# (B, H, W, C, k, P, per-sample kernels, bias, residual)
+CASES = [
+    (2, 5, 7, 20, 3, 1, False, True, True),
+    (3, 4, 9, 70, 5, 0, True, False, True),
+    (2, 6, 6, 24, 3, 2, True, True, False),
+    (1, 1, 1, 8, 5, 1, False, True, True),  # a 1 x 1 grid under a 5 x 5 kernel
+    (2, 3, 4, 16, 1, 0, False, False, False),
+]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(b, hh, ww, c, k, p, per_sample, bias, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = p + hh * ww
+    x = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    w = torch.randn(*((b,) if per_sample else ()), c, k, k, generator=g, dtype=torch.float64)
+    bb = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    r = torch.randn(b, n, c, generator=g, dtype=torch.float64) if residual else None
+    return x, w, bb, r
+
+
+def _by_definition(x, w, bias, residual, hh, ww, p):
+    out = torch.zeros_like(x) if residual is None else residual.clone()
+    k = w.shape[-1]
+    for b in range(x.shape[0]):
+        wb = w[b] if w.ndim == 4 else w
+        for y in range(hh):
+            for xx in range(ww):
+                acc = torch.zeros(x.shape[2], dtype=x.dtype) if bias is None else bias.clone()
+                for dy in range(k):
+                    for dx in range(k):
+                        sy, sx = y + dy - k // 2, xx + dx - k // 2
+                        if 0 <= sy < hh and 0 <= sx < ww:
+                            acc = acc + wb[:, dy, dx] * x[b, p + sy * ww + sx]
+                out[b, p + y * ww + xx] += acc
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_is_the_definition(case):
+    b, hh, ww, c, k, p, *_ = case
+    x, w, bias, res = _inputs(*case)
+    ref = token_depthwise_conv2d_reference(x, w, bias, feat_size=(hh, ww), num_prefix_tokens=p, residual=res)
+    torch.testing.assert_close(ref, _by_definition(x, w, bias, res, hh, ww, p))
+
+
+def check_backend(case, dtype, device, backend, direct=False):
+    """Forward and every gradient of ``backend`` against float64 on the same rounded inputs (``direct``: the Triton
+    backend function itself, as the interpreter runs it on the CPU)."""
+    b, hh, ww, c, k, p, *_ = case
+    ins = [None if t is None else t.to(dtype).double() for t in _inputs(*case)]
+    ref_in = [None if t is None else t.clone().requires_grad_() for t in ins]
+    ref = token_depthwise_conv2d_reference(
+        ref_in[0], ref_in[1], ref_in[2], feat_size=(hh, ww), num_prefix_tokens=p, residual=ref_in[3]
+    )
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref.backward(grad)
+    ours = [None if t is None else t.to(device=device, dtype=dtype).requires_grad_() for t in ins]
+    kw = dict(feat_size=(hh, ww), num_prefix_tokens=p, residual=ours[3])
+    if direct:
+        from visionlin.kernels.triton.conv import token_depthwise_conv2d_triton
+
+        out = token_depthwise_conv2d_triton(ours[0], ours[1], ours[2], **kw)
+    else:
+        out = token_depthwise_conv2d(ours[0], ours[1], ours[2], backend=backend, **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    out.backward(grad.to(device=device, dtype=dtype))
+    errs = {"out": _rel(out, ref.detach())}
+    for name, a, r in zip(["dx", "dweight", "dbias", "dresidual"], ours, ref_in, strict=True):
+        if a is not None:
+            errs[name] = _rel(a.grad, r.grad)
+    bad = {n: f"{e:.2e}" for n, e in errs.items() if not e <= FLOOR[dtype]}
+    assert not bad, (case, dtype, backend, bad)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_backends(case, backend):
+    check_backend(case, torch.float32, "cpu", backend)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_conv import CASES, check_backend
+    for case in CASES:
+        check_backend(case, torch.float32, "cpu", "triton", direct=True)
+    check_backend(CASES[1], torch.float16, "cpu", "triton", direct=True)
+    check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_matches_reference():
+    """The Triton kernels' math on the CPU (Triton's interpreter), float32 and float16."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
+)
+def test_triton_matches_reference(case, dtype):
+    check_backend(case, dtype, "cuda", "triton")
+
+
+@gpu
+def test_triton_is_chosen_and_compiles():
+    from visionlin.kernels import get_op
+
+    x = torch.randn(2, 1 + 49, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 3, 3, device="cuda", requires_grad=True)
+    assert get_op("token_depthwise_conv2d").select(x, w, feat_size=(7, 7), num_prefix_tokens=1).name == "triton"
+    fn = torch.compile(lambda x, w: token_depthwise_conv2d(x, w, feat_size=(7, 7), num_prefix_tokens=1), fullgraph=True)
+    out = fn(x, w)
+    out.float().sum().backward()
+    torch.testing.assert_close(out, token_depthwise_conv2d(x, w, feat_size=(7, 7), num_prefix_tokens=1))
+    assert x.grad is not None and w.grad is not None
+
+
+def test_bad_input_is_named():
+    x = torch.randn(2, 10, 8)
+    w = torch.randn(8, 3, 3)
+    with pytest.raises(ValueError, match="10 tokens"):
+        token_depthwise_conv2d(x, w, feat_size=(3, 4))
+    with pytest.raises(ValueError, match="k odd"):
+        token_depthwise_conv2d(x, torch.randn(8, 2, 2), feat_size=(3, 3), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"must be \(8, 3, 3\)"):
+        token_depthwise_conv2d(x, torch.randn(4, 3, 3), feat_size=(3, 3), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="bias"):
+        token_depthwise_conv2d(x, w, torch.randn(()), feat_size=(3, 3), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="residual"):
+        token_depthwise_conv2d(x, w, feat_size=(3, 3), num_prefix_tokens=1, residual=torch.randn(2, 10, 4))
+    with pytest.raises(ValueError, match="feat_size"):
+        token_depthwise_conv2d(x, w, feat_size=(3, -3), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        token_depthwise_conv2d(x, w, feat_size=(3, 3), num_prefix_tokens=-1)
+    with pytest.raises(NotImplementedError, match="not on a CUDA device"):
+        token_depthwise_conv2d(x, w, feat_size=(3, 3), num_prefix_tokens=1, backend="triton")
+    empty = token_depthwise_conv2d(x[:0], w, feat_size=(3, 3), num_prefix_tokens=1)
+    assert empty.shape == (0, 10, 8)

@@ -1,0 +1,204 @@
+"""Depthwise 2-D convolution of a token grid, fused with bias and residual, in Triton (forward and backward); the math
+is :func:`visionlin.kernels.conv.token_depthwise_conv2d_reference`.
+
+Forward: one program per (block of ``BLOCK_T`` grid tokens, block of ``BLOCK_C`` channels, sample) sums the ``k * k``
+shifted token tiles (loads along channels are contiguous in the token layout; the neighbours come from L1 / L2) in
+float32, adds bias and residual, and writes the output rows. Backward: the input gradient is the same kernel on the
+output gradient with the kernel flipped (``FLIP``); the kernel (and bias) gradient sums ``dout * shifted x`` over the
+tokens of each sample in a second kernel, split over token chunks that meet by float32 atomic adds (sums may differ
+between runs in the last bits). The residual's gradient is the output gradient itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import _num_sms
+
+__all__ = ["token_depthwise_conv2d_triton"]
+
+
+@triton.jit
+def _conv_kernel(
+    X, W, BIAS, RES, OUT, HH, WW, C, P, sx_b, sx_n, sx_c, sw_b, sr_b, sr_n, sr_c, so_b, so_n, so_c,
+    K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``OUT[b, P + t, c] = RES[b, P + t, c] + BIAS[c] + sum_taps W[b, c, tap] * X[b, P + neighbour(t, tap), c]``;
+    ``W`` is float32 ``[Bw, C, K*K]`` (``sw_b = 0`` shares it over the batch)."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask, cmask = t < HH * WW, c < C
+    y, x = t // WW, t % WW
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for dy in tl.static_range(K):
+        for dx in tl.static_range(K):
+            yy, xx = y + (dy - K // 2), x + (dx - K // 2)
+            ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+            ptr = X + b * sx_b + (P + yy * WW + xx)[:, None] * sx_n + c[None, :] * sx_c
+            xv = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
+            tap = (K - 1 - dy) * K + (K - 1 - dx) if FLIP else dy * K + dx
+            wv = tl.load(W + b * sw_b + c * (K * K) + tap, mask=cmask, other=0.0)
+            acc += xv.to(tl.float32) * wv[None, :]
+    mask = tmask[:, None] & cmask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        res = tl.load(RES + b * sr_b + (P + t)[:, None] * sr_n + c[None, :] * sr_c, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(OUT + b * so_b + (P + t)[:, None] * so_n + c[None, :] * so_c, acc.to(OUT.dtype.element_ty), mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    G, X, DW, DB, HH, WW, C, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    K: tl.constexpr, KK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, c, tap]`` (and
+    ``sum_t G`` to ``DB[c]``)."""
+    pid_s, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    taps = tl.arange(0, KK_PAD)
+    acc = tl.zeros([KK_PAD, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(per):
+        t = (pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < HH * WW
+        y, x = t // WW, t % WW
+        g = tl.load(
+            G + b * sg_b + (P + t)[:, None] * sg_n + c[None, :] * sg_c,
+            mask=tmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc_b += tl.sum(g, axis=0)
+        for dy in tl.static_range(K):
+            for dx in tl.static_range(K):
+                yy, xx = y + (dy - K // 2), x + (dx - K // 2)
+                ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+                ptr = X + b * sx_b + (P + yy * WW + xx)[:, None] * sx_n + c[None, :] * sx_c
+                xv = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
+                part = tl.sum(g * xv.to(tl.float32), axis=0)
+                acc = tl.where(taps[:, None] == dy * K + dx, acc + part[None, :], acc)
+    dw_ptr = DW + b * sdw_b + c[None, :] * (K * K) + taps[:, None]
+    tl.atomic_add(dw_ptr, acc, mask=(taps[:, None] < K * K) & cmask[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(DB + c, acc_b, mask=cmask)
+
+
+BLOCK_T, BLOCK_C = 32, 64
+
+
+def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
+    b, _, c = x.shape
+    grid = (triton.cdiv(hh * ww, BLOCK_T), triton.cdiv(c, BLOCK_C), b)
+    res = residual if residual is not None else out
+    _conv_kernel[grid](
+        x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, *x.stride(),
+        w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
+        K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
+    )  # fmt: skip
+
+
+def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[C, k, k]`` -> float32 ``[1, C, k*k]``; ``[B, C, k, k]`` -> ``[B, C, k*k]``."""
+    w = weight if weight.ndim == 4 else weight.unsqueeze(0)
+    return w.reshape(w.shape[0], w.shape[1], -1).float().contiguous()
+
+
+@torch.library.custom_op("visionlin::token_dwconv_fwd", mutates_args=())
+def token_dwconv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    hh: int,
+    ww: int,
+    p: int,
+) -> torch.Tensor:
+    """The op's output ``[B, P + H*W, C]`` in ``x``'s dtype."""
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if p:
+        if residual is None:
+            out[:, :p].zero_()
+        else:
+            out[:, :p].copy_(residual[:, :p])
+    if x.shape[0] and x.shape[2]:
+        k, per_sample = weight.shape[-1], weight.ndim == 4
+        _launch_conv(x, _flat_weight(weight), k, per_sample, bias, residual, out, hh, ww, p, flip=False)
+    return out
+
+
+@token_dwconv_fwd.register_fake
+def _(x, weight, bias, residual, hh, ww, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("visionlin::token_dwconv_bwd", mutates_args=())
+def token_dwconv_bwd(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, hh: int, ww: int, p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; ``dbias`` is empty without a bias."""
+    b, _, c = x.shape
+    w32 = _flat_weight(weight)
+    dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+    dw = torch.zeros(w32.shape, device=x.device, dtype=torch.float32)
+    db = torch.zeros(c if has_bias else 0, device=x.device, dtype=torch.float32)
+    if b and c:
+        k = weight.shape[-1]
+        _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
+        n_blocks = triton.cdiv(hh * ww, BLOCK_T)
+        c_blocks = triton.cdiv(c, BLOCK_C)
+        want = min(n_blocks, max(1, triton.cdiv(4 * _num_sms(x.device), b * c_blocks)))
+        per = triton.cdiv(n_blocks, want)
+        _weight_grad_kernel[(triton.cdiv(n_blocks, per), c_blocks, b)](
+            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
+            K=k, KK_PAD=triton.next_power_of_2(k * k), HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+            num_warps=4,
+        )  # fmt: skip
+    return dx, dw.reshape(weight.shape).to(weight.dtype), db
+
+
+@token_dwconv_bwd.register_fake
+def _(g, x, weight, has_bias, hh, ww, p):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        x.new_empty(x.shape[2] if has_bias else 0, dtype=torch.float32),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, residual, hh, ww, p = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (hh, ww, p)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, g):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = torch.ops.visionlin.token_dwconv_bwd(g, x, weight, ctx.bias_dtype is not None, *ctx.args)
+    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+    return dx, dw, db, (g if ctx.has_residual else None), None, None, None
+
+
+token_dwconv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def token_depthwise_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    feat_size: tuple[int, int],
+    num_prefix_tokens: int = 0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visionlin.kernels.conv.token_depthwise_conv2d`."""
+    hh, ww = (int(s) for s in feat_size)
+    return torch.ops.visionlin.token_dwconv_fwd(x, weight, bias, residual, hh, ww, int(num_prefix_tokens))
