@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 __all__ = ["Backend", "Op", "get_op", "list_ops"]
 
 _logger = logging.getLogger(__name__)
@@ -79,7 +81,9 @@ class Op:
                 return candidate
             rejected.append((candidate.name, tuple(reasons)))
             key = (candidate.name, tuple(reasons))
-            if key not in self._logged:
+            # Logged in eager mode only: under torch.compile the log call is a graph break and the growing set a
+            # guard that recompiles (the eager run, or the first compiled one, has logged it already).
+            if not torch.compiler.is_compiling() and key not in self._logged:
                 self._logged.add(key)
                 _logger.debug("%s: backend %r rejected: %s", self.name, candidate.name, "; ".join(reasons))
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected)
