@@ -266,7 +266,25 @@ def _native_supports(q, k, v, **kwargs):
     return same_floating_dtype(q, k, v)
 
 
+def _pure_triton(q, k, v, **kwargs):
+    """``"triton"`` backend: :mod:`visionlin.kernels.triton.infsa_pure` (flash-style, memory linear in N)."""
+    from .triton.infsa_pure import pure_infsa_triton
+
+    return pure_infsa_triton(q, k, v, **kwargs)
+
+
+def _pure_triton_supports(q, k, v, **kwargs):
+    from .triton import triton_unavailable
+
+    if reasons := triton_unavailable(q, k, v):  # CPU tensors or no Triton: never import the kernels
+        return reasons
+    from .triton.infsa_pure import triton_pure_infsa_supports
+
+    return triton_pure_infsa_supports(q, k, v, **kwargs)
+
+
 _pure_op = Op("pure_infsa_attention")
+_pure_op.register("triton", _pure_triton, _pure_triton_supports)
 _pure_op.register("torch", _pure_native, same_floating_dtype)
 _pure_op.register("reference", pure_infsa_attention_reference, supports_floating)
 
