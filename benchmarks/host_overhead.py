@@ -1,0 +1,110 @@
+"""Is a model bound by the GPU or by the host? Per model: eager time per forward, the same forward replayed as one
+CUDA graph (no host work), the sum of its kernels' GPU time, and the host-side ops that cost most (self CPU time
+per forward), bf16 autocast, inference.
+
+Usage (on a GPU machine):
+    python benchmarks/host_overhead.py --out benchmarks/results/h200 --models inline_deit_small,infvit_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _time(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        eager = min(_time(lambda: model(x), iters) for _ in range(3))
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(x)
+            with torch.cuda.graph(graph, stream=stream):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        replay = min(_time(graph.replay, iters) for _ in range(3))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(x)
+            torch.cuda.synchronize()
+    host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    gpu_us = 0.0
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us += evt.device_time_total
+        else:
+            h = host[evt.name]
+            h[0] += evt.self_cpu_time_total
+            h[1] += 1
+    top = sorted(host.items(), key=lambda kv: -kv[1][0])[:20]
+    return {
+        "eager_ms": eager,
+        "graph_ms": replay,
+        "kernels_ms": gpu_us / 1e3,
+        "host_self_cpu_ms": sum(v[0] for v in host.values()) / 1e3,
+        "top_host_ops": [{"name": n, "self_cpu_us": us, "calls": c} for n, (us, c) in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import timm
+
+    import visionlin  # noqa: F401  (registers the models)
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--models", default="deit_small_patch16_224,infvit_small,inline_deit_small")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        kw = {"dynamic_img_size": True, "img_size": args.size} if name.startswith("deit") else {}
+        model = timm.create_model(name, **kw).cuda().eval()
+        r = {"model": name, "size": args.size, "batch": args.batch, **measure(model, args.size, args.batch, args.iters)}
+        rows.append(r)
+        print(f"\n== {name} {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "
+              f"{r['graph_ms']:.2f} ms, kernels {r['kernels_ms']:.2f} ms, host self CPU {r['host_self_cpu_ms']:.2f} ms",
+              flush=True)  # fmt: skip
+        for op in r["top_host_ops"][:14]:
+            print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][:90]}")
+        del model
+        torch.cuda.empty_cache()
+    from benchmarks._meta import gpu_meta
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_overhead.json").write_text(json.dumps({"meta": gpu_meta(argv, args.commit), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
