@@ -183,12 +183,14 @@ def values_are_checkable(*tensors: torch.Tensor) -> bool:
     """Whether tensor VALUES may be inspected now: eager mode on real tensors.
 
     False under ``torch.compile`` / ``torch.export`` (dynamo or non-strict), FX symbolic tracing, ``torch.jit``
-    tracing, for fake / meta tensors and inside functorch transforms (``vmap``, ``grad``): there a data-dependent
-    ``if`` is a graph break, an error or meaningless.
+    tracing, CUDA-graph capture, for fake / meta tensors and inside functorch transforms (``vmap``, ``grad``): there a
+    data-dependent ``if`` is a graph break, an error or meaningless.
     """
     fx = torch.fx._symbolic_trace
     fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)  # the former (torch >= 2.12) does not warn
     if torch.compiler.is_compiling() or fx_tracing() or torch.jit.is_tracing():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # a host sync would break the capture
         return False
     from torch._subclasses.fake_tensor import is_fake
 
