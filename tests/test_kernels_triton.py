@@ -131,7 +131,7 @@ def test_triton_compiles_fullgraph():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_triton import FMAPS, NORMS, _check, _check_reduced, _inputs
+    from tests.test_kernels_triton import FMAPS, NORMS, _check, _check_reduced, _inputs, check_fused
     for fmap in FMAPS:
         for norm in NORMS:
             _check(_inputs(2, 37, 45, 3, 20, 24, fmap, norm, torch.float32, "cpu"), fmap, norm, torch.float32)
@@ -139,9 +139,37 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         _check(_inputs(1, 70, 130, 2, 32, 16, fmap, norm, torch.float16, "cpu"), fmap, norm, torch.float16)
     for dtype in (torch.float32, torch.float16):
         _check_reduced(dtype, "cpu", direct=True)
+    check_fused("cpu")
     print("interpreter ok")
     """
 )
+
+
+def check_fused(device, shapes=((2, 37, 45, 3, 20, 24), (1, 70, 130, 2, 32, 16))):
+    """The single-kernel forward (forced on), with the backward on the state it saves, and without a saved state
+    under ``no_grad`` (same output as the two-kernel forward)."""
+    from visionlin.kernels.triton import linear as tlin
+
+    before = tlin.TUNING["fused"]
+    try:
+        for shape in shapes:
+            for dtype, (fmap, norm) in ((torch.float32, ("elu", "divide")), (torch.float16, ("identity", "subtract"))):
+                tlin.TUNING["fused"] = True
+                _check(_inputs(*shape, fmap, norm, dtype, device), fmap, norm, dtype)
+                q, k, v = _inputs(*shape, "relu", "none", dtype, device)
+                with torch.no_grad():
+                    fused = tlin.linear_attention_triton(q, k, v, feature_map="relu", normalize="none")
+                    tlin.TUNING["fused"] = False
+                    split = tlin.linear_attention_triton(q, k, v, feature_map="relu", normalize="none")
+                assert _rel(fused, split.double()) <= FLOOR[dtype], (shape, dtype)
+    finally:
+        tlin.TUNING["fused"] = before
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(64, 197, 197, 10, 32, 32), (256, 197, 197, 6, 64, 64), (1, 49, 49, 2, 64, 64)])
+def test_triton_fused_forward(shape):
+    check_fused("cuda", shapes=(shape,))
 
 
 def test_interpreter_matches_reference():

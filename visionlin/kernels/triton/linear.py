@@ -113,13 +113,8 @@ def _mm(a, b, DTYPE: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, SCAL
 
 
 @triton.jit
-def _readout_matrices(
-    S_ptr, offs_d, offs_e, scale, inv_m, NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr
-):
+def _matrices(s_mat, z, u, scale, inv_m, NORM: tl.constexpr):
     """``(A, c, w)`` of one (batch, head) from its float32 sums ``S, z, u`` (module docstring's table)."""
-    s_mat = tl.load(S_ptr + offs_d[:, None] * BLOCK_DV + offs_e[None, :])
-    z = tl.load(S_ptr + BLOCK_D * BLOCK_DV + offs_d)
-    u = tl.load(S_ptr + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e)
     if NORM == 0:
         a = s_mat * (scale * inv_m)
         c = u * 0.0
@@ -137,6 +132,66 @@ def _readout_matrices(
 
 
 @triton.jit
+def _readout_matrices(
+    S_ptr, offs_d, offs_e, scale, inv_m, NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr
+):
+    """:func:`_matrices` of a state stored at ``S_ptr`` (``S`` row-major, then ``z``, then ``u``)."""
+    s_mat = tl.load(S_ptr + offs_d[:, None] * BLOCK_DV + offs_e[None, :])
+    z = tl.load(S_ptr + BLOCK_D * BLOCK_DV + offs_d)
+    u = tl.load(S_ptr + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e)
+    return _matrices(s_mat, z, u, scale, inv_m, NORM)
+
+
+@triton.jit
+def _state_sums(
+    k_base, v_base, first_block, n_blocks, M, D, DV, sk_n, sk_d, sv_n, sv_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``(sum phi(k) v^T, sum phi(k), sum v)`` in float32 over key blocks ``first_block .. first_block + n_blocks``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < D
+    mask_e = offs_e < DV
+    acc = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
+    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    for i in range(0, n_blocks):
+        offs_m = (first_block + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        kmask = mask_m[:, None] & mask_d[None, :]
+        vmask = mask_m[:, None] & mask_e[None, :]
+        k = tl.load(k_base + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0).to(tl.float32)
+        fk = tl.where(mask_m[:, None], _phi(k.to(tl.float32), kmask, FMAP), 0.0)
+        acc += _mm(tl.trans(fk), v, k.dtype, HALF, False, SCALE)
+        z += tl.sum(fk, axis=0)
+        u += tl.sum(v, axis=0)
+    return acc, z, u
+
+
+@triton.jit
+def _readout_rows(
+    q_base, o_base, pid_n, a, c, w, N, D, DV, eps, sq_n, sq_d, so_n, so_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Writes ``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for query block ``pid_n``."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    qmask = mask_n[:, None] & (offs_d < D)[None, :]
+    q = tl.load(q_base + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
+    f = _phi(q.to(tl.float32), qmask, FMAP)
+    out = _mm(f, a, q.dtype, HALF, True, SCALE) + c[None, :]
+    if NORM == 0:
+        out = out / (tl.sum(f * w[None, :], axis=1) + eps)[:, None]
+    omask = mask_n[:, None] & (offs_e < DV)[None, :]
+    tl.store(o_base + offs_n[:, None] * so_n + offs_e[None, :] * so_d, out.to(o_base.dtype.element_ty), omask)
+
+
+@triton.jit
 def _state_kernel(
     K, V, S,
     M, H, D, DV, blocks_per_split,
@@ -151,24 +206,10 @@ def _state_kernel(
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < D
-    mask_e = offs_e < DV
-    acc = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
-    z = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    u = tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    for i in range(0, blocks_per_split):
-        offs_m = (split * blocks_per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        kmask = mask_m[:, None] & mask_d[None, :]
-        vmask = mask_m[:, None] & mask_e[None, :]
-        k = tl.load(k_base + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0).to(tl.float32)
-        fk = tl.where(mask_m[:, None], _phi(k.to(tl.float32), kmask, FMAP), 0.0)
-        acc += _mm(tl.trans(fk), v, k.dtype, HALF, False, SCALE)
-        z += tl.sum(fk, axis=0)
-        u += tl.sum(v, axis=0)
+    acc, z, u = _state_sums(
+        K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, split * blocks_per_split, blocks_per_split,
+        M, D, DV, sk_n, sk_d, sv_n, sv_d, FMAP, HALF, SCALE, BLOCK_M, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
     base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
     tl.atomic_add(base + offs_d[:, None] * BLOCK_DV + offs_e[None, :], acc, sem="relaxed")
     tl.atomic_add(base + BLOCK_D * BLOCK_DV + offs_d, z, sem="relaxed")
@@ -188,21 +229,46 @@ def _readout_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
-    mask_n = offs_n < N
-    qmask = mask_n[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
-    f = _phi(q.to(tl.float32), qmask, FMAP)
     base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
     a, c, w = _readout_matrices(base, offs_d, offs_e, scale, inv_m, NORM, BLOCK_D, BLOCK_DV)
-    out = _mm(f, a, q.dtype, HALF, True, SCALE) + c[None, :]
-    if NORM == 0:
-        out = out / (tl.sum(f * w[None, :], axis=1) + eps)[:, None]
-    omask = mask_n[:, None] & (offs_e < DV)[None, :]
-    o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
-    tl.store(o_ptr, out.to(Out.dtype.element_ty), omask)
+    _readout_rows(
+        Q + b * sq_b + h * sq_h, Out + b * so_b + h * so_h, pid_n, a, c, w, N, D, DV, eps, sq_n, sq_d, so_n, so_d,
+        FMAP, HALF, SCALE, NORM, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fused_kernel(
+    Q, K, V, S, Out,
+    N, M, H, D, DV, scale, inv_m, eps,
+    sq_b, sq_n, sq_h, sq_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, so_b, so_n, so_h, so_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr, SAVE_STATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One (batch, head) whole: the state of every key kept in registers, then every query block read out (no
+    atomics, no state round trip through memory, one launch); the state is stored for the backward only if asked."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    acc, z, u = _state_sums(
+        K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, 0, tl.cdiv(M, BLOCK_N),
+        M, D, DV, sk_n, sk_d, sv_n, sv_d, FMAP, HALF, SCALE, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    if SAVE_STATE:
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = tl.arange(0, BLOCK_DV)
+        base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
+        tl.store(base + offs_d[:, None] * BLOCK_DV + offs_e[None, :], acc)
+        tl.store(base + BLOCK_D * BLOCK_DV + offs_d, z)
+        tl.store(base + BLOCK_D * BLOCK_DV + BLOCK_D + offs_e, u)
+    a, c, w = _matrices(acc, z, u, scale, inv_m, NORM)
+    for pid_n in range(0, tl.cdiv(N, BLOCK_N)):
+        _readout_rows(
+            Q + b * sq_b + h * sq_h, Out + b * so_b + h * so_h, pid_n, a, c, w, N, D, DV, eps, sq_n, sq_d, so_n, so_d,
+            FMAP, HALF, SCALE, NORM, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -315,9 +381,9 @@ def _state_backward_kernel(
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
 #: Rows per program of the state / read-out kernels, of the backward kernels (``None``: 128 for head dims up to 64, else
-#: 64, which fits Hopper's shared memory at 128 x 128), and warps per program (``None``: by tile size). Benchmarks sweep
-#: these.
-TUNING: dict[str, int | None] = {"rows": 64, "rows_backward": None, "warps": None}
+#: 64, which fits Hopper's shared memory at 128 x 128), warps per program (``None``: by tile size), and whether the
+#: forward runs as one fused kernel (``None``: by :func:`_use_fused`'s rule). Benchmarks sweep these.
+TUNING: dict[str, int | None] = {"rows": 64, "rows_backward": None, "warps": None, "fused": None}
 NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
 
@@ -340,6 +406,14 @@ def _splits(rows: int, block: int, bh: int, device: torch.device) -> tuple[int, 
     return triton.cdiv(n_blocks, per), per
 
 
+def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bool:
+    """Whether the single-kernel forward (:func:`_fused_kernel`, one program per (batch, head)) runs: when the
+    (batch, head) pairs alone fill the GPU twice over and the state fits in registers (``TUNING["fused"]`` forces)."""
+    if TUNING["fused"] is not None:
+        return bool(TUNING["fused"])
+    return bh >= 2 * _num_sms(device) and block_d * block_dv <= 64 * 64
+
+
 def _warps(block_d: int, block_dv: int) -> int:
     if TUNING["warps"]:
         return TUNING["warps"]
@@ -356,18 +430,35 @@ def _meta(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | bool]:
 # Custom ops -----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("visionlin::linear_attention_fwd", mutates_args=())
 def linear_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmap: int, norm: int, scale: float, eps: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fmap: int,
+    norm: int,
+    scale: float,
+    eps: float,
+    save_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, N, H, Dv] in q's dtype, the float32 state [B*H, BD*BDV + BD + BDV] holding S, z, u)``."""
+    """``(out [B, N, H, Dv] in q's dtype, the float32 state [B*H, BD*BDV + BD + BDV] holding S, z, u)``; with
+    ``save_state=False`` (no gradient will be asked for) the state may come back empty (``[0]``)."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
     meta = _meta(q, v)
     bd, bdv = meta["BLOCK_D"], meta["BLOCK_DV"]
-    state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
     out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
+    rows = TUNING["rows"]
+    if _use_fused(b * h, bd, bdv, q.device) and b * h and m:
+        size = (b * h, bd * bdv + bd + bdv) if save_state else (0,)
+        state = torch.empty(size, device=q.device, dtype=torch.float32)
+        _fused_kernel[(b * h,)](
+            q, k, v, state, out, n, m, h, d, dv, scale, 1.0 / m, eps,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            FMAP=fmap, NORM=norm, SAVE_STATE=save_state, BLOCK_N=rows, **meta,
+        )  # fmt: skip
+        return out, state
+    state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
     if b * h == 0 or m == 0:
         return out, state
-    rows = TUNING["rows"]
     splits, per = _splits(m, rows, b * h, q.device)
     _state_kernel[(b * h, splits)](
         k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
@@ -381,10 +472,12 @@ def linear_attention_fwd(
 
 
 @linear_attention_fwd.register_fake
-def _(q, k, v, fmap, norm, scale, eps):
+def _(q, k, v, fmap, norm, scale, eps, save_state=True):
     b, n, h, d = q.shape
     bd, bdv = _pad_dims(d, v.shape[-1])
-    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b * h, bd * bdv + bd + bdv, dtype=torch.float32)
+    fused_unsaved = not save_state and _use_fused(b * h, bd, bdv, q.device) and b * h and k.shape[1]
+    size = (0,) if fused_unsaved else (b * h, bd * bdv + bd + bdv)
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(size, dtype=torch.float32)
 
 
 @torch.library.custom_op("visionlin::linear_attention_bwd", mutates_args=())
@@ -432,7 +525,7 @@ def _(q, k, v, out, state, g, fmap, norm, scale, eps):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, fmap, norm, scale, eps = inputs
+    q, k, v, fmap, norm, scale, eps, _save_state = inputs
     out, state = output
     ctx.mark_non_differentiable(state)
     ctx.save_for_backward(q, k, v, out, state)
@@ -442,7 +535,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g, _g_state):
     q, k, v, out, state = ctx.saved_tensors
     dq, dk, dv = torch.ops.visionlin.linear_attention_bwd(q, k, v, out, state, g, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -460,7 +553,8 @@ def linear_attention_triton(
 ) -> torch.Tensor:
     """The ``"triton"`` backend of :func:`visionlin.kernels.linear_attention` (named feature maps only)."""
     s = _default_scale(normalize, q.shape[-1]) if scale is None else float(scale)
+    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, _ = torch.ops.visionlin.linear_attention_fwd(
-        q, k, v, FEATURE_MAP_IDS[feature_map], NORMALIZATION_IDS[normalize], s, float(eps)
+        q, k, v, FEATURE_MAP_IDS[feature_map], NORMALIZATION_IDS[normalize], s, float(eps), save
     )
     return out
