@@ -261,3 +261,30 @@ def test_triton_is_chosen_in_models_and_matches_the_reference():
         visionlin.set_backend(model, "reference")
         ref = model(x)
     assert _rel(fast, ref.double()) < 1e-4  # float32 model: IEEE products in the kernel
+
+
+@gpu
+def test_triton_offsets_beyond_int32():
+    """Views into one fused projection whose offsets pass 2^31 elements (the layers' layout at about 23,000 px): the
+    linear, pooled-InfSA and depthwise-convolution kernels must index in int64, not wrap around into other memory."""
+    from visionlin.kernels import linear_attention
+    from visionlin.kernels.conv import token_depthwise_conv2d
+    from visionlin.kernels.infsa import linear_infsa_context
+
+    side, h, d = 1449, 6, 64  # 1 + 1449^2 = 2,099,602 tokens x 3 * 384 channels = 2.4e9 elements
+    n = 1 + side * side
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(1, n, 3, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = qkv.unbind(2)
+    for fmap in ("relu", "elu"):
+        fast = linear_attention(q, k, v, feature_map=fmap, backend="triton")
+        ref = linear_attention(q, k, v, feature_map=fmap, backend="torch")
+        assert _rel(fast[:, -4096:], ref[:, -4096:].double()) < 2e-2
+    ctx = linear_infsa_context(q, k, v, rho=0.9, backend="triton")
+    ref_ctx = linear_infsa_context(q, k, v, rho=0.9, backend="torch")
+    assert _rel(ctx, ref_ctx.double()) < 1e-2
+    x = qkv.flatten(2)[..., 2 * h * d :]  # the value view, token stride 3 * 384
+    w = torch.randn(h * d, 3, 3, device="cuda", generator=g).to(torch.bfloat16)
+    fast = token_depthwise_conv2d(x, w, feat_size=(side, side), num_prefix_tokens=1, backend="triton")
+    ref = token_depthwise_conv2d(x, w, feat_size=(side, side), num_prefix_tokens=1, backend="torch")
+    assert _rel(fast[:, -8192:], ref[:, -8192:].double()) < 2e-2

@@ -28,8 +28,9 @@ def _conv_kernel(
 ):  # fmt: skip
     """``OUT[b, P + t, c] = RES[b, P + t, c] + BIAS[c] + sum_taps W[b, c, tap] * X[b, P + neighbour(t, tap), c]``;
     ``W`` is float32 ``[Bw, C, K*K]`` (``sw_b = 0`` shares it over the batch)."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_t, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     tmask, cmask = t < HH * WW, c < C
     y, x = t // WW, t % WW
@@ -59,14 +60,15 @@ def _weight_grad_kernel(
 ):  # fmt: skip
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, c, tap]`` (and
     ``sum_t G`` to ``DB[c]``)."""
-    pid_s, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     taps = tl.arange(0, KK_PAD)
     acc = tl.zeros([KK_PAD, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(per):
-        t = (pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = ((pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         tmask = t < HH * WW
         y, x = t // WW, t % WW
         g = tl.load(

@@ -38,14 +38,14 @@ def _query_kernel(
 ):  # fmt: skip
     """Adds ``P`` (``[BLOCK_D]``) and ``E - eps`` of rows ``[start, start + per * BLOCK_N)`` to ``ACC[bh]``."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     p = tl.zeros([BLOCK_D], dtype=tl.float32)
     e_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     start = tl.program_id(1) * per * BLOCK_N
     for i in range(per):
-        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (start + i * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows < N)[:, None] & dmask[None, :]
         q = tl.load(Q + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :] * s_d, mask=mask, other=0.0)
         qs = q.to(tl.float32) * scale
@@ -63,7 +63,7 @@ def _key_kernel(
 ):  # fmt: skip
     """Adds ``C`` (``[BLOCK_DV]``) and ``A - eps`` of key rows ``[start, start + per * BLOCK_M)`` to ``ACC_K[bh]``."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     dmask, emask = offs_d < D, offs_e < DV
@@ -73,7 +73,7 @@ def _key_kernel(
     a_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     start = tl.program_id(1) * per * BLOCK_M
     for i in range(per):
-        rows = start + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (start + i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rmask = rows < M
         k = tl.load(
             K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d,
@@ -101,7 +101,7 @@ def _key_backward_kernel(
 ):  # fmt: skip
     """Writes ``dk``, ``dv`` of its key rows and adds their share of ``dqbar`` to ``DQBAR[bh]``."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     dmask, emask = offs_d < D, offs_e < DV
@@ -113,7 +113,7 @@ def _key_backward_kernel(
     dqbar = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = tl.program_id(1) * per * BLOCK_M
     for i in range(per):
-        rows = start + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (start + i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rmask = rows < M
         kmask = rmask[:, None] & dmask[None, :]
         vmask = rmask[:, None] & emask[None, :]
@@ -139,7 +139,7 @@ def _query_backward_kernel(
 ):  # fmt: skip
     """Writes ``dq`` of its query rows from ``dqbar``."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     e_tot = tl.load(ACC_Q + bh * (BLOCK_D + 1) + BLOCK_D) + eps
@@ -149,7 +149,7 @@ def _query_backward_kernel(
     de_tot = -tl.sum(dqbar * qbar, axis=0) / e_tot
     start = tl.program_id(1) * per * BLOCK_N
     for i in range(per):
-        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (start + i * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows < N)[:, None] & dmask[None, :]
         qs = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d, mask=mask, other=0.0)
         qs = qs.to(tl.float32) * scale

@@ -157,7 +157,7 @@ def _state_sums(
     z = tl.zeros((BLOCK_D,), dtype=tl.float32)
     u = tl.zeros((BLOCK_DV,), dtype=tl.float32)
     for i in range(0, n_blocks):
-        offs_m = (first_block + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = ((first_block + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < M
         kmask = mask_m[:, None] & mask_d[None, :]
         vmask = mask_m[:, None] & mask_e[None, :]
@@ -177,7 +177,7 @@ def _readout_rows(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """Writes ``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for query block ``pid_n``."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     mask_n = offs_n < N
@@ -202,7 +202,7 @@ def _state_kernel(
     """Add one split of the keys' ``phi(k) v^T``, ``phi(k)`` and ``v`` sums into a (batch, head)'s float32 state."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -227,7 +227,7 @@ def _readout_kernel(
     """``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for one block of queries."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -250,7 +250,7 @@ def _fused_kernel(
     """One (batch, head) whole: the state of every key kept in registers, then every query block read out (no
     atomics, no state round trip through memory, one launch); the state is stored for the backward only if asked."""
     pid_bh = tl.program_id(0)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
     acc, z, u = _state_sums(
         K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, 0, tl.cdiv(M, BLOCK_N),
@@ -282,7 +282,7 @@ def _readout_backward_kernel(
     """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -295,7 +295,7 @@ def _readout_backward_kernel(
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
     for i in range(0, blocks_per_split):
-        offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = ((split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         qmask = mask_n[:, None] & mask_d[None, :]
         emask = mask_n[:, None] & mask_e[None, :]
@@ -338,9 +338,9 @@ def _state_backward_kernel(
     follow from the read-out's ``(dA, dw, dc)`` through the normalisation's formulas."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < M
