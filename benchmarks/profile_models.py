@@ -1,6 +1,6 @@
-"""Where a model's GPU time goes: ``torch.profiler`` kernel table of one inference forward (bf16 autocast, eager),
-for visionlin models and their dense timm twin, grouped into categories (GEMM, attention, normalisation,
-elementwise, convolution, copies, ...).
+"""Where a model's GPU time goes: ``torch.profiler`` kernel table of one inference forward (or, with ``--train``, one
+training step: forward, backward, AdamW) in bf16 autocast, eager, for visionlin models and their dense timm twin,
+grouped into categories (GEMM, attention, normalisation, elementwise, convolution, copies, ...).
 
 Usage (on a GPU machine):
     python benchmarks/profile_models.py --out benchmarks/results/h200 --models infvit_small,inline_deit_small
@@ -40,18 +40,36 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile(model: torch.nn.Module, size: int, batch: int) -> dict:
+def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     x = torch.randn(batch, 3, size, size, device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(3):
-            model(x)
+    if train:
+        model.train()
+        target = torch.randint(0, model.num_classes, (batch,), device="cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
         torch.cuda.synchronize()
-        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(x)
-            torch.cuda.synchronize()
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -80,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small")
     parser.add_argument("--sizes", default="224:256,1024:16", help="size:batch pairs")
     parser.add_argument("--backend", default=None, help="kernel backend for visionlin models (default: auto)")
+    parser.add_argument("--train", action="store_true", help="profile a training step instead of a forward")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
@@ -92,10 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model = timm.create_model(name)
                 visionlin.set_backend(model, args.backend)
-            model = model.cuda().eval()
-            r = {"model": name, "size": size, "batch": batch, **profile(model, size, batch)}
+            model = model.cuda()
+            r = {
+                "model": name,
+                "size": size,
+                "batch": batch,
+                "train": args.train,
+                **profile(model, size, batch, args.train),
+            }
             results.append(r)
-            print(f"\n== {name} {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU per forward", flush=True)
+            what = "training step" if args.train else "forward"
+            print(f"\n== {name} {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU per {what}", flush=True)
             for cat, us in r["categories_us"].items():
                 print(f"   {cat:28s} {us / 1e3:8.2f} ms  {100 * us / r['gpu_us']:5.1f}%")
             for k in r["top_kernels"][:12]:
@@ -107,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = gpu_meta(argv, args.commit, timm=timm.__version__)
-    (out / "profile_models.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+    (out / ("profile_train.json" if args.train else "profile_models.json")).write_text(
+        json.dumps({"meta": meta, "rows": results}, indent=2)
+    )
     return 0
 
 
