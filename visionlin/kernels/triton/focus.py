@@ -1,0 +1,193 @@
+"""FLatten's focusing map over all heads of a token (``joint_heads=True``) as one Triton kernel per direction; the math
+is :func:`visionlin.kernels.focused.focus`.
+
+Per token (the ``C = H * D`` channels of one row), with ``t = (relu(x) + eps) / c`` and its largest entry ``m`` (a
+constant: the map is positively homogeneous, ``f(t) = m f(t / m)``), ``t' = t / m`` in ``[0, 1]``::
+
+    s = t'^p,   f = m ||t'|| s / ||s||                                   (0 for an all-zero token)
+
+Backward, for the gradient ``g`` of ``f`` (``n = ||t'||``, ``S = ||s||``, ``gs = g . s``)::
+
+    dt = t' gs / (n S) + (n / S) p t'^(p-1) (g - gs s / S^2)
+    dx = [x > 0] dt / c;   dc = -sum over tokens of dt t / c
+
+One program holds ``BLOCK_T`` whole tokens (every channel, padded to a power of two) in registers, reads ``x`` once and
+writes ``f`` once (the PyTorch chain makes about twenty passes); the backward reads ``x`` and ``g`` once, writes ``dx``
+and adds its tokens' share of ``dc`` (float32 atomics: sums may differ between runs in the last bits). All math in
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import _num_sms
+
+__all__ = ["focus_triton"]
+
+
+@triton.jit
+def _rows(
+    X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """``(x, t, mask)`` of tokens ``t`` of sample ``b``: ``x`` as float32 ``[BLOCK_T, BLOCK_C]`` and
+    ``t = (relu(x) + eps) / c`` (0 in padded channels)."""
+    cmask = ch < H * D
+    mask = (t < N)[:, None] & cmask[None, :]
+    offs = b * sx_b + t[:, None] * sx_n + (ch // D)[None, :] * sx_h + (ch % D)[None, :] * sx_d
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    tt = tl.maximum(x, 0.0) + eps
+    if HAS_C:
+        tt = tt / tl.load(C + ch, mask=cmask, other=1.0)[None, :]
+    return x, tl.where(mask, tt, 0.0), mask
+
+
+@triton.jit
+def _normalised(tt, p):
+    """``(t', s, n, S, m)`` per row (module docstring); rows that are all zero get ``m = 1`` and ``S = 1``."""
+    m = tl.max(tt, axis=1)
+    m = tl.where(m > 0, m, 1.0)
+    tp = tt / m[:, None]
+    s = tl.where(tp > 0, tl.exp2(p * tl.log2(tl.maximum(tp, 1e-30))), 0.0)
+    n = tl.sqrt(tl.sum(tp * tp, axis=1))
+    big_s = tl.sqrt(tl.sum(s * s, axis=1))
+    big_s = tl.where(big_s > 0, big_s, 1.0)
+    return tp, s, n, big_s, m
+
+
+@triton.jit
+def _focus_kernel(
+    X, C, F, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sf_b, sf_n, sf_h, sf_d, p, eps,
+    HAS_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    ch = tl.arange(0, BLOCK_C)
+    for i in range(per):
+        t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        _, tt, mask = _rows(X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        tp, s, n, big_s, m = _normalised(tt, p)
+        f = s * (m * n / big_s)[:, None]
+        offs = b * sf_b + t[:, None] * sf_n + (ch // D)[None, :] * sf_h + (ch % D)[None, :] * sf_d
+        tl.store(F + offs, f.to(F.dtype.element_ty), mask)
+
+
+@triton.jit
+def _focus_backward_kernel(
+    X, C, G, DX, DC, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sg_b, sg_n, sg_h, sg_d, sdx_b, sdx_n, sdx_h, sdx_d, p, eps,
+    HAS_C: tl.constexpr, NEED_DC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < H * D
+    if HAS_C:
+        c = tl.load(C + ch, mask=cmask, other=1.0)
+    dc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(per):
+        t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        x, tt, mask = _rows(X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        tp, s, n, big_s, m = _normalised(tt, p)
+        goffs = b * sg_b + t[:, None] * sg_n + (ch // D)[None, :] * sg_h + (ch % D)[None, :] * sg_d
+        g = tl.load(G + goffs, mask=mask, other=0.0).to(tl.float32)
+        gs = tl.sum(g * s, axis=1)
+        dpow = tl.where(tp > 0, p * s / tl.maximum(tp, 1e-30), 0.0)  # p t'^(p-1)
+        n_safe = tl.where(n > 0, n, 1.0)
+        dt = tp * (gs / (n_safe * big_s))[:, None] + (n / big_s)[:, None] * dpow * (
+            g - (gs / (big_s * big_s))[:, None] * s
+        )
+        dt = tl.where(mask, dt, 0.0)
+        dx = tl.where(x > 0, dt, 0.0)
+        if HAS_C:
+            dx = dx / c[None, :]
+            if NEED_DC:
+                dc += tl.sum(-dt * tt / c[None, :], axis=0)
+        doffs = b * sdx_b + t[:, None] * sdx_n + (ch // D)[None, :] * sdx_h + (ch % D)[None, :] * sdx_d
+        tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask)
+    if NEED_DC:
+        tl.atomic_add(DC + ch, dc, mask=cmask)
+
+
+#: Tokens per step of the forward / backward kernels (the backward holds about twice as many row temporaries).
+BLOCK_T, BLOCK_T_BACKWARD = 8, 4
+
+
+def _grid(b: int, n: int, device: torch.device, block_t: int) -> tuple[tuple[int, int], int]:
+    blocks = triton.cdiv(n, block_t)
+    want = min(blocks, max(1, triton.cdiv(8 * _num_sms(device), max(b, 1))))
+    per = triton.cdiv(blocks, want)
+    return (triton.cdiv(blocks, per), b), per
+
+
+def _meta(h: int, d: int, block_t: int) -> dict[str, int]:
+    block_c = triton.next_power_of_2(h * d)
+    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": 8 if block_t * block_c >= 2048 else 4}
+
+
+@torch.library.custom_op("visionlin::focus_fwd", mutates_args=())
+def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
+    """The focused features of ``x`` ``[B, N, H, D]`` in ``x``'s dtype; ``c``: float32 ``[H * D]`` or ``None``."""
+    b, n, h, d = x.shape
+    f = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if b * n * h * d:
+        grid, per = _grid(b, n, x.device, BLOCK_T)
+        _focus_kernel[grid](
+            x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
+            HAS_C=c is not None, **_meta(h, d, BLOCK_T),
+        )  # fmt: skip
+    return f
+
+
+@focus_fwd.register_fake
+def _(x, c, p, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("visionlin::focus_bwd", mutates_args=())
+def focus_bwd(
+    x: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, p: float, eps: float, need_dc: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dc)``; ``dc`` (float32 ``[H * D]``) is zeros unless ``need_dc``."""
+    b, n, h, d = x.shape
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
+    if b * n * h * d:
+        grid, per = _grid(b, n, x.device, BLOCK_T_BACKWARD)
+        _focus_backward_kernel[grid](
+            x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
+            HAS_C=c is not None, NEED_DC=need_dc and c is not None, **_meta(h, d, BLOCK_T_BACKWARD),
+        )  # fmt: skip
+    return dx, dc
+
+
+@focus_bwd.register_fake
+def _(x, c, g, p, eps, need_dc):
+    return torch.empty_like(x), x.new_empty(x.shape[2] * x.shape[3], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    x, c, p, eps = inputs
+    ctx.save_for_backward(x, c)
+    ctx.args = (p, eps)
+    ctx.c_grad = c is not None and c.requires_grad
+
+
+def _backward(ctx, g):
+    x, c = ctx.saved_tensors
+    dx, dc = torch.ops.visionlin.focus_bwd(x, c, g, *ctx.args, ctx.c_grad)
+    return dx, (dc if ctx.c_grad else None), None, None
+
+
+focus_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def focus_triton(
+    x: torch.Tensor, focusing_factor: float, *, channel_scale: torch.Tensor | float | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """:func:`visionlin.kernels.focused.focus` with ``joint_heads=True`` on CUDA, in ``x``'s dtype."""
+    h, d = x.shape[-2:]
+    c = None
+    if channel_scale is not None:
+        c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32)
+        c = c.expand(h, d).reshape(h * d).contiguous()
+    return torch.ops.visionlin.focus_fwd(x, c, float(focusing_factor), float(eps))
