@@ -26,6 +26,15 @@ from .neighborhood import (
 from .norm_aware import norm_aware_linear_attention, norm_aware_linear_attention_reference
 from .rank_augmented import rank_augmented_linear_attention, rank_augmented_linear_attention_reference
 from .rope import apply_rope_2d, rope_2d_tables
+from .scan import (
+    bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_reference,
+    gated_linear_attention,
+    gated_linear_attention_reference,
+    linear_scan_reference,
+    selective_scan,
+    selective_scan_reference,
+)
 from .softmax import softmax_attention, softmax_attention_reference
 
 __all__ = [
@@ -33,11 +42,15 @@ __all__ = [
     "agent_attention",
     "agent_attention_reference",
     "apply_rope_2d",
+    "bidirectional_gated_linear_attention",
+    "bidirectional_gated_linear_attention_reference",
     "effective_window",
     "efficient_attention",
     "efficient_attention_reference",
     "focused_linear_attention",
     "focused_linear_attention_reference",
+    "gated_linear_attention",
+    "gated_linear_attention_reference",
     "linear_infsa_attention",
     "linear_infsa_attention_reference",
     "pure_infsa_attention",
@@ -45,6 +58,7 @@ __all__ = [
     "get_op",
     "linear_attention",
     "linear_attention_reference",
+    "linear_scan_reference",
     "list_ops",
     "magnitude_aware_linear_attention",
     "magnitude_aware_linear_attention_reference",
@@ -56,6 +70,8 @@ __all__ = [
     "rank_augmented_linear_attention",
     "rank_augmented_linear_attention_reference",
     "rope_2d_tables",
+    "selective_scan",
+    "selective_scan_reference",
     "softmax_attention",
     "softmax_attention_reference",
 ]
