@@ -5,9 +5,11 @@ from ._registry import ATTN_LAYERS, create_attn, register_attn
 from .agent import AgentAttention, resample_agent_biases
 from .efficient import EfficientAttention
 from .focused import FocusedLinearAttention
+from .gla import GatedLinearAttention2D
 from .infsa import LinearInfSAAttention, PureInfSAAttention
 from .inline import InLineAttention
 from .magnitude import MagnitudeAwareAttention
+from .mamba import MambaVisionMixer
 from .neighborhood import NeighborhoodAttention
 from .norm_aware import NormAwareAttention
 from .rank_augmented import RankAugmentedAttention
@@ -18,9 +20,11 @@ __all__ = [
     "AgentAttention",
     "EfficientAttention",
     "FocusedLinearAttention",
+    "GatedLinearAttention2D",
     "InLineAttention",
     "LinearInfSAAttention",
     "MagnitudeAwareAttention",
+    "MambaVisionMixer",
     "NeighborhoodAttention",
     "NormAwareAttention",
     "PureInfSAAttention",

@@ -1,0 +1,140 @@
+"""ViG's token mixer: bidirectional gated linear attention with 2-D gating locality injection (Liao et al., AAAI 2025,
+arXiv 2405.18425), with the authors' parameter names (``in_proj``, ``qkv_proj``, ``gk_proj``, ``g_proj``, ``g_norm``,
+``l_norm``, ``o_proj``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import RmsNorm
+from torch import nn
+
+from ..kernels.scan import bidirectional_gated_linear_attention
+from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._registry import register_attn
+
+__all__ = ["GatedLinearAttention2D"]
+
+
+@register_attn("gla")
+class GatedLinearAttention2D(TokenMixer):
+    """ViG's bidirectional gated linear attention (BiGLA) over the row-major token sequence.
+
+    1. Locality: ``local = act(DWConv3x3(x))`` on the ``H x W`` grid (``act`` = SiLU if ``use_act_in_conv``); prefix
+       tokens (class / register tokens, when used in an isotropic ViT) skip the convolution and lead the sequence.
+    2. ``q, k, v = qkv_proj(local)`` (key width ``expand_k * C``, value width ``expand_v * C = C``); direction-wise
+       forget gates ``g_fwd, g_bwd = logsigmoid(gk_proj(local)) / gate_logit_normalizer`` (a rank-16 projection).
+    3. ``o = (GLA_fwd + GLA_bwd) / 4``: the bidirectional average of
+       :func:`~visionlin.kernels.bidirectional_gated_linear_attention`, halved again as the authors' inference code
+       does (their training code does not; ``g_norm`` below is scale-free, so the factor only moves its ``eps``).
+    4. 2-D gating locality injection: ``o = g_norm(o) * s + l_norm(local) * (1 - s)`` per head with
+       ``s = sigmoid(g_proj(local))``; ``SiLU`` if ``use_out_act``; ``o_proj``.
+
+    Constructor compatible with timm's ``Attention``; ``norm_layer`` does not apply (the head norms are RMSNorms, as
+    the authors') and is ignored; ``qk_norm`` and ``attn_drop`` raise ``NotImplementedError``.
+
+    Args:
+        dim: Channels ``C``.
+        num_heads: Heads ``H`` (key and value widths divisible by it).
+        qkv_bias: Bias on ``qkv_proj`` (the authors: none).
+        qk_norm: Must be ``False``.
+        attn_drop: Must be 0.
+        proj_drop: Dropout after ``o_proj``.
+        norm_layer: Ignored.
+        expand_k: Key width / ``C`` (ViG: 0.5).
+        expand_v: Value width / ``C``; must be 1 (the locality branch mixes ``C`` channels into the values).
+        gate_low_rank_dim: Rank of the gate projection (ViG: 16).
+        gate_logit_normalizer: Divides the log gates (ViG: 16).
+        norm_eps: Epsilon of ``g_norm`` / ``l_norm``.
+        use_act_in_conv: SiLU after the depthwise convolution (ViG-T: yes, S/B: no).
+        use_out_act: SiLU before ``o_proj`` (ViG-T: yes, S/B: no).
+        conv_bias: Bias on the depthwise convolution (the authors: none).
+    """
+
+    kernel_ops = ("bidirectional_gated_linear_attention",)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        *,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        norm_eps: float = 1e-6,
+        use_act_in_conv: bool = True,
+        use_out_act: bool = True,
+        conv_bias: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads)
+        if qk_norm:
+            raise NotImplementedError("GatedLinearAttention2D does not support qk_norm=True")
+        if attn_drop:
+            raise NotImplementedError(f"GatedLinearAttention2D has no attention matrix to drop ({attn_drop=})")
+        key_dim, value_dim = int(dim * expand_k), int(dim * expand_v)
+        if value_dim != dim:
+            raise ValueError(
+                f"GatedLinearAttention2D: the value width int(dim * expand_v) = {value_dim} must equal {dim=} "
+                f"(the locality branch is mixed into the values), got {expand_v=}"
+            )
+        if key_dim < num_heads or key_dim % num_heads:
+            raise ValueError(
+                f"GatedLinearAttention2D: the key width int(dim * expand_k) = {key_dim} must be a positive multiple "
+                f"of {num_heads=} ({expand_k=})"
+            )
+        if isinstance(gate_low_rank_dim, bool) or not isinstance(gate_low_rank_dim, int) or gate_low_rank_dim < 1:
+            raise ValueError(f"GatedLinearAttention2D: {gate_low_rank_dim=} must be an integer >= 1")
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"GatedLinearAttention2D: {gate_logit_normalizer=} must be > 0")
+        dd = {"device": device, "dtype": dtype}
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
+        self.gate_logit_normalizer = float(gate_logit_normalizer)
+        self.use_out_act = use_out_act
+        self.in_proj = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=conv_bias, **dd),
+            nn.SiLU() if use_act_in_conv else nn.Identity(),
+        )
+        self.qkv_proj = nn.Linear(dim, 2 * key_dim + value_dim, bias=qkv_bias, **dd)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False, **dd),
+            nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True, **dd),
+        )
+        self.o_proj = nn.Linear(value_dim, dim, bias=False, **dd)
+        self.g_norm = RmsNorm(self.head_v_dim, eps=norm_eps, **dd)
+        self.l_norm = RmsNorm(self.head_v_dim, eps=norm_eps, **dd)
+        self.g_proj = nn.Linear(dim, value_dim, bias=True, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"key_dim={self.key_dim}, value_dim={self.value_dim}, use_out_act={self.use_out_act}"
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """Tokens ``[B, num_prefix_tokens + H*W, C]`` (grid row-major) in and out."""
+        check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
+        p = num_prefix_tokens
+        local = map_to_tokens(self.in_proj(tokens_to_map(x[:, p:], feat_size)))
+        if p:
+            local = torch.cat([self.in_proj[1](x[:, :p]), local], dim=1)
+        q, k, v = self.qkv_proj(local).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        gates = F.logsigmoid(self.gk_proj(local)).to(q.dtype) / self.gate_logit_normalizer
+        g_fwd, g_bwd = gates.chunk(2, dim=-1)
+        h = self.num_heads
+        q, k, v, g_fwd, g_bwd = (split_heads(t, h) for t in (q, k, v, g_fwd, g_bwd))
+        o = bidirectional_gated_linear_attention(
+            q, k, v, g_fwd, g_bwd, scale=self.head_k_dim**-0.5, backend=self.backend
+        )  # [B, L, H, Dv]
+        gate = torch.sigmoid(split_heads(self.g_proj(local), h))
+        o = self.g_norm(o / 2) * gate + self.l_norm(split_heads(local, h)) * (1 - gate)
+        o = merge_heads(o)
+        if self.use_out_act:
+            o = F.silu(o)
+        return self.proj_drop(self.o_proj(o))
