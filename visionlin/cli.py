@@ -1,4 +1,4 @@
-"""The ``visionlin`` console command: ``visionlin list``, ``visionlin demo`` and ``visionlin bench``.
+"""The ``visionlin`` console command: ``visionlin list``, ``demo``, ``bench``, ``train``, ``validate`` and ``plot``.
 
 Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
 """
@@ -10,7 +10,8 @@ import fnmatch
 import shlex
 import sys
 
-from .train import bench, scaling
+from .train import bench, scaling, trainer, validate
+from .train import plot as plot_cmd
 
 __all__ = ["main"]
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench,train,validate,plot}")
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
     p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
     p.set_defaults(fn=_cmd_list, parser=p)
@@ -73,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
         description=bench.__doc__.split("\n\n")[0],
     )
     bench.add_subcommands(p)
+    p = sub.add_parser(
+        "train",
+        help="train a model on an ImageNet-layout folder or Fashion-MNIST (timm recipes on accelerate, exact resume)",
+        description=trainer.__doc__.split("\n\n")[0],
+    )
+    trainer.add_arguments(p)
+    p.set_defaults(fn=trainer.execute, parser=p)
+    p = sub.add_parser(
+        "validate",
+        help="top-1 / top-5, loss and img/s of a model + checkpoint on a folder",
+        description=validate.__doc__,
+    )
+    validate.add_arguments(p)
+    p.set_defaults(fn=validate.execute, parser=p)
+    p = sub.add_parser("plot", help="draw a training run's curves (RUN_DIR/curves.png)", description=plot_cmd.__doc__)
+    plot_cmd.add_arguments(p)
+    p.set_defaults(fn=plot_cmd.execute, parser=p)
     return parser
 
 

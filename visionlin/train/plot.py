@@ -1,0 +1,87 @@
+"""Curves of a training run from its ``log.jsonl``: ``visionlin plot RUN_DIR`` writes ``RUN_DIR/curves.png``
+(training loss and learning rate per step, validation loss and top-1 / top-5 per epoch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "execute", "plot_run", "read_log"]
+
+INSTALL_PLOT = "pip install 'visionlin[bench]'"
+
+
+def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The run's records by kind. A resumed run re-logs the steps after its checkpoint: the later record of a step
+    (or epoch) replaces the earlier one."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no log.jsonl in {str(run_dir)!r} (is it a `visionlin train` run folder?)")
+    train: dict[int, dict] = {}
+    epochs: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+        if rec.get("kind") == "train":
+            train[rec["step"]] = rec
+        elif rec.get("kind") == "epoch":
+            epochs[rec["epoch"]] = rec
+    return {"train": [train[k] for k in sorted(train)], "epoch": [epochs[k] for k in sorted(epochs)]}
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the curves of ``run_dir`` to ``out`` (default ``RUN_DIR/curves.png``); returns the path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(f"plotting needs matplotlib: {INSTALL_PLOT}") from e
+    log = read_log(run_dir)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    steps = [r["step"] for r in log["train"]]
+    axes[0].plot(steps, [r["loss"] for r in log["train"]], label="train (per step)")
+    ep = log["epoch"]
+    if ep and "val_loss" in ep[0]:
+        ep_steps = [r["step"] for r in ep]
+        axes[0].plot(ep_steps, [r["val_loss"] for r in ep], "o-", label="validation")
+        for key, style in (("val_top1", "o-"), ("val_top5", "s--"), ("ema_val_top1", "^:")):
+            if key in ep[0]:
+                axes[1].plot([r["epoch"] + 1 for r in ep], [r[key] for r in ep], style, label=key.replace("_", " "))
+        axes[1].legend()
+    axes[0].set(xlabel="optimizer step", ylabel="loss", title="loss")
+    axes[0].legend()
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    axes[2].plot(steps, [r["lr"] for r in log["train"]])
+    axes[2].set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(Path(run_dir).resolve().name))
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a `visionlin train` run folder (with log.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+
+
+def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    try:
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    except ImportError as e:
+        print(f"visionlin plot: {e}", flush=True)
+        return 1
+    return 0

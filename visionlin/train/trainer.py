@@ -1,0 +1,707 @@
+"""``visionlin train`` (also ``python -m visionlin.train``): ImageNet-style training on ``accelerate`` over timm's data,
+optimizer, scheduler, loss and EMA utilities, with exact resume.
+
+Configuration: built-in defaults, then a YAML recipe (``--config deit``: a recipe shipped in
+``visionlin/train/recipes/``, or a path), then the flags given on the command line. Flag names are timm ``train.py``'s
+where the concept is the same. The resolved configuration is written to ``RUN_DIR/config.yaml``.
+
+One step is one optimizer update over ``--grad-accum-steps`` micro-batches of ``--batch-size`` images per process. A
+checkpoint records the epoch and the number of micro-batches consumed in it; with the seeded epoch order and
+per-sample augmentation seeds of :mod:`visionlin.train.data` and every generator's state, a resumed run computes the
+same losses as one that was never stopped.
+
+Extension point: ``train(cfg, loss_fn=...)`` takes ``loss_fn(model, images, targets) -> loss`` (a teacher-based
+distillation loss, for instance) instead of the cross-entropy on the model's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import difflib
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .data import (
+    DATASETS,
+    DataError,
+    EpochSampler,
+    SeededTransform,
+    collate_skipping,
+    create_dataset,
+    patch_posterize,
+)
+from .validate import UsageError, build_model, eval_transform, evaluate, load_model_weights, parse_kwargs
+
+__all__ = ["OPTIONS", "add_arguments", "execute", "list_recipes", "main", "resolve_config", "train"]
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    default: Any
+    type: Callable[[str], Any] | None
+    help: str
+    short: str | None = None
+    choices: tuple[Any, ...] | None = None
+
+
+def _pos_int(text: str) -> int:
+    return _check(int, text, lambda v: v > 0, "a positive integer")
+
+
+def _nonneg_int(text: str) -> int:
+    return _check(int, text, lambda v: v >= 0, "a non-negative integer")
+
+
+def _nonneg_float(text: str) -> float:
+    return _check(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+
+
+def _prob(text: str) -> float:
+    return _check(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+
+
+def _check(cast: Callable, text: Any, ok: Callable, what: str) -> Any:
+    try:
+        v = cast(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(text, bool) or not ok(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return v
+
+
+def _opt_str(text: str) -> str | None:
+    return None if text in ("", "none", "None") else text
+
+
+BOOL = bool  # marks a --flag / --no-flag option
+
+OPTIONS: tuple[Option, ...] = (
+    # model
+    Option("model", None, str, "model name: ours (`visionlin list`) or any timm model"),
+    Option("pretrained", False, BOOL, "start from timm's pretrained weights of --model"),
+    Option("initial_checkpoint", None, str, "start from these weights (ours or the authors', checkpoint_filter_fn)"),
+    Option("num_classes", None, _pos_int, "classes of the head (default: the dataset's)"),
+    Option("img_size", 224, _pos_int, "input side in pixels"),
+    Option("model_kwargs", {}, None, "extra model arguments, KEY=VALUE ... (e.g. depth=2 attn_layer=softmax)"),
+    Option("drop", 0.0, _prob, "dropout rate (drop_rate)"),
+    Option("drop_path", 0.0, _prob, "stochastic depth rate (drop_path_rate)"),
+    Option("grad_checkpointing", False, BOOL, "activation checkpointing (model.set_grad_checkpointing)"),
+    Option("torchcompile", False, BOOL, "torch.compile the model for training"),
+    # data
+    Option(
+        "dataset", "imagefolder", str, "imagefolder (--data-dir) or fashion_mnist (Debian's files)", choices=DATASETS
+    ),  # fmt: skip
+    Option("data_dir", None, str, "ImageNet-layout root: DIR/<train-split>/<class>/<img>, DIR/<val-split>/..."),
+    Option("train_split", "train", str, "training sub-folder (fashion_mnist: train)"),
+    Option("val_split", "val", _opt_str, "validation sub-folder ('none': no validation; fashion_mnist: test)"),
+    Option("workers", 4, _nonneg_int, "dataloader worker processes", short="-j"),
+    Option("pin_mem", True, BOOL, "pinned host memory for batches (CUDA only)"),
+    Option("persistent_workers", True, BOOL, "keep dataloader workers alive between epochs"),
+    Option("interpolation", None, _opt_str, "resize interpolation (default: the model's)"),
+    Option("crop_pct", None, _nonneg_float, "validation center-crop fraction (default: the model's)"),
+    # augmentation and regularisation
+    Option("no_aug", False, BOOL, "no training augmentation (resize + center crop)"),
+    Option("aa", None, _opt_str, "RandAugment / AutoAugment policy, e.g. rand-m9-mstd0.5-inc1"),
+    Option("hflip", 0.5, _prob, "horizontal flip probability"),
+    Option("color_jitter", 0.4, _nonneg_float, "color jitter factor (ignored with --aa)"),
+    Option("reprob", 0.0, _prob, "random erasing probability"),
+    Option("remode", "pixel", str, "random erasing mode", choices=("const", "rand", "pixel")),
+    Option("mixup", 0.0, _nonneg_float, "mixup alpha (0: off)"),
+    Option("cutmix", 0.0, _nonneg_float, "cutmix alpha (0: off)"),
+    Option("mixup_prob", 1.0, _prob, "probability of mixup or cutmix per batch"),
+    Option("mixup_switch_prob", 0.5, _prob, "probability of cutmix instead of mixup when both are on"),
+    Option("mixup_mode", "batch", str, "mixup granularity", choices=("batch", "pair", "elem")),
+    Option("mixup_off_epoch", 0, _nonneg_int, "turn mixup / cutmix off from this epoch (0: never)"),
+    Option("smoothing", 0.1, _prob, "label smoothing"),
+    # optimisation
+    Option("opt", "adamw", str, "timm optimizer name (timm.optim.create_optimizer_v2)"),
+    Option("lr", None, _nonneg_float, "learning rate (default: --lr-base x global batch / --lr-base-size)"),
+    Option("lr_base", 5e-4, _nonneg_float, "learning rate at --lr-base-size images per update"),
+    Option("lr_base_size", 512, _pos_int, "global batch at which --lr-base applies (DeiT: 512)"),
+    Option("opt_eps", None, _nonneg_float, "optimizer epsilon (default: the optimizer's)"),
+    Option("momentum", 0.9, _nonneg_float, "SGD momentum"),
+    Option("weight_decay", 0.05, _nonneg_float, "weight decay (not on biases, norms, the model's no_weight_decay)"),
+    Option("clip_grad", None, _nonneg_float, "clip gradients at this norm (or value with --clip-mode value)"),
+    Option("clip_mode", "norm", str, "gradient clipping mode", choices=("norm", "value")),
+    Option("sched", "cosine", str, "timm scheduler name (timm.scheduler.create_scheduler_v2)"),
+    Option("epochs", 300, _pos_int, "epochs to train"),
+    Option("warmup_epochs", 5, _nonneg_int, "linear warm-up epochs"),
+    Option("warmup_lr", 1e-6, _nonneg_float, "learning rate at the start of warm-up"),
+    Option("min_lr", 1e-5, _nonneg_float, "learning rate at the end of the cosine"),
+    Option("batch_size", 128, _pos_int, "images per process per micro-batch", short="-b"),
+    Option("validation_batch_size", None, _pos_int, "validation batch (default: --batch-size)"),
+    Option("grad_accum_steps", 1, _pos_int, "micro-batches per optimizer update"),
+    Option("model_ema", False, BOOL, "keep an exponential moving average of the weights (timm ModelEmaV3)"),
+    Option("model_ema_decay", 0.9998, _prob, "EMA decay"),
+    Option("model_ema_warmup", False, BOOL, "EMA decay warm-up"),
+    Option("amp", False, BOOL, "mixed precision autocast (see --amp-dtype)"),
+    Option("amp_dtype", "bfloat16", str, "autocast dtype", choices=("bfloat16", "float16")),
+    # run
+    Option("seed", 42, _nonneg_int, "seed of everything (order, augmentation, init)"),
+    Option("output", "output/train", str, "parent folder of runs"),
+    Option("experiment", None, _opt_str, "run folder name under --output (default: <model>-<img-size>)"),
+    Option(
+        "resume",
+        None,
+        _opt_str,
+        "'auto' (newest complete checkpoint of the run folder, else a fresh start), "
+        "a checkpoint folder or a run folder",
+    ),  # fmt: skip
+    Option("recovery_interval", 0, _nonneg_int, "also checkpoint every N optimizer steps within an epoch (0: off)"),
+    Option("checkpoint_hist", 3, _nonneg_int, "complete checkpoints kept (0: all)"),
+    Option("log_interval", 50, _pos_int, "optimizer steps between progress lines and log records"),
+    Option("tensorboard", False, BOOL, "also write TensorBoard scalars to RUN_DIR/tb (needs tensorboard)"),
+    Option("plot", True, BOOL, "draw RUN_DIR/curves.png at the end (needs matplotlib)"),
+    Option("cpu", False, BOOL, "train on the CPU even when a GPU is present"),
+)
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+# Keys whose change between a checkpoint and its resumption would break exactness; other changes are only noted.
+NOT_COMPARED = {"resume", "workers", "log_interval", "output", "experiment", "tensorboard", "plot", "pin_mem",
+                "persistent_workers", "checkpoint_hist", "recovery_interval", "epochs"}  # fmt: skip
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__package__).joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))  # fmt: skip
+
+
+def _load_recipe(name: str) -> tuple[dict[str, Any], str]:
+    import yaml
+
+    path = Path(name)
+    if not path.suffix and name in list_recipes():
+        text = resources.files(__package__).joinpath("recipes", f"{name}.yaml").read_text()
+        where = f"recipe {name!r}"
+    elif path.is_file():
+        text, where = path.read_text(), f"recipe file {name!r}"
+    else:
+        raise UsageError(f"unknown recipe {name!r}: not a file and not one of the shipped recipes {list_recipes()}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must be a mapping of option: value, not {type(data).__name__}")
+    return data, where
+
+
+def _coerce(opt: Option, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    if opt.key == "model_kwargs":
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: model_kwargs must be a mapping, not {value!r}")
+        return dict(value)
+    if opt.type is BOOL:
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: {opt.key} must be true or false, not {value!r}")
+        return value
+    try:
+        v = opt.type(value) if opt.type is not str else value
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"{where}: {opt.key}: {e}") from None
+    if opt.type is str and not isinstance(v, str):
+        raise UsageError(f"{where}: {opt.key} must be a string, not {value!r}")
+    if opt.choices and v not in opt.choices:
+        raise UsageError(f"{where}: {opt.key}={v!r}; valid: {', '.join(map(str, opt.choices))}")
+    return v
+
+
+def resolve_config(given: dict[str, Any], recipe: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Defaults, then ``recipe`` (a shipped name or a YAML path), then ``given`` (flags actually given).
+
+    Returns ``(config, source)`` with the source of each non-default value ("recipe ..." or "flag"). Unknown recipe
+    keys, ill-typed values and invalid choices raise :class:`UsageError` naming them.
+    """
+    cfg = {o.key: (dict(o.default) if isinstance(o.default, dict) else o.default) for o in OPTIONS}
+    source: dict[str, str] = {}
+    if recipe:
+        data, where = _load_recipe(recipe)
+        for raw_key, value in data.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in OPTION_BY_KEY:
+                close = difflib.get_close_matches(key, list(OPTION_BY_KEY), n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise UsageError(f"{where}: unknown key {raw_key!r}{hint}; `visionlin train --help` lists the options")
+            cfg[key] = _coerce(OPTION_BY_KEY[key], value, where)
+            source[key] = where
+    for key, value in given.items():
+        if key == "model_kwargs":
+            cfg[key] = {**cfg[key], **parse_kwargs(value)}
+        else:
+            cfg[key] = _coerce(OPTION_BY_KEY[key], value, "flag")
+        source[key] = "flag"
+    if cfg["dataset"] == "imagefolder" and not cfg["data_dir"]:
+        raise UsageError("--data-dir is required with --dataset imagefolder (ImageNet layout: DIR/train/<class>/<img>)")
+    if cfg["dataset"] == "fashion_mnist" and cfg["val_split"] == "val":
+        cfg["val_split"] = "test"
+    return cfg, source
+
+
+def run_dir_of(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["output"]) / (cfg["experiment"] or f"{cfg['model']}-{cfg['img_size']}")
+
+
+# Training
+class _RunLog:
+    """JSONL records (``RUN_DIR/log.jsonl``, appended: a resumed run continues the file) and optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "log.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch", "time"):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _say(accelerator, text: str) -> None:
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+    return str(dt.timedelta(seconds=int(max(seconds, 0))))
+
+
+def _default_loss(criterion: nn.Module) -> Callable:
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(model(images), targets)
+
+    return loss_fn
+
+
+def _train_transform(model: nn.Module, cfg: dict[str, Any]):
+    from timm.data import create_transform, resolve_data_config
+
+    size = cfg["img_size"]
+    data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    transform = create_transform(
+        input_size=(3, size, size),
+        is_training=True,
+        no_aug=cfg["no_aug"],
+        hflip=cfg["hflip"],
+        color_jitter=cfg["color_jitter"],
+        auto_augment=cfg["aa"],
+        interpolation=cfg["interpolation"] or data_cfg["interpolation"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+        re_prob=cfg["reprob"],
+        re_mode=cfg["remode"],
+    )
+    return patch_posterize(transform)
+
+
+def _resolve_resume(cfg: dict[str, Any], run_dir: Path) -> Path | None:
+    resume = cfg["resume"]
+    if not resume:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is not None:
+            raise UsageError(
+                f"run folder {str(run_dir)!r} already has checkpoints (newest: {found.name}); pass --resume auto to "
+                "continue it, or another --output / --experiment"
+            )
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    p = Path(resume)
+    if (p / ckpt.MARKER).is_file():
+        return p
+    if p.is_dir() and ckpt.latest_checkpoint(p) is not None:
+        return ckpt.latest_checkpoint(p)
+    raise UsageError(f"--resume {resume!r}: not 'auto', a complete checkpoint folder, or a run folder with one")
+
+
+def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = None) -> dict[str, Any]:
+    """Train with the resolved configuration ``cfg`` (see :func:`resolve_config`); returns a summary dict
+    (``run_dir``, ``step``, ``epoch``, ``last_eval``, ``skipped``)."""
+    import yaml
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    if cfg["tensorboard"]:
+        try:
+            from torch.utils import tensorboard  # noqa: F401
+        except ImportError as e:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}[cfg["amp_dtype"]] if cfg["amp"] else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg["cpu"])
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run_dir = run_dir_of(cfg)
+    resume_from = _resolve_resume(cfg, run_dir)
+    set_seed(cfg["seed"] + rank)
+
+    # data
+    train_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_split"])
+    val_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_split"]) if cfg["val_split"] else None
+    num_classes = cfg["num_classes"] or len(train_ds.classes)
+    if val_ds is not None and val_ds.classes != train_ds.classes:
+        raise DataError(f"train classes {train_ds.classes[:5]}... differ from validation classes {val_ds.classes[:5]}")
+
+    # model
+    model = build_model(
+        cfg["model"],
+        num_classes=num_classes,
+        img_size=cfg["img_size"],
+        pretrained=cfg["pretrained"],
+        drop_rate=cfg["drop"],
+        drop_path_rate=cfg["drop_path"],
+        **cfg["model_kwargs"],
+    )
+    if cfg["initial_checkpoint"]:
+        load_model_weights(model, cfg["initial_checkpoint"], cfg["model"])
+    if cfg["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+
+    batch, accum = cfg["batch_size"], cfg["grad_accum_steps"]
+    sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg["seed"], num_replicas=world, rank=rank)
+    batches_per_epoch = len(sampler) // batch
+    if batches_per_epoch == 0:
+        raise DataError(f"{len(train_ds)} training images over {world} process(es) is less than one batch ({batch})")
+    updates_per_epoch = math.ceil(batches_per_epoch / accum)
+    workers = cfg["workers"]
+    loader = DataLoader(
+        SeededTransform(train_ds, _train_transform(model, cfg)),
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=cfg["pin_mem"] and device.type == "cuda",
+        persistent_workers=cfg["persistent_workers"] and workers > 0,
+        collate_fn=collate_skipping,
+    )
+    val_loader = None
+    if val_ds is not None:
+        val_loader = DataLoader(
+            SeededTransform(val_ds, eval_transform(model, cfg["img_size"], cfg["crop_pct"], cfg["interpolation"])),
+            batch_size=cfg["validation_batch_size"] or batch,
+            sampler=list(range(rank, len(val_ds), world)),
+            num_workers=workers,
+            pin_memory=cfg["pin_mem"] and device.type == "cuda",
+            persistent_workers=cfg["persistent_workers"] and workers > 0,
+            collate_fn=collate_skipping,
+        )
+
+    # optimisation
+    global_batch = batch * accum * world
+    lr = cfg["lr"] if cfg["lr"] is not None else cfg["lr_base"] * global_batch / cfg["lr_base_size"]
+    opt_kwargs = {"eps": cfg["opt_eps"]} if cfg["opt_eps"] is not None else {}
+    optimizer = create_optimizer_v2(
+        model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"], momentum=cfg["momentum"], **opt_kwargs
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg["sched"],
+        num_epochs=cfg["epochs"],
+        warmup_epochs=cfg["warmup_epochs"],
+        warmup_lr=cfg["warmup_lr"],
+        min_lr=cfg["min_lr"],
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    ema = ModelEmaV3(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"]) if cfg[
+        "model_ema"] else None  # fmt: skip
+    step_model = torch.compile(model) if cfg["torchcompile"] else model
+
+    mixup_fn = None
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg["mixup"],
+            cutmix_alpha=cfg["cutmix"],
+            prob=cfg["mixup_prob"],
+            switch_prob=cfg["mixup_switch_prob"],
+            mode=cfg["mixup_mode"],
+            label_smoothing=cfg["smoothing"],
+            num_classes=num_classes,
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg["smoothing"] > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    else:
+        criterion = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or _default_loss(criterion)
+
+    # state
+    epoch, position, step, skipped_total = 0, 0, 0, 0
+    weights_meta = {"format": "visionlin", "model": cfg["model"], "num_classes": str(num_classes)}
+    rng_state = None
+    if resume_from is not None:
+        state = ckpt.read_checkpoint(resume_from, rank)
+        saved_model = state["metadata"].get("model")
+        if saved_model != cfg["model"] or state["metadata"].get("num_classes") != str(num_classes):
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(resume_from)!r} is of model {saved_model!r} with "
+                f"{state['metadata'].get('num_classes')} classes; this run builds {cfg['model']!r} with {num_classes}"
+            )
+        load_model_weights(raw_model, resume_from / "model.safetensors", cfg["model"])
+        ts = state["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise ckpt.CheckpointError(f"--model-ema given but {str(resume_from)!r} has no EMA weights")
+            ema.module.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and ts.get("scaler") is not None:
+            accelerator.scaler.load_state_dict(ts["scaler"])
+        epoch, position, step, skipped_total = ts["epoch"], ts["position"], ts["step"], ts["skipped"]
+        if state["rng"] is None:
+            raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
+        rng_state = state["rng"]
+        changed = {k: (ts["config"].get(k), cfg[k]) for k in cfg if k not in NOT_COMPARED and ts["config"].get(k) !=
+                   cfg[k]}  # fmt: skip
+        if changed:
+            _say(accelerator, "note: configuration differs from the checkpoint's (the losses will not be those of the "
+                 "original run): " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt.remove_stale_temporaries(run_dir)
+        if stale:
+            print(f"removed {len(stale)} partial checkpoint(s) a stopped run left: {[p.name for p in stale]}")
+        saved = {**cfg, "command": command, "lr_resolved": lr, "global_batch": global_batch, "processes": world}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    accelerator.wait_for_everyone()
+    log = _RunLog(run_dir, accelerator.is_main_process, cfg["tensorboard"])
+    nparams = sum(p.numel() for p in raw_model.parameters())
+    total_steps = updates_per_epoch * cfg["epochs"]
+    where = f"resumed from {resume_from} at epoch {epoch} batch {position} step {step}" if resume_from else "fresh"
+    _say(accelerator, f"train {cfg['model']} ({nparams / 1e6:.2f} M params, {num_classes} classes) on "
+         f"{len(train_ds)} images: {cfg['epochs']} epochs x {updates_per_epoch} steps, global batch {global_batch}, "
+         f"lr {lr:.3g}, {device}, {where}; run folder {run_dir}")  # fmt: skip
+    log.write({"kind": "start", "step": step, "epoch": epoch, "resumed_from": str(resume_from or ""),
+               "command": command, "params": nparams})  # fmt: skip
+
+    def save(epoch_: int, position_: int, reason: str) -> None:
+        rngs = [ckpt.capture_rng()]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            rngs = gather_object(rngs)
+        if accelerator.is_main_process:
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "epoch": epoch_,
+                "position": position_,
+                "step": step,
+                "skipped": skipped_total,
+                "config": cfg,
+            }
+            weights = {"model": raw_model.state_dict()}
+            if ema is not None:
+                weights["ema"] = ema.module.state_dict()
+            path = ckpt.write_checkpoint(
+                run_dir,
+                step,
+                weights=weights,
+                weights_metadata=weights_meta,
+                train_state=train_state,
+                rng_states=dict(enumerate(rngs)),
+                summary={"epoch": epoch_, "position": position_, "step": step, "reason": reason},
+            )
+            pruned = ckpt.prune_checkpoints(run_dir, cfg["checkpoint_hist"])
+            print(f"checkpoint {path.name} ({reason}: epoch {epoch_} batch {position_})"
+                  + (f", removed {', '.join(p.name for p in pruned)}" if pruned else ""), flush=True)  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    use_bar = accelerator.is_main_process and sys.stderr.isatty()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        use_bar = False
+    last_eval: dict[str, Any] = {}
+    run_start, steps_this_run = time.perf_counter(), 0
+    if rng_state is not None:
+        ckpt.restore_rng(rng_state)
+    model.train()
+    while epoch < cfg["epochs"]:
+        if mixup_fn is not None and cfg["mixup_off_epoch"] and epoch >= cfg["mixup_off_epoch"]:
+            mixup_fn.mixup_enabled = False
+        sampler.set_epoch(epoch)
+        sampler.set_start(position * batch)
+        it = iter(loader)
+        bar = tqdm(total=updates_per_epoch, initial=position // accum, desc=f"epoch {epoch}", leave=False,
+                   dynamic_ncols=True) if use_bar else None  # fmt: skip
+        wait_time = busy_time = 0.0
+        while position < batches_per_epoch:
+            group = min(accum, batches_per_epoch - position)
+            t0 = time.perf_counter()
+            micro_losses, n_images, wait = [], 0, 0.0
+            for micro in range(group):
+                tw = time.perf_counter()
+                images, targets, bad = next(it)
+                wait += time.perf_counter() - tw
+                position += 1
+                if bad:
+                    skipped_total += len(bad)
+                    for reason in bad:
+                        _say(accelerator, f"skipped unreadable image {reason}")
+                if images is None:
+                    continue
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    if len(images) % 2:  # timm's Mixup pairs images: drop one of an odd (partly skipped) batch
+                        images, targets = images[:-1], targets[:-1]
+                    if len(images) == 0:
+                        continue
+                    images, targets = mixup_fn(images, targets)
+                sync = micro == group - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = loss_fn(step_model, images, targets)
+                    accelerator.backward(loss / group)
+                micro_losses.append(loss.detach().float())
+                n_images += len(images)
+            if cfg["clip_grad"] is not None:
+                if cfg["clip_mode"] == "norm":
+                    accelerator.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                else:
+                    accelerator.clip_grad_value_(model.parameters(), cfg["clip_grad"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_run += 1
+            scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(raw_model, step=step)
+            elapsed = time.perf_counter() - t0
+            wait_time, busy_time = wait_time + wait, busy_time + elapsed
+            if bar is not None:
+                bar.update(1)
+            if step % cfg["log_interval"] == 0 or position >= batches_per_epoch:
+                loss_value = float(torch.stack(micro_losses).mean()) if micro_losses else float("nan")
+                if world > 1:
+                    loss_value = float(accelerator.reduce(torch.tensor(loss_value, device=device), "mean"))
+                lr_now = optimizer.param_groups[0]["lr"]
+                img_s = n_images * world / elapsed
+                rate = (time.perf_counter() - run_start) / steps_this_run
+                eta = rate * (total_steps - step)
+                data_pct = 100 * wait_time / max(busy_time, 1e-9)
+                rec = {"kind": "train", "epoch": epoch, "step": step, "batch": position, "loss": loss_value,
+                       "lr": lr_now, "img_s": img_s, "data_wait_pct": data_pct}  # fmt: skip
+                log.write(rec)
+                line = (f"loss {loss_value:.6f} lr {lr_now:.3e} {img_s:.1f} img/s data {data_pct:.0f}% "
+                        f"eta {_fmt_time(eta)}")  # fmt: skip
+                if bar is not None:
+                    bar.set_postfix_str(line)
+                else:
+                    _say(accelerator, f"epoch {epoch} step {step} ({position}/{batches_per_epoch}) {line}")
+            if cfg["recovery_interval"] and step % cfg["recovery_interval"] == 0 and position < batches_per_epoch:
+                save(epoch, position, "recovery")
+        if bar is not None:
+            bar.close()
+        epoch, position = epoch + 1, 0
+        scheduler.step(epoch)
+        summary = {"kind": "epoch", "epoch": epoch - 1, "step": step,
+                   "data_wait_pct": 100 * wait_time / max(busy_time, 1e-9)}  # fmt: skip
+        if val_loader is not None:
+            autocast = accelerator.autocast if cfg["amp"] else None
+            m = evaluate(model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+            summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"]})
+            skipped_total += len(m["skipped"])
+            if ema is not None:
+                e = evaluate(ema.module, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+                summary.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
+            last_eval = {k: v for k, v in summary.items() if k.startswith(("val", "ema"))}
+        log.write(summary)
+        _say(accelerator, f"epoch {epoch - 1} done: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in summary.items() if k not in ("kind", "epoch", "step")))  # fmt: skip
+        save(epoch, 0, "epoch end")
+    log.write({"kind": "end", "step": step, "epoch": epoch, "skipped_images": skipped_total, **last_eval})
+    log.close()
+    if skipped_total:
+        _say(accelerator, f"skipped {skipped_total} unreadable image(s) in total (listed above)")
+    if accelerator.is_main_process and cfg["plot"]:
+        from .plot import plot_run
+
+        try:
+            _say(accelerator, f"wrote {plot_run(run_dir)}")
+        except ImportError as e:
+            _say(accelerator, f"no curves: {e}")
+    accelerator.end_training()
+    return {"run_dir": run_dir, "step": step, "epoch": epoch, "last_eval": last_eval, "skipped": skipped_total}
+
+
+# Command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option as a flag (``--weight-decay``; booleans also as ``--no-...``), with no argparse default: only the
+    flags actually given override the recipe."""
+    p.add_argument("-c", "--config", default=None, help=f"recipe: a shipped name ({', '.join(list_recipes())}) or a "
+                   "YAML file of option: value; flags override it")  # fmt: skip
+    for o in OPTIONS:
+        names = [f"--{o.key.replace('_', '-')}"] + ([o.short] if o.short else [])
+        default = f" (default: {o.default})" if o.default not in (None, {}) else ""
+        kw: dict[str, Any] = {"dest": o.key, "default": argparse.SUPPRESS, "help": o.help + default}
+        if o.type is BOOL:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif o.key == "model_kwargs":
+            kw.update(nargs="*", metavar="KEY=VALUE")
+        else:
+            kw["type"] = o.type
+            if o.choices:
+                kw["choices"] = o.choices
+        p.add_argument(*names, **kw)
+
+
+def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    given = {o.key: getattr(args, o.key) for o in OPTIONS if hasattr(args, o.key)}
+    try:
+        cfg, _ = resolve_config(given, args.config)
+        from .validate import check_model_name
+
+        check_model_name(cfg["model"])
+        train(cfg, command=shlex.join(["visionlin", *argv]))
+    except (UsageError, DataError, ckpt.CheckpointError) as e:
+        parser.error(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m visionlin.train``: the same as ``visionlin train``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,376 @@
+"""``visionlin validate``: top-1 / top-5, loss and img/s of a model on a folder (or Fashion-MNIST) at a chosen size.
+
+The checkpoint can be ours (a ``.safetensors`` written by ``visionlin train``, a checkpoint folder or a run folder,
+whose newest checkpoint is used) or the authors' (any other file, loaded through timm's pretrained path, i.e. the
+model's ``checkpoint_filter_fn``, which maps their key names and resamples position tables to the model's size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_weights, read_weights_metadata
+from .data import DATASETS, DataError, SeededTransform, collate_skipping, create_dataset
+
+__all__ = [
+    "UsageError",
+    "add_arguments",
+    "build_model",
+    "eval_transform",
+    "evaluate",
+    "execute",
+    "load_model_weights",
+    "parse_kwargs",
+    "resolve_checkpoint",
+    "validate",
+]
+
+
+class UsageError(ValueError):
+    """A bad flag, recipe key, model name, data folder or checkpoint: reported as a usage error (exit status 2)."""
+
+
+def parse_kwargs(items: list[str] | dict | None) -> dict[str, Any]:
+    """``["depth=2", "img_size=32", "attn_layer=softmax"]`` -> ``{"depth": 2, "img_size": 32, "attn_layer":
+    "softmax"}`` (values read as Python literals where they are, else as strings); a dict passes through."""
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"model kwarg {item!r} is not KEY=VALUE (e.g. depth=2)")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def check_model_name(name: str | None) -> str:
+    import timm
+
+    import visionlin  # noqa: F401  (registers the models)
+
+    if not name:
+        raise UsageError("--model is required (e.g. --model infvit_small; `visionlin list` shows ours)")
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown model {name!r}{hint}; any timm or visionlin model name (`visionlin list`)")
+    return name
+
+
+def build_model(name: str, *, num_classes: int | None, img_size: int | None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with ``img_size`` passed where the model takes it (ViTs, ours) and left out where it
+    does not (convnets); a bad keyword is a :class:`UsageError` naming it."""
+    import timm
+
+    check_model_name(name)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    attempts = [{**kwargs, "img_size": img_size}, kwargs] if img_size and "img_size" not in kwargs else [kwargs]
+    for i, kw in enumerate(attempts):
+        try:
+            return timm.create_model(name, **kw)
+        except TypeError as e:
+            if i + 1 == len(attempts):
+                raise UsageError(f"cannot build {name!r} with {kwargs}: {e}") from e
+        except ValueError as e:
+            raise UsageError(f"cannot build {name!r} with {kw}: {e}") from e
+    raise AssertionError("unreachable")
+
+
+def resolve_checkpoint(path: str | Path, *, ema: bool = False) -> Path:
+    """A weights file from a ``.safetensors`` path, a checkpoint folder or a run folder (its newest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        ckpt = p if (p / "complete.json").is_file() else latest_checkpoint(p)
+        if ckpt is None:
+            raise UsageError(f"{str(p)!r} is neither a checkpoint folder nor a run folder with complete checkpoints")
+        name = "ema.safetensors" if ema else "model.safetensors"
+        if not (ckpt / name).is_file():
+            raise UsageError(
+                f"checkpoint {str(ckpt)!r} has no {name}" + (" (trained without --model-ema)" if ema else "")
+            )
+        return ckpt / name
+    return p
+
+
+def check_weights_model(path: str | Path, model_name: str) -> dict[str, str]:
+    """Refuse our safetensors written for another model (before anything is built); returns its metadata."""
+    meta = read_weights_metadata(path) if Path(path).suffix == ".safetensors" else {}
+    saved = meta.get("model")
+    if meta.get("format") == "visionlin" and saved and saved.split(".")[0] != model_name.split(".")[0]:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained as model {saved!r} (num_classes={meta.get('num_classes')}); "
+            f"this run builds {model_name!r}. Pass --model {saved} or another checkpoint"
+        )
+    return meta
+
+
+def load_model_weights(model: nn.Module, path: str | Path, model_name: str) -> str:
+    """Load our safetensors (checked to be of ``model_name``, strict) or the authors' file through the model's
+    ``checkpoint_filter_fn``; returns how it was loaded. Mismatches raise :class:`CheckpointError`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        meta = check_weights_model(path, model_name)
+        state = load_weights(path)
+        if meta.get("format") == "visionlin":
+            _load_strict(model, state, path, model_name)
+            return "visionlin safetensors"
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if isinstance(state, dict) and "state_dict" in state and "model" not in state:
+        state = state["state_dict"]
+    try:
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {model_name!r}: {e}") from e
+    _load_strict(model, state, path, model_name)
+    return "checkpoint_filter_fn" if filter_fn is not None else "state dict"
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and
+              tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = [f"{label} {vals[:6]}{' ...' if len(vals) > 6 else ''}" for label, vals in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped (file vs model)", shapes))
+                 if vals]  # fmt: skip
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {model_name!r}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def eval_transform(model: nn.Module, img_size: int, crop_pct: float | None = None, interpolation: str | None = None):
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    return create_transform(
+        input_size=(3, img_size, img_size),
+        is_training=False,
+        interpolation=interpolation or cfg["interpolation"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        crop_pct=crop_pct or cfg["crop_pct"],
+    )
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> list[int]:
+    k = min(max(topk), logits.shape[-1])
+    pred = logits.topk(k, dim=-1).indices
+    hit = pred.eq(target[:, None])
+    return [int(hit[:, : min(t, k)].any(dim=-1).sum()) for t in topk]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    autocast: Any = None,
+    reduce: Any = None,
+) -> dict[str, Any]:
+    """Top-1 / top-5 (percent), mean cross-entropy and img/s over ``loader`` (batches from :func:`collate_skipping`).
+
+    ``reduce(tensor) -> tensor`` sums counts over processes (``accelerator.reduce``) when the loader is sharded.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, n
+    skipped: list[str] = []
+    start = time.perf_counter()
+    for images, targets, bad in loader:
+        skipped += bad
+        if images is None:
+            continue
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast() if autocast else nullcontext():
+            logits = model(images)
+        logits = logits.float()
+        if int(targets.max()) >= logits.shape[-1]:
+            raise UsageError(f"label {int(targets.max())} but the model has {logits.shape[-1]} classes")
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        top1, top5 = accuracy_counts(logits, targets)
+        totals += torch.tensor([float(loss), top1, top5, len(targets)], dtype=torch.float64)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    if reduce is not None:
+        totals = reduce(totals.to(device)).cpu()
+    model.train(was_training)
+    n = int(totals[3])
+    return {
+        "loss": float(totals[0] / max(n, 1)),
+        "top1": float(100 * totals[1] / max(n, 1)),
+        "top5": float(100 * totals[2] / max(n, 1)),
+        "n": n,
+        "img_s": n / elapsed if elapsed > 0 else float("nan"),
+        "skipped": skipped,
+    }
+
+
+def validate(
+    model_name: str,
+    *,
+    checkpoint: str | None,
+    data_dir: str | None,
+    dataset: str = "imagefolder",
+    split: str = "val",
+    img_size: int = 224,
+    batch_size: int = 64,
+    workers: int = 2,
+    num_classes: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    use_ema: bool = False,
+    crop_pct: float | None = None,
+    amp: bool = False,
+    device: str | None = None,
+    pretrained: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model_name`` (with ``checkpoint`` loaded) on ``split`` of the data; returns the metrics dict of
+    :func:`evaluate` plus ``model``, ``checkpoint``, ``loaded_via``, ``img_size``, ``num_classes``."""
+    check_model_name(model_name)
+    ds = create_dataset(dataset, data_dir, split)
+    weights = resolve_checkpoint(checkpoint, ema=use_ema) if checkpoint else None
+    if num_classes is None:
+        if weights is not None and weights.suffix == ".safetensors":
+            meta = check_weights_model(weights, model_name)
+            num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
+        if num_classes is None and weights is None and not pretrained:
+            num_classes = len(ds.classes)
+    kwargs = parse_kwargs(model_kwargs)
+    model = build_model(model_name, num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
+    loaded_via = "timm pretrained" if pretrained else "random init"
+    if weights is not None:
+        loaded_via = load_model_weights(model, weights, model_name)
+    n_model = model.num_classes if hasattr(model, "num_classes") else None
+    if n_model is not None and len(ds.classes) > n_model:
+        raise UsageError(f"the data has {len(ds.classes)} classes but the model has {n_model} (pass --num-classes?)")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    loader = DataLoader(
+        SeededTransform(ds, eval_transform(model, img_size, crop_pct)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        collate_fn=collate_skipping,
+    )
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+
+    metrics = evaluate(model, loader, dev, autocast=autocast if amp else None)
+    return {
+        "model": model_name,
+        "checkpoint": str(weights) if weights else None,
+        "loaded_via": loaded_via,
+        "img_size": img_size,
+        "num_classes": n_model,
+        "split": split,
+        **metrics,
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name (ours or any timm model)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="our .safetensors, a checkpoint or run folder (newest checkpoint), or the authors' file (mapped by "
+        "the model's checkpoint_filter_fn)",
+    )
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights of the model (downloads)")
+    p.add_argument("--use-ema", action="store_true", help="the EMA weights of a checkpoint or run folder")
+    p.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="default: imagefolder")
+    p.add_argument("--data-dir", default=None, help="ImageNet-layout root (DIR/<split>/<class>/<img>)")
+    p.add_argument("--split", default="val", help="sub-folder of --data-dir ('' for the folder itself; default val)")
+    p.add_argument("--img-size", type=_positive, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction (default: the model's)")
+    p.add_argument("-b", "--batch-size", type=_positive, default=64)
+    p.add_argument("-j", "--workers", type=_non_negative, default=2)
+    p.add_argument("--num-classes", type=_positive, default=None)
+    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--results-file", default=None, help="also write the metrics as JSON here")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return v
+
+
+def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    try:
+        r = validate(
+            args.model,
+            checkpoint=args.checkpoint,
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            split=args.split,
+            img_size=args.img_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            num_classes=args.num_classes,
+            model_kwargs=args.model_kwargs,
+            use_ema=args.use_ema,
+            crop_pct=args.crop_pct,
+            amp=args.amp,
+            device=args.device,
+            pretrained=args.pretrained,
+        )
+    except (UsageError, DataError, CheckpointError) as e:
+        parser.error(str(e))
+    print(
+        f"{r['model']} @ {r['img_size']} px on {r['n']} images ({r['split']}): top-1 {r['top1']:.2f}  "
+        f"top-5 {r['top5']:.2f}  loss {r['loss']:.4f}  {r['img_s']:.1f} img/s  [weights: {r['loaded_via']}]"
+    )
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} unreadable images, e.g. {r['skipped'][0]}")
+    if args.results_file:
+        out = {**r, "skipped": len(r["skipped"]), "command": shlex.join(["visionlin", *argv])}
+        Path(args.results_file).write_text(json.dumps(out, indent=1))
+    return 0
