@@ -135,6 +135,11 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     assert "'2' is not a probability" in err
     err = _usage_error(capsys, ["train", *TINY, "--model-kwargs", "depth", "--data-dir", str(data), *out])
     assert "model kwarg 'depth' is not KEY=VALUE" in err
+    try:
+        from torch.utils import tensorboard  # noqa: F401
+    except ImportError:
+        err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--tensorboard", *out])
+        assert "pip install tensorboard" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -223,7 +228,8 @@ def test_fashion_mnist_option_trains(capsys, tmp_path):
 
 def test_killed_run_resumes_exactly(tmp_path, data):
     common = [*TINY, *RUN, "--data-dir", str(data), "--recovery-interval", "2", "--model-ema",
-              "--model-ema-decay", "0.9", "--reprob", "0.25", "--aa", "rand-m3-mstd0.5", "--mixup", "0.5"]  # fmt: skip
+              "--model-ema-decay", "0.9", "--reprob", "0.25", "--aa", "rand-m3-mstd0.5", "--mixup", "0.5",
+              "--drop-path", "0.2"]  # fmt: skip
     ref_dir = tmp_path / "ref"
     assert cli.main(["train", *common, "--output", str(ref_dir), "--workers", "0"]) == 0
     ref = read_log(ref_dir / "infvit_tiny-32")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -178,8 +178,9 @@ def create_dataset(name: str, root: str | Path | None, split: str) -> ImageFolde
 class SeededTransform(Dataset):
     """Wraps a dataset (``load(i) -> (PIL image, target)``) and a transform. Indices are ``(index, seed)`` pairs from
     :class:`EpochSampler`: python's, numpy's and torch's CPU generators are seeded with ``seed`` while the sample is
-    transformed and restored afterwards, so augmentations depend on the sample's seed only. A plain ``int`` index
-    transforms without reseeding (evaluation). Unreadable images give ``None`` (see :func:`collate_skipping`)."""
+    transformed (and restored afterwards in the main process), so augmentations depend on the sample's seed only. A
+    plain ``int`` index transforms without reseeding (evaluation). Unreadable images give ``None`` (see
+    :func:`collate_skipping`)."""
 
     def __init__(self, dataset: Dataset, transform: Callable | None) -> None:
         self.dataset, self.transform = dataset, transform
@@ -197,16 +198,18 @@ class SeededTransform(Dataset):
             return img, target
         if seed is None:
             return self.transform(img), target
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        in_worker = get_worker_info() is not None  # a worker's generators serve nothing else: no need to restore
+        states = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
         try:
             random.seed(seed)
             np.random.seed(seed)
             torch.default_generator.manual_seed(seed)
             return self.transform(img), target
         finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+            if states is not None:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
 
 
 def collate_skipping(batch: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:

@@ -410,6 +410,7 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
         pin_memory=cfg["pin_mem"] and device.type == "cuda",
         persistent_workers=cfg["persistent_workers"] and workers > 0,
         collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(cfg["seed"]),  # iter() would draw worker seeds from the global one
     )
     val_loader = None
     if val_ds is not None:
@@ -421,6 +422,7 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
             pin_memory=cfg["pin_mem"] and device.type == "cuda",
             persistent_workers=cfg["persistent_workers"] and workers > 0,
             collate_fn=collate_skipping,
+            generator=torch.Generator().manual_seed(cfg["seed"]),
         )
 
     # optimisation
