@@ -30,7 +30,11 @@ def _filter_fn(name: str):
 # Deep hierarchical variants run the contract with fewer blocks per stage (every stage, width, head count and mixer
 # kept): the contract belongs to the family, and their published depths are checked without running them
 # (tests/test_models_nat.py builds every named configuration on the meta device and counts its parameters).
-TEST_KWARGS = {"visionlin.models.nat": dict(depths=(2, 2, 2, 1))}
+TEST_KWARGS = {
+    "visionlin.models.nat": dict(depths=(2, 2, 2, 1)),
+    # A mixer then an attention block per hybrid stage; narrow (the six variants differ only in widths and depths).
+    "visionlin.models.mambavision": dict(depths=(1, 1, 2, 2), embed_dim=32, in_dim=16),
+}
 
 
 def _build(name: str, **kwargs) -> torch.nn.Module:
@@ -150,6 +154,7 @@ def test_grad_checkpointing_equal(name, monkeypatch):
     """Checkpointing is really used (every block goes through it) and changes neither outputs nor gradients."""
     import visionlin.models.hierarchical as hierarchical
     import visionlin.models.vit as vit
+    from visionlin.models.hierarchical import ConvBlock
 
     calls = []
     for family in (vit, hierarchical):
@@ -164,7 +169,7 @@ def test_grad_checkpointing_equal(name, monkeypatch):
         out = model(x)
         out.square().mean().backward()
         grads.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    assert len(calls) == sum(isinstance(m, Block) for m in model.modules())
+    assert len(calls) == sum(isinstance(m, (Block, ConvBlock)) for m in model.modules())
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
     assert grads[1][1].keys() == grads[0][1].keys()
     for n, g in grads[0][1].items():

@@ -134,7 +134,7 @@ def test_input_checks_and_padding():
         (dict(embed_dim=60, num_heads=(8, 8, 8, 8)), r"stage 0: width 60 is not divisible by num_heads 8"),
         (dict(depths=(1, 0, 1, 1)), r"depths\[1\]=0 must be >= 1"),
         (dict(attn_kwargs=[{}, {}, [{}, {}], {}]), r"attn_kwargs\[2\]=\[\{\}, \{\}\] must be one entry or a list of 6"),
-        (dict(stem_type="hex"), r"stem_type='hex' is not one of \['conv', 'patch'\]"),
+        (dict(stem_type="hex"), r"stem_type='hex' is not one of \['conv', 'conv_bn', 'patch'\]"),
         (dict(global_pool="token"), r"global_pool='token' is not one of"),
     ],
 )

@@ -1,7 +1,7 @@
 """Backbone families; importing this package registers every entrypoint with timm."""
 
-from . import hierarchical, nat, vit
+from . import hierarchical, mambavision, nat, vit
 from .hierarchical import HierarchicalBackbone
 from .vit import EfficientVisionTransformer
 
-__all__ = ["EfficientVisionTransformer", "HierarchicalBackbone", "hierarchical", "nat", "vit"]
+__all__ = ["EfficientVisionTransformer", "HierarchicalBackbone", "hierarchical", "mambavision", "nat", "vit"]

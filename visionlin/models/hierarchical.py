@@ -2,10 +2,17 @@
 
 One skeleton; the family is a set of constructor arguments:
 
-* ``stem_type``: ``"conv"`` (NAT's tokenizer: two 3x3 stride-2 convolutions, then a norm) or ``"patch"`` (one 4x4
-  stride-4 patch embedding, then a norm, as Swin / PVT); both reduce by 4.
-* ``downsample_type`` between stages: ``"conv"`` (NAT: 3x3 stride-2 convolution without bias, then a norm) or
-  ``"patch"`` (2x2 stride-2 patch embedding, then a norm); each halves the grid and sets the next stage's width.
+* ``stem_type``: ``"conv"`` (NAT's tokenizer: two 3x3 stride-2 convolutions, then a norm), ``"patch"`` (one 4x4
+  stride-4 patch embedding, then a norm, as Swin / PVT) or ``"conv_bn"`` (MambaVision: two 3x3 stride-2 convolutions,
+  each followed by BatchNorm and ReLU); all reduce by 4.
+* ``downsample_type`` between stages: ``"conv"`` (NAT: 3x3 stride-2 convolution without bias, then a norm),
+  ``"conv_nonorm"`` (the same convolution alone, MambaVision) or ``"patch"`` (2x2 stride-2 patch embedding, then a
+  norm); each halves the grid and sets the next stage's width.
+* ``block_type`` per stage: ``"transformer"`` (below) or ``"conv"`` (MambaVision's residual conv-BN-GELU-conv-BN
+  block, no token mixer).
+* ``window_size`` per stage: ``None`` (blocks see the whole grid) or ``w``: the stage pads its grid with zeros at the
+  bottom / right to multiples of ``w``, runs every block on each ``w x w`` window (padding included, as MambaVision),
+  then crops.
 * ``attn_layer`` / ``attn_kwargs``: a registered token mixer (``visionlin.ATTN_LAYERS``) and its keywords, one for
   the whole model, one per stage, or one per block of a stage (DiNAT's per-block dilations).
 * the pre-norm transformer :class:`~visionlin.models.vit.Block` (shared with the isotropic family): depths, widths,
@@ -26,11 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer
+from ..layers._base import map_to_tokens, tokens_to_map
 from ._common import (
     check_bool,
     check_head_input,
@@ -44,7 +52,15 @@ from ._common import (
 )
 from .vit import Block, _check_matches, _unwrap
 
-__all__ = ["HierarchicalBackbone", "HierarchicalStage", "checkpoint_filter_fn"]
+__all__ = [
+    "ConvBlock",
+    "HierarchicalBackbone",
+    "HierarchicalStage",
+    "TokenBatchNorm",
+    "checkpoint_filter_fn",
+    "window_partition",
+    "window_reverse",
+]
 
 _POOLS = ("", "avg", "avgmax", "max")
 
@@ -114,8 +130,134 @@ class PatchDownsample(nn.Module):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-STEMS: dict[str, type[nn.Module]] = {"conv": ConvStem, "patch": PatchStem}
-DOWNSAMPLES: dict[str, type[nn.Module]] = {"conv": ConvDownsample, "patch": PatchDownsample}
+class ConvBNStem(nn.Module):
+    """MambaVision's stem: conv 3x3 s2 (``width``, no bias) -> BN -> ReLU -> conv 3x3 s2 (``C``, no bias) -> BN ->
+    ReLU. Images ``[B, C_in, H, W]`` -> ``[B, H/4, W/4, C]``; ``norm_layer`` is not used (BatchNorm is the design).
+
+    Args:
+        width: Channels after the first convolution (default ``C / 2``; MambaVision's ``in_dim``).
+        bn_eps: BatchNorm epsilon (the authors: 1e-4).
+    """
+
+    stride = 4
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        width: int | None = None,
+        bn_eps: float = 1e-4,
+        **dd: Any,
+    ) -> None:
+        super().__init__()
+        width = width or dim // 2
+        check_int("stem width", width, minimum=1)
+        self.conv_down = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False, **dd),
+            nn.BatchNorm2d(width, eps=bn_eps, **dd),
+            nn.ReLU(),
+            nn.Conv2d(width, dim, 3, stride=2, padding=1, bias=False, **dd),
+            nn.BatchNorm2d(dim, eps=bn_eps, **dd),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_down(x).permute(0, 2, 3, 1)
+
+
+class PlainConvDownsample(nn.Module):
+    """MambaVision's downsampler: conv 3x3 s2 without bias and without norm, ``[B, H, W, C_in] -> [B, ceil(H/2),
+    ceil(W/2), C]``."""
+
+    output_size = staticmethod(ConvDownsample.output_size)
+
+    def __init__(self, dim_in: int, dim: int, norm_layer: Callable[..., nn.Module] | None = None, **dd: Any) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(dim_in, dim, 3, stride=2, padding=1, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+STEMS: dict[str, type[nn.Module]] = {"conv": ConvStem, "patch": PatchStem, "conv_bn": ConvBNStem}
+DOWNSAMPLES: dict[str, type[nn.Module]] = {
+    "conv": ConvDownsample,
+    "conv_nonorm": PlainConvDownsample,
+    "patch": PatchDownsample,
+}
+
+
+class TokenBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the channels of tokens ``[B, N, C]`` (statistics over batch and tokens), with
+    ``BatchNorm2d``'s parameter names: MambaVision's head norm, applied before pooling."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass  # forward builds the 4-D input itself (and FX cannot branch on a traced input's rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+
+
+class ConvBlock(nn.Module):
+    """MambaVision's convolutional block on the token grid: ``x + drop_path(gamma * BN(conv(GELU_tanh(BN(conv(x))))))``
+    with 3x3 convolutions (bias) and BatchNorm; ``gamma`` (LayerScale) only with ``init_values``.
+
+    Same call as :class:`~visionlin.models.vit.Block`: tokens ``[B, H*W, C]`` and ``feat_size``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        kernel_size: int = 3,
+        bn_eps: float = 1e-5,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, **dd)
+        self.norm1 = nn.BatchNorm2d(dim, eps=bn_eps, **dd)
+        self.act1 = nn.GELU(approximate="tanh")
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, **dd)
+        self.norm2 = nn.BatchNorm2d(dim, eps=bn_eps, **dd)
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        """Tokens ``[B, H*W, C]`` on grid ``feat_size`` in and out (no prefix tokens)."""
+        y = tokens_to_map(x, feat_size)
+        y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(y)))))
+        if self.gamma is not None:
+            y = y * self.gamma[:, None, None]
+        return x + self.drop_path(map_to_tokens(y))
+
+
+BLOCK_TYPES = ("transformer", "conv")
+
+
+@register_notrace_function
+def window_partition(x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Tokens ``[B, H*W, C]`` on ``grid`` -> windows ``[B * nH * nW, window**2, C]`` (row-major inside a window),
+    zero-padded at the bottom / right to multiples of ``window``."""
+    h, w = grid[0], grid[1]
+    b, c = x.shape[0], x.shape[-1]
+    nh, nw = -(-h // window), -(-w // window)
+    x = F.pad(x.unflatten(1, (h, w)), (0, 0, 0, nw * window - w, 0, nh * window - h))
+    x = x.view(b, nh, window, nw, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * nh * nw, window * window, c)
+
+
+@register_notrace_function
+def window_reverse(x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: windows -> tokens ``[B, H*W, C]`` on ``grid`` (padding cropped)."""
+    h, w = grid[0], grid[1]
+    nh, nw = -(-h // window), -(-w // window)
+    c = x.shape[-1]
+    x = x.view(-1, nh, nw, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, nh * window, nw * window, c)
+    return x[:, :h, :w].flatten(1, 2)
 
 
 # Stage ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +273,9 @@ class HierarchicalStage(nn.Module):
         attn_layers: Registered token-mixer name per block.
         attn_kwargs: Mixer keywords per block.
         drop_path: Stochastic-depth rate per block.
+        block_type: ``"transformer"`` (:class:`~visionlin.models.vit.Block`) or ``"conv"`` (:class:`ConvBlock`).
+        window_size: Run the blocks on zero-padded ``w x w`` windows of the grid (``None``: the whole grid).
+        conv_init_values: LayerScale init of conv blocks (``None``: none).
         block_kwargs: Remaining :class:`~visionlin.models.vit.Block` keywords (shared by the blocks).
     """
 
@@ -145,6 +290,9 @@ class HierarchicalStage(nn.Module):
         attn_kwargs: Sequence[Mapping[str, Any]],
         drop_path: Sequence[float],
         norm_layer: Callable[..., nn.Module],
+        block_type: str = "transformer",
+        window_size: int | None = None,
+        conv_init_values: float | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         **block_kwargs: Any,
@@ -153,6 +301,12 @@ class HierarchicalStage(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.downsample = DOWNSAMPLES[downsample](dim_in, dim, norm_layer, **dd) if downsample else None
         self.grad_checkpointing = False
+        self.window_size = window_size
+        if block_type == "conv":
+            self.blocks = nn.ModuleList(
+                ConvBlock(dim, drop_path=drop_path[j], init_values=conv_init_values, **dd) for j in range(depth)
+            )
+            return
         self.blocks = nn.ModuleList(
             Block(
                 dim,
@@ -177,11 +331,17 @@ class HierarchicalStage(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x.unflatten(1, (feat_size[0], feat_size[1]))).flatten(1, 2)
         grid = self.output_size(feat_size)
+        block_grid = grid
+        if self.window_size is not None:
+            x = window_partition(x, grid, self.window_size)
+            block_grid = (self.window_size, self.window_size)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, grid, 0, use_reentrant=False)
+                x = checkpoint(blk, x, block_grid, 0, use_reentrant=False)
             else:
-                x = blk(x, grid, 0)
+                x = blk(x, block_grid, 0)
+        if self.window_size is not None:
+            x = window_reverse(x, grid, self.window_size)
         return x
 
 
@@ -231,7 +391,11 @@ class HierarchicalBackbone(nn.Module):
         qk_norm: Normalise q and k.
         init_values: LayerScale init (``None`` = no LayerScale).
         stem_type: Key of :data:`STEMS`.
+        stem_kwargs: Extra stem keywords (``conv_bn``: ``width``, ``bn_eps``).
         downsample_type: Key of :data:`DOWNSAMPLES`.
+        block_type: ``"transformer"`` or ``"conv"``, one or one per stage (conv stages ignore the mixer arguments).
+        window_size: ``None`` or a window side, one or one per stage (see the module docstring).
+        conv_init_values: LayerScale init of conv blocks (``None`` = none).
         dynamic_img_size: Accept any input whose sides are multiples of the total stride.
         dynamic_img_pad: Pad inputs at the bottom / right to a multiple of the total stride instead of raising.
         drop_rate: Dropout before the classifier.
@@ -241,6 +405,7 @@ class HierarchicalBackbone(nn.Module):
         drop_path_rate: Stochastic depth, linearly increasing over all blocks.
         norm_layer: Norm (default ``LayerNorm(eps=norm_eps)``), channels-last.
         norm_eps: LayerNorm epsilon when ``norm_layer`` is not given.
+        head_norm_layer: The final norm before pooling (default ``norm_layer``; MambaVision: :class:`TokenBatchNorm`).
         act_layer: MLP activation (default GELU).
         attn_layer: Registered token-mixer name: one, one per stage, or one list per stage with a name per block.
         attn_kwargs: Mixer keywords, nested the same way (dicts).
@@ -262,7 +427,11 @@ class HierarchicalBackbone(nn.Module):
         qk_norm: bool = False,
         init_values: float | None = None,
         stem_type: str = "conv",
+        stem_kwargs: Mapping[str, Any] | None = None,
         downsample_type: str = "conv",
+        block_type: str | Sequence[str] = "transformer",
+        window_size: int | None | Sequence[int | None] = None,
+        conv_init_values: float | None = None,
         dynamic_img_size: bool = True,
         dynamic_img_pad: bool = False,
         drop_rate: float = 0.0,
@@ -272,6 +441,7 @@ class HierarchicalBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] | None = None,
         norm_eps: float = 1e-5,
+        head_norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[..., nn.Module] | None = None,
         attn_layer: str | Sequence[str | Sequence[str]] = "neighborhood",
         attn_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]] | None = None,
@@ -313,6 +483,25 @@ class HierarchicalBackbone(nn.Module):
         check_positive("norm_eps", norm_eps)
         if init_values is not None:
             check_positive("init_values", init_values)
+        if conv_init_values is not None:
+            check_positive("conv_init_values", conv_init_values)
+
+        def check_block_type(name: str, value: Any) -> None:
+            if value not in BLOCK_TYPES:
+                raise ValueError(f"{name}={value!r} is not one of {BLOCK_TYPES}")
+
+        def check_window(name: str, value: Any) -> None:
+            if value is not None:
+                check_int(name, value, minimum=1)
+
+        block_types = _stage_list("block_type", block_type, n, check_block_type)
+        windows = _stage_list("window_size", window_size, n, check_window)
+        conv_windows = [i for i, (b, w) in enumerate(zip(block_types, windows, strict=True)) if b == "conv" and w]
+        if conv_windows:
+            raise ValueError(
+                f"stages {conv_windows} are conv stages (block_type='conv') but have a window_size ({windows}); "
+                "conv blocks see the whole grid: give None for them"
+            )
         if global_pool not in _POOLS:
             raise ValueError(f"{global_pool=} is not one of {_POOLS}")
         if stem_type not in STEMS:
@@ -338,7 +527,7 @@ class HierarchicalBackbone(nn.Module):
         self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
 
-        self.stem = STEMS[stem_type](in_chans, dims[0], norm_layer, **dd)
+        self.stem = STEMS[stem_type](in_chans, dims[0], norm_layer, **dict(stem_kwargs or {}), **dd)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.stride = self.stem.stride * 2 ** (n - 1)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
@@ -366,6 +555,9 @@ class HierarchicalBackbone(nn.Module):
                     attn_kwargs=stage_kwargs,
                     drop_path=dpr[start : start + depths[i]],
                     norm_layer=norm_layer,
+                    block_type=block_types[i],
+                    window_size=windows[i],
+                    conv_init_values=conv_init_values,
                     mlp_ratio=mlp_ratios[i],
                     qkv_bias=qkv_bias,
                     qk_norm=qk_norm,
@@ -380,7 +572,7 @@ class HierarchicalBackbone(nn.Module):
         self.feature_info = [
             dict(num_chs=dims[i], reduction=self.stem.stride * 2**i, module=f"stages.{i}") for i in range(n)
         ]
-        self.norm = norm_layer(dims[-1], **dd)
+        self.norm = (head_norm_layer or norm_layer)(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -396,7 +588,7 @@ class HierarchicalBackbone(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """The mechanisms' positional / bias / scalar parameters (NAT's ``rpb`` among them)."""
-        table = re.compile(r"\.attn\.(rpb|positional_encoding|scale|rho_logit|temperature|\w+_bias)$")
+        table = re.compile(r"\.attn\.(rpb|positional_encoding|scale|rho_logit|temperature|\w+_bias|A_log|D)$")
         return {n for n, _ in self.named_parameters() if table.search(n)}
 
     @torch.jit.ignore
