@@ -65,6 +65,7 @@ class Block(nn.Module):
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         attn_layer: str = "softmax",
         attn_kwargs: Mapping[str, Any] | None = None,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -86,7 +87,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -128,6 +129,8 @@ class EfficientVisionTransformer(nn.Module):
         act_layer: MLP activation (default GELU).
         attn_layer: Registered token-mixer name, or one per block.
         attn_kwargs: Keywords for the token mixer, or one dict per block.
+        embed_layer: Patch embedding (timm's ``PatchEmbed`` signature and attributes; output ``NHWC``).
+        mlp_layer: Block MLP, called ``(dim, hidden_features, act_layer=, drop=)`` (timm's ``Mlp``).
         device: Parameter device.
         dtype: Parameter dtype.
     """
@@ -162,6 +165,8 @@ class EfficientVisionTransformer(nn.Module):
         act_layer: Callable[..., nn.Module] | None = None,
         attn_layer: str | Sequence[str] = "softmax",
         attn_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -245,7 +250,7 @@ class EfficientVisionTransformer(nn.Module):
         self.patch_size = patch_size[0] if patch_size[0] == patch_size[1] else patch_size
         self.in_chans = in_chans
 
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = embed_layer(
             img_size=img_size,
             patch_size=patch_size,
             in_chans=in_chans,
@@ -290,6 +295,7 @@ class EfficientVisionTransformer(nn.Module):
                     norm_layer=norm_layer,
                     attn_layer=name,
                     attn_kwargs=kw,
+                    mlp_layer=mlp_layer,
                     **dd,
                 )
             )
@@ -393,7 +399,7 @@ class EfficientVisionTransformer(nn.Module):
             self.in_chans,
             tuple(self.patch_embed.patch_size),
             tuple(self.patch_embed.img_size),
-            self.patch_embed.proj.weight.dtype,
+            next(self.patch_embed.parameters()).dtype,
             self.dynamic_img_size,
             self.patch_embed.dynamic_img_pad,
         )
@@ -683,7 +689,7 @@ def _adapt_pos_embed(
         raise ValueError(
             f"checkpoint pos_embed has prefix rows {sorted(rows)} (of {pos.shape[1]} rows); the model needs {want}"
         )
-    prefix = [rows["cls"][0]] * ("cls" in want) + rows.get("reg", [])[: want.count("reg")]
+    prefix = ([rows["cls"][0]] if "cls" in want else []) + rows.get("reg", [])[: want.count("reg")]
     grid_pos = pos[:, n_prefix:]
     if tuple(old_grid) != grid:
         grid_pos = resample_abs_pos_embed(
