@@ -133,9 +133,10 @@ def linear_scan_reference(
         )
     dt = reference_dtype(x.dtype)
     b, length = x.shape[:2]
+    k = math.prod(x.shape[2:])
     with fp32_reference(x.device):
-        h0 = None if initial_state is None else initial_state.to(dt).reshape(b, -1)
-        h = _linear_scan(log_decay.to(dt).reshape(b, length, -1), x.to(dt).reshape(b, length, -1), h0, chunk_size)
+        h0 = None if initial_state is None else initial_state.to(dt).reshape(b, k)
+        h = _linear_scan(log_decay.to(dt).reshape(b, length, k), x.to(dt).reshape(b, length, k), h0, chunk_size)
     return h.reshape(x.shape)
 
 
@@ -424,7 +425,8 @@ def _gla_chunked(
     local = torch.einsum("bcshk,bcshv->bchkv", k * decay[:, :, -1], v)  # [B, n, H, K, V]
     total = torch.cumsum(g, dim=2)  # sum_{r <= t} g_r within the chunk, [B, n, T, H, K]
     chunk_decay = total[:, :, -1, :, :, None].expand(b, n, h, dk, dv)
-    ends = _linear_scan(chunk_decay.reshape(b, n, -1), local.reshape(b, n, -1), None, 64).view(b, n, h, dk, dv)
+    state = h * dk * dv
+    ends = _linear_scan(chunk_decay.reshape(b, n, state), local.reshape(b, n, state), None, 64).view(b, n, h, dk, dv)
     entry = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)  # state entering each chunk
     out = out + torch.einsum("bcthk,bchkv->bcthv", q * torch.exp(total), entry)
     return (out * scale).reshape(b, n * t, h, dv)[:, :length]
@@ -464,7 +466,7 @@ def gated_linear_attention_reference(
     _check_gla_args(_GLA, q, k, v, {"g": g}, scale, chunk_size)
     if not isinstance(reverse, bool):
         raise ValueError(f"{_GLA}: reverse={reverse!r} must be True or False")
-    if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[-1] == 0:
+    if q.shape[1] * q.shape[2] * v.shape[-1] == 0:  # B = 0 runs through (no guard on a dynamic batch)
         return v.new_zeros(v.shape)
     dt = reference_dtype(v.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -498,7 +500,7 @@ def bidirectional_gated_linear_attention_reference(
         ``o`` ``[B, L, H, V]`` in ``v``'s dtype.
     """
     _check_gla_args(_BIGLA, q, k, v, {"g_fwd": g_fwd, "g_bwd": g_bwd}, scale, chunk_size)
-    if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[-1] == 0:
+    if q.shape[1] * q.shape[2] * v.shape[-1] == 0:  # B = 0 runs through (no guard on a dynamic batch)
         return v.new_zeros(v.shape)
     dt = reference_dtype(v.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -513,8 +515,8 @@ def bidirectional_gated_linear_attention_reference(
             scale,
             chunk_size,
         )
-        fwd, bwd = both.chunk(2, dim=0)
-        out = (fwd + bwd.flip(1)) / 2
+        b = q.shape[0]
+        out = (both[:b] + both[b:].flip(1)) / 2
     return out.to(v.dtype)
 
 
