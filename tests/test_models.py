@@ -34,6 +34,7 @@ TEST_KWARGS = {
     "visionlin.models.nat": dict(depths=(2, 2, 2, 1)),
     # A mixer then an attention block per hybrid stage; narrow (the six variants differ only in widths and depths).
     "visionlin.models.mambavision": dict(depths=(1, 1, 2, 2), embed_dim=32, in_dim=16),
+    "visionlin.models.vig": dict(depth=4),  # out_indices / intermediates take the last 3 blocks
 }
 
 
