@@ -37,6 +37,10 @@ IMPLEMENTED = [
     "dinat_attention",
     "nat",
     "dinat",
+    "mambavision_mixer",
+    "mambavision",
+    "vig_mixer",
+    "vig",
 ]
 
 
