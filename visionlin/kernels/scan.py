@@ -121,7 +121,7 @@ def linear_scan_reference(
         ValueError: mismatched shapes, non-floating dtypes or a bad ``chunk_size``.
     """
     op = "linear_scan"
-    _check_chunk(op, chunk_size)
+    _check_chunk(op, chunk_size, minimum=2)
     for name, t in (("log_decay", log_decay), ("x", x)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim < 2:
             raise ValueError(f"{op}: {name} must be a floating-point tensor [B, L, ...], got {_describe(t)}")
@@ -147,9 +147,9 @@ def _describe(t: Any) -> str:
     return type(t).__name__
 
 
-def _check_chunk(op: str, chunk_size: Any) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= 1")
+def _check_chunk(op: str, chunk_size: Any, minimum: int = 1) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < minimum:
+        raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= {minimum}")
 
 
 def _check_tensor(op: str, name: str, t: Any, shape: tuple[int, ...], layout: str, device: torch.device) -> None:
@@ -219,7 +219,7 @@ def _check_scan_args(
     for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
         if not isinstance(flag, bool):
             raise ValueError(f"{op}: {name}={flag!r} must be True or False")
-    _check_chunk(op, chunk_size)
+    _check_chunk(op, chunk_size, minimum=2)  # chunks of 1 would not shorten the sequence
     _check_nonpositive(op, "A", A)
 
 
