@@ -25,6 +25,11 @@ PAPERS = {
     "inline": ("injective linear (InLine)", "[Han et al., NeurIPS 2024](https://arxiv.org/abs/2412.06590)"),
     "nat": ("neighborhood attention 7x7 + rpb", "[Hassani et al., CVPR 2023](https://arxiv.org/abs/2204.07143)"),
     "dinat": ("dilated neighborhood attention 7x7 + rpb", "[Hassani & Shi 2022](https://arxiv.org/abs/2209.15001)"),
+    "mambavision": (
+        "selective scan (Mamba) + softmax, windows",
+        "[Hatamizadeh & Kautz, CVPR 2025](https://arxiv.org/abs/2407.08083)",
+    ),
+    "vig": ("bidirectional gated linear attention", "[Liao et al., AAAI 2025](https://arxiv.org/abs/2405.18425)"),
 }
 
 
