@@ -30,7 +30,7 @@ __all__ = ["focus_triton"]
 
 @triton.jit
 def _rows(
-    X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr
+    X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr
 ):  # fmt: skip
     """``(x, t, mask)`` of tokens ``t`` of sample ``b``: ``x`` as float32 ``[BLOCK_T, BLOCK_C]`` and
     ``t = (relu(x) + eps) / c`` (0 in padded channels)."""
@@ -40,7 +40,7 @@ def _rows(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     tt = tl.maximum(x, 0.0) + eps
     if HAS_C:
-        tt = tt / tl.load(C + ch, mask=cmask, other=1.0)[None, :]
+        tt = tt / tl.load(CS + ch, mask=cmask, other=1.0)[None, :]
     return x, tl.where(mask, tt, 0.0), mask
 
 
@@ -59,14 +59,14 @@ def _normalised(tt, p):
 
 @triton.jit
 def _focus_kernel(
-    X, C, F, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sf_b, sf_n, sf_h, sf_d, p, eps,
+    X, CS, F, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sf_b, sf_n, sf_h, sf_d, p, eps,
     HAS_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     ch = tl.arange(0, BLOCK_C)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        _, tt, mask = _rows(X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        _, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
         tp, s, n, big_s, m = _normalised(tt, p)
         f = s * (m * n / big_s)[:, None]
         offs = b * sf_b + t[:, None] * sf_n + (ch // D)[None, :] * sf_h + (ch % D)[None, :] * sf_d
@@ -75,18 +75,18 @@ def _focus_kernel(
 
 @triton.jit
 def _focus_backward_kernel(
-    X, C, G, DX, DC, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sg_b, sg_n, sg_h, sg_d, sdx_b, sdx_n, sdx_h, sdx_d, p, eps,
+    X, CS, G, DX, DC, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sg_b, sg_n, sg_h, sg_d, sdx_b, sdx_n, sdx_h, sdx_d, p, eps,
     HAS_C: tl.constexpr, NEED_DC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < H * D
     if HAS_C:
-        c = tl.load(C + ch, mask=cmask, other=1.0)
+        c = tl.load(CS + ch, mask=cmask, other=1.0)
     dc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        x, tt, mask = _rows(X, C, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        x, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
         tp, s, n, big_s, m = _normalised(tt, p)
         goffs = b * sg_b + t[:, None] * sg_n + (ch // D)[None, :] * sg_h + (ch % D)[None, :] * sg_d
         g = tl.load(G + goffs, mask=mask, other=0.0).to(tl.float32)
@@ -121,7 +121,9 @@ def _grid(b: int, n: int, device: torch.device, block_t: int) -> tuple[tuple[int
 
 def _meta(h: int, d: int, block_t: int) -> dict[str, int]:
     block_c = triton.next_power_of_2(h * d)
-    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": 8 if block_t * block_c >= 2048 else 4}
+    # One warp per 128 tile entries (4 per thread), 4 to 16: no register spills for sm_90 (ptxas; 8 warps spilled in
+    # the backward at 4 x 512)
+    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": min(16, max(4, block_t * block_c // 128))}
 
 
 @torch.library.custom_op("visionlin::focus_fwd", mutates_args=())

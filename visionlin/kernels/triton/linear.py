@@ -380,9 +380,9 @@ def _state_backward_kernel(
 
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
-#: Rows per program of the state / read-out kernels, of the backward kernels (``None``: 128 for head dims up to 64, else
-#: 64, which fits Hopper's shared memory at 128 x 128), warps per program (``None``: by tile size), and whether the
-#: forward runs as one fused kernel (``None``: by :func:`_use_fused`'s rule). Benchmarks sweep these.
+#: Rows per program of the state / read-out kernels, of the backward kernels (``None``: :func:`_rows_backward`), warps
+#: per program (``None``: :func:`_warps`), and whether the forward runs as one fused kernel (``None``: by
+#: :func:`_use_fused`'s rule). Benchmarks sweep these.
 TUNING: dict[str, int | None] = {"rows": 64, "rows_backward": None, "warps": None, "fused": None}
 NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
@@ -415,9 +415,19 @@ def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bo
 
 
 def _warps(block_d: int, block_dv: int) -> int:
+    """8 warps: with 4, the backward kernels spill registers for sm_90 from D = 32 on (ptxas: 204 B at D = 32,
+    3 KB at D = 64 with 128 rows); tests/test_kernels_sm90_compile.py checks the shipped settings."""
     if TUNING["warps"]:
         return TUNING["warps"]
-    return 8 if block_d * block_dv >= 128 * 64 else 4
+    return 8
+
+
+def _rows_backward(block_d: int, block_dv: int) -> int:
+    """Rows per step of the backward kernels: the largest without register spills for sm_90 at 8 warps."""
+    if TUNING["rows_backward"]:
+        return TUNING["rows_backward"]
+    size = block_d * block_dv
+    return 128 if size <= 32 * 32 else 64 if size <= 64 * 64 else 16
 
 
 def _meta(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | bool]:
@@ -503,7 +513,7 @@ def linear_attention_bwd(
     if b * h == 0 or m == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grads = torch.zeros_like(state)
-    rows = TUNING["rows_backward"] or (128 if meta["BLOCK_D"] * meta["BLOCK_DV"] <= 64 * 64 else 64)
+    rows = _rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
     if n:
         splits, per = _splits(n, rows, b * h, q.device)
         _readout_backward_kernel[(b * h, splits)](
