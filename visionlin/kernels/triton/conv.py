@@ -22,7 +22,7 @@ __all__ = ["token_depthwise_conv2d_triton"]
 
 @triton.jit
 def _conv_kernel(
-    X, W, BIAS, RES, OUT, HH, WW, C, P, sx_b, sx_n, sx_c, sw_b, sr_b, sr_n, sr_c, so_b, so_n, so_c,
+    X, W, BIAS, RES, OUT, HH, WW, NCH, P, sx_b, sx_n, sx_c, sw_b, sr_b, sr_n, sr_c, so_b, so_n, so_c,
     K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -32,7 +32,7 @@ def _conv_kernel(
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    tmask, cmask = t < HH * WW, c < C
+    tmask, cmask = t < HH * WW, c < NCH
     y, x = t // WW, t % WW
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     # Rows of taps in a loop, taps of a row unrolled: fully unrolled, the compiler hoists all K * K tile loads and
@@ -57,7 +57,7 @@ def _conv_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    G, X, DW, DB, HH, WW, C, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, c, tap]`` (and
@@ -66,7 +66,7 @@ def _weight_grad_kernel(
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    cmask = c < NCH
     for tap in range(K * K):
         dy, dx = tap // K - K // 2, tap % K - K // 2
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -94,7 +94,9 @@ def _weight_grad_kernel(
                 tl.atomic_add(DB + c, acc_b, mask=cmask)
 
 
-BLOCK_T, BLOCK_C = 32, 64
+#: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
+#: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills).
+BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 8, 4
 
 
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
@@ -105,7 +107,7 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
         x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, *x.stride(),
         w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=8,  # 4 warps: 233-255 registers for sm_90, spills at k = 7
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS,
     )  # fmt: skip
 
 
@@ -162,7 +164,7 @@ def token_dwconv_bwd(
         per = triton.cdiv(n_blocks, want)
         _weight_grad_kernel[(triton.cdiv(n_blocks, per), c_blocks, b)](
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
-            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
+            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
         )  # fmt: skip
     return dx, dw.reshape(weight.shape).to(weight.dtype), db
 
