@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU session's checks and benchmarks, in stages, each writing under OUT (the device tool's $OUT).
+#
+#   scripts/gpu_check.sh OUT COMMIT STAGE [STAGE ...]
+#
+# Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
+#   tests-new      gpu tests of the kernels added or changed last (focus, conv, pooled / pure InfSA)   ~3 min
+#   tests-linear   gpu tests of the linear-attention kernels                                           ~4 min
+#   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
+#   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
+#   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
+#   bench-train    training step at 224 px                                                             ~1.5 min
+#   bench-op       linear-attention op level                                                           ~1.5 min
+#   bench-largest  largest input at batch 1 (long time cap)                                            ~4 min
+#   profile        kernel-time profile of one forward at 224 px                                        ~1 min
+#   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
+set -u
+OUT=$1
+COMMIT=$2
+shift 2
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
+PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    tests-new)
+      timeout 200 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
+        tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
+    tests-linear)
+      timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
+    tests-half)
+      timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
+    bench-models)
+      timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
+    bench-compiled)
+      timeout 330 python3 -m visionlin.cli bench models --quick --modes compiled --sizes 224,1024 --models $MODELS \
+        --time-budget 300 --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+    bench-train)
+      timeout 120 python3 -m visionlin.cli bench train --quick --models $MODELS --out "$OUT" --commit "$COMMIT" 2>&1 \
+        | grep -E "img/s|oom|rror" ;;
+    bench-op)
+      timeout 120 python3 -m visionlin.cli bench op --out "$OUT" --commit "$COMMIT" 2>&1 | tail -8 ;;
+    bench-largest)
+      timeout 280 python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap 40 --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;
+    profile)
+      timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${MODELS%,infvit_pure_small} \
+        --sizes 224:256 --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
+    profile-train)
+      timeout 100 python3 benchmarks/profile_models.py --train --out "$OUT" --models ${MODELS%,infvit_pure_small} \
+        --sizes 224:128 --commit "$COMMIT" > "$OUT/profile_train_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_train_$COMMIT.log" | grep -v "^     " ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
