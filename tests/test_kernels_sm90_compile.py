@@ -1,8 +1,9 @@
 """Every Triton kernel compiles for the H100 / H200 (sm_90a) with its shipped tile settings and does not spill
-registers at the head dims of the shipped models (32 and 64; the linear kernels also 128), checked on the CPU: Triton compiles ahead of time for a named target, and ``ptxas -v`` (shipped with
-Triton) reports registers and spill bytes. The interpreter tests check the kernels' math; this checks what the
-interpreter cannot (a non-constexpr global, a ``tl.dot`` on mismatched dtypes, shared memory, register pressure: a
-spill costs a large share of a memory-bound kernel's speed).
+registers at the head dims of the shipped models (32 and 64; the linear kernels also 128), checked on the CPU: Triton
+compiles ahead of time for a named target, and ``ptxas -v`` (shipped with Triton) reports registers and spill bytes.
+The interpreter tests check the kernels' math; this checks what the interpreter cannot (a non-constexpr global, a
+``tl.dot`` on mismatched dtypes, shared memory, register pressure: a spill costs a large share of a memory-bound
+kernel's speed).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointer arguments (by name) that are float32 buffers whatever the inputs' dtype; other pointers carry the inputs'.
 FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS", "DW", "DB", "CS", "DC", "C", "Y",
-                 "R", "SSQ", "BETA"}  # fmt: skip
-POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX"}
+                 "R", "SSQ", "BETA", "VA", "AB", "QB"}  # fmt: skip
+POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A"}
 FLOATS = {"scale", "inv_m", "eps", "p", "inv_d"}
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
@@ -108,9 +109,18 @@ def _infsa(dt, tdt):
 
 
 def _conv_and_focus(dt, tdt):
-    from visionlin.kernels.triton import conv, focus
+    from visionlin.kernels.triton import agent, conv, focus
 
     cases = []
+    for d in (32, 64):
+        for na in (49, 64):
+            ba = agent._pad(na)
+            blocks = dict(HAS_BIAS=True, HALF=True, BLOCK_A=ba, BLOCK_D=d, BLOCK_DV=d)
+            warps = agent._warps(ba, d, d)
+            cases += [
+                (agent._aggregate_kernel, dt, dict(blocks, BLOCK_M=agent.ROWS), warps),
+                (agent._broadcast_kernel, dt, dict(blocks, BLOCK_N=agent.ROWS), warps),
+            ]
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)
     for k in (3, 5, 7):
         cases += [

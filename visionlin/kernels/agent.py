@@ -153,8 +153,32 @@ def _reference_supports(q, k, v, agents, **kwargs):
     return is_floating(q, k, v, agents)
 
 
+def _triton(q, k, v, agents, **kwargs):
+    from .triton.agent import agent_attention_triton
+
+    return agent_attention_triton(q, k, v, agents, **kwargs)
+
+
+def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropout_p=0.0, **kwargs):
+    from .triton import MAX_HEAD_DIM, triton_unavailable
+
+    reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
+    tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reasons.append("the fused kernels are forward-only (inference) and a gradient is required")
+    if dropout_p:
+        reasons.append(f"{dropout_p=} (the fused kernels have no dropout)")
+    if agents.shape[1] > 128:
+        reasons.append(f"{agents.shape[1]} agents > 128 (one tile holds at most 128)")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head dims {q.shape[-1]=}, {v.shape[-1]=} exceed the kernels' {MAX_HEAD_DIM}")
+    return reasons
+
+
 _op = Op(_OP)
 _op.register("sdpa", _sdpa, _sdpa_supports)
+# Not yet preferred: the fused forward is checked on the CPU (Triton's interpreter, sm_90 compile) but not yet on a GPU.
+_op.register("triton", _triton, _triton_supports)
 _op.register("reference", agent_attention_reference, _reference_supports)
 
 

@@ -1,0 +1,118 @@
+"""Agent attention's fused inference forward (``visionlin.kernels.triton.agent``) against the float64 reference.
+
+Tolerance: float32 1e-5 relative; half precision four units of the dtype's rounding plus twice the ``"sdpa"``
+backend's error where that is measured (GPU). The ``gpu`` tests run on the GPU machine; the interpreter test runs the
+kernels on the CPU in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels.agent import agent_attention, agent_attention_reference
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+# (B, N, M, H, D, Dv, agents, biases)
+CASES = [(2, 37, 45, 3, 16, 24, 9, True), (1, 70, 130, 2, 32, 32, 49, True), (2, 20, 20, 2, 16, 16, 4, False),
+         (1, 5, 200, 1, 20, 20, 16, True)]  # fmt: skip
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_agent(case, dtype, device, direct=False):
+    b, n, m, h, d, dv, na, bias = case
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(b, n, h, d, generator=g, dtype=torch.float64), torch.randn(b, m, h, d, generator=g)
+    v, a = torch.randn(b, m, h, dv, generator=g), torch.randn(b, na, h, d, generator=g)
+    ab = torch.randn(1, h, na, m, generator=g) if bias else None  # batch-broadcast, as the layers pass them
+    qb = torch.randn(1, h, n, na, generator=g) if bias else None
+    ins = [t.to(dtype).double() for t in (q, k, v, a)]
+    ref = agent_attention_reference(*ins, agent_bias=ab, query_bias=qb)
+    args = [t.to(device, dtype) for t in ins]
+    kw = {"agent_bias": None if ab is None else ab.to(device), "query_bias": None if qb is None else qb.to(device)}
+    if direct:
+        from visionlin.kernels.triton.agent import agent_attention_triton
+
+        out = agent_attention_triton(*args, **kw)
+    else:
+        with torch.no_grad():
+            out = agent_attention(*args, backend="triton", **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = _rel(out, ref)
+    bound = FLOOR[dtype]
+    if device == "cuda" and dtype != torch.float32:
+        with torch.no_grad():
+            base = agent_attention(*args, backend="sdpa", **{n_: x.to(dtype) if x is not None else None
+                                                            for n_, x in kw.items()})  # fmt: skip
+        bound += 2 * _rel(base, ref)
+    assert err <= bound, (case, dtype, f"{err:.2e} > {bound:.2e}")
+    return err
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_agent import CASES, check_agent
+    for case in CASES:
+        check_agent(case, torch.float32, "cpu", direct=True)
+    check_agent(CASES[1], torch.float16, "cpu", direct=True)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_agent_matches_reference():
+    """The fused agent kernels' math on the CPU (Triton's interpreter), float32 and float16."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_triton_agent_declines_with_reasons():
+    from visionlin.kernels import get_op
+
+    q = torch.randn(1, 8, 2, 16, requires_grad=True)
+    reasons = get_op("agent_attention").supports(q, q, q, q[:, :4], backend="triton", dropout_p=0.1)
+    assert "tensors are not on a CUDA device" in reasons
+    assert any("forward-only" in r for r in reasons) and any("dropout" in r for r in reasons)
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True)])
+def test_triton_agent(case, dtype):
+    check_agent(case, dtype, "cuda")
+
+
+@gpu
+def test_triton_agent_in_a_model():
+    import timm
+
+    import visionlin
+
+    torch.manual_seed(0)
+    model = timm.create_model("agent_deit_tiny").cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        visionlin.set_backend(model, None)
+        for mod in model.modules():
+            if hasattr(mod, "agent_num"):
+                mod.backend = "triton"
+        fast = model(x)
+        visionlin.set_backend(model, "reference")
+        ref = model(x)
+    assert _rel(fast, ref.double()) < 1e-4
