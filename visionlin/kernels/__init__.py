@@ -36,6 +36,13 @@ from .scan import (
     selective_scan_reference,
 )
 from .softmax import softmax_attention, softmax_attention_reference
+from .sparse_linear import (
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    sla_block_map,
+    sparse_linear_attention,
+    sparse_linear_attention_reference,
+)
 
 __all__ = [
     "FEATURE_MAPS",
@@ -44,6 +51,8 @@ __all__ = [
     "apply_rope_2d",
     "bidirectional_gated_linear_attention",
     "bidirectional_gated_linear_attention_reference",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
     "effective_window",
     "efficient_attention",
     "efficient_attention_reference",
@@ -73,5 +82,8 @@ __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "softmax_attention",
+    "sla_block_map",
     "softmax_attention_reference",
+    "sparse_linear_attention",
+    "sparse_linear_attention_reference",
 ]

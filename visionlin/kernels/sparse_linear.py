@@ -1,0 +1,432 @@
+"""Block-sparse and sparse-linear attention (SLA), non-causal (bidirectional), heads-last ``[B, N, H, D]``.
+
+Both ops first predict which key blocks matter to each query block from block-pooled scores:
+
+* Tokens are cut into consecutive blocks of ``block_q`` queries and ``block_k`` keys (any ``N``: the last block may
+  be shorter; it is pooled over its real tokens only and its missing tokens are masked, never padded with zeros
+  that would take part in a softmax).
+* ``S_c[i, j] = mean(Q_i) . mean(K_j)`` per head. SLA's paper writes ``P_c = softmax(S_c / sqrt(d))``; the softmax and
+  the scale are monotone in each row, so the ranking (all that is used) is the same.
+* Per query-block row, the ``n_c = clamp(ceil(topk * n_kb), 1, n_kb)`` highest-scoring key blocks are **critical**
+  (``1``), the ``n_l = min(floor(k_low * n_kb), n_kb - n_c)`` lowest **negligible** (``-1``), the rest **marginal**
+  (``0``) (:func:`sla_block_map`; ties go to the lower block index, as ``torch.topk`` orders them).
+
+:func:`block_sparse_attention` (training-free, Sparge-style top-k) is exact softmax over the critical blocks only.
+
+:func:`sparse_linear_attention` (SLA, arXiv 2509.24006) adds a linear-attention branch and a learnable projection:
+
+* ``O_s``: exact softmax attention of each query over the keys of its critical blocks.
+* ``O_l = phi(q_i) H_i / (phi(q_i) . Z_i + eps)`` with ``H_i = sum_j phi(k_j) v_j^T`` and ``Z_i = sum_j phi(k_j)``
+  over the keys ``j`` of the query's **marginal** blocks (``variant="paper"``: negligible blocks are skipped), or
+  over **all** keys (``variant="code"``: the released thu-ml/SLA ``main`` branch, which has no negligible class and
+  runs linear attention over every key, critical ones included). An empty key set gives ``O_l = 0``.
+* ``O = O_s + O_l W^T + b`` with ``W`` ``[Dv, Dv]`` (and ``b`` ``[Dv]``) shared by all heads. SLA initialises them to
+  zero, so an unconverted-equivalent start is ``O = O_s``; with ``topk = 1`` that is dense softmax attention exactly.
+
+The feature map ``phi`` is ``"softmax"`` over the head dim (the paper's and code's default), ``"elu"`` (elu + 1) or
+``"relu"``, applied to q and k alike (the code's ``tie_feature_map_qk=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    check_heads_last,
+    check_real,
+    check_side_tensor,
+    fp32_reference,
+    reference_dtype,
+    supports_floating,
+)
+from ._dispatch import Op
+
+__all__ = [
+    "SLA_FEATURE_MAPS",
+    "SLA_VARIANTS",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "sla_block_counts",
+    "sla_block_map",
+    "sparse_linear_attention",
+    "sparse_linear_attention_reference",
+]
+
+SLA_VARIANTS = ("paper", "code")
+SLA_FEATURE_MAPS = {
+    "softmax": lambda x: x.softmax(dim=-1),
+    "elu": lambda x: torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0))),
+    "relu": F.relu,
+}
+_SLA = "sparse_linear_attention"
+_BSA = "block_sparse_attention"
+
+
+def _check_block(op: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name}={value!r} must be a positive int (the paper uses 64 or 128)")
+
+
+def _check_selection(op: str, topk: object, k_low: object, block_q: object, block_k: object) -> None:
+    check_real(op, "topk", topk, low=0.0, low_open=True, high=1.0, high_open=False)
+    check_real(op, "k_low", k_low, low=0.0, high=1.0)
+    if isinstance(topk, float | int) and isinstance(k_low, float | int) and topk + k_low > 1.0 + 1e-12:
+        raise ValueError(f"{op}: topk + k_low must be <= 1 (critical + negligible blocks), got {topk=}, {k_low=}")
+    _check_block(op, "block_q", block_q)
+    _check_block(op, "block_k", block_k)
+
+
+def sla_block_counts(num_key_blocks: int, topk: float, k_low: float = 0.0) -> tuple[int, int]:
+    """``(n_c, n_l)``: critical and negligible key blocks per query-block row for ``num_key_blocks`` key blocks."""
+    n_c = min(max(math.ceil(topk * num_key_blocks - 1e-9), 1), num_key_blocks)
+    n_l = min(math.floor(k_low * num_key_blocks + 1e-9), num_key_blocks - n_c)
+    return n_c, n_l
+
+
+def _block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of ``block`` consecutive tokens of ``x`` ``[B, L, H, D]`` -> ``[B, H, ceil(L / block), D]``;
+    the last, possibly shorter, block is averaged over its real tokens."""
+    b, length, h, d = x.shape
+    nb = -(-length // block)
+    pad = nb * block - length
+    xs = F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(b, nb, block, h, d).sum(dim=2)  # [B, nb, H, D]
+    counts = torch.full((nb,), float(block), dtype=x.dtype, device=x.device)
+    counts[-1] = block - pad
+    return (xs / counts[None, :, None, None]).transpose(1, 2)
+
+
+def sla_block_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    topk: float,
+    k_low: float = 0.0,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:
+    """Classify key blocks per query block from block-pooled scores (module docstring).
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        topk: Fraction of key blocks that are critical, in ``(0, 1]``.
+        k_low: Fraction of key blocks that are negligible, in ``[0, 1)``, ``topk + k_low <= 1``.
+        block_q: Queries per block.
+        block_k: Keys per block.
+
+    Returns:
+        ``[B, H, ceil(N / block_q), ceil(M / block_k)]`` int8: ``1`` critical, ``0`` marginal, ``-1`` negligible.
+    """
+    check_heads_last("sla_block_map", q, k, k, same_length=False)
+    _check_selection("sla_block_map", topk, k_low, block_q, block_k)
+    dt = reference_dtype(q.dtype)
+    with torch.no_grad(), fp32_reference(q.device):
+        scores = torch.einsum(
+            "bhid,bhjd->bhij", _block_mean(q.detach().to(dt), block_q), _block_mean(k.detach().to(dt), block_k)
+        )  # [B, H, nqb, nkb]
+        nkb = scores.shape[-1]
+        n_c, n_l = sla_block_counts(nkb, topk, k_low)
+        # A stable descending sort: equal scores keep block order, so the choice is deterministic.
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        rank_class = torch.zeros(nkb, dtype=torch.int8, device=q.device)
+        rank_class[:n_c] = 1
+        if n_l:
+            rank_class[nkb - n_l :] = -1
+        block_map = torch.empty(scores.shape, dtype=torch.int8, device=q.device)
+        block_map.scatter_(-1, order, rank_class.expand(order.shape).contiguous())
+    return block_map
+
+
+def _empty(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """``B = 0``, ``N = 0``, ``H = 0`` or ``Dv = 0``: an empty output (``M = 0`` and ``D = 0`` are refused)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or v.shape[-1] == 0
+
+
+def _token_masks(block_map: torch.Tensor, n: int, m: int, block_q: int, block_k: int) -> torch.Tensor:
+    """The block map expanded to tokens: ``[B, H, N, M]`` int8."""
+    qi = torch.arange(n, device=block_map.device) // block_q
+    kj = torch.arange(m, device=block_map.device) // block_k
+    return block_map[:, :, qi][:, :, :, kj]
+
+
+def _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps):
+    check_heads_last(_SLA, q, k, v, same_length=False)
+    _check_selection(_SLA, topk, k_low, block_q, block_k)
+    if not isinstance(variant, str) or variant not in SLA_VARIANTS:
+        raise ValueError(f"{_SLA}: unknown {variant=}; choose one of {SLA_VARIANTS}")
+    if variant == "code" and k_low != 0:
+        raise ValueError(f"{_SLA}: variant='code' skips no blocks (linear attention over all keys); got {k_low=}")
+    if not isinstance(feature_map, str) or feature_map not in SLA_FEATURE_MAPS:
+        raise ValueError(f"{_SLA}: unknown {feature_map=}; choose one of {sorted(SLA_FEATURE_MAPS)}")
+    check_real(_SLA, "scale", scale, low=None, optional=True)
+    check_real(_SLA, "eps", eps, low=0.0, low_open=True)
+    dv = v.shape[-1]
+    if not isinstance(proj_weight, torch.Tensor) or tuple(proj_weight.shape) != (dv, dv):
+        got = tuple(proj_weight.shape) if isinstance(proj_weight, torch.Tensor) else type(proj_weight).__name__
+        raise ValueError(f"{_SLA}: proj_weight must be a [Dv, Dv] = [{dv}, {dv}] tensor, got {got}")
+    check_side_tensor(_SLA, "proj_weight", proj_weight, q, (dv, dv), "[Dv, Dv]")
+    if proj_bias is not None:
+        check_side_tensor(_SLA, "proj_bias", proj_bias, q, (dv,), "[Dv]")
+        if proj_bias.ndim != 1:
+            raise ValueError(f"{_SLA}: proj_bias must be [Dv] = [{dv}], got {tuple(proj_bias.shape)}")
+
+
+def sparse_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    topk: float = 0.05,
+    k_low: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    variant: str = "paper",
+    scale: float | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Specification of :func:`sparse_linear_attention`: materialised ``[B, H, N, M]`` masks, in float32.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        proj_weight: The learnable projection ``W`` ``[Dv, Dv]`` applied to ``O_l`` (zero-initialised in SLA).
+        proj_bias: Its bias ``[Dv]`` or ``None``.
+        topk: Fraction of key blocks that are critical (``k_h``), in ``(0, 1]``; paper 0.05, code 0.1.
+        k_low: Fraction that are negligible (``k_l``), in ``[0, 1)``; paper 0.10; must be 0 for ``variant="code"``.
+        block_q: Queries per block (paper 64, code 64 or 128).
+        block_k: Keys per block (64).
+        feature_map: ``phi``: a name in :data:`SLA_FEATURE_MAPS`.
+        variant: ``"paper"`` (linear over marginal blocks) or ``"code"`` (linear over all keys).
+        scale: Softmax score multiplier (finite); ``None`` means ``D ** -0.5``.
+        eps: Added to the linear branch's denominator (``> 0``; the code uses ``1e-5``).
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps)
+    if _empty(q, v):
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n, m = q.shape[1], k.shape[1]
+    block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k)
+    cls = _token_masks(block_map, n, m, block_q, block_k)  # [B, H, N, M]
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+        s = torch.einsum("bnhd,bmhd->bhnm", qf, kf) * scale
+        p = s.masked_fill(cls != 1, float("-inf")).softmax(dim=-1)  # every row has >= 1 critical key
+        o_s = torch.einsum("bhnm,bmhe->bnhe", p, vf)
+        phi = SLA_FEATURE_MAPS[feature_map]
+        a = torch.einsum("bnhd,bmhd->bhnm", phi(qf), phi(kf))  # linear scores phi(q_i) . phi(k_j)
+        if variant == "paper":
+            a = a * (cls == 0).to(dt)
+        o_l = torch.einsum("bhnm,bmhe->bnhe", a, vf) / (a.sum(dim=-1).transpose(1, 2).unsqueeze(-1) + eps)
+        o_l = o_l @ proj_weight.to(dt).T
+        if proj_bias is not None:
+            o_l = o_l + proj_bias.to(dt)
+        out = o_s + o_l
+    return out.to(q.dtype)
+
+
+def _gather_critical(k: torch.Tensor, idx: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (or values) of the critical blocks: ``k`` ``[B, M, H, E]``, ``idx`` ``[B, H, nqb, n_c]`` ->
+    ``[B, H, nqb, n_c * block_k, E]`` and the validity of each gathered key ``[1|B, 1|H, nqb, n_c * block_k]``."""
+    b, m, h, e = k.shape
+    nkb = -(-m // block_k)
+    kb = F.pad(k, (0, 0, 0, 0, 0, nkb * block_k - m)).reshape(b, nkb, block_k, h, e).permute(0, 3, 1, 2, 4)
+    nqb, n_c = idx.shape[2], idx.shape[3]
+    g = torch.gather(
+        kb.unsqueeze(2).expand(b, h, nqb, nkb, block_k, e),
+        3,
+        idx[..., None, None].expand(b, h, nqb, n_c, block_k, e),
+    )  # [B, H, nqb, n_c, block_k, E]
+    pos = idx[..., None] * block_k + torch.arange(block_k, device=k.device)  # [B, H, nqb, n_c, block_k]
+    return g.reshape(b, h, nqb, n_c * block_k, e), (pos < m).reshape(b, h, nqb, n_c * block_k)
+
+
+def _blockwise_sparse(q, k, v, idx, block_q, block_k, scale) -> torch.Tensor:
+    """``O_s`` over the critical blocks only, ``O(N n_c block_k D)``: ``[B, N, H, Dv]`` in float32 (float64)."""
+    acc = reference_dtype(q.dtype)
+    b, n, h, d = q.shape
+    nqb = idx.shape[2]
+    qb = F.pad(q, (0, 0, 0, 0, 0, nqb * block_q - n)).reshape(b, nqb, block_q, h, d).permute(0, 3, 1, 2, 4)
+    kg, valid = _gather_critical(k, idx, block_k)
+    vg, _ = _gather_critical(v, idx, block_k)
+    s = torch.einsum("bhiqd,bhikd->bhiqk", qb.to(acc), kg.to(acc)) * scale
+    s = s.masked_fill(~valid[:, :, :, None, :], float("-inf"))
+    o = torch.einsum("bhiqk,bhike->bhiqe", s.softmax(dim=-1), vg.to(acc))  # [B, H, nqb, block_q, Dv]
+    return o.permute(0, 2, 3, 1, 4).reshape(b, nqb * block_q, h, v.shape[-1])[:, :n]
+
+
+def _sla_native(
+    q, k, v, proj_weight, proj_bias=None, *, topk=0.05, k_low=0.10, block_q=64, block_k=64, feature_map="softmax",
+    variant="paper", scale=None, eps=1e-5,
+):  # fmt: skip
+    """``"torch"`` backend: block-wise, never materialising ``[N, M]``. The sparse branch gathers the critical key
+    blocks; the linear branch sums per-key-block states ``h_j = phi(K_j)^T V_j``, ``z_j`` through the block map
+    (``O(N D Dv + nqb nkb D Dv)``). Float32 math (float64 for float64 inputs), output in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = reference_dtype(q.dtype)
+    b, n, h, _ = q.shape
+    m = k.shape[1]
+    block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k)
+    n_c, _ = sla_block_counts(block_map.shape[-1], topk, k_low)
+    idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices  # the n_c critical blocks
+    o_s = _blockwise_sparse(q, k, v, idx, block_q, block_k, scale)
+    phi = SLA_FEATURE_MAPS[feature_map]
+    fq, fk, vf = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
+    nkb = block_map.shape[-1]
+    pad = nkb * block_k - m
+    d, dv = fk.shape[-1], v.shape[-1]
+    fkb = F.pad(fk, (0, 0, 0, 0, 0, pad)).reshape(b, nkb, block_k, h, d)  # padded keys have phi = 0 rows
+    vb = F.pad(vf, (0, 0, 0, 0, 0, pad)).reshape(b, nkb, block_k, h, dv)
+    if variant == "code":
+        state = torch.einsum("bjthd,bjthe->bhde", fkb, vb)  # [B, H, D, Dv] over all keys
+        z = fkb.sum(dim=(1, 2))  # [B, H, D]
+        num = torch.einsum("bnhd,bhde->bnhe", fq, state)
+        den = torch.einsum("bnhd,bhd->bnh", fq, z).unsqueeze(-1)
+    else:
+        hj = torch.einsum("bjthd,bjthe->bhjde", fkb, vb)  # [B, H, nkb, D, Dv]: h_j = phi(K_j)^T V_j
+        zj = fkb.sum(dim=2).transpose(1, 2)  # [B, H, nkb, D]: z_j
+        marginal = (block_map == 0).to(acc)  # [B, H, nqb, nkb]
+        state = torch.einsum("bhij,bhjde->bhide", marginal, hj)  # H_i
+        z = torch.einsum("bhij,bhjd->bhid", marginal, zj)  # Z_i
+        nqb = block_map.shape[2]
+        fqb = F.pad(fq, (0, 0, 0, 0, 0, nqb * block_q - n)).reshape(b, nqb, block_q, h, d)
+        num = torch.einsum("biqhd,bhide->biqhe", fqb, state).reshape(b, nqb * block_q, h, dv)[:, :n]
+        den = torch.einsum("biqhd,bhid->biqh", fqb, z).reshape(b, nqb * block_q, h, 1)[:, :n]
+    o_l = (num / (den + eps)) @ proj_weight.to(acc).T
+    if proj_bias is not None:
+        o_l = o_l + proj_bias.to(acc)
+    return (o_s + o_l).to(q.dtype)
+
+
+_sla_op = Op(_SLA)
+_sla_op.register("torch", _sla_native, supports_floating)
+_sla_op.register("reference", sparse_linear_attention_reference, supports_floating)
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    topk: float = 0.05,
+    k_low: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    variant: str = "paper",
+    scale: float | None = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
+
+    Backends: ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"``
+    (materialised masks). Both compute in float32 (float64 for float64 inputs) and return q's dtype.
+
+    Raises:
+        ValueError: bad shapes, ``topk`` outside ``(0, 1]``, ``k_low`` outside ``[0, 1)``, ``topk + k_low > 1``,
+            non-positive block sizes, an unknown variant or feature map, ``k_low > 0`` with ``variant="code"``,
+            ``proj_weight`` not ``[Dv, Dv]``.
+    """
+    _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps)
+    if _empty(q, v):
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    return _sla_op(
+        q, k, v, proj_weight, proj_bias, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k,
+        feature_map=feature_map, variant=variant, scale=scale, eps=eps, backend=backend,
+    )  # fmt: skip
+
+
+def _check_bsa(q, k, v, topk, block_q, block_k, scale):
+    check_heads_last(_BSA, q, k, v, same_length=False)
+    _check_selection(_BSA, topk, 0.0, block_q, block_k)
+    check_real(_BSA, "scale", scale, low=None, optional=True)
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    topk: float = 0.5,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Specification of :func:`block_sparse_attention`: softmax over the keys of each query's critical blocks
+    (:func:`sla_block_map` with ``k_low = 0``), materialised, in float32.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys ``[B, M, H, D]``.
+        v: Values ``[B, M, H, Dv]``.
+        topk: Fraction of key blocks each query block attends to, in ``(0, 1]`` (sparsity ``1 - topk``).
+        block_q: Queries per block.
+        block_k: Keys per block.
+        scale: Score multiplier (finite); ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``[B, N, H, Dv]`` in the dtype of ``q``.
+    """
+    _check_bsa(q, k, v, topk, block_q, block_k, scale)
+    if _empty(q, v):
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block_map = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    cls = _token_masks(block_map, q.shape[1], k.shape[1], block_q, block_k)
+    dt = reference_dtype(q.dtype)
+    with fp32_reference(q.device):
+        s = torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) * scale
+        p = s.masked_fill(cls != 1, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("bhnm,bmhe->bnhe", p, v.to(dt))
+    return out.to(q.dtype)
+
+
+def _bsa_native(q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None):
+    """``"torch"`` backend: gathers the critical key blocks (never materialises ``[N, M]``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block_map = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    n_c, _ = sla_block_counts(block_map.shape[-1], topk)
+    idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices
+    return _blockwise_sparse(q, k, v, idx, block_q, block_k, scale).to(q.dtype)
+
+
+_bsa_op = Op(_BSA)
+_bsa_op.register("torch", _bsa_native, supports_floating)
+_bsa_op.register("reference", block_sparse_attention_reference, supports_floating)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    topk: float = 0.5,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Training-free block top-k sparse attention; see :func:`block_sparse_attention_reference`.
+
+    Backends: ``"torch"`` (gathers critical blocks) and ``"reference"``; float32 math, output in q's dtype.
+
+    Raises:
+        ValueError: bad shapes, ``topk`` outside ``(0, 1]``, non-positive block sizes, a non-finite scale.
+    """
+    _check_bsa(q, k, v, topk, block_q, block_k, scale)
+    if _empty(q, v):
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    return _bsa_op(q, k, v, topk=topk, block_q=block_q, block_k=block_k, scale=scale, backend=backend)
