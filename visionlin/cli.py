@@ -1,4 +1,5 @@
-"""The ``visionlin`` console command: ``visionlin list``, ``demo``, ``bench``, ``train``, ``validate`` and ``plot``.
+"""The ``visionlin`` console command: ``visionlin list``, ``demo``, ``bench``, ``train``, ``distill``, ``validate`` and
+``plot``.
 
 Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
 """
@@ -10,7 +11,7 @@ import fnmatch
 import shlex
 import sys
 
-from .train import bench, scaling, trainer, validate
+from .train import bench, distill, scaling, trainer, validate
 from .train import plot as plot_cmd
 
 __all__ = ["main"]
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench,train,validate,plot}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench,train,distill,validate,plot}")
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
     p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
     p.set_defaults(fn=_cmd_list, parser=p)
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     trainer.add_arguments(p)
     p.set_defaults(fn=trainer.execute, parser=p)
+    p = sub.add_parser(
+        "distill",
+        help="distil a softmax ViT teacher into one of our students (logits, matched layers, masked prediction)",
+        description=distill.__doc__.split("\n\n")[0],
+    )
+    distill.add_distill_arguments(p)
+    p.set_defaults(fn=distill.execute, parser=p)
     p = sub.add_parser(
         "validate",
         help="top-1 / top-5, loss and img/s of a model + checkpoint on a folder",

@@ -10,8 +10,11 @@ checkpoint records the epoch and the number of micro-batches consumed in it; wit
 per-sample augmentation seeds of :mod:`visionlin.train.data` and every generator's state, a resumed run computes the
 same losses as one that was never stopped.
 
-Extension point: ``train(cfg, loss_fn=...)`` takes ``loss_fn(model, images, targets) -> loss`` (a teacher-based
-distillation loss, for instance) instead of the cross-entropy on the model's logits.
+Extension points: ``train(cfg, loss_fn=...)`` takes ``loss_fn(model, images, targets) -> loss`` (a teacher-based
+distillation loss, for instance) instead of the cross-entropy on the model's logits; ``setup(model, accelerator)``,
+called once the model is built and on its device, may change it (initialise it from a teacher) and return a module of
+extra trainable parameters (projections, prediction heads) that is optimised, clipped and checkpointed
+(``extra.safetensors``) with the model. ``visionlin distill`` uses both.
 """
 
 from __future__ import annotations
@@ -347,9 +350,12 @@ def _resolve_resume(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     raise UsageError(f"--resume {resume!r}: not 'auto', a complete checkpoint folder, or a run folder with one")
 
 
-def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = None) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = None, setup: Callable | None = None
+) -> dict[str, Any]:
     """Train with the resolved configuration ``cfg`` (see :func:`resolve_config`); returns a summary dict
-    (``run_dir``, ``step``, ``epoch``, ``last_eval``, ``skipped``)."""
+    (``run_dir``, ``step``, ``epoch``, ``last_eval``, ``skipped``). ``loss_fn`` and ``setup``: see the module
+    docstring."""
     import yaml
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -393,6 +399,7 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(device)
+    extra = setup(model, accelerator) if setup is not None else None
 
     batch, accum = cfg["batch_size"], cfg["grad_accum_steps"]
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg["seed"], num_replicas=world, rank=rank)
@@ -432,6 +439,15 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
     optimizer = create_optimizer_v2(
         model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"], momentum=cfg["momentum"], **opt_kwargs
     )
+    trained = list(model.parameters())
+    if extra is not None:
+        extra.to(device)
+        params = [p for p in extra.parameters() if p.requires_grad]
+        trained += params
+        for group, wd in (([p for p in params if p.ndim > 1], cfg["weight_decay"]), ([p for p in params if p.ndim
+                          <= 1], 0.0)):  # fmt: skip
+            if group:
+                optimizer.add_param_group({"params": group, "weight_decay": wd})
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg["sched"],
@@ -486,6 +502,10 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
             if state["ema"] is None:
                 raise ckpt.CheckpointError(f"--model-ema given but {str(resume_from)!r} has no EMA weights")
             ema.module.load_state_dict(state["ema"])
+        if extra is not None:
+            if not (resume_from / "extra.safetensors").is_file():
+                raise ckpt.CheckpointError(f"{str(resume_from)!r} has no extra.safetensors (the distillation parts)")
+            extra.load_state_dict(ckpt.load_weights(resume_from / "extra.safetensors"))
         if accelerator.scaler is not None and ts.get("scaler") is not None:
             accelerator.scaler.load_state_dict(ts["scaler"])
         epoch, position, step, skipped_total = ts["epoch"], ts["position"], ts["step"], ts["skipped"]
@@ -536,6 +556,8 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
             weights = {"model": raw_model.state_dict()}
             if ema is not None:
                 weights["ema"] = ema.module.state_dict()
+            if extra is not None:
+                weights["extra"] = extra.state_dict()
             path = ckpt.write_checkpoint(
                 run_dir,
                 step,
@@ -560,6 +582,8 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
     if rng_state is not None:
         ckpt.restore_rng(rng_state)
     model.train()
+    if extra is not None:
+        extra.train()
     while epoch < cfg["epochs"]:
         if mixup_fn is not None and cfg["mixup_off_epoch"] and epoch >= cfg["mixup_off_epoch"]:
             mixup_fn.mixup_enabled = False
@@ -600,9 +624,9 @@ def train(cfg: dict[str, Any], *, command: str = "", loss_fn: Callable | None = 
                 n_images += len(images)
             if cfg["clip_grad"] is not None:
                 if cfg["clip_mode"] == "norm":
-                    accelerator.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                    accelerator.clip_grad_norm_(trained, cfg["clip_grad"])
                 else:
-                    accelerator.clip_grad_value_(model.parameters(), cfg["clip_grad"])
+                    accelerator.clip_grad_value_(trained, cfg["clip_grad"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -1,0 +1,172 @@
+"""``visionlin distill`` on the tiny synthetic ImageFolder (CPU): the student's initialisation from the teacher, every
+loss term's gradients, a run through the command line, exact resume of a stopped run, bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import visionlin  # noqa: F401  (registers the models)
+from visionlin import cli
+from visionlin.train import checkpoint as ckpt
+from visionlin.train.data import make_synthetic_imagefolder
+from visionlin.train.distill import DISTILL_OPTIONS, DistillLoss, init_from_teacher
+from visionlin.train.plot import read_log
+
+STUDENT = ["--model", "infvit_tiny", "--img-size", "32", "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2"]
+TEACHER = ["--teacher", "deit_tiny_patch16_224", "--teacher-kwargs", "depth=3", "embed_dim=48", "num_heads=2"]
+RUN = ["-b", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--log-interval", "1", "--no-plot",
+       "--workers", "0"]  # fmt: skip
+LOSSES = ["--distill-logits", "1", "--distill-temperature", "2", "--distill-hard", "0.5", "--match-layers", "1:2,2:3",
+          "--mask-weight", "1", "--mask-ratio", "0.5"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=4)
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _cfg(**over) -> dict:
+    cfg = {o.key: o.default for o in DISTILL_OPTIONS}
+    return {**cfg, "smoothing": 0.0, **over}
+
+
+def test_init_from_teacher_copies_what_fits_and_says_why_not():
+    torch.manual_seed(0)
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=48, num_classes=3)
+    student = timm.create_model("infvit_tiny", img_size=32, num_classes=3)  # another grid: pos_embed resampled
+    report = init_from_teacher(student, teacher)
+    own, theirs = student.state_dict(), teacher.state_dict()
+    params = {n for n, _ in student.named_parameters()}
+    assert set(report["copied"]) == params  # every parameter: same widths (rho_logit is a buffer)
+    for k in report["copied"]:
+        if k != "pos_embed":
+            assert torch.equal(own[k], theirs[k]), k
+    assert own["pos_embed"].shape == (1, 5, 192) and torch.equal(own["pos_embed"][:, 0], theirs["pos_embed"][:, 0])
+    assert all(v.startswith("buffer") for v in report["skipped"].values())
+    assert report["copied_params"] == report["student_params"]
+
+    narrow = timm.create_model("inline_deit_small", img_size=32, num_classes=3)  # width 320 vs deit_small's 384
+    report = init_from_teacher(narrow, timm.create_model("deit_small_patch16_224", img_size=32, num_classes=3))
+    assert report["copied_params"] < 0.01 * report["student_params"]
+    assert "shape mismatch: teacher (384, 3, 16, 16) vs student (320, 3, 16, 16)" in report["skipped"][
+        "patch_embed.proj.weight"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "term,over",
+    [
+        ("ce", {"distill_logits": 0.0}),
+        ("kl", {"ce_weight": 0.0, "distill_temperature": 3.0}),
+        ("hard", {"ce_weight": 0.0, "distill_logits": 0.0, "distill_hard": 1.0}),
+        ("match", {"ce_weight": 0.0, "distill_logits": 0.0, "match_layers": "1:2,2:3"}),
+        ("mask", {"ce_weight": 0.0, "distill_logits": 0.0, "mask_weight": 1.0}),
+    ],
+)
+def test_each_loss_term_trains_the_student_and_its_parts_not_the_teacher(term, over):
+    torch.manual_seed(0)
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3, depth=3, embed_dim=48, num_heads=2)
+    teacher.eval().requires_grad_(False)
+    student = timm.create_model("infvit_tiny", img_size=32, num_classes=3, depth=2, embed_dim=32, num_heads=2)
+    loss_fn = DistillLoss(student, teacher, _cfg(**over))
+    loss = loss_fn(student, torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert set(loss_fn.last_terms) == {term} and torch.isfinite(loss)
+    loss.backward()
+    assert student.patch_embed.proj.weight.grad is not None and student.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    extra = list(loss_fn.named_parameters())
+    if term in ("match", "mask"):  # widths 32 vs 48: projections / head exist and train
+        assert extra and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in extra)
+    else:
+        assert not extra
+    assert not any(n.startswith("_teacher") for n, _ in loss_fn.state_dict().items())
+
+
+def test_distill_cli_runs_and_resumes_exactly(capsys, tmp_path, data):
+    common = ["distill", *STUDENT, *TEACHER, *RUN, *LOSSES, "--data-dir", str(data), "--recovery-interval", "2",
+              "--checkpoint-hist", "0"]  # fmt: skip
+    ref = tmp_path / "ref"
+    assert cli.main([*common, "--output", str(ref)]) == 0
+    out = capsys.readouterr().out
+    run = ref / "infvit_tiny-32"
+    assert "no --teacher-checkpoint" in out and "init from teacher deit_tiny_patch16_224 -> infvit_tiny" in out
+    report = json.loads((run / "init_from_teacher.json").read_text())
+    assert report["copied_params"] < report["student_params"] and report["skipped"]["patch_embed.proj.weight"]
+    log = read_log(run)
+    assert [r["step"] for r in log["train"]] == list(range(1, 13)) and "val_top1" in log["epoch"][-1]
+    last = ckpt.latest_checkpoint(run)
+    extra = ckpt.load_weights(last / "extra.safetensors")
+    assert {"proj.0.weight", "proj.1.weight", "mask_head.1.weight"} <= set(extra)
+    assert not any(k.startswith("_teacher") for k in extra)
+    state = ckpt.read_checkpoint(last)
+    assert not any("teacher" in k for k in state["model"])  # model.safetensors: the student alone
+    assert "teacher: deit_tiny_patch16_224" in (run / "config.yaml").read_text()
+
+    # stop after the recovery checkpoint at step 4 (mid-epoch 0 of 6 steps): a copy of the run up to there, resumed
+    part = tmp_path / "part" / "infvit_tiny-32"
+    (part / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    for p in ckpt.complete_checkpoints(run):
+        if p.name == "step-000000004":
+            shutil.copytree(p, part / "checkpoints" / p.name)
+    assert ckpt.latest_checkpoint(part).name == "step-000000004"
+    assert cli.main([*common, "--output", str(tmp_path / "part"), "--resume", "auto"]) == 0
+    mine = {r["step"]: r["loss"] for r in read_log(part)["train"]}
+    theirs = {r["step"]: r["loss"] for r in log["train"]}
+    assert sorted(mine) == list(range(5, 13))
+    assert all(mine[s] == theirs[s] for s in mine), (mine, theirs)  # bitwise
+    a, b = ckpt.read_checkpoint(ckpt.latest_checkpoint(part)), state
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    a_extra = ckpt.load_weights(ckpt.latest_checkpoint(part) / "extra.safetensors")
+    assert all(torch.equal(a_extra[k], extra[k]) for k in extra)
+
+    # validate reads the distilled student
+    assert cli.main(["validate", *STUDENT, "--checkpoint", str(run), "--data-dir", str(data), "--workers", "0",
+                     "--device", "cpu"]) == 0  # fmt: skip
+
+
+def test_distill_bad_input_is_a_usage_error(capsys, tmp_path, data):
+    base = ["distill", *STUDENT, *RUN, "--data-dir", str(data), "--output", str(tmp_path / "runs")]
+    err = _usage_error(capsys, [*base, "--teacher", "deit_tiyn_patch16_224"])
+    assert "unknown model 'deit_tiyn_patch16_224'" in err
+    err = _usage_error(capsys, base)
+    assert "--teacher is required" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "1:4"])
+    assert "teacher block 4 is out of range 1..3" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "3"])
+    assert "student block 3 is out of range 1..2" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "a,b"])
+    assert "'a' is not N or STUDENT:TEACHER" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--distill-logits", "-1"])
+    assert "'-1' is not a non-negative number" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--mask-weight", "-0.5"])
+    assert "'-0.5' is not a non-negative number" in err
+    err = _usage_error(capsys, [*base, *TEACHER, "--ce-weight", "0", "--distill-logits", "0"])
+    assert "every loss weight is 0" in err
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3).state_dict(), wrong)
+    err = _usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
+    assert f"--teacher-checkpoint '{wrong}' does not fit teacher 'deit_tiny_patch16_224'" in err
+    assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))
