@@ -4,6 +4,10 @@ loss term's gradients, a run through the command line, exact resume of a stopped
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,14 +107,19 @@ def test_each_loss_term_trains_the_student_and_its_parts_not_the_teacher(term, o
     assert not any(n.startswith("_teacher") for n, _ in loss_fn.state_dict().items())
 
 
-def test_distill_cli_runs_and_resumes_exactly(capsys, tmp_path, data):
+def test_distill_cli_runs_and_a_killed_run_resumes_exactly(capsys, tmp_path, data):
+    torch.manual_seed(1)
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3, depth=3, embed_dim=48, num_heads=2)
+    weights = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, weights)
     common = ["distill", *STUDENT, *TEACHER, *RUN, *LOSSES, "--data-dir", str(data), "--recovery-interval", "2",
-              "--checkpoint-hist", "0"]  # fmt: skip
+              "--teacher-checkpoint", str(weights)]  # fmt: skip
     ref = tmp_path / "ref"
     assert cli.main([*common, "--output", str(ref)]) == 0
     out = capsys.readouterr().out
     run = ref / "infvit_tiny-32"
-    assert "no --teacher-checkpoint" in out and "init from teacher deit_tiny_patch16_224 -> infvit_tiny" in out
+    assert f"teacher deit_tiny_patch16_224 loaded from {weights}" in out
+    assert "init from teacher deit_tiny_patch16_224 -> infvit_tiny" in out
     report = json.loads((run / "init_from_teacher.json").read_text())
     assert report["copied_params"] < report["student_params"] and report["skipped"]["patch_embed.proj.weight"]
     log = read_log(run)
@@ -118,27 +127,35 @@ def test_distill_cli_runs_and_resumes_exactly(capsys, tmp_path, data):
     last = ckpt.latest_checkpoint(run)
     extra = ckpt.load_weights(last / "extra.safetensors")
     assert {"proj.0.weight", "proj.1.weight", "mask_head.1.weight"} <= set(extra)
-    assert not any(k.startswith("_teacher") for k in extra)
     state = ckpt.read_checkpoint(last)
-    assert not any("teacher" in k for k in state["model"])  # model.safetensors: the student alone
+    assert set(state["model"]) == set(timm.create_model("infvit_tiny", depth=2).state_dict())  # the student alone
     assert "teacher: deit_tiny_patch16_224" in (run / "config.yaml").read_text()
 
-    # stop after the recovery checkpoint at step 4 (mid-epoch 0 of 6 steps): a copy of the run up to there, resumed
-    part = tmp_path / "part" / "infvit_tiny-32"
-    (part / "checkpoints").mkdir(parents=True)
-    import shutil
-
-    for p in ckpt.complete_checkpoints(run):
-        if p.name == "step-000000004":
-            shutil.copytree(p, part / "checkpoints" / p.name)
-    assert ckpt.latest_checkpoint(part).name == "step-000000004"
-    assert cli.main([*common, "--output", str(tmp_path / "part"), "--resume", "auto"]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "visionlin.cli", *common, "--output", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("checkpoint step-000000002 (recovery"):  # mid-epoch 0 of 6 steps
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    part = killed / "infvit_tiny-32"
+    assert ckpt.latest_checkpoint(part).name == "step-000000002"
+    assert cli.main([*common, "--output", str(killed), "--resume", "auto"]) == 0
     mine = {r["step"]: r["loss"] for r in read_log(part)["train"]}
     theirs = {r["step"]: r["loss"] for r in log["train"]}
-    assert sorted(mine) == list(range(5, 13))
-    assert all(mine[s] == theirs[s] for s in mine), (mine, theirs)  # bitwise
-    a, b = ckpt.read_checkpoint(ckpt.latest_checkpoint(part)), state
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert sorted(mine) == list(range(1, 13))
+    assert mine == theirs  # bitwise, every step (later records win)
+    assert [r["val_loss"] for r in read_log(part)["epoch"]] == [r["val_loss"] for r in log["epoch"]]
+    a = ckpt.read_checkpoint(ckpt.latest_checkpoint(part))
+    assert all(torch.equal(a["model"][k], state["model"][k]) for k in state["model"])
     a_extra = ckpt.load_weights(ckpt.latest_checkpoint(part) / "extra.safetensors")
     assert all(torch.equal(a_extra[k], extra[k]) for k in extra)
 
