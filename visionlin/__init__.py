@@ -10,4 +10,32 @@ from .layers import ATTN_LAYERS, create_attn
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ATTN_LAYERS", "__version__", "create_attn", "kernels", "layers", "list_models", "models", "set_backend"]
+# The diffusers converter loads on first use (importing visionlin never imports diffusers).
+_CONVERT = ("ConversionReport", "convert", "load_conversion", "revert", "save_conversion")
+
+__all__ = [
+    "ATTN_LAYERS",
+    "ConversionReport",
+    "__version__",
+    "convert",
+    "create_attn",
+    "kernels",
+    "layers",
+    "list_models",
+    "load_conversion",
+    "models",
+    "revert",
+    "save_conversion",
+    "set_backend",
+]
+
+
+def __getattr__(name: str):
+    if name in _CONVERT:
+        import importlib
+
+        # ``visionlin.convert`` is the subpackage, made callable: ``visionlin.convert(pipe, ...)`` runs
+        # ``visionlin.convert.convert`` and ``import visionlin.convert`` still gives the package.
+        package = importlib.import_module(".convert", __name__)
+        return package if name == "convert" else getattr(package, name)
+    raise AttributeError(f"module 'visionlin' has no attribute {name!r}")

@@ -1,0 +1,305 @@
+"""The diffusers converter on tiny, randomly initialised models built offline from configs (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import visionlin  # noqa: E402
+from visionlin.convert import ConversionReport, convert, load_conversion, revert, save_conversion  # noqa: E402
+from visionlin.convert import _convert as convert_impl  # noqa: E402
+
+HEAD_DIM = 8
+
+
+def _dit(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=1000,
+    ).eval()  # fmt: skip
+
+
+def _pixart(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, caption_channels=32, sample_size=16, patch_size=2, norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    ).eval()  # fmt: skip
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=HEAD_DIM, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def _inputs(family):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    if family == "dit":
+        return {"hidden_states": x, "timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([1, 3])}
+    ctx = torch.randn(2, 7, 32, generator=g)
+    if family == "pixart":
+        return {
+            "hidden_states": x, "encoder_hidden_states": ctx, "timestep": torch.tensor([10, 500]),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }  # fmt: skip
+    return {"sample": x, "timestep": torch.tensor([10, 500]), "encoder_hidden_states": ctx}
+
+
+FAMILIES = {"dit": _dit, "pixart": _pixart, "unet": _unet}
+
+
+@torch.no_grad()
+def _run(model, family):
+    return model(**_inputs(family)).sample
+
+
+def _processors(model):
+    return {n: m.processor for n, m in model.named_modules() if type(m).__name__ == "Attention"}
+
+
+def test_import_visionlin_does_not_import_diffusers():
+    code = (
+        "import sys, visionlin, visionlin.convert; assert callable(visionlin.convert); "
+        "print('diffusers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# Settings under which the converted model computes the stock attention (SLA's projection starts at zero).
+EXACT = [
+    ("dense", {}),
+    ("sparse", {"sparsity": 0.0, "block_size": 16}),
+    ("sla", {"sparsity": 0.0, "block_size": 16}),
+    ("sla", {"sparsity": 0.0, "block_size": (16, 8), "variant": "code"}),
+    ("sla", {"sparsity": 0.9, "block_size": 256}),  # one block per sequence (at most 16 x 16 tokens): critical
+]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,options", EXACT)
+def test_exact_settings_reproduce_and_revert_is_bitwise(family, method, options):
+    model = FAMILIES[family]()
+    before = _processors(model)
+    y0 = _run(model, family)
+    report = convert(model, method, **options)
+    assert report.converted and all(r.name.endswith("attn1") for r in report.converted)
+    torch.testing.assert_close(_run(model, family), y0, atol=2e-6, rtol=1e-5)
+    assert revert(model) == 1
+    assert torch.equal(_run(model, family), y0)
+    after = _processors(model)
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert not any("visionlin_core" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sparse_and_sla_change_outputs_and_grid_comes_from_inputs(family):
+    model = FAMILIES[family]()
+    y0 = _run(model, family)
+    convert(model, "sla", sparsity=0.75, block_size=8)
+    for m in model.modules():
+        if hasattr(m, "visionlin_core"):
+            torch.nn.init.normal_(m.visionlin_core.proj.weight, std=0.1)
+    y1 = _run(model, family)
+    assert torch.isfinite(y1).all() and not torch.allclose(y1, y0, atol=1e-4)
+    grids = {n: m.visionlin_core.grid for n, m in model.named_modules() if hasattr(m, "visionlin_core")}
+    if family == "unet":  # one grid per UNet level: 16 x 16 latent, then 8 x 8 after one downsample
+        assert grids == {
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1": (16, 16),
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn1": (16, 16),
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn1": (16, 16),
+            "mid_block.attentions.0.transformer_blocks.0.attn1": (8, 8),
+        }
+    else:
+        assert set(grids.values()) == {(8, 8)}  # 16 x 16 latent, patch 2
+    revert(model)
+    model2 = FAMILIES[family]()
+    convert(model2, "sparse", sparsity=0.5, block_size=8)
+    assert torch.isfinite(_run(model2, family)).all()
+
+
+def test_report_contents_and_table():
+    model = _unet()
+    report = convert(model, "sla", sparsity=0.9, block_size=64)
+    assert isinstance(report, ConversionReport) and report.method == "sla"
+    assert report.options == {"sparsity": 0.9, "k_low": 0.1, "variant": "paper", "block_size": [64, 64],
+                              "feature_map": "softmax"}  # fmt: skip
+    assert len(report.converted) == 4 and len(report.skipped) == 4
+    assert all(r.reason == "cross-attention (text keys stay dense)" for r in report.skipped)
+    assert all(r.name.endswith("attn2") for r in report.skipped)
+    named = dict(model.named_modules())
+    # UNet2DConditionModel's attention_head_dim=8 is its head COUNT (diffusers' legacy naming): head dims 2 and 4.
+    head_dims = [named[r.name].inner_dim // named[r.name].heads for r in report.converted]
+    assert head_dims == [2, 2, 2, 4]  # down, up, up, mid
+    assert [r.new_parameters for r in report.converted] == [d * d + d for d in head_dims]
+    assert report.new_parameters == sum(d * d + d for d in head_dims) == 38
+    table = str(report)
+    assert "method=sla" in table and "4 converted, 4 skipped, 38 new parameters" in table
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in table and "cross-attention" in table
+
+
+def test_layers_selection_and_strict():
+    model = _dit()
+    report = convert(model, "dense", layers=["transformer_blocks.1.attn1"])
+    assert [r.name for r in report.converted] == ["transformer_blocks.1.attn1"]
+    assert report.skipped[0].reason == "not selected (layers=...)"
+    revert(model)
+    with pytest.raises(ValueError, match=r"strict=True.*attn2: cross-attention"):
+        convert(_unet(), "dense", strict=True)
+
+
+def test_processor_swap_keeps_converter_parameters():
+    model = _unet()
+    convert(model, "sla", sparsity=0.5, block_size=16)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.visionlin_core.proj.weight"
+    with torch.no_grad():
+        model.get_parameter(key).fill_(0.25)
+    model.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())  # e.g. a LoRA / IP loader
+    assert torch.equal(model.state_dict()[key], torch.full((2, 2), 0.25))
+    assert key in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["dit", "unet"])
+def test_save_load_roundtrip(tmp_path, family):
+    model = FAMILIES[family]()
+    convert(model, "sla", sparsity=0.5, block_size=16, variant="code")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visionlin_core" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    y = _run(model, family)
+    save_conversion(model, tmp_path)
+    plan = json.loads((tmp_path / "conversion.json").read_text())
+    entry = plan["components"]["model"]
+    assert entry["method"] == "sla" and entry["options"]["variant"] == "code"
+    assert all(name.endswith("attn1") for name in entry["layers"])
+    fresh = FAMILIES[family]()
+    report = load_conversion(fresh, tmp_path)
+    assert len(report.converted) == len(entry["layers"])
+    assert torch.equal(_run(fresh, family), y)
+    with pytest.raises(ValueError, match="already converted"):
+        load_conversion(fresh, tmp_path)
+    other = _unet() if family == "dit" else _dit()
+    with pytest.raises(ValueError, match="plan component 'model' is a"):
+        load_conversion(other, tmp_path)
+    assert not hasattr(other, "_visionlin_conversion")
+
+
+def test_dit_pipeline(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
+        layers_per_block=1, sample_size=32,
+    )  # fmt: skip
+
+    def pipe_of(transformer):
+        return diffusers.DiTPipeline(transformer, vae, diffusers.DDIMScheduler(), id2label={0: "cat", 1: "dog"})
+
+    def sample(pipe):
+        out = pipe(
+            class_labels=[1], num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+        return torch.as_tensor(out)
+
+    pipe = pipe_of(_dit())
+    ref = sample(pipe)
+    report = visionlin.convert(pipe, "sla", sparsity=0.0, block_size=32)
+    assert {r.component for r in report.layers} == {"transformer"}
+    torch.testing.assert_close(sample(pipe), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "visionlin_core" in name:
+                p.fill_(0.01)
+    converted = sample(pipe)
+    visionlin.save_conversion(pipe, tmp_path)
+    pipe2 = pipe_of(_dit())
+    visionlin.load_conversion(pipe2, tmp_path)
+    assert torch.equal(sample(pipe2), converted)
+    assert visionlin.revert(pipe) == 1
+    assert torch.equal(sample(pipe), ref)
+
+
+@pytest.mark.parametrize(
+    "method,options,match",
+    [
+        ("linformer", {}, "unknown method='linformer'"),
+        ("sla", {"sparsityy": 0.5}, r"unknown option\(s\) \['sparsityy'\]"),
+        ("sla", {"sparsity": 1.0}, r"sparsity=1.0 must be a number in \[0, 1\)"),
+        ("sparse", {"sparsity": -0.1}, "sparsity=-0.1"),
+        ("sla", {"block_size": 0}, "block_size=0"),
+        ("sla", {"variant": "v2"}, "variant='v2'"),
+        ("sla", {"variant": "code", "k_low": 0.1}, "k_low=0.1"),
+        ("sla", {"sparsity": 0.05, "k_low": 0.1}, r"k_low=0.1 .* sparsity=0.05"),
+        ("dense", {"sparsity": 0.5}, r"unknown option\(s\) \['sparsity'\] for method='dense'"),
+    ],
+)
+def test_bad_options_leave_model_unchanged(method, options, match):
+    model = _dit()
+    before = _processors(model)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        convert(model, method, **options)
+    assert _processors(model) == before and set(model.state_dict()) == keys
+
+
+def test_bad_models():
+    with pytest.raises(ValueError, match="unsupported model family Linear"):
+        convert(torch.nn.Linear(2, 2), "dense")
+    with pytest.raises(ValueError, match="expected a diffusers pipeline or a model"):
+        convert("not a model", "dense")
+    model = _dit()
+
+    class CustomProcessor(diffusers.models.attention_processor.AttnProcessor2_0):
+        pass
+
+    for m in model.modules():
+        if type(m).__name__ == "Attention":
+            m.set_processor(CustomProcessor())
+    before = _processors(model)
+    with pytest.raises(ValueError, match="no convertible self-attention.*processor CustomProcessor"):
+        convert(model, "sla")
+    assert _processors(model) == before
+    with pytest.raises(ValueError, match=r"layers \['nope'\] are not attention modules"):
+        convert(_dit(), "dense", layers=["nope"])
+    converted = _dit()
+    convert(converted, "dense")
+    with pytest.raises(ValueError, match="already converted \\(method='dense'\\)"):
+        convert(converted, "sla")
+
+
+def test_failure_half_way_restores_the_model(monkeypatch):
+    model = _unet()
+    before = _processors(model)
+    y0 = _run(model, "unet")
+    calls = []
+    real = convert_impl.build_core
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_impl, "build_core", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        convert(model, "sla", sparsity=0.5)
+    assert _processors(model) == before
+    assert not any("visionlin_core" in k for k in model.state_dict())
+    assert not hasattr(model, "_visionlin_conversion")
+    assert torch.equal(_run(model, "unet"), y0)

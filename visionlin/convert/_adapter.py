@@ -1,0 +1,52 @@
+"""The adapter interface: what one diffusers model family tells the converter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["Adapter", "Candidate", "STOCK_SELF_PROCESSORS"]
+
+# Processors whose math :class:`~visionlin.convert._processors.SelfAttnProcessor` reproduces.
+STOCK_SELF_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+
+@dataclass
+class Candidate:
+    """One attention module of a model: convertible (``reason`` empty) or not (``reason`` says why)."""
+
+    name: str
+    module: nn.Module
+    reason: str = ""
+
+
+class Adapter:
+    """One diffusers family. Subclasses set ``classes`` and implement :meth:`candidates` and :meth:`install_hooks`."""
+
+    family = ""
+    classes: tuple[str, ...] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in self.classes
+
+    def candidates(self, model: nn.Module) -> Iterator[Candidate]:
+        """Every attention module, with the reason it cannot be converted (empty if it can)."""
+        raise NotImplementedError
+
+    def install_hooks(
+        self, model: nn.Module, converted: dict[str, nn.Module], set_grid: Callable[[list[nn.Module], tuple], None]
+    ) -> list:
+        """Register pre-forward hooks that publish the token grid to the converted modules; return the handles."""
+        raise NotImplementedError
+
+
+def legacy_self_attention_reason(module: nn.Module) -> str:
+    """Why a legacy ``Attention`` module is not convertible as image self-attention (empty if it is)."""
+    if getattr(module, "is_cross_attention", False):
+        return "cross-attention (text keys stay dense)"
+    proc = type(getattr(module, "processor", None)).__name__
+    if proc not in STOCK_SELF_PROCESSORS:
+        return f"processor {proc} is not one the converter reproduces ({', '.join(STOCK_SELF_PROCESSORS)})"
+    return ""

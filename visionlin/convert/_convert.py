@@ -1,0 +1,385 @@
+"""``convert`` / ``revert`` / ``save_conversion`` / ``load_conversion`` and the conversion report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._adapter import Adapter
+from ._methods import CORE_ATTR, build_core, validate_options
+from ._processors import SelfAttnProcessor
+from .dit import DiTAdapter
+from .unet import UNetAdapter
+
+__all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
+
+ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter())
+_STATE_ATTR = "_visionlin_conversion"
+PLAN_FILE = "conversion.json"
+WEIGHTS_FILE = "converter.safetensors"
+_FORMAT = "visionlin.convert"
+_VERSION = 1
+
+
+@dataclass
+class LayerRecord:
+    """One attention module of a converted model."""
+
+    component: str
+    name: str
+    converted: bool
+    reason: str
+    method: str
+    options: dict[str, Any]
+    new_parameters: int = 0
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did, per layer. ``print(report)`` renders a table."""
+
+    method: str
+    options: dict[str, Any]
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.converted]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.converted]
+
+    @property
+    def new_parameters(self) -> int:
+        return sum(r.new_parameters for r in self.layers)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items()) or "-"
+        rows = [("component", "layer", "status", "method", "new params", "reason")]
+        for r in self.layers:
+            status = "converted" if r.converted else "skipped"
+            method = r.method if r.converted else "-"
+            rows.append((r.component, r.name, status, method, str(r.new_parameters), r.reason or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"visionlin conversion: method={self.method} ({opts})"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append(
+            f"{len(self.converted)} converted, {len(self.skipped)} skipped, {self.new_parameters} new parameters"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class _State:
+    """Kept on a converted model so :func:`revert` is exact."""
+
+    family: str
+    method: str
+    options: dict[str, Any]
+    records: list[LayerRecord]
+    originals: dict[str, Any]  # layer name -> its processor before conversion
+    hooks: list
+
+
+def _components(obj: Any) -> dict[str, nn.Module]:
+    """``{component name: model}``: a bare model is ``{"model": model}``; a pipeline gives its ``nn.Module``
+    components that some adapter handles."""
+    if isinstance(obj, nn.Module):
+        return {"model": obj}
+    comps = getattr(obj, "components", None)
+    if not isinstance(comps, dict):
+        raise ValueError(f"expected a diffusers pipeline or a model (nn.Module), got {type(obj).__name__}: {obj!r:.80}")
+    found = {n: m for n, m in comps.items() if isinstance(m, nn.Module) and _adapter_for(m) is not None}
+    if not found:
+        kinds = {n: type(m).__name__ for n, m in comps.items() if isinstance(m, nn.Module)}
+        raise ValueError(
+            f"pipeline {type(obj).__name__} has no component the converter handles: {kinds}; {_families()}"
+        )
+    return found
+
+
+def _families() -> str:
+    return "supported model classes: " + ", ".join(c for a in ADAPTERS for c in a.classes)
+
+
+def _adapter_for(model: nn.Module) -> Adapter | None:
+    return next((a for a in ADAPTERS if a.matches(model)), None)
+
+
+def _set_grid(modules: list[nn.Module], grid: tuple[int, ...]) -> None:
+    for m in modules:
+        getattr(m, CORE_ATTR).grid = grid
+
+
+def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], layers, strict: bool):
+    adapter = _adapter_for(model)
+    if adapter is None:
+        raise ValueError(f"{name}: unsupported model family {type(model).__name__}; {_families()}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        state = getattr(model, _STATE_ATTR)
+        raise ValueError(
+            f"{name}: already converted (method={state.method!r}); call visionlin.revert(...) before converting again"
+        )
+    cands = list(adapter.candidates(model))
+    if layers is not None:
+        known = {c.name for c in cands}
+        missing = sorted(set(layers) - known)
+        if missing:
+            raise ValueError(f"{name}: layers {missing} are not attention modules of {type(model).__name__}")
+        for c in cands:
+            if c.name not in layers and not c.reason:
+                c.reason = "not selected (layers=...)"
+    if strict:
+        bad = [f"{c.name}: {c.reason}" for c in cands if c.reason and (layers is None or c.name in layers)]
+        if bad:
+            raise ValueError(f"{name}: strict=True and some attention cannot be converted: {bad}")
+    if not any(not c.reason for c in cands):
+        why = sorted({c.reason for c in cands}) or ["it has no attention modules"]
+        raise ValueError(f"{name}: no convertible self-attention in {type(model).__name__} ({'; '.join(why)})")
+    return adapter, cands
+
+
+def convert(
+    pipe_or_model: Any,
+    method: str = "sla",
+    *,
+    layers: list[str] | None = None,
+    strict: bool = False,
+    **options: Any,
+) -> ConversionReport:
+    """Swap the image self-attention of a diffusers pipeline or model for a visionlin method, in place.
+
+    Args:
+        pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
+            (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``).
+        method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
+            gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
+            computation through the converter).
+        layers: Attention module names (as in ``model.named_modules()``) to convert; ``None`` converts every
+            convertible one. With a pipeline, the names apply to each component.
+        strict: Raise instead of skipping attention modules that cannot be converted.
+        **options: Method options (see ``docs/convert.md``): ``sparsity`` in ``[0, 1)`` (fraction of key blocks
+            not computed exactly), ``block_size`` (int or ``(block_q, block_k)``), and for ``"sla"`` ``k_low``
+            (skipped fraction), ``variant`` (``"paper"`` / ``"code"``), ``feature_map``.
+
+    Returns:
+        The per-layer report.
+
+    Raises:
+        ValueError: unknown method / option / family, values out of range, no convertible attention, an already
+            converted model. The models are left unchanged: validation precedes any change, and a failure half-way
+            restores every component converted so far.
+    """
+    options = validate_options(method, options)
+    if layers is not None and (not isinstance(layers, list | tuple) or not all(isinstance(x, str) for x in layers)):
+        raise ValueError(f"layers={layers!r} must be a list of attention module names or None")
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict={strict!r} must be True or False")
+    comps = _components(pipe_or_model)
+    plans = {n: _plan(n, m, method, options, layers, strict) for n, m in comps.items()}
+    report = ConversionReport(method, options)
+    done: list[nn.Module] = []
+    try:
+        for comp, model in comps.items():
+            adapter, cands = plans[comp]
+            report.layers.extend(_install(comp, model, adapter, cands, method, options))
+            done.append(model)
+    except BaseException:
+        for model in done:
+            _revert_model(model)
+        raise
+    return report
+
+
+def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
+    state = _State(adapter.family, method, options, [], {}, [])
+    converted: dict[str, nn.Module] = {}
+    try:
+        for c in cands:
+            if c.reason:
+                state.records.append(LayerRecord(comp, c.name, False, c.reason, method, options))
+                continue
+            attn = c.module
+            head_dim = attn.inner_dim // attn.heads
+            device = next(attn.parameters()).device
+            core = build_core(method, options, head_dim, device)
+            state.originals[c.name] = attn.processor
+            attn.add_module(CORE_ATTR, core)
+            attn.set_processor(SelfAttnProcessor(f"{comp}.{c.name}"))
+            converted[c.name] = attn
+            n_new = sum(p.numel() for p in core.parameters())
+            state.records.append(LayerRecord(comp, c.name, True, "", method, options, n_new))
+        state.hooks = adapter.install_hooks(model, converted, _set_grid)
+        setattr(model, _STATE_ATTR, state)
+    except BaseException:
+        _undo(model, state)
+        raise
+    return state.records
+
+
+def _undo(model: nn.Module, state: _State) -> None:
+    for h in state.hooks:
+        h.remove()
+    named = dict(model.named_modules())
+    for name, proc in state.originals.items():
+        attn = named[name]
+        attn.set_processor(proc)
+        if CORE_ATTR in attn._modules:
+            del attn._modules[CORE_ATTR]
+
+
+def _revert_model(model: nn.Module) -> bool:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return False
+    _undo(model, state)
+    delattr(model, _STATE_ATTR)
+    return True
+
+
+def revert(pipe_or_model: Any) -> int:
+    """Undo :func:`convert`: the original processor objects are restored, the converter modules and hooks removed,
+    so outputs are bitwise those before conversion. Returns the number of components reverted (0 if none was
+    converted).
+
+    Raises:
+        ValueError: not a pipeline or model.
+    """
+    if isinstance(pipe_or_model, nn.Module):
+        comps = {"model": pipe_or_model}
+    else:
+        comps = getattr(pipe_or_model, "components", None)
+        if not isinstance(comps, dict):
+            raise ValueError(f"expected a diffusers pipeline or a model, got {type(pipe_or_model).__name__}")
+    return sum(_revert_model(m) for m in comps.values() if isinstance(m, nn.Module))
+
+
+def _converted_components(obj: Any) -> dict[str, nn.Module]:
+    comps = {"model": obj} if isinstance(obj, nn.Module) else (getattr(obj, "components", None) or {})
+    return {n: m for n, m in comps.items() if isinstance(m, nn.Module) and getattr(m, _STATE_ATTR, None) is not None}
+
+
+def conversion_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The converter's parameters of one converted model, keyed by their names in ``model.state_dict()``."""
+    state = getattr(model, _STATE_ATTR)
+    named = dict(model.named_modules())
+    out = {}
+    for name in state.originals:
+        for pname, p in getattr(named[name], CORE_ATTR).state_dict().items():
+            out[f"{name}.{CORE_ATTR}.{pname}"] = p
+    return out
+
+
+def save_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Path:
+    """Write the plan (``conversion.json``) and the converter weights (``converter.safetensors``) to ``directory``.
+
+    Both files are written atomically (temp file + rename). Returns the directory.
+
+    Raises:
+        ValueError: nothing in ``pipe_or_model`` is converted.
+    """
+    from safetensors.torch import save_file
+
+    comps = _converted_components(pipe_or_model)
+    if not comps:
+        raise ValueError(f"{type(pipe_or_model).__name__} has no converted component; call visionlin.convert first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "components": {}}
+    tensors: dict[str, torch.Tensor] = {}
+    for comp, model in comps.items():
+        state = getattr(model, _STATE_ATTR)
+        sd = conversion_state_dict(model)
+        plan["components"][comp] = {
+            "class": type(model).__name__,
+            "method": state.method,
+            "options": state.options,
+            "layers": list(state.originals),
+            "parameters": {k: list(v.shape) for k, v in sd.items()},
+        }
+        tensors.update({f"{comp}/{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
+    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _atomic(directory / PLAN_FILE, lambda p: Path(p).write_text(json.dumps(plan, indent=2)))
+    return directory
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> ConversionReport:
+    """Re-apply a saved conversion (plan and converter weights) to a matching pipeline or model.
+
+    Raises:
+        ValueError: missing files, a plan of another format, components / classes / layer names / parameter shapes
+            that do not match the target (named in the message). The target is left unchanged on error.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    plan_path, weights_path = directory / PLAN_FILE, directory / WEIGHTS_FILE
+    if not plan_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{directory} lacks {PLAN_FILE} and/or {WEIGHTS_FILE} (written by visionlin.save_conversion)")
+    plan = json.loads(plan_path.read_text())
+    if plan.get("format") != _FORMAT or plan.get("version") != _VERSION:
+        raise ValueError(f"{plan_path}: format={plan.get('format')!r} version={plan.get('version')!r} is not a "
+                         f"{_FORMAT!r} plan of version {_VERSION}")  # fmt: skip
+    comps = {"model": pipe_or_model} if isinstance(pipe_or_model, nn.Module) else pipe_or_model.components
+    for comp, entry in plan["components"].items():
+        model = comps.get(comp)
+        if model is None or type(model).__name__ != entry["class"]:
+            got = None if model is None else type(model).__name__
+            raise ValueError(f"plan component {comp!r} is a {entry['class']}, the target has {got}")
+    weights = load_file(str(weights_path))
+    report: ConversionReport | None = None
+    done = []
+    try:
+        for comp, entry in plan["components"].items():
+            model = comps[comp]
+            r = convert(model, entry["method"], layers=entry["layers"], **entry["options"])
+            done.append(model)
+            got = {r.name for r in r.converted}
+            if got != set(entry["layers"]):
+                raise ValueError(f"{comp}: layers {sorted(set(entry['layers']) - got)} could not be converted")
+            sd = conversion_state_dict(model)
+            mine = {k.split("/", 1)[1]: v for k, v in weights.items() if k.split("/", 1)[0] == comp}
+            if set(mine) != set(sd):
+                raise ValueError(
+                    f"{comp}: saved converter weights {sorted(set(mine) ^ set(sd))[:6]} do not match the model's"
+                )
+            for k, v in mine.items():
+                if v.shape != sd[k].shape:
+                    raise ValueError(f"{comp}: {k} has shape {tuple(v.shape)} in the file, {tuple(sd[k].shape)} here")
+            with torch.no_grad():
+                for k, v in mine.items():
+                    sd[k].copy_(v)
+            for rec in r.layers:
+                rec.component = comp
+            if report is None:
+                report = ConversionReport(r.method, r.options, r.layers)
+            else:
+                report.layers.extend(r.layers)
+    except BaseException:
+        for model in done:
+            _revert_model(model)
+        raise
+    assert report is not None
+    return report

@@ -1,0 +1,72 @@
+"""Attention processors the converter installs (plain objects: the trained state lives on ``attn.visionlin_core``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._methods import CORE_ATTR
+
+__all__ = ["SelfAttnProcessor"]
+
+
+class SelfAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for the legacy ``Attention`` class (DiT, PixArt, UNet ``attn1``) with the
+    core attention call replaced by the module's ``visionlin_core`` (heads-last ``[B, N, H, D]``).
+
+    Everything around the core (spatial / group norm, projections, q/k norms, output projection, residual, rescale)
+    is the stock processor's code, so the ``dense`` core reproduces stock outputs.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(
+                f"{self.name}: the converted self-attention got "
+                f"{'encoder_hidden_states' if encoder_hidden_states is not None else 'an attention_mask'}; only "
+                "unmasked self-attention over image tokens is converted (revert the conversion to use it)"
+            )
+        core = getattr(attn, CORE_ATTR)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        # The q / k norms act on the head dim, so heads-last gives the stock values.
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        core.check_tokens(query.shape[1], self.name)
+        # The stock processor calls SDPA without ``scale`` (it ignores ``attn.scale``): D ** -0.5.
+        hidden_states = core(query, key, value, head_dim**-0.5)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
