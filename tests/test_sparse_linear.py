@@ -199,3 +199,56 @@ def test_bad_proj_and_shapes():
         sparse_linear_attention(q.int(), k.int(), v.int(), torch.zeros(5, 5), backend="torch")
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         sparse_linear_attention(q, k, v, torch.zeros(5, 5), backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_additional_keys_join_the_softmax(backend, variant):
+    q, k, v = _qkv(2, 37, 3, 5)
+    kt, vt = _qkv(2, 6, 3, 5, seed=5)[1:]
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 5, generator=g) * 0.3
+    k_low = 0.2 if variant == "paper" else 0.0
+    got = sparse_linear_attention(
+        q, k, v, w, topk=0.3, k_low=k_low, block_q=8, block_k=4, variant=variant, additional_keys=kt,
+        additional_values=vt, backend=backend,
+    )  # fmt: skip
+    # Materialised: one softmax over [critical image keys, all additional keys]; the linear branch is image-only.
+    block_map = _brute_block_map(q, k, 0.3, k_low, 8, 4)
+    cls = block_map[:, :, torch.arange(37) // 8][:, :, :, torch.arange(37) // 4]
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), torch.cat([k, kt], 1).double()) / 5**0.5
+    s[..., :37] = torch.where(cls == 1, s[..., :37], torch.full_like(s[..., :37], -torch.inf))
+    o_s = torch.einsum("bhnm,bmhe->bnhe", s.softmax(-1), torch.cat([v, vt], 1).double())
+    o_l = _materialised_sla(q, k, v, w, None, block_map, 8, 4, SLA_FEATURE_MAPS["softmax"], variant)
+    o_l = o_l - _materialised_sla(
+        q, k, v, torch.zeros(5, 5), None, block_map, 8, 4, SLA_FEATURE_MAPS["softmax"], variant
+    )
+    torch.testing.assert_close(got.double(), o_s + o_l, atol=2e-6, rtol=2e-5)
+    # All critical and a zero projection: dense softmax over the concatenated keys.
+    dense = softmax_attention_reference(q, torch.cat([k, kt], 1), torch.cat([v, vt], 1))
+    full = block_sparse_attention(q, k, v, topk=1.0, block_q=8, block_k=4, additional_keys=kt, additional_values=vt,
+                                  backend=backend)  # fmt: skip
+    torch.testing.assert_close(full, dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_additional_keys_gradcheck(backend):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 11, 2, 3, dtype=torch.float64))
+    kt, vt = (t.requires_grad_() for t in _qkv(1, 4, 2, 3, dtype=torch.float64, seed=7)[1:])
+    w = torch.randn(3, 3, dtype=torch.float64) * 0.5
+
+    def f(q, k, v, kt, vt):
+        return sparse_linear_attention(
+            q, k, v, w, topk=0.5, k_low=0.25, block_q=4, block_k=3, additional_keys=kt, additional_values=vt,
+            backend=backend,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (q, k, v, kt, vt))
+
+
+def test_additional_keys_bad_input():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="both additional_keys and additional_values"):
+        block_sparse_attention(q, k, v, additional_keys=k)
+    with pytest.raises(ValueError, match="additional_values head dim 4 differs"):
+        sparse_linear_attention(q, k, v, torch.zeros(5, 5), additional_keys=k, additional_values=v[..., :4])

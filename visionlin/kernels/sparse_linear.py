@@ -23,6 +23,11 @@ Both ops first predict which key blocks matter to each query block from block-po
 * ``O = O_s + O_l W^T + b`` with ``W`` ``[Dv, Dv]`` (and ``b`` ``[Dv]``) shared by all heads. SLA initialises them to
   zero, so an unconverted-equivalent start is ``O = O_s``; with ``topk = 1`` that is dense softmax attention exactly.
 
+``additional_keys`` / ``additional_values`` ``[B, T, H, D]`` / ``[B, T, H, Dv]`` (e.g. the text tokens of a joint
+text-image attention) are attended to densely by every query: they join the softmax branch as always-critical keys
+(one softmax over the critical keys and them, i.e. the two parts merged exactly by their log-sum-exp) and take no
+part in the block selection or the linear branch.
+
 The feature map ``phi`` is ``"softmax"`` over the head dim (the paper's and code's default), ``"elu"`` (elu + 1) or
 ``"relu"``, applied to q and k alike (the code's ``tie_feature_map_qk=True``).
 """
@@ -152,6 +157,29 @@ def _token_masks(block_map: torch.Tensor, n: int, m: int, block_q: int, block_k:
     return block_map[:, :, qi][:, :, :, kj]
 
 
+def _check_additional(op: str, q: torch.Tensor, v: torch.Tensor, ak: object, av: object) -> None:
+    if (ak is None) != (av is None):
+        raise ValueError(f"{op}: pass both additional_keys and additional_values or neither")
+    if ak is None:
+        return
+    check_heads_last(op, q, ak, av, same_length=False)
+    if av.shape[-1] != v.shape[-1]:
+        raise ValueError(f"{op}: additional_values head dim {av.shape[-1]} differs from the values' {v.shape[-1]}")
+
+
+def _dense_part(q, ak, av, scale, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the additional keys: output ``[B, N, H, Dv]`` and log-sum-exp ``[B, N, H, 1]``."""
+    s = torch.einsum("bnhd,bthd->bnht", q.to(acc), ak.to(acc)) * scale
+    lse = s.logsumexp(dim=-1, keepdim=True)
+    return torch.einsum("bnht,bthe->bnhe", (s - lse).exp(), av.to(acc)), lse
+
+
+def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
+    """Two softmax attentions over disjoint key sets merged into the softmax over their union."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+
+
 def _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps):
     check_heads_last(_SLA, q, k, v, same_length=False)
     _check_selection(_SLA, topk, k_low, block_q, block_k)
@@ -189,6 +217,8 @@ def sparse_linear_attention_reference(
     variant: str = "paper",
     scale: float | None = None,
     eps: float = 1e-5,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Specification of :func:`sparse_linear_attention`: materialised ``[B, H, N, M]`` masks, in float32.
 
@@ -206,11 +236,14 @@ def sparse_linear_attention_reference(
         variant: ``"paper"`` (linear over marginal blocks) or ``"code"`` (linear over all keys).
         scale: Softmax score multiplier (finite); ``None`` means ``D ** -0.5``.
         eps: Added to the linear branch's denominator (``> 0``; the code uses ``1e-5``).
+        additional_keys: ``[B, T, H, D]`` keys every query attends to densely in the softmax branch, or ``None``.
+        additional_values: ``[B, T, H, Dv]``, with ``additional_keys``.
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
     _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps)
+    _check_additional(_SLA, q, v, additional_keys, additional_values)
     if _empty(q, v):
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -221,8 +254,8 @@ def sparse_linear_attention_reference(
     with fp32_reference(q.device):
         qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
         s = torch.einsum("bnhd,bmhd->bhnm", qf, kf) * scale
-        p = s.masked_fill(cls != 1, float("-inf")).softmax(dim=-1)  # every row has >= 1 critical key
-        o_s = torch.einsum("bhnm,bmhe->bnhe", p, vf)
+        s = s.masked_fill(cls != 1, float("-inf"))  # every row has >= 1 critical key
+        o_s = _softmax_with_additional(s, qf, vf, additional_keys, additional_values, scale, dt)
         phi = SLA_FEATURE_MAPS[feature_map]
         a = torch.einsum("bnhd,bmhd->bhnm", phi(qf), phi(kf))  # linear scores phi(q_i) . phi(k_j)
         if variant == "paper":
@@ -233,6 +266,16 @@ def sparse_linear_attention_reference(
             o_l = o_l + proj_bias.to(dt)
         out = o_s + o_l
     return out.to(q.dtype)
+
+
+def _softmax_with_additional(s, qf, vf, ak, av, scale, dt) -> torch.Tensor:
+    """Materialised softmax branch: scores ``s`` ``[B, H, N, M]`` (masked) and the additional keys as extra columns."""
+    if ak is None:
+        return torch.einsum("bhnm,bmhe->bnhe", s.softmax(dim=-1), vf)
+    m = s.shape[-1]
+    s = torch.cat([s, torch.einsum("bnhd,bthd->bhnt", qf, ak.to(dt)) * scale], dim=-1)  # [B, H, N, M + T]
+    p = s.softmax(dim=-1)
+    return torch.einsum("bhnm,bmhe->bnhe", p[..., :m], vf) + torch.einsum("bhnt,bthe->bnhe", p[..., m:], av.to(dt))
 
 
 def _gather_critical(k: torch.Tensor, idx: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,8 +294,9 @@ def _gather_critical(k: torch.Tensor, idx: torch.Tensor, block_k: int) -> tuple[
     return g.reshape(b, h, nqb, n_c * block_k, e), (pos < m).reshape(b, h, nqb, n_c * block_k)
 
 
-def _blockwise_sparse(q, k, v, idx, block_q, block_k, scale) -> torch.Tensor:
-    """``O_s`` over the critical blocks only, ``O(N n_c block_k D)``: ``[B, N, H, Dv]`` in float32 (float64)."""
+def _blockwise_sparse(q, k, v, idx, block_q, block_k, scale, ak=None, av=None) -> torch.Tensor:
+    """``O_s`` over the critical blocks (and the additional keys) only, ``O(N n_c block_k D)``: ``[B, N, H, Dv]`` in
+    float32 (float64)."""
     acc = reference_dtype(q.dtype)
     b, n, h, d = q.shape
     nqb = idx.shape[2]
@@ -261,13 +305,18 @@ def _blockwise_sparse(q, k, v, idx, block_q, block_k, scale) -> torch.Tensor:
     vg, _ = _gather_critical(v, idx, block_k)
     s = torch.einsum("bhiqd,bhikd->bhiqk", qb.to(acc), kg.to(acc)) * scale
     s = s.masked_fill(~valid[:, :, :, None, :], float("-inf"))
-    o = torch.einsum("bhiqk,bhike->bhiqe", s.softmax(dim=-1), vg.to(acc))  # [B, H, nqb, block_q, Dv]
-    return o.permute(0, 2, 3, 1, 4).reshape(b, nqb * block_q, h, v.shape[-1])[:, :n]
+    lse = s.logsumexp(dim=-1, keepdim=True)  # [B, H, nqb, block_q, 1]
+    o = torch.einsum("bhiqk,bhike->bhiqe", (s - lse).exp(), vg.to(acc))  # [B, H, nqb, block_q, Dv]
+    o = o.permute(0, 2, 3, 1, 4).reshape(b, nqb * block_q, h, v.shape[-1])[:, :n]
+    if ak is None:
+        return o
+    lse = lse.permute(0, 2, 3, 1, 4).reshape(b, nqb * block_q, h, 1)[:, :n]
+    return _merge(o, lse, *_dense_part(q, ak, av, scale, acc))
 
 
 def _sla_native(
     q, k, v, proj_weight, proj_bias=None, *, topk=0.05, k_low=0.10, block_q=64, block_k=64, feature_map="softmax",
-    variant="paper", scale=None, eps=1e-5,
+    variant="paper", scale=None, eps=1e-5, additional_keys=None, additional_values=None,
 ):  # fmt: skip
     """``"torch"`` backend: block-wise, never materialising ``[N, M]``. The sparse branch gathers the critical key
     blocks; the linear branch sums per-key-block states ``h_j = phi(K_j)^T V_j``, ``z_j`` through the block map
@@ -279,7 +328,7 @@ def _sla_native(
     block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k)
     n_c, _ = sla_block_counts(block_map.shape[-1], topk, k_low)
     idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices  # the n_c critical blocks
-    o_s = _blockwise_sparse(q, k, v, idx, block_q, block_k, scale)
+    o_s = _blockwise_sparse(q, k, v, idx, block_q, block_k, scale, additional_keys, additional_values)
     phi = SLA_FEATURE_MAPS[feature_map]
     fq, fk, vf = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
     nkb = block_map.shape[-1]
@@ -328,6 +377,8 @@ def sparse_linear_attention(
     variant: str = "paper",
     scale: float | None = None,
     eps: float = 1e-5,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
@@ -341,16 +392,19 @@ def sparse_linear_attention(
             ``proj_weight`` not ``[Dv, Dv]``.
     """
     _check_sla(q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_k, feature_map, variant, scale, eps)
+    _check_additional(_SLA, q, v, additional_keys, additional_values)
     if _empty(q, v):
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     return _sla_op(
         q, k, v, proj_weight, proj_bias, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k,
-        feature_map=feature_map, variant=variant, scale=scale, eps=eps, backend=backend,
+        feature_map=feature_map, variant=variant, scale=scale, eps=eps, additional_keys=additional_keys,
+        additional_values=additional_values, backend=backend,
     )  # fmt: skip
 
 
-def _check_bsa(q, k, v, topk, block_q, block_k, scale):
+def _check_bsa(q, k, v, topk, block_q, block_k, scale, ak=None, av=None):
     check_heads_last(_BSA, q, k, v, same_length=False)
+    _check_additional(_BSA, q, v, ak, av)
     _check_selection(_BSA, topk, 0.0, block_q, block_k)
     check_real(_BSA, "scale", scale, low=None, optional=True)
 
@@ -364,6 +418,8 @@ def block_sparse_attention_reference(
     block_q: int = 64,
     block_k: int = 64,
     scale: float | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Specification of :func:`block_sparse_attention`: softmax over the keys of each query's critical blocks
     (:func:`sla_block_map` with ``k_low = 0``), materialised, in float32.
@@ -376,11 +432,13 @@ def block_sparse_attention_reference(
         block_q: Queries per block.
         block_k: Keys per block.
         scale: Score multiplier (finite); ``None`` means ``D ** -0.5``.
+        additional_keys: ``[B, T, H, D]`` keys every query attends to densely (joined to the softmax), or ``None``.
+        additional_values: ``[B, T, H, Dv]``, with ``additional_keys``.
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.
     """
-    _check_bsa(q, k, v, topk, block_q, block_k, scale)
+    _check_bsa(q, k, v, topk, block_q, block_k, scale, additional_keys, additional_values)
     if _empty(q, v):
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -389,18 +447,18 @@ def block_sparse_attention_reference(
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
         s = torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) * scale
-        p = s.masked_fill(cls != 1, float("-inf")).softmax(dim=-1)
-        out = torch.einsum("bhnm,bmhe->bnhe", p, v.to(dt))
+        s = s.masked_fill(cls != 1, float("-inf"))
+        out = _softmax_with_additional(s, q.to(dt), v.to(dt), additional_keys, additional_values, scale, dt)
     return out.to(q.dtype)
 
 
-def _bsa_native(q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None):
+def _bsa_native(q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None, additional_keys=None, additional_values=None):
     """``"torch"`` backend: gathers the critical key blocks (never materialises ``[N, M]``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     block_map = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     n_c, _ = sla_block_counts(block_map.shape[-1], topk)
     idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices
-    return _blockwise_sparse(q, k, v, idx, block_q, block_k, scale).to(q.dtype)
+    return _blockwise_sparse(q, k, v, idx, block_q, block_k, scale, additional_keys, additional_values).to(q.dtype)
 
 
 _bsa_op = Op(_BSA)
@@ -417,6 +475,8 @@ def block_sparse_attention(
     block_q: int = 64,
     block_k: int = 64,
     scale: float | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Training-free block top-k sparse attention; see :func:`block_sparse_attention_reference`.
@@ -426,7 +486,10 @@ def block_sparse_attention(
     Raises:
         ValueError: bad shapes, ``topk`` outside ``(0, 1]``, non-positive block sizes, a non-finite scale.
     """
-    _check_bsa(q, k, v, topk, block_q, block_k, scale)
+    _check_bsa(q, k, v, topk, block_q, block_k, scale, additional_keys, additional_values)
     if _empty(q, v):
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    return _bsa_op(q, k, v, topk=topk, block_q=block_q, block_k=block_k, scale=scale, backend=backend)
+    return _bsa_op(
+        q, k, v, topk=topk, block_q=block_q, block_k=block_k, scale=scale, additional_keys=additional_keys,
+        additional_values=additional_values, backend=backend,
+    )  # fmt: skip
