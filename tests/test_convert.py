@@ -44,12 +44,26 @@ def _unet(seed=0):
     ).eval()  # fmt: skip
 
 
+def _sd3(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=HEAD_DIM, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,),
+    ).eval()  # fmt: skip
+
+
 def _inputs(family):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=g)
     if family == "dit":
         return {"hidden_states": x, "timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([1, 3])}
     ctx = torch.randn(2, 7, 32, generator=g)
+    if family == "sd3":
+        return {
+            "hidden_states": x, "encoder_hidden_states": ctx, "pooled_projections": torch.randn(2, 32, generator=g),
+            "timestep": torch.tensor([10, 500]),
+        }  # fmt: skip
     if family == "pixart":
         return {
             "hidden_states": x, "encoder_hidden_states": ctx, "timestep": torch.tensor([10, 500]),
@@ -58,7 +72,7 @@ def _inputs(family):
     return {"sample": x, "timestep": torch.tensor([10, 500]), "encoder_hidden_states": ctx}
 
 
-FAMILIES = {"dit": _dit, "pixart": _pixart, "unet": _unet}
+FAMILIES = {"dit": _dit, "pixart": _pixart, "sd3": _sd3, "unet": _unet}
 
 
 @torch.no_grad()
@@ -96,7 +110,8 @@ def test_exact_settings_reproduce_and_revert_is_bitwise(family, method, options)
     before = _processors(model)
     y0 = _run(model, family)
     report = convert(model, method, **options)
-    assert report.converted and all(r.name.endswith("attn1") for r in report.converted)
+    suffix = ("attn", "attn2") if family == "sd3" else ("attn1",)  # SD3: joint attention + SD3.5's image-only attn2
+    assert report.converted and all(r.name.endswith(suffix) for r in report.converted)
     torch.testing.assert_close(_run(model, family), y0, atol=2e-6, rtol=1e-5)
     assert revert(model) == 1
     assert torch.equal(_run(model, family), y0)
@@ -125,6 +140,12 @@ def test_sparse_and_sla_change_outputs_and_grid_comes_from_inputs(family):
         }
     else:
         assert set(grids.values()) == {(8, 8)}  # 16 x 16 latent, patch 2
+        if family == "sd3":
+            assert set(grids) == {
+                "transformer_blocks.0.attn",
+                "transformer_blocks.0.attn2",
+                "transformer_blocks.1.attn",
+            }
     revert(model)
     model2 = FAMILIES[family]()
     convert(model2, "sparse", sparsity=0.5, block_size=8)

@@ -27,6 +27,7 @@ class Adapter:
 
     family = ""
     classes: tuple[str, ...] = ()
+    processor = "self"  # which converter processor the layers get: "self" or "joint"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes

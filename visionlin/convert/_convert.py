@@ -14,13 +14,14 @@ from torch import nn
 
 from ._adapter import Adapter
 from ._methods import CORE_ATTR, build_core, validate_options
-from ._processors import SelfAttnProcessor
+from ._processors import JointAttnProcessor, SelfAttnProcessor
 from .dit import DiTAdapter
+from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
 __all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
 
-ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter())
+ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter())
 _STATE_ATTR = "_visionlin_conversion"
 PLAN_FILE = "conversion.json"
 WEIGHTS_FILE = "converter.safetensors"
@@ -162,7 +163,8 @@ def convert(
 
     Args:
         pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
-            (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``).
+            (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``,
+            ``SD3Transformer2DModel``).
         method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
             gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
             computation through the converter).
@@ -216,7 +218,8 @@ def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
             core = build_core(method, options, head_dim, device)
             state.originals[c.name] = attn.processor
             attn.add_module(CORE_ATTR, core)
-            attn.set_processor(SelfAttnProcessor(f"{comp}.{c.name}"))
+            processor = JointAttnProcessor if adapter.processor == "joint" else SelfAttnProcessor
+            attn.set_processor(processor(f"{comp}.{c.name}"))
             converted[c.name] = attn
             n_new = sum(p.numel() for p in core.parameters())
             state.records.append(LayerRecord(comp, c.name, True, "", method, options, n_new))

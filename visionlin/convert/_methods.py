@@ -88,7 +88,11 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Core(nn.Module):
-    """Holds one layer's method and options; ``grid`` is set by the family's pre-forward hook (Python ints)."""
+    """Holds one layer's method and options; ``grid`` is set by the family's pre-forward hook (Python ints).
+
+    ``forward(q, k, v, scale, additional_keys=None, additional_values=None)``: heads-last image tokens, plus keys
+    attended densely by every query (joint attention's text tokens), merged exactly into the softmax part.
+    """
 
     method = ""
 
@@ -113,7 +117,9 @@ class DenseCore(_Core):
 
     method = "dense"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
+        if additional_keys is not None:
+            k, v = torch.cat([k, additional_keys], 1), torch.cat([v, additional_values], 1)
         return softmax_attention(q, k, v, scale=scale)
 
 
@@ -122,9 +128,12 @@ class SparseCore(_Core):
 
     method = "sparse"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
         bq, bk = self.options["block_size"]
-        return block_sparse_attention(q, k, v, topk=1.0 - self.options["sparsity"], block_q=bq, block_k=bk, scale=scale)
+        return block_sparse_attention(
+            q, k, v, topk=1.0 - self.options["sparsity"], block_q=bq, block_k=bk, scale=scale,
+            additional_keys=additional_keys, additional_values=additional_values,
+        )  # fmt: skip
 
 
 class SLACore(_Core):
@@ -139,12 +148,13 @@ class SLACore(_Core):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
         o = self.options
         bq, bk = o["block_size"]
         return sparse_linear_attention(
             q, k, v, self.proj.weight, self.proj.bias, topk=1.0 - o["sparsity"], k_low=o["k_low"], block_q=bq,
             block_k=bk, feature_map=o["feature_map"], variant=o["variant"], scale=scale,
+            additional_keys=additional_keys, additional_values=additional_values,
         )  # fmt: skip
 
 

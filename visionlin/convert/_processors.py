@@ -6,7 +6,7 @@ import torch
 
 from ._methods import CORE_ATTR
 
-__all__ = ["SelfAttnProcessor"]
+__all__ = ["JointAttnProcessor", "SelfAttnProcessor"]
 
 
 class SelfAttnProcessor:
@@ -70,3 +70,69 @@ class SelfAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class JointAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5) with the core call replaced.
+
+    The joint sequence is ``[image, text]``. Image queries go through the module's ``visionlin_core`` over the image
+    keys, with the text keys attended densely and merged exactly into its softmax part (the ops'
+    ``additional_keys``); text queries attend densely to every key (the text is short). Without
+    ``encoder_hidden_states`` (SD3.5's image-only ``attn2``) it is plain image self-attention.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
+        if attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: an attention_mask is not supported by the converted attention")
+        from ..kernels import softmax_attention
+
+        core = getattr(attn, CORE_ATTR)
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        core.check_tokens(query.shape[1], self.name)
+        scale = head_dim**-0.5
+        if encoder_hidden_states is None:
+            hidden_states = core(query, key, value, scale)
+        else:
+            ctx_q = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            ctx_k = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            ctx_v = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            if attn.norm_added_q is not None:
+                ctx_q = attn.norm_added_q(ctx_q)
+            if attn.norm_added_k is not None:
+                ctx_k = attn.norm_added_k(ctx_k)
+            img = core(query, key, value, scale, ctx_k, ctx_v)
+            txt = softmax_attention(ctx_q, torch.cat([key, ctx_k], 1), torch.cat([value, ctx_v], 1), scale=scale)
+            hidden_states = torch.cat([img, txt.to(img.dtype)], dim=1)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            n_img = query.shape[1]
+            hidden_states, encoder_hidden_states = hidden_states[:, :n_img], hidden_states[:, n_img:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
