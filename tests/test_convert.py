@@ -53,8 +53,29 @@ def _sd3(seed=0):
     ).eval()  # fmt: skip
 
 
+def _flux(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()  # fmt: skip
+
+
+FLUX_GRID = (8, 6)  # packed latent tokens (rows, columns): a non-square grid
+
+
 def _inputs(family):
     g = torch.Generator().manual_seed(1)
+    if family == "flux":
+        h, w = FLUX_GRID
+        ids = torch.zeros(h * w, 3)
+        ids[:, 1], ids[:, 2] = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+        return {
+            "hidden_states": torch.randn(2, h * w, 4, generator=g),
+            "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
+            "pooled_projections": torch.randn(2, 32, generator=g), "timestep": torch.tensor([0.5, 0.25]),
+            "img_ids": ids, "txt_ids": torch.zeros(7, 3),
+        }  # fmt: skip
     x = torch.randn(2, 4, 16, 16, generator=g)
     if family == "dit":
         return {"hidden_states": x, "timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([1, 3])}
@@ -72,7 +93,7 @@ def _inputs(family):
     return {"sample": x, "timestep": torch.tensor([10, 500]), "encoder_hidden_states": ctx}
 
 
-FAMILIES = {"dit": _dit, "pixart": _pixart, "sd3": _sd3, "unet": _unet}
+FAMILIES = {"dit": _dit, "flux": _flux, "pixart": _pixart, "sd3": _sd3, "unet": _unet}
 
 
 @torch.no_grad()
@@ -110,7 +131,8 @@ def test_exact_settings_reproduce_and_revert_is_bitwise(family, method, options)
     before = _processors(model)
     y0 = _run(model, family)
     report = convert(model, method, **options)
-    suffix = ("attn", "attn2") if family == "sd3" else ("attn1",)  # SD3: joint attention + SD3.5's image-only attn2
+    # SD3 / Flux: joint attention (+ SD3.5's image-only attn2); the others: self-attention attn1 only.
+    suffix = ("attn", "attn2") if family in ("sd3", "flux") else ("attn1",)
     assert report.converted and all(r.name.endswith(suffix) for r in report.converted)
     torch.testing.assert_close(_run(model, family), y0, atol=2e-6, rtol=1e-5)
     assert revert(model) == 1
@@ -138,6 +160,9 @@ def test_sparse_and_sla_change_outputs_and_grid_comes_from_inputs(family):
             "up_blocks.1.attentions.1.transformer_blocks.0.attn1": (16, 16),
             "mid_block.attentions.0.transformer_blocks.0.attn1": (8, 8),
         }
+    elif family == "flux":
+        assert grids == {"transformer_blocks.0.attn": FLUX_GRID, "single_transformer_blocks.0.attn": FLUX_GRID}
+        assert {m.visionlin_core.text_len for m in model.modules() if hasattr(m, "visionlin_core")} == {7}
     else:
         assert set(grids.values()) == {(8, 8)}  # 16 x 16 latent, patch 2
         if family == "sd3":

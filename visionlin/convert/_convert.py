@@ -14,14 +14,16 @@ from torch import nn
 
 from ._adapter import Adapter
 from ._methods import CORE_ATTR, build_core, validate_options
-from ._processors import JointAttnProcessor, SelfAttnProcessor
+from ._processors import FluxJointAttnProcessor, JointAttnProcessor, SelfAttnProcessor
 from .dit import DiTAdapter
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
 __all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
 
-ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter())
+ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter(), FluxAdapter())
+_PROCESSORS = {"self": SelfAttnProcessor, "joint": JointAttnProcessor, "flux": FluxJointAttnProcessor}
 _STATE_ATTR = "_visionlin_conversion"
 PLAN_FILE = "conversion.json"
 WEIGHTS_FILE = "converter.safetensors"
@@ -118,9 +120,10 @@ def _adapter_for(model: nn.Module) -> Adapter | None:
     return next((a for a in ADAPTERS if a.matches(model)), None)
 
 
-def _set_grid(modules: list[nn.Module], grid: tuple[int, ...]) -> None:
+def _set_grid(modules: list[nn.Module], grid: tuple[int, ...], text_len: int = 0) -> None:
     for m in modules:
-        getattr(m, CORE_ATTR).grid = grid
+        core = getattr(m, CORE_ATTR)
+        core.grid, core.text_len = grid, text_len
 
 
 def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], layers, strict: bool):
@@ -164,7 +167,7 @@ def convert(
     Args:
         pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
             (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``,
-            ``SD3Transformer2DModel``).
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
         method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
             gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
             computation through the converter).
@@ -213,13 +216,12 @@ def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
                 state.records.append(LayerRecord(comp, c.name, False, c.reason, method, options))
                 continue
             attn = c.module
-            head_dim = attn.inner_dim // attn.heads
+            head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
             device = next(attn.parameters()).device
             core = build_core(method, options, head_dim, device)
             state.originals[c.name] = attn.processor
             attn.add_module(CORE_ATTR, core)
-            processor = JointAttnProcessor if adapter.processor == "joint" else SelfAttnProcessor
-            attn.set_processor(processor(f"{comp}.{c.name}"))
+            attn.set_processor(_PROCESSORS[adapter.processor](f"{comp}.{c.name}"))
             converted[c.name] = attn
             n_new = sum(p.numel() for p in core.parameters())
             state.records.append(LayerRecord(comp, c.name, True, "", method, options, n_new))

@@ -100,6 +100,7 @@ class _Core(nn.Module):
         super().__init__()
         self.options = dict(options)
         self.grid: tuple[int, ...] | None = None
+        self.text_len = 0  # joint attention: text tokens in the sequence (Flux single blocks cannot see it)
 
     def check_tokens(self, n: int, name: str) -> None:
         if self.grid is not None and math.prod(self.grid) != n:

@@ -6,7 +6,7 @@ import torch
 
 from ._methods import CORE_ATTR
 
-__all__ = ["JointAttnProcessor", "SelfAttnProcessor"]
+__all__ = ["FluxJointAttnProcessor", "JointAttnProcessor", "SelfAttnProcessor"]
 
 
 class SelfAttnProcessor:
@@ -134,5 +134,71 @@ class JointAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxJointAttnProcessor:
+    """diffusers' ``FluxAttnProcessor`` (Flux, double and single blocks) with the core call replaced.
+
+    The joint sequence is ``[text, image]``. Single blocks receive it already concatenated (no
+    ``encoder_hidden_states``), so the text length comes from the model's pre-forward hook (``core.text_len``). Image
+    queries go through the core over the image keys with the text keys dense (exact log-sum-exp merge); text queries
+    attend densely to everything. Projections (fused or not), q / k norms and RoPE are the stock code's.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        from ..kernels import softmax_attention
+
+        if attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: an attention_mask is not supported by the converted attention")
+        core = getattr(attn, CORE_ATTR)
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        t = core.text_len
+        core.check_tokens(query.shape[1] - t, self.name)
+        scale = attn.head_dim**-0.5
+        img = core(query[:, t:], key[:, t:], value[:, t:], scale, key[:, :t], value[:, :t]) if t else None
+        if img is None:
+            img = core(query, key, value, scale)
+            hidden_states = img
+        else:
+            txt = softmax_attention(query[:, :t], key, value, scale=scale)
+            hidden_states = torch.cat([txt.to(img.dtype), img], dim=1)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
