@@ -41,6 +41,9 @@ IMPLEMENTED = [
     "mambavision",
     "vig_mixer",
     "vig",
+    "mavit",
+    "ravlt",
+    "nalaformer",
 ]
 
 

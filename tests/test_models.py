@@ -35,6 +35,13 @@ TEST_KWARGS = {
     # A mixer then an attention block per hybrid stage; narrow (the six variants differ only in widths and depths).
     "visionlin.models.mambavision": dict(depths=(1, 1, 2, 2), embed_dim=32, in_dim=16),
     "visionlin.models.vig": dict(depth=4),  # out_indices / intermediates take the last 3 blocks
+    # Linear mixer in stages 1-2, RoPE softmax in 3-4 as published; narrow, one block per stage, small head.
+    **{
+        f"visionlin.models.{m}": dict(
+            depths=(1, 1, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), projection=32
+        )
+        for m in ("mavit", "ravlt", "nalaformer")
+    },
 }
 
 

@@ -413,6 +413,10 @@ class HierarchicalBackbone(nn.Module):
         dtype: Parameter dtype.
     """
 
+    #: Input sides must be multiples of this (``None``: the total stride). Families whose downsamplers round up
+    #: (stride-2 convolutions with padding, as MAViT) accept any size: 1.
+    input_multiple: int | None = None
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -637,7 +641,7 @@ class HierarchicalBackbone(nn.Module):
         x = check_image(
             x,
             self.in_chans,
-            (self.stride, self.stride),
+            (self.input_multiple or self.stride,) * 2,
             self.img_size,
             next(self.stem.parameters()).dtype,
             self.dynamic_img_size,
