@@ -349,3 +349,18 @@ def test_failure_half_way_restores_the_model(monkeypatch):
     assert not any("visionlin_core" in k for k in model.state_dict())
     assert not hasattr(model, "_visionlin_conversion")
     assert torch.equal(_run(model, "unet"), y0)
+
+
+def test_cli_convert(tmp_path, capsys):
+    from visionlin.cli import main
+
+    _dit().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "conv"
+    rc = main(["convert", str(tmp_path / "dit"), "--method", "sla", "--sparsity", "0.5", "--block-size", "16", "8",
+               "--out", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "transformer_blocks.0.attn1  converted  sla" in text and "2 converted, 0 skipped" in text
+    assert json.loads((out / "conversion.json").read_text())["components"]["model"]["options"]["block_size"] == [16, 8]
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "dit"), "--method", "sparse", "--variant", "code"])
+    assert e.value.code == 2 and "unknown option(s) ['variant'] for method='sparse'" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The ``visionlin`` console command: ``visionlin list``, ``demo``, ``bench``, ``train``, ``distill``, ``validate`` and
-``plot``.
+"""The ``visionlin`` console command: ``visionlin list``, ``convert``, ``demo``, ``bench``, ``train``, ``distill``,
+``validate`` and ``plot``.
 
 Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
 """
@@ -46,6 +46,12 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: l
     return scaling.execute(parser, args, shlex.join(["visionlin", *argv]))
 
 
+def _cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    from .convert import cli as convert_cli
+
+    return convert_cli.execute(parser, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``visionlin list [FILTER]``, ``visionlin demo [flags]``, ``visionlin bench WHAT [flags]``; returns
     the exit status."""
@@ -58,10 +64,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,demo,bench,train,distill,validate,plot}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{list,convert,demo,bench,train,distill,validate,plot}"
+    )
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
     p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
     p.set_defaults(fn=_cmd_list, parser=p)
+    from .convert import cli as convert_cli  # argparse only: diffusers loads when the command runs
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a local diffusers model / pipeline's attention (sla, sparse, dense) and print the report",
+        description=convert_cli.__doc__.split("\n\n")[0],
+    )
+    convert_cli.add_arguments(p)
+    p.set_defaults(fn=_cmd_convert, parser=p)
     p = sub.add_parser(
         "demo",
         help="latency and peak memory vs input size, new models vs deit_small_patch16_224",

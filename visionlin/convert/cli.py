@@ -1,0 +1,68 @@
+"""``visionlin convert PATH``: convert a locally saved diffusers model or pipeline and print the report table.
+
+``PATH`` is a folder written by diffusers' ``save_pretrained``: a model (``config.json`` naming its class) or a
+pipeline (``model_index.json``). Nothing is downloaded. With ``--out`` the conversion (plan + converter weights) is
+saved for :func:`visionlin.load_conversion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_arguments", "execute"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a local diffusers model or pipeline folder (save_pretrained output)")
+    p.add_argument("--method", default="sla", help="sla | sparse | dense (default: sla)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of key blocks not computed exactly, [0, 1)")
+    p.add_argument("--block-size", type=int, nargs="+", default=None, metavar="N", help="block size, or BQ BK")
+    p.add_argument("--k-low", type=float, default=None, help="sla: fraction of key blocks skipped (paper variant)")
+    p.add_argument("--variant", default=None, help="sla: paper | code")
+    p.add_argument("--feature-map", default=None, help="sla: softmax | elu | relu")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only these attention modules")
+    p.add_argument("--strict", action="store_true", help="fail instead of skipping unconvertible attention")
+    p.add_argument("--out", default=None, help="save the conversion (plan JSON + converter safetensors) here")
+
+
+def _load(path: Path):
+    import diffusers
+
+    if (path / "model_index.json").is_file():
+        return diffusers.DiffusionPipeline.from_pretrained(str(path))
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} has neither model_index.json (a pipeline) nor config.json (a model)")
+    name = json.loads(config.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ValueError(f"{config}: _class_name={name!r} is not a diffusers class")
+    return cls.from_pretrained(str(path))
+
+
+def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import convert, save_conversion
+
+    path = Path(args.path)
+    if not path.is_dir():
+        parser.error(f"argument path: {args.path!r} is not a folder")
+    options = {
+        k: v
+        for k, v in {
+            "sparsity": args.sparsity, "k_low": args.k_low, "variant": args.variant, "feature_map": args.feature_map,
+            "block_size": None if args.block_size is None else (
+                args.block_size[0] if len(args.block_size) == 1 else tuple(args.block_size)),
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    try:
+        obj = _load(path)
+        report = convert(obj, args.method, layers=args.layers, strict=args.strict, **options)
+    except ValueError as e:
+        parser.error(str(e))
+    print(report)
+    if args.out:
+        print(f"saved to {save_conversion(obj, args.out)}")
+    return 0
