@@ -364,3 +364,18 @@ def test_cli_convert(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(tmp_path / "dit"), "--method", "sparse", "--variant", "code"])
     assert e.value.code == 2 and "unknown option(s) ['variant'] for method='sparse'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_gradients_reach_the_projection_and_bf16_runs(family):
+    model = FAMILIES[family]()
+    convert(model, "sla", sparsity=0.5, block_size=8)
+    model(**_inputs(family)).sample.square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "visionlin_core" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in _inputs(family).items()}  # fmt: skip
+    with torch.no_grad():
+        out = model(**inputs).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
