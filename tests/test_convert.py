@@ -61,11 +61,24 @@ def _flux(seed=0):
     ).eval()  # fmt: skip
 
 
+def _wan(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32,
+        freq_dim=32, ffn_dim=32, num_layers=2, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+
+
 FLUX_GRID = (8, 6)  # packed latent tokens (rows, columns): a non-square grid
 
 
 def _inputs(family):
     g = torch.Generator().manual_seed(1)
+    if family == "wan":  # video latent [B, C, F, H, W]: 3 x 4 x 6 tokens after the (1, 2, 2) patches
+        return {
+            "hidden_states": torch.randn(2, 4, 3, 8, 12, generator=g), "timestep": torch.tensor([10, 500]),
+            "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
+        }  # fmt: skip
     if family == "flux":
         h, w = FLUX_GRID
         ids = torch.zeros(h * w, 3)
@@ -93,7 +106,7 @@ def _inputs(family):
     return {"sample": x, "timestep": torch.tensor([10, 500]), "encoder_hidden_states": ctx}
 
 
-FAMILIES = {"dit": _dit, "flux": _flux, "pixart": _pixart, "sd3": _sd3, "unet": _unet}
+FAMILIES = {"dit": _dit, "flux": _flux, "pixart": _pixart, "sd3": _sd3, "unet": _unet, "wan": _wan}
 
 
 @torch.no_grad()
@@ -160,6 +173,8 @@ def test_sparse_and_sla_change_outputs_and_grid_comes_from_inputs(family):
             "up_blocks.1.attentions.1.transformer_blocks.0.attn1": (16, 16),
             "mid_block.attentions.0.transformer_blocks.0.attn1": (8, 8),
         }
+    elif family == "wan":
+        assert grids == {"blocks.0.attn1": (3, 4, 6), "blocks.1.attn1": (3, 4, 6)}
     elif family == "flux":
         assert grids == {"transformer_blocks.0.attn": FLUX_GRID, "single_transformer_blocks.0.attn": FLUX_GRID}
         assert {m.visionlin_core.text_len for m in model.modules() if hasattr(m, "visionlin_core")} == {7}

@@ -27,7 +27,7 @@ class Adapter:
 
     family = ""
     classes: tuple[str, ...] = ()
-    processor = "self"  # which converter processor the layers get: "self", "joint" (SD3) or "flux"
+    processor = "self"  # which converter processor the layers get: "self", "joint" (SD3), "flux" or "wan"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes

@@ -14,16 +14,22 @@ from torch import nn
 
 from ._adapter import Adapter
 from ._methods import CORE_ATTR, build_core, validate_options
-from ._processors import FluxJointAttnProcessor, JointAttnProcessor, SelfAttnProcessor
+from ._processors import FluxJointAttnProcessor, JointAttnProcessor, SelfAttnProcessor, WanSelfAttnProcessor
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
 __all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
 
-ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter(), FluxAdapter())
-_PROCESSORS = {"self": SelfAttnProcessor, "joint": JointAttnProcessor, "flux": FluxJointAttnProcessor}
+ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter(), FluxAdapter(), WanAdapter())
+_PROCESSORS = {
+    "self": SelfAttnProcessor,
+    "joint": JointAttnProcessor,
+    "flux": FluxJointAttnProcessor,
+    "wan": WanSelfAttnProcessor,
+}
 _STATE_ATTR = "_visionlin_conversion"
 PLAN_FILE = "conversion.json"
 WEIGHTS_FILE = "converter.safetensors"
@@ -167,7 +173,7 @@ def convert(
     Args:
         pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
             (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``,
-            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``).
         method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
             gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
             computation through the converter).

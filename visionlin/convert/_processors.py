@@ -6,7 +6,7 @@ import torch
 
 from ._methods import CORE_ATTR
 
-__all__ = ["FluxJointAttnProcessor", "JointAttnProcessor", "SelfAttnProcessor"]
+__all__ = ["FluxJointAttnProcessor", "JointAttnProcessor", "SelfAttnProcessor", "WanSelfAttnProcessor"]
 
 
 class SelfAttnProcessor:
@@ -202,3 +202,39 @@ class FluxJointAttnProcessor:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved channel pairs (as ``WanAttnProcessor`` applies it)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+class WanSelfAttnProcessor:
+    """diffusers' ``WanAttnProcessor`` for the self-attention ``attn1`` (video tokens ``(F, H, W)`` row-major) with
+    the core call replaced; projections (fused or not), q / k norms and RoPE are the stock code's."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(
+                f"{self.name}: only unmasked self-attention over video tokens is converted (got "
+                f"{'encoder_hidden_states' if encoder_hidden_states is not None else 'an attention_mask'})"
+            )
+        core = getattr(attn, CORE_ATTR)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
+        core.check_tokens(query.shape[1], self.name)
+        hidden_states = core(query, key, value, query.shape[-1] ** -0.5)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
