@@ -30,6 +30,15 @@ PAPERS = {
         "[Hatamizadeh & Kautz, CVPR 2025](https://arxiv.org/abs/2407.08083)",
     ),
     "vig": ("bidirectional gated linear attention", "[Liao et al., AAAI 2025](https://arxiv.org/abs/2405.18425)"),
+    "mavit": (
+        "magnitude-aware linear (MALA) + RoPE softmax",
+        "[Fan et al., ICCV 2025](https://arxiv.org/abs/2507.00698)",
+    ),
+    "ravlt": (
+        "rank-augmented linear (RALA) + RoPE softmax",
+        "[Fan et al., CVPR 2025](https://arxiv.org/abs/2411.07635)",
+    ),
+    "nalaformer": ("norm-aware linear (NaLa) + RoPE softmax", "[Meng et al. 2025](https://arxiv.org/abs/2506.21137)"),
 }
 
 
