@@ -394,3 +394,29 @@ def test_gradients_reach_the_projection_and_bf16_runs(family):
     with torch.no_grad():
         out = model(**inputs).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_load_refuses_mismatched_plans(tmp_path):
+    model = _dit()
+    convert(model, "sla", sparsity=0.5, block_size=16)
+    save_conversion(model, tmp_path)
+    torch.manual_seed(0)
+    fewer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8, num_layers=1,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"layers \['transformer_blocks.1.attn1'\] are not attention modules"):
+        load_conversion(fewer, tmp_path)
+    wider = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=16,
+        patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"visionlin_core\.proj\.\w+ has shape \(8(, 8)?,?\) in the file, \(16"):
+        load_conversion(wider, tmp_path)
+    for target in (fewer, wider):  # nothing left half-converted
+        assert not hasattr(target, "_visionlin_conversion")
+        assert not any("visionlin_core" in k for k in target.state_dict())
+    with pytest.raises(ValueError, match="lacks conversion.json"):
+        load_conversion(_dit(), tmp_path / "missing")
+    with pytest.raises(ValueError, match="has no converted component"):
+        save_conversion(_dit(), tmp_path / "x")

@@ -252,3 +252,16 @@ def test_additional_keys_bad_input():
         block_sparse_attention(q, k, v, additional_keys=k)
     with pytest.raises(ValueError, match="additional_values head dim 4 differs"):
         sparse_linear_attention(q, k, v, torch.zeros(5, 5), additional_keys=k, additional_values=v[..., :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_half_inputs_match_reference(dtype):
+    # Both backends compute in float32 from the half inputs and round once at the end: at most one half ulp apart.
+    q, k, v = _qkv(2, 45, 3, 8, dtype=dtype)
+    w = (torch.randn(8, 8, generator=torch.Generator().manual_seed(2)) * 0.3).to(dtype)
+    kwargs = {"topk": 0.3, "k_low": 0.2, "block_q": 8, "block_k": 4}
+    got = sparse_linear_attention(q, k, v, w, backend="torch", **kwargs)
+    ref = sparse_linear_attention(q, k, v, w, backend="reference", **kwargs)
+    assert got.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), ref.float(), atol=ulp, rtol=ulp)
