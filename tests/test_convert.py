@@ -416,6 +416,12 @@ def test_load_refuses_mismatched_plans(tmp_path):
     for target in (fewer, wider):  # nothing left half-converted
         assert not hasattr(target, "_visionlin_conversion")
         assert not any("visionlin_core" in k for k in target.state_dict())
+    (tmp_path / "conversion.json").write_text('{"format": "visionlin.convert", "version": 1, "components": {"m": 1}}')
+    with pytest.raises(ValueError, match="'components' must map each component to"):
+        load_conversion(_dit(), tmp_path)
+    (tmp_path / "conversion.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_conversion(_dit(), tmp_path)
     with pytest.raises(ValueError, match="lacks conversion.json"):
         load_conversion(_dit(), tmp_path / "missing")
     with pytest.raises(ValueError, match="has no converted component"):

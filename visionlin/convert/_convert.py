@@ -349,11 +349,25 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
     plan_path, weights_path = directory / PLAN_FILE, directory / WEIGHTS_FILE
     if not plan_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{directory} lacks {PLAN_FILE} and/or {WEIGHTS_FILE} (written by visionlin.save_conversion)")
-    plan = json.loads(plan_path.read_text())
-    if plan.get("format") != _FORMAT or plan.get("version") != _VERSION:
+    try:
+        plan = json.loads(plan_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{plan_path} is not valid JSON: {e}") from None
+    if not isinstance(plan, dict) or plan.get("format") != _FORMAT or plan.get("version") != _VERSION:
+        plan = plan if isinstance(plan, dict) else {}
         raise ValueError(f"{plan_path}: format={plan.get('format')!r} version={plan.get('version')!r} is not a "
                          f"{_FORMAT!r} plan of version {_VERSION}")  # fmt: skip
-    comps = {"model": pipe_or_model} if isinstance(pipe_or_model, nn.Module) else pipe_or_model.components
+    comps = (
+        {"model": pipe_or_model} if isinstance(pipe_or_model, nn.Module) else getattr(pipe_or_model, "components", {})
+    )
+    entries = plan.get("components")
+    fields = {"class", "method", "options", "layers"}
+    if (
+        not isinstance(entries, dict)
+        or not entries
+        or not all(isinstance(e, dict) and fields <= set(e) for e in entries.values())
+    ):
+        raise ValueError(f"{plan_path}: 'components' must map each component to {sorted(fields)}")
     for comp, entry in plan["components"].items():
         model = comps.get(comp)
         if model is None or type(model).__name__ != entry["class"]:

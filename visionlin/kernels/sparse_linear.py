@@ -127,6 +127,8 @@ def sla_block_map(
     """
     check_heads_last("sla_block_map", q, k, k, same_length=False)
     _check_selection("sla_block_map", topk, k_low, block_q, block_k)
+    if q.shape[1] == 0:
+        return torch.zeros(q.shape[0], q.shape[2], 0, -(-k.shape[1] // block_k), dtype=torch.int8, device=q.device)
     dt = reference_dtype(q.dtype)
     with torch.no_grad(), fp32_reference(q.device):
         scores = torch.einsum(
