@@ -44,6 +44,7 @@ IMPLEMENTED = [
     "mavit",
     "ravlt",
     "nalaformer",
+    "sla_attention",
 ]
 
 
