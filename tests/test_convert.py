@@ -69,11 +69,25 @@ def _wan(seed=0):
     ).eval()  # fmt: skip
 
 
+def _cogvideox(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=7, use_rotary_positional_embeddings=True,
+    ).eval()  # fmt: skip
+
+
 FLUX_GRID = (8, 6)  # packed latent tokens (rows, columns): a non-square grid
 
 
 def _inputs(family):
     g = torch.Generator().manual_seed(1)
+    if family == "cogvideox":  # [B, F, C, H, W]: 3 x 4 x 6 tokens after the 2 x 2 patches, text prefix of 7
+        return {
+            "hidden_states": torch.randn(2, 3, 4, 8, 12, generator=g), "timestep": torch.tensor([10, 500]),
+            "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
+        }  # fmt: skip
     if family == "wan":  # video latent [B, C, F, H, W]: 3 x 4 x 6 tokens after the (1, 2, 2) patches
         return {
             "hidden_states": torch.randn(2, 4, 3, 8, 12, generator=g), "timestep": torch.tensor([10, 500]),
@@ -106,7 +120,15 @@ def _inputs(family):
     return {"sample": x, "timestep": torch.tensor([10, 500]), "encoder_hidden_states": ctx}
 
 
-FAMILIES = {"dit": _dit, "flux": _flux, "pixart": _pixart, "sd3": _sd3, "unet": _unet, "wan": _wan}
+FAMILIES = {
+    "cogvideox": _cogvideox,
+    "dit": _dit,
+    "flux": _flux,
+    "pixart": _pixart,
+    "sd3": _sd3,
+    "unet": _unet,
+    "wan": _wan,
+}
 
 
 @torch.no_grad()
@@ -173,6 +195,8 @@ def test_sparse_and_sla_change_outputs_and_grid_comes_from_inputs(family):
             "up_blocks.1.attentions.1.transformer_blocks.0.attn1": (16, 16),
             "mid_block.attentions.0.transformer_blocks.0.attn1": (8, 8),
         }
+    elif family == "cogvideox":
+        assert grids == {"transformer_blocks.0.attn1": (3, 4, 6), "transformer_blocks.1.attn1": (3, 4, 6)}
     elif family == "wan":
         assert grids == {"blocks.0.attn1": (3, 4, 6), "blocks.1.attn1": (3, 4, 6)}
     elif family == "flux":

@@ -27,7 +27,7 @@ class Adapter:
 
     family = ""
     classes: tuple[str, ...] = ()
-    processor = "self"  # which converter processor the layers get: "self", "joint" (SD3), "flux" or "wan"
+    processor = "self"  # which converter processor the layers get: "self", "joint" (SD3), "flux", "wan", "cogvideox"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes

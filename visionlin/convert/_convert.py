@@ -14,7 +14,14 @@ from torch import nn
 
 from ._adapter import Adapter
 from ._methods import CORE_ATTR, build_core, validate_options
-from ._processors import FluxJointAttnProcessor, JointAttnProcessor, SelfAttnProcessor, WanSelfAttnProcessor
+from ._processors import (
+    CogVideoXJointAttnProcessor,
+    FluxJointAttnProcessor,
+    JointAttnProcessor,
+    SelfAttnProcessor,
+    WanSelfAttnProcessor,
+)
+from .cogvideox import CogVideoXAdapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
@@ -23,12 +30,20 @@ from .wan import WanAdapter
 
 __all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
 
-ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), UNetAdapter(), SD3Adapter(), FluxAdapter(), WanAdapter())
+ADAPTERS: tuple[Adapter, ...] = (
+    DiTAdapter(),
+    UNetAdapter(),
+    SD3Adapter(),
+    FluxAdapter(),
+    WanAdapter(),
+    CogVideoXAdapter(),
+)
 _PROCESSORS = {
     "self": SelfAttnProcessor,
     "joint": JointAttnProcessor,
     "flux": FluxJointAttnProcessor,
     "wan": WanSelfAttnProcessor,
+    "cogvideox": CogVideoXJointAttnProcessor,
 }
 _STATE_ATTR = "_visionlin_conversion"
 PLAN_FILE = "conversion.json"
@@ -173,7 +188,8 @@ def convert(
     Args:
         pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
             (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``,
-            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``).
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``,
+            ``CogVideoXTransformer3DModel``).
         method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
             gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
             computation through the converter).

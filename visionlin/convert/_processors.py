@@ -6,7 +6,13 @@ import torch
 
 from ._methods import CORE_ATTR
 
-__all__ = ["FluxJointAttnProcessor", "JointAttnProcessor", "SelfAttnProcessor", "WanSelfAttnProcessor"]
+__all__ = [
+    "CogVideoXJointAttnProcessor",
+    "FluxJointAttnProcessor",
+    "JointAttnProcessor",
+    "SelfAttnProcessor",
+    "WanSelfAttnProcessor",
+]
 
 
 class SelfAttnProcessor:
@@ -238,3 +244,50 @@ class WanSelfAttnProcessor:
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+class CogVideoXJointAttnProcessor:
+    """diffusers' ``CogVideoXAttnProcessor2_0`` with the core call replaced.
+
+    The joint sequence is ``[text, video]``; RoPE acts on the video part only (the stock code). Video queries go
+    through the core over the video keys with the text keys dense (exact log-sum-exp merge); text queries attend
+    densely to everything.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        from ..kernels import softmax_attention
+
+        if attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: an attention_mask is not supported by the converted attention")
+        core = getattr(attn, CORE_ATTR)
+        t = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, t:] = apply_rotary_emb(query[:, :, t:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, t:] = apply_rotary_emb(key[:, :, t:], image_rotary_emb)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # heads-last
+        core.check_tokens(query.shape[1] - t, self.name)
+        scale = head_dim**-0.5
+        video = core(query[:, t:], key[:, t:], value[:, t:], scale, key[:, :t], value[:, :t])
+        text = softmax_attention(query[:, :t], key, value, scale=scale)
+        hidden_states = torch.cat([text.to(video.dtype), video], dim=1).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[0](hidden_states.to(query.dtype))
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states, hidden_states = hidden_states.split([t, hidden_states.size(1) - t], dim=1)
+        return hidden_states, encoder_hidden_states
