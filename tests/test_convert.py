@@ -221,7 +221,7 @@ def test_report_contents_and_table():
     report = convert(model, "sla", sparsity=0.9, block_size=64)
     assert isinstance(report, ConversionReport) and report.method == "sla"
     assert report.options == {"sparsity": 0.9, "k_low": 0.1, "variant": "paper", "block_size": [64, 64],
-                              "feature_map": "softmax"}  # fmt: skip
+                              "feature_map": "softmax", "dense_above_timestep": None}  # fmt: skip
     assert len(report.converted) == 4 and len(report.skipped) == 4
     assert all(r.reason == "cross-attention (text keys stay dense)" for r in report.skipped)
     assert all(r.name.endswith("attn2") for r in report.skipped)
@@ -450,3 +450,27 @@ def test_load_refuses_mismatched_plans(tmp_path):
         load_conversion(_dit(), tmp_path / "missing")
     with pytest.raises(ValueError, match="has no converted component"):
         save_conversion(_dit(), tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["dit", "unet"])
+def test_dense_warm_up_by_timestep(family):
+    model = FAMILIES[family]()
+    inputs = _inputs(family)
+    late = {**inputs, "timestep": torch.tensor([20, 10])}
+    with torch.no_grad():
+        y_early, y_late = model(**inputs).sample, model(**late).sample  # timesteps [10, 500] / [20, 10]
+    convert(model, "sla", sparsity=0.75, block_size=8, dense_above_timestep=400)
+    for m in model.modules():
+        if hasattr(m, "visionlin_core"):
+            torch.nn.init.normal_(m.visionlin_core.proj.weight, std=0.1)
+    with torch.no_grad():
+        if family == "unet":  # the UNet's timestep positionally, as the SD pipelines pass it
+            sample, t, ctx = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
+            early = model(sample, t, encoder_hidden_states=ctx).sample
+        else:
+            early = model(**inputs).sample
+        sparse = model(**late).sample
+    torch.testing.assert_close(early, y_early, atol=2e-6, rtol=1e-5)  # max timestep 500 >= 400: stock attention
+    assert not torch.allclose(sparse, y_late, atol=1e-4)
+    with pytest.raises(ValueError, match="dense_above_timestep='x'"):
+        convert(FAMILIES[family](), "sparse", dense_above_timestep="x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -141,6 +142,22 @@ def _adapter_for(model: nn.Module) -> Adapter | None:
     return next((a for a in ADAPTERS if a.matches(model)), None)
 
 
+def _timestep_hook(model: nn.Module, modules: list[nn.Module], threshold: float):
+    """Dense warm-up: the converted layers compute dense attention while the forward's ``timestep`` (largest in the
+    batch, in the units the model receives) is ``>= threshold``; samplers run from high to low timesteps."""
+    signature = inspect.signature(model.forward)
+
+    def hook(mod, args, kwargs):
+        t = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+        if t is None:
+            raise ValueError(f"dense_above_timestep is set but {type(model).__name__}.forward got no timestep")
+        dense = float(torch.as_tensor(t).max()) >= threshold
+        for m in modules:
+            getattr(m, CORE_ATTR).dense_now = dense
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _set_grid(modules: list[nn.Module], grid: tuple[int, ...], text_len: int = 0) -> None:
     for m in modules:
         core = getattr(m, CORE_ATTR)
@@ -198,7 +215,9 @@ def convert(
         strict: Raise instead of skipping attention modules that cannot be converted.
         **options: Method options (see ``docs/convert.md``): ``sparsity`` in ``[0, 1)`` (fraction of key blocks
             not computed exactly), ``block_size`` (int or ``(block_q, block_k)``), and for ``"sla"`` ``k_low``
-            (skipped fraction), ``variant`` (``"paper"`` / ``"code"``), ``feature_map``.
+            (skipped fraction), ``variant`` (``"paper"`` / ``"code"``), ``feature_map``; for ``"sparse"`` and
+            ``"sla"`` ``dense_above_timestep`` (dense warm-up: stock attention while the forward's ``timestep`` is
+            at least this, in the model's own units).
 
     Returns:
         The per-layer report.
@@ -248,6 +267,8 @@ def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
             n_new = sum(p.numel() for p in core.parameters())
             state.records.append(LayerRecord(comp, c.name, True, "", method, options, n_new))
         state.hooks = adapter.install_hooks(model, converted, _set_grid)
+        if options.get("dense_above_timestep") is not None:
+            state.hooks.append(_timestep_hook(model, list(converted.values()), options["dense_above_timestep"]))
         setattr(model, _STATE_ATTR, state)
     except BaseException:
         _undo(model, state)

@@ -23,8 +23,15 @@ CORE_ATTR = "visionlin_core"
 # Per method: option -> default. ``None`` defaults are resolved by :func:`validate_options`.
 METHODS: dict[str, dict[str, Any]] = {
     "dense": {},
-    "sparse": {"sparsity": 0.5, "block_size": 64},
-    "sla": {"sparsity": 0.95, "k_low": None, "variant": "paper", "block_size": 64, "feature_map": "softmax"},
+    "sparse": {"sparsity": 0.5, "block_size": 64, "dense_above_timestep": None},
+    "sla": {
+        "sparsity": 0.95,
+        "k_low": None,
+        "variant": "paper",
+        "block_size": 64,
+        "feature_map": "softmax",
+        "dense_above_timestep": None,
+    },
 }
 
 
@@ -67,6 +74,11 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
         out["sparsity"] = _fraction("sparsity", out["sparsity"])
     if "block_size" in out:
         out["block_size"] = list(_block_pair(out["block_size"]))
+    t = out.get("dense_above_timestep")
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+            raise ValueError(f"dense_above_timestep={t!r} must be a finite number (the model's timestep units) or None")
+        out["dense_above_timestep"] = float(t)
     if method == "sla":
         if out["variant"] not in SLA_VARIANTS:
             raise ValueError(f"unknown variant={out['variant']!r}; choose one of {SLA_VARIANTS}")
@@ -101,6 +113,7 @@ class _Core(nn.Module):
         self.options = dict(options)
         self.grid: tuple[int, ...] | None = None
         self.text_len = 0  # joint attention: text tokens in the sequence (Flux single blocks cannot see it)
+        self.dense_now = False  # dense warm-up: set per forward from the timestep (option dense_above_timestep)
 
     def check_tokens(self, n: int, name: str) -> None:
         if self.grid is not None and math.prod(self.grid) != n:
@@ -113,15 +126,19 @@ class _Core(nn.Module):
         return f"method={self.method!r}, options={self.options}"
 
 
+def _dense(q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
+    if additional_keys is not None:
+        k, v = torch.cat([k, additional_keys], 1), torch.cat([v, additional_values], 1)
+    return softmax_attention(q, k, v, scale=scale)
+
+
 class DenseCore(_Core):
     """The stock computation, routed through the converter: softmax attention."""
 
     method = "dense"
 
     def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
-        if additional_keys is not None:
-            k, v = torch.cat([k, additional_keys], 1), torch.cat([v, additional_values], 1)
-        return softmax_attention(q, k, v, scale=scale)
+        return _dense(q, k, v, scale, additional_keys, additional_values)
 
 
 class SparseCore(_Core):
@@ -130,6 +147,8 @@ class SparseCore(_Core):
     method = "sparse"
 
     def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
+        if self.dense_now:
+            return _dense(q, k, v, scale, additional_keys, additional_values)
         bq, bk = self.options["block_size"]
         return block_sparse_attention(
             q, k, v, topk=1.0 - self.options["sparsity"], block_q=bq, block_k=bk, scale=scale,
@@ -150,6 +169,8 @@ class SLACore(_Core):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
+        if self.dense_now:  # dense warm-up: the stock attention, no linear branch
+            return _dense(q, k, v, scale, additional_keys, additional_values)
         o = self.options
         bq, bk = o["block_size"]
         return sparse_linear_attention(
