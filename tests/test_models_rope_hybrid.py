@@ -97,6 +97,22 @@ def test_any_input_size_runs():
     assert [tuple(f.shape[-2:]) for f in feats] == [(13, 18), (7, 9), (4, 5), (2, 3)]
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mixer="nope"), r"mixer='nope' is not one of \['mala', 'nala', 'rala'\]"),
+        (dict(num_heads=(1, 2, 4)), r"num_heads=\(1, 2, 4\) needs one entry per stage \(4 stages"),
+        (dict(num_heads=(1, 2, 4, 256)), r"stage 3: width 512 / 256 heads must give a head dim that is a multiple"),
+        (dict(depths=(1, 0, 1, 1)), r"depths\[1\]=0 must be >= 1"),
+        (dict(stage_types=("linear",) * 3 + ("window",)), r"\['window'\] not in \('linear', 'softmax'\)"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RoPEHybridBackbone(**kwargs, device="meta")
+
+
 def test_authors_names_and_mismatches():
     model = timm.create_model("mavit_tiny", depths=(1, 1, 1, 1), projection=32, num_classes=3)
     ours = model.state_dict()

@@ -38,7 +38,7 @@ from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, RankAugmentedAttention
 from ..layers._base import check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ..layers.magnitude import GatedRoPELinearAttention
-from ._common import check_pair, take_indices
+from ._common import check_bool, check_int, check_pair, check_positive, check_rate, take_indices
 from ._pretrained import build_with_weights
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
@@ -295,7 +295,7 @@ class RoPEHybridBackbone(HierarchicalBackbone):
     ) -> None:
         nn.Module.__init__(self)
         dd = {"device": device, "dtype": dtype}
-        n = len(depths)
+        n = len(depths) if isinstance(depths, Sequence) else 0
         if mixer not in MIXERS:
             raise ValueError(f"{mixer=} is not one of {sorted(MIXERS)}")
         per_stage = {}
@@ -315,7 +315,25 @@ class RoPEHybridBackbone(HierarchicalBackbone):
             raise ValueError(f"stage_types={stage_types!r}: {bad} not in ('linear', 'softmax')")
         if global_pool not in ("", "avg", "avgmax", "max"):
             raise ValueError(f"{global_pool=} is not one of ('', 'avg', 'avgmax', 'max')")
+        if not isinstance(depths, Sequence) or not depths:
+            raise ValueError(f"{depths=} must be a non-empty sequence of block counts")
+        for i, d in enumerate(depths):
+            check_int(f"depths[{i}]", d, minimum=1)
         dims = per_stage["embed_dim"]
+        for i, (c, h) in enumerate(zip(dims, per_stage["num_heads"], strict=True)):
+            check_int(f"embed_dim[{i}]", c, minimum=2)
+            check_int(f"num_heads[{i}]", h, minimum=1)
+            if c % h or (c // h) % 4:
+                raise ValueError(f"stage {i}: width {c} / {h} heads must give a head dim that is a multiple of 4")
+            check_positive(f"mlp_ratio[{i}]", per_stage["mlp_ratio"][i])
+            check_positive(f"init_values[{i}]", per_stage["init_values"][i])
+        check_int("in_chans", in_chans, minimum=1)
+        check_int("num_classes", num_classes, minimum=0)
+        check_int("projection", projection, minimum=1)
+        check_bool("two_cpe", two_cpe)
+        for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
+            check_rate(name, value)
+        check_rate("drop_path_rate", drop_path_rate)
 
         self.num_classes = num_classes
         self.global_pool = global_pool
