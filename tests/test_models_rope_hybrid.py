@@ -90,6 +90,17 @@ def test_published_layout(name):
     assert model.num_features == {"mavit": 2560, "ravlt": 1024, "nalaformer": 1024}[name.split("_")[0]]
 
 
+@pytest.mark.parametrize("name", ["ravlt_tiny", "nalaformer_tiny"])  # both softmax mixers (the linear: test_compile)
+def test_compile_fullgraph(name):
+    torch.manual_seed(0)
+    model = timm.create_model(
+        name, depths=(1, 1, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), projection=32, num_classes=5
+    ).eval()
+    x = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_any_input_size_runs():
     """Stride-2 convolutions round up, as the authors': no multiple-of-32 requirement."""
     model = timm.create_model("ravlt_tiny", depths=(1, 1, 1, 1), projection=32, num_classes=3).eval()
