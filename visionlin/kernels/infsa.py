@@ -276,7 +276,7 @@ def _pure_triton(q, k, v, **kwargs):
 def _pure_triton_supports(q, k, v, **kwargs):
     from .triton import triton_unavailable
 
-    if reasons := triton_unavailable(q, k, v):  # CPU tensors or no Triton: never import the kernels
+    if reasons := triton_unavailable(q, k, v) + same_floating_dtype(q, k, v):  # never import the kernels then
         return reasons
     from .triton.infsa_pure import triton_pure_infsa_supports
 

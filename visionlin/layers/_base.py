@@ -71,6 +71,9 @@ class TokenMixer(nn.Module):
     prefix_kwarg: str | None = None
     #: Names of the ``visionlin.kernels`` ops the layer calls with its ``backend`` (checked by ``set_backend``).
     kernel_ops: tuple[str, ...] = ()
+    #: Helper ops (e.g. the local branch's ``token_depthwise_conv2d``) that take the layer's ``backend`` where they
+    #: have a backend of that name and choose automatically otherwise (see :meth:`helper_backend`).
+    helper_ops: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -82,6 +85,14 @@ class TokenMixer(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend: str | None = None
+
+    def helper_backend(self, op: str) -> str | None:
+        """The backend for helper op ``op``: the layer's ``backend`` if ``op`` has one of that name, else automatic
+        (``set_backend(model, "sdpa")`` picks the attention's SDPA path and leaves the depthwise convolution's choice
+        to it, which has no SDPA backend)."""
+        from ..kernels import get_op
+
+        return self.backend if self.backend in get_op(op).backends else None
 
     @classmethod
     def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

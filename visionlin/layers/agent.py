@@ -111,7 +111,8 @@ class AgentAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
-    kernel_ops = ("agent_attention", "token_depthwise_conv2d")
+    kernel_ops = ("agent_attention",)
+    helper_ops = ("token_depthwise_conv2d",)
 
     size_dependent = True
     grid_kwarg = "bias_size"
@@ -248,7 +249,7 @@ class AgentAttention(TokenMixer):
             feat_size=feat_size,
             num_prefix_tokens=p,
             residual=merge_heads(out),
-            backend=self.backend,
+            backend=self.helper_backend("token_depthwise_conv2d"),
         )  # attention output + depthwise conv of the value map (prefix rows: attention output only)
         return self.proj_drop(self.proj(out))
 

@@ -42,7 +42,8 @@ class FocusedLinearAttention(TokenMixer):
         joint_heads: Focusing norms over all heads (the authors) or per head.
     """
 
-    kernel_ops = ("focused_linear_attention", "token_depthwise_conv2d")
+    kernel_ops = ("focused_linear_attention",)
+    helper_ops = ("token_depthwise_conv2d",)
 
     size_dependent = True
     grid_kwarg = "pos_size"
@@ -125,7 +126,7 @@ class FocusedLinearAttention(TokenMixer):
             feat_size=(int(feat_size[0]), int(feat_size[1])),
             num_prefix_tokens=num_prefix_tokens,
             residual=merge_heads(out),
-            backend=self.backend,
+            backend=self.helper_backend("token_depthwise_conv2d"),
         )
         return self.proj_drop(self.proj(out))
 

@@ -83,7 +83,8 @@ class InLineAttention(TokenMixer):
         dtype: Parameter dtype.
     """
 
-    kernel_ops = ("linear_attention", "token_depthwise_conv2d")
+    kernel_ops = ("linear_attention",)
+    helper_ops = ("token_depthwise_conv2d",)
 
     def __init__(
         self,
@@ -152,6 +153,6 @@ class InLineAttention(TokenMixer):
             feat_size=feat_size,
             num_prefix_tokens=p,
             residual=merge_heads(out),
-            backend=self.backend,
+            backend=self.helper_backend("token_depthwise_conv2d"),
         )  # attention output + per-sample depthwise conv of the value map (prefix rows: attention output only)
         return self.proj_drop(self.proj(out))
