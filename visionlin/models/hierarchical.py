@@ -743,6 +743,34 @@ class HierarchicalBackbone(nn.Module):
 
 
 # Checkpoint conversion ------------------------------------------------------------------------------------------------
+def rename_level_keys(
+    state_dict: Mapping[str, torch.Tensor],
+    rules: Sequence[tuple[str, str]],
+    *,
+    downsample: str,
+    downsample_to: str,
+) -> dict[str, torch.Tensor]:
+    """Rename the authors' hierarchical checkpoint keys onto ours.
+
+    A key matching ``downsample`` (a regex whose two groups are the level index and the rest) is the downsampler at the
+    END of level ``i``: it moves to the START of stage ``i + 1`` (``downsample_to`` formatted with ``stage`` and
+    ``rest``). Any other key is renamed by the first of ``rules`` (``(pattern, replacement)`` for ``re.subn``) that
+    matches, or kept.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(downsample, k)
+        if m:
+            k = downsample_to.format(stage=int(m.group(1)) + 1, rest=m.group(2))
+        else:
+            for pattern, repl in rules:
+                k, n = re.subn(pattern, repl, k)
+                if n:
+                    break
+        out[k] = v
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackbone) -> dict[str, torch.Tensor]:
     """Fit a checkpoint in our key names to ``model``: each block's attention entries go through its layer's
     ``convert_official_state_dict`` and ``adapt_state_dict`` (e.g. NAT's ``rpb`` resized to another kernel size).

@@ -17,7 +17,6 @@ of the authors' ``mambavision/models/mamba_vision.py`` (NVlabs/MambaVision). The
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,18 +77,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackb
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     if any(k.startswith(("levels.", "patch_embed.")) for k in state_dict):
-        renamed = {}
-        for k, v in state_dict.items():
-            m = re.match(r"^levels\.(\d+)\.downsample\.reduction\.0\.(.+)$", k)
-            if m:
-                k = f"stages.{int(m.group(1)) + 1}.downsample.reduction.{m.group(2)}"
-            else:
-                for pattern, repl in _KEYS:
-                    k, n = re.subn(pattern, repl, k)
-                    if n:
-                        break
-            renamed[k] = v
-        state_dict = renamed
+        state_dict = hierarchical.rename_level_keys(
+            state_dict,
+            _KEYS,
+            downsample=r"^levels\.(\d+)\.downsample\.reduction\.0\.(.+)$",
+            downsample_to="stages.{stage}.downsample.reduction.{rest}",
+        )
     return hierarchical.checkpoint_filter_fn(state_dict, model)
 
 

@@ -14,7 +14,6 @@ The authors' checkpoints load through :func:`checkpoint_filter_fn`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,18 +74,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackb
     """
     state_dict = _unwrap(state_dict)
     if any(k.startswith("levels.") for k in state_dict):
-        renamed = {}
-        for k, v in state_dict.items():
-            m = re.match(r"^levels\.(\d+)\.downsample\.(.+)$", k)
-            if m:
-                k = f"stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
-            else:
-                for pattern, repl in _NAT_KEYS:
-                    k, n = re.subn(pattern, repl, k)
-                    if n:
-                        break
-            renamed[k] = v
-        state_dict = renamed
+        state_dict = hierarchical.rename_level_keys(
+            state_dict,
+            _NAT_KEYS,
+            downsample=r"^levels\.(\d+)\.downsample\.(.+)$",
+            downsample_to="stages.{stage}.downsample.{rest}",
+        )
     return hierarchical.checkpoint_filter_fn(state_dict, model)
 
 
