@@ -61,7 +61,9 @@ _KEYS = [
 ]
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackbone) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: HierarchicalBackbone, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Map the authors' MambaVision checkpoints onto ours, then fit them to ``model``.
 
     ``patch_embed.conv_down.*`` -> ``stem.conv_down.*``; ``levels.i.blocks.j.mixer.*`` -> ``stages.i.blocks.j.attn.*``
@@ -83,7 +85,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackb
             downsample=r"^levels\.(\d+)\.downsample\.reduction\.0\.(.+)$",
             downsample_to="stages.{stage}.downsample.reduction.{rest}",
         )
-    return hierarchical.checkpoint_filter_fn(state_dict, model)
+    return hierarchical.checkpoint_filter_fn(state_dict, model, strict)
 
 
 # Configurations -------------------------------------------------------------------------------------------------------

@@ -403,7 +403,9 @@ def _flat(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1) if v.ndim == 4 else v
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: RoPEHybridBackbone) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: RoPEHybridBackbone, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """The authors' checkpoints of MAViT (qhfan/MALA), RAVLT (qhfan/RALA) and NaLaFormer (ZacharyMeng/NaLaFormer)
     -> our names (our own checkpoints pass through): ``patch_embed.proj`` -> ``stem.proj``; ``layers.i.blocks.j``
     -> ``stages.i.blocks.j`` (``pos`` -> ``cpe1``, ``normX.norm`` -> ``normX``, 1x1 convolutions -> Linear,
@@ -417,7 +419,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: RoPEHybridBackbon
     """
     sd = _unwrap(state_dict)
     if not any(k.startswith(("layers.", "patch_embed.")) for k in sd):
-        return _hierarchical_filter(sd, model)
+        return _hierarchical_filter(sd, model, strict)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k.startswith("patch_embed."):
@@ -445,7 +447,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: RoPEHybridBackbon
             out[k] = _flat(v)
         else:
             out[k] = v
-    return _hierarchical_filter(out, model)
+    return _hierarchical_filter(out, model, strict)
 
 
 # Configurations -------------------------------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ _NAT_KEYS = [
 ]
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackbone) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: HierarchicalBackbone, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Map the authors' NAT / DiNAT checkpoints (``patch_embed.*``, ``levels.i.blocks.j.{attn.rpb, gamma1, ...}``,
     ``levels.i.downsample.*`` at the END of level ``i``) onto ours (``stem.*``, ``stages.i.blocks.j.{attn.rpb,
     ls1.gamma, ...}``, ``stages.{i+1}.downsample.*`` at the START of the next stage), then fit it to ``model``
@@ -80,7 +82,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: HierarchicalBackb
             downsample=r"^levels\.(\d+)\.downsample\.(.+)$",
             downsample_to="stages.{stage}.downsample.{rest}",
         )
-    return hierarchical.checkpoint_filter_fn(state_dict, model)
+    return hierarchical.checkpoint_filter_fn(state_dict, model, strict)
 
 
 # Configurations -------------------------------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ _KEYS = [
 ]
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: EfficientVisionTransformer, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Map the authors' ViG checkpoints (``blocks.i.attn_norm`` / ``mlp_norm`` / ``mlp.gate_proj`` /
     ``mlp.down_proj``; the mixer's names are ours already) onto ours, then fit them to ``model`` with
     :func:`visionlin.models.vit.checkpoint_filter_fn` (position embedding resampled to the model's grid). Our own
@@ -140,7 +142,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
             if n:
                 break
         renamed[k] = v
-    return vit.checkpoint_filter_fn(renamed, model)
+    return vit.checkpoint_filter_fn(renamed, model, strict)
 
 
 # Configurations -------------------------------------------------------------------------------------------------------

@@ -554,13 +554,17 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     return state_dict
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: EfficientVisionTransformer, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Map the authors' checkpoints onto :class:`EfficientVisionTransformer`.
 
     Handles DeiT-style checkpoints (Agent-DeiT, InLine-DeiT: ``{'model': ...}`` with ``blocks.i.attn.*``), the InfSA
     example classifier (``encoder.layers.i.*``, ``q_proj/k_proj/v_proj/out_proj``) and our own. Each block's attention
     keys go through its layer's ``convert_official_state_dict`` and ``adapt_state_dict`` (grid-sized tables resampled
-    to the model's grid); the position embedding is resampled to the model's grid.
+    to the model's grid); the position embedding is resampled to the model's grid. With ``strict`` (the default) the
+    result must hold every key of ``model`` with its shape (``ValueError`` naming the rest); ``strict=False`` returns
+    what could be mapped (initialising a distillation student from a teacher of another family, say).
     """
     state_dict = dict(_unwrap(state_dict))
     if any(k.startswith("encoder.layers.") for k in state_dict):
@@ -603,7 +607,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EfficientVisionTr
         sub = attn.convert_official_state_dict(sub)
         sub = attn.adapt_state_dict(sub, old_grid=old_grid)
         out.update({f"blocks.{i}.attn.{k}": v for k, v in sub.items()})
-    _check_matches(out, model)
+    if strict:  # every key present and of the right shape (False: map what can be mapped, e.g. for distillation)
+        _check_matches(out, model)
     return out
 
 
