@@ -189,12 +189,9 @@ def _context_triton(q, k, v, *, rho=1.0, eps=1e-6):
 
 
 def _supports_context_triton(q, k, v, **kwargs):
-    from .triton import MAX_HEAD_DIM, triton_unavailable
+    from .triton import head_dim_reasons, triton_unavailable
 
-    reasons = triton_unavailable(q, k, v) + same_floating_dtype(q, k, v)
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head dims {q.shape[-1]=}, {v.shape[-1]=} exceed the kernels' {MAX_HEAD_DIM}")
-    return reasons
+    return triton_unavailable(q, k, v) + same_floating_dtype(q, k, v) + head_dim_reasons(q, v)
 
 
 _context_op = Op("linear_infsa_context")

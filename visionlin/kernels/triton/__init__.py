@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["LINEAR_FEATURE_MAPS", "MAX_HEAD_DIM", "triton_unavailable"]
+__all__ = ["LINEAR_FEATURE_MAPS", "MAX_HEAD_DIM", "head_dim_reasons", "triton_unavailable"]
 
 #: Feature maps the fused linear-attention kernels apply themselves (by name).
 LINEAR_FEATURE_MAPS = ("identity", "relu", "elu", "sigmoid", "cosine")
@@ -29,3 +29,11 @@ def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
     if any(t.device.type != "cuda" for t in tensors):
         reasons.append("tensors are not on a CUDA device")
     return reasons
+
+
+def head_dim_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """The reason (if any) the kernels cannot tile these q/k and v head dims."""
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return [f"head dims D={q.shape[-1]}, Dv={v.shape[-1]} exceed the kernels' {MAX_HEAD_DIM} (allowed: 1 to "
+                f"{MAX_HEAD_DIM})"]  # fmt: skip
+    return []

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _num_sms
+from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
 
@@ -158,11 +158,9 @@ def token_dwconv_bwd(
     if b and c:
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
-        n_blocks = triton.cdiv(hh * ww, BLOCK_T)
         c_blocks = triton.cdiv(c, BLOCK_C)
-        want = min(n_blocks, max(1, triton.cdiv(4 * _num_sms(x.device), b * c_blocks)))
-        per = triton.cdiv(n_blocks, want)
-        _weight_grad_kernel[(triton.cdiv(n_blocks, per), c_blocks, b)](
+        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)  # token chunks: about 4 programs per SM
+        _weight_grad_kernel[(splits, c_blocks, b)](
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
         )  # fmt: skip
