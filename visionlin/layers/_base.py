@@ -71,9 +71,6 @@ class TokenMixer(nn.Module):
     prefix_kwarg: str | None = None
     #: Names of the ``visionlin.kernels`` ops the layer calls with its ``backend`` (checked by ``set_backend``).
     kernel_ops: tuple[str, ...] = ()
-    #: Helper ops (e.g. the local branch's ``token_depthwise_conv2d``) that take the layer's ``backend`` where they
-    #: have a backend of that name and choose automatically otherwise (see :meth:`helper_backend`).
-    helper_ops: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()

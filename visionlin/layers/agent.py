@@ -112,7 +112,6 @@ class AgentAttention(TokenMixer):
     """
 
     kernel_ops = ("agent_attention",)
-    helper_ops = ("token_depthwise_conv2d",)
 
     size_dependent = True
     grid_kwarg = "bias_size"

@@ -43,7 +43,6 @@ class FocusedLinearAttention(TokenMixer):
     """
 
     kernel_ops = ("focused_linear_attention",)
-    helper_ops = ("token_depthwise_conv2d",)
 
     size_dependent = True
     grid_kwarg = "pos_size"

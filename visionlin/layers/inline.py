@@ -84,7 +84,6 @@ class InLineAttention(TokenMixer):
     """
 
     kernel_ops = ("linear_attention",)
-    helper_ops = ("token_depthwise_conv2d",)
 
     def __init__(
         self,
