@@ -25,7 +25,7 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests-new)
-      timeout 200 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
+      timeout 260 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_triton_agent.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
