@@ -9,7 +9,16 @@ Importing this package does not import diffusers: the adapters read class names 
 import sys
 import types
 
-from ._convert import ADAPTERS, ConversionReport, LayerRecord, convert, load_conversion, revert, save_conversion
+from ._convert import (
+    ADAPTERS,
+    ConversionReport,
+    LayerRecord,
+    convert,
+    disabled,
+    load_conversion,
+    revert,
+    save_conversion,
+)
 from ._methods import METHODS
 
 __all__ = [
@@ -18,6 +27,7 @@ __all__ = [
     "ConversionReport",
     "LayerRecord",
     "convert",
+    "disabled",
     "load_conversion",
     "revert",
     "save_conversion",

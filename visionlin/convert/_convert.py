@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -29,7 +30,16 @@ from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
 
-__all__ = ["ADAPTERS", "ConversionReport", "LayerRecord", "convert", "load_conversion", "revert", "save_conversion"]
+__all__ = [
+    "ADAPTERS",
+    "ConversionReport",
+    "LayerRecord",
+    "convert",
+    "disabled",
+    "load_conversion",
+    "revert",
+    "save_conversion",
+]
 
 ADAPTERS: tuple[Adapter, ...] = (
     DiTAdapter(),
@@ -89,10 +99,17 @@ class ConversionReport:
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items()) or "-"
         rows = [("component", "layer", "status", "method", "new params", "reason")]
+        per_layer = any(r.converted and r.options != self.options for r in self.layers)
+        if per_layer:  # per-layer settings: each converted layer's options that differ from the common ones
+            rows[0] = (*rows[0][:4], "layer options", *rows[0][4:])
         for r in self.layers:
             status = "converted" if r.converted else "skipped"
             method = r.method if r.converted else "-"
-            rows.append((r.component, r.name, status, method, str(r.new_parameters), r.reason or "-"))
+            row = (r.component, r.name, status, method, str(r.new_parameters), r.reason or "-")
+            if per_layer:
+                diff = {k: v for k, v in r.options.items() if self.options.get(k) != v} if r.converted else {}
+                row = (*row[:4], ", ".join(f"{k}={v}" for k, v in diff.items()) or "-", *row[4:])
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"visionlin conversion: method={self.method} ({opts})"]
         for i, row in enumerate(rows):
@@ -113,6 +130,7 @@ class _State:
     method: str
     options: dict[str, Any]
     records: list[LayerRecord]
+    layer_options: dict[str, dict[str, Any]]  # layer name -> its options where they differ from ``options``
     originals: dict[str, Any]  # layer name -> its processor before conversion
     hooks: list
 
@@ -164,7 +182,7 @@ def _set_grid(modules: list[nn.Module], grid: tuple[int, ...], text_len: int = 0
         core.grid, core.text_len = grid, text_len
 
 
-def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], layers, strict: bool):
+def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], layers, strict: bool, layer_options):
     adapter = _adapter_for(model)
     if adapter is None:
         raise ValueError(f"{name}: unsupported model family {type(model).__name__}; {_families()}")
@@ -182,6 +200,14 @@ def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], lay
         for c in cands:
             if c.name not in layers and not c.reason:
                 c.reason = "not selected (layers=...)"
+    if layer_options:
+        usable = {c.name for c in cands if not c.reason}
+        bad = sorted(set(layer_options) - usable)
+        if bad:
+            raise ValueError(
+                f"{name}: layer_options names {bad}, which are not converted attention modules of "
+                f"{type(model).__name__} (convertible and selected: {sorted(usable)})"
+            )
     if strict:
         bad = [f"{c.name}: {c.reason}" for c in cands if c.reason and (layers is None or c.name in layers)]
         if bad:
@@ -198,6 +224,7 @@ def convert(
     *,
     layers: list[str] | None = None,
     strict: bool = False,
+    layer_options: dict[str, dict[str, Any]] | None = None,
     **options: Any,
 ) -> ConversionReport:
     """Swap the image self-attention of a diffusers pipeline or model for a visionlin method, in place.
@@ -213,6 +240,9 @@ def convert(
         layers: Attention module names (as in ``model.named_modules()``) to convert; ``None`` converts every
             convertible one. With a pipeline, the names apply to each component.
         strict: Raise instead of skipping attention modules that cannot be converted.
+        layer_options: Per-layer settings: ``{layer name: {option: value}}`` overriding ``**options`` for that layer
+            (e.g. the per-layer sparsity :func:`visionlin.calibrate` chose). Each layer's options are validated as
+            a whole, so a default that depends on another option (``k_low`` on ``sparsity``) follows the override.
         **options: Method options (see ``docs/convert.md``): ``sparsity`` in ``[0, 1)`` (fraction of key blocks
             not computed exactly), ``block_size`` (int or ``(block_q, block_k)``), and for ``"sla"`` ``k_low``
             (skipped fraction), ``variant`` (``"paper"`` / ``"code"``), ``feature_map``; for ``"sparse"`` and
@@ -227,19 +257,31 @@ def convert(
             converted model. The models are left unchanged: validation precedes any change, and a failure half-way
             restores every component converted so far.
     """
+    raw = dict(options)
     options = validate_options(method, options)
+    if layer_options is not None and (
+        not isinstance(layer_options, dict)
+        or not all(isinstance(k, str) and isinstance(v, dict) for k, v in layer_options.items())
+    ):
+        raise ValueError(f"layer_options={layer_options!r:.200} must map attention module names to option dicts")
+    per_layer = {}
+    for name, override in (layer_options or {}).items():
+        try:
+            per_layer[name] = validate_options(method, {**raw, **override})
+        except ValueError as e:
+            raise ValueError(f"layer_options[{name!r}]: {e}") from None
     if layers is not None and (not isinstance(layers, list | tuple) or not all(isinstance(x, str) for x in layers)):
         raise ValueError(f"layers={layers!r} must be a list of attention module names or None")
     if not isinstance(strict, bool):
         raise ValueError(f"strict={strict!r} must be True or False")
     comps = _components(pipe_or_model)
-    plans = {n: _plan(n, m, method, options, layers, strict) for n, m in comps.items()}
+    plans = {n: _plan(n, m, method, options, layers, strict, per_layer) for n, m in comps.items()}
     report = ConversionReport(method, options)
     done: list[nn.Module] = []
     try:
         for comp, model in comps.items():
             adapter, cands = plans[comp]
-            report.layers.extend(_install(comp, model, adapter, cands, method, options))
+            report.layers.extend(_install(comp, model, adapter, cands, method, options, per_layer))
             done.append(model)
     except BaseException:
         for model in done:
@@ -248,8 +290,8 @@ def convert(
     return report
 
 
-def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
-    state = _State(adapter.family, method, options, [], {}, [])
+def _install(comp, model, adapter, cands, method, options, per_layer) -> list[LayerRecord]:
+    state = _State(adapter.family, method, options, [], {k: v for k, v in per_layer.items() if v != options}, {}, [])
     converted: dict[str, nn.Module] = {}
     try:
         for c in cands:
@@ -259,16 +301,22 @@ def _install(comp, model, adapter, cands, method, options) -> list[LayerRecord]:
             attn = c.module
             head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
             device = next(attn.parameters()).device
-            core = build_core(method, options, head_dim, device)
+            opts = per_layer.get(c.name, options)
+            core = build_core(method, opts, head_dim, device)
             state.originals[c.name] = attn.processor
             attn.add_module(CORE_ATTR, core)
             attn.set_processor(_PROCESSORS[adapter.processor](f"{comp}.{c.name}"))
             converted[c.name] = attn
             n_new = sum(p.numel() for p in core.parameters())
-            state.records.append(LayerRecord(comp, c.name, True, "", method, options, n_new))
+            state.records.append(LayerRecord(comp, c.name, True, "", method, opts, n_new))
         state.hooks = adapter.install_hooks(model, converted, _set_grid)
-        if options.get("dense_above_timestep") is not None:
-            state.hooks.append(_timestep_hook(model, list(converted.values()), options["dense_above_timestep"]))
+        by_threshold: dict[float, list[nn.Module]] = {}
+        for name, attn in converted.items():
+            t = per_layer.get(name, options).get("dense_above_timestep")
+            if t is not None:
+                by_threshold.setdefault(t, []).append(attn)
+        for t, modules in by_threshold.items():
+            state.hooks.append(_timestep_hook(model, modules, t))
         setattr(model, _STATE_ATTR, state)
     except BaseException:
         _undo(model, state)
@@ -313,6 +361,33 @@ def revert(pipe_or_model: Any) -> int:
     return sum(_revert_model(m) for m in comps.values() if isinstance(m, nn.Module))
 
 
+@contextlib.contextmanager
+def disabled(pipe_or_model: Any):
+    """Context manager: inside it, every converted attention module runs its original (stock) processor, so the
+    model computes exactly what it computed before :func:`convert` with the same weights (the teacher of
+    :func:`visionlin.finetune`). The converter's modules and hooks stay in place; on exit the converter's processors
+    are restored.
+
+    Raises:
+        ValueError: nothing in ``pipe_or_model`` is converted.
+    """
+    comps = _converted_components(pipe_or_model)
+    if not comps:
+        raise ValueError(f"{type(pipe_or_model).__name__} has no converted component; call visionlin.convert first")
+    swapped: list[tuple[nn.Module, Any]] = []
+    try:
+        for model in comps.values():
+            named = dict(model.named_modules())
+            for name, original in getattr(model, _STATE_ATTR).originals.items():
+                attn = named[name]
+                swapped.append((attn, attn.processor))
+                attn.set_processor(original)
+        yield
+    finally:
+        for attn, proc in reversed(swapped):
+            attn.set_processor(proc)
+
+
 def _converted_components(obj: Any) -> dict[str, nn.Module]:
     comps = {"model": obj} if isinstance(obj, nn.Module) else (getattr(obj, "components", None) or {})
     return {n: m for n, m in comps.items() if isinstance(m, nn.Module) and getattr(m, _STATE_ATTR, None) is not None}
@@ -354,6 +429,7 @@ def save_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Path:
             "method": state.method,
             "options": state.options,
             "layers": list(state.originals),
+            "layer_options": state.layer_options,
             "parameters": {k: list(v.shape) for k, v in sd.items()},
         }
         tensors.update({f"{comp}/{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
@@ -416,7 +492,8 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
     try:
         for comp, entry in plan["components"].items():
             model = comps[comp]
-            r = convert(model, entry["method"], layers=entry["layers"], **entry["options"])
+            layer_options = entry.get("layer_options") or None
+            r = convert(model, entry["method"], layers=entry["layers"], layer_options=layer_options, **entry["options"])
             done.append(model)
             got = {r.name for r in r.converted}
             if got != set(entry["layers"]):
