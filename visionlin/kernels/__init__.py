@@ -3,6 +3,12 @@
 from ._dispatch import get_op, list_ops
 from .agent import agent_attention, agent_attention_reference
 from .focused import focused_linear_attention, focused_linear_attention_reference
+from .hybrid import (
+    hybrid_attention,
+    hybrid_attention_reference,
+    pooled_agent_attention,
+    pooled_agent_attention_reference,
+)
 from .infsa import (
     linear_infsa_attention,
     linear_infsa_attention_reference,
@@ -60,6 +66,8 @@ __all__ = [
     "focused_linear_attention_reference",
     "gated_linear_attention",
     "gated_linear_attention_reference",
+    "hybrid_attention",
+    "hybrid_attention_reference",
     "linear_infsa_attention",
     "linear_infsa_attention_reference",
     "pure_infsa_attention",
@@ -75,6 +83,8 @@ __all__ = [
     "neighborhood_attention_reference",
     "neighborhood_indices",
     "norm_aware_linear_attention",
+    "pooled_agent_attention",
+    "pooled_agent_attention_reference",
     "norm_aware_linear_attention_reference",
     "rank_augmented_linear_attention",
     "rank_augmented_linear_attention_reference",
