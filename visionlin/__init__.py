@@ -11,12 +11,13 @@ from .layers import ATTN_LAYERS, create_attn
 __version__ = "0.1.0.dev0"
 
 # The diffusers converter loads on first use (importing visionlin never imports diffusers).
-_CONVERT = ("ConversionReport", "convert", "load_conversion", "revert", "save_conversion")
+_CONVERT = ("ConversionReport", "calibrate", "convert", "load_conversion", "revert", "save_conversion")
 
 __all__ = [
     "ATTN_LAYERS",
     "ConversionReport",
     "__version__",
+    "calibrate",
     "convert",
     "create_attn",
     "kernels",

@@ -20,12 +20,15 @@ from ._convert import (
     save_conversion,
 )
 from ._methods import METHODS
+from .calibrate import CalibrationReport, calibrate
 
 __all__ = [
     "ADAPTERS",
     "METHODS",
+    "CalibrationReport",
     "ConversionReport",
     "LayerRecord",
+    "calibrate",
     "convert",
     "disabled",
     "load_conversion",
