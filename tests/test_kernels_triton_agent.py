@@ -115,4 +115,4 @@ def test_triton_agent_in_a_model():
         fast = model(x)
         visionlin.set_backend(model, "reference")
         ref = model(x)
-    assert _rel(fast, ref.double()) < 1e-4
+    assert _rel(fast, ref.double().cpu()) < 1e-4
