@@ -45,6 +45,7 @@ IMPLEMENTED = [
     "ravlt",
     "nalaformer",
     "sla_attention",
+    "linfusion_attention",
 ]
 
 

@@ -19,6 +19,7 @@ from ._methods import CORE_ATTR, build_core, validate_options
 from ._processors import (
     CogVideoXJointAttnProcessor,
     FluxJointAttnProcessor,
+    HunyuanVideoJointAttnProcessor,
     JointAttnProcessor,
     SelfAttnProcessor,
     WanSelfAttnProcessor,
@@ -26,6 +27,7 @@ from ._processors import (
 from .cogvideox import CogVideoXAdapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
+from .hunyuan_video import HunyuanVideoAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
@@ -48,6 +50,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     FluxAdapter(),
     WanAdapter(),
     CogVideoXAdapter(),
+    HunyuanVideoAdapter(),
 )
 _PROCESSORS = {
     "self": SelfAttnProcessor,
@@ -55,6 +58,7 @@ _PROCESSORS = {
     "flux": FluxJointAttnProcessor,
     "wan": WanSelfAttnProcessor,
     "cogvideox": CogVideoXJointAttnProcessor,
+    "hunyuan_video": HunyuanVideoJointAttnProcessor,
 }
 _STATE_ATTR = "_visionlin_conversion"
 PLAN_FILE = "conversion.json"
@@ -302,7 +306,7 @@ def _install(comp, model, adapter, cands, method, options, per_layer) -> list[La
             head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
             device = next(attn.parameters()).device
             opts = per_layer.get(c.name, options)
-            core = build_core(method, opts, head_dim, device)
+            core = build_core(method, opts, head_dim, device, attn)
             state.originals[c.name] = attn.processor
             attn.add_module(CORE_ATTR, core)
             attn.set_processor(_PROCESSORS[adapter.processor](f"{comp}.{c.name}"))

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._methods import CORE_ATTR
 
 __all__ = [
     "CogVideoXJointAttnProcessor",
     "FluxJointAttnProcessor",
+    "HunyuanVideoJointAttnProcessor",
     "JointAttnProcessor",
     "SelfAttnProcessor",
     "WanSelfAttnProcessor",
 ]
+
+
+def _with_qk_delta(core, attn, x: torch.Tensor, query: torch.Tensor, key: torch.Tensor, start: int = 0):
+    """Add the core's change to the stock q / k projections (LinFusion's input MLPs) for the image tokens ``x``,
+    which sit at ``start : start + len(x)`` of the projected sequence (``[B, S, C]``, before norms and RoPE)."""
+    delta = core.qk_delta(attn, x)
+    if delta is None:
+        return query, key
+    pad = (0, 0, start, query.shape[1] - start - x.shape[1])
+    return query + F.pad(delta[0], pad), key + F.pad(delta[1], pad)
 
 
 class SelfAttnProcessor:
@@ -56,6 +68,7 @@ class SelfAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
+        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim)
         key = key.view(batch_size, -1, attn.heads, head_dim)
@@ -108,6 +121,7 @@ class JointAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
+        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim)
         key = key.view(batch_size, -1, attn.heads, head_dim)
@@ -175,6 +189,9 @@ class FluxJointAttnProcessor:
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
+        # Single blocks get [text, image] already joined: the image tokens start after the text.
+        t_in = 0 if encoder_hidden_states is not None else core.text_len
+        query, key = _with_qk_delta(core, attn, hidden_states[:, t_in:], query, key, t_in)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -234,6 +251,7 @@ class WanSelfAttnProcessor:
             )
         core = getattr(attn, CORE_ATTR)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -269,6 +287,7 @@ class CogVideoXJointAttnProcessor:
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = _with_qk_delta(core, attn, hidden_states[:, t:], query, key, t)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -290,4 +309,98 @@ class CogVideoXJointAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states.to(query.dtype))
         hidden_states = attn.to_out[1](hidden_states)
         encoder_hidden_states, hidden_states = hidden_states.split([t, hidden_states.size(1) - t], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
+class HunyuanVideoJointAttnProcessor:
+    """diffusers' ``HunyuanVideoAttnProcessor2_0`` (double blocks: separate text projections; single blocks: one
+    projection of the joined sequence) with the core call replaced.
+
+    The joint sequence is ``[video, text]`` with a text-padding mask (``[B, 1, 1, S]`` bool, the valid text a
+    prefix of the text part). RoPE acts on the video part (the stock code). Video queries go through the core over
+    the video keys with each sample's valid text keys dense (exact log-sum-exp merge); text queries attend densely to
+    the video and valid text keys. Samples with different text lengths are computed one by one.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _text_lengths(self, mask: torch.Tensor | None, b: int, n: int, t: int) -> list[int]:
+        if mask is None:
+            return [t] * b
+        if mask.dtype != torch.bool or mask.numel() != b * (n + t):
+            raise NotImplementedError(
+                f"{self.name}: expected HunyuanVideo's boolean key mask [B, 1, 1, {n + t}], got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        m = mask.reshape(b, n + t)
+        lengths = m[:, n:].sum(dim=1)
+        prefix = torch.arange(t, device=m.device)[None] < lengths[:, None]
+        if not bool(m[:, :n].all()) or not torch.equal(m[:, n:], prefix):
+            raise NotImplementedError(
+                f"{self.name}: the attention mask must keep every video token and a prefix of the text tokens "
+                "(HunyuanVideo's text-padding mask)"
+            )
+        return [int(x) for x in lengths.tolist()]
+
+    def _attend(self, core, query, key, value, n: int, text_len: int, scale: float) -> torch.Tensor:
+        from ..kernels import softmax_attention
+
+        kt, vt = key[:, n : n + text_len], value[:, n : n + text_len]
+        if text_len:
+            video = core(query[:, :n], key[:, :n], value[:, :n], scale, kt, vt)
+        else:
+            video = core(query[:, :n], key[:, :n], value[:, :n], scale)
+        text = softmax_attention(query[:, n:], key[:, : n + text_len], value[:, : n + text_len], scale=scale)
+        return torch.cat([video, text.to(video.dtype)], dim=1)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            raise NotImplementedError(f"{self.name}: the converted HunyuanVideo attention needs the text tokens")
+        core = getattr(attn, CORE_ATTR)
+        n, t = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        joined = attn.add_q_proj is None  # single blocks project [video, text] together
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if joined else hidden_states
+        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([apply_rotary_emb(query[:, :n], image_rotary_emb, sequence_dim=1), query[:, n:]], 1)
+            key = torch.cat([apply_rotary_emb(key[:, :n], image_rotary_emb, sequence_dim=1), key[:, n:]], 1)
+        if not joined:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
+        core.check_tokens(n, self.name)
+        scale = query.shape[-1] ** -0.5
+        lengths = self._text_lengths(attention_mask, query.shape[0], n, t)
+        if len(set(lengths)) <= 1:
+            out = self._attend(core, query, key, value, n, lengths[0] if lengths else t, scale)
+        else:
+            out = torch.cat(
+                [
+                    self._attend(core, query[i : i + 1], key[i : i + 1], value[i : i + 1], n, length, scale)
+                    for i, length in enumerate(lengths)
+                ]
+            )
+        out = out.flatten(2, 3).to(query.dtype)
+        hidden_states, encoder_hidden_states = out[:, :n], out[:, n:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
