@@ -14,6 +14,7 @@ from .neighborhood import NeighborhoodAttention
 from .norm_aware import NormAwareAttention
 from .rank_augmented import RankAugmentedAttention
 from .softmax import SoftmaxAttention
+from .window import ShiftedWindowAttention
 
 __all__ = [
     "ATTN_LAYERS",
@@ -29,6 +30,7 @@ __all__ = [
     "NormAwareAttention",
     "PureInfSAAttention",
     "RankAugmentedAttention",
+    "ShiftedWindowAttention",
     "SoftmaxAttention",
     "TokenMixer",
     "create_attn",

@@ -1,0 +1,133 @@
+"""Shifted-window attention (Swin) against a dense reference built pair by pair from the definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visionlin.layers import ShiftedWindowAttention
+from visionlin.layers.window import MASK_VALUE, window_partition, window_reverse
+
+
+def _dense_reference(layer: ShiftedWindowAttention, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Softmax over all H*W real tokens with the bias written out for each (query, key) pair from the definition:
+    the table entry of their offset when both fall in one window of the padded, rolled map and come from one region
+    of it, else -100 (whose weight, next to in-window logits, is far below float64 resolution)."""
+    (h, w), (wh, ww), (sh, sw) = grid, *layer.window_and_shift(grid)
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    n, heads, d = h * w, layer.num_heads, layer.head_dim
+    table = layer.relative_position_bias_table
+    side = 2 * layer.window_size - 1
+
+    def rolled(i, j):  # position of token (i, j) in the rolled padded map
+        return (i - sh) % hp, (j - sw) % wp
+
+    def region(pos, size, win, shift):
+        return 0 if not shift or pos < size - win else (1 if pos < size - shift else 2)
+
+    offsets = torch.zeros(n, n, dtype=torch.long)
+    extra = torch.full((n, n), MASK_VALUE, dtype=torch.float64)
+    for a in range(n):
+        ra, ca = rolled(a // w, a % w)
+        for b in range(n):
+            rb, cb = rolled(b // w, b % w)
+            if ra // wh == rb // wh and ca // ww == cb // ww:  # one window
+                offsets[a, b] = (ra - rb + layer.window_size - 1) * side + (ca - cb + layer.window_size - 1)
+                same = region(ra, hp, wh, sh) == region(rb, hp, wh, sh)
+                same = same and region(ca, wp, ww, sw) == region(cb, wp, ww, sw)
+                extra[a, b] = 0.0 if same else MASK_VALUE
+    in_window = extra == 0.0
+    bias = torch.where(in_window, table[offsets].permute(2, 0, 1), extra)  # [h, N, N]
+    q, k, v = layer.qkv(x).unflatten(-1, (3, heads, d)).unbind(2)  # [B, N, h, d]
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * d**-0.5
+    # Keys outside the window: exp(-100) next to in-window logits is below float32 resolution.
+    attn = (logits + bias).softmax(-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", attn, v).flatten(2)
+    return layer.proj(out)
+
+
+@pytest.mark.parametrize(
+    "grid,window,shift",
+    [((8, 8), 4, False), ((8, 8), 4, True), ((6, 10), 4, True), ((3, 5), 4, True), ((5, 7), 3, False)],
+    ids=["square", "shifted", "padded-shifted", "smaller-than-window", "padded"],
+)
+def test_matches_dense_reference(grid, window, shift):
+    torch.manual_seed(0)
+    layer = ShiftedWindowAttention(16, 2, window_size=window, shift=shift).double()
+    torch.nn.init.normal_(layer.relative_position_bias_table, std=1.0)
+    x = torch.randn(2, grid[0] * grid[1], 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x, grid)
+    torch.testing.assert_close(out, _dense_reference(layer, x, grid))
+    out.square().sum().backward()
+    assert layer.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_backward_matches_reference():
+    torch.manual_seed(0)
+    layer = ShiftedWindowAttention(16, 2, window_size=3, shift=True).double()
+    x = torch.randn(1, 7 * 6, 16, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    g1 = torch.autograd.grad(layer(x, (7, 6)).square().sum(), list(params.values()))
+    g2 = torch.autograd.grad(_dense_reference(layer, x, (7, 6)).square().sum(), list(params.values()))
+    for name, a, b in zip(params, g1, g2, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_window_and_shift_follow_the_grid():
+    layer = ShiftedWindowAttention(8, 1, window_size=7, shift=True)
+    assert layer.window_and_shift((14, 14)) == ((7, 7), (3, 3))
+    assert layer.window_and_shift((7, 7)) == ((7, 7), (0, 0))  # the authors: shift dropped when the window fits
+    assert layer.window_and_shift((4, 14)) == ((4, 7), (0, 3))
+
+
+def test_prefix_tokens_attend_everywhere():
+    torch.manual_seed(0)
+    layer = ShiftedWindowAttention(8, 2, window_size=2, shift=True)
+    x = torch.randn(2, 1 + 16, 8)
+    out = layer(x, (4, 4), 1)
+    assert out.shape == x.shape
+    x2 = x.clone()
+    x2[:, -1] += 1.0  # the last grid token is in another window than the first: only the prefix row sees it
+    out2 = layer(x2, (4, 4), 1)
+    assert not torch.allclose(out2[:, 0], out[:, 0])
+    torch.testing.assert_close(out2[:, 1], out[:, 1])
+
+
+def test_partition_roundtrip_with_shift():
+    x = torch.randn(2, 5 * 7, 3)
+    windows = window_partition(x, (5, 7), (2, 3), (1, 1))
+    assert windows.shape == (2 * 3 * 3, 6, 3)
+    torch.testing.assert_close(window_reverse(windows, (5, 7), (2, 3), (1, 1)), x)
+
+
+def test_checkpoint_table_for_another_window_is_resized():
+    small = ShiftedWindowAttention(8, 2, window_size=7)
+    big = ShiftedWindowAttention(8, 2, window_size=12)
+    sd = big.adapt_state_dict(
+        ShiftedWindowAttention.convert_official_state_dict(
+            {**small.state_dict(), "relative_position_index": torch.zeros(49, 49, dtype=torch.long)}
+        )
+    )
+    assert "relative_position_index" not in sd and sd["relative_position_bias_table"].shape == (23 * 23, 2)
+    big.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"relative_position_bias_table of shape \(10, 2\) is not"):
+        big.adapt_state_dict({"relative_position_bias_table": torch.zeros(10, 2)})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(window_size=0), ValueError, r"window_size=0 must be a positive integer"),
+        (dict(qk_norm=True), NotImplementedError, "qk_norm"),
+        (dict(attn_drop=1.0), ValueError, r"attn_drop=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ShiftedWindowAttention(8, 2, **kwargs)
+
+
+def test_bad_tokens():
+    layer = ShiftedWindowAttention(8, 2)
+    with pytest.raises(ValueError, match=r"16 tokens do not match"):
+        layer(torch.randn(1, 16, 8), (3, 3))
