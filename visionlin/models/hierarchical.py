@@ -3,11 +3,13 @@
 One skeleton; the family is a set of constructor arguments:
 
 * ``stem_type``: ``"conv"`` (NAT's tokenizer: two 3x3 stride-2 convolutions, then a norm), ``"patch"`` (one 4x4
-  stride-4 patch embedding, then a norm, as Swin / PVT) or ``"conv_bn"`` (MambaVision: two 3x3 stride-2 convolutions,
-  each followed by BatchNorm and ReLU); all reduce by 4.
+  stride-4 patch embedding, then a norm, as Swin / PVT; ``stem_kwargs={"patch_size": p}`` for another size) or
+  ``"conv_bn"`` (MambaVision: two 3x3 stride-2 convolutions, each followed by BatchNorm and ReLU); all reduce by 4.
 * ``downsample_type`` between stages: ``"conv"`` (NAT: 3x3 stride-2 convolution without bias, then a norm),
-  ``"conv_nonorm"`` (the same convolution alone, MambaVision) or ``"patch"`` (2x2 stride-2 patch embedding, then a
-  norm); each halves the grid and sets the next stage's width.
+  ``"conv_nonorm"`` (the same convolution alone, MambaVision), ``"patch"`` (2x2 stride-2 patch embedding, then a
+  norm, PVT) or ``"merge"`` (Swin's patch merging); each halves the grid and sets the next stage's width.
+  ``embed_norm_layer`` sets the norm of stem and downsamplers where it differs from the blocks' (PVT).
+* ``stage_pos_embed``: a learned absolute position embedding per stage, added after its downsampling (PVT).
 * ``block_type`` per stage: ``"transformer"`` (below) or ``"conv"`` (MambaVision's residual conv-BN-GELU-conv-BN
   block, no token mixer).
 * ``window_size`` per stage: ``None`` (blocks see the whole grid) or ``w``: the stage pads its grid with zeros at the
@@ -33,12 +35,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer
 from ..layers._base import map_to_tokens, tokens_to_map
+from ..layers.window import window_partition, window_reverse
 from ._common import (
     check_bool,
     check_head_input,
@@ -47,17 +50,21 @@ from ._common import (
     check_pair,
     check_positive,
     check_rate,
+    grid_pos_embed,
     take_indices,
     token_grid,
 )
+from ._pretrained import build_with_weights
 from .vit import Block, _check_matches, _unwrap
 
 __all__ = [
     "ConvBlock",
     "HierarchicalBackbone",
     "HierarchicalStage",
+    "PatchMerging",
     "TokenBatchNorm",
     "checkpoint_filter_fn",
+    "create_hierarchical",
     "window_partition",
     "window_reverse",
 ]
@@ -85,13 +92,15 @@ class ConvStem(nn.Module):
 
 
 class PatchStem(nn.Module):
-    """Non-overlapping 4x4 patch embedding -> norm. Images ``[B, C_in, H, W]`` -> ``[B, H/4, W/4, C]``."""
+    """Non-overlapping ``p x p`` patch embedding (Swin / PVT: ``p = 4``) -> norm. Images ``[B, C_in, H, W]`` ->
+    ``[B, H/p, W/p, C]``."""
 
-    stride = 4
-
-    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module], patch_size: int = 4, **dd: Any
+    ) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, 4, stride=4, **dd)
+        self.stride = check_int("patch_size", patch_size, minimum=1)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd)
         self.norm = norm_layer(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,11 +189,29 @@ class PlainConvDownsample(nn.Module):
         return self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class PatchMerging(nn.Module):
+    """Swin's downsampler: each 2x2 neighbourhood's tokens concatenated in the order ``(0, 0), (1, 0), (0, 1), (1, 1)``
+    (row, column offsets, as the authors') -> norm over ``4 C_in`` -> Linear without bias, ``[B, H, W, C_in] ->
+    [B, H/2, W/2, C]`` (even sides)."""
+
+    output_size = staticmethod(PatchDownsample.output_size)
+
+    def __init__(self, dim_in: int, dim: int, norm_layer: Callable[..., nn.Module], **dd: Any) -> None:
+        super().__init__()
+        self.norm = norm_layer(4 * dim_in, **dd)
+        self.reduction = nn.Linear(4 * dim_in, dim, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
 STEMS: dict[str, type[nn.Module]] = {"conv": ConvStem, "patch": PatchStem, "conv_bn": ConvBNStem}
 DOWNSAMPLES: dict[str, type[nn.Module]] = {
     "conv": ConvDownsample,
     "conv_nonorm": PlainConvDownsample,
     "patch": PatchDownsample,
+    "merge": PatchMerging,
 }
 
 
@@ -238,28 +265,6 @@ class ConvBlock(nn.Module):
 BLOCK_TYPES = ("transformer", "conv")
 
 
-@register_notrace_function
-def window_partition(x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
-    """Tokens ``[B, H*W, C]`` on ``grid`` -> windows ``[B * nH * nW, window**2, C]`` (row-major inside a window),
-    zero-padded at the bottom / right to multiples of ``window``."""
-    h, w = grid[0], grid[1]
-    b, c = x.shape[0], x.shape[-1]
-    nh, nw = -(-h // window), -(-w // window)
-    x = F.pad(x.unflatten(1, (h, w)), (0, 0, 0, nw * window - w, 0, nh * window - h))
-    x = x.view(b, nh, window, nw, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b * nh * nw, window * window, c)
-
-
-@register_notrace_function
-def window_reverse(x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: windows -> tokens ``[B, H*W, C]`` on ``grid`` (padding cropped)."""
-    h, w = grid[0], grid[1]
-    nh, nw = -(-h // window), -(-w // window)
-    c = x.shape[-1]
-    x = x.view(-1, nh, nw, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, nh * window, nw * window, c)
-    return x[:, :h, :w].flatten(1, 2)
-
-
 # Stage ----------------------------------------------------------------------------------------------------------------
 class HierarchicalStage(nn.Module):
     """Optional downsampling, then ``depth`` pre-norm blocks on the stage's token grid.
@@ -276,6 +281,9 @@ class HierarchicalStage(nn.Module):
         block_type: ``"transformer"`` (:class:`~visionlin.models.vit.Block`) or ``"conv"`` (:class:`ConvBlock`).
         window_size: Run the blocks on zero-padded ``w x w`` windows of the grid (``None``: the whole grid).
         conv_init_values: LayerScale init of conv blocks (``None``: none).
+        pos_embed_size: Grid ``(H, W)`` of a learned absolute position embedding added to the tokens after
+            downsampling (PVT's per-stage ``pos_embed``), resampled to other grids; ``None``: none.
+        embed_norm_layer: Norm of the downsampler (default ``norm_layer``).
         block_kwargs: Remaining :class:`~visionlin.models.vit.Block` keywords (shared by the blocks).
     """
 
@@ -293,15 +301,24 @@ class HierarchicalStage(nn.Module):
         block_type: str = "transformer",
         window_size: int | None = None,
         conv_init_values: float | None = None,
+        pos_embed_size: tuple[int, int] | None = None,
+        embed_norm_layer: Callable[..., nn.Module] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.downsample = DOWNSAMPLES[downsample](dim_in, dim, norm_layer, **dd) if downsample else None
+        embed_norm_layer = embed_norm_layer or norm_layer
+        self.downsample = DOWNSAMPLES[downsample](dim_in, dim, embed_norm_layer, **dd) if downsample else None
         self.grad_checkpointing = False
         self.window_size = window_size
+        self.pos_embed_size = None if pos_embed_size is None else (int(pos_embed_size[0]), int(pos_embed_size[1]))
+        if self.pos_embed_size is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed_size[0] * self.pos_embed_size[1], dim, **dd))
+            trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_parameter("pos_embed", None)
         if block_type == "conv":
             self.blocks = nn.ModuleList(
                 ConvBlock(dim, drop_path=drop_path[j], init_values=conv_init_values, **dd) for j in range(depth)
@@ -331,6 +348,8 @@ class HierarchicalStage(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x.unflatten(1, (feat_size[0], feat_size[1]))).flatten(1, 2)
         grid = self.output_size(feat_size)
+        if self.pos_embed is not None:
+            x = x + grid_pos_embed(self.pos_embed, x.unflatten(1, (grid[0], grid[1])), self.pos_embed_size, 0)
         block_grid = grid
         if self.window_size is not None:
             x = window_partition(x, grid, self.window_size)
@@ -396,6 +415,8 @@ class HierarchicalBackbone(nn.Module):
         block_type: ``"transformer"`` or ``"conv"``, one or one per stage (conv stages ignore the mixer arguments).
         window_size: ``None`` or a window side, one or one per stage (see the module docstring).
         conv_init_values: LayerScale init of conv blocks (``None`` = none).
+        stage_pos_embed: A learned absolute position embedding per stage, added after its downsampling (PVT), sized
+            for the stage's grid at ``img_size`` and resampled (bicubic) to other grids.
         dynamic_img_size: Accept any input whose sides are multiples of the total stride.
         dynamic_img_pad: Pad inputs at the bottom / right to a multiple of the total stride instead of raising.
         drop_rate: Dropout before the classifier.
@@ -405,6 +426,8 @@ class HierarchicalBackbone(nn.Module):
         drop_path_rate: Stochastic depth, linearly increasing over all blocks.
         norm_layer: Norm (default ``LayerNorm(eps=norm_eps)``), channels-last.
         norm_eps: LayerNorm epsilon when ``norm_layer`` is not given.
+        embed_norm_layer: Norm of the stem and the downsamplers (default ``norm_layer``; PVT: ``LayerNorm(eps=1e-5)``
+            there, ``1e-6`` in the blocks).
         head_norm_layer: The final norm before pooling (default ``norm_layer``; MambaVision: :class:`TokenBatchNorm`).
         act_layer: MLP activation (default GELU).
         attn_layer: Registered token-mixer name: one, one per stage, or one list per stage with a name per block.
@@ -436,6 +459,7 @@ class HierarchicalBackbone(nn.Module):
         block_type: str | Sequence[str] = "transformer",
         window_size: int | None | Sequence[int | None] = None,
         conv_init_values: float | None = None,
+        stage_pos_embed: bool = False,
         dynamic_img_size: bool = True,
         dynamic_img_pad: bool = False,
         drop_rate: float = 0.0,
@@ -445,6 +469,7 @@ class HierarchicalBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] | None = None,
         norm_eps: float = 1e-5,
+        embed_norm_layer: Callable[..., nn.Module] | None = None,
         head_norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[..., nn.Module] | None = None,
         attn_layer: str | Sequence[str | Sequence[str]] = "neighborhood",
@@ -476,6 +501,7 @@ class HierarchicalBackbone(nn.Module):
         for name, value in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("dynamic_img_size", dynamic_img_size)):
             check_bool(name, value)
         check_bool("dynamic_img_pad", dynamic_img_pad)
+        check_bool("stage_pos_embed", stage_pos_embed)
         for name, value in (
             ("drop_rate", drop_rate),
             ("pos_drop_rate", pos_drop_rate),
@@ -531,7 +557,8 @@ class HierarchicalBackbone(nn.Module):
         self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
 
-        self.stem = STEMS[stem_type](in_chans, dims[0], norm_layer, **dict(stem_kwargs or {}), **dd)
+        embed_norm_layer = embed_norm_layer or norm_layer
+        self.stem = STEMS[stem_type](in_chans, dims[0], embed_norm_layer, **dict(stem_kwargs or {}), **dd)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.stride = self.stem.stride * 2 ** (n - 1)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
@@ -562,6 +589,8 @@ class HierarchicalBackbone(nn.Module):
                     block_type=block_types[i],
                     window_size=windows[i],
                     conv_init_values=conv_init_values,
+                    pos_embed_size=grid if stage_pos_embed else None,
+                    embed_norm_layer=embed_norm_layer,
                     mlp_ratio=mlp_ratios[i],
                     qkv_bias=qkv_bias,
                     qk_norm=qk_norm,
@@ -591,8 +620,12 @@ class HierarchicalBackbone(nn.Module):
     # timm contract: optimisation helpers -----------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The mechanisms' positional / bias / scalar parameters (NAT's ``rpb`` among them)."""
-        table = re.compile(r"\.attn\.(rpb|positional_encoding|scale|rho_logit|temperature|\w+_bias|A_log|D)$")
+        """The mechanisms' positional / bias / scalar parameters (NAT's ``rpb`` among them) and stage position
+        embeddings."""
+        table = re.compile(
+            r"(\.attn\.(rpb|positional_encoding|scale|rho_logit|temperature|\w+_bias|\w+_bias_table|A_log|D)"
+            r"|^stages\.\d+\.pos_embed)$"
+        )
         return {n for n, _ in self.named_parameters() if table.search(n)}
 
     @torch.jit.ignore
@@ -742,6 +775,32 @@ class HierarchicalBackbone(nn.Module):
         return wanted
 
 
+def create_hierarchical(
+    variant: str,
+    pretrained: bool,
+    filter_fn: Callable[..., dict[str, torch.Tensor]],
+    model_cls: type[HierarchicalBackbone] | None = None,
+    **kwargs: Any,
+) -> HierarchicalBackbone:
+    """Build a named variant with timm (``features_only`` gives the stages, ``out_indices`` checked with a
+    ``ValueError``; ``patch_size`` goes to the patch stem); ``filter_fn`` maps the authors' checkpoints for
+    ``pretrained=True``."""
+    if "patch_size" in kwargs:  # the patch stem's
+        kwargs["stem_kwargs"] = {**dict(kwargs.get("stem_kwargs") or {}), "patch_size": kwargs.pop("patch_size")}
+    depths = kwargs.get("depths", ())
+    out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
+    if kwargs.get("features_only"):
+        take_indices(len(depths), out_indices)  # a ValueError naming bad out_indices (timm would assert)
+    return build_with_weights(
+        model_cls or HierarchicalBackbone,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
 # Checkpoint conversion ------------------------------------------------------------------------------------------------
 def rename_level_keys(
     state_dict: Mapping[str, torch.Tensor],
@@ -771,11 +830,21 @@ def rename_level_keys(
     return out
 
 
+def _resample_stage_pos_embed(pe: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
+    """A stage position embedding ``[1, n, C]`` saved for a square grid (the authors' and ours at square
+    ``img_size``), resampled to ``size`` as :func:`~visionlin.models._common.grid_pos_embed` does on the fly."""
+    side = int(round(pe.shape[1] ** 0.5))
+    if side * side != pe.shape[1]:
+        raise ValueError(f"{name}: cannot infer the grid of a position embedding with {pe.shape[1]} tokens ({size=})")
+    return resample_abs_pos_embed(pe, new_size=list(size), old_size=[side, side], num_prefix_tokens=0, verbose=False)
+
+
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: HierarchicalBackbone, strict: bool = True
 ) -> dict[str, torch.Tensor]:
     """Fit a checkpoint in our key names to ``model``: each block's attention entries go through its layer's
-    ``convert_official_state_dict`` and ``adapt_state_dict`` (e.g. NAT's ``rpb`` resized to another kernel size).
+    ``convert_official_state_dict`` and ``adapt_state_dict`` (e.g. NAT's ``rpb`` resized to another kernel size);
+    stage position embeddings saved for another (square) grid are resampled.
     Families map their authors' key names first (``visionlin.models.nat.checkpoint_filter_fn``).
 
     Raises:
@@ -794,6 +863,10 @@ def checkpoint_filter_fn(
         attn: TokenMixer = model.stages[i].blocks[j].attn
         sub = attn.adapt_state_dict(attn.convert_official_state_dict(sub))
         out.update({f"stages.{i}.blocks.{j}.attn.{k}": v for k, v in sub.items()})
+    for i, stage in enumerate(model.stages):
+        pe = out.get(f"stages.{i}.pos_embed")
+        if pe is not None and stage.pos_embed is not None and pe.ndim == 3 and pe.shape != stage.pos_embed.shape:
+            out[f"stages.{i}.pos_embed"] = _resample_stage_pos_embed(pe, stage.pos_embed_size, f"stages.{i}.pos_embed")
     if strict:  # every key present and of the right shape (False: map what can be mapped, e.g. for distillation)
         _check_matches(out, model)
     return out
