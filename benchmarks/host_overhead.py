@@ -1,6 +1,7 @@
 """Is a model bound by the GPU or by the host? Per model: eager time per forward, the same forward replayed as one
 CUDA graph (no host work), the sum of its kernels' GPU time, and the host-side ops that cost most (self CPU time
-per forward), bf16 autocast, inference.
+per forward), bf16 autocast, inference. With ``--train``: one training step (forward, cross-entropy, backward,
+fused AdamW) instead, eager only (no graph replay).
 
 Usage (on a GPU machine):
     python benchmarks/host_overhead.py --out benchmarks/results/h200 --models inline_deit_small,infvit_small
@@ -52,6 +53,35 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model(x)
             torch.cuda.synchronize()
+    return {"eager_ms": eager, "graph_ms": replay, **_tables(prof)}
+
+
+def measure_train(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    target = torch.randint(0, model.num_classes, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    eager = min(_time(step, iters) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return {"eager_ms": eager, "graph_ms": None, **_tables(prof)}
+
+
+def _tables(prof) -> dict:
     host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     gpu_us = 0.0
     for evt in prof.events():
@@ -61,10 +91,8 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
             h = host[evt.name]
             h[0] += evt.self_cpu_time_total
             h[1] += 1
-    top = sorted(host.items(), key=lambda kv: -kv[1][0])[:20]
+    top = sorted(host.items(), key=lambda kv: -kv[1][0])[:30]
     return {
-        "eager_ms": eager,
-        "graph_ms": replay,
         "kernels_ms": gpu_us / 1e3,
         "host_self_cpu_ms": sum(v[0] for v in host.values()) / 1e3,
         "top_host_ops": [{"name": n, "self_cpu_us": us, "calls": c} for n, (us, c) in top],
@@ -83,18 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--train", action="store_true", help="a training step instead of an inference forward")
     args = parser.parse_args(argv)
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
         kw = {"dynamic_img_size": True, "img_size": args.size} if name.startswith("deit") else {}
         model = timm.create_model(name, **kw).cuda().eval()
-        r = {"model": name, "size": args.size, "batch": args.batch, **measure(model, args.size, args.batch, args.iters)}
+        fn = measure_train if args.train else measure
+        r = {"model": name, "size": args.size, "batch": args.batch, "train": args.train}
+        r.update(fn(model, args.size, args.batch, args.iters))
         rows.append(r)
+        replay = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
         print(f"\n== {name} {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "
-              f"{r['graph_ms']:.2f} ms, kernels {r['kernels_ms']:.2f} ms, host self CPU {r['host_self_cpu_ms']:.2f} ms",
+              f"{replay}, kernels {r['kernels_ms']:.2f} ms, host self CPU {r['host_self_cpu_ms']:.2f} ms",
               flush=True)  # fmt: skip
-        for op in r["top_host_ops"][:14]:
+        for op in r["top_host_ops"][:24]:
             print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][:90]}")
         del model
         torch.cuda.empty_cache()
@@ -102,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "host_overhead.json").write_text(json.dumps({"meta": gpu_meta(argv, args.commit), "rows": rows}, indent=2))
+    name = "host_overhead_train.json" if args.train else "host_overhead.json"
+    (out / name).write_text(json.dumps({"meta": gpu_meta(argv, args.commit), "rows": rows}, indent=2))
     return 0
 
 
