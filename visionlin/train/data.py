@@ -35,6 +35,7 @@ __all__ = [
     "FashionMNIST",
     "ImageFolder",
     "SeededTransform",
+    "ShardedEvalSampler",
     "collate_skipping",
     "create_dataset",
     "make_synthetic_imagefolder",
@@ -179,8 +180,8 @@ class SeededTransform(Dataset):
     """Wraps a dataset (``load(i) -> (PIL image, target)``) and a transform. Indices are ``(index, seed)`` pairs from
     :class:`EpochSampler`: python's, numpy's and torch's CPU generators are seeded with ``seed`` while the sample is
     transformed (and restored afterwards in the main process), so augmentations depend on the sample's seed only. A
-    plain ``int`` index transforms without reseeding (evaluation). Unreadable images give ``None`` (see
-    :func:`collate_skipping`)."""
+    plain ``int`` index transforms without reseeding (evaluation); a padded index of :class:`ShardedEvalSampler` gives
+    target ``-1``. Unreadable images give ``None`` (see :func:`collate_skipping`)."""
 
     def __init__(self, dataset: Dataset, transform: Callable | None) -> None:
         self.dataset, self.transform = dataset, transform
@@ -188,8 +189,12 @@ class SeededTransform(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int] | tuple[None, str]:
-        index, seed = index if isinstance(index, tuple) else (index, None)
+    def __getitem__(self, index: int | tuple) -> tuple[Any, int] | tuple[None, str]:
+        pad = isinstance(index, tuple) and len(index) == 3 and index[2] == PAD
+        index, seed = index[:2] if isinstance(index, tuple) else (index, None)
+        if pad:  # a padding duplicate of ShardedEvalSampler: transformed as usual, target -1 (not counted)
+            img, _ = self[index]
+            return (img, -1) if img is not None else (None, None)  # an unreadable one is reported once, not twice
         try:
             img, target = self.dataset.load(index)
         except Exception as e:  # a corrupt or vanished file: skipped and counted by the loop, never a crash
@@ -216,7 +221,7 @@ def collate_skipping(batch: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor | N
     """Collate ``(image, target)`` pairs, leaving out the ``(None, reason)`` ones: ``(images, targets, reasons)``
     (``images`` and ``targets`` ``None`` when nothing in the batch could be read)."""
     good = [b for b in batch if b[0] is not None]
-    bad = [b[1] for b in batch if b[0] is None]
+    bad = [b[1] for b in batch if b[0] is None and b[1] is not None]
     if not good:
         return None, None, bad
     images, targets = default_collate(good)
@@ -253,15 +258,28 @@ def _sample_seed(seed: int, epoch: int, position: int) -> int:
 
 class EpochSampler(Sampler):
     """The epoch's order is ``torch.randperm(n, generator seeded with seed + epoch)`` (``arange`` when not shuffling),
-    padded to a multiple of ``num_replicas`` and taken every ``num_replicas``-th from ``rank``; yields
-    ``(index, sample_seed)``. ``set_epoch`` chooses the epoch and ``set_start(k)`` skips this rank's first ``k``
-    samples (a resumed epoch). ``len`` counts the whole epoch of this rank."""
+    each index repeated ``repeats`` times in a row (repeated augmentation), padded to a multiple of ``num_replicas``
+    and taken every ``num_replicas``-th from ``rank``; yields ``(index, sample_seed)``, the seed a function of the
+    position in that global order, so the copies of a repeated image get different augmentations. ``set_epoch``
+    chooses the epoch and ``set_start(k)`` skips this rank's first ``k`` samples (a resumed epoch).
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    ``len`` is this rank's share of one pass over the data, ``ceil(n / num_replicas)``, whatever ``repeats`` is: with
+    ``repeats=r`` an epoch shows about ``n / r`` distinct images ``r`` times each, the copies of one image on
+    consecutive ranks. This is timm's ``RepeatAugSampler`` (DeiT's) with ``selected_round=0``; unlike timm's it also
+    runs in one process.
+    """
+
+    def __init__(
+        self, n: int, *, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0, repeats: int = 1
+    ) -> None:
         if n <= 0:
             raise DataError(f"cannot sample from an empty dataset ({n=})")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"{rank=} must be in [0, {num_replicas=})")
+        if repeats < 1:
+            raise ValueError(f"{repeats=} must be a positive integer (1: no repeated augmentation)")
         self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.repeats = num_replicas, rank, repeats
         self.epoch, self.start = 0, 0
         self.per_rank = math.ceil(n / num_replicas)
 
@@ -277,13 +295,41 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g)
         else:
-            order = list(range(self.n))
+            order = torch.arange(self.n)
+        order = order.repeat_interleave(self.repeats).tolist()
         total = self.per_rank * self.num_replicas
-        order += order[: total - len(order)]
+        order += order[: max(total - len(order), 0)]
         for pos in range(self.rank + self.start * self.num_replicas, total, self.num_replicas):
             yield order[pos], _sample_seed(self.seed, self.epoch, pos)
+
+
+PAD = "pad"  # third element of a padded index from ShardedEvalSampler
+
+
+class ShardedEvalSampler(Sampler):
+    """Evaluation order ``0..n-1`` sharded over processes (every ``num_replicas``-th from ``rank``), padded at the end
+    so every process gets ``ceil(n / num_replicas)`` samples, hence the same number of batches: a sharded (FSDP) model
+    gathers its parameters in every forward, so no process may stop early. Real samples are yielded as ``int``; the
+    padding repeats the first samples and is yielded as ``(index, None, PAD)``, which :class:`SeededTransform` turns
+    into target ``-1`` so that :func:`visionlin.train.validate.evaluate` leaves it out: each sample is counted exactly
+    once over all processes."""
+
+    def __init__(self, n: int, *, num_replicas: int = 1, rank: int = 0) -> None:
+        if n <= 0:
+            raise DataError(f"cannot evaluate on an empty dataset ({n=})")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"{rank=} must be in [0, {num_replicas=})")
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.per_rank = math.ceil(n / num_replicas)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int | tuple[int, None, str]]:
+        for pos in range(self.rank, self.per_rank * self.num_replicas, self.num_replicas):
+            yield pos if pos < self.n else (pos % self.n, None, PAD)
 
 
 def make_synthetic_imagefolder(

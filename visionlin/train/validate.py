@@ -200,6 +200,8 @@ def evaluate(
     """Top-1 / top-5 (percent), mean cross-entropy and img/s over ``loader`` (batches from :func:`collate_skipping`).
 
     ``reduce(tensor) -> tensor`` sums counts over processes (``accelerator.reduce``) when the loader is sharded.
+    Samples with target ``-1`` (the padding of :class:`~visionlin.train.data.ShardedEvalSampler`) go through the model
+    and are left out of every metric, so each sample counts once over all processes.
     """
     was_training = model.training
     model.eval()
@@ -213,7 +215,11 @@ def evaluate(
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast() if autocast else nullcontext():
             logits = model(images)
-        logits = logits.float()
+        logits, real = logits.float(), targets >= 0
+        if not bool(real.all()):  # padding of ShardedEvalSampler (target -1): computed, not counted
+            logits, targets = logits[real], targets[real]
+            if len(targets) == 0:
+                continue
         if int(targets.max()) >= logits.shape[-1]:
             raise UsageError(f"label {int(targets.max())} but the model has {logits.shape[-1]} classes")
         loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
