@@ -379,12 +379,14 @@ def make_setup(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
     holder: dict[str, DistillLoss] = {}
 
     def setup(model: nn.Module, accelerator) -> nn.Module:
-        if accelerator.num_processes > 1:
-            raise NotImplementedError("visionlin distill runs in one process for now (multi-GPU: issue 8 part 6)")
         num_classes = getattr(_unwrap(model), "num_classes", None)
-        teacher = build_model(
-            cfg["teacher"], num_classes=num_classes, img_size=cfg["img_size"], **cfg["teacher_kwargs"]
-        )
+        # the same initial teacher in every process (it is never synchronised: no gradients) and in one-process runs,
+        # without --teacher-checkpoint too; the other generators' streams are left as they were
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            teacher = build_model(
+                cfg["teacher"], num_classes=num_classes, img_size=cfg["img_size"], **cfg["teacher_kwargs"]
+            )
         say = print if accelerator.is_main_process else (lambda *a, **k: None)
         if cfg["teacher_checkpoint"]:
             try:

@@ -25,6 +25,7 @@ import datetime as dt
 import difflib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -44,6 +45,7 @@ from .data import (
     DataError,
     EpochSampler,
     SeededTransform,
+    ShardedEvalSampler,
     collate_skipping,
     create_dataset,
     patch_posterize,
@@ -107,6 +109,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("drop_path", 0.0, _prob, "stochastic depth rate (drop_path_rate)"),
     Option("grad_checkpointing", False, BOOL, "activation checkpointing (model.set_grad_checkpointing)"),
     Option("torchcompile", False, BOOL, "torch.compile the model for training"),
+    Option(
+        "fsdp",
+        False,
+        BOOL,
+        "shard weights, gradients and optimizer state over the GPUs (FSDP2 through "
+        "accelerate's FSDP plugin; each model block is one shard unit); default: DDP",
+    ),  # fmt: skip
     # data
     Option(
         "dataset", "imagefolder", str, "imagefolder (--data-dir) or fashion_mnist (Debian's files)", choices=DATASETS
@@ -117,6 +126,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", 4, _nonneg_int, "dataloader worker processes", short="-j"),
     Option("pin_mem", True, BOOL, "pinned host memory for batches (CUDA only)"),
     Option("persistent_workers", True, BOOL, "keep dataloader workers alive between epochs"),
+    Option(
+        "aug_repeats",
+        0,
+        _nonneg_int,
+        "repeated augmentation: each image N times per epoch, the copies on "
+        "different processes (timm's RepeatAugSampler; 0: off)",
+    ),  # fmt: skip
     Option("interpolation", None, _opt_str, "resize interpolation (default: the model's)"),
     Option("crop_pct", None, _nonneg_float, "validation center-crop fraction (default: the model's)"),
     # augmentation and regularisation
@@ -309,6 +325,47 @@ def _default_loss(criterion: nn.Module) -> Callable:
     return loss_fn
 
 
+class _StepModule(nn.Module):
+    """The model and the loss's trainable parts (``extra``) under one module whose forward computes the loss: this is
+    what ``accelerate`` wraps (DDP or FSDP), so that every forward goes through the wrapper, every trained parameter's
+    gradient is reduced across processes and FSDP gathers each shard unit's weights when it runs. Called with images
+    only, it returns the model's logits (evaluation). ``_no_split_modules`` names the block classes FSDP shards as
+    units."""
+
+    def __init__(self, model: nn.Module, extra: nn.Module | None, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model, self.extra, self.loss_fn = model, extra, loss_fn
+        self._no_split_modules = _block_classes(model)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return self.model(images)
+        return self.loss_fn(self.model, images, targets)
+
+
+def _block_classes(model: nn.Module) -> list[str]:
+    """Class names of the entries of every ``blocks`` container (timm's name for a stage's or a model's blocks)."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, (nn.Sequential, nn.ModuleList)):
+            for child in module.children():
+                if type(child).__name__ not in names:
+                    names.append(type(child).__name__)
+    return names
+
+
+def _fsdp_plugin():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",  # the classes of _StepModule._no_split_modules
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
 def _train_transform(model: nn.Module, cfg: dict[str, Any]):
     from timm.data import create_transform, resolve_data_config
 
@@ -358,7 +415,7 @@ def train(
     docstring."""
     import yaml
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -370,9 +427,25 @@ def train(
             from torch.utils import tensorboard  # noqa: F401
         except ImportError as e:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    if cfg["fsdp"] and cfg["model_ema"]:
+        raise UsageError("--model-ema with --fsdp is not supported (the average would need the whole weights on every "
+                         "process); use DDP (no --fsdp) for EMA")  # fmt: skip
     mixed = {"bfloat16": "bf16", "float16": "fp16"}[cfg["amp_dtype"]] if cfg["amp"] else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg["cpu"])
+    plugin = _fsdp_plugin() if cfg["fsdp"] else None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch
+    # accelerate forms a multi-process CPU group (gloo) only when told to run on the CPU
+    cpu = cfg["cpu"] or (launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=plugin)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if world != launched:
+        raise UsageError(f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {world} "
+                         f"({accelerator.distributed_type.value}): the processes would overwrite one run")  # fmt: skip
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if cfg["fsdp"] and not fsdp:
+        raise UsageError(f"--fsdp needs several GPU processes (accelerate launch --num_processes N or torchrun); this "
+                         f"run is {accelerator.distributed_type.value} with {world} process(es)")  # fmt: skip
+    if fsdp and not accelerator.is_fsdp2:
+        raise UsageError("FSDP1 (accelerate's default FSDP plugin) is not supported: pass --fsdp, which uses FSDP2")
     run_dir = run_dir_of(cfg)
     resume_from = _resolve_resume(cfg, run_dir)
     set_seed(cfg["seed"] + rank)
@@ -402,7 +475,8 @@ def train(
     extra = setup(model, accelerator) if setup is not None else None
 
     batch, accum = cfg["batch_size"], cfg["grad_accum_steps"]
-    sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg["seed"], num_replicas=world, rank=rank)
+    sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg["seed"], num_replicas=world, rank=rank,
+                           repeats=max(cfg["aug_repeats"], 1))  # fmt: skip
     batches_per_epoch = len(sampler) // batch
     if batches_per_epoch == 0:
         raise DataError(f"{len(train_ds)} training images over {world} process(es) is less than one batch ({batch})")
@@ -424,7 +498,7 @@ def train(
         val_loader = DataLoader(
             SeededTransform(val_ds, eval_transform(model, cfg["img_size"], cfg["crop_pct"], cfg["interpolation"])),
             batch_size=cfg["validation_batch_size"] or batch,
-            sampler=list(range(rank, len(val_ds), world)),
+            sampler=ShardedEvalSampler(len(val_ds), num_replicas=world, rank=rank),
             num_workers=workers,
             pin_memory=cfg["pin_mem"] and device.type == "cuda",
             persistent_workers=cfg["persistent_workers"] and workers > 0,
@@ -439,11 +513,9 @@ def train(
     optimizer = create_optimizer_v2(
         model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"], momentum=cfg["momentum"], **opt_kwargs
     )
-    trained = list(model.parameters())
     if extra is not None:
         extra.to(device)
         params = [p for p in extra.parameters() if p.requires_grad]
-        trained += params
         for group, wd in (([p for p in params if p.ndim > 1], cfg["weight_decay"]), ([p for p in params if p.ndim
                           <= 1], 0.0)):  # fmt: skip
             if group:
@@ -458,12 +530,6 @@ def train(
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    ema = ModelEmaV3(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"]) if cfg[
-        "model_ema"] else None  # fmt: skip
-    step_model = torch.compile(model) if cfg["torchcompile"] else model
-
     mixup_fn = None
     if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
         mixup_fn = Mixup(
@@ -482,10 +548,11 @@ def train(
         criterion = nn.CrossEntropyLoss()
     loss_fn = loss_fn or _default_loss(criterion)
 
-    # state
+    # state; the weights are loaded before accelerate wraps (and, with FSDP, shards) the model
     epoch, position, step, skipped_total = 0, 0, 0, 0
     weights_meta = {"format": "visionlin", "model": cfg["model"], "num_classes": str(num_classes)}
-    rng_state = None
+    optimizer_format = "fsdp_full" if fsdp else "torch"
+    rng_state = ts = state = None
     if resume_from is not None:
         state = ckpt.read_checkpoint(resume_from, rank)
         saved_model = state["metadata"].get("model")
@@ -494,30 +561,56 @@ def train(
                 f"checkpoint {str(resume_from)!r} is of model {saved_model!r} with "
                 f"{state['metadata'].get('num_classes')} classes; this run builds {cfg['model']!r} with {num_classes}"
             )
-        load_model_weights(raw_model, resume_from / "model.safetensors", cfg["model"])
         ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        if ema is not None:
-            if state["ema"] is None:
-                raise ckpt.CheckpointError(f"--model-ema given but {str(resume_from)!r} has no EMA weights")
-            ema.module.load_state_dict(state["ema"])
+        if ts.get("processes", 1) != world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(resume_from)!r} was written by {ts.get('processes', 1)} process(es); this run has "
+                f"{world}: resume with the same number of processes (the data order, each process's generators and "
+                "the position in the epoch are per process)"
+            )
+        if ts.get("optimizer_format", "torch") != optimizer_format:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(resume_from)!r} was written {'with' if not fsdp else 'without'} --fsdp; resume it "
+                f"{'with' if not fsdp else 'without'} --fsdp"
+            )
+        load_model_weights(model, resume_from / "model.safetensors", cfg["model"])
         if extra is not None:
             if not (resume_from / "extra.safetensors").is_file():
                 raise ckpt.CheckpointError(f"{str(resume_from)!r} has no extra.safetensors (the distillation parts)")
             extra.load_state_dict(ckpt.load_weights(resume_from / "extra.safetensors"))
+        if state["rng"] is None:
+            raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
+        if cfg["model_ema"] and state["ema"] is None:
+            raise ckpt.CheckpointError(f"--model-ema given but {str(resume_from)!r} has no EMA weights")
+
+    prepared, optimizer = accelerator.prepare(_StepModule(model, extra, loss_fn), optimizer)
+    raw_model = accelerator.unwrap_model(prepared).model
+    ema = ModelEmaV3(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"]) if cfg[
+        "model_ema"] else None  # fmt: skip
+    step_model = torch.compile(prepared) if cfg["torchcompile"] else prepared
+    eval_model = prepared if fsdp else raw_model  # a sharded model is only whole inside the wrapper's forward
+
+    if state is not None:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(prepared, optimizer.optimizer, ts["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        else:
+            optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         if accelerator.scaler is not None and ts.get("scaler") is not None:
             accelerator.scaler.load_state_dict(ts["scaler"])
         epoch, position, step, skipped_total = ts["epoch"], ts["position"], ts["step"], ts["skipped"]
-        if state["rng"] is None:
-            raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
         rng_state = state["rng"]
         changed = {k: (ts["config"].get(k), cfg[k]) for k in cfg if k not in NOT_COMPARED and ts["config"].get(k) !=
                    cfg[k]}  # fmt: skip
         if changed:
             _say(accelerator, "note: configuration differs from the checkpoint's (the losses will not be those of the "
                  "original run): " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
-
+        del state
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt.remove_stale_temporaries(run_dir)
@@ -542,9 +635,26 @@ def train(
             from accelerate.utils import gather_object
 
             rngs = gather_object(rngs)
+        if fsdp:  # every process takes part in gathering the full state; the main process receives it
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(prepared, options=opts)
+            optimizer_state = get_optimizer_state_dict(prepared, optimizer.optimizer, options=opts)
+            model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+            extra_state = {k[len("extra.") :]: v for k, v in full.items() if k.startswith("extra.")}
+        elif accelerator.is_main_process:
+            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+            extra_state = extra.state_dict() if extra is not None else {}
         if accelerator.is_main_process:
             train_state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
+                "optimizer_format": optimizer_format,
+                "processes": world,
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "epoch": epoch_,
@@ -553,11 +663,11 @@ def train(
                 "skipped": skipped_total,
                 "config": cfg,
             }
-            weights = {"model": raw_model.state_dict()}
+            weights = {"model": model_state}
             if ema is not None:
                 weights["ema"] = ema.module.state_dict()
             if extra is not None:
-                weights["extra"] = extra.state_dict()
+                weights["extra"] = extra_state
             path = ckpt.write_checkpoint(
                 run_dir,
                 step,
@@ -581,9 +691,7 @@ def train(
     run_start, steps_this_run = time.perf_counter(), 0
     if rng_state is not None:
         ckpt.restore_rng(rng_state)
-    model.train()
-    if extra is not None:
-        extra.train()
+    prepared.train()
     while epoch < cfg["epochs"]:
         if mixup_fn is not None and cfg["mixup_off_epoch"] and epoch >= cfg["mixup_off_epoch"]:
             mixup_fn.mixup_enabled = False
@@ -617,16 +725,16 @@ def train(
                         continue
                     images, targets = mixup_fn(images, targets)
                 sync = micro == group - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss = loss_fn(step_model, images, targets)
+                with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
+                    loss = step_model(images, targets)
                     accelerator.backward(loss / group)
                 micro_losses.append(loss.detach().float())
                 n_images += len(images)
             if cfg["clip_grad"] is not None:
                 if cfg["clip_mode"] == "norm":
-                    accelerator.clip_grad_norm_(trained, cfg["clip_grad"])
+                    accelerator.clip_grad_norm_(prepared.parameters(), cfg["clip_grad"])
                 else:
-                    accelerator.clip_grad_value_(trained, cfg["clip_grad"])
+                    accelerator.clip_grad_value_(prepared.parameters(), cfg["clip_grad"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -666,8 +774,8 @@ def train(
                    "data_wait_pct": 100 * wait_time / max(busy_time, 1e-9)}  # fmt: skip
         if val_loader is not None:
             autocast = accelerator.autocast if cfg["amp"] else None
-            m = evaluate(model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
-            summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"]})
+            m = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+            summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             skipped_total += len(m["skipped"])
             if ema is not None:
                 e = evaluate(ema.module, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
