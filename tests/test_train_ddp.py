@@ -1,0 +1,221 @@
+"""``visionlin train`` / ``distill`` in two CPU processes (``torchrun``, gloo backend) on a tiny synthetic ImageFolder.
+
+What is checked against what:
+
+- two processes with 2 images x 2 accumulated micro-batches each (global batch 8, DDP ``no_sync`` on the first
+  micro-batch) give, step by step, the losses of one process with batch 8: the same images (the sampler shards one
+  global order), the same augmentations (per-sample seeds from the global position), gradients averaged over the
+  processes;
+- a two-process run killed (SIGKILL to the whole process group) right after a mid-epoch checkpoint and resumed with
+  ``--resume auto`` gives the same following losses, validation metrics and final weights as the uninterrupted run;
+- validation over 15 images in 2 processes (8 + 7, the shorter shard padded by one duplicate) counts 15 images, and
+  its top-1 / loss are those of a one-process ``visionlin validate`` of the same checkpoint;
+- ``visionlin distill`` (logit distillation and token matching through a trained projection) in two processes follows
+  the one-process run with the same global batch.
+
+Each test launches ``torchrun --standalone --nproc_per_node 2 -m visionlin.train ...`` as a subprocess. Marked
+``multiprocess`` (deselect with ``-m 'not multiprocess'``); they run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionlin import cli
+from visionlin.train import checkpoint as ckpt
+from visionlin.train.data import EpochSampler, ShardedEvalSampler, make_synthetic_imagefolder
+from visionlin.train.plot import read_log
+
+pytestmark = pytest.mark.multiprocess
+
+TINY = ["--model", "infvit_tiny", "--img-size", "32", "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2"]
+RUN = ["--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--log-interval", "1", "--no-plot", "--workers", "0",
+       "--aa", "rand-m3-mstd0.5", "--reprob", "0.25", "--smoothing", "0.1"]  # fmt: skip
+ONE = ["-b", "8"]  # one process: 8 images per step
+TWO = ["-b", "2", "--grad-accum-steps", "2"]  # two processes x 2 images x 2 micro-batches: 8 images per step
+RTOL = 1e-5  # float32 sums in another order (the gradient all-reduce, the per-process loss means)
+TIMEOUT = 300
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    # 24 training images (12 per process: 3 steps of 8 per epoch), 15 validation images (8 + 7 over two processes)
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=5)
+
+
+def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=cwd,
+                            start_new_session=True, **popen)  # fmt: skip
+
+
+def _run2(args: list[str], cwd: Path) -> str:
+    proc = _torchrun(args, cwd)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir)["train"]}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data, tmp_path_factory) -> tuple[Path, list[str], str]:
+    """The uninterrupted two-process reference run (with EMA and a recovery checkpoint every 2 steps)."""
+    out = tmp_path_factory.mktemp("ddp")
+    common = [*TINY, *RUN, *TWO, "--data-dir", str(data), "--model-ema", "--model-ema-decay", "0.9",
+              "--recovery-interval", "2"]  # fmt: skip
+    text = _run2(["visionlin.train", *common, "--output", str(out)], out)
+    return out / "infvit_tiny-32", common, text
+
+
+# Samplers -------------------------------------------------------------------------------------------------------------
+def test_epoch_sampler_repeats_as_timms_repeat_aug_sampler():
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    n, world, repeats = 11, 2, 3
+    for rank in range(world):
+        theirs = RepeatAugSampler(range(n), num_replicas=world, rank=rank, num_repeats=repeats, selected_round=0)
+        mine = EpochSampler(n, shuffle=True, seed=0, num_replicas=world, rank=rank, repeats=repeats)
+        for epoch in (0, 1):
+            theirs.set_epoch(epoch)  # timm seeds the order with the epoch; ours with seed + epoch (seed 0 here)
+            mine.set_epoch(epoch)
+            assert [i for i, _ in mine] == list(theirs) and len(mine) == len(theirs) == 6
+    both = [x for r in range(world) for x in EpochSampler(n, shuffle=True, seed=0, num_replicas=world, rank=r,
+                                                           repeats=repeats)]  # fmt: skip
+    seeds = [s for _, s in both]
+    assert len(set(seeds)) == len(seeds)  # every copy of an image has its own augmentation seed
+    with pytest.raises(ValueError, match="repeats=0"):
+        EpochSampler(n, shuffle=True, seed=0, repeats=0)
+
+
+def test_sharded_eval_sampler_pads_with_marked_duplicates():
+    shards = [list(ShardedEvalSampler(5, num_replicas=3, rank=r)) for r in range(3)]
+    assert shards == [[0, 3], [1, 4], [2, (0, None, "pad")]]
+    assert sorted(i for sh in shards for i in sh if isinstance(i, int)) == list(range(5))
+
+
+def test_aug_repeats_flag_trains(tmp_path, data):
+    argv = ["train", *TINY, *RUN, *ONE, "--epochs", "1", "--data-dir", str(data), "--output", str(tmp_path),
+            "--aug-repeats", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert len(read_log(tmp_path / "infvit_tiny-32")["train"]) == 3  # an epoch keeps its length (24 / 8 steps)
+
+
+# Two processes --------------------------------------------------------------------------------------------------------
+def test_two_processes_follow_one_process_with_the_same_global_batch(tmp_path, data, two_process_run):
+    run2, _, text = two_process_run
+    assert "global batch 8" in text and "processes: 2" in (run2 / "config.yaml").read_text()
+    argv = ["train", *TINY, *RUN, *ONE, "--data-dir", str(data), "--output", str(tmp_path), "--model-ema",
+            "--model-ema-decay", "0.9"]  # fmt: skip
+    assert cli.main(argv) == 0
+    run1 = tmp_path / "infvit_tiny-32"
+    one, two = _losses(run1), _losses(run2)
+    assert list(one) == list(two) == [1, 2, 3, 4, 5, 6]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=RTOL), step
+    assert one[6] < one[1]  # it learns (the comparison is not between two constant losses)
+    e1, e2 = read_log(run1)["epoch"], read_log(run2)["epoch"]
+    for a, b in zip(e1, e2, strict=True):
+        assert a["val_n"] == b["val_n"] == 15  # each validation image counted once, the padding duplicate left out
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["ema_val_loss"] == pytest.approx(a["ema_val_loss"], rel=1e-4)
+    w1 = ckpt.read_checkpoint(ckpt.latest_checkpoint(run1))["model"]
+    w2 = ckpt.read_checkpoint(ckpt.latest_checkpoint(run2))["model"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_process_validation_counts_each_image_once(tmp_path, data, two_process_run):
+    run2, _, _ = two_process_run
+    last = read_log(run2)["epoch"][-1]
+    results = tmp_path / "val.json"
+    argv = ["validate", *TINY, "--checkpoint", str(run2), "--data-dir", str(data), "--workers", "0", "--device",
+            "cpu", "--results-file", str(results)]  # fmt: skip
+    assert cli.main(argv) == 0
+    r = json.loads(results.read_text())
+    assert r["n"] == last["val_n"] == 15
+    assert r["top1"] == pytest.approx(last["val_top1"]) and r["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    rngs = sorted(p.name for p in ckpt.latest_checkpoint(run2).glob("rng_rank*.pth"))
+    assert rngs == ["rng_rank0.pth", "rng_rank1.pth"]
+    a, b = (torch.load(ckpt.latest_checkpoint(run2) / n, weights_only=True)["torch"] for n in rngs)
+    assert not torch.equal(a, b)  # each process's own generator state
+
+
+def test_killed_two_process_run_resumes_exactly(capsys, tmp_path, two_process_run):
+    ref_run, common, _ = two_process_run
+    out = tmp_path / "killed"
+    proc = _torchrun(["visionlin.train", *common, "--output", str(out)], tmp_path)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("checkpoint step-000000002 (recovery"):  # mid-epoch 0 (of 3 steps): kill them all
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    run = out / "infvit_tiny-32"
+    marker = json.loads((ckpt.latest_checkpoint(run) / "complete.json").read_text())
+    assert marker["epoch"] == 0 and 0 < marker["position"] < 6 and marker["step"] == 2, marker
+    assert read_log(run)["epoch"] == []
+
+    _run2(["visionlin.train", *common, "--output", str(out), "--resume", "auto"], tmp_path)
+    assert [r["step"] for r in read_log(run)["train"]] == list(range(1, 7))
+    assert _losses(run) == _losses(ref_run)  # bitwise, every step (later records win)
+    for mine, theirs in zip(read_log(run)["epoch"], read_log(ref_run)["epoch"], strict=True):
+        for key in ("val_loss", "val_top1", "val_n", "ema_val_loss", "ema_val_top1"):
+            assert mine[key] == theirs[key], key
+    a = ckpt.read_checkpoint(ckpt.latest_checkpoint(run))
+    b = ckpt.read_checkpoint(ckpt.latest_checkpoint(ref_run))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in b["ema"])
+
+    # one process cannot continue a two-process checkpoint: the order and the generators are per process
+    with pytest.raises(SystemExit):
+        cli.main(["train", *common, "--output", str(out), "--resume", "auto", "--epochs", "3"])
+    assert "was written by 2 process(es); this run has 1" in capsys.readouterr().err
+
+
+def test_distill_in_two_processes_follows_one_process(tmp_path, data):
+    teacher = ["--teacher", "deit_tiny_patch16_224", "--teacher-kwargs", "depth=3", "embed_dim=48", "num_heads=2"]
+    losses = ["--distill-logits", "1", "--distill-temperature", "2", "--match-layers", "1:2,2:3", "--match-weight",
+              "1"]  # fmt: skip
+    common = [*TINY, *teacher, *losses, *RUN, "--epochs", "1", "--data-dir", str(data)]
+    out2 = tmp_path / "two"
+    _run2(["visionlin.cli", "distill", *common, *TWO, "--output", str(out2)], tmp_path)
+    assert cli.main(["distill", *common, *ONE, "--output", str(tmp_path / "one")]) == 0
+    one, two = _losses(tmp_path / "one" / "infvit_tiny-32"), _losses(out2 / "infvit_tiny-32")
+    assert list(one) == list(two) == [1, 2, 3]
+    for step in one:  # a projection trained in one process only would leave step 2 and 3 apart
+        assert two[step] == pytest.approx(one[step], rel=RTOL), step
+    extra1 = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "one" / "infvit_tiny-32") / "extra.safetensors")
+    extra2 = ckpt.load_weights(ckpt.latest_checkpoint(out2 / "infvit_tiny-32") / "extra.safetensors")
+    assert set(extra1) == set(extra2) and any(k.startswith("proj.") for k in extra1)
+    for k in extra1:
+        torch.testing.assert_close(extra2[k], extra1[k], rtol=1e-4, atol=1e-5, msg=k)
