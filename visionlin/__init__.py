@@ -11,7 +11,7 @@ from .layers import ATTN_LAYERS, create_attn
 __version__ = "0.1.0.dev0"
 
 # The diffusers converter loads on first use (importing visionlin never imports diffusers).
-_CONVERT = ("ConversionReport", "calibrate", "convert", "load_conversion", "revert", "save_conversion")
+_CONVERT = ("ConversionReport", "calibrate", "convert", "finetune", "load_conversion", "revert", "save_conversion")
 
 __all__ = [
     "ATTN_LAYERS",
@@ -20,6 +20,7 @@ __all__ = [
     "calibrate",
     "convert",
     "create_attn",
+    "finetune",
     "kernels",
     "layers",
     "list_models",

@@ -21,16 +21,20 @@ from ._convert import (
 )
 from ._methods import METHODS
 from .calibrate import CalibrationReport, calibrate
+from .finetune import FinetuneResult, distillation_loss, finetune
 
 __all__ = [
     "ADAPTERS",
     "METHODS",
     "CalibrationReport",
+    "FinetuneResult",
     "ConversionReport",
     "LayerRecord",
     "calibrate",
     "convert",
     "disabled",
+    "distillation_loss",
+    "finetune",
     "load_conversion",
     "revert",
     "save_conversion",

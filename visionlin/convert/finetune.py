@@ -1,0 +1,533 @@
+"""``visionlin.finetune``: distil a converted model into itself with the conversion switched off as the teacher.
+
+The teacher is the same model under :func:`visionlin.convert.disabled` (the original processors; LoRA adapters off;
+with ``trainable="all"`` the weights as they were before fine-tuning, through ``torch.func.functional_call``), so no
+second copy of the model is kept. The loss is the mean squared error between the student's and the teacher's noise
+(or velocity) prediction on the same inputs ("white-box" distillation as in TurboDiffusion), plus optionally
+``feature_weight`` times the mean squared error of every converted attention module's output (LinFusion).
+
+What trains (``trainable``): ``"converter"`` (the converter's own parameters, e.g. SLA's projection; default),
+``"lora"`` (LoRA adapters injected by ``peft`` into the converted attention modules' projections, as diffusers' LoRA
+training does), ``"lora+converter"``, or ``"all"`` (every weight of the model).
+
+The run is on ``accelerate`` and uses the training package's machinery (:mod:`visionlin.train.checkpoint`: atomic
+safetensors checkpoint folders with optimizer, scheduler and generator states; the run folder's ``log.jsonl``;
+the trainer's resume rule and progress bar), so a resumed run computes the same losses as one never stopped. The
+model runs in eval mode throughout (no dropout or class-label dropout), so teacher and student compute the same way.
+
+Data: each optimizer step ``s`` takes one batch of model forward keywords, a function of ``s`` alone:
+
+- a dict of tensors with a common leading size ``N`` (latents, timesteps, ``encoder_hidden_states`` /
+  ``prompt_embeds``, ...): ``batch_size`` rows drawn with a generator seeded by ``(seed, s)``;
+- a list of forward-keyword dicts (each a batch): batch ``s mod len``;
+- a callable ``data(step, generator) -> dict`` (random latents and timesteps drawn from ``generator``);
+
+plus ``shared`` keywords passed to every call unchanged (Flux's ``img_ids`` / ``txt_ids``, for instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._convert import _STATE_ATTR, _converted_components, disabled, save_conversion
+from ._methods import CORE_ATTR
+
+__all__ = ["LORA_ADAPTER", "TRAINABLE", "FinetuneResult", "distillation_loss", "finetune"]
+
+TRAINABLE = ("converter", "lora", "lora+converter", "all")
+LORA_ADAPTER = "visionlin"  # peft adapter name of the LoRA layers finetune injects
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class FinetuneResult:
+    """``losses[i]`` is the training loss of step ``start_step + i + 1``; ``run_dir`` is ``None`` without
+    ``output_dir``."""
+
+    step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    trainable_parameters: int = 0
+    run_dir: Path | None = None
+
+
+def _target(pipe_or_model: Any, component: str | None) -> tuple[str, nn.Module]:
+    if not isinstance(pipe_or_model, nn.Module) and not isinstance(getattr(pipe_or_model, "components", None), dict):
+        raise ValueError(f"expected a diffusers pipeline or a model (nn.Module), got {type(pipe_or_model).__name__}")
+    comps = _converted_components(pipe_or_model)
+    if not comps:
+        raise ValueError(
+            f"{type(pipe_or_model).__name__} has no converted component; call visionlin.convert (or calibrate / "
+            "load_conversion) first"
+        )
+    if component is None:
+        if len(comps) > 1:
+            raise ValueError(f"several converted components {sorted(comps)}; pass component= one of them")
+        component = next(iter(comps))
+    if component not in comps:
+        raise ValueError(f"component={component!r} is not a converted component (converted: {sorted(comps)})")
+    return component, comps[component]
+
+
+def _converted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    named = dict(model.named_modules())
+    return {n: named[n] for n in getattr(model, _STATE_ATTR).originals}
+
+
+def _prediction(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(f"the model returned {type(out).__name__}; expected a tensor, an output with .sample or a tuple")
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+class _Features:
+    """Forward hooks on the converted attention modules collecting their outputs (feature matching)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules.values()]
+
+    def _hook(self, module, args, output) -> None:
+        self.outputs.extend(_tensors(output))
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _teacher_mode(model: nn.Module):
+    """Conversion off, LoRA adapters off, eval mode (restored on exit)."""
+    tuners = []
+    with contextlib.suppress(ImportError):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    was_training = model.training
+    try:
+        for m in tuners:
+            m.enable_adapters(False)
+        model.eval()
+        with disabled(model):
+            yield
+    finally:
+        for m in tuners:
+            m.enable_adapters(True)
+        model.train(was_training)
+
+
+def _loss(student, raw, batch, feature_weight, frozen, features, autocast) -> torch.Tensor:
+    with torch.no_grad(), _teacher_mode(raw), autocast():
+        if frozen is None:
+            target = _prediction(raw(**batch))
+        else:
+            target = _prediction(torch.func.functional_call(raw, frozen, args=(), kwargs=batch, strict=False))
+    teacher_feats = features.take() if features is not None else []
+    with autocast():
+        pred = _prediction(student(**batch))
+    loss = F.mse_loss(pred.float(), target.float())
+    if features is not None:
+        student_feats = features.take()
+        if len(student_feats) != len(teacher_feats):
+            raise ValueError(f"feature matching: {len(student_feats)} student vs {len(teacher_feats)} teacher outputs")
+        if student_feats:
+            feat = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student_feats, teacher_feats, strict=True))
+            loss = loss + feature_weight * feat / len(student_feats)
+    return loss
+
+
+def _check_weight(feature_weight: Any) -> float:
+    ok = isinstance(feature_weight, int | float) and not isinstance(feature_weight, bool)
+    if not ok or not math.isfinite(feature_weight) or feature_weight < 0:
+        raise ValueError(f"feature_weight={feature_weight!r} must be a finite number >= 0")
+    return float(feature_weight)
+
+
+def distillation_loss(
+    pipe_or_model: Any, batch: dict[str, Any], *, feature_weight: float = 0.0, component: str | None = None
+) -> torch.Tensor:
+    """The fine-tuning loss of one batch of forward keywords: MSE of the converted model's prediction against the
+    same model with the conversion (and LoRA adapters) off, plus ``feature_weight`` x the mean MSE of the converted
+    attention modules' outputs. Gradients flow into the student pass (wrap in ``torch.no_grad()`` to evaluate).
+
+    Raises:
+        ValueError: nothing converted, a bad ``feature_weight`` or ``batch``.
+    """
+    _, model = _target(pipe_or_model, component)
+    weight = _check_weight(feature_weight)
+    if not isinstance(batch, dict):
+        raise ValueError(f"batch must be a dict of the model's forward keywords, got {type(batch).__name__}")
+    features = _Features(_converted_modules(model)) if weight > 0 else None
+    try:
+        return _loss(model, model, batch, weight, None, features, contextlib.nullcontext)
+    finally:
+        if features is not None:
+            features.remove()
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _batches(data: Any, batch_size: int | None, seed: int) -> tuple[Callable[[int], dict[str, Any]], str]:
+    """``(batch_of_step, description)``; each batch is a function of the step alone."""
+    if isinstance(data, dict):
+        bad = sorted(k for k, v in data.items() if not isinstance(v, torch.Tensor) or v.ndim == 0)
+        if bad or not data:
+            raise ValueError(
+                f"a dict of data must hold tensors with a leading sample dimension; {bad or 'it is empty'} are not "
+                "(pass per-call constants as shared=...)"
+            )
+        sizes = {k: v.shape[0] for k, v in data.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"the data tensors have different leading sizes {sizes}; each must hold N samples")
+        n = next(iter(sizes.values()))
+        bs = n if batch_size is None else batch_size
+        if bs > n:
+            raise ValueError(f"batch_size={bs} exceeds the {n} samples of the data")
+
+        def batch_of(step: int) -> dict[str, Any]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randperm(n, generator=g)[:bs]
+            return {k: v[idx] for k, v in data.items()}
+
+        return batch_of, f"{n} samples, batch {bs}"
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a dict of tensors only (a list or callable gives whole batches)")
+    if callable(data):
+
+        def call(step: int) -> dict[str, Any]:
+            out = data(step, torch.Generator().manual_seed(seed * 1_000_003 + step))
+            if not isinstance(out, dict):
+                raise ValueError(f"data({step}, generator) returned {type(out).__name__}, not a dict of keywords")
+            return out
+
+        return call, "generated batches"
+    if isinstance(data, list | tuple) and data and all(isinstance(b, dict) for b in data):
+        return (lambda step: data[step % len(data)]), f"{len(data)} batches"
+    raise ValueError(
+        "data must be a dict of tensors (N samples each), a non-empty list of forward-keyword dicts, or a callable "
+        f"(step, generator) -> dict; got {type(data).__name__}"
+    )
+
+
+def _inject_lora(model: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...]) -> list[str]:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as e:
+        raise ImportError("trainable='lora' needs peft: pip install peft") from e
+    named = dict(model.named_modules())
+    names = [f"{layer}.{t}" for layer in _converted_modules(model) for t in targets if f"{layer}.{t}" in named]
+    if not names:
+        raise ValueError(f"no module {list(targets)} in the converted attention modules to put LoRA on")
+    present = [n for n in names if isinstance(named[n], BaseTunerLayer)]
+    if present and all(LORA_ADAPTER in named[n].lora_A for n in names if n in present) and len(present) == len(names):
+        return names  # injected by an earlier finetune call: train those adapters further
+    if present:
+        raise ValueError(f"modules {present[:4]} already carry other peft adapters; finetune injects its own")
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
+                        init_lora_weights=True)  # fmt: skip
+    inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER)
+    return names
+
+
+def finetune(
+    pipe_or_model: Any,
+    data: Any,
+    *,
+    steps: int = 100,
+    batch_size: int | None = None,
+    shared: dict[str, Any] | None = None,
+    trainable: str = "converter",
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    clip_grad: float | None = None,
+    feature_weight: float = 0.0,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_hist: int = 3,
+    log_interval: int = 10,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    progress: bool | None = None,
+    component: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune a converted pipeline or model by distillation from itself with the conversion off (see the module
+    docstring for the loss, ``trainable`` and ``data``).
+
+    Args:
+        pipe_or_model: A converted pipeline or model (:func:`visionlin.convert`, ``calibrate`` or
+            ``load_conversion``). With several converted components, ``component`` names the one to train.
+        data: The batches (module docstring). Tensors are moved to the training device.
+        steps: Total optimizer steps; a resumed run continues up to it.
+        batch_size: Rows per step for a dict of tensors (default: all).
+        shared: Forward keywords added unchanged to every batch.
+        trainable: ``"converter"``, ``"lora"``, ``"lora+converter"`` or ``"all"``.
+        lr, weight_decay, warmup_steps, clip_grad: AdamW (no decay on 1-d parameters), linear warm-up, gradient
+            norm clipping.
+        feature_weight: Weight of the attention-output matching term (0: prediction matching only).
+        lora_rank, lora_alpha, lora_targets: The LoRA adapters (``lora_alpha`` defaults to the rank), put on these
+            child modules of every converted attention module; B is zero-initialised, so training starts from the
+            converted model.
+        seed: Seeds the global generators (with the process rank) and the batch draws.
+        output_dir: The run folder: ``checkpoints/step-*/`` (every ``checkpoint_every`` steps and at the end,
+            ``checkpoint_hist`` kept), ``log.jsonl``, and at the end ``conversion/`` (:func:`save_conversion`) and
+            ``lora.safetensors`` or ``model.safetensors`` for those modes. ``None``: nothing is written.
+        resume: ``"auto"`` (newest complete checkpoint of ``output_dir``, else a fresh start), a checkpoint folder or
+            a run folder. Without it an ``output_dir`` that has checkpoints is refused.
+        log_interval: Steps between log records / progress lines.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast).
+        cpu: Train on the CPU even when a GPU is present.
+        progress: A tqdm bar (default: when stderr is a terminal).
+
+    Returns:
+        The steps done and the loss of each.
+
+    Raises:
+        ValueError: nothing converted, a bad option or data, a converter with no parameters for
+            ``trainable="converter"``, a checkpoint of another model or mode.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from ..train import checkpoint as ckpt
+    from ..train.trainer import _fmt_time, _resolve_resume, _RunLog, _say
+
+    comp, model = _target(pipe_or_model, component)
+    if trainable not in TRAINABLE:
+        raise ValueError(f"unknown trainable={trainable!r}; choose one of {TRAINABLE}")
+    for name, value, low in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("lora_rank", lora_rank, 1),
+                             ("checkpoint_every", checkpoint_every, 0), ("checkpoint_hist", checkpoint_hist, 0),
+                             ("log_interval", log_interval, 1), ("seed", seed, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("clip_grad", clip_grad)):
+        if value is None and name == "clip_grad":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    weight = _check_weight(feature_weight)
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}; choose 'no', 'bf16' or 'fp16'")
+    if shared is not None and not isinstance(shared, dict):
+        raise ValueError(f"shared must be a dict of forward keywords, got {type(shared).__name__}")
+    if isinstance(lora_targets, str) or not all(isinstance(t, str) for t in lora_targets) or not lora_targets:
+        raise ValueError(f"lora_targets={lora_targets!r} must be a non-empty list of child module names ('to_q')")
+    if resume is not None and output_dir is None:
+        raise ValueError("resume needs output_dir (the run folder whose checkpoints it continues)")
+    batch_of, data_desc = _batches(data, batch_size, seed)
+    run_dir = Path(output_dir) if output_dir is not None else None
+    resume_from = None
+    if run_dir is not None:
+        resume_from = _resolve_resume({"resume": None if resume is None else str(resume)}, run_dir)
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(seed + rank)
+    model.to(device)
+    if "lora" in trainable:
+        _inject_lora(model, lora_rank, lora_alpha, tuple(lora_targets))
+        model.to(device)
+    named = dict(model.named_parameters())
+    core_names = [n for n in named if f".{CORE_ATTR}." in f".{n}"]
+    lora_names = [n for n in named if "lora_" in n and f".{LORA_ADAPTER}." in f".{n}."]
+    if trainable == "all":
+        train_names = list(named)
+    else:
+        train_names = (core_names if "converter" in trainable else []) + (lora_names if "lora" in trainable else [])
+    if not train_names:
+        state = getattr(model, _STATE_ATTR)
+        raise ValueError(
+            f"trainable={trainable!r} but the {state.method!r} conversion has no parameters of its own; use "
+            "trainable='lora' or 'all', or a method with parameters (sla)"
+        )
+    flags = {n: p.requires_grad for n, p in named.items()}
+    was_training = model.training
+    frozen = None
+    if trainable == "all":  # the teacher: the weights before fine-tuning (the converter's own are unused by it)
+        frozen = {n: p.detach().clone() for n, p in named.items() if n not in core_names}
+    features = _Features(_converted_modules(model)) if weight > 0 else None
+    config = {"component": comp, "model_class": type(model).__name__, "method": getattr(model, _STATE_ATTR).method,
+              "trainable": trainable, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "warmup_steps": warmup_steps, "clip_grad": clip_grad, "feature_weight": weight, "lora_rank": lora_rank,
+              "lora_alpha": lora_alpha, "lora_targets": list(lora_targets), "seed": seed,
+              "mixed_precision": mixed_precision}  # fmt: skip
+    log = None
+    try:
+        for n, p in named.items():
+            p.requires_grad_(n in train_names)
+        params = [named[n] for n in train_names]
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        )
+        student, optimizer = accelerator.prepare(model, optimizer)
+        raw = accelerator.unwrap_model(student)
+        step, rng_state = 0, None
+        meta = {"format": "visionlin.finetune", "model": type(raw).__name__, "trainable": trainable}
+        if resume_from is not None:
+            state = ckpt.read_checkpoint(resume_from, rank)
+            got = {k: state["metadata"].get(k) for k in ("format", "model", "trainable")}
+            if got != meta:
+                raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r} is {got}; this run is {meta}")
+            saved = state["model"]
+            if set(saved) != set(train_names):
+                diff = sorted(set(saved) ^ set(train_names))[:6]
+                raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r}: trained parameters differ ({diff})")
+            with torch.no_grad():
+                for n in train_names:
+                    named[n].copy_(saved[n])
+            ts = state["train_state"]
+            optimizer.load_state_dict(ts["optimizer"])
+            scheduler.load_state_dict(ts["scheduler"])
+            step = ts["step"]
+            if state["rng"] is None:
+                raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
+            rng_state = state["rng"]
+            changed = {k: (ts["config"].get(k), v) for k, v in config.items() if k != "steps" and
+                       ts["config"].get(k) != v}  # fmt: skip
+            if changed:
+                diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                _say(accelerator, f"note: settings differ from the checkpoint's (the losses will differ): {diff}")
+        if run_dir is not None and accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(run_dir)
+        accelerator.wait_for_everyone()
+        log = _RunLog(run_dir or Path("."), run_dir is not None and accelerator.is_main_process, False)
+        n_train = sum(named[n].numel() for n in train_names)
+        where = f"resumed from {resume_from} at step {step}" if resume_from is not None else "fresh"
+        _say(accelerator, f"finetune {type(raw).__name__} ({comp}) trainable={trainable}: {n_train} parameters, "
+             f"{data_desc}, {steps} steps, lr {lr:.3g}, {device}, {where}"
+             + (f"; run folder {run_dir}" if run_dir is not None else ""))  # fmt: skip
+        log.write({"kind": "start", "step": step, "resumed_from": str(resume_from or ""), "config": config,
+                   "trainable_parameters": n_train})  # fmt: skip
+
+        def save(reason: str) -> None:
+            rngs = [ckpt.capture_rng()]
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                rngs = gather_object(rngs)
+            if accelerator.is_main_process:
+                train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "step": step, "config": config}  # fmt: skip
+                path = ckpt.write_checkpoint(
+                    run_dir, step, weights={"model": {n: named[n] for n in train_names}}, weights_metadata=meta,
+                    train_state=train_state, rng_states=dict(enumerate(rngs)),
+                    summary={"step": step, "reason": reason},
+                )  # fmt: skip
+                pruned = ckpt.prune_checkpoints(run_dir, checkpoint_hist)
+                _say(accelerator, f"checkpoint {path.name} ({reason})"
+                     + (f", removed {', '.join(p.name for p in pruned)}" if pruned else ""))  # fmt: skip
+            accelerator.wait_for_everyone()
+
+        use_bar = accelerator.is_main_process and (sys.stderr.isatty() if progress is None else progress)
+        bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=step, desc="finetune", leave=False, dynamic_ncols=True)
+        result = FinetuneResult(step, step, [], n_train, run_dir)
+        if rng_state is not None:
+            ckpt.restore_rng(rng_state)
+        raw.eval()  # teacher and student alike: no dropout, no class-label dropout (DiT), the same computation
+        start = time.perf_counter()
+        extra = {**(shared or {})}
+        while step < steps:
+            batch = _to({**batch_of(step), **extra}, device)
+            loss = _loss(student, raw, batch, weight, frozen, features, accelerator.autocast)
+            accelerator.backward(loss)
+            if clip_grad is not None:
+                accelerator.clip_grad_norm_(params, clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            value = float(loss.detach())
+            if world > 1:
+                value = float(accelerator.reduce(loss.detach().float(), "mean"))
+            result.losses.append(value)
+            result.step = step
+            if bar is not None:
+                bar.update(1)
+            if step % log_interval == 0 or step == steps:
+                lr_now = optimizer.param_groups[0]["lr"]
+                rate = (time.perf_counter() - start) / (step - result.start_step)
+                log.write({"kind": "train", "step": step, "loss": value, "lr": lr_now, "s_per_step": rate})
+                line = f"loss {value:.6g} lr {lr_now:.3e} eta {_fmt_time(rate * (steps - step))}"
+                if bar is not None:
+                    bar.set_postfix_str(line)
+                else:
+                    _say(accelerator, f"step {step}/{steps} {line}")
+            if run_dir is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                save("end" if step == steps else "interval")
+        if bar is not None:
+            bar.close()
+        if run_dir is not None and accelerator.is_main_process:
+            _save_outputs(raw, run_dir, trainable, lora_names)
+        log.write({"kind": "end", "step": step, "loss": result.losses[-1] if result.losses else None})
+        accelerator.end_training()
+        return result
+    finally:
+        if log is not None:
+            log.close()
+        if features is not None:
+            features.remove()
+        for n, p in model.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def _save_outputs(model: nn.Module, run_dir: Path, trainable: str, lora_names: list[str]) -> None:
+    from ..train.checkpoint import save_weights
+
+    save_conversion(model, run_dir / "conversion")
+    named = dict(model.named_parameters())
+    meta = {"format": "visionlin.finetune", "model": type(model).__name__, "trainable": trainable}
+    if "lora" in trainable:
+        save_weights(run_dir / "lora.safetensors", {n: named[n] for n in lora_names}, {**meta, "adapter": LORA_ADAPTER})
+    if trainable == "all":
+        save_weights(run_dir / "model.safetensors", model.state_dict(), meta)
