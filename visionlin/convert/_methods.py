@@ -314,9 +314,10 @@ class LinearCore(_Core):
     def qk_delta(self, attn, x):
         # to_q is affine: to_q(x + m(x)) = to_q(x) + W_q m(x), so the stock (possibly fused) projection is reused.
         wq, wk = _qk_weights(attn)
-        xf = x.float()
-        dq = F.linear(self.mlp_q(xf), wq.float()).to(x.dtype)
-        dk = F.linear(self.mlp_k(xf), wk.float()).to(x.dtype)
+        dt = self.mlp_q[0].weight.dtype  # float32 unless the user cast the model
+        xf = x.to(dt)
+        dq = F.linear(self.mlp_q(xf), wq.to(dt)).to(x.dtype)
+        dk = F.linear(self.mlp_k(xf), wk.to(dt)).to(x.dtype)
         return dq, dk
 
     def forward(self, q, k, v, scale, additional_keys=None, additional_values=None) -> torch.Tensor:
