@@ -285,3 +285,19 @@ def test_save_load_roundtrip_and_revert(tmp_path, family, method, options):
     assert torch.equal(_run(fresh, family), y)
     assert visionlin.revert(fresh) == 1 and torch.equal(_run(fresh, family), y0)
     assert revert(model) == 1 and torch.equal(_run(model, family), y0)
+
+
+def test_cli_new_method_options(tmp_path, capsys):
+    from visionlin.cli import main
+
+    _dit().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "conv"
+    rc = main(["convert", str(tmp_path / "dit"), "--method", "hybrid", "--kernel-size", "3", "5", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "transformer_blocks.0.attn1  converted  hybrid" in text
+    assert json.loads((out / "conversion.json").read_text())["components"]["model"]["options"]["kernel_size"] == [3, 5]
+    rc = main(["convert", str(tmp_path / "dit"), "--method", "agent", "--pool", "4", "--k-shortcut", "0.1"])
+    assert rc == 0 and "converted  agent" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "dit"), "--method", "linear", "--pool", "2"])
+    assert e.value.code == 2 and "unknown option(s) ['pool'] for method='linear'" in capsys.readouterr().err

@@ -16,15 +16,30 @@ __all__ = ["add_arguments", "execute"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a local diffusers model or pipeline folder (save_pretrained output)")
-    p.add_argument("--method", default="sla", help="sla | sparse | dense (default: sla)")
+    p.add_argument("--method", default="sla", help="sla | sparse | hybrid | linear | agent | dense (default: sla)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of key blocks not computed exactly, [0, 1)")
     p.add_argument("--block-size", type=int, nargs="+", default=None, metavar="N", help="block size, or BQ BK")
     p.add_argument("--k-low", type=float, default=None, help="sla: fraction of key blocks skipped (paper variant)")
     p.add_argument("--variant", default=None, help="sla: paper | code")
-    p.add_argument("--feature-map", default=None, help="sla: softmax | elu | relu")
+    p.add_argument(
+        "--feature-map", default=None, help="sla: softmax | elu | relu; hybrid / linear: elu | relu | sigmoid"
+    )
+    p.add_argument(
+        "--kernel-size", type=int, nargs="+", default=None, metavar="K", help="hybrid: window, or one per axis"
+    )
+    p.add_argument("--dilation", type=int, nargs="+", default=None, metavar="D", help="hybrid: window dilation")
+    p.add_argument("--eps", type=float, default=None, help="linear: added to the mean-normalised denominator")
+    p.add_argument("--mid-dim-scale", type=int, default=None, help="linear: MLP width = channels // this")
+    p.add_argument("--pool", type=int, nargs="+", default=None, metavar="P", help="agent: agent cell, or one per axis")
+    p.add_argument("--k-scale2", type=float, default=None, help="agent: broadcast logits scaled by scale ** k_scale2")
+    p.add_argument("--k-shortcut", type=float, default=None, help="agent: weight of the + k_shortcut * v term")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only these attention modules")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping unconvertible attention")
     p.add_argument("--out", default=None, help="save the conversion (plan JSON + converter safetensors) here")
+
+
+def _one_or_list(values: list[int] | None) -> int | list[int] | None:
+    return values if values is None or len(values) > 1 else values[0]
 
 
 def _load(path: Path):
@@ -54,6 +69,9 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "sparsity": args.sparsity, "k_low": args.k_low, "variant": args.variant, "feature_map": args.feature_map,
             "block_size": None if args.block_size is None else (
                 args.block_size[0] if len(args.block_size) == 1 else tuple(args.block_size)),
+            "kernel_size": _one_or_list(args.kernel_size), "dilation": _one_or_list(args.dilation),
+            "pool": _one_or_list(args.pool), "eps": args.eps, "mid_dim_scale": args.mid_dim_scale,
+            "k_scale2": args.k_scale2, "k_shortcut": args.k_shortcut,
         }.items()
         if v is not None
     }  # fmt: skip
