@@ -237,10 +237,13 @@ def convert(
         pipe_or_model: A diffusers pipeline (its supported components are converted) or a bare model
             (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``UNet2DConditionModel``,
             ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``,
-            ``CogVideoXTransformer3DModel``).
+            ``CogVideoXTransformer3DModel``, ``HunyuanVideoTransformer3DModel``).
         method: ``"sla"`` (sparse-linear attention, a zero-initialised projection per layer: needs fine-tuning to
-            gain from its linear branch), ``"sparse"`` (training-free block top-k) or ``"dense"`` (the stock
-            computation through the converter).
+            gain from its linear branch), ``"sparse"`` (training-free block top-k), ``"hybrid"`` (local window
+            softmax + gated global linear attention; the zero-initialised gate starts it as local attention),
+            ``"linear"`` (LinFusion's generalised linear attention on the stock projections; needs fine-tuning),
+            ``"agent"`` (AgentSD's training-free agent attention) or ``"dense"`` (the stock computation through the
+            converter). Options per method: ``docs/convert_methods.md``.
         layers: Attention module names (as in ``model.named_modules()``) to convert; ``None`` converts every
             convertible one. With a pipeline, the names apply to each component.
         strict: Raise instead of skipping attention modules that cannot be converted.
