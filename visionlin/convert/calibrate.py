@@ -31,7 +31,7 @@ from ._convert import (
     convert,
     revert,
 )
-from ._methods import CORE_ATTR, METHODS, build_core, validate_options
+from ._methods import CORE_ATTR, METHODS, _Core, build_core, validate_options
 
 __all__ = ["DEFAULT_CANDIDATES", "METRICS", "CalibrationReport", "LayerCalibration", "calibrate", "relative_error"]
 
@@ -245,11 +245,20 @@ def calibrate(
             if fixed.get("dense_above_timestep") is not None:
                 handles.append(_timestep_hook(model, modules, fixed["dense_above_timestep"]))
             for name in state.originals:
+                attn = named[name]
+                head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
+                if type(build_core(method, cand_options[0], head_dim, None, attn)).qk_delta is not _Core.qk_delta:
+                    raise ValueError(
+                        f"method={method!r} changes the attention's query / key projections; calibrate measures "
+                        "methods on the stock attention inputs (sparse, sla, hybrid, agent)"
+                    )
                 entry = {"errors": [0.0] * len(candidates), "calls": 0, "cores": None}
                 stats[(comp, name)] = entry
                 core = getattr(named[name], CORE_ATTR)
                 handles.append(
-                    core.register_forward_hook(_probe(entry, method, cand_options, metric), with_kwargs=True)
+                    core.register_forward_hook(
+                        _probe(entry, method, cand_options, metric, named[name]), with_kwargs=True
+                    )
                 )
         with torch.no_grad():
             for kwargs in inputs:
@@ -271,7 +280,7 @@ def calibrate(
     return report
 
 
-def _probe(entry: dict[str, Any], method: str, cand_options: list[dict[str, Any]], metric: str):
+def _probe(entry: dict[str, Any], method: str, cand_options: list[dict[str, Any]], metric: str, attn: nn.Module):
     """A forward hook on a layer's dense core: every candidate on the same inputs, errors against the dense output."""
 
     def hook(core, args, kwargs, output):
@@ -281,7 +290,7 @@ def _probe(entry: dict[str, Any], method: str, cand_options: list[dict[str, Any]
         q, k, v, scale = a["q"], a["k"], a["v"], a["scale"]
         ak, av = a.get("additional_keys"), a.get("additional_values")
         if entry["cores"] is None:
-            entry["cores"] = [build_core(method, o, q.shape[-1], q.device) for o in cand_options]
+            entry["cores"] = [build_core(method, o, q.shape[-1], q.device, attn) for o in cand_options]
         for i, cand in enumerate(entry["cores"]):
             cand.grid, cand.text_len = core.grid, core.text_len
             err = relative_error(cand(q, k, v, scale, ak, av), output, metric)
