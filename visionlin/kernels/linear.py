@@ -332,13 +332,32 @@ def efficient_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out.to(q.dtype)
 
 
+def _efficient_triton_supports(q, k, v, **kwargs) -> list[str]:
+    from .triton import rope_linear_reasons
+
+    return rope_linear_reasons(q, k, v)
+
+
+def _efficient_triton(q, k, v):
+    """``"triton"`` backend: both softmaxes fused into the state and read-out passes
+    (:mod:`visionlin.kernels.triton.rope_linear`)."""
+    from .triton.rope_linear import efficient_attention_triton
+
+    return efficient_attention_triton(q, k, v)
+
+
 _eff_op = Op("efficient_attention")
+_eff_op.register("triton", _efficient_triton, _efficient_triton_supports)
 _eff_op.register("reference", efficient_attention_reference, supports_floating)
 
 
 def efficient_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
-    """Efficient Attention; see :func:`efficient_attention_reference`."""
+    """Efficient Attention; see :func:`efficient_attention_reference`.
+
+    Backends: ``"triton"`` (CUDA: fused kernels, see :mod:`visionlin.kernels.triton.rope_linear`) and
+    ``"reference"``.
+    """
     check_heads_last("efficient_attention", q, k, v, same_length=False)
     return _eff_op(q, k, v, backend=backend)

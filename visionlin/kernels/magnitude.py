@@ -69,7 +69,21 @@ def magnitude_aware_linear_attention_reference(
     return out.to(q.dtype)
 
 
+def _triton_supports(q, k, v, **kwargs) -> list[str]:
+    from .triton import rope_linear_reasons
+
+    return rope_linear_reasons(q, k, v)
+
+
+def _triton(q, k, v, **kwargs):
+    """``"triton"`` backend: feature maps, RoPE and normaliser fused (:mod:`visionlin.kernels.triton.rope_linear`)."""
+    from .triton.rope_linear import rope_linear_attention_triton
+
+    return rope_linear_attention_triton("magnitude", q, k, v, **kwargs)
+
+
 _op = Op(_OP)
+_op.register("triton", _triton, _triton_supports)
 _op.register("reference", magnitude_aware_linear_attention_reference, supports_floating)
 
 

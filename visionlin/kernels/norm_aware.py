@@ -103,7 +103,21 @@ def norm_aware_linear_attention_reference(
     return out.to(q.dtype)
 
 
+def _triton_supports(q, k, v, **kwargs) -> list[str]:
+    from .triton import MAX_NORM_AWARE_HEAD_DIM, rope_linear_reasons
+
+    return rope_linear_reasons(q, k, v, max_head_dim=MAX_NORM_AWARE_HEAD_DIM)
+
+
+def _triton(q, k, v, **kwargs):
+    """``"triton"`` backend: feature maps, RoPE and normaliser fused (:mod:`visionlin.kernels.triton.rope_linear`)."""
+    from .triton.rope_linear import rope_linear_attention_triton
+
+    return rope_linear_attention_triton("norm_aware", q, k, v, **kwargs)
+
+
 _op = Op("norm_aware_linear_attention")
+_op.register("triton", _triton, _triton_supports)
 _op.register("reference", norm_aware_linear_attention_reference, supports_floating)
 
 

@@ -11,12 +11,22 @@ import importlib.util
 
 import torch
 
-__all__ = ["LINEAR_FEATURE_MAPS", "MAX_HEAD_DIM", "head_dim_reasons", "triton_unavailable"]
+__all__ = [
+    "LINEAR_FEATURE_MAPS",
+    "MAX_HEAD_DIM",
+    "MAX_NORM_AWARE_HEAD_DIM",
+    "head_dim_reasons",
+    "rope_linear_reasons",
+    "triton_unavailable",
+]
 
 #: Feature maps the fused linear-attention kernels apply themselves (by name).
 LINEAR_FEATURE_MAPS = ("identity", "relu", "elu", "sigmoid", "cosine")
 #: Largest q/k and v head dims the kernels tile (a 128 x 128 float32 state per program).
 MAX_HEAD_DIM = 128
+#: Largest head dim of the fused NaLa kernels: its features are twice as wide (``2 D`` channels), and a 256-wide
+#: float32 state spills registers for sm_90.
+MAX_NORM_AWARE_HEAD_DIM = 64
 
 
 # Looked up once, without importing Triton (a plain constant: torch.compile traces the supports() checks).
@@ -37,3 +47,16 @@ def head_dim_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
         return [f"head dims D={q.shape[-1]}, Dv={v.shape[-1]} exceed the kernels' {MAX_HEAD_DIM} (allowed: 1 to "
                 f"{MAX_HEAD_DIM})"]  # fmt: skip
     return []
+
+
+def rope_linear_reasons(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, max_head_dim: int = MAX_HEAD_DIM
+) -> list[str]:
+    """Reasons the fused MALA / RALA / NaLa / Efficient Attention kernels (``triton/rope_linear.py``) cannot run
+    these tensors (empty if they can)."""
+    reasons = triton_unavailable(q, k, v)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"needs one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if max_head_dim < MAX_HEAD_DIM and q.shape[-1] > max_head_dim:
+        reasons.append(f"head dim D={q.shape[-1]} exceeds this kernel's {max_head_dim} (allowed: 1 to {max_head_dim})")
+    return reasons + head_dim_reasons(q, v)

@@ -1,0 +1,672 @@
+"""Fused MALA, RALA, NaLa (2-D RoPE inside the kernels) and Efficient Attention in Triton, forward and backward.
+
+The four ops share one form. Per (batch, head), with key features ``f_j`` (``F`` channels), their RoPE-rotated copy
+``r_j = R_j f_j`` (``r = f`` without RoPE), per-key weights ``w_j`` and values ``v_j``, one pass over the keys adds the
+float32 sums::
+
+    S = sum_j w_j r_j v_j^T  [F, Dv],   z = sum_j w_j f_j  [F],   u = sum_j v_j  [Dv],   W = sum_j w_j
+
+and one pass over the queries reads them out with the query features ``f_i``, ``r_i = R_i f_i`` and ``t_i = f_i . zb``:
+
+* MALA: ELU + 1 features (``F = D``), ``w_j = 1``, ``P = s S / W``, ``zb = s z / W``,
+  ``out_i = (r_i P) (1 + 1 / (t_i + eps)) - t_i u / M``;
+* RALA: ELU + 1 features, ``w_j = exp(l_j - max_j l_j)``, ``P = S / W``, ``zb = z / W``,
+  ``out_i = (r_i P) / (t_i + eps)``;
+* NaLa: query features ``(relu(+-q) / ||q||) ** p``, key features ``relu(+-k ** 3)`` (``F = 2 D``: two halves),
+  ``w_j = 1``, ``P = S / W``, ``zb = z / W``, ``out_i = (r_i P) / (t_i + eps)``;
+* Efficient Attention: query features ``softmax_D(q)``, key features ``exp(k - max_j k)`` per channel, no RoPE,
+  ``w_j = 1``, ``P = S / z`` (row by row), ``out_i = f_i P``.
+
+RALA's ``l_j = s qbar . f_j`` with ``qbar = mean_i f_i`` (a query pass before the key passes, then a pass for
+``max_j l_j``), so ``w_j / W`` is its softmax over the keys; Efficient Attention's per-channel key maximum is a pass of
+its own. The maxima are shifts the outputs do not depend on, constants for autograd. RoPE rotates channel pairs inside
+the kernels (``r = f cos + rot(f) sin``, ``rot(f)_{2m, 2m+1} = (-f_{2m+1}, f_{2m})``; NaLa rotates each ``D``-channel
+half); the ``(sin, cos)`` tables are read per token beside the features.
+
+Backward, two kernels as :mod:`.linear`'s: the read-out backward writes ``dq`` and adds the gradients of
+``(P, zb, u / M)`` (float32 atomics); the state backward turns them into those of ``(S, z, u, W)`` and writes ``dk``
+and ``dv`` (RALA also adds ``d qbar``, whose share ``phi'(q_i) d qbar / N`` of ``dq`` is added after). All sums and
+feature maps in float32; the products run through :func:`.linear._mm` (tensor cores with float32 accumulation in
+half precision, power-of-two operand scaling in float16, so 65k-token sums never overflow). One custom-op pair
+(``visionlin::rope_linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import _mm, _phi, _phi_backward, _splits, _warps
+
+__all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
+
+MECHANISM_IDS = {"magnitude": 0, "rank_augmented": 1, "norm_aware": 2, "efficient": 3}
+
+
+@triton.jit
+def _rot(x, R: tl.constexpr, C: tl.constexpr):
+    """``rot(x)``: each channel pair ``(x_2m, x_2m+1)`` of float32 rows ``[R, C]`` becomes ``(-x_2m+1, x_2m)``."""
+    a, b = tl.split(tl.reshape(x, (R, C // 2, 2)))
+    return tl.reshape(tl.join(-b, a), (R, C))
+
+
+@triton.jit
+def _tables(SIN, COS, offs, ch, mask, D):
+    """The RoPE ``(sin, cos)`` of rows ``offs`` and channels ``ch`` (float32 ``[N, D]`` tables; 0 where masked)."""
+    idx = offs[:, None] * D + ch[None, :]
+    return tl.load(SIN + idx, mask=mask, other=0.0), tl.load(COS + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _query_features(x, mask, sgn, norm_eps, MECH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query features of float32 rows ``x`` ``[R, F]`` (NaLa: ``x`` loaded twice side by side, ``sgn`` +-1 per half);
+    0 where ``mask`` is False."""
+    if MECH == 2:
+        n = tl.sqrt(tl.sum(x * x, axis=1) * 0.5)  # the tile holds every channel twice
+        p = 3.0 * (0.5 + 1.0 - 2.0 / (tl.exp(2.0 * n) + 1.0))  # 3 (0.5 + tanh n), n >= 0
+        c = x * sgn[None, :]
+        a = tl.where(c > 0, c / (n + norm_eps)[:, None], 0.0)
+        f = tl.where(a > 0, tl.exp2(p[:, None] * tl.log2(tl.maximum(a, 1e-30))), 0.0)
+    elif MECH == 3:
+        xm = tl.where(mask, x, float("-inf"))
+        e = tl.where(mask, tl.exp(xm - tl.max(xm, axis=1)[:, None]), 0.0)
+        f = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]
+    else:
+        f = _phi(x, mask, 2)
+    return tl.where(mask, f, 0.0)
+
+
+@triton.jit
+def _query_features_backward(x, f, df, mask, sgn, norm_eps, MECH: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
+    """Gradient with respect to the raw query rows of ``sum(df * f)``; NaLa folds its two halves back (``[R, BD]``)."""
+    if MECH == 2:
+        n = tl.sqrt(tl.sum(x * x, axis=1) * 0.5)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * n) + 1.0)
+        p = 3.0 * (0.5 + th)
+        ne = n + norm_eps
+        c = x * sgn[None, :]
+        a = tl.where(c > 0, c / ne[:, None], 0.0)
+        pos = (a > 0) & mask
+        ga = tl.where(pos, df * p[:, None] * f / tl.maximum(a, 1e-30), 0.0)  # d/da of a^p
+        dp = tl.sum(tl.where(pos, df * f * tl.log(tl.maximum(a, 1e-30)), 0.0), axis=1)
+        dn = dp * 3.0 * (1.0 - th * th) - tl.sum(ga * a, axis=1) / ne
+        unit = tl.where(n[:, None] > 0, x / tl.where(n > 0, n, 1.0)[:, None], 0.0)
+        dx = tl.where(mask, ga * sgn[None, :] / ne[:, None] + 0.5 * unit * dn[:, None], 0.0)
+        dx = tl.sum(tl.reshape(dx, (R, 2, BD)), axis=1)
+    elif MECH == 3:
+        dx = tl.where(mask, f * (df - tl.sum(f * df, axis=1)[:, None]), 0.0)
+    else:
+        dx = _phi_backward(x, df, mask, 2)
+    return dx
+
+
+@triton.jit
+def _key_features(x, mask, sgn, kmax, MECH: tl.constexpr):
+    """Key features of float32 rows ``x`` ``[R, F]`` (``kmax``: Efficient Attention's per-channel maxima)."""
+    if MECH == 2:
+        c = x * sgn[None, :]
+        f = tl.where(c > 0, c * c * c, 0.0)
+    elif MECH == 3:
+        f = tl.exp(tl.minimum(x - kmax[None, :], 0.0))
+    else:
+        f = _phi(x, mask, 2)
+    return tl.where(mask, f, 0.0)
+
+
+@triton.jit
+def _key_features_backward(x, f, df, mask, sgn, MECH: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
+    if MECH == 2:
+        c = x * sgn[None, :]
+        dx = tl.where(mask & (c > 0), 3.0 * x * x * sgn[None, :] * df, 0.0)
+        dx = tl.sum(tl.reshape(dx, (R, 2, BD)), axis=1)
+    elif MECH == 3:
+        dx = tl.where(mask, f * df, 0.0)
+    else:
+        dx = _phi_backward(x, df, mask, 2)
+    return dx
+
+
+@triton.jit
+def _rope(f, SIN, COS, offs, ch, mask, D, HAS_ROPE: tl.constexpr, R: tl.constexpr, BF: tl.constexpr):
+    if HAS_ROPE:
+        sn, cs = _tables(SIN, COS, offs, ch, mask, D)
+        f = f * cs + _rot(f, R, BF) * sn
+    return f
+
+
+@triton.jit
+def _rope_backward(dr, SIN, COS, offs, ch, mask, D, HAS_ROPE: tl.constexpr, R: tl.constexpr, BF: tl.constexpr):
+    """``R^T dr``: ``rot`` is antisymmetric, so ``d f = dr cos - rot(dr sin)``."""
+    if HAS_ROPE:
+        sn, cs = _tables(SIN, COS, offs, ch, mask, D)
+        dr = dr * cs - _rot(dr * sn, R, BF)
+    return dr
+
+
+@triton.jit
+def _channels(MECH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Feature column -> input channel, and the sign of NaLa's half (+1, then -1)."""
+    offs_f = tl.arange(0, BLOCK_F)
+    ch = offs_f % BLOCK_D
+    sgn = tl.where(offs_f < BLOCK_D, 1.0, -1.0)
+    return ch, sgn
+
+
+@triton.jit
+def _key_weights(f, qbar, lmax, mask_m, scale, MECH: tl.constexpr):
+    """RALA's ``exp(l_j - max l)`` with ``l_j = s qbar . f_j``; 1 otherwise (0 for rows beyond ``M``)."""
+    if MECH == 1:
+        w = tl.exp(tl.minimum(tl.sum(f * qbar[None, :], axis=1) * scale - lmax, 0.0))
+    else:
+        w = tl.where(mask_m, 1.0, 0.0)
+    return tl.where(mask_m, w, 0.0)
+
+
+@triton.jit
+def _aux(AUX, bh, inv_n, MECH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """``(qbar [F], l_max, kmax [F])`` of RALA / Efficient Attention from ``AUX`` ``[BH, 2 BLOCK_D]``."""
+    offs = tl.arange(0, BLOCK_F)
+    if MECH == 1:
+        qbar = tl.load(AUX + bh * 2 * BLOCK_D + offs) * inv_n
+        lmax = tl.load(AUX + bh * 2 * BLOCK_D + BLOCK_D)
+    else:
+        qbar = tl.zeros((BLOCK_F,), tl.float32)
+        lmax = 0.0
+    kmax = tl.zeros((BLOCK_F,), tl.float32)
+    if MECH == 3:
+        kmax = tl.load(AUX + bh * 2 * BLOCK_D + BLOCK_D + offs % BLOCK_D)
+    return qbar, lmax, kmax
+
+
+@triton.jit
+def _qsum_kernel(
+    Q, AUX, N, H, D, per, sq_b, sq_n, sq_h, sq_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """RALA: adds ``sum_i (ELU(q_i) + 1)`` of one split of the queries into ``AUX[bh, :D]``."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(per):
+        rows = ((tl.program_id(1) * per + i) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask = (rows < N)[:, None] & (offs_d < D)[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d, mask=mask, other=0.0)
+        acc += tl.sum(_phi(q.to(tl.float32), mask, 2), axis=0)
+    tl.atomic_add(AUX + bh * 2 * BLOCK_D + offs_d, acc, sem="relaxed")
+
+
+@triton.jit
+def _kmax_kernel(
+    K, AUX, M, H, D, per, inv_n, scale, sk_b, sk_n, sk_h, sk_d,
+    MECH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """RALA: ``max_j l_j`` into ``AUX[bh, D']``; Efficient Attention: each channel's ``max_j k_j`` into
+    ``AUX[bh, D':]`` (``D'`` = ``BLOCK_D``), over one split of the keys."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    qbar, _, _ = _aux(AUX, bh, inv_n, MECH, BLOCK_D, BLOCK_D)
+    best = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    best_l = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for i in range(per):
+        rows = ((tl.program_id(1) * per + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = rows < M
+        mask = mask_m[:, None] & mask_d[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + offs_d[None, :] * sk_d, mask=mask, other=0.0)
+        k = k.to(tl.float32)
+        if MECH == 1:
+            logit = tl.sum(_phi(k, mask, 2) * qbar[None, :], axis=1) * scale
+            best_l = tl.maximum(best_l, tl.where(mask_m, logit, float("-inf")))
+        else:
+            best = tl.maximum(best, tl.max(tl.where(mask, k, float("-inf")), axis=0))
+    if MECH == 1:
+        tl.atomic_max(AUX + bh * 2 * BLOCK_D + BLOCK_D, tl.max(best_l, axis=0), sem="relaxed")
+    else:
+        tl.atomic_max(AUX + bh * 2 * BLOCK_D + BLOCK_D + offs_d, best, mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _state_kernel(
+    K, V, SIN, COS, AUX, S,
+    M, H, D, DV, per, inv_n, scale,
+    sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d,
+    MECH: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Adds one split of the keys' ``(S, z, u, W)`` (module docstring) into a (batch, head)'s float32 state."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
+    ch, sgn = _channels(MECH, BLOCK_D, BLOCK_F)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_e = tl.arange(0, BLOCK_DV)
+    qbar, lmax, kmax = _aux(AUX, bh, inv_n, MECH, BLOCK_D, BLOCK_F)
+    acc = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    z = tl.zeros((BLOCK_F,), tl.float32)
+    u = tl.zeros((BLOCK_DV,), tl.float32)
+    wsum = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(per):
+        rows = ((tl.program_id(1) * per + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = rows < M
+        kmask = mask_m[:, None] & (ch < D)[None, :]
+        vmask = mask_m[:, None] & (offs_e < DV)[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + ch[None, :] * sk_d, mask=kmask, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0)
+        v = v.to(tl.float32)
+        f = _key_features(k.to(tl.float32), kmask, sgn, kmax, MECH)
+        w = _key_weights(f, qbar, lmax, mask_m, scale, MECH)
+        r = _rope(f, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
+        acc += _mm(tl.trans(r * w[:, None]), v, k.dtype, HALF, False, SCALE)
+        z += tl.sum(f * w[:, None], axis=0)
+        u += tl.sum(v, axis=0)
+        wsum += w
+    base = S + bh * (BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV + 1)
+    tl.atomic_add(base + offs_f[:, None] * BLOCK_DV + offs_e[None, :], acc, sem="relaxed")
+    tl.atomic_add(base + BLOCK_F * BLOCK_DV + offs_f, z, sem="relaxed")
+    tl.atomic_add(base + BLOCK_F * BLOCK_DV + BLOCK_F + offs_e, u, sem="relaxed")
+    tl.atomic_add(base + BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV, tl.sum(wsum, axis=0), sem="relaxed")
+
+
+@triton.jit
+def _load_triple(BUF, bh, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``(matrix [F, Dv], vector [F], vector [Dv], scalar)`` of one (batch, head) in a ``[BH, F Dv + F + Dv + 1]``
+    buffer (the state ``(S, z, u, W)``, the read-out's ``(P, zb, u / M)`` or the gradients of either)."""
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_e = tl.arange(0, BLOCK_DV)
+    base = BUF + bh * (BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV + 1)
+    mat = tl.load(base + offs_f[:, None] * BLOCK_DV + offs_e[None, :])
+    vec_f = tl.load(base + BLOCK_F * BLOCK_DV + offs_f)
+    vec_e = tl.load(base + BLOCK_F * BLOCK_DV + BLOCK_F + offs_e)
+    scalar = tl.load(base + BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV)
+    return mat, vec_f, vec_e, scalar
+
+
+@triton.jit
+def _query_rows(
+    Q, SIN, COS, b, h, rows, N, D, sq_b, sq_n, sq_h, sq_d, norm_eps,
+    MECH: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """``(x, f, r, mask, ch, sgn)`` of query rows ``rows``: raw float32 rows, features, rotated features."""
+    ch, sgn = _channels(MECH, BLOCK_D, BLOCK_F)
+    mask = (rows < N)[:, None] & (ch < D)[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + ch[None, :] * sq_d, mask=mask, other=0.0)
+    x = q.to(tl.float32)
+    f = _query_features(x, mask, sgn, norm_eps, MECH, BLOCK_D)
+    r = _rope(f, SIN, COS, rows, ch, mask, D, HAS_ROPE, BLOCK_N, BLOCK_F)
+    return x, f, r, mask, ch, sgn
+
+
+@triton.jit
+def _readout_kernel(
+    Q, SIN, COS, MATS, Out,
+    N, H, D, DV, eps, norm_eps,
+    sq_b, sq_n, sq_h, sq_d, so_b, so_n, so_h, so_d,
+    MECH: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One block of queries: ``out`` by the module docstring's table."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    p, zb, ub, _ = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    _, f, r, _, _, _ = _query_rows(
+        Q, SIN, COS, b, h, rows, N, D, sq_b, sq_n, sq_h, sq_d, norm_eps, MECH, HAS_ROPE, BLOCK_N, BLOCK_D, BLOCK_F
+    )
+    out = _mm(r, p, Q.dtype.element_ty, HALF, True, SCALE)
+    t = tl.sum(f * zb[None, :], axis=1)
+    if MECH == 0:
+        out = out * (1.0 + 1.0 / (t + eps))[:, None] - t[:, None] * ub[None, :]
+    elif MECH != 3:
+        out = out / (t + eps)[:, None]
+    offs_e = tl.arange(0, BLOCK_DV)
+    omask = (rows < N)[:, None] & (offs_e < DV)[None, :]
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_n + offs_e[None, :] * so_d, out.to(Out.dtype.element_ty),
+             omask)  # fmt: skip
+
+
+@triton.jit
+def _readout_backward_kernel(
+    Q, SIN, COS, G, MATS, DQ, GS,
+    N, H, D, DV, eps, norm_eps, per,
+    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, sdq_b, sdq_n, sdq_h, sdq_d,
+    MECH: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dq`` for one split of the queries; adds that split's gradients of ``P``, ``zb`` and ``u / M`` into ``GS``."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_e = tl.arange(0, BLOCK_DV)
+    offs_d = tl.arange(0, BLOCK_D)
+    p, zb, ub, _ = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
+    p_t = tl.trans(p)
+    dp = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    dzb = tl.zeros((BLOCK_F,), tl.float32)
+    dub = tl.zeros((BLOCK_DV,), tl.float32)
+    for i in range(per):
+        rows = ((tl.program_id(1) * per + i) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = rows < N
+        x, f, r, mask, ch, sgn = _query_rows(
+            Q, SIN, COS, b, h, rows, N, D, sq_b, sq_n, sq_h, sq_d, norm_eps, MECH, HAS_ROPE, BLOCK_N, BLOCK_D, BLOCK_F
+        )
+        emask = mask_n[:, None] & (offs_e < DV)[None, :]
+        g = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_n + offs_e[None, :] * sg_d, mask=emask, other=0.0)
+        g = g.to(tl.float32)
+        if MECH == 3:
+            dn = g
+            dt = tl.sum(g, axis=1) * 0.0
+        else:
+            num = _mm(r, p, Q.dtype.element_ty, HALF, True, SCALE)
+            t = tl.sum(f * zb[None, :], axis=1)
+            den = t + eps
+            if MECH == 0:
+                dn = g * (1.0 + 1.0 / den)[:, None]
+                dt = -tl.sum(g * num, axis=1) / (den * den) - tl.sum(g * ub[None, :], axis=1)
+                dub -= tl.sum(t[:, None] * g, axis=0)
+            else:
+                dn = g / den[:, None]
+                dt = -tl.sum(dn * num, axis=1) / den
+        dr = _mm(dn, p_t, Q.dtype.element_ty, HALF, True, SCALE)
+        df = _rope_backward(dr, SIN, COS, rows, ch, mask, D, HAS_ROPE, BLOCK_N, BLOCK_F) + dt[:, None] * zb[None, :]
+        dp += _mm(tl.trans(r), dn, Q.dtype.element_ty, HALF, False, SCALE)
+        dzb += tl.sum(dt[:, None] * f, axis=0)
+        dq = _query_features_backward(x, f, df, mask, sgn, norm_eps, MECH, BLOCK_N, BLOCK_D)
+        if MECH == 2:
+            dmask = mask_n[:, None] & (offs_d < D)[None, :]
+            dq_ptr = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
+        else:
+            dmask = mask
+            dq_ptr = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + ch[None, :] * sdq_d
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), dmask)
+    base = GS + bh * (BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV + 1)
+    tl.atomic_add(base + offs_f[:, None] * BLOCK_DV + offs_e[None, :], dp, sem="relaxed")
+    tl.atomic_add(base + BLOCK_F * BLOCK_DV + offs_f, dzb, sem="relaxed")
+    tl.atomic_add(base + BLOCK_F * BLOCK_DV + BLOCK_F + offs_e, dub, sem="relaxed")
+
+
+@triton.jit
+def _state_backward_kernel(
+    K, V, SIN, COS, AUX, GS, DK, DVv, DQBAR,
+    M, H, D, DV, scale, inv_n,
+    sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d,
+    MECH: tl.constexpr, HAS_ROPE: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dk`` and ``dv`` for one block of keys from the gradients ``GS`` of ``(S, z, u, W)``; RALA adds its
+    ``d qbar``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_e = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_d = tl.arange(0, BLOCK_D)
+    ds, dz, du, dw_total = _load_triple(GS, bh, BLOCK_F, BLOCK_DV)
+    qbar, lmax, kmax = _aux(AUX, bh, inv_n, MECH, BLOCK_D, BLOCK_F)
+    ch, sgn = _channels(MECH, BLOCK_D, BLOCK_F)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < M
+    kmask = mask_m[:, None] & (ch < D)[None, :]
+    vmask = mask_m[:, None] & (offs_e < DV)[None, :]
+    k = tl.load(K + b * sk_b + h * sk_h + rows[:, None] * sk_n + ch[None, :] * sk_d, mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + rows[:, None] * sv_n + offs_e[None, :] * sv_d, mask=vmask, other=0.0)
+    v = v.to(tl.float32)
+    x = k.to(tl.float32)
+    f = _key_features(x, kmask, sgn, kmax, MECH)
+    w = _key_weights(f, qbar, lmax, mask_m, scale, MECH)
+    r = _rope(f, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
+    dv = w[:, None] * _mm(r, ds, K.dtype.element_ty, HALF, True, SCALE) + du[None, :]
+    vds = _mm(v, tl.trans(ds), K.dtype.element_ty, HALF, True, SCALE)  # [BLOCK_M, F]: dS v_j per key
+    df = _rope_backward(w[:, None] * vds, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
+    df += w[:, None] * dz[None, :]
+    if MECH == 1:
+        dl = w * (tl.sum(r * vds, axis=1) + tl.sum(f * dz[None, :], axis=1) + dw_total)
+        df += (scale * dl)[:, None] * qbar[None, :]
+        tl.atomic_add(DQBAR + bh * BLOCK_F + offs_f, tl.sum((scale * dl)[:, None] * f, axis=0), sem="relaxed")
+    dk = _key_features_backward(x, f, df, kmask, sgn, MECH, BLOCK_M, BLOCK_D)
+    if MECH == 2:
+        dkmask = mask_m[:, None] & (offs_d < D)[None, :]
+        dk_ptr = DK + b * sdk_b + h * sdk_h + rows[:, None] * sdk_n + offs_d[None, :] * sdk_d
+    else:
+        dkmask = kmask
+        dk_ptr = DK + b * sdk_b + h * sdk_h + rows[:, None] * sdk_n + ch[None, :] * sdk_d
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), dkmask)
+    dv_ptr = DVv + b * sdv_b + h * sdv_h + rows[:, None] * sdv_n + offs_e[None, :] * sdv_d
+    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), vmask)
+
+
+# Launch helpers -------------------------------------------------------------------------------------------------------
+def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
+    """``(BLOCK_D, BLOCK_F, BLOCK_DV)``: padded head dims and the feature width (NaLa: two halves)."""
+    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
+
+
+def _rows(bf: int, bdv: int, backward: bool) -> int:
+    """Rows per step: the largest without register spills for sm_90 at 8 warps (tests/test_kernels_sm90_compile.py)."""
+    size = bf * bdv
+    if backward:
+        return 64 if size <= 32 * 32 else 32 if size <= 64 * 64 else 16
+    return 64 if size <= 64 * 64 else 32 if size <= 128 * 128 else 16
+
+
+def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool) -> dict:
+    bd, bf, bdv = _blocks(mech, q.shape[-1], v.shape[-1])
+    return dict(
+        MECH=mech, HAS_ROPE=has_rope, HALF=q.dtype in (torch.float16, torch.bfloat16), SCALE=q.dtype == torch.float16,
+        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv, num_warps=_warps(bf, bdv),
+    )  # fmt: skip
+
+
+def _state_size(bf: int, bdv: int) -> int:
+    return bf * bdv + bf + bdv + 1
+
+
+def _unpack(buf: torch.Tensor, bf: int, bdv: int) -> tuple[torch.Tensor, ...]:
+    """``(matrix [BH, F, Dv], vector [BH, F], vector [BH, Dv], scalar [BH, 1])`` views of a packed buffer."""
+    n = bf * bdv
+    return buf[:, :n].view(-1, bf, bdv), buf[:, n : n + bf], buf[:, n + bf : n + bf + bdv], buf[:, -1:]
+
+
+def _pack(mat: torch.Tensor, vec_f: torch.Tensor, vec_e: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    return torch.cat([mat.flatten(1), vec_f, vec_e, scalar], dim=1).contiguous()
+
+
+def _readout_mats(state: torch.Tensor, mech: int, scale: float, inv_m: float, bf: int, bdv: int) -> torch.Tensor:
+    """``(P, zb, u / M, W)`` (module docstring) from the float32 state ``(S, z, u, W)``; ``O(B H F Dv)`` work."""
+    s_mat, z, u, w = _unpack(state, bf, bdv)
+    if mech == MECHANISM_IDS["magnitude"]:
+        c = scale / w
+        p, zb = s_mat * c[:, :, None], z * c
+    elif mech == MECHANISM_IDS["efficient"]:
+        p, zb = s_mat / torch.where(z > 0, z, 1.0)[:, :, None], torch.zeros_like(z)
+    else:
+        p, zb = s_mat / w[:, :, None], z / w
+    return _pack(p, zb, u * inv_m, w)
+
+
+def _state_grads(
+    state: torch.Tensor, grads: torch.Tensor, mech: int, scale: float, inv_m: float, bf: int, bdv: int
+) -> torch.Tensor:
+    """The gradients of ``(S, z, u, W)`` from those of the read-out's ``(P, zb, u / M)``."""
+    s_mat, z, _, w = _unpack(state, bf, bdv)
+    dp, dzb, dub, _ = _unpack(grads, bf, bdv)
+    dw = torch.zeros_like(w)
+    du = torch.zeros_like(dub)
+    if mech == MECHANISM_IDS["magnitude"]:
+        c = scale / w
+        ds, dz, du = dp * c[:, :, None], dzb * c, dub * inv_m
+    elif mech == MECHANISM_IDS["efficient"]:
+        zs = torch.where(z > 0, z, 1.0)
+        ds = dp / zs[:, :, None]
+        dz = -(ds * s_mat).sum(-1) / zs
+    else:
+        ds, dz = dp / w[:, :, None], dzb / w
+        dw = -((dp * s_mat).sum((1, 2))[:, None] + (dzb * z).sum(1, keepdim=True)) / (w * w)
+    return _pack(ds, dz, du, dw)
+
+
+# Custom ops -----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("visionlin::rope_linear_attention_fwd", mutates_args=())
+def rope_linear_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sin: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    mech: int,
+    scale: float,
+    eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, Dv] in q's dtype, float32 state [B*H, F*Dv' + F + Dv' + 1] = (S, z, u, W), float32 aux
+    [B*H, 2 BLOCK_D] = (sum_i f_i, max_j l_j) for RALA or (-, max_j k_j) for Efficient Attention)``; ``sin`` / ``cos``:
+    contiguous float32 ``[N, D]`` tables or ``None``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    meta = _meta(mech, q, v, sin is not None)
+    bd, bf, bdv = meta["BLOCK_D"], meta["BLOCK_F"], meta["BLOCK_DV"]
+    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
+    state = torch.zeros(b * h, _state_size(bf, bdv), device=q.device, dtype=torch.float32)
+    aux = torch.zeros(b * h, 2 * bd, device=q.device, dtype=torch.float32)
+    if b * h == 0 or m == 0:
+        return out, state, aux
+    sin_t, cos_t = (sin, cos) if sin is not None else (q, q)
+    rows = _rows(bf, bdv, backward=False)
+    inv_n = 1.0 / max(n, 1)
+    if mech in (MECHANISM_IDS["rank_augmented"], MECHANISM_IDS["efficient"]):
+        aux[:, bd:] = float("-inf")
+        if mech == MECHANISM_IDS["rank_augmented"] and n:
+            splits, per = _splits(n, rows, b * h, q.device)
+            _qsum_kernel[(b * h, splits)](q, aux, n, h, d, per, *q.stride(), BLOCK_N=rows, BLOCK_D=bd)
+        splits, per = _splits(m, rows, b * h, q.device)
+        _kmax_kernel[(b * h, splits)](
+            k, aux, m, h, d, per, inv_n, scale, *k.stride(), MECH=mech, BLOCK_M=rows, BLOCK_D=bd
+        )
+    splits, per = _splits(m, rows, b * h, q.device)
+    _state_kernel[(b * h, splits)](
+        k, v, sin_t, cos_t, aux, state, m, h, d, dv, per, inv_n, scale, *k.stride(), *v.stride(), BLOCK_M=rows, **meta
+    )
+    if n:
+        mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
+        _readout_kernel[(triton.cdiv(n, rows), b * h)](
+            q, sin_t, cos_t, mats, out, n, h, d, dv, eps, norm_eps, *q.stride(), *out.stride(), BLOCK_N=rows, **meta
+        )
+    return out, state, aux
+
+
+@rope_linear_attention_fwd.register_fake
+def _(q, k, v, sin, cos, mech, scale, eps, norm_eps):
+    b, n, h, d = q.shape
+    bd, bf, bdv = _blocks(mech, d, v.shape[-1])
+    return (
+        q.new_empty(b, n, h, v.shape[-1]),
+        q.new_empty(b * h, _state_size(bf, bdv), dtype=torch.float32),
+        q.new_empty(b * h, 2 * bd, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("visionlin::rope_linear_attention_bwd", mutates_args=())
+def rope_linear_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sin: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    state: torch.Tensor,
+    aux: torch.Tensor,
+    g: torch.Tensor,
+    mech: int,
+    scale: float,
+    eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`rope_linear_attention_fwd`'s output for its gradient ``g``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    meta = _meta(mech, q, v, sin is not None)
+    bf, bdv = meta["BLOCK_F"], meta["BLOCK_DV"]
+    rala = mech == MECHANISM_IDS["rank_augmented"]
+    # RALA's dq gets a second term after the key pass: its first part is kept in float32 until then.
+    dq = torch.zeros(b, n, h, d, device=q.device, dtype=torch.float32 if rala else q.dtype)
+    dk = torch.zeros(b, m, h, d, device=k.device, dtype=k.dtype)
+    dvv = torch.zeros(b, m, h, dv, device=v.device, dtype=v.dtype)
+    if b * h == 0 or m == 0:
+        return dq.to(q.dtype), dk, dvv
+    sin_t, cos_t = (sin, cos) if sin is not None else (q, q)
+    grads = torch.zeros_like(state)
+    mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
+    dqbar = torch.zeros(b * h, bf, device=q.device, dtype=torch.float32)
+    rows = _rows(bf, bdv, backward=True)
+    inv_n = 1.0 / max(n, 1)
+    if n:
+        splits, per = _splits(n, rows, b * h, q.device)
+        _readout_backward_kernel[(b * h, splits)](
+            q, sin_t, cos_t, g, mats, dq, grads, n, h, d, dv, eps, norm_eps, per,
+            *q.stride(), *g.stride(), *dq.stride(), BLOCK_N=rows, **meta,
+        )  # fmt: skip
+    grads = _state_grads(state, grads, mech, scale, 1.0 / m, bf, bdv)
+    _state_backward_kernel[(triton.cdiv(m, rows), b * h)](
+        k, v, sin_t, cos_t, aux, grads, dk, dvv, dqbar, m, h, d, dv, scale, inv_n,
+        *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows, **meta,
+    )  # fmt: skip
+    if rala and n:
+        # d qbar reaches every query through qbar = mean_i (ELU(q_i) + 1): dq_i += phi'(q_i) d qbar / N.
+        qf = q.float()
+        dphi = torch.where(qf > 0, 1.0, torch.exp(qf.clamp(max=0.0)))
+        dq = dq + dphi * (dqbar[:, :d].view(b, 1, h, d) * inv_n)
+    return dq.to(q.dtype), dk, dvv
+
+
+@rope_linear_attention_bwd.register_fake
+def _(q, k, v, sin, cos, state, aux, g, mech, scale, eps, norm_eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, sin, cos, mech, scale, eps, norm_eps = inputs
+    _, state, aux = output
+    ctx.mark_non_differentiable(state, aux)
+    ctx.save_for_backward(q, k, v, sin, cos, state, aux)
+    ctx.args = (mech, scale, eps, norm_eps)
+
+
+def _backward(ctx, g, _g_state, _g_aux):
+    q, k, v, sin, cos, state, aux = ctx.saved_tensors
+    dq, dk, dv = torch.ops.visionlin.rope_linear_attention_bwd(q, k, v, sin, cos, state, aux, g, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+rope_linear_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def rope_linear_attention_triton(
+    mechanism: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    norm_eps: float = 0.0,
+) -> torch.Tensor:
+    """The ``"triton"`` backend of MALA (``mechanism="magnitude"``), RALA (``"rank_augmented"``) and NaLa
+    (``"norm_aware"``): their ``*_reference`` with the feature maps, RoPE and normaliser fused into the kernels."""
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sin = cos = None
+    if rope is not None:
+        sin, cos = (t.to(torch.float32).contiguous() for t in rope)
+    out, _, _ = torch.ops.visionlin.rope_linear_attention_fwd(
+        q, k, v, sin, cos, MECHANISM_IDS[mechanism], s, float(eps), float(norm_eps)
+    )
+    return out
+
+
+def efficient_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visionlin.kernels.efficient_attention`."""
+    out, _, _ = torch.ops.visionlin.rope_linear_attention_fwd(
+        q, k, v, None, None, MECHANISM_IDS["efficient"], 1.0, 0.0, 0.0
+    )
+    return out
