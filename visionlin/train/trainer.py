@@ -482,8 +482,9 @@ def train(
         raise DataError(f"{len(train_ds)} training images over {world} process(es) is less than one batch ({batch})")
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     workers = cfg["workers"]
+    train_set = SeededTransform(train_ds, _train_transform(model, cfg))
     loader = DataLoader(
-        SeededTransform(train_ds, _train_transform(model, cfg)),
+        train_set,
         batch_size=batch,
         sampler=sampler,
         drop_last=True,
@@ -605,6 +606,7 @@ def train(
             accelerator.scaler.load_state_dict(ts["scaler"])
         epoch, position, step, skipped_total = ts["epoch"], ts["position"], ts["step"], ts["skipped"]
         rng_state = state["rng"]
+        skipped_total = int(rng_state.get("skipped", skipped_total))
         changed = {k: (ts["config"].get(k), cfg[k]) for k in cfg if k not in NOT_COMPARED and ts["config"].get(k) !=
                    cfg[k]}  # fmt: skip
         if changed:
@@ -630,7 +632,7 @@ def train(
                "command": command, "params": nparams})  # fmt: skip
 
     def save(epoch_: int, position_: int, reason: str) -> None:
-        rngs = [ckpt.capture_rng()]
+        rngs = [{**ckpt.capture_rng(), "skipped": skipped_total}]  # each process counts its own unreadable images
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -692,6 +694,26 @@ def train(
     if rng_state is not None:
         ckpt.restore_rng(rng_state)
     prepared.train()
+    where_ = f"[process {rank}] " if world > 1 else ""
+    stand_in: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def stand_in_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """The first readable training image as a batch of one (soft target with mixup): what a process whose
+        micro-batch had nothing readable computes, at weight 0, so that the other processes' gradient reduction does
+        not wait for it."""
+        if not stand_in:
+            for i in range(len(train_set)):
+                img, target = train_set[i]
+                if img is not None:
+                    stand_in.append((img[None].to(device), torch.tensor([target], device=device)))
+                    break
+            else:
+                raise DataError(f"none of the {len(train_set)} training images can be read")
+        img, target = stand_in[0]
+        if mixup_fn is not None:
+            target = nn.functional.one_hot(target, num_classes).float()
+        return img, target
+
     while epoch < cfg["epochs"]:
         if mixup_fn is not None and cfg["mixup_off_epoch"] and epoch >= cfg["mixup_off_epoch"]:
             mixup_fn.mixup_enabled = False
@@ -713,23 +735,27 @@ def train(
                 if bad:
                     skipped_total += len(bad)
                     for reason in bad:
-                        _say(accelerator, f"skipped unreadable image {reason}")
-                if images is None:
-                    continue
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    if len(images) % 2:  # timm's Mixup pairs images: drop one of an odd (partly skipped) batch
-                        images, targets = images[:-1], targets[:-1]
-                    if len(images) == 0:
+                        print(f"{where_}skipped unreadable image {reason}", flush=True)
+                if images is not None:
+                    images = images.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    if mixup_fn is not None:
+                        if len(images) % 2:  # timm's Mixup pairs images: drop one of an odd (partly skipped) batch
+                            images, targets = images[:-1], targets[:-1]
+                        if len(images):
+                            images, targets = mixup_fn(images, targets)
+                weight = 1.0
+                if images is None or len(images) == 0:
+                    if world == 1:
                         continue
-                    images, targets = mixup_fn(images, targets)
+                    (images, targets), weight = stand_in_batch(), 0.0
                 sync = micro == group - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
                     loss = step_model(images, targets)
-                    accelerator.backward(loss / group)
-                micro_losses.append(loss.detach().float())
-                n_images += len(images)
+                    accelerator.backward(loss * (weight / group))
+                if weight:
+                    micro_losses.append(loss.detach().float())
+                    n_images += len(images)
             if cfg["clip_grad"] is not None:
                 if cfg["clip_mode"] == "norm":
                     accelerator.clip_grad_norm_(prepared.parameters(), cfg["clip_grad"])
@@ -785,10 +811,12 @@ def train(
         _say(accelerator, f"epoch {epoch - 1} done: " + "  ".join(
             f"{k} {v:.4f}" for k, v in summary.items() if k not in ("kind", "epoch", "step")))  # fmt: skip
         save(epoch, 0, "epoch end")
+    if world > 1:
+        skipped_total = int(accelerator.reduce(torch.tensor(skipped_total, device=device), "sum"))
     log.write({"kind": "end", "step": step, "epoch": epoch, "skipped_images": skipped_total, **last_eval})
     log.close()
     if skipped_total:
-        _say(accelerator, f"skipped {skipped_total} unreadable image(s) in total (listed above)")
+        _say(accelerator, f"skipped {skipped_total} unreadable image(s) in total, all processes (listed above)")
     if accelerator.is_main_process and cfg["plot"]:
         from .plot import plot_run
 
