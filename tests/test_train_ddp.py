@@ -219,3 +219,18 @@ def test_distill_in_two_processes_follows_one_process(tmp_path, data):
     assert set(extra1) == set(extra2) and any(k.startswith("proj.") for k in extra1)
     for k in extra1:
         torch.testing.assert_close(extra2[k], extra1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_process_with_an_unreadable_micro_batch_does_not_stall_the_others(tmp_path):
+    # one image per process and step: the process that draws the corrupt file has nothing to compute that step; it
+    # must still take part in the gradient reduction (at weight 0) or the other process waits forever
+    data = make_synthetic_imagefolder(tmp_path / "data", classes=2, train_per_class=3, val_per_class=1)
+    (data / "train" / "class_0" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    argv = ["visionlin.train", *TINY, *RUN, "-b", "1", "--epochs", "1", "--data-dir", str(data), "--output",
+            str(tmp_path / "runs"), "--val-split", "none"]  # fmt: skip
+    text = _run2(argv, tmp_path)
+    run = tmp_path / "runs" / "infvit_tiny-32"
+    assert "skipped unreadable image" in text and "corrupt.png" in text
+    assert [r["step"] for r in read_log(run)["train"]] == [1, 2, 3, 4]  # 7 images over 2 processes: 4 steps
+    end = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    assert end["kind"] == "end" and end["skipped_images"] >= 1  # summed over the processes
