@@ -1,6 +1,6 @@
 """Backbone families; importing this package registers every entrypoint with timm."""
 
-from . import hierarchical, mambavision, mavit, nalaformer, nat, ravlt, vig, vit
+from . import hierarchical, mambavision, mavit, nalaformer, nat, pvt, ravlt, swin, vig, vit
 from .hierarchical import HierarchicalBackbone
 from .vit import EfficientVisionTransformer
 
@@ -12,7 +12,9 @@ __all__ = [
     "mavit",
     "nalaformer",
     "nat",
+    "pvt",
     "ravlt",
+    "swin",
     "vig",
     "vit",
 ]
