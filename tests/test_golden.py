@@ -46,6 +46,10 @@ IMPLEMENTED = [
     "nalaformer",
     "sla_attention",
     "linfusion_attention",
+    "flatten_pvt",
+    "agent_pvt",
+    "flatten_swin",
+    "agent_swin",
 ]
 
 
