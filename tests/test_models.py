@@ -42,6 +42,10 @@ TEST_KWARGS = {
         )
         for m in ("mavit", "ravlt", "nalaformer")
     },
+    # Narrow, every stage kept; PVT one block per stage; Swin with a 2 x 2 softmax window so that the window stages'
+    # shift and mask act on the small test grids (the published 7 would cover them whole).
+    "visionlin.models.pvt": dict(depths=(1, 1, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4)),
+    "visionlin.models.swin": dict(depths=(1, 1, 2, 2), embed_dim=16, num_heads=(1, 2, 2, 4), softmax_window=2),
 }
 
 
