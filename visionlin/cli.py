@@ -1,5 +1,5 @@
-"""The ``visionlin`` console command: ``visionlin list``, ``convert``, ``demo``, ``bench``, ``train``, ``distill``,
-``validate`` and ``plot``.
+"""The ``visionlin`` console command: ``visionlin list``, ``convert``, ``finetune-conversion``, ``demo``, ``bench``,
+``train``, ``distill``, ``validate`` and ``plot``.
 
 Bad flags are usage errors (exit status 2) naming the value and what is allowed; ``visionlin demo --help`` lists them.
 """
@@ -52,6 +52,12 @@ def _cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
     return convert_cli.execute(parser, args)
 
 
+def _cmd_finetune_conversion(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    from .convert import cli_finetune
+
+    return cli_finetune.execute(parser, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``visionlin list [FILTER]``, ``visionlin demo [flags]``, ``visionlin bench WHAT [flags]``; returns
     the exit status."""
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionlin", description="timm-compatible efficient-attention backbones")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{list,convert,demo,bench,train,distill,validate,plot}"
+        dest="command",
+        required=True,
+        metavar="{list,convert,finetune-conversion,demo,bench,train,distill,validate,plot}",
     )
     p = sub.add_parser("list", help="list the models visionlin registers with timm")
     p.add_argument("filter", nargs="?", default="", help="wildcard over model names, e.g. 'infvit*' (default: all)")
@@ -79,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert_cli.add_arguments(p)
     p.set_defaults(fn=_cmd_convert, parser=p)
+    from .convert import cli_finetune
+
+    p = sub.add_parser(
+        "finetune-conversion",
+        help="fine-tune a converted diffusers model by distillation from itself with the conversion off",
+        description=cli_finetune.__doc__.split("\n\n")[0],
+    )
+    cli_finetune.add_arguments(p)
+    p.set_defaults(fn=_cmd_finetune_conversion, parser=p)
     p = sub.add_parser(
         "demo",
         help="latency and peak memory vs input size, new models vs deit_small_patch16_224",

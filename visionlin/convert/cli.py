@@ -11,11 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_arguments", "execute"]
+__all__ = ["add_arguments", "add_method_arguments", "execute", "method_options"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a local diffusers model or pipeline folder (save_pretrained output)")
+    add_method_arguments(p)
+    p.add_argument("--out", default=None, help="save the conversion (plan JSON + converter safetensors) here")
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """``--method``, its options, ``--layers`` and ``--strict`` (shared with ``visionlin finetune-conversion``)."""
     p.add_argument("--method", default="sla", help="sla | sparse | hybrid | linear | agent | dense (default: sla)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of key blocks not computed exactly, [0, 1)")
     p.add_argument("--block-size", type=int, nargs="+", default=None, metavar="N", help="block size, or BQ BK")
@@ -35,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-shortcut", type=float, default=None, help="agent: weight of the + k_shortcut * v term")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only these attention modules")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping unconvertible attention")
-    p.add_argument("--out", default=None, help="save the conversion (plan JSON + converter safetensors) here")
 
 
 def _one_or_list(values: list[int] | None) -> int | list[int] | None:
@@ -63,7 +68,21 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         parser.error(f"argument path: {args.path!r} is not a folder")
-    options = {
+    options = method_options(args)
+    try:
+        obj = _load(path)
+        report = convert(obj, args.method, layers=args.layers, strict=args.strict, **options)
+    except ValueError as e:
+        parser.error(str(e))
+    print(report)
+    if args.out:
+        print(f"saved to {save_conversion(obj, args.out)}")
+    return 0
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (those not given are left to the method's defaults)."""
+    return {
         k: v
         for k, v in {
             "sparsity": args.sparsity, "k_low": args.k_low, "variant": args.variant, "feature_map": args.feature_map,
@@ -75,12 +94,3 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }  # fmt: skip
-    try:
-        obj = _load(path)
-        report = convert(obj, args.method, layers=args.layers, strict=args.strict, **options)
-    except ValueError as e:
-        parser.error(str(e))
-    print(report)
-    if args.out:
-        print(f"saved to {save_conversion(obj, args.out)}")
-    return 0
