@@ -301,3 +301,96 @@ def test_cli_new_method_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(tmp_path / "dit"), "--method", "linear", "--pool", "2"])
     assert e.value.code == 2 and "unknown option(s) ['pool'] for method='linear'" in capsys.readouterr().err
+
+
+# Full pipeline calls: every family's diffusers pipeline (no VAE, no text encoders: prompt embeddings and latent
+# output), every method converted in turn, the stock output back after each revert.
+def _cogvideox_no_rope(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=32, num_layers=1, sample_width=12, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=7,
+    ).eval()  # fmt: skip
+
+
+def _pipeline(family):
+    """``(pipeline, call)``: ``call()`` runs two denoising steps and returns the latents."""
+    pytest.importorskip("transformers")  # the text pipelines import it even with prompt embeddings given
+    e = torch.Generator().manual_seed(5)
+    emb, pooled = torch.randn(1, 7, 32, generator=e), torch.randn(1, 32, generator=e)
+    common = {"num_inference_steps": 2, "output_type": "latent"}
+    d = diffusers
+    if family == "dit":
+        vae = d.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+            norm_num_groups=8, layers_per_block=1, sample_size=32,
+        )  # fmt: skip
+        pipe = d.DiTPipeline(_dit(), vae, d.DDIMScheduler(), id2label={0: "cat", 1: "dog"})
+        kw = {"class_labels": [1], "guidance_scale": 4.0}
+    elif family == "pixart":
+        pipe = d.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=FAMILIES["pixart"](),
+                                     scheduler=d.DPMSolverMultistepScheduler())  # fmt: skip
+        kw = {"prompt_embeds": emb, "prompt_attention_mask": torch.ones(1, 7), "negative_prompt": None,
+              "negative_prompt_embeds": emb.flip(1), "negative_prompt_attention_mask": torch.ones(1, 7),
+              "use_resolution_binning": False, "height": 128, "width": 128}  # fmt: skip
+    elif family == "sd3":
+        pipe = d.StableDiffusion3Pipeline(
+            transformer=FAMILIES["sd3"](), scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None,
+            **{f"{n}{i}": None for n in ("text_encoder", "tokenizer") for i in ("", "_2", "_3")},
+        )  # fmt: skip
+        kw = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": emb.flip(1),
+              "negative_pooled_prompt_embeds": pooled.flip(1), "height": 128, "width": 128}  # fmt: skip
+    elif family == "flux":
+        pipe = d.FluxPipeline(
+            transformer=FAMILIES["flux"](), scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None,
+            **{f"{n}{i}": None for n in ("text_encoder", "tokenizer") for i in ("", "_2")},
+        )  # fmt: skip
+        kw = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "height": 64, "width": 96}
+    elif family == "wan":
+        pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=FAMILIES["wan"](),
+                             scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+        kw = {"prompt_embeds": emb, "negative_prompt_embeds": emb.flip(1), "height": 64, "width": 96, "num_frames": 9}
+    elif family == "cogvideox":
+        pipe = d.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=_cogvideox_no_rope(),
+                                   scheduler=d.CogVideoXDDIMScheduler())  # fmt: skip
+        kw = {"prompt_embeds": emb, "negative_prompt_embeds": emb.flip(1), "height": 64, "width": 96, "num_frames": 9}
+    elif family == "hunyuan_video":
+        pipe = d.HunyuanVideoPipeline(
+            transformer=_hunyuan(), vae=None, scheduler=d.FlowMatchEulerDiscreteScheduler(),
+            **{f"{n}{i}": None for n in ("text_encoder", "tokenizer") for i in ("", "_2")},
+        )  # fmt: skip
+        kw = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "height": 64, "width": 96, "num_frames": 9,
+              "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0]])}  # fmt: skip
+    else:  # unet
+        pipe = d.StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["unet"](), scheduler=d.DDIMScheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        kw = {"prompt_embeds": emb, "negative_prompt_embeds": emb.flip(1), "height": 128, "width": 128}
+    pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def call():
+        out = pipe(**kw, **common, generator=torch.Generator().manual_seed(0))
+        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+
+    return pipe, call
+
+
+@pytest.mark.parametrize("family", sorted(ALL_FAMILIES))
+def test_every_method_runs_a_full_pipeline_call(family):
+    pipe, call = _pipeline(family)
+    ref = call()
+    for method in sorted(METHODS):
+        report = visionlin.convert(pipe, method, **SMALL.get(method, {}))
+        assert report.converted
+        for comp in {r.component for r in report.converted}:
+            _perturb(getattr(pipe, comp), std=0.05)
+        out = call()
+        assert out.shape == ref.shape and torch.isfinite(out).all(), method
+        if method != "dense":
+            assert not torch.equal(out, ref), f"{method} left the {family} pipeline's output unchanged"
+        assert visionlin.revert(pipe) == 1
+        assert torch.equal(call(), ref), method
