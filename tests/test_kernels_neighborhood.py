@@ -229,7 +229,7 @@ def test_reference_matches_natten_forward(spatial, kernel, dilation):
 def test_automatic_backend_is_the_reference_on_cpu():
     q, k, v = _qkv((6, 6), dtype=torch.float32)
     op = get_op("neighborhood_attention")
-    assert list(op.backends) == ["natten", "reference"]
+    assert list(op.backends) == ["natten", "triton", "reference"]
     chosen = op.select(q, k, v, (3, 3), (1, 1), rpb=None, scale=None, dropout_p=0.0, backend=None)
     assert chosen.name == "reference"
     with pytest.raises(NotImplementedError, match=r"backend 'natten' cannot run this call: .*(natten|libnatten)"):

@@ -22,8 +22,8 @@ triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointer arguments (by name) that are float32 buffers whatever the inputs' dtype; other pointers carry the inputs'.
 FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS", "DW", "DB", "CS", "DC", "C", "Y",
-                 "R", "SSQ", "BETA", "VA", "AB", "QB"}  # fmt: skip
-POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A"}
+                 "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB"}  # fmt: skip
+POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A", "RPB"}
 FLOATS = {"scale", "inv_m", "eps", "p", "inv_d"}
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
@@ -137,8 +137,36 @@ def _conv_and_focus(dt, tdt):
     return cases
 
 
+def _neighborhood(dt, tdt):
+    from visionlin.kernels.triton import neighborhood as nt
+
+    cases = []
+    for d in (32, 64):
+        for k in (3, 7, 13):
+            for rpb in (False, True):
+                tx, ty, krows, kcols = nt.tile_config(56, 56, k, k, rpb)
+                blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
+                cases += [
+                    (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+                    (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
+                     nt.WARPS),
+                    (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
+                ]  # fmt: skip
+    # 1-D (one row of 32 queries, 64-key blocks)
+    tx, ty, krows, kcols = nt.tile_config(1, 3136, 1, 7, True)
+    blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
+    cases += [
+        (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+        (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=True, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+        (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
+    ]
+    return cases
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
-@pytest.mark.parametrize("family", [_linear, _infsa, _conv_and_focus], ids=["linear", "infsa", "conv-focus"])
+@pytest.mark.parametrize(
+    "family", [_linear, _infsa, _conv_and_focus, _neighborhood], ids=["linear", "infsa", "conv-focus", "neighborhood"]
+)
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
     spilled, failed = [], []

@@ -14,8 +14,9 @@ resolution // k``). Inputs NATTEN accepts are left unchanged. The bias table kee
 offset in units of the effective dilation.
 
 Backends: ``"natten"`` (NATTEN's fused CUDA kernels, only where ``libnatten`` can run the call: no bias, no dropout,
-head dims multiple of 8, CUDA) and ``"reference"`` (plain PyTorch, trains on every device). Math:
-``docs/mechanisms/neighborhood.md``.
+head dims multiple of 8, CUDA), ``"triton"`` (our 1-D / 2-D kernels, :mod:`visionlin.kernels.triton.neighborhood`:
+CUDA, with ``rpb``, forward and backward, no dropout or additional keys) and ``"reference"`` (plain PyTorch, trains
+on every device). Math: ``docs/mechanisms/neighborhood.md``.
 """
 
 from __future__ import annotations
@@ -363,8 +364,90 @@ def _natten(
     )
 
 
+# Triton backend -----------------------------------------------------------------------------------------------------
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_BH = 65535  # batch * heads runs on the launch grid's second axis
+
+
+def _triton_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+) -> list[str]:
+    from .triton import head_dim_reasons, triton_unavailable
+
+    reasons = triton_unavailable(q, k, v)
+    nd = q.ndim - 3
+    if nd not in (1, 2):
+        reasons.append(f"the Triton kernels run 1-D and 2-D neighborhoods, got {nd}-D input {tuple(q.shape)}")
+    if dropout_p:
+        reasons.append(f"no attention dropout in the Triton kernels ({dropout_p=})")
+    if additional_keys is not None:
+        reasons.append("no additional_keys / additional_values in the Triton kernels")
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if len(dtypes) > 1 or q.dtype not in _TRITON_DTYPES:
+        reasons.append(
+            "needs one dtype of float32, float16, bfloat16 for q, k, v; got "
+            + ", ".join(str(t.dtype) for t in (q, k, v))
+        )
+    if rpb is not None and not rpb.is_floating_point():
+        reasons.append(f"rpb dtype {rpb.dtype} is not floating point")
+    reasons += head_dim_reasons(q, v)
+    if nd in (1, 2):
+        windows = [
+            effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)
+        ]
+        if max(w[0] for w in windows) > _TRITON_MAX_KERNEL:
+            reasons.append(
+                f"effective kernel sizes {tuple(w[0] for w in windows)} exceed the Triton kernels' "
+                f"{_TRITON_MAX_KERNEL} (allowed: odd 1 to {_TRITON_MAX_KERNEL} per axis)"
+            )
+    if q.shape[0] * q.shape[-2] > _MAX_GRID_BH:
+        reasons.append(f"batch * heads = {q.shape[0] * q.shape[-2]} exceeds the launch grid's {_MAX_GRID_BH}")
+    return reasons
+
+
+#: Largest effective kernel size per axis of the Triton backend (``triton.neighborhood.MAX_KERNEL``, kept here so
+#: supports() never imports Triton).
+_TRITON_MAX_KERNEL = 13
+
+
+def _triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``"triton"`` backend: :mod:`visionlin.kernels.triton.neighborhood` (1-D runs as 2-D with one row)."""
+    from .triton.neighborhood import na2d_triton
+
+    assert not dropout_p and additional_keys is None, "supports() refuses these"
+    if q.ndim == 4:  # [B, L, H, D] -> [B, 1, L, H, D]; the bias table [H, 2k-1] -> [H, 1, 2k-1]
+        window = ((1, 1), effective_window(q.shape[1], kernel_size[0], dilation[0]))
+        bias = None if rpb is None else rpb.unsqueeze(1)
+        return na2d_triton(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), window, rpb=bias, scale=scale).squeeze(1)
+    window = tuple(effective_window(n, ks, d) for n, ks, d in zip(q.shape[1:3], kernel_size, dilation, strict=True))
+    return na2d_triton(q, k, v, window, rpb=rpb, scale=scale)
+
+
 _op = Op(_OP)
 _op.register("natten", _natten, _natten_supports)
+_op.register("triton", _triton, _triton_supports)
 _op.register("reference", neighborhood_attention_reference, supports_floating)
 
 
@@ -385,8 +468,10 @@ def neighborhood_attention(
     """Neighborhood attention; see :func:`neighborhood_attention_reference` for the arguments and the math.
 
     Backends, in automatic-selection order: ``"natten"`` (fused CUDA kernels of a ``natten >= 0.20`` build with
-    ``libnatten``; no ``rpb``, no dropout, one dtype among float32 / float16 / bfloat16, head dims multiple of 8) and
-    ``"reference"`` (any floating dtypes and devices, forward and backward). ``get_op("neighborhood_attention")
+    ``libnatten``; no ``rpb``, no dropout, one dtype among float32 / float16 / bfloat16, head dims multiple of 8),
+    ``"triton"`` (our Triton kernels on CUDA: 1-D and 2-D, with or without ``rpb``, effective kernel sizes up to 13,
+    head dims up to 128, no dropout or additional keys) and ``"reference"`` (any floating dtypes and devices, forward
+    and backward). ``get_op("neighborhood_attention")
     .supports(..., backend="natten")`` lists why NATTEN cannot run a call.
 
     Raises:

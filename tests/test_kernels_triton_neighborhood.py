@@ -1,0 +1,277 @@
+"""Neighborhood attention's Triton kernels (``visionlin.kernels.triton.neighborhood``) against
+:func:`visionlin.kernels.neighborhood_attention_reference` in float64, forward and backward (q, k, v and NAT's bias
+table ``rpb``), through the op's ``"triton"`` backend function (1-D calls run the 2-D kernels with one row).
+
+Errors are relative Frobenius norms against the float64 reference on the same (exactly upcast) inputs.
+Tolerance: float32 2e-5 (the kernels accumulate in float32: measured ~1e-6). Half precision follows the
+flash-attention rule of DESIGN.md: at most twice the error of the plain PyTorch computation in the same dtype
+(:func:`_plain`: the reference's gather formula with every intermediate in the half dtype, autograd for the
+gradients), measured in the test; the bias gradient (a float32 sum over the batch and the queries) is held to the same
+bound. The ``gpu`` tests run on the GPU machine; the interpreter test runs the kernels on the CPU in a subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels import get_op, neighborhood_attention, neighborhood_attention_reference
+from visionlin.kernels import neighborhood as na
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-30)).item()
+
+
+def _plain(q, k, v, kernel, dilation, rpb, scale):
+    """The reference's formula evaluated by PyTorch ops in the inputs' dtype (every intermediate rounded to it)."""
+    nd = q.ndim - 3
+    spatial = tuple(q.shape[1 : 1 + nd])
+    b, h = q.shape[0], q.shape[-2]
+    flat, bias_index = na._flat_windows(spatial, kernel, dilation, q.device)
+    qf = q.flatten(1, nd) * scale
+    kf, vf = k.flatten(1, nd)[:, flat], v.flatten(1, nd)[:, flat]
+    s = torch.einsum("bnhd,bnkhd->bnhk", qf, kf)
+    if rpb is not None:
+        bias = rpb.to(q.dtype)[(slice(None), *bias_index)]
+        s = s + bias.reshape(h, flat.shape[0], flat.shape[1]).transpose(0, 1)
+    out = torch.einsum("bnhk,bnkhe->bnhe", s.softmax(-1), vf)
+    return out.reshape(b, *spatial, h, v.shape[-1])
+
+
+def check_na(
+    spatial,
+    kernel,
+    dilation,
+    dtype,
+    device,
+    *,
+    rpb=True,
+    rpb_grad=True,
+    batch=2,
+    heads=2,
+    dim=16,
+    dv=None,
+    std=1.0,
+    non_contiguous=False,
+    seed=0,
+):
+    """Run the Triton backend on ``device`` and compare forward and gradients with the float64 reference."""
+    nd = len(spatial)
+    kernel = (kernel,) * nd if isinstance(kernel, int) else tuple(kernel)
+    dilation = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    dv = dim if dv is None else dv
+    g = torch.Generator().manual_seed(seed)
+    if non_contiguous:  # q, k, v as head splits of one fused [B, *spatial, 3, H, D] projection
+        qkv = std * torch.randn(batch, *spatial, 3, heads, dim, generator=g, dtype=torch.float64)
+        q, k, v = qkv.to(dtype).double().unbind(-3)
+        assert dv == dim
+    else:
+        q, k = (std * torch.randn(batch, *spatial, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(batch, *spatial, heads, dv, generator=g, dtype=torch.float64)
+        q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    table = torch.randn(heads, *(2 * ks - 1 for ks in kernel), generator=g, dtype=torch.float64) if rpb else None
+    if table is not None:
+        table = table.to(dtype).double()
+    grad = torch.randn(batch, *spatial, heads, dv, generator=g, dtype=torch.float64)
+    scale = dim**-0.5
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_rpb = None if table is None else table.clone().requires_grad_(rpb_grad)
+    ref = neighborhood_attention_reference(*ref_in, kernel, dilation, rpb=ref_rpb)
+    ref.backward(grad)
+
+    if non_contiguous:
+        fused = torch.stack([q, k, v], dim=-3).to(device, dtype).requires_grad_()
+        ours_in = list(fused.unbind(-3))
+    else:
+        ours_in = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    ours_rpb = None if table is None else table.to(device, torch.float32).requires_grad_(rpb_grad)
+    out = na._triton(*ours_in, kernel, dilation, rpb=ours_rpb)
+    assert out.dtype == dtype and out.shape == ref.shape
+    out.backward(grad.to(device, dtype))
+    grads = list(fused.grad.unbind(-3)) if non_contiguous else [t.grad for t in ours_in]
+    errors = {"out": _rel(out, ref.detach())}
+    errors |= {f"d{n}": _rel(gr, r.grad) for n, gr, r in zip("qkv", grads, ref_in, strict=True)}
+    if table is not None and rpb_grad:
+        errors["drpb"] = _rel(ours_rpb.grad, ref_rpb.grad)
+    elif table is not None:
+        assert ours_rpb.grad is None
+    if dtype == torch.float32:
+        bounds = dict.fromkeys(errors, 2e-5)
+    else:
+        plain_in = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        plain_rpb = None if table is None else table.to(device, dtype).requires_grad_(rpb_grad)
+        plain = _plain(*plain_in, kernel, dilation, plain_rpb, scale)
+        plain.backward(grad.to(device, dtype))
+        plain_err = {"out": _rel(plain, ref.detach())}
+        plain_err |= {f"d{n}": _rel(p.grad, r.grad) for n, p, r in zip("qkv", plain_in, ref_in, strict=True)}
+        if "drpb" in errors:
+            plain_err["drpb"] = _rel(plain_rpb.grad, ref_rpb.grad)
+        bounds = {key: 2 * e for key, e in plain_err.items()}
+    bad = {key: f"{e:.2e} > {bounds[key]:.2e}" for key, e in errors.items() if not e <= bounds[key]}
+    assert not bad, (spatial, kernel, dilation, dtype, bad)
+    return errors
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_neighborhood import check_na
+    f32 = torch.float32
+    check_na((9, 11), 5, (1, 2), f32, "cpu")                       # borders, dilation groups on one axis
+    check_na((4, 6), 7, 1, f32, "cpu", batch=1, heads=1)           # map smaller than the kernel: whole map
+    check_na((6, 10), 3, 3, f32, "cpu", rpb=False, dim=8, dv=24)   # dilation 3 both axes, Dv != D, no bias
+    check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb_grad=False, batch=3)  # dilation capped, frozen table
+    check_na((13,), 5, 2, f32, "cpu", dim=32)                      # 1-D as one row
+    check_na((5, 9), 3, 1, f32, "cpu", non_contiguous=True)        # head splits of a fused qkv
+    check_na((7, 9), 3, (2, 1), torch.float16, "cpu")
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_neighborhood_matches_reference():
+    """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_tile_config_covers_the_key_rectangle():
+    """The key block's columns cover the tile's key rectangle (``TY + k - 1`` wide, or the whole row)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton.neighborhood import tile_config
+
+    for k in (1, 3, 5, 7, 9, 11, 13):
+        for ny in (1, 2, 5, 13, 17, 56):
+            for nx in (1, 3, 56):
+                for rpb in (False, True):
+                    tx, ty, krows, kcols = tile_config(nx, ny, min(k, nx), min(k, ny), rpb)
+                    assert tx * ty == (32 if nx == 1 else 64) and math.log2(ty) % 1 == 0, (tx, ty)
+                    assert kcols >= min(ty + min(k, ny) - 1, ny) and kcols >= 16
+                    assert krows >= 1 and math.log2(krows * kcols) % 1 == 0
+
+
+# Dispatch ----------------------------------------------------------------------------------------------------------
+def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
+    return [torch.randn(2, *spatial, heads, dim, dtype=dtype, device=device) for _ in range(3)]
+
+
+def test_triton_supports_reasons():
+    op = get_op("neighborhood_attention")
+    assert list(op.backends) == ["natten", "triton", "reference"]
+    q, k, v = _qkv((6, 6))
+    reasons = "; ".join(op.supports(q, k, v, (3, 3), (1, 1), dropout_p=0.1, backend="triton"))
+    assert "not on a CUDA device" in reasons and "dropout" in reasons
+    q3, k3, v3 = _qkv((3, 4, 5), dtype=torch.float64, dim=160)
+    reasons = "; ".join(op.supports(q3, k3, v3, (3, 3, 3), (1, 1, 1), backend="triton"))
+    for words in ("1-D and 2-D", "torch.float64", "head dims D=160"):
+        assert words in reasons, (words, reasons)
+    q, k, v = _qkv((20, 20))
+    extra = torch.zeros(2, 1, 2, 8)
+    reasons = "; ".join(
+        op.supports(q, k, v, (15, 15), (1, 1), additional_keys=extra, additional_values=extra, backend="triton")
+    )
+    assert "effective kernel sizes (15, 15) exceed" in reasons and "additional_keys" in reasons
+    # A kernel larger than a small map shrinks to the map (effective window): 15 on a 9 x 9 map is 9 x 9.
+    q, k, v = _qkv((9, 9))
+    assert not any("kernel" in r for r in op.supports(q, k, v, (15, 15), (1, 1), backend="triton"))
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' cannot run this call: .*CUDA"):
+        neighborhood_attention(q, k, v, 3, backend="triton")
+
+
+# GPU ---------------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+# (spatial, kernel, dilation, batch): odd maps, maps smaller than kernel x dilation, capped dilations, every odd kernel
+GPU_CASES = [
+    ((13, 17), 7, 1, 3),
+    ((13, 17), 3, (2, 3), 1),
+    ((5, 6), 7, 1, 3),  # smaller than the kernel: the whole map
+    ((14, 14), 7, 4, 1),  # dilation capped at 14 // 7 = 2
+    ((9, 30), 5, (1, 5), 3),
+    ((21, 19), 9, 2, 1),
+    ((23, 29), 11, 1, 3),
+    ((27, 31), 13, (1, 2), 1),
+    ((56, 56), 7, 1, 1),  # NAT stage 1
+    ((28, 28), 7, 4, 3),  # DiNAT stage 2
+    ((7, 7), 7, 1, 3),  # NAT stage 4: one window
+    ((1, 40), 5, 1, 3),  # one row
+]
+GPU_IDS = ["x".join(map(str, s)) + f"_k{k}_d{'-'.join(map(str, d if isinstance(d, tuple) else (d,)))}_b{b}"
+           for s, k, d, b in GPU_CASES]  # fmt: skip
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("rpb", [True, False], ids=["rpb", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_gpu_na2d(case, dtype, rpb, dim):
+    _cuda_or_skip()
+    spatial, kernel, dilation, batch = case
+    check_na(spatial, kernel, dilation, dtype, "cuda", rpb=rpb, batch=batch, heads=3, dim=dim)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_na_awkward_layouts(dtype):
+    """Head splits of a fused qkv, Dv != D, a frozen bias table, large logits, 1-D."""
+    _cuda_or_skip()
+    check_na((13, 17), 7, 1, dtype, "cuda", non_contiguous=True, dim=32, heads=2)
+    check_na((11, 12), 5, 2, dtype, "cuda", dim=64, dv=32, rpb_grad=False)
+    check_na((15, 15), 3, 1, dtype, "cuda", dim=32, std=4.0)
+    check_na((197,), 7, 3, dtype, "cuda", dim=32, batch=3)
+    check_na((49,), 13, 1, dtype, "cuda", dim=64, batch=1, rpb=False)
+
+
+@gpu
+def test_gpu_automatic_backend_is_triton_without_libnatten():
+    _cuda_or_skip()
+    q, k, v = _qkv((13, 17), dtype=torch.bfloat16, dim=32, device="cuda")
+    op = get_op("neighborhood_attention")
+    rpb = torch.zeros(2, 13, 13, device="cuda")
+    chosen = op.select(q, k, v, (7, 7), (1, 1), rpb=rpb, backend=None)
+    assert chosen.name == "triton"  # natten refuses rpb whatever its build
+    state = na._natten_state()
+    if state is None or not state[1]:
+        assert op.select(q, k, v, (7, 7), (1, 1), backend=None).name == "triton"
+
+
+@gpu
+def test_gpu_na_torch_compile_fullgraph():
+    _cuda_or_skip()
+    q, k, v = (t.requires_grad_() for t in _qkv((14, 15), dtype=torch.bfloat16, dim=32, device="cuda"))
+    rpb = torch.randn(2, 13, 13, device="cuda", requires_grad=True)
+
+    def f(q, k, v, rpb):
+        return neighborhood_attention(q, k, v, 7, 2, rpb=rpb, backend="triton")
+
+    eager = f(q, k, v, rpb)
+    eager.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v, rpb)]
+    for t in (q, k, v, rpb):
+        t.grad = None
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, rpb)
+    compiled.float().square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip((q.grad, k.grad, v.grad, rpb.grad), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # drpb sums with atomics: order may differ

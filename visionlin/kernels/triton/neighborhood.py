@@ -1,0 +1,552 @@
+"""2-D neighborhood attention (NAT / DiNAT) in Triton, forward and backward, with NAT's relative positional bias.
+
+Math: :func:`visionlin.kernels.neighborhood.neighborhood_attention_reference`. Along each axis the query at group
+position ``p`` (dilation group ``g = x % d``, ``p = x // d``, group length ``n``) attends to the group positions
+``s(p) .. s(p) + k - 1`` with ``s(p) = clamp(p - k // 2, 0, n - k)`` (NATTEN's inward-shifted border windows); the
+logit of a neighbour is ``scale * q . k + rpb[h, px' - px + K - 1, py' - py + K - 1]`` (``K`` the table's kernel size,
+offsets in dilated units). The host passes the effective ``(k, d)`` per axis
+(:func:`visionlin.kernels.neighborhood.effective_window`).
+
+Tiling: a program owns a 2-D tile of ``TX x TY`` queries of one dilation group and one (batch, head). ``s`` is
+monotone, so the tile's keys are the rectangle of group positions ``[s(first), s(last) + k)`` per axis (at most
+``TX + k - 1`` by ``TY + k - 1``, computed from the tile's coordinates, no index tables). The program streams that
+rectangle in blocks of ``KROWS`` rows by ``KCOLS`` columns (``KCOLS`` a power of two covering the rectangle's width)
+with an online softmax in float32 (exp2, the scale folded in); the per-element test ``s(p) <= p' < s(p) + k`` keeps
+each query to its own window. Rows of the rectangle outside the map are never read.
+
+Backward (flash-attention 2 style, ``delta = rowsum(dout * out)`` from PyTorch, the log-sum-exp saved by the
+forward): a query-tile kernel recomputes the probabilities over the same rectangle and writes ``dq``; a key-tile
+kernel walks the queries whose windows can hold its keys (the inverse neighbourhood: a contiguous range of group
+positions per axis, ``TX + k - 1`` wide inside the map, up to ``TX + 3 (k // 2)`` near a border) and writes ``dk`` and
+``dv``. No atomics in ``dq`` / ``dk`` / ``dv``. The bias gradient ``drpb`` (only when the table requires a gradient)
+is the sum of ``dS`` per (head, offset): the query-tile kernel adds each probability gradient to a float32
+``[H, X, Y, k_x * k_y]`` buffer with atomics (contention only across the batch), and PyTorch sums that buffer into the
+table with one ``scatter_add`` over the offsets.
+
+Precision: products run on the tensor cores in the inputs' half dtype with float32 accumulation; float32 inputs in
+IEEE float32. Head dims up to 128 (padded to a power of two >= 16). Inputs may be strided views (e.g. a head split of a
+fused qkv projection). 1-D calls run as 2-D with one row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "tile_config"]
+
+#: Largest effective kernel size per axis the tiles are laid out for (NAT / DiNAT use 3 to 13).
+MAX_KERNEL = 13
+_NEG = tl.constexpr(
+    -1.0e30
+)  # running maximum's start: finite, so rows whose keys are all masked give exp2(-inf) = 0, not NaN
+
+
+@triton.jit
+def _dot(a, b, HALF: tl.constexpr):
+    if HALF:
+        return tl.dot(a, b)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _start(p, n, k):
+    """Window start ``clamp(p - k // 2, 0, n - k)`` of group position ``p`` on an axis of ``n`` group positions."""
+    return tl.minimum(tl.maximum(p - k // 2, 0), n - k)
+
+
+@triton.jit
+def _tile(pid, LX, LY, DIL_X, DIL_Y, TBX, TBY, TX: tl.constexpr, TY: tl.constexpr, BLOCK: tl.constexpr):
+    """Group, group lengths and the tile's group positions (flattened ``[BLOCK]``) of program ``pid``."""
+    tiles = TBX * TBY
+    grp = pid // tiles
+    t = pid % tiles
+    gx = grp // DIL_Y
+    gy = grp % DIL_Y
+    nx = (LX - gx + DIL_X - 1) // DIL_X
+    ny = (LY - gy + DIL_Y - 1) // DIL_Y
+    px0 = (t // TBY) * TX
+    py0 = (t % TBY) * TY
+    i = tl.arange(0, BLOCK)
+    px = px0 + i // TY
+    py = py0 + i % TY
+    valid = (px < nx) & (py < ny) & (i < TX * TY)
+    return gx, gy, nx, ny, px0, py0, px, py, valid
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, RPB, Out, LSE,
+    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
+    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
+    so_b, so_x, so_y, so_h, so_d, sr_h, sr_x, sr_y,
+    HAS_RPB: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_Q: tl.constexpr,
+    KROWS: tl.constexpr, KCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``out`` and the base-2 log-sum-exp of one tile of queries."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    gx, gy, nx, ny, px0, py0, px, py, qvalid = _tile(tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_Q)
+    qx = (px * DIL_X + gx).to(tl.int64)
+    qy = (py * DIL_Y + gy).to(tl.int64)
+    sx = _start(px, nx, KX)
+    sy = _start(py, ny, KY)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sq_b + h * sq_h + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
+        mask=qvalid[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    # The tile's key rectangle in group positions: rows [row_lo, row_hi), columns col_lo + [0, KCOLS).
+    row_lo = _start(px0, nx, KX)
+    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
+    col_lo = _start(py0, ny, KY)
+    j = tl.arange(0, KROWS * KCOLS)
+    ky_pos = col_lo + j % KCOLS
+    ky = (ky_pos * DIL_Y + gy).to(tl.int64)
+    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY)
+    qk_scale = scale * 1.4426950408889634
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    rpb_base = RPB + h * sr_h
+    m_i = tl.full([BLOCK_Q], _NEG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
+    for r0 in range(row_lo, row_hi, KROWS):
+        kx_pos = r0 + j // KCOLS
+        kvalid = (kx_pos < row_hi) & (ky_pos < ny)
+        kx = (kx_pos * DIL_X + gx).to(tl.int64)
+        k = tl.load(
+            k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
+            mask=kvalid[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        s = _dot(q, tl.trans(k), HALF) * qk_scale
+        inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
+        if HAS_RPB:
+            bias = tl.load(
+                rpb_base
+                + (kx_pos[None, :] - px[:, None] + OFFX) * sr_x
+                + (ky_pos[None, :] - py[:, None] + OFFY) * sr_y,
+                mask=inwin & qvalid[:, None],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(inwin, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
+            mask=kvalid[:, None] & (offs_e < DV)[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, HALF)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        Out + b * so_b + h * so_h + qx[:, None] * so_x + qy[:, None] * so_y + offs_e[None, :] * so_d,
+        out.to(Out.dtype.element_ty),
+        mask=qvalid[:, None] & (offs_e < DV)[None, :],
+    )
+    tl.store(LSE + bh.to(tl.int64) * LX * LY + qx * LY + qy, m_i + tl.log2(l_safe), mask=qvalid)
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, RPB, G, LSE, DELTA, DQ, DRPB,
+    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
+    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
+    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
+    HAS_RPB: tl.constexpr, NEED_DRPB: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr,
+    BLOCK_Q: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dq`` of one tile of queries (and their ``dS`` into the bias-gradient buffer ``[H, LX, LY, KX * KY]``)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    gx, gy, nx, ny, px0, py0, px, py, qvalid = _tile(tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_Q)
+    qx = (px * DIL_X + gx).to(tl.int64)
+    qy = (py * DIL_Y + gy).to(tl.int64)
+    sx = _start(px, nx, KX)
+    sy = _start(py, ny, KY)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sq_b + h * sq_h + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
+        mask=qvalid[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    do = tl.load(
+        G + b * sg_b + h * sg_h + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
+        mask=qvalid[:, None] & (offs_e < DV)[None, :],
+        other=0.0,
+    )
+    row = bh.to(tl.int64) * LX * LY + qx * LY + qy
+    lse = tl.load(LSE + row, mask=qvalid, other=0.0)
+    delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+    row_lo = _start(px0, nx, KX)
+    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
+    col_lo = _start(py0, ny, KY)
+    j = tl.arange(0, KROWS * KCOLS)
+    ky_pos = col_lo + j % KCOLS
+    ky = (ky_pos * DIL_Y + gy).to(tl.int64)
+    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY)
+    qk_scale = scale * 1.4426950408889634
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    rpb_base = RPB + h * sr_h
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for r0 in range(row_lo, row_hi, KROWS):
+        kx_pos = r0 + j // KCOLS
+        kvalid = (kx_pos < row_hi) & (ky_pos < ny)
+        kx = (kx_pos * DIL_X + gx).to(tl.int64)
+        k = tl.load(
+            k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
+            mask=kvalid[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
+            mask=kvalid[:, None] & (offs_e < DV)[None, :],
+            other=0.0,
+        )
+        s = _dot(q, tl.trans(k), HALF) * qk_scale
+        inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
+        if HAS_RPB:
+            bias = tl.load(
+                rpb_base
+                + (kx_pos[None, :] - px[:, None] + OFFX) * sr_x
+                + (ky_pos[None, :] - py[:, None] + OFFY) * sr_y,
+                mask=inwin & qvalid[:, None],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.where(inwin & qvalid[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), HALF)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, HALF)
+        if NEED_DRPB:
+            slot = (kx_pos[None, :] - sx[:, None]) * KY + (ky_pos[None, :] - sy[:, None])
+            tl.atomic_add(
+                DRPB + ((h * LX + qx[:, None]) * LY + qy[:, None]) * (KX * KY) + slot,
+                ds,
+                mask=inwin & qvalid[:, None],
+                sem="relaxed",
+            )
+    tl.store(
+        DQ + ((b * LX + qx[:, None]) * LY + qy[:, None]) * H * D + h * D + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=qvalid[:, None] & (offs_d < D)[None, :],
+    )
+
+
+@triton.jit
+def _inverse_range(a, b, n, k):
+    """Group positions ``[lo, hi]`` of the queries whose windows can hold a key in ``[a, b]`` (axis of ``n``)."""
+    lo = tl.where(a < k, 0, a - k // 2)
+    hi = tl.where(b >= n - k, n - 1, b + k // 2)
+    return lo, hi
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, RPB, G, LSE, DELTA, DK, DVv,
+    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
+    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
+    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
+    HAS_RPB: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr,
+    QROWS: tl.constexpr, QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``dk`` and ``dv`` of one tile of keys: walks the queries of its inverse neighbourhood."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    gx, gy, nx, ny, px0, py0, kpx, kpy, kvalid = _tile(
+        tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_K
+    )
+    kx = (kpx * DIL_X + gx).to(tl.int64)
+    ky = (kpy * DIL_Y + gy).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        K + b * sk_b + h * sk_h + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
+        mask=kvalid[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * sv_b + h * sv_h + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
+        mask=kvalid[:, None] & (offs_e < DV)[None, :],
+        other=0.0,
+    )
+    x_lo, x_hi = _inverse_range(px0, tl.minimum(px0 + TX - 1, nx - 1), nx, KX)
+    y_lo, y_hi = _inverse_range(py0, tl.minimum(py0 + TY - 1, ny - 1), ny, KY)
+    i = tl.arange(0, QROWS * QCOLS)
+    qk_scale = scale * 1.4426950408889634
+    q_base = Q + b * sq_b + h * sq_h
+    g_base = G + b * sg_b + h * sg_h
+    rpb_base = RPB + h * sr_h
+    dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    for r0 in range(x_lo, x_hi + 1, QROWS):
+        for c0 in range(y_lo, y_hi + 1, QCOLS):
+            px = r0 + i // QCOLS
+            py = c0 + i % QCOLS
+            qvalid = (px <= x_hi) & (py <= y_hi)
+            qx = (px * DIL_X + gx).to(tl.int64)
+            qy = (py * DIL_Y + gy).to(tl.int64)
+            sx = _start(px, nx, KX)
+            sy = _start(py, ny, KY)
+            q = tl.load(
+                q_base + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
+                mask=qvalid[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            )
+            do = tl.load(
+                g_base + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
+                mask=qvalid[:, None] & (offs_e < DV)[None, :],
+                other=0.0,
+            )
+            row = bh.to(tl.int64) * LX * LY + qx * LY + qy
+            lse = tl.load(LSE + row, mask=qvalid, other=0.0)
+            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+            s = _dot(q, tl.trans(k), HALF) * qk_scale  # [queries, keys]
+            inwin = (
+                (kpx[None, :] >= sx[:, None]) & (kpx[None, :] < sx[:, None] + KX)
+                & (kpy[None, :] >= sy[:, None]) & (kpy[None, :] < sy[:, None] + KY)
+                & qvalid[:, None] & kvalid[None, :]
+            )  # fmt: skip
+            if HAS_RPB:
+                bias = tl.load(
+                    rpb_base + (kpx[None, :] - px[:, None] + OFFX) * sr_x + (kpy[None, :] - py[:, None] + OFFY) * sr_y,
+                    mask=inwin,
+                    other=0.0,
+                )
+                s += bias.to(tl.float32) * 1.4426950408889634
+            p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, HALF)
+            dp = _dot(do, tl.trans(v), HALF)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, HALF)
+    dk_ptr = DK + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * D + h * D + offs_d[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kvalid[:, None] & (offs_d < D)[None, :])
+    dv_ptr = DVv + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * DV + h * DV + offs_e[None, :]
+    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
+
+
+# Host side ------------------------------------------------------------------------------------------------------------
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+#: Tile settings, ``None`` for the defaults of :func:`tile_config` (the benchmark script sweeps them):
+#: ``tile_y`` query-tile width, ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining.
+TUNING: dict[str, int | None] = {"tile_y": None, "block_k": None, "warps": None, "stages": None}
+
+
+def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
+    """Query tile ``TX x TY`` (64 queries, 32 on one-row maps) and key block ``KROWS x KCOLS`` for group lengths
+    ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes ``kx, ky``.
+
+    ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
+    maps (1-D calls, 64-key blocks); ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1``
+    (or the row); a key block holds about 32 keys, 16 with a bias table (its gathered offsets cost registers: at head
+    dim 32, 8 warps, 180 registers with 32 keys against 116 with 16 at sm_90).
+    """
+    if nx == 1:
+        tx, ty = 1, 32
+    else:
+        ty = TUNING["tile_y"] or (16 if ky >= 11 else 8)
+        ty = min(ty, max(2, _pow2(ny)))
+        tx = 64 // ty
+    kcols = max(16, _pow2(min(ty + ky - 1, ny)))
+    krows = max(1, (TUNING["block_k"] or (16 if has_rpb else 32)) // kcols)
+    return tx, ty, krows, kcols
+
+
+def _launch_meta() -> dict[str, int]:
+    meta = {"num_warps": TUNING["warps"] or WARPS}
+    if TUNING["stages"]:
+        meta["num_stages"] = TUNING["stages"]
+    return meta
+
+
+def _blocks(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+#: Warps per program (a 64-query tile against 32-key blocks).
+WARPS = 8
+
+
+def _launch_args(q, kx, ky, dx, dy, tx, ty):
+    b, x, y, h, _ = q.shape
+    nx_max, ny_max = -(-x // dx), -(-y // dy)
+    tbx, tby = -(-nx_max // tx), -(-ny_max // ty)
+    grid = (dx * dy * tbx * tby, b * h)
+    return grid, tbx, tby
+
+
+def _rpb_args(rpb: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], int, int]:
+    if rpb is None:
+        return q, (0, 0, 0), 0, 0
+    return rpb, rpb.stride(), (rpb.shape[1] - 1) // 2, (rpb.shape[2] - 1) // 2
+
+
+@torch.library.custom_op("visionlin::na2d_fwd", mutates_args=())
+def na2d_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kx: int,
+    ky: int,
+    dx: int,
+    dy: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, X, Y, H, Dv], lse [B, H, X, Y] float32, base 2)`` for effective windows ``(kx, dx), (ky, dy)``."""
+    b, x, y, h, d = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(b, x, y, h, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, x, y, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.zero_()
+    tx, ty, krows, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
+    table, sr, offx, offy = _rpb_args(rpb, q)
+    bd, bdv = _blocks(d), _blocks(dv)
+    _fwd_kernel[grid](
+        q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
+        HAS_RPB=rpb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+    )  # fmt: skip
+    return out, lse
+
+
+@na2d_fwd.register_fake
+def _(q, k, v, rpb, kx, ky, dx, dy, scale):
+    b, x, y, h, _ = q.shape
+    return q.new_empty(b, x, y, h, v.shape[-1]), q.new_empty(b, h, x, y, dtype=torch.float32)
+
+
+@torch.library.custom_op("visionlin::na2d_bwd", mutates_args=())
+def na2d_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    kx: int,
+    ky: int,
+    dx: int,
+    dy: int,
+    scale: float,
+    need_drpb: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, drpb)``; ``drpb`` (float32, the table's shape) is zeros unless ``need_drpb``."""
+    b, x, y, h, d = q.shape
+    dvd = v.shape[-1]
+    dq = torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, x, y, h, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty(b, x, y, h, dvd, device=q.device, dtype=v.dtype)
+    drpb = torch.zeros(rpb.shape if rpb is not None else (0,), device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or dvd == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), drpb
+    g = g.to(q.dtype)
+    # delta = rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y].
+    delta = (g.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
+    tx, ty, krows, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
+    table, sr, offx, offy = _rpb_args(rpb, q)
+    need = bool(need_drpb and rpb is not None)
+    dsbuf = torch.zeros((h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
+    bd, bdv = _blocks(d), _blocks(dvd)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    common = (x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
+              *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr)  # fmt: skip
+    _bwd_q_kernel[grid](
+        q, k, v, table, g, lse, delta, dq, dsbuf, *common,
+        HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+    )  # fmt: skip
+    _bwd_kv_kernel[grid](
+        q, k, v, table, g, lse, delta, dk, dv, *common,
+        HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
+        QROWS=krows, QCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+    )  # fmt: skip
+    if need:
+        drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
+    return dq, dk, dv, drpb
+
+
+@na2d_bwd.register_fake
+def _(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty(rpb.shape if rpb is not None else (0,), dtype=torch.float32),
+    )
+
+
+def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
+    """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major."""
+    from ..neighborhood import neighborhood_indices
+
+    ksx, ksy = (shape[1] + 1) // 2, (shape[2] + 1) // 2
+    # neighborhood_indices takes the table's kernel size and applies the same effective-window rule as the host.
+    _, bix = neighborhood_indices(x, ksx, dx, device)  # [X, kx]
+    _, biy = neighborhood_indices(y, ksy, dy, device)  # [Y, ky]
+    assert bix.shape[1] == kx and biy.shape[1] == ky
+    flat = bix[:, None, :, None] * shape[2] + biy[None, :, None, :]  # [X, Y, kx, ky]
+    return flat.reshape(1, -1).expand(shape[0], -1)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, rpb, kx, ky, dx, dy, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, rpb, out, lse)
+    ctx.window = (kx, ky, dx, dy, scale)
+    ctx.need_drpb = rpb is not None and ctx.needs_input_grad[3]
+
+
+def _backward(ctx, g, _g_lse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    dq, dk, dv, drpb = torch.ops.visionlin.na2d_bwd(q, k, v, rpb, out, lse, g, *ctx.window, ctx.need_drpb)
+    drpb = drpb.to(rpb.dtype) if ctx.need_drpb else None
+    return dq, dk, dv, drpb, None, None, None, None, None
+
+
+na2d_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def na2d_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: tuple[tuple[int, int], tuple[int, int]],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """2-D neighborhood attention over ``[B, X, Y, H, D]`` with effective windows ``((kx, dx), (ky, dy))`` (from
+    :func:`visionlin.kernels.neighborhood.effective_window`); ``rpb`` ``[H, 2K_x - 1, 2K_y - 1]`` or ``None``.
+
+    Returns:
+        ``[B, X, Y, H, Dv]`` in ``q``'s dtype.
+    """
+    (kx, dx), (ky, dy) = window
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.visionlin.na2d_fwd(q, k, v, rpb, kx, ky, dx, dy, s)[0]
