@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -186,12 +187,14 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g):
     x, weight = ctx.saved_tensors
-    dx, dw, db = torch.ops.visionlin.token_dwconv_bwd(g, x, weight, ctx.bias_dtype is not None, *ctx.args)
+    dx, dw, db = _token_dwconv_bwd_call(g, x, weight, ctx.bias_dtype is not None, *ctx.args)
     db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
     return dx, dw, db, (g if ctx.has_residual else None), None, None, None
 
 
 token_dwconv_fwd.register_autograd(_backward, setup_context=_setup)
+_token_dwconv_bwd_call = eager_call(token_dwconv_bwd)
+_token_dwconv_fwd_call = eager_op(token_dwconv_fwd, _setup, _backward)
 
 
 def token_depthwise_conv2d_triton(
@@ -205,4 +208,4 @@ def token_depthwise_conv2d_triton(
 ) -> torch.Tensor:
     """The ``"triton"`` backend of :func:`visionlin.kernels.conv.token_depthwise_conv2d`."""
     hh, ww = (int(s) for s in feat_size)
-    return torch.ops.visionlin.token_dwconv_fwd(x, weight, bias, residual, hh, ww, int(num_prefix_tokens))
+    return _token_dwconv_fwd_call(x, weight, bias, residual, hh, ww, int(num_prefix_tokens))

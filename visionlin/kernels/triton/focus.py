@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
 from .linear import _num_sms
 
 __all__ = ["focus_triton"]
@@ -176,11 +177,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g):
     x, c = ctx.saved_tensors
-    dx, dc = torch.ops.visionlin.focus_bwd(x, c, g, *ctx.args, ctx.c_grad)
+    dx, dc = _focus_bwd_call(x, c, g, *ctx.args, ctx.c_grad)
     return dx, (dc if ctx.c_grad else None), None, None
 
 
 focus_fwd.register_autograd(_backward, setup_context=_setup)
+_focus_bwd_call = eager_call(focus_bwd)
+_focus_fwd_call = eager_op(focus_fwd, _setup, _backward)
 
 
 def focus_triton(
@@ -192,4 +195,4 @@ def focus_triton(
     if channel_scale is not None:
         c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32)
         c = c.expand(h, d).reshape(h * d).contiguous()
-    return torch.ops.visionlin.focus_fwd(x, c, float(focusing_factor), float(eps))
+    return _focus_fwd_call(x, c, float(focusing_factor), float(eps))

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
 from .linear import _splits
 
 __all__ = ["pooled_infsa_context_triton"]
@@ -264,13 +265,15 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g, _g_acc_q, _g_acc_k):
     q, k, v, out, acc_q, acc_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.visionlin.pooled_infsa_bwd(q, k, v, out, acc_q, acc_k, g, ctx.eps)
+    dq, dk, dv = _pooled_infsa_bwd_call(q, k, v, out, acc_q, acc_k, g, ctx.eps)
     return dq, dk, dv, None
 
 
 pooled_infsa_fwd.register_autograd(_backward, setup_context=_setup)
+_pooled_infsa_bwd_call = eager_call(pooled_infsa_bwd)
+_pooled_infsa_fwd_call = eager_op(pooled_infsa_fwd, _setup, _backward)
 
 
 def pooled_infsa_context_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
     """The pooled InfSA context ``[B, H, Dv]`` in float32, without ``rho`` (module docstring)."""
-    return torch.ops.visionlin.pooled_infsa_fwd(q, k, v, float(eps))[0]
+    return _pooled_infsa_fwd_call(q, k, v, float(eps))[0]

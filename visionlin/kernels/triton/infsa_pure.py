@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_HEAD_DIM, triton_unavailable
+from ._eager import eager_call, eager_op
 
 __all__ = ["TUNING", "pure_infsa_triton", "triton_pure_infsa_supports"]
 
@@ -380,11 +381,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g, _g_fro):
     q, k, v, out, fro, rho = ctx.saved_tensors
-    dq, dk, dv = torch.ops.visionlin.pure_infsa_bwd(q, k, v, out, fro, rho, g, ctx.eps)
+    dq, dk, dv = _pure_infsa_bwd_call(q, k, v, out, fro, rho, g, ctx.eps)
     return dq, dk, dv, None, None, None  # rho is a constant here: pure_infsa_triton differentiates it outside
 
 
 pure_infsa_fwd.register_autograd(_backward, setup_context=_setup)
+_pure_infsa_bwd_call = eager_call(pure_infsa_bwd)
+_pure_infsa_fwd_call = eager_op(pure_infsa_fwd, _setup, _backward)
 
 
 # Public functions -----------------------------------------------------------------------------------------------------
@@ -416,9 +419,9 @@ def pure_infsa_triton(
         learn = False
         per_head = torch.full((heads,), float(rho), device=q.device, dtype=torch.float32)
     if not learn:
-        return torch.ops.visionlin.pure_infsa_fwd(q, k, v, per_head, float(eps), False)[0]
+        return _pure_infsa_fwd_call(q, k, v, per_head, float(eps), False)[0]
     # rho = 1 in the kernels, float32 output: out and drho = sum(dout * out) round once, as the reference's.
-    out = torch.ops.visionlin.pure_infsa_fwd(q, k, v, torch.ones_like(per_head), float(eps), True)[0]
+    out = _pure_infsa_fwd_call(q, k, v, torch.ones_like(per_head), float(eps), True)[0]
     r = rho.to(device=q.device, dtype=torch.float32)
     return (out * (r[:, None] if r.ndim else r)).to(q.dtype)
 

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..linear import _default_scale
+from ._eager import eager_call, eager_op
 
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
@@ -544,11 +545,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g, _g_state):
     q, k, v, out, state = ctx.saved_tensors
-    dq, dk, dv = torch.ops.visionlin.linear_attention_bwd(q, k, v, out, state, g, *ctx.args)
+    dq, dk, dv = _linear_attention_bwd_call(q, k, v, out, state, g, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup)
+_linear_attention_bwd_call = eager_call(linear_attention_bwd)
+_linear_attention_fwd_call = eager_op(linear_attention_fwd, _setup, _backward)
 
 
 def linear_attention_triton(
@@ -564,7 +567,7 @@ def linear_attention_triton(
     """The ``"triton"`` backend of :func:`visionlin.kernels.linear_attention` (named feature maps only)."""
     s = _default_scale(normalize, q.shape[-1]) if scale is None else float(scale)
     save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, _ = torch.ops.visionlin.linear_attention_fwd(
+    out, _ = _linear_attention_fwd_call(
         q, k, v, FEATURE_MAP_IDS[feature_map], NORMALIZATION_IDS[normalize], s, float(eps), save
     )
     return out

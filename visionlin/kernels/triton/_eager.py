@@ -1,0 +1,93 @@
+"""A cheap eager path around the Triton custom ops.
+
+Every Triton kernel is reached through a ``torch.library.custom_op`` pair (forward and backward, with fake and
+autograd registrations): that is what lets ``torch.compile(fullgraph=True)``, ``torch.export`` and FX see one opaque
+node. In eager mode the same dispatch costs a lot of host time: measured on an H200 host, a custom op's forward plus its
+registered backward took about 0.6 ms of CPU per call in a training step (``benchmarks/host_overhead.py --train``),
+which left ``infvit_small``'s training step host-bound (41 ms wall for 20 ms of kernels).
+
+:func:`eager_op` wraps a forward op so that, when every tensor argument is a plain eager tensor (no compile, export,
+FX or functorch tracing, no fake or functional tensors, no tensor subclasses), the call goes straight to the op's
+Python implementation through a ``torch.autograd.Function`` built from the op's own ``setup_context`` and backward
+formula; anything else takes the custom op, unchanged. Both paths run the same kernels, so their results are
+bitwise identical (tested). :func:`eager_call` does the same for ops without autograd (the backward ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["eager_call", "eager_op", "plain_eager"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args: tuple[Any, ...]) -> bool:
+    """True when the call can bypass the dispatcher: eager mode and every tensor in ``args`` a plain, real tensor."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    fx = torch.fx._symbolic_trace
+    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)
+    if fx_tracing():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    tensors = (a for a in args if isinstance(a, torch.Tensor))
+    return all(type(t) in _PLAIN and not t.is_meta and not wrapped(t) for t in tensors)
+
+
+def _impl(op: Any) -> Callable | None:
+    """The Python function behind a ``torch.library.custom_op`` (``None`` if this torch hides it)."""
+    fn = getattr(op, "_init_fn", None)
+    return fn if callable(fn) else None
+
+
+def eager_call(op: Any) -> Callable:
+    """``op`` (a custom op without autograd) called directly on plain eager tensors, else through the dispatcher."""
+    impl = _impl(op)
+    if impl is None:
+        return op
+
+    def call(*args: Any) -> Any:
+        return impl(*args) if plain_eager(args) else op(*args)
+
+    call.__name__ = f"eager_{getattr(op, '_name', 'op')}"
+    return call
+
+
+def eager_op(op: Any, setup_context: Callable, backward: Callable) -> Callable:
+    """``op`` with a cheap eager path; ``setup_context`` and ``backward`` are the ones given to
+    ``op.register_autograd`` (same signatures: ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)``
+    returning one gradient or ``None`` per input). ``backward`` must accept ``None`` for the gradient of an output
+    that was not used (the gradients of non-differentiable outputs are always ``None``)."""
+    impl = _impl(op)
+    if impl is None:
+        return op
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None (no zero fills)
+        return out
+
+    def backward_(ctx, *grads):
+        return backward(ctx, *grads)
+
+    # Named per op (the autograd node shows as ``Eager_<op>Backward`` in profiles and ``grad_fn``).
+    function = type(
+        f"Eager_{getattr(op, '_name', 'op')}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_)},
+    )
+
+    def call(*args: Any) -> Any:
+        if not plain_eager(args):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return impl(*args)
+
+    call.__name__ = f"eager_{getattr(op, '_name', 'op')}"
+    return call
