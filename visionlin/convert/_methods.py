@@ -243,7 +243,9 @@ class SLACore(_Core):
         )  # fmt: skip
 
 
-def _per_axis(value: int | list[int], grid: tuple[int, ...], *, spatial_int: bool = False) -> tuple[int, ...]:
+def _per_axis(
+    name: str, value: int | list[int], grid: tuple[int, ...], *, spatial_int: bool = False
+) -> tuple[int, ...]:
     """An option given as one int or one per grid axis, for this grid; with ``spatial_int`` an int leaves a video
     grid's time axis at 1."""
     if isinstance(value, int):
@@ -251,7 +253,7 @@ def _per_axis(value: int | list[int], grid: tuple[int, ...], *, spatial_int: boo
             return (1, value, value)
         return (value,) * len(grid)
     if len(value) != len(grid):
-        raise ValueError(f"{value=} gives {len(value)} axes but the token grid {grid} has {len(grid)}")
+        raise ValueError(f"{name}={value} gives {len(value)} axes but the token grid {grid} has {len(grid)}")
     return tuple(value)
 
 
@@ -270,10 +272,10 @@ class HybridCore(_Core):
             return _dense(q, k, v, scale, additional_keys, additional_values)
         grid = self.require_grid()
         o = self.options
+        kernel, dilation = _per_axis("kernel_size", o["kernel_size"], grid), _per_axis("dilation", o["dilation"], grid)
         return hybrid_attention(
-            q, k, v, grid, _per_axis(o["kernel_size"], grid), self.gate, dilation=_per_axis(o["dilation"], grid),
-            feature_map=o["feature_map"], scale=scale, additional_keys=additional_keys,
-            additional_values=additional_values,
+            q, k, v, grid, kernel, self.gate, dilation=dilation, feature_map=o["feature_map"], scale=scale,
+            additional_keys=additional_keys, additional_values=additional_values,
         )  # fmt: skip
 
 
@@ -353,7 +355,7 @@ class AgentCore(_Core):
         grid = self.require_grid()
         o = self.options
         return pooled_agent_attention(
-            q, k, v, grid, _per_axis(o["pool"], grid, spatial_int=True), scale=scale,
+            q, k, v, grid, _per_axis("pool", o["pool"], grid, spatial_int=True), scale=scale,
             broadcast_scale=scale ** o["k_scale2"], shortcut=o["k_shortcut"], additional_keys=additional_keys,
             additional_values=additional_values,
         )  # fmt: skip
