@@ -1,0 +1,241 @@
+"""Neighborhood attention at the op level: our Triton kernels against dense SDPA over all tokens (what a neighborhood
+kernel must beat to be worth having) and the gather reference, forward and forward + backward.
+
+Default shape: NAT-T stage 1 (B=64, 56 x 56 tokens, 2 heads, head dim 32, kernel 7, with NAT's rpb), bf16. The issue's
+target: forward + backward at least 3x faster than dense SDPA over the same tokens (dense SDPA forward took 0.80 ms
+there on an H200). ``--sweep`` also times the Triton kernels over their tile settings (``TUNING`` in
+``visionlin/kernels/triton/neighborhood.py``) and records every one, the fastest first.
+
+Usage (on a GPU machine):
+    python benchmarks/neighborhood_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
+        [--batch 64 --size 56 --heads 2 --dim 32 --kernel 7 --dilation 1 --dtype bf16 --no-rpb]
+
+Writes ``neighborhood_op.json`` (rows + meta: command, commit, date, GPU, versions) and ``neighborhood_op.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._meta import gpu_meta  # noqa: E402
+from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
+from visionlin.train.bench import write_result  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STEM = "neighborhood_op"
+
+
+def _time(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean milliseconds per call of ``iters`` calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def _inputs(args: argparse.Namespace, grad: bool):
+    dt = DTYPES[args.dtype]
+    shape = (args.batch, args.size, args.size, args.heads, args.dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=grad) for _ in range(3))
+    rpb = None
+    if args.rpb:
+        rpb = torch.randn(args.heads, 2 * args.kernel - 1, 2 * args.kernel - 1, device="cuda", requires_grad=grad)
+    return q, k, v, rpb
+
+
+def _methods(args: argparse.Namespace) -> dict[str, Callable]:
+    def triton(q, k, v, rpb):
+        return neighborhood_attention(q, k, v, args.kernel, args.dilation, rpb=rpb, backend="triton")
+
+    def reference(q, k, v, rpb):
+        return neighborhood_attention_reference(q, k, v, args.kernel, args.dilation, rpb=rpb)
+
+    def sdpa_dense(q, k, v, rpb):
+        # Every query against all X * Y keys (no mask, no bias): the cost a neighborhood kernel has to beat.
+        b, x, y, h, d = q.shape
+        qt, kt, vt = (t.reshape(b, x * y, h, d).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).reshape(b, x, y, h, d)
+
+    methods = {"triton": triton, "sdpa_dense": sdpa_dense}
+    if not args.no_reference:
+        methods["reference"] = reference
+    return methods
+
+
+def _measure(name: str, fn: Callable, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for mode in ("forward", "forward_backward"):
+        grad = mode == "forward_backward"
+        row = {"method": name, "mode": mode, "status": "ok"}
+        try:
+            q, k, v, rpb = _inputs(args, grad)
+            go = torch.randn_like(q)
+            if grad:
+                ins = [t for t in (q, k, v, rpb) if t is not None]
+
+                def step(fn=fn, q=q, k=k, v=v, rpb=rpb, go=go, ins=ins):
+                    torch.autograd.grad(fn(q, k, v, rpb), ins, go)
+            else:
+
+                def step(fn=fn, q=q, k=k, v=v, rpb=rpb):
+                    with torch.no_grad():
+                        fn(q, k, v, rpb)
+
+            torch.cuda.reset_peak_memory_stats()
+            row["ms"] = _time(step, args.warmup, args.iters, args.repeats)
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        except torch.cuda.OutOfMemoryError as e:
+            row |= {"status": "oom", "error": str(e).splitlines()[0][:300]}
+        except Exception as e:  # noqa: BLE001 (recorded; the other methods still run)
+            row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _accuracy(args: argparse.Namespace) -> dict:
+    """Relative error of the Triton kernels against the float32 reference at the benchmark shape (batch capped at 4)."""
+    small = argparse.Namespace(**{**vars(args), "batch": min(args.batch, 4)})
+    q, k, v, rpb = _inputs(small, True)
+    go = torch.randn_like(q)
+    ins = [t for t in (q, k, v, rpb) if t is not None]
+    out = neighborhood_attention(q, k, v, args.kernel, args.dilation, rpb=rpb, backend="triton")
+    grads = torch.autograd.grad(out, ins, go)
+    ref = neighborhood_attention_reference(*(t.float() for t in (q, k, v)), args.kernel, args.dilation, rpb=rpb)
+    ref_grads = torch.autograd.grad(ref, ins, go.float())
+    rel = {"out": ((out.float() - ref).norm() / ref.norm()).item()}
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads, strict=False):
+        rel[name] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return rel
+
+
+def _sweep(args: argparse.Namespace) -> list[dict]:
+    from visionlin.kernels.triton import neighborhood as nt
+
+    saved = dict(nt.TUNING)
+    rows = []
+    fn = _methods(args)["triton"]
+    try:
+        for tile_y, block_k, warps, stages in itertools.product((8, 16), (16, 32, 64), (4, 8), (1, 2, 3)):
+            nt.TUNING.update(tile_y=tile_y, block_k=block_k, warps=warps, stages=stages)
+            for row in _measure("triton", fn, args):
+                rows.append(row | {"config": dict(tile_y=tile_y, block_k=block_k, warps=warps, stages=stages)})
+    finally:
+        nt.TUNING.clear()
+        nt.TUNING.update(saved)
+    return sorted(rows, key=lambda r: (r["mode"], r.get("ms", float("inf"))))
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    modes = ("forward", "forward_backward")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        ms = [next((r["ms"] for r in rows if r["method"] == method and r["mode"] == m), 0.0) for m in modes]
+        bars = ax.bar([j + i * width for j in range(len(modes))], ms, width, label=method)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(modes))], modes)
+    ax.set_ylabel("ms per call (median)")
+    ax.set_yscale("log")
+    s = result["shape"]
+    ax.set_title(
+        f"NA {s['batch']}x{s['size']}x{s['size']}, {s['heads']} heads, D={s['dim']}, k={s['kernel']}, "
+        f"d={s['dilation']}, rpb={s['rpb']}, {s['dtype']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/neighborhood_op.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for neighborhood_op.json / .png")
+    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=56, help="feature-map side (tokens)")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--dilation", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--no-rpb", dest="rpb", action="store_false", help="no relative positional bias")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) gather reference")
+    p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, fn in _methods(args).items():
+        for row in _measure(name, fn, args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["method"], r["mode"]): r.get("ms") for r in rows}
+    for mode in ("forward", "forward_backward"):
+        if by.get(("triton", mode)) and by.get(("sdpa_dense", mode)):
+            print(f"{mode}: sdpa_dense / triton = {by[('sdpa_dense', mode)] / by[('triton', mode)]:.2f}x")
+    shape = {k: getattr(args, k) for k in ("batch", "size", "heads", "dim", "kernel", "dilation", "dtype", "rpb")}
+    result = {
+        "benchmark": STEM,
+        "meta": gpu_meta(argv, args.commit),
+        "shape": shape,
+        "accuracy_vs_reference": _accuracy(args),
+        "speedup_vs_sdpa_dense": {
+            m: by[("sdpa_dense", m)] / by[("triton", m)]
+            for m in ("forward", "forward_backward")
+            if by.get(("triton", m)) and by.get(("sdpa_dense", m))
+        },
+        "rows": rows,
+    }
+    if args.sweep:
+        result["sweep"] = _sweep(args)
+        for mode in ("forward", "forward_backward"):
+            best = next((r for r in result["sweep"] if r["mode"] == mode and r["status"] == "ok"), None)
+            print(f"sweep best {mode}: {best}")
+    print(json.dumps(result["accuracy_vs_reference"]))
+    for note in write_result(result, args.out, STEM, plot=False):
+        print(note)
+    try:
+        _plot(result, args.out / f"{STEM}.png")
+        print(f"wrote {args.out / f'{STEM}.png'}")
+    except ImportError:
+        print("neighborhood_op.png skipped: matplotlib is not installed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
