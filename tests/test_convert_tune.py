@@ -18,7 +18,6 @@ from visionlin.convert import (  # noqa: E402
     convert,
     disabled,
     distillation_loss,
-    finetune,
     load_conversion,
     revert,
     save_conversion,
@@ -26,6 +25,19 @@ from visionlin.convert import (  # noqa: E402
 from visionlin.convert.finetune import _teacher_mode  # noqa: E402
 from visionlin.kernels import block_sparse_attention, softmax_attention  # noqa: E402
 from visionlin.train import checkpoint as ckpt  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _finetune(*args, **kwargs):
+    """:func:`visionlin.finetune` on the CPU (where the tiny models and their inputs are), on a GPU machine too."""
+    return visionlin.finetune(*args, **{"cpu": True, **kwargs})
 
 
 def _tiny_dit(seed=0):
@@ -235,7 +247,7 @@ def test_finetune_lowers_the_distillation_loss():
         before = float(distillation_loss(model, data))
         with_features = float(distillation_loss(model, data, feature_weight=1.0))
     assert with_features > before > 0
-    result = finetune(model, data, steps=5, lr=1e-2)
+    result = _finetune(model, data, steps=5, lr=1e-2)
     with torch.no_grad():
         after = float(distillation_loss(model, data))
     assert result.step == 5 and len(result.losses) == 5 and result.trainable_parameters == 72
@@ -247,13 +259,13 @@ def test_finetune_lowers_the_distillation_loss():
 def test_finetune_resume_continues_identically(tmp_path):
     data = _data(n=6)
     kw = {"batch_size": 3, "lr": 1e-2, "feature_weight": 0.5, "trainable": "lora+converter", "lora_rank": 2}
-    straight = finetune(_sla(), data, steps=4, output_dir=tmp_path / "a", **kw)
+    straight = _finetune(_sla(), data, steps=4, output_dir=tmp_path / "a", **kw)
     model = _sla()
-    first = finetune(model, data, steps=2, output_dir=tmp_path / "b", **kw)
+    first = _finetune(model, data, steps=2, output_dir=tmp_path / "b", **kw)
     with pytest.raises(ValueError, match="already has checkpoints"):
-        finetune(_sla(), data, steps=4, output_dir=tmp_path / "b", **kw)
+        _finetune(_sla(), data, steps=4, output_dir=tmp_path / "b", **kw)
     resumed_model = _sla()
-    second = finetune(resumed_model, data, steps=4, output_dir=tmp_path / "b", resume="auto", **kw)
+    second = _finetune(resumed_model, data, steps=4, output_dir=tmp_path / "b", resume="auto", **kw)
     assert second.start_step == 2
     assert first.losses + second.losses == straight.losses  # bitwise
     a = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))
@@ -268,7 +280,7 @@ def test_finetune_resume_continues_identically(tmp_path):
     assert (tmp_path / "b" / "conversion" / "conversion.json").is_file()
     assert (tmp_path / "b" / "lora.safetensors").is_file()
     with pytest.raises(ValueError, match=r"trainable': 'lora'"):
-        finetune(_sla(), data, steps=6, output_dir=tmp_path / "b", resume="auto", **{**kw, "trainable": "lora"})
+        _finetune(_sla(), data, steps=6, output_dir=tmp_path / "b", resume="auto", **{**kw, "trainable": "lora"})
 
 
 def test_finetune_lora_trains_only_lora_and_teacher_is_the_original():
@@ -277,7 +289,7 @@ def test_finetune_lora_trains_only_lora_and_teacher_is_the_original():
     reference = _tiny_dit()
     ref_out = reference(**data).sample
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(model, data, steps=3, lr=1e-2, trainable="lora", lora_rank=2)
+    result = _finetune(model, data, steps=3, lr=1e-2, trainable="lora", lora_rank=2)
     after = model.state_dict()
     lora = [k for k in after if "lora_" in k]
     base = {k.replace(".base_layer.", "."): v for k, v in after.items() if k not in lora}  # peft's wrapped layers
@@ -298,7 +310,7 @@ def test_finetune_all_weights_distils_from_the_frozen_original():
     with torch.no_grad():
         target = _tiny_dit()(**data).sample  # the original model
         before = float(torch.nn.functional.mse_loss(model(**data).sample, target))
-    result = finetune(model, data, steps=4, lr=1e-3, trainable="all")
+    result = _finetune(model, data, steps=4, lr=1e-3, trainable="all")
     assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
     assert result.losses[0] == pytest.approx(before, rel=1e-5)
     assert result.losses[-1] < result.losses[0]
@@ -309,16 +321,16 @@ def test_finetune_all_weights_distils_from_the_frozen_original():
 def test_finetune_data_forms_and_progress_bar(capsys):
     data = _data(n=2)
     as_list = [data]
-    result_list = finetune(_sla(), as_list, steps=2, lr=1e-2)
-    result_dict = finetune(_sla(), data, steps=2, lr=1e-2)  # batch = every row, in a seeded order
+    result_list = _finetune(_sla(), as_list, steps=2, lr=1e-2)
+    result_dict = _finetune(_sla(), data, steps=2, lr=1e-2)  # batch = every row, in a seeded order
     assert result_list.losses[0] == pytest.approx(result_dict.losses[0], rel=1e-5)
 
     def generate(step, generator):
         return {"hidden_states": torch.randn(2, 4, 8, 8, generator=generator), "timestep": torch.tensor([5, 900]),
                 "class_labels": torch.tensor([1, 2])}  # fmt: skip
 
-    one = finetune(_sla(), generate, steps=2, lr=1e-2, progress=True)
-    two = finetune(_sla(), generate, steps=2, lr=1e-2)
+    one = _finetune(_sla(), generate, steps=2, lr=1e-2, progress=True)
+    two = _finetune(_sla(), generate, steps=2, lr=1e-2)
     assert one.losses == two.losses
     assert "finetune" in capsys.readouterr().err  # the tqdm bar
 
@@ -330,7 +342,7 @@ def test_finetune_data_forms_and_progress_bar(capsys):
         ({"steps": 0}, r"steps=0 must be an integer >= 1"),
         ({"lr": -1.0}, r"lr=-1.0 must be a finite number >= 0"),
         ({"feature_weight": -1}, r"feature_weight=-1"),
-        ({"batch_size": 9}, r"batch_size=9 exceeds the 4 samples"),
+        ({"batch_size": 9}, r"batch_size=9 x 1 process\(es\) exceeds the 4 samples"),
         ({"mixed_precision": "fp8"}, r"mixed_precision='fp8'"),
         ({"resume": "auto"}, "resume needs output_dir"),
         ({"lora_targets": "to_q"}, r"lora_targets='to_q' must be a non-empty list"),
@@ -340,25 +352,25 @@ def test_finetune_data_forms_and_progress_bar(capsys):
 def test_finetune_bad_input(kwargs, match):
     model = _sla()
     with pytest.raises(ValueError, match=match):
-        finetune(model, _data(), **kwargs)
+        _finetune(model, _data(), **kwargs)
 
 
 def test_finetune_bad_models_and_data():
     with pytest.raises(ValueError, match="has no converted component"):
-        finetune(_tiny_dit(), _data())
+        _finetune(_tiny_dit(), _data())
     sparse = _tiny_dit()
     convert(sparse, "sparse", block_size=4)
     with pytest.raises(ValueError, match="the 'sparse' conversion has no parameters of its own"):
-        finetune(sparse, _data())
+        _finetune(sparse, _data())
     bad = {**_data(), "timestep": torch.zeros(3)}
     with pytest.raises(ValueError, match="different leading sizes"):
-        finetune(_sla(), bad)
+        _finetune(_sla(), bad)
     with pytest.raises(ValueError, match=r"\['scale'\] are not"):
-        finetune(_sla(), {**_data(), "scale": 1.0})
+        _finetune(_sla(), {**_data(), "scale": 1.0})
     with pytest.raises(ValueError, match="data must be a dict of tensors"):
-        finetune(_sla(), "data.safetensors")
+        _finetune(_sla(), "data.safetensors")
     with pytest.raises(ValueError, match="returned list"):
-        finetune(_sla(), lambda step, g: [])
+        _finetune(_sla(), lambda step, g: [])
 
 
 def test_cli_finetune_conversion(tmp_path, capsys):
@@ -379,7 +391,7 @@ def test_cli_finetune_conversion(tmp_path, capsys):
     assert "finetuned steps 2 -> 3" in capsys.readouterr().out
     # the saved conversion is the fine-tuned one: same outputs as the API run of three steps
     api = _sla()
-    finetune(api, _data(), steps=3, lr=1e-2)
+    _finetune(api, _data(), steps=3, lr=1e-2)
     fresh = _tiny_dit()
     load_conversion(fresh, run / "conversion")
     with torch.no_grad():
@@ -392,3 +404,43 @@ def test_cli_finetune_conversion(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--steps", "3", "--trainable", "all"])  # a run folder with checkpoints and no --resume
     assert "already has checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_finetune_two_processes_follow_one_with_the_same_global_batch(tmp_path):
+    """``torchrun`` with two CPU processes (gloo) x 3 rows per step against one process x 6 rows: the same rows of
+    each step's draw, gradients averaged by DDP, so the same losses step by step and the same trained projection."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    _tiny_dit().save_pretrained(tmp_path / "dit")
+    save_file(_data(n=8), str(tmp_path / "data.safetensors"))
+    common = ["finetune-conversion", str(tmp_path / "dit"), "--data", str(tmp_path / "data.safetensors"),
+              "--method", "sla", "--sparsity", "0.75", "--block-size", "4", "--steps", "3", "--lr", "1e-2",
+              "--log-interval", "1", "--cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "visionlin.cli", *common, "--batch-size", "3", "--output", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from visionlin.cli import main
+
+    assert main([*common, "--batch-size", "6", "--output", str(tmp_path / "one")]) == 0
+
+    def losses(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert len(losses("one")) == 3
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    one = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path / "one"))["model"]
+    two = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path / "two"))["model"]
+    assert one.keys() == two.keys()
+    # Adam divides by sqrt(v): a near-zero gradient entry summed in another order moves by up to ~lr x 1e-2 in
+    # 3 steps of lr 1e-2 (the weights themselves move by up to 3e-2)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-4)
+    assert any(one[k].abs().max() > 1e-3 for k in one)  # the projection trained (it starts at zero)

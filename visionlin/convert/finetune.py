@@ -18,9 +18,11 @@ model runs in eval mode throughout (no dropout or class-label dropout), so teach
 Data: each optimizer step ``s`` takes one batch of model forward keywords, a function of ``s`` alone:
 
 - a dict of tensors with a common leading size ``N`` (latents, timesteps, ``encoder_hidden_states`` /
-  ``prompt_embeds``, ...): ``batch_size`` rows drawn with a generator seeded by ``(seed, s)``;
-- a list of forward-keyword dicts (each a batch): batch ``s mod len``;
-- a callable ``data(step, generator) -> dict`` (random latents and timesteps drawn from ``generator``);
+  ``prompt_embeds``, ...): ``batch_size`` rows drawn with a generator seeded by ``(seed, s)``, each process of a
+  multi-process run taking the next ``batch_size`` rows of the same draw;
+- a list of forward-keyword dicts (each a batch): batch ``s mod len`` (``s * processes + rank`` with several);
+- a callable ``data(step, generator) -> dict`` (random latents and timesteps drawn from ``generator``, seeded by
+  ``(seed, s, rank)``);
 
 plus ``shared`` keywords passed to every call unchanged (Flux's ``img_ids`` / ``txt_ids``, for instance).
 """
@@ -200,8 +202,11 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _batches(data: Any, batch_size: int | None, seed: int) -> tuple[Callable[[int], dict[str, Any]], str]:
-    """``(batch_of_step, description)``; each batch is a function of the step alone."""
+def _batches(
+    data: Any, batch_size: int | None, seed: int, rank: int = 0, world: int = 1
+) -> tuple[Callable[[int], dict[str, Any]], str]:
+    """``(batch_of_step, description)`` for process ``rank`` of ``world``; each batch is a function of the step and
+    the rank alone (the processes take disjoint rows of one draw, or differently seeded generators)."""
     if isinstance(data, dict):
         bad = sorted(k for k, v in data.items() if not isinstance(v, torch.Tensor) or v.ndim == 0)
         if bad or not data:
@@ -213,13 +218,13 @@ def _batches(data: Any, batch_size: int | None, seed: int) -> tuple[Callable[[in
         if len(set(sizes.values())) != 1:
             raise ValueError(f"the data tensors have different leading sizes {sizes}; each must hold N samples")
         n = next(iter(sizes.values()))
-        bs = n if batch_size is None else batch_size
-        if bs > n:
-            raise ValueError(f"batch_size={bs} exceeds the {n} samples of the data")
+        bs = n // world if batch_size is None else batch_size
+        if bs * world > n or bs == 0:
+            raise ValueError(f"batch_size={bs} x {world} process(es) exceeds the {n} samples of the data")
 
         def batch_of(step: int) -> dict[str, Any]:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = torch.randperm(n, generator=g)[:bs]
+            idx = torch.randperm(n, generator=g)[rank * bs : (rank + 1) * bs]
             return {k: v[idx] for k, v in data.items()}
 
         return batch_of, f"{n} samples, batch {bs}"
@@ -228,14 +233,14 @@ def _batches(data: Any, batch_size: int | None, seed: int) -> tuple[Callable[[in
     if callable(data):
 
         def call(step: int) -> dict[str, Any]:
-            out = data(step, torch.Generator().manual_seed(seed * 1_000_003 + step))
+            out = data(step, torch.Generator().manual_seed(seed * 1_000_003 + step * world + rank))
             if not isinstance(out, dict):
                 raise ValueError(f"data({step}, generator) returned {type(out).__name__}, not a dict of keywords")
             return out
 
         return call, "generated batches"
     if isinstance(data, list | tuple) and data and all(isinstance(b, dict) for b in data):
-        return (lambda step: data[step % len(data)]), f"{len(data)} batches"
+        return (lambda step: data[(step * world + rank) % len(data)]), f"{len(data)} batches"
     raise ValueError(
         "data must be a dict of tensors (N samples each), a non-empty list of forward-keyword dicts, or a callable "
         f"(step, generator) -> dict; got {type(data).__name__}"
@@ -298,7 +303,7 @@ def finetune(
             ``load_conversion``). With several converted components, ``component`` names the one to train.
         data: The batches (module docstring). Tensors are moved to the training device.
         steps: Total optimizer steps; a resumed run continues up to it.
-        batch_size: Rows per step for a dict of tensors (default: all).
+        batch_size: Rows per step and process for a dict of tensors (default: all, split over the processes).
         shared: Forward keywords added unchanged to every batch.
         trainable: ``"converter"``, ``"lora"``, ``"lora+converter"`` or ``"all"``.
         lr, weight_decay, warmup_steps, clip_grad: AdamW (no decay on 1-d parameters), linear warm-up, gradient
@@ -355,7 +360,6 @@ def finetune(
         raise ValueError(f"lora_targets={lora_targets!r} must be a non-empty list of child module names ('to_q')")
     if resume is not None and output_dir is None:
         raise ValueError("resume needs output_dir (the run folder whose checkpoints it continues)")
-    batch_of, data_desc = _batches(data, batch_size, seed)
     run_dir = Path(output_dir) if output_dir is not None else None
     resume_from = None
     if run_dir is not None:
@@ -363,6 +367,7 @@ def finetune(
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    batch_of, data_desc = _batches(data, batch_size, seed, rank, world)
     set_seed(seed + rank)
     model.to(device)
     if "lora" in trainable:
