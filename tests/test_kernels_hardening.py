@@ -201,6 +201,11 @@ def test_channel_scale_values(fill):
             fn(q, k, v, channel_scale=cs)
     with pytest.raises(ValueError, match=r"channel_scale=.* > 0"):
         focused_linear_attention(q, k, v, channel_scale=fill)
+    # check_values=False (the FLatten layer: softplus of a parameter) reads no values: no host sync, no error
+    out = focused_linear_attention(q, k, v, channel_scale=cs, check_values=False)
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match=r"check_values='no' must be True or False"):
+        focused_linear_attention(q, k, v, channel_scale=cs, check_values="no")
 
 
 @pytest.mark.parametrize("shape", [(2, 7), (3, 8), (1, 2, 8), (2, 8, 1), (16,)], ids=str)

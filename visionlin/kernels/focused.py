@@ -82,16 +82,19 @@ def _check(
     channel_scale: torch.Tensor | float | None,
     eps: float,
     joint_heads: bool,
+    check_values: bool = True,
 ) -> None:
     check_heads_last(op, q, k, v, same_length=False)
     check_real(op, "focusing_factor", focusing_factor, low=0.0, low_open=True)
     check_real(op, "eps", eps)
     check_flag(op, "joint_heads", joint_heads)
+    check_flag(op, "check_values", check_values)
     if channel_scale is None:
         return
     if isinstance(channel_scale, torch.Tensor):
         check_side_tensor(op, "channel_scale", channel_scale, q, tuple(q.shape[-2:]), "[H, D]")
-        check_tensor_values(op, "channel_scale", channel_scale, positive=True)
+        if check_values:
+            check_tensor_values(op, "channel_scale", channel_scale, positive=True)
     elif isinstance(channel_scale, numbers.Real) and not isinstance(channel_scale, bool):
         check_real(op, "channel_scale", channel_scale, low=0.0, low_open=True)
     else:
@@ -193,9 +196,15 @@ def focused_linear_attention(
     eps: float = 1e-6,
     joint_heads: bool = True,
     backend: str | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """Focused linear attention; see :func:`focused_linear_attention_reference`."""
-    _check(_OP, q, k, v, focusing_factor, channel_scale, eps, joint_heads)
+    """Focused linear attention; see :func:`focused_linear_attention_reference`.
+
+    ``check_values=False`` skips the eager check that a ``channel_scale`` tensor is positive and finite, which reads
+    its values (one host sync per call): for callers whose scale is positive by construction, such as the FLatten
+    layer's ``softplus`` of a parameter.
+    """
+    _check(_OP, q, k, v, focusing_factor, channel_scale, eps, joint_heads, check_values)
     return _op(
         q,
         k,

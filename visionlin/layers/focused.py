@@ -113,6 +113,7 @@ class FocusedLinearAttention(TokenMixer):
             channel_scale=channel_scale,
             joint_heads=self.joint_heads,
             backend=self.backend,
+            check_values=False,  # softplus is positive: no host sync per forward to re-check it
         )
         # One depthwise conv shared by the heads over each head's (H, W, D) value map: as a per-channel kernel of the
         # merged channels (channel = head * D + j takes kernel j), added to the attention output in one pass.
