@@ -444,3 +444,28 @@ def test_finetune_two_processes_follow_one_with_the_same_global_batch(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-4)
     assert any(one[k].abs().max() > 1e-3 for k in one)  # the projection trained (it starts at zero)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_calibrate_and_finetune():
+    """On the GPU: calibrate a CUDA model (its errors within the budget, the plan applied) and fine-tune it, in
+    float32 (the loss falls) and under bf16 autocast (finite losses, the projection stays float32)."""
+    model = _dit().cuda()
+    inputs = {k: v.cuda() for k, v in _inputs("dit").items()}
+    report = calibrate(model, inputs, budget=0.3, block_size=8, method="sla")
+    assert all(r.value is not None and r.error <= 0.3 for r in report.layers)
+    data = {k: v.cuda() for k, v in _data(n=4, seed=5).items()}
+    small = _sla(_tiny_dit().cuda())
+    with torch.no_grad():
+        before = float(distillation_loss(small, data))
+    result = visionlin.finetune(small, data, steps=5, lr=1e-2)
+    with torch.no_grad():
+        assert float(distillation_loss(small, data)) < 0.9 * before
+    assert result.losses[0] == pytest.approx(before, rel=1e-4)
+    half = visionlin.finetune(model, {k: v.cuda() for k, v in _data(n=2).items() if k != "hidden_states"}
+                              | {"hidden_states": torch.randn(2, 4, 16, 16, device="cuda")}, steps=3, lr=1e-3,
+                              mixed_precision="bf16")  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(half.losses)))
+    assert all(m.visionlin_core.proj.weight.dtype == torch.float32 for m in model.modules()
+               if hasattr(m, "visionlin_core"))  # fmt: skip
