@@ -215,3 +215,22 @@ def test_gpu_hybrid_and_agent_vs_reference(grid, d, dtype):
         assert (out.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + floor
         for a, b, c in zip(g_fast, g_ref, g_low, strict=True):
             assert (a.double() - b).abs().max() <= 2 * (c.double() - b).abs().max() + floor
+
+
+@pytest.mark.parametrize("op", ["hybrid", "agent"])
+def test_torch_compile_fullgraph(op):
+    grid = (3, 4, 5)
+    q, k, v, ak, av = (t.detach().float() for t in _inputs(grid, e=2))
+    gate = torch.full((3,), 0.5)
+    if op == "hybrid":
+
+        def fn(q, k, v, ak, av):
+            return hybrid_attention(q, k, v, grid, 3, gate, additional_keys=ak, additional_values=av, backend="torch")
+    else:
+
+        def fn(q, k, v, ak, av):
+            return pooled_agent_attention(q, k, v, grid, (1, 2, 2), shortcut=0.1, additional_keys=ak,
+                                          additional_values=av, backend="torch")  # fmt: skip
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, ak, av), fn(q, k, v, ak, av), rtol=1e-6, atol=1e-6)

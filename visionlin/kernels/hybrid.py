@@ -307,10 +307,10 @@ def _agent_torch(
     s = d**-0.5 if scale is None else scale
     sb = s if broadcast_scale is None else broadcast_scale
     cells = pool_cells(grid, pool, q.device)
-    n_a = int(cells.max()) + 1
+    n_a = math.prod([-(-g // p) for g, p in zip(grid, pool, strict=True)])  # a Python int: no data-dependent shape
     acc = torch.promote_types(q.dtype, torch.float32)
     sums = q.new_zeros(b, n_a, h, d, dtype=acc).index_add(1, cells, q.to(acc))
-    counts = torch.bincount(cells, minlength=n_a).to(acc)
+    counts = q.new_zeros(n_a, dtype=acc).index_add(0, cells, q.new_ones(cells.shape, dtype=acc))
     agents = (sums / counts[:, None, None]).to(q.dtype)  # [B, n, H, D]
     if additional_keys is not None:
         k, vk = torch.cat([k, additional_keys], dim=1), torch.cat([v, additional_values], dim=1)
