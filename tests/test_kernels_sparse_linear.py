@@ -197,8 +197,10 @@ def test_bad_proj_and_shapes():
         block_sparse_attention(q, k, v, topk=0)
     with pytest.raises(ValueError, match="floating point"):
         sparse_linear_attention(q.int(), k.int(), v.int(), torch.zeros(5, 5), backend="torch")
-    with pytest.raises(ValueError, match="unknown backend 'triton'"):
-        sparse_linear_attention(q, k, v, torch.zeros(5, 5), backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        sparse_linear_attention(q, k, v, torch.zeros(5, 5), backend="nope")
+    with pytest.raises(NotImplementedError, match="not on a CUDA device.*block sizes block_q=64, block_k=4"):
+        sparse_linear_attention(q, k, v, torch.zeros(5, 5), block_k=4, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -103,6 +103,18 @@ def _block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
     return (xs / counts[None, :, None, None]).transpose(1, 2)
 
 
+def _block_order(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Key-block indices per query-block row, best pooled score first: ``[B, H, nqb, nkb]`` int64 (device ops only;
+    the ranking of :func:`sla_block_map`, shared with the Triton backend)."""
+    dt = reference_dtype(q.dtype)
+    with torch.no_grad(), fp32_reference(q.device):
+        scores = torch.einsum(
+            "bhid,bhjd->bhij", _block_mean(q.detach().to(dt), block_q), _block_mean(k.detach().to(dt), block_k)
+        )  # [B, H, nqb, nkb]
+        # A stable descending sort: equal scores keep block order, so the choice is deterministic.
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
 def sla_block_map(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,20 +141,15 @@ def sla_block_map(
     _check_selection("sla_block_map", topk, k_low, block_q, block_k)
     if q.shape[1] == 0:
         return torch.zeros(q.shape[0], q.shape[2], 0, -(-k.shape[1] // block_k), dtype=torch.int8, device=q.device)
-    dt = reference_dtype(q.dtype)
-    with torch.no_grad(), fp32_reference(q.device):
-        scores = torch.einsum(
-            "bhid,bhjd->bhij", _block_mean(q.detach().to(dt), block_q), _block_mean(k.detach().to(dt), block_k)
-        )  # [B, H, nqb, nkb]
-        nkb = scores.shape[-1]
+    with torch.no_grad():
+        order = _block_order(q, k, block_q, block_k)  # [B, H, nqb, nkb]
+        nkb = order.shape[-1]
         n_c, n_l = sla_block_counts(nkb, topk, k_low)
-        # A stable descending sort: equal scores keep block order, so the choice is deterministic.
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         rank_class = torch.zeros(nkb, dtype=torch.int8, device=q.device)
         rank_class[:n_c] = 1
         if n_l:
             rank_class[nkb - n_l :] = -1
-        block_map = torch.empty(scores.shape, dtype=torch.int8, device=q.device)
+        block_map = torch.empty(order.shape, dtype=torch.int8, device=q.device)
         block_map.scatter_(-1, order, rank_class.expand(order.shape).contiguous())
     return block_map
 
@@ -359,7 +366,38 @@ def _sla_native(
     return (o_s + o_l).to(q.dtype)
 
 
+#: Block sizes the Triton kernels tile (one query / key block per tile).
+TRITON_BLOCKS = (64, 128)
+
+
+def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=None, **kwargs) -> list[str]:
+    """Reasons the fused Triton kernels cannot run this call (empty if they can)."""
+    from .triton import head_dim_reasons, triton_unavailable
+
+    reasons = triton_unavailable(q, k, v)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(
+            f"needs one dtype of float16, bfloat16, float32 for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    for name, t in zip(("proj_weight", "proj_bias"), others, strict=False):
+        if isinstance(t, torch.Tensor) and not t.is_floating_point():
+            reasons.append(f"{name} has non-floating dtype {t.dtype}")
+    if block_q not in TRITON_BLOCKS or block_k not in TRITON_BLOCKS:
+        reasons.append(f"block sizes block_q={block_q}, block_k={block_k} are not tiled (allowed: {TRITON_BLOCKS})")
+    if additional_keys is not None:
+        reasons.append("additional_keys (dense joint keys) are not fused; the 'torch' backend runs them")
+    return reasons + head_dim_reasons(q, v)
+
+
+def _sla_triton(q, k, v, proj_weight, proj_bias=None, **kwargs):
+    """``"triton"`` backend (:mod:`visionlin.kernels.triton.sparse_linear`), importing Triton on first use."""
+    from .triton.sparse_linear import sparse_linear_attention_triton
+
+    return sparse_linear_attention_triton(q, k, v, proj_weight, proj_bias, **kwargs)
+
+
 _sla_op = Op(_SLA)
+_sla_op.register("triton", _sla_triton, _triton_supports)
 _sla_op.register("torch", _sla_native, supports_floating)
 _sla_op.register("reference", sparse_linear_attention_reference, supports_floating)
 
@@ -385,8 +423,10 @@ def sparse_linear_attention(
 ) -> torch.Tensor:
     """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
 
-    Backends: ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"``
-    (materialised masks). Both compute in float32 (float64 for float64 inputs) and return q's dtype.
+    Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 64 or 128, no
+    ``additional_keys``: fused block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`),
+    ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"`` (materialised
+    masks). The last two compute in float32 (float64 for float64 inputs); all return q's dtype.
 
     Raises:
         ValueError: bad shapes, ``topk`` outside ``(0, 1]``, ``k_low`` outside ``[0, 1)``, ``topk + k_low > 1``,
@@ -463,7 +503,15 @@ def _bsa_native(q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None, additi
     return _blockwise_sparse(q, k, v, idx, block_q, block_k, scale, additional_keys, additional_values).to(q.dtype)
 
 
+def _bsa_triton(q, k, v, **kwargs):
+    """``"triton"`` backend: the SLA softmax kernel without the linear branch."""
+    from .triton.sparse_linear import block_sparse_attention_triton
+
+    return block_sparse_attention_triton(q, k, v, **kwargs)
+
+
 _bsa_op = Op(_BSA)
+_bsa_op.register("triton", _bsa_triton, _triton_supports)
 _bsa_op.register("torch", _bsa_native, supports_floating)
 _bsa_op.register("reference", block_sparse_attention_reference, supports_floating)
 
@@ -483,7 +531,8 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Training-free block top-k sparse attention; see :func:`block_sparse_attention_reference`.
 
-    Backends: ``"torch"`` (gathers critical blocks) and ``"reference"``; float32 math, output in q's dtype.
+    Backends: ``"triton"`` (CUDA; the SLA softmax kernel without the linear branch, same limits), ``"torch"``
+    (gathers critical blocks) and ``"reference"``; output in q's dtype.
 
     Raises:
         ValueError: bad shapes, ``topk`` outside ``(0, 1]``, non-positive block sizes, a non-finite scale.

@@ -1,0 +1,238 @@
+"""Triton block-sparse / sparse-linear attention (SLA) against float64 formulas, forward and backward.
+
+The truth is the op's math in float64 on the very values the kernels see (inputs rounded to the test dtype), with the
+block map the op selects from those inputs (:func:`sla_block_map`; also checked equal to what the LUT encodes), so a
+near-tie in the pooled scores cannot make the comparison flaky. Tolerance (DESIGN.md, flash-attention's rule): the
+relative error (``||x - ref|| / ||ref||`` over the output and every gradient) is at most twice that of the plain
+PyTorch computation in the test dtype (the materialised formula run in bf16 / fp16), plus four units of the dtype's
+rounding; in float32 a fixed 2e-5 (the kernels' products run in IEEE float32).
+
+The ``gpu`` tests run on the GPU machine (``pytest -m gpu tests/test_kernels_triton_sparse_linear.py``);
+``test_interpreter_*`` runs the same kernels on the CPU through Triton's interpreter (float32 and float16: the
+interpreter's bfloat16 products are wrong, a Triton limitation) in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels import block_sparse_attention, sla_block_map, sparse_linear_attention
+from visionlin.kernels.sparse_linear import SLA_FEATURE_MAPS, sla_block_counts
+
+FLOOR = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+F32_TOL = 2e-5
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(b, n, m, h, d, dv, dtype, seed=0, non_contiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    if non_contiguous:  # views of one fused [B, N, 3, H, D] projection, as attention layers produce them
+        q, k, v = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64).unbind(2)
+    else:
+        q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+        k = torch.randn(b, m, h, d, generator=g, dtype=torch.float64)
+        v = torch.randn(b, m, h, dv, generator=g, dtype=torch.float64)
+    dvv = v.shape[-1]
+    w = 0.3 * torch.randn(dvv, dvv, generator=g, dtype=torch.float64)
+    bias = 0.1 * torch.randn(dvv, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v)], w.float(), bias.float()
+
+
+def _materialised(q, k, v, w, bias, block_map, bq, bk, fmap, variant, scale, eps, dt):
+    """The op's formula with explicit ``[N, M]`` masks, in ``dt`` (float64: the truth; half: the plain baseline).
+    ``w is None``: block-sparse attention (no linear branch)."""
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    n, m = q.shape[1], k.shape[1]
+    cls = block_map[:, :, torch.arange(n) // bq][:, :, :, torch.arange(m) // bk].to(q.device)
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    s = torch.where(cls == 1, s, torch.full_like(s, -torch.inf))
+    out = torch.einsum("bhnm,bmhe->bnhe", torch.softmax(s.float() if dt != torch.float64 else s, -1).to(dt), v)
+    if w is None:
+        return out
+    phi = SLA_FEATURE_MAPS[fmap]
+    a = torch.einsum("bnhd,bmhd->bhnm", phi(q), phi(k))
+    if variant == "paper":
+        a = torch.where(cls == 0, a, torch.zeros_like(a))
+    o_l = torch.einsum("bhnm,bmhe->bnhe", a, v) / (a.sum(-1).transpose(1, 2)[..., None] + eps)
+    return out + o_l @ w.to(dt).T + bias.to(dt)
+
+
+def check(shape, dtype, device, *, method="sla", variant="paper", fmap="softmax", topk=0.4, k_low=0.2, bq=64, bk=64,
+          direct=False, non_contiguous=False, seed=0):  # fmt: skip
+    """Output and gradients (q, k, v and, for SLA, the projection's weight and bias) of the Triton backend against
+    float64 (``direct``: call the backend function itself, as the interpreter runs it on the CPU)."""
+    from visionlin.kernels import sparse_linear as sl
+
+    b, n, m, h, d, dv = shape
+    (q, k, v), w, bias = _inputs(b, n, m, h, d, dv, dtype, seed=seed, non_contiguous=non_contiguous)
+    k_low = k_low if (method == "sla" and variant == "paper") else 0.0
+    scale = d**-0.5
+    block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=bq, block_k=bk)
+    n_c, n_l = sla_block_counts(block_map.shape[-1], topk, k_low)
+    grad = torch.randn(b, n, h, v.shape[-1], generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    sla = method == "sla"
+
+    def run(dt, fn):
+        ins = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v)]
+        params = [t.detach().clone().to(device).requires_grad_() for t in (w, bias)] if sla else []
+        out = fn(*ins, *params)
+        out.backward(grad.to(device=device, dtype=out.dtype))
+        return [out.detach().cpu(), *(t.grad.cpu() for t in ins + params)]
+
+    def formula(dt):
+        def fn(q, k, v, *p):
+            wb = p if sla else (None, None)
+            args = (block_map.to(q.device), bq, bk, fmap, variant, scale, 1e-5, dt)
+            return _materialised(q, k, v, *wb, *args)
+
+        return fn
+
+    if sla:
+        kw = dict(topk=topk, k_low=k_low, block_q=bq, block_k=bk, feature_map=fmap, variant=variant)
+        if direct:
+            fast = sl._sla_triton
+        else:
+            fast = lambda q, k, v, w, b: sparse_linear_attention(q, k, v, w, b, backend="triton", **kw)  # noqa: E731
+    else:
+        kw = dict(topk=topk, block_q=bq, block_k=bk)
+        fast = sl._bsa_triton if direct else (lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **kw))
+    ours = run(dtype, (lambda *a: fast(*a, **kw)) if direct else fast)
+    truth = run(torch.float64, formula(torch.float64))
+    errs = [_rel(x, y) for x, y in zip(ours, truth, strict=True)]
+    if dtype == torch.float32:
+        bounds = [F32_TOL] * len(errs)
+    else:
+        base = [_rel(x, y) for x, y in zip(run(dtype, formula(dtype)), truth, strict=True)]
+        bounds = [2 * e + FLOOR[dtype] for e in base]
+    names = ["out", "dq", "dk", "dv", "dw", "db"][: len(errs)]
+    bad = {nm: f"{e:.2e} > {bd:.2e}" for nm, e, bd in zip(names, errs, bounds, strict=True) if not e <= bd}
+    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
+    assert not bad, (shape, dtype, method, variant, fmap, (n_c, n_l), bad)
+    return errs
+
+
+gpu = pytest.mark.gpu
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+@pytest.mark.parametrize(
+    "shape,bq,bk",
+    [((1, 1000, 1000, 2, 64, 64), 64, 64), ((3, 777, 777, 3, 80, 80), 64, 64), ((1, 1500, 1300, 2, 128, 128), 128, 64),
+     ((3, 300, 300, 2, 128, 128), 128, 128), ((1, 65, 200, 1, 64, 64), 64, 128)],
+)  # fmt: skip
+def test_triton_sla_shapes(shape, bq, bk, method, dtype):
+    """Awkward shapes: N not a multiple of the block, batch 1 and 3, head dims 64, 80 (padded) and 128, N != M."""
+    meth, _, variant = method.partition("-")
+    check(shape, dtype, "cuda", method=meth, variant=variant or "paper", bq=bq, bk=bk, topk=0.3, k_low=0.2)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95])
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+def test_triton_sla_sparsity_levels(method, sparsity, dtype):
+    meth, _, variant = method.partition("-")
+    check((1, 2000, 2000, 2, 64, 64), dtype, "cuda", method=meth, variant=variant or "paper", topk=1 - sparsity,
+          k_low=0.1)  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("fmap", sorted(SLA_FEATURE_MAPS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_sla_feature_maps_and_views(fmap, dtype):
+    check((2, 500, 500, 3, 64, 64), dtype, "cuda", fmap=fmap, non_contiguous=True)
+    check((2, 500, 500, 3, 64, 64), dtype, "cuda", fmap=fmap, variant="code", non_contiguous=True)
+
+
+@gpu
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+def test_triton_sla_wan_length(method):
+    """N = 32,760 (Wan2.1 480p x 81 frames), head dim 128, bf16, 90% sparsity."""
+    meth, _, variant = method.partition("-")
+    check((1, 32760, 32760, 2, 128, 128), torch.bfloat16, "cuda", method=meth, variant=variant or "paper",
+          topk=0.1, k_low=0.1, bq=128, bk=64)  # fmt: skip
+
+
+@gpu
+def test_triton_sla_is_chosen_and_compiles_fullgraph():
+    from visionlin.kernels import get_op
+
+    q = torch.randn(1, 130, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.zeros(64, 64, device="cuda", requires_grad=True)
+    assert get_op("sparse_linear_attention").select(q, q, q, w).name == "triton"
+    assert get_op("block_sparse_attention").select(q, q, q).name == "triton"
+    fn = torch.compile(lambda q, w: sparse_linear_attention(q, q, q, w, topk=0.5, k_low=0.0), fullgraph=True)
+    out = fn(q, w)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out, sparse_linear_attention(q, q, q, w, topk=0.5, k_low=0.0, backend="triton"))
+    assert q.grad is not None and w.grad is not None
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_sparse_linear import check
+    cases = [
+        dict(shape=(2, 150, 300, 2, 20, 24)),
+        dict(shape=(1, 70, 330, 1, 16, 16), fmap="elu"),
+        dict(shape=(1, 200, 260, 2, 32, 32), bq=128, bk=64, fmap="relu"),
+        dict(shape=(1, 150, 140, 1, 100, 100), bq=128, bk=128),  # head dim 100: 64-row tiles, two per block
+        dict(shape=(2, 150, 300, 2, 20, 24), variant="code"),
+        dict(shape=(1, 130, 130, 2, 16, 16), non_contiguous=True),
+        dict(shape=(2, 150, 300, 2, 20, 24), method="sparse"),
+        dict(shape=(1, 70, 200, 1, 32, 16), method="sparse", bq=64, bk=128),
+    ]
+    for case in cases:
+        for dtype in (torch.float32, torch.float16):
+            check(device="cpu", dtype=dtype, direct=True, **case)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_sla_kernels_match_formula():
+    """The fused forward and the backward kernels' math on the CPU (Triton's interpreter), float32 and float16."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_triton_backend_declines_with_reasons_on_cpu():
+    (q, k, v), w, bias = _inputs(1, 40, 40, 2, 16, 16, torch.float32)
+    with pytest.raises(NotImplementedError, match="not on a CUDA device"):
+        sparse_linear_attention(q, k, v, w, bias, backend="triton")
+    with pytest.raises(NotImplementedError, match="not on a CUDA device"):
+        block_sparse_attention(q, k, v, backend="triton")
+    # Automatic selection on the CPU falls through to the torch backend.
+    torch.testing.assert_close(
+        sparse_linear_attention(q, k, v, w, bias, topk=0.5, k_low=0.0),
+        sparse_linear_attention(q, k, v, w, bias, topk=0.5, k_low=0.0, backend="torch"),
+    )
+
+
+def test_triton_supports_reasons():
+    from visionlin.kernels import get_op
+
+    op = get_op("sparse_linear_attention")
+    meta = torch.empty(1, 8, 1, 256, device="meta", dtype=torch.float64)
+    w = torch.empty(256, 256, device="meta")
+    reasons = " ".join(op.supports(meta, meta, meta, w, backend="triton", block_q=32, additional_keys=meta))
+    for part in ("CUDA", "float64", "block_q=32", "additional_keys", "head dims"):
+        assert part in reasons, (part, reasons)

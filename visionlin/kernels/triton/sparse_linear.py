@@ -1,0 +1,491 @@
+"""Fused block-sparse softmax attention with SLA's linear branch in Triton, forward and backward; the math of
+:func:`visionlin.kernels.sparse_linear_attention_reference` and
+:func:`visionlin.kernels.block_sparse_attention_reference`.
+
+Pipeline of one call (all on the device, no host round trip):
+
+1. **Block selection** (torch ops, :func:`select_blocks`): block means of q and k, the pooled scores, one stable
+   descending sort per query-block row (the very ranking :func:`visionlin.kernels.sla_block_map` uses), and from it
+   a compact list of the ``n_c`` critical key blocks per query block (the LUT, ``[B, H, nqb, n_c]`` int32, ascending)
+   and, for SLA's paper variant, the marginal mask ``[B, H, nqb, nkb]`` (ranks ``n_c .. nkb - n_l - 1``).
+2. **Linear-branch states** (torch ops, differentiable): ``h_j = phi(K_j)^T V_j`` and ``z_j = phi(K_j)^T 1`` per
+   key block in float32; the paper variant sums them per query block through the marginal mask as one batched GEMM
+   (``H_i = sum_{j marginal} h_j``, ``O(nqb nkb D Dv)`` multiply-adds on the tensor cores instead of a gather of
+   ``O(#marginal)`` ``D x Dv`` states per query block); the code variant has one state over all keys.
+3. **One forward kernel** per (query block, batch x head): FlashAttention-style online softmax over the LUT's key
+   blocks only (float32 accumulation, exp2), then, fused, ``phi(Q_i)``, the linear readout
+   ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` and the sum ``O_s + ...``; it also
+   writes the log-sum-exp and (SLA only) ``O_s`` for the backward.
+
+Backward: FlashAttention-2-style kernels over the same LUT: ``dq`` per query block, ``dk`` / ``dv`` per key block over
+the inverse LUT (the query blocks that chose it, built on the device from the LUT), with ``delta = rowsum(dO * O_s)``.
+The linear branch's readout gradient (``dq`` through ``phi``, ``dH_i``, ``dZ_i``, ``dW``, ``db``) is closed-form torch
+math in the custom op's backward (``O(N D Dv)``, no kernel yet); ``dH_i`` / ``dZ_i`` reach k and v through the
+autograd of step 2.
+
+Head dims are tiled to the next power of two (at least 16) with masked loads, so every head dim up to 128 runs;
+64 and 128 waste no lanes. Products run in the inputs' dtype on the tensor cores (IEEE float32 for float32 inputs);
+the linear readout runs in TF32 for half-precision inputs, in IEEE float32 for float32 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
+
+#: Feature maps the forward kernel applies itself, by code.
+FMAPS = {"softmax": 0, "elu": 1, "relu": 2}
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _feature(x, dmask, FMAP: tl.constexpr):
+    """``phi`` of float32 rows ``x`` ``[R, BLOCK_D]`` over their first ``D`` (``dmask``) columns; padding -> 0."""
+    if FMAP == 0:
+        xs = tl.where(dmask[None, :], x, float("-inf"))
+        e = tl.exp(xs - tl.max(xs, axis=1)[:, None])
+        f = e / tl.sum(e, axis=1)[:, None]
+    elif FMAP == 1:
+        f = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    else:
+        f = tl.maximum(x, 0.0)
+    return tl.where(dmask[None, :], f, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, LUT, HI, ZI, W, BIAS, Out, OS, LSE, N, M, H, D, DV, n_c, nqb,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_n, so_h,
+    sh_b, sh_h, sh_i, sz_b, sz_h, sz_i, scale, eps,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QPB: tl.constexpr,
+    LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One tile of ``BLOCK_Q`` queries (``QPB`` tiles per selection block) of one (batch, head): softmax over its
+    block's ``n_c`` LUT key blocks (+ the fused linear branch). Block bases are int64 scalars (a tensor may span more
+    than 2^31 elements), offsets inside a tile int32."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    i = tile // QPB  # the selection block
+    row0 = tile * BLOCK_Q
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = offs_q < N - row0
+    dmask, emask = offs_d < D, offs_e < DV
+    q_base = Q + b * sq_b + h * sq_h + row0.to(tl.int64) * sq_n
+    q = tl.load(q_base + offs_q[:, None] * sq_n + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    kt_off = offs_k[None, :] * sk_n + offs_d[:, None]
+    v_off = offs_k[:, None] * sv_n + offs_e[None, :]
+    lut = LUT + (bh.to(tl.int64) * nqb + i) * n_c
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
+    for t in range(n_c):
+        col0 = tl.load(lut + t) * BLOCK_K
+        cmask = offs_k < M - col0
+        kt = tl.load(k_base + col0.to(tl.int64) * sk_n + kt_off, mask=cmask[None, :] & dmask[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC)
+        s = tl.where(cmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + col0.to(tl.int64) * sv_n + v_off, mask=cmask[:, None] & emask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    o_s = acc / l_i[:, None]
+    tl.store(LSE + bh.to(tl.int64) * N + row0 + offs_q, m_i + tl.log2(l_i), mask=rmask)
+    omask = rmask[:, None] & emask[None, :]
+    o_base = b * so_b + h * so_h + row0.to(tl.int64) * so_n
+    o_off = offs_q[:, None] * so_n + offs_e[None, :]
+    if LINEAR:
+        tl.store(OS + o_base + o_off, o_s.to(OS.dtype.element_ty), mask=omask)
+        fq = _feature(q.to(tl.float32), dmask, FMAP)
+        state = tl.load(HI + b * sh_b + h * sh_h + i * sh_i + offs_d[:, None] * DV + offs_e[None, :],
+                        mask=dmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
+        z = tl.load(ZI + b * sz_b + h * sz_h + i * sz_i + offs_d, mask=dmask, other=0.0)
+        num = tl.dot(fq, state, input_precision=PREC)
+        o_l = num / (tl.sum(fq * z[None, :], axis=1) + eps)[:, None]
+        # W^T as [BLOCK_DV (in), BLOCK_DV (out)]: W is [Dv (out), Dv (in)], row-major float32.
+        wt = tl.load(W + offs_e[None, :] * DV + offs_e[:, None], mask=emask[None, :] & emask[:, None], other=0.0)
+        o_l = tl.dot(o_l, wt, input_precision=PREC)
+        if HAS_BIAS:
+            o_l += tl.load(BIAS + offs_e, mask=emask, other=0.0)[None, :]
+        o_s = o_s + o_l
+    tl.store(Out + o_base + o_off, o_s.to(Out.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, G, LUT, LSE, DELTA, DQ, N, M, H, D, DV, n_c,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sg_b, sg_n, sg_h, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``dq`` (float32, ``[B, N, H, D]`` contiguous) of one query block over its LUT key blocks."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    nqb = tl.num_programs(0)
+    row0 = i * BLOCK_Q
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = offs_q < N - row0
+    dmask, emask = offs_d < D, offs_e < DV
+    r0 = row0.to(tl.int64)
+    q = tl.load(Q + b * sq_b + h * sq_h + r0 * sq_n + offs_q[:, None] * sq_n + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    g = tl.load(G + b * sg_b + h * sg_h + r0 * sg_n + offs_q[:, None] * sg_n + offs_e[None, :],
+                mask=rmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * N + row0 + offs_q, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + row0 + offs_q, mask=rmask, other=0.0)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    k_off = offs_k[:, None] * sk_n + offs_d[None, :]
+    vt_off = offs_k[None, :] * sv_n + offs_e[:, None]
+    lut = LUT + (bh.to(tl.int64) * nqb + i) * n_c
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for t in range(n_c):
+        col0 = tl.load(lut + t) * BLOCK_K
+        cmask = offs_k < M - col0
+        k = tl.load(k_base + col0.to(tl.int64) * sk_n + k_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_base + col0.to(tl.int64) * sv_n + vt_off, mask=cmask[None, :] & emask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        dp = tl.dot(g, vt, input_precision=PREC)
+        p = tl.where(cmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq_ptr = DQ + ((b * N + r0) * H + h) * D + offs_q[:, None] * (H * D) + offs_d[None, :]
+    tl.store(dq_ptr, dq * scale, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, G, LUT_T, CNT, LSE, DELTA, DK, DVv, N, M, H, D, DV, nqb, nkb,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sg_b, sg_n, sg_h, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    KPB: tl.constexpr, QSUB: tl.constexpr,
+):  # fmt: skip
+    """``dk``, ``dv`` (inputs' dtype, ``[B, M, H, D|Dv]`` contiguous) of one key block over the query blocks that
+    chose it (the inverse LUT: ``CNT[bh, j]`` entries of ``LUT_T[bh, j, :]``), in tiles of ``BLOCK_K`` keys (``KPB``
+    per selection block) and ``BLOCK_Q`` queries (``QSUB`` per query block)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    j = tile // KPB
+    col0 = tile * BLOCK_K
+    c0 = col0.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    offs_q = tl.arange(0, BLOCK_Q)
+    cmask = offs_k < M - col0
+    dmask, emask = offs_d < D, offs_e < DV
+    kmask = cmask[:, None] & dmask[None, :]
+    vmask = cmask[:, None] & emask[None, :]
+    k = tl.load(K + b * sk_b + h * sk_h + c0 * sk_n + offs_k[:, None] * sk_n + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + c0 * sv_n + offs_k[:, None] * sv_n + offs_e[None, :], mask=vmask, other=0.0)
+    q_base = Q + b * sq_b + h * sq_h
+    g_base = G + b * sg_b + h * sg_h
+    qt_off = offs_q[None, :] * sq_n + offs_d[:, None]
+    g_off = offs_q[:, None] * sg_n + offs_e[None, :]
+    lut = LUT_T + (bh.to(tl.int64) * nkb + j) * nqb
+    cnt = tl.load(CNT + bh.to(tl.int64) * nkb + j)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    for t in range(cnt * QSUB):
+        row0 = tl.load(lut + t // QSUB) * (BLOCK_Q * QSUB) + (t % QSUB) * BLOCK_Q
+        rmask = offs_q < N - row0
+        r0 = row0.to(tl.int64)
+        qt = tl.load(q_base + r0 * sq_n + qt_off, mask=rmask[None, :] & dmask[:, None], other=0.0)
+        g = tl.load(g_base + r0 * sg_n + g_off, mask=rmask[:, None] & emask[None, :], other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * N + row0 + offs_q, mask=rmask, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + row0 + offs_q, mask=rmask, other=0.0)
+        st = tl.dot(k, qt, input_precision=PREC)
+        pt = tl.exp2(st * qk_scale - lse[None, :])  # [BLOCK_K, BLOCK_Q]; 0 for rows past N
+        dv += tl.dot(pt.to(g.dtype), g, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(g), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+    dk_ptr = DK + ((b * M + c0) * H + h) * D + offs_k[:, None] * (H * D) + offs_d[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    dv_ptr = DVv + ((b * M + c0) * H + h) * DV + offs_k[:, None] * (H * DV) + offs_e[None, :]
+    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=vmask)
+
+
+# Launch helpers -------------------------------------------------------------------------------------------------------
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _prec(q: torch.Tensor) -> str:
+    """Float32 operands: IEEE products for float32 inputs, TF32 for half-precision ones (half operands ignore it)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+#: Rows of the smaller tiles (the dk / dv kernel; the SLA forward at head dims above 64).
+TILE = 64
+
+
+def _tile_q(block_q: int, d: int, dv: int, linear: bool) -> int:
+    """Query rows per forward program: the linear readout's extra [rows, Dv] float32 tiles spill at 128 x 128."""
+    return TILE if linear and max(_block(d), _block(dv)) >= 128 else block_q
+
+
+def _meta(block_q: int, d: int, dv: int, backward: bool = False) -> dict:
+    """Warps and pipeline depth: 8 warps for 128-wide tiles, 4 otherwise."""
+    wide = max(block_q, _block(d), _block(dv)) >= 128
+    return {"num_warps": 8 if wide else 4, "num_stages": 2 if (backward or wide) else 3}
+
+
+def select_blocks(
+    q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_k: int, marginal: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LUT of critical key blocks ``[B, H, nqb, n_c]`` int32 (ascending per row) and, with ``marginal``, the
+    float32 marginal mask ``[B, H, nqb, nkb]``; device-only torch ops, the ranking of ``sla_block_map``."""
+    from ..sparse_linear import _block_order, sla_block_counts
+
+    order = _block_order(q, k, block_q, block_k)  # [B, H, nqb, nkb], best first
+    nkb = order.shape[-1]
+    n_c, n_l = sla_block_counts(nkb, topk, k_low)
+    lut = order[..., :n_c].sort(dim=-1).values.to(torch.int32).contiguous()
+    if not marginal:
+        return lut, None
+    rank_marginal = torch.zeros(nkb, dtype=torch.float32, device=q.device)
+    rank_marginal[n_c : nkb - n_l] = 1.0
+    mask = torch.empty(order.shape, dtype=torch.float32, device=q.device)
+    mask.scatter_(-1, order, rank_marginal.expand(order.shape).contiguous())
+    return lut, mask
+
+
+def _phi(x: torch.Tensor, fmap: str) -> torch.Tensor:
+    from ..sparse_linear import SLA_FEATURE_MAPS
+
+    return SLA_FEATURE_MAPS[fmap](x)
+
+
+def linear_states(
+    k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, block_k: int, fmap: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H_i [B, H, nqb|1, D, Dv], Z_i [B, H, nqb|1, D])`` in float32 (differentiable torch ops): per query block
+    over its marginal key blocks (``marginal`` given), else one state over all keys."""
+    b, m, h, d = k.shape
+    dv = v.shape[-1]
+    fk, vf = _phi(k.float(), fmap), v.float()
+    if marginal is None:
+        state = torch.einsum("bmhd,bmhe->bhde", fk, vf)
+        return state.unsqueeze(2).contiguous(), fk.sum(dim=1).unsqueeze(2).contiguous()
+    nkb = -(-m // block_k)
+    pad = nkb * block_k - m
+    fkb = torch.nn.functional.pad(fk, (0, 0, 0, 0, 0, pad)).view(b, nkb, block_k, h, d)  # padded keys: phi rows 0
+    vb = torch.nn.functional.pad(vf, (0, 0, 0, 0, 0, pad)).view(b, nkb, block_k, h, dv)
+    hj = torch.einsum("bjthd,bjthe->bhjde", fkb, vb).reshape(b, h, nkb, d * dv)  # h_j = phi(K_j)^T V_j
+    zj = fkb.sum(dim=2).transpose(1, 2)  # [B, H, nkb, D]
+    nqb = marginal.shape[2]
+    return (marginal @ hj).view(b, h, nqb, d, dv), marginal @ zj
+
+
+@torch.library.custom_op("visionlin::sla_fwd", mutates_args=())
+def sla_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    hi: torch.Tensor | None,
+    zi: torch.Tensor | None,
+    w: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    eps: float,
+    block_q: int,
+    block_k: int,
+    fmap: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, Dv], O_s (SLA; else an empty tensor), log2-sum-exp [B, H, N] float32)``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    linear = hi is not None
+    out = q.new_empty(b, n, h, dv)
+    o_s = torch.empty_like(out) if linear else q.new_empty(0)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    nqb, n_c = lut.shape[2], lut.shape[3]
+    if linear:
+        hs, zs = hi.stride(), zi.stride()
+        sh = (hs[0], hs[1], hs[2] if hi.shape[2] > 1 else 0)
+        sz = (zs[0], zs[1], zs[2] if zi.shape[2] > 1 else 0)
+    else:
+        hi = zi = w = lse  # unused pointers
+        sh = sz = (0, 0, 0)
+    tile_q = _tile_q(block_q, d, dv, linear)
+    _fwd_kernel[(nqb * (block_q // tile_q), b * h)](
+        q, k, v, lut, hi, zi, w, lse if bias is None else bias, out, o_s if linear else out, lse,
+        n, m, h, d, dv, n_c, nqb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sh, *sz,
+        scale, eps,
+        BLOCK_Q=tile_q, BLOCK_K=block_k, BLOCK_D=_block(d), BLOCK_DV=_block(dv), QPB=block_q // tile_q,
+        LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, PREC=_prec(q), **_meta(tile_q, d, dv),
+    )  # fmt: skip
+    return out, o_s, lse
+
+
+@sla_fwd.register_fake
+def _(q, k, v, lut, hi, zi, w, bias, scale, eps, block_q, block_k, fmap):
+    b, n, h, _ = q.shape
+    out = q.new_empty(b, n, h, v.shape[-1])
+    o_s = torch.empty_like(out) if hi is not None else q.new_empty(0)
+    return out, o_s, q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("visionlin::sla_bwd_sparse", mutates_args=())
+def sla_bwd_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o_s: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    lut: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq float32, dk, dv)`` of the softmax branch for the output gradient ``g``."""
+    b, n, h, d = q.shape
+    m, dv = k.shape[1], v.shape[-1]
+    nqb, n_c = lut.shape[2], lut.shape[3]
+    nkb = -(-m // block_k)
+    delta = (g.float() * o_s.float()).sum(dim=-1).transpose(1, 2).contiguous()  # [B, H, N]
+    # The inverse LUT: per key block, the query blocks whose LUT holds it (first CNT entries), on the device.
+    chosen = torch.zeros(b, h, nkb, nqb, dtype=torch.uint8, device=q.device)
+    chosen.scatter_(2, lut.transpose(2, 3).long(), 1)
+    cnt = chosen.sum(dim=-1, dtype=torch.int32).contiguous()
+    lut_t = torch.sort(chosen, dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    dq = torch.empty(b, n, h, d, device=q.device, dtype=torch.float32)
+    dk = torch.empty(b, m, h, d, device=q.device, dtype=k.dtype)
+    dvv = torch.empty(b, m, h, dv, device=q.device, dtype=v.dtype)
+    meta = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=_block(d), BLOCK_DV=_block(dv), PREC=_prec(q))
+    launch = _meta(max(block_q, block_k), d, dv, backward=True)
+    _bwd_dq_kernel[(nqb, b * h)](
+        q, k, v, g, lut, lse, delta, dq, n, m, h, d, dv, n_c,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **meta, **launch,
+    )  # fmt: skip
+    # dk / dv in 64 x 64 tiles whatever the selection blocks: a 128-row tile's four float32 accumulators spill.
+    tiles = dict(meta, BLOCK_Q=TILE, BLOCK_K=TILE, KPB=block_k // TILE, QSUB=block_q // TILE)
+    _bwd_dkdv_kernel[(nkb * (block_k // TILE), b * h)](
+        q, k, v, g, lut_t, cnt, lse, delta, dk, dvv, n, m, h, d, dv, nqb, nkb,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **tiles,
+        **_meta(TILE, d, dv, backward=True),
+    )  # fmt: skip
+    return dq, dk, dvv
+
+
+@sla_bwd_sparse.register_fake
+def _(q, k, v, o_s, lse, g, lut, scale, block_q, block_k):
+    return torch.empty_like(q, dtype=torch.float32), torch.empty_like(k), torch.empty_like(v)
+
+
+def _readout_backward(q, hi, zi, w, bias, g, fmap, eps, block_q):
+    """Closed-form gradients of ``y = (phi(q) H_i / (phi(q) . Z_i + eps)) W^T + b`` for the output gradient ``g``:
+    ``(dq, dH_i, dZ_i, dW, db)`` (float32; ``dH_i`` / ``dZ_i`` summed to ``hi`` / ``zi``'s shapes)."""
+    b, n, h, d = q.shape
+    dv = g.shape[-1]
+    nqb = -(-n // block_q)
+    pad = nqb * block_q - n
+    qf = q.float()
+    fq = _phi(qf, fmap)
+    fqb = torch.nn.functional.pad(fq, (0, 0, 0, 0, 0, pad)).view(b, nqb, block_q, h, d).permute(0, 3, 1, 2, 4)
+    gb = torch.nn.functional.pad(g.float(), (0, 0, 0, 0, 0, pad)).view(b, nqb, block_q, h, dv).permute(0, 3, 1, 2, 4)
+    num = fqb @ hi  # [B, H, nqb, BQ, Dv] (hi broadcasts over nqb for the code variant)
+    den = (fqb @ zi.unsqueeze(-1)) + eps  # [B, H, nqb, BQ, 1]
+    o_l = num / den
+    wf = w.float()
+    dw = torch.einsum("bhiqo,bhiqe->oe", gb, o_l)
+    db = gb.sum(dim=(0, 1, 2, 3)) if bias is not None else None
+    dol = gb @ wf
+    dnum = dol / den
+    dden = -(dol * o_l).sum(dim=-1, keepdim=True) / den
+    dfq = dnum @ hi.transpose(-1, -2) + dden * zi.unsqueeze(-2)
+    dhi = fqb.transpose(-1, -2) @ dnum  # [B, H, nqb, D, Dv]
+    dzi = (fqb * dden).sum(dim=-2)  # [B, H, nqb, D]
+    if hi.shape[2] == 1:
+        dhi, dzi = dhi.sum(dim=2, keepdim=True), dzi.sum(dim=2, keepdim=True)
+    dfq = dfq.permute(0, 2, 3, 1, 4).reshape(b, nqb * block_q, h, d)[:, :n]
+    if fmap == "softmax":
+        dq = fq * (dfq - (dfq * fq).sum(dim=-1, keepdim=True))
+    elif fmap == "elu":
+        dq = torch.where(qf > 0, dfq, dfq * qf.clamp(max=0.0).exp())
+    else:
+        dq = torch.where(qf > 0, dfq, torch.zeros_like(dfq))
+    return dq, dhi, dzi, dw.to(w.dtype), None if db is None else db.to(bias.dtype)
+
+
+_FMAP_NAMES = {code: name for name, code in FMAPS.items()}
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, lut, hi, zi, w, bias, scale, eps, block_q, block_k, fmap = inputs
+    out, o_s, lse = output
+    ctx.mark_non_differentiable(o_s, lse)
+    ctx.save_for_backward(q, k, v, lut, hi, zi, w, bias, out if hi is None else o_s, lse)
+    ctx.args = (scale, eps, block_q, block_k, fmap)
+
+
+def _backward(ctx, g, _g_os, _g_lse):
+    q, k, v, lut, hi, zi, w, bias, o_s, lse = ctx.saved_tensors
+    scale, eps, block_q, block_k, fmap = ctx.args
+    g = g.contiguous()
+    dq, dk, dv = torch.ops.visionlin.sla_bwd_sparse(q, k, v, o_s, lse, g, lut, scale, block_q, block_k)
+    dhi = dzi = dw = db = None
+    if hi is not None:
+        dq_l, dhi, dzi, dw, db = _readout_backward(q, hi, zi, w, bias, g, _FMAP_NAMES[fmap], eps, block_q)
+        dq = dq + dq_l
+    return dq.to(q.dtype), dk, dv, None, dhi, dzi, dw, db, None, None, None, None, None
+
+
+sla_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The kernels read the head dim with unit stride (vectorised loads); other strides are free (views of a fused
+    qkv projection run as they are)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def sparse_linear_attention_triton(
+    q, k, v, proj_weight, proj_bias=None, *, topk=0.05, k_low=0.10, block_q=64, block_k=64, feature_map="softmax",
+    variant="paper", scale=None, eps=1e-5, additional_keys=None, additional_values=None,
+):  # fmt: skip
+    """The ``"triton"`` backend of :func:`visionlin.kernels.sparse_linear_attention` (module docstring)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _inner_contiguous(q, k, v)
+    lut, marginal = select_blocks(q, k, topk, k_low if variant == "paper" else 0.0, block_q, block_k,
+                                  marginal=variant == "paper")  # fmt: skip
+    hi, zi = linear_states(k, v, marginal, block_k, feature_map)
+    w = proj_weight if proj_weight.dtype == torch.float32 else proj_weight.float()
+    bias = None if proj_bias is None else (proj_bias if proj_bias.dtype == torch.float32 else proj_bias.float())
+    out = torch.ops.visionlin.sla_fwd(
+        q, k, v, lut, hi, zi, w.contiguous(), None if bias is None else bias.contiguous(), scale, float(eps),
+        block_q, block_k, FMAPS[feature_map],
+    )[0]  # fmt: skip
+    return out
+
+
+def block_sparse_attention_triton(
+    q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None, additional_keys=None, additional_values=None
+):
+    """The ``"triton"`` backend of :func:`visionlin.kernels.block_sparse_attention`: the same softmax kernel with no
+    linear branch."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _inner_contiguous(q, k, v)
+    lut, _ = select_blocks(q, k, topk, 0.0, block_q, block_k, marginal=False)
+    return torch.ops.visionlin.sla_fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)[0]
