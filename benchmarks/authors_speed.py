@@ -1,0 +1,311 @@
+"""Our models against the authors' own implementations, side by side in one process (issue 6's last target).
+
+The authors' repositories stay beside the project, never inside it: ``--authors-dir DIR`` holds plain checkouts
+(``DIR/Agent-Attention``, ``DIR/FLatten-Transformer``, ``DIR/MALA``, ``DIR/RALA``, ``DIR/infinite-self-attention``);
+their model files are imported as modules of a synthetic package, so no repository ``__init__.py`` or ``build.py``
+runs, with the import workarounds of ``../shared/specs/official_speed.md`` (a no-op ``register_model`` so that their
+registrations do not collide with ours; a stub ``fvcore``, imported by MALA / RALA for FLOP counting only). Each pair
+(authors' model, ours) is timed next to its dense timm twin with the same protocol: bf16 autocast, eager, inference at
+224 px (batch 256) and, for the models that run at other sizes, 1024 px (batch 16); optionally the training step at
+224 px (batch 128, AdamW). Sweeps alternate the model order; the median over sweeps is reported.
+
+Usage (GPU machine):
+    python benchmarks/authors_speed.py --authors-dir .authors --out benchmarks/results/h200 --train
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import statistics
+import sys
+import types
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEIT, SWIN = "deit_small_patch16_224", "swin_tiny_patch4_window7_224"
+
+
+@contextlib.contextmanager
+def _import_stubs() -> Iterator[None]:
+    """A no-op ``timm.models.registry.register_model`` and a stub ``fvcore.nn`` while the authors' files import."""
+    saved = {k: sys.modules.get(k) for k in ("timm.models.registry", "fvcore", "fvcore.nn")}
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn  # type: ignore[attr-defined]
+    fv = types.ModuleType("fvcore")
+    fvnn = types.ModuleType("fvcore.nn")
+    fvnn.FlopCountAnalysis = fvnn.flop_count_table = None  # type: ignore[attr-defined]
+    fv.nn = fvnn  # type: ignore[attr-defined]
+    sys.modules.update({"timm.models.registry": registry, "fvcore": fv, "fvcore.nn": fvnn})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def _module(package: str, folder: Path, name: str) -> types.ModuleType:
+    """``folder/name.py`` imported as ``package.name`` of a synthetic package (the folder's ``__init__`` never runs)."""
+    if not (folder / f"{name}.py").is_file():
+        raise FileNotFoundError(f"{folder / (name + '.py')} not found: check --authors-dir")
+    if package not in sys.modules:
+        pkg = types.ModuleType(package)
+        pkg.__path__ = [str(folder)]  # type: ignore[attr-defined]
+        sys.modules[package] = pkg
+    with _import_stubs():
+        return importlib.import_module(f"{package}.{name}")
+
+
+def _agent_deit_s(d: Path) -> nn.Module:
+    m = _module("off_agent", d / "Agent-Attention/agent_transformer/models", "agent_deit")
+    return m.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, agent_num=["49"] * 4
+    )
+
+
+def _agent_swin_t(d: Path) -> nn.Module:
+    m = _module("off_agent", d / "Agent-Attention/agent_transformer/models", "agent_swin")
+    return m.AgentSwinTransformer(
+        img_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=56,
+        drop_path_rate=0.2, agent_num=["9", "16", "49", "49"], attn_type="AAAB",
+    )  # fmt: skip
+
+
+def _flatten_swin_t(d: Path) -> nn.Module:
+    m = _module("off_flatten", d / "FLatten-Transformer/models", "flatten_swin")
+    return m.FLattenSwinTransformer(
+        img_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=56,
+        drop_path_rate=0.2, focusing_factor=3, kernel_size=5, attn_type="LLSS",
+    )  # fmt: skip
+
+
+def _flatten_pvt_s(d: Path) -> nn.Module:
+    m = _module("off_flatten", d / "FLatten-Transformer/models", "flatten_pvt")
+    return m.flatten_pvt_small(
+        drop_path_rate=0.1, focusing_factor=3, kernel_size=5, attn_type="LLLL", la_sr_ratios="1111"
+    )
+
+
+def _mavit_t(d: Path) -> nn.Module:
+    return _module("off_mala", d / "MALA/classfication_release", "model").MALA_T(args=None)
+
+
+def _ravlt_t(d: Path) -> nn.Module:
+    return _module("off_rala", d / "RALA/classfication", "RALA").RAVLT_T(args=None)
+
+
+class _InfSAWrapper(nn.Module):
+    """A timm ``Block.attn`` that runs the authors' ``InfSAAttention(x, x, x)[0]`` (their integration)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.attn(x, x, x)[0]
+
+
+def _infsa_vit_s(d: Path) -> nn.Module:
+    import timm
+
+    root = str(d / "infinite-self-attention")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    attention = importlib.import_module("infsa.attention")
+    model = timm.create_model(DEIT, dynamic_img_size=True, drop_path_rate=0.1)
+    for block in model.blocks:
+        block.attn = _InfSAWrapper(attention.InfSAAttention(384, 6, variant="linear_infsa"))
+    return model
+
+
+#: name -> (builder of the authors' model, our entrypoint, dense twin, sizes besides 224 the authors' code runs at)
+PAIRS: dict[str, tuple[Callable[[Path], nn.Module], str, str, tuple[int, ...]]] = {
+    "agent_deit_s": (_agent_deit_s, "agent_deit_small", DEIT, ()),
+    "infsa_vit_s": (_infsa_vit_s, "infvit_small", DEIT, (1024,)),
+    "flatten_swin_t": (_flatten_swin_t, "flatten_swin_tiny", SWIN, ()),
+    "flatten_pvt_s": (_flatten_pvt_s, "flatten_pvt_small", SWIN, ()),
+    "agent_swin_t": (_agent_swin_t, "agent_swin_tiny", SWIN, ()),
+    "mavit_t": (_mavit_t, "mavit_tiny", SWIN, (1024,)),
+    "ravlt_t": (_ravlt_t, "ravlt_tiny", SWIN, (1024,)),
+}
+BATCH = {224: 256, 1024: 16}
+
+
+def _twin(name: str, size: int) -> nn.Module:
+    import timm
+
+    kw = {"dynamic_img_size": True} if name == DEIT else {}
+    return timm.create_model(name, img_size=size, **kw) if size != 224 else timm.create_model(name)
+
+
+def _ms_per_call(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+
+        return infer
+    model.train()
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int, train: bool, args) -> dict:
+    """img/s (median over sweeps in alternating order) and peak MiB of each model; failures recorded as text."""
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    models: dict[str, nn.Module] = {}
+    rows: dict[str, dict] = {}
+    for name, build in builders.items():
+        try:
+            models[name] = build().cuda()
+        except Exception as e:  # an authors' model that cannot be built at this size: recorded, not fatal
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    times: dict[str, list[float]] = {n: [] for n in models}
+    order = list(models)
+    for sweep in range(args.repeats):
+        for name in order if sweep % 2 == 0 else order[::-1]:
+            if "error" in rows.get(name, {}):
+                continue
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                ms = _ms_per_call(_step(models[name], x, train), args.warmup, args.iters)
+            except Exception as e:
+                rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                torch.cuda.empty_cache()
+                continue
+            times[name].append(ms)
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            rows[name] = {"peak_mib": max(peak, rows.get(name, {}).get("peak_mib", 0.0))}
+    for name, ts in times.items():
+        if ts and "error" not in rows[name]:
+            ms = statistics.median(ts)
+            rows[name].update(ms=ms, img_s=batch * 1e3 / ms, sweeps_ms=ts)
+    del models, x
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import timm  # noqa: F401
+
+    import visionlin  # noqa: F401  (registers our models)
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--authors-dir", required=True, type=Path, help="folder holding the authors' checkouts")
+    p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")
+    p.add_argument("--train", action="store_true", help="also the training step at 224 px, batch 128")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.pairs.split(",")) - set(PAIRS))
+    if unknown:
+        p.error(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
+    if not args.authors_dir.is_dir():
+        p.error(f"--authors-dir {args.authors_dir} is not a folder")
+    torch.manual_seed(0)
+    results = []
+    for pair in args.pairs.split(","):
+        build_theirs, ours, twin, extra_sizes = PAIRS[pair]
+        phases = [(224, BATCH[224], False)] + [(s, BATCH[s], False) for s in extra_sizes]
+        if args.train:
+            phases.append((224, 128, True))
+        for size, batch, train in phases:
+            builders = {
+                f"authors:{pair}": partial(build_theirs, args.authors_dir),
+                f"ours:{ours}": partial(timm.create_model, ours, img_size=size),
+                f"twin:{twin}": partial(_twin, twin, size),
+            }
+            rows = measure(builders, size, batch, train, args)
+            theirs_ = rows.get(f"authors:{pair}", {}).get("img_s")
+            ours_ = rows.get(f"ours:{ours}", {}).get("img_s")
+            twin_ = rows.get(f"twin:{twin}", {}).get("img_s")
+            rec = {
+                "pair": pair, "size": size, "batch": batch, "phase": "train" if train else "infer", "rows": rows,
+                "ours_vs_authors": ours_ / theirs_ if ours_ and theirs_ else None,
+                "ours_vs_twin": ours_ / twin_ if ours_ and twin_ else None,
+                "authors_vs_twin": theirs_ / twin_ if theirs_ and twin_ else None,
+            }  # fmt: skip
+            results.append(rec)
+            cells = "  ".join(
+                f"{n} {r['img_s']:.0f} img/s" if "img_s" in r else f"{n} {r.get('error', 'n/a')[:60]}"
+                for n, r in rows.items()
+            )
+            ratio = "n/a" if rec["ours_vs_authors"] is None else f"{rec['ours_vs_authors']:.2f}x"
+            print(f"{pair} {rec['phase']} {size}px bs{batch}: ours/authors {ratio}   {cells}", flush=True)
+    from benchmarks._meta import gpu_meta
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": gpu_meta(argv, args.commit), "results": results}
+    (args.out / "authors_speed.json").write_text(json.dumps(doc, indent=2))
+    _plot(results, args.out / "authors_speed.png")
+    return 0
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("authors_speed.png skipped: matplotlib is not installed")
+        return
+    done = [r for r in results if r["ours_vs_twin"] or r["authors_vs_twin"]]
+    if not done:
+        return
+    labels = [f"{r['pair']}\n{r['phase']} {r['size']}" for r in done]
+    xs = range(len(done))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(done)), 4))
+    ax.bar([x - 0.2 for x in xs], [r["authors_vs_twin"] or 0 for r in done], 0.4, label="authors' code")
+    ax.bar([x + 0.2 for x in xs], [r["ours_vs_twin"] or 0 for r in done], 0.4, label="visionlin")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("img/s relative to the dense timm twin")
+    ax.set_title("Authors' implementations vs visionlin (bf16, eager, same process)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
