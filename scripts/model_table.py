@@ -42,6 +42,17 @@ PAPERS = {
 }
 
 
+# Swin variants: the linear mixer in the early stages, shifted-window softmax (7x7, relative position bias) after.
+SWIN_LATE = {
+    "flatten_swin_tiny": " (stages 1-2) + window softmax",
+    "flatten_swin_small": " (stages 1-2) + window softmax",
+    "flatten_swin_base": " (stages 1-2) + window softmax",
+    "agent_swin_tiny": " (stages 1-3) + window softmax",
+    "agent_swin_small": " (stages 1-2) + window softmax",
+    "agent_swin_base": " (stages 1-2, first 2 blocks of stage 3) + window softmax",
+}
+
+
 def _family(name: str) -> str:
     return "infvit_pure" if name.startswith("infvit_pure") else name.split("_")[0]
 
@@ -60,6 +71,7 @@ def row(name: str) -> dict:
     weights = "yes" if model.pretrained_cfg.get("url") else "no"
     if name == "agent_deit_base":
         mechanism += " (blocks 1-4) + softmax"
+    mechanism += SWIN_LATE.get(name, "")
     return dict(
         name=name,
         mechanism=mechanism,
