@@ -394,3 +394,33 @@ def test_every_method_runs_a_full_pipeline_call(family):
             assert not torch.equal(out, ref), f"{method} left the {family} pipeline's output unchanged"
         assert visionlin.revert(pipe) == 1
         assert torch.equal(call(), ref), method
+
+
+# GPU: the lead runs these on the H200 (`pytest -m gpu tests/test_convert_methods.py`).
+def _to(x, device, dtype):
+    if isinstance(x, dict):
+        return {k: _to(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", sorted(ALL_FAMILIES))
+def test_gpu_converted_model_matches_cpu(family, method, dtype, device="cuda"):
+    # The same converted model (trained-looking converter parameters) on the GPU and on the CPU in float32: the GPU
+    # backends (NATTEN, SDPA, Triton where chosen) must agree with the CPU references; bfloat16 within its precision.
+    model = ALL_FAMILIES[family]()
+    convert(model, method, **SMALL.get(method, {}))
+    _perturb(model, std=0.05)
+    x = _hunyuan_inputs() if family == "hunyuan_video" else _inputs(family)
+    with torch.no_grad():
+        ref = model(**x).sample.double()
+        model.to(device, dtype)
+        out = model(**_to(x, device, dtype)).sample.double().cpu()
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert torch.isfinite(out).all() and err <= (1e-4 if dtype == torch.float32 else 5e-2), float(err)
+    assert revert(model) == 1
