@@ -19,6 +19,7 @@ from visionlin.convert import (  # noqa: E402
     disabled,
     distillation_loss,
     load_conversion,
+    load_finetuned,
     revert,
     save_conversion,
 )
@@ -279,6 +280,11 @@ def test_finetune_resume_continues_identically(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "start"] == [0, 2]
     assert (tmp_path / "b" / "conversion" / "conversion.json").is_file()
     assert (tmp_path / "b" / "lora.safetensors").is_file()
+    # the run folder re-creates the fine-tuned model (conversion, converter weights, LoRA adapters) on a fresh one
+    fresh = _tiny_dit()
+    load_finetuned(fresh, tmp_path / "b")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**data).sample, resumed_model(**data).sample, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"trainable': 'lora'"):
         _finetune(_sla(), data, steps=6, output_dir=tmp_path / "b", resume="auto", **{**kw, "trainable": "lora"})
 
@@ -304,18 +310,26 @@ def test_finetune_lora_trains_only_lora_and_teacher_is_the_original():
         assert not torch.allclose(model(**data).sample, ref_out)
 
 
-def test_finetune_all_weights_distils_from_the_frozen_original():
+def test_finetune_all_weights_distils_from_the_frozen_original(tmp_path):
     model = _sla()
     data = _data()
     with torch.no_grad():
         target = _tiny_dit()(**data).sample  # the original model
         before = float(torch.nn.functional.mse_loss(model(**data).sample, target))
-    result = _finetune(model, data, steps=4, lr=1e-3, trainable="all")
+    result = _finetune(model, data, steps=4, lr=1e-3, trainable="all", output_dir=tmp_path)
     assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
     assert result.losses[0] == pytest.approx(before, rel=1e-5)
     assert result.losses[-1] < result.losses[0]
     with torch.no_grad():  # every weight moved towards the original model's predictions
         assert float(torch.nn.functional.mse_loss(model(**data).sample, target)) < 0.9 * before
+    fresh = _tiny_dit()
+    load_finetuned(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**data).sample, model(**data).sample, rtol=0, atol=0)
+    other = _tiny_dit()
+    with pytest.raises(ValueError, match="has no conversion/"):
+        load_finetuned(other, tmp_path / "checkpoints")
+    assert not any(hasattr(m, "visionlin_core") for m in other.modules())
 
 
 def test_finetune_data_forms_and_progress_bar(capsys):
@@ -469,3 +483,30 @@ def test_gpu_calibrate_and_finetune():
     assert all(torch.isfinite(torch.tensor(half.losses)))
     assert all(m.visionlin_core.proj.weight.dtype == torch.float32 for m in model.modules()
                if hasattr(m, "visionlin_core"))  # fmt: skip
+
+
+def test_finetune_a_pipeline_and_load_the_run_into_a_fresh_one(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=16,
+    )  # fmt: skip
+
+    def pipe_of(transformer):
+        return diffusers.DiTPipeline(transformer, vae, diffusers.DDIMScheduler(), id2label={0: "cat", 1: "dog"})
+
+    def sample(pipe):
+        out = pipe(class_labels=[1], num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return torch.as_tensor(out)
+
+    pipe = pipe_of(_tiny_dit())
+    convert(pipe, "sla", sparsity=0.75, block_size=4)
+    result = _finetune(pipe, _data(), steps=2, lr=1e-2, trainable="lora", lora_rank=2, output_dir=tmp_path)
+    assert result.step == 2
+    plan = json.loads((tmp_path / "conversion" / "conversion.json").read_text())
+    assert list(plan["components"]) == ["transformer"]
+    fresh = pipe_of(_tiny_dit())
+    load_finetuned(fresh, tmp_path)
+    torch.testing.assert_close(sample(fresh), sample(pipe), rtol=0, atol=0)
+    assert any("lora_B" in n for n, _ in fresh.transformer.named_parameters())

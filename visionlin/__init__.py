@@ -11,7 +11,16 @@ from .layers import ATTN_LAYERS, create_attn
 __version__ = "0.1.0.dev0"
 
 # The diffusers converter loads on first use (importing visionlin never imports diffusers).
-_CONVERT = ("ConversionReport", "calibrate", "convert", "finetune", "load_conversion", "revert", "save_conversion")
+_CONVERT = (
+    "ConversionReport",
+    "calibrate",
+    "convert",
+    "finetune",
+    "load_conversion",
+    "load_finetuned",
+    "revert",
+    "save_conversion",
+)
 
 __all__ = [
     "ATTN_LAYERS",
@@ -25,6 +34,7 @@ __all__ = [
     "layers",
     "list_models",
     "load_conversion",
+    "load_finetuned",
     "models",
     "revert",
     "save_conversion",

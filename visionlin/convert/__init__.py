@@ -21,7 +21,7 @@ from ._convert import (
 )
 from ._methods import METHODS
 from .calibrate import CalibrationReport, calibrate
-from .finetune import FinetuneResult, distillation_loss, finetune
+from .finetune import FinetuneResult, distillation_loss, finetune, load_finetuned
 
 __all__ = [
     "ADAPTERS",
@@ -36,6 +36,7 @@ __all__ = [
     "distillation_loss",
     "finetune",
     "load_conversion",
+    "load_finetuned",
     "revert",
     "save_conversion",
 ]

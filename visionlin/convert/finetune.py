@@ -30,6 +30,7 @@ plus ``shared`` keywords passed to every call unchanged (Flux's ``img_ids`` / ``
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -42,14 +43,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._convert import _STATE_ATTR, _converted_components, disabled, save_conversion
+from ._convert import (
+    _STATE_ATTR,
+    ConversionReport,
+    _converted_components,
+    disabled,
+    load_conversion,
+    revert,
+    save_conversion,
+)
 from ._methods import CORE_ATTR
 
-__all__ = ["LORA_ADAPTER", "TRAINABLE", "FinetuneResult", "distillation_loss", "finetune"]
+__all__ = ["LORA_ADAPTER", "TRAINABLE", "FinetuneResult", "distillation_loss", "finetune", "load_finetuned"]
 
 TRAINABLE = ("converter", "lora", "lora+converter", "all")
 LORA_ADAPTER = "visionlin"  # peft adapter name of the LoRA layers finetune injects
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE, MODEL_FILE = "lora.safetensors", "model.safetensors"
 
 
 @dataclass
@@ -247,25 +257,34 @@ def _batches(
     )
 
 
-def _inject_lora(model: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...]) -> list[str]:
+def _inject_lora(
+    model: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...], names: list[str] | None = None
+) -> dict[str, Any]:
+    """Inject (or find) the ``visionlin`` LoRA adapters on ``targets`` of the converted attention modules (or on the
+    modules ``names``); returns the config to store with the weights."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError as e:
         raise ImportError("trainable='lora' needs peft: pip install peft") from e
     named = dict(model.named_modules())
-    names = [f"{layer}.{t}" for layer in _converted_modules(model) for t in targets if f"{layer}.{t}" in named]
+    if names is None:
+        names = [f"{layer}.{t}" for layer in _converted_modules(model) for t in targets if f"{layer}.{t}" in named]
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"the LoRA target modules {missing[:4]} are not in {type(model).__name__}")
     if not names:
         raise ValueError(f"no module {list(targets)} in the converted attention modules to put LoRA on")
+    alpha = rank if alpha is None else alpha
+    config_out = {"r": rank, "lora_alpha": alpha, "target_modules": names}
     present = [n for n in names if isinstance(named[n], BaseTunerLayer)]
     if present and all(LORA_ADAPTER in named[n].lora_A for n in names if n in present) and len(present) == len(names):
-        return names  # injected by an earlier finetune call: train those adapters further
+        return config_out  # injected by an earlier finetune call: train those adapters further
     if present:
         raise ValueError(f"modules {present[:4]} already carry other peft adapters; finetune injects its own")
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
-                        init_lora_weights=True)  # fmt: skip
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER)
-    return names
+    return config_out
 
 
 def finetune(
@@ -364,14 +383,21 @@ def finetune(
     resume_from = None
     if run_dir is not None:
         resume_from = _resolve_resume({"resume": None if resume is None else str(resume)}, run_dir)
+    meta = {"format": "visionlin.finetune", "model": type(model).__name__, "trainable": trainable}
+    if resume_from is not None:  # checked before anything changes (LoRA injection)
+        saved_meta = ckpt.read_weights_metadata(resume_from / "model.safetensors")
+        got = {k: saved_meta.get(k) for k in meta}
+        if got != meta:
+            raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r} is {got}; this run is {meta}")
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     batch_of, data_desc = _batches(data, batch_size, seed, rank, world)
     set_seed(seed + rank)
     model.to(device)
+    lora_config = None
     if "lora" in trainable:
-        _inject_lora(model, lora_rank, lora_alpha, tuple(lora_targets))
+        lora_config = _inject_lora(model, lora_rank, lora_alpha, tuple(lora_targets))
         model.to(device)
     named = dict(model.named_parameters())
     core_names = [n for n in named if f".{CORE_ATTR}." in f".{n}"]
@@ -411,12 +437,8 @@ def finetune(
         student, optimizer = accelerator.prepare(model, optimizer)
         raw = accelerator.unwrap_model(student)
         step, rng_state = 0, None
-        meta = {"format": "visionlin.finetune", "model": type(raw).__name__, "trainable": trainable}
         if resume_from is not None:
             state = ckpt.read_checkpoint(resume_from, rank)
-            got = {k: state["metadata"].get(k) for k in ("format", "model", "trainable")}
-            if got != meta:
-                raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r} is {got}; this run is {meta}")
             saved = state["model"]
             if set(saved) != set(train_names):
                 diff = sorted(set(saved) ^ set(train_names))[:6]
@@ -511,7 +533,7 @@ def finetune(
         if bar is not None:
             bar.close()
         if run_dir is not None and accelerator.is_main_process:
-            _save_outputs(raw, run_dir, trainable, lora_names)
+            _save_outputs(pipe_or_model, comp, raw, run_dir, trainable, lora_names, lora_config)
         log.write({"kind": "end", "step": step, "loss": result.losses[-1] if result.losses else None})
         accelerator.end_training()
         return result
@@ -526,13 +548,56 @@ def finetune(
         model.train(was_training)
 
 
-def _save_outputs(model: nn.Module, run_dir: Path, trainable: str, lora_names: list[str]) -> None:
+def _save_outputs(pipe_or_model, comp, model, run_dir, trainable, lora_names, lora_config) -> None:
     from ..train.checkpoint import save_weights
 
-    save_conversion(model, run_dir / "conversion")
+    save_conversion(pipe_or_model, run_dir / "conversion")
     named = dict(model.named_parameters())
-    meta = {"format": "visionlin.finetune", "model": type(model).__name__, "trainable": trainable}
+    meta = {"format": "visionlin.finetune", "model": type(model).__name__, "trainable": trainable, "component": comp}
     if "lora" in trainable:
-        save_weights(run_dir / "lora.safetensors", {n: named[n] for n in lora_names}, {**meta, "adapter": LORA_ADAPTER})
+        lora_meta = {**meta, "adapter": LORA_ADAPTER, "lora_config": json.dumps(lora_config)}
+        save_weights(run_dir / LORA_FILE, {n: named[n] for n in lora_names}, lora_meta)
     if trainable == "all":
-        save_weights(run_dir / "model.safetensors", model.state_dict(), meta)
+        save_weights(run_dir / MODEL_FILE, model.state_dict(), meta)
+
+
+def load_finetuned(pipe_or_model: Any, run_dir: str | Path) -> ConversionReport:
+    """Re-create a :func:`finetune` result on a fresh pipeline or model: the conversion and converter weights
+    (``RUN_DIR/conversion``), then the LoRA adapters (``lora.safetensors``, injected with the saved configuration) or
+    every weight (``model.safetensors``) where the run wrote them.
+
+    Raises:
+        ValueError: not a finished run folder, or one for another model (the conversion is undone on error).
+    """
+    from ..train.checkpoint import load_weights, read_weights_metadata
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "conversion" / "conversion.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} has no conversion/ (written when visionlin.finetune finishes)")
+    report = load_conversion(pipe_or_model, run_dir / "conversion")
+    try:
+        for name in (LORA_FILE, MODEL_FILE):
+            path = run_dir / name
+            if not path.is_file():
+                continue
+            meta = read_weights_metadata(path)
+            comps = _converted_components(pipe_or_model)
+            model = comps.get(meta.get("component", ""))
+            if model is None or type(model).__name__ != meta.get("model"):
+                raise ValueError(f"{path} is for component {meta.get('component')!r} ({meta.get('model')}); the "
+                                 f"target's converted components are {sorted(comps)}")  # fmt: skip
+            weights = load_weights(path)
+            if name == LORA_FILE:
+                cfg = json.loads(meta["lora_config"])
+                _inject_lora(model, cfg["r"], cfg["lora_alpha"], (), names=cfg["target_modules"])
+            params = dict(model.state_dict())
+            bad = sorted(k for k in weights if k not in params or params[k].shape != weights[k].shape)
+            if bad or (name == MODEL_FILE and set(weights) != set(params)):
+                raise ValueError(f"{path}: tensors {(bad or sorted(set(params) ^ set(weights)))[:6]} do not match")
+            with torch.no_grad():
+                for k, v in weights.items():
+                    params[k].copy_(v)
+    except BaseException:
+        revert(pipe_or_model)
+        raise
+    return report
