@@ -198,6 +198,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for case in cases:
         for dtype in (torch.float32, torch.float16):
             check(device="cpu", dtype=dtype, direct=True, **case)
+    # The custom op's registrations (schema, fake, autograd), and the eager path equal to the dispatcher's bitwise.
+    from visionlin.kernels.triton import sparse_linear as sl
+    q, k, v = (torch.randn(1, 70, 2, 16).requires_grad_() for _ in range(3))
+    w, b = torch.randn(16, 16).requires_grad_(), torch.randn(16).requires_grad_()
+    lut, marginal = sl.select_blocks(q, k, 0.5, 0.0, 64, 64, True)
+    hi, zi = (t.detach().requires_grad_() for t in sl.linear_states(k, v, marginal, 64, "softmax"))
+    args = (q, k, v, lut, hi, zi, w, b, 0.25, 1e-5, 64, 64, 0)
+    torch.library.opcheck(sl.sla_fwd, args)
+    eager, dispatched = sl._fwd(*args)[0], torch.ops.visionlin.sla_fwd(*args)[0]
+    g = torch.randn_like(eager)
+    ga = torch.autograd.grad(eager, [q, k, v, hi, zi, w, b], g)
+    gb = torch.autograd.grad(dispatched, [q, k, v, hi, zi, w, b], g)
+    assert torch.equal(eager, dispatched) and all(torch.equal(x, y) for x, y in zip(ga, gb))
     print("interpreter ok")
     """
 )

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
+
 __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
 
 #: Feature maps the forward kernel applies itself, by code.
@@ -440,11 +442,13 @@ def _setup(ctx, inputs, output):
     ctx.args = (scale, eps, block_q, block_k, fmap)
 
 
-def _backward(ctx, g, _g_os, _g_lse):
+def _backward(ctx, g, _g_os=None, _g_lse=None):
     q, k, v, lut, hi, zi, w, bias, o_s, lse = ctx.saved_tensors
     scale, eps, block_q, block_k, fmap = ctx.args
+    if g is None:  # the output was not used
+        return (None,) * 13
     g = g.contiguous()
-    dq, dk, dv = torch.ops.visionlin.sla_bwd_sparse(q, k, v, o_s, lse, g, lut, scale, block_q, block_k)
+    dq, dk, dv = _bwd_sparse(q, k, v, o_s, lse, g, lut, scale, block_q, block_k)
     dhi = dzi = dw = db = None
     if hi is not None:
         dq_l, dhi, dzi, dw, db = _readout_backward(q, hi, zi, w, bias, g, _FMAP_NAMES[fmap], eps, block_q)
@@ -453,6 +457,9 @@ def _backward(ctx, g, _g_os, _g_lse):
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup)
+# Eager calls on plain tensors skip the dispatcher (``_eager.py``); traced calls see the custom ops.
+_fwd = eager_op(sla_fwd, _setup, _backward)
+_bwd_sparse = eager_call(sla_bwd_sparse)
 
 
 def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -473,7 +480,7 @@ def sparse_linear_attention_triton(
     hi, zi = linear_states(k, v, marginal, block_k, feature_map)
     w = proj_weight if proj_weight.dtype == torch.float32 else proj_weight.float()
     bias = None if proj_bias is None else (proj_bias if proj_bias.dtype == torch.float32 else proj_bias.float())
-    out = torch.ops.visionlin.sla_fwd(
+    out = _fwd(
         q, k, v, lut, hi, zi, w.contiguous(), None if bias is None else bias.contiguous(), scale, float(eps),
         block_q, block_k, FMAPS[feature_map],
     )[0]  # fmt: skip
@@ -488,4 +495,4 @@ def block_sparse_attention_triton(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _inner_contiguous(q, k, v)
     lut, _ = select_blocks(q, k, topk, 0.0, block_q, block_k, marginal=False)
-    return torch.ops.visionlin.sla_fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)[0]
+    return _fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)[0]
