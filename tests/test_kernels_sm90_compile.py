@@ -27,6 +27,14 @@ POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "
 FLOATS = {"scale", "inv_m", "eps", "p", "inv_d"}
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
+# Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
+FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
+INT_POINTERS = {"LUT", "LUT_T", "CNT"}
+FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA"}
+POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
+# Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
+# integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill).
+DIVISIBLE_16 = {"visionlin.kernels.triton.sparse_linear"}  # by module: kernel names repeat across families
 
 
 def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
@@ -35,6 +43,8 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
     for p in inspect.signature(fn.fn).parameters:
         if p in consts:
             sig[p] = "constexpr"
+        elif p in INT_POINTERS:
+            sig[p] = "*i32"
         elif p in POINTERS:
             fp32 = p in FP32_POINTERS or p in FP32_HERE.get(name, set())
             sig[p] = "*fp32" if fp32 else f"*{dtype}"
@@ -50,7 +60,11 @@ def _compile(fn, dtype: str, consts: dict, num_warps: int) -> tuple[int, int]:
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(fn.fn).parameters)
-    src = ASTSource(fn, _signature(fn, dtype, consts), constexprs={(params.index(k),): v for k, v in consts.items()})
+    sig = _signature(fn, dtype, consts)
+    attrs = {}
+    if fn.fn.__module__ in DIVISIBLE_16:
+        attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t[0] == "*" or t == "i32"}
+    src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
@@ -163,9 +177,31 @@ def _neighborhood(dt, tdt):
     return cases
 
 
+def _sparse_linear(dt, tdt):
+    """Block-sparse softmax with SLA's fused linear branch (``triton/sparse_linear.py``) at D = 64 and 128, with the
+    tiles each launch uses."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    cases = []
+    for d in (64, 128):
+        for bq, bk in ((64, 64), (128, 64), (128, 128)):
+            dims = dict(BLOCK_D=d, BLOCK_DV=d, PREC="tf32")
+            for linear in (True, False):
+                tq = sl._tile_q(bq, d, d, linear)
+                consts = dict(dims, BLOCK_Q=tq, BLOCK_K=bk, QPB=bq // tq, LINEAR=linear, HAS_BIAS=linear, FMAP=0)
+                cases.append((sl._fwd_kernel, dt, consts, sl._meta(tq, d, d)["num_warps"]))
+            warps = sl._meta(max(bq, bk), d, d, backward=True)["num_warps"]
+            cases.append((sl._bwd_dq_kernel, dt, dict(dims, BLOCK_Q=bq, BLOCK_K=bk), warps))
+            tiles = dict(dims, BLOCK_Q=sl.TILE, BLOCK_K=sl.TILE, KPB=bk // sl.TILE, QSUB=bq // sl.TILE)
+            cases.append((sl._bwd_dkdv_kernel, dt, tiles, sl._meta(sl.TILE, d, d, backward=True)["num_warps"]))
+    return cases
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
-    "family", [_linear, _infsa, _conv_and_focus, _neighborhood], ids=["linear", "infsa", "conv-focus", "neighborhood"]
+    "family",
+    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear],
+    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear"],
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
