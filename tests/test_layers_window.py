@@ -131,3 +131,58 @@ def test_bad_tokens():
     layer = ShiftedWindowAttention(8, 2)
     with pytest.raises(ValueError, match=r"16 tokens do not match"):
         layer(torch.randn(1, 16, 8), (3, 3))
+
+
+def _plain_attention(q, k, v, *, scale=None, attn_bias=None, dropout_p=0.0, backend=None):
+    """Softmax attention written out in the inputs' dtype (no upcast): the error baseline of a half-precision path."""
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_bias is not None:
+        s = s + attn_bias.to(q.dtype)
+    return torch.einsum("bhnm,bmhe->bnhe", s.softmax(dim=-1), v)
+
+
+# (batch, grid, dim, heads, window, shift, prefix): 56 x 40 and 14 x 14 as in Swin-T's stages at 224 / 160 px, padded
+# odd grids, head dims 32 / 80 / 64, a class token.
+GPU_CASES = [
+    (3, (56, 40), 96, 3, 7, True, 0),
+    (1, (14, 14), 384, 12, 7, True, 0),
+    (3, (9, 13), 160, 2, 7, True, 1),
+    (2, (7, 7), 128, 2, 7, False, 0),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{c[0]}-{c[1][0]}x{c[1][1]}-C{c[2]}-h{c[3]}-p{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_gpu_sdpa_matches_float64(case, dtype, monkeypatch):
+    """The layer on CUDA (SDPA with the window bias) against the float64 reference forward and backward: within about
+    twice the error of the same layer with attention written out in ``dtype`` (flash-attention's rule)."""
+    import visionlin.layers.window as window_module
+
+    b, grid, dim, heads, window, shift, prefix = case
+    torch.manual_seed(0)
+    ref_layer = ShiftedWindowAttention(dim, heads, window_size=window, shift=shift).double()
+    torch.nn.init.normal_(ref_layer.relative_position_bias_table, std=1.0)
+    x = torch.randn(b, prefix + grid[0] * grid[1], dim, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+
+    def run(layer, inp, plain=False):
+        inp = inp.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(window_module, "softmax_attention", _plain_attention)
+            out = layer(inp, grid, prefix)
+        out.backward(grad_out.to(out))
+        return [out.double().cpu(), inp.grad.double().cpu(), layer.relative_position_bias_table.grad.double().cpu()]
+
+    ref = run(ref_layer, x)
+    fast_layer = ShiftedWindowAttention(dim, heads, window_size=window, shift=shift).to("cuda", dtype)
+    fast_layer.load_state_dict(ref_layer.state_dict())
+    fast_layer.backend = "sdpa"
+    fast = run(fast_layer, x.to("cuda", dtype))
+    plain = run(fast_layer, x.to("cuda", dtype), plain=True)
+    for name, r, f, p in zip(("out", "dx", "dtable"), ref, fast, plain, strict=True):
+        err, base = (f - r).abs().max().item(), (p - r).abs().max().item()
+        assert err <= 2 * base + 1e-5 * r.abs().max().item(), (name, err, base)
