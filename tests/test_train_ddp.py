@@ -6,8 +6,8 @@ What is checked against what:
   micro-batch) give, step by step, the losses of one process with batch 8: the same images (the sampler shards one
   global order), the same augmentations (per-sample seeds from the global position), gradients averaged over the
   processes;
-- a two-process run killed (SIGKILL to the whole process group) right after a mid-epoch checkpoint and resumed with
-  ``--resume auto`` gives the same following losses, validation metrics and final weights as the uninterrupted run;
+- a two-process run killed (SIGKILL to the launcher and both workers) right after a mid-epoch checkpoint and resumed
+  with ``--resume auto`` gives the same following losses, validation metrics and final weights as the uninterrupted run;
 - validation over 15 images in 2 processes (8 + 7, the shorter shard padded by one duplicate) counts 15 images, and
   its top-1 / loss are those of a one-process ``visionlin validate`` of the same checkpoint;
 - ``visionlin distill`` (logit distillation and token matching through a trained projection) in two processes follows
@@ -19,6 +19,7 @@ Each test launches ``torchrun --standalone --nproc_per_node 2 -m visionlin.train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,13 +67,33 @@ def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
                             start_new_session=True, **popen)  # fmt: skip
 
 
+def _kill_all(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it. torchrun starts each worker in a session of its own, so killing the
+    launcher's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    doomed, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        doomed.append(p)
+        todo += children.get(p, [])
+    for p in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _run2(args: list[str], cwd: Path) -> str:
     proc = _torchrun(args, cwd)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc.pid)
     assert proc.returncode == 0, out
     return out
 
@@ -173,13 +194,14 @@ def test_killed_two_process_run_resumes_exactly(capsys, tmp_path, two_process_ru
         for line in proc.stdout:
             seen.append(line)
             if line.startswith("checkpoint step-000000002 (recovery"):  # mid-epoch 0 (of 3 steps): kill them all
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_all(proc.pid)
                 break
-        proc.wait(timeout=TIMEOUT)
+        rest, _ = proc.communicate(timeout=TIMEOUT)  # EOF: every process that held the pipe is gone
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc.pid)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert "epoch 0 done" not in rest, rest  # the workers died too (they hold the pipe: EOF came only after them)
     run = out / "infvit_tiny-32"
     marker = json.loads((ckpt.latest_checkpoint(run) / "complete.json").read_text())
     assert marker["epoch"] == 0 and 0 < marker["position"] < 6 and marker["step"] == 2, marker
