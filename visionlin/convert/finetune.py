@@ -450,6 +450,8 @@ def finetune(
             optimizer.load_state_dict(ts["optimizer"])
             scheduler.load_state_dict(ts["scheduler"])
             step = ts["step"]
+            if accelerator.scaler is not None and ts.get("scaler") is not None:
+                accelerator.scaler.load_state_dict(ts["scaler"])
             if state["rng"] is None:
                 raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
             rng_state = state["rng"]
@@ -478,8 +480,9 @@ def finetune(
 
                 rngs = gather_object(rngs)
             if accelerator.is_main_process:
+                scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
                 train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "step": step, "config": config}  # fmt: skip
+                               "scaler": scaler, "step": step, "config": config}  # fmt: skip
                 path = ckpt.write_checkpoint(
                     run_dir, step, weights={"model": {n: named[n] for n in train_names}}, weights_metadata=meta,
                     train_state=train_state, rng_states=dict(enumerate(rngs)),
