@@ -320,7 +320,8 @@ def finetune(
     Args:
         pipe_or_model: A converted pipeline or model (:func:`visionlin.convert`, ``calibrate`` or
             ``load_conversion``). With several converted components, ``component`` names the one to train.
-        data: The batches (module docstring). Tensors are moved to the training device.
+        data: The batches (module docstring). Tensors, and the model, are moved to accelerate's device (a GPU when
+            there is one, unless ``cpu=True``).
         steps: Total optimizer steps; a resumed run continues up to it.
         batch_size: Rows per step and process for a dict of tensors (default: all, split over the processes).
         shared: Forward keywords added unchanged to every batch.
@@ -390,6 +391,12 @@ def finetune(
         if got != meta:
             raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r} is {got}; this run is {meta}")
 
+    if trainable == "converter" and not any(f".{CORE_ATTR}." in f".{n}" for n, _ in model.named_parameters()):
+        raise ValueError(
+            f"trainable='converter' but the {getattr(model, _STATE_ATTR).method!r} conversion has no parameters of "
+            "its own; use trainable='lora' or 'all', or a method with parameters (sla, hybrid, linear)"
+        )
+
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     batch_of, data_desc = _batches(data, batch_size, seed, rank, world)
@@ -406,12 +413,7 @@ def finetune(
         train_names = list(named)
     else:
         train_names = (core_names if "converter" in trainable else []) + (lora_names if "lora" in trainable else [])
-    if not train_names:
-        state = getattr(model, _STATE_ATTR)
-        raise ValueError(
-            f"trainable={trainable!r} but the {state.method!r} conversion has no parameters of its own; use "
-            "trainable='lora' or 'all', or a method with parameters (sla)"
-        )
+    assert train_names, "checked above"
     flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
     frozen = None
