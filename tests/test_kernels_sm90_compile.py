@@ -25,6 +25,9 @@ FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS"
                  "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB"}  # fmt: skip
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A", "RPB"}
 FLOATS = {"scale", "inv_m", "eps", "p", "inv_d"}
+# The selective scan (triton/scan.py): float32 states, parameters and partial sums; activations in the inputs' dtype.
+FP32_POINTERS |= {"LAST", "STATES", "GLAST", "DBM", "DCM", "DA", "DDP", "DBIAS", "DP"}
+POINTERS |= FP32_POINTERS | {"U", "DT", "BM", "CM", "Z", "YO", "DU", "DDT", "DZ"}
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
 # Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
@@ -197,11 +200,26 @@ def _sparse_linear(dt, tdt):
     return cases
 
 
+def _scan(dt, tdt):
+    from visionlin.kernels.triton import scan as st
+
+    cases = []
+    for n in (1, 8, 16, 64):
+        t, bd, bn, fw, bw = st.scan_config(n)
+        flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=t, BLOCK_D=bd, BLOCK_N=bn)
+        cases += [
+            (st._fwd_kernel, dt, flags, fw),
+            (st._bwd_kernel, dt, dict(flags, HAS_GLAST=True, GROUPED=False), bw),
+            (st._bwd_kernel, dt, dict(flags, HAS_GLAST=True, GROUPED=True), bw),
+        ]
+    return cases
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
     "family",
-    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear],
-    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear"],
+    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear, _scan],
+    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear", "scan"],
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):

@@ -32,8 +32,9 @@ which is never positive, so nothing overflows for any step size or length:
   with the same scan.
 
 Computation is in float32 (float64 for float64 inputs) with autocast disabled; outputs take the input dtype.
-Backends: ``"reference"`` (any device, forward and backward). GPU fast paths (a Triton chunked scan, fla's
-``chunk_gla``) register ahead of it in the op tables below. Math: ``docs/mechanisms/scan.md``.
+Backends: ``"reference"`` (any device, forward and backward); the selective scan's ``"triton"`` backend (a chunked
+scan, :mod:`visionlin.kernels.triton.scan`) registers ahead of it. GLA's GPU fast paths (fla's ``chunk_gla``) would
+register ahead of its reference in the op tables below. Math: ``docs/mechanisms/scan.md``.
 """
 
 from __future__ import annotations
@@ -325,10 +326,64 @@ def _scan_reference_backend(
     )
 
 
+_SCAN_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SCAN_MAX_STATE = 64  # triton.scan.MAX_STATE, kept here so supports() never imports Triton
+_MAX_GRID_B = 65535  # the batch runs on the launch grid's second axis
+
+
+def _scan_triton_supports(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    z: torch.Tensor | None,
+    *,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    **kwargs: Any,
+) -> list[str]:
+    from .triton import triton_unavailable
+
+    tensors = [t for t in (u, delta, B, C, z, A, D, delta_bias) if t is not None]
+    reasons = triton_unavailable(*tensors)
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in _SCAN_TRITON_DTYPES})
+    if bad:
+        reasons.append(f"dtypes {', '.join(bad)} (the Triton scan takes float32, float16, bfloat16)")
+    if A.shape[1] > _SCAN_MAX_STATE:
+        reasons.append(f"state size N={A.shape[1]} exceeds the Triton scan's {_SCAN_MAX_STATE} (allowed: 1 to 64)")
+    if u.shape[0] > _MAX_GRID_B:
+        reasons.append(f"batch {u.shape[0]} exceeds the launch grid's {_MAX_GRID_B}")
+    return reasons
+
+
+def _scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    z: torch.Tensor | None,
+    *,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+    chunk_size: int,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``"triton"`` backend: :mod:`visionlin.kernels.triton.scan` (its own chunk length; ``chunk_size`` is the
+    reference's performance knob)."""
+    from .triton.scan import selective_scan_triton
+
+    return selective_scan_triton(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state
+    )
+
+
 # The activations (u, delta, B, C, z) are positional: backends' supports() and the dtype checks read them. The
 # parameters (A, D, delta_bias) are keywords: float32 by Mamba's convention whatever the activations' dtype.
-# A Triton chunked scan registers here, before "reference".
 _scan_op = Op(_SCAN)
+_scan_op.register("triton", _scan_triton, _scan_triton_supports)
 _scan_op.register("reference", _scan_reference_backend, supports_floating)
 
 
@@ -349,7 +404,9 @@ def selective_scan(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The selective scan (Mamba S6); see :func:`selective_scan_reference` for the arguments and the math.
 
-    Backends: ``"reference"`` (any floating dtypes and devices, forward and backward).
+    Backends, in automatic-selection order: ``"triton"`` (CUDA; float32 / float16 / bfloat16; ``N <= 64``; a chunked
+    scan with a float32 state, forward and backward, :mod:`visionlin.kernels.triton.scan`) and ``"reference"`` (any
+    floating dtypes and devices, forward and backward).
 
     Raises:
         ValueError: bad shapes, dtypes or values (see the reference).
