@@ -510,3 +510,22 @@ def test_finetune_a_pipeline_and_load_the_run_into_a_fresh_one(tmp_path):
     load_finetuned(fresh, tmp_path)
     torch.testing.assert_close(sample(fresh), sample(pipe), rtol=0, atol=0)
     assert any("lora_B" in n for n, _ in fresh.transformer.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("hybrid", {"kernel_size": 3}), ("linear", {}), ("sla", {"sparsity": 0.75, "block_size": 4, "variant": "code"})],
+)
+def test_finetune_trains_every_method_with_parameters(method, options):
+    model = _tiny_dit()
+    convert(model, method, **options)
+    data = _data()
+    cores = [m.visionlin_core for m in model.modules() if hasattr(m, "visionlin_core")]
+    with torch.no_grad():
+        before = float(distillation_loss(model, data))
+    start = [p.detach().clone() for c in cores for p in c.parameters()]
+    result = _finetune(model, data, steps=4, lr=1e-2)
+    assert result.trainable_parameters == sum(p.numel() for p in start)
+    assert any(not torch.equal(p, q) for p, q in zip(start, [p for c in cores for p in c.parameters()], strict=True))
+    with torch.no_grad():
+        assert float(distillation_loss(model, data)) < before
