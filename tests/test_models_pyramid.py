@@ -228,3 +228,18 @@ def test_bad_attn_type(attn_type, match):
 def test_bad_agent_num():
     with pytest.raises(ValueError, match=r"agent_num=\[9, 16\] needs one entry per stage \(4 stages\)"):
         timm.create_model("agent_swin_tiny", **SMALL["swin"], agent_num=(9, 16), device="meta")
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "flatten_swin_tiny"])
+def test_pretrained_from_an_authors_file(name, tmp_path):
+    """``pretrained=True`` with a local file in the authors' format (``{'model': ...}``, their key names): the path a
+    downloaded TsinghuaCloud checkpoint takes."""
+    family = "pvt" if "pvt" in name else "swin"
+    torch.manual_seed(0)
+    src = timm.create_model(name, **SMALL[family]).eval()
+    path = tmp_path / "authors.pth"
+    torch.save({"model": (_authors_pvt if family == "pvt" else _authors_swin)(src)}, path)
+    assert timm.create_model(name, device="meta").pretrained_cfg["url"].startswith("https://cloud.tsinghua.edu.cn/")
+    dst = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL[family]).eval()
+    x = torch.randn(1, 3, 64, 64)  # timm re-initialises the classifier of a 5-class model: compare the features
+    torch.testing.assert_close(dst.forward_features(x), src.forward_features(x))
