@@ -10,6 +10,13 @@ checkpoint records the epoch and the number of micro-batches consumed in it; wit
 per-sample augmentation seeds of :mod:`visionlin.train.data` and every generator's state, a resumed run computes the
 same losses as one that was never stopped.
 
+Several processes (``accelerate launch`` or ``torchrun``; DDP, or FSDP2 with ``--fsdp``): each process reads its shard
+of one seeded global order, so N processes with ``-b B`` compute the losses of one process with ``-b N*B`` up to the
+order of float sums. The model and ``setup``'s extra module are wrapped as one module whose forward computes the loss
+(:class:`_StepModule`), so every trained parameter's gradient is reduced. Only the main process writes; a checkpoint
+holds each process's generator states, and resuming needs the same number of processes. Validation is sharded and
+padded to equal batch counts per process, the padding left out of the metrics.
+
 Extension points: ``train(cfg, loss_fn=...)`` takes ``loss_fn(model, images, targets) -> loss`` (a teacher-based
 distillation loss, for instance) instead of the cross-entropy on the model's logits; ``setup(model, accelerator)``,
 called once the model is built and on its device, may change it (initialise it from a teacher) and return a module of
@@ -752,7 +759,7 @@ def train(
                 sync = micro == group - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
                     loss = step_model(images, targets)
-                    accelerator.backward(loss * (weight / group))
+                    accelerator.backward(loss / group if weight else loss * 0.0)
                 if weight:
                     micro_losses.append(loss.detach().float())
                     n_images += len(images)
