@@ -25,8 +25,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from . import hierarchical
-from ._common import take_indices
-from ._pretrained import build_with_weights
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm
 from .vit import _unwrap
 
@@ -129,10 +127,7 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -
     """Build a MambaVision variant. ``in_dim`` is the stem's first width; ``window_size`` takes the authors' four
     entries (those of the conv stages are not used); ``depths`` sets the hybrid layout unless ``attn_layer`` is
     given."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     depths = kwargs["depths"]
-    if kwargs.get("features_only"):
-        take_indices(len(depths), out_indices)  # a ValueError naming bad out_indices (timm would assert)
     kwargs["stem_kwargs"] = {"width": kwargs.pop("in_dim"), **kwargs.get("stem_kwargs", {})}
     windows = kwargs["window_size"]
     if isinstance(windows, Sequence) and not isinstance(windows, str):
@@ -140,14 +135,7 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -
     if isinstance(depths, Sequence) and all(isinstance(d, int) for d in depths):
         kwargs.setdefault("attn_layer", mambavision_layout(depths))
         kwargs.setdefault("block_type", ["conv" if i < _CONV_STAGES else "transformer" for i in range(len(depths))])
-    return build_with_weights(
-        HierarchicalBackbone,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return hierarchical.create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _args(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:

@@ -38,9 +38,8 @@ from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, RankAugmentedAttention
 from ..layers._base import check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ..layers.magnitude import GatedRoPELinearAttention
-from ._common import check_bool, check_int, check_pair, check_positive, check_rate, take_indices
-from ._pretrained import build_with_weights
-from .hierarchical import HierarchicalBackbone, TokenBatchNorm
+from ._common import check_bool, check_int, check_pair, check_positive, check_rate
+from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
 from .vit import _unwrap
 
@@ -483,17 +482,7 @@ default_cfgs = generate_default_cfgs(
 
 def create_rope_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> RoPEHybridBackbone:
     """Build a MAViT / RAVLT / NaLaFormer variant (``features_only`` gives the four stages)."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    if kwargs.get("features_only"):
-        take_indices(len(kwargs.get("depths", (0,) * 4)), out_indices)
-    return build_with_weights(
-        RoPEHybridBackbone,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_hierarchical(variant, pretrained, checkpoint_filter_fn, RoPEHybridBackbone, **kwargs)
 
 
 # Published configurations (the authors' MALA_T/S/B/L; RALA and NaLaFormer use the same shapes).

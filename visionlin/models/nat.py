@@ -22,8 +22,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from . import hierarchical
-from ._common import take_indices
-from ._pretrained import build_with_weights
 from .hierarchical import HierarchicalBackbone
 from .vit import _unwrap
 
@@ -135,21 +133,10 @@ def _create_nat(
 ) -> HierarchicalBackbone:
     """Build a NAT / DiNAT variant; ``kernel_size`` and ``dilations`` become the blocks' ``attn_kwargs`` (unless
     ``attn_kwargs`` is given)."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    depths = kwargs["depths"]
-    if kwargs.get("features_only"):
-        take_indices(len(depths), out_indices)  # a ValueError naming bad out_indices (timm would assert)
     if "attn_kwargs" not in kwargs:
-        kwargs["attn_kwargs"] = nat_attn_kwargs(depths, kernel_size, dilations)
+        kwargs["attn_kwargs"] = nat_attn_kwargs(kwargs["depths"], kernel_size, dilations)
     kwargs.setdefault("attn_layer", "neighborhood")
-    return build_with_weights(
-        HierarchicalBackbone,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return hierarchical.create_hierarchical(variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _args(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
