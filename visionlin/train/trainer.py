@@ -455,7 +455,7 @@ def train(
         raise UsageError("FSDP1 (accelerate's default FSDP plugin) is not supported: pass --fsdp, which uses FSDP2")
     run_dir = run_dir_of(cfg)
     resume_from = _resolve_resume(cfg, run_dir)
-    set_seed(cfg["seed"] + rank)
+    set_seed(cfg["seed"])  # the same initial weights in every process: FSDP shards them without broadcasting
 
     # data
     train_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_split"])
@@ -480,6 +480,7 @@ def train(
         model.set_grad_checkpointing(True)
     model.to(device)
     extra = setup(model, accelerator) if setup is not None else None
+    set_seed(cfg["seed"] + 1 + rank)  # from here on each process draws its own (dropout, mixup, masks)
 
     batch, accum = cfg["batch_size"], cfg["grad_accum_steps"]
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=cfg["seed"], num_replicas=world, rank=rank,
