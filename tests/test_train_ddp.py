@@ -256,3 +256,37 @@ def test_a_process_with_an_unreadable_micro_batch_does_not_stall_the_others(tmp_
     assert [r["step"] for r in read_log(run)["train"]] == [1, 2, 3, 4]  # 7 images over 2 processes: 4 steps
     end = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
     assert end["kind"] == "end" and end["skipped_images"] >= 1  # summed over the processes
+
+
+def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, data, two_process_run):
+    # accelerate's FSDP path on CPU processes through tests/fsdp_on_cpu.py (accelerate forms FSDP on GPUs only)
+    ref_run, common, _ = two_process_run
+    no_ema = [a for a in common if a not in ("--model-ema", "--model-ema-decay", "0.9")]
+    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+    args = [helper, "train", *no_ema, "--fsdp", "--checkpoint-hist", "0", "--output", str(tmp_path)]
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *args, *extra], capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                              timeout=TIMEOUT)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run("--experiment", "fsdp")
+    fsdp = tmp_path / "fsdp"
+    for step, loss in _losses(ref_run).items():
+        assert _losses(fsdp)[step] == pytest.approx(loss, rel=RTOL), step
+    mid = fsdp / "checkpoints" / "step-000000002"
+    assert json.loads((mid / "complete.json").read_text())["position"] == 4  # mid-epoch 0 (of 6 micro-batches)
+    assert "resumed from" in run("--experiment", "resumed", "--resume", str(mid))
+    resumed = tmp_path / "resumed"
+    assert [r["step"] for r in read_log(resumed)["train"]] == [3, 4, 5, 6]
+    assert all(_losses(resumed)[s] == _losses(fsdp)[s] for s in (3, 4, 5, 6))  # bitwise
+    for mine, theirs in zip(read_log(resumed)["epoch"], read_log(fsdp)["epoch"], strict=True):
+        assert (mine["val_loss"], mine["val_n"]) == (theirs["val_loss"], theirs["val_n"]) == (mine["val_loss"], 15)
+    a = ckpt.read_checkpoint(ckpt.latest_checkpoint(resumed))
+    b = ckpt.read_checkpoint(ckpt.latest_checkpoint(fsdp))
+    assert set(a["model"]) == set(b["model"]) and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert a["train_state"]["optimizer_format"] == "fsdp_full"
+    ddp = ckpt.read_checkpoint(ckpt.latest_checkpoint(ref_run))["model"]  # the gathered weights are the whole model
+    assert set(ddp) == set(b["model"]) and all(b["model"][k].shape == ddp[k].shape for k in ddp)
