@@ -290,3 +290,14 @@ def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, data, two_process_run):
     assert a["train_state"]["optimizer_format"] == "fsdp_full"
     ddp = ckpt.read_checkpoint(ckpt.latest_checkpoint(ref_run))["model"]  # the gathered weights are the whole model
     assert set(ddp) == set(b["model"]) and all(b["model"][k].shape == ddp[k].shape for k in ddp)
+
+
+def test_fsdp_refusals_name_the_reason(capsys, tmp_path, data):
+    base = ["train", *TINY, *RUN, *ONE, "--data-dir", str(data), "--output", str(tmp_path), "--fsdp"]
+    with pytest.raises(SystemExit):
+        cli.main(base)
+    assert "--fsdp needs several GPU processes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--model-ema"])
+    assert "--model-ema with --fsdp is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "infvit_tiny-32").exists()
