@@ -30,6 +30,9 @@ FP32_POINTERS |= {"LAST", "STATES", "GLAST", "DBM", "DCM", "DA", "DDP", "DBIAS",
 POINTERS |= FP32_POINTERS | {"U", "DT", "BM", "CM", "Z", "YO", "DU", "DDT", "DZ"}
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
+# Gated linear attention (triton/gla.py): the gates GG in the inputs' dtype, dq / dk float32 (dg is formed from them).
+POINTERS |= {"GG"}
+FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}}
 # Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
 FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
 INT_POINTERS = {"LUT", "LUT_T", "CNT"}
@@ -215,11 +218,26 @@ def _scan(dt, tdt):
     return cases
 
 
+def _gla(dt, tdt):
+    from visionlin.kernels.triton import gla
+
+    cases = []
+    for kd, vd in ((16, 32), (32, 64), (64, 64)):  # ViG: K = 32, V = 64
+        bk, bv = gla._blocks(kd, vd)
+        bv_fwd, bv_kv = min(bv, 64), min(bv, gla.KV_BLOCK_V)
+        cases += [
+            (gla._gla_fwd_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv_fwd), gla.warps(bk, bv_fwd)),
+            (gla._gla_bwd_q_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk, bv)),
+            (gla._gla_bwd_kv_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk, bv_kv)),
+        ]
+    return cases
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
     "family",
-    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear, _scan],
-    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear", "scan"],
+    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear, _scan, _gla],
+    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear", "scan", "gla"],
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):

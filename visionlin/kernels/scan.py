@@ -33,8 +33,8 @@ which is never positive, so nothing overflows for any step size or length:
 
 Computation is in float32 (float64 for float64 inputs) with autocast disabled; outputs take the input dtype.
 Backends: ``"reference"`` (any device, forward and backward); the selective scan's ``"triton"`` backend (a chunked
-scan, :mod:`visionlin.kernels.triton.scan`) registers ahead of it. GLA's GPU fast paths (fla's ``chunk_gla``) would
-register ahead of its reference in the op tables below. Math: ``docs/mechanisms/scan.md``.
+scan, :mod:`visionlin.kernels.triton.scan`) and GLA's (chunked, :mod:`visionlin.kernels.triton.gla`) register ahead
+of it. Math: ``docs/mechanisms/scan.md``.
 """
 
 from __future__ import annotations
@@ -577,11 +577,67 @@ def bidirectional_gated_linear_attention_reference(
     return out.to(v.dtype)
 
 
-# fla's chunk_gla / fused_recurrent_gla(reverse=True) and a Triton bidirectional kernel register here, before
-# "reference".
+_GLA_MAX_DIM = 64  # triton.gla.MAX_KEY_DIM / MAX_VALUE_DIM, kept here so supports() never imports Triton
+
+
+def _gla_triton_supports(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *gates: torch.Tensor, **kwargs: Any
+) -> list[str]:
+    from .triton import triton_unavailable
+
+    tensors = [q, k, v, *gates]
+    reasons = triton_unavailable(*tensors)
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in _SCAN_TRITON_DTYPES})
+    if bad:
+        reasons.append(f"dtypes {', '.join(bad)} (the Triton GLA kernels take float32, float16, bfloat16)")
+    if max(q.shape[-1], v.shape[-1]) > _GLA_MAX_DIM:
+        reasons.append(
+            f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed the Triton GLA kernels' {_GLA_MAX_DIM} (allowed: 1 to "
+            f"{_GLA_MAX_DIM}: a larger [K, V] state spills registers)"
+        )
+    if q.shape[0] * q.shape[2] > _MAX_GRID_B:
+        reasons.append(f"batch * heads = {q.shape[0] * q.shape[2]} exceeds the launch grid's {_MAX_GRID_B}")
+    return reasons
+
+
+def _gla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    reverse: bool = False,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """``"triton"`` backend: :mod:`visionlin.kernels.triton.gla` (chunks of 16; ``chunk_size`` is the reference's)."""
+    from .triton.gla import gla_triton
+
+    return gla_triton(q, k, v, g, scale=scale, reverse=reverse)
+
+
+def _bigla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_fwd: torch.Tensor,
+    g_bwd: torch.Tensor,
+    *,
+    scale: float | None = None,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """``"triton"`` backend: two directions of :mod:`visionlin.kernels.triton.gla`, summed in float32."""
+    from .triton.gla import bidirectional_gla_triton
+
+    return bidirectional_gla_triton(q, k, v, g_fwd, g_bwd, scale=scale)
+
+
+# fla's chunk_gla / fused_recurrent_gla(reverse=True) would register before "triton".
 _gla_op = Op(_GLA)
+_gla_op.register("triton", _gla_triton, _gla_triton_supports)
 _gla_op.register("reference", gated_linear_attention_reference, supports_floating)
 _bigla_op = Op(_BIGLA)
+_bigla_op.register("triton", _bigla_triton, _gla_triton_supports)
 _bigla_op.register("reference", bidirectional_gated_linear_attention_reference, supports_floating)
 
 
@@ -597,6 +653,9 @@ def gated_linear_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Gated linear attention, one direction; see :func:`gated_linear_attention_reference`.
+
+    Backends, in automatic-selection order: ``"triton"`` (CUDA; float32 / float16 / bfloat16; head dims up to 64;
+    chunked, forward and backward, :mod:`visionlin.kernels.triton.gla`) and ``"reference"``.
 
     Raises:
         ValueError: bad shapes, dtypes or arguments (see the reference).
@@ -618,6 +677,9 @@ def bidirectional_gated_linear_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """ViG's bidirectional gated linear attention; see :func:`bidirectional_gated_linear_attention_reference`.
+
+    Backends, in automatic-selection order: ``"triton"`` (as :func:`gated_linear_attention`'s: a forward and a
+    reversed call summed in float32) and ``"reference"``.
 
     Raises:
         ValueError: bad shapes, dtypes or arguments (see the reference).

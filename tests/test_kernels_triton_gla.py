@@ -1,0 +1,183 @@
+"""Gated linear attention's Triton kernels (``visionlin.kernels.triton.gla``) against
+:func:`visionlin.kernels.gated_linear_attention_reference` (one direction, forward and reversed) and
+:func:`visionlin.kernels.bidirectional_gated_linear_attention_reference` (ViG) in float64, forward and backward
+(``q``, ``k``, ``v`` and every gate).
+
+Errors are relative Frobenius norms against the float64 reference on the same (exactly upcast) inputs. The kernels
+compute in float32 whatever the inputs' dtype: tolerance 2e-5 (measured ~1e-7 on the interpreter), and 1e-4 for the
+gates' gradient (a reverse cumulative sum over the sequence of ``q dq - k dk``, differences of similar terms: measured
+5e-6 with strong decays); half-precision inputs add four units of the dtype's rounding (outputs and gradients rounded
+once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the kernels on the CPU in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionlin.kernels import (
+    bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_reference,
+    gated_linear_attention,
+    gated_linear_attention_reference,
+    get_op,
+)
+
+ROUNDING = {torch.float32: 0.0, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref.cpu()).norm() / ref.cpu().norm().clamp_min(1e-30)).item()
+
+
+def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale=1.0, non_contiguous=False, seed=0):
+    """Run the Triton kernels on ``device`` (``mode``: ``"forward"``, ``"reverse"`` or ``"bidirectional"``) and
+    compare forward and gradients with the float64 reference. ``gate_scale`` multiplies ``logsigmoid`` gates (ViG
+    divides by 16: weak decays; 8 gives strong ones)."""
+    from visionlin.kernels.triton.gla import bidirectional_gla_triton, gla_triton
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).double()
+
+    q, k, v = r(b, length, h, kd), r(b, length, h, kd), r(b, length, h, vd)
+    gates = [(F.logsigmoid(r(b, length, h, kd)) * gate_scale).to(dtype).double() for _ in range(2)]
+    gates = gates if mode == "bidirectional" else gates[:1]
+    do = r(b, length, h, vd)
+    inputs = [q, k, v, *gates]
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    if mode == "bidirectional":
+        ref = bidirectional_gated_linear_attention_reference(*ref_in)
+    else:
+        ref = gated_linear_attention_reference(*ref_in, reverse=mode == "reverse")
+    ref.backward(do)
+    if non_contiguous:  # q, k as head splits of one fused [B, L, 2, H, K] projection
+        qk = torch.stack([q, k], dim=2).to(device, dtype).requires_grad_()
+        ours = [*qk.unbind(2), *(t.to(device, dtype).requires_grad_() for t in inputs[2:])]
+    else:
+        ours = [t.to(device, dtype).requires_grad_() for t in inputs]
+    bidirectional = mode == "bidirectional"
+    out = bidirectional_gla_triton(*ours) if bidirectional else gla_triton(*ours, reverse=mode == "reverse")
+    assert out.dtype == dtype and out.shape == ref.shape
+    out.backward(do.to(device, dtype))
+    grads = [*qk.grad.unbind(2), *(t.grad for t in ours[2:])] if non_contiguous else [t.grad for t in ours]
+    names = ["q", "k", "v"] + [f"g{i}" for i in range(len(gates))]
+    errors = {"o": _rel(out, ref.detach())}
+    errors |= {f"d{n}": _rel(a, c.grad) for n, a, c in zip(names, grads, ref_in, strict=True)}
+    bound = {key: (1e-4 if key.startswith("dg") else 2e-5) + ROUNDING[dtype] for key in errors}
+    bad = {key: f"{e:.2e}" for key, e in errors.items() if not e <= bound[key]}
+    assert not bad, ((b, length, h, kd, vd), mode, dtype, bad)
+    return errors
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_gla import check_gla
+    f32 = torch.float32
+    check_gla(1, 21, 2, 8, 12, f32, "cpu")                                  # partial chunk, padded head dims
+    check_gla(2, 17, 1, 4, 16, f32, "cpu", mode="reverse")
+    check_gla(1, 33, 2, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays
+    check_gla(1, 16, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_gla_matches_reference():
+    """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _qkvg(b=2, length=5, h=2, kd=4, vd=4, dtype=torch.float32, device="cpu"):
+    q, k, g = (torch.randn(b, length, h, kd, dtype=dtype, device=device) for _ in range(3))
+    return q, k, torch.randn(b, length, h, vd, dtype=dtype, device=device), F.logsigmoid(g)
+
+
+def test_triton_supports_reasons():
+    for name in ("gated_linear_attention", "bidirectional_gated_linear_attention"):
+        assert list(get_op(name).backends) == ["triton", "reference"]
+    q, k, v, g = _qkvg()
+    op = get_op("gated_linear_attention")
+    assert "not on a CUDA device" in "; ".join(op.supports(q, k, v, g, backend="triton"))
+    q, k, v, g = _qkvg(kd=96, vd=8, dtype=torch.float64)
+    reasons = "; ".join(op.supports(q, k, v, g, backend="triton"))
+    assert "torch.float64" in reasons and "K=96, V=8 exceed" in reasons
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' cannot run this call: .*CUDA"):
+        bidirectional_gated_linear_attention(q, k, v, g, g, backend="triton")
+
+
+# GPU ---------------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+# (batch, L, heads, K, V): one position, ViG-T / -S / -B at 224 px (196 tokens, K = 32, V = 64), odd dims, long.
+GPU_CASES = [(3, 1, 2, 32, 64), (1, 196, 3, 32, 64), (3, 197, 6, 32, 64), (1, 50, 2, 24, 40), (2, 3136, 1, 64, 64)]
+GPU_IDS = [f"b{b}_L{length}_H{h}_K{kd}_V{vd}" for b, length, h, kd, vd in GPU_CASES]
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_gpu_gla(case, dtype, mode):
+    _cuda_or_skip()
+    check_gla(*case, dtype, "cuda", mode=mode, gate_scale=1 / 16)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_gla_strong_decays_and_views(dtype):
+    _cuda_or_skip()
+    check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
+    check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", non_contiguous=True)
+
+
+@gpu
+def test_gpu_automatic_backend_is_triton():
+    _cuda_or_skip()
+    q, k, v, g = _qkvg(dtype=torch.bfloat16, device="cuda")
+    assert get_op("bidirectional_gated_linear_attention").select(q, k, v, g, g, backend=None).name == "triton"
+    assert get_op("gated_linear_attention").select(q, k, v, g, backend=None).name == "triton"
+
+
+@gpu
+def test_gpu_gla_torch_compile_fullgraph():
+    _cuda_or_skip()
+    q, k, v, g = (t.requires_grad_() for t in _qkvg(2, 40, 3, 32, 64, torch.bfloat16, "cuda"))
+
+    def f(q, k, v, g):
+        return bidirectional_gated_linear_attention(q, k, v, g, g * 0.5, backend="triton") + gated_linear_attention(
+            q, k, v, g, backend="triton"
+        )
+
+    eager = f(q, k, v, g)
+    eager.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v, g)]
+    for t in (q, k, v, g):
+        t.grad = None
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, g)
+    compiled.float().square().sum().backward()
+    # Inductor may fuse the sum and the gate scaling in float32: bfloat16's default tolerances.
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip((q.grad, k.grad, v.grad, g.grad), grads, strict=True):
+        torch.testing.assert_close(a, b)

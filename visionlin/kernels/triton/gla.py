@@ -1,0 +1,315 @@
+"""Gated linear attention (GLA) as a chunked Triton kernel, forward and backward, one direction per call; ViG's
+bidirectional form is the mean of a forward and a reversed call (the reversal is in the kernels' indexing, no copies).
+
+Math: :func:`visionlin.kernels.scan.gated_linear_attention_reference`, per (batch, head), ``G_t = sum_{r <= t} g_r``::
+
+    S_t = diag(exp g_t) S_{t-1} + k_t v_t^T,   o_t = scale q_t^T S_t
+        = scale sum_{s <= t} (q_t * exp(G_t - G_s)) . k_s  v_s
+
+A program owns one (batch, head) and a block of value channels, holds the ``[K, V]`` state in float32 and walks the
+sequence in chunks of ``T = 16`` positions. Inside a chunk (``G`` the chunk's inclusive cumulative sum of ``g``)::
+
+    A_ts  = scale sum_k q_tk k_sk exp(G_tk - G_sk)      (s <= t; the [T, T, K] exponent is masked before exp)
+    o     = A v + scale (q * exp(G)) S_in
+    S_out = exp(G_last) * S_in + (k * exp(G_last - G))^T v
+
+Every exponent is a sum of log-gates ``<= 0`` (no ``exp(G_t) * exp(-G_s)`` factorisation, which overflows for strong
+decays), so nothing overflows whatever the gates.
+
+Backward (``dA_ts = scale do_t . v_s``): a forward pass over the chunks recomputes the state and writes ``dq``::
+
+    dq_t = scale exp(G_t) * (S_in do_t) + sum_{s <= t} dA_ts exp(G_t - G_s) * k_s
+
+and a reverse pass carries the state's adjoint ``H`` (``[K, V]``, float32) and writes ``dk``, ``dv``::
+
+    dk_s = exp(G_last - G_s) * (H v_s) + sum_{t >= s} dA_ts exp(G_t - G_s) * q_t
+    dv_s = (k_s * exp(G_last - G_s))^T H + sum_{t >= s} A_ts do_t
+    H   <- exp(G_last) * H + scale (q * exp(G))^T do
+
+Then ``dg = reverse_cumsum(q * dq - k * dk)`` (the gradient of ``G_t`` is ``q_t dq_t - k_t dk_t`` channel-wise) in
+float32 PyTorch, from the kernels' float32 ``dq`` / ``dk``. The backward kernels take every value channel in one
+program (``dq`` sums over them).
+
+Products run in IEEE float32 (inputs loaded and converted): the tiles are small (``16 x 16``, ``16 x K``) and the
+kernels are bound by memory and the sequential chunk walk, not by the tensor cores. ``K`` and ``V`` up to 64 (ViG: 32
+and 64; a 64 x 128 state spills registers).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "bidirectional_gla_triton", "gla_triton"]
+
+#: Largest key head dim (the ``[T, T, K]`` decay tile stays in registers) and value head dim.
+MAX_KEY_DIM = 64
+MAX_VALUE_DIM = 64
+CHUNK = 16
+#: Value channels per program of the ``dk`` / ``dv`` kernel (its ``dk`` shares are summed by PyTorch): at 64 the kernel
+#: spilled registers for sm_90 in float16 at ViG's head dims.
+KV_BLOCK_V = 32
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lv, s_k, s_v, K_DIM, V_DIM, v0,
+           REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    """Load chunk ``c`` (positions in walk order; reversed in memory when ``REVERSE``): ``q, k, g`` ``[T, BK]``,
+    ``v`` ``[T, BV]`` in float32, the memory position ``pos`` ``[T]`` and its mask."""
+    idx = tl.arange(0, T)
+    t = c * T + idx
+    tmask = t < L
+    pos = tl.where(REVERSE, L - 1 - t, t).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+    offs_v = v0 + tl.arange(0, BV)
+    mk = tmask[:, None] & (offs_k < K_DIM)[None, :]
+    mv = tmask[:, None] & (offs_v < V_DIM)[None, :]
+    qk_off = base_qk + pos[:, None] * s_l + offs_k[None, :] * s_k
+    q = tl.load(Q + qk_off, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(K + qk_off, mask=mk, other=0.0).to(tl.float32)
+    g = tl.load(GG + qk_off, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(V + base_v + pos[:, None] * s_lv + offs_v[None, :] * s_v, mask=mv, other=0.0).to(tl.float32)
+    return q, k, g, v, pos, tmask
+
+
+@triton.jit
+def _decay(G, T: tl.constexpr):
+    """``exp(G_t - G_s)`` for ``s <= t``, else 0: ``[T(t), T(s), BK]``."""
+    idx = tl.arange(0, T)
+    causal = idx[:, None] >= idx[None, :]
+    diff = tl.where(causal[:, :, None], G[:, None, :] - G[None, :, :], float("-inf"))
+    return tl.exp(diff)
+
+
+@triton.jit
+def _gla_fwd_kernel(
+    Q, K, V, GG, Out,
+    L, H, K_DIM, V_DIM, scale,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
+    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    v0 = tl.program_id(1) * BV
+    base_qk = b * sq_b + h * sq_h
+    base_v = b * sv_b + h * sv_h
+    offs_v = v0 + tl.arange(0, BV)
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(0, tl.cdiv(L, T)):
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
+                                        REVERSE, T, BK, BV)  # fmt: skip
+        G = tl.cumsum(g, axis=0)
+        g_last = tl.sum(g, axis=0)  # [BK]
+        a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
+        o = _dot(a, v) + _dot(q * tl.exp(G) * scale, state)
+        tl.store(
+            Out + b * so_b + h * so_h + pos[:, None] * so_l + offs_v[None, :] * so_d,
+            o.to(Out.dtype.element_ty),
+            mask=tmask[:, None] & (offs_v < V_DIM)[None, :],
+        )
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
+
+
+@triton.jit
+def _gla_bwd_q_kernel(
+    Q, K, V, GG, G, DQ,
+    L, H, K_DIM, V_DIM, scale,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    base_qk = b * sq_b + h * sq_h
+    base_v = b * sv_b + h * sv_h
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(0, tl.cdiv(L, T)):
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, 0,
+                                        REVERSE, T, BK, BV)  # fmt: skip
+        do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
+                     mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        G_ = tl.cumsum(g, axis=0)
+        g_last = tl.sum(g, axis=0)
+        da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+        dq = tl.sum(da[:, :, None] * _decay(G_, T) * k[None, :, :], axis=1)  # [T, BK]
+        dq += _dot(do, tl.trans(state)) * tl.exp(G_) * scale
+        dq_ptr = DQ + ((b * L + pos[:, None]) * H + h) * K_DIM + offs_k[None, :]
+        tl.store(dq_ptr, dq, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G_)), v)
+
+
+@triton.jit
+def _gla_bwd_kv_kernel(
+    Q, K, V, GG, G, DK, DVv,
+    L, H, K_DIM, V_DIM, scale,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
+    dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    v0 = tl.program_id(1) * BV
+    DK += tl.program_id(1).to(tl.int64) * tl.num_programs(0) * L * K_DIM
+    base_qk = b * sq_b + h * sq_h
+    base_v = b * sv_b + h * sv_h
+    offs_k = tl.arange(0, BK)
+    offs_v = v0 + tl.arange(0, BV)
+    adj = tl.zeros([BK, BV], dtype=tl.float32)
+    n_chunks = tl.cdiv(L, T)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
+                                        REVERSE, T, BK, BV)  # fmt: skip
+        do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
+                     mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        G_ = tl.cumsum(g, axis=0)
+        g_last = tl.sum(g, axis=0)
+        e = _decay(G_, T)  # [T(t), T(s), BK]
+        da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+        a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
+        w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
+        dk = tl.sum(da[:, :, None] * e * q[:, None, :], axis=0)  # [T(s), BK]
+        dk += _dot(v, tl.trans(adj)) * w
+        dv = _dot(tl.trans(a), do) + _dot(k * w, adj)
+        ptr = (b * L + pos[:, None]) * H + h
+        tl.store(DK + ptr * K_DIM + offs_k[None, :], dk, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
+        tl.store(DVv + ptr * V_DIM + offs_v[None, :], dv.to(DVv.dtype.element_ty),
+                 mask=tmask[:, None] & (offs_v < V_DIM)[None, :])  # fmt: skip
+        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
+
+
+# Host side ------------------------------------------------------------------------------------------------------------
+def _blocks(kd: int, vd: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
+
+
+def warps(bk: int, bv: int) -> int:
+    """Warps per program: 8 from a 32-wide key or 64-wide value tile (at 4 the ``[16, 16, K]`` decay tile and the
+    ``[K, V]`` state spill for sm_90 at K = 32, V = 64: ViG's head dims)."""
+    return 8 if bk >= 32 or bv >= 64 else 4
+
+
+@torch.library.custom_op("visionlin::gla_fwd", mutates_args=())
+def gla_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, reverse: bool, float32_out: bool
+) -> torch.Tensor:
+    """``o`` ``[B, L, H, V]`` in ``v``'s dtype (float32 with ``float32_out``)."""
+    b, length, h, kd = q.shape
+    vd = v.shape[-1]
+    out = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32 if float32_out else v.dtype)
+    if out.numel() == 0:
+        return out.zero_()
+    bk, bv = _blocks(kd, vd)
+    bv_fwd = min(bv, 64)
+    if k.stride() != q.stride() or g.stride() != q.stride():
+        q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
+    _gla_fwd_kernel[(b * h, triton.cdiv(vd, bv_fwd))](
+        q, k, v, g, out, length, h, kd, vd, scale, *q.stride(), *v.stride(), *out.stride(),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd),
+    )  # fmt: skip
+    return out
+
+
+@gla_fwd.register_fake
+def _(q, k, v, g, scale, reverse, float32_out):
+    return v.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32 if float32_out else v.dtype)
+
+
+@torch.library.custom_op("visionlin::gla_bwd", mutates_args=())
+def gla_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor, scale: float, reverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dg)`` in the inputs' dtypes."""
+    b, length, h, kd = q.shape
+    vd = v.shape[-1]
+    if q.numel() == 0 or vd == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(g)
+    bk, bv = _blocks(kd, vd)
+    if k.stride() != q.stride() or g.stride() != q.stride():
+        q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
+    dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
+    bv_kv = min(bv, KV_BLOCK_V)
+    n_vb = triton.cdiv(vd, bv_kv)
+    dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
+    dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
+    args = (length, h, kd, vd, scale, *q.stride(), *v.stride(), *do.stride())
+    common = dict(REVERSE=reverse, T=CHUNK, BK=bk)
+    _gla_bwd_q_kernel[(b * h,)](q, k, v, g, do, dq, *args, **common, BV=bv, num_warps=warps(bk, bv))
+    _gla_bwd_kv_kernel[(b * h, n_vb)](q, k, v, g, do, dk_parts, dv, *args, **common, BV=bv_kv,
+                                      num_warps=warps(bk, bv_kv))  # fmt: skip
+    dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
+    # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
+    dgg = q.float() * dq - k.float() * dk
+    dg = dgg.cumsum(1) if reverse else dgg.flip(1).cumsum(1).flip(1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype)
+
+
+@gla_bwd.register_fake
+def _(q, k, v, g, do, scale, reverse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, scale, reverse, _ = inputs
+    ctx.save_for_backward(q, k, v, g)
+    ctx.scale, ctx.reverse = scale, reverse
+
+
+def _backward(ctx, do):
+    q, k, v, g = ctx.saved_tensors
+    dq, dk, dv, dg = torch.ops.visionlin.gla_bwd(q, k, v, g, do, ctx.scale, ctx.reverse)
+    return dq, dk, dv, dg, None, None, None
+
+
+gla_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def gla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    reverse: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """One direction of gated linear attention (the ``"triton"`` backend of
+    :func:`visionlin.kernels.gated_linear_attention`; ``chunk_size`` is the reference's performance knob, the kernels
+    use 16); ``q, k, g`` ``[B, L, H, K]``, ``v`` ``[B, L, H, V]``.
+
+    Returns:
+        ``o`` ``[B, L, H, V]`` in ``v``'s dtype.
+    """
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.visionlin.gla_fwd(q, k, v, g, s, bool(reverse), False)
+
+
+def bidirectional_gla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_fwd: torch.Tensor,
+    g_bwd: torch.Tensor,
+    *,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """ViG's bidirectional GLA, ``(o_fwd + o_bwd) / 2`` (the ``"triton"`` backend of
+    :func:`visionlin.kernels.bidirectional_gated_linear_attention`): two float32 directions, one rounding."""
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    fwd = torch.ops.visionlin.gla_fwd(q, k, v, g_fwd, s, False, True)
+    bwd = torch.ops.visionlin.gla_fwd(q, k, v, g_bwd, s, True, True)
+    return ((fwd + bwd) * 0.5).to(v.dtype)
