@@ -81,18 +81,22 @@ def _query_features(x, mask, sgn, norm_eps, MECH: tl.constexpr, BLOCK_D: tl.cons
 def _query_features_backward(x, f, df, mask, sgn, norm_eps, MECH: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
     """Gradient with respect to the raw query rows of ``sum(df * f)``; NaLa folds its two halves back (``[R, BD]``)."""
     if MECH == 2:
+        # f = (c / ne)^p with c = +-x > 0, ne = ||q|| + norm_eps, p = 3 (0.5 + tanh ||q||); with fl = df * f:
+        # df/dc = fl p / c, d/dne = -p sum(fl) / ne, d/dp = sum(fl log(c / ne)), and ||q|| moves ne and p.
         n = tl.sqrt(tl.sum(x * x, axis=1) * 0.5)
         th = 1.0 - 2.0 / (tl.exp(2.0 * n) + 1.0)
         p = 3.0 * (0.5 + th)
         ne = n + norm_eps
+        ne = tl.where(ne > 0, ne, 1.0)
         c = x * sgn[None, :]
-        a = tl.where(c > 0, c / ne[:, None], 0.0)
-        pos = (a > 0) & mask
-        ga = tl.where(pos, df * p[:, None] * f / tl.maximum(a, 1e-30), 0.0)  # d/da of a^p
-        dp = tl.sum(tl.where(pos, df * f * tl.log(tl.maximum(a, 1e-30)), 0.0), axis=1)
-        dn = dp * 3.0 * (1.0 - th * th) - tl.sum(ga * a, axis=1) / ne
-        unit = tl.where(n[:, None] > 0, x / tl.where(n > 0, n, 1.0)[:, None], 0.0)
-        dx = tl.where(mask, ga * sgn[None, :] / ne[:, None] + 0.5 * unit * dn[:, None], 0.0)
+        pos = (c > 0) & mask
+        fl = tl.where(pos, df * f, 0.0)
+        s_fl = tl.sum(fl, axis=1)
+        dp = tl.sum(fl * tl.log(tl.maximum(c, 1e-30)), axis=1) - tl.log(ne) * s_fl
+        dn = dp * 3.0 * (1.0 - th * th) - p * s_fl / ne
+        unit = x / tl.where(n > 0, n, 1.0)[:, None]
+        dx = tl.where(pos, fl * p[:, None] / tl.where(pos, x, 1.0), 0.0) + 0.5 * unit * dn[:, None]
+        dx = tl.where(mask, dx, 0.0)
         dx = tl.sum(tl.reshape(dx, (R, 2, BD)), axis=1)
     elif MECH == 3:
         dx = tl.where(mask, f * (df - tl.sum(f * df, axis=1)[:, None]), 0.0)
@@ -358,20 +362,24 @@ def _readout_backward_kernel(
             dn = g
             dt = tl.sum(g, axis=1) * 0.0
         else:
-            num = _mm(r, p, Q.dtype.element_ty, HALF, True, SCALE)
+            # Only the gradient of t needs r P (through g . r P): one half-precision part is enough there.
+            num = _mm(r, p, Q.dtype.element_ty, HALF, False, SCALE)
             t = tl.sum(f * zb[None, :], axis=1)
             den = t + eps
             if MECH == 0:
                 dn = g * (1.0 + 1.0 / den)[:, None]
-                dt = -tl.sum(g * num, axis=1) / (den * den) - tl.sum(g * ub[None, :], axis=1)
+                dt = -tl.sum(g * (num / (den * den)[:, None] + ub[None, :]), axis=1)
                 dub -= tl.sum(t[:, None] * g, axis=0)
             else:
                 dn = g / den[:, None]
                 dt = -tl.sum(dn * num, axis=1) / den
-        dr = _mm(dn, p_t, Q.dtype.element_ty, HALF, True, SCALE)
-        df = _rope_backward(dr, SIN, COS, rows, ch, mask, D, HAS_ROPE, BLOCK_N, BLOCK_F) + dt[:, None] * zb[None, :]
+        # The sums first: r is then no longer needed (register room for the feature-map backward).
         dp += _mm(tl.trans(r), dn, Q.dtype.element_ty, HALF, False, SCALE)
         dzb += tl.sum(dt[:, None] * f, axis=0)
+        # NaLa's widest tiles keep P in one half-precision part here (register room).
+        split: tl.constexpr = MECH != 2 or BLOCK_F * BLOCK_DV <= 64 * 64
+        dr = _mm(dn, p_t, Q.dtype.element_ty, HALF, split, SCALE)
+        df = _rope_backward(dr, SIN, COS, rows, ch, mask, D, HAS_ROPE, BLOCK_N, BLOCK_F) + dt[:, None] * zb[None, :]
         dq = _query_features_backward(x, f, df, mask, sgn, norm_eps, MECH, BLOCK_N, BLOCK_D)
         if MECH == 2:
             dmask = mask_n[:, None] & (offs_d < D)[None, :]
@@ -382,8 +390,10 @@ def _readout_backward_kernel(
         tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), dmask)
     base = GS + bh * (BLOCK_F * BLOCK_DV + BLOCK_F + BLOCK_DV + 1)
     tl.atomic_add(base + offs_f[:, None] * BLOCK_DV + offs_e[None, :], dp, sem="relaxed")
-    tl.atomic_add(base + BLOCK_F * BLOCK_DV + offs_f, dzb, sem="relaxed")
-    tl.atomic_add(base + BLOCK_F * BLOCK_DV + BLOCK_F + offs_e, dub, sem="relaxed")
+    if MECH != 3:
+        tl.atomic_add(base + BLOCK_F * BLOCK_DV + offs_f, dzb, sem="relaxed")
+    if MECH == 0:
+        tl.atomic_add(base + BLOCK_F * BLOCK_DV + BLOCK_F + offs_e, dub, sem="relaxed")
 
 
 @triton.jit
@@ -416,12 +426,16 @@ def _state_backward_kernel(
     f = _key_features(x, kmask, sgn, kmax, MECH)
     w = _key_weights(f, qbar, lmax, mask_m, scale, MECH)
     r = _rope(f, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
-    dv = w[:, None] * _mm(r, ds, K.dtype.element_ty, HALF, True, SCALE) + du[None, :]
+    # [BLOCK_M, Dv]: dS^T r_j per key; RALA at the widest tiles keeps dS in one half-precision part (register room)
+    split: tl.constexpr = MECH != 1 or BLOCK_F * BLOCK_DV <= 64 * 64
+    rds = _mm(r, ds, K.dtype.element_ty, HALF, split, SCALE)
+    rv = tl.sum(rds * v, axis=1)  # r_j . dS v_j (RALA), so r is no longer needed
+    dv = w[:, None] * rds + du[None, :]
     vds = _mm(v, tl.trans(ds), K.dtype.element_ty, HALF, True, SCALE)  # [BLOCK_M, F]: dS v_j per key
     df = _rope_backward(w[:, None] * vds, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
     df += w[:, None] * dz[None, :]
     if MECH == 1:
-        dl = w * (tl.sum(r * vds, axis=1) + tl.sum(f * dz[None, :], axis=1) + dw_total)
+        dl = w * (rv + tl.sum(f * dz[None, :], axis=1) + dw_total)
         df += (scale * dl)[:, None] * qbar[None, :]
         tl.atomic_add(DQBAR + bh * BLOCK_F + offs_f, tl.sum((scale * dl)[:, None] * f, axis=0), sem="relaxed")
     dk = _key_features_backward(x, f, df, kmask, sgn, MECH, BLOCK_M, BLOCK_D)
@@ -443,12 +457,17 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 
-def _rows(bf: int, bdv: int, backward: bool) -> int:
-    """Rows per step: the largest without register spills for sm_90 at 8 warps (tests/test_kernels_sm90_compile.py)."""
+#: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The largest
+#: without register spills for sm_90 at 8 warps (ptxas; tests/test_kernels_sm90_compile.py checks every kernel).
+ROWS = {"state": (32 * 64, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
+        "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
+
+
+def _rows(kernel: str, bf: int, bdv: int) -> int:
+    """Rows per step of ``kernel`` (a key of :data:`ROWS`) at padded feature width ``bf`` and value width ``bdv``."""
+    at_64, at_32 = ROWS[kernel]
     size = bf * bdv
-    if backward:
-        return 64 if size <= 32 * 32 else 32 if size <= 64 * 64 else 16
-    return 64 if size <= 64 * 64 else 32 if size <= 128 * 128 else 16
+    return 64 if size <= at_64 else 32 if size <= at_32 else 16
 
 
 def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool) -> dict:
@@ -533,7 +552,7 @@ def rope_linear_attention_fwd(
     if b * h == 0 or m == 0:
         return out, state, aux
     sin_t, cos_t = (sin, cos) if sin is not None else (q, q)
-    rows = _rows(bf, bdv, backward=False)
+    rows, rows_out = _rows("state", bf, bdv), _rows("readout", bf, bdv)
     inv_n = 1.0 / max(n, 1)
     if mech in (MECHANISM_IDS["rank_augmented"], MECHANISM_IDS["efficient"]):
         aux[:, bd:] = float("-inf")
@@ -550,8 +569,8 @@ def rope_linear_attention_fwd(
     )
     if n:
         mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
-        _readout_kernel[(triton.cdiv(n, rows), b * h)](
-            q, sin_t, cos_t, mats, out, n, h, d, dv, eps, norm_eps, *q.stride(), *out.stride(), BLOCK_N=rows, **meta
+        _readout_kernel[(triton.cdiv(n, rows_out), b * h)](
+            q, sin_t, cos_t, mats, out, n, h, d, dv, eps, norm_eps, *q.stride(), *out.stride(), BLOCK_N=rows_out, **meta
         )
     return out, state, aux
 
@@ -598,7 +617,7 @@ def rope_linear_attention_bwd(
     grads = torch.zeros_like(state)
     mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
     dqbar = torch.zeros(b * h, bf, device=q.device, dtype=torch.float32)
-    rows = _rows(bf, bdv, backward=True)
+    rows, rows_k = _rows("readout_backward", bf, bdv), _rows("state_backward", bf, bdv)
     inv_n = 1.0 / max(n, 1)
     if n:
         splits, per = _splits(n, rows, b * h, q.device)
@@ -607,9 +626,9 @@ def rope_linear_attention_bwd(
             *q.stride(), *g.stride(), *dq.stride(), BLOCK_N=rows, **meta,
         )  # fmt: skip
     grads = _state_grads(state, grads, mech, scale, 1.0 / m, bf, bdv)
-    _state_backward_kernel[(triton.cdiv(m, rows), b * h)](
+    _state_backward_kernel[(triton.cdiv(m, rows_k), b * h)](
         k, v, sin_t, cos_t, aux, grads, dk, dvv, dqbar, m, h, d, dv, scale, inv_n,
-        *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows, **meta,
+        *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows_k, **meta,
     )  # fmt: skip
     if rala and n:
         # d qbar reaches every query through qbar = mean_i (ELU(q_i) + 1): dq_i += phi'(q_i) d qbar / N.
