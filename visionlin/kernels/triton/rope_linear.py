@@ -21,12 +21,13 @@ RALA's ``l_j = s qbar . f_j`` with ``qbar = mean_i f_i`` (a query pass before th
 ``max_j l_j``), so ``w_j / W`` is its softmax over the keys; Efficient Attention's per-channel key maximum is a pass of
 its own. The maxima are shifts the outputs do not depend on, constants for autograd. RoPE rotates channel pairs inside
 the kernels (``r = f cos + rot(f) sin``, ``rot(f)_{2m, 2m+1} = (-f_{2m+1}, f_{2m})``; NaLa rotates each ``D``-channel
-half); the ``(sin, cos)`` tables are read per token beside the features.
+half); the ``(sin, cos)`` tables are read per token beside the features. Between the passes, ``(P, zb, u / M)`` are
+formed in PyTorch from the small ``[B*H, F*Dv]`` state (no program has to hold both ``S`` and ``P``).
 
 Backward, two kernels as :mod:`.linear`'s: the read-out backward writes ``dq`` and adds the gradients of
-``(P, zb, u / M)`` (float32 atomics); the state backward turns them into those of ``(S, z, u, W)`` and writes ``dk``
-and ``dv`` (RALA also adds ``d qbar``, whose share ``phi'(q_i) d qbar / N`` of ``dq`` is added after). All sums and
-feature maps in float32; the products run through :func:`.linear._mm` (tensor cores with float32 accumulation in
+``(P, zb, u / M)`` (float32 atomics); PyTorch turns them into those of ``(S, z, u, W)``; the state backward writes
+``dk`` and ``dv`` (RALA also adds ``d qbar``, whose share ``phi'(q_i) d qbar / N`` of ``dq`` is added after). All sums
+and feature maps in float32; the products run through :func:`.linear._mm` (tensor cores with float32 accumulation in
 half precision, power-of-two operand scaling in float16, so 65k-token sums never overflow). One custom-op pair
 (``visionlin::rope_linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
 """
