@@ -52,12 +52,12 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
     gates = gates if mode == "bidirectional" else gates[:1]
     do = r(b, length, h, vd)
     inputs = [q, k, v, *gates]
-    ref_in = [t.clone().requires_grad_() for t in inputs]
+    ref_in = [t.to(device).clone().requires_grad_() for t in inputs]  # float64 reference on the device too
     if mode == "bidirectional":
         ref = bidirectional_gated_linear_attention_reference(*ref_in)
     else:
         ref = gated_linear_attention_reference(*ref_in, reverse=mode == "reverse")
-    ref.backward(do)
+    ref.backward(do.to(device))
     if non_contiguous:  # q, k as head splits of one fused [B, L, 2, H, K] projection
         qk = torch.stack([q, k], dim=2).to(device, dtype).requires_grad_()
         ours = [*qk.unbind(2), *(t.to(device, dtype).requires_grad_() for t in inputs[2:])]

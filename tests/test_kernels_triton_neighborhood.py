@@ -82,10 +82,11 @@ def check_na(
     grad = torch.randn(batch, *spatial, heads, dv, generator=g, dtype=torch.float64)
     scale = dim**-0.5
 
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_rpb = None if table is None else table.clone().requires_grad_(rpb_grad)
+    # The float64 reference runs on the device too (fast on the GPU).
+    ref_in = [t.to(device).clone().requires_grad_() for t in (q, k, v)]
+    ref_rpb = None if table is None else table.to(device).clone().requires_grad_(rpb_grad)
     ref = neighborhood_attention_reference(*ref_in, kernel, dilation, rpb=ref_rpb)
-    ref.backward(grad)
+    ref.backward(grad.to(device))
 
     if non_contiguous:
         fused = torch.stack([q, k, v], dim=-3).to(device, dtype).requires_grad_()

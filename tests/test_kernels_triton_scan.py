@@ -70,9 +70,10 @@ def check_scan(
     gy, glast = r(b, length, d), r(b, d, n)
     inputs = dict(u=u, delta=delta, A=a_mat, B=bm, C=cm, D=dskip, z=zz, delta_bias=dbias)
 
-    ref_in = {k: (t.clone().requires_grad_() if t is not None else None) for k, t in inputs.items()}
+    # The float64 reference runs on the device too (fast on the GPU).
+    ref_in = {k: (t.to(device).clone().requires_grad_() if t is not None else None) for k, t in inputs.items()}
     y_ref, last_ref = selective_scan_reference(**ref_in, delta_softplus=softplus, return_last_state=True)
-    ((y_ref * gy).sum() + ((last_ref * glast).sum() if last else 0)).backward()
+    ((y_ref * gy.to(device)).sum() + ((last_ref * glast.to(device)).sum() if last else 0)).backward()
 
     params = ("A", "D", "delta_bias")  # float32 by Mamba's convention
     ours_in = {}
