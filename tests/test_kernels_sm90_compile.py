@@ -185,21 +185,22 @@ def _neighborhood(dt, tdt):
 
 def _sparse_linear(dt, tdt):
     """Block-sparse softmax with SLA's fused linear branch (``triton/sparse_linear.py``) at D = 64 and 128, with the
-    tiles each launch uses."""
+    tiles and warps each launch uses (``*_config``)."""
     from visionlin.kernels.triton import sparse_linear as sl
+
+    def split(cfg):
+        cfg = dict(cfg)
+        cfg.pop("num_stages")
+        return cfg, cfg.pop("num_warps")
 
     cases = []
     for d in (64, 128):
         for bq, bk in ((64, 64), (128, 64), (128, 128)):
-            dims = dict(BLOCK_D=d, BLOCK_DV=d, PREC="tf32")
             for linear in (True, False):
-                tq = sl._tile_q(bq, d, d, linear)
-                consts = dict(dims, BLOCK_Q=tq, BLOCK_K=bk, QPB=bq // tq, LINEAR=linear, HAS_BIAS=linear, FMAP=0)
-                cases.append((sl._fwd_kernel, dt, consts, sl._meta(tq, d, d)["num_warps"]))
-            warps = sl._meta(max(bq, bk), d, d, backward=True)["num_warps"]
-            cases.append((sl._bwd_dq_kernel, dt, dict(dims, BLOCK_Q=bq, BLOCK_K=bk), warps))
-            tiles = dict(dims, BLOCK_Q=sl.TILE, BLOCK_K=sl.TILE, KPB=bk // sl.TILE, QSUB=bq // sl.TILE)
-            cases.append((sl._bwd_dkdv_kernel, dt, tiles, sl._meta(sl.TILE, d, d, backward=True)["num_warps"]))
+                consts, warps = split(sl.fwd_config(bq, bk, d, d, False, linear))
+                cases.append((sl._fwd_kernel, dt, dict(consts, LINEAR=linear, HAS_BIAS=linear, FMAP=0), warps))
+            cases.append((sl._bwd_dq_kernel, dt, *split(sl.dq_config(bq, bk, d, d, False))))
+            cases.append((sl._bwd_dkdv_kernel, dt, *split(sl.dkdv_config(bq, bk, d, d, False))))
     return cases
 
 

@@ -24,8 +24,9 @@ math in the custom op's backward (``O(N D Dv)``, no kernel yet); ``dH_i`` / ``dZ
 autograd of step 2.
 
 Head dims are tiled to the next power of two (at least 16) with masked loads, so every head dim up to 128 runs;
-64 and 128 waste no lanes. Products run in the inputs' dtype on the tensor cores (IEEE float32 for float32 inputs);
-the linear readout runs in TF32 for half-precision inputs, in IEEE float32 for float32 inputs.
+64 and 128 waste no lanes. Products run in the inputs' dtype on the tensor cores; float32 operands (float32 inputs,
+and the linear read-out always) as three TF32 products (``tf32x3``, error near float32's), in 64 x 64 tiles for
+float32 inputs.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def _fwd_kernel(
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_n, so_h,
     sh_b, sh_h, sh_i, sz_b, sz_h, sz_i, scale, eps,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QPB: tl.constexpr,
-    LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
+    KSUB: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
+    LIN_PREC: tl.constexpr,
 ):  # fmt: skip
     """One tile of ``BLOCK_Q`` queries (``QPB`` tiles per selection block) of one (batch, head): softmax over its
-    block's ``n_c`` LUT key blocks (+ the fused linear branch). Block bases are int64 scalars (a tensor may span more
-    than 2^31 elements), offsets inside a tile int32."""
+    block's ``n_c`` LUT key blocks, each in ``KSUB`` tiles of ``BLOCK_K`` keys (+ the fused linear branch). Block
+    bases are int64 scalars (a tensor may span more than 2^31 elements), offsets inside a tile int32."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -90,8 +92,8 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
-    for t in range(n_c):
-        col0 = tl.load(lut + t) * BLOCK_K
+    for t in range(n_c * KSUB):
+        col0 = tl.load(lut + t // KSUB) * (BLOCK_K * KSUB) + (t % KSUB) * BLOCK_K
         cmask = offs_k < M - col0
         kt = tl.load(k_base + col0.to(tl.int64) * sk_n + kt_off, mask=cmask[None, :] & dmask[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC)
@@ -114,11 +116,11 @@ def _fwd_kernel(
         state = tl.load(HI + b * sh_b + h * sh_h + i * sh_i + offs_d[:, None] * DV + offs_e[None, :],
                         mask=dmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
         z = tl.load(ZI + b * sz_b + h * sz_h + i * sz_i + offs_d, mask=dmask, other=0.0)
-        num = tl.dot(fq, state, input_precision=PREC)
+        num = tl.dot(fq, state, input_precision=LIN_PREC)
         o_l = num / (tl.sum(fq * z[None, :], axis=1) + eps)[:, None]
         # W^T as [BLOCK_DV (in), BLOCK_DV (out)]: W is [Dv (out), Dv (in)], row-major float32.
         wt = tl.load(W + offs_e[None, :] * DV + offs_e[:, None], mask=emask[None, :] & emask[:, None], other=0.0)
-        o_l = tl.dot(o_l, wt, input_precision=PREC)
+        o_l = tl.dot(o_l, wt, input_precision=LIN_PREC)
         if HAS_BIAS:
             o_l += tl.load(BIAS + offs_e, mask=emask, other=0.0)[None, :]
         o_s = o_s + o_l
@@ -130,13 +132,16 @@ def _bwd_dq_kernel(
     Q, K, V, G, LUT, LSE, DELTA, DQ, N, M, H, D, DV, n_c,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sg_b, sg_n, sg_h, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    QPB: tl.constexpr, KSUB: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` (float32, ``[B, N, H, D]`` contiguous) of one query block over its LUT key blocks."""
-    i = tl.program_id(0)
+    """``dq`` (float32, ``[B, N, H, D]`` contiguous) of one tile of ``BLOCK_Q`` queries (``QPB`` per selection block)
+    over its block's LUT key blocks (``KSUB`` tiles of ``BLOCK_K`` keys each)."""
+    tile = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
-    nqb = tl.num_programs(0)
-    row0 = i * BLOCK_Q
+    nqb = tl.num_programs(0) // QPB
+    i = tile // QPB
+    row0 = tile * BLOCK_Q
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -157,8 +162,8 @@ def _bwd_dq_kernel(
     lut = LUT + (bh.to(tl.int64) * nqb + i) * n_c
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for t in range(n_c):
-        col0 = tl.load(lut + t) * BLOCK_K
+    for t in range(n_c * KSUB):
+        col0 = tl.load(lut + t // KSUB) * (BLOCK_K * KSUB) + (t % KSUB) * BLOCK_K
         cmask = offs_k < M - col0
         k = tl.load(k_base + col0.to(tl.int64) * sk_n + k_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
         vt = tl.load(v_base + col0.to(tl.int64) * sv_n + vt_off, mask=cmask[None, :] & emask[:, None], other=0.0)
@@ -231,24 +236,50 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _prec(q: torch.Tensor) -> str:
-    """Float32 operands: IEEE products for float32 inputs, TF32 for half-precision ones (half operands ignore it)."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-#: Rows of the smaller tiles (the dk / dv kernel; the SLA forward at head dims above 64).
+#: Rows / keys of the smaller tiles (float32 inputs; dk / dv; the SLA forward at head dims above 64).
 TILE = 64
 
 
-def _tile_q(block_q: int, d: int, dv: int, linear: bool) -> int:
-    """Query rows per forward program: the linear readout's extra [rows, Dv] float32 tiles spill at 128 x 128."""
-    return TILE if linear and max(_block(d), _block(dv)) >= 128 else block_q
+def _precisions(fp32: bool) -> dict:
+    """``PREC``: products of float32 operands in float32 inputs' kernels, as three TF32 tensor-core products
+    (``tf32x3``: error near float32's; IEEE products run on the FMA units and spill); half-precision operands ignore
+    it. ``LIN_PREC``: the linear read-out's float32 products, ``tf32x3`` for float32 inputs, one TF32 product for half
+    inputs (its error stays below their rounding, and ``tf32x3`` spills at head dim 128)."""
+    return {"PREC": "tf32x3", "LIN_PREC": "tf32x3" if fp32 else "tf32"}
 
 
-def _meta(block_q: int, d: int, dv: int, backward: bool = False) -> dict:
-    """Warps and pipeline depth: 8 warps for 128-wide tiles, 4 otherwise."""
-    wide = max(block_q, _block(d), _block(dv)) >= 128
-    return {"num_warps": 8 if wide else 4, "num_stages": 2 if (backward or wide) else 3}
+def _launch(block_q: int, block_k: int, d: int, dv: int, fp32: bool, tile_q: int, tile_k: int) -> dict:
+    """Tile constexprs and launch options shared by the kernels."""
+    wide = max(tile_q, tile_k, _block(d), _block(dv)) >= 128
+    return {
+        "BLOCK_Q": tile_q, "BLOCK_K": tile_k, "BLOCK_D": _block(d), "BLOCK_DV": _block(dv), "PREC": "tf32x3",
+        "num_warps": 8 if (wide or (fp32 and max(d, dv) > 64)) else 4,
+        # float32 tiles take twice the shared memory: one stage (two exceed the 227 KB at head dim 128)
+        "num_stages": 1 if fp32 else (2 if wide else 3),
+    }  # fmt: skip
+
+
+def fwd_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool, linear: bool) -> dict:
+    """The forward kernel's tiles: 64 x 64 for float32 inputs; 64 query rows for the SLA forward at head dims above
+    64 (the linear read-out's extra ``[rows, Dv]`` float32 tiles spill at 128); else the selection blocks."""
+    if fp32:
+        tq = tk = TILE
+    else:
+        tq, tk = (TILE if linear and max(_block(d), _block(dv)) >= 128 else block_q), block_k
+    cfg = _launch(block_q, block_k, d, dv, fp32, tq, tk)
+    return {**cfg, "QPB": block_q // tq, "KSUB": block_k // tk, "LIN_PREC": _precisions(fp32)["LIN_PREC"]}
+
+
+def dq_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool) -> dict:
+    """The dq kernel's tiles: the selection blocks, 64 x 64 for float32 inputs."""
+    tq, tk = (TILE, TILE) if fp32 else (block_q, block_k)
+    return {**_launch(block_q, block_k, d, dv, fp32, tq, tk), "QPB": block_q // tq, "KSUB": block_k // tk}
+
+
+def dkdv_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool) -> dict:
+    """The dk / dv kernel's tiles: 64 x 64 whatever the selection blocks (a 128-row tile's four float32 accumulators
+    spill)."""
+    return {**_launch(block_q, block_k, d, dv, fp32, TILE, TILE), "KPB": block_k // TILE, "QSUB": block_q // TILE}
 
 
 def select_blocks(
@@ -329,13 +360,11 @@ def sla_fwd(
     else:
         hi = zi = w = lse  # unused pointers
         sh = sz = (0, 0, 0)
-    tile_q = _tile_q(block_q, d, dv, linear)
-    _fwd_kernel[(nqb * (block_q // tile_q), b * h)](
+    cfg = fwd_config(block_q, block_k, d, dv, q.dtype == torch.float32, linear)
+    _fwd_kernel[(nqb * cfg["QPB"], b * h)](
         q, k, v, lut, hi, zi, w, lse if bias is None else bias, out, o_s if linear else out, lse,
         n, m, h, d, dv, n_c, nqb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sh, *sz,
-        scale, eps,
-        BLOCK_Q=tile_q, BLOCK_K=block_k, BLOCK_D=_block(d), BLOCK_DV=_block(dv), QPB=block_q // tile_q,
-        LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, PREC=_prec(q), **_meta(tile_q, d, dv),
+        scale, eps, LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, **cfg,
     )  # fmt: skip
     return out, o_s, lse
 
@@ -375,18 +404,16 @@ def sla_bwd_sparse(
     dq = torch.empty(b, n, h, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(b, m, h, d, device=q.device, dtype=k.dtype)
     dvv = torch.empty(b, m, h, dv, device=q.device, dtype=v.dtype)
-    meta = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=_block(d), BLOCK_DV=_block(dv), PREC=_prec(q))
-    launch = _meta(max(block_q, block_k), d, dv, backward=True)
-    _bwd_dq_kernel[(nqb, b * h)](
+    fp32 = q.dtype == torch.float32
+    cfg = dq_config(block_q, block_k, d, dv, fp32)
+    _bwd_dq_kernel[(nqb * cfg["QPB"], b * h)](
         q, k, v, g, lut, lse, delta, dq, n, m, h, d, dv, n_c,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **meta, **launch,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **cfg,
     )  # fmt: skip
-    # dk / dv in 64 x 64 tiles whatever the selection blocks: a 128-row tile's four float32 accumulators spill.
-    tiles = dict(meta, BLOCK_Q=TILE, BLOCK_K=TILE, KPB=block_k // TILE, QSUB=block_q // TILE)
-    _bwd_dkdv_kernel[(nkb * (block_k // TILE), b * h)](
+    cfg = dkdv_config(block_q, block_k, d, dv, fp32)
+    _bwd_dkdv_kernel[(nkb * cfg["KPB"], b * h)](
         q, k, v, g, lut_t, cnt, lse, delta, dk, dvv, n, m, h, d, dv, nqb, nkb,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **tiles,
-        **_meta(TILE, d, dv, backward=True),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **cfg,
     )  # fmt: skip
     return dq, dk, dvv
 
