@@ -271,6 +271,14 @@ def scan_config(n: int) -> tuple[int, int, int, int, int]:
     return t, bd, bn, TUNING["warps"] or 4, TUNING["warps"] or 8
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a contiguous copy where a stride is 0 on a longer axis (a broadcast view: the backward writes its
+    gradient with the input's strides)."""
+    if t is None or all(st or n <= 1 for st, n in zip(t.stride(), t.shape, strict=True)):
+        return t
+    return t.contiguous()
+
+
 def _bc(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
     """``[B, L, N]`` or ``[B, L, G, N]`` as a 4-D view's strides and its group count."""
     if x.ndim == 3:
@@ -343,6 +351,7 @@ def selective_scan_bwd(
 ]:
     """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``, each in its input's dtype and shape (zeros for an absent
     optional input)."""
+    u, delta, z = _dense(u), _dense(delta), _dense(z)
     b, length, d = u.shape
     n = A.shape[1]
     t, bd, bn, _, warps = scan_config(n)
