@@ -7,6 +7,11 @@
 #   tests-new      gpu tests of the kernels added or changed last (focus, conv, pooled / pure InfSA)   ~3 min
 #   tests-linear   gpu tests of the linear-attention kernels                                           ~4 min
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
+#   tests-more     gpu tests of the MALA/RALA/NaLa/Efficient, neighborhood, SLA, scan, GLA kernels, the window
+#                  mixer, the hybrid / pooled-agent ops and the converter on CUDA (pytest -n 4 if xdist is there)  ~4 min
+#   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
+#   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
+#   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
 #   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
 #   bench-train    training step at 224 px                                                             ~1.5 min
@@ -18,7 +23,7 @@ set -u
 OUT=$1
 COMMIT=$2
 shift 2
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
 for stage in "$@"; do
@@ -29,6 +34,19 @@ for stage in "$@"; do
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
+    tests-more)
+      XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+      timeout 250 $PYTEST $XD --durations=12 tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_neighborhood.py \
+        tests/test_kernels_triton_sparse_linear.py tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py \
+        tests/test_layers_window.py tests/test_kernels_hybrid.py tests/test_convert_methods.py tests/test_convert_tune.py \
+        2>&1 | tee "$OUT/gpu_tests_more_$COMMIT.log" | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
+    bench-authors)
+      timeout 200 python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train \
+        --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
+    bench-sla)
+      timeout 150 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
+    bench-na)
+      timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
     bench-models)

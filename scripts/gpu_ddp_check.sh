@@ -25,7 +25,7 @@ D=$OUT/ddp_check
 mkdir -p "$D/runs"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 PY=python3
-BUDGET=460
+BUDGET=${DDP_BUDGET:-460}
 STAGES=$D/stages.tsv
 : > "$STAGES"
 
