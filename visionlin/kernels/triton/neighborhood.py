@@ -109,7 +109,10 @@ def _fwd_kernel(
     j = tl.arange(0, KROWS * KCOLS)
     ky_pos = col_lo + j % KCOLS
     ky = (ky_pos * DIL_Y + gy).to(tl.int64)
-    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY)
+    # Padded queries are masked once here; the bias offset splits into a query part and a key part.
+    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
+    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
+    ky_bias = ky_pos * sr_y
     qk_scale = scale * 1.4426950408889634
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -130,10 +133,8 @@ def _fwd_kernel(
         inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
         if HAS_RPB:
             bias = tl.load(
-                rpb_base
-                + (kx_pos[None, :] - px[:, None] + OFFX) * sr_x
-                + (ky_pos[None, :] - py[:, None] + OFFY) * sr_y,
-                mask=inwin & qvalid[:, None],
+                rpb_base + q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :],
+                mask=inwin,
                 other=0.0,
             )
             s += bias.to(tl.float32) * 1.4426950408889634
@@ -198,7 +199,10 @@ def _bwd_q_kernel(
     j = tl.arange(0, KROWS * KCOLS)
     ky_pos = col_lo + j % KCOLS
     ky = (ky_pos * DIL_Y + gy).to(tl.int64)
-    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY)
+    # Padded queries are masked once here; the bias offset splits into a query part and a key part.
+    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
+    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
+    ky_bias = ky_pos * sr_y
     qk_scale = scale * 1.4426950408889634
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -222,14 +226,12 @@ def _bwd_q_kernel(
         inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
         if HAS_RPB:
             bias = tl.load(
-                rpb_base
-                + (kx_pos[None, :] - px[:, None] + OFFX) * sr_x
-                + (ky_pos[None, :] - py[:, None] + OFFY) * sr_y,
-                mask=inwin & qvalid[:, None],
+                rpb_base + q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :],
+                mask=inwin,
                 other=0.0,
             )
             s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.where(inwin & qvalid[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), HALF)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, HALF)
@@ -238,7 +240,7 @@ def _bwd_q_kernel(
             tl.atomic_add(
                 DRPB + ((h * LX + qx[:, None]) * LY + qy[:, None]) * (KX * KY) + slot,
                 ds,
-                mask=inwin & qvalid[:, None],
+                mask=inwin,
                 sem="relaxed",
             )
     tl.store(
@@ -293,6 +295,7 @@ def _bwd_kv_kernel(
     q_base = Q + b * sq_b + h * sq_h
     g_base = G + b * sg_b + h * sg_h
     rpb_base = RPB + h * sr_h
+    k_bias = kpx * sr_x + kpy * sr_y
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
     for r0 in range(x_lo, x_hi + 1, QROWS):
@@ -325,7 +328,7 @@ def _bwd_kv_kernel(
             )  # fmt: skip
             if HAS_RPB:
                 bias = tl.load(
-                    rpb_base + (kpx[None, :] - px[:, None] + OFFX) * sr_x + (kpy[None, :] - py[:, None] + OFFY) * sr_y,
+                    rpb_base + ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :],
                     mask=inwin,
                     other=0.0,
                 )
