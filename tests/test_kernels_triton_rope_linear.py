@@ -2,7 +2,8 @@
 (``visionlin.kernels.triton.rope_linear``) against their float64 references, forward and backward (dq, dk, dv).
 
 Tolerance (relative ``||x - ref|| / ||ref||`` over the output and each input gradient, the reference run in float64 on
-the same rounded inputs): float32 1e-5 (the kernels' products run in IEEE float32). In half precision the kernels
+the same rounded inputs): float32 1e-5 (the kernels' products run in IEEE float32) plus ``2 sqrt(M)`` units of float32
+rounding for the ``M``-term sums. In half precision the kernels
 compute every feature, sum and normaliser in float32 on the inputs' values and round each matrix-product operand to the
 dtype once (float32 accumulation): the bound is ``UNITS`` units of the dtype's rounding (``2^-11`` float16, ``2^-8``
 bfloat16), 4 for the output and 8 for the gradients (which pass through two such products). There is no plain PyTorch
@@ -111,7 +112,8 @@ def check(mech, shape, dtype, device, *, feat_size=None, prefix=0, non_contiguou
         _rel(x, r)
         for x, r in zip([out, *(t.grad for t in ins)], [ref.detach(), *(t.grad for t in ref_in)], strict=True)
     ]
-    bounds = [1e-5] * 4
+    # float32: 1e-5, plus the rounding of M-term float32 sums (~sqrt(M) units of 2^-24) at long sequences
+    bounds = [1e-5 + 2 * m**0.5 * 2.0**-24] * 4
     if dtype != torch.float32:
         bounds = [UNITS["out"] * UNIT[dtype]] + [UNITS["grad"] * UNIT[dtype]] * 3
     bad = {nm: f"{e:.2e} > {bd:.2e}" for nm, e, bd in zip(names, errors, bounds, strict=True) if not e <= bd}
@@ -254,7 +256,7 @@ def test_triton_rope_linear_65k_tokens_half_large_values(mech, dtype):
         out = efficient_attention_triton(q, k, v)
     else:
         out = rope_linear_attention_triton(mech, q, k, v, **kw)
-    out.float().square().mean().backward()
+    out.float().square().sum().backward()
     for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert torch.isfinite(t).all(), name
 
@@ -293,12 +295,12 @@ def test_triton_layers_pick_the_fast_path_and_match_the_reference(name, monkeypa
     fast = layer(x, feat_size=(14, 14), num_prefix_tokens=1)
     fast.square().mean().backward()
     assert calls, "the layer did not run the fused kernels"
-    grads = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    grads = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters() if p.grad is not None)]
     x.grad = None
     layer.zero_grad()
     layer.backend = "reference"
     ref = layer(x, feat_size=(14, 14), num_prefix_tokens=1)
     ref.square().mean().backward()
     assert _rel(fast, ref.double()) < 1e-5
-    for ours, theirs in zip(grads, [x.grad, *(p.grad for p in layer.parameters())], strict=True):
+    for ours, theirs in zip(grads, [x.grad, *(p.grad for p in layer.parameters() if p.grad is not None)], strict=True):
         assert _rel(ours, theirs.double()) < 1e-4

@@ -38,11 +38,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _mm, _phi, _phi_backward, _splits, _warps
+from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
 
 MECHANISM_IDS = {"magnitude": 0, "rank_augmented": 1, "norm_aware": 2, "efficient": 3}
+
+
+@triton.jit
+def _mm_unit(a, b, DTYPE: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, SCALE: tl.constexpr):
+    """:func:`.linear._mm` for a loop-invariant right operand ``b`` the caller has already scaled into [-1, 1] by a
+    power of two: only ``a`` is scaled here (no reduction over the large ``b`` in every loop step)."""
+    if HALF:
+        if SCALE:
+            sa = _pow2_scale(a)
+            a = a / sa
+        ah = a.to(DTYPE)
+        bh = b.to(DTYPE)
+        out = tl.dot(ah, bh)
+        if SPLIT:
+            out += tl.dot(ah, (b - bh.to(tl.float32)).to(DTYPE))
+        if SCALE:
+            out = out * sa
+        return out
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -314,12 +333,12 @@ def _readout_kernel(
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
-    p, zb, ub, _ = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
+    p, zb, ub, p_scale = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     _, f, r, _, _, _ = _query_rows(
         Q, SIN, COS, b, h, rows, N, D, sq_b, sq_n, sq_h, sq_d, norm_eps, MECH, HAS_ROPE, BLOCK_N, BLOCK_D, BLOCK_F
     )
-    out = _mm(r, p, Q.dtype.element_ty, HALF, True, SCALE)
+    out = _mm_unit(r, p, Q.dtype.element_ty, HALF, True, SCALE) * p_scale
     t = tl.sum(f * zb[None, :], axis=1)
     if MECH == 0:
         out = out * (1.0 + 1.0 / (t + eps))[:, None] - t[:, None] * ub[None, :]
@@ -345,7 +364,7 @@ def _readout_backward_kernel(
     offs_f = tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_DV)
     offs_d = tl.arange(0, BLOCK_D)
-    p, zb, ub, _ = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
+    p, zb, ub, p_scale = _load_triple(MATS, bh, BLOCK_F, BLOCK_DV)
     p_t = tl.trans(p)
     dp = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
     dzb = tl.zeros((BLOCK_F,), tl.float32)
@@ -364,7 +383,7 @@ def _readout_backward_kernel(
             dt = tl.sum(g, axis=1) * 0.0
         else:
             # Only the gradient of t needs r P (through g . r P): one half-precision part is enough there.
-            num = _mm(r, p, Q.dtype.element_ty, HALF, False, SCALE)
+            num = _mm_unit(r, p, Q.dtype.element_ty, HALF, False, SCALE) * p_scale
             t = tl.sum(f * zb[None, :], axis=1)
             den = t + eps
             if MECH == 0:
@@ -377,9 +396,10 @@ def _readout_backward_kernel(
         # The sums first: r is then no longer needed (register room for the feature-map backward).
         dp += _mm(tl.trans(r), dn, Q.dtype.element_ty, HALF, False, SCALE)
         dzb += tl.sum(dt[:, None] * f, axis=0)
-        # NaLa's widest tiles keep P in one half-precision part here (register room).
-        split: tl.constexpr = MECH != 2 or BLOCK_F * BLOCK_DV <= 64 * 64
-        dr = _mm(dn, p_t, Q.dtype.element_ty, HALF, split, SCALE)
+        # NaLa's widest tiles, and float16's (whose operand scaling takes registers) above 64 x 64, keep P in one
+        # half-precision part here (register room).
+        split: tl.constexpr = (MECH != 2 and not SCALE) or BLOCK_F * BLOCK_DV <= 64 * 64
+        dr = _mm_unit(dn, p_t, Q.dtype.element_ty, HALF, split, SCALE) * p_scale
         df = _rope_backward(dr, SIN, COS, rows, ch, mask, D, HAS_ROPE, BLOCK_N, BLOCK_F) + dt[:, None] * zb[None, :]
         dq = _query_features_backward(x, f, df, mask, sgn, norm_eps, MECH, BLOCK_N, BLOCK_D)
         if MECH == 2:
@@ -429,10 +449,12 @@ def _state_backward_kernel(
     r = _rope(f, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
     # [BLOCK_M, Dv]: dS^T r_j per key; RALA at the widest tiles keeps dS in one half-precision part (register room)
     split: tl.constexpr = MECH != 1 or BLOCK_F * BLOCK_DV <= 64 * 64
-    rds = _mm(r, ds, K.dtype.element_ty, HALF, split, SCALE)
+    ds_scale = _pow2_scale(ds)  # once for both products
+    ds = ds / ds_scale
+    rds = _mm_unit(r, ds, K.dtype.element_ty, HALF, split, SCALE) * ds_scale
     rv = tl.sum(rds * v, axis=1)  # r_j . dS v_j (RALA), so r is no longer needed
     dv = w[:, None] * rds + du[None, :]
-    vds = _mm(v, tl.trans(ds), K.dtype.element_ty, HALF, True, SCALE)  # [BLOCK_M, F]: dS v_j per key
+    vds = _mm_unit(v, tl.trans(ds), K.dtype.element_ty, HALF, True, SCALE) * ds_scale  # [BLOCK_M, F]: dS v_j
     df = _rope_backward(w[:, None] * vds, SIN, COS, rows, ch, kmask, D, HAS_ROPE, BLOCK_M, BLOCK_F)
     df += w[:, None] * dz[None, :]
     if MECH == 1:
@@ -460,7 +482,7 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
 
 #: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The largest
 #: without register spills for sm_90 at 8 warps (ptxas; tests/test_kernels_sm90_compile.py checks every kernel).
-ROWS = {"state": (32 * 64, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
+ROWS = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
         "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
 
 
@@ -494,7 +516,8 @@ def _pack(mat: torch.Tensor, vec_f: torch.Tensor, vec_e: torch.Tensor, scalar: t
 
 
 def _readout_mats(state: torch.Tensor, mech: int, scale: float, inv_m: float, bf: int, bdv: int) -> torch.Tensor:
-    """``(P, zb, u / M, W)`` (module docstring) from the float32 state ``(S, z, u, W)``; ``O(B H F Dv)`` work."""
+    """``(P / c, zb, u / M, c)`` (module docstring; ``c`` a power of two at or above ``max |P|``) from the float32
+    state ``(S, z, u, W)``; ``O(B H F Dv)`` work."""
     s_mat, z, u, w = _unpack(state, bf, bdv)
     if mech == MECHANISM_IDS["magnitude"]:
         c = scale / w
@@ -503,7 +526,9 @@ def _readout_mats(state: torch.Tensor, mech: int, scale: float, inv_m: float, bf
         p, zb = s_mat / torch.where(z > 0, z, 1.0)[:, :, None], torch.zeros_like(z)
     else:
         p, zb = s_mat / w[:, :, None], z / w
-    return _pack(p, zb, u * inv_m, w)
+    # P in [-1, 1] with its power-of-two scale in the scalar slot (the kernels' products need not rescale it per step)
+    p_scale = torch.exp2(torch.ceil(torch.log2(p.abs().amax((1, 2)).clamp_min(1e-30))))[:, None]
+    return _pack(p / p_scale[:, :, None], zb, u * inv_m, p_scale)
 
 
 def _state_grads(
