@@ -257,3 +257,27 @@ def test_triton_supports_reasons():
     reasons = " ".join(op.supports(meta, meta, meta, w, backend="triton", block_q=32, additional_keys=meta))
     for part in ("CUDA", "float64", "block_q=32", "additional_keys", "head dims"):
         assert part in reasons, (part, reasons)
+
+
+def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
+    """``benchmarks/sla_op.py``: no GPU, no run; its plot draws every measured row of a result (made-up times)."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU refusal")
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sla_op.py")
+    spec = importlib.util.spec_from_file_location("sla_op_script", path)
+    sla_op = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sla_op)
+    with pytest.raises(SystemExit):
+        sla_op.main(["--iters", "1"])
+    pytest.importorskip("matplotlib")
+    rows = [dict(method=m, sparsity=None, mode=mode, status="ok", ms=10.0, speedup_vs_best_sdpa=1.0)
+            for mode in sla_op.MODES for m in sla_op.DENSE]  # fmt: skip
+    rows += [dict(method=m, sparsity=s, mode=mode, status="ok", ms=1.0 + s, speedup_vs_best_sdpa=10.0 / (1.0 + s))
+             for mode in sla_op.MODES for s in (0.8, 0.9) for m in sla_op.SPARSE]  # fmt: skip
+    rows.append(dict(method="sparse", sparsity=0.95, mode="fwd", status="oom", error="out of memory"))
+    meta = dict(commit="0123456789abcdef", gpu="NVIDIA H200", cpu="x", torch="2", triton="3", date="2026-11-30")
+    shape = dict(batch=1, tokens=32760, heads=12, head_dim=128, dtype="bf16")
+    sla_op.plot({"benchmark": "sla_op", "meta": meta, "shape": shape, "rows": rows}, tmp_path / "sla_op.png")
+    assert (tmp_path / "sla_op.png").stat().st_size > 10_000
