@@ -16,10 +16,11 @@ CUDA-event-timed calls after ``--warmup`` calls; a speedup is the best dense SDP
 
 Usage (on a GPU machine)::
 
-    python benchmarks/sla_op.py [--out benchmarks/results/h200] [--commit SHA] [--iters 20]
+    python benchmarks/sla_op.py [--out benchmarks/results/h200] [--commit SHA] [--iters 10]
 
 Writes ``sla_op.json`` (rows + command, commit, date, GPU and versions, via ``visionlin.train.bench``) and
-``sla_op.png`` to ``--out`` (default ``benchmarks/results/<gpu>/``).
+``sla_op.png`` to ``--out`` (default ``benchmarks/results/<gpu>/``); the JSON is rewritten after every row, so a run cut
+short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -118,7 +119,16 @@ def _row(method: str, sparsity: float | None, mode: str, fn: Callable[[], object
     return row
 
 
-def run(args: argparse.Namespace) -> dict:
+def _speedups(rows: list[dict]) -> None:
+    for mode in MODES:
+        dense = [r["ms"] for r in rows if r["mode"] == mode and r["method"] in DENSE and r["status"] == "ok"]
+        for r in rows:
+            if r["mode"] == mode and r["status"] == "ok" and dense:
+                r["speedup_vs_best_sdpa"] = min(dense) / r["ms"]
+
+
+def run(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Measure every row; ``save(result)`` after each one (a run cut short by a time limit keeps its rows)."""
     dev = torch.device("cuda")
     dt = DTYPES[args.dtype]
     b, n, h, d = args.batch, args.n, args.heads, args.head_dim
@@ -128,13 +138,24 @@ def run(args: argparse.Namespace) -> dict:
     # The projection as a converted layer holds it (float32); non-zero so the linear branch is not optimised away.
     w = (0.02 * torch.randn(d, d, device=dev, generator=g)).requires_grad_()
     bias = torch.zeros(d, device=dev, requires_grad=True)
-    rows = []
+    shape = {"batch": b, "tokens": n, "heads": h, "head_dim": d, "dtype": args.dtype}
+    settings = {"block_q": args.block_q, "block_k": args.block_k, "k_low": args.k_low, "iters": args.iters,
+                "warmup": args.warmup, "layout": "sparse ops [B, N, H, D]; SDPA [B, H, N, D] contiguous"}  # fmt: skip
+    rows: list[dict] = []
+    result = {"benchmark": "sla_op", "meta": gpu_meta(args.argv, args.commit), "shape": shape, "settings": settings,
+              "rows": rows}  # fmt: skip
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        _speedups(rows)
+        save(result)
+
     for mode in MODES:
         need = mode == "fwd+bwd"
         hq, hk, hv = (t.transpose(1, 2).contiguous().requires_grad_(need) for t in (q, k, v))
         hg = grad.transpose(1, 2).contiguous()
         for method in DENSE:
-            rows.append(_row(method, None, mode, _dense(method, hq, hk, hv, hg, mode), args))
+            add(_row(method, None, mode, _dense(method, hq, hk, hv, hg, mode), args))
         del hq, hk, hv, hg
         sq, sk, sv = (t.detach().requires_grad_(need) for t in (q, k, v))
         for sparsity in args.sparsity:
@@ -142,21 +163,12 @@ def run(args: argparse.Namespace) -> dict:
             k_low = min(args.k_low, 1.0 - topk)
             for method in SPARSE:
                 fn = _sparse(method, sq, sk, sv, w, bias, grad, mode, topk, k_low, args.block_q, args.block_k)
-                rows.append(_row(method, sparsity, mode, fn, args))
+                add(_row(method, sparsity, mode, fn, args))
                 if mode == "fwd" and method != "sparse":
                     sel = _select(sq, sk, topk, k_low if method == "sla-paper" else 0.0, args.block_q, args.block_k,
                                   method == "sla-paper")  # fmt: skip
-                    rows.append(_row(f"{method}:select", sparsity, mode, sel, args))
-    for mode in MODES:
-        dense = [r["ms"] for r in rows if r["mode"] == mode and r["method"] in DENSE and r["status"] == "ok"]
-        for r in rows:
-            if r["mode"] == mode and r["status"] == "ok" and dense:
-                r["speedup_vs_best_sdpa"] = min(dense) / r["ms"]
-    shape = {"batch": b, "tokens": n, "heads": h, "head_dim": d, "dtype": args.dtype}
-    settings = {"block_q": args.block_q, "block_k": args.block_k, "k_low": args.k_low, "iters": args.iters,
-                "warmup": args.warmup, "layout": "sparse ops [B, N, H, D]; SDPA [B, H, N, D] contiguous"}  # fmt: skip
-    meta = gpu_meta(args.argv, args.commit)
-    return {"benchmark": "sla_op", "meta": meta, "shape": shape, "settings": settings, "rows": rows}
+                    add(_row(f"{method}:select", sparsity, mode, sel, args))
+    return result
 
 
 def plot(result: dict, path: Path) -> None:
@@ -205,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-low", type=float, default=0.10, help="sla-paper's negligible fraction (default 0.10)")
     p.add_argument("--block-q", type=int, choices=(64, 128), default=128)
     p.add_argument("--block-k", type=int, choices=(64, 128), default=64)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     p.add_argument("--out", type=Path, default=None, help="folder (default benchmarks/results/<gpu>)")
     p.add_argument("--no-plot", action="store_true")
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU")
     out = args.out or Path(__file__).resolve().parent / "results" / device_slug(torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    result = run(args, save=lambda res: write_result(res, out, "sla_op", plot=False))
     for note in write_result(result, out, "sla_op", plot=False):
         print(note)
     if not args.no_plot:
