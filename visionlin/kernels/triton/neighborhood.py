@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "tile_config"]
+__all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
 #: Largest effective kernel size per axis the tiles are laid out for (NAT / DiNAT use 3 to 13).
 MAX_KERNEL = 13
@@ -355,16 +355,17 @@ TUNING: dict[str, int | None] = {"tile_y": None, "block_k": None, "warps": None,
 
 
 def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
-    """Query tile ``TX x TY`` (64 queries, 32 on one-row maps) and key block ``KROWS x KCOLS`` for group lengths
+    """Query tile ``TX x TY`` (64 queries, 32 or 16 on one-row maps) and key block ``KROWS x KCOLS`` for group lengths
     ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes ``kx, ky``.
 
     ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
-    maps (1-D calls, 64-key blocks); ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1``
-    (or the row); a key block holds about 32 keys, 16 with a bias table (its gathered offsets cost registers: at head
-    dim 32, 8 warps, 180 registers with 32 keys against 116 with 16 at sm_90).
+    maps (1-D calls, 64-key blocks; 16 and 32 with a bias table, whose 32 x 64 tile spilled in the ``dq`` kernel);
+    ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row); a key block holds
+    about 32 keys, 16 with a bias table (its gathered offsets cost registers: at head dim 32, 8 warps, 180 registers
+    with 32 keys against 116 with 16 at sm_90).
     """
     if nx == 1:
-        tx, ty = 1, 32
+        tx, ty = 1, 16 if has_rpb else 32
     else:
         ty = TUNING["tile_y"] or (16 if ky >= 11 else 8)
         ty = min(ty, max(2, _pow2(ny)))
@@ -374,10 +375,14 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     return tx, ty, krows, kcols
 
 
-def _launch_meta() -> dict[str, int]:
-    meta = {"num_warps": TUNING["warps"] or WARPS}
-    if TUNING["stages"]:
-        meta["num_stages"] = TUNING["stages"]
+def launch_meta(block_q: int, block_k: int) -> dict[str, int]:
+    """``num_warps`` (and ``num_stages``) for a ``block_q x block_k`` score tile: 8 warps; tiles of at most 512
+    scores (1-D with a bias table) 4 warps without software pipelining (at 8 warps, or pipelined, ptxas held them to
+    128 registers and spilled)."""
+    small = block_q * block_k <= 512
+    meta = {"num_warps": TUNING["warps"] or (4 if small else WARPS)}
+    if TUNING["stages"] or small:
+        meta["num_stages"] = TUNING["stages"] or 1
     return meta
 
 
@@ -430,7 +435,7 @@ def na2d_fwd(
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=rpb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
     )  # fmt: skip
     return out, lse
 
@@ -481,12 +486,12 @@ def na2d_bwd(
     _bwd_q_kernel[grid](
         q, k, v, table, g, lse, delta, dq, dsbuf, *common,
         HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
     )  # fmt: skip
     _bwd_kv_kernel[grid](
         q, k, v, table, g, lse, delta, dk, dv, *common,
         HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
-        QROWS=krows, QCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **_launch_meta(),
+        QROWS=krows, QCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
     )  # fmt: skip
     if need:
         drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
