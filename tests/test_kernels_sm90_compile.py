@@ -64,7 +64,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
     return sig
 
 
-def _compile(fn, dtype: str, consts: dict, num_warps: int) -> tuple[int, int]:
+def _compile(fn, dtype: str, consts: dict, num_warps: int, num_stages: int | None = None) -> tuple[int, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -74,7 +74,8 @@ def _compile(fn, dtype: str, consts: dict, num_warps: int) -> tuple[int, int]:
     if fn.fn.__module__ in DIVISIBLE_16:
         attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t[0] == "*" or t == "i32"}
     src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
@@ -191,26 +192,22 @@ def _rope_linear(dt, tdt):
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
 
+    def kernels(tx, ty, krows, kcols, rpb, d):
+        blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
+        warps = nt.launch_meta(tx * ty, krows * kcols)
+        return [
+            (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
+            (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
+            (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), warps),
+        ]
+
     cases = []
     for d in (32, 64):
         for k in (3, 7, 13):
             for rpb in (False, True):
-                tx, ty, krows, kcols = nt.tile_config(56, 56, k, k, rpb)
-                blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
-                cases += [
-                    (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
-                    (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
-                     nt.WARPS),
-                    (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
-                ]  # fmt: skip
-    # 1-D (one row of 32 queries, 64-key blocks)
-    tx, ty, krows, kcols = nt.tile_config(1, 3136, 1, 7, True)
-    blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
-    cases += [
-        (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
-        (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=True, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), nt.WARPS),
-        (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), nt.WARPS),
-    ]
+                cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
+        for rpb in (False, True):  # 1-D: one row of queries
+            cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
     return cases
 
 
@@ -286,9 +283,12 @@ SPILL_ALLOWANCE = {
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
     spilled, failed = [], []
     for fn, dtype, consts, warps in family(dt, tdt):
-        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps}"
+        stages = None
+        if isinstance(warps, dict):  # a launch's meta: num_warps and num_stages
+            warps, stages = warps["num_warps"], warps.get("num_stages")
+        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps} stages={stages}"
         try:
-            regs, spills = _compile(fn, dtype, consts, warps)
+            regs, spills = _compile(fn, dtype, consts, warps, stages)
         except Exception as e:  # noqa: BLE001 (collect every failure, then report them all)
             failed.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
             continue
