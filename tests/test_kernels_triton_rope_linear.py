@@ -96,9 +96,8 @@ def check(mech, shape, dtype, device, *, feat_size=None, prefix=0, non_contiguou
     if feat_size is not None:
         assert n == m == prefix + feat_size[0] * feat_size[1]
         sin, cos = rope_2d_tables(feat_size, d, num_prefix_tokens=prefix, dtype=torch.float64)
-        ref_kw["rope"] = (sin, cos)
         fast_kw["rope"] = (sin.to(device=device, dtype=dtype), cos.to(device=device, dtype=dtype))
-        # The reference rotates with the tables rounded as the kernel reads them.
+        # The reference rotates with the tables rounded to the inputs' dtype, as the layers pass them to the kernel.
         ref_kw["rope"] = tuple(t.double().cpu() for t in fast_kw["rope"])
     ref_in = [t.detach().double().cpu().requires_grad_() for t in ins]
     ref = REFERENCES[mech](*ref_in, **ref_kw)
