@@ -235,7 +235,7 @@ def gla_bwd(
     b, length, h, kd = q.shape
     vd = v.shape[-1]
     if q.numel() == 0 or vd == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(g)
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, g))
     bk, bv = _blocks(kd, vd)
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
@@ -258,7 +258,7 @@ def gla_bwd(
 
 @gla_bwd.register_fake
 def _(q, k, v, g, do, scale, reverse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, g))
 
 
 def _setup(ctx, inputs, output):

@@ -401,12 +401,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, g, g_last):
     return (
         torch.empty_like(u, memory_format=torch.contiguous_format),
         torch.empty_like(delta, memory_format=torch.contiguous_format),
-        torch.empty_like(A),
+        torch.empty_like(A, memory_format=torch.contiguous_format),
         torch.empty_like(B, memory_format=torch.contiguous_format),
         torch.empty_like(C, memory_format=torch.contiguous_format),
-        torch.empty_like(D) if D is not None else u.new_empty(d, dtype=torch.float32),
+        torch.empty_like(D, memory_format=torch.contiguous_format)
+        if D is not None
+        else u.new_empty(d, dtype=torch.float32),
         torch.empty_like(z if z is not None else u, memory_format=torch.contiguous_format),
-        torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(d, dtype=torch.float32),
+        torch.empty_like(delta_bias, memory_format=torch.contiguous_format)
+        if delta_bias is not None
+        else u.new_empty(d, dtype=torch.float32),
     )
 
 
