@@ -46,6 +46,8 @@ REFERENCES = {
 }
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 UNITS = {"out": 4, "grad": 8}
+#: Registered after the reference (opt-in): the H200 run at 3f3582c failed their fp16 65k-token gradient test.
+OPT_IN = {"rank_augmented", "efficient"}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -164,7 +166,8 @@ def test_triton_backend_declines_cpu_with_reasons(mech):
     """On the CPU the automatic choice falls through to the reference; an explicit ``backend="triton"`` raises with
     the reason."""
     op = get_op(OPS[mech])
-    assert list(op.backends)[0] == "triton"  # chosen automatically wherever it can run
+    # chosen automatically wherever it can run, except the opt-in ones (their GPU tests failed: docs/kernels.md)
+    assert list(op.backends)[0] == ("reference" if mech in OPT_IN else "triton")
     q = torch.randn(1, 4, 1, 8)
     assert "tensors are not on a CUDA device" in op.supports(q, q, q, backend="triton")
     assert op.select(q, q, q).name == "reference"
@@ -267,7 +270,9 @@ def test_triton_rope_linear_is_chosen_on_cuda_and_compiles_fullgraph(mech):
 
     q, k, v = _inputs(2, 197, 197, 3, 32, 32, torch.bfloat16, "cuda")
     kw = {} if mech == "efficient" else {"rope": rope_2d_tables((14, 14), 32, num_prefix_tokens=1, device="cuda")}
-    assert get_op(OPS[mech]).select(q, k, v, **kw).name == "triton"
+    assert get_op(OPS[mech]).select(q, k, v, **kw).name == ("reference" if mech in OPT_IN else "triton")
+    if mech in OPT_IN:
+        kw["backend"] = "triton"
     fn = getattr(kernels, OPS[mech])
     compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kw), fullgraph=True)
     out = compiled(q, k, v)

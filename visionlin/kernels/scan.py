@@ -383,8 +383,8 @@ def _scan_triton(
 # The activations (u, delta, B, C, z) are positional: backends' supports() and the dtype checks read them. The
 # parameters (A, D, delta_bias) are keywords: float32 by Mamba's convention whatever the activations' dtype.
 _scan_op = Op(_SCAN)
-_scan_op.register("triton", _scan_triton, _scan_triton_supports)
 _scan_op.register("reference", _scan_reference_backend, supports_floating)
+_scan_op.register("triton", _scan_triton, _scan_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 
 
 def selective_scan(
@@ -634,11 +634,11 @@ def _bigla_triton(
 
 # fla's chunk_gla / fused_recurrent_gla(reverse=True) would register before "triton".
 _gla_op = Op(_GLA)
-_gla_op.register("triton", _gla_triton, _gla_triton_supports)
 _gla_op.register("reference", gated_linear_attention_reference, supports_floating)
+_gla_op.register("triton", _gla_triton, _gla_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 _bigla_op = Op(_BIGLA)
-_bigla_op.register("triton", _bigla_triton, _gla_triton_supports)
 _bigla_op.register("reference", bidirectional_gated_linear_attention_reference, supports_floating)
+_bigla_op.register("triton", _bigla_triton, _gla_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 
 
 def gated_linear_attention(
