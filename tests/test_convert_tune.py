@@ -4,6 +4,7 @@ with the conversion off): tiny diffusers models built offline, CPU only."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -483,6 +484,15 @@ def test_gpu_calibrate_and_finetune():
     assert all(torch.isfinite(torch.tensor(half.losses)))
     assert all(m.visionlin_core.proj.weight.dtype == torch.float32 for m in model.modules()
                if hasattr(m, "visionlin_core"))  # fmt: skip
+
+
+def test_two_finetunes_with_different_precision_in_one_process():
+    """accelerate keeps one process-wide state: a second run with another mixed_precision was refused ("AcceleratorState
+    has already been initialized"), found by the GPU test; each run now starts from fresh settings."""
+    data = _data(n=4, seed=5)
+    first = _finetune(_sla(_tiny_dit()), data, steps=1, lr=1e-3)
+    second = _finetune(_sla(_tiny_dit()), data, steps=1, lr=1e-3, mixed_precision="bf16")
+    assert len(first.losses) == len(second.losses) == 1 and all(map(math.isfinite, first.losses + second.losses))
 
 
 def test_finetune_a_pipeline_and_load_the_run_into_a_fresh_one(tmp_path):

@@ -43,7 +43,7 @@ def _windows(grid, kernel):
 def _hybrid_brute(q, k, v, grid, kernel, gate, ak=None, av=None, eps=1e-6):
     s = q.shape[-1] ** -0.5
     logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * s
-    logits = logits.masked_fill(~_windows(grid, kernel), float("-inf"))
+    logits = logits.masked_fill(~_windows(grid, kernel).to(q.device), float("-inf"))
     vv = v
     if ak is not None:
         logits = torch.cat([logits, torch.einsum("bnhd,bmhd->bhnm", q, ak) * s], -1)

@@ -350,11 +350,10 @@ def finetune(
         ValueError: nothing converted, a bad option or data, a converter with no parameters for
             ``trainable="converter"``, a checkpoint of another model or mode.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from ..train import checkpoint as ckpt
-    from ..train.trainer import _fmt_time, _resolve_resume, _RunLog, _say
+    from ..train.trainer import _fmt_time, _resolve_resume, _RunLog, _say, new_accelerator
 
     comp, model = _target(pipe_or_model, component)
     if trainable not in TRAINABLE:
@@ -397,7 +396,7 @@ def finetune(
             "its own; use trainable='lora' or 'all', or a method with parameters (sla, hybrid, linear)"
         )
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     batch_of, data_desc = _batches(data, batch_size, seed, rank, world)
     set_seed(seed + rank)

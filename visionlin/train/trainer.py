@@ -361,6 +361,20 @@ def _block_classes(model: nn.Module) -> list[str]:
     return names
 
 
+def new_accelerator(**kwargs):
+    """An ``accelerate.Accelerator`` for one run, after clearing the settings a previous run in this process left.
+
+    accelerate keeps one process-wide ``AcceleratorState``: a second run with another ``mixed_precision`` (a notebook
+    that trains, then fine-tunes in bf16) was refused with "AcceleratorState has already been initialized". The
+    distributed part (``PartialState``: process group, ranks) is kept, so this is safe under ``torchrun`` too.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**kwargs)
+
+
 def _fsdp_plugin():
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -421,7 +435,6 @@ def train(
     (``run_dir``, ``step``, ``epoch``, ``last_eval``, ``skipped``). ``loss_fn`` and ``setup``: see the module
     docstring."""
     import yaml
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -442,7 +455,7 @@ def train(
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch
     # accelerate forms a multi-process CPU group (gloo) only when told to run on the CPU
     cpu = cfg["cpu"] or (launched > 1 and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=plugin)
+    accelerator = new_accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=plugin)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if world != launched:
         raise UsageError(f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {world} "
