@@ -396,6 +396,24 @@ def test_every_method_runs_a_full_pipeline_call(family):
         assert torch.equal(call(), ref), method
 
 
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_conversion_under_model_cpu_offload(family):
+    """``enable_model_cpu_offload`` (accelerate's hooks move each component to the execution device for its forward;
+    the CPU stands in for it here): converting an offloaded pipeline gives exactly the outputs of converting a plain
+    one, and revert restores the offloaded pipeline's stock outputs."""
+    for method in ("sla", "hybrid"):
+        pipe, call = _pipeline(family)
+        visionlin.convert(pipe, method, **SMALL.get(method, {}))
+        plain = call()
+        pipe, call = _pipeline(family)
+        pipe.enable_model_cpu_offload(device="cpu")
+        ref = call()
+        visionlin.convert(pipe, method, **SMALL.get(method, {}))
+        assert torch.equal(call(), plain), method
+        assert visionlin.revert(pipe) == 1
+        assert torch.equal(call(), ref), method
+
+
 # GPU: the lead runs these on the H200 (`pytest -m gpu tests/test_convert_methods.py`).
 def _to(x, device, dtype):
     if isinstance(x, dict):
