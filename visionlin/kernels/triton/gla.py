@@ -27,8 +27,9 @@ and a reverse pass carries the state's adjoint ``H`` (``[K, V]``, float32) and w
     H   <- exp(G_last) * H + scale (q * exp(G))^T do
 
 Then ``dg = reverse_cumsum(q * dq - k * dk)`` (the gradient of ``G_t`` is ``q_t dq_t - k_t dk_t`` channel-wise) in
-float32 PyTorch, from the kernels' float32 ``dq`` / ``dk``. The backward kernels take every value channel in one
-program (``dq`` sums over them).
+float32 PyTorch, from the kernels' float32 ``dq`` / ``dk``; the first gate of the walk gets an exact 0 (it only decays
+the zero initial state; the sum of every ``dG_t`` is 0 up to float32 cancellation). The backward kernels take every
+value channel in one program (``dq`` sums over them).
 
 Products run in IEEE float32 (inputs loaded and converted): the tiles are small (``16 x 16``, ``16 x K``) and the
 kernels are bound by memory and the sequential chunk walk, not by the tensor cores. ``K`` and ``V`` up to 64 (ViG: 32
@@ -253,6 +254,10 @@ def gla_bwd(
     # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
     dgg = q.float() * dq - k.float() * dk
     dg = dgg.cumsum(1) if reverse else dgg.flip(1).cumsum(1).flip(1)
+    # The first gate of the walk only decays the zero initial state: its gradient (the sum of every dG_t, zero since
+    # the output depends on differences of G only) is exactly 0, not the float32 cancellation residue of the sum (at
+    # L = 1 that residue was the whole gradient, against an exact zero).
+    dg[:, -1 if reverse else 0] = 0.0
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype)
 
 
