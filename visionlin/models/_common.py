@@ -180,3 +180,24 @@ def grid_pos_embed(pos_embed: torch.Tensor, x: torch.Tensor, grid: tuple[int, in
     if (h, w) == tuple(grid):
         return pos_embed
     return resample_abs_pos_embed(pos_embed, new_size=[h, w], old_size=list(grid), num_prefix_tokens=num_prefix)
+
+
+def pretrained_cfg(url: str = "", *, first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """A timm pretrained config with what every visionlin family shares (ImageNet-1k classes, 224 px, any input size,
+    bicubic, crop 0.875, ImageNet mean / std, classifier ``head``); ``kwargs`` override or add keys."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head",
+        **kwargs,
+    }

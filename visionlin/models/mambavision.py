@@ -18,13 +18,14 @@ of the authors' ``mambavision/models/mamba_vision.py`` (NVlabs/MambaVision). The
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from . import hierarchical
+from ._common import pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm
 from .vit import _unwrap
 
@@ -87,26 +88,16 @@ def checkpoint_filter_fn(
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv_down.0",
-        "classifier": "head",
-        "paper_ids": "arXiv:2407.08083",
-        "origin_url": "https://github.com/NVlabs/MambaVision",
-        "license": "other",
-        "notes": ("NVIDIA Source Code License-NC (non-commercial) for the authors' code and weights",),
-        **kwargs,
-    }
+_cfg = partial(
+    pretrained_cfg,
+    first_conv="stem.conv_down.0",
+    crop_pct=1.0,
+    crop_mode="center",
+    paper_ids="arXiv:2407.08083",
+    origin_url="https://github.com/NVlabs/MambaVision",
+    license="other",
+    notes=("NVIDIA Source Code License-NC (non-commercial) for the authors' code and weights",),
+)
 
 
 _HF = "https://huggingface.co/nvidia/MambaVision-{}-1K/resolve/main/mambavision_{}_1k.pth.tar"

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
@@ -38,7 +38,7 @@ from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, RankAugmentedAttention
 from ..layers._base import check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ..layers.magnitude import GatedRoPELinearAttention
-from ._common import check_bool, check_int, check_pair, check_positive, check_rate
+from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
 from .vit import _unwrap
@@ -450,21 +450,7 @@ def checkpoint_filter_fn(
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj.0",
-        "classifier": "head",
-        **kwargs,
-    }
+_cfg = partial(pretrained_cfg, first_conv="stem.proj.0", pool_size=(7, 7), crop_pct=0.9)
 
 
 _MAVIT = {

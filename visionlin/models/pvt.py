@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from . import hierarchical
+from ._common import pretrained_cfg
 from .hierarchical import HierarchicalBackbone, create_hierarchical
 from .vit import _unwrap
 
@@ -73,21 +74,7 @@ def checkpoint_filter_fn(
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj",
-        "classifier": "head",
-        **kwargs,
-    }
+_cfg = partial(pretrained_cfg, first_conv="stem.proj")
 
 
 _FLATTEN = {"paper_ids": "arXiv:2308.00442", "origin_url": "https://github.com/LeapLabTHU/FLatten-Transformer"}

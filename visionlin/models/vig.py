@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GluMlp, LayerNorm2d, RmsNorm
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from . import vit
-from ._common import check_pair, take_indices
+from ._common import check_pair, pretrained_cfg, take_indices
 from ._pretrained import build_with_weights
 from .vit import EfficientVisionTransformer, _unwrap
 
@@ -146,23 +145,7 @@ def checkpoint_filter_fn(
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head",
-        "paper_ids": "arXiv:2405.18425",
-        "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
+_cfg = partial(pretrained_cfg, first_conv="patch_embed.proj.0", paper_ids="arXiv:2405.18425", origin_url="https://github.com/hustvl/ViG")
 
 
 _UNTRAINED = "The authors' ImageNet weights are not linked here yet; architecture only."

@@ -23,7 +23,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
@@ -39,6 +38,7 @@ from ._common import (
     check_positive,
     check_rate,
     grid_pos_embed,
+    pretrained_cfg,
     take_indices,
     token_grid,
 )
@@ -732,21 +732,7 @@ def _check_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
+_cfg = partial(pretrained_cfg, first_conv="patch_embed.proj")
 
 
 _INFVIT = {"paper_ids": "arXiv:2603.00175", "origin_url": "https://github.com/giorgioroffo/infinite-self-attention"}
