@@ -145,7 +145,12 @@ def checkpoint_filter_fn(
 
 
 # Configurations -------------------------------------------------------------------------------------------------------
-_cfg = partial(pretrained_cfg, first_conv="patch_embed.proj.0", paper_ids="arXiv:2405.18425", origin_url="https://github.com/hustvl/ViG")
+_cfg = partial(
+    pretrained_cfg,
+    first_conv="patch_embed.proj.0",
+    paper_ids="arXiv:2405.18425",
+    origin_url="https://github.com/hustvl/ViG",
+)
 
 
 _UNTRAINED = "The authors' ImageNet weights are not linked here yet; architecture only."
