@@ -27,6 +27,20 @@ def _with_qk_delta(core, attn, x: torch.Tensor, query: torch.Tensor, key: torch.
     return query + F.pad(delta[0], pad), key + F.pad(delta[1], pad)
 
 
+def _project_heads_last(core, attn, x: torch.Tensor, image: torch.Tensor | None = None, start: int = 0):
+    """The stock ``to_q`` / ``to_k`` / ``to_v`` of ``x``, the core's q / k change for the image tokens ``image`` (``x``
+    itself by default) at ``start``, split into heads-last ``[B, S, H, D]`` and through the optional q / k norms (they
+    act on the head dim, so heads-last gives the stock values)."""
+    query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    query, key = _with_qk_delta(core, attn, x if image is None else image, query, key, start)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class SelfAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` for the legacy ``Attention`` class (DiT, PixArt, UNet ``attn1``) with the
     core attention call replaced by the module's ``visionlin_core`` (heads-last ``[B, N, H, D]``).
@@ -65,19 +79,8 @@ class SelfAttnProcessor:
         batch_size = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim)
-        # The q / k norms act on the head dim, so heads-last gives the stock values.
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_heads_last(core, attn, hidden_states)
+        head_dim = query.shape[-1]
         core.check_tokens(query.shape[1], self.name)
         # The stock processor calls SDPA without ``scale`` (it ignores ``attn.scale``): D ** -0.5.
         hidden_states = core(query, key, value, head_dim**-0.5)
@@ -118,18 +121,8 @@ class JointAttnProcessor:
 
         core = getattr(attn, CORE_ATTR)
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_heads_last(core, attn, hidden_states)
+        head_dim = query.shape[-1]
         core.check_tokens(query.shape[1], self.name)
         scale = head_dim**-0.5
         if encoder_hidden_states is None:
@@ -363,15 +356,7 @@ class HunyuanVideoJointAttnProcessor:
         n, t = hidden_states.shape[1], encoder_hidden_states.shape[1]
         joined = attn.add_q_proj is None  # single blocks project [video, text] together
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if joined else hidden_states
-        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        query, key = _with_qk_delta(core, attn, hidden_states, query, key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_heads_last(core, attn, x, hidden_states)
         if image_rotary_emb is not None:
             query = torch.cat([apply_rotary_emb(query[:, :n], image_rotary_emb, sequence_dim=1), query[:, n:]], 1)
             key = torch.cat([apply_rotary_emb(key[:, :n], image_rotary_emb, sequence_dim=1), key[:, n:]], 1)
