@@ -247,20 +247,29 @@ def test_triton_rope_linear_non_contiguous(mech, dtype):
 @pytest.mark.parametrize("mech", MECHS)
 def test_triton_rope_linear_65k_tokens_half_large_values(mech, dtype):
     """65,536 tokens with inputs of std 4: float16 sums of that many features would overflow; the kernels' float32
-    state must not (finite output and gradients, within the same bounds)."""
+    state must not. The loss is a mean: with ``sum`` the exact ``dk`` of efficient / rank-augmented attention reaches
+    1.7e5 / 2.2e5 (float64 reference), past float16's 65504, so ``inf`` would be the correct float16 result (the cause
+    of the 3f3582c failure, a test error). Every output and gradient is finite and within 3% (norm) of the float32
+    reference on the same rounded inputs."""
     from visionlin.kernels.triton.rope_linear import efficient_attention_triton, rope_linear_attention_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (4 * torch.randn(1, 65536, 2, 32, device="cuda", generator=g) for _ in range(3))
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
     kw = {} if mech == "efficient" else {"rope": rope_2d_tables((256, 256), 32, device="cuda")}
     if mech == "efficient":
         out = efficient_attention_triton(q, k, v)
     else:
         out = rope_linear_attention_triton(mech, q, k, v, **kw)
-    out.float().square().sum().backward()
-    for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+    ref = REFERENCES[mech](*ref_in, **kw)
+    out.float().square().mean().backward()
+    ref.square().mean().backward()
+    refs = (ref, *(t.grad for t in ref_in))
+    for name, t, r in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), refs, strict=True):
         assert torch.isfinite(t).all(), name
+        err = ((t.float() - r).norm() / r.norm()).item()
+        assert err < 3e-2, (name, err)
 
 
 @gpu
@@ -277,7 +286,9 @@ def test_triton_rope_linear_is_chosen_on_cuda_and_compiles_fullgraph(mech):
     compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kw), fullgraph=True)
     out = compiled(q, k, v)
     out.float().square().sum().backward()
-    torch.testing.assert_close(out, fn(q, k, v, **kw))
+    # Inductor compiles the glue around the kernel (RoPE rotation, casts) with its own bfloat16 rounding: the 3f3582c
+    # run differed from eager in 3 of 37,824 elements by 1.8e-5 (atol was 1e-5), so the bound is bfloat16's.
+    torch.testing.assert_close(out, fn(q, k, v, **kw), rtol=1.6e-2, atol=1e-3)
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
