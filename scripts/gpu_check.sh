@@ -12,6 +12,8 @@
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
+#   bench-convert  benchmarks/convert_speed.py: Wan2.1-1.3B (32,760 tokens) and FLUX.1 (4,096 + 512) step time,
+#                  dense vs sparse / sla / hybrid / linear (full models, forward)                       ~3 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
 #   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
 #   bench-train    training step at 224 px                                                             ~1.5 min
@@ -45,6 +47,9 @@ for stage in "$@"; do
         --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
     bench-sla)
       timeout 150 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
+    bench-convert)
+      timeout 200 python3 benchmarks/convert_speed.py --models wan,flux --time-budget 150 --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | tail -30 ;;
     bench-na)
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)
