@@ -19,7 +19,7 @@ FLUX.1-shaped ``FluxTransformer2DModel`` at 1024 px, dense (the stock processors
   median of all its timed steps, ``ratio`` = dense ms / method ms (> 1: faster than dense). ``peak_mib``: the largest
   ``max_memory_allocated`` over the row's rounds (weights included). ``--train``: all weights require gradients
   (full fine-tuning; the converter's own parameters too), the step is forward + ``backward`` of a fixed random
-  output gradient (no optimizer).
+  output gradient (no optimizer); ``--grad-checkpointing`` turns on diffusers' gradient checkpointing.
 * Attention share (forward only): one extra forward per method with CUDA events around every converted self-attention
   module (the same modules for ``dense``): ``attn_ms`` and ``attn_share`` of that forward. ``--profile`` adds a
   ``torch.profiler`` kernel table (GPU time by category, top kernels) of one step per method and mode.
@@ -266,7 +266,14 @@ def kernel_profile(step: Callable[[], object], clock: _Clock, top: int = 12) -> 
             kernels[evt.name] += getattr(evt, "device_time_total", 0.0) / 1e3
     cats: dict[str, float] = defaultdict(float)
     for name, ms in kernels.items():
-        cats["attention (visionlin triton)" if name in ours else category(name)] += ms
+        low = name.lower()
+        if name in ours:
+            cat = "attention (visionlin triton)"
+        elif "natten" in low or any(f"na{d}d" in low for d in (1, 2, 3)):
+            cat = "attention (natten)"
+        else:
+            cat = category(name)
+        cats[cat] += ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {
         "kernel_ms": sum(kernels.values()),
@@ -313,6 +320,8 @@ def bench_model(
         for r in rows.values():
             r.update(status=status, error=f"building the model: {err}")
         return section
+    if args.grad_checkpointing:
+        model.enable_gradient_checkpointing()  # recomputes each block in the backward (only --train's step uses it)
     section["parameters"] = sum(p.numel() for p in model.parameters())
     section["weights_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     # The self-attention modules a conversion takes over (the same set times `dense`'s attention).
@@ -402,8 +411,8 @@ def run(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: 
     t0 = time.monotonic()
     end = None if args.time_budget is None else t0 + args.time_budget
     meta = run_meta(_command(args.argv), args.device, args.commit or _git_commit(), diffusers=_diffusers_version())
-    settings = {k: getattr(args, k) for k in ("dtype", "batch", "iters", "warmup", "repeats", "train", "tiny",
-                                              "layers", "time_budget", "profile")}  # fmt: skip
+    keys = ("dtype", "batch", "iters", "warmup", "repeats", "train", "grad_checkpointing", "tiny", "layers")
+    settings = {k: getattr(args, k) for k in (*keys, "time_budget", "profile")}
     settings["order"] = "methods alternate: forward order in even rounds, reversed in odd ones"
     result: dict[str, Any] = {"benchmark": "convert_speed", "meta": meta, "settings": settings, "models": []}
     for i, name in enumerate(args.models):
@@ -536,6 +545,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=_positive(int), default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 on the CPU)")
     p.add_argument("--train", action="store_true", help="also time forward + backward (all weights trainable)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="diffusers' gradient checkpointing for --train (at 32,760 tokens the activations of 30 blocks "
+                   "may not fit)")  # fmt: skip
     p.add_argument("--iters", type=_positive(int), default=3, help="timed steps per method and round (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method and round (default 1)")
     p.add_argument("--repeats", type=_positive(int), default=2, help="rounds in alternating order (default 2)")
@@ -561,6 +573,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cpu measures nothing useful at the real sizes; add --tiny (smoke test)")
     if args.warmup < 0:
         p.error(f"argument --warmup: {args.warmup} must be >= 0")
+    if args.grad_checkpointing and not args.train:
+        p.error("--grad-checkpointing only changes the --train step; add --train")
     if args.profile and dev.type != "cuda":
         p.error("--profile needs --device cuda (it reads CUDA kernel times)")
     args.dtype = args.dtype or ("fp32" if dev.type == "cpu" else "bf16")

@@ -64,13 +64,17 @@ def test_tiny_cpu_run_writes_every_row_finite(script, tmp_path):
 
 def test_layers_flag_and_options_are_recorded(script, tmp_path):
     argv = [*TINY, "--models", "flux", "--methods", "dense,sla", "--layers", "2", "--set", "sla.sparsity=0.5"]
-    assert script.main([*argv, "--set", "sla.variant=code", "--out", str(tmp_path)]) == 0
-    (section,) = json.loads((tmp_path / "convert_speed.json").read_text())["models"]
+    argv += ["--set", "sla.variant=code", "--train", "--grad-checkpointing"]
+    assert script.main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "convert_speed.json").read_text())
+    assert result["settings"]["grad_checkpointing"] is True
+    (section,) = result["models"]
     assert section["layers"] == {"num_layers": 2, "num_single_layers": 4}
     assert section["full_model_layers"] == {"num_layers": 1, "num_single_layers": 2}  # the tiny config's own
     assert section["attention_modules"] == 6  # 2 double + 4 single blocks, one joint attention each
-    (sla,) = [r for r in section["rows"] if r["method"] == "sla"]
-    assert sla["status"] == "ok" and sla["options"]["sparsity"] == 0.5 and sla["options"]["variant"] == "code"
+    assert all(r["status"] == "ok" and math.isfinite(r["ms"]) for r in section["rows"])  # checkpointed backward too
+    sla = [r for r in section["rows"] if r["method"] == "sla"]
+    assert len(sla) == 2 and all(r["options"]["sparsity"] == 0.5 and r["options"]["variant"] == "code" for r in sla)
 
 
 def test_the_result_is_saved_after_every_measurement(script):
@@ -118,6 +122,7 @@ def test_real_configs_are_the_published_ones(script):
         (["--tiny", "--device", "cpu", "--layers", "0"], "'0' is not a positive integer"),
         (["--tiny", "--device", "cpu", "--time-budget", "-1"], "'-1' is not a positive number"),
         (["--tiny", "--device", "cpu", "--profile"], "--profile needs --device cuda"),
+        (["--tiny", "--device", "cpu", "--grad-checkpointing"], "add --train"),
         (["--tiny", "--device", "tpu"], "'tpu' is not a torch device"),
     ],
 )
@@ -138,3 +143,23 @@ def test_plot_draws_every_panel(script, tmp_path):
               for n in ("wan", "flux")]  # fmt: skip
     script.plot({"benchmark": "convert_speed", "meta": meta, "models": models}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_tiny_cuda_run_with_profile(script, tmp_path):
+    """The CUDA paths (events, peak memory, attention share, the profiler table) on the tiny configs, bf16."""
+    argv = ["--tiny", "--device", "cuda", "--iters", "2", "--warmup", "1", "--repeats", "2", "--train", "--profile"]
+    assert script.main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "convert_speed.json").read_text())
+    assert result["meta"]["gpu"] and result["settings"]["dtype"] == "bf16"
+    assert (tmp_path / "convert_speed.png").stat().st_size > 10_000
+    for section in result["models"]:
+        assert len(section["rows"]) == 2 * len(METHODS)
+        for r in section["rows"]:
+            assert r["status"] == "ok", r
+            assert r["iters"] == 4 and math.isfinite(r["ms"]) and r["peak_mib"] > 0
+            prof = r["profile"]
+            assert prof["kernel_ms"] > 0 and prof["top_kernels"] and sum(prof["categories_ms"].values()) > 0
+            if r["mode"] == "fwd":
+                assert 0 < r["attn_share"] <= 1
