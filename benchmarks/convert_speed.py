@@ -328,6 +328,10 @@ def bench_model(
     attn_names = [r.name for r in convert(model, "dense").converted]
     revert(model)
     section["attention_modules"] = len(attn_names)
+    inp = section["input"]
+    print(f"{name}: {section['parameters'] / 1e6:,.1f} M parameters, {section['layers']}, {inp['image_tokens']} image "
+          f"tokens {inp['grid']} + {inp['text_tokens']} text, batch {inp['batch']}, {args.dtype}, "
+          f"{len(attn_names)} attention modules converted", flush=True)  # fmt: skip
     options = {m: validate_options(m, args.options.get(m, {})) for m in args.methods
                if m != "dense"}  # fmt: skip
     for (m, _), r in rows.items():

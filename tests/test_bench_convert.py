@@ -105,6 +105,13 @@ def test_real_configs_are_the_published_ones(script):
 
     _, wan_in = script.model_inputs("wan", wan, args, "meta", torch.bfloat16)
     _, flux_in = script.model_inputs("flux", flux, args, "meta", torch.bfloat16)
+    # Built on the meta device (no memory): the published parameter counts, every self-attention convertible.
+    wan_m = script.build_model("wan", wan, torch.device("meta"), torch.bfloat16)
+    flux_m = script.build_model("flux", flux, torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in wan_m.parameters()) == 1_418_996_800  # Wan2.1-T2V-1.3B
+    assert 11.85e9 < sum(p.numel() for p in flux_m.parameters()) < 11.95e9  # FLUX.1-dev: 11.9 B
+    assert wan_m.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert wan_m.scale_shift_table.dtype == torch.float32  # _keep_in_fp32_modules, as from_pretrained keeps it
     assert wan_in["grid"] == [21, 30, 52] and wan_in["image_tokens"] == 32760 and wan_in["latent"] == [16, 21, 60, 104]
     assert flux_in["image_tokens"] == 4096 and flux_in["text_tokens"] == 512
 
