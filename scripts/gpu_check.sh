@@ -9,6 +9,12 @@
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
 #   tests-more     gpu tests of the MALA/RALA/NaLa/Efficient, neighborhood, SLA, scan, GLA kernels, the window
 #                  mixer, the hybrid / pooled-agent ops and the converter on CUDA (pytest -n 4 if xdist is there)  ~4 min
+#   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
+#                  hybrid, converter methods and tuning, the converter speed bench)                  ~2.5 min
+#   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
+#   check-4096     every other hierarchical entrypoint once at 4096 x 4096, batch 1 (inference, eager)  ~2 min
+#   fmnist         the Fashion-MNIST results table (benchmarks/fashion_mnist_table.py; needs .data/ carried with
+#                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
@@ -26,6 +32,9 @@ OUT=$1
 COMMIT=$2
 shift 2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+HIER=flatten_pvt_small,agent_pvt_small,flatten_swin_tiny,agent_swin_tiny,nat_tiny,dinat_tiny,mambavision_tiny,vig_small
+HIER=$HIER,mavit_tiny,ravlt_tiny,nalaformer_tiny
+SWIN=swin_tiny_patch4_window7_224
 MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
 for stage in "$@"; do
@@ -34,6 +43,33 @@ for stage in "$@"; do
     tests-new)
       timeout 260 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_triton_agent.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
+    tests-rerun)
+      XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+      timeout 200 $PYTEST $XD --durations=12 tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
+        tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py tests/test_convert_methods.py \
+        tests/test_convert_tune.py tests/test_bench_convert.py 2>&1 | tee "$OUT/gpu_tests_rerun_$COMMIT.log" \
+        | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
+    bench-hier)
+      timeout 170 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024,4096 --models $HIER \
+        --twin $SWIN --time-budget 150 --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
+      timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN --time-budget 85 \
+        --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+    check-4096)
+      ALL=$(python3 -c "
+import visionlin
+from timm.models import _registry as r
+fam = ('nat', 'mambavision', 'mavit', 'nalaformer', 'pvt', 'ravlt', 'swin', 'vig')
+print(','.join(n for n in visionlin.list_models() if r._model_to_module.get(n) in fam and n not in '$HIER'.split(',')))")
+      timeout 160 python3 -m visionlin.cli bench models --quick --modes eager --sizes 4096 --models "$ALL" --twin $SWIN \
+        --warmup 1 --iters 1 --repeats 1 --min-time 0.01 --time-budget 140 --name bench_4096_all --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+    fmnist)
+      mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
+      timeout 575 python3 benchmarks/fashion_mnist_table.py --out /tmp/fmnist --epochs ${FM_EPOCHS:-5} --parallel 5 \
+        --workers 2 --time-budget 380 --hard-limit 490 --commit "$COMMIT" \
+        --train-args "--data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist" 2>&1 | grep -vE "^\s*$" | tail -40
+      cp /tmp/fmnist/fashion_mnist_table.json /tmp/fmnist/fashion_mnist_table.md /tmp/fmnist/fashion_mnist_table.png \
+        /tmp/fmnist/fashion_mnist_runs.tar.gz "$OUT/" 2>/dev/null ;;
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
     tests-more)

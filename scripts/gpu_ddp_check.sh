@@ -3,6 +3,8 @@
 # (32 px, 3,200 training and 500 validation images), in under 8 minutes:
 #
 #   one_gpu        1 GPU, batch 64, EMA                                 (the reference for DDP)
+#   one_gpu_repeat the same again (on the other GPU)                    run-to-run determinism of one GPU
+#   one_gpu_accum  1 GPU, 2 micro-batches of 32 (the same global batch) the drift of a changed summation order alone
 #   ddp            2 GPUs (DDP), 2 x 32, EMA, recovery checkpoints       losses vs one_gpu, val counted once (500)
 #   ddp_killed     the same run SIGKILLed (all processes) after step 90 (mid-epoch), then --resume auto: losses vs ddp
 #   fsdp           2 GPUs, --fsdp (FSDP2), 2 x 32                        losses vs ddp
@@ -126,6 +128,14 @@ $PY -c "import torch, accelerate, timm; print(torch.__version__, accelerate.__ve
 
 stage one_gpu 70 env CUDA_VISIBLE_DEVICES=0 $PY -m visionlin.train "${MODEL[@]}" "${COMMON[@]}" -b $((2 * B)) \
   --model-ema --model-ema-decay 0.99 --experiment one_gpu
+if [[ $MODE != smoke ]]; then  # what one GPU alone does: a repeat (is it deterministic?) and the same global batch as
+  # two micro-batches (only the summation order differs from one_gpu, as in DDP), side by side on the two GPUs
+  stage one_gpu_repeat 70 env CUDA_VISIBLE_DEVICES=1 $PY -m visionlin.train "${MODEL[@]}" "${COMMON[@]}" \
+    -b $((2 * B)) --model-ema --model-ema-decay 0.99 --experiment one_gpu_repeat &
+  stage one_gpu_accum 70 env CUDA_VISIBLE_DEVICES=0 $PY -m visionlin.train "${MODEL[@]}" "${COMMON[@]}" -b $B \
+    --grad-accum-steps 2 --model-ema --model-ema-decay 0.99 --experiment one_gpu_accum
+  wait
+fi
 stage ddp 80 launch2 29611 -m visionlin.train "${MODEL[@]}" "${COMMON[@]}" -b $B --model-ema \
   --model-ema-decay 0.99 --recovery-interval "$EVERY" --experiment ddp
 killed_then_resumed ddp_killed 29621 -m visionlin.train "${MODEL[@]}" "${COMMON[@]}" -b $B --model-ema \
@@ -177,11 +187,12 @@ def compare(a, b, rel_ok):
     early = [r for s, r in zip(common, rel) if s <= 20]
     return {"steps": len(common), "last_step": common[-1], "max_rel": rel[worst], "at_step": common[worst],
             "max_rel_first_20_steps": max(early, default=None),
+            "rel_at": {s: float(f"{r:.2e}") for s, r in zip(common, rel) if s in (5, 10, 15, 20, 50, 100, 200)},
             "verdict": "ok" if rel[worst] <= rel_ok else f"DIFFERS (> {rel_ok})"}
 
 
 runs = {}
-for name in ("one_gpu", "ddp", "ddp_killed", "fsdp", "fsdp_killed", "distill_ddp", "distill_fsdp"):
+for name in ("one_gpu", "one_gpu_repeat", "one_gpu_accum", "ddp", "ddp_killed", "fsdp", "fsdp_killed", "distill_ddp", "distill_fsdp"):
     lg = log(name)
     if lg is None:
         runs[name] = None
@@ -198,6 +209,9 @@ summary = {
     "runs": runs,
     # other processes sum in other orders (and cuDNN's convolutions use TF32 by default): differences grow over the
     # steps, so a loose bound, with the first 20 steps reported apart; resumed runs should be (near) identical
+    "one_gpu_repeat_vs_one_gpu": compare("one_gpu", "one_gpu_repeat", 1e-4),
+    # the reference for judging ddp_vs_one_gpu: the same data and global batch on one GPU, summed in two halves
+    "one_gpu_accum_vs_one_gpu": compare("one_gpu", "one_gpu_accum", 5e-3),
     "ddp_vs_one_gpu": compare("one_gpu", "ddp", 5e-3),
     "ddp_resumed_vs_ddp": compare("ddp", "ddp_killed", 1e-4),
     "fsdp_vs_ddp": compare("ddp", "fsdp", 5e-3),

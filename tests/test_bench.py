@@ -62,7 +62,7 @@ def _usage_error(capsys, argv: list[str]) -> str:
         (["models", "--iters", "0"], "argument --iters: '0' is not a positive integer"),
         (["models", "--time-budget", "-1"], "'-1' is not a positive number of seconds"),
         (["models", "--twin", "deit_smal_patch16_224"], "'deit_smal_patch16_224' is not a timm model (did you mean"),
-        (["models", "--twin", "vit_small_patch14_dinov2"], "has patch size 14; the twin needs 16"),
+        (["models", "--twin", "vit_small_patch14_dinov2"], "has patch size 14; the twin needs 16 or a divisor of it"),
         (["models", "--backends", "cuda"], "unknown backend 'cuda'; choose from auto, "),
         (["models", "--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
         (["models", "--device", "meta"], "'meta' is not measured; use 'cuda' or 'cuda:N', or 'cpu' for a smoke"),

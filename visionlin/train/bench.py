@@ -1162,8 +1162,11 @@ def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"argument --twin: {args.twin!r} is not a timm model{hint}; default: {TWIN}")
     from .scaling import _patch_size
 
-    if _patch_size(args.twin) != PATCH:
-        parser.error(f"argument --twin: {args.twin!r} has patch size {_patch_size(args.twin)}; the twin needs {PATCH}")
+    twin_patch = _patch_size(args.twin)
+    if not twin_patch or PATCH % twin_patch:  # patch 16 (ViT twins) or a divisor of it (hierarchical: Swin's 4)
+        parser.error(
+            f"argument --twin: {args.twin!r} has patch size {twin_patch}; the twin needs {PATCH} or a divisor of it"
+        )
     known = sorted({b for backends in visionlin.kernels.list_ops().values() for b in backends} | {"auto"})
     for b in args.backends:
         if b not in known:
