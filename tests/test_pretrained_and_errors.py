@@ -325,12 +325,17 @@ def test_pretrained_tag_and_file_errors(tmp_path):
         r"truncated.pth' is not a readable torch or safetensors checkpoint",
     )
     import argparse
+    import socket
 
+    # Training scripts' {'model': ..., 'args': argparse.Namespace} loads (the Namespace is allowed); other objects not.
+    args = tmp_path / "args.pth"
+    torch.save({"model": timm.create_model("agent_deit_tiny").state_dict(), "args": argparse.Namespace(lr=1)}, args)
+    timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(args)))
     pickled = tmp_path / "pickled.pth"
-    torch.save({"model": timm.create_model("agent_deit_tiny").state_dict(), "args": argparse.Namespace()}, pickled)
+    torch.save({"model": timm.create_model("agent_deit_tiny").state_dict(), "x": socket.AddressFamily.AF_INET}, pickled)
     _err(
         lambda: timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(pickled))),
-        r"holds Python objects other than tensors.*argparse.Namespace.*torch.load\(path, weights_only=False\)",
+        r"holds Python objects other than tensors.*socket.AddressFamily.*torch.load\(path, weights_only=False\)",
     )
     from safetensors.torch import save_file
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -17,9 +18,37 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 from torch import nn
 
-__all__ = ["build_with_weights", "check_checkpoint_file", "resolve_cfg"]
+__all__ = ["build_with_weights", "check_checkpoint_file", "resolve_cfg", "weights_source"]
 
 _SOURCES = ("url", "file", "hf_hub_id", "state_dict")
+# Objects the authors' full training checkpoints hold besides tensors that the weights-only unpickler may rebuild:
+# DeiT-style and timm training scripts save their command line as ``args`` (an ``argparse.Namespace`` of plain
+# values). Anything else is refused with a message naming it.
+_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the weights could not be fetched (offline, unreachable host, missing file on the hub)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:  # pragma: no cover (timm depends on huggingface_hub)
+        return errors
+    return (*errors, EntryNotFoundError)
+
+
+def weights_source(cfg: dict[str, Any]) -> str:
+    """Where ``cfg`` fetches its weights from, in words: ``url='...'``, ``hf_hub_id='org/repo'`` (with the file
+    name), ``file='...'``; empty when it names no weights."""
+    if cfg.get("file"):
+        return f"file={cfg['file']!r}"
+    parts = []
+    if cfg.get("hf_hub_id"):
+        hub = f"hf_hub_id={cfg['hf_hub_id']!r}"
+        parts.append(hub + (f" (file {cfg['hf_hub_filename']!r})" if cfg.get("hf_hub_filename") else ""))
+    if cfg.get("url"):
+        parts.append(f"url={cfg['url']!r}")
+    return ", ".join(parts)
 
 
 def resolve_cfg(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -60,12 +89,15 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
         check_checkpoint_file(cfg["file"])
         sources = {"file": cfg["file"]}
     if not sources:
+        notes = cfg.get("notes") or "no url/file/hf_hub_id in its pretrained_cfg"
+        notes = "; ".join(notes) if isinstance(notes, (list, tuple)) else notes
+        where = f" (authors' code: {cfg['origin_url']})" if cfg.get("origin_url") else ""
         raise ValueError(
-            f"{variant}: no released pretrained weights are known for this configuration "
-            f"({cfg.get('notes') or 'no url/file/hf_hub_id in its pretrained_cfg'}). Load your own checkpoint with "
-            f"timm.create_model({variant.split('.')[0]!r}, pretrained=True, "
+            f"{variant}: no released pretrained weights are known for this configuration ({notes}){where}. Load "
+            f"your own checkpoint with timm.create_model({variant.split('.')[0]!r}, pretrained=True, "
             "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'))"
         )
+    where = weights_source(cfg)
     try:
         if cfg.get("url") and not cfg.get("file") and not Path(urlparse(cfg["url"]).path).suffix:
             # Share links such as '.../f/<id>/?dl=1' have no file name, which torch.hub needs for its cache:
@@ -80,12 +112,20 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
                     )
                 ),
             }
-        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    except (OSError, ConnectionError, TimeoutError) as e:
-        where = ", ".join(f"{k}={v!r}" for k, v in sources.items() if k != "state_dict")
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+            return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        needs = f"it needs {found.group(1)}" if found else str(e).strip().splitlines()[0]
         raise RuntimeError(
-            f"{variant}: could not load pretrained weights from {where}: {type(e).__name__}: {e}. If this machine is "
-            "offline, download the checkpoint elsewhere and pass "
+            f"{variant}: the checkpoint from {where or 'state_dict'} holds Python objects other than tensors, which "
+            f"are not loaded for safety ({needs}). If you trust its source: state = torch.load(path, "
+            "weights_only=False), then model.load_state_dict(checkpoint_filter_fn(state, model))."
+        ) from None
+    except _fetch_errors() as e:
+        raise RuntimeError(
+            f"{variant}: could not load pretrained weights from {where or 'state_dict'}: {type(e).__name__}: {e}. If "
+            "this machine is offline, download the checkpoint elsewhere and pass "
             "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth') (it is mapped by checkpoint_filter_fn)."
         ) from None
 
@@ -111,7 +151,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         else:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not found:  # the weights-only unpickler met bytes that are no pickle at all

@@ -54,7 +54,7 @@ from ._common import (
     take_indices,
     token_grid,
 )
-from ._pretrained import build_with_weights
+from ._pretrained import build_with_weights, resolve_cfg
 from .vit import Block, _check_matches, _unwrap
 
 __all__ = [
@@ -791,6 +791,10 @@ def create_hierarchical(
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
     if kwargs.get("features_only"):
         take_indices(len(depths), out_indices)  # a ValueError naming bad out_indices (timm would assert)
+    if "img_size" not in kwargs:  # a tag trained at another resolution (e.g. '.in1k_384') builds at that resolution
+        size = tuple(tag_input_size(variant, kwargs))
+        if size != (224, 224):
+            kwargs["img_size"] = size
     return build_with_weights(
         model_cls or HierarchicalBackbone,
         variant,
@@ -799,6 +803,12 @@ def create_hierarchical(
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
+
+
+def tag_input_size(variant: str, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """``(H, W)`` of the input size of the pretrained configuration ``timm.create_model`` resolves for ``variant``
+    (its tag, e.g. ``'.in1k_384'``, or the default one)."""
+    return tuple(resolve_cfg(variant, dict(kwargs))["input_size"][-2:])
 
 
 # Checkpoint conversion ------------------------------------------------------------------------------------------------

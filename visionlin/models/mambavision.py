@@ -100,7 +100,10 @@ _cfg = partial(
 )
 
 
+# The authors' checkpoints (NVlabs/MambaVision README and mamba_vision.py default_cfgs): ImageNet-1k, and ImageNet-21k
+# pretrained then fine-tuned on ImageNet-1k (B / L at 224 px, L2 at 512 px with windows 8-8-32-16).
 _HF = "https://huggingface.co/nvidia/MambaVision-{}-1K/resolve/main/mambavision_{}_1k.pth.tar"
+_HF21 = "https://huggingface.co/nvidia/MambaVision-{}-21K/resolve/main/{}.pth.tar"
 
 default_cfgs = generate_default_cfgs(
     {
@@ -108,8 +111,16 @@ default_cfgs = generate_default_cfgs(
         "mambavision_tiny2.in1k": _cfg(_HF.format("T2", "tiny2"), crop_pct=0.98),
         "mambavision_small.in1k": _cfg(_HF.format("S", "small"), crop_pct=0.93),
         "mambavision_base.in1k": _cfg(_HF.format("B", "base")),
+        "mambavision_base.in21k_ft_in1k": _cfg(_HF21.format("B", "mambavision_base_21k")),
         "mambavision_large.in1k": _cfg(_HF.format("L", "large")),
+        "mambavision_large.in21k_ft_in1k": _cfg(_HF21.format("L", "mambavision_large_21k")),
         "mambavision_large2.in1k": _cfg(_HF.format("L2", "large2")),
+        "mambavision_large2.in21k_ft_in1k_512": _cfg(
+            _HF21.format("L2-512", "mambavision_L2_21k_240m_512"),
+            input_size=(3, 512, 512),
+            crop_pct=0.93,
+            crop_mode="squash",
+        ),
     }
 )
 
@@ -120,6 +131,9 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -
     given."""
     depths = kwargs["depths"]
     kwargs["stem_kwargs"] = {"width": kwargs.pop("in_dim"), **kwargs.get("stem_kwargs", {})}
+    if "window_size" not in kwargs:  # the authors': stages 3-4 window their whole map at the trained size
+        h = hierarchical.tag_input_size(variant, kwargs)[0]
+        kwargs["window_size"] = (8, 8, h // 16, h // 32)
     windows = kwargs["window_size"]
     if isinstance(windows, Sequence) and not isinstance(windows, str):
         kwargs["window_size"] = [None if i < _CONV_STAGES else w for i, w in enumerate(windows)]
@@ -133,7 +147,6 @@ def _args(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
     """An entrypoint's published settings, each overridable by the caller's keywords."""
     common = dict(
         mlp_ratio=4.0,
-        window_size=(8, 8, 14, 7),
         qkv_bias=True,
         stem_type="conv_bn",
         downsample_type="conv_nonorm",

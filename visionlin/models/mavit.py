@@ -456,13 +456,17 @@ _cfg = partial(pretrained_cfg, first_conv="stem.proj.0", pool_size=(7, 7), crop_
 _MAVIT = {
     "paper_ids": "arXiv:2507.00698",
     "origin_url": "https://github.com/qhfan/MALA",
-    "notes": (
-        "weights: huggingface aldjalkdf/MAViT (authors' key names; load with pretrained_cfg_overlay=dict(file=...))"
-    ),
+    "hf_hub_id": "aldjalkdf/MAViT",
 }
-
+# The authors' ImageNet-1k checkpoints on the Hugging Face hub (qhfan/MALA README: "All models here", the
+# aldjalkdf/MAViT repository): MAViT_S.pth and MAViT_L.pth are named in its upload commits; MAViT_T.pth and
+# MAViT_B.pth follow the same naming (their commits are not in the sources read). Full training checkpoints (the
+# weights under "model", with optimizer and EMA); checkpoint_filter_fn maps the key names.
 default_cfgs = generate_default_cfgs(
-    {f"mavit_{s}.in1k": _cfg(**_MAVIT) for s in ("tiny", "small", "base", "large")},
+    {
+        f"mavit_{s}.in1k": _cfg(hf_hub_filename=f"MAViT_{s[0].upper()}.pth", **_MAVIT)
+        for s in ("tiny", "small", "base", "large")
+    },
 )
 
 

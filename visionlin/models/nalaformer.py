@@ -16,7 +16,10 @@ __all__ = ["checkpoint_filter_fn", "nalaformer_base", "nalaformer_large", "nalaf
 _NALA = {
     "paper_ids": "arXiv:2506.21137",
     "origin_url": "https://github.com/ZacharyMeng/NaLaFormer",
-    "notes": "no released weights (the authors: coming soon)",
+    "notes": (
+        "no released weights: the authors' README and MODEL_ZOO.md list every variant's weights as 'coming soon' "
+        "(ZacharyMeng/NaLaFormer @ 0e1a521)",
+    ),
 }
 
 default_cfgs = generate_default_cfgs(

@@ -79,7 +79,7 @@ _cfg = partial(pretrained_cfg, first_conv="stem.proj")
 
 _FLATTEN = {"paper_ids": "arXiv:2308.00442", "origin_url": "https://github.com/LeapLabTHU/FLatten-Transformer"}
 _AGENT = {"paper_ids": "arXiv:2312.08874", "origin_url": "https://github.com/LeapLabTHU/Agent-Attention"}
-_NO_WEIGHTS = {"notes": "no released weights (the authors' README lists FLatten-PVT-T only)"}
+_NO_WEIGHTS = {"notes": ("no released weights (the authors' README lists FLatten-PVT-T only)",)}
 # The authors' README links (TsinghuaCloud).
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 
@@ -92,6 +92,7 @@ default_cfgs = generate_default_cfgs(
         "agent_pvt_tiny.in1k": _cfg(_TSINGHUA.format("13fdf0e0a7c5498c934f"), **_AGENT),
         "agent_pvt_small.in1k": _cfg(_TSINGHUA.format("36b8be9a8863456685a3"), **_AGENT),
         "agent_pvt_medium.in1k": _cfg(_TSINGHUA.format("4d00ecacf18b45f9b88c"), **_AGENT),
+        "agent_pvt_medium.in1k_256": _cfg(_TSINGHUA.format("654df734121643b19c52"), input_size=(3, 256, 256), **_AGENT),
         "agent_pvt_large.in1k": _cfg(_TSINGHUA.format("040cfe0cfbbe4762ad09"), **_AGENT),
     }
 )

@@ -12,9 +12,20 @@ from .mavit import BASE, LARGE, SMALL, TINY, RoPEHybridBackbone, _cfg, checkpoin
 
 __all__ = ["checkpoint_filter_fn", "ravlt_base", "ravlt_large", "ravlt_small", "ravlt_tiny"]
 
-_RAVLT = {"paper_ids": "arXiv:2411.07635", "origin_url": "https://github.com/qhfan/RALA"}
+_RAVLT = {
+    "paper_ids": "arXiv:2411.07635",
+    "origin_url": "https://github.com/qhfan/RALA",
+    "hf_hub_id": "aldjalkdf/RAVLT",
+}
 
-default_cfgs = generate_default_cfgs({f"ravlt_{s}.in1k": _cfg(**_RAVLT) for s in ("tiny", "small", "base", "large")})
+# The authors' ImageNet-1k checkpoints (qhfan/RALA README "ckpt" column: huggingface.co/aldjalkdf/RAVLT, RAVLT_{T,S,B,L}
+# .pth; full training checkpoints, the weights under "model"); checkpoint_filter_fn maps the key names.
+default_cfgs = generate_default_cfgs(
+    {
+        f"ravlt_{s}.in1k": _cfg(hf_hub_filename=f"RAVLT_{s[0].upper()}.pth", **_RAVLT)
+        for s in ("tiny", "small", "base", "large")
+    }
+)
 
 
 def _ravlt(variant: str, pretrained: bool, config: dict[str, Any], kwargs: dict[str, Any]) -> RoPEHybridBackbone:

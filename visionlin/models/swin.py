@@ -129,19 +129,40 @@ _cfg = partial(pretrained_cfg, first_conv="stem.proj")
 
 _FLATTEN = {"paper_ids": "arXiv:2308.00442", "origin_url": "https://github.com/LeapLabTHU/FLatten-Transformer"}
 _AGENT = {"paper_ids": "arXiv:2312.08874", "origin_url": "https://github.com/LeapLabTHU/Agent-Attention"}
-# The authors' README links (TsinghuaCloud), 224-px weights.
+# The authors' README links (TsinghuaCloud, direct downloads with '?dl=1'): the 224-px weights and the ones fine-tuned
+# at 384 / 288 px (their configs flatten_swin_b_384, agent_swin_b_384, agent_swin_s_288: TEST.CROP False).
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_FT = {"crop_pct": 1.0}
 
 default_cfgs = generate_default_cfgs(
     {
         "flatten_swin_tiny.in1k": _cfg(_TSINGHUA.format("e1518e76703e4e57a7f2"), **_FLATTEN),
         "flatten_swin_small.in1k": _cfg(_TSINGHUA.format("94188e52af354bf4a88b"), **_FLATTEN),
         "flatten_swin_base.in1k": _cfg(_TSINGHUA.format("7a9e5186bad04e7fb3a9"), **_FLATTEN),
+        "flatten_swin_base.in1k_384": _cfg(
+            _TSINGHUA.format("0d0330cf2e5249f1abb6"), input_size=(3, 384, 384), **_FT, **_FLATTEN
+        ),
         "agent_swin_tiny.in1k": _cfg(_TSINGHUA.format("a2ddc1190c224f768a41"), **_AGENT),
         "agent_swin_small.in1k": _cfg(_TSINGHUA.format("f607172c9fea4d6e99bb"), **_AGENT),
+        "agent_swin_small.in1k_288": _cfg(
+            _TSINGHUA.format("09760394e93b4046a25e"), input_size=(3, 288, 288), **_FT, **_AGENT
+        ),
         "agent_swin_base.in1k": _cfg(_TSINGHUA.format("4fcd2d0114bb490483c3"), **_AGENT),
+        "agent_swin_base.in1k_384": _cfg(
+            _TSINGHUA.format("bb84ee9058954706a557"), input_size=(3, 384, 384), **_FT, **_AGENT
+        ),
     }
 )
+
+
+def softmax_window(linear_layer: str, img_size: int) -> int:
+    """The window of the softmax stages the authors use at ``img_size`` (their ``WINDOW_SIZE`` is the stage-1 grid,
+    ``img_size // 4``): FLatten 7, or 12 above 56 (``flatten_swin.py``: 384 px); Agent ``max(7, WINDOW_SIZE // 8)``
+    (``agent_swin.py``: 9 at 288 px, 12 at 384 px)."""
+    stage1 = img_size // 4
+    if linear_layer == "agent":
+        return max(7, stage1 // 8)
+    return 7 if stage1 <= 56 else 12
 
 
 def _create_swin(
@@ -161,7 +182,7 @@ def _create_swin(
         stem_type="patch",
         downsample_type="merge",
         norm_eps=1e-5,
-        softmax_window=7,
+        softmax_window=softmax_window(linear_layer, hierarchical.tag_input_size(variant, kwargs)[0]),
         **defaults,
     )
     args.update(kwargs)

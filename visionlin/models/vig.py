@@ -9,7 +9,8 @@ position embedding over the grid (no class token), a final RMSNorm and average p
 Every model is a :class:`~visionlin.models.vit.EfficientVisionTransformer` (ViG's patch embedding and MLP plug into
 it); the entrypoints pin the configurations of the authors' ``classification/configs/vig/vig-{t,s,b}.yaml``
 (hustvl/ViG). Names ``vig_{tiny,small,base}`` do not collide with timm's models (timm 1.0.31 registers no ``*vig*``).
-The hierarchical ViG-H variants are not implemented yet. The authors' checkpoints (``blocks.i.attn_norm``,
+The hierarchical ViG-H variants are not implemented yet (the authors release their weights too: hustvl/ViG
+``vig_h_{t,s,b}_*.pth``). The authors' checkpoints (``blocks.i.attn_norm``,
 ``mlp_norm``, ``mlp.gate_proj`` / ``down_proj``) load through :func:`checkpoint_filter_fn`.
 """
 
@@ -153,13 +154,14 @@ _cfg = partial(
 )
 
 
-_UNTRAINED = "The authors' ImageNet weights are not linked here yet; architecture only."
+# The authors' ImageNet-1k checkpoints (hustvl/ViG README: huggingface.co/hustvl/ViG; plain state dicts).
+_HUB = {"hf_hub_id": "hustvl/ViG"}
 
 default_cfgs = generate_default_cfgs(
     {
-        "vig_tiny.untrained": _cfg(notes=_UNTRAINED),
-        "vig_small.untrained": _cfg(notes=_UNTRAINED),
-        "vig_base.untrained": _cfg(notes=_UNTRAINED),
+        "vig_tiny.in1k": _cfg(hf_hub_filename="vig_t_77p2acc.pth", **_HUB),
+        "vig_small.in1k": _cfg(hf_hub_filename="vig_s_81p7acc.pth", **_HUB),
+        "vig_base.in1k": _cfg(hf_hub_filename="vig_b_82p6acc.pth", **_HUB),
     }
 )
 
