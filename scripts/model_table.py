@@ -1,4 +1,5 @@
-"""Print the README's model table: name, mechanism, params, GMACs at 224 px and at the training size, source paper.
+"""Print the README's model table: name, mechanism, params, GMACs at 224 px and at the training size, source paper,
+the authors' published top-1 / params / GMACs (``visionlin/models/_published.py``), and the papers' table.
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, which includes
 the einsums of the attention references; element-wise work is not counted), halved to multiply-accumulates.
@@ -16,6 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import visionlin
+from visionlin.models._published import PAPERS as PUBLISHED_PAPERS
+from visionlin.models._published import PUBLISHED
 
 PAPERS = {
     "infvit": ("Linear InfSA", "[Roffo & Palmer 2026](https://arxiv.org/abs/2603.00175)"),
@@ -68,7 +71,7 @@ def row(name: str) -> dict:
             model(torch.randn(1, 3, s, s))
         gmacs[s] = counter.get_total_flops() / 2e9
     mechanism, paper = PAPERS[_family(name)]
-    weights = "yes" if model.pretrained_cfg.get("url") else "no"
+    weights = "yes" if model.pretrained_cfg.get("url") or model.pretrained_cfg.get("hf_hub_id") else "no"
     if name == "agent_deit_base":
         mechanism += " (blocks 1-4) + softmax"
     mechanism += SWIN_LATE.get(name, "")
@@ -89,15 +92,23 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
     lines = [
-        "| model | mechanism | params (M) | GMACs @224 | trained at | GMACs there | authors' weights | paper |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| model | mechanism | params (M) | GMACs @224 | trained at | GMACs there | authors' weights | paper | "
+        "published top-1 | published params (M) | published GMACs |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for name in visionlin.list_models():
         r = row(name)
+        pub = " | ".join(f"{v:g}" if v is not None else "–" for v in PUBLISHED[name][:3])
         lines.append(
             f"| `{r['name']}` | {r['mechanism']} | {r['params']:.1f} | {r['gmacs']:.2f} | {r['size']} | "
             f"{r['gmacs_native']:.2f} | "
-            f"{r['weights']} | {r['paper']} |"
+            f"{r['weights']} | {r['paper']} | {pub} |"
+        )
+    lines += ["", "Papers (the `paper` column):", "", "| family | paper | arXiv |", "|---|---|---|"]
+    for fam in sorted({_family(n) for n in visionlin.list_models()}):
+        paper = PUBLISHED_PAPERS[fam]
+        lines.append(
+            f"| `{fam}_*` | {paper.title} ({paper.venue}) | [{paper.arxiv}](https://arxiv.org/abs/{paper.arxiv}) |"
         )
     text = "\n".join(lines)
     print(text)
