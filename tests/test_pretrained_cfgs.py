@@ -35,6 +35,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     **{f"nat_{s}.in1k": ("url", _NAT.format(f"nat_{s}")) for s in ("mini", "tiny", "small", "base")},
     **{f"dinat_{s}.in1k": ("url", _DINAT.format(f"dinat_{s}_in1k_224")) for s in ("mini", "tiny", "small", "base")},
     "dinat_large.in22k_ft_in1k": ("url", _DINAT.format("dinat_large_in22k_in1k_224")),
+    "dinat_large.in22k_ft_in1k_384": ("url", _DINAT.format("dinat_large_in22k_in1k_384")),
     "mambavision_tiny.in1k": ("url", _MV.format("T-1K", "mambavision_tiny_1k")),
     "mambavision_tiny2.in1k": ("url", _MV.format("T2-1K", "mambavision_tiny2_1k")),
     "mambavision_small.in1k": ("url", _MV.format("S-1K", "mambavision_small_1k")),
@@ -88,7 +89,10 @@ SIZED_TAGS = {
     "agent_swin_base.in1k_384": (384, 12),
     "agent_pvt_medium.in1k_256": (256, None),
     "mambavision_large2.in21k_ft_in1k_512": (512, None),
+    "dinat_large.in22k_ft_in1k_384": (384, None),
 }
+# The authors' dinat_large_384 (classification/dinat.py): dilations per block at 384 px.
+DINAT_LARGE_384 = [[1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5]
 HOSTS = {"cloud.tsinghua.edu.cn", "huggingface.co", "shi-labs.com"}
 
 
@@ -256,6 +260,8 @@ def test_sized_tag_builds_at_its_size_with_the_authors_windows(full):
             b.attn.window_size for s in model.stages for b in s.blocks if isinstance(b.attn, ShiftedWindowAttention)
         }
         assert windows == {window}
+    if name.startswith("dinat"):
+        assert [[b.attn.dilation[0] for b in s.blocks] for s in model.stages] == DINAT_LARGE_384
     if name.startswith("mambavision"):
         assert [s.window_size for s in model.stages[2:]] == [size // 16, size // 32]
         assert [s.window_size for s in default.stages[2:]] == [14, 7]

@@ -68,6 +68,7 @@ PUBLISHED: dict[str, Published] = {
     "dinat_small": Published(83.8, 51, 7.8, _DINAT),
     "dinat_base": Published(84.4, 90, 13.7, _DINAT),
     "dinat_large": Published(86.6, 200, 30.6, _DINAT + " (ImageNet-22k pretrained)"),
+    "dinat_large.in22k_ft_in1k_384": Published(87.4, 200, 89.7, _DINAT + " (ImageNet-22k pretrained)"),
     "mambavision_tiny": Published(82.3, 31.8, 4.4, _MV),
     "mambavision_tiny2": Published(82.7, 35.1, 5.1, _MV),
     "mambavision_small": Published(83.3, 50.1, 7.5, _MV),

@@ -107,6 +107,10 @@ default_cfgs = generate_default_cfgs(
         "dinat_small.in1k": _cfg(_DINAT_URL.format("dinat_small_in1k_224"), **_DINAT),
         "dinat_base.in1k": _cfg(_DINAT_URL.format("dinat_base_in1k_224"), **_DINAT),
         "dinat_large.in22k_ft_in1k": _cfg(_DINAT_URL.format("dinat_large_in22k_in1k_224"), **_DINAT),
+        # Fine-tuned at 384 px (classification/configs/dinat_large_384.yml: crop_pct 1.0), dilations for its grids.
+        "dinat_large.in22k_ft_in1k_384": _cfg(
+            _DINAT_URL.format("dinat_large_in22k_in1k_384"), input_size=(3, 384, 384), crop_pct=1.0, **_DINAT
+        ),
     }
 )
 
@@ -153,14 +157,17 @@ def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int] = _STA
     return [[1 if j % 2 == 0 else d for j in range(depth)] for depth, d in zip(depths, stage_dilations, strict=True)]
 
 
-def _dinat(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+def _dinat(variant: str, kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
     """DiNAT settings: alternating dilations (:func:`dinat_dilations`) for the depths in use, unless the caller
-    gives ``dilations`` or ``attn_kwargs``."""
+    gives ``dilations`` or ``attn_kwargs``. A tag trained at another size (``dinat_large.in22k_ft_in1k_384``) takes
+    the authors' rule for its grids, stage grid // 7 (``dinat_large_384``: 13, 6, 3, 1)."""
     args = _args(kwargs, **defaults)
     if "dilations" not in kwargs and "attn_kwargs" not in kwargs:
         depths = args["depths"]
         if isinstance(depths, Sequence) and len(depths) == len(_STAGE_DILATIONS):
-            args["dilations"] = dinat_dilations(depths)
+            size = hierarchical.tag_input_size(variant, kwargs)[0]
+            stage = _STAGE_DILATIONS if size == 224 else tuple(max(1, (size // 4 >> i) // 7) for i in range(4))
+            args["dilations"] = dinat_dilations(depths, stage)
         # other stage counts: the model's own checks (or nat_attn_kwargs) name the mismatch
     return args
 
@@ -193,28 +200,28 @@ def nat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
 @register_model
 def dinat_mini(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Mini: NAT-Mini with dilations 1/8, 1/4, 1/2, 1 alternating per block (20M params, 2.7 GMACs)."""
-    return _create_nat("dinat_mini", pretrained, **_dinat(kwargs, **_MINI))
+    return _create_nat("dinat_mini", pretrained, **_dinat("dinat_mini", kwargs, **_MINI))
 
 
 @register_model
 def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Tiny: NAT-Tiny with alternating dilations (28M params, 4.3 GMACs)."""
-    return _create_nat("dinat_tiny", pretrained, **_dinat(kwargs, **_TINY))
+    return _create_nat("dinat_tiny", pretrained, **_dinat("dinat_tiny", kwargs, **_TINY))
 
 
 @register_model
 def dinat_small(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Small: NAT-Small with alternating dilations and no LayerScale (51M params, 7.8 GMACs)."""
-    return _create_nat("dinat_small", pretrained, **_dinat(kwargs, **_SMALL))
+    return _create_nat("dinat_small", pretrained, **_dinat("dinat_small", kwargs, **_SMALL))
 
 
 @register_model
 def dinat_base(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Base: NAT-Base with alternating dilations, LayerScale 1e-5 (90M params, 13.7 GMACs)."""
-    return _create_nat("dinat_base", pretrained, **_dinat(kwargs, **_BASE, init_values=1e-5))
+    return _create_nat("dinat_base", pretrained, **_dinat("dinat_base", kwargs, **_BASE, init_values=1e-5))
 
 
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs: Any) -> HierarchicalBackbone:
     """DiNAT-Large (ImageNet-22k, fine-tuned on 1k at 224 px): 192 wide, 6-12-24-48 heads (200M params, 30.6 GMACs)."""
-    return _create_nat("dinat_large", pretrained, **_dinat(kwargs, **_LARGE))
+    return _create_nat("dinat_large", pretrained, **_dinat("dinat_large", kwargs, **_LARGE))
