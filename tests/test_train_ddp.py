@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,10 +56,35 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def _once_per_session(tmp_path_factory, name: str, make):
+    """``make(folder)`` run once per pytest session, even under xdist: the workers of one ``pytest -n`` run share the
+    parent of their temporary folders, so the first worker to get here makes ``folder`` (under a file lock) and the
+    others reuse it, instead of each launching the same two-process run again."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # this run's own folder, shared by its workers
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a worker that failed here: this one tries again
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     # 24 training images (12 per process: 3 steps of 8 per epoch), 15 validation images (8 + 7 over two processes)
-    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=5)
+    return _once_per_session(
+        tmp_path_factory,
+        "ddp_data",
+        lambda folder: make_synthetic_imagefolder(folder, classes=3, train_per_class=8, val_per_class=5),
+    )
 
 
 def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
@@ -105,11 +131,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def two_process_run(data, tmp_path_factory) -> tuple[Path, list[str], str]:
     """The uninterrupted two-process reference run (with EMA and a recovery checkpoint every 2 steps)."""
-    out = tmp_path_factory.mktemp("ddp")
     common = [*TINY, *RUN, *TWO, "--data-dir", str(data), "--model-ema", "--model-ema-decay", "0.9",
               "--recovery-interval", "2"]  # fmt: skip
-    text = _run2(["visionlin.train", *common, "--output", str(out)], out)
-    return out / "infvit_tiny-32", common, text
+
+    def make(out: Path) -> None:
+        (out / "launcher.txt").write_text(_run2(["visionlin.train", *common, "--output", str(out)], out))
+
+    out = _once_per_session(tmp_path_factory, "ddp", make)
+    return out / "infvit_tiny-32", common, (out / "launcher.txt").read_text()
 
 
 # Samplers -------------------------------------------------------------------------------------------------------------
