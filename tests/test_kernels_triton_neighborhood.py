@@ -126,13 +126,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_triton_neighborhood import check_na
     f32 = torch.float32
+    # The interpreter's time grows with the programs (batch x heads x tiles): the first case runs batch 2 x 2 heads
+    # (batch and head strides, the bias gradient summed over both), the others one of the two.
     check_na((9, 11), 5, (1, 2), f32, "cpu")                       # borders, dilation groups on one axis
     check_na((4, 6), 7, 1, f32, "cpu", batch=1, heads=1)           # map smaller than the kernel: whole map
-    check_na((6, 10), 3, 3, f32, "cpu", rpb=False, dim=8, dv=24)   # dilation 3 both axes, Dv != D, no bias
-    check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb_grad=False, batch=3)  # dilation capped, frozen table
+    check_na((6, 10), 3, 3, f32, "cpu", rpb=False, dim=8, dv=24, batch=1)  # dilation 3 both axes, Dv != D, no bias
+    check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb_grad=False, batch=3, heads=1)  # dilation capped, frozen table
     check_na((13,), 5, 2, f32, "cpu", dim=32)                      # 1-D as one row
-    check_na((5, 9), 3, 1, f32, "cpu", non_contiguous=True)        # head splits of a fused qkv
-    check_na((7, 9), 3, (2, 1), torch.float16, "cpu")
+    check_na((5, 9), 3, 1, f32, "cpu", non_contiguous=True, batch=1)  # head splits of a fused qkv
+    check_na((7, 9), 3, (2, 1), torch.float16, "cpu", batch=1)
     print("interpreter ok")
     """
 )
