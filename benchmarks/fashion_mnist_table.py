@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-args", default="", help="extra flags for every run (e.g. a data folder for smoke tests)")
     p.add_argument("--speed-steps", type=int, default=20, help="timed training steps per model and sweep")
     p.add_argument("--speed-sweeps", type=int, default=3, help="sweeps in alternating order (median reported)")
+    p.add_argument("--speed-budget", type=float, default=None, help="seconds for the throughput pass (default: none)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for smoke tests")
     p.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     args = p.parse_args(argv)
@@ -134,13 +136,19 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "after": TEACHER,
             }
         )
-    # The teacher first (the distillation waits for it), then the slowest-looking (hierarchical) models early.
-    out.sort(key=lambda j: (j["name"] != TEACHER, j["after"] is not None))
+    # The teacher first and the distillation next (it starts as soon as the teacher is done), then the longest runs
+    # (the hierarchical models, in FAMILIES' reverse order: the slowest per image last in FAMILIES) so that the
+    # budget's end is not spent waiting for one long run.
+    rank = {m: i for i, m in enumerate(reversed(FAMILIES))}
+    out.sort(key=lambda j: (j["name"] != TEACHER, j["after"] is None, rank.get(j["name"], len(rank))))
     return out
 
 
-def run_jobs(args: argparse.Namespace, todo: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Run ``todo`` with at most ``--parallel`` at once; returns name -> {status, seconds, returncode, log}."""
+def run_jobs(
+    args: argparse.Namespace, todo: list[dict[str, Any]], on_done: Callable[[dict], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run ``todo`` with at most ``--parallel`` at once; returns name -> {status, seconds, returncode}. ``on_done``
+    gets the statuses so far after each run ends (the caller writes the table as it fills)."""
     start = time.monotonic()
     pending, running, done = list(todo), {}, {}
     Path(args.runs).mkdir(parents=True, exist_ok=True)
@@ -158,8 +166,13 @@ def run_jobs(args: argparse.Namespace, todo: list[dict[str, Any]]) -> dict[str, 
                 ok = proc.returncode == 0
                 status = "finished" if ok else f"failed (exit {proc.returncode})"
                 done[name] = {"status": status, "seconds": time.monotonic() - start - t0, "returncode": proc.returncode}
-                print(f"[{now:7.1f}s] {name}: {status} in {done[name]['seconds']:.0f}s", flush=True)
+                run = read_run(Path(args.runs) / name)
+                last = run["epochs"][-1] if run["epochs"] else {}
+                print(f"[{now:7.1f}s] {name}: {status} in {done[name]['seconds']:.0f}s, test top-1 "
+                      f"{last.get('val_top1')}, data wait {last.get('data_wait_pct')}%", flush=True)  # fmt: skip
                 del running[name]
+                if on_done is not None:
+                    on_done(done)
         for job in list(pending):
             if len(running) >= args.parallel:
                 break
@@ -219,10 +232,14 @@ def count(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def train_speed(names: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Training img/s of each model alone: synthetic batches, forward + backward + AdamW under bf16 autocast."""
+    """Training img/s of each model alone: synthetic batches, forward + backward + AdamW under bf16 autocast. With
+    ``--speed-budget`` the models are taken in order while the budget lasts (the rest get no number)."""
     device = torch.device(args.device)
+    t_start = time.monotonic()
     setups = {}
     for name in names:
+        if args.speed_budget is not None and time.monotonic() - t_start > 0.4 * args.speed_budget:
+            break  # building and warming up took 40% of the budget: the sweeps get the rest
         torch.manual_seed(0)
         model = _create(name, args).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -245,8 +262,11 @@ def train_speed(names: list[str], args: argparse.Namespace) -> dict[str, float]:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    names = list(setups)
     for name in names:
         steps(name, 3)  # warm-up: kernels' autotuning, allocator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     rates: dict[str, list[float]] = {n: [] for n in names}
     for sweep in range(args.speed_sweeps):
         for name in names if sweep % 2 == 0 else reversed(names):
@@ -329,53 +349,61 @@ def main(argv: list[str] | None = None) -> int:
         else run_meta(shlex.join(["fashion_mnist_table.py", *argv_used]), "cpu", args.commit or "unknown")
     )
     todo = jobs(args)
+    counts: dict[str, dict[str, float]] = {}
     t0 = time.monotonic()
-    status = run_jobs(args, todo)
-    train_seconds = time.monotonic() - t0
+
+    def write(status: dict[str, dict[str, Any]], speed: dict[str, float]) -> dict[str, Any]:
+        rows = []
+        for job in todo:
+            model = job["name"] if job["after"] is None else STUDENT
+            run = read_run(Path(args.runs) / job["name"])
+            tops = [e["val_top1"] for e in run["epochs"] if e.get("val_top1") is not None]
+            st = status.get(job["name"], {"status": "not run yet"})
+            complete = st["status"] == "finished" and len(tops) == args.epochs
+            if model not in counts:
+                counts[model] = count(model, args)
+            rows.append(
+                {
+                    "row": job["row"],
+                    "model": model,
+                    "status": st["status"] if complete or st["status"] != "finished" else "finished (epochs missing)",
+                    "seconds": round(st.get("seconds", 0.0), 1),
+                    "top1": tops[-1] if complete else None,
+                    "best_top1": max(tops) if tops else None,
+                    "epochs_done": len(tops),
+                    "train_img_s": speed.get(model),
+                    "data_wait_pct": run["epochs"][-1].get("data_wait_pct") if run["epochs"] else None,
+                    "curve": run["epochs"],
+                    "train_curve": run["train"][:: max(1, len(run["train"]) // 200)],
+                    "command": "visionlin " + shlex.join(job["cmd"][3:]),
+                    **counts[model],
+                }
+            )
+        result = {
+            "meta": meta,
+            "setup": {
+                "recipe": args.recipe,
+                "epochs": args.epochs,
+                "img_size": args.img_size,
+                "batch_size": args.batch_size,
+                "parallel": args.parallel,
+                "workers": args.workers,
+                "train_seconds": round(time.monotonic() - t0, 1),
+                "test_images": next((e["val_n"] for r in rows for e in r["curve"] if e.get("val_n")), None),
+                "speed_steps": args.speed_steps,
+                "speed_sweeps": args.speed_sweeps,
+            },
+            "rows": rows,
+        }
+        (out / "fashion_mnist_table.json").write_text(json.dumps(result, indent=1))
+        (out / "fashion_mnist_table.md").write_text(_markdown(result))
+        return result
+
+    status = run_jobs(args, todo, on_done=lambda st: write(st, {}))
+    write(status, {})
     models = [j["name"] for j in todo if j["after"] is None]
     print("measuring training throughput alone ...", flush=True)
-    speed = train_speed(models, args)
-    rows = []
-    for job in todo:
-        model = job["name"] if job["after"] is None else STUDENT
-        run = read_run(Path(args.runs) / job["name"])
-        tops = [e["val_top1"] for e in run["epochs"] if e.get("val_top1") is not None]
-        st = status.get(job["name"], {"status": "not run"})
-        complete = st["status"] == "finished" and len(tops) == args.epochs
-        rows.append(
-            {
-                "row": job["row"],
-                "model": model,
-                "status": st["status"] if complete or st["status"] != "finished" else "finished (epochs missing)",
-                "seconds": round(st.get("seconds", 0.0), 1),
-                "top1": tops[-1] if complete else None,
-                "best_top1": max(tops) if tops else None,
-                "epochs_done": len(tops),
-                "train_img_s": speed.get(model),
-                "data_wait_pct": run["epochs"][-1].get("data_wait_pct") if run["epochs"] else None,
-                "curve": run["epochs"],
-                "train_curve": run["train"][:: max(1, len(run["train"]) // 200)],
-                "command": "visionlin " + shlex.join(job["cmd"][3:]),
-                **count(model, args),
-            }
-        )
-    result = {
-        "meta": meta,
-        "setup": {
-            "recipe": args.recipe,
-            "epochs": args.epochs,
-            "img_size": args.img_size,
-            "batch_size": args.batch_size,
-            "parallel": args.parallel,
-            "train_seconds": round(train_seconds, 1),
-            "test_images": next((e["val_n"] for r in rows for e in r["curve"] if e.get("val_n")), None),
-            "speed_steps": args.speed_steps,
-            "speed_sweeps": args.speed_sweeps,
-        },
-        "rows": rows,
-    }
-    (out / "fashion_mnist_table.json").write_text(json.dumps(result, indent=1))
-    (out / "fashion_mnist_table.md").write_text(_markdown(result))
+    result = write(status, train_speed(models, args))
     _plot(result, out / "fashion_mnist_table.png")
     with tarfile.open(out / "fashion_mnist_runs.tar.gz", "w:gz") as tar:
         for job in todo:

@@ -12,7 +12,7 @@
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench)                  ~2.5 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
-#   check-4096     every other hierarchical entrypoint once at 4096 x 4096, batch 1 (inference, eager)  ~2 min
+#   check-4096     every hierarchical entrypoint once at 4096 x 4096, batch 1 (benchmarks/hires_every_model.py) ~2.5 min
 #   fmnist         the Fashion-MNIST results table (benchmarks/fashion_mnist_table.py; needs .data/ carried with
 #                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
@@ -45,28 +45,23 @@ for stage in "$@"; do
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
     tests-rerun)
       XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-      timeout 200 $PYTEST $XD --durations=12 tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
-        tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py tests/test_convert_methods.py \
-        tests/test_convert_tune.py tests/test_bench_convert.py 2>&1 | tee "$OUT/gpu_tests_rerun_$COMMIT.log" \
-        | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
+      timeout ${RERUN_LIMIT:-300} $PYTEST ${XD/4/3} -v --durations=12 tests/test_kernels_triton_rope_linear.py \
+        tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py \
+        tests/test_convert_methods.py tests/test_convert_tune.py tests/test_bench_convert.py 2>&1 \
+        | tee "$OUT/gpu_tests_rerun_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40 ;;
     bench-hier)
       timeout 170 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024,4096 --models $HIER \
         --twin $SWIN --time-budget 150 --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
       timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN --time-budget 85 \
         --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     check-4096)
-      ALL=$(python3 -c "
-import visionlin
-from timm.models import _registry as r
-fam = ('nat', 'mambavision', 'mavit', 'nalaformer', 'pvt', 'ravlt', 'swin', 'vig')
-print(','.join(n for n in visionlin.list_models() if r._model_to_module.get(n) in fam and n not in '$HIER'.split(',')))")
-      timeout 160 python3 -m visionlin.cli bench models --quick --modes eager --sizes 4096 --models "$ALL" --twin $SWIN \
-        --warmup 1 --iters 1 --repeats 1 --min-time 0.01 --time-budget 140 --name bench_4096_all --out "$OUT" \
-        --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+      timeout 220 python3 benchmarks/hires_every_model.py --size 4096 --out "$OUT" --commit "$COMMIT" 2>&1 \
+        | grep -vE "^\s*$|Warning|warn" | cut -c1-240 ;;
     fmnist)
       mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
-      timeout 575 python3 benchmarks/fashion_mnist_table.py --out /tmp/fmnist --epochs ${FM_EPOCHS:-5} --parallel 5 \
-        --workers 2 --time-budget 380 --hard-limit 490 --commit "$COMMIT" \
+      timeout ${FM_LIMIT:-575} python3 benchmarks/fashion_mnist_table.py --out /tmp/fmnist --epochs ${FM_EPOCHS:-3} \
+        --parallel ${FM_PARALLEL:-5} --workers ${FM_WORKERS:-5} --time-budget ${FM_BUDGET:-330} --hard-limit \
+        ${FM_HARD:-450} --speed-budget 60 --commit "$COMMIT" \
         --train-args "--data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist" 2>&1 | grep -vE "^\s*$" | tail -40
       cp /tmp/fmnist/fashion_mnist_table.json /tmp/fmnist/fashion_mnist_table.md /tmp/fmnist/fashion_mnist_table.png \
         /tmp/fmnist/fashion_mnist_runs.tar.gz "$OUT/" 2>/dev/null ;;

@@ -32,7 +32,7 @@ STAGES=$D/stages.tsv
 : > "$STAGES"
 
 # images per class, batch per process (one process: twice), checkpoint interval, the step after which runs are killed
-PER_CLASS=320 B=32 EVERY=30 KILL=90 VAL=50 EPOCHS=4 SLOW=1 SIZE=()
+PER_CLASS=320 B=32 EVERY=30 KILL=90 VAL=50 EPOCHS=4 SLOW=${DDP_SLOW:-1} SIZE=()  # DDP_SLOW: a shared machine
 if [[ $MODE == smoke ]]; then
   PER_CLASS=8 B=2 EVERY=2 KILL=6 VAL=3 EPOCHS=2 BUDGET=2400 SLOW=5 SIZE=(embed_dim=32 num_heads=2)
   export OMP_NUM_THREADS=1

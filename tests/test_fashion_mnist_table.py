@@ -19,8 +19,8 @@ def test_jobs_put_the_teacher_first_and_the_distillation_after_it(tmp_path):
     args = fmt.parse_args(["--out", str(tmp_path), "--models", f"nat_tiny,{fmt.TEACHER},infvit_small", "--epochs", "2"])
     args.runs = tmp_path / "runs"
     jobs = fmt.jobs(args)
-    assert [j["name"] for j in jobs] == [fmt.TEACHER, "nat_tiny", "infvit_small", "infvit_small-distilled"]
-    distill = jobs[-1]
+    assert [j["name"] for j in jobs] == [fmt.TEACHER, "infvit_small-distilled", "nat_tiny", "infvit_small"]
+    distill = jobs[1]
     assert distill["after"] == fmt.TEACHER and distill["cmd"][3] == "distill"
     assert str(args.runs / fmt.TEACHER) in distill["cmd"]
     i = distill["cmd"].index("--epochs")
