@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
@@ -31,6 +32,9 @@ def _filter_fn(name: str):
 # kept): the contract belongs to the family, and their published depths are checked without running them
 # (tests/test_models_nat.py builds every named configuration on the meta device and counts its parameters).
 TEST_KWARGS = {
+    # Isotropic ViTs with 6 of their 12 blocks (widths, heads, mixers and agent_num kept): Agent-DeiT-B keeps its
+    # 4 agent blocks then softmax ones; forward_intermediates / pruning take blocks 0 and 2.
+    "visionlin.models.vit": dict(depth=6),
     "visionlin.models.nat": dict(depths=(2, 2, 2, 1)),
     # A mixer then an attention block per hybrid stage; narrow (the six variants differ only in widths and depths).
     "visionlin.models.mambavision": dict(depths=(1, 1, 2, 2), embed_dim=32, in_dim=16),
@@ -282,7 +286,50 @@ def test_features_only_fx(name):
         fx(x[:, :1])
 
 
-@pytest.mark.parametrize("name", MODELS)
+# torch.export traces the same Python for every size of a family: it runs on one variant per family and mechanism
+# (the variants' module classes), the smallest; every variant still goes through FX tracing (test_fx_trace_equals_eager,
+# test_features_only_fx) and the eager contract above, and every registered mixer through export in
+# test_every_mixer_traces_and_exports. test_export_models_cover_every_mechanism keeps this list complete.
+EXPORT_MODELS = [
+    "infvit_tiny",
+    "infvit_pure_tiny",
+    "flatten_deit_tiny",
+    "agent_deit_tiny",
+    "agent_deit_base",  # agent blocks then softmax blocks
+    "inline_deit_tiny",
+    "agent_pvt_tiny",
+    "flatten_pvt_tiny",
+    "agent_swin_tiny",
+    "flatten_swin_tiny",
+    "nat_mini",
+    "nat_small",  # layer scale
+    "dinat_mini",
+    "dinat_base",  # layer scale
+    "mambavision_tiny",
+    "mambavision_base",
+    "mavit_tiny",
+    "ravlt_tiny",
+    "nalaformer_tiny",
+    "vig_tiny",
+    "vig_small",
+]
+
+
+@functools.cache
+def _mechanism(name: str) -> tuple[str, frozenset[str]]:
+    """A variant's family prefix (``dinat`` apart from ``nat``) and the classes of its modules."""
+    model = _build(name, device="meta")
+    return name.rsplit("_", 1)[0], frozenset(type(m).__name__ for m in model.modules())
+
+
+def test_export_models_cover_every_mechanism():
+    covered = {_mechanism(name) for name in EXPORT_MODELS}
+    missing = [name for name in MODELS if _mechanism(name) not in covered]
+    assert not missing, f"add one of these to EXPORT_MODELS (a family / module-class set not exported): {missing}"
+    assert set(EXPORT_MODELS) <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", EXPORT_MODELS)
 def test_export_dynamic_batch(name):
     model = _create(name, num_classes=5)
     batch = torch.export.Dim("batch", max=64)
