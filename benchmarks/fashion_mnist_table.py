@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default=None, help="folder of the training runs (default: OUT/runs)")
     p.add_argument("--models", default=",".join(BASELINES + FAMILIES), help="models to train (comma-separated)")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation row")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep runs already complete in --runs (all epochs and an end record)"
+    )
     p.add_argument("--recipe", default="fashion_mnist", help="training recipe (default: the shipped fashion_mnist)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (the one budget of every row)")
     p.add_argument("--img-size", type=int, default=64, help="input side (default 64, the recipe's)")
@@ -179,6 +182,10 @@ def run_jobs(
             if job["after"] is not None and job["after"] not in done:
                 continue
             pending.remove(job)
+            if args.reuse and _complete(Path(args.runs) / job["name"], args.epochs):
+                done[job["name"]] = {"status": "finished", "seconds": 0.0, "returncode": 0, "reused": True}
+                print(f"[{now:7.1f}s] {job['name']}: complete in {args.runs}, reused", flush=True)
+                continue
             if job["after"] is not None and done[job["after"]]["returncode"] != 0:
                 done[job["name"]] = {"status": f"not run: {job['after']} did not finish", "seconds": 0.0}
                 continue
@@ -192,6 +199,11 @@ def run_jobs(
             print(f"[{now:7.1f}s] start {job['name']}: {shlex.join(job['cmd'][1:])}", flush=True)
         time.sleep(0.5)
     return done
+
+
+def _complete(run_dir: Path, epochs: int) -> bool:
+    run = read_run(run_dir)
+    return run["end"] is not None and sum(e.get("val_top1") is not None for e in run["epochs"]) == epochs
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -368,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": model,
                     "status": st["status"] if complete or st["status"] != "finished" else "finished (epochs missing)",
                     "seconds": round(st.get("seconds", 0.0), 1),
+                    "reused": bool(st.get("reused")),
                     "top1": tops[-1] if complete else None,
                     "best_top1": max(tops) if tops else None,
                     "epochs_done": len(tops),
