@@ -287,31 +287,39 @@ def train_speed(names: list[str], args: argparse.Namespace) -> dict[str, float]:
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
+    """Test top-1 per epoch and the training loss per step of every row; final top-1 vs training img/s when the
+    throughput pass measured them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5))
+    speed = [r for r in result["rows"] if r.get("top1") is not None and r.get("train_img_s")]
+    fig, axes = plt.subplots(1, 3 if speed else 2, figsize=(21 if speed else 15, 6))
+    colors = plt.get_cmap("tab20").colors
+    for ax in axes:
+        ax.set_prop_cycle(color=colors)
     for row in result["rows"]:
+        style = "--" if row["model"] in BASELINES else "-"
         ep = [e for e in row["curve"] if e.get("val_top1") is not None]
         if ep:
-            style = "--" if row["model"] in BASELINES else "-"
-            a.plot([e["epoch"] + 1 for e in ep], [e["val_top1"] for e in ep], style, marker=".", label=row["row"])
-    a.set_xlabel("epoch")
-    a.set_ylabel("Fashion-MNIST test top-1 (%)")
-    a.set_title(f"test top-1 per epoch ({result['setup']['img_size']} px)")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=7, ncol=2)
-    for row in result["rows"]:
-        if row.get("top1") is not None and row.get("train_img_s"):
-            b.scatter(row["train_img_s"], row["top1"], marker="s" if row["model"] in BASELINES else "o")
-            b.annotate(row["row"], (row["train_img_s"], row["top1"]), fontsize=7)
-    b.set_xscale("log")
-    b.set_xlabel("train img/s (alone, bf16)")
-    b.set_ylabel("final test top-1 (%)")
-    b.set_title("final top-1 vs training throughput")
-    b.grid(alpha=0.3)
+            axes[0].plot([e["epoch"] + 1 for e in ep], [e["val_top1"] for e in ep], style, marker=".", label=row["row"])
+        tr = [t for t in row.get("train_curve", []) if t.get("loss") is not None]
+        if tr:
+            axes[1].plot([t["step"] for t in tr], [t["loss"] for t in tr], style, lw=1, label=row["row"])
+    axes[0].set(xlabel="epoch", ylabel="Fashion-MNIST test top-1 (%)")
+    axes[0].set_title(f"test top-1 per epoch ({result['setup']['img_size']} px)")
+    axes[0].legend(fontsize=6, ncol=2)
+    axes[1].set(xlabel="optimizer step", ylabel="training loss (label smoothing 0.1)", title="training loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if speed:
+        for row in speed:
+            axes[2].scatter(row["train_img_s"], row["top1"], marker="s" if row["model"] in BASELINES else "o")
+            axes[2].annotate(row["row"], (row["train_img_s"], row["top1"]), fontsize=7)
+        axes[2].set_xscale("log")
+        axes[2].set(xlabel="train img/s (alone, bf16)", ylabel="final test top-1 (%)")
+        axes[2].set_title("final top-1 vs training throughput")
     fig.suptitle(f"{result['meta'].get('gpu', '')}  commit {result['meta'].get('commit', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -347,6 +355,16 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--replot"]:  # redraw the PNG of a result: --replot RESULT.json
+        if len(argv) != 2 or not Path(argv[1]).is_file():
+            print("usage: fashion_mnist_table.py --replot RESULT.json", file=sys.stderr)
+            return 2
+        path = Path(argv[1])
+        _plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+        return 0
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: pass --device cpu for a smoke run", file=sys.stderr)
         return 2
-    argv_used = argv if argv is not None else sys.argv[1:]
+    argv_used = argv
     meta = (
         gpu_meta(argv_used, args.commit)
         if args.device == "cuda"
