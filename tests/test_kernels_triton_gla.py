@@ -142,7 +142,7 @@ def _qkvg(b=2, length=5, h=2, kd=4, vd=4, dtype=torch.float32, device="cpu"):
 
 def test_triton_supports_reasons():
     for name in ("gated_linear_attention", "bidirectional_gated_linear_attention"):
-        assert list(get_op(name).backends) == ["reference", "triton"]  # opt-in until its GPU tests pass
+        assert list(get_op(name).backends) == ["triton", "reference"]  # preferred: its GPU tests passed at dee6de5
     q, k, v, g = _qkvg()
     op = get_op("gated_linear_attention")
     assert "not on a CUDA device" in "; ".join(op.supports(q, k, v, g, backend="triton"))
@@ -194,9 +194,8 @@ def test_gpu_gla_strong_decays_and_views(dtype):
 def test_gpu_automatic_backend_is_triton():
     _cuda_or_skip()
     q, k, v, g = _qkvg(dtype=torch.bfloat16, device="cuda")
-    # opt-in (registered after the reference) until the GPU failures at L = 1 are fixed and re-run
-    assert get_op("bidirectional_gated_linear_attention").select(q, k, v, g, g, backend=None).name == "reference"
-    assert get_op("gated_linear_attention").select(q, k, v, g, backend=None).name == "reference"
+    assert get_op("bidirectional_gated_linear_attention").select(q, k, v, g, g, backend=None).name == "triton"
+    assert get_op("gated_linear_attention").select(q, k, v, g, backend=None).name == "triton"
 
 
 @gpu

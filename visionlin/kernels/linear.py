@@ -347,8 +347,8 @@ def _efficient_triton(q, k, v):
 
 
 _eff_op = Op("efficient_attention")
+_eff_op.register("triton", _efficient_triton, _efficient_triton_supports)  # preferred: GPU tests passed at dee6de5
 _eff_op.register("reference", efficient_attention_reference, supports_floating)
-_eff_op.register("triton", _efficient_triton, _efficient_triton_supports)  # opt-in: GPU tests failed (docs/kernels.md)
 
 
 def efficient_attention(

@@ -634,11 +634,11 @@ def _bigla_triton(
 
 # fla's chunk_gla / fused_recurrent_gla(reverse=True) would register before "triton".
 _gla_op = Op(_GLA)
+_gla_op.register("triton", _gla_triton, _gla_triton_supports)  # preferred: every GPU test passed at dee6de5
 _gla_op.register("reference", gated_linear_attention_reference, supports_floating)
-_gla_op.register("triton", _gla_triton, _gla_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 _bigla_op = Op(_BIGLA)
+_bigla_op.register("triton", _bigla_triton, _gla_triton_supports)  # preferred: every GPU test passed at dee6de5
 _bigla_op.register("reference", bidirectional_gated_linear_attention_reference, supports_floating)
-_bigla_op.register("triton", _bigla_triton, _gla_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 
 
 def gated_linear_attention(
