@@ -94,7 +94,8 @@ def _measure(name: str, fn: Callable, args: argparse.Namespace) -> list[dict]:
                 ins = [t for t in (q, k, v, rpb) if t is not None]
 
                 def step(fn=fn, q=q, k=k, v=v, rpb=rpb, go=go, ins=ins):
-                    torch.autograd.grad(fn(q, k, v, rpb), ins, go)
+                    # the dense baseline has no bias: its rpb gradient is None (allow_unused), not an error
+                    torch.autograd.grad(fn(q, k, v, rpb), ins, go, allow_unused=True)
             else:
 
                 def step(fn=fn, q=q, k=k, v=v, rpb=rpb):
