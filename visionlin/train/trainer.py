@@ -57,6 +57,7 @@ from .data import (
     create_dataset,
     patch_posterize,
 )
+from .ema import ShardedEma
 from .validate import UsageError, build_model, eval_transform, evaluate, load_model_weights, parse_kwargs
 
 __all__ = ["OPTIONS", "add_arguments", "execute", "list_recipes", "main", "resolve_config", "train"]
@@ -174,7 +175,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_size", 128, _pos_int, "images per process per micro-batch", short="-b"),
     Option("validation_batch_size", None, _pos_int, "validation batch (default: --batch-size)"),
     Option("grad_accum_steps", 1, _pos_int, "micro-batches per optimizer update"),
-    Option("model_ema", False, BOOL, "keep an exponential moving average of the weights (timm ModelEmaV3)"),
+    Option(
+        "model_ema",
+        False,
+        BOOL,
+        "keep an exponential moving average of the weights (timm ModelEmaV3; with --fsdp per shard)",
+    ),
     Option("model_ema_decay", 0.9998, _prob, "EMA decay"),
     Option("model_ema_warmup", False, BOOL, "EMA decay warm-up"),
     Option("amp", False, BOOL, "mixed precision autocast (see --amp-dtype)"),
@@ -447,9 +453,6 @@ def train(
             from torch.utils import tensorboard  # noqa: F401
         except ImportError as e:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    if cfg["fsdp"] and cfg["model_ema"]:
-        raise UsageError("--model-ema with --fsdp is not supported (the average would need the whole weights on every "
-                         "process); use DDP (no --fsdp) for EMA")  # fmt: skip
     mixed = {"bfloat16": "bf16", "float16": "fp16"}[cfg["amp_dtype"]] if cfg["amp"] else "no"
     plugin = _fsdp_plugin() if cfg["fsdp"] else None
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch
@@ -607,8 +610,10 @@ def train(
 
     prepared, optimizer = accelerator.prepare(_StepModule(model, extra, loss_fn), optimizer)
     raw_model = accelerator.unwrap_model(prepared).model
-    ema = ModelEmaV3(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"]) if cfg[
-        "model_ema"] else None  # fmt: skip
+    ema = None
+    if cfg["model_ema"]:  # FSDP: each process averages its own shards (visionlin.train.ema)
+        ema_cls = ShardedEma if fsdp else ModelEmaV3
+        ema = ema_cls(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"])
     step_model = torch.compile(prepared) if cfg["torchcompile"] else prepared
     eval_model = prepared if fsdp else raw_model  # a sharded model is only whole inside the wrapper's forward
 
@@ -621,7 +626,9 @@ def train(
         else:
             optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
-        if ema is not None:
+        if isinstance(ema, ShardedEma):
+            ema.load_full_state_dict(raw_model, state["ema"])
+        elif ema is not None:
             ema.module.load_state_dict(state["ema"])
         if accelerator.scaler is not None and ts.get("scaler") is not None:
             accelerator.scaler.load_state_dict(ts["scaler"])
@@ -670,6 +677,7 @@ def train(
             optimizer_state = get_optimizer_state_dict(prepared, optimizer.optimizer, options=opts)
             model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
             extra_state = {k[len("extra.") :]: v for k, v in full.items() if k.startswith("extra.")}
+            ema_state = ema.full_state_dict(raw_model) if ema is not None else None
         elif accelerator.is_main_process:
             model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
             extra_state = extra.state_dict() if extra is not None else {}
@@ -688,7 +696,7 @@ def train(
             }
             weights = {"model": model_state}
             if ema is not None:
-                weights["ema"] = ema.module.state_dict()
+                weights["ema"] = ema_state if fsdp else ema.module.state_dict()
             if extra is not None:
                 weights["extra"] = extra_state
             path = ckpt.write_checkpoint(
@@ -824,8 +832,12 @@ def train(
             m = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
             summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             skipped_total += len(m["skipped"])
-            if ema is not None:
+            if isinstance(ema, ShardedEma):  # the average in the model's own shards for the evaluation
+                with ema.swapped_into(raw_model):
+                    e = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+            elif ema is not None:
                 e = evaluate(ema.module, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+            if ema is not None:
                 summary.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
             last_eval = {k: v for k, v in summary.items() if k.startswith(("val", "ema"))}
         log.write(summary)
