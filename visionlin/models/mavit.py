@@ -458,16 +458,22 @@ _MAVIT = {
     "origin_url": "https://github.com/qhfan/MALA",
     "hf_hub_id": "aldjalkdf/MAViT",
 }
+
+
 # The authors' ImageNet-1k checkpoints on the Hugging Face hub (qhfan/MALA README: "All models here", the
 # aldjalkdf/MAViT repository): MAViT_S.pth and MAViT_L.pth are named in its upload commits; MAViT_T.pth and
 # MAViT_B.pth follow the same naming (their commits are not in the sources read). Full training checkpoints (the
 # weights under "model", with optimizer and EMA); checkpoint_filter_fn maps the key names.
-default_cfgs = generate_default_cfgs(
-    {
-        f"mavit_{s}.in1k": _cfg(hf_hub_filename=f"MAViT_{s[0].upper()}.pth", **_MAVIT)
-        for s in ("tiny", "small", "base", "large")
-    },
-)
+def hub_cfgs(prefix: str, stem: str, meta: dict) -> dict:
+    """``<prefix>_{tiny,small,base,large}.in1k`` configs of the authors' hub files ``<stem>_{T,S,B,L}.pth`` (MAViT and
+    RAVLT release theirs alike)."""
+    sizes = ("tiny", "small", "base", "large")
+    return generate_default_cfgs(
+        {f"{prefix}_{s}.in1k": _cfg(hf_hub_filename=f"{stem}_{s[0].upper()}.pth", **meta) for s in sizes}
+    )
+
+
+default_cfgs = hub_cfgs("mavit", "MAViT", _MAVIT)
 
 
 def create_rope_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> RoPEHybridBackbone:

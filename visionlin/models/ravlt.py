@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
-from .mavit import BASE, LARGE, SMALL, TINY, RoPEHybridBackbone, _cfg, checkpoint_filter_fn, create_rope_hybrid
+from .mavit import BASE, LARGE, SMALL, TINY, RoPEHybridBackbone, checkpoint_filter_fn, create_rope_hybrid, hub_cfgs
 
 __all__ = ["checkpoint_filter_fn", "ravlt_base", "ravlt_large", "ravlt_small", "ravlt_tiny"]
 
@@ -20,12 +20,7 @@ _RAVLT = {
 
 # The authors' ImageNet-1k checkpoints (qhfan/RALA README "ckpt" column: huggingface.co/aldjalkdf/RAVLT, RAVLT_{T,S,B,L}
 # .pth; full training checkpoints, the weights under "model"); checkpoint_filter_fn maps the key names.
-default_cfgs = generate_default_cfgs(
-    {
-        f"ravlt_{s}.in1k": _cfg(hf_hub_filename=f"RAVLT_{s[0].upper()}.pth", **_RAVLT)
-        for s in ("tiny", "small", "base", "large")
-    }
-)
+default_cfgs = hub_cfgs("ravlt", "RAVLT", _RAVLT)
 
 
 def _ravlt(variant: str, pretrained: bool, config: dict[str, Any], kwargs: dict[str, Any]) -> RoPEHybridBackbone:
