@@ -192,6 +192,9 @@ def run_jobs(
             if args.time_budget is not None and now > args.time_budget:
                 done[job["name"]] = {"status": "not run: time budget spent", "seconds": 0.0}
                 continue
+            stale = Path(args.runs) / job["name"]
+            if args.reuse and stale.exists():  # an incomplete run of an earlier call: kept aside, not appended to
+                stale.rename(stale.with_name(f"{job['name']}.incomplete-{int(time.time())}"))
             log = Path(args.runs) / f"{job['name']}.stdout.log"
             fh = open(log, "w")  # noqa: SIM115  (closed when the process ends)
             proc = subprocess.Popen(job["cmd"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
