@@ -60,19 +60,18 @@ for stage in "$@"; do
         | grep -vE "^\s*$|Warning|warn" | cut -c1-240 ;;
     fmnist)
       mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
-      timeout ${FM_LIMIT:-575} python3 benchmarks/fashion_mnist_table.py --out /tmp/fmnist --epochs ${FM_EPOCHS:-3} \
+      timeout ${FM_LIMIT:-575} python3 benchmarks/fashion_mnist_table.py --out "$OUT/fm" --epochs ${FM_EPOCHS:-3} \
         --parallel ${FM_PARALLEL:-5} --workers ${FM_WORKERS:-5} --time-budget ${FM_BUDGET:-330} --hard-limit \
         ${FM_HARD:-450} --speed-budget 60 --commit "$COMMIT" \
         --train-args "--data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist" 2>&1 | grep -vE "^\s*$" | tail -40
-      cp /tmp/fmnist/fashion_mnist_table.json /tmp/fmnist/fashion_mnist_table.md /tmp/fmnist/fashion_mnist_table.png \
-        /tmp/fmnist/fashion_mnist_runs.tar.gz "$OUT/" 2>/dev/null ;;
+      ;;
     fmnist-finish)  # the committed table's runs reused; what is incomplete (MambaVision) trained, then throughput
       mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
-      rm -rf /tmp/fm3 && mkdir -p /tmp/fm3 && cp -r benchmarks/results/h200/fashion_mnist/runs /tmp/fm3/runs
-      timeout ${FM_LIMIT:-560} python3 benchmarks/fashion_mnist_table.py --out /tmp/fm3 --reuse --epochs 3 --parallel 1 \
+      rm -rf "$OUT/fm" && mkdir -p "$OUT/fm" && cp -r benchmarks/results/h200/fashion_mnist/runs "$OUT/fm/runs"
+      timeout ${FM_LIMIT:-560} python3 benchmarks/fashion_mnist_table.py --out "$OUT/fm" --reuse --epochs 3 --parallel 1 \
         --workers 12 --hard-limit 380 --speed-budget 150 --commit "$COMMIT" \
         --train-args "--data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist" 2>&1 | grep -vE "^\s*$" | tail -30
-      cp /tmp/fm3/fashion_mnist_table.json /tmp/fm3/fashion_mnist_table.md /tmp/fm3/fashion_mnist_table.png "$OUT/" ;;
+      ;;
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
     tests-more)
