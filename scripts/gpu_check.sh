@@ -21,6 +21,9 @@
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-convert  benchmarks/convert_speed.py: Wan2.1-1.3B (32,760 tokens) and FLUX.1 (4,096 + 512) step time,
 #                  dense vs sparse / sla / hybrid / linear (full models, forward)                       ~3 min
+#   dit-quality    benchmarks/dit_quality.py: a class-conditional DiT trained on Fashion-MNIST (<= 200 s), every converter
+#                  method training-free and after a 500-step distillation fine-tune, FID / KID in a classifier's
+#                  features, PSNR vs dense, ms per call (needs .data/ carried, as fmnist)                  ~8.5 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
 #   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
 #   bench-train    training step at 224 px                                                             ~1.5 min
@@ -88,6 +91,11 @@ for stage in "$@"; do
     bench-convert)
       timeout 200 python3 benchmarks/convert_speed.py --models wan,flux --time-budget 150 --out "$OUT" \
         --commit "$COMMIT" 2>&1 | tail -30 ;;
+    dit-quality)
+      mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
+      timeout ${DQ_LIMIT:-560} python3 benchmarks/dit_quality.py --data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist \
+        --time-budget ${DQ_BUDGET:-500} --out "$OUT/dit_quality" --commit "$COMMIT" 2>&1 | grep -vE "^\s*$|Warning|warn" \
+        | tail -45 ;;
     bench-na)
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)
