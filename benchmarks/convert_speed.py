@@ -40,7 +40,6 @@ Writes ``convert_speed.json`` (rows + command, commit, date, GPU and versions) a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -53,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
 from visionlin.train.bench import _atomic_write, _title, device_slug, run_meta, write_result  # noqa: E402
 
 MODELS = ("wan", "flux")
@@ -518,26 +518,13 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _option(text: str) -> tuple[str, str, Any]:
-    key, sep, raw = text.partition("=")
-    method, dot, opt = key.partition(".")
-    if not sep or not dot or method not in METHODS or method == "dense" or not opt:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not METHOD.OPTION=VALUE with METHOD one of {', '.join(METHODS[1:])} (e.g. sla.sparsity=0.9)"
-        )
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare string ("code", "elu")
-    return method, opt, value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/convert_speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=_names(MODELS, "--models"), default=list(MODELS), help="default wan,flux")
     p.add_argument("--methods", type=_names(METHODS, "--methods"), default=list(DEFAULT_METHODS),
                    help=f"default {','.join(DEFAULT_METHODS)} (dense = the stock model; also: agent)")  # fmt: skip
-    p.add_argument("--set", dest="set_options", type=_option, action="append", default=[], metavar="M.OPT=VALUE",
+    p.add_argument("--set", dest="set_options", type=method_option(METHODS), action="append", default=[],
+                   metavar="M.OPT=VALUE",
                    help="a method option (repeatable; JSON values), e.g. sla.sparsity=0.9 hybrid.kernel_size=9 "
                    "(defaults: sla.sparsity=0.95, sparse.sparsity=0.9)")  # fmt: skip
     p.add_argument("--layers", type=_positive(int), default=None,
@@ -590,16 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.text_len = 8 if "--text-len" not in given else args.text_len
     if args.flux_size % 16:
         p.error(f"argument --flux-size: {args.flux_size} is not a multiple of 16")
-    args.options = {m: dict(o) for m, o in DEFAULT_OPTIONS.items()}
-    for method, opt, value in args.set_options:
-        args.options.setdefault(method, {})[opt] = value
-    from visionlin.convert._methods import validate_options
-
-    for method, opts in args.options.items():
-        try:
-            validate_options(method, opts)
-        except ValueError as e:
-            p.error(f"argument --set: {e}")
+    args.options = resolve_options(p, DEFAULT_OPTIONS, args.set_options)
     return args
 
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -70,6 +69,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
 from visionlin.train.bench import _atomic_write, _title, run_meta, write_result  # noqa: E402
 
 METHODS = ("dense", "sparse", "sla", "hybrid", "linear", "agent")
@@ -633,27 +633,14 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def _option(text: str) -> tuple[str, str, Any]:
-    key, sep, raw = text.partition("=")
-    method, dot, opt = key.partition(".")
-    if not sep or not dot or method not in METHODS[1:] or not opt:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not METHOD.OPTION=VALUE with METHOD one of {', '.join(METHODS[1:])}"
-        )
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return method, opt, value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/dit_quality.py", description=__doc__.split("\n\n")[0])
     for name, (full, tiny) in SIZES.items():
         kind = float if isinstance(full, float) else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"default {full} (--tiny: {tiny})")
     p.add_argument("--methods", type=_names, default=list(METHODS), help=f"default {','.join(METHODS)}")
-    p.add_argument("--set", dest="set_options", type=_option, action="append", default=[], metavar="M.OPT=VALUE",
+    p.add_argument("--set", dest="set_options", type=method_option(METHODS), action="append", default=[],
+                   metavar="M.OPT=VALUE",
                    help="a method option (repeatable; JSON values), e.g. sla.sparsity=0.5 (defaults: sparse and sla "
                    "at sparsity 0.75 with 32-token blocks)")  # fmt: skip
     p.add_argument("--finetune-trainable", choices=TRAINABLE, default="all", help="default all")
@@ -698,16 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA GPU on this machine (use --device cpu --tiny for a smoke test)")
     if dev.type == "cpu" and not args.tiny:
         p.error("--device cpu at the real sizes would take hours; add --tiny (smoke test)")
-    args.options = {m: dict(o) for m, o in DEFAULT_OPTIONS.items() if m in args.methods}
-    for method, opt, value in args.set_options:
-        args.options.setdefault(method, {})[opt] = value
-    from visionlin.convert._methods import validate_options
-
-    for method, opts in args.options.items():
-        try:
-            validate_options(method, opts)
-        except ValueError as e:
-            p.error(f"argument --set: {e}")
+    defaults = {m: o for m, o in DEFAULT_OPTIONS.items() if m in args.methods}
+    args.options = resolve_options(p, defaults, args.set_options)
     return args
 
 
