@@ -38,8 +38,9 @@ POINTERS |= {"GG"}
 FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}}
 # Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
 FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
+FP32_HERE["_readout_bwd_kernel"] = {"DQ"}  # the SLA read-out backward: dq, dH_i, dZ_i and dW in float32
 INT_POINTERS = {"LUT", "LUT_T", "CNT"}
-FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA"}
+FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI"}
 POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill).
@@ -229,6 +230,9 @@ def _sparse_linear(dt, tdt):
                 cases.append((sl._fwd_kernel, dt, dict(consts, LINEAR=linear, HAS_BIAS=linear, FMAP=0), warps))
             cases.append((sl._bwd_dq_kernel, dt, *split(sl.dq_config(bq, bk, d, d, False))))
             cases.append((sl._bwd_dkdv_kernel, dt, *split(sl.dkdv_config(bq, bk, d, d, False))))
+            for fmap in (0, 1):
+                consts, warps = split(sl.readout_bwd_config(bq, d, d, False))
+                cases.append((sl._readout_bwd_kernel, dt, dict(consts, FMAP=fmap), warps))
     return cases
 
 
@@ -264,8 +268,11 @@ def _gla(dt, tdt):
 
 # Measured spills (bytes per thread) that a change may shrink but not grow, keyed (module, kernel, dtype, MECH,
 # BLOCK_D); docs/kernels.md states them: the rope_linear read-out backward of NaLa at D = 64 (its features are
-# 128 wide) and of MALA / RALA in float16 at D = 128.
+# 128 wide) and of MALA / RALA in float16 at D = 128; the opt-in SLA read-out backward at D = 128 (its resident
+# [D, Dv] state, [Dv, Dv] projection and dH_i accumulator in float32 exceed the register file).
 SPILL_ALLOWANCE = {
+    ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "bf16", None, 128): 900,
+    ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "fp16", None, 128): 900,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "bf16", 2, 64): 16,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 2, 64): 24,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 0, 128): 64,

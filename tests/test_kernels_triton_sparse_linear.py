@@ -281,3 +281,87 @@ def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
     shape = dict(batch=1, tokens=32760, heads=12, head_dim=128, dtype="bf16")
     sla_op.plot({"benchmark": "sla_op", "meta": meta, "shape": shape, "rows": rows}, tmp_path / "sla_op.png")
     assert (tmp_path / "sla_op.png").stat().st_size > 10_000
+
+
+def readout_check(shape, dtype, device, *, variant="paper", fmap="softmax", bq=64, bk=64, seed=0, tol=1e-5):
+    """The fused linear read-out backward (``TUNING["fused_readout_bwd"]``) against the torch
+    ``_readout_backward``: its five outputs on the same inputs, then forward + backward of the whole Triton op with
+    the switch on and off (gradients of q, k, v, the projection's weight and bias). Both paths run float32 math on
+    the same values (relative bound ``tol``: float32's in the interpreter, whose products are IEEE float32)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    b, n, m, h, d, dv = shape
+    (q, k, v), w, bias = _inputs(b, n, m, h, d, dv, dtype, seed=seed)
+    q, k, v, w, bias = (t.to(device) for t in (q, k, v, w, bias))
+    g = torch.randn(b, n, h, dv, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    k_low = 0.2 if variant == "paper" else 0.0
+    lut, marginal = sl.select_blocks(q, k, 0.4, k_low, bq, bk, marginal=variant == "paper")
+    hi, zi = sl.linear_states(k, v, marginal, bk, fmap)
+    ref = sl._readout_backward(q, hi, zi, w, bias, g, fmap, 1e-5, bq)
+    ours = sl._readout_backward_fused(q, hi, zi, w, bias, g, fmap, 1e-5, bq)
+    names = ["dq", "dH_i", "dZ_i", "dW", "db"]
+    for nm, a, r in zip(names, ours, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype, (nm, a.shape, r.shape, a.dtype, r.dtype)
+        assert _rel(a, r) <= tol, (shape, dtype, variant, fmap, nm, _rel(a, r))
+    grads = []
+    for fused in (False, True):
+        sl.TUNING["fused_readout_bwd"] = fused
+        try:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, w, bias)]
+            out = sl.sparse_linear_attention_triton(
+                *leaves, topk=0.4, k_low=k_low, block_q=bq, block_k=bk, feature_map=fmap, variant=variant
+            )
+            grads.append((out, *torch.autograd.grad(out, leaves, g)))
+        finally:
+            sl.TUNING["fused_readout_bwd"] = False
+    for nm, a, r in zip(["out", "dq", "dk", "dv", "dw", "dbias"], grads[1], grads[0], strict=True):
+        bound = tol + (FLOOR[a.dtype] / 4 if a.dtype in FLOOR else 0.0)  # + one rounding of a half-precision result
+        assert a.dtype == r.dtype and _rel(a, r) <= bound, (shape, dtype, variant, fmap, nm, _rel(a, r))
+
+
+_READOUT_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_sparse_linear import readout_check
+    f32, f16 = torch.float32, torch.float16
+    cases = [
+        (dict(shape=(2, 100, 130, 2, 20, 24)), (f32, f16)),  # partial last query block, padded head dims, batch 2
+        (dict(shape=(1, 150, 200, 2, 20, 24), variant="code"), (f32, f16)),
+        (dict(shape=(1, 70, 130, 1, 16, 16), fmap="elu"), (f32,)),
+        (dict(shape=(1, 200, 130, 1, 32, 32), fmap="relu", bq=128), (f16,)),  # two 64-row tiles per query block
+        (dict(shape=(1, 90, 100, 1, 100, 72), variant="code"), (f32,)),  # head dim 100: 32-row tiles
+    ]
+    for case, dtypes in cases:
+        for dtype in dtypes:
+            readout_check(device="cpu", dtype=dtype, **case)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_sla_readout_backward_matches_torch():
+    """The fused read-out backward on the CPU (Triton's interpreter) equal to the torch path, float32 and float16."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _READOUT_INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fmap", sorted(SLA_FEATURE_MAPS))
+@pytest.mark.parametrize("variant", ["paper", "code"])
+@pytest.mark.parametrize(
+    "shape,bq,bk",
+    [((1, 1000, 900, 2, 64, 64), 64, 64), ((3, 777, 777, 3, 128, 128), 128, 64), ((2, 300, 500, 2, 128, 128), 64, 128),
+     ((1, 65, 200, 1, 80, 80), 128, 128)],
+)  # fmt: skip
+def test_triton_sla_readout_backward_fused(shape, bq, bk, variant, fmap, dtype):
+    """The fused read-out backward on the GPU at awkward shapes (N not a multiple of the block, head dims 64, 80 and
+    128), switch on, against the torch path. Half inputs' read-out products run as one TF32 product (``LIN_PREC``,
+    as the forward's), so their bound is the dtype's four-unit floor; float32 inputs' (``tf32x3``) float32's."""
+    readout_check(shape, dtype, "cuda", variant=variant, fmap=fmap, bq=bq, bk=bk, tol=FLOOR.get(dtype, F32_TOL))

@@ -20,8 +20,9 @@ Pipeline of one call (all on the device, no host round trip):
 Backward: FlashAttention-2-style kernels over the same LUT: ``dq`` per query block, ``dk`` / ``dv`` per key block over
 the inverse LUT (the query blocks that chose it, built on the device from the LUT), with ``delta = rowsum(dO * O_s)``.
 The linear branch's readout gradient (``dq`` through ``phi``, ``dH_i``, ``dZ_i``, ``dW``, ``db``) is closed-form torch
-math in the custom op's backward (``O(N D Dv)``, no kernel yet); ``dH_i`` / ``dZ_i`` reach k and v through the
-autograd of step 2.
+math in the custom op's backward (``O(N D Dv)``, ``_readout_backward``, the reference); linear read-out backward: fused
+kernel opt-in (``TUNING["fused_readout_bwd"] = True``: ``_readout_bwd_kernel``, one program per query block and
+batch x head), GPU test pending. ``dH_i`` / ``dZ_i`` reach k and v through the autograd of step 2.
 
 Head dims are tiled to the next power of two (at least 16) with masked loads, so every head dim up to 128 runs;
 64 and 128 waste no lanes. Products run in the inputs' dtype on the tensor cores; float32 operands (float32 inputs,
@@ -231,6 +232,71 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=vmask)
 
 
+@triton.jit
+def _readout_bwd_kernel(
+    Q, G, HI, ZI, W, DQ, DHI, DZI, DW, N, H, D, DV, nqb,
+    sq_b, sq_n, sq_h, sg_b, sg_n, sg_h, sh_b, sh_h, sh_i, sz_b, sz_h, sz_i, eps,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QSUB: tl.constexpr, FMAP: tl.constexpr,
+    LIN_PREC: tl.constexpr, DW_PER_TILE: tl.constexpr,
+):  # fmt: skip
+    """The linear read-out's backward of one query block (``QSUB`` tiles of ``BLOCK_Q`` rows) of one (batch, head):
+    ``dq`` through ``phi`` (float32, ``[B, N, H, D]`` contiguous), this block's ``dH_i`` / ``dZ_i`` (float32,
+    ``[B*H, nqb, D, Dv]`` / ``[B*H, nqb, D]``) and its share of ``dW`` (float32 atomic add into ``[Dv, Dv]``)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    dmask, emask = offs_d < D, offs_e < DV
+    hmask = dmask[:, None] & emask[None, :]
+    wmask = emask[:, None] & emask[None, :]
+    h_ptr = HI + b * sh_b + h * sh_h + i * sh_i + offs_d[:, None] * DV + offs_e[None, :]
+    z = tl.load(ZI + b * sz_b + h * sz_h + i * sz_i + offs_d, mask=dmask, other=0.0)
+    dhi = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    dzi = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_DV, BLOCK_DV], dtype=tl.float32)
+    for t in range(QSUB):
+        row0 = (i * QSUB + t) * BLOCK_Q
+        r0 = row0.to(tl.int64)
+        rmask = offs_q < N - row0
+        qmask = rmask[:, None] & dmask[None, :]
+        q = tl.load(Q + b * sq_b + h * sq_h + r0 * sq_n + offs_q[:, None] * sq_n + offs_d[None, :], mask=qmask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        g = tl.load(G + b * sg_b + h * sg_h + r0 * sg_n + offs_q[:, None] * sg_n + offs_e[None, :],
+                    mask=rmask[:, None] & emask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        fq = tl.where(rmask[:, None], _feature(q, dmask, FMAP), 0.0)  # rows past N: phi 0, as the padded reference
+        state = tl.load(h_ptr, mask=hmask, other=0.0)
+        den = tl.sum(fq * z[None, :], axis=1) + eps
+        o_l = tl.dot(fq, state, input_precision=LIN_PREC) / den[:, None]
+        # W is [Dv (out), Dv (in)], row-major float32: dO_l = g W, dW += g^T O_l.
+        w = tl.load(W + offs_e[:, None] * DV + offs_e[None, :], mask=wmask, other=0.0)
+        if DW_PER_TILE:  # no [Dv, Dv] accumulator held across tiles (wide head dims)
+            dw_t = tl.dot(tl.trans(g), o_l, input_precision=LIN_PREC)
+            tl.atomic_add(DW + offs_e[:, None] * DV + offs_e[None, :], dw_t, mask=wmask)
+        else:
+            dw += tl.dot(tl.trans(g), o_l, input_precision=LIN_PREC)
+        dol = tl.dot(g, w, input_precision=LIN_PREC)
+        dnum = dol / den[:, None]
+        dden = -tl.sum(dol * o_l, axis=1) / den
+        dfq = tl.dot(dnum, tl.trans(state), input_precision=LIN_PREC) + dden[:, None] * z[None, :]
+        dhi += tl.dot(tl.trans(fq), dnum, input_precision=LIN_PREC)
+        dzi += tl.sum(fq * dden[:, None], axis=0)
+        if FMAP == 0:
+            dq = fq * (dfq - tl.sum(dfq * fq, axis=1)[:, None])
+        elif FMAP == 1:
+            dq = tl.where(q > 0, dfq, dfq * tl.exp(tl.minimum(q, 0.0)))
+        else:
+            dq = tl.where(q > 0, dfq, 0.0)
+        dq_ptr = DQ + ((b * N + r0) * H + h) * D + offs_q[:, None] * (H * D) + offs_d[None, :]
+        tl.store(dq_ptr, dq, mask=qmask)
+    blk = bh.to(tl.int64) * nqb + i
+    tl.store(DHI + blk * D * DV + offs_d[:, None] * DV + offs_e[None, :], dhi, mask=hmask)
+    tl.store(DZI + blk * D + offs_d, dzi, mask=dmask)
+    if not DW_PER_TILE:
+        tl.atomic_add(DW + offs_e[:, None] * DV + offs_e[None, :], dw, mask=wmask)
+
+
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
@@ -280,6 +346,18 @@ def dkdv_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool) -> dict
     """The dk / dv kernel's tiles: 64 x 64 whatever the selection blocks (a 128-row tile's four float32 accumulators
     spill)."""
     return {**_launch(block_q, block_k, d, dv, fp32, TILE, TILE), "KPB": block_k // TILE, "QSUB": block_q // TILE}
+
+
+def readout_bwd_config(block_q: int, d: int, dv: int, fp32: bool) -> dict:
+    """The fused read-out backward's tiles: 32-row tiles in 8 warps (no spills at head dim 64); at head dims above 64,
+    16-row tiles in 16 warps with ``dW`` added per tile (the resident ``[D, Dv]`` / ``[Dv, Dv]`` float32 tiles still
+    spill there: ``tests/test_kernels_sm90_compile.py``'s allowance); ``LIN_PREC`` as the forward's read-out."""
+    wide = max(_block(d), _block(dv)) >= 128
+    tq = min(block_q, 16 if wide else 32)
+    return {
+        "BLOCK_Q": tq, "BLOCK_D": _block(d), "BLOCK_DV": _block(dv), "QSUB": block_q // tq, "DW_PER_TILE": wide,
+        "LIN_PREC": _precisions(fp32)["LIN_PREC"], "num_warps": 16 if wide else 8, "num_stages": 1,
+    }  # fmt: skip
 
 
 def select_blocks(
@@ -458,6 +536,35 @@ def _readout_backward(q, hi, zi, w, bias, g, fmap, eps, block_q):
     return dq, dhi, dzi, dw.to(w.dtype), None if db is None else db.to(bias.dtype)
 
 
+def _readout_backward_fused(q, hi, zi, w, bias, g, fmap, eps, block_q):
+    """:func:`_readout_backward` in one Triton kernel per (query block, batch x head) (``_readout_bwd_kernel``);
+    the same outputs. ``dW`` sums the programs' shares by float32 atomics (order not fixed); ``db`` is ``g``'s sum."""
+    b, n, h, d = q.shape
+    dv = g.shape[-1]
+    nqb = -(-n // block_q)
+    hs, zs = hi.stride(), zi.stride()
+    sh = (hs[0], hs[1], hs[2] if hi.shape[2] > 1 else 0)
+    sz = (zs[0], zs[1], zs[2] if zi.shape[2] > 1 else 0)
+    dq = torch.empty(b, n, h, d, device=q.device, dtype=torch.float32)
+    dhi = torch.empty(b, h, nqb, d, dv, device=q.device, dtype=torch.float32)
+    dzi = torch.empty(b, h, nqb, d, device=q.device, dtype=torch.float32)
+    dw = torch.zeros(dv, dv, device=q.device, dtype=torch.float32)
+    cfg = readout_bwd_config(block_q, d, dv, q.dtype == torch.float32)
+    _readout_bwd_kernel[(nqb, b * h)](
+        q, g, hi, zi, w, dq, dhi, dzi, dw, n, h, d, dv, nqb, *q.stride()[:3], *g.stride()[:3], *sh, *sz, float(eps),
+        FMAP=FMAPS[fmap], **cfg,
+    )  # fmt: skip
+    if hi.shape[2] == 1:
+        dhi, dzi = dhi.sum(dim=2, keepdim=True), dzi.sum(dim=2, keepdim=True)
+    db = None if bias is None else g.float().sum(dim=(0, 1, 2)).to(bias.dtype)
+    return dq, dhi, dzi, dw.to(w.dtype), db
+
+
+#: Opt-in switches. ``fused_readout_bwd``: the linear read-out's backward by :func:`_readout_backward_fused` instead
+#: of the torch :func:`_readout_backward` (off until verified on the GPU).
+TUNING = {"fused_readout_bwd": False}
+
+
 _FMAP_NAMES = {code: name for name, code in FMAPS.items()}
 
 
@@ -478,7 +585,8 @@ def _backward(ctx, g, _g_os=None, _g_lse=None):
     dq, dk, dv = _bwd_sparse(q, k, v, o_s, lse, g, lut, scale, block_q, block_k)
     dhi = dzi = dw = db = None
     if hi is not None:
-        dq_l, dhi, dzi, dw, db = _readout_backward(q, hi, zi, w, bias, g, _FMAP_NAMES[fmap], eps, block_q)
+        readout = _readout_backward_fused if TUNING["fused_readout_bwd"] else _readout_backward
+        dq_l, dhi, dzi, dw, db = readout(q, hi, zi, w, bias, g, _FMAP_NAMES[fmap], eps, block_q)
         dq = dq + dq_l
     return dq.to(q.dtype), dk, dv, None, dhi, dzi, dw, db, None, None, None, None, None
 
