@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["ShardedEma"]
+__all__ = ["ShardedEma", "WholeEma", "make_ema"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,12 @@ class ShardedEma:
             self.averages[i].copy_(full)
 
     @contextlib.contextmanager
+    def evaluated(self, model: nn.Module, eval_model: nn.Module) -> Iterator[nn.Module]:
+        """``eval_model`` (the sharded wrapper) with the average in ``model``'s shards, for an evaluation."""
+        with self.swapped_into(model):
+            yield eval_model
+
+    @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``model``'s own shards hold the average (for evaluation); restored afterwards, even on
         an error."""
@@ -108,3 +114,31 @@ class ShardedEma:
             with torch.no_grad():
                 for (_, new), old in zip(pairs, saved, strict=True):
                     new.copy_(old)
+
+
+class WholeEma:
+    """timm's ``ModelEmaV3`` (a whole copy of the model) behind :class:`ShardedEma`'s interface, so the trainer treats
+    both alike."""
+
+    def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(model, decay=decay, use_warmup=use_warmup)
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        self.ema.update(model, step=step)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.ema.module.state_dict()
+
+    def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.ema.module.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def evaluated(self, model: nn.Module, eval_model: nn.Module) -> Iterator[nn.Module]:
+        yield self.ema.module
+
+
+def make_ema(model: nn.Module, *, sharded: bool, decay: float, use_warmup: bool = False) -> ShardedEma | WholeEma:
+    """The EMA of ``--model-ema``: per shard under FSDP, timm's ``ModelEmaV3`` otherwise."""
+    return (ShardedEma if sharded else WholeEma)(model, decay=decay, use_warmup=use_warmup)

@@ -57,7 +57,7 @@ from .data import (
     create_dataset,
     patch_posterize,
 )
-from .ema import ShardedEma
+from .ema import make_ema
 from .validate import UsageError, build_model, eval_transform, evaluate, load_model_weights, parse_kwargs
 
 __all__ = ["OPTIONS", "add_arguments", "execute", "list_recipes", "main", "resolve_config", "train"]
@@ -446,7 +446,6 @@ def train(
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
 
     if cfg["tensorboard"]:
         try:
@@ -612,8 +611,7 @@ def train(
     raw_model = accelerator.unwrap_model(prepared).model
     ema = None
     if cfg["model_ema"]:  # FSDP: each process averages its own shards (visionlin.train.ema)
-        ema_cls = ShardedEma if fsdp else ModelEmaV3
-        ema = ema_cls(raw_model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"])
+        ema = make_ema(raw_model, sharded=fsdp, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"])
     step_model = torch.compile(prepared) if cfg["torchcompile"] else prepared
     eval_model = prepared if fsdp else raw_model  # a sharded model is only whole inside the wrapper's forward
 
@@ -626,10 +624,8 @@ def train(
         else:
             optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
-        if isinstance(ema, ShardedEma):
+        if ema is not None:
             ema.load_full_state_dict(raw_model, state["ema"])
-        elif ema is not None:
-            ema.module.load_state_dict(state["ema"])
         if accelerator.scaler is not None and ts.get("scaler") is not None:
             accelerator.scaler.load_state_dict(ts["scaler"])
         epoch, position, step, skipped_total = ts["epoch"], ts["position"], ts["step"], ts["skipped"]
@@ -677,10 +673,11 @@ def train(
             optimizer_state = get_optimizer_state_dict(prepared, optimizer.optimizer, options=opts)
             model_state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
             extra_state = {k[len("extra.") :]: v for k, v in full.items() if k.startswith("extra.")}
-            ema_state = ema.full_state_dict(raw_model) if ema is not None else None
         elif accelerator.is_main_process:
             model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
             extra_state = extra.state_dict() if extra is not None else {}
+        # every process: under FSDP the average is gathered (a collective); otherwise it is the copy's state dict
+        ema_state = ema.full_state_dict(raw_model) if ema is not None else None
         if accelerator.is_main_process:
             train_state = {
                 "optimizer": optimizer_state,
@@ -696,7 +693,7 @@ def train(
             }
             weights = {"model": model_state}
             if ema is not None:
-                weights["ema"] = ema_state if fsdp else ema.module.state_dict()
+                weights["ema"] = ema_state
             if extra is not None:
                 weights["extra"] = extra_state
             path = ckpt.write_checkpoint(
@@ -832,12 +829,9 @@ def train(
             m = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
             summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             skipped_total += len(m["skipped"])
-            if isinstance(ema, ShardedEma):  # the average in the model's own shards for the evaluation
-                with ema.swapped_into(raw_model):
-                    e = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
-            elif ema is not None:
-                e = evaluate(ema.module, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
-            if ema is not None:
+            if ema is not None:  # FSDP: the average in the model's own shards for the evaluation
+                with ema.evaluated(raw_model, eval_model) as averaged:
+                    e = evaluate(averaged, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
                 summary.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
             last_eval = {k: v for k, v in summary.items() if k.startswith(("val", "ema"))}
         log.write(summary)
