@@ -1163,7 +1163,7 @@ def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from .scaling import _patch_size
 
     twin_patch = _patch_size(args.twin)
-    if not twin_patch or PATCH % twin_patch:  # patch 16 (ViT twins) or a divisor of it (hierarchical: Swin's 4)
+    if PATCH % twin_patch:  # patch 16 (ViT twins) or a divisor of it (hierarchical: Swin's 4)
         parser.error(
             f"argument --twin: {args.twin!r} has patch size {twin_patch}; the twin needs {PATCH} or a divisor of it"
         )
