@@ -1,5 +1,7 @@
 """Neighborhood attention at the op level: our Triton kernels against dense SDPA over all tokens (what a neighborhood
-kernel must beat to be worth having) and the gather reference, forward and forward + backward.
+kernel must beat to be worth having) and the gather reference, forward and forward + backward; with a bias table, the
+Triton kernels again with the table frozen (the cost of its gradient by difference), and a per-kernel profile of the
+Triton forward + backward.
 
 Default shape: NAT-T stage 1 (B=64, 56 x 56 tokens, 2 heads, head dim 32, kernel 7, with NAT's rpb), bf16. The issue's
 target: forward + backward at least 3x faster than dense SDPA over the same tokens (dense SDPA forward took 0.80 ms
@@ -76,7 +78,13 @@ def _methods(args: argparse.Namespace) -> dict[str, Callable]:
         qt, kt, vt = (t.reshape(b, x * y, h, d).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).reshape(b, x, y, h, d)
 
+    def triton_frozen_rpb(q, k, v, rpb):
+        # the bias table without a gradient: what the bias-gradient pass (atomics + scatter) costs, by difference
+        return triton(q, k, v, None if rpb is None else rpb.detach())
+
     methods = {"triton": triton, "sdpa_dense": sdpa_dense}
+    if args.rpb:
+        methods["triton_frozen_rpb"] = triton_frozen_rpb
     if not args.no_reference:
         methods["reference"] = reference
     return methods
@@ -128,6 +136,30 @@ def _accuracy(args: argparse.Namespace) -> dict:
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads, strict=False):
         rel[name] = ((a.float() - b.float()).norm() / b.float().norm()).item()
     return rel
+
+
+def _profile(args: argparse.Namespace, steps: int = 5) -> list[dict]:
+    """GPU time per step of each kernel in a Triton forward + backward (torch.profiler), the largest first: which part
+    of the backward costs what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = _methods(args)["triton"]
+    q, k, v, rpb = _inputs(args, True)
+    go = torch.randn_like(q)
+    ins = [t for t in (q, k, v, rpb) if t is not None]
+    for _ in range(3):
+        torch.autograd.grad(fn(q, k, v, rpb), ins, go)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.grad(fn(q, k, v, rpb), ins, go)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": e.count / steps})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
 def _sweep(args: argparse.Namespace) -> list[dict]:
@@ -193,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rpb", dest="rpb", action="store_false", help="no relative positional bias")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) gather reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
@@ -222,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
+    if args.profile:
+        result["profile_forward_backward"] = _profile(args)
+        for row in result["profile_forward_backward"][:8]:
+            print(f"profile: {row['ms_per_step']:.3f} ms  x{row['calls_per_step']:.0f}  {row['kernel']}")
     if args.sweep:
         result["sweep"] = _sweep(args)
         for mode in ("forward", "forward_backward"):

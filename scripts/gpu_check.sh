@@ -10,7 +10,8 @@
 #   tests-more     gpu tests of the MALA/RALA/NaLa/Efficient, neighborhood, SLA, scan, GLA kernels, the window
 #                  mixer, the hybrid / pooled-agent ops and the converter on CUDA (pytest -n 4 if xdist is there)  ~4 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
-#                  hybrid, converter methods and tuning, the converter speed bench)                  ~2.5 min
+#                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
+#                  backward)                                                                           ~3.5 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
 #   check-4096     every hierarchical entrypoint once at 4096 x 4096, batch 1 (benchmarks/hires_every_model.py) ~2.5 min
 #   fmnist         the Fashion-MNIST results table (benchmarks/fashion_mnist_table.py; needs .data/ carried with
@@ -52,7 +53,9 @@ for stage in "$@"; do
       timeout ${RERUN_LIMIT:-300} $PYTEST ${XD/4/3} -v --durations=12 tests/test_kernels_triton_rope_linear.py \
         tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py \
         tests/test_convert_methods.py tests/test_convert_tune.py tests/test_bench_convert.py 2>&1 \
-        | tee "$OUT/gpu_tests_rerun_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40 ;;
+        | tee "$OUT/gpu_tests_rerun_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40
+      timeout 150 $PYTEST -v tests/test_kernels_triton_sparse_linear.py -k readout 2>&1 \
+        | tee "$OUT/gpu_tests_readout_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -20 ;;
     bench-hier)
       timeout 170 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024,4096 --models $HIER \
         --twin $SWIN --time-budget 150 --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"

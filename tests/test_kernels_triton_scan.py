@@ -150,7 +150,7 @@ def _args(b=2, length=5, d=4, n=3, dtype=torch.float32, device="cpu"):
 
 def test_triton_supports_reasons():
     op = get_op("selective_scan")
-    assert list(op.backends) == ["reference", "triton"]  # opt-in until its GPU tests pass
+    assert list(op.backends) == ["triton", "reference"]  # the Triton scan is preferred where it can run
     u, delta, bm, cm, a_mat = _args()
     kw = dict(A=a_mat, D=None, delta_bias=None, delta_softplus=False, return_last_state=False, chunk_size=64)
     assert "not on a CUDA device" in "; ".join(op.supports(u, delta, bm, cm, None, backend="triton", **kw))
@@ -218,8 +218,7 @@ def test_gpu_automatic_backend_is_triton():
     _cuda_or_skip()
     u, delta, bm, cm, a_mat = _args(dtype=torch.bfloat16, device="cuda")
     kw = dict(A=a_mat, D=None, delta_bias=None, delta_softplus=True, return_last_state=False, chunk_size=64)
-    # opt-in (registered after the reference) until the GPU failure at L = 1 is fixed and re-run
-    assert get_op("selective_scan").select(u, delta, bm, cm, None, backend=None, **kw).name == "reference"
+    assert get_op("selective_scan").select(u, delta, bm, cm, None, backend=None, **kw).name == "triton"
 
 
 @gpu

@@ -383,8 +383,8 @@ def _scan_triton(
 # The activations (u, delta, B, C, z) are positional: backends' supports() and the dtype checks read them. The
 # parameters (A, D, delta_bias) are keywords: float32 by Mamba's convention whatever the activations' dtype.
 _scan_op = Op(_SCAN)
+_scan_op.register("triton", _scan_triton, _scan_triton_supports)  # preferred: see docs/kernels.md for its GPU runs
 _scan_op.register("reference", _scan_reference_backend, supports_floating)
-_scan_op.register("triton", _scan_triton, _scan_triton_supports)  # opt-in: GPU tests failed (see docs/kernels.md)
 
 
 def selective_scan(
