@@ -9,6 +9,8 @@ Methods (each at every sparsity, ``topk = 1 - sparsity`` of the key blocks criti
 * ``sla-paper``: :func:`visionlin.kernels.sparse_linear_attention`, ``variant="paper"``, ``k_low`` negligible blocks
   (default 0.10, the paper's; capped at ``1 - topk``);
 * ``sla-code``: the same op, ``variant="code"`` (linear attention over all keys, the released code's main branch);
+* ``<method>:fused-readout`` rows (forward + backward) run the SLA methods with the linear read-out's backward fused
+  into one kernel (``TUNING["fused_readout_bwd"]``), the rows without it the torch read-out backward;
 * ``<method>:select`` rows time the block selection alone (pooling, scores, sort, LUT) as part of the profile.
 
 The sparse ops take ``[B, N, H, D]`` (heads-last, the converter's layout). Each time is the median over ``--iters``
@@ -100,6 +102,21 @@ def _sparse(method: str, q, k, v, w, b, grad, mode: str, topk: float, k_low: flo
     return call
 
 
+def _fused_readout(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the linear read-out's backward fused into one kernel (``TUNING["fused_readout_bwd"]``)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    def call():
+        saved = sl.TUNING["fused_readout_bwd"]
+        sl.TUNING["fused_readout_bwd"] = True
+        try:
+            return fn()
+        finally:
+            sl.TUNING["fused_readout_bwd"] = saved
+
+    return call
+
+
 def _select(q, k, topk: float, k_low: float, bq: int, bk: int, marginal: bool) -> Callable[[], object]:
     from visionlin.kernels.triton.sparse_linear import select_blocks
 
@@ -164,6 +181,8 @@ def run(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: 
             for method in SPARSE:
                 fn = _sparse(method, sq, sk, sv, w, bias, grad, mode, topk, k_low, args.block_q, args.block_k)
                 add(_row(method, sparsity, mode, fn, args))
+                if mode == "fwd+bwd" and method != "sparse":
+                    add(_row(f"{method}:fused-readout", sparsity, mode, _fused_readout(fn), args))
                 if mode == "fwd" and method != "sparse":
                     sel = _select(sq, sk, topk, k_low if method == "sla-paper" else 0.0, args.block_q, args.block_k,
                                   method == "sla-paper")  # fmt: skip
