@@ -329,6 +329,19 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _reused_note(rows: list[dict[str, Any]]) -> str:
+    """Which rows' training runs came from an earlier invocation (``--reuse``): their accuracy is that run's, at the
+    commit that trained it (its ``config.yaml`` and log are in ``runs/``)."""
+    reused = [r["model"] for r in rows if r.get("reused")]
+    if not reused:
+        return ""
+    fresh = [r["model"] for r in rows if not r.get("reused")]
+    return (
+        f" {len(reused)} of {len(rows)} training runs were reused from an earlier invocation (`--reuse`; logs and "
+        f"configs are in `runs/`); trained in this one: {', '.join(fresh) if fresh else 'none'}."
+    )
+
+
 def _markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = [
@@ -336,7 +349,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['meta'].get('gpu', '')}, commit {result['meta'].get('commit')}, {result['meta'].get('date')}. "
         f"Test top-1 is the last epoch's (on {result['setup']['test_images']} test images); train img/s is measured "
-        "alone after the runs.",
+        "alone after the runs." + _reused_note(result["rows"]),
         "",
         "| model | test top-1 (%) | best (%) | train img/s | params (M) | GMACs | status |",
         "|---|---:|---:|---:|---:|---:|---|",
