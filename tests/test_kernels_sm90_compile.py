@@ -209,6 +209,9 @@ def _neighborhood(dt, tdt):
                 cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
         for rpb in (False, True):  # 1-D: one row of queries
             cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
+    for dv in (32, 64, 128):  # the backward's delta pre-pass, with _delta's block sizes
+        bdv = nt._blocks(dv)
+        cases.append((nt._delta_kernel, dt, dict(BLOCK_R=max(8, 2048 // bdv), BLOCK_DV=bdv), {"num_warps": 8}))
     return cases
 
 
