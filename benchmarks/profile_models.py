@@ -99,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="224:256,1024:16", help="size:batch pairs")
     parser.add_argument("--backend", default=None, help="kernel backend for visionlin models (default: auto)")
     parser.add_argument("--train", action="store_true", help="profile a training step instead of a forward")
+    parser.add_argument("--twin", default="deit_small_patch16_224", help="dense timm model profiled first")
+    parser.add_argument("--name", default=None, help="JSON file stem (default profile_models / profile_train)")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
     results = []
-    for name in ["deit_small_patch16_224", *args.models.split(",")]:
+    for name in [args.twin, *args.models.split(",")]:
         for size, batch in sizes:
             torch.manual_seed(0)
-            if name.startswith("deit"):
+            if name == args.twin and name.startswith(("deit", "vit")):
                 model = timm.create_model(name, dynamic_img_size=True, img_size=size)
+            elif name == args.twin:
+                model = timm.create_model(name, img_size=size)
             else:
                 model = timm.create_model(name)
                 visionlin.set_backend(model, args.backend)
@@ -133,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = gpu_meta(argv, args.commit, timm=timm.__version__)
-    (out / ("profile_train.json" if args.train else "profile_models.json")).write_text(
-        json.dumps({"meta": meta, "rows": results}, indent=2)
-    )
+    stem = args.name or ("profile_train" if args.train else "profile_models")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     return 0
 
 

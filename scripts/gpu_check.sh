@@ -32,6 +32,7 @@
 #   bench-largest  largest input at batch 1 (long time cap)                                            ~4 min
 #   profile        kernel-time profile of one forward at 224 px                                        ~1 min
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
+#   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
 set -u
 OUT=$1
 COMMIT=$2
@@ -120,6 +121,13 @@ for stage in "$@"; do
     profile)
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${MODELS%,infvit_pure_small} \
         --sizes 224:256 --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
+    profile-hier)  # where the hierarchical models below swin_tiny spend their forward and training step
+      for mode in "" --train; do
+        timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
+          --models nalaformer_tiny,nat_tiny,agent_swin_tiny --sizes 224:128 --name "profile_hier${mode:+_train}_$COMMIT" \
+          --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
+        grep -A6 "^==" "$OUT/profile_hier${mode:+_train}_$COMMIT.log" | grep -v "^     "
+      done ;;
     profile-train)
       timeout 100 python3 benchmarks/profile_models.py --train --out "$OUT" --models ${MODELS%,infvit_pure_small} \
         --sizes 224:128 --commit "$COMMIT" > "$OUT/profile_train_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_train_$COMMIT.log" | grep -v "^     " ;;
