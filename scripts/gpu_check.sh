@@ -17,6 +17,7 @@
 #   fmnist         the Fashion-MNIST results table (benchmarks/fashion_mnist_table.py; needs .data/ carried with
 #                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
 #   fmnist-finish  the committed Fashion-MNIST runs reused: MambaVision's run trained, then the throughput column ~8 min
+#   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
@@ -51,9 +52,11 @@ for stage in "$@"; do
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
     tests-rerun)
       XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-      timeout ${RERUN_LIMIT:-300} $PYTEST ${XD/4/3} -v --durations=12 tests/test_kernels_triton_rope_linear.py \
-        tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py \
-        tests/test_convert_methods.py tests/test_convert_tune.py tests/test_bench_convert.py 2>&1 \
+      FILES=${RERUN_FILES:-tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
+        tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py tests/test_convert_methods.py \
+        tests/test_convert_tune.py tests/test_bench_convert.py}
+      # shellcheck disable=SC2086  # FILES are separate words; -vv (PYTEST has -q) names every test as it finishes
+      timeout ${RERUN_LIMIT:-300} $PYTEST ${XD/4/${RERUN_N:-3}} -vv --durations=12 $FILES 2>&1 \
         | tee "$OUT/gpu_tests_rerun_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40
       [[ ${READOUT:-1} == 1 ]] && timeout 150 $PYTEST -v tests/test_kernels_triton_sparse_linear.py -k readout 2>&1 \
         | tee "$OUT/gpu_tests_readout_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -20 ;;
@@ -79,6 +82,16 @@ for stage in "$@"; do
         --workers 12 --hard-limit 380 --speed-budget 150 --commit "$COMMIT" \
         --train-args "--data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist" 2>&1 | grep -vE "^\s*$" | tail -30
       ;;
+    fmnist-validate)  # visionlin train (1 epoch), then visionlin validate on its run folder: the same test top-1
+      mkdir -p /tmp/fmdeb && dpkg -x .data/dataset-fashion-mnist_*.deb /tmp/fmdeb
+      FM=/tmp/fmdeb/usr/share/datasets/fashion-mnist
+      timeout 150 python3 -m visionlin.cli train --model nat_tiny -c fashion_mnist --epochs 1 --img-size 64 \
+        --batch-size 256 --workers 8 --seed 0 --output /tmp/fmv --experiment nat_tiny --data-dir $FM \
+        > "$OUT/fmnist_validate_train_$COMMIT.log" 2>&1
+      tail -3 "$OUT/fmnist_validate_train_$COMMIT.log"; cp /tmp/fmv/nat_tiny/log.jsonl "$OUT/fmnist_validate_train_log.jsonl"
+      timeout 90 python3 -m visionlin.cli validate --model nat_tiny --checkpoint /tmp/fmv/nat_tiny --dataset fashion_mnist \
+        --data-dir $FM --split test --img-size 64 --amp -b 256 -j 8 --results-file "$OUT/fmnist_validate_$COMMIT.json" 2>&1 \
+        | tail -3 ;;
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
     tests-more)
