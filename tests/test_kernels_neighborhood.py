@@ -226,12 +226,12 @@ def test_reference_matches_natten_forward(spatial, kernel, dilation):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_automatic_backend_is_the_reference_on_cpu():
+def test_automatic_backend_is_the_chunked_reference_on_cpu():
     q, k, v = _qkv((6, 6), dtype=torch.float32)
     op = get_op("neighborhood_attention")
-    assert list(op.backends) == ["natten", "triton", "reference"]
+    assert list(op.backends) == ["natten", "triton", "flex", "chunked", "reference"]
     chosen = op.select(q, k, v, (3, 3), (1, 1), rpb=None, scale=None, dropout_p=0.0, backend=None)
-    assert chosen.name == "reference"
+    assert chosen.name == "chunked"  # the reference's math in bounded memory
     with pytest.raises(NotImplementedError, match=r"backend 'natten' cannot run this call: .*(natten|libnatten)"):
         neighborhood_attention(q, k, v, 3, backend="natten")
 
@@ -294,7 +294,7 @@ def test_every_backend_names_a_non_floating_dtype(dtype):
         with pytest.raises(ValueError, match="must be floating point"):
             neighborhood_attention(q, k, v, 3, backend=backend)
         reasons = op.supports(q, k, v, (3, 3), (1, 1), backend=backend)
-        if na._natten_module() is not None or backend == "reference":
+        if na._natten_module() is not None or backend in ("chunked", "reference"):
             assert any(str(dtype) in r for r in reasons), (backend, reasons)
 
 

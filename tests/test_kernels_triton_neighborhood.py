@@ -173,7 +173,7 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
 
 def test_triton_supports_reasons():
     op = get_op("neighborhood_attention")
-    assert list(op.backends) == ["natten", "triton", "reference"]
+    assert list(op.backends) == ["natten", "triton", "flex", "chunked", "reference"]
     q, k, v = _qkv((6, 6))
     reasons = "; ".join(op.supports(q, k, v, (3, 3), (1, 1), dropout_p=0.1, backend="triton"))
     assert "not on a CUDA device" in reasons and "dropout" in reasons

@@ -13,10 +13,15 @@ otherwise the dilation is capped at ``L // kernel_size`` (DiNAT's own rule for c
 resolution // k``). Inputs NATTEN accepts are left unchanged. The bias table keeps its size and is indexed by the
 offset in units of the effective dilation.
 
-Backends: ``"natten"`` (NATTEN's fused CUDA kernels, only where ``libnatten`` can run the call: no bias, no dropout,
-head dims multiple of 8, CUDA), ``"triton"`` (our 1-D / 2-D kernels, :mod:`visionlin.kernels.triton.neighborhood`:
-CUDA, with ``rpb``, forward and backward, no dropout or additional keys) and ``"reference"`` (plain PyTorch, trains
-on every device). Math: ``docs/mechanisms/neighborhood.md``.
+Backends, in order of preference: ``"natten"`` (NATTEN's fused CUDA kernels, only where ``libnatten`` can run the
+call: no bias, no dropout, head dims multiple of 8, CUDA), ``"triton"`` (our 1-D / 2-D kernels,
+:mod:`visionlin.kernels.triton.neighborhood`: CUDA, with ``rpb``, forward and backward, no dropout or additional
+keys), ``"flex"`` (PyTorch's FlexAttention on CUDA: 1-D / 2-D / 3-D, ``rpb`` as a ``score_mod``, additional keys,
+forward and backward, no dropout; the window is a block-sparse ``mask_mod``, so the fused kernels skip key blocks
+outside every window), ``"chunked"`` (the reference's math over chunks of the queries, each gathering at most
+:data:`CHUNK_BYTES`, checkpointed under autograd: everything the reference takes in bounded memory; the automatic
+choice on the CPU and for what the others refuse, e.g. dropout) and ``"reference"`` (plain PyTorch, gathers all
+``[B, N, K, H, D]`` keys at once). Math: ``docs/mechanisms/neighborhood.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+try:  # imported here: under torch.compile an import inside the backend would be a graph break
+    from torch.nn.attention import flex_attention as _flex_attention
+except ImportError:  # torch < 2.5; the "flex" backend says so
+    _flex_attention = None
 
 from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
@@ -445,9 +456,296 @@ def _triton(
     return na2d_triton(q, k, v, window, rpb=rpb, scale=scale)
 
 
+# Chunked backend ----------------------------------------------------------------------------------------------------
+#: Memory budget, in bytes, of one chunk of the ``"chunked"`` backend: the gathered neighbour keys and values of the
+#: chunk's queries (``[B, chunk, K, H, D + Dv]``) plus its logits and weights (``[B, chunk, H, K + E]``, twice), in the
+#: compute dtype (float32; float64 stays float64). 512 MiB of float32 = 128 Mi numbers: a Wan2.1 layer (``K = 343``,
+#: 12 heads, head dim 128) runs 127 queries at a time instead of gathering 64 GiB at once.
+CHUNK_BYTES = 512 * 2**20
+
+
+def _chunk_queries(q: torch.Tensor, v: torch.Tensor, n_window: int, n_extra: int, itemsize: int) -> int:
+    """Queries per chunk so that one chunk's gathers and logits stay within :data:`CHUNK_BYTES` (at least 1)."""
+    b, h = q.shape[0], q.shape[-2]
+    per_query = b * h * (n_window * (q.shape[-1] + v.shape[-1]) + 3 * (n_window + n_extra)) * itemsize
+    return max(1, CHUNK_BYTES // max(per_query, 1))
+
+
+def _na_chunk(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    vf: torch.Tensor,
+    flat: torch.Tensor,
+    table: torch.Tensor | None,
+    bias_index: torch.Tensor | None,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The reference's math for the queries ``qf`` ``[B, n, H, D]`` (already scaled, compute dtype) whose neighbours
+    are ``flat`` ``[n, K]`` in the flat keys / values ``kf`` / ``vf``, with the bias ``table[:, bias_index]`` (``rpb``
+    flattened to ``[H, T]``, ``bias_index`` ``[n, K]``); returns ``[B, n, H, Dv]``."""
+    s = torch.einsum("bnhd,bnkhd->bnhk", qf, kf[:, flat])
+    if table is not None:
+        s = s + table[:, bias_index].transpose(0, 1)  # [n, H, K]
+    n_win = s.shape[-1]
+    if extra_k is not None:
+        s = torch.cat([s, torch.einsum("bnhd,behd->bnhe", qf, extra_k)], dim=-1)
+    w = s.softmax(dim=-1)
+    if dropout_p:
+        w = F.dropout(w, p=dropout_p)
+    out = torch.einsum("bnhk,bnkhe->bnhe", w[..., :n_win], vf[:, flat])
+    if extra_k is not None:
+        out = out + torch.einsum("bnhe,behf->bnhf", w[..., n_win:], extra_v)
+    return out
+
+
+def _chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``"chunked"`` backend: :func:`neighborhood_attention_reference`'s math over chunks of the flat queries, each
+    gathering at most :data:`CHUNK_BYTES`. With autograd recording, every chunk (when there are several) runs under
+    non-reentrant activation checkpointing, so the backward recomputes one chunk's gathers at a time instead of
+    keeping all of them (dropout masks are replayed: the RNG state is restored)."""
+    nd = q.ndim - 3
+    spatial = tuple(q.shape[1 : 1 + nd])
+    b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dt = reference_dtype(q.dtype)
+    flat, bias_index = _flat_windows(spatial, kernel_size, dilation, q.device)  # [N, K]
+    n, n_win = flat.shape
+    n_extra = 0 if additional_keys is None else additional_keys.shape[1]
+    chunk = _chunk_queries(q, v, n_win, n_extra, torch.empty((), dtype=dt).element_size())
+    with fp32_reference(q.device):
+        qf = q.to(dt).flatten(1, nd) * scale  # [B, N, H, D]
+        kf, vf = k.to(dt).flatten(1, nd), v.to(dt).flatten(1, nd)
+        table = linear = None
+        if rpb is not None:  # rpb as [H, prod(2k - 1)], indexed by [N, K] row-major positions in the table
+            table = rpb.to(dt).flatten(1)
+            linear = torch.zeros((), dtype=torch.int64, device=q.device)
+            for ks, index in zip(kernel_size, bias_index, strict=True):
+                linear = linear * (2 * ks - 1) + index
+            linear = linear.reshape(n, n_win)
+        extra_k = None if additional_keys is None else additional_keys.to(dt)
+        extra_v = None if additional_values is None else additional_values.to(dt)
+        checkpointed = chunk < n and torch.is_grad_enabled()
+        outs = []
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            args = (qf[:, rows], kf, vf, flat[rows], table, None if linear is None else linear[rows], extra_k, extra_v)
+            if checkpointed:
+                outs.append(torch.utils.checkpoint.checkpoint(_na_chunk, *args, dropout_p, use_reentrant=False))
+            else:
+                outs.append(_na_chunk(*args, dropout_p))
+        out = torch.cat(outs, dim=1) if len(outs) != 1 else outs[0]
+    return out.reshape(b, *spatial, h, dv).to(q.dtype)
+
+
+# FlexAttention backend ----------------------------------------------------------------------------------------------
+_FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLEX_HEAD_DIMS = (16, 256)  # tl.dot needs >= 16 (inductor's flex template refuses less); 256: largest tested
+_FLEX_BLOCK = 128  # FlexAttention's default sparse block size (query and key blocks)
+
+
+def _flex_module() -> ModuleType | None:
+    """``torch.nn.attention.flex_attention`` (torch >= 2.5), or ``None``."""
+    return _flex_attention
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_compiled() -> Any:
+    """``torch.compile(flex_attention, dynamic=False)``: the fused Triton kernels in eager mode (uncompiled,
+    FlexAttention materializes every ``[N, N + E]`` score)."""
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+def _axis_coords(idx: torch.Tensor, spatial: Sequence[int]) -> list[torch.Tensor]:
+    """Per-axis coordinates of row-major flat indices."""
+    coords = []
+    for length in reversed(spatial):
+        coords.insert(0, idx % length)
+        idx = idx // length
+    return coords
+
+
+def _flex_mods(
+    spatial: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...], rpb: torch.Tensor | None
+) -> tuple[Any, Any]:
+    """FlexAttention's ``(mask_mod, score_mod)`` for the flat queries ``[0, N)`` and keys ``[0, N + E)`` (the grid's
+    ``N`` keys, then the additional keys).
+
+    ``mask_mod`` is :func:`neighborhood_indices`' window per axis (dilation group ``i % d``, start
+    ``clamp(i // d - k // 2, 0, n_g - k)``, ``k`` group positions) on the effective windows, and true for every
+    additional key. ``score_mod`` adds ``rpb[h, *((j - i) // d + kernel_size - 1)]`` to the grid keys (``None`` without
+    ``rpb``); the index is clamped to the table, it only matters for allowed keys where it is in range."""
+    n = math.prod(spatial)
+    axes = [
+        (length, *effective_window(length, ks, d), ks)
+        for length, ks, d in zip(spatial, kernel_size, dilation, strict=True)
+    ]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx < n
+        pairs = zip(axes, _axis_coords(q_idx, spatial), _axis_coords(kv_idx, spatial), strict=True)
+        for (length, kw, d, _), i, j in pairs:
+            group = i % d
+            start = torch.minimum(torch.clamp(i // d - kw // 2, min=0), (length - group + d - 1) // d - kw)
+            pos = j // d
+            allowed = allowed & (j % d == group) & (pos >= start) & (pos < start + kw)
+        return allowed | (kv_idx >= n)
+
+    if rpb is None:
+        return mask_mod, None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        pairs = zip(axes, _axis_coords(q_idx, spatial), _axis_coords(kv_idx, spatial), strict=True)
+        index = [torch.clamp((j - i) // d + ks - 1, 0, 2 * ks - 2) for (_, _, d, ks), i, j in pairs]
+        return torch.where(kv_idx < n, score + rpb[(h, *index)], score)
+
+    return mask_mod, score_mod
+
+
+def _flex_block_mask(
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    n_extra: int,
+    device: torch.device,
+    block: int = _FLEX_BLOCK,
+) -> Any:
+    """The :class:`BlockMask` of :func:`_flex_mods`' mask, built from :func:`_flat_windows` without evaluating the
+    ``N x (N + E)`` mask: the allowed pairs are counted per (query block, key block), a block is full when all its
+    ``block ** 2`` pairs are allowed and partial when some are (``create_block_mask``'s rule, which pads the last
+    blocks with masked pairs). Shared by every batch element and head."""
+    flex = _flex_module()
+    mask_mod, _ = _flex_mods(spatial, kernel_size, dilation, None)
+    flat, _ = _flat_windows(spatial, kernel_size, dilation, device)  # [N, K]
+    n = flat.shape[0]
+    n_kv = n + n_extra
+    q_blocks, kv_blocks = -(-n // block), -(-n_kv // block)
+    query_block = torch.arange(n, device=device) // block
+    pair_block = (query_block[:, None] * kv_blocks + flat // block).flatten()
+    counts = torch.zeros(q_blocks * kv_blocks, dtype=torch.int64, device=device)
+    counts.index_add_(0, pair_block, torch.ones_like(pair_block))
+    counts = counts.view(q_blocks, kv_blocks)
+    if n_extra:  # every query attends to every additional key
+        per_q_block = torch.zeros(q_blocks, dtype=torch.int64, device=device)
+        per_q_block.index_add_(0, query_block, torch.ones_like(query_block))
+        extra_block = torch.arange(n, n_kv, device=device) // block
+        per_kv_block = torch.zeros(kv_blocks, dtype=torch.int64, device=device)
+        per_kv_block.index_add_(0, extra_block, torch.ones_like(extra_block))
+        counts = counts + per_q_block[:, None] * per_kv_block[None, :]
+    full = counts == block * block
+    partial = (counts > 0) & ~full
+
+    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = dense.to(torch.int32)[None, None]  # [1, 1, Q blocks, KV blocks]
+        order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), order.to(torch.int32)
+
+    return flex.BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n_kv)
+    )
+
+
+#: Block masks by ``(spatial, kernel_size, dilation, E, device)`` (a few layers' configurations at a time).
+_flex_block_mask_cached = functools.lru_cache(maxsize=16)(_flex_block_mask)
+
+
+def _flex_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+) -> list[str]:
+    reasons = []
+    if q.device.type != "cuda":
+        reasons.append(
+            f"FlexAttention's fused kernels need CUDA tensors, got {q.device.type} (its CPU path is unfused and "
+            "forward only)"
+        )
+    if not hasattr(_flex_module(), "flex_attention"):
+        reasons.append(f"torch {torch.__version__} has no torch.nn.attention.flex_attention (torch >= 2.5)")
+    if dropout_p:
+        reasons.append(f"FlexAttention has no attention dropout ({dropout_p=})")
+    tensors = [q, k, v] + [t for t in (additional_keys, additional_values) if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        reasons.append("mixed dtypes " + ", ".join(sorted(str(d) for d in dtypes)) + " (FlexAttention takes one)")
+    elif q.dtype not in _FLEX_DTYPES:
+        reasons.append(f"dtype {q.dtype} (FlexAttention's kernels take float32, float16, bfloat16)")
+    low, high = _FLEX_HEAD_DIMS
+    if not (low <= q.shape[-1] <= high and low <= v.shape[-1] <= high):
+        reasons.append(f"head dims must be in [{low}, {high}] for FlexAttention, got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    if q.numel() == 0 or v.numel() == 0:
+        reasons.append(f"empty input {tuple(q.shape)}")
+    return reasons
+
+
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``"flex"`` backend: FlexAttention over the flat grid (plus the additional keys appended after it) with the
+    window as a block-sparse ``mask_mod`` and ``rpb`` as a ``score_mod``. Eager calls on CUDA go through a compiled
+    ``flex_attention`` (the fused kernels); inside ``torch.compile`` the plain one is traced into the graph; on other
+    devices the plain one runs FlexAttention's unfused forward (used by the CPU tests)."""
+    assert not dropout_p, "supports() refuses dropout"
+    flex = _flex_module()
+    nd = q.ndim - 3
+    spatial = tuple(q.shape[1 : 1 + nd])
+    b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
+    n_extra = 0 if additional_keys is None else additional_keys.shape[1]
+    compiling = torch.compiler.is_compiling()
+    build = _flex_block_mask if compiling else _flex_block_mask_cached
+    block_mask = build(spatial, kernel_size, dilation, n_extra, q.device)
+    _, score_mod = _flex_mods(spatial, kernel_size, dilation, rpb)
+    qf, kf, vf = q.flatten(1, nd), k.flatten(1, nd), v.flatten(1, nd)  # [B, N, H, D]
+    if additional_keys is not None:
+        kf, vf = torch.cat([kf, additional_keys], dim=1), torch.cat([vf, additional_values], dim=1)
+    fn = flex.flex_attention if compiling or q.device.type != "cuda" else _flex_compiled()
+    out = fn(
+        qf.transpose(1, 2),
+        kf.transpose(1, 2),
+        vf.transpose(1, 2),
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+    )  # [B, H, N, Dv]
+    return out.transpose(1, 2).reshape(b, *spatial, h, dv)
+
+
 _op = Op(_OP)
 _op.register("natten", _natten, _natten_supports)
 _op.register("triton", _triton, _triton_supports)
+_op.register("flex", _flex, _flex_supports)
+_op.register("chunked", _chunked, supports_floating)
 _op.register("reference", neighborhood_attention_reference, supports_floating)
 
 
@@ -470,8 +768,10 @@ def neighborhood_attention(
     Backends, in automatic-selection order: ``"natten"`` (fused CUDA kernels of a ``natten >= 0.20`` build with
     ``libnatten``; no ``rpb``, no dropout, one dtype among float32 / float16 / bfloat16, head dims multiple of 8),
     ``"triton"`` (our Triton kernels on CUDA: 1-D and 2-D, with or without ``rpb``, effective kernel sizes up to 13,
-    head dims up to 128, no dropout or additional keys) and ``"reference"`` (any floating dtypes and devices, forward
-    and backward). ``get_op("neighborhood_attention")
+    head dims up to 128, no dropout or additional keys), ``"flex"`` (FlexAttention on CUDA: 1-D / 2-D / 3-D, ``rpb``,
+    additional keys, one dtype among float32 / float16 / bfloat16, head dims 16 to 256, no dropout), ``"chunked"``
+    (the reference's math in chunks of at most :data:`CHUNK_BYTES` gathered, any floating dtypes and devices) and
+    ``"reference"`` (the same math in one piece, forward and backward). ``get_op("neighborhood_attention")
     .supports(..., backend="natten")`` lists why NATTEN cannot run a call.
 
     Raises:
