@@ -175,6 +175,35 @@ def test_flex_backend_traces_without_graph_break():
     torch.testing.assert_close(out, neighborhood_attention_reference(q, k, v, kernel, dilation, **kw))
 
 
+def test_flex_past_the_recompile_limit_runs_the_chunked_reference(monkeypatch):
+    """The compiled FlexAttention (faked on the CPU) runs under a raised recompile limit; past it (dynamo raises, as
+    ``fullgraph=True`` makes it) the call warns and runs the chunked backend, never FlexAttention's dense eager path."""
+    spatial, kernel, dilation, extra = (3, 4, 5), (3, 3, 3), (1, 1, 1), 2
+    q, k, v, kw = _inputs(spatial, kernel, extra, dtype=torch.float32)
+    ref = neighborhood_attention_reference(q, k, v, kernel, dilation, **kw)
+    limits = []
+
+    def fused(*args, **kwargs):
+        limits.append(torch._dynamo.config.recompile_limit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fa.flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(na, "_flex_fused", lambda q: True)
+    monkeypatch.setattr(na, "_flex_compiled", lambda: fused)
+    with torch.no_grad():
+        torch.testing.assert_close(na._flex(q, k, v, kernel, dilation, **kw), ref)
+    assert limits == [max(8, na._FLEX_RECOMPILE_LIMIT)]
+
+    def over_the_limit(*args, **kwargs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    monkeypatch.setattr(na, "_flex_compiled", lambda: over_the_limit)
+    with pytest.warns(RuntimeWarning, match=r"recompile limit .* runs the chunked reference"):
+        out = na._flex(q, k, v, kernel, dilation, **kw)
+    torch.testing.assert_close(out, ref)
+
+
 def test_flex_supports_reasons():
     op = get_op("neighborhood_attention")
     q, k, v = (torch.randn(1, 3, 4, 5, 2, 8, dtype=torch.float64) for _ in range(3))
@@ -257,6 +286,27 @@ def test_chunked_dropout_replays_its_masks_in_the_backward(monkeypatch):
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     for a, b in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_exports_with_a_dynamic_batch(monkeypatch):
+    """Several chunks under torch.export with a symbolic batch: the chunking is fixed at the traced batch (no guard on
+    it) and the exported program is right at another batch."""
+    monkeypatch.setattr(na, "CHUNK_BYTES", 20_000)
+    spatial, kernel, extra = (3, 5, 6), (3, 3, 3), 2
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, ek, ev):
+            return neighborhood_attention(q, k, v, 3, additional_keys=ek, additional_values=ev, backend="chunked")
+
+    q, k, v, kw = _inputs(spatial, kernel, extra, dtype=torch.float32, rpb=False)
+    assert na._chunk_queries(q, v, 27, extra, 4) < math.prod(spatial)  # several chunks
+    batch = torch.export.Dim("batch", max=64)
+    args = (q, k, v, kw["additional_keys"], kw["additional_values"])
+    with torch.no_grad():
+        program = torch.export.export(Layer(), args, dynamic_shapes=[{0: batch}] * 5)
+        q, k, v, kw = _inputs(spatial, kernel, extra, batch=5, dtype=torch.float32, rpb=False)
+        out = program.module()(q, k, v, kw["additional_keys"], kw["additional_values"])
+    torch.testing.assert_close(out, neighborhood_attention_reference(q, k, v, 3, **kw))
 
 
 def test_chunk_size_follows_the_budget():

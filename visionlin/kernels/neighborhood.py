@@ -30,6 +30,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -464,10 +465,19 @@ def _triton(
 CHUNK_BYTES = 512 * 2**20
 
 
-def _chunk_queries(q: torch.Tensor, v: torch.Tensor, n_window: int, n_extra: int, itemsize: int) -> int:
+def _size_hint(size: int | torch.SymInt) -> int:
+    """A size as an int without a guard: a symbolic size (``torch.export`` / dynamic ``torch.compile``) gives its
+    traced value, so the chunking is fixed in the graph (right for every size, sized for the traced one)."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(size.node, "hint", None)
+    return int(hint) if hint is not None else 1
+
+
+def _chunk_queries(q: torch.Tensor, v: torch.Tensor, n_window: int, n_extra: int | torch.SymInt, itemsize: int) -> int:
     """Queries per chunk so that one chunk's gathers and logits stay within :data:`CHUNK_BYTES` (at least 1)."""
-    b, h = q.shape[0], q.shape[-2]
-    per_query = b * h * (n_window * (q.shape[-1] + v.shape[-1]) + 3 * (n_window + n_extra)) * itemsize
+    b, h, d, dv = (_size_hint(x) for x in (q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]))
+    per_query = b * h * (n_window * (d + dv) + 3 * (n_window + _size_hint(n_extra))) * itemsize
     return max(1, CHUNK_BYTES // max(per_query, 1))
 
 
@@ -562,11 +572,22 @@ def _flex_module() -> ModuleType | None:
     return _flex_attention
 
 
+#: Recompilations of the compiled ``flex_attention`` allowed while the backend calls it (dynamo's default is 8 per
+#: code object; every grid, kernel, dtype, head count and head dim is one compilation).
+_FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=1)
 def _flex_compiled() -> Any:
-    """``torch.compile(flex_attention, dynamic=False)``: the fused Triton kernels in eager mode (uncompiled,
-    FlexAttention materializes every ``[N, N + E]`` score)."""
-    return torch.compile(_flex_module().flex_attention, dynamic=False)
+    """``torch.compile(flex_attention, dynamic=False, fullgraph=True)``: the fused Triton kernels in eager mode.
+    ``fullgraph``: past the recompile limit dynamo raises instead of running FlexAttention uncompiled, which
+    materializes every ``[N, N + E]`` score (the memory this backend exists to avoid)."""
+    return torch.compile(_flex_module().flex_attention, dynamic=False, fullgraph=True)
+
+
+def _flex_fused(q: torch.Tensor) -> bool:
+    """Whether an eager call on ``q``'s device goes through the compiled (fused) FlexAttention."""
+    return q.device.type == "cuda"
 
 
 def _axis_coords(idx: torch.Tensor, spatial: Sequence[int]) -> list[torch.Tensor]:
@@ -729,15 +750,26 @@ def _flex(
     qf, kf, vf = q.flatten(1, nd), k.flatten(1, nd), v.flatten(1, nd)  # [B, N, H, D]
     if additional_keys is not None:
         kf, vf = torch.cat([kf, additional_keys], dim=1), torch.cat([vf, additional_values], dim=1)
-    fn = flex.flex_attention if compiling or q.device.type != "cuda" else _flex_compiled()
-    out = fn(
-        qf.transpose(1, 2),
-        kf.transpose(1, 2),
-        vf.transpose(1, 2),
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-    )  # [B, H, N, Dv]
+    args = (qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2))
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    if compiling or not _flex_fused(q):
+        out = flex.flex_attention(*args, **kwargs)  # [B, H, N, Dv]
+    else:
+        limit = max(torch._dynamo.config.recompile_limit, _FLEX_RECOMPILE_LIMIT)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                out = _flex_compiled()(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(
+                f"{_OP}: the compiled FlexAttention hit dynamo's recompile limit ({limit} configurations); this call "
+                f"(grid {spatial}, kernel {kernel_size}, {q.dtype}) runs the chunked reference instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return _chunked(
+                q, k, v, kernel_size, dilation, rpb=rpb, scale=scale,
+                additional_keys=additional_keys, additional_values=additional_values,
+            )  # fmt: skip
     return out.transpose(1, 2).reshape(b, *spatial, h, dv)
 
 
