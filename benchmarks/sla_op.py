@@ -102,13 +102,14 @@ def _sparse(method: str, q, k, v, w, b, grad, mode: str, topk: float, k_low: flo
     return call
 
 
-def _fused_readout(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the linear read-out's backward fused into one kernel (``TUNING["fused_readout_bwd"]``)."""
+def _readout(fn: Callable[[], object], fused: bool) -> Callable[[], object]:
+    """``fn`` with the linear read-out's backward fused into one kernel or not (``TUNING["fused_readout_bwd"]``, on by
+    default: the plain rows set it off)."""
     from visionlin.kernels.triton import sparse_linear as sl
 
     def call():
         saved = sl.TUNING["fused_readout_bwd"]
-        sl.TUNING["fused_readout_bwd"] = True
+        sl.TUNING["fused_readout_bwd"] = fused
         try:
             return fn()
         finally:
@@ -180,9 +181,10 @@ def run(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: 
             k_low = min(args.k_low, 1.0 - topk)
             for method in SPARSE:
                 fn = _sparse(method, sq, sk, sv, w, bias, grad, mode, topk, k_low, args.block_q, args.block_k)
-                add(_row(method, sparsity, mode, fn, args))
-                if mode == "fwd+bwd" and method != "sparse":
-                    add(_row(f"{method}:fused-readout", sparsity, mode, _fused_readout(fn), args))
+                both = mode == "fwd+bwd" and method != "sparse"
+                add(_row(method, sparsity, mode, _readout(fn, fused=False) if both else fn, args))
+                if both:
+                    add(_row(f"{method}:fused-readout", sparsity, mode, _readout(fn, fused=True), args))
                 if mode == "fwd" and method != "sparse":
                     sel = _select(sq, sk, topk, k_low if method == "sla-paper" else 0.0, args.block_q, args.block_k,
                                   method == "sla-paper")  # fmt: skip

@@ -47,15 +47,21 @@ def _inputs(b, n, m, h, d, dv, dtype, seed=0, non_contiguous=False):
     return [t.to(dtype) for t in (q, k, v)], w.float(), bias.float()
 
 
-def _materialised(q, k, v, w, bias, block_map, bq, bk, fmap, variant, scale, eps, dt):
+def _materialised(q, k, v, w, bias, block_map, bq, bk, fmap, variant, scale, eps, dt, kt=None, vt=None):
     """The op's formula with explicit ``[N, M]`` masks, in ``dt`` (float64: the truth; half: the plain baseline).
-    ``w is None``: block-sparse attention (no linear branch)."""
+    ``w is None``: block-sparse attention (no linear branch). ``kt`` / ``vt``: additional keys / values, extra
+    columns of the one softmax (not in the linear branch)."""
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     n, m = q.shape[1], k.shape[1]
     cls = block_map[:, :, torch.arange(n) // bq][:, :, :, torch.arange(m) // bk].to(q.device)
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
     s = torch.where(cls == 1, s, torch.full_like(s, -torch.inf))
-    out = torch.einsum("bhnm,bmhe->bnhe", torch.softmax(s.float() if dt != torch.float64 else s, -1).to(dt), v)
+    if kt is not None:
+        s = torch.cat([s, torch.einsum("bnhd,bthd->bhnt", q, kt.to(dt)) * scale], dim=-1)  # [B, H, N, M + T]
+    p = torch.softmax(s.float() if dt != torch.float64 else s, -1).to(dt)
+    out = torch.einsum("bhnm,bmhe->bnhe", p[..., :m], v)
+    if kt is not None:
+        out = out + torch.einsum("bhnt,bthe->bnhe", p[..., m:], vt.to(dt))
     if w is None:
         return out
     phi = SLA_FEATURE_MAPS[fmap]
@@ -67,15 +73,20 @@ def _materialised(q, k, v, w, bias, block_map, bq, bk, fmap, variant, scale, eps
 
 
 def check(shape, dtype, device, *, method="sla", variant="paper", fmap="softmax", topk=0.4, k_low=0.2, bq=64, bk=64,
-          direct=False, non_contiguous=False, seed=0, long=False):  # fmt: skip
-    """Output and gradients (q, k, v and, for SLA, the projection's weight and bias) of the Triton backend against
-    float64 (``direct``: call the backend function itself, as the interpreter runs it on the CPU). ``long``: sequences
-    whose ``[N, M]`` float64 masks do not fit: the truth is the block-wise ``"torch"`` backend (float32 math, itself
-    tested against the reference) on the same inputs, and the bound the dtype's four-unit floor alone."""
+          direct=False, non_contiguous=False, seed=0, long=False, text=0):  # fmt: skip
+    """Output and gradients (q, k, v, the additional keys and values if any and, for SLA, the projection's weight and
+    bias) of the Triton backend against float64 (``direct``: call the backend function itself, as the interpreter
+    runs it on the CPU). ``long``: sequences whose ``[N, M]`` float64 masks do not fit: the truth is the block-wise
+    ``"torch"`` backend (float32 math, itself tested against the reference) on the same inputs, and the bound the
+    dtype's four-unit floor alone. ``text``: that many additional (joint, always attended) keys ``T``."""
     from visionlin.kernels import sparse_linear as sl
 
     b, n, m, h, d, dv = shape
     (q, k, v), w, bias = _inputs(b, n, m, h, d, dv, dtype, seed=seed, non_contiguous=non_contiguous)
+    extra = []
+    if text:
+        gt = torch.Generator().manual_seed(seed + 3)
+        extra = [torch.randn(b, text, h, e, generator=gt, dtype=torch.float64).to(dtype) for e in (d, v.shape[-1])]
     k_low = k_low if (method == "sla" and variant == "paper") else 0.0
     scale = d**-0.5
     block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=bq, block_k=bk)
@@ -84,35 +95,39 @@ def check(shape, dtype, device, *, method="sla", variant="paper", fmap="softmax"
     sla = method == "sla"
 
     def run(dt, fn):
-        ins = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v)]
+        ins = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v, *extra)]
         params = [t.detach().clone().to(device).requires_grad_() for t in (w, bias)] if sla else []
-        out = fn(*ins, *params)
+        out = fn(*ins[:3], *params, *ins[3:])
         out.backward(grad.to(device=device, dtype=out.dtype))
         return [out.detach().cpu(), *(t.grad.cpu() for t in ins + params)]
 
+    def joint(fn, **kw):
+        """``fn(q, k, v, *params, **kw)`` called as ``(q, k, v, *params, *extra)``."""
+
+        def call(*a):
+            if not text:
+                return fn(*a, **kw)
+            return fn(*a[:-2], additional_keys=a[-2], additional_values=a[-1], **kw)
+
+        return call
+
     def formula(dt):
-        def fn(q, k, v, *p):
+        def fn(q, k, v, *p, additional_keys=None, additional_values=None):
             wb = p if sla else (None, None)
-            args = (block_map.to(q.device), bq, bk, fmap, variant, scale, 1e-5, dt)
+            args = (block_map.to(q.device), bq, bk, fmap, variant, scale, 1e-5, dt, additional_keys, additional_values)
             return _materialised(q, k, v, *wb, *args)
 
-        return fn
+        return joint(fn)
 
     if sla:
         kw = dict(topk=topk, k_low=k_low, block_q=bq, block_k=bk, feature_map=fmap, variant=variant)
-        if direct:
-            fast = sl._sla_triton
-        else:
-            fast = lambda q, k, v, w, b: sparse_linear_attention(q, k, v, w, b, backend="triton", **kw)  # noqa: E731
+        op = sparse_linear_attention
     else:
         kw = dict(topk=topk, block_q=bq, block_k=bk)
-        fast = sl._bsa_triton if direct else (lambda q, k, v: block_sparse_attention(q, k, v, backend="triton", **kw))
-    ours = run(dtype, (lambda *a: fast(*a, **kw)) if direct else fast)
-    if long:
-        op = sparse_linear_attention if sla else block_sparse_attention
-        truth = run(dtype, lambda *a: op(*a, backend="torch", **kw))
-    else:
-        truth = run(torch.float64, formula(torch.float64))
+        op = block_sparse_attention
+    fast = joint(sl._sla_triton if sla else sl._bsa_triton, **kw) if direct else joint(op, backend="triton", **kw)
+    ours = run(dtype, fast)
+    truth = run(dtype, joint(op, backend="torch", **kw)) if long else run(torch.float64, formula(torch.float64))
     errs = [_rel(x, y) for x, y in zip(ours, truth, strict=True)]
     if long:
         bounds = [FLOOR.get(dtype, F32_TOL)] * len(errs)
@@ -121,10 +136,11 @@ def check(shape, dtype, device, *, method="sla", variant="paper", fmap="softmax"
     else:
         base = [_rel(x, y) for x, y in zip(run(dtype, formula(dtype)), truth, strict=True)]
         bounds = [2 * e + FLOOR[dtype] for e in base]
-    names = ["out", "dq", "dk", "dv", "dw", "db"][: len(errs)]
+    names = ["out", "dq", "dk", "dv", *(["d_additional_keys", "d_additional_values"] if text else []), "dw", "db"]
+    names = names[: len(errs)]
     bad = {nm: f"{e:.2e} > {bd:.2e}" for nm, e, bd in zip(names, errs, bounds, strict=True) if not e <= bd}
     assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
-    assert not bad, (shape, dtype, method, variant, fmap, (n_c, n_l), bad)
+    assert not bad, (shape, dtype, method, variant, fmap, text, (n_c, n_l), bad)
     return errs
 
 
@@ -255,8 +271,10 @@ def test_triton_supports_reasons():
     meta = torch.empty(1, 8, 1, 256, device="meta", dtype=torch.float64)
     w = torch.empty(256, 256, device="meta")
     reasons = " ".join(op.supports(meta, meta, meta, w, backend="triton", block_q=32, additional_keys=meta))
-    for part in ("CUDA", "float64", "block_q=32", "additional_keys", "head dims"):
+    for part in ("CUDA", "float64", "block_q=32", "head dims"):
         assert part in reasons, (part, reasons)
+    # Additional (joint) keys are no reason to refuse: a call the kernels can run otherwise runs with them.
+    assert "additional" not in reasons, reasons
 
 
 def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
@@ -283,6 +301,35 @@ def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
     assert (tmp_path / "sla_op.png").stat().st_size > 10_000
 
 
+def lse_grad_check(device, dtype=torch.float32, method="sla"):
+    """The op's log2-sum-exp output alone differentiated (the ``delta`` shift in ``sla_bwd_sparse``): gradients of
+    ``sum(c * lse)`` for q, k, v against float64 autograd of the masked scores' ``logsumexp / ln 2`` (v: zero)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    (q, k, v), w, bias = _inputs(2, 100, 130, 2, 20, 24, dtype, seed=3)
+    c = torch.randn(2, 2, 100, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    block_map = sla_block_map(q, k, topk=0.4, block_q=64, block_k=64)
+    linear = method == "sla"
+    lut, marginal = sl.select_blocks(q.to(device), k.to(device), 0.4, 0.0, 64, 64, marginal=linear)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    extra = [None] * 4
+    if linear:
+        hi, zi = sl.linear_states(leaves[1].detach(), leaves[2].detach(), marginal, 64, "softmax")
+        extra = [hi, zi, w.to(device), bias.to(device)]
+    lse = sl._fwd(*leaves, lut, *extra, 20**-0.5, 1e-5, 64, 64, 0)[2]
+    ours = torch.autograd.grad((lse.double() * c.to(device)).sum(), leaves, materialize_grads=True)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    cls = block_map[:, :, torch.arange(100) // 64][:, :, :, torch.arange(130) // 64]
+    s = torch.einsum("bnhd,bmhd->bhnm", ref_leaves[0], ref_leaves[1]) * 20**-0.5
+    lse2 = torch.where(cls == 1, s, torch.full_like(s, -torch.inf)).logsumexp(-1) / torch.log(torch.tensor(2.0))
+    assert _rel(lse.cpu(), lse2) <= (F32_TOL if dtype == torch.float32 else FLOOR[dtype])
+    ref = torch.autograd.grad((lse2 * c).sum(), ref_leaves, materialize_grads=True)
+    tol = F32_TOL if dtype == torch.float32 else FLOOR[dtype]  # half inputs: dS rounds to their dtype for its products
+    for nm, a, r in zip(("dq", "dk"), ours[:2], ref[:2], strict=True):
+        assert _rel(a.cpu(), r) <= tol, (method, dtype, nm, _rel(a.cpu(), r))
+    assert not ours[2].any(), "the log-sum-exp does not depend on v"
+
+
 def readout_check(shape, dtype, device, *, variant="paper", fmap="softmax", bq=64, bk=64, seed=0, tol=1e-5):
     """The fused linear read-out backward (``TUNING["fused_readout_bwd"]``) against the torch
     ``_readout_backward``: its five outputs on the same inputs, then forward + backward of the whole Triton op with
@@ -304,6 +351,7 @@ def readout_check(shape, dtype, device, *, variant="paper", fmap="softmax", bq=6
         assert a.shape == r.shape and a.dtype == r.dtype, (nm, a.shape, r.shape, a.dtype, r.dtype)
         assert _rel(a, r) <= tol, (shape, dtype, variant, fmap, nm, _rel(a, r))
     grads = []
+    before = sl.TUNING["fused_readout_bwd"]
     for fused in (False, True):
         sl.TUNING["fused_readout_bwd"] = fused
         try:
@@ -313,7 +361,7 @@ def readout_check(shape, dtype, device, *, variant="paper", fmap="softmax", bq=6
             )
             grads.append((out, *torch.autograd.grad(out, leaves, g)))
         finally:
-            sl.TUNING["fused_readout_bwd"] = False
+            sl.TUNING["fused_readout_bwd"] = before
     for nm, a, r in zip(["out", "dq", "dk", "dv", "dw", "dbias"], grads[1], grads[0], strict=True):
         bound = tol + (FLOOR[a.dtype] / 4 if a.dtype in FLOOR else 0.0)  # + one rounding of a half-precision result
         assert a.dtype == r.dtype and _rel(a, r) <= bound, (shape, dtype, variant, fmap, nm, _rel(a, r))
@@ -365,3 +413,152 @@ def test_triton_sla_readout_backward_fused(shape, bq, bk, variant, fmap, dtype):
     128), switch on, against the torch path. Half inputs' read-out products run as one TF32 product (``LIN_PREC``,
     as the forward's), so their bound is the dtype's four-unit floor; float32 inputs' (``tf32x3``) float32's."""
     readout_check(shape, dtype, "cuda", variant=variant, fmap=fmap, bq=bq, bk=bk, tol=FLOOR.get(dtype, F32_TOL))
+
+
+_ADDITIONAL_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_sparse_linear import check, lse_grad_check
+    from visionlin.kernels import sparse_linear as ksl
+    from visionlin.kernels.triton import sparse_linear as sl
+    f32, f16 = torch.float32, torch.float16
+    cases = [
+        dict(shape=(2, 150, 130, 2, 20, 24), text=70),  # N, M not multiples of 64, batch 2, padded head dims
+        dict(shape=(1, 100, 200, 1, 16, 16), text=1, variant="code"),
+        dict(shape=(1, 200, 130, 2, 32, 32), text=70, bq=128, bk=64, fmap="elu"),
+        dict(shape=(1, 150, 130, 2, 20, 24), text=70, method="sparse"),
+        dict(shape=(1, 70, 200, 1, 32, 16), text=1, method="sparse", bq=64, bk=128),
+    ]
+    for case in cases:
+        for dtype in (f32, f16):
+            check(device="cpu", dtype=dtype, direct=True, **case)
+    # The dense part over the additional keys in several chunks of query rows (40, the last one 30).
+    before = sl.ADDITIONAL_CHUNK
+    sl.ADDITIONAL_CHUNK = 40 * 2 * 70
+    try:
+        check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f32, direct=True)
+        check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f16, direct=True, method="sparse")
+    finally:
+        sl.ADDITIONAL_CHUNK = before
+    for method in ("sla", "sparse"):
+        lse_grad_check("cpu", f32, method)
+    lse_grad_check("cpu", f16, "sla")
+    # The custom ops' registrations with the log-sum-exp gradient and the fused read-out backward.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    lut, marginal = sl.select_blocks(q, k, 0.5, 0.0, 64, 64, True)
+    hi, zi = (t.detach().requires_grad_() for t in sl.linear_states(k, v, marginal, 64, "softmax"))
+    w = torch.randn(16, 16, generator=g)
+    out, o_s, lse = sl._fwd(q, k, v, lut, hi, zi, w, None, 0.25, 1e-5, 64, 64, 0)
+    go, glse = torch.randn_like(out), torch.randn_like(lse)
+    qd, kd, vd, osd, lsed, hid, zid = (t.detach() for t in (q, k, v, o_s, lse, hi, zi))  # backward ops: no autograd
+    torch.library.opcheck(sl.sla_bwd_sparse, (qd, kd, vd, osd, lsed, go, lut, 0.25, 64, 64, glse))
+    torch.library.opcheck(sl.sla_readout_bwd, (qd, go, hid, zid, w, 1e-5, 64, 0))
+    torch.library.opcheck(sl.sla_fwd, (q, k, v, lut, None, None, None, None, 0.25, 1.0, 64, 64, 0))
+    # torch.compile(fullgraph=True) through the custom ops and the chunked dense part, forward and backward, equal to
+    # eager (aot_eager: the same kernels, traced through the fake registrations).
+    kt, vt = (torch.randn(1, 9, 2, 16, generator=g).requires_grad_() for _ in range(2))
+    w.requires_grad_()
+
+    def f(q, k, v, kt, vt, w):
+        kw = dict(block_q=64, block_k=64, additional_keys=kt, additional_values=vt)
+        return ksl._sla_triton(q, k, v, w, None, topk=0.5, k_low=0.0, **kw) + ksl._bsa_triton(q, k, v, topk=0.5, **kw)
+
+    leaves = (q, k, v, kt, vt, w)
+    eager = f(*leaves)
+    ge = torch.autograd.grad(eager.square().sum(), leaves)
+    traced = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    gt = torch.autograd.grad(traced.square().sum(), leaves)
+    for a, b in zip((eager, *ge), (traced, *gt)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_sla_additional_keys_match_formula():
+    """SLA (paper, code) and block-sparse attention with additional keys (T = 1 and 70) on the CPU (Triton's
+    interpreter), float32 and float16: output and every gradient (q, k, v, the additional keys and values, W, b) vs
+    float64, the chunked dense part, the log-sum-exp's own gradient, the custom ops' registrations and a fullgraph
+    compile."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ADDITIONAL_INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+@pytest.mark.parametrize(
+    "shape,bq,bk,text",
+    [((1, 1000, 1000, 2, 64, 64), 64, 64, 77), ((3, 777, 777, 3, 80, 80), 64, 64, 77),
+     ((1, 1000, 900, 2, 128, 128), 128, 64, 77), ((2, 300, 300, 2, 128, 128), 128, 128, 1),
+     ((1, 65, 200, 1, 64, 64), 64, 128, 70)],
+)  # fmt: skip
+def test_triton_additional_keys_shapes(shape, bq, bk, text, method, dtype):
+    """Additional (joint text) keys at awkward shapes: N not a multiple of the block, T = 1, 70 and 77, batch 1, 2 and
+    3, head dims 64, 80 (padded) and 128; output and every gradient against float64."""
+    meth, _, variant = method.partition("-")
+    check(shape, dtype, "cuda", method=meth, variant=variant or "paper", bq=bq, bk=bk, topk=0.3, k_low=0.2, text=text)
+
+
+@gpu
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+def test_triton_additional_keys_flux_shape(method):
+    """FLUX.1 at 1024 px: 4,096 image tokens, 512 text tokens, 24 heads of 128, bf16, 90% sparsity; the truth is the
+    ``"torch"`` backend (``long``)."""
+    meth, _, variant = method.partition("-")
+    check((1, 4096, 4096, 24, 128, 128), torch.bfloat16, "cuda", method=meth, variant=variant or "paper", topk=0.1,
+          k_low=0.1, text=512, long=True)  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_additional_keys_chunked(dtype, monkeypatch):
+    """The dense part over the additional keys in several chunks of query rows (the last one short)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    monkeypatch.setattr(sl, "ADDITIONAL_CHUNK", 300 * 2 * 77)
+    check((2, 1000, 1000, 2, 64, 64), dtype, "cuda", topk=0.3, text=77)
+    check((2, 1000, 1000, 2, 64, 64), dtype, "cuda", method="sparse", topk=0.3, text=77)
+
+
+@gpu
+def test_triton_additional_keys_lse_gradient():
+    for method in ("sla", "sparse"):
+        lse_grad_check("cuda", torch.float32, method)
+        lse_grad_check("cuda", torch.bfloat16, method)
+
+
+@gpu
+def test_triton_additional_keys_chosen_and_compile_fullgraph():
+    """With additional keys the automatic backend of a CUDA call is ``"triton"``; ``torch.compile(fullgraph=True)``
+    runs it forward and backward, equal to eager."""
+    from visionlin.kernels import get_op
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    kt, vt = (torch.randn(1, 77, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+              for _ in range(2))  # fmt: skip
+    w = (0.1 * torch.randn(64, 64, device="cuda", generator=g)).requires_grad_()
+    extra = dict(additional_keys=kt, additional_values=vt)
+    assert get_op("sparse_linear_attention").select(q, q, q, w, **extra).name == "triton"
+    assert get_op("block_sparse_attention").select(q, q, q, **extra).name == "triton"
+
+    def f(q, kt, vt, w):
+        kw = dict(additional_keys=kt, additional_values=vt)
+        sla = sparse_linear_attention(q, q, q, w, topk=0.5, k_low=0.2, **kw)
+        return sla + block_sparse_attention(q, q, q, topk=0.5, **kw)
+
+    leaves = (q, kt, vt, w)
+    eager = f(*leaves)
+    ge = torch.autograd.grad(eager.float().square().sum(), leaves)
+    compiled = torch.compile(f, fullgraph=True)(*leaves)
+    gc = torch.autograd.grad(compiled.float().square().sum(), leaves)
+    for a, b in zip((eager, *ge), (compiled, *gc), strict=True):
+        assert _rel(b, a) <= FLOOR[torch.bfloat16], _rel(b, a)

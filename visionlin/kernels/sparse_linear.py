@@ -371,7 +371,8 @@ TRITON_BLOCKS = (64, 128)
 
 
 def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=None, **kwargs) -> list[str]:
-    """Reasons the fused Triton kernels cannot run this call (empty if they can)."""
+    """Reasons the fused Triton kernels cannot run this call (empty if they can). ``additional_keys`` run: their
+    dense part is float32 torch merged with the kernel's output by log-sum-exp (any dtype, checked shapes)."""
     from .triton import head_dim_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
@@ -384,8 +385,6 @@ def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=N
             reasons.append(f"{name} has non-floating dtype {t.dtype}")
     if block_q not in TRITON_BLOCKS or block_k not in TRITON_BLOCKS:
         reasons.append(f"block sizes block_q={block_q}, block_k={block_k} are not tiled (allowed: {TRITON_BLOCKS})")
-    if additional_keys is not None:
-        reasons.append("additional_keys (dense joint keys) are not fused; the 'torch' backend runs them")
     return reasons + head_dim_reasons(q, v)
 
 
@@ -423,8 +422,9 @@ def sparse_linear_attention(
 ) -> torch.Tensor:
     """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
 
-    Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 64 or 128, no
-    ``additional_keys``: fused block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`),
+    Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 64 or 128: fused
+    block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`; ``additional_keys`` as a
+    float32 torch softmax over them, chunked over queries, merged into the kernel's softmax by log-sum-exp),
     ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"`` (materialised
     masks). The last two compute in float32 (float64 for float64 inputs); all return q's dtype.
 
@@ -531,8 +531,8 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Training-free block top-k sparse attention; see :func:`block_sparse_attention_reference`.
 
-    Backends: ``"triton"`` (CUDA; the SLA softmax kernel without the linear branch, same limits), ``"torch"``
-    (gathers critical blocks) and ``"reference"``; output in q's dtype.
+    Backends: ``"triton"`` (CUDA; the SLA softmax kernel without the linear branch, same limits, ``additional_keys``
+    merged the same way), ``"torch"`` (gathers critical blocks) and ``"reference"``; output in q's dtype.
 
     Raises:
         ValueError: bad shapes, ``topk`` outside ``(0, 1]``, non-positive block sizes, a non-finite scale.

@@ -16,13 +16,20 @@ Pipeline of one call (all on the device, no host round trip):
    blocks only (float32 accumulation, exp2), then, fused, ``phi(Q_i)``, the linear readout
    ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` and the sum ``O_s + ...``; it also
    writes the log-sum-exp and (SLA only) ``O_s`` for the backward.
+4. **Additional keys** (``additional_keys`` / ``additional_values``, e.g. joint text tokens; torch, float32,
+   :func:`_join_additional`): every query's dense softmax over them, ``O_t`` and ``lse_t``, in chunks of query rows
+   (:data:`ADDITIONAL_CHUNK` bounds the ``[B, H, rows, T]`` scores), merged exactly with the kernel's softmax part by
+   the log-sum-exps: ``a = sigmoid(lse_s - lse_t)``, softmax part ``a O_s + (1 - a) O_t``, so SLA's output is
+   ``out + (1 - a) (O_t - O_s)``. ``O_s`` and the log-sum-exp are differentiable outputs of the op for this.
 
 Backward: FlashAttention-2-style kernels over the same LUT: ``dq`` per query block, ``dk`` / ``dv`` per key block over
-the inverse LUT (the query blocks that chose it, built on the device from the LUT), with ``delta = rowsum(dO * O_s)``.
-The linear branch's readout gradient (``dq`` through ``phi``, ``dH_i``, ``dZ_i``, ``dW``, ``db``) is closed-form torch
-math in the custom op's backward (``O(N D Dv)``, ``_readout_backward``, the reference); linear read-out backward: fused
-kernel opt-in (``TUNING["fused_readout_bwd"] = True``: ``_readout_bwd_kernel``, one program per query block and
-batch x head), GPU test pending. ``dH_i`` / ``dZ_i`` reach k and v through the autograd of step 2.
+the inverse LUT (the query blocks that chose it, built on the device from the LUT), with ``delta = rowsum(dO * O_s)``
+(``dO`` the gradient of ``out`` plus that of ``O_s``; a gradient on the log-sum-exp shifts ``delta``, see
+:func:`sla_bwd_sparse`). The linear branch's read-out gradient (``dq`` through ``phi``, ``dH_i``, ``dZ_i``, ``dW``,
+``db``) is one fused kernel by default (``TUNING["fused_readout_bwd"]``: ``_readout_bwd_kernel``, one program per
+query block and batch x head; GPU-tested on the H200 at 283ebbe); ``TUNING["fused_readout_bwd"] = False`` runs the
+closed-form torch math instead (``O(N D Dv)``, ``_readout_backward``, its reference). ``dH_i`` / ``dZ_i`` reach k and v
+through the autograd of step 2.
 
 Head dims are tiled to the next power of two (at least 16) with masked loads, so every head dim up to 128 runs;
 64 and 128 waste no lanes. Products run in the inputs' dtype on the tensor cores; float32 operands (float32 inputs,
@@ -43,6 +50,7 @@ __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_li
 #: Feature maps the forward kernel applies itself, by code.
 FMAPS = {"softmax": 0, "elu": 1, "relu": 2}
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -467,13 +475,22 @@ def sla_bwd_sparse(
     scale: float,
     block_q: int,
     block_k: int,
+    g_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq float32, dk, dv)`` of the softmax branch for the output gradient ``g``."""
+    """``(dq float32, dk, dv)`` of the softmax branch for the gradient ``g`` of ``O_s`` and (optional) the gradient
+    ``g_lse`` ``[B, H, N]`` of the log2-sum-exp ``lse`` the forward returned."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
     nqb, n_c = lut.shape[2], lut.shape[3]
     nkb = -(-m // block_k)
     delta = (g.float() * o_s.float()).sum(dim=-1).transpose(1, 2).contiguous()  # [B, H, N]
+    if g_lse is not None:
+        # The kernels form dS_ij = P_ij (dP_ij - delta_i) for the natural scores s_ij = scale q_i . k_j. The op returns
+        # lse2_i = log2 sum_j exp(s_ij) = log2(e) lse_i (lse_i the natural log-sum-exp), and d lse_i / d s_ij = P_ij,
+        # so a gradient g_lse on lse2 adds g_lse_i log2(e) P_ij to dS_ij: the same formula with
+        # delta_i - log2(e) g_lse_i. (A gradient on the natural lse_i = ln(2) lse2_i arrives here times ln 2, so it
+        # shifts delta by exactly itself.)
+        delta = (delta - _LOG2E * g_lse.float()).contiguous()
     # The inverse LUT: per key block, the query blocks whose LUT holds it (first CNT entries), on the device.
     chosen = torch.zeros(b, h, nkb, nqb, dtype=torch.uint8, device=q.device)
     chosen.scatter_(2, lut.transpose(2, 3).long(), 1)
@@ -497,7 +514,7 @@ def sla_bwd_sparse(
 
 
 @sla_bwd_sparse.register_fake
-def _(q, k, v, o_s, lse, g, lut, scale, block_q, block_k):
+def _(q, k, v, o_s, lse, g, lut, scale, block_q, block_k, g_lse=None):
     return torch.empty_like(q, dtype=torch.float32), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -536,9 +553,20 @@ def _readout_backward(q, hi, zi, w, bias, g, fmap, eps, block_q):
     return dq, dhi, dzi, dw.to(w.dtype), None if db is None else db.to(bias.dtype)
 
 
-def _readout_backward_fused(q, hi, zi, w, bias, g, fmap, eps, block_q):
-    """:func:`_readout_backward` in one Triton kernel per (query block, batch x head) (``_readout_bwd_kernel``);
-    the same outputs. ``dW`` sums the programs' shares by float32 atomics (order not fixed); ``db`` is ``g``'s sum."""
+@torch.library.custom_op("visionlin::sla_readout_bwd", mutates_args=())
+def sla_readout_bwd(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    hi: torch.Tensor,
+    zi: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    block_q: int,
+    fmap: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_readout_bwd_kernel`` (a custom op, so that a traced backward sees one opaque node): ``(dq [B, N, H, D],
+    dH_i [B, H, nqb, D, Dv], dZ_i [B, H, nqb, D], dW [Dv, Dv])``, float32, per query block even when ``hi`` / ``zi``
+    are one state broadcast over the query blocks (``[B, H, 1, ...]``, the code variant)."""
     b, n, h, d = q.shape
     dv = g.shape[-1]
     nqb = -(-n // block_q)
@@ -552,17 +580,39 @@ def _readout_backward_fused(q, hi, zi, w, bias, g, fmap, eps, block_q):
     cfg = readout_bwd_config(block_q, d, dv, q.dtype == torch.float32)
     _readout_bwd_kernel[(nqb, b * h)](
         q, g, hi, zi, w, dq, dhi, dzi, dw, n, h, d, dv, nqb, *q.stride()[:3], *g.stride()[:3], *sh, *sz, float(eps),
-        FMAP=FMAPS[fmap], **cfg,
+        FMAP=fmap, **cfg,
     )  # fmt: skip
+    return dq, dhi, dzi, dw
+
+
+@sla_readout_bwd.register_fake
+def _(q, g, hi, zi, w, eps, block_q, fmap):
+    b, n, h, d = q.shape
+    dv = g.shape[-1]
+    nqb = -(-n // block_q)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (q.new_empty(b, n, h, d, **f32), q.new_empty(b, h, nqb, d, dv, **f32), q.new_empty(b, h, nqb, d, **f32),
+            q.new_empty(dv, dv, **f32))  # fmt: skip
+
+
+_readout_bwd = eager_call(sla_readout_bwd)
+
+
+def _readout_backward_fused(q, hi, zi, w, bias, g, fmap, eps, block_q):
+    """:func:`_readout_backward` in one Triton kernel per (query block, batch x head) (``_readout_bwd_kernel`` through
+    :func:`sla_readout_bwd`); the same outputs. ``dW`` sums the programs' shares by float32 atomics (order not fixed);
+    ``db`` is ``g``'s sum."""
+    dq, dhi, dzi, dw = _readout_bwd(q, g, hi, zi, w, float(eps), block_q, FMAPS[fmap])
     if hi.shape[2] == 1:
         dhi, dzi = dhi.sum(dim=2, keepdim=True), dzi.sum(dim=2, keepdim=True)
     db = None if bias is None else g.float().sum(dim=(0, 1, 2)).to(bias.dtype)
     return dq, dhi, dzi, dw.to(w.dtype), db
 
 
-#: Opt-in switches. ``fused_readout_bwd``: the linear read-out's backward by :func:`_readout_backward_fused` instead
-#: of the torch :func:`_readout_backward` (off until verified on the GPU).
-TUNING = {"fused_readout_bwd": False}
+#: Switches. ``fused_readout_bwd``: the linear read-out's backward by :func:`_readout_backward_fused` (the default:
+#: GPU-tested on the H200 at 283ebbe, 1.5-9% faster forward + backward at N = 32,760) or, when ``False``, by the torch
+#: :func:`_readout_backward`.
+TUNING = {"fused_readout_bwd": True}
 
 
 _FMAP_NAMES = {code: name for name, code in FMAPS.items()}
@@ -571,22 +621,30 @@ _FMAP_NAMES = {code: name for name, code in FMAPS.items()}
 def _setup(ctx, inputs, output):
     q, k, v, lut, hi, zi, w, bias, scale, eps, block_q, block_k, fmap = inputs
     out, o_s, lse = output
-    ctx.mark_non_differentiable(o_s, lse)
+    if hi is None:
+        ctx.mark_non_differentiable(o_s)  # the empty placeholder (block-sparse: ``out`` is ``O_s``)
     ctx.save_for_backward(q, k, v, lut, hi, zi, w, bias, out if hi is None else o_s, lse)
     ctx.args = (scale, eps, block_q, block_k, fmap)
 
 
-def _backward(ctx, g, _g_os=None, _g_lse=None):
+def _backward(ctx, g, g_os=None, g_lse=None):
+    """Gradients of ``(out, O_s, lse)``, each possibly ``None`` (unused; zeros on the dispatcher's path): the softmax
+    branch receives ``g + g_os`` (``out = O_s + linear part``), the linear read-out ``g`` alone, and ``g_lse`` shifts
+    the softmax backward's ``delta`` (:func:`sla_bwd_sparse`)."""
     q, k, v, lut, hi, zi, w, bias, o_s, lse = ctx.saved_tensors
     scale, eps, block_q, block_k, fmap = ctx.args
-    if g is None:  # the output was not used
+    if hi is None:
+        g_os = None  # the empty placeholder's
+    if g is None and g_os is None and g_lse is None:  # no output was used
         return (None,) * 13
-    g = g.contiguous()
-    dq, dk, dv = _bwd_sparse(q, k, v, o_s, lse, g, lut, scale, block_q, block_k)
+    parts = [t for t in (g, g_os) if t is not None]
+    g_soft = (parts[0] + parts[1] if len(parts) == 2 else parts[0]) if parts else torch.zeros_like(o_s)
+    g_soft = g_soft.to(o_s.dtype).contiguous()
+    dq, dk, dv = _bwd_sparse(q, k, v, o_s, lse, g_soft, lut, scale, block_q, block_k, g_lse)
     dhi = dzi = dw = db = None
-    if hi is not None:
+    if hi is not None and g is not None:
         readout = _readout_backward_fused if TUNING["fused_readout_bwd"] else _readout_backward
-        dq_l, dhi, dzi, dw, db = readout(q, hi, zi, w, bias, g, _FMAP_NAMES[fmap], eps, block_q)
+        dq_l, dhi, dzi, dw, db = readout(q, hi, zi, w, bias, g.contiguous(), _FMAP_NAMES[fmap], eps, block_q)
         dq = dq + dq_l
     return dq.to(q.dtype), dk, dv, None, dhi, dzi, dw, db, None, None, None, None, None
 
@@ -595,6 +653,83 @@ sla_fwd.register_autograd(_backward, setup_context=_setup)
 # Eager calls on plain tensors skip the dispatcher (``_eager.py``); traced calls see the custom ops.
 _fwd = eager_op(sla_fwd, _setup, _backward)
 _bwd_sparse = eager_call(sla_bwd_sparse)
+
+
+#: Float32 elements of one chunk of the additional keys' scores ``[B, H, rows, T]`` (256 MiB): the dense part over the
+#: additional keys runs over query rows in chunks of ``max(1, ADDITIONAL_CHUNK // (B H T))`` rows, so it never holds
+#: more than about two such tensors in the forward (scores, probabilities) and four in the backward (+ ``dP``,
+#: ``dS``), whatever ``N`` (FLUX.1 at 1024 px, ``B H T = 24 x 512``: one chunk of the 4,096 rows).
+ADDITIONAL_CHUNK = 2**26
+
+
+def _chunk_rows(b: int, h: int, t: int, n: int) -> int:
+    return max(1, min(n, ADDITIONAL_CHUNK // max(1, b * h * t)))
+
+
+class _AdditionalAttention(torch.autograd.Function):
+    """Softmax attention of every query over the additional keys alone, float32, chunked over queries (the scores
+    are recomputed in the backward, never stored): ``(O_t [B, N, H, Dv], lse_t [B, H, N])`` float32, ``lse_t`` the
+    natural log-sum-exp of ``s_t = scale q . k_t``."""
+
+    @staticmethod
+    def forward(ctx, q, kt, vt, scale):
+        b, n, h, _ = q.shape
+        ktf, vtf = kt.float(), vt.float()
+        o_t = torch.empty(b, n, h, vt.shape[-1], device=q.device, dtype=torch.float32)
+        lse_t = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+        rows = _chunk_rows(b, h, kt.shape[1], n)
+        for r0 in range(0, n, rows):
+            s = torch.einsum("bnhd,bthd->bhnt", q[:, r0 : r0 + rows].float(), ktf) * scale  # [B, H, rows, T]
+            lse = s.logsumexp(dim=-1)
+            p = (s - lse.unsqueeze(-1)).exp_()
+            o_t[:, r0 : r0 + rows] = torch.einsum("bhnt,bthe->bnhe", p, vtf)
+            lse_t[:, :, r0 : r0 + rows] = lse
+        ctx.save_for_backward(q, kt, vt, o_t, lse_t)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return o_t, lse_t
+
+    @staticmethod
+    def backward(ctx, g_o, g_lse):
+        q, kt, vt, o_t, lse_t = ctx.saved_tensors
+        scale = ctx.scale
+        if g_o is None and g_lse is None:
+            return None, None, None, None
+        b, n, h, _ = q.shape
+        ktf, vtf = kt.float(), vt.float()
+        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dkt = torch.zeros(kt.shape, device=q.device, dtype=torch.float32)
+        dvt = torch.zeros(vt.shape, device=q.device, dtype=torch.float32)
+        rows = _chunk_rows(b, h, kt.shape[1], n)
+        for r0 in range(0, n, rows):
+            qc = q[:, r0 : r0 + rows].float()
+            s = torch.einsum("bnhd,bthd->bhnt", qc, ktf) * scale
+            p = (s - lse_t[:, :, r0 : r0 + rows].unsqueeze(-1)).exp_()  # [B, H, rows, T]
+            # dS = P (dP - delta + g_lse): the softmax backward plus d lse / d s = P.
+            if g_o is None:
+                ds = p * g_lse[:, :, r0 : r0 + rows].float().unsqueeze(-1)
+            else:
+                go = g_o[:, r0 : r0 + rows].float()
+                shift = (go * o_t[:, r0 : r0 + rows]).sum(dim=-1).transpose(1, 2)  # delta [B, H, rows]
+                if g_lse is not None:
+                    shift = shift - g_lse[:, :, r0 : r0 + rows].float()
+                ds = p * (torch.einsum("bnhe,bthe->bhnt", go, vtf) - shift.unsqueeze(-1))
+                dvt += torch.einsum("bhnt,bnhe->bthe", p, go)
+            dq[:, r0 : r0 + rows] = torch.einsum("bhnt,bthd->bnhd", ds, ktf) * scale
+            dkt += torch.einsum("bhnt,bnhd->bthd", ds, qc) * scale
+        return dq.to(q.dtype), dkt.to(kt.dtype), dvt.to(vt.dtype), None
+
+
+def _join_additional(q, out, o_s, lse, kt, vt, scale):
+    """The kernel's softmax over the critical image keys and the dense softmax over the additional keys merged
+    exactly into one softmax over both by their log-sum-exps: with ``a = sigmoid(lse_s - lse_t)`` (natural logs) per
+    row the softmax part is ``a O_s + (1 - a) O_t``. ``o_s`` ``None``: block-sparse (``out`` is ``O_s``), else SLA
+    (``out = O_s + linear part``, which the additional keys leave alone). Float32 math, output in q's dtype."""
+    o_t, lse_t = _AdditionalAttention.apply(q, kt, vt, scale)
+    a = torch.sigmoid(lse * _LN2 - lse_t).transpose(1, 2).unsqueeze(-1)  # [B, N, H, 1]
+    if o_s is None:
+        return (o_t + a * (out.float() - o_t)).to(q.dtype)
+    return (out.float() + (1.0 - a) * (o_t - o_s.float())).to(q.dtype)
 
 
 def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -615,11 +750,13 @@ def sparse_linear_attention_triton(
     hi, zi = linear_states(k, v, marginal, block_k, feature_map)
     w = proj_weight if proj_weight.dtype == torch.float32 else proj_weight.float()
     bias = None if proj_bias is None else (proj_bias if proj_bias.dtype == torch.float32 else proj_bias.float())
-    out = _fwd(
+    out, o_s, lse = _fwd(
         q, k, v, lut, hi, zi, w.contiguous(), None if bias is None else bias.contiguous(), scale, float(eps),
         block_q, block_k, FMAPS[feature_map],
-    )[0]  # fmt: skip
-    return out
+    )  # fmt: skip
+    if additional_keys is None:
+        return out
+    return _join_additional(q, out, o_s, lse, additional_keys, additional_values, scale)
 
 
 def block_sparse_attention_triton(
@@ -630,4 +767,7 @@ def block_sparse_attention_triton(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _inner_contiguous(q, k, v)
     lut, _ = select_blocks(q, k, topk, 0.0, block_q, block_k, marginal=False)
-    return _fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)[0]
+    out, _, lse = _fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)
+    if additional_keys is None:
+        return out
+    return _join_additional(q, out, None, lse, additional_keys, additional_values, scale)
