@@ -429,17 +429,23 @@ _ADDITIONAL_INTERPRETER_SCRIPT = textwrap.dedent(
         dict(shape=(1, 150, 130, 2, 20, 24), text=70, method="sparse"),
         dict(shape=(1, 70, 200, 1, 32, 16), text=1, method="sparse", bq=64, bk=128),
     ]
-    for case in cases:
-        for dtype in (f32, f16):
-            check(device="cpu", dtype=dtype, direct=True, **case)
-    # The dense part over the additional keys in several chunks of query rows (40, the last one 30).
-    before = sl.ADDITIONAL_CHUNK
+    assert sl.TUNING["additional_keys"] == "kernel"  # the default
+    for mode in sl.ADDITIONAL_MODES:  # the dense part over the additional keys by the kernels, by torch
+        sl.TUNING["additional_keys"] = mode
+        for case in cases:
+            for dtype in (f32, f16):
+                check(device="cpu", dtype=dtype, direct=True, **case)
+    # The torch mode in several chunks of query rows (40, the last one 30).
     sl.ADDITIONAL_CHUNK = 40 * 2 * 70
+    check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f32, direct=True)
+    check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f16, direct=True, method="sparse")
+    sl.TUNING["additional_keys"] = "nope"
     try:
-        check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f32, direct=True)
-        check(shape=(1, 150, 130, 2, 20, 24), text=70, device="cpu", dtype=f16, direct=True, method="sparse")
-    finally:
-        sl.ADDITIONAL_CHUNK = before
+        check(shape=(1, 70, 70, 1, 16, 16), text=1, device="cpu", dtype=f32, direct=True)
+        raise AssertionError("an unknown TUNING['additional_keys'] ran")
+    except ValueError as e:
+        assert "choose one of ('kernel', 'torch')" in str(e), e
+    sl.TUNING["additional_keys"] = "kernel"
     for method in ("sla", "sparse"):
         lse_grad_check("cpu", f32, method)
     lse_grad_check("cpu", f16, "sla")
@@ -465,12 +471,15 @@ _ADDITIONAL_INTERPRETER_SCRIPT = textwrap.dedent(
         return ksl._sla_triton(q, k, v, w, None, topk=0.5, k_low=0.0, **kw) + ksl._bsa_triton(q, k, v, topk=0.5, **kw)
 
     leaves = (q, k, v, kt, vt, w)
-    eager = f(*leaves)
-    ge = torch.autograd.grad(eager.square().sum(), leaves)
-    traced = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
-    gt = torch.autograd.grad(traced.square().sum(), leaves)
-    for a, b in zip((eager, *ge), (traced, *gt)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for mode in sl.ADDITIONAL_MODES:
+        sl.TUNING["additional_keys"] = mode
+        torch._dynamo.reset()
+        eager = f(*leaves)
+        ge = torch.autograd.grad(eager.square().sum(), leaves)
+        traced = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+        gt = torch.autograd.grad(traced.square().sum(), leaves)
+        for a, b in zip((eager, *ge), (traced, *gt)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     print("interpreter ok")
     """
 )
@@ -478,9 +487,9 @@ _ADDITIONAL_INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_interpreter_sla_additional_keys_match_formula():
     """SLA (paper, code) and block-sparse attention with additional keys (T = 1 and 70) on the CPU (Triton's
-    interpreter), float32 and float16: output and every gradient (q, k, v, the additional keys and values, W, b) vs
-    float64, the chunked dense part, the log-sum-exp's own gradient, the custom ops' registrations and a fullgraph
-    compile."""
+    interpreter), float32 and float16, their dense part by the kernels and by torch: output and every gradient (q, k,
+    v, the additional keys and values, W, b) vs float64, the chunked torch part, the log-sum-exp's own gradient, the
+    custom ops' registrations and a fullgraph compile."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
@@ -492,6 +501,7 @@ def test_interpreter_sla_additional_keys_match_formula():
 
 
 @gpu
+@pytest.mark.parametrize("mode", ["kernel", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
 @pytest.mark.parametrize(
@@ -500,18 +510,26 @@ def test_interpreter_sla_additional_keys_match_formula():
      ((1, 1000, 900, 2, 128, 128), 128, 64, 77), ((2, 300, 300, 2, 128, 128), 128, 128, 1),
      ((1, 65, 200, 1, 64, 64), 64, 128, 70)],
 )  # fmt: skip
-def test_triton_additional_keys_shapes(shape, bq, bk, text, method, dtype):
+def test_triton_additional_keys_shapes(shape, bq, bk, text, method, dtype, mode, monkeypatch):
     """Additional (joint text) keys at awkward shapes: N not a multiple of the block, T = 1, 70 and 77, batch 1, 2 and
-    3, head dims 64, 80 (padded) and 128; output and every gradient against float64."""
+    3, head dims 64, 80 (padded) and 128; their dense part by the kernels and by torch; output and every gradient
+    against float64."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    monkeypatch.setitem(sl.TUNING, "additional_keys", mode)
     meth, _, variant = method.partition("-")
     check(shape, dtype, "cuda", method=meth, variant=variant or "paper", bq=bq, bk=bk, topk=0.3, k_low=0.2, text=text)
 
 
 @gpu
+@pytest.mark.parametrize("mode", ["kernel", "torch"])
 @pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
-def test_triton_additional_keys_flux_shape(method):
+def test_triton_additional_keys_flux_shape(method, mode, monkeypatch):
     """FLUX.1 at 1024 px: 4,096 image tokens, 512 text tokens, 24 heads of 128, bf16, 90% sparsity; the truth is the
     ``"torch"`` backend (``long``)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    monkeypatch.setitem(sl.TUNING, "additional_keys", mode)
     meth, _, variant = method.partition("-")
     check((1, 4096, 4096, 24, 128, 128), torch.bfloat16, "cuda", method=meth, variant=variant or "paper", topk=0.1,
           k_low=0.1, text=512, long=True)  # fmt: skip
@@ -520,9 +538,11 @@ def test_triton_additional_keys_flux_shape(method):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_additional_keys_chunked(dtype, monkeypatch):
-    """The dense part over the additional keys in several chunks of query rows (the last one short)."""
+    """The torch mode of the dense part over the additional keys in several chunks of query rows (the last one
+    short)."""
     from visionlin.kernels.triton import sparse_linear as sl
 
+    monkeypatch.setitem(sl.TUNING, "additional_keys", "torch")
     monkeypatch.setattr(sl, "ADDITIONAL_CHUNK", 300 * 2 * 77)
     check((2, 1000, 1000, 2, 64, 64), dtype, "cuda", topk=0.3, text=77)
     check((2, 1000, 1000, 2, 64, 64), dtype, "cuda", method="sparse", topk=0.3, text=77)
@@ -536,10 +556,15 @@ def test_triton_additional_keys_lse_gradient():
 
 
 @gpu
-def test_triton_additional_keys_chosen_and_compile_fullgraph():
+@pytest.mark.parametrize("mode", ["kernel", "torch"])
+def test_triton_additional_keys_chosen_and_compile_fullgraph(mode, monkeypatch):
     """With additional keys the automatic backend of a CUDA call is ``"triton"``; ``torch.compile(fullgraph=True)``
     runs it forward and backward, equal to eager."""
     from visionlin.kernels import get_op
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    monkeypatch.setitem(sl.TUNING, "additional_keys", mode)
+    torch._dynamo.reset()
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)

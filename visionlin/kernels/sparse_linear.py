@@ -372,7 +372,7 @@ TRITON_BLOCKS = (64, 128)
 
 def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=None, **kwargs) -> list[str]:
     """Reasons the fused Triton kernels cannot run this call (empty if they can). ``additional_keys`` run: their
-    dense part is float32 torch merged with the kernel's output by log-sum-exp (any dtype, checked shapes)."""
+    dense softmax (a second kernel call, or float32 torch) is merged with the kernel's by log-sum-exp."""
     from .triton import head_dim_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
@@ -423,8 +423,8 @@ def sparse_linear_attention(
     """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
 
     Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 64 or 128: fused
-    block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`; ``additional_keys`` as a
-    float32 torch softmax over them, chunked over queries, merged into the kernel's softmax by log-sum-exp),
+    block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`; ``additional_keys`` by a
+    dense call of the same kernel over them, merged into the image keys' softmax by log-sum-exp),
     ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"`` (materialised
     masks). The last two compute in float32 (float64 for float64 inputs); all return q's dtype.
 

@@ -16,11 +16,13 @@ Pipeline of one call (all on the device, no host round trip):
    blocks only (float32 accumulation, exp2), then, fused, ``phi(Q_i)``, the linear readout
    ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` and the sum ``O_s + ...``; it also
    writes the log-sum-exp and (SLA only) ``O_s`` for the backward.
-4. **Additional keys** (``additional_keys`` / ``additional_values``, e.g. joint text tokens; torch, float32,
-   :func:`_join_additional`): every query's dense softmax over them, ``O_t`` and ``lse_t``, in chunks of query rows
-   (:data:`ADDITIONAL_CHUNK` bounds the ``[B, H, rows, T]`` scores), merged exactly with the kernel's softmax part by
-   the log-sum-exps: ``a = sigmoid(lse_s - lse_t)``, softmax part ``a O_s + (1 - a) O_t``, so SLA's output is
-   ``out + (1 - a) (O_t - O_s)``. ``O_s`` and the log-sum-exp are differentiable outputs of the op for this.
+4. **Additional keys** (``additional_keys`` / ``additional_values``, e.g. joint text tokens, :func:`_join_additional`):
+   every query's dense softmax over them, ``O_t`` and ``lse_t``, by the same forward kernel with a LUT listing all
+   their blocks (``TUNING["additional_keys"] = "kernel"``, the default) or by float32 torch einsums in chunks of query
+   rows (``"torch"``; :data:`ADDITIONAL_CHUNK` bounds the ``[B, H, rows, T]`` scores), merged exactly with the
+   kernel's softmax part by the log-sum-exps (float32 torch): ``a = sigmoid(lse_s - lse_t)``, softmax part
+   ``a O_s + (1 - a) O_t``, so SLA's output is ``out + (1 - a) (O_t - O_s)``. ``O_s`` and the log-sum-exp are
+   differentiable outputs of the op for this.
 
 Backward: FlashAttention-2-style kernels over the same LUT: ``dq`` per query block, ``dk`` / ``dv`` per key block over
 the inverse LUT (the query blocks that chose it, built on the device from the LUT), with ``delta = rowsum(dO * O_s)``
@@ -611,8 +613,10 @@ def _readout_backward_fused(q, hi, zi, w, bias, g, fmap, eps, block_q):
 
 #: Switches. ``fused_readout_bwd``: the linear read-out's backward by :func:`_readout_backward_fused` (the default:
 #: GPU-tested on the H200 at 283ebbe, 1.5-9% faster forward + backward at N = 32,760) or, when ``False``, by the torch
-#: :func:`_readout_backward`.
-TUNING = {"fused_readout_bwd": True}
+#: :func:`_readout_backward`. ``additional_keys``: how the dense part over the additional keys runs (step 4 of the
+#: module docstring): ``"kernel"`` (the default) or ``"torch"``.
+TUNING = {"fused_readout_bwd": True, "additional_keys": "kernel"}
+ADDITIONAL_MODES = ("kernel", "torch")
 
 
 _FMAP_NAMES = {code: name for name, code in FMAPS.items()}
@@ -720,12 +724,35 @@ class _AdditionalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkt.to(kt.dtype), dvt.to(vt.dtype), None
 
 
-def _join_additional(q, out, o_s, lse, kt, vt, scale):
+#: Keys per block of the additional keys in the ``"kernel"`` mode (one LUT entry per block, the last one masked).
+ADDITIONAL_BLOCK = 64
+
+
+def _additional_part(q, kt, vt, scale, block_q):
+    """Every query's softmax over the additional keys alone: ``(O_t [B, N, H, Dv], lse_t [B, H, N])`` float32, ``lse_t``
+    natural. ``TUNING["additional_keys"]``: ``"kernel"`` runs the block-sparse kernels themselves with a LUT that
+    lists every block of the additional keys (dense: tensor-core products with float32 accumulation, ``O_t`` rounded
+    once to q's dtype, memory ``O(N Dv)``, the backward through the op's own autograd with its log-sum-exp gradient);
+    ``"torch"`` runs :class:`_AdditionalAttention` (float32 einsums, chunked over query rows)."""
+    mode = TUNING["additional_keys"]
+    if mode not in ADDITIONAL_MODES:
+        raise ValueError(f"TUNING['additional_keys']={mode!r}; choose one of {ADDITIONAL_MODES}")
+    if mode == "torch":
+        return _AdditionalAttention.apply(q, kt, vt, scale)
+    kt, vt = _inner_contiguous(kt.to(q.dtype), vt.to(q.dtype))
+    b, n, h, _ = q.shape
+    nqb, nkb = -(-n // block_q), -(-kt.shape[1] // ADDITIONAL_BLOCK)
+    lut = torch.arange(nkb, device=q.device, dtype=torch.int32).expand(b, h, nqb, nkb).contiguous()
+    o_t, _, lse_t = _fwd(q, kt, vt, lut, None, None, None, None, scale, 1.0, block_q, ADDITIONAL_BLOCK, 0)
+    return o_t.float(), lse_t * _LN2
+
+
+def _join_additional(q, out, o_s, lse, kt, vt, scale, block_q):
     """The kernel's softmax over the critical image keys and the dense softmax over the additional keys merged
     exactly into one softmax over both by their log-sum-exps: with ``a = sigmoid(lse_s - lse_t)`` (natural logs) per
     row the softmax part is ``a O_s + (1 - a) O_t``. ``o_s`` ``None``: block-sparse (``out`` is ``O_s``), else SLA
     (``out = O_s + linear part``, which the additional keys leave alone). Float32 math, output in q's dtype."""
-    o_t, lse_t = _AdditionalAttention.apply(q, kt, vt, scale)
+    o_t, lse_t = _additional_part(q, kt, vt, scale, block_q)
     a = torch.sigmoid(lse * _LN2 - lse_t).transpose(1, 2).unsqueeze(-1)  # [B, N, H, 1]
     if o_s is None:
         return (o_t + a * (out.float() - o_t)).to(q.dtype)
@@ -756,7 +783,7 @@ def sparse_linear_attention_triton(
     )  # fmt: skip
     if additional_keys is None:
         return out
-    return _join_additional(q, out, o_s, lse, additional_keys, additional_values, scale)
+    return _join_additional(q, out, o_s, lse, additional_keys, additional_values, scale, block_q)
 
 
 def block_sparse_attention_triton(
@@ -770,4 +797,4 @@ def block_sparse_attention_triton(
     out, _, lse = _fwd(q, k, v, lut, None, None, None, None, scale, 1.0, block_q, block_k, 0)
     if additional_keys is None:
         return out
-    return _join_additional(q, out, None, lse, additional_keys, additional_values, scale)
+    return _join_additional(q, out, None, lse, additional_keys, additional_values, scale, block_q)
