@@ -237,13 +237,9 @@ def _create(name: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def count(name: str, args: argparse.Namespace) -> dict[str, float]:
     """Params (M) and GMACs at the recipe's input size with the table's 10-class head."""
-    from torch.utils.flop_counter import FlopCounterMode
+    import visionlin
 
-    model = _create(name, args).eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, args.img_size, args.img_size))
-    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gmacs": counter.get_total_flops() / 2e9}
+    return visionlin.model_complexity(_create(name, args), args.img_size)
 
 
 def train_speed(names: list[str], args: argparse.Namespace) -> dict[str, float]:

@@ -13,8 +13,6 @@ import argparse
 from pathlib import Path
 
 import timm
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import visionlin
 from visionlin.models._published import PAPERS as PUBLISHED_PAPERS
@@ -64,12 +62,7 @@ def row(name: str) -> dict:
     model = timm.create_model(name).eval()
     size = model.pretrained_cfg["input_size"][-1]
     params = sum(p.numel() for p in model.parameters())
-    gmacs = {}
-    for s in {224, size}:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(torch.randn(1, 3, s, s))
-        gmacs[s] = counter.get_total_flops() / 2e9
+    gmacs = {s: visionlin.model_complexity(model, s)["gmacs"] for s in {224, size}}
     mechanism, paper = PAPERS[_family(name)]
     weights = "yes" if model.pretrained_cfg.get("url") or model.pretrained_cfg.get("hf_hub_id") else "no"
     if name == "agent_deit_base":

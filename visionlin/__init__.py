@@ -5,7 +5,7 @@ Nothing here touches CUDA.
 """
 
 from . import kernels, layers, models
-from ._api import list_models, set_backend
+from ._api import list_models, model_complexity, set_backend
 from .layers import ATTN_LAYERS, create_attn
 
 __version__ = "0.1.0.dev0"
@@ -35,6 +35,7 @@ __all__ = [
     "list_models",
     "load_conversion",
     "load_finetuned",
+    "model_complexity",
     "models",
     "revert",
     "save_conversion",

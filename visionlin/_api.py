@@ -1,16 +1,18 @@
-"""Package-level helpers: the model list and per-model backend selection."""
+"""Package-level helpers: the model list, per-model backend selection and model complexity (params, MACs)."""
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 
 import timm
+import torch
 from torch import nn
 
 from .kernels import list_ops
 from .layers import TokenMixer
 
-__all__ = ["list_models", "set_backend"]
+__all__ = ["list_models", "model_complexity", "set_backend"]
 
 
 def list_models(filter: str = "") -> list[str]:
@@ -64,3 +66,72 @@ def set_backend(model: nn.Module, backend: str | None) -> int:
     for module in mixers:
         module.backend = backend
     return len(mixers)
+
+
+def _sdpa_macs(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def model_complexity(
+    model: str | nn.Module, img_size: int | Sequence[int] | None = None, *, cpu_sdpa: bool = True, **create_kwargs
+) -> dict[str, float]:
+    """Parameters (millions) and multiply-accumulates (GMACs) of one forward on a ``1 x 3 x H x W`` image.
+
+    MACs are ``torch.utils.flop_counter.FlopCounterMode``'s FLOPs over two: matrix products, attention (SDPA, the
+    CPU's fused kernel included) and convolutions; normalisation, activations and elementwise ops are not counted, as
+    in the papers' tables (fvcore, ptflops). The forward runs on fake tensors: nothing is computed, so a 4096 px count
+    takes seconds on a CPU. A model name is built by ``timm.create_model(model, device="meta", **create_kwargs)``; a
+    module is used as it is (its own backend choice: a fused path the counter cannot see inside counts only what it
+    can see; ``visionlin.set_backend(model, "reference")`` first counts the reference's products).
+
+    Args:
+        model: A registered model name (ours or timm's) or an ``nn.Module`` taking ``[B, 3, H, W]`` images.
+        img_size: ``H`` (square) or ``(H, W)``; ``None`` means the model's ``pretrained_cfg["input_size"]``.
+        cpu_sdpa: Count the products of the CPU's fused SDPA kernel (torch's counter has no formula for it). The
+            published tables of MAViT, RAVLT, NaLaFormer and MambaVision match the count without them (their counters
+            leave the softmax-attention products out): ``False`` reproduces those tables.
+        **create_kwargs: Passed to ``timm.create_model`` when ``model`` is a name (e.g. ``num_classes=10``).
+
+    Returns:
+        ``{"params_m": ..., "gmacs": ...}``.
+
+    Raises:
+        ValueError: ``model`` is neither a string nor a module, keyword arguments come with a module, ``img_size`` is
+            not one or two positive ints, or no size is given and the model has no ``pretrained_cfg``.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if isinstance(model, str):
+        model = timm.create_model(model, device="meta", **create_kwargs)
+        model.to_empty(device="cpu")  # uninitialised storage: the fake forward reads only shapes
+    elif not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a model name or an nn.Module, got {type(model).__name__}: {model!r:.80}")
+    elif create_kwargs:
+        raise ValueError(f"keyword arguments {sorted(create_kwargs)} only apply to a model name, not to a module")
+    if img_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise ValueError(f"img_size is needed: {type(model).__name__} has no pretrained_cfg['input_size']")
+        img_size = cfg["input_size"][-2:]
+    size = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
+    ):
+        raise ValueError(f"img_size={img_size!r} must be a positive int or a pair of them (H, W)")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    was_training = model.training
+    model.eval()
+    # The CPU's fused SDPA kernel has no formula in torch's counter (the CUDA ones do): count it as they are.
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_macs} if cpu_sdpa else {}
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
+            model(torch.empty(1, 3, *size))
+    finally:
+        model.train(was_training)
+    return {"params_m": params, "gmacs": counter.get_total_flops() / 2e9}
