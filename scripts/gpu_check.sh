@@ -9,6 +9,8 @@
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
 #   tests-more     gpu tests of the MALA/RALA/NaLa/Efficient, neighborhood, SLA, scan, GLA kernels, the window
 #                  mixer, the hybrid / pooled-agent ops and the converter on CUDA (pytest -n 4 if xdist is there)  ~4 min
+#   tests-kernels  gpu tests of SLA / sparse, neighborhood (Triton, flex), hybrid, scan, GLA and the converter   ~5 min
+#   tests-rope     gpu tests of the MALA / RALA / NaLa / Efficient kernels                            ~3.5 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
@@ -44,6 +46,19 @@ HIER=$HIER,mavit_tiny,ravlt_tiny,nalaformer_tiny
 SWIN=swin_tiny_patch4_window7_224
 MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
+XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${XDIST_N:-4}")
+
+# run_tests NAME LIMIT FILE... [pytest args]: gpu tests under xdist (when installed), each test named as it finishes
+# (-vv; PYTEST has -q), the log in OUT/gpu_tests_NAME_COMMIT.log, failures and the summary on the console.
+run_tests() {
+  local name=$1 limit=$2
+  shift 2
+  # shellcheck disable=SC2086  # XD is empty or two words
+  timeout "$limit" $PYTEST $XD -vv --durations=12 "$@" 2>&1 | tee "$OUT/gpu_tests_${name}_$COMMIT.log" \
+    | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40
+  echo "$name: $(grep -c " PASSED" "$OUT/gpu_tests_${name}_$COMMIT.log") passed, $(grep -c " FAILED" \
+    "$OUT/gpu_tests_${name}_$COMMIT.log") failed lines (a run cut by its limit has no summary line)"
+}
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
@@ -51,15 +66,21 @@ for stage in "$@"; do
       timeout 260 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_triton_agent.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
     tests-rerun)
-      XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
       FILES=${RERUN_FILES:-tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
         tests/test_kernels_triton_gla.py tests/test_kernels_hybrid.py tests/test_convert_methods.py \
         tests/test_convert_tune.py tests/test_bench_convert.py}
-      # shellcheck disable=SC2086  # FILES are separate words; -vv (PYTEST has -q) names every test as it finishes
-      timeout ${RERUN_LIMIT:-300} $PYTEST ${XD/4/${RERUN_N:-3}} -vv --durations=12 $FILES 2>&1 \
-        | tee "$OUT/gpu_tests_rerun_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -40
-      [[ ${READOUT:-1} == 1 ]] && timeout 150 $PYTEST -v tests/test_kernels_triton_sparse_linear.py -k readout 2>&1 \
-        | tee "$OUT/gpu_tests_readout_$COMMIT.log" | grep -E "FAILED|ERROR| passed| failed" | cut -c1-200 | tail -20 ;;
+      # shellcheck disable=SC2086  # FILES are separate words
+      run_tests rerun ${RERUN_LIMIT:-300} $FILES
+      if [[ ${READOUT:-1} == 1 ]]; then
+        run_tests readout 150 tests/test_kernels_triton_sparse_linear.py -k readout
+      fi ;;
+    tests-kernels)  # the kernels changed last: SLA / sparse (additional keys, fused read-out), NA (flex, delta), scan, GLA
+      run_tests kernels ${KERNELS_LIMIT:-330} tests/test_kernels_triton_sparse_linear.py \
+        tests/test_kernels_triton_neighborhood.py tests/test_kernels_neighborhood_flex.py tests/test_kernels_hybrid.py \
+        tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py tests/test_convert_methods.py \
+        tests/test_convert_tune.py tests/test_bench_convert.py ;;
+    tests-rope)
+      run_tests rope ${ROPE_LIMIT:-240} tests/test_kernels_triton_rope_linear.py ;;
     bench-hier)
       timeout 170 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024,4096 --models $HIER \
         --twin $SWIN --time-budget 150 --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
@@ -95,7 +116,6 @@ for stage in "$@"; do
     tests-linear)
       timeout 280 $PYTEST tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_linear_$COMMIT.log" | tail -5 ;;
     tests-more)
-      XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
       timeout 250 $PYTEST $XD --durations=12 tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_neighborhood.py \
         tests/test_kernels_triton_sparse_linear.py tests/test_kernels_triton_scan.py tests/test_kernels_triton_gla.py \
         tests/test_layers_window.py tests/test_kernels_hybrid.py tests/test_convert_methods.py tests/test_convert_tune.py \
@@ -135,7 +155,7 @@ for stage in "$@"; do
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${MODELS%,infvit_pure_small} \
         --sizes 224:256 --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
     profile-hier)  # where the hierarchical models below swin_tiny spend their forward and training step
-      for mode in "" --train; do
+      for mode in "" ${PROFILE_TRAIN:+--train}; do
         timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
           --models nalaformer_tiny,nat_tiny,agent_swin_tiny --sizes 224:128 --name "profile_hier${mode:+_train}_$COMMIT" \
           --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
