@@ -50,60 +50,95 @@ def _inputs(spatial, kernel, extra, *, batch=2, heads=2, dim=16, dv=16, dtype=to
     return q, k, v, dict(rpb=bias, additional_keys=ek, additional_values=ev)
 
 
-def _dense_mask(spatial, kernel, dilation, extra):
-    n = math.prod(spatial)
-    mask_mod, _ = na._flex_mods(spatial, kernel, dilation, None)
-    return fa.create_mask(mask_mod, None, None, n, n + extra, device="cpu")[0, 0]  # [N, N + E]
+# A tile per case for the tiled token order (edge tiles smaller than the others); None: row-major.
+TILES = [(4,), (4,), (2, 4), (4, 4), (2, 2, 4), (2, 4, 2)]
+ORDERS = ["rowmajor", "tiled"]
+
+
+def _layout(spatial, kernel, dilation, extra, tile, block=128):
+    return na._flex_layout(spatial, kernel, dilation, extra, torch.device("cpu"), block, tile)
+
+
+def _dense_mask(block_mask, n, extra):
+    return fa.create_mask(block_mask.mask_mod, None, None, n, n + extra, device="cpu")[0, 0]  # [N, N + E]
+
+
+def _case(case, order):
+    spatial, kernel, dilation, extra = CASES[case]
+    kernel, dilation = _tuples(spatial, kernel, dilation)
+    return spatial, kernel, dilation, extra, (TILES[case] if order == "tiled" else None)
+
+
+CASE_IDS = list(range(len(CASES)))
 
 
 # Masks and scores -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("spatial", "kernel", "dilation", "extra"), CASES, ids=IDS)
-def test_mask_mod_allows_exactly_the_window(spatial, kernel, dilation, extra):
-    kernel, dilation = _tuples(spatial, kernel, dilation)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_IDS, ids=IDS)
+def test_mask_mod_allows_exactly_the_window(case, order):
+    spatial, kernel, dilation, extra, tile = _case(case, order)
     n = math.prod(spatial)
+    block_mask, perm, inv, _ = _layout(spatial, kernel, dilation, extra, tile)
+    assert (perm is None) == (tile is None)
+    if perm is not None:  # a permutation, and inv its inverse
+        assert torch.equal(perm.sort().values, torch.arange(n)) and torch.equal(perm[inv], torch.arange(n))
     flat, _ = na._flat_windows(spatial, kernel, dilation, torch.device("cpu"))
+    windows = flat if perm is None else inv[flat[perm]]  # position p holds token perm[p]
     want = torch.zeros(n, n + extra, dtype=torch.bool)
-    want[torch.arange(n)[:, None], flat] = True
+    want[torch.arange(n)[:, None], windows] = True
     want[:, n:] = True
-    got = _dense_mask(spatial, kernel, dilation, extra)
+    got = _dense_mask(block_mask, n, extra)
     assert torch.equal(got, want), (got.sum().item(), want.sum().item())
     assert (got[:, :n].sum(-1) == flat.shape[1]).all()  # every query keeps exactly K neighbours
 
 
 @pytest.mark.parametrize("block", [16, 128])
-@pytest.mark.parametrize(("spatial", "kernel", "dilation", "extra"), CASES, ids=IDS)
-def test_block_mask_equals_create_block_mask(spatial, kernel, dilation, extra, block):
-    kernel, dilation = _tuples(spatial, kernel, dilation)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_IDS, ids=IDS)
+def test_block_mask_equals_create_block_mask(case, order, block):
+    spatial, kernel, dilation, extra, tile = _case(case, order)
     n = math.prod(spatial)
-    mask_mod, _ = na._flex_mods(spatial, kernel, dilation, None)
-    ours = na._flex_block_mask(spatial, kernel, dilation, extra, torch.device("cpu"), block)
-    theirs = fa.create_block_mask(mask_mod, None, None, n, n + extra, device="cpu", BLOCK_SIZE=block)
+    ours = _layout(spatial, kernel, dilation, extra, tile, block)[0]
+    theirs = fa.create_block_mask(ours.mask_mod, None, None, n, n + extra, device="cpu", BLOCK_SIZE=block)
     assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
 
 
-def test_block_mask_is_sparse_and_cached():
-    """A 3-D window on a grid much larger than the kernel touches few key blocks; one build per configuration."""
+def _visited(block_mask):
+    return int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
+
+
+def test_tiled_order_visits_fewer_blocks_and_is_cached():
+    """A 3-D window on a grid much larger than the kernel: few key blocks per query block, fewer in the chosen tiles
+    than row-major; one layout per configuration."""
     spatial, kernel, dilation = (8, 16, 16), (3, 3, 3), (1, 1, 1)
-    bm = na._flex_block_mask(spatial, kernel, dilation, 0, torch.device("cpu"), 128)
+    tile = na._flex_tile(spatial, kernel, dilation)
+    assert tile is not None and math.prod(tile) == 128
+    tiled = _layout(spatial, kernel, dilation, 0, tile)[0]
+    row_major = _layout(spatial, kernel, dilation, 0, None)[0]
     blocks = math.ceil(math.prod(spatial) / 128)
-    assert bm.kv_num_blocks.max() + bm.full_kv_num_blocks.max() <= 8 < blocks
-    na._flex_block_mask_cached.cache_clear()
-    first = na._flex_block_mask_cached(spatial, kernel, dilation, 0, torch.device("cpu"))
-    assert na._flex_block_mask_cached(spatial, kernel, dilation, 0, torch.device("cpu")) is first
+    assert _visited(tiled) < _visited(row_major) <= 8 * blocks < blocks**2
+    # Small grids keep row-major when no tile does better.
+    assert na._flex_tile((5, 6), (3, 3), (1, 1)) is None
+    args = (spatial, kernel, dilation, 0, torch.device("cpu"), 128, tile)
+    assert na._flex_layout_cached(*args) is na._flex_layout_cached(*args)
 
 
-@pytest.mark.parametrize(("spatial", "kernel", "dilation", "extra"), CASES, ids=IDS)
-def test_score_mod_adds_the_reference_bias(spatial, kernel, dilation, extra):
-    kernel, dilation = _tuples(spatial, kernel, dilation)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_IDS, ids=IDS)
+def test_score_mod_adds_the_reference_bias(case, order):
+    spatial, kernel, dilation, extra, tile = _case(case, order)
     n, heads = math.prod(spatial), 2
     rpb = torch.randn(heads, *(2 * ks - 1 for ks in kernel), dtype=torch.float64)
-    _, score_mod = na._flex_mods(spatial, kernel, dilation, rpb)
+    _, perm, inv, coords = _layout(spatial, kernel, dilation, extra, tile)
+    _, score_mod = na._flex_mods(spatial, kernel, dilation, rpb, coords)
     scores = torch.randn(heads, n, n + extra, dtype=torch.float64)
     dense = _dense_scores(score_mod, scores)
     flat, bias_index = na._flat_windows(spatial, kernel, dilation, torch.device("cpu"))
-    want = rpb[(slice(None), *bias_index)].reshape(heads, n, -1)  # the reference's bias
+    want = rpb[(slice(None), *bias_index)].reshape(heads, n, -1)  # the reference's bias, row-major tokens
+    if perm is not None:
+        flat, want = inv[flat[perm]], want[:, perm]
     rows = torch.arange(n)[:, None]
     torch.testing.assert_close(dense[:, rows, flat] - scores[:, rows, flat], want, rtol=0, atol=1e-12)
     assert torch.equal(dense[:, :, n:], scores[:, :, n:])  # no bias on the additional keys
@@ -116,33 +151,40 @@ def _dense_scores(score_mod, scores):
     return score_mod(scores, torch.zeros_like(h), h, qi, ki)
 
 
-def _dense_flex_math(q, k, v, kernel, dilation, *, rpb=None, additional_keys=None, additional_values=None):
-    """What FlexAttention computes with the backend's mods: dense scores, ``score_mod``, ``mask_mod``, softmax."""
+def _dense_flex_math(q, k, v, kernel, dilation, tile, *, rpb=None, additional_keys=None, additional_values=None):
+    """What the backend has FlexAttention compute, densely: tokens in the layout's order, scores, ``score_mod``,
+    ``mask_mod``, softmax, back to row-major."""
     nd = q.ndim - 3
     spatial = tuple(q.shape[1 : 1 + nd])
-    extra = 0 if additional_keys is None else additional_keys.shape[1]
+    n, extra = math.prod(spatial), 0 if additional_keys is None else additional_keys.shape[1]
+    block_mask, perm, inv, coords = _layout(spatial, kernel, dilation, extra, tile)
     qf, kf, vf = q.flatten(1, nd), k.flatten(1, nd), v.flatten(1, nd)
+    if perm is not None:
+        qf, kf, vf = qf[:, perm], kf[:, perm], vf[:, perm]
     if extra:
         kf, vf = torch.cat([kf, additional_keys], 1), torch.cat([vf, additional_values], 1)
     s = torch.einsum("bnhd,bmhd->bhnm", qf, kf) * q.shape[-1] ** -0.5
-    mask_mod, score_mod = na._flex_mods(spatial, kernel, dilation, rpb)
+    _, score_mod = na._flex_mods(spatial, kernel, dilation, rpb, coords)
     if score_mod is not None:
         s = torch.stack([_dense_scores(score_mod, sb) for sb in s])
-    s = s.masked_fill(~_dense_mask(spatial, kernel, dilation, extra), float("-inf"))
+    s = s.masked_fill(~_dense_mask(block_mask, n, extra), float("-inf"))
     out = torch.einsum("bhnm,bmhe->bnhe", s.softmax(-1), vf)
+    if inv is not None:
+        out = out[:, inv]
     return out.reshape(q.shape[0], *spatial, q.shape[-2], v.shape[-1])
 
 
-@pytest.mark.parametrize(("spatial", "kernel", "dilation", "extra"), CASES, ids=IDS)
-def test_flex_mods_match_the_reference_forward_and_backward(spatial, kernel, dilation, extra):
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_IDS, ids=IDS)
+def test_flex_mods_match_the_reference_forward_and_backward(case, order):
     """Gradients of q, k, v, rpb and the additional keys / values through the mods (dense, float64)."""
-    kernel, dilation = _tuples(spatial, kernel, dilation)
+    spatial, kernel, dilation, extra, tile = _case(case, order)
     q, k, v, kw = _inputs(spatial, kernel, extra, batch=1, dv=12)
     leaves = [q, k, v] + [t for t in kw.values() if t is not None]
     for t in leaves:
         t.requires_grad_(True)
     grad = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
-    ours = _dense_flex_math(q, k, v, kernel, dilation, **kw)
+    ours = _dense_flex_math(q, k, v, kernel, dilation, tile, **kw)
     ours_grads = torch.autograd.grad(ours, leaves, grad)
     ref = neighborhood_attention_reference(q, k, v, kernel, dilation, **kw)
     ref_grads = torch.autograd.grad(ref, leaves, grad)
@@ -151,10 +193,12 @@ def test_flex_mods_match_the_reference_forward_and_backward(spatial, kernel, dil
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(("spatial", "kernel", "dilation", "extra"), CASES, ids=IDS)
-def test_flex_backend_cpu_forward_matches_reference(spatial, kernel, dilation, extra):
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_IDS, ids=IDS)
+def test_flex_backend_cpu_forward_matches_reference(monkeypatch, case, order):
     """The backend function itself on FlexAttention's unfused CPU forward (supports() sends CPU calls elsewhere)."""
-    kernel, dilation = _tuples(spatial, kernel, dilation)
+    spatial, kernel, dilation, extra, tile = _case(case, order)
+    monkeypatch.setattr(na, "_flex_tile", lambda *args: tile)
     q, k, v, kw = _inputs(spatial, kernel, extra, dtype=torch.float32, dv=24)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unfused without torch.compile
@@ -165,8 +209,10 @@ def test_flex_backend_cpu_forward_matches_reference(spatial, kernel, dilation, e
 
 
 def test_flex_backend_traces_without_graph_break():
-    """Under torch.compile the backend (block mask, mods, FlexAttention) is one graph (fullgraph=True)."""
-    spatial, kernel, dilation, extra = (4, 5, 7), (3, 3, 3), (1, 1, 2), 3
+    """Under torch.compile the backend (token order, block mask, mods, FlexAttention) is one graph (fullgraph=True);
+    the grid is one where a tiled order is chosen."""
+    spatial, kernel, dilation, extra = (8, 16, 16), (3, 3, 3), (1, 1, 1), 3
+    assert na._flex_tile(spatial, kernel, dilation) is not None
     q, k, v, kw = _inputs(spatial, kernel, extra, dtype=torch.float32)
     fn = torch.compile(lambda *a: na._flex(*a, kernel, dilation, **kw), backend="eager", fullgraph=True)
     with torch.no_grad(), warnings.catch_warnings():

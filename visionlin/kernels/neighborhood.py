@@ -600,10 +600,15 @@ def _axis_coords(idx: torch.Tensor, spatial: Sequence[int]) -> list[torch.Tensor
 
 
 def _flex_mods(
-    spatial: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...], rpb: torch.Tensor | None
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    rpb: torch.Tensor | None,
+    coords: list[torch.Tensor] | None = None,
 ) -> tuple[Any, Any]:
-    """FlexAttention's ``(mask_mod, score_mod)`` for the flat queries ``[0, N)`` and keys ``[0, N + E)`` (the grid's
-    ``N`` keys, then the additional keys).
+    """FlexAttention's ``(mask_mod, score_mod)`` for the queries ``[0, N)`` and keys ``[0, N + E)`` (the grid's ``N``
+    keys, then the additional keys), the grid's tokens in row-major order or, with ``coords`` (per axis, ``[N]``: the
+    coordinate of the token at each position), in that order.
 
     ``mask_mod`` is :func:`neighborhood_indices`' window per axis (dilation group ``i % d``, start
     ``clamp(i // d - k // 2, 0, n_g - k)``, ``k`` group positions) on the effective windows, and true for every
@@ -615,9 +620,15 @@ def _flex_mods(
         for length, ks, d in zip(spatial, kernel_size, dilation, strict=True)
     ]
 
+    def coords_of(idx):
+        if coords is None:
+            return _axis_coords(idx, spatial)
+        idx = torch.clamp(idx, 0, n - 1)  # additional keys (and FlexAttention's padding) read a valid entry
+        return [c[idx] for c in coords]
+
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = kv_idx < n
-        pairs = zip(axes, _axis_coords(q_idx, spatial), _axis_coords(kv_idx, spatial), strict=True)
+        pairs = zip(axes, coords_of(q_idx), coords_of(kv_idx), strict=True)
         for (length, kw, d, _), i, j in pairs:
             group = i % d
             start = torch.minimum(torch.clamp(i // d - kw // 2, min=0), (length - group + d - 1) // d - kw)
@@ -629,33 +640,109 @@ def _flex_mods(
         return mask_mod, None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        pairs = zip(axes, _axis_coords(q_idx, spatial), _axis_coords(kv_idx, spatial), strict=True)
+        pairs = zip(axes, coords_of(q_idx), coords_of(kv_idx), strict=True)
         index = [torch.clamp((j - i) // d + ks - 1, 0, 2 * ks - 2) for (_, _, d, ks), i, j in pairs]
         return torch.where(kv_idx < n, score + rpb[(h, *index)], score)
 
     return mask_mod, score_mod
 
 
-def _flex_block_mask(
+#: Token orders the ``"flex"`` backend tries for its blocks of 128 tokens (besides row-major): tiles of 128 grid
+#: positions, tiles in row-major order and row-major inside each (smaller at the far edges). A 3-D window on a
+#: row-major order spans whole rows of the grid; a tile's neighbours fall in fewer key blocks (Wan2.1's 21 x 30 x 52
+#: grid, kernel 7: 22 key blocks per query block with 8 x 4 x 4 tiles, 33 row-major).
+_FLEX_TILES = {
+    2: [(8, 16), (16, 8), (4, 32), (32, 4)],
+    3: [(8, 4, 4), (4, 8, 4), (4, 4, 8), (2, 8, 8), (8, 2, 8), (8, 8, 2), (16, 4, 2), (2, 4, 16), (4, 2, 16)],
+}
+_AUTO = "auto"
+
+
+def _tile_order(spatial: tuple[int, ...], tile: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``perm`` ``[N]``: the row-major index of the token at each position of the tiled order."""
+    coords = _axis_coords(torch.arange(math.prod(spatial), device=device), spatial)
+    tile_id = inner = torch.zeros((), dtype=torch.int64, device=device)
+    for c, t, length in zip(coords, tile, spatial, strict=True):
+        tile_id = tile_id * -(-length // t) + c // t
+        inner = inner * t + c % t
+    return torch.argsort(tile_id * math.prod(tile) + inner)
+
+
+def _permuted_windows(flat: torch.Tensor, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(windows, inv)``: the neighbours ``[N, K]`` of each position of the order ``perm`` as positions of that order,
+    and the position of each row-major token (``None``, ``flat`` itself for row-major)."""
+    if perm is None:
+        return flat, None
+    inv = torch.argsort(perm)
+    return inv[flat[perm]], inv
+
+
+def _visited_blocks(windows: torch.Tensor, block: int) -> int:
+    """How many (query block, key block) pairs hold an allowed grid pair."""
+    n = windows.shape[0]
+    kv_blocks = -(-n // block)
+    pairs = ((torch.arange(n, device=windows.device) // block)[:, None] * kv_blocks + windows // block).flatten()
+    marks = torch.zeros(-(-n // block) * kv_blocks, dtype=torch.bool, device=windows.device)
+    marks[pairs] = True
+    return int(marks.sum())
+
+
+_FLEX_TILE_CACHE: dict[tuple[tuple[int, ...], ...], tuple[int, ...] | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _flex_tile(
+    spatial: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """The token order of the ``"flex"`` backend: ``None`` (row-major) or the tile of :data:`_FLEX_TILES` (fitting
+    the grid) with the fewest visited blocks, counted on the CPU once per configuration (a constant to
+    ``torch.compile``, which runs it while tracing)."""
+    key = (spatial, kernel_size, dilation)
+    if key not in _FLEX_TILE_CACHE:
+        cpu = torch.device("cpu")
+        flat, _ = _flat_windows(spatial, kernel_size, dilation, cpu)
+        best, fewest = None, _visited_blocks(flat, _FLEX_BLOCK)
+        for tile in _FLEX_TILES.get(len(spatial), []):
+            if all(t <= length for t, length in zip(tile, spatial, strict=True)):
+                visited = _visited_blocks(_permuted_windows(flat, _tile_order(spatial, tile, cpu))[0], _FLEX_BLOCK)
+                if visited < fewest:
+                    best, fewest = tile, visited
+        if len(_FLEX_TILE_CACHE) >= 64:
+            _FLEX_TILE_CACHE.clear()
+        _FLEX_TILE_CACHE[key] = best
+    return _FLEX_TILE_CACHE[key]
+
+
+def _flex_layout(
     spatial: tuple[int, ...],
     kernel_size: tuple[int, ...],
     dilation: tuple[int, ...],
     n_extra: int,
     device: torch.device,
     block: int = _FLEX_BLOCK,
-) -> Any:
-    """The :class:`BlockMask` of :func:`_flex_mods`' mask, built from :func:`_flat_windows` without evaluating the
-    ``N x (N + E)`` mask: the allowed pairs are counted per (query block, key block), a block is full when all its
-    ``block ** 2`` pairs are allowed and partial when some are (``create_block_mask``'s rule, which pads the last
-    blocks with masked pairs). Shared by every batch element and head."""
+    tile: tuple[int, ...] | None | str = _AUTO,
+) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor] | None]:
+    """``(block_mask, perm, inv, coords)``: the token order (``tile``, by default :func:`_flex_tile`'s; ``perm`` /
+    ``inv`` / ``coords`` ``None`` for row-major), its :class:`BlockMask` and the per-axis coordinates of its positions
+    (for :func:`_flex_mods`).
+
+    The block mask is built from :func:`_flat_windows` without evaluating the ``N x (N + E)`` mask: the allowed pairs
+    are counted per (query block, key block), a block is full when all its ``block ** 2`` pairs are allowed and
+    partial when some are (``create_block_mask``'s rule, which pads the last blocks with masked pairs). Shared by
+    every batch element and head."""
     flex = _flex_module()
-    mask_mod, _ = _flex_mods(spatial, kernel_size, dilation, None)
+    if tile == _AUTO:
+        tile = _flex_tile(spatial, kernel_size, dilation)
     flat, _ = _flat_windows(spatial, kernel_size, dilation, device)  # [N, K]
+    perm = None if tile is None else _tile_order(spatial, tile, device)
+    windows, inv = _permuted_windows(flat, perm)
+    coords = None if perm is None else [c.contiguous() for c in _axis_coords(perm, spatial)]
+    mask_mod, _ = _flex_mods(spatial, kernel_size, dilation, None, coords)
     n = flat.shape[0]
     n_kv = n + n_extra
     q_blocks, kv_blocks = -(-n // block), -(-n_kv // block)
     query_block = torch.arange(n, device=device) // block
-    pair_block = (query_block[:, None] * kv_blocks + flat // block).flatten()
+    pair_block = (query_block[:, None] * kv_blocks + windows // block).flatten()
     counts = torch.zeros(q_blocks * kv_blocks, dtype=torch.int64, device=device)
     counts.index_add_(0, pair_block, torch.ones_like(pair_block))
     counts = counts.view(q_blocks, kv_blocks)
@@ -674,13 +761,14 @@ def _flex_block_mask(
         order = torch.argsort(dense, dim=-1, descending=True, stable=True)
         return dense.sum(-1).to(torch.int32), order.to(torch.int32)
 
-    return flex.BlockMask.from_kv_blocks(
+    block_mask = flex.BlockMask.from_kv_blocks(
         *ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n_kv)
     )
+    return block_mask, perm, inv, coords
 
 
-#: Block masks by ``(spatial, kernel_size, dilation, E, device)`` (a few layers' configurations at a time).
-_flex_block_mask_cached = functools.lru_cache(maxsize=16)(_flex_block_mask)
+#: Layouts by ``(spatial, kernel_size, dilation, E, device, block, tile)`` (a few layers' configurations at a time).
+_flex_layout_cached = functools.lru_cache(maxsize=16)(_flex_layout)
 
 
 def _flex_supports(
@@ -733,10 +821,11 @@ def _flex(
     additional_keys: torch.Tensor | None = None,
     additional_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``"flex"`` backend: FlexAttention over the flat grid (plus the additional keys appended after it) with the
-    window as a block-sparse ``mask_mod`` and ``rpb`` as a ``score_mod``. Eager calls on CUDA go through a compiled
-    ``flex_attention`` (the fused kernels); inside ``torch.compile`` the plain one is traced into the graph; on other
-    devices the plain one runs FlexAttention's unfused forward (used by the CPU tests)."""
+    """``"flex"`` backend: FlexAttention over the grid's tokens (row-major or in tiles, :func:`_flex_tile`; the
+    additional keys appended after them) with the window as a block-sparse ``mask_mod`` and ``rpb`` as a
+    ``score_mod``. Eager calls on CUDA go through a compiled ``flex_attention`` (the fused kernels); inside
+    ``torch.compile`` the plain one is traced into the graph; on other devices the plain one runs FlexAttention's
+    unfused forward (used by the CPU tests)."""
     assert not dropout_p, "supports() refuses dropout"
     flex = _flex_module()
     nd = q.ndim - 3
@@ -744,10 +833,13 @@ def _flex(
     b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
     compiling = torch.compiler.is_compiling()
-    build = _flex_block_mask if compiling else _flex_block_mask_cached
-    block_mask = build(spatial, kernel_size, dilation, n_extra, q.device)
-    _, score_mod = _flex_mods(spatial, kernel_size, dilation, rpb)
+    build = _flex_layout if compiling else _flex_layout_cached
+    tile = _flex_tile(spatial, kernel_size, dilation)
+    block_mask, perm, inv, coords = build(spatial, kernel_size, dilation, n_extra, q.device, _FLEX_BLOCK, tile)
+    _, score_mod = _flex_mods(spatial, kernel_size, dilation, rpb, coords)
     qf, kf, vf = q.flatten(1, nd), k.flatten(1, nd), v.flatten(1, nd)  # [B, N, H, D]
+    if perm is not None:  # the tiled order
+        qf, kf, vf = qf[:, perm], kf[:, perm], vf[:, perm]
     if additional_keys is not None:
         kf, vf = torch.cat([kf, additional_keys], dim=1), torch.cat([vf, additional_values], dim=1)
     args = (qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2))
@@ -770,7 +862,10 @@ def _flex(
                 q, k, v, kernel_size, dilation, rpb=rpb, scale=scale,
                 additional_keys=additional_keys, additional_values=additional_values,
             )  # fmt: skip
-    return out.transpose(1, 2).reshape(b, *spatial, h, dv)
+    out = out.transpose(1, 2)  # [B, N, H, Dv]
+    if inv is not None:
+        out = out[:, inv]
+    return out.reshape(b, *spatial, h, dv)
 
 
 _op = Op(_OP)
