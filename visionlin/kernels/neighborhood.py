@@ -461,7 +461,7 @@ def _triton(
 #: Memory budget, in bytes, of one chunk of the ``"chunked"`` backend: the gathered neighbour keys and values of the
 #: chunk's queries (``[B, chunk, K, H, D + Dv]``) plus its logits and weights (``[B, chunk, H, K + E]``, twice), in the
 #: compute dtype (float32; float64 stays float64). 512 MiB of float32 = 128 Mi numbers: a Wan2.1 layer (``K = 343``,
-#: 12 heads, head dim 128) runs 127 queries at a time instead of gathering 64 GiB at once.
+#: 12 heads, head dim 128, 512 text keys, batch 1) runs 123 queries at a time instead of gathering 64 GiB at once.
 CHUNK_BYTES = 512 * 2**20
 
 
