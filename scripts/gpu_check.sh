@@ -23,6 +23,7 @@
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~3 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
+#   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
 #   bench-convert  benchmarks/convert_speed.py: Wan2.1-1.3B (32,760 tokens) and FLUX.1 (4,096 + 512) step time,
 #                  dense vs sparse / sla / hybrid / linear (full models, forward)                       ~3 min
 #   dit-quality    benchmarks/dit_quality.py: a class-conditional DiT trained on Fashion-MNIST (<= 200 s), every converter
@@ -133,6 +134,8 @@ for stage in "$@"; do
       timeout ${DQ_LIMIT:-560} python3 benchmarks/dit_quality.py --data-dir /tmp/fmdeb/usr/share/datasets/fashion-mnist \
         --time-budget ${DQ_BUDGET:-500} --out "$OUT/dit_quality" --commit "$COMMIT" 2>&1 | grep -vE "^\s*$|Warning|warn" \
         | tail -45 ;;
+    bench-na3d)
+      timeout 150 python3 benchmarks/neighborhood_3d.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -12 ;;
     bench-na)
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)
