@@ -1,7 +1,8 @@
 """Our models against the authors' own implementations, side by side in one process (issue 6's last target).
 
 The authors' repositories stay beside the project, never inside it: ``--authors-dir DIR`` holds plain checkouts
-(``DIR/Agent-Attention``, ``DIR/FLatten-Transformer``, ``DIR/MALA``, ``DIR/RALA``, ``DIR/infinite-self-attention``);
+(``DIR/Agent-Attention``, ``DIR/FLatten-Transformer``, ``DIR/MALA``, ``DIR/RALA``, ``DIR/infinite-self-attention``,
+``DIR/NaLaFormer``);
 their model files are imported as modules of a synthetic package, so no repository ``__init__.py`` or ``build.py``
 runs, with the import workarounds of ``../shared/specs/official_speed.md`` (a no-op ``register_model`` so that their
 registrations do not collide with ours; a stub ``fvcore``, imported by MALA / RALA for FLOP counting only). Each pair
@@ -98,6 +99,15 @@ def _flatten_pvt_s(d: Path) -> nn.Module:
     )
 
 
+def _agent_pvt_s(d: Path) -> nn.Module:
+    m = _module("off_agent", d / "Agent-Attention/agent_transformer/models", "agent_pvt")
+    return m.agent_pvt_small(drop_path_rate=0.1)  # their defaults: agent_num 9-16-49-49, AAAA, agent_sr_ratios 1111
+
+
+def _nalaformer_t(d: Path) -> nn.Module:
+    return _module("off_nala", d / "NaLaFormer/NaLaformer", "NALA").NALAFORMER_T(args=None)
+
+
 def _mavit_t(d: Path) -> nn.Module:
     return _module("off_mala", d / "MALA/classfication_release", "model").MALA_T(args=None)
 
@@ -139,6 +149,8 @@ PAIRS: dict[str, tuple[Callable[[Path], nn.Module], str, str, tuple[int, ...]]] 
     "agent_swin_t": (_agent_swin_t, "agent_swin_tiny", SWIN, ()),
     "mavit_t": (_mavit_t, "mavit_tiny", SWIN, (1024,)),
     "ravlt_t": (_ravlt_t, "ravlt_tiny", SWIN, (1024,)),
+    "agent_pvt_s": (_agent_pvt_s, "agent_pvt_small", SWIN, ()),
+    "nalaformer_t": (_nalaformer_t, "nalaformer_tiny", SWIN, (1024,)),
 }
 BATCH = {224: 256, 1024: 16}
 
