@@ -8,7 +8,15 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-__all__ = ["TokenMixer", "check_tokens", "split_heads", "merge_heads", "tokens_to_map", "map_to_tokens"]
+__all__ = [
+    "TokenDepthwiseConv2d",
+    "TokenMixer",
+    "check_tokens",
+    "map_to_tokens",
+    "merge_heads",
+    "split_heads",
+    "tokens_to_map",
+]
 
 
 def check_tokens(
@@ -48,6 +56,60 @@ def tokens_to_map(x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B, H*W, C]`` (row-major)."""
     return x.flatten(2).transpose(1, 2)
+
+
+@register_notrace_module
+class TokenDepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``k x k`` ``nn.Conv2d`` (its parameters, initialisation and state-dict keys) applied to grid tokens
+    and added to a residual in one call.
+
+    ``forward(x, feat_size, residual=None, num_prefix_tokens=0, backend=None)`` takes tokens ``x``
+    ``[B, P + H*W, C]`` (``P`` prefix tokens, then the ``H x W`` grid row-major) and returns tokens
+    ``residual + conv(grid(x))`` (prefix tokens: ``residual``'s, zeros without one) through
+    :func:`visionlin.kernels.token_depthwise_conv2d`: on CUDA one fused Triton pass (no ``[B, C, H, W]`` copies, no
+    separate add, no half-precision cuDNN depthwise kernel), ATen's convolution elsewhere. The convolution runs in
+    autocast's dtype when autocast is on (as a ``Conv2d``'s would; a residual in another dtype, e.g. autocast's
+    float32 residual stream, is then added outside the kernel), else in the promoted dtype of ``x`` and ``residual``;
+    float32 accumulation. An FX leaf for timm's feature extraction.
+    """
+
+    def __init__(
+        self, dim: int, kernel_size: int, bias: bool = True, device: torch.device | None = None, dtype=None
+    ) -> None:
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"TokenDepthwiseConv2d: {kernel_size=} must be a positive odd integer")
+        super().__init__(
+            dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias, device=device, dtype=dtype
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        feat_size: tuple[int, int],
+        residual: torch.Tensor | None = None,
+        num_prefix_tokens: int = 0,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        from ..kernels.conv import token_depthwise_conv2d
+
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the convolution in autocast's dtype, as a Conv2d's would be
+            dt = torch.get_autocast_dtype(device)
+        else:
+            dt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        # A residual in another dtype (autocast's float32 residual stream) is added outside, as before: fusing it
+        # would round the stream to the convolution's dtype.
+        fused = residual is not None and residual.dtype == dt
+        out = token_depthwise_conv2d(
+            x.to(dt),
+            self.weight[:, 0].to(dt),
+            None if self.bias is None else self.bias.to(dt),
+            feat_size=(int(feat_size[0]), int(feat_size[1])),
+            num_prefix_tokens=num_prefix_tokens,
+            residual=residual if fused else None,
+            backend=backend,
+        )
+        return out if fused or residual is None else residual + out
 
 
 @register_notrace_module

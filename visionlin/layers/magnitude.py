@@ -18,7 +18,13 @@ from torch._guards import detect_fake_mode
 
 from ..kernels.magnitude import magnitude_aware_linear_attention
 from ..kernels.rope import RopeTables, rope_2d_tables
-from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._base import (
+    TokenDepthwiseConv2d,
+    TokenMixer,
+    check_tokens,
+    merge_heads,
+    split_heads,
+)
 from ._registry import register_attn
 
 __all__ = ["GatedRoPELinearAttention", "MagnitudeAwareAttention", "RoPELePEMixer", "conv1x1_to_linear"]
@@ -83,7 +89,7 @@ class RoPELePEMixer(TokenMixer):
         if not rope_theta > 0:
             raise ValueError(f"{name}: {rope_theta=} must be > 0")
         self.rope_theta = rope_theta
-        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim, device=device, dtype=dtype)
+        self.lepe = TokenDepthwiseConv2d(dim, lepe_kernel, device=device, dtype=dtype)
         self._rope_cache: dict[tuple, RopeTables] = {}
 
     def rope_tables(
@@ -118,21 +124,18 @@ class RoPELePEMixer(TokenMixer):
             tables = self._rope_cache[key] = build()
         return tables
 
-    def lepe_tokens(self, v: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
-        """``lepe`` of the grid tokens' values, zeros for the prefix tokens.
+    def add_lepe(
+        self, out: torch.Tensor, v: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int
+    ) -> torch.Tensor:
+        """``out + lepe(v)`` on the grid tokens (prefix tokens: ``out``'s), one fused pass on CUDA.
 
         Args:
+            out: Attention output ``[B, num_prefix_tokens + H*W, C]``.
             v: Values ``[B, num_prefix_tokens + H*W, C]`` (channel ``c`` of head ``c // head_dim``).
             feat_size: Grid ``(H, W)``.
             num_prefix_tokens: Leading non-grid tokens.
-
-        Returns:
-            ``[B, num_prefix_tokens + H*W, C]``.
         """
-        local = map_to_tokens(self.lepe(tokens_to_map(v[:, num_prefix_tokens:], feat_size)))
-        if num_prefix_tokens:
-            local = torch.cat([local.new_zeros(v.shape[0], num_prefix_tokens, v.shape[2]), local], dim=1)
-        return local
+        return self.lepe(v, feat_size, out, num_prefix_tokens, self.helper_backend("token_depthwise_conv2d"))
 
 
 class GatedRoPELinearAttention(RoPELePEMixer):
@@ -190,7 +193,7 @@ class GatedRoPELinearAttention(RoPELePEMixer):
             eps=self.eps,
             backend=self.backend,
         )
-        out = (merge_heads(out) + self.lepe_tokens(v, feat_size, num_prefix_tokens)) * o
+        out = self.add_lepe(merge_heads(out), v, feat_size, num_prefix_tokens) * o
         return self.proj_drop(self.proj(out))
 
     @classmethod

@@ -97,7 +97,7 @@ class NormAwareAttention(RoPELePEMixer):
             norm_eps=self.norm_eps,
             backend=self.backend,
         )
-        out = merge_heads(out) + self.lepe_tokens(v, feat_size, num_prefix_tokens)
+        out = self.add_lepe(merge_heads(out), v, feat_size, num_prefix_tokens)
         out = self.ln(out) * F.silu(g)
         return self.proj_drop(self.out_proj(out))
 

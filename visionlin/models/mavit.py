@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from ..kernels.rope import apply_rope_2d
 from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, RankAugmentedAttention
-from ..layers._base import check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ..layers._base import TokenDepthwiseConv2d, check_tokens, merge_heads, split_heads
 from ..layers.magnitude import GatedRoPELinearAttention
 from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
@@ -92,7 +92,7 @@ class NormGatedRoPESoftmaxAttention(NormAwareAttention):
         out = rope_softmax_attention(
             *(split_heads(t, self.num_heads) for t in (q, k, v)), rope=rope, backend=self.backend
         )
-        out = merge_heads(out) + self.lepe_tokens(v, feat_size, num_prefix_tokens)
+        out = self.add_lepe(merge_heads(out), v, feat_size, num_prefix_tokens)
         out = self.ln(out) * nn.functional.silu(g)
         return self.proj_drop(self.out_proj(out))
 
@@ -105,14 +105,13 @@ class ConvFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, **dd)
         self.act = nn.GELU()
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
+        self.dwconv = TokenDepthwiseConv2d(hidden, 3, **dd)
         self.fc2 = nn.Linear(hidden, dim, **dd)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
         y = self.act(self.fc1(x))
-        y = y + map_to_tokens(self.dwconv(tokens_to_map(y, feat_size)))
-        return self.drop(self.fc2(y))
+        return self.drop(self.fc2(self.dwconv(y, feat_size, y)))  # y + dwconv(y), one pass
 
 
 class RoPEHybridBlock(nn.Module):
@@ -132,11 +131,11 @@ class RoPEHybridBlock(nn.Module):
         **dd: Any,
     ) -> None:
         super().__init__()
-        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
+        self.cpe1 = TokenDepthwiseConv2d(dim, 3, **dd)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.attn = attn_cls(dim, num_heads, qkv_bias=True, proj_drop=proj_drop, **dd)
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **dd))
-        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd) if two_cpe else None
+        self.cpe2 = TokenDepthwiseConv2d(dim, 3, **dd) if two_cpe else None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.ffn = ConvFFN(dim, int(mlp_ratio * dim), drop=proj_drop, **dd)
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd))
@@ -144,10 +143,10 @@ class RoPEHybridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
         """Tokens ``[B, H*W, C]`` on ``feat_size`` in and out."""
-        x = x + map_to_tokens(self.cpe1(tokens_to_map(x, feat_size)))
+        x = self.cpe1(x, feat_size, x)  # x + cpe1(x), one pass
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), feat_size, 0))
         if self.cpe2 is not None:
-            x = x + map_to_tokens(self.cpe2(tokens_to_map(x, feat_size)))
+            x = self.cpe2(x, feat_size, x)
         return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x), feat_size))
 
 
