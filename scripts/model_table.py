@@ -1,8 +1,10 @@
 """Print the README's model table: name, mechanism, params, GMACs at 224 px and at the training size, source paper,
 the authors' published top-1 / params / GMACs (``visionlin/models/_published.py``), and the papers' table.
 
-MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, which includes
-the einsums of the attention references; element-wise work is not counted), halved to multiply-accumulates.
+MACs are counted by :func:`visionlin.model_complexity` (``torch.utils.flop_counter.FlopCounterMode`` on fake tensors:
+matrix products, attention (SDPA included) and convolutions; element-wise work is not counted), so a model whose
+authors' counter left the softmax-attention products out (MAViT, RAVLT, NaLaFormer, MambaVision) shows a few percent
+above its published GMACs.
 
 Usage: python scripts/model_table.py [--markdown docs/models/table.md]
 """
@@ -62,7 +64,7 @@ def row(name: str) -> dict:
     model = timm.create_model(name).eval()
     size = model.pretrained_cfg["input_size"][-1]
     params = sum(p.numel() for p in model.parameters())
-    gmacs = {s: visionlin.model_complexity(model, s)["gmacs"] for s in {224, size}}
+    gmacs = {s: visionlin.model_complexity(model, s)["gmacs"] for s in {224, size}}  # attention products included
     mechanism, paper = PAPERS[_family(name)]
     weights = "yes" if model.pretrained_cfg.get("url") or model.pretrained_cfg.get("hf_hub_id") else "no"
     if name == "agent_deit_base":
