@@ -183,6 +183,24 @@ def test_linear_delta_is_the_projection_of_the_mlp_input():
         torch.testing.assert_close(attn.to_k(x) + dk, attn.to_k(x + core.mlp_k(x)), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_linear_delta_in_half_precision_computes_in_that_dtype(dtype):
+    # Half activations: the MLPs run in their dtype (autocast), close to the float32 delta; the parameters stay float32.
+    model = _dit()
+    convert(model, "linear", mid_dim_scale=2)
+    _perturb(model)
+    attn = model.transformer_blocks[0].attn1
+    core = attn.visionlin_core
+    x = torch.randn(2, 9, attn.to_q.in_features)
+    with torch.no_grad():
+        want = core.qk_delta(attn, x)
+        got = core.qk_delta(attn, x.to(dtype))
+    assert core.mlp_q[0].weight.dtype == torch.float32
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, atol=3e-2 * w.abs().max().item(), rtol=3e-2)
+
+
 def test_linear_with_fused_projections_equals_unfused():
     model = ALL_FAMILIES["flux"]()
     convert(model, "linear")

@@ -303,7 +303,8 @@ def _qk_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 class LinearCore(_Core):
     """LinFusion's generalised linear attention (arXiv 2409.02097): ``q = to_q(x + mlp_q(x))``, ``k = to_k(x +
     mlp_k(x))`` with the module's own (stock) projections, elu + 1 features, mean-normalised
-    (:func:`~visionlin.kernels.linear_attention`, ``normalize="divide"``, ``eps`` 1e-4). The MLPs are float32."""
+    (:func:`~visionlin.kernels.linear_attention`, ``normalize="divide"``, ``eps`` 1e-4). The MLPs' parameters are
+    float32; with half-precision activations they compute in that dtype under autocast, else in float32."""
 
     method = "linear"
 
@@ -316,6 +317,13 @@ class LinearCore(_Core):
     def qk_delta(self, attn, x):
         # to_q is affine: to_q(x + m(x)) = to_q(x) + W_q m(x), so the stock (possibly fused) projection is reused.
         wq, wk = _qk_weights(attn)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision activations: the products in their dtype (tensor cores; autocast keeps the LayerNorm's
+            # statistics in float32). In float32 the two MLPs and W_q, W_k cost more than dense attention itself at
+            # Wan2.1's 32,760 tokens (its linear step was 0.73x dense).
+            with torch.autocast(x.device.type, dtype=x.dtype):
+                dq, dk = F.linear(self.mlp_q(x), wq), F.linear(self.mlp_k(x), wk)
+            return dq.to(x.dtype), dk.to(x.dtype)
         dt = self.mlp_q[0].weight.dtype  # float32 unless the user cast the model
         xf = x.to(dt)
         dq = F.linear(self.mlp_q(xf), wq.to(dt)).to(x.dtype)
