@@ -11,7 +11,8 @@
 #                  mixer, the hybrid / pooled-agent ops and the converter on CUDA (pytest -n 4 if xdist is there)  ~4 min
 #   tests-kernels  gpu tests of SLA / sparse, neighborhood (Triton, flex), hybrid, scan, GLA and the converter   ~5 min
 #   tests-rope     gpu tests of the MALA / RALA / NaLa / Efficient kernels                            ~3.5 min
-#   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan) ~2 min
+#   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan), and
+#                  the SLA shapes with 32-token blocks (new since)                                    ~3 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
@@ -84,7 +85,8 @@ for stage in "$@"; do
     tests-pending)  # what the 7a87f8a run failed or did not reach: the tiny CUDA convert bench, 5 hybrid, 3 scan cases
       run_tests pending 240 tests/test_bench_convert.py::test_tiny_cuda_run_with_profile \
         "tests/test_kernels_hybrid.py::test_gpu_hybrid_and_agent_vs_reference" \
-        "tests/test_kernels_triton_scan.py::test_gpu_scan" --tb=long ;;
+        "tests/test_kernels_triton_scan.py::test_gpu_scan" "tests/test_kernels_triton_sparse_linear.py::test_triton_sla_shapes" \
+        tests/test_layers_token_conv.py --tb=long ;;
     tests-rope)
       run_tests rope ${ROPE_LIMIT:-240} tests/test_kernels_triton_rope_linear.py ;;
     bench-hier)

@@ -227,7 +227,7 @@ def _sparse_linear(dt, tdt):
 
     cases = []
     for d in (64, 128):
-        for bq, bk in ((64, 64), (128, 64), (128, 128)):
+        for bq, bk in ((32, 32), (64, 64), (128, 64), (128, 128)):
             for linear in (True, False):
                 consts, warps = split(sl.fwd_config(bq, bk, d, d, False, linear))
                 cases.append((sl._fwd_kernel, dt, dict(consts, LINEAR=linear, HAS_BIAS=linear, FMAP=0), warps))

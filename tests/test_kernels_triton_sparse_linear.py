@@ -155,7 +155,8 @@ DT_IDS = ["fp32", "bf16", "fp16"]
 @pytest.mark.parametrize(
     "shape,bq,bk",
     [((1, 1000, 1000, 2, 64, 64), 64, 64), ((3, 777, 777, 3, 80, 80), 64, 64), ((1, 1500, 1300, 2, 128, 128), 128, 64),
-     ((3, 300, 300, 2, 128, 128), 128, 128), ((1, 65, 200, 1, 64, 64), 64, 128)],
+     ((3, 300, 300, 2, 128, 128), 128, 128), ((1, 65, 200, 1, 64, 64), 64, 128), ((2, 256, 256, 4, 64, 64), 32, 32),
+     ((1, 300, 250, 2, 128, 128), 32, 64)],
 )  # fmt: skip
 def test_triton_sla_shapes(shape, bq, bk, method, dtype):
     """Awkward shapes: N not a multiple of the block, batch 1 and 3, head dims 64, 80 (padded) and 128, N != M."""
@@ -218,6 +219,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         dict(shape=(1, 130, 130, 2, 16, 16), non_contiguous=True),
         dict(shape=(1, 150, 300, 2, 20, 24), method="sparse"),
         dict(shape=(1, 70, 200, 1, 32, 16), method="sparse", bq=64, bk=128),
+        dict(shape=(1, 100, 90, 1, 64, 64), bq=32, bk=32),  # 32-token blocks (a 256-token DiT's 8 x 8 blocks)
+        dict(shape=(1, 70, 130, 1, 32, 32), bq=32, bk=64, variant="code"),
+        dict(shape=(1, 90, 90, 1, 64, 64), bq=32, bk=32, method="sparse"),
     ]
     for case in cases:
         for dtype in (torch.float32, torch.float16):
@@ -270,8 +274,8 @@ def test_triton_supports_reasons():
     op = get_op("sparse_linear_attention")
     meta = torch.empty(1, 8, 1, 256, device="meta", dtype=torch.float64)
     w = torch.empty(256, 256, device="meta")
-    reasons = " ".join(op.supports(meta, meta, meta, w, backend="triton", block_q=32, additional_keys=meta))
-    for part in ("CUDA", "float64", "block_q=32", "head dims"):
+    reasons = " ".join(op.supports(meta, meta, meta, w, backend="triton", block_q=48, additional_keys=meta))
+    for part in ("CUDA", "float64", "block_q=48", "head dims"):
         assert part in reasons, (part, reasons)
     # Additional (joint) keys are no reason to refuse: a call the kernels can run otherwise runs with them.
     assert "additional" not in reasons, reasons

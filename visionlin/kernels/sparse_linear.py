@@ -367,7 +367,7 @@ def _sla_native(
 
 
 #: Block sizes the Triton kernels tile (one query / key block per tile).
-TRITON_BLOCKS = (64, 128)
+TRITON_BLOCKS = (32, 64, 128)
 
 
 def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=None, **kwargs) -> list[str]:
@@ -422,7 +422,7 @@ def sparse_linear_attention(
 ) -> torch.Tensor:
     """Sparse-linear attention (SLA); see the module docstring and :func:`sparse_linear_attention_reference`.
 
-    Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 64 or 128: fused
+    Backends: ``"triton"`` (CUDA, float16 / bfloat16 / float32, head dims up to 128, blocks of 32, 64 or 128: fused
     block-sparse softmax + linear branch, see :mod:`visionlin.kernels.triton.sparse_linear`; ``additional_keys`` by a
     dense call of the same kernel over them, merged into the image keys' softmax by log-sum-exp),
     ``"torch"`` (block-wise, memory ``O(N n_c block_k)`` per head, any device) and ``"reference"`` (materialised

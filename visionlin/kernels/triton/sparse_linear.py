@@ -339,23 +339,24 @@ def fwd_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool, linear: 
     """The forward kernel's tiles: 64 x 64 for float32 inputs; 64 query rows for the SLA forward at head dims above
     64 (the linear read-out's extra ``[rows, Dv]`` float32 tiles spill at 128); else the selection blocks."""
     if fp32:
-        tq = tk = TILE
+        tq, tk = min(TILE, block_q), min(TILE, block_k)
     else:
-        tq, tk = (TILE if linear and max(_block(d), _block(dv)) >= 128 else block_q), block_k
+        tq, tk = (min(TILE, block_q) if linear and max(_block(d), _block(dv)) >= 128 else block_q), block_k
     cfg = _launch(block_q, block_k, d, dv, fp32, tq, tk)
     return {**cfg, "QPB": block_q // tq, "KSUB": block_k // tk, "LIN_PREC": _precisions(fp32)["LIN_PREC"]}
 
 
 def dq_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool) -> dict:
     """The dq kernel's tiles: the selection blocks, 64 x 64 for float32 inputs."""
-    tq, tk = (TILE, TILE) if fp32 else (block_q, block_k)
+    tq, tk = (min(TILE, block_q), min(TILE, block_k)) if fp32 else (block_q, block_k)
     return {**_launch(block_q, block_k, d, dv, fp32, tq, tk), "QPB": block_q // tq, "KSUB": block_k // tk}
 
 
 def dkdv_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool) -> dict:
     """The dk / dv kernel's tiles: 64 x 64 whatever the selection blocks (a 128-row tile's four float32 accumulators
     spill)."""
-    return {**_launch(block_q, block_k, d, dv, fp32, TILE, TILE), "KPB": block_k // TILE, "QSUB": block_q // TILE}
+    tq, tk = min(TILE, block_q), min(TILE, block_k)
+    return {**_launch(block_q, block_k, d, dv, fp32, tq, tk), "KPB": block_k // tk, "QSUB": block_q // tq}
 
 
 def readout_bwd_config(block_q: int, d: int, dv: int, fp32: bool) -> dict:
