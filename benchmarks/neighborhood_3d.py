@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,29 +27,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
 from visionlin.kernels import neighborhood as na  # noqa: E402
 from visionlin.kernels import neighborhood_attention  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STEM = "neighborhood_3d"
-
-
-def _time(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean milliseconds per call of ``iters`` calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def _methods(args: argparse.Namespace) -> dict[str, Callable]:
@@ -111,7 +93,7 @@ def _measure(name: str, fn: Callable, args: argparse.Namespace) -> list[dict]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms = _time(step, args.warmup, args.iters, args.repeats)
+            ms = cuda_ms(step, args.warmup, args.iters, args.repeats)
             row.update(status="ok", ms=ms, peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30)
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="oom", error=str(e).splitlines()[0])
