@@ -14,13 +14,11 @@ subprocess, since the interpreter is chosen when the kernels are defined.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels.linear import linear_attention_native, linear_attention_reference
 
@@ -175,12 +173,7 @@ def test_triton_fused_forward(shape):
 
 def test_interpreter_matches_reference():
     """The Triton kernels' math on the CPU (Triton's interpreter), fp32 and fp16, every map and normalisation."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
 def _check_reduced(dtype, device, direct=False, batch=2):

@@ -9,13 +9,11 @@ gradients (toy ops on the CPU, and the real kernels under Triton's interpreter i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 pytest.importorskip("triton")
 
@@ -172,9 +170,4 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_eager_path_equals_custom_op_bitwise():
     """The real kernels (Triton's interpreter on the CPU): forward and backward through the eager path and through
     the custom op give identical tensors."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)

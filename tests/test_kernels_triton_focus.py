@@ -8,13 +8,11 @@ the kernels on the CPU in a subprocess.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels.focused import focus
 
@@ -74,12 +72,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_interpreter_focus_matches_reference():
     """The focusing kernels' math on the CPU (Triton's interpreter), float32 and float16."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
 gpu = pytest.mark.gpu

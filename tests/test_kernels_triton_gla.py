@@ -12,14 +12,12 @@ once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import (
     bidirectional_gated_linear_attention,
@@ -99,12 +97,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_gla_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -127,12 +120,7 @@ def test_interpreter_gla_torch_compile_matches_eager():
     against eager in bfloat16: the comparison the GPU test makes, with Inductor's fused rounding of the bidirectional
     mean."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_COMPILE_SCRIPT)
 
 
 def _qkvg(b=2, length=5, h=2, kd=4, vd=4, dtype=torch.float32, device="cpu"):

@@ -14,13 +14,11 @@ subprocess, since the interpreter is chosen when the kernels are defined.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels.infsa import _pure_native, pure_infsa_attention_reference
 
@@ -244,9 +242,4 @@ def test_interpreter_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter), float32 and float16: M != N, D = 20 / 32 / 64 / 80 / 128,
     strided views, rho as float / per head / learned (0 included), std-30 float16; same bound as the GPU tests."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)

@@ -13,13 +13,11 @@ bound. The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import get_op, neighborhood_attention, neighborhood_attention_reference
 from visionlin.kernels import neighborhood as na
@@ -143,12 +141,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_neighborhood_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 def test_tile_config_covers_the_key_rectangle():

@@ -16,13 +16,11 @@ wrong, a Triton limitation) in a subprocess, since the interpreter is chosen whe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import get_op
 from visionlin.kernels.linear import efficient_attention_reference
@@ -154,12 +152,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_interpreter_rope_linear_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): every op with and without RoPE, float32 and float16."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 @pytest.mark.parametrize("mech", MECHS)

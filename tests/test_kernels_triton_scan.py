@@ -10,13 +10,11 @@ once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import get_op, selective_scan, selective_scan_reference
 
@@ -134,12 +132,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_scan_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 def _args(b=2, length=5, d=4, n=3, dtype=torch.float32, device="cpu"):

@@ -15,12 +15,11 @@ interpreter's bfloat16 products are wrong, a Triton limitation) in a subprocess.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import block_sparse_attention, sla_block_map, sparse_linear_attention
 from visionlin.kernels.sparse_linear import SLA_FEATURE_MAPS, sla_block_counts
@@ -247,12 +246,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_sla_kernels_match_formula():
     """The fused forward and the backward kernels' math on the CPU (Triton's interpreter), float32 and float16."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
 def test_triton_backend_declines_with_reasons_on_cpu():
@@ -394,13 +388,7 @@ _READOUT_INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_sla_readout_backward_matches_torch():
     """The fused read-out backward on the CPU (Triton's interpreter) equal to the torch path, float32 and float16."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _READOUT_INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_READOUT_INTERPRETER_SCRIPT)
 
 
 @gpu
@@ -495,13 +483,7 @@ def test_interpreter_sla_additional_keys_match_formula():
     v, the additional keys and values, W, b) vs float64, the chunked torch part, the log-sum-exp's own gradient, the
     custom ops' registrations and a fullgraph compile."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", _ADDITIONAL_INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+    run_in_interpreter(_ADDITIONAL_INTERPRETER_SCRIPT)
 
 
 @gpu

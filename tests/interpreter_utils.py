@@ -1,0 +1,21 @@
+"""Running a kernel test script under Triton's interpreter (``TRITON_INTERPRET=1``) in a fresh Python process: the
+interpreter has to be switched on before Triton is imported, so each file's CPU check of its Triton kernels runs as a
+subprocess with the checkout and ``tests/`` on ``PYTHONPATH``, as pytest has them (its scripts import helpers from
+``tests.<module>``, whose imports include this module)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_in_interpreter(script: str, timeout: int = 900) -> None:
+    """Run ``script`` (Python source) under the interpreter; it must exit 0 and print ``interpreter ok``."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
