@@ -241,31 +241,87 @@ def neighborhood_attention_reference(
     kernel_size, dilation = _check_args(
         q, k, v, kernel_size, dilation, rpb, scale, dropout_p, additional_keys, additional_values
     )
+    return _na_math(q, k, v, kernel_size, dilation, rpb, scale, dropout_p, additional_keys, additional_values, False)
+
+
+def _na_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    rpb: torch.Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+    additional_keys: torch.Tensor | None,
+    additional_values: torch.Tensor | None,
+    chunked: bool,
+) -> torch.Tensor:
+    """The reference's math on checked arguments: all queries at once (the specification), or with ``chunked`` in
+    chunks of the flat queries that gather at most :data:`CHUNK_BYTES` each (:func:`_na_chunk`). With several chunks and
+    autograd recording, every chunk runs under non-reentrant activation checkpointing, so the backward recomputes one
+    chunk's gathers at a time (dropout masks are replayed: the RNG state is restored)."""
     nd = q.ndim - 3
     spatial = tuple(q.shape[1 : 1 + nd])
     b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dt = reference_dtype(q.dtype)
     flat, bias_index = _flat_windows(spatial, kernel_size, dilation, q.device)  # [N, K]
+    n, n_win = flat.shape
+    n_extra = 0 if additional_keys is None else additional_keys.shape[1]
+    chunk = _chunk_queries(q, v, n_win, n_extra, torch.empty((), dtype=dt).element_size()) if chunked else n
     with fp32_reference(q.device):
         qf = q.to(dt).flatten(1, nd) * scale  # [B, N, H, D]
-        kf = k.to(dt).flatten(1, nd)[:, flat]  # [B, N, K, H, D]
-        vf = v.to(dt).flatten(1, nd)[:, flat]  # [B, N, K, H, Dv]
-        s = torch.einsum("bnhd,bnkhd->bnhk", qf, kf)  # [B, N, H, K]
-        if rpb is not None:
-            bias = rpb.to(dt)[(slice(None), *bias_index)]  # [H, *spatial, *kernels]
-            s = s + bias.reshape(h, flat.shape[0], flat.shape[1]).transpose(0, 1)  # [N, H, K]
-        n_win = s.shape[-1]
-        if additional_keys is not None:
-            s_extra = torch.einsum("bnhd,behd->bnhe", qf, additional_keys.to(dt))  # [B, N, H, E]
-            s = torch.cat([s, s_extra], dim=-1)
-        w = s.softmax(dim=-1)
-        if dropout_p:
-            w = F.dropout(w, p=dropout_p)
-        out = torch.einsum("bnhk,bnkhe->bnhe", w[..., :n_win], vf)  # [B, N, H, Dv]
-        if additional_keys is not None:
-            out = out + torch.einsum("bnhe,behf->bnhf", w[..., n_win:], additional_values.to(dt))
+        kf, vf = k.to(dt).flatten(1, nd), v.to(dt).flatten(1, nd)
+        table = linear = None
+        if rpb is not None:  # rpb as [H, prod(2k - 1)], indexed by [N, K] row-major positions in the table
+            table = rpb.to(dt).flatten(1)
+            linear = torch.zeros((), dtype=torch.int64, device=q.device)
+            for ks, index in zip(kernel_size, bias_index, strict=True):
+                linear = linear * (2 * ks - 1) + index
+            linear = linear.reshape(n, n_win)
+        extra_k = None if additional_keys is None else additional_keys.to(dt)
+        extra_v = None if additional_values is None else additional_values.to(dt)
+        checkpointed = chunk < n and torch.is_grad_enabled()
+        outs = []
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            args = (qf[:, rows], kf, vf, flat[rows], table, None if linear is None else linear[rows], extra_k, extra_v)
+            if checkpointed:
+                outs.append(torch.utils.checkpoint.checkpoint(_na_chunk, *args, dropout_p, use_reentrant=False))
+            else:
+                outs.append(_na_chunk(*args, dropout_p))
+        out = torch.cat(outs, dim=1) if len(outs) != 1 else outs[0]
     return out.reshape(b, *spatial, h, dv).to(q.dtype)
+
+
+def _na_chunk(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    vf: torch.Tensor,
+    flat: torch.Tensor,
+    table: torch.Tensor | None,
+    bias_index: torch.Tensor | None,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The reference's math for the queries ``qf`` ``[B, n, H, D]`` (already scaled, compute dtype) whose neighbours
+    are ``flat`` ``[n, K]`` in the flat keys / values ``kf`` / ``vf``, with the bias ``table[:, bias_index]`` (``rpb``
+    flattened to ``[H, T]``, ``bias_index`` ``[n, K]``); returns ``[B, n, H, Dv]``."""
+    s = torch.einsum("bnhd,bnkhd->bnhk", qf, kf[:, flat])  # [B, n, H, K]
+    if table is not None:
+        s = s + table[:, bias_index].transpose(0, 1)  # [n, H, K]
+    n_win = s.shape[-1]
+    if extra_k is not None:
+        s = torch.cat([s, torch.einsum("bnhd,behd->bnhe", qf, extra_k)], dim=-1)  # [B, n, H, K + E]
+    w = s.softmax(dim=-1)
+    if dropout_p:
+        w = F.dropout(w, p=dropout_p)
+    out = torch.einsum("bnhk,bnkhe->bnhe", w[..., :n_win], vf[:, flat])  # [B, n, H, Dv]
+    if extra_k is not None:
+        out = out + torch.einsum("bnhe,behf->bnhf", w[..., n_win:], extra_v)
+    return out
 
 
 # NATTEN backend -----------------------------------------------------------------------------------------------------
@@ -481,35 +537,6 @@ def _chunk_queries(q: torch.Tensor, v: torch.Tensor, n_window: int, n_extra: int
     return max(1, CHUNK_BYTES // max(per_query, 1))
 
 
-def _na_chunk(
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    vf: torch.Tensor,
-    flat: torch.Tensor,
-    table: torch.Tensor | None,
-    bias_index: torch.Tensor | None,
-    extra_k: torch.Tensor | None,
-    extra_v: torch.Tensor | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    """The reference's math for the queries ``qf`` ``[B, n, H, D]`` (already scaled, compute dtype) whose neighbours
-    are ``flat`` ``[n, K]`` in the flat keys / values ``kf`` / ``vf``, with the bias ``table[:, bias_index]`` (``rpb``
-    flattened to ``[H, T]``, ``bias_index`` ``[n, K]``); returns ``[B, n, H, Dv]``."""
-    s = torch.einsum("bnhd,bnkhd->bnhk", qf, kf[:, flat])
-    if table is not None:
-        s = s + table[:, bias_index].transpose(0, 1)  # [n, H, K]
-    n_win = s.shape[-1]
-    if extra_k is not None:
-        s = torch.cat([s, torch.einsum("bnhd,behd->bnhe", qf, extra_k)], dim=-1)
-    w = s.softmax(dim=-1)
-    if dropout_p:
-        w = F.dropout(w, p=dropout_p)
-    out = torch.einsum("bnhk,bnkhe->bnhe", w[..., :n_win], vf[:, flat])
-    if extra_k is not None:
-        out = out + torch.einsum("bnhe,behf->bnhf", w[..., n_win:], extra_v)
-    return out
-
-
 def _chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -523,42 +550,9 @@ def _chunked(
     additional_keys: torch.Tensor | None = None,
     additional_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``"chunked"`` backend: :func:`neighborhood_attention_reference`'s math over chunks of the flat queries, each
-    gathering at most :data:`CHUNK_BYTES`. With autograd recording, every chunk (when there are several) runs under
-    non-reentrant activation checkpointing, so the backward recomputes one chunk's gathers at a time instead of
-    keeping all of them (dropout masks are replayed: the RNG state is restored)."""
-    nd = q.ndim - 3
-    spatial = tuple(q.shape[1 : 1 + nd])
-    b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dt = reference_dtype(q.dtype)
-    flat, bias_index = _flat_windows(spatial, kernel_size, dilation, q.device)  # [N, K]
-    n, n_win = flat.shape
-    n_extra = 0 if additional_keys is None else additional_keys.shape[1]
-    chunk = _chunk_queries(q, v, n_win, n_extra, torch.empty((), dtype=dt).element_size())
-    with fp32_reference(q.device):
-        qf = q.to(dt).flatten(1, nd) * scale  # [B, N, H, D]
-        kf, vf = k.to(dt).flatten(1, nd), v.to(dt).flatten(1, nd)
-        table = linear = None
-        if rpb is not None:  # rpb as [H, prod(2k - 1)], indexed by [N, K] row-major positions in the table
-            table = rpb.to(dt).flatten(1)
-            linear = torch.zeros((), dtype=torch.int64, device=q.device)
-            for ks, index in zip(kernel_size, bias_index, strict=True):
-                linear = linear * (2 * ks - 1) + index
-            linear = linear.reshape(n, n_win)
-        extra_k = None if additional_keys is None else additional_keys.to(dt)
-        extra_v = None if additional_values is None else additional_values.to(dt)
-        checkpointed = chunk < n and torch.is_grad_enabled()
-        outs = []
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            args = (qf[:, rows], kf, vf, flat[rows], table, None if linear is None else linear[rows], extra_k, extra_v)
-            if checkpointed:
-                outs.append(torch.utils.checkpoint.checkpoint(_na_chunk, *args, dropout_p, use_reentrant=False))
-            else:
-                outs.append(_na_chunk(*args, dropout_p))
-        out = torch.cat(outs, dim=1) if len(outs) != 1 else outs[0]
-    return out.reshape(b, *spatial, h, dv).to(q.dtype)
+    """``"chunked"`` backend: :func:`neighborhood_attention_reference`'s math (:func:`_na_math`) over chunks of the flat
+    queries, each gathering at most :data:`CHUNK_BYTES`, checkpointed under autograd when there are several."""
+    return _na_math(q, k, v, kernel_size, dilation, rpb, scale, dropout_p, additional_keys, additional_values, True)
 
 
 # FlexAttention backend ----------------------------------------------------------------------------------------------
