@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# tests/ (helper modules such as golden_utils) and the checkout (the benchmarks package, imported by the tests of the
+# benchmark scripts)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 torch.set_num_threads(1)
 
 

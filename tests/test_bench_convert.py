@@ -4,16 +4,14 @@ is asserted (a smoke test: the real run is on the GPU, ``scripts/gpu_check.sh OU
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_speed.py"
 # A few dozen tokens per model: Wan 2 x 4 x 4 grid (5 frames at 64 x 64 px), Flux 8 x 8 packed (128 px), 8 text.
 TINY = ["--tiny", "--device", "cpu", "--frames", "5", "--wan-size", "64x64", "--flux-size", "128", "--iters", "1"]
 TINY += ["--warmup", "0", "--repeats", "1", "--no-plot"]
@@ -22,10 +20,7 @@ METHODS = ["dense", "sparse", "sla", "hybrid", "linear"]
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("convert_speed_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.convert_speed")
 
 
 def test_tiny_cpu_run_writes_every_row_finite(script, tmp_path):

@@ -4,10 +4,9 @@ answers, and the flag checks. The real run is on the GPU: ``scripts/gpu_check.sh
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ pytest.importorskip("diffusers")
 
 from test_train import _write_fashion  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dit_quality.py"
 METHODS = ["sparse", "sla", "hybrid", "linear", "agent"]
 # The smallest run that still goes through every stage: one step of each training, one sampler step.
 TINY = ["--tiny", "--device", "cpu", "--samples", "4", "--sample-batch", "4", "--sampler-steps", "1", "--train-steps",
@@ -25,10 +23,7 @@ TINY = ["--tiny", "--device", "cpu", "--samples", "4", "--sample-batch", "4", "-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("dit_quality_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.dit_quality")
 
 
 @pytest.fixture(autouse=True)

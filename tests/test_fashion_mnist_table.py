@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import fashion_mnist_table as fmt  # noqa: E402
+from benchmarks import fashion_mnist_table as fmt
 
 
 def test_jobs_put_the_teacher_first_and_the_distillation_after_it(tmp_path):

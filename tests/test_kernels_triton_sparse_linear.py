@@ -14,7 +14,6 @@ interpreter's bfloat16 products are wrong, a Triton limitation) in a subprocess.
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pytest
@@ -279,12 +278,8 @@ def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
     """``benchmarks/sla_op.py``: no GPU, no run; its plot draws every measured row of a result (made-up times)."""
     if torch.cuda.is_available():
         pytest.skip("checks the no-GPU refusal")
-    import importlib.util
+    from benchmarks import sla_op
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sla_op.py")
-    spec = importlib.util.spec_from_file_location("sla_op_script", path)
-    sla_op = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sla_op)
     with pytest.raises(SystemExit):
         sla_op.main(["--iters", "1"])
     pytest.importorskip("matplotlib")
