@@ -1,4 +1,5 @@
-"""Timing shared by the op-level neighborhood benchmarks (``neighborhood_op.py``, ``neighborhood_3d.py``)."""
+"""CUDA-event timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
+``host_overhead.py``)."""
 
 from __future__ import annotations
 

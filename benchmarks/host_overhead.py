@@ -20,15 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _time(fn, iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from benchmarks._timing import cuda_ms  # noqa: E402
 
 
 def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
@@ -39,7 +31,7 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
         for _ in range(3):
             model(x)
         torch.cuda.synchronize()
-        eager = min(_time(lambda: model(x), iters) for _ in range(3))
+        eager = min(cuda_ms(lambda: model(x), 0, iters, 1) for _ in range(3))
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -49,7 +41,7 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
                 model(x)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        replay = min(_time(graph.replay, iters) for _ in range(3))
+        replay = min(cuda_ms(graph.replay, 0, iters, 1) for _ in range(3))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model(x)
             torch.cuda.synchronize()
@@ -74,7 +66,7 @@ def measure_train(model: torch.nn.Module, size: int, batch: int, iters: int) -> 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    eager = min(_time(step, iters) for _ in range(3))
+    eager = min(cuda_ms(step, 0, iters, 1) for _ in range(3))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
