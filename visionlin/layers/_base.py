@@ -8,6 +8,8 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from ..kernels.conv import token_depthwise_conv2d
+
 __all__ = [
     "TokenDepthwiseConv2d",
     "TokenMixer",
@@ -90,8 +92,6 @@ class TokenDepthwiseConv2d(nn.Conv2d):
         num_prefix_tokens: int = 0,
         backend: str | None = None,
     ) -> torch.Tensor:
-        from ..kernels.conv import token_depthwise_conv2d
-
         device = x.device.type
         if torch.is_autocast_enabled(device):  # the convolution in autocast's dtype, as a Conv2d's would be
             dt = torch.get_autocast_dtype(device)
