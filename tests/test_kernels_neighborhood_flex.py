@@ -208,6 +208,22 @@ def test_flex_backend_cpu_forward_matches_reference(monkeypatch, case, order):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_flex_layout_built_under_inference_mode_serves_autograd_calls():
+    """The cached layout (token order, its inverse, coordinates) is made of normal tensors even when its first call
+    ran under ``torch.inference_mode()``: a later call with autograd on indexes its inputs with it, which saves the
+    permutation for backward (an inference tensor there raised in the converter's inference-then-fine-tune use)."""
+    spatial, kernel, dilation = (8, 16, 16), (3, 3, 3), (1, 1, 1)
+    tile = na._flex_tile(spatial, kernel, dilation)
+    assert tile is not None  # a tiled order: a permutation to index with
+    na._flex_layout_cached.cache_clear()
+    with torch.inference_mode():
+        _, perm, inv, coords = na._flex_layout_cached(spatial, kernel, dilation, 2, torch.device("cpu"), 128, tile)
+    assert not any(t.is_inference() for t in [perm, inv, *coords])
+    x = torch.randn(1, perm.numel(), 2, requires_grad=True)
+    x[:, perm].sum().backward()  # saves perm for backward
+    assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
+
+
 def test_flex_backend_traces_without_graph_break():
     """Under torch.compile the backend (token order, block mask, mods, FlexAttention) is one graph (fullgraph=True);
     the grid is one where a tiled order is chosen."""

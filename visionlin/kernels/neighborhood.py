@@ -761,8 +761,14 @@ def _flex_layout(
     return block_mask, perm, inv, coords
 
 
-#: Layouts by ``(spatial, kernel_size, dilation, E, device, block, tile)`` (a few layers' configurations at a time).
-_flex_layout_cached = functools.lru_cache(maxsize=16)(_flex_layout)
+@functools.lru_cache(maxsize=16)
+def _flex_layout_cached(*args: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor] | None]:
+    """:func:`_flex_layout` by ``(spatial, kernel_size, dilation, E, device, block, tile)`` (a few layers'
+    configurations at a time). Built outside inference mode: a layout first built under ``torch.inference_mode()``
+    would hold inference tensors, which a later call with autograd on cannot save for backward (the permutation
+    indexes the inputs)."""
+    with torch.inference_mode(False):
+        return _flex_layout(*args)
 
 
 def _flex_supports(
