@@ -254,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.authors_dir.is_dir():
         p.error(f"--authors-dir {args.authors_dir} is not a folder")
     torch.manual_seed(0)
+    from benchmarks._meta import gpu_meta
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = gpu_meta(argv, args.commit)
     results = []
     for pair in args.pairs.split(","):
         build_theirs, ours, twin, extra_sizes = PAIRS[pair]
@@ -283,11 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             ratio = "n/a" if rec["ours_vs_authors"] is None else f"{rec['ours_vs_authors']:.2f}x"
             print(f"{pair} {rec['phase']} {size}px bs{batch}: ours/authors {ratio}   {cells}", flush=True)
-    from benchmarks._meta import gpu_meta
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": gpu_meta(argv, args.commit), "results": results}
-    (args.out / "authors_speed.json").write_text(json.dumps(doc, indent=2))
+            # after every phase: a run stopped by a time limit still leaves what it measured
+            (args.out / "authors_speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     _plot(results, args.out / "authors_speed.png")
     return 0
 
