@@ -13,6 +13,7 @@
 #   tests-rope     gpu tests of the MALA / RALA / NaLa / Efficient kernels                            ~3.5 min
 #   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan), and
 #                  the SLA shapes with 32-token blocks (new since)                                    ~3 min
+#   tests-fix      gpu tests of what was fixed since bca30b2 (the convert bench, the flex neighborhood backend) ~1.5 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
@@ -87,6 +88,8 @@ for stage in "$@"; do
         "tests/test_kernels_hybrid.py::test_gpu_hybrid_and_agent_vs_reference" \
         "tests/test_kernels_triton_scan.py::test_gpu_scan" "tests/test_kernels_triton_sparse_linear.py::test_triton_sla_shapes" \
         tests/test_layers_token_conv.py --tb=long ;;
+    tests-fix)  # the fixes since bca30b2: the tiny CUDA convert bench (flex layout under inference mode), the flex tests
+      run_tests fix 150 tests/test_bench_convert.py tests/test_kernels_neighborhood_flex.py --tb=long ;;
     tests-rope)
       run_tests rope ${ROPE_LIMIT:-240} tests/test_kernels_triton_rope_linear.py ;;
     bench-hier)
