@@ -35,17 +35,25 @@ def _conv_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     tmask, cmask = t < HH * WW, c < NCH
     y, x = t // WW, t % WW
+    # Pointers to the output token's own input row, once: a tap is that row shifted by a scalar number of tokens,
+    # so each tap costs one pointer add and its bounds test per token (the per-tap address arithmetic of every
+    # element, in int64, was ~10 integer instructions per multiply-add: the kernel was bound by them, not memory).
+    x_ptr = X + b * sx_b + (P + t)[:, None] * sx_n + c[None, :] * sx_c
+    w_ptr = W + b * sw_b + c * (K * K)
+    cm = cmask[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     # Rows of taps in a loop, taps of a row unrolled: fully unrolled, the compiler hoists all K * K tile loads and
     # spills (ptxas for sm_90: 2.4 KB at k = 5, 17 KB at k = 7); this way at most K tiles are live.
     for dy in range(K):
+        yy = y + (dy - K // 2)
+        row_ok = tmask & (yy >= 0) & (yy < HH)
+        row_ptr = x_ptr + ((dy - K // 2) * WW) * sx_n
         for dx in tl.static_range(K):
-            yy, xx = y + (dy - K // 2), x + (dx - K // 2)
-            ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
-            ptr = X + b * sx_b + (P + yy * WW + xx)[:, None] * sx_n + c[None, :] * sx_c
-            xv = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
+            xx = x + (dx - K // 2)
+            ok = row_ok & (xx >= 0) & (xx < WW)
+            xv = tl.load(row_ptr + (dx - K // 2) * sx_n, mask=ok[:, None] & cm, other=0.0)
             tap = (K - 1 - dy) * K + (K - 1 - dx) if FLIP else dy * K + dx
-            wv = tl.load(W + b * sw_b + c * (K * K) + tap, mask=cmask, other=0.0)
+            wv = tl.load(w_ptr + tap, mask=cmask, other=0.0)
             acc += xv.to(tl.float32) * wv[None, :]
     mask = tmask[:, None] & cmask[None, :]
     if HAS_BIAS:
@@ -96,19 +104,24 @@ def _weight_grad_kernel(
 
 
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
-#: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills).
+#: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills). ``TUNING`` holds
+#: the forward / input-gradient kernel's settings (``stages``: Triton's software pipelining of the tap-row loop,
+#: ``None`` its default); benchmarks/conv_op.py --sweep times others by updating it.
 BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 8, 4
+TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
 
 
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     b, _, c = x.shape
-    grid = (triton.cdiv(hh * ww, BLOCK_T), triton.cdiv(c, BLOCK_C), b)
+    bt, bc = TUNING["block_t"], TUNING["block_c"]
+    grid = (triton.cdiv(hh * ww, bt), triton.cdiv(c, bc), b)
     res = residual if residual is not None else out
+    stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
     _conv_kernel[grid](
         x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, *x.stride(),
         w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS,
+        BLOCK_T=bt, BLOCK_C=bc, num_warps=TUNING["warps"], **stages,
     )  # fmt: skip
 
 

@@ -1,0 +1,193 @@
+"""The token depthwise convolution (``visionlin.kernels.token_depthwise_conv2d``) at the op level: our Triton kernel
+against ATen / cuDNN's depthwise convolution (the ``"torch"`` backend) and against what reading and writing the tensors
+costs (``x + residual``: two reads and one write, the traffic the fused op cannot go below), forward and forward +
+backward, at the shapes of the models that use it.
+
+Shapes (bf16, with bias and residual): FLatten-DeiT-S (k 5, one kernel shared by the heads), Agent-DeiT-S (k 3), and
+NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) and stage 3 (256 channels).
+``--sweep`` also times the forward kernel over tile settings (``TUNING`` in ``visionlin/kernels/triton/conv.py``) for
+the first shape of each kernel size and records every one, the fastest first.
+
+Usage (on a GPU machine):
+    python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
+
+Writes ``conv_op.json`` (rows + meta: command, commit, date, GPU, versions) and ``conv_op.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
+from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
+from visionlin.train.bench import write_result  # noqa: E402
+
+STEM = "conv_op"
+#: name: (batch, H, W, channels, kernel, prefix tokens)
+SHAPES = {
+    "flatten_deit_s": (256, 14, 14, 384, 5, 1),
+    "agent_deit_s": (256, 14, 14, 384, 3, 1),
+    "nala_t_stage1_cpe": (128, 56, 56, 64, 3, 0),
+    "nala_t_stage1_ffn": (128, 56, 56, 256, 3, 0),
+    "nala_t_stage3": (128, 14, 14, 256, 3, 0),
+}
+
+
+def _inputs(shape, dtype, grad: bool, device="cuda"):
+    b, hh, ww, c, k, p = shape
+    x = torch.randn(b, p + hh * ww, c, device=device, dtype=dtype, requires_grad=grad)
+    res = torch.randn_like(x, requires_grad=grad)
+    w = torch.randn(c, k, k, device=device, dtype=dtype, requires_grad=grad)
+    bias = torch.randn(c, device=device, dtype=dtype, requires_grad=grad)
+    return x, w, bias, res
+
+
+def _method(backend: str | None, shape, x, w, bias, res):
+    """The call timed: the op with ``backend``, or ``x + residual`` (``None``)."""
+    _, hh, ww, _, _, p = shape
+    if backend is None:
+        return lambda: x + res
+    return lambda: token_depthwise_conv2d(
+        x, w, bias, feat_size=(hh, ww), num_prefix_tokens=p, residual=res, backend=backend
+    )
+
+
+def _step(fn, leaves: list[torch.Tensor] | None):
+    """``fn`` (forward), or its forward + backward to ``leaves``."""
+    if leaves is None:
+        return fn
+    go = torch.randn_like(leaves[0])
+    return lambda: torch.autograd.grad(fn(), leaves, go)
+
+
+def _time(row: dict, step, args) -> dict:
+    try:
+        row |= {"ms": cuda_ms(step, args.warmup, args.iters, args.repeats), "status": "ok"}
+    except Exception as e:  # noqa: BLE001 (recorded, the other rows still run)
+        row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _measure(name: str, shape, args, backend: str | None) -> list[dict]:
+    """Forward and forward + backward of one method: ``backend`` of the op, or ``None`` for ``x + residual``."""
+    b, hh, ww, c, k, p = shape
+    rows = []
+    for mode in ("forward", "forward_backward"):
+        grad = mode == "forward_backward"
+        x, w, bias, res = _inputs(shape, DTYPES[args.dtype], grad)
+        leaves = None if not grad else ([x, res] if backend is None else [x, w, bias, res])
+        step = _step(_method(backend, shape, x, w, bias, res), leaves)
+        row = {"shape": name, "method": backend or "add_bound", "mode": mode, "k": k, "channels": c,
+               "tokens": hh * ww + p, "batch": b}  # fmt: skip
+        with torch.set_grad_enabled(grad):
+            row = _time(row, step, args)
+        if row["status"] == "ok":  # the bytes the fused forward moves at least (x, residual read; out written)
+            row["gb_s_min_traffic"] = 3 * x.numel() * x.element_size() / row["ms"] / 1e6
+        rows.append(row)
+    return rows
+
+
+def _sweep(args) -> list[dict]:
+    from visionlin.kernels.triton import conv
+
+    saved = dict(conv.TUNING)
+    rows = []
+    seen_k = set()
+    try:
+        for name, shape in SHAPES.items():
+            if shape[4] in seen_k or name not in args.shapes.split(","):
+                continue
+            seen_k.add(shape[4])
+            fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
+            for bt, bc, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (None, 1)):
+                conv.TUNING.update(block_t=bt, block_c=bc, warps=warps, stages=stages)
+                cfg = dict(block_t=bt, block_c=bc, warps=warps, stages=stages)
+                with torch.no_grad():
+                    rows.append(_time({"shape": name, "method": "triton", "mode": "forward", "config": cfg}, fn, args))
+    finally:
+        conv.TUNING.clear()
+        conv.TUNING.update(saved)
+    return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(methods))
+    for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
+        for i, method in enumerate(methods):
+            ms = [
+                next((r["ms"] for r in rows if (r["shape"], r["method"], r["mode"]) == (s, method, mode)), 0.0)
+                for s in shapes
+            ]
+            bars = ax.bar([j + i * width for j in range(len(shapes))], ms, width, label=method)
+            ax.bar_label(bars, fmt="%.3f", fontsize=6)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=7, rotation=15)
+        ax.set_ylabel("ms per call (median)")
+        ax.set_title(mode, fontsize=9)
+        ax.legend(fontsize=7)
+    m = result["meta"]
+    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/conv_op.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for conv_op.json / .png")
+    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.shapes.split(","):
+        for backend in ("triton", "torch", None):
+            rows += _measure(name, SHAPES[name], args, backend)
+    by = {(r["shape"], r["method"], r["mode"]): r.get("ms") for r in rows}
+    for name in args.shapes.split(","):
+        for mode in ("forward", "forward_backward"):
+            t, a, bound = (by.get((name, m, mode)) for m in ("triton", "torch", "add_bound"))
+            if t and a and bound:
+                print(f"{name} {mode}: torch / triton {a / t:.2f}x, triton / add bound {t / bound:.2f}x")
+    sweep = _sweep(args) if args.sweep else []
+    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
+    for note in write_result(result, args.out, STEM, plot=False):
+        print(note)
+    try:
+        _plot(result, args.out / f"{STEM}.png")
+        print(f"wrote {args.out / f'{STEM}.png'}")
+    except ImportError:
+        print(f"{STEM}.png skipped: matplotlib is not installed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
