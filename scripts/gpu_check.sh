@@ -14,6 +14,7 @@
 #   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan), and
 #                  the SLA shapes with 32-token blocks (new since)                                    ~3 min
 #   tests-fix      gpu tests of what was fixed since bca30b2 (the convert bench, the flex neighborhood backend) ~1.5 min
+#   tests-conv     gpu tests of the token depthwise conv (kernel, layer, its benchmark script)      ~1 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
@@ -91,6 +92,8 @@ for stage in "$@"; do
         tests/test_layers_token_conv.py --tb=long ;;
     tests-fix)  # the fixes since bca30b2: the tiny CUDA convert bench (flex layout under inference mode), the flex tests
       run_tests fix 150 tests/test_bench_convert.py tests/test_kernels_neighborhood_flex.py --tb=long ;;
+    tests-conv)  # the token depthwise conv kernel and its layer
+      run_tests conv 150 tests/test_kernels_conv.py tests/test_layers_token_conv.py tests/test_bench_conv_op.py ;;
     tests-rope)
       run_tests rope ${ROPE_LIMIT:-240} tests/test_kernels_triton_rope_linear.py ;;
     bench-hier)
