@@ -43,8 +43,9 @@ INT_POINTERS = {"LUT", "LUT_T", "CNT"}
 FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI"}
 POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
-# integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill).
-DIVISIBLE_16 = {"visionlin.kernels.triton.sparse_linear"}  # by module: kernel names repeat across families
+# integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
+# token conv: channel counts that are multiples of 16, as in every shipped model).
+DIVISIBLE_16 = {"visionlin.kernels.triton.sparse_linear", "visionlin.kernels.triton.conv"}  # by module (names repeat)
 
 
 def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
@@ -149,8 +150,15 @@ def _conv_and_focus(dt, tdt):
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)
     for k in (3, 5, 7):
         cases += [
-            (conv._conv_kernel, dt, dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, **blocks), conv.WARPS),
-            (conv._weight_grad_kernel, dt, dict(K=k, HAS_BIAS=True, **blocks), conv.WARPS_WEIGHT_GRAD),
+            # Channels are contiguous (the wrapper makes them so): the JIT specialises those unit strides, which
+            # makes the loads vectors, as here.
+            (
+                conv._conv_kernel,
+                dt,
+                dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, sx_c=1, sr_c=1, so_c=1, **blocks),
+                conv.WARPS,
+            ),  # fmt: skip
+            (conv._weight_grad_kernel, dt, dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, **blocks), conv.WARPS_WEIGHT_GRAD),
         ]
     for h in (3, 6, 12):
         m, mb = focus._meta(h, 64, focus.BLOCK_T), focus._meta(h, 64, focus.BLOCK_T_BACKWARD)

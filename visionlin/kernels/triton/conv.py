@@ -28,7 +28,7 @@ def _conv_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``OUT[b, P + t, c] = RES[b, P + t, c] + BIAS[c] + sum_taps W[b, c, tap] * X[b, P + neighbour(t, tap), c]``;
-    ``W`` is float32 ``[Bw, C, K*K]`` (``sw_b = 0`` shares it over the batch)."""
+    ``W`` is float32 ``[Bw, K*K, C]``, tap-major (``sw_b = 0`` shares it over the batch)."""
     pid_t, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -39,7 +39,7 @@ def _conv_kernel(
     # so each tap costs one pointer add and its bounds test per token (the per-tap address arithmetic of every
     # element, in int64, was ~10 integer instructions per multiply-add: the kernel was bound by them, not memory).
     x_ptr = X + b * sx_b + (P + t)[:, None] * sx_n + c[None, :] * sx_c
-    w_ptr = W + b * sw_b + c * (K * K)
+    w_ptr = W + b * sw_b + c  # a tap's weights are NCH contiguous floats: one line per 32 channels
     cm = cmask[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     # Rows of taps in a loop, taps of a row unrolled: fully unrolled, the compiler hoists all K * K tile loads and
@@ -53,7 +53,7 @@ def _conv_kernel(
             ok = row_ok & (xx >= 0) & (xx < WW)
             xv = tl.load(row_ptr + (dx - K // 2) * sx_n, mask=ok[:, None] & cm, other=0.0)
             tap = (K - 1 - dy) * K + (K - 1 - dx) if FLIP else dy * K + dx
-            wv = tl.load(w_ptr + tap, mask=cmask, other=0.0)
+            wv = tl.load(w_ptr + tap * NCH, mask=cmask, other=0.0)
             acc += xv.to(tl.float32) * wv[None, :]
     mask = tmask[:, None] & cmask[None, :]
     if HAS_BIAS:
@@ -69,7 +69,7 @@ def _weight_grad_kernel(
     G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, c, tap]`` (and
+    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
     ``sum_t G`` to ``DB[c]``). Taps are the outer loop: a chunk's ``G`` tiles are re-read from L1 / L2 once per tap
     instead of holding ``K * K`` accumulators in registers."""
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
@@ -78,8 +78,10 @@ def _weight_grad_kernel(
     cmask = c < NCH
     for tap in range(K * K):
         dy, dx = tap // K - K // 2, tap % K - K // 2
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # Products summed per (token row, channel) over the chunk, reduced across tokens once per tap (a cross-warp
+        # reduction per tile was most of the kernel's time).
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for i in range(per):
             t = ((pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
             tmask = t < HH * WW
@@ -93,21 +95,21 @@ def _weight_grad_kernel(
             ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
             ptr = X + b * sx_b + (P + yy * WW + xx)[:, None] * sx_n + c[None, :] * sx_c
             xv = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
-            acc += tl.sum(g * xv.to(tl.float32), axis=0)
+            acc += g * xv.to(tl.float32)
             if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
                 if tap == 0:
-                    acc_b += tl.sum(g, axis=0)
-        tl.atomic_add(DW + b * sdw_b + c * (K * K) + tap, acc, mask=cmask)
+                    acc_b += g
+        tl.atomic_add(DW + b * sdw_b + tap * NCH + c, tl.sum(acc, axis=0), mask=cmask)
         if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
             if tap == 0:
-                tl.atomic_add(DB + c, acc_b, mask=cmask)
+                tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
 #: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills). ``TUNING`` holds
 #: the forward / input-gradient kernel's settings (``stages``: Triton's software pipelining of the tap-row loop,
 #: ``None`` its default); benchmarks/conv_op.py --sweep times others by updating it.
-BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 8, 4
+BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
 TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
 
 
@@ -126,9 +128,17 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
 
 
 def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``[C, k, k]`` -> float32 ``[1, C, k*k]``; ``[B, C, k, k]`` -> ``[B, C, k*k]``."""
+    """``[C, k, k]`` -> float32 ``[1, k*k, C]``; ``[B, C, k, k]`` -> ``[B, k*k, C]``. Tap-major: a program reads one tap
+    for a block of channels at a time, contiguous this way (channel-major, the ``[C, k*k]`` of the module's weight,
+    it was a gather over ``BLOCK_C`` cache lines per tap, more L1 traffic than the tokens themselves)."""
     w = weight if weight.ndim == 4 else weight.unsqueeze(0)
-    return w.reshape(w.shape[0], w.shape[1], -1).float().contiguous()
+    return w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).float().contiguous()
+
+
+def _unflat_weight_grad(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ``[Bw, k*k, C]`` float32 gradient back in ``weight``'s shape and dtype."""
+    c, k = weight.shape[-3], weight.shape[-1]
+    return dw.transpose(1, 2).reshape(-1, c, k, k).reshape(weight.shape).to(weight.dtype)
 
 
 @torch.library.custom_op("visionlin::token_dwconv_fwd", mutates_args=())
@@ -165,6 +175,7 @@ def token_dwconv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; ``dbias`` is empty without a bias."""
     b, _, c = x.shape
+    g = _channels_contiguous(g)
     w32 = _flat_weight(weight)
     dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
     dw = torch.zeros(w32.shape, device=x.device, dtype=torch.float32)
@@ -178,7 +189,7 @@ def token_dwconv_bwd(
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
         )  # fmt: skip
-    return dx, dw.reshape(weight.shape).to(weight.dtype), db
+    return dx, _unflat_weight_grad(dw, weight), db
 
 
 @token_dwconv_bwd.register_fake
@@ -221,4 +232,10 @@ def token_depthwise_conv2d_triton(
 ) -> torch.Tensor:
     """The ``"triton"`` backend of :func:`visionlin.kernels.conv.token_depthwise_conv2d`."""
     hh, ww = (int(s) for s in feat_size)
+    x, residual = _channels_contiguous(x), None if residual is None else _channels_contiguous(residual)
     return _token_dwconv_fwd_call(x, weight, bias, residual, hh, ww, int(num_prefix_tokens))
+
+
+def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit channel stride (the kernels' vector loads and stores need it; the JIT specialises it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
