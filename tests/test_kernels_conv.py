@@ -110,6 +110,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
     check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: float32 ran batch 3
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    # the backward op's real outputs have the strides its fake promises (torch.compile checks them)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from visionlin.kernels.triton.conv import token_dwconv_bwd
+    for w in (torch.randn(8, 3, 3), torch.randn(2, 8, 5, 5)):
+        args = (torch.randn(2, 1 + 20, 8), torch.randn(2, 1 + 20, 8), w, True, 4, 5, 1)
+        real = token_dwconv_bwd(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = token_dwconv_bwd(*args)
+        assert [(t.shape, t.stride()) for t in real] == [(t.shape, t.stride()) for t in fake], (real, fake)
     print("interpreter ok")
     """
 )

@@ -136,9 +136,10 @@ def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _unflat_weight_grad(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The ``[Bw, k*k, C]`` float32 gradient back in ``weight``'s shape and dtype."""
+    """The ``[Bw, k*k, C]`` float32 gradient back in ``weight``'s shape and dtype, contiguous (as the op's fake
+    says: a strided view of the transposed buffer failed the fake-tensor check under ``torch.compile``)."""
     c, k = weight.shape[-3], weight.shape[-1]
-    return dw.transpose(1, 2).reshape(-1, c, k, k).reshape(weight.shape).to(weight.dtype)
+    return dw.transpose(1, 2).reshape(-1, c, k, k).reshape(weight.shape).to(weight.dtype).contiguous()
 
 
 @torch.library.custom_op("visionlin::token_dwconv_fwd", mutates_args=())
