@@ -164,8 +164,10 @@ def _conv_and_focus(dt, tdt):
         m, mb = focus._meta(h, 64, focus.BLOCK_T), focus._meta(h, 64, focus.BLOCK_T_BACKWARD)
         w, wb = m.pop("num_warps"), mb.pop("num_warps")
         cases += [
-            (focus._focus_kernel, dt, dict(HAS_C=True, **m), w),
-            (focus._focus_backward_kernel, dt, dict(HAS_C=True, NEED_DC=True, **mb), wb),
+            (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=True, **m), w),
+            (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=False, **m), w),
+            (focus._focus_backward_kernel, dt, dict(HAS_C=True, NEED_DC=True, FLAT_X=True, FLAT_G=True, **mb), wb),
+            (focus._focus_backward_kernel, dt, dict(HAS_C=True, NEED_DC=True, FLAT_X=False, FLAT_G=False, **mb), wb),
         ]
     return cases
 

@@ -23,7 +23,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_focus(shape, dtype, device, p=3.0, scale=True, std=1.0, zero_token=False, non_contiguous=False):
+def check_focus(
+    shape, dtype, device, p=3.0, scale=True, std=1.0, zero_token=False, non_contiguous=False, heads_strided=False
+):
     from visionlin.kernels.triton.focus import focus_triton
 
     b, n, h, d = shape
@@ -35,6 +37,8 @@ def check_focus(shape, dtype, device, p=3.0, scale=True, std=1.0, zero_token=Fal
     if zero_token:
         x[:, 0] = -1.0  # all negative: relu gives 0, only eps remains (or nothing with eps = 0)
     x = x.to(dtype).double()
+    if heads_strided:  # heads not contiguous (stride(H) != D * stride(D)): the kernels' per-channel head / dim split
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # .to() below keeps these strides
     c = (torch.rand(h, d, generator=g, dtype=torch.float64) + 0.5) if scale else None
     grad = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
     errors = {}
@@ -45,7 +49,10 @@ def check_focus(shape, dtype, device, p=3.0, scale=True, std=1.0, zero_token=Fal
         ours_in = [x.to(device, dtype).requires_grad_(), None if c is None else c.to(device).float().requires_grad_()]
         out = focus_triton(ours_in[0], p, channel_scale=ours_in[1], eps=eps)
         assert out.dtype == dtype and out.shape == ref.shape
-        out.backward(grad.to(device, dtype))
+        g_out = grad.to(device, dtype)
+        if heads_strided:  # and a gradient laid out the same way
+            g_out = g_out.transpose(-1, -2).contiguous().transpose(-1, -2)
+        out.backward(g_out)
         errors[f"f eps={eps}"] = _rel(out, ref.detach())
         errors[f"dx eps={eps}"] = _rel(ours_in[0].grad, ref_in[0].grad)
         if c is not None:
@@ -65,6 +72,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_focus((2, 9, 3, 16), dtype, "cpu")
         check_focus((1, 5, 2, 24), dtype, "cpu", p=1.5, scale=False, zero_token=True)
     check_focus((2, 7, 6, 16), torch.float32, "cpu", p=4.0, std=30.0, non_contiguous=True)
+    check_focus((2, 7, 3, 8), torch.float32, "cpu", heads_strided=True)
     print("interpreter ok")
     """
 )
@@ -84,6 +92,7 @@ gpu = pytest.mark.gpu
 def test_triton_focus(shape, dtype):
     check_focus(shape, dtype, "cuda")
     check_focus(shape, dtype, "cuda", p=2.0, scale=False, zero_token=True, non_contiguous=True)
+    check_focus(shape, dtype, "cuda", heads_strided=True)
 
 
 @gpu

@@ -31,18 +31,28 @@ __all__ = ["focus_triton"]
 
 @triton.jit
 def _rows(
-    X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr
+    X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    FLAT: tl.constexpr,
 ):  # fmt: skip
     """``(x, t, mask)`` of tokens ``t`` of sample ``b``: ``x`` as float32 ``[BLOCK_T, BLOCK_C]`` and
     ``t = (relu(x) + eps) / c`` (0 in padded channels)."""
     cmask = ch < H * D
     mask = (t < N)[:, None] & cmask[None, :]
-    offs = b * sx_b + t[:, None] * sx_n + (ch // D)[None, :] * sx_h + (ch % D)[None, :] * sx_d
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + _offsets(b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT), mask=mask, other=0.0).to(tl.float32)
     tt = tl.maximum(x, 0.0) + eps
     if HAS_C:
         tt = tt / tl.load(CS + ch, mask=cmask, other=1.0)[None, :]
     return x, tl.where(mask, tt, 0.0), mask
+
+
+@triton.jit
+def _offsets(b, t, ch, D, s_b, s_n, s_h, s_d, FLAT: tl.constexpr):
+    """Element offsets of channels ``ch`` (``head * D + j``) of tokens ``t``; ``FLAT``: the heads are contiguous
+    (``s_h == D * s_d``), so channel ``ch`` is at ``ch * s_d``: no division by ``D`` per element, and vector loads
+    when ``s_d`` is 1."""
+    if FLAT:
+        return b * s_b + t[:, None] * s_n + ch[None, :] * s_d
+    return b * s_b + t[:, None] * s_n + (ch // D)[None, :] * s_h + (ch % D)[None, :] * s_d
 
 
 @triton.jit
@@ -61,23 +71,23 @@ def _normalised(tt, p):
 @triton.jit
 def _focus_kernel(
     X, CS, F, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sf_b, sf_n, sf_h, sf_d, p, eps,
-    HAS_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FLAT_X: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     ch = tl.arange(0, BLOCK_C)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        _, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        _, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
         tp, s, n, big_s, m = _normalised(tt, p)
         f = s * (m * n / big_s)[:, None]
-        offs = b * sf_b + t[:, None] * sf_n + (ch // D)[None, :] * sf_h + (ch % D)[None, :] * sf_d
-        tl.store(F + offs, f.to(F.dtype.element_ty), mask)
+        tl.store(F + _offsets(b, t, ch, D, sf_b, sf_n, sf_h, sf_d, True), f.to(F.dtype.element_ty), mask)
 
 
 @triton.jit
 def _focus_backward_kernel(
     X, CS, G, DX, DC, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sg_b, sg_n, sg_h, sg_d, sdx_b, sdx_n, sdx_h, sdx_d, p, eps,
     HAS_C: tl.constexpr, NEED_DC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    FLAT_X: tl.constexpr, FLAT_G: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
     ch = tl.arange(0, BLOCK_C)
@@ -87,9 +97,9 @@ def _focus_backward_kernel(
     dc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        x, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C)
+        x, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
         tp, s, n, big_s, m = _normalised(tt, p)
-        goffs = b * sg_b + t[:, None] * sg_n + (ch // D)[None, :] * sg_h + (ch % D)[None, :] * sg_d
+        goffs = _offsets(b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G)
         g = tl.load(G + goffs, mask=mask, other=0.0).to(tl.float32)
         gs = tl.sum(g * s, axis=1)
         dpow = tl.where(tp > 0, p * s / tl.maximum(tp, 1e-30), 0.0)  # p t'^(p-1)
@@ -103,7 +113,7 @@ def _focus_backward_kernel(
             dx = dx / c[None, :]
             if NEED_DC:
                 dc += tl.sum(-dt * tt / c[None, :], axis=0)
-        doffs = b * sdx_b + t[:, None] * sdx_n + (ch // D)[None, :] * sdx_h + (ch % D)[None, :] * sdx_d
+        doffs = _offsets(b, t, ch, D, sdx_b, sdx_n, sdx_h, sdx_d, True)
         tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask)
     if NEED_DC:
         tl.atomic_add(DC + ch, dc, mask=cmask)
@@ -127,16 +137,23 @@ def _meta(h: int, d: int, block_t: int) -> dict[str, int]:
     return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": min(16, max(4, block_t * block_c // 128))}
 
 
+def _flat(t: torch.Tensor) -> bool:
+    """The heads of ``t`` ``[B, N, H, D]`` are contiguous in memory (``stride(H) == D * stride(D)``)."""
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
 @torch.library.custom_op("visionlin::focus_fwd", mutates_args=())
 def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
     """The focused features of ``x`` ``[B, N, H, D]`` in ``x``'s dtype; ``c``: float32 ``[H * D]`` or ``None``."""
     b, n, h, d = x.shape
     f = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if b * n * h * d:
-        grid, per = _grid(b, n, x.device, BLOCK_T)
+        # One block of tokens per program (no atomics to amortise here, unlike the backward): every block's loads
+        # in flight at once instead of each program walking its blocks one after another.
+        grid, per = (triton.cdiv(n, BLOCK_T), b), 1
         _focus_kernel[grid](
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
-            HAS_C=c is not None, **_meta(h, d, BLOCK_T),
+            HAS_C=c is not None, FLAT_X=_flat(x), **_meta(h, d, BLOCK_T),
         )  # fmt: skip
     return f
 
@@ -158,7 +175,8 @@ def focus_bwd(
         grid, per = _grid(b, n, x.device, BLOCK_T_BACKWARD)
         _focus_backward_kernel[grid](
             x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
-            HAS_C=c is not None, NEED_DC=need_dc and c is not None, **_meta(h, d, BLOCK_T_BACKWARD),
+            HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g),
+            **_meta(h, d, BLOCK_T_BACKWARD),
         )  # fmt: skip
     return dx, dc
 
