@@ -1,0 +1,148 @@
+"""Gated LayerNorm: the output norm and SiLU gate of NaLa's mixers (NaLaFormer's ``LN(attention + lepe) * SiLU(g)``).
+
+With ``x`` and a gate ``g`` of one shape ``[..., C]``, an optional LayerNorm weight ``w`` ``[C]`` and bias ``b``
+``[C]`` and ``eps > 0`` (mean and biased variance over the last dim, as ``nn.LayerNorm``)::
+
+    out = ((x - mean(x)) / sqrt(var(x) + eps) * w + b) * g * sigmoid(g)
+
+Under autocast, ``nn.LayerNorm`` runs in float32 and returns float32, so the unfused chain is a float32 norm, a
+half-precision SiLU, a float32 product and the next ``Linear``'s cast back: four kernels and float32 round trips. The
+op computes in float32 and returns the autocast dtype (what that ``Linear`` consumes) in one pass on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_real, fp32_reference, reference_dtype, supports_floating
+from ._dispatch import Op
+
+__all__ = ["gated_layer_norm", "gated_layer_norm_reference"]
+
+_OP = "gated_layer_norm"
+#: Widest row ``C`` the Triton kernels hold in registers (one row per program, 16 warps).
+MAX_TRITON_CHANNELS = 8192
+
+
+def _check(x, gate, weight, bias, eps) -> None:
+    for name, t in (("x", x), ("gate", gate)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{_OP}: {name} must be a torch.Tensor [..., C], got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{_OP}: {name} must be floating point, got {name}.dtype={t.dtype}")
+        if t.ndim == 0:
+            raise ValueError(f"{_OP}: {name} must have a channel dim [..., C], got a 0-d tensor")
+    if tuple(x.shape) != tuple(gate.shape):
+        raise ValueError(f"{_OP}: x and gate must have one shape, got {tuple(x.shape)=}, {tuple(gate.shape)=}")
+    if x.device != gate.device:
+        raise ValueError(f"{_OP}: x and gate must be on one device, got {x.device=}, {gate.device=}")
+    c = x.shape[-1]
+    if c == 0:
+        raise ValueError(f"{_OP}: C = 0 channels (x.shape={tuple(x.shape)}): a LayerNorm needs C >= 1")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{_OP}: {name} must be a floating [C] tensor or None, got {t!r:.80}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{_OP}: {name} of shape {tuple(t.shape)} must be [C] = ({c},) for {tuple(x.shape)=}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    check_real(_OP, "eps", eps, low=0.0, low_open=True)
+
+
+def gated_layer_norm_reference(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Specification (module docstring), in float32 (float64 for float64 inputs); returns the promoted dtype of
+    ``x`` and ``gate`` (``x``'s when they match).
+
+    Args:
+        x: ``[..., C]``, normalised over the last dim.
+        gate: ``[..., C]``, the SiLU gate.
+        weight: LayerNorm weight ``[C]`` or ``None`` (no scale).
+        bias: LayerNorm bias ``[C]`` or ``None`` (no shift).
+        eps: Added to the variance, ``> 0``.
+    """
+    _check(x, gate, weight, bias, eps)
+    out_dtype = torch.promote_types(x.dtype, gate.dtype)
+    dt = reference_dtype(out_dtype)
+    with fp32_reference(x.device):
+        xf, gf = x.to(dt), gate.to(dt)
+        centred = xf - xf.mean(-1, keepdim=True)  # [..., C]
+        y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.to(dt)
+        if bias is not None:
+            y = y + bias.to(dt)
+        return (y * (gf * torch.sigmoid(gf))).to(out_dtype)
+
+
+def _native(x, gate, weight=None, bias=None, eps=1e-5):
+    """``"torch"`` backend: ``F.layer_norm`` and ``F.silu`` in the inputs' (promoted) dtype (autocast off inside, or it
+    would run the norm in float32 and return float32)."""
+    dt = torch.promote_types(x.dtype, gate.dtype)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    off = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if off else contextlib.nullcontext():
+        return F.layer_norm(x.to(dt), (x.shape[-1],), w, b, eps) * F.silu(gate.to(dt))
+
+
+def _triton(x, gate, weight=None, bias=None, eps=1e-5):
+    from .triton.gated_norm import gated_layer_norm_triton
+
+    return gated_layer_norm_triton(x, gate, weight, bias, eps)
+
+
+def _triton_supports(x, gate, weight=None, bias=None, eps=1e-5):
+    from .triton import triton_unavailable
+
+    reasons = triton_unavailable(x, gate, *(t for t in (weight, bias) if t is not None))
+    if x.dtype != gate.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"needs x and gate of one dtype of float16, bfloat16, float32; got {x.dtype}, {gate.dtype}")
+    if x.shape[-1] > MAX_TRITON_CHANNELS:
+        reasons.append(f"C={x.shape[-1]} channels exceed one row block (allowed: 1 to {MAX_TRITON_CHANNELS})")
+    return reasons
+
+
+_op = Op(_OP)
+_op.register("torch", _native, supports_floating)
+_op.register("triton", _triton, _triton_supports)
+_op.register("reference", gated_layer_norm_reference, supports_floating)
+
+
+def gated_layer_norm(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``LayerNorm(x) * SiLU(gate)`` (see :func:`gated_layer_norm_reference`), ``[..., C]`` in, ``[..., C]`` out.
+
+    The output dtype is autocast's dtype when autocast is enabled on ``x``'s device (``x`` and ``gate`` are cast to
+    it, as the ``Linear`` after the norm would cast them; statistics in float32), else the promoted dtype of ``x``
+    and ``gate``. Backends: ``"torch"`` (``F.layer_norm`` and ``F.silu``), ``"triton"`` (CUDA: one pass, float32
+    statistics, the gate read through its row stride; opt-in until its GPU tests have passed), ``"reference"``.
+
+    Example::
+
+        out = gated_layer_norm(x, g, ln.weight, ln.bias, ln.eps)  # == ln(x) * F.silu(g)
+    """
+    _check(x, gate, weight, bias, eps)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dt = torch.get_autocast_dtype(device)
+    else:
+        dt = torch.promote_types(x.dtype, gate.dtype)
+    return _op(x.to(dt), gate.to(dt), weight, bias, eps, backend=backend)

@@ -1,0 +1,243 @@
+"""Gated LayerNorm in Triton (forward and backward); the math is
+:func:`visionlin.kernels.gated_norm.gated_layer_norm_reference`.
+
+Forward: one program per block of ``BLOCK_M`` rows holds the whole (padded) row of ``C`` channels in registers, takes
+the float32 mean and biased variance, normalises, applies the affine weight / bias and multiplies by ``SiLU(gate)``:
+one read of ``x`` and ``gate``, one write of the output, plus the per-row float32 mean and ``1 / std`` kept for the
+backward. Rows are addressed through a row stride (the channels must be contiguous): the gate is usually one of the
+four ``chunk``\\ s of a fused ``Linear``'s output, a view with row stride ``4 C``, and is read in place.
+
+Backward: recomputes the normalised row from ``x`` and the saved statistics and writes ``dx`` and ``dgate``; each
+program walks a fixed run of row blocks and writes its float32 partial sums of ``dweight`` and ``dbias`` to its own
+row of a ``[programs, C]`` buffer, summed afterwards (deterministic: no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
+from ._eager import eager_call, eager_op
+from .linear import _splits
+
+__all__ = ["MAX_CHANNELS", "gated_layer_norm_triton"]
+
+#: Elements of the ``[BLOCK_M, BLOCK_C]`` tile per program: forward, backward (which holds more live tiles).
+TILE_ELEMENTS, TILE_ELEMENTS_BACKWARD = 4096, 2048
+
+
+@triton.jit
+def _gated_norm_fwd_kernel(
+    X, G, W, BIAS, OUT, MEAN, RSTD, M, C, sx, sg, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` for a block of rows; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2^31
+    cols = tl.arange(0, BLOCK_C)
+    rmask, cmask = rows < M, cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+    mean = tl.sum(x, axis=1) / C  # [BLOCK_M]
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_B:
+        y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
+    g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = y * (g * tl.sigmoid(g))
+    tl.store(OUT + rows[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _gated_norm_bwd_kernel(
+    DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, C, sdo, sx, sg, per,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``DX`` and ``DG`` (contiguous ``[M, C]``) for ``per`` row blocks, and this program's partial ``DW`` / ``DB``
+    (float32 ``[programs, C]``, row ``program_id``)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0)
+    if HAS_B:
+        b = tl.load(BIAS + cols, mask=cmask, other=0.0)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(per):
+        rows = ((pid * per + i) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)  # [BLOCK_M, BLOCK_C]
+        y = xhat
+        if HAS_W:
+            y = y * w[None, :]
+        if HAS_B:
+            y = y + b[None, :]
+        g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DOUT + rows[:, None] * sdo + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        # d SiLU(g) / dg = s (1 + g (1 - s))
+        tl.store(DG + rows[:, None] * C + cols[None, :], (do * y * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        dy = do * (g * s)  # zero outside the mask (do is)
+        if HAS_W:
+            dw += tl.sum(dy * xhat, axis=0)
+            dxhat = dy * w[None, :]
+        else:
+            dxhat = dy
+        if HAS_B:
+            db += tl.sum(dy, axis=0)
+        c1 = tl.sum(dxhat * xhat, axis=1) / C  # [BLOCK_M]
+        c2 = tl.sum(dxhat, axis=1) / C
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW + pid * C + cols, dw, mask=cmask)
+    if HAS_B:
+        tl.store(DB + pid * C + cols, db, mask=cmask)
+
+
+def meta(c: int, backward: bool = False) -> dict[str, int]:
+    """``BLOCK_M``, ``BLOCK_C`` and ``num_warps`` for rows of ``c`` channels (the whole row in one block)."""
+    block_c = triton.next_power_of_2(max(int(c), 1))
+    tile = TILE_ELEMENTS_BACKWARD if backward else TILE_ELEMENTS
+    block_m = max(1, min(64, tile // block_c))
+    warps = 4 if block_c <= 256 else 8 if block_c <= 1024 else 16
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": warps}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as ``[M, C]`` with contiguous channels, a view where the strides allow (a chunk of a wider
+    ``Linear`` output keeps its row stride), else a copy."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _affine(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The weight / bias as a contiguous float32 ``[C]`` (a placeholder pointer when absent)."""
+    return like.new_empty(0, dtype=torch.float32) if t is None else t.detach().float().contiguous()
+
+
+@torch.library.custom_op("visionlin::gated_layer_norm_fwd", mutates_args=())
+def gated_layer_norm_fwd(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, mean, rstd)``: the op's output ``[..., C]`` in ``x``'s dtype and float32 per-row statistics ``[M]``."""
+    c = x.shape[-1]
+    x2, g2 = _rows(x), _rows(gate)
+    m = x2.shape[0]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    mean = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        kw = meta(c)
+        w32, b32 = _affine(weight, x), _affine(bias, x)
+        _gated_norm_fwd_kernel[(triton.cdiv(m, kw["BLOCK_M"]),)](
+            x2, g2, w32, b32, out, mean, rstd, m, c, x2.stride(0), g2.stride(0), float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, **kw,
+        )  # fmt: skip
+    return out, mean, rstd
+
+
+@gated_layer_norm_fwd.register_fake
+def _(x, gate, weight, bias, eps):
+    m = math.prod(x.shape[:-1])
+    stats = x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("visionlin::gated_layer_norm_bwd", mutates_args=())
+def gated_layer_norm_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dgate, dweight, dbias)``; ``dweight`` / ``dbias`` are float32 ``[C]``, empty without a weight / bias."""
+    c = x.shape[-1]
+    x2, g2, do2 = _rows(x), _rows(gate), _rows(dout)
+    m = x2.shape[0]
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dg = torch.empty(gate.shape, device=x.device, dtype=gate.dtype)
+    nw, nb = (c if weight is not None else 0), (c if bias is not None else 0)
+    if not m:
+        return dx, dg, x.new_zeros(nw, dtype=torch.float32), x.new_zeros(nb, dtype=torch.float32)
+    kw = meta(c, backward=True)
+    programs, per = _splits(m, kw["BLOCK_M"], 1, x.device)  # about four programs per SM
+    dw = x.new_empty((programs, nw), dtype=torch.float32)
+    db = x.new_empty((programs, nb), dtype=torch.float32)
+    _gated_norm_bwd_kernel[(programs,)](
+        do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dg, dw, db, m, c,
+        do2.stride(0), x2.stride(0), g2.stride(0), per,
+        HAS_W=weight is not None, HAS_B=bias is not None, **kw,
+    )  # fmt: skip
+    return dx, dg, dw.sum(0), db.sum(0)
+
+
+@gated_layer_norm_bwd.register_fake
+def _(dout, x, gate, weight, bias, mean, rstd):
+    c = x.shape[-1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        x.new_empty(c if weight is not None else 0, dtype=torch.float32),
+        x.new_empty(c if bias is not None else 0, dtype=torch.float32),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, gate, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, gate, weight, bias, mean, rstd)
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, dout, dmean=None, drstd=None):
+    if dout is None:
+        return None, None, None, None, None
+    x, gate, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dg, dw, db = _gated_layer_norm_bwd_call(dout, x, gate, weight, bias, mean, rstd)
+    w_dt, b_dt = ctx.dtypes
+    return dx, dg, None if w_dt is None else dw.to(w_dt), None if b_dt is None else db.to(b_dt), None
+
+
+gated_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+_gated_layer_norm_bwd_call = eager_call(gated_layer_norm_bwd)
+_gated_layer_norm_fwd_call = eager_op(gated_layer_norm_fwd, _setup, _backward)
+
+
+def gated_layer_norm_triton(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visionlin.kernels.gated_norm.gated_layer_norm`: ``x`` and ``gate`` of one
+    dtype (float16, bfloat16 or float32) and shape ``[..., C]``, ``C <= MAX_CHANNELS``; output in that dtype."""
+    if x.dtype != gate.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"gated_layer_norm (triton): x and gate need one dtype of float16, bfloat16, float32; "
+            f"got {x.dtype=}, {gate.dtype=}"
+        )
+    if x.shape[-1] > MAX_CHANNELS:
+        raise ValueError(f"gated_layer_norm (triton): C={x.shape[-1]} exceeds MAX_CHANNELS={MAX_CHANNELS}")
+    return _gated_layer_norm_fwd_call(x, gate, weight, bias, float(eps))[0]
