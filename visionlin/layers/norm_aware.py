@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.gated_norm import gated_layer_norm
 from ..kernels.norm_aware import norm_aware_linear_attention
 from ._base import check_tokens, merge_heads, split_heads
 from ._registry import register_attn
@@ -98,8 +98,14 @@ class NormAwareAttention(RoPELePEMixer):
             backend=self.backend,
         )
         out = self.add_lepe(merge_heads(out), v, feat_size, num_prefix_tokens)
-        out = self.ln(out) * F.silu(g)
+        out = self.gate_norm(out, g)
         return self.proj_drop(self.out_proj(out))
+
+    def gate_norm(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``ln(out) * SiLU(g)`` in one call (:func:`visionlin.kernels.gated_layer_norm`, with ``ln``'s parameters):
+        float32 statistics, autocast's dtype out under autocast."""
+        ln = self.ln
+        return gated_layer_norm(out, g, ln.weight, ln.bias, ln.eps, backend=self.helper_backend("gated_layer_norm"))
 
     @classmethod
     def convert_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

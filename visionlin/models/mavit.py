@@ -93,8 +93,7 @@ class NormGatedRoPESoftmaxAttention(NormAwareAttention):
             *(split_heads(t, self.num_heads) for t in (q, k, v)), rope=rope, backend=self.backend
         )
         out = self.add_lepe(merge_heads(out), v, feat_size, num_prefix_tokens)
-        out = self.ln(out) * nn.functional.silu(g)
-        return self.proj_drop(self.out_proj(out))
+        return self.proj_drop(self.out_proj(self.gate_norm(out, g)))
 
 
 # Blocks and stages ----------------------------------------------------------------------------------------------------
