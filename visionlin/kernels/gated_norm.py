@@ -130,10 +130,13 @@ def gated_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x) * SiLU(gate)`` (see :func:`gated_layer_norm_reference`), ``[..., C]`` in, ``[..., C]`` out.
 
-    The output dtype is autocast's dtype when autocast is enabled on ``x``'s device (``x`` and ``gate`` are cast to
-    it, as the ``Linear`` after the norm would cast them; statistics in float32), else the promoted dtype of ``x``
-    and ``gate``. Backends: ``"torch"`` (``F.layer_norm`` and ``F.silu``), ``"triton"`` (CUDA: one pass, float32
-    statistics, the gate read through its row stride; opt-in until its GPU tests have passed), ``"reference"``.
+    The op runs in one dtype: autocast's when autocast is enabled on ``x``'s device (``x``, ``gate``, ``weight``
+    and ``bias`` are cast to it, as the ``Linear`` after the norm casts its inputs and ``TokenDepthwiseConv2d`` its
+    kernel), else the promoted dtype of ``x`` and ``gate``; that is the output's dtype.
+
+    Backends: ``"torch"`` (``F.layer_norm`` with float32 statistics, then ``F.silu`` and the product, each rounded to
+    the dtype), ``"triton"`` (CUDA: one pass in float32, one rounding, the gate read through its row stride; opt-in
+    until its GPU tests have passed), ``"reference"`` (float32).
 
     Example::
 
@@ -145,4 +148,6 @@ def gated_layer_norm(
         dt = torch.get_autocast_dtype(device)
     else:
         dt = torch.promote_types(x.dtype, gate.dtype)
-    return _op(x.to(dt), gate.to(dt), weight, bias, eps, backend=backend)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    return _op(x.to(dt), gate.to(dt), w, b, eps, backend=backend)
