@@ -285,7 +285,10 @@ NALA_SHAPES = [((128, 56 * 56), 64), ((128, 28 * 28), 128), ((128, 14 * 14), 320
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", CASES + [((3, 49), 640, True, True, True), ((2, 17), 4096, True, True, False)])
+@pytest.mark.parametrize(
+    "case",
+    CASES + [((3, 49), 640, True, True, True), ((2, 17), 4096, True, True, False), ((3,), 3000, False, True, True)],
+)
 def test_triton_matches_reference(case, dtype):
     check_backend(case, dtype, "cuda", "triton")
 

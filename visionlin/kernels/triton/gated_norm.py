@@ -26,24 +26,25 @@ from .linear import _splits
 
 __all__ = ["MAX_CHANNELS", "gated_layer_norm_triton"]
 
-#: Elements of the ``[BLOCK_M, BLOCK_C]`` tile per program: forward, backward (which holds more live tiles).
-TILE_ELEMENTS, TILE_ELEMENTS_BACKWARD = 4096, 2048
+#: Elements of the ``[BLOCK_M, BLOCK_C]`` tile per thread: forward, backward (which holds more live tiles). At 32 per
+#: thread the forward used all 255 registers for sm_90 (a quarter of the warps an SM can hold).
+PER_THREAD, PER_THREAD_BACKWARD = 16, 8
 
 
 @triton.jit
 def _gated_norm_fwd_kernel(
-    X, G, W, BIAS, OUT, MEAN, RSTD, M, C, sx, sg, eps,
+    X, G, W, BIAS, OUT, MEAN, RSTD, M, NCH, sx, sg, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` for a block of rows; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2^31
     cols = tl.arange(0, BLOCK_C)
-    rmask, cmask = rows < M, cols < C
+    rmask, cmask = rows < M, cols < NCH
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
-    mean = tl.sum(x, axis=1) / C  # [BLOCK_M]
+    mean = tl.sum(x, axis=1) / NCH  # [BLOCK_M]
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / NCH + eps)
     y = xc * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
@@ -51,25 +52,21 @@ def _gated_norm_fwd_kernel(
         y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
     g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out = y * (g * tl.sigmoid(g))
-    tl.store(OUT + rows[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows[:, None] * NCH + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _gated_norm_bwd_kernel(
-    DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, C, sdo, sx, sg, per,
+    DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, NCH, sdo, sx, sg, per,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``DX`` and ``DG`` (contiguous ``[M, C]``) for ``per`` row blocks, and this program's partial ``DW`` / ``DB``
     (float32 ``[programs, C]``, row ``program_id``)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0)
-    if HAS_B:
-        b = tl.load(BIAS + cols, mask=cmask, other=0.0)
+    cmask = cols < NCH
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(per):
@@ -80,16 +77,19 @@ def _gated_norm_bwd_kernel(
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)  # [BLOCK_M, BLOCK_C]
+        # weight and bias re-read per row block (from L1) rather than held across the loop: at 8192 channels the
+        # held copies spilled
         y = xhat
         if HAS_W:
+            w = tl.load(W + cols, mask=cmask, other=0.0)
             y = y * w[None, :]
         if HAS_B:
-            y = y + b[None, :]
+            y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
         g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         do = tl.load(DOUT + rows[:, None] * sdo + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         # d SiLU(g) / dg = s (1 + g (1 - s))
-        tl.store(DG + rows[:, None] * C + cols[None, :], (do * y * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty),
+        tl.store(DG + rows[:, None] * NCH + cols[None, :], (do * y * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty),
                  mask=mask)  # fmt: skip
         dy = do * (g * s)  # zero outside the mask (do is)
         if HAS_W:
@@ -99,22 +99,22 @@ def _gated_norm_bwd_kernel(
             dxhat = dy
         if HAS_B:
             db += tl.sum(dy, axis=0)
-        c1 = tl.sum(dxhat * xhat, axis=1) / C  # [BLOCK_M]
-        c2 = tl.sum(dxhat, axis=1) / C
+        c1 = tl.sum(dxhat * xhat, axis=1) / NCH  # [BLOCK_M]
+        c2 = tl.sum(dxhat, axis=1) / NCH
         dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * NCH + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
-        tl.store(DW + pid * C + cols, dw, mask=cmask)
+        tl.store(DW + pid * NCH + cols, dw, mask=cmask)
     if HAS_B:
-        tl.store(DB + pid * C + cols, db, mask=cmask)
+        tl.store(DB + pid * NCH + cols, db, mask=cmask)
 
 
 def meta(c: int, backward: bool = False) -> dict[str, int]:
     """``BLOCK_M``, ``BLOCK_C`` and ``num_warps`` for rows of ``c`` channels (the whole row in one block)."""
     block_c = triton.next_power_of_2(max(int(c), 1))
-    tile = TILE_ELEMENTS_BACKWARD if backward else TILE_ELEMENTS
-    block_m = max(1, min(64, tile // block_c))
-    warps = 4 if block_c <= 256 else 8 if block_c <= 1024 else 16
+    warps = 4 if block_c <= 256 else 8 if block_c <= 512 else 16  # 8 warps on 2 x 1024 spilled for sm_90
+    per_thread = PER_THREAD_BACKWARD if backward else PER_THREAD
+    block_m = max(1, min(64, per_thread * 32 * warps // block_c))
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": warps}
 
 
