@@ -42,6 +42,9 @@ FP32_HERE["_readout_bwd_kernel"] = {"DQ"}  # the SLA read-out backward: dq, dH_i
 INT_POINTERS = {"LUT", "LUT_T", "CNT"}
 FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI"}
 POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
+# Gated LayerNorm (triton/gated_norm.py): float32 per-row statistics; dout and dgate in the inputs' dtype.
+FP32_POINTERS |= {"MEAN", "RSTD"}
+POINTERS |= FP32_POINTERS | {"DOUT", "DG"}
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
 # token conv: channel counts that are multiples of 16, as in every shipped model).
@@ -279,6 +282,19 @@ def _gla(dt, tdt):
     return cases
 
 
+def _gated_norm(dt, tdt):
+    """Every row width up to the kernels' limit: NaLaFormer's 64-640 (blocks of 64-1024 channels) and beyond."""
+    from visionlin.kernels.triton import gated_norm
+
+    cases = []
+    for c in (64, 96, 200, 320, 512, 640, 768, 1536, gated_norm.MAX_CHANNELS):
+        for kernel, backward in ((gated_norm._gated_norm_fwd_kernel, False), (gated_norm._gated_norm_bwd_kernel, True)):
+            meta = gated_norm.meta(c, backward=backward)
+            warps = meta.pop("num_warps")
+            cases.append((kernel, dt, dict(HAS_W=True, HAS_B=True, **meta), warps))
+    return cases
+
+
 # Measured spills (bytes per thread) that a change may shrink but not grow, keyed (module, kernel, dtype, MECH,
 # BLOCK_D); docs/kernels.md states them: the rope_linear read-out backward of NaLa at D = 64 (its features are
 # 128 wide) and of MALA / RALA in float16 at D = 128; the opt-in SLA read-out backward at D = 128 (its resident
@@ -296,8 +312,8 @@ SPILL_ALLOWANCE = {
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
     "family",
-    [_linear, _infsa, _conv_and_focus, _rope_linear, _neighborhood, _sparse_linear, _scan, _gla],
-    ids=["linear", "infsa", "conv-focus", "rope-linear", "neighborhood", "sparse-linear", "scan", "gla"],
+    [_linear, _infsa, _conv_and_focus, _rope_linear, _neighborhood, _sparse_linear, _scan, _gla, _gated_norm],
+    ids=["linear", "infsa", "conv-focus", "rope-linear", "neighborhood", "sparse-linear", "scan", "gla", "gated-norm"],
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
