@@ -87,7 +87,10 @@ def check_backend(case, dtype, device, backend, eps=1e-5, direct=False):
     x, proj, w, b = _inputs(*case)
     x, proj = x.to(dtype).double(), proj.to(dtype).double()  # the values the low-precision paths see
     grad = torch.randn(*lead, c, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    ref = _run(gated_layer_norm_reference, x, proj, w, b, c, grad, eps)
+    # the float64 reference and the "torch" baseline on the device too (the GPU tests' rows reach 401,408)
+    ref = _run(
+        gated_layer_norm_reference, *(None if t is None else t.to(device) for t in (x, proj, w, b)), c, grad, eps
+    )
 
     def args(dev, dt):
         return x.to(dev, dt), proj.to(dev, dt), *(None if t is None else t.to(dev, torch.float32) for t in (w, b))
@@ -100,7 +103,7 @@ def check_backend(case, dtype, device, backend, eps=1e-5, direct=False):
             return gated_layer_norm(*a, backend=backend)
 
     ours = _run(fast, *args(device, dtype), c, grad, eps)
-    base = _run(lambda *a: gated_layer_norm(*a, backend="torch"), *args("cpu", dtype), c, grad, eps)
+    base = _run(lambda *a: gated_layer_norm(*a, backend="torch"), *args(device, dtype), c, grad, eps)
     assert ours[0].dtype == dtype and ours[0].shape == ref[0].shape
     names = ("out", "dx", "dgate", "dweight", "dbias")
     errs, bounds = {}, {}
