@@ -3,8 +3,8 @@
 Parts (the authors' ``NormAwareLinearAttn``): fused ``qkvg`` Linear (q, k, v and a gate ``g``, ``C -> 4C``); ``lepe``,
 a depthwise ``k x k`` convolution of the grid tokens' value map; the 2-D RoPE built from ``feat_size`` inside the
 layer; :func:`visionlin.kernels.norm_aware_linear_attention` (float32 inside); then
-``out_proj(LayerNorm(attention + lepe) * SiLU(g))``. Prefix (class) tokens take part in the attention and its means,
-but get no rotation and no ``lepe``.
+``out_proj(LayerNorm(attention + lepe) * SiLU(g))``, norm and gate in one :func:`visionlin.kernels.gated_layer_norm`
+call. Prefix (class) tokens take part in the attention and its means, but get no rotation and no ``lepe``.
 """
 
 from __future__ import annotations
