@@ -14,6 +14,8 @@
 #   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan), and
 #                  the SLA shapes with 32-token blocks (new since)                                    ~3 min
 #   tests-fix      gpu tests of what was fixed since bca30b2 (the convert bench, the flex neighborhood backend) ~1.5 min
+#   tests-gated    gpu tests of the gated LayerNorm, token conv and focus kernels (after 31ee8a5) and the model-level
+#                  parity of every model's fast backends with its references                       ~4 min
 #   tests-conv     gpu tests of the token depthwise conv (kernel, layer, its benchmark script)      ~1 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
@@ -92,13 +94,16 @@ for stage in "$@"; do
         tests/test_layers_token_conv.py --tb=long ;;
     tests-fix)  # the fixes since bca30b2: the tiny CUDA convert bench (flex layout under inference mode), the flex tests
       run_tests fix 150 tests/test_bench_convert.py tests/test_kernels_neighborhood_flex.py --tb=long ;;
+    tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
+      run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_conv.py \
+        tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;
     tests-conv)  # the token depthwise conv kernel and its layer
       run_tests conv 150 tests/test_kernels_conv.py tests/test_layers_token_conv.py tests/test_bench_conv_op.py ;;
     tests-rope)
       run_tests rope ${ROPE_LIMIT:-240} tests/test_kernels_triton_rope_linear.py ;;
     bench-hier)
-      timeout 170 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024,4096 --models $HIER \
-        --twin $SWIN --time-budget 150 --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
+      timeout ${HIER_LIMIT:-170} python3 -m visionlin.cli bench models --quick --modes eager --sizes ${HIER_SIZES:-224,1024,4096} \
+        --models $HIER --twin $SWIN --time-budget $((${HIER_LIMIT:-170} - 20)) --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
       timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN --time-budget 85 \
         --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     check-4096)

@@ -114,8 +114,8 @@ def _triton_supports(x, gate, weight=None, bias=None, eps=1e-5):
 
 
 _op = Op(_OP)
-_op.register("torch", _native, supports_floating)
 _op.register("triton", _triton, _triton_supports)
+_op.register("torch", _native, supports_floating)
 _op.register("reference", gated_layer_norm_reference, supports_floating)
 
 
