@@ -24,7 +24,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS", "DW", "DB", "CS", "DC", "C", "Y",
                  "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB"}  # fmt: skip
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A", "RPB"}
-FLOATS = {"scale", "inv_m", "eps", "p", "inv_d", "inv_n", "norm_eps"}
+FLOATS = {"scale", "inv_m", "eps", "p", "inv_d", "inv_n", "norm_eps", "inv_c"}
 # The RoPE tables and the RALA / Efficient Attention maxima and sums (triton/rope_linear.py) are float32.
 FP32_POINTERS |= {"SIN", "COS", "AUX", "MATS"}
 POINTERS |= {"SIN", "COS", "AUX", "MATS"}

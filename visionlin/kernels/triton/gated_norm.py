@@ -33,7 +33,7 @@ PER_THREAD, PER_THREAD_BACKWARD = 16, 8
 
 @triton.jit
 def _gated_norm_fwd_kernel(
-    X, G, W, BIAS, OUT, MEAN, RSTD, M, NCH, sx, sg, eps,
+    X, G, W, BIAS, OUT, MEAN, RSTD, M, NCH, inv_c, sx, sg, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` for a block of rows; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
@@ -42,9 +42,11 @@ def _gated_norm_fwd_kernel(
     rmask, cmask = rows < M, cols < NCH
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
-    mean = tl.sum(x, axis=1) / NCH  # [BLOCK_M]
+    # means as products with the host's 1 / C: `/` on float32 is an approximate division on the GPU, and a one-channel
+    # row must normalise to exactly 0 (its mean equal to its value)
+    mean = tl.sum(x, axis=1) * inv_c  # [BLOCK_M]
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / NCH + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) * inv_c + eps)
     y = xc * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
@@ -59,7 +61,7 @@ def _gated_norm_fwd_kernel(
 
 @triton.jit
 def _gated_norm_bwd_kernel(
-    DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, NCH, sdo, sx, sg, per,
+    DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, NCH, inv_c, sdo, sx, sg, per,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``DX`` and ``DG`` (contiguous ``[M, C]``) for ``per`` row blocks, and this program's partial ``DW`` / ``DB``
@@ -99,8 +101,8 @@ def _gated_norm_bwd_kernel(
             dxhat = dy
         if HAS_B:
             db += tl.sum(dy, axis=0)
-        c1 = tl.sum(dxhat * xhat, axis=1) / NCH  # [BLOCK_M]
-        c2 = tl.sum(dxhat, axis=1) / NCH
+        c1 = tl.sum(dxhat * xhat, axis=1) * inv_c  # [BLOCK_M]
+        c2 = tl.sum(dxhat, axis=1) * inv_c  # for C = 1 exactly dxhat: dx exactly 0
         dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX + rows[:, None] * NCH + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
@@ -147,7 +149,7 @@ def gated_layer_norm_fwd(
         kw = meta(c)
         w32, b32 = _affine(weight, x), _affine(bias, x)
         _gated_norm_fwd_kernel[(triton.cdiv(m, kw["BLOCK_M"]),)](
-            x2, g2, w32, b32, out, mean, rstd, m, c, x2.stride(0), g2.stride(0), float(eps),
+            x2, g2, w32, b32, out, mean, rstd, m, c, 1.0 / c, x2.stride(0), g2.stride(0), float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, **kw,
         )  # fmt: skip
     return out, mean, rstd
@@ -184,7 +186,7 @@ def gated_layer_norm_bwd(
     dw = x.new_empty((programs, nw), dtype=torch.float32)
     db = x.new_empty((programs, nb), dtype=torch.float32)
     _gated_norm_bwd_kernel[(programs,)](
-        do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dg, dw, db, m, c,
+        do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dg, dw, db, m, c, 1.0 / c,
         do2.stride(0), x2.stride(0), g2.stride(0), per,
         HAS_W=weight is not None, HAS_B=bias is not None, **kw,
     )  # fmt: skip
