@@ -180,9 +180,10 @@ for stage in "$@"; do
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${MODELS%,infvit_pure_small} \
         --sizes 224:256 --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
     profile-hier)  # where the hierarchical models below swin_tiny spend their forward and training step
-      for mode in "" ${PROFILE_TRAIN:+--train}; do
+      for m in ${PROFILE_MODES:-fwd ${PROFILE_TRAIN:+train}}; do  # PROFILE_MODES=train: the training step alone
+        mode=$([[ $m == train ]] && echo --train)
         timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
-          --models nalaformer_tiny,nat_tiny,agent_swin_tiny --sizes 224:128 --name "profile_hier${mode:+_train}_$COMMIT" \
+          --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --name "profile_hier${mode:+_train}_$COMMIT" \
           --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
         grep -A6 "^==" "$OUT/profile_hier${mode:+_train}_$COMMIT.log" | grep -v "^     "
       done ;;

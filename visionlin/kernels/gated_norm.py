@@ -130,13 +130,14 @@ def gated_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x) * SiLU(gate)`` (see :func:`gated_layer_norm_reference`), ``[..., C]`` in, ``[..., C]`` out.
 
-    The op runs in one dtype: autocast's when autocast is enabled on ``x``'s device (``x``, ``gate``, ``weight``
-    and ``bias`` are cast to it, as the ``Linear`` after the norm casts its inputs and ``TokenDepthwiseConv2d`` its
-    kernel), else the promoted dtype of ``x`` and ``gate``; that is the output's dtype.
+    The op runs in one dtype: autocast's when autocast is enabled on ``x``'s device (``x`` and ``gate`` are cast to
+    it, as the ``Linear`` after the norm casts its inputs), else the promoted dtype of ``x`` and ``gate``; that is the
+    output's dtype. ``weight`` and ``bias`` keep their dtype: the ``"torch"`` backend casts them to the op's dtype
+    (``F.layer_norm`` needs one dtype), the Triton kernels read them in float32 and return float32 gradients.
 
     Backends: ``"torch"`` (``F.layer_norm`` with float32 statistics, then ``F.silu`` and the product, each rounded to
-    the dtype), ``"triton"`` (CUDA: one pass in float32, one rounding, the gate read through its row stride; opt-in
-    until its GPU tests have passed), ``"reference"`` (float32).
+    the dtype), ``"triton"`` (CUDA, preferred: one pass in float32, one rounding, the gate read through its row
+    stride), ``"reference"`` (float32).
 
     Example::
 
@@ -148,6 +149,7 @@ def gated_layer_norm(
         dt = torch.get_autocast_dtype(device)
     else:
         dt = torch.promote_types(x.dtype, gate.dtype)
-    w = None if weight is None else weight.to(dt)
-    b = None if bias is None else bias.to(dt)
-    return _op(x.to(dt), gate.to(dt), w, b, eps, backend=backend)
+    # weight and bias pass in their own dtype: the "torch" backend casts them to dt (as a LayerNorm under autocast
+    # would), the Triton kernels read them in float32 and return float32 gradients (no bfloat16 round trip that
+    # torch.compile would remove and eager would not)
+    return _op(x.to(dt), gate.to(dt), weight, bias, eps, backend=backend)
