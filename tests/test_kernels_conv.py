@@ -25,6 +25,7 @@ CASES = [
     (2, 6, 6, 24, 3, 2, True, True, False),
     (1, 1, 1, 8, 5, 1, False, True, True),  # a 1 x 1 grid under a 5 x 5 kernel
     (2, 3, 4, 16, 1, 0, False, False, False),
+    (2, 9, 11, 24, 7, 1, False, True, False),  # k = 7: the weight gradient pads each tap row to 8 taps
 ]
 
 
