@@ -25,8 +25,16 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     assert conv_op.main([*args, "--sweep"]) == 0
     doc = json.loads((tmp_path / "conv_op.json").read_text())
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
-    assert got == {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
+    want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
+    assert got == want | {("triton_wgrad_rows", "forward_backward")}
     assert len(doc["sweep"]) == 24 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
-    assert conv.TUNING == {"block_t": conv.BLOCK_T, "block_c": conv.BLOCK_C, "warps": conv.WARPS, "stages": None}
+    want = {
+        "block_t": conv.BLOCK_T,
+        "block_c": conv.BLOCK_C,
+        "warps": conv.WARPS,
+        "stages": None,
+        "weight_grad": "taps",
+    }
+    assert want == conv.TUNING

@@ -162,7 +162,13 @@ def _conv_and_focus(dt, tdt):
                 conv.WARPS,
             ),  # fmt: skip
             (
-                conv._weight_grad_kernel,
+                conv._weight_grad_taps_kernel,
+                dt,
+                dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, **blocks),
+                conv.WARPS_WEIGHT_GRAD,
+            ),
+            (
+                conv._weight_grad_rows_kernel,
                 dt,
                 dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, **conv.weight_grad_meta(k)),
                 conv.WARPS_WEIGHT_GRAD,

@@ -65,7 +65,48 @@ def _conv_kernel(
 
 
 @triton.jit
-def _weight_grad_kernel(
+def _weight_grad_taps_kernel(
+    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
+    ``sum_t G`` to ``DB[c]``). Taps are the outer loop: a chunk's ``G`` tiles are re-read from L1 / L2 once per tap
+    instead of holding ``K * K`` accumulators in registers."""
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < NCH
+    for tap in range(K * K):
+        dy, dx = tap // K - K // 2, tap % K - K // 2
+        # Products summed per (token row, channel) over the chunk, reduced across tokens once per tap (a cross-warp
+        # reduction per tile was most of the kernel's time).
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for i in range(per):
+            t = ((pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+            tmask = t < HH * WW
+            y, x = t // WW, t % WW
+            g = tl.load(
+                G + b * sg_b + (P + t)[:, None] * sg_n + c[None, :] * sg_c,
+                mask=tmask[:, None] & cmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            yy, xx = y + dy, x + dx
+            ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+            ptr = X + b * sx_b + (P + yy * WW + xx)[:, None] * sx_n + c[None, :] * sx_c
+            xv = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
+            acc += g * xv.to(tl.float32)
+            if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
+                if tap == 0:
+                    acc_b += g
+        tl.atomic_add(DW + b * sdw_b + tap * NCH + c, tl.sum(acc, axis=0), mask=cmask)
+        if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
+            if tap == 0:
+                tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
+
+
+@triton.jit
+def _weight_grad_rows_kernel(
     G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -117,13 +158,17 @@ BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
 
 
 def weight_grad_meta(k: int) -> dict[str, int]:
-    """The weight-gradient kernel's ``KP`` and token block: ``KP * BLOCK_T * BLOCK_C`` float32 accumulators held
+    """:func:`_weight_grad_rows_kernel`'s ``KP`` and token block: ``KP * BLOCK_T * BLOCK_C`` float32 accumulators held
     over 128 threads (64 per thread; k = 5 and 7 pad their rows to 8 taps and halve the token block)."""
     kp = triton.next_power_of_2(int(k))
     return {"KP": kp, "BLOCK_T": max(4, BLOCK_T * 4 // max(kp, 4))}
 
 
-TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
+TUNING: dict[str, int | str | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
+#: The weight-gradient kernel: ``"taps"`` (:func:`_weight_grad_taps_kernel`, one tap per pass over the chunk; measured
+#: on the H200) or ``"rows"`` (:func:`_weight_grad_rows_kernel`, a tap row per pass: ``K`` passes instead of ``K * K``;
+#: interpreter- and sm_90-compile-checked, not yet run on a GPU: ``benchmarks/conv_op.py`` times both side by side).
+TUNING["weight_grad"] = "taps"
 
 
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
@@ -198,9 +243,12 @@ def token_dwconv_bwd(
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
         c_blocks = triton.cdiv(c, BLOCK_C)
-        meta = weight_grad_meta(k)
+        if TUNING["weight_grad"] == "rows":
+            kernel, meta = _weight_grad_rows_kernel, weight_grad_meta(k)
+        else:
+            kernel, meta = _weight_grad_taps_kernel, {"BLOCK_T": BLOCK_T}
         splits, per = _splits(hh * ww, meta["BLOCK_T"], b * c_blocks, x.device)  # token chunks: ~4 programs per SM
-        _weight_grad_kernel[(splits, c_blocks, b)](
+        kernel[(splits, c_blocks, b)](
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
             K=k, HAS_BIAS=has_bias, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD, **meta,
         )  # fmt: skip
