@@ -14,7 +14,7 @@
 #   tests-pending  the gpu tests 7a87f8a failed (the tiny CUDA convert bench) or did not reach (hybrid, scan), and
 #                  the SLA shapes with 32-token blocks (new since)                                    ~3 min
 #   tests-fix      gpu tests of what was fixed since bca30b2 (the convert bench, the flex neighborhood backend) ~1.5 min
-#   tests-gated    gpu tests of the gated LayerNorm, token conv and focus kernels (after 31ee8a5) and the model-level
+#   tests-gated    gpu tests of the gated / pre-norm LayerNorm, token conv and focus kernels and the model-level
 #                  parity of every model's fast backends with its references                       ~4 min
 #   tests-conv     gpu tests of the token depthwise conv (kernel, layer, its benchmark script)      ~1 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
@@ -95,8 +95,8 @@ for stage in "$@"; do
     tests-fix)  # the fixes since bca30b2: the tiny CUDA convert bench (flex layout under inference mode), the flex tests
       run_tests fix 150 tests/test_bench_convert.py tests/test_kernels_neighborhood_flex.py --tb=long ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
-      run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_conv.py \
-        tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;
+      run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
+        tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;
     tests-conv)  # the token depthwise conv kernel and its layer
       run_tests conv 150 tests/test_kernels_conv.py tests/test_layers_token_conv.py tests/test_bench_conv_op.py ;;
     tests-rope)

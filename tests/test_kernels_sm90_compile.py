@@ -302,7 +302,8 @@ def _gated_norm(dt, tdt):
         for kernel, backward in ((gated_norm._gated_norm_fwd_kernel, False), (gated_norm._gated_norm_bwd_kernel, True)):
             meta = gated_norm.meta(c, backward=backward)
             warps = meta.pop("num_warps")
-            cases.append((kernel, dt, dict(HAS_W=True, HAS_B=True, **meta), warps))
+            for gate in (True, False):  # gated (NaLaFormer) and the plain pre-norm LayerNorm (layer_norm)
+                cases.append((kernel, dt, dict(HAS_W=True, HAS_B=True, HAS_G=gate, **meta), warps))
     return cases
 
 

@@ -3,7 +3,7 @@
 from ._dispatch import get_op, list_ops
 from .agent import agent_attention, agent_attention_reference
 from .focused import focused_linear_attention, focused_linear_attention_reference
-from .gated_norm import gated_layer_norm, gated_layer_norm_reference
+from .gated_norm import gated_layer_norm, gated_layer_norm_reference, layer_norm, layer_norm_reference
 from .hybrid import (
     hybrid_attention,
     hybrid_attention_reference,
@@ -67,6 +67,8 @@ __all__ = [
     "focused_linear_attention_reference",
     "gated_layer_norm",
     "gated_layer_norm_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "gated_linear_attention",
     "gated_linear_attention_reference",
     "hybrid_attention",

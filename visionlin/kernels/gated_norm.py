@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 
-__all__ = ["gated_layer_norm", "gated_layer_norm_reference"]
+__all__ = ["gated_layer_norm", "gated_layer_norm_reference", "layer_norm", "layer_norm_reference"]
 
 _OP = "gated_layer_norm"
 #: Widest row ``C`` the Triton kernels hold in registers (one row per program, 16 warps; the backward spilled at 8192).
@@ -153,3 +153,97 @@ def gated_layer_norm(
     # would), the Triton kernels read them in float32 and return float32 gradients (no bfloat16 round trip that
     # torch.compile would remove and eager would not)
     return _op(x.to(dt), gate.to(dt), weight, bias, eps, backend=backend)
+
+
+# LayerNorm with its output in another dtype (the same Triton kernels without the gate) --------------------------------
+_LN_OP = "layer_norm"
+
+
+def _check_ln(x, weight, bias, eps, out_dtype) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim == 0:
+        raise ValueError(f"{_LN_OP}: x must be a floating torch.Tensor [..., C], got {x!r:.80}")
+    _check(x, x, weight, bias, eps)
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise ValueError(f"{_LN_OP}: out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
+
+
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Specification: the biased-variance LayerNorm over the last dim in float32 (float64 for float64 input), rounded
+    once to ``out_dtype`` (default ``x``'s dtype)."""
+    _check_ln(x, weight, bias, eps, out_dtype)
+    dt = reference_dtype(x.dtype)
+    with fp32_reference(x.device):
+        xf = x.to(dt)
+        centred = xf - xf.mean(-1, keepdim=True)
+        y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.to(dt)
+        if bias is not None:
+            y = y + bias.to(dt)
+        return y.to(out_dtype or x.dtype)
+
+
+def _ln_native(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+    """``"torch"`` backend: ``F.layer_norm`` as ``nn.LayerNorm`` runs it (autocast's float32 under autocast; outside it
+    the weight / bias in ``x``'s dtype), then a cast to ``out_dtype``: two kernels."""
+    if not torch.is_autocast_enabled(x.device.type):
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype or x.dtype)
+
+
+def _ln_triton(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+    from .triton.gated_norm import layer_norm_triton
+
+    return layer_norm_triton(x, weight, bias, eps, out_dtype)
+
+
+def _ln_triton_supports(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+    from .triton import triton_unavailable
+
+    reasons = triton_unavailable(x, *(t for t in (weight, bias) if t is not None))
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"needs x in float16, bfloat16 or float32; got {x.dtype}")
+    if out_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"out_dtype must be float16, bfloat16 or float32; got {out_dtype}")
+    if x.shape[-1] > MAX_TRITON_CHANNELS:
+        reasons.append(f"C={x.shape[-1]} channels exceed one row block (allowed: 1 to {MAX_TRITON_CHANNELS})")
+    return reasons
+
+
+_ln_op = Op(_LN_OP)
+_ln_op.register("torch", _ln_native, supports_floating)
+# After "torch" until its GPU tests pass (opt-in with backend="triton"): the kernels are gated_layer_norm's, GPU-tested
+# with a gate; the gate-less path and the output dtype are interpreter- and sm_90-compile-checked.
+_ln_op.register("triton", _ln_triton, _ln_triton_supports)
+_ln_op.register("reference", layer_norm_reference, supports_floating)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` ``[..., C]`` with the output in ``out_dtype`` (default ``x``'s dtype).
+
+    Under autocast a pre-norm block's LayerNorm runs in float32 and the ``Linear`` after it casts the float32 result
+    to bfloat16: a float32 write and a cast kernel. ``layer_norm(x, w, b, eps, out_dtype=torch.bfloat16)`` is that
+    pair's result (float32 statistics and affine, one rounding); the ``"triton"`` backend writes it in one pass (6
+    instead of 14 bytes per element for a float32 ``x``). ``weight`` / ``bias`` keep their dtype; their gradients are
+    float32 from the Triton kernels.
+
+    Backends: ``"torch"`` (``F.layer_norm`` as ``nn.LayerNorm`` under the caller's autocast, then the cast),
+    ``"triton"`` (CUDA; opt-in until its GPU tests pass), ``"reference"`` (float32, one rounding).
+    """
+    _check_ln(x, weight, bias, eps, out_dtype)
+    return _ln_op(x, weight, bias, eps, out_dtype, backend=backend)

@@ -11,6 +11,7 @@ from .inline import InLineAttention
 from .magnitude import MagnitudeAwareAttention
 from .mamba import MambaVisionMixer
 from .neighborhood import NeighborhoodAttention
+from .norm import PreNorm, as_pre_norm
 from .norm_aware import NormAwareAttention
 from .rank_augmented import RankAugmentedAttention
 from .softmax import SoftmaxAttention
@@ -28,11 +29,13 @@ __all__ = [
     "MambaVisionMixer",
     "NeighborhoodAttention",
     "NormAwareAttention",
+    "PreNorm",
     "PureInfSAAttention",
     "RankAugmentedAttention",
     "ShiftedWindowAttention",
     "SoftmaxAttention",
     "TokenMixer",
+    "as_pre_norm",
     "create_attn",
     "register_attn",
     "resample_agent_biases",

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels.rope import apply_rope_2d
 from ..kernels.softmax import softmax_attention
-from ..layers import MagnitudeAwareAttention, NormAwareAttention, RankAugmentedAttention
+from ..layers import MagnitudeAwareAttention, NormAwareAttention, PreNorm, RankAugmentedAttention
 from ..layers._base import TokenDepthwiseConv2d, check_tokens, merge_heads, split_heads
 from ..layers.magnitude import GatedRoPELinearAttention
 from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
@@ -131,11 +131,11 @@ class RoPEHybridBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.cpe1 = TokenDepthwiseConv2d(dim, 3, **dd)
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.norm1 = PreNorm(dim, eps=norm_eps, **dd)  # feeds only the mixer's projections
         self.attn = attn_cls(dim, num_heads, qkv_bias=True, proj_drop=proj_drop, **dd)
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **dd))
         self.cpe2 = TokenDepthwiseConv2d(dim, 3, **dd) if two_cpe else None
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.norm2 = PreNorm(dim, eps=norm_eps, **dd)  # feeds only the ConvFFN's first Linear
         self.ffn = ConvFFN(dim, int(mlp_ratio * dim), drop=proj_drop, **dd)
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

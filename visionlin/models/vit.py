@@ -28,7 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ATTN_LAYERS, TokenMixer, create_attn
+from ..layers import ATTN_LAYERS, TokenMixer, as_pre_norm, create_attn
 from ._common import (
     check_bool,
     check_head_input,
@@ -71,7 +71,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.norm1 = norm_layer(dim, **dd)
+        self.norm1 = as_pre_norm(norm_layer(dim, **dd))  # feeds only the mixer's projections
         self.attn: TokenMixer = create_attn(
             attn_layer,
             dim,
@@ -86,7 +86,7 @@ class Block(nn.Module):
         )
         self.ls1 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
+        self.norm2 = as_pre_norm(norm_layer(dim, **dd))  # feeds only the MLP's first Linear
         self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -24,7 +24,7 @@ from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
 from ._eager import eager_call, eager_op
 from .linear import _splits
 
-__all__ = ["MAX_CHANNELS", "gated_layer_norm_triton"]
+__all__ = ["MAX_CHANNELS", "gated_layer_norm_triton", "layer_norm_triton"]
 
 #: Elements of the ``[BLOCK_M, BLOCK_C]`` tile per thread: forward, backward (which holds more live tiles). At 32 per
 #: thread the forward used all 255 registers for sm_90 (a quarter of the warps an SM can hold).
@@ -34,9 +34,10 @@ PER_THREAD, PER_THREAD_BACKWARD = 16, 8
 @triton.jit
 def _gated_norm_fwd_kernel(
     X, G, W, BIAS, OUT, MEAN, RSTD, M, NCH, inv_c, sx, sg, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` for a block of rows; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
+    """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` (without ``G``: the LayerNorm alone) for a block of rows, in
+    ``OUT``'s dtype; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2^31
     cols = tl.arange(0, BLOCK_C)
     rmask, cmask = rows < M, cols < NCH
@@ -52,9 +53,10 @@ def _gated_norm_fwd_kernel(
         y = y * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
     if HAS_B:
         y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
-    g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = y * (g * tl.sigmoid(g))
-    tl.store(OUT + rows[:, None] * NCH + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_G:
+        g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = y * (g * tl.sigmoid(g))
+    tl.store(OUT + rows[:, None] * NCH + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
@@ -62,7 +64,7 @@ def _gated_norm_fwd_kernel(
 @triton.jit
 def _gated_norm_bwd_kernel(
     DOUT, X, G, W, BIAS, MEAN, RSTD, DX, DG, DW, DB, M, NCH, inv_c, sdo, sx, sg, per,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``DX`` and ``DG`` (contiguous ``[M, C]``) for ``per`` row blocks, and this program's partial ``DW`` / ``DB``
     (float32 ``[programs, C]``, row ``program_id``)."""
@@ -81,19 +83,23 @@ def _gated_norm_bwd_kernel(
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)  # [BLOCK_M, BLOCK_C]
         # weight and bias re-read per row block (from L1) rather than held across the loop: at 8192 channels the
         # held copies spilled
-        y = xhat
         if HAS_W:
             w = tl.load(W + cols, mask=cmask, other=0.0)
-            y = y * w[None, :]
-        if HAS_B:
-            y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
-        g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         do = tl.load(DOUT + rows[:, None] * sdo + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        # d SiLU(g) / dg = s (1 + g (1 - s))
-        tl.store(DG + rows[:, None] * NCH + cols[None, :], (do * y * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty),
-                 mask=mask)  # fmt: skip
-        dy = do * (g * s)  # zero outside the mask (do is)
+        if HAS_G:
+            y = xhat
+            if HAS_W:
+                y = y * w[None, :]
+            if HAS_B:
+                y = y + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
+            g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(g)
+            # d SiLU(g) / dg = s (1 + g (1 - s))
+            tl.store(DG + rows[:, None] * NCH + cols[None, :],
+                     (do * y * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)  # fmt: skip
+            dy = do * (g * s)  # zero outside the mask (do is)
+        else:
+            dy = do
         if HAS_W:
             dw += tl.sum(dy * xhat, axis=0)
             dxhat = dy * w[None, :]
@@ -136,13 +142,20 @@ def _affine(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("visionlin::gated_layer_norm_fwd", mutates_args=())
 def gated_layer_norm_fwd(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, mean, rstd)``: the op's output ``[..., C]`` in ``x``'s dtype and float32 per-row statistics ``[M]``."""
+    """``(out, mean, rstd)``: the op's output ``[..., C]`` in ``out_dtype`` (default ``x``'s; without ``gate`` the
+    LayerNorm alone) and float32 per-row statistics ``[M]``."""
     c = x.shape[-1]
-    x2, g2 = _rows(x), _rows(gate)
+    x2 = _rows(x)
+    g2 = x2 if gate is None else _rows(gate)  # a placeholder pointer without a gate
     m = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m:
@@ -150,34 +163,37 @@ def gated_layer_norm_fwd(
         w32, b32 = _affine(weight, x), _affine(bias, x)
         _gated_norm_fwd_kernel[(triton.cdiv(m, kw["BLOCK_M"]),)](
             x2, g2, w32, b32, out, mean, rstd, m, c, 1.0 / c, x2.stride(0), g2.stride(0), float(eps),
-            HAS_W=weight is not None, HAS_B=bias is not None, **kw,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, **kw,
         )  # fmt: skip
     return out, mean, rstd
 
 
 @gated_layer_norm_fwd.register_fake
-def _(x, gate, weight, bias, eps):
+def _(x, gate, weight, bias, eps, out_dtype=None):
     m = math.prod(x.shape[:-1])
     stats = x.new_empty(m, dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    return out, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("visionlin::gated_layer_norm_bwd", mutates_args=())
 def gated_layer_norm_bwd(
     dout: torch.Tensor,
     x: torch.Tensor,
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dgate, dweight, dbias)``; ``dweight`` / ``dbias`` are float32 ``[C]``, empty without a weight / bias."""
+    """``(dx, dgate, dweight, dbias)``: ``dx`` in ``x``'s dtype, ``dgate`` in the gate's (empty without a gate),
+    ``dweight`` / ``dbias`` float32 ``[C]`` (empty without a weight / bias)."""
     c = x.shape[-1]
-    x2, g2, do2 = _rows(x), _rows(gate), _rows(dout)
+    x2, do2 = _rows(x), _rows(dout)
+    g2 = x2 if gate is None else _rows(gate)
     m = x2.shape[0]
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    dg = torch.empty(gate.shape, device=x.device, dtype=gate.dtype)
+    dg = x.new_empty(0) if gate is None else torch.empty(gate.shape, device=x.device, dtype=gate.dtype)
     nw, nb = (c if weight is not None else 0), (c if bias is not None else 0)
     if not m:
         return dx, dg, x.new_zeros(nw, dtype=torch.float32), x.new_zeros(nb, dtype=torch.float32)
@@ -186,9 +202,9 @@ def gated_layer_norm_bwd(
     dw = x.new_empty((programs, nw), dtype=torch.float32)
     db = x.new_empty((programs, nb), dtype=torch.float32)
     _gated_norm_bwd_kernel[(programs,)](
-        do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dg, dw, db, m, c, 1.0 / c,
-        do2.stride(0), x2.stride(0), g2.stride(0), per,
-        HAS_W=weight is not None, HAS_B=bias is not None, **kw,
+        do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dx if gate is None else dg, dw, db, m, c,
+        1.0 / c, do2.stride(0), x2.stride(0), g2.stride(0), per,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, **kw,
     )  # fmt: skip
     return dx, dg, dw.sum(0), db.sum(0)
 
@@ -198,14 +214,14 @@ def _(dout, x, gate, weight, bias, mean, rstd):
     c = x.shape[-1]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        x.new_empty(0) if gate is None else torch.empty_like(gate, memory_format=torch.contiguous_format),
         x.new_empty(c if weight is not None else 0, dtype=torch.float32),
         x.new_empty(c if bias is not None else 0, dtype=torch.float32),
     )
 
 
 def _setup(ctx, inputs, output):
-    x, gate, weight, bias, eps = inputs
+    x, gate, weight, bias, *_ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, gate, weight, bias, mean, rstd)
@@ -214,16 +230,34 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, dmean=None, drstd=None):
     if dout is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     x, gate, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dg, dw, db = _gated_layer_norm_bwd_call(dout, x, gate, weight, bias, mean, rstd)
     w_dt, b_dt = ctx.dtypes
-    return dx, dg, None if w_dt is None else dw.to(w_dt), None if b_dt is None else db.to(b_dt), None
+    dw = None if w_dt is None else dw.to(w_dt)
+    return dx, None if gate is None else dg, dw, None if b_dt is None else db.to(b_dt), None, None
 
 
 gated_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
 _gated_layer_norm_bwd_call = eager_call(gated_layer_norm_bwd)
 _gated_layer_norm_fwd_call = eager_op(gated_layer_norm_fwd, _setup, _backward)
+
+
+def layer_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visionlin.kernels.gated_norm.layer_norm`: ``x`` float16, bfloat16 or
+    float32 ``[..., C]``, ``C <= MAX_CHANNELS``; output in ``out_dtype`` (default ``x``'s), written from the float32
+    result in one pass."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"layer_norm (triton): x must be float16, bfloat16 or float32, got {x.dtype=}")
+    if x.shape[-1] > MAX_CHANNELS:
+        raise ValueError(f"layer_norm (triton): C={x.shape[-1]} exceeds MAX_CHANNELS={MAX_CHANNELS}")
+    return _gated_layer_norm_fwd_call(x, None, weight, bias, float(eps), out_dtype)[0]
 
 
 def gated_layer_norm_triton(
@@ -242,4 +276,4 @@ def gated_layer_norm_triton(
         )
     if x.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"gated_layer_norm (triton): C={x.shape[-1]} exceeds MAX_CHANNELS={MAX_CHANNELS}")
-    return _gated_layer_norm_fwd_call(x, gate, weight, bias, float(eps))[0]
+    return _gated_layer_norm_fwd_call(x, gate, weight, bias, float(eps), None)[0]

@@ -1,0 +1,325 @@
+"""``visionlin.kernels.layer_norm`` (a LayerNorm whose output dtype may differ from its input's: the pre-norm blocks'
+float32 LayerNorm fused with the bfloat16 cast of the Linear after it) and the :class:`~visionlin.layers.PreNorm`
+module that uses it.
+
+Tolerance (as for the gated LayerNorm): a backend's relative error against a float64 computation on the same inputs is
+at most twice the ``"torch"`` backend's (``F.layer_norm`` then the cast), or a floor of a few roundings of the output's
+dtype (float32: 2e-6); gradients against float64 at the input's dtype's floor or twice the torch backend's error. The
+Triton kernels run under Triton's interpreter on the CPU here and on the GPU in the ``gpu`` tests.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import timm
+import torch
+from interpreter_utils import run_in_interpreter
+from torch import nn
+
+import visionlin
+from visionlin.kernels import layer_norm, layer_norm_reference
+from visionlin.layers import PreNorm, as_pre_norm
+from visionlin.layers import norm as norm_module
+
+FLOOR = {torch.float32: 2e-6, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+# (leading shape, C, weight, bias, x dtype, out dtype)
+CASES = [
+    ((2, 9), 96, True, True, torch.float32, torch.bfloat16),  # the pre-norm case: float32 stream, bfloat16 out
+    ((3, 100), 64, True, True, torch.float32, torch.float16),  # several row blocks per backward program
+    ((37,), 200, True, False, torch.float32, torch.float32),
+    ((2, 3, 5), 96, False, True, torch.bfloat16, torch.bfloat16),
+    ((5, 7), 64, False, False, torch.float16, torch.float32),
+    ((4,), 1, True, True, torch.float32, torch.bfloat16),  # one channel: every row normalises to exactly 0
+]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    err = (a.double().cpu() - ref).norm()
+    return (err / ref.norm()).item() if ref.norm() > 0 else err.item()
+
+
+def _by_definition(x, w, b, eps):
+    x = x.double()
+    centred = x - x.mean(-1, keepdim=True)
+    y = centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def _inputs(lead, c, weight, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = 1.5 * torch.randn(*lead, c, generator=gen, dtype=torch.float64) + 0.3
+    w = 1.0 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64) if weight else None
+    b = 0.5 * torch.randn(c, generator=gen, dtype=torch.float64) if bias else None
+    return x, w, b
+
+
+def _run(fn, x, w, b, grad):
+    leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
+    out = fn(*leaves)
+    out.backward(grad.to(out.device, out.dtype))
+    return out, *(None if t is None else t.grad for t in leaves)
+
+
+def check_backend(case, device, backend, eps=1e-5, direct=False):
+    """Output and gradients of ``backend`` against float64 on the same rounded input, within twice the ``"torch"``
+    backend's error (or the floor); ``direct``: the Triton backend function itself."""
+    lead, c, weight, bias, x_dtype, out_dtype = case
+    x, w, b = _inputs(lead, c, weight, bias)
+    x = x.to(x_dtype).double()  # the values the low-precision path sees
+    grad = torch.randn(*lead, c, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad = grad.to(out_dtype).double()  # the gradient arrives in the output's dtype
+    ref = _run(lambda *a: _by_definition(*a, eps), x, w, b, grad)
+
+    def args():
+        return x.to(device, x_dtype), *(None if t is None else t.to(device, torch.float32) for t in (w, b))
+
+    if direct:
+        from visionlin.kernels.triton.gated_norm import layer_norm_triton
+
+        def fast(*a):
+            return layer_norm_triton(*a, eps, out_dtype)
+    else:
+
+        def fast(*a):
+            return layer_norm(*a, eps, out_dtype=out_dtype, backend=backend)
+
+    ours = _run(fast, *args(), grad)
+    base = _run(lambda *a: layer_norm(*a, eps, out_dtype=out_dtype, backend="torch"), *args(), grad)
+    assert ours[0].dtype == out_dtype and ours[0].shape == ref[0].shape
+    assert ours[1].dtype == x_dtype
+    errs, bounds = {}, {}
+    for name, o, r, t, dt in zip(
+        ("out", "dx", "dweight", "dbias"),
+        ours,
+        ref,
+        base,
+        (out_dtype, x_dtype, torch.float32, torch.float32),
+        strict=True,
+    ):
+        if r is None:
+            continue
+        errs[name] = _rel(o, r)
+        bounds[name] = max(2 * _rel(t, r), FLOOR[dt])
+    bad = {n: f"{errs[n]:.2e} > {bounds[n]:.2e}" for n in errs if not errs[n] <= bounds[n]}
+    assert not bad, (case, backend, bad)
+
+
+# The reference is the specification ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_definition(case):
+    lead, c, weight, bias, x_dtype, out_dtype = case
+    x, w, b = _inputs(lead, c, weight, bias)
+    x = x.to(x_dtype)
+    out = layer_norm_reference(x, w, b, 1e-5, out_dtype)
+    assert out.dtype == out_dtype
+    # one rounding of the float64 value (the reference computes in float32 first: within a float32 rounding of it)
+    exact = _by_definition(x, w, b, 1e-5)
+    assert _rel(out, exact) <= FLOOR[out_dtype]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_backends(case, backend):
+    check_backend(case, "cpu", backend)
+
+
+def test_torch_backend_is_layernorm_then_cast():
+    """The ``"torch"`` backend is what a pre-norm block computed before: ``nn.LayerNorm`` then the consumer's cast."""
+    ln = nn.LayerNorm(48)
+    nn.init.normal_(ln.weight)
+    nn.init.normal_(ln.bias)
+    x = torch.randn(2, 10, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ln(x).to(torch.bfloat16)
+        got = layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype=torch.bfloat16, backend="torch")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert layer_norm(x.half(), ln.weight, ln.bias).dtype == torch.float16  # out_dtype defaults to x's
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(x=torch.randn(2, 8), out_dtype=torch.int32), r"out_dtype must be None or a floating torch.dtype"),
+        (dict(x=torch.randn(2, 8), out_dtype="bfloat16"), r"out_dtype must be None or a floating"),
+        (dict(x=torch.arange(8).reshape(2, 4)), r"x must be a floating torch.Tensor"),
+        (dict(x=[1.0, 2.0]), r"x must be a floating torch.Tensor"),
+        (dict(x=torch.randn(2, 8), weight=torch.randn(4)), r"weight of shape \(4,\) must be \[C\] = \(8,\)"),
+        (dict(x=torch.randn(2, 8), eps=-1.0), r"eps=-1.0"),
+        (dict(x=torch.randn(3, 0)), r"C = 0"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    x = kwargs.pop("x")
+    for fn in (layer_norm, layer_norm_reference):
+        with pytest.raises(ValueError, match=match):
+            fn(x, **kwargs)
+
+
+def test_triton_backend_refused_on_cpu():
+    with pytest.raises(NotImplementedError, match=r"layer_norm: backend 'triton' cannot run this call"):
+        layer_norm(torch.randn(2, 8), backend="triton")
+
+
+# PreNorm -------------------------------------------------------------------------------------------------------------
+def test_pre_norm_is_layer_norm_off_cuda(monkeypatch):
+    """On the CPU (and, on CUDA, with the switch off, without autocast or under torch.compile) PreNorm is
+    nn.LayerNorm: same output, same parameters and state-dict keys."""
+    ln = nn.LayerNorm(32, eps=1e-6)
+    nn.init.normal_(ln.weight)
+    ref_state = {k: v.clone() for k, v in ln.state_dict().items()}
+    x = torch.randn(2, 7, 32)
+    want = ln(x)
+    pre = as_pre_norm(ln)
+    assert pre is ln and isinstance(pre, PreNorm) and isinstance(pre, nn.LayerNorm)
+    assert list(pre.state_dict()) == list(ref_state) and all(
+        torch.equal(pre.state_dict()[k], ref_state[k]) for k in ref_state
+    )
+    for on in (False, True):
+        monkeypatch.setitem(norm_module.FUSED, "pre_norm", on)
+        assert torch.equal(pre(x), want)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert pre(x).dtype == torch.float32  # CPU autocast: unchanged, LayerNorm in float32
+    rms = timm.layers.RmsNorm(32)
+    assert as_pre_norm(rms) is rms and type(rms) is timm.layers.RmsNorm  # only exact nn.LayerNorm is converted
+
+
+def test_blocks_use_pre_norm_only_before_projections():
+    """The blocks' norm1 / norm2 are PreNorm; stem, downsampling and final norms (whose outputs are the residual
+    stream or the features) stay nn.LayerNorm."""
+    model = timm.create_model("nat_mini")
+    pre = {n for n, m in model.named_modules() if type(m) is PreNorm}
+    plain = {n for n, m in model.named_modules() if type(m) is nn.LayerNorm}
+    assert pre and all(n.split(".")[-1] in ("norm1", "norm2") for n in pre)
+    assert plain and not any(n.split(".")[-1] in ("norm1", "norm2") for n in plain)
+    vit = timm.create_model("infvit_tiny")
+    assert type(vit.blocks[0].norm1) is PreNorm and type(vit.norm) is nn.LayerNorm
+    nala = timm.create_model("nalaformer_tiny")
+    assert {type(m) for n, m in nala.named_modules() if n.endswith(("norm1", "norm2"))} == {PreNorm}
+
+
+# Triton under the interpreter (CPU) ----------------------------------------------------------------------------------
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from tests.test_kernels_layer_norm import CASES, check_backend
+    from visionlin.kernels.triton.gated_norm import gated_layer_norm_bwd, gated_layer_norm_fwd, layer_norm_triton
+    for case in CASES:
+        check_backend(case, "cpu", "triton", direct=True)
+    check_backend(CASES[0], "cpu", "triton", eps=0.1, direct=True)
+    # the one-channel row: exactly 0 out (before the bias) and exactly 0 dx
+    x = torch.randn(5, 1, requires_grad=True)
+    out = layer_norm_triton(x, None, None, 1e-5, torch.bfloat16)
+    assert torch.equal(out.float(), torch.zeros(5, 1))
+    out.float().sum().backward()
+    assert torch.equal(x.grad, torch.zeros(5, 1))
+    # empty input: shapes and zero weight / bias gradients
+    x = torch.randn(0, 3, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    out = layer_norm_triton(x, w, b, 1e-5, torch.bfloat16)
+    assert out.shape == (0, 3, 64) and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
+    # real outputs as the fakes promise, without a gate and with another output dtype
+    x = torch.randn(2, 5, 96)
+    fwd_args = (x, None, torch.randn(96), torch.randn(96), 1e-5, torch.bfloat16)
+    real = gated_layer_norm_fwd(*fwd_args)
+    bwd_args = (torch.randn(2, 5, 96, dtype=torch.bfloat16), x, None, fwd_args[2], fwd_args[3], real[1], real[2])
+    real += gated_layer_norm_bwd(*bwd_args)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = gated_layer_norm_fwd(*fwd_args) + gated_layer_norm_bwd(*bwd_args)
+    meta = lambda ts: [(tuple(t.shape), t.stride(), t.dtype) for t in ts]
+    assert meta(real) == meta(fake), (meta(real), meta(fake))
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    torch.library.opcheck(gated_layer_norm_fwd, (x, None, w, b, 1e-5, torch.bfloat16))
+    direct = gated_layer_norm_fwd(x, None, w, b, 1e-5, torch.bfloat16)[0]
+    eager = layer_norm_triton(x, w, b, 1e-5, torch.bfloat16)
+    assert torch.equal(direct, eager)
+    do = torch.randn_like(eager)
+    assert all(torch.equal(p, q) for p, q in zip(torch.autograd.grad(direct, (x, w, b), do),
+                                                  torch.autograd.grad(eager, (x, w, b), do)))
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_matches_reference():
+    """The gate-less Triton path on the CPU (Triton's interpreter): every case, forward and backward."""
+    run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
+
+
+# GPU (the H200) -------------------------------------------------------------------------------------------------------
+def gpu(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+# NAT-T / NaLaFormer-T / DeiT-S pre-norm shapes at their benchmark batches: float32 stream, bfloat16 out
+GPU_SHAPES = [((128, 3136), 64), ((128, 784), 128), ((256, 197), 384), ((128, 49), 512), ((3, 17), 4096)]
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"rows{s[0][0] * s[0][1]}-C{s[1]}")
+def test_triton_matches_reference(shape, out_dtype):
+    lead, c = shape
+    check_backend((lead, c, True, True, torch.float32, out_dtype), "cuda", "triton")
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES)
+def test_triton_cases(case):
+    check_backend(case, "cuda", "triton")
+
+
+@gpu
+def test_triton_compiles_and_matches_eager():
+    ln = nn.LayerNorm(96).cuda()
+    x = torch.randn(4, 49, 96, device="cuda", requires_grad=True)
+
+    def fn(x):
+        return layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype=torch.bfloat16, backend="triton")
+
+    eager = fn(x)
+    compiled = torch.compile(fn, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    do = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(eager, (x, ln.weight, ln.bias), do),
+                    torch.autograd.grad(compiled, (x, ln.weight, ln.bias), do), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("name", ["nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "vig_small"])
+def test_models_with_fused_pre_norm(name, monkeypatch):
+    """With the switch on and the Triton LayerNorm, a model under bf16 autocast gives its switch-off result within
+    bfloat16 noise: logits and every parameter gradient, relative error at most 2e-2 (a few bfloat16 roundings over
+    the depth; the two differ only in the LayerNorm's summation order before the same rounding)."""
+    import functools
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        return out.detach().float(), grads
+
+    off = run()
+    monkeypatch.setitem(norm_module.FUSED, "pre_norm", True)
+    monkeypatch.setattr(norm_module, "layer_norm", functools.partial(layer_norm, backend="triton"))
+    on = run()
+    assert visionlin.set_backend(model, None) >= 0  # the model itself is unchanged
+    errs = {k: _rel(a, b) for k, a, b in zip(("logits", "grads"), on, off, strict=True)}
+    assert all(e <= 2e-2 for e in errs.values()), errs

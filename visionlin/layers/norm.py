@@ -1,0 +1,53 @@
+"""The LayerNorm of a pre-norm block, whose output feeds only layers that cast it to autocast's dtype anyway.
+
+In a pre-norm block (``x + mixer(norm1(x))``, ``x + mlp(norm2(x))``) under CUDA autocast, ``nn.LayerNorm`` runs in
+float32 on the float32 residual stream and writes float32, and the mixer's or MLP's first ``Linear`` casts that to
+bfloat16: a float32 write, a read and a cast kernel per norm (14 bytes per element moved where 6 are needed). On the
+H200 the LayerNorms were 21-32% of the hierarchical models' kernel time at 224 px (NAT-T: 65 of them, 7.6 of 23.4 ms;
+``benchmarks/results/h200/profile_hier_bca30b2.log``), the twin's included.
+
+:class:`PreNorm` is an ``nn.LayerNorm`` (same parameters and state-dict keys) that, when :data:`FUSED` ``["pre_norm"]``
+is on, returns autocast's dtype from :func:`visionlin.kernels.layer_norm` (the Triton kernel writes it from float32
+statistics in one pass; the values are those of the float32 LayerNorm rounded once, as the ``Linear``'s cast rounded
+them). Elsewhere (CPU, no autocast, ``torch.compile``, which fuses the pair itself) it is ``nn.LayerNorm``. The switch
+is off until the kernel's gate-less path has passed its GPU tests (``docs/kernels.md``).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import register_notrace_module
+from torch import nn
+
+from ..kernels.gated_norm import layer_norm
+
+__all__ = ["FUSED", "PreNorm", "as_pre_norm"]
+
+#: ``FUSED["pre_norm"]``: blocks' :class:`PreNorm` layers write autocast's dtype on CUDA (one Triton pass when the
+#: ``layer_norm`` op's Triton backend is chosen). Process-wide, read at every forward.
+FUSED: dict[str, bool] = {"pre_norm": False}
+
+
+@register_notrace_module
+class PreNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose output under CUDA autocast is autocast's dtype when ``FUSED["pre_norm"]`` is on (see
+    the module docstring); use it only where every consumer of the output casts to that dtype (``Linear``, conv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            FUSED["pre_norm"]
+            and x.is_cuda
+            and torch.is_autocast_enabled("cuda")
+            and not torch.compiler.is_compiling()
+            and len(self.normalized_shape) == 1
+        ):
+            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=torch.get_autocast_dtype("cuda"))
+        return super().forward(x)
+
+
+def as_pre_norm(norm: nn.Module) -> nn.Module:
+    """``norm`` as a :class:`PreNorm` when it is exactly an ``nn.LayerNorm`` (parameters kept), else unchanged."""
+    if type(norm) is not nn.LayerNorm:
+        return norm
+    norm.__class__ = PreNorm  # the same instance, parameters and settings: only its forward changes
+    return norm
