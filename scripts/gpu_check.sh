@@ -28,6 +28,7 @@
 #   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~4.5 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
+#   bench-toggle   benchmarks/toggle_speed.py: each opt-in fast path off / on, side by side, inference and training ~4 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
@@ -155,6 +156,9 @@ for stage in "$@"; do
         | tail -45 ;;
     bench-na3d)
       timeout 150 python3 benchmarks/neighborhood_3d.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -12 ;;
+    bench-toggle)  # the opt-in fast paths (fused pre-norm LayerNorm, tap-row conv weight gradient) against the defaults
+      timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
+        ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;

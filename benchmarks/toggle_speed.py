@@ -1,0 +1,221 @@
+"""Opt-in fast paths against the defaults, side by side in one process: the inference forward and the training step
+(forward, cross-entropy, backward, AdamW) of each model with each switch off and on, in alternating order, so that a
+switch is made the default on a measured ratio, not on a guess.
+
+Switches (each a process-wide setting read at every forward):
+
+* ``pre_norm``: ``visionlin.layers.norm.FUSED["pre_norm"]`` with the ``layer_norm`` op's Triton backend: the blocks'
+  float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass;
+* ``conv_rows``: ``visionlin.kernels.triton.conv.TUNING["weight_grad"] = "rows"``: the token convolution's weight
+  gradient reads each token chunk once per tap row instead of once per tap (training only);
+* ``both``: the two together.
+
+Usage (on a GPU machine):
+    python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
+
+Writes ``toggle_speed.json`` (rows: model, mode, config, ms per call, img/s, ratio to the model's ``baseline`` in the
+same sweeps; meta: command, commit, date, GPU, versions) and ``toggle_speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._meta import gpu_meta  # noqa: E402
+from visionlin.train.bench import write_result  # noqa: E402
+
+STEM = "toggle_speed"
+CONFIGS = ("baseline", "pre_norm", "conv_rows", "both")
+MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
+
+
+@contextlib.contextmanager
+def switches(config: str) -> Iterator[None]:
+    """The process-wide settings of ``config``, restored afterwards."""
+    from visionlin.kernels import layer_norm
+    from visionlin.kernels.triton import conv
+    from visionlin.layers import norm
+
+    saved = (dict(norm.FUSED), norm.layer_norm, dict(conv.TUNING))
+    try:
+        if config in ("pre_norm", "both"):
+            norm.FUSED["pre_norm"] = True
+            norm.layer_norm = functools.partial(layer_norm, backend="triton")
+        if config in ("conv_rows", "both"):
+            conv.TUNING["weight_grad"] = "rows"
+        yield
+    finally:
+        norm.FUSED.clear()
+        norm.FUSED.update(saved[0])
+        norm.layer_norm = saved[1]
+        conv.TUNING.clear()
+        conv.TUNING.update(saved[2])
+
+
+def _step(model: torch.nn.Module, mode: str, batch: int, size: int):
+    """The timed call: an inference forward (``eval``, no grad) or a training step, under bf16 autocast."""
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    labels = torch.randint(0, model.num_classes, (batch,), device="cuda")
+
+    def train() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def _seconds(fn, iters: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
+    """Every config of one model and mode: warm-up each (compiles its kernels), then ``repeats`` sweeps over the
+    configs in alternating order; the median seconds per call per config."""
+    import timm
+
+    import visionlin  # noqa: F401 (registers the models)
+
+    torch.manual_seed(0)
+    batch = args.batch_infer if mode == "infer" else args.batch_train
+    rows = []
+    try:
+        model = timm.create_model(name).cuda()
+        fn = _step(model, mode, batch, args.size)
+        for c in configs:
+            with switches(c):
+                for _ in range(args.warmup):
+                    fn()
+        times: dict[str, list[float]] = {c: [] for c in configs}
+        for r in range(args.repeats):
+            for c in configs if r % 2 == 0 else configs[::-1]:
+                with switches(c):
+                    times[c].append(_seconds(fn, args.iters))
+    except torch.cuda.OutOfMemoryError as e:
+        return [{"model": name, "mode": mode, "config": c, "status": "oom", "error": str(e)[:200]} for c in configs]
+    except Exception as e:  # noqa: BLE001 (recorded; the other models still run)
+        error = f"{type(e).__name__}: {e}"[:300]
+        print(f"{name} {mode}: {error}", flush=True)
+        return [{"model": name, "mode": mode, "config": c, "status": "error", "error": error} for c in configs]
+    finally:
+        torch.cuda.empty_cache()
+    base = statistics.median(times["baseline"]) if "baseline" in times else None
+    for c in configs:
+        s = statistics.median(times[c])
+        row = {"model": name, "mode": mode, "config": c, "status": "ok", "batch": batch, "size": args.size,
+               "ms": 1e3 * s, "img_s": batch / s, "sweeps_ms": [1e3 * t for t in times[c]]}  # fmt: skip
+        if base:
+            row["speedup_vs_baseline"] = base / s
+        print(f"{name:32s} {mode:5s} {c:10s} {1e3 * s:8.2f} ms  {row.get('speedup_vs_baseline', 1):.3f}x", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok" and "speedup_vs_baseline" in r]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=False):
+        mrows = [r for r in rows if r["mode"] == mode]
+        models = list(dict.fromkeys(r["model"] for r in mrows))
+        configs = list(dict.fromkeys(r["config"] for r in mrows))
+        width = 0.8 / len(configs)
+        for i, c in enumerate(configs):
+            vals = [
+                next((r["speedup_vs_baseline"] for r in mrows if (r["model"], r["config"]) == (m, c)), 0)
+                for m in models
+            ]
+            ax.bar([j + i * width for j in range(len(models))], vals, width, label=c)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(models))], models, fontsize=7, rotation=20)
+        ax.set_ylabel("speed vs baseline (same sweeps)")
+        ax.set_title(mode, fontsize=9)
+        ax.legend(fontsize=7)
+    m = result["meta"]
+    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/toggle_speed.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for toggle_speed.json / .png")
+    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
+    p.add_argument("--models", default=MODELS, help="comma-separated model names (visionlin's or timm's)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--modes", default="infer,train", help="comma-separated subset of infer, train")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-infer", type=int, default=256)
+    p.add_argument("--batch-train", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args(argv)
+    configs = args.configs.split(",")
+    modes = args.modes.split(",")
+    if bad := sorted(set(configs) - set(CONFIGS)):
+        p.error(f"unknown config(s) {bad}; choose from {list(CONFIGS)}")
+    if "baseline" not in configs:
+        p.error("--configs must include baseline (the ratios are to it)")
+    if bad := sorted(set(modes) - {"infer", "train"}):
+        p.error(f"unknown mode(s) {bad}; choose from ['infer', 'train']")
+    for flag in ("size", "batch_infer", "batch_train", "warmup", "iters", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.size % 32:
+        p.error(f"--size must be a multiple of 32 (the hierarchical models' stride), got {args.size}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows}
+    for name in args.models.split(","):
+        for mode in modes:
+            rows += measure(name, mode, configs, args)
+            write_result(result, args.out, STEM, plot=False)  # an interrupted run keeps what it measured
+    for note in write_result(result, args.out, STEM, plot=False):
+        print(note)
+    try:
+        _plot(result, args.out / f"{STEM}.png")
+        print(f"wrote {args.out / f'{STEM}.png'}")
+    except ImportError:
+        print(f"{STEM}.png skipped: matplotlib is not installed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

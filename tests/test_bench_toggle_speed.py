@@ -1,0 +1,52 @@
+"""benchmarks/toggle_speed.py: flag checks and the switches' set / restore on the CPU; a short run on the GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import toggle_speed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--configs", "baseline,nope"], "unknown config(s) ['nope']"),
+        (["--configs", "pre_norm"], "--configs must include baseline"),
+        (["--modes", "infer,fly"], "unknown mode(s) ['fly']"),
+        (["--iters", "0"], "--iters must be a positive integer, got 0"),
+        (["--size", "100"], "--size must be a multiple of 32"),
+    ],
+)
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        toggle_speed.main(["--out", "unused", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_switches_set_and_restore():
+    from visionlin.kernels.triton import conv
+    from visionlin.layers import norm
+
+    before = (dict(norm.FUSED), norm.layer_norm, dict(conv.TUNING))
+    with toggle_speed.switches("both"):
+        assert norm.FUSED["pre_norm"] is True and conv.TUNING["weight_grad"] == "rows"
+        assert norm.layer_norm.keywords == {"backend": "triton"}
+    with toggle_speed.switches("conv_rows"):
+        assert norm.FUSED["pre_norm"] is False and conv.TUNING["weight_grad"] == "rows"
+    with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
+        raise RuntimeError  # restored on error too
+    assert (dict(norm.FUSED), norm.layer_norm, dict(conv.TUNING)) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_short_cuda_run(tmp_path):
+    args = ["--out", str(tmp_path), "--models", "nalaformer_tiny", "--batch-infer", "4", "--batch-train", "4"]
+    assert toggle_speed.main([*args, "--warmup", "1", "--iters", "1", "--repeats", "2"]) == 0
+    doc = json.loads((tmp_path / "toggle_speed.json").read_text())
+    got = {(r["mode"], r["config"]) for r in doc["rows"] if r["status"] == "ok"}
+    assert got == {(m, c) for m in ("infer", "train") for c in toggle_speed.CONFIGS}
