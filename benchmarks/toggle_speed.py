@@ -4,11 +4,12 @@ switch is made the default on a measured ratio, not on a guess.
 
 Switches (each a process-wide setting read at every forward):
 
-* ``pre_norm``: ``visionlin.layers.norm.FUSED["pre_norm"]`` with the ``layer_norm`` op's Triton backend: the blocks'
-  float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass;
+* ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` with the ``layer_norm`` op's Triton backend: the
+  blocks' float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass;
 * ``conv_rows``: ``visionlin.kernels.triton.conv.TUNING["weight_grad"] = "rows"``: the token convolution's weight
   gradient reads each token chunk once per tap row instead of once per tap (training only);
-* ``both``: the two together.
+* ``bn_nhwc``: ``FAST_PATHS["bn_channels_last"]``: the MAViT / RAVLT / NaLaFormer BatchNorm stem channels-last;
+* ``all``: every switch on.
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -36,7 +37,7 @@ from benchmarks._meta import gpu_meta  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("baseline", "pre_norm", "conv_rows", "both")
+CONFIGS = ("baseline", "pre_norm", "conv_rows", "bn_nhwc", "all")
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 
 
@@ -47,17 +48,19 @@ def switches(config: str) -> Iterator[None]:
     from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    saved = (dict(norm.FUSED), norm.layer_norm, dict(conv.TUNING))
+    saved = (dict(norm.FAST_PATHS), norm.layer_norm, dict(conv.TUNING))
     try:
-        if config in ("pre_norm", "both"):
-            norm.FUSED["pre_norm"] = True
+        if config in ("pre_norm", "all"):
+            norm.FAST_PATHS["pre_norm"] = True
             norm.layer_norm = functools.partial(layer_norm, backend="triton")
-        if config in ("conv_rows", "both"):
+        if config in ("conv_rows", "all"):
             conv.TUNING["weight_grad"] = "rows"
+        if config in ("bn_nhwc", "all"):
+            norm.FAST_PATHS["bn_channels_last"] = True
         yield
     finally:
-        norm.FUSED.clear()
-        norm.FUSED.update(saved[0])
+        norm.FAST_PATHS.clear()
+        norm.FAST_PATHS.update(saved[0])
         norm.layer_norm = saved[1]
         conv.TUNING.clear()
         conv.TUNING.update(saved[2])

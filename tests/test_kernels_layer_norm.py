@@ -18,7 +18,6 @@ import torch
 from interpreter_utils import run_in_interpreter
 from torch import nn
 
-import visionlin
 from visionlin.kernels import layer_norm, layer_norm_reference
 from visionlin.layers import PreNorm, as_pre_norm
 from visionlin.layers import norm as norm_module
@@ -182,7 +181,7 @@ def test_pre_norm_is_layer_norm_off_cuda(monkeypatch):
         torch.equal(pre.state_dict()[k], ref_state[k]) for k in ref_state
     )
     for on in (False, True):
-        monkeypatch.setitem(norm_module.FUSED, "pre_norm", on)
+        monkeypatch.setitem(norm_module.FAST_PATHS, "pre_norm", on)
         assert torch.equal(pre(x), want)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert pre(x).dtype == torch.float32  # CPU autocast: unchanged, LayerNorm in float32
@@ -297,18 +296,27 @@ def test_triton_compiles_and_matches_eager():
 
 
 @gpu
-@pytest.mark.parametrize("name", ["nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "vig_small"])
-def test_models_with_fused_pre_norm(name, monkeypatch):
-    """With the switch on and the Triton LayerNorm, a model under bf16 autocast gives its switch-off result within
-    bfloat16 noise: logits and every parameter gradient, relative error at most 2e-2 (a few bfloat16 roundings over
-    the depth; the two differ only in the LayerNorm's summation order before the same rounding)."""
+@pytest.mark.parametrize(
+    ("switch", "name"),
+    [
+        *(("pre_norm", n) for n in ("nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "vig_small")),
+        *(("bn_channels_last", n) for n in ("nalaformer_tiny", "mavit_tiny")),
+    ],
+)
+def test_models_with_fast_path(switch, name, monkeypatch):
+    """With a ``FAST_PATHS`` switch on (the pre-norm one with the Triton LayerNorm), a model in training mode under bf16
+    autocast gives its switch-off result within bfloat16 noise: logits and every parameter gradient, relative error at
+    most 2e-2 (a few bfloat16 roundings over the depth; the two differ only in summation orders before the same
+    roundings)."""
     import functools
 
     torch.manual_seed(0)
     model = timm.create_model(name).cuda()
     x = torch.randn(4, 3, 224, 224, device="cuda")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def run():
+        model.load_state_dict(state)  # the same BatchNorm running statistics before each step
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
@@ -317,9 +325,17 @@ def test_models_with_fused_pre_norm(name, monkeypatch):
         return out.detach().float(), grads
 
     off = run()
-    monkeypatch.setitem(norm_module.FUSED, "pre_norm", True)
-    monkeypatch.setattr(norm_module, "layer_norm", functools.partial(layer_norm, backend="triton"))
+    monkeypatch.setitem(norm_module.FAST_PATHS, switch, True)
+    if switch == "pre_norm":
+        monkeypatch.setattr(norm_module, "layer_norm", functools.partial(layer_norm, backend="triton"))
     on = run()
-    assert visionlin.set_backend(model, None) >= 0  # the model itself is unchanged
     errs = {k: _rel(a, b) for k, a, b in zip(("logits", "grads"), on, off, strict=True)}
     assert all(e <= 2e-2 for e in errs.values()), errs
+
+
+def test_stem_memory_format_off_cuda(monkeypatch):
+    """The BatchNorm stem's switch leaves CPU tensors (and everything with the switch off) as they are."""
+    x = torch.randn(2, 3, 8, 8)
+    for on in (False, True):
+        monkeypatch.setitem(norm_module.FAST_PATHS, "bn_channels_last", on)
+        assert norm_module.stem_memory_format(x) is x

@@ -1,4 +1,4 @@
-"""The LayerNorm of a pre-norm block, whose output feeds only layers that cast it to autocast's dtype anyway.
+"""Norm layers with fast paths not yet measured on a GPU, each behind a switch in :data:`FAST_PATHS`.
 
 In a pre-norm block (``x + mixer(norm1(x))``, ``x + mlp(norm2(x))``) under CUDA autocast, ``nn.LayerNorm`` runs in
 float32 on the float32 residual stream and writes float32, and the mixer's or MLP's first ``Linear`` casts that to
@@ -6,36 +6,45 @@ bfloat16: a float32 write, a read and a cast kernel per norm (14 bytes per eleme
 H200 the LayerNorms were 21-32% of the hierarchical models' kernel time at 224 px (NAT-T: 65 of them, 7.6 of 23.4 ms;
 ``benchmarks/results/h200/profile_hier_bca30b2.log``), the twin's included.
 
-:class:`PreNorm` is an ``nn.LayerNorm`` (same parameters and state-dict keys) that, when :data:`FUSED` ``["pre_norm"]``
-is on, returns autocast's dtype from :func:`visionlin.kernels.layer_norm` (the Triton kernel writes it from float32
+:class:`PreNorm` is an ``nn.LayerNorm`` (same parameters and state-dict keys) that, with ``FAST_PATHS["pre_norm"]``
+on, returns autocast's dtype from :func:`visionlin.kernels.layer_norm` (the Triton kernel writes it from float32
 statistics in one pass; the values are those of the float32 LayerNorm rounded once, as the ``Linear``'s cast rounded
-them). Elsewhere (CPU, no autocast, ``torch.compile``, which fuses the pair itself) it is ``nn.LayerNorm``. The switch
-is off until the kernel's gate-less path has passed its GPU tests (``docs/kernels.md``).
+them). Elsewhere (CPU, no autocast, ``torch.compile``, which fuses the pair itself) it is ``nn.LayerNorm``.
+:func:`stem_memory_format` is the BatchNorm stems' switch (``FAST_PATHS["bn_channels_last"]``).
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import register_notrace_module
+from timm.layers import register_notrace_function, register_notrace_module
 from torch import nn
 
 from ..kernels.gated_norm import layer_norm
 
-__all__ = ["FUSED", "PreNorm", "as_pre_norm"]
+__all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 
-#: ``FUSED["pre_norm"]``: blocks' :class:`PreNorm` layers write autocast's dtype on CUDA (one Triton pass when the
-#: ``layer_norm`` op's Triton backend is chosen). Process-wide, read at every forward.
-FUSED: dict[str, bool] = {"pre_norm": False}
+#: Process-wide switches, read at every forward; off until their GPU tests and ``benchmarks/toggle_speed.py`` (each
+#: switch off and on, side by side) have run:
+#:
+#: * ``"pre_norm"``: the blocks' :class:`PreNorm` layers write autocast's dtype on CUDA (one Triton pass when the
+#:   ``layer_norm`` op's Triton backend is chosen);
+#: * ``"bn_channels_last"``: the BatchNorm stem of MAViT / RAVLT / NaLaFormer runs its convolutions and BatchNorms on
+#:   channels-last CUDA tensors (their downsamplers already do: their input is a permuted token map). In NCHW,
+#:   PyTorch's BatchNorm parallelises over channels: the stem's 32-channel maps at 112 x 112 took 13.6 of
+#:   NaLaFormer-T's 82.3 ms training step on the H200 (``profile_hier_train_bbe2e19.log``: statistics 4.3 ms,
+#:   backward 9.3 ms); channels-last, its kernels spread over the pixels and the stem's ``[B, H, W, C]`` output is
+#:   contiguous without a copy.
+FAST_PATHS: dict[str, bool] = {"pre_norm": False, "bn_channels_last": False}
 
 
 @register_notrace_module
 class PreNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose output under CUDA autocast is autocast's dtype when ``FUSED["pre_norm"]`` is on (see
+    """``nn.LayerNorm`` whose output under CUDA autocast is autocast's dtype when ``FAST_PATHS["pre_norm"]`` is on (see
     the module docstring); use it only where every consumer of the output casts to that dtype (``Linear``, conv)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            FUSED["pre_norm"]
+            FAST_PATHS["pre_norm"]
             and x.is_cuda
             and torch.is_autocast_enabled("cuda")
             and not torch.compiler.is_compiling()
@@ -51,3 +60,11 @@ def as_pre_norm(norm: nn.Module) -> nn.Module:
         return norm
     norm.__class__ = PreNorm  # the same instance, parameters and settings: only its forward changes
     return norm
+
+
+@register_notrace_function
+def stem_memory_format(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` channels-last on CUDA when ``FAST_PATHS["bn_channels_last"]`` is on, else unchanged."""
+    if FAST_PATHS["bn_channels_last"] and x.is_cuda:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

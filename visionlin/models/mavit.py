@@ -38,6 +38,7 @@ from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, PreNorm, RankAugmentedAttention
 from ..layers._base import TokenDepthwiseConv2d, check_tokens, merge_heads, split_heads
 from ..layers.magnitude import GatedRoPELinearAttention
+from ..layers.norm import stem_memory_format
 from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
@@ -172,7 +173,7 @@ class ConvBNStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return self.proj(stem_memory_format(x)).permute(0, 2, 3, 1)
 
 
 class ConvBNDownsample(nn.Module):
@@ -188,6 +189,7 @@ class ConvBNDownsample(nn.Module):
         return (size[0] - 1) // 2 + 1, (size[1] - 1) // 2 + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the permuted [B, H, W, C] tokens are a channels-last view: the convolution and BatchNorm run channels-last
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
