@@ -114,6 +114,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for case in CASES:
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    conv.TUNING["weight_grad"] = "fast"  # a setting that names no kernel is refused, not ignored
+    try:
+        check_backend(CASES[0], torch.float32, "cpu", "triton", direct=True)
+        raise AssertionError("an unknown weight_grad setting ran")
+    except ValueError as e:
+        assert "choose 'taps' or 'rows'" in str(e), e
     conv.TUNING["weight_grad"] = "taps"
     check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: float32 ran batch 3
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)

@@ -245,8 +245,10 @@ def token_dwconv_bwd(
         c_blocks = triton.cdiv(c, BLOCK_C)
         if TUNING["weight_grad"] == "rows":
             kernel, meta = _weight_grad_rows_kernel, weight_grad_meta(k)
-        else:
+        elif TUNING["weight_grad"] == "taps":
             kernel, meta = _weight_grad_taps_kernel, {"BLOCK_T": BLOCK_T}
+        else:
+            raise ValueError(f"conv.TUNING['weight_grad']={TUNING['weight_grad']!r}: choose 'taps' or 'rows'")
         splits, per = _splits(hh * ww, meta["BLOCK_T"], b * c_blocks, x.device)  # token chunks: ~4 programs per SM
         kernel[(splits, c_blocks, b)](
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
