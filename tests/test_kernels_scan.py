@@ -246,7 +246,7 @@ def _bad_scan(**changes):
     x = _scan_inputs(2, 10, 4, 3)
     kw = {"delta_softplus": True}
     for k, v in changes.items():
-        (kw if k in ("delta_softplus", "return_last_state", "chunk_size") else x)[k] = v
+        (kw if k in ("delta_softplus", "return_last_state", "chunk_size", "check_values") else x)[k] = v
     return x, kw
 
 
@@ -266,12 +266,36 @@ def _bad_scan(**changes):
         (dict(delta_bias=torch.randn(4).double().long()), r"delta_bias must be floating point"),
         (dict(delta_softplus="yes"), r"delta_softplus='yes' must be True or False"),
         (dict(chunk_size=1), r"chunk_size=1 must be an integer >= 2"),
+        (dict(check_values="no"), r"check_values='no' must be True or False"),
     ],
 )
 def test_selective_scan_bad_input(changes, match):
     x, kw = _bad_scan(**changes)
     with pytest.raises(ValueError, match=match):
         selective_scan(**x, **kw)
+
+
+def test_selective_scan_check_values_off_skips_the_value_read(monkeypatch):
+    """``check_values=False`` skips the public function's read of ``A`` (a host sync per call on a GPU; the Triton
+    backend reads nothing else; the reference, the CPU's backend, always checks); the MambaVision mixer passes it
+    (its ``A = -exp(A_log)`` is <= 0 by construction)."""
+    from visionlin.kernels import scan
+    from visionlin.layers import MambaVisionMixer
+    from visionlin.layers import mamba as mamba_layer
+
+    reads = []
+    check = scan._check_nonpositive
+    monkeypatch.setattr(scan, "_check_nonpositive", lambda *a: reads.append(a[1]) or check(*a))
+    x, kw = _bad_scan()
+    selective_scan(**x, **kw)
+    assert len(reads) == 2  # the public function's check, then the reference's own
+    reads.clear()
+    selective_scan(**x, **kw, check_values=False)
+    assert len(reads) == 1  # the reference's own only
+    seen = {}
+    monkeypatch.setattr(mamba_layer, "selective_scan", lambda *a, **k: seen.update(k) or selective_scan(*a, **k))
+    MambaVisionMixer(16, num_heads=2)(torch.randn(2, 9, 16), (3, 3))
+    assert seen["check_values"] is False
 
 
 def test_selective_scan_complex_not_supported():

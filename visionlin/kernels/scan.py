@@ -191,6 +191,7 @@ def _check_scan_args(
     delta_softplus: Any,
     return_last_state: Any,
     chunk_size: Any,
+    check_values: Any = True,
 ) -> None:
     op = _SCAN
     if not isinstance(u, torch.Tensor) or u.ndim != 3:
@@ -221,7 +222,10 @@ def _check_scan_args(
         if not isinstance(flag, bool):
             raise ValueError(f"{op}: {name}={flag!r} must be True or False")
     _check_chunk(op, chunk_size, minimum=2)  # chunks of 1 would not shorten the sequence
-    _check_nonpositive(op, "A", A)
+    if not isinstance(check_values, bool):
+        raise ValueError(f"{op}: check_values={check_values!r} must be True or False")
+    if check_values:
+        _check_nonpositive(op, "A", A)
 
 
 def _expand_groups(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -400,9 +404,13 @@ def selective_scan(
     *,
     return_last_state: bool = False,
     chunk_size: int = 64,
+    check_values: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The selective scan (Mamba S6); see :func:`selective_scan_reference` for the arguments and the math.
+
+    ``check_values=False`` skips the eager check that ``A`` is finite and ``<= 0``: it reads ``A``'s values, a host
+    sync per call on a GPU (a layer passing ``-exp(A_log)`` has it by construction; the reference always checks).
 
     Backends, in automatic-selection order: ``"triton"`` (CUDA; float32 / float16 / bfloat16; ``N <= 64``; a chunked
     scan with a float32 state, forward and backward, :mod:`visionlin.kernels.triton.scan`) and ``"reference"`` (any
@@ -412,7 +420,7 @@ def selective_scan(
         ValueError: bad shapes, dtypes or values (see the reference).
         NotImplementedError: complex inputs, or ``backend`` cannot run the call (with its reasons).
     """
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size, check_values)
     return _scan_op(
         u,
         delta,
