@@ -1,5 +1,7 @@
 """Gated LayerNorm in Triton (forward and backward); the math is
-:func:`visionlin.kernels.gated_norm.gated_layer_norm_reference`.
+:func:`visionlin.kernels.gated_norm.gated_layer_norm_reference`. The same kernels without the gate (``HAS_G`` off)
+and with the output in another dtype are the ``"triton"`` backend of :func:`visionlin.kernels.gated_norm.layer_norm`
+(:func:`~visionlin.kernels.gated_norm.layer_norm_reference`).
 
 Forward: one program per block of ``BLOCK_M`` rows holds the whole (padded) row of ``C`` channels in registers, takes
 the float32 mean and biased variance, normalises, applies the affine weight / bias and multiplies by ``SiLU(gate)``:
