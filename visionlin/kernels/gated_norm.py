@@ -75,14 +75,20 @@ def gated_layer_norm_reference(
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
     dt = reference_dtype(out_dtype)
     with fp32_reference(x.device):
-        xf, gf = x.to(dt), gate.to(dt)
-        centred = xf - xf.mean(-1, keepdim=True)  # [..., C]
-        y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
-        if weight is not None:
-            y = y * weight.to(dt)
-        if bias is not None:
-            y = y + bias.to(dt)
-        return (y * (gf * torch.sigmoid(gf))).to(out_dtype)
+        gf = gate.to(dt)
+        return (_layer_norm_math(x, weight, bias, eps, dt) * (gf * torch.sigmoid(gf))).to(out_dtype)
+
+
+def _layer_norm_math(x, weight, bias, eps: float, dt: torch.dtype) -> torch.Tensor:
+    """The references' LayerNorm in ``dt``, written out: biased variance over the last dim, then the affine."""
+    xf = x.to(dt)
+    centred = xf - xf.mean(-1, keepdim=True)  # [..., C]
+    y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y
 
 
 def _native(x, gate, weight=None, bias=None, eps=1e-5):
@@ -177,16 +183,8 @@ def layer_norm_reference(
     """Specification: the biased-variance LayerNorm over the last dim in float32 (float64 for float64 input), rounded
     once to ``out_dtype`` (default ``x``'s dtype)."""
     _check_ln(x, weight, bias, eps, out_dtype)
-    dt = reference_dtype(x.dtype)
     with fp32_reference(x.device):
-        xf = x.to(dt)
-        centred = xf - xf.mean(-1, keepdim=True)
-        y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps)
-        if weight is not None:
-            y = y * weight.to(dt)
-        if bias is not None:
-            y = y + bias.to(dt)
-        return y.to(out_dtype or x.dtype)
+        return _layer_norm_math(x, weight, bias, eps, reference_dtype(x.dtype)).to(out_dtype or x.dtype)
 
 
 def _ln_native(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
