@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
 from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
@@ -129,25 +130,22 @@ def _plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    ms = {(r["shape"], r["method"], r["mode"]): r["ms"] for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / max(1, len(methods))
     for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
-        for i, method in enumerate(methods):
-            ms = [
-                next((r["ms"] for r in rows if (r["shape"], r["method"], r["mode"]) == (s, method, mode)), 0.0)
-                for s in shapes
-            ]
-            bars = ax.bar([j + i * width for j in range(len(shapes))], ms, width, label=method)
-            ax.bar_label(bars, fmt="%.3f", fontsize=6)
-        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=7, rotation=15)
+        grouped_bars(
+            ax,
+            shapes,
+            methods,
+            lambda s, m, mode=mode: ms.get((s, m, mode), 0.0),
+            label_fmt="%.3f",
+            fontsize=7,
+            rotation=15,
+        )
         ax.set_ylabel("ms per call (median)")
         ax.set_title(mode, fontsize=9)
         ax.legend(fontsize=7)
-    m = result["meta"]
-    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path, fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:

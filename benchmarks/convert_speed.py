@@ -53,7 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
-from visionlin.train.bench import _atomic_write, _title, device_slug, run_meta, write_result  # noqa: E402
+from benchmarks._plot import finish  # noqa: E402
+from visionlin.train.bench import _atomic_write, device_slug, run_meta, write_result  # noqa: E402
 
 MODELS = ("wan", "flux")
 METHODS = ("dense", "sparse", "sla", "hybrid", "linear", "agent")
@@ -475,10 +476,7 @@ def plot(result: dict, path: Path) -> None:
         inp = s.get("input", {})
         ax.set_title(f"{s['model']} {mode}: {inp.get('image_tokens', '?')} + {inp.get('text_tokens', '?')} tokens\n"
                      f"{layers}  (hatched: self-attention, fwd)", fontsize=8)  # fmt: skip
-    fig.suptitle(_title(result), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path)
 
 
 # Command line ---------------------------------------------------------------------------------------------------------

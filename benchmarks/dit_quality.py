@@ -70,7 +70,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
-from visionlin.train.bench import _atomic_write, _title, run_meta, write_result  # noqa: E402
+from benchmarks._plot import finish  # noqa: E402
+from visionlin.train.bench import _atomic_write, run_meta, write_result  # noqa: E402
 
 METHODS = ("dense", "sparse", "sla", "hybrid", "linear", "agent")
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -564,10 +565,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.patches[i].set_hatch("//")
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
-    fig.suptitle(_title(result) + "  (* hatched: after distillation fine-tune)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path, note="  (* hatched: after distillation fine-tune)")
 
 
 def _fmt(v: Any, spec: str) -> str:

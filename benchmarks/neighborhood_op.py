@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
 from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
@@ -170,13 +171,9 @@ def _plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     modes = ("forward", "forward_backward")
+    ms = {(r["mode"], r["method"]): r["ms"] for r in rows}
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        ms = [next((r["ms"] for r in rows if r["method"] == method and r["mode"] == m), 0.0) for m in modes]
-        bars = ax.bar([j + i * width for j in range(len(modes))], ms, width, label=method)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(modes))], modes)
+    grouped_bars(ax, modes, methods, lambda m, method: ms.get((m, method), 0.0), label_fmt="%.2f", label_size=7)
     ax.set_ylabel("ms per call (median)")
     ax.set_yscale("log")
     s = result["shape"]
@@ -186,11 +183,7 @@ def _plot(result: dict, path: Path) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=8)
-    m = result["meta"]
-    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path, fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:

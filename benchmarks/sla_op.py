@@ -39,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
-from visionlin.train.bench import _atomic_write, _title, device_slug, write_result  # noqa: E402
+from benchmarks._plot import finish  # noqa: E402
+from visionlin.train.bench import _atomic_write, device_slug, write_result  # noqa: E402
 
 DENSE = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION", "sdpa": None}
 SPARSE = ("sparse", "sla-paper", "sla-code")
@@ -214,10 +215,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("ms per call")
         s = result["shape"]
         ax.set_title(f"{mode}: B{s['batch']} N{s['tokens']} H{s['heads']} D{s['head_dim']} {s['dtype']}", fontsize=9)
-    fig.suptitle(_title(result), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path)
 
 
 def _floats(text: str) -> list[float]:

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "toggle_speed"
@@ -155,23 +156,13 @@ def _plot(result: dict, path: Path) -> None:
         mrows = [r for r in rows if r["mode"] == mode]
         models = list(dict.fromkeys(r["model"] for r in mrows))
         configs = list(dict.fromkeys(r["config"] for r in mrows))
-        width = 0.8 / len(configs)
-        for i, c in enumerate(configs):
-            vals = [
-                next((r["speedup_vs_baseline"] for r in mrows if (r["model"], r["config"]) == (m, c)), 0)
-                for m in models
-            ]
-            ax.bar([j + i * width for j in range(len(models))], vals, width, label=c)
+        speedup = {(r["model"], r["config"]): r["speedup_vs_baseline"] for r in mrows}
+        grouped_bars(ax, models, configs, lambda m, c, sp=speedup: sp.get((m, c), 0), fontsize=7, rotation=20)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(models))], models, fontsize=7, rotation=20)
         ax.set_ylabel("speed vs baseline (same sweeps)")
         ax.set_title(mode, fontsize=9)
         ax.legend(fontsize=7)
-    m = result["meta"]
-    fig.suptitle(f"{m['gpu']} | torch {m['torch']} | triton {m['triton']} | {m['commit']} | {m['date']}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, result, path, fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:
