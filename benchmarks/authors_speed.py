@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import statistics
@@ -32,6 +33,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from visionlin.train.bench import train_step  # noqa: E402
 
 DEIT, SWIN = "deit_small_patch16_224", "swin_tiny_patch4_window7_224"
 
@@ -188,14 +191,7 @@ def _step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return functools.partial(train_step(model, opt, target), x)
 
 
 def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int, train: bool, args) -> dict:

@@ -10,6 +10,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import defaultdict
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._timing import cuda_ms  # noqa: E402
+from visionlin.train.bench import train_step  # noqa: E402
 
 
 def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
@@ -56,12 +58,7 @@ def measure_train(model: torch.nn.Module, size: int, batch: int, iters: int) -> 
     target = torch.randint(0, model.num_classes, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = functools.partial(train_step(model, opt, target), x)
 
     for _ in range(3):
         step()

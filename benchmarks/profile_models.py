@@ -9,6 +9,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import defaultdict
@@ -18,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from visionlin.train.bench import train_step  # noqa: E402
 
 # Ordered: the first pattern found in a kernel's (lower-cased) name decides its category.
 CATEGORIES = (
@@ -50,12 +53,7 @@ def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) 
         target = torch.randint(0, model.num_classes, (batch,), device="cuda")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = functools.partial(train_step(model, opt, target), x)
 
     else:
         model.eval()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from visionlin.train.bench import write_result  # noqa: E402
+from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
 CONFIGS = ("baseline", "pre_norm", "conv_rows", "bn_nhwc", "all")
@@ -82,14 +82,7 @@ def _step(model: torch.nn.Module, mode: str, batch: int, size: int):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     labels = torch.randint(0, model.num_classes, (batch,), device="cuda")
 
-    def train() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return train
+    return functools.partial(train_step(model, opt, labels), x)
 
 
 def _seconds(fn, iters: int) -> float:

@@ -61,6 +61,7 @@ __all__ = [
     "plot_result",
     "run_meta",
     "search_largest",
+    "train_step",
     "write_result",
 ]
 
@@ -531,6 +532,26 @@ def bench_train(
     return rows
 
 
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    labels: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Callable[[torch.Tensor], None]:
+    """The benchmarks' training step on a batch ``x``: ``forward`` under autocast (``dtype``, on ``labels``' device
+    type), cross-entropy against ``labels``, backward, ``optimizer`` step, gradients set to ``None``."""
+    device_type = labels.device.type
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(device_type, dtype=dtype):
+            loss = nn.functional.cross_entropy(forward(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _train_block(
     specs: list[_Entry], size: int, batch: int, mode: str, device: torch.device, dtype: torch.dtype, timing: dict
 ) -> list[_Entry]:
@@ -544,12 +565,10 @@ def _train_block(
         fn = _compile(model) if mode == "compiled" else model
         labels = torch.randint(0, model.num_classes, (batch,), device=device)
 
+        train = train_step(fn, opt, labels, dtype)
+
         def step(x: torch.Tensor) -> None:
-            with torch.autocast(device.type, dtype=dtype):
-                loss = nn.functional.cross_entropy(fn(x), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train(x)
             if not e.own_bytes:  # after the first step the optimizer state exists
                 state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
                 e.own_bytes = _nbytes([*model.parameters(), *model.buffers(), *state, labels])
