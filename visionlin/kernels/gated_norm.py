@@ -119,6 +119,8 @@ def _triton_supports(x, gate, weight=None, bias=None, eps=1e-5):
     return reasons
 
 
+# The activations (x, gate) are positional, the affine parameters keywords: float32 whatever the activations' dtype
+# (the Triton kernels read them in float32 and return float32 gradients), as the selective scan's parameters.
 _op = Op(_OP)
 _op.register("triton", _triton, _triton_supports)
 _op.register("torch", _native, supports_floating)
@@ -158,7 +160,7 @@ def gated_layer_norm(
     # weight and bias pass in their own dtype: the "torch" backend casts them to dt (as a LayerNorm under autocast
     # would), the Triton kernels read them in float32 and return float32 gradients (no bfloat16 round trip that
     # torch.compile would remove and eager would not)
-    return _op(x.to(dt), gate.to(dt), weight, bias, eps, backend=backend)
+    return _op(x.to(dt), gate.to(dt), weight=weight, bias=bias, eps=eps, backend=backend)
 
 
 # LayerNorm with its output in another dtype (the same Triton kernels without the gate) --------------------------------
@@ -244,4 +246,4 @@ def layer_norm(
     ``"triton"`` (CUDA; opt-in until its GPU tests pass), ``"reference"`` (float32, one rounding).
     """
     _check_ln(x, weight, bias, eps, out_dtype)
-    return _ln_op(x, weight, bias, eps, out_dtype, backend=backend)
+    return _ln_op(x, weight=weight, bias=bias, eps=eps, out_dtype=out_dtype, backend=backend)
