@@ -16,13 +16,13 @@ import pytest
 import timm
 import torch
 from interpreter_utils import run_in_interpreter
+from test_kernels_gated_norm import FLOOR, _rel, gpu, norm_by_definition
 from torch import nn
 
 from visionlin.kernels import layer_norm, layer_norm_reference
 from visionlin.layers import PreNorm, as_pre_norm
 from visionlin.layers import norm as norm_module
 
-FLOOR = {torch.float32: 2e-6, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 # (leading shape, C, weight, bias, x dtype, out dtype)
 CASES = [
     ((2, 9), 96, True, True, torch.float32, torch.bfloat16),  # the pre-norm case: float32 stream, bfloat16 out
@@ -32,23 +32,6 @@ CASES = [
     ((5, 7), 64, False, False, torch.float16, torch.float32),
     ((4,), 1, True, True, torch.float32, torch.bfloat16),  # one channel: every row normalises to exactly 0
 ]
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double().cpu()
-    err = (a.double().cpu() - ref).norm()
-    return (err / ref.norm()).item() if ref.norm() > 0 else err.item()
-
-
-def _by_definition(x, w, b, eps):
-    x = x.double()
-    centred = x - x.mean(-1, keepdim=True)
-    y = centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y
 
 
 def _inputs(lead, c, weight, bias, seed=0):
@@ -74,7 +57,7 @@ def check_backend(case, device, backend, eps=1e-5, direct=False):
     x = x.to(x_dtype).double()  # the values the low-precision path sees
     grad = torch.randn(*lead, c, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grad = grad.to(out_dtype).double()  # the gradient arrives in the output's dtype
-    ref = _run(lambda *a: _by_definition(*a, eps), x, w, b, grad)
+    ref = _run(lambda *a: norm_by_definition(*a, eps), x, w, b, grad)
 
     def args():
         return x.to(device, x_dtype), *(None if t is None else t.to(device, torch.float32) for t in (w, b))
@@ -119,7 +102,7 @@ def test_reference_matches_definition(case):
     out = layer_norm_reference(x, w, b, 1e-5, out_dtype)
     assert out.dtype == out_dtype
     # one rounding of the float64 value (the reference computes in float32 first: within a float32 rounding of it)
-    exact = _by_definition(x, w, b, 1e-5)
+    exact = norm_by_definition(x, w, b, 1e-5)
     assert _rel(out, exact) <= FLOOR[out_dtype]
 
 
@@ -256,10 +239,6 @@ def test_interpreter_matches_reference():
 
 
 # GPU (the H200) -------------------------------------------------------------------------------------------------------
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
-
-
 # NAT-T / NaLaFormer-T / DeiT-S pre-norm shapes at their benchmark batches: float32 stream, bfloat16 out
 GPU_SHAPES = [((128, 3136), 64), ((128, 784), 128), ((256, 197), 384), ((128, 49), 512), ((3, 17), 4096)]
 
