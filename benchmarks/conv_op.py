@@ -190,13 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} forward_backward: weight grad by tap rows / by taps {taps / rows_ms:.2f}x faster")
     sweep = _sweep(args) if args.sweep else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
-    for note in write_result(result, args.out, STEM, plot=False):
+    for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)
-    try:
-        _plot(result, args.out / f"{STEM}.png")
-        print(f"wrote {args.out / f'{STEM}.png'}")
-    except ImportError:
-        print(f"{STEM}.png skipped: matplotlib is not installed")
     return 0
 
 

@@ -240,13 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             best = next((r for r in result["sweep"] if r["mode"] == mode and r["status"] == "ok"), None)
             print(f"sweep best {mode}: {best}")
     print(json.dumps(result["accuracy_vs_reference"]))
-    for note in write_result(result, args.out, STEM, plot=False):
+    for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)
-    try:
-        _plot(result, args.out / f"{STEM}.png")
-        print(f"wrote {args.out / f'{STEM}.png'}")
-    except ImportError:
-        print("neighborhood_op.png skipped: matplotlib is not installed")
     return 0
 
 

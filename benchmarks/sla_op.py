@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish  # noqa: E402
-from visionlin.train.bench import _atomic_write, device_slug, write_result  # noqa: E402
+from visionlin.train.bench import device_slug, write_result  # noqa: E402
 
 DENSE = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION", "sdpa": None}
 SPARSE = ("sparse", "sla-paper", "sla-code")
@@ -248,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / device_slug(torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
     result = run(args, save=lambda res: write_result(res, out, "sla_op", plot=False))
-    for note in write_result(result, out, "sla_op", plot=False):
+    for note in write_result(result, out, "sla_op", plot=False if args.no_plot else plot):
         print(note)
-    if not args.no_plot:
-        png = out / "sla_op.png"
-        _atomic_write(png, lambda path: plot(result, path))
-        print(f"wrote {png}")
     return 0
 
 

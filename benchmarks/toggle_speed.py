@@ -194,13 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             rows += measure(name, mode, configs, args)
             write_result(result, args.out, STEM, plot=False)  # an interrupted run keeps what it measured
-    for note in write_result(result, args.out, STEM, plot=False):
+    for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)
-    try:
-        _plot(result, args.out / f"{STEM}.png")
-        print(f"wrote {args.out / f'{STEM}.png'}")
-    except ImportError:
-        print(f"{STEM}.png skipped: matplotlib is not installed")
     return 0
 
 

@@ -754,8 +754,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     atomic(path, write)
 
 
-def write_result(result: dict, out: Path, stem: str, *, plot: bool = True) -> list[str]:
-    """Write ``<stem>.json`` and (with matplotlib, ``plot``) ``<stem>.png`` drawn from it; one line per outcome."""
+def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[dict, Path], None] = True) -> list[str]:
+    """Write ``<stem>.json`` and (with matplotlib, ``plot``) ``<stem>.png`` drawn from it; one line per outcome.
+    ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`)."""
     notes = []
     path = out / f"{stem}.json"
     _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
@@ -769,7 +770,8 @@ def write_result(result: dict, out: Path, stem: str, *, plot: bool = True) -> li
     except ImportError:
         return [*notes, f"{stem}.png skipped: matplotlib is not installed; install it with {INSTALL_PLOT}"]
     png = out / f"{stem}.png"
-    _atomic_write(png, lambda p: plot_result(json.loads(path.read_text()), p))
+    draw = plot if callable(plot) else plot_result
+    _atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
     return [*notes, f"wrote {png}"]
 
 
