@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 5 * 1e3
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -81,6 +87,7 @@ def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) 
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
     return {
         "gpu_us": total,
+        "wall_ms": wall_ms,
         "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "us": us, "calls": c, "category": category(n)} for n, (us, c) in top],
     }
@@ -100,10 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--twin", default="deit_small_patch16_224", help="dense timm model profiled first")
     parser.add_argument("--name", default=None, help="JSON file stem (default profile_models / profile_train)")
     parser.add_argument("--commit", default=None)
+    parser.add_argument(
+        "--configs",
+        default="baseline",
+        help="comma-separated opt-in fast-path settings of benchmarks/toggle_speed.py, each profiled in turn",
+    )
     args = parser.parse_args(argv)
+    from benchmarks.toggle_speed import CONFIGS, switches
+
+    configs = args.configs.split(",")
+    if bad := [c for c in configs if c not in CONFIGS]:
+        parser.error(f"--configs: unknown {bad}; allowed: {', '.join(CONFIGS)}")
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
     results = []
-    for name in [args.twin, *args.models.split(",")]:
+    for name, config in [(args.twin, "baseline"), *((m, c) for m in args.models.split(",") for c in configs)]:
         for size, batch in sizes:
             torch.manual_seed(0)
             if name == args.twin and name.startswith(("deit", "vit")):
@@ -119,11 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                 "size": size,
                 "batch": batch,
                 "train": args.train,
-                **profile(model, size, batch, args.train),
+                "config": config,
             }
+            with switches(config):
+                r.update(profile(model, size, batch, args.train))
             results.append(r)
             what = "training step" if args.train else "forward"
-            print(f"\n== {name} {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU per {what}", flush=True)
+            print(
+                f"\n== {name} [{config}] {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU, "
+                f"{r['wall_ms']:.2f} ms wall per {what}",
+                flush=True,
+            )
             for cat, us in r["categories_us"].items():
                 print(f"   {cat:28s} {us / 1e3:8.2f} ms  {100 * us / r['gpu_us']:5.1f}%")
             for k in r["top_kernels"][:12]:

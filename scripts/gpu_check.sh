@@ -187,7 +187,7 @@ for stage in "$@"; do
       for m in ${PROFILE_MODES:-fwd ${PROFILE_TRAIN:+train}}; do  # PROFILE_MODES=train: the training step alone
         mode=$([[ $m == train ]] && echo --train)
         timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
-          --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --name "profile_hier${mode:+_train}_$COMMIT" \
+          --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --configs ${PROFILE_CONFIGS:-baseline} --name "profile_hier${mode:+_train}_$COMMIT" \
           --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
         grep -A6 "^==" "$OUT/profile_hier${mode:+_train}_$COMMIT.log" | grep -v "^     "
       done ;;

@@ -296,6 +296,7 @@ def test_models_with_fast_path(switch, name, monkeypatch):
 
     def run():
         model.load_state_dict(state)  # the same BatchNorm running statistics before each step
+        torch.manual_seed(1)  # the same stochastic-depth draws (a model's default drop_path_rate may be non-zero)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
