@@ -101,18 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--train", action="store_true", help="a training step instead of an inference forward")
+    parser.add_argument(
+        "--configs",
+        default="baseline",
+        help="comma-separated opt-in fast-path settings of benchmarks/toggle_speed.py, each measured in turn",
+    )
     args = parser.parse_args(argv)
+    from benchmarks.toggle_speed import parse_configs, switches
+
+    configs = parse_configs(parser, args.configs)
     rows = []
-    for name in args.models.split(","):
+    for name, config in ((m, c) for m in args.models.split(",") for c in configs):
         torch.manual_seed(0)
         kw = {"dynamic_img_size": True, "img_size": args.size} if name.startswith("deit") else {}
         model = timm.create_model(name, **kw).cuda().eval()
         fn = measure_train if args.train else measure
-        r = {"model": name, "size": args.size, "batch": args.batch, "train": args.train}
-        r.update(fn(model, args.size, args.batch, args.iters))
+        r = {"model": name, "size": args.size, "batch": args.batch, "train": args.train, "config": config}
+        with switches(config):
+            r.update(fn(model, args.size, args.batch, args.iters))
         rows.append(r)
         replay = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
-        print(f"\n== {name} {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "
+        print(f"\n== {name} [{config}] {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "
               f"{replay}, kernels {r['kernels_ms']:.2f} ms, host self CPU {r['host_self_cpu_ms']:.2f} ms",
               flush=True)  # fmt: skip
         for op in r["top_host_ops"][:24]:

@@ -113,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated opt-in fast-path settings of benchmarks/toggle_speed.py, each profiled in turn",
     )
     args = parser.parse_args(argv)
-    from benchmarks.toggle_speed import CONFIGS, switches
+    from benchmarks.toggle_speed import parse_configs, switches
 
-    configs = args.configs.split(",")
-    if bad := [c for c in configs if c not in CONFIGS]:
-        parser.error(f"--configs: unknown {bad}; allowed: {', '.join(CONFIGS)}")
+    configs = parse_configs(parser, args.configs)
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
     results = []
     for name, config in [(args.twin, "baseline"), *((m, c) for m in args.models.split(",") for c in configs)]:

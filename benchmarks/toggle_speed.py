@@ -42,6 +42,14 @@ CONFIGS = ("baseline", "pre_norm", "conv_rows", "bn_nhwc", "all")
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 
 
+def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """``value`` (comma-separated config names) as a list; an unknown name is a usage error listing the allowed."""
+    configs = [c for c in value.split(",") if c]
+    if (bad := [c for c in configs if c not in CONFIGS]) or not configs:
+        parser.error(f"--configs: unknown {bad or value!r}; allowed: {', '.join(CONFIGS)}")
+    return configs
+
+
 @contextlib.contextmanager
 def switches(config: str) -> Iterator[None]:
     """The process-wide settings of ``config``, restored afterwards."""
