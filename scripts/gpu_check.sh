@@ -159,6 +159,13 @@ for stage in "$@"; do
     bench-toggle)  # the opt-in fast paths (fused pre-norm LayerNorm, tap-row conv weight gradient) against the defaults
       timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
         ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
+    bench-ln)  # the pre-norm LayerNorm op: Triton against F.layer_norm + cast, the backward launch sweep, host us per call
+      timeout ${LN_LIMIT:-150} python3 benchmarks/layer_norm_op.py --out "$OUT" --commit "$COMMIT" 2>&1 \
+        | grep -vE '^\{' | tail -16 ;;
+    host-train)  # host vs GPU time of a training step per opt-in config (HOST_MODELS, HOST_CONFIGS)
+      timeout ${HOST_LIMIT:-150} python3 benchmarks/host_overhead.py --train --batch 128 --out "$OUT" --commit "$COMMIT" \
+        --models ${HOST_MODELS:-infvit_small} --configs ${HOST_CONFIGS:-baseline,pre_norm} 2>&1 | grep -v "^\s*$" \
+        | tee "$OUT/host_overhead_train_$COMMIT.log" | head -60 ;;
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;

@@ -24,13 +24,26 @@ import triton.language as tl
 
 from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
 from ._eager import eager_call, eager_op
-from .linear import _splits
+from .linear import _num_sms
 
-__all__ = ["MAX_CHANNELS", "gated_layer_norm_triton", "layer_norm_triton"]
+__all__ = ["MAX_CHANNELS", "TUNING", "gated_layer_norm_triton", "layer_norm_triton"]
 
 #: Elements of the ``[BLOCK_M, BLOCK_C]`` tile per thread: forward, backward (which holds more live tiles). At 32 per
 #: thread the forward used all 255 registers for sm_90 (a quarter of the warps an SM can hold).
 PER_THREAD, PER_THREAD_BACKWARD = 16, 8
+
+#: Backward launch settings (``benchmarks/layer_norm_op.py`` times the choices side by side):
+#:
+#: * ``"backward_programs_per_sm"``: programs launched per SM (at most one per row block); each loops over its run
+#:   of row blocks and writes one partial ``dweight`` / ``dbias`` row, summed afterwards. More programs hide more
+#:   load latency; fewer make a smaller partial-sum buffer (``programs x C`` float32);
+#: * ``"backward_per_thread"``: tile elements per thread (sets ``BLOCK_M``);
+#: * ``"backward_stages"``: ``num_stages`` of the backward launch (``None``: Triton's default).
+TUNING: dict[str, int | str | None] = {
+    "backward_programs_per_sm": 4,
+    "backward_per_thread": PER_THREAD_BACKWARD,
+    "backward_stages": None,
+}
 
 
 @triton.jit
@@ -123,7 +136,7 @@ def meta(c: int, backward: bool = False) -> dict[str, int]:
     """``BLOCK_M``, ``BLOCK_C`` and ``num_warps`` for rows of ``c`` channels (the whole row in one block)."""
     block_c = triton.next_power_of_2(max(int(c), 1))
     warps = 4 if block_c <= 256 else 8 if block_c <= 512 else 16  # 8 warps on 2 x 1024 spilled for sm_90
-    per_thread = PER_THREAD_BACKWARD if backward else PER_THREAD
+    per_thread = int(TUNING["backward_per_thread"]) if backward else PER_THREAD
     block_m = max(1, min(64, per_thread * 32 * warps // block_c))
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": warps}
 
@@ -200,7 +213,11 @@ def gated_layer_norm_bwd(
     if not m:
         return dx, dg, x.new_zeros(nw, dtype=torch.float32), x.new_zeros(nb, dtype=torch.float32)
     kw = meta(c, backward=True)
-    programs, per = _splits(m, kw["BLOCK_M"], 1, x.device)  # about four programs per SM
+    n_blocks = triton.cdiv(m, kw["BLOCK_M"])
+    per = triton.cdiv(n_blocks, min(n_blocks, int(TUNING["backward_programs_per_sm"]) * _num_sms(x.device)))
+    programs = triton.cdiv(n_blocks, per)
+    if TUNING["backward_stages"] is not None:
+        kw["num_stages"] = int(TUNING["backward_stages"])
     dw = x.new_empty((programs, nw), dtype=torch.float32)
     db = x.new_empty((programs, nb), dtype=torch.float32)
     _gated_norm_bwd_kernel[(programs,)](
