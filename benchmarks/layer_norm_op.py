@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             t, a = by.get((name, "triton", mode)), by.get((name, "torch", mode))
             if t and a:
                 print(f"{name} {mode}: torch {a:.3f} ms, triton {t:.3f} ms: {a / t:.2f}x")
-        best = min((r for r in sweep if r["shape"] == name and r["status"] == "ok"), key=lambda r: r["ms"], default=None)
+        ok = [r for r in sweep if r["shape"] == name and r["status"] == "ok"]
+        best = min(ok, key=lambda r: r["ms"], default=None)
         if best:
             print(f"{name} backward sweep best {best['ms']:.3f} ms at {best['config']}")
     print("host us per call:", json.dumps({k: round(v, 1) for k, v in host.items()}))
