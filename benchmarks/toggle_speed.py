@@ -4,8 +4,10 @@ switch is made the default on a measured ratio, not on a guess.
 
 Switches (each a process-wide setting read at every forward):
 
-* ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` with the ``layer_norm`` op's Triton backend: the
-  blocks' float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass;
+* ``baseline``: every switch below off (whatever the shipped defaults are);
+* ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` (the ``layer_norm`` op, Triton first): the blocks'
+  float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass (inference only: where gradients are
+  taken the blocks keep ``nn.LayerNorm``);
 * ``conv_rows``: ``visionlin.kernels.triton.conv.TUNING["weight_grad"] = "rows"``: the token convolution's weight
   gradient reads each token chunk once per tap row instead of once per tap (training only);
 * ``bn_nhwc``: ``FAST_PATHS["bn_channels_last"]``: the MAViT / RAVLT / NaLaFormer BatchNorm stem channels-last;
@@ -52,27 +54,21 @@ def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
 
 @contextlib.contextmanager
 def switches(config: str) -> Iterator[None]:
-    """The process-wide settings of ``config``, restored afterwards."""
-    from visionlin.kernels import layer_norm
+    """The process-wide settings of ``config`` (``baseline``: every switch off, whatever the shipped defaults),
+    restored afterwards."""
     from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    saved = (dict(norm.FAST_PATHS), norm.layer_norm, dict(conv.TUNING))
+    saved = (dict(norm.FAST_PATHS), dict(conv.TUNING))
     try:
-        if config in ("pre_norm", "all"):
-            norm.FAST_PATHS["pre_norm"] = True
-            norm.layer_norm = functools.partial(layer_norm, backend="triton")
-        if config in ("conv_rows", "all"):
-            conv.TUNING["weight_grad"] = "rows"
-        if config in ("bn_nhwc", "all"):
-            norm.FAST_PATHS["bn_channels_last"] = True
+        norm.FAST_PATHS.update(pre_norm=config in ("pre_norm", "all"), bn_channels_last=config in ("bn_nhwc", "all"))
+        conv.TUNING["weight_grad"] = "rows" if config in ("conv_rows", "all") else "taps"
         yield
     finally:
         norm.FAST_PATHS.clear()
         norm.FAST_PATHS.update(saved[0])
-        norm.layer_norm = saved[1]
         conv.TUNING.clear()
-        conv.TUNING.update(saved[2])
+        conv.TUNING.update(saved[1])
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):

@@ -172,6 +172,46 @@ def test_pre_norm_is_layer_norm_off_cuda(monkeypatch):
     assert as_pre_norm(rms) is rms and type(rms) is timm.layers.RmsNorm  # only exact nn.LayerNorm is converted
 
 
+def test_pre_norm_takes_the_fast_path_only_without_gradients(monkeypatch):
+    """On (fake) CUDA tensors under autocast with the switch on, PreNorm calls the ``layer_norm`` op with autocast's
+    dtype only where no gradient is taken (no_grad, inference_mode, or nothing requiring grad); with gradients (a
+    host-bound training step, where the op's call path costs more than ``F.layer_norm``) it is ``nn.LayerNorm``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = []
+
+    def recorder(x, weight, bias, eps, *, out_dtype):
+        calls.append(out_dtype)
+        return x.to(out_dtype)
+
+    monkeypatch.setattr(norm_module, "layer_norm", recorder)
+    monkeypatch.setitem(norm_module.FAST_PATHS, "pre_norm", True)
+    # CUDA autocast as PreNorm sees it (torch disables a real autocast context without a CUDA device)
+    autocast = [True]
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: autocast[0] and device == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    pre, off = as_pre_norm(nn.LayerNorm(16)), as_pre_norm(nn.LayerNorm(16))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pre, off = pre.cuda(), off.cuda()
+        x = torch.randn(2, 5, 16, device="cuda")
+        assert pre(x).dtype == torch.float32 and calls == []  # the weight requires grad
+        assert pre(x.requires_grad_()).dtype == torch.float32 and calls == []
+        for ctx in (torch.no_grad(), torch.inference_mode()):
+            with ctx:
+                assert pre(x).dtype == torch.bfloat16
+        pre.requires_grad_(False)
+        assert pre(x.detach()).dtype == torch.bfloat16
+        assert len(calls) == 3
+        autocast[0] = False
+        with torch.no_grad():
+            assert pre(x).dtype == torch.float32
+        autocast[0] = True
+        monkeypatch.setitem(norm_module.FAST_PATHS, "pre_norm", False)
+        with torch.no_grad():
+            assert off(x).dtype == torch.float32
+    assert calls == [torch.bfloat16] * 3
+
+
 def test_blocks_use_pre_norm_only_before_projections():
     """The blocks' norm1 / norm2 are PreNorm; stem, downsampling and final norms (whose outputs are the residual
     stream or the features) stay nn.LayerNorm."""
@@ -283,10 +323,11 @@ def test_triton_compiles_and_matches_eager():
     ],
 )
 def test_models_with_fast_path(switch, name, monkeypatch):
-    """With a ``FAST_PATHS`` switch on (the pre-norm one with the Triton LayerNorm), a model in training mode under bf16
-    autocast gives its switch-off result within bfloat16 noise: logits and every parameter gradient, relative error at
-    most 2e-2 (a few bfloat16 roundings over the depth; the two differ only in summation orders before the same
-    roundings)."""
+    """With a ``FAST_PATHS`` switch on, a model under bf16 autocast gives its switch-off result within bfloat16 noise
+    (relative error at most 2e-2: a few bfloat16 roundings over the depth; the two differ only in summation orders
+    before the same roundings): for the pre-norm switch (with the Triton LayerNorm) the inference logits, and the
+    training step bitwise (it keeps ``nn.LayerNorm`` where gradients are taken); for the BatchNorm stem's switch the
+    training step's logits and every parameter gradient."""
     import functools
 
     torch.manual_seed(0)
@@ -297,20 +338,29 @@ def test_models_with_fast_path(switch, name, monkeypatch):
     def run():
         model.load_state_dict(state)  # the same BatchNorm running statistics before each step
         torch.manual_seed(1)  # the same stochastic-depth draws (a model's default drop_path_rate may be non-zero)
+        model.train()
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
         out.float().square().mean().backward()
         grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-        return out.detach().float(), grads
+        model.eval()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            infer = model(x).float()
+        return out.detach().float(), grads, infer
 
+    monkeypatch.setitem(norm_module.FAST_PATHS, "pre_norm", False)
+    monkeypatch.setitem(norm_module.FAST_PATHS, "bn_channels_last", False)
     off = run()
     monkeypatch.setitem(norm_module.FAST_PATHS, switch, True)
     if switch == "pre_norm":
         monkeypatch.setattr(norm_module, "layer_norm", functools.partial(layer_norm, backend="triton"))
     on = run()
-    errs = {k: _rel(a, b) for k, a, b in zip(("logits", "grads"), on, off, strict=True)}
+    errs = {k: _rel(a, b) for k, a, b in zip(("logits", "grads", "inference"), on, off, strict=True)}
     assert all(e <= 2e-2 for e in errs.values()), errs
+    if switch == "pre_norm":
+        assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])  # training: nn.LayerNorm in both
+        assert errs["inference"] > 0  # the switch did change the inference path
 
 
 def test_stem_memory_format_off_cuda(monkeypatch):

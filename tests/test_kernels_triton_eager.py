@@ -137,7 +137,7 @@ def test_compile_fullgraph_still_sees_the_custom_op():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from visionlin.kernels.triton import conv, infsa, linear
+    from visionlin.kernels.triton import conv, infsa, linear, neighborhood
 
     def both(fast, op, args, grads):
         res = []
@@ -162,6 +162,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     x = torch.randn(2, 1 + 5 * 7, 8, generator=g)
     w, b = torch.randn(8, 3, 3, generator=g), torch.randn(8, generator=g)
     both(conv._token_dwconv_fwd_call, conv.token_dwconv_fwd, (x, w, b, x, 5, 7, 1), (1, 1, 1, 0, 0, 0, 0))
+    qn, kn, vn = (torch.randn(1, 6, 5, 2, 16, generator=g) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g)
+    both(neighborhood._na2d_fwd_call, neighborhood.na2d_fwd, (qn, kn, vn, rpb, 3, 3, 1, 1, 0.25),
+         (1, 1, 1, 1, 0, 0, 0, 0, 0))
     print("interpreter ok")
     """
 )

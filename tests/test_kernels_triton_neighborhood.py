@@ -164,6 +164,23 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
     return [torch.randn(2, *spatial, heads, dim, dtype=dtype, device=device) for _ in range(3)]
 
 
+def test_bias_table_index_is_built_once_per_geometry():
+    """The backward's flat bias-table index is cached per (geometry, device): the same tensor on a second call, equal
+    to a fresh build, and a different one for another geometry (dilated, clipped windows included)."""
+    from visionlin.kernels.triton import neighborhood as tn
+
+    cpu = torch.device("cpu")
+    for x, y, ks, dil, h in ((7, 5, 3, 1, 2), (12, 9, 5, 2, 3), (4, 6, 7, 1, 1)):
+        (kx, dx), (ky, dy) = na.effective_window(x, ks, dil), na.effective_window(y, ks, dil)
+        shape = (h, 2 * ks - 1, 2 * ks - 1)
+        first = tn._table_index(x, y, kx, ky, dx, dy, shape, cpu)
+        assert tn._table_index(x, y, kx, ky, dx, dy, list(shape), cpu) is first
+        assert torch.equal(first, tn._build_table_index(x, y, kx, ky, dx, dy, shape, cpu))
+        assert first.shape == (h, x * y * kx * ky)
+        assert int(first.min()) >= 0 and int(first.max()) < shape[1] * shape[2]
+    assert tn._table_index(7, 5, 3, 3, 1, 1, (2, 5, 5), cpu) is not tn._table_index(7, 6, 3, 3, 1, 1, (2, 5, 5), cpu)
+
+
 def test_triton_supports_reasons():
     op = get_op("neighborhood_attention")
     assert list(op.backends) == ["natten", "triton", "flex", "chunked", "reference"]

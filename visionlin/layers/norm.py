@@ -1,4 +1,4 @@
-"""Norm layers with fast paths not yet measured on a GPU, each behind a switch in :data:`FAST_PATHS`.
+"""Norm layers with fast paths, each behind a process-wide switch in :data:`FAST_PATHS`.
 
 In a pre-norm block (``x + mixer(norm1(x))``, ``x + mlp(norm2(x))``) under CUDA autocast, ``nn.LayerNorm`` runs in
 float32 on the float32 residual stream and writes float32, and the mixer's or MLP's first ``Linear`` casts that to
@@ -9,7 +9,11 @@ H200 the LayerNorms were 21-32% of the hierarchical models' kernel time at 224 p
 :class:`PreNorm` is an ``nn.LayerNorm`` (same parameters and state-dict keys) that, with ``FAST_PATHS["pre_norm"]``
 on, returns autocast's dtype from :func:`visionlin.kernels.layer_norm` (the Triton kernel writes it from float32
 statistics in one pass; the values are those of the float32 LayerNorm rounded once, as the ``Linear``'s cast rounded
-them). Elsewhere (CPU, no autocast, ``torch.compile``, which fuses the pair itself) it is ``nn.LayerNorm``.
+them). It does so only where no gradient is taken (inference): in a training step the op's Python call path and its
+two Triton launches cost more host time than ``F.layer_norm`` (``benchmarks/results/h200/host_calls.json``), and
+eager training steps are host-bound, so the switch slowed them (0.72-0.93x, ``toggle_speed_215ffc9.json``) while
+it sped up inference 1.05-1.39x. Elsewhere (CPU, no autocast, gradients, ``torch.compile``, which fuses the pair
+itself) it is ``nn.LayerNorm``.
 :func:`stem_memory_format` is the BatchNorm stems' switch (``FAST_PATHS["bn_channels_last"]``).
 """
 
@@ -23,24 +27,27 @@ from ..kernels.gated_norm import layer_norm
 
 __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 
-#: Process-wide switches, read at every forward; off until their GPU tests and ``benchmarks/toggle_speed.py`` (each
-#: switch off and on, side by side) have run:
+#: Process-wide switches, read at every forward; each on after its GPU tests passed and ``benchmarks/toggle_speed.py``
+#: (each switch off and on, side by side) measured it:
 #:
-#: * ``"pre_norm"``: the blocks' :class:`PreNorm` layers write autocast's dtype on CUDA (one Triton pass when the
-#:   ``layer_norm`` op's Triton backend is chosen);
+#: * ``"pre_norm"``: the blocks' :class:`PreNorm` layers write autocast's dtype on CUDA in inference (one Triton pass
+#:   when the ``layer_norm`` op's Triton backend is chosen). H200, batch 256, 224 px: NAT-T 1.39x, FLatten-PVT-S
+#:   1.33x, MAViT-T 1.18x, NaLaFormer-T 1.06x, InfViT-S 1.05x (``toggle_speed_215ffc9.json``); at 64 channels
+#:   ``F.layer_norm`` reached 245 GB/s, the Triton kernel 1669 GB/s (``layer_norm_op.json``);
 #: * ``"bn_channels_last"``: the BatchNorm stem of MAViT / RAVLT / NaLaFormer runs its convolutions and BatchNorms on
 #:   channels-last CUDA tensors (their downsamplers already do: their input is a permuted token map). In NCHW,
 #:   PyTorch's BatchNorm parallelises over channels: the stem's 32-channel maps at 112 x 112 took 13.6 of
 #:   NaLaFormer-T's 82.3 ms training step on the H200 (``profile_hier_train_bbe2e19.log``: statistics 4.3 ms,
 #:   backward 9.3 ms); channels-last, its kernels spread over the pixels and the stem's ``[B, H, W, C]`` output is
-#:   contiguous without a copy.
-FAST_PATHS: dict[str, bool] = {"pre_norm": False, "bn_channels_last": False}
+#:   contiguous without a copy. Inference 1.03x (MAViT-T), 1.02x (NaLaFormer-T).
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True}
 
 
 @register_notrace_module
 class PreNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose output under CUDA autocast is autocast's dtype when ``FAST_PATHS["pre_norm"]`` is on (see
-    the module docstring); use it only where every consumer of the output casts to that dtype (``Linear``, conv)."""
+    """``nn.LayerNorm`` whose output under CUDA autocast, without gradients, is autocast's dtype when
+    ``FAST_PATHS["pre_norm"]`` is on (see the module docstring); use it only where every consumer of the output casts
+    to that dtype (``Linear``, conv)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -49,6 +56,7 @@ class PreNorm(nn.LayerNorm):
             and torch.is_autocast_enabled("cuda")
             and not torch.compiler.is_compiling()
             and len(self.normalized_shape) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         ):
             return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=torch.get_autocast_dtype("cuda"))
         return super().forward(x)

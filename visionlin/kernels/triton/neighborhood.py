@@ -30,11 +30,14 @@ fused qkv projection). 1-D calls run as 2-D with one row.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ._eager import eager_call, eager_op
 
 __all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -543,7 +546,15 @@ def _(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
 
 
 def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
-    """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major."""
+    """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major. Built once
+    per geometry and device (the host work of building it cost more than the backward kernels' launches); not cached
+    while a CUDA graph is being captured (its memory would belong to the graph's pool)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _build_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
+    return _cached_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
+
+
+def _build_table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     from ..neighborhood import neighborhood_indices
 
     ksx, ksy = (shape[1] + 1) // 2, (shape[2] + 1) // 2
@@ -555,6 +566,9 @@ def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     return flat.reshape(1, -1).expand(shape[0], -1)
 
 
+_cached_table_index = functools.lru_cache(maxsize=64)(_build_table_index)
+
+
 def _setup(ctx, inputs, output):
     q, k, v, rpb, kx, ky, dx, dy, scale = inputs
     out, lse = output
@@ -564,14 +578,18 @@ def _setup(ctx, inputs, output):
     ctx.need_drpb = rpb is not None and ctx.needs_input_grad[3]
 
 
-def _backward(ctx, g, _g_lse):
+def _backward(ctx, g, _g_lse=None):
+    if g is None:  # the output unused (the eager path does not materialise zero gradients)
+        return None, None, None, None, None, None, None, None, None
     q, k, v, rpb, out, lse = ctx.saved_tensors
-    dq, dk, dv, drpb = torch.ops.visionlin.na2d_bwd(q, k, v, rpb, out, lse, g, *ctx.window, ctx.need_drpb)
+    dq, dk, dv, drpb = _na2d_bwd_call(q, k, v, rpb, out, lse, g, *ctx.window, ctx.need_drpb)
     drpb = drpb.to(rpb.dtype) if ctx.need_drpb else None
     return dq, dk, dv, drpb, None, None, None, None, None
 
 
 na2d_fwd.register_autograd(_backward, setup_context=_setup)
+_na2d_bwd_call = eager_call(na2d_bwd)
+_na2d_fwd_call = eager_op(na2d_fwd, _setup, _backward)
 
 
 def na2d_triton(
@@ -591,4 +609,4 @@ def na2d_triton(
     """
     (kx, dx), (ky, dy) = window
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.visionlin.na2d_fwd(q, k, v, rpb, kx, ky, dx, dy, s)[0]
+    return _na2d_fwd_call(q, k, v, rpb, kx, ky, dx, dy, s)[0]
