@@ -165,29 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
-    from visionlin.kernels.triton import conv
 
     rows = []
     for name in args.shapes.split(","):
         for backend in ("triton", "torch", None):
             rows += _measure(name, SHAPES[name], args, backend)
-        # the opt-in weight-gradient kernel (a tap row per pass) in the same run: forward + backward only
-        conv.TUNING["weight_grad"] = "rows"
-        try:
-            row = _measure(name, SHAPES[name], args, "triton", modes=("forward_backward",))[0]
-        finally:
-            conv.TUNING["weight_grad"] = "taps"
-        rows.append(row | {"method": "triton_wgrad_rows"})
     by = {(r["shape"], r["method"], r["mode"]): r.get("ms") for r in rows}
     for name in args.shapes.split(","):
         for mode in ("forward", "forward_backward"):
             t, a, bound = (by.get((name, m, mode)) for m in ("triton", "torch", "add_bound"))
             if t and a and bound:
                 print(f"{name} {mode}: torch / triton {a / t:.2f}x, triton / add bound {t / bound:.2f}x")
-        rows_ms = by.get((name, "triton_wgrad_rows", "forward_backward"))
-        if rows_ms and by.get((name, "triton", "forward_backward")):
-            taps = by[(name, "triton", "forward_backward")]
-            print(f"{name} forward_backward: weight grad by tap rows / by taps {taps / rows_ms:.2f}x faster")
     sweep = _sweep(args) if args.sweep else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
     for note in write_result(result, args.out, STEM, plot=_plot):

@@ -1,4 +1,4 @@
-"""Opt-in fast paths against the defaults, side by side in one process: the inference forward and the training step
+"""The fast-path switches, each off and on, side by side in one process: the inference forward and the training step
 (forward, cross-entropy, backward, AdamW) of each model with each switch off and on, in alternating order, so that a
 switch is made the default on a measured ratio, not on a guess.
 
@@ -8,8 +8,6 @@ Switches (each a process-wide setting read at every forward):
 * ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` (the ``layer_norm`` op, Triton first): the blocks'
   float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass (inference only: where gradients are
   taken the blocks keep ``nn.LayerNorm``);
-* ``conv_rows``: ``visionlin.kernels.triton.conv.TUNING["weight_grad"] = "rows"``: the token convolution's weight
-  gradient reads each token chunk once per tap row instead of once per tap (training only);
 * ``bn_nhwc``: ``FAST_PATHS["bn_channels_last"]``: the MAViT / RAVLT / NaLaFormer BatchNorm stem channels-last;
 * ``all``: every switch on.
 
@@ -40,7 +38,7 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("baseline", "pre_norm", "conv_rows", "bn_nhwc", "all")
+CONFIGS = ("baseline", "pre_norm", "bn_nhwc", "all")
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 
 
@@ -56,19 +54,15 @@ def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
 def switches(config: str) -> Iterator[None]:
     """The process-wide settings of ``config`` (``baseline``: every switch off, whatever the shipped defaults),
     restored afterwards."""
-    from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    saved = (dict(norm.FAST_PATHS), dict(conv.TUNING))
+    saved = dict(norm.FAST_PATHS)
     try:
         norm.FAST_PATHS.update(pre_norm=config in ("pre_norm", "all"), bn_channels_last=config in ("bn_nhwc", "all"))
-        conv.TUNING["weight_grad"] = "rows" if config in ("conv_rows", "all") else "taps"
         yield
     finally:
         norm.FAST_PATHS.clear()
-        norm.FAST_PATHS.update(saved[0])
-        conv.TUNING.clear()
-        conv.TUNING.update(saved[1])
+        norm.FAST_PATHS.update(saved)
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):

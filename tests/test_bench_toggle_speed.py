@@ -28,21 +28,18 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 
 def test_switches_set_and_restore():
-    from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    before = (dict(norm.FAST_PATHS), dict(conv.TUNING))
+    before = dict(norm.FAST_PATHS)
     with toggle_speed.switches("all"):
-        assert norm.FAST_PATHS == {"pre_norm": True, "bn_channels_last": True} and conv.TUNING["weight_grad"] == "rows"
+        assert norm.FAST_PATHS == {"pre_norm": True, "bn_channels_last": True}
     with toggle_speed.switches("baseline"):
-        assert not any(norm.FAST_PATHS.values()) and conv.TUNING["weight_grad"] == "taps"
-    with toggle_speed.switches("conv_rows"):
-        assert not any(norm.FAST_PATHS.values()) and conv.TUNING["weight_grad"] == "rows"
+        assert not any(norm.FAST_PATHS.values())
     with toggle_speed.switches("bn_nhwc"):
         assert norm.FAST_PATHS == {"pre_norm": False, "bn_channels_last": True}
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
         raise RuntimeError  # restored on error too
-    assert (dict(norm.FAST_PATHS), dict(conv.TUNING)) == before
+    assert dict(norm.FAST_PATHS) == before
 
 
 @pytest.mark.gpu

@@ -110,17 +110,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from visionlin.kernels.triton import conv
     for case in CASES:
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
-    conv.TUNING["weight_grad"] = "rows"  # the opt-in weight-gradient kernel (a tap row per pass)
-    for case in CASES:
-        check_backend(case, torch.float32, "cpu", "triton", direct=True)
-    check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
-    conv.TUNING["weight_grad"] = "fast"  # a setting that names no kernel is refused, not ignored
-    try:
-        check_backend(CASES[0], torch.float32, "cpu", "triton", direct=True)
-        raise AssertionError("an unknown weight_grad setting ran")
-    except ValueError as e:
-        assert "choose 'taps' or 'rows'" in str(e), e
-    conv.TUNING["weight_grad"] = "taps"
     check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: float32 ran batch 3
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
     # the backward op's real outputs have the strides its fake promises (torch.compile checks them)
@@ -151,19 +140,6 @@ gpu = pytest.mark.gpu
     "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
 )
 def test_triton_matches_reference(case, dtype):
-    check_backend(case, dtype, "cuda", "triton")
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "case", [*CASES, (4, 56, 56, 64, 3, 0, False, True, True), (2, 28, 28, 128, 5, 1, True, True, False)]
-)
-def test_triton_weight_grad_by_tap_rows(case, dtype, monkeypatch):
-    """The opt-in weight-gradient kernel (``TUNING["weight_grad"] = "rows"``) at the same bounds."""
-    from visionlin.kernels.triton import conv
-
-    monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
     check_backend(case, dtype, "cuda", "triton")
 
 

@@ -318,7 +318,7 @@ def test_triton_compiles_and_matches_eager():
 @pytest.mark.parametrize(
     ("switch", "name"),
     [
-        *(("pre_norm", n) for n in ("nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "vig_small")),
+        *(("pre_norm", n) for n in ("nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "mavit_tiny")),
         *(("bn_channels_last", n) for n in ("nalaformer_tiny", "mavit_tiny")),
     ],
 )

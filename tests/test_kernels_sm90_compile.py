@@ -167,12 +167,6 @@ def _conv_and_focus(dt, tdt):
                 dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, **blocks),
                 conv.WARPS_WEIGHT_GRAD,
             ),
-            (
-                conv._weight_grad_rows_kernel,
-                dt,
-                dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, **conv.weight_grad_meta(k)),
-                conv.WARPS_WEIGHT_GRAD,
-            ),
         ]
     for h in (3, 6, 12):
         m, mb = focus._meta(h, 64, focus.BLOCK_T), focus._meta(h, 64, focus.BLOCK_T_BACKWARD)

@@ -105,51 +105,6 @@ def _weight_grad_taps_kernel(
                 tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
-@triton.jit
-def _weight_grad_rows_kernel(
-    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
-    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
-    ``sum_t G`` to ``DB[c]``). Tap rows are the outer loop and the ``K`` taps of a row one ``[KP, BLOCK_T, BLOCK_C]``
-    tile (``KP``: ``K`` padded to a power of two): the chunk's ``G`` and ``X`` are read ``K`` times, not ``K * K``
-    (one tap per pass read them 9 times at k = 3, from HBM once a chunk outgrew L1 and the resident chunks L2)."""
-    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < NCH
-    j = tl.arange(0, KP)  # the tap's column in its row
-    jmask = j < K
-    for r in range(K):
-        # Products summed per (tap, token row, channel) over the chunk, reduced across tokens once per tap row (a
-        # cross-warp reduction per tile was most of the kernel's time).
-        acc = tl.zeros([KP, BLOCK_T, BLOCK_C], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for i in range(per):
-            t = ((pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            tmask = t < HH * WW
-            y, x = t // WW, t % WW
-            g = tl.load(
-                G + b * sg_b + (P + t)[:, None] * sg_n + c[None, :] * sg_c,
-                mask=tmask[:, None] & cmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            yy = y + r - K // 2
-            xx = x[None, :] + j[:, None] - K // 2  # [KP, BLOCK_T]
-            ok = jmask[:, None] & (tmask & (yy >= 0) & (yy < HH))[None, :] & (xx >= 0) & (xx < WW)
-            ptr = X + b * sx_b + (P + yy[None, :] * WW + xx)[:, :, None] * sx_n + c[None, None, :] * sx_c
-            xv = tl.load(ptr, mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
-            acc += g[None, :, :] * xv.to(tl.float32)
-            if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
-                if r == 0:
-                    acc_b += g
-        dst = DW + b * sdw_b + (r * K + j)[:, None] * NCH + c[None, :]
-        tl.atomic_add(dst, tl.sum(acc, axis=1), mask=jmask[:, None] & cmask[None, :])
-        if HAS_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
-            if r == 0:
-                tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
-
-
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
 #: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills). ``TUNING`` holds
 #: the forward / input-gradient kernel's settings (``stages``: Triton's software pipelining of the tap-row loop,
@@ -157,18 +112,7 @@ def _weight_grad_rows_kernel(
 BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
 
 
-def weight_grad_meta(k: int) -> dict[str, int]:
-    """:func:`_weight_grad_rows_kernel`'s ``KP`` and token block: ``KP * BLOCK_T * BLOCK_C`` float32 accumulators held
-    over 128 threads (64 per thread; k = 5 and 7 pad their rows to 8 taps and halve the token block)."""
-    kp = triton.next_power_of_2(int(k))
-    return {"KP": kp, "BLOCK_T": max(4, BLOCK_T * 4 // max(kp, 4))}
-
-
-TUNING: dict[str, int | str | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
-#: The weight-gradient kernel: ``"taps"`` (:func:`_weight_grad_taps_kernel`, one tap per pass over the chunk; measured
-#: on the H200) or ``"rows"`` (:func:`_weight_grad_rows_kernel`, a tap row per pass: ``K`` passes instead of ``K * K``;
-#: interpreter- and sm_90-compile-checked, not yet run on a GPU: ``benchmarks/conv_op.py`` times both side by side).
-TUNING["weight_grad"] = "taps"
+TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
 
 
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
@@ -243,16 +187,10 @@ def token_dwconv_bwd(
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
         c_blocks = triton.cdiv(c, BLOCK_C)
-        if TUNING["weight_grad"] == "rows":
-            kernel, meta = _weight_grad_rows_kernel, weight_grad_meta(k)
-        elif TUNING["weight_grad"] == "taps":
-            kernel, meta = _weight_grad_taps_kernel, {"BLOCK_T": BLOCK_T}
-        else:
-            raise ValueError(f"conv.TUNING['weight_grad']={TUNING['weight_grad']!r}: choose 'taps' or 'rows'")
-        splits, per = _splits(hh * ww, meta["BLOCK_T"], b * c_blocks, x.device)  # token chunks: ~4 programs per SM
-        kernel[(splits, c_blocks, b)](
+        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
+        _weight_grad_taps_kernel[(splits, c_blocks, b)](
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
-            K=k, HAS_BIAS=has_bias, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD, **meta,
+            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
         )  # fmt: skip
     return dx, _unflat_weight_grad(dw, weight), db
 
