@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None)
     parser.add_argument(
         "--configs",
-        default="baseline",
-        help="comma-separated opt-in fast-path settings of benchmarks/toggle_speed.py, each profiled in turn",
+        default="default",
+        help="comma-separated fast-path settings of benchmarks/toggle_speed.py, each profiled in turn (default: the "
+        "shipped settings; baseline: every switch off)",
     )
     args = parser.parse_args(argv)
     from benchmarks.toggle_speed import parse_configs, switches
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = parse_configs(parser, args.configs)
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]
     results = []
-    for name, config in [(args.twin, "baseline"), *((m, c) for m in args.models.split(",") for c in configs)]:
+    for name, config in [(args.twin, "default"), *((m, c) for m in args.models.split(",") for c in configs)]:
         for size, batch in sizes:
             torch.manual_seed(0)
             if name == args.twin and name.startswith(("deit", "vit")):

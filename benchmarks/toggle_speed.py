@@ -4,6 +4,7 @@ switch is made the default on a measured ratio, not on a guess.
 
 Switches (each a process-wide setting read at every forward):
 
+* ``default``: the settings as shipped (nothing changed; for the profiling scripts, not in this script's default list);
 * ``baseline``: every switch below off (whatever the shipped defaults are);
 * ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` (the ``layer_norm`` op, Triton first): the blocks'
   float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass (inference only: where gradients are
@@ -38,7 +39,8 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("baseline", "pre_norm", "bn_nhwc", "all")
+CONFIGS = ("default", "baseline", "pre_norm", "bn_nhwc", "all")
+TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 
 
@@ -58,7 +60,10 @@ def switches(config: str) -> Iterator[None]:
 
     saved = dict(norm.FAST_PATHS)
     try:
-        norm.FAST_PATHS.update(pre_norm=config in ("pre_norm", "all"), bn_channels_last=config in ("bn_nhwc", "all"))
+        if config != "default":
+            norm.FAST_PATHS.update(
+                pre_norm=config in ("pre_norm", "all"), bn_channels_last=config in ("bn_nhwc", "all")
+            )
         yield
     finally:
         norm.FAST_PATHS.clear()
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for toggle_speed.json / .png")
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--models", default=MODELS, help="comma-separated model names (visionlin's or timm's)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(TOGGLES), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--modes", default="infer,train", help="comma-separated subset of infer, train")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-infer", type=int, default=256)

@@ -164,7 +164,7 @@ for stage in "$@"; do
         | grep -vE '^\{' | tail -16 ;;
     host-train)  # host vs GPU time of a training step per opt-in config (HOST_MODELS, HOST_CONFIGS)
       timeout ${HOST_LIMIT:-150} python3 benchmarks/host_overhead.py --train --batch 128 --out "$OUT" --commit "$COMMIT" \
-        --models ${HOST_MODELS:-infvit_small} --configs ${HOST_CONFIGS:-baseline,pre_norm} 2>&1 | grep -v "^\s*$" \
+        --models ${HOST_MODELS:-infvit_small} --configs ${HOST_CONFIGS:-default,baseline} 2>&1 | grep -v "^\s*$" \
         | tee "$OUT/host_overhead_train_$COMMIT.log" | head -60 ;;
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
@@ -194,7 +194,7 @@ for stage in "$@"; do
       for m in ${PROFILE_MODES:-fwd ${PROFILE_TRAIN:+train}}; do  # PROFILE_MODES=train: the training step alone
         mode=$([[ $m == train ]] && echo --train)
         timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
-          --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --configs ${PROFILE_CONFIGS:-baseline} --name "profile_hier${mode:+_train}_$COMMIT" \
+          --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --configs ${PROFILE_CONFIGS:-default} --name "profile_hier${mode:+_train}_$COMMIT" \
           --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
         grep -A6 "^==" "$OUT/profile_hier${mode:+_train}_$COMMIT.log" | grep -v "^     "
       done ;;

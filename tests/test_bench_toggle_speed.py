@@ -35,6 +35,8 @@ def test_switches_set_and_restore():
         assert norm.FAST_PATHS == {"pre_norm": True, "bn_channels_last": True}
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
+    with toggle_speed.switches("default"):
+        assert norm.FAST_PATHS == before  # the shipped settings, untouched
     with toggle_speed.switches("bn_nhwc"):
         assert norm.FAST_PATHS == {"pre_norm": False, "bn_channels_last": True}
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):

@@ -396,7 +396,13 @@ def _pad_dims(d: int, dv: int) -> tuple[int, int]:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the Triton interpreter (CPU) only needs some split
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    """SMs of CUDA device ``index``, looked up once (every launch asks: the property query cost host time per call)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _splits(rows: int, block: int, bh: int, device: torch.device) -> tuple[int, int]:
