@@ -36,7 +36,7 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
     with toggle_speed.switches("default"):
-        assert norm.FAST_PATHS == before  # the shipped settings, untouched
+        assert before == norm.FAST_PATHS  # the shipped settings, untouched
     with toggle_speed.switches("bn_nhwc"):
         assert norm.FAST_PATHS == {"pre_norm": False, "bn_channels_last": True}
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):

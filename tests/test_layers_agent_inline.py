@@ -358,3 +358,75 @@ def test_inline_weights_sum_to_one(kernel_func):
     fq, fk = (F.relu(t) if kernel_func == "relu" else t for t in (q, k))
     a = torch.einsum("bnhd,bmhd->bnhm", fq, fk) * 16**-0.5 / n
     torch.testing.assert_close(w, a - a.mean(-1, keepdim=True) + 1.0 / n)
+
+
+# Agent pooling ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("grid", "out"), [((64, 64), (7, 7)), ((37, 50), (7, 7)), ((100, 33), (7, 9)),
+                                           ((16, 16), (1, 1)), ((14, 14), (7, 7)), ((9, 5), (3, 3))])  # fmt: skip
+@pytest.mark.parametrize("large", [False, True])
+def test_pool_tokens_is_adaptive_avg_pool(grid, out, large, monkeypatch):
+    """``pool_tokens`` is ``F.adaptive_avg_pool2d`` of the token grid, on the pooling kernel (small bins) and as two
+    averaging-matrix products (large bins, forced here by lowering the threshold): values within float32 summation
+    order, gradients too, from a strided ``[B, N, C]`` view (a chunk of ``qkv``), and the input's dtype back (bfloat16:
+    one rounding of the float32 result, the pooling kernel's)."""
+    from visionlin.layers import agent
+    from visionlin.layers._base import map_to_tokens, tokens_to_map
+
+    if large:
+        monkeypatch.setattr(agent, "LARGE_POOL_BIN", 0)
+    torch.manual_seed(0)
+    b, c = 2, 8
+    qkv = torch.randn(b, grid[0] * grid[1], 3 * c, requires_grad=True)
+    x = qkv[..., c : 2 * c]
+    got = agent.pool_tokens(x, grid, out)
+    want = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, grid), out))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(got)
+    (dgot,) = torch.autograd.grad(got, qkv, g)
+    (dwant,) = torch.autograd.grad(want, qkv, g)
+    torch.testing.assert_close(dgot, dwant, rtol=1e-6, atol=1e-6)
+    xb = x.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_b = agent.pool_tokens(xb, grid, out)
+    assert got_b.dtype == torch.bfloat16
+    want_b = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(xb.float(), grid), out)).bfloat16()
+    assert (got_b.float() - want_b.float()).abs().max() <= 2**-7 * want_b.float().abs().max()  # one rounding
+    assert agent.pool_tokens(x[:0], grid, out).shape == (0, out[0] * out[1], c)
+
+
+def test_pool_tokens_uses_the_matrices_for_large_bins_only(monkeypatch):
+    """224 px grids (bins up to 8 x 8) stay on ``F.adaptive_avg_pool2d``; a 1024 px stage-1 grid (37 x 37 bins) does
+    not."""
+    from visionlin.layers import agent
+
+    calls = []
+    real = F.adaptive_avg_pool2d
+    monkeypatch.setattr(agent.F, "adaptive_avg_pool2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    agent.pool_tokens(torch.randn(1, 56 * 56, 4), (56, 56), (7, 7))
+    assert calls == [1]
+    agent.pool_tokens(torch.randn(1, 256 * 256, 4), (256, 256), (7, 7))
+    assert calls == [1]
+
+
+def test_agent_model_with_matrix_pooling_traces_exports_and_compiles(monkeypatch):
+    """The large-bin pooling path (autocast turned off inside) through FX, ``torch.export`` and
+    ``torch.compile(fullgraph=True)``, equal to eager."""
+    from test_models import _fx_equals_eager
+
+    from visionlin.layers import agent
+    from visionlin.models.vit import EfficientVisionTransformer
+
+    monkeypatch.setattr(agent, "LARGE_POOL_BIN", 0)
+    torch.manual_seed(0)
+    model = EfficientVisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3, attn_layer="agent",
+        attn_kwargs={"agent_num": 4},
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 32, 48)
+    want = model(x)
+    _fx_equals_eager(model, x)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), want)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x)).all()

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
 from ..kernels.agent import agent_attention
@@ -26,7 +26,7 @@ from ..kernels.conv import token_depthwise_conv2d
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._registry import register_attn
 
-__all__ = ["AgentAttention", "resample_agent_biases"]
+__all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
 
 #: Side of the ``an_bias`` / ``na_bias`` tables (bilinearly resized to the grid), as the authors.
 BASE_BIAS_SIZE = 7
@@ -45,6 +45,42 @@ def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     dt = torch.promote_types(t.dtype, torch.float32)
     out = F.interpolate(flat.to(dt), size=size, mode="linear", align_corners=False).to(t.dtype)
     return out.reshape(*lead, size).movedim(-1, dim)
+
+
+#: Pooling bins of at least this many tokens go through :func:`pool_tokens`' two matrix products instead of
+#: ``F.adaptive_avg_pool2d``: on the H200 PyTorch's channels-last adaptive-pool kernel took 53 of Agent-Swin-T's 100 ms
+#: forward at 1024 px, batch 16 (37 x 37-token bins; ``benchmarks/results/h200/profile_agent_1024_e5191ee.log``). At
+#: 224 px the bins are at most 8 x 8 tokens and stay on the pooling kernel (no extra host work per call there).
+LARGE_POOL_BIN = 256
+
+
+def _pool_matrix(n: int, out: int, device: torch.device) -> torch.Tensor:
+    """``[out, n]`` float32: row ``i`` averages positions ``floor(i n / out)`` to ``ceil((i + 1) n / out) - 1``, the
+    bins of ``F.adaptive_avg_pool2d``."""
+    i = torch.arange(out, device=device)
+    start = torch.div(i * n, out, rounding_mode="floor")
+    end = torch.div((i + 1) * n + out - 1, out, rounding_mode="floor")
+    pos = torch.arange(n, device=device)
+    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+    return inside.float() / (end - start).float()[:, None]
+
+
+@register_notrace_function
+def pool_tokens(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` of a token grid: ``x`` ``[B, H*W, C]`` (row-major, any strides) -> ``[B, oh*ow, C]``
+    in ``x``'s dtype.
+
+    Bins of at least :data:`LARGE_POOL_BIN` tokens are two matrix products with the bins' averaging matrices, in
+    float32 with autocast off (the sums in another order than the pooling kernel's, rounded once to ``x``'s dtype);
+    smaller bins use ``F.adaptive_avg_pool2d``."""
+    (hh, ww), (oh, ow) = feat_size, out_size
+    if -(-hh // oh) * -(-ww // ow) < LARGE_POOL_BIN:
+        return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, feat_size), out_size))
+    b, _, c = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        rows = torch.matmul(_pool_matrix(hh, oh, x.device), x.float().reshape(b, hh, ww * c))  # [B, oh, W*C]
+        out = torch.matmul(_pool_matrix(ww, ow, x.device), rows.reshape(b * oh, ww, c))  # [B*oh, ow, C]
+    return out.reshape(b, oh * ow, c).to(x.dtype)
 
 
 def _bilinear(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -227,7 +263,7 @@ class AgentAttention(TokenMixer):
         feat_size = (int(feat_size[0]), int(feat_size[1]))
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
-        agents = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(q[:, p:], feat_size), self.pool_size)).contiguous()
+        agents = pool_tokens(q[:, p:], feat_size, self.pool_size).contiguous()
         agent_bias, query_bias = self.position_biases(feat_size, p)
         q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
         out = agent_attention(

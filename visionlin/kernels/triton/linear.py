@@ -399,7 +399,7 @@ def _num_sms(device: torch.device) -> int:
     return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     """SMs of CUDA device ``index``, looked up once (every launch asks: the property query cost host time per call)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
