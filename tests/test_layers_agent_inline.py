@@ -430,3 +430,29 @@ def test_agent_model_with_matrix_pooling_traces_exports_and_compiles(monkeypatch
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize(("shape", "dim", "size"), [((1, 3, 49, 14, 1), 3, 256), ((1, 3, 49, 1, 14), 4, 64),
+                                                    ((1, 2, 7, 1, 5), 2, 3), ((1, 2, 1, 13, 5), 3, 100),
+                                                    ((1, 2, 9, 1, 4), 4, 1), ((2, 3, 1), 2, 7)])  # fmt: skip
+def test_resample_axis_is_linear_interpolation(shape, dim, size):
+    """The agent tables' 1-D resampling (one matrix product) is ``F.interpolate(mode="linear",
+    align_corners=False)`` along ``dim``, up and down, forward and backward, and stays float32 under bf16 autocast."""
+    from visionlin.layers.agent import _resample_axis
+
+    def interpolate(t):
+        moved = t.movedim(dim, -1)
+        flat = F.interpolate(moved.reshape(1, -1, moved.shape[-1]), size=size, mode="linear", align_corners=False)
+        return flat.reshape(*moved.shape[:-1], size).movedim(-1, dim)
+
+    torch.manual_seed(0)
+    t = torch.randn(shape, requires_grad=True)
+    got, want = _resample_axis(t, size, dim), interpolate(t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, t, g)[0], torch.autograd.grad(want, t, g)[0], rtol=1e-5,
+                               atol=2e-6)  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _resample_axis(t, size, dim)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, want, rtol=1e-5, atol=2e-6)
