@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="224:256,1024:16", help="size:batch pairs")
     parser.add_argument("--backend", default=None, help="kernel backend for visionlin models (default: auto)")
     parser.add_argument("--train", action="store_true", help="profile a training step instead of a forward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model first (warm-up compiles)")
     parser.add_argument("--twin", default="deit_small_patch16_224", help="dense timm model profiled first")
     parser.add_argument("--name", default=None, help="JSON file stem (default profile_models / profile_train)")
     parser.add_argument("--commit", default=None)
@@ -130,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                 model = timm.create_model(name)
                 visionlin.set_backend(model, args.backend)
             model = model.cuda()
+            if args.compile:
+                model = torch.compile(model)
             r = {
                 "model": name,
                 "size": size,
                 "batch": batch,
                 "train": args.train,
                 "config": config,
+                "compiled": args.compile,
             }
             with switches(config):
                 r.update(profile(model, size, batch, args.train))

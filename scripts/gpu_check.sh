@@ -28,7 +28,11 @@
 #   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~4.5 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
-#   bench-toggle   benchmarks/toggle_speed.py: each opt-in fast path off / on, side by side, inference and training ~4 min
+#   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training ~4 min
+#   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
+#   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
+#   bench-agent    agent models at 224 / 1024 px next to swin_tiny, and their forward profile at 1024 px   ~3 min
+#   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
@@ -156,7 +160,18 @@ for stage in "$@"; do
         | tail -45 ;;
     bench-na3d)
       timeout 150 python3 benchmarks/neighborhood_3d.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -12 ;;
-    bench-toggle)  # the opt-in fast paths (fused pre-norm LayerNorm, tap-row conv weight gradient) against the defaults
+    bench-agent)  # the agent models' pooling and bias resampling (6458fbd, ac0d718): 224 / 1024 px and the 1024 px profile
+      timeout 150 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,1024 \
+        --models agent_pvt_small,agent_swin_tiny,agent_deit_small --twin $SWIN --time-budget 120 --name bench_agent \
+        --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
+      timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --twin $SWIN --models agent_swin_tiny,agent_pvt_small \
+        --sizes 1024:16 --name "profile_agent_1024_$COMMIT" --commit "$COMMIT" > "$OUT/profile_agent_1024_$COMMIT.log" 2>&1
+      grep -A8 "^==" "$OUT/profile_agent_1024_$COMMIT.log" | grep -v "^     " ;;
+    profile-compiled)  # where a compiled training step's time goes (compiled ours trained slower than eager at abf7aa9)
+      timeout 200 python3 benchmarks/profile_models.py --train --compile --out "$OUT" --models infvit_small,inline_deit_small \
+        --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \
+        > "$OUT/profile_compiled_train_$COMMIT.log" 2>&1; grep -A10 "^==" "$OUT/profile_compiled_train_$COMMIT.log" ;;
+    bench-toggle)  # each FAST_PATHS switch off and on (benchmarks/toggle_speed.py)
       timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
         ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
     bench-ln)  # the pre-norm LayerNorm op: Triton against F.layer_norm + cast, the backward launch sweep, host us per call
