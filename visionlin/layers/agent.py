@@ -30,9 +30,10 @@ from ._registry import register_attn
 __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
 
 #: The position biases of an inference forward are kept for the next one (same grid, unchanged tables) while each of
-#: the two has at most this many entries (a 224 px ViT grid: 6 x 49 x 197; 1024 px: 6 x 49 x 4096): building them is
-#: ~10 small kernels and as many host calls per layer, where the attention itself is a few.
-BIAS_CACHE_NUMEL = 1 << 21
+#: the two has at most this many entries (2 MiB in float32: a DeiT-S grid at 224 px is 6 x 49 x 197 and at 512 px
+#: 6 x 49 x 1024; at 1024 px, 6 x 49 x 4096, it is rebuilt): building them is ~10 small kernels and as many host calls
+#: per layer, where the attention itself is a few.
+BIAS_CACHE_NUMEL = 1 << 19
 
 #: Side of the ``an_bias`` / ``na_bias`` tables (bilinearly resized to the grid), as the authors.
 BASE_BIAS_SIZE = 7
