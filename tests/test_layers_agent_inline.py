@@ -365,8 +365,9 @@ def test_inline_weights_sum_to_one(kernel_func):
                                            ((16, 16), (1, 1)), ((14, 14), (7, 7)), ((9, 5), (3, 3))])  # fmt: skip
 @pytest.mark.parametrize("large", [False, True])
 def test_pool_tokens_is_adaptive_avg_pool(grid, out, large, monkeypatch):
-    """``pool_tokens`` is ``F.adaptive_avg_pool2d`` of the token grid, on the pooling kernel (small bins) and as two
-    averaging-matrix products (large bins, forced here by lowering the threshold): values within float32 summation
+    """``pool_tokens`` is ``F.adaptive_avg_pool2d`` of the token grid, as a mean over a view (equal bins), on the
+    pooling kernel (small uneven bins) and as two averaging-matrix products (uneven bins, every size when the threshold
+    is lowered, as here with ``large``): values within float32 summation
     order, gradients too, from a strided ``[B, N, C]`` view (a chunk of ``qkv``), and the input's dtype back (bfloat16:
     one rounding of the float32 result, the pooling kernel's)."""
     from visionlin.layers import agent
@@ -394,18 +395,22 @@ def test_pool_tokens_is_adaptive_avg_pool(grid, out, large, monkeypatch):
     assert agent.pool_tokens(x[:0], grid, out).shape == (0, out[0] * out[1], c)
 
 
-def test_pool_tokens_uses_the_matrices_for_large_bins_only(monkeypatch):
-    """224 px grids (bins up to 8 x 8) stay on ``F.adaptive_avg_pool2d``; a 1024 px stage-1 grid (37 x 37 bins) does
-    not."""
+def test_pool_tokens_picks_the_path_by_bins(monkeypatch):
+    """Equal bins (every 224 px grid) are a mean over a view, uneven small bins ``F.adaptive_avg_pool2d``, uneven bins
+    of at least ``LARGE_POOL_BIN`` tokens (a 1024 px stage-1 grid, 37 x 37) the averaging matrices."""
     from visionlin.layers import agent
 
     calls = []
-    real = F.adaptive_avg_pool2d
-    monkeypatch.setattr(agent.F, "adaptive_avg_pool2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pool, matmul = F.adaptive_avg_pool2d, torch.matmul
+    monkeypatch.setattr(agent.F, "adaptive_avg_pool2d", lambda *a, **k: calls.append("pool") or pool(*a, **k))
+    monkeypatch.setattr(agent.torch, "matmul", lambda *a, **k: calls.append("matmul") or matmul(*a, **k))
     agent.pool_tokens(torch.randn(1, 56 * 56, 4), (56, 56), (7, 7))
-    assert calls == [1]
+    agent.pool_tokens(torch.randn(1, 14 * 14, 4), (14, 14), (7, 7))
+    assert calls == []
+    agent.pool_tokens(torch.randn(1, 64 * 64, 4), (64, 64), (7, 7))  # 10 x 10 uneven bins
+    assert calls == ["pool"]
     agent.pool_tokens(torch.randn(1, 256 * 256, 4), (256, 256), (7, 7))
-    assert calls == [1]
+    assert calls == ["pool", "matmul", "matmul"]
 
 
 def test_agent_model_with_matrix_pooling_traces_exports_and_compiles(monkeypatch):

@@ -71,10 +71,9 @@ def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return out.to(t.dtype).movedim(-1, dim)
 
 
-#: Pooling bins of at least this many tokens go through :func:`pool_tokens`' two matrix products instead of
+#: Uneven pooling bins of at least this many tokens go through :func:`pool_tokens`' two matrix products instead of
 #: ``F.adaptive_avg_pool2d``: on the H200 PyTorch's channels-last adaptive-pool kernel took 53 of Agent-Swin-T's 100 ms
-#: forward at 1024 px, batch 16 (37 x 37-token bins; ``benchmarks/results/h200/profile_agent_1024_e5191ee.log``). At
-#: 224 px the bins are at most 8 x 8 tokens and stay on the pooling kernel (no extra host work per call there).
+#: forward at 1024 px, batch 16 (37 x 37-token bins; ``benchmarks/results/h200/profile_agent_1024_e5191ee.log``).
 LARGE_POOL_BIN = 256
 
 
@@ -94,10 +93,15 @@ def pool_tokens(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int
     """``F.adaptive_avg_pool2d`` of a token grid: ``x`` ``[B, H*W, C]`` (row-major, any strides) -> ``[B, oh*ow, C]``
     in ``x``'s dtype.
 
-    Bins of at least :data:`LARGE_POOL_BIN` tokens are two matrix products with the bins' averaging matrices, in
-    float32 with autocast off (the sums in another order than the pooling kernel's, rounded once to ``x``'s dtype);
-    smaller bins use ``F.adaptive_avg_pool2d``."""
+    Equal bins (``oh`` divides ``H``, ``ow`` divides ``W``: every 224 px grid of the models) are a mean over a view
+    of ``x`` (one reduction kernel; PyTorch's channels-last adaptive-pool kernel took 59 us per Agent-DeiT-S layer at
+    224 px, batch 256, 650 GB/s, ``profile_iso_abf7aa9.log``). Uneven bins of at least :data:`LARGE_POOL_BIN` tokens
+    are two matrix products with the bins' averaging matrices, in float32 with autocast off. Both sum in another
+    order than the pooling kernel and round once to ``x``'s dtype. Smaller uneven bins use
+    ``F.adaptive_avg_pool2d``."""
     (hh, ww), (oh, ow) = feat_size, out_size
+    if hh % oh == 0 and ww % ow == 0:
+        return x.unflatten(1, (oh, hh // oh, ow, ww // ow)).mean(dim=(2, 4)).flatten(1, 2).to(x.dtype)
     if -(-hh // oh) * -(-ww // ow) < LARGE_POOL_BIN:
         return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, feat_size), out_size))
     b, _, c = x.shape
