@@ -395,6 +395,35 @@ def test_pool_tokens_is_adaptive_avg_pool(grid, out, large, monkeypatch):
     assert agent.pool_tokens(x[:0], grid, out).shape == (0, out[0] * out[1], c)
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.randn(2, 12, 4), (3, 5), (2, 2)), r"expected 15 tokens|tokens"),
+        ((torch.randn(12, 4), (3, 4), (2, 2)), r"expected tokens \[B, N, C\]"),
+        ((torch.randint(0, 3, (2, 12, 4)), (3, 4), (2, 2)), "must be a floating tensor"),
+        ((torch.randn(2, 12, 4), (3, 4), (0, 2)), r"out_size=\(0, 2\) must be a pair"),
+        ((torch.randn(2, 12, 4), (3, 4), 2), "out_size=2 must be a pair"),
+        ((torch.randn(2, 12, 4), (3.0, 4), (2, 2)), r"feat_size=\(3.0, 4\) must be a pair"),
+        ((torch.randn(2, 12, 4), (3, 4), (True, 2)), "out_size=.* must be a pair"),
+    ],
+)
+def test_pool_tokens_bad_input(args, match):
+    from visionlin.layers.agent import pool_tokens
+
+    with pytest.raises(ValueError, match=match):
+        pool_tokens(*args)
+
+
+def test_pool_tokens_more_bins_than_tokens_is_adaptive_pooling():
+    """Output grids larger than the input (bins of one token, repeated) follow ``F.adaptive_avg_pool2d`` too."""
+    from visionlin.layers._base import map_to_tokens, tokens_to_map
+    from visionlin.layers.agent import pool_tokens
+
+    x = torch.randn(2, 3 * 2, 5)
+    want = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, (3, 2)), (7, 7)))
+    torch.testing.assert_close(pool_tokens(x, (3, 2), (7, 7)), want)
+
+
 def test_pool_tokens_picks_the_path_by_bins(monkeypatch):
     """Equal bins (every 224 px grid) are a mean over a view, uneven small bins ``F.adaptive_avg_pool2d``, uneven bins
     of at least ``LARGE_POOL_BIN`` tokens (a 1024 px stage-1 grid, 37 x 37) the averaging matrices."""

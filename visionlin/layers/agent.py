@@ -99,6 +99,16 @@ def pool_tokens(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int
     are two matrix products with the bins' averaging matrices, in float32 with autocast off. Both sum in another
     order than the pooling kernel and round once to ``x``'s dtype. Smaller uneven bins use
     ``F.adaptive_avg_pool2d``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"pool_tokens: x must be a floating tensor [B, H*W, C], got {x!r:.80}")
+    for name, pair in (("feat_size", feat_size), ("out_size", out_size)):
+        if (
+            not isinstance(pair, (tuple, list))
+            or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
+        ):
+            raise ValueError(f"pool_tokens: {name}={pair!r} must be a pair of integers (H, W), each >= 1")
+    check_tokens(x, feat_size, 0, "pool_tokens")
     (hh, ww), (oh, ow) = feat_size, out_size
     if hh % oh == 0 and ww % ow == 0:
         return x.unflatten(1, (oh, hh // oh, ow, ww // ow)).mean(dim=(2, 4)).flatten(1, 2).to(x.dtype)
