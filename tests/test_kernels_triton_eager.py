@@ -137,7 +137,8 @@ def test_compile_fullgraph_still_sees_the_custom_op():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from visionlin.kernels.triton import conv, infsa, linear, neighborhood
+    import torch.nn.functional as F
+    from visionlin.kernels.triton import conv, gla, infsa, linear, neighborhood, rope_linear, scan
 
     def both(fast, op, args, grads):
         res = []
@@ -166,6 +167,27 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     rpb = torch.randn(2, 5, 5, generator=g)
     both(neighborhood._na2d_fwd_call, neighborhood.na2d_fwd, (qn, kn, vn, rpb, 3, 3, 1, 1, 0.25),
          (1, 1, 1, 1, 0, 0, 0, 0, 0))
+    qg, kg, gg = (torch.randn(2, 21, 2, 16, generator=g) for _ in range(3))
+    vg = torch.randn(2, 21, 2, 16, generator=g)
+    for reverse in (False, True):
+        both(gla._gla_fwd_call, gla.gla_fwd, (qg, kg, vg, F.logsigmoid(gg), 0.25, reverse, False),
+             (1, 1, 1, 1, 0, 0, 0))
+    mala = rope_linear.MECHANISM_IDS["magnitude"]
+    both(rope_linear._rope_linear_fwd_call, rope_linear.rope_linear_attention_fwd,
+         (q, k, v, None, None, mala, 0.25, 1e-6, 0.0), (1, 1, 1, 0, 0, 0, 0, 0, 0))
+    u, dt = torch.randn(2, 9, 4, generator=g), torch.randn(2, 9, 4, generator=g)
+    a_mat = -(torch.rand(4, 3, generator=g) + 0.1)
+    bm, cm = torch.randn(2, 9, 3, generator=g), torch.randn(2, 9, 3, generator=g)
+    both(scan._selective_scan_fwd_call, scan.selective_scan_fwd, (u, dt, a_mat, bm, cm, None, None, None, True),
+         (1, 1, 1, 1, 1, 0, 0, 0, 0))
+    # only the last state used: the eager path gets no output gradient and passes zeros
+    res = []
+    for fn in (scan._selective_scan_fwd_call, scan.selective_scan_fwd):
+        uu = u.clone().requires_grad_()
+        _, last, _ = fn(uu, dt, a_mat, bm, cm, None, None, None, True)
+        last.square().sum().backward()
+        res.append(uu.grad)
+    assert torch.equal(*res), (res[0] - res[1]).abs().max()
     print("interpreter ok")
     """
 )

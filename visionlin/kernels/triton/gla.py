@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
+
 __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "bidirectional_gla_triton", "gla_triton"]
 
 #: Largest key head dim (the ``[T, T, K]`` decay tile stays in registers) and value head dim.
@@ -273,12 +275,16 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do):
+    if do is None:  # the output unused (the eager path does not materialise zero gradients)
+        return None, None, None, None, None, None, None
     q, k, v, g = ctx.saved_tensors
-    dq, dk, dv, dg = torch.ops.visionlin.gla_bwd(q, k, v, g, do, ctx.scale, ctx.reverse)
+    dq, dk, dv, dg = _gla_bwd_call(q, k, v, g, do, ctx.scale, ctx.reverse)
     return dq, dk, dv, dg, None, None, None
 
 
 gla_fwd.register_autograd(_backward, setup_context=_setup)
+_gla_bwd_call = eager_call(gla_bwd)
+_gla_fwd_call = eager_op(gla_fwd, _setup, _backward)
 
 
 def gla_triton(
@@ -299,7 +305,7 @@ def gla_triton(
         ``o`` ``[B, L, H, V]`` in ``v``'s dtype.
     """
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.visionlin.gla_fwd(q, k, v, g, s, bool(reverse), False)
+    return _gla_fwd_call(q, k, v, g, s, bool(reverse), False)
 
 
 def bidirectional_gla_triton(
@@ -315,6 +321,6 @@ def bidirectional_gla_triton(
     """ViG's bidirectional GLA, ``(o_fwd + o_bwd) / 2`` (the ``"triton"`` backend of
     :func:`visionlin.kernels.bidirectional_gated_linear_attention`): two float32 directions, one rounding."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    fwd = torch.ops.visionlin.gla_fwd(q, k, v, g_fwd, s, False, True)
-    bwd = torch.ops.visionlin.gla_fwd(q, k, v, g_bwd, s, True, True)
+    fwd = _gla_fwd_call(q, k, v, g_fwd, s, False, True)
+    bwd = _gla_fwd_call(q, k, v, g_bwd, s, True, True)
     return ((fwd + bwd) * 0.5).to(v.dtype)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
 from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
@@ -677,13 +678,17 @@ def _setup(ctx, inputs, output):
     ctx.args = (mech, scale, eps, norm_eps)
 
 
-def _backward(ctx, g, _g_state, _g_aux):
+def _backward(ctx, g, _g_state=None, _g_aux=None):
+    if g is None:  # the output unused (the eager path does not materialise zero gradients)
+        return None, None, None, None, None, None, None, None, None
     q, k, v, sin, cos, state, aux = ctx.saved_tensors
-    dq, dk, dv = torch.ops.visionlin.rope_linear_attention_bwd(q, k, v, sin, cos, state, aux, g, *ctx.args)
+    dq, dk, dv = _rope_linear_bwd_call(q, k, v, sin, cos, state, aux, g, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 
 rope_linear_attention_fwd.register_autograd(_backward, setup_context=_setup)
+_rope_linear_bwd_call = eager_call(rope_linear_attention_bwd)
+_rope_linear_fwd_call = eager_op(rope_linear_attention_fwd, _setup, _backward)
 
 
 def rope_linear_attention_triton(
@@ -703,15 +708,11 @@ def rope_linear_attention_triton(
     sin = cos = None
     if rope is not None:
         sin, cos = (t.to(torch.float32).contiguous() for t in rope)
-    out, _, _ = torch.ops.visionlin.rope_linear_attention_fwd(
-        q, k, v, sin, cos, MECHANISM_IDS[mechanism], s, float(eps), float(norm_eps)
-    )
+    out, _, _ = _rope_linear_fwd_call(q, k, v, sin, cos, MECHANISM_IDS[mechanism], s, float(eps), float(norm_eps))
     return out
 
 
 def efficient_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The ``"triton"`` backend of :func:`visionlin.kernels.efficient_attention`."""
-    out, _, _ = torch.ops.visionlin.rope_linear_attention_fwd(
-        q, k, v, None, None, MECHANISM_IDS["efficient"], 1.0, 0.0, 0.0
-    )
+    out, _, _ = _rope_linear_fwd_call(q, k, v, None, None, MECHANISM_IDS["efficient"], 1.0, 0.0, 0.0)
     return out

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call, eager_op
+
 __all__ = ["MAX_STATE", "TUNING", "scan_config", "selective_scan_triton"]
 
 #: Largest state size ``N`` the kernels hold in registers.
@@ -425,13 +427,15 @@ def _setup(ctx, inputs, output):
     ctx.delta_softplus = delta_softplus
 
 
-def _backward(ctx, g, g_last, _g_states):
+def _backward(ctx, g, g_last=None, _g_states=None):
+    if g is None and g_last is None:  # no output used (the eager path does not materialise zero gradients)
+        return (None,) * 9
     u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+    if g is None:  # only the last state used
+        g = torch.zeros_like(u, memory_format=torch.contiguous_format)
     if g_last is not None:
         g_last = g_last.float().contiguous()
-    grads = torch.ops.visionlin.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states, g, g_last
-    )
+    grads = _selective_scan_bwd_call(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states, g, g_last)
     du, ddelta, da, db, dc, dd, dz, dbias = grads
     return (
         du,
@@ -447,6 +451,8 @@ def _backward(ctx, g, g_last, _g_states):
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup)
+_selective_scan_bwd_call = eager_call(selective_scan_bwd)
+_selective_scan_fwd_call = eager_op(selective_scan_fwd, _setup, _backward)
 
 
 def selective_scan_triton(
@@ -467,5 +473,5 @@ def selective_scan_triton(
     Returns:
         ``y`` ``[B, L, D]`` in ``u``'s dtype, or ``(y, last_state [B, D, N] float32)``.
     """
-    y, last, _ = torch.ops.visionlin.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    y, last, _ = _selective_scan_fwd_call(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (y, last) if return_last_state else y
