@@ -32,6 +32,7 @@
 #   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
 #   bench-agent    agent models at 224 / 1024 px next to swin_tiny, and their forward profile at 1024 px   ~3 min
+#   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
@@ -167,6 +168,9 @@ for stage in "$@"; do
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --twin $SWIN --models agent_swin_tiny,agent_pvt_small \
         --sizes 1024:16 --name "profile_agent_1024_$COMMIT" --commit "$COMMIT" > "$OUT/profile_agent_1024_$COMMIT.log" 2>&1
       grep -A8 "^==" "$OUT/profile_agent_1024_$COMMIT.log" | grep -v "^     " ;;
+    gla-seg)  # the segmented GLA forward: its gpu tests, then ViG-S at 1024-4096 px and the op, single walk vs segmented
+      run_tests gla_seg 200 tests/test_kernels_triton_gla.py tests/test_bench_gla_segments.py -k "segmented or short" --tb=short
+      timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_segments.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -8 ;;
     profile-compiled)  # where a compiled training step's time goes (compiled ours trained slower than eager at abf7aa9)
       timeout 200 python3 benchmarks/profile_models.py --train --compile --out "$OUT" --models infvit_small,inline_deit_small \
         --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \

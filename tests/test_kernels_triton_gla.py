@@ -89,6 +89,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         for mode in ("forward", "reverse", "bidirectional"):
             check_gla(3, length, 2, 8, 16, f32, "cpu", mode=mode, gate_scale=1 / 16)
     check_gla(3, 1, 2, 8, 16, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    # the segmented forward (3 passes), segments of one and of two chunks, partial last chunk and segment
+    from visionlin.kernels.triton import gla
+    gla.TUNING.update(segments=True, segment_chunks=1)
+    for mode in ("forward", "reverse", "bidirectional"):
+        check_gla(1, 45, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
+    check_gla(1, 33, 1, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
+    check_gla(1, 40, 1, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
+    gla.TUNING.update(segment_chunks=2)
+    check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)  # two value blocks
+    assert gla._segments(2, 5, torch.device("cpu")) == (3, 2)   # the interpreter's 4 "SMs": 2 programs leave room
+    assert gla._segments(4, 5, torch.device("cpu")) == (1, 5)   # the SMs are filled: one walk
+    gla.TUNING.update(segments=False)
+    assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     print("interpreter ok")
     """
 )
@@ -176,6 +189,20 @@ def test_gpu_gla_strong_decays_and_views(dtype):
     _cuda_or_skip()
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", non_contiguous=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["forward", "reverse", "bidirectional"])
+def test_gpu_gla_segmented(dtype, mode, monkeypatch):
+    """The segmented forward (``TUNING["segments"]``) at batch 1 over long sequences: ViG-S's head dims, 65,536 and
+    20,000 tokens (a partial last segment), against the float64 reference, forward and backward."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import gla
+
+    monkeypatch.setitem(gla.TUNING, "segments", True)
+    for length in (65536, 20000):
+        check_gla(1, length, 2, 32, 64, dtype, "cuda", mode=mode, gate_scale=1 / 16)
 
 
 @gpu

@@ -43,8 +43,9 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from .linear import _num_sms
 
-__all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "bidirectional_gla_triton", "gla_triton"]
+__all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton", "gla_triton"]
 
 #: Largest key head dim (the ``[T, T, K]`` decay tile stays in registers) and value head dim.
 MAX_KEY_DIM = 64
@@ -53,6 +54,14 @@ CHUNK = 16
 #: Value channels per program of the ``dk`` / ``dv`` kernel (its ``dk`` shares are summed by PyTorch): at 64 the kernel
 #: spilled registers for sm_90 in float16 at ViG's head dims.
 KV_BLOCK_V = 32
+
+#: The forward's segmented walk (``"segments"``; off until its GPU tests and timing have run): when the (batch,
+#: head, value block) programs are fewer than the SMs (batch 1 at high resolution: ViG-S at 4096 px walked a
+#: million-token stage in six programs), the sequence is cut into segments of at least ``"segment_chunks"`` chunks,
+#: about four programs per SM in all, in three passes: each segment's own state (in parallel), the incoming states
+#: (a short walk over the segments), each segment's outputs from its incoming state (in parallel). Same math, the
+#: decays summed per segment. The backward walks stay single-pass.
+TUNING: dict[str, bool | int] = {"segments": False, "segment_chunks": 64}
 
 
 @triton.jit
@@ -92,11 +101,13 @@ def _decay(G, T: tl.constexpr):
 
 @triton.jit
 def _gla_fwd_kernel(
-    Q, K, V, GG, Out,
-    L, H, K_DIM, V_DIM, scale,
+    Q, K, V, GG, Out, INIT,
+    L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
-    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
+    """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
+    chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -104,8 +115,19 @@ def _gla_fwd_kernel(
     base_qk = b * sq_b + h * sq_h
     base_v = b * sv_b + h * sv_h
     offs_v = v0 + tl.arange(0, BV)
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(0, tl.cdiv(L, T)):
+    n_chunks = tl.cdiv(L, T)
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        c0 = seg * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + seg
+        offs_k = tl.arange(0, BK)
+        state = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :])
+    else:
+        c0 = 0
+        c1 = n_chunks
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(c0, c1):
         q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
                                         REVERSE, T, BK, BV)  # fmt: skip
         G = tl.cumsum(g, axis=0)
@@ -118,6 +140,56 @@ def _gla_fwd_kernel(
             mask=tmask[:, None] & (offs_v < V_DIM)[None, :],
         )
         state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
+
+
+@triton.jit
+def _gla_seg_state_kernel(
+    K, V, GG, STATE, GSUM,
+    L, H, K_DIM, V_DIM, seg_chunks,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d,
+    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 of the segmented forward: segment ``program_id(2)``'s own contribution to the state (its walk from a
+    zero state) into ``STATE[bh, vb, seg]`` and its total log-decay ``sum g`` into ``GSUM[bh, seg]`` (``[BK]``)."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    v0 = tl.program_id(1) * BV
+    seg = tl.program_id(2)
+    base_qk = b * sq_b + h * sq_h
+    base_v = b * sv_b + h * sv_h
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, tl.cdiv(L, T))
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    gsum = tl.zeros([BK], dtype=tl.float32)
+    for c in range(c0, c1):
+        # q is not needed: K is passed in its place (the loads of the shared helper)
+        _, k, g, v, _, _ = _chunk(K, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
+                                  REVERSE, T, BK, BV)  # fmt: skip
+        G = tl.cumsum(g, axis=0)
+        g_last = tl.sum(g, axis=0)
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
+        gsum += g_last
+    offs_k = tl.arange(0, BK)
+    slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + seg
+    tl.store(STATE + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :], state)
+    if tl.program_id(1) == 0:
+        tl.store(GSUM + (bh.to(tl.int64) * tl.num_programs(2) + seg) * BK + offs_k, gsum)
+
+
+@triton.jit
+def _gla_seg_carry_kernel(STATE, GSUM, n_seg, BK: tl.constexpr, BV: tl.constexpr):
+    """Pass 2: walks the segments of one (batch, head) and value block in order and replaces each segment's own
+    state by its incoming one, ``S_in[j + 1] = exp(GSUM[j]) * S_in[j] + STATE[j]``, ``S_in[0] = 0`` (in place)."""
+    bh = tl.program_id(0).to(tl.int64)
+    base = (bh * tl.num_programs(1) + tl.program_id(1)) * n_seg
+    offs_k = tl.arange(0, BK)
+    tile = offs_k[:, None] * BV + tl.arange(0, BV)[None, :]
+    carried = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, n_seg):
+        own = tl.load(STATE + (base + j) * BK * BV + tile)
+        tl.store(STATE + (base + j) * BK * BV + tile, carried)
+        carried = tl.exp(tl.load(GSUM + (bh * n_seg + j) * BK + offs_k))[:, None] * carried + own
 
 
 @triton.jit
@@ -218,11 +290,33 @@ def gla_fwd(
     bv_fwd = min(bv, 64)
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
-    _gla_fwd_kernel[(b * h, triton.cdiv(vd, bv_fwd))](
-        q, k, v, g, out, length, h, kd, vd, scale, *q.stride(), *v.stride(), *out.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd),
+    n_vb = triton.cdiv(vd, bv_fwd)
+    n_chunks = triton.cdiv(length, CHUNK)
+    n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
+    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd))
+    init = out  # a placeholder pointer when not segmented
+    if n_seg > 1:
+        init = torch.empty(b * h, n_vb, n_seg, bk, bv_fwd, device=q.device, dtype=torch.float32)
+        gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
+        _gla_seg_state_kernel[(b * h, n_vb, n_seg)](
+            k, v, g, init, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(), **meta
+        )
+        _gla_seg_carry_kernel[(b * h, n_vb)](init, gsum, n_seg, BK=bk, BV=bv_fwd, num_warps=4)
+    _gla_fwd_kernel[(b * h, n_vb, n_seg)](
+        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks, *q.stride(), *v.stride(), *out.stride(),
+        SEGMENTED=n_seg > 1, **meta,
     )  # fmt: skip
     return out
+
+
+def _segments(programs: int, n_chunks: int, device: torch.device) -> tuple[int, int]:
+    """``(segments, chunks per segment)`` of the forward walk: ``(1, n_chunks)`` unless ``TUNING["segments"]`` is on
+    and ``programs`` (batch x heads x value blocks) leave SMs idle."""
+    sms = _num_sms(device)
+    if not TUNING["segments"] or programs >= sms or n_chunks < 2:
+        return 1, n_chunks
+    per = max(int(TUNING["segment_chunks"]), triton.cdiv(n_chunks, triton.cdiv(4 * sms, programs)))
+    return triton.cdiv(n_chunks, per), per
 
 
 @gla_fwd.register_fake
