@@ -33,6 +33,7 @@
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
 #   bench-agent    agent models at 224 / 1024 px next to swin_tiny, and their forward profile at 1024 px   ~3 min
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
+#   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
@@ -171,6 +172,10 @@ for stage in "$@"; do
     gla-seg)  # the segmented GLA forward: its gpu tests, then ViG-S at 1024-4096 px and the op, single walk vs segmented
       run_tests gla_seg 200 tests/test_kernels_triton_gla.py tests/test_bench_gla_segments.py -k "segmented or short" --tb=short
       timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_segments.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -8 ;;
+    bench-train-graphs)  # training steps under torch.compile(mode="reduce-overhead"): CUDA graphs, no host time per kernel
+      timeout ${GRAPHS_LIMIT:-330} python3 -m visionlin.cli bench train --quick --modes cudagraphs --models $MODELS \
+        --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_train_cudagraphs --out "$OUT" --commit "$COMMIT" 2>&1 \
+        | grep -E "img/s|oom|rror|skip" ;;
     profile-compiled)  # where a compiled training step's time goes (compiled ours trained slower than eager at abf7aa9)
       timeout 200 python3 benchmarks/profile_models.py --train --compile --out "$OUT" --models infvit_small,inline_deit_small \
         --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \

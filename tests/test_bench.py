@@ -154,7 +154,9 @@ def test_importing_needs_neither_triton_nor_cuda():
 
 # Tiny CPU runs --------------------------------------------------------------------------------------------------------
 def test_models_benchmark_on_cpu_writes_json_and_png(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "_compile", lambda module: module)  # the compiled path, without inductor's C++ build
+    monkeypatch.setattr(
+        bench, "_compile", lambda module, mode="compiled": module
+    )  # the compiled path, without inductor's C++ build
     argv = ["bench", "models", *TINY, "--sizes", "32,48", "--batch-sizes", "32=2,48=1", "--compile-sizes", "32"]
     assert cli.main([*argv, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_models.json").read_text())
@@ -333,3 +335,19 @@ def test_op_plot_from_a_result_json(tmp_path):
     meta = {"gpu": "fake", "commit": "abc", "torch": "t", "triton": "x", "copy_bandwidth_GBs": 2.0}
     bench.plot_result({"benchmark": "op", "meta": meta, "rows": [row]}, tmp_path / "op.png")
     assert (tmp_path / "op.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cudagraphs_mode_compiles_with_reduce_overhead_and_marks_steps(monkeypatch, tmp_path):
+    """``--modes cudagraphs``: the model and the twin go through ``torch.compile(mode="reduce-overhead")`` and each
+    training step tells the CUDA graphs an iteration begins (here on the CPU, with the compile recorded, not run)."""
+    compiled, marks = [], []
+    monkeypatch.setattr(bench, "_compile", lambda module, mode="compiled": compiled.append(mode) or module)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    argv = ["bench", "train", *TINY, "--size", "32", "--batch", "2", "--modes", "cudagraphs", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert {(r["mode"], r["status"]) for r in rows} == {("cudagraphs", "ok")}
+    assert compiled == ["cudagraphs", "cudagraphs"] and marks
+    assert bench.COMPILE_MODES == {"compiled": "default", "cudagraphs": "reduce-overhead"}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "train", *TINY, "--modes", "graphs", "--out", str(tmp_path)])

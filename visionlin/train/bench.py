@@ -71,7 +71,10 @@ DEFAULT_BATCHES = {224: 256, 512: 64, 1024: 16, 2048: 4, 4096: 1}
 QUICK_COMPILE_SIZES = (224, 1024)
 TRAIN_SIZE, TRAIN_BATCH = 224, 128
 LARGEST_START, LARGEST_MAX = 224, 131072
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "cudagraphs")
+#: torch.compile's mode per compiled bench mode: "cudagraphs" replays the compiled graphs as CUDA graphs (no host work
+#: per kernel: what a host-bound step needs; the twin is compiled the same way)
+COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}
 MAX_BATCH = 65536
 INSTALL_PLOT = "pip install 'visionlin[bench]'"
 # Settings per benchmark: (full run, --quick). An explicit flag wins over both.
@@ -246,8 +249,8 @@ def _guard(entry: _Entry, device: torch.device, fn: Callable[[], Any]) -> Any:
     return None
 
 
-def _compile(module: nn.Module) -> Callable:
-    return torch.compile(module)
+def _compile(module: nn.Module, mode: str = "compiled") -> Callable:
+    return torch.compile(module, mode=COMPILE_MODES[mode])
 
 
 @contextlib.contextmanager
@@ -402,7 +405,7 @@ def bench_models(
     sizes: Sequence[int] = tuple(DEFAULT_BATCHES),
     batches: dict[int, int] | None = None,
     twin: str | None = TWIN,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = ("eager", "compiled"),
     compile_sizes: Sequence[int] | None = None,
     backends: Sequence[str | None] = (None,),
     device: str | torch.device = "cuda",
@@ -432,7 +435,7 @@ def bench_models(
     rows: list[dict] = []
     for mode in modes:  # every eager block first: cheap and complete before a time budget meets the compiles
         for size in sizes:
-            if mode == "compiled" and size not in compile_sizes:
+            if mode in COMPILE_MODES and size not in compile_sizes:
                 continue
             batch = batches[size]
             specs = _specs(models, backends, twin)
@@ -473,15 +476,17 @@ def _inference_block(
             visionlin.set_backend(model, e.backend)
         e.module = model
         e.own_bytes = _nbytes([*model.parameters(), *model.buffers()])
-        fn = _compile(model) if mode == "compiled" else model
+        fn = _compile(model, mode) if mode in COMPILE_MODES else model
 
         def step(x: torch.Tensor) -> None:
+            if mode == "cudagraphs":
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
                 fn(x)
 
         e.step = step
 
-    with _compile_scope(mode == "compiled"):
+    with _compile_scope(mode in COMPILE_MODES):
         x = torch.randn(batch, 3, size, size, device=device)
         _run_block(
             specs, build, x, device, warmup=warmup, iters=iters, repeats=repeats, min_time=min_time, budget=budget
@@ -537,12 +542,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    new_step: bool = False,
 ) -> Callable[[torch.Tensor], None]:
     """The benchmarks' training step on a batch ``x``: ``forward`` under autocast (``dtype``, on ``labels``' device
-    type), cross-entropy against ``labels``, backward, ``optimizer`` step, gradients set to ``None``."""
+    type), cross-entropy against ``labels``, backward, ``optimizer`` step, gradients set to ``None``. ``new_step``:
+    tell ``torch.compile``'s CUDA graphs that an iteration begins (``mode="reduce-overhead"``)."""
     device_type = labels.device.type
 
     def step(x: torch.Tensor) -> None:
+        if new_step:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type, dtype=dtype):
             loss = nn.functional.cross_entropy(forward(x), labels)
         loss.backward()
@@ -562,10 +572,10 @@ def _train_block(
         if not e.twin:
             visionlin.set_backend(model, e.backend)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        fn = _compile(model) if mode == "compiled" else model
+        fn = _compile(model, mode) if mode in COMPILE_MODES else model
         labels = torch.randint(0, model.num_classes, (batch,), device=device)
 
-        train = train_step(fn, opt, labels, dtype)
+        train = train_step(fn, opt, labels, dtype, new_step=mode == "cudagraphs")
 
         def step(x: torch.Tensor) -> None:
             train(x)
@@ -575,7 +585,7 @@ def _train_block(
 
         e.module, e.step = model, step
 
-    with _compile_scope(mode == "compiled"):
+    with _compile_scope(mode in COMPILE_MODES):
         x = torch.randn(batch, 3, size, size, device=device)
         _run_block(specs, build, x, device, **timing)
         del x
@@ -1056,7 +1066,13 @@ def add_subcommands(parser: argparse.ArgumentParser, handler: Callable | None = 
         + ",".join(f"{s}={b}" for s, b in DEFAULT_BATCHES.items())
         + " (other sizes: 256 images' worth of 224 px tokens)",
     )
-    p.add_argument("--modes", type=_modes, default=list(MODES), help="eager, compiled or both (default: both)")
+    p.add_argument(
+        "--modes",
+        type=_modes,
+        default=["eager", "compiled"],
+        help="eager, compiled (torch.compile), cudagraphs (torch.compile mode='reduce-overhead'), comma-separated "
+        "(default: eager,compiled)",
+    )
     p.add_argument(
         "--compile-sizes",
         type=_sizes,
@@ -1076,7 +1092,13 @@ def add_subcommands(parser: argparse.ArgumentParser, handler: Callable | None = 
     _add_common(p, "train", cpu_ok=True)
     p.add_argument("--size", type=_size, default=TRAIN_SIZE, help=f"input side (default: {TRAIN_SIZE})")
     p.add_argument("--batch", type=_positive_int, default=TRAIN_BATCH, help=f"batch (default: {TRAIN_BATCH})")
-    p.add_argument("--modes", type=_modes, default=["eager"], help="eager, compiled or both (default: eager)")
+    p.add_argument(
+        "--modes",
+        type=_modes,
+        default=["eager"],
+        help="eager, compiled (torch.compile), cudagraphs (torch.compile mode='reduce-overhead'), comma-separated "
+        "(default: eager)",
+    )
     _add_timing(p, "train")
     p.set_defaults(fn=fn, parser=p)
 
