@@ -16,6 +16,7 @@
 #   tests-fix      gpu tests of what was fixed since bca30b2 (the convert bench, the flex neighborhood backend) ~1.5 min
 #   tests-gated    gpu tests of the gated / pre-norm LayerNorm, token conv and focus kernels and the model-level
 #                  parity of every model's fast backends with its references                       ~4 min
+#   tests-s17      gpu tests of what stop 17 changed without a GPU (eager paths, segmented GLA, agent glue) ~5 min
 #   tests-conv     gpu tests of the token depthwise conv (kernel, layer, its benchmark script)      ~1 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
@@ -104,6 +105,11 @@ for stage in "$@"; do
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
       run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
         tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;
+    tests-s17)  # what stop 17 changed without a GPU: the eager path of the RoPE-linear / scan / GLA ops, the segmented
+      # GLA forward, NA's cached bias index, the agent layers' pooling / resampling / bias cache (model parity)
+      run_tests s17 ${S17_LIMIT:-330} tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
+        tests/test_kernels_triton_gla.py tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
+        tests/test_bench_gla_segments.py --tb=short ;;
     tests-conv)  # the token depthwise conv kernel and its layer
       run_tests conv 150 tests/test_kernels_conv.py tests/test_layers_token_conv.py tests/test_bench_conv_op.py ;;
     tests-rope)
