@@ -530,6 +530,9 @@ def test_agent_position_biases_are_reused_in_inference_only():
         layer(x, (8, 8), 1)
         layer(x, (8, 8), 1)
     assert len(calls) == 5  # inference mode is part of the key
+    assert layer._bias_cache is not None
+    layer.double().float()  # moving / casting the layer drops what it kept (no tensors left on the old device)
+    assert layer._bias_cache is None
     out = layer(x, (8, 8), 1)  # gradients: never cached, the tables get theirs
     out.sum().backward()
     assert len(calls) == 6 and layer.an_bias.grad is not None

@@ -285,6 +285,10 @@ class AgentAttention(TokenMixer):
                 query_bias = F.pad(query_bias, (0, 0, num_prefix_tokens, 0))
         return agent_bias, query_bias
 
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: drop the biases built from the old tables
+        self._bias_cache = None
+        return super()._apply(fn, recurse)
+
     def _position_biases(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`position_biases`, reused across inference forwards: kept (one grid per layer, at most
         :data:`BIAS_CACHE_NUMEL` entries each) only when no gradient is taken, in eager mode on real tensors, and keyed
