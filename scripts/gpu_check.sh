@@ -106,7 +106,7 @@ for stage in "$@"; do
       run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
         tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;
     tests-s17)  # what stop 17 changed without a GPU: the eager path of the RoPE-linear / scan / GLA ops, the segmented
-      # GLA forward, NA's cached bias index, the agent layers' pooling / resampling / bias cache (model parity)
+      # GLA forward, NA's cached bias index, the agent layers' pooling / resampling (model parity)
       run_tests s17 ${S17_LIMIT:-330} tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
         tests/test_kernels_triton_gla.py tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
         tests/test_bench_gla_segments.py --tb=short ;;

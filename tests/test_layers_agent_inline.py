@@ -464,8 +464,7 @@ def test_agent_model_with_matrix_pooling_traces_exports_and_compiles(monkeypatch
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(x)).all()
-    with torch.no_grad():  # the inference bias cache filled, then compiled and exported without it
-        model(x)
+    with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
         torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want)
 
@@ -494,55 +493,3 @@ def test_resample_axis_is_linear_interpolation(shape, dim, size):
         auto = _resample_axis(t, size, dim)
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, want, rtol=1e-5, atol=2e-6)
-
-
-def test_agent_position_biases_are_reused_in_inference_only():
-    """Inference forwards reuse the position biases (same tensors, same output) until a table changes (in-place update,
-    ``load_state_dict``) or the grid does; with gradients or for large grids nothing is kept (tracing and compiling:
-    the model-level FX / export / compile tests, which run under no_grad too)."""
-    from visionlin.layers import agent
-
-    torch.manual_seed(0)
-    layer = AgentAttention(32, num_heads=2, agent_num=4, num_prefix_tokens=1).eval()
-    x = torch.randn(2, 1 + 8 * 8, 32)
-    calls = []
-    real = layer.position_biases
-    layer.position_biases = lambda *a: calls.append(a) or real(*a)
-    with torch.no_grad():
-        first = layer(x, (8, 8), 1)
-        second = layer(x, (8, 8), 1)
-    assert len(calls) == 1 and torch.equal(first, second)
-    with torch.no_grad():
-        layer.an_bias.add_(0.5)  # an in-place update (an optimizer step) bumps the version: rebuilt
-        changed = layer(x, (8, 8), 1)
-    assert len(calls) == 2 and not torch.equal(changed, first)
-    with torch.no_grad():
-        layer.load_state_dict(
-            {k: v.clone() for k, v in layer.state_dict().items()} | {"an_bias": torch.zeros(2, 4, 7, 7)}
-        )
-        reloaded = layer(x, (8, 8), 1)
-        assert len(calls) == 3
-        torch.testing.assert_close(reloaded, layer.forward(x, (8, 8), 1))
-        assert len(calls) == 3  # that second forward reused them
-        layer(torch.randn(2, 1 + 6 * 10, 32), (6, 10), 1)  # another grid: rebuilt
-    assert len(calls) == 4
-    with torch.inference_mode():
-        layer(x, (8, 8), 1)
-        layer(x, (8, 8), 1)
-    assert len(calls) == 5  # inference mode is part of the key
-    assert layer._bias_cache is not None
-    layer.double().float()  # moving / casting the layer drops what it kept (no tensors left on the old device)
-    assert layer._bias_cache is None
-    out = layer(x, (8, 8), 1)  # gradients: never cached, the tables get theirs
-    out.sum().backward()
-    assert len(calls) == 6 and layer.an_bias.grad is not None
-    old = agent.BIAS_CACHE_NUMEL
-    try:
-        agent.BIAS_CACHE_NUMEL = 1
-        n = len(calls)
-        with torch.no_grad():
-            layer(x, (8, 8), 1)
-            layer(x, (8, 8), 1)
-        assert len(calls) == n + 2  # too large to keep
-    finally:
-        agent.BIAS_CACHE_NUMEL = old

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
-from ..kernels._common import values_are_checkable
 from ..kernels.agent import agent_attention
 from ..kernels.conv import token_depthwise_conv2d
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
@@ -29,17 +28,8 @@ from ._registry import register_attn
 
 __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
 
-#: The position biases of an inference forward are kept for the next one (same grid, unchanged tables) while each of
-#: the two has at most this many entries (2 MiB in float32: a DeiT-S grid at 224 px is 6 x 49 x 197 and at 512 px
-#: 6 x 49 x 1024; at 1024 px, 6 x 49 x 4096, it is rebuilt): building them is ~10 small kernels and as many host calls
-#: per layer, where the attention itself is a few.
-BIAS_CACHE_NUMEL = 1 << 19
-
 #: Side of the ``an_bias`` / ``na_bias`` tables (bilinearly resized to the grid), as the authors.
 BASE_BIAS_SIZE = 7
-
-#: Every position-bias table (the inputs of :meth:`AgentAttention.position_biases`).
-_BIAS_TABLES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "ac_bias", "ca_bias")
 
 # Name -> (dim holding the spatial axis, index into (H, W)) of the grid-sized tables.
 _AXIS_TABLES = {"ah_bias": (3, 0), "aw_bias": (4, 1), "ha_bias": (2, 0), "wa_bias": (3, 1)}
@@ -248,7 +238,6 @@ class AgentAttention(TokenMixer):
             self.register_parameter("ac_bias", None)
             self.register_parameter("ca_bias", None)
         self.reset_bias_parameters()
-        self._bias_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def reset_bias_parameters(self) -> None:
         """Initialise every position bias as the authors: truncated normal, std 0.02."""
@@ -285,29 +274,6 @@ class AgentAttention(TokenMixer):
                 query_bias = F.pad(query_bias, (0, 0, num_prefix_tokens, 0))
         return agent_bias, query_bias
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: drop the biases built from the old tables
-        self._bias_cache = None
-        return super()._apply(fn, recurse)
-
-    def _position_biases(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`position_biases`, reused across inference forwards: kept (one grid per layer, at most
-        :data:`BIAS_CACHE_NUMEL` entries each) only when no gradient is taken, in eager mode on real tensors, and keyed
-        by the grid, the prefix count, inference mode and every table's storage and version counter (an optimizer step,
-        ``load_state_dict`` or ``.to()`` changes one of them and the biases are rebuilt)."""
-        tables = [t for t in (getattr(self, name) for name in _BIAS_TABLES) if t is not None]
-        # inference tensors (tables made under inference_mode) have no version counter to key on
-        if torch.is_grad_enabled() or not values_are_checkable(*tables) or any(t.is_inference() for t in tables):
-            return self.position_biases(feat_size, num_prefix_tokens)
-        key = (feat_size, num_prefix_tokens, torch.is_inference_mode_enabled(),
-               tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tables))  # fmt: skip
-        cached = getattr(self, "_bias_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        biases = self.position_biases(feat_size, num_prefix_tokens)
-        small = all(b.numel() <= BIAS_CACHE_NUMEL for b in biases)
-        self._bias_cache = (key, biases) if small else None
-        return biases
-
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order.
 
@@ -326,7 +292,7 @@ class AgentAttention(TokenMixer):
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
         agents = pool_tokens(q[:, p:], feat_size, self.pool_size).contiguous()
-        agent_bias, query_bias = self._position_biases(feat_size, p)
+        agent_bias, query_bias = self.position_biases(feat_size, p)
         q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
         out = agent_attention(
             q,
