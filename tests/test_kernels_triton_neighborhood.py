@@ -164,7 +164,7 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
     return [torch.randn(2, *spatial, heads, dim, dtype=dtype, device=device) for _ in range(3)]
 
 
-def test_bias_table_index_is_built_once_per_geometry():
+def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
     """The backward's flat bias-table index is cached per (geometry, device): the same tensor on a second call, equal
     to a fresh build, and a different one for another geometry (dilated, clipped windows included)."""
     from visionlin.kernels.triton import neighborhood as tn
@@ -179,6 +179,10 @@ def test_bias_table_index_is_built_once_per_geometry():
         assert first.shape == (h, x * y * kx * ky)
         assert int(first.min()) >= 0 and int(first.max()) < shape[1] * shape[2]
     assert tn._table_index(7, 5, 3, 3, 1, 1, (2, 5, 5), cpu) is not tn._table_index(7, 6, 3, 3, 1, 1, (2, 5, 5), cpu)
+    big = (9, 9, 3, 3, 1, 1, (2, 5, 5), cpu)  # above the size limit (lowered here): built anew, equal, not kept
+    monkeypatch.setattr(tn, "TABLE_INDEX_CACHE_NUMEL", 9 * 9 * 9 - 1)
+    assert tn._table_index(*big) is not tn._table_index(*big)
+    assert torch.equal(tn._table_index(*big), tn._build_table_index(*big))
 
 
 def test_triton_supports_reasons():

@@ -549,7 +549,8 @@ def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major. Built once
     per geometry and device (the host work of building it cost more than the backward kernels' launches); not cached
     while a CUDA graph is being captured (its memory would belong to the graph's pool)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
         return _build_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
     return _cached_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
 
@@ -566,7 +567,10 @@ def _build_table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     return flat.reshape(1, -1).expand(shape[0], -1)
 
 
-_cached_table_index = functools.lru_cache(maxsize=64)(_build_table_index)
+#: Largest index (``X * Y * kx * ky`` int64 entries, 32 MiB) kept across backwards: NAT-T's stage 1 at 1024 px has 3.2M
+#: (at 4096 px it would be 51M, 411 MB, rebuilt each time instead of held); at most 16 geometries are kept.
+TABLE_INDEX_CACHE_NUMEL = 1 << 22
+_cached_table_index = functools.lru_cache(maxsize=16)(_build_table_index)
 
 
 def _setup(ctx, inputs, output):
