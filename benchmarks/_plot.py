@@ -39,3 +39,24 @@ def finish(fig: Any, result: dict, path: Path, *, note: str = "", fontsize: int 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def forward_backward_bars(result: dict, path: Path, rows: Sequence[dict]) -> None:
+    """Two panels, ``forward`` and ``forward_backward``: ms per call of each ``row["method"]`` grouped by
+    ``row["shape"]`` (an op benchmark's rows, ``mode`` one of the two), titled and saved by :func:`finish`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ms = {(r["shape"], r["method"], r["mode"]): r["ms"] for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
+        grouped_bars(ax, shapes, methods, lambda s, m, mode=mode: ms.get((s, m, mode), 0.0), label_fmt="%.3f",
+                     fontsize=7, rotation=15)  # fmt: skip
+        ax.set_ylabel("ms per call (median)")
+        ax.set_title(mode, fontsize=9)
+        ax.legend(fontsize=7)
+    finish(fig, result, path, fontsize=7)

@@ -1,9 +1,10 @@
-"""CUDA-event timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
-``host_overhead.py``)."""
+"""CUDA-event and host timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
+``host_overhead.py``, ``layer_norm_op.py``, ``host_calls.py``)."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -26,3 +27,16 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> 
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
+
+
+def host_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> float:
+    """Microseconds of wall time per call of ``calls`` back-to-back calls, synchronised before and after: at a tiny
+    shape the GPU waits on the host, so this is the host's cost of one call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
-from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from benchmarks._plot import forward_backward_bars  # noqa: E402
 from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
 from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
@@ -122,30 +122,7 @@ def _sweep(args) -> list[dict]:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    ms = {(r["shape"], r["method"], r["mode"]): r["ms"] for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
-        grouped_bars(
-            ax,
-            shapes,
-            methods,
-            lambda s, m, mode=mode: ms.get((s, m, mode), 0.0),
-            label_fmt="%.3f",
-            fontsize=7,
-            rotation=15,
-        )
-        ax.set_ylabel("ms per call (median)")
-        ax.set_title(mode, fontsize=9)
-        ax.legend(fontsize=7)
-    finish(fig, result, path, fontsize=7)
+    forward_backward_bars(result, path, [r for r in result["rows"] if r["status"] == "ok"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import io
 import json
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._timing import host_us  # noqa: E402
 
 
 @triton.jit
@@ -58,17 +58,6 @@ def _cases():
             (q, k, v, rpb),
         ),
     }
-
-
-def _per_call_us(step, calls: int) -> float:
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def _top(step, calls: int, n: int) -> list[dict]:
@@ -113,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.autograd.grad(out, leaves, torch.ones_like(out))
 
             with torch.set_grad_enabled(mode != "forward"):
-                row = {"op": name, "mode": mode, "us_per_call": _per_call_us(step, args.calls),
+                row = {"op": name, "mode": mode, "us_per_call": host_us(step, args.calls),
                        "top": _top(step, args.calls, args.top)}  # fmt: skip
             rows.append(row)
             print(f"\n== {name} {mode}: {row['us_per_call']:.1f} us per call (own / cumulative us per call)")

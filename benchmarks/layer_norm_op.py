@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
-from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._plot import forward_backward_bars  # noqa: E402
+from benchmarks._timing import cuda_ms, host_us  # noqa: E402
 from visionlin.kernels import layer_norm  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -89,34 +88,11 @@ def _host_us(method: str, grad: bool, calls: int = 200) -> float:
     go = torch.randn(8, 384, device="cuda", dtype=torch.bfloat16)
     step = (lambda: torch.autograd.grad(fn(), (x, w, b), go)) if grad else fn
     with torch.set_grad_enabled(grad):
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
+        return host_us(step, calls, warmup=20)
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["status"] == "ok" and "config" not in r]
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    ms = {(r["shape"], r["method"], r["mode"]): r["ms"] for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
-        grouped_bars(ax, shapes, methods, lambda s, m, mode=mode: ms.get((s, m, mode), 0.0), label_fmt="%.3f",
-                     fontsize=7, rotation=15)  # fmt: skip
-        ax.set_ylabel("ms per call (median)")
-        ax.set_title(mode, fontsize=9)
-        ax.legend(fontsize=7)
-    finish(fig, result, path, fontsize=7)
+    forward_backward_bars(result, path, [r for r in result["rows"] if r["status"] == "ok" and "config" not in r])
 
 
 def main(argv: list[str] | None = None) -> int:
