@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
 from ._eager import eager_call, eager_op
-from .linear import _num_sms
+from .linear import _splits
 
 __all__ = ["MAX_CHANNELS", "TUNING", "gated_layer_norm_triton", "layer_norm_triton"]
 
@@ -213,9 +213,7 @@ def gated_layer_norm_bwd(
     if not m:
         return dx, dg, x.new_zeros(nw, dtype=torch.float32), x.new_zeros(nb, dtype=torch.float32)
     kw = meta(c, backward=True)
-    n_blocks = triton.cdiv(m, kw["BLOCK_M"])
-    per = triton.cdiv(n_blocks, min(n_blocks, int(TUNING["backward_programs_per_sm"]) * _num_sms(x.device)))
-    programs = triton.cdiv(n_blocks, per)
+    programs, per = _splits(m, kw["BLOCK_M"], 1, x.device, per_sm=int(TUNING["backward_programs_per_sm"]))
     if TUNING["backward_stages"] is not None:
         kw["num_stages"] = int(TUNING["backward_stages"])
     dw = x.new_empty((programs, nw), dtype=torch.float32)

@@ -405,10 +405,10 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits(rows: int, block: int, bh: int, device: torch.device) -> tuple[int, int]:
-    """(splits, blocks per split) so that ``bh * splits`` programs fill the GPU about four times over."""
+def _splits(rows: int, block: int, bh: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
+    """(splits, blocks per split) so that ``bh * splits`` programs fill the GPU about ``per_sm`` times over."""
     n_blocks = triton.cdiv(rows, block)
-    want = min(n_blocks, max(1, triton.cdiv(4 * _num_sms(device), bh)))
+    want = min(n_blocks, max(1, triton.cdiv(per_sm * _num_sms(device), bh)))
     per = triton.cdiv(n_blocks, want)
     return triton.cdiv(n_blocks, per), per
 
