@@ -964,6 +964,16 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _add_modes(p: argparse.ArgumentParser, default: list[str]) -> None:
+    p.add_argument(
+        "--modes",
+        type=_modes,
+        default=default,
+        help="eager, compiled (torch.compile), cudagraphs (torch.compile mode='reduce-overhead'), comma-separated "
+        f"(default: {','.join(default)})",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser, name: str, *, cpu_ok: bool) -> None:
     p.add_argument(
         "--models",
@@ -1066,13 +1076,7 @@ def add_subcommands(parser: argparse.ArgumentParser, handler: Callable | None = 
         + ",".join(f"{s}={b}" for s, b in DEFAULT_BATCHES.items())
         + " (other sizes: 256 images' worth of 224 px tokens)",
     )
-    p.add_argument(
-        "--modes",
-        type=_modes,
-        default=["eager", "compiled"],
-        help="eager, compiled (torch.compile), cudagraphs (torch.compile mode='reduce-overhead'), comma-separated "
-        "(default: eager,compiled)",
-    )
+    _add_modes(p, ["eager", "compiled"])
     p.add_argument(
         "--compile-sizes",
         type=_sizes,
@@ -1092,13 +1096,7 @@ def add_subcommands(parser: argparse.ArgumentParser, handler: Callable | None = 
     _add_common(p, "train", cpu_ok=True)
     p.add_argument("--size", type=_size, default=TRAIN_SIZE, help=f"input side (default: {TRAIN_SIZE})")
     p.add_argument("--batch", type=_positive_int, default=TRAIN_BATCH, help=f"batch (default: {TRAIN_BATCH})")
-    p.add_argument(
-        "--modes",
-        type=_modes,
-        default=["eager"],
-        help="eager, compiled (torch.compile), cudagraphs (torch.compile mode='reduce-overhead'), comma-separated "
-        "(default: eager)",
-    )
+    _add_modes(p, ["eager"])
     _add_timing(p, "train")
     p.set_defaults(fn=fn, parser=p)
 
