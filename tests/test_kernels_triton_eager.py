@@ -118,6 +118,10 @@ def test_eager_path_without_grad_and_with_unused_outputs():
     assert IMPL_CALLS == ["fwd"]
     out.sum().backward()
     assert IMPL_CALLS == ["fwd", "bwd"]
+    IMPL_CALLS.clear()
+    out, _ = fast(x, w, 2.0)
+    assert out.grad_fn.apply(None, None) == (None, None, None)  # no output used: None per input, no backward run
+    assert IMPL_CALLS == ["fwd"]
 
 
 def test_compile_fullgraph_still_sees_the_custom_op():

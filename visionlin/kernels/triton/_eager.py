@@ -60,8 +60,9 @@ def eager_call(op: Any) -> Callable:
 def eager_op(op: Any, setup_context: Callable, backward: Callable) -> Callable:
     """``op`` with a cheap eager path; ``setup_context`` and ``backward`` are the ones given to
     ``op.register_autograd`` (same signatures: ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)``
-    returning one gradient or ``None`` per input). ``backward`` must accept ``None`` for the gradient of an output
-    that was not used (the gradients of non-differentiable outputs are always ``None``)."""
+    returning one gradient or ``None`` per input). Gradients of unused outputs arrive as ``None`` (no zero fills; those
+    of non-differentiable outputs always do): when every one is ``None`` the eager path answers ``None`` for every input
+    without calling ``backward``; otherwise ``backward`` must accept ``None`` for the ones that are."""
     impl = _impl(op)
     if impl is None:
         return op
@@ -70,9 +71,12 @@ def eager_op(op: Any, setup_context: Callable, backward: Callable) -> Callable:
         out = impl(*args)
         setup_context(ctx, args, out)
         ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None (no zero fills)
+        ctx.n_inputs = len(args)
         return out
 
     def backward_(ctx, *grads):
+        if all(g is None for g in grads):  # no output used
+            return (None,) * ctx.n_inputs
         return backward(ctx, *grads)
 
     # Named per op (the autograd node shows as ``Eager_<op>Backward`` in profiles and ``grad_fn``).

@@ -246,8 +246,6 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dmean=None, drstd=None):
-    if dout is None:
-        return None, None, None, None, None, None
     x, gate, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dg, dw, db = _gated_layer_norm_bwd_call(dout, x, gate, weight, bias, mean, rstd)
     w_dt, b_dt = ctx.dtypes

@@ -369,8 +369,6 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do):
-    if do is None:  # the output unused (the eager path does not materialise zero gradients)
-        return None, None, None, None, None, None, None
     q, k, v, g = ctx.saved_tensors
     dq, dk, dv, dg = _gla_bwd_call(q, k, v, g, do, ctx.scale, ctx.reverse)
     return dq, dk, dv, dg, None, None, None

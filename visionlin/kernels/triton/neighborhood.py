@@ -583,8 +583,6 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, _g_lse=None):
-    if g is None:  # the output unused (the eager path does not materialise zero gradients)
-        return None, None, None, None, None, None, None, None, None
     q, k, v, rpb, out, lse = ctx.saved_tensors
     dq, dk, dv, drpb = _na2d_bwd_call(q, k, v, rpb, out, lse, g, *ctx.window, ctx.need_drpb)
     drpb = drpb.to(rpb.dtype) if ctx.need_drpb else None

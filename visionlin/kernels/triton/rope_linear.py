@@ -679,8 +679,6 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, _g_state=None, _g_aux=None):
-    if g is None:  # the output unused (the eager path does not materialise zero gradients)
-        return None, None, None, None, None, None, None, None, None
     q, k, v, sin, cos, state, aux = ctx.saved_tensors
     dq, dk, dv = _rope_linear_bwd_call(q, k, v, sin, cos, state, aux, g, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
