@@ -101,14 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--train", action="store_true", help="a training step instead of an inference forward")
-    parser.add_argument(
-        "--configs",
-        default="default",
-        help="comma-separated fast-path settings of benchmarks/toggle_speed.py, each measured in turn (default: the "
-        "shipped settings; baseline: every switch off)",
-    )
+    from benchmarks.toggle_speed import add_configs_argument, parse_configs, switches
+
+    add_configs_argument(parser)
     args = parser.parse_args(argv)
-    from benchmarks.toggle_speed import parse_configs, switches
 
     configs = parse_configs(parser, args.configs)
     rows = []

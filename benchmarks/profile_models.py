@@ -108,14 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--twin", default="deit_small_patch16_224", help="dense timm model profiled first")
     parser.add_argument("--name", default=None, help="JSON file stem (default profile_models / profile_train)")
     parser.add_argument("--commit", default=None)
-    parser.add_argument(
-        "--configs",
-        default="default",
-        help="comma-separated fast-path settings of benchmarks/toggle_speed.py, each profiled in turn (default: the "
-        "shipped settings; baseline: every switch off)",
-    )
+    from benchmarks.toggle_speed import add_configs_argument, parse_configs, switches
+
+    add_configs_argument(parser)
     args = parser.parse_args(argv)
-    from benchmarks.toggle_speed import parse_configs, switches
 
     configs = parse_configs(parser, args.configs)
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",")]

@@ -44,6 +44,17 @@ TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 
 
+def add_configs_argument(parser: argparse.ArgumentParser) -> None:
+    """``--configs`` of the profiling scripts (``profile_models.py``, ``host_overhead.py``): read with
+    :func:`parse_configs`, applied with :func:`switches`."""
+    parser.add_argument(
+        "--configs",
+        default="default",
+        help="comma-separated fast-path settings of benchmarks/toggle_speed.py, each run in turn (default: the "
+        "shipped settings; baseline: every switch off)",
+    )
+
+
 def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
     """``value`` (comma-separated config names) as a list; an unknown name is a usage error listing the allowed."""
     configs = [c for c in value.split(",") if c]
