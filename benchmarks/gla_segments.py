@@ -32,13 +32,14 @@ def _both(fn, args) -> dict:
     from visionlin.kernels.triton import gla
 
     times = {False: [], True: []}
+    shipped = gla.TUNING["segments"]
     try:
         for r in range(args.repeats):
             for seg in (False, True) if r % 2 == 0 else (True, False):
                 gla.TUNING["segments"] = seg
                 times[seg].append(cuda_ms(fn, args.warmup, args.iters, 1))
     finally:
-        gla.TUNING["segments"] = False
+        gla.TUNING["segments"] = shipped
     single, segmented = (sorted(times[s])[len(times[s]) // 2] for s in (False, True))
     return {"ms_single": single, "ms_segmented": segmented, "speedup": single / segmented, "status": "ok"}
 

@@ -102,6 +102,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert gla._segments(4, 5, torch.device("cpu")) == (1, 5)   # the SMs are filled: one walk
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
+    gla.TUNING.update(segments=True, segment_chunks=64)
     print("interpreter ok")
     """
 )
