@@ -1,7 +1,10 @@
 """Is a model bound by the GPU or by the host? Per model: eager time per forward, the same forward replayed as one
 CUDA graph (no host work), the sum of its kernels' GPU time, and the host-side ops that cost most (self CPU time
 per forward), bf16 autocast, inference. With ``--train``: one training step (forward, cross-entropy, backward,
-fused AdamW) instead, eager only (no graph replay).
+fused AdamW) instead (no graph replay). ``--compile``: the model under ``torch.compile`` (default mode; the step's
+host time is then Inductor's wrapper code, the custom ops' dispatch and their Python bodies). ``--stacks``: the
+profile records Python calls too (``with_stack=True``), and the Python functions with the most self CPU time are
+listed separately, the autograd thread's (the backward formulas) included.
 
 Usage (on a GPU machine):
     python benchmarks/host_overhead.py --out benchmarks/results/h200 --models inline_deit_small,infvit_small
@@ -25,9 +28,13 @@ from benchmarks._timing import cuda_ms  # noqa: E402
 from visionlin.train.bench import train_step  # noqa: E402
 
 
-def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
+def _profile(stacks: bool):
     from torch.profiler import ProfilerActivity, profile
 
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stacks)
+
+
+def measure(model: torch.nn.Module, size: int, batch: int, iters: int, stacks: bool = False) -> dict:
     x = torch.randn(batch, 3, size, size, device="cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):
@@ -44,27 +51,28 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         replay = min(cuda_ms(graph.replay, 0, iters, 1) for _ in range(3))
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with _profile(stacks) as prof:
             model(x)
             torch.cuda.synchronize()
     return {"eager_ms": eager, "graph_ms": replay, **_tables(prof)}
 
 
-def measure_train(model: torch.nn.Module, size: int, batch: int, iters: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def measure_train(
+    model: torch.nn.Module, size: int, batch: int, iters: int, stacks: bool = False, forward=None
+) -> dict:
+    """``forward``: what the step calls (default ``model``; e.g. its compiled version)."""
     model.train()
     x = torch.randn(batch, 3, size, size, device="cuda")
     target = torch.randint(0, model.num_classes, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    step = functools.partial(train_step(model, opt, target), x)
+    step = functools.partial(train_step(forward or model, opt, target), x)
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     eager = min(cuda_ms(step, 0, iters, 1) for _ in range(3))
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with _profile(stacks) as prof:
         step()
         torch.cuda.synchronize()
     return {"eager_ms": eager, "graph_ms": None, **_tables(prof)}
@@ -72,19 +80,27 @@ def measure_train(model: torch.nn.Module, size: int, batch: int, iters: int) -> 
 
 def _tables(prof) -> dict:
     host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    python: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     gpu_us = 0.0
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             gpu_us += evt.device_time_total
         else:
-            h = host[evt.name]
+            # Python calls (recorded with_stack) are named "file.py(line): function"
+            h = (python if ".py(" in evt.name else host)[evt.name]
             h[0] += evt.self_cpu_time_total
             h[1] += 1
-    top = sorted(host.items(), key=lambda kv: -kv[1][0])[:30]
+
+    def top(table: dict, n: int) -> list[dict]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+        return [{"name": name, "self_cpu_us": us, "calls": c} for name, (us, c) in rows]
+
     return {
         "kernels_ms": gpu_us / 1e3,
         "host_self_cpu_ms": sum(v[0] for v in host.values()) / 1e3,
-        "top_host_ops": [{"name": n, "self_cpu_us": us, "calls": c} for n, (us, c) in top],
+        "top_host_ops": top(host, 30),
+        "python_self_cpu_ms": sum(v[0] for v in python.values()) / 1e3,
+        "top_python": top(python, 40),
     }
 
 
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--train", action="store_true", help="a training step instead of an inference forward")
+    parser.add_argument("--compile", action="store_true", help="the model under torch.compile (default mode)")
+    parser.add_argument("--stacks", action="store_true", help="also list the Python functions with most self CPU")
     from benchmarks.toggle_speed import add_configs_argument, parse_configs, switches
 
     add_configs_argument(parser)
@@ -112,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         kw = {"dynamic_img_size": True, "img_size": args.size} if name.startswith("deit") else {}
         model = timm.create_model(name, **kw).cuda().eval()
-        fn = measure_train if args.train else measure
-        r = {"model": name, "size": args.size, "batch": args.batch, "train": args.train, "config": config}
+        compiled = torch.compile(model) if args.compile else None
+        r = {"model": name, "size": args.size, "batch": args.batch, "train": args.train, "config": config,
+             "compiled": args.compile}  # fmt: skip
         with switches(config):
-            r.update(fn(model, args.size, args.batch, args.iters))
+            if args.train:
+                r.update(measure_train(model, args.size, args.batch, args.iters, args.stacks, compiled))
+            else:
+                r.update(measure(compiled or model, args.size, args.batch, args.iters, args.stacks))
         rows.append(r)
         replay = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
         print(f"\n== {name} [{config}] {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "
@@ -123,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)  # fmt: skip
         for op in r["top_host_ops"][:24]:
             print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][:90]}")
+        if args.stacks:
+            print(f"   -- Python functions, {r['python_self_cpu_ms']:.2f} ms self CPU in all:")
+            for op in r["top_python"]:
+                print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][-110:]}")
         del model
         torch.cuda.empty_cache()
     from benchmarks._meta import gpu_meta
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "host_overhead_train.json" if args.train else "host_overhead.json"
+    name = f"host_overhead{'_train' if args.train else ''}{'_compiled' if args.compile else ''}.json"
     (out / name).write_text(json.dumps({"meta": gpu_meta(argv, args.commit), "rows": rows}, indent=2))
     return 0
 
