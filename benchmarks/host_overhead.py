@@ -3,8 +3,9 @@ CUDA graph (no host work), the sum of its kernels' GPU time, and the host-side o
 per forward), bf16 autocast, inference. With ``--train``: one training step (forward, cross-entropy, backward,
 fused AdamW) instead (no graph replay). ``--compile``: the model under ``torch.compile`` (default mode; the step's
 host time is then Inductor's wrapper code, the custom ops' dispatch and their Python bodies). ``--stacks``: the
-profile records Python calls too (``with_stack=True``), and the Python functions with the most self CPU time are
-listed separately, the autograd thread's (the backward formulas) included.
+step (or forward) is also run under ``cProfile`` and the Python functions with the most own time are listed (on
+Python >= 3.12 cProfile sees every thread, the autograd engine's backward formulas included; on older ones the main
+thread only).
 
 Usage (on a GPU machine):
     python benchmarks/host_overhead.py --out benchmarks/results/h200 --models inline_deit_small,infvit_small
@@ -31,7 +32,28 @@ from visionlin.train.bench import train_step  # noqa: E402
 def _profile(stacks: bool):
     from torch.profiler import ProfilerActivity, profile
 
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stacks)
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def _python_top(step, calls: int = 3, n: int = 40) -> dict:
+    """The Python functions with the most own time per call of ``step`` (cProfile), with their cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = [
+        {"name": f"{Path(file).parent.name}/{Path(file).name}:{line}({fn})", "self_cpu_us": tt / calls * 1e6,
+         "cum_us": ct / calls * 1e6, "calls": nc / calls}
+        for (file, line, fn), (_cc, nc, tt, ct, _callers) in stats.items()
+    ]  # fmt: skip
+    rows.sort(key=lambda r: -r["self_cpu_us"])
+    return {"python_self_cpu_ms": sum(r["self_cpu_us"] for r in rows) / 1e3, "top_python": rows[:n]}
 
 
 def measure(model: torch.nn.Module, size: int, batch: int, iters: int, stacks: bool = False) -> dict:
@@ -54,7 +76,8 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int, stacks: b
         with _profile(stacks) as prof:
             model(x)
             torch.cuda.synchronize()
-    return {"eager_ms": eager, "graph_ms": replay, **_tables(prof)}
+        python = _python_top(lambda: model(x)) if stacks else {}
+    return {"eager_ms": eager, "graph_ms": replay, **_tables(prof), **python}
 
 
 def measure_train(
@@ -66,7 +89,7 @@ def measure_train(
     target = torch.randint(0, model.num_classes, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    step = functools.partial(train_step(forward or model, opt, target), x)
+    step = functools.partial(train_step(model if forward is None else forward, opt, target), x)
 
     for _ in range(3):
         step()
@@ -75,32 +98,25 @@ def measure_train(
     with _profile(stacks) as prof:
         step()
         torch.cuda.synchronize()
-    return {"eager_ms": eager, "graph_ms": None, **_tables(prof)}
+    python = _python_top(step) if stacks else {}
+    return {"eager_ms": eager, "graph_ms": None, **_tables(prof), **python}
 
 
 def _tables(prof) -> dict:
     host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    python: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     gpu_us = 0.0
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             gpu_us += evt.device_time_total
         else:
-            # Python calls (recorded with_stack) are named "file.py(line): function"
-            h = (python if ".py(" in evt.name else host)[evt.name]
+            h = host[evt.name]
             h[0] += evt.self_cpu_time_total
             h[1] += 1
-
-    def top(table: dict, n: int) -> list[dict]:
-        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
-        return [{"name": name, "self_cpu_us": us, "calls": c} for name, (us, c) in rows]
-
+    top = sorted(host.items(), key=lambda kv: -kv[1][0])[:30]
     return {
         "kernels_ms": gpu_us / 1e3,
         "host_self_cpu_ms": sum(v[0] for v in host.values()) / 1e3,
-        "top_host_ops": top(host, 30),
-        "python_self_cpu_ms": sum(v[0] for v in python.values()) / 1e3,
-        "top_python": top(python, 40),
+        "top_host_ops": [{"name": n, "self_cpu_us": us, "calls": c} for n, (us, c) in top],
     }
 
 
@@ -146,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         for op in r["top_host_ops"][:24]:
             print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][:90]}")
         if args.stacks:
-            print(f"   -- Python functions, {r['python_self_cpu_ms']:.2f} ms self CPU in all:")
+            print(f"   -- Python (cProfile), {r['python_self_cpu_ms']:.2f} ms own time per call in all:")
             for op in r["top_python"]:
-                print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms x{op['calls']:4d} {op['name'][-110:]}")
+                print(f"   {op['self_cpu_us'] / 1e3:7.2f} ms own {op['cum_us'] / 1e3:7.2f} ms cum x{op['calls']:6.1f} "
+                      f"{op['name'][-100:]}")  # fmt: skip
         del model
         torch.cuda.empty_cache()
     from benchmarks._meta import gpu_meta

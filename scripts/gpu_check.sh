@@ -189,10 +189,10 @@ for stage in "$@"; do
     host-stacks)  # where a training step's host time goes, Python functions included: eager, then compiled
       timeout ${STACKS_LIMIT:-120} python3 benchmarks/host_overhead.py --train --stacks --batch 128 --out "$OUT/eager" \
         --commit "$COMMIT" --models ${STACKS_MODELS:-inline_deit_small,agent_deit_small} 2>&1 | grep -v "^\s*$" \
-        | tee "$OUT/host_stacks_train_$COMMIT.log" | grep -E "^==|Python functions"
+        | tee "$OUT/host_stacks_train_$COMMIT.log" | grep -E "^==|Python \(cProfile"
       timeout ${STACKS_COMPILED_LIMIT:-200} python3 benchmarks/host_overhead.py --train --compile --stacks --batch 128 \
         --out "$OUT/compiled" --commit "$COMMIT" --models ${STACKS_COMPILED_MODELS:-infvit_small,deit_small_patch16_224} \
-        2>&1 | grep -v "^\s*$" | tee "$OUT/host_stacks_compiled_$COMMIT.log" | grep -E "^==|Python functions" ;;
+        2>&1 | grep -v "^\s*$" | tee "$OUT/host_stacks_compiled_$COMMIT.log" | grep -E "^==|Python \(cProfile" ;;
     bench-toggle)  # each FAST_PATHS switch off and on (benchmarks/toggle_speed.py)
       timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
         ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
