@@ -58,7 +58,7 @@ COMMIT=$2
 shift 2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 HIER=flatten_pvt_small,agent_pvt_small,flatten_swin_tiny,agent_swin_tiny,nat_tiny,dinat_tiny,mambavision_tiny,vig_small
-HIER=$HIER,mavit_tiny,ravlt_tiny,nalaformer_tiny
+HIER=${HIER_MODELS:-$HIER,mavit_tiny,ravlt_tiny,nalaformer_tiny}  # HIER_MODELS: a subset
 SWIN=swin_tiny_patch4_window7_224
 MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
@@ -117,8 +117,8 @@ for stage in "$@"; do
     bench-hier)
       timeout ${HIER_LIMIT:-170} python3 -m visionlin.cli bench models --quick --modes eager --sizes ${HIER_SIZES:-224,1024,4096} \
         --models $HIER --twin $SWIN --time-budget $((${HIER_LIMIT:-170} - 20)) --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
-      timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN --time-budget 85 \
-        --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+      [[ -n ${HIER_NO_TRAIN:-} ]] || timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN \
+        --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     check-4096)
       timeout 220 python3 benchmarks/hires_every_model.py --size 4096 --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "^\s*$|Warning|warn" | cut -c1-240 ;;
