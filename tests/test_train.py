@@ -135,6 +135,14 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     assert "'2' is not a probability" in err
     err = _usage_error(capsys, ["train", *TINY, "--model-kwargs", "depth", "--data-dir", str(data), *out])
     assert "model kwarg 'depth' is not KEY=VALUE" in err
+    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile-mode", "fast", *out])
+    assert "'fast'" in err and "reduce-overhead" in err
+    graphs = ["--torchcompile-mode", "reduce-overhead"]
+    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), *graphs, *out])
+    assert "--torchcompile-mode reduce-overhead needs --torchcompile" in err
+    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile", *graphs,
+                                "--grad-accum-steps", "2", *out])  # fmt: skip
+    assert "--grad-accum-steps 2: not supported" in err
     try:
         from torch.utils import tensorboard  # noqa: F401
     except ImportError:
@@ -215,6 +223,30 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
     (run / "curves.png").unlink()
     assert cli.main(["plot", str(run)]) == 0
     assert (run / "curves.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_matches_eager(tmp_path, data):
+    """--torchcompile --torchcompile-mode reduce-overhead (CUDA graphs) trains as eager does: same losses within 5%,
+    and final weights whose distance from eager's is a small part of how far eager's moved from the start (a run at
+    learning rate 0 gives the start)."""
+    weights = {}
+    for name, extra in (("start", ["--lr", "0", "--warmup-lr", "0", "--min-lr", "0"]), ("eager", []),
+                        ("graphs", ["--torchcompile", "--torchcompile-mode", "reduce-overhead"])):  # fmt: skip
+        argv = ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path), "--experiment", name,
+                "--workers", "0", *extra]  # fmt: skip
+        assert cli.main(argv) == 0
+        weights[name] = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path / name))["model"]
+    eager, graphs = _losses(tmp_path / "eager"), _losses(tmp_path / "graphs")
+    assert eager.keys() == graphs.keys() and len(eager) == 12  # 24 images, batch 4, 2 epochs
+    np.testing.assert_allclose(list(graphs.values()), list(eager.values()), rtol=0.05)
+
+    def dist(a: dict, b: dict) -> float:
+        return sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a if a[k].is_floating_point()) ** 0.5
+
+    moved = dist(weights["eager"], weights["start"])
+    assert moved > 0 and dist(weights["graphs"], weights["eager"]) < 0.1 * moved
 
 
 def test_fashion_mnist_option_trains(capsys, tmp_path):
