@@ -110,6 +110,8 @@ for stage in "$@"; do
       run_tests s17 ${S17_LIMIT:-330} tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
         tests/test_kernels_triton_gla.py tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
         tests/test_bench_gla_segments.py --tb=short ;;
+    tests-train-graphs)  # visionlin train --torchcompile-mode reduce-overhead against eager
+      run_tests train_graphs 240 tests/test_train.py -k cuda_graph --tb=long ;;
     tests-conv)  # the token depthwise conv kernel and its layer
       run_tests conv 150 tests/test_kernels_conv.py tests/test_layers_token_conv.py tests/test_bench_conv_op.py ;;
     tests-rope)
