@@ -17,14 +17,16 @@ from interpreter_utils import run_in_interpreter
 
 pytest.importorskip("triton")
 
-from visionlin.kernels.triton._eager import eager_call, eager_op, plain_eager  # noqa: E402
+from visionlin.kernels.triton._eager import direct, eager_call, eager_op, plain_eager  # noqa: E402
 
 IMPL_CALLS: list[str] = []
+DIRECT: list[bool] = []  # direct() as each implementation saw it
 
 
 @torch.library.custom_op("visionlin_test::scale_fwd", mutates_args=())
 def scale_fwd(x: torch.Tensor, w: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     IMPL_CALLS.append("fwd")
+    DIRECT.append(direct())
     return x * w * alpha, (x * w).sum().reshape(1)
 
 
@@ -36,6 +38,7 @@ def _(x, w, alpha):
 @torch.library.custom_op("visionlin_test::scale_bwd", mutates_args=())
 def scale_bwd(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     IMPL_CALLS.append("bwd")
+    DIRECT.append(direct())
     return g * w * alpha, (g * x * alpha).sum(0)
 
 
@@ -105,6 +108,30 @@ def test_eager_path_matches_the_custom_op_and_skips_the_dispatcher():
     (out2.square().sum()).backward()
     assert torch.equal(out, out2) and torch.equal(total, total2)
     assert torch.equal(gx, x2.grad) and torch.equal(gw, w2.grad)
+
+
+def test_direct_tells_the_eager_path_from_the_dispatcher():
+    """Implementations see ``direct()`` True when called by the eager path (forward and backward, the backward on
+    autograd's thread), False through the dispatcher (a compiled graph's forward and backward nodes), and never after
+    a call (an exception included)."""
+    x, w = _inputs()
+    DIRECT.clear()
+    out, _ = fast(x, w, 1.5)
+    out.sum().backward()
+    with torch.no_grad():
+        fast(x, w, 1.5)
+    assert DIRECT == [True, True, True]
+    DIRECT.clear()
+    out, _ = torch.ops.visionlin_test.scale_fwd(x, w, 1.5)
+    out.sum().backward()  # the custom op's registered backward still calls the backward op through eager_call
+    assert DIRECT == [False, True] and not direct()
+    DIRECT.clear()
+    compiled = torch.compile(lambda a, b: fast(a, b, 1.5)[0].sum(), backend="aot_eager", fullgraph=True)
+    compiled(x, w).backward()  # both ops are nodes of the compiled graphs: reached through the dispatcher
+    assert DIRECT == [False, False]
+    with pytest.raises(RuntimeError):
+        fast(x, torch.randn(4), 1.0)  # shapes that do not broadcast: the implementation raises
+    assert not direct()
 
 
 def test_eager_path_without_grad_and_with_unused_outputs():

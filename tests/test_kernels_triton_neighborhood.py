@@ -165,9 +165,18 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
 
 
 def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
-    """The backward's flat bias-table index is cached per (geometry, device): the same tensor on a second call, equal
-    to a fresh build, and a different one for another geometry (dilated, clipped windows included)."""
+    """The backward's flat bias-table index is cached per (geometry, device) on the eager path: the same tensor on a
+    second call, equal to a fresh build, and a different one for another geometry (dilated, clipped windows
+    included). Through the dispatcher (torch.compile, whose CUDA graphs refuse tensors left alive in their pool) it
+    is built every time."""
+    from visionlin.kernels.triton import _eager
     from visionlin.kernels.triton import neighborhood as tn
+
+    assert not _eager.direct()
+    index = (7, 5, 3, 3, 1, 1, (2, 5, 5), torch.device("cpu"))
+    assert tn._table_index(*index) is not tn._table_index(*index)  # not on the eager path: not kept
+    assert torch.equal(tn._table_index(*index), tn._build_table_index(*index))
+    monkeypatch.setattr(tn, "_table_index", lambda *a, _f=tn._table_index: _eager._direct_call(_f, *a))
 
     cpu = torch.device("cpu")
     for x, y, ks, dil, h in ((7, 5, 3, 1, 2), (12, 9, 5, 2, 3), (4, 6, 7, 1, 1)):

@@ -11,18 +11,39 @@ FX or functorch tracing, no fake or functional tensors, no tensor subclasses), t
 Python implementation through a ``torch.autograd.Function`` built from the op's own ``setup_context`` and backward
 formula; anything else takes the custom op, unchanged. Both paths run the same kernels, so their results are
 bitwise identical (tested). :func:`eager_call` does the same for ops without autograd (the backward ops).
+
+:func:`direct` tells an op's implementation whether it was reached this way (in this thread). Host-side caches of
+device tensors (NA's bias-table index) are kept on that path only: through the dispatcher the op may run inside
+``torch.compile``'s CUDA graphs (``mode="reduce-overhead"``), whose warm-up and recording allocate from the graphs'
+private pool, and a cached tensor left alive there fails the graphs' liveness check.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["eager_call", "eager_op", "plain_eager"]
+__all__ = ["direct", "eager_call", "eager_op", "plain_eager"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_DIRECT = threading.local()  # .depth: direct calls in progress in this thread (the backward runs on autograd's)
+
+
+def direct() -> bool:
+    """True inside an op implementation called directly by :func:`eager_call` / :func:`eager_op` (plain eager
+    tensors, no dispatcher), in this thread; False through the dispatcher (compile, export, CUDA graphs, FX, ...)."""
+    return getattr(_DIRECT, "depth", 0) > 0
+
+
+def _direct_call(fn: Callable, *args: Any) -> Any:
+    _DIRECT.depth = getattr(_DIRECT, "depth", 0) + 1
+    try:
+        return fn(*args)
+    finally:
+        _DIRECT.depth -= 1
 
 
 def plain_eager(args: tuple[Any, ...]) -> bool:
@@ -51,7 +72,7 @@ def eager_call(op: Any) -> Callable:
         return op
 
     def call(*args: Any) -> Any:
-        return impl(*args) if plain_eager(args) else op(*args)
+        return _direct_call(impl, *args) if plain_eager(args) else op(*args)
 
     call.__name__ = f"eager_{getattr(op, '_name', 'op')}"
     return call
@@ -68,7 +89,7 @@ def eager_op(op: Any, setup_context: Callable, backward: Callable) -> Callable:
         return op
 
     def forward(ctx, *args):
-        out = impl(*args)
+        out = _direct_call(impl, *args)
         setup_context(ctx, args, out)
         ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None (no zero fills)
         ctx.n_inputs = len(args)
@@ -91,7 +112,7 @@ def eager_op(op: Any, setup_context: Callable, backward: Callable) -> Callable:
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
-        return impl(*args)
+        return _direct_call(impl, *args)
 
     call.__name__ = f"eager_{getattr(op, '_name', 'op')}"
     return call

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._eager import eager_call, eager_op
+from ._eager import direct, eager_call, eager_op
 
 __all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -547,10 +547,12 @@ def _(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
 
 def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major. Built once
-    per geometry and device (the host work of building it cost more than the backward kernels' launches); not cached
-    while a CUDA graph is being captured (its memory would belong to the graph's pool)."""
+    per geometry and device (the host work of building it cost more than the backward kernels' launches) on the eager
+    path only (:func:`._eager.direct`): through the dispatcher the op may run in ``torch.compile``'s CUDA graphs,
+    whose pool a cached tensor must not outlive (they refused to run: "tensor(s) in the cudagraph pool not tracked as
+    outputs"); nor while a CUDA graph is being captured by hand."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
+    if capturing or not direct() or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
         return _build_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
     return _cached_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
 
