@@ -212,6 +212,10 @@ for stage in "$@"; do
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
+    bench-build-default)  # FLatten's memory with its positional tables resampled per forward instead of stored
+      timeout 150 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,2048,4096 --build-size default \
+        --models flatten_deit_small,infvit_small --time-budget 130 --name bench_models_build_default --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
     bench-models)
       timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;

@@ -181,6 +181,33 @@ def test_models_benchmark_on_cpu_writes_json_and_png(capsys, monkeypatch, tmp_pa
     assert "infvit_tiny" in capsys.readouterr().out
 
 
+def test_models_benchmark_builds_for_the_input_or_at_the_default_size(monkeypatch, tmp_path, capsys):
+    """--build-size input (default) builds each model for the input size; default builds it at its own default size
+    and feeds larger inputs through dynamic_img_size; the rows say which."""
+    built, real = [], bench._create
+
+    def create(name, device, size=None):
+        built.append(size)
+        return real(name, device, size)
+
+    monkeypatch.setattr(bench, "_create", create)
+    argv = ["bench", "models", *TINY, "--sizes", "32", "--batch-sizes", "32=1", "--modes", "eager", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert built == [32, 32]
+    assert {r["built_for"] for r in json.loads((tmp_path / "bench_models.json").read_text())["rows"]} == {32}
+    built.clear()
+    assert cli.main([*argv, "--build-size", "default"]) == 0
+    assert built == [None, None]
+    rows = json.loads((tmp_path / "bench_models.json").read_text())["rows"]
+    assert {r["built_for"] for r in rows} == {"default"} and all(r["status"] == "ok" for r in rows)
+    with pytest.raises(ValueError, match="build_size='native'"):
+        bench.bench_models(["infvit_tiny"], sizes=[32], device="cpu", build_size="native")
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--build-size", "native"])
+    assert "invalid choice: 'native'" in capsys.readouterr().err
+
+
 def test_train_benchmark_on_cpu(tmp_path):
     assert cli.main(["bench", "train", *TINY, "--size", "32", "--batch", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_train.json").read_text())

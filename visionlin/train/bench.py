@@ -72,6 +72,8 @@ QUICK_COMPILE_SIZES = (224, 1024)
 TRAIN_SIZE, TRAIN_BATCH = 224, 128
 LARGEST_START, LARGEST_MAX = 224, 131072
 MODES = ("eager", "compiled", "cudagraphs")
+#: how ``bench models`` builds each model: for the input size, or at its default size (``--build-size``)
+BUILD_SIZES = ("input", "default")
 #: torch.compile's mode per compiled bench mode: "cudagraphs" replays the compiled graphs as CUDA graphs (no host work
 #: per kernel: what a host-bound step needs; the twin is compiled the same way)
 COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}
@@ -416,11 +418,16 @@ def bench_models(
     min_time: float = 1.0,
     time_budget: float | None = None,
     on_rows: Callable[[list[dict]], None] | None = None,
+    build_size: str = "input",
 ) -> list[dict]:
     """Inference img/s and peak memory of ``models`` and ``twin`` at every size, per mode; one row per model, size
     and mode (statuses ``ok``, ``oom``, ``error``, ``skipped``).
 
     Args:
+        build_size: ``"input"``: each model built for the input size (``img_size=size``: grid-sized tables such as
+            position embeddings are parameters of that size); ``"default"``: built at its default size and run on
+            the larger inputs with ``dynamic_img_size`` (such tables resampled in each forward, not stored). FLatten-
+            DeiT keeps a key positional encoding per block: built at 4096 px its 12 tables are 1.2 GB of parameters.
         batches: batch per size (default: ``default_batch``).
         compile_sizes: sizes measured compiled too (default: all); only with ``"compiled"`` in ``modes``.
         backends: kernel backends to measure each model with (``None``: automatic choice).
@@ -431,6 +438,8 @@ def bench_models(
     device = torch.device(device)
     batches = {s: (batches or {}).get(s) or default_batch(s) for s in sizes}
     compile_sizes = list(sizes) if compile_sizes is None else list(compile_sizes)
+    if build_size not in BUILD_SIZES:
+        raise ValueError(f"build_size={build_size!r}; choose one of {BUILD_SIZES}")
     budget = _Budget(time_budget)
     rows: list[dict] = []
     for mode in modes:  # every eager block first: cheap and complete before a time budget meets the compiles
@@ -439,13 +448,15 @@ def bench_models(
                 continue
             batch = batches[size]
             specs = _specs(models, backends, twin)
-            common = {"mode": mode, "size": size, "batch": batch, "tokens": (size // PATCH) ** 2}
+            common = {"mode": mode, "size": size, "batch": batch, "tokens": (size // PATCH) ** 2,
+                      "built_for": size if build_size == "input" else "default"}  # fmt: skip
             if budget.spent():
                 block = _skipped(specs, common, f"time budget of {time_budget:g} s spent")
             else:
                 block = _inference_block(
-                    specs, size, batch, mode, device, dtype, warmup, iters, repeats, min_time, budget
-                )
+                    specs, size, batch, mode, device, dtype, warmup, iters, repeats, min_time, budget,
+                    build_size == "input",
+                )  # fmt: skip
                 block = _rows(block, common)
             for row in block:
                 _report(row)
@@ -467,11 +478,12 @@ def _inference_block(
     repeats: int,
     min_time: float,
     budget: _Budget,
+    build_for_input: bool = True,
 ) -> list[_Entry]:
     import visionlin
 
     def build(e: _Entry) -> None:
-        model = _create(e.model, device, size).eval()
+        model = _create(e.model, device, size if build_for_input else None).eval()
         if not e.twin:
             visionlin.set_backend(model, e.backend)
         e.module = model
@@ -1078,6 +1090,14 @@ def add_subcommands(parser: argparse.ArgumentParser, handler: Callable | None = 
     )
     _add_modes(p, ["eager", "compiled"])
     p.add_argument(
+        "--build-size",
+        choices=BUILD_SIZES,
+        default="input",
+        help="input: each model built for the input size (grid-sized tables are parameters of that size); default: "
+        "built at its default size, larger inputs through dynamic_img_size (tables resampled per forward; FLatten's "
+        "per-block positional encodings are 1.2 GB of parameters when built for 4096 px) (default: input)",
+    )
+    p.add_argument(
         "--compile-sizes",
         type=_sizes,
         default=None,
@@ -1339,6 +1359,7 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
                 batches=args.batch_sizes,
                 modes=args.modes,
                 compile_sizes=args.compile_sizes,
+                build_size=args.build_size,
                 **common,
                 **timing,
             )
