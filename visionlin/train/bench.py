@@ -159,14 +159,15 @@ def default_batch(size: int) -> int:
 
 
 def _create(name: str, device: torch.device, size: int | None = None) -> nn.Module:
-    """Build ``name`` on ``device`` accepting any input size (``dynamic_img_size``), its grid at ``size`` if given."""
+    """Build ``name`` on ``device``: for ``size`` px inputs if given (as a user running that size would build it),
+    else at its default size accepting any input size (``dynamic_img_size``). Not dynamic when built for the size:
+    timm's Swin then builds its shifted-window masks in every forward instead of keeping them as buffers, a cost the
+    twin would carry that a user of that size does not."""
     import timm
 
     import visionlin  # noqa: F401  (registers the models)
 
-    kwargs: dict[str, Any] = {"dynamic_img_size": True}
-    if size is not None:
-        kwargs["img_size"] = size
+    kwargs: dict[str, Any] = {"img_size": size} if size is not None else {"dynamic_img_size": True}
     torch.manual_seed(0)
     try:
         return timm.create_model(name, device=device, **kwargs)
