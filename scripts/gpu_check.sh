@@ -184,6 +184,10 @@ for stage in "$@"; do
       timeout ${GRAPHS_LIMIT:-330} python3 -m visionlin.cli bench train --quick --modes cudagraphs --models $MODELS \
         --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_train_cudagraphs --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror|skip" ;;
+    bench-hier-train-graphs)  # the hierarchical training steps under CUDA graphs next to swin_tiny under CUDA graphs
+      timeout ${GRAPHS_LIMIT:-330} python3 -m visionlin.cli bench train --quick --modes cudagraphs --models $HIER \
+        --twin $SWIN --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_hier_train_cudagraphs --out "$OUT" \
+        --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     profile-compiled)  # where a compiled training step's time goes (compiled ours trained slower than eager at abf7aa9)
       timeout 200 python3 benchmarks/profile_models.py --train --compile --out "$OUT" --models infvit_small,inline_deit_small \
         --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \
