@@ -320,6 +320,7 @@ def test_triton_compiles_and_matches_eager():
     [
         *(("pre_norm", n) for n in ("nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "mavit_tiny")),
         *(("bn_channels_last", n) for n in ("nalaformer_tiny", "mavit_tiny")),
+        *(("patch_gemm", n) for n in ("infvit_small", "flatten_swin_tiny")),
     ],
 )
 def test_models_with_fast_path(switch, name, monkeypatch):
@@ -348,8 +349,8 @@ def test_models_with_fast_path(switch, name, monkeypatch):
             infer = model(x).float()
         return out.detach().float(), grads, infer
 
-    monkeypatch.setitem(norm_module.FAST_PATHS, "pre_norm", False)
-    monkeypatch.setitem(norm_module.FAST_PATHS, "bn_channels_last", False)
+    for key in norm_module.FAST_PATHS:
+        monkeypatch.setitem(norm_module.FAST_PATHS, key, False)
     off = run()
     monkeypatch.setitem(norm_module.FAST_PATHS, switch, True)
     grad_modes = []

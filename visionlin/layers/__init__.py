@@ -13,6 +13,7 @@ from .mamba import MambaVisionMixer
 from .neighborhood import NeighborhoodAttention
 from .norm import PreNorm, as_pre_norm
 from .norm_aware import NormAwareAttention
+from .patch import PatchConv2d, as_patch_conv
 from .rank_augmented import RankAugmentedAttention
 from .softmax import SoftmaxAttention
 from .window import ShiftedWindowAttention
@@ -29,12 +30,14 @@ __all__ = [
     "MambaVisionMixer",
     "NeighborhoodAttention",
     "NormAwareAttention",
+    "PatchConv2d",
     "PreNorm",
     "PureInfSAAttention",
     "RankAugmentedAttention",
     "ShiftedWindowAttention",
     "SoftmaxAttention",
     "TokenMixer",
+    "as_patch_conv",
     "as_pre_norm",
     "create_attn",
     "register_attn",

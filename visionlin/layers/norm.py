@@ -40,7 +40,11 @@ __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 #:   NaLaFormer-T's 82.3 ms training step on the H200 (``profile_hier_train_bbe2e19.log``: statistics 4.3 ms,
 #:   backward 9.3 ms); channels-last, its kernels spread over the pixels and the stem's ``[B, H, W, C]`` output is
 #:   contiguous without a copy. Inference 1.03x (MAViT-T), 1.02x (NaLaFormer-T).
-FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True}
+#: * ``"patch_gemm"`` (off: not yet timed on a GPU): the image stems that cut non-overlapping patches (DeiT's 16 x 16,
+#:   Swin's / PVT's 4 x 4) run as one matrix product over the patches instead of cuDNN's implicit-GEMM convolution
+#:   (:class:`visionlin.layers.patch.PatchConv2d`), which took 1.65 ms of ``deit_small``'s 12.95 ms forward on the
+#:   H200 (``profile_iso_abf7aa9.log``).
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True, "patch_gemm": False}
 
 
 @register_notrace_module

@@ -39,7 +39,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ATTN_LAYERS, TokenMixer
+from ..layers import ATTN_LAYERS, PatchConv2d, TokenMixer
 from ..layers._base import map_to_tokens, tokens_to_map
 from ..layers.window import window_partition, window_reverse
 from ._common import (
@@ -100,7 +100,7 @@ class PatchStem(nn.Module):
     ) -> None:
         super().__init__()
         self.stride = check_int("patch_size", patch_size, minimum=1)
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd)
+        self.proj = PatchConv2d(in_chans, dim, patch_size, stride=patch_size, **dd)  # FAST_PATHS["patch_gemm"]
         self.norm = norm_layer(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

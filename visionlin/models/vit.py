@@ -28,7 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ATTN_LAYERS, TokenMixer, as_pre_norm, create_attn
+from ..layers import ATTN_LAYERS, TokenMixer, as_patch_conv, as_pre_norm, create_attn
 from ._common import (
     check_bool,
     check_head_input,
@@ -261,6 +261,8 @@ class EfficientVisionTransformer(nn.Module):
             output_fmt="NHWC",
             **dd,
         )
+        if isinstance(getattr(self.patch_embed, "proj", None), nn.Conv2d):
+            as_patch_conv(self.patch_embed.proj)  # one matrix product over the patches (FAST_PATHS["patch_gemm"])
         grid = tuple(self.patch_embed.grid_size)
         num_patches = grid[0] * grid[1]
         # The grid the position embedding (and every grid-sized table) is laid out on, saved with the weights: a
