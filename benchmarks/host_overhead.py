@@ -29,7 +29,7 @@ from benchmarks._timing import cuda_ms  # noqa: E402
 from visionlin.train.bench import train_step  # noqa: E402
 
 
-def _profile(stacks: bool):
+def _profile():
     from torch.profiler import ProfilerActivity, profile
 
     return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -73,7 +73,7 @@ def measure(model: torch.nn.Module, size: int, batch: int, iters: int, stacks: b
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         replay = min(cuda_ms(graph.replay, 0, iters, 1) for _ in range(3))
-        with _profile(stacks) as prof:
+        with _profile() as prof:
             model(x)
             torch.cuda.synchronize()
         python = _python_top(lambda: model(x)) if stacks else {}
@@ -95,7 +95,7 @@ def measure_train(
         step()
     torch.cuda.synchronize()
     eager = min(cuda_ms(step, 0, iters, 1) for _ in range(3))
-    with _profile(stacks) as prof:
+    with _profile() as prof:
         step()
         torch.cuda.synchronize()
     python = _python_top(step) if stacks else {}

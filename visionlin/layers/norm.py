@@ -66,12 +66,17 @@ class PreNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+def retype(module: nn.Module | None, exact: type[nn.Module], fast: type[nn.Module]) -> nn.Module | None:
+    """``module`` as its fast-path subclass ``fast`` when its type is exactly ``exact`` (the same instance,
+    parameters and settings: only its forward changes), else unchanged."""
+    if type(module) is exact:
+        module.__class__ = fast
+    return module
+
+
 def as_pre_norm(norm: nn.Module) -> nn.Module:
     """``norm`` as a :class:`PreNorm` when it is exactly an ``nn.LayerNorm`` (parameters kept), else unchanged."""
-    if type(norm) is not nn.LayerNorm:
-        return norm
-    norm.__class__ = PreNorm  # the same instance, parameters and settings: only its forward changes
-    return norm
+    return retype(norm, nn.LayerNorm, PreNorm)
 
 
 @register_notrace_function

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from .norm import FAST_PATHS
+from .norm import FAST_PATHS, retype
 
 __all__ = ["PatchConv2d", "as_patch_conv", "patchify_linear"]
 
@@ -65,9 +65,6 @@ class PatchConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def as_patch_conv(conv: nn.Module) -> nn.Module:
+def as_patch_conv(conv: nn.Module | None) -> nn.Module | None:
     """``conv`` as a :class:`PatchConv2d` when it is exactly an ``nn.Conv2d`` (parameters kept), else unchanged."""
-    if type(conv) is not nn.Conv2d:
-        return conv
-    conv.__class__ = PatchConv2d  # the same instance, parameters and settings: only its forward changes
-    return conv
+    return retype(conv, nn.Conv2d, PatchConv2d)

@@ -261,8 +261,7 @@ class EfficientVisionTransformer(nn.Module):
             output_fmt="NHWC",
             **dd,
         )
-        if isinstance(getattr(self.patch_embed, "proj", None), nn.Conv2d):
-            as_patch_conv(self.patch_embed.proj)  # one matrix product over the patches (FAST_PATHS["patch_gemm"])
+        as_patch_conv(getattr(self.patch_embed, "proj", None))  # FAST_PATHS["patch_gemm"]
         grid = tuple(self.patch_embed.grid_size)
         num_patches = grid[0] * grid[1]
         # The grid the position embedding (and every grid-sized table) is laid out on, saved with the weights: a
