@@ -17,6 +17,7 @@
 #   tests-gated    gpu tests of the gated / pre-norm LayerNorm, token conv and focus kernels and the model-level
 #                  parity of every model's fast backends with its references                       ~4 min
 #   tests-s17      gpu tests of what stop 17 changed without a GPU (eager paths, segmented GLA, agent glue) ~5 min
+#   tests-s18      gpu tests of what stop 18 changed without a GPU (patch_gemm parity, NA cache, CUDA-graph train) ~3 min
 #   tests-conv     gpu tests of the token depthwise conv (kernel, layer, its benchmark script)      ~1 min
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
@@ -110,6 +111,9 @@ for stage in "$@"; do
       run_tests s17 ${S17_LIMIT:-330} tests/test_kernels_triton_rope_linear.py tests/test_kernels_triton_scan.py \
         tests/test_kernels_triton_gla.py tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
         tests/test_bench_gla_segments.py --tb=short ;;
+    tests-s18)  # what stop 18 changed without a GPU: patch_gemm model parity, NA's eager-only cached bias index
+      run_tests s18 ${S18_LIMIT:-200} tests/test_kernels_layer_norm.py tests/test_kernels_triton_neighborhood.py \
+        tests/test_layers_patch.py tests/test_train.py -k "fast_path or neighborhood or patch or cuda_graph" --tb=short ;;
     tests-train-graphs)  # visionlin train --torchcompile-mode reduce-overhead against eager
       run_tests train_graphs 240 tests/test_train.py -k cuda_graph --tb=long ;;
     tests-conv)  # the token depthwise conv kernel and its layer
