@@ -324,9 +324,11 @@ def test_triton_compiles_and_matches_eager():
     ],
 )
 def test_models_with_fast_path(switch, name, monkeypatch):
-    """With a ``FAST_PATHS`` switch on, a model under bf16 autocast gives its switch-off result within bfloat16 noise
-    (relative error at most 2e-2: a few bfloat16 roundings over the depth; the two differ only in summation orders
-    before the same roundings): the training step's logits and every parameter gradient, and the inference logits.
+    """With a ``FAST_PATHS`` switch on, a model under bf16 autocast is as close to the float32 model (TF32 off, every
+    switch off) as with the switch off: the training step's logits and every parameter gradient, and the inference
+    logits, each within twice the switch-off path's relative error (or 2e-2, a few bfloat16 roundings over the
+    depth). Comparing the two bf16 runs with each other instead measures chaos, not error: a random-init ViT-S in
+    training mode turns a one-ulp difference in its stem into 3% in the gradients (the patch_gemm case read 0.030).
     The pre-norm switch (with the Triton LayerNorm) must reach the op in inference only (``nn.LayerNorm`` where
     gradients are taken)."""
 
@@ -335,22 +337,25 @@ def test_models_with_fast_path(switch, name, monkeypatch):
     x = torch.randn(4, 3, 224, 224, device="cuda")
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def run():
+    def run(half: bool = True):
         model.load_state_dict(state)  # the same BatchNorm running statistics before each step
         torch.manual_seed(1)  # the same stochastic-depth draws (a model's default drop_path_rate may be non-zero)
         model.train()
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
             out = model(x)
         out.float().square().mean().backward()
         grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
         model.eval()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
             infer = model(x).float()
         return out.detach().float(), grads, infer
 
     for key in norm_module.FAST_PATHS:
         monkeypatch.setitem(norm_module.FAST_PATHS, key, False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref = run(half=False)
     off = run()
     monkeypatch.setitem(norm_module.FAST_PATHS, switch, True)
     grad_modes = []
@@ -361,8 +366,10 @@ def test_models_with_fast_path(switch, name, monkeypatch):
 
     monkeypatch.setattr(norm_module, "layer_norm", counted)
     on = run()
-    errs = {k: _rel(a, b) for k, a, b in zip(("logits", "grads", "inference"), on, off, strict=True)}
-    assert all(e <= 2e-2 for e in errs.values()), errs
+    names = ("logits", "grads", "inference")
+    errs = {k: _rel(a, r) for k, a, r in zip(names, on, ref, strict=True)}
+    bounds = {k: max(2 * _rel(a, r), 2e-2) for k, a, r in zip(names, off, ref, strict=True)}
+    assert all(errs[k] <= bounds[k] for k in names), (errs, bounds)
     if switch == "pre_norm":
         assert grad_modes and not any(grad_modes)  # the op ran, in inference only
 
