@@ -158,7 +158,7 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     axes[0].set_ylabel("ms per forward")
-    finish(fig, result, path, note=f"{rows[0]['size']} px, batch {rows[0]['batch']}, bf16 autocast, inference")
+    finish(fig, result, path, note=f" | {rows[0]['size']} px, batch {rows[0]['batch']}, bf16 autocast, inference")
 
 
 if __name__ == "__main__":
