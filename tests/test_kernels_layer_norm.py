@@ -329,8 +329,8 @@ def test_models_with_fast_path(switch, name, monkeypatch):
     logits, each within twice the switch-off path's relative error (or 2e-2, a few bfloat16 roundings over the
     depth). Comparing the two bf16 runs with each other instead measures chaos, not error: a random-init ViT-S in
     training mode turns a one-ulp difference in its stem into 3% in the gradients (the patch_gemm case read 0.030).
-    The pre-norm switch (with the Triton LayerNorm) must reach the op in inference only (``nn.LayerNorm`` where
-    gradients are taken)."""
+    The pre-norm switch (with the Triton LayerNorm, through the op or its lean inference path) must reach the kernel
+    in inference only (``nn.LayerNorm`` where gradients are taken)."""
 
     torch.manual_seed(0)
     model = timm.create_model(name).cuda()
@@ -364,7 +364,16 @@ def test_models_with_fast_path(switch, name, monkeypatch):
         grad_modes.append(torch.is_grad_enabled())
         return layer_norm(*args, **kwargs, backend="triton")
 
+    lean = norm_module.inference_layer_norm
+
+    def counted_lean(*args):
+        out = lean(*args)
+        if out is not None:
+            grad_modes.append(torch.is_grad_enabled())
+        return out
+
     monkeypatch.setattr(norm_module, "layer_norm", counted)
+    monkeypatch.setattr(norm_module, "inference_layer_norm", counted_lean)
     on = run()
     names = ("logits", "grads", "inference")
     errs = {k: _rel(a, r) for k, a, r in zip(names, on, ref, strict=True)}
@@ -380,3 +389,56 @@ def test_stem_memory_format_off_cuda(monkeypatch):
     for on in (False, True):
         monkeypatch.setitem(norm_module.FAST_PATHS, "bn_channels_last", on)
         assert norm_module.stem_memory_format(x) is x
+
+
+# The lean inference path (PreNorm's) ---------------------------------------------------------------------------------
+def test_inference_layer_norm_declines_what_it_does_not_take():
+    """``None`` (the caller then runs the op) for CPU tensors, fake tensors, non-float dtypes, zero or too many
+    channels, a weight that is not a unit-stride ``[C]`` tensor, and a non-positive eps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from visionlin.kernels.gated_norm import MAX_TRITON_CHANNELS, inference_layer_norm
+
+    w = torch.ones(8)
+    bf = torch.bfloat16
+    assert inference_layer_norm(torch.randn(2, 8), w, None, 1e-5, bf) is None  # CPU
+    with FakeTensorMode():
+        assert inference_layer_norm(torch.randn(2, 8, device="cuda"), None, None, 1e-5, bf) is None
+    # the remaining refusals come before any device work: checked on CPU tensors posing as CUDA is not possible, so
+    # they are checked on CUDA where there is one
+    if torch.cuda.is_available():
+        x = torch.randn(2, 8, device="cuda")
+        wc = w.cuda()
+        for args in (
+            (x.int(), wc, None, 1e-5, bf),
+            (torch.randn(2, 0, device="cuda"), None, None, 1e-5, bf),
+            (torch.randn(2, MAX_TRITON_CHANNELS + 1, device="cuda"), None, None, 1e-5, bf),
+            (x, torch.ones(16, device="cuda")[::2], None, 1e-5, bf),
+            (x, torch.ones(9, device="cuda"), None, 1e-5, bf),
+            (x, wc, None, 0.0, bf),
+            (x, wc, None, 1e-5, torch.float64),
+        ):
+            assert inference_layer_norm(*args) is None, [getattr(a, "shape", a) for a in args]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c", [1, 64, 384, 1000, 4096])
+def test_inference_layer_norm_equals_the_triton_op(dtype, c):
+    """Bit for bit the op's ``"triton"`` backend, for each out dtype, with and without weight / bias, a half-precision
+    weight, and a row-strided view (a chunk of a wider tensor)."""
+    from visionlin.kernels.gated_norm import inference_layer_norm
+
+    torch.manual_seed(0)
+    wide = torch.randn(3, 7, 2 * c, device="cuda", dtype=dtype) * 3 + 1
+    w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
+    for x in (wide[..., :c], wide[..., :c].contiguous()):
+        for weight, bias in ((w, b), (None, b), (w, None), (None, None), (w.bfloat16(), b.half())):
+            for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+                with torch.inference_mode():
+                    lean = inference_layer_norm(x, weight, bias, 1e-5, out_dtype)
+                    op = layer_norm(x, weight, bias, 1e-5, out_dtype=out_dtype, backend="triton")
+                assert lean is not None and lean.dtype == out_dtype
+                torch.testing.assert_close(lean, op, rtol=0, atol=0)
+    empty = inference_layer_norm(wide[:0, :, :c], w, b, 1e-5, torch.bfloat16)
+    assert empty.shape == (0, 7, c)

@@ -308,11 +308,17 @@ def _gated_norm(dt, tdt):
         for kernel, backward in ((gated_norm._gated_norm_fwd_kernel, False), (gated_norm._gated_norm_bwd_kernel, True)):
             meta = gated_norm.meta(c, backward=backward)
             warps = meta.pop("num_warps")
+            if not backward:
+                meta["STATS"] = True
             for gate in (True, False):  # gated (NaLaFormer) and the plain pre-norm LayerNorm (layer_norm)
                 cases.append((kernel, dt, dict(HAS_W=True, HAS_B=True, HAS_G=gate, **meta), warps))
             # layer_norm on the float32 residual stream (its output / incoming gradient in bfloat16): compiled with
             # every activation pointer float32, the widest loads it can see
             cases.append((kernel, "fp32", dict(HAS_W=True, HAS_B=True, HAS_G=False, **meta), warps))
+            if not backward:  # PreNorm's inference path: no statistics
+                cases.append(
+                    (kernel, "fp32", dict(HAS_W=True, HAS_B=True, HAS_G=False, **{**meta, "STATS": False}), warps)
+                )
     return cases
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 __all__ = ["MAX_AGENTS", "agent_attention_triton"]
 
 #: Most agent tokens one tile holds.
@@ -166,13 +168,13 @@ def agent_attention_fwd(
     va = torch.empty(b * h, ba, bdv, device=q.device, dtype=torch.float32)
     ab, sab = _bias_view(agent_bias, (b, h, na, m))
     qb, sqb = _bias_view(query_bias, (b, h, n, na))
-    _aggregate_kernel[(b * h,)](
+    launch(_aggregate_kernel, (b * h,),
         agents, k, v, ab if ab is not None else va, va, m, h, na, d, dv, scale,
         *agents.stride(), *k.stride(), *v.stride(), *sab,
         HAS_BIAS=ab is not None, HALF=half, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv,
         num_warps=_warps(ba, bd, bdv),
     )  # fmt: skip
-    _broadcast_kernel[(triton.cdiv(n, ROWS), b * h)](
+    launch(_broadcast_kernel, (triton.cdiv(n, ROWS), b * h),
         q, agents, va, qb if qb is not None else va, out, n, h, na, d, dv, scale,
         *q.stride(), *agents.stride(), *sqb, *out.stride(),
         HAS_BIAS=qb is not None, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv,

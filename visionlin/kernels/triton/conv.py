@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -121,7 +122,7 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     grid = (triton.cdiv(hh * ww, bt), triton.cdiv(c, bc), b)
     res = residual if residual is not None else out
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
-    _conv_kernel[grid](
+    launch(_conv_kernel, grid,
         x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, *x.stride(),
         w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
@@ -188,7 +189,7 @@ def token_dwconv_bwd(
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
         c_blocks = triton.cdiv(c, BLOCK_C)
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
-        _weight_grad_taps_kernel[(splits, c_blocks, b)](
+        launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
         )  # fmt: skip

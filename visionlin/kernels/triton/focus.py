@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _num_sms
 
 __all__ = ["focus_triton"]
@@ -151,7 +152,7 @@ def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> 
         # One block of tokens per program (no atomics to amortise here, unlike the backward): every block's loads
         # in flight at once instead of each program walking its blocks one after another.
         grid, per = (triton.cdiv(n, BLOCK_T), b), 1
-        _focus_kernel[grid](
+        launch(_focus_kernel, grid,
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
             HAS_C=c is not None, FLAT_X=_flat(x), **_meta(h, d, BLOCK_T),
         )  # fmt: skip
@@ -173,7 +174,7 @@ def focus_bwd(
     dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
     if b * n * h * d:
         grid, per = _grid(b, n, x.device, BLOCK_T_BACKWARD)
-        _focus_backward_kernel[grid](
+        launch(_focus_backward_kernel, grid,
             x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
             HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g),
             **_meta(h, d, BLOCK_T_BACKWARD),

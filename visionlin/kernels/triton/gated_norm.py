@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _splits
 
 __all__ = ["MAX_CHANNELS", "TUNING", "gated_layer_norm_triton", "layer_norm_triton"]
@@ -50,9 +51,10 @@ TUNING: dict[str, int | str | None] = {
 def _gated_norm_fwd_kernel(
     X, G, W, BIAS, OUT, MEAN, RSTD, M, NCH, inv_c, sx, sg, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    STATS: tl.constexpr,
 ):  # fmt: skip
     """``OUT[m] = (LN(X[m]) * W + BIAS) * SiLU(G[m])`` (without ``G``: the LayerNorm alone) for a block of rows, in
-    ``OUT``'s dtype; ``MEAN`` / ``RSTD`` float32 ``[M]``."""
+    ``OUT``'s dtype; with ``STATS``, ``MEAN`` / ``RSTD`` float32 ``[M]`` (for the backward)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2^31
     cols = tl.arange(0, BLOCK_C)
     rmask, cmask = rows < M, cols < NCH
@@ -72,8 +74,9 @@ def _gated_norm_fwd_kernel(
         g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * (g * tl.sigmoid(g))
     tl.store(OUT + rows[:, None] * NCH + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+    if STATS:
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -176,11 +179,38 @@ def gated_layer_norm_fwd(
     if m:
         kw = meta(c)
         w32, b32 = _affine(weight, x), _affine(bias, x)
-        _gated_norm_fwd_kernel[(triton.cdiv(m, kw["BLOCK_M"]),)](
+        launch(_gated_norm_fwd_kernel, (triton.cdiv(m, kw["BLOCK_M"]),),
             x2, g2, w32, b32, out, mean, rstd, m, c, 1.0 / c, x2.stride(0), g2.stride(0), float(eps),
-            HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, **kw,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, STATS=True, **kw,
         )  # fmt: skip
     return out, mean, rstd
+
+
+_META: dict[int, dict[str, int]] = {}
+
+
+def layer_norm_inference(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The forward of :func:`layer_norm_triton` without autograd, statistics or checks, at a fraction of its host
+    cost: for :func:`visionlin.kernels.gated_norm.inference_layer_norm`, which checks what this takes: a plain eager
+    CUDA ``x`` of float16, bfloat16 or float32 with ``C <= MAX_CHANNELS`` channels, ``weight`` / ``bias`` ``[C]``
+    tensors with unit stride (any float dtype; computed in float32) or ``None``, ``out_dtype`` float16, bfloat16 or
+    float32. One kernel launch and one allocation (the output)."""
+    c = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    if m:
+        kw = _META.get(c)
+        if kw is None:
+            kw = _META[c] = meta(c)
+        launch(_gated_norm_fwd_kernel, (triton.cdiv(m, kw["BLOCK_M"]),),
+            x2, x2, x2 if weight is None else weight, x2 if bias is None else bias, out, out, out, m, c, 1.0 / c,
+            x2.stride(0), x2.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=False,
+            STATS=False, **kw,
+        )  # fmt: skip
+    return out
 
 
 @gated_layer_norm_fwd.register_fake
@@ -218,7 +248,7 @@ def gated_layer_norm_bwd(
         kw["num_stages"] = int(TUNING["backward_stages"])
     dw = x.new_empty((programs, nw), dtype=torch.float32)
     db = x.new_empty((programs, nb), dtype=torch.float32)
-    _gated_norm_bwd_kernel[(programs,)](
+    launch(_gated_norm_bwd_kernel, (programs,),
         do2, x2, g2, _affine(weight, x), _affine(bias, x), mean, rstd, dx, dx if gate is None else dg, dw, db, m, c,
         1.0 / c, do2.stride(0), x2.stride(0), g2.stride(0), per,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, **kw,

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _num_sms
 
 __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton", "gla_triton"]
@@ -299,11 +300,11 @@ def gla_fwd(
     if n_seg > 1:
         init = torch.empty(b * h, n_vb, n_seg, bk, bv_fwd, device=q.device, dtype=torch.float32)
         gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
-        _gla_seg_state_kernel[(b * h, n_vb, n_seg)](
+        launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
             k, v, g, init, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(), **meta
-        )
-        _gla_seg_carry_kernel[(b * h, n_vb)](init, gsum, n_seg, BK=bk, BV=bv_fwd, num_warps=4)
-    _gla_fwd_kernel[(b * h, n_vb, n_seg)](
+        )  # fmt: skip
+        launch(_gla_seg_carry_kernel, (b * h, n_vb), init, gsum, n_seg, BK=bk, BV=bv_fwd, num_warps=4)
+    launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
         q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks, *q.stride(), *v.stride(), *out.stride(),
         SEGMENTED=n_seg > 1, **meta,
     )  # fmt: skip
@@ -344,8 +345,8 @@ def gla_bwd(
     dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
     args = (length, h, kd, vd, scale, *q.stride(), *v.stride(), *do.stride())
     common = dict(REVERSE=reverse, T=CHUNK, BK=bk)
-    _gla_bwd_q_kernel[(b * h,)](q, k, v, g, do, dq, *args, **common, BV=bv, num_warps=warps(bk, bv))
-    _gla_bwd_kv_kernel[(b * h, n_vb)](q, k, v, g, do, dk_parts, dv, *args, **common, BV=bv_kv,
+    launch(_gla_bwd_q_kernel, (b * h,), q, k, v, g, do, dq, *args, **common, BV=bv, num_warps=warps(bk, bv))
+    launch(_gla_bwd_kv_kernel, (b * h, n_vb), q, k, v, g, do, dk_parts, dv, *args, **common, BV=bv_kv,
                                       num_warps=warps(bk, bv_kv))  # fmt: skip
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).

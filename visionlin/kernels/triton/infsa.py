@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _splits
 
 __all__ = ["pooled_infsa_context_triton"]
@@ -187,12 +188,12 @@ def pooled_infsa_fwd(
     scale = d**-0.5
     if b * h and n:
         splits, per = _splits(n, ROWS, b * h, q.device)
-        _query_kernel[(b * h, splits)](
+        launch(_query_kernel, (b * h, splits),
             q, acc_q, n, h, d, per, *q.stride(), scale, BLOCK_N=ROWS, BLOCK_D=bd, num_warps=_warps(bd)
-        )
+        )  # fmt: skip
     if b * h and m:
         splits, per = _splits(m, ROWS, b * h, q.device)
-        _key_kernel[(b * h, splits)](
+        launch(_key_kernel, (b * h, splits),
             k, v, acc_q, acc_k, m, h, d, dv, per, *k.stride(), *v.stride(), scale, eps,
             BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(max(bd, bdv)),
         )  # fmt: skip
@@ -236,14 +237,14 @@ def pooled_infsa_bwd(
     scale = d**-0.5
     if m:
         splits, per = _splits(m, ROWS, b * h, q.device)
-        _key_backward_kernel[(b * h, splits)](
+        launch(_key_backward_kernel, (b * h, splits),
             k, v, acc_q, acc_k, ctx, g, dk, dvv, dqbar, m, h, d, dv, per,
             *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), scale, eps,
             BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(max(bd, bdv)),
         )  # fmt: skip
     if n:
         splits, per = _splits(n, ROWS, b * h, q.device)
-        _query_backward_kernel[(b * h, splits)](
+        launch(_query_backward_kernel, (b * h, splits),
             q, acc_q, dqbar, dq, n, h, d, per, *q.stride(), *dq.stride(), scale, eps,
             BLOCK_N=ROWS, BLOCK_D=bd, num_warps=_warps(bd),
         )  # fmt: skip

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from . import MAX_HEAD_DIM, triton_unavailable
 from ._eager import eager_call, eager_op
+from ._launch import launch
 
 __all__ = ["TUNING", "pure_infsa_triton", "triton_pure_infsa_supports"]
 
@@ -306,14 +307,14 @@ def pure_infsa_fwd(
     r = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
     ssq = torch.empty_like(r)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), b * h)
-    _forward_kernel[grid](
+    launch(_forward_kernel, grid,
         q, k, v, y, r, ssq, n, m, h, d, dv, 1.0 / d, *q.stride(), *k.stride(), *v.stride(), *y.stride(), **meta
-    )
+    )  # fmt: skip
     # ||A||_F from the row scales and scaled sums: powers of two, nothing overflows or rounds in the rescaling.
     rmax = r.amax(dim=1, keepdim=True)
     fro = rmax.squeeze(1) * ((r / rmax).square() * ssq).sum(dim=1).sqrt()
     c = _per_bh(rho, b) / (fro + eps)
-    _epilogue_kernel[grid](
+    launch(_epilogue_kernel, grid,
         y, r, c, out, n, h, dv, *y.stride(), *out.stride(),
         BLOCK_N=meta["BLOCK_N"], BLOCK_DV=meta["BLOCK_DV"], num_warps=4,
     )  # fmt: skip
@@ -353,12 +354,12 @@ def pure_infsa_bwd(
     beta = torch.where(fro > 0, -u / torch.where(fro > 0, fro, 1.0), 0.0)
     c = rho_bh / (fro + eps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride())
-    _backward_kv_kernel[(triton.cdiv(m, meta["BLOCK_M"]), b * h)](
+    launch(_backward_kv_kernel, (triton.cdiv(m, meta["BLOCK_M"]), b * h),
         q, k, v, g, c, beta, dk, dvv, n, m, h, d, dv, 1.0 / d, *strides, *dk.stride(), *dvv.stride(), **meta
-    )
-    _backward_q_kernel[(triton.cdiv(n, meta["BLOCK_N"]), b * h)](
+    )  # fmt: skip
+    launch(_backward_q_kernel, (triton.cdiv(n, meta["BLOCK_N"]), b * h),
         q, k, v, g, c, beta, dq, n, m, h, d, dv, 1.0 / d, *strides, *dq.stride(), **meta
-    )
+    )  # fmt: skip
     return dq, dk, dvv
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..linear import _default_scale
 from ._eager import eager_call, eager_op
+from ._launch import launch
 
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
@@ -467,7 +468,7 @@ def linear_attention_fwd(
     if _use_fused(b * h, bd, bdv, q.device) and b * h and m:
         size = (b * h, bd * bdv + bd + bdv) if save_state else (0,)
         state = torch.empty(size, device=q.device, dtype=torch.float32)
-        _fused_kernel[(b * h,)](
+        launch(_fused_kernel, (b * h,),
             q, k, v, state, out, n, m, h, d, dv, scale, 1.0 / m, eps,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             FMAP=fmap, NORM=norm, SAVE_STATE=save_state, BLOCK_N=rows, **meta,
@@ -477,11 +478,11 @@ def linear_attention_fwd(
     if b * h == 0 or m == 0:
         return out, state
     splits, per = _splits(m, rows, b * h, q.device)
-    _state_kernel[(b * h, splits)](
+    launch(_state_kernel, (b * h, splits),
         k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
-    )
+    )  # fmt: skip
     if n:
-        _readout_kernel[(triton.cdiv(n, rows), b * h)](
+        launch(_readout_kernel, (triton.cdiv(n, rows), b * h),
             q, state, out, n, h, d, dv, scale, 1.0 / m, eps, *q.stride(), *out.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
@@ -523,12 +524,12 @@ def linear_attention_bwd(
     rows = _rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
     if n:
         splits, per = _splits(n, rows, b * h, q.device)
-        _readout_backward_kernel[(b * h, splits)](
+        launch(_readout_backward_kernel, (b * h, splits),
             q, g, out, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
             *q.stride(), *g.stride(), *out.stride(), *dq.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
-    _state_backward_kernel[(triton.cdiv(m, rows), b * h)](
+    launch(_state_backward_kernel, (triton.cdiv(m, rows), b * h),
         k, v, state, grads, dk, dvv, m, h, d, dv, scale, 1.0 / m,
         *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(),
         FMAP=fmap, NORM=norm, BLOCK_M=rows, **meta,

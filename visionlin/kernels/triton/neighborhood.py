@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._eager import direct, eager_call, eager_op
+from ._launch import launch
 
 __all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -283,7 +284,7 @@ def _delta(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     block_dv = _blocks(dvd)
     block_r = max(8, 2048 // block_dv)  # 8 elements of dO and O per thread: 92 registers at sm_90, no spills
     grid = (triton.cdiv(b * x * y, block_r), h)
-    _delta_kernel[grid](g, out, delta, b * x * y, x, y, h, dvd, *g.stride(), *out.stride(),
+    launch(_delta_kernel, grid, g, out, delta, b * x * y, x, y, h, dvd, *g.stride(), *out.stride(),
                         BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=8)  # fmt: skip
     return delta
 
@@ -469,7 +470,7 @@ def na2d_fwd(
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     bd, bdv = _blocks(d), _blocks(dv)
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=rpb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
@@ -520,12 +521,12 @@ def na2d_bwd(
     half = q.dtype in (torch.float16, torch.bfloat16)
     common = (x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
               *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr)  # fmt: skip
-    _bwd_q_kernel[grid](
+    launch(_bwd_q_kernel, grid,
         q, k, v, table, g, lse, delta, dq, dsbuf, *common,
         HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
         KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
     )  # fmt: skip
-    _bwd_kv_kernel[grid](
+    launch(_bwd_kv_kernel, grid,
         q, k, v, table, g, lse, delta, dk, dv, *common,
         HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
         QROWS=krows, QCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),

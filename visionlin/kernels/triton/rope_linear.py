@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
@@ -585,20 +586,20 @@ def rope_linear_attention_fwd(
         aux[:, bd:] = float("-inf")
         if mech == MECHANISM_IDS["rank_augmented"] and n:
             splits, per = _splits(n, rows, b * h, q.device)
-            _qsum_kernel[(b * h, splits)](q, aux, n, h, d, per, *q.stride(), BLOCK_N=rows, BLOCK_D=bd)
+            launch(_qsum_kernel, (b * h, splits), q, aux, n, h, d, per, *q.stride(), BLOCK_N=rows, BLOCK_D=bd)
         splits, per = _splits(m, rows, b * h, q.device)
-        _kmax_kernel[(b * h, splits)](
+        launch(_kmax_kernel, (b * h, splits),
             k, aux, m, h, d, per, inv_n, scale, *k.stride(), MECH=mech, BLOCK_M=rows, BLOCK_D=bd
-        )
+        )  # fmt: skip
     splits, per = _splits(m, rows, b * h, q.device)
-    _state_kernel[(b * h, splits)](
+    launch(_state_kernel, (b * h, splits),
         k, v, sin_t, cos_t, aux, state, m, h, d, dv, per, inv_n, scale, *k.stride(), *v.stride(), BLOCK_M=rows, **meta
-    )
+    )  # fmt: skip
     if n:
         mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
-        _readout_kernel[(triton.cdiv(n, rows_out), b * h)](
+        launch(_readout_kernel, (triton.cdiv(n, rows_out), b * h),
             q, sin_t, cos_t, mats, out, n, h, d, dv, eps, norm_eps, *q.stride(), *out.stride(), BLOCK_N=rows_out, **meta
-        )
+        )  # fmt: skip
     return out, state, aux
 
 
@@ -648,12 +649,12 @@ def rope_linear_attention_bwd(
     inv_n = 1.0 / max(n, 1)
     if n:
         splits, per = _splits(n, rows, b * h, q.device)
-        _readout_backward_kernel[(b * h, splits)](
+        launch(_readout_backward_kernel, (b * h, splits),
             q, sin_t, cos_t, g, mats, dq, grads, n, h, d, dv, eps, norm_eps, per,
             *q.stride(), *g.stride(), *dq.stride(), BLOCK_N=rows, **meta,
         )  # fmt: skip
     grads = _state_grads(state, grads, mech, scale, 1.0 / m, bf, bdv)
-    _state_backward_kernel[(triton.cdiv(m, rows_k), b * h)](
+    launch(_state_backward_kernel, (triton.cdiv(m, rows_k), b * h),
         k, v, sin_t, cos_t, aux, grads, dk, dvv, dqbar, m, h, d, dv, scale, inv_n,
         *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows_k, **meta,
     )  # fmt: skip

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 
 __all__ = ["MAX_STATE", "TUNING", "scan_config", "selective_scan_triton"]
 
@@ -315,7 +316,7 @@ def selective_scan_fwd(
     bmat, sb, groups = _bc(B)
     cmat, sc, _ = _bc(C)
     zz = z if z is not None else u
-    _fwd_kernel[(triton.cdiv(d, bd), b)](
+    launch(_fwd_kernel, (triton.cdiv(d, bd), b),
         u, delta, A, bmat, cmat, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         y, last, states, length, d, n, d // groups,
         *u.stride(), *delta.stride(), *A.stride(), *sb, *sc, *zz.stride(), *y.stride(),
@@ -377,7 +378,7 @@ def selective_scan_bwd(
         du = torch.empty_strided(u.shape, u.stride(), device=u.device, dtype=u.dtype)
         ddelta = torch.empty_strided(delta.shape, delta.stride(), device=u.device, dtype=delta.dtype)
         dz = torch.empty_strided(zz.shape, zz.stride(), device=u.device, dtype=zz.dtype)
-        _bwd_kernel[(triton.cdiv(d, bd), b)](
+        launch(_bwd_kernel, (triton.cdiv(d, bd), b),
             u, delta, A, bmat, cmat, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
             g, g_last if g_last is not None else da, states,
             du, ddelta, dz, db, dc, da, dd, dbias,

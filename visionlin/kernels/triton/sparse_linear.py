@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
+from ._launch import launch
 
 __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
 
@@ -450,7 +451,7 @@ def sla_fwd(
         hi = zi = w = lse  # unused pointers
         sh = sz = (0, 0, 0)
     cfg = fwd_config(block_q, block_k, d, dv, q.dtype == torch.float32, linear)
-    _fwd_kernel[(nqb * cfg["QPB"], b * h)](
+    launch(_fwd_kernel, (nqb * cfg["QPB"], b * h),
         q, k, v, lut, hi, zi, w, lse if bias is None else bias, out, o_s if linear else out, lse,
         n, m, h, d, dv, n_c, nqb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sh, *sz,
         scale, eps, LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, **cfg,
@@ -504,12 +505,12 @@ def sla_bwd_sparse(
     dvv = torch.empty(b, m, h, dv, device=q.device, dtype=v.dtype)
     fp32 = q.dtype == torch.float32
     cfg = dq_config(block_q, block_k, d, dv, fp32)
-    _bwd_dq_kernel[(nqb * cfg["QPB"], b * h)](
+    launch(_bwd_dq_kernel, (nqb * cfg["QPB"], b * h),
         q, k, v, g, lut, lse, delta, dq, n, m, h, d, dv, n_c,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **cfg,
     )  # fmt: skip
     cfg = dkdv_config(block_q, block_k, d, dv, fp32)
-    _bwd_dkdv_kernel[(nkb * cfg["KPB"], b * h)](
+    launch(_bwd_dkdv_kernel, (nkb * cfg["KPB"], b * h),
         q, k, v, g, lut_t, cnt, lse, delta, dk, dvv, n, m, h, d, dv, nqb, nkb,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], scale, **cfg,
     )  # fmt: skip
@@ -581,7 +582,7 @@ def sla_readout_bwd(
     dzi = torch.empty(b, h, nqb, d, device=q.device, dtype=torch.float32)
     dw = torch.zeros(dv, dv, device=q.device, dtype=torch.float32)
     cfg = readout_bwd_config(block_q, d, dv, q.dtype == torch.float32)
-    _readout_bwd_kernel[(nqb, b * h)](
+    launch(_readout_bwd_kernel, (nqb, b * h),
         q, g, hi, zi, w, dq, dhi, dzi, dw, n, h, d, dv, nqb, *q.stride()[:3], *g.stride()[:3], *sh, *sz, float(eps),
         FMAP=fmap, **cfg,
     )  # fmt: skip
