@@ -493,3 +493,40 @@ def test_resample_axis_is_linear_interpolation(shape, dim, size):
         auto = _resample_axis(t, size, dim)
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, want, rtol=1e-5, atol=2e-6)
+
+
+def test_position_biases_are_kept_between_inference_forwards_until_a_parameter_changes():
+    """Without gradients the same grid's biases are returned again (the same tensors); an in-place parameter
+    update, another grid or prefix count, autocast, or a call with gradients recomputes them, always equal to a
+    fresh computation."""
+    layer = _agent(bias_size=(8, 8), prefix=1)
+
+    def fresh(size, p):
+        return layer._position_biases(size, p)
+
+    with torch.no_grad():
+        first = layer.position_biases((8, 8), 1)
+        assert layer.position_biases((8, 8), 1)[0] is first[0]  # kept
+        other = layer.position_biases((6, 10), 1)
+        assert other[0] is not first[0] and other[0].shape[-1] == 1 + 60
+        for got, want in zip(other, fresh((6, 10), 1), strict=True):
+            assert torch.equal(got, want)
+        layer.an_bias.add_(1.0)  # an optimizer step or load_state_dict: the version counter moves
+        updated = layer.position_biases((6, 10), 1)
+        assert updated[0] is not other[0]
+        for got, want in zip(updated, fresh((6, 10), 1), strict=True):
+            assert torch.equal(got, want)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.position_biases((6, 10), 1)[0] is not updated[0]
+    with_grad = layer.position_biases((6, 10), 1)
+    assert with_grad[0].requires_grad and layer.__dict__["_bias_cache"] is None  # nothing kept where grads flow
+    out = layer(_x(2, 1 + 60, 32), (6, 10), 1)
+    out.sum().backward()
+    assert layer.an_bias.grad is not None  # the biases stay differentiable when gradients are on
+
+
+def test_position_biases_of_large_grids_are_not_kept():
+    layer = _agent(bias_size=(8, 8), prefix=1)
+    with torch.no_grad():
+        big = layer.position_biases((512, 512), 1)  # 2 heads x 9 agents x 262,144 > the cache's 2^20 elements
+        assert layer.__dict__["_bias_cache"] is None and big[0].shape[-1] == 1 + 512 * 512

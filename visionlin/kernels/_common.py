@@ -162,11 +162,11 @@ def check_side_tensor(
         raise ValueError(f"{op}: {name} must be floating point, got {name}.dtype={t.dtype}")
     if t.device != like.device and t.ndim > 0:
         raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {like.device}")
-    try:
-        shape = torch.broadcast_shapes(tuple(t.shape), target)
-    except RuntimeError:
-        shape = None
-    if shape != tuple(target):
+    # broadcasts without growing: each trailing dim 1 or equal (torch.broadcast_shapes is a Python reference
+    # implementation with symbolic-shape guards: ~50 us of host time per call, and these checks run every forward)
+    shape, target = tuple(t.shape), tuple(target)
+    tail = target[len(target) - len(shape) :] if len(shape) <= len(target) else None
+    if tail is None or any(s != 1 and s != d for s, d in zip(shape, tail, strict=True)):
         raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} is not broadcastable to {layout}={tuple(target)}")
 
 
