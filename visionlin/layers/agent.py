@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
+from ..kernels._common import values_are_checkable
 from ..kernels.agent import agent_attention
 from ..kernels.conv import token_depthwise_conv2d
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
@@ -278,10 +279,7 @@ class AgentAttention(TokenMixer):
     def _bias_cache_key(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple | None:
         """The cache key of :meth:`position_biases`, or ``None`` where nothing may be cached (gradients, tracing,
         compiling, CUDA-graph capture, large grids)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return None
-        fx = torch.fx._symbolic_trace
-        if getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)():
+        if torch.is_grad_enabled():
             return None
         hh, ww = feat_size
         if (
@@ -291,11 +289,13 @@ class AgentAttention(TokenMixer):
             return None
         params = [p for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias,
                               self.ac_bias, self.ca_bias) if p is not None]  # fmt: skip
+        # plain real tensors in plain eager mode: no compile / export / FX / jit tracing, no fake, meta, functorch or
+        # subclass tensors, no CUDA-graph capture (a tensor kept from a capture would live in the graph's pool)
         if any(type(p) is not nn.Parameter and type(p) is not torch.Tensor for p in params):
-            return None  # fake / functorch / subclass tensors
+            return None
+        if not values_are_checkable(*params):
+            return None
         device = params[0].device
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # a tensor kept from a capture would live in the graph's private pool
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
         return (hh, ww, num_prefix_tokens, autocast, *((p.data_ptr(), p._version) for p in params))
 
