@@ -41,8 +41,9 @@ POINTERS |= FP32_POINTERS
 # Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
 FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
 FP32_HERE["_readout_bwd_kernel"] = {"DQ"}  # the SLA read-out backward: dq, dH_i, dZ_i and dW in float32
+FP32_HERE["_pool_kernel"] = {"OUT"}  # the block means
 INT_POINTERS = {"LUT", "LUT_T", "CNT"}
-FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI"}
+FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI", "HS", "ZS", "MARG"}
 POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 # Gated LayerNorm (triton/gated_norm.py): float32 per-row statistics; dout and dgate in the inputs' dtype.
 FP32_POINTERS |= {"MEAN", "RSTD"}
@@ -242,20 +243,32 @@ def _sparse_linear(dt, tdt):
 
     def split(cfg):
         cfg = dict(cfg)
-        cfg.pop("num_stages")
-        return cfg, cfg.pop("num_warps")
+        return cfg, {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
 
     cases = []
     for d in (64, 128):
         for bq, bk in ((32, 32), (64, 64), (128, 64), (128, 128)):
-            for linear in (True, False):
+            for linear, has_w in ((True, True), (True, False), (False, True)):
                 consts, warps = split(sl.fwd_config(bq, bk, d, d, False, linear))
-                cases.append((sl._fwd_kernel, dt, dict(consts, LINEAR=linear, HAS_BIAS=linear, FMAP=0), warps))
+                flags = dict(LINEAR=linear, HAS_BIAS=linear, FMAP=0, HAS_W=has_w)
+                if linear and not has_w:  # the folded read-out, as sla_fwd launches it on CUDA
+                    flags["LIN_PREC"] = "bf16x3"
+                cases.append((sl._fwd_kernel, dt, dict(consts, **flags), warps))
             cases.append((sl._bwd_dq_kernel, dt, *split(sl.dq_config(bq, bk, d, d, False))))
             cases.append((sl._bwd_dkdv_kernel, dt, *split(sl.dkdv_config(bq, bk, d, d, False))))
             for fmap in (0, 1):
                 consts, warps = split(sl.readout_bwd_config(bq, d, d, False))
                 cases.append((sl._readout_bwd_kernel, dt, dict(consts, FMAP=fmap), warps))
+        for fmap in (0, 1, 2):  # the code variant's state kernel, as sla_states launches it
+            block_n, opts = sl.STATES_TILES.get(tdt, sl.STATES_DEFAULT_TILES)
+            consts = dict(BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, FMAP=fmap, PREC=sl._STATES_PREC[tdt])
+            cases.append((sl._states_kernel, dt, consts, dict(opts)))
+    for width in (16, 512):  # the pooling, as sla_pool launches it
+        cases.append((sl._pool_kernel, dt, dict(BLOCK_T=16, BLOCK_C=width), 4))
+    for width in (1, 64, 512, 4096):  # the block selection, as select_blocks launches it
+        for marginal in (True, False):
+            consts = dict(ROWS=max(1, min(16, 2048 // width)), BLOCK_J=width, MARGINAL=marginal)
+            cases.append((sl._select_kernel, "fp32", consts, 4 if width <= 1024 else 8))
     return cases
 
 
@@ -336,6 +349,13 @@ SPILL_ALLOWANCE = {
     # stack slot, not register pressure; the bf16 / fp16 cases spill nothing)
     ("visionlin.kernels.triton.gated_norm", "_gated_norm_bwd_kernel", "fp32", None, None): 4,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 1, 128): 44,
+    # SLA at D = 128 in half precision: the forward's 64 x 64 tiles in 4 warps with the linear read-out, and the code
+    # variant's bf16 state kernel with 128-key tiles, spill a little and still beat the settings that spill nothing
+    # (8 warps: 2.8 against 1.6 ms forward; 64-key state tiles: 0.36 against 0.27 ms; benchmarks/sla_parts.py --tiles,
+    # benchmarks/results/h200/sla_parts_*.json)
+    ("visionlin.kernels.triton.sparse_linear", "_fwd_kernel", "bf16", None, 128): 272,
+    ("visionlin.kernels.triton.sparse_linear", "_fwd_kernel", "fp16", None, 128): 152,
+    ("visionlin.kernels.triton.sparse_linear", "_states_kernel", "bf16", None, 128): 136,
 }
 
 

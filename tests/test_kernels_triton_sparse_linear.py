@@ -190,6 +190,103 @@ def test_triton_sla_wan_length(method):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize(
+    "b,n,h,d,block", [(1, 32760, 12, 128, 128), (2, 1000, 3, 80, 64), (1, 5, 1, 16, 64), (3, 777, 2, 64, 1)]
+)  # fmt: skip
+def test_triton_block_mean_matches_torch(b, n, h, d, block, dtype):
+    """The pooling kernel (shared by both backends' block selection on CUDA) against float64 sums: within float32
+    rounding; a ragged last block averaged over its real tokens; views of a fused projection."""
+    from visionlin.kernels.sparse_linear import _block_mean
+
+    x = torch.randn(b, n, 3, h, d, dtype=torch.float64)[:, :, 1].to(dtype)
+    got = _block_mean(x.cuda(), block, torch.float32)
+    nb = -(-n // block)
+    pad = torch.nn.functional.pad(x.double(), (0, 0, 0, 0, 0, nb * block - n)).view(b, nb, block, h, d).sum(2)
+    counts = torch.tensor([min(block, n - i * block) for i in range(nb)], dtype=torch.float64)
+    ref = (pad / counts[None, :, None, None]).transpose(1, 2)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert _rel(got.cpu(), ref) <= 1e-6, _rel(got.cpu(), ref)
+    # The torch path (CPU) agrees as well.
+    assert _rel(_block_mean(x, block, torch.float32), ref) <= 1e-6
+
+
+def _select_torch(q, k, topk, k_low, bq, bk, marginal, monkeypatch):
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    with monkeypatch.context() as m:
+        m.setattr(sl, "SELECT_MAX_BLOCKS", 0)  # the stable-sort path
+        return sl.select_blocks(q, k, topk, k_low, bq, bk, marginal)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "n,m,bq,bk,topk,k_low",
+    [(32760, 32760, 128, 64, 0.05, 0.1), (1000, 1000, 64, 64, 0.3, 0.2), (65, 200, 64, 128, 0.5, 0.0),
+     (5000, 190000, 128, 64, 0.01, 0.3), (64, 64, 64, 64, 1.0, 0.0), (300, 4000, 32, 1, 0.1, 0.5)],
+)  # fmt: skip
+def test_triton_select_kernel_ranks_as_the_stable_sort(n, m, bq, bk, topk, k_low, monkeypatch):
+    """``_select_kernel`` (one in-register sort of unique int64 keys per row) returns the LUT and marginal mask of the
+    stable descending sort exactly: random scores, rows of equal scores (constant blocks: ties go to the lower block),
+    a NaN key block (ranked first, as ``torch.sort`` ranks NaN), 1 to 4,000 key blocks (past 4,096: the sort)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, n, 3, 32, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(2, m, 3, 32, device="cuda", generator=g).to(torch.bfloat16)
+    k[1, :, 1] = 0.5  # every key block of this head scores the same
+    q[0, :, 2] = 0.0  # and every query block of this one
+    k[0, bk : 2 * bk, 0, 3] = float("nan")  # one NaN key block in head 0 of batch 0
+    for marginal in (False, True):
+        lut, mask = sl.select_blocks(q, k, topk, k_low, bq, bk, marginal)
+        ref_lut, ref_mask = _select_torch(q, k, topk, k_low, bq, bk, marginal, monkeypatch)
+        assert lut.dtype == torch.int32 and torch.equal(lut, ref_lut)
+        assert (mask is None) == (not marginal) and (mask is None or torch.equal(mask, ref_mask))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("fmap", sorted(SLA_FEATURE_MAPS))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1000, 2, 64, 64), (3, 777, 3, 80, 80), (1, 32760, 2, 128, 128), (2, 1, 1, 16, 16), (1, 70001, 1, 32, 32)],
+)  # fmt: skip
+def test_triton_sla_code_state_kernel(shape, fmap, dtype):
+    """The code variant's state kernel (no-gradient calls) against float64: ``H = phi(K)^T V`` within 2e-5 for float32
+    inputs (``tf32x3`` products), 1e-3 for half inputs (TF32 products: ``phi(k)`` keeps 10 mantissa bits, the values
+    are exact), ``Z`` likewise; views of a fused projection; 70,001 keys (several splits, a ragged last tile)."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    b, m, h, d, dv = shape
+    kv = torch.randn(b, m, 2, h, max(d, dv), dtype=torch.float64)
+    k, v = kv[:, :, 0, :, :d].to(dtype), kv[:, :, 1, :, :dv].to(dtype)
+    with torch.no_grad():
+        hi, zi = sl.linear_states(k.cuda(), v.cuda(), None, 64, fmap)
+    fk = SLA_FEATURE_MAPS[fmap](k.double())
+    ref_h = torch.einsum("bmhd,bmhe->bhde", fk, v.double()).unsqueeze(2)
+    ref_z = fk.sum(dim=1).unsqueeze(2)
+    tol = F32_TOL if dtype == torch.float32 else 1e-3
+    assert hi.dtype == zi.dtype == torch.float32 and hi.shape == ref_h.shape and zi.shape == ref_z.shape
+    assert _rel(hi.cpu(), ref_h) <= tol and _rel(zi.cpu(), ref_z) <= tol, (_rel(hi.cpu(), ref_h), _rel(zi.cpu(), ref_z))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape,bq,bk", [((1, 1500, 1300, 2, 128, 128), 128, 64), ((3, 777, 777, 3, 80, 80), 64, 64)])
+def test_triton_sla_code_inference_matches_training_forward(shape, bq, bk, dtype):
+    """A no-gradient SLA call (state kernel, projection folded into the state) equals the differentiable forward
+    (torch states, in-kernel projection) within the dtype's rounding."""
+    b, n, m, h, d, dv = shape
+    (q, k, v), w, bias = _inputs(b, n, m, h, d, dv, dtype)
+    q, k, v, w, bias = (t.cuda() for t in (q, k, v, w, bias))
+    kw = dict(topk=0.3, k_low=0.0, block_q=bq, block_k=bk, variant="code", backend="triton")
+    with torch.no_grad():
+        fast = sparse_linear_attention(q, k, v, w, bias, **kw)
+    slow = sparse_linear_attention(q, k.requires_grad_(), v, w, bias, **kw).detach()
+    assert _rel(fast, slow) <= FLOOR.get(dtype, F32_TOL), _rel(fast, slow)
+
+
+@gpu
 def test_triton_sla_is_chosen_and_compiles_fullgraph():
     from visionlin.kernels import get_op
 
@@ -292,6 +389,30 @@ def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
     shape = dict(batch=1, tokens=32760, heads=12, head_dim=128, dtype="bf16")
     sla_op.plot({"benchmark": "sla_op", "meta": meta, "shape": shape, "rows": rows}, tmp_path / "sla_op.png")
     assert (tmp_path / "sla_op.png").stat().st_size > 10_000
+
+
+def test_sla_parts_benchmark_refuses_bad_input_and_the_cpu_and_plots(tmp_path, capsys):
+    """``benchmarks/sla_parts.py``: a sparsity outside [0, 1) is refused by name; no GPU, no run (exit 2, a message);
+    its plot draws the measured rows (made-up times) and leaves out the tile sweep's and the failed ones."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU refusal")
+    from benchmarks import sla_parts
+
+    with pytest.raises(SystemExit):
+        sla_parts.main(["--sparsity", "1.5"])
+    assert "--sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert sla_parts.main(["--iters", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    rows = [
+        dict(name=nm, status="ok", ms=ms, dense_over_this=11.5 / ms)
+        for nm, ms in (("dense:cudnn", 11.5), ("total:sla-code", 1.7), ("part:pool", 0.1), ("tiles:x", 9.0))
+    ]
+    rows.append(dict(name="part:states-paper", status="error", error="RuntimeError: boom"))  # fmt: skip
+    meta = dict(commit="0123456789abcdef", gpu="NVIDIA H200", cpu="x", torch="2", triton="3", date="2026-12-01")
+    shape = dict(tokens=32760, heads=12, head_dim=128, sparsity=0.95)
+    sla_parts.plot({"benchmark": "sla_parts", "meta": meta, "shape": shape, "rows": rows}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
 def lse_grad_check(device, dtype=torch.float32, method="sla"):

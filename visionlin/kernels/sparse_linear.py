@@ -91,28 +91,45 @@ def sla_block_counts(num_key_blocks: int, topk: float, k_low: float = 0.0) -> tu
     return n_c, n_l
 
 
-def _block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block of ``block`` consecutive tokens of ``x`` ``[B, L, H, D]`` -> ``[B, H, ceil(L / block), D]``;
-    the last, possibly shorter, block is averaged over its real tokens."""
+def _block_mean(x: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Mean of each block of ``block`` consecutive tokens of ``x`` ``[B, L, H, D]`` -> ``[B, H, ceil(L / block), D]`` in
+    ``dtype`` (summed in it: no converted copy of ``x``, no padding); the last, possibly shorter, block is averaged over
+    its real tokens. On CUDA (Triton present; half / float32 inputs, float32 means) one Triton kernel sums the blocks
+    (``triton.sparse_linear.block_mean``, a fixed summation order): the pooling is shared by both backends, so they
+    rank the very same scores."""
+    fast = x.is_cuda and dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if fast and x.numel() and x.stride(-1) == 1:
+        from .triton import triton_unavailable
+
+        if not triton_unavailable(x):
+            from .triton.sparse_linear import block_mean
+
+            return block_mean(x, block).transpose(1, 2)
     b, length, h, d = x.shape
-    nb = -(-length // block)
-    pad = nb * block - length
-    xs = F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(b, nb, block, h, d).sum(dim=2)  # [B, nb, H, D]
-    counts = torch.full((nb,), float(block), dtype=x.dtype, device=x.device)
-    counts[-1] = block - pad
-    return (xs / counts[None, :, None, None]).transpose(1, 2)
+    full, tail = divmod(length, block)
+    parts = []
+    if full:  # splitting the token dim is a view, whatever x's strides
+        parts.append(x[:, : full * block].unflatten(1, (full, block)).sum(dim=2, dtype=dtype) / block)
+    if tail:
+        parts.append(x[:, full * block :].sum(dim=1, keepdim=True, dtype=dtype) / tail)
+    return (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).transpose(1, 2)
+
+
+def _block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """The pooled scores ``mean(Q_i) . mean(K_j)`` ``[B, H, nqb, nkb]`` (float32 for half / float32 inputs; device ops
+    only; shared with the Triton backend, so both rank the very same numbers)."""
+    dt = reference_dtype(q.dtype)
+    with torch.no_grad(), fp32_reference(q.device):
+        return torch.einsum(
+            "bhid,bhjd->bhij", _block_mean(q.detach(), block_q, dt), _block_mean(k.detach(), block_k, dt)
+        )
 
 
 def _block_order(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     """Key-block indices per query-block row, best pooled score first: ``[B, H, nqb, nkb]`` int64 (device ops only;
     the ranking of :func:`sla_block_map`, shared with the Triton backend)."""
-    dt = reference_dtype(q.dtype)
-    with torch.no_grad(), fp32_reference(q.device):
-        scores = torch.einsum(
-            "bhid,bhjd->bhij", _block_mean(q.detach().to(dt), block_q), _block_mean(k.detach().to(dt), block_k)
-        )  # [B, H, nqb, nkb]
-        # A stable descending sort: equal scores keep block order, so the choice is deterministic.
-        return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    # A stable descending sort: equal scores keep block order, so the choice is deterministic (NaN ranks first).
+    return torch.sort(_block_scores(q, k, block_q, block_k), dim=-1, descending=True, stable=True).indices
 
 
 def sla_block_map(

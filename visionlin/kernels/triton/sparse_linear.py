@@ -4,18 +4,24 @@
 
 Pipeline of one call (all on the device, no host round trip):
 
-1. **Block selection** (torch ops, :func:`select_blocks`): block means of q and k, the pooled scores, one stable
-   descending sort per query-block row (the very ranking :func:`visionlin.kernels.sla_block_map` uses), and from it
-   a compact list of the ``n_c`` critical key blocks per query block (the LUT, ``[B, H, nqb, n_c]`` int32, ascending)
-   and, for SLA's paper variant, the marginal mask ``[B, H, nqb, nkb]`` (ranks ``n_c .. nkb - n_l - 1``).
+1. **Block selection** (:func:`select_blocks`, on the device): block means of q and k (``_pool_kernel``, float32,
+   shared with the reference's selection), the pooled scores (a float32 einsum), and ``_select_kernel``: per
+   query-block row one in-register sort of unique int64 keys (score image above the inverted block index), i.e. the
+   very ranking of the stable descending sort :func:`visionlin.kernels.sla_block_map` uses, giving a compact list of
+   the ``n_c`` critical key blocks per query block (the LUT, ``[B, H, nqb, n_c]`` int32, ascending) and, for SLA's
+   paper variant, the marginal mask ``[B, H, nqb, nkb]`` (ranks ``n_c .. nkb - n_l - 1``); past
+   :data:`SELECT_MAX_BLOCKS` key blocks the ranking is ``torch.sort``'s.
 2. **Linear-branch states** (torch ops, differentiable): ``h_j = phi(K_j)^T V_j`` and ``z_j = phi(K_j)^T 1`` per
    key block in float32; the paper variant sums them per query block through the marginal mask as one batched GEMM
    (``H_i = sum_{j marginal} h_j``, ``O(nqb nkb D Dv)`` multiply-adds on the tensor cores instead of a gather of
-   ``O(#marginal)`` ``D x Dv`` states per query block); the code variant has one state over all keys.
+   ``O(#marginal)`` ``D x Dv`` states per query block); the code variant has one state over all keys, which calls
+   that need no gradient take from one kernel (``_states_kernel``: split over keys, the splits summed in a fixed
+   order).
 3. **One forward kernel** per (query block, batch x head): FlashAttention-style online softmax over the LUT's key
    blocks only (float32 accumulation, exp2), then, fused, ``phi(Q_i)``, the linear readout
-   ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` and the sum ``O_s + ...``; it also
-   writes the log-sum-exp and (SLA only) ``O_s`` for the backward.
+   ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` (folded into the state once, ``H W^T``,
+   for the code variant's shared state) and the sum ``O_s + ...``; it also writes the log-sum-exp and (SLA only)
+   ``O_s`` (rounded to the inputs' dtype before the sum) for the backward.
 4. **Additional keys** (``additional_keys`` / ``additional_values``, e.g. joint text tokens, :func:`_join_additional`):
    every query's dense softmax over them, ``O_t`` and ``lse_t``, by the same forward kernel with a LUT listing all
    their blocks (``TUNING["additional_keys"] = "kernel"``, the default) or by float32 torch einsums in chunks of query
@@ -45,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import fp32_reference
 from ._eager import eager_call, eager_op
 from ._launch import launch
 
@@ -71,13 +78,34 @@ def _feature(x, dmask, FMAP: tl.constexpr):
 
 
 @triton.jit
+def _fdot(a, b, PREC: tl.constexpr):
+    """``a @ b`` of float32 tiles with float32 accumulation. ``"bf16x3"``: three bfloat16 tensor-core products of the
+    operands' high and low bfloat16 halves (about 16 mantissa bits, float32's exponent range; any operand layout, where
+    TF32 tensor-core products want K-major operands); ``"bf16x2"``: two, for a ``b`` exact in bfloat16; else one
+    ``tl.dot`` with that input precision."""
+    if PREC == "bf16x3":
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_hi, b_hi)))
+    elif PREC == "bf16x2":
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b16 = b.to(tl.bfloat16)
+        return tl.dot(a_lo, b16, tl.dot(a_hi, b16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LUT, HI, ZI, W, BIAS, Out, OS, LSE, N, M, H, D, DV, n_c, nqb,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_n, so_h,
     sh_b, sh_h, sh_i, sz_b, sz_h, sz_i, scale, eps,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QPB: tl.constexpr,
     KSUB: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
-    LIN_PREC: tl.constexpr,
+    LIN_PREC: tl.constexpr, HAS_W: tl.constexpr = True,
 ):  # fmt: skip
     """One tile of ``BLOCK_Q`` queries (``QPB`` tiles per selection block) of one (batch, head): softmax over its
     block's ``n_c`` LUT key blocks, each in ``KSUB`` tiles of ``BLOCK_K`` keys (+ the fused linear branch). Block
@@ -123,19 +151,23 @@ def _fwd_kernel(
     o_base = b * so_b + h * so_h + row0.to(tl.int64) * so_n
     o_off = offs_q[:, None] * so_n + offs_e[None, :]
     if LINEAR:
-        tl.store(OS + o_base + o_off, o_s.to(OS.dtype.element_ty), mask=omask)
+        # O_s rounded to its stored dtype first: frees the float32 tile for the read-out (whose sum is rounded to the
+        # same dtype anyway) and makes ``out - O_s`` the linear part exactly as the backward sees it.
+        o_s = o_s.to(OS.dtype.element_ty)
+        tl.store(OS + o_base + o_off, o_s, mask=omask)
         fq = _feature(q.to(tl.float32), dmask, FMAP)
         state = tl.load(HI + b * sh_b + h * sh_h + i * sh_i + offs_d[:, None] * DV + offs_e[None, :],
                         mask=dmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
         z = tl.load(ZI + b * sz_b + h * sz_h + i * sz_i + offs_d, mask=dmask, other=0.0)
-        num = tl.dot(fq, state, input_precision=LIN_PREC)
+        num = _fdot(fq, state, LIN_PREC)
         o_l = num / (tl.sum(fq * z[None, :], axis=1) + eps)[:, None]
-        # W^T as [BLOCK_DV (in), BLOCK_DV (out)]: W is [Dv (out), Dv (in)], row-major float32.
-        wt = tl.load(W + offs_e[None, :] * DV + offs_e[:, None], mask=emask[None, :] & emask[:, None], other=0.0)
-        o_l = tl.dot(o_l, wt, input_precision=LIN_PREC)
+        if HAS_W:  # else the state is already H_i W^T (folded by the op)
+            # W^T as [BLOCK_DV (in), BLOCK_DV (out)]: W is [Dv (out), Dv (in)], row-major float32.
+            wt = tl.load(W + offs_e[None, :] * DV + offs_e[:, None], mask=emask[None, :] & emask[:, None], other=0.0)
+            o_l = _fdot(o_l, wt, LIN_PREC)
         if HAS_BIAS:
             o_l += tl.load(BIAS + offs_e, mask=emask, other=0.0)[None, :]
-        o_s = o_s + o_l
+        o_s = o_s.to(tl.float32) + o_l
     tl.store(Out + o_base + o_off, o_s.to(Out.dtype.element_ty), mask=omask)
 
 
@@ -308,6 +340,91 @@ def _readout_bwd_kernel(
         tl.atomic_add(DW + offs_e[:, None] * DV + offs_e[None, :], dw, mask=wmask)
 
 
+@triton.jit
+def _states_kernel(
+    K, V, HS, ZS, M, H, D, DV, rows, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One split's share of the code variant's state: ``sum phi(k) v^T`` and ``sum phi(k)`` over keys
+    ``[split * rows, (split + 1) * rows)`` of one (batch, head), float32, into ``HS[split, bh]`` / ``ZS[split, bh]``
+    (the splits are summed by the caller, in a fixed order)."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    dmask, emask = offs_d < D, offs_e < DV
+    start = split * rows
+    end = tl.minimum(start + rows, M)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    acc = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    z = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start64 = start.to(tl.int64)
+    for t in range(0, tl.cdiv(end - start, BLOCK_N)):
+        rmask = offs_n < end - start - t * BLOCK_N
+        r = start64 + t * BLOCK_N
+        kx = tl.load(k_base + r * sk_n + offs_n[:, None] * sk_n + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        fk = tl.where(rmask[:, None], _feature(kx, dmask, FMAP), 0.0)
+        vx = tl.load(v_base + r * sv_n + offs_n[:, None] * sv_n + offs_e[None, :], mask=rmask[:, None] & emask[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        acc += _fdot(tl.trans(fk), vx, PREC)
+        z += tl.sum(fk, axis=0)
+    out = (split * tl.num_programs(1) + bh).to(tl.int64)
+    tl.store(HS + out * D * DV + offs_d[:, None] * DV + offs_e[None, :], acc, mask=dmask[:, None] & emask[None, :])
+    tl.store(ZS + out * D + offs_d, z, mask=dmask)
+
+
+#: Keys per program of the code variant's state kernel at least (``_states_kernel``; fewer, longer splits beyond
+#: about two programs per SM).
+STATES_MIN_ROWS = 512
+
+
+#: The state kernel's keys per tile and launch options by the inputs' dtype (measured on the H200, N = 32,760, 12 heads,
+#: head dim 128, bf16: 0.27 ms with 128-key tiles in 8 warps and 3 stages against 0.36 ms for 64-key tiles in 2
+#: stages, which spill nothing where these spill 136 bytes at head dim 128); other dtypes take the 64-key tiles (the
+#: 128-key ones with three stages need more shared memory than an SM has for float16 / float32 inputs).
+STATES_TILES = {torch.bfloat16: (128, {"num_warps": 8, "num_stages": 3})}
+STATES_DEFAULT_TILES = (64, {"num_warps": 8, "num_stages": 2})
+#: The state kernel's products by the values' dtype: bfloat16 values are exact in bfloat16 (two products of phi(k)'s
+#: halves), float16 ones are split too; float32 inputs (and Triton's interpreter, whose bfloat16 products are wrong)
+#: take ``tf32x3``.
+_STATES_PREC = {torch.bfloat16: "bf16x2", torch.float16: "bf16x3"}
+
+
+@torch.library.custom_op("visionlin::sla_states", mutates_args=())
+def sla_states(k: torch.Tensor, v: torch.Tensor, fmap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code variant's one state ``(H [B, H, 1, D, Dv], Z [B, H, 1, D])``, float32, of keys ``[B, M, H, D]``:
+    :func:`linear_states` without ``marginal`` in one kernel (no float32 copy of k / v, no ``phi(k)`` tensor), for
+    calls that need no gradient. The products are TF32 (``phi(k)``'s 10-bit mantissa, half-precision values exact) for
+    half inputs, ``tf32x3`` for float32 inputs."""
+    b, m, h, d = k.shape
+    dv = v.shape[-1]
+    sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 4  # (interpreter)
+    block_n, opts = STATES_TILES.get(k.dtype, STATES_DEFAULT_TILES)
+    splits = max(1, min(-(-m // STATES_MIN_ROWS), -(-2 * sms // max(1, b * h))))
+    rows = triton.cdiv(triton.cdiv(m, splits), block_n) * block_n  # a multiple of the tile
+    splits = max(1, -(-m // rows))
+    hs = torch.empty(splits, b * h, d, dv, device=k.device, dtype=torch.float32)
+    zs = torch.empty(splits, b * h, d, device=k.device, dtype=torch.float32)
+    launch(_states_kernel, (splits, b * h), k, v, hs, zs, m, h, d, dv, rows, *k.stride()[:3], *v.stride()[:3],
+        BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv), FMAP=fmap, **opts,
+        PREC=_STATES_PREC.get(v.dtype, "tf32x3") if k.is_cuda else "tf32x3",
+    )  # fmt: skip
+    return hs.sum(dim=0).view(b, h, 1, d, dv), zs.sum(dim=0).view(b, h, 1, d)
+
+
+@sla_states.register_fake
+def _(k, v, fmap):
+    b, _, h, d = k.shape
+    return k.new_empty(b, h, 1, d, v.shape[-1], dtype=torch.float32), k.new_empty(b, h, 1, d, dtype=torch.float32)
+
+
+_states = eager_call(sla_states)
+
+
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
@@ -337,13 +454,18 @@ def _launch(block_q: int, block_k: int, d: int, dv: int, fp32: bool, tile_q: int
 
 
 def fwd_config(block_q: int, block_k: int, d: int, dv: int, fp32: bool, linear: bool) -> dict:
-    """The forward kernel's tiles: 64 x 64 for float32 inputs; 64 query rows for the SLA forward at head dims above
-    64 (the linear read-out's extra ``[rows, Dv]`` float32 tiles spill at 128); else the selection blocks."""
-    if fp32:
+    """The forward kernel's tiles: 64 x 64 for float32 inputs; for half inputs at head dims above 64, 64 x 64 tiles in
+    4 warps with 3 stages (measured on the H200 at N = 32,760, head dim 128, 95% sparsity: 1.0 ms against 1.26 ms for
+    128 x 64 in 8 warps with 2 stages, and 1.6 ms against 2.8 ms with the linear read-out,
+    ``benchmarks/results/h200/sla_tiles_*.json``); else the selection blocks."""
+    wide = max(_block(d), _block(dv)) >= 128
+    if fp32 or wide:
         tq, tk = min(TILE, block_q), min(TILE, block_k)
     else:
-        tq, tk = (min(TILE, block_q) if linear and max(_block(d), _block(dv)) >= 128 else block_q), block_k
+        tq, tk = block_q, block_k
     cfg = _launch(block_q, block_k, d, dv, fp32, tq, tk)
+    if wide and not fp32:
+        cfg.update(num_warps=4, num_stages=3)
     return {**cfg, "QPB": block_q // tq, "KSUB": block_k // tk, "LIN_PREC": _precisions(fp32)["LIN_PREC"]}
 
 
@@ -372,16 +494,128 @@ def readout_bwd_config(block_q: int, d: int, dv: int, fp32: bool) -> dict:
     }  # fmt: skip
 
 
+@triton.jit
+def _pool_kernel(X, OUT, L, H, D, block, sx_b, sx_n, sx_h, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The float32 mean of tokens ``[i * block, min((i + 1) * block, L))`` of ``X`` ``[B, L, H, D]`` (unit stride
+    over D) for ``BLOCK_C`` of its ``H * D`` columns, into ``OUT`` ``[B, nb, H * D]``; the tokens are summed in a fixed
+    order (``BLOCK_T`` rows at a time)."""
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < H * D
+    col_off = (cols // D).to(tl.int64) * sx_h + cols % D
+    t0 = i * block
+    cnt = tl.minimum(block, L - t0)
+    offs_t = tl.arange(0, BLOCK_T)
+    base = X + b * sx_b + t0.to(tl.int64) * sx_n
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(0, tl.cdiv(cnt, BLOCK_T)):
+        rows = t * BLOCK_T + offs_t
+        x = tl.load(base + rows[:, None].to(tl.int64) * sx_n + col_off[None, :],
+                    mask=(rows < cnt)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    tl.store(OUT + (b * tl.num_programs(0) + i) * (H * D) + cols, acc / cnt, mask=cmask)
+
+
+@torch.library.custom_op("visionlin::sla_pool", mutates_args=())
+def sla_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block means of ``x`` ``[B, L, H, D]`` (``L >= 1``, unit stride over D) in float32: ``[B, ceil(L / block), H,
+    D]`` (``_pool_kernel``; the last block averaged over its real tokens)."""
+    b, length, h, d = x.shape
+    nb = triton.cdiv(length, block)
+    out = torch.empty(b, nb, h, d, device=x.device, dtype=torch.float32)
+    width = min(512, triton.next_power_of_2(h * d))
+    launch(_pool_kernel, (nb, b, triton.cdiv(h * d, width)), x, out, length, h, d, block, *x.stride()[:3],
+           BLOCK_T=16, BLOCK_C=width, num_warps=4)  # fmt: skip
+    return out
+
+
+@sla_pool.register_fake
+def _(x, block):
+    b, length, h, d = x.shape
+    return x.new_empty(b, -(-length // block), h, d, dtype=torch.float32)
+
+
+block_mean = eager_call(sla_pool)
+
+
+@triton.jit
+def _select_kernel(
+    S, LUT, MARG, n_rows, nkb, n_c, n_hi, ROWS: tl.constexpr, BLOCK_J: tl.constexpr, MARGINAL: tl.constexpr
+):  # fmt: skip
+    """Block selection of ``ROWS`` query-block rows of the float32 pooled scores ``S`` ``[n_rows, nkb]``: the
+    ranking of a stable descending sort (ties to the lower block index, NaN first), as one sort of unique int64 keys
+    (the score's order-preserving int32 image above the inverted column index). Writes the row's ``n_c`` best key
+    blocks in ascending order to ``LUT`` ``[n_rows, n_c]`` and, with ``MARGINAL``, ``1.0`` at ranks
+    ``n_c .. n_hi - 1`` (else ``0.0``) to ``MARG`` ``[n_rows, nkb]``."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_J)
+    rmask = rows < n_rows
+    cmask = cols < nkb
+    r64 = rows.to(tl.int64)
+    x = tl.load(S + r64[:, None] * nkb + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as int32 order (-inf below every finite)
+    ordered = tl.where(x != x, 0x7FFFFFFF, ordered)  # NaN above everything, as torch.sort ranks it
+    key = (ordered.to(tl.int64) << 32) | (BLOCK_J - 1 - cols)[None, :].to(tl.int64)
+    ranked = tl.sort(key, dim=1, descending=True)
+    thr = tl.max(tl.where(cols[None, :] == n_c - 1, ranked, -(2**62)), axis=1)  # the n_c-th best key
+    crit = (key >= thr[:, None]) & cmask[None, :]
+    pos = tl.cumsum(crit.to(tl.int32), axis=1) - 1  # ascending block order within the row
+    tl.store(LUT + r64[:, None] * n_c + pos, cols[None, :] + tl.zeros([ROWS, BLOCK_J], dtype=tl.int32),
+             mask=crit & rmask[:, None])  # fmt: skip
+    if MARGINAL:
+        low = tl.max(tl.where(cols[None, :] == n_hi - 1, ranked, -(2**62)), axis=1)
+        marg = (key >= low[:, None]) & (key < thr[:, None])
+        tl.store(MARG + r64[:, None] * nkb + cols[None, :], marg.to(tl.float32), mask=rmask[:, None] & cmask[None, :])
+
+
+#: Key blocks per row up to which :func:`select_blocks` ranks in ``_select_kernel`` (one in-register sort per row),
+#: above it by ``torch.sort``.
+SELECT_MAX_BLOCKS = 4096
+
+
+@torch.library.custom_op("visionlin::sla_select", mutates_args=())
+def sla_select(scores: torch.Tensor, n_c: int, n_hi: int, marginal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_select_kernel`` over float32 pooled scores ``[B, H, nqb, nkb]``: ``(LUT [B, H, nqb, n_c] int32, marginal
+    mask [B, H, nqb, nkb] float32, or an empty tensor without ``marginal``)``."""
+    b, h, nqb, nkb = scores.shape
+    scores = scores.contiguous()
+    lut = torch.empty(b, h, nqb, n_c, device=scores.device, dtype=torch.int32)
+    mask = torch.empty(scores.shape if marginal else (0,), device=scores.device, dtype=torch.float32)
+    width = triton.next_power_of_2(nkb)
+    rows = max(1, min(16, 2048 // width))
+    warps = 4 if width <= 1024 else 8
+    launch(_select_kernel, (triton.cdiv(b * h * nqb, rows),), scores, lut, mask if marginal else lut, b * h * nqb,
+           nkb, n_c, n_hi, ROWS=rows, BLOCK_J=width, MARGINAL=marginal, num_warps=warps)  # fmt: skip
+    return lut, mask
+
+
+@sla_select.register_fake
+def _(scores, n_c, n_hi, marginal):
+    b, h, nqb, _ = scores.shape
+    mask = scores.new_empty(scores.shape if marginal else (0,), dtype=torch.float32)
+    return scores.new_empty(b, h, nqb, n_c, dtype=torch.int32), mask
+
+
+_select = eager_call(sla_select)
+
+
 def select_blocks(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_k: int, marginal: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LUT of critical key blocks ``[B, H, nqb, n_c]`` int32 (ascending per row) and, with ``marginal``, the
-    float32 marginal mask ``[B, H, nqb, nkb]``; device-only torch ops, the ranking of ``sla_block_map``."""
-    from ..sparse_linear import _block_order, sla_block_counts
+    float32 marginal mask ``[B, H, nqb, nkb]``; device-only ops, the ranking of ``sla_block_map`` (the same pooled
+    scores, ranked by ``_select_kernel`` on CUDA or by the stable sort)."""
+    from ..sparse_linear import _block_scores, sla_block_counts
 
-    order = _block_order(q, k, block_q, block_k)  # [B, H, nqb, nkb], best first
-    nkb = order.shape[-1]
+    scores = _block_scores(q, k, block_q, block_k)  # [B, H, nqb, nkb]
+    b, h, nqb, nkb = scores.shape
     n_c, n_l = sla_block_counts(nkb, topk, k_low)
+    if q.is_cuda and scores.dtype == torch.float32 and triton.next_power_of_2(nkb) <= SELECT_MAX_BLOCKS and nqb:
+        lut, mask = _select(scores, n_c, nkb - n_l, marginal)
+        return lut, (mask if marginal else None)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # best first
     lut = order[..., :n_c].sort(dim=-1).values.to(torch.int32).contiguous()
     if not marginal:
         return lut, None
@@ -405,6 +639,8 @@ def linear_states(
     over its marginal key blocks (``marginal`` given), else one state over all keys."""
     b, m, h, d = k.shape
     dv = v.shape[-1]
+    if marginal is None and m and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        return _states(k, v, FMAPS[fmap])
     fk, vf = _phi(k.float(), fmap), v.float()
     if marginal is None:
         state = torch.einsum("bmhd,bmhe->bhde", fk, vf)
@@ -450,11 +686,23 @@ def sla_fwd(
     else:
         hi = zi = w = lse  # unused pointers
         sh = sz = (0, 0, 0)
+    has_w = linear and hi.shape[2] > 1
+    if linear and not has_w:
+        # One state for every query block (the code variant): fold the projection into it once, H W^T (float32,
+        # no TF32), instead of a [rows, Dv] x [Dv, Dv] product per tile.
+        with fp32_reference(q.device):
+            hi = torch.matmul(hi, w.t()).contiguous()
+        sh = (hi.stride(0), hi.stride(1), 0)
     cfg = fwd_config(block_q, block_k, d, dv, q.dtype == torch.float32, linear)
+    if linear and not has_w and q.dtype != torch.float32 and q.is_cuda:
+        # The folded read-out's one product as three bfloat16 products (about 16 mantissa bits, more than TF32's 10;
+        # 1.25 ms against 1.66 ms for TF32 at N = 32,760, head dim 128). Not in Triton's interpreter (CPU tensors),
+        # whose bfloat16 products are wrong.
+        cfg["LIN_PREC"] = "bf16x3"
     launch(_fwd_kernel, (nqb * cfg["QPB"], b * h),
         q, k, v, lut, hi, zi, w, lse if bias is None else bias, out, o_s if linear else out, lse,
         n, m, h, d, dv, n_c, nqb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sh, *sz,
-        scale, eps, LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, **cfg,
+        scale, eps, LINEAR=linear, HAS_BIAS=bias is not None, FMAP=fmap, HAS_W=has_w, **cfg,
     )  # fmt: skip
     return out, o_s, lse
 
