@@ -29,7 +29,8 @@
 #   fmnist-finish  the committed Fashion-MNIST runs reused: MambaVision's run trained, then the throughput column ~8 min
 #   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~4.5 min
-#   bench-sla      benchmarks/sla_op.py                                                                ~1.5 min
+#   bench-sla      benchmarks/sla_op.py                                                                ~3 min
+#   bench-sla-parts  benchmarks/sla_parts.py --tiles (where the forward's time goes; settings sweep)   ~2 min
 #   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training ~4 min
 #   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
@@ -163,7 +164,9 @@ for stage in "$@"; do
       timeout ${AUTHORS_LIMIT:-300} python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train \
         --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
     bench-sla)
-      timeout 150 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
+      timeout 240 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
+    bench-sla-parts)
+      timeout 180 python3 benchmarks/sla_parts.py --tiles --out "$OUT" --commit "$COMMIT" 2>&1 | tail -40 ;;
     bench-convert)
       timeout 200 python3 benchmarks/convert_speed.py --models wan,flux --time-budget 150 --out "$OUT" \
         --commit "$COMMIT" 2>&1 | tail -30 ;;
