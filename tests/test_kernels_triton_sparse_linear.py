@@ -345,6 +345,45 @@ def test_interpreter_sla_kernels_match_formula():
     run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
+_SELECT_POOL_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+import torch
+from visionlin.kernels.triton import sparse_linear as sl
+from visionlin.kernels import sparse_linear as spl
+g = torch.Generator().manual_seed(0)
+for (b, h, nqb, nkb, n_c, n_l) in [(2, 3, 5, 37, 4, 6), (1, 1, 3, 1, 1, 0), (1, 2, 4, 512, 26, 51)]:
+    s = torch.randn(b, h, nqb, nkb, generator=g)
+    s[0, 0, 0, :] = 0.25  # a row of ties
+    if nkb > 3:
+        s[0, 0, 1, 2] = float("nan")
+        s[0, 0, 2, :3] = float("-inf")
+    for marginal in (False, True):
+        lut, mask = sl.sla_select(s, n_c, nkb - n_l, marginal)
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+        ref_lut = order[..., :n_c].sort(dim=-1).values.to(torch.int32)
+        assert torch.equal(lut, ref_lut), (lut, ref_lut)
+        if marginal:
+            rank = torch.zeros(nkb); rank[n_c:nkb - n_l] = 1.0
+            ref = torch.empty_like(s).scatter_(-1, order, rank.expand(order.shape).contiguous())
+            assert torch.equal(mask, ref)
+x = torch.randn(2, 77, 3, 3, 20, generator=g)[:, :, 1].to(torch.float16)
+got = sl.sla_pool(x, 16)
+nb = -(-77 // 16)
+ref = torch.stack([x[:, i * 16:(i + 1) * 16].double().mean(dim=1) for i in range(nb)], dim=1)
+assert got.shape == ref.shape and ((got.double() - ref).abs().max() < 1e-6), (got.double() - ref).abs().max()
+print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_sla_select_and_pool_kernels():
+    """The ranking kernel (``sla_select``) gives the stable descending sort's LUT and marginal mask exactly (a row of
+    ties, NaN ranked first, -inf, 1 to 512 key blocks) and the pooling kernel (``sla_pool``) the block means (a ragged
+    last block, a strided view, float16), on the CPU through Triton's interpreter."""
+    pytest.importorskip("triton")
+    run_in_interpreter(_SELECT_POOL_INTERPRETER_SCRIPT)
+
+
 def test_triton_backend_declines_with_reasons_on_cpu():
     (q, k, v), w, bias = _inputs(1, 40, 40, 2, 16, 16, torch.float32)
     with pytest.raises(NotImplementedError, match="not on a CUDA device"):
