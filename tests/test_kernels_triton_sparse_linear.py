@@ -349,7 +349,6 @@ _SELECT_POOL_INTERPRETER_SCRIPT = textwrap.dedent(
     """
 import torch
 from visionlin.kernels.triton import sparse_linear as sl
-from visionlin.kernels import sparse_linear as spl
 g = torch.Generator().manual_seed(0)
 for (b, h, nqb, nkb, n_c, n_l) in [(2, 3, 5, 37, 4, 6), (1, 1, 3, 1, 1, 0), (1, 2, 4, 512, 26, 51)]:
     s = torch.randn(b, h, nqb, nkb, generator=g)
@@ -369,7 +368,8 @@ for (b, h, nqb, nkb, n_c, n_l) in [(2, 3, 5, 37, 4, 6), (1, 1, 3, 1, 1, 0), (1, 
 x = torch.randn(2, 77, 3, 3, 20, generator=g)[:, :, 1].to(torch.float16)
 got = sl.sla_pool(x, 16)
 nb = -(-77 // 16)
-ref = torch.stack([x[:, i * 16:(i + 1) * 16].double().mean(dim=1) for i in range(nb)], dim=1)
+ref = torch.stack([x[:, i * 16:(i + 1) * 16].double().mean(dim=1) for i in range(nb)], dim=2)
+assert got.is_contiguous()
 assert got.shape == ref.shape and ((got.double() - ref).abs().max() < 1e-6), (got.double() - ref).abs().max()
 print("interpreter ok")
     """

@@ -104,7 +104,7 @@ def _block_mean(x: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor
         if not triton_unavailable(x):
             from .triton.sparse_linear import block_mean
 
-            return block_mean(x, block).transpose(1, 2)
+            return block_mean(x, block)
     b, length, h, d = x.shape
     full, tail = divmod(length, block)
     parts = []

@@ -497,7 +497,7 @@ def readout_bwd_config(block_q: int, d: int, dv: int, fp32: bool) -> dict:
 @triton.jit
 def _pool_kernel(X, OUT, L, H, D, block, sx_b, sx_n, sx_h, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """The float32 mean of tokens ``[i * block, min((i + 1) * block, L))`` of ``X`` ``[B, L, H, D]`` (unit stride
-    over D) for ``BLOCK_C`` of its ``H * D`` columns, into ``OUT`` ``[B, nb, H * D]``; the tokens are summed in a fixed
+    over D) for ``BLOCK_C`` of its ``H * D`` columns, into ``OUT`` ``[B, H, nb, D]``; the tokens are summed in a fixed
     order (``BLOCK_T`` rows at a time)."""
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -514,16 +514,18 @@ def _pool_kernel(X, OUT, L, H, D, block, sx_b, sx_n, sx_h, BLOCK_T: tl.constexpr
         x = tl.load(base + rows[:, None].to(tl.int64) * sx_n + col_off[None, :],
                     mask=(rows < cnt)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         acc += tl.sum(x.to(tl.float32), axis=0)
-    tl.store(OUT + (b * tl.num_programs(0) + i) * (H * D) + cols, acc / cnt, mask=cmask)
+    nb = tl.num_programs(0)
+    out = ((b * H + cols // D) * nb + i) * D + cols % D  # [B, H, nb, D]: the scores' bmm reads it as it is
+    tl.store(OUT + out, acc / cnt, mask=cmask)
 
 
 @torch.library.custom_op("visionlin::sla_pool", mutates_args=())
 def sla_pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Block means of ``x`` ``[B, L, H, D]`` (``L >= 1``, unit stride over D) in float32: ``[B, ceil(L / block), H,
-    D]`` (``_pool_kernel``; the last block averaged over its real tokens)."""
+    """Block means of ``x`` ``[B, L, H, D]`` (``L >= 1``, unit stride over D) in float32, contiguous ``[B, H,
+    ceil(L / block), D]`` (``_pool_kernel``; the last block averaged over its real tokens)."""
     b, length, h, d = x.shape
     nb = triton.cdiv(length, block)
-    out = torch.empty(b, nb, h, d, device=x.device, dtype=torch.float32)
+    out = torch.empty(b, h, nb, d, device=x.device, dtype=torch.float32)
     width = min(512, triton.next_power_of_2(h * d))
     launch(_pool_kernel, (nb, b, triton.cdiv(h * d, width)), x, out, length, h, d, block, *x.stride()[:3],
            BLOCK_T=16, BLOCK_C=width, num_warps=4)  # fmt: skip
@@ -533,7 +535,7 @@ def sla_pool(x: torch.Tensor, block: int) -> torch.Tensor:
 @sla_pool.register_fake
 def _(x, block):
     b, length, h, d = x.shape
-    return x.new_empty(b, -(-length // block), h, d, dtype=torch.float32)
+    return x.new_empty(b, h, -(-length // block), d, dtype=torch.float32)
 
 
 block_mean = eager_call(sla_pool)
