@@ -72,6 +72,26 @@ def test_block_map_matches_brute_force(n, m, bq, bk):
     assert ((got == 1).sum(-1) == n_c).all() and ((got == -1).sum(-1) == n_l).all()
 
 
+@pytest.mark.parametrize("n,block", [(64, 16), (70, 16), (5, 64), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_block_mean_sums_in_the_accumulation_dtype(n, block, dtype):
+    """The selection's pooling (CPU path: summed in the accumulation dtype, no converted or padded copy): float64 block
+    means within that dtype's rounding, the last block over its real tokens, views of a fused projection, float16
+    values whose block sums overflow float16 (6e4 x 16 tokens) still finite."""
+    from visionlin.kernels.sparse_linear import _block_mean
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(2, n, 3, 2, 8, dtype=torch.float64)[:, :, 1]
+    x[0, :, 0, 0] = 6e4
+    x = x.to(dtype)
+    got = _block_mean(x, block, acc)
+    nb = -(-n // block)
+    ref = torch.stack([x[:, i * block : (i + 1) * block].double().mean(dim=1) for i in range(nb)], dim=2)
+    assert got.dtype == acc and got.shape == ref.shape == (2, 2, nb, 8)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6 if acc == torch.float32 else 1e-12, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["paper", "code"])
 @pytest.mark.parametrize("feature_map", sorted(SLA_FEATURE_MAPS))
