@@ -681,20 +681,19 @@ def sla_fwd(
     o_s = torch.empty_like(out) if linear else q.new_empty(0)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     nqb, n_c = lut.shape[2], lut.shape[3]
+    has_w = linear and hi.shape[2] > 1
     if linear:
+        if not has_w:
+            # One state for every query block (the code variant): fold the projection into it once, H W^T (float32,
+            # no TF32), instead of a [rows, Dv] x [Dv, Dv] product per tile.
+            with fp32_reference(q.device):
+                hi = torch.matmul(hi, w.t()).contiguous()
         hs, zs = hi.stride(), zi.stride()
-        sh = (hs[0], hs[1], hs[2] if hi.shape[2] > 1 else 0)
+        sh = (hs[0], hs[1], hs[2] if has_w else 0)
         sz = (zs[0], zs[1], zs[2] if zi.shape[2] > 1 else 0)
     else:
         hi = zi = w = lse  # unused pointers
         sh = sz = (0, 0, 0)
-    has_w = linear and hi.shape[2] > 1
-    if linear and not has_w:
-        # One state for every query block (the code variant): fold the projection into it once, H W^T (float32,
-        # no TF32), instead of a [rows, Dv] x [Dv, Dv] product per tile.
-        with fp32_reference(q.device):
-            hi = torch.matmul(hi, w.t()).contiguous()
-        sh = (hi.stride(0), hi.stride(1), 0)
     cfg = fwd_config(block_q, block_k, d, dv, q.dtype == torch.float32, linear)
     if linear and not has_w and q.dtype != torch.float32 and q.is_cuda:
         # The folded read-out's one product as three bfloat16 products (about 16 mantissa bits, more than TF32's 10;
