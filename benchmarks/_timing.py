@@ -1,5 +1,5 @@
 """CUDA-event and host timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
-``host_overhead.py``, ``layer_norm_op.py``, ``host_calls.py``)."""
+``host_overhead.py``, ``layer_norm_op.py``, ``host_calls.py``, ``sla_op.py``, ``sla_parts.py``)."""
 
 from __future__ import annotations
 

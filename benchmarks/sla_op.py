@@ -28,7 +28,6 @@ short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,28 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish  # noqa: E402
+from benchmarks._timing import cuda_ms  # noqa: E402
 from visionlin.train.bench import device_slug, write_result  # noqa: E402
 
 DENSE = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION", "sdpa": None}
 SPARSE = ("sparse", "sla-paper", "sla-code")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` CUDA-event-timed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _dense(method: str, q, k, v, grad, mode: str) -> Callable[[], object]:
@@ -128,7 +112,7 @@ def _select(q, k, topk: float, k_low: float, bq: int, bk: int, marginal: bool) -
 def _row(method: str, sparsity: float | None, mode: str, fn: Callable[[], object], args) -> dict:
     row = {"method": method, "sparsity": sparsity, "mode": mode}
     try:
-        row.update(status="ok", ms=_time(fn, args.iters, args.warmup))
+        row.update(status="ok", ms=cuda_ms(fn, args.warmup, 1, args.iters))
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])
     except Exception as e:  # noqa: BLE001 (one failed method must not lose the others' rows)

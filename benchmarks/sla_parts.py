@@ -23,7 +23,6 @@ Writes ``sla_parts.json`` (rows + command, commit, date, GPU and versions) and `
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish  # noqa: E402
+from benchmarks._timing import cuda_ms  # noqa: E402
 from visionlin.train.bench import device_slug, write_result  # noqa: E402
 
 #: Forward-kernel settings tried by ``--tiles``: (query tile, key tile, warps, stages).
@@ -43,21 +43,6 @@ FWD_TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (1
 #: State-kernel settings tried by ``--tiles``: (products, key tile, warps, stages).
 STATE_TILES = [("bf16x2", 128, 8, 3), ("bf16x2", 64, 8, 2), ("tf32", 64, 8, 2), ("bf16x2", 64, 4, 2),
                ("bf16x2", 128, 8, 2), ("bf16x2", 32, 4, 2)]  # fmt: skip
-
-
-def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -79,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def add(name: str, fn: Callable[[], object]) -> None:
         try:
-            row = {"name": name, "status": "ok", "ms": _time(fn, args.iters, args.warmup)}
+            row = {"name": name, "status": "ok", "ms": cuda_ms(fn, args.warmup, 1, args.iters)}
         except Exception as e:  # noqa: BLE001 (one failed row must not lose the others)
             row = {"name": name, "status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
