@@ -228,7 +228,8 @@ def _select_torch(q, k, topk, k_low, bq, bk, marginal, monkeypatch):
 def test_triton_select_kernel_ranks_as_the_stable_sort(n, m, bq, bk, topk, k_low, monkeypatch):
     """``_select_kernel`` (one in-register sort of unique int64 keys per row) returns the LUT and marginal mask of the
     stable descending sort exactly: random scores, rows of equal scores (constant blocks: ties go to the lower block),
-    a NaN key block (ranked first, as ``torch.sort`` ranks NaN), 1 to 4,000 key blocks (past 4,096: the sort)."""
+    a NaN key block (ranked first, as ``torch.sort`` ranks NaN), a head whose scores are all far below zero, 1 to 4,000
+    key blocks (past 4,096: the sort)."""
     from visionlin.kernels.triton import sparse_linear as sl
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -237,6 +238,8 @@ def test_triton_select_kernel_ranks_as_the_stable_sort(n, m, bq, bk, topk, k_low
     k[1, :, 1] = 0.5  # every key block of this head scores the same
     q[0, :, 2] = 0.0  # and every query block of this one
     k[0, bk : 2 * bk, 0, 3] = float("nan")  # one NaN key block in head 0 of batch 0
+    q[1, :, 2] += 3.0  # every pooled score of this head far below zero (once left LUT slots unset: an illegal
+    k[1, :, 2] -= 3.0  # address in the forward kernel, found on Wan2.1's 27th layer)
     for marginal in (False, True):
         lut, mask = sl.select_blocks(q, k, topk, k_low, bq, bk, marginal)
         ref_lut, ref_mask = _select_torch(q, k, topk, k_low, bq, bk, marginal, monkeypatch)
@@ -350,9 +353,12 @@ _SELECT_POOL_INTERPRETER_SCRIPT = textwrap.dedent(
 import torch
 from visionlin.kernels.triton import sparse_linear as sl
 g = torch.Generator().manual_seed(0)
-for (b, h, nqb, nkb, n_c, n_l) in [(2, 3, 5, 37, 4, 6), (1, 1, 3, 1, 1, 0), (1, 2, 4, 512, 26, 51)]:
-    s = torch.randn(b, h, nqb, nkb, generator=g)
-    s[0, 0, 0, :] = 0.25  # a row of ties
+cases = [(2, 3, 5, 37, 4, 6, 0.0), (1, 1, 3, 1, 1, 0, 0.0), (1, 2, 4, 512, 26, 51, 0.0),
+         (2, 2, 3, 64, 6, 10, -3.0), (1, 2, 3, 300, 40, 30, -1e30), (1, 1, 3, 16, 3, 4, 5e3)]
+for (b, h, nqb, nkb, n_c, n_l, shift) in cases:
+    # shift: every score far below zero, or large (the n_c-th best key's int64 image near the bottom of its range)
+    s = torch.randn(b, h, nqb, nkb, generator=g) * (1.0 + abs(shift) / 10) + shift
+    s[0, 0, 0, :] = 0.25 + shift  # a row of ties
     if nkb > 3:
         s[0, 0, 1, 2] = float("nan")
         s[0, 0, 2, :3] = float("-inf")
@@ -378,7 +384,8 @@ print("interpreter ok")
 
 def test_interpreter_sla_select_and_pool_kernels():
     """The ranking kernel (``sla_select``) gives the stable descending sort's LUT and marginal mask exactly (a row of
-    ties, NaN ranked first, -inf, 1 to 512 key blocks) and the pooling kernel (``sla_pool``) the block means (a ragged
+    ties, NaN ranked first, -inf, 1 to 512 key blocks, rows of scores far below zero: a sentinel above their keys once
+    left LUT entries unwritten) and the pooling kernel (``sla_pool``) the block means (a ragged
     last block, a strided view, float16), on the CPU through Triton's interpreter."""
     pytest.importorskip("triton")
     run_in_interpreter(_SELECT_POOL_INTERPRETER_SCRIPT)

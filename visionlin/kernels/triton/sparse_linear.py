@@ -561,13 +561,15 @@ def _select_kernel(
     ordered = tl.where(x != x, 0x7FFFFFFF, ordered)  # NaN above everything, as torch.sort ranks it
     key = (ordered.to(tl.int64) << 32) | (BLOCK_J - 1 - cols)[None, :].to(tl.int64)
     ranked = tl.sort(key, dim=1, descending=True)
-    thr = tl.max(tl.where(cols[None, :] == n_c - 1, ranked, -(2**62)), axis=1)  # the n_c-th best key
+    # The n_c-th best key, picked by a sum with one nonzero term (exact in int64; no sentinel: keys span the whole
+    # int64 range, and a max against one once cut rows whose n_c-th score was below -2 short, leaving LUT slots unset).
+    thr = tl.sum(tl.where(cols[None, :] == n_c - 1, ranked, 0), axis=1)
     crit = (key >= thr[:, None]) & cmask[None, :]
     pos = tl.cumsum(crit.to(tl.int32), axis=1) - 1  # ascending block order within the row
     tl.store(LUT + r64[:, None] * n_c + pos, cols[None, :] + tl.zeros([ROWS, BLOCK_J], dtype=tl.int32),
              mask=crit & rmask[:, None])  # fmt: skip
     if MARGINAL:
-        low = tl.max(tl.where(cols[None, :] == n_hi - 1, ranked, -(2**62)), axis=1)
+        low = tl.sum(tl.where(cols[None, :] == n_hi - 1, ranked, 0), axis=1)
         marg = (key >= low[:, None]) & (key < thr[:, None])
         tl.store(MARG + r64[:, None] * nkb + cols[None, :], marg.to(tl.float32), mask=rmask[:, None] & cmask[None, :])
 
