@@ -44,6 +44,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,7 @@ def bench_model(
         r["options"] = options.get(m, {"processor": "stock (PyTorch SDPA)"})
     grad: list = []
     failed: set[tuple[str, str]] = set()
+    dead = ""  # the row whose fault broke the CUDA context: every later call would fail too
     for rnd in range(args.repeats):
         if rnd and deadline is not None and time.monotonic() > deadline:
             break
@@ -347,6 +349,9 @@ def bench_model(
             model.requires_grad_(mode == "fwd+bwd")
             for method in order:
                 row = rows[(method, mode)]
+                if dead and row["status"] == "skipped":
+                    row["error"] = f"not run: the CUDA context broke in {dead}"
+                    continue
                 if (method, mode) in failed or (deadline is not None and time.monotonic() > deadline):
                     continue
                 try:
@@ -371,22 +376,29 @@ def bench_model(
                         row["profile"] = kernel_profile(step, clock)
                 except Exception as e:  # noqa: BLE001 (one failed method must not lose the others' rows)
                     row["status"], row["error"] = _error(e)
+                    row["traceback"] = traceback.format_exc(limit=-12)
+                    print(row["traceback"], file=sys.stderr, flush=True)
                     row.pop("profile", None)
                     failed.add((method, mode))
                 finally:
-                    revert(model)
-                    model.zero_grad(set_to_none=True)
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
+                    try:
+                        revert(model)
+                        model.zero_grad(set_to_none=True)
+                        if dev.type == "cuda":
+                            torch.cuda.empty_cache()
+                    except Exception as e:  # noqa: BLE001 (a fault that broke the CUDA context: keep what ran)
+                        row.setdefault("error", f"after the run: {_error(e)[1]}")
+                        row["status"] = "error"
+                        dead = f"{method} ({mode})"
                 _summarise(section["rows"])
                 print(_line(name, row), flush=True)
                 save()
     for r in section["rows"]:
         if r["status"] == "skipped":
-            r["error"] = "time budget spent before its first timed step"
+            r.setdefault("error", "time budget spent before its first timed step")
     _summarise(section["rows"])
     del model, kwargs, grad
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not dead:
         torch.cuda.empty_cache()
     return section
 
