@@ -121,3 +121,13 @@ def test_spec_refines_tritons_integer_specialisation():
     assert spec(2**31) != spec(2**31 - 16) and spec(2**63) != spec(2**63 - 16)
     assert spec(True) != spec(False) and spec(1.0) == spec(2.5) and spec(None) is None
     assert spec((1, 16)) == (spec(1), spec(16))
+
+
+def test_host_cdiv_and_next_pow2_match_triton():
+    """The plain-Python grid helpers equal Triton's constexpr functions (which cost microseconds per host call)."""
+    cdiv, next_pow2 = _launch.cdiv, _launch.next_pow2
+    for a in [*range(0, 300), 32760, 2**31 - 1, 2**31, 2**40 + 3]:
+        for b in (1, 3, 16, 64, 128, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+        if a >= 1:
+            assert next_pow2(a) == triton.next_power_of_2(a), a

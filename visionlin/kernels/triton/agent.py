@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["MAX_AGENTS", "agent_attention_triton"]
 
@@ -133,7 +133,7 @@ ROWS = 64
 
 
 def _pad(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    return max(16, next_pow2(x))
 
 
 def _warps(block_a: int, block_d: int, block_dv: int) -> int:
@@ -174,7 +174,7 @@ def agent_attention_fwd(
         HAS_BIAS=ab is not None, HALF=half, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv,
         num_warps=_warps(ba, bd, bdv),
     )  # fmt: skip
-    launch(_broadcast_kernel, (triton.cdiv(n, ROWS), b * h),
+    launch(_broadcast_kernel, (cdiv(n, ROWS), b * h),
         q, agents, va, qb if qb is not None else va, out, n, h, na, d, dv, scale,
         *q.stride(), *agents.stride(), *sqb, *out.stride(),
         HAS_BIAS=qb is not None, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv,

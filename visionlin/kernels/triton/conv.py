@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -119,7 +119,7 @@ TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps"
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     b, _, c = x.shape
     bt, bc = TUNING["block_t"], TUNING["block_c"]
-    grid = (triton.cdiv(hh * ww, bt), triton.cdiv(c, bc), b)
+    grid = (cdiv(hh * ww, bt), cdiv(c, bc), b)
     res = residual if residual is not None else out
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
     launch(_conv_kernel, grid,
@@ -187,7 +187,7 @@ def token_dwconv_bwd(
     if b and c:
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
-        c_blocks = triton.cdiv(c, BLOCK_C)
+        c_blocks = cdiv(c, BLOCK_C)
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 from .linear import _num_sms
 
 __all__ = ["focus_triton"]
@@ -125,14 +125,14 @@ BLOCK_T, BLOCK_T_BACKWARD = 8, 4
 
 
 def _grid(b: int, n: int, device: torch.device, block_t: int) -> tuple[tuple[int, int], int]:
-    blocks = triton.cdiv(n, block_t)
-    want = min(blocks, max(1, triton.cdiv(8 * _num_sms(device), max(b, 1))))
-    per = triton.cdiv(blocks, want)
-    return (triton.cdiv(blocks, per), b), per
+    blocks = cdiv(n, block_t)
+    want = min(blocks, max(1, cdiv(8 * _num_sms(device), max(b, 1))))
+    per = cdiv(blocks, want)
+    return (cdiv(blocks, per), b), per
 
 
 def _meta(h: int, d: int, block_t: int) -> dict[str, int]:
-    block_c = triton.next_power_of_2(h * d)
+    block_c = next_pow2(h * d)
     # One warp per 128 tile entries (4 per thread), 4 to 16: no register spills for sm_90 (ptxas; 8 warps spilled in
     # the backward at 4 x 512)
     return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": min(16, max(4, block_t * block_c // 128))}
@@ -151,7 +151,7 @@ def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> 
     if b * n * h * d:
         # One block of tokens per program (no atomics to amortise here, unlike the backward): every block's loads
         # in flight at once instead of each program walking its blocks one after another.
-        grid, per = (triton.cdiv(n, BLOCK_T), b), 1
+        grid, per = (cdiv(n, BLOCK_T), b), 1
         launch(_focus_kernel, grid,
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
             HAS_C=c is not None, FLAT_X=_flat(x), **_meta(h, d, BLOCK_T),

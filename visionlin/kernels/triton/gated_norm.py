@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..gated_norm import MAX_TRITON_CHANNELS as MAX_CHANNELS
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 from .linear import _splits
 
 __all__ = ["MAX_CHANNELS", "TUNING", "gated_layer_norm_triton", "layer_norm_triton"]
@@ -137,7 +137,7 @@ def _gated_norm_bwd_kernel(
 
 def meta(c: int, backward: bool = False) -> dict[str, int]:
     """``BLOCK_M``, ``BLOCK_C`` and ``num_warps`` for rows of ``c`` channels (the whole row in one block)."""
-    block_c = triton.next_power_of_2(max(int(c), 1))
+    block_c = next_pow2(max(int(c), 1))
     warps = 4 if block_c <= 256 else 8 if block_c <= 512 else 16  # 8 warps on 2 x 1024 spilled for sm_90
     per_thread = int(TUNING["backward_per_thread"]) if backward else PER_THREAD
     block_m = max(1, min(64, per_thread * 32 * warps // block_c))
@@ -179,7 +179,7 @@ def gated_layer_norm_fwd(
     if m:
         kw = meta(c)
         w32, b32 = _affine(weight, x), _affine(bias, x)
-        launch(_gated_norm_fwd_kernel, (triton.cdiv(m, kw["BLOCK_M"]),),
+        launch(_gated_norm_fwd_kernel, (cdiv(m, kw["BLOCK_M"]),),
             x2, g2, w32, b32, out, mean, rstd, m, c, 1.0 / c, x2.stride(0), g2.stride(0), float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=gate is not None, STATS=True, **kw,
         )  # fmt: skip
@@ -205,7 +205,7 @@ def layer_norm_inference(
         kw = _META.get(c)
         if kw is None:
             kw = _META[c] = meta(c)
-        launch(_gated_norm_fwd_kernel, (triton.cdiv(m, kw["BLOCK_M"]),),
+        launch(_gated_norm_fwd_kernel, (cdiv(m, kw["BLOCK_M"]),),
             x2, x2, x2 if weight is None else weight, x2 if bias is None else bias, out, out, out, m, c, 1.0 / c,
             x2.stride(0), x2.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_G=False,
             STATS=False, **kw,

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 from .linear import _num_sms
 
 __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton", "gla_triton"]
@@ -269,7 +269,7 @@ def _gla_bwd_kv_kernel(
 
 # Host side ------------------------------------------------------------------------------------------------------------
 def _blocks(kd: int, vd: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
+    return max(16, next_pow2(kd)), max(16, next_pow2(vd))
 
 
 def warps(bk: int, bv: int) -> int:
@@ -292,8 +292,8 @@ def gla_fwd(
     bv_fwd = min(bv, 64)
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
-    n_vb = triton.cdiv(vd, bv_fwd)
-    n_chunks = triton.cdiv(length, CHUNK)
+    n_vb = cdiv(vd, bv_fwd)
+    n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
     meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd))
     init = out  # a placeholder pointer when not segmented
@@ -317,8 +317,8 @@ def _segments(programs: int, n_chunks: int, device: torch.device) -> tuple[int, 
     sms = _num_sms(device)
     if not TUNING["segments"] or programs >= sms or n_chunks < 2:
         return 1, n_chunks
-    per = max(int(TUNING["segment_chunks"]), triton.cdiv(n_chunks, triton.cdiv(4 * sms, programs)))
-    return triton.cdiv(n_chunks, per), per
+    per = max(int(TUNING["segment_chunks"]), cdiv(n_chunks, cdiv(4 * sms, programs)))
+    return cdiv(n_chunks, per), per
 
 
 @gla_fwd.register_fake
@@ -340,7 +340,7 @@ def gla_bwd(
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     bv_kv = min(bv, KV_BLOCK_V)
-    n_vb = triton.cdiv(vd, bv_kv)
+    n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
     dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
     args = (length, h, kd, vd, scale, *q.stride(), *v.stride(), *do.stride())

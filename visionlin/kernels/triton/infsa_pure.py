@@ -48,7 +48,7 @@ import triton.language as tl
 
 from . import MAX_HEAD_DIM, triton_unavailable
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["TUNING", "pure_infsa_triton", "triton_pure_infsa_supports"]
 
@@ -266,8 +266,8 @@ TUNING: dict[str, int | None] = {"rows": None, "rows_backward": None, "warps": N
 
 
 def _meta(q: torch.Tensor, v: torch.Tensor, backward: bool = False) -> dict[str, int | bool]:
-    bd = max(16, triton.next_power_of_2(q.shape[-1]))
-    bdv = max(16, triton.next_power_of_2(v.shape[-1]))
+    bd = max(16, next_pow2(q.shape[-1]))
+    bdv = max(16, next_pow2(v.shape[-1]))
     half = q.dtype in (torch.float16, torch.bfloat16)
     if backward:
         rows = TUNING["rows_backward"] or (64 if half and max(bd, bdv) <= 64 else 32)
@@ -306,7 +306,7 @@ def pure_infsa_fwd(
     y = torch.empty(b, n, h, dv, device=q.device, dtype=torch.float32)
     r = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
     ssq = torch.empty_like(r)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), b * h)
+    grid = (cdiv(n, meta["BLOCK_N"]), b * h)
     launch(_forward_kernel, grid,
         q, k, v, y, r, ssq, n, m, h, d, dv, 1.0 / d, *q.stride(), *k.stride(), *v.stride(), *y.stride(), **meta
     )  # fmt: skip
@@ -354,10 +354,10 @@ def pure_infsa_bwd(
     beta = torch.where(fro > 0, -u / torch.where(fro > 0, fro, 1.0), 0.0)
     c = rho_bh / (fro + eps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride())
-    launch(_backward_kv_kernel, (triton.cdiv(m, meta["BLOCK_M"]), b * h),
+    launch(_backward_kv_kernel, (cdiv(m, meta["BLOCK_M"]), b * h),
         q, k, v, g, c, beta, dk, dvv, n, m, h, d, dv, 1.0 / d, *strides, *dk.stride(), *dvv.stride(), **meta
     )  # fmt: skip
-    launch(_backward_q_kernel, (triton.cdiv(n, meta["BLOCK_N"]), b * h),
+    launch(_backward_q_kernel, (cdiv(n, meta["BLOCK_N"]), b * h),
         q, k, v, g, c, beta, dq, n, m, h, d, dv, 1.0 / d, *strides, *dq.stride(), **meta
     )  # fmt: skip
     return dq, dk, dvv

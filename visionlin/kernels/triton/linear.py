@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..linear import _default_scale
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
@@ -390,7 +390,7 @@ NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
 
 def _pad_dims(d: int, dv: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    return max(16, next_pow2(d)), max(16, next_pow2(dv))
 
 
 @functools.cache
@@ -408,10 +408,10 @@ def _cuda_sms(index: int) -> int:
 
 def _splits(rows: int, block: int, bh: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
     """(splits, blocks per split) so that ``bh * splits`` programs fill the GPU about ``per_sm`` times over."""
-    n_blocks = triton.cdiv(rows, block)
-    want = min(n_blocks, max(1, triton.cdiv(per_sm * _num_sms(device), bh)))
-    per = triton.cdiv(n_blocks, want)
-    return triton.cdiv(n_blocks, per), per
+    n_blocks = cdiv(rows, block)
+    want = min(n_blocks, max(1, cdiv(per_sm * _num_sms(device), bh)))
+    per = cdiv(n_blocks, want)
+    return cdiv(n_blocks, per), per
 
 
 def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bool:
@@ -482,7 +482,7 @@ def linear_attention_fwd(
         k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
     )  # fmt: skip
     if n:
-        launch(_readout_kernel, (triton.cdiv(n, rows), b * h),
+        launch(_readout_kernel, (cdiv(n, rows), b * h),
             q, state, out, n, h, d, dv, scale, 1.0 / m, eps, *q.stride(), *out.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
@@ -529,7 +529,7 @@ def linear_attention_bwd(
             *q.stride(), *g.stride(), *out.stride(), *dq.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
-    launch(_state_backward_kernel, (triton.cdiv(m, rows), b * h),
+    launch(_state_backward_kernel, (cdiv(m, rows), b * h),
         k, v, state, grads, dk, dvv, m, h, d, dv, scale, 1.0 / m,
         *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(),
         FMAP=fmap, NORM=norm, BLOCK_M=rows, **meta,

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._eager import direct, eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -283,7 +283,7 @@ def _delta(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     delta = torch.empty(b, h, x, y, device=out.device, dtype=torch.float32)
     block_dv = _blocks(dvd)
     block_r = max(8, 2048 // block_dv)  # 8 elements of dO and O per thread: 92 registers at sm_90, no spills
-    grid = (triton.cdiv(b * x * y, block_r), h)
+    grid = (cdiv(b * x * y, block_r), h)
     launch(_delta_kernel, grid, g, out, delta, b * x * y, x, y, h, dvd, *g.stride(), *out.stride(),
                         BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=8)  # fmt: skip
     return delta
@@ -426,7 +426,7 @@ def launch_meta(block_q: int, block_k: int) -> dict[str, int]:
 
 
 def _blocks(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 #: Warps per program (a 64-query tile against 32-key blocks).

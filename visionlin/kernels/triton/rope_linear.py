@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
@@ -478,7 +478,7 @@ def _state_backward_kernel(
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_F, BLOCK_DV)``: padded head dims and the feature width (NaLa: two halves)."""
-    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    bd, bdv = max(16, next_pow2(d)), max(16, next_pow2(dv))
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 
@@ -597,7 +597,7 @@ def rope_linear_attention_fwd(
     )  # fmt: skip
     if n:
         mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
-        launch(_readout_kernel, (triton.cdiv(n, rows_out), b * h),
+        launch(_readout_kernel, (cdiv(n, rows_out), b * h),
             q, sin_t, cos_t, mats, out, n, h, d, dv, eps, norm_eps, *q.stride(), *out.stride(), BLOCK_N=rows_out, **meta
         )  # fmt: skip
     return out, state, aux
@@ -654,7 +654,7 @@ def rope_linear_attention_bwd(
             *q.stride(), *g.stride(), *dq.stride(), BLOCK_N=rows, **meta,
         )  # fmt: skip
     grads = _state_grads(state, grads, mech, scale, 1.0 / m, bf, bdv)
-    launch(_state_backward_kernel, (triton.cdiv(m, rows_k), b * h),
+    launch(_state_backward_kernel, (cdiv(m, rows_k), b * h),
         k, v, sin_t, cos_t, aux, grads, dk, dvv, dqbar, m, h, d, dv, scale, inv_n,
         *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows_k, **meta,
     )  # fmt: skip

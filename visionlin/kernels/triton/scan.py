@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["MAX_STATE", "TUNING", "scan_config", "selective_scan_triton"]
 
@@ -271,7 +271,7 @@ def scan_config(n: int) -> tuple[int, int, int, int, int]:
     """``(T, BLOCK_D, BLOCK_N, forward warps, backward warps)`` for ``N`` states: about 2,048 float32 elements per
     ``[T, BLOCK_D, N]`` tile (T = 16); the backward's dozen live tiles need 8 warps to stay in registers (4 spill at
     sm_90)."""
-    bn = max(2, triton.next_power_of_2(n))
+    bn = max(2, next_pow2(n))
     t = TUNING["chunk"] or 16
     bd = TUNING["block_d"] or max(1, 2048 // (t * bn))
     return t, bd, bn, TUNING["warps"] or 4, TUNING["warps"] or 8
@@ -310,13 +310,13 @@ def selective_scan_fwd(
     t, bd, bn, warps, _ = scan_config(n)
     y = torch.empty(b, length, d, device=u.device, dtype=u.dtype)
     last = torch.zeros(b, d, n, device=u.device, dtype=torch.float32)
-    states = torch.empty(b, triton.cdiv(length, t), d, n, device=u.device, dtype=torch.float32)
+    states = torch.empty(b, cdiv(length, t), d, n, device=u.device, dtype=torch.float32)
     if b * length * d == 0:
         return y, last, states
     bmat, sb, groups = _bc(B)
     cmat, sc, _ = _bc(C)
     zz = z if z is not None else u
-    launch(_fwd_kernel, (triton.cdiv(d, bd), b),
+    launch(_fwd_kernel, (cdiv(d, bd), b),
         u, delta, A, bmat, cmat, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         y, last, states, length, d, n, d // groups,
         *u.stride(), *delta.stride(), *A.stride(), *sb, *sc, *zz.stride(), *y.stride(),
@@ -378,7 +378,7 @@ def selective_scan_bwd(
         du = torch.empty_strided(u.shape, u.stride(), device=u.device, dtype=u.dtype)
         ddelta = torch.empty_strided(delta.shape, delta.stride(), device=u.device, dtype=delta.dtype)
         dz = torch.empty_strided(zz.shape, zz.stride(), device=u.device, dtype=zz.dtype)
-        launch(_bwd_kernel, (triton.cdiv(d, bd), b),
+        launch(_bwd_kernel, (cdiv(d, bd), b),
             u, delta, A, bmat, cmat, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
             g, g_last if g_last is not None else da, states,
             du, ddelta, dz, db, dc, da, dd, dbias,

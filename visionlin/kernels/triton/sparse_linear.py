@@ -53,7 +53,7 @@ import triton.language as tl
 
 from .._common import fp32_reference
 from ._eager import eager_call, eager_op
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
 
@@ -405,7 +405,7 @@ def sla_states(k: torch.Tensor, v: torch.Tensor, fmap: int) -> tuple[torch.Tenso
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 4  # (interpreter)
     block_n, opts = STATES_TILES.get(k.dtype, STATES_DEFAULT_TILES)
     splits = max(1, min(-(-m // STATES_MIN_ROWS), -(-2 * sms // max(1, b * h))))
-    rows = triton.cdiv(triton.cdiv(m, splits), block_n) * block_n  # a multiple of the tile
+    rows = cdiv(cdiv(m, splits), block_n) * block_n  # a multiple of the tile
     splits = max(1, -(-m // rows))
     hs = torch.empty(splits, b * h, d, dv, device=k.device, dtype=torch.float32)
     zs = torch.empty(splits, b * h, d, device=k.device, dtype=torch.float32)
@@ -427,7 +427,7 @@ _states = eager_call(sla_states)
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 #: Rows / keys of the smaller tiles (float32 inputs; dk / dv; the SLA forward at head dims above 64).
@@ -524,10 +524,10 @@ def sla_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Block means of ``x`` ``[B, L, H, D]`` (``L >= 1``, unit stride over D) in float32, contiguous ``[B, H,
     ceil(L / block), D]`` (``_pool_kernel``; the last block averaged over its real tokens)."""
     b, length, h, d = x.shape
-    nb = triton.cdiv(length, block)
+    nb = cdiv(length, block)
     out = torch.empty(b, h, nb, d, device=x.device, dtype=torch.float32)
-    width = min(512, triton.next_power_of_2(h * d))
-    launch(_pool_kernel, (nb, b, triton.cdiv(h * d, width)), x, out, length, h, d, block, *x.stride()[:3],
+    width = min(512, next_pow2(h * d))
+    launch(_pool_kernel, (nb, b, cdiv(h * d, width)), x, out, length, h, d, block, *x.stride()[:3],
            BLOCK_T=16, BLOCK_C=width, num_warps=4)  # fmt: skip
     return out
 
@@ -587,10 +587,10 @@ def sla_select(scores: torch.Tensor, n_c: int, n_hi: int, marginal: bool) -> tup
     scores = scores.contiguous()
     lut = torch.empty(b, h, nqb, n_c, device=scores.device, dtype=torch.int32)
     mask = torch.empty(scores.shape if marginal else (0,), device=scores.device, dtype=torch.float32)
-    width = triton.next_power_of_2(nkb)
+    width = next_pow2(nkb)
     rows = max(1, min(16, 2048 // width))
     warps = 4 if width <= 1024 else 8
-    launch(_select_kernel, (triton.cdiv(b * h * nqb, rows),), scores, lut, mask if marginal else lut, b * h * nqb,
+    launch(_select_kernel, (cdiv(b * h * nqb, rows),), scores, lut, mask if marginal else lut, b * h * nqb,
            nkb, n_c, n_hi, ROWS=rows, BLOCK_J=width, MARGINAL=marginal, num_warps=warps)  # fmt: skip
     return lut, mask
 
@@ -616,7 +616,7 @@ def select_blocks(
     scores = _block_scores(q, k, block_q, block_k)  # [B, H, nqb, nkb]
     b, h, nqb, nkb = scores.shape
     n_c, n_l = sla_block_counts(nkb, topk, k_low)
-    if q.is_cuda and scores.dtype == torch.float32 and triton.next_power_of_2(nkb) <= SELECT_MAX_BLOCKS and nqb:
+    if q.is_cuda and scores.dtype == torch.float32 and next_pow2(nkb) <= SELECT_MAX_BLOCKS and nqb:
         lut, mask = _select(scores, n_c, nkb - n_l, marginal)
         return lut, (mask if marginal else None)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # best first
