@@ -29,6 +29,24 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> 
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: its kernels' time without the host's
+    (what a call costs inside a model whose host runs ahead of the GPU). ``fn`` must not synchronise."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (lazy initialisation, compilation, allocator)
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return cuda_ms(graph.replay, warmup, 1, iters)
+    finally:
+        del graph
+
+
 def host_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> float:
     """Microseconds of wall time per call of ``calls`` back-to-back calls, synchronised before and after: at a tiny
     shape the GPU waits on the host, so this is the host's cost of one call."""

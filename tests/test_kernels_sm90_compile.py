@@ -62,6 +62,8 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
             sig[p] = "constexpr"
         elif p in INT_POINTERS:
             sig[p] = "*i32"
+        elif p == "HS" and consts.get("SPLIT_OUT"):
+            sig[p] = "*bf16"  # the paper variant's per-key-block states, as high / low bfloat16 halves
         elif p in POINTERS:
             fp32 = p in FP32_POINTERS or p in FP32_HERE.get(name, set())
             sig[p] = "*fp32" if fp32 else f"*{dtype}"
@@ -263,6 +265,9 @@ def _sparse_linear(dt, tdt):
             block_n, opts = sl.STATES_TILES.get(tdt, sl.STATES_DEFAULT_TILES)
             consts = dict(BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, FMAP=fmap, PREC=sl._STATES_PREC[tdt])
             cases.append((sl._states_kernel, dt, consts, dict(opts)))
+            for block in (64, 128):  # the paper variant's per-key-block states, as sla_block_states launches them
+                tile, block_opts = sl.block_states_config(block, tdt)
+                cases.append((sl._states_kernel, dt, dict(consts, BLOCK_N=tile, SPLIT_OUT=True), block_opts))
     for width in (16, 512):  # the pooling, as sla_pool launches it
         cases.append((sl._pool_kernel, dt, dict(BLOCK_T=16, BLOCK_C=width), 4))
     for width in (1, 64, 512, 4096):  # the block selection, as select_blocks launches it

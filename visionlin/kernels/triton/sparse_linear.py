@@ -14,9 +14,10 @@ Pipeline of one call (all on the device, no host round trip):
 2. **Linear-branch states** (torch ops, differentiable): ``h_j = phi(K_j)^T V_j`` and ``z_j = phi(K_j)^T 1`` per
    key block in float32; the paper variant sums them per query block through the marginal mask as one batched GEMM
    (``H_i = sum_{j marginal} h_j``, ``O(nqb nkb D Dv)`` multiply-adds on the tensor cores instead of a gather of
-   ``O(#marginal)`` ``D x Dv`` states per query block); the code variant has one state over all keys, which calls
-   that need no gradient take from one kernel (``_states_kernel``: split over keys, the splits summed in a fixed
-   order).
+   ``O(#marginal)`` ``D x Dv`` states per query block); the code variant has one state over all keys. Calls that need
+   no gradient take ``_states_kernel`` instead: the code variant's state split over keys (the splits summed in a
+   fixed order), and for half-precision inputs the paper variant's per-key-block states, written as high / low
+   bfloat16 halves that one bfloat16 GEMM of the repeated marginal mask sums with float32 accumulation.
 3. **One forward kernel** per (query block, batch x head): FlashAttention-style online softmax over the LUT's key
    blocks only (float32 accumulation, exp2), then, fused, ``phi(Q_i)``, the linear readout
    ``phi(Q_i) H_i / (phi(Q_i) . Z_i + eps)``, the projection ``O_l W^T + b`` (folded into the state once, ``H W^T``,
@@ -54,6 +55,7 @@ import triton.language as tl
 from .._common import fp32_reference
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
+from .linear import _num_sms
 
 __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
 
@@ -342,12 +344,16 @@ def _readout_bwd_kernel(
 
 @triton.jit
 def _states_kernel(
-    K, V, HS, ZS, M, H, D, DV, rows, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    K, V, HS, ZS, M, H, D, DV, rows, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, s_split, s_bh, z_split, z_bh, lo_off,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FMAP: tl.constexpr, PREC: tl.constexpr,
+    SPLIT_OUT: tl.constexpr = False,
 ):  # fmt: skip
-    """One split's share of the code variant's state: ``sum phi(k) v^T`` and ``sum phi(k)`` over keys
-    ``[split * rows, (split + 1) * rows)`` of one (batch, head), float32, into ``HS[split, bh]`` / ``ZS[split, bh]``
-    (the splits are summed by the caller, in a fixed order)."""
+    """One split's share of a linear state: ``sum phi(k) v^T`` and ``sum phi(k)`` over keys ``[split * rows,
+    (split + 1) * rows)`` of one (batch, head), float32, into state ``split * s_split + bh * s_bh`` of ``HS`` (``D x
+    Dv`` each) and ``split * z_split + bh * z_bh`` of ``ZS`` (``D`` each). The code variant's splits are summed by the
+    caller, in a fixed order; the paper variant's splits are its key blocks. ``SPLIT_OUT``: ``HS`` is bfloat16 and
+    takes the state's high half there and its low half ``lo_off`` elements further (``hi + lo`` carries about 16
+    mantissa bits)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -372,9 +378,16 @@ def _states_kernel(
                      other=0.0).to(tl.float32)  # fmt: skip
         acc += _fdot(tl.trans(fk), vx, PREC)
         z += tl.sum(fk, axis=0)
-    out = (split * tl.num_programs(1) + bh).to(tl.int64)
-    tl.store(HS + out * D * DV + offs_d[:, None] * DV + offs_e[None, :], acc, mask=dmask[:, None] & emask[None, :])
-    tl.store(ZS + out * D + offs_d, z, mask=dmask)
+    out = split.to(tl.int64) * s_split + bh.to(tl.int64) * s_bh
+    h_ptr = HS + out * D * DV + offs_d[:, None] * DV + offs_e[None, :]
+    hmask = dmask[:, None] & emask[None, :]
+    if SPLIT_OUT:
+        hi = acc.to(tl.bfloat16)
+        tl.store(h_ptr, hi, mask=hmask)
+        tl.store(h_ptr + lo_off, (acc - hi.to(tl.float32)).to(tl.bfloat16), mask=hmask)
+    else:
+        tl.store(h_ptr, acc, mask=hmask)
+    tl.store(ZS + (split.to(tl.int64) * z_split + bh.to(tl.int64) * z_bh) * D + offs_d, z, mask=dmask)
 
 
 #: Keys per program of the code variant's state kernel at least (``_states_kernel``; fewer, longer splits beyond
@@ -402,18 +415,26 @@ def sla_states(k: torch.Tensor, v: torch.Tensor, fmap: int) -> tuple[torch.Tenso
     half inputs, ``tf32x3`` for float32 inputs."""
     b, m, h, d = k.shape
     dv = v.shape[-1]
-    sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 4  # (interpreter)
+    sms = _num_sms(k.device)
     block_n, opts = STATES_TILES.get(k.dtype, STATES_DEFAULT_TILES)
     splits = max(1, min(-(-m // STATES_MIN_ROWS), -(-2 * sms // max(1, b * h))))
     rows = cdiv(cdiv(m, splits), block_n) * block_n  # a multiple of the tile
     splits = max(1, -(-m // rows))
     hs = torch.empty(splits, b * h, d, dv, device=k.device, dtype=torch.float32)
     zs = torch.empty(splits, b * h, d, device=k.device, dtype=torch.float32)
-    launch(_states_kernel, (splits, b * h), k, v, hs, zs, m, h, d, dv, rows, *k.stride()[:3], *v.stride()[:3],
-        BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv), FMAP=fmap, **opts,
-        PREC=_STATES_PREC.get(v.dtype, "tf32x3") if k.is_cuda else "tf32x3",
-    )  # fmt: skip
+    _launch_states(k, v, hs, zs, fmap, rows, splits, (b * h, 1), (b * h, 1), block_n, opts, split_out=False)
     return hs.sum(dim=0).view(b, h, 1, d, dv), zs.sum(dim=0).view(b, h, 1, d)
+
+
+def _launch_states(k, v, hs, zs, fmap, rows, splits, h_strides, z_strides, block_n, opts, split_out):
+    """``_states_kernel`` over ``splits`` splits of ``rows`` keys; ``h_strides`` / ``z_strides``: the (split, batch x
+    head) strides of the outputs in states."""
+    b, m, h, d = k.shape
+    dv = v.shape[-1]
+    launch(_states_kernel, (splits, b * h), k, v, hs, zs, m, h, d, dv, rows, *k.stride()[:3], *v.stride()[:3],
+        *h_strides, *z_strides, splits * d * dv, BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv), FMAP=fmap,
+        PREC=_STATES_PREC.get(v.dtype, "tf32x3") if k.is_cuda else "tf32x3", SPLIT_OUT=split_out, **opts,
+    )  # fmt: skip
 
 
 @sla_states.register_fake
@@ -423,6 +444,42 @@ def _(k, v, fmap):
 
 
 _states = eager_call(sla_states)
+
+
+def block_states_config(block: int, dtype: torch.dtype) -> tuple[int, dict]:
+    """``(keys per tile, launch options)`` of the per-key-block states: the state kernel's default tiles (64 keys, at
+    most the block), whatever the dtype: with the high / low stores, bfloat16's 128-key tiles spill 140 bytes per
+    thread in three stages and 224 in one (sm_90 compile test)."""
+    tile, opts = STATES_DEFAULT_TILES
+    return min(tile, max(16, next_pow2(block))), dict(opts)
+
+
+@torch.library.custom_op("visionlin::sla_block_states", mutates_args=())
+def sla_block_states(k: torch.Tensor, v: torch.Tensor, fmap: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper variant's per-key-block states for calls that need no gradient, by ``_states_kernel`` with one
+    split per key block of ``block`` keys: ``(h [B H, 2 nkb, D Dv] bfloat16, z [B, H, nkb, D] float32)``, ``h``'s
+    rows ``j`` and ``nkb + j`` the high and low bfloat16 halves of ``phi(K_j)^T V_j`` (float32 sums of the kernel's
+    products: bf16x2 for bfloat16 inputs, bf16x3 for float16, tf32x3 for float32), so that one bfloat16 GEMM of the
+    marginal mask repeated twice, ``[M, M] @ h``, sums them per query block with float32 accumulation."""
+    b, m, h, d = k.shape
+    dv = v.shape[-1]
+    nkb = cdiv(m, block)
+    block_n, opts = block_states_config(block, k.dtype)
+    hs = torch.empty(b * h, 2 * nkb, d * dv, device=k.device, dtype=torch.bfloat16)
+    zs = torch.empty(b, h, nkb, d, device=k.device, dtype=torch.float32)
+    _launch_states(k, v, hs, zs, fmap, block, nkb, (1, 2 * nkb), (1, nkb), block_n, opts, split_out=True)
+    return hs, zs
+
+
+@sla_block_states.register_fake
+def _(k, v, fmap, block):
+    b, m, h, d = k.shape
+    nkb = -(-m // block)
+    return (k.new_empty(b * h, 2 * nkb, d * v.shape[-1], dtype=torch.bfloat16),
+            k.new_empty(b, h, nkb, d, dtype=torch.float32))  # fmt: skip
+
+
+_block_states = eager_call(sla_block_states)
 
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
@@ -630,6 +687,25 @@ def select_blocks(
     return lut, mask
 
 
+_BMM_OUT_DTYPE: list[bool] = []  # whether this torch's CUDA bmm takes out_dtype (probed on first use)
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bfloat16 batches with float32 accumulation and a float32 result (``torch.bmm(...,
+    out_dtype=torch.float32)`` on CUDA; elsewhere, or where that overload is missing, a float32 bmm of the same
+    values)."""
+    if a.is_cuda and _BMM_OUT_DTYPE != [False]:
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE[:] = [False]
+        else:
+            _BMM_OUT_DTYPE[:] = [True]
+            return out
+    with fp32_reference(a.device):
+        return torch.bmm(a.float(), b.float())
+
+
 def _phi(x: torch.Tensor, fmap: str) -> torch.Tensor:
     from ..sparse_linear import SLA_FEATURE_MAPS
 
@@ -640,11 +716,21 @@ def linear_states(
     k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, block_k: int, fmap: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H_i [B, H, nqb|1, D, Dv], Z_i [B, H, nqb|1, D])`` in float32 (differentiable torch ops): per query block
-    over its marginal key blocks (``marginal`` given), else one state over all keys."""
+    over its marginal key blocks (``marginal`` given), else one state over all keys. Calls that need no gradient
+    take the state kernel: the code variant's one state (:func:`sla_states`) and, for half-precision inputs, the paper
+    variant's per-key-block states (:func:`sla_block_states`) summed through the marginal mask by one bfloat16 GEMM
+    with float32 accumulation over their high and low halves (the float32 route: per-block states in float32, then a
+    float32 GEMM of ``nqb nkb D Dv`` multiply-adds, 2.8 ms at Wan2.1's shape on the H200)."""
     b, m, h, d = k.shape
     dv = v.shape[-1]
-    if marginal is None and m and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+    no_grad = m and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+    if marginal is None and no_grad:
         return _states(k, v, FMAPS[fmap])
+    if marginal is not None and no_grad and k.dtype in (torch.float16, torch.bfloat16):
+        hs, zj = _block_states(k, v, FMAPS[fmap], block_k)  # [B H, 2 nkb, D Dv] bfloat16 (hi; lo), [B, H, nkb, D]
+        nqb, nkb = marginal.shape[2], marginal.shape[3]
+        m2 = marginal.reshape(b * h, nqb, nkb).to(torch.bfloat16).repeat(1, 1, 2)  # [M, M]: 0 / 1, exact
+        return _bmm_f32(m2, hs).view(b, h, nqb, d, dv), marginal @ zj
     fk, vf = _phi(k.float(), fmap), v.float()
     if marginal is None:
         state = torch.einsum("bmhd,bmhe->bhde", fk, vf)
