@@ -14,11 +14,12 @@ interpreter's bfloat16 products are wrong, a Triton limitation) in a subprocess.
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
 import torch
-from interpreter_utils import run_in_interpreter
+from interpreter_utils import ROOT, run_in_interpreter
 
 from visionlin.kernels import block_sparse_attention, sla_block_map, sparse_linear_attention
 from visionlin.kernels.sparse_linear import SLA_FEATURE_MAPS, sla_block_counts
@@ -524,6 +525,31 @@ def test_sla_op_benchmark_refuses_the_cpu_and_plots_its_rows(tmp_path):
     shape = dict(batch=1, tokens=32760, heads=12, head_dim=128, dtype="bf16")
     sla_op.plot({"benchmark": "sla_op", "meta": meta, "shape": shape, "rows": rows}, tmp_path / "sla_op.png")
     assert (tmp_path / "sla_op.png").stat().st_size > 10_000
+
+
+def test_sla_fwd_variants_benchmark_checks_its_variant_kernel_in_the_interpreter(tmp_path):
+    """``benchmarks/sla_fwd_variants.py``: without a GPU it refuses (exit 2); under Triton's interpreter its variant
+    kernel (pointer and TMA-descriptor loads, several tiles, a ragged last key block) reproduces the shipped forward
+    kernel's output and log-sum-exp."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU paths")
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(ROOT, "benchmarks", "sla_fwd_variants.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sla_fwd_variants.json").read_text())["rows"]
+    assert len(rows) == 3 and {"tma" in r["name"] for r in rows} == {True, False}
+    assert all(r["err"] < 1e-5 and r["lse_err"] < 1e-5 for r in rows), rows
 
 
 def test_sla_parts_benchmark_refuses_bad_input_and_the_cpu_and_plots(tmp_path, capsys):
