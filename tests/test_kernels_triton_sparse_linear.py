@@ -337,6 +337,14 @@ def test_triton_sla_is_chosen_and_compiles_fullgraph():
     out.float().square().sum().backward()
     torch.testing.assert_close(out, sparse_linear_attention(q, q, q, w, topk=0.5, k_low=0.0, backend="triton"))
     assert q.grad is not None and w.grad is not None
+    # Inference (no gradient): the state kernels, the paper variant's bfloat16 GEMM of the state halves included.
+    x = q.detach()
+    for variant, k_low in (("paper", 0.2), ("code", 0.0)):
+        kw = dict(topk=0.3, k_low=k_low, variant=variant)
+        fn = torch.compile(lambda x, w, kw=kw: sparse_linear_attention(x, x, x, w, **kw), fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x, 0.1 * w.detach() + 0.01), sparse_linear_attention(
+                x, x, x, 0.1 * w.detach() + 0.01, backend="triton", **kw))  # fmt: skip
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(

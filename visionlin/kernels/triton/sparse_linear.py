@@ -687,21 +687,16 @@ def select_blocks(
     return lut, mask
 
 
-_BMM_OUT_DTYPE: list[bool] = []  # whether this torch's CUDA bmm takes out_dtype (probed on first use)
+#: Whether this torch's bmm has the ``out_dtype`` overload (half inputs, float32 result; CUDA).
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of bfloat16 batches with float32 accumulation and a float32 result (``torch.bmm(...,
-    out_dtype=torch.float32)`` on CUDA; elsewhere, or where that overload is missing, a float32 bmm of the same
-    values)."""
-    if a.is_cuda and _BMM_OUT_DTYPE != [False]:
-        try:
-            out = torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _BMM_OUT_DTYPE[:] = [False]
-        else:
-            _BMM_OUT_DTYPE[:] = [True]
-            return out
+    out_dtype=torch.float32)`` on CUDA; elsewhere, or without that overload, a float32 bmm of the same values). No
+    try / except and no state: traceable by ``torch.compile(fullgraph=True)``."""
+    if a.is_cuda and _BMM_OUT_DTYPE:
+        return torch.bmm(a, b, out_dtype=torch.float32)
     with fp32_reference(a.device):
         return torch.bmm(a.float(), b.float())
 
