@@ -31,7 +31,6 @@ fused qkv projection). 1-D calls run as 2-D with one row.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -384,10 +383,6 @@ def _bwd_kv_kernel(
 
 
 # Host side ------------------------------------------------------------------------------------------------------------
-def _pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
-
-
 #: Tile settings, ``None`` for the defaults of :func:`tile_config` (the benchmark script sweeps them):
 #: ``tile_y`` query-tile width, ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining.
 TUNING: dict[str, int | None] = {"tile_y": None, "block_k": None, "warps": None, "stages": None}
@@ -407,9 +402,9 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
         tx, ty = 1, 16 if has_rpb else 32
     else:
         ty = TUNING["tile_y"] or (16 if ky >= 11 else 8)
-        ty = min(ty, max(2, _pow2(ny)))
+        ty = min(ty, max(2, next_pow2(ny)))
         tx = 64 // ty
-    kcols = max(16, _pow2(min(ty + ky - 1, ny)))
+    kcols = max(16, next_pow2(min(ty + ky - 1, ny)))
     krows = max(1, (TUNING["block_k"] or (16 if has_rpb else 32)) // kcols)
     return tx, ty, krows, kcols
 

@@ -417,9 +417,9 @@ def sla_states(k: torch.Tensor, v: torch.Tensor, fmap: int) -> tuple[torch.Tenso
     dv = v.shape[-1]
     sms = _num_sms(k.device)
     block_n, opts = STATES_TILES.get(k.dtype, STATES_DEFAULT_TILES)
-    splits = max(1, min(-(-m // STATES_MIN_ROWS), -(-2 * sms // max(1, b * h))))
+    splits = max(1, min(cdiv(m, STATES_MIN_ROWS), cdiv(2 * sms, max(1, b * h))))
     rows = cdiv(cdiv(m, splits), block_n) * block_n  # a multiple of the tile
-    splits = max(1, -(-m // rows))
+    splits = max(1, cdiv(m, rows))
     hs = torch.empty(splits, b * h, d, dv, device=k.device, dtype=torch.float32)
     zs = torch.empty(splits, b * h, d, device=k.device, dtype=torch.float32)
     _launch_states(k, v, hs, zs, fmap, rows, splits, (b * h, 1), (b * h, 1), block_n, opts, split_out=False)
