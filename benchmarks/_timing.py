@@ -41,10 +41,7 @@ def graph_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    try:
-        return cuda_ms(graph.replay, warmup, 1, iters)
-    finally:
-        del graph
+    return cuda_ms(graph.replay, warmup, 1, iters)
 
 
 def host_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> float:

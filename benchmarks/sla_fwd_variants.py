@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._timing import cuda_ms, graph_ms  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -258,15 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             row["host_us_per_call_busy_gpu"] = (time.perf_counter() - t0) / 10 * 1e6
             torch.cuda.synchronize()
             try:
-                gr = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    fn()
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(gr):
-                    fn()
-                row["graph_ms"] = cuda_ms(gr.replay, 3, 1, 20)
+                row["graph_ms"] = graph_ms(fn, 3, 20)
             except Exception as e:  # noqa: BLE001
                 row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)

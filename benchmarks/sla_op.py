@@ -116,9 +116,8 @@ def _row(method: str, sparsity: float | None, mode: str, fn: Callable[[], object
     row = {"method": method, "sparsity": sparsity, "mode": mode}
     try:
         row.update(status="ok", ms=cuda_ms(fn, args.warmup, 1, args.iters))
-        if mode == "fwd":
-            with torch.no_grad():
-                row["graph_ms"] = graph_ms(fn, args.warmup, args.iters)
+        if mode == "fwd":  # (the forward calls run without autograd)
+            row["graph_ms"] = graph_ms(fn, args.warmup, args.iters)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=str(e).splitlines()[0][:200])
     except Exception as e:  # noqa: BLE001 (one failed method must not lose the others' rows)
