@@ -248,6 +248,17 @@ def test_triton_select_kernel_ranks_as_the_stable_sort(n, m, bq, bk, topk, k_low
         assert (mask is None) == (not marginal) and (mask is None or torch.equal(mask, ref_mask))
 
 
+def block_states_f64(k, v, block, fmap):
+    """Float64 per-key-block states of keys / values ``[B, M, H, D|Dv]`` (on the CPU): ``h_j = phi(K_j)^T V_j``
+    ``[B, H, nkb, D, Dv]`` and ``z_j = phi(K_j)^T 1`` ``[B, H, nkb, D]``, the last block ragged."""
+    b, m, h, d = k.shape
+    nkb, pad = -(-m // block), -m % block
+    fk = SLA_FEATURE_MAPS[fmap](k.double().cpu())
+    fkb = torch.nn.functional.pad(fk, (0, 0, 0, 0, 0, pad)).view(b, nkb, block, h, d)  # padded keys: phi rows 0
+    vb = torch.nn.functional.pad(v.double().cpu(), (0, 0, 0, 0, 0, pad)).view(b, nkb, block, h, v.shape[-1])
+    return torch.einsum("bjthd,bjthe->bhjde", fkb, vb), fkb.sum(dim=2).transpose(1, 2)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fmap", sorted(SLA_FEATURE_MAPS))
@@ -267,13 +278,9 @@ def test_triton_sla_paper_block_states(shape, bq, bk, fmap, dtype):
     marginal = (torch.rand(b, h, nqb, nkb, generator=torch.Generator().manual_seed(1)) < 0.85).float()
     with torch.no_grad():
         hi, zi = sl.linear_states(k, v, marginal.cuda(), bk, fmap)
-    fk = SLA_FEATURE_MAPS[fmap](k.double().cpu())
-    pad = nkb * bk - m
-    fkb = torch.nn.functional.pad(fk, (0, 0, 0, 0, 0, pad)).view(b, nkb, bk, h, d)
-    vb = torch.nn.functional.pad(v.double().cpu(), (0, 0, 0, 0, 0, pad)).view(b, nkb, bk, h, dv)
-    hj = torch.einsum("bjthd,bjthe->bhjde", fkb, vb).reshape(b, h, nkb, d * dv)
-    ref_h = (marginal.double() @ hj).view(b, h, nqb, d, dv)
-    ref_z = marginal.double() @ fkb.sum(dim=2).transpose(1, 2)
+    hj, zj = block_states_f64(k, v, bk, fmap)
+    ref_h = (marginal.double() @ hj.reshape(b, h, nkb, d * dv)).view(b, h, nqb, d, dv)
+    ref_z = marginal.double() @ zj
     assert hi.dtype == zi.dtype == torch.float32 and hi.shape == ref_h.shape and zi.shape == ref_z.shape
     errs = _rel(hi.cpu(), ref_h), _rel(zi.cpu(), ref_z)
     assert max(errs) <= 1e-3, errs
@@ -437,7 +444,7 @@ def test_interpreter_sla_select_and_pool_kernels():
 _BLOCK_STATES_INTERPRETER_SCRIPT = textwrap.dedent(
     """
 import torch
-from visionlin.kernels.sparse_linear import SLA_FEATURE_MAPS
+from tests.test_kernels_triton_sparse_linear import block_states_f64
 from visionlin.kernels.triton import sparse_linear as sl
 g = torch.Generator().manual_seed(0)
 for (b, m, h, d, dv, block, fmap) in [(2, 70, 2, 16, 8, 32, "softmax"), (1, 64, 1, 8, 16, 16, "elu"),
@@ -447,10 +454,7 @@ for (b, m, h, d, dv, block, fmap) in [(2, 70, 2, 16, 8, 32, "softmax"), (1, 64, 
     hs, zj = sl.sla_block_states(k, v, sl.FMAPS[fmap], block)
     nkb = -(-m // block)
     assert hs.dtype == torch.bfloat16 and hs.shape == (b * h, 2 * nkb, d * dv) and zj.shape == (b, h, nkb, d)
-    fk = SLA_FEATURE_MAPS[fmap](k.double())
-    ref_h = torch.stack([torch.einsum("bmhd,bmhe->bhde", fk[:, j * block:(j + 1) * block],
-                                      v[:, j * block:(j + 1) * block].double()) for j in range(nkb)], dim=2)
-    ref_z = torch.stack([fk[:, j * block:(j + 1) * block].sum(dim=1) for j in range(nkb)], dim=2)
+    ref_h, ref_z = block_states_f64(k, v, block, fmap)
     got_h = (hs[:, :nkb].double() + hs[:, nkb:].double()).view(b, h, nkb, d, dv)
     err_h = ((got_h - ref_h).abs().max() / ref_h.abs().max()).item()
     err_z = ((zj.double() - ref_z).abs().max() / ref_z.abs().max()).item()
