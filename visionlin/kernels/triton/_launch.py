@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TUNING", "cdiv", "launch", "next_pow2"]
+__all__ = ["TUNING", "cdiv", "launch", "next_pow2", "tile_dim"]
 
 #: ``"fast_launch"``: use the cache (off: Triton's own launcher for every call).
 TUNING: dict[str, bool] = {"fast_launch": True}
@@ -47,6 +47,12 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(x: int) -> int:
     """The smallest power of two ``>= x`` (1 for ``x <= 1``), as ``triton.next_power_of_2`` on the host."""
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def tile_dim(d: int) -> int:
+    """A head (or feature) dim as the kernels tile it: the next power of two, at least 16 (``tl.dot``'s smallest K /
+    N); the padding lanes are masked."""
+    return max(16, next_pow2(d))
 
 
 def _params(kernel: Any) -> tuple | None:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, tile_dim
 
 __all__ = ["MAX_AGENTS", "agent_attention_triton"]
 
@@ -133,7 +133,7 @@ ROWS = 64
 
 
 def _pad(x: int) -> int:
-    return max(16, next_pow2(x))
+    return tile_dim(x)
 
 
 def _warps(block_a: int, block_d: int, block_dv: int) -> int:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, tile_dim
 from .linear import _num_sms
 
 __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton", "gla_triton"]
@@ -269,7 +269,7 @@ def _gla_bwd_kv_kernel(
 
 # Host side ------------------------------------------------------------------------------------------------------------
 def _blocks(kd: int, vd: int) -> tuple[int, int]:
-    return max(16, next_pow2(kd)), max(16, next_pow2(vd))
+    return tile_dim(kd), tile_dim(vd)
 
 
 def warps(bk: int, bv: int) -> int:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import launch, next_pow2
+from ._launch import launch, tile_dim
 from .linear import _splits
 
 __all__ = ["pooled_infsa_context_triton"]
@@ -168,7 +168,7 @@ ROWS = 64
 
 
 def _block(d: int) -> int:
-    return max(16, next_pow2(d))
+    return tile_dim(d)
 
 
 def _warps(block: int) -> int:

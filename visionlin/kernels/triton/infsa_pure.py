@@ -48,7 +48,7 @@ import triton.language as tl
 
 from . import MAX_HEAD_DIM, triton_unavailable
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, tile_dim
 
 __all__ = ["TUNING", "pure_infsa_triton", "triton_pure_infsa_supports"]
 
@@ -266,8 +266,7 @@ TUNING: dict[str, int | None] = {"rows": None, "rows_backward": None, "warps": N
 
 
 def _meta(q: torch.Tensor, v: torch.Tensor, backward: bool = False) -> dict[str, int | bool]:
-    bd = max(16, next_pow2(q.shape[-1]))
-    bdv = max(16, next_pow2(v.shape[-1]))
+    bd, bdv = tile_dim(q.shape[-1]), tile_dim(v.shape[-1])
     half = q.dtype in (torch.float16, torch.bfloat16)
     if backward:
         rows = TUNING["rows_backward"] or (64 if half and max(bd, bdv) <= 64 else 32)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..linear import _default_scale
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, tile_dim
 
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
@@ -390,7 +390,7 @@ NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
 
 def _pad_dims(d: int, dv: int) -> tuple[int, int]:
-    return max(16, next_pow2(d)), max(16, next_pow2(dv))
+    return tile_dim(d), tile_dim(dv)
 
 
 @functools.cache

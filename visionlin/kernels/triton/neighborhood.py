@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._eager import direct, eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, next_pow2, tile_dim
 
 __all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -404,7 +404,7 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
         ty = TUNING["tile_y"] or (16 if ky >= 11 else 8)
         ty = min(ty, max(2, next_pow2(ny)))
         tx = 64 // ty
-    kcols = max(16, next_pow2(min(ty + ky - 1, ny)))
+    kcols = tile_dim(min(ty + ky - 1, ny))
     krows = max(1, (TUNING["block_k"] or (16 if has_rpb else 32)) // kcols)
     return tx, ty, krows, kcols
 
@@ -421,7 +421,7 @@ def launch_meta(block_q: int, block_k: int) -> dict[str, int]:
 
 
 def _blocks(d: int) -> int:
-    return max(16, next_pow2(d))
+    return tile_dim(d)
 
 
 #: Warps per program (a 64-query tile against 32-key blocks).

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, tile_dim
 from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
@@ -478,7 +478,7 @@ def _state_backward_kernel(
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_F, BLOCK_DV)``: padded head dims and the feature width (NaLa: two halves)."""
-    bd, bdv = max(16, next_pow2(d)), max(16, next_pow2(dv))
+    bd, bdv = tile_dim(d), tile_dim(dv)
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from .._common import fp32_reference
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, next_pow2, tile_dim
 from .linear import _num_sms
 
 __all__ = ["FMAPS", "block_sparse_attention_triton", "select_blocks", "sparse_linear_attention_triton"]
@@ -451,7 +451,7 @@ def block_states_config(block: int, dtype: torch.dtype) -> tuple[int, dict]:
     most the block), whatever the dtype: with the high / low stores, bfloat16's 128-key tiles spill 140 bytes per
     thread in three stages and 224 in one (sm_90 compile test)."""
     tile, opts = STATES_DEFAULT_TILES
-    return min(tile, max(16, next_pow2(block))), dict(opts)
+    return min(tile, tile_dim(block)), dict(opts)
 
 
 @torch.library.custom_op("visionlin::sla_block_states", mutates_args=())
@@ -484,7 +484,7 @@ _block_states = eager_call(sla_block_states)
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _block(d: int) -> int:
-    return max(16, next_pow2(d))
+    return tile_dim(d)
 
 
 #: Rows / keys of the smaller tiles (float32 inputs; dk / dv; the SLA forward at head dims above 64).
