@@ -354,6 +354,58 @@ def test_triton_sla_is_chosen_and_compiles_fullgraph():
                 x, x, x, 0.1 * w.detach() + 0.01, backend="triton", **kw))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_sla_linear_states_stay_float32_under_autocast(variant, dtype):
+    """The linear branch's states with gradients (training: the torch einsums) are float32 under autocast too, equal
+    to those computed without it: autocast's matmuls rounded them to bfloat16, and the forward kernel then failed to
+    compile (``tl.dot`` of a float32 and a bfloat16 tile) in a converted DiT's fine-tune."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    (q, k, v), _, _ = _inputs(1, 100, 100, 2, 32, 32, dtype)
+    lut, marginal = sl.select_blocks(q, k, 0.3, 0.2 if variant == "paper" else 0.0, 32, 32, variant == "paper")
+    k.requires_grad_()
+    plain = sl.linear_states(k, v, marginal, 32, "softmax")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = sl.linear_states(k, v, marginal, 32, "softmax")
+    for a, p in zip(auto, plain, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, p)
+
+
+@gpu
+@pytest.mark.parametrize("text", [0, 7])
+@pytest.mark.parametrize("method", ["sla-paper", "sla-code", "sparse"])
+def test_triton_sla_trains_under_autocast(method, text, monkeypatch):
+    """A training step under ``torch.autocast`` (bfloat16 projections, float32 parameters, as a converted DiT's
+    fine-tune runs it; additional keys by both modes) equals the same step on the same bfloat16 inputs without
+    autocast: output and every gradient."""
+    from visionlin.kernels.triton import sparse_linear as sl
+
+    sla, variant = method.startswith("sla"), method.split("-")[-1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 256, 4, 64, generator=g).to(torch.bfloat16).cuda() for _ in range(3))
+    kt, vt = (torch.randn(2, text, 4, 64, generator=g).to(torch.bfloat16).cuda() for _ in range(2))
+    w, bias = 0.1 * torch.randn(64, 64, generator=g).cuda(), 0.1 * torch.randn(64, generator=g).cuda()
+    extra = dict(additional_keys=kt, additional_values=vt) if text else {}
+    kw = dict(topk=0.25, block_q=32, block_k=32, backend="triton", **extra)
+    for mode in ("kernel", "torch") if text else ("kernel",):
+        monkeypatch.setitem(sl.TUNING, "additional_keys", mode)
+        results = []
+        for autocast in (False, True):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w, bias)]
+            used = leaves if sla else leaves[:3]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                if sla:
+                    out = sparse_linear_attention(*used, k_low=0.25 if variant == "paper" else 0.0, variant=variant,
+                                                  **kw)  # fmt: skip
+                else:
+                    out = block_sparse_attention(*used, **kw)
+            out.float().square().sum().backward()
+            results.append([out.detach(), *(t.grad for t in used)])
+        for a, b in zip(*results, strict=True):
+            assert _rel(a, b) <= FLOOR[torch.bfloat16], (mode, _rel(a, b))
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch

@@ -716,6 +716,11 @@ def linear_states(
     variant's per-key-block states (:func:`sla_block_states`) summed through the marginal mask by one bfloat16 GEMM
     with float32 accumulation over their high and low halves (the float32 route: per-block states in float32, then a
     float32 GEMM of ``nqb nkb D Dv`` multiply-adds, 2.8 ms at Wan2.1's shape on the H200)."""
+    with fp32_reference(k.device):  # float32 states under autocast too (its matmuls would round them to half)
+        return _linear_states(k, v, marginal, block_k, fmap)
+
+
+def _linear_states(k, v, marginal, block_k, fmap):
     b, m, h, d = k.shape
     dv = v.shape[-1]
     no_grad = m and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
@@ -1015,13 +1020,14 @@ class _AdditionalAttention(torch.autograd.Function):
         ktf, vtf = kt.float(), vt.float()
         o_t = torch.empty(b, n, h, vt.shape[-1], device=q.device, dtype=torch.float32)
         lse_t = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        rows = _chunk_rows(b, h, kt.shape[1], n)
-        for r0 in range(0, n, rows):
-            s = torch.einsum("bnhd,bthd->bhnt", q[:, r0 : r0 + rows].float(), ktf) * scale  # [B, H, rows, T]
-            lse = s.logsumexp(dim=-1)
-            p = (s - lse.unsqueeze(-1)).exp_()
-            o_t[:, r0 : r0 + rows] = torch.einsum("bhnt,bthe->bnhe", p, vtf)
-            lse_t[:, :, r0 : r0 + rows] = lse
+        with fp32_reference(q.device):  # float32 einsums under autocast too
+            rows = _chunk_rows(b, h, kt.shape[1], n)
+            for r0 in range(0, n, rows):
+                s = torch.einsum("bnhd,bthd->bhnt", q[:, r0 : r0 + rows].float(), ktf) * scale  # [B, H, rows, T]
+                lse = s.logsumexp(dim=-1)
+                p = (s - lse.unsqueeze(-1)).exp_()
+                o_t[:, r0 : r0 + rows] = torch.einsum("bhnt,bthe->bnhe", p, vtf)
+                lse_t[:, :, r0 : r0 + rows] = lse
         ctx.save_for_backward(q, kt, vt, o_t, lse_t)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
@@ -1038,23 +1044,24 @@ class _AdditionalAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dkt = torch.zeros(kt.shape, device=q.device, dtype=torch.float32)
         dvt = torch.zeros(vt.shape, device=q.device, dtype=torch.float32)
-        rows = _chunk_rows(b, h, kt.shape[1], n)
-        for r0 in range(0, n, rows):
-            qc = q[:, r0 : r0 + rows].float()
-            s = torch.einsum("bnhd,bthd->bhnt", qc, ktf) * scale
-            p = (s - lse_t[:, :, r0 : r0 + rows].unsqueeze(-1)).exp_()  # [B, H, rows, T]
-            # dS = P (dP - delta + g_lse): the softmax backward plus d lse / d s = P.
-            if g_o is None:
-                ds = p * g_lse[:, :, r0 : r0 + rows].float().unsqueeze(-1)
-            else:
-                go = g_o[:, r0 : r0 + rows].float()
-                shift = (go * o_t[:, r0 : r0 + rows]).sum(dim=-1).transpose(1, 2)  # delta [B, H, rows]
-                if g_lse is not None:
-                    shift = shift - g_lse[:, :, r0 : r0 + rows].float()
-                ds = p * (torch.einsum("bnhe,bthe->bhnt", go, vtf) - shift.unsqueeze(-1))
-                dvt += torch.einsum("bhnt,bnhe->bthe", p, go)
-            dq[:, r0 : r0 + rows] = torch.einsum("bhnt,bthd->bnhd", ds, ktf) * scale
-            dkt += torch.einsum("bhnt,bnhd->bthd", ds, qc) * scale
+        with fp32_reference(q.device):  # float32 einsums under autocast too
+            rows = _chunk_rows(b, h, kt.shape[1], n)
+            for r0 in range(0, n, rows):
+                qc = q[:, r0 : r0 + rows].float()
+                s = torch.einsum("bnhd,bthd->bhnt", qc, ktf) * scale
+                p = (s - lse_t[:, :, r0 : r0 + rows].unsqueeze(-1)).exp_()  # [B, H, rows, T]
+                # dS = P (dP - delta + g_lse): the softmax backward plus d lse / d s = P.
+                if g_o is None:
+                    ds = p * g_lse[:, :, r0 : r0 + rows].float().unsqueeze(-1)
+                else:
+                    go = g_o[:, r0 : r0 + rows].float()
+                    shift = (go * o_t[:, r0 : r0 + rows]).sum(dim=-1).transpose(1, 2)  # delta [B, H, rows]
+                    if g_lse is not None:
+                        shift = shift - g_lse[:, :, r0 : r0 + rows].float()
+                    ds = p * (torch.einsum("bnhe,bthe->bhnt", go, vtf) - shift.unsqueeze(-1))
+                    dvt += torch.einsum("bhnt,bnhe->bthe", p, go)
+                dq[:, r0 : r0 + rows] = torch.einsum("bhnt,bthd->bnhd", ds, ktf) * scale
+                dkt += torch.einsum("bhnt,bnhd->bthd", ds, qc) * scale
         return dq.to(q.dtype), dkt.to(kt.dtype), dvt.to(vt.dtype), None
 
 
