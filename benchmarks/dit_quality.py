@@ -59,6 +59,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,13 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
+def _failed(row: dict, e: BaseException) -> None:
+    """Mark ``row`` failed: the error's first line for the table, the traceback's last frames (printed too) for the
+    JSON."""
+    row.update(status="error", error=_short(e), traceback=traceback.format_exc(limit=-12))
+    print(row["traceback"], file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     import visionlin.convert as vc
 
@@ -446,7 +454,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
             converted[method] = model
             grid_rows[f"{method} (training-free)"] = imgs[:NUM_CLASSES]
         except Exception as e:  # noqa: BLE001 (one failing method must not lose the others' rows)
-            row.update(status="error", error=_short(e))
+            _failed(row, e)
         finish_row(row)
         result["grid_rows"] = list(grid_rows)
         stage(f"{method} training-free", t0, status=row["status"], kid=row.get("kid"))
@@ -479,7 +487,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
             grid_rows[f"{method} (fine-tuned)"] = imgs[:NUM_CLASSES]
             del model
         except Exception as e:  # noqa: BLE001
-            row.update(status="error", error=_short(e))
+            _failed(row, e)
         finish_row(row)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
