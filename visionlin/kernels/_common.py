@@ -116,7 +116,9 @@ def check_real(
         allowed += " (or None)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{op}: {name}={value!r} must be {allowed}, got {type(value).__name__}")
-    ok = math.isfinite(value)
+    # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a float
+    # read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
+    ok = -math.inf < value < math.inf
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:

@@ -455,7 +455,7 @@ def _check_gla_args(op: str, q: Any, k: Any, v: Any, gates: dict[str, Any], scal
     for name, g in gates.items():
         _check_tensor(op, name, g, tuple(q.shape), "[B, L, H, K]", q.device)
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf
     ):
         raise ValueError(f"{op}: scale={scale!r} must be a finite real number or None")
     _check_chunk(op, chunk_size)
