@@ -73,6 +73,38 @@ def test_backward_matches_reference():
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_index_and_mask_are_kept_between_forwards_per_mode(monkeypatch):
+    """The bias index and the Swin mask depend on sizes only: built once per (grid, window, shift, dtype, device,
+    inference mode) in eager mode and reused, with the same outputs; a mask built under ``inference_mode`` never
+    reaches a training forward (its own entry), large masks are not kept, and nothing is kept while compiling."""
+    from visionlin.layers import window as wmod
+
+    monkeypatch.setattr(wmod, "_cache", {})
+    built = []
+    real = wmod.window_mask
+    monkeypatch.setattr(wmod, "window_mask", lambda *a: built.append(a) or real(*a))
+    torch.manual_seed(0)
+    layer = ShiftedWindowAttention(16, 2, window_size=4, shift=True).double()
+    x = torch.randn(2, 6 * 10, 16, dtype=torch.float64, requires_grad=True)
+    first = layer(x, (6, 10))
+    torch.testing.assert_close(layer(x, (6, 10)), first)
+    assert len(built) == 1  # kept
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x.detach(), (6, 10)), first.detach())
+    assert len(built) == 2  # its own entry
+    layer(x, (6, 10)).square().sum().backward()  # the training forward uses the non-inference tensors
+    assert x.grad is not None and len(built) == 2
+    layer(x[:, :48], (6, 8))
+    assert len(built) == 3  # another grid
+    monkeypatch.setattr(wmod, "_MAX_CACHED_MASK", 10)
+    layer(x[:, :40], (5, 8))
+    layer(x[:, :40], (5, 8))
+    assert len(built) == 5  # too large to keep
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer(x, (6, 10))
+    assert len(built) == 6  # not while compiling
+
+
 def test_window_and_shift_follow_the_grid():
     layer = ShiftedWindowAttention(8, 1, window_size=7, shift=True)
     assert layer.window_and_shift((14, 14)) == ((7, 7), (3, 3))

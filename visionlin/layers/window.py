@@ -12,12 +12,13 @@ one window the window shrinks to the grid and the shift is dropped, per axis (th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
+from torch._guards import detect_fake_mode
 
 from ..kernels.softmax import softmax_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
@@ -27,6 +28,33 @@ __all__ = ["ShiftedWindowAttention", "window_partition", "window_reverse"]
 
 #: Logit offset of masked pairs (the authors' Swin mask value).
 MASK_VALUE = -100.0
+#: Index / mask tensors kept between forwards (they depend on sizes only), and the largest mask kept, in elements
+#: (4M: 8 MiB in bfloat16; a 4096 px stage-1 mask is ~50M elements and is rebuilt per forward instead).
+_MAX_CACHED = 32
+_MAX_CACHED_MASK = 1 << 22
+_cache: dict[tuple, torch.Tensor | None] = {}
+
+
+def _cached(key: tuple, device: torch.device, build: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """``build()``, kept per ``key`` (+ device and inference mode) in plain eager mode. Built anew (and not kept) under
+    ``torch.compile`` / export (fake tensors, traced constants), during CUDA-graph capture (a tensor made there lives
+    in the graph's pool) and for masks above ``_MAX_CACHED_MASK`` elements. Tensors made under ``inference_mode`` get
+    their own entry (they cannot be saved for a later backward). Built per forward, index and mask took 6.8 ms of host
+    time in a FLatten-Swin-T training step on the H200 host (8 window layers; the step is host-bound there:
+    ``host_overhead_train_flatten_swin_b3ff539.log``)."""
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return build()
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return build()
+    key = (*key, device, torch.is_inference_mode_enabled())
+    if key in _cache:
+        return _cache[key]
+    value = build()
+    if value is None or value.numel() <= _MAX_CACHED_MASK:
+        if len(_cache) >= _MAX_CACHED:
+            _cache.clear()
+        _cache[key] = value
+    return value
 
 
 def _pair(window: int | tuple[int, int]) -> tuple[int, int]:
@@ -96,6 +124,10 @@ def window_mask(
     labels = window_partition(labels, (hp, wp), (wh, ww))[..., 0]  # [nW, N]
     different = labels[:, :, None] != labels[:, None, :]
     return (different.float() * MASK_VALUE).unsqueeze(1)
+
+
+def _to(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if mask is None else mask.to(dtype)
 
 
 def relative_position_index(window: tuple[int, int], table_window: int, device: torch.device | None = None):
@@ -169,8 +201,10 @@ class ShiftedWindowAttention(TokenMixer):
         return window, (s if feat_size[0] > w else 0, s if feat_size[1] > w else 0)
 
     def position_bias(self, window: tuple[int, int]) -> torch.Tensor:
-        """The relative position bias ``[1, h, N, N]`` of a ``window``."""
-        index = relative_position_index(window, self.window_size, self.relative_position_bias_table.device)
+        """The relative position bias ``[1, h, N, N]`` of a ``window`` (the index kept between forwards)."""
+        device = self.relative_position_bias_table.device
+        index = _cached(("index", window, self.window_size), device,
+                        lambda: relative_position_index(window, self.window_size, device))  # fmt: skip
         n = window[0] * window[1]
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
@@ -184,9 +218,11 @@ class ShiftedWindowAttention(TokenMixer):
         windows = window_partition(qkv[:, p:], grid, window, shift)  # [B * nW, N, 3C]
         q, k, v = split_heads(windows, 3 * self.num_heads).chunk(3, dim=2)
         bias = self.position_bias(window).to(q.dtype)
-        mask = window_mask(grid, window, shift, x.device)
+        dt = q.dtype
+        mask = _cached(("mask", grid, window, shift, dt), x.device,
+                       lambda: _to(window_mask(grid, window, shift, x.device), dt))  # fmt: skip
         if mask is not None:  # windows are batch-major: the nW masks repeat over the batch
-            bias = (bias + mask.to(q.dtype)).repeat(b, 1, 1, 1)
+            bias = (bias + mask).repeat(b, 1, 1, 1)
         drop = self.attn_drop if self.training else 0.0
         if p:
             qp, kp, vp = split_heads(qkv[:, :p], 3 * self.num_heads).chunk(3, dim=2)
