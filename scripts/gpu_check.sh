@@ -23,6 +23,8 @@
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
+#   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
+#                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
 #   check-4096     every hierarchical entrypoint once at 4096 x 4096, batch 1 (benchmarks/hires_every_model.py) ~2.5 min
 #   fmnist         the Fashion-MNIST results table (benchmarks/fashion_mnist_table.py; needs .data/ carried with
 #                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
@@ -126,6 +128,14 @@ for stage in "$@"; do
         --models $HIER --twin $SWIN --time-budget $((${HIER_LIMIT:-170} - 20)) --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
       [[ -n ${HIER_NO_TRAIN:-} ]] || timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN \
         --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+    ab-train)  # an older tree (AB_OLD: a folder holding its visionlin/, e.g. `git archive C visionlin | tar -x -C
+      # .old/C`, carried) against this one, in one session: training steps of AB_MODELS next to swin_tiny, old, new, old, new
+      for i in 1 2 3 4; do
+        if ((i % 2)); then tree=$AB_OLD tag=old; else tree=$PWD tag=new; fi
+        PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_LIMIT:-70} python3 -m visionlin.cli bench train --quick \
+          --models ${AB_MODELS:-flatten_swin_tiny,agent_swin_tiny,agent_pvt_small} --twin $SWIN --time-budget $((${AB_LIMIT:-70} - 15)) \
+          --name "ab_train_${i}_${tag}_$COMMIT" --out "$OUT" --commit "$tag:$(basename "$tree")" 2>&1 | grep -E "img/s|oom|rror|skip"
+      done ;;
     check-4096)
       timeout 220 python3 benchmarks/hires_every_model.py --size 4096 --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "^\s*$|Warning|warn" | cut -c1-240 ;;
