@@ -28,17 +28,19 @@ __all__ = ["ShiftedWindowAttention", "window_partition", "window_reverse"]
 
 #: Logit offset of masked pairs (the authors' Swin mask value).
 MASK_VALUE = -100.0
-#: Index / mask tensors kept between forwards (they depend on sizes only), and the largest mask kept, in elements
-#: (4M: 8 MiB in bfloat16; a 4096 px stage-1 mask is ~50M elements and is rebuilt per forward instead).
+#: Index / mask tensors kept between forwards (they depend on sizes only): at most ``_MAX_CACHED`` entries of at most
+#: ``_MAX_CACHED_MASK`` elements in all (8M: 16 MiB in bfloat16; Swin-T's masks at 224 px are 0.2M, at 1024 px 4.4M; a
+#: 4096 px stage-1 mask, ~50M, is rebuilt per forward instead).
 _MAX_CACHED = 32
-_MAX_CACHED_MASK = 1 << 22
+_MAX_CACHED_MASK = 1 << 23
 _cache: dict[tuple, torch.Tensor | None] = {}
 
 
 def _cached(key: tuple, device: torch.device, build: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
     """``build()``, kept per ``key`` (+ device and inference mode) in plain eager mode. Built anew (and not kept) under
     ``torch.compile`` / export (fake tensors, traced constants), during CUDA-graph capture (a tensor made there lives
-    in the graph's pool) and for masks above ``_MAX_CACHED_MASK`` elements. Tensors made under ``inference_mode`` get
+    in the graph's pool) and for masks above ``_MAX_CACHED_MASK`` elements (the cache is emptied when an entry would
+    take it past that many in all). Tensors made under ``inference_mode`` get
     their own entry (they cannot be saved for a later backward). Built per forward, index and mask took 6.8 ms of host
     time in a FLatten-Swin-T training step on the H200 host (8 window layers; the step is host-bound there:
     ``host_overhead_train_flatten_swin_b3ff539.log``)."""
@@ -50,8 +52,10 @@ def _cached(key: tuple, device: torch.device, build: Callable[[], torch.Tensor |
     if key in _cache:
         return _cache[key]
     value = build()
-    if value is None or value.numel() <= _MAX_CACHED_MASK:
-        if len(_cache) >= _MAX_CACHED:
+    size = 0 if value is None else value.numel()
+    if size <= _MAX_CACHED_MASK:
+        held = sum(t.numel() for t in _cache.values() if t is not None)
+        if len(_cache) >= _MAX_CACHED or held + size > _MAX_CACHED_MASK:
             _cache.clear()
         _cache[key] = value
     return value
