@@ -45,7 +45,7 @@
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
 #   bench-convert  benchmarks/convert_speed.py: Wan2.1-1.3B (32,760 tokens) and FLUX.1 (4,096 + 512) step time,
 #                  dense vs sparse / sla / hybrid / linear (full models, forward)                       ~3 min
-#   dit-quality    benchmarks/dit_quality.py: a class-conditional DiT trained on Fashion-MNIST (<= 200 s), every converter
+#   dit-quality    benchmarks/dit_quality.py: a class-conditional DiT trained on Fashion-MNIST (4,000 steps), every converter
 #                  method training-free and after a 500-step distillation fine-tune, FID / KID in a classifier's
 #                  features, PSNR vs dense, ms per call (needs .data/ carried, as fmnist)                  ~8.5 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
