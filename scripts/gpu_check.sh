@@ -130,9 +130,13 @@ for stage in "$@"; do
         --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     ab-train)  # an older tree (AB_OLD: a folder holding its visionlin/, e.g. `git archive C visionlin | tar -x -C
       # .old/C`, carried) against this one, in one session: training steps of AB_MODELS next to swin_tiny, old, new, old, new
+      if [[ ! -f ${AB_OLD:-}/visionlin/__init__.py ]]; then
+        echo "ab-train: AB_OLD=${AB_OLD:-} must name a folder holding an older tree's visionlin/ (carried)"; continue
+      fi
       for i in 1 2 3 4; do
         if ((i % 2)); then tree=$AB_OLD tag=old; else tree=$PWD tag=new; fi
-        PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_LIMIT:-70} python3 -m visionlin.cli bench train --quick \
+        # -P: no current directory on sys.path (python -m puts it first, and this tree's visionlin would win)
+        PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_LIMIT:-70} python3 -P -m visionlin.cli bench train --quick \
           --models ${AB_MODELS:-flatten_swin_tiny,agent_swin_tiny,agent_pvt_small} --twin $SWIN --time-budget $((${AB_LIMIT:-70} - 15)) \
           --name "ab_train_${i}_${tag}_$COMMIT" --out "$OUT" --commit "$tag:$(basename "$tree")" 2>&1 | grep -E "img/s|oom|rror|skip"
       done ;;
