@@ -40,9 +40,9 @@ def _cached(key: tuple, device: torch.device, build: Callable[[], torch.Tensor |
     """``build()``, kept per ``key`` (+ device and inference mode) in plain eager mode. Built anew (and not kept) under
     ``torch.compile`` / export (fake tensors, traced constants), during CUDA-graph capture (a tensor made there lives
     in the graph's pool) and for masks above ``_MAX_CACHED_MASK`` elements (the cache is emptied when an entry would
-    take it past that many in all). Tensors made under ``inference_mode`` get
-    their own entry (they cannot be saved for a later backward). Built per forward, index and mask took 6.8 ms of host
-    time in a FLatten-Swin-T training step on the H200 host (8 window layers; the step is host-bound there:
+    take it past that many in all). Tensors made under ``inference_mode`` get their own entry (they cannot be saved
+    for a later backward). Built per forward, index and mask took 6.8 ms of host time in a FLatten-Swin-T training
+    step on the H200 host (8 window layers; the step is host-bound there:
     ``host_overhead_train_flatten_swin_b3ff539.log``)."""
     if torch.compiler.is_compiling() or detect_fake_mode() is not None:
         return build()
@@ -221,8 +221,8 @@ class ShiftedWindowAttention(TokenMixer):
         qkv = self.qkv(x)
         windows = window_partition(qkv[:, p:], grid, window, shift)  # [B * nW, N, 3C]
         q, k, v = split_heads(windows, 3 * self.num_heads).chunk(3, dim=2)
-        bias = self.position_bias(window).to(q.dtype)
         dt = q.dtype
+        bias = self.position_bias(window).to(dt)
         mask = _cached(("mask", grid, window, shift, dt), x.device,
                        lambda: _to(window_mask(grid, window, shift, x.device), dt))  # fmt: skip
         if mask is not None:  # windows are batch-major: the nW masks repeat over the batch
