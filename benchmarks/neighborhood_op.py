@@ -146,16 +146,47 @@ def _profile(args: argparse.Namespace, steps: int = 5) -> list[dict]:
 
 
 def _sweep(args: argparse.Namespace) -> list[dict]:
+    """The forward alone over the forward's settings, then the backward alone (one saved forward, its graph kept)
+    over the backward's: kernels (fused / split), query block, warps, stages, register cap. Each setting's keys in
+    ``TUNING`` (the rest at their defaults); rows sorted fastest first per mode."""
     from visionlin.kernels.triton import neighborhood as nt
 
     saved = dict(nt.TUNING)
-    rows = []
     fn = _methods(args)["triton"]
+    rows = []
+
+    def run(mode: str, config: dict) -> None:
+        nt.TUNING.clear()
+        nt.TUNING.update(saved | config)
+        row = {"method": "triton", "mode": mode, "status": "ok", "config": config}
+        try:
+            q, k, v, rpb = _inputs(args, mode == "backward")
+            if mode == "forward":
+
+                def step():
+                    with torch.no_grad():
+                        fn(q, k, v, rpb)
+            else:
+                ins = [t for t in (q, k, v, rpb) if t is not None]
+                out = fn(q, k, v, rpb)
+                go = torch.randn_like(out)
+
+                def step():
+                    torch.autograd.grad(out, ins, go, retain_graph=True)
+
+            row["ms"] = cuda_ms(step, args.warmup, args.iters, args.repeats)
+        except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
+            row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     try:
-        for tile_y, block_k, warps, stages in itertools.product((8, 16), (16, 32, 64), (4, 8), (1, 2, 3)):
-            nt.TUNING.update(tile_y=tile_y, block_k=block_k, warps=warps, stages=stages)
-            for row in _measure("triton", fn, args):
-                rows.append(row | {"config": dict(tile_y=tile_y, block_k=block_k, warps=warps, stages=stages)})
+        for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (None, 128)):
+            run("forward", dict(block_k=block_k, warps=warps, stages=stages, maxnreg=maxnreg))
+        for bwd, block, warps, stages, maxnreg in itertools.product(
+            ("fused", "split"), (16, 32), (4, 8), (1, 2), (None, 128)
+        ):
+            run("backward", dict(bwd=bwd, bwd_block=block, bwd_warps=warps, bwd_stages=stages, bwd_maxnreg=maxnreg))
     finally:
         nt.TUNING.clear()
         nt.TUNING.update(saved)
@@ -236,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile: {row['ms_per_step']:.3f} ms  x{row['calls_per_step']:.0f}  {row['kernel']}")
     if args.sweep:
         result["sweep"] = _sweep(args)
-        for mode in ("forward", "forward_backward"):
+        for mode in ("forward", "backward"):
             best = next((r for r in result["sweep"] if r["mode"] == mode and r["status"] == "ok"), None)
             print(f"sweep best {mode}: {best}")
     print(json.dumps(result["accuracy_vs_reference"]))

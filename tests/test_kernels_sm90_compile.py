@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointer arguments (by name) that are float32 buffers whatever the inputs' dtype; other pointers carry the inputs'.
 FP32_POINTERS = {"S", "GS", "ACC", "ACC_Q", "ACC_K", "CTX", "DQBAR", "W", "BIAS", "DW", "DB", "CS", "DC", "C", "Y",
-                 "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB"}  # fmt: skip
+                 "R", "SSQ", "BETA", "VA", "AB", "QB", "LSE", "DELTA", "DRPB", "DQACC", "DSBUF"}  # fmt: skip
 POINTERS = FP32_POINTERS | {"Q", "K", "V", "Out", "G", "DQ", "DK", "DVv", "X", "RES", "OUT", "F", "DX", "A", "RPB"}
 FLOATS = {"scale", "inv_m", "eps", "p", "inv_d", "inv_n", "norm_eps", "inv_c"}
 # The RoPE tables and the RALA / Efficient Attention maxima and sums (triton/rope_linear.py) are float32.
@@ -219,11 +219,15 @@ def _neighborhood(dt, tdt):
     def kernels(tx, ty, krows, kcols, rpb, d):
         blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
         warps = nt.launch_meta(tx * ty, krows * kcols)
+        qrows, qcols = nt._bwd_block(krows, kcols, rpb)
+        bwd_warps = nt._bwd_meta(tx * ty, qrows * qcols)
         return [
             (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
             (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
-            (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=krows, QCOLS=kcols), warps),
-        ]
+            (nt._bwd_kv_kernel, dt, dict(blocks, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols), bwd_warps),
+            (nt._bwd_fused_kernel, dt,
+             dict(blocks, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols), bwd_warps),
+        ]  # fmt: skip
 
     cases = []
     for d in (32, 64):

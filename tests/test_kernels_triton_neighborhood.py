@@ -133,6 +133,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((13,), 5, 2, f32, "cpu", dim=32)                      # 1-D as one row
     check_na((5, 9), 3, 1, f32, "cpu", non_contiguous=True, batch=1)  # head splits of a fused qkv
     check_na((7, 9), 3, (2, 1), torch.float16, "cpu", batch=1)
+    from visionlin.kernels.triton import neighborhood as nt
+    nt.DS_BUFFER_BYTES = 1  # one bias-gradient slice for the whole batch: the fused backward's atomic path
+    check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
+    nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
+    check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
+    nt.TUNING["bwd"] = "split"  # the two-kernel backward
+    check_na((9, 11), 5, (1, 2), f32, "cpu")
     print("interpreter ok")
     """
 )

@@ -382,10 +382,129 @@ def _bwd_kv_kernel(
     tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, RPB, G, LSE, DELTA, DQACC, DK, DVv, DSBUF,
+    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale, NSLICE,
+    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
+    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
+    HAS_RPB: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr,
+    TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr, QCOLS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """The whole backward of one tile of keys: ``dk`` and ``dv`` as :func:`_bwd_kv_kernel`, plus each query block's
+    ``dS K`` added to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with atomics (a query's window spans at most
+    four key tiles: little contention), and, with ``NEED_DRPB``, ``dS`` per (query, window slot) into the bias-gradient
+    buffer ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch
+    element (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile), atomics otherwise. Five tile
+    products per query block, against seven for the two-kernel backward (which recomputes ``S`` and ``dP``)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    gx, gy, nx, ny, px0, py0, kpx, kpy, kvalid = _tile(
+        tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_K
+    )
+    kx = (kpx * DIL_X + gx).to(tl.int64)
+    ky = (kpy * DIL_Y + gy).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        K + b * sk_b + h * sk_h + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
+        mask=kvalid[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * sv_b + h * sv_h + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
+        mask=kvalid[:, None] & (offs_e < DV)[None, :],
+        other=0.0,
+    )
+    x_lo, x_hi = _inverse_range(px0, tl.minimum(px0 + TX - 1, nx - 1), nx, KX)
+    y_lo, y_hi = _inverse_range(py0, tl.minimum(py0 + TY - 1, ny - 1), ny, KY)
+    i = tl.arange(0, QROWS * QCOLS)
+    qk_scale = scale * 1.4426950408889634
+    q_base = Q + b * sq_b + h * sq_h
+    g_base = G + b * sg_b + h * sg_h
+    dq_base = DQACC + b * LX * LY * H * D + h * D
+    rpb_base = RPB + h * sr_h
+    ds_base = DSBUF + ((b % NSLICE) * H + h) * LX * LY * (KX * KY)
+    k_bias = kpx * sr_x + kpy * sr_y
+    dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+    for r0 in range(x_lo, x_hi + 1, QROWS):
+        for c0 in range(y_lo, y_hi + 1, QCOLS):
+            px = r0 + i // QCOLS
+            py = c0 + i % QCOLS
+            qvalid = (px <= x_hi) & (py <= y_hi)
+            qx = (px * DIL_X + gx).to(tl.int64)
+            qy = (py * DIL_Y + gy).to(tl.int64)
+            sx = _start(px, nx, KX)
+            sy = _start(py, ny, KY)
+            q = tl.load(
+                q_base + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
+                mask=qvalid[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            )
+            do = tl.load(
+                g_base + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
+                mask=qvalid[:, None] & (offs_e < DV)[None, :],
+                other=0.0,
+            )
+            row = bh.to(tl.int64) * LX * LY + qx * LY + qy
+            lse = tl.load(LSE + row, mask=qvalid, other=0.0)
+            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+            s = _dot(q, tl.trans(k), HALF) * qk_scale  # [queries, keys]
+            inwin = (
+                (kpx[None, :] >= sx[:, None]) & (kpx[None, :] < sx[:, None] + KX)
+                & (kpy[None, :] >= sy[:, None]) & (kpy[None, :] < sy[:, None] + KY)
+                & qvalid[:, None] & kvalid[None, :]
+            )  # fmt: skip
+            if HAS_RPB:
+                bias = tl.load(
+                    rpb_base + ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :],
+                    mask=inwin,
+                    other=0.0,
+                )
+                s += bias.to(tl.float32) * 1.4426950408889634
+            p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, HALF)
+            dp = _dot(do, tl.trans(v), HALF)
+            ds = p * (dp - delta[:, None])
+            dsh = ds.to(q.dtype)
+            dk += _dot(tl.trans(dsh), q, HALF)
+            dq = _dot(dsh, k, HALF) * scale
+            tl.atomic_add(
+                dq_base + (qx * LY + qy)[:, None] * H * D + offs_d[None, :],
+                dq,
+                mask=qvalid[:, None] & (offs_d < D)[None, :],
+                sem="relaxed",
+            )
+            if NEED_DRPB:
+                slot = (kpx[None, :] - sx[:, None]) * KY + (kpy[None, :] - sy[:, None])
+                ds_ptr = ds_base + (qx * LY + qy)[:, None] * (KX * KY) + slot
+                if DS_STORE:
+                    tl.store(ds_ptr, ds, mask=inwin)
+                else:
+                    tl.atomic_add(ds_ptr, ds, mask=inwin, sem="relaxed")
+    dk_ptr = DK + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * D + h * D + offs_d[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kvalid[:, None] & (offs_d < D)[None, :])
+    dv_ptr = DVv + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * DV + h * DV + offs_e[None, :]
+    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
+
+
 # Host side ------------------------------------------------------------------------------------------------------------
 #: Tile settings, ``None`` for the defaults of :func:`tile_config` (the benchmark script sweeps them):
-#: ``tile_y`` query-tile width, ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining.
-TUNING: dict[str, int | None] = {"tile_y": None, "block_k": None, "warps": None, "stages": None}
+#: ``tile_y`` query-tile width, ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining;
+#: ``bwd`` the backward's kernels (``"fused"``: one key-tile kernel, ``dq`` by atomics; ``"split"``: a query-tile and a
+#: key-tile kernel), ``bwd_block`` queries per block of the backward's key-tile kernels, ``bwd_warps``, ``bwd_stages``;
+#: ``maxnreg`` / ``bwd_maxnreg`` a register cap per thread (ptxas otherwise takes up to 255, one program per SM).
+TUNING: dict[str, int | str | None] = {
+    "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
+    "bwd": None, "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None,
+}  # fmt: skip
+
+#: Largest bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch
+#: element while it fits (plain stores), fewer slices shared by atomics beyond.
+DS_BUFFER_BYTES = 256 << 20
 
 
 def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
@@ -417,6 +536,8 @@ def launch_meta(block_q: int, block_k: int) -> dict[str, int]:
     meta = {"num_warps": TUNING["warps"] or (4 if small else WARPS)}
     if TUNING["stages"] or small:
         meta["num_stages"] = TUNING["stages"] or 1
+    if TUNING["maxnreg"]:
+        meta["maxnreg"] = TUNING["maxnreg"]
     return meta
 
 
@@ -426,6 +547,30 @@ def _blocks(d: int) -> int:
 
 #: Warps per program (a 64-query tile against 32-key blocks).
 WARPS = 8
+
+
+def _bwd_block(krows: int, kcols: int, has_rpb: bool) -> tuple[int, int]:
+    """Query block ``QROWS x QCOLS`` of the backward's key-tile kernels: ``bwd_block`` queries (default 32, 16 with a
+    bias table, as the forward's key blocks), in rows of at most ``kcols`` columns (the kernels step through the
+    columns of the inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled in
+    the fused kernel at sm_90)."""
+    block = TUNING["bwd_block"] or (16 if has_rpb else 32)
+    qcols = min(kcols, block)
+    return max(1, block // qcols), qcols
+
+
+def _bwd_meta(block_k: int, block_q: int) -> dict[str, int]:
+    """Launch settings of the backward's key-tile kernels: :func:`launch_meta`'s, or ``bwd_warps`` / ``bwd_stages`` /
+    ``bwd_maxnreg`` where set."""
+    meta = launch_meta(block_k, block_q)
+    if TUNING["bwd_warps"]:
+        meta["num_warps"] = TUNING["bwd_warps"]
+    if TUNING["bwd_stages"]:
+        meta["num_stages"] = TUNING["bwd_stages"]
+    meta.pop("maxnreg", None)
+    if TUNING["bwd_maxnreg"]:
+        meta["maxnreg"] = TUNING["bwd_maxnreg"]
+    return meta
 
 
 def _launch_args(q, kx, ky, dx, dy, tx, ty):
@@ -499,33 +644,49 @@ def na2d_bwd(
     """``(dq, dk, dv, drpb)``; ``drpb`` (float32, the table's shape) is zeros unless ``need_drpb``."""
     b, x, y, h, d = q.shape
     dvd = v.shape[-1]
-    dq = torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, x, y, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(b, x, y, h, dvd, device=q.device, dtype=v.dtype)
     drpb = torch.zeros(rpb.shape if rpb is not None else (0,), device=q.device, dtype=torch.float32)
     if q.numel() == 0 or dvd == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), drpb
+        return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
     delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
     tx, ty, krows, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and rpb is not None)
-    dsbuf = torch.zeros((h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
     bd, bdv = _blocks(d), _blocks(dvd)
     half = q.dtype in (torch.float16, torch.bfloat16)
     common = (x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
               *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr)  # fmt: skip
-    launch(_bwd_q_kernel, grid,
-        q, k, v, table, g, lse, delta, dq, dsbuf, *common,
-        HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
-    )  # fmt: skip
-    launch(_bwd_kv_kernel, grid,
-        q, k, v, table, g, lse, delta, dk, dv, *common,
-        HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
-        QROWS=krows, QCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
-    )  # fmt: skip
+    qrows, qcols = _bwd_block(krows, kcols, rpb is not None)
+    bwd_meta = _bwd_meta(tx * ty, qrows * qcols)
+    if (TUNING["bwd"] or "fused") == "fused":
+        per_batch = h * x * y * kx * ky * 4
+        slices = max(1, min(b, DS_BUFFER_BYTES // per_batch)) if need else 1
+        dsbuf = torch.zeros((slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
+        dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+        launch(_bwd_fused_kernel, grid,
+            q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, *common[:14], slices, *common[14:],
+            HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=slices == b, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
+            QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **bwd_meta,
+        )  # fmt: skip
+        dq = dqacc.to(q.dtype)
+        if need:
+            dsbuf = dsbuf[0] if slices == 1 else dsbuf.sum(0)
+    else:
+        dq = torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
+        dsbuf = torch.zeros((h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
+        launch(_bwd_q_kernel, grid,
+            q, k, v, table, g, lse, delta, dq, dsbuf, *common,
+            HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
+            KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
+        )  # fmt: skip
+        launch(_bwd_kv_kernel, grid,
+            q, k, v, table, g, lse, delta, dk, dv, *common,
+            HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
+            QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **bwd_meta,
+        )  # fmt: skip
     if need:
         drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
     return dq, dk, dv, drpb
