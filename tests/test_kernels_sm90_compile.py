@@ -74,7 +74,9 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
     return sig
 
 
-def _compile(fn, dtype: str, consts: dict, num_warps: int, num_stages: int | None = None) -> tuple[int, int]:
+def _compile(
+    fn, dtype: str, consts: dict, num_warps: int, num_stages: int | None = None, maxnreg: int | None = None
+) -> tuple[int, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -85,6 +87,7 @@ def _compile(fn, dtype: str, consts: dict, num_warps: int, num_stages: int | Non
         attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t[0] == "*" or t == "i32"}
     src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
+    options |= {"maxnreg": maxnreg} if maxnreg else {}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
@@ -218,9 +221,9 @@ def _neighborhood(dt, tdt):
 
     def kernels(tx, ty, krows, kcols, rpb, d):
         blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
-        warps = nt.launch_meta(tx * ty, krows * kcols)
+        warps = nt.launch_meta(tx * ty, krows * kcols, d)
         qrows, qcols = nt._bwd_block(krows, kcols, rpb)
-        bwd_warps = nt._bwd_meta(tx * ty, qrows * qcols)
+        bwd_warps = nt._bwd_meta(tx * ty, qrows * qcols, d)
         return [
             (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
             (nt._bwd_q_kernel, dt, dict(blocks, NEED_DRPB=rpb, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols), warps),
@@ -378,15 +381,15 @@ SPILL_ALLOWANCE = {
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):
     spilled, failed, seen = [], [], set()
     for fn, dtype, consts, warps in family(dt, tdt):
-        stages = None
-        if isinstance(warps, dict):  # a launch's meta: num_warps and num_stages
-            warps, stages = warps["num_warps"], warps.get("num_stages")
-        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps} stages={stages}"
+        stages = maxnreg = None
+        if isinstance(warps, dict):  # a launch's meta: num_warps, num_stages and a register cap
+            warps, stages, maxnreg = warps["num_warps"], warps.get("num_stages"), warps.get("maxnreg")
+        label = f"{fn.fn.__name__} {dtype} {consts} warps={warps} stages={stages} maxnreg={maxnreg}"
         if label in seen:  # several launch configurations compile to the same kernel
             continue
         seen.add(label)
         try:
-            regs, spills = _compile(fn, dtype, consts, warps, stages)
+            regs, spills = _compile(fn, dtype, consts, warps, stages, maxnreg)
         except Exception as e:  # noqa: BLE001 (collect every failure, then report them all)
             failed.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
             continue

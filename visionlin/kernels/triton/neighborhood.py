@@ -514,8 +514,8 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
     maps (1-D calls, 64-key blocks; 16 and 32 with a bias table, whose 32 x 64 tile spilled in the ``dq`` kernel);
     ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row); a key block holds
-    about 32 keys, 16 with a bias table (its gathered offsets cost registers: at head dim 32, 8 warps, 180 registers
-    with 32 keys against 116 with 16 at sm_90).
+    about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
+    ``neighborhood_op.json``'s sweep).
     """
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
@@ -524,18 +524,19 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
         ty = min(ty, max(2, next_pow2(ny)))
         tx = 64 // ty
     kcols = tile_dim(min(ty + ky - 1, ny))
-    krows = max(1, (TUNING["block_k"] or (16 if has_rpb else 32)) // kcols)
+    krows = max(1, (TUNING["block_k"] or 32) // kcols)
     return tx, ty, krows, kcols
 
 
-def launch_meta(block_q: int, block_k: int) -> dict[str, int]:
-    """``num_warps`` (and ``num_stages``) for a ``block_q x block_k`` score tile: 8 warps; tiles of at most 512
-    scores (1-D with a bias table) 4 warps without software pipelining (at 8 warps, or pipelined, ptxas held them to
-    128 registers and spilled)."""
+def launch_meta(block_q: int, block_k: int, d: int = 32) -> dict[str, int]:
+    """``num_warps``, ``num_stages`` (and a register cap) of the forward (and the two-kernel backward's query-tile
+    kernel) for a ``block_q x block_k`` score tile at head dim ``d`` (padded): 4 warps at head dims up to 32, 8 beyond
+    (4 spilled there); 2 stages up to 32, 1 beyond and for tiles of at most 512 scores (1-D with a bias table). At
+    NAT-T's stage-1 shape 4 warps took 0.21-0.23 ms against 0.35-0.52 with 8 (``neighborhood_op.json``'s sweep): 8
+    warps took about 150 registers a thread, one program per SM."""
     small = block_q * block_k <= 512
-    meta = {"num_warps": TUNING["warps"] or (4 if small else WARPS)}
-    if TUNING["stages"] or small:
-        meta["num_stages"] = TUNING["stages"] or 1
+    meta = {"num_warps": TUNING["warps"] or (WARPS if d <= 32 else 8)}
+    meta["num_stages"] = TUNING["stages"] or (1 if small or d > 32 else 2)
     if TUNING["maxnreg"]:
         meta["maxnreg"] = TUNING["maxnreg"]
     return meta
@@ -546,30 +547,30 @@ def _blocks(d: int) -> int:
 
 
 #: Warps per program (a 64-query tile against 32-key blocks).
-WARPS = 8
+WARPS = 4
+#: Register cap of the fused backward at head dims up to 32: 128 a thread is four 4-warp programs per SM against two
+#: uncapped (ptxas takes about 220 with a bias table and spills 250 bytes under the cap, yet the capped kernel took
+#: 0.56 ms against 0.75 at NAT-T's stage-1 shape, ``neighborhood_op.json``'s sweep).
+BWD_MAXNREG = 128
 
 
 def _bwd_block(krows: int, kcols: int, has_rpb: bool) -> tuple[int, int]:
-    """Query block ``QROWS x QCOLS`` of the backward's key-tile kernels: ``bwd_block`` queries (default 32, 16 with a
-    bias table, as the forward's key blocks), in rows of at most ``kcols`` columns (the kernels step through the
-    columns of the inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled in
-    the fused kernel at sm_90)."""
+    """Query block ``QROWS x QCOLS`` of the backward's key-tile kernels: ``bwd_block`` queries (default 16 with a bias
+    table, 32 without), in rows of at most ``kcols`` columns (the kernels step through the columns of the inverse
+    neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled in the fused kernel)."""
     block = TUNING["bwd_block"] or (16 if has_rpb else 32)
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
 
-def _bwd_meta(block_k: int, block_q: int) -> dict[str, int]:
-    """Launch settings of the backward's key-tile kernels: :func:`launch_meta`'s, or ``bwd_warps`` / ``bwd_stages`` /
-    ``bwd_maxnreg`` where set."""
-    meta = launch_meta(block_k, block_q)
-    if TUNING["bwd_warps"]:
-        meta["num_warps"] = TUNING["bwd_warps"]
-    if TUNING["bwd_stages"]:
-        meta["num_stages"] = TUNING["bwd_stages"]
-    meta.pop("maxnreg", None)
-    if TUNING["bwd_maxnreg"]:
-        meta["maxnreg"] = TUNING["bwd_maxnreg"]
+def _bwd_meta(block_k: int, block_q: int, d: int = 32) -> dict[str, int]:
+    """Launch settings of the backward's key-tile kernels: 4 warps, no software pipelining, :data:`BWD_MAXNREG`
+    registers at head dims up to 32; ``bwd_warps`` / ``bwd_stages`` / ``bwd_maxnreg`` (0: no cap) where set."""
+    meta = {"num_warps": TUNING["bwd_warps"] or (WARPS if d <= 32 else 8), "num_stages": TUNING["bwd_stages"] or 1}
+    cap = TUNING["bwd_maxnreg"]
+    cap = (BWD_MAXNREG if d <= 32 else 0) if cap is None else cap
+    if cap:
+        meta["maxnreg"] = cap
     return meta
 
 
@@ -614,7 +615,7 @@ def na2d_fwd(
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=rpb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd),
     )  # fmt: skip
     return out, lse
 
@@ -660,7 +661,7 @@ def na2d_bwd(
     common = (x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
               *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr)  # fmt: skip
     qrows, qcols = _bwd_block(krows, kcols, rpb is not None)
-    bwd_meta = _bwd_meta(tx * ty, qrows * qcols)
+    bwd_meta = _bwd_meta(tx * ty, qrows * qcols, bd)
     if (TUNING["bwd"] or "fused") == "fused":
         per_batch = h * x * y * kx * ky * 4
         slices = max(1, min(b, DS_BUFFER_BYTES // per_batch)) if need else 1
@@ -680,7 +681,7 @@ def na2d_bwd(
         launch(_bwd_q_kernel, grid,
             q, k, v, table, g, lse, delta, dq, dsbuf, *common,
             HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-            KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols),
+            KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd),
         )  # fmt: skip
         launch(_bwd_kv_kernel, grid,
             q, k, v, table, g, lse, delta, dk, dv, *common,
