@@ -147,7 +147,7 @@ def _profile(args: argparse.Namespace, steps: int = 5) -> list[dict]:
 
 def _sweep(args: argparse.Namespace) -> list[dict]:
     """The forward alone over the forward's settings, then the backward alone (one saved forward, its graph kept)
-    over the backward's: kernels (fused / split), query block, warps, stages, register cap. Each setting's keys in
+    over the backward's: query block, warps, register cap. Each setting's keys in
     ``TUNING`` (the rest at their defaults); rows sorted fastest first per mode."""
     from visionlin.kernels.triton import neighborhood as nt
 
@@ -181,10 +181,10 @@ def _sweep(args: argparse.Namespace) -> list[dict]:
         print(json.dumps(row), flush=True)
 
     try:
-        for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (None, 128)):
+        for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (0, 128)):
             run("forward", dict(block_k=block_k, warps=warps, stages=stages, maxnreg=maxnreg))
-        for bwd, block, maxnreg in itertools.product(("fused", "split"), (16, 32), (0, 128)):  # 0: no register cap
-            run("backward", dict(bwd=bwd, bwd_block=block, bwd_warps=4, bwd_stages=1, bwd_maxnreg=maxnreg))
+        for block, warps, maxnreg in itertools.product((16, 32), (4, 8), (0, 128)):  # 0: no register cap
+            run("backward", dict(bwd_block=block, bwd_warps=warps, bwd_stages=1, bwd_maxnreg=maxnreg))
     finally:
         nt.TUNING.clear()
         nt.TUNING.update(saved)

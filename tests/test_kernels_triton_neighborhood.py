@@ -138,8 +138,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
-    nt.TUNING["bwd"] = "split"  # the two-kernel backward
-    check_na((9, 11), 5, (1, 2), f32, "cpu")
     print("interpreter ok")
     """
 )
@@ -281,6 +279,20 @@ def test_gpu_na_awkward_layouts(dtype):
     check_na((15, 15), 3, 1, dtype, "cuda", dim=32, std=4.0)
     check_na((197,), 7, 3, dtype, "cuda", dim=32, batch=3)
     check_na((49,), 13, 1, dtype, "cuda", dim=64, batch=1, rpb=False)
+
+
+@gpu
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_gpu_na_bias_gradient_slices(slices, monkeypatch):
+    """The backward's bias-gradient buffer with fewer slices than batch elements (atomics into slice ``b % n``) and
+    with one slice per element (plain stores), and head dim 128 (8 warps, no register cap)."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import neighborhood as nt
+
+    spatial, heads = (12, 13), 2
+    monkeypatch.setattr(nt, "DS_BUFFER_BYTES", slices * heads * 12 * 13 * 25 * 4)
+    check_na(spatial, 5, 1, torch.bfloat16, "cuda", batch=3, heads=heads, dim=32)
+    check_na(spatial, 5, 1, torch.bfloat16, "cuda", batch=3, heads=heads, dim=128)
 
 
 @gpu

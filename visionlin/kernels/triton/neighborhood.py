@@ -14,14 +14,17 @@ rectangle in blocks of ``KROWS`` rows by ``KCOLS`` columns (``KCOLS`` a power of
 with an online softmax in float32 (exp2, the scale folded in); the per-element test ``s(p) <= p' < s(p) + k`` keeps
 each query to its own window. Rows of the rectangle outside the map are never read.
 
-Backward (flash-attention 2 style, ``delta = rowsum(dout * out)`` from PyTorch, the log-sum-exp saved by the
-forward): a query-tile kernel recomputes the probabilities over the same rectangle and writes ``dq``; a key-tile
-kernel walks the queries whose windows can hold its keys (the inverse neighbourhood: a contiguous range of group
-positions per axis, ``TX + k - 1`` wide inside the map, up to ``TX + 3 (k // 2)`` near a border) and writes ``dk`` and
-``dv``. No atomics in ``dq`` / ``dk`` / ``dv``. The bias gradient ``drpb`` (only when the table requires a gradient)
-is the sum of ``dS`` per (head, offset): the query-tile kernel adds each probability gradient to a float32
-``[H, X, Y, k_x * k_y]`` buffer with atomics (contention only across the batch), and PyTorch sums that buffer into the
-table with one ``scatter_add`` over the offsets.
+Backward (flash-attention 2 style, ``delta = rowsum(dout * out)`` by a small kernel, the log-sum-exp saved by the
+forward): one key-tile kernel walks the queries whose windows can hold its keys (the inverse neighbourhood: a
+contiguous range of group positions per axis, ``TX + k - 1`` wide inside the map, up to ``TX + 3 (k // 2)`` near a
+border), recomputes the probabilities, keeps ``dk`` and ``dv`` in registers and adds each query block's ``dS K`` to a
+float32 ``dq`` buffer with atomics (five tile products per query block; a query-tile ``dq`` kernel beside a key-tile
+``dk`` / ``dv`` kernel recomputed ``S`` and ``dP`` and took 0.72-1.16 ms against 0.48-0.80 at NAT-T's stage-1 shape).
+The bias gradient ``drpb`` (only when the table requires a gradient) is the sum of ``dS`` per (head, offset): the kernel
+stores each probability gradient in a float32 ``[B, H, X, Y, k_x * k_y]`` buffer (one slice per batch element, no
+atomics, while :data:`DS_BUFFER_BYTES` allows; fewer slices shared by atomics beyond), PyTorch sums the slices and
+scatters the sum into the table with one ``scatter_add`` over the offsets. Float32 atomics make ``dq`` (and ``drpb``
+beyond one slice per batch element) differ in the last bits from run to run: not bitwise deterministic.
 
 Precision: products run on the tensor cores in the inputs' half dtype with float32 accumulation; float32 inputs in
 IEEE float32. Head dims up to 128 (padded to a power of two >= 16). Inputs may be strided views (e.g. a head split of a
@@ -39,7 +42,7 @@ import triton.language as tl
 from ._eager import direct, eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2, tile_dim
 
-__all__ = ["MAX_KERNEL", "TUNING", "WARPS", "na2d_triton", "launch_meta", "tile_config"]
+__all__ = ["MAX_KERNEL", "TUNING", "na2d_triton", "launch_meta", "tile_config"]
 
 #: Largest effective kernel size per axis the tiles are laid out for (NAT / DiNAT use 3 to 13).
 MAX_KERNEL = 13
@@ -164,96 +167,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_q_kernel(
-    Q, K, V, RPB, G, LSE, DELTA, DQ, DRPB,
-    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
-    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
-    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
-    HAS_RPB: tl.constexpr, NEED_DRPB: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr,
-    BLOCK_Q: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
-    """``dq`` of one tile of queries (and their ``dS`` into the bias-gradient buffer ``[H, LX, LY, KX * KY]``)."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    gx, gy, nx, ny, px0, py0, px, py, qvalid = _tile(tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_Q)
-    qx = (px * DIL_X + gx).to(tl.int64)
-    qy = (py * DIL_Y + gy).to(tl.int64)
-    sx = _start(px, nx, KX)
-    sy = _start(py, ny, KY)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + b * sq_b + h * sq_h + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
-        mask=qvalid[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    do = tl.load(
-        G + b * sg_b + h * sg_h + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
-        mask=qvalid[:, None] & (offs_e < DV)[None, :],
-        other=0.0,
-    )
-    row = bh.to(tl.int64) * LX * LY + qx * LY + qy
-    lse = tl.load(LSE + row, mask=qvalid, other=0.0)
-    delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-    row_lo = _start(px0, nx, KX)
-    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
-    col_lo = _start(py0, ny, KY)
-    j = tl.arange(0, KROWS * KCOLS)
-    ky_pos = col_lo + j % KCOLS
-    ky = (ky_pos * DIL_Y + gy).to(tl.int64)
-    # Padded queries are masked once here; the bias offset splits into a query part and a key part.
-    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
-    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
-    ky_bias = ky_pos * sr_y
-    qk_scale = scale * 1.4426950408889634
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    rpb_base = RPB + h * sr_h
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for r0 in range(row_lo, row_hi, KROWS):
-        kx_pos = r0 + j // KCOLS
-        kvalid = (kx_pos < row_hi) & (ky_pos < ny)
-        kx = (kx_pos * DIL_X + gx).to(tl.int64)
-        k = tl.load(
-            k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
-            mask=kvalid[:, None] & (offs_d < D)[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
-            mask=kvalid[:, None] & (offs_e < DV)[None, :],
-            other=0.0,
-        )
-        s = _dot(q, tl.trans(k), HALF) * qk_scale
-        inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
-        if HAS_RPB:
-            bias = tl.load(
-                rpb_base + q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :],
-                mask=inwin,
-                other=0.0,
-            )
-            s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), HALF)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, HALF)
-        if NEED_DRPB:
-            slot = (kx_pos[None, :] - sx[:, None]) * KY + (ky_pos[None, :] - sy[:, None])
-            tl.atomic_add(
-                DRPB + ((h * LX + qx[:, None]) * LY + qy[:, None]) * (KX * KY) + slot,
-                ds,
-                mask=inwin,
-                sem="relaxed",
-            )
-    tl.store(
-        DQ + ((b * LX + qx[:, None]) * LY + qy[:, None]) * H * D + h * D + offs_d[None, :],
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=qvalid[:, None] & (offs_d < D)[None, :],
-    )
-
-
-@triton.jit
 def _delta_kernel(
     G, Out, DELTA, NROWS, LX, LY, H, DV,
     sg_b, sg_x, sg_y, sg_h, sg_d, so_b, so_x, so_y, so_h, so_d,
@@ -297,93 +210,7 @@ def _inverse_range(a, b, n, k):
 
 
 @triton.jit
-def _bwd_kv_kernel(
-    Q, K, V, RPB, G, LSE, DELTA, DK, DVv,
-    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
-    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
-    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
-    HAS_RPB: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr,
-    QROWS: tl.constexpr, QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
-    """``dk`` and ``dv`` of one tile of keys: walks the queries of its inverse neighbourhood."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    gx, gy, nx, ny, px0, py0, kpx, kpy, kvalid = _tile(
-        tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_K
-    )
-    kx = (kpx * DIL_X + gx).to(tl.int64)
-    ky = (kpy * DIL_Y + gy).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    k = tl.load(
-        K + b * sk_b + h * sk_h + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
-        mask=kvalid[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * sv_b + h * sv_h + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
-        mask=kvalid[:, None] & (offs_e < DV)[None, :],
-        other=0.0,
-    )
-    x_lo, x_hi = _inverse_range(px0, tl.minimum(px0 + TX - 1, nx - 1), nx, KX)
-    y_lo, y_hi = _inverse_range(py0, tl.minimum(py0 + TY - 1, ny - 1), ny, KY)
-    i = tl.arange(0, QROWS * QCOLS)
-    qk_scale = scale * 1.4426950408889634
-    q_base = Q + b * sq_b + h * sq_h
-    g_base = G + b * sg_b + h * sg_h
-    rpb_base = RPB + h * sr_h
-    k_bias = kpx * sr_x + kpy * sr_y
-    dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
-    for r0 in range(x_lo, x_hi + 1, QROWS):
-        for c0 in range(y_lo, y_hi + 1, QCOLS):
-            px = r0 + i // QCOLS
-            py = c0 + i % QCOLS
-            qvalid = (px <= x_hi) & (py <= y_hi)
-            qx = (px * DIL_X + gx).to(tl.int64)
-            qy = (py * DIL_Y + gy).to(tl.int64)
-            sx = _start(px, nx, KX)
-            sy = _start(py, ny, KY)
-            q = tl.load(
-                q_base + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
-                mask=qvalid[:, None] & (offs_d < D)[None, :],
-                other=0.0,
-            )
-            do = tl.load(
-                g_base + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
-                mask=qvalid[:, None] & (offs_e < DV)[None, :],
-                other=0.0,
-            )
-            row = bh.to(tl.int64) * LX * LY + qx * LY + qy
-            lse = tl.load(LSE + row, mask=qvalid, other=0.0)
-            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-            s = _dot(q, tl.trans(k), HALF) * qk_scale  # [queries, keys]
-            inwin = (
-                (kpx[None, :] >= sx[:, None]) & (kpx[None, :] < sx[:, None] + KX)
-                & (kpy[None, :] >= sy[:, None]) & (kpy[None, :] < sy[:, None] + KY)
-                & qvalid[:, None] & kvalid[None, :]
-            )  # fmt: skip
-            if HAS_RPB:
-                bias = tl.load(
-                    rpb_base + ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :],
-                    mask=inwin,
-                    other=0.0,
-                )
-                s += bias.to(tl.float32) * 1.4426950408889634
-            p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, HALF)
-            dp = _dot(do, tl.trans(v), HALF)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, HALF)
-    dk_ptr = DK + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * D + h * D + offs_d[None, :]
-    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kvalid[:, None] & (offs_d < D)[None, :])
-    dv_ptr = DVv + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * DV + h * DV + offs_e[None, :]
-    tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
-
-
-@triton.jit
-def _bwd_fused_kernel(
+def _bwd_kernel(
     Q, K, V, RPB, G, LSE, DELTA, DQACC, DK, DVv, DSBUF,
     LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale, NSLICE,
     sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
@@ -392,12 +219,12 @@ def _bwd_fused_kernel(
     TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr, QCOLS: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """The whole backward of one tile of keys: ``dk`` and ``dv`` as :func:`_bwd_kv_kernel`, plus each query block's
-    ``dS K`` added to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with atomics (a query's window spans at most
-    four key tiles: little contention), and, with ``NEED_DRPB``, ``dS`` per (query, window slot) into the bias-gradient
-    buffer ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch
-    element (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile), atomics otherwise. Five tile
-    products per query block, against seven for the two-kernel backward (which recomputes ``S`` and ``dP``)."""
+    """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
+    ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
+    atomics (a query's window spans at most four key tiles: little contention), and, with ``NEED_DRPB``, writes ``dS``
+    per (query, window slot) into the bias-gradient buffer ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a
+    plain store when there is a slice per batch element (``DS_STORE``: each (query, slot) pair belongs to exactly one
+    key tile), atomics otherwise."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -492,14 +319,13 @@ def _bwd_fused_kernel(
 
 
 # Host side ------------------------------------------------------------------------------------------------------------
-#: Tile settings, ``None`` for the defaults of :func:`tile_config` (the benchmark script sweeps them):
-#: ``tile_y`` query-tile width, ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining;
-#: ``bwd`` the backward's kernels (``"fused"``: one key-tile kernel, ``dq`` by atomics; ``"split"``: a query-tile and a
-#: key-tile kernel), ``bwd_block`` queries per block of the backward's key-tile kernels, ``bwd_warps``, ``bwd_stages``;
-#: ``maxnreg`` / ``bwd_maxnreg`` a register cap per thread (ptxas otherwise takes up to 255, one program per SM).
-TUNING: dict[str, int | str | None] = {
+#: Tile settings, ``None`` for the defaults (the benchmark script sweeps them): ``tile_y`` query-tile width,
+#: ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining, ``maxnreg`` a register cap per
+#: thread (0: none), all of the forward; ``bwd_block`` queries per block of the backward, ``bwd_warps``, ``bwd_stages``,
+#: ``bwd_maxnreg`` (0: none) its launch settings.
+TUNING: dict[str, int | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
-    "bwd": None, "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None,
+    "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None,
 }  # fmt: skip
 
 #: Largest bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch
@@ -528,17 +354,19 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     return tx, ty, krows, kcols
 
 
-def launch_meta(block_q: int, block_k: int, d: int = 32) -> dict[str, int]:
-    """``num_warps``, ``num_stages`` (and a register cap) of the forward (and the two-kernel backward's query-tile
-    kernel) for a ``block_q x block_k`` score tile at head dim ``d`` (padded): 4 warps at head dims up to 32, 8 beyond
-    (4 spilled there); 2 stages up to 32, 1 beyond and for tiles of at most 512 scores (1-D with a bias table). At
-    NAT-T's stage-1 shape 4 warps took 0.21-0.23 ms against 0.35-0.52 with 8 (``neighborhood_op.json``'s sweep): 8
-    warps took about 150 registers a thread, one program per SM."""
+def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -> dict[str, int]:
+    """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
+    head dim ``d``: 4 warps up to head dim 64, 8 beyond; 2 stages (1 for tiles of at most 512 scores, 1-D with a bias
+    table); with a bias table above head dim 32, :data:`MAXNREG` registers a thread. Measured at NAT-T's stage-1 shape
+    (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
+    registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
+    uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
     small = block_q * block_k <= 512
-    meta = {"num_warps": TUNING["warps"] or (WARPS if d <= 32 else 8)}
-    meta["num_stages"] = TUNING["stages"] or (1 if small or d > 32 else 2)
-    if TUNING["maxnreg"]:
-        meta["maxnreg"] = TUNING["maxnreg"]
+    meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or (1 if small else 2)}
+    cap = TUNING["maxnreg"]
+    cap = (MAXNREG if has_rpb and d > 32 else 0) if cap is None else cap
+    if cap:
+        meta["maxnreg"] = cap
     return meta
 
 
@@ -546,29 +374,33 @@ def _blocks(d: int) -> int:
     return tile_dim(d)
 
 
-#: Warps per program (a 64-query tile against 32-key blocks).
-WARPS = 4
-#: Register cap of the fused backward at head dims up to 32: 128 a thread is four 4-warp programs per SM against two
-#: uncapped (ptxas takes about 220 with a bias table and spills 250 bytes under the cap, yet the capped kernel took
-#: 0.56 ms against 0.75 at NAT-T's stage-1 shape, ``neighborhood_op.json``'s sweep).
-BWD_MAXNREG = 128
+def _warps(d: int) -> int:
+    """4 warps per program up to head dim 64 (a 64-query tile), 8 beyond (the accumulators of 128 dims)."""
+    return 4 if d <= 64 else 8
 
 
-def _bwd_block(krows: int, kcols: int, has_rpb: bool) -> tuple[int, int]:
-    """Query block ``QROWS x QCOLS`` of the backward's key-tile kernels: ``bwd_block`` queries (default 16 with a bias
-    table, 32 without), in rows of at most ``kcols`` columns (the kernels step through the columns of the inverse
-    neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled in the fused kernel)."""
-    block = TUNING["bwd_block"] or (16 if has_rpb else 32)
+#: Register cap of the forward above head dim 32 and of the backward up to 32 (module docstring, :func:`launch_meta`,
+#: :func:`_bwd_meta`): 128 a thread is four 4-warp programs per SM against two uncapped, though ptxas spills a little.
+MAXNREG = 128
+
+
+def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
+    """Query block ``QROWS x QCOLS`` of the backward: ``bwd_block`` queries (default 16 at head dims up to 32 with a
+    bias table, 32 otherwise), in rows of at most ``kcols`` columns (the kernel steps through the columns of the
+    inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled)."""
+    block = TUNING["bwd_block"] or (16 if has_rpb and d <= 32 else 32)
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
 
-def _bwd_meta(block_k: int, block_q: int, d: int = 32) -> dict[str, int]:
-    """Launch settings of the backward's key-tile kernels: 4 warps, no software pipelining, :data:`BWD_MAXNREG`
-    registers at head dims up to 32; ``bwd_warps`` / ``bwd_stages`` / ``bwd_maxnreg`` (0: no cap) where set."""
-    meta = {"num_warps": TUNING["bwd_warps"] or (WARPS if d <= 32 else 8), "num_stages": TUNING["bwd_stages"] or 1}
+def _bwd_meta(d: int) -> dict[str, int]:
+    """Launch settings of the backward: 4 warps up to head dim 64, no software pipelining, :data:`MAXNREG` registers
+    up to head dim 32. Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57
+    ms capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
+    (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
+    meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
     cap = TUNING["bwd_maxnreg"]
-    cap = (BWD_MAXNREG if d <= 32 else 0) if cap is None else cap
+    cap = (MAXNREG if d <= 32 else 0) if cap is None else cap
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -615,7 +447,7 @@ def na2d_fwd(
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=rpb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd),
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd, rpb is not None),
     )  # fmt: skip
     return out, lse
 
@@ -652,42 +484,26 @@ def na2d_bwd(
         return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
     delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
-    tx, ty, krows, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    tx, ty, _, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and rpb is not None)
     bd, bdv = _blocks(d), _blocks(dvd)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    common = (x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
-              *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr)  # fmt: skip
-    qrows, qcols = _bwd_block(krows, kcols, rpb is not None)
-    bwd_meta = _bwd_meta(tx * ty, qrows * qcols, bd)
-    if (TUNING["bwd"] or "fused") == "fused":
-        per_batch = h * x * y * kx * ky * 4
-        slices = max(1, min(b, DS_BUFFER_BYTES // per_batch)) if need else 1
-        dsbuf = torch.zeros((slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
-        dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
-        launch(_bwd_fused_kernel, grid,
-            q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, *common[:14], slices, *common[14:],
-            HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=slices == b, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
-            QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **bwd_meta,
-        )  # fmt: skip
-        dq = dqacc.to(q.dtype)
-        if need:
-            dsbuf = dsbuf[0] if slices == 1 else dsbuf.sum(0)
-    else:
-        dq = torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
-        dsbuf = torch.zeros((h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
-        launch(_bwd_q_kernel, grid,
-            q, k, v, table, g, lse, delta, dq, dsbuf, *common,
-            HAS_RPB=rpb is not None, NEED_DRPB=need, HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-            KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd),
-        )  # fmt: skip
-        launch(_bwd_kv_kernel, grid,
-            q, k, v, table, g, lse, delta, dk, dv, *common,
-            HAS_RPB=rpb is not None, HALF=half, TX=tx, TY=ty, BLOCK_K=tx * ty,
-            QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **bwd_meta,
-        )  # fmt: skip
+    qrows, qcols = _bwd_block(kcols, rpb is not None, bd)
+    # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
+    slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
+    dsbuf = torch.zeros((slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
+    dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    launch(_bwd_kernel, grid,
+        q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
+        x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
+        HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=slices == b, HALF=q.dtype in (torch.float16, torch.bfloat16),
+        TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd),
+    )  # fmt: skip
+    dq = dqacc.to(q.dtype)
+    if need:
+        dsbuf = dsbuf[0] if slices == 1 else dsbuf.sum(0)
     if need:
         drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
     return dq, dk, dv, drpb
