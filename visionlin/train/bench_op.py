@@ -13,6 +13,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() / (t * 1e-3) / 1e9
 
 
-def run_case(label, b, n, h, d, fmap, norm, dtype=torch.bfloat16) -> dict:
-    """Time one case with every implementation: ``{<impl>_{fwd,bwd,fwd_graph}_ms, <impl>_{fwd,bwd}_GBs, ...}``."""
+def run_case(label, b, n, h, d, fmap, norm, dtype=torch.bfloat16, only: tuple[str, ...] | None = None) -> dict:
+    """Time one case with every implementation (or those named in ``only``):
+    ``{<impl>_{fwd,bwd,fwd_graph}_ms, <impl>_{fwd,bwd}_GBs, ...}``."""
     from visionlin.kernels.linear import linear_attention_native
     from visionlin.kernels.triton.linear import linear_attention_triton
 
@@ -73,6 +75,8 @@ def run_case(label, b, n, h, d, fmap, norm, dtype=torch.bfloat16) -> dict:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
     for name, fn in impls.items():
+        if only is not None and name not in only:
+            continue
         with torch.no_grad():
             t_fwd = _bench(fn)
             try:
@@ -141,11 +145,23 @@ def execute(args: argparse.Namespace, command: str) -> int:
     if args.sweep:
         saved = dict(tri.TUNING)
         try:
-            for rows_per, warps in [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]:
-                tri.TUNING.update(rows=rows_per, rows_backward=rows_per, warps=warps)
-                r = run_case(*CASES[0])
-                sweep.append({"rows": rows_per, "warps": warps, **{k: r[k] for k in r if k.startswith("triton")}})
-                print(f"sweep rows={rows_per} warps={warps}: fwd {r['triton_fwd_ms']:.3f} bwd {r['triton_bwd_ms']:.3f}")
+            forward = [dict(rows=r, warps=w) for r, w in [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]]
+            # the backward's rows, warps and register cap with the forward at its defaults
+            backward = [
+                dict(rows_backward=r, warps_backward=w, maxnreg_backward=c)
+                for r, w, c in itertools.product((32, 64, 128), (4, 8), (None, 128))
+            ]
+            for config in forward + backward:
+                tri.TUNING.clear()
+                tri.TUNING.update(saved | config)
+                for case in (CASES[0], CASES[2]):  # 192 and 6 (batch, head) pairs
+                    try:
+                        r = run_case(*case, only=("triton",))
+                    except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
+                        sweep.append({"case": case[0], **config, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                        continue
+                    sweep.append({"case": case[0], **config, **{k: r[k] for k in r if k.startswith("triton")}})
+                    print(f"sweep {case[0]} {config}: fwd {r['triton_fwd_ms']:.3f} bwd {r['triton_bwd_ms']:.3f}")
         finally:
             tri.TUNING.clear()
             tri.TUNING.update(saved)

@@ -384,8 +384,11 @@ def _state_backward_kernel(
 # Launch helpers -------------------------------------------------------------------------------------------------------
 #: Rows per program of the state / read-out kernels, of the backward kernels (``None``: :func:`_rows_backward`), warps
 #: per program (``None``: :func:`_warps`), and whether the forward runs as one fused kernel (``None``: by
-#: :func:`_use_fused`'s rule). Benchmarks sweep these.
-TUNING: dict[str, int | None] = {"rows": 64, "rows_backward": None, "warps": None, "fused": None}
+#: :func:`_use_fused`'s rule); ``warps_backward`` / ``maxnreg_backward`` the backward kernels' warps and register cap
+#: per thread (``None``: the forward's warps, no cap). Benchmarks sweep these.
+TUNING: dict[str, int | None] = {
+    "rows": 64, "rows_backward": None, "warps": None, "fused": None, "warps_backward": None, "maxnreg_backward": None,
+}  # fmt: skip
 NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
 
@@ -522,6 +525,10 @@ def linear_attention_bwd(
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grads = torch.zeros_like(state)
     rows = _rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
+    if TUNING["warps_backward"]:
+        meta["num_warps"] = TUNING["warps_backward"]
+    if TUNING["maxnreg_backward"]:
+        meta["maxnreg"] = TUNING["maxnreg_backward"]
     if n:
         splits, per = _splits(n, rows, b * h, q.device)
         launch(_readout_backward_kernel, (b * h, splits),
