@@ -157,6 +157,39 @@ def test_rope_tables_cached_and_prefix_aware(kind):
 
 
 @pytest.mark.parametrize("kind", ROPE_KINDS)
+def test_rope_tables_not_kept_while_a_cuda_graph_is_captured(kind, monkeypatch):
+    """Tables built during CUDA-graph capture live in the graph's pool: built for the call, never kept or reused."""
+    layer = _layer(kind)
+    kept = layer.rope_tables((4, 5), 1, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    a = layer.rope_tables((4, 5), 1, torch.device("cpu"), torch.float32)
+    b = layer.rope_tables((3, 3), 0, torch.device("cpu"), torch.float32)
+    assert a is not kept and torch.equal(a[0], kept[0]) and b[0].shape == (9, 16)
+    assert layer.rope_tables((3, 3), 0, torch.device("cpu"), torch.float32) is not b
+    monkeypatch.undo()
+    assert layer.rope_tables((4, 5), 1, torch.device("cpu"), torch.float32) is kept
+    assert len(layer._rope_cache) == 1
+
+
+def test_may_keep_tensors(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from visionlin.kernels._common import may_keep_tensors
+
+    assert may_keep_tensors()
+    with FakeTensorMode():
+        assert not may_keep_tensors()
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not may_keep_tensors()
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert not may_keep_tensors()
+
+
+@pytest.mark.parametrize("kind", ROPE_KINDS)
 def test_training_after_inference_mode(kind):
     layer = _layer(kind)
     x = _x(1, 16, 32)

@@ -76,7 +76,8 @@ def test_backward_matches_reference():
 def test_index_and_mask_are_kept_between_forwards_per_mode(monkeypatch):
     """The bias index and the Swin mask depend on sizes only: built once per (grid, window, shift, dtype, device,
     inference mode) in eager mode and reused, with the same outputs; a mask built under ``inference_mode`` never
-    reaches a training forward (its own entry), large masks are not kept, and nothing is kept while compiling."""
+    reaches a training forward (its own entry), large masks are not kept, and nothing is kept while compiling or while
+    a CUDA graph is captured."""
     from visionlin.layers import window as wmod
 
     monkeypatch.setattr(wmod, "_cache", {})
@@ -100,9 +101,15 @@ def test_index_and_mask_are_kept_between_forwards_per_mode(monkeypatch):
     layer(x[:, :40], (5, 8))
     layer(x[:, :40], (5, 8))
     assert len(built) == 5  # too large to keep
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        layer(x, (6, 10))
+        layer(x, (6, 10))
+    assert len(built) == 7  # not while a CUDA graph is captured (nor is a kept entry used)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     layer(x, (6, 10))
-    assert len(built) == 6  # not while compiling
+    assert len(built) == 8  # not while compiling
 
 
 def test_window_and_shift_follow_the_grid():

@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
 
 __all__ = [
     "as_sdpa_mask",
+    "may_keep_tensors",
     "check_flag",
     "check_heads_last",
     "check_real",
@@ -179,6 +181,16 @@ def as_sdpa_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | N
         return None
     bias = bias.to(device=q.device, dtype=q.dtype)
     return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+
+
+def may_keep_tensors() -> bool:
+    """Whether a tensor built now may be kept for later forwards (a host-side cache of an index, mask or table): False
+    while compiling or exporting (the tensor would be a traced constant or a fake tensor), under a fake-tensor mode, and
+    while a CUDA graph is being captured on the current stream (a tensor made then lives in the graph's private pool:
+    kept alive, it makes ``torch.compile``'s CUDA graphs refuse to run, and a later replay may overwrite it)."""
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def values_are_checkable(*tensors: torch.Tensor) -> bool:

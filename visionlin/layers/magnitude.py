@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch._guards import detect_fake_mode
 
+from ..kernels._common import may_keep_tensors
 from ..kernels.magnitude import magnitude_aware_linear_attention
 from ..kernels.rope import RopeTables, rope_2d_tables
 from ._base import (
@@ -99,7 +99,8 @@ class RoPELePEMixer(TokenMixer):
 
         Float32 (float64 for float64 inputs) whatever the activation dtype: the kernels compute in float32. Cached per
         ``(feat_size, num_prefix_tokens, device, dtype)`` and inference mode (a few entries; not under
-        ``torch.compile``, where the tables are traced as constants).
+        ``torch.compile``, where the tables are traced as constants, nor during CUDA-graph capture:
+        :func:`visionlin.kernels._common.may_keep_tensors`).
         """
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -113,8 +114,8 @@ class RoPELePEMixer(TokenMixer):
                 dtype=table_dtype,
             )
 
-        if torch.compiler.is_compiling() or detect_fake_mode() is not None:
-            return build()  # traced or fake-tensor tables must never reach a later real forward
+        if not may_keep_tensors():
+            return build()  # traced, fake or CUDA-graph-pool tables must never reach a later forward
         # Tables made under inference_mode cannot be saved for a later backward: they get their own entry.
         key = (tuple(feat_size), num_prefix_tokens, device, table_dtype, torch.is_inference_mode_enabled())
         tables = self._rope_cache.get(key)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
-from torch._guards import detect_fake_mode
 
+from ..kernels._common import may_keep_tensors
 from ..kernels.softmax import softmax_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
@@ -44,9 +44,7 @@ def _cached(key: tuple, device: torch.device, build: Callable[[], torch.Tensor |
     for a later backward). Built per forward, index and mask took 6.8 ms of host time in a FLatten-Swin-T training
     step on the H200 host (8 window layers; the step is host-bound there:
     ``host_overhead_train_flatten_swin_b3ff539.log``)."""
-    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
-        return build()
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if not may_keep_tensors():
         return build()
     key = (*key, device, torch.is_inference_mode_enabled())
     if key in _cache:
