@@ -56,6 +56,10 @@
 #   profile        kernel-time profile of one forward at 224 px                                        ~1 min
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
 #   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
+#   bench-linear-ab  benchmarks/linear_settings_ab.py: whole launch settings of the linear kernels, alternating rounds ~1.5 min
+#
+# PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
+# the first few files of OUT.
 set -u
 OUT=$1
 COMMIT=$2
@@ -269,6 +273,13 @@ for stage in "$@"; do
     profile-train)
       timeout 100 python3 benchmarks/profile_models.py --train --out "$OUT" --models ${MODELS%,infvit_pure_small} \
         --sizes 224:128 --commit "$COMMIT" > "$OUT/profile_train_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_train_$COMMIT.log" | grep -v "^     " ;;
+    bench-linear-ab)
+      timeout 170 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --rounds ${AB_ROUNDS:-3} 2>&1 \
+        | grep -v '^{"round"' | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
+if [[ -n ${PACK:-} ]]; then
+  (cd "$OUT" && files=$(find . -type f ! -name all.tgz) && [[ -n $files ]] && tar czf all.tgz $files && rm -f $files \
+    && find . -mindepth 1 -type d -empty -delete && echo "packed into $OUT/all.tgz")
+fi
