@@ -234,6 +234,14 @@ def _neighborhood(dt, tdt):
         for k in (3, 7, 13):
             for rpb in (False, True):
                 cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
+    if dt == "bf16":  # head dim 128 (8 warps, no cap) and the bias gradient's atomic path, in one dtype (slow)
+        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 128)
+        tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, True)
+        qrows, qcols = nt._bwd_block(kcols, True, 32)
+        blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32, BLOCK_K=tx * ty)
+        cases.append((nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=True, DS_STORE=False, QROWS=qrows, QCOLS=qcols),
+                      nt._bwd_meta(32)))  # fmt: skip
+    for d in (32, 64):
         for rpb in (False, True):  # 1-D: one row of queries
             cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
     for dv in (32, 64, 128):  # the backward's delta pre-pass, with _delta's block sizes
@@ -373,6 +381,9 @@ SPILL_ALLOWANCE = {
     **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 32): 320 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_fwd_kernel", dt, None, 64): 800 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 64): 160 for dt in ("bf16", "fp16")},
+    # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-60 bytes
+    ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "bf16", None, 128): 64,
+    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "bf16", None, 128): 64,
 }
 
 

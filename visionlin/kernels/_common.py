@@ -27,7 +27,6 @@ from torch._guards import detect_fake_mode
 
 __all__ = [
     "as_sdpa_mask",
-    "may_keep_tensors",
     "check_flag",
     "check_heads_last",
     "check_real",
@@ -35,6 +34,7 @@ __all__ = [
     "check_tensor_values",
     "fp32_reference",
     "is_floating",
+    "may_keep_tensors",
     "pow2_floor",
     "reference_dtype",
     "same_floating_dtype",

@@ -111,7 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--out", default=None, metavar="DIR", help="folder for the JSON and PNG (default: benchmarks/results/<gpu>)"
     )
     parser.add_argument("--name", default="op_linear", help="file stem of the JSON and PNG (default: op_linear)")
-    parser.add_argument("--sweep", action="store_true", help="also sweep rows per program and warps (first case)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also sweep launch settings one at a time: the forward's rows and warps, the backward's rows, warps "
+        "and register cap (first and third case)",
+    )
     parser.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     return parser
 

@@ -221,10 +221,10 @@ def _bwd_kernel(
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
     ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
-    atomics (a query's window spans at most four key tiles: little contention), and, with ``NEED_DRPB``, writes ``dS``
-    per (query, window slot) into the bias-gradient buffer ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a
-    plain store when there is a slice per batch element (``DS_STORE``: each (query, slot) pair belongs to exactly one
-    key tile), atomics otherwise."""
+    atomics (a query's window spans a few key tiles, four at kernel 7, up to eight from 11: little contention), and,
+    with ``NEED_DRPB``, writes ``dS`` per (query, window slot) into the bias-gradient buffer
+    ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch element
+    (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile and one query block), atomics otherwise."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -328,8 +328,9 @@ TUNING: dict[str, int | None] = {
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None,
 }  # fmt: skip
 
-#: Largest bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch
-#: element while it fits (plain stores), fewer slices shared by atomics beyond.
+#: Bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch element while
+#: they fit in this many bytes (plain stores), fewer slices shared by atomics beyond; one slice is always made, larger
+#: than this if it must be.
 DS_BUFFER_BYTES = 256 << 20
 
 
@@ -338,7 +339,7 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes ``kx, ky``.
 
     ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
-    maps (1-D calls, 64-key blocks; 16 and 32 with a bias table, whose 32 x 64 tile spilled in the ``dq`` kernel);
+    maps (1-D calls; 16 with a bias table, whose gathered offsets cost registers);
     ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row); a key block holds
     about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
     ``neighborhood_op.json``'s sweep).
@@ -357,14 +358,14 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
 def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -> dict[str, int]:
     """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
     head dim ``d``: 4 warps up to head dim 64, 8 beyond; 2 stages (1 for tiles of at most 512 scores, 1-D with a bias
-    table); with a bias table above head dim 32, :data:`MAXNREG` registers a thread. Measured at NAT-T's stage-1 shape
+    table); with a bias table at head dim 64, :data:`MAXNREG` registers a thread. Measured at NAT-T's stage-1 shape
     (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
     registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
     uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
     small = block_q * block_k <= 512
     meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or (1 if small else 2)}
     cap = TUNING["maxnreg"]
-    cap = (MAXNREG if has_rpb and d > 32 else 0) if cap is None else cap
+    cap = (MAXNREG if has_rpb and 32 < d <= 64 else 0) if cap is None else cap  # measured at 64 only
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -492,13 +493,16 @@ def na2d_bwd(
     qrows, qcols = _bwd_block(kcols, rpb is not None, bd)
     # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
     slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
-    dsbuf = torch.zeros((slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32)
+    store = need and slices == b  # every (b, h, query, slot) entry stored exactly once: no zero fill needed
+    dsbuf = (torch.empty if store else torch.zeros)(
+        (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
+    )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=slices == b, HALF=q.dtype in (torch.float16, torch.bfloat16),
+        HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=store, HALF=q.dtype in (torch.float16, torch.bfloat16),
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd),
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
