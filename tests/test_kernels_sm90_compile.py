@@ -241,6 +241,16 @@ def _neighborhood(dt, tdt):
         blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32, BLOCK_K=tx * ty)
         cases.append((nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=True, DS_STORE=False, QROWS=qrows, QCOLS=qcols),
                       nt._bwd_meta(32)))  # fmt: skip
+        for rpb in (False, True):  # float32 inputs: IEEE products, no register cap
+            tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, rpb)
+            qrows, qcols = nt._bwd_block(kcols, rpb, 32)
+            blocks = dict(HAS_RPB=rpb, HALF=False, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
+            cases += [
+                (nt._fwd_kernel, "fp32", dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
+                 nt.launch_meta(tx * ty, krows * kcols, 32, rpb)),
+                (nt._bwd_kernel, "fp32", dict(blocks, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty, QROWS=qrows,
+                                              QCOLS=qcols), nt._bwd_meta(32, half=False)),
+            ]  # fmt: skip
     for d in (32, 64):
         for rpb in (False, True):  # 1-D: one row of queries
             cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
@@ -384,6 +394,9 @@ SPILL_ALLOWANCE = {
     # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-60 bytes
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "bf16", None, 128): 64,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "bf16", None, 128): 64,
+    # float32 inputs at head dim 32 (IEEE products on float32 tiles; 255 registers): 20-32 bytes
+    ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 32,
+    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 32,
 }
 
 

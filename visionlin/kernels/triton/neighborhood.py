@@ -394,14 +394,15 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
     return max(1, block // qcols), qcols
 
 
-def _bwd_meta(d: int) -> dict[str, int]:
+def _bwd_meta(d: int, half: bool = True) -> dict[str, int]:
     """Launch settings of the backward: 4 warps up to head dim 64, no software pipelining, :data:`MAXNREG` registers
-    up to head dim 32. Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57
-    ms capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
+    up to head dim 32 for half-precision inputs (float32 tiles spilled 170-810 bytes under the cap at sm_90, at most
+    20 without). Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms
+    capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
     (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
     meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
     cap = TUNING["bwd_maxnreg"]
-    cap = (MAXNREG if d <= 32 else 0) if cap is None else cap
+    cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -494,6 +495,7 @@ def na2d_bwd(
     # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
     slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
     store = need and slices == b  # every (b, h, query, slot) entry stored exactly once: no zero fill needed
+    half = q.dtype in (torch.float16, torch.bfloat16)
     dsbuf = (torch.empty if store else torch.zeros)(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
@@ -502,8 +504,8 @@ def na2d_bwd(
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=store, HALF=q.dtype in (torch.float16, torch.bfloat16),
-        TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd),
+        HAS_RPB=rpb is not None, NEED_DRPB=need, DS_STORE=store, HALF=half,
+        TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd, half),
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
     if need:
