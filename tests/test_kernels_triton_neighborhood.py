@@ -176,8 +176,8 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
 def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
     """The backward's flat bias-table index is cached per (geometry, device) on the eager path: the same tensor on a
     second call, equal to a fresh build, and a different one for another geometry (dilated, clipped windows
-    included). Through the dispatcher (torch.compile, whose CUDA graphs refuse tensors left alive in their pool) it
-    is built every time."""
+    included). Through the dispatcher (torch.compile, whose CUDA graphs refuse tensors left alive in their pool) and
+    during CUDA-graph capture it is built every time."""
     from visionlin.kernels.triton import _eager
     from visionlin.kernels.triton import neighborhood as tn
 
@@ -201,6 +201,13 @@ def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
     monkeypatch.setattr(tn, "TABLE_INDEX_CACHE_NUMEL", 9 * 9 * 9 - 1)
     assert tn._table_index(*big) is not tn._table_index(*big)
     assert torch.equal(tn._table_index(*big), tn._build_table_index(*big))
+    small = (7, 5, 3, 3, 1, 1, (2, 5, 5), cpu)
+    kept = tn._table_index(*small)
+    with monkeypatch.context() as m:  # while a CUDA graph is captured: built for the call, the kept one not used
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert tn._table_index(*small) is not kept
+    assert tn._table_index(*small) is kept
 
 
 def test_triton_supports_reasons():

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import may_keep_tensors
 from ._eager import direct, eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2, tile_dim
 
@@ -380,8 +381,9 @@ def _warps(d: int) -> int:
     return 4 if d <= 64 else 8
 
 
-#: Register cap of the forward above head dim 32 and of the backward up to 32 (module docstring, :func:`launch_meta`,
-#: :func:`_bwd_meta`): 128 a thread is four 4-warp programs per SM against two uncapped, though ptxas spills a little.
+#: Register cap of the forward at head dim 64 with a bias table and of the half-precision backward up to head dim 32
+#: (:func:`launch_meta`, :func:`_bwd_meta`): 128 a thread is four 4-warp programs per SM against two uncapped, though
+#: ptxas spills a little.
 MAXNREG = 128
 
 
@@ -510,7 +512,6 @@ def na2d_bwd(
     dq = dqacc.to(q.dtype)
     if need:
         dsbuf = dsbuf[0] if slices == 1 else dsbuf.sum(0)
-    if need:
         drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
     return dq, dk, dv, drpb
 
@@ -530,9 +531,8 @@ def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
     per geometry and device (the host work of building it cost more than the backward kernels' launches) on the eager
     path only (:func:`._eager.direct`): through the dispatcher the op may run in ``torch.compile``'s CUDA graphs,
     whose pool a cached tensor must not outlive (they refused to run: "tensor(s) in the cudagraph pool not tracked as
-    outputs"); nor while a CUDA graph is being captured by hand."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing or not direct() or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
+    outputs"); nor while a CUDA graph is being captured by hand (:func:`visionlin.kernels._common.may_keep_tensors`)."""
+    if not direct() or not may_keep_tensors() or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
         return _build_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
     return _cached_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
 
