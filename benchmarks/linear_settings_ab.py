@@ -4,8 +4,13 @@ Forward in eager mode and replayed from a CUDA graph (kernel time alone), backwa
 ``visionlin bench op`` changes one knob at a time and runs each setting once; this compares whole settings and repeats
 them, because on a shared host one pass can differ from the next by more than the settings do.
 
+``--grid`` instead searches the settings one group of knobs at a time (coordinate descent, each case on its own),
+timing the forward and the backward custom op replayed from a CUDA graph only (GPU time alone, stable to a fraction of
+a percent from one replay series to the next, so one pass suffices); it writes ``linear_settings_grid.json``.
+
 Usage (on a GPU machine):
     python benchmarks/linear_settings_ab.py --out benchmarks/results/h200 [--rounds 3] [--commit SHA]
+    python benchmarks/linear_settings_ab.py --out benchmarks/results/h200 --grid
 """
 
 from __future__ import annotations
@@ -34,6 +39,94 @@ SETTINGS = {
     "4 warps fwd only": {"warps": 4, "warps_backward": 8},
 }
 MEASURES = ("triton_fwd_ms", "triton_fwd_graph_ms", "triton_bwd_ms")
+#: ``--grid``: the groups of knobs searched in turn (every combination within a group, the best kept for the next)
+FORWARD_GROUPS = (
+    {"warps": (2, 4, 8), "rows": (32, 64, 128)},
+    {"state_per_sm": (2, 4, 8, 16, 32), "readout_per_sm": (None, 4, 8, 16, 32)},
+    {"stages": (None, 1, 2, 4), "fused": (None, 0, 1)},
+)
+BACKWARD_GROUPS = (
+    {"warps_backward": (4, 8), "rows_backward": (32, 64, 128), "maxnreg_backward": (None, 128)},
+    {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (None, 1, 2, 4)},
+)
+GRID_CASES = (0, 2, 3, 4)  # indices into bench_op.CASES: 192 / 6 / 12 (batch, head) pairs, and 1,536 (fused forward)
+
+
+def _plot_grid(result: dict, path: Path) -> None:
+    """Graph-timed ms of every setting tried, in the order tried, one panel per case and part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["case"], r["part"]) for r in result["rows"]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.6 * len(panels)), squeeze=False)
+    for ax, (case, part) in zip(axes[:, 0], panels, strict=True):
+        ms = [r.get("graph_ms") or 0.0 for r in result["rows"] if (r["case"], r["part"]) == (case, part)]
+        ax.bar(range(len(ms)), ms)
+        ax.set_title(f"{case}, {part}: best {result['best'].get(f'{case} | {part}')}", fontsize=7)
+        ax.set_ylabel("ms (CUDA graph)", fontsize=7)
+    finish(fig, result, path, fontsize=7)
+
+
+def _grid(out: Path, commit: str | None, argv: list[str] | None) -> int:
+    """Coordinate descent over :data:`FORWARD_GROUPS` and :data:`BACKWARD_GROUPS`, per case, graph-timed."""
+    import functools
+    import itertools
+
+    from visionlin.kernels.triton import linear as tri
+    from visionlin.train.bench_op import CASES, _bench_graph
+
+    saved = dict(tri.TUNING)
+    rows, best = [], {}
+    try:
+        for idx in GRID_CASES:
+            label, b, n, h, d, fmap, norm = CASES[idx]
+            q, k, v, g = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6)
+            with torch.no_grad():
+                ref_out, state = tri.linear_attention_fwd(q, k, v, *args)
+                ref_grads = tri.linear_attention_bwd(q, k, v, ref_out, state, g, *args)
+            fwd = functools.partial(tri.linear_attention_fwd, q, k, v, *args)
+            bwd = functools.partial(tri.linear_attention_bwd, q, k, v, ref_out, state, g, *args)
+            for part, groups in (("forward", FORWARD_GROUPS), ("backward", BACKWARD_GROUPS)):
+                call, ref = (fwd, (ref_out,)) if part == "forward" else (bwd, ref_grads)
+                chosen: dict = {}
+                for group in groups:
+                    timed = []
+                    for values in itertools.product(*group.values()):
+                        config = chosen | dict(zip(group, values, strict=True))
+                        tri.TUNING.clear()
+                        tri.TUNING.update(saved | config)
+                        row = {"case": label, "part": part, **config}
+                        try:
+                            with torch.no_grad():
+                                got = call()
+                                row["max_abs_diff"] = max(
+                                    (x.float() - y.float()).abs().max().item()
+                                    for x, y in zip(got[: len(ref)], ref, strict=True)
+                                )
+                                ms = _bench_graph(call, ms=100)
+                            row["graph_ms"] = ms
+                            timed.append((ms, config))
+                        except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
+                            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                    if timed:
+                        chosen = min(timed, key=lambda t: t[0])[1]
+                best[f"{label} | {part}"] = chosen
+                print(f"best {label} {part}: {chosen}", flush=True)
+    finally:
+        tri.TUNING.clear()
+        tri.TUNING.update(saved)
+    result = {"benchmark": "linear_settings_grid", "meta": gpu_meta(argv, commit), "defaults": saved,
+              "forward_groups": [{k: list(v) for k, v in g.items()} for g in FORWARD_GROUPS],
+              "backward_groups": [{k: list(v) for k, v in g.items()} for g in BACKWARD_GROUPS],
+              "best": best, "rows": rows}  # fmt: skip
+    for note in write_result(result, out, "linear_settings_grid", plot=_plot_grid):
+        print(note)
+    return 0
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -60,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for linear_settings_ab.json / .png")
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--rounds", type=int, default=3, help="passes over the settings (alternating order)")
+    p.add_argument("--grid", action="store_true", help="coordinate descent over the knobs, graph-timed (see above)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.grid:
+        return _grid(args.out, args.commit, argv)
     cases = [c for c in CASES if c[4] == 32]  # head dim 32: the shapes the settings were chosen for
     saved = dict(tri.TUNING)
     samples: dict[tuple[str, str], list[dict]] = {}

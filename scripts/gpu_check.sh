@@ -57,6 +57,8 @@
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
 #   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
 #   bench-linear-ab  benchmarks/linear_settings_ab.py: whole launch settings of the linear kernels, alternating rounds ~1.5 min
+#   bench-linear-grid  benchmarks/linear_settings_ab.py --grid: coordinate descent over the linear kernels' knobs,
+#                  forward and backward custom ops timed from CUDA graphs                               ~5 min
 #
 # PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
 # the first few files of OUT.
@@ -276,6 +278,9 @@ for stage in "$@"; do
     bench-linear-ab)
       timeout 170 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --rounds ${AB_ROUNDS:-3} 2>&1 \
         | grep -v '^{"round"' | tail -20 ;;
+    bench-linear-grid)
+      timeout 400 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
+        | grep -v '^{"case"' | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -129,7 +129,7 @@ def test_triton_compiles_fullgraph():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_triton import FMAPS, NORMS, _check, _check_reduced, _inputs, check_fused
+    from tests.test_kernels_triton import FMAPS, NORMS, _check, _check_reduced, _inputs, check_fused, check_splits
     for fmap in FMAPS:  # batch 2 for the first map (batch strides), 1 for the others (the interpreter's time)
         for norm in NORMS:
             b = 2 if fmap == FMAPS[0] else 1
@@ -139,6 +139,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for dtype, batch in ((torch.float32, 2), (torch.float16, 1)):
         _check_reduced(dtype, "cpu", direct=True, batch=batch)
     check_fused("cpu")
+    check_splits("cpu")
     print("interpreter ok")
     """
 )
@@ -163,6 +164,25 @@ def check_fused(device, shapes=((2, 37, 45, 3, 20, 24), (1, 70, 130, 2, 32, 16))
                 assert _rel(fused, split.double()) <= FLOOR[dtype], (shape, dtype)
     finally:
         tlin.TUNING["fused"] = before
+
+
+def check_splits(device, shape=(1, 70, 130, 2, 32, 16)):
+    """The two-kernel forward and the backward with several row blocks per program (read-out, state and backward
+    splits at one program per SM, 16-row steps) against the reference."""
+    from visionlin.kernels.triton import linear as tlin
+
+    before = dict(tlin.TUNING)
+    try:
+        tlin.TUNING.update(fused=False, rows=16, rows_backward=16, readout_per_sm=1, state_per_sm=1, backward_per_sm=1)
+        _check(_inputs(*shape, "elu", "divide", torch.float32, device), "elu", "divide", torch.float32)
+    finally:
+        tlin.TUNING.clear()
+        tlin.TUNING.update(before)
+
+
+@gpu
+def test_triton_splits():
+    check_splits("cuda", shape=(2, 3136, 3136, 3, 32, 32))
 
 
 @gpu

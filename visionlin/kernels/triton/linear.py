@@ -221,13 +221,14 @@ def _state_kernel(
 @triton.jit
 def _readout_kernel(
     Q, S, Out,
-    N, H, D, DV, scale, inv_m, eps,
+    N, H, D, DV, scale, inv_m, eps, blocks_per_split,
     sq_b, sq_n, sq_h, sq_d, so_b, so_n, so_h, so_d,
     FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for one block of queries."""
-    pid_n = tl.program_id(0)
+    """``out = (phi(q) A + c) / (phi(q) . w + eps)`` (divide) or ``phi(q) A + c`` for one split of the queries
+    (``blocks_per_split`` blocks: the state is read and turned into ``A, c, w`` once per split, not once per block)."""
+    split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     h = pid_bh % H
@@ -235,10 +236,11 @@ def _readout_kernel(
     offs_e = tl.arange(0, BLOCK_DV)
     base = S + pid_bh * (BLOCK_D * BLOCK_DV + BLOCK_D + BLOCK_DV)
     a, c, w = _readout_matrices(base, offs_d, offs_e, scale, inv_m, NORM, BLOCK_D, BLOCK_DV)
-    _readout_rows(
-        Q + b * sq_b + h * sq_h, Out + b * so_b + h * so_h, pid_n, a, c, w, N, D, DV, eps, sq_n, sq_d, so_n, so_d,
-        FMAP, HALF, SCALE, NORM, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
+    for i in range(0, blocks_per_split):
+        _readout_rows(
+            Q + b * sq_b + h * sq_h, Out + b * so_b + h * so_h, split * blocks_per_split + i, a, c, w, N, D, DV, eps,
+            sq_n, sq_d, so_n, so_d, FMAP, HALF, SCALE, NORM, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -382,12 +384,17 @@ def _state_backward_kernel(
 
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
-#: Rows per program of the state / read-out kernels, of the backward kernels (``None``: :func:`_rows_backward`), warps
-#: per program (``None``: :func:`_warps`), and whether the forward runs as one fused kernel (``None``: by
-#: :func:`_use_fused`'s rule); ``warps_backward`` / ``maxnreg_backward`` the backward kernels' warps and register cap
-#: per thread (``None``: the forward's warps, no cap). Benchmarks sweep these.
+#: Launch settings; benchmarks sweep them (``visionlin bench op --sweep``, ``benchmarks/linear_settings_ab.py``).
+#: Forward: ``rows`` per step, ``warps`` (``None``: :func:`_warps_forward`), ``stages`` (``None``: Triton's default),
+#: ``state_per_sm`` / ``readout_per_sm`` the programs per SM the two-kernel forward's key / query splits aim at
+#: (``None`` for the read-out: one block of rows per program), ``fused`` whether the single-kernel forward runs
+#: (``None``: :func:`_use_fused`'s rule). Backward: ``rows_backward`` (``None``: :func:`_rows_backward`),
+#: ``warps_backward`` (``None``: :func:`_warps`), ``maxnreg_backward`` (a register cap per thread; ``None``: none),
+#: ``backward_per_sm`` (the query splits' programs per SM), ``stages_backward``.
 TUNING: dict[str, int | None] = {
-    "rows": 64, "rows_backward": None, "warps": None, "fused": None, "warps_backward": None, "maxnreg_backward": None,
+    "rows": 64, "warps": None, "stages": None, "state_per_sm": 4, "readout_per_sm": None, "fused": None,
+    "rows_backward": None, "warps_backward": None, "maxnreg_backward": None, "backward_per_sm": 4,
+    "stages_backward": None,
 }  # fmt: skip
 NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
@@ -426,8 +433,14 @@ def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bo
 
 
 def _warps(block_d: int, block_dv: int) -> int:
-    """8 warps: with 4, the backward kernels spill registers for sm_90 from D = 32 on (ptxas: 204 B at D = 32,
-    3 KB at D = 64 with 128 rows); tests/test_kernels_sm90_compile.py checks the shipped settings."""
+    """Warps of the backward kernels (and of the RoPE kernels' programs): 8; with 4, the backward kernels spill
+    registers for sm_90 from D = 32 on (ptxas: 204 B at D = 32, 3 KB at D = 64 with 128 rows);
+    tests/test_kernels_sm90_compile.py checks the shipped settings."""
+    return 8
+
+
+def _warps_forward(block_d: int, block_dv: int) -> int:
+    """Warps of the forward kernels (``TUNING["warps"]`` overrides)."""
     if TUNING["warps"]:
         return TUNING["warps"]
     return 8
@@ -441,11 +454,23 @@ def _rows_backward(block_d: int, block_dv: int) -> int:
     return 128 if size <= 32 * 32 else 64 if size <= 64 * 64 else 16
 
 
-def _meta(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | bool]:
+def _meta(q: torch.Tensor, v: torch.Tensor, backward: bool = False) -> dict[str, int | bool]:
+    """Constexprs and launch options (warps, stages, register cap) of the forward's or the backward's kernels."""
     bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
     half = q.dtype in (torch.float16, torch.bfloat16)
     scale = q.dtype == torch.float16
-    return dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(bd, bdv))
+    meta = dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv)
+    if backward:
+        meta["num_warps"] = TUNING["warps_backward"] or _warps(bd, bdv)
+        stages, maxnreg = TUNING["stages_backward"], TUNING["maxnreg_backward"]
+    else:
+        meta["num_warps"] = _warps_forward(bd, bdv)
+        stages, maxnreg = TUNING["stages"], None
+    if stages:
+        meta["num_stages"] = stages
+    if maxnreg:
+        meta["maxnreg"] = maxnreg
+    return meta
 
 
 # Custom ops -----------------------------------------------------------------------------------------------------------
@@ -480,13 +505,17 @@ def linear_attention_fwd(
     state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
     if b * h == 0 or m == 0:
         return out, state
-    splits, per = _splits(m, rows, b * h, q.device)
+    splits, per = _splits(m, rows, b * h, q.device, per_sm=TUNING["state_per_sm"])
     launch(_state_kernel, (b * h, splits),
         k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
     )  # fmt: skip
     if n:
-        launch(_readout_kernel, (cdiv(n, rows), b * h),
-            q, state, out, n, h, d, dv, scale, 1.0 / m, eps, *q.stride(), *out.stride(),
+        if TUNING["readout_per_sm"]:
+            splits, per = _splits(n, rows, b * h, q.device, per_sm=TUNING["readout_per_sm"])
+        else:
+            splits, per = cdiv(n, rows), 1
+        launch(_readout_kernel, (splits, b * h),
+            q, state, out, n, h, d, dv, scale, 1.0 / m, eps, per, *q.stride(), *out.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
     return out, state
@@ -517,7 +546,7 @@ def linear_attention_bwd(
     """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
-    meta = _meta(q, v)
+    meta = _meta(q, v, backward=True)
     dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, m, h, d, device=k.device, dtype=k.dtype)
     dvv = torch.empty(b, m, h, dv, device=v.device, dtype=v.dtype)
@@ -525,12 +554,8 @@ def linear_attention_bwd(
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grads = torch.zeros_like(state)
     rows = _rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
-    if TUNING["warps_backward"]:
-        meta["num_warps"] = TUNING["warps_backward"]
-    if TUNING["maxnreg_backward"]:
-        meta["maxnreg"] = TUNING["maxnreg_backward"]
     if n:
-        splits, per = _splits(n, rows, b * h, q.device)
+        splits, per = _splits(n, rows, b * h, q.device, per_sm=TUNING["backward_per_sm"])
         launch(_readout_backward_kernel, (b * h, splits),
             q, g, out, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
             *q.stride(), *g.stride(), *out.stride(), *dq.stride(),
