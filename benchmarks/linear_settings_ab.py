@@ -34,11 +34,13 @@ STEM = "linear_settings_ab"
 #: name -> TUNING keys (the rest at their defaults)
 SETTINGS = {
     "default": {},
-    "4 warps, bwd rows 64": {"warps": 4, "rows_backward": 64},
-    "4 warps, bwd rows 32": {"warps": 4, "rows_backward": 32},
-    "4 warps fwd only": {"warps": 4, "warps_backward": 8},
-}
-MEASURES = ("triton_fwd_ms", "triton_fwd_graph_ms", "triton_bwd_ms")
+    # the settings shipped before 69e6057's search (at head dim 32; the backward's rows were 128 there too)
+    "former (8 warps)": {
+        "warps": 8, "rows": 64, "stages": 0, "state_per_sm": 4, "readout_per_sm": 0,
+        "warps_backward": 8, "stages_backward": 0, "backward_per_sm": 4,
+    },
+}  # fmt: skip
+MEASURES = ("triton_fwd_ms", "triton_fwd_graph_ms", "triton_bwd_ms", "triton_bwd_graph_ms")
 #: ``--grid``: the groups of knobs searched in turn (every combination within a group, the best kept for the next)
 FORWARD_GROUPS = (
     {"warps": (2, 4, 8), "rows": (32, 64, 128)},
@@ -140,7 +142,9 @@ def _plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
     for ax, measure in zip(axes, MEASURES, strict=True):
         ms = {(r["case"], r["setting"]): r[measure] for r in rows}
-        grouped_bars(ax, cases, list(SETTINGS), lambda c, s, ms=ms: ms.get((c, s), 0.0), label_fmt="%.3f", label_size=6)
+        grouped_bars(
+            ax, cases, list(result["settings"]), lambda c, s, ms=ms: ms.get((c, s), 0.0), label_fmt="%.3f", label_size=6
+        )
         ax.set_title(measure.replace("triton_", "").replace("_ms", " ms (median over rounds)"), fontsize=9)
     axes[0].legend(fontsize=7)
     finish(fig, result, path, fontsize=7)
@@ -154,7 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--rounds", type=int, default=3, help="passes over the settings (alternating order)")
     p.add_argument("--grid", action="store_true", help="coordinate descent over the knobs, graph-timed (see above)")
+    p.add_argument("--settings", type=json.loads, default=None,
+                   help='JSON {name: {TUNING key: value}} compared instead of the built-in SETTINGS')  # fmt: skip
+    p.add_argument("--cases", type=lambda s: [int(i) for i in s.split(",")], default=None,
+                   help="comma-separated indices into bench_op.CASES (default: the head-dim-32 cases)")  # fmt: skip
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--name", default=STEM, help=f"file stem of the JSON and PNG (default: {STEM})")
     args = p.parse_args(argv)
+    settings = SETTINGS if args.settings is None else args.settings
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        p.error("--settings must be a JSON object of objects")
+    unknown = {k for v in settings.values() for k in v} - set(tri.TUNING)
+    if unknown:
+        p.error(f"--settings names unknown TUNING keys {sorted(unknown)}; allowed: {sorted(tri.TUNING)}")
+    if args.cases is not None and not all(0 <= i < len(CASES) for i in args.cases):
+        p.error(f"--cases must be indices 0..{len(CASES) - 1}, got {args.cases}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     if args.rounds < 1:
@@ -162,19 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.grid:
         return _grid(args.out, args.commit, argv)
-    cases = [c for c in CASES if c[4] == 32]  # head dim 32: the shapes the settings were chosen for
+    # default: head dim 32, the shapes the built-in settings were chosen for
+    cases = [c for c in CASES if c[4] == 32] if args.cases is None else [CASES[i] for i in args.cases]
+    dtype = getattr(torch, args.dtype)
     saved = dict(tri.TUNING)
     samples: dict[tuple[str, str], list[dict]] = {}
     errors: dict[tuple[str, str], str] = {}
     try:
         for rnd in range(args.rounds):
-            order = list(SETTINGS) if rnd % 2 == 0 else list(reversed(SETTINGS))
+            order = list(settings) if rnd % 2 == 0 else list(reversed(settings))
             for name in order:
                 tri.TUNING.clear()
-                tri.TUNING.update(saved | SETTINGS[name])
+                tri.TUNING.update(saved | settings[name])
                 for case in cases:
                     try:
-                        r = run_case(*case, only=("triton",))
+                        r = run_case(*case, dtype=dtype, only=("triton",))
                     except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
                         errors[(case[0], name)] = f"{type(e).__name__}: {str(e)[:200]}"
                         continue
@@ -186,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         tri.TUNING.update(saved)
     rows = []
     for case in cases:
-        for name in SETTINGS:
-            row = {"case": case[0], "setting": name, "tuning": SETTINGS[name], "status": "ok"}
+        for name in settings:
+            row = {"case": case[0], "setting": name, "tuning": settings[name], "status": "ok"}
             runs = samples.get((case[0], name), [])
             if not runs:
                 rows.append(row | {"status": "error", "error": errors.get((case[0], name), "not run")})
@@ -198,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 row[m.replace("_ms", "_runs_ms")] = vals
             rows.append(row)
             print(f"{case[0]:34s} {name:24s} " + "  ".join(f"{m[7:]} {row[m]:.3f}" for m in MEASURES if row[m]))
-    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "settings": SETTINGS, "rows": rows}
-    for note in write_result(result, args.out, STEM, plot=_plot):
+    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "dtype": args.dtype, "settings": settings,
+              "rows": rows}  # fmt: skip
+    for note in write_result(result, args.out, args.name, plot=_plot):
         print(note)
     return 0
 

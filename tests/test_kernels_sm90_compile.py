@@ -109,16 +109,25 @@ def _linear(dt, tdt):
     cases = []
     for d in (32, 64, 128):
         x = torch.empty(1, 1, 1, d, dtype=tdt)
-        meta = linear._meta(x, x)
-        warps = meta.pop("num_warps")
-        rows = linear._rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
-        lin = dict(FMAP=2, **meta)
+        lin = dict(FMAP=2, **linear._meta(x, x))
+        bd, bdv = lin["BLOCK_D"], lin["BLOCK_DV"]
+
+        def opts(settings, x=x):
+            meta = linear._meta(x, x, settings)
+            return {k: meta[k] for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+
+        fwd, fused, bwd = (linear._forward_settings(bd, bdv, False), linear._forward_settings(bd, bdv, True),
+                           linear._backward_settings(bd, bdv))  # fmt: skip
         cases += [
-            (linear._state_kernel, dt, dict(lin, BLOCK_M=64), warps),
-            (linear._readout_kernel, dt, dict(lin, NORM=0, BLOCK_N=64), warps),
-            *([(linear._fused_kernel, dt, dict(lin, NORM=0, SAVE_STATE=True, BLOCK_N=64), warps)] if d <= 64 else []),
-            (linear._readout_backward_kernel, dt, dict(lin, NORM=0, BLOCK_N=rows), warps),
-            (linear._state_backward_kernel, dt, dict(lin, NORM=0, BLOCK_M=rows), warps),
+            (linear._state_kernel, dt, dict(lin, BLOCK_M=fwd["rows"]), opts(fwd)),
+            (linear._readout_kernel, dt, dict(lin, NORM=0, BLOCK_N=fwd["rows"]), opts(fwd)),
+            *(
+                [(linear._fused_kernel, dt, dict(lin, NORM=0, SAVE_STATE=True, BLOCK_N=fused["rows"]), opts(fused))]
+                if d <= 64
+                else []
+            ),  # fmt: skip
+            (linear._readout_backward_kernel, dt, dict(lin, NORM=0, BLOCK_N=bwd["rows_backward"]), opts(bwd)),
+            (linear._state_backward_kernel, dt, dict(lin, NORM=0, BLOCK_M=bwd["rows_backward"]), opts(bwd)),
         ]
     return cases
 

@@ -384,17 +384,17 @@ def _state_backward_kernel(
 
 
 # Launch helpers -------------------------------------------------------------------------------------------------------
-#: Launch settings; benchmarks sweep them (``visionlin bench op --sweep``, ``benchmarks/linear_settings_ab.py``).
-#: Forward: ``rows`` per step, ``warps`` (``None``: :func:`_warps_forward`), ``stages`` (``None``: Triton's default),
-#: ``state_per_sm`` / ``readout_per_sm`` the programs per SM the two-kernel forward's key / query splits aim at
-#: (``None`` for the read-out: one block of rows per program), ``fused`` whether the single-kernel forward runs
-#: (``None``: :func:`_use_fused`'s rule). Backward: ``rows_backward`` (``None``: :func:`_rows_backward`),
-#: ``warps_backward`` (``None``: :func:`_warps`), ``maxnreg_backward`` (a register cap per thread; ``None``: none),
-#: ``backward_per_sm`` (the query splits' programs per SM), ``stages_backward``.
+#: Launch settings, ``None`` for the measured defaults of :func:`_forward_settings` / :func:`_backward_settings`;
+#: benchmarks sweep them (``visionlin bench op --sweep``, ``benchmarks/linear_settings_ab.py --grid``).
+#: Forward: ``rows`` per step, ``warps``, ``stages`` (0: Triton's default), ``state_per_sm`` / ``readout_per_sm`` the
+#: programs per SM the two-kernel forward's key / query splits aim at (``readout_per_sm`` 0: one block of rows per
+#: program), ``fused`` whether the single-kernel forward runs (``None``: :func:`_use_fused`'s rule). Backward:
+#: ``rows_backward``, ``warps_backward``, ``stages_backward``, ``backward_per_sm`` (the query splits' programs per SM)
+#: and ``maxnreg_backward`` (a register cap per thread; ``None``: none).
 TUNING: dict[str, int | None] = {
-    "rows": 64, "warps": None, "stages": None, "state_per_sm": 4, "readout_per_sm": None, "fused": None,
-    "rows_backward": None, "warps_backward": None, "maxnreg_backward": None, "backward_per_sm": 4,
-    "stages_backward": None,
+    "rows": None, "warps": None, "stages": None, "state_per_sm": None, "readout_per_sm": None, "fused": None,
+    "rows_backward": None, "warps_backward": None, "stages_backward": None, "backward_per_sm": None,
+    "maxnreg_backward": None,
 }  # fmt: skip
 NORMALIZATION_IDS = {"divide": 0, "subtract": 1, "none": 2}
 
@@ -432,44 +432,62 @@ def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bo
     return bh >= 2 * _num_sms(device) and block_d * block_dv <= 64 * 64
 
 
-def _warps(block_d: int, block_dv: int) -> int:
-    """Warps of the backward kernels (and of the RoPE kernels' programs): 8; with 4, the backward kernels spill
-    registers for sm_90 from D = 32 on (ptxas: 204 B at D = 32, 3 KB at D = 64 with 128 rows);
-    tests/test_kernels_sm90_compile.py checks the shipped settings."""
-    return 8
+def _tuned(defaults: dict[str, int]) -> dict[str, int]:
+    return {key: default if TUNING[key] is None else TUNING[key] for key, default in defaults.items()}
 
 
-def _warps_forward(block_d: int, block_dv: int) -> int:
-    """Warps of the forward kernels (``TUNING["warps"]`` overrides)."""
-    if TUNING["warps"]:
-        return TUNING["warps"]
-    return 8
+def _forward_settings(block_d: int, block_dv: int, fused: bool) -> dict[str, int]:
+    """``rows``, ``warps``, ``stages``, ``state_per_sm``, ``readout_per_sm`` of the forward (``TUNING`` overrides).
 
-
-def _rows_backward(block_d: int, block_dv: int) -> int:
-    """Rows per step of the backward kernels: the largest without register spills for sm_90 at 8 warps."""
-    if TUNING["rows_backward"]:
-        return TUNING["rows_backward"]
+    Chosen by a graph-timed search on an H200 (``benchmarks/results/h200/linear_settings_grid_69e6057.json``): few
+    warps per program, since each step's products are small (``[rows, D] x [D, Dv]``) and the kernels are bound by
+    memory latency, so more resident programs beat wider ones. At D = 32 (B 64, N 3,136, H 3) 2 warps / 64 rows /
+    one pipeline stage took 0.060-0.067 ms against 0.160 with the former 8 warps; at D = 64 (65k tokens) 4 warps /
+    128 rows with four read-out programs per SM 0.151 against 0.334; the fused forward (B 256, N 197, H 6, D 64) 2 warps
+    / 32 rows 0.090 against 0.155. Head dims above 64 were not searched and keep 8 warps / 64 rows."""
     size = block_d * block_dv
-    return 128 if size <= 32 * 32 else 64 if size <= 64 * 64 else 16
+    if fused:
+        rows, warps, stages, readout = (32, 2, 0, 0) if size <= 64 * 64 else (64, 8, 0, 0)
+    elif size <= 32 * 32:
+        rows, warps, stages, readout = 64, 2, 1, 0
+    elif size <= 64 * 64:
+        rows, warps, stages, readout = 128, 4, 0, 4
+    else:
+        rows, warps, stages, readout = 64, 8, 0, 0
+    return _tuned(dict(rows=rows, warps=warps, stages=stages, state_per_sm=4, readout_per_sm=readout))
 
 
-def _meta(q: torch.Tensor, v: torch.Tensor, backward: bool = False) -> dict[str, int | bool]:
-    """Constexprs and launch options (warps, stages, register cap) of the forward's or the backward's kernels."""
+def _backward_settings(block_d: int, block_dv: int) -> dict[str, int]:
+    """``rows_backward``, ``warps_backward``, ``stages_backward``, ``backward_per_sm`` of the backward (``TUNING``
+    overrides). From the same search: 4 warps and one pipeline stage, 128 rows at D = 32 (0.142 ms against 0.203 at
+    8 warps, B 64, N 3,136, H 3) and 64 at D = 64 (0.207 against 0.332, B 256, N 197, H 6); above 64 (not searched)
+    8 warps / 16 rows, the largest that compiled without register spills for sm_90 (tests/test_kernels_sm90_compile.py
+    checks the shipped settings)."""
+    size = block_d * block_dv
+    if size <= 32 * 32:
+        rows, warps, stages = 128, 4, 1
+    elif size <= 64 * 64:
+        rows, warps, stages = 64, 4, 1
+    else:
+        rows, warps, stages = 16, 8, 0
+    return _tuned(dict(rows_backward=rows, warps_backward=warps, stages_backward=stages, backward_per_sm=8))
+
+
+def _meta(q: torch.Tensor, v: torch.Tensor, launch: dict[str, int] | None = None) -> dict[str, int | bool]:
+    """Constexprs of the kernels, with the launch options (warps, stages, register cap) of ``launch`` (one of
+    :func:`_forward_settings` / :func:`_backward_settings`)."""
     bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
     half = q.dtype in (torch.float16, torch.bfloat16)
     scale = q.dtype == torch.float16
-    meta = dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv)
-    if backward:
-        meta["num_warps"] = TUNING["warps_backward"] or _warps(bd, bdv)
-        stages, maxnreg = TUNING["stages_backward"], TUNING["maxnreg_backward"]
-    else:
-        meta["num_warps"] = _warps_forward(bd, bdv)
-        stages, maxnreg = TUNING["stages"], None
-    if stages:
-        meta["num_stages"] = stages
-    if maxnreg:
-        meta["maxnreg"] = maxnreg
+    meta: dict[str, int | bool] = dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv)
+    if launch is not None:
+        backward = "warps_backward" in launch
+        meta["num_warps"] = launch["warps_backward" if backward else "warps"]
+        stages = launch["stages_backward" if backward else "stages"]
+        if stages:
+            meta["num_stages"] = stages
+        if backward and TUNING["maxnreg_backward"]:
+            meta["maxnreg"] = TUNING["maxnreg_backward"]
     return meta
 
 
@@ -489,11 +507,13 @@ def linear_attention_fwd(
     ``save_state=False`` (no gradient will be asked for) the state may come back empty (``[0]``)."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
-    meta = _meta(q, v)
-    bd, bdv = meta["BLOCK_D"], meta["BLOCK_DV"]
+    bd, bdv = _pad_dims(d, dv)
+    fused = _use_fused(b * h, bd, bdv, q.device)
+    settings = _forward_settings(bd, bdv, fused)
+    meta = _meta(q, v, settings)
     out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
-    rows = TUNING["rows"]
-    if _use_fused(b * h, bd, bdv, q.device) and b * h and m:
+    rows = settings["rows"]
+    if fused and b * h and m:
         size = (b * h, bd * bdv + bd + bdv) if save_state else (0,)
         state = torch.empty(size, device=q.device, dtype=torch.float32)
         launch(_fused_kernel, (b * h,),
@@ -505,13 +525,13 @@ def linear_attention_fwd(
     state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
     if b * h == 0 or m == 0:
         return out, state
-    splits, per = _splits(m, rows, b * h, q.device, per_sm=TUNING["state_per_sm"])
+    splits, per = _splits(m, rows, b * h, q.device, per_sm=settings["state_per_sm"])
     launch(_state_kernel, (b * h, splits),
         k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
     )  # fmt: skip
     if n:
-        if TUNING["readout_per_sm"]:
-            splits, per = _splits(n, rows, b * h, q.device, per_sm=TUNING["readout_per_sm"])
+        if settings["readout_per_sm"]:
+            splits, per = _splits(n, rows, b * h, q.device, per_sm=settings["readout_per_sm"])
         else:
             splits, per = cdiv(n, rows), 1
         launch(_readout_kernel, (splits, b * h),
@@ -546,16 +566,17 @@ def linear_attention_bwd(
     """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
-    meta = _meta(q, v, backward=True)
+    settings = _backward_settings(*_pad_dims(d, dv))
+    meta = _meta(q, v, settings)
     dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, m, h, d, device=k.device, dtype=k.dtype)
     dvv = torch.empty(b, m, h, dv, device=v.device, dtype=v.dtype)
     if b * h == 0 or m == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grads = torch.zeros_like(state)
-    rows = _rows_backward(meta["BLOCK_D"], meta["BLOCK_DV"])
+    rows = settings["rows_backward"]
     if n:
-        splits, per = _splits(n, rows, b * h, q.device, per_sm=TUNING["backward_per_sm"])
+        splits, per = _splits(n, rows, b * h, q.device, per_sm=settings["backward_per_sm"])
         launch(_readout_backward_kernel, (b * h, splits),
             q, g, out, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
             *q.stride(), *g.stride(), *out.stride(), *dq.stride(),

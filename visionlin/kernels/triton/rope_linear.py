@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
-from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits, _warps
+from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
 
@@ -482,6 +482,8 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 
+#: Warps per program of every kernel here (the linear kernels' former setting; the linear kernels now run fewer).
+WARPS = 8
 #: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The largest
 #: without register spills for sm_90 at 8 warps (ptxas; tests/test_kernels_sm90_compile.py checks every kernel).
 ROWS = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
@@ -499,7 +501,7 @@ def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool) -> dict:
     bd, bf, bdv = _blocks(mech, q.shape[-1], v.shape[-1])
     return dict(
         MECH=mech, HAS_ROPE=has_rope, HALF=q.dtype in (torch.float16, torch.bfloat16), SCALE=q.dtype == torch.float16,
-        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv, num_warps=_warps(bf, bdv),
+        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv, num_warps=WARPS,
     )  # fmt: skip
 
 
