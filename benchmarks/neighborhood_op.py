@@ -3,6 +3,10 @@ kernel must beat to be worth having) and the gather reference, forward and forwa
 Triton kernels again with the table frozen (the cost of its gradient by difference), and a per-kernel profile of the
 Triton forward + backward.
 
+Each row has the eager time per call (``ms``, CUDA events around a loop of calls: host and GPU) and, but for the
+reference, ``graph_ms``: the same call replayed from a CUDA graph (GPU time alone; on a slow host the eager forward +
+backward of the Triton kernels is bound by its launches, and the two differ).
+
 Default shape: NAT-T stage 1 (B=64, 56 x 56 tokens, 2 heads, head dim 32, kernel 7, with NAT's rpb), bf16. The issue's
 target: forward + backward at least 3x faster than dense SDPA over the same tokens (dense SDPA forward took 0.80 ms
 there on an H200). ``--sweep`` also times the Triton kernels over their tile settings (``TUNING`` in
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
+from benchmarks._timing import DTYPES, cuda_ms, graph_ms  # noqa: E402
 from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -96,6 +100,11 @@ def _measure(name: str, fn: Callable, args: argparse.Namespace) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             row["ms"] = cuda_ms(step, args.warmup, args.iters, args.repeats)
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            if name != "reference":  # GPU time alone (replayed from a CUDA graph): the call without the host's part
+                try:
+                    row["graph_ms"] = graph_ms(step, args.warmup, args.iters)
+                except Exception as e:  # noqa: BLE001 (recorded; the eager time stands)
+                    row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         except torch.cuda.OutOfMemoryError as e:
             row |= {"status": "oom", "error": str(e).splitlines()[0][:300]}
         except Exception as e:  # noqa: BLE001 (recorded; the other methods still run)
@@ -243,9 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     by = {(r["method"], r["mode"]): r.get("ms") for r in rows}
+    by_graph = {(r["method"], r["mode"]): r.get("graph_ms") for r in rows}
     for mode in ("forward", "forward_backward"):
         if by.get(("triton", mode)) and by.get(("sdpa_dense", mode)):
             print(f"{mode}: sdpa_dense / triton = {by[('sdpa_dense', mode)] / by[('triton', mode)]:.2f}x")
+        if by_graph.get(("triton", mode)) and by_graph.get(("sdpa_dense", mode)):
+            print(f"{mode}, CUDA graph: {by_graph[('sdpa_dense', mode)] / by_graph[('triton', mode)]:.2f}x")
     shape = {k: getattr(args, k) for k in ("batch", "size", "heads", "dim", "kernel", "dilation", "dtype", "rpb")}
     result = {
         "benchmark": STEM,
@@ -256,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             m: by[("sdpa_dense", m)] / by[("triton", m)]
             for m in ("forward", "forward_backward")
             if by.get(("triton", m)) and by.get(("sdpa_dense", m))
+        },
+        "speedup_vs_sdpa_dense_graph": {
+            m: by_graph[("sdpa_dense", m)] / by_graph[("triton", m)]
+            for m in ("forward", "forward_backward")
+            if by_graph.get(("triton", m)) and by_graph.get(("sdpa_dense", m))
         },
         "rows": rows,
     }

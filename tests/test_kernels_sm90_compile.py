@@ -376,6 +376,33 @@ def _gated_norm(dt, tdt):
 # 128 wide) and of MALA / RALA in float16 at D = 128; the opt-in SLA read-out backward at D = 128 (its resident
 # [D, Dv] state, [Dv, Dv] projection and dH_i accumulator in float32 exceed the register file).
 SPILL_ALLOWANCE = {
+    # the linear kernels' launch settings (linear._forward_settings / _backward_settings) spill at head dims 32-64, and
+    # were measured faster than the spill-free settings tried on the H200, graph-timed (bf16: linear_settings_grid_69e6057,
+    # linear_settings_ab_d{32,64}_bfloat16_15c3a07: e.g. the head-dim-64 backward 0.366 vs 0.556 ms; fp16 at head
+    # dim 32: linear_settings_ab_d32_float16_15c3a07, 0.201 vs 0.266 ms; fp16 at head dim 64 not measured)
+    **{
+        ("visionlin.kernels.triton.linear", name, "bf16", None, d): n
+        for name, d, n in (
+            ("_readout_backward_kernel", 32, 240),
+            ("_state_kernel", 64, 300),
+            ("_readout_kernel", 64, 420),
+            ("_fused_kernel", 64, 48),
+            ("_readout_backward_kernel", 64, 240),
+            ("_state_backward_kernel", 64, 100),
+        )
+    },
+    **{
+        ("visionlin.kernels.triton.linear", name, "fp16", None, d): n
+        for name, d, n in (
+            ("_readout_backward_kernel", 32, 80),
+            ("_state_backward_kernel", 32, 72),
+            ("_state_kernel", 64, 780),
+            ("_readout_kernel", 64, 32),
+            ("_fused_kernel", 64, 32),
+            ("_readout_backward_kernel", 64, 560),
+            ("_state_backward_kernel", 64, 72),
+        )
+    },
     ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "bf16", None, 128): 900,
     ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "fp16", None, 128): 900,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "bf16", 2, 64): 16,
