@@ -44,14 +44,18 @@ MEASURES = ("triton_fwd_ms", "triton_fwd_graph_ms", "triton_bwd_ms", "triton_bwd
 #: ``--grid``: the groups of knobs searched in turn (every combination within a group, the best kept for the next)
 FORWARD_GROUPS = (
     {"warps": (2, 4, 8), "rows": (32, 64, 128)},
-    {"state_per_sm": (2, 4, 8, 16, 32), "readout_per_sm": (None, 4, 8, 16, 32)},
-    {"stages": (None, 1, 2, 4), "fused": (None, 0, 1)},
+    # readout_per_sm 0: one block of rows per program; stages 0: Triton's default (None would be the shipped default)
+    {"state_per_sm": (2, 4, 8, 16, 32), "readout_per_sm": (0, 4, 8, 16, 32)},
+    {"stages": (0, 1, 2, 4), "fused": (None, 0, 1)},
 )
 BACKWARD_GROUPS = (
     {"warps_backward": (4, 8), "rows_backward": (32, 64, 128), "maxnreg_backward": (None, 128)},
-    {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (None, 1, 2, 4)},
+    {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (0, 1, 2, 4)},
 )
 GRID_CASES = (0, 2, 3, 4)  # indices into bench_op.CASES: 192 / 6 / 12 (batch, head) pairs, and 1,536 (fused forward)
+#: a setting whose result differs from the shipped settings' by more than this (relative to the largest magnitude of
+#: that result) is recorded as wrong and cannot win: a search must not pick a fast kernel that computes something else
+GRID_TOLERANCE = 2e-2
 
 
 def _plot_grid(result: dict, path: Path) -> None:
@@ -71,8 +75,11 @@ def _plot_grid(result: dict, path: Path) -> None:
     finish(fig, result, path, fontsize=7)
 
 
-def _grid(out: Path, commit: str | None, argv: list[str] | None) -> int:
-    """Coordinate descent over :data:`FORWARD_GROUPS` and :data:`BACKWARD_GROUPS`, per case, graph-timed."""
+def _grid(
+    out: Path, commit: str | None, argv: list[str] | None, cases: list[int], dtype: torch.dtype, name: str
+) -> int:
+    """Coordinate descent over :data:`FORWARD_GROUPS` and :data:`BACKWARD_GROUPS`, per case, graph-timed; the JSON is
+    rewritten after every case (a run cut short keeps what it measured)."""
     import functools
     import itertools
 
@@ -80,12 +87,22 @@ def _grid(out: Path, commit: str | None, argv: list[str] | None) -> int:
     from visionlin.train.bench_op import CASES, _bench_graph
 
     saved = dict(tri.TUNING)
-    rows, best = [], {}
+    rows, best, defaults = [], {}, {}
+    result = {"benchmark": "linear_settings_grid", "meta": gpu_meta(argv, commit), "dtype": str(dtype),
+              "tolerance": GRID_TOLERANCE, "defaults": defaults,
+              "forward_groups": [{k: list(v) for k, v in grp.items()} for grp in FORWARD_GROUPS],
+              "backward_groups": [{k: list(v) for k, v in grp.items()} for grp in BACKWARD_GROUPS],
+              "best": best, "rows": rows}  # fmt: skip
     try:
-        for idx in GRID_CASES:
+        for idx in cases:
             label, b, n, h, d, fmap, norm = CASES[idx]
-            q, k, v, g = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            q, k, v, g = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(4))
             args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6)
+            bd, bdv = tri._pad_dims(d, d)
+            defaults[label] = {
+                "forward": tri._forward_settings(bd, bdv, tri._use_fused(b * h, bd, bdv, q.device)),
+                "backward": tri._backward_settings(bd, bdv),
+            }
             with torch.no_grad():
                 ref_out, state = tri.linear_attention_fwd(q, k, v, *args)
                 ref_grads = tri.linear_attention_bwd(q, k, v, ref_out, state, g, *args)
@@ -104,10 +121,16 @@ def _grid(out: Path, commit: str | None, argv: list[str] | None) -> int:
                         try:
                             with torch.no_grad():
                                 got = call()
-                                row["max_abs_diff"] = max(
-                                    (x.float() - y.float()).abs().max().item()
+                                row["max_rel_diff"] = max(
+                                    (
+                                        (x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)
+                                    ).item()
                                     for x, y in zip(got[: len(ref)], ref, strict=True)
                                 )
+                                if not row["max_rel_diff"] <= GRID_TOLERANCE:  # NaN fails too
+                                    raise ValueError(
+                                        f"result differs from the shipped settings': {row['max_rel_diff']}"
+                                    )
                                 ms = _bench_graph(call, ms=100)
                             row["graph_ms"] = ms
                             timed.append((ms, config))
@@ -119,14 +142,11 @@ def _grid(out: Path, commit: str | None, argv: list[str] | None) -> int:
                         chosen = min(timed, key=lambda t: t[0])[1]
                 best[f"{label} | {part}"] = chosen
                 print(f"best {label} {part}: {chosen}", flush=True)
+            write_result(result, out, name, plot=False)
     finally:
         tri.TUNING.clear()
         tri.TUNING.update(saved)
-    result = {"benchmark": "linear_settings_grid", "meta": gpu_meta(argv, commit), "defaults": saved,
-              "forward_groups": [{k: list(v) for k, v in g.items()} for g in FORWARD_GROUPS],
-              "backward_groups": [{k: list(v) for k, v in g.items()} for g in BACKWARD_GROUPS],
-              "best": best, "rows": rows}  # fmt: skip
-    for note in write_result(result, out, "linear_settings_grid", plot=_plot_grid):
+    for note in write_result(result, out, name, plot=_plot_grid):
         print(note)
     return 0
 
@@ -156,38 +176,51 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/linear_settings_ab.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for linear_settings_ab.json / .png")
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
-    p.add_argument("--rounds", type=int, default=3, help="passes over the settings (alternating order)")
+    p.add_argument("--rounds", type=int, default=None, help="passes over the settings, alternating order (default 3)")
     p.add_argument("--grid", action="store_true", help="coordinate descent over the knobs, graph-timed (see above)")
     p.add_argument("--settings", type=json.loads, default=None,
                    help='JSON {name: {TUNING key: value}} compared instead of the built-in SETTINGS')  # fmt: skip
     p.add_argument("--cases", type=lambda s: [int(i) for i in s.split(",")], default=None,
-                   help="comma-separated indices into bench_op.CASES (default: the head-dim-32 cases)")  # fmt: skip
+                   help="comma-separated indices into bench_op.CASES (default: the head-dim-32 cases; with --grid "
+                   f"{','.join(map(str, GRID_CASES))})")  # fmt: skip
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    p.add_argument("--name", default=STEM, help=f"file stem of the JSON and PNG (default: {STEM})")
+    p.add_argument("--name", default=None, help=f"file stem of the JSON and PNG (default: {STEM}, or "
+                   "linear_settings_grid with --grid)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.grid and (args.settings is not None or args.rounds is not None):
+        p.error("--grid searches its own settings once: --settings and --rounds do not apply to it")
     settings = SETTINGS if args.settings is None else args.settings
-    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
-        p.error("--settings must be a JSON object of objects")
+    if not isinstance(settings, dict) or not settings or not all(isinstance(v, dict) for v in settings.values()):
+        p.error("--settings must be a non-empty JSON object of objects")
     unknown = {k for v in settings.values() for k in v} - set(tri.TUNING)
     if unknown:
         p.error(f"--settings names unknown TUNING keys {sorted(unknown)}; allowed: {sorted(tri.TUNING)}")
-    if args.cases is not None and not all(0 <= i < len(CASES) for i in args.cases):
-        p.error(f"--cases must be indices 0..{len(CASES) - 1}, got {args.cases}")
+    bad = {f"{n}.{k}": x for n, v in settings.items() for k, x in v.items()
+           if not (x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0))}  # fmt: skip
+    if bad:
+        p.error(f"--settings values must be null or non-negative integers, got {bad}")
+    cases_ok = args.cases is None or (
+        bool(args.cases) and all(0 <= i < len(CASES) for i in args.cases) and len(set(args.cases)) == len(args.cases)
+    )
+    if not cases_ok:
+        p.error(f"--cases must be distinct indices 0..{len(CASES) - 1}, got {args.cases}")
+    rounds = 3 if args.rounds is None else args.rounds
+    if rounds < 1:
+        p.error(f"--rounds must be at least 1, got {rounds}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
     if args.grid:
-        return _grid(args.out, args.commit, argv)
+        grid_cases = list(GRID_CASES) if args.cases is None else args.cases
+        return _grid(args.out, args.commit, argv, grid_cases, dtype, args.name or "linear_settings_grid")
     # default: head dim 32, the shapes the built-in settings were chosen for
     cases = [c for c in CASES if c[4] == 32] if args.cases is None else [CASES[i] for i in args.cases]
-    dtype = getattr(torch, args.dtype)
     saved = dict(tri.TUNING)
     samples: dict[tuple[str, str], list[dict]] = {}
     errors: dict[tuple[str, str], str] = {}
     try:
-        for rnd in range(args.rounds):
+        for rnd in range(rounds):
             order = list(settings) if rnd % 2 == 0 else list(reversed(settings))
             for name in order:
                 tri.TUNING.clear()
@@ -220,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case[0]:34s} {name:24s} " + "  ".join(f"{m[7:]} {row[m]:.3f}" for m in MEASURES if row[m]))
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "dtype": args.dtype, "settings": settings,
               "rows": rows}  # fmt: skip
-    for note in write_result(result, args.out, args.name, plot=_plot):
+    for note in write_result(result, args.out, args.name or STEM, plot=_plot):
         print(note)
     return 0
 

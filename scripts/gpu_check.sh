@@ -279,7 +279,7 @@ for stage in "$@"; do
       timeout 170 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --rounds ${AB_ROUNDS:-3} 2>&1 \
         | grep -v '^{"round"' | tail -20 ;;
     bench-linear-grid)
-      timeout 400 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
+      timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
         | grep -v '^{"case"' | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -377,9 +377,10 @@ def _gated_norm(dt, tdt):
 # [D, Dv] state, [Dv, Dv] projection and dH_i accumulator in float32 exceed the register file).
 SPILL_ALLOWANCE = {
     # the linear kernels' launch settings (linear._forward_settings / _backward_settings) spill at head dims 32-64, and
-    # were measured faster than the spill-free settings tried on the H200, graph-timed (bf16: linear_settings_grid_69e6057,
-    # linear_settings_ab_d{32,64}_bfloat16_15c3a07: e.g. the head-dim-64 backward 0.366 vs 0.556 ms; fp16 at head
-    # dim 32: linear_settings_ab_d32_float16_15c3a07, 0.201 vs 0.266 ms; fp16 at head dim 64 not measured)
+    # were measured faster than the spill-free settings tried on the H200, graph-timed (bf16:
+    # linear_settings_grid_69e6057, linear_settings_ab_d{32,64}_bfloat16_15c3a07: e.g. the head-dim-64 backward 0.366
+    # vs 0.556 ms; fp16 at head dim 32: linear_settings_ab_d32_float16_15c3a07, 0.201 vs 0.266 ms; fp16 at head dim
+    # 64 not measured)
     **{
         ("visionlin.kernels.triton.linear", name, "bf16", None, d): n
         for name, d, n in (

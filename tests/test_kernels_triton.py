@@ -180,6 +180,39 @@ def check_splits(device, shape=(1, 70, 130, 2, 32, 16)):
         tlin.TUNING.update(before)
 
 
+@pytest.mark.parametrize(("key", "value"), [("rows", 0), ("warps", 3), ("rows_backward", -64), ("stages", 1.5)])
+def test_launch_settings_refuse_bad_tuning(key, value):
+    from visionlin.kernels.triton import linear as tlin
+
+    before = dict(tlin.TUNING)
+    try:
+        tlin.TUNING[key] = value
+        with pytest.raises(ValueError, match=rf"TUNING\['{key}'\] must be None or"):
+            tlin._forward_settings(32, 32, False) if "backward" not in key else tlin._backward_settings(32, 32)
+    finally:
+        tlin.TUNING.clear()
+        tlin.TUNING.update(before)
+
+
+def test_launch_settings_defaults_and_overrides():
+    """The measured defaults per head dim, and a TUNING entry taking the place of one default only."""
+    from visionlin.kernels.triton import linear as tlin
+
+    assert tlin._forward_settings(32, 32, False) == dict(rows=64, warps=2, stages=1, state_per_sm=4, readout_per_sm=0)
+    assert tlin._forward_settings(64, 64, True)["warps"] == 2
+    assert tlin._backward_settings(64, 64)["rows_backward"] == 64
+    before = dict(tlin.TUNING)
+    try:
+        tlin.TUNING["warps"] = 8
+        assert tlin._forward_settings(32, 32, False) == dict(
+            rows=64, warps=8, stages=1, state_per_sm=4, readout_per_sm=0
+        )
+        assert tlin._backward_settings(32, 32)["warps_backward"] == 4  # the forward's knob only
+    finally:
+        tlin.TUNING.clear()
+        tlin.TUNING.update(before)
+
+
 @gpu
 def test_triton_splits():
     check_splits("cuda", shape=(2, 3136, 3136, 3, 32, 32))

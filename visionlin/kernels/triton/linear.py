@@ -390,7 +390,8 @@ def _state_backward_kernel(
 #: programs per SM the two-kernel forward's key / query splits aim at (``readout_per_sm`` 0: one block of rows per
 #: program), ``fused`` whether the single-kernel forward runs (``None``: :func:`_use_fused`'s rule). Backward:
 #: ``rows_backward``, ``warps_backward``, ``stages_backward``, ``backward_per_sm`` (the query splits' programs per SM)
-#: and ``maxnreg_backward`` (a register cap per thread; ``None``: none).
+#: and ``maxnreg_backward`` (a register cap per thread; ``None``: none). Rows and warps are powers of two; a per-SM
+#: knob at 0 gives one split per (batch, head).
 TUNING: dict[str, int | None] = {
     "rows": None, "warps": None, "stages": None, "state_per_sm": None, "readout_per_sm": None, "fused": None,
     "rows_backward": None, "warps_backward": None, "stages_backward": None, "backward_per_sm": None,
@@ -432,8 +433,18 @@ def _use_fused(bh: int, block_d: int, block_dv: int, device: torch.device) -> bo
     return bh >= 2 * _num_sms(device) and block_d * block_dv <= 64 * 64
 
 
+_POW2_KNOBS = ("rows", "warps", "rows_backward", "warps_backward")
+
+
 def _tuned(defaults: dict[str, int]) -> dict[str, int]:
-    return {key: default if TUNING[key] is None else TUNING[key] for key, default in defaults.items()}
+    """``defaults`` with the ``TUNING`` entries that are set (not ``None``) in their place, checked."""
+    out = {key: default if TUNING[key] is None else TUNING[key] for key, default in defaults.items()}
+    for key, value in out.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"TUNING[{key!r}] must be None or a non-negative int, got {value!r}")
+        if key in _POW2_KNOBS and (value < 1 or value & (value - 1)):
+            raise ValueError(f"TUNING[{key!r}] must be None or a power of two, got {value!r}")
+    return out
 
 
 def _forward_settings(block_d: int, block_dv: int, fused: bool) -> dict[str, int]:
@@ -459,10 +470,10 @@ def _forward_settings(block_d: int, block_dv: int, fused: bool) -> dict[str, int
 
 def _backward_settings(block_d: int, block_dv: int) -> dict[str, int]:
     """``rows_backward``, ``warps_backward``, ``stages_backward``, ``backward_per_sm`` of the backward (``TUNING``
-    overrides). From the same search: 4 warps and one pipeline stage, 128 rows at D = 32 (0.142 ms against 0.203 at
-    8 warps, B 64, N 3,136, H 3) and 64 at D = 64 (0.207 against 0.332, B 256, N 197, H 6); above 64 (not searched)
-    8 warps / 16 rows, the largest that compiled without register spills for sm_90 (tests/test_kernels_sm90_compile.py
-    checks the shipped settings)."""
+    overrides). From the same search: 4 warps, one pipeline stage and eight query splits per SM, 128 rows at D = 32
+    (0.142 ms against 0.203 at 8 warps, B 64, N 3,136, H 3) and 64 at D = 64 (0.207 against 0.332, B 256, N 197,
+    H 6); above 64 (not searched) the former 8 warps / 16 rows / four splits per SM, the largest rows that compiled
+    without register spills for sm_90 (tests/test_kernels_sm90_compile.py checks the shipped settings)."""
     size = block_d * block_dv
     if size <= 32 * 32:
         rows, warps, stages = 128, 4, 1
@@ -470,20 +481,21 @@ def _backward_settings(block_d: int, block_dv: int) -> dict[str, int]:
         rows, warps, stages = 64, 4, 1
     else:
         rows, warps, stages = 16, 8, 0
-    return _tuned(dict(rows_backward=rows, warps_backward=warps, stages_backward=stages, backward_per_sm=8))
+    per_sm = 8 if size <= 64 * 64 else 4  # the former setting above 64
+    return _tuned(dict(rows_backward=rows, warps_backward=warps, stages_backward=stages, backward_per_sm=per_sm))
 
 
-def _meta(q: torch.Tensor, v: torch.Tensor, launch: dict[str, int] | None = None) -> dict[str, int | bool]:
-    """Constexprs of the kernels, with the launch options (warps, stages, register cap) of ``launch`` (one of
-    :func:`_forward_settings` / :func:`_backward_settings`)."""
+def _meta(q: torch.Tensor, v: torch.Tensor, settings: dict[str, int] | None = None) -> dict[str, int | bool]:
+    """Constexprs of the kernels, with the launch options (warps, stages, register cap) of ``settings`` (from
+    :func:`_forward_settings` or :func:`_backward_settings`)."""
     bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
     half = q.dtype in (torch.float16, torch.bfloat16)
     scale = q.dtype == torch.float16
     meta: dict[str, int | bool] = dict(HALF=half, SCALE=scale, BLOCK_D=bd, BLOCK_DV=bdv)
-    if launch is not None:
-        backward = "warps_backward" in launch
-        meta["num_warps"] = launch["warps_backward" if backward else "warps"]
-        stages = launch["stages_backward" if backward else "stages"]
+    if settings is not None:
+        backward = "warps_backward" in settings
+        meta["num_warps"] = settings["warps_backward" if backward else "warps"]
+        stages = settings["stages_backward" if backward else "stages"]
         if stages:
             meta["num_stages"] = stages
         if backward and TUNING["maxnreg_backward"]:
