@@ -7,10 +7,13 @@ them, because on a shared host one pass can differ from the next by more than th
 ``--grid`` instead searches the settings one group of knobs at a time (coordinate descent, each case on its own),
 timing the forward and the backward custom op replayed from a CUDA graph only (GPU time alone, stable to a fraction of
 a percent from one replay series to the next, so one pass suffices); it writes ``linear_settings_grid.json``.
+``--family rope`` searches the MALA / RALA / NaLa kernels' settings (``TUNING`` in
+``visionlin.kernels.triton.rope_linear``) the same way, at the stage shapes of MAViT-T / RAVLT-T / NaLaFormer-T
+(``rope_settings_grid.json``).
 
 Usage (on a GPU machine):
     python benchmarks/linear_settings_ab.py --out benchmarks/results/h200 [--rounds 3] [--commit SHA]
-    python benchmarks/linear_settings_ab.py --out benchmarks/results/h200 --grid
+    python benchmarks/linear_settings_ab.py --out benchmarks/results/h200 --grid [--family rope]
 """
 
 from __future__ import annotations
@@ -53,9 +56,27 @@ BACKWARD_GROUPS = (
     {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (0, 1, 2, 4)},
 )
 GRID_CASES = (0, 2, 3, 4)  # indices into bench_op.CASES: 192 / 6 / 12 (batch, head) pairs, and 1,536 (fused forward)
+#: ``--family rope``: (label, mechanism, B, N, H, D) at the stages of MAViT-T / RAVLT-T / NaLaFormer-T (64 / 128
+#: channels, 1 / 2 heads of 64, 2-D RoPE), batch 128
+ROPE_CASES = (
+    ("MALA stage 1 (128, 3136, 1, 64)", "magnitude", 128, 3136, 1, 64),
+    ("MALA stage 2 (128, 784, 2, 64)", "magnitude", 128, 784, 2, 64),
+    ("RALA stage 1 (128, 3136, 1, 64)", "rank_augmented", 128, 3136, 1, 64),
+    ("NaLa stage 1 (128, 3136, 1, 64)", "norm_aware", 128, 3136, 1, 64),
+)
+ROPE_FORWARD_GROUPS = (
+    {"warps": (2, 4, 8), "rows_state": (32, 64, 128)},
+    {"rows_readout": (16, 32, 64, 128)},
+    {"per_sm": (2, 4, 8, 16), "stages": (0, 1, 2, 4)},
+)
+ROPE_BACKWARD_GROUPS = (
+    {"warps_backward": (2, 4, 8), "rows_readout_backward": (16, 32, 64), "rows_state_backward": (16, 32, 64)},
+    {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (0, 1, 2)},
+)
 #: a setting whose result differs from the shipped settings' by more than this (relative to the largest magnitude of
 #: that result) is recorded as wrong and cannot win: a search must not pick a fast kernel that computes something else
 GRID_TOLERANCE = 2e-2
+DEVICE = "cuda"  # of the grid's inputs (the CPU test runs the search under Triton's interpreter)
 
 
 def _plot_grid(result: dict, path: Path) -> None:
@@ -75,48 +96,97 @@ def _plot_grid(result: dict, path: Path) -> None:
     finish(fig, result, path, fontsize=7)
 
 
-def _grid(
-    out: Path, commit: str | None, argv: list[str] | None, cases: list[int], dtype: torch.dtype, name: str
-) -> int:
-    """Coordinate descent over :data:`FORWARD_GROUPS` and :data:`BACKWARD_GROUPS`, per case, graph-timed; the JSON is
-    rewritten after every case (a run cut short keeps what it measured)."""
+def _linear_setup(idx: int, dtype: torch.dtype):
+    """(label, forward call, backward call, reference output, reference gradients, resolved defaults) of a
+    ``bench_op.CASES`` entry, the kernels at their current settings giving the references."""
     import functools
-    import itertools
 
     from visionlin.kernels.triton import linear as tri
-    from visionlin.train.bench_op import CASES, _bench_graph
+    from visionlin.train.bench_op import CASES
 
-    saved = dict(tri.TUNING)
+    label, b, n, h, d, fmap, norm = CASES[idx]
+    q, k, v, g = (torch.randn(b, n, h, d, device=DEVICE, dtype=dtype) for _ in range(4))
+    args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6)
+    bd, bdv = tri._pad_dims(d, d)
+    defaults = {
+        "forward": tri._forward_settings(bd, bdv, tri._use_fused(b * h, bd, bdv, q.device)),
+        "backward": tri._backward_settings(bd, bdv),
+    }
+    with torch.no_grad():
+        out, state = tri.linear_attention_fwd(q, k, v, *args)
+        grads = tri.linear_attention_bwd(q, k, v, out, state, g, *args)
+    fwd = functools.partial(tri.linear_attention_fwd, q, k, v, *args)
+    bwd = functools.partial(tri.linear_attention_bwd, q, k, v, out, state, g, *args)
+    return label, fwd, bwd, out, grads, defaults
+
+
+def _rope_setup(idx: int, dtype: torch.dtype):
+    """:func:`_linear_setup` for a :data:`ROPE_CASES` entry (RoPE tables from random angles)."""
+    import functools
+
+    from visionlin.kernels.triton import rope_linear as rl
+
+    label, mechanism, b, n, h, d = ROPE_CASES[idx]
+    q, k, v, g = (torch.randn(b, n, h, d, device=DEVICE, dtype=dtype) for _ in range(4))
+    angles = torch.randn(n, d, device=DEVICE)
+    sin, cos = angles.sin().contiguous(), angles.cos().contiguous()
+    args = (rl.MECHANISM_IDS[mechanism], d**-0.5, 1e-6, 0.0)
+    bd, bf, bdv = rl._blocks(args[0], d, d)
+    defaults = {
+        "warps": rl._meta(args[0], q, v, True)["num_warps"],
+        "warps_backward": rl._meta(args[0], q, v, True, backward=True)["num_warps"],
+        **{f"rows_{kernel}": rl._rows(kernel, bf, bdv) for kernel in rl.ROWS},
+    }
+    with torch.no_grad():
+        out, state, aux = rl.rope_linear_attention_fwd(q, k, v, sin, cos, *args)
+        grads = rl.rope_linear_attention_bwd(q, k, v, sin, cos, state, aux, g, *args)
+    fwd = functools.partial(rl.rope_linear_attention_fwd, q, k, v, sin, cos, *args)
+    bwd = functools.partial(rl.rope_linear_attention_bwd, q, k, v, sin, cos, state, aux, g, *args)
+    return label, fwd, bwd, out, grads, defaults
+
+
+def _family(name: str):
+    """(TUNING dict, case setup, number of cases, default case indices, forward groups, backward groups)."""
+    if name == "rope":
+        from visionlin.kernels.triton import rope_linear as rl
+
+        cases = tuple(range(len(ROPE_CASES)))
+        return rl.TUNING, _rope_setup, len(ROPE_CASES), cases, ROPE_FORWARD_GROUPS, ROPE_BACKWARD_GROUPS
+    from visionlin.kernels.triton import linear as tri
+    from visionlin.train.bench_op import CASES
+
+    return tri.TUNING, _linear_setup, len(CASES), GRID_CASES, FORWARD_GROUPS, BACKWARD_GROUPS
+
+
+def _grid(
+    family: str, out: Path, commit: str | None, argv: list[str] | None, cases: list[int], dtype: torch.dtype, name: str
+) -> int:
+    """Coordinate descent over the family's forward and backward groups of knobs, per case, graph-timed; the JSON is
+    rewritten after every case (a run cut short keeps what it measured)."""
+    import itertools
+
+    from visionlin.train.bench_op import _bench_graph
+
+    tuning, setup, _, _, forward_groups, backward_groups = _family(family)
+    saved = dict(tuning)
     rows, best, defaults = [], {}, {}
-    result = {"benchmark": "linear_settings_grid", "meta": gpu_meta(argv, commit), "dtype": str(dtype),
+    result = {"benchmark": f"{family}_settings_grid", "meta": gpu_meta(argv, commit), "dtype": str(dtype),
               "tolerance": GRID_TOLERANCE, "defaults": defaults,
-              "forward_groups": [{k: list(v) for k, v in grp.items()} for grp in FORWARD_GROUPS],
-              "backward_groups": [{k: list(v) for k, v in grp.items()} for grp in BACKWARD_GROUPS],
+              "forward_groups": [{k: list(v) for k, v in grp.items()} for grp in forward_groups],
+              "backward_groups": [{k: list(v) for k, v in grp.items()} for grp in backward_groups],
               "best": best, "rows": rows}  # fmt: skip
     try:
         for idx in cases:
-            label, b, n, h, d, fmap, norm = CASES[idx]
-            q, k, v, g = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(4))
-            args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6)
-            bd, bdv = tri._pad_dims(d, d)
-            defaults[label] = {
-                "forward": tri._forward_settings(bd, bdv, tri._use_fused(b * h, bd, bdv, q.device)),
-                "backward": tri._backward_settings(bd, bdv),
-            }
-            with torch.no_grad():
-                ref_out, state = tri.linear_attention_fwd(q, k, v, *args)
-                ref_grads = tri.linear_attention_bwd(q, k, v, ref_out, state, g, *args)
-            fwd = functools.partial(tri.linear_attention_fwd, q, k, v, *args)
-            bwd = functools.partial(tri.linear_attention_bwd, q, k, v, ref_out, state, g, *args)
-            for part, groups in (("forward", FORWARD_GROUPS), ("backward", BACKWARD_GROUPS)):
+            label, fwd, bwd, ref_out, ref_grads, defaults[str(idx)] = setup(idx, dtype)
+            for part, groups in (("forward", forward_groups), ("backward", backward_groups)):
                 call, ref = (fwd, (ref_out,)) if part == "forward" else (bwd, ref_grads)
                 chosen: dict = {}
                 for group in groups:
                     timed = []
                     for values in itertools.product(*group.values()):
                         config = chosen | dict(zip(group, values, strict=True))
-                        tri.TUNING.clear()
-                        tri.TUNING.update(saved | config)
+                        tuning.clear()
+                        tuning.update(saved | config)
                         row = {"case": label, "part": part, **config}
                         try:
                             with torch.no_grad():
@@ -144,8 +214,8 @@ def _grid(
                 print(f"best {label} {part}: {chosen}", flush=True)
             write_result(result, out, name, plot=False)
     finally:
-        tri.TUNING.clear()
-        tri.TUNING.update(saved)
+        tuning.clear()
+        tuning.update(saved)
     for note in write_result(result, out, name, plot=_plot_grid):
         print(note)
     return 0
@@ -178,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--rounds", type=int, default=None, help="passes over the settings, alternating order (default 3)")
     p.add_argument("--grid", action="store_true", help="coordinate descent over the knobs, graph-timed (see above)")
+    p.add_argument("--family", choices=("linear", "rope"), default="linear",
+                   help="with --grid: the linear kernels or the MALA / RALA / NaLa (RoPE) kernels")  # fmt: skip
     p.add_argument("--settings", type=json.loads, default=None,
                    help='JSON {name: {TUNING key: value}} compared instead of the built-in SETTINGS')  # fmt: skip
     p.add_argument("--cases", type=lambda s: [int(i) for i in s.split(",")], default=None,
@@ -189,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.grid and (args.settings is not None or args.rounds is not None):
         p.error("--grid searches its own settings once: --settings and --rounds do not apply to it")
+    if args.family != "linear" and not args.grid:
+        p.error("--family rope needs --grid (the A/B compares the linear kernels' settings)")
+    n_cases = _family(args.family)[2] if args.grid else len(CASES)
     settings = SETTINGS if args.settings is None else args.settings
     if not isinstance(settings, dict) or not settings or not all(isinstance(v, dict) for v in settings.values()):
         p.error("--settings must be a non-empty JSON object of objects")
@@ -200,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--settings values must be null or non-negative integers, got {bad}")
     cases_ok = args.cases is None or (
-        bool(args.cases) and all(0 <= i < len(CASES) for i in args.cases) and len(set(args.cases)) == len(args.cases)
+        bool(args.cases) and all(0 <= i < n_cases for i in args.cases) and len(set(args.cases)) == len(args.cases)
     )
     if not cases_ok:
-        p.error(f"--cases must be distinct indices 0..{len(CASES) - 1}, got {args.cases}")
+        p.error(f"--cases must be distinct indices 0..{n_cases - 1}, got {args.cases}")
     rounds = 3 if args.rounds is None else args.rounds
     if rounds < 1:
         p.error(f"--rounds must be at least 1, got {rounds}")
@@ -212,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     if args.grid:
-        grid_cases = list(GRID_CASES) if args.cases is None else args.cases
-        return _grid(args.out, args.commit, argv, grid_cases, dtype, args.name or "linear_settings_grid")
+        grid_cases = list(_family(args.family)[3]) if args.cases is None else args.cases
+        name = args.name or f"{args.family}_settings_grid"
+        return _grid(args.family, args.out, args.commit, argv, grid_cases, dtype, name)
     # default: head dim 32, the shapes the built-in settings were chosen for
     cases = [c for c in CASES if c[4] == 32] if args.cases is None else [CASES[i] for i in args.cases]
     saved = dict(tri.TUNING)

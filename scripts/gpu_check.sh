@@ -59,6 +59,7 @@
 #   bench-linear-ab  benchmarks/linear_settings_ab.py: whole launch settings of the linear kernels, alternating rounds ~1.5 min
 #   bench-linear-grid  benchmarks/linear_settings_ab.py --grid: coordinate descent over the linear kernels' knobs,
 #                  forward and backward custom ops timed from CUDA graphs                               ~5 min
+#   bench-rope-grid  the same search for the MALA / RALA / NaLa kernels (--family rope)                ~5 min
 #
 # PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
 # the first few files of OUT.
@@ -281,6 +282,9 @@ for stage in "$@"; do
     bench-linear-grid)
       timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
         | grep -v '^{"case"' | tail -20 ;;
+    bench-rope-grid)
+      timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid \
+        --family rope 2>&1 | grep -v '^{"case"' | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

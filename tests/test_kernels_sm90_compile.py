@@ -208,20 +208,21 @@ def _rope_linear(dt, tdt):
         for mech, rope in ((0, True), (1, True), (2, True), (3, False)):
             if mech == 2 and d > MAX_NORM_AWARE_HEAD_DIM:
                 continue  # refused by supports()
-            meta = rl._meta(mech, x, x, rope)
-            warps = meta.pop("num_warps")
+            meta, bmeta = rl._meta(mech, x, x, rope), rl._meta(mech, x, x, rope, backward=True)
+            opts, bopts = ({k: m.pop(k) for k in ("num_warps", "num_stages") if k in m} for m in (meta, bmeta))
             bd, bf, bdv = meta["BLOCK_D"], meta["BLOCK_F"], meta["BLOCK_DV"]
             rows = {kernel: rl._rows(kernel, bf, bdv) for kernel in rl.ROWS}
             cases += [
-                (rl._state_kernel, dt, dict(meta, BLOCK_M=rows["state"]), warps),
-                (rl._readout_kernel, dt, dict(meta, BLOCK_N=rows["readout"]), warps),
-                (rl._readout_backward_kernel, dt, dict(meta, BLOCK_N=rows["readout_backward"]), warps),
-                (rl._state_backward_kernel, dt, dict(meta, BLOCK_M=rows["state_backward"]), warps),
+                (rl._state_kernel, dt, dict(meta, BLOCK_M=rows["state"]), opts),
+                (rl._readout_kernel, dt, dict(meta, BLOCK_N=rows["readout"]), opts),
+                (rl._readout_backward_kernel, dt, dict(bmeta, BLOCK_N=rows["readout_backward"]), bopts),
+                (rl._state_backward_kernel, dt, dict(bmeta, BLOCK_M=rows["state_backward"]), bopts),
             ]
+            # the key-max and query-sum passes launch at Triton's default 4 warps
             if mech in (1, 3):
-                cases.append((rl._kmax_kernel, dt, dict(MECH=mech, BLOCK_M=rows["state"], BLOCK_D=bd), warps))
+                cases.append((rl._kmax_kernel, dt, dict(MECH=mech, BLOCK_M=rows["state"], BLOCK_D=bd), 4))
             if mech == 1:
-                cases.append((rl._qsum_kernel, dt, dict(BLOCK_N=rows["state"], BLOCK_D=bd), warps))
+                cases.append((rl._qsum_kernel, dt, dict(BLOCK_N=rows["state"], BLOCK_D=bd), 4))
     return cases
 
 

@@ -484,25 +484,61 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
 
 #: Warps per program of every kernel here (the linear kernels' former setting; the linear kernels now run fewer).
 WARPS = 8
+#: Launch settings, ``None`` for the defaults (:data:`WARPS`, :data:`ROWS`' rule, Triton's pipeline stages, about four
+#: programs per SM); benchmarks sweep them (``benchmarks/linear_settings_ab.py --grid --family rope``). ``warps`` /
+#: ``stages`` of the forward's state and read-out kernels (RALA's / Efficient Attention's key-max and query-sum passes
+#: run at Triton's defaults), ``warps_backward`` / ``stages_backward`` of the backward's two; ``rows_<kernel>`` per
+#: :data:`ROWS` key; ``per_sm`` / ``backward_per_sm`` the programs per SM of the forward's and the backward's splits.
+TUNING: dict[str, int | None] = {
+    "warps": None, "stages": None, "warps_backward": None, "stages_backward": None, "rows_state": None,
+    "rows_readout": None, "rows_readout_backward": None, "rows_state_backward": None, "per_sm": None,
+    "backward_per_sm": None,
+}  # fmt: skip
 #: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The largest
 #: without register spills for sm_90 at 8 warps (ptxas; tests/test_kernels_sm90_compile.py checks every kernel).
 ROWS = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
         "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
 
 
+def _knob(key: str, default: int, pow2: bool = False) -> int:
+    """``TUNING[key]`` if set (checked), else ``default``."""
+    value = TUNING[key]
+    if value is None:
+        return default
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < 0
+        or (pow2 and (value < 1 or value & (value - 1)))
+    ):
+        kind = "a power of two" if pow2 else "a non-negative int"
+        raise ValueError(f"TUNING[{key!r}] must be None or {kind}, got {value!r}")
+    return value
+
+
 def _rows(kernel: str, bf: int, bdv: int) -> int:
     """Rows per step of ``kernel`` (a key of :data:`ROWS`) at padded feature width ``bf`` and value width ``bdv``."""
     at_64, at_32 = ROWS[kernel]
     size = bf * bdv
-    return 64 if size <= at_64 else 32 if size <= at_32 else 16
+    return _knob(f"rows_{kernel}", 64 if size <= at_64 else 32 if size <= at_32 else 16, pow2=True)
 
 
-def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool) -> dict:
+def _per_sm(backward: bool = False) -> int:
+    return _knob("backward_per_sm" if backward else "per_sm", 4)
+
+
+def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool, backward: bool = False) -> dict:
+    """Constexprs and launch options of the forward's (or, with ``backward``, the backward's) kernels."""
     bd, bf, bdv = _blocks(mech, q.shape[-1], v.shape[-1])
-    return dict(
+    meta = dict(
         MECH=mech, HAS_ROPE=has_rope, HALF=q.dtype in (torch.float16, torch.bfloat16), SCALE=q.dtype == torch.float16,
-        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv, num_warps=WARPS,
+        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv,
+        num_warps=_knob("warps_backward" if backward else "warps", WARPS, pow2=True),
     )  # fmt: skip
+    stages = _knob("stages_backward" if backward else "stages", 0)
+    if stages:
+        meta["num_stages"] = stages
+    return meta
 
 
 def _state_size(bf: int, bdv: int) -> int:
@@ -587,13 +623,13 @@ def rope_linear_attention_fwd(
     if mech in (MECHANISM_IDS["rank_augmented"], MECHANISM_IDS["efficient"]):
         aux[:, bd:] = float("-inf")
         if mech == MECHANISM_IDS["rank_augmented"] and n:
-            splits, per = _splits(n, rows, b * h, q.device)
+            splits, per = _splits(n, rows, b * h, q.device, per_sm=_per_sm())
             launch(_qsum_kernel, (b * h, splits), q, aux, n, h, d, per, *q.stride(), BLOCK_N=rows, BLOCK_D=bd)
-        splits, per = _splits(m, rows, b * h, q.device)
+        splits, per = _splits(m, rows, b * h, q.device, per_sm=_per_sm())
         launch(_kmax_kernel, (b * h, splits),
             k, aux, m, h, d, per, inv_n, scale, *k.stride(), MECH=mech, BLOCK_M=rows, BLOCK_D=bd
         )  # fmt: skip
-    splits, per = _splits(m, rows, b * h, q.device)
+    splits, per = _splits(m, rows, b * h, q.device, per_sm=_per_sm())
     launch(_state_kernel, (b * h, splits),
         k, v, sin_t, cos_t, aux, state, m, h, d, dv, per, inv_n, scale, *k.stride(), *v.stride(), BLOCK_M=rows, **meta
     )  # fmt: skip
@@ -634,7 +670,7 @@ def rope_linear_attention_bwd(
     """``(dq, dk, dv)`` of :func:`rope_linear_attention_fwd`'s output for its gradient ``g``."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
-    meta = _meta(mech, q, v, sin is not None)
+    meta = _meta(mech, q, v, sin is not None, backward=True)
     bf, bdv = meta["BLOCK_F"], meta["BLOCK_DV"]
     rala = mech == MECHANISM_IDS["rank_augmented"]
     # RALA's dq gets a second term after the key pass: its first part is kept in float32 until then.
@@ -650,7 +686,7 @@ def rope_linear_attention_bwd(
     rows, rows_k = _rows("readout_backward", bf, bdv), _rows("state_backward", bf, bdv)
     inv_n = 1.0 / max(n, 1)
     if n:
-        splits, per = _splits(n, rows, b * h, q.device)
+        splits, per = _splits(n, rows, b * h, q.device, per_sm=_per_sm(backward=True))
         launch(_readout_backward_kernel, (b * h, splits),
             q, sin_t, cos_t, g, mats, dq, grads, n, h, d, dv, eps, norm_eps, per,
             *q.stride(), *g.stride(), *dq.stride(), BLOCK_N=rows, **meta,
