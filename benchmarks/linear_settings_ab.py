@@ -55,7 +55,8 @@ BACKWARD_GROUPS = (
     {"warps_backward": (4, 8), "rows_backward": (32, 64, 128), "maxnreg_backward": (None, 128)},
     {"backward_per_sm": (2, 4, 8, 16), "stages_backward": (0, 1, 2, 4)},
 )
-GRID_CASES = (0, 2, 3, 4)  # indices into bench_op.CASES: 192 / 6 / 12 (batch, head) pairs, and 1,536 (fused forward)
+# indices into bench_op.CASES: 192 / 6 / 12 (batch, head) pairs, 1,536 (fused forward), and head dim 128 (32 pairs)
+GRID_CASES = (0, 2, 3, 4, 5)
 #: ``--family rope``: (label, mechanism, B, N, H, D) at the stages of MAViT-T / RAVLT-T / NaLaFormer-T (64 / 128
 #: channels, 1 / 2 heads of 64, 2-D RoPE), batch 128
 ROPE_CASES = (
