@@ -57,6 +57,7 @@
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
 #   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
 #   bench-linear-ab  benchmarks/linear_settings_ab.py: whole launch settings of the linear kernels, alternating rounds ~1.5 min
+#   profile-patch  GPU time per forward with the patch-GEMM stem off / on (PATCH_MODELS)              ~1.5 min
 #   bench-linear-grid  benchmarks/linear_settings_ab.py --grid: coordinate descent over the linear kernels' knobs,
 #                  forward and backward custom ops timed from CUDA graphs                               ~5 min
 #   bench-rope-grid  the same search for the MALA / RALA / NaLa kernels (--family rope)                ~5 min
@@ -279,6 +280,12 @@ for stage in "$@"; do
     bench-linear-ab)
       timeout 170 python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --rounds ${AB_ROUNDS:-3} 2>&1 \
         | grep -v '^{"round"' | tail -20 ;;
+    profile-patch)  # the non-overlapping conv stems as one GEMM (FAST_PATHS["patch_gemm"]) off / on: GPU time per
+      # forward at 224 px (abf7aa9's profile: cuDNN's implicit_convolve_sgemm took 1.65 of the twin's 13 ms)
+      timeout 150 python3 benchmarks/profile_models.py --out "$OUT" --sizes 224:256 --configs baseline,patch_gemm \
+        --models ${PATCH_MODELS:-infvit_small,agent_deit_small,flatten_deit_small} --name "profile_patch_$COMMIT" \
+        --commit "$COMMIT" > "$OUT/profile_patch_$COMMIT.log" 2>&1
+      grep -E "^==|convolve|patch" "$OUT/profile_patch_$COMMIT.log" | cut -c1-160 ;;
     bench-linear-grid)
       timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
         | grep -v '^{"case"' | tail -20 ;;
