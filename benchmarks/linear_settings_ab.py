@@ -103,11 +103,11 @@ def _linear_setup(idx: int, dtype: torch.dtype):
     import functools
 
     from visionlin.kernels.triton import linear as tri
-    from visionlin.train.bench_op import CASES
+    from visionlin.train.bench_op import CASES, triton_op_args
 
     label, b, n, h, d, fmap, norm = CASES[idx]
     q, k, v, g = (torch.randn(b, n, h, d, device=DEVICE, dtype=dtype) for _ in range(4))
-    args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6)
+    args = triton_op_args(fmap, norm, d)
     bd, bdv = tri._pad_dims(d, d)
     defaults = {
         "forward": tri._forward_settings(bd, bdv, tri._use_fused(b * h, bd, bdv, q.device)),

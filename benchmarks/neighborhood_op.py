@@ -114,6 +114,16 @@ def _measure(name: str, fn: Callable, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _speedups(rows: list[dict], key: str) -> dict[str, float]:
+    """Dense SDPA's time over the Triton kernels' per mode, from the rows' ``key`` (``ms`` or ``graph_ms``)."""
+    by = {(r["method"], r["mode"]): r.get(key) for r in rows}
+    return {
+        m: by[("sdpa_dense", m)] / by[("triton", m)]
+        for m in ("forward", "forward_backward")
+        if by.get(("triton", m)) and by.get(("sdpa_dense", m))
+    }
+
+
 def _accuracy(args: argparse.Namespace) -> dict:
     """Relative error of the Triton kernels against the float32 reference at the benchmark shape (batch capped at 4)."""
     small = argparse.Namespace(**{**vars(args), "batch": min(args.batch, 4)})
@@ -251,29 +261,18 @@ def main(argv: list[str] | None = None) -> int:
         for row in _measure(name, fn, args):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    by = {(r["method"], r["mode"]): r.get("ms") for r in rows}
-    by_graph = {(r["method"], r["mode"]): r.get("graph_ms") for r in rows}
-    for mode in ("forward", "forward_backward"):
-        if by.get(("triton", mode)) and by.get(("sdpa_dense", mode)):
-            print(f"{mode}: sdpa_dense / triton = {by[('sdpa_dense', mode)] / by[('triton', mode)]:.2f}x")
-        if by_graph.get(("triton", mode)) and by_graph.get(("sdpa_dense", mode)):
-            print(f"{mode}, CUDA graph: {by_graph[('sdpa_dense', mode)] / by_graph[('triton', mode)]:.2f}x")
+    speedups = {key: _speedups(rows, key) for key in ("ms", "graph_ms")}
+    for key, label in (("ms", ""), ("graph_ms", ", CUDA graph")):
+        for mode, ratio in speedups[key].items():
+            print(f"{mode}{label}: sdpa_dense / triton = {ratio:.2f}x")
     shape = {k: getattr(args, k) for k in ("batch", "size", "heads", "dim", "kernel", "dilation", "dtype", "rpb")}
     result = {
         "benchmark": STEM,
         "meta": gpu_meta(argv, args.commit),
         "shape": shape,
         "accuracy_vs_reference": _accuracy(args),
-        "speedup_vs_sdpa_dense": {
-            m: by[("sdpa_dense", m)] / by[("triton", m)]
-            for m in ("forward", "forward_backward")
-            if by.get(("triton", m)) and by.get(("sdpa_dense", m))
-        },
-        "speedup_vs_sdpa_dense_graph": {
-            m: by_graph[("sdpa_dense", m)] / by_graph[("triton", m)]
-            for m in ("forward", "forward_backward")
-            if by_graph.get(("triton", m)) and by_graph.get(("sdpa_dense", m))
-        },
+        "speedup_vs_sdpa_dense": speedups["ms"],
+        "speedup_vs_sdpa_dense_graph": speedups["graph_ms"],
         "rows": rows,
     }
     if args.profile:

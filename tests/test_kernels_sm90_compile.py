@@ -383,26 +383,21 @@ SPILL_ALLOWANCE = {
     # vs 0.556 ms; fp16 at head dim 32: linear_settings_ab_d32_float16_15c3a07, 0.201 vs 0.266 ms; fp16 at head dim
     # 64 not measured)
     **{
-        ("visionlin.kernels.triton.linear", name, "bf16", None, d): n
-        for name, d, n in (
-            ("_readout_backward_kernel", 32, 240),
-            ("_state_kernel", 64, 300),
-            ("_readout_kernel", 64, 420),
-            ("_fused_kernel", 64, 48),
-            ("_readout_backward_kernel", 64, 240),
-            ("_state_backward_kernel", 64, 100),
-        )
-    },
-    **{
-        ("visionlin.kernels.triton.linear", name, "fp16", None, d): n
-        for name, d, n in (
-            ("_readout_backward_kernel", 32, 80),
-            ("_state_backward_kernel", 32, 72),
-            ("_state_kernel", 64, 780),
-            ("_readout_kernel", 64, 32),
-            ("_fused_kernel", 64, 32),
-            ("_readout_backward_kernel", 64, 560),
-            ("_state_backward_kernel", 64, 72),
+        ("visionlin.kernels.triton.linear", name, dt, None, d): n
+        for dt, name, d, n in (
+            ("bf16", "_readout_backward_kernel", 32, 240),
+            ("bf16", "_state_kernel", 64, 300),
+            ("bf16", "_readout_kernel", 64, 420),
+            ("bf16", "_fused_kernel", 64, 48),
+            ("bf16", "_readout_backward_kernel", 64, 240),
+            ("bf16", "_state_backward_kernel", 64, 100),
+            ("fp16", "_readout_backward_kernel", 32, 80),
+            ("fp16", "_state_backward_kernel", 32, 72),
+            ("fp16", "_state_kernel", 64, 780),
+            ("fp16", "_readout_kernel", 64, 32),
+            ("fp16", "_fused_kernel", 64, 32),
+            ("fp16", "_readout_backward_kernel", 64, 560),
+            ("fp16", "_state_backward_kernel", 64, 72),
         )
     },
     ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "bf16", None, 128): 900,

@@ -106,11 +106,19 @@ def run_case(label, b, n, h, d, fmap, norm, dtype=torch.bfloat16, only: tuple[st
     return row
 
 
+def triton_op_args(fmap: str, norm: str, d: int) -> tuple:
+    """The trailing arguments of the Triton custom ops ``linear_attention_fwd`` / ``_bwd`` for a feature map and
+    normalisation by name, at head dim ``d`` (the default scale, eps 1e-6: what ``linear_attention_triton`` passes)."""
+    from visionlin.kernels.triton import linear as tri
+
+    return tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, d), 1e-6
+
+
 def _triton_bwd_graph_ms(q, k, v, g, fmap: str, norm: str) -> float:
     """GPU time of the Triton backward alone: its custom op (kernels and buffers) replayed from a CUDA graph."""
     from visionlin.kernels.triton import linear as tri
 
-    args = (tri.FEATURE_MAP_IDS[fmap], tri.NORMALIZATION_IDS[norm], tri._default_scale(norm, q.shape[-1]), 1e-6)
+    args = triton_op_args(fmap, norm, q.shape[-1])
     with torch.no_grad():
         out, state = tri.linear_attention_fwd(q, k, v, *args)
         return _bench_graph(lambda: tri.linear_attention_bwd(q, k, v, out, state, g, *args))

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TUNING", "cdiv", "launch", "next_pow2", "tile_dim"]
+__all__ = ["TUNING", "cdiv", "launch", "next_pow2", "tile_dim", "tuned"]
 
 #: ``"fast_launch"``: use the cache (off: Triton's own launcher for every call).
 TUNING: dict[str, bool] = {"fast_launch": True}
@@ -53,6 +53,19 @@ def tile_dim(d: int) -> int:
     """A head (or feature) dim as the kernels tile it: the next power of two, at least 16 (``tl.dot``'s smallest K /
     N); the padding lanes are masked."""
     return max(16, next_pow2(d))
+
+
+def tuned(tuning: dict[str, Any], key: str, default: int, pow2: bool = False) -> int:
+    """A launch setting: ``tuning[key]`` (a kernel module's ``TUNING``) when set, else ``default``. A set value must be
+    a non-negative int, and a power of two with ``pow2`` (rows and warps); anything else raises ``ValueError``."""
+    value = tuning[key]
+    if value is None:
+        return default
+    bad = not isinstance(value, int) or isinstance(value, bool) or value < 0
+    if bad or (pow2 and (value < 1 or value & (value - 1))):
+        kind = "a power of two" if pow2 else "a non-negative int"
+        raise ValueError(f"TUNING[{key!r}] must be None or {kind}, got {value!r}")
+    return value
 
 
 def _params(kernel: Any) -> tuple | None:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..linear import _default_scale
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, tile_dim
+from ._launch import cdiv, launch, tile_dim, tuned
 
 __all__ = ["FEATURE_MAP_IDS", "NORMALIZATION_IDS", "TUNING", "linear_attention_triton"]
 
@@ -438,13 +438,7 @@ _POW2_KNOBS = ("rows", "warps", "rows_backward", "warps_backward")
 
 def _tuned(defaults: dict[str, int]) -> dict[str, int]:
     """``defaults`` with the ``TUNING`` entries that are set (not ``None``) in their place, checked."""
-    out = {key: default if TUNING[key] is None else TUNING[key] for key, default in defaults.items()}
-    for key, value in out.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"TUNING[{key!r}] must be None or a non-negative int, got {value!r}")
-        if key in _POW2_KNOBS and (value < 1 or value & (value - 1)):
-            raise ValueError(f"TUNING[{key!r}] must be None or a power of two, got {value!r}")
-    return out
+    return {key: tuned(TUNING, key, default, pow2=key in _POW2_KNOBS) for key, default in defaults.items()}
 
 
 def _forward_settings(block_d: int, block_dv: int, fused: bool) -> dict[str, int]:

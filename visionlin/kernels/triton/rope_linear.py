@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, tile_dim
+from ._launch import cdiv, launch, tile_dim, tuned
 from .linear import _mm, _phi, _phi_backward, _pow2_scale, _splits
 
 __all__ = ["MECHANISM_IDS", "efficient_attention_triton", "rope_linear_attention_triton"]
@@ -502,18 +502,7 @@ ROWS = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_ba
 
 def _knob(key: str, default: int, pow2: bool = False) -> int:
     """``TUNING[key]`` if set (checked), else ``default``."""
-    value = TUNING[key]
-    if value is None:
-        return default
-    if (
-        not isinstance(value, int)
-        or isinstance(value, bool)
-        or value < 0
-        or (pow2 and (value < 1 or value & (value - 1)))
-    ):
-        kind = "a power of two" if pow2 else "a non-negative int"
-        raise ValueError(f"TUNING[{key!r}] must be None or {kind}, got {value!r}")
-    return value
+    return tuned(TUNING, key, default, pow2)
 
 
 def _rows(kernel: str, bf: int, bdv: int) -> int:
