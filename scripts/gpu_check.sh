@@ -57,10 +57,10 @@
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
 #   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
 #   bench-linear-ab  benchmarks/linear_settings_ab.py: whole launch settings of the linear kernels, alternating rounds ~1.5 min
-#   profile-patch  GPU time per forward with the patch-GEMM stem off / on (PATCH_MODELS)              ~1.5 min
+#   profile-patch  GPU time per forward (PATCH_TRAIN=1: training step) with the patch-GEMM stem off / on (PATCH_MODELS) ~1.5 min
 #   bench-linear-grid  benchmarks/linear_settings_ab.py --grid: coordinate descent over the linear kernels' knobs,
 #                  forward and backward custom ops timed from CUDA graphs                               ~5 min
-#   bench-rope-grid  the same search for the MALA / RALA / NaLa kernels (--family rope)                ~5 min
+#   bench-rope-grid  the same search for the MALA / RALA / NaLa kernels (--family rope; GRID_CASES: a subset) ~100 s a case
 #
 # PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
 # the first few files of OUT.
@@ -282,16 +282,18 @@ for stage in "$@"; do
         | grep -v '^{"round"' | tail -20 ;;
     profile-patch)  # the non-overlapping conv stems as one GEMM (FAST_PATHS["patch_gemm"]) off / on: GPU time per
       # forward at 224 px (abf7aa9's profile: cuDNN's implicit_convolve_sgemm took 1.65 of the twin's 13 ms)
-      timeout 150 python3 benchmarks/profile_models.py --out "$OUT" --sizes 224:256 --configs baseline,patch_gemm \
-        --models ${PATCH_MODELS:-infvit_small,agent_deit_small,flatten_deit_small} --name "profile_patch_$COMMIT" \
-        --commit "$COMMIT" > "$OUT/profile_patch_$COMMIT.log" 2>&1
-      grep -E "^==|convolve|patch" "$OUT/profile_patch_$COMMIT.log" | cut -c1-160 ;;
+      # PATCH_TRAIN=1: the training step instead (224 px, bs 128)
+      mode=${PATCH_TRAIN:+--train}
+      timeout 150 python3 benchmarks/profile_models.py $mode --out "$OUT" --sizes 224:$([[ -n $mode ]] && echo 128 || echo 256) \
+        --configs baseline,patch_gemm --models ${PATCH_MODELS:-infvit_small,agent_deit_small,flatten_deit_small} \
+        --name "profile_patch${mode:+_train}_$COMMIT" --commit "$COMMIT" > "$OUT/profile_patch${mode:+_train}_$COMMIT.log" 2>&1
+      grep -E "^==|convolve|patch" "$OUT/profile_patch${mode:+_train}_$COMMIT.log" | cut -c1-160 ;;
     bench-linear-grid)
       timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid 2>&1 \
         | grep -v '^{"case"' | tail -20 ;;
     bench-rope-grid)
       timeout ${GRID_LIMIT:-500} python3 benchmarks/linear_settings_ab.py --out "$OUT" --commit "$COMMIT" --grid \
-        --family rope 2>&1 | grep -v '^{"case"' | tail -20 ;;
+        --family rope ${GRID_CASES:+--cases $GRID_CASES} 2>&1 | grep -v '^{"case"' | tail -20 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -30,7 +30,7 @@ _SCRIPT = textwrap.dedent(
     ab.FORWARD_GROUPS = ({"warps": (2, 4), "rows": (16, 32)}, {"readout_per_sm": (0, 1)})
     ab.BACKWARD_GROUPS = ({"rows_backward": (16, 0)},)  # 0 rows: refused by TUNING's check, recorded as an error
     ab.ROPE_FORWARD_GROUPS = ({"rows_state": (16, 32)},)
-    ab.ROPE_BACKWARD_GROUPS = ({"warps_backward": (2, 4)},)
+    ab.ROPE_BACKWARD_GROUPS = ({"warps_backward": (8, 2)},)  # ends off the default: must not leak into the next case
     before = (dict(tri.TUNING), dict(rl.TUNING))
     out = Path(tempfile.mkdtemp())
     for family, cases in (("linear", [0]), ("rope", [0, 1])):
@@ -38,9 +38,15 @@ _SCRIPT = textwrap.dedent(
         result = json.loads((out / f"{family}.json").read_text())
         rows = result["rows"]
         assert {r["case"] for r in rows} == ({"tiny"} if family == "linear" else {"tiny MALA", "tiny NaLa"})
-        ok = [r for r in rows if "graph_ms" in r]
+        shipped = [(r["case"], r["part"]) for r in rows if r.get("shipped")]
+        assert len(shipped) == len(set(shipped)) == 2 * len(cases) and all(r.get("graph_ms") for r in rows
+                                                                              if r.get("shipped")), rows
+        ok = [r for r in rows if "graph_ms" in r and not r.get("shipped")]
         assert ok and all(r["max_rel_diff"] <= ab.GRID_TOLERANCE for r in ok), rows
         assert len(result["best"]) == 2 * len(cases) and len(result["defaults"]) == len(cases)
+    # each case's reference and recorded defaults come from the shipped settings, not the previous case's last try
+    defaults = json.loads((out / "rope.json").read_text())["defaults"]
+    assert defaults["0"]["warps_backward"] == defaults["1"]["warps_backward"] == rl.WARPS, defaults
     bad = [r for r in json.loads((out / "linear.json").read_text())["rows"] if r.get("rows_backward") == 0]
     assert bad and "must be None or a power of two" in bad[0]["error"], bad
     assert (dict(tri.TUNING), dict(rl.TUNING)) == before

@@ -400,10 +400,50 @@ SPILL_ALLOWANCE = {
             ("fp16", "_state_backward_kernel", 64, 72),
         )
     },
+    # the RoPE-linear kernels at 4 warps (rope_linear.WARPS) spill at head dims 32-64; 4 warps were the fastest forward
+    # and backward of the graph-timed search at head dim 64 (bf16: rope_settings_grid_6e8d144: the former 8 warps,
+    # which spilled little, took 1.3-1.6x the forward time); head dim 32 and fp16 follow the same rule. Keyed MECH
+    # 0 MALA, 1 RALA, 2 NaLa (128-wide features at head dim 64), 3 Efficient Attention.
+    **{
+        ("visionlin.kernels.triton.rope_linear", name, dt, mech, d): n
+        for dt, name, mech, d, n in (
+            ("bf16", "_state_kernel", 0, 32, 64),
+            ("bf16", "_readout_backward_kernel", 0, 32, 128),
+            ("bf16", "_readout_backward_kernel", 1, 32, 80),
+            ("bf16", "_state_kernel", 2, 32, 500),
+            ("bf16", "_readout_backward_kernel", 2, 32, 360),
+            ("bf16", "_state_backward_kernel", 2, 32, 400),
+            ("bf16", "_state_kernel", 0, 64, 720),
+            ("bf16", "_readout_backward_kernel", 0, 64, 230),
+            ("bf16", "_state_backward_kernel", 0, 64, 400),
+            ("bf16", "_state_kernel", 1, 64, 1000),
+            ("bf16", "_readout_backward_kernel", 1, 64, 160),
+            ("bf16", "_state_backward_kernel", 1, 64, 740),
+            ("bf16", "_state_kernel", 2, 64, 4100),
+            ("bf16", "_readout_kernel", 2, 64, 640),
+            ("bf16", "_readout_backward_kernel", 2, 64, 620),
+            ("bf16", "_state_backward_kernel", 2, 64, 64),
+            ("fp16", "_state_kernel", 0, 32, 64),
+            ("fp16", "_readout_backward_kernel", 0, 32, 300),
+            ("fp16", "_readout_backward_kernel", 1, 32, 200),
+            ("fp16", "_state_kernel", 2, 32, 760),
+            ("fp16", "_readout_backward_kernel", 2, 32, 450),
+            ("fp16", "_state_backward_kernel", 2, 32, 380),
+            ("fp16", "_state_kernel", 0, 64, 890),
+            ("fp16", "_readout_backward_kernel", 0, 64, 400),
+            ("fp16", "_state_backward_kernel", 0, 64, 540),
+            ("fp16", "_state_kernel", 1, 64, 850),
+            ("fp16", "_readout_backward_kernel", 1, 64, 280),
+            ("fp16", "_state_backward_kernel", 1, 64, 860),
+            ("fp16", "_state_kernel", 2, 64, 6200),
+            ("fp16", "_readout_kernel", 2, 64, 510),
+            ("fp16", "_readout_backward_kernel", 2, 64, 1000),
+            ("fp16", "_state_backward_kernel", 2, 64, 100),
+            ("fp16", "_state_backward_kernel", 3, 64, 72),
+        )
+    },
     ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "bf16", None, 128): 900,
     ("visionlin.kernels.triton.sparse_linear", "_readout_bwd_kernel", "fp16", None, 128): 900,
-    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "bf16", 2, 64): 16,
-    ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 2, 64): 24,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 0, 128): 64,
     # layer_norm's backward with every activation in float32: 4 B at C = 64 with only 72 registers in use (a ptxas
     # stack slot, not register pressure; the bf16 / fp16 cases spill nothing)

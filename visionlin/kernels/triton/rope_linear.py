@@ -482,8 +482,13 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 
-#: Warps per program of every kernel here (the linear kernels' former setting; the linear kernels now run fewer).
-WARPS = 8
+#: Warps per program of the forward's and the backward's kernels up to :data:`SEARCHED` (padded ``F * Dv``): 4 was
+#: the fastest forward and backward of every case of the graph-timed search at B 128, head dim 64
+#: (``rope_settings_grid_6e8d144.json``: the former 8 took 1.3-1.6x the best forward time, 1.07-1.3x the backward's).
+#: Larger tiles (head dim 128) keep the former 8, unsearched.
+WARPS = 4
+WARPS_LARGE = 8
+SEARCHED = 128 * 64
 #: Launch settings, ``None`` for the defaults (:data:`WARPS`, :data:`ROWS`' rule, Triton's pipeline stages, about four
 #: programs per SM); benchmarks sweep them (``benchmarks/linear_settings_ab.py --grid --family rope``). ``warps`` /
 #: ``stages`` of the forward's state and read-out kernels (RALA's / Efficient Attention's key-max and query-sum passes
@@ -494,9 +499,11 @@ TUNING: dict[str, int | None] = {
     "rows_readout": None, "rows_readout_backward": None, "rows_state_backward": None, "per_sm": None,
     "backward_per_sm": None,
 }  # fmt: skip
-#: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The largest
-#: without register spills for sm_90 at 8 warps (ptxas; tests/test_kernels_sm90_compile.py checks every kernel).
-ROWS = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
+#: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The forward's
+#: from the same search (64 rows fastest up to NaLa's 128 x 64 features at head dim 64; 16 above, as before); the
+#: backward's the largest without register spills for sm_90 at 8 warps, which the search kept (32 / 64 rows at 64).
+#: tests/test_kernels_sm90_compile.py compiles every kernel at its rows and holds the measured spills.
+ROWS = {"state": (128 * 64, 128 * 64), "readout": (128 * 64, 128 * 64), "readout_backward": (32 * 32, 64 * 64),
         "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
 
 
@@ -522,7 +529,8 @@ def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool, backward:
     meta = dict(
         MECH=mech, HAS_ROPE=has_rope, HALF=q.dtype in (torch.float16, torch.bfloat16), SCALE=q.dtype == torch.float16,
         BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv,
-        num_warps=_knob("warps_backward" if backward else "warps", WARPS, pow2=True),
+        num_warps=_knob("warps_backward" if backward else "warps", WARPS if bf * bdv <= SEARCHED else WARPS_LARGE,
+                        pow2=True),
     )  # fmt: skip
     stages = _knob("stages_backward" if backward else "stages", 0)
     if stages:
