@@ -40,11 +40,13 @@ __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 #:   NaLaFormer-T's 82.3 ms training step on the H200 (``profile_hier_train_bbe2e19.log``: statistics 4.3 ms,
 #:   backward 9.3 ms); channels-last, its kernels spread over the pixels and the stem's ``[B, H, W, C]`` output is
 #:   contiguous without a copy. Inference 1.03x (MAViT-T), 1.02x (NaLaFormer-T).
-#: * ``"patch_gemm"`` (off: not yet timed on a GPU): the image stems that cut non-overlapping patches (DeiT's 16 x 16,
-#:   Swin's / PVT's 4 x 4) run as one matrix product over the patches instead of cuDNN's implicit-GEMM convolution
-#:   (:class:`visionlin.layers.patch.PatchConv2d`), which took 1.65 ms of ``deit_small``'s 12.95 ms forward on the
-#:   H200 (``profile_iso_abf7aa9.log``).
-FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True, "patch_gemm": False}
+#: * ``"patch_gemm"``: the image stems that cut non-overlapping patches (DeiT's 16 x 16, Swin's / PVT's 4 x 4) run
+#:   as one matrix product over the patches instead of cuDNN's implicit-GEMM convolution
+#:   (:class:`visionlin.layers.patch.PatchConv2d`), which took 1.65 ms of ``deit_small``'s 12.99 ms forward at 224 px,
+#:   batch 256 on the H200. GPU time per forward with the switch on: InfViT-S 12.77 -> 11.13 ms, Agent-DeiT-S 16.89 ->
+#:   15.34, FLatten-DeiT-S 16.98 -> 15.39 (``profile_patch_6e8d144.json``); per training step at batch 128 -1.3 ms
+#:   (``profile_patch_train_af3eef6.json``).
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True, "patch_gemm": True}
 
 
 @register_notrace_module

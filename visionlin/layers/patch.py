@@ -8,9 +8,10 @@ FLOPs need on the tensor cores. :class:`PatchConv2d` is an ``nn.Conv2d`` (same p
 initialisation) that, with ``FAST_PATHS["patch_gemm"]`` on, cuts the image into patches (one copy, in autocast's dtype
 when autocast is on) and runs one ``F.linear`` over them; its output is the convolution's ``[B, O, H/kh, W/kw]`` as a
 channels-last view of the ``[B, tokens, O]`` product, so timm's ``PatchEmbed`` flattens it to tokens without a copy.
-Off until its GPU timing has run (``benchmarks/toggle_speed.py --configs baseline,patch_gemm``); elsewhere, and for
-convolutions that are not patchifications or inputs whose sides are not multiples of the kernel, it is the
-``nn.Conv2d``.
+On by default since its GPU timing (``benchmarks/profile_models.py --configs baseline,patch_gemm``: about 1.6 ms less
+GPU time per forward of the DeiT-S models at 224 px, batch 256, 1.3 ms per training step at batch 128); with the
+switch off, and for convolutions that are not patchifications or inputs whose sides are not multiples of the kernel,
+it is the ``nn.Conv2d``.
 """
 
 from __future__ import annotations

@@ -485,7 +485,8 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
 #: Warps per program of the forward's and the backward's kernels up to :data:`SEARCHED` (padded ``F * Dv``): 4 was
 #: the fastest forward and backward of every case of the graph-timed search at B 128, head dim 64
 #: (``rope_settings_grid_6e8d144.json``: the former 8 took 1.3-1.6x the best forward time, 1.07-1.3x the backward's).
-#: Larger tiles (head dim 128) keep the former 8, unsearched.
+#: Larger tiles (head dim 128) keep the former 8, unsearched. At head dim 32 (no shipped model) 4 warps came within 7%
+#: of the best found (2 warps) and took 0.6x the former 8's time (``rope_settings_grid_af3eef6.json``).
 WARPS = 4
 WARPS_LARGE = 8
 SEARCHED = 128 * 64
@@ -501,10 +502,12 @@ TUNING: dict[str, int | None] = {
 }  # fmt: skip
 #: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The forward's
 #: from the same search (64 rows fastest up to NaLa's 128 x 64 features at head dim 64; 16 above, as before); the
-#: backward's the largest without register spills for sm_90 at 8 warps, which the search kept (32 / 64 rows at 64).
-#: tests/test_kernels_sm90_compile.py compiles every kernel at its rows and holds the measured spills.
+#: backward's read-out the largest without register spills for sm_90 at 8 warps, which the search kept (32 rows at
+#: 64); its key pass 64 rows up to NaLa's features too (NaLa's backward 1.58 ms against 1.82 at 16 rows, the best
+#: found 1.54; ``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its
+#: rows and holds the measured spills.
 ROWS = {"state": (128 * 64, 128 * 64), "readout": (128 * 64, 128 * 64), "readout_backward": (32 * 32, 64 * 64),
-        "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
+        "state_backward": (128 * 64, 128 * 64)}  # fmt: skip
 
 
 def _knob(key: str, default: int, pow2: bool = False) -> int:
