@@ -146,8 +146,11 @@ def _infsa(dt, tdt):
             (infsa_pure._forward_kernel, dt, fwd, fw),
             (infsa_pure._backward_kv_kernel, dt, bwd, bw),
             (infsa_pure._backward_q_kernel, dt, bwd, bw),
-            (infsa._query_kernel, dt, dict(BLOCK_N=infsa.ROWS, BLOCK_D=blk), w),
-            (infsa._key_kernel, dt, dict(BLOCK_M=infsa.ROWS, BLOCK_D=blk, BLOCK_DV=blk), w),
+            *((infsa._query_kernel, dt, dict(BLOCK_N=infsa.ROWS, BLOCK_D=blk, SPLIT=sp), w) for sp in (False, True)),
+            *(
+                (infsa._key_kernel, dt, dict(BLOCK_M=infsa.ROWS, BLOCK_D=blk, BLOCK_DV=blk, SPLIT=sp), w)
+                for sp in (False, True)
+            ),
             (infsa._key_backward_kernel, dt, dict(BLOCK_M=infsa.ROWS, BLOCK_D=blk, BLOCK_DV=blk), w),
             (infsa._query_backward_kernel, dt, dict(BLOCK_N=infsa.ROWS, BLOCK_D=blk), w),
         ]

@@ -137,6 +137,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         for dtype in (torch.float32, torch.float16):
             check_pooled(shape, dtype, "cpu", direct=True)
     check_pooled((2, 70, 70, 3, 16, 16), torch.float16, "cpu", direct=True, non_contiguous=True, rho_per_head=False)
+    # 16 (batch, head) pairs fill the interpreter's 4 "SMs" x 4: one program per pair over several row blocks, its sums
+    # stored (no zero fill) and its context written by the key pass; the shapes above run split passes too
+    from visionlin.kernels.triton import infsa as tri
+    assert tri._splits(200, tri.ROWS, 16, torch.device("cpu")) == (1, 4)
+    check_pooled((4, 200, 150, 4, 16, 16), torch.float32, "cpu", direct=True)
+    # empty query or key sets: zero context, no garbage from unfilled buffers
+    from visionlin.kernels import infsa
+    for n, m in ((0, 7), (7, 0), (0, 0)):
+        q, k, v = torch.randn(2, n, 3, 16), torch.randn(2, m, 3, 16), torch.randn(2, m, 3, 16)
+        got = infsa._context_triton(q, k, v, rho=0.9)
+        assert torch.equal(got, infsa._context_native(q, k, v, rho=0.9)) and not got.abs().sum(), (n, m, got)
     print("interpreter ok")
     """
 )

@@ -519,7 +519,9 @@ def test_position_biases_are_kept_between_inference_forwards_until_a_parameter_c
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer.position_biases((6, 10), 1)[0] is not updated[0]
     with_grad = layer.position_biases((6, 10), 1)
-    assert with_grad[0].requires_grad and layer.__dict__["_bias_cache"] is None  # nothing kept where grads flow
+    assert with_grad[0].requires_grad and "biases" not in layer.__dict__.get(
+        "_derived_cache", {}
+    )  # nothing kept where grads flow
     out = layer(_x(2, 1 + 60, 32), (6, 10), 1)
     out.sum().backward()
     assert layer.an_bias.grad is not None  # the biases stay differentiable when gradients are on
@@ -529,4 +531,4 @@ def test_position_biases_of_large_grids_are_not_kept():
     layer = _agent(bias_size=(8, 8), prefix=1)
     with torch.no_grad():
         big = layer.position_biases((512, 512), 1)  # 2 heads x 9 agents x 262,144 > the cache's 2^20 elements
-        assert layer.__dict__["_bias_cache"] is None and big[0].shape[-1] == 1 + 512 * 512
+        assert "biases" not in layer.__dict__.get("_derived_cache", {}) and big[0].shape[-1] == 1 + 512 * 512

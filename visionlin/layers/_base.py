@@ -9,6 +9,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from ..kernels.conv import token_depthwise_conv2d
+from ._cache import cached, frozen_key
 
 __all__ = [
     "TokenDepthwiseConv2d",
@@ -100,10 +101,16 @@ class TokenDepthwiseConv2d(nn.Conv2d):
         # A residual in another dtype (autocast's float32 residual stream) is added outside, as before: fusing it
         # would round the stream to the convolution's dtype.
         fused = residual is not None and residual.dtype == dt
+        weight, bias = cached(  # kept between inference forwards (layers._cache)
+            self,
+            "taps",
+            frozen_key(self.weight, self.bias, extra=(dt,)),
+            lambda: (self.weight[:, 0].to(dt), None if self.bias is None else self.bias.to(dt)),
+        )
         out = token_depthwise_conv2d(
             x.to(dt),
-            self.weight[:, 0].to(dt),
-            None if self.bias is None else self.bias.to(dt),
+            weight,
+            bias,
             feat_size=(int(feat_size[0]), int(feat_size[1])),
             num_prefix_tokens=num_prefix_tokens,
             residual=residual if fused else None,

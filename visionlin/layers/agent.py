@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
-from ..kernels._common import values_are_checkable
 from ..kernels.agent import agent_attention
 from ..kernels.conv import token_depthwise_conv2d
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._cache import cached, frozen_key
 from ._registry import register_attn
 
 __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
@@ -268,36 +268,27 @@ class AgentAttention(TokenMixer):
             ``agent_bias`` ``[1, h, n, P + H*W]`` (agents x keys) and ``query_bias`` ``[1, h, P + H*W, n]``
             (queries x agents), prefix tokens first.
         """
-        key = self._bias_cache_key(feat_size, num_prefix_tokens)
-        cached = self.__dict__.get("_bias_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        biases = self._position_biases(feat_size, num_prefix_tokens)
-        self.__dict__["_bias_cache"] = None if key is None else (key, biases)
-        return biases
+        return cached(
+            self,
+            "biases",
+            self._bias_cache_key(feat_size, num_prefix_tokens),
+            lambda: self._position_biases(feat_size, num_prefix_tokens),
+        )
 
     def _bias_cache_key(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple | None:
-        """The cache key of :meth:`position_biases`, or ``None`` where nothing may be cached (gradients, tracing,
-        compiling, CUDA-graph capture, large grids)."""
-        if torch.is_grad_enabled():
-            return None
+        """The cache key of :meth:`position_biases` (:func:`visionlin.layers._cache.frozen_key`), or ``None`` where
+        nothing may be cached (gradients, tracing, compiling, CUDA-graph capture, large grids)."""
         hh, ww = feat_size
         if (
             not (type(hh) is int and type(ww) is int)
             or self.num_heads * self.agent_num * hh * ww > _BIAS_CACHE_ELEMENTS
         ):
             return None
-        params = [p for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias,
-                              self.ac_bias, self.ca_bias) if p is not None]  # fmt: skip
-        # plain real tensors in plain eager mode: no compile / export / FX / jit tracing, no fake, meta, functorch or
-        # subclass tensors, no CUDA-graph capture (a tensor kept from a capture would live in the graph's pool)
-        if any(type(p) is not nn.Parameter and type(p) is not torch.Tensor for p in params):
-            return None
-        if not values_are_checkable(*params):
-            return None
-        device = params[0].device
+        device = self.an_bias.device
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
-        return (hh, ww, num_prefix_tokens, autocast, *((p.data_ptr(), p._version) for p in params))
+        params = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
+                  self.ca_bias)  # fmt: skip
+        return frozen_key(*params, extra=(hh, ww, num_prefix_tokens, autocast))
 
     def _position_biases(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         hh, ww = feat_size
@@ -349,10 +340,17 @@ class AgentAttention(TokenMixer):
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         )
+        dt = v.dtype  # the kernel in the values' dtype, as autocast gives a Conv2d (kept: layers._cache)
+        weight, bias = cached(
+            self,
+            "dwc",
+            frozen_key(self.dwc.weight, self.dwc.bias, extra=(dt,)),
+            lambda: (self.dwc.weight[:, 0].to(dt), None if self.dwc.bias is None else self.dwc.bias.to(dt)),
+        )
         out = token_depthwise_conv2d(
             merge_heads(v),
-            self.dwc.weight[:, 0].to(v.dtype),  # the kernel in the values' dtype, as autocast gives a Conv2d
-            None if self.dwc.bias is None else self.dwc.bias.to(v.dtype),
+            weight,
+            bias,
             feat_size=feat_size,
             num_prefix_tokens=p,
             residual=merge_heads(out),

@@ -19,6 +19,7 @@ from torch import nn
 from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.focused import focused_linear_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
+from ._cache import cached, frozen_key
 from ._registry import register_attn
 
 __all__ = ["FocusedLinearAttention"]
@@ -99,14 +100,20 @@ class FocusedLinearAttention(TokenMixer):
         """``[B, prefix + H*W, C] -> [B, prefix + H*W, C]``."""
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         qkv = self.qkv(x)
-        pe = self.key_pos_embed(feat_size)
-        if pe is not None:
+        h, dt = self.num_heads, qkv.dtype
+        # Tensors derived from parameters alone are kept between inference forwards (layers._cache): ~7 launches
+        # per layer that cost more host time than GPU time at 224 px.
+        if self.positional_encoding is not None:
             # The grid keys' positional encoding added in place in the projection's output (the Linear's backward
             # does not need it): a third of the traffic of building a new k with a cat. Cast: under autocast k is
             # bf16/fp16 and an fp32 table would promote it (and the kernel) to fp32.
-            qkv[:, num_prefix_tokens:, self.dim : 2 * self.dim].add_(pe.to(qkv.dtype))
-        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
-        channel_scale = F.softplus(self.scale).view(self.num_heads, self.head_dim)
+            key = frozen_key(self.positional_encoding, extra=(tuple(feat_size), dt))
+            pe = cached(self, "pos", key, lambda: self.key_pos_embed(feat_size).to(dt))
+            qkv[:, num_prefix_tokens:, self.dim : 2 * self.dim].add_(pe)
+        q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
+        channel_scale = cached(
+            self, "scale", frozen_key(self.scale), lambda: F.softplus(self.scale).view(h, self.head_dim)
+        )
         out = focused_linear_attention(
             q,
             k,
@@ -119,11 +126,12 @@ class FocusedLinearAttention(TokenMixer):
         )
         # One depthwise conv shared by the heads over each head's (H, W, D) value map: as a per-channel kernel of the
         # merged channels (channel = head * D + j takes kernel j), added to the attention output in one pass.
-        h, dt = self.num_heads, v.dtype  # the kernel in the values' dtype, as autocast gives a Conv2d
-        bias = None if self.dwc.bias is None else self.dwc.bias.to(dt).repeat(h)
+        # the kernel in the values' dtype, as autocast gives a Conv2d
+        key = frozen_key(self.dwc.weight, self.dwc.bias, extra=(dt,))
+        weight, bias = cached(self, "dwc", key, lambda: self._dwc_per_channel(dt))
         out = token_depthwise_conv2d(
             merge_heads(v),
-            self.dwc.weight[:, 0].to(dt).repeat(h, 1, 1),
+            weight,
             bias,
             feat_size=(int(feat_size[0]), int(feat_size[1])),
             num_prefix_tokens=num_prefix_tokens,
@@ -131,6 +139,12 @@ class FocusedLinearAttention(TokenMixer):
             backend=self.helper_backend("token_depthwise_conv2d"),
         )
         return self.proj_drop(self.proj(out))
+
+    def _dwc_per_channel(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shared per-head depthwise kernel (and bias) repeated over the heads, in ``dt``."""
+        h = self.num_heads
+        bias = None if self.dwc.bias is None else self.dwc.bias.to(dt).repeat(h)
+        return self.dwc.weight[:, 0].to(dt).repeat(h, 1, 1), bias
 
     def adapt_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], old_grid: tuple[int, int] | None = None

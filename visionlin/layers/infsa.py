@@ -18,6 +18,7 @@ from torch import nn
 
 from ..kernels.infsa import linear_infsa_attention, linear_infsa_context, pure_infsa_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
+from ._cache import cached, frozen_key
 from ._registry import register_attn
 
 __all__ = ["LinearInfSAAttention", "PureInfSAAttention"]
@@ -61,8 +62,9 @@ class _InfSABase(TokenMixer):
             self.register_buffer("rho_logit", logit)
 
     def rho(self) -> torch.Tensor:
-        """``sigmoid(rho_logit)`` in float32 (a constant unless ``learn_rho``: the authors never train it)."""
-        return torch.sigmoid(self.rho_logit.float())
+        """``sigmoid(rho_logit)`` in float32 (a constant unless ``learn_rho``: the authors never train it); kept
+        between inference forwards (:mod:`visionlin.layers._cache`)."""
+        return cached(self, "rho", frozen_key(self.rho_logit), lambda: torch.sigmoid(self.rho_logit.float()))
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..kernels.scan import selective_scan
 from ._base import TokenMixer, check_tokens
+from ._cache import cached, frozen_key
 from ._registry import register_attn
 
 __all__ = ["MambaVisionMixer"]
@@ -138,18 +139,23 @@ class MambaVisionMixer(TokenMixer):
         xs = F.silu(self.conv1d_x(xs)).transpose(1, 2)  # [B, L, d_inner / 2]
         z = F.silu(self.conv1d_z(z)).transpose(1, 2)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        bias = self.dt_proj.bias
         dt = self.dt_proj(dt) if self.faithful_dt_bias else F.linear(dt, self.dt_proj.weight)
+        key = frozen_key(self.A_log, self.D, self.dt_proj.bias)  # kept between inference forwards (layers._cache)
+        a, d, bias = cached(self, "scan", key, self._scan_parameters)
         y = selective_scan(
             xs,
             dt,
-            -torch.exp(self.A_log.float()),
+            a,
             b,
             c,
-            self.D.float(),
-            delta_bias=bias.float(),
+            d,
+            delta_bias=bias,
             delta_softplus=True,
             check_values=False,  # -exp(A_log) is <= 0: no host sync per forward to re-check it
             backend=self.backend,
         )
         return self.proj_drop(self.out_proj(torch.cat([y, z], dim=-1)))
+
+    def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A = -exp(A_log), D, delta bias)`` in float32, as the scan takes them."""
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()

@@ -9,7 +9,9 @@ Every product is a matrix-vector product, so the kernels are bound by reading q,
 math is float32 on the inputs' values, as the float32 reference computes it (the pooled form cancels: ``w_n`` sums to
 one, so its q / k gradients are differences of near-equal terms, and relu boundaries of ``t_m`` flip if ``qbar`` is
 rounded to half precision). The passes are split over row chunks to fill the GPU; chunks meet by float32 atomic adds
-(sums may differ between runs in the last bits).
+(sums may differ between runs in the last bits). When the (batch, head) pairs alone fill the GPU (224 px, batch 256)
+each pair is one program: its sums are stored, not added into a zeroed buffer, and the key pass writes ``ctx`` itself
+(two zero fills and two small ops fewer per call: the forwards there are bound by the host's launches).
 
 Backward, for the gradient ``g`` of ``ctx`` (``p_m = a_m / A``; ``sum_m p_m (v_m . g) = ctx . g``)::
 
@@ -36,9 +38,11 @@ __all__ = ["pooled_infsa_context_triton"]
 
 @triton.jit
 def _query_kernel(
-    Q, ACC, N, H, D, per, s_b, s_n, s_h, s_d, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+    Q, ACC, N, H, D, per, s_b, s_n, s_h, s_d, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Adds ``P`` (``[BLOCK_D]``) and ``E - eps`` of rows ``[start, start + per * BLOCK_N)`` to ``ACC[bh]``."""
+    """Adds ``P`` (``[BLOCK_D]``) and ``E - eps`` of rows ``[start, start + per * BLOCK_N)`` to ``ACC[bh]``; without
+    ``SPLIT`` (one program per (batch, head) covers every row) stores them: ``ACC`` needs no zero fill."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
@@ -54,16 +58,22 @@ def _query_kernel(
         e = tl.sqrt(tl.sum(qs * qs, axis=1))
         e_sum += e
         p += tl.sum(e[:, None] * qs, axis=0)
-    tl.atomic_add(ACC + bh * (BLOCK_D + 1) + offs_d, p, mask=dmask)
-    tl.atomic_add(ACC + bh * (BLOCK_D + 1) + BLOCK_D, tl.sum(e_sum, axis=0))
+    if SPLIT:
+        tl.atomic_add(ACC + bh * (BLOCK_D + 1) + offs_d, p, mask=dmask)
+        tl.atomic_add(ACC + bh * (BLOCK_D + 1) + BLOCK_D, tl.sum(e_sum, axis=0))
+    else:
+        tl.store(ACC + bh * (BLOCK_D + 1) + offs_d, p, mask=dmask)
+        tl.store(ACC + bh * (BLOCK_D + 1) + BLOCK_D, tl.sum(e_sum, axis=0))
 
 
 @triton.jit
 def _key_kernel(
-    K, V, ACC_Q, ACC_K, M, H, D, DV, per, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, scale, eps,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    K, V, ACC_Q, ACC_K, CTX, M, H, D, DV, per, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, scale, eps,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Adds ``C`` (``[BLOCK_DV]``) and ``A - eps`` of key rows ``[start, start + per * BLOCK_M)`` to ``ACC_K[bh]``."""
+    """Adds ``C`` (``[BLOCK_DV]``) and ``A - eps`` of key rows ``[start, start + per * BLOCK_M)`` to ``ACC_K[bh]``;
+    without ``SPLIT`` (one program per (batch, head) covers every key) stores them and ``ctx = C / A`` in ``CTX[bh]``
+    (``[DV]``): no zero fill, no division launched afterwards."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     offs_d = tl.arange(0, BLOCK_D)
@@ -91,8 +101,14 @@ def _key_kernel(
         )
         a_sum += a
         c += tl.sum(a[:, None] * v.to(tl.float32), axis=0)
-    tl.atomic_add(ACC_K + bh * (BLOCK_DV + 1) + offs_e, c, mask=emask)
-    tl.atomic_add(ACC_K + bh * (BLOCK_DV + 1) + BLOCK_DV, tl.sum(a_sum, axis=0))
+    if SPLIT:
+        tl.atomic_add(ACC_K + bh * (BLOCK_DV + 1) + offs_e, c, mask=emask)
+        tl.atomic_add(ACC_K + bh * (BLOCK_DV + 1) + BLOCK_DV, tl.sum(a_sum, axis=0))
+    else:
+        a_tot = tl.sum(a_sum, axis=0)
+        tl.store(ACC_K + bh * (BLOCK_DV + 1) + offs_e, c, mask=emask)
+        tl.store(ACC_K + bh * (BLOCK_DV + 1) + BLOCK_DV, a_tot)
+        tl.store(CTX + bh * DV + offs_e, c / (a_tot + eps), mask=emask)
 
 
 @triton.jit
@@ -183,21 +199,27 @@ def pooled_infsa_fwd(
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
     bd, bdv = _block(d), _block(dv)
-    acc_q = torch.zeros(b * h, bd + 1, device=q.device, dtype=torch.float32)
-    acc_k = torch.zeros(b * h, bdv + 1, device=q.device, dtype=torch.float32)
+    # splits 0: the pass does not run (its sums stay zero); 1: one program per (batch, head) stores its sums (no zero
+    # fill) and the key pass its context (no division launched here); more: atomic adds into zeroed sums.
+    splits_q, per_q = _splits(n, ROWS, b * h, q.device) if b * h and n else (0, 0)
+    splits_k, per_k = _splits(m, ROWS, b * h, q.device) if b * h and m else (0, 0)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    acc_q = (torch.empty if splits_q == 1 else torch.zeros)(b * h, bd + 1, **f32)
+    acc_k = (torch.empty if splits_k == 1 else torch.zeros)(b * h, bdv + 1, **f32)
+    ctx = torch.empty(b * h, dv, **f32) if splits_k == 1 else None
     scale = d**-0.5
-    if b * h and n:
-        splits, per = _splits(n, ROWS, b * h, q.device)
-        launch(_query_kernel, (b * h, splits),
-            q, acc_q, n, h, d, per, *q.stride(), scale, BLOCK_N=ROWS, BLOCK_D=bd, num_warps=_warps(bd)
+    if splits_q:
+        launch(_query_kernel, (b * h, splits_q),
+            q, acc_q, n, h, d, per_q, *q.stride(), scale, BLOCK_N=ROWS, BLOCK_D=bd, SPLIT=splits_q > 1,
+            num_warps=_warps(bd),
         )  # fmt: skip
-    if b * h and m:
-        splits, per = _splits(m, ROWS, b * h, q.device)
-        launch(_key_kernel, (b * h, splits),
-            k, v, acc_q, acc_k, m, h, d, dv, per, *k.stride(), *v.stride(), scale, eps,
-            BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(max(bd, bdv)),
+    if splits_k:
+        launch(_key_kernel, (b * h, splits_k),
+            k, v, acc_q, acc_k, acc_k if ctx is None else ctx, m, h, d, dv, per_k, *k.stride(), *v.stride(), scale,
+            eps, BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv, SPLIT=splits_k > 1, num_warps=_warps(max(bd, bdv)),
         )  # fmt: skip
-    ctx = acc_k[:, :dv] / (acc_k[:, bdv:] + eps)
+    if ctx is None:
+        ctx = acc_k[:, :dv] / (acc_k[:, bdv:] + eps)
     return ctx.view(b, h, dv), acc_q, acc_k
 
 
