@@ -36,6 +36,7 @@
 #   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training ~4 min
 #   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
+#   host-infer     benchmarks/host_overhead.py --stacks: eager vs CUDA-graph forward, launches, host ops (HOST_MODELS) ~1 min
 #   bench-agent    agent models at 224 / 1024 px next to swin_tiny, and their forward profile at 1024 px   ~3 min
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
@@ -238,6 +239,10 @@ for stage in "$@"; do
       timeout ${HOST_LIMIT:-150} python3 benchmarks/host_overhead.py --train --batch 128 --out "$OUT" --commit "$COMMIT" \
         --models ${HOST_MODELS:-infvit_small} --configs ${HOST_CONFIGS:-default,baseline} 2>&1 | grep -v "^\s*$" \
         | tee "$OUT/host_overhead_train_$COMMIT.log" | head -60 ;;
+    host-infer)  # eager forward vs CUDA-graph replay vs kernel time, launches and host ops per forward (224 px, bs 256)
+      timeout ${HOST_LIMIT:-150} python3 benchmarks/host_overhead.py --out "$OUT" --commit "$COMMIT" --stacks \
+        --models ${HOST_MODELS:-deit_small_patch16_224,infvit_small,agent_deit_small,flatten_deit_small} 2>&1 \
+        | grep -v "^\s*$" > "$OUT/host_overhead_infer_$COMMIT.log"; grep "^==" "$OUT/host_overhead_infer_$COMMIT.log" ;;
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;
