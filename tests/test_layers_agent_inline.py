@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import visionlin
 from visionlin.kernels import linear_attention
 from visionlin.layers import AgentAttention, InLineAttention, create_attn, resample_agent_biases
+from visionlin.layers._cache import kept
 from visionlin.layers.inline import KERNEL_FUNCS, dynamic_depthwise_conv2d
 
 torch.set_num_threads(1)
@@ -531,4 +532,4 @@ def test_position_biases_of_large_grids_are_not_kept():
     layer = _agent(bias_size=(8, 8), prefix=1)
     with torch.no_grad():
         big = layer.position_biases((512, 512), 1)  # 2 heads x 9 agents x 262,144 > the cache's 2^20 elements
-        assert "biases" not in layer.__dict__.get("_derived_cache", {}) and big[0].shape[-1] == 1 + 512 * 512
+        assert "biases" not in kept(layer) and big[0].shape[-1] == 1 + 512 * 512

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from visionlin.layers._cache import cached, frozen_key
+from visionlin.layers import _cache, clear_derived_cache
+from visionlin.layers._cache import cached, frozen_key, kept
 from visionlin.layers.focused import FocusedLinearAttention
 from visionlin.layers.infsa import LinearInfSAAttention
 
@@ -36,7 +37,7 @@ def _x(n: int = 21, seed: int = 1) -> torch.Tensor:
 
 
 def _kept(module: nn.Module) -> dict:
-    return {k: v[1] for k, v in module.__dict__.get("_derived_cache", {}).items()}
+    return kept(module)
 
 
 def test_frozen_key_refuses_where_nothing_may_be_kept():
@@ -66,7 +67,7 @@ def test_cached_keeps_one_value_per_name_and_drops_it_on_a_none_key():
     assert cached(m, "a", ("k", 1), lambda: build(1)) == 1 and cached(m, "a", ("k", 1), lambda: build(2)) == 1
     assert calls == [1]
     assert cached(m, "a", ("k", 2), lambda: build(3)) == 3 and calls == [1, 3]
-    assert cached(m, "a", None, lambda: build(4)) == 4 and "a" not in m._derived_cache
+    assert cached(m, "a", None, lambda: build(4)) == 4 and "a" not in kept(m)
     assert cached(m, "a", ("k", 2), lambda: build(5)) == 5  # rebuilt after the drop
 
 
@@ -177,3 +178,56 @@ def test_token_conv_and_mamba_mixer_keep_exact_results_across_updates(which):
             torch.testing.assert_close(run(), fresh, rtol=0, atol=0, msg=name)
     run().sum().backward()
     assert all(module.get_parameter(n).grad is not None for n in names)
+
+
+def test_data_edits_need_a_clear_and_reassigned_storages_never_alias():
+    """In-place edits through ``.data`` do not move the version counter (documented): clear_derived_cache (or KEEP =
+    False) makes them seen. Reassigning ``p.data`` back and forth never returns a value built for another storage that
+    once had the same address: the kept entry holds its sources' storages."""
+    layer = _focused()
+    x = _x(20)
+
+    def fresh():
+        with torch.enable_grad():
+            return layer(x, (4, 5)).detach()
+
+    with torch.no_grad():
+        layer(x, (4, 5))
+        layer.scale.data.add_(1.0)
+        clear_derived_cache(layer)
+        torch.testing.assert_close(layer(x, (4, 5)), fresh(), rtol=0, atol=0)
+        # two reassignments per forward: the second storage can land where the first one was (found with 256
+        # channels on the CPU allocator)
+        wide = _randomize(FocusedLinearAttention(256, 4, qkv_bias=True)).eval()
+        xw = torch.randn(1, 16, 256, generator=torch.Generator().manual_seed(3))
+        for _ in range(6):
+            got = wide(xw, (4, 4))
+            entries = dict(_cache._STORE[wide])
+            clear_derived_cache(wide)
+            torch.testing.assert_close(got, wide(xw, (4, 4)), rtol=0, atol=0)  # a fresh build
+            _cache._STORE[wide] = entries  # as if that build had not happened
+            wide.scale.data = wide.scale.data + 0.5
+            wide.scale.data = wide.scale.data + 0.5
+        _cache.KEEP = False
+        try:
+            layer(x, (4, 5))
+            assert not kept(layer)
+        finally:
+            _cache.KEEP = True
+    with pytest.raises(TypeError, match="nn.Module or None"):
+        clear_derived_cache("model")
+    clear_derived_cache()  # every module
+
+
+def test_kept_values_are_not_carried_by_copies_or_pickles():
+    import io
+
+    layer = _focused()
+    with torch.no_grad():
+        layer(_x(20), (4, 5))
+    assert kept(layer)
+    assert not kept(copy.deepcopy(layer))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert not kept(torch.load(buf, weights_only=False))

@@ -48,6 +48,12 @@ def test_patchify_linear_under_autocast_matches_the_convolution_dtype():
         ref, out = conv(x), patchify_linear(x, conv.weight, conv.bias)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # float64 stays float64 under autocast, as the convolution does
+    x64, conv64 = x.double(), conv.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = conv64(x64), patchify_linear(x64, conv64.weight, conv64.bias)
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref)
 
 
 def test_patch_conv_switch_and_fallbacks(patch_gemm, monkeypatch):

@@ -1,6 +1,7 @@
 """Token mixers (one module per mechanism) and shared blocks."""
 
 from ._base import TokenMixer
+from ._cache import clear_derived_cache
 from ._registry import ATTN_LAYERS, create_attn, register_attn
 from .agent import AgentAttention, resample_agent_biases
 from .efficient import EfficientAttention
@@ -39,6 +40,7 @@ __all__ = [
     "TokenMixer",
     "as_patch_conv",
     "as_pre_norm",
+    "clear_derived_cache",
     "create_attn",
     "register_attn",
     "resample_agent_biases",

@@ -5,57 +5,106 @@ dtype, a softplus, a per-head repeat, a resampled bias table. Each is a few micr
 kernel launches: on the H200 host where the 224 px forwards were host-bound (``benchmarks/results/h200/
 host_overhead_infer_1866462.log``: InfViT-S 18.5 ms eager against 8.9 ms replayed from a CUDA graph, FLatten-DeiT-S
 29.8 against 13.0), every launch costs ~40-70 us of host time. Without gradients, in plain eager mode, such a tensor
-is kept on its module and reused while its sources are unchanged.
+is kept for its module and reused while its sources are unchanged.
 
-A key names every source tensor by identity, storage address, version counter (bumped by every in-place update: an
-optimizer step, ``load_state_dict``, ``param.data.copy_``), device and dtype, plus whatever else the value depends on
-(the target dtype, a grid size). Nothing is kept while gradients are on (the value must be part of the autograd
-graph), while compiling, exporting or tracing, for fake / meta / functorch tensors, or during CUDA-graph capture.
+A key names every source tensor by identity, storage address, version counter, device and dtype, plus whatever else
+the value depends on (the target dtype, a grid size); the kept entry also holds the sources' storages, so an address
+in a key is never reused by another tensor while the entry lives. The version counter moves with every in-place
+update through the parameter itself: an optimizer step, ``load_state_dict``, ``with torch.no_grad(): p.copy_(...)``,
+EMA updates of ``state_dict()`` tensors. It does **not** move for in-place updates through ``p.data`` (``.data`` is a
+new tensor with its own counter): code that edits weights that way must call :func:`clear_derived_cache` before the
+next inference forward (or set :data:`KEEP` to ``False``).
+
+Nothing is kept while gradients are on (the value must be part of the autograd graph), while compiling, exporting or
+tracing, for fake / meta / functorch / subclass tensors, or during CUDA-graph capture. Entries live in a table keyed
+weakly by module: copies, pickles and ``state_dict`` of a model carry none of them.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from ..kernels._common import values_are_checkable
 
-__all__ = ["cached", "frozen_key"]
+__all__ = ["KEEP", "cached", "clear_derived_cache", "frozen_key"]
 
 T = TypeVar("T")
+
+#: Keep derived tensors between inference forwards (``False``: rebuild them on every forward).
+KEEP = True
+_STORE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, Any]]] = weakref.WeakKeyDictionary()
+
+
+class _Pin:
+    """The source tensors' storages, carried in a key so that the kept entry holds them; equal to any other pin (the
+    addresses in the key already identify the storages)."""
+
+    __slots__ = ("storages",)
+
+    def __init__(self, storages: list[Any]) -> None:
+        self.storages = storages
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Pin)
+
+    def __hash__(self) -> int:
+        return 0
 
 
 def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) -> tuple | None:
     """A key that identifies the current values of ``tensors`` (``None`` entries allowed) and ``extra``, or ``None``
-    where nothing may be cached (see the module docstring)."""
-    if torch.is_grad_enabled():
+    where nothing may be kept (see the module docstring)."""
+    if not KEEP or torch.is_grad_enabled():
         return None
     real = [t for t in tensors if t is not None]
     if any(type(t) is not nn.Parameter and type(t) is not torch.Tensor for t in real):
-        return None  # subclasses (FX proxies' tensors, DTensor, ...) keep the plain path
+        return None  # subclasses (DTensor, ...) keep the plain path
     if not values_are_checkable(*real):
         return None
     try:
         ids = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
     except RuntimeError:  # inference tensors have no version counter
         return None
-    return (torch.is_inference_mode_enabled(), *extra, *ids)
+    return (torch.is_inference_mode_enabled(), *extra, *ids, _Pin([t.untyped_storage() for t in real]))
 
 
 def cached(module: nn.Module, name: str, key: tuple | None, build: Callable[[], T]) -> T:
-    """``build()``, or the value kept on ``module`` under ``name`` when it was built for ``key``. One value per name is
+    """``build()``, or the value kept for ``module`` under ``name`` when it was built for ``key``. One value per name is
     kept (the latest key's); a ``None`` key builds and drops what was kept (a training step frees it)."""
     if key is None:
-        if not torch.compiler.is_compiling():  # (a traced program must not mutate the module)
-            module.__dict__.get("_derived_cache", {}).pop(name, None)
+        if not torch.compiler.is_compiling():  # (a traced program must not mutate state)
+            store = _STORE.get(module)
+            if store:
+                store.pop(name, None)
         return build()
-    store = module.__dict__.setdefault("_derived_cache", {})
+    store = _STORE.get(module)
+    if store is None:
+        store = _STORE[module] = {}
     hit = store.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
     value = build()
     store[name] = (key, value)
     return value
+
+
+def kept(module: nn.Module) -> dict[str, Any]:
+    """The values kept for ``module`` by name (for tests and debugging)."""
+    return {name: entry[1] for name, entry in _STORE.get(module, {}).items()}
+
+
+def clear_derived_cache(model: nn.Module | None = None) -> None:
+    """Drop the derived tensors kept for ``model`` and its submodules (every module with ``None``): call it after
+    editing parameters in place through ``.data``, which their version counters do not see."""
+    if model is None:
+        _STORE.clear()
+        return
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"clear_derived_cache: model must be an nn.Module or None, got {type(model).__name__}")
+    for m in model.modules():
+        _STORE.pop(m, None)

@@ -32,8 +32,9 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     hp, wp = h // kh, w // kw
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))  # the patch copy below then moves half the bytes
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        # what autocast does to a convolution's input (float64 is never cast); the patch copy then moves fewer bytes
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     patches = x.reshape(b, c, hp, kh, wp, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * kh * kw)
     out = F.linear(patches, weight.reshape(o, c * kh * kw), bias)  # weight's (c, i, j) order is the patches'
     return out.view(b, hp, wp, o).permute(0, 3, 1, 2)

@@ -482,14 +482,17 @@ def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     return bd, (2 * bd if mech == MECHANISM_IDS["norm_aware"] else bd), bdv
 
 
-#: Warps per program of the forward's and the backward's kernels up to :data:`SEARCHED` (padded ``F * Dv``): 4 was
-#: the fastest forward and backward of every case of the graph-timed search at B 128, head dim 64
-#: (``rope_settings_grid_6e8d144.json``: the former 8 took 1.3-1.6x the best forward time, 1.07-1.3x the backward's).
-#: Larger tiles (head dim 128) keep the former 8, unsearched. At head dim 32 (no shipped model) 4 warps came within 7%
-#: of the best found (2 warps) and took 0.6x the former 8's time (``rope_settings_grid_af3eef6.json``).
+#: Warps per program of the forward's and the backward's kernels on half-precision inputs up to :data:`SEARCHED`
+#: (padded ``F * Dv``): 4 was the fastest forward and backward of every case of the graph-timed search (bf16, B 128,
+#: head dim 64; ``rope_settings_grid_6e8d144.json``: the former 8 took 1.3-1.6x the best forward time, 1.07-1.3x the
+#: backward's). At head dim 32 (no shipped model) 4 warps came within 7% of the best found (2 warps) and took 0.6x the
+#: former 8's time (``rope_settings_grid_af3eef6.json``). Larger tiles (head dim 128) and float32 inputs keep the former
+#: settings (:data:`WARPS_LARGE`, :data:`ROWS_FLOAT32`), unsearched: float32 tiles of the new sizes need more shared
+#: memory than an H100 / H200 block has (NaLa's state kernel at head dim 64: 256 KiB).
 WARPS = 4
 WARPS_LARGE = 8
 SEARCHED = 128 * 64
+SEARCHED_BACKWARD = 64 * 64
 #: Launch settings, ``None`` for the defaults (:data:`WARPS`, :data:`ROWS`' rule, Triton's pipeline stages, about four
 #: programs per SM); benchmarks sweep them (``benchmarks/linear_settings_ab.py --grid --family rope``). ``warps`` /
 #: ``stages`` of the forward's state and read-out kernels (RALA's / Efficient Attention's key-max and query-sum passes
@@ -503,11 +506,15 @@ TUNING: dict[str, int | None] = {
 #: Largest tile size ``F * Dv`` (padded) at which each kernel runs 64, then 32 rows per step; 16 above. The forward's
 #: from the same search (64 rows fastest up to NaLa's 128 x 64 features at head dim 64; 16 above, as before); the
 #: backward's read-out the largest without register spills for sm_90 at 8 warps, which the search kept (32 rows at
-#: 64); its key pass 64 rows up to NaLa's features too (NaLa's backward 1.58 ms against 1.82 at 16 rows, the best
-#: found 1.54; ``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its
-#: rows and holds the measured spills.
+#: 64); its key pass 64 rows at head dim 64, and 32 for NaLa's 128 x 64 features, which run the backward at 8 warps
+#: (:data:`SEARCHED_BACKWARD`): 1.56 ms against 1.82 at the former 16 rows, the best found 1.54
+#: (``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its rows and
+#: holds the measured spills.
 ROWS = {"state": (128 * 64, 128 * 64), "readout": (128 * 64, 128 * 64), "readout_backward": (32 * 32, 64 * 64),
-        "state_backward": (128 * 64, 128 * 64)}  # fmt: skip
+        "state_backward": (64 * 64, 128 * 64)}  # fmt: skip
+#: :data:`ROWS` for float32 inputs: the former rule (the largest tiles without register spills at 8 warps).
+ROWS_FLOAT32 = {"state": (16 * 32, 64 * 64), "readout": (64 * 64, 64 * 128), "readout_backward": (32 * 32, 64 * 64),
+                "state_backward": (64 * 64, 64 * 64)}  # fmt: skip
 
 
 def _knob(key: str, default: int, pow2: bool = False) -> int:
@@ -515,9 +522,10 @@ def _knob(key: str, default: int, pow2: bool = False) -> int:
     return tuned(TUNING, key, default, pow2)
 
 
-def _rows(kernel: str, bf: int, bdv: int) -> int:
-    """Rows per step of ``kernel`` (a key of :data:`ROWS`) at padded feature width ``bf`` and value width ``bdv``."""
-    at_64, at_32 = ROWS[kernel]
+def _rows(kernel: str, bf: int, bdv: int, half: bool = True) -> int:
+    """Rows per step of ``kernel`` (a key of :data:`ROWS`) at padded feature width ``bf`` and value width ``bdv``, for
+    half-precision (else float32, :data:`ROWS_FLOAT32`) inputs."""
+    at_64, at_32 = (ROWS if half else ROWS_FLOAT32)[kernel]
     size = bf * bdv
     return _knob(f"rows_{kernel}", 64 if size <= at_64 else 32 if size <= at_32 else 16, pow2=True)
 
@@ -529,11 +537,13 @@ def _per_sm(backward: bool = False) -> int:
 def _meta(mech: int, q: torch.Tensor, v: torch.Tensor, has_rope: bool, backward: bool = False) -> dict:
     """Constexprs and launch options of the forward's (or, with ``backward``, the backward's) kernels."""
     bd, bf, bdv = _blocks(mech, q.shape[-1], v.shape[-1])
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    # the backward of NaLa's 128-wide features: 8 warps with 16 / 32-row tiles as fast as 4 with 16 / 64 (1.56 vs
+    # 1.58 ms) and without 3.5 KB of register spills a thread
+    warps = WARPS if half and bf * bdv <= (SEARCHED_BACKWARD if backward else SEARCHED) else WARPS_LARGE
     meta = dict(
-        MECH=mech, HAS_ROPE=has_rope, HALF=q.dtype in (torch.float16, torch.bfloat16), SCALE=q.dtype == torch.float16,
-        BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv,
-        num_warps=_knob("warps_backward" if backward else "warps", WARPS if bf * bdv <= SEARCHED else WARPS_LARGE,
-                        pow2=True),
+        MECH=mech, HAS_ROPE=has_rope, HALF=half, SCALE=q.dtype == torch.float16, BLOCK_D=bd, BLOCK_F=bf, BLOCK_DV=bdv,
+        num_warps=_knob("warps_backward" if backward else "warps", warps, pow2=True),
     )  # fmt: skip
     stages = _knob("stages_backward" if backward else "stages", 0)
     if stages:
@@ -618,7 +628,7 @@ def rope_linear_attention_fwd(
     if b * h == 0 or m == 0:
         return out, state, aux
     sin_t, cos_t = (sin, cos) if sin is not None else (q, q)
-    rows, rows_out = _rows("state", bf, bdv), _rows("readout", bf, bdv)
+    rows, rows_out = _rows("state", bf, bdv, meta["HALF"]), _rows("readout", bf, bdv, meta["HALF"])
     inv_n = 1.0 / max(n, 1)
     if mech in (MECHANISM_IDS["rank_augmented"], MECHANISM_IDS["efficient"]):
         aux[:, bd:] = float("-inf")
@@ -683,7 +693,7 @@ def rope_linear_attention_bwd(
     grads = torch.zeros_like(state)
     mats = _readout_mats(state, mech, scale, 1.0 / m, bf, bdv)
     dqbar = torch.zeros(b * h, bf, device=q.device, dtype=torch.float32)
-    rows, rows_k = _rows("readout_backward", bf, bdv), _rows("state_backward", bf, bdv)
+    rows, rows_k = _rows("readout_backward", bf, bdv, meta["HALF"]), _rows("state_backward", bf, bdv, meta["HALF"])
     inv_n = 1.0 / max(n, 1)
     if n:
         splits, per = _splits(n, rows, b * h, q.device, per_sm=_per_sm(backward=True))
