@@ -533,3 +533,33 @@ def test_position_biases_of_large_grids_are_not_kept():
     with torch.no_grad():
         big = layer.position_biases((512, 512), 1)  # 2 heads x 9 agents x 262,144 > the cache's 2^20 elements
         assert "biases" not in kept(layer) and big[0].shape[-1] == 1 + 512 * 512
+
+
+def test_agent_keeps_its_biases_cast_for_sdpa_and_stays_exact():
+    """The automatic (SDPA) path keeps the biases in the queries' dtype between inference forwards; the result equals a
+    forward that keeps nothing (biases rebuilt and cast every call; with gradients on, CPU SDPA picks another kernel,
+    so the yardstick is a no-grad forward with ``KEEP`` off); an explicit reference backend gets them uncast."""
+    from visionlin.layers import _cache
+
+    layer = _agent(bias_size=(8, 8), prefix=1)
+    x = _x(2, 1 + 64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _cache.KEEP = False
+        try:
+            with torch.no_grad():
+                want = layer(x, (8, 8), 1)
+        finally:
+            _cache.KEEP = True
+        assert not kept(layer)
+        with torch.no_grad():
+            first = layer(x, (8, 8), 1)
+            cast = kept(layer)["biases_cast"]
+            assert all(t.dtype == torch.bfloat16 for t in cast) and "biases" not in kept(layer)
+            again = layer(x, (8, 8), 1)
+            assert kept(layer)["biases_cast"] is cast
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    layer.backend = "reference"
+    with torch.no_grad():
+        layer(x, (8, 8), 1)
+    assert all(t.dtype == torch.float32 for t in kept(layer)["biases"])

@@ -254,9 +254,10 @@ class AgentAttention(TokenMixer):
             trunc_normal_(self.ca_bias, std=0.02)
 
     def position_biases(
-        self, feat_size: tuple[int, int], num_prefix_tokens: int = 0
+        self, feat_size: tuple[int, int], num_prefix_tokens: int = 0, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two attention biases for a ``feat_size`` grid.
+        """The two attention biases for a ``feat_size`` grid (cast to ``dtype`` when given: SDPA takes its float masks
+        in the queries' dtype, and a kept cast saves two launches per layer and forward).
 
         They depend on the parameters and the grid only: without gradients, in plain eager mode, biases of at most
         ``_BIAS_CACHE_ELEMENTS`` elements are kept for the next forward of the same grid, prefix count and autocast
@@ -268,11 +269,14 @@ class AgentAttention(TokenMixer):
             ``agent_bias`` ``[1, h, n, P + H*W]`` (agents x keys) and ``query_bias`` ``[1, h, P + H*W, n]``
             (queries x agents), prefix tokens first.
         """
+        key = self._bias_cache_key(feat_size, num_prefix_tokens)
+        if dtype is None:
+            return cached(self, "biases", key, lambda: self._position_biases(feat_size, num_prefix_tokens))
         return cached(
             self,
-            "biases",
-            self._bias_cache_key(feat_size, num_prefix_tokens),
-            lambda: self._position_biases(feat_size, num_prefix_tokens),
+            "biases_cast",
+            None if key is None else (*key, dtype),
+            lambda: tuple(t.to(dtype) for t in self._position_biases(feat_size, num_prefix_tokens)),
         )
 
     def _bias_cache_key(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple | None:
@@ -327,7 +331,9 @@ class AgentAttention(TokenMixer):
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
         agents = pool_tokens(q[:, p:], feat_size, self.pool_size).contiguous()
-        agent_bias, query_bias = self.position_biases(feat_size, p)
+        # SDPA (the automatic choice) casts the biases to the queries' dtype: done once here while they are kept
+        cast = q.dtype if self.backend in (None, "sdpa") else None
+        agent_bias, query_bias = self.position_biases(feat_size, p, dtype=cast)
         q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
         out = agent_attention(
             q,
