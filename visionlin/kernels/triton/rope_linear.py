@@ -507,9 +507,9 @@ TUNING: dict[str, int | None] = {
 #: from the same search (64 rows fastest up to NaLa's 128 x 64 features at head dim 64; 16 above, as before); the
 #: backward's read-out the largest without register spills for sm_90 at 8 warps, which the search kept (32 rows at
 #: 64); its key pass 64 rows at head dim 64, and 32 for NaLa's 128 x 64 features, which run the backward at 8 warps
-#: (:data:`SEARCHED_BACKWARD`): 1.56 ms against 1.82 at the former 16 rows, the best found 1.54
-#: (``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its rows and
-#: holds the measured spills.
+#: (:data:`SEARCHED_BACKWARD`): 1.56 ms against 1.82 at 4 warps, 16 rows (1.92 at the former 8 warps, 16 rows), the best
+#: found 1.54 (``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its
+#: rows and holds the measured spills.
 ROWS = {"state": (128 * 64, 128 * 64), "readout": (128 * 64, 128 * 64), "readout_backward": (32 * 32, 64 * 64),
         "state_backward": (64 * 64, 128 * 64)}  # fmt: skip
 #: :data:`ROWS` for float32 inputs: the former rule (the largest tiles without register spills at 8 warps).
