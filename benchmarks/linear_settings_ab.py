@@ -174,6 +174,12 @@ def _grid(
 
     tuning, setup, _, _, forward_groups, backward_groups = _family(family)
     saved = dict(tuning)
+
+    def use(config: dict | None = None) -> None:
+        """The family's ``TUNING`` as shipped, with ``config`` over it."""
+        tuning.clear()
+        tuning.update(saved | (config or {}))
+
     rows, best, defaults = [], {}, {}
     result = {"benchmark": f"{family}_settings_grid", "meta": gpu_meta(argv, commit), "dtype": str(dtype),
               "tolerance": GRID_TOLERANCE, "defaults": defaults,
@@ -182,13 +188,11 @@ def _grid(
               "best": best, "rows": rows}  # fmt: skip
     try:
         for idx in cases:
-            tuning.clear()  # the shipped settings for each case's reference result and recorded defaults, not the
-            tuning.update(saved)  # last setting the previous case tried
+            use()  # each case's reference and recorded defaults at the shipped settings, not the last one tried
             label, fwd, bwd, ref_out, ref_grads, defaults[str(idx)] = setup(idx, dtype)
             for part, groups in (("forward", forward_groups), ("backward", backward_groups)):
                 call, ref = (fwd, (ref_out,)) if part == "forward" else (bwd, ref_grads)
-                tuning.clear()
-                tuning.update(saved)
+                use()
                 shipped = {"case": label, "part": part, "shipped": True}  # the yardstick of what the search finds
                 try:
                     with torch.no_grad():
@@ -202,8 +206,7 @@ def _grid(
                     timed = []
                     for values in itertools.product(*group.values()):
                         config = chosen | dict(zip(group, values, strict=True))
-                        tuning.clear()
-                        tuning.update(saved | config)
+                        use(config)
                         row = {"case": label, "part": part, **config}
                         try:
                             with torch.no_grad():
@@ -231,8 +234,7 @@ def _grid(
                 print(f"best {label} {part}: {chosen}", flush=True)
             write_result(result, out, name, plot=False)
     finally:
-        tuning.clear()
-        tuning.update(saved)
+        use()
     for note in write_result(result, out, name, plot=_plot_grid):
         print(note)
     return 0

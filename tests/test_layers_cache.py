@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_layers_agent_inline import _randomize
 from torch import nn
 
 from visionlin.layers import _cache, clear_derived_cache
@@ -18,14 +19,6 @@ from visionlin.layers.infsa import LinearInfSAAttention
 
 class _Sub(torch.Tensor):
     pass
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 def _focused(**kw) -> FocusedLinearAttention:

@@ -15,6 +15,7 @@ __all__ = [
     "TokenDepthwiseConv2d",
     "TokenMixer",
     "check_tokens",
+    "depthwise_taps",
     "map_to_tokens",
     "merge_heads",
     "split_heads",
@@ -61,6 +62,22 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def depthwise_taps(
+    owner: nn.Module, conv: nn.Conv2d, dt: torch.dtype, repeat: int = 1, name: str = "taps"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A depthwise ``conv``'s kernel and bias as :func:`visionlin.kernels.token_depthwise_conv2d` takes them
+    (``[C, k, k]``, ``[C]``) in ``dt``, repeated ``repeat`` times over the channels (a kernel shared by the heads);
+    kept for ``owner`` under ``name`` between inference forwards (:mod:`visionlin.layers._cache`)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = conv.weight[:, 0].to(dt), None if conv.bias is None else conv.bias.to(dt)
+        if repeat == 1:
+            return weight, bias
+        return weight.repeat(repeat, 1, 1), None if bias is None else bias.repeat(repeat)
+
+    return cached(owner, name, frozen_key(conv.weight, conv.bias, extra=(dt, repeat)), build)
+
+
 @register_notrace_module
 class TokenDepthwiseConv2d(nn.Conv2d):
     """A depthwise ``k x k`` ``nn.Conv2d`` (its parameters, initialisation and state-dict keys) applied to grid tokens
@@ -101,12 +118,7 @@ class TokenDepthwiseConv2d(nn.Conv2d):
         # A residual in another dtype (autocast's float32 residual stream) is added outside, as before: fusing it
         # would round the stream to the convolution's dtype.
         fused = residual is not None and residual.dtype == dt
-        weight, bias = cached(  # kept between inference forwards (layers._cache)
-            self,
-            "taps",
-            frozen_key(self.weight, self.bias, extra=(dt,)),
-            lambda: (self.weight[:, 0].to(dt), None if self.bias is None else self.bias.to(dt)),
-        )
+        weight, bias = depthwise_taps(self, self, dt)
         out = token_depthwise_conv2d(
             x.to(dt),
             weight,

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..kernels.agent import agent_attention
 from ..kernels.conv import token_depthwise_conv2d
-from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._base import TokenMixer, check_tokens, depthwise_taps, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._cache import cached, frozen_key
 from ._registry import register_attn
 
@@ -346,13 +346,8 @@ class AgentAttention(TokenMixer):
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.backend,
         )
-        dt = v.dtype  # the kernel in the values' dtype, as autocast gives a Conv2d (kept: layers._cache)
-        weight, bias = cached(
-            self,
-            "dwc",
-            frozen_key(self.dwc.weight, self.dwc.bias, extra=(dt,)),
-            lambda: (self.dwc.weight[:, 0].to(dt), None if self.dwc.bias is None else self.dwc.bias.to(dt)),
-        )
+        # the kernel in the values' dtype, as autocast gives a Conv2d
+        weight, bias = depthwise_taps(self, self.dwc, v.dtype, name="dwc")
         out = token_depthwise_conv2d(
             merge_heads(v),
             weight,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.focused import focused_linear_attention
-from ._base import TokenMixer, check_tokens, merge_heads, split_heads
+from ._base import TokenMixer, check_tokens, depthwise_taps, merge_heads, split_heads
 from ._cache import cached, frozen_key
 from ._registry import register_attn
 
@@ -127,8 +127,7 @@ class FocusedLinearAttention(TokenMixer):
         # One depthwise conv shared by the heads over each head's (H, W, D) value map: as a per-channel kernel of the
         # merged channels (channel = head * D + j takes kernel j), added to the attention output in one pass.
         # the kernel in the values' dtype, as autocast gives a Conv2d
-        key = frozen_key(self.dwc.weight, self.dwc.bias, extra=(dt,))
-        weight, bias = cached(self, "dwc", key, lambda: self._dwc_per_channel(dt))
+        weight, bias = depthwise_taps(self, self.dwc, dt, repeat=h, name="dwc")
         out = token_depthwise_conv2d(
             merge_heads(v),
             weight,
@@ -139,12 +138,6 @@ class FocusedLinearAttention(TokenMixer):
             backend=self.helper_backend("token_depthwise_conv2d"),
         )
         return self.proj_drop(self.proj(out))
-
-    def _dwc_per_channel(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The shared per-head depthwise kernel (and bias) repeated over the heads, in ``dt``."""
-        h = self.num_heads
-        bias = None if self.dwc.bias is None else self.dwc.bias.to(dt).repeat(h)
-        return self.dwc.weight[:, 0].to(dt).repeat(h, 1, 1), bias
 
     def adapt_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], old_grid: tuple[int, int] | None = None
