@@ -131,3 +131,39 @@ def test_host_cdiv_and_next_pow2_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
         if a >= 1:
             assert next_pow2(a) == triton.next_power_of_2(a), a
+
+
+@gpu
+@needs_cuda
+def test_cached_launch_calls_an_installed_launch_hook(monkeypatch):
+    """A hit skips Triton's launch metadata and hooks only while none is installed: with a launch-enter hook (as
+    profilers install one) every launch, hits included, reaches it; once it is removed, hits no longer do."""
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    x = torch.randn(1000, device="cuda")
+    rt = triton.knobs.runtime
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    chain = rt.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton 3.6+: a chain of hooks
+        monkeypatch.setattr(chain, "calls", list(chain.calls))  # the original list comes back at teardown
+        chain.add(hook)
+
+        def remove():
+            chain.remove(hook)
+    else:
+        monkeypatch.setattr(rt, "launch_enter_hook", hook)
+
+        def remove():
+            monkeypatch.setattr(rt, "launch_enter_hook", None)
+
+    assert not _launch._hooks_idle()
+    for _ in range(3):
+        torch.testing.assert_close(_run(x, 2.0, 1), _expected(x, 2.0, 1))
+    assert len(seen) == 3 and len(_launch._COMPILED) == 1
+    remove()
+    assert _launch._hooks_idle()
+    torch.testing.assert_close(_run(x, 2.0, 1), _expected(x, 2.0, 1))
+    assert len(seen) == 3

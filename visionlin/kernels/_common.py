@@ -39,6 +39,8 @@ __all__ = [
     "reference_dtype",
     "same_floating_dtype",
     "supports_floating",
+    "capturing",
+    "tracing",
     "values_are_checkable",
 ]
 
@@ -107,7 +109,18 @@ def check_real(
     """
     if value is None and optional:
         return
-    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+    t = type(value)
+    if t is float or t is int:  # the common case, without building the message (it runs on every forward)
+        # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a
+        # float read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
+        ok = -math.inf < value < math.inf
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if ok:
+            return
+    elif isinstance(value, (torch.SymInt, torch.SymFloat)):
         return
     lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
     hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
@@ -118,8 +131,6 @@ def check_real(
         allowed += " (or None)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{op}: {name}={value!r} must be {allowed}, got {type(value).__name__}")
-    # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a float
-    # read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
     ok = -math.inf < value < math.inf
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -190,7 +201,36 @@ def may_keep_tensors() -> bool:
     kept alive, it makes ``torch.compile``'s CUDA graphs refuse to run, and a later replay may overwrite it)."""
     if torch.compiler.is_compiling() or detect_fake_mode() is not None:
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not capturing()
+
+
+def _fx_tracing_probe():
+    """The cheapest reliable "is FX symbolically tracing now" of this torch: the tracer's thread-local flag read
+    through its ``__dict__`` (torch >= 2.12; ``getattr`` with a default on a thread-local costs ~1 us when unset) or
+    its module flag (older), else the public function (``is_fx_tracing`` warns on new versions)."""
+    fx = torch.fx._symbolic_trace
+    tls, getter = getattr(fx, "_is_fx_tracing_tls", None), getattr(fx, "_get_is_fx_tracing", None)
+    if tls is not None and callable(getter) and isinstance(getattr(tls, "__dict__", None), dict):
+        return lambda: tls.__dict__.get("flag", False)
+    if isinstance(getattr(fx, "_is_fx_tracing_flag", None), bool):
+        return lambda: fx._is_fx_tracing_flag
+    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)
+
+
+fx_tracing = _fx_tracing_probe()
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def tracing() -> bool:
+    """``torch.compile`` / ``torch.export`` (dynamo or non-strict), FX symbolic tracing or ``torch.jit`` tracing is
+    under way: nothing data-dependent or stateful may happen on the host."""
+    return torch.compiler.is_compiling() or fx_tracing() or torch._C._get_tracing_state() is not None
+
+
+def capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (False without an initialised CUDA context)."""
+    return torch.cuda.is_initialized() and torch._C._cuda_isCurrentStreamCapturing()
 
 
 def values_are_checkable(*tensors: torch.Tensor) -> bool:
@@ -198,20 +238,20 @@ def values_are_checkable(*tensors: torch.Tensor) -> bool:
 
     False under ``torch.compile`` / ``torch.export`` (dynamo or non-strict), FX symbolic tracing, ``torch.jit``
     tracing, CUDA-graph capture, for fake / meta tensors and inside functorch transforms (``vmap``, ``grad``): there a
-    data-dependent ``if`` is a graph break, an error or meaningless.
+    data-dependent ``if`` is a graph break, an error or meaningless. Cheap for plain tensors (it runs per forward in
+    the layers' caches): fake and functional tensors are subclasses, so an exact ``Tensor`` / ``Parameter`` needs only
+    the meta and functorch checks.
     """
-    fx = torch.fx._symbolic_trace
-    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)  # the former (torch >= 2.12) does not warn
-    if torch.compiler.is_compiling() or fx_tracing() or torch.jit.is_tracing():
+    if tracing() or capturing():  # a host sync would break a capture
         return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # a host sync would break the capture
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
     for t in tensors:
-        if isinstance(t, torch.fx.Proxy) or t.device.type == "meta" or is_fake(t):
-            return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if type(t) in _PLAIN_TYPES:
+            if t.is_meta or _wrapped(t):
+                return False
+            continue
+        from torch._subclasses.fake_tensor import is_fake
+
+        if isinstance(t, torch.fx.Proxy) or t.device.type == "meta" or is_fake(t) or _wrapped(t):
             return False
     return True
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..kernels._common import values_are_checkable
+from ..kernels._common import _wrapped, capturing, tracing
 
 __all__ = ["KEEP", "cached", "clear_derived_cache", "frozen_key"]
 
@@ -42,12 +42,16 @@ _STORE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, Any]]] = wea
 
 class _Pin:
     """The source tensors' storages, carried in a key so that the kept entry holds them; equal to any other pin (the
-    addresses in the key already identify the storages)."""
+    addresses in the key already identify the storages). Built holding the tensors; :func:`cached` swaps them for
+    their storages when it keeps the entry (a hit's key is compared and dropped: no storage objects made per call)."""
 
     __slots__ = ("storages",)
 
-    def __init__(self, storages: list[Any]) -> None:
-        self.storages = storages
+    def __init__(self, sources: list[Any]) -> None:
+        self.storages = sources
+
+    def pin(self) -> None:
+        self.storages = [t.untyped_storage() if isinstance(t, torch.Tensor) else t for t in self.storages]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Pin)
@@ -56,21 +60,30 @@ class _Pin:
         return 0
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) -> tuple | None:
     """A key that identifies the current values of ``tensors`` (``None`` entries allowed) and ``extra``, or ``None``
     where nothing may be kept (see the module docstring)."""
     if not KEEP or torch.is_grad_enabled():
         return None
-    real = [t for t in tensors if t is not None]
-    if any(type(t) is not nn.Parameter and type(t) is not torch.Tensor for t in real):
-        return None  # subclasses (DTensor, ...) keep the plain path
-    if not values_are_checkable(*real):
+    ids: list[Any] = []
+    real = []
+    for t in tensors:
+        if t is None:
+            ids.append(None)
+            continue
+        if type(t) not in _PLAIN or t.is_meta or _wrapped(t):
+            return None  # subclasses (fake, functional, DTensor, ...), meta and functorch tensors keep the plain path
+        try:
+            ids.append((id(t), t.data_ptr(), t._version, t.device, t.dtype))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        real.append(t)
+    if tracing() or capturing():
         return None
-    try:
-        ids = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-    return (torch.is_inference_mode_enabled(), *extra, *ids, _Pin([t.untyped_storage() for t in real]))
+    return (torch.is_inference_mode_enabled(), *extra, *ids, _Pin(real))
 
 
 def cached(module: nn.Module, name: str, key: tuple | None, build: Callable[[], T]) -> T:
@@ -89,6 +102,9 @@ def cached(module: nn.Module, name: str, key: tuple | None, build: Callable[[], 
     if hit is not None and hit[0] == key:
         return hit[1]
     value = build()
+    for part in key:
+        if type(part) is _Pin:
+            part.pin()
     store[name] = (key, value)
     return value
 

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from .._common import _wrapped, tracing
+
 __all__ = ["direct", "eager_call", "eager_op", "plain_eager"]
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _DIRECT = threading.local()  # .depth: direct calls in progress in this thread (the backward runs on autograd's)
 
 
@@ -48,15 +49,16 @@ def _direct_call(fn: Callable, *args: Any) -> Any:
 
 def plain_eager(args: tuple[Any, ...]) -> bool:
     """True when the call can bypass the dispatcher: eager mode and every tensor in ``args`` a plain, real tensor."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if tracing():
         return False
-    fx = torch.fx._symbolic_trace
-    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)
-    if fx_tracing():
-        return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    tensors = (a for a in args if isinstance(a, torch.Tensor))
-    return all(type(t) in _PLAIN and not t.is_meta and not wrapped(t) for t in tensors)
+    for a in args:
+        t = type(a)
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            if a.is_meta or _wrapped(a):
+                return False
+        elif t is not int and t is not float and t is not bool and a is not None and isinstance(a, torch.Tensor):
+            return False  # a tensor subclass (fake, functional, DTensor, ...)
+    return True
 
 
 def _impl(op: Any) -> Callable | None:

@@ -15,9 +15,13 @@ a refinement of what Triton specialises on, so a hit is always the kernel Triton
 * a ``tl.constexpr`` parameter and every launch option (``num_warps``, ``num_stages``, ...): the value itself;
 * the current CUDA device (Triton compiles per device; kernels launch on the current device and stream).
 
-A miss (first call of a pattern) goes through ``kernel[grid](...)``, which compiles or finds the kernel, launches it
-and returns it for the next calls. ``TUNING["fast_launch"] = False`` sends every launch through Triton's path. Changes
-to Triton's process-wide knobs (``TRITON_DEBUG``, instrumentation) after the first launch of a pattern are not seen.
+A miss (first call of a pattern) goes through ``kernel[grid](...)``, which compiles or finds the kernel, launches it and
+returns it for the next calls. A hit calls the compiled kernel's launcher directly (what its ``[grid]`` runner calls)
+and, while no Triton launch hook is installed (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook``: empty or
+``None``; profilers such as Proton install them), passes no launch metadata and no hooks: on Triton 3.6 the runner
+otherwise builds a metadata dict and the launcher calls two empty hook chains back into Python on every launch.
+``TUNING["fast_launch"] = False`` sends every launch through Triton's path. Changes to Triton's process-wide knobs
+(``TRITON_DEBUG``, instrumentation) after the first launch of a pattern are not seen.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # a Triton without knobs: hits take the compiled kernel's [grid] runner
+    _knobs = None
 
 __all__ = ["TUNING", "cdiv", "launch", "next_pow2", "tile_dim", "tuned"]
 
@@ -85,12 +94,20 @@ def _params(kernel: Any) -> tuple | None:
     return names, defaults, constexpr, frozenset(names)
 
 
+def _int_code(v: int) -> int:
+    """What Triton specialises an int argument on, as one small int: 1 for the value 1, else its range (i32 / i64 /
+    u64: 2 / 4 / 8) with bit 0 set when it is divisible by 16."""
+    if v == 1:
+        return 1
+    return (2 if -_I32 <= v < _I32 else 4 if -_I64 <= v < _I64 else 8) | (v & 15 == 0)
+
+
 def _spec(a: Any) -> Any:
     t = type(a)
     if t is torch.Tensor or isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() & 15 == 0)
     if t is int:
-        return (a == 1, a & 15 == 0, -_I32 <= a < _I32, -_I64 <= a < _I64)
+        return _int_code(a)
     if t is bool:
         return ("b", a)
     if t is float:
@@ -98,6 +115,29 @@ def _spec(a: Any) -> Any:
     if t is tuple:
         return tuple(_spec(x) for x in a)
     return a  # None, dtypes, strings: hashable values Triton treats as constants
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is installed: Triton's hook attributes are ``None`` (older Triton) or empty chains (3.6+)."""
+    if _knobs is None:
+        return False
+    rt = _knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):  # a plain callable, or a chain holding hooks
+            return False
+    return True
+
+
+def _entry(compiled: Any) -> tuple | None:
+    """``(launcher, function, packed metadata)`` of a compiled kernel that has launched once, or ``None`` when this
+    Triton's ``CompiledKernel`` does not have them (then hits take its ``[grid]`` runner)."""
+    try:
+        return (compiled.run, compiled.function, compiled.packed_metadata)
+    except AttributeError:
+        return None
+
+
+_T, _P = torch.Tensor, torch.nn.Parameter
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Any:
@@ -109,28 +149,36 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Any:
     if info is None or not TUNING["fast_launch"]:
         return kernel[grid](*args, **kwargs)
     names, defaults, constexpr, name_set = info
-    full = list(args)
-    for i in range(len(args), len(names)):
-        full.append(kwargs.get(names[i], defaults[i]))
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in name_set))
+    n = len(args)
+    full = args + tuple([kwargs.get(names[i], defaults[i]) for i in range(n, len(names))]) if n < len(names) else args
+    options = tuple(sorted([(k, v) for k, v in kwargs.items() if k not in name_set])) if len(kwargs) else ()
     device = torch.cuda.current_device()
-    # _spec inlined for the two common cases (tensors, ints): a Python call per argument cost as much as the rest
+    # the specialisation inlined for the common cases (ints first: isinstance against torch.Tensor is slow for
+    # non-tensors); a Python call per argument cost as much as the rest of the launch
     key = (id(kernel), device, options, *[
         v if c
-        else (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, torch.Tensor)
-        else (v == 1, v & 15 == 0, -_I32 <= v < _I32, -_I64 <= v < _I64) if type(v) is int
+        else (1 if v == 1 else (2 if -_I32 <= v < _I32 else 4 if -_I64 <= v < _I64 else 8) | (v & 15 == 0))
+        if type(v) is int
+        else (v.dtype, v.data_ptr() & 15 == 0) if type(v) is _T or type(v) is _P
         else _spec(v)
         for v, c in zip(full, constexpr, strict=True)
     ])  # fmt: skip
     try:
-        compiled = _COMPILED.get(key)
+        hit = _COMPILED.get(key)
     except TypeError:  # an unhashable argument: Triton's path
         return kernel[grid](*args, **kwargs)
-    if compiled is None:
+    if hit is None:
         compiled = kernel[grid](*args, **kwargs)
         if compiled is not None and len(_COMPILED) < _MAX_PATTERNS:
-            _COMPILED[key] = compiled
+            _COMPILED[key] = (compiled, _entry(compiled))
         return compiled
-    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    compiled[g](*full, stream=torch._C._cuda_getCurrentRawStream(device))
+    compiled, entry = hit
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    ng = len(grid)
+    g0, g1, g2 = grid[0], grid[1] if ng > 1 else 1, grid[2] if ng > 2 else 1
+    if entry is not None and _hooks_idle():
+        run, function, packed = entry
+        run(g0, g1, g2, stream, function, packed, None, None, None, *full)
+    else:
+        compiled[(g0, g1, g2)](*full, stream=stream)
     return compiled

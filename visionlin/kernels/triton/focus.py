@@ -212,6 +212,15 @@ def focus_triton(
     h, d = x.shape[-2:]
     c = None
     if channel_scale is not None:
-        c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32)
-        c = c.expand(h, d).reshape(h * d).contiguous()
+        c = channel_scale
+        # the FLatten layer's kept scale is already a contiguous float32 [H, D] on x's device: a view, no four ops
+        if not (
+            type(c) is torch.Tensor
+            and c.dtype == torch.float32
+            and c.shape == (h, d)
+            and c.is_contiguous()
+            and c.device == x.device
+        ):
+            c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32).expand(h, d).contiguous()
+        c = c.view(h * d)
     return _focus_fwd_call(x, c, float(focusing_factor), float(eps))
