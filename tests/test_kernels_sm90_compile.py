@@ -48,6 +48,9 @@ POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 # Gated LayerNorm (triton/gated_norm.py): float32 per-row statistics; dout and dgate in the inputs' dtype.
 FP32_POINTERS |= {"MEAN", "RSTD"}
 POINTERS |= FP32_POINTERS | {"DOUT", "DG"}
+# Agent attention's split aggregation (triton/agent.py): float32 partial sums and softmax statistics.
+FP32_POINTERS |= {"PART", "STATS"}
+POINTERS |= FP32_POINTERS
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
 # token conv: channel counts that are multiples of 16, as in every shipped model).
@@ -172,7 +175,8 @@ def _conv_and_focus(dt, tdt):
             blocks = dict(HAS_BIAS=True, HALF=True, BLOCK_A=ba, BLOCK_D=d, BLOCK_DV=d)
             warps = agent._warps(ba, d, d)
             cases += [
-                (agent._aggregate_kernel, dt, dict(blocks, BLOCK_M=agent.ROWS), warps),
+                *((agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, BLOCK_M=agent.ROWS), warps) for sp in (0, 1)),
+                (agent._combine_kernel, dt, dict(BLOCK_A=ba, BLOCK_DV=d), 4),
                 (agent._broadcast_kernel, dt, dict(blocks, BLOCK_N=agent.ROWS), warps),
             ]
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)

@@ -59,16 +59,27 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
     from tests.test_kernels_triton_agent import CASES, check_agent
+    from visionlin.kernels.triton import agent
+    from visionlin.kernels.triton.agent import _splits
+
+    # the automatic rule splits the long key sets here (4 "SMs" in the interpreter): both paths run
+    assert [_splits(c[0] * c[3], c[2], torch.device("cpu"))[0] for c in CASES] == [1, 2, 1, 2]
     for case in CASES:
         check_agent(case, torch.float32, "cpu", direct=True)
     check_agent(CASES[1], torch.float16, "cpu", direct=True)
+    # forced, off, more than the key tiles (capped at one 64-key tile each): (splits, keys per split) of 200 keys
+    for splits, want in ((4, (4, 64)), (1, (1, 256)), (100, (4, 64))):
+        agent.TUNING["splits"] = splits
+        assert _splits(1, 200, torch.device("cpu")) == want
+        check_agent(CASES[3], torch.float32, "cpu", direct=True)
     print("interpreter ok")
     """
 )
 
 
 def test_interpreter_agent_matches_reference():
-    """The fused agent kernels' math on the CPU (Triton's interpreter), float32 and float16."""
+    """The fused agent kernels' math on the CPU (Triton's interpreter), float32 and float16, with and without the
+    aggregation split over key ranges (partial softmax sums combined by a third kernel)."""
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 

@@ -1,0 +1,168 @@
+"""Agent attention's two backends side by side, in GPU time: the ``"sdpa"`` backend (two cuDNN / flash calls with the
+bias tables as float masks) against the fused Triton forward (``"triton"``: aggregation with the key set split over
+programs when there are few (batch, head) pairs, then the broadcast), at the op and in the agent models, next to the
+dense twin. GPU time, so that a host-bound 224 px forward does not hide the kernels: at the op a CUDA-graph replay;
+for a model the sum of its kernels' times in one profiled eager forward (a graph replay would also count the position
+biases the agent layers keep between eager forwards but rebuild inside a capture). Eager milliseconds are recorded
+too. bf16 autocast, inference.
+
+Usage (on a GPU machine):
+    python benchmarks/agent_backends.py --out benchmarks/results/h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: (model, twin, ((size, batch), ...))
+MODELS = {
+    "agent_deit_small": ("deit_small_patch16_224", ((224, 256), (1024, 16), (2048, 4))),
+    "agent_swin_tiny": ("swin_tiny_patch4_window7_224", ((224, 128), (1024, 8))),
+    "agent_pvt_small": ("swin_tiny_patch4_window7_224", ((224, 128), (1024, 8))),
+}
+#: op shapes (B, N, H, D, agents): Agent-DeiT-S's blocks at 224 / 1024 / 2048 px and batch 256 / 16 / 4
+OPS = ((256, 197, 6, 64, 49), (16, 4097, 6, 64, 49), (4, 16385, 6, 64, 49))
+
+
+def _ms(fn, iters: int) -> tuple[float, float]:
+    """(eager ms, CUDA-graph replay ms) per call."""
+    from benchmarks._timing import cuda_ms, graph_ms
+
+    return cuda_ms(fn, 3, iters, 3), graph_ms(fn, 3, iters)
+
+
+def _kernels_ms(fn) -> float:
+    """The summed GPU time of the kernels of one call of ``fn`` (torch profiler), in ms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+
+
+def op_rows(iters: int) -> list[dict]:
+    import torch
+
+    from visionlin.kernels import agent_attention
+
+    rows = []
+    for b, n, h, d, na in OPS:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+        a = torch.randn(b, na, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        ab = torch.randn(1, h, na, n, device="cuda", generator=g)
+        qb = torch.randn(1, h, n, na, device="cuda", generator=g)
+        r = {"kind": "op", "shape": [b, n, h, d, na]}
+        with torch.inference_mode():
+            for backend in ("sdpa", "triton"):
+                ab_, qb_ = (ab.bfloat16(), qb.bfloat16()) if backend == "sdpa" else (ab, qb)  # as the layers pass them
+                eager, graph = _ms(
+                    functools.partial(agent_attention, q, k, v, a, agent_bias=ab_, query_bias=qb_, backend=backend),
+                    iters,
+                )
+                r[f"{backend}_eager_ms"], r[f"{backend}_graph_ms"] = eager, graph
+        r["triton_speedup_graph"] = r["sdpa_graph_ms"] / r["triton_graph_ms"]
+        rows.append(r)
+        print(f"op {r['shape']}: sdpa {r['sdpa_graph_ms']:.3f} ms, triton {r['triton_graph_ms']:.3f} ms "
+              f"({r['triton_speedup_graph']:.2f}x)", flush=True)  # fmt: skip
+    return rows
+
+
+def model_rows(models: list[str], iters: int) -> list[dict]:
+    import torch
+
+    from benchmarks._timing import cuda_ms
+    from visionlin.train.bench import _create
+
+    rows = []
+    for name in models:
+        twin_name, sizes = MODELS[name]
+        for size, batch in sizes:
+            torch.manual_seed(0)
+            x = torch.randn(batch, 3, size, size, device="cuda")
+            r = {"kind": "model", "model": name, "twin": twin_name, "size": size, "batch": batch}
+            for label, model_name, backend in ((twin_name, twin_name, None), ("sdpa", name, "sdpa"),
+                                               ("triton", name, "triton")):  # fmt: skip
+                model = _create(model_name, torch.device("cuda"), size).eval()  # built for the size, as the bench
+                if backend is not None:
+                    for m in model.modules():
+                        if hasattr(m, "agent_num"):  # the agent mixers only (window / softmax stages keep theirs)
+                            m.backend = backend
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    eager = cuda_ms(functools.partial(model, x), 3, iters, 3)
+                    gpu = min(_kernels_ms(functools.partial(model, x)) for _ in range(3))
+                key = "twin" if label == twin_name else label
+                r[f"{key}_eager_ms"], r[f"{key}_gpu_ms"] = eager, gpu
+                del model
+                torch.cuda.empty_cache()
+            for key in ("sdpa", "triton"):
+                r[f"{key}_vs_twin_gpu"] = r["twin_gpu_ms"] / r[f"{key}_gpu_ms"]
+                r[f"{key}_vs_twin_eager"] = r["twin_eager_ms"] / r[f"{key}_eager_ms"]
+            rows.append(r)
+            print(f"{name} {size}px bs{batch}: GPU time twin {r['twin_gpu_ms']:.2f} / sdpa {r['sdpa_gpu_ms']:.2f} "
+                  f"/ triton {r['triton_gpu_ms']:.2f} ms (x twin: {r['sdpa_vs_twin_gpu']:.2f} / "
+                  f"{r['triton_vs_twin_gpu']:.2f}); eager x twin {r['sdpa_vs_twin_eager']:.2f} / "
+                  f"{r['triton_vs_twin_eager']:.2f}", flush=True)  # fmt: skip
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks._plot import finish, grouped_bars
+
+    models = [r for r in result["rows"] if r["kind"] == "model"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models)), 3.5))
+    groups = [f"{r['model']}\n{r['size']} px bs{r['batch']}" for r in models]
+    by = dict(zip(groups, models, strict=True))
+    grouped_bars(ax, groups, ["sdpa", "triton"], lambda g, s: by[g][f"{s}_vs_twin_gpu"], label_fmt="%.2f",
+                 fontsize=6)  # fmt: skip
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_ylabel("GPU time: twin / ours (higher is faster)")
+    ax.legend(fontsize=7)
+    finish(
+        fig, result, path, note="agent attention backends; GPU time: kernels of a profiled eager forward, bf16 autocast"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--no-ops", action="store_true")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    if args.iters < 1:
+        parser.error(f"--iters must be a positive integer, got {args.iters}")
+
+    rows = [] if args.no_ops else op_rows(args.iters * 5)
+    rows += model_rows(models, args.iters)
+    from benchmarks._meta import gpu_meta
+
+    result = {"meta": gpu_meta(argv, args.commit), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agent_backends.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "agent_backends.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
