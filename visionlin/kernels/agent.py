@@ -174,9 +174,11 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
 
 
 _op = Op(_OP)
-_op.register("sdpa", _sdpa, _sdpa_supports)
-# Not yet preferred: the fused forward is checked on the CPU (Triton's interpreter, sm_90 compile) but not yet on a GPU.
+# The fused forward first: it declines whatever needs a gradient or dropout (training takes "sdpa"). GPU time on an H200
+# (benchmarks/results/h200/agent_backends.json): the op 1.44-2.65x SDPA's; Agent-DeiT-S 1.00 -> 1.12x the dense twin at
+# 224 px, Agent-Swin-T 1.35 -> 2.25x swin_tiny.
 _op.register("triton", _triton, _triton_supports)
+_op.register("sdpa", _sdpa, _sdpa_supports)
 _op.register("reference", agent_attention_reference, _reference_supports)
 
 
@@ -194,7 +196,9 @@ def agent_attention(
 ) -> torch.Tensor:
     """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
 
-    Backends: ``"sdpa"`` (two ``torch.nn.functional.scaled_dot_product_attention`` calls; the default) and
+    Backends, in automatic-selection order: ``"triton"`` (CUDA inference: the fused forward of
+    :mod:`visionlin.kernels.triton.agent`; it declines calls that need a gradient or dropout, or more than 128 agents),
+    ``"sdpa"`` (two ``torch.nn.functional.scaled_dot_product_attention`` calls; training and everything else) and
     ``"reference"``.
 
     Args:
@@ -206,7 +210,7 @@ def agent_attention(
         query_bias: Broadcastable to ``[B, H, N, n]``.
         scale: Logit multiplier; ``None`` means ``D ** -0.5``.
         dropout_p: Dropout on both weight matrices.
-        backend: ``None`` (automatic), ``"sdpa"`` or ``"reference"``.
+        backend: ``None`` (automatic), ``"triton"``, ``"sdpa"`` or ``"reference"``.
 
     Returns:
         ``[B, N, H, Dv]`` in the dtype of ``q``.

@@ -66,8 +66,8 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) -> tuple | None:
     """A key that identifies the current values of ``tensors`` (``None`` entries allowed) and ``extra``, or ``None``
     where nothing may be kept (see the module docstring)."""
-    if not KEEP or torch.is_grad_enabled():
-        return None
+    if not KEEP or torch.is_grad_enabled() or tracing() or capturing():  # (tracing first: the checks below are
+        return None  # C calls that torch.compile cannot trace)
     ids: list[Any] = []
     real = []
     for t in tensors:
@@ -81,8 +81,6 @@ def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) 
         except RuntimeError:  # inference tensors have no version counter
             return None
         real.append(t)
-    if tracing() or capturing():
-        return None
     return (torch.is_inference_mode_enabled(), *extra, *ids, _Pin(real))
 
 

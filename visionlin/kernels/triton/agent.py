@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import eager_call
 from ._launch import cdiv, launch, tile_dim
 from .linear import _num_sms
 
@@ -247,4 +248,7 @@ def _(q, k, v, agents, agent_bias, query_bias, scale):
 def agent_attention_triton(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, dropout_p=0.0):
     """The ``"triton"`` backend of :func:`visionlin.kernels.agent_attention` (inference: no gradient, no dropout)."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.visionlin.agent_attention_fwd(q, k, v, agents, agent_bias, query_bias, s)
+    return _fwd_call(q, k, v, agents, agent_bias, query_bias, s)
+
+
+_fwd_call = eager_call(agent_attention_fwd)  # plain eager tensors: the op's body without the dispatcher
