@@ -156,8 +156,10 @@ def resample_agent_biases(state_dict: Mapping[str, torch.Tensor], new_size: tupl
 
 
 #: Largest ``heads x agents x H x W`` whose position biases :meth:`AgentAttention.position_biases` keeps between
-#: inference forwards (4 MiB per float32 bias: DeiT-S at 224 px holds 57,624).
-_BIAS_CACHE_ELEMENTS = 1 << 20
+#: inference forwards (8 MiB per float32 bias, 4 MiB in bfloat16: DeiT-S holds 57,624 at 224 px and 1,204,224 at
+#: 1024 px, where its twelve layers keep 58 MiB of bfloat16 biases (peak 719 MiB at batch 16 before, the twin 858)
+#: instead of rebuilding ~12 kernels' worth per layer and forward; 2048 px (4.8 M) rebuilds them).
+_BIAS_CACHE_ELEMENTS = 1 << 21
 
 
 @register_attn("agent")
