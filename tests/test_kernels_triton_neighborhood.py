@@ -205,6 +205,7 @@ def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
     kept = tn._table_index(*small)
     with monkeypatch.context() as m:  # while a CUDA graph is captured: built for the call, the kept one not used
         m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_initialized", lambda: True)  # (a capture needs a context)
         m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         assert tn._table_index(*small) is not kept
     assert tn._table_index(*small) is kept

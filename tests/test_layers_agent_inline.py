@@ -532,7 +532,7 @@ def test_position_biases_of_large_grids_are_not_kept():
     from visionlin.layers.agent import _BIAS_CACHE_ELEMENTS
 
     layer = _agent(bias_size=(8, 8), prefix=1)
-    assert 2 * 9 * 512 * 512 > _BIAS_CACHE_ELEMENTS  # 2 heads x 9 agents x 262,144 tokens
+    assert _BIAS_CACHE_ELEMENTS < 2 * 9 * 512 * 512  # 2 heads x 9 agents x 262,144 tokens
     with torch.no_grad():
         big = layer.position_biases((512, 512), 1)
         assert "biases" not in kept(layer) and big[0].shape[-1] == 1 + 512 * 512

@@ -162,6 +162,7 @@ def test_rope_tables_not_kept_while_a_cuda_graph_is_captured(kind, monkeypatch):
     layer = _layer(kind)
     kept = layer.rope_tables((4, 5), 1, torch.device("cpu"), torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # (a capture needs a context)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     a = layer.rope_tables((4, 5), 1, torch.device("cpu"), torch.float32)
     b = layer.rope_tables((3, 3), 0, torch.device("cpu"), torch.float32)
@@ -185,6 +186,7 @@ def test_may_keep_tensors(monkeypatch):
         assert not may_keep_tensors()
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_initialized", lambda: True)  # (a capture needs a context)
         m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         assert not may_keep_tensors()
 

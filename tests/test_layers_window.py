@@ -103,6 +103,7 @@ def test_index_and_mask_are_kept_between_forwards_per_mode(monkeypatch):
     assert len(built) == 5  # too large to keep
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_initialized", lambda: True)  # (a capture needs a context)
         m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         layer(x, (6, 10))
         layer(x, (6, 10))

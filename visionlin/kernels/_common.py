@@ -230,7 +230,7 @@ def tracing() -> bool:
 
 def capturing() -> bool:
     """A CUDA graph is being captured on the current stream (False without an initialised CUDA context)."""
-    return torch.cuda.is_initialized() and torch._C._cuda_isCurrentStreamCapturing()
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def values_are_checkable(*tensors: torch.Tensor) -> bool:
