@@ -48,8 +48,9 @@ POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 # Gated LayerNorm (triton/gated_norm.py): float32 per-row statistics; dout and dgate in the inputs' dtype.
 FP32_POINTERS |= {"MEAN", "RSTD"}
 POINTERS |= FP32_POINTERS | {"DOUT", "DG"}
-# Agent attention's split aggregation (triton/agent.py): float32 partial sums and softmax statistics.
-FP32_POINTERS |= {"PART", "STATS"}
+# Agent attention (triton/agent.py): float32 partial sums, softmax statistics, V_A and its gradient, the agents'
+# gradient and the biases' gradients.
+FP32_POINTERS |= {"PART", "STATS", "DA", "DVA", "DAB", "DQB"}
 POINTERS |= FP32_POINTERS
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
@@ -178,6 +179,8 @@ def _conv_and_focus(dt, tdt):
                 *((agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, BLOCK_M=agent.ROWS), warps) for sp in (0, 1)),
                 (agent._combine_kernel, dt, dict(BLOCK_A=ba, BLOCK_DV=d), 4),
                 (agent._broadcast_kernel, dt, dict(blocks, BLOCK_N=agent.ROWS), warps),
+                (agent._broadcast_backward_kernel, dt, dict(blocks, BIAS_GRAD=True, BLOCK_N=agent.ROWS), warps),
+                (agent._aggregate_backward_kernel, dt, dict(blocks, BIAS_GRAD=True, BLOCK_M=agent.ROWS), warps),
             ]
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)
     for k in (3, 5, 7):

@@ -55,10 +55,44 @@ def check_agent(case, dtype, device, direct=False):
     return err
 
 
+def check_agent_backward(case, dtype, device):
+    """Gradients of the fused forward + backward (``agent_attention_triton`` with inputs that need a gradient) against
+    the float64 reference's autograd, for q, k, v, the agents and both batch-shared biases; each within the dtype's
+    floor (float32 1e-5; half precision the rounding floor plus twice the ``"sdpa"`` backend's error on a GPU)."""
+    from visionlin.kernels.triton.agent import agent_attention_triton
+
+    b, n, m, h, d, dv, na, bias = case
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(b, n, h, d, generator=g, dtype=torch.float64), torch.randn(b, m, h, d, generator=g)
+    v, a = torch.randn(b, m, h, dv, generator=g), torch.randn(b, na, h, d, generator=g)
+    ab = torch.randn(1, h, na, m, generator=g) if bias else None
+    qb = torch.randn(1, h, n, na, generator=g) if bias else None
+    w = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
+    ins = [t.to(dtype).double() for t in (q, k, v, a)]
+    sides = [None if t is None else t.double() for t in (ab, qb)]
+    ref_leaves = [t.clone().requires_grad_() for t in ins] + [None if t is None else t.clone().requires_grad_()
+                                                               for t in sides]  # fmt: skip
+    (
+        agent_attention_reference(*ref_leaves[:4], agent_bias=ref_leaves[4], query_bias=ref_leaves[5]) * w
+    ).sum().backward()
+    leaves = [t.to(device, dtype).requires_grad_() for t in ins] + [None if t is None else t.to(device).requires_grad_()
+                                                                    for t in sides]  # fmt: skip
+    out = agent_attention_triton(*leaves[:4], agent_bias=leaves[4], query_bias=leaves[5])
+    (out * w.to(device, dtype)).sum().backward()
+    errs = {}
+    for name, mine, ref in zip(("q", "k", "v", "agents", "agent_bias", "query_bias"), leaves, ref_leaves, strict=True):
+        if ref is None:
+            continue
+        assert mine.grad is not None and mine.grad.dtype == mine.dtype and mine.grad.shape == mine.shape, name
+        errs[name] = _rel(mine.grad, ref.grad)
+        assert errs[name] <= 4 * FLOOR[dtype], (case, dtype, name, f"{errs[name]:.2e}")
+    return errs
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_triton_agent import CASES, check_agent
+    from tests.test_kernels_triton_agent import CASES, check_agent, check_agent_backward
     from visionlin.kernels.triton import agent
     from visionlin.kernels.triton.agent import _splits
 
@@ -72,6 +106,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         agent.TUNING["splits"] = splits
         assert _splits(1, 200, torch.device("cpu")) == want
         check_agent(CASES[3], torch.float32, "cpu", direct=True)
+    agent.TUNING["splits"] = None
+    for case in CASES:  # the backward (the forward that saves V_A and the log-sum-exp, then the two backward kernels)
+        check_agent_backward(case, torch.float32, "cpu")
+    check_agent_backward(CASES[1], torch.float16, "cpu")
     print("interpreter ok")
     """
 )
@@ -79,7 +117,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_interpreter_agent_matches_reference():
     """The fused agent kernels' math on the CPU (Triton's interpreter), float32 and float16, with and without the
-    aggregation split over key ranges (partial softmax sums combined by a third kernel)."""
+    aggregation split over key ranges (partial softmax sums combined by a third kernel), and the backward's gradients
+    for every input (q, k, v, agents and both biases, shared over the batch) in float32."""
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
@@ -89,7 +128,7 @@ def test_triton_agent_declines_with_reasons():
     q = torch.randn(1, 8, 2, 16, requires_grad=True)
     reasons = get_op("agent_attention").supports(q, q, q, q[:, :4], backend="triton", dropout_p=0.1)
     assert "tensors are not on a CUDA device" in reasons
-    assert any("forward-only" in r for r in reasons) and any("dropout" in r for r in reasons)
+    assert any("fused backward is off" in r for r in reasons) and any("dropout" in r for r in reasons)
 
 
 gpu = pytest.mark.gpu
@@ -100,6 +139,39 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True)])
 def test_triton_agent(case, dtype):
     check_agent(case, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True)])
+def test_triton_agent_backward(case, dtype):
+    check_agent_backward(case, dtype, "cuda")
+
+
+@gpu
+def test_triton_agent_trains_in_a_model(monkeypatch):
+    """With the fused backward on, a training step of Agent-DeiT-T (autocast bf16) gives the gradients of the SDPA
+    backend within bf16 noise, and the automatic choice takes the fused kernels for it."""
+    import timm
+
+    from visionlin.kernels import agent as agent_op
+
+    monkeypatch.setattr(agent_op, "TRITON_BACKWARD", True)
+    torch.manual_seed(0)
+    model = timm.create_model("agent_deit_tiny").cuda().train()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    grads = {}
+    for backend in ("sdpa", None):
+        for mod in model.modules():
+            if hasattr(mod, "agent_num"):
+                mod.backend = backend
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+        grads[backend] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads[None].keys()
+    for name, ref in grads["sdpa"].items():
+        assert _rel(grads[None][name], ref.double().cpu()) < 5e-2, name
 
 
 @gpu

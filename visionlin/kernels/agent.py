@@ -29,6 +29,11 @@ from ._dispatch import Op
 
 __all__ = ["agent_attention", "agent_attention_reference"]
 
+#: Let the ``"triton"`` backend also run calls that need a gradient (its backward kernels in
+#: :mod:`visionlin.kernels.triton.agent`: checked under Triton's interpreter and compiled for sm_90 in CI, not yet
+#: run on a GPU). Off: such calls take ``"sdpa"`` (automatic choice) or raise (``backend="triton"``).
+TRITON_BACKWARD = False
+
 
 _OP = "agent_attention"
 
@@ -164,8 +169,11 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
 
     reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
     tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        reasons.append("the fused kernels are forward-only (inference) and a gradient is required")
+    if not TRITON_BACKWARD and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reasons.append(
+            "a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD: its "
+            "kernels are not yet GPU-verified)"
+        )
     if dropout_p:
         reasons.append(f"{dropout_p=} (the fused kernels have no dropout)")
     if agents.shape[1] > 128:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._eager import eager_call
+from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
 from .linear import _num_sms
 
@@ -40,14 +40,15 @@ def _dot(a, b, HALF: tl.constexpr):
 
 @triton.jit
 def _aggregate_kernel(
-    A, K, V, AB, VA, STATS, M, H, NA, D, DV, scale, per_split,
+    A, K, V, AB, VA, STATS, LSE, M, H, NA, D, DV, scale, per_split,
     sa_b, sa_n, sa_h, sa_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sab_b, sab_h, sab_a, sab_m,
-    HAS_BIAS: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """``V_A`` (float32 ``[B*H, BLOCK_A, BLOCK_DV]``) of one (batch, head) from keys ``[start, start + per_split)``
     of split ``program_id(0)``; with ``SPLIT`` its unnormalised partial sums go to ``VA[split, bh]`` and the running
-    maxima / sums to ``STATS[split, bh, 0 / 1]`` for :func:`_combine_kernel`."""
+    maxima / sums to ``STATS[split, bh, 0 / 1]`` for :func:`_combine_kernel`; else, with ``SAVE``, each agent's
+    log-sum-exp to ``LSE[bh]`` (float32 ``[B*H, BLOCK_A]``, for the backward)."""
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H  # offsets in int64: a tensor may span more than 2^31 elements
     start = tl.program_id(0) * per_split
@@ -100,10 +101,14 @@ def _aggregate_kernel(
         tl.store(STATS + part * (2 * BLOCK_A) + BLOCK_A + offs_a, l_i)
     else:
         tl.store(VA + bh * (BLOCK_A * BLOCK_DV) + tile, acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
+        if SAVE:
+            tl.store(LSE + bh * BLOCK_A + offs_a, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
 
 
 @triton.jit
-def _combine_kernel(PART, STATS, VA, BH, splits, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _combine_kernel(
+    PART, STATS, VA, LSE, BH, splits, SAVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr
+):
     """``V_A`` of one (batch, head) from the ``splits`` partial results of :func:`_aggregate_kernel` (flash-decoding's
     rescale-and-add of the partial softmax sums)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -122,6 +127,8 @@ def _combine_kernel(PART, STATS, VA, BH, splits, BLOCK_A: tl.constexpr, BLOCK_DV
         acc = acc * alpha[:, None] + tl.load(PART + part * (BLOCK_A * BLOCK_DV) + tile) * beta[:, None]
         m_i = m_new
     tl.store(VA + bh * (BLOCK_A * BLOCK_DV) + tile, acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
+    if SAVE:
+        tl.store(LSE + bh * BLOCK_A + offs_a, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
 
 
 @triton.jit
@@ -166,6 +173,105 @@ def _broadcast_kernel(
     tl.store(o_ptr, out.to(Out.dtype.element_ty), nmask[:, None] & (offs_e < DV)[None, :])
 
 
+@triton.jit
+def _broadcast_backward_kernel(
+    Q, A, VA, QB, G, DQ, DA, DVA, DQB, N, H, NA, D, DV, scale,
+    sq_b, sq_n, sq_h, sq_d, sa_b, sa_n, sa_h, sa_d, sqb_b, sqb_h, sqb_n, sqb_a, sg_b, sg_n, sg_h, sg_d,
+    sdq_b, sdq_n, sdq_h, sdq_d, sdb_b, sdb_h, sdb_n, sdb_a,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """The broadcast's backward for one block of queries of one (batch, head): ``dQ`` stored; this block's shares of
+    ``dA``, ``dV_A`` (float32 ``[B*H, BLOCK_A, BLOCK_D / BLOCK_DV]``) and the query bias's gradient (float32, at the
+    bias's own broadcast strides: batch-shared entries sum over the batch) added atomically. The softmax over the
+    agents is recomputed exactly (one tile holds every agent); ``delta = rowsum(P * dP)`` equals
+    ``rowsum(dout * out)``."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    nmask, amask, dmask, emask = offs_n < N, offs_a < NA, offs_d < D, offs_e < DV
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=nmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    a = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :] * sa_d,
+                mask=amask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    s = _dot(q, tl.trans(a), HALF) * scale  # [BLOCK_N, BLOCK_A]
+    if HAS_BIAS:
+        bias = tl.load(QB + b * sqb_b + h * sqb_h + offs_n[:, None] * sqb_n + offs_a[None, :] * sqb_a,
+                       mask=nmask[:, None] & amask[None, :], other=0.0)  # fmt: skip
+        s += bias.to(tl.float32)
+    s = tl.where(amask[None, :], s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(nmask[:, None], p, 0.0)  # rows past N contribute nothing to dA / dV_A
+    va = tl.load(VA + bh * (BLOCK_A * BLOCK_DV) + offs_a[:, None] * BLOCK_DV + offs_e[None, :])
+    g = tl.load(G + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_e[None, :] * sg_d,
+                mask=nmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
+    dp = _dot(g, tl.trans(va.to(g.dtype)), HALF)  # [BLOCK_N, BLOCK_A]
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d(logits); 0 for padded agents and rows past N
+    dq = _dot(ds.to(q.dtype), a, HALF) * scale
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :] * sdq_d,
+             dq.to(DQ.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])  # fmt: skip
+    da = _dot(tl.trans(ds.to(q.dtype)), q, HALF) * scale  # [BLOCK_A, BLOCK_D]
+    tl.atomic_add(DA + bh * (BLOCK_A * BLOCK_D) + offs_a[:, None] * BLOCK_D + offs_d[None, :], da)
+    dva = _dot(tl.trans(p.to(g.dtype)), g, HALF)  # [BLOCK_A, BLOCK_DV]
+    tl.atomic_add(DVA + bh * (BLOCK_A * BLOCK_DV) + offs_a[:, None] * BLOCK_DV + offs_e[None, :], dva)
+    if BIAS_GRAD:
+        tl.atomic_add(DQB + b * sdb_b + h * sdb_h + offs_n[:, None] * sdb_n + offs_a[None, :] * sdb_a, ds,
+                      mask=nmask[:, None] & amask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _aggregate_backward_kernel(
+    A, K, V, AB, VA, DVA, LSE, DA, DK, DVv, DAB, M, H, NA, D, DV, scale,
+    sa_b, sa_n, sa_h, sa_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sab_b, sab_h, sab_a, sab_m,
+    sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d, sdb_b, sdb_h, sdb_a, sdb_m,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """The aggregation's backward for one block of keys of one (batch, head), after the broadcast's (``dV_A``
+    complete): ``dK`` and ``dV`` stored, this block's share of ``dA`` and the agent bias's gradient added atomically.
+    ``P_A`` from the forward's log-sum-exp; ``delta = rowsum(dV_A * V_A)``."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mmask, amask, dmask, emask = offs_m < M, offs_a < NA, offs_d < D, offs_e < DV
+    a = tl.load(A + b * sa_b + h * sa_h + offs_a[:, None] * sa_n + offs_d[None, :] * sa_d,
+                mask=amask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    k = tl.load(K + b * sk_b + h * sk_h + offs_m[:, None] * sk_n + offs_d[None, :] * sk_d,
+                mask=mmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+    v = tl.load(V + b * sv_b + h * sv_h + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d,
+                mask=mmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
+    tile_e = bh * (BLOCK_A * BLOCK_DV) + offs_a[:, None] * BLOCK_DV + offs_e[None, :]
+    dva = tl.load(DVA + tile_e)
+    delta = tl.sum(dva * tl.load(VA + tile_e), axis=1)  # [BLOCK_A]
+    lse = tl.load(LSE + bh * BLOCK_A + offs_a)
+    s = _dot(a, tl.trans(k), HALF) * scale  # [BLOCK_A, BLOCK_M]
+    if HAS_BIAS:
+        bias = tl.load(AB + b * sab_b + h * sab_h + offs_a[:, None] * sab_a + offs_m[None, :] * sab_m,
+                       mask=amask[:, None] & mmask[None, :], other=0.0)  # fmt: skip
+        s += bias.to(tl.float32)
+    p = tl.where(amask[:, None] & mmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = _dot(dva.to(v.dtype), tl.trans(v), HALF)  # [BLOCK_A, BLOCK_M]
+    ds = p * (dp - delta[:, None])
+    dv = _dot(tl.trans(p.to(v.dtype)), dva.to(v.dtype), HALF)  # [BLOCK_M, BLOCK_DV]
+    tl.store(DVv + b * sdv_b + h * sdv_h + offs_m[:, None] * sdv_n + offs_e[None, :] * sdv_d,
+             dv.to(DVv.dtype.element_ty), mask=mmask[:, None] & emask[None, :])  # fmt: skip
+    dk = _dot(tl.trans(ds.to(a.dtype)), a, HALF) * scale  # [BLOCK_M, BLOCK_D]
+    tl.store(DK + b * sdk_b + h * sdk_h + offs_m[:, None] * sdk_n + offs_d[None, :] * sdk_d,
+             dk.to(DK.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])  # fmt: skip
+    da = _dot(ds.to(k.dtype), k, HALF) * scale  # [BLOCK_A, BLOCK_D]
+    tl.atomic_add(DA + bh * (BLOCK_A * BLOCK_D) + offs_a[:, None] * BLOCK_D + offs_d[None, :], da)
+    if BIAS_GRAD:
+        tl.atomic_add(DAB + b * sdb_b + h * sdb_h + offs_a[:, None] * sdb_a + offs_m[None, :] * sdb_m, ds,
+                      mask=amask[:, None] & mmask[None, :])  # fmt: skip
+
+
 ROWS = 64
 
 #: ``"splits"``: key splits of the aggregation per (batch, head) (``None``: enough programs for ~4 per SM, each over at
@@ -199,6 +305,41 @@ def _bias_view(bias: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch
     return view, view.stride()
 
 
+def _forward(q, k, v, agents, agent_bias, query_bias, scale, save):
+    """``(out, V_A, lse)``: ``out`` ``[B, N, H, Dv]`` in ``q``'s dtype; with ``save`` the float32 ``V_A`` ``[B*H,
+    BLOCK_A, BLOCK_DV]`` and the aggregation's log-sum-exp ``[B*H, BLOCK_A]`` for the backward (else placeholders)."""
+    b, n, h, d = q.shape
+    m, dv, na = k.shape[1], v.shape[-1], agents.shape[1]
+    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
+    ba, bd, bdv = _pad(na), _pad(d), _pad(dv)
+    va = torch.empty(b * h, ba, bdv, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b * h, ba, device=q.device, dtype=torch.float32) if save else va
+    if b * h == 0 or n == 0 or dv == 0:
+        return out, va, lse
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    ab, sab = _bias_view(agent_bias, (b, h, na, m))
+    qb, sqb = _bias_view(query_bias, (b, h, n, na))
+    splits, per = _splits(b * h, m, q.device)
+    part = va if splits == 1 else torch.empty(splits, b * h, ba, bdv, device=q.device, dtype=torch.float32)
+    stats = va if splits == 1 else torch.empty(splits, b * h, 2, ba, device=q.device, dtype=torch.float32)
+    launch(_aggregate_kernel, (splits, b * h),
+        agents, k, v, ab if ab is not None else va, part, stats, lse, m, h, na, d, dv, scale, per,
+        *agents.stride(), *k.stride(), *v.stride(), *sab,
+        HAS_BIAS=ab is not None, HALF=half, SPLIT=splits > 1, SAVE=save, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd,
+        BLOCK_DV=bdv, num_warps=_warps(ba, bd, bdv),
+    )  # fmt: skip
+    if splits > 1:
+        launch(_combine_kernel, (b * h,), part, stats, va, lse, b * h, splits, SAVE=save, BLOCK_A=ba, BLOCK_DV=bdv,
+               num_warps=4)  # fmt: skip
+    launch(_broadcast_kernel, (cdiv(n, ROWS), b * h),
+        q, agents, va, qb if qb is not None else va, out, n, h, na, d, dv, scale,
+        *q.stride(), *agents.stride(), *sqb, *out.stride(),
+        HAS_BIAS=qb is not None, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv,
+        num_warps=_warps(ba, bd, bdv),
+    )  # fmt: skip
+    return out, va, lse
+
+
 @torch.library.custom_op("visionlin::agent_attention_fwd", mutates_args=())
 def agent_attention_fwd(
     q: torch.Tensor,
@@ -210,34 +351,7 @@ def agent_attention_fwd(
     scale: float,
 ) -> torch.Tensor:
     """``out`` ``[B, N, H, Dv]`` in ``q``'s dtype (forward only)."""
-    b, n, h, d = q.shape
-    m, dv, na = k.shape[1], v.shape[-1], agents.shape[1]
-    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
-    if b * h == 0 or n == 0 or dv == 0:
-        return out
-    ba, bd, bdv = _pad(na), _pad(d), _pad(dv)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    va = torch.empty(b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    ab, sab = _bias_view(agent_bias, (b, h, na, m))
-    qb, sqb = _bias_view(query_bias, (b, h, n, na))
-    splits, per = _splits(b * h, m, q.device)
-    part = va if splits == 1 else torch.empty(splits, b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    stats = va if splits == 1 else torch.empty(splits, b * h, 2, ba, device=q.device, dtype=torch.float32)
-    launch(_aggregate_kernel, (splits, b * h),
-        agents, k, v, ab if ab is not None else va, part, stats, m, h, na, d, dv, scale, per,
-        *agents.stride(), *k.stride(), *v.stride(), *sab,
-        HAS_BIAS=ab is not None, HALF=half, SPLIT=splits > 1, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv,
-        num_warps=_warps(ba, bd, bdv),
-    )  # fmt: skip
-    if splits > 1:
-        launch(_combine_kernel, (b * h,), part, stats, va, b * h, splits, BLOCK_A=ba, BLOCK_DV=bdv, num_warps=4)
-    launch(_broadcast_kernel, (cdiv(n, ROWS), b * h),
-        q, agents, va, qb if qb is not None else va, out, n, h, na, d, dv, scale,
-        *q.stride(), *agents.stride(), *sqb, *out.stride(),
-        HAS_BIAS=qb is not None, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv,
-        num_warps=_warps(ba, bd, bdv),
-    )  # fmt: skip
-    return out
+    return _forward(q, k, v, agents, agent_bias, query_bias, scale, False)[0]
 
 
 @agent_attention_fwd.register_fake
@@ -245,9 +359,123 @@ def _(q, k, v, agents, agent_bias, query_bias, scale):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
+@torch.library.custom_op("visionlin::agent_attention_fwd_saved", mutates_args=())
+def agent_attention_fwd_saved(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, V_A, lse)`` (see :func:`_forward`): the forward that a gradient will follow."""
+    return _forward(q, k, v, agents, agent_bias, query_bias, scale, True)
+
+
+@agent_attention_fwd_saved.register_fake
+def _(q, k, v, agents, agent_bias, query_bias, scale):
+    bh, ba, bdv = q.shape[0] * q.shape[2], _pad(agents.shape[1]), _pad(v.shape[-1])
+    return (q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(bh, ba, bdv, dtype=torch.float32),
+            q.new_empty(bh, ba, dtype=torch.float32))  # fmt: skip
+
+
+@torch.library.custom_op("visionlin::agent_attention_bwd", mutates_args=())
+def agent_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    va: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    agent_bias_grad: bool,
+    query_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dagents, dagent_bias, dquery_bias)``; the bias gradients are float32 in the biases' shapes
+    (empty when not asked for)."""
+    b, n, h, d = q.shape
+    m, dv_, na = k.shape[1], v.shape[-1], agents.shape[1]
+    ba, bd, bdv = _pad(na), _pad(d), _pad(dv_)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    da32 = torch.zeros(b * h, ba, bd, device=q.device, dtype=torch.float32)
+    dva = torch.zeros(b * h, ba, bdv, device=q.device, dtype=torch.float32)
+    dab = q.new_zeros(agent_bias.shape if agent_bias_grad else (0,), dtype=torch.float32)
+    dqb = q.new_zeros(query_bias.shape if query_bias_grad else (0,), dtype=torch.float32)
+    if b * h and n and m and dv_:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        ab, sab = _bias_view(agent_bias, (b, h, na, m))
+        qb, sqb = _bias_view(query_bias, (b, h, n, na))
+        sdab = _bias_view(dab, (b, h, na, m))[1] if agent_bias_grad else (0, 0, 0, 0)
+        sdqb = _bias_view(dqb, (b, h, n, na))[1] if query_bias_grad else (0, 0, 0, 0)
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        warps = _warps(ba, bd, bdv)
+        launch(_broadcast_backward_kernel, (cdiv(n, ROWS), b * h),
+            q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb if query_bias_grad else va,
+            n, h, na, d, dv_, scale,
+            *q.stride(), *agents.stride(), *sqb, *g.stride(), *dq.stride(), *sdqb,
+            HAS_BIAS=qb is not None, BIAS_GRAD=query_bias_grad, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd,
+            BLOCK_DV=bdv, num_warps=warps,
+        )  # fmt: skip
+        launch(_aggregate_backward_kernel, (cdiv(m, ROWS), b * h),
+            agents, k, v, ab if ab is not None else va, va, dva, lse, da32, dk, dv, dab if agent_bias_grad else va,
+            m, h, na, d, dv_, scale,
+            *agents.stride(), *k.stride(), *v.stride(), *sab, *dk.stride(), *dv.stride(), *sdab,
+            HAS_BIAS=ab is not None, BIAS_GRAD=agent_bias_grad, HALF=half, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd,
+            BLOCK_DV=bdv, num_warps=warps,
+        )  # fmt: skip
+    else:  # an empty output (no batch, head, query or value channel): every gradient is zero
+        dq.zero_(), dk.zero_(), dv.zero_()
+    dagents = torch.empty(agents.shape, device=q.device, dtype=agents.dtype)
+    dagents.copy_(da32[:, :na, :d].reshape(b, h, na, d).transpose(1, 2))
+    return dq, dk, dv, dagents, dab, dqb
+
+
+@agent_attention_bwd.register_fake
+def _(q, k, v, agents, agent_bias, query_bias, va, lse, g, scale, agent_bias_grad, query_bias_grad):
+    f32 = torch.float32
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(agents),
+            q.new_empty(agent_bias.shape if agent_bias_grad else (0,), dtype=f32),
+            q.new_empty(query_bias.shape if query_bias_grad else (0,), dtype=f32))  # fmt: skip
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, agents, agent_bias, query_bias, scale = inputs
+    _, va, lse = output
+    ctx.mark_non_differentiable(va, lse)
+    ctx.save_for_backward(q, k, v, agents, agent_bias, query_bias, va, lse)
+    ctx.scale = scale
+    ctx.bias_grads = (
+        agent_bias is not None and agent_bias.requires_grad,
+        query_bias is not None and query_bias.requires_grad,
+    )
+
+
+def _backward(ctx, g, _g_va, _g_lse):
+    q, k, v, agents, agent_bias, query_bias, va, lse = ctx.saved_tensors
+    if g is None:
+        return (None,) * 7
+    dq, dk, dv, da, dab, dqb = _bwd_call(q, k, v, agents, agent_bias, query_bias, va, lse, g, ctx.scale,
+                                         *ctx.bias_grads)  # fmt: skip
+    ab_grad, qb_grad = ctx.bias_grads
+    return (dq, dk, dv, da, dab.to(agent_bias.dtype) if ab_grad else None,
+            dqb.to(query_bias.dtype) if qb_grad else None, None)  # fmt: skip
+
+
+agent_attention_fwd_saved.register_autograd(_backward, setup_context=_setup)
+_bwd_call = eager_call(agent_attention_bwd)
+_fwd_saved_call = eager_op(agent_attention_fwd_saved, _setup, _backward)
+
+
 def agent_attention_triton(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, dropout_p=0.0):
     """The ``"triton"`` backend of :func:`visionlin.kernels.agent_attention` (inference: no gradient, no dropout)."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    tensors = (q, k, v, agents, agent_bias, query_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _fwd_saved_call(q, k, v, agents, agent_bias, query_bias, s)[0]
     return _fwd_call(q, k, v, agents, agent_bias, query_bias, s)
 
 
