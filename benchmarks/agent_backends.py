@@ -4,10 +4,11 @@ programs when there are few (batch, head) pairs, then the broadcast), at the op 
 dense twin. GPU time, so that a host-bound 224 px forward does not hide the kernels: at the op a CUDA-graph replay;
 for a model the sum of its kernels' times in one profiled eager forward (a graph replay would also count the position
 biases the agent layers keep between eager forwards but rebuild inside a capture). Eager milliseconds are recorded
-too. bf16 autocast, inference.
+too. bf16 autocast, inference; ``--train`` adds training steps at 224 px with the fused backward switched on
+(``visionlin.kernels.agent.TRITON_BACKWARD``) against SDPA's.
 
 Usage (on a GPU machine):
-    python benchmarks/agent_backends.py --out benchmarks/results/h200
+    python benchmarks/agent_backends.py --out benchmarks/results/h200 [--train [--no-infer --no-ops]]
 """
 
 from __future__ import annotations
@@ -115,6 +116,53 @@ def model_rows(models: list[str], iters: int) -> list[dict]:
     return rows
 
 
+def train_rows(models: list[str], iters: int, batch: int = 128) -> list[dict]:
+    """Training steps at 224 px (forward, cross-entropy, backward, AdamW; bf16 autocast): SDPA against the fused
+    forward + backward (``visionlin.kernels.agent.TRITON_BACKWARD`` on), next to the twin; GPU time as for inference."""
+    import torch
+
+    from benchmarks._timing import cuda_ms
+    from visionlin.kernels import agent as agent_op
+    from visionlin.train.bench import _create, train_step
+
+    rows = []
+    for name in models:
+        twin_name = MODELS[name][0]
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        labels = torch.randint(0, 1000, (batch,), device="cuda")
+        r = {"kind": "train", "model": name, "twin": twin_name, "size": 224, "batch": batch}
+        for label, model_name, backend in ((twin_name, twin_name, None), ("sdpa", name, "sdpa"),
+                                           ("triton", name, "triton")):  # fmt: skip
+            model = _create(model_name, torch.device("cuda"), 224).train()
+            if backend is not None:
+                for m in model.modules():
+                    if hasattr(m, "agent_num"):
+                        m.backend = backend
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            step = functools.partial(train_step(model, opt, labels), x)
+            before = agent_op.TRITON_BACKWARD
+            agent_op.TRITON_BACKWARD = backend == "triton"
+            try:
+                eager = cuda_ms(step, 3, iters, 3)
+                gpu = min(_kernels_ms(step) for _ in range(3))
+            finally:
+                agent_op.TRITON_BACKWARD = before
+            key = "twin" if label == twin_name else label
+            r[f"{key}_eager_ms"], r[f"{key}_gpu_ms"] = eager, gpu
+            del model, opt
+            torch.cuda.empty_cache()
+        for key in ("sdpa", "triton"):
+            r[f"{key}_vs_twin_gpu"] = r["twin_gpu_ms"] / r[f"{key}_gpu_ms"]
+            r[f"{key}_vs_twin_eager"] = r["twin_eager_ms"] / r[f"{key}_eager_ms"]
+        rows.append(r)
+        print(f"{name} train 224px bs{batch}: GPU time twin {r['twin_gpu_ms']:.2f} / sdpa {r['sdpa_gpu_ms']:.2f} / "
+              f"triton {r['triton_gpu_ms']:.2f} ms (x twin: {r['sdpa_vs_twin_gpu']:.2f} / "
+              f"{r['triton_vs_twin_gpu']:.2f}); eager x twin {r['sdpa_vs_twin_eager']:.2f} / "
+              f"{r['triton_vs_twin_eager']:.2f}", flush=True)  # fmt: skip
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -123,9 +171,10 @@ def plot(result: dict, path: Path) -> None:
 
     from benchmarks._plot import finish, grouped_bars
 
-    models = [r for r in result["rows"] if r["kind"] == "model"]
+    models = [r for r in result["rows"] if r["kind"] in ("model", "train")]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models)), 3.5))
-    groups = [f"{r['model']}\n{r['size']} px bs{r['batch']}" for r in models]
+    groups = [f"{r['model']}{' train' if r['kind'] == 'train' else ''}\n{r['size']} px bs{r['batch']}"
+              for r in models]  # fmt: skip
     by = dict(zip(groups, models, strict=True))
     grouped_bars(ax, groups, ["sdpa", "triton"], lambda g, s: by[g][f"{s}_vs_twin_gpu"], label_fmt="%.2f",
                  fontsize=6)  # fmt: skip
@@ -144,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--no-ops", action="store_true")
+    parser.add_argument("--no-infer", action="store_true", help="skip the inference model rows")
+    parser.add_argument("--train", action="store_true", help="also training steps at 224 px (fused backward on)")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -153,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--iters must be a positive integer, got {args.iters}")
 
     rows = [] if args.no_ops else op_rows(args.iters * 5)
-    rows += model_rows(models, args.iters)
+    rows += [] if args.no_infer else model_rows(models, args.iters)
+    rows += train_rows(models, args.iters) if args.train else []
     from benchmarks._meta import gpu_meta
 
     result = {"meta": gpu_meta(argv, args.commit), "rows": rows}

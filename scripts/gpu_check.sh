@@ -49,6 +49,11 @@
 #   dit-quality    benchmarks/dit_quality.py: a class-conditional DiT trained on Fashion-MNIST (4,000 steps), every converter
 #                  method training-free and after a 500-step distillation fine-tune, FID / KID in a classifier's
 #                  features, PSNR vs dense, ms per call (needs .data/ carried, as fmnist)                  ~8.5 min
+#   tests-agent    gpu tests of the fused agent attention (forward, split aggregation, the opt-in backward, the
+#                  eager path, a training step of Agent-DeiT-T against SDPA)                          ~1.5 min
+#   bench-agent-backends  benchmarks/agent_backends.py: SDPA vs the fused kernels at the op, in inference and (with
+#                  the fused backward on) in training steps, GPU time and eager                      ~4 min
+#   host-block     benchmarks/host_block.py: host time per forward / block at batch 1, Python calls per block ~1 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
 #   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
 #   bench-train    training step at 224 px                                                             ~1.5 min
@@ -254,6 +259,14 @@ for stage in "$@"; do
       timeout 150 python3 -m visionlin.cli bench models --quick --modes eager --sizes 224,2048,4096 --build-size default \
         --models flatten_deit_small,infvit_small --time-budget 130 --name bench_models_build_default --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
+    tests-agent)
+      run_tests agent 150 tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py tests/test_kernels_agent.py ;;
+    bench-agent-backends)
+      timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train --out "$OUT" --commit "$COMMIT" 2>&1 \
+        | grep -vE "Warn|warn_once" | tail -14 ;;
+    host-block)
+      timeout ${HOST_LIMIT:-120} python3 benchmarks/host_block.py --stacks --out "$OUT" --commit "$COMMIT" \
+        > "$OUT/host_block_$COMMIT.log" 2>&1; grep "^==" "$OUT/host_block_$COMMIT.log" ;;
     bench-models)
       timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
