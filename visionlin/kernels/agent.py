@@ -205,9 +205,9 @@ def agent_attention(
     """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
 
     Backends, in automatic-selection order: ``"triton"`` (CUDA inference: the fused forward of
-    :mod:`visionlin.kernels.triton.agent`; it declines calls that need a gradient or dropout, or more than 128 agents),
-    ``"sdpa"`` (two ``torch.nn.functional.scaled_dot_product_attention`` calls; training and everything else) and
-    ``"reference"``.
+    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and, unless
+    :data:`TRITON_BACKWARD` is set, calls that need a gradient), ``"sdpa"`` (two
+    ``torch.nn.functional.scaled_dot_product_attention`` calls; training and everything else) and ``"reference"``.
 
     Args:
         q: Queries ``[B, N, H, D]``.
