@@ -40,6 +40,7 @@ __all__ = [
     "same_floating_dtype",
     "supports_floating",
     "capturing",
+    "real_plain_tensor",
     "tracing",
     "values_are_checkable",
 ]
@@ -109,35 +110,33 @@ def check_real(
     """
     if value is None and optional:
         return
-    t = type(value)
-    if t is float or t is int:  # the common case, without building the message (it runs on every forward)
-        # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a
-        # float read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
-        ok = -math.inf < value < math.inf
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if ok:
+    if type(value) is not float and type(value) is not int:  # (plain numbers, the per-forward case, skip both)
+        if isinstance(value, (torch.SymInt, torch.SymFloat)):
             return
-    elif isinstance(value, (torch.SymInt, torch.SymFloat)):
-        return
-    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-    allowed = (
-        "a finite real number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
-    )
-    if optional:
-        allowed += " (or None)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{op}: {name}={value!r} must be {allowed}, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"{op}: {name}={value!r} must be {_allowed(low, low_open, high, high_open, optional)}, "
+                f"got {type(value).__name__}"
+            )
+    # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a float
+    # read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
     ok = -math.inf < value < math.inf
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        raise ValueError(f"{op}: {name}={value!r} must be {allowed}")
+        raise ValueError(f"{op}: {name}={value!r} must be {_allowed(low, low_open, high, high_open, optional)}")
+
+
+def _allowed(low: float | None, low_open: bool, high: float | None, high_open: bool, optional: bool) -> str:
+    """:func:`check_real`'s allowed range in words (built only for an error message)."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    allowed = (
+        "a finite real number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+    )
+    return allowed + " (or None)" if optional else allowed
 
 
 def check_flag(op: str, name: str, value: Any) -> None:
@@ -218,8 +217,15 @@ def _fx_tracing_probe():
 
 
 fx_tracing = _fx_tracing_probe()
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+#: The exact types of eager tensors (fake, functional and other tensors are subclasses).
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def real_plain_tensor(t: Any) -> bool:
+    """``t`` is an exact ``Tensor`` / ``Parameter`` (no subclass), neither meta nor wrapped by a functorch transform:
+    a tensor with real values in eager mode, checked without ``isinstance`` or ``is_fake`` (this runs per forward)."""
+    return type(t) in PLAIN_TENSOR_TYPES and not t.is_meta and not _wrapped(t)
 
 
 def tracing() -> bool:
@@ -245,10 +251,10 @@ def values_are_checkable(*tensors: torch.Tensor) -> bool:
     if tracing() or capturing():  # a host sync would break a capture
         return False
     for t in tensors:
-        if type(t) in _PLAIN_TYPES:
-            if t.is_meta or _wrapped(t):
-                return False
+        if real_plain_tensor(t):
             continue
+        if type(t) in PLAIN_TENSOR_TYPES:  # meta or functorch-wrapped
+            return False
         from torch._subclasses.fake_tensor import is_fake
 
         if isinstance(t, torch.fx.Proxy) or t.device.type == "meta" or is_fake(t) or _wrapped(t):

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..kernels._common import _wrapped, capturing, tracing
+from ..kernels._common import capturing, real_plain_tensor, tracing
 
 __all__ = ["KEEP", "cached", "clear_derived_cache", "frozen_key"]
 
@@ -60,9 +60,6 @@ class _Pin:
         return 0
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
 def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) -> tuple | None:
     """A key that identifies the current values of ``tensors`` (``None`` entries allowed) and ``extra``, or ``None``
     where nothing may be kept (see the module docstring)."""
@@ -74,7 +71,7 @@ def frozen_key(*tensors: torch.Tensor | None, extra: tuple[Hashable, ...] = ()) 
         if t is None:
             ids.append(None)
             continue
-        if type(t) not in _PLAIN or t.is_meta or _wrapped(t):
+        if not real_plain_tensor(t):
             return None  # subclasses (fake, functional, DTensor, ...), meta and functorch tensors keep the plain path
         try:
             ids.append((id(t), t.data_ptr(), t._version, t.device, t.dtype))

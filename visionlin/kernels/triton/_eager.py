@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .._common import _wrapped, tracing
+from .._common import PLAIN_TENSOR_TYPES, real_plain_tensor, tracing
 
 __all__ = ["direct", "eager_call", "eager_op", "plain_eager"]
 
@@ -53,8 +53,8 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
         return False
     for a in args:
         t = type(a)
-        if t is torch.Tensor or t is torch.nn.Parameter:
-            if a.is_meta or _wrapped(a):
+        if t in PLAIN_TENSOR_TYPES:
+            if not real_plain_tensor(a):
                 return False
         elif t is not int and t is not float and t is not bool and a is not None and isinstance(a, torch.Tensor):
             return False  # a tensor subclass (fake, functional, DTensor, ...)

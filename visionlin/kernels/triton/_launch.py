@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .._common import PLAIN_TENSOR_TYPES
+
 try:
     from triton import knobs as _knobs
 except ImportError:  # a Triton without knobs: hits take the compiled kernel's [grid] runner
@@ -137,9 +139,6 @@ def _entry(compiled: Any) -> tuple | None:
         return None
 
 
-_T, _P = torch.Tensor, torch.nn.Parameter
-
-
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Any:
     """``kernel[grid](*args, **kwargs)``, with the compiled kernel of this argument pattern cached (module docstring).
     ``grid`` is a tuple of one to three ints."""
@@ -153,13 +152,13 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Any:
     full = args + tuple([kwargs.get(names[i], defaults[i]) for i in range(n, len(names))]) if n < len(names) else args
     options = tuple(sorted([(k, v) for k, v in kwargs.items() if k not in name_set])) if len(kwargs) else ()
     device = torch.cuda.current_device()
-    # the specialisation inlined for the common cases (ints first: isinstance against torch.Tensor is slow for
+    # _spec inlined for the common cases (ints first, as _int_code: isinstance against torch.Tensor is slow for
     # non-tensors); a Python call per argument cost as much as the rest of the launch
     key = (id(kernel), device, options, *[
         v if c
         else (1 if v == 1 else (2 if -_I32 <= v < _I32 else 4 if -_I64 <= v < _I64 else 8) | (v & 15 == 0))
         if type(v) is int
-        else (v.dtype, v.data_ptr() & 15 == 0) if type(v) is _T or type(v) is _P
+        else (v.dtype, v.data_ptr() & 15 == 0) if type(v) in PLAIN_TENSOR_TYPES
         else _spec(v)
         for v, c in zip(full, constexpr, strict=True)
     ])  # fmt: skip
