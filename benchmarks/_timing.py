@@ -1,5 +1,5 @@
 """CUDA-event and host timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
-``host_overhead.py``, ``layer_norm_op.py``, ``host_calls.py``, ``sla_op.py``, ``sla_parts.py``)."""
+``host_overhead.py``, ``host_block.py``, ``layer_norm_op.py``, ``host_calls.py``, ``sla_op.py``, ``sla_parts.py``)."""
 
 from __future__ import annotations
 
@@ -55,3 +55,23 @@ def host_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def python_profile(fn: Callable[[], object], calls: int) -> list[dict]:
+    """Every Python function (and builtin) run by ``calls`` calls of ``fn`` under cProfile, per call: ``name``
+    (``folder/file:line(function)``), ``self_cpu_us``, ``cum_us`` and ``calls``, unsorted."""
+    import cProfile
+    import pstats
+    from pathlib import Path
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    return [
+        {"name": f"{Path(file).parent.name}/{Path(file).name}:{line}({name})", "self_cpu_us": tt / calls * 1e6,
+         "cum_us": ct / calls * 1e6, "calls": nc / calls}
+        for (file, line, name), (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()
+    ]  # fmt: skip

@@ -14,6 +14,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -78,11 +79,38 @@ def op_rows(iters: int) -> list[dict]:
     return rows
 
 
-def model_rows(models: list[str], iters: int) -> list[dict]:
+def _compare(r: dict, name: str, twin_name: str, size: int, iters: int, run) -> dict:
+    """Fill ``r`` with eager and GPU milliseconds of the twin and of ``name`` with each agent backend, and the ratios
+    to the twin. ``run(model, backend)`` sets up one model (built for ``size``) and returns the call to time."""
     import torch
 
     from benchmarks._timing import cuda_ms
     from visionlin.train.bench import _create
+
+    for key, model_name, backend in (("twin", twin_name, None), ("sdpa", name, "sdpa"), ("triton", name, "triton")):
+        model = _create(model_name, torch.device("cuda"), size)  # built for the size, as the bench builds it
+        if backend is not None:
+            for m in model.modules():
+                if hasattr(m, "agent_num"):  # the agent mixers only (window / softmax stages keep theirs)
+                    m.backend = backend
+        with run(model, backend) as call:
+            r[f"{key}_eager_ms"] = cuda_ms(call, 3, iters, 3)
+            r[f"{key}_gpu_ms"] = min(_kernels_ms(call) for _ in range(3))
+        del model, call
+        torch.cuda.empty_cache()
+    for key in ("sdpa", "triton"):
+        r[f"{key}_vs_twin_gpu"] = r["twin_gpu_ms"] / r[f"{key}_gpu_ms"]
+        r[f"{key}_vs_twin_eager"] = r["twin_eager_ms"] / r[f"{key}_eager_ms"]
+    what = "train " if r["kind"] == "train" else ""
+    print(f"{name} {what}{size}px bs{r['batch']}: GPU time twin {r['twin_gpu_ms']:.2f} / sdpa {r['sdpa_gpu_ms']:.2f} "
+          f"/ triton {r['triton_gpu_ms']:.2f} ms (x twin: {r['sdpa_vs_twin_gpu']:.2f} / "
+          f"{r['triton_vs_twin_gpu']:.2f}); eager x twin {r['sdpa_vs_twin_eager']:.2f} / "
+          f"{r['triton_vs_twin_eager']:.2f}", flush=True)  # fmt: skip
+    return r
+
+
+def model_rows(models: list[str], iters: int) -> list[dict]:
+    import torch
 
     rows = []
     for name in models:
@@ -90,29 +118,14 @@ def model_rows(models: list[str], iters: int) -> list[dict]:
         for size, batch in sizes:
             torch.manual_seed(0)
             x = torch.randn(batch, 3, size, size, device="cuda")
-            r = {"kind": "model", "model": name, "twin": twin_name, "size": size, "batch": batch}
-            for label, model_name, backend in ((twin_name, twin_name, None), ("sdpa", name, "sdpa"),
-                                               ("triton", name, "triton")):  # fmt: skip
-                model = _create(model_name, torch.device("cuda"), size).eval()  # built for the size, as the bench
-                if backend is not None:
-                    for m in model.modules():
-                        if hasattr(m, "agent_num"):  # the agent mixers only (window / softmax stages keep theirs)
-                            m.backend = backend
+
+            @contextlib.contextmanager
+            def infer(model, _backend, x=x):
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    eager = cuda_ms(functools.partial(model, x), 3, iters, 3)
-                    gpu = min(_kernels_ms(functools.partial(model, x)) for _ in range(3))
-                key = "twin" if label == twin_name else label
-                r[f"{key}_eager_ms"], r[f"{key}_gpu_ms"] = eager, gpu
-                del model
-                torch.cuda.empty_cache()
-            for key in ("sdpa", "triton"):
-                r[f"{key}_vs_twin_gpu"] = r["twin_gpu_ms"] / r[f"{key}_gpu_ms"]
-                r[f"{key}_vs_twin_eager"] = r["twin_eager_ms"] / r[f"{key}_eager_ms"]
-            rows.append(r)
-            print(f"{name} {size}px bs{batch}: GPU time twin {r['twin_gpu_ms']:.2f} / sdpa {r['sdpa_gpu_ms']:.2f} "
-                  f"/ triton {r['triton_gpu_ms']:.2f} ms (x twin: {r['sdpa_vs_twin_gpu']:.2f} / "
-                  f"{r['triton_vs_twin_gpu']:.2f}); eager x twin {r['sdpa_vs_twin_eager']:.2f} / "
-                  f"{r['triton_vs_twin_eager']:.2f}", flush=True)  # fmt: skip
+                    yield functools.partial(model.eval(), x)
+
+            r = {"kind": "model", "model": name, "twin": twin_name, "size": size, "batch": batch}
+            rows.append(_compare(r, name, twin_name, size, iters, infer))
     return rows
 
 
@@ -121,9 +134,8 @@ def train_rows(models: list[str], iters: int, batch: int = 128) -> list[dict]:
     forward + backward (``visionlin.kernels.agent.TRITON_BACKWARD`` on), next to the twin; GPU time as for inference."""
     import torch
 
-    from benchmarks._timing import cuda_ms
     from visionlin.kernels import agent as agent_op
-    from visionlin.train.bench import _create, train_step
+    from visionlin.train.bench import train_step
 
     rows = []
     for name in models:
@@ -131,35 +143,19 @@ def train_rows(models: list[str], iters: int, batch: int = 128) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, 224, 224, device="cuda")
         labels = torch.randint(0, 1000, (batch,), device="cuda")
-        r = {"kind": "train", "model": name, "twin": twin_name, "size": 224, "batch": batch}
-        for label, model_name, backend in ((twin_name, twin_name, None), ("sdpa", name, "sdpa"),
-                                           ("triton", name, "triton")):  # fmt: skip
-            model = _create(model_name, torch.device("cuda"), 224).train()
-            if backend is not None:
-                for m in model.modules():
-                    if hasattr(m, "agent_num"):
-                        m.backend = backend
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            step = functools.partial(train_step(model, opt, labels), x)
+
+        @contextlib.contextmanager
+        def train(model, backend, x=x, labels=labels):
+            opt = torch.optim.AdamW(model.train().parameters(), lr=1e-4, fused=True)
             before = agent_op.TRITON_BACKWARD
             agent_op.TRITON_BACKWARD = backend == "triton"
             try:
-                eager = cuda_ms(step, 3, iters, 3)
-                gpu = min(_kernels_ms(step) for _ in range(3))
+                yield functools.partial(train_step(model, opt, labels), x)
             finally:
                 agent_op.TRITON_BACKWARD = before
-            key = "twin" if label == twin_name else label
-            r[f"{key}_eager_ms"], r[f"{key}_gpu_ms"] = eager, gpu
-            del model, opt
-            torch.cuda.empty_cache()
-        for key in ("sdpa", "triton"):
-            r[f"{key}_vs_twin_gpu"] = r["twin_gpu_ms"] / r[f"{key}_gpu_ms"]
-            r[f"{key}_vs_twin_eager"] = r["twin_eager_ms"] / r[f"{key}_eager_ms"]
-        rows.append(r)
-        print(f"{name} train 224px bs{batch}: GPU time twin {r['twin_gpu_ms']:.2f} / sdpa {r['sdpa_gpu_ms']:.2f} / "
-              f"triton {r['triton_gpu_ms']:.2f} ms (x twin: {r['sdpa_vs_twin_gpu']:.2f} / "
-              f"{r['triton_vs_twin_gpu']:.2f}); eager x twin {r['sdpa_vs_twin_eager']:.2f} / "
-              f"{r['triton_vs_twin_eager']:.2f}", flush=True)  # fmt: skip
+
+        r = {"kind": "train", "model": name, "twin": twin_name, "size": 224, "batch": batch}
+        rows.append(_compare(r, name, twin_name, 224, iters, train))
     return rows
 
 

@@ -41,24 +41,9 @@ def _host_us(fn, calls: int, rounds: int = 15) -> float:
 def _cum_top(fn, calls: int, n: int) -> tuple[list[dict], float]:
     """The ``n`` Python functions with the most cumulative time per call of ``fn`` (cProfile), and the number of
     Python-level calls (functions and builtins) per call: a count that host noise does not move."""
-    import cProfile
-    import pstats
+    from benchmarks._timing import python_profile
 
-    import torch
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    prof.disable()
-    stats = pstats.Stats(prof).stats
-    rows = [
-        {"name": f"{Path(file).parent.name}/{Path(file).name}:{line}({fn_})", "cum_us": ct / calls * 1e6,
-         "own_us": tt / calls * 1e6, "calls": nc / calls}
-        for (file, line, fn_), (_cc, nc, tt, ct, _callers) in stats.items()
-    ]  # fmt: skip
-    rows.sort(key=lambda r: -r["cum_us"])
+    rows = sorted(python_profile(fn, calls), key=lambda r: -r["cum_us"])
     return rows[:n], sum(r["calls"] for r in rows)
 
 
@@ -123,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} [{args.tag}] host per forward {r['forward_us']:.0f} us, per block {r['block_us']:.1f} us"
               f"{calls}", flush=True)  # fmt: skip
         for op in r.get("block_cum", []):
-            print(f"   {op['cum_us']:8.1f} us cum {op['own_us']:7.1f} own x{op['calls']:5.1f} {op['name'][-90:]}")
+            print(f"   {op['cum_us']:8.1f} us cum {op['self_cpu_us']:7.1f} own x{op['calls']:5.1f} {op['name'][-90:]}")
         torch.cuda.empty_cache()
     sys.path.insert(0, str(ROOT))
     from benchmarks._meta import gpu_meta

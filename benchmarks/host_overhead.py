@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._timing import cuda_ms, python_profile  # noqa: E402
 from visionlin.train.bench import train_step  # noqa: E402
 
 
@@ -37,22 +37,7 @@ def _profile():
 
 def _python_top(step, calls: int = 3, n: int = 40) -> dict:
     """The Python functions with the most own time per call of ``step`` (cProfile), with their cumulative time."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    stats = pstats.Stats(prof).stats
-    rows = [
-        {"name": f"{Path(file).parent.name}/{Path(file).name}:{line}({fn})", "self_cpu_us": tt / calls * 1e6,
-         "cum_us": ct / calls * 1e6, "calls": nc / calls}
-        for (file, line, fn), (_cc, nc, tt, ct, _callers) in stats.items()
-    ]  # fmt: skip
-    rows.sort(key=lambda r: -r["self_cpu_us"])
+    rows = sorted(python_profile(step, calls), key=lambda r: -r["self_cpu_us"])
     return {"python_self_cpu_ms": sum(r["self_cpu_us"] for r in rows) / 1e3, "top_python": rows[:n]}
 
 
