@@ -182,9 +182,9 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
 
 
 _op = Op(_OP)
-# The fused forward first: it declines whatever needs a gradient or dropout (training takes "sdpa"). GPU time on an H200
-# (benchmarks/results/h200/agent_backends.json): the op 1.44-2.65x SDPA's; Agent-DeiT-S 1.00 -> 1.12x the dense twin at
-# 224 px, Agent-Swin-T 1.35 -> 2.25x swin_tiny.
+# The fused kernels first: they decline dropout and, unless TRITON_BACKWARD, whatever needs a gradient (training takes
+# "sdpa"). GPU time on an H200 (benchmarks/results/h200/agent_backends.json): the op 1.44-2.65x SDPA's; Agent-DeiT-S
+# 1.00 -> 1.12x the dense twin at 224 px, Agent-Swin-T 1.35 -> 2.25x swin_tiny.
 _op.register("triton", _triton, _triton_supports)
 _op.register("sdpa", _sdpa, _sdpa_supports)
 _op.register("reference", agent_attention_reference, _reference_supports)

@@ -333,7 +333,8 @@ class AgentAttention(TokenMixer):
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
         agents = pool_tokens(q[:, p:], feat_size, self.pool_size).contiguous()
-        # SDPA (the automatic choice) casts the biases to the queries' dtype: done once here while they are kept
+        # SDPA takes its float masks in the queries' dtype; the automatic choice (the fused kernels in inference, SDPA
+        # otherwise) gets them cast once here while they are kept (the fused kernels read half the bytes)
         cast = q.dtype if self.backend in (None, "sdpa") else None
         agent_bias, query_bias = self.position_biases(feat_size, p, dtype=cast)
         q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
