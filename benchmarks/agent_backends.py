@@ -79,6 +79,47 @@ def op_rows(iters: int) -> list[dict]:
     return rows
 
 
+def op_train_rows(iters: int) -> list[dict]:
+    """The op's forward + backward (q, k, v, agents and both bias tables require a gradient), SDPA against the fused
+    forward + backward (``TRITON_BACKWARD`` on): eager milliseconds and the GPU time of one profiled call."""
+    import torch
+
+    from benchmarks._timing import cuda_ms
+    from visionlin.kernels import agent as agent_op
+    from visionlin.kernels import agent_attention
+
+    rows = []
+    for b, n, h, d, na in OPS:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        leaves = [torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for t in (n, n, n, na)]
+        leaves += [torch.randn(1, h, *shape, device="cuda", generator=g) for shape in ((na, n), (n, na))]
+        for t in leaves:
+            t.requires_grad_(True)
+        grad = torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        r = {"kind": "op_train", "shape": [b, n, h, d, na]}
+        before = agent_op.TRITON_BACKWARD
+        try:
+            for backend in ("sdpa", "triton"):
+                agent_op.TRITON_BACKWARD = backend == "triton"
+                q, k, v, a, ab, qb = leaves
+                cast = (lambda t: t.bfloat16()) if backend == "sdpa" else (lambda t: t)  # as the layers pass them
+
+                def step(q=q, k=k, v=v, a=a, ab=ab, qb=qb, cast=cast, backend=backend, grad=grad):
+                    out = agent_attention(q, k, v, a, agent_bias=cast(ab), query_bias=cast(qb), backend=backend)
+                    torch.autograd.grad(out, (q, k, v, a, ab, qb), grad)
+
+                r[f"{backend}_eager_ms"] = cuda_ms(step, 3, iters, 3)
+                r[f"{backend}_gpu_ms"] = min(_kernels_ms(step) for _ in range(3))
+        finally:
+            agent_op.TRITON_BACKWARD = before
+        r["triton_speedup_gpu"] = r["sdpa_gpu_ms"] / r["triton_gpu_ms"]
+        rows.append(r)
+        print(f"op fwd+bwd {r['shape']}: GPU time sdpa {r['sdpa_gpu_ms']:.3f} ms, triton {r['triton_gpu_ms']:.3f} ms "
+              f"({r['triton_speedup_gpu']:.2f}x); eager {r['sdpa_eager_ms']:.3f} / {r['triton_eager_ms']:.3f} ms",
+              flush=True)  # fmt: skip
+    return rows
+
+
 def _compare(r: dict, name: str, twin_name: str, size: int, iters: int, run) -> dict:
     """Fill ``r`` with eager and GPU milliseconds of the twin and of ``name`` with each agent backend, and the ratios
     to the twin. ``run(model, backend)`` sets up one model (built for ``size``) and returns the call to time."""
@@ -201,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [] if args.no_ops else op_rows(args.iters * 5)
     rows += [] if args.no_infer else model_rows(models, args.iters)
+    rows += op_train_rows(args.iters * 5) if args.train and not args.no_ops else []
     rows += train_rows(models, args.iters) if args.train else []
     from benchmarks._meta import gpu_meta
 
