@@ -40,15 +40,20 @@ def _ms(fn, iters: int) -> tuple[float, float]:
     return cuda_ms(fn, 3, iters, 3), graph_ms(fn, 3, iters)
 
 
-def _kernels_ms(fn) -> float:
-    """The summed GPU time of the kernels of one call of ``fn`` (torch profiler), in ms."""
+def _kernels_ms(fn, per_kernel: dict | None = None) -> float:
+    """The summed GPU time of the kernels of one call of ``fn`` (torch profiler), in ms; with ``per_kernel``, each
+    kernel's microseconds are added there under its (shortened) name."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if per_kernel is not None:
+        for e in events:
+            per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + e.device_time_total
+    return sum(e.device_time_total for e in events) / 1e3
 
 
 def op_rows(iters: int) -> list[dict]:
@@ -110,6 +115,9 @@ def op_train_rows(iters: int) -> list[dict]:
 
                 r[f"{backend}_eager_ms"] = cuda_ms(step, 3, iters, 3)
                 r[f"{backend}_gpu_ms"] = min(_kernels_ms(step) for _ in range(3))
+                kernels: dict[str, float] = {}
+                _kernels_ms(step, kernels)
+                r[f"{backend}_kernels_us"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
         finally:
             agent_op.TRITON_BACKWARD = before
         r["triton_speedup_gpu"] = r["sdpa_gpu_ms"] / r["triton_gpu_ms"]
@@ -117,6 +125,9 @@ def op_train_rows(iters: int) -> list[dict]:
         print(f"op fwd+bwd {r['shape']}: GPU time sdpa {r['sdpa_gpu_ms']:.3f} ms, triton {r['triton_gpu_ms']:.3f} ms "
               f"({r['triton_speedup_gpu']:.2f}x); eager {r['sdpa_eager_ms']:.3f} / {r['triton_eager_ms']:.3f} ms",
               flush=True)  # fmt: skip
+        for backend in ("sdpa", "triton"):
+            top = list(r[f"{backend}_kernels_us"].items())[:6]
+            print(f"  {backend}: " + "; ".join(f"{k} {v:.0f} us" for k, v in top), flush=True)
     return rows
 
 

@@ -262,7 +262,7 @@ for stage in "$@"; do
     tests-agent)
       run_tests agent 150 tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py tests/test_kernels_agent.py ;;
     bench-agent-backends)
-      timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train --out "$OUT" --commit "$COMMIT" 2>&1 \
+      timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train ${AGENT_ARGS:-} --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warn|warn_once" | tail -14 ;;
     host-block)
       timeout ${HOST_LIMIT:-120} python3 benchmarks/host_block.py --stacks --out "$OUT" --commit "$COMMIT" \

@@ -7,6 +7,7 @@ kernels on the CPU in a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -110,6 +111,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for case in CASES:  # the backward (the forward that saves V_A and the log-sum-exp, then the two backward kernels)
         check_agent_backward(case, torch.float32, "cpu")
     check_agent_backward(CASES[1], torch.float16, "cpu")
+    # the batch-shared bias gradients in float32 replicas (batch entry b adds into replica b % R), summed afterwards:
+    # 2 replicas over 5 batch entries, then one per entry; the automatic count, capped at 32 and at 2^24 elements
+    from visionlin.kernels.triton.agent import _bias_grad_buffer
+
+    bias = torch.zeros(1, 6, 197, 49)
+    assert [_bias_grad_buffer(bias, (b, 6, 197, 49))[2] for b in (1, 5, 256)] == [1, 5, 32]
+    assert _bias_grad_buffer(torch.zeros(1, 6, 49, 16385), (4, 6, 49, 16385))[2] == 3
+    assert _bias_grad_buffer(torch.zeros(1, 6, 49, 65537), (64, 6, 49, 65537))[2] == 1
+    assert _bias_grad_buffer(torch.zeros(5, 6, 49, 20), (5, 6, 49, 20))[2] == 5  # a per-batch bias: no replicas
+    for reps in (2, 5):
+        agent.TUNING["bias_replicas"] = reps
+        check_agent_backward((5, 37, 45, 3, 16, 24, 9, True), torch.float32, "cpu")
+    agent.TUNING["bias_replicas"] = None
     print("interpreter ok")
     """
 )
@@ -150,8 +164,10 @@ def test_triton_agent_backward(case, dtype):
 
 @gpu
 def test_triton_agent_trains_in_a_model(monkeypatch):
-    """With the fused backward on, a training step of Agent-DeiT-T (autocast bf16) gives the gradients of the SDPA
-    backend within bf16 noise, and the automatic choice takes the fused kernels for it."""
+    """With the fused backward on, a training step of Agent-DeiT-T (autocast bf16) takes the fused kernels (automatic
+    choice) and its parameter gradients are as close to the float32 reference backend's as the SDPA backend's are
+    (within 2x its error, or 1e-2): some gradients nearly cancel (the position biases' sum over a softmax axis), so
+    both bf16 paths differ from each other by several percent there while each stays near the reference."""
     import timm
 
     from visionlin.kernels import agent as agent_op
@@ -160,18 +176,24 @@ def test_triton_agent_trains_in_a_model(monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model("agent_deit_tiny").cuda().train()
     x = torch.randn(4, 3, 224, 224, device="cuda")
+    calls = []
+    fused = agent_op._op.backends["triton"]
+    spy = dataclasses.replace(fused, fn=lambda *a, **k: calls.append(1) or fused.fn(*a, **k))
+    monkeypatch.setitem(agent_op._op.backends, "triton", spy)
     grads = {}
-    for backend in ("sdpa", None):
+    for backend in ("reference", "sdpa", None):
         for mod in model.modules():
             if hasattr(mod, "agent_num"):
                 mod.backend = backend
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend != "reference"):
             model(x).float().square().mean().backward()
-        grads[backend] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads["sdpa"].keys() == grads[None].keys()
-    for name, ref in grads["sdpa"].items():
-        assert _rel(grads[None][name], ref.double().cpu()) < 5e-2, name
+        grads[backend] = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == sum(hasattr(m, "agent_num") for m in model.modules())  # the automatic choice was fused
+    assert grads["sdpa"].keys() == grads[None].keys() == grads["reference"].keys()
+    for name, ref in grads["reference"].items():
+        err, base = _rel(grads[None][name], ref), _rel(grads["sdpa"][name], ref)
+        assert err <= max(2 * base, 1e-2), (name, f"fused {err:.2e}, sdpa {base:.2e}")
 
 
 @gpu

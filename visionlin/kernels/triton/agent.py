@@ -1,4 +1,4 @@
-"""Agent attention's inference forward as two fused Triton kernels; the math is
+"""Agent attention as fused Triton kernels, forward and backward; the math is
 :func:`visionlin.kernels.agent.agent_attention_reference` (``s`` = scale)::
 
     V_A = softmax(s A K^T + agent_bias) V          aggregation: one program per (batch, head) and key range, online
@@ -12,7 +12,14 @@
 Both weight matrices stay in registers (the ``"sdpa"`` backend makes two cuDNN calls whose small shapes (49 agents)
 ran at 145 us each at 224 px, batch 256, on an H200, with the bias tables as dense masks). Products run on the tensor
 cores in the inputs' half dtype with float32 accumulation (float32 inputs: IEEE float32). Biases may be broadcast
-views (stride 0 on batch). Forward only: the backend declines calls that need a gradient or dropout.
+views (stride 0 on batch).
+
+The backward (:func:`agent_attention_bwd`, after a forward that saved ``V_A`` and the aggregation's log-sum-exp) runs
+the broadcast's backward first (``dQ``; ``dA``, ``dV_A`` and the query bias's gradient added atomically), then the
+aggregation's (``dK``, ``dV``; ``dA`` and the agent bias's gradient). A batch-shared bias gradient is accumulated in
+a few float32 replicas (batch entry ``b`` adds into replica ``b % R``) that are summed afterwards, so that a large
+batch does not queue every program's atomic adds on one table. The backend takes calls that need a gradient only when
+``visionlin.kernels.agent.TRITON_BACKWARD`` is set; it declines dropout.
 """
 
 from __future__ import annotations
@@ -177,13 +184,14 @@ def _broadcast_kernel(
 def _broadcast_backward_kernel(
     Q, A, VA, QB, G, DQ, DA, DVA, DQB, N, H, NA, D, DV, scale,
     sq_b, sq_n, sq_h, sq_d, sa_b, sa_n, sa_h, sa_d, sqb_b, sqb_h, sqb_n, sqb_a, sg_b, sg_n, sg_h, sg_d,
-    sdq_b, sdq_n, sdq_h, sdq_d, sdb_b, sdb_h, sdb_n, sdb_a,
+    sdq_b, sdq_n, sdq_h, sdq_d, sdb_b, sdb_h, sdb_n, sdb_a, replicas,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """The broadcast's backward for one block of queries of one (batch, head): ``dQ`` stored; this block's shares of
-    ``dA``, ``dV_A`` (float32 ``[B*H, BLOCK_A, BLOCK_D / BLOCK_DV]``) and the query bias's gradient (float32, at the
-    bias's own broadcast strides: batch-shared entries sum over the batch) added atomically. The softmax over the
+    ``dA``, ``dV_A`` (float32 ``[B*H, BLOCK_A, BLOCK_D / BLOCK_DV]``) and the query bias's gradient (float32, batch
+    entry ``b`` at batch index ``b % replicas`` of ``DQB``: ``replicas`` = B for a per-batch bias, fewer for a shared
+    one's replicas) added atomically. The softmax over the
     agents is recomputed exactly (one tile holds every agent); ``delta = rowsum(P * dP)`` equals
     ``rowsum(dout * out)``."""
     bh = tl.program_id(1)
@@ -219,7 +227,7 @@ def _broadcast_backward_kernel(
     dva = _dot(tl.trans(p.to(g.dtype)), g, HALF)  # [BLOCK_A, BLOCK_DV]
     tl.atomic_add(DVA + bh * (BLOCK_A * BLOCK_DV) + offs_a[:, None] * BLOCK_DV + offs_e[None, :], dva)
     if BIAS_GRAD:
-        tl.atomic_add(DQB + b * sdb_b + h * sdb_h + offs_n[:, None] * sdb_n + offs_a[None, :] * sdb_a, ds,
+        tl.atomic_add(DQB + (b % replicas) * sdb_b + h * sdb_h + offs_n[:, None] * sdb_n + offs_a[None, :] * sdb_a, ds,
                       mask=nmask[:, None] & amask[None, :])  # fmt: skip
 
 
@@ -227,12 +235,13 @@ def _broadcast_backward_kernel(
 def _aggregate_backward_kernel(
     A, K, V, AB, VA, DVA, LSE, DA, DK, DVv, DAB, M, H, NA, D, DV, scale,
     sa_b, sa_n, sa_h, sa_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sab_b, sab_h, sab_a, sab_m,
-    sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d, sdb_b, sdb_h, sdb_a, sdb_m,
+    sdk_b, sdk_n, sdk_h, sdk_d, sdv_b, sdv_n, sdv_h, sdv_d, sdb_b, sdb_h, sdb_a, sdb_m, replicas,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """The aggregation's backward for one block of keys of one (batch, head), after the broadcast's (``dV_A``
-    complete): ``dK`` and ``dV`` stored, this block's share of ``dA`` and the agent bias's gradient added atomically.
+    complete): ``dK`` and ``dV`` stored, this block's share of ``dA`` and the agent bias's gradient (batch index
+    ``b % replicas``, as in :func:`_broadcast_backward_kernel`) added atomically.
     ``P_A`` from the forward's log-sum-exp; ``delta = rowsum(dV_A * V_A)``."""
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -268,7 +277,7 @@ def _aggregate_backward_kernel(
     da = _dot(ds.to(k.dtype), k, HALF) * scale  # [BLOCK_A, BLOCK_D]
     tl.atomic_add(DA + bh * (BLOCK_A * BLOCK_D) + offs_a[:, None] * BLOCK_D + offs_d[None, :], da)
     if BIAS_GRAD:
-        tl.atomic_add(DAB + b * sdb_b + h * sdb_h + offs_a[:, None] * sdb_a + offs_m[None, :] * sdb_m, ds,
+        tl.atomic_add(DAB + (b % replicas) * sdb_b + h * sdb_h + offs_a[:, None] * sdb_a + offs_m[None, :] * sdb_m, ds,
                       mask=amask[:, None] & mmask[None, :])  # fmt: skip
 
 
@@ -277,7 +286,9 @@ ROWS = 64
 #: ``"splits"``: key splits of the aggregation per (batch, head) (``None``: enough programs for ~4 per SM, each over at
 #: least two key tiles; 1 at 224 px, batch 256). With few (batch, head) pairs and long key sets (1024 px and up, small
 #: batches) one program per pair left most SMs idle, as SDPA's flash kernels do with 49 queries.
-TUNING: dict[str, int | None] = {"splits": None}
+#: ``"bias_replicas"``: float32 replicas of a batch-shared bias gradient in the backward (``None``: see
+#: :func:`_bias_grad_buffer`).
+TUNING: dict[str, int | None] = {"splits": None, "bias_replicas": None}
 
 
 def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -288,6 +299,31 @@ def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
         want = min(cdiv(4 * _num_sms(device), max(bh, 1)), cdiv(tiles, 2))
     per = cdiv(tiles, max(1, min(int(want), tiles))) * ROWS
     return cdiv(m, per), per
+
+
+def _bias_grad_buffer(bias: torch.Tensor, shape: tuple[int, int, int, int]):
+    """``(buffer, strides, replicas)`` for a bias gradient: float32 zeros the kernels add into at batch index
+    ``b % replicas`` (strides over ``shape`` = ``(B, H, rows, cols)``, 0 on broadcast dimensions), and how many
+    replicas. A bias shared by the batch gets up to 32 replicas (at most 64 MiB of them) that
+    :func:`_bias_grad_result` sums: with one table, at 224 px and batch 256 every batch entry's program added into
+    the same float32 elements (256 writers each) and the fused backward took 2.3x SDPA's forward + backward."""
+    full = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    b = shape[0]
+    if full[0] == 1 and b > 1:
+        want = TUNING["bias_replicas"]
+        per = max(1, full[1] * full[2] * full[3])
+        reps = min(b, 32, max(1, (1 << 24) // per)) if want is None else max(1, min(int(want), b))
+    else:
+        reps = max(b, 1)
+    buf = torch.zeros((reps if full[0] == 1 else full[0], *full[1:]), device=bias.device, dtype=torch.float32)
+    return buf, torch.broadcast_to(buf, (reps if full[0] == 1 else b, *shape[1:])).stride(), reps
+
+
+def _bias_grad_result(buf: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The gradient in ``bias``'s shape (float32): the replicas of a batch-shared bias summed."""
+    if buf.shape[0] != 1 and (bias.dim() < 4 or bias.shape[0] == 1):
+        buf = buf.sum(0, keepdim=True)
+    return buf.reshape(bias.shape)
 
 
 def _pad(x: int) -> int:
@@ -403,27 +439,26 @@ def agent_attention_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     da32 = torch.zeros(b * h, ba, bd, device=q.device, dtype=torch.float32)
     dva = torch.zeros(b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    dab = q.new_zeros(agent_bias.shape if agent_bias_grad else (0,), dtype=torch.float32)
-    dqb = q.new_zeros(query_bias.shape if query_bias_grad else (0,), dtype=torch.float32)
+    empty = q.new_zeros((0,), dtype=torch.float32)
+    dab, sdab, rab = _bias_grad_buffer(agent_bias, (b, h, na, m)) if agent_bias_grad else (empty, (0,) * 4, 1)
+    dqb, sdqb, rqb = _bias_grad_buffer(query_bias, (b, h, n, na)) if query_bias_grad else (empty, (0,) * 4, 1)
     if b * h and n and m and dv_:
         half = q.dtype in (torch.float16, torch.bfloat16)
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
-        sdab = _bias_view(dab, (b, h, na, m))[1] if agent_bias_grad else (0, 0, 0, 0)
-        sdqb = _bias_view(dqb, (b, h, n, na))[1] if query_bias_grad else (0, 0, 0, 0)
         g = g if g.stride(-1) == 1 else g.contiguous()
         warps = _warps(ba, bd, bdv)
         launch(_broadcast_backward_kernel, (cdiv(n, ROWS), b * h),
             q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb if query_bias_grad else va,
             n, h, na, d, dv_, scale,
-            *q.stride(), *agents.stride(), *sqb, *g.stride(), *dq.stride(), *sdqb,
+            *q.stride(), *agents.stride(), *sqb, *g.stride(), *dq.stride(), *sdqb, rqb,
             HAS_BIAS=qb is not None, BIAS_GRAD=query_bias_grad, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd,
             BLOCK_DV=bdv, num_warps=warps,
         )  # fmt: skip
         launch(_aggregate_backward_kernel, (cdiv(m, ROWS), b * h),
             agents, k, v, ab if ab is not None else va, va, dva, lse, da32, dk, dv, dab if agent_bias_grad else va,
             m, h, na, d, dv_, scale,
-            *agents.stride(), *k.stride(), *v.stride(), *sab, *dk.stride(), *dv.stride(), *sdab,
+            *agents.stride(), *k.stride(), *v.stride(), *sab, *dk.stride(), *dv.stride(), *sdab, rab,
             HAS_BIAS=ab is not None, BIAS_GRAD=agent_bias_grad, HALF=half, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd,
             BLOCK_DV=bdv, num_warps=warps,
         )  # fmt: skip
@@ -431,6 +466,8 @@ def agent_attention_bwd(
         dq.zero_(), dk.zero_(), dv.zero_()
     dagents = torch.empty(agents.shape, device=q.device, dtype=agents.dtype)
     dagents.copy_(da32[:, :na, :d].reshape(b, h, na, d).transpose(1, 2))
+    dab = _bias_grad_result(dab, agent_bias) if agent_bias_grad else dab
+    dqb = _bias_grad_result(dqb, query_bias) if query_bias_grad else dqb
     return dq, dk, dv, dagents, dab, dqb
 
 
