@@ -84,35 +84,44 @@ def op_rows(iters: int) -> list[dict]:
     return rows
 
 
-def op_train_rows(iters: int) -> list[dict]:
-    """The op's forward + backward (q, k, v, agents and both bias tables require a gradient), SDPA against the fused
-    forward + backward (``TRITON_BACKWARD`` on): eager milliseconds and the GPU time of one profiled call."""
+def _op_train_step(shape, backend: str):
+    """A forward + backward of the op at ``shape`` (q, k, v, agents and both bias tables need a gradient) with
+    ``backend`` (``"triton"``: the fused backward, ``TRITON_BACKWARD`` must be on)."""
     import torch
 
-    from benchmarks._timing import cuda_ms
-    from visionlin.kernels import agent as agent_op
     from visionlin.kernels import agent_attention
 
+    b, n, h, d, na = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    leaves = [torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for t in (n, n, n, na)]
+    leaves += [torch.randn(1, h, *s, device="cuda", generator=g) for s in ((na, n), (n, na))]
+    for t in leaves:
+        t.requires_grad_(True)
+    grad = torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    cast = (lambda t: t.bfloat16()) if backend == "sdpa" else (lambda t: t)  # as the layers pass the biases
+
+    def step():
+        q, k, v, a, ab, qb = leaves
+        out = agent_attention(q, k, v, a, agent_bias=cast(ab), query_bias=cast(qb), backend=backend)
+        torch.autograd.grad(out, leaves, grad)
+
+    return step
+
+
+def op_train_rows(iters: int) -> list[dict]:
+    """The op's forward + backward, SDPA against the fused forward + backward (``TRITON_BACKWARD`` on): eager
+    milliseconds, the GPU time of one profiled call and each kernel's share."""
+    from benchmarks._timing import cuda_ms
+    from visionlin.kernels import agent as agent_op
+
     rows = []
-    for b, n, h, d, na in OPS:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        leaves = [torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for t in (n, n, n, na)]
-        leaves += [torch.randn(1, h, *shape, device="cuda", generator=g) for shape in ((na, n), (n, na))]
-        for t in leaves:
-            t.requires_grad_(True)
-        grad = torch.randn(b, n, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        r = {"kind": "op_train", "shape": [b, n, h, d, na]}
+    for shape in OPS:
+        r = {"kind": "op_train", "shape": list(shape)}
         before = agent_op.TRITON_BACKWARD
         try:
             for backend in ("sdpa", "triton"):
                 agent_op.TRITON_BACKWARD = backend == "triton"
-                q, k, v, a, ab, qb = leaves
-                cast = (lambda t: t.bfloat16()) if backend == "sdpa" else (lambda t: t)  # as the layers pass them
-
-                def step(q=q, k=k, v=v, a=a, ab=ab, qb=qb, cast=cast, backend=backend, grad=grad):
-                    out = agent_attention(q, k, v, a, agent_bias=cast(ab), query_bias=cast(qb), backend=backend)
-                    torch.autograd.grad(out, (q, k, v, a, ab, qb), grad)
-
+                step = _op_train_step(shape, backend)
                 r[f"{backend}_eager_ms"] = cuda_ms(step, 3, iters, 3)
                 r[f"{backend}_gpu_ms"] = min(_kernels_ms(step) for _ in range(3))
                 kernels: dict[str, float] = {}
@@ -128,6 +137,44 @@ def op_train_rows(iters: int) -> list[dict]:
         for backend in ("sdpa", "triton"):
             top = list(r[f"{backend}_kernels_us"].items())[:6]
             print(f"  {backend}: " + "; ".join(f"{k} {v:.0f} us" for k, v in top), flush=True)
+    return rows
+
+
+#: the backward's launch settings swept by ``--bwd-sweep``: (rows per block, warps, pipeline stages)
+BWD_SETTINGS = [(r, w, st) for r in (32, 64) for w in (4, 8) for st in (None, 1, 2)]
+
+
+def bwd_sweep_rows() -> list[dict]:
+    """The fused backward's two kernels' GPU time (profiled, min of 3 calls) per launch setting at each op shape."""
+    from visionlin.kernels import agent as agent_op
+    from visionlin.kernels.triton import agent as tri
+
+    rows, shipped = [], dict(tri.TUNING)
+    before = agent_op.TRITON_BACKWARD
+    agent_op.TRITON_BACKWARD = True
+    try:
+        for shape in OPS:
+            step = _op_train_step(shape, "triton")
+            for rows_, warps, stages in BWD_SETTINGS:
+                tri.TUNING.update(bwd_rows=rows_, bwd_warps=warps, bwd_stages=stages)
+                r = {"kind": "bwd_sweep", "shape": list(shape), "rows": rows_, "warps": warps, "stages": stages}
+                try:
+                    best = None
+                    for _ in range(3):
+                        kernels: dict[str, float] = {}
+                        _kernels_ms(step, kernels)
+                        us = sum(v for k, v in kernels.items() if "backward_kernel" in k)
+                        best = us if best is None else min(best, us)
+                    r["bwd_us"] = best
+                except Exception as e:  # noqa: BLE001 (a setting that does not compile is recorded, not fatal)
+                    r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(r)
+                print(f"bwd {shape} rows {rows_} warps {warps} stages {stages}: {r.get('bwd_us', r.get('error'))}",
+                      flush=True)  # fmt: skip
+    finally:
+        agent_op.TRITON_BACKWARD = before
+        tri.TUNING.clear()
+        tri.TUNING.update(shipped)
     return rows
 
 
@@ -243,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ops", action="store_true")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference model rows")
     parser.add_argument("--train", action="store_true", help="also training steps at 224 px (fused backward on)")
+    parser.add_argument("--bwd-sweep", action="store_true", help="also the fused backward's launch settings swept")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -255,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [] if args.no_infer else model_rows(models, args.iters)
     rows += op_train_rows(args.iters * 5) if args.train and not args.no_ops else []
     rows += train_rows(models, args.iters) if args.train else []
+    rows += bwd_sweep_rows() if args.bwd_sweep else []
     from benchmarks._meta import gpu_meta
 
     result = {"meta": gpu_meta(argv, args.commit), "rows": rows}
