@@ -142,9 +142,11 @@ def op_train_rows(iters: int) -> list[dict]:
 
 #: the backward's launch settings swept by ``--bwd-sweep``: (rows per block, warps, pipeline stages)
 BWD_SETTINGS = [(r, w, st) for r in (32, 64) for w in (4, 8) for st in (None, 1, 2)]
+#: the sweep's shapes: Agent-DeiT-S's (head dim 64) and Agent-Swin-T's first stage (224 px, batch 128, head dim 32)
+SWEEP_OPS = (*OPS, (128, 3136, 3, 32, 49))
 
 
-def bwd_sweep_rows() -> list[dict]:
+def bwd_sweep_rows(sweep_shapes: list[tuple] | None = None) -> list[dict]:
     """The fused backward's two kernels' GPU time (profiled, min of 3 calls) per launch setting at each op shape."""
     from visionlin.kernels import agent as agent_op
     from visionlin.kernels.triton import agent as tri
@@ -153,7 +155,7 @@ def bwd_sweep_rows() -> list[dict]:
     before = agent_op.TRITON_BACKWARD
     agent_op.TRITON_BACKWARD = True
     try:
-        for shape in OPS:
+        for shape in SWEEP_OPS if sweep_shapes is None else sweep_shapes:
             step = _op_train_step(shape, "triton")
             for rows_, warps, stages in BWD_SETTINGS:
                 tri.TUNING.update(bwd_rows=rows_, bwd_warps=warps, bwd_stages=stages)
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-infer", action="store_true", help="skip the inference model rows")
     parser.add_argument("--train", action="store_true", help="also training steps at 224 px (fused backward on)")
     parser.add_argument("--bwd-sweep", action="store_true", help="also the fused backward's launch settings swept")
+    parser.add_argument("--sweep-shapes", default=None, help="the sweep's op shapes, e.g. 128x3136x3x32x49,...")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -298,12 +301,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     if args.iters < 1:
         parser.error(f"--iters must be a positive integer, got {args.iters}")
+    shapes = None
+    if args.sweep_shapes:
+        try:
+            shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.sweep_shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(sh) != 5 or min(sh) < 1 for sh in shapes):
+            parser.error(f"--sweep-shapes takes BxNxHxDxAGENTS,... of positive ints, got {args.sweep_shapes!r}")
 
     rows = [] if args.no_ops else op_rows(args.iters * 5)
     rows += [] if args.no_infer else model_rows(models, args.iters)
     rows += op_train_rows(args.iters * 5) if args.train and not args.no_ops else []
     rows += train_rows(models, args.iters) if args.train else []
-    rows += bwd_sweep_rows() if args.bwd_sweep else []
+    rows += bwd_sweep_rows(shapes) if args.bwd_sweep else []
     from benchmarks._meta import gpu_meta
 
     result = {"meta": gpu_meta(argv, args.commit), "rows": rows}

@@ -488,6 +488,19 @@ SPILL_ALLOWANCE = {
     # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-60 bytes
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "bf16", None, 128): 64,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "bf16", None, 128): 64,
+    # The fused agent backward: 64-row blocks in 4 warps, one stage, spill 80-730 bytes and still ran fastest of 12
+    # settings at head dim 64 (agent_backends.py --bwd-sweep: 326 / 435 / 351 us for both kernels at Agent-DeiT-S's
+    # 224 / 1024 / 2048 px shapes against 526 / 618 / 551 for 32 rows in 8 warps, which spill nothing)
+    **{
+        ("visionlin.kernels.triton.agent", name, dt, None, d): allowance
+        for dt in ("bf16", "fp16")
+        for name, d, allowance in (
+            ("_broadcast_backward_kernel", 32, 96),
+            ("_aggregate_backward_kernel", 32, 480),
+            ("_broadcast_backward_kernel", 64, 320),
+            ("_aggregate_backward_kernel", 64, 768),
+        )
+    },
     # float32 inputs at head dim 32 (IEEE products on float32 tiles; 255 registers): 20-32 bytes
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 32,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 32,

@@ -128,13 +128,17 @@ def test_interpreter_agent_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
-def test_triton_agent_declines_with_reasons():
+def test_triton_agent_declines_with_reasons(monkeypatch):
+    from visionlin.kernels import agent as agent_op
     from visionlin.kernels import get_op
 
     q = torch.randn(1, 8, 2, 16, requires_grad=True)
     reasons = get_op("agent_attention").supports(q, q, q, q[:, :4], backend="triton", dropout_p=0.1)
-    assert "tensors are not on a CUDA device" in reasons
-    assert any("fused backward is off" in r for r in reasons) and any("dropout" in r for r in reasons)
+    assert "tensors are not on a CUDA device" in reasons and any("dropout" in r for r in reasons)
+    assert not any("fused backward is off" in r for r in reasons)  # on by default
+    monkeypatch.setattr(agent_op, "TRITON_BACKWARD", False)
+    reasons = get_op("agent_attention").supports(q, q, q, q[:, :4], backend="triton")
+    assert any("fused backward is off" in r for r in reasons)
 
 
 gpu = pytest.mark.gpu
@@ -164,7 +168,6 @@ def test_triton_agent_trains_in_a_model(monkeypatch):
 
     from visionlin.kernels import agent as agent_op
 
-    monkeypatch.setattr(agent_op, "TRITON_BACKWARD", True)
     torch.manual_seed(0)
     model = timm.create_model("agent_deit_tiny").cuda().train()
     x = torch.randn(4, 3, 224, 224, device="cuda")

@@ -311,9 +311,11 @@ ROWS = 64
 #: ``"splits"``: key splits of the aggregation per (batch, head) (``None``: enough programs for ~4 per SM, each over at
 #: least two key tiles; 1 at 224 px, batch 256). With few (batch, head) pairs and long key sets (1024 px and up, small
 #: batches) one program per pair left most SMs idle, as SDPA's flash kernels do with 49 queries.
-#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: Triton's default). 32
-#: rows in 8 warps: ptxas spills nothing at head dims 32 and 64 (64 rows in 4 warps spilled 0.3-1 KB).
-TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": 32, "bwd_warps": 8, "bwd_stages": None}
+#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: Triton's default):
+#: 64 rows in 4 warps, one stage, the fastest of 12 settings at Agent-DeiT-S's three shapes (``agent_backends.py
+#: --bwd-sweep``, H200: 326 / 435 / 351 us for both kernels at 224 / 1024 / 2048 px against 526 / 618 / 551 for 32
+#: rows in 8 warps, the one setting that spills nothing at head dims 32 and 64).
+TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": 64, "bwd_warps": 4, "bwd_stages": 1}
 
 
 def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
