@@ -175,7 +175,10 @@ def _conv_and_focus(dt, tdt):
             ba = agent._pad(na)
             blocks = dict(HAS_BIAS=True, HALF=True, BLOCK_A=ba, BLOCK_D=d, BLOCK_DV=d)
             warps = agent._warps(ba, d, d)
-            bwd = {"num_warps": agent.TUNING["bwd_warps"], "num_stages": agent.TUNING["bwd_stages"]}
+            bwd = {
+                "num_warps": agent.TUNING["bwd_warps"],
+                "num_stages": agent.TUNING["bwd_stages"] or (1 if d > 32 else 2),
+            }
             cases += [
                 *((agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, BLOCK_M=agent.ROWS), warps) for sp in (0, 1)),
                 (agent._combine_kernel, dt, dict(BLOCK_A=ba, BLOCK_DV=d), 4),

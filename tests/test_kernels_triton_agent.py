@@ -160,10 +160,13 @@ def test_triton_agent_backward(case, dtype):
 
 @gpu
 def test_triton_agent_trains_in_a_model(monkeypatch):
-    """With the fused backward on, a training step of Agent-DeiT-T (autocast bf16) takes the fused kernels (automatic
-    choice) and its parameter gradients are as close to the float32 reference backend's as the SDPA backend's are
-    (within 2x its error, or 1e-2): some gradients nearly cancel (the position biases' sum over a softmax axis), so
-    both bf16 paths differ from each other by several percent there while each stays near the reference."""
+    """A training step of Agent-DeiT-T takes the fused forward + backward (automatic choice). In float32 its parameter
+    gradients match the float32 reference backend's within 2e-4 each (the kernels' own error: 4e-5 measured, as
+    SDPA's). Under bf16 autocast they are compared with the SDPA backend's as a whole, both against the float32
+    reference: the median and the worst parameter error each within 1.5x SDPA's (measured at 524afbc: medians 9.1e-3
+    / 9.3e-3, worst 0.14 / 0.20). Per parameter the two bf16 paths differ by chance on the nearly cancelling position-
+    bias gradients (|g| ~1e-8: 2.3% against 0.75% on one, 14% against 20% on another), so no per-parameter bound
+    between them holds."""
     import timm
 
     from visionlin.kernels import agent as agent_op
@@ -176,19 +179,26 @@ def test_triton_agent_trains_in_a_model(monkeypatch):
     spy = dataclasses.replace(fused, fn=lambda *a, **k: calls.append(1) or fused.fn(*a, **k))
     monkeypatch.setitem(agent_op._op.backends, "triton", spy)
     grads = {}
-    for backend in ("reference", "sdpa", None):
+    for backend, autocast in (("reference", False), (None, False), ("sdpa", True), (None, True)):
         for mod in model.modules():
             if hasattr(mod, "agent_num"):
                 mod.backend = backend
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=backend != "reference"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             model(x).float().square().mean().backward()
-        grads[backend] = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
-    assert len(calls) == sum(hasattr(m, "agent_num") for m in model.modules())  # the automatic choice was fused
-    assert grads["sdpa"].keys() == grads[None].keys() == grads["reference"].keys()
-    for name, ref in grads["reference"].items():
-        err, base = _rel(grads[None][name], ref), _rel(grads["sdpa"][name], ref)
-        assert err <= max(2 * base, 1e-2), (name, f"fused {err:.2e}, sdpa {base:.2e}")
+        grads[backend, autocast] = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()
+                                    if p.grad is not None}  # fmt: skip
+    layers = sum(hasattr(m, "agent_num") for m in model.modules())
+    assert len(calls) == 2 * layers  # the automatic choice was fused, in float32 and under autocast
+    ref = grads["reference", False]
+    assert all(g.keys() == ref.keys() for g in grads.values())
+    for name, r in ref.items():
+        assert _rel(grads[None, False][name], r) < 2e-4, name
+    fused_errs = sorted(_rel(grads[None, True][n], r) for n, r in ref.items())
+    sdpa_errs = sorted(_rel(grads["sdpa", True][n], r) for n, r in ref.items())
+    mid = len(ref) // 2
+    assert fused_errs[mid] <= 1.5 * sdpa_errs[mid], (fused_errs[mid], sdpa_errs[mid])
+    assert fused_errs[-1] <= 1.5 * sdpa_errs[-1], (fused_errs[-1], sdpa_errs[-1])
 
 
 @gpu

@@ -311,11 +311,12 @@ ROWS = 64
 #: ``"splits"``: key splits of the aggregation per (batch, head) (``None``: enough programs for ~4 per SM, each over at
 #: least two key tiles; 1 at 224 px, batch 256). With few (batch, head) pairs and long key sets (1024 px and up, small
 #: batches) one program per pair left most SMs idle, as SDPA's flash kernels do with 49 queries.
-#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: Triton's default):
-#: 64 rows in 4 warps, one stage, the fastest of 12 settings at Agent-DeiT-S's three shapes (``agent_backends.py
-#: --bwd-sweep``, H200: 326 / 435 / 351 us for both kernels at 224 / 1024 / 2048 px against 526 / 618 / 551 for 32
-#: rows in 8 warps, the one setting that spills nothing at head dims 32 and 64).
-TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": 64, "bwd_warps": 4, "bwd_stages": 1}
+#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: 1 at head dims above
+#: 32, else 2): 64 rows in 4 warps, the fastest of 12 settings (``agent_backends.py --bwd-sweep``, H200, both
+#: kernels): at Agent-DeiT-S's head dim 64 with one stage 326 / 435 / 351 us at its 224 / 1024 / 2048 px shapes
+#: against 526 / 618 / 551 for 32 rows in 8 warps (the one setting that spills nothing); at Agent-Swin-T's first
+#: stage (head dim 32) two stages 640 us, one 716, 32 rows in 8 warps 1,436.
+TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": 64, "bwd_warps": 4, "bwd_stages": None}
 
 
 def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -449,9 +450,8 @@ def agent_attention_bwd(
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
-        rows, meta = TUNING["bwd_rows"], {"num_warps": TUNING["bwd_warps"]}
-        if TUNING["bwd_stages"] is not None:
-            meta["num_stages"] = TUNING["bwd_stages"]
+        stages = TUNING["bwd_stages"] or (1 if max(bd, bdv) > 32 else 2)
+        rows, meta = TUNING["bwd_rows"], {"num_warps": TUNING["bwd_warps"], "num_stages": stages}
         splits_q, per_q = _splits(b * h, n, q.device)
         launch(_broadcast_backward_kernel, (splits_q, b * h),
             q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb, n, h, na, d, dv_, scale, per_q,
