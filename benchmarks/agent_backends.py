@@ -279,7 +279,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("GPU time: twin / ours (higher is faster)")
     ax.legend(fontsize=7)
     finish(
-        fig, result, path, note="agent attention backends; GPU time: kernels of a profiled eager forward, bf16 autocast"
+        fig,
+        result,
+        path,
+        note="\nagent attention backends; GPU time: the kernels of one profiled eager forward (training step), bf16",
     )
 
 

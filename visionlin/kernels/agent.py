@@ -179,9 +179,10 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
 
 
 _op = Op(_OP)
-# The fused kernels first: they decline dropout and, unless TRITON_BACKWARD, whatever needs a gradient (training takes
-# "sdpa"). GPU time on an H200 (benchmarks/results/h200/agent_backends.json): the op 1.44-2.65x SDPA's; Agent-DeiT-S
-# 1.00 -> 1.12x the dense twin at 224 px, Agent-Swin-T 1.35 -> 2.25x swin_tiny.
+# The fused kernels first: they decline dropout and, with TRITON_BACKWARD off, whatever needs a gradient. GPU time on
+# an H200 (benchmarks/results/h200/agent_backends_3daa57b.json): the op's forward 1.44-2.64x SDPA's, forward +
+# backward 1.31-12.97x; Agent-DeiT-S 1.00 -> 1.11x the dense twin at 224 px (inference), Agent-Swin-T 1.35 -> 2.26x
+# swin_tiny; training steps Agent-DeiT-S 0.85 -> 0.90x, Agent-Swin-T 0.88 -> 1.30x.
 _op.register("triton", _triton, _triton_supports)
 _op.register("sdpa", _sdpa, _sdpa_supports)
 _op.register("reference", agent_attention_reference, _reference_supports)
@@ -201,10 +202,10 @@ def agent_attention(
 ) -> torch.Tensor:
     """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
 
-    Backends, in automatic-selection order: ``"triton"`` (CUDA inference: the fused forward of
-    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and, unless
-    :data:`TRITON_BACKWARD` is set, calls that need a gradient), ``"sdpa"`` (two
-    ``torch.nn.functional.scaled_dot_product_attention`` calls; training and everything else) and ``"reference"``.
+    Backends, in automatic-selection order: ``"triton"`` (CUDA: the fused forward and backward of
+    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and, with
+    :data:`TRITON_BACKWARD` off, calls that need a gradient), ``"sdpa"`` (two
+    ``torch.nn.functional.scaled_dot_product_attention`` calls: dropout and everything else) and ``"reference"``.
 
     Args:
         q: Queries ``[B, N, H, D]``.
