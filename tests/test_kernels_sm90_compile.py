@@ -4,15 +4,27 @@ compiles ahead of time for a named target, and ``ptxas -v`` (shipped with Triton
 The interpreter tests check the kernels' math; this checks what the interpreter cannot (a non-constexpr global, a
 ``tl.dot`` on mismatched dtypes, shared memory, register pressure: a spill costs a large share of a memory-bound
 kernel's speed).
+
+Compiling every case takes ~17 CPU-minutes, so results are memoised in ``sm90_compile_results.json`` beside this file,
+keyed by a hash of everything that determines them: Triton's hash of the kernel's source (its ``cache_key`` covers the
+``@triton.jit`` functions it calls and the globals it reads), the signature, constants and compile options, the Triton
+version and the ``ptxas`` version. A changed kernel (or Triton, or setting) misses and is compiled and checked; the
+allowances are applied to memoised numbers as to fresh ones. ``VISIONLIN_SM90_RECOMPILE=1`` ignores the memo;
+``VISIONLIN_SM90_RECORD=1`` adds the results compiled in this run to it (commit the file with the kernel change).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
 import inspect
+import json
 import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,12 +91,35 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
 
 
 SM90_SHARED = 227 * 1024  # the most shared memory one block of an H100 / H200 may use (Triton raises beyond it)
+MEMO = Path(__file__).with_name("sm90_compile_results.json")
+_MEMO: dict | None = None
+
+
+@functools.cache
+def _ptxas_version() -> str:
+    out = subprocess.run([PTXAS, "--version"], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"unknown ({out.returncode})"
+
+
+def _memo() -> dict:
+    global _MEMO
+    if _MEMO is None:
+        _MEMO = json.loads(MEMO.read_text()) if MEMO.exists() else {}
+    return _MEMO
+
+
+def _record(key: str, result: dict) -> None:
+    """Add one result to the memo file (several pytest workers may write: the file is locked, re-read and merged)."""
+    with open(MEMO.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        memo = json.loads(MEMO.read_text()) if MEMO.exists() else {}
+        memo[key] = result
+        MEMO.write_text(json.dumps(dict(sorted(memo.items())), indent=0) + "\n")
 
 
 def _compile(
     fn, dtype: str, consts: dict, num_warps: int, num_stages: int | None = None, maxnreg: int | None = None
 ) -> tuple[int, int]:
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(fn.fn).parameters)
@@ -95,9 +130,23 @@ def _compile(
     src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
     options |= {"maxnreg": maxnreg} if maxnreg else {}
+    key = hashlib.sha256(
+        f"{src.hash()}|{sorted(options.items())}|sm_90a|{triton.__version__}|{_ptxas_version()}".encode()
+    ).hexdigest()
+    hit = None if os.environ.get("VISIONLIN_SM90_RECOMPILE") == "1" else _memo().get(key)
+    regs, spills, shared = (hit["regs"], hit["spills"], hit["shared"]) if hit else _compile_now(src, options)
+    assert shared <= SM90_SHARED, f"{shared} bytes of shared memory, more than an sm_90 block has ({SM90_SHARED})"
+    if hit is None and os.environ.get("VISIONLIN_SM90_RECORD") == "1":
+        _record(key, {"kernel": fn.fn.__name__, "regs": regs, "spills": spills, "shared": shared})
+    return regs, spills
+
+
+def _compile_now(src, options: dict) -> tuple[int, int, int]:
+    """``(registers, spill bytes, shared memory bytes)`` of one compile for sm_90a, ``ptxas -v`` on its PTX."""
+    from triton.backends.compiler import GPUTarget
+
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     shared = kernel.metadata.shared
-    assert shared <= SM90_SHARED, f"{shared} bytes of shared memory, more than an sm_90 block has ({SM90_SHARED})"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
@@ -109,7 +158,7 @@ def _compile(
     assert out.returncode == 0, out.stderr[-2000:]
     regs = int(re.findall(r"Used (\d+) registers", out.stderr)[0])
     spills = int((re.findall(r"(\d+) bytes spill stores", out.stderr) or ["0"])[0])
-    return regs, spills
+    return regs, spills, shared
 
 
 def _linear(dt, tdt):

@@ -116,6 +116,28 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_agent_backward(CASES[3], torch.float32, "cpu")
     check_agent_backward((2, 130, 70, 2, 16, 16, 9, True), torch.float32, "cpu", shared_bias=False)
     agent.TUNING["splits"] = None
+    # the custom ops' registrations (schema, fake tensors, autograd) and torch.compile(fullgraph=True) of a forward +
+    # backward through them, against eager
+    from visionlin.kernels.triton.agent import agent_attention_bwd, agent_attention_fwd_saved, agent_attention_triton
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, n, 2, 16, generator=g).requires_grad_() for n in (11, 13, 13))
+    a = torch.randn(2, 5, 2, 16, generator=g).requires_grad_()
+    ab, qb = torch.randn(1, 2, 5, 13, generator=g).requires_grad_(), torch.randn(2, 11, 5, generator=g).requires_grad_()
+    torch.library.opcheck(agent_attention_fwd_saved, (q, k, v, a, ab, qb, 0.25))
+    out, va, lse = agent_attention_fwd_saved(q, k, v, a, ab, qb, 0.25)
+    do = torch.randn_like(out)
+    plain = [t.detach() for t in (q, k, v, a, ab, qb)]  # the backward op has no derivative of its own
+    torch.library.opcheck(agent_attention_bwd, (*plain, va, lse, do, 0.25, True, True))
+    leaves = (q, k, v, a, ab, qb)
+
+    def step(*t):
+        return agent_attention_triton(*t[:4], agent_bias=t[4], query_bias=t[5])
+
+    eager = torch.autograd.grad(step(*leaves), leaves, do)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for x, y in zip(torch.autograd.grad(compiled(*leaves), leaves, do), eager, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     print("interpreter ok")
     """
 )
