@@ -140,8 +140,9 @@ def op_train_rows(iters: int) -> list[dict]:
     return rows
 
 
-#: the backward's launch settings swept by ``--bwd-sweep``: (rows per block, warps, pipeline stages)
-BWD_SETTINGS = [(r, w, st) for r in (32, 64) for w in (4, 8) for st in (None, 1, 2)]
+#: the backward's launch settings swept by ``--bwd-sweep``: (rows per block, warps, pipeline stages; 0: Triton's
+#: default, recorded as ``None`` in the sweeps of cf7ab3c / 524afbc)
+BWD_SETTINGS = [(r, w, st) for r in (32, 64) for w in (4, 8) for st in (0, 1, 2)]
 #: the sweep's shapes: Agent-DeiT-S's (head dim 64) and Agent-Swin-T's first stage (224 px, batch 128, head dim 32)
 SWEEP_OPS = (*OPS, (128, 3136, 3, 32, 49))
 

@@ -224,16 +224,13 @@ def _conv_and_focus(dt, tdt):
             ba = agent._pad(na)
             blocks = dict(HAS_BIAS=True, HALF=True, BLOCK_A=ba, BLOCK_D=d, BLOCK_DV=d)
             warps = agent._warps(ba, d, d)
-            bwd = {
-                "num_warps": agent.TUNING["bwd_warps"],
-                "num_stages": agent.TUNING["bwd_stages"] or (1 if d > 32 else 2),
-            }
+            bwd_rows, bwd = agent._bwd_meta(d, d)  # the backward's launch settings
             cases += [
                 *((agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, BLOCK_M=agent.ROWS), warps) for sp in (0, 1)),
                 (agent._combine_kernel, dt, dict(BLOCK_A=ba, BLOCK_DV=d), 4),
                 (agent._broadcast_kernel, dt, dict(blocks, BLOCK_N=agent.ROWS), warps),
                 *(
-                    (fn, dt, dict(blocks, BIAS_GRAD=True, SPLIT=sp, **{rows: agent.TUNING["bwd_rows"]}), bwd)
+                    (fn, dt, dict(blocks, BIAS_GRAD=True, SPLIT=sp, **{rows: bwd_rows}), bwd)
                     for sp in (0, 1)
                     for fn, rows in (
                         (agent._broadcast_backward_kernel, "BLOCK_N"),

@@ -163,6 +163,24 @@ def test_triton_agent_declines_with_reasons(monkeypatch):
     assert any("fused backward is off" in r for r in reasons)
 
 
+def test_backward_launch_settings_and_their_checks(monkeypatch):
+    """The backward's launch settings: 64 rows, 4 warps, 1 pipeline stage above head dim 32 and 2 at 32 (measured,
+    ``agent_backends.py --bwd-sweep``); ``TUNING`` overrides them, 0 stages leaves Triton's default, and a value a
+    kernel cannot take raises ``ValueError`` naming it."""
+    from visionlin.kernels.triton import agent
+
+    assert agent._bwd_meta(64, 64) == (64, {"num_warps": 4, "num_stages": 1})
+    assert agent._bwd_meta(32, 32) == (64, {"num_warps": 4, "num_stages": 2})
+    monkeypatch.setitem(agent.TUNING, "bwd_stages", 0)
+    monkeypatch.setitem(agent.TUNING, "bwd_rows", 32)
+    assert agent._bwd_meta(64, 64) == (32, {"num_warps": 4})
+    for key, value in (("bwd_rows", 8), ("bwd_rows", 48), ("bwd_warps", 3), ("bwd_stages", -1), ("bwd_warps", 2.0)):
+        monkeypatch.setitem(agent.TUNING, key, value)
+        with pytest.raises(ValueError, match=rf"TUNING\['{key}'\].*{value}"):
+            agent._bwd_meta(64, 64)
+        monkeypatch.setitem(agent.TUNING, key, None)
+
+
 gpu = pytest.mark.gpu
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, tile_dim
+from ._launch import cdiv, launch, tile_dim, tuned
 from .linear import _num_sms
 
 __all__ = ["MAX_AGENTS", "TUNING", "agent_attention_triton"]
@@ -311,12 +311,12 @@ ROWS = 64
 #: ``"splits"``: key splits of the aggregation per (batch, head) (``None``: enough programs for ~4 per SM, each over at
 #: least two key tiles; 1 at 224 px, batch 256). With few (batch, head) pairs and long key sets (1024 px and up, small
 #: batches) one program per pair left most SMs idle, as SDPA's flash kernels do with 49 queries.
-#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: 1 at head dims above
-#: 32, else 2): 64 rows in 4 warps, the fastest of 12 settings (``agent_backends.py --bwd-sweep``, H200, both
+#: The backward kernels' rows per block (queries / keys), warps and pipeline stages (``None``: see :func:`_bwd_meta`):
+#: 64 rows in 4 warps, the fastest of 12 settings (``agent_backends.py --bwd-sweep``, H200, both
 #: kernels): at Agent-DeiT-S's head dim 64 with one stage 326 / 435 / 351 us at its 224 / 1024 / 2048 px shapes
 #: against 526 / 618 / 551 for 32 rows in 8 warps (the one setting that spills nothing); at Agent-Swin-T's first
 #: stage (head dim 32) two stages 640 us, one 716, 32 rows in 8 warps 1,436.
-TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": 64, "bwd_warps": 4, "bwd_stages": None}
+TUNING: dict[str, int | None] = {"splits": None, "bwd_rows": None, "bwd_warps": None, "bwd_stages": None}
 
 
 def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -327,6 +327,18 @@ def _splits(bh: int, m: int, device: torch.device) -> tuple[int, int]:
         want = min(cdiv(4 * _num_sms(device), max(bh, 1)), cdiv(tiles, 2))
     per = cdiv(tiles, max(1, min(int(want), tiles))) * ROWS
     return cdiv(m, per), per
+
+
+def _bwd_meta(block_d: int, block_dv: int) -> tuple[int, dict[str, int]]:
+    """``(rows, launch options)`` of the backward kernels: 64 rows, 4 warps, 1 pipeline stage at head dims above 32
+    and 2 at 32 and below, unless ``TUNING`` sets them (rows a power of two >= 16, warps a power of two, stages a
+    non-negative int; 0 leaves Triton's default)."""
+    rows = tuned(TUNING, "bwd_rows", 64, pow2=True)
+    if rows < 16:
+        raise ValueError(f"TUNING['bwd_rows'] must be a power of two >= 16 (a tl.dot operand), got {rows}")
+    meta = {"num_warps": tuned(TUNING, "bwd_warps", 4, pow2=True)}
+    stages = tuned(TUNING, "bwd_stages", 1 if max(block_d, block_dv) > 32 else 2)
+    return rows, meta | ({"num_stages": stages} if stages else {})
 
 
 def _pad(x: int) -> int:
@@ -450,8 +462,7 @@ def agent_attention_bwd(
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
-        stages = TUNING["bwd_stages"] or (1 if max(bd, bdv) > 32 else 2)
-        rows, meta = TUNING["bwd_rows"], {"num_warps": TUNING["bwd_warps"], "num_stages": stages}
+        rows, meta = _bwd_meta(bd, bdv)
         splits_q, per_q = _splits(b * h, n, q.device)
         launch(_broadcast_backward_kernel, (splits_q, b * h),
             q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb, n, h, na, d, dv_, scale, per_q,
