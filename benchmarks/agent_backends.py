@@ -4,11 +4,13 @@ programs when there are few (batch, head) pairs, then the broadcast), at the op 
 dense twin. GPU time, so that a host-bound 224 px forward does not hide the kernels: at the op a CUDA-graph replay;
 for a model the sum of its kernels' times in one profiled eager forward (a graph replay would also count the position
 biases the agent layers keep between eager forwards but rebuild inside a capture). Eager milliseconds are recorded
-too. bf16 autocast, inference; ``--train`` adds training steps at 224 px with the fused backward switched on
-(``visionlin.kernels.agent.TRITON_BACKWARD``) against SDPA's.
+too. bf16 autocast, inference; ``--train`` adds the op's forward + backward (GPU time per kernel) and training steps
+at 224 px, the fused backward (``visionlin.kernels.agent.TRITON_BACKWARD``, on by default) against SDPA's;
+``--bwd-sweep`` times the fused backward's launch settings (rows, warps, pipeline stages) at the op shapes (or
+``--sweep-shapes``).
 
 Usage (on a GPU machine):
-    python benchmarks/agent_backends.py --out benchmarks/results/h200 [--train [--no-infer --no-ops]]
+    python benchmarks/agent_backends.py --out benchmarks/results/h200 [--train [--no-infer --no-ops]] [--bwd-sweep]
 """
 
 from __future__ import annotations
