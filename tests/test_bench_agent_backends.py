@@ -12,6 +12,10 @@ from benchmarks import agent_backends
     [
         (["--models", "agent_deit_small,nope"], "unknown model(s) ['nope']"),
         (["--iters", "0"], "--iters must be a positive integer, got 0"),
+        (["--bwd-sweep", "--sweep-shapes", "1x2"], "--sweep-shapes takes BxNxHxDxAGENTS"),
+        (["--bwd-sweep", "--sweep-shapes", "1x2x3x4x0"], "of positive ints, got '1x2x3x4x0'"),
+        (["--bwd-sweep", "--sweep-shapes", "axbxcxdxe"], "got 'axbxcxdxe'"),
+        (["--bwd-sweep", "--sweep-shapes", ","], "got ','"),
     ],
 )
 def test_bad_flags_are_refused(argv, message, capsys):
@@ -35,7 +39,11 @@ def test_plot_writes_the_ratios(tmp_path):
             }  # fmt: skip
             for s in (224, 1024)
         ),
-    ]
+        {"kind": "train", "model": "agent_swin_tiny", "size": 224, "batch": 2, "sdpa_vs_twin_gpu": 0.9,
+         "triton_vs_twin_gpu": 1.3},
+        {"kind": "op_train", "shape": [1, 2, 3, 4, 5]},
+        {"kind": "bwd_sweep", "shape": [1, 2, 3, 4, 5], "rows": 64, "warps": 4, "stages": 1, "bwd_us": 3.0},
+    ]  # fmt: skip
     meta = {"gpu": "test", "commit": "abc", "date": "2026-12-02", "torch": "x", "triton": "y", "command": "a.py"}
     agent_backends.plot({"meta": meta, "rows": rows}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
