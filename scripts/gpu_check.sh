@@ -51,6 +51,8 @@
 #                  features, PSNR vs dense, ms per call (needs .data/ carried, as fmnist)                  ~8.5 min
 #   tests-agent    gpu tests of the fused agent attention (forward, split aggregation, the opt-in backward, the
 #                  eager path, a training step of Agent-DeiT-T against SDPA)                          ~1.5 min
+#   tests-agent-users  gpu tests of the converter's pooled agent op / method and the agent models' parity, whose
+#                  gradients take the fused agent backward since 3daa57b                              ~2 min
 #   bench-agent-backends  benchmarks/agent_backends.py: SDPA vs the fused kernels at the op, in inference and (with
 #                  the fused backward on) in training steps, GPU time and eager                      ~4 min
 #   host-block     benchmarks/host_block.py: host time per forward / block at batch 1, Python calls per block ~1 min
@@ -261,6 +263,10 @@ for stage in "$@"; do
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
     tests-agent)
       run_tests agent 150 tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py tests/test_kernels_agent.py ;;
+    tests-agent-users)  # the other users of agent attention with gradients (the converter's pooled agent op and
+      # method, the agent models' parity), on the fused backward since 3daa57b
+      run_tests agent_users 200 tests/test_kernels_hybrid.py tests/test_convert_methods.py tests/test_models_gpu_parity.py \
+        -k agent ;;
     bench-agent-backends)
       timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train ${AGENT_ARGS:-} --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warn|warn_once" | tail -14 ;;
