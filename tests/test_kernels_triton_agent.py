@@ -116,9 +116,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_agent_backward(CASES[3], torch.float32, "cpu")
     check_agent_backward((2, 130, 70, 2, 16, 16, 9, True), torch.float32, "cpu", shared_bias=False)
     agent.TUNING["splits"] = None
+    from visionlin.kernels.triton.agent import agent_attention_bwd, agent_attention_fwd_saved, agent_attention_triton
+
+    # empty outputs (no batch entry, no query): every gradient zero, in its input's shape
+    for bsz, nq in ((0, 9), (2, 0)):
+        t = [torch.randn(bsz, n_, 2, 16).requires_grad_() for n_ in (nq, 9, 9, 4)]
+        biases = [torch.randn(1, 2, 4, 9).requires_grad_(), torch.randn(1, 2, nq, 4).requires_grad_()]
+        out = agent_attention_triton(*t, agent_bias=biases[0], query_bias=biases[1])
+        grads = torch.autograd.grad(out.sum(), t + biases, allow_unused=True)
+        assert all(gr is not None and gr.shape == x.shape and not gr.any() for gr, x in zip(grads, t + biases))
     # the custom ops' registrations (schema, fake tensors, autograd) and torch.compile(fullgraph=True) of a forward +
     # backward through them, against eager
-    from visionlin.kernels.triton.agent import agent_attention_bwd, agent_attention_fwd_saved, agent_attention_triton
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, n, 2, 16, generator=g).requires_grad_() for n in (11, 13, 13))

@@ -452,18 +452,21 @@ def agent_attention_bwd(
     m, dv_, na = k.shape[1], v.shape[-1], agents.shape[1]
     ba, bd, bdv = _pad(na), _pad(d), _pad(dv_)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    da32 = torch.zeros(b * h, ba, bd, device=q.device, dtype=torch.float32)
-    dva = torch.zeros(b * h, ba, bdv, device=q.device, dtype=torch.float32)
+    run = bool(b * h and n and m and dv_)
+    splits_q, per_q = _splits(b * h, n, q.device) if run else (1, 0)  # (no queries: no range to split)
+    # dA / dV_A: every tile stored whole by the broadcast's backward unless its query range is split (then added)
+    buf = torch.zeros if splits_q > 1 or not run else torch.empty
+    da32 = buf(b * h, ba, bd, device=q.device, dtype=torch.float32)
+    dva = buf(b * h, ba, bdv, device=q.device, dtype=torch.float32)
     # the logits' gradients of the biases, every (batch, head) element stored once, summed to the biases' shapes below
     dab = q.new_empty((b, h, na, m) if agent_bias_grad else (0,), dtype=torch.float32)
     dqb = q.new_empty((b, h, n, na) if query_bias_grad else (0,), dtype=torch.float32)
-    if b * h and n and m and dv_:
+    if run:
         half = q.dtype in (torch.float16, torch.bfloat16)
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
         rows, meta = _bwd_meta(bd, bdv)
-        splits_q, per_q = _splits(b * h, n, q.device)
         launch(_broadcast_backward_kernel, (splits_q, b * h),
             q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb, n, h, na, d, dv_, scale, per_q,
             *q.stride(), *agents.stride(), *sqb, *g.stride(), *dq.stride(),
