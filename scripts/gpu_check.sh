@@ -30,7 +30,7 @@
 #                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
 #   fmnist-finish  the committed Fashion-MNIST runs reused: MambaVision's run trained, then the throughput column ~8 min
 #   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
-#   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts)              ~4.5 min
+#   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts; AUTHORS_PAIRS: a subset)              ~4.5 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~3 min
 #   bench-sla-parts  benchmarks/sla_parts.py --tiles (where the forward's time goes; settings sweep)   ~2 min
 #   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training ~4 min
@@ -191,7 +191,7 @@ for stage in "$@"; do
         tests/test_layers_window.py tests/test_kernels_hybrid.py tests/test_convert_methods.py tests/test_convert_tune.py \
         2>&1 | tee "$OUT/gpu_tests_more_$COMMIT.log" | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
     bench-authors)
-      timeout ${AUTHORS_LIMIT:-300} python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train \
+      timeout ${AUTHORS_LIMIT:-300} python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train ${AUTHORS_PAIRS:+--pairs $AUTHORS_PAIRS} \
         --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
     bench-sla)
       timeout 240 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
@@ -288,8 +288,8 @@ for stage in "$@"; do
       timeout 280 python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap 40 --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;
     profile)
-      timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${MODELS%,infvit_pure_small} \
-        --sizes 224:256 --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
+      timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${PROFILE_MODELS:-${MODELS%,infvit_pure_small}} \
+        --sizes ${PROFILE_SIZES:-224:256} --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;
     profile-hier)  # where the hierarchical models below swin_tiny spend their forward and training step
       for m in ${PROFILE_MODES:-fwd ${PROFILE_TRAIN:+train}}; do  # PROFILE_MODES=train: the training step alone
         mode=$([[ $m == train ]] && echo --train)
