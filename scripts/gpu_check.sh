@@ -41,6 +41,8 @@
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
+#   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
+#   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
@@ -253,6 +255,11 @@ for stage in "$@"; do
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;
+    bench-pool)
+      timeout ${POOL_LIMIT:-150} python3 benchmarks/pool_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' | tail -16 ;;
+    tests-pool)
+      run_tests pool 200 tests/test_kernels_pool.py tests/test_bench_pool_op.py tests/test_layers_agent_inline.py \
+        tests/test_models_gpu_parity.py -k "pool or agent" ;;
     bench-na)
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
     tests-half)

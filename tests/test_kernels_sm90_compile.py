@@ -216,7 +216,7 @@ def _infsa(dt, tdt):
 
 
 def _conv_and_focus(dt, tdt):
-    from visionlin.kernels.triton import agent, conv, focus
+    from visionlin.kernels.triton import agent, conv, focus, pool
 
     cases = []
     for d in (32, 64):
@@ -256,6 +256,18 @@ def _conv_and_focus(dt, tdt):
                 conv.WARPS_WEIGHT_GRAD,
             ),
         ]
+    # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
+    pt = pool.TUNING
+    cases.append((pool._pool_fwd_kernel, dt, dict(BLOCK_X=pt["block_x"], BLOCK_C=pt["block_c"], sx_c=1), pt["warps"]))
+    cases += [
+        (
+            pool._pool_bwd_kernel,
+            dt,
+            dict(SPAN_Y=sp, SPAN_X=sp, BLOCK_T=pt["block_t"], BLOCK_C=pt["block_c"]),
+            pt["warps"],
+        )
+        for sp in (1, 2)
+    ]
     for h in (3, 6, 12):
         m, mb = focus._meta(h, 64, focus.BLOCK_T), focus._meta(h, 64, focus.BLOCK_T_BACKWARD)
         w, wb = m.pop("num_warps"), mb.pop("num_warps")

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..kernels.agent import agent_attention
 from ..kernels.conv import token_depthwise_conv2d
-from ._base import TokenMixer, check_tokens, depthwise_taps, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ..kernels.pool import token_adaptive_avg_pool2d
+from ._base import TokenMixer, check_tokens, depthwise_taps, merge_heads, split_heads
 from ._cache import cached, frozen_key
 from ._registry import register_attn
 
@@ -31,6 +32,8 @@ __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
 
 #: Side of the ``an_bias`` / ``na_bias`` tables (bilinearly resized to the grid), as the authors.
 BASE_BIAS_SIZE = 7
+
+_POOL = "token_adaptive_avg_pool2d"
 
 # Name -> (dim holding the spatial axis, index into (H, W)) of the grid-sized tables.
 _AXIS_TABLES = {"ah_bias": (3, 0), "aw_bias": (4, 1), "ha_bias": (2, 0), "wa_bias": (3, 1)}
@@ -62,54 +65,14 @@ def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return out.to(t.dtype).movedim(-1, dim)
 
 
-#: Uneven pooling bins of at least this many tokens go through :func:`pool_tokens`' two matrix products instead of
-#: ``F.adaptive_avg_pool2d``: on the H200 PyTorch's channels-last adaptive-pool kernel took 53 of Agent-Swin-T's 100 ms
-#: forward at 1024 px, batch 16 (37 x 37-token bins; ``benchmarks/results/h200/profile_agent_1024_e5191ee.log``).
-LARGE_POOL_BIN = 256
-
-
-def _pool_matrix(n: int, out: int, device: torch.device) -> torch.Tensor:
-    """``[out, n]`` float32: row ``i`` averages positions ``floor(i n / out)`` to ``ceil((i + 1) n / out) - 1``, the
-    bins of ``F.adaptive_avg_pool2d``."""
-    i = torch.arange(out, device=device)
-    start = torch.div(i * n, out, rounding_mode="floor")
-    end = torch.div((i + 1) * n + out - 1, out, rounding_mode="floor")
-    pos = torch.arange(n, device=device)
-    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
-    return inside.float() / (end - start).float()[:, None]
-
-
 @register_notrace_function
-def pool_tokens(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+def pool_tokens(
+    x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, int], *, backend: str | None = None
+) -> torch.Tensor:
     """``F.adaptive_avg_pool2d`` of a token grid: ``x`` ``[B, H*W, C]`` (row-major, any strides) -> ``[B, oh*ow, C]``
-    in ``x``'s dtype.
-
-    Equal bins (``oh`` divides ``H``, ``ow`` divides ``W``: every 224 px grid of the models) are a mean over a view
-    of ``x`` (one reduction kernel; PyTorch's channels-last adaptive-pool kernel took 59 us per Agent-DeiT-S layer at
-    224 px, batch 256, 650 GB/s, ``profile_iso_abf7aa9.log``). Uneven bins of at least :data:`LARGE_POOL_BIN` tokens
-    are two matrix products with the bins' averaging matrices, in float32 with autocast off. Both sum in another
-    order than the pooling kernel and round once to ``x``'s dtype. Smaller uneven bins use
-    ``F.adaptive_avg_pool2d``."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"pool_tokens: x must be a floating tensor [B, H*W, C], got {x!r:.80}")
-    for name, pair in (("feat_size", feat_size), ("out_size", out_size)):
-        if (
-            not isinstance(pair, (tuple, list))
-            or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
-        ):
-            raise ValueError(f"pool_tokens: {name}={pair!r} must be a pair of integers (H, W), each >= 1")
-    check_tokens(x, feat_size, 0, "pool_tokens")
-    (hh, ww), (oh, ow) = feat_size, out_size
-    if hh % oh == 0 and ww % ow == 0:
-        return x.unflatten(1, (oh, hh // oh, ow, ww // ow)).mean(dim=(2, 4)).flatten(1, 2).to(x.dtype)
-    if -(-hh // oh) * -(-ww // ow) < LARGE_POOL_BIN:
-        return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, feat_size), out_size))
-    b, _, c = x.shape
-    with torch.autocast(x.device.type, enabled=False):
-        rows = torch.matmul(_pool_matrix(hh, oh, x.device), x.float().reshape(b, hh, ww * c))  # [B, oh, W*C]
-        out = torch.matmul(_pool_matrix(ww, ow, x.device), rows.reshape(b * oh, ww, c))  # [B*oh, ow, C]
-    return out.reshape(b, oh * ow, c).to(x.dtype)
+    in ``x``'s dtype, by :func:`visionlin.kernels.pool.token_adaptive_avg_pool2d` (its backends: ``"triton"``,
+    ``"torch"``, ``"reference"``; ``None`` picks the first that can run)."""
+    return token_adaptive_avg_pool2d(x, feat_size, out_size, backend=backend)
 
 
 def _bilinear(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -332,7 +295,7 @@ class AgentAttention(TokenMixer):
         feat_size = (int(feat_size[0]), int(feat_size[1]))
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
-        agents = pool_tokens(q[:, p:], feat_size, self.pool_size).contiguous()
+        agents = pool_tokens(q[:, p:], feat_size, self.pool_size, backend=self.helper_backend(_POOL)).contiguous()
         # SDPA takes its float masks in the queries' dtype; the automatic choice (the fused kernels in inference, SDPA
         # otherwise) gets them cast once here while they are kept (the fused kernels read half the bytes)
         cast = q.dtype if self.backend in (None, "sdpa") else None
