@@ -75,3 +75,18 @@ def python_profile(fn: Callable[[], object], calls: int) -> list[dict]:
          "cum_us": ct / calls * 1e6, "calls": nc / calls}
         for (file, line, name), (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()
     ]  # fmt: skip
+
+
+def kernels_ms(fn, per_kernel: dict | None = None) -> float:
+    """The summed GPU time of the kernels of one call of ``fn`` (torch profiler), in ms; with ``per_kernel``, each
+    kernel's microseconds are added there under its (shortened) name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if per_kernel is not None:
+        for e in events:
+            per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + e.device_time_total
+    return sum(e.device_time_total for e in events) / 1e3

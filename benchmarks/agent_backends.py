@@ -42,22 +42,6 @@ def _ms(fn, iters: int) -> tuple[float, float]:
     return cuda_ms(fn, 3, iters, 3), graph_ms(fn, 3, iters)
 
 
-def _kernels_ms(fn, per_kernel: dict | None = None) -> float:
-    """The summed GPU time of the kernels of one call of ``fn`` (torch profiler), in ms; with ``per_kernel``, each
-    kernel's microseconds are added there under its (shortened) name."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    if per_kernel is not None:
-        for e in events:
-            per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + e.device_time_total
-    return sum(e.device_time_total for e in events) / 1e3
-
-
 def op_rows(iters: int) -> list[dict]:
     import torch
 
@@ -113,7 +97,7 @@ def _op_train_step(shape, backend: str):
 def op_train_rows(iters: int) -> list[dict]:
     """The op's forward + backward, SDPA against the fused forward + backward (``TRITON_BACKWARD`` on): eager
     milliseconds, the GPU time of one profiled call and each kernel's share."""
-    from benchmarks._timing import cuda_ms
+    from benchmarks._timing import cuda_ms, kernels_ms
     from visionlin.kernels import agent as agent_op
 
     rows = []
@@ -126,7 +110,7 @@ def op_train_rows(iters: int) -> list[dict]:
                 step = _op_train_step(shape, backend)
                 r[f"{backend}_eager_ms"] = cuda_ms(step, 3, iters, 3)
                 calls = [{} for _ in range(3)]  # per-kernel microseconds of each profiled call; the fastest kept
-                ms, kernels = min((_kernels_ms(step, c), i) for i, c in enumerate(calls))
+                ms, kernels = min((kernels_ms(step, c), i) for i, c in enumerate(calls))
                 r[f"{backend}_gpu_ms"] = ms
                 r[f"{backend}_kernels_us"] = dict(sorted(calls[kernels].items(), key=lambda kv: -kv[1]))
         finally:
@@ -151,6 +135,7 @@ SWEEP_OPS = (*OPS, (128, 3136, 3, 32, 49))
 
 def bwd_sweep_rows(sweep_shapes: list[tuple] | None = None) -> list[dict]:
     """The fused backward's two kernels' GPU time (profiled, min of 3 calls) per launch setting at each op shape."""
+    from benchmarks._timing import kernels_ms
     from visionlin.kernels import agent as agent_op
     from visionlin.kernels.triton import agent as tri
 
@@ -167,7 +152,7 @@ def bwd_sweep_rows(sweep_shapes: list[tuple] | None = None) -> list[dict]:
                     best = None
                     for _ in range(3):
                         kernels: dict[str, float] = {}
-                        _kernels_ms(step, kernels)
+                        kernels_ms(step, kernels)
                         us = sum(v for k, v in kernels.items() if "backward_kernel" in k)
                         best = us if best is None else min(best, us)
                     r["bwd_us"] = best
@@ -188,7 +173,7 @@ def _compare(r: dict, name: str, twin_name: str, size: int, iters: int, run) -> 
     to the twin. ``run(model, backend)`` sets up one model (built for ``size``) and returns the call to time."""
     import torch
 
-    from benchmarks._timing import cuda_ms
+    from benchmarks._timing import cuda_ms, kernels_ms
     from visionlin.train.bench import _create
 
     for key, model_name, backend in (("twin", twin_name, None), ("sdpa", name, "sdpa"), ("triton", name, "triton")):
@@ -199,7 +184,7 @@ def _compare(r: dict, name: str, twin_name: str, size: int, iters: int, run) -> 
                     m.backend = backend
         with run(model, backend) as call:
             r[f"{key}_eager_ms"] = cuda_ms(call, 3, iters, 3)
-            r[f"{key}_gpu_ms"] = min(_kernels_ms(call) for _ in range(3))
+            r[f"{key}_gpu_ms"] = min(kernels_ms(call) for _ in range(3))
         del model, call
         torch.cuda.empty_cache()
     for key in ("sdpa", "triton"):
