@@ -201,11 +201,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from visionlin.kernels.triton import pool
     for case in CASES:
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
+    # half precision: float16 (the interpreter's tl.dot on bfloat16 tiles is wrong: 1.7e5 relative error, numpy has
+    # no bfloat16; the gpu tests cover bfloat16)
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
-    check_backend(CASES[4], torch.bfloat16, "cpu", "triton", direct=True)
-    # bins' rows split over programs (float32 partial means summed by torch), every dtype
+    check_backend(CASES[4], torch.float16, "cpu", "triton", direct=True)
+    # bins' rows split over programs (float32 partial means summed by torch)
     pool.TUNING["per_sm"] = 1000
-    for case, dt in ((CASES[2], torch.float32), ((1, 12, 10, 8, 2, 3), torch.float16), (CASES[4], torch.bfloat16)):
+    for case, dt in ((CASES[2], torch.float32), ((1, 12, 10, 8, 2, 3), torch.float16), (CASES[4], torch.float16)):
         check_backend(case, dt, "cpu", "triton", direct=True)
     pool.TUNING["per_sm"] = 4
     # empty outputs: no sample, no channel
@@ -235,7 +237,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference():
-    """The Triton kernels' math on the CPU (Triton's interpreter), every dtype, split rows, empty outputs, the ops'
+    """The Triton kernels' math on the CPU (Triton's interpreter), float32 and float16, split rows, empty outputs, the ops'
     fakes, compiled forward and backward."""
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 

@@ -257,8 +257,11 @@ def _conv_and_focus(dt, tdt):
             ),
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
-    pt = pool.TUNING
-    cases.append((pool._pool_fwd_kernel, dt, dict(BLOCK_X=pt["block_x"], BLOCK_C=pt["block_c"], sx_c=1), pt["warps"]))
+    pt, pw = pool.TUNING, pool.TUNING["warps"]
+    cases += [
+        (pool._pool_fwd_kernel, dt, dict(BLOCK_O=16, BLOCK_W=bw, BLOCK_C=pt["block_c"], IEEE=False, sx_c=1), pw)
+        for bw in (16, pt["block_w"])
+    ]
     cases += [
         (
             pool._pool_bwd_kernel,
