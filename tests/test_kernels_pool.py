@@ -237,8 +237,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 def test_interpreter_matches_reference():
-    """The Triton kernels' math on the CPU (Triton's interpreter), float32 and float16, split rows, empty outputs, the ops'
-    fakes, compiled forward and backward."""
+    """The Triton kernels' math on the CPU (Triton's interpreter), float32 and float16, split rows, empty outputs,
+    the ops' fakes, compiled forward and backward."""
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
