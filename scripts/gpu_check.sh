@@ -41,6 +41,7 @@
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
+#   saved-memory   benchmarks/saved_memory.py: a training step's saved tensors by module and peak (SM_MODELS) ~1 min
 #   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -255,6 +256,10 @@ for stage in "$@"; do
     bench-conv)
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --sweep 2>&1 \
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;
+    saved-memory)  # a training step's saved tensors by module and its peak, ours next to the twins (SM_MODELS)
+      timeout ${SM_LIMIT:-150} python3 benchmarks/saved_memory.py --out "$OUT" --commit "$COMMIT" --name "saved_memory_$COMMIT" \
+        --models ${SM_MODELS:-deit_small_patch16_224,agent_deit_small,flatten_deit_small,infvit_small,swin_tiny_patch4_window7_224,agent_pvt_small} \
+        2>&1 | tee "$OUT/saved_memory_$COMMIT.log" | grep -E "^==|MiB  [A-Z(]" | head -60 ;;
     bench-pool)
       timeout ${POOL_LIMIT:-150} python3 benchmarks/pool_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' | tail -16 ;;
     tests-pool)
