@@ -198,6 +198,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
     from tests.test_kernels_pool import INTERPRETER_CASES as CASES, check_backend
+    from visionlin.kernels.pool import token_adaptive_avg_pool2d_reference
     from visionlin.kernels.triton import pool
     for case in CASES:
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
@@ -217,6 +218,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert out.shape == (shape[0], 9, shape[2])
         out.sum().backward()
         assert x.grad.shape == x.shape
+    # non-finite input: the cells whose bin holds it are non-finite, the other bin rows exact (module docstring)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 20 * 20, 8)
+        x[1, 3 * 20 + 17, 5] = bad  # row 3, column 17: bin row 1 (rows 2-5), bin column 5 or 6
+        got = pool.token_adaptive_avg_pool2d_triton(x, (20, 20), (7, 7))
+        want = token_adaptive_avg_pool2d_reference(x, (20, 20), (7, 7))
+        hit = ~torch.isfinite(want)
+        assert hit.any() and not torch.isfinite(got[hit]).any(), bad
+        rows = got.unflatten(1, (7, 7))[1, torch.arange(7) != 1]
+        torch.testing.assert_close(rows, want.unflatten(1, (7, 7))[1, torch.arange(7) != 1])
+        assert torch.isfinite(got[0]).all()
     # the ops' fakes match their real outputs, and the forward's autograd is registered (opcheck)
     x = torch.randn(2, 64 * 64 // 16, 8)
     torch.library.opcheck(pool.token_pool_fwd, (x, 16, 16, 7, 7), test_utils=("test_schema", "test_faketensor"))

@@ -120,6 +120,12 @@ def token_adaptive_avg_pool2d(
     Backends: ``"triton"`` (CUDA: one kernel forward, one backward, float32 sums), ``"torch"`` (a mean over a view
     for equal bins, else matrix products or ``F.adaptive_avg_pool2d``), ``"reference"`` (float32).
 
+    Non-finite inputs: every cell whose bin holds a NaN or an infinity is non-finite, as in the reference; the Triton
+    forward and the ``"torch"`` backend's matrix path sum a grid row into its cells through products with 0 / 1 (or
+    averaging) weights, so there such a value also makes the other cells of its bin row NaN (``0 * inf``). Cells of
+    the other bin rows are unaffected. (In agent attention every query attends to every agent, so one non-finite
+    query makes the whole output non-finite on every backend.)
+
     Raises:
         ValueError: ``x`` not a floating ``[B, H*W, C]`` tensor, sizes that are not pairs of positive ints, or a token
             count other than ``H * W``.
