@@ -161,6 +161,14 @@ def test_bad_input_is_named(args, match):
         pool_tokens(*args)
 
 
+def test_triton_refuses_batches_beyond_the_grid_limit():
+    """More samples than a CUDA grid's third dimension holds: the Triton backend says so (the automatic choice then
+    takes the ``"torch"`` backend); shapes only, on the meta device."""
+    big = torch.empty(70_000, 4, 8, device="meta")
+    assert any("batch 70000 > 65535" in r for r in pool._triton_supports(big, (2, 2), (1, 1)))
+    assert not any("batch" in r for r in pool._triton_supports(big[:65535], (2, 2), (1, 1)))
+
+
 def test_explicit_triton_off_cuda_names_the_reason():
     with pytest.raises(NotImplementedError, match="not on a CUDA device"):
         token_adaptive_avg_pool2d(torch.randn(2, 12, 4), (3, 4), (2, 2), backend="triton")

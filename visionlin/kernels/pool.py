@@ -90,6 +90,9 @@ def _native(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, in
     return out.reshape(b, oh * ow, c).to(x.dtype)
 
 
+_MAX_GRID_Z = 65535  # CUDA's limit on a grid's second and third dimensions
+
+
 def _triton(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
     from .triton.pool import token_adaptive_avg_pool2d_triton
 
@@ -102,6 +105,8 @@ def _triton_supports(x: torch.Tensor, *args: object, **kwargs: object) -> list[s
     reasons = triton_unavailable(x)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {x.dtype} (allowed: float16, bfloat16, float32)")
+    if x.shape[0] > _MAX_GRID_Z:
+        reasons.append(f"batch {x.shape[0]} > {_MAX_GRID_Z} (the kernels' grid has a program row per sample)")
     return reasons
 
 
