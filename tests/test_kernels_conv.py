@@ -157,6 +157,16 @@ def test_triton_is_chosen_and_compiles():
     assert x.grad is not None and w.grad is not None
 
 
+def test_triton_refuses_batches_beyond_the_grid_limit():
+    """More samples than a CUDA grid's third dimension holds: the Triton backend says so (the automatic choice then
+    takes the ``"torch"`` backend); shapes only, on the meta device."""
+    from visionlin.kernels.conv import _triton_supports
+
+    x, w = torch.empty(70_000, 1 + 4, 8, device="meta"), torch.empty(8, 3, 3, device="meta")
+    assert any("batch 70000 > 65535" in r for r in _triton_supports(x, w))
+    assert not any("batch" in r for r in _triton_supports(x[:65535], w))
+
+
 def test_bad_input_is_named():
     x = torch.randn(2, 10, 8)
     w = torch.randn(8, 3, 3)

@@ -130,6 +130,8 @@ def _triton_supports(x, weight, bias=None, *, residual=None, **kwargs):
         reasons.append(f"residual dtype {residual.dtype} differs from x's {x.dtype}")
     if weight.shape[-1] > 7:
         reasons.append(f"kernel size {weight.shape[-1]} > 7 (the kernels unroll k * k taps; allowed: 1, 3, 5, 7)")
+    if x.shape[0] > 65535:  # CUDA's limit on a grid's third dimension, where the kernels put the samples
+        reasons.append(f"batch {x.shape[0]} > 65535 (the kernels' grid has a program row per sample)")
     return reasons
 
 
