@@ -123,16 +123,14 @@ def _triton(x, weight, bias=None, *, feat_size, num_prefix_tokens=0, residual=No
 
 
 def _triton_supports(x, weight, bias=None, *, residual=None, **kwargs):
-    from .triton import triton_unavailable
+    from .triton import batch_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(x, weight)
     if residual is not None and residual.dtype != x.dtype:
         reasons.append(f"residual dtype {residual.dtype} differs from x's {x.dtype}")
     if weight.shape[-1] > 7:
         reasons.append(f"kernel size {weight.shape[-1]} > 7 (the kernels unroll k * k taps; allowed: 1, 3, 5, 7)")
-    if x.shape[0] > 65535:  # CUDA's limit on a grid's third dimension, where the kernels put the samples
-        reasons.append(f"batch {x.shape[0]} > 65535 (the kernels' grid has a program row per sample)")
-    return reasons
+    return reasons + batch_grid_reasons(x.shape[0])
 
 
 def _native_supports(x, weight, bias=None, *, residual=None, **kwargs):

@@ -9,7 +9,7 @@ returns ``[B, oh*ow, C]`` in ``x``'s dtype::
 the bins of ``F.adaptive_avg_pool2d`` (uneven where ``o`` does not divide ``n``; neighbouring bins then share a row;
 ``o > n`` repeats rows). PyTorch's channels-last adaptive-pool kernel is far from the bytes it moves: 0.46 ms per
 Agent-DeiT-S layer at 1024 px, batch 16 (64 x 64 tokens to 7 x 7: 50 MB, ~12 us at the H200's copy bandwidth), 5.5
-of that model's 19 ms forward (``benchmarks/results/h200/profile_16bd094.log``).
+of that model's 19 ms forward (``benchmarks/results/h200/profile_agent_deit_16bd094.log``).
 """
 
 from __future__ import annotations
@@ -90,9 +90,6 @@ def _native(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, in
     return out.reshape(b, oh * ow, c).to(x.dtype)
 
 
-_MAX_GRID_Z = 65535  # CUDA's limit on a grid's second and third dimensions
-
-
 def _triton(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
     from .triton.pool import token_adaptive_avg_pool2d_triton
 
@@ -100,14 +97,12 @@ def _triton(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, in
 
 
 def _triton_supports(x: torch.Tensor, *args: object, **kwargs: object) -> list[str]:
-    from .triton import triton_unavailable
+    from .triton import batch_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(x)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {x.dtype} (allowed: float16, bfloat16, float32)")
-    if x.shape[0] > _MAX_GRID_Z:
-        reasons.append(f"batch {x.shape[0]} > {_MAX_GRID_Z} (the kernels' grid has a program row per sample)")
-    return reasons
+    return reasons + batch_grid_reasons(x.shape[0])
 
 
 _op = Op(_NAME)

@@ -41,6 +41,18 @@ def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+#: CUDA's limit on a grid's second and third dimensions (kernels that put the samples there refuse more).
+MAX_GRID_YZ = 65535
+
+
+def batch_grid_reasons(batch: int) -> list[str]:
+    """The reason (if any) kernels with a grid row per sample (on a grid's second or third dimension) cannot launch
+    ``batch`` samples."""
+    if batch > MAX_GRID_YZ:
+        return [f"batch {batch} > {MAX_GRID_YZ} (the kernels' grid has a program row per sample)"]
+    return []
+
+
 def head_dim_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
     """The reason (if any) the kernels cannot tile these q/k and v head dims."""
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:

@@ -135,7 +135,7 @@ def token_pool_fwd(x: torch.Tensor, hh: int, ww: int, oh: int, ow: int) -> torch
         IEEE=x.dtype == torch.float32, num_warps=TUNING["warps"],
     )  # fmt: skip
     if splits > 1:
-        torch.sum(dest, dim=0, out=out) if x.dtype == torch.float32 else out.copy_(dest.sum(0))
+        out.copy_(dest.sum(0))
     return out
 
 
