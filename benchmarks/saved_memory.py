@@ -33,6 +33,7 @@ import timm  # noqa: E402
 
 import visionlin  # noqa: E402, F401  (registers the models)
 from benchmarks._meta import gpu_meta  # noqa: E402
+from visionlin.train.bench import _create  # noqa: E402
 
 MODELS = "deit_small_patch16_224,agent_deit_small,flatten_deit_small,infvit_small"
 
@@ -139,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:
-        torch.manual_seed(0)
-        kw = {} if name.startswith("deit_") or name.startswith("swin_") else {"img_size": args.size}
-        model = timm.create_model(name, **kw).to(device).train()
+        model = _create(name, device, args.size).train()  # built for the size, as the bench builds it (seed 0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         r = {"model": name, "batch": args.batch, "size": args.size, **saved_breakdown(model, x, dtype)}
         results.append(r)
