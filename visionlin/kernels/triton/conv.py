@@ -135,14 +135,18 @@ def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
     for a block of channels at a time, contiguous this way (channel-major, the ``[C, k*k]`` of the module's weight,
     it was a gather over ``BLOCK_C`` cache lines per tap, more L1 traffic than the tokens themselves)."""
     w = weight if weight.ndim == 4 else weight.unsqueeze(0)
-    return w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).float().contiguous()
+    taps = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2)
+    # one copy kernel (``.float().contiguous()`` of the transposed view of a half weight made two)
+    return torch.empty(taps.shape, device=w.device, dtype=torch.float32).copy_(taps)
 
 
 def _unflat_weight_grad(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The ``[Bw, k*k, C]`` float32 gradient back in ``weight``'s shape and dtype, contiguous (as the op's fake
     says: a strided view of the transposed buffer failed the fake-tensor check under ``torch.compile``)."""
     c, k = weight.shape[-3], weight.shape[-1]
-    return dw.transpose(1, 2).reshape(-1, c, k, k).reshape(weight.shape).to(weight.dtype).contiguous()
+    out = torch.empty(weight.shape, device=dw.device, dtype=weight.dtype)
+    out.view(-1, c, k * k).copy_(dw.transpose(1, 2))  # one copy kernel, the cast included
+    return out
 
 
 @torch.library.custom_op("visionlin::token_dwconv_fwd", mutates_args=())
@@ -181,9 +185,12 @@ def token_dwconv_bwd(
     b, _, c = x.shape
     g = _channels_contiguous(g)
     w32 = _flat_weight(weight)
-    dx = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
-    dw = torch.zeros(w32.shape, device=x.device, dtype=torch.float32)
-    db = torch.zeros(c if has_bias else 0, device=x.device, dtype=torch.float32)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # the conv writes every grid row
+    if p:
+        dx[:, :p].zero_()  # prefix rows are not convolved
+    # the weight and bias gradients are sums of atomic adds: one zeroed buffer for both
+    sums = torch.zeros(w32.numel() + (c if has_bias else 0), device=x.device, dtype=torch.float32)
+    dw, db = sums[: w32.numel()].view(w32.shape), sums[w32.numel() :]
     if b and c:
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
