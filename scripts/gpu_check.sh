@@ -44,6 +44,8 @@
 #   saved-memory   benchmarks/saved_memory.py: a training step's saved tensors by module and peak (SM_MODELS) ~1 min
 #   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
+#   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
+#                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
 #   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
@@ -262,6 +264,10 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/saved_memory_$COMMIT.log" | grep -E "^==|MiB  [A-Z(]" | head -60 ;;
     bench-pool)
       timeout ${POOL_LIMIT:-150} python3 benchmarks/pool_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' | tail -16 ;;
+    tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
+      # agent layers and every agent / token-conv model's parity with its references
+      run_tests bias 240 tests/test_kernels_agent_bias.py tests/test_kernels_conv.py tests/test_layers_agent_inline.py \
+        tests/test_layers_token_conv.py tests/test_models_gpu_parity.py -k "agent or conv or flatten or bias" ;;
     tests-pool)
       run_tests pool 200 tests/test_kernels_pool.py tests/test_bench_pool_op.py tests/test_layers_agent_inline.py \
         tests/test_models_gpu_parity.py -k "pool or agent" ;;

@@ -64,6 +64,13 @@ POINTERS |= FP32_POINTERS | {"DOUT", "DG"}
 # gradient and the biases' gradients.
 FP32_POINTERS |= {"PART", "STATS", "DA", "DVA", "DAB", "DQB"}
 POINTERS |= FP32_POINTERS
+# Agent position biases (triton/agent_bias.py): float32 tables and table gradients (the parameters), biases and their
+# gradients in the attention's dtype.
+_BIAS_TABLES = {"AN", "NA_T", "AH", "AW", "HA", "WA", "AC", "CA"}
+_BIAS_GRADS = {"DAN", "DNA", "DAH", "DAW", "DHA", "DWA", "DAC", "DCA"}
+POINTERS |= _BIAS_TABLES | _BIAS_GRADS | {"OUT_A", "OUT_Q", "GA", "GQ"}
+FP32_HERE |= {"_bias_fwd_kernel": _BIAS_TABLES, "_bias_bwd_kernel": _BIAS_GRADS}
+FLOATS |= {"scale_y", "scale_x"}
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
 # token conv: channel counts that are multiples of 16, as in every shipped model).
@@ -435,6 +442,24 @@ def _gla(dt, tdt):
     return cases
 
 
+def _agent_bias(dt, tdt):
+    """The forward with and without prefix tables; the backward at grid widths 16 (224 px DeiT / Swin windows) to the
+    kernels' limit, each with the wrapper's tile rows and warps."""
+    from visionlin.kernels.triton import agent_bias as ab
+
+    t = ab.TUNING
+    cases = [
+        (ab._bias_fwd_kernel, dt, dict(HAS_PRE=pre, BLOCK_T=t["block_t"], BLOCK_A=t["block_a"]), t["warps"])
+        for pre in (False, True)
+    ]
+    for bx in (16, 64, 256, ab.MAX_GRID_WIDTH):
+        by, warps = ab.backward_tiles(bx)
+        cases.append(
+            (ab._bias_bwd_kernel, dt, dict(HAS_PRE=True, BLOCK_Y=by, BLOCK_X=bx, BLOCK_S=16, BLOCK_P=16), warps)
+        )
+    return cases
+
+
 def _gated_norm(dt, tdt):
     """Every row width up to the kernels' limit: NaLaFormer's 64-640 (blocks of 64-1024 channels) and beyond."""
     from visionlin.kernels.triton import gated_norm
@@ -574,8 +599,30 @@ SPILL_ALLOWANCE = {
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
 @pytest.mark.parametrize(
     "family",
-    [_linear, _infsa, _conv_and_focus, _rope_linear, _neighborhood, _sparse_linear, _scan, _gla, _gated_norm],
-    ids=["linear", "infsa", "conv-focus", "rope-linear", "neighborhood", "sparse-linear", "scan", "gla", "gated-norm"],
+    [
+        _linear,
+        _infsa,
+        _conv_and_focus,
+        _rope_linear,
+        _neighborhood,
+        _sparse_linear,
+        _scan,
+        _gla,
+        _gated_norm,
+        _agent_bias,
+    ],
+    ids=[
+        "linear",
+        "infsa",
+        "conv-focus",
+        "rope-linear",
+        "neighborhood",
+        "sparse-linear",
+        "scan",
+        "gla",
+        "gated-norm",
+        "agent-bias",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize(("dt", "tdt"), [("bf16", torch.bfloat16), ("fp16", torch.float16)], ids=["bf16", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(family, dt, tdt):

@@ -17,11 +17,11 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 
 from ..kernels.agent import agent_attention
+from ..kernels.agent_bias import agent_position_biases
 from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.pool import token_adaptive_avg_pool2d
 from ._base import TokenMixer, check_tokens, depthwise_taps, merge_heads, split_heads
@@ -34,6 +34,7 @@ __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
 BASE_BIAS_SIZE = 7
 
 _POOL = "token_adaptive_avg_pool2d"
+_BIASES = "agent_position_biases"
 
 # Name -> (dim holding the spatial axis, index into (H, W)) of the grid-sized tables.
 _AXIS_TABLES = {"ah_bias": (3, 0), "aw_bias": (4, 1), "ha_bias": (2, 0), "wa_bias": (3, 1)}
@@ -75,14 +76,25 @@ def pool_tokens(
     return token_adaptive_avg_pool2d(x, feat_size, out_size, backend=backend)
 
 
-def _bilinear(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.interpolate(t, size, mode="bilinear", align_corners=False)`` of the small ``[h, n, 7, 7]`` bias tables,
-    computed in channels-last layout: CUDA's NCHW kernel runs one thread per output pixel looping over all ``h * n``
-    channels (about 0.1 ms per call at 224 px, as long as the attention itself); the NHWC kernel spreads them."""
-    out = F.interpolate(
-        t.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear", align_corners=False
+@register_notrace_function
+def _biases(
+    an: torch.Tensor,
+    na: torch.Tensor,
+    ah: torch.Tensor,
+    aw: torch.Tensor,
+    ha: torch.Tensor,
+    wa: torch.Tensor,
+    ac: torch.Tensor | None,
+    ca: torch.Tensor | None,
+    num_prefix_tokens: int,
+    dtype: torch.dtype | None,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visionlin.kernels.agent_bias.agent_position_biases` as one FX leaf (its backend choice inspects the
+    tables)."""
+    return agent_position_biases(
+        an, na, ah, aw, ha, wa, ac, ca, num_prefix_tokens=num_prefix_tokens, dtype=dtype, backend=backend
     )
-    return out.contiguous()
 
 
 def resample_agent_biases(state_dict: Mapping[str, torch.Tensor], new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -221,28 +233,25 @@ class AgentAttention(TokenMixer):
     def position_biases(
         self, feat_size: tuple[int, int], num_prefix_tokens: int = 0, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two attention biases for a ``feat_size`` grid (cast to ``dtype`` when given: SDPA takes its float masks
-        in the queries' dtype, and a kept cast saves two launches per layer and forward).
+        """The two attention biases for a ``feat_size`` grid, in ``dtype`` when given (SDPA takes its float masks in
+        the queries' dtype), by :func:`visionlin.kernels.agent_bias.agent_position_biases` (on CUDA one Triton kernel
+        forward and one backward, the cast included; the layer's backend picks the op's where it has one of that name).
 
         They depend on the parameters and the grid only: without gradients, in plain eager mode, biases of at most
         ``_BIAS_CACHE_ELEMENTS`` elements are kept for the next forward of the same grid, prefix count and autocast
-        state while no bias parameter has changed (their version counters and storages are part of the key). Their
-        ~20 small ops cost ~0.25 ms of host time per layer and forward on the H200 host where the 224 px forwards
-        were host-bound (``host_stacks_infer_82bd4d0.log``).
+        state while no bias parameter has changed (their version counters and storages are part of the key). As ~20
+        small PyTorch ops they cost ~0.25 ms of host time per layer and forward on the H200 host where the 224 px
+        forwards were host-bound (``host_stacks_infer_82bd4d0.log``).
 
         Returns:
             ``agent_bias`` ``[1, h, n, P + H*W]`` (agents x keys) and ``query_bias`` ``[1, h, P + H*W, n]``
             (queries x agents), prefix tokens first.
         """
         key = self._bias_cache_key(feat_size, num_prefix_tokens)
+        build = lambda: self._position_biases(feat_size, num_prefix_tokens, dtype)  # noqa: E731
         if dtype is None:
-            return cached(self, "biases", key, lambda: self._position_biases(feat_size, num_prefix_tokens))
-        return cached(
-            self,
-            "biases_cast",
-            None if key is None else (*key, dtype),
-            lambda: tuple(t.to(dtype) for t in self._position_biases(feat_size, num_prefix_tokens)),
-        )
+            return cached(self, "biases", key, build)
+        return cached(self, "biases_cast", None if key is None else (*key, dtype), build)
 
     def _bias_cache_key(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple | None:
         """The cache key of :meth:`position_biases` (:func:`visionlin.layers._cache.frozen_key`), or ``None`` where
@@ -259,24 +268,17 @@ class AgentAttention(TokenMixer):
                   self.ca_bias)  # fmt: skip
         return frozen_key(*params, extra=(hh, ww, num_prefix_tokens, autocast))
 
-    def _position_biases(self, feat_size: tuple[int, int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hh, ww = feat_size
-        h, n = self.num_heads, self.agent_num
+    def _position_biases(
+        self, feat_size: tuple[int, int], num_prefix_tokens: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ah, aw, ha, wa = (
             _resample_axis(getattr(self, name), feat_size[axis], dim) for name, (dim, axis) in _AXIS_TABLES.items()
         )
-        an = _bilinear(self.an_bias, (hh, ww))  # [h, n, H, W]
-        agent_bias = an.reshape(1, h, n, hh * ww) + (ah + aw).reshape(1, h, n, hh * ww)
-        na = _bilinear(self.na_bias, (hh, ww))
-        query_bias = na.reshape(1, h, n, hh * ww).transpose(-1, -2) + (ha + wa).reshape(1, h, hh * ww, n)
-        if num_prefix_tokens:
-            if self.ac_bias is not None:
-                agent_bias = torch.cat([self.ac_bias, agent_bias], dim=-1)
-                query_bias = torch.cat([self.ca_bias, query_bias], dim=-2)
-            else:  # built without prefix biases: prefix tokens attend and are attended unbiased
-                agent_bias = F.pad(agent_bias, (num_prefix_tokens, 0))
-                query_bias = F.pad(query_bias, (0, 0, num_prefix_tokens, 0))
-        return agent_bias, query_bias
+        # built without prefix biases: prefix tokens attend and are attended unbiased (the op pads zeros)
+        prefix = (self.ac_bias, self.ca_bias) if num_prefix_tokens and self.ac_bias is not None else (None, None)
+        return _biases(
+            self.an_bias, self.na_bias, ah, aw, ha, wa, *prefix, num_prefix_tokens, dtype, self.helper_backend(_BIASES)
+        )
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order.
