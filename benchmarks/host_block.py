@@ -1,7 +1,8 @@
-"""Host time of a forward, measured where the GPU cannot hide it: batch 1 at 224 px (bf16 autocast, inference mode),
-where every kernel is shorter than its launch. Per model: host microseconds per call of the whole forward and of its
-first block, and (``--stacks``) the block's Python functions by cumulative time (cProfile), so a change to a layer's
-host path can be weighed without the noise of a host-bound batch-256 run.
+"""Host time of a forward (``--train``: a forward and backward with gradients), measured where the GPU cannot hide it:
+batch 1 at 224 px (bf16 autocast, inference mode unless ``--train``), where every kernel is shorter than its launch.
+Per model: host microseconds per call of the whole forward and of its first block, and (``--stacks``) the block's
+Python functions by cumulative time (cProfile), so a change to a layer's host path can be weighed without the noise of
+a host-bound batch-256 run.
 
 ``--tree DIR`` imports ``visionlin`` from ``DIR`` (e.g. an older commit's ``git archive`` of ``visionlin/``) instead of
 this checkout: run it for two trees in alternation in one session to compare them (``--tag`` names the rows).
@@ -13,6 +14,7 @@ Usage (on a GPU machine):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -55,20 +57,31 @@ def measure(name: str, args: argparse.Namespace, ours: bool) -> dict:
 
     torch.manual_seed(0)
     kw = {"dynamic_img_size": True, "img_size": args.size} if name.startswith("deit") else {}
-    model = timm.create_model(name, **kw).cuda().eval()
+    model = timm.create_model(name, **kw).cuda().train(args.train)
     x = torch.randn(1, 3, args.size, args.size, device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        tokens = model.forward_features(x)  # the shape of a block's input (prefix tokens included)
+    # --train: forward and backward with gradients (the grads set to None first, as optimizer.zero_grad does)
+    mode = contextlib.nullcontext() if args.train else torch.inference_mode()
+    with mode, torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            tokens = model.forward_features(x)  # the shape of a block's input (prefix tokens included)
         patch = model.patch_embed.patch_size
         block, grid = model.blocks[0], (args.size // patch[0], args.size // patch[1])  # (the input's, not the build's)
         prefix = getattr(model, "num_prefix_tokens", 0)
         blk_in = torch.randn_like(tokens)
 
+        def step(module, fn):
+            if not args.train:
+                return fn()
+            module.zero_grad(set_to_none=True)
+            out = fn()
+            out.float().sum().backward()
+            return out
+
         def run_block():
-            return block(blk_in, grid, prefix) if ours else block(blk_in)
+            return step(block, lambda: block(blk_in, grid, prefix) if ours else block(blk_in))
 
         def run_model():
-            return model(x)
+            return step(model, lambda: model(x))
 
         for _ in range(5):
             run_model()
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--stacks", action="store_true", help="the first block's Python functions by cumulative time")
+    parser.add_argument("--train", action="store_true", help="forward + backward with gradients (train mode)")
     parser.add_argument("--tree", default=None, help="import visionlin from this folder instead of the checkout")
     parser.add_argument("--tag", default="", help="a name for this run's rows (e.g. old / new)")
     parser.add_argument("--commit", default=None)
@@ -117,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = gpu_meta(argv, args.commit)
     meta["visionlin_file"] = visionlin.__file__
-    (out / f"host_block{'_' + args.tag if args.tag else ''}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
-    )
+    stem = f"host_block{'_train' if args.train else ''}{'_' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0
 
 

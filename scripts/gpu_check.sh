@@ -288,9 +288,9 @@ for stage in "$@"; do
     bench-agent-backends)
       timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train ${AGENT_ARGS:-} --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warn|warn_once" | tail -14 ;;
-    host-block)
-      timeout ${HOST_LIMIT:-120} python3 benchmarks/host_block.py --stacks --out "$OUT" --commit "$COMMIT" \
-        > "$OUT/host_block_$COMMIT.log" 2>&1; grep "^==" "$OUT/host_block_$COMMIT.log" ;;
+    host-block)  # HOST_BLOCK_ARGS: e.g. "--train --models agent_deit_small,deit_small_patch16_224"
+      timeout ${HOST_LIMIT:-120} python3 benchmarks/host_block.py --stacks ${HOST_BLOCK_ARGS:-} --out "$OUT" \
+        --commit "$COMMIT" > "$OUT/host_block_$COMMIT.log" 2>&1; grep "^==" "$OUT/host_block_$COMMIT.log" ;;
     bench-models)
       timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
