@@ -76,7 +76,7 @@
 #   bench-rope-grid  the same search for the MALA / RALA / NaLa kernels (--family rope; GRID_CASES: a subset) ~100 s a case
 #
 # PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
-# the first few files of OUT.
+# the first few files of OUT. Several calls in one command add to one all.tgz.
 set -u
 OUT=$1
 COMMIT=$2
@@ -340,6 +340,8 @@ for stage in "$@"; do
   esac
 done
 if [[ -n ${PACK:-} ]]; then
-  (cd "$OUT" && files=$(find . -type f ! -name all.tgz) && [[ -n $files ]] && tar czf all.tgz $files && rm -f $files \
+  # an all.tgz of an earlier call in the same command is unpacked first and packed again with the new files
+  (cd "$OUT" && { [[ ! -f all.tgz ]] || { tar xzf all.tgz && rm all.tgz; }; } && files=$(find . -type f ! -name all.tgz) \
+    && [[ -n $files ]] && tar czf all.tgz $files && rm -f $files \
     && find . -mindepth 1 -type d -empty -delete && echo "packed into $OUT/all.tgz")
 fi
