@@ -87,6 +87,8 @@ def _assemble(
     ah, aw, ha, wa = axes
     h, n = an.shape[:2]
     hh, ww = ah.shape[3], aw.shape[4]
+    if an.numel() == 0:  # no heads or no agents (F.interpolate refuses empty channels): empty biases
+        bilinear = lambda t, size: t.new_zeros(h, n, *size)  # noqa: E731
     agent = bilinear(an, (hh, ww)).reshape(1, h, n, hh * ww) + (ah + aw).reshape(1, h, n, hh * ww)
     query = bilinear(na, (hh, ww)).reshape(1, h, n, hh * ww).transpose(-1, -2) + (ha + wa).reshape(1, h, hh * ww, n)
     if p:
