@@ -335,3 +335,56 @@ def test_triton_offsets_beyond_int32():
     fast = token_depthwise_conv2d(x, w, feat_size=(side, side), num_prefix_tokens=1, backend="triton")
     ref = token_depthwise_conv2d(x, w, feat_size=(side, side), num_prefix_tokens=1, backend="torch")
     assert _rel(fast[:, -8192:], ref[:, -8192:].double()) < 2e-2
+
+
+def _heads_last(b: int, h: int, n: int = 8, d: int = 16) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(b, n, h, d, device="meta") for _ in range(3))
+
+
+# Every op whose Triton kernels put a program row per (sample, head) on a CUDA grid's second or third dimension:
+# (name, extra positional tensors per (b, h), extra keyword arguments)
+GRID_OPS = {
+    "linear_attention": ((), {}),
+    "focused_linear_attention": ((), {}),
+    "linear_infsa_attention": ((), {}),
+    "efficient_attention": ((), {}),
+    "magnitude_aware_linear_attention": ((), {}),
+    "norm_aware_linear_attention": ((), {}),
+    "rank_augmented_linear_attention": ((), {}),
+    "pure_infsa_attention": ((), {}),
+    "agent_attention": ((lambda b, h: torch.empty(b, 4, h, 16, device="meta"),), {}),
+    "gated_linear_attention": ((lambda b, h: torch.empty(b, 8, h, 16, device="meta"),), {}),
+    "sparse_linear_attention": ((lambda b, h: torch.empty(16, 16, device="meta"),), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_OPS))
+def test_triton_refuses_more_sample_head_rows_than_the_grid_holds(name):
+    """65,536 (sample, head) rows exceed a CUDA grid's second dimension: each Triton backend gives that reason (the
+    automatic choice then takes the next backend) instead of failing at launch; 65,535 pass that check. Shapes only,
+    on the meta device."""
+    from visionlin.kernels import get_op
+
+    extra, kwargs = GRID_OPS[name]
+    for b, h, over in ((16_384, 4, True), (65_535, 1, False)):
+        args = (*_heads_last(b, h), *(make(b, h) for make in extra))
+        if name == "pure_infsa_attention":  # its supports() stops at "not CUDA" so as never to import the kernels
+            from visionlin.kernels.triton.infsa_pure import triton_pure_infsa_supports
+
+            reasons = triton_pure_infsa_supports(*args)
+        else:
+            reasons = get_op(name).supports(*args, backend="triton", **kwargs)
+        assert any("batch x heads" in r for r in reasons) == over, (name, b, h, reasons)
+
+
+def test_neighborhood_and_scan_refuse_beyond_the_grid():
+    from visionlin.kernels import get_op
+
+    q = torch.empty(70_000, 4, 4, 1, 16, device="meta")  # [B, X, Y, H, D]
+    reasons = get_op("neighborhood_attention").supports(q, q, q, (3, 3), (1, 1), backend="triton")
+    assert any("batch x heads = 70000 x 1" in r for r in reasons), reasons
+    u = torch.empty(70_000, 8, 16, device="meta")  # [B, D, L]
+    bc = torch.empty(70_000, 4, 16, device="meta")
+    a = torch.empty(8, 4, device="meta")
+    reasons = get_op("selective_scan").supports(u, u, bc, bc, None, A=a, D=None, delta_bias=None, backend="triton")
+    assert any("batch 70000 > 65535" in r for r in reasons), reasons

@@ -165,7 +165,7 @@ def _triton(q, k, v, agents, **kwargs):
 
 
 def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropout_p=0.0, **kwargs):
-    from .triton import head_dim_reasons, triton_unavailable
+    from .triton import head_dim_reasons, heads_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
     tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
@@ -175,7 +175,7 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
         reasons.append(f"{dropout_p=} (the fused kernels have no dropout)")
     if agents.shape[1] > 128:
         reasons.append(f"{agents.shape[1]} agents > 128 (one tile holds at most 128)")
-    return reasons + head_dim_reasons(q, v)
+    return reasons + head_dim_reasons(q, v) + heads_grid_reasons(q)
 
 
 _op = Op(_OP)

@@ -258,14 +258,14 @@ def linear_attention_native(q, k, v, *, feature_map="elu", normalize="divide", s
 def triton_linear_supports(q, k, v, *, feature_map="elu", **kwargs) -> list[str]:
     """Reasons the fused Triton linear-attention kernels cannot run these tensors (empty if they can); shared by the
     ops that reduce to them (focused, per-query InfSA)."""
-    from .triton import LINEAR_FEATURE_MAPS, head_dim_reasons, triton_unavailable
+    from .triton import LINEAR_FEATURE_MAPS, head_dim_reasons, heads_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
     if not (isinstance(feature_map, str) and feature_map in LINEAR_FEATURE_MAPS):
         reasons.append(f"feature_map={feature_map!r} is not one the kernels apply themselves {LINEAR_FEATURE_MAPS}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len({q.dtype, k.dtype, v.dtype}) > 1:
         reasons.append(f"needs one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    return reasons + head_dim_reasons(q, v)
+    return reasons + head_dim_reasons(q, v) + heads_grid_reasons(q)
 
 
 def linear_attention_triton(q, k, v, **kwargs):

@@ -434,7 +434,6 @@ def _natten(
 
 # Triton backend -----------------------------------------------------------------------------------------------------
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_BH = 65535  # batch * heads runs on the launch grid's second axis
 
 
 def _triton_supports(
@@ -450,7 +449,7 @@ def _triton_supports(
     additional_keys: torch.Tensor | None = None,
     additional_values: torch.Tensor | None = None,
 ) -> list[str]:
-    from .triton import head_dim_reasons, triton_unavailable
+    from .triton import head_dim_reasons, heads_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
     nd = q.ndim - 3
@@ -468,7 +467,7 @@ def _triton_supports(
         )
     if rpb is not None and not rpb.is_floating_point():
         reasons.append(f"rpb dtype {rpb.dtype} is not floating point")
-    reasons += head_dim_reasons(q, v)
+    reasons += head_dim_reasons(q, v) + heads_grid_reasons(q)
     if nd in (1, 2):
         windows = [
             effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)
@@ -478,8 +477,6 @@ def _triton_supports(
                 f"effective kernel sizes {tuple(w[0] for w in windows)} exceed the Triton kernels' "
                 f"{_TRITON_MAX_KERNEL} (allowed: odd 1 to {_TRITON_MAX_KERNEL} per axis)"
             )
-    if q.shape[0] * q.shape[-2] > _MAX_GRID_BH:
-        reasons.append(f"batch * heads = {q.shape[0] * q.shape[-2]} exceeds the launch grid's {_MAX_GRID_BH}")
     return reasons
 
 

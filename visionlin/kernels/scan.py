@@ -332,7 +332,6 @@ def _scan_reference_backend(
 
 _SCAN_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SCAN_MAX_STATE = 64  # triton.scan.MAX_STATE, kept here so supports() never imports Triton
-_MAX_GRID_B = 65535  # the batch runs on the launch grid's second axis
 
 
 def _scan_triton_supports(
@@ -347,7 +346,7 @@ def _scan_triton_supports(
     delta_bias: torch.Tensor | None,
     **kwargs: Any,
 ) -> list[str]:
-    from .triton import triton_unavailable
+    from .triton import batch_grid_reasons, triton_unavailable
 
     tensors = [t for t in (u, delta, B, C, z, A, D, delta_bias) if t is not None]
     reasons = triton_unavailable(*tensors)
@@ -356,9 +355,7 @@ def _scan_triton_supports(
         reasons.append(f"dtypes {', '.join(bad)} (the Triton scan takes float32, float16, bfloat16)")
     if A.shape[1] > _SCAN_MAX_STATE:
         reasons.append(f"state size N={A.shape[1]} exceeds the Triton scan's {_SCAN_MAX_STATE} (allowed: 1 to 64)")
-    if u.shape[0] > _MAX_GRID_B:
-        reasons.append(f"batch {u.shape[0]} exceeds the launch grid's {_MAX_GRID_B}")
-    return reasons
+    return reasons + batch_grid_reasons(u.shape[0])  # the batch runs on the launch grid's second axis
 
 
 def _scan_triton(
@@ -591,7 +588,7 @@ _GLA_MAX_DIM = 64  # triton.gla.MAX_KEY_DIM / MAX_VALUE_DIM, kept here so suppor
 def _gla_triton_supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *gates: torch.Tensor, **kwargs: Any
 ) -> list[str]:
-    from .triton import triton_unavailable
+    from .triton import heads_grid_reasons, triton_unavailable
 
     tensors = [q, k, v, *gates]
     reasons = triton_unavailable(*tensors)
@@ -603,8 +600,7 @@ def _gla_triton_supports(
             f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed the Triton GLA kernels' {_GLA_MAX_DIM} (allowed: 1 to "
             f"{_GLA_MAX_DIM}: a larger [K, V] state spills registers)"
         )
-    if q.shape[0] * q.shape[2] > _MAX_GRID_B:
-        reasons.append(f"batch * heads = {q.shape[0] * q.shape[2]} exceeds the launch grid's {_MAX_GRID_B}")
+    reasons += heads_grid_reasons(q)
     return reasons
 
 

@@ -391,7 +391,7 @@ TRITON_BLOCKS = (32, 64, 128)
 def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=None, **kwargs) -> list[str]:
     """Reasons the fused Triton kernels cannot run this call (empty if they can). ``additional_keys`` run: their
     dense softmax (a second kernel call, or float32 torch) is merged with the kernel's by log-sum-exp."""
-    from .triton import head_dim_reasons, triton_unavailable
+    from .triton import head_dim_reasons, heads_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len({q.dtype, k.dtype, v.dtype}) > 1:
@@ -403,7 +403,7 @@ def _triton_supports(q, k, v, *others, block_q=64, block_k=64, additional_keys=N
             reasons.append(f"{name} has non-floating dtype {t.dtype}")
     if block_q not in TRITON_BLOCKS or block_k not in TRITON_BLOCKS:
         reasons.append(f"block sizes block_q={block_q}, block_k={block_k} are not tiled (allowed: {TRITON_BLOCKS})")
-    return reasons + head_dim_reasons(q, v)
+    return reasons + head_dim_reasons(q, v) + heads_grid_reasons(q)
 
 
 def _sla_triton(q, k, v, proj_weight, proj_bias=None, **kwargs):

@@ -15,7 +15,10 @@ __all__ = [
     "LINEAR_FEATURE_MAPS",
     "MAX_HEAD_DIM",
     "MAX_NORM_AWARE_HEAD_DIM",
+    "MAX_GRID_YZ",
+    "batch_grid_reasons",
     "head_dim_reasons",
+    "heads_grid_reasons",
     "rope_linear_reasons",
     "triton_unavailable",
 ]
@@ -53,6 +56,16 @@ def batch_grid_reasons(batch: int) -> list[str]:
     return []
 
 
+def heads_grid_reasons(q: torch.Tensor) -> list[str]:
+    """The reason (if any) kernels with a grid row per (sample, head) of heads-last ``q`` (``[B, ..., H, D]``, on a
+    grid's second or third dimension) cannot launch it."""
+    rows = q.shape[0] * q.shape[-2]
+    if rows > MAX_GRID_YZ:
+        return [f"batch x heads = {q.shape[0]} x {q.shape[-2]} = {rows} > {MAX_GRID_YZ} (the kernels' grid has a "
+                "program row per sample and head)"]  # fmt: skip
+    return []
+
+
 def head_dim_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
     """The reason (if any) the kernels cannot tile these q/k and v head dims."""
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -71,4 +84,4 @@ def rope_linear_reasons(
         reasons.append(f"needs one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if max_head_dim < MAX_HEAD_DIM and q.shape[-1] > max_head_dim:
         reasons.append(f"head dim D={q.shape[-1]} exceeds this kernel's {max_head_dim} (allowed: 1 to {max_head_dim})")
-    return reasons + head_dim_reasons(q, v)
+    return reasons + head_dim_reasons(q, v) + heads_grid_reasons(q)

@@ -46,14 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_HEAD_DIM, triton_unavailable
+from . import MAX_HEAD_DIM, heads_grid_reasons, triton_unavailable
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
 
 __all__ = ["TUNING", "pure_infsa_triton", "triton_pure_infsa_supports"]
 
 _TINY_LOG2 = tl.constexpr(-100.0)  # scales start at 2^-100: rows whose scores are all 0 stay finite
-_MAX_GRID_BH = 65535  # B * H runs on the launch grid's second axis
 
 
 @triton.jit
@@ -436,6 +435,4 @@ def triton_pure_infsa_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             f"head dims D={q.shape[-1]}, Dv={v.shape[-1]} exceed {MAX_HEAD_DIM} (allowed: 1 to {MAX_HEAD_DIM}, "
             "tiled as 16, 32, 64 or 128 lanes)"
         )
-    if q.ndim == 4 and q.shape[0] * q.shape[2] > _MAX_GRID_BH:
-        reasons.append(f"batch * heads = {q.shape[0] * q.shape[2]} exceeds the launch grid's {_MAX_GRID_BH}")
-    return reasons
+    return reasons + heads_grid_reasons(q)
