@@ -149,6 +149,7 @@ def test_automatic_choice_on_cpu_is_torch_and_triton_says_why():
 
     assert grid_reasons((7, 7), (64, MAX_GRID_WIDTH)) == []
     assert "grid width" in grid_reasons((7, 7), (4, MAX_GRID_WIDTH + 1))[0]
+    assert "2^31" in grid_reasons((7, 7), (1024, 1024), 16, 128)[0]  # 2^31 elements: 32-bit offsets would wrap
     mixed = [t.detach() for t in tables[:6]]
     mixed[2] = mixed[2].half()
     reasons = get_op("agent_position_biases").supports(*mixed, backend="triton")

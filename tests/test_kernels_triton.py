@@ -388,3 +388,21 @@ def test_neighborhood_and_scan_refuse_beyond_the_grid():
     a = torch.empty(8, 4, device="meta")
     reasons = get_op("selective_scan").supports(u, u, bc, bc, None, A=a, D=None, delta_bias=None, backend="triton")
     assert any("batch 70000 > 65535" in r for r in reasons), reasons
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["linear_attention", "agent_attention"])
+def test_calls_beyond_the_grid_take_the_next_backend_on_cuda(name):
+    """65,536 (sample, head) rows on CUDA: the automatic choice skips the Triton kernels (no launch failure) and the
+    result matches the reference."""
+    from visionlin.kernels import agent_attention, get_op, linear_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(65_536, 8, 1, 16, device="cuda", generator=g) for _ in range(3))
+    if name == "agent_attention":
+        agents = torch.randn(65_536, 4, 1, 16, device="cuda", generator=g)
+        args, fn = (q, k, v, agents), agent_attention
+    else:
+        args, fn = (q, k, v), linear_attention
+    assert get_op(name).select(*args).name != "triton"
+    torch.testing.assert_close(fn(*args), fn(*args, backend="reference"), rtol=1e-4, atol=1e-5)

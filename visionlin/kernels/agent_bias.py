@@ -171,7 +171,8 @@ def _triton_supports(an, na, ah, aw, ha, wa, ac=None, ca=None, *, num_prefix_tok
         reasons.append(f"dtype {an.dtype} (allowed: float16, bfloat16, float32)")
     if dtype is not None and dtype not in allowed:
         reasons.append(f"output dtype {dtype} (allowed: float16, bfloat16, float32)")
-    return reasons + grid_reasons(tuple(an.shape[2:]), (ah.shape[3], aw.shape[4]))
+    h, n = an.shape[:2]
+    return reasons + grid_reasons(tuple(an.shape[2:]), (ah.shape[3], aw.shape[4]), h, n, num_prefix_tokens)
 
 
 def _supports_floating_tables(*args: object, **kwargs: object) -> list[str]:

@@ -33,9 +33,15 @@ MAX_GRID_WIDTH = 1024
 MAX_BASE_SIDE = 64
 
 
-def grid_reasons(base: tuple[int, int], grid: tuple[int, int]) -> list[str]:
-    """Reasons the kernels cannot run base tables of side ``base`` resized to ``grid`` (empty if they can)."""
+def grid_reasons(
+    base: tuple[int, int], grid: tuple[int, int], heads: int = 1, agents: int = 1, prefix: int = 0
+) -> list[str]:
+    """Reasons the kernels cannot run base tables of side ``base`` resized to ``grid`` for ``heads`` x ``agents``
+    biases with ``prefix`` extra columns (empty if they can)."""
     reasons = []
+    elements = heads * agents * (prefix + grid[0] * grid[1])
+    if elements >= 2**31:
+        reasons.append(f"{elements} bias elements >= 2^31 (the forward's offsets are 32-bit)")
     if grid[1] > MAX_GRID_WIDTH:
         reasons.append(f"grid width {grid[1]} > {MAX_GRID_WIDTH} (the backward holds whole grid rows)")
     if max(base) > MAX_BASE_SIDE:
