@@ -150,6 +150,8 @@ def test_automatic_choice_on_cpu_is_torch_and_triton_says_why():
     assert grid_reasons((7, 7), (64, MAX_GRID_WIDTH)) == []
     assert "grid width" in grid_reasons((7, 7), (4, MAX_GRID_WIDTH + 1))[0]
     assert "2^31" in grid_reasons((7, 7), (1024, 1024), 16, 128)[0]  # 2^31 elements: 32-bit offsets would wrap
+    assert "wider than 16" in grid_reasons((7, 17), (8, 8))[0]  # the backward's tl.dot tiles are 16 wide
+    assert "2 x heads = 65536" in grid_reasons((7, 7), (1, 1), 32768)[0]
     mixed = [t.detach() for t in tables[:6]]
     mixed[2] = mixed[2].half()
     reasons = get_op("agent_position_biases").supports(*mixed, backend="triton")
@@ -275,6 +277,39 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     want = agent_position_biases_reference(*bad, num_prefix_tokens=1)
     assert got[0].isnan().sum() == 6 and not got[1].isnan().any()
     assert all(torch.equal(g.isnan(), w.isnan()) for g, w in zip(got, want))
+    # non-square base tables (7 x 4, 3 x 2) and a long prefix (the backward's prefix loop); base tables with different
+    # strides (a channels-last na: the wrapper gives both the contiguous layout)
+    for case in ((2, 3, 5, 6, 20, True, (7, 4)), (1, 2, 4, 9, 300, True, (3, 2))):
+        *dims, (sh, sw) = case
+        t = make_tables(*dims, 7)
+        t[0], t[1] = (torch.randn(dims[0], dims[1], sh, sw, dtype=torch.float64).requires_grad_() for _ in range(2))
+        ref = agent_position_biases_reference(*t, num_prefix_tokens=dims[4])
+        ours = [x.detach().float().requires_grad_() for x in t]
+        got = ab.agent_position_biases_triton(*ours, dims[4], torch.float32)
+        for g, w in zip(got, ref):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+        gs = [torch.randn_like(w) for w in ref]
+        for g, w in zip(torch.autograd.grad(got, ours, [x.float() for x in gs]), torch.autograd.grad(ref, t, gs)):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    mixed = [t.detach().clone() for t in tables]
+    mixed[1] = mixed[1].contiguous(memory_format=torch.channels_last)
+    assert mixed[1].stride() != mixed[0].stride()
+    for g, w in zip(ab.agent_position_biases_triton(*mixed, 1, torch.float32),
+                    agent_position_biases_reference(*mixed, num_prefix_tokens=1)):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+    # the ops' fakes match their real outputs (opcheck), and compiled (aot_eager) equals eager forward and backward
+    plain = [t.detach() for t in tables]
+    torch.library.opcheck(ab.agent_bias_fwd, (*plain, 1, torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
+    g_a, g_q = torch.randn(1, 2, 9, 31), torch.randn(1, 2, 31, 9)
+    torch.library.opcheck(ab.agent_bias_bwd, (g_a, g_q, 7, 7, 5, 6, 1, True, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = lambda *t: ab.agent_position_biases_triton(*t, 1, torch.float32)
+    want = fn(*tables)
+    d_want = torch.autograd.grad(want[0].square().sum() + want[1].sum(), tables)
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*tables)
+    d_got = torch.autograd.grad(got[0].square().sum() + got[1].sum(), tables)
+    for g, w in zip((*got, *d_got), (*want, *d_want)):
+        torch.testing.assert_close(g, w)
     print("interpreter ok")
     """
 )
@@ -283,8 +318,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_interpreter_matches_reference():
     """The Triton kernels' math on the CPU (Triton's interpreter): float32 and float16 outputs, prefix
     tables and zero prefix columns, grids smaller than the tables, several agent blocks, the backward's row loop,
-    non-contiguous and half-precision tables, one output used, no heads, the ops' fakes, compiled forward and
-    backward."""
+    non-contiguous and half-precision tables, non-square base tables, base tables of different strides, one output
+    used, no heads or agents, a NaN entry, the ops' fakes, compiled forward and backward."""
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 

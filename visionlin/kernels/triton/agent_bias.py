@@ -2,10 +2,10 @@
 :func:`visionlin.kernels.agent_bias.agent_position_biases_reference`.
 
 Forward: one program per (block of ``BLOCK_T`` bias columns, i.e. prefix or grid tokens, block of ``BLOCK_A`` agents,
-head) computes both biases for its tokens and agents: PyTorch's bilinear source index and weights per token (float32,
-``align_corners=False``), four gathers from the small ``an`` / ``na`` table, the two axis tables, or the prefix
-table for prefix columns; one rounding to the output dtype. The agent bias is stored agents-major, the query bias
-tokens-major, each in its own layout. Backward: one program per (agent, head, bias) reduces that agent's row (or
+head and bias) computes one bias for its tokens and agents: PyTorch's bilinear source index and weights per token
+(float32, ``align_corners=False``), four gathers from the small ``an`` / ``na`` table, the two axis tables, or the
+prefix table for prefix columns; one rounding to the output dtype. The agent bias is stored agents-major, the query
+bias tokens-major, each in its own layout. Backward: one program per (agent, head, bias) reduces that agent's row (or
 column) of the output gradient over the grid in tiles of whole grid rows: the row sums are the ``ah`` / ``ha``
 gradients, the column sums the ``aw`` / ``wa`` ones, and the base table's gradient is ``Wy^T G Wx`` (the bilinear
 weights as ``[rows, s]`` / ``[columns, s']`` matrices, two float32 products per tile). Every gradient element is
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import MAX_GRID_YZ
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
 
@@ -28,9 +29,10 @@ __all__ = ["agent_position_biases_triton", "backward_tiles", "grid_reasons"]
 #: ``tile`` elements (at least 16 rows); warps per program.
 TUNING: dict[str, int] = {"block_t": 16, "block_a": 64, "tile": 2048, "warps": 4}
 
-#: Widest grid the backward tiles hold in one row of a tile, and the largest base table side (``tl.dot`` pads it).
+#: Widest grid the backward tiles hold in one row of a tile, and the largest base table side (padded to 16 for
+#: ``tl.dot``; a 64-wide base at a 1,024-wide grid needed 392 KiB of shared memory, more than an H200 block has).
 MAX_GRID_WIDTH = 1024
-MAX_BASE_SIDE = 64
+MAX_BASE_SIDE = 16
 
 
 def grid_reasons(
@@ -45,7 +47,9 @@ def grid_reasons(
     if grid[1] > MAX_GRID_WIDTH:
         reasons.append(f"grid width {grid[1]} > {MAX_GRID_WIDTH} (the backward holds whole grid rows)")
     if max(base) > MAX_BASE_SIDE:
-        reasons.append(f"base table {tuple(base)} wider than {MAX_BASE_SIDE}")
+        reasons.append(f"base table {tuple(base)} wider than {MAX_BASE_SIDE} (allowed: sides 1 to {MAX_BASE_SIDE})")
+    if 2 * heads > MAX_GRID_YZ:
+        reasons.append(f"{heads} heads: the forward's grid has 2 x heads = {2 * heads} > {MAX_GRID_YZ} rows")
     return reasons
 
 
