@@ -121,6 +121,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         with FakeTensorMode(allow_non_fake_inputs=True):
             fake = token_dwconv_bwd(*args)
         assert [(t.shape, t.stride()) for t in real] == [(t.shape, t.stride()) for t in fake], (real, fake)
+    # empty channels or samples, shared and per-sample kernels: empty results and gradients, forward and backward
+    for shape, w in (((2, 13, 0), torch.randn(0, 3, 3)), ((0, 13, 4), torch.randn(4, 3, 3)),
+                     ((2, 13, 0), torch.randn(2, 0, 3, 3))):
+        x, w = torch.randn(shape, requires_grad=True), w.requires_grad_()
+        out = conv.token_depthwise_conv2d_triton(x, w, None, feat_size=(3, 4), num_prefix_tokens=1)
+        out.sum().backward()
+        assert out.shape == x.grad.shape == shape and w.grad.shape == w.shape
     print("interpreter ok")
     """
 )

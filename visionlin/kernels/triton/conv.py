@@ -135,7 +135,7 @@ def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
     for a block of channels at a time, contiguous this way (channel-major, the ``[C, k*k]`` of the module's weight,
     it was a gather over ``BLOCK_C`` cache lines per tap, more L1 traffic than the tokens themselves)."""
     w = weight if weight.ndim == 4 else weight.unsqueeze(0)
-    taps = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2)
+    taps = w.reshape(w.shape[0], w.shape[1], w.shape[-2] * w.shape[-1]).transpose(1, 2)  # (no -1: C may be 0)
     # one copy kernel (``.float().contiguous()`` of the transposed view of a half weight made two)
     return torch.empty(taps.shape, device=w.device, dtype=torch.float32).copy_(taps)
 
@@ -145,7 +145,7 @@ def _unflat_weight_grad(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     says: a strided view of the transposed buffer failed the fake-tensor check under ``torch.compile``)."""
     c, k = weight.shape[-3], weight.shape[-1]
     out = torch.empty(weight.shape, device=dw.device, dtype=weight.dtype)
-    out.view(-1, c, k * k).copy_(dw.transpose(1, 2))  # one copy kernel, the cast included
+    out.view(dw.shape[0], c, k * k).copy_(dw.transpose(1, 2))  # one copy kernel, the cast included
     return out
 
 
