@@ -289,8 +289,9 @@ for stage in "$@"; do
       timeout ${AGENT_LIMIT:-300} python3 benchmarks/agent_backends.py --train ${AGENT_ARGS:-} --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warn|warn_once" | tail -14 ;;
     host-block)  # HOST_BLOCK_ARGS: e.g. "--train --models agent_deit_small,deit_small_patch16_224"
+      log="$OUT/host_block$([[ ${HOST_BLOCK_ARGS:-} == *--train* ]] && echo _train)_$COMMIT.log"
       timeout ${HOST_LIMIT:-120} python3 benchmarks/host_block.py --stacks ${HOST_BLOCK_ARGS:-} --out "$OUT" \
-        --commit "$COMMIT" > "$OUT/host_block_$COMMIT.log" 2>&1; grep "^==" "$OUT/host_block_$COMMIT.log" ;;
+        --commit "$COMMIT" > "$log" 2>&1; grep "^==" "$log" ;;
     bench-models)
       timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
@@ -341,7 +342,9 @@ for stage in "$@"; do
 done
 if [[ -n ${PACK:-} ]]; then
   # an all.tgz of an earlier call in the same command is unpacked first and packed again with the new files
-  (cd "$OUT" && { [[ ! -f all.tgz ]] || { tar xzf all.tgz && rm all.tgz; }; } && files=$(find . -type f ! -name all.tgz) \
+  # (--skip-old-files: a file this call wrote again keeps its new content)
+  (cd "$OUT" && { [[ ! -f all.tgz ]] || { tar xzf all.tgz --skip-old-files && rm all.tgz; }; } \
+    && files=$(find . -type f ! -name all.tgz) \
     && [[ -n $files ]] && tar czf all.tgz $files && rm -f $files \
     && find . -mindepth 1 -type d -empty -delete && echo "packed into $OUT/all.tgz")
 fi
