@@ -34,6 +34,8 @@ CASES = [
 ]
 # One token, a 1 x 1 base table, one-row and one-column grids, a base table smaller than its side elsewhere
 EDGE_CASES = [(1, 1, 1, 1, 0, False, 1), (2, 3, 1, 5, 1, True, 7), (2, 3, 6, 1, 0, False, 7), (2, 4, 2, 2, 2, True, 3)]
+#: The agents' dim of each table (an, na, ah, aw, ha, wa, ac, ca).
+AGENT_DIM = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 2, 7: 3}
 # The interpreter runs each program in Python: the same kinds of case on smaller grids (several agent blocks on 3 x 4)
 INTERPRETER_CASES = [CASES[0], CASES[1], (1, 4, 9, 21, 0, False, 7), CASES[3], CASES[4], (1, 81, 3, 4, 1, True, 7)]
 
@@ -213,8 +215,7 @@ def test_empty_heads_and_agents():
     for backend in ("torch", "reference"):
         agent, query = agent_position_biases(*tables, num_prefix_tokens=1, backend=backend)
         assert agent.shape == (1, 0, 9, 197) and query.shape == (1, 0, 197, 9)
-    agent_dim = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 2, 7: 3}  # the agents' dim of each table
-    tables = [t.detach().narrow(agent_dim[i], 0, 0) for i, t in enumerate(make_tables(*CASES[0]))]
+    tables = [t.detach().narrow(AGENT_DIM[i], 0, 0) for i, t in enumerate(make_tables(*CASES[0]))]
     for backend in ("torch", "reference"):
         agent, query = agent_position_biases(*tables, num_prefix_tokens=1, backend=backend)
         assert agent.shape == (1, 2, 0, 197) and query.shape == (1, 2, 197, 0)
@@ -223,7 +224,8 @@ def test_empty_heads_and_agents():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_agent_bias import EDGE_CASES, INTERPRETER_CASES as CASES, check_backend, make_tables
+    from tests.test_kernels_agent_bias import AGENT_DIM, EDGE_CASES, check_backend, make_tables
+    from tests.test_kernels_agent_bias import INTERPRETER_CASES as CASES
     from visionlin.kernels.agent_bias import agent_position_biases_reference
     from visionlin.kernels.triton import agent_bias as ab
     ab.TUNING["block_t"] = 64  # fewer, larger forward programs (the interpreter's cost is per program)
@@ -267,8 +269,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert a.shape == (1, 0, 9, 31) and q.shape == (1, 0, 31, 9)
     (a.sum() + q.sum()).backward()
     # no agents, and a NaN in a table: non-finite exactly where the reference's are
-    agent_dim = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 2, 7: 3}
-    none = [t.detach().narrow(agent_dim[i], 0, 0) for i, t in enumerate(tables)]
+    none = [t.detach().narrow(AGENT_DIM[i], 0, 0) for i, t in enumerate(tables)]
     a, q = ab.agent_position_biases_triton(*none, 1, torch.float32)
     assert a.shape == (1, 2, 0, 31) and q.shape == (1, 2, 31, 0)
     bad = [t.detach().clone() for t in tables]

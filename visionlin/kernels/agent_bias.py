@@ -175,14 +175,11 @@ def _triton_supports(an, na, ah, aw, ha, wa, ac=None, ca=None, *, num_prefix_tok
     return reasons + grid_reasons(tuple(an.shape[2:]), (ah.shape[3], aw.shape[4]), h, n, num_prefix_tokens)
 
 
-def _supports_floating_tables(*args: object, **kwargs: object) -> list[str]:
-    return []  # the public op's checks refuse non-floating tables before any backend is chosen
-
-
 _op = Op(_NAME)
 _op.register("triton", _triton, _triton_supports)
-_op.register("torch", _native, _supports_floating_tables)
-_op.register("reference", agent_position_biases_reference, _supports_floating_tables)
+# (no supports for these two: the public op's checks refuse non-floating tables before any backend is chosen)
+_op.register("torch", _native)
+_op.register("reference", agent_position_biases_reference)
 
 
 def agent_position_biases(

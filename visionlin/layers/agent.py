@@ -76,25 +76,8 @@ def pool_tokens(
     return token_adaptive_avg_pool2d(x, feat_size, out_size, backend=backend)
 
 
-@register_notrace_function
-def _biases(
-    an: torch.Tensor,
-    na: torch.Tensor,
-    ah: torch.Tensor,
-    aw: torch.Tensor,
-    ha: torch.Tensor,
-    wa: torch.Tensor,
-    ac: torch.Tensor | None,
-    ca: torch.Tensor | None,
-    num_prefix_tokens: int,
-    dtype: torch.dtype | None,
-    backend: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`visionlin.kernels.agent_bias.agent_position_biases` as one FX leaf (its backend choice inspects the
-    tables)."""
-    return agent_position_biases(
-        an, na, ah, aw, ha, wa, ac, ca, num_prefix_tokens=num_prefix_tokens, dtype=dtype, backend=backend
-    )
+# An FX leaf for timm's tracer: its backend choice inspects the tables.
+register_notrace_function(agent_position_biases)
 
 
 def resample_agent_biases(state_dict: Mapping[str, torch.Tensor], new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -276,9 +259,10 @@ class AgentAttention(TokenMixer):
         )
         # built without prefix biases: prefix tokens attend and are attended unbiased (the op pads zeros)
         prefix = (self.ac_bias, self.ca_bias) if num_prefix_tokens and self.ac_bias is not None else (None, None)
-        return _biases(
-            self.an_bias, self.na_bias, ah, aw, ha, wa, *prefix, num_prefix_tokens, dtype, self.helper_backend(_BIASES)
-        )
+        return agent_position_biases(
+            self.an_bias, self.na_bias, ah, aw, ha, wa, *prefix, num_prefix_tokens=num_prefix_tokens, dtype=dtype,
+            backend=self.helper_backend(_BIASES),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """``[B, P + H*W, C] -> [B, P + H*W, C]``; prefix tokens first, then the grid in row-major order.
