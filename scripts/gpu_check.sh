@@ -158,8 +158,18 @@ for stage in "$@"; do
         if ((i % 2)); then tree=$AB_OLD tag=old; else tree=$PWD tag=new; fi
         # -P: no current directory on sys.path (python -m puts it first, and this tree's visionlin would win)
         PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_LIMIT:-70} python3 -P -m visionlin.cli bench train --quick \
-          --models ${AB_MODELS:-flatten_swin_tiny,agent_swin_tiny,agent_pvt_small} --twin $SWIN --time-budget $((${AB_LIMIT:-70} - 15)) \
+          --models ${AB_MODELS:-flatten_swin_tiny,agent_swin_tiny,agent_pvt_small} --twin ${AB_TWIN:-$SWIN} --time-budget $((${AB_LIMIT:-70} - 15)) \
           --name "ab_train_${i}_${tag}_$COMMIT" --out "$OUT" --commit "$tag:$(basename "$tree")" 2>&1 | grep -E "img/s|oom|rror|skip"
+      done ;;
+    ab-op)  # the linear-attention op (visionlin bench op) from an older tree (AB_OLD, as ab-train) and this one: old,
+      # new, old, new
+      if [[ ! -f ${AB_OLD:-}/visionlin/__init__.py ]]; then
+        echo "ab-op: AB_OLD=${AB_OLD:-} must name a folder holding an older tree's visionlin/ (carried)"; continue
+      fi
+      for i in 1 2 3 4; do
+        if ((i % 2)); then tree=$AB_OLD tag=old; else tree=$PWD tag=new; fi
+        PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_OP_LIMIT:-90} python3 -P -m visionlin.cli bench op \
+          --name "ab_op_${i}_${tag}_$COMMIT" --out "$OUT" --commit "$tag:$(basename "$tree")" 2>&1 | tail -6
       done ;;
     check-4096)
       timeout 220 python3 benchmarks/hires_every_model.py --size 4096 --out "$OUT" --commit "$COMMIT" 2>&1 \
@@ -264,6 +274,10 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/saved_memory_$COMMIT.log" | grep -E "^==|MiB  [A-Z(]" | head -60 ;;
     bench-pool)
       timeout ${POOL_LIMIT:-150} python3 benchmarks/pool_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' | tail -16 ;;
+    tests-focus)  # the one-op focused linear attention, the linear backward without the saved output, FLatten's and
+      # the linear models' parity
+      run_tests focus ${TESTS_LIMIT:-240} tests/test_kernels_triton.py tests/test_kernels_triton_focus.py \
+        tests/test_kernels_triton_eager.py tests/test_models_gpu_parity.py tests/test_kernels_half_precision.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references
       run_tests bias 240 tests/test_kernels_agent_bias.py tests/test_kernels_conv.py tests/test_layers_agent_inline.py \

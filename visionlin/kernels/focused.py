@@ -162,15 +162,15 @@ def _focused_native(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-
 
 
 def _focused_triton(q, k, v, *, focusing_factor=3.0, channel_scale=None, eps=1e-6, joint_heads=True):
-    """``"triton"`` backend: the focusing map as one kernel per tensor (:mod:`visionlin.kernels.triton.focus`; over
-    all heads, the authors' form; per head in PyTorch), then the fused linear-attention kernels on the features
-    (identity map, divide, float32 state)."""
+    """``"triton"`` backend: over all heads (the authors' form) one op (:mod:`visionlin.kernels.triton.focus`: the
+    focusing map as one kernel per tensor, then the fused linear-attention kernels on the features, identity map,
+    divide, float32 state; the backward recomputes features and state rather than keeping them); per head, the
+    features in PyTorch, then the fused linear-attention kernels."""
     if joint_heads:
-        from .triton.focus import focus_triton
+        from .triton.focus import focused_linear_attention_triton
 
-        fq, fk = (focus_triton(t, focusing_factor, channel_scale=channel_scale, eps=eps) for t in (q, k))
-    else:
-        fq, fk = _focused_features(q, k, focusing_factor, channel_scale, eps, joint_heads)
+        return focused_linear_attention_triton(q, k, v, focusing_factor, channel_scale=channel_scale, eps=eps)
+    fq, fk = _focused_features(q, k, focusing_factor, channel_scale, eps, joint_heads)
     return linear_attention_triton(
         fq.to(q.dtype), fk.to(q.dtype), v, feature_map="identity", normalize="divide", scale=1.0, eps=eps
     )

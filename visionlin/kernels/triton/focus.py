@@ -15,6 +15,14 @@ One program holds ``BLOCK_T`` whole tokens (every channel, padded to a power of 
 writes ``f`` once (the PyTorch chain makes about twenty passes); the backward reads ``x`` and ``g`` once, writes ``dx``
 and adds its tokens' share of ``dc`` (float32 atomics: sums may differ between runs in the last bits). All math in
 float32.
+
+Focused linear attention runs as one op pair (``visionlin::focused_linear_fwd`` / ``_bwd``): the forward focuses ``q``
+and ``k`` and runs the linear kernels (:mod:`visionlin.kernels.triton.linear`, identity map, divide) on the features,
+keeping nothing but its inputs; the backward recomputes the features and the float32 state (two focusing passes and
+the state kernel), runs the linear backward and then the focusing backward. Composing the pieces as separate autograd
+ops instead kept the raw ``q`` and ``k``, both feature tensors, the output and the state of every layer alive between
+the passes: three ``[B, N, C]`` tensors and a state more per layer, which put FLatten-DeiT-S's training step 17% above
+the dense twin's peak memory (``benchmarks/results/h200/saved_memory_df71109.log``).
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ import triton.language as tl
 
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
-from .linear import _num_sms
+from .linear import FEATURE_MAP_IDS, NORMALIZATION_IDS, _num_sms, linear_backward, linear_forward, linear_state
 
-__all__ = ["focus_triton"]
+__all__ = ["focus_triton", "focused_linear_attention_triton"]
 
 
 @triton.jit
@@ -143,8 +151,7 @@ def _flat(t: torch.Tensor) -> bool:
     return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
-@torch.library.custom_op("visionlin::focus_fwd", mutates_args=())
-def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
+def _focus(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
     """The focused features of ``x`` ``[B, N, H, D]`` in ``x``'s dtype; ``c``: float32 ``[H * D]`` or ``None``."""
     b, n, h, d = x.shape
     f = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -159,16 +166,11 @@ def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> 
     return f
 
 
-@focus_fwd.register_fake
-def _(x, c, p, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("visionlin::focus_bwd", mutates_args=())
-def focus_bwd(
+def _focus_grad(
     x: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, p: float, eps: float, need_dc: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dc)``; ``dc`` (float32 ``[H * D]``) is zeros unless ``need_dc``."""
+    """``(dx, dc)`` of :func:`_focus` for the gradient ``g`` of its output; ``dc`` (float32 ``[H * D]``) is zeros
+    unless ``need_dc``."""
     b, n, h, d = x.shape
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
@@ -180,6 +182,25 @@ def focus_bwd(
             **_meta(h, d, BLOCK_T_BACKWARD),
         )  # fmt: skip
     return dx, dc
+
+
+@torch.library.custom_op("visionlin::focus_fwd", mutates_args=())
+def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
+    """The focused features of ``x`` ``[B, N, H, D]`` in ``x``'s dtype; ``c``: float32 ``[H * D]`` or ``None``."""
+    return _focus(x, c, p, eps)
+
+
+@focus_fwd.register_fake
+def _(x, c, p, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("visionlin::focus_bwd", mutates_args=())
+def focus_bwd(
+    x: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, p: float, eps: float, need_dc: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dc)``; ``dc`` (float32 ``[H * D]``) is zeros unless ``need_dc``."""
+    return _focus_grad(x, c, g, p, eps, need_dc)
 
 
 @focus_bwd.register_fake
@@ -205,22 +226,111 @@ _focus_bwd_call = eager_call(focus_bwd)
 _focus_fwd_call = eager_op(focus_fwd, _setup, _backward)
 
 
+# Focused linear attention as one op that keeps only its inputs for the backward ---------------------------------------
+_IDENTITY, _DIVIDE = FEATURE_MAP_IDS["identity"], NORMALIZATION_IDS["divide"]
+
+
+@torch.library.custom_op("visionlin::focused_linear_fwd", mutates_args=())
+def focused_linear_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, p: float, eps: float
+) -> torch.Tensor:
+    """Focused linear attention ``[B, N, H, Dv]`` in ``q``'s dtype: both focusing kernels, then the linear kernels on
+    the features (identity map, divide, scale 1) without saving their state."""
+    fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
+    return linear_forward(fq, fk, v, _IDENTITY, _DIVIDE, 1.0, eps, save_state=False)[0]
+
+
+@focused_linear_fwd.register_fake
+def _(q, k, v, c, p, eps):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@torch.library.custom_op("visionlin::focused_linear_bwd", mutates_args=())
+def focused_linear_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c: torch.Tensor | None,
+    g: torch.Tensor,
+    p: float,
+    eps: float,
+    need_dc: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dc)`` of :func:`focused_linear_fwd` for the gradient ``g`` of its output, recomputing the
+    features and the state (two focusing passes and the state kernel: cheap next to keeping two ``[B, N, C]``
+    feature tensors and a float32 state per layer alive from the forward to the backward)."""
+    fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
+    state = linear_state(fk, v, _IDENTITY)
+    dfq, dfk, dv = linear_backward(fq, fk, v, state, g, _IDENTITY, _DIVIDE, 1.0, eps)
+    del fq, fk, state
+    dq, dc = _focus_grad(q, c, dfq, p, eps, need_dc)
+    del dfq
+    dk, dck = _focus_grad(k, c, dfk, p, eps, need_dc)
+    return dq, dk, dv, dc.add_(dck)
+
+
+@focused_linear_bwd.register_fake
+def _(q, k, v, c, g, p, eps, need_dc):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(q.shape[2] * q.shape[3], dtype=torch.float32),
+    )
+
+
+def _fl_setup(ctx, inputs, output):
+    q, k, v, c, p, eps = inputs
+    ctx.save_for_backward(q, k, v, c)
+    ctx.args = (p, eps)
+    ctx.c_grad = c is not None and c.requires_grad
+
+
+def _fl_backward(ctx, g):
+    q, k, v, c = ctx.saved_tensors
+    dq, dk, dv, dc = _focused_linear_bwd_call(q, k, v, c, g, *ctx.args, ctx.c_grad)
+    return dq, dk, dv, (dc if ctx.c_grad else None), None, None
+
+
+focused_linear_fwd.register_autograd(_fl_backward, setup_context=_fl_setup)
+_focused_linear_bwd_call = eager_call(focused_linear_bwd)
+_focused_linear_fwd_call = eager_op(focused_linear_fwd, _fl_setup, _fl_backward)
+
+
+def _scale_vector(x: torch.Tensor, channel_scale: torch.Tensor | float | None) -> torch.Tensor | None:
+    """``channel_scale`` as the kernels take it: float32 ``[H * D]`` on ``x``'s device, or ``None``."""
+    if channel_scale is None:
+        return None
+    h, d = x.shape[-2:]
+    c = channel_scale
+    # the FLatten layer's kept scale is already a contiguous float32 [H, D] on x's device: a view, no four ops
+    if not (
+        type(c) is torch.Tensor
+        and c.dtype == torch.float32
+        and c.shape == (h, d)
+        and c.is_contiguous()
+        and c.device == x.device
+    ):
+        c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32).expand(h, d).contiguous()
+    return c.view(h * d)
+
+
 def focus_triton(
     x: torch.Tensor, focusing_factor: float, *, channel_scale: torch.Tensor | float | None = None, eps: float = 1e-6
 ) -> torch.Tensor:
     """:func:`visionlin.kernels.focused.focus` with ``joint_heads=True`` on CUDA, in ``x``'s dtype."""
-    h, d = x.shape[-2:]
-    c = None
-    if channel_scale is not None:
-        c = channel_scale
-        # the FLatten layer's kept scale is already a contiguous float32 [H, D] on x's device: a view, no four ops
-        if not (
-            type(c) is torch.Tensor
-            and c.dtype == torch.float32
-            and c.shape == (h, d)
-            and c.is_contiguous()
-            and c.device == x.device
-        ):
-            c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32).expand(h, d).contiguous()
-        c = c.view(h * d)
-    return _focus_fwd_call(x, c, float(focusing_factor), float(eps))
+    return _focus_fwd_call(x, _scale_vector(x, channel_scale), float(focusing_factor), float(eps))
+
+
+def focused_linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    focusing_factor: float,
+    *,
+    channel_scale: torch.Tensor | float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """:func:`visionlin.kernels.focused.focused_linear_attention` with ``joint_heads=True`` on CUDA (one op: the
+    features and the state are recomputed in the backward, not kept), in ``q``'s dtype."""
+    return _focused_linear_fwd_call(q, k, v, _scale_vector(q, channel_scale), float(focusing_factor), float(eps))

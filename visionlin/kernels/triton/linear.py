@@ -14,7 +14,9 @@ normalize      A                             c                 w
 ``none``       ``s S``                      0                 (unused)
 =============  ===========================  ================  ===========
 
-Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)``; the state
+Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)`` (``divide``'s output
+is not read: ``dnum . out = phi(q) . dnum A^T / den``, from a product the kernel forms anyway, so ``out`` is not kept
+from the forward: one ``[B, N, H, Dv]`` tensor less per layer alive between the passes, and one read less); the state
 backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together one custom op pair
 (``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
 
@@ -277,13 +279,15 @@ def _fused_kernel(
 
 @triton.jit
 def _readout_backward_kernel(
-    Q, G, Out, S, DQ, GS,
+    Q, G, S, DQ, GS,
     N, H, D, DV, scale, inv_m, eps, blocks_per_split,
-    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, so_b, so_n, so_h, so_d, sdq_b, sdq_n, sdq_h, sdq_d,
+    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, sdq_b, sdq_n, sdq_h, sdq_d,
     FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``."""
+    """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``. The
+    forward's output is not read: ``divide``'s gradient of the denominator comes from ``dnum A^T``, the product the
+    gradient of ``phi(q)`` takes anyway, instead of ``out`` kept alive from the forward to the backward."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
@@ -309,18 +313,21 @@ def _readout_backward_kernel(
         qf = q.to(tl.float32)
         f = tl.where(mask_n[:, None], _phi(qf, qmask, FMAP), 0.0)
         if NORM == 0:
-            o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
-            o = tl.load(o_ptr, mask=emask, other=0.0).to(tl.float32)
             den = tl.where(mask_n, tl.sum(f * w[None, :], axis=1) + eps, 1.0)
             dnum = g / den[:, None]
-            dden = -tl.sum(dnum * o, axis=1)
-            df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE) + dden[:, None] * w[None, :]
+            # d den = -sum_e dnum_e out_e with out = phi(q) A / den, = -(phi(q) . dnum A^T) / den: from the product
+            # the gradient of phi(q) takes anyway, so neither the forward's out nor a second product is needed
+            dc += tl.sum(dnum, axis=0)
+            da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
+            dnum_at = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
+            dden = -tl.sum(f * dnum_at, axis=1) / den
+            df = dnum_at + dden[:, None] * w[None, :]
             dw += tl.sum(dden[:, None] * f, axis=0)
         else:
             dnum = g
             df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
-        dc += tl.sum(dnum, axis=0)
-        da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
+            dc += tl.sum(dnum, axis=0)
+            da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
         dq = _phi_backward(qf, df, qmask, FMAP)
         dq_ptr = DQ + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :] * sdq_d
         tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), qmask)
@@ -497,9 +504,8 @@ def _meta(q: torch.Tensor, v: torch.Tensor, settings: dict[str, int] | None = No
     return meta
 
 
-# Custom ops -----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("visionlin::linear_attention_fwd", mutates_args=())
-def linear_attention_fwd(
+# Launches (plain functions: other ops' implementations call them too) and custom ops ----------------------------------
+def linear_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -528,13 +534,9 @@ def linear_attention_fwd(
             FMAP=fmap, NORM=norm, SAVE_STATE=save_state, BLOCK_N=rows, **meta,
         )  # fmt: skip
         return out, state
-    state = torch.zeros(b * h, bd * bdv + bd + bdv, device=q.device, dtype=torch.float32)
+    state = _state(k, v, fmap, settings, meta)
     if b * h == 0 or m == 0:
         return out, state
-    splits, per = _splits(m, rows, b * h, q.device, per_sm=settings["state_per_sm"])
-    launch(_state_kernel, (b * h, splits),
-        k, v, state, m, h, d, dv, per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
-    )  # fmt: skip
     if n:
         if settings["readout_per_sm"]:
             splits, per = _splits(n, rows, b * h, q.device, per_sm=settings["readout_per_sm"])
@@ -547,6 +549,44 @@ def linear_attention_fwd(
     return out, state
 
 
+def _state(k: torch.Tensor, v: torch.Tensor, fmap: int, settings: dict[str, int], meta: dict) -> torch.Tensor:
+    """The float32 state ``[B*H, BD*BDV + BD + BDV]`` (``S``, ``z``, ``u``) of keys ``k`` and values ``v`` by the
+    state kernel (key splits meeting by atomic adds)."""
+    b, m, h, d = k.shape
+    bd, bdv = meta["BLOCK_D"], meta["BLOCK_DV"]
+    state = torch.zeros(b * h, bd * bdv + bd + bdv, device=k.device, dtype=torch.float32)
+    if b * h and m:
+        rows = settings["rows"]
+        splits, per = _splits(m, rows, b * h, k.device, per_sm=settings["state_per_sm"])
+        launch(_state_kernel, (b * h, splits),
+            k, v, state, m, h, d, v.shape[-1], per, *k.stride(), *v.stride(), FMAP=fmap, BLOCK_M=rows, **meta
+        )  # fmt: skip
+    return state
+
+
+def linear_state(k: torch.Tensor, v: torch.Tensor, fmap: int) -> torch.Tensor:
+    """The state :func:`linear_forward` saves for the backward, alone (for callers that recompute it there instead
+    of keeping it: :mod:`visionlin.kernels.triton.focus`)."""
+    settings = _forward_settings(*_pad_dims(k.shape[-1], v.shape[-1]), False)
+    return _state(k, v, fmap, settings, _meta(k, v, settings))
+
+
+@torch.library.custom_op("visionlin::linear_attention_fwd", mutates_args=())
+def linear_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fmap: int,
+    norm: int,
+    scale: float,
+    eps: float,
+    save_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, Dv] in q's dtype, the float32 state [B*H, BD*BDV + BD + BDV] holding S, z, u)``; with
+    ``save_state=False`` (no gradient will be asked for) the state may come back empty (``[0]``)."""
+    return linear_forward(q, k, v, fmap, norm, scale, eps, save_state)
+
+
 @linear_attention_fwd.register_fake
 def _(q, k, v, fmap, norm, scale, eps, save_state=True):
     b, n, h, d = q.shape
@@ -556,12 +596,10 @@ def _(q, k, v, fmap, norm, scale, eps, save_state=True):
     return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(size, dtype=torch.float32)
 
 
-@torch.library.custom_op("visionlin::linear_attention_bwd", mutates_args=())
-def linear_attention_bwd(
+def linear_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
     state: torch.Tensor,
     g: torch.Tensor,
     fmap: int,
@@ -584,8 +622,8 @@ def linear_attention_bwd(
     if n:
         splits, per = _splits(n, rows, b * h, q.device, per_sm=settings["backward_per_sm"])
         launch(_readout_backward_kernel, (b * h, splits),
-            q, g, out, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
-            *q.stride(), *g.stride(), *out.stride(), *dq.stride(),
+            q, g, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
+            *q.stride(), *g.stride(), *dq.stride(),
             FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
         )  # fmt: skip
     launch(_state_backward_kernel, (cdiv(m, rows), b * h),
@@ -596,22 +634,38 @@ def linear_attention_bwd(
     return dq, dk, dvv
 
 
+@torch.library.custom_op("visionlin::linear_attention_bwd", mutates_args=())
+def linear_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    g: torch.Tensor,
+    fmap: int,
+    norm: int,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
+    return linear_backward(q, k, v, state, g, fmap, norm, scale, eps)
+
+
 @linear_attention_bwd.register_fake
-def _(q, k, v, out, state, g, fmap, norm, scale, eps):
+def _(q, k, v, state, g, fmap, norm, scale, eps):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, fmap, norm, scale, eps, _save_state = inputs
-    out, state = output
+    _out, state = output
     ctx.mark_non_differentiable(state)
-    ctx.save_for_backward(q, k, v, out, state)
+    ctx.save_for_backward(q, k, v, state)  # not out: the backward recomputes what it needs of it
     ctx.args = (fmap, norm, scale, eps)
 
 
 def _backward(ctx, g, _g_state):
-    q, k, v, out, state = ctx.saved_tensors
-    dq, dk, dv = _linear_attention_bwd_call(q, k, v, out, state, g, *ctx.args)
+    q, k, v, state = ctx.saved_tensors
+    dq, dk, dv = _linear_attention_bwd_call(q, k, v, state, g, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
