@@ -108,7 +108,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert _splits(1, 200, torch.device("cpu")) == want
         check_agent(CASES[3], torch.float32, "cpu", direct=True)
     agent.TUNING["splits"] = None
-    for case in CASES:  # the backward (the forward that saves V_A and the log-sum-exp, then the two backward kernels)
+    for case in CASES:  # the backward (V_A and the log-sum-exp recomputed, then the two backward kernels)
         check_agent_backward(case, torch.float32, "cpu")
     check_agent_backward(CASES[1], torch.float16, "cpu")
     # the backward's query / key ranges split over programs (dA / dV_A added atomically) and not; a per-batch bias
@@ -116,7 +116,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_agent_backward(CASES[3], torch.float32, "cpu")
     check_agent_backward((2, 130, 70, 2, 16, 16, 9, True), torch.float32, "cpu", shared_bias=False)
     agent.TUNING["splits"] = None
-    from visionlin.kernels.triton.agent import agent_attention_bwd, agent_attention_fwd_saved, agent_attention_triton
+    from visionlin.kernels.triton.agent import agent_attention_bwd, agent_attention_fwd, agent_attention_triton
 
     # empty outputs (no batch entry, no query): every gradient zero, in its input's shape
     for bsz, nq in ((0, 9), (2, 0)):
@@ -132,11 +132,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     q, k, v = (torch.randn(2, n, 2, 16, generator=g).requires_grad_() for n in (11, 13, 13))
     a = torch.randn(2, 5, 2, 16, generator=g).requires_grad_()
     ab, qb = torch.randn(1, 2, 5, 13, generator=g).requires_grad_(), torch.randn(2, 11, 5, generator=g).requires_grad_()
-    torch.library.opcheck(agent_attention_fwd_saved, (q, k, v, a, ab, qb, 0.25))
-    out, va, lse = agent_attention_fwd_saved(q, k, v, a, ab, qb, 0.25)
+    torch.library.opcheck(agent_attention_fwd, (q, k, v, a, ab, qb, 0.25))
+    out = agent_attention_fwd(q, k, v, a, ab, qb, 0.25)
     do = torch.randn_like(out)
     plain = [t.detach() for t in (q, k, v, a, ab, qb)]  # the backward op has no derivative of its own
-    torch.library.opcheck(agent_attention_bwd, (*plain, va, lse, do, 0.25, True, True))
+    torch.library.opcheck(agent_attention_bwd, (*plain, do, 0.25, True, True))
     leaves = (q, k, v, a, ab, qb)
 
     def step(*t):

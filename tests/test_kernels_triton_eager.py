@@ -208,8 +208,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
          (q, k, v, None, None, mala, 0.25, 1e-6, 0.0), (1, 1, 1, 0, 0, 0, 0, 0, 0))
     a_ag = torch.randn(2, 5, 3, 16, generator=g)
     ab, qb = torch.randn(1, 3, 5, 37, generator=g), torch.randn(1, 3, 37, 5, generator=g)
-    both(agent._fwd_saved_call, agent.agent_attention_fwd_saved, (q, k, v, a_ag, ab, qb, 0.25),
-         (1, 1, 1, 1, 1, 1, 0))
+    both(agent._fwd_call, agent.agent_attention_fwd, (q, k, v, a_ag, ab, qb, 0.25), (1, 1, 1, 1, 1, 1, 0))
     u, dt = torch.randn(2, 9, 4, generator=g), torch.randn(2, 9, 4, generator=g)
     a_mat = -(torch.rand(4, 3, generator=g) + 0.1)
     bm, cm = torch.randn(2, 9, 3, generator=g), torch.randn(2, 9, 3, generator=g)

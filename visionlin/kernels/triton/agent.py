@@ -14,14 +14,14 @@ ran at 145 us each at 224 px, batch 256, on an H200, with the bias tables as den
 cores in the inputs' half dtype with float32 accumulation (float32 inputs: IEEE float32). Biases may be broadcast
 views (stride 0 on batch).
 
-The backward (:func:`agent_attention_bwd`, after a forward that saved ``V_A`` and the aggregation's log-sum-exp) runs
-the broadcast's backward first (``dQ``; ``dA`` and ``dV_A``), then the aggregation's (``dK``, ``dV``; the rest of
-``dA``). Each program walks a range of query (key) blocks of one (batch, head) with ``dA`` / ``dV_A`` summed in
-registers, split over ranges as the forward's aggregation is (atomic adds only then). The biases' gradients are each
-logits' gradient stored once per (batch, head) element into float32 tables, summed to the biases' shapes afterwards:
-the first version added every block's share atomically (~75 M float32 atomics at 224 px, batch 256: 1.6 ms, 2.3x
-SDPA's forward + backward). The backend takes calls that need a gradient only when
-``visionlin.kernels.agent.TRITON_BACKWARD`` is set; it declines dropout.
+The backward (:func:`agent_attention_bwd`; the forward keeps only its inputs) recomputes ``V_A`` and the
+aggregation's log-sum-exp (one aggregation pass), then runs the broadcast's backward (``dQ``; ``dA`` and ``dV_A``),
+then the aggregation's (``dK``, ``dV``; the rest of ``dA``). Each program walks a range of query (key) blocks of one
+(batch, head) with ``dA`` / ``dV_A`` summed in registers, split over ranges as the forward's aggregation is (atomic
+adds only then). The biases' gradients are each logits' gradient stored once per (batch, head) element into float32
+tables, summed to the biases' shapes afterwards: the first version added every block's share atomically (~75 M
+float32 atomics at 224 px, batch 256: 1.6 ms, 2.3x SDPA's forward + backward). The backend takes calls that need a
+gradient only when ``visionlin.kernels.agent.TRITON_BACKWARD`` is set; it declines dropout.
 """
 
 from __future__ import annotations
@@ -356,39 +356,28 @@ def _bias_view(bias: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch
     return view, view.stride()
 
 
-def _forward(q, k, v, agents, agent_bias, query_bias, scale, save):
-    """``(out, V_A, lse)``: ``out`` ``[B, N, H, Dv]`` in ``q``'s dtype; with ``save`` the float32 ``V_A`` ``[B*H,
-    BLOCK_A, BLOCK_DV]`` and the aggregation's log-sum-exp ``[B*H, BLOCK_A]`` for the backward (else placeholders)."""
-    b, n, h, d = q.shape
-    m, dv, na = k.shape[1], v.shape[-1], agents.shape[1]
-    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
-    ba, bd, bdv = _pad(na), _pad(d), _pad(dv)
-    va = torch.empty(b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b * h, ba, device=q.device, dtype=torch.float32) if save else va
-    if b * h == 0 or n == 0 or dv == 0:
-        return out, va, lse
-    half = q.dtype in (torch.float16, torch.bfloat16)
+def _aggregate(k, v, agents, agent_bias, scale, save):
+    """``(V_A, lse)``: the aggregation's float32 ``V_A`` ``[B*H, BLOCK_A, BLOCK_DV]`` and, with ``save``, its
+    log-sum-exp ``[B*H, BLOCK_A]`` (else a placeholder); ``k`` holds at least one key and ``B*H`` is not 0."""
+    b, m, h, _ = k.shape
+    dv, na = v.shape[-1], agents.shape[1]
+    ba, bd, bdv = _pad(na), _pad(k.shape[-1]), _pad(dv)
+    va = torch.empty(b * h, ba, bdv, device=k.device, dtype=torch.float32)
+    lse = torch.empty(b * h, ba, device=k.device, dtype=torch.float32) if save else va
     ab, sab = _bias_view(agent_bias, (b, h, na, m))
-    qb, sqb = _bias_view(query_bias, (b, h, n, na))
-    splits, per = _splits(b * h, m, q.device)
-    part = va if splits == 1 else torch.empty(splits, b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    stats = va if splits == 1 else torch.empty(splits, b * h, 2, ba, device=q.device, dtype=torch.float32)
+    splits, per = _splits(b * h, m, k.device)
+    part = va if splits == 1 else torch.empty(splits, b * h, ba, bdv, device=k.device, dtype=torch.float32)
+    stats = va if splits == 1 else torch.empty(splits, b * h, 2, ba, device=k.device, dtype=torch.float32)
     launch(_aggregate_kernel, (splits, b * h),
-        agents, k, v, ab if ab is not None else va, part, stats, lse, m, h, na, d, dv, scale, per,
+        agents, k, v, ab if ab is not None else va, part, stats, lse, m, h, na, k.shape[-1], dv, scale, per,
         *agents.stride(), *k.stride(), *v.stride(), *sab,
-        HAS_BIAS=ab is not None, HALF=half, SPLIT=splits > 1, SAVE=save, BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd,
-        BLOCK_DV=bdv, num_warps=_warps(ba, bd, bdv),
+        HAS_BIAS=ab is not None, HALF=k.dtype in (torch.float16, torch.bfloat16), SPLIT=splits > 1, SAVE=save,
+        BLOCK_A=ba, BLOCK_M=ROWS, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(ba, bd, bdv),
     )  # fmt: skip
     if splits > 1:
         launch(_combine_kernel, (b * h,), part, stats, va, lse, b * h, splits, SAVE=save, BLOCK_A=ba, BLOCK_DV=bdv,
                num_warps=4)  # fmt: skip
-    launch(_broadcast_kernel, (cdiv(n, ROWS), b * h),
-        q, agents, va, qb if qb is not None else va, out, n, h, na, d, dv, scale,
-        *q.stride(), *agents.stride(), *sqb, *out.stride(),
-        HAS_BIAS=qb is not None, HALF=half, BLOCK_N=ROWS, BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv,
-        num_warps=_warps(ba, bd, bdv),
-    )  # fmt: skip
-    return out, va, lse
+    return va, lse
 
 
 @torch.library.custom_op("visionlin::agent_attention_fwd", mutates_args=())
@@ -401,34 +390,28 @@ def agent_attention_fwd(
     query_bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """``out`` ``[B, N, H, Dv]`` in ``q``'s dtype (forward only)."""
-    return _forward(q, k, v, agents, agent_bias, query_bias, scale, False)[0]
+    """``out`` ``[B, N, H, Dv]`` in ``q``'s dtype: the aggregation, then the broadcast. Nothing but the inputs is
+    kept for a backward (:func:`agent_attention_bwd` recomputes ``V_A`` and the log-sum-exp)."""
+    b, n, h, d = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(b, n, h, dv, device=q.device, dtype=q.dtype)
+    if b * h == 0 or n == 0 or dv == 0:  # (no key: refused by agent_attention's checks)
+        return out
+    va, _ = _aggregate(k, v, agents, agent_bias, scale, False)
+    ba, bd, bdv = va.shape[1], _pad(d), va.shape[2]
+    qb, sqb = _bias_view(query_bias, (b, h, n, agents.shape[1]))
+    launch(_broadcast_kernel, (cdiv(n, ROWS), b * h),
+        q, agents, va, qb if qb is not None else va, out, n, h, agents.shape[1], d, dv, scale,
+        *q.stride(), *agents.stride(), *sqb, *out.stride(),
+        HAS_BIAS=qb is not None, HALF=q.dtype in (torch.float16, torch.bfloat16), BLOCK_N=ROWS, BLOCK_A=ba,
+        BLOCK_D=bd, BLOCK_DV=bdv, num_warps=_warps(ba, bd, bdv),
+    )  # fmt: skip
+    return out
 
 
 @agent_attention_fwd.register_fake
 def _(q, k, v, agents, agent_bias, query_bias, scale):
     return q.new_empty(*q.shape[:3], v.shape[-1])
-
-
-@torch.library.custom_op("visionlin::agent_attention_fwd_saved", mutates_args=())
-def agent_attention_fwd_saved(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agents: torch.Tensor,
-    agent_bias: torch.Tensor | None,
-    query_bias: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, V_A, lse)`` (see :func:`_forward`): the forward that a gradient will follow."""
-    return _forward(q, k, v, agents, agent_bias, query_bias, scale, True)
-
-
-@agent_attention_fwd_saved.register_fake
-def _(q, k, v, agents, agent_bias, query_bias, scale):
-    bh, ba, bdv = q.shape[0] * q.shape[2], _pad(agents.shape[1]), _pad(v.shape[-1])
-    return (q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(bh, ba, bdv, dtype=torch.float32),
-            q.new_empty(bh, ba, dtype=torch.float32))  # fmt: skip
 
 
 @torch.library.custom_op("visionlin::agent_attention_bwd", mutates_args=())
@@ -439,15 +422,15 @@ def agent_attention_bwd(
     agents: torch.Tensor,
     agent_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None,
-    va: torch.Tensor,
-    lse: torch.Tensor,
     g: torch.Tensor,
     scale: float,
     agent_bias_grad: bool,
     query_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dagents, dagent_bias, dquery_bias)``; the bias gradients are float32 in the biases' shapes
-    (empty when not asked for)."""
+    (empty when not asked for). ``V_A`` and the aggregation's log-sum-exp are recomputed (one aggregation pass over
+    the keys and values) rather than kept from the forward: a float32 ``[B*H, 64, 64]`` tile per layer of
+    Agent-DeiT-S (151 MB over its 12 layers at batch 128) that put its training step above the dense twin's peak."""
     b, n, h, d = q.shape
     m, dv_, na = k.shape[1], v.shape[-1], agents.shape[1]
     ba, bd, bdv = _pad(na), _pad(d), _pad(dv_)
@@ -467,6 +450,7 @@ def agent_attention_bwd(
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
         rows, meta = _bwd_meta(bd, bdv)
+        va, lse = _aggregate(k, v, agents, agent_bias, scale, True)
         launch(_broadcast_backward_kernel, (splits_q, b * h),
             q, agents, va, qb if qb is not None else va, g, dq, da32, dva, dqb, n, h, na, d, dv_, scale, per_q,
             *q.stride(), *agents.stride(), *sqb, *g.stride(), *dq.stride(),
@@ -490,7 +474,7 @@ def agent_attention_bwd(
 
 
 @agent_attention_bwd.register_fake
-def _(q, k, v, agents, agent_bias, query_bias, va, lse, g, scale, agent_bias_grad, query_bias_grad):
+def _(q, k, v, agents, agent_bias, query_bias, g, scale, agent_bias_grad, query_bias_grad):
     f32 = torch.float32
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(agents),
             q.new_empty(agent_bias.shape if agent_bias_grad else (0,), dtype=f32),
@@ -499,9 +483,7 @@ def _(q, k, v, agents, agent_bias, query_bias, va, lse, g, scale, agent_bias_gra
 
 def _setup(ctx, inputs, output):
     q, k, v, agents, agent_bias, query_bias, scale = inputs
-    _, va, lse = output
-    ctx.mark_non_differentiable(va, lse)
-    ctx.save_for_backward(q, k, v, agents, agent_bias, query_bias, va, lse)
+    ctx.save_for_backward(q, k, v, agents, agent_bias, query_bias)
     ctx.scale = scale
     ctx.bias_grads = (
         agent_bias is not None and agent_bias.requires_grad,
@@ -509,29 +491,20 @@ def _setup(ctx, inputs, output):
     )
 
 
-def _backward(ctx, g, _g_va, _g_lse):
-    q, k, v, agents, agent_bias, query_bias, va, lse = ctx.saved_tensors
-    if g is None:
-        return (None,) * 7
-    dq, dk, dv, da, dab, dqb = _bwd_call(q, k, v, agents, agent_bias, query_bias, va, lse, g, ctx.scale,
-                                         *ctx.bias_grads)  # fmt: skip
+def _backward(ctx, g):
+    q, k, v, agents, agent_bias, query_bias = ctx.saved_tensors
+    dq, dk, dv, da, dab, dqb = _bwd_call(q, k, v, agents, agent_bias, query_bias, g, ctx.scale, *ctx.bias_grads)
     ab_grad, qb_grad = ctx.bias_grads
     return (dq, dk, dv, da, dab.to(agent_bias.dtype) if ab_grad else None,
             dqb.to(query_bias.dtype) if qb_grad else None, None)  # fmt: skip
 
 
-agent_attention_fwd_saved.register_autograd(_backward, setup_context=_setup)
+agent_attention_fwd.register_autograd(_backward, setup_context=_setup)
 _bwd_call = eager_call(agent_attention_bwd)
-_fwd_saved_call = eager_op(agent_attention_fwd_saved, _setup, _backward)
+_fwd_call = eager_op(agent_attention_fwd, _setup, _backward)
 
 
 def agent_attention_triton(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, dropout_p=0.0):
-    """The ``"triton"`` backend of :func:`visionlin.kernels.agent_attention` (inference: no gradient, no dropout)."""
+    """The ``"triton"`` backend of :func:`visionlin.kernels.agent_attention` (no dropout)."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    tensors = (q, k, v, agents, agent_bias, query_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _fwd_saved_call(q, k, v, agents, agent_bias, query_bias, s)[0]
     return _fwd_call(q, k, v, agents, agent_bias, query_bias, s)
-
-
-_fwd_call = eager_call(agent_attention_fwd)  # plain eager tensors: the op's body without the dispatcher
