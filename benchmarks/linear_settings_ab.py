@@ -119,9 +119,9 @@ def _linear_setup(idx: int, dtype: torch.dtype):
     }
     with torch.no_grad():
         out, state = tri.linear_attention_fwd(q, k, v, *args)
-        grads = tri.linear_attention_bwd(q, k, v, state, g, *args)
+        grads = tri.linear_attention_bwd(q, k, v, out, state, g, *args)
     fwd = functools.partial(tri.linear_attention_fwd, q, k, v, *args)
-    bwd = functools.partial(tri.linear_attention_bwd, q, k, v, state, g, *args)
+    bwd = functools.partial(tri.linear_attention_bwd, q, k, v, out, state, g, *args)
     return label, fwd, bwd, out, grads, defaults
 
 

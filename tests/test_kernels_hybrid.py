@@ -205,7 +205,8 @@ def test_gpu_hybrid_and_agent_vs_reference(grid, d, dtype):
         args64 = tuple(a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         ref = ref_fn(*f64[:3], *args64, **{**kw, "additional_keys": f64[3], "additional_values": f64[4]})
         low = plain(*leaves)  # the same math written plainly in the input dtype (flash-attention's baseline)
-        do = torch.randn_like(ref)
+        # seeded: the bound below is on maximum errors, so the draw must not depend on what ran before in the process
+        do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(11), dtype=ref.dtype).to(ref.device)
         g_fast = torch.autograd.grad(out, leaves, do.to(out.dtype))
         g_ref = torch.autograd.grad(ref, f64, do)
         g_low = torch.autograd.grad(low, leaves, do.to(low.dtype))

@@ -120,8 +120,8 @@ def _triton_bwd_graph_ms(q, k, v, g, fmap: str, norm: str) -> float:
 
     args = triton_op_args(fmap, norm, q.shape[-1])
     with torch.no_grad():
-        _, state = tri.linear_attention_fwd(q, k, v, *args)
-        return _bench_graph(lambda: tri.linear_attention_bwd(q, k, v, state, g, *args))
+        out, state = tri.linear_attention_fwd(q, k, v, *args)
+        return _bench_graph(lambda: tri.linear_attention_bwd(q, k, v, out, state, g, *args))
 
 
 def _fwd_bytes(row: dict) -> int:

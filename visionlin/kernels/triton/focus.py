@@ -261,7 +261,7 @@ def focused_linear_bwd(
     feature tensors and a float32 state per layer alive from the forward to the backward)."""
     fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
     state = linear_state(fk, v, _IDENTITY)
-    dfq, dfk, dv = linear_backward(fq, fk, v, state, g, _IDENTITY, _DIVIDE, 1.0, eps)
+    dfq, dfk, dv = linear_backward(fq, fk, v, None, state, g, _IDENTITY, _DIVIDE, 1.0, eps)
     del fq, fk, state
     dq, dc = _focus_grad(q, c, dfq, p, eps, need_dc)
     del dfq

@@ -14,11 +14,11 @@ normalize      A                             c                 w
 ``none``       ``s S``                      0                 (unused)
 =============  ===========================  ================  ===========
 
-Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)`` (``divide``'s output
-is not read: ``dnum . out = phi(q) . dnum A^T / den``, from a product the kernel forms anyway, so ``out`` is not kept
-from the forward: one ``[B, N, H, Dv]`` tensor less per layer alive between the passes, and one read less); the state
-backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together one custom op pair
-(``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
+Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)`` (``divide`` reads
+the forward's output, or, for callers that keep nothing from the forward (FLatten's op,
+:mod:`visionlin.kernels.triton.focus`), takes ``dnum . out = phi(q) . dnum A^T / den`` from a product it forms
+anyway); the state backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together one custom
+op pair (``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
 
 Feature maps are applied inside the kernels in float32 (``identity``, ``relu``, ``elu`` = ELU + 1, ``sigmoid``,
 ``cosine``); products run on the tensor cores with float32 accumulation (see ``_mm``: operands scaled by powers of
@@ -279,15 +279,17 @@ def _fused_kernel(
 
 @triton.jit
 def _readout_backward_kernel(
-    Q, G, S, DQ, GS,
+    Q, G, Out, S, DQ, GS,
     N, H, D, DV, scale, inv_m, eps, blocks_per_split,
-    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, sdq_b, sdq_n, sdq_h, sdq_d,
-    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr,
+    sq_b, sq_n, sq_h, sq_d, sg_b, sg_n, sg_h, sg_d, so_b, so_n, so_h, so_d, sdq_b, sdq_n, sdq_h, sdq_d,
+    FMAP: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr, NORM: tl.constexpr, HAS_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``. The
-    forward's output is not read: ``divide``'s gradient of the denominator comes from ``dnum A^T``, the product the
-    gradient of ``phi(q)`` takes anyway, instead of ``out`` kept alive from the forward to the backward."""
+    """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``.
+    ``divide``'s gradient of the denominator, ``-dnum . out``, reads the forward's output (``HAS_OUT``) or, without
+    it, comes from ``phi(q) . dnum A^T``, the product the gradient of ``phi(q)`` takes anyway: no ``out`` kept alive
+    from the forward to the backward, at 10-17% more GPU time for this kernel at head dims 32-64 on the H200 (more
+    register spills; ``ab_op_s30``), so only callers that recompute their inputs anyway take it."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
@@ -315,14 +317,22 @@ def _readout_backward_kernel(
         if NORM == 0:
             den = tl.where(mask_n, tl.sum(f * w[None, :], axis=1) + eps, 1.0)
             dnum = g / den[:, None]
-            # d den = -sum_e dnum_e out_e with out = phi(q) A / den, = -(phi(q) . dnum A^T) / den: from the product
-            # the gradient of phi(q) takes anyway, so neither the forward's out nor a second product is needed
-            dc += tl.sum(dnum, axis=0)
-            da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
-            dnum_at = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
-            dden = -tl.sum(f * dnum_at, axis=1) / den
-            df = dnum_at + dden[:, None] * w[None, :]
-            dw += tl.sum(dden[:, None] * f, axis=0)
+            if HAS_OUT:
+                o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
+                o = tl.load(o_ptr, mask=emask, other=0.0).to(tl.float32)
+                dden = -tl.sum(dnum * o, axis=1)
+                df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE) + dden[:, None] * w[None, :]
+                dw += tl.sum(dden[:, None] * f, axis=0)
+                dc += tl.sum(dnum, axis=0)
+                da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
+            else:
+                dc += tl.sum(dnum, axis=0)
+                da += _mm(tl.trans(f), dnum, q.dtype, HALF, False, SCALE)
+                # -dnum . out = -(phi(q) . dnum A^T) / den
+                dnum_at = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
+                dden = -tl.sum(f * dnum_at, axis=1) / den
+                df = dnum_at + dden[:, None] * w[None, :]
+                dw += tl.sum(dden[:, None] * f, axis=0)
         else:
             dnum = g
             df = _mm(dnum, a_t, q.dtype, HALF, True, SCALE)
@@ -600,6 +610,7 @@ def linear_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor | None,
     state: torch.Tensor,
     g: torch.Tensor,
     fmap: int,
@@ -607,7 +618,9 @@ def linear_backward(
     scale: float,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
+    """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``; ``out``: that output, or
+    ``None`` (``divide`` then forms what it needs of it from a product the kernel takes anyway; slower, see
+    :func:`_readout_backward_kernel`)."""
     b, n, h, d = q.shape
     m, dv = k.shape[1], v.shape[-1]
     settings = _backward_settings(*_pad_dims(d, dv))
@@ -622,9 +635,9 @@ def linear_backward(
     if n:
         splits, per = _splits(n, rows, b * h, q.device, per_sm=settings["backward_per_sm"])
         launch(_readout_backward_kernel, (b * h, splits),
-            q, g, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
-            *q.stride(), *g.stride(), *dq.stride(),
-            FMAP=fmap, NORM=norm, BLOCK_N=rows, **meta,
+            q, g, out if out is not None else g, state, dq, grads, n, h, d, dv, scale, 1.0 / m, eps, per,
+            *q.stride(), *g.stride(), *(out if out is not None else g).stride(), *dq.stride(),
+            FMAP=fmap, NORM=norm, HAS_OUT=out is not None, BLOCK_N=rows, **meta,
         )  # fmt: skip
     launch(_state_backward_kernel, (cdiv(m, rows), b * h),
         k, v, state, grads, dk, dvv, m, h, d, dv, scale, 1.0 / m,
@@ -639,6 +652,7 @@ def linear_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     state: torch.Tensor,
     g: torch.Tensor,
     fmap: int,
@@ -647,25 +661,25 @@ def linear_attention_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
-    return linear_backward(q, k, v, state, g, fmap, norm, scale, eps)
+    return linear_backward(q, k, v, out, state, g, fmap, norm, scale, eps)
 
 
 @linear_attention_bwd.register_fake
-def _(q, k, v, state, g, fmap, norm, scale, eps):
+def _(q, k, v, out, state, g, fmap, norm, scale, eps):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, fmap, norm, scale, eps, _save_state = inputs
-    _out, state = output
+    out, state = output
     ctx.mark_non_differentiable(state)
-    ctx.save_for_backward(q, k, v, state)  # not out: the backward recomputes what it needs of it
+    ctx.save_for_backward(q, k, v, out, state)
     ctx.args = (fmap, norm, scale, eps)
 
 
 def _backward(ctx, g, _g_state):
-    q, k, v, state = ctx.saved_tensors
-    dq, dk, dv = _linear_attention_bwd_call(q, k, v, state, g, *ctx.args)
+    q, k, v, out, state = ctx.saved_tensors
+    dq, dk, dv = _linear_attention_bwd_call(q, k, v, out, state, g, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
