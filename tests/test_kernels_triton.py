@@ -136,6 +136,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             _check(_inputs(b, 37, 45, 3, 20, 24, fmap, norm, torch.float32, "cpu"), fmap, norm, torch.float32)
     for fmap, norm in (("elu", "divide"), ("relu", "subtract"), ("sigmoid", "none")):
         _check(_inputs(1, 70, 130, 2, 32, 16, fmap, norm, torch.float16, "cpu"), fmap, norm, torch.float16)
+    # head dims above 64: divide's backward without the saved output (linear._setup)
+    for dtype in (torch.float32, torch.float16):
+        _check(_inputs(1, 21, 19, 1, 80, 72, "cosine", "divide", dtype, "cpu"), "cosine", "divide", dtype)
     for dtype, batch in ((torch.float32, 2), (torch.float16, 1)):
         _check_reduced(dtype, "cpu", direct=True, batch=batch)
     check_fused("cpu")

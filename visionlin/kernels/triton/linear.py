@@ -15,10 +15,10 @@ normalize      A                             c                 w
 =============  ===========================  ================  ===========
 
 Backward, two kernels: the read-out backward writes ``dq`` and adds the gradients of ``(A, w, c)`` (``divide`` reads
-the forward's output, or, for callers that keep nothing from the forward (FLatten's op,
-:mod:`visionlin.kernels.triton.focus`), takes ``dnum . out = phi(q) . dnum A^T / den`` from a product it forms
-anyway); the state backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together one custom
-op pair (``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
+the forward's output at head dims up to 64, and otherwise, or for callers that keep nothing from the forward
+(FLatten's op, :mod:`visionlin.kernels.triton.focus`), takes ``dnum . out = phi(q) . dnum A^T / den`` from a product
+it forms anyway); the state backward turns them into those of ``(S, z, u)`` and writes ``dk`` and ``dv``. Together
+one custom op pair (``visionlin::linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
 
 Feature maps are applied inside the kernels in float32 (``identity``, ``relu``, ``elu`` = ELU + 1, ``sigmoid``,
 ``cosine``); products run on the tensor cores with float32 accumulation (see ``_mm``: operands scaled by powers of
@@ -288,8 +288,8 @@ def _readout_backward_kernel(
     """``dq`` for one split of the queries; adds that split's gradients of ``A``, ``w``, ``c`` into ``GS``.
     ``divide``'s gradient of the denominator, ``-dnum . out``, reads the forward's output (``HAS_OUT``) or, without
     it, comes from ``phi(q) . dnum A^T``, the product the gradient of ``phi(q)`` takes anyway: no ``out`` kept alive
-    from the forward to the backward, at 10-17% more GPU time for this kernel at head dims 32-64 on the H200 (more
-    register spills; ``ab_op_s30``), so only callers that recompute their inputs anyway take it."""
+    from the forward to the backward, at 10-17% more GPU time at head dims 32-64 on the H200 (more register spills)
+    and 13% less at 128 (``benchmarks/results/h200/s30``): see :func:`_setup`."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
@@ -652,7 +652,7 @@ def linear_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     state: torch.Tensor,
     g: torch.Tensor,
     fmap: int,
@@ -673,7 +673,11 @@ def _setup(ctx, inputs, output):
     q, k, v, fmap, norm, scale, eps, _save_state = inputs
     out, state = output
     ctx.mark_non_differentiable(state)
-    ctx.save_for_backward(q, k, v, out, state)
+    # The output is kept for the read-out backward at head dims up to 64, where reading it beat forming what the
+    # backward needs of it (graph-timed on the H200: 0.366 vs 0.411 ms at 65k tokens, head dim 64); above, forming
+    # it was the faster (2.26 vs 1.97 ms at head dim 128, 16k tokens) and the output is not kept (ab_op_*_s30a).
+    bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
+    ctx.save_for_backward(q, k, v, out if bd * bdv <= 64 * 64 else None, state)
     ctx.args = (fmap, norm, scale, eps)
 
 
