@@ -280,9 +280,11 @@ for stage in "$@"; do
         tests/test_kernels_triton_eager.py tests/test_models_gpu_parity.py tests/test_kernels_half_precision.py ;;
     tests-s30)  # stop 30: the agent op's recomputing backward, the one-op focused attention, the linear backward
       # without the saved output, and the parity of the models on them
-      run_tests s30 ${TESTS_LIMIT:-200} tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py \
+      # (the whole set took more than 190 s under 4 workers; the training-step memory against the twin last)
+      run_tests s30 ${TESTS_LIMIT:-420} tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py \
         tests/test_kernels_triton.py tests/test_kernels_triton_focus.py tests/test_kernels_hybrid.py \
-        tests/test_models_gpu_parity.py -k "not test_gpu_fast_backends_match_reference or agent or flatten or infvit or inline" ;;
+        tests/test_models_gpu_parity.py -k "not test_gpu_fast_backends_match_reference or agent or flatten or infvit or inline"
+      run_tests memory 150 tests/test_models_gpu_memory.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references
       run_tests bias 240 tests/test_kernels_agent_bias.py tests/test_kernels_conv.py tests/test_layers_agent_inline.py \
