@@ -150,7 +150,8 @@ for stage in "$@"; do
       [[ -n ${HIER_NO_TRAIN:-} ]] || timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN \
         --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     ab-train)  # an older tree (AB_OLD: a folder holding its visionlin/, e.g. `git archive C visionlin | tar -x -C
-      # .old/C`, carried) against this one, in one session: training steps of AB_MODELS next to swin_tiny, old, new, old, new
+      # .old/C`, carried) against this one, in one session: training steps of AB_MODELS next to swin_tiny (AB_TWIN), old,
+      # new, old, new; AB_MODES=cudagraphs times them under CUDA graphs (GPU time, no host time per kernel)
       if [[ ! -f ${AB_OLD:-}/visionlin/__init__.py ]]; then
         echo "ab-train: AB_OLD=${AB_OLD:-} must name a folder holding an older tree's visionlin/ (carried)"; continue
       fi
@@ -158,6 +159,7 @@ for stage in "$@"; do
         if ((i % 2)); then tree=$AB_OLD tag=old; else tree=$PWD tag=new; fi
         # -P: no current directory on sys.path (python -m puts it first, and this tree's visionlin would win)
         PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} timeout ${AB_LIMIT:-70} python3 -P -m visionlin.cli bench train --quick \
+          --modes ${AB_MODES:-eager} \
           --models ${AB_MODELS:-flatten_swin_tiny,agent_swin_tiny,agent_pvt_small} --twin ${AB_TWIN:-$SWIN} --time-budget $((${AB_LIMIT:-70} - 15)) \
           --name "ab_train_${i}_${tag}_$COMMIT" --out "$OUT" --commit "$tag:$(basename "$tree")" 2>&1 | grep -E "img/s|oom|rror|skip"
       done ;;
