@@ -64,7 +64,7 @@ def check_focus(
     return errors
 
 
-def check_focused_op(shape, dtype, device, non_contiguous=False, scale=True, dv=None, seed=0):
+def check_focused_op(shape, dtype, device, non_contiguous=False, scale=True, dv=None, m=None, seed=0):
     """The one-op focused linear attention (``focused_linear_attention_triton``: features and state recomputed in the
     backward) against the float64 reference, forward and backward for ``q``, ``k``, ``v`` and the channel scale.
     Bound: float32 ``1e-5`` relative (``dc``, one float32 sum over every token, 4x); half precision twice the error of
@@ -79,9 +79,10 @@ def check_focused_op(shape, dtype, device, non_contiguous=False, scale=True, dv=
     if non_contiguous:  # q, k, v as views of one fused projection, as the FLatten layer makes them
         qkv = torch.randn(b, n, 3, h, max(d, dv), generator=g, dtype=torch.float64)
         q, k, v = qkv[..., 0, :, :d], qkv[..., 1, :, :d], qkv[..., 2, :, :dv]
-    else:
-        q, k = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
-        v = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
+    else:  # m: a key set of another length than the queries'
+        q = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+        k = torch.randn(b, m or n, h, d, generator=g, dtype=torch.float64)
+        v = torch.randn(b, m or n, h, dv, generator=g, dtype=torch.float64)
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
     c = (torch.rand(h, d, generator=g, dtype=torch.float64) + 0.5) if scale else None
     grad = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
@@ -149,6 +150,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_focus((2, 7, 6, 16), torch.float32, "cpu", p=4.0, std=30.0, non_contiguous=True)
     check_focus((2, 7, 3, 8), torch.float32, "cpu", heads_strided=True)
     check_focused_op((2, 37, 3, 16), torch.float32, "cpu")
+    check_focused_op((1, 23, 2, 16), torch.float32, "cpu", m=41)
     check_focused_op((1, 45, 2, 20), torch.float32, "cpu", non_contiguous=True, scale=False, dv=24)
     check_focused_op((1, 70, 2, 32), torch.float16, "cpu", non_contiguous=True)
     check_focused_op_paths("cpu")
@@ -190,6 +192,7 @@ def test_triton_focused_op(shape, dtype):
     32 / 64 / 80 / 128, batch 1 and 3), contiguous and as views of one fused projection."""
     check_focused_op(shape, dtype, "cuda")
     check_focused_op(shape, dtype, "cuda", non_contiguous=True, scale=False)
+    check_focused_op(shape, dtype, "cuda", m=shape[1] // 2 + 3)
 
 
 @gpu
