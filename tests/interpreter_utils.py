@@ -19,3 +19,22 @@ def run_in_interpreter(script: str, timeout: int = 900) -> None:
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0 and "interpreter ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def saved_for_backward(fn, *args, **kwargs) -> list:
+    """``(shape, dtype)`` of every tensor autograd saves while ``fn(*args, **kwargs)`` runs, once per storage: what a
+    training step keeps alive from the forward to the backward."""
+    import torch
+
+    seen, saved = set(), []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return saved

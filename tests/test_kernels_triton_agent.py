@@ -137,6 +137,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     do = torch.randn_like(out)
     plain = [t.detach() for t in (q, k, v, a, ab, qb)]  # the backward op has no derivative of its own
     torch.library.opcheck(agent_attention_bwd, (*plain, do, 0.25, True, True))
+    # what the op keeps for the backward: its inputs only (V_A and the log-sum-exp are recomputed)
+    from interpreter_utils import saved_for_backward
+
+    saved = saved_for_backward(agent_attention_triton, q, k, v, a, agent_bias=ab, query_bias=qb, scale=0.25)
+    assert sorted(saved, key=str) == sorted([(tuple(t.shape), t.dtype) for t in (q, k, v, a, ab, qb)], key=str), saved
     leaves = (q, k, v, a, ab, qb)
 
     def step(*t):

@@ -138,6 +138,15 @@ def check_focused_op_paths(device):
     torch.library.opcheck(tf.focused_linear_fwd, (q, k, v, c.clone().requires_grad_(), 3.0, 1e-6))
     torch.library.opcheck(tf.focused_linear_bwd, (q, k, v, c, grad, 3.0, 1e-6, True))
     torch.library.opcheck(tf.focused_linear_fwd, (q, k, v, None, 2.0, 1e-4))
+    # what the op keeps for the backward: its inputs, nothing it computed (features, output, float32 state)
+    from interpreter_utils import saved_for_backward
+
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    scale = (c.view(3, 8) + 0.0).requires_grad_()
+    saved = saved_for_backward(tf.focused_linear_attention_triton, *ins, 3.0, channel_scale=scale)
+    assert sorted(saved, key=str) == sorted([(tuple(t.shape), t.dtype) for t in ins] + [((24,), c.dtype)], key=str), (
+        saved
+    )
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
