@@ -77,6 +77,8 @@
 #
 # PACK=1: at the end, everything under OUT is packed into OUT/all.tgz (and removed): the device tool brings back only
 # the first few files of OUT. Several calls in one command add to one all.tgz.
+# COMMIT: pass the local checkout's commit (`git rev-parse --short HEAD` here) in the command: the device's copy of the
+# tree carries uncommitted changes but its git HEAD may lag (stop 30's files read 18e361d for 27c4459).
 set -u
 OUT=$1
 COMMIT=$2

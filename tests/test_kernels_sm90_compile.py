@@ -10,7 +10,9 @@ keyed by a hash of everything that determines them: Triton's hash of the kernel'
 ``@triton.jit`` functions it calls and the globals it reads), the signature, constants and compile options, the Triton
 version and the ``ptxas`` version. A changed kernel (or Triton, or setting) misses and is compiled and checked; the
 allowances are applied to memoised numbers as to fresh ones. ``VISIONLIN_SM90_RECOMPILE=1`` ignores the memo;
-``VISIONLIN_SM90_RECORD=1`` adds the results compiled in this run to it (commit the file with the kernel change).
+``VISIONLIN_SM90_RECORD=1`` adds the results compiled in this run to it (commit the file with the kernel change);
+``VISIONLIN_SM90_RECORD=prune`` does too and, after a run of the whole file in one process with nothing failed, drops
+the entries no case looked up (results of kernels or settings since changed), so the file does not only grow.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
 SM90_SHARED = 227 * 1024  # the most shared memory one block of an H100 / H200 may use (Triton raises beyond it)
 MEMO = Path(__file__).with_name("sm90_compile_results.json")
 _MEMO: dict | None = None
+_USED: set[str] = set()  # memo keys this process looked up or recorded
 
 
 @functools.cache
@@ -113,6 +116,23 @@ def _memo() -> dict:
     if _MEMO is None:
         _MEMO = json.loads(MEMO.read_text()) if MEMO.exists() else {}
     return _MEMO
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prune_memo(request):
+    """``VISIONLIN_SM90_RECORD=prune``: after this module's tests, keep only the memo entries they looked up, when
+    they were the whole file (no ``-k``, no node ids, no pytest-xdist worker) and none failed."""
+    yield
+    if os.environ.get("VISIONLIN_SM90_RECORD") != "prune":
+        return
+    cfg = request.config
+    partial = cfg.getoption("keyword") or any("::" in a for a in cfg.args) or "PYTEST_XDIST_WORKER" in os.environ
+    if partial or request.session.testsfailed or not _USED:
+        print(f"{MEMO.name}: not pruned (a partial, failed or skipped run)")
+        return
+    memo = json.loads(MEMO.read_text())
+    MEMO.write_text(json.dumps({k: v for k, v in sorted(memo.items()) if k in _USED}, indent=0) + "\n")
+    print(f"{MEMO.name}: pruned {len(memo)} -> {len(_USED & memo.keys())} entries")
 
 
 def _record(key: str, result: dict) -> None:
@@ -140,10 +160,11 @@ def _compile(
     key = hashlib.sha256(
         f"{src.hash()}|{sorted(options.items())}|sm_90a|{triton.__version__}|{_ptxas_version()}".encode()
     ).hexdigest()
+    _USED.add(key)
     hit = None if os.environ.get("VISIONLIN_SM90_RECOMPILE") == "1" else _memo().get(key)
     regs, spills, shared = (hit["regs"], hit["spills"], hit["shared"]) if hit else _compile_now(src, options)
     assert shared <= SM90_SHARED, f"{shared} bytes of shared memory, more than an sm_90 block has ({SM90_SHARED})"
-    if hit is None and os.environ.get("VISIONLIN_SM90_RECORD") == "1":
+    if hit is None and os.environ.get("VISIONLIN_SM90_RECORD") in ("1", "prune"):
         _record(key, {"kernel": fn.fn.__name__, "regs": regs, "spills": spills, "shared": shared})
     return regs, spills
 
