@@ -35,7 +35,7 @@ from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
 from .linear import FEATURE_MAP_IDS, NORMALIZATION_IDS, _num_sms, linear_backward, linear_forward, linear_state
 
-__all__ = ["focus_triton", "focused_linear_attention_triton"]
+__all__ = ["focused_linear_attention_triton"]
 
 
 @triton.jit
@@ -184,48 +184,6 @@ def _focus_grad(
     return dx, dc
 
 
-@torch.library.custom_op("visionlin::focus_fwd", mutates_args=())
-def focus_fwd(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> torch.Tensor:
-    """The focused features of ``x`` ``[B, N, H, D]`` in ``x``'s dtype; ``c``: float32 ``[H * D]`` or ``None``."""
-    return _focus(x, c, p, eps)
-
-
-@focus_fwd.register_fake
-def _(x, c, p, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("visionlin::focus_bwd", mutates_args=())
-def focus_bwd(
-    x: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, p: float, eps: float, need_dc: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dc)``; ``dc`` (float32 ``[H * D]``) is zeros unless ``need_dc``."""
-    return _focus_grad(x, c, g, p, eps, need_dc)
-
-
-@focus_bwd.register_fake
-def _(x, c, g, p, eps, need_dc):
-    return torch.empty_like(x), x.new_empty(x.shape[2] * x.shape[3], dtype=torch.float32)
-
-
-def _setup(ctx, inputs, output):
-    x, c, p, eps = inputs
-    ctx.save_for_backward(x, c)
-    ctx.args = (p, eps)
-    ctx.c_grad = c is not None and c.requires_grad
-
-
-def _backward(ctx, g):
-    x, c = ctx.saved_tensors
-    dx, dc = _focus_bwd_call(x, c, g, *ctx.args, ctx.c_grad)
-    return dx, (dc if ctx.c_grad else None), None, None
-
-
-focus_fwd.register_autograd(_backward, setup_context=_setup)
-_focus_bwd_call = eager_call(focus_bwd)
-_focus_fwd_call = eager_op(focus_fwd, _setup, _backward)
-
-
 # Focused linear attention as one op that keeps only its inputs for the backward ---------------------------------------
 _IDENTITY, _DIVIDE = FEATURE_MAP_IDS["identity"], NORMALIZATION_IDS["divide"]
 
@@ -313,13 +271,6 @@ def _scale_vector(x: torch.Tensor, channel_scale: torch.Tensor | float | None) -
     ):
         c = torch.as_tensor(channel_scale, device=x.device, dtype=torch.float32).expand(h, d).contiguous()
     return c.view(h * d)
-
-
-def focus_triton(
-    x: torch.Tensor, focusing_factor: float, *, channel_scale: torch.Tensor | float | None = None, eps: float = 1e-6
-) -> torch.Tensor:
-    """:func:`visionlin.kernels.focused.focus` with ``joint_heads=True`` on CUDA, in ``x``'s dtype."""
-    return _focus_fwd_call(x, _scale_vector(x, channel_scale), float(focusing_factor), float(eps))
 
 
 def focused_linear_attention_triton(
