@@ -592,8 +592,7 @@ def linear_attention_fwd(
     eps: float,
     save_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, N, H, Dv] in q's dtype, the float32 state [B*H, BD*BDV + BD + BDV] holding S, z, u)``; with
-    ``save_state=False`` (no gradient will be asked for) the state may come back empty (``[0]``)."""
+    """:func:`linear_forward` as a custom op."""
     return linear_forward(q, k, v, fmap, norm, scale, eps, save_state)
 
 
@@ -660,7 +659,7 @@ def linear_attention_bwd(
     scale: float,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`linear_attention_fwd`'s output for its gradient ``g``."""
+    """:func:`linear_backward` as a custom op (``out`` may be ``None``: see :func:`_setup`)."""
     return linear_backward(q, k, v, out, state, g, fmap, norm, scale, eps)
 
 
