@@ -44,6 +44,7 @@
 #   saved-memory   benchmarks/saved_memory.py: a training step's saved tensors by module and peak (SM_MODELS) ~1 min
 #   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
+#   tests-s31      the 39 gpu tests stop 30's run did not finish (hybrid / agent op, four families' parity) + memory ~4 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -288,6 +289,11 @@ for stage in "$@"; do
       run_tests s30 ${TESTS_LIMIT:-420} tests/test_kernels_triton_agent.py tests/test_kernels_triton_eager.py \
         tests/test_kernels_triton.py tests/test_kernels_triton_focus.py tests/test_kernels_hybrid.py \
         tests/test_models_gpu_parity.py -k "not test_gpu_fast_backends_match_reference or agent or flatten or infvit or inline"
+      run_tests memory 150 tests/test_models_gpu_memory.py ;;
+    tests-s31)  # what the stop-30 run did not finish: the hybrid / agent kernel test against its reference and the
+      # fast-backend parity of the agent, FLatten, InfViT and InLine models (39 tests), then the training-step memory
+      run_tests s31 ${TESTS_LIMIT:-300} tests/test_kernels_hybrid.py tests/test_models_gpu_parity.py \
+        -k "test_gpu_hybrid_and_agent_vs_reference or (test_gpu_fast_backends_match_reference and (agent or flatten or infvit or inline))"
       run_tests memory 150 tests/test_models_gpu_memory.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references
