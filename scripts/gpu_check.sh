@@ -275,6 +275,7 @@ for stage in "$@"; do
         | grep -vE '^\{' | tail -14; grep -c '"sweep"' "$OUT/conv_op.json" 2>/dev/null ;;
     saved-memory)  # a training step's saved tensors by module and its peak, ours next to the twins (SM_MODELS)
       timeout ${SM_LIMIT:-150} python3 benchmarks/saved_memory.py --out "$OUT" --commit "$COMMIT" --name "saved_memory_$COMMIT" \
+        --batch ${SM_BATCH:-128} \
         --models ${SM_MODELS:-deit_small_patch16_224,agent_deit_small,flatten_deit_small,infvit_small,swin_tiny_patch4_window7_224,agent_pvt_small} \
         2>&1 | tee "$OUT/saved_memory_$COMMIT.log" | grep -E "^==|MiB  [A-Z(]" | head -60 ;;
     bench-pool)
@@ -294,6 +295,11 @@ for stage in "$@"; do
       # fast-backend parity of the agent, FLatten, InfViT and InLine models (39 tests), then the training-step memory
       run_tests s31 ${TESTS_LIMIT:-300} tests/test_kernels_hybrid.py tests/test_models_gpu_parity.py \
         -k "test_gpu_hybrid_and_agent_vs_reference or (test_gpu_fast_backends_match_reference and (agent or flatten or infvit or inline))"
+      run_tests memory 150 tests/test_models_gpu_memory.py ;;
+    tests-s31b)  # the fused agent backward's tile limit: the boundary shapes, 128 agents at head dim 128 on SDPA, the
+      # hybrid / agent test at that shape (it had compiled for minutes, then failed on shared memory), then the memory
+      run_tests s31b ${TESTS_LIMIT:-240} tests/test_kernels_triton_agent.py tests/test_kernels_hybrid.py \
+        -k "case6 or case7 or case8 or above_the_backward_limit or grid3"
       run_tests memory 150 tests/test_models_gpu_memory.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references

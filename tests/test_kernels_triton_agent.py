@@ -176,6 +176,31 @@ def test_triton_agent_declines_with_reasons(monkeypatch):
     assert any("fused backward is off" in r for r in reasons)
 
 
+@pytest.mark.parametrize(
+    "na,d,dv,declined",
+    [(49, 64, 64, False), (64, 64, 64, False), (128, 32, 32, False), (25, 128, 128, False), (65, 64, 64, True),
+     (128, 128, 128, True), (49, 64, 80, True), (16, 128, 129, False)],
+)  # fmt: skip
+def test_triton_agent_backward_tile_limit(na, d, dv, declined):
+    """Calls that need a gradient are declined when the fused backward's float32 ``dA`` / ``dV_A`` tiles (agents x
+    (D + Dv), padded to powers of two) exceed :data:`MAX_BACKWARD_TILES` (the measured Agent-DeiT shape); inference
+    calls of any tile size are not; the reason names the sizes."""
+    from visionlin.kernels import get_op
+
+    q, k, v, a = (torch.randn(1, n, 2, x) for n, x in ((8, d), (8, d), (8, dv), (na, d)))
+    op = get_op("agent_attention")
+    assert not any("fused backward's" in r for r in op.supports(q, k, v, a, backend="triton"))  # no gradient
+    reasons = op.supports(q.requires_grad_(), k, v, a, backend="triton")
+    hit = [r for r in reasons if "fused backward's" in r]
+    if dv == 129:  # the tiles fit (16 x (128 + 256)); the head-dim limit refuses it, with its own reason
+        assert any("exceed the kernels' 128" in r for r in reasons)
+    assert bool(hit) == declined, reasons
+    if hit:
+        assert f"{na} agents at head dims D={d}, Dv={dv}" in hit[0] and "8192" in hit[0]
+    with torch.no_grad():
+        assert not any("fused backward's" in r for r in op.supports(q, k, v, a, backend="triton"))
+
+
 def test_backward_launch_settings_and_their_checks(monkeypatch):
     """The backward's launch settings: 64 rows, 4 warps, 1 pipeline stage above head dim 32 and 2 at 32 (measured,
     ``agent_backends.py --bwd-sweep``); ``TUNING`` overrides them, 0 stages leaves Triton's default, and a value a
@@ -195,18 +220,22 @@ def test_backward_launch_settings_and_their_checks(monkeypatch):
 
 
 gpu = pytest.mark.gpu
+# the fused backward's largest tiles (MAX_BACKWARD_TILES): 128 agents at head dim 32, 25 (padded to 32) at 128
+BOUNDARY = [(2, 300, 260, 2, 32, 32, 128, True), (1, 150, 170, 2, 128, 128, 25, True)]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True)])
+@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True),
+                                  *BOUNDARY, (2, 300, 260, 2, 128, 128, 128, True)])  # fmt: skip
 def test_triton_agent(case, dtype):
     check_agent(case, dtype, "cuda")
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True)])
+@pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True),
+                                  *BOUNDARY])  # fmt: skip
 def test_triton_agent_backward(case, dtype):
     check_agent_backward(case, dtype, "cuda")
 
@@ -272,3 +301,26 @@ def test_triton_agent_in_a_model():
         visionlin.set_backend(model, "reference")
         ref = model(x)
     assert _rel(fast, ref.double().cpu()) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_agent_tiles_above_the_backward_limit_train_on_sdpa(dtype):
+    """128 agents at head dim 128 with a gradient (the converter's pooled agents on a DiT): the automatic choice
+    takes SDPA (the fused backward declines, see ``MAX_BACKWARD_TILES``) and its gradients match the float64
+    reference within the dtype's floor; without a gradient the fused forward runs the same shape."""
+    from visionlin.kernels import get_op
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, a = (torch.randn(2, n, 2, 128, generator=g, dtype=torch.float64) for n in (300, 260, 260, 128))
+    leaves = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v, a)]
+    assert any("fused backward's" in r for r in get_op("agent_attention").supports(*leaves, backend="triton"))
+    ref_leaves = [t.to(dtype).double().requires_grad_() for t in (q, k, v, a)]
+    w = torch.randn(2, 300, 2, 128, generator=g, dtype=torch.float64)
+    (agent_attention_reference(*ref_leaves) * w).sum().backward()
+    (agent_attention(*leaves) * w.to("cuda", dtype)).sum().backward()
+    for name, mine, ref in zip("qkva", leaves, ref_leaves, strict=True):
+        assert _rel(mine.grad, ref.grad) <= 4 * FLOOR[dtype], (name, _rel(mine.grad, ref.grad))
+    with torch.no_grad():
+        out = agent_attention(*(t.detach() for t in leaves), backend="triton")
+    assert _rel(out, agent_attention_reference(*(t.detach() for t in ref_leaves))) <= 4 * FLOOR[dtype]

@@ -164,13 +164,38 @@ def _triton(q, k, v, agents, **kwargs):
     return agent_attention_triton(q, k, v, agents, **kwargs)
 
 
+#: Largest ``agents x (D + Dv)`` (each padded to a power of two >= 16) the fused backward takes: its programs keep
+#: ``dA`` ``[agents, D]`` and ``dV_A`` ``[agents, Dv]`` in float32 registers, and 64 agents at head dim 64 (Agent-DeiT's
+#: 49, padded) is the largest shape measured. On an H200, 128 agents at head dim 128 (the converter's pooled agents on
+#: a DiT) spent minutes compiling the broadcast's backward in float32, which then needed 270 KB of shared memory
+#: (the limit is 227 KB); bfloat16 did not finish compiling within minutes either. Larger calls run on SDPA.
+MAX_BACKWARD_TILES = 64 * (64 + 64)
+
+
+def _backward_tiles(agents: int, d: int, dv: int) -> int:
+    def pad(x: int) -> int:  # triton._launch.tile_dim, without importing the Triton package on the CPU
+        return max(16, 1 << max(0, x - 1).bit_length())
+
+    return pad(agents) * (pad(d) + pad(dv))
+
+
 def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropout_p=0.0, **kwargs):
     from .triton import head_dim_reasons, heads_grid_reasons, triton_unavailable
 
     reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
     tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
-    if not TRITON_BACKWARD and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        reasons.append("a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if not TRITON_BACKWARD:
+            reasons.append(
+                "a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD)"
+            )
+        tiles = _backward_tiles(agents.shape[1], q.shape[-1], v.shape[-1])
+        if tiles > MAX_BACKWARD_TILES:
+            reasons.append(
+                f"a gradient is required and the fused backward's float32 dA and dV_A tiles for {agents.shape[1]} "
+                f"agents at head dims D={q.shape[-1]}, Dv={v.shape[-1]} hold {tiles} elements per program, more than "
+                f"its {MAX_BACKWARD_TILES} (agents x (D + Dv), each padded to a power of two >= 16)"
+            )
     if dropout_p:
         reasons.append(f"{dropout_p=} (the fused kernels have no dropout)")
     if agents.shape[1] > 128:
@@ -203,8 +228,8 @@ def agent_attention(
     """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
 
     Backends, in automatic-selection order: ``"triton"`` (CUDA: the fused forward and backward of
-    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and, with
-    :data:`TRITON_BACKWARD` off, calls that need a gradient), ``"sdpa"`` (two
+    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and calls that need a gradient
+    with :data:`TRITON_BACKWARD` off or tiles larger than :data:`MAX_BACKWARD_TILES`), ``"sdpa"`` (two
     ``torch.nn.functional.scaled_dot_product_attention`` calls: dropout and everything else) and ``"reference"``.
 
     Args:
