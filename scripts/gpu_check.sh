@@ -299,7 +299,7 @@ for stage in "$@"; do
     tests-s31b)  # the fused agent backward's tile limit: the boundary shapes, 128 agents at head dim 128 on SDPA, the
       # hybrid / agent test at that shape (it had compiled for minutes, then failed on shared memory), then the memory
       run_tests s31b ${TESTS_LIMIT:-240} tests/test_kernels_triton_agent.py tests/test_kernels_hybrid.py \
-        -k "case6 or case7 or case8 or above_the_backward_limit or grid3"
+        -k "case6 or case7 or above_the_limit or tile_limit or grid3"
       run_tests memory 150 tests/test_models_gpu_memory.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references

@@ -181,24 +181,25 @@ def test_triton_agent_declines_with_reasons(monkeypatch):
     [(49, 64, 64, False), (64, 64, 64, False), (128, 32, 32, False), (25, 128, 128, False), (65, 64, 64, True),
      (128, 128, 128, True), (49, 64, 80, True), (16, 128, 129, False)],
 )  # fmt: skip
-def test_triton_agent_backward_tile_limit(na, d, dv, declined):
-    """Calls that need a gradient are declined when the fused backward's float32 ``dA`` / ``dV_A`` tiles (agents x
-    (D + Dv), padded to powers of two) exceed :data:`MAX_BACKWARD_TILES` (the measured Agent-DeiT shape); inference
-    calls of any tile size are not; the reason names the sizes."""
+def test_triton_agent_tile_limit(na, d, dv, declined):
+    """Calls that need a gradient, and float32 calls, are declined when the fused kernels' tiles (agents x (D + Dv),
+    padded to powers of two) exceed :data:`MAX_TILES`; half-precision inference of any tile size is not; the reason
+    names the sizes."""
     from visionlin.kernels import get_op
 
-    q, k, v, a = (torch.randn(1, n, 2, x) for n, x in ((8, d), (8, d), (8, dv), (na, d)))
     op = get_op("agent_attention")
-    assert not any("fused backward's" in r for r in op.supports(q, k, v, a, backend="triton"))  # no gradient
-    reasons = op.supports(q.requires_grad_(), k, v, a, backend="triton")
-    hit = [r for r in reasons if "fused backward's" in r]
-    if dv == 129:  # the tiles fit (16 x (128 + 256)); the head-dim limit refuses it, with its own reason
-        assert any("exceed the kernels' 128" in r for r in reasons)
-    assert bool(hit) == declined, reasons
-    if hit:
-        assert f"{na} agents at head dims D={d}, Dv={dv}" in hit[0] and "8192" in hit[0]
-    with torch.no_grad():
-        assert not any("fused backward's" in r for r in op.supports(q, k, v, a, backend="triton"))
+    for dtype in (torch.float16, torch.float32):
+        q, k, v, a = (torch.randn(1, n, 2, x, dtype=dtype) for n, x in ((8, d), (8, d), (8, dv), (na, d)))
+        for grad in (False, True):
+            reasons = op.supports(q.requires_grad_(grad), k, v, a, backend="triton")
+            hit = [r for r in reasons if "tiles for" in r]
+            if dv == 129:  # the tiles fit (16 x (128 + 256)); the head-dim limit refuses it, with its own reason
+                assert any("exceed the kernels' 128" in r for r in reasons)
+            assert bool(hit) == (declined and (grad or dtype == torch.float32)), (dtype, grad, reasons)
+            if hit:
+                assert f"{na} agents at head dims D={d}, Dv={dv}" in hit[0] and "8192" in hit[0]
+                assert ("gradient" in hit[0]) == grad and ("float32" in hit[0]) == (not grad)
+
 
 
 def test_backward_launch_settings_and_their_checks(monkeypatch):
@@ -220,14 +221,14 @@ def test_backward_launch_settings_and_their_checks(monkeypatch):
 
 
 gpu = pytest.mark.gpu
-# the fused backward's largest tiles (MAX_BACKWARD_TILES): 128 agents at head dim 32, 25 (padded to 32) at 128
+# the fused kernels' largest tiles with a gradient or in float32 (MAX_TILES): 128 agents at head dim 32, 25 (padded to 32) at 128
 BOUNDARY = [(2, 300, 260, 2, 32, 32, 128, True), (1, 150, 170, 2, 128, 128, 25, True)]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", [*CASES, (8, 197, 197, 6, 64, 64, 49, True), (1, 4097, 4097, 6, 64, 64, 49, True),
-                                  *BOUNDARY, (2, 300, 260, 2, 128, 128, 128, True)])  # fmt: skip
+                                  *BOUNDARY])  # fmt: skip
 def test_triton_agent(case, dtype):
     check_agent(case, dtype, "cuda")
 
@@ -304,17 +305,17 @@ def test_triton_agent_in_a_model():
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_agent_tiles_above_the_backward_limit_train_on_sdpa(dtype):
-    """128 agents at head dim 128 with a gradient (the converter's pooled agents on a DiT): the automatic choice
-    takes SDPA (the fused backward declines, see ``MAX_BACKWARD_TILES``) and its gradients match the float64
-    reference within the dtype's floor; without a gradient the fused forward runs the same shape."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_agent_tiles_above_the_limit_run_on_sdpa(dtype):
+    """128 agents at head dim 128 (the converter's pooled agents on a DiT): with a gradient the automatic choice
+    takes SDPA (the fused kernels decline, see ``MAX_TILES``) and its gradients match the float64 reference within
+    the dtype's floor; without one the fused forward runs the shape in half precision, SDPA in float32."""
     from visionlin.kernels import get_op
 
     g = torch.Generator().manual_seed(3)
     q, k, v, a = (torch.randn(2, n, 2, 128, generator=g, dtype=torch.float64) for n in (300, 260, 260, 128))
     leaves = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v, a)]
-    assert any("fused backward's" in r for r in get_op("agent_attention").supports(*leaves, backend="triton"))
+    assert any("tiles for" in r for r in get_op("agent_attention").supports(*leaves, backend="triton"))
     ref_leaves = [t.to(dtype).double().requires_grad_() for t in (q, k, v, a)]
     w = torch.randn(2, 300, 2, 128, generator=g, dtype=torch.float64)
     (agent_attention_reference(*ref_leaves) * w).sum().backward()
@@ -322,5 +323,5 @@ def test_agent_tiles_above_the_backward_limit_train_on_sdpa(dtype):
     for name, mine, ref in zip("qkva", leaves, ref_leaves, strict=True):
         assert _rel(mine.grad, ref.grad) <= 4 * FLOOR[dtype], (name, _rel(mine.grad, ref.grad))
     with torch.no_grad():
-        out = agent_attention(*(t.detach() for t in leaves), backend="triton")
+        out = agent_attention(*(t.detach() for t in leaves), backend="triton" if dtype != torch.float32 else None)
     assert _rel(out, agent_attention_reference(*(t.detach() for t in ref_leaves))) <= 4 * FLOOR[dtype]

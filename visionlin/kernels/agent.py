@@ -164,15 +164,17 @@ def _triton(q, k, v, agents, **kwargs):
     return agent_attention_triton(q, k, v, agents, **kwargs)
 
 
-#: Largest ``agents x (D + Dv)`` (each padded to a power of two >= 16) the fused backward takes: its programs keep
-#: ``dA`` ``[agents, D]`` and ``dV_A`` ``[agents, Dv]`` in float32 registers, and 64 agents at head dim 64 (Agent-DeiT's
-#: 49, padded) is the largest shape measured. On an H200, 128 agents at head dim 128 (the converter's pooled agents on
-#: a DiT) spent minutes compiling the broadcast's backward in float32, which then needed 270 KB of shared memory
-#: (the limit is 227 KB); bfloat16 did not finish compiling within minutes either. Larger calls run on SDPA.
-MAX_BACKWARD_TILES = 64 * (64 + 64)
+#: Largest ``agents x (D + Dv)`` (each padded to a power of two >= 16) the fused kernels take when a gradient is
+#: needed, and for float32 inputs: the backward's programs keep ``dA`` ``[agents, D]`` and ``dV_A`` ``[agents, Dv]`` in
+#: float32 registers, and float32 tiles take twice the shared memory of half ones. Measured on an H200: 128 agents at
+#: head dim 32 and 32 at head dim 128 (both at the limit) pass their gpu tests in every dtype; 128 agents at head dim
+#: 128 (the converter's pooled agents on a DiT) compiled the broadcast's backward for minutes in float32, then needed
+#: 270 KB of shared memory (the limit is 227 KB), and the float32 forward's aggregation needed 295 KB; in bfloat16 and
+#: float16 that forward runs (tested). Such calls run on SDPA.
+MAX_TILES = 64 * (64 + 64)
 
 
-def _backward_tiles(agents: int, d: int, dv: int) -> int:
+def _tiles(agents: int, d: int, dv: int) -> int:
     def pad(x: int) -> int:  # triton._launch.tile_dim, without importing the Triton package on the CPU
         return max(16, 1 << max(0, x - 1).bit_length())
 
@@ -184,18 +186,16 @@ def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropo
 
     reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
     tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        if not TRITON_BACKWARD:
-            reasons.append(
-                "a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD)"
-            )
-        tiles = _backward_tiles(agents.shape[1], q.shape[-1], v.shape[-1])
-        if tiles > MAX_BACKWARD_TILES:
-            reasons.append(
-                f"a gradient is required and the fused backward's float32 dA and dV_A tiles for {agents.shape[1]} "
-                f"agents at head dims D={q.shape[-1]}, Dv={v.shape[-1]} hold {tiles} elements per program, more than "
-                f"its {MAX_BACKWARD_TILES} (agents x (D + Dv), each padded to a power of two >= 16)"
-            )
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if grad and not TRITON_BACKWARD:
+        reasons.append("a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD)")
+    tiles = _tiles(agents.shape[1], q.shape[-1], v.shape[-1])
+    if (grad or q.dtype == torch.float32) and tiles > MAX_TILES:
+        why = "a gradient is required and the fused backward's" if grad else "float32 inputs and the forward's"
+        reasons.append(
+            f"{why} tiles for {agents.shape[1]} agents at head dims D={q.shape[-1]}, Dv={v.shape[-1]} hold {tiles} "
+            f"elements per program, more than its {MAX_TILES} (agents x (D + Dv), each padded to a power of two >= 16)"
+        )
     if dropout_p:
         reasons.append(f"{dropout_p=} (the fused kernels have no dropout)")
     if agents.shape[1] > 128:
@@ -228,8 +228,9 @@ def agent_attention(
     """Agent attention; the math is in :func:`agent_attention_reference` and the module docstring.
 
     Backends, in automatic-selection order: ``"triton"`` (CUDA: the fused forward and backward of
-    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents and calls that need a gradient
-    with :data:`TRITON_BACKWARD` off or tiles larger than :data:`MAX_BACKWARD_TILES`), ``"sdpa"`` (two
+    :mod:`visionlin.kernels.triton.agent`; it declines dropout, more than 128 agents, calls that need a gradient
+    with :data:`TRITON_BACKWARD` off, and tiles larger than :data:`MAX_TILES` that need a gradient or are float32),
+    ``"sdpa"`` (two
     ``torch.nn.functional.scaled_dot_product_attention`` calls: dropout and everything else) and ``"reference"``.
 
     Args:
