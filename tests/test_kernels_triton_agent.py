@@ -221,7 +221,8 @@ def test_backward_launch_settings_and_their_checks(monkeypatch):
 
 
 gpu = pytest.mark.gpu
-# the fused kernels' largest tiles with a gradient or in float32 (MAX_TILES): 128 agents at head dim 32, 25 (padded to 32) at 128
+# the fused kernels' largest tiles with a gradient or in float32 (MAX_TILES): 128 agents at head dim 32, 25
+# (padded to 32) at head dim 128
 BOUNDARY = [(2, 300, 260, 2, 32, 32, 128, True), (1, 150, 170, 2, 128, 128, 25, True)]
 
 
