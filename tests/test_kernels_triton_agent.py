@@ -201,7 +201,6 @@ def test_triton_agent_tile_limit(na, d, dv, declined):
                 assert ("gradient" in hit[0]) == grad and ("float32" in hit[0]) == (not grad)
 
 
-
 def test_backward_launch_settings_and_their_checks(monkeypatch):
     """The backward's launch settings: 64 rows, 4 warps, 1 pipeline stage above head dim 32 and 2 at 32 (measured,
     ``agent_backends.py --bwd-sweep``); ``TUNING`` overrides them, 0 stages leaves Triton's default, and a value a
