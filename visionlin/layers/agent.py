@@ -26,6 +26,7 @@ from ..kernels.conv import token_depthwise_conv2d
 from ..kernels.pool import token_adaptive_avg_pool2d
 from ._base import TokenMixer, check_tokens, depthwise_taps, merge_heads, split_heads
 from ._cache import cached, frozen_key
+from ._recompute import call_recomputing
 from ._registry import register_attn
 
 __all__ = ["AgentAttention", "pool_tokens", "resample_agent_biases"]
@@ -281,17 +282,24 @@ class AgentAttention(TokenMixer):
         feat_size = (int(feat_size[0]), int(feat_size[1]))
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
-        agents = pool_tokens(q[:, p:], feat_size, self.pool_size, backend=self.helper_backend(_POOL)).contiguous()
+
+        def pool() -> torch.Tensor:
+            return pool_tokens(q[:, p:], feat_size, self.pool_size, backend=self.helper_backend(_POOL)).contiguous()
+
+        agents = pool()
         # SDPA takes its float masks in the queries' dtype; the automatic choice (the fused kernels in inference, SDPA
         # otherwise) gets them cast once here while they are kept (the fused kernels read half the bytes)
         cast = q.dtype if self.backend in (None, "sdpa") else None
         agent_bias, query_bias = self.position_biases(feat_size, p, dtype=cast)
-        q, k, v, agents = (split_heads(t, self.num_heads) for t in (q, k, v, agents))
-        out = agent_attention(
-            q,
-            k,
-            v,
+        # the agents are pooled again in the backward instead of kept: the attention keeps q, which they come from
+        out = call_recomputing(
             agents,
+            pool,
+            agent_attention,
+            split_heads(q, self.num_heads),
+            split_heads(k, self.num_heads),
+            split_heads(v, self.num_heads),
+            split_heads(agents, self.num_heads),
             agent_bias=agent_bias,
             query_bias=query_bias,
             scale=self.head_dim**-0.5,
@@ -301,7 +309,7 @@ class AgentAttention(TokenMixer):
         # the kernel in the values' dtype, as autocast gives a Conv2d
         weight, bias = depthwise_taps(self, self.dwc, v.dtype, name="dwc")
         out = token_depthwise_conv2d(
-            merge_heads(v),
+            v,
             weight,
             bias,
             feat_size=feat_size,
