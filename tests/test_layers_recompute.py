@@ -17,8 +17,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import visionlin.layers.agent as agent_layer
-from visionlin.layers._recompute import call_recomputing
 from visionlin.kernels.agent import agent_attention_reference
+from visionlin.layers._recompute import call_recomputing
 from visionlin.layers.agent import AgentAttention
 
 
