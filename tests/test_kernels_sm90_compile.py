@@ -63,9 +63,9 @@ POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
 FP32_POINTERS |= {"MEAN", "RSTD"}
 POINTERS |= FP32_POINTERS | {"DOUT", "DG"}
 # Agent attention (triton/agent.py): float32 partial sums, softmax statistics, V_A and its gradient, the agents'
-# gradient and the biases' gradients.
-FP32_POINTERS |= {"PART", "STATS", "DA", "DVA", "DAB", "DQB"}
-POINTERS |= FP32_POINTERS
+# gradient; the biases' per-sample gradient tables in the inputs' dtype.
+FP32_POINTERS |= {"PART", "STATS", "DA", "DVA"}
+POINTERS |= FP32_POINTERS | {"DAB", "DQB"}
 # Agent position biases (triton/agent_bias.py): float32 tables and table gradients (the parameters), biases and their
 # gradients in the attention's dtype.
 _BIAS_TABLES = {"AN", "NA_T", "AH", "AW", "HA", "WA", "AC", "CA"}

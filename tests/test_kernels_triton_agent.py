@@ -111,6 +111,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for case in CASES:  # the backward (V_A and the log-sum-exp recomputed, then the two backward kernels)
         check_agent_backward(case, torch.float32, "cpu")
     check_agent_backward(CASES[1], torch.float16, "cpu")
+    # half inputs: the per-sample bias-gradient tables in float16, summed over the batch in float32
+    check_agent_backward((3, 40, 50, 2, 16, 16, 9, True), torch.float16, "cpu")
+    check_agent_backward((2, 40, 50, 2, 16, 16, 9, True), torch.float16, "cpu", shared_bias=False)
     # the backward's query / key ranges split over programs (dA / dV_A added atomically) and not; a per-batch bias
     agent.TUNING["splits"] = 3
     check_agent_backward(CASES[3], torch.float32, "cpu")
@@ -199,6 +202,20 @@ def test_triton_agent_tile_limit(na, d, dv, declined):
             if hit:
                 assert f"{na} agents at head dims D={d}, Dv={dv}" in hit[0] and "8192" in hit[0]
                 assert ("gradient" in hit[0]) == grad and ("float32" in hit[0]) == (not grad)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 5, 7), (4, 3, 5, 7), (3, 5, 7), (5, 1), (1, 1, 1, 1), (4, 1, 5, 1), ()]
+)  # fmt: skip
+def test_bias_gradient_tables_sum_in_float32(shape):
+    """The backward's per-sample bias-gradient tables (half dtype for half inputs) summed to a bias's broadcast shape:
+    float32 result, equal to a float64 sum_to_size."""
+    from visionlin.kernels.triton.agent import _sum_to
+
+    t = torch.randn(4, 3, 5, 7, dtype=torch.float64).to(torch.float16)
+    out = _sum_to(t, torch.Size(shape))
+    assert out.dtype == torch.float32 and out.shape == torch.Size(shape)
+    torch.testing.assert_close(out.double(), t.double().sum_to_size(shape), rtol=1e-6, atol=1e-5)
 
 
 def test_backward_launch_settings_and_their_checks(monkeypatch):

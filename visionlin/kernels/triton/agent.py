@@ -349,6 +349,14 @@ def _warps(block_a: int, block_d: int, block_dv: int) -> int:
     return 8 if block_a * max(block_d, block_dv) >= 64 * 64 else 4
 
 
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed to the broadcastable ``shape``, accumulated and returned in float32 (no float32 copy of ``t``)."""
+    lead = t.dim() - len(shape)
+    dims = [*range(lead), *(lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1)]
+    out = t.sum(dim=dims, keepdim=True, dtype=torch.float32) if dims else t.float()
+    return out.reshape(shape)
+
+
 def _bias_view(bias: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     if bias is None:
         return None, (0, 0, 0, 0)
@@ -441,11 +449,13 @@ def agent_attention_bwd(
     buf = torch.zeros if splits_q > 1 or not run else torch.empty
     da32 = buf(b * h, ba, bd, device=q.device, dtype=torch.float32)
     dva = buf(b * h, ba, bdv, device=q.device, dtype=torch.float32)
-    # the logits' gradients of the biases, every (batch, head) element stored once, summed to the biases' shapes below
-    dab = q.new_empty((b, h, na, m) if agent_bias_grad else (0,), dtype=torch.float32)
-    dqb = q.new_empty((b, h, n, na) if query_bias_grad else (0,), dtype=torch.float32)
+    # The logits' gradients of the biases: every (batch, head) element stored once, in the inputs' dtype (as SDPA's
+    # mask gradient), then summed to the biases' shapes in float32; each table is summed, and freed, before the next
+    # is made (at Agent-DeiT-S's shapes the two float32 tables were 28 MiB of the backward's peak at batch 64).
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    table = q.dtype if half else torch.float32
+    dqb = (q.new_empty if run else q.new_zeros)((b, h, n, na) if query_bias_grad else (0,), dtype=table)
     if run:
-        half = q.dtype in (torch.float16, torch.bfloat16)
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
@@ -457,6 +467,8 @@ def agent_attention_bwd(
             HAS_BIAS=qb is not None, BIAS_GRAD=query_bias_grad, HALF=half, SPLIT=splits_q > 1, BLOCK_N=rows,
             BLOCK_A=ba, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
         )  # fmt: skip
+        dqb = _sum_to(dqb, query_bias.shape) if query_bias_grad else dqb
+        dab = q.new_empty((b, h, na, m) if agent_bias_grad else (0,), dtype=table)
         splits_k, per_k = _splits(b * h, m, q.device)
         launch(_aggregate_backward_kernel, (splits_k, b * h),
             agents, k, v, ab if ab is not None else va, va, dva, lse, da32, dk, dv, dab, m, h, na, d, dv_, scale,
@@ -465,11 +477,13 @@ def agent_attention_bwd(
             BLOCK_M=rows, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
         )  # fmt: skip
     else:  # an empty output (no batch, head, query or value channel): every gradient is zero
-        dq.zero_(), dk.zero_(), dv.zero_(), dab.zero_(), dqb.zero_()
+        dq.zero_(), dk.zero_(), dv.zero_()
+        dqb = _sum_to(dqb, query_bias.shape) if query_bias_grad else dqb
+        dab = q.new_zeros((b, h, na, m) if agent_bias_grad else (0,), dtype=table)
     dagents = torch.empty(agents.shape, device=q.device, dtype=agents.dtype)
     dagents.copy_(da32[:, :na, :d].reshape(b, h, na, d).transpose(1, 2))
-    dab = dab.sum_to_size(agent_bias.shape) if agent_bias_grad else dab
-    dqb = dqb.sum_to_size(query_bias.shape) if query_bias_grad else dqb
+    dab = _sum_to(dab, agent_bias.shape) if agent_bias_grad else dab.float()
+    dqb = dqb if query_bias_grad else dqb.float()
     return dq, dk, dv, dagents, dab, dqb
 
 
