@@ -18,10 +18,12 @@ The backward (:func:`agent_attention_bwd`; the forward keeps only its inputs) re
 aggregation's log-sum-exp (one aggregation pass), then runs the broadcast's backward (``dQ``; ``dA`` and ``dV_A``),
 then the aggregation's (``dK``, ``dV``; the rest of ``dA``). Each program walks a range of query (key) blocks of one
 (batch, head) with ``dA`` / ``dV_A`` summed in registers, split over ranges as the forward's aggregation is (atomic
-adds only then). The biases' gradients are each logits' gradient stored once per (batch, head) element into float32
-tables, summed to the biases' shapes afterwards: the first version added every block's share atomically (~75 M
-float32 atomics at 224 px, batch 256: 1.6 ms, 2.3x SDPA's forward + backward). The backend takes calls that need a
-gradient only when ``visionlin.kernels.agent.TRITON_BACKWARD`` is set; it declines dropout.
+adds only then). The biases' gradients are each logits' gradient stored once per (batch, head) element into tables
+in the inputs' dtype (float32 for float32 inputs), each summed in float32 to its bias's shape before the next is made:
+the first version added every block's share atomically (~75 M float32 atomics at 224 px, batch 256: 1.6 ms, 2.3x
+SDPA's forward + backward). The backend takes calls that need a gradient only when
+``visionlin.kernels.agent.TRITON_BACKWARD`` is set and the tiles fit (``visionlin.kernels.agent.MAX_TILES``); it
+declines dropout.
 """
 
 from __future__ import annotations
