@@ -1,8 +1,9 @@
 """Where a training step's activation memory goes: the tensors autograd keeps for the backward, by the module that
 saved them, next to the step's peak memory, for our models and their dense twin.
 
-Each tensor saved for the backward (``torch.autograd.graph.saved_tensors_hooks``: the ATen ops' saved inputs and
-outputs and what our custom autograd functions ``save_for_backward``) is counted once per storage, in the storage's
+Each tensor saved for the backward (saved-tensor hooks that only look, ``visionlin.layers._recompute.observe_saved``:
+the ATen ops' saved inputs and outputs and what our custom autograd functions ``save_for_backward``, but not what a
+layer has recomputed in the backward instead) is counted once per storage, in the storage's
 bytes (a view keeps its whole storage alive), attributed to the innermost module running when it was saved, and
 classed as a parameter (the weights themselves: not activation memory), a cast of a parameter (autocast's half
 precision copy of a weight, kept for the weight's gradient) or an activation. Peak memory is
@@ -33,6 +34,7 @@ import timm  # noqa: E402
 
 import visionlin  # noqa: E402, F401  (registers the models)
 from benchmarks._meta import gpu_meta  # noqa: E402
+from visionlin.layers._recompute import observe_saved  # noqa: E402
 from visionlin.train.bench import _create  # noqa: E402
 
 MODELS = "deit_small_patch16_224,agent_deit_small,flatten_deit_small,infvit_small"
@@ -65,12 +67,12 @@ def saved_breakdown(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
 
     with _module_stack() as stack:
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def look(t: torch.Tensor) -> None:
             nonlocal count
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
             if ptr in seen or storage.nbytes() == 0:
-                return t
+                return
             seen.add(ptr)
             count += 1
             if ptr in params:
@@ -87,7 +89,6 @@ def saved_breakdown(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
                 entry = by_shape[(module, tuple(t.shape), str(t.dtype).replace("torch.", ""))]
                 entry[0] += 1
                 entry[1] += storage.nbytes()
-            return t
 
         cuda = x.device.type == "cuda"
         model.zero_grad(set_to_none=True)
@@ -96,7 +97,7 @@ def saved_breakdown(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        with observe_saved(look), autocast:
             out = model(x)
             loss = out.float().logsumexp(-1).mean()
         loss.backward()

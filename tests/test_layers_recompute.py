@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import visionlin.layers.agent as agent_layer
 from visionlin.kernels.agent import agent_attention_reference
-from visionlin.layers._recompute import call_recomputing
+from visionlin.layers._recompute import call_recomputing, observe_saved
 from visionlin.layers.agent import AgentAttention
 
 
@@ -172,3 +172,25 @@ def test_activation_checkpointing_is_unaffected(monkeypatch):
     checkpoint(layer, x, (8, 8), 1, use_reentrant=False).backward(g)
     for a, b in zip(plain, [x.grad] + [p.grad for p in layer.parameters()], strict=True):
         assert torch.equal(a, b)
+
+
+def test_observers_see_what_is_saved_and_keep_the_recipes(monkeypatch):
+    """Under :func:`observe_saved` (a memory measurement: ``benchmarks/saved_memory.py``, the gpu memory test) the
+    agents are still recomputed, and the observer sees every other saved tensor but not them."""
+    refs = _track_agents(monkeypatch)
+    saved = _SavesInputs.saved_agents
+    saved.clear()
+    layer, x = _layer_and_input()
+    looked: list[int] = []
+    with observe_saved(lambda t: looked.append(t.untyped_storage().data_ptr())):
+        out = layer(x, (8, 8), 1)
+    gc.collect()
+    assert saved[0]() is None and refs[0]() is None
+    assert looked and x.untyped_storage().data_ptr() in looked  # e.g. the input the qkv projection keeps
+    out.sum().backward()
+    assert len(refs) == 2
+    # nested: the innermost observer is the one composed with
+    outer, inner = [], []
+    with observe_saved(lambda t: outer.append(1)), observe_saved(lambda t: inner.append(1)):
+        layer(x, (8, 8), 1).sum().backward()
+    assert inner and not outer

@@ -10,20 +10,53 @@ autograd, so it is a plain call there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 from ..kernels._common import real_plain_tensor, tracing
 
-__all__ = ["call_recomputing"]
+__all__ = ["call_recomputing", "observe_saved"]
 
 
-def _outer_hooks() -> bool | None:
-    """Whether saved-tensor hooks are active (``None``: this torch cannot tell)."""
+#: The pack hooks of the open :func:`observe_saved` contexts, innermost last.
+_OBSERVERS: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+
+def _outer_hooks() -> str:
+    """The saved-tensor hooks active now: ``"none"``, ``"observer"`` (the innermost are an :func:`observe_saved`
+    context's) or ``"other"`` (also when this torch cannot tell)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False) is not None
+    if top is None:
+        return "other"
+    hooks = top(False)
+    if hooks is None:
+        return "none"
+    return "observer" if _OBSERVERS and hooks[0] is _OBSERVERS[-1] else "other"
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@contextlib.contextmanager
+def observe_saved(look: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Saved-tensor hooks that only look: ``look(t)`` for every tensor autograd saves while the context is open, each
+    kept as it is. Unlike other hooks, these let :func:`call_recomputing` inside them keep its recipes (``look`` does
+    not see the tensors it recomputes), so a memory measurement sees what a plain training step saves."""
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        look(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        _OBSERVERS.append(pack)
+        try:
+            yield
+        finally:
+            _OBSERVERS.pop()
 
 
 class _Recipe(NamedTuple):
@@ -44,13 +77,13 @@ def call_recomputing(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
 
     A plain call when ``tensor`` does not own a whole storage contiguously (a view of something larger: its storage
     stays alive regardless), when no gradient is recorded, while compiling or tracing (see the module docstring), and
-    under other saved-tensor hooks (non-reentrant activation checkpointing, offloading: they own what is saved, and
-    their recomputation must see the same saved tensors as their forward).
+    under saved-tensor hooks other than :func:`observe_saved`'s (non-reentrant activation checkpointing, offloading:
+    they own what is saved, and their recomputation must see the same saved tensors as their forward).
     """
     if (
         tracing()
         or not torch.is_grad_enabled()
-        or _outer_hooks() is not False
+        or (outer := _outer_hooks()) == "other"
         or not real_plain_tensor(tensor)
         or not tensor.is_contiguous()
         or tensor.storage_offset() != 0
@@ -61,10 +94,12 @@ def call_recomputing(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
     # the backward runs outside the forward's autocast region: the recomputation runs inside an equal one
     autocast = {"enabled": torch.is_autocast_enabled(device.type), "dtype": torch.get_autocast_dtype(device.type)}
 
+    observer = _OBSERVERS[-1] if outer == "observer" else _identity
+
     def pack(t: torch.Tensor) -> torch.Tensor | _Recipe:
         if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == ptr:
             return _Recipe(t.size(), t.stride(), t.storage_offset())
-        return t
+        return observer(t)
 
     def unpack(saved: torch.Tensor | _Recipe) -> torch.Tensor:
         if not isinstance(saved, _Recipe):
