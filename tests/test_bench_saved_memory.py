@@ -12,7 +12,11 @@ from benchmarks import saved_memory
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [(["--models", "agent_deit_tiny,nope"], r"unknown model\(s\) \['nope'\]"), (["--batch", "0"], "--batch must be")],
+    [
+        (["--models", "agent_deit_tiny,nope"], r"unknown model\(s\) \['nope'\]"),
+        (["--batch", "0"], "--batch must be"),
+        (["--warmup", "-1"], r"--warmup >= 0, got 128, 224, -1"),
+    ],  # fmt: skip
 )
 def test_bad_arguments_are_refused(args, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
