@@ -45,6 +45,7 @@
 #   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
 #   tests-s31      the 39 gpu tests stop 30's run did not finish (hybrid / agent op, four families' parity) + memory ~4 min
+#   tests-s32      stop 31's CPU-only changes: agent kernels (half bias-gradient tables), agent parity, memory ~5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -300,6 +301,12 @@ for stage in "$@"; do
       # hybrid / agent test at that shape (it had compiled for minutes, then failed on shared memory), then the memory
       run_tests s31b ${TESTS_LIMIT:-240} tests/test_kernels_triton_agent.py tests/test_kernels_hybrid.py \
         -k "case6 or case7 or above_the_limit or tile_limit or grid3"
+      run_tests memory 150 tests/test_models_gpu_memory.py ;;
+    tests-s32)  # what stop 31 changed without a GPU: the agent backward's half-precision bias-gradient tables (every
+      # agent kernel test), the pooled agents recomputed in the backward (the agent layers and models' parity), then the
+      # training-step memory against the twin (Agent-DeiT-S failed it at 2518b7b / bf7f002 by 32 MiB)
+      run_tests s32 ${TESTS_LIMIT:-300} tests/test_kernels_triton_agent.py tests/test_kernels_hybrid.py \
+        tests/test_layers_agent_inline.py tests/test_models_gpu_parity.py -k "agent or hybrid"
       run_tests memory 150 tests/test_models_gpu_memory.py ;;
     tests-bias)  # the agent position-bias kernels (forward, backward), the token conv after its wrapper's changes, the
       # agent layers and every agent / token-conv model's parity with its references
