@@ -283,8 +283,10 @@ class AgentAttention(TokenMixer):
         p = num_prefix_tokens
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, N, C] each
 
+        pool_backend = self.helper_backend(_POOL)  # the backward's pooling takes the forward's backend
+
         def pool() -> torch.Tensor:
-            return pool_tokens(q[:, p:], feat_size, self.pool_size, backend=self.helper_backend(_POOL)).contiguous()
+            return pool_tokens(q[:, p:], feat_size, self.pool_size, backend=pool_backend).contiguous()
 
         agents = pool()
         # SDPA takes its float masks in the queries' dtype; the automatic choice (the fused kernels in inference, SDPA
