@@ -111,7 +111,49 @@ def test_gradients_equal_those_of_saving_the_agents():
         assert torch.equal(a, b)
 
 
-def test_no_hooks_without_a_gradient_or_for_a_view(monkeypatch):
+def _ours_active() -> bool:
+    """Whether the innermost saved-tensor hooks now are ``call_recomputing``'s."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and hooks[0].__qualname__.startswith("call_recomputing.")
+
+
+def test_plain_calls_where_the_hooks_must_stay_out():
+    t = torch.randn(3, 4, requires_grad=True) * 2.0
+    assert call_recomputing(t, lambda: t, lambda u: _ours_active(), t)  # (the probe sees them when they are on)
+    with torch.no_grad():
+        assert not call_recomputing(t, lambda: t, lambda u: _ours_active(), t)
+    whole = torch.randn(4, 6, requires_grad=True) * 1.0
+    assert not call_recomputing(whole[:2], lambda: t, lambda u: _ours_active(), whole[:2])  # a view of a larger one
+    with torch.autograd.graph.disable_saved_tensors_hooks("off here"):
+        assert not call_recomputing(t, lambda: t, lambda u: _ours_active(), t)
+    with torch.autograd.graph.save_on_cpu():
+        assert not call_recomputing(t, lambda: t, lambda u: _ours_active(), t)
+    with observe_saved(lambda s: None):
+        assert call_recomputing(t, lambda: t, lambda u: _ours_active(), t)
+
+
+def test_a_tensor_written_in_place_is_saved_as_it_is():
+    """A view saved after an in-place write holds values ``recompute()`` no longer gives: saved, not recomputed."""
+    a = torch.randn(3, 4, requires_grad=True)
+
+    def fn(u):
+        u.mul_(3)
+        return (u * u).sum()
+
+    t = a * 2.0
+    call_recomputing(t, lambda: a * 2.0, fn, t).backward()
+    torch.testing.assert_close(a.grad, 72 * a.detach())
+
+
+def test_other_layouts_are_saved_as_they_are():
+    a = torch.randn(3, 4, requires_grad=True)
+    sparse = torch.eye(3).to_sparse().requires_grad_()
+    t = a * 2.0
+    call_recomputing(t, lambda: a * 2.0, lambda u: torch.sparse.mm(sparse, u).sum() + u.sin().sum(), t).backward()
+    torch.testing.assert_close(a.grad, 2 * (1 + (2 * a.detach()).cos()))
+
+
+def test_no_recomputation_without_a_gradient_or_for_a_view(monkeypatch):
     refs = _track_agents(monkeypatch)
     layer, x = _layer_and_input()
     with torch.no_grad():
@@ -143,6 +185,11 @@ def test_a_wrong_recomputation_raises():
     out = call_recomputing(t, lambda: torch.zeros(3, 4, dtype=torch.float64), lambda u: (u * u).sum(), t)
     with pytest.raises(RuntimeError, match="torch.float64"):
         out.backward()
+    t = a * 2.0  # the right values, but at an offset into a larger storage (as_strided would read the wrong ones)
+    out = call_recomputing(t, lambda: torch.cat([torch.zeros(5), (a * 2.0).flatten()])[5:].view(3, 4),
+                           lambda u: (u * u).sum(), t)  # fmt: skip
+    with pytest.raises(RuntimeError, match="storage offset 5"):
+        out.backward()
 
 
 def test_recomputation_runs_in_the_forward_autocast_state():
@@ -161,15 +208,29 @@ def test_recomputation_runs_in_the_forward_autocast_state():
     assert seen == [True, True]
 
 
-def test_activation_checkpointing_is_unaffected(monkeypatch):
-    """Non-reentrant checkpointing installs its own saved-tensor hooks: inside it the layer makes a plain call, and
-    the gradients equal the plain layer's."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_unaffected(reentrant):
+    """Non-reentrant checkpointing installs its own saved-tensor hooks: inside it the layer makes a plain call
+    (checked by what is active when the attention runs); reentrant checkpointing runs the forward without a
+    gradient, then again in the backward with one. Either way the gradients equal the plain layer's."""
     layer, x = _layer_and_input(2)
     g = torch.randn(2, 65, 32)
     plain = _grads(layer, x, g)
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    checkpoint(layer, x, (8, 8), 1, use_reentrant=False).backward(g)
+    active = []
+    apply = _SavesInputs.apply
+
+    def probe(*args):
+        active.append(_ours_active())
+        return apply(*args)
+
+    _SavesInputs.apply = probe
+    try:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        checkpoint(layer, x, (8, 8), 1, use_reentrant=reentrant).backward(g)
+    finally:
+        _SavesInputs.apply = apply
+    assert active == ([False, False] if not reentrant else [False, True])  # the forward, then the backward's rerun
     for a, b in zip(plain, [x.grad] + [p.grad for p in layer.parameters()], strict=True):
         assert torch.equal(a, b)
 

@@ -21,20 +21,18 @@ from ..kernels._common import real_plain_tensor, tracing
 __all__ = ["call_recomputing", "observe_saved"]
 
 
-#: The pack hooks of the open :func:`observe_saved` contexts, innermost last.
-_OBSERVERS: list[Callable[[torch.Tensor], torch.Tensor]] = []
-
-
-def _outer_hooks() -> str:
-    """The saved-tensor hooks active now: ``"none"``, ``"observer"`` (the innermost are an :func:`observe_saved`
-    context's) or ``"other"`` (also when this torch cannot tell)."""
+def _outer_pack() -> Callable[[torch.Tensor], torch.Tensor] | None | bool:
+    """The saved-tensor hooks active now, in this thread: ``None`` (none), the pack function of an
+    :func:`observe_saved` context (the innermost hooks are one), or ``False`` (other hooks, hooks disabled, or a torch
+    that cannot tell)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return "other"
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    if top is None or enabled is None or not enabled():
+        return False
     hooks = top(False)
     if hooks is None:
-        return "none"
-    return "observer" if _OBSERVERS and hooks[0] is _OBSERVERS[-1] else "other"
+        return None
+    return hooks[0] if getattr(hooks[0], "_visionlin_observer", False) else False
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -51,12 +49,9 @@ def observe_saved(look: Callable[[torch.Tensor], None]) -> Iterator[None]:
         look(t)
         return t
 
+    pack._visionlin_observer = True  # type: ignore[attr-defined]
     with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-        _OBSERVERS.append(pack)
-        try:
-            yield
-        finally:
-            _OBSERVERS.pop()
+        yield
 
 
 class _Recipe(NamedTuple):
@@ -74,16 +69,19 @@ def call_recomputing(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
     ``recompute()`` and takes the same view of its result. ``recompute`` must return ``tensor``'s values again,
     contiguous, in its shape and dtype (a mismatch raises ``RuntimeError`` in the backward instead of giving a wrong
     gradient); it may read tensors the saved graph keeps anyway (the recipe holds ``recompute`` until the backward).
+    Each recipe recomputes once per backward (an op that saves two views of ``tensor`` costs two recomputations); a
+    view saved after ``tensor`` was written in place is saved as it is.
 
     A plain call when ``tensor`` does not own a whole storage contiguously (a view of something larger: its storage
-    stays alive regardless), when no gradient is recorded, while compiling or tracing (see the module docstring), and
+    stays alive regardless), when no gradient is recorded, while compiling or tracing (see the module docstring),
     under saved-tensor hooks other than :func:`observe_saved`'s (non-reentrant activation checkpointing, offloading:
-    they own what is saved, and their recomputation must see the same saved tensors as their forward).
+    they own what is saved, and their recomputation must see the same saved tensors as their forward), and where
+    saved-tensor hooks are disabled.
     """
     if (
         tracing()
         or not torch.is_grad_enabled()
-        or (outer := _outer_hooks()) == "other"
+        or (observer := _outer_pack()) is False
         or not real_plain_tensor(tensor)
         or not tensor.is_contiguous()
         or tensor.storage_offset() != 0
@@ -94,10 +92,18 @@ def call_recomputing(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
     # the backward runs outside the forward's autocast region: the recomputation runs inside an equal one
     autocast = {"enabled": torch.is_autocast_enabled(device.type), "dtype": torch.get_autocast_dtype(device.type)}
 
-    observer = _OBSERVERS[-1] if outer == "observer" else _identity
+    observer = observer or _identity
+    version = tensor._version
 
     def pack(t: torch.Tensor) -> torch.Tensor | _Recipe:
-        if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == ptr:
+        if (
+            t.device == device
+            and t.dtype == dtype
+            and real_plain_tensor(t)
+            and t.layout == torch.strided
+            and t.untyped_storage().data_ptr() == ptr
+            and t._version == version  # written in place since: its values are no longer what recompute() gives
+        ):
             return _Recipe(t.size(), t.stride(), t.storage_offset())
         return observer(t)
 
@@ -106,11 +112,17 @@ def call_recomputing(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
             return saved
         with torch.autocast(device.type, **autocast):
             base = recompute()
-        if base.shape != shape or base.dtype != dtype or base.device != device or not base.is_contiguous():
+        if (
+            base.shape != shape
+            or base.dtype != dtype
+            or base.device != device
+            or not base.is_contiguous()
+            or base.storage_offset() != 0
+        ):
             raise RuntimeError(
-                f"recomputed_in_backward: the recomputed tensor is {tuple(base.shape)} {base.dtype} on {base.device}"
-                f" (contiguous: {base.is_contiguous()}), the forward's was {tuple(shape)} {dtype} on {device}, "
-                "contiguous"
+                f"call_recomputing: the recomputed tensor is {tuple(base.shape)} {base.dtype} on {base.device} "
+                f"(contiguous: {base.is_contiguous()}, storage offset {base.storage_offset()}), the forward's was "
+                f"{tuple(shape)} {dtype} on {device}, contiguous at offset 0"
             )
         return base.as_strided(saved.size, saved.stride, saved.offset)
 

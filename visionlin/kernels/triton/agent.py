@@ -456,8 +456,8 @@ def agent_attention_bwd(
     # is made (at Agent-DeiT-S's shapes the two float32 tables were 28 MiB of the backward's peak at batch 64).
     half = q.dtype in (torch.float16, torch.bfloat16)
     table = q.dtype if half else torch.float32
-    dqb = (q.new_empty if run else q.new_zeros)((b, h, n, na) if query_bias_grad else (0,), dtype=table)
     if run:
+        dqb = q.new_empty((b, h, n, na) if query_bias_grad else (0,), dtype=table)
         ab, sab = _bias_view(agent_bias, (b, h, na, m))
         qb, sqb = _bias_view(query_bias, (b, h, n, na))
         g = g if g.stride(-1) == 1 else g.contiguous()
@@ -478,14 +478,14 @@ def agent_attention_bwd(
             HAS_BIAS=ab is not None, BIAS_GRAD=agent_bias_grad, HALF=half, SPLIT=splits_k > 1, BLOCK_A=ba,
             BLOCK_M=rows, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
         )  # fmt: skip
+        dab = _sum_to(dab, agent_bias.shape) if agent_bias_grad else dab.float()
+        dqb = dqb if query_bias_grad else dqb.float()
     else:  # an empty output (no batch, head, query or value channel): every gradient is zero
         dq.zero_(), dk.zero_(), dv.zero_()
-        dqb = _sum_to(dqb, query_bias.shape) if query_bias_grad else dqb
-        dab = q.new_zeros((b, h, na, m) if agent_bias_grad else (0,), dtype=table)
+        dqb = q.new_zeros(query_bias.shape if query_bias_grad else (0,), dtype=torch.float32)
+        dab = q.new_zeros(agent_bias.shape if agent_bias_grad else (0,), dtype=torch.float32)
     dagents = torch.empty(agents.shape, device=q.device, dtype=agents.dtype)
     dagents.copy_(da32[:, :na, :d].reshape(b, h, na, d).transpose(1, 2))
-    dab = _sum_to(dab, agent_bias.shape) if agent_bias_grad else dab.float()
-    dqb = dqb if query_bias_grad else dqb.float()
     return dq, dk, dv, dagents, dab, dqb
 
 
