@@ -3,8 +3,10 @@ twin's at equal batch and resolution).
 
 What one training forward + backward allocates above the weights (``benchmarks/saved_memory.py``'s measure:
 ``torch.cuda.max_memory_allocated`` over the step, parameter gradients included, no optimizer) at 224 px, batch 64,
-bf16 autocast, for the isotropic small models whose fast paths keep it at or below ``deit_small_patch16_224``'s
-(H200, batch 128, stop 30: FLatten 0.98x, Agent 0.997x; InfViT and InLine lower). A memory measure, not a timing:
+bf16 autocast, after one warm-up step each (the twin's first step peaks 65 MiB above its later ones), for the
+isotropic small models whose fast paths should keep it at or below ``deit_small_patch16_224``'s (H200, batch 64,
+stop 31: FLatten, InfViT, InLine at or below; Agent-DeiT-S 2,231 against 2,199 MiB, failing, before its pooled agents
+were recomputed in the backward and its bias-gradient tables shrunk). A memory measure, not a timing:
 deterministic for a given build, so a regression (a tensor kept alive between the passes again) fails here. The
 weights' own share (models with more parameters than the twin carry more optimizer state) is reported in
 ``benchmarks/results/README.md``, not asserted.
