@@ -317,6 +317,9 @@ def _readout_backward_kernel(
         if NORM == 0:
             den = tl.where(mask_n, tl.sum(f * w[None, :], axis=1) + eps, 1.0)
             dnum = g / den[:, None]
+            # The two branches order the same statements differently on purpose: compiled for sm_90, hoisting the
+            # dc / da updates above df (one copy for both) spilled more in float32 and float16 at head dim 128 with
+            # HAS_OUT (fp32 D 32: 1,372 vs 904 bytes) for less in bfloat16; not timed, so left as measured.
             if HAS_OUT:
                 o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
                 o = tl.load(o_ptr, mask=emask, other=0.0).to(tl.float32)
