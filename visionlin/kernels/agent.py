@@ -174,22 +174,15 @@ def _triton(q, k, v, agents, **kwargs):
 MAX_TILES = 64 * (64 + 64)
 
 
-def _tiles(agents: int, d: int, dv: int) -> int:
-    def pad(x: int) -> int:  # triton._launch.tile_dim, without importing the Triton package on the CPU
-        return max(16, 1 << max(0, x - 1).bit_length())
-
-    return pad(agents) * (pad(d) + pad(dv))
-
-
 def _triton_supports(q, k, v, agents, *, agent_bias=None, query_bias=None, dropout_p=0.0, **kwargs):
-    from .triton import head_dim_reasons, heads_grid_reasons, triton_unavailable
+    from .triton import head_dim_reasons, heads_grid_reasons, tile_dim, triton_unavailable
 
     reasons = triton_unavailable(q, k, v, agents) + _sdpa_supports(q, k, v, agents)
     tensors = [t for t in (q, k, v, agents, agent_bias, query_bias) if isinstance(t, torch.Tensor)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if grad and not TRITON_BACKWARD:
         reasons.append("a gradient is required and the fused backward is off (visionlin.kernels.agent.TRITON_BACKWARD)")
-    tiles = _tiles(agents.shape[1], q.shape[-1], v.shape[-1])
+    tiles = tile_dim(agents.shape[1]) * (tile_dim(q.shape[-1]) + tile_dim(v.shape[-1]))
     if (grad or q.dtype == torch.float32) and tiles > MAX_TILES:
         why = "a gradient is required and the fused backward's" if grad else "float32 inputs and the forward's"
         reasons.append(

@@ -19,7 +19,9 @@ __all__ = [
     "batch_grid_reasons",
     "head_dim_reasons",
     "heads_grid_reasons",
+    "next_pow2",
     "rope_linear_reasons",
+    "tile_dim",
     "triton_unavailable",
 ]
 
@@ -30,6 +32,17 @@ MAX_HEAD_DIM = 128
 #: Largest head dim of the fused NaLa kernels: its features are twice as wide (``2 D`` channels), and a 256-wide
 #: float32 state spills registers for sm_90.
 MAX_NORM_AWARE_HEAD_DIM = 64
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two ``>= x`` (1 for ``x <= 1``), as ``triton.next_power_of_2`` on the host."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def tile_dim(d: int) -> int:
+    """A head (or feature) dim as the kernels tile it: the next power of two, at least 16 (``tl.dot``'s smallest K /
+    N); the padding lanes are masked."""
+    return max(16, next_pow2(d))
 
 
 # Looked up once, without importing Triton (a plain constant: torch.compile traces the supports() checks).

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .._common import PLAIN_TENSOR_TYPES
+from . import next_pow2, tile_dim  # (defined without Triton: the backends' supports() checks use them on any host)
 
 try:
     from triton import knobs as _knobs
@@ -53,17 +54,6 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host-side grids and tile counts. ``triton.cdiv`` / ``triton.next_power_of_2`` are
     constexpr-function objects since Triton 3.5, about 3-5 us per call on the host: a dozen per op call added up."""
     return -(-a // b)
-
-
-def next_pow2(x: int) -> int:
-    """The smallest power of two ``>= x`` (1 for ``x <= 1``), as ``triton.next_power_of_2`` on the host."""
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def tile_dim(d: int) -> int:
-    """A head (or feature) dim as the kernels tile it: the next power of two, at least 16 (``tl.dot``'s smallest K /
-    N); the padding lanes are masked."""
-    return max(16, next_pow2(d))
 
 
 def tuned(tuning: dict[str, Any], key: str, default: int, pow2: bool = False) -> int:
