@@ -103,6 +103,25 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(segments=True, segment_chunks=64)
+    # the backward: segmented above (the interpreter's 4 "SMs" and few programs); single walks, segments of two
+    # chunks with a partial last one, and segments limited by the state buffers' cap
+    gla.TUNING.update(bwd_segments=False)
+    assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (1, 5)
+    for mode in ("forward", "reverse", "bidirectional"):
+        check_gla(2, 37, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
+    check_gla(1, 33, 1, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    gla.TUNING.update(bwd_segments=True, bwd_segment_chunks=2)
+    assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (3, 2)
+    check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)  # two value blocks of dk / dv
+    check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
+    check_gla(1, 40, 2, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
+    gla.TUNING.update(bwd_segment_chunks=1)
+    assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (9, 1)
+    gla.TUNING.update(max_state_mib=0)  # no room for any state buffer: one walk
+    assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (1, 9)
+    check_gla(1, 40, 1, 8, 8, f32, "cpu", mode="reverse", gate_scale=1 / 16)
+    gla.TUNING.update(max_state_mib=256)
+    assert gla._backward_segments(8 * 2**20, 9, 32, 64, 2, 32, torch.device("cpu")) == (1, 9)  # cap: 256 MiB
     print("interpreter ok")
     """
 )
@@ -204,6 +223,28 @@ def test_gpu_gla_segmented(dtype, mode, monkeypatch):
     monkeypatch.setitem(gla.TUNING, "segments", True)
     for length in (65536, 20000):
         check_gla(1, length, 2, 32, 64, dtype, "cuda", mode=mode, gate_scale=1 / 16)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("setting", ["single", "segments of one chunk", "segments of three chunks"])
+def test_gpu_gla_backward_walks(dtype, setting, monkeypatch):
+    """The backward's single and segmented walks at ViG-S's training shape (196 tokens: 13 chunks, the last partial;
+    batch 4 here) and over 2,000 tokens with strong decays, against the float64 reference, forward and backward."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import gla
+
+    if setting == "single":
+        monkeypatch.setitem(gla.TUNING, "bwd_segments", False)
+    else:
+        chunks = 1 if setting == "segments of one chunk" else 3
+        every = {"bwd_segment_below": 10**6, "bwd_segment_target": 10**6, "bwd_segment_chunks": chunks}
+        for key, value in {"bwd_segments": True, **every}.items():
+            monkeypatch.setitem(gla.TUNING, key, value)
+        assert gla._backward_segments(4 * 6, 13, 32, 64, 2, 32, torch.device("cuda"))[0] == 13 // chunks + (chunks > 1)
+    check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16)
+    check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
+    check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous=True)
 
 
 @gpu

@@ -62,8 +62,27 @@ KV_BLOCK_V = 32
 #: million-token stage in six programs), the sequence is cut into segments of at least ``"segment_chunks"`` chunks,
 #: about four programs per SM in all, in three passes: each segment's own state (in parallel), the incoming states
 #: (a short walk over the segments), each segment's outputs from its incoming state (in parallel). Same math, the
-#: decays summed per segment. The backward walks stay single-pass.
-TUNING: dict[str, bool | int] = {"segments": True, "segment_chunks": 64}
+#: decays summed per segment (``"segment_below"`` / ``"segment_target"``: segment when the programs are fewer than
+#: that many per SM, aiming at the target per SM).
+#:
+#: The backward's segmented walks (``"bwd_segments"``): the same cut for the ``dq`` walk (forward) and the ``dk`` /
+#: ``dv`` walk (reverse), each segment starting from its incoming state / state adjoint, which two short passes
+#: compute first (each segment's own state and adjoint in parallel, then a walk over the segments). At ViG-S's
+#: training shape (batch 128, 196 tokens, 768 (batch, head) programs, 13 chunks each) the single walks ran at
+#: 0.85 ms per call each, 3.5x the forward (H200, ``profile_hier_train_8b3c786``): one program of 8 warps per SM
+#: walking its chunks one after another hides little latency. ``"max_state_mib"`` bounds the float32 state buffers
+#: (incoming states and adjoints) of one call.
+TUNING: dict[str, bool | int] = {
+    "segments": True,
+    "segment_chunks": 64,
+    "segment_below": 1,
+    "segment_target": 4,
+    "bwd_segments": True,
+    "bwd_segment_chunks": 1,
+    "bwd_segment_below": 16,
+    "bwd_segment_target": 16,
+    "max_state_mib": 256,
+}
 
 
 @triton.jit
@@ -196,12 +215,14 @@ def _gla_seg_carry_kernel(STATE, GSUM, n_seg, BK: tl.constexpr, BV: tl.constexpr
 
 @triton.jit
 def _gla_bwd_q_kernel(
-    Q, K, V, GG, G, DQ,
-    L, H, K_DIM, V_DIM, scale,
+    Q, K, V, GG, G, DQ, INIT,
+    L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state."""
+    """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state,
+    from a zero state, or (``SEGMENTED``) over the chunks of segment ``program_id(1)`` from its incoming state
+    ``INIT[bh, 0, seg]`` (every value channel in one block)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -209,8 +230,18 @@ def _gla_bwd_q_kernel(
     base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(0, tl.cdiv(L, T)):
+    n_chunks = tl.cdiv(L, T)
+    if SEGMENTED:
+        seg = tl.program_id(1)
+        c0 = seg * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        slot = bh.to(tl.int64) * tl.num_programs(1) + seg
+        state = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + offs_v[None, :])
+    else:
+        c0 = 0
+        c1 = n_chunks
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(c0, c1):
         q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, 0,
                                         REVERSE, T, BK, BV)  # fmt: skip
         do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
@@ -226,14 +257,57 @@ def _gla_bwd_q_kernel(
 
 
 @triton.jit
-def _gla_bwd_kv_kernel(
-    Q, K, V, GG, G, DK, DVv,
-    L, H, K_DIM, V_DIM, scale,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+def _gla_seg_adj_kernel(
+    Q, GG, G, ADJ, GSUM,
+    L, H, K_DIM, V_DIM, scale, seg_chunks,
+    sq_b, sq_l, sq_h, sq_k, sg_b, sg_l, sg_h, sg_d,
     REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
+    """The segmented backward's first pass for ``dk`` / ``dv``: segment ``program_id(2)``'s own contribution to the
+    state's adjoint (its reverse walk from a zero adjoint, ``H <- exp(g_last) H + scale (q exp(G))^T do``) and its
+    total log-decay, stored in reversed segment order (slot ``n_seg - 1 - seg``) so that
+    :func:`_gla_seg_carry_kernel`'s walk over the slots turns them into the adjoint entering each segment from its
+    right."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    v0 = tl.program_id(1) * BV
+    seg = tl.program_id(2)
+    n_seg = tl.num_programs(2)
+    base_qk = b * sq_b + h * sq_h
+    base_g = b * sg_b + h * sg_h
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, tl.cdiv(L, T))
+    adj = tl.zeros([BK, BV], dtype=tl.float32)
+    gsum = tl.zeros([BK], dtype=tl.float32)
+    for cc in range(0, c1 - c0):
+        c = c1 - 1 - cc
+        # k is not needed: Q is passed in its place, and the output gradient in place of v (the shared loads)
+        q, _, g, do, _, _ = _chunk(Q, Q, G, GG, base_qk, base_g, c, L, sq_l, sg_l, sq_k, sg_d, K_DIM, V_DIM, v0,
+                                   REVERSE, T, BK, BV)  # fmt: skip
+        G_ = tl.cumsum(g, axis=0)
+        g_last = tl.sum(g, axis=0)
+        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
+        gsum += g_last
+    offs_k = tl.arange(0, BK)
+    rev = n_seg - 1 - seg
+    slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n_seg + rev
+    tl.store(ADJ + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :], adj)
+    if tl.program_id(1) == 0:
+        tl.store(GSUM + (bh.to(tl.int64) * n_seg + rev) * BK + offs_k, gsum)
+
+
+@triton.jit
+def _gla_bwd_kv_kernel(
+    Q, K, V, GG, G, DK, DVv, INIT,
+    L, H, K_DIM, V_DIM, scale, seg_chunks,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
     """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
-    dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint."""
+    dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint, from a zero
+    adjoint, or (``SEGMENTED``) over the chunks of segment ``program_id(2)`` from the adjoint entering it from its
+    right (slot ``n_seg - 1 - seg`` of ``INIT``, :func:`_gla_seg_adj_kernel`)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -243,10 +317,20 @@ def _gla_bwd_kv_kernel(
     base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
-    adj = tl.zeros([BK, BV], dtype=tl.float32)
     n_chunks = tl.cdiv(L, T)
-    for cc in range(0, n_chunks):
-        c = n_chunks - 1 - cc
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        c0 = seg * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        rev = tl.num_programs(2) - 1 - seg
+        slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + rev
+        adj = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :])
+    else:
+        c0 = 0
+        c1 = n_chunks
+        adj = tl.zeros([BK, BV], dtype=tl.float32)
+    for cc in range(0, c1 - c0):
+        c = c1 - 1 - cc
         q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
                                         REVERSE, T, BK, BV)  # fmt: skip
         do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
@@ -311,13 +395,17 @@ def gla_fwd(
     return out
 
 
-def _segments(programs: int, n_chunks: int, device: torch.device) -> tuple[int, int]:
-    """``(segments, chunks per segment)`` of the forward walk: ``(1, n_chunks)`` unless ``TUNING["segments"]`` is on
-    and ``programs`` (batch x heads x value blocks) leave SMs idle."""
+def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool = False) -> tuple[int, int]:
+    """``(segments, chunks per segment)`` of the forward walk (the backward's with ``backward``): ``(1, n_chunks)``
+    unless ``TUNING["segments"]`` (``"bwd_segments"``) is on and ``programs`` (batch x heads x value blocks) are fewer
+    than ``"segment_below"`` per SM; then about ``"segment_target"`` programs per SM in all, segments of at least
+    ``"segment_chunks"`` chunks (the ``"bwd_"`` keys for the backward)."""
+    pre = "bwd_" if backward else ""
     sms = _num_sms(device)
-    if not TUNING["segments"] or programs >= sms or n_chunks < 2:
+    if not TUNING[f"{pre}segments"] or programs >= int(TUNING[f"{pre}segment_below"]) * sms or n_chunks < 2:
         return 1, n_chunks
-    per = max(int(TUNING["segment_chunks"]), cdiv(n_chunks, cdiv(4 * sms, programs)))
+    wanted = cdiv(int(TUNING[f"{pre}segment_target"]) * sms, programs)
+    per = max(int(TUNING[f"{pre}segment_chunks"]), cdiv(n_chunks, wanted))
     return cdiv(n_chunks, per), per
 
 
@@ -343,10 +431,15 @@ def gla_bwd(
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
     dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
-    args = (length, h, kd, vd, scale, *q.stride(), *v.stride(), *do.stride())
-    common = dict(REVERSE=reverse, T=CHUNK, BK=bk)
-    launch(_gla_bwd_q_kernel, (b * h,), q, k, v, g, do, dq, *args, **common, BV=bv, num_warps=warps(bk, bv))
-    launch(_gla_bwd_kv_kernel, (b * h, n_vb), q, k, v, g, do, dk_parts, dv, *args, **common, BV=bv_kv,
+    n_seg, seg_chunks = _backward_segments(b * h, cdiv(length, CHUNK), bk, bv, n_vb, bv_kv, q.device)
+    s_in = h_in = dq  # placeholder pointers when not segmented
+    if n_seg > 1:
+        s_in, h_in = _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
+    args = (length, h, kd, vd, scale, seg_chunks, *q.stride(), *v.stride(), *do.stride())
+    common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, T=CHUNK, BK=bk)
+    launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
+           num_warps=warps(bk, bv))  # fmt: skip
+    launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, *args, **common, BV=bv_kv,
                                       num_warps=warps(bk, bv_kv))  # fmt: skip
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
@@ -357,6 +450,46 @@ def gla_bwd(
     # L = 1 that residue was the whole gradient, against an exact zero).
     dg[:, -1 if reverse else 0] = 0.0
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype)
+
+
+def _backward_segments(
+    programs: int, n_chunks: int, bk: int, bv: int, n_vb: int, bv_kv: int, device: torch.device
+) -> tuple[int, int]:
+    """The backward's ``(segments, chunks per segment)``: :func:`_segments`' rule, with fewer segments where the float32
+    incoming states (``[programs, n_seg, BK, BV]``) and adjoints (``[programs, n_vb, n_seg, BK, BV_kv]``) would pass
+    ``TUNING["max_state_mib"]``."""
+    n_seg, per = _segments(programs, n_chunks, device, backward=True)
+    if n_seg > 1:
+        per_segment = programs * bk * (bv + n_vb * bv_kv) * 4
+        fit = max(1, int(TUNING["max_state_mib"]) * 2**20 // per_segment)
+        if fit < n_seg:
+            per = cdiv(n_chunks, fit)
+            n_seg = cdiv(n_chunks, per)
+    return n_seg, per
+
+
+def _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
+    """The segmented backward's incoming states (``[B*H, 1, n_seg, BK, BV]``, every value channel in one block: the
+    ``dq`` walk sums over them) and incoming state adjoints (``[B*H, n_vb, n_seg, BK, BV_kv]``, slots in reversed
+    segment order), float32: each segment's own part in parallel, then a walk over the segments."""
+    b, length, h, kd = q.shape
+    vd = v.shape[-1]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    s_in = torch.empty(b * h, 1, n_seg, bk, bv, **f32)
+    h_in = torch.empty(b * h, n_vb, n_seg, bk, bv_kv, **f32)
+    gsum = torch.empty(2, b * h, n_seg, bk, **f32)  # the segments' total log-decays, in walk order and reversed
+    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk)
+    launch(_gla_seg_state_kernel, (b * h, 1, n_seg),
+        k, v, g, s_in, gsum[0], length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(), **meta, BV=bv,
+        num_warps=warps(bk, bv),
+    )  # fmt: skip
+    launch(_gla_seg_carry_kernel, (b * h, 1), s_in, gsum[0], n_seg, BK=bk, BV=bv, num_warps=4)
+    launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
+        q, g, do, h_in, gsum[1], length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(), **meta, BV=bv_kv,
+        num_warps=warps(bk, bv_kv),
+    )  # fmt: skip
+    launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum[1], n_seg, BK=bk, BV=bv_kv, num_warps=4)
+    return s_in, h_in
 
 
 @gla_bwd.register_fake

@@ -1,0 +1,174 @@
+"""The GLA kernels' walk settings (``visionlin.kernels.triton.gla.TUNING``) side by side in one process: the single
+walks against the segmented ones, for the bidirectional op (forward alone and forward + backward, with the peak
+memory above the inputs) at ViG's training shapes, and a ViG-S training step (224 px, eager, bf16 autocast, AdamW).
+
+Usage (on a GPU machine):
+    python benchmarks/gla_backward.py --out benchmarks/results/h200 [--commit SHA] [--configs single,bwd16,...]
+
+Writes ``gla_backward.json`` (rows: what, shape, config, ms, peak MiB; meta with each config's settings) and
+``gla_backward.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._meta import gpu_meta  # noqa: E402
+from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from benchmarks._timing import cuda_ms  # noqa: E402
+from visionlin.train.bench import write_result  # noqa: E402
+
+STEM = "gla_backward"
+EVERY = 10**6  # "programs per SM" no call reaches: always segment
+#: Named settings: overrides of ``gla.TUNING`` (the rest as shipped).
+CONFIGS: dict[str, dict] = {
+    "single": {"bwd_segments": False},
+    "bwd16": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 16, "bwd_segment_target": 16},
+    "bwd64": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 64, "bwd_segment_target": 64},
+    "bwd_every": {
+        "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
+    },
+    "every": {
+        "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
+        "segments": True, "segment_chunks": 1, "segment_below": EVERY, "segment_target": EVERY,
+    },
+}  # fmt: skip
+#: (batch, tokens, heads): ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
+SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
+
+
+def _timed(fn, configs: list[str], args) -> dict[str, float]:
+    """Median ms per call of ``fn`` under each config, the configs' order alternating between repeats."""
+    from visionlin.kernels.triton import gla
+
+    shipped = dict(gla.TUNING)
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    try:
+        for r in range(args.repeats):
+            for c in configs if r % 2 == 0 else configs[::-1]:
+                gla.TUNING.update(shipped, **CONFIGS[c])
+                times[c].append(cuda_ms(fn, args.warmup, args.iters, 1))
+    finally:
+        gla.TUNING.clear()
+        gla.TUNING.update(shipped)
+    return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+
+
+def _peak(fn, config: str) -> float:
+    """MiB allocated at the peak of one call of ``fn`` under ``config``, above what was allocated before it."""
+    from visionlin.kernels.triton import gla
+
+    shipped = dict(gla.TUNING)
+    try:
+        gla.TUNING.update(CONFIGS[config])
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    finally:
+        gla.TUNING.clear()
+        gla.TUNING.update(shipped)
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    labels = list(dict.fromkeys(f"{r['what']} {r['shape']}" for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    ms = {(f"{r['what']} {r['shape']}", r["config"]): r["ms"] for r in rows}
+    fig, ax = plt.subplots(figsize=(11, 4))
+    grouped_bars(ax, labels, configs, lambda lab, c: ms.get((lab, c), 0.0), label_fmt="%.2f", fontsize=6)
+    ax.set_ylabel("ms per call (median)")
+    ax.tick_params(axis="x", labelsize=6)
+    ax.legend(fontsize=7)
+    finish(fig, result, path, fontsize=7)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/gla_backward.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or not configs:
+        p.error(f"--configs: unknown {unknown} (allowed: {', '.join(CONFIGS)})")
+    if min(args.warmup, args.iters, args.repeats) < 1:
+        p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    import timm
+
+    import visionlin  # noqa: F401 (registers the models)
+    from visionlin.kernels import bidirectional_gated_linear_attention
+    from visionlin.train.bench import train_step
+
+    rows: list[dict] = []
+
+    def record(what: str, shape: str, fn, peak_of=None) -> None:
+        try:
+            ms = _timed(fn, configs, args)
+            for c in configs:
+                row = {"what": what, "shape": shape, "config": c, "ms": ms[c], "status": "ok"}
+                if peak_of is not None:
+                    row["peak_mib"] = _peak(peak_of, c)
+                row["vs_single"] = ms["single"] / ms[c] if "single" in ms else None
+                rows.append(row)
+                print(row, flush=True)
+        except Exception as e:  # noqa: BLE001 (recorded, the other rows still run)
+            rows.append({"what": what, "shape": shape, "status": "error", "error": f"{type(e).__name__}: {e}"[:300]})
+            print(rows[-1], flush=True)
+
+    for b, n, h in SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, gf, gb = (torch.randn(b, n, h, 32, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        v = torch.randn(b, n, h, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+        gf, gb = (torch.nn.functional.logsigmoid(t.float()).div(16).to(t.dtype) for t in (gf, gb))
+        leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
+        do = torch.randn_like(v)
+
+        def fwd(leaves=leaves):
+            with torch.no_grad():
+                bidirectional_gated_linear_attention(*leaves, backend="triton")
+
+        def fwd_bwd(leaves=leaves, do=do):
+            out = bidirectional_gated_linear_attention(*leaves, backend="triton")
+            torch.autograd.grad(out, leaves, do)
+
+        shape = f"B{b} N{n} H{h} K32 V64"
+        record("op forward", shape, fwd)
+        record("op forward+backward", shape, fwd_bwd, peak_of=fwd_bwd)
+        del q, k, v, gf, gb, leaves, do
+    if not args.no_model:
+        model = timm.create_model("vig_small").cuda().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        labels = torch.randint(0, 1000, (128,), device="cuda")
+        step = train_step(model, opt, labels)
+        x = torch.randn(128, 3, 224, 224, device="cuda")
+        record("vig_small train step", "224px bs128", lambda: step(x))
+    meta = gpu_meta(argv, args.commit, configs={c: CONFIGS[c] for c in configs})
+    result = {"benchmark": STEM, "meta": meta, "rows": rows}
+    for note in write_result(result, args.out, STEM, plot=_plot):
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""benchmarks/gla_backward.py: flag checks on the CPU; a short run on the GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gla_backward
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--configs", "single,fast"], "--configs: unknown ['fast']"),
+        (["--configs", ","], "--configs: unknown []"),
+        (["--iters", "0"], "--warmup / --iters / --repeats must be >= 1"),
+        (["--repeats", "-1"], "--warmup / --iters / --repeats must be >= 1"),
+    ],
+)
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gla_backward.main(["--out", "unused", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_refused_without_cuda(capsys):
+    with pytest.raises(SystemExit) as e:
+        gla_backward.main(["--out", "unused"])
+    assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_configs_name_only_shipped_settings():
+    from visionlin.kernels.triton import gla
+
+    for name, overrides in gla_backward.CONFIGS.items():
+        assert set(overrides) <= set(gla.TUNING), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_short_cuda_run(tmp_path, monkeypatch):
+    from visionlin.kernels.triton import gla
+
+    shipped = dict(gla.TUNING)
+    monkeypatch.setattr(gla_backward, "SHAPES", ((2, 50, 2),))
+    args = ["--out", str(tmp_path), "--configs", "single,every", "--no-model", "--iters", "1", "--repeats", "2"]
+    assert gla_backward.main([*args, "--warmup", "1"]) == 0
+    doc = json.loads((tmp_path / "gla_backward.json").read_text())
+    assert [r["status"] for r in doc["rows"]] == ["ok"] * 4
+    assert shipped == gla.TUNING  # restored
