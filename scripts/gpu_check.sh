@@ -238,7 +238,8 @@ for stage in "$@"; do
         --sizes 1024:16 --name "profile_agent_1024_$COMMIT" --commit "$COMMIT" > "$OUT/profile_agent_1024_$COMMIT.log" 2>&1
       grep -A8 "^==" "$OUT/profile_agent_1024_$COMMIT.log" | grep -v "^     " ;;
     gla-bwd)
-      run_tests gla_bwd ${TESTS_LIMIT:-150} tests/test_kernels_triton_gla.py tests/test_bench_gla_backward.py --tb=short
+      run_tests gla_bwd ${TESTS_LIMIT:-150} tests/test_kernels_triton_gla.py tests/test_bench_gla_backward.py --tb=short \
+        ${GLA_K:+-k "$GLA_K"}  # GLA_K: a subset
       timeout ${GLA_LIMIT:-150} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warning|warn" | cut -c1-220 | tail -40 ;;
     gla-seg)  # the segmented GLA forward: its gpu tests, then ViG-S at 1024-4096 px and the op, single walk vs segmented
