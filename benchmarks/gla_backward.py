@@ -4,6 +4,7 @@ memory above the inputs) at ViG's training shapes, and a ViG-S training step (22
 
 Usage (on a GPU machine):
     python benchmarks/gla_backward.py --out benchmarks/results/h200 [--commit SHA] [--configs single,bwd16,...]
+        [--shapes 128x196x6,1x65536x6] [--no-model]
 
 Writes ``gla_backward.json`` (rows: what, shape, config, ms, peak MiB; meta with each config's settings) and
 ``gla_backward.png``.
@@ -34,12 +35,14 @@ CONFIGS: dict[str, dict] = {
     "bwd_every": {
         "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
     },
+    "bwd4": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 1, "bwd_segment_target": 4},
+    "bwd4c16": {"bwd_segments": True, "bwd_segment_chunks": 16, "bwd_segment_below": 1, "bwd_segment_target": 4},
     "every": {
         "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
         "segments": True, "segment_chunks": 1, "segment_below": EVERY, "segment_target": EVERY,
     },
 }  # fmt: skip
-#: (batch, tokens, heads): ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
+#: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
 
 
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -110,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown or not configs:
         p.error(f"--configs: unknown {unknown} (allowed: {', '.join(CONFIGS)})")
+    try:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        p.error(f"--shapes must be BxNxH triples of positive integers, comma-separated; got {args.shapes!r}")
     if min(args.warmup, args.iters, args.repeats) < 1:
         p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")
     if not torch.cuda.is_available():
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"what": what, "shape": shape, "status": "error", "error": f"{type(e).__name__}: {e}"[:300]})
             print(rows[-1], flush=True)
 
-    for b, n, h in SHAPES:
+    for b, n, h in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, gf, gb = (torch.randn(b, n, h, 32, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
         v = torch.randn(b, n, h, 64, device="cuda", generator=gen, dtype=torch.bfloat16)

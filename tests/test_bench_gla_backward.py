@@ -16,6 +16,10 @@ from benchmarks import gla_backward
         (["--configs", "single,fast"], "--configs: unknown ['fast']"),
         (["--configs", ","], "--configs: unknown []"),
         (["--iters", "0"], "--warmup / --iters / --repeats must be >= 1"),
+        (["--shapes", "2x50"], "--shapes must be BxNxH triples"),
+        (["--shapes", "2x0x1"], "--shapes must be BxNxH triples"),
+        (["--shapes", "axbxc"], "--shapes must be BxNxH triples"),
+        (["--shapes", ""], "--shapes must be BxNxH triples"),
         (["--repeats", "-1"], "--warmup / --iters / --repeats must be >= 1"),
     ],
 )
@@ -42,13 +46,12 @@ def test_configs_name_only_shipped_settings():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_short_cuda_run(tmp_path, monkeypatch):
+def test_short_cuda_run(tmp_path):
     from visionlin.kernels.triton import gla
 
     shipped = dict(gla.TUNING)
-    monkeypatch.setattr(gla_backward, "SHAPES", ((2, 50, 2),))
-    args = ["--out", str(tmp_path), "--configs", "single,every", "--no-model", "--iters", "1", "--repeats", "2"]
-    assert gla_backward.main([*args, "--warmup", "1"]) == 0
+    args = ["--out", str(tmp_path), "--configs", "single,every", "--shapes", "2x50x2", "--no-model", "--iters", "1"]
+    assert gla_backward.main([*args, "--warmup", "1", "--repeats", "2"]) == 0
     doc = json.loads((tmp_path / "gla_backward.json").read_text())
     assert [r["status"] for r in doc["rows"]] == ["ok"] * 4
     assert shipped == gla.TUNING  # restored

@@ -103,15 +103,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(segments=True, segment_chunks=64)
-    # the backward: segmented above (the interpreter's 4 "SMs" and few programs); single walks, segments of two
-    # chunks with a partial last one, and segments limited by the state buffers' cap
-    gla.TUNING.update(bwd_segments=False)
+    # the backward: single walks above (segments of at least 16 chunks); segments of two chunks with a partial last
+    # one, of one chunk, and segments limited by the state buffers' cap
     assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (1, 5)
-    for mode in ("forward", "reverse", "bidirectional"):
-        check_gla(2, 37, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
-    check_gla(1, 33, 1, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    gla.TUNING.update(bwd_segments=False)
+    assert gla._backward_segments(1, 500, 8, 16, 1, 16, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(bwd_segments=True, bwd_segment_chunks=2)
     assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (3, 2)
+    assert gla._backward_segments(4, 5, 8, 16, 1, 16, torch.device("cpu")) == (1, 5)  # the SMs are filled
+    gla.TUNING.update(bwd_segment_below=10**6, bwd_segment_target=10**6)  # segment every call below
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)  # two value blocks of dk / dv
     check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
     check_gla(1, 40, 2, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
@@ -121,7 +121,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (1, 9)
     check_gla(1, 40, 1, 8, 8, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     gla.TUNING.update(max_state_mib=256)
-    assert gla._backward_segments(8 * 2**20, 9, 32, 64, 2, 32, torch.device("cpu")) == (1, 9)  # cap: 256 MiB
+    assert gla._backward_segments(2**13, 9, 32, 64, 2, 32, torch.device("cpu")) == (2, 5)  # 128 MiB each: 2 fit
+    gla.TUNING.update(bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
     print("interpreter ok")
     """
 )

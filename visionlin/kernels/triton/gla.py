@@ -29,11 +29,12 @@ and a reverse pass carries the state's adjoint ``H`` (``[K, V]``, float32) and w
 Then ``dg = reverse_cumsum(q * dq - k * dk)`` (the gradient of ``G_t`` is ``q_t dq_t - k_t dk_t`` channel-wise) in
 float32 PyTorch, from the kernels' float32 ``dq`` / ``dk``; the first gate of the walk gets an exact 0 (it only decays
 the zero initial state; the sum of every ``dG_t`` is 0 up to float32 cancellation). The backward kernels take every
-value channel in one program (``dq`` sums over them).
+value channel in one program (``dq`` sums over them). With few (batch, head) programs (batch 1 at high resolution) the
+walks are cut into segments that start from incoming states and adjoints computed first (``TUNING``).
 
 Products run in IEEE float32 (inputs loaded and converted): the tiles are small (``16 x 16``, ``16 x K``) and the
-kernels are bound by memory and the sequential chunk walk, not by the tensor cores. ``K`` and ``V`` up to 64 (ViG: 32
-and 64; a 64 x 128 state spills registers).
+kernels are bound by the sequential chunk walk and each chunk's ``[T, T, K]`` decay tiles, not by the tensor cores.
+``K`` and ``V`` up to 64 (ViG: 32 and 64; a 64 x 128 state spills registers).
 """
 
 from __future__ import annotations
@@ -65,22 +66,25 @@ KV_BLOCK_V = 32
 #: decays summed per segment (``"segment_below"`` / ``"segment_target"``: segment when the programs are fewer than
 #: that many per SM, aiming at the target per SM).
 #:
-#: The backward's segmented walks (``"bwd_segments"``): the same cut for the ``dq`` walk (forward) and the ``dk`` /
-#: ``dv`` walk (reverse), each segment starting from its incoming state / state adjoint, which two short passes
-#: compute first (each segment's own state and adjoint in parallel, then a walk over the segments). At ViG-S's
-#: training shape (batch 128, 196 tokens, 768 (batch, head) programs, 13 chunks each) the single walks ran at
-#: 0.85 ms per call each, 3.5x the forward (H200, ``profile_hier_train_8b3c786``): one program of 8 warps per SM
-#: walking its chunks one after another hides little latency. ``"max_state_mib"`` bounds the float32 state buffers
-#: (incoming states and adjoints) of one call.
+#: The backward's segmented walks (``"bwd_segments"``; the forward's rule, below one program per SM): the same cut
+#: for the ``dq`` walk (forward) and the ``dk`` / ``dv`` walk (reverse), each segment starting from its incoming
+#: state / state adjoint, which two short passes compute first (each segment's own state and adjoint in parallel,
+#: then a walk over the segments). Measured on an H200 against the single walks (bf16, ViG-S's head dims, the
+#: bidirectional op forward + backward, ``gla_backward_*_8f52911.json``): 3.27x at batch 1 x 65,536 tokens, 2.04x at
+#: 4 x 16,384, 1.09x at 16 x 3,136. Where the (batch, head) programs fill the SMs, segmenting anyway was slower
+#: (ViG-S's training shape, 128 x 196 tokens: 0.90x at 16 programs per SM, 0.75x with every chunk its own segment;
+#: its training step 0.95x / 0.85x): there the walks are bound by each chunk's ``[T, T, K]`` decay tiles, not by
+#: latency, and the extra passes only add work. ``"max_state_mib"`` bounds the float32 state buffers (incoming
+#: states and adjoints) of one call.
 TUNING: dict[str, bool | int] = {
     "segments": True,
     "segment_chunks": 64,
     "segment_below": 1,
     "segment_target": 4,
     "bwd_segments": True,
-    "bwd_segment_chunks": 1,
-    "bwd_segment_below": 16,
-    "bwd_segment_target": 16,
+    "bwd_segment_chunks": 16,
+    "bwd_segment_below": 1,
+    "bwd_segment_target": 4,
     "max_state_mib": 256,
 }
 
@@ -406,7 +410,7 @@ def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool
         return 1, n_chunks
     wanted = cdiv(int(TUNING[f"{pre}segment_target"]) * sms, programs)
     per = max(int(TUNING[f"{pre}segment_chunks"]), cdiv(n_chunks, wanted))
-    return cdiv(n_chunks, per), per
+    return (cdiv(n_chunks, per), per) if per < n_chunks else (1, n_chunks)
 
 
 @gla_fwd.register_fake
