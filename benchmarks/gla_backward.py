@@ -37,6 +37,11 @@ CONFIGS: dict[str, dict] = {
     },
     "bwd4": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 1, "bwd_segment_target": 4},
     "bwd4c16": {"bwd_segments": True, "bwd_segment_chunks": 16, "bwd_segment_below": 1, "bwd_segment_target": 4},
+    "intra": {"bwd_intra": True},
+    "intra_every": {
+        "bwd_intra": True, "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY,
+        "bwd_segment_target": EVERY,
+    },
     "every": {
         "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
         "segments": True, "segment_chunks": 1, "segment_below": EVERY, "segment_target": EVERY,
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gla_backward.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None)
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    configs_help = f"comma-separated, of {', '.join(CONFIGS)}"
+    p.add_argument("--configs", default="single,intra,intra_every,bwd16", help=configs_help)
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
     p.add_argument("--warmup", type=int, default=3)

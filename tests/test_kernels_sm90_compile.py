@@ -49,8 +49,9 @@ POINTERS |= FP32_POINTERS | {"U", "DT", "BM", "CM", "Z", "YO", "DU", "DDT", "DZ"
 FP32_HERE = {"_key_backward_kernel": {"G"}}
 # Gated linear attention (triton/gla.py): the gates GG in the inputs' dtype, dq / dk float32 (dg is formed from them).
 POINTERS |= {"GG"}
-FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}}
-FP32_POINTERS |= {"INIT", "STATE", "GSUM", "ADJ"}  # the segmented walks' float32 states, adjoints and log-decay sums
+FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}, "_gla_bwd_intra_kernel": {"DQ", "DK"}}
+# the segmented walks' float32 states, adjoints and log-decay sums; the chunks' own dv terms
+FP32_POINTERS |= {"INIT", "STATE", "GSUM", "ADJ", "DVI"}
 POINTERS |= FP32_POINTERS
 # Block-sparse attention (SLA): int32 block lists, float32 states / statistics, the inputs' dtype for O_s.
 FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
@@ -472,21 +473,23 @@ def _gla(dt, tdt):
             *(
                 case
                 for seg in (False, True)
+                for intra in (False, True)
                 for case in (
                     (
                         gla._gla_bwd_q_kernel,
                         dt,
-                        dict(REVERSE=True, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv),
+                        dict(REVERSE=True, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv),
                         gla.warps(bk, bv),
                     ),
                     (
                         gla._gla_bwd_kv_kernel,
                         dt,
-                        dict(REVERSE=False, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_kv),
+                        dict(REVERSE=False, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv_kv),
                         gla.warps(bk, bv_kv),
                     ),
                 )
-            ),  # fmt: skip
+            ),
+            (gla._gla_bwd_intra_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk, bv)),
             (gla._gla_seg_adj_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk, bv_kv)),
         ]
     return cases

@@ -123,6 +123,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(max_state_mib=256)
     assert gla._backward_segments(2**13, 9, 32, 64, 2, 32, torch.device("cpu")) == (2, 5)  # 128 MiB each: 2 fit
     gla.TUNING.update(bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
+    # the chunks' own terms in one kernel parallel over the chunks: single walks, then segmented walks
+    gla.TUNING.update(bwd_intra=True)
+    check_gla(1, 21, 2, 8, 12, f32, "cpu")
+    check_gla(2, 37, 2, 8, 12, f32, "cpu", mode="reverse", gate_scale=1 / 16)
+    check_gla(1, 33, 2, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    check_gla(1, 16, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="forward", gate_scale=1 / 16)  # a value dim past one KV block
+    check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    check_gla(3, 1, 2, 8, 16, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    gla.TUNING.update(bwd_segment_chunks=2, bwd_segment_below=10**6, bwd_segment_target=10**6)
+    check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
+    gla.TUNING.update(bwd_intra=False, bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
     print("interpreter ok")
     """
 )
@@ -229,11 +242,15 @@ def test_gpu_gla_segmented(dtype, mode, monkeypatch):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("setting", ["single", "segments of one chunk", "segments of three chunks"])
-def test_gpu_gla_backward_walks(dtype, setting, monkeypatch):
-    """The backward's single and segmented walks at ViG-S's training shape (196 tokens: 13 chunks, the last partial;
-    batch 4 here) and over 2,000 tokens with strong decays, against the float64 reference, forward and backward."""
+@pytest.mark.parametrize("intra", [False, True], ids=["walks", "intra"])
+def test_gpu_gla_backward_walks(dtype, setting, intra, monkeypatch):
+    """The backward's single and segmented walks, with the chunks' own terms in the walks or in their own kernel
+    (``TUNING["bwd_intra"]``), at ViG-S's training shape (196 tokens: 13 chunks, the last partial; batch 4 here) and
+    over 2,000 tokens with strong decays, against the float64 reference, forward and backward."""
     _cuda_or_skip()
     from visionlin.kernels.triton import gla
+
+    monkeypatch.setitem(gla.TUNING, "bwd_intra", intra)
 
     if setting == "single":
         monkeypatch.setitem(gla.TUNING, "bwd_segments", False)

@@ -76,6 +76,12 @@ KV_BLOCK_V = 32
 #: its training step 0.95x / 0.85x): there the walks are bound by each chunk's ``[T, T, K]`` decay tiles, not by
 #: latency, and the extra passes only add work. ``"max_state_mib"`` bounds the float32 state buffers (incoming
 #: states and adjoints) of one call.
+#:
+#: ``"bwd_intra"``: the chunks' own terms of ``dq``, ``dk``, ``dv`` (the decay tile, ``A``, ``dA``) in one kernel
+#: parallel over the chunks, one decay tile per chunk, and walks that carry only ``[K, V]`` products. Off, each walk
+#: forms its own decay tiles (the ``dk`` / ``dv`` walk one per value block of ``KV_BLOCK_V``): three decay tiles and
+#: five ``[T, T, K]`` reductions per chunk where the forward has one and one (a ViG-S training step spent 40 of its
+#: 95 ms in the two walks, ``profile_hier_train_8b3c786``). Off until it is timed on a GPU (``gla_backward.py``).
 TUNING: dict[str, bool | int] = {
     "segments": True,
     "segment_chunks": 64,
@@ -86,6 +92,7 @@ TUNING: dict[str, bool | int] = {
     "bwd_segment_below": 1,
     "bwd_segment_target": 4,
     "max_state_mib": 256,
+    "bwd_intra": False,
 }
 
 
@@ -222,11 +229,13 @@ def _gla_bwd_q_kernel(
     Q, K, V, GG, G, DQ, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr,
 ):  # fmt: skip
     """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state,
     from a zero state, or (``SEGMENTED``) over the chunks of segment ``program_id(1)`` from its incoming state
-    ``INIT[bh, 0, seg]`` (every value channel in one block)."""
+    ``INIT[bh, 0, seg]`` (every value channel in one block). ``INTRA``: ``DQ`` already holds the chunks' own terms
+    (:func:`_gla_bwd_intra_kernel`); the walk adds the state's."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -252,11 +261,15 @@ def _gla_bwd_q_kernel(
                      mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
-        da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
-        dq = tl.sum(da[:, :, None] * _decay(G_, T) * k[None, :, :], axis=1)  # [T, BK]
-        dq += _dot(do, tl.trans(state)) * tl.exp(G_) * scale
         dq_ptr = DQ + ((b * L + pos[:, None]) * H + h) * K_DIM + offs_k[None, :]
-        tl.store(dq_ptr, dq, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
+        kmask = tmask[:, None] & (offs_k < K_DIM)[None, :]
+        if INTRA:
+            dq = tl.load(dq_ptr, mask=kmask, other=0.0)
+        else:
+            da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+            dq = tl.sum(da[:, :, None] * _decay(G_, T) * k[None, :, :], axis=1)  # [T, BK]
+        dq += _dot(do, tl.trans(state)) * tl.exp(G_) * scale
+        tl.store(dq_ptr, dq, mask=kmask)
         state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G_)), v)
 
 
@@ -303,15 +316,18 @@ def _gla_seg_adj_kernel(
 
 @triton.jit
 def _gla_bwd_kv_kernel(
-    Q, K, V, GG, G, DK, DVv, INIT,
+    Q, K, V, GG, G, DK, DVv, INIT, DVI,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
     dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint, from a zero
     adjoint, or (``SEGMENTED``) over the chunks of segment ``program_id(2)`` from the adjoint entering it from its
-    right (slot ``n_seg - 1 - seg`` of ``INIT``, :func:`_gla_seg_adj_kernel`)."""
+    right (slot ``n_seg - 1 - seg`` of ``INIT``, :func:`_gla_seg_adj_kernel`). ``INTRA``: ``DK`` and ``DVI`` (float32,
+    ``[B, L, H, V]`` contiguous) already hold the chunks' own terms (:func:`_gla_bwd_intra_kernel`; ``dk``'s whole in
+    value block 0's share); the walk adds the state adjoint's and writes ``dv`` in the inputs' dtype."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -341,18 +357,66 @@ def _gla_bwd_kv_kernel(
                      mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
-        e = _decay(G_, T)  # [T(t), T(s), BK]
-        da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
-        a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
-        w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
-        dk = tl.sum(da[:, :, None] * e * q[:, None, :], axis=0)  # [T(s), BK]
-        dk += _dot(v, tl.trans(adj)) * w
-        dv = _dot(tl.trans(a), do) + _dot(k * w, adj)
-        ptr = (b * L + pos[:, None]) * H + h
+        if INTRA:  # the chunk's own dk (whole, in value block 0's share) and dv, then the state adjoint's terms
+            ptr = (b * L + pos[:, None]) * H + h
+            w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
+            kmask = tmask[:, None] & (offs_k < K_DIM)[None, :] & (tl.program_id(1) == 0)
+            dk = tl.load(DK + ptr * K_DIM + offs_k[None, :], mask=kmask, other=0.0)
+            dk += _dot(v, tl.trans(adj)) * w
+            vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
+            dv = tl.load(DVI + ptr * V_DIM + offs_v[None, :], mask=vmask, other=0.0) + _dot(k * w, adj)
+        else:
+            # (the order of these statements is the one ptxas kept within 255 registers at K = 64 for sm_90)
+            e = _decay(G_, T)  # [T(t), T(s), BK]
+            da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+            a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
+            w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
+            dk = tl.sum(da[:, :, None] * e * q[:, None, :], axis=0)  # [T(s), BK]
+            dk += _dot(v, tl.trans(adj)) * w
+            dv = _dot(tl.trans(a), do) + _dot(k * w, adj)
+            ptr = (b * L + pos[:, None]) * H + h
         tl.store(DK + ptr * K_DIM + offs_k[None, :], dk, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
         tl.store(DVv + ptr * V_DIM + offs_v[None, :], dv.to(DVv.dtype.element_ty),
                  mask=tmask[:, None] & (offs_v < V_DIM)[None, :])  # fmt: skip
         adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
+
+
+@triton.jit
+def _gla_bwd_intra_kernel(
+    Q, K, V, GG, G, DQ, DK, DVI,
+    L, H, K_DIM, V_DIM, scale,
+    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """The terms of chunk ``program_id(1)`` of one (batch, head) that involve only the chunk itself, in parallel over
+    the chunks (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
+    ``sum_{t >= s} dA_ts exp(G_t - G_s) * q_t``, ``DVI`` ``sum_{t >= s} A_ts do_t``, from one ``[T, T, K]`` decay
+    tile (the walks then carry only ``[K, V]`` products, no decay tile)."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    base_qk = b * sq_b + h * sq_h
+    base_v = b * sv_b + h * sv_h
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, 0,
+                                    REVERSE, T, BK, BV)  # fmt: skip
+    vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
+    do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d, mask=vmask,
+                 other=0.0).to(tl.float32)  # fmt: skip
+    e = _decay(tl.cumsum(g, axis=0), T)  # [T(t), T(s), BK]
+    da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+    a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
+    de = da[:, :, None] * e
+    dq = tl.sum(de * k[None, :, :], axis=1)  # [T(t), BK]
+    dk = tl.sum(de * q[:, None, :], axis=0)  # [T(s), BK]
+    dv = _dot(tl.trans(a), do)  # [T(s), BV]
+    ptr = (b * L + pos[:, None]) * H + h
+    kmask = tmask[:, None] & (offs_k < K_DIM)[None, :]
+    tl.store(DQ + ptr * K_DIM + offs_k[None, :], dq, mask=kmask)
+    tl.store(DK + ptr * K_DIM + offs_k[None, :], dk, mask=kmask)
+    tl.store(DVI + ptr * V_DIM + offs_v[None, :], dv, mask=vmask)
 
 
 # Host side ------------------------------------------------------------------------------------------------------------
@@ -431,20 +495,28 @@ def gla_bwd(
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
+    intra = bool(TUNING["bwd_intra"])
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
     dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
-    n_seg, seg_chunks = _backward_segments(b * h, cdiv(length, CHUNK), bk, bv, n_vb, bv_kv, q.device)
-    s_in = h_in = dq  # placeholder pointers when not segmented
+    n_chunks = cdiv(length, CHUNK)
+    n_seg, seg_chunks = _backward_segments(b * h, n_chunks, bk, bv, n_vb, bv_kv, q.device)
+    s_in = h_in = dv_intra = dq  # placeholder pointers when not segmented / not split
     if n_seg > 1:
         s_in, h_in = _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
-    args = (length, h, kd, vd, scale, seg_chunks, *q.stride(), *v.stride(), *do.stride())
-    common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, T=CHUNK, BK=bk)
+    strides = (*q.stride(), *v.stride(), *do.stride())
+    if intra:
+        dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
+        launch(_gla_bwd_intra_kernel, (b * h, n_chunks), q, k, v, g, do, dq, dk_parts, dv_intra,
+               length, h, kd, vd, scale, *strides, REVERSE=reverse, T=CHUNK, BK=bk, BV=bv,
+               num_warps=warps(bk, bv))  # fmt: skip
+    args = (length, h, kd, vd, scale, seg_chunks, *strides)
+    common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
            num_warps=warps(bk, bv))  # fmt: skip
-    launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, *args, **common, BV=bv_kv,
-                                      num_warps=warps(bk, bv_kv))  # fmt: skip
+    launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
+           BV=bv_kv, num_warps=warps(bk, bv_kv))  # fmt: skip
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
     dgg = q.float() * dq - k.float() * dk
