@@ -141,6 +141,23 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("segment_chunks", 0), ("bwd_segment_chunks", -1), ("bwd_segment_below", 2.5), ("segment_target", True),
+     ("bwd_segment_target", "4"), ("max_state_mib", -1)],
+)  # fmt: skip
+def test_segment_settings_are_checked(key, value, monkeypatch):
+    """A walk setting that is not a count is refused by name (zero chunks per segment divided by zero)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import gla
+
+    monkeypatch.setitem(gla.TUNING, key, value)
+    monkeypatch.setitem(gla.TUNING, "bwd_segments", True)
+    with pytest.raises(ValueError, match=rf"TUNING\['{key}'\] = {value!r}: must be an integer >= "):
+        gla._segments(1, 100, torch.device("cpu"), backward=key.startswith("bwd_"))
+        gla._backward_segments(1, 100, 32, 64, 2, 32, torch.device("cpu"))
+
+
 def test_interpreter_gla_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
     pytest.importorskip("triton")

@@ -470,11 +470,20 @@ def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool
     ``"segment_chunks"`` chunks (the ``"bwd_"`` keys for the backward)."""
     pre = "bwd_" if backward else ""
     sms = _num_sms(device)
-    if not TUNING[f"{pre}segments"] or programs >= int(TUNING[f"{pre}segment_below"]) * sms or n_chunks < 2:
+    below, target, chunks = (_setting(f"{pre}segment_{key}") for key in ("below", "target", "chunks"))
+    if not TUNING[f"{pre}segments"] or programs >= below * sms or n_chunks < 2:
         return 1, n_chunks
-    wanted = cdiv(int(TUNING[f"{pre}segment_target"]) * sms, programs)
-    per = max(int(TUNING[f"{pre}segment_chunks"]), cdiv(n_chunks, wanted))
+    per = max(chunks, cdiv(n_chunks, cdiv(target * sms, programs)))
     return (cdiv(n_chunks, per), per) if per < n_chunks else (1, n_chunks)
+
+
+def _setting(key: str, least: int = 1) -> int:
+    """``TUNING[key]``, an integer of at least ``least`` (a zero or negative count would divide by zero or never
+    segment, silently), or a ``ValueError`` naming it."""
+    value = TUNING[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"visionlin.kernels.triton.gla.TUNING[{key!r}] = {value!r}: must be an integer >= {least}")
+    return value
 
 
 @gla_fwd.register_fake
@@ -537,7 +546,7 @@ def _backward_segments(
     n_seg, per = _segments(programs, n_chunks, device, backward=True)
     if n_seg > 1:
         per_segment = programs * bk * (bv + n_vb * bv_kv) * 4
-        fit = max(1, int(TUNING["max_state_mib"]) * 2**20 // per_segment)
+        fit = max(1, _setting("max_state_mib", least=0) * 2**20 // per_segment)
         if fit < n_seg:
             per = cdiv(n_chunks, fit)
             n_seg = cdiv(n_chunks, per)
