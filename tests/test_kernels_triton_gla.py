@@ -12,6 +12,7 @@ once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -96,6 +97,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_gla(1, 45, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
     check_gla(1, 33, 1, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
     check_gla(1, 40, 1, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
+    check_gla(1, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)  # 5 segments, weak decays
     gla.TUNING.update(segment_chunks=2)
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)  # two value blocks
     assert gla._segments(2, 5, torch.device("cpu")) == (3, 2)   # the interpreter's 4 "SMs": 2 programs leave room
@@ -117,6 +119,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_gla(1, 40, 2, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
     gla.TUNING.update(bwd_segment_chunks=1)
     assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (9, 1)
+    # five one-chunk segments with weak decays: every segment's decay and adjoint reaches the others (strong decays
+    # and three segments or fewer hid a wrong slot order of the adjoint's decays)
+    check_gla(1, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    check_gla(2, 80, 1, 8, 40, f32, "cpu", mode="forward", non_contiguous=True)  # two value blocks, q / k views
     gla.TUNING.update(max_state_mib=0)  # no room for any state buffer: one walk
     assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (1, 9)
     check_gla(1, 40, 1, 8, 8, f32, "cpu", mode="reverse", gate_scale=1 / 16)
@@ -132,8 +138,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="forward", gate_scale=1 / 16)  # a value dim past one KV block
     check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
     check_gla(3, 1, 2, 8, 16, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)
-    gla.TUNING.update(bwd_segment_chunks=2, bwd_segment_below=10**6, bwd_segment_target=10**6)
-    check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    gla.TUNING.update(bwd_segment_chunks=1, bwd_segment_below=10**6, bwd_segment_target=10**6)
+    check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    gla.TUNING.update(bwd_segment_chunks=2)
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     gla.TUNING.update(bwd_intra=False, bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
     print("interpreter ok")
@@ -142,20 +149,42 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [("segment_chunks", 0), ("bwd_segment_chunks", -1), ("bwd_segment_below", 2.5), ("segment_target", True),
-     ("bwd_segment_target", "4"), ("max_state_mib", -1)],
+    ("key", "value", "allowed"),
+    [("segment_chunks", 0, "an integer >= 1"), ("bwd_segment_chunks", -1, "an integer >= 1"),
+     ("bwd_segment_below", 2.5, "an integer >= 1"), ("segment_target", True, "an integer >= 1"),
+     ("bwd_segment_target", "4", "an integer >= 1"), ("max_state_mib", -1, "an integer >= 0"),
+     ("segments", "no", "True or False"), ("bwd_segments", 1, "True or False"), ("bwd_intra", None, "True or False")],
 )  # fmt: skip
-def test_segment_settings_are_checked(key, value, monkeypatch):
-    """A walk setting that is not a count is refused by name (zero chunks per segment divided by zero)."""
+def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
+    """A walk setting of the wrong kind is refused by name (zero chunks per segment divided by zero; the string
+    ``"no"`` read as on)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import gla
 
     monkeypatch.setitem(gla.TUNING, key, value)
-    monkeypatch.setitem(gla.TUNING, "bwd_segments", True)
-    with pytest.raises(ValueError, match=rf"TUNING\['{key}'\] = {value!r}: must be an integer >= "):
-        gla._segments(1, 100, torch.device("cpu"), backward=key.startswith("bwd_"))
-        gla._backward_segments(1, 100, 32, 64, 2, 32, torch.device("cpu"))
+    match = rf"TUNING\['{key}'\] = {re.escape(repr(value))}: must be {allowed}"
+    with pytest.raises(ValueError, match=match):
+        if key == "bwd_intra":
+            q = torch.zeros(1, 4, 1, 8)
+            gla.gla_bwd(q, q, q, q, q, 1.0, False)
+        elif key == "max_state_mib":
+            gla._backward_segments(1, 100, 32, 64, 2, 32, torch.device("cpu"))
+        else:
+            gla._segments(1, 100, torch.device("cpu"), backward=key.startswith("bwd_"))
+
+
+def test_segments_fit_a_grid_axis(monkeypatch):
+    """Segments sit on a grid axis past the first (at most 65,535 programs): a million chunks in segments of one
+    asked for are cut into 65,535 or fewer."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import gla
+
+    for pre in ("", "bwd_"):
+        monkeypatch.setitem(gla.TUNING, f"{pre}segment_chunks", 1)
+        monkeypatch.setitem(gla.TUNING, f"{pre}segment_target", 10**9)
+    for backward in (False, True):
+        n_seg, per = gla._segments(1, 2**20, torch.device("cpu"), backward=backward)
+        assert (n_seg, per) == (61681, 17), (n_seg, per)  # 2**20 / 65,535 > 16
 
 
 def test_interpreter_gla_matches_reference():
@@ -280,6 +309,24 @@ def test_gpu_gla_backward_walks(dtype, setting, intra, monkeypatch):
     check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16)
     check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous=True)
+
+
+@gpu
+def test_gpu_gla_intra_past_a_grid_axis(monkeypatch):
+    """The intra kernel over more than 65,535 chunks (the limit of a CUDA grid's second and third axes; ViG-S's first
+    stage at 4096 px has 65,536): float32 gradients equal the walks' own within float32 summation-order noise."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import gla
+
+    q, k, v, g = (t.requires_grad_() for t in _qkvg(1, 65536 * 16 + 5, 1, 16, 16, torch.float32, "cuda"))
+    do = torch.randn_like(v)
+    grads = {}
+    for intra in (False, True):
+        monkeypatch.setitem(gla.TUNING, "bwd_intra", intra)
+        out = gla.gla_triton(q, k, v, g, reverse=True)
+        grads[intra] = torch.autograd.grad(out, (q, k, v, g), do)
+    for name, a, b in zip("qkvg", grads[False], grads[True], strict=True):
+        assert _rel(b, a.double()) < 1e-5, name
 
 
 @gpu

@@ -53,6 +53,8 @@ __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton",
 MAX_KEY_DIM = 64
 MAX_VALUE_DIM = 64
 CHUNK = 16
+#: Programs along a CUDA grid's second or third axis, at most.
+MAX_GRID_AXIS = 65535
 #: Value channels per program of the ``dk`` / ``dv`` kernel (its ``dk`` shares are summed by PyTorch): at 64 the kernel
 #: spilled registers for sm_90 in float16 at ViG's head dims.
 KV_BLOCK_V = 32
@@ -81,7 +83,8 @@ KV_BLOCK_V = 32
 #: parallel over the chunks, one decay tile per chunk, and walks that carry only ``[K, V]`` products. Off, each walk
 #: forms its own decay tiles (the ``dk`` / ``dv`` walk one per value block of ``KV_BLOCK_V``): three decay tiles and
 #: five ``[T, T, K]`` reductions per chunk where the forward has one and one (a ViG-S training step spent 40 of its
-#: 95 ms in the two walks, ``profile_hier_train_8b3c786``). Off until it is timed on a GPU (``gla_backward.py``).
+#: 95 ms in the two walks, ``profile_hier_train_8b3c786``). It holds a float32 ``[B, L, H, V]`` of the chunks' own
+#: ``dv`` terms for the call. Off until it is timed on a GPU (``gla_backward.py``).
 TUNING: dict[str, bool | int] = {
     "segments": True,
     "segment_chunks": 64,
@@ -388,12 +391,15 @@ def _gla_bwd_intra_kernel(
     sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
     REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    """The terms of chunk ``program_id(1)`` of one (batch, head) that involve only the chunk itself, in parallel over
-    the chunks (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
+    """The terms of one chunk of one (batch, head) that involve only the chunk itself, in parallel over the chunks
+    (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
     ``sum_{t >= s} dA_ts exp(G_t - G_s) * q_t``, ``DVI`` ``sum_{t >= s} A_ts do_t``, from one ``[T, T, K]`` decay
-    tile (the walks then carry only ``[K, V]`` products, no decay tile)."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
+    tile (the walks then carry only ``[K, V]`` products, no decay tile). One grid axis, ``(batch, head)``-major:
+    the second and third axes stop at 65,535 programs (a million-token stage has 65,536 chunks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(L, T)
+    bh = pid // n_chunks
+    c = (pid % n_chunks).to(tl.int32)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base_qk = b * sq_b + h * sq_h
@@ -457,7 +463,8 @@ def gla_fwd(
         )  # fmt: skip
         launch(_gla_seg_carry_kernel, (b * h, n_vb), init, gsum, n_seg, BK=bk, BV=bv_fwd, num_warps=4)
     launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
-        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks, *q.stride(), *v.stride(), *out.stride(),
+        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *v.stride(),
+        *out.stride(),
         SEGMENTED=n_seg > 1, **meta,
     )  # fmt: skip
     return out
@@ -471,10 +478,19 @@ def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool
     pre = "bwd_" if backward else ""
     sms = _num_sms(device)
     below, target, chunks = (_setting(f"{pre}segment_{key}") for key in ("below", "target", "chunks"))
-    if not TUNING[f"{pre}segments"] or programs >= below * sms or n_chunks < 2:
+    if not _flag(f"{pre}segments") or programs >= below * sms or n_chunks < 2:
         return 1, n_chunks
-    per = max(chunks, cdiv(n_chunks, cdiv(target * sms, programs)))
+    # segments sit on a grid axis past the first: at most 65,535 of them
+    per = max(chunks, cdiv(n_chunks, cdiv(target * sms, programs)), cdiv(n_chunks, MAX_GRID_AXIS))
     return (cdiv(n_chunks, per), per) if per < n_chunks else (1, n_chunks)
+
+
+def _flag(key: str) -> bool:
+    """``TUNING[key]``, a bool, or a ``ValueError`` naming it (the string ``"no"`` would read as on)."""
+    value = TUNING[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"visionlin.kernels.triton.gla.TUNING[{key!r}] = {value!r}: must be True or False")
+    return value
 
 
 def _setting(key: str, least: int = 1) -> int:
@@ -504,7 +520,7 @@ def gla_bwd(
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
-    intra = bool(TUNING["bwd_intra"])
+    intra = _flag("bwd_intra")
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
@@ -517,10 +533,10 @@ def gla_bwd(
     strides = (*q.stride(), *v.stride(), *do.stride())
     if intra:
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
-        launch(_gla_bwd_intra_kernel, (b * h, n_chunks), q, k, v, g, do, dq, dk_parts, dv_intra,
+        launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
                length, h, kd, vd, scale, *strides, REVERSE=reverse, T=CHUNK, BK=bk, BV=bv,
                num_warps=warps(bk, bv))  # fmt: skip
-    args = (length, h, kd, vd, scale, seg_chunks, *strides)
+    args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
     common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
            num_warps=warps(bk, bv))  # fmt: skip
