@@ -42,6 +42,8 @@ CONFIGS: dict[str, dict] = {
         "bwd_intra": True, "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY,
         "bwd_segment_target": EVERY,
     },
+    "fused_dg": {"bwd_fused_dg": True},
+    "intra_fused_dg": {"bwd_intra": True, "bwd_fused_dg": True},
     "every": {
         "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
         "segments": True, "segment_chunks": 1, "segment_below": EVERY, "segment_target": EVERY,
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None)
     configs_help = f"comma-separated, of {', '.join(CONFIGS)}"
-    p.add_argument("--configs", default="single,intra,intra_every,bwd16", help=configs_help)
+    p.add_argument("--configs", default="single,intra,fused_dg,intra_fused_dg,intra_every", help=configs_help)
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
     p.add_argument("--warmup", type=int, default=3)

@@ -50,6 +50,8 @@ FP32_HERE = {"_key_backward_kernel": {"G"}}
 # Gated linear attention (triton/gla.py): the gates GG in the inputs' dtype, dq / dk float32 (dg is formed from them).
 POINTERS |= {"GG"}
 FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}, "_gla_bwd_intra_kernel": {"DQ", "DK"}}
+FP32_HERE |= {"_gla_dg_kernel": {"DQ", "DKP"}}  # the walks' float32 dq and dk shares in; dg, dq, dk out in the dtype
+POINTERS |= {"DKP", "DG", "DQO", "DKO"}
 # the segmented walks' float32 states, adjoints and log-decay sums; the chunks' own dv terms
 FP32_POINTERS |= {"INIT", "STATE", "GSUM", "ADJ", "DVI"}
 POINTERS |= FP32_POINTERS
@@ -491,6 +493,7 @@ def _gla(dt, tdt):
             ),
             (gla._gla_bwd_intra_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk, bv)),
             (gla._gla_seg_adj_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk, bv_kv)),
+            (gla._gla_dg_kernel, dt, dict(REVERSE=False, BL=gla.DG_ROWS, BK=bk), 4),
         ]
     return cases
 

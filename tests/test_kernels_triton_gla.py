@@ -143,6 +143,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(bwd_segment_chunks=2)
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     gla.TUNING.update(bwd_intra=False, bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
+    # the fused epilogue (where the (batch, head, key block) programs fill the interpreter's 4 "SMs"), alone and with
+    # the intra kernel; one position (the walk's first gate exactly 0), tiles past one, two value blocks, float16
+    gla.TUNING.update(bwd_fused_dg=True)
+    for mode in ("forward", "reverse", "bidirectional"):
+        check_gla(3, 1, 2, 8, 16, f32, "cpu", mode=mode, gate_scale=1 / 16)
+        check_gla(2, 75, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
+    check_gla(2, 40, 2, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
+    check_gla(2, 33, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 9, 2, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    gla.TUNING.update(bwd_intra=True)
+    check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)
+    gla.TUNING.update(bwd_intra=False, bwd_fused_dg=False)
     print("interpreter ok")
     """
 )
@@ -153,7 +165,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     [("segment_chunks", 0, "an integer >= 1"), ("bwd_segment_chunks", -1, "an integer >= 1"),
      ("bwd_segment_below", 2.5, "an integer >= 1"), ("segment_target", True, "an integer >= 1"),
      ("bwd_segment_target", "4", "an integer >= 1"), ("max_state_mib", -1, "an integer >= 0"),
-     ("segments", "no", "True or False"), ("bwd_segments", 1, "True or False"), ("bwd_intra", None, "True or False")],
+     ("segments", "no", "True or False"), ("bwd_segments", 1, "True or False"), ("bwd_intra", None, "True or False"),
+     ("bwd_fused_dg", "yes", "True or False")],
 )  # fmt: skip
 def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
     """A walk setting of the wrong kind is refused by name (zero chunks per segment divided by zero; the string
@@ -164,7 +177,7 @@ def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
     monkeypatch.setitem(gla.TUNING, key, value)
     match = rf"TUNING\['{key}'\] = {re.escape(repr(value))}: must be {allowed}"
     with pytest.raises(ValueError, match=match):
-        if key == "bwd_intra":
+        if key in ("bwd_intra", "bwd_fused_dg"):
             q = torch.zeros(1, 4, 1, 8)
             gla.gla_bwd(q, q, q, q, q, 1.0, False)
         elif key == "max_state_mib":
@@ -288,15 +301,19 @@ def test_gpu_gla_segmented(dtype, mode, monkeypatch):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("setting", ["single", "segments of one chunk", "segments of three chunks"])
-@pytest.mark.parametrize("intra", [False, True], ids=["walks", "intra"])
-def test_gpu_gla_backward_walks(dtype, setting, intra, monkeypatch):
+@pytest.mark.parametrize("variant", ["walks", "intra", "fused_dg", "intra+fused_dg"])
+def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
     """The backward's single and segmented walks, with the chunks' own terms in the walks or in their own kernel
-    (``TUNING["bwd_intra"]``), at ViG-S's training shape (196 tokens: 13 chunks, the last partial; batch 4 here) and
-    over 2,000 tokens with strong decays, against the float64 reference, forward and backward."""
+    (``TUNING["bwd_intra"]``), the epilogue in PyTorch or fused (``"bwd_fused_dg"``; taken here whatever the number
+    of programs), at ViG-S's training shape (196 tokens: 13 chunks, the last partial; batch 4 here) and over 2,000
+    tokens with strong decays, against the float64 reference, forward and backward."""
     _cuda_or_skip()
     from visionlin.kernels.triton import gla
 
-    monkeypatch.setitem(gla.TUNING, "bwd_intra", intra)
+    monkeypatch.setitem(gla.TUNING, "bwd_intra", "intra" in variant)
+    monkeypatch.setitem(gla.TUNING, "bwd_fused_dg", "fused_dg" in variant)
+    if "fused_dg" in variant:  # the fused epilogue is chosen where programs fill the SMs: make one SM the count
+        monkeypatch.setattr(gla, "_num_sms", lambda device: 1)
 
     if setting == "single":
         monkeypatch.setitem(gla.TUNING, "bwd_segments", False)

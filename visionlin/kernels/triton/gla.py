@@ -53,6 +53,8 @@ __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton",
 MAX_KEY_DIM = 64
 MAX_VALUE_DIM = 64
 CHUNK = 16
+#: Rows per tile of the fused epilogue (``TUNING["bwd_fused_dg"]``).
+DG_ROWS = 32
 #: Programs along a CUDA grid's second or third axis, at most.
 MAX_GRID_AXIS = 65535
 #: Value channels per program of the ``dk`` / ``dv`` kernel (its ``dk`` shares are summed by PyTorch): at 64 the kernel
@@ -85,6 +87,11 @@ KV_BLOCK_V = 32
 #: five ``[T, T, K]`` reductions per chunk where the forward has one and one (a ViG-S training step spent 40 of its
 #: 95 ms in the two walks, ``profile_hier_train_8b3c786``). It holds a float32 ``[B, L, H, V]`` of the chunks' own
 #: ``dv`` terms for the call. Off until it is timed on a GPU (``gla_backward.py``).
+#:
+#: ``"bwd_fused_dg"``: the backward's epilogue (``dk``'s value-block shares summed, ``q dq - k dk``, its reverse
+#: cumulative sum along the walk into the gates' gradient, the casts: about a dozen PyTorch kernels per call, 24 calls
+#: per ViG-S training step) in one Triton pass, where the (batch, head, key block) programs fill the SMs (each walks
+#: its sequence; with fewer, PyTorch's parallel scan is used). Off until it is timed on a GPU.
 TUNING: dict[str, bool | int] = {
     "segments": True,
     "segment_chunks": 64,
@@ -96,6 +103,7 @@ TUNING: dict[str, bool | int] = {
     "bwd_segment_target": 4,
     "max_state_mib": 256,
     "bwd_intra": False,
+    "bwd_fused_dg": False,
 }
 
 
@@ -425,6 +433,46 @@ def _gla_bwd_intra_kernel(
     tl.store(DVI + ptr * V_DIM + offs_v[None, :], dv, mask=vmask)
 
 
+@triton.jit
+def _gla_dg_kernel(
+    Q, K, DQ, DKP, DG, DQO, DKO,
+    L, H, K_DIM, n_parts, part_stride,
+    sq_b, sq_l, sq_h, sq_k,
+    REVERSE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The backward's epilogue for one (batch, head) and block of key channels, one pass instead of a dozen PyTorch
+    ones: ``dk`` = the sum of the walks' value-block shares ``DKP``, ``dG = q * dq - k * dk`` and the gates' gradient
+    ``dg_w = sum_{w' >= w} dG_w'`` in walk order (tiles from the walk's end, a float32 carry between them), 0 for the
+    walk's first gate; writes ``dg``, ``dq``, ``dk`` contiguous in the inputs' dtypes (``DQ`` / ``DKP`` float32,
+    contiguous)."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = offs_k < K_DIM
+    carry = tl.zeros([BK], dtype=tl.float32)
+    n_tiles = tl.cdiv(L, BL)
+    for i in range(0, n_tiles):
+        t = (n_tiles - 1 - i) * BL + tl.arange(0, BL)  # walk positions
+        pos = tl.where(REVERSE, L - 1 - t, t).to(tl.int64)
+        mask = (t < L)[:, None] & kmask[None, :]
+        src = b * sq_b + h * sq_h + pos[:, None] * sq_l + offs_k[None, :] * sq_k
+        q = tl.load(Q + src, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
+        dst = ((b * L + pos[:, None]) * H + h) * K_DIM + offs_k[None, :]
+        dq = tl.load(DQ + dst, mask=mask, other=0.0)
+        dk = tl.zeros([BL, BK], dtype=tl.float32)
+        for p in range(0, n_parts):
+            dk += tl.load(DKP + p * part_stride + dst, mask=mask, other=0.0)
+        dgg = q * dq - k * dk
+        dg = tl.cumsum(dgg, axis=0, reverse=True) + carry[None, :]
+        carry += tl.sum(dgg, axis=0)
+        dg = tl.where((t == 0)[:, None], 0.0, dg)
+        tl.store(DG + dst, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DQO + dst, dq.to(DQO.dtype.element_ty), mask=mask)
+        tl.store(DKO + dst, dk.to(DKO.dtype.element_ty), mask=mask)
+
+
 # Host side ------------------------------------------------------------------------------------------------------------
 def _blocks(kd: int, vd: int) -> tuple[int, int]:
     return tile_dim(kd), tile_dim(vd)
@@ -520,7 +568,7 @@ def gla_bwd(
     if k.stride() != q.stride() or g.stride() != q.stride():
         q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
-    intra = _flag("bwd_intra")
+    intra, fused_dg = _flag("bwd_intra"), _flag("bwd_fused_dg")
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
@@ -542,6 +590,12 @@ def gla_bwd(
            num_warps=warps(bk, bv))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
            BV=bv_kv, num_warps=warps(bk, bv_kv))  # fmt: skip
+    if fused_dg and b * h * cdiv(kd, bk) >= _num_sms(q.device):
+        outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
+        launch(_gla_dg_kernel, (b * h, cdiv(kd, bk)), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
+               dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, num_warps=4)  # fmt: skip
+        dg, dq, dk = outs
+        return dq, dk, dv, dg
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
     # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
     dgg = q.float() * dq - k.float() * dk
