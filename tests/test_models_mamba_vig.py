@@ -177,6 +177,33 @@ def test_gla_mixer_prefix_tokens():
     assert not torch.allclose(layer(changed, (3, 4), num_prefix_tokens=1)[:, 1:], out[:, 1:])
 
 
+def test_gla_mixer_gating_is_the_documented_formula():
+    """``o = g_norm(o_bi / 2) * s + l_norm(local) * (1 - s)`` with ``g_norm``'s eps ``norm_eps``, as the docstring
+    writes it: the layer folds the halving into ``g_norm``'s eps (x 4) and the mix into ``l + (g - l) * s``. Outputs
+    small enough that the eps matters (a wrong factor shows), float64."""
+    import torch.nn.functional as F
+
+    from visionlin.kernels import bidirectional_gated_linear_attention
+    from visionlin.layers._base import map_to_tokens, merge_heads, split_heads, tokens_to_map
+
+    torch.manual_seed(0)
+    layer = GatedLinearAttention2D(32, 2, norm_eps=1e-2, use_out_act=False).double().eval()
+    torch.nn.init.normal_(layer.g_norm.weight)
+    torch.nn.init.normal_(layer.l_norm.weight)
+    x = torch.randn(2, 12, 32, dtype=torch.float64) * 1e-2
+    with torch.no_grad():
+        local = map_to_tokens(layer.in_proj(tokens_to_map(x, (3, 4))))
+        q, k, v = layer.qkv_proj(local).split([16, 16, 32], dim=-1)
+        g_fwd, g_bwd = (F.logsigmoid(layer.gk_proj(local)) / 16).chunk(2, dim=-1)
+        q, k, v, g_fwd, g_bwd = (split_heads(t, 2) for t in (q, k, v, g_fwd, g_bwd))
+        o = bidirectional_gated_linear_attention(q, k, v, g_fwd, g_bwd, scale=8**-0.5, backend="reference")
+        s = torch.sigmoid(split_heads(layer.g_proj(local), 2))
+        g = F.rms_norm(o / 2, (16,), layer.g_norm.weight, eps=1e-2)
+        l = F.rms_norm(split_heads(local, 2), (16,), layer.l_norm.weight, eps=1e-2)  # noqa: E741
+        want = layer.o_proj(merge_heads(g * s + l * (1 - s)))
+        torch.testing.assert_close(layer(x, (3, 4)), want, rtol=1e-12, atol=1e-14)
+
+
 def test_no_weight_decay_covers_ssm_parameters():
     model = timm.create_model("mambavision_tiny", depths=(1, 1, 1, 1), embed_dim=16, in_dim=8)
     skip = model.no_weight_decay()

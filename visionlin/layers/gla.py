@@ -28,7 +28,8 @@ class GatedLinearAttention2D(TokenMixer):
        :func:`~visionlin.kernels.bidirectional_gated_linear_attention`, halved again as the authors' inference code
        does (their training code does not; ``g_norm`` below is scale-free, so the factor only moves its ``eps``).
     4. 2-D gating locality injection: ``o = g_norm(o) * s + l_norm(local) * (1 - s)`` per head with
-       ``s = sigmoid(g_proj(local))``; ``SiLU`` if ``use_out_act``; ``o_proj``.
+       ``s = sigmoid(g_proj(local))``; ``SiLU`` if ``use_out_act``; ``o_proj``. (The second halving of step 3 is
+       ``g_norm``'s ``eps`` times 4, ``4 * norm_eps``: the same function with one op fewer.)
 
     Constructor compatible with timm's ``Attention``; ``norm_layer`` does not apply (the head norms are RMSNorms, as
     the authors') and is ignored; ``qk_norm`` and ``attn_drop`` raise ``NotImplementedError``.
@@ -109,7 +110,8 @@ class GatedLinearAttention2D(TokenMixer):
             nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True, **dd),
         )
         self.o_proj = nn.Linear(value_dim, dim, bias=False, **dd)
-        self.g_norm = RmsNorm(self.head_v_dim, eps=norm_eps, **dd)
+        # g_norm(o / 2) with eps: RMSNorm is scale-free but for its eps, so the halving is eps x 4 (one op fewer)
+        self.g_norm = RmsNorm(self.head_v_dim, eps=4 * norm_eps, **dd)
         self.l_norm = RmsNorm(self.head_v_dim, eps=norm_eps, **dd)
         self.g_proj = nn.Linear(dim, value_dim, bias=True, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -133,7 +135,8 @@ class GatedLinearAttention2D(TokenMixer):
             q, k, v, g_fwd, g_bwd, scale=self.head_k_dim**-0.5, backend=self.backend
         )  # [B, L, H, Dv]
         gate = torch.sigmoid(split_heads(self.g_proj(local), h))
-        o = self.g_norm(o / 2) * gate + self.l_norm(split_heads(local, h)) * (1 - gate)
+        lo = self.l_norm(split_heads(local, h))
+        o = lo + (self.g_norm(o) - lo) * gate  # g_norm(o / 2) * s + l_norm(local) * (1 - s): two ops fewer
         o = merge_heads(o)
         if self.use_out_act:
             o = F.silu(o)
