@@ -38,8 +38,9 @@
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
 #   host-infer     benchmarks/host_overhead.py --stacks: eager vs CUDA-graph forward, launches, host ops (HOST_MODELS) ~1 min
 #   bench-agent    agent models at 224 / 1024 px next to swin_tiny, and their forward profile at 1024 px   ~3 min
-#   gla-bwd        the GLA backward's segmented walks: the gla gpu tests, then the walk settings side by side
-#                  (benchmarks/gla_backward.py: the op at ViG's training shapes, a ViG-S training step)     ~4.5 min
+#   gla-bwd        the GLA backward: every gla gpu test (segmented walks, the opt-in intra kernel and fused epilogue),
+#                  then the settings side by side (benchmarks/gla_backward.py: the op at ViG's training shapes, a
+#                  ViG-S training step; GLA_K: a subset of the tests)                                  ~8 min
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
@@ -238,9 +239,9 @@ for stage in "$@"; do
         --sizes 1024:16 --name "profile_agent_1024_$COMMIT" --commit "$COMMIT" > "$OUT/profile_agent_1024_$COMMIT.log" 2>&1
       grep -A8 "^==" "$OUT/profile_agent_1024_$COMMIT.log" | grep -v "^     " ;;
     gla-bwd)
-      run_tests gla_bwd ${TESTS_LIMIT:-150} tests/test_kernels_triton_gla.py tests/test_bench_gla_backward.py --tb=short \
+      run_tests gla_bwd ${TESTS_LIMIT:-300} tests/test_kernels_triton_gla.py tests/test_bench_gla_backward.py --tb=short \
         ${GLA_K:+-k "$GLA_K"}  # GLA_K: a subset
-      timeout ${GLA_LIMIT:-150} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" 2>&1 \
+      timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE "Warning|warn" | cut -c1-220 | tail -40 ;;
     gla-seg)  # the segmented GLA forward: its gpu tests, then ViG-S at 1024-4096 px and the op, single walk vs segmented
       run_tests gla_seg 200 tests/test_kernels_triton_gla.py tests/test_bench_gla_segments.py -k "segmented or short" --tb=short
