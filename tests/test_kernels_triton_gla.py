@@ -57,7 +57,12 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
     else:
         ref = gated_linear_attention_reference(*ref_in, reverse=mode == "reverse")
     ref.backward(do.to(device))
-    if non_contiguous:  # q, k as head splits of one fused [B, L, 2, H, K] projection
+    if non_contiguous == "qkg":  # q, k and the gate as views of one [B, L, 3, H, K] tensor (one shared stride set)
+        assert mode != "bidirectional"
+        qkg = torch.stack([q, k, gates[0]], dim=2).to(device, dtype).requires_grad_()
+        vv = v.to(device, dtype).requires_grad_()
+        ours = [*qkg.unbind(2)[:2], vv, qkg.unbind(2)[2]]
+    elif non_contiguous:  # q, k as head splits of one fused [B, L, 2, H, K] projection
         qk = torch.stack([q, k], dim=2).to(device, dtype).requires_grad_()
         ours = [*qk.unbind(2), *(t.to(device, dtype).requires_grad_() for t in inputs[2:])]
     else:
@@ -66,7 +71,12 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
     out = bidirectional_gla_triton(*ours) if bidirectional else gla_triton(*ours, reverse=mode == "reverse")
     assert out.dtype == dtype and out.shape == ref.shape
     out.backward(do.to(device, dtype))
-    grads = [*qk.grad.unbind(2), *(t.grad for t in ours[2:])] if non_contiguous else [t.grad for t in ours]
+    if non_contiguous == "qkg":
+        grads = [*qkg.grad.unbind(2)[:2], vv.grad, qkg.grad.unbind(2)[2]]
+    elif non_contiguous:
+        grads = [*qk.grad.unbind(2), *(t.grad for t in ours[2:])]
+    else:
+        grads = [t.grad for t in ours]
     names = ["q", "k", "v"] + [f"g{i}" for i in range(len(gates))]
     errors = {"o": _rel(out, ref.detach())}
     errors |= {f"d{n}": _rel(a, c.grad) for n, a, c in zip(names, grads, ref_in, strict=True)}
@@ -152,6 +162,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_gla(2, 40, 2, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     check_gla(2, 33, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
     check_gla(2, 9, 2, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    for mode in ("forward", "reverse"):  # q, k, g read through one shared non-contiguous stride set
+        check_gla(2, 40, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16, non_contiguous="qkg")
     gla.TUNING.update(bwd_intra=True)
     check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)
     gla.TUNING.update(bwd_intra=False, bwd_fused_dg=False)
@@ -325,7 +337,7 @@ def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
         assert gla._backward_segments(4 * 6, 13, 32, 64, 2, 32, torch.device("cuda"))[0] == 13 // chunks + (chunks > 1)
     check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16)
     check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
-    check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous=True)
+    check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous="qkg")
 
 
 @gpu

@@ -46,7 +46,8 @@ class GatedLinearAttention2D(TokenMixer):
         expand_v: Value width / ``C``; must be 1 (the locality branch mixes ``C`` channels into the values).
         gate_low_rank_dim: Rank of the gate projection (ViG: 16).
         gate_logit_normalizer: Divides the log gates (ViG: 16).
-        norm_eps: Epsilon of ``g_norm`` / ``l_norm``.
+        norm_eps: Epsilon of ``l_norm`` and of ``g_norm`` on the halved output (``g_norm.eps`` is ``4 * norm_eps``:
+            it takes the output unhalved, the same function).
         use_act_in_conv: SiLU after the depthwise convolution (ViG-T: yes, S/B: no).
         use_out_act: SiLU before ``o_proj`` (ViG-T: yes, S/B: no).
         conv_bias: Bias on the depthwise convolution (the authors: none).

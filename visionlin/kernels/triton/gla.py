@@ -27,10 +27,11 @@ and a reverse pass carries the state's adjoint ``H`` (``[K, V]``, float32) and w
     H   <- exp(G_last) * H + scale (q * exp(G))^T do
 
 Then ``dg = reverse_cumsum(q * dq - k * dk)`` (the gradient of ``G_t`` is ``q_t dq_t - k_t dk_t`` channel-wise) in
-float32 PyTorch, from the kernels' float32 ``dq`` / ``dk``; the first gate of the walk gets an exact 0 (it only decays
-the zero initial state; the sum of every ``dG_t`` is 0 up to float32 cancellation). The backward kernels take every
-value channel in one program (``dq`` sums over them). With few (batch, head) programs (batch 1 at high resolution) the
-walks are cut into segments that start from incoming states and adjoints computed first (``TUNING``).
+float32, from the kernels' float32 ``dq`` / ``dk`` (PyTorch, or one Triton pass with ``TUNING["bwd_fused_dg"]``); the
+first gate of the walk gets an exact 0 (it only decays the zero initial state; the sum of every ``dG_t`` is 0 up to
+float32 cancellation). The backward kernels take every value channel in one program (``dq`` sums over them). With
+few (batch, head) programs (batch 1 at high resolution) the walks are cut into segments that start from incoming
+states and adjoints computed first (``TUNING``).
 
 Products run in IEEE float32 (inputs loaded and converted): the tiles are small (``16 x 16``, ``16 x K``) and the
 kernels are bound by the sequential chunk walk and each chunk's ``[T, T, K]`` decay tiles, not by the tensor cores.
@@ -462,6 +463,8 @@ def _gla_dg_kernel(
         dst = ((b * L + pos[:, None]) * H + h) * K_DIM + offs_k[None, :]
         dq = tl.load(DQ + dst, mask=mask, other=0.0)
         dk = tl.zeros([BL, BK], dtype=tl.float32)
+        # (p * part_stride stays below 2^31 where part_stride is int32: at most two shares, V <= MAX_VALUE_DIM = 64 in
+        # KV_BLOCK_V = 32 blocks; an int64 offset here spilled registers at K = 64 for sm_90)
         for p in range(0, n_parts):
             dk += tl.load(DKP + p * part_stride + dst, mask=mask, other=0.0)
         dgg = q * dq - k * dk
@@ -590,7 +593,7 @@ def gla_bwd(
            num_warps=warps(bk, bv))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
            BV=bv_kv, num_warps=warps(bk, bv_kv))  # fmt: skip
-    if fused_dg and b * h * cdiv(kd, bk) >= _num_sms(q.device):
+    if fused_dg and b * h * cdiv(kd, bk) >= _num_sms(q.device) and n_vb <= 2:
         outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
         launch(_gla_dg_kernel, (b * h, cdiv(kd, bk)), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
                dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, num_warps=4)  # fmt: skip
