@@ -115,8 +115,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(segments=True, segment_chunks=64)
-    # the backward: single walks above (segments of at least 16 chunks); segments of two chunks with a partial last
-    # one, of one chunk, and segments limited by the state buffers' cap
+    print("interpreter ok")
+    """
+)
+
+# The backward's settings (a second subprocess: the two halves run on different workers in CI).
+_INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_gla import check_gla
+    from visionlin.kernels.triton import gla
+    f32 = torch.float32
+    # the backward: single walks in the first script (segments of at least 16 chunks); segments of two chunks with a
+    # partial last one, of one chunk, and segments limited by the state buffers' cap
     assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (1, 5)
     gla.TUNING.update(bwd_segments=False)
     assert gla._backward_segments(1, 500, 8, 16, 1, 16, torch.device("cpu")) == (1, 500)
@@ -216,6 +227,12 @@ def test_interpreter_gla_matches_reference():
     """The kernels' math on the CPU (Triton's interpreter): float32 and float16, forward and backward."""
     pytest.importorskip("triton")
     run_in_interpreter(_INTERPRETER_SCRIPT)
+
+
+def test_interpreter_gla_backward_settings_match_reference():
+    """The backward's segmented walks, the intra kernel and the fused epilogue on the CPU (Triton's interpreter)."""
+    pytest.importorskip("triton")
+    run_in_interpreter(_INTERPRETER_BACKWARD_SCRIPT)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
