@@ -144,6 +144,19 @@ def _decay(G, T: tl.constexpr):
 
 
 @triton.jit
+def _segment(seg, seg_chunks, L, T: tl.constexpr):
+    """The chunks ``[c0, c1)`` of segment ``seg`` (``seg_chunks`` each, the last one cut at the sequence's end)."""
+    c0 = seg * seg_chunks
+    return c0, tl.minimum(c0 + seg_chunks, tl.cdiv(L, T))
+
+
+@triton.jit
+def _state_tile(STATES, slot, BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers to the ``[BK, BV]`` float32 state (or adjoint) tile ``slot`` of a contiguous ``[..., BK, BV]``."""
+    return STATES + slot * BK * BV + tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+
+
+@triton.jit
 def _gla_fwd_kernel(
     Q, K, V, GG, Out, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
@@ -162,11 +175,9 @@ def _gla_fwd_kernel(
     n_chunks = tl.cdiv(L, T)
     if SEGMENTED:
         seg = tl.program_id(2)
-        c0 = seg * seg_chunks
-        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        c0, c1 = _segment(seg, seg_chunks, L, T)
         slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + seg
-        offs_k = tl.arange(0, BK)
-        state = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :])
+        state = tl.load(_state_tile(INIT, slot, BK, BV))
     else:
         c0 = 0
         c1 = n_chunks
@@ -202,8 +213,7 @@ def _gla_seg_state_kernel(
     seg = tl.program_id(2)
     base_qk = b * sq_b + h * sq_h
     base_v = b * sv_b + h * sv_h
-    c0 = seg * seg_chunks
-    c1 = tl.minimum(c0 + seg_chunks, tl.cdiv(L, T))
+    c0, c1 = _segment(seg, seg_chunks, L, T)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     gsum = tl.zeros([BK], dtype=tl.float32)
     for c in range(c0, c1):
@@ -216,7 +226,7 @@ def _gla_seg_state_kernel(
         gsum += g_last
     offs_k = tl.arange(0, BK)
     slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + seg
-    tl.store(STATE + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :], state)
+    tl.store(_state_tile(STATE, slot, BK, BV), state)
     if tl.program_id(1) == 0:
         tl.store(GSUM + (bh.to(tl.int64) * tl.num_programs(2) + seg) * BK + offs_k, gsum)
 
@@ -258,10 +268,8 @@ def _gla_bwd_q_kernel(
     n_chunks = tl.cdiv(L, T)
     if SEGMENTED:
         seg = tl.program_id(1)
-        c0 = seg * seg_chunks
-        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
-        slot = bh.to(tl.int64) * tl.num_programs(1) + seg
-        state = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + offs_v[None, :])
+        c0, c1 = _segment(seg, seg_chunks, L, T)
+        state = tl.load(_state_tile(INIT, bh.to(tl.int64) * tl.num_programs(1) + seg, BK, BV))
     else:
         c0 = 0
         c1 = n_chunks
@@ -305,8 +313,7 @@ def _gla_seg_adj_kernel(
     n_seg = tl.num_programs(2)
     base_qk = b * sq_b + h * sq_h
     base_g = b * sg_b + h * sg_h
-    c0 = seg * seg_chunks
-    c1 = tl.minimum(c0 + seg_chunks, tl.cdiv(L, T))
+    c0, c1 = _segment(seg, seg_chunks, L, T)
     adj = tl.zeros([BK, BV], dtype=tl.float32)
     gsum = tl.zeros([BK], dtype=tl.float32)
     for cc in range(0, c1 - c0):
@@ -321,7 +328,7 @@ def _gla_seg_adj_kernel(
     offs_k = tl.arange(0, BK)
     rev = n_seg - 1 - seg
     slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n_seg + rev
-    tl.store(ADJ + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :], adj)
+    tl.store(_state_tile(ADJ, slot, BK, BV), adj)
     if tl.program_id(1) == 0:
         tl.store(GSUM + (bh.to(tl.int64) * n_seg + rev) * BK + offs_k, gsum)
 
@@ -352,11 +359,10 @@ def _gla_bwd_kv_kernel(
     n_chunks = tl.cdiv(L, T)
     if SEGMENTED:
         seg = tl.program_id(2)
-        c0 = seg * seg_chunks
-        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+        c0, c1 = _segment(seg, seg_chunks, L, T)
         rev = tl.num_programs(2) - 1 - seg
         slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + rev
-        adj = tl.load(INIT + slot * BK * BV + offs_k[:, None] * BV + tl.arange(0, BV)[None, :])
+        adj = tl.load(_state_tile(INIT, slot, BK, BV))
     else:
         c0 = 0
         c1 = n_chunks
@@ -507,12 +513,7 @@ def gla_fwd(
     meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd))
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
-        init = torch.empty(b * h, n_vb, n_seg, bk, bv_fwd, device=q.device, dtype=torch.float32)
-        gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
-        launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
-            k, v, g, init, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(), **meta
-        )  # fmt: skip
-        launch(_gla_seg_carry_kernel, (b * h, n_vb), init, gsum, n_seg, BK=bk, BV=bv_fwd, num_warps=4)
+        init = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv_fwd)
     launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
         q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *v.stride(),
         *out.stride(),
@@ -626,27 +627,36 @@ def _backward_segments(
     return n_seg, per
 
 
+def _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv):
+    """The state entering each segment, float32 ``[B*H, n_vb, n_seg, BK, BV]`` (value blocks of ``BV``): each
+    segment's own state in parallel, then a walk over the segments (``k``, ``g`` strided as ``q``)."""
+    b, length, h, kd = q.shape
+    vd = v.shape[-1]
+    n_vb = cdiv(vd, bv)
+    states = torch.empty(b * h, n_vb, n_seg, bk, bv, device=q.device, dtype=torch.float32)
+    gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
+    launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
+        k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, num_warps=warps(bk, bv),
+    )  # fmt: skip
+    launch(_gla_seg_carry_kernel, (b * h, n_vb), states, gsum, n_seg, BK=bk, BV=bv, num_warps=4)
+    return states
+
+
 def _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
     """The segmented backward's incoming states (``[B*H, 1, n_seg, BK, BV]``, every value channel in one block: the
     ``dq`` walk sums over them) and incoming state adjoints (``[B*H, n_vb, n_seg, BK, BV_kv]``, slots in reversed
     segment order), float32: each segment's own part in parallel, then a walk over the segments."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
-    f32 = dict(device=q.device, dtype=torch.float32)
-    s_in = torch.empty(b * h, 1, n_seg, bk, bv, **f32)
-    h_in = torch.empty(b * h, n_vb, n_seg, bk, bv_kv, **f32)
-    gsum = torch.empty(2, b * h, n_seg, bk, **f32)  # the segments' total log-decays, in walk order and reversed
-    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk)
-    launch(_gla_seg_state_kernel, (b * h, 1, n_seg),
-        k, v, g, s_in, gsum[0], length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(), **meta, BV=bv,
-        num_warps=warps(bk, bv),
-    )  # fmt: skip
-    launch(_gla_seg_carry_kernel, (b * h, 1), s_in, gsum[0], n_seg, BK=bk, BV=bv, num_warps=4)
+    s_in = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv)  # bv >= vd: one value block
+    h_in = torch.empty(b * h, n_vb, n_seg, bk, bv_kv, device=q.device, dtype=torch.float32)
+    gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)  # reversed segment order
     launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
-        q, g, do, h_in, gsum[1], length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(), **meta, BV=bv_kv,
-        num_warps=warps(bk, bv_kv),
+        q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, num_warps=warps(bk, bv_kv),
     )  # fmt: skip
-    launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum[1], n_seg, BK=bk, BV=bv_kv, num_warps=4)
+    launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum, n_seg, BK=bk, BV=bv_kv, num_warps=4)
     return s_in, h_in
 
 
