@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 
 import torch
 
@@ -90,3 +91,16 @@ def kernels_ms(fn, per_kernel: dict | None = None) -> float:
         for e in events:
             per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + e.device_time_total
     return sum(e.device_time_total for e in events) / 1e3
+
+
+@contextlib.contextmanager
+def tuned(table: MutableMapping, **overrides) -> Iterator[None]:
+    """``table`` (a kernel module's ``TUNING``) updated with ``overrides`` inside the block, restored exactly after it
+    (keys the block added are dropped), also when the block raises."""
+    saved = dict(table)
+    table.update(overrides)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._timing import cuda_ms, tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "gla_backward"
@@ -57,16 +57,11 @@ def _timed(fn, configs: list[str], args) -> dict[str, float]:
     """Median ms per call of ``fn`` under each config, the configs' order alternating between repeats."""
     from visionlin.kernels.triton import gla
 
-    shipped = dict(gla.TUNING)
     times: dict[str, list[float]] = {c: [] for c in configs}
-    try:
-        for r in range(args.repeats):
-            for c in configs if r % 2 == 0 else configs[::-1]:
-                gla.TUNING.update(shipped, **CONFIGS[c])
+    for r in range(args.repeats):
+        for c in configs if r % 2 == 0 else configs[::-1]:
+            with tuned(gla.TUNING, **CONFIGS[c]):
                 times[c].append(cuda_ms(fn, args.warmup, args.iters, 1))
-    finally:
-        gla.TUNING.clear()
-        gla.TUNING.update(shipped)
     return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
 
 
@@ -74,18 +69,13 @@ def _peak(fn, config: str) -> float:
     """MiB allocated at the peak of one call of ``fn`` under ``config``, above what was allocated before it."""
     from visionlin.kernels.triton import gla
 
-    shipped = dict(gla.TUNING)
-    try:
-        gla.TUNING.update(CONFIGS[config])
+    with tuned(gla.TUNING, **CONFIGS[config]):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    finally:
-        gla.TUNING.clear()
-        gla.TUNING.update(shipped)
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._timing import cuda_ms, tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "gla_segments"
@@ -32,14 +32,10 @@ def _both(fn, args) -> dict:
     from visionlin.kernels.triton import gla
 
     times = {False: [], True: []}
-    shipped = gla.TUNING["segments"]
-    try:
-        for r in range(args.repeats):
-            for seg in (False, True) if r % 2 == 0 else (True, False):
-                gla.TUNING["segments"] = seg
+    for r in range(args.repeats):
+        for seg in (False, True) if r % 2 == 0 else (True, False):
+            with tuned(gla.TUNING, segments=seg):
                 times[seg].append(cuda_ms(fn, args.warmup, args.iters, 1))
-    finally:
-        gla.TUNING["segments"] = shipped
     single, segmented = (sorted(times[s])[len(times[s]) // 2] for s in (False, True))
     return {"ms_single": single, "ms_segmented": segmented, "speedup": single / segmented, "status": "ok"}
 

@@ -55,3 +55,19 @@ def test_short_cuda_run(tmp_path):
     doc = json.loads((tmp_path / "gla_backward.json").read_text())
     assert [r["status"] for r in doc["rows"]] == ["ok"] * 4
     assert shipped == gla.TUNING  # restored
+
+
+def test_tuned_restores_the_table_exactly():
+    """``benchmarks._timing.tuned``: overrides inside the block; afterwards the table as it was (a key the block added
+    dropped), also when the block raises."""
+    from benchmarks._timing import tuned
+
+    table = {"a": 1, "b": True}
+    with tuned(table, a=2):
+        assert table == {"a": 2, "b": True}
+        table["c"] = 3
+    assert table == {"a": 1, "b": True}
+    with pytest.raises(RuntimeError), tuned(table, b=False):
+        assert table["b"] is False
+        raise RuntimeError("inside")
+    assert table == {"a": 1, "b": True}
