@@ -164,7 +164,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     gla.TUNING.update(bwd_segment_chunks=2)
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     gla.TUNING.update(bwd_intra=False, bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
-    # the fused epilogue (where the (batch, head, key block) programs fill the interpreter's 4 "SMs"), alone and with
+    # the fused epilogue (where the (batch, head) programs fill the interpreter's 4 "SMs"), alone and with
     # the intra kernel; one position (the walk's first gate exactly 0), tiles past one, two value blocks, float16
     gla.TUNING.update(bwd_fused_dg=True)
     for mode in ("forward", "reverse", "bidirectional"):

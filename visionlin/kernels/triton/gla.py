@@ -91,7 +91,7 @@ KV_BLOCK_V = 32
 #:
 #: ``"bwd_fused_dg"``: the backward's epilogue (``dk``'s value-block shares summed, ``q dq - k dk``, its reverse
 #: cumulative sum along the walk into the gates' gradient, the casts: about a dozen PyTorch kernels per call, 24 calls
-#: per ViG-S training step) in one Triton pass, where the (batch, head, key block) programs fill the SMs (each walks
+#: per ViG-S training step) in one Triton pass, where the (batch, head) programs fill the SMs (each walks
 #: its sequence; with fewer, PyTorch's parallel scan is used). Off until it is timed on a GPU.
 TUNING: dict[str, bool | int] = {
     "segments": True,
@@ -447,15 +447,14 @@ def _gla_dg_kernel(
     sq_b, sq_l, sq_h, sq_k,
     REVERSE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """The backward's epilogue for one (batch, head) and block of key channels, one pass instead of a dozen PyTorch
-    ones: ``dk`` = the sum of the walks' value-block shares ``DKP``, ``dG = q * dq - k * dk`` and the gates' gradient
-    ``dg_w = sum_{w' >= w} dG_w'`` in walk order (tiles from the walk's end, a float32 carry between them), 0 for the
-    walk's first gate; writes ``dg``, ``dq``, ``dk`` contiguous in the inputs' dtypes (``DQ`` / ``DKP`` float32,
-    contiguous)."""
+    """The backward's epilogue for one (batch, head), one pass instead of a dozen PyTorch ones: ``dk`` = the sum of
+    the walks' value-block shares ``DKP``, ``dG = q * dq - k * dk`` and the gates' gradient ``dg_w = sum_{w' >= w}
+    dG_w'`` in walk order (tiles from the walk's end, a float32 carry between them), 0 for the walk's first gate;
+    writes ``dg``, ``dq``, ``dk`` contiguous in the inputs' dtypes (``DQ`` / ``DKP`` float32, contiguous)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_k = tl.arange(0, BK)  # every key channel (BK = tile_dim(K) >= K)
     kmask = offs_k < K_DIM
     carry = tl.zeros([BK], dtype=tl.float32)
     n_tiles = tl.cdiv(L, BL)
@@ -594,9 +593,9 @@ def gla_bwd(
            num_warps=warps(bk, bv))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
            BV=bv_kv, num_warps=warps(bk, bv_kv))  # fmt: skip
-    if fused_dg and b * h * cdiv(kd, bk) >= _num_sms(q.device) and n_vb <= 2:
+    if fused_dg and b * h >= _num_sms(q.device) and n_vb <= 2:
         outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
-        launch(_gla_dg_kernel, (b * h, cdiv(kd, bk)), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
+        launch(_gla_dg_kernel, (b * h,), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
                dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, num_warps=4)  # fmt: skip
         dg, dq, dk = outs
         return dq, dk, dv, dg
