@@ -29,7 +29,9 @@ STEM = "gla_backward"
 EVERY = 10**6  # "programs per SM" no call reaches: always segment
 #: Named settings: overrides of ``gla.TUNING`` (the rest as shipped).
 CONFIGS: dict[str, dict] = {
-    "single": {"bwd_segments": False},
+    "single": {"bwd_segments": False, "bwd_intra": False, "bwd_fused_dg": False},
+    "shipped": {},
+    "walks": {"bwd_intra": False, "bwd_fused_dg": False},
     "bwd16": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 16, "bwd_segment_target": 16},
     "bwd64": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 64, "bwd_segment_target": 64},
     "bwd_every": {
@@ -37,12 +39,12 @@ CONFIGS: dict[str, dict] = {
     },
     "bwd4": {"bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": 1, "bwd_segment_target": 4},
     "bwd4c16": {"bwd_segments": True, "bwd_segment_chunks": 16, "bwd_segment_below": 1, "bwd_segment_target": 4},
-    "intra": {"bwd_intra": True},
+    "intra": {"bwd_intra": True, "bwd_fused_dg": False},
     "intra_every": {
-        "bwd_intra": True, "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY,
-        "bwd_segment_target": EVERY,
+        "bwd_intra": True, "bwd_fused_dg": False, "bwd_segments": True, "bwd_segment_chunks": 1,
+        "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
     },
-    "fused_dg": {"bwd_fused_dg": True},
+    "fused_dg": {"bwd_intra": False, "bwd_fused_dg": True},
     "intra_fused_dg": {"bwd_intra": True, "bwd_fused_dg": True},
     "every": {
         "bwd_segments": True, "bwd_segment_chunks": 1, "bwd_segment_below": EVERY, "bwd_segment_target": EVERY,
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None)
     configs_help = f"comma-separated, of {', '.join(CONFIGS)}"
-    p.add_argument("--configs", default="single,intra,fused_dg,intra_fused_dg,intra_every", help=configs_help)
+    p.add_argument("--configs", default="single,walks,shipped,intra,fused_dg", help=configs_help)
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
     p.add_argument("--warmup", type=int, default=3)

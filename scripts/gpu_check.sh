@@ -241,7 +241,7 @@ for stage in "$@"; do
     gla-bwd)
       run_tests gla_bwd ${TESTS_LIMIT:-300} tests/test_kernels_triton_gla.py tests/test_bench_gla_backward.py --tb=short \
         ${GLA_K:+-k "$GLA_K"}  # GLA_K: a subset
-      timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" 2>&1 \
+      timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" $GLA_ARGS 2>&1 \
         | grep -vE "Warning|warn" | cut -c1-220 | tail -40 ;;
     gla-seg)  # the segmented GLA forward: its gpu tests, then ViG-S at 1024-4096 px and the op, single walk vs segmented
       run_tests gla_seg 200 tests/test_kernels_triton_gla.py tests/test_bench_gla_segments.py -k "segmented or short" --tb=short
