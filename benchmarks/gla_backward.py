@@ -51,6 +51,12 @@ CONFIGS: dict[str, dict] = {
         "segments": True, "segment_chunks": 1, "segment_below": EVERY, "segment_target": EVERY,
     },
 }  # fmt: skip
+# Launch sweeps, one kernel's warps or pipeline stages changed at a time: "intra_w4", "bwd_kv_s1", ...
+for _name in ("fwd", "intra", "bwd_q", "bwd_kv", "dg"):
+    for _w in (2, 4, 8, 16):
+        CONFIGS[f"{_name}_w{_w}"] = {"launch": {_name: {"num_warps": _w}}}
+    for _s in (1, 2, 3, 4):
+        CONFIGS[f"{_name}_s{_s}"] = {"launch": {_name: {"num_stages": _s}}}
 #: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
 

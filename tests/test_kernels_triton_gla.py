@@ -126,6 +126,8 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     from tests.test_kernels_triton_gla import check_gla
     from visionlin.kernels.triton import gla
     f32 = torch.float32
+    # the walks alone first (the shipped intra kernel and fused epilogue: the first script, and below)
+    gla.TUNING.update(bwd_intra=False, bwd_fused_dg=False)
     # the backward: single walks in the first script (segments of at least 16 chunks); segments of two chunks with a
     # partial last one, of one chunk, and segments limited by the state buffers' cap
     assert gla._backward_segments(2, 5, 8, 16, 1, 16, torch.device("cpu")) == (1, 5)
@@ -207,6 +209,33 @@ def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
             gla._backward_segments(1, 100, 32, 64, 2, 32, torch.device("cpu"))
         else:
             gla._segments(1, 100, torch.device("cpu"), backward=key.startswith("bwd_"))
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [[], {"walk": {}}, {"intra": {"num_warps": 3}}, {"intra": {"num_warps": 0}}, {"bwd_q": {"warps": 4}},
+     {"fwd": {"num_stages": 2.0}}, {"dg": 4}, {"bwd_kv": {"num_stages": True}}],
+)  # fmt: skip
+def test_launch_overrides_are_checked(launch, monkeypatch):
+    """A malformed per-kernel launch override is refused, naming it and what is allowed (not passed to Triton,
+    whose error would name neither)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import gla
+
+    monkeypatch.setitem(gla.TUNING, "launch", launch)
+    with pytest.raises(ValueError, match=r"TUNING\['launch'\].* (must be a dict keyed by|allowed keys)"):
+        for name in gla.LAUNCH_NAMES:
+            gla._meta(name, 8)
+
+
+def test_launch_overrides_apply(monkeypatch):
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import gla
+
+    assert gla._meta("intra", 8) == {"num_warps": 8}
+    monkeypatch.setitem(gla.TUNING, "launch", {"intra": {"num_warps": 4, "num_stages": 1}})
+    assert gla._meta("intra", 8) == {"num_warps": 4, "num_stages": 1}
+    assert gla._meta("bwd_q", 8) == {"num_warps": 8}
 
 
 def test_segments_fit_a_grid_axis(monkeypatch):

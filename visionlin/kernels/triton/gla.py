@@ -108,7 +108,11 @@ TUNING: dict[str, bool | int] = {
     "max_state_mib": 256,
     "bwd_intra": True,
     "bwd_fused_dg": True,
+    "launch": {},
 }
+#: ``TUNING["launch"]``: per-kernel launch overrides for measurement, ``{name: {"num_warps": w, "num_stages": s}}``
+#: with ``name`` one of these (empty: :func:`warps`' rule and Triton's default stages).
+LAUNCH_NAMES = ("fwd", "intra", "bwd_q", "bwd_kv", "dg")
 
 
 @triton.jit
@@ -489,6 +493,27 @@ def _blocks(kd: int, vd: int) -> tuple[int, int]:
     return tile_dim(kd), tile_dim(vd)
 
 
+def _meta(name: str, default_warps: int) -> dict[str, int]:
+    """``num_warps`` (and ``num_stages``) of kernel ``name``: ``default_warps`` unless ``TUNING["launch"]`` overrides
+    it (a ``ValueError`` naming a malformed override: an unknown kernel or key, a warp count not a power of two)."""
+    overrides = TUNING["launch"]
+    if not isinstance(overrides, dict) or not set(overrides) <= set(LAUNCH_NAMES):
+        raise ValueError(
+            f"visionlin.kernels.triton.gla.TUNING['launch'] = {overrides!r}: must be a dict keyed by {LAUNCH_NAMES}"
+        )
+    meta = {"num_warps": default_warps}
+    given = overrides.get(name, {})
+    for key, value in given.items() if isinstance(given, dict) else [("", given)]:
+        ok = key in ("num_warps", "num_stages") and type(value) is int and value >= 1
+        if not ok or (key == "num_warps" and value & (value - 1)):
+            raise ValueError(
+                f"visionlin.kernels.triton.gla.TUNING['launch'][{name!r}] = {given!r}: allowed keys 'num_warps' (a "
+                "power of two) and 'num_stages' (an integer >= 1)"
+            )
+        meta[key] = value
+    return meta
+
+
 def warps(bk: int, bv: int) -> int:
     """Warps per program: 8 from a 32-wide key or 64-wide value tile (at 4 the ``[16, 16, K]`` decay tile and the
     ``[K, V]`` state spill for sm_90 at K = 32, V = 64: ViG's head dims)."""
@@ -512,7 +537,7 @@ def gla_fwd(
     n_vb = cdiv(vd, bv_fwd)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
-    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, num_warps=warps(bk, bv_fwd))
+    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk, bv_fwd)))
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
         init = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv_fwd)
@@ -589,17 +614,17 @@ def gla_bwd(
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
         launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
                length, h, kd, vd, scale, *strides, REVERSE=reverse, T=CHUNK, BK=bk, BV=bv,
-               num_warps=warps(bk, bv))  # fmt: skip
+               **_meta("intra", warps(bk, bv)))  # fmt: skip
     args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
     common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
-           num_warps=warps(bk, bv))  # fmt: skip
+           **_meta("bwd_q", warps(bk, bv)))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
-           BV=bv_kv, num_warps=warps(bk, bv_kv))  # fmt: skip
+           BV=bv_kv, **_meta("bwd_kv", warps(bk, bv_kv)))  # fmt: skip
     if fused_dg and b * h >= _num_sms(q.device) and n_vb <= 2:
         outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
         launch(_gla_dg_kernel, (b * h,), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
-               dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, num_warps=4)  # fmt: skip
+               dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, **_meta("dg", 4))  # fmt: skip
         dg, dq, dk = outs
         return dq, dk, dv, dg
     dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
