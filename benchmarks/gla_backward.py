@@ -52,11 +52,14 @@ CONFIGS: dict[str, dict] = {
     },
 }  # fmt: skip
 # Launch sweeps, one kernel's warps or pipeline stages changed at a time: "intra_w4", "bwd_kv_s1", ...
-for _name in ("fwd", "intra", "bwd_q", "bwd_kv", "dg"):
+for _name in ("fwd", "intra", "bwd_q", "bwd_kv", "dg", "seg"):
     for _w in (2, 4, 8, 16):
         CONFIGS[f"{_name}_w{_w}"] = {"launch": {_name: {"num_warps": _w}}}
     for _s in (1, 2, 3, 4):
         CONFIGS[f"{_name}_s{_s}"] = {"launch": {_name: {"num_stages": _s}}}
+# Every walk kernel at 8 warps (the rule before 8a0d0ef at ViG's head dims) or at 4
+CONFIGS["w8"] = {"launch": {n: {"num_warps": 8} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
+CONFIGS["w4"] = {"launch": {n: {"num_warps": 4} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
 #: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
 

@@ -112,7 +112,7 @@ TUNING: dict[str, bool | int] = {
 }
 #: ``TUNING["launch"]``: per-kernel launch overrides for measurement, ``{name: {"num_warps": w, "num_stages": s}}``
 #: with ``name`` one of these (empty: :func:`warps`' rule and Triton's default stages).
-LAUNCH_NAMES = ("fwd", "intra", "bwd_q", "bwd_kv", "dg")
+LAUNCH_NAMES = ("fwd", "intra", "bwd_q", "bwd_kv", "dg", "seg")
 
 
 @triton.jit
@@ -515,9 +515,14 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
 
 
 def warps(bk: int, bv: int) -> int:
-    """Warps per program: 8 from a 32-wide key or 64-wide value tile (at 4 the ``[16, 16, K]`` decay tile and the
-    ``[K, V]`` state spill for sm_90 at K = 32, V = 64: ViG's head dims)."""
-    return 8 if bk >= 32 or bv >= 64 else 4
+    """Warps per program: 4 up to 32-wide key tiles, 8 past them (or from a 64-wide value tile past 16 keys before
+    8a0d0ef). Measured on an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``):
+    4 warps against 8, each kernel alone, the forward 1.13-1.20x, the op's forward + backward with the intra kernel
+    at 4 1.16x / 1.14x, the ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 / 448 px
+    batch 32), though the ``[16, 16, K]`` decay tile and the ``[K, V]`` state spill some registers for sm_90 at 4
+    (``KNOWN_SPILLS`` of the sm_90 compile test); 16 warps were slower everywhere. Key tiles past 32 (not measured)
+    keep 8."""
+    return 4 if bk <= 32 else 8
 
 
 @torch.library.custom_op("visionlin::gla_fwd", mutates_args=())
@@ -664,7 +669,7 @@ def _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv):
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
     launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
         k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, num_warps=warps(bk, bv),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk, bv)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), states, gsum, n_seg, BK=bk, BV=bv, num_warps=4)
     return states
@@ -681,7 +686,7 @@ def _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, b
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)  # reversed segment order
     launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
         q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, num_warps=warps(bk, bv_kv),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk, bv_kv)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum, n_seg, BK=bk, BV=bv_kv, num_warps=4)
     return s_in, h_in
