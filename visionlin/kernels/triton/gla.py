@@ -519,9 +519,8 @@ def warps(bk: int, bv: int) -> int:
     8a0d0ef). Measured on an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``):
     4 warps against 8, each kernel alone, the forward 1.13-1.20x, the op's forward + backward with the intra kernel
     at 4 1.16x / 1.14x, the ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 / 448 px
-    batch 32), though the ``[16, 16, K]`` decay tile and the ``[K, V]`` state spill some registers for sm_90 at 4
-    (``KNOWN_SPILLS`` of the sm_90 compile test); 16 warps were slower everywhere. Key tiles past 32 (not measured)
-    keep 8."""
+    batch 32); 16 warps were slower everywhere. At 4 they compile for sm_90 without spilling (the sm_90 compile
+    test; an older walk spilled at 4, hence the 8 before). Key tiles past 32 (not measured) keep 8."""
     return 4 if bk <= 32 else 8
 
 
