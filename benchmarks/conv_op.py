@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
+from benchmarks._timing import DTYPES, cuda_ms, tuned  # noqa: E402
 from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -101,23 +101,17 @@ def _measure(name: str, shape, args, backend: str | None, modes=("forward", "for
 def _sweep(args) -> list[dict]:
     from visionlin.kernels.triton import conv
 
-    saved = dict(conv.TUNING)
     rows = []
     seen_k = set()
-    try:
-        for name, shape in SHAPES.items():
-            if shape[4] in seen_k or name not in args.shapes.split(","):
-                continue
-            seen_k.add(shape[4])
-            fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
-            for bt, bc, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (None, 1)):
-                conv.TUNING.update(block_t=bt, block_c=bc, warps=warps, stages=stages)
-                cfg = dict(block_t=bt, block_c=bc, warps=warps, stages=stages)
-                with torch.no_grad():
-                    rows.append(_time({"shape": name, "method": "triton", "mode": "forward", "config": cfg}, fn, args))
-    finally:
-        conv.TUNING.clear()
-        conv.TUNING.update(saved)
+    for name, shape in SHAPES.items():
+        if shape[4] in seen_k or name not in args.shapes.split(","):
+            continue
+        seen_k.add(shape[4])
+        fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
+        for bt, bc, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (None, 1)):
+            cfg = dict(block_t=bt, block_c=bc, warps=warps, stages=stages)
+            with tuned(conv.TUNING, **cfg), torch.no_grad():
+                rows.append(_time({"shape": name, "method": "triton", "mode": "forward", "config": cfg}, fn, args))
     return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import cuda_ms, host_us  # noqa: E402
+from benchmarks._timing import cuda_ms, host_us, tuned  # noqa: E402
 from visionlin.kernels import layer_norm  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -121,16 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(name, method, mode, m, c, args))
         if args.no_sweep:
             continue
-        saved = dict(gated_norm.TUNING)
-        try:
-            for per_sm, per_thread, stages in SWEEP:
-                gated_norm.TUNING.update(backward_programs_per_sm=per_sm, backward_per_thread=per_thread,
-                                         backward_stages=stages)  # fmt: skip
-                cfg = {"programs_per_sm": per_sm, "per_thread": per_thread, "stages": stages}
+        for per_sm, per_thread, stages in SWEEP:
+            cfg = {"programs_per_sm": per_sm, "per_thread": per_thread, "stages": stages}
+            with tuned(gated_norm.TUNING, backward_programs_per_sm=per_sm, backward_per_thread=per_thread,
+                       backward_stages=stages):  # fmt: skip
                 sweep.append(_row(name, "triton", "forward_backward", m, c, args, config=cfg))
-        finally:
-            gated_norm.TUNING.clear()
-            gated_norm.TUNING.update(saved)
     host = {f"{meth}_{mode}": _host_us(meth, mode == "forward_backward")
             for meth in ("torch", "triton") for mode in ("forward", "forward_backward")}  # fmt: skip
     by = {(r["shape"], r["method"], r["mode"]): r.get("ms") for r in rows}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from benchmarks._timing import tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 from visionlin.train.bench_op import CASES, run_case  # noqa: E402
 
@@ -311,15 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         return _grid(args.family, args.out, args.commit, argv, grid_cases, dtype, name)
     # default: head dim 32, the shapes the built-in settings were chosen for
     cases = [c for c in CASES if c[4] == 32] if args.cases is None else [CASES[i] for i in args.cases]
-    saved = dict(tri.TUNING)
     samples: dict[tuple[str, str], list[dict]] = {}
     errors: dict[tuple[str, str], str] = {}
-    try:
-        for rnd in range(rounds):
-            order = list(settings) if rnd % 2 == 0 else list(reversed(settings))
-            for name in order:
-                tri.TUNING.clear()
-                tri.TUNING.update(saved | settings[name])
+    for rnd in range(rounds):
+        order = list(settings) if rnd % 2 == 0 else list(reversed(settings))
+        for name in order:
+            with tuned(tri.TUNING, **settings[name]):
                 for case in cases:
                     try:
                         r = run_case(*case, dtype=dtype, only=("triton",))
@@ -329,9 +327,6 @@ def main(argv: list[str] | None = None) -> int:
                     samples.setdefault((case[0], name), []).append(r)
                     print(json.dumps({"round": rnd, "setting": name, "case": case[0],
                                       **{m: r.get(m) for m in MEASURES}}), flush=True)  # fmt: skip
-    finally:
-        tri.TUNING.clear()
-        tri.TUNING.update(saved)
     rows = []
     for case in cases:
         for name in settings:

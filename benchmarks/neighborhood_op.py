@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms, graph_ms  # noqa: E402
+from benchmarks._timing import DTYPES, cuda_ms, graph_ms, tuned  # noqa: E402
 from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -170,43 +170,37 @@ def _sweep(args: argparse.Namespace) -> list[dict]:
     ``TUNING`` (the rest at their defaults); rows sorted fastest first per mode."""
     from visionlin.kernels.triton import neighborhood as nt
 
-    saved = dict(nt.TUNING)
     fn = _methods(args)["triton"]
     rows = []
 
     def run(mode: str, config: dict) -> None:
-        nt.TUNING.clear()
-        nt.TUNING.update(saved | config)
         row = {"method": "triton", "mode": mode, "status": "ok", "config": config}
         try:
-            q, k, v, rpb = _inputs(args, mode == "backward")
-            if mode == "forward":
+            with tuned(nt.TUNING, **config):
+                q, k, v, rpb = _inputs(args, mode == "backward")
+                if mode == "forward":
 
-                def step():
-                    with torch.no_grad():
-                        fn(q, k, v, rpb)
-            else:
-                ins = [t for t in (q, k, v, rpb) if t is not None]
-                out = fn(q, k, v, rpb)
-                go = torch.randn_like(out)
+                    def step():
+                        with torch.no_grad():
+                            fn(q, k, v, rpb)
+                else:
+                    ins = [t for t in (q, k, v, rpb) if t is not None]
+                    out = fn(q, k, v, rpb)
+                    go = torch.randn_like(out)
 
-                def step():
-                    torch.autograd.grad(out, ins, go, retain_graph=True)
+                    def step():
+                        torch.autograd.grad(out, ins, go, retain_graph=True)
 
-            row["ms"] = cuda_ms(step, args.warmup, args.iters, args.repeats)
+                row["ms"] = cuda_ms(step, args.warmup, args.iters, args.repeats)
         except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
             row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    try:
-        for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (0, 128)):
-            run("forward", dict(block_k=block_k, warps=warps, stages=stages, maxnreg=maxnreg))
-        for block, warps, maxnreg in itertools.product((16, 32), (4, 8), (0, 128)):  # 0: no register cap
-            run("backward", dict(bwd_block=block, bwd_warps=warps, bwd_stages=1, bwd_maxnreg=maxnreg))
-    finally:
-        nt.TUNING.clear()
-        nt.TUNING.update(saved)
+    for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (0, 128)):
+        run("forward", dict(block_k=block_k, warps=warps, stages=stages, maxnreg=maxnreg))
+    for block, warps, maxnreg in itertools.product((16, 32), (4, 8), (0, 128)):  # 0: no register cap
+        run("backward", dict(bwd_block=block, bwd_warps=warps, bwd_stages=1, bwd_maxnreg=maxnreg))
     return sorted(rows, key=lambda r: (r["mode"], r.get("ms", float("inf"))))
 
 
