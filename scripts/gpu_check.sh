@@ -49,6 +49,7 @@
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
 #   tests-s31      the 39 gpu tests stop 30's run did not finish (hybrid / agent op, four families' parity) + memory ~4 min
 #   tests-s32      stop 31's CPU-only changes: agent kernels (half bias-gradient tables), agent parity, memory ~5 min
+#   tests-s33      the gated RMS mix's gpu tests, every GLA gpu test (4 warps), ViG's model parity (S33_K: -k) ~2.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -134,6 +135,9 @@ for stage in "$@"; do
         tests/test_layers_token_conv.py --tb=long ;;
     tests-fix)  # the fixes since bca30b2: the tiny CUDA convert bench (flex layout under inference mode), the flex tests
       run_tests fix 150 tests/test_bench_convert.py tests/test_kernels_neighborhood_flex.py --tb=long ;;
+    tests-s33)  # stop 33: the gated RMS mix (ViG), the GLA kernels at 4 warps, ViG's model parity
+      run_tests s33 ${S33_LIMIT:-200} tests/test_kernels_rms_mix.py tests/test_kernels_triton_gla.py \
+        tests/test_models_gpu_parity.py --tb=short -k "${S33_K:-rms_mix or gla or vig}" ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
       run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
         tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;

@@ -76,6 +76,12 @@ _BIAS_GRADS = {"DAN", "DNA", "DAH", "DAW", "DHA", "DWA", "DAC", "DCA"}
 POINTERS |= _BIAS_TABLES | _BIAS_GRADS | {"OUT_A", "OUT_Q", "GA", "GQ"}
 FP32_HERE |= {"_bias_fwd_kernel": _BIAS_TABLES, "_bias_bwd_kernel": _BIAS_GRADS}
 FLOATS |= {"scale_y", "scale_x"}
+# The gated RMS mix (triton/rms_mix.py): float32 weights and their partial gradients; Y / DY in the inputs' dtype.
+FP32_POINTERS |= {"WX", "WY", "DWX", "DWY"}
+POINTERS |= FP32_POINTERS | {"DY"}
+FLOATS |= {"eps_x", "eps_y"}
+# Per kernel, pointers in the inputs' dtype although the name is a float32 buffer elsewhere.
+DTYPE_HERE = {"_rms_mix_fwd_kernel": {"Y"}, "_rms_mix_bwd_kernel": {"Y"}}
 # Kernels compiled as the JIT specialises them at run time for head dims 64 / 128: 16-byte aligned pointers and
 # integer arguments (strides, sizes) divisible by 16 (without these hints every load is scalar and the tiles spill; the
 # token conv: channel counts that are multiples of 16, as in every shipped model).
@@ -93,7 +99,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
         elif p == "HS" and consts.get("SPLIT_OUT"):
             sig[p] = "*bf16"  # the paper variant's per-key-block states, as high / low bfloat16 halves
         elif p in POINTERS:
-            fp32 = p in FP32_POINTERS or p in FP32_HERE.get(name, set())
+            fp32 = (p in FP32_POINTERS or p in FP32_HERE.get(name, set())) and p not in DTYPE_HERE.get(name, set())
             sig[p] = "*fp32" if fp32 else f"*{dtype}"
         elif p in FLOATS:
             sig[p] = "fp32"
@@ -516,6 +522,20 @@ def _agent_bias(dt, tdt):
     return cases
 
 
+def _rms_mix(dt, tdt):
+    """ViG's head widths (64) and the kernels' limit, with and without weights and SiLU."""
+    from visionlin.kernels.triton import gated_norm, rms_mix
+
+    cases = []
+    for c in (64, 96, 512, rms_mix.MAX_CHANNELS):
+        for kernel, backward in ((rms_mix._rms_mix_fwd_kernel, False), (rms_mix._rms_mix_bwd_kernel, True)):
+            meta = gated_norm.meta(c, backward=backward)
+            warps = meta.pop("num_warps")
+            for has_w, silu in ((True, False), (True, True), (False, True)):
+                cases.append((kernel, dt, dict(HAS_WX=has_w, HAS_WY=has_w, SILU=silu, **meta), warps))
+    return cases
+
+
 def _gated_norm(dt, tdt):
     """Every row width up to the kernels' limit: NaLaFormer's 64-640 (blocks of 64-1024 channels) and beyond."""
     from visionlin.kernels.triton import gated_norm
@@ -614,6 +634,10 @@ SPILL_ALLOWANCE = {
     # layer_norm's backward with every activation in float32: 4 B at C = 64 with only 72 registers in use (a ptxas
     # stack slot, not register pressure; the bf16 / fp16 cases spill nothing)
     ("visionlin.kernels.triton.gated_norm", "_gated_norm_bwd_kernel", "fp32", None, None): 4,
+    # the gated RMS mix's backward at C = 512 (4 rows x 512 in 8 warps): 8 B with 80 registers in use, the same kind
+    # of stack slot; ViG's C = 64 and the other widths spill nothing
+    ("visionlin.kernels.triton.rms_mix", "_rms_mix_bwd_kernel", "bf16", None, None): 8,
+    ("visionlin.kernels.triton.rms_mix", "_rms_mix_bwd_kernel", "fp16", None, None): 8,
     ("visionlin.kernels.triton.rope_linear", "_readout_backward_kernel", "fp16", 1, 128): 44,
     # SLA at D = 128 in half precision: the forward's 64 x 64 tiles in 4 warps with the linear read-out, and the code
     # variant's bf16 state kernel with 128-key tiles, spill a little and still beat the settings that spill nothing
@@ -665,6 +689,7 @@ SPILL_ALLOWANCE = {
         _scan,
         _gla,
         _gated_norm,
+        _rms_mix,
         _agent_bias,
     ],
     ids=[
@@ -677,6 +702,7 @@ SPILL_ALLOWANCE = {
         "scan",
         "gla",
         "gated-norm",
+        "rms-mix",
         "agent-bias",
     ],  # fmt: skip
 )

@@ -32,6 +32,7 @@ from .neighborhood import (
 )
 from .norm_aware import norm_aware_linear_attention, norm_aware_linear_attention_reference
 from .rank_augmented import rank_augmented_linear_attention, rank_augmented_linear_attention_reference
+from .rms_mix import rms_gate_mix, rms_gate_mix_reference
 from .rope import apply_rope_2d, rope_2d_tables
 from .scan import (
     bidirectional_gated_linear_attention,
@@ -93,6 +94,8 @@ __all__ = [
     "norm_aware_linear_attention_reference",
     "rank_augmented_linear_attention",
     "rank_augmented_linear_attention_reference",
+    "rms_gate_mix",
+    "rms_gate_mix_reference",
     "rope_2d_tables",
     "selective_scan",
     "selective_scan_reference",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.layers import RmsNorm
 from torch import nn
 
+from ..kernels.rms_mix import rms_gate_mix
 from ..kernels.scan import bidirectional_gated_linear_attention
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._registry import register_attn
@@ -29,7 +30,8 @@ class GatedLinearAttention2D(TokenMixer):
        does (their training code does not; ``g_norm`` below is scale-free, so the factor only moves its ``eps``).
     4. 2-D gating locality injection: ``o = g_norm(o) * s + l_norm(local) * (1 - s)`` per head with
        ``s = sigmoid(g_proj(local))``; ``SiLU`` if ``use_out_act``; ``o_proj``. (The second halving of step 3 is
-       ``g_norm``'s ``eps`` times 4, ``4 * norm_eps``: the same function with one op fewer.)
+       ``g_norm``'s ``eps`` times 4, ``4 * norm_eps``: the same function with one op fewer.) Step 4 is one op,
+       :func:`~visionlin.kernels.rms_gate_mix` (one Triton pass forward and one backward on CUDA).
 
     Constructor compatible with timm's ``Attention``; ``norm_layer`` does not apply (the head norms are RMSNorms, as
     the authors') and is ignored; ``qk_norm`` and ``attn_drop`` raise ``NotImplementedError``.
@@ -135,10 +137,9 @@ class GatedLinearAttention2D(TokenMixer):
         o = bidirectional_gated_linear_attention(
             q, k, v, g_fwd, g_bwd, scale=self.head_k_dim**-0.5, backend=self.backend
         )  # [B, L, H, Dv]
-        gate = torch.sigmoid(split_heads(self.g_proj(local), h))
-        lo = self.l_norm(split_heads(local, h))
-        o = lo + (self.g_norm(o) - lo) * gate  # g_norm(o / 2) * s + l_norm(local) * (1 - s): two ops fewer
-        o = merge_heads(o)
-        if self.use_out_act:
-            o = F.silu(o)
-        return self.proj_drop(self.o_proj(o))
+        # g_norm(o / 2) * s + l_norm(local) * (1 - s), SiLU'd with use_out_act (elementwise: per head or merged alike)
+        o = rms_gate_mix(
+            o, split_heads(local, h), split_heads(self.g_proj(local), h), self.g_norm.weight, self.l_norm.weight,
+            self.g_norm.eps, self.l_norm.eps, silu=self.use_out_act, backend=self.helper_backend("rms_gate_mix"),
+        )  # fmt: skip
+        return self.proj_drop(self.o_proj(merge_heads(o)))
