@@ -171,6 +171,11 @@ def test_autocast_returns_autocast_dtype():
     assert rms_gate_mix(x.half(), y, g.double()).dtype == torch.float64  # promoted outside autocast
 
 
+def test_backend_order():
+    # the Triton backend is opt-in until its gpu tests have run (then it goes first, as the gated LayerNorm's)
+    assert list(get_op("rms_gate_mix").backends) == ["reference", "triton"]
+
+
 def test_empty_and_backend_reasons():
     x = torch.randn(0, 5, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)

@@ -121,10 +121,11 @@ def _triton_supports(x, y, gate, x_weight=None, y_weight=None, x_eps=1e-6, y_eps
 
 
 # The activations are positional, the weights keywords: read in float32 by the Triton kernels, which return float32
-# gradients (cast to the weights' dtypes), as the gated LayerNorm's.
+# gradients (cast to the weights' dtypes), as the gated LayerNorm's. The Triton backend is opt-in (after the
+# reference) until its gpu tests have run (interpreter-tested in CI; `scripts/gpu_check.sh ... tests-s33`).
 _op = Op(_OP)
-_op.register("triton", _triton, _triton_supports)
 _op.register("reference", rms_gate_mix_reference, supports_floating)
+_op.register("triton", _triton, _triton_supports)
 
 
 def rms_gate_mix(
@@ -146,8 +147,9 @@ def rms_gate_mix(
     ``Linear`` after the mix casts its input), else the promoted dtype of the three inputs; that is the output's
     dtype. The weights keep their dtype (read in float32; float32 gradients cast back to it).
 
-    Backends, in automatic-selection order: ``"triton"`` (CUDA, ``C <= MAX_TRITON_CHANNELS``: one pass forward, one
-    backward, float32 inside, rows read through their row stride), ``"reference"`` (float32 math, one rounding).
+    Backends, in automatic-selection order: ``"reference"`` (float32 math, one rounding), ``"triton"`` (CUDA,
+    ``C <= MAX_TRITON_CHANNELS``: one pass forward, one backward, float32 inside, rows read through their row
+    stride; opt-in, ``backend="triton"`` or ``visionlin.set_backend(model, "triton")``, until it is GPU-tested).
 
     Example::
 

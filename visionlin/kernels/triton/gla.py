@@ -515,13 +515,13 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
 
 
 def warps(bk: int, bv: int) -> int:
-    """Warps per program: 4 up to 32-wide key tiles, 8 past them (or from a 64-wide value tile past 16 keys before
-    8a0d0ef). Measured on an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``):
-    4 warps against 8, each kernel alone, the forward 1.13-1.20x, the op's forward + backward with the intra kernel
-    at 4 1.16x / 1.14x, the ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 / 448 px
-    batch 32); 16 warps were slower everywhere. At 4 they compile for sm_90 without spilling (the sm_90 compile
-    test; an older walk spilled at 4, hence the 8 before). Key tiles past 32 (not measured) keep 8."""
-    return 4 if bk <= 32 else 8
+    """Warps per program: 8 from a 32-wide key or 64-wide value tile, else 4. Measured on an H200 at ViG's head dims
+    (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``, one kernel changed at a time), every kernel was
+    faster at 4: the forward 1.13-1.20x, the op's forward + backward with the intra kernel at 4 1.16x / 1.14x, the
+    ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 / 448 px batch 32); 16 slower
+    everywhere. They compile for sm_90 without spilling at 4. The rule changes to 4 once the gla gpu tests have run
+    at 4 warps (``TUNING["launch"]``, ``gla_backward.py``'s ``w4`` config, times them together)."""
+    return 8 if bk >= 32 or bv >= 64 else 4
 
 
 @torch.library.custom_op("visionlin::gla_fwd", mutates_args=())
