@@ -205,7 +205,7 @@ _T = torch.randn(2, 8)
         ((_T, _T, _T, None, None, 0.0), {}, r"x_eps=0.0 must be a finite real number > 0"),
         ((_T, _T, _T, None, None, 1e-6, float("nan")), {}, r"y_eps=nan"),
         ((_T, _T, _T, None, None, -1e-5), {}, r"x_eps=-1e-05"),
-        ((_T, _T, _T), {"silu": 1}, r"silu must be True or False, got 1"),
+        ((_T, _T, _T), {"silu": 1}, r"silu=1 must be True or False, got int"),
         ((torch.arange(8).reshape(2, 4), torch.randn(2, 4), torch.randn(2, 4)), {}, r"x must be floating.*int64"),
         ((torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool)), {}, r"gate must be floating"),
         ((_T, _T, _T, torch.ones(8, dtype=torch.int32)), {}, r"x_weight must be a floating"),

@@ -145,6 +145,51 @@ def check_flag(op: str, name: str, value: Any) -> None:
         raise ValueError(f"{op}: {name}={value!r} must be True or False, got {type(value).__name__}")
 
 
+def check_channel_rows(op: str, rows: dict[str, Any], vectors: dict[str, Any], norm: str) -> int:
+    """Validate the activations of a per-row normalisation and its per-channel parameters; returns ``C``.
+
+    Args:
+        op: Op name for the messages.
+        rows: Name -> activation: floating ``[..., C]`` tensors of one shape on one device, ``C >= 1``.
+        vectors: Name -> parameter (weight, bias): ``None`` or a floating ``[C]`` tensor on the activations' device.
+        norm: What needs a channel, for the ``C = 0`` message (``"a LayerNorm"``).
+
+    Raises:
+        ValueError: naming the argument, its value and what is allowed.
+    """
+    for name, t in rows.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor [..., C], got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be floating point, got {name}.dtype={t.dtype}")
+        if t.ndim == 0:
+            raise ValueError(f"{op}: {name} must have a channel dim [..., C], got a 0-d tensor")
+    names = list(rows)
+    together = f"{', '.join(names[:-1])} and {names[-1]}"
+    first = rows[names[0]]
+    if any(tuple(t.shape) != tuple(first.shape) for t in rows.values()):
+        shapes = ", ".join(f"{n}.shape={tuple(t.shape)}" for n, t in rows.items())
+        raise ValueError(f"{op}: {together} must have one shape, got {shapes}")
+    if any(t.device != first.device for t in rows.values()):
+        devices = ", ".join(f"{n}.device={t.device}" for n, t in rows.items())
+        raise ValueError(f"{op}: {together} must be on one device, got {devices}")
+    c = first.shape[-1]
+    if c == 0:
+        raise ValueError(f"{op}: C = 0 channels ({names[0]}.shape={tuple(first.shape)}): {norm} needs C >= 1")
+    for name, t in vectors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating [C] tensor or None, got {t!r:.80}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(
+                f"{op}: {name} of shape {tuple(t.shape)} must be [C] = ({c},) for {names[0]}.shape={tuple(first.shape)}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} is on {first.device}")
+    return c
+
+
 def check_side_tensor(
     op: str,
     name: str,

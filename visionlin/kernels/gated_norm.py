@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ._common import check_real, fp32_reference, reference_dtype, supports_floating
+from ._common import check_channel_rows, check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 
 __all__ = [
@@ -34,29 +34,7 @@ MAX_TRITON_CHANNELS = 4096
 
 
 def _check(x, gate, weight, bias, eps) -> None:
-    for name, t in (("x", x), ("gate", gate)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{_OP}: {name} must be a torch.Tensor [..., C], got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be floating point, got {name}.dtype={t.dtype}")
-        if t.ndim == 0:
-            raise ValueError(f"{_OP}: {name} must have a channel dim [..., C], got a 0-d tensor")
-    if tuple(x.shape) != tuple(gate.shape):
-        raise ValueError(f"{_OP}: x and gate must have one shape, got {tuple(x.shape)=}, {tuple(gate.shape)=}")
-    if x.device != gate.device:
-        raise ValueError(f"{_OP}: x and gate must be on one device, got {x.device=}, {gate.device=}")
-    c = x.shape[-1]
-    if c == 0:
-        raise ValueError(f"{_OP}: C = 0 channels (x.shape={tuple(x.shape)}): a LayerNorm needs C >= 1")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be a floating [C] tensor or None, got {t!r:.80}")
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{_OP}: {name} of shape {tuple(t.shape)} must be [C] = ({c},) for {tuple(x.shape)=}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    check_channel_rows(_OP, {"x": x, "gate": gate}, {"weight": weight, "bias": bias}, "a LayerNorm")
     check_real(_OP, "eps", eps, low=0.0, low_open=True)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_real, fp32_reference, reference_dtype, supports_floating
+from ._common import check_channel_rows, check_flag, check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
 
 __all__ = ["rms_gate_mix", "rms_gate_mix_reference"]
@@ -30,35 +30,11 @@ MAX_TRITON_CHANNELS = 4096
 
 
 def _check(x, y, gate, x_weight, y_weight, x_eps, y_eps, silu) -> None:
-    for name, t in (("x", x), ("y", y), ("gate", gate)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{_OP}: {name} must be a torch.Tensor [..., C], got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be floating point, got {name}.dtype={t.dtype}")
-        if t.ndim == 0:
-            raise ValueError(f"{_OP}: {name} must have a channel dim [..., C], got a 0-d tensor")
-    if not tuple(x.shape) == tuple(y.shape) == tuple(gate.shape):
-        raise ValueError(
-            f"{_OP}: x, y and gate must have one shape, got {tuple(x.shape)=}, {tuple(y.shape)=}, {tuple(gate.shape)=}"
-        )
-    if not x.device == y.device == gate.device:
-        raise ValueError(f"{_OP}: x, y and gate must be on one device, got {x.device=}, {y.device=}, {gate.device=}")
-    c = x.shape[-1]
-    if c == 0:
-        raise ValueError(f"{_OP}: C = 0 channels (x.shape={tuple(x.shape)}): an RMSNorm needs C >= 1")
-    for name, t in (("x_weight", x_weight), ("y_weight", y_weight)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be a floating [C] tensor or None, got {t!r:.80}")
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{_OP}: {name} of shape {tuple(t.shape)} must be [C] = ({c},) for {tuple(x.shape)=}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    rows, vectors = {"x": x, "y": y, "gate": gate}, {"x_weight": x_weight, "y_weight": y_weight}
+    check_channel_rows(_OP, rows, vectors, "an RMSNorm")
     check_real(_OP, "x_eps", x_eps, low=0.0, low_open=True)
     check_real(_OP, "y_eps", y_eps, low=0.0, low_open=True)
-    if not isinstance(silu, bool):
-        raise ValueError(f"{_OP}: silu must be True or False, got {silu!r}")
+    check_flag(_OP, "silu", silu)
 
 
 def _rms(t: torch.Tensor, weight: torch.Tensor | None, eps: float, dt: torch.dtype) -> torch.Tensor:
