@@ -1,8 +1,9 @@
-"""CUDA-event and host timing shared by the benchmark scripts (``neighborhood_op.py``, ``neighborhood_3d.py``,
-``host_overhead.py``, ``host_block.py``, ``layer_norm_op.py``, ``host_calls.py``, ``sla_op.py``, ``sla_parts.py``)."""
+"""What the benchmark scripts share: CUDA-event and host timing, the timing flags and their check, runs under
+``TUNING`` overrides (``tuned``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import time
@@ -104,3 +105,16 @@ def tuned(table: MutableMapping, **overrides) -> Iterator[None]:
     finally:
         table.clear()
         table.update(saved)
+
+
+def add_timing_flags(p: argparse.ArgumentParser, iters: int = 20) -> None:
+    """``--warmup`` (3), ``--iters`` (``iters``) and ``--repeats`` (3): the arguments of :func:`cuda_ms`."""
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``p.error``) timing flags below 1: zero iterations would divide by zero, zero repeats time nothing."""
+    if min(args.warmup, args.iters, args.repeats) < 1:
+        p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import cuda_ms, tuned  # noqa: E402
+from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms, tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "gla_backward"
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="single,walks,shipped,intra,fused_dg", help=configs_help)
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=10)
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -129,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = []
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
         p.error(f"--shapes must be BxNxH triples of positive integers, comma-separated; got {args.shapes!r}")
-    if min(args.warmup, args.iters, args.repeats) < 1:
-        p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")
+    check_timing_flags(p, args)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     import timm

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import cuda_ms  # noqa: E402
+from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "rms_mix_op"
@@ -123,16 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p)
     args = p.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown or not shapes:
         p.error(f"--shapes: unknown {unknown} (choose from {', '.join(SHAPES)})")
-    if min(args.warmup, args.iters, args.repeats) < 1:
-        p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")
+    check_timing_flags(p, args)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     rows = [_row(s, m, mode, args) for s in shapes for mode in ("forward", "forward_backward") for m in METHODS]
