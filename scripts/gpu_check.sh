@@ -50,7 +50,7 @@
 #   tests-s31      the 39 gpu tests stop 30's run did not finish (hybrid / agent op, four families' parity) + memory ~4 min
 #   tests-s32      stop 31's CPU-only changes: agent kernels (half bias-gradient tables), agent parity, memory ~5 min
 #   tests-s33      the gated RMS mix's gpu tests, every GLA gpu test, ViG's model parity (S33_K: -k)   ~2.5 min
-#   bench-s33      GLA kernels at 4 warps (w4) vs 8, op and ViG-S step; benchmarks/rms_mix_op.py (the mix vs the old
+#   bench-s33      GLA kernels at the 4-warp rule vs 8 (w8), op and ViG-S step; benchmarks/rms_mix_op.py (the mix vs the old
 #                  chain, ViG-S step with the mix on Triton)                                          ~4 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
@@ -142,7 +142,7 @@ for stage in "$@"; do
         tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py --tb=short -k "${S33_K:-rms_mix or gla or vig}" ;;
     bench-s33)  # stop 33's untimed choices: every GLA kernel at 4 warps together (w4) against the rule's 8, at ViG's
       # training shapes, a long sequence and in a ViG-S training step; the RMS mix against the old chain and in ViG-S
-      timeout ${GLA_LIMIT:-150} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" --configs shipped,w4 \
+      timeout ${GLA_LIMIT:-150} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" --configs shipped,w8 \
         --shapes 128x196x6,32x784x6,1x65536x6 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -12
       timeout ${MIX_LIMIT:-150} python3 benchmarks/rms_mix_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "x$|train_step|rror" ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels

@@ -515,13 +515,13 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
 
 
 def warps(bk: int, bv: int) -> int:
-    """Warps per program: 8 from a 32-wide key or 64-wide value tile, else 4. Measured on an H200 at ViG's head dims
-    (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``, one kernel changed at a time), every kernel was
-    faster at 4: the forward 1.13-1.20x, the op's forward + backward with the intra kernel at 4 1.16x / 1.14x, the
-    ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 / 448 px batch 32); 16 slower
-    everywhere. They compile for sm_90 without spilling at 4. The rule changes to 4 once the gla gpu tests have run
-    at 4 warps (``TUNING["launch"]``, ``gla_backward.py``'s ``w4`` config, times them together)."""
-    return 8 if bk >= 32 or bv >= 64 else 4
+    """Warps per program: 4 up to a 32-wide key tile, 8 from a 64-wide one (the ``[T, T, K]`` decay tile). Measured on
+    an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``, one kernel changed at a
+    time), every kernel was faster at 4 than at 8: the forward 1.13-1.20x, the op's forward + backward with the intra
+    kernel at 4 1.16x / 1.14x, the ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 /
+    448 px batch 32); 16 slower everywhere. ``bv`` does not change the count (kept in the signature for the callers'
+    symmetry with the block sizes)."""
+    return 8 if bk > 32 else 4
 
 
 @torch.library.custom_op("visionlin::gla_fwd", mutates_args=())
