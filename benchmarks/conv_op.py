@@ -5,8 +5,10 @@ backward, at the shapes of the models that use it.
 
 Shapes (bf16, with bias and residual): FLatten-DeiT-S (k 5, one kernel shared by the heads), Agent-DeiT-S (k 3), and
 NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) and stage 3 (256 channels).
-``--sweep`` also times the forward kernel over tile settings (``TUNING`` in ``visionlin/kernels/triton/conv.py``) for
-the first shape of each kernel size and records every one, the fastest first.
+``triton_taps`` is our op with the per-tap weight-gradient kernel (``TUNING["weight_grad"] = "taps"``; forward +
+backward only, its forward is the same). ``--sweep`` also times the forward kernel over tile settings (``TUNING`` in
+``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
+first.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms, tuned  # noqa: E402
+from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, tuned  # noqa: E402
 from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -53,10 +55,21 @@ def _inputs(shape, dtype, grad: bool, device="cuda"):
 
 
 def _method(backend: str | None, shape, x, w, bias, res):
-    """The call timed: the op with ``backend``, or ``x + residual`` (``None``)."""
+    """The call timed: the op with ``backend`` (``"triton_taps"``: Triton with the per-tap weight-gradient kernel), or
+    ``x + residual`` (``None``)."""
     _, hh, ww, _, _, p = shape
     if backend is None:
         return lambda: x + res
+    if backend == "triton_taps":
+        from visionlin.kernels.triton import conv
+
+        def taps():
+            with tuned(conv.TUNING, weight_grad="taps"):
+                return token_depthwise_conv2d(
+                    x, w, bias, feat_size=(hh, ww), num_prefix_tokens=p, residual=res, backend="triton"
+                )
+
+        return taps
     return lambda: token_depthwise_conv2d(
         x, w, bias, feat_size=(hh, ww), num_prefix_tokens=p, residual=res, backend=backend
     )
@@ -126,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
@@ -139,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in args.shapes.split(","):
-        for backend in ("triton", "torch", None):
-            rows += _measure(name, SHAPES[name], args, backend)
+        for backend in ("triton", "triton_taps", "torch", None):
+            modes = ("forward_backward",) if backend == "triton_taps" else ("forward", "forward_backward")
+            rows += _measure(name, SHAPES[name], args, backend, modes)
     by = {(r["shape"], r["method"], r["mode"]): r.get("ms") for r in rows}
     for name in args.shapes.split(","):
         for mode in ("forward", "forward_backward"):
             t, a, bound = (by.get((name, m, mode)) for m in ("triton", "torch", "add_bound"))
             if t and a and bound:
                 print(f"{name} {mode}: torch / triton {a / t:.2f}x, triton / add bound {t / bound:.2f}x")
+        taps, tile = by.get((name, "triton_taps", "forward_backward")), by.get((name, "triton", "forward_backward"))
+        if taps and tile:
+            print(f"{name} forward_backward: weight gradient per tap / one-pass tile {taps / tile:.2f}x")
     sweep = _sweep(args) if args.sweep else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
     for note in write_result(result, args.out, STEM, plot=_plot):

@@ -52,6 +52,8 @@
 #   tests-s33      the gated RMS mix's gpu tests, every GLA gpu test, ViG's model parity (S33_K: -k)   ~2.5 min
 #   bench-s33      GLA kernels at the 4-warp rule vs 8 (w8), op and ViG-S step; benchmarks/rms_mix_op.py (the mix vs the old
 #                  chain, ViG-S step with the mix on Triton)                                          ~4 min
+#   tests-s34      the token conv's gpu tests (both weight-gradient kernels), its models' parity (S34_K: -k) ~3 min
+#   bench-s34      benchmarks/conv_op.py without the sweep: the one-pass weight gradient vs per tap vs cuDNN ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -145,6 +147,12 @@ for stage in "$@"; do
       timeout ${GLA_LIMIT:-150} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" --configs shipped,w8 \
         --shapes 128x196x6,32x784x6,1x65536x6 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -12
       timeout ${MIX_LIMIT:-150} python3 benchmarks/rms_mix_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "x$|train_step|rror" ;;
+    tests-s34)  # stop 34: the token conv's one-pass weight gradient (and the per-tap one), its models' parity
+      run_tests s34 ${S34_LIMIT:-200} tests/test_kernels_conv.py tests/test_bench_conv_op.py \
+        tests/test_models_gpu_parity.py --tb=short -k "${S34_K:-conv or nala or mavit or flatten or agent or inline}" ;;
+    bench-s34)  # the one-pass weight gradient against the per-tap one and cuDNN at the models' shapes
+      timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' \
+        | tail -16 ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
       run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
         tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;

@@ -10,6 +10,13 @@ import torch
 from benchmarks import conv_op
 
 
+def test_timing_flags_below_one_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        conv_op.main(["--out", "unused", "--iters", "0"])
+    assert e.value.code == 2
+    assert "--warmup / --iters / --repeats must be >= 1, got 3 / 0 / 3" in capsys.readouterr().err
+
+
 def test_unknown_shape_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         conv_op.main(["--out", "unused", "--shapes", "agent_deit_s,nope"])
@@ -26,7 +33,7 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "conv_op.json").read_text())
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
-    assert got == want
+    assert got == want | {("triton_taps", "forward_backward")}
     assert len(doc["sweep"]) == 24 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
@@ -35,5 +42,6 @@ def test_short_cuda_run(tmp_path, monkeypatch):
         "block_c": conv.BLOCK_C,
         "warps": conv.WARPS,
         "stages": None,
+        "weight_grad": "tile",
     }
-    assert want == conv.TUNING
+    assert want == conv.TUNING  # the sweep and the per-tap rows restored it

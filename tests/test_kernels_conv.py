@@ -108,10 +108,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    for case in CASES:
-        check_backend(case, torch.float32, "cpu", "triton", direct=True)
-    check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: float32 ran batch 3
-    check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    for kernel in conv.WEIGHT_GRAD_KERNELS:  # both weight-gradient kernels: the one-pass tile and the per-tap walks
+        conv.TUNING["weight_grad"] = kernel
+        for case in CASES:
+            check_backend(case, torch.float32, "cpu", "triton", direct=True)
+        check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: fp32 ran batch 3
+        check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    conv.TUNING["weight_grad"] = "tile"
     # the backward op's real outputs have the strides its fake promises (torch.compile checks them)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from visionlin.kernels.triton.conv import token_dwconv_bwd
@@ -146,7 +149,11 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize(
     "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
 )
-def test_triton_matches_reference(case, dtype):
+@pytest.mark.parametrize("weight_grad", ["tile", "taps"])
+def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
+    from visionlin.kernels.triton import conv
+
+    monkeypatch.setitem(conv.TUNING, "weight_grad", weight_grad)
     check_backend(case, dtype, "cuda", "triton")
 
 
@@ -162,6 +169,19 @@ def test_triton_is_chosen_and_compiles():
     out.float().sum().backward()
     torch.testing.assert_close(out, token_depthwise_conv2d(x, w, feat_size=(7, 7), num_prefix_tokens=1))
     assert x.grad is not None and w.grad is not None
+
+
+def test_weight_grad_kernel_setting_is_checked(monkeypatch):
+    """A ``TUNING["weight_grad"]`` naming no kernel raises, naming the value and the choices (it does not silently run
+    one of them); the tile shapes cover the kernel sizes the models use."""
+    from visionlin.kernels.triton import conv
+
+    monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
+    with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'taps'\)"):
+        conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
+    for k, taps in ((1, 1), (3, 16), (5, 32), (7, 64)):
+        t, bt = conv.weight_grad_tile(k)
+        assert t == taps and t >= k * k and t * bt * conv.BLOCK_C == conv.WEIGHT_GRAD_ELEMENTS
 
 
 def test_triton_refuses_batches_beyond_the_grid_limit():

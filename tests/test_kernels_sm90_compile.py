@@ -289,6 +289,7 @@ def _conv_and_focus(dt, tdt):
             ]
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)
     for k in (3, 5, 7):
+        taps, tile_t = conv.weight_grad_tile(k)
         cases += [
             # Channels are contiguous (the wrapper makes them so): the JIT specialises those unit strides, which
             # makes the loads vectors, as here.
@@ -302,6 +303,12 @@ def _conv_and_focus(dt, tdt):
                 conv._weight_grad_taps_kernel,
                 dt,
                 dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, **blocks),
+                conv.WARPS_WEIGHT_GRAD,
+            ),
+            (
+                conv._weight_grad_tile_kernel,
+                dt,
+                dict(K=k, TAPS=taps, HAS_BIAS=True, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=tile_t),
                 conv.WARPS_WEIGHT_GRAD,
             ),
         ]

@@ -97,11 +97,12 @@ def _triton_supports(x, y, gate, x_weight=None, y_weight=None, x_eps=1e-6, y_eps
 
 
 # The activations are positional, the weights keywords: read in float32 by the Triton kernels, which return float32
-# gradients (cast to the weights' dtypes), as the gated LayerNorm's. The Triton backend is opt-in (after the
-# reference) until its gpu tests have run (interpreter-tested in CI; `scripts/gpu_check.sh ... tests-s33`).
+# gradients (cast to the weights' dtypes), as the gated LayerNorm's. Triton first: GPU-tested (tests-s33 at f40498f,
+# every rms_mix gpu test), 1.56-1.72x the old module chain forward + backward at ViG's shapes and a ViG-S training step
+# 1.12x (benchmarks/results/h200/s34/rms_mix_op_f40498f.json).
 _op = Op(_OP)
-_op.register("reference", rms_gate_mix_reference, supports_floating)
 _op.register("triton", _triton, _triton_supports)
+_op.register("reference", rms_gate_mix_reference, supports_floating)
 
 
 def rms_gate_mix(

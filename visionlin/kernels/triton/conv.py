@@ -5,8 +5,10 @@ Forward: one program per (block of ``BLOCK_T`` grid tokens, block of ``BLOCK_C``
 shifted token tiles (loads along channels are contiguous in the token layout; the neighbours come from L1 / L2) in
 float32, adds bias and residual, and writes the output rows. Backward: the input gradient is the same kernel on the
 output gradient with the kernel flipped (``FLIP``); the kernel (and bias) gradient sums ``dout * shifted x`` over the
-tokens of each sample in a second kernel, split over token chunks that meet by float32 atomic adds (sums may differ
-between runs in the last bits). The residual's gradient is the output gradient itself.
+tokens of each sample in a second kernel, every tap of a token tile at once (one pass over the tokens; the per-tap
+kernel, one pass per tap, stays selectable as ``TUNING["weight_grad"] = "taps"``), split over token chunks that meet
+by float32 atomic adds (sums may differ between runs in the last bits). The residual's gradient is the output
+gradient itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch
+from ._launch import cdiv, launch, next_pow2
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -106,14 +108,73 @@ def _weight_grad_taps_kernel(
                 tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
+@triton.jit
+def _weight_grad_tile_kernel(
+    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
+    ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: one ``[TAPS, BLOCK_T, BLOCK_C]`` tile of shifted
+    inputs (``TAPS``: ``K * K`` padded to a power of two) against the tile's gradient, read once. The chunk is walked
+    once (the per-tap kernel walked it ``K * K`` times, from HBM when the chunks outgrew L2, with the token's grid
+    position recomputed in int64 per tap); the neighbours come from L1 / L2, and the bounds and offsets are per
+    (tap, token), amortised over the channels."""
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < NCH
+    tap = tl.arange(0, TAPS)
+    tap_ok = tap < K * K
+    dy, dx = tap // K - K // 2, tap % K - K // 2
+    g_base = G + b * sg_b + P * sg_n + c[None, :] * sg_c
+    x_base = X + b * sx_b + P * sx_n + c[None, None, :] * sx_c
+    acc = tl.zeros([TAPS, BLOCK_T, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for i in range(per):
+        t = (pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
+        tmask = t < HH * WW
+        y, x = t // WW, t % WW
+        g = tl.load(g_base + t.to(tl.int64)[:, None] * sg_n, mask=tmask[:, None] & cmask[None, :], other=0.0)
+        g = g.to(tl.float32)
+        yy, xx = y[None, :] + dy[:, None], x[None, :] + dx[:, None]  # [TAPS, BLOCK_T]
+        ok = tap_ok[:, None] & tmask[None, :] & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+        src = (yy * WW + xx).to(tl.int64)
+        xv = tl.load(x_base + src[:, :, None] * sx_n, mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
+        acc += g[None, :, :] * xv.to(tl.float32)
+        if HAS_BIAS:
+            acc_b += g
+    dw_ptr = DW + b * sdw_b + tap[:, None] * NCH + c[None, :]
+    tl.atomic_add(dw_ptr, tl.sum(acc, axis=1), mask=tap_ok[:, None] & cmask[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
+
+
+def weight_grad_tile(k: int) -> tuple[int, int]:
+    """``(TAPS, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: ``k * k`` padded to a power of
+    two, and tokens per tile so that a tile holds about ``WEIGHT_GRAD_ELEMENTS`` products (``BLOCK_C`` channels)."""
+    taps = next_pow2(k * k)
+    return taps, max(1, WEIGHT_GRAD_ELEMENTS // (taps * BLOCK_C))
+
+
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
 #: k = 7; tests/test_kernels_sm90_compile.py checks every shipped setting compiles without spills). ``TUNING`` holds
 #: the forward / input-gradient kernel's settings (``stages``: Triton's software pipelining of the tap-row loop,
 #: ``None`` its default); benchmarks/conv_op.py --sweep times others by updating it.
 BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
+#: Products per tile of the one-pass weight gradient (taps x tokens x ``BLOCK_C`` channels).
+WEIGHT_GRAD_ELEMENTS = 8192
+#: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens) or
+#: ``"taps"`` (one pass per tap).
+WEIGHT_GRAD_KERNELS = ("tile", "taps")
 
 
-TUNING: dict[str, int | None] = {"block_t": BLOCK_T, "block_c": BLOCK_C, "warps": WARPS, "stages": None}
+TUNING: dict[str, int | str | None] = {
+    "block_t": BLOCK_T,
+    "block_c": BLOCK_C,
+    "warps": WARPS,
+    "stages": None,
+    "weight_grad": "tile",
+}
 
 
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
@@ -128,6 +189,30 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_T=bt, BLOCK_C=bc, num_warps=TUNING["warps"], **stages,
     )  # fmt: skip
+
+
+def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b):
+    """The kernel and bias gradients' atomic sums into the zeroed ``dw`` / ``db`` (``TUNING["weight_grad"]``)."""
+    kernel = TUNING["weight_grad"]
+    if kernel not in WEIGHT_GRAD_KERNELS:
+        raise ValueError(
+            f"visionlin.kernels.triton.conv.TUNING['weight_grad'] = {kernel!r}: allowed {WEIGHT_GRAD_KERNELS}"
+        )
+    b, _, c = x.shape
+    c_blocks = cdiv(c, BLOCK_C)
+    if kernel == "tile":
+        taps, bt = weight_grad_tile(k)
+        splits, per = _splits(hh * ww, bt, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
+        launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
+            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
+            K=k, TAPS=taps, HAS_BIAS=has_bias, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
+        )  # fmt: skip
+    else:
+        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)
+        launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
+            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
+            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
+        )  # fmt: skip
 
 
 def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -194,12 +279,7 @@ def token_dwconv_bwd(
     if b and c:
         k = weight.shape[-1]
         _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
-        c_blocks = cdiv(c, BLOCK_C)
-        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
-        launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
-            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), dw.stride(0) if weight.ndim == 4 else 0,
-            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
-        )  # fmt: skip
+        _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, dw.stride(0) if weight.ndim == 4 else 0)
     return dx, _unflat_weight_grad(dw, weight), db
 
 
