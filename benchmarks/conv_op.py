@@ -8,7 +8,9 @@ NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) an
 ``triton_taps`` is our op with the per-tap weight-gradient kernel (``TUNING["weight_grad"] = "taps"``; forward +
 backward only, its forward is the same). ``--sweep`` also times the forward kernel over tile settings (``TUNING`` in
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
-first.
+first. ``--weight-grad-sweep`` times the weight-gradient kernels alone (one launch into a zeroed buffer, no other
+work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``) at
+every shape.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -19,6 +21,7 @@ Writes ``conv_op.json`` (rows + meta: command, commit, date, GPU, versions) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -128,6 +131,26 @@ def _sweep(args) -> list[dict]:
     return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
 
 
+def _weight_grad_sweep(args) -> list[dict]:
+    from visionlin.kernels.triton import conv
+
+    rows = []
+    for name in args.shapes.split(","):
+        b, hh, ww, c, k, p = SHAPES[name]
+        g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
+        sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
+        dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
+        settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
+        settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (2048, 8192)]
+        for kernel, per_sm, warps, elements in settings:
+            cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
+            step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
+            with tuned(conv.TUNING, **cfg):
+                row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}
+                rows.append(_time(row, step, args))
+    return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
+
+
 def _plot(result: dict, path: Path) -> None:
     forward_backward_bars(result, path, [r for r in result["rows"] if r["status"] == "ok"])
 
@@ -139,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
+    p.add_argument("--weight-grad-sweep", action="store_true", help="also time the weight-gradient kernels alone")
     add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
@@ -164,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if taps and tile:
             print(f"{name} forward_backward: weight gradient per tap / one-pass tile {taps / tile:.2f}x")
     sweep = _sweep(args) if args.sweep else []
+    sweep += _weight_grad_sweep(args) if args.weight_grad_sweep else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
     for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)

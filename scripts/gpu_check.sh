@@ -53,7 +53,9 @@
 #   bench-s33      GLA kernels at the 4-warp rule vs 8 (w8), op and ViG-S step; benchmarks/rms_mix_op.py (the mix vs the old
 #                  chain, ViG-S step with the mix on Triton)                                          ~4 min
 #   tests-s34      the token conv's gpu tests (both weight-gradient kernels), its models' parity (S34_K: -k) ~3 min
-#   bench-s34      benchmarks/conv_op.py without the sweep: the one-pass weight gradient vs per tap vs cuDNN ~1.5 min
+#   bench-s34      benchmarks/conv_op.py --weight-grad-sweep: the one-pass weight gradient vs per tap vs cuDNN, and
+#                  both kernels alone over their launch settings                                        ~2.5 min
+#   tests-wg       the token conv's weight gradient at every launch setting the sweep times              ~1 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
@@ -150,9 +152,14 @@ for stage in "$@"; do
     tests-s34)  # stop 34: the token conv's one-pass weight gradient (and the per-tap one), its models' parity
       run_tests s34 ${S34_LIMIT:-200} tests/test_kernels_conv.py tests/test_bench_conv_op.py \
         tests/test_models_gpu_parity.py --tb=short -k "${S34_K:-conv or nala or mavit or flatten or agent or inline}" ;;
-    bench-s34)  # the one-pass weight gradient against the per-tap one and cuDNN at the models' shapes
-      timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | grep -vE '^\{' \
-        | tail -16 ;;
+    bench-s34)  # the one-pass weight gradient against the per-tap one and cuDNN at the models' shapes, and both
+      # kernels alone over their launch settings (the fastest per shape printed)
+      timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep 2>&1 \
+        | grep -vE '^\{' | tail -16
+      python3 -c "import json; rows = json.load(open('$OUT/conv_op.json'))['sweep']
+for r in rows: print(r['shape'], round(r.get('ms', -1), 4), r['config'])" 2>&1 | head -100 ;;
+    tests-wg)  # the weight gradient over every launch setting the sweep times
+      run_tests wg ${WG_LIMIT:-150} tests/test_kernels_conv.py --tb=short -k launch_settings ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels
       run_tests gated ${GATED_LIMIT:-240} tests/test_kernels_gated_norm.py tests/test_kernels_layer_norm.py \
         tests/test_kernels_conv.py tests/test_kernels_triton_focus.py tests/test_models_gpu_parity.py --tb=short ;;

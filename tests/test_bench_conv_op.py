@@ -29,12 +29,12 @@ def test_unknown_shape_is_refused(capsys):
 def test_short_cuda_run(tmp_path, monkeypatch):
     monkeypatch.setitem(conv_op.SHAPES, "tiny", (2, 9, 7, 48, 5, 1))
     args = ["--out", str(tmp_path), "--shapes", "tiny", "--warmup", "1", "--iters", "2", "--repeats", "1"]
-    assert conv_op.main([*args, "--sweep"]) == 0
+    assert conv_op.main([*args, "--sweep", "--weight-grad-sweep"]) == 0
     doc = json.loads((tmp_path / "conv_op.json").read_text())
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
     assert got == want | {("triton_taps", "forward_backward")}
-    assert len(doc["sweep"]) == 24 and all(r["status"] == "ok" for r in doc["sweep"])
+    assert len(doc["sweep"]) == 24 + 18 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
     want = {
@@ -43,5 +43,8 @@ def test_short_cuda_run(tmp_path, monkeypatch):
         "warps": conv.WARPS,
         "stages": None,
         "weight_grad": "tile",
+        "wg_per_sm": None,
+        "wg_warps": None,
+        "wg_elements": None,
     }
     assert want == conv.TUNING  # the sweep and the per-tap rows restored it

@@ -158,6 +158,24 @@ def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("per_sm", [4, 16, 64])
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("setting", ["taps", "tile 2048", "tile 8192"])
+def test_triton_weight_grad_launch_settings(setting, warps, per_sm, monkeypatch):
+    """Every launch setting ``benchmarks/conv_op.py --weight-grad-sweep`` times (programs per SM, warps, products per
+    tile), against float64 at k = 3 / 5 / 7, with prefix tokens and per-sample kernels: whichever ships is tested."""
+    from visionlin.kernels.triton import conv
+
+    kernel, *elements = setting.split()
+    tuning = {"weight_grad": kernel, "wg_per_sm": per_sm, "wg_warps": warps}
+    for key, value in (tuning | {"wg_elements": int(elements[0]) if elements else None}).items():
+        monkeypatch.setitem(conv.TUNING, key, value)
+    for case in (CASES[0], CASES[1], CASES[5], (2, 64, 64, 64, 5, 1, False, True, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_backend(case, dtype, "cuda", "triton")
+
+
+@gpu
 def test_triton_is_chosen_and_compiles():
     from visionlin.kernels import get_op
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2
+from ._launch import cdiv, launch, next_pow2, tuned
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -149,11 +149,12 @@ def _weight_grad_tile_kernel(
         tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
-def weight_grad_tile(k: int) -> tuple[int, int]:
+def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int]:
     """``(TAPS, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: ``k * k`` padded to a power of
-    two, and tokens per tile so that a tile holds about ``WEIGHT_GRAD_ELEMENTS`` products (``BLOCK_C`` channels)."""
+    two, and tokens per tile so that a tile holds about ``elements`` products (``BLOCK_C`` channels; 0:
+    ``WEIGHT_GRAD_ELEMENTS``)."""
     taps = next_pow2(k * k)
-    return taps, max(1, WEIGHT_GRAD_ELEMENTS // (taps * BLOCK_C))
+    return taps, max(1, (elements or WEIGHT_GRAD_ELEMENTS) // (taps * BLOCK_C))
 
 
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
@@ -174,6 +175,10 @@ TUNING: dict[str, int | str | None] = {
     "warps": WARPS,
     "stages": None,
     "weight_grad": "tile",
+    # the weight gradient's launch (None: the defaults): programs per SM, warps, products per tile of the tile kernel
+    "wg_per_sm": None,
+    "wg_warps": None,
+    "wg_elements": None,
 }
 
 
@@ -200,18 +205,19 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b):
         )
     b, _, c = x.shape
     c_blocks = cdiv(c, BLOCK_C)
+    per_sm, warps = tuned(TUNING, "wg_per_sm", 4, pow2=True), tuned(TUNING, "wg_warps", WARPS_WEIGHT_GRAD, pow2=True)
     if kernel == "tile":
-        taps, bt = weight_grad_tile(k)
-        splits, per = _splits(hh * ww, bt, b * c_blocks, x.device)  # token chunks: ~4 programs per SM
+        taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
+        splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
         launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
-            K=k, TAPS=taps, HAS_BIAS=has_bias, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
+            K=k, TAPS=taps, HAS_BIAS=has_bias, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
     else:
-        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device)
+        splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device, per_sm)
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
-            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS_WEIGHT_GRAD,
+            K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
 
 
