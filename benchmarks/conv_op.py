@@ -9,8 +9,8 @@ NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) an
 backward only, its forward is the same). ``--sweep`` also times the forward kernel over tile settings (``TUNING`` in
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
 first. ``--weight-grad-sweep`` times the weight-gradient kernels alone (one launch into a zeroed buffer, no other
-work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``) at
-every shape.
+work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``,
+``wg_prefetch``) at every shape.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -140,10 +140,11 @@ def _weight_grad_sweep(args) -> list[dict]:
         g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
         sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
         dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
-        settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
-        settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (2048, 8192)]
-        for kernel, per_sm, warps, elements in settings:
+        settings = [("taps", s, w, None, False) for s in (4, 16, 64) for w in (4, 8)]
+        settings += [("tile", s, w, e, f) for s in (4, 16, 64) for w in (4, 8) for e in (2048, 8192) for f in (0, 1)]
+        for kernel, per_sm, warps, elements, prefetch in settings:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
+            cfg["wg_prefetch"] = bool(prefetch)
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
             with tuned(conv.TUNING, **cfg):
                 row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}

@@ -34,7 +34,7 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
     assert got == want | {("triton_taps", "forward_backward")}
-    assert len(doc["sweep"]) == 24 + 18 and all(r["status"] == "ok" for r in doc["sweep"])
+    assert len(doc["sweep"]) == 24 + 30 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
     want = {
@@ -46,5 +46,6 @@ def test_short_cuda_run(tmp_path, monkeypatch):
         "wg_per_sm": None,
         "wg_warps": None,
         "wg_elements": None,
+        "wg_prefetch": False,
     }
     assert want == conv.TUNING  # the sweep and the per-tap rows restored it

@@ -108,13 +108,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    for kernel in conv.WEIGHT_GRAD_KERNELS:  # both weight-gradient kernels: the one-pass tile and the per-tap walks
-        conv.TUNING["weight_grad"] = kernel
+    # both weight-gradient kernels (the one-pass tile, its prefetching form; the per-tap walks)
+    for kernel, prefetch in (("tile", False), ("tile", True), ("taps", False)):
+        conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = kernel, prefetch
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)
         check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: fp32 ran batch 3
         check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
-    conv.TUNING["weight_grad"] = "tile"
+    conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = "tile", False
     # the backward op's real outputs have the strides its fake promises (torch.compile checks them)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from visionlin.kernels.triton.conv import token_dwconv_bwd
@@ -160,15 +161,15 @@ def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
 @gpu
 @pytest.mark.parametrize("per_sm", [4, 16, 64])
 @pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("setting", ["taps", "tile 2048", "tile 8192"])
+@pytest.mark.parametrize("setting", ["taps", "tile 2048", "tile 8192", "tile 2048 prefetch", "tile 8192 prefetch"])
 def test_triton_weight_grad_launch_settings(setting, warps, per_sm, monkeypatch):
     """Every launch setting ``benchmarks/conv_op.py --weight-grad-sweep`` times (programs per SM, warps, products per
     tile), against float64 at k = 3 / 5 / 7, with prefix tokens and per-sample kernels: whichever ships is tested."""
     from visionlin.kernels.triton import conv
 
-    kernel, *elements = setting.split()
-    tuning = {"weight_grad": kernel, "wg_per_sm": per_sm, "wg_warps": warps}
-    for key, value in (tuning | {"wg_elements": int(elements[0]) if elements else None}).items():
+    kernel, *rest = setting.split()
+    tuning = {"weight_grad": kernel, "wg_per_sm": per_sm, "wg_warps": warps, "wg_prefetch": "prefetch" in rest}
+    for key, value in (tuning | {"wg_elements": int(rest[0]) if rest else None}).items():
         monkeypatch.setitem(conv.TUNING, key, value)
     for case in (CASES[0], CASES[1], CASES[5], (2, 64, 64, 64, 5, 1, False, True, True)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -197,6 +198,10 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
     with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'taps'\)"):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
+    monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
+    monkeypatch.setitem(conv.TUNING, "wg_prefetch", "yes")
+    with pytest.raises(ValueError, match=r"TUNING\['wg_prefetch'\] = 'yes': must be True or False"):
+        conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
     for k, taps in ((1, 1), (3, 16), (5, 32), (7, 64)):
         t, bt = conv.weight_grad_tile(k)
         assert t == taps and t >= k * k and t * bt * conv.BLOCK_C == conv.WEIGHT_GRAD_ELEMENTS

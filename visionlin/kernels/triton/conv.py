@@ -109,16 +109,32 @@ def _weight_grad_taps_kernel(
 
 
 @triton.jit
+def _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx):
+    """The gradient rows ``[BLOCK_T, BLOCK_C]`` of tokens ``t`` (float32) and their ``[TAPS, BLOCK_T, BLOCK_C]``
+    shifted input rows (zero outside the grid, past its end, at padding taps)."""
+    tmask = t < HH * WW
+    y, x = t // WW, t % WW
+    g = tl.load(g_base + t.to(tl.int64)[:, None] * sg_n, mask=tmask[:, None] & cmask[None, :], other=0.0)
+    yy, xx = y[None, :] + dy[:, None], x[None, :] + dx[:, None]  # [TAPS, BLOCK_T]
+    ok = tap_ok[:, None] & tmask[None, :] & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+    src = (yy * WW + xx).to(tl.int64)
+    xv = tl.load(x_base + src[:, :, None] * sx_n, mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
+    return g.to(tl.float32), xv
+
+
+@triton.jit
 def _weight_grad_tile_kernel(
     G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
-    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
     ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: one ``[TAPS, BLOCK_T, BLOCK_C]`` tile of shifted
     inputs (``TAPS``: ``K * K`` padded to a power of two) against the tile's gradient, read once. The chunk is walked
     once (the per-tap kernel walked it ``K * K`` times, from HBM when the chunks outgrew L2, with the token's grid
     position recomputed in int64 per tap); the neighbours come from L1 / L2, and the bounds and offsets are per
-    (tap, token), amortised over the channels."""
+    (tap, token), amortised over the channels. ``PREFETCH``: the next tile's loads are issued before this tile's
+    products (registers double-buffered: two tiles' loads in flight per program)."""
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -130,19 +146,23 @@ def _weight_grad_tile_kernel(
     x_base = X + b * sx_b + P * sx_n + c[None, None, :] * sx_c
     acc = tl.zeros([TAPS, BLOCK_T, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for i in range(per):
-        t = (pid_s * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
-        tmask = t < HH * WW
-        y, x = t // WW, t % WW
-        g = tl.load(g_base + t.to(tl.int64)[:, None] * sg_n, mask=tmask[:, None] & cmask[None, :], other=0.0)
-        g = g.to(tl.float32)
-        yy, xx = y[None, :] + dy[:, None], x[None, :] + dx[:, None]  # [TAPS, BLOCK_T]
-        ok = tap_ok[:, None] & tmask[None, :] & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
-        src = (yy * WW + xx).to(tl.int64)
-        xv = tl.load(x_base + src[:, :, None] * sx_n, mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
-        acc += g[None, :, :] * xv.to(tl.float32)
-        if HAS_BIAS:
-            acc_b += g
+    first = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
+    if PREFETCH:
+        g, xv = _wg_tile_load(g_base, x_base, first, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
+        for i in range(per):
+            # the next tile of the chunk (past the chunk's end: tokens that stop the loads by a huge index)
+            nxt = tl.where(i + 1 < per, first + (i + 1) * BLOCK_T, HH * WW)
+            g_next, x_next = _wg_tile_load(g_base, x_base, nxt, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
+            acc += g[None, :, :] * xv.to(tl.float32)
+            if HAS_BIAS:
+                acc_b += g
+            g, xv = g_next, x_next
+    else:
+        for i in range(per):
+            g, xv = _wg_tile_load(g_base, x_base, first + i * BLOCK_T, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
+            acc += g[None, :, :] * xv.to(tl.float32)
+            if HAS_BIAS:
+                acc_b += g
     dw_ptr = DW + b * sdw_b + tap[:, None] * NCH + c[None, :]
     tl.atomic_add(dw_ptr, tl.sum(acc, axis=1), mask=tap_ok[:, None] & cmask[None, :])
     if HAS_BIAS:
@@ -179,6 +199,7 @@ TUNING: dict[str, int | str | None] = {
     "wg_per_sm": None,
     "wg_warps": None,
     "wg_elements": None,
+    "wg_prefetch": False,
 }
 
 
@@ -206,12 +227,14 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b):
     b, _, c = x.shape
     c_blocks = cdiv(c, BLOCK_C)
     per_sm, warps = tuned(TUNING, "wg_per_sm", 4, pow2=True), tuned(TUNING, "wg_warps", WARPS_WEIGHT_GRAD, pow2=True)
+    prefetch = _flag("wg_prefetch")
     if kernel == "tile":
         taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
         splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
         launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
-            K=k, TAPS=taps, HAS_BIAS=has_bias, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=warps,
+            K=k, TAPS=taps, HAS_BIAS=has_bias, PREFETCH=prefetch, BLOCK_T=bt, BLOCK_C=BLOCK_C,
+            num_warps=warps,
         )  # fmt: skip
     else:
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device, per_sm)
@@ -219,6 +242,14 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b):
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
+
+
+def _flag(key: str) -> bool:
+    """``TUNING[key]``, a bool, or a ``ValueError`` naming it."""
+    value = TUNING[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"visionlin.kernels.triton.conv.TUNING[{key!r}] = {value!r}: must be True or False")
+    return value
 
 
 def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
