@@ -10,7 +10,8 @@ backward only, its forward is the same). ``--sweep`` also times the forward kern
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
 first. ``--weight-grad-sweep`` times the weight-gradient kernels alone (one launch into a zeroed buffer, no other
 work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``,
-``wg_prefetch``) at every shape.
+``wg_prefetch``) at every shape. ``--profile`` records the kernels of one forward + backward (torch profiler: GPU
+microseconds per kernel and their sum) of our op and the ``"torch"`` backend at every shape.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, tuned  # noqa: E402
+from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, kernels_ms, tuned  # noqa: E402
 from visionlin.kernels.conv import token_depthwise_conv2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -152,6 +153,23 @@ def _weight_grad_sweep(args) -> list[dict]:
     return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
 
 
+def _profile(args) -> list[dict]:
+    """The kernels of one forward + backward per shape and backend (after a warm-up call)."""
+    rows = []
+    for name in args.shapes.split(","):
+        for backend in ("triton", "torch"):
+            x, w, bias, res = _inputs(SHAPES[name], DTYPES[args.dtype], True)
+            step = _step(_method(backend, SHAPES[name], x, w, bias, res), [x, w, bias, res])
+            step()
+            per_kernel: dict[str, float] = {}
+            ms = kernels_ms(step, per_kernel)
+            top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+            rows.append({"shape": name, "method": backend, "mode": "kernels", "kernel_ms": ms, "kernels_us": top})
+            listed = ", ".join(f"{k[:40]} {v:.0f}" for k, v in top.items())
+            print(f"{name} {backend}: {ms:.3f} ms of kernels (us): {listed}")
+    return rows
+
+
 def _plot(result: dict, path: Path) -> None:
     forward_backward_bars(result, path, [r for r in result["rows"] if r["status"] == "ok"])
 
@@ -164,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
     p.add_argument("--weight-grad-sweep", action="store_true", help="also time the weight-gradient kernels alone")
+    p.add_argument("--profile", action="store_true", help="also record one forward + backward's kernels")
     add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
@@ -190,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} forward_backward: weight gradient per tap / one-pass tile {taps / tile:.2f}x")
     sweep = _sweep(args) if args.sweep else []
     sweep += _weight_grad_sweep(args) if args.weight_grad_sweep else []
-    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep}
+    profile = _profile(args) if args.profile else []
+    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep, "profile": profile}
     for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)
     return 0

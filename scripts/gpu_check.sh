@@ -55,6 +55,7 @@
 #   tests-s34      the token conv's gpu tests (both weight-gradient kernels), its models' parity (S34_K: -k) ~3 min
 #   bench-s34      benchmarks/conv_op.py --weight-grad-sweep: the one-pass weight gradient vs per tap vs cuDNN, and
 #                  both kernels alone over their launch settings                                        ~2.5 min
+#   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's weight gradient at every launch setting the sweep times              ~1 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
@@ -158,6 +159,9 @@ for stage in "$@"; do
         | grep -vE '^\{' | tail -16
       python3 -c "import json; rows = json.load(open('$OUT/conv_op.json'))['sweep']
 for r in rows: print(r['shape'], round(r.get('ms', -1), 4), r['config'])" 2>&1 | head -100 ;;
+    profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
+      timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
+        --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;
     tests-wg)  # the weight gradient over every launch setting the sweep times
       run_tests wg ${WG_LIMIT:-150} tests/test_kernels_conv.py --tb=short -k launch_settings ;;
     tests-gated)  # the gated LayerNorm kernels (NaLaFormer, MAViT), the conv kernel after b8a44eb, the focus kernels

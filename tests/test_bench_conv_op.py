@@ -29,11 +29,12 @@ def test_unknown_shape_is_refused(capsys):
 def test_short_cuda_run(tmp_path, monkeypatch):
     monkeypatch.setitem(conv_op.SHAPES, "tiny", (2, 9, 7, 48, 5, 1))
     args = ["--out", str(tmp_path), "--shapes", "tiny", "--warmup", "1", "--iters", "2", "--repeats", "1"]
-    assert conv_op.main([*args, "--sweep", "--weight-grad-sweep"]) == 0
+    assert conv_op.main([*args, "--sweep", "--weight-grad-sweep", "--profile"]) == 0
     doc = json.loads((tmp_path / "conv_op.json").read_text())
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
     assert got == want | {("triton_taps", "forward_backward")}
+    assert [(r["method"], r["kernel_ms"] > 0) for r in doc["profile"]] == [("triton", True), ("torch", True)]
     assert len(doc["sweep"]) == 24 + 30 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
