@@ -131,10 +131,10 @@ def _weight_grad_tile_kernel(
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
     ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: one ``[TAPS, BLOCK_T, BLOCK_C]`` tile of shifted
     inputs (``TAPS``: ``K * K`` padded to a power of two) against the tile's gradient, read once. The chunk is walked
-    once (the per-tap kernel walked it ``K * K`` times, from HBM when the chunks outgrew L2, with the token's grid
-    position recomputed in int64 per tap); the neighbours come from L1 / L2, and the bounds and offsets are per
-    (tap, token), amortised over the channels. ``PREFETCH``: the next tile's loads are issued before this tile's
-    products (registers double-buffered: two tiles' loads in flight per program)."""
+    once (the per-tap kernel walks it ``K * K`` times and recomputes each token's grid position in int64 per tap; this
+    one was 1.17-1.98x faster at the models' shapes on an H200); the neighbours come from L1 / L2, and the bounds and
+    offsets are per (tap, token), amortised over the channels. ``PREFETCH``: the next tile's loads are issued before
+    this tile's products (registers double-buffered; within 6% either way in the sweep, off by default)."""
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -150,7 +150,7 @@ def _weight_grad_tile_kernel(
     if PREFETCH:
         g, xv = _wg_tile_load(g_base, x_base, first, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
         for i in range(per):
-            # the next tile of the chunk (past the chunk's end: tokens that stop the loads by a huge index)
+            # the next tile of the chunk (past the chunk's end: the grid's end, where every load is masked)
             nxt = tl.where(i + 1 < per, first + (i + 1) * BLOCK_T, HH * WW)
             g_next, x_next = _wg_tile_load(g_base, x_base, nxt, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
             acc += g[None, :, :] * xv.to(tl.float32)
