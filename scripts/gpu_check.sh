@@ -44,6 +44,8 @@
 #   gla-seg        the segmented GLA forward: gpu tests, then single walk vs segmented (benchmarks/gla_segments.py) ~6 min
 #   bench-train-graphs  training steps under torch.compile(mode="reduce-overhead") (CUDA graphs), ours vs the twin ~5 min
 #   profile-compiled  kernel-time profile of a compiled training step (InfViT-S, InLine-S)             ~3 min
+#   profile-compiled-hier  the same for hierarchical models next to swin_tiny (PROFILE_HIER_MODELS; default
+#                  NaLaFormer-T, ViG-S: the kernels their CUDA-graph steps replay)                       ~4 min
 #   saved-memory   benchmarks/saved_memory.py: a training step's saved tensors by module and peak (SM_MODELS) ~1 min
 #   bench-pool     benchmarks/pool_op.py: agent pooling, Triton vs the torch backend at the agent models' shapes ~1 min
 #   tests-pool     gpu tests of the agent pooling kernels, the agent layers and models' parity                ~2 min
@@ -288,6 +290,11 @@ for r in rows: print(r['shape'], round(r.get('ms', -1), 4), r['config'])" 2>&1 |
       timeout 200 python3 benchmarks/profile_models.py --train --compile --out "$OUT" --models infvit_small,inline_deit_small \
         --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \
         > "$OUT/profile_compiled_train_$COMMIT.log" 2>&1; grep -A10 "^==" "$OUT/profile_compiled_train_$COMMIT.log" ;;
+    profile-compiled-hier)  # the kernels of compiled hierarchical training steps (what CUDA graphs replay) and swin_tiny's
+      timeout ${PROFILE_LIMIT:-300} python3 benchmarks/profile_models.py --train --compile --out "$OUT" --twin $SWIN \
+        --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,vig_small} --sizes 224:128 \
+        --name "profile_compiled_hier_train_$COMMIT" --commit "$COMMIT" > "$OUT/profile_compiled_hier_train_$COMMIT.log" 2>&1
+      grep -A16 "^==" "$OUT/profile_compiled_hier_train_$COMMIT.log" | cut -c1-160 ;;
     host-stacks)  # where a training step's host time goes, Python functions included: eager, then compiled
       timeout ${STACKS_LIMIT:-120} python3 benchmarks/host_overhead.py --train --stacks --batch 128 --out "$OUT/eager" \
         --commit "$COMMIT" --models ${STACKS_MODELS:-inline_deit_small,agent_deit_small} 2>&1 | grep -v "^\s*$" \
