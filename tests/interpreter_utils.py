@@ -38,3 +38,18 @@ def saved_for_backward(fn, *args, **kwargs) -> list:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args, **kwargs)
     return saved
+
+
+def assert_fakes_match(fn) -> None:
+    """``fn()`` (a tensor or a tuple of tensors, from custom ops) has the same shapes, strides and dtypes run for real
+    as under ``FakeTensorMode``, which is what ``torch.compile`` trusts (real tensors may be passed in)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def meta(out):
+        return [(tuple(t.shape), t.stride(), t.dtype) for t in ((out,) if isinstance(out, torch.Tensor) else out)]
+
+    real = meta(fn())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = meta(fn())
+    assert real == fake, (real, fake)
