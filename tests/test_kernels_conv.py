@@ -196,9 +196,16 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'taps'\)"):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
-    monkeypatch.setitem(conv.TUNING, "wg_prefetch", "yes")
-    with pytest.raises(ValueError, match=r"TUNING\['wg_prefetch'\] = 'yes': must be True or False"):
-        conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
+    for key, value, message in (
+        ("wg_prefetch", "yes", r"TUNING\['wg_prefetch'\] = 'yes': must be True or False"),
+        ("wg_warps", 3, r"TUNING\['wg_warps'\] must be None or a power of two, got 3"),
+        ("wg_per_sm", 0, r"TUNING\['wg_per_sm'\] must be None or a power of two, got 0"),
+        ("wg_elements", -8, r"TUNING\['wg_elements'\] must be None or a power of two, got -8"),
+    ):
+        with monkeypatch.context() as m:
+            m.setitem(conv.TUNING, key, value)
+            with pytest.raises(ValueError, match=message):
+                conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
     for k, taps in ((1, 1), (3, 16), (5, 32), (7, 64)):
         t, bt = conv.weight_grad_tile(k)
         assert t == taps and t >= k * k and t * bt * conv.BLOCK_C == conv.WEIGHT_GRAD_ELEMENTS
