@@ -10,8 +10,10 @@ backward only, its forward is the same). ``--sweep`` also times the forward kern
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
 first. ``--weight-grad-sweep`` times the weight-gradient kernels alone (one launch into a zeroed buffer, no other
 work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``,
-``wg_prefetch``) at every shape. ``--profile`` records the kernels of one forward + backward (torch profiler: GPU
-microseconds per kernel and their sum) of our op and the ``"torch"`` backend at every shape.
+``wg_prefetch``) at every shape, and the whole backward op (input, kernel and bias gradients) with the kernel that
+writes the input gradient in the same walk (``"fused"``) against the others. ``--profile`` records the kernels of one
+forward + backward (torch profiler: GPU microseconds per kernel and their sum) of our op and the ``"torch"`` backend at
+every shape.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -150,7 +152,17 @@ def _weight_grad_sweep(args) -> list[dict]:
             with tuned(conv.TUNING, **cfg):
                 row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}
                 rows.append(_time(row, step, args))
-    return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
+        # the whole backward op (input, kernel and bias gradients): the kernels that write dx themselves ("fused")
+        # against the others plus the input-gradient pass
+        w = torch.randn(c, k, k, device="cuda", dtype=DTYPES[args.dtype])
+        whole = [("tile", None, None, None), ("taps", None, None, None)]
+        whole += [("fused", s, wp, e) for s in (4, 16) for wp in (4, 8) for e in (2048, 4096)]
+        for kernel, per_sm, warps, elements in whole:
+            cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
+            step = functools.partial(conv._token_dwconv_bwd_call, g, x, w, True, hh, ww, p)
+            with tuned(conv.TUNING, **cfg):
+                rows.append(_time({"shape": name, "method": "backward", "mode": "op", "config": cfg}, step, args))
+    return sorted(rows, key=lambda r: (r["shape"], r["method"], r.get("ms", float("inf"))))
 
 
 def _profile(args) -> list[dict]:
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
-    p.add_argument("--weight-grad-sweep", action="store_true", help="also time the weight-gradient kernels alone")
+    p.add_argument("--weight-grad-sweep", action="store_true", help="time the weight-gradient kernels, the backward")
     p.add_argument("--profile", action="store_true", help="also record one forward + backward's kernels")
     add_timing_flags(p)
     args = p.parse_args(argv)

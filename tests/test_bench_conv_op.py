@@ -35,7 +35,7 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
     assert got == want | {("triton_taps", "forward_backward")}
     assert [(r["method"], r["kernel_ms"] > 0) for r in doc["profile"]] == [("triton", True), ("torch", True)]
-    assert len(doc["sweep"]) == 24 + 30 and all(r["status"] == "ok" for r in doc["sweep"])
+    assert len(doc["sweep"]) == 24 + 30 + 10 and all(r["status"] == "ok" for r in doc["sweep"])
     from visionlin.kernels.triton import conv
 
     want = {

@@ -108,8 +108,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    # both weight-gradient kernels (the one-pass tile, its prefetching form; the per-tap walks)
-    for kernel, prefetch in (("tile", False), ("tile", True), ("taps", False)):
+    # every weight-gradient kernel (the one-pass tile, its prefetching form, the one writing dx too; the per-tap walks)
+    for kernel, prefetch in (("tile", False), ("tile", True), ("fused", False), ("taps", False)):
         conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = kernel, prefetch
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)
@@ -147,7 +147,7 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize(
     "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
 )
-@pytest.mark.parametrize("weight_grad", ["tile", "taps"])
+@pytest.mark.parametrize("weight_grad", ["tile", "fused", "taps"])
 def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     from visionlin.kernels.triton import conv
 
@@ -155,10 +155,14 @@ def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     check_backend(case, dtype, "cuda", "triton")
 
 
+WEIGHT_GRAD_SETTINGS = ["taps", "tile 2048", "tile 8192", "tile 2048 prefetch", "tile 8192 prefetch"]
+WEIGHT_GRAD_SETTINGS += ["fused 2048", "fused 4096"]
+
+
 @gpu
 @pytest.mark.parametrize("per_sm", [4, 16, 64])
 @pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("setting", ["taps", "tile 2048", "tile 8192", "tile 2048 prefetch", "tile 8192 prefetch"])
+@pytest.mark.parametrize("setting", WEIGHT_GRAD_SETTINGS)
 def test_triton_weight_grad_launch_settings(setting, warps, per_sm, monkeypatch):
     """Every launch setting ``benchmarks/conv_op.py --weight-grad-sweep`` times (programs per SM, warps, products per
     tile), against float64 at k = 3 / 5 / 7, with prefix tokens and per-sample kernels: whichever ships is tested."""
@@ -193,7 +197,7 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     from visionlin.kernels.triton import conv
 
     monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
-    with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'taps'\)"):
+    with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'fused', 'taps'\)"):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
     for key, value, message in (

@@ -311,6 +311,12 @@ def _conv_and_focus(dt, tdt):
                 dict(K=k, TAPS=taps, HAS_BIAS=True, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=tile_t),
                 conv.WARPS_WEIGHT_GRAD,
             ),
+            (
+                conv._backward_tile_kernel,
+                dt,
+                dict(K=k, TAPS=taps, HAS_BIAS=True, sg_c=1, sx_c=1, sd_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=tile_t),
+                conv.WARPS_WEIGHT_GRAD,
+            ),
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]
