@@ -107,11 +107,11 @@ def tuned(table: MutableMapping, **overrides) -> Iterator[None]:
         table.update(saved)
 
 
-def add_timing_flags(p: argparse.ArgumentParser, iters: int = 20) -> None:
-    """``--warmup`` (3), ``--iters`` (``iters``) and ``--repeats`` (3): the arguments of :func:`cuda_ms`."""
-    p.add_argument("--warmup", type=int, default=3)
+def add_timing_flags(p: argparse.ArgumentParser, iters: int = 20, warmup: int = 3, repeats: int = 3) -> None:
+    """``--warmup``, ``--iters`` and ``--repeats`` with these defaults: the arguments of :func:`cuda_ms`."""
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=iters)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=repeats)
 
 
 def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

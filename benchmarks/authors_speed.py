@@ -233,25 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     import timm  # noqa: F401
 
     import visionlin  # noqa: F401  (registers our models)
+    from benchmarks._meta import gpu_meta
+    from benchmarks._timing import add_timing_flags, check_timing_flags
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--authors-dir", required=True, type=Path, help="folder holding the authors' checkouts")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")
     p.add_argument("--train", action="store_true", help="also the training step at 224 px, batch 128")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=15, warmup=5)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     unknown = sorted(set(args.pairs.split(",")) - set(PAIRS))
     if unknown:
         p.error(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
     if not args.authors_dir.is_dir():
         p.error(f"--authors-dir {args.authors_dir} is not a folder")
     torch.manual_seed(0)
-    from benchmarks._meta import gpu_meta
-
     args.out.mkdir(parents=True, exist_ok=True)
     meta = gpu_meta(argv, args.commit)
     results = []

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import cuda_ms, tuned  # noqa: E402
+from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms, tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "gla_segments"
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None)
     p.add_argument("--sizes", default="1024,2048,4096", help="ViG-S input sides, batch 1")
     p.add_argument("--lengths", default="65536,1048576", help="op-level sequence lengths, batch 1")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=5, warmup=2)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s]
         lengths = [int(s) for s in args.lengths.split(",") if s]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import cuda_ms, host_us, tuned  # noqa: E402
+from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms, host_us, tuned  # noqa: E402
 from visionlin.kernels import layer_norm  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -101,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--no-sweep", action="store_true", help="skip the backward launch-settings sweep")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=20)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")

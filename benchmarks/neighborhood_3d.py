@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms  # noqa: E402
+from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms  # noqa: E402
 from visionlin.kernels import neighborhood as na  # noqa: E402
 from visionlin.kernels import neighborhood_attention  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--methods", nargs="+", default=None, help="subset of flex, flex_row_major, chunked, sdpa_dense")
     p.add_argument("--no-backward", dest="backward", action="store_false", help="forward only")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=10)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)

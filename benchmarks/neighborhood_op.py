@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms, graph_ms, tuned  # noqa: E402
+from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, graph_ms, tuned  # noqa: E402
 from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -243,10 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) gather reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
+    add_timing_flags(p, iters=20, warmup=5, repeats=5)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import DTYPES, cuda_ms, graph_ms, kernels_ms  # noqa: E402
+from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, graph_ms, kernels_ms  # noqa: E402
 from visionlin.kernels.pool import token_adaptive_avg_pool2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    add_timing_flags(p, iters=20)
     args = p.parse_args(argv)
+    check_timing_flags(p, args)
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
