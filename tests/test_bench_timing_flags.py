@@ -1,6 +1,6 @@
-"""Every benchmark script that takes ``--warmup`` / ``--iters`` / ``--repeats`` (``benchmarks._timing.add_timing_flags``)
-refuses a value below 1 with the values it got, before it needs a GPU: zero iterations would divide by zero, zero
-repeats would time nothing."""
+"""Every benchmark script that takes ``--warmup`` / ``--iters`` / ``--repeats`` (``_timing.add_timing_flags``) refuses
+a value below 1 with the values it got, before it needs a GPU: zero iterations would divide by zero, zero repeats would
+time nothing."""
 
 from __future__ import annotations
 
