@@ -55,10 +55,11 @@
 #   bench-s33      GLA kernels at the 4-warp rule vs 8 (w8), op and ViG-S step; benchmarks/rms_mix_op.py (the mix vs the old
 #                  chain, ViG-S step with the mix on Triton)                                          ~4 min
 #   tests-s34      the token conv's gpu tests (both weight-gradient kernels), its models' parity (S34_K: -k) ~3 min
-#   bench-s34      benchmarks/conv_op.py --weight-grad-sweep: the one-pass weight gradient vs per tap vs cuDNN, and
-#                  both kernels alone over their launch settings                                        ~2.5 min
+#   bench-s34      benchmarks/conv_op.py --weight-grad-sweep: the one-pass weight gradient vs per tap vs cuDNN, both
+#                  kernels alone over their launch settings, the whole backward with the opt-in "fused"
+#                  kernel (dx in the same walk) against the others                                       ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
-#   tests-wg       the token conv's weight gradient at every launch setting the sweep times              ~1 min
+#   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
