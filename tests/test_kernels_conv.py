@@ -109,7 +109,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
     # every weight-gradient kernel (the one-pass tile, its prefetching form, the one writing dx too; the per-tap walks)
-    for kernel, prefetch in (("tile", False), ("tile", True), ("fused", False), ("taps", False)):
+    for kernel, prefetch in (("tile", False), ("tile", True), ("fused", False), ("fused", True), ("taps", False)):
         conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = kernel, prefetch
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)

@@ -305,18 +305,27 @@ def _conv_and_focus(dt, tdt):
                 dict(K=k, HAS_BIAS=True, sg_c=1, sx_c=1, **blocks),
                 conv.WARPS_WEIGHT_GRAD,
             ),
+        ]
+        # the one-pass weight gradient, alone (shipped) and writing the input gradient too (opt-in "fused")
+        cases += [
             (
                 conv._weight_grad_tile_kernel,
                 dt,
-                dict(K=k, TAPS=taps, HAS_BIAS=True, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=tile_t),
+                dict(
+                    K=k,
+                    TAPS=taps,
+                    HAS_BIAS=True,
+                    PREFETCH=False,
+                    DX_OUT=dx_out,
+                    sg_c=1,
+                    sx_c=1,
+                    sd_c=1,
+                    BLOCK_C=conv.BLOCK_C,
+                    BLOCK_T=tile_t,
+                ),
                 conv.WARPS_WEIGHT_GRAD,
-            ),
-            (
-                conv._backward_tile_kernel,
-                dt,
-                dict(K=k, TAPS=taps, HAS_BIAS=True, sg_c=1, sx_c=1, sd_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=tile_t),
-                conv.WARPS_WEIGHT_GRAD,
-            ),
+            )  # fmt: skip
+            for dx_out in (False, True)
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]

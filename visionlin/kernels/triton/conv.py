@@ -123,10 +123,33 @@ def _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx):
 
 
 @triton.jit
+def _dx_rows(g_base, w_ptr, dx_base, t, HH, WW, NCH, sg_n, sd_n, cmask, K: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_C: tl.constexpr):  # fmt: skip
+    """Writes the input gradient of tokens ``t``: ``sum_taps W[tap] * G[t - offset(tap)]`` (the forward's taps
+    mirrored), rows of taps in a loop and the taps of a row unrolled, as the forward kernel."""
+    tmask = t < HH * WW
+    y, x = t // WW, t % WW
+    g_row = g_base + t.to(tl.int64)[:, None] * sg_n
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for ky in range(K):
+        yy = y - (ky - K // 2)
+        row_ok = tmask & (yy >= 0) & (yy < HH)
+        row_ptr = g_row - ((ky - K // 2) * WW) * sg_n
+        for kx in tl.static_range(K):
+            xx = x - (kx - K // 2)
+            ok = row_ok & (xx >= 0) & (xx < WW)
+            gv = tl.load(row_ptr - (kx - K // 2) * sg_n, mask=ok[:, None] & cmask[None, :], other=0.0)
+            wv = tl.load(w_ptr + (ky * K + kx) * NCH, mask=cmask, other=0.0)
+            acc += gv.to(tl.float32) * wv[None, :]
+    dx_ptr = dx_base + t.to(tl.int64)[:, None] * sd_n
+    tl.store(dx_ptr, acc.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _weight_grad_tile_kernel(
-    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
-    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    G, X, W, DX, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sw_b, sd_b, sd_n, sd_c, sdw_b,
+    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, DX_OUT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
     ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: one ``[TAPS, BLOCK_T, BLOCK_C]`` tile of shifted
@@ -134,7 +157,10 @@ def _weight_grad_tile_kernel(
     once (the per-tap kernel walks it ``K * K`` times and recomputes each token's grid position in int64 per tap; this
     one was 1.17-1.98x faster at the models' shapes on an H200); the neighbours come from L1 / L2, and the bounds and
     offsets are per (tap, token), amortised over the channels. ``PREFETCH``: the next tile's loads are issued before
-    this tile's products (registers double-buffered; within 6% either way in the sweep, off by default)."""
+    this tile's products (registers double-buffered; within 6% either way in the sweep, off by default).
+    ``DX_OUT``: also writes the input gradient of the chunk's tokens (:func:`_dx_rows`, from the float32 tap-major
+    kernel ``W``) into ``DX``, so ``G`` is read from memory once for both (otherwise the input gradient is the forward
+    kernel run on ``G`` with flipped taps, a second pass); prefix rows of ``DX`` are not written."""
     pid_s, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,77 +170,28 @@ def _weight_grad_tile_kernel(
     dy, dx = tap // K - K // 2, tap % K - K // 2
     g_base = G + b * sg_b + P * sg_n + c[None, :] * sg_c
     x_base = X + b * sx_b + P * sx_n + c[None, None, :] * sx_c
+    w_ptr = W + b * sw_b + c  # (DX_OUT) a tap's weights are NCH contiguous floats
+    dx_base = DX + b * sd_b + P * sd_n + c[None, :] * sd_c
     acc = tl.zeros([TAPS, BLOCK_T, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     first = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
     if PREFETCH:
         g, xv = _wg_tile_load(g_base, x_base, first, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-        for i in range(per):
-            # the next tile of the chunk (past the chunk's end: the grid's end, where every load is masked)
-            nxt = tl.where(i + 1 < per, first + (i + 1) * BLOCK_T, HH * WW)
-            g_next, x_next = _wg_tile_load(g_base, x_base, nxt, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-            acc += g[None, :, :] * xv.to(tl.float32)
-            if HAS_BIAS:
-                acc_b += g
-            g, xv = g_next, x_next
-    else:
-        for i in range(per):
-            g, xv = _wg_tile_load(g_base, x_base, first + i * BLOCK_T, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-            acc += g[None, :, :] * xv.to(tl.float32)
-            if HAS_BIAS:
-                acc_b += g
-    dw_ptr = DW + b * sdw_b + tap[:, None] * NCH + c[None, :]
-    tl.atomic_add(dw_ptr, tl.sum(acc, axis=1), mask=tap_ok[:, None] & cmask[None, :])
-    if HAS_BIAS:
-        tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
-
-
-@triton.jit
-def _backward_tile_kernel(
-    G, X, W, DX, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sw_b, sd_b, sd_n, sd_c, sdw_b,
-    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """:func:`_weight_grad_tile_kernel` and the input gradient in the same walk over the tokens:
-    ``DX[b, P + t, c] = sum_taps W[b, c, tap] * G[b, P + t - offset(tap), c]`` (the forward's taps mirrored), written
-    for the chunk's tokens, so the gradient ``G`` is read from memory once for both (the input gradient otherwise is
-    the forward kernel run on ``G`` with flipped taps, a second pass). Prefix rows of ``DX`` are not written."""
-    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < NCH
-    tap = tl.arange(0, TAPS)
-    tap_ok = tap < K * K
-    dy, dx = tap // K - K // 2, tap % K - K // 2
-    g_base = G + b * sg_b + P * sg_n + c[None, :] * sg_c
-    x_base = X + b * sx_b + P * sx_n + c[None, None, :] * sx_c
-    w_ptr = W + b * sw_b + c  # a tap's weights are NCH contiguous floats
-    acc = tl.zeros([TAPS, BLOCK_T, BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    first = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
     for i in range(per):
         t = first + i * BLOCK_T
-        g, xv = _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
+        if PREFETCH:
+            # the next tile of the chunk (past the chunk's end: the grid's end, where every load is masked)
+            nxt = tl.where(i + 1 < per, t + BLOCK_T, HH * WW)
+            g_next, x_next = _wg_tile_load(g_base, x_base, nxt, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
+        else:
+            g, xv = _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
         acc += g[None, :, :] * xv.to(tl.float32)
         if HAS_BIAS:
             acc_b += g
-        # the input gradient of these tokens: the gradient rows around them, taps mirrored (rows of taps in a loop,
-        # the taps of a row unrolled, as the forward kernel)
-        tmask = t < HH * WW
-        y, x = t // WW, t % WW
-        g_row = g_base + t.to(tl.int64)[:, None] * sg_n
-        acc_dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for ky in range(K):
-            yy = y - (ky - K // 2)
-            row_ok = tmask & (yy >= 0) & (yy < HH)
-            row_ptr = g_row - ((ky - K // 2) * WW) * sg_n
-            for kx in tl.static_range(K):
-                xx = x - (kx - K // 2)
-                ok = row_ok & (xx >= 0) & (xx < WW)
-                gv = tl.load(row_ptr - (kx - K // 2) * sg_n, mask=ok[:, None] & cmask[None, :], other=0.0)
-                wv = tl.load(w_ptr + (ky * K + kx) * NCH, mask=cmask, other=0.0)
-                acc_dx += gv.to(tl.float32) * wv[None, :]
-        dx_ptr = DX + b * sd_b + (P + t.to(tl.int64))[:, None] * sd_n + c[None, :] * sd_c
-        tl.store(dx_ptr, acc_dx.to(DX.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+        if DX_OUT:
+            _dx_rows(g_base, w_ptr, dx_base, t, HH, WW, NCH, sg_n, sd_n, cmask, K, BLOCK_T, BLOCK_C)
+        if PREFETCH:
+            g, xv = g_next, x_next
     dw_ptr = DW + b * sdw_b + tap[:, None] * NCH + c[None, :]
     tl.atomic_add(dw_ptr, tl.sum(acc, axis=1), mask=tap_ok[:, None] & cmask[None, :])
     if HAS_BIAS:
@@ -280,36 +257,35 @@ def _weight_grad_kernel() -> str:
     return kernel
 
 
-def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, dx=None):
-    """The kernel and bias gradients' atomic sums into the zeroed ``dw`` / ``db`` (``TUNING["weight_grad"]``; with
-    ``"fused"`` also the input gradient's grid rows into ``dx``, from the flat kernel ``w32``)."""
+def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, dx=None) -> bool:
+    """The kernel and bias gradients' atomic sums into the zeroed ``dw`` / ``db`` (``TUNING["weight_grad"]``); with
+    ``"fused"`` also the input gradient's grid rows into ``dx``, from the flat kernel ``w32``. Returns whether it wrote
+    ``dx``."""
     kernel = _weight_grad_kernel()
     b, _, c = x.shape
     c_blocks = cdiv(c, BLOCK_C)
     per_sm, warps = tuned(TUNING, "wg_per_sm", 4, pow2=True), tuned(TUNING, "wg_warps", WARPS_WEIGHT_GRAD, pow2=True)
     prefetch = _flag("wg_prefetch")
-    if kernel == "fused":
-        taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
-        splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)
-        launch(_backward_tile_kernel, (splits, c_blocks, b),
-            g, x, w32, dx, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(),
-            w32.stride(0) if sdw_b else 0, *dx.stride(), sdw_b,
-            K=k, TAPS=taps, HAS_BIAS=has_bias, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=warps,
-        )  # fmt: skip
-    elif kernel == "tile":
-        taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
-        splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
-        launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
-            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
-            K=k, TAPS=taps, HAS_BIAS=has_bias, PREFETCH=prefetch, BLOCK_T=bt, BLOCK_C=BLOCK_C,
-            num_warps=warps,
-        )  # fmt: skip
-    else:
+    if kernel == "taps":
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device, per_sm)
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
+        return False
+    fused = kernel == "fused"
+    taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
+    splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
+    if fused:
+        w_arg, dx_arg, sw_b, dx_strides = w32, dx, w32.stride(0) if sdw_b else 0, dx.stride()
+    else:  # not read by the kernel (DX_OUT off)
+        w_arg, dx_arg, sw_b, dx_strides = dw, dw, 0, (0, 0, 0)
+    launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
+        g, x, w_arg, dx_arg, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sw_b, *dx_strides, sdw_b,
+        K=k, TAPS=taps, HAS_BIAS=has_bias, PREFETCH=prefetch, DX_OUT=fused, BLOCK_T=bt, BLOCK_C=BLOCK_C,
+        num_warps=warps,
+    )  # fmt: skip
+    return fused
 
 
 def _flag(key: str) -> bool:
@@ -383,9 +359,9 @@ def token_dwconv_bwd(
     dw, db = sums[: w32.numel()].view(w32.shape), sums[w32.numel() :]
     if b and c:
         k = weight.shape[-1]
-        if _weight_grad_kernel() != "fused":  # else the weight-gradient walk writes dx too
+        sdw_b = dw.stride(0) if weight.ndim == 4 else 0
+        if not _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32, dx):  # "fused" wrote dx
             _launch_conv(g, w32, k, weight.ndim == 4, None, None, dx, hh, ww, p, flip=True)
-        _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, dw.stride(0) if weight.ndim == 4 else 0, w32, dx)
     return dx, _unflat_weight_grad(dw, weight), db
 
 
