@@ -53,3 +53,14 @@ def assert_fakes_match(fn) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = meta(fn())
     assert real == fake, (real, fake)
+
+
+def assert_same_forward_backward(a, b, leaves) -> None:
+    """``a`` and ``b``, one computation reached two ways (a custom op through the dispatcher and its eager bypass),
+    are bitwise equal, and so are their gradients to ``leaves`` for one random output gradient."""
+    import torch
+
+    assert torch.equal(a, b)
+    do = torch.randn_like(b)
+    grads_a, grads_b = torch.autograd.grad(a, leaves, do), torch.autograd.grad(b, leaves, do)
+    assert all(torch.equal(p, q) for p, q in zip(grads_a, grads_b, strict=True))

@@ -230,7 +230,7 @@ def test_blocks_use_pre_norm_only_before_projections():
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from interpreter_utils import assert_fakes_match
+    from interpreter_utils import assert_fakes_match, assert_same_forward_backward
     from tests.test_kernels_layer_norm import CASES, check_backend
     from visionlin.kernels.triton.gated_norm import gated_layer_norm_bwd, gated_layer_norm_fwd, layer_norm_triton
     for case in CASES:
@@ -260,10 +260,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     torch.library.opcheck(gated_layer_norm_fwd, (x, None, w, b, 1e-5, torch.bfloat16))
     direct = gated_layer_norm_fwd(x, None, w, b, 1e-5, torch.bfloat16)[0]
     eager = layer_norm_triton(x, w, b, 1e-5, torch.bfloat16)
-    assert torch.equal(direct, eager)
-    do = torch.randn_like(eager)
-    assert all(torch.equal(p, q) for p, q in zip(torch.autograd.grad(direct, (x, w, b), do),
-                                                  torch.autograd.grad(eager, (x, w, b), do)))
+    assert_same_forward_backward(direct, eager, (x, w, b))
     print("interpreter ok")
     """
 )
