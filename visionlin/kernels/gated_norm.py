@@ -93,14 +93,9 @@ def _triton(x, gate, weight=None, bias=None, eps=1e-5):
 
 
 def _triton_supports(x, gate, weight=None, bias=None, eps=1e-5):
-    from .triton import triton_unavailable
+    from .triton import channel_rows_reasons
 
-    reasons = triton_unavailable(x, gate, *(t for t in (weight, bias) if t is not None))
-    if x.dtype != gate.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"needs x and gate of one dtype of float16, bfloat16, float32; got {x.dtype}, {gate.dtype}")
-    if x.shape[-1] > MAX_TRITON_CHANNELS:
-        reasons.append(f"C={x.shape[-1]} channels exceed one row block (allowed: 1 to {MAX_TRITON_CHANNELS})")
-    return reasons
+    return channel_rows_reasons({"x": x, "gate": gate}, (weight, bias), MAX_TRITON_CHANNELS)
 
 
 # The activations (x, gate) are positional, the affine parameters keywords: float32 whatever the activations' dtype
@@ -189,15 +184,11 @@ def _ln_triton(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
 
 
 def _ln_triton_supports(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
-    from .triton import triton_unavailable
+    from .triton import ROW_DTYPES, channel_rows_reasons
 
-    reasons = triton_unavailable(x, *(t for t in (weight, bias) if t is not None))
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"needs x in float16, bfloat16 or float32; got {x.dtype}")
-    if out_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+    reasons = channel_rows_reasons({"x": x}, (weight, bias), MAX_TRITON_CHANNELS)
+    if out_dtype is not None and out_dtype not in ROW_DTYPES:
         reasons.append(f"out_dtype must be float16, bfloat16 or float32; got {out_dtype}")
-    if x.shape[-1] > MAX_TRITON_CHANNELS:
-        reasons.append(f"C={x.shape[-1]} channels exceed one row block (allowed: 1 to {MAX_TRITON_CHANNELS})")
     return reasons
 
 

@@ -84,16 +84,9 @@ def _triton(x, y, gate, x_weight=None, y_weight=None, x_eps=1e-6, y_eps=1e-6, si
 
 
 def _triton_supports(x, y, gate, x_weight=None, y_weight=None, x_eps=1e-6, y_eps=1e-6, silu=False):
-    from .triton import triton_unavailable
+    from .triton import channel_rows_reasons
 
-    reasons = triton_unavailable(x, y, gate, *(t for t in (x_weight, y_weight) if t is not None))
-    if not x.dtype == y.dtype == gate.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(
-            f"needs x, y and gate of one dtype of float16, bfloat16, float32; got {x.dtype}, {y.dtype}, {gate.dtype}"
-        )
-    if x.shape[-1] > MAX_TRITON_CHANNELS:
-        reasons.append(f"C={x.shape[-1]} channels exceed one row block (allowed: 1 to {MAX_TRITON_CHANNELS})")
-    return reasons
+    return channel_rows_reasons({"x": x, "y": y, "gate": gate}, (x_weight, y_weight), MAX_TRITON_CHANNELS)
 
 
 # The activations are positional, the weights keywords: read in float32 by the Triton kernels, which return float32

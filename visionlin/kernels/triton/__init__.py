@@ -57,6 +57,31 @@ def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+#: What the per-row kernels (gated LayerNorm, LayerNorm, RMS mix) read: activations in one of these dtypes.
+ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def channel_rows_reasons(rows: dict[str, torch.Tensor], params, max_channels: int) -> list[str]:
+    """Reasons the per-row Triton kernels cannot run on activations ``rows`` (name -> ``[..., C]`` tensor) with
+    per-channel ``params`` (``None`` entries skipped): no Triton or CUDA, activations not of one dtype of
+    :data:`ROW_DTYPES`, more than ``max_channels`` channels (the row block)."""
+    tensors = list(rows.values())
+    reasons = triton_unavailable(*tensors, *(t for t in params if t is not None))
+    dtypes = [t.dtype for t in tensors]
+    if len(set(dtypes)) > 1 or dtypes[0] not in ROW_DTYPES:
+        names = list(rows)
+        got = ", ".join(str(d) for d in dtypes)
+        if len(names) == 1:
+            reasons.append(f"needs {names[0]} in float16, bfloat16 or float32; got {got}")
+        else:
+            together = f"{', '.join(names[:-1])} and {names[-1]}"
+            reasons.append(f"needs {together} of one dtype of float16, bfloat16, float32; got {got}")
+    c = tensors[0].shape[-1]
+    if c > max_channels:
+        reasons.append(f"C={c} channels exceed one row block (allowed: 1 to {max_channels})")
+    return reasons
+
+
 #: CUDA's limit on a grid's second and third dimensions (kernels that put the samples there refuse more).
 MAX_GRID_YZ = 65535
 
