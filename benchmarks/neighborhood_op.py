@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) gather reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
-    add_timing_flags(p, iters=20, warmup=5, repeats=5)
+    add_timing_flags(p, warmup=5, repeats=5)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
     if not torch.cuda.is_available():

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    add_timing_flags(p, iters=20)
+    add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
