@@ -494,11 +494,11 @@ def _gla(dt, tdt):
                     gla._gla_fwd_kernel,
                     dt,
                     dict(REVERSE=False, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
-                    gla.warps(bk, bv_fwd),
+                    gla.warps(bk),
                 )
                 for seg in (False, True)
             ),  # fmt: skip
-            (gla._gla_seg_state_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_fwd), gla.warps(bk, bv_fwd)),
+            (gla._gla_seg_state_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_fwd), gla.warps(bk)),
             (gla._gla_seg_carry_kernel, dt, dict(BK=bk, BV=bv_fwd), 4),
             *(
                 case
@@ -509,18 +509,18 @@ def _gla(dt, tdt):
                         gla._gla_bwd_q_kernel,
                         dt,
                         dict(REVERSE=True, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv),
-                        gla.warps(bk, bv),
+                        gla.warps(bk),
                     ),
                     (
                         gla._gla_bwd_kv_kernel,
                         dt,
                         dict(REVERSE=False, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv_kv),
-                        gla.warps(bk, bv_kv),
+                        gla.warps(bk),
                     ),
                 )
             ),
-            (gla._gla_bwd_intra_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk, bv)),
-            (gla._gla_seg_adj_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk, bv_kv)),
+            (gla._gla_bwd_intra_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk)),
+            (gla._gla_seg_adj_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk)),
             (gla._gla_dg_kernel, dt, dict(REVERSE=False, BL=gla.DG_ROWS, BK=bk), 4),
         ]
     return cases

@@ -514,13 +514,12 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
     return meta
 
 
-def warps(bk: int, bv: int) -> int:
+def warps(bk: int) -> int:
     """Warps per program: 4 up to a 32-wide key tile, 8 from a 64-wide one (the ``[T, T, K]`` decay tile). Measured on
     an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``, one kernel changed at a
     time), every kernel was faster at 4 than at 8: the forward 1.13-1.20x, the op's forward + backward with the intra
     kernel at 4 1.16x / 1.14x, the ``dq`` walk 1.05x, the ``dk`` / ``dv`` walk 1.09x / 1.03x (ViG-S 224 px batch 128 /
-    448 px batch 32); 16 slower everywhere. ``bv`` does not change the count (kept in the signature for the callers'
-    symmetry with the block sizes)."""
+    448 px batch 32); 16 slower everywhere."""
     return 8 if bk > 32 else 4
 
 
@@ -541,7 +540,7 @@ def gla_fwd(
     n_vb = cdiv(vd, bv_fwd)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
-    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk, bv_fwd)))
+    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
         init = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv_fwd)
@@ -618,13 +617,13 @@ def gla_bwd(
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
         launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
                length, h, kd, vd, scale, *strides, REVERSE=reverse, T=CHUNK, BK=bk, BV=bv,
-               **_meta("intra", warps(bk, bv)))  # fmt: skip
+               **_meta("intra", warps(bk)))  # fmt: skip
     args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
     common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
-           **_meta("bwd_q", warps(bk, bv)))  # fmt: skip
+           **_meta("bwd_q", warps(bk)))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
-           BV=bv_kv, **_meta("bwd_kv", warps(bk, bv_kv)))  # fmt: skip
+           BV=bv_kv, **_meta("bwd_kv", warps(bk)))  # fmt: skip
     if fused_dg and b * h >= _num_sms(q.device) and n_vb <= 2:
         outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
         launch(_gla_dg_kernel, (b * h,), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
@@ -668,7 +667,7 @@ def _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv):
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
     launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
         k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk, bv)),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), states, gsum, n_seg, BK=bk, BV=bv, num_warps=4)
     return states
@@ -685,7 +684,7 @@ def _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, b
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)  # reversed segment order
     launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
         q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk, bv_kv)),
+        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum, n_seg, BK=bk, BV=bv_kv, num_warps=4)
     return s_in, h_in
