@@ -9,8 +9,8 @@ NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) an
 backward only, its forward is the same). ``--sweep`` also times the forward kernel over tile settings (``TUNING`` in
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
 first. ``--weight-grad-sweep`` times the weight-gradient kernels alone (one launch into a zeroed buffer, no other
-work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``,
-``wg_prefetch``) at every shape, and the whole backward op (input, kernel and bias gradients) with the kernel that
+work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, ``wg_warps``, ``wg_elements``) at
+every shape, and the whole backward op (input, kernel and bias gradients) with the kernel that
 writes the input gradient in the same walk (``"fused"``) against the others. ``--profile`` records the kernels of one
 forward + backward (torch profiler: GPU microseconds per kernel and their sum) of our op and the ``"torch"`` backend at
 every shape.
@@ -143,11 +143,10 @@ def _weight_grad_sweep(args) -> list[dict]:
         g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
         sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
         dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
-        settings = [("taps", s, w, None, False) for s in (4, 16, 64) for w in (4, 8)]
-        settings += [("tile", s, w, e, f) for s in (4, 16, 64) for w in (4, 8) for e in (2048, 8192) for f in (0, 1)]
-        for kernel, per_sm, warps, elements, prefetch in settings:
+        settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
+        settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (8192, 16384, 32768)]
+        for kernel, per_sm, warps, elements in settings:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
-            cfg["wg_prefetch"] = bool(prefetch)
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
             with tuned(conv.TUNING, **cfg):
                 row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}
@@ -156,13 +155,49 @@ def _weight_grad_sweep(args) -> list[dict]:
         # against the others plus the input-gradient pass
         w = torch.randn(c, k, k, device="cuda", dtype=DTYPES[args.dtype])
         whole = [("tile", None, None, None), ("taps", None, None, None)]
-        whole += [("fused", s, wp, e) for s in (4, 16) for wp in (4, 8) for e in (2048, 4096)]
+        whole += [("fused", s, wp, e) for s in (4, 16) for wp in (4, 8) for e in (4096, 8192)]
         for kernel, per_sm, warps, elements in whole:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
             step = functools.partial(conv._token_dwconv_bwd_call, g, x, w, True, hh, ww, p)
             with tuned(conv.TUNING, **cfg):
                 rows.append(_time({"shape": name, "method": "backward", "mode": "op", "config": cfg}, step, args))
     return sorted(rows, key=lambda r: (r["shape"], r["method"], r.get("ms", float("inf"))))
+
+
+def _old_conv(path: Path):
+    """The kernels and launchers of an older ``conv.py`` (its source up to the custom ops, which would register
+    again), as a module of ``visionlin.kernels.triton`` (its relative imports resolve against this tree)."""
+    import types
+
+    src = path.read_text()
+    cut = src.find("@torch.library.custom_op")
+    if "def _launch_weight_grad(" not in src or cut < 0:
+        raise SystemExit(f"--old-conv {path}: not a visionlin/kernels/triton/conv.py (no _launch_weight_grad)")
+    mod = types.ModuleType("visionlin.kernels.triton._conv_old")
+    mod.__package__ = "visionlin.kernels.triton"
+    exec(compile(src[:cut], str(path.resolve()), "exec"), mod.__dict__)  # noqa: S102 (a file the user names)
+    return mod
+
+
+def _old_new_rows(args) -> list[dict]:
+    """The weight-gradient kernel alone at its default launch, the older file's and this tree's, alternating."""
+    from visionlin.kernels.triton import conv
+
+    old = _old_conv(args.old_conv)
+    rows = []
+    for name in args.shapes.split(","):
+        b, hh, ww, c, k, p = SHAPES[name]
+        g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
+        dw = torch.zeros(1, k * k, c, device="cuda", dtype=torch.float32)
+        db = torch.zeros(c, device="cuda", dtype=torch.float32)
+        for _ in range(2):
+            for tag, mod in (("old", old), ("new", conv)):
+                step = functools.partial(mod._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
+                rows.append(_time({"shape": name, "method": f"weight_grad_{tag}", "mode": "kernel"}, step, args))
+        best = {t: min(r.get("ms", float("inf")) for r in rows[-4:] if r["method"] == f"weight_grad_{t}")
+                for t in ("old", "new")}  # fmt: skip
+        print(f"{name}: weight gradient kernel old / new {best['old'] / best['new']:.2f}x")
+    return rows
 
 
 def _profile(args) -> list[dict]:
@@ -195,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
     p.add_argument("--weight-grad-sweep", action="store_true", help="time the weight-gradient kernels, the backward")
     p.add_argument("--profile", action="store_true", help="also record one forward + backward's kernels")
+    p.add_argument("--old-conv", type=Path, help="an older conv.py: its weight-gradient kernel next to this one's")
     add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
+    if args.old_conv is not None and not args.old_conv.is_file():
+        p.error(f"--old-conv {args.old_conv}: no such file")
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
@@ -221,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} forward_backward: weight gradient per tap / one-pass tile {taps / tile:.2f}x")
     sweep = _sweep(args) if args.sweep else []
     sweep += _weight_grad_sweep(args) if args.weight_grad_sweep else []
+    sweep += _old_new_rows(args) if args.old_conv is not None else []
     profile = _profile(args) if args.profile else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep, "profile": profile}
     for note in write_result(result, args.out, STEM, plot=_plot):

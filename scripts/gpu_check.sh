@@ -58,6 +58,8 @@
 #   bench-s34      benchmarks/conv_op.py --weight-grad-sweep: the one-pass weight gradient vs per tap vs cuDNN, both
 #                  kernels alone over their launch settings, the whole backward with the opt-in "fused"
 #                  kernel (dx in the same walk) against the others                                       ~3 min
+#   tests-s35      the token conv's gpu tests after the unpadded tap groups, its models' parity (S35_K: -k)
+#   bench-s35      the weight-gradient kernel vs OLD_CONV's (an older conv.py, carried), then the launch sweep
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
@@ -162,6 +164,18 @@ for stage in "$@"; do
         | grep -vE '^\{' | tail -16
       python3 -c "import json; rows = json.load(open('$OUT/conv_op.json'))['sweep']
 for r in rows: print(r['shape'], round(r.get('ms', -1), 4), r['config'])" 2>&1 | head -100 ;;
+    tests-s35)  # stop 35: the one-pass weight gradient in unpadded tap groups (int32 offsets, stepped grid positions)
+      run_tests s35 ${S35_LIMIT:-200} tests/test_kernels_conv.py tests/test_bench_conv_op.py \
+        tests/test_models_gpu_parity.py --tb=short -k "${S35_K:-conv or nala or mavit or flatten or agent or inline}" ;;
+    bench-s35)  # the weight-gradient kernel against an older tree's (OLD_CONV: its conv.py, carried), alternating in
+      # one process, then the launch sweep (the fastest settings per shape printed)
+      timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
+        --old-conv "${OLD_CONV:?OLD_CONV names an older conv.py}" 2>&1 | grep -E "old / new|x$|rror" | tail -20
+      python3 -c "import json, itertools; rows = json.load(open('$OUT/conv_op.json'))['sweep']
+key = lambda r: (r['shape'], r['method'])
+for k, g in itertools.groupby(sorted(rows, key=key), key=key):
+    g = sorted(g, key=lambda r: r.get('ms', 1e9)); print(k, [(round(r.get('ms', -1), 4), r.get('config')) for r in g[:4]])
+" 2>&1 | cut -c1-600 ;;
     profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
       timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
         --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;
