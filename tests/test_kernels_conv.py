@@ -25,7 +25,7 @@ CASES = [
     (2, 6, 6, 24, 3, 2, True, True, False),
     (1, 1, 1, 8, 5, 1, False, True, True),  # a 1 x 1 grid under a 5 x 5 kernel
     (2, 3, 4, 16, 1, 0, False, False, False),
-    (2, 9, 11, 24, 7, 1, False, True, False),  # k = 7: the weight gradient pads each tap row to 8 taps
+    (2, 9, 11, 24, 7, 1, False, True, False),  # k = 7: the one-pass weight gradient's tap groups 32 + 16 + 1
 ]
 
 
@@ -108,14 +108,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    # every weight-gradient kernel (the one-pass tile, its prefetching form, the one writing dx too; the per-tap walks)
-    for kernel, prefetch in (("tile", False), ("tile", True), ("fused", False), ("fused", True), ("taps", False)):
-        conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = kernel, prefetch
+    # every weight-gradient kernel (the one-pass tile, the one writing dx too; the per-tap walks)
+    for kernel in ("tile", "fused", "taps"):
+        conv.TUNING["weight_grad"] = kernel
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)
         check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: fp32 ran batch 3
         check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
-    conv.TUNING["weight_grad"], conv.TUNING["wg_prefetch"] = "tile", False
+    conv.TUNING["weight_grad"] = "tile"
+    conv.I32_OFFSETS = 0  # the one-pass kernels' int64 token offsets (a sample spanning 2^31 elements)
+    for kernel in ("tile", "fused"):
+        conv.TUNING["weight_grad"] = kernel
+        check_backend(CASES[1], torch.float32, "cpu", "triton", direct=True)
+    conv.TUNING["weight_grad"], conv.I32_OFFSETS = "tile", 2**31
     # the backward op's real outputs have the strides its fake promises (torch.compile checks them)
     from interpreter_utils import assert_fakes_match
     from visionlin.kernels.triton.conv import token_dwconv_bwd
@@ -155,8 +160,7 @@ def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     check_backend(case, dtype, "cuda", "triton")
 
 
-WEIGHT_GRAD_SETTINGS = ["taps", "tile 2048", "tile 8192", "tile 2048 prefetch", "tile 8192 prefetch"]
-WEIGHT_GRAD_SETTINGS += ["fused 2048", "fused 4096"]
+WEIGHT_GRAD_SETTINGS = ["taps", "tile 8192", "tile 16384", "tile 32768", "fused 4096", "fused 8192"]
 
 
 @gpu
@@ -169,8 +173,8 @@ def test_triton_weight_grad_launch_settings(setting, warps, per_sm, monkeypatch)
     from visionlin.kernels.triton import conv
 
     kernel, *rest = setting.split()
-    tuning = {"weight_grad": kernel, "wg_per_sm": per_sm, "wg_warps": warps, "wg_prefetch": "prefetch" in rest}
-    for key, value in (tuning | {"wg_elements": int(rest[0]) if rest else None}).items():
+    elements = int(rest[0]) if rest else None
+    for key, value in {"weight_grad": kernel, "wg_per_sm": per_sm, "wg_warps": warps, "wg_elements": elements}.items():
         monkeypatch.setitem(conv.TUNING, key, value)
     for case in (CASES[0], CASES[1], CASES[5], (2, 64, 64, 64, 5, 1, False, True, True)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -201,7 +205,6 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
     for key, value, message in (
-        ("wg_prefetch", "yes", r"TUNING\['wg_prefetch'\] = 'yes': must be True or False"),
         ("wg_warps", 3, r"TUNING\['wg_warps'\] must be None or a power of two, got 3"),
         ("wg_per_sm", 0, r"TUNING\['wg_per_sm'\] must be None or a power of two, got 0"),
         ("wg_elements", -8, r"TUNING\['wg_elements'\] must be None or a power of two, got -8"),
@@ -210,9 +213,12 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
             m.setitem(conv.TUNING, key, value)
             with pytest.raises(ValueError, match=message):
                 conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
-    for k, taps in ((1, 1), (3, 16), (5, 32), (7, 64)):
-        t, bt = conv.weight_grad_tile(k)
-        assert t == taps and t >= k * k and t * bt * conv.BLOCK_C == conv.WEIGHT_GRAD_ELEMENTS
+    for k, groups, tokens in ((1, (0, 0), 64), (3, (8, 0), 8), (5, (16, 8), 4), (7, (32, 16), 2)):
+        t1, t2, bt = conv.weight_grad_tile(k)
+        assert (t1, t2, bt) == (*groups, tokens) and t1 + t2 + 1 == k * k
+        assert k * k * bt * conv.BLOCK_C <= conv.WEIGHT_GRAD_ELEMENTS < 2 * k * k * bt * conv.BLOCK_C or bt == 64
+    with pytest.raises(ValueError, match="kernel size 11: 121 taps are not two powers of two and one"):
+        conv.weight_grad_tile(11)
 
 
 def test_triton_refuses_batches_beyond_the_grid_limit():

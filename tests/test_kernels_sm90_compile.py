@@ -288,8 +288,8 @@ def _conv_and_focus(dt, tdt):
                 ),
             ]
     blocks = dict(BLOCK_T=conv.BLOCK_T, BLOCK_C=conv.BLOCK_C)
-    for k in (3, 5, 7):
-        taps, tile_t = conv.weight_grad_tile(k)
+    for k in (1, 3, 5, 7):
+        t1, t2, tile_t = conv.weight_grad_tile(k)
         cases += [
             # Channels are contiguous (the wrapper makes them so): the JIT specialises those unit strides, which
             # makes the loads vectors, as here.
@@ -313,10 +313,11 @@ def _conv_and_focus(dt, tdt):
                 dt,
                 dict(
                     K=k,
-                    TAPS=taps,
+                    T1=t1,
+                    T2=t2,
                     HAS_BIAS=True,
-                    PREFETCH=False,
                     DX_OUT=dx_out,
+                    I64=i64,
                     sg_c=1,
                     sx_c=1,
                     sd_c=1,
@@ -325,7 +326,7 @@ def _conv_and_focus(dt, tdt):
                 ),
                 conv.WARPS_WEIGHT_GRAD,
             )  # fmt: skip
-            for dx_out in (False, True)
+            for dx_out, i64 in sorted({(False, False), (True, False), (False, k == 3)})  # int64 offsets once
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]

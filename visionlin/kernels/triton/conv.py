@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2, tuned
+from ._launch import cdiv, launch, tuned
 from .linear import _splits
 
 __all__ = ["token_depthwise_conv2d_triton"]
@@ -109,17 +109,27 @@ def _weight_grad_taps_kernel(
 
 
 @triton.jit
-def _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx):
-    """The gradient rows ``[BLOCK_T, BLOCK_C]`` of tokens ``t`` (float32) and their ``[TAPS, BLOCK_T, BLOCK_C]``
-    shifted input rows (zero outside the grid, past its end, at padding taps)."""
-    tmask = t < HH * WW
-    y, x = t // WW, t % WW
-    g = tl.load(g_base + t.to(tl.int64)[:, None] * sg_n, mask=tmask[:, None] & cmask[None, :], other=0.0)
-    yy, xx = y[None, :] + dy[:, None], x[None, :] + dx[:, None]  # [TAPS, BLOCK_T]
-    ok = tap_ok[:, None] & tmask[None, :] & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
-    src = (yy * WW + xx).to(tl.int64)
-    xv = tl.load(x_base + src[:, :, None] * sx_n, mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
-    return g.to(tl.float32), xv
+def _wg_group(acc, g, x_base, t, y, x, tmask, HH, WW, sx_n, cmask, TAP0: tl.constexpr, NT: tl.constexpr,
+              K: tl.constexpr, I64: tl.constexpr):  # fmt: skip
+    """``acc + g * shifted x`` for the ``NT`` taps from ``TAP0``: ``acc`` and the shifted input rows are
+    ``[NT, BLOCK_T, BLOCK_C]`` (zero outside the grid and past its end), ``g`` the tile's float32 gradient rows
+    ``[1, BLOCK_T, BLOCK_C]``. A tap's neighbour of token ``t`` is token ``t + dy * WW + dx``: offsets in int32 unless
+    ``I64`` (a sample's rows span 2^31 elements or more)."""
+    tap = TAP0 + tl.arange(0, NT)
+    dy, dx = tap // K - K // 2, tap % K - K // 2
+    yy, xx = y[None, :] + dy[:, None], x[None, :] + dx[:, None]  # [NT, BLOCK_T]
+    ok = tmask[None, :] & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+    src = t[None, :] + (dy * WW + dx)[:, None]
+    off = (src.to(tl.int64) if I64 else src) * sx_n
+    xv = tl.load(x_base + off[:, :, None], mask=ok[:, :, None] & cmask[None, None, :], other=0.0)
+    return acc + g * xv.to(tl.float32)
+
+
+@triton.jit
+def _wg_group_sum(dw_base, acc, NCH, cmask, TAP0: tl.constexpr, NT: tl.constexpr):
+    """Adds a group's sums over its tokens to its taps' rows of the tap-major kernel gradient."""
+    tap = TAP0 + tl.arange(0, NT)
+    tl.atomic_add(dw_base + tap[:, None] * NCH, tl.sum(acc, axis=1), mask=cmask[None, :])
 
 
 @triton.jit
@@ -148,16 +158,17 @@ def _dx_rows(g_base, w_ptr, dx_base, t, HH, WW, NCH, sg_n, sd_n, cmask, K: tl.co
 @triton.jit
 def _weight_grad_tile_kernel(
     G, X, W, DX, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sw_b, sd_b, sd_n, sd_c, sdw_b,
-    K: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, DX_OUT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HAS_BIAS: tl.constexpr, DX_OUT: tl.constexpr,
+    I64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Adds ``sum_t G[b, P + t, c] * X[b, P + neighbour(t, tap), c]`` of its token chunk to ``DW[b, tap, c]`` (and
-    ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: one ``[TAPS, BLOCK_T, BLOCK_C]`` tile of shifted
-    inputs (``TAPS``: ``K * K`` padded to a power of two) against the tile's gradient, read once. The chunk is walked
-    once (the per-tap kernel walks it ``K * K`` times and recomputes each token's grid position in int64 per tap; this
-    one was 1.17-1.98x faster at the models' shapes on an H200); the neighbours come from L1 / L2, and the bounds and
-    offsets are per (tap, token), amortised over the channels. ``PREFETCH``: the next tile's loads are issued before
-    this tile's products (registers double-buffered; within 6% either way in the sweep, off by default).
+    ``sum_t G`` to ``DB[c]``), every tap of a token tile at once: ``[taps, BLOCK_T, BLOCK_C]`` tiles of shifted inputs
+    against the tile's gradient, read once. The ``K * K`` taps are three groups of power-of-two sizes, ``T1`` + ``T2``
+    + 1 (9 = 8 + 1, 25 = 16 + 8 + 1, 49 = 32 + 16 + 1; a size 0 group is absent): one tile padded to 16 / 32 / 64 taps
+    spent 78 / 28 / 31% more loads and multiply-adds on taps that do not exist. The chunk is walked once (the per-tap
+    kernel walks it ``K * K`` times); the neighbours come from L1 / L2, and the bounds and offsets are per (tap,
+    token), amortised over the channels. Sums are per (tap, token, channel) in registers, reduced over the tokens once
+    per program.
     ``DX_OUT``: also writes the input gradient of the chunk's tokens (:func:`_dx_rows`, from the float32 tap-major
     kernel ``W``) into ``DX``, so ``G`` is read from memory once for both (otherwise the input gradient is the forward
     kernel run on ``G`` with flipped taps, a second pass); prefix rows of ``DX`` are not written."""
@@ -165,45 +176,63 @@ def _weight_grad_tile_kernel(
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < NCH
-    tap = tl.arange(0, TAPS)
-    tap_ok = tap < K * K
-    dy, dx = tap // K - K // 2, tap % K - K // 2
     g_base = G + b * sg_b + P * sg_n + c[None, :] * sg_c
     x_base = X + b * sx_b + P * sx_n + c[None, None, :] * sx_c
     w_ptr = W + b * sw_b + c  # (DX_OUT) a tap's weights are NCH contiguous floats
     dx_base = DX + b * sd_b + P * sd_n + c[None, :] * sd_c
-    acc = tl.zeros([TAPS, BLOCK_T, BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    first = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
-    if PREFETCH:
-        g, xv = _wg_tile_load(g_base, x_base, first, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-    for i in range(per):
-        t = first + i * BLOCK_T
-        if PREFETCH:
-            # the next tile of the chunk (past the chunk's end: the grid's end, where every load is masked)
-            nxt = tl.where(i + 1 < per, t + BLOCK_T, HH * WW)
-            g_next, x_next = _wg_tile_load(g_base, x_base, nxt, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-        else:
-            g, xv = _wg_tile_load(g_base, x_base, t, HH, WW, sg_n, sx_n, cmask, tap_ok, dy, dx)
-        acc += g[None, :, :] * xv.to(tl.float32)
+    if T1 > 0:  # (a constexpr branch: at T1 = 0, acc1 does not exist)
+        acc1 = tl.zeros([T1, BLOCK_T, BLOCK_C], dtype=tl.float32)
+    if T2 > 0:
+        acc2 = tl.zeros([T2, BLOCK_T, BLOCK_C], dtype=tl.float32)
+    acc3 = tl.zeros([1, BLOCK_T, BLOCK_C], dtype=tl.float32)  # the last tap
+    acc_b = tl.zeros([1, BLOCK_T, BLOCK_C], dtype=tl.float32)
+    g_rows = G + b * sg_b + P * sg_n + c[None, None, :] * sg_c  # g_base as [1, 1, BLOCK_C], the products' layout
+    t = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
+    # grid positions stepped per tile (a division per token per tile was ~25 instructions of the walk's ~260)
+    y, x = t // WW, t % WW
+    step_y, step_x = BLOCK_T // WW, BLOCK_T % WW
+    for _ in range(per):
+        tmask = t < HH * WW
+        g_off = (t.to(tl.int64) if I64 else t) * sg_n
+        g = tl.load(g_rows + g_off[None, :, None], mask=tmask[None, :, None] & cmask[None, None, :], other=0.0)
+        g = g.to(tl.float32)
+        if T1 > 0:
+            acc1 = _wg_group(acc1, g, x_base, t, y, x, tmask, HH, WW, sx_n, cmask, 0, T1, K, I64)
+        if T2 > 0:
+            acc2 = _wg_group(acc2, g, x_base, t, y, x, tmask, HH, WW, sx_n, cmask, T1, T2, K, I64)
+        acc3 = _wg_group(acc3, g, x_base, t, y, x, tmask, HH, WW, sx_n, cmask, K * K - 1, 1, K, I64)
         if HAS_BIAS:
             acc_b += g
         if DX_OUT:
             _dx_rows(g_base, w_ptr, dx_base, t, HH, WW, NCH, sg_n, sd_n, cmask, K, BLOCK_T, BLOCK_C)
-        if PREFETCH:
-            g, xv = g_next, x_next
-    dw_ptr = DW + b * sdw_b + tap[:, None] * NCH + c[None, :]
-    tl.atomic_add(dw_ptr, tl.sum(acc, axis=1), mask=tap_ok[:, None] & cmask[None, :])
+        t += BLOCK_T
+        x += step_x
+        wrap = x >= WW
+        x = tl.where(wrap, x - WW, x)
+        y += step_y + wrap.to(tl.int32)
+    dw_base = DW + b * sdw_b + c[None, :]
+    if T1 > 0:
+        _wg_group_sum(dw_base, acc1, NCH, cmask, 0, T1)
+    if T2 > 0:
+        _wg_group_sum(dw_base, acc2, NCH, cmask, T1, T2)
+    _wg_group_sum(dw_base, acc3, NCH, cmask, K * K - 1, 1)
     if HAS_BIAS:
-        tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
+        tl.atomic_add(DB + c[None, :], tl.sum(acc_b, axis=1), mask=cmask[None, :])
 
 
-def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int]:
-    """``(TAPS, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: ``k * k`` padded to a power of
-    two, and tokens per tile so that a tile holds about ``elements`` products (``BLOCK_C`` channels; 0:
-    ``WEIGHT_GRAD_ELEMENTS``)."""
-    taps = next_pow2(k * k)
-    return taps, max(1, (elements or WEIGHT_GRAD_ELEMENTS) // (taps * BLOCK_C))
+def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int, int]:
+    """``(T1, T2, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: the sizes of its first two tap
+    groups (``k * k - 1 = T1 + T2``, powers of two or 0; the third group is the last tap), and the most tokens per
+    tile (a power of two, at most 64) for which a tile holds at most about ``elements`` products (``k * k`` taps x
+    tokens x ``BLOCK_C`` channels; 0: ``WEIGHT_GRAD_ELEMENTS``; 128 tokens at k = 1 spilled registers for sm_90 with
+    the input gradient in the walk)."""
+    rest = k * k - 1
+    t1 = 1 << (rest.bit_length() - 1) if rest else 0
+    t2 = rest - t1
+    if t2 & (t2 - 1):
+        raise ValueError(f"kernel size {k}: {k * k} taps are not two powers of two and one (allowed: 1, 3, 5, 7, 9)")
+    tokens = min(64, max(1, (elements or WEIGHT_GRAD_ELEMENTS) // (k * k * BLOCK_C)))
+    return t1, t2, 1 << (tokens.bit_length() - 1)
 
 
 #: Tile of tokens x channels and warps per program (forward: 4 warps held 233-255 registers for sm_90 and spilled at
@@ -211,6 +240,9 @@ def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int]:
 #: the forward / input-gradient kernel's settings (``stages``: Triton's software pipelining of the tap-row loop,
 #: ``None`` its default); benchmarks/conv_op.py --sweep times others by updating it.
 BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
+#: A sample's rows span fewer elements than this: the one-pass weight gradient's token offsets are int32 (tests lower
+#: it to run the int64 form on small tensors).
+I32_OFFSETS = 2**31
 #: Products per tile of the one-pass weight gradient (taps x tokens x ``BLOCK_C`` channels).
 WEIGHT_GRAD_ELEMENTS = 8192
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
@@ -229,7 +261,6 @@ TUNING: dict[str, int | str | None] = {
     "wg_per_sm": None,
     "wg_warps": None,
     "wg_elements": None,
-    "wg_prefetch": False,
 }
 
 
@@ -265,7 +296,6 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
     b, _, c = x.shape
     c_blocks = cdiv(c, BLOCK_C)
     per_sm, warps = tuned(TUNING, "wg_per_sm", 4, pow2=True), tuned(TUNING, "wg_warps", WARPS_WEIGHT_GRAD, pow2=True)
-    prefetch = _flag("wg_prefetch")
     if kernel == "taps":
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device, per_sm)
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
@@ -274,26 +304,19 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         )  # fmt: skip
         return False
     fused = kernel == "fused"
-    taps, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
+    t1, t2, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
     splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
+    i64 = (p + hh * ww + bt) * max(x.stride(1), g.stride(1)) >= I32_OFFSETS  # a tile past the end included
     if fused:
         w_arg, dx_arg, sw_b, dx_strides = w32, dx, w32.stride(0) if sdw_b else 0, dx.stride()
     else:  # not read by the kernel (DX_OUT off)
         w_arg, dx_arg, sw_b, dx_strides = dw, dw, 0, (0, 0, 0)
     launch(_weight_grad_tile_kernel, (splits, c_blocks, b),
         g, x, w_arg, dx_arg, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sw_b, *dx_strides, sdw_b,
-        K=k, TAPS=taps, HAS_BIAS=has_bias, PREFETCH=prefetch, DX_OUT=fused, BLOCK_T=bt, BLOCK_C=BLOCK_C,
+        K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, DX_OUT=fused, I64=i64, BLOCK_T=bt, BLOCK_C=BLOCK_C,
         num_warps=warps,
     )  # fmt: skip
     return fused
-
-
-def _flag(key: str) -> bool:
-    """``TUNING[key]``, a bool, or a ``ValueError`` naming it."""
-    value = TUNING[key]
-    if not isinstance(value, bool):
-        raise ValueError(f"visionlin.kernels.triton.conv.TUNING[{key!r}] = {value!r}: must be True or False")
-    return value
 
 
 def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
