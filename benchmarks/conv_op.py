@@ -144,7 +144,7 @@ def _weight_grad_sweep(args) -> list[dict]:
         sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
         dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
         settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
-        settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (8192, 16384, 32768)]
+        settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (4096, 8192, 16384)]
         for kernel, per_sm, warps, elements in settings:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)

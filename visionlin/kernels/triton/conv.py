@@ -245,6 +245,10 @@ BLOCK_T, BLOCK_C, WARPS, WARPS_WEIGHT_GRAD = 32, 64, 4, 4
 I32_OFFSETS = 2**31
 #: Products per tile of the one-pass weight gradient (taps x tokens x ``BLOCK_C`` channels).
 WEIGHT_GRAD_ELEMENTS = 8192
+#: The most products per tile ``TUNING["wg_elements"]`` may ask for: at 32768 (k = 7, 8 tokens, 8 warps) Triton 3.6
+#: compiled the kernel for an H200 into one whose kernel gradient was 40% off (float32, GPU-tested at 9ebf9cc; every
+#: setting up to 16384 matched float64 at k = 3, 5 and 7 with 4 and 8 warps).
+MAX_WEIGHT_GRAD_ELEMENTS = 16384
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
 #: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass) or ``"taps"`` (one
 #: pass per tap).
@@ -304,7 +308,12 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         )  # fmt: skip
         return False
     fused = kernel == "fused"
-    t1, t2, bt = weight_grad_tile(k, tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True))
+    elements = tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True)
+    if elements > MAX_WEIGHT_GRAD_ELEMENTS:
+        raise ValueError(
+            f"visionlin.kernels.triton.conv.TUNING['wg_elements'] = {elements}: at most {MAX_WEIGHT_GRAD_ELEMENTS}"
+        )
+    t1, t2, bt = weight_grad_tile(k, elements)
     splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
     i64 = (p + hh * ww + bt) * max(x.stride(1), g.stride(1)) >= I32_OFFSETS  # a tile past the end included
     if fused:
