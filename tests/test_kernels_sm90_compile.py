@@ -489,39 +489,58 @@ def _gla(dt, tdt):
     for kd, vd in ((16, 32), (32, 64), (64, 64)):  # ViG: K = 32, V = 64
         bk, bv = gla._blocks(kd, vd)
         bv_fwd, bv_kv = min(bv, 64), min(bv, gla.KV_BLOCK_V)
-        cases += [
-            *(
+        # G_OWN: the gates read through their own strides (ViG's layout), everywhere but the walks-only backward
+        for own in (False, True):
+            cases += [
+                *(
+                    (
+                        gla._gla_fwd_kernel,
+                        dt,
+                        dict(REVERSE=False, G_OWN=own, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
+                        gla.warps(bk),
+                    )
+                    for seg in (False, True)
+                ),  # fmt: skip
                 (
-                    gla._gla_fwd_kernel,
+                    gla._gla_seg_state_kernel,
                     dt,
-                    dict(REVERSE=False, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
+                    dict(REVERSE=True, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv_fwd),
                     gla.warps(bk),
-                )
-                for seg in (False, True)
-            ),  # fmt: skip
-            (gla._gla_seg_state_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_fwd), gla.warps(bk)),
+                ),
+                *(
+                    case
+                    for seg in (False, True)
+                    for intra in ((False, True) if not own else (True,))
+                    for case in (
+                        (
+                            gla._gla_bwd_q_kernel,
+                            dt,
+                            dict(REVERSE=True, G_OWN=own, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv),
+                            gla.warps(bk),
+                        ),
+                        (
+                            gla._gla_bwd_kv_kernel,
+                            dt,
+                            dict(REVERSE=False, G_OWN=own, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv_kv),
+                            gla.warps(bk),
+                        ),
+                    )
+                ),
+                (
+                    gla._gla_bwd_intra_kernel,
+                    dt,
+                    dict(REVERSE=False, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv),
+                    gla.warps(bk),
+                ),
+                (
+                    gla._gla_seg_adj_kernel,
+                    dt,
+                    dict(REVERSE=True, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv_kv),
+                    gla.warps(bk),
+                ),
+            ]
+        cases += [
             (gla._gla_seg_carry_kernel, dt, dict(BK=bk, BV=bv_fwd), 4),
-            *(
-                case
-                for seg in (False, True)
-                for intra in (False, True)
-                for case in (
-                    (
-                        gla._gla_bwd_q_kernel,
-                        dt,
-                        dict(REVERSE=True, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv),
-                        gla.warps(bk),
-                    ),
-                    (
-                        gla._gla_bwd_kv_kernel,
-                        dt,
-                        dict(REVERSE=False, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv_kv),
-                        gla.warps(bk),
-                    ),
-                )
-            ),
-            (gla._gla_bwd_intra_kernel, dt, dict(REVERSE=False, T=gla.CHUNK, BK=bk, BV=bv), gla.warps(bk)),
-            (gla._gla_seg_adj_kernel, dt, dict(REVERSE=True, T=gla.CHUNK, BK=bk, BV=bv_kv), gla.warps(bk)),
             (gla._gla_dg_kernel, dt, dict(REVERSE=False, BL=gla.DG_ROWS, BK=bk), 4),
         ]
     return cases

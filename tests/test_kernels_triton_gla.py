@@ -62,6 +62,18 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
         qkg = torch.stack([q, k, gates[0]], dim=2).to(device, dtype).requires_grad_()
         vv = v.to(device, dtype).requires_grad_()
         ours = [*qkg.unbind(2)[:2], vv, qkg.unbind(2)[2]]
+    elif non_contiguous == "vig":  # ViG's layouts: q, k, v slices of one projection, the two gates of another
+        assert mode == "bidirectional"
+        qkv = torch.cat([t.flatten(2) for t in (q, k, v)], -1).to(device, dtype).requires_grad_()
+        gg = torch.cat([t.flatten(2) for t in gates], -1).to(device, dtype).requires_grad_()
+        cut_qkv, cut_g = [h * kd, h * kd, h * vd], [h * kd, h * kd]
+        heads = [kd, kd, vd]
+        ours = [t.unflatten(-1, (h, d)) for t, d in zip(qkv.split(cut_qkv, -1), heads, strict=True)]
+        ours += [t.unflatten(-1, (h, kd)) for t in gg.split(cut_g, -1)]
+        from visionlin.kernels.triton.gla import _gla_layout
+
+        *read, own = _gla_layout(ours[0], ours[1], ours[3])
+        assert own and all(a is b for a, b in zip(read, [*ours[:2], ours[3]], strict=True))  # no copies
     elif non_contiguous:  # q, k as head splits of one fused [B, L, 2, H, K] projection
         qk = torch.stack([q, k], dim=2).to(device, dtype).requires_grad_()
         ours = [*qk.unbind(2), *(t.to(device, dtype).requires_grad_() for t in inputs[2:])]
@@ -73,6 +85,9 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
     out.backward(do.to(device, dtype))
     if non_contiguous == "qkg":
         grads = [*qkg.grad.unbind(2)[:2], vv.grad, qkg.grad.unbind(2)[2]]
+    elif non_contiguous == "vig":  # (read without copies: the kernels take the gates' own strides)
+        grads = [t.unflatten(-1, (h, d)) for t, d in zip(qkv.grad.split(cut_qkv, -1), heads, strict=True)]
+        grads += [t.unflatten(-1, (h, kd)) for t in gg.grad.split(cut_g, -1)]
     elif non_contiguous:
         grads = [*qk.grad.unbind(2), *(t.grad for t in ours[2:])]
     else:
@@ -95,6 +110,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_gla(2, 17, 1, 4, 16, f32, "cpu", mode="reverse")
     check_gla(1, 33, 2, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays
     check_gla(1, 16, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 21, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
     for length in (1, 2, 17):  # one position (the first gate's gradient is exactly 0), two, one past a chunk
         for mode in ("forward", "reverse", "bidirectional"):
@@ -106,6 +122,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for mode in ("forward", "reverse", "bidirectional"):
         check_gla(1, 45, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
     check_gla(1, 33, 1, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
+    check_gla(1, 45, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(1, 40, 1, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
     check_gla(1, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)  # 5 segments, weak decays
     gla.TUNING.update(segment_chunks=2)
@@ -139,6 +156,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     gla.TUNING.update(bwd_segment_below=10**6, bwd_segment_target=10**6)  # segment every call below
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)  # two value blocks of dk / dv
     check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)  # strong decays across segments
+    check_gla(1, 45, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(1, 40, 2, 8, 8, torch.float16, "cpu", mode="forward", gate_scale=1 / 16)
     gla.TUNING.update(bwd_segment_chunks=1)
     assert gla._backward_segments(1, 9, 8, 16, 1, 16, torch.device("cpu")) == (9, 1)
@@ -158,6 +176,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     check_gla(2, 37, 2, 8, 12, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     check_gla(1, 33, 2, 8, 8, f32, "cpu", mode="bidirectional", gate_scale=8.0)
     check_gla(1, 16, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 37, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(1, 70, 1, 8, 80, f32, "cpu", mode="forward", gate_scale=1 / 16)  # a value dim past one KV block
     check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
     check_gla(3, 1, 2, 8, 16, f32, "cpu", mode="bidirectional", gate_scale=1 / 16)
@@ -174,6 +193,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
         check_gla(2, 75, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
     check_gla(2, 40, 2, 8, 80, f32, "cpu", mode="reverse", gate_scale=1 / 16)
     check_gla(2, 33, 2, 16, 16, f32, "cpu", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 40, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(2, 9, 2, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
     for mode in ("forward", "reverse"):  # q, k, g read through one shared non-contiguous stride set
         check_gla(2, 40, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16, non_contiguous="qkg")
@@ -340,6 +360,7 @@ def test_gpu_gla_strong_decays_and_views(dtype):
     _cuda_or_skip()
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", non_contiguous=True)
+    check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
 
 
 @gpu
@@ -384,6 +405,7 @@ def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
     check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16)
     check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous="qkg")
+    check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
 
 
 @gpu

@@ -121,10 +121,14 @@ def _dot(a, b):
 
 
 @triton.jit
-def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lv, s_k, s_v, K_DIM, V_DIM, v0,
-           REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lg, s_lv, s_k, s_v, K_DIM, V_DIM, v0,
+           REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           G_OWN: tl.constexpr):  # fmt: skip
     """Load chunk ``c`` (positions in walk order; reversed in memory when ``REVERSE``): ``q, k, g`` ``[T, BK]``,
-    ``v`` ``[T, BV]`` in float32, the memory position ``pos`` ``[T]`` and its mask."""
+    ``v`` ``[T, BV]`` in float32, the memory position ``pos`` ``[T]`` and its mask. ``q`` and ``k`` share strides;
+    the gates too unless ``G_OWN``: then ``GG`` points at the gates' (batch, head) rows, which have their own position
+    stride ``s_lg`` (ViG's gates come from another projection than ``q`` and ``k``: copying all three to one layout
+    cost three copies per call)."""
     idx = tl.arange(0, T)
     t = c * T + idx
     tmask = t < L
@@ -136,7 +140,8 @@ def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lv, s_k, s_v, K_DIM, V_DIM
     qk_off = base_qk + pos[:, None] * s_l + offs_k[None, :] * s_k
     q = tl.load(Q + qk_off, mask=mk, other=0.0).to(tl.float32)
     k = tl.load(K + qk_off, mask=mk, other=0.0).to(tl.float32)
-    g = tl.load(GG + qk_off, mask=mk, other=0.0).to(tl.float32)
+    g_off = pos[:, None] * s_lg + offs_k[None, :] * s_k if G_OWN else qk_off
+    g = tl.load(GG + g_off, mask=mk, other=0.0).to(tl.float32)
     v = tl.load(V + base_v + pos[:, None] * s_lv + offs_v[None, :] * s_v, mask=mv, other=0.0).to(tl.float32)
     return q, k, g, v, pos, tmask
 
@@ -167,8 +172,9 @@ def _state_tile(STATES, slot, BK: tl.constexpr, BV: tl.constexpr):
 def _gla_fwd_kernel(
     Q, K, V, GG, Out, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
-    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr,
 ):  # fmt: skip
     """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
     chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
@@ -177,6 +183,8 @@ def _gla_fwd_kernel(
     h = (bh % H).to(tl.int64)
     v0 = tl.program_id(1) * BV
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_v = b * sv_b + h * sv_h
     offs_v = v0 + tl.arange(0, BV)
     n_chunks = tl.cdiv(L, T)
@@ -190,8 +198,8 @@ def _gla_fwd_kernel(
         c1 = n_chunks
         state = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(c0, c1):
-        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
-                                        REVERSE, T, BK, BV)  # fmt: skip
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
+                                        K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)  # [BK]
         a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
@@ -208,8 +216,8 @@ def _gla_fwd_kernel(
 def _gla_seg_state_kernel(
     K, V, GG, STATE, GSUM,
     L, H, K_DIM, V_DIM, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d,
-    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the segmented forward: segment ``program_id(2)``'s own contribution to the state (its walk from a
     zero state) into ``STATE[bh, vb, seg]`` and its total log-decay ``sum g`` into ``GSUM[bh, seg]`` (``[BK]``)."""
@@ -219,14 +227,16 @@ def _gla_seg_state_kernel(
     v0 = tl.program_id(1) * BV
     seg = tl.program_id(2)
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_v = b * sv_b + h * sv_h
     c0, c1 = _segment(seg, seg_chunks, L, T)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     gsum = tl.zeros([BK], dtype=tl.float32)
     for c in range(c0, c1):
         # q is not needed: K is passed in its place (the loads of the shared helper)
-        _, k, g, v, _, _ = _chunk(K, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
-                                  REVERSE, T, BK, BV)  # fmt: skip
+        _, k, g, v, _, _ = _chunk(K, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
+                                  K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
         state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
@@ -257,9 +267,9 @@ def _gla_seg_carry_kernel(STATE, GSUM, n_seg, BK: tl.constexpr, BV: tl.constexpr
 def _gla_bwd_q_kernel(
     Q, K, V, GG, G, DQ, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state,
     from a zero state, or (``SEGMENTED``) over the chunks of segment ``program_id(1)`` from its incoming state
@@ -269,6 +279,8 @@ def _gla_bwd_q_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -282,8 +294,8 @@ def _gla_bwd_q_kernel(
         c1 = n_chunks
         state = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(c0, c1):
-        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, 0,
-                                        REVERSE, T, BK, BV)  # fmt: skip
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
+                                        K_DIM, V_DIM, 0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
                      mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
@@ -304,8 +316,8 @@ def _gla_bwd_q_kernel(
 def _gla_seg_adj_kernel(
     Q, GG, G, ADJ, GSUM,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The segmented backward's first pass for ``dk`` / ``dv``: segment ``program_id(2)``'s own contribution to the
     state's adjoint (its reverse walk from a zero adjoint, ``H <- exp(g_last) H + scale (q exp(G))^T do``) and its
@@ -319,6 +331,8 @@ def _gla_seg_adj_kernel(
     seg = tl.program_id(2)
     n_seg = tl.num_programs(2)
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_g = b * sg_b + h * sg_h
     c0, c1 = _segment(seg, seg_chunks, L, T)
     adj = tl.zeros([BK, BV], dtype=tl.float32)
@@ -326,8 +340,8 @@ def _gla_seg_adj_kernel(
     for cc in range(0, c1 - c0):
         c = c1 - 1 - cc
         # k is not needed: Q is passed in its place, and the output gradient in place of v (the shared loads)
-        q, _, g, do, _, _ = _chunk(Q, Q, G, GG, base_qk, base_g, c, L, sq_l, sg_l, sq_k, sg_d, K_DIM, V_DIM, v0,
-                                   REVERSE, T, BK, BV)  # fmt: skip
+        q, _, g, do, _, _ = _chunk(Q, Q, G, GG, base_qk, base_g, c, L, sq_l, sgg_l, sg_l, sq_k, sg_d,
+                                   K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
         adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
@@ -344,9 +358,9 @@ def _gla_seg_adj_kernel(
 def _gla_bwd_kv_kernel(
     Q, K, V, GG, G, DK, DVv, INIT, DVI,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
     dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint, from a zero
@@ -360,6 +374,8 @@ def _gla_bwd_kv_kernel(
     v0 = tl.program_id(1) * BV
     DK += tl.program_id(1).to(tl.int64) * tl.num_programs(0) * L * K_DIM
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
@@ -376,8 +392,8 @@ def _gla_bwd_kv_kernel(
         adj = tl.zeros([BK, BV], dtype=tl.float32)
     for cc in range(0, c1 - c0):
         c = c1 - 1 - cc
-        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, v0,
-                                        REVERSE, T, BK, BV)  # fmt: skip
+        q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
+                                        K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d,
                      mask=tmask[:, None] & (offs_v < V_DIM)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
@@ -410,8 +426,8 @@ def _gla_bwd_kv_kernel(
 def _gla_bwd_intra_kernel(
     Q, K, V, GG, G, DQ, DK, DVI,
     L, H, K_DIM, V_DIM, scale,
-    sq_b, sq_l, sq_h, sq_k, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The terms of one chunk of one (batch, head) that involve only the chunk itself, in parallel over the chunks
     (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
@@ -425,11 +441,13 @@ def _gla_bwd_intra_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base_qk = b * sq_b + h * sq_h
+    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
+        GG += b * sgg_b + h * sgg_h
     base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
-    q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sv_l, sq_k, sv_d, K_DIM, V_DIM, 0,
-                                    REVERSE, T, BK, BV)  # fmt: skip
+    q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
+                                    K_DIM, V_DIM, 0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
     vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
     do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d, mask=vmask,
                  other=0.0).to(tl.float32)  # fmt: skip
@@ -535,21 +553,31 @@ def gla_fwd(
         return out.zero_()
     bk, bv = _blocks(kd, vd)
     bv_fwd = min(bv, 64)
-    if k.stride() != q.stride() or g.stride() != q.stride():
-        q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
+    q, k, g, g_own = _gla_layout(q, k, g)
     n_vb = cdiv(vd, bv_fwd)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
-    meta = dict(REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
+    meta = dict(REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
-        init = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv_fwd)
+        init = _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv_fwd)
     launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
-        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *v.stride(),
+        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *g.stride()[:3],
+        *v.stride(),
         *out.stride(),
         SEGMENTED=n_seg > 1, **meta,
     )  # fmt: skip
     return out
+
+
+def _gla_layout(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, own: bool = True) -> tuple:
+    """``(q, k, g, g_own)`` as the kernels read them: ``q`` and ``k`` with the same strides and ``g`` with their
+    channel stride, its own batch / position / head strides (``g_own``, the kernels' ``G_OWN``) where they differ and
+    ``own`` allows it (the walks-only backward: its decay tiles left no registers for a second set of offsets, ptxas
+    spilled); otherwise all three contiguous."""
+    if k.stride() != q.stride() or g.stride(-1) != q.stride(-1) or (not own and g.stride() != q.stride()):
+        q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
+    return q, k, g, g.stride() != q.stride()
 
 
 def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool = False) -> tuple[int, int]:
@@ -599,10 +627,9 @@ def gla_bwd(
     if q.numel() == 0 or vd == 0:
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, g))
     bk, bv = _blocks(kd, vd)
-    if k.stride() != q.stride() or g.stride() != q.stride():
-        q, k, g = q.contiguous(), k.contiguous(), g.contiguous()
-    dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     intra, fused_dg = _flag("bwd_intra"), _flag("bwd_fused_dg")
+    q, k, g, g_own = _gla_layout(q, k, g, own=intra)
+    dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
@@ -611,15 +638,15 @@ def gla_bwd(
     n_seg, seg_chunks = _backward_segments(b * h, n_chunks, bk, bv, n_vb, bv_kv, q.device)
     s_in = h_in = dv_intra = dq  # placeholder pointers when not segmented / not split
     if n_seg > 1:
-        s_in, h_in = _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
-    strides = (*q.stride(), *v.stride(), *do.stride())
+        s_in, h_in = _incoming(q, k, v, g, g_own, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
+    strides = (*q.stride(), *g.stride()[:3], *v.stride(), *do.stride())
     if intra:
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
         launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
-               length, h, kd, vd, scale, *strides, REVERSE=reverse, T=CHUNK, BK=bk, BV=bv,
+               length, h, kd, vd, scale, *strides, REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv,
                **_meta("intra", warps(bk)))  # fmt: skip
     args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
-    common = dict(REVERSE=reverse, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
+    common = dict(REVERSE=reverse, G_OWN=g_own, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
            **_meta("bwd_q", warps(bk)))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
@@ -657,34 +684,34 @@ def _backward_segments(
     return n_seg, per
 
 
-def _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv):
+def _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv):
     """The state entering each segment, float32 ``[B*H, n_vb, n_seg, BK, BV]`` (value blocks of ``BV``): each
-    segment's own state in parallel, then a walk over the segments (``k``, ``g`` strided as ``q``)."""
+    segment's own state in parallel, then a walk over the segments (``k`` strided as ``q``)."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
     n_vb = cdiv(vd, bv)
     states = torch.empty(b * h, n_vb, n_seg, bk, bv, device=q.device, dtype=torch.float32)
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
     launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
-        k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *v.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk)),
+        k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *g.stride()[:3], *v.stride(),
+        REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), states, gsum, n_seg, BK=bk, BV=bv, num_warps=4)
     return states
 
 
-def _incoming(q, k, v, g, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
+def _incoming(q, k, v, g, g_own, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
     """The segmented backward's incoming states (``[B*H, 1, n_seg, BK, BV]``, every value channel in one block: the
     ``dq`` walk sums over them) and incoming state adjoints (``[B*H, n_vb, n_seg, BK, BV_kv]``, slots in reversed
     segment order), float32: each segment's own part in parallel, then a walk over the segments."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
-    s_in = _incoming_states(q, k, v, g, reverse, n_seg, seg_chunks, bk, bv)  # bv >= vd: one value block
+    s_in = _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv)  # bv >= vd: one value block
     h_in = torch.empty(b * h, n_vb, n_seg, bk, bv_kv, device=q.device, dtype=torch.float32)
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)  # reversed segment order
     launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
-        q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *do.stride(),
-        REVERSE=reverse, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk)),
+        q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *g.stride()[:3], *do.stride(),
+        REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum, n_seg, BK=bk, BV=bv_kv, num_warps=4)
     return s_in, h_in
