@@ -60,6 +60,7 @@
 #                  kernel (dx in the same walk) against the others                                       ~3 min
 #   tests-s35      the token conv's gpu tests after the unpadded tap groups, its models' parity (S35_K: -k)
 #   bench-s35      the weight-gradient kernel vs OLD_CONV's (an older conv.py, carried), then the launch sweep
+#   tests-s36      the GLA gpu tests after the gates' own strides (ViG's layouts), ViG's parity (S36_K: -k)
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
@@ -176,6 +177,10 @@ key = lambda r: (r['shape'], r['method'])
 for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     g = sorted(g, key=lambda r: r.get('ms', 1e9)); print(k, [(round(r.get('ms', -1), 4), r.get('config')) for r in g[:4]])
 " 2>&1 | cut -c1-600 ;;
+    tests-s36)  # what stop 35 changed without a GPU: the GLA kernels reading the gates through their own strides
+      # (ViG's layouts, no copies), ViG's model parity
+      run_tests s36 ${S36_LIMIT:-240} tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py --tb=short \
+        -k "${S36_K:-gla or vig}" ;;
     profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
       timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
         --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;
