@@ -60,6 +60,9 @@ for _name in ("fwd", "intra", "bwd_q", "bwd_kv", "dg", "seg"):
 # Every walk kernel at 8 warps (the rule before 8a0d0ef at ViG's head dims) or at 4
 CONFIGS["w8"] = {"launch": {n: {"num_warps": 8} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
 CONFIGS["w4"] = {"launch": {n: {"num_warps": 4} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
+# The kernels' tile products on the tensor cores for half-precision inputs (shipped: IEEE float32 on the FMA units)
+CONFIGS["tf32"] = {"half_dot_precision": "tf32"}
+CONFIGS["tf32x3"] = {"half_dot_precision": "tf32x3"}
 #: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
 

@@ -489,14 +489,15 @@ def _gla(dt, tdt):
     for kd, vd in ((16, 32), (32, 64), (64, 64)):  # ViG: K = 32, V = 64
         bk, bv = gla._blocks(kd, vd)
         bv_fwd, bv_kv = min(bv, 64), min(bv, gla.KV_BLOCK_V)
-        # G_OWN: the gates read through their own strides (ViG's layout), everywhere but the walks-only backward
-        for own in (False, True):
+        # G_OWN: the gates read through their own strides (ViG's layout), everywhere but the walks-only backward;
+        # PREC: the tile products in IEEE float32 (shipped) or on the tensor cores (half inputs, opt-in)
+        for own, prec in ((False, "ieee"), (True, "ieee"), (True, "tf32"), (True, "tf32x3")):
             cases += [
                 *(
                     (
                         gla._gla_fwd_kernel,
                         dt,
-                        dict(REVERSE=False, G_OWN=own, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
+                        dict(REVERSE=False, G_OWN=own, PREC=prec, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
                         gla.warps(bk),
                     )
                     for seg in (False, True)
@@ -504,7 +505,7 @@ def _gla(dt, tdt):
                 (
                     gla._gla_seg_state_kernel,
                     dt,
-                    dict(REVERSE=True, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv_fwd),
+                    dict(REVERSE=True, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv_fwd),
                     gla.warps(bk),
                 ),
                 *(
@@ -515,13 +516,31 @@ def _gla(dt, tdt):
                         (
                             gla._gla_bwd_q_kernel,
                             dt,
-                            dict(REVERSE=True, G_OWN=own, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv),
+                            dict(
+                                REVERSE=True,
+                                G_OWN=own,
+                                PREC=prec,
+                                SEGMENTED=seg,
+                                INTRA=intra,
+                                T=gla.CHUNK,
+                                BK=bk,
+                                BV=bv,
+                            ),
                             gla.warps(bk),
                         ),
                         (
                             gla._gla_bwd_kv_kernel,
                             dt,
-                            dict(REVERSE=False, G_OWN=own, SEGMENTED=seg, INTRA=intra, T=gla.CHUNK, BK=bk, BV=bv_kv),
+                            dict(
+                                REVERSE=False,
+                                G_OWN=own,
+                                PREC=prec,
+                                SEGMENTED=seg,
+                                INTRA=intra,
+                                T=gla.CHUNK,
+                                BK=bk,
+                                BV=bv_kv,
+                            ),
                             gla.warps(bk),
                         ),
                     )
@@ -529,13 +548,13 @@ def _gla(dt, tdt):
                 (
                     gla._gla_bwd_intra_kernel,
                     dt,
-                    dict(REVERSE=False, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv),
+                    dict(REVERSE=False, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv),
                     gla.warps(bk),
                 ),
                 (
                     gla._gla_seg_adj_kernel,
                     dt,
-                    dict(REVERSE=True, G_OWN=own, T=gla.CHUNK, BK=bk, BV=bv_kv),
+                    dict(REVERSE=True, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv_kv),
                     gla.warps(bk),
                 ),
             ]

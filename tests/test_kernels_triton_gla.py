@@ -200,6 +200,10 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     gla.TUNING.update(bwd_intra=True)
     check_gla(2, 75, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=8.0)
     gla.TUNING.update(bwd_intra=False, bwd_fused_dg=False)
+    # the tensor-core precisions reach every kernel (the interpreter multiplies in float32 whatever the setting)
+    gla.TUNING.update(half_dot_precision="tf32x3", bwd_intra=True, bwd_fused_dg=True)
+    check_gla(2, 40, 2, 8, 12, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
+    gla.TUNING.update(half_dot_precision="ieee", bwd_intra=False, bwd_fused_dg=False)
     print("interpreter ok")
     """
 )
@@ -229,6 +233,22 @@ def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
             gla._backward_segments(1, 100, 32, 64, 2, 32, torch.device("cpu"))
         else:
             gla._segments(1, 100, torch.device("cpu"), backward=key.startswith("bwd_"))
+
+
+def test_dot_precision_is_checked(monkeypatch):
+    """``TUNING["half_dot_precision"]``: float32 inputs always multiply in IEEE float32, half inputs as set; a setting
+    naming no precision is refused with the choices."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import gla
+
+    assert gla.TUNING["half_dot_precision"] == "ieee"  # (shipped until timed on a GPU)
+    monkeypatch.setitem(gla.TUNING, "half_dot_precision", "tf32x3")
+    assert gla.dot_precision(torch.float32) == "ieee"
+    assert gla.dot_precision(torch.bfloat16) == gla.dot_precision(torch.float16) == "tf32x3"
+    monkeypatch.setitem(gla.TUNING, "half_dot_precision", "bf16")
+    match = r"TUNING\['half_dot_precision'\] = 'bf16': allowed \('ieee', 'tf32', 'tf32x3'\)"
+    with pytest.raises(ValueError, match=match):
+        gla.dot_precision(torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -406,6 +426,22 @@ def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
     check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="reverse", non_contiguous="qkg")
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("prec", ["tf32", "tf32x3"])
+def test_gpu_gla_tensor_core_products(dtype, prec, monkeypatch):
+    """The kernels' tile products on the tensor cores (``TUNING["half_dot_precision"]``) within the half-precision
+    bounds of the float64 reference: ViG-S's training shape with ViG's layouts, strong decays over 2,000 tokens, a
+    segmented walk at batch 1, forward and backward."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import gla
+
+    monkeypatch.setitem(gla.TUNING, "half_dot_precision", prec)
+    check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
+    check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
+    check_gla(1, 20000, 2, 32, 64, dtype, "cuda", mode="reverse", gate_scale=1 / 16)
 
 
 @gpu

@@ -33,8 +33,10 @@ float32 cancellation). The backward kernels take every value channel in one prog
 few (batch, head) programs (batch 1 at high resolution) the walks are cut into segments that start from incoming
 states and adjoints computed first (``TUNING``).
 
-Products run in IEEE float32 (inputs loaded and converted): the tiles are small (``16 x 16``, ``16 x K``) and the
-kernels are bound by the sequential chunk walk and each chunk's ``[T, T, K]`` decay tiles, not by the tensor cores.
+Products run in IEEE float32 (inputs loaded and converted) on the FMA units; for half-precision inputs
+``TUNING["half_dot_precision"]`` puts the tile products (``A v``, the read-out and state updates: about two thirds of a
+chunk's multiply-adds at ViG's head dims, the ``[T, T, K]`` decay tiles the rest) on the tensor cores, in TF32 (opt-in
+until timed).
 ``K`` and ``V`` up to 64 (ViG: 32 and 64; a 64 x 128 state spills registers).
 """
 
@@ -96,7 +98,12 @@ KV_BLOCK_V = 32
 #: per ViG-S training step) in one Triton pass, where the (batch, head) programs fill the SMs (each walks
 #: its sequence; with fewer, PyTorch's parallel scan is used). On: 1.09-1.14x the PyTorch epilogue at those shapes
 #: (op forward + backward), 1.05x a ViG-S training step, and a lower peak (202 vs 257 MiB at ViG-S's shape).
-TUNING: dict[str, bool | int] = {
+#:
+#: ``"half_dot_precision"``: the products of the kernels' ``[T, K]`` / ``[K, V]`` tiles (state, read-out, ``A v``)
+#: for float16 / bfloat16 inputs: ``"ieee"`` (float32 on the FMA units, as float32 inputs always are), ``"tf32"`` or
+#: ``"tf32x3"`` (tensor cores: one TF32 product, 2^-11 relative per product, below the inputs' rounding; or three,
+#: near float32). Not yet timed on a GPU: the shipped one is ``"ieee"``.
+TUNING: dict[str, bool | int | str] = {
     "segments": True,
     "segment_chunks": 64,
     "segment_below": 1,
@@ -108,6 +115,7 @@ TUNING: dict[str, bool | int] = {
     "max_state_mib": 256,
     "bwd_intra": True,
     "bwd_fused_dg": True,
+    "half_dot_precision": "ieee",
     "launch": {},
 }
 #: ``TUNING["launch"]``: per-kernel launch overrides for measurement, ``{name: {"num_warps": w, "num_stages": s}}``
@@ -116,8 +124,10 @@ LAUNCH_NAMES = ("fwd", "intra", "bwd_q", "bwd_kv", "dg", "seg")
 
 
 @triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, PREC: tl.constexpr):
+    """``a @ b`` of float32 tiles, float32 accumulation: ``PREC`` ``"ieee"`` (FMA units), ``"tf32"`` or ``"tf32x3"``
+    (tensor cores; one TF32 product, or three with an error near float32's)."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -173,8 +183,8 @@ def _gla_fwd_kernel(
     Q, K, V, GG, Out, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
     chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
@@ -203,13 +213,13 @@ def _gla_fwd_kernel(
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)  # [BK]
         a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
-        o = _dot(a, v) + _dot(q * tl.exp(G) * scale, state)
+        o = _dot(a, v, PREC) + _dot(q * tl.exp(G) * scale, state, PREC)
         tl.store(
             Out + b * so_b + h * so_h + pos[:, None] * so_l + offs_v[None, :] * so_d,
             o.to(Out.dtype.element_ty),
             mask=tmask[:, None] & (offs_v < V_DIM)[None, :],
         )
-        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v, PREC)
 
 
 @triton.jit
@@ -217,7 +227,7 @@ def _gla_seg_state_kernel(
     K, V, GG, STATE, GSUM,
     L, H, K_DIM, V_DIM, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the segmented forward: segment ``program_id(2)``'s own contribution to the state (its walk from a
     zero state) into ``STATE[bh, vb, seg]`` and its total log-decay ``sum g`` into ``GSUM[bh, seg]`` (``[BK]``)."""
@@ -239,7 +249,7 @@ def _gla_seg_state_kernel(
                                   K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
-        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v)
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v, PREC)
         gsum += g_last
     offs_k = tl.arange(0, BK)
     slot = (bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + seg
@@ -268,8 +278,8 @@ def _gla_bwd_q_kernel(
     Q, K, V, GG, G, DQ, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr,
+    T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """``dq`` (float32, ``[B, L, H, K]`` contiguous) of one (batch, head): a forward walk that recomputes the state,
     from a zero state, or (``SEGMENTED``) over the chunks of segment ``program_id(1)`` from its incoming state
@@ -305,11 +315,11 @@ def _gla_bwd_q_kernel(
         if INTRA:
             dq = tl.load(dq_ptr, mask=kmask, other=0.0)
         else:
-            da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+            da = _dot(do, tl.trans(v), PREC) * scale  # [T(t), T(s)]
             dq = tl.sum(da[:, :, None] * _decay(G_, T) * k[None, :, :], axis=1)  # [T, BK]
-        dq += _dot(do, tl.trans(state)) * tl.exp(G_) * scale
+        dq += _dot(do, tl.trans(state), PREC) * tl.exp(G_) * scale
         tl.store(dq_ptr, dq, mask=kmask)
-        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G_)), v)
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G_)), v, PREC)
 
 
 @triton.jit
@@ -317,7 +327,7 @@ def _gla_seg_adj_kernel(
     Q, GG, G, ADJ, GSUM,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The segmented backward's first pass for ``dk`` / ``dv``: segment ``program_id(2)``'s own contribution to the
     state's adjoint (its reverse walk from a zero adjoint, ``H <- exp(g_last) H + scale (q exp(G))^T do``) and its
@@ -344,7 +354,7 @@ def _gla_seg_adj_kernel(
                                    K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G_ = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)
-        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
+        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do, PREC)
         gsum += g_last
     offs_k = tl.arange(0, BK)
     rev = n_seg - 1 - seg
@@ -359,8 +369,8 @@ def _gla_bwd_kv_kernel(
     Q, K, V, GG, G, DK, DVv, INIT, DVI,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr, T: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr,
+    T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
     dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint, from a zero
@@ -403,23 +413,23 @@ def _gla_bwd_kv_kernel(
             w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
             kmask = tmask[:, None] & (offs_k < K_DIM)[None, :] & (tl.program_id(1) == 0)
             dk = tl.load(DK + ptr * K_DIM + offs_k[None, :], mask=kmask, other=0.0)
-            dk += _dot(v, tl.trans(adj)) * w
+            dk += _dot(v, tl.trans(adj), PREC) * w
             vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
-            dv = tl.load(DVI + ptr * V_DIM + offs_v[None, :], mask=vmask, other=0.0) + _dot(k * w, adj)
+            dv = tl.load(DVI + ptr * V_DIM + offs_v[None, :], mask=vmask, other=0.0) + _dot(k * w, adj, PREC)
         else:
             # (the order of these statements is the one ptxas kept within 255 registers at K = 64 for sm_90)
             e = _decay(G_, T)  # [T(t), T(s), BK]
-            da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+            da = _dot(do, tl.trans(v), PREC) * scale  # [T(t), T(s)]
             a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
             w = tl.exp(g_last[None, :] - G_)  # [T, BK]: decay from each position to the chunk's end
             dk = tl.sum(da[:, :, None] * e * q[:, None, :], axis=0)  # [T(s), BK]
-            dk += _dot(v, tl.trans(adj)) * w
-            dv = _dot(tl.trans(a), do) + _dot(k * w, adj)
+            dk += _dot(v, tl.trans(adj), PREC) * w
+            dv = _dot(tl.trans(a), do, PREC) + _dot(k * w, adj, PREC)
             ptr = (b * L + pos[:, None]) * H + h
         tl.store(DK + ptr * K_DIM + offs_k[None, :], dk, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
         tl.store(DVv + ptr * V_DIM + offs_v[None, :], dv.to(DVv.dtype.element_ty),
                  mask=tmask[:, None] & (offs_v < V_DIM)[None, :])  # fmt: skip
-        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do)
+        adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do, PREC)
 
 
 @triton.jit
@@ -427,7 +437,7 @@ def _gla_bwd_intra_kernel(
     Q, K, V, GG, G, DQ, DK, DVI,
     L, H, K_DIM, V_DIM, scale,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The terms of one chunk of one (batch, head) that involve only the chunk itself, in parallel over the chunks
     (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
@@ -452,12 +462,12 @@ def _gla_bwd_intra_kernel(
     do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d, mask=vmask,
                  other=0.0).to(tl.float32)  # fmt: skip
     e = _decay(tl.cumsum(g, axis=0), T)  # [T(t), T(s), BK]
-    da = _dot(do, tl.trans(v)) * scale  # [T(t), T(s)]
+    da = _dot(do, tl.trans(v), PREC) * scale  # [T(t), T(s)]
     a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
     de = da[:, :, None] * e
     dq = tl.sum(de * k[None, :, :], axis=1)  # [T(t), BK]
     dk = tl.sum(de * q[:, None, :], axis=0)  # [T(s), BK]
-    dv = _dot(tl.trans(a), do)  # [T(s), BV]
+    dv = _dot(tl.trans(a), do, PREC)  # [T(s), BV]
     ptr = (b * L + pos[:, None]) * H + h
     kmask = tmask[:, None] & (offs_k < K_DIM)[None, :]
     tl.store(DQ + ptr * K_DIM + offs_k[None, :], dq, mask=kmask)
@@ -532,6 +542,20 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
     return meta
 
 
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' ``PREC`` for inputs of ``dtype``: ``"ieee"`` for float32, ``TUNING["half_dot_precision"]`` for
+    half precision (a ``ValueError`` naming any other setting)."""
+    prec = TUNING["half_dot_precision"]
+    if prec not in DOT_PRECISIONS:
+        raise ValueError(
+            f"visionlin.kernels.triton.gla.TUNING['half_dot_precision'] = {prec!r}: allowed {DOT_PRECISIONS}"
+        )
+    return "ieee" if dtype == torch.float32 else prec
+
+
 def warps(bk: int) -> int:
     """Warps per program: 4 up to a 32-wide key tile, 8 from a 64-wide one (the ``[T, T, K]`` decay tile). Measured on
     an H200 at ViG's head dims (K = 32, V = 64, bf16; ``gla_backward_launch_8a0d0ef.json``, one kernel changed at a
@@ -557,10 +581,11 @@ def gla_fwd(
     n_vb = cdiv(vd, bv_fwd)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
-    meta = dict(REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
+    prec = dot_precision(v.dtype)
+    meta = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
-        init = _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv_fwd)
+        init = _incoming_states(q, k, v, g, g_own, prec, reverse, n_seg, seg_chunks, bk, bv_fwd)
     launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
         q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *g.stride()[:3],
         *v.stride(),
@@ -629,6 +654,7 @@ def gla_bwd(
     bk, bv = _blocks(kd, vd)
     intra, fused_dg = _flag("bwd_intra"), _flag("bwd_fused_dg")
     q, k, g, g_own = _gla_layout(q, k, g, own=intra)
+    prec = dot_precision(v.dtype)
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
@@ -638,15 +664,15 @@ def gla_bwd(
     n_seg, seg_chunks = _backward_segments(b * h, n_chunks, bk, bv, n_vb, bv_kv, q.device)
     s_in = h_in = dv_intra = dq  # placeholder pointers when not segmented / not split
     if n_seg > 1:
-        s_in, h_in = _incoming(q, k, v, g, g_own, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
+        s_in, h_in = _incoming(q, k, v, g, g_own, prec, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv)
     strides = (*q.stride(), *g.stride()[:3], *v.stride(), *do.stride())
     if intra:
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
         launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
-               length, h, kd, vd, scale, *strides, REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv,
+               length, h, kd, vd, scale, *strides, REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv,
                **_meta("intra", warps(bk)))  # fmt: skip
     args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
-    common = dict(REVERSE=reverse, G_OWN=g_own, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
+    common = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
            **_meta("bwd_q", warps(bk)))  # fmt: skip
     launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
@@ -684,7 +710,7 @@ def _backward_segments(
     return n_seg, per
 
 
-def _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv):
+def _incoming_states(q, k, v, g, g_own, prec, reverse, n_seg, seg_chunks, bk, bv):
     """The state entering each segment, float32 ``[B*H, n_vb, n_seg, BK, BV]`` (value blocks of ``BV``): each
     segment's own state in parallel, then a walk over the segments (``k`` strided as ``q``)."""
     b, length, h, kd = q.shape
@@ -694,24 +720,24 @@ def _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv):
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)
     launch(_gla_seg_state_kernel, (b * h, n_vb, n_seg),
         k, v, g, states, gsum, length, h, kd, vd, seg_chunks, *q.stride(), *g.stride()[:3], *v.stride(),
-        REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk)),
+        REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), states, gsum, n_seg, BK=bk, BV=bv, num_warps=4)
     return states
 
 
-def _incoming(q, k, v, g, g_own, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
+def _incoming(q, k, v, g, g_own, prec, do, scale, reverse, n_seg, seg_chunks, bk, bv, n_vb, bv_kv):
     """The segmented backward's incoming states (``[B*H, 1, n_seg, BK, BV]``, every value channel in one block: the
     ``dq`` walk sums over them) and incoming state adjoints (``[B*H, n_vb, n_seg, BK, BV_kv]``, slots in reversed
     segment order), float32: each segment's own part in parallel, then a walk over the segments."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
-    s_in = _incoming_states(q, k, v, g, g_own, reverse, n_seg, seg_chunks, bk, bv)  # bv >= vd: one value block
+    s_in = _incoming_states(q, k, v, g, g_own, prec, reverse, n_seg, seg_chunks, bk, bv)  # bv >= vd: one value block
     h_in = torch.empty(b * h, n_vb, n_seg, bk, bv_kv, device=q.device, dtype=torch.float32)
     gsum = torch.empty(b * h, n_seg, bk, device=q.device, dtype=torch.float32)  # reversed segment order
     launch(_gla_seg_adj_kernel, (b * h, n_vb, n_seg),
         q, g, do, h_in, gsum, length, h, kd, vd, scale, seg_chunks, *q.stride(), *g.stride()[:3], *do.stride(),
-        REVERSE=reverse, G_OWN=g_own, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk)),
+        REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv_kv, **_meta("seg", warps(bk)),
     )  # fmt: skip
     launch(_gla_seg_carry_kernel, (b * h, n_vb), h_in, gsum, n_seg, BK=bk, BV=bv_kv, num_warps=4)
     return s_in, h_in
