@@ -63,6 +63,9 @@ CONFIGS["w4"] = {"launch": {n: {"num_warps": 4} for n in ("fwd", "intra", "bwd_q
 # The kernels' tile products on the tensor cores for half-precision inputs (shipped: IEEE float32 on the FMA units)
 CONFIGS["tf32"] = {"half_dot_precision": "tf32"}
 CONFIGS["tf32x3"] = {"half_dot_precision": "tf32x3"}
+# Chunk blocks from factored [T, K] tiles where the decays allow (shipped: the [T, T, K] decay tile everywhere)
+CONFIGS["factor"] = {"intra_factor": True}
+CONFIGS["factor_tf32"] = {"intra_factor": True, "half_dot_precision": "tf32"}
 #: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))
 

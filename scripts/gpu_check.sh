@@ -61,7 +61,8 @@
 #   tests-s35      the token conv's gpu tests after the unpadded tap groups, its models' parity (S35_K: -k)
 #   bench-s35      the weight-gradient kernel vs OLD_CONV's (an older conv.py, carried), then the launch sweep
 #   tests-s36      the GLA gpu tests after the gates' own strides (ViG's layouts), the tensor-core products, ViG's parity
-#   bench-s36      benchmarks/gla_backward.py: shipped (IEEE) vs tf32 vs tf32x3 tile products, op and ViG-S step
+#   bench-s36      benchmarks/gla_backward.py: shipped (IEEE) vs tf32 / tf32x3 tile products vs factored chunk
+#                  blocks (factor, factor_tf32), op and ViG-S step
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
@@ -182,9 +183,9 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
       # (ViG's layouts, no copies), ViG's model parity
       run_tests s36 ${S36_LIMIT:-240} tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py --tb=short \
         -k "${S36_K:-gla or vig}" ;;
-    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3) against IEEE float32, op and ViG-S step
+    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3), the factored chunk blocks, op and ViG-S step
       timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" \
-        --configs shipped,tf32,tf32x3 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -14 ;;
+        --configs shipped,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -14 ;;
     profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
       timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
         --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;

@@ -490,14 +490,27 @@ def _gla(dt, tdt):
         bk, bv = gla._blocks(kd, vd)
         bv_fwd, bv_kv = min(bv, 64), min(bv, gla.KV_BLOCK_V)
         # G_OWN: the gates read through their own strides (ViG's layout), everywhere but the walks-only backward;
-        # PREC: the tile products in IEEE float32 (shipped) or on the tensor cores (half inputs, opt-in)
-        for own, prec in ((False, "ieee"), (True, "ieee"), (True, "tf32"), (True, "tf32x3")):
+        # PREC: the tile products in IEEE float32 (shipped) or on the tensor cores (half inputs, opt-in); FACTOR: the
+        # factored chunk blocks of the forward and intra kernels (opt-in)
+        for own, prec, factor in (
+            (False, "ieee", False), (True, "ieee", False), (True, "ieee", True), (True, "tf32", False),
+            (True, "tf32", True), (True, "tf32x3", False),
+        ):  # fmt: skip
             cases += [
                 *(
                     (
                         gla._gla_fwd_kernel,
                         dt,
-                        dict(REVERSE=False, G_OWN=own, PREC=prec, SEGMENTED=seg, T=gla.CHUNK, BK=bk, BV=bv_fwd),
+                        dict(
+                            REVERSE=False,
+                            G_OWN=own,
+                            PREC=prec,
+                            FACTOR=factor,
+                            SEGMENTED=seg,
+                            T=gla.CHUNK,
+                            BK=bk,
+                            BV=bv_fwd,
+                        ),
                         gla.warps(bk),
                     )
                     for seg in (False, True)
@@ -548,7 +561,7 @@ def _gla(dt, tdt):
                 (
                     gla._gla_bwd_intra_kernel,
                     dt,
-                    dict(REVERSE=False, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv),
+                    dict(REVERSE=False, G_OWN=own, PREC=prec, FACTOR=factor, T=gla.CHUNK, BK=bk, BV=bv),
                     gla.warps(bk),
                 ),
                 (

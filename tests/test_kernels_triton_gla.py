@@ -132,6 +132,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(segments=True, segment_chunks=64)
+    # the factored chunk blocks (forward, intra kernel): weak decays take them, strong ones the decay tile; without
+    # the range guard strong decays overflow (the guard is what keeps them exact)
+    gla.TUNING.update(intra_factor=True)
+    for mode in ("forward", "reverse", "bidirectional"):
+        check_gla(2, 37, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
+        check_gla(1, 33, 2, 8, 8, f32, "cpu", mode=mode, gate_scale=8.0)
+    check_gla(2, 21, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1.0, non_contiguous="vig")
+    check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    import numpy, triton.language as tl
+    limit, gla.FACTOR_LIMIT = gla.FACTOR_LIMIT, tl.constexpr(1e30)
+    try:
+        with numpy.errstate(all="ignore"):
+            check_gla(1, 33, 2, 8, 8, f32, "cpu", mode="forward", gate_scale=8.0)
+        raise SystemExit("strong decays factored without the guard did not fail")
+    except AssertionError:
+        pass
+    gla.FACTOR_LIMIT = limit
+    gla.TUNING.update(intra_factor=False)
     print("interpreter ok")
     """
 )
@@ -215,7 +233,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
      ("bwd_segment_below", 2.5, "an integer >= 1"), ("segment_target", True, "an integer >= 1"),
      ("bwd_segment_target", "4", "an integer >= 1"), ("max_state_mib", -1, "an integer >= 0"),
      ("segments", "no", "True or False"), ("bwd_segments", 1, "True or False"), ("bwd_intra", None, "True or False"),
-     ("bwd_fused_dg", "yes", "True or False")],
+     ("bwd_fused_dg", "yes", "True or False"), ("intra_factor", 1, "True or False")],
 )  # fmt: skip
 def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
     """A walk setting of the wrong kind is refused by name (zero chunks per segment divided by zero; the string
@@ -226,7 +244,7 @@ def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
     monkeypatch.setitem(gla.TUNING, key, value)
     match = rf"TUNING\['{key}'\] = {re.escape(repr(value))}: must be {allowed}"
     with pytest.raises(ValueError, match=match):
-        if key in ("bwd_intra", "bwd_fused_dg"):
+        if key in ("bwd_intra", "bwd_fused_dg", "intra_factor"):
             q = torch.zeros(1, 4, 1, 8)
             gla.gla_bwd(q, q, q, q, q, 1.0, False)
         elif key == "max_state_mib":
@@ -429,16 +447,19 @@ def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("prec", ["tf32", "tf32x3"])
-def test_gpu_gla_tensor_core_products(dtype, prec, monkeypatch):
-    """The kernels' tile products on the tensor cores (``TUNING["half_dot_precision"]``) within the half-precision
-    bounds of the float64 reference: ViG-S's training shape with ViG's layouts, strong decays over 2,000 tokens, a
-    segmented walk at batch 1, forward and backward."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("setting", ["tf32", "tf32x3", "factor", "factor tf32"])
+def test_gpu_gla_tensor_core_products(dtype, setting, monkeypatch):
+    """The kernels' tile products on the tensor cores (``TUNING["half_dot_precision"]``; float32 inputs stay IEEE) and
+    the factored chunk blocks (``"intra_factor"``) within the bounds of the float64 reference: ViG-S's training shape
+    with ViG's layouts, strong decays over 2,000 tokens (the decay-tile fallback), a segmented walk at batch 1,
+    forward and backward."""
     _cuda_or_skip()
     from visionlin.kernels.triton import gla
 
-    monkeypatch.setitem(gla.TUNING, "half_dot_precision", prec)
+    prec = setting.split()[-1]
+    monkeypatch.setitem(gla.TUNING, "intra_factor", setting.startswith("factor"))
+    monkeypatch.setitem(gla.TUNING, "half_dot_precision", "ieee" if prec == "factor" else prec)
     check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
     check_gla(2, 2000, 2, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(1, 20000, 2, 32, 64, dtype, "cuda", mode="reverse", gate_scale=1 / 16)

@@ -14,7 +14,11 @@ sequence in chunks of ``T = 16`` positions. Inside a chunk (``G`` the chunk's in
     S_out = exp(G_last) * S_in + (k * exp(G_last - G))^T v
 
 Every exponent is a sum of log-gates ``<= 0`` (no ``exp(G_t) * exp(-G_s)`` factorisation, which overflows for strong
-decays), so nothing overflows whatever the gates.
+decays), so nothing overflows whatever the gates. With ``TUNING["intra_factor"]``, a chunk whose decay range
+``G_0 - G_last`` (per channel) is below :data:`FACTOR_LIMIT` forms its block from ``[T, K]`` tiles instead:
+``A = scale ((q exp(G - G_last)) (k exp(G_last - G))^T)`` on ``s <= t`` (the first factor at most
+``exp(FACTOR_LIMIT)``, the second at most 1), and in the backward's intra kernel
+``dq = exp(G - G_last) * (dA k~)``, ``dk = exp(G_last - G) * (dA^T q~)`` (``dA`` masked to ``s <= t``).
 
 Backward (``dA_ts = scale do_t . v_s``): a forward pass over the chunks recomputes the state and writes ``dq``::
 
@@ -56,6 +60,9 @@ __all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton",
 MAX_KEY_DIM = 64
 MAX_VALUE_DIM = 64
 CHUNK = 16
+#: ``TUNING["intra_factor"]``: a chunk's decay range (``G_0 - G_last``, log units, per channel) below which its
+#: ``[T, T]`` block is formed from factored ``[T, K]`` tiles (the exponents stay within float32's range).
+FACTOR_LIMIT = tl.constexpr(60.0)
 #: Rows per tile of the fused epilogue (``TUNING["bwd_fused_dg"]``).
 DG_ROWS = 32
 #: Programs along a CUDA grid's second or third axis, at most.
@@ -103,6 +110,12 @@ KV_BLOCK_V = 32
 #: for float16 / bfloat16 inputs: ``"ieee"`` (float32 on the FMA units, as float32 inputs always are), ``"tf32"`` or
 #: ``"tf32x3"`` (tensor cores: one TF32 product, 2^-11 relative per product, below the inputs' rounding; or three,
 #: near float32). Not yet timed on a GPU: the shipped one is ``"ieee"``.
+#:
+#: ``"intra_factor"``: a chunk's own block ``A_ts = sum_k q_tk k_sk exp(G_tk - G_sk)`` (and, in the backward's intra
+#: kernel, ``dq`` / ``dk`` from ``dA``) as products of ``[T, K]`` tiles, ``(q exp(G - G_last)) (k exp(G_last - G))^T``,
+#: instead of the ``[T, T, K]`` decay tile with one exponential per element, in chunks whose decay range is below
+#: :data:`FACTOR_LIMIT` (every factor within float32's range, products exact to float32's relative precision); other
+#: chunks take the decay tile. Not yet timed on a GPU: off.
 TUNING: dict[str, bool | int | str] = {
     "segments": True,
     "segment_chunks": 64,
@@ -116,6 +129,7 @@ TUNING: dict[str, bool | int | str] = {
     "bwd_intra": True,
     "bwd_fused_dg": True,
     "half_dot_precision": "ieee",
+    "intra_factor": False,
     "launch": {},
 }
 #: ``TUNING["launch"]``: per-kernel launch overrides for measurement, ``{name: {"num_warps": w, "num_stages": s}}``
@@ -166,6 +180,20 @@ def _decay(G, T: tl.constexpr):
 
 
 @triton.jit
+def _factored(G, g_last, LIMIT: tl.constexpr):
+    """Whether the chunk's decays let ``exp(G_t - G_s)`` be factored as ``exp(G_t - G_last) * exp(G_last - G_s)``:
+    the first factor is at most ``exp(G_0 - G_last)`` per channel (the second at most 1), so below ``exp(LIMIT)``
+    neither overflows nor underflows in float32 and each product keeps float32's relative precision."""
+    return tl.max(tl.max(G - g_last[None, :], axis=1), axis=0) < LIMIT
+
+
+@triton.jit
+def _causal(T: tl.constexpr):
+    idx = tl.arange(0, T)
+    return idx[:, None] >= idx[None, :]
+
+
+@triton.jit
 def _segment(seg, seg_chunks, L, T: tl.constexpr):
     """The chunks ``[c0, c1)`` of segment ``seg`` (``seg_chunks`` each, the last one cut at the sequence's end)."""
     c0 = seg * seg_chunks
@@ -183,8 +211,8 @@ def _gla_fwd_kernel(
     Q, K, V, GG, Out, INIT,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr, T: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr, SEGMENTED: tl.constexpr,
+    T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
     chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
@@ -212,7 +240,11 @@ def _gla_fwd_kernel(
                                         K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)  # [BK]
-        a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
+        if FACTOR and _factored(G, g_last, FACTOR_LIMIT):  # A as one product of [T, K] tiles (module docstring)
+            kw = k * tl.exp(g_last[None, :] - G)
+            a = tl.where(_causal(T), _dot(q * tl.exp(G - g_last[None, :]), tl.trans(kw), PREC), 0.0) * scale
+        else:
+            a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
         o = _dot(a, v, PREC) + _dot(q * tl.exp(G) * scale, state, PREC)
         tl.store(
             Out + b * so_b + h * so_h + pos[:, None] * so_l + offs_v[None, :] * so_d,
@@ -437,7 +469,8 @@ def _gla_bwd_intra_kernel(
     Q, K, V, GG, G, DQ, DK, DVI,
     L, H, K_DIM, V_DIM, scale,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
-    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr, T: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The terms of one chunk of one (batch, head) that involve only the chunk itself, in parallel over the chunks
     (float32, contiguous ``[B, L, H, *]``): ``DQ`` ``sum_{s <= t} dA_ts exp(G_t - G_s) * k_s``, ``DK``
@@ -461,12 +494,23 @@ def _gla_bwd_intra_kernel(
     vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
     do = tl.load(G + b * sg_b + h * sg_h + pos[:, None] * sg_l + offs_v[None, :] * sg_d, mask=vmask,
                  other=0.0).to(tl.float32)  # fmt: skip
-    e = _decay(tl.cumsum(g, axis=0), T)  # [T(t), T(s), BK]
+    G = tl.cumsum(g, axis=0)
+    g_last = tl.sum(g, axis=0)
     da = _dot(do, tl.trans(v), PREC) * scale  # [T(t), T(s)]
-    a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
-    de = da[:, :, None] * e
-    dq = tl.sum(de * k[None, :, :], axis=1)  # [T(t), BK]
-    dk = tl.sum(de * q[:, None, :], axis=0)  # [T(s), BK]
+    if FACTOR and _factored(G, g_last, FACTOR_LIMIT):  # three products of [T, K] tiles (module docstring)
+        qf, kf = tl.exp(G - g_last[None, :]), tl.exp(g_last[None, :] - G)
+        qt, kt = q * qf, k * kf
+        causal = _causal(T)
+        a = tl.where(causal, _dot(qt, tl.trans(kt), PREC), 0.0) * scale
+        dam = tl.where(causal, da, 0.0)
+        dq = _dot(dam, kt, PREC) * qf
+        dk = _dot(tl.trans(dam), qt, PREC) * kf
+    else:
+        e = _decay(G, T)  # [T(t), T(s), BK]
+        a = tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2) * scale  # [T(t), T(s)]
+        de = da[:, :, None] * e
+        dq = tl.sum(de * k[None, :, :], axis=1)  # [T(t), BK]
+        dk = tl.sum(de * q[:, None, :], axis=0)  # [T(s), BK]
     dv = _dot(tl.trans(a), do, PREC)  # [T(s), BV]
     ptr = (b * L + pos[:, None]) * H + h
     kmask = tmask[:, None] & (offs_k < K_DIM)[None, :]
@@ -582,7 +626,9 @@ def gla_fwd(
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _segments(b * h * n_vb, n_chunks, q.device)
     prec = dot_precision(v.dtype)
-    meta = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv_fwd, **_meta("fwd", warps(bk)))
+    factor = _flag("intra_factor")
+    meta = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, FACTOR=factor, T=CHUNK, BK=bk, BV=bv_fwd,
+                **_meta("fwd", warps(bk)))  # fmt: skip
     init = out  # a placeholder pointer when not segmented
     if n_seg > 1:
         init = _incoming_states(q, k, v, g, g_own, prec, reverse, n_seg, seg_chunks, bk, bv_fwd)
@@ -669,7 +715,8 @@ def gla_bwd(
     if intra:
         dv_intra = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32)
         launch(_gla_bwd_intra_kernel, (b * h * n_chunks,), q, k, v, g, do, dq, dk_parts, dv_intra,
-               length, h, kd, vd, scale, *strides, REVERSE=reverse, G_OWN=g_own, PREC=prec, T=CHUNK, BK=bk, BV=bv,
+               length, h, kd, vd, scale, *strides, REVERSE=reverse, G_OWN=g_own, PREC=prec,
+               FACTOR=_flag("intra_factor"), T=CHUNK, BK=bk, BV=bv,
                **_meta("intra", warps(bk)))  # fmt: skip
     args = (length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *strides)  # (0: unused, one specialisation)
     common = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
