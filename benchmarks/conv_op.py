@@ -145,6 +145,7 @@ def _weight_grad_sweep(args) -> list[dict]:
         dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
         settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
         settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (4096, 8192, 16384)]
+        settings += [("rows", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (8192, 16384)]
         for kernel, per_sm, warps, elements in settings:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
@@ -154,7 +155,7 @@ def _weight_grad_sweep(args) -> list[dict]:
         # the whole backward op (input, kernel and bias gradients): the kernels that write dx themselves ("fused")
         # against the others plus the input-gradient pass
         w = torch.randn(c, k, k, device="cuda", dtype=DTYPES[args.dtype])
-        whole = [("tile", None, None, None), ("taps", None, None, None)]
+        whole = [("tile", None, None, None), ("rows", None, None, None), ("taps", None, None, None)]
         whole += [("fused", s, wp, e) for s in (4, 16) for wp in (4, 8) for e in (4096, 8192)]
         for kernel, per_sm, warps, elements in whole:
             cfg = dict(weight_grad=kernel, wg_per_sm=per_sm, wg_warps=warps, wg_elements=elements)

@@ -60,9 +60,10 @@
 #                  kernel (dx in the same walk) against the others                                       ~3 min
 #   tests-s35      the token conv's gpu tests after the unpadded tap groups, its models' parity (S35_K: -k)
 #   bench-s35      the weight-gradient kernel vs OLD_CONV's (an older conv.py, carried), then the launch sweep
-#   tests-s36      the GLA gpu tests after the gates' own strides (ViG's layouts), the tensor-core products, ViG's parity
+#   tests-s36      the GLA gpu tests after the gates' own strides (ViG's layouts), the tensor-core products, the factored
+#                  chunk blocks, ViG's parity; the token conv's stacked-rows weight gradient (S36_K: -k)
 #   bench-s36      benchmarks/gla_backward.py: shipped (IEEE) vs tf32 / tf32x3 tile products vs factored chunk
-#                  blocks (factor, factor_tf32), op and ViG-S step
+#                  blocks (factor, factor_tf32), op and ViG-S step; conv_op.py --weight-grad-sweep (the rows kernel)
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
@@ -181,11 +182,21 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
 " 2>&1 | cut -c1-600 ;;
     tests-s36)  # what stop 35 changed without a GPU: the GLA kernels reading the gates through their own strides
       # (ViG's layouts, no copies), ViG's model parity
-      run_tests s36 ${S36_LIMIT:-240} tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py --tb=short \
-        -k "${S36_K:-gla or vig}" ;;
-    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3), the factored chunk blocks, op and ViG-S step
+      run_tests s36 ${S36_LIMIT:-300} tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py \
+        tests/test_kernels_conv.py --tb=short -k "${S36_K:-gla or vig or rows}" ;;
+    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3), the factored chunk blocks, op and ViG-S step;
+      # the token conv's stacked-rows weight gradient in the launch sweep (CONV_SWEEP=0 skips it)
       timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" \
-        --configs shipped,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -14 ;;
+        --configs shipped,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -14
+      if [[ ${CONV_SWEEP:-1} == 1 ]]; then
+        timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
+          2>&1 | grep -E "x$|rror" | tail -16
+        python3 -c "import json, itertools; rows = json.load(open('$OUT/conv_op.json'))['sweep']
+key = lambda r: (r['shape'], r['method'], r['config']['weight_grad'])
+for k, g in itertools.groupby(sorted(rows, key=key), key=key):
+    g = sorted(g, key=lambda r: r.get('ms', 1e9)); print(k, [(round(r.get('ms', -1), 4), r.get('config')) for r in g[:2]])
+" 2>&1 | cut -c1-400
+      fi ;;
     profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
       timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
         --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;

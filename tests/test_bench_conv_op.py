@@ -47,7 +47,7 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     want = {(m, mode) for m in ("triton", "torch", "add_bound") for mode in ("forward", "forward_backward")}
     assert got == want | {("triton_taps", "forward_backward")}
     assert [(r["method"], r["kernel_ms"] > 0) for r in doc["profile"]] == [("triton", True), ("torch", True)]
-    assert len(doc["sweep"]) == 24 + 24 + 10 + 4 and all(r["status"] == "ok" for r in doc["sweep"])
+    assert len(doc["sweep"]) == 24 + 36 + 11 + 4 and all(r["status"] == "ok" for r in doc["sweep"])
     assert [r["method"] for r in doc["sweep"][-4:]] == ["weight_grad_old", "weight_grad_new"] * 2
     from visionlin.kernels.triton import conv
 

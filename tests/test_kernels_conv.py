@@ -108,8 +108,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    # every weight-gradient kernel (the one-pass tile, the one writing dx too; the per-tap walks)
-    for kernel in ("tile", "fused", "taps"):
+    # every weight-gradient kernel (the one-pass tile, the one writing dx too, the stacked rows; the per-tap walks)
+    for kernel in ("tile", "fused", "rows", "taps"):
         conv.TUNING["weight_grad"] = kernel
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)
@@ -117,7 +117,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
     conv.TUNING["weight_grad"] = "tile"
     conv.I32_OFFSETS = 0  # the one-pass kernels' int64 token offsets (a sample spanning 2^31 elements)
-    for kernel in ("tile", "fused"):
+    for kernel in ("tile", "fused", "rows"):
         conv.TUNING["weight_grad"] = kernel
         check_backend(CASES[1], torch.float32, "cpu", "triton", direct=True)
     conv.TUNING["weight_grad"], conv.I32_OFFSETS = "tile", 2**31
@@ -152,7 +152,7 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize(
     "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
 )
-@pytest.mark.parametrize("weight_grad", ["tile", "fused", "taps"])
+@pytest.mark.parametrize("weight_grad", ["tile", "fused", "rows", "taps"])
 def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     from visionlin.kernels.triton import conv
 
@@ -160,7 +160,8 @@ def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     check_backend(case, dtype, "cuda", "triton")
 
 
-WEIGHT_GRAD_SETTINGS = ["taps", "tile 4096", "tile 8192", "tile 16384", "fused 4096", "fused 8192"]
+WEIGHT_GRAD_SETTINGS = ["taps", "tile 4096", "tile 8192", "tile 16384", "fused 4096", "fused 8192", "rows 8192"]
+WEIGHT_GRAD_SETTINGS += ["rows 16384"]
 
 
 @gpu
@@ -200,8 +201,9 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     one of them); the tile shapes cover the kernel sizes the models use."""
     from visionlin.kernels.triton import conv
 
-    monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
-    with pytest.raises(ValueError, match=r"TUNING\['weight_grad'\] = 'rows': allowed \('tile', 'fused', 'taps'\)"):
+    monkeypatch.setitem(conv.TUNING, "weight_grad", "row")
+    match = r"TUNING\['weight_grad'\] = 'row': allowed \('tile', 'fused', 'rows', 'taps'\)"
+    with pytest.raises(ValueError, match=match):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
     for key, value, message in (

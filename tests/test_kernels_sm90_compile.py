@@ -328,6 +328,17 @@ def _conv_and_focus(dt, tdt):
             )  # fmt: skip
             for dx_out, i64 in sorted({(False, False), (True, False), (False, k == 3)})  # int64 offsets once
         ]
+        # the stacked-rows weight gradient (opt-in) at its default tile and the sweep's other one
+        cases += [
+            (
+                conv._weight_grad_rows_kernel,
+                dt,
+                dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, I64=False, sg_c=1, sx_c=1, BLOCK_C=conv.BLOCK_C, BLOCK_T=rows_t),
+                conv.WARPS_WEIGHT_GRAD,
+            )
+            for rows_t in sorted({conv.weight_grad_tile(k, e)[2] for e in (8192, conv.ROWS_ELEMENTS)})
+            if k <= conv.ROWS_MAX_K  # (larger kernels take the tile kernel)
+        ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]
     cases += [

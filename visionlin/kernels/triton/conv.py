@@ -220,6 +220,109 @@ def _weight_grad_tile_kernel(
         tl.atomic_add(DB + c[None, :], tl.sum(acc_b, axis=1), mask=cmask[None, :])
 
 
+@triton.jit
+def _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, TAP0: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    """The shifted input rows of the ``N`` taps from ``TAP0`` (a power of two), float32 ``[BLOCK_T, BLOCK_C]`` each,
+    stacked by :func:`tl.join` on trailing size-2 dims (tap ``TAP0 + i0 + 2 i1 + 4 i2 ...``): every tap one load
+    like the forward's (a scalar shift of the tile's pointers), the stack in each thread's registers."""
+    if N == 1:
+        dy: tl.constexpr = TAP0 // K - K // 2
+        dx: tl.constexpr = TAP0 % K - K // 2
+        yy = y + dy
+        xx = x + dx
+        ok = tmask & (yy >= 0) & (yy < HH) & (xx >= 0) & (xx < WW)
+        return tl.load(x_tok + (dy * WW + dx) * sx_n, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
+    else:
+        lo = _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, TAP0, N // 2, K)
+        hi = _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, TAP0 + N // 2, N // 2, K)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _stacked(t, N: tl.constexpr):
+    """``t`` ``[BLOCK_T, BLOCK_C]`` broadcastable against an ``N``-tap stack (``N = 1``: ``t`` itself)."""
+    if N == 1:
+        return t
+    else:
+        return tl.expand_dims(_stacked(t, N // 2), -1)
+
+
+@triton.jit
+def _stack_zeros(BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, N: tl.constexpr):
+    if N == 1:
+        return tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    else:
+        z = _stack_zeros(BLOCK_T, BLOCK_C, N // 2)
+        return tl.join(z, z)
+
+
+@triton.jit
+def _stack_offsets(c, NCH, TAP0: tl.constexpr, N: tl.constexpr):
+    """The kernel gradient's offsets ``tap * NCH + c`` of an ``N``-tap stack, stacked as :func:`_tap_rows` stacks
+    the taps (the same joins, so the two agree however a backend orders a join)."""
+    if N == 1:
+        return TAP0 * NCH + c
+    else:
+        return tl.join(_stack_offsets(c, NCH, TAP0, N // 2), _stack_offsets(c, NCH, TAP0 + N // 2, N // 2))
+
+
+@triton.jit
+def _weight_grad_rows_kernel(
+    G, X, DW, DB, HH, WW, NCH, P, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    K: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HAS_BIAS: tl.constexpr, I64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """:func:`_weight_grad_tile_kernel`'s sums (same tap groups, same walk) with each tap's shifted rows loaded as a
+    ``[BLOCK_T, BLOCK_C]`` tile like the forward's, the group's taps stacked in each thread's registers
+    (:func:`_tap_rows`): the tap axis spread over threads cost per-(tap, token) bounds and offsets and a shared-memory
+    pass for the gradient tile every step (sm_90 SASS at k = 3, 16 tokens: 4.3 instructions per multiply-add against
+    5.8)."""
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < NCH
+    cm = cmask[None, :]
+    t = pid_s * per * BLOCK_T + tl.arange(0, BLOCK_T)  # int32: a grid has fewer than 2^31 tokens
+    rows = (t.to(tl.int64) if I64 else t) + P
+    g_ptr = G + b * sg_b + rows[:, None] * sg_n + c[None, :] * sg_c
+    x_tok = X + b * sx_b + rows[:, None] * sx_n + c[None, :] * sx_c
+    y, x = t // WW, t % WW
+    step_y, step_x = BLOCK_T // WW, BLOCK_T % WW
+    if T1 > 0:  # (constexpr branches: a size-0 group does not exist)
+        acc1 = _stack_zeros(BLOCK_T, BLOCK_C, T1)
+    if T2 > 0:
+        acc2 = _stack_zeros(BLOCK_T, BLOCK_C, T2)
+    acc3 = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # the last tap
+    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for _ in range(per):
+        tmask = t < HH * WW
+        g = tl.load(g_ptr, mask=tmask[:, None] & cm, other=0.0).to(tl.float32)
+        if T1 > 0:
+            acc1 += _stacked(g, T1) * _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, 0, T1, K)
+        if T2 > 0:
+            acc2 += _stacked(g, T2) * _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, T1, T2, K)
+        acc3 += g * _tap_rows(x_tok, y, x, tmask, HH, WW, sx_n, cm, K * K - 1, 1, K)
+        if HAS_BIAS:
+            acc_b += g
+        t += BLOCK_T
+        g_ptr += BLOCK_T * sg_n
+        x_tok += BLOCK_T * sx_n
+        x += step_x
+        wrap = x >= WW
+        x = tl.where(wrap, x - WW, x)
+        y += step_y + wrap.to(tl.int32)
+    dw_base = DW + b * sdw_b
+    if T1 > 0:
+        offs = _stack_offsets(c, NCH, 0, T1)
+        tl.atomic_add(dw_base + offs, tl.sum(acc1, axis=0), mask=_stacked(cmask, T1))
+    if T2 > 0:
+        offs = _stack_offsets(c, NCH, T1, T2)
+        tl.atomic_add(dw_base + offs, tl.sum(acc2, axis=0), mask=_stacked(cmask, T2))
+    tl.atomic_add(dw_base + (K * K - 1) * NCH + c, tl.sum(acc3, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
+
+
 def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int, int]:
     """``(T1, T2, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: the sizes of its first two tap
     groups (``k * k - 1 = T1 + T2``, powers of two or 0; the third group is the last tap), and the most tokens per
@@ -250,9 +353,15 @@ WEIGHT_GRAD_ELEMENTS = 8192
 #: setting up to 16384 matched float64 at k = 3, 5 and 7 with 4 and 8 warps).
 MAX_WEIGHT_GRAD_ELEMENTS = 16384
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
-#: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass) or ``"taps"`` (one
-#: pass per tap).
-WEIGHT_GRAD_KERNELS = ("tile", "fused", "taps")
+#: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass), ``"rows"`` (the same
+#: sums with each tap's rows loaded as a tile and the taps stacked per thread; opt-in, not yet GPU-timed) or
+#: ``"taps"`` (one pass per tap).
+WEIGHT_GRAD_KERNELS = ("tile", "fused", "rows", "taps")
+#: Products per tile of the ``"rows"`` kernel (16 tokens at k = 3, the prototype's fastest without spills), and the
+#: largest kernel size it takes (at k = 7 each thread would hold 49 taps' rows: 208 bytes spilled for sm_90; larger
+#: kernels take ``"tile"``).
+ROWS_ELEMENTS = 16384
+ROWS_MAX_K = 5
 
 
 TUNING: dict[str, int | str | None] = {
@@ -308,7 +417,7 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         )  # fmt: skip
         return False
     fused = kernel == "fused"
-    elements = tuned(TUNING, "wg_elements", WEIGHT_GRAD_ELEMENTS, pow2=True)
+    elements = tuned(TUNING, "wg_elements", ROWS_ELEMENTS if kernel == "rows" else WEIGHT_GRAD_ELEMENTS, pow2=True)
     if elements > MAX_WEIGHT_GRAD_ELEMENTS:
         raise ValueError(
             f"visionlin.kernels.triton.conv.TUNING['wg_elements'] = {elements}: at most {MAX_WEIGHT_GRAD_ELEMENTS}"
@@ -316,6 +425,12 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
     t1, t2, bt = weight_grad_tile(k, elements)
     splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
     i64 = (p + hh * ww + bt) * max(x.stride(1), g.stride(1)) >= I32_OFFSETS  # a tile past the end included
+    if kernel == "rows" and k <= ROWS_MAX_K:
+        launch(_weight_grad_rows_kernel, (splits, c_blocks, b),
+            g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
+            K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, I64=i64, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=warps,
+        )  # fmt: skip
+        return False
     if fused:
         w_arg, dx_arg, sw_b, dx_strides = w32, dx, w32.stride(0) if sdw_b else 0, dx.stride()
     else:  # not read by the kernel (DX_OUT off)
