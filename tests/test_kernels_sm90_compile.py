@@ -496,6 +496,10 @@ def _scan(dt, tdt):
 def _gla(dt, tdt):
     from visionlin.kernels.triton import gla
 
+    def walk(fn, bk, block_v, reverse, own, prec, **extra):
+        consts = dict(REVERSE=reverse, G_OWN=own, PREC=prec, **extra, T=gla.CHUNK, BK=bk, BV=block_v)
+        return fn, dt, consts, gla.warps(bk)
+
     cases = []
     for kd, vd in ((16, 32), (32, 64), (64, 64)):  # ViG: K = 32, V = 64
         bk, bv = gla._blocks(kd, vd)
@@ -507,80 +511,19 @@ def _gla(dt, tdt):
             (False, "ieee", False), (True, "ieee", False), (True, "ieee", True), (True, "tf32", False),
             (True, "tf32", True), (True, "tf32x3", False),
         ):  # fmt: skip
+            m = dict(own=own, prec=prec)
+            fwd = gla._gla_fwd_kernel
+            cases += [walk(fwd, bk, bv_fwd, False, **m, FACTOR=factor, SEGMENTED=s) for s in (False, True)]
+            cases += [walk(gla._gla_seg_state_kernel, bk, bv_fwd, True, **m)]
+            for seg in (False, True):
+                for intra in (False, True) if not own else (True,):
+                    cases += [
+                        walk(gla._gla_bwd_q_kernel, bk, bv, True, **m, SEGMENTED=seg, INTRA=intra),
+                        walk(gla._gla_bwd_kv_kernel, bk, bv_kv, False, **m, SEGMENTED=seg, INTRA=intra),
+                    ]
             cases += [
-                *(
-                    (
-                        gla._gla_fwd_kernel,
-                        dt,
-                        dict(
-                            REVERSE=False,
-                            G_OWN=own,
-                            PREC=prec,
-                            FACTOR=factor,
-                            SEGMENTED=seg,
-                            T=gla.CHUNK,
-                            BK=bk,
-                            BV=bv_fwd,
-                        ),
-                        gla.warps(bk),
-                    )
-                    for seg in (False, True)
-                ),  # fmt: skip
-                (
-                    gla._gla_seg_state_kernel,
-                    dt,
-                    dict(REVERSE=True, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv_fwd),
-                    gla.warps(bk),
-                ),
-                *(
-                    case
-                    for seg in (False, True)
-                    for intra in ((False, True) if not own else (True,))
-                    for case in (
-                        (
-                            gla._gla_bwd_q_kernel,
-                            dt,
-                            dict(
-                                REVERSE=True,
-                                G_OWN=own,
-                                PREC=prec,
-                                SEGMENTED=seg,
-                                INTRA=intra,
-                                T=gla.CHUNK,
-                                BK=bk,
-                                BV=bv,
-                            ),
-                            gla.warps(bk),
-                        ),
-                        (
-                            gla._gla_bwd_kv_kernel,
-                            dt,
-                            dict(
-                                REVERSE=False,
-                                G_OWN=own,
-                                PREC=prec,
-                                SEGMENTED=seg,
-                                INTRA=intra,
-                                T=gla.CHUNK,
-                                BK=bk,
-                                BV=bv_kv,
-                            ),
-                            gla.warps(bk),
-                        ),
-                    )
-                ),
-                (
-                    gla._gla_bwd_intra_kernel,
-                    dt,
-                    dict(REVERSE=False, G_OWN=own, PREC=prec, FACTOR=factor, T=gla.CHUNK, BK=bk, BV=bv),
-                    gla.warps(bk),
-                ),
-                (
-                    gla._gla_seg_adj_kernel,
-                    dt,
-                    dict(REVERSE=True, G_OWN=own, PREC=prec, T=gla.CHUNK, BK=bk, BV=bv_kv),
-                    gla.warps(bk),
-                ),
+                walk(gla._gla_bwd_intra_kernel, bk, bv, False, **m, FACTOR=factor),
+                walk(gla._gla_seg_adj_kernel, bk, bv_kv, True, **m),
             ]
         cases += [
             (gla._gla_seg_carry_kernel, dt, dict(BK=bk, BV=bv_fwd), 4),
