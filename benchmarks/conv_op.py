@@ -134,15 +134,21 @@ def _sweep(args) -> list[dict]:
     return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
 
 
+def _weight_grad_buffers(shape, args):
+    """Random ``g``, ``x`` of one shape and the zeroed float32 kernel / bias gradient sums the launchers add into."""
+    b, hh, ww, c, k, p = shape
+    g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
+    sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
+    return g, x, sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
+
+
 def _weight_grad_sweep(args) -> list[dict]:
     from visionlin.kernels.triton import conv
 
     rows = []
     for name in args.shapes.split(","):
-        b, hh, ww, c, k, p = SHAPES[name]
-        g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
-        sums = torch.zeros(k * k * c + c, device="cuda", dtype=torch.float32)
-        dw, db = sums[: k * k * c].view(1, k * k, c), sums[k * k * c :]
+        _, hh, ww, c, k, p = SHAPES[name]
+        g, x, dw, db = _weight_grad_buffers(SHAPES[name], args)
         settings = [("taps", s, w, None) for s in (4, 16, 64) for w in (4, 8)]
         settings += [("tile", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (4096, 8192, 16384)]
         settings += [("rows", s, w, e) for s in (4, 16, 64) for w in (4, 8) for e in (8192, 16384)]
@@ -187,10 +193,8 @@ def _old_new_rows(args) -> list[dict]:
     old = _old_conv(args.old_conv)
     rows = []
     for name in args.shapes.split(","):
-        b, hh, ww, c, k, p = SHAPES[name]
-        g, x = (torch.randn(b, p + hh * ww, c, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
-        dw = torch.zeros(1, k * k, c, device="cuda", dtype=torch.float32)
-        db = torch.zeros(c, device="cuda", dtype=torch.float32)
+        _, hh, ww, _, k, p = SHAPES[name]
+        g, x, dw, db = _weight_grad_buffers(SHAPES[name], args)
         for _ in range(2):
             for tag, mod in (("old", old), ("new", conv)):
                 step = functools.partial(mod._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
