@@ -171,11 +171,16 @@ def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lg, s_lv, s_k, s_v, K_DIM,
 
 
 @triton.jit
+def _causal(T: tl.constexpr):
+    """``s <= t`` over a chunk: ``[T(t), T(s)]``."""
+    idx = tl.arange(0, T)
+    return idx[:, None] >= idx[None, :]
+
+
+@triton.jit
 def _decay(G, T: tl.constexpr):
     """``exp(G_t - G_s)`` for ``s <= t``, else 0: ``[T(t), T(s), BK]``."""
-    idx = tl.arange(0, T)
-    causal = idx[:, None] >= idx[None, :]
-    diff = tl.where(causal[:, :, None], G[:, None, :] - G[None, :, :], float("-inf"))
+    diff = tl.where(_causal(T)[:, :, None], G[:, None, :] - G[None, :, :], float("-inf"))
     return tl.exp(diff)
 
 
@@ -185,12 +190,6 @@ def _factored(G, g_last, LIMIT: tl.constexpr):
     the first factor is at most ``exp(G_0 - G_last)`` per channel (the second at most 1), so below ``exp(LIMIT)``
     neither overflows nor underflows in float32 and each product keeps float32's relative precision."""
     return tl.max(tl.max(G - g_last[None, :], axis=1), axis=0) < LIMIT
-
-
-@triton.jit
-def _causal(T: tl.constexpr):
-    idx = tl.arange(0, T)
-    return idx[:, None] >= idx[None, :]
 
 
 @triton.jit
@@ -240,8 +239,8 @@ def _gla_fwd_kernel(
                                         K_DIM, V_DIM, v0, REVERSE, T, BK, BV, G_OWN)  # fmt: skip
         G = tl.cumsum(g, axis=0)
         g_last = tl.sum(g, axis=0)  # [BK]
+        kw = k * tl.exp(g_last[None, :] - G)  # each key decayed to the chunk's end (the state update's, and A's)
         if FACTOR and _factored(G, g_last, FACTOR_LIMIT):  # A as one product of [T, K] tiles (module docstring)
-            kw = k * tl.exp(g_last[None, :] - G)
             a = tl.where(_causal(T), _dot(q * tl.exp(G - g_last[None, :]), tl.trans(kw), PREC), 0.0) * scale
         else:
             a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
@@ -251,7 +250,7 @@ def _gla_fwd_kernel(
             o.to(Out.dtype.element_ty),
             mask=tmask[:, None] & (offs_v < V_DIM)[None, :],
         )
-        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(k * tl.exp(g_last[None, :] - G)), v, PREC)
+        state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(kw), v, PREC)
 
 
 @triton.jit
