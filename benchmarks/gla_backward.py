@@ -60,11 +60,12 @@ for _name in ("fwd", "intra", "bwd_q", "bwd_kv", "dg", "seg"):
 # Every walk kernel at 8 warps (the rule before 8a0d0ef at ViG's head dims) or at 4
 CONFIGS["w8"] = {"launch": {n: {"num_warps": 8} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
 CONFIGS["w4"] = {"launch": {n: {"num_warps": 4} for n in ("fwd", "intra", "bwd_q", "bwd_kv", "seg")}}
-# The kernels' tile products on the tensor cores for half-precision inputs (shipped: IEEE float32 on the FMA units)
-CONFIGS["tf32"] = {"half_dot_precision": "tf32"}
-CONFIGS["tf32x3"] = {"half_dot_precision": "tf32x3"}
-# Chunk blocks from factored [T, K] tiles where the decays allow (shipped: the [T, T, K] decay tile everywhere)
-CONFIGS["factor"] = {"intra_factor": True}
+# The kernels' tile products for half inputs (shipped: "auto", TF32 tensor-core products for bfloat16) and the chunk
+# blocks (shipped: factored [T, K] tiles where the decays allow); "ieee" is the setting shipped before 093ba63's timing
+CONFIGS["ieee"] = {"half_dot_precision": "ieee", "intra_factor": False}
+CONFIGS["tf32"] = {"half_dot_precision": "tf32", "intra_factor": False}
+CONFIGS["tf32x3"] = {"half_dot_precision": "tf32x3", "intra_factor": False}
+CONFIGS["factor"] = {"intra_factor": True, "half_dot_precision": "ieee"}
 CONFIGS["factor_tf32"] = {"intra_factor": True, "half_dot_precision": "tf32"}
 #: (batch, tokens, heads) by default: ViG-S and ViG-T at 224 px, batch 128; ViG-S at 448 px, batch 32.
 SHAPES = ((128, 196, 6), (128, 196, 3), (32, 784, 6))

@@ -132,14 +132,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     gla.TUNING.update(segments=False)
     assert gla._segments(1, 500, torch.device("cpu")) == (1, 500)
     gla.TUNING.update(segments=True, segment_chunks=64)
-    # the factored chunk blocks (forward, intra kernel): weak decays take them, strong ones the decay tile; without
-    # the range guard strong decays overflow (the guard is what keeps them exact)
-    gla.TUNING.update(intra_factor=True)
+    # the chunk blocks (forward, intra kernel): factored [T, K] tiles (shipped) where the decays allow, the [T, T, K]
+    # decay tile for strong decays and with intra_factor off; without the range guard strong decays overflow (the
+    # guard is what keeps them exact)
     for mode in ("forward", "reverse", "bidirectional"):
         check_gla(2, 37, 2, 8, 12, f32, "cpu", mode=mode, gate_scale=1 / 16)
         check_gla(1, 33, 2, 8, 8, f32, "cpu", mode=mode, gate_scale=8.0)
+    gla.TUNING.update(intra_factor=False)
     check_gla(2, 21, 2, 8, 12, f32, "cpu", mode="bidirectional", gate_scale=1.0, non_contiguous="vig")
     check_gla(2, 9, 1, 8, 8, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16)
+    gla.TUNING.update(intra_factor=True)
     import numpy, triton.language as tl
     limit, gla.FACTOR_LIMIT = gla.FACTOR_LIMIT, tl.constexpr(1e30)
     try:
@@ -149,7 +151,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     except AssertionError:
         pass
     gla.FACTOR_LIMIT = limit
-    gla.TUNING.update(intra_factor=False)
     print("interpreter ok")
     """
 )
@@ -221,7 +222,7 @@ _INTERPRETER_BACKWARD_SCRIPT = textwrap.dedent(
     # the tensor-core precisions reach every kernel (the interpreter multiplies in float32 whatever the setting)
     gla.TUNING.update(half_dot_precision="tf32x3", bwd_intra=True, bwd_fused_dg=True)
     check_gla(2, 40, 2, 8, 12, torch.float16, "cpu", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
-    gla.TUNING.update(half_dot_precision="ieee", bwd_intra=False, bwd_fused_dg=False)
+    gla.TUNING.update(half_dot_precision="auto", bwd_intra=False, bwd_fused_dg=False)
     print("interpreter ok")
     """
 )
@@ -254,17 +255,18 @@ def test_walk_settings_are_checked(key, value, allowed, monkeypatch):
 
 
 def test_dot_precision_is_checked(monkeypatch):
-    """``TUNING["half_dot_precision"]``: float32 inputs always multiply in IEEE float32, half inputs as set; a setting
-    naming no precision is refused with the choices."""
+    """``TUNING["half_dot_precision"]``: float32 inputs always multiply in IEEE float32, half inputs as set (``"auto"``,
+    shipped: TF32 for bfloat16, IEEE for float16); a setting naming no precision is refused with the choices."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import gla
 
-    assert gla.TUNING["half_dot_precision"] == "ieee"  # (shipped until timed on a GPU)
+    assert gla.TUNING["half_dot_precision"] == "auto"
+    assert [gla.dot_precision(t) for t in (torch.float32, torch.bfloat16, torch.float16)] == ["ieee", "tf32", "ieee"]
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "tf32x3")
     assert gla.dot_precision(torch.float32) == "ieee"
     assert gla.dot_precision(torch.bfloat16) == gla.dot_precision(torch.float16) == "tf32x3"
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "bf16")
-    match = r"TUNING\['half_dot_precision'\] = 'bf16': allowed \('ieee', 'tf32', 'tf32x3'\)"
+    match = r"TUNING\['half_dot_precision'\] = 'bf16': allowed \('auto', 'ieee', 'tf32', 'tf32x3'\)"
     with pytest.raises(ValueError, match=match):
         gla.dot_precision(torch.bfloat16)
 
@@ -446,10 +448,16 @@ def test_gpu_gla_backward_walks(dtype, setting, variant, monkeypatch):
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
 
 
+#: One TF32 product per tile product rounds like float16's inputs (2^-11): with float16 inputs the gates' gradient was
+#: 4.4e-3 off the float64 reference at strong decays over 2,000 tokens (H200, gpu_tests_s36_093ba63.log), above the
+#: float16 bound (2.05e-3); ``"auto"`` therefore keeps float16 in IEEE float32.
+_TF32_FP16 = pytest.mark.xfail(strict=True, reason="TF32 products exceed float16's bound at strong decays")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("setting", ["tf32", "tf32x3", "factor", "factor tf32"])
-def test_gpu_gla_tensor_core_products(dtype, setting, monkeypatch):
+@pytest.mark.parametrize("setting", ["tf32", "tf32x3", "factor", "factor tf32", "auto", "factor auto"])
+def test_gpu_gla_tensor_core_products(dtype, setting, monkeypatch, request):
     """The kernels' tile products on the tensor cores (``TUNING["half_dot_precision"]``; float32 inputs stay IEEE) and
     the factored chunk blocks (``"intra_factor"``) within the bounds of the float64 reference: ViG-S's training shape
     with ViG's layouts, strong decays over 2,000 tokens (the decay-tile fallback), a segmented walk at batch 1,
@@ -458,6 +466,8 @@ def test_gpu_gla_tensor_core_products(dtype, setting, monkeypatch):
     from visionlin.kernels.triton import gla
 
     prec = setting.split()[-1]
+    if dtype == torch.float16 and prec == "tf32":
+        request.applymarker(_TF32_FP16)
     monkeypatch.setitem(gla.TUNING, "intra_factor", setting.startswith("factor"))
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "ieee" if prec == "factor" else prec)
     check_gla(4, 196, 6, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
