@@ -12,6 +12,7 @@ once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
+import itertools
 import re
 import textwrap
 
@@ -261,10 +262,12 @@ def test_dot_precision_is_checked(monkeypatch):
     from visionlin.kernels.triton import gla
 
     assert gla.TUNING["half_dot_precision"] == "auto"
-    assert [gla.dot_precision(t) for t in (torch.float32, torch.bfloat16, torch.float16)] == ["ieee", "tf32", "ieee"]
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    assert [gla.dot_precision(t) for t in dtypes] == ["ieee", "tf32", "ieee"]
+    assert [gla.dot_precision(t, backward=True) for t in dtypes] == ["ieee", "tf32x3", "ieee"]
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "tf32x3")
     assert gla.dot_precision(torch.float32) == "ieee"
-    assert gla.dot_precision(torch.bfloat16) == gla.dot_precision(torch.float16) == "tf32x3"
+    assert gla.dot_precision(torch.bfloat16) == gla.dot_precision(torch.float16, backward=True) == "tf32x3"
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "bf16")
     match = r"TUNING\['half_dot_precision'\] = 'bf16': allowed \('auto', 'ieee', 'tf32', 'tf32x3'\)"
     with pytest.raises(ValueError, match=match):
@@ -485,12 +488,16 @@ def test_gpu_gla_intra_past_a_grid_axis(monkeypatch):
     q, k, v, g = (t.requires_grad_() for t in _qkvg(1, 65536 * 16 + 5, 1, 16, 16, torch.float32, "cuda"))
     do = torch.randn_like(v)
     grads = {}
-    for intra in (False, True):
+    for intra, factor in ((False, False), (True, False), (True, True)):
         monkeypatch.setitem(gla.TUNING, "bwd_intra", intra)
+        monkeypatch.setitem(gla.TUNING, "intra_factor", factor)
         out = gla.gla_triton(q, k, v, g, reverse=True)
-        grads[intra] = torch.autograd.grad(out, (q, k, v, g), do)
-    for name, a, b in zip("qkvg", grads[False], grads[True], strict=True):
-        assert _rel(b, a.double()) < 1e-5, name
+        grads[intra, factor] = torch.autograd.grad(out, (q, k, v, g), do)
+    # the same formula: summation-order noise; the factored chunk blocks round differently (the gates' gradient, a
+    # cumulative sum that cancels, was 1.4e-4 apart on an H200): a chunk misplaced on the grid is off by O(1)
+    for (key, bound), name in itertools.product((((True, False), 1e-5), ((True, True), 1e-3)), "qkvg"):
+        a, b = grads[False, False]["qkvg".index(name)], grads[key]["qkvg".index(name)]
+        assert _rel(b, a.double()) < bound, (key, name)
 
 
 @gpu
