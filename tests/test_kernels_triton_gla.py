@@ -264,7 +264,9 @@ def test_dot_precision_is_checked(monkeypatch):
     assert gla.TUNING["half_dot_precision"] == "auto"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     assert [gla.dot_precision(t) for t in dtypes] == ["ieee", "tf32", "ieee"]
-    assert [gla.dot_precision(t, backward=True) for t in dtypes] == ["ieee", "tf32x3", "ieee"]
+    assert [gla.dot_precision(t, 16384, backward=True) for t in dtypes] == ["ieee", "tf32", "ieee"]
+    assert [gla.dot_precision(t, 16385, backward=True) for t in dtypes] == ["ieee", "tf32x3", "ieee"]
+    assert gla.dot_precision(torch.bfloat16, 10**6) == "tf32"
     monkeypatch.setitem(gla.TUNING, "half_dot_precision", "tf32x3")
     assert gla.dot_precision(torch.float32) == "ieee"
     assert gla.dot_precision(torch.bfloat16) == gla.dot_precision(torch.float16, backward=True) == "tf32x3"

@@ -40,7 +40,7 @@ states and adjoints computed first (``TUNING``).
 Products run in IEEE float32 (inputs loaded and converted) on the FMA units; for half-precision inputs
 ``TUNING["half_dot_precision"]`` puts the tile products (``A v``, the read-out and state updates: about two thirds of a
 chunk's multiply-adds at ViG's head dims, the ``[T, T, K]`` decay tiles the rest) on the tensor cores for bfloat16
-inputs by default (TF32 in the forward, three TF32 products in the backward).
+inputs by default (TF32; three TF32 products in the backward of long sequences).
 ``K`` and ``V`` up to 64 (ViG: 32 and 64; a 64 x 128 state spills registers).
 """
 
@@ -109,12 +109,14 @@ KV_BLOCK_V = 32
 #: ``"half_dot_precision"``: the products of the kernels' ``[T, K]`` / ``[K, V]`` tiles (state, read-out, ``A v``)
 #: for float16 / bfloat16 inputs: ``"ieee"`` (float32 on the FMA units, as float32 inputs always are), ``"tf32"`` or
 #: ``"tf32x3"`` (tensor cores: one TF32 product, 2^-11 relative per product; or three, near float32), or ``"auto"``
-#: (shipped): for bfloat16 ``"tf32"`` in the forward (its inputs round at 2^-8, eight times coarser) and ``"tf32x3"``
-#: in the backward, ``"ieee"`` for float16. Measured on an H200 (``gpu_tests_s36_{093ba63,3bc0eb2}.log``): with
-#: ``"tf32"`` the gates' gradient, a reverse cumulative sum of ``q dq - k dk`` that cancels, was 2.2e-2 off the
-#: float64 reference for bfloat16 at 65,536 tokens (its bound 1.57e-2) and 4.4e-3 for float16 at strong decays over
-#: 2,000 tokens (its bound 2.05e-3). At ViG-S's shape (B 128, 196 tokens, 6 heads, bf16; ``gla_backward_093ba63.json``)
-#: op forward + backward took 2.66 ms in IEEE, 1.79 with ``"tf32"``, 2.26 with ``"tf32x3"``.
+#: (shipped): ``"ieee"`` for float16; for bfloat16 (its inputs round at 2^-8, eight times coarser) ``"tf32"``, but
+#: ``"tf32x3"`` in the backward over more than :data:`AUTO_TF32_TOKENS` tokens. Measured on an H200
+#: (``gpu_tests_s36_{093ba63,3bc0eb2}.log``): with ``"tf32"`` the gates' gradient, a reverse cumulative sum of
+#: ``q dq - k dk`` that cancels, was 2.2e-2 off the float64 reference for bfloat16 at 65,536 tokens (its bound
+#: 1.57e-2; within it at 20,000) and 4.4e-3 for float16 at strong decays over 2,000 tokens (its bound 2.05e-3). At
+#: ViG-S's shape (B 128, 196 tokens, 6 heads, bf16; ``gla_backward_093ba63.json``) op forward + backward took 2.66 ms
+#: in IEEE, 1.79 with ``"tf32"``, 2.26 with ``"tf32x3"``; a ViG-S training step under CUDA graphs 0.57x ``swin_tiny``
+#: in IEEE (f40498f), 0.99x with ``"tf32"`` and the factored blocks, 0.81x with ``"tf32x3"`` in the backward.
 #:
 #: ``"intra_factor"``: a chunk's own block ``A_ts = sum_k q_tk k_sk exp(G_tk - G_sk)`` (and, in the backward's intra
 #: kernel, ``dq`` / ``dk`` from ``dA``) as products of ``[T, K]`` tiles, ``(q exp(G - G_last)) (k exp(G_last - G))^T``,
@@ -592,20 +594,26 @@ def _meta(name: str, default_warps: int) -> dict[str, int]:
 
 
 DOT_PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
+#: ``"auto"``'s longest bfloat16 sequence whose backward takes one TF32 product per tile product: within bfloat16's
+#: bound at 20,000 tokens, 1.4x past it at 65,536 (H200, ``gpu_tests_s36_{093ba63,3bc0eb2}.log``).
+AUTO_TF32_TOKENS = 16384
 
 
-def dot_precision(dtype: torch.dtype, backward: bool = False) -> str:
-    """The kernels' ``PREC`` for inputs of ``dtype``: ``"ieee"`` for float32, ``TUNING["half_dot_precision"]`` for
-    half precision; ``"auto"``: for bfloat16 ``"tf32"`` in the forward and ``"tf32x3"`` in the backward (whose ``dq``
-    and ``dk`` feed the gates' gradient, a cumulative sum that cancels), ``"ieee"`` for float16. A ``ValueError``
-    names any other setting."""
+def dot_precision(dtype: torch.dtype, length: int = 0, backward: bool = False) -> str:
+    """The kernels' ``PREC`` for inputs of ``dtype`` over sequences of ``length`` tokens: ``"ieee"`` for float32,
+    ``TUNING["half_dot_precision"]`` for half precision; ``"auto"``: ``"ieee"`` for float16, for bfloat16 ``"tf32"``
+    except the backward over more than :data:`AUTO_TF32_TOKENS` tokens, which takes ``"tf32x3"`` (its ``dq`` and ``dk``
+    feed the gates' gradient, a cumulative sum along the sequence that cancels). A ``ValueError`` names any other
+    setting."""
     prec = TUNING["half_dot_precision"]
     if prec not in DOT_PRECISIONS:
         raise ValueError(
             f"visionlin.kernels.triton.gla.TUNING['half_dot_precision'] = {prec!r}: allowed {DOT_PRECISIONS}"
         )
     if prec == "auto":
-        return ("tf32x3" if backward else "tf32") if dtype == torch.bfloat16 else "ieee"
+        if dtype != torch.bfloat16:
+            return "ieee"
+        return "tf32x3" if backward and length > AUTO_TF32_TOKENS else "tf32"
     return "ieee" if dtype == torch.float32 else prec
 
 
@@ -709,7 +717,7 @@ def gla_bwd(
     bk, bv = _blocks(kd, vd)
     intra, fused_dg = _flag("bwd_intra"), _flag("bwd_fused_dg")
     q, k, g, g_own = _gla_layout(q, k, g, own=intra)
-    prec = dot_precision(v.dtype, backward=True)
+    prec = dot_precision(v.dtype, length, backward=True)
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
