@@ -116,7 +116,8 @@ KV_BLOCK_V = 32
 #: 1.57e-2; within it at 20,000) and 4.4e-3 for float16 at strong decays over 2,000 tokens (its bound 2.05e-3). At
 #: ViG-S's shape (B 128, 196 tokens, 6 heads, bf16; ``gla_backward_093ba63.json``) op forward + backward took 2.66 ms
 #: in IEEE, 1.79 with ``"tf32"``, 2.26 with ``"tf32x3"``; a ViG-S training step under CUDA graphs 0.57x ``swin_tiny``
-#: in IEEE (f40498f), 0.99x with ``"tf32"`` and the factored blocks, 0.81x with ``"tf32x3"`` in the backward.
+#: in IEEE (f40498f), 0.99x with ``"tf32"`` and the factored blocks, 0.81x with ``"tf32x3"`` in the backward (though
+#: the op alone took the same time with either: 1.66 / 1.75 ms, ``gla_backward_f6bee75.json``).
 #:
 #: ``"intra_factor"``: a chunk's own block ``A_ts = sum_k q_tk k_sk exp(G_tk - G_sk)`` (and, in the backward's intra
 #: kernel, ``dq`` / ``dk`` from ``dA``) as products of ``[T, K]`` tiles, ``(q exp(G - G_last)) (k exp(G_last - G))^T``,
