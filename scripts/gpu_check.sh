@@ -62,8 +62,10 @@
 #   bench-s35      the weight-gradient kernel vs OLD_CONV's (an older conv.py, carried), then the launch sweep
 #   tests-s36      the GLA gpu tests after the gates' own strides (ViG's layouts), the tensor-core products, the factored
 #                  chunk blocks, ViG's parity; the token conv's stacked-rows weight gradient (S36_K: -k)
-#   bench-s36      benchmarks/gla_backward.py: shipped (IEEE) vs tf32 / tf32x3 tile products vs factored chunk
-#                  blocks (factor, factor_tf32), op and ViG-S step; conv_op.py --weight-grad-sweep (the rows kernel)
+#   bench-s36      benchmarks/gla_backward.py: IEEE vs tf32 / tf32x3 tile products vs factored chunk blocks (factor,
+#                  factor_tf32) vs shipped, op and ViG-S step                                          ~3 min
+#   bench-wg       benchmarks/conv_op.py --weight-grad-sweep: the token conv's weight-gradient kernels ("tile", the
+#                  opt-in "rows", per tap, cuDNN) over their launch settings, the best per shape printed ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
 #   tests-wg       the token conv's backward at every launch setting the sweep times ("fused" included) ~1.5 min
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
@@ -184,19 +186,18 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
       # (ViG's layouts, no copies), ViG's model parity
       run_tests s36 ${S36_LIMIT:-300} tests/test_kernels_triton_gla.py tests/test_models_gpu_parity.py \
         tests/test_kernels_conv.py --tb=short -k "${S36_K:-gla or vig or rows}" ;;
-    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3), the factored chunk blocks, op and ViG-S step;
-      # the token conv's stacked-rows weight gradient in the launch sweep (CONV_SWEEP=0 skips it)
+    bench-s36)  # the GLA tile products on the tensor cores (tf32 / tf32x3), the factored chunk blocks, op and ViG-S step
       timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" \
-        --configs shipped,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 | tail -14
-      if [[ ${CONV_SWEEP:-1} == 1 ]]; then
-        timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
-          2>&1 | grep -E "x$|rror" | tail -16
-        python3 -c "import json, itertools; rows = json.load(open('$OUT/conv_op.json'))['sweep']
-key = lambda r: (r['shape'], r['method'], r['config']['weight_grad'])
-for k, g in itertools.groupby(sorted(rows, key=key), key=key):
+        --configs shipped,ieee,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 \
+        | tail -14 ;;
+    bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
+      timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
+        2>&1 | grep -E "x$|rror" | tail -16
+      python3 -c "import json, itertools; rows = json.load(open('$OUT/conv_op.json'))['sweep']
+key = lambda r: (r['shape'], r['method'], r['config'].get('weight_grad'))
+for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
     g = sorted(g, key=lambda r: r.get('ms', 1e9)); print(k, [(round(r.get('ms', -1), 4), r.get('config')) for r in g[:2]])
-" 2>&1 | cut -c1-400
-      fi ;;
+" 2>&1 | cut -c1-400 ;;
     profile-conv)  # the kernels of one forward + backward of the token conv, ours and cuDNN's, at every shape
       timeout ${CONV_LIMIT:-150} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --profile --iters 5 \
         --repeats 1 2>&1 | grep -E "ms of kernels|rror" | cut -c1-400 ;;

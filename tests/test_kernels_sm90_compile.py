@@ -505,11 +505,12 @@ def _gla(dt, tdt):
         bk, bv = gla._blocks(kd, vd)
         bv_fwd, bv_kv = min(bv, 64), min(bv, gla.KV_BLOCK_V)
         # G_OWN: the gates read through their own strides (ViG's layout), everywhere but the walks-only backward;
-        # PREC: the tile products in IEEE float32 (shipped) or on the tensor cores (half inputs, opt-in); FACTOR: the
-        # factored chunk blocks of the forward and intra kernels (opt-in)
+        # PREC: the tile products in IEEE float32 (float32, float16) or on the tensor cores (bfloat16: TF32, three
+        # TF32 products in the backward of long sequences); FACTOR: the factored chunk blocks of the forward and
+        # intra kernels (shipped) or the decay tile
         for own, prec, factor in (
             (False, "ieee", False), (True, "ieee", False), (True, "ieee", True), (True, "tf32", False),
-            (True, "tf32", True), (True, "tf32x3", False),
+            (True, "tf32", True), (True, "tf32x3", False), (True, "tf32x3", True),
         ):  # fmt: skip
             m = dict(own=own, prec=prec)
             fwd = gla._gla_fwd_kernel
