@@ -37,10 +37,9 @@ float32 cancellation). The backward kernels take every value channel in one prog
 few (batch, head) programs (batch 1 at high resolution) the walks are cut into segments that start from incoming
 states and adjoints computed first (``TUNING``).
 
-Products run in IEEE float32 (inputs loaded and converted) on the FMA units; for half-precision inputs
-``TUNING["half_dot_precision"]`` puts the tile products (``A v``, the read-out and state updates: about two thirds of a
-chunk's multiply-adds at ViG's head dims, the ``[T, T, K]`` decay tiles the rest) on the tensor cores for bfloat16
-inputs by default (TF32; three TF32 products in the backward of long sequences).
+Tile products (``A v``, the read-out, the state updates and the factored chunk blocks) run on the tensor cores for
+bfloat16 inputs (TF32; three TF32 products in the backward of long sequences) and in IEEE float32 on the FMA units for
+float16 and float32 inputs (``TUNING["half_dot_precision"]``); the ``[T, T, K]`` decay tiles always in float32.
 ``K`` and ``V`` up to 64 (ViG: 32 and 64; a 64 x 128 state spills registers).
 """
 
