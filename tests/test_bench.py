@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import usage_error
 from torch import nn
 
 from visionlin import cli
@@ -35,12 +36,7 @@ def no_measuring(monkeypatch, tmp_path):
 
 
 def _usage_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", *argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert f"usage: visionlin bench {argv[0]}" in err
-    return err
+    return usage_error(capsys, ["bench", *argv], f"usage: visionlin bench {argv[0]}")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import usage_error
 
 import visionlin
 from visionlin import cli
@@ -123,12 +124,7 @@ def no_measuring(monkeypatch, tmp_path):
 
 
 def _usage_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert f"usage: visionlin {argv[0]}" in err
-    return err
+    return usage_error(capsys, argv, f"usage: visionlin {argv[0]}")
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from cli_utils import fresh_accelerate_state  # noqa: F401  (autouse in this module)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,14 +28,6 @@ from visionlin.convert import (  # noqa: E402
 from visionlin.convert.finetune import _teacher_mode  # noqa: E402
 from visionlin.kernels import block_sparse_attention, softmax_attention  # noqa: E402
 from visionlin.train import checkpoint as ckpt  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _finetune(*args, **kwargs):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from cli_utils import fresh_accelerate_state, usage_error  # noqa: F401  (the fixture: autouse here)
 
 import visionlin  # noqa: F401  (registers the models)
 from visionlin import cli
@@ -29,26 +30,9 @@ LOSSES = ["--distill-logits", "1", "--distill-temperature", "2", "--distill-hard
           "--mask-weight", "1", "--mask-ratio", "0.5"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=4)
-
-
-def _usage_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _cfg(**over) -> dict:
@@ -166,24 +150,24 @@ def test_distill_cli_runs_and_a_killed_run_resumes_exactly(capsys, tmp_path, dat
 
 def test_distill_bad_input_is_a_usage_error(capsys, tmp_path, data):
     base = ["distill", *STUDENT, *RUN, "--data-dir", str(data), "--output", str(tmp_path / "runs")]
-    err = _usage_error(capsys, [*base, "--teacher", "deit_tiyn_patch16_224"])
+    err = usage_error(capsys, [*base, "--teacher", "deit_tiyn_patch16_224"])
     assert "unknown model 'deit_tiyn_patch16_224'" in err
-    err = _usage_error(capsys, base)
+    err = usage_error(capsys, base)
     assert "--teacher is required" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "1:4"])
+    err = usage_error(capsys, [*base, *TEACHER, "--match-layers", "1:4"])
     assert "teacher block 4 is out of range 1..3" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "3"])
+    err = usage_error(capsys, [*base, *TEACHER, "--match-layers", "3"])
     assert "student block 3 is out of range 1..2" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--match-layers", "a,b"])
+    err = usage_error(capsys, [*base, *TEACHER, "--match-layers", "a,b"])
     assert "'a' is not N or STUDENT:TEACHER" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--distill-logits", "-1"])
+    err = usage_error(capsys, [*base, *TEACHER, "--distill-logits", "-1"])
     assert "'-1' is not a non-negative number" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--mask-weight", "-0.5"])
+    err = usage_error(capsys, [*base, *TEACHER, "--mask-weight", "-0.5"])
     assert "'-0.5' is not a non-negative number" in err
-    err = _usage_error(capsys, [*base, *TEACHER, "--ce-weight", "0", "--distill-logits", "0"])
+    err = usage_error(capsys, [*base, *TEACHER, "--ce-weight", "0", "--distill-logits", "0"])
     assert "every loss weight is 0" in err
     wrong = tmp_path / "wrong.pth"
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3).state_dict(), wrong)
-    err = _usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
+    err = usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
     assert f"--teacher-checkpoint '{wrong}' does not fit teacher 'deit_tiny_patch16_224'" in err
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))

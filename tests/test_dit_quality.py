@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from cli_utils import fresh_accelerate_state  # noqa: F401  (autouse in this module)
 
 pytest.importorskip("diffusers")
 
@@ -24,14 +25,6 @@ TINY = ["--tiny", "--device", "cpu", "--samples", "4", "--sample-batch", "4", "-
 @pytest.fixture(scope="module")
 def script():
     return importlib.import_module("benchmarks.dit_quality")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_tiny_cpu_run_writes_every_method_row_finite(script, tmp_path):

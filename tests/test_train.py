@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_utils import fresh_accelerate_state, usage_error  # noqa: F401  (the fixture: autouse here)
 
 from visionlin import cli
 from visionlin.train import checkpoint as ckpt
@@ -31,26 +32,9 @@ RUN = ["-b", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--lo
 TIMEOUT = 240
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=4)
-
-
-def _usage_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -118,35 +102,35 @@ def test_recipes_resolve_and_flags_override_them(tmp_path):
 
 def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     out = ["--output", str(tmp_path / "runs")]
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--model", "infvit_tiyn", *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--model", "infvit_tiyn", *out])
     assert "unknown model 'infvit_tiyn' (did you mean infvit_tiny" in err
-    err = _usage_error(capsys, ["train", *TINY, *out])
+    err = usage_error(capsys, ["train", *TINY, *out])
     assert "--data-dir is required" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path / "nowhere"), *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path / "nowhere"), *out])
     assert "nowhere' does not exist" in err
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path / "empty"), *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path / "empty"), *out])
     assert "has 1 class folders but no images" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--config", "deitt", *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--config", "deitt", *out])
     assert "unknown recipe 'deitt'" in err and "'deit'" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--learning-rate", "1", *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--learning-rate", "1", *out])
     assert "unrecognized arguments: --learning-rate 1" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--smoothing", "2", *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--smoothing", "2", *out])
     assert "'2' is not a probability" in err
-    err = _usage_error(capsys, ["train", *TINY, "--model-kwargs", "depth", "--data-dir", str(data), *out])
+    err = usage_error(capsys, ["train", *TINY, "--model-kwargs", "depth", "--data-dir", str(data), *out])
     assert "model kwarg 'depth' is not KEY=VALUE" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile-mode", "fast", *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile-mode", "fast", *out])
     assert "'fast'" in err and "reduce-overhead" in err
     graphs = ["--torchcompile-mode", "reduce-overhead"]
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), *graphs, *out])
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), *graphs, *out])
     assert "--torchcompile-mode reduce-overhead needs --torchcompile" in err
-    err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile", *graphs,
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile", *graphs,
                                 "--grad-accum-steps", "2", *out])  # fmt: skip
     assert "--grad-accum-steps 2: not supported" in err
     try:
         from torch.utils import tensorboard  # noqa: F401
     except ImportError:
-        err = _usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--tensorboard", *out])
+        err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--tensorboard", *out])
         assert "pip install tensorboard" in err
     assert not (tmp_path / "runs").exists()
 
@@ -214,10 +198,10 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
     r = validate(authors, "--num-classes", "3")
     assert r["top1"] == pytest.approx(last["val_top1"]) and r["loaded_via"] == "checkpoint_filter_fn"
 
-    err = _usage_error(capsys, ["validate", "--model", "infvit_pure_tiny", "--img-size", "32", "--checkpoint",
+    err = usage_error(capsys, ["validate", "--model", "infvit_pure_tiny", "--img-size", "32", "--checkpoint",
                                 str(run), "--data-dir", str(data)])  # fmt: skip
     assert "trained as model 'infvit_tiny'" in err and "this run builds 'infvit_pure_tiny'" in err
-    err = _usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path),
+    err = usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path),
                                 "--experiment", "r"])  # fmt: skip
     assert "already has checkpoints (newest: step-000000006); pass --resume auto" in err
     (run / "curves.png").unlink()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import fresh_accelerate_state  # noqa: F401  (autouse in this module)
 
 from visionlin import cli
 from visionlin.train import checkpoint as ckpt
@@ -46,14 +47,6 @@ TWO = ["-b", "2", "--grad-accum-steps", "2"]  # two processes x 2 images x 2 mic
 RTOL = 1e-5  # float32 sums in another order (the gradient all-reduce, the per-process loss means)
 TIMEOUT = 300
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _once_per_session(tmp_path_factory, name: str, make):
