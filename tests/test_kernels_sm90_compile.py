@@ -398,8 +398,9 @@ def _rope_linear(dt, tdt):
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
 
-    def kernels(tx, ty, krows, kcols, rpb, d):
-        blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
+    def kernels(tx, ty, krows, kcols, rpb, d, bias_dot=None):  # bias_dot: the shipped rpb / scale accumulator
+        blocks = dict(HAS_RPB=rpb, BIAS_DOT=rpb if bias_dot is None else bias_dot, HALF=True, TX=tx, TY=ty, BLOCK_D=d,
+                      BLOCK_DV=d)  # fmt: skip
         qrows, qcols = nt._bwd_block(kcols, rpb, d)
         return [
             (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
@@ -415,15 +416,16 @@ def _neighborhood(dt, tdt):
                 cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
     if dt == "bf16":  # head dim 128 (8 warps, no cap) and the bias gradient's atomic path, in one dtype (slow)
         cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 128)
+        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 32, bias_dot=False)  # scale outside its range
         tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, True)
         qrows, qcols = nt._bwd_block(kcols, True, 32)
-        blocks = dict(HAS_RPB=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32, BLOCK_K=tx * ty)
+        blocks = dict(HAS_RPB=True, BIAS_DOT=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32, BLOCK_K=tx * ty)
         cases.append((nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=True, DS_STORE=False, QROWS=qrows, QCOLS=qcols),
                       nt._bwd_meta(32)))  # fmt: skip
         for rpb in (False, True):  # float32 inputs: IEEE products, no register cap
             tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, rpb)
             qrows, qcols = nt._bwd_block(kcols, rpb, 32)
-            blocks = dict(HAS_RPB=rpb, HALF=False, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
+            blocks = dict(HAS_RPB=rpb, BIAS_DOT=False, HALF=False, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
             cases += [
                 (nt._fwd_kernel, "fp32", dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
                  nt.launch_meta(tx * ty, krows * kcols, 32, rpb)),
@@ -699,9 +701,9 @@ SPILL_ALLOWANCE = {
             ("_aggregate_backward_kernel", 64, 768),
         )
     },
-    # float32 inputs at head dim 32 (IEEE products on float32 tiles; 255 registers): 20-32 bytes
-    ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 32,
-    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 32,
+    # float32 inputs at head dim 32 (IEEE products on float32 tiles; 168-255 registers): 20-36 bytes
+    ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 40,
+    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 40,
 }
 
 

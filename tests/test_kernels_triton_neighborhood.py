@@ -59,6 +59,7 @@ def check_na(
     std=1.0,
     non_contiguous=False,
     seed=0,
+    scale=None,
 ):
     """Run the Triton backend on ``device`` and compare forward and gradients with the float64 reference."""
     nd = len(spatial)
@@ -78,12 +79,12 @@ def check_na(
     if table is not None:
         table = table.to(dtype).double()
     grad = torch.randn(batch, *spatial, heads, dv, generator=g, dtype=torch.float64)
-    scale = dim**-0.5
+    given, scale = scale, dim**-0.5 if scale is None else scale
 
     # The float64 reference runs on the device too (fast on the GPU).
     ref_in = [t.to(device).clone().requires_grad_() for t in (q, k, v)]
     ref_rpb = None if table is None else table.to(device).clone().requires_grad_(rpb_grad)
-    ref = neighborhood_attention_reference(*ref_in, kernel, dilation, rpb=ref_rpb)
+    ref = neighborhood_attention_reference(*ref_in, kernel, dilation, rpb=ref_rpb, scale=given)
     ref.backward(grad.to(device))
 
     if non_contiguous:
@@ -92,7 +93,7 @@ def check_na(
     else:
         ours_in = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     ours_rpb = None if table is None else table.to(device, torch.float32).requires_grad_(rpb_grad)
-    out = na._triton(*ours_in, kernel, dilation, rpb=ours_rpb)
+    out = na._triton(*ours_in, kernel, dilation, rpb=ours_rpb, scale=given)
     assert out.dtype == dtype and out.shape == ref.shape
     out.backward(grad.to(device, dtype))
     grads = list(fused.grad.unbind(-3)) if non_contiguous else [t.grad for t in ours_in]
@@ -137,7 +138,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((13,), 5, 2, f32, "cpu", dim=32)                      # 1-D as one row
     check_na((5, 9), 3, 1, f32, "cpu", non_contiguous=True, batch=1)  # head splits of a fused qkv
     check_na((7, 9), 3, (2, 1), torch.float16, "cpu", batch=1)
+    # the bias in the products' accumulator as rpb / scale (a negative scale), and added after the product where
+    # 1 / scale leaves float32's range (scale 0: the logits are the bias alone)
     from visionlin.kernels.triton import neighborhood as nt
+    t, f16 = torch.zeros(1), torch.float16
+    assert nt._bias_dot(t, -0.3, f16) and not nt._bias_dot(t, 0.0, f16) and not nt._bias_dot(t, 2.0**-101, f16)
+    assert not nt._bias_dot(None, 1.0, f16) and not nt._bias_dot(t, 1.0, f32)  # float32: added after the product
+    check_na((7, 8), 5, 1, f16, "cpu", batch=1, heads=1, scale=-0.3)
+    check_na((7, 8), 5, 1, f16, "cpu", batch=1, heads=1, scale=0.0)
     nt.DS_BUFFER_BYTES = 1  # one bias-gradient slice for the whole batch: the fused backward's atomic path
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
@@ -284,11 +292,13 @@ def test_gpu_na2d(case, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_na_awkward_layouts(dtype):
-    """Head splits of a fused qkv, Dv != D, a frozen bias table, large logits, 1-D."""
+    """Head splits of a fused qkv, Dv != D, a frozen bias table, large logits, scales 0 and negative, 1-D."""
     _cuda_or_skip()
     check_na((13, 17), 7, 1, dtype, "cuda", non_contiguous=True, dim=32, heads=2)
     check_na((11, 12), 5, 2, dtype, "cuda", dim=64, dv=32, rpb_grad=False)
     check_na((15, 15), 3, 1, dtype, "cuda", dim=32, std=4.0)
+    check_na((15, 15), 5, 1, dtype, "cuda", dim=32, scale=0.0)  # the bias added after the product (1 / scale)
+    check_na((15, 15), 5, 1, dtype, "cuda", dim=32, scale=-2.0)
     check_na((197,), 7, 3, dtype, "cuda", dim=32, batch=3)
     check_na((49,), 13, 1, dtype, "cuda", dim=64, batch=1, rpb=False)
 
