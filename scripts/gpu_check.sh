@@ -64,6 +64,8 @@
 #                  chunk blocks, ViG's parity; the token conv's stacked-rows weight gradient (S36_K: -k)
 #   bench-s36      benchmarks/gla_backward.py: IEEE vs tf32 / tf32x3 tile products vs factored chunk blocks (factor,
 #                  factor_tf32) vs shipped, op and ViG-S step                                          ~3 min
+#   tests-s37      what stop 36 changed without a GPU: NA's bias in the products' accumulator (every NA gpu test, NAT /
+#                  DiNAT parity; S37_K: -k)                                                              ~3 min
 #   bench-wg       benchmarks/conv_op.py --weight-grad-sweep: the token conv's weight-gradient kernels ("tile", the
 #                  opt-in "rows", per tap, cuDNN) over their launch settings, the best per shape printed ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
@@ -190,6 +192,9 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
       timeout ${GLA_LIMIT:-200} python3 benchmarks/gla_backward.py --out "$OUT" --commit "$COMMIT" \
         --configs shipped,ieee,tf32,tf32x3,factor,factor_tf32 --iters 20 2>&1 | grep -vE "Warning|warn" | cut -c1-220 \
         | tail -14 ;;
+    tests-s37)  # what stop 36 changed without a GPU: NAT's bias in the score products' accumulator (half inputs)
+      run_tests s37 ${S37_LIMIT:-240} tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
+        --tb=short -k "${S37_K:-na or nat}" ;;
     bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
         2>&1 | grep -E "x$|rror" | tail -16
