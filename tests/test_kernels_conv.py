@@ -196,6 +196,24 @@ def test_triton_is_chosen_and_compiles():
     assert x.grad is not None and w.grad is not None
 
 
+def test_rows_kernel_beyond_its_kernel_size_takes_the_tile_kernel_at_the_tile_size(monkeypatch):
+    """``"rows"`` runs up to ``ROWS_MAX_K`` at its own tile size; larger kernels take ``"tile"`` at the tile kernel's
+    default size, not the rows kernel's."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import conv
+
+    seen = []
+    monkeypatch.setattr(conv, "launch", lambda fn, grid, *args, **meta: seen.append((fn, meta["BLOCK_T"])))
+    monkeypatch.setitem(conv.TUNING, "weight_grad", "rows")
+    for k in (conv.ROWS_MAX_K, conv.ROWS_MAX_K + 2):
+        g = torch.zeros(1, 49, 64)
+        conv._launch_weight_grad(g, g, torch.zeros(1, k * k, 64), torch.zeros(64), k, True, 7, 7, 0, 0)
+    assert seen == [
+        (conv._weight_grad_rows_kernel, conv.weight_grad_tile(conv.ROWS_MAX_K, conv.ROWS_ELEMENTS)[2]),
+        (conv._weight_grad_tile_kernel, conv.weight_grad_tile(conv.ROWS_MAX_K + 2)[2]),
+    ]
+
+
 def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     """A ``TUNING["weight_grad"]`` naming no kernel raises, naming the value and the choices (it does not silently run
     one of them); the tile shapes cover the kernel sizes the models use."""

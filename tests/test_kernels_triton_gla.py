@@ -12,7 +12,6 @@ once). The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
-import itertools
 import re
 import textwrap
 
@@ -497,9 +496,9 @@ def test_gpu_gla_intra_past_a_grid_axis(monkeypatch):
         grads[intra, factor] = torch.autograd.grad(out, (q, k, v, g), do)
     # the same formula: summation-order noise; the factored chunk blocks round differently (the gates' gradient, a
     # cumulative sum that cancels, was 1.4e-4 apart on an H200): a chunk misplaced on the grid is off by O(1)
-    for (key, bound), name in itertools.product((((True, False), 1e-5), ((True, True), 1e-3)), "qkvg"):
-        a, b = grads[False, False]["qkvg".index(name)], grads[key]["qkvg".index(name)]
-        assert _rel(b, a.double()) < bound, (key, name)
+    for key, bound in (((True, False), 1e-5), ((True, True), 1e-3)):
+        for name, a, b in zip("qkvg", grads[False, False], grads[key], strict=True):
+            assert _rel(b, a.double()) < bound, (key, name)
 
 
 @gpu

@@ -417,7 +417,8 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         )  # fmt: skip
         return False
     fused = kernel == "fused"
-    elements = tuned(TUNING, "wg_elements", ROWS_ELEMENTS if kernel == "rows" else WEIGHT_GRAD_ELEMENTS, pow2=True)
+    rows = kernel == "rows" and k <= ROWS_MAX_K  # (larger kernels take "tile", at its own tile size)
+    elements = tuned(TUNING, "wg_elements", ROWS_ELEMENTS if rows else WEIGHT_GRAD_ELEMENTS, pow2=True)
     if elements > MAX_WEIGHT_GRAD_ELEMENTS:
         raise ValueError(
             f"visionlin.kernels.triton.conv.TUNING['wg_elements'] = {elements}: at most {MAX_WEIGHT_GRAD_ELEMENTS}"
@@ -425,7 +426,7 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
     t1, t2, bt = weight_grad_tile(k, elements)
     splits, per = _splits(hh * ww, bt, b * c_blocks, x.device, per_sm)  # token chunks: programs per SM
     i64 = (p + hh * ww + bt) * max(x.stride(1), g.stride(1)) >= I32_OFFSETS  # a tile past the end included
-    if kernel == "rows" and k <= ROWS_MAX_K:
+    if rows:
         launch(_weight_grad_rows_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
             K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, I64=i64, BLOCK_T=bt, BLOCK_C=BLOCK_C, num_warps=warps,
