@@ -141,11 +141,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     # the bias in the products' accumulator as rpb / scale (a negative scale), and added after the product where
     # 1 / scale leaves float32's range (scale 0: the logits are the bias alone)
     from visionlin.kernels.triton import neighborhood as nt
-    t, f16 = torch.zeros(1), torch.float16
-    assert nt._bias_dot(t, -0.3, f16) and not nt._bias_dot(t, 0.0, f16) and not nt._bias_dot(t, 2.0**-101, f16)
-    assert not nt._bias_dot(None, 1.0, f16) and not nt._bias_dot(t, 1.0, f32)  # float32: added after the product
-    check_na((7, 8), 5, 1, f16, "cpu", batch=1, heads=1, scale=-0.3)
-    check_na((7, 8), 5, 1, f16, "cpu", batch=1, heads=1, scale=0.0)
+    t = torch.zeros(1)
+    assert nt._bias_dot(t, -0.3, True) and not nt._bias_dot(t, 0.0, True) and not nt._bias_dot(t, 2.0**-101, True)
+    assert not nt._bias_dot(None, 1.0, True) and not nt._bias_dot(t, 1.0, False)  # float32: added after the product
+    check_na((7, 8), 5, 1, torch.float16, "cpu", batch=1, heads=1, scale=-0.3)
+    check_na((7, 8), 5, 1, torch.float16, "cpu", batch=1, heads=1, scale=0.0)
     nt.DS_BUFFER_BYTES = 1  # one bias-gradient slice for the whole batch: the fused backward's atomic path
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)

@@ -60,19 +60,18 @@ def _dot(a, b, HALF: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _logits(q, k, bias_ptr, scale, tab_last, BIAS_DOT: tl.constexpr, HALF: tl.constexpr):
+def _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT: tl.constexpr, HALF: tl.constexpr):
     """Base-2 logits ``scale q . k log2(e)`` of a score tile; with ``BIAS_DOT`` plus the bias ``rpb log2(e)``, which
-    enters the product's float32 accumulator as ``rpb / scale`` (read unmasked, ``bias_ptr``'s offsets clamped into the
-    head's table ``[0, tab_last]``: pairs outside the window are masked by the caller). The tile then never leaves the
-    product's layout: added after the product (masked by the window, as without ``BIAS_DOT``), the gathered bias tile
-    drew the online softmax into the gather's layout too, so every row maximum and exponential was computed twice
-    (two loop-carried copies). sm_90 SASS compiled as the runtime specialises NAT-T's stage 1 (unit strides, bf16,
-    head dim 32): the forward's loop 547 -> 449 instructions per key block, 117 -> 80 registers; the backward's
-    540 -> 502."""
+    enters the product's float32 accumulator as ``rpb / scale`` (read unmasked at ``rpb_base + bias_off``, the offsets
+    clamped into the head's table ``[0, tab_last]``: pairs outside the window are masked by the caller). The tile then
+    never leaves the product's layout: added after the product (masked by the window, as without ``BIAS_DOT``), the
+    gathered bias tile drew the online softmax into the gather's layout too, so every row maximum and exponential was
+    computed twice (two loop-carried copies). sm_90 SASS compiled as the runtime specialises NAT-T's stage 1 (unit
+    strides, bf16, head dim 32): the forward's loop 547 -> 449 instructions per key block, 117 -> 80 registers; the
+    backward's 540 -> 502."""
     qk_scale = scale * 1.4426950408889634
     if BIAS_DOT:
-        offs = tl.minimum(tl.maximum(bias_ptr[1], 0), tab_last)
-        bias = tl.load(bias_ptr[0] + offs).to(tl.float32) * (1.0 / scale)
+        bias = tl.load(rpb_base + tl.minimum(tl.maximum(bias_off, 0), tab_last)).to(tl.float32) * (1.0 / scale)
         return _dot(q, tl.trans(k), HALF, bias) * qk_scale
     return _dot(q, tl.trans(k), HALF) * qk_scale
 
@@ -155,7 +154,7 @@ def _fwd_kernel(
             other=0.0,
         )
         bias_off = q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :]
-        s = _logits(q, k, (rpb_base, bias_off), scale, tab_last, BIAS_DOT, HALF)
+        s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)
         inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
         if HAS_RPB and not BIAS_DOT:
             s += tl.load(rpb_base + bias_off, mask=inwin, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -295,7 +294,7 @@ def _bwd_kernel(
             lse = tl.load(LSE + row, mask=qvalid, other=0.0)
             delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
             bias_off = ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :]
-            s = _logits(q, k, (rpb_base, bias_off), scale, tab_last, BIAS_DOT, HALF)  # [queries, keys]
+            s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)  # [queries, keys]
             inwin = (
                 (kpx[None, :] >= sx[:, None]) & (kpx[None, :] < sx[:, None] + KX)
                 & (kpy[None, :] >= sy[:, None]) & (kpy[None, :] < sy[:, None] + KY)
@@ -434,10 +433,9 @@ def _launch_args(q, kx, ky, dx, dy, tx, ty):
 BIAS_DOT_SCALES = (2.0**-100, 2.0**100)
 
 
-def _bias_dot(rpb: torch.Tensor | None, scale: float, dtype: torch.dtype) -> bool:
+def _bias_dot(rpb: torch.Tensor | None, scale: float, half: bool) -> bool:
     """Whether :func:`_logits` puts the bias in the products' accumulator: half-precision inputs (tensor-core
     products; float32's IEEE backward spilled 488 bytes that way at sm_90), ``|scale|`` in :data:`BIAS_DOT_SCALES`."""
-    half = dtype in (torch.float16, torch.bfloat16)
     return rpb is not None and half and BIAS_DOT_SCALES[0] <= abs(scale) <= BIAS_DOT_SCALES[1]
 
 
@@ -470,11 +468,11 @@ def na2d_fwd(
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     bd, bdv = _blocks(d), _blocks(dv)
+    half = q.dtype in (torch.float16, torch.bfloat16)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
-        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, q.dtype),
-        HALF=q.dtype in (torch.float16, torch.bfloat16), TX=tx, TY=ty, BLOCK_Q=tx * ty,
+        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
         KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd, rpb is not None),
     )  # fmt: skip
     return out, lse
@@ -530,7 +528,7 @@ def na2d_bwd(
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, q.dtype), NEED_DRPB=need, DS_STORE=store, HALF=half,
+        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, half), NEED_DRPB=need, DS_STORE=store, HALF=half,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd, half),
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
