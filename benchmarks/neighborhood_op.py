@@ -164,6 +164,27 @@ def _profile(args: argparse.Namespace, steps: int = 5) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
+def _bias_dot_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
+    """The Triton forward and backward kernels' GPU time (:func:`_profile`) with the bias added after the score
+    product (``BIAS_DOT_SCALES`` emptied) and inside its accumulator (the shipped range), alternating ``rounds``
+    times in one process: the bias-in-the-product change measured side by side."""
+    from visionlin.kernels.triton import neighborhood as nt
+
+    shipped, rows = nt.BIAS_DOT_SCALES, []
+    try:
+        for r in range(rounds):
+            for setting, scales in (("after", (1.0, 0.0)), ("in_product", shipped)):
+                nt.BIAS_DOT_SCALES = scales
+                kernels = {p["kernel"]: p["ms_per_step"] for p in _profile(args)}
+                row = {"round": r, "bias": setting, "fwd_ms": kernels.get("_fwd_kernel"),
+                       "bwd_ms": kernels.get("_bwd_kernel")}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        nt.BIAS_DOT_SCALES = shipped
+    return rows
+
+
 def _sweep(args: argparse.Namespace) -> list[dict]:
     """The forward alone over the forward's settings, then the backward alone (one saved forward, its graph kept)
     over the backward's: query block, warps, register cap. Each setting's keys in
@@ -243,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) gather reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
+    p.add_argument(
+        "--bias-dot-ab", action="store_true",
+        help="also profile the kernels with the bias added after the score product and inside it, alternating",
+    )  # fmt: skip
     add_timing_flags(p, warmup=5, repeats=5)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
@@ -272,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         result["profile_forward_backward"] = _profile(args)
         for row in result["profile_forward_backward"][:8]:
             print(f"profile: {row['ms_per_step']:.3f} ms  x{row['calls_per_step']:.0f}  {row['kernel']}")
+    if args.bias_dot_ab:
+        result["bias_dot_ab"] = _bias_dot_ab(args)
     if args.sweep:
         result["sweep"] = _sweep(args)
         for mode in ("forward", "backward"):

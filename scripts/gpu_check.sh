@@ -73,7 +73,7 @@
 #   tests-bias     gpu tests of the agent position-bias kernels, the token conv, the agent layers, the agent / token-conv
 #                  models' parity                                                                      ~3 min
 #   bench-conv     benchmarks/conv_op.py --sweep: the token depthwise conv vs ATen and the add bound ~2.5 min
-#   bench-na       benchmarks/neighborhood_op.py                                                       ~1 min
+#   bench-na       benchmarks/neighborhood_op.py (NA_ARGS: its flags, e.g. --bias-dot-ab)               ~1 min
 #   bench-na3d     benchmarks/neighborhood_3d.py: 3-D windows + text keys at Wan2.1's shape (flex, chunked, dense) ~2 min
 #   bench-convert  benchmarks/convert_speed.py: Wan2.1-1.3B (32,760 tokens) and FLUX.1 (4,096 + 512) step time,
 #                  dense vs sparse / sla / hybrid / linear (full models, forward)                       ~3 min
@@ -403,7 +403,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       run_tests pool 200 tests/test_kernels_pool.py tests/test_bench_pool_op.py tests/test_layers_agent_inline.py \
         tests/test_models_gpu_parity.py -k "pool or agent" ;;
     bench-na)
-      timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -15 ;;
+      timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" ${NA_ARGS:-} 2>&1 | tail -15 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
     bench-build-default)  # FLatten's memory with its positional tables resampled per forward instead of stored
