@@ -9,7 +9,7 @@ Switches (each a process-wide setting read at every forward):
 * ``pre_norm``: ``visionlin.layers.norm.FAST_PATHS["pre_norm"]`` (the ``layer_norm`` op, Triton first): the blocks'
   float32 LayerNorm and the bfloat16 cast of the ``Linear`` after it in one pass (inference only: where gradients are
   taken the blocks keep ``nn.LayerNorm``);
-* ``bn_nhwc``: ``FAST_PATHS["bn_channels_last"]``: the MAViT / RAVLT / NaLaFormer BatchNorm stem channels-last;
+* ``stem_nhwc``: ``FAST_PATHS["stem_channels_last"]``: the convolutional image stems channels-last;
 * ``patch_gemm``: ``FAST_PATHS["patch_gemm"]``: the non-overlapping patch stems (DeiT 16 x 16, Swin / PVT 4 x 4) as
   one matrix product over the patches instead of cuDNN's convolution;
 * ``all``: every switch on.
@@ -41,7 +41,7 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("default", "baseline", "pre_norm", "bn_nhwc", "patch_gemm", "all")
+CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "all")
 TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
@@ -77,7 +77,7 @@ def switches(config: str) -> Iterator[None]:
         if config != "default":
             norm.FAST_PATHS.update(
                 pre_norm=config in ("pre_norm", "all"),
-                bn_channels_last=config in ("bn_nhwc", "all"),
+                stem_channels_last=config in ("stem_nhwc", "all"),
                 patch_gemm=config in ("patch_gemm", "all"),
             )
         yield

@@ -66,6 +66,8 @@
 #                  factor_tf32) vs shipped, op and ViG-S step                                          ~3 min
 #   tests-s37      what stop 36 changed without a GPU: NA's bias in the products' accumulator (every NA gpu test, NAT /
 #                  DiNAT parity; S37_K: -k)                                                              ~3 min
+#   tests-s37b     stop 37: NA's bias-gradient reduction kernel, its opt-in bias-in-product backward, NAT / DiNAT
+#                  parity, the channels-last stems (FAST_PATHS["stem_channels_last"]) of NAT and MambaVision ~3 min
 #   bench-wg       benchmarks/conv_op.py --weight-grad-sweep: the token conv's weight-gradient kernels ("tile", the
 #                  opt-in "rows", per tap, cuDNN) over their launch settings, the best per shape printed ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
@@ -195,6 +197,10 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     tests-s37)  # what stop 36 changed without a GPU: NAT's bias in the score products' accumulator (half inputs)
       run_tests s37 ${S37_LIMIT:-240} tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
         --tb=short -k "${S37_K:-na or nat}" ;;
+    tests-s37b)  # stop 37: the bias gradient's reduction kernel, the backward's opt-in bias-in-product form, NAT /
+      # DiNAT parity, the channels-last convolutional stems (NAT, MambaVision) against the switch off
+      run_tests s37b ${S37_LIMIT:-240} tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
+        tests/test_kernels_layer_norm.py --tb=short -k "${S37_K:-na or nat or stem_channels_last}" ;;
     bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
         2>&1 | grep -E "x$|rror" | tail -16

@@ -32,15 +32,15 @@ def test_switches_set_and_restore():
 
     before = dict(norm.FAST_PATHS)
     with toggle_speed.switches("all"):
-        assert norm.FAST_PATHS == {"pre_norm": True, "bn_channels_last": True, "patch_gemm": True}
+        assert norm.FAST_PATHS == {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True}
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
     with toggle_speed.switches("default"):
         assert before == norm.FAST_PATHS  # the shipped settings, untouched
-    with toggle_speed.switches("bn_nhwc"):
-        assert norm.FAST_PATHS == {"pre_norm": False, "bn_channels_last": True, "patch_gemm": False}
+    with toggle_speed.switches("stem_nhwc"):
+        assert norm.FAST_PATHS == {"pre_norm": False, "stem_channels_last": True, "patch_gemm": False}
     with toggle_speed.switches("patch_gemm"):
-        assert norm.FAST_PATHS == {"pre_norm": False, "bn_channels_last": False, "patch_gemm": True}
+        assert norm.FAST_PATHS == {"pre_norm": False, "stem_channels_last": False, "patch_gemm": True}
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
         raise RuntimeError  # restored on error too
     assert dict(norm.FAST_PATHS) == before

@@ -312,7 +312,7 @@ def test_triton_compiles_and_matches_eager():
     ("switch", "name"),
     [
         *(("pre_norm", n) for n in ("nat_tiny", "nalaformer_tiny", "flatten_pvt_small", "infvit_small", "mavit_tiny")),
-        *(("bn_channels_last", n) for n in ("nalaformer_tiny", "mavit_tiny")),
+        *(("stem_channels_last", n) for n in ("nalaformer_tiny", "mavit_tiny", "nat_tiny", "mambavision_tiny")),
         *(("patch_gemm", n) for n in ("infvit_small", "flatten_swin_tiny")),
     ],
 )
@@ -377,10 +377,10 @@ def test_models_with_fast_path(switch, name, monkeypatch):
 
 
 def test_stem_memory_format_off_cuda(monkeypatch):
-    """The BatchNorm stem's switch leaves CPU tensors (and everything with the switch off) as they are."""
+    """The convolutional stems' switch leaves CPU tensors (and everything with the switch off) as they are."""
     x = torch.randn(2, 3, 8, 8)
     for on in (False, True):
-        monkeypatch.setitem(norm_module.FAST_PATHS, "bn_channels_last", on)
+        monkeypatch.setitem(norm_module.FAST_PATHS, "stem_channels_last", on)
         assert norm_module.stem_memory_format(x) is x
 
 

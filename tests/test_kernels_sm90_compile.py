@@ -398,15 +398,16 @@ def _rope_linear(dt, tdt):
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
 
-    def kernels(tx, ty, krows, kcols, rpb, d, bias_dot=None):  # bias_dot: the shipped rpb / scale accumulator
-        blocks = dict(HAS_RPB=rpb, BIAS_DOT=rpb if bias_dot is None else bias_dot, HALF=True, TX=tx, TY=ty, BLOCK_D=d,
-                      BLOCK_DV=d)  # fmt: skip
+    def kernels(tx, ty, krows, kcols, rpb, d, bias_dot=None):  # bias_dot None: the shipped rpb / scale accumulator
+        fwd_dot = rpb if bias_dot is None else bias_dot
+        bwd_dot = rpb and bool(nt.TUNING["bwd_bias_dot"]) if bias_dot is None else bias_dot
+        blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
         qrows, qcols = nt._bwd_block(kcols, rpb, d)
         return [
-            (nt._fwd_kernel, dt, dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
+            (nt._fwd_kernel, dt, dict(blocks, BIAS_DOT=fwd_dot, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
              nt.launch_meta(tx * ty, krows * kcols, d, rpb)),
-            (nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols),
-             nt._bwd_meta(d)),
+            (nt._bwd_kernel, dt, dict(blocks, BIAS_DOT=bwd_dot, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty,
+                                      QROWS=qrows, QCOLS=qcols), nt._bwd_meta(d)),
         ]  # fmt: skip
 
     cases = []
@@ -417,9 +418,11 @@ def _neighborhood(dt, tdt):
     if dt == "bf16":  # head dim 128 (8 warps, no cap) and the bias gradient's atomic path, in one dtype (slow)
         cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 128)
         cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 32, bias_dot=False)  # scale outside its range
+        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 32, bias_dot=True)  # the backward's opt-in form
         tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, True)
         qrows, qcols = nt._bwd_block(kcols, True, 32)
-        blocks = dict(HAS_RPB=True, BIAS_DOT=True, HALF=True, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32, BLOCK_K=tx * ty)
+        blocks = dict(HAS_RPB=True, BIAS_DOT=bool(nt.TUNING["bwd_bias_dot"]), HALF=True, TX=tx, TY=ty, BLOCK_D=32,
+                      BLOCK_DV=32, BLOCK_K=tx * ty)  # fmt: skip
         cases.append((nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=True, DS_STORE=False, QROWS=qrows, QCOLS=qcols),
                       nt._bwd_meta(32)))  # fmt: skip
         for rpb in (False, True):  # float32 inputs: IEEE products, no register cap
@@ -438,6 +441,10 @@ def _neighborhood(dt, tdt):
     for dv in (32, 64, 128):  # the backward's delta pre-pass, with _delta's block sizes
         bdv = nt._blocks(dv)
         cases.append((nt._delta_kernel, dt, dict(BLOCK_R=max(8, 2048 // bdv), BLOCK_DV=bdv), {"num_warps": 8}))
+    if dt == "bf16":  # the bias gradient's reduction (float32 whatever the inputs), windows of 7 x 7 and 13 x 13
+        for width in (64, 256):
+            cases.append((nt._bias_grad_kernel, "fp32", dict(BLOCK_Q=nt.BIAS_GRAD_BLOCK_Q, BLOCK_W=width),
+                          {"num_warps": 4}))  # fmt: skip
     return cases
 
 
@@ -685,9 +692,10 @@ SPILL_ALLOWANCE = {
     **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 32): 320 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_fwd_kernel", dt, None, 64): 800 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 64): 160 for dt in ("bf16", "fp16")},
-    # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-60 bytes
+    # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-72 bytes (the backward's
+    # shipped form, the bias added after the products, 72; in them, 56)
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "bf16", None, 128): 64,
-    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "bf16", None, 128): 64,
+    ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "bf16", None, 128): 80,
     # The fused agent backward: 64-row blocks in 4 warps, one stage, spill 80-730 bytes and still ran fastest of 12
     # settings at head dim 64 (agent_backends.py --bwd-sweep: 326 / 435 / 351 us for both kernels at Agent-DeiT-S's
     # 224 / 1024 / 2048 px shapes against 526 / 618 / 551 for 32 rows in 8 warps, which spill nothing)

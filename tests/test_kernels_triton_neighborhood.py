@@ -145,6 +145,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert nt._bias_dot(t, -0.3, True) and not nt._bias_dot(t, 0.0, True) and not nt._bias_dot(t, 2.0**-101, True)
     assert not nt._bias_dot(None, 1.0, True) and not nt._bias_dot(t, 1.0, False)  # float32: added after the product
     check_na((7, 8), 5, 1, torch.float16, "cpu", batch=1, heads=1, scale=-0.3)
+    nt.TUNING["bwd_bias_dot"] = True  # the backward's opt-in form of the same
+    check_na((7, 8), 5, 1, torch.float16, "cpu", batch=1, heads=1, scale=-0.3)
+    nt.TUNING["bwd_bias_dot"] = False
     check_na((7, 8), 5, 1, torch.float16, "cpu", batch=1, heads=1, scale=0.0)
     nt.DS_BUFFER_BYTES = 1  # one bias-gradient slice for the whole batch: the fused backward's atomic path
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
@@ -181,42 +184,53 @@ def _qkv(spatial, dtype=torch.float32, dim=8, heads=2, device="cpu"):
     return [torch.randn(2, *spatial, heads, dim, dtype=dtype, device=device) for _ in range(3)]
 
 
-def test_bias_table_index_is_built_once_per_geometry(monkeypatch):
-    """The backward's flat bias-table index is cached per (geometry, device) on the eager path: the same tensor on a
-    second call, equal to a fresh build, and a different one for another geometry (dilated, clipped windows
-    included). Through the dispatcher (torch.compile, whose CUDA graphs refuse tensors left alive in their pool) and
-    during CUDA-graph capture it is built every time."""
-    from visionlin.kernels.triton import _eager
-    from visionlin.kernels.triton import neighborhood as tn
+_BIAS_GRAD_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from visionlin.kernels import neighborhood as na
+    from visionlin.kernels.triton import neighborhood as nt
 
-    assert not _eager.direct()
-    index = (7, 5, 3, 3, 1, 1, (2, 5, 5), torch.device("cpu"))
-    assert tn._table_index(*index) is not tn._table_index(*index)  # not on the eager path: not kept
-    assert torch.equal(tn._table_index(*index), tn._build_table_index(*index))
-    monkeypatch.setattr(tn, "_table_index", lambda *a, _f=tn._table_index: _eager._direct_call(_f, *a))
+    def reference(ds, shape, x, y, kx, ky, dx, dy):  # the sum over slices, scattered through an index tensor
+        ksx, ksy = (shape[1] + 1) // 2, (shape[2] + 1) // 2
+        _, bix = na.neighborhood_indices(x, ksx, dx)
+        _, biy = na.neighborhood_indices(y, ksy, dy)
+        flat = (bix[:, None, :, None] * shape[2] + biy[None, :, None, :]).reshape(1, -1).expand(shape[0], -1)
+        out = torch.zeros(shape, dtype=torch.float64)
+        out.view(shape[0], -1).scatter_add_(1, flat, ds.double().sum(0).reshape(shape[0], -1))
+        return out
 
-    cpu = torch.device("cpu")
-    for x, y, ks, dil, h in ((7, 5, 3, 1, 2), (12, 9, 5, 2, 3), (4, 6, 7, 1, 1)):
-        (kx, dx), (ky, dy) = na.effective_window(x, ks, dil), na.effective_window(y, ks, dil)
-        shape = (h, 2 * ks - 1, 2 * ks - 1)
-        first = tn._table_index(x, y, kx, ky, dx, dy, shape, cpu)
-        assert tn._table_index(x, y, kx, ky, dx, dy, list(shape), cpu) is first
-        assert torch.equal(first, tn._build_table_index(x, y, kx, ky, dx, dy, shape, cpu))
-        assert first.shape == (h, x * y * kx * ky)
-        assert int(first.min()) >= 0 and int(first.max()) < shape[1] * shape[2]
-    assert tn._table_index(7, 5, 3, 3, 1, 1, (2, 5, 5), cpu) is not tn._table_index(7, 6, 3, 3, 1, 1, (2, 5, 5), cpu)
-    big = (9, 9, 3, 3, 1, 1, (2, 5, 5), cpu)  # above the size limit (lowered here): built anew, equal, not kept
-    monkeypatch.setattr(tn, "TABLE_INDEX_CACHE_NUMEL", 9 * 9 * 9 - 1)
-    assert tn._table_index(*big) is not tn._table_index(*big)
-    assert torch.equal(tn._table_index(*big), tn._build_table_index(*big))
-    small = (7, 5, 3, 3, 1, 1, (2, 5, 5), cpu)
-    kept = tn._table_index(*small)
-    with monkeypatch.context() as m:  # while a CUDA graph is captured: built for the call, the kept one not used
-        m.setattr(torch.cuda, "is_available", lambda: True)
-        m.setattr(torch.cuda, "is_initialized", lambda: True)  # (a capture needs a context)
-        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        assert tn._table_index(*small) is not kept
-    assert tn._table_index(*small) is kept
+    torch.manual_seed(0)
+    # (map, kernel, dilation, heads): clipped borders, dilation groups on one or both axes, a map smaller than the
+    # kernel (window = the whole map, table 13 x 13), non-square kernels
+    for (x, y), ks, dil, h in (((7, 5), 3, 1, 2), ((12, 9), 5, (2, 1), 3), ((4, 6), 7, 1, 1), ((9, 13), (3, 5), 2, 2)):
+        ks = ks if isinstance(ks, tuple) else (ks, ks)
+        dil = dil if isinstance(dil, tuple) else (dil, dil)
+        (kx, dx), (ky, dy) = na.effective_window(x, ks[0], dil[0]), na.effective_window(y, ks[1], dil[1])
+        shape = (h, 2 * ks[0] - 1, 2 * ks[1] - 1)
+        for slices, per_sm in ((1, 4), (5, 4), (5, 1000), (3, 0)):  # one chunk, several, one slice each; per_sm 0: 1
+            nt.BIAS_GRAD_PER_SM = per_sm
+            ds = torch.randn(slices, h, x, y, kx * ky)
+            drpb = torch.zeros(shape)
+            nt._bias_grad(ds, drpb, x, y, kx, ky, dx, dy)
+            want = reference(ds, shape, x, y, kx, ky, dx, dy)
+            assert torch.allclose(drpb.double(), want, rtol=1e-5, atol=1e-5), ((x, y), ks, dil, slices, per_sm)
+        ds = torch.randn(2, h, x, y, kx * ky)  # strided slices: a view into a larger buffer
+        big = torch.randn(2, h + 1, x, y, kx * ky)
+        big[:, :h] = ds
+        drpb = torch.zeros(shape)
+        nt._bias_grad(big[:, :h], drpb, x, y, kx, ky, dx, dy)
+        assert torch.allclose(drpb.double(), reference(ds, shape, x, y, kx, ky, dx, dy), rtol=1e-5, atol=1e-5)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_bias_gradient_reduction():
+    """The backward's bias-gradient reduction kernel (slices summed in registers, added to the table by atomics at
+    indices computed from each query's window) against the sum over slices scattered through ``neighborhood_indices``
+    (float64): clipped and dilated windows, maps smaller than the kernel, slices split into chunks or not."""
+    pytest.importorskip("triton")
+    run_in_interpreter(_BIAS_GRAD_SCRIPT)
 
 
 def test_triton_supports_reasons():
@@ -315,6 +329,21 @@ def test_gpu_na_bias_gradient_slices(slices, monkeypatch):
     monkeypatch.setattr(nt, "DS_BUFFER_BYTES", slices * heads * 12 * 13 * 25 * 4)
     check_na(spatial, 5, 1, torch.bfloat16, "cuda", batch=3, heads=heads, dim=32)
     check_na(spatial, 5, 1, torch.bfloat16, "cuda", batch=3, heads=heads, dim=128)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_na_backward_bias_in_product(dtype, monkeypatch):
+    """The backward's opt-in form (``TUNING["bwd_bias_dot"]``): the bias in its score products' accumulator as the
+    forward does; NAT's stage-1 tiling, a dilated one, a negative scale and scale 0 (added after the product)."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import neighborhood as nt
+
+    monkeypatch.setitem(nt.TUNING, "bwd_bias_dot", True)
+    check_na((56, 56), 7, 1, dtype, "cuda", batch=1, heads=2, dim=32)
+    check_na((28, 28), 7, 4, dtype, "cuda", batch=2, heads=2, dim=64)
+    check_na((15, 15), 5, 1, dtype, "cuda", dim=32, scale=-2.0)
+    check_na((15, 15), 5, 1, dtype, "cuda", dim=32, scale=0.0)
 
 
 @gpu

@@ -14,7 +14,7 @@ two Triton launches cost more host time than ``F.layer_norm`` (``benchmarks/resu
 eager training steps are host-bound, so the switch slowed them (0.72-0.93x, ``toggle_speed_215ffc9.json``) while
 it sped up inference 1.05-1.39x. Elsewhere (CPU, no autocast, gradients, ``torch.compile``, which fuses the pair
 itself) it is ``nn.LayerNorm``.
-:func:`stem_memory_format` is the BatchNorm stems' switch (``FAST_PATHS["bn_channels_last"]``).
+:func:`stem_memory_format` is the convolutional stems' switch (``FAST_PATHS["stem_channels_last"]``).
 """
 
 from __future__ import annotations
@@ -34,19 +34,21 @@ __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 #:   when the ``layer_norm`` op's Triton backend is chosen). H200, batch 256, 224 px: NAT-T 1.39x, FLatten-PVT-S
 #:   1.33x, MAViT-T 1.18x, NaLaFormer-T 1.06x, InfViT-S 1.05x (``toggle_speed_215ffc9.json``); at 64 channels
 #:   ``F.layer_norm`` reached 245 GB/s, the Triton kernel 1669 GB/s (``layer_norm_op.json``);
-#: * ``"bn_channels_last"``: the BatchNorm stem of MAViT / RAVLT / NaLaFormer runs its convolutions and BatchNorms on
-#:   channels-last CUDA tensors (their downsamplers already do: their input is a permuted token map). In NCHW,
+#: * ``"stem_channels_last"`` (``"bn_channels_last"`` before 0.1.0): the convolutional image stems (the BatchNorm
+#:   stems of MAViT / RAVLT / NaLaFormer and MambaVision, NAT / DiNAT's two-convolution tokenizer) run on
+#:   channels-last CUDA tensors (the downsamplers already do: their input is a permuted token map). In NCHW,
 #:   PyTorch's BatchNorm parallelises over channels: the stem's 32-channel maps at 112 x 112 took 13.6 of
 #:   NaLaFormer-T's 82.3 ms training step on the H200 (``profile_hier_train_bbe2e19.log``: statistics 4.3 ms,
 #:   backward 9.3 ms); channels-last, its kernels spread over the pixels and the stem's ``[B, H, W, C]`` output is
-#:   contiguous without a copy. Inference 1.03x (MAViT-T), 1.02x (NaLaFormer-T).
+#:   contiguous without a copy. Inference 1.03x (MAViT-T), 1.02x (NaLaFormer-T). NAT-T's NCHW stem had cuDNN convert
+#:   its maps to NHWC and back: 0.69 of 38.0 ms in its compiled training step (``profile_compiled_hier_train_317b7cf``).
 #: * ``"patch_gemm"``: the image stems that cut non-overlapping patches (DeiT's 16 x 16, Swin's / PVT's 4 x 4) run
 #:   as one matrix product over the patches instead of cuDNN's implicit-GEMM convolution
 #:   (:class:`visionlin.layers.patch.PatchConv2d`), which took 1.65 ms of ``deit_small``'s 12.99 ms forward at 224 px,
 #:   batch 256 on the H200. GPU time per forward with the switch on: InfViT-S 12.77 -> 11.13 ms, Agent-DeiT-S 16.89 ->
 #:   15.34, FLatten-DeiT-S 16.98 -> 15.39 (``profile_patch_6e8d144.json``); per training step at batch 128 -1.3 ms
 #:   (``profile_patch_train_af3eef6.json``).
-FAST_PATHS: dict[str, bool] = {"pre_norm": True, "bn_channels_last": True, "patch_gemm": True}
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True}
 
 
 @register_notrace_module
@@ -85,7 +87,7 @@ def as_pre_norm(norm: nn.Module) -> nn.Module:
 
 @register_notrace_function
 def stem_memory_format(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, C, H, W]`` channels-last on CUDA when ``FAST_PATHS["bn_channels_last"]`` is on, else unchanged."""
-    if FAST_PATHS["bn_channels_last"] and x.is_cuda:
+    """``x`` ``[B, C, H, W]`` channels-last on CUDA when ``FAST_PATHS["stem_channels_last"]`` is on, else unchanged."""
+    if FAST_PATHS["stem_channels_last"] and x.is_cuda:
         return x.contiguous(memory_format=torch.channels_last)
     return x

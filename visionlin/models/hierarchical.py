@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, PatchConv2d, TokenMixer
 from ..layers._base import map_to_tokens, tokens_to_map
+from ..layers.norm import stem_memory_format
 from ..layers.window import window_partition, window_reverse
 from ._common import (
     check_bool,
@@ -88,7 +89,7 @@ class ConvStem(nn.Module):
         self.norm = norm_layer(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(stem_memory_format(x)).permute(0, 2, 3, 1))
 
 
 class PatchStem(nn.Module):
@@ -172,7 +173,7 @@ class ConvBNStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_down(x).permute(0, 2, 3, 1)
+        return self.conv_down(stem_memory_format(x)).permute(0, 2, 3, 1)
 
 
 class PlainConvDownsample(nn.Module):

@@ -22,9 +22,9 @@ float32 ``dq`` buffer with atomics (five tile products per query block; a query-
 ``dk`` / ``dv`` kernel recomputed ``S`` and ``dP`` and took 0.72-1.16 ms against 0.48-0.80 at NAT-T's stage-1 shape).
 The bias gradient ``drpb`` (only when the table requires a gradient) is the sum of ``dS`` per (head, offset): the kernel
 stores each probability gradient in a float32 ``[B, H, X, Y, k_x * k_y]`` buffer (one slice per batch element, no
-atomics, while :data:`DS_BUFFER_BYTES` allows; fewer slices shared by atomics beyond), PyTorch sums the slices and
-scatters the sum into the table with one ``scatter_add`` over the offsets. Float32 atomics make ``dq`` (and ``drpb``
-beyond one slice per batch element) differ in the last bits from run to run: not bitwise deterministic.
+atomics, while :data:`DS_BUFFER_BYTES` allows; fewer slices shared by atomics beyond), and a second kernel sums the
+slices of each (query, slot) and adds the sums to the table by atomics, the table index computed from the query's
+window. Float32 atomics make ``dq`` and ``drpb`` differ in the last bits from run to run: not bitwise deterministic.
 
 Precision: products run on the tensor cores in the inputs' half dtype with float32 accumulation; float32 inputs in
 IEEE float32. Head dims up to 128 (padded to a power of two >= 16). Inputs may be strided views (e.g. a head split of a
@@ -33,15 +33,13 @@ fused qkv projection). 1-D calls run as 2-D with one row.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .._common import may_keep_tensors
-from ._eager import direct, eager_call, eager_op
+from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2, tile_dim
+from .linear import _num_sms
 
 __all__ = ["MAX_KERNEL", "TUNING", "na2d_triton", "launch_meta", "tile_config"]
 
@@ -67,8 +65,9 @@ def _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT: tl.constexpr, H
     never leaves the product's layout: added after the product (masked by the window, as without ``BIAS_DOT``), the
     gathered bias tile drew the online softmax into the gather's layout too, so every row maximum and exponential was
     computed twice (two loop-carried copies). sm_90 SASS compiled as the runtime specialises NAT-T's stage 1 (unit
-    strides, bf16, head dim 32): the forward's loop 547 -> 449 instructions per key block, 117 -> 80 registers; the
-    backward's 540 -> 502."""
+    strides, bf16, head dim 32): the forward's loop 547 -> 449 instructions per key block, 117 -> 80 registers, and
+    the forward kernel 0.208 -> 0.140 ms on an H200; the backward's loop 540 -> 502 instructions, but the backward
+    kernel 0.408 -> 0.426 ms, so the backward takes it only with ``TUNING["bwd_bias_dot"]``."""
     qk_scale = scale * 1.4426950408889634
     if BIAS_DOT:
         bias = tl.load(rpb_base + tl.minimum(tl.maximum(bias_off, 0), tab_last)).to(tl.float32) * (1.0 / scale)
@@ -328,14 +327,51 @@ def _bwd_kernel(
     tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
 
 
+@triton.jit
+def _table_start(i, n, k, d, ks):
+    """Bias-table index of window slot 0 of position ``i`` along an axis of length ``n`` (window ``k``, dilation ``d``,
+    the table's kernel size ``ks``): ``start - pos + ks - 1``, slot ``a`` adding ``a`` (``neighborhood_indices``)."""
+    pos, g = i // d, i % d
+    start = tl.minimum(tl.maximum(pos - k // 2, 0), (n - g + d - 1) // d - k)
+    return start - pos + ks - 1
+
+
+@triton.jit
+def _bias_grad_kernel(
+    DSBUF, DRPB, LX, LY, KX, KY, DIL_X, DIL_Y, KSX, KSY, per, n_slices, sd_s, sd_h,
+    BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """``DRPB[h, table index of (query, slot)] += sum over slices s of DSBUF[s, h, query, slot]`` for a block of queries
+    and ``per`` slices from ``program_id(2) * per``: the backward's per-(query, window slot) bias gradient summed in
+    registers over its slices, then added to the ``[H, 2 KSX - 1, 2 KSY - 1]`` float32 table by atomics, the table
+    index computed from the query's window start (no index tensor)."""
+    pid, h, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    slot = tl.arange(0, BLOCK_W)
+    kk = KX * KY
+    mask = (q < LX * LY)[:, None] & (slot < kk)[None, :]
+    first = chunk * per
+    ptr = DSBUF + h.to(tl.int64) * sd_h + first.to(tl.int64) * sd_s + (q.to(tl.int64) * kk)[:, None] + slot[None, :]
+    acc = tl.zeros([BLOCK_Q, BLOCK_W], dtype=tl.float32)
+    for _ in range(tl.minimum(per, n_slices - first)):
+        acc += tl.load(ptr, mask=mask, other=0.0)
+        ptr += sd_s
+    bx = _table_start(q // LY, LX, KX, DIL_X, KSX)[:, None] + (slot // KY)[None, :]
+    by = _table_start(q % LY, LY, KY, DIL_Y, KSY)[:, None] + (slot % KY)[None, :]
+    tab_y = 2 * KSY - 1
+    tl.atomic_add(DRPB + h * (2 * KSX - 1) * tab_y + bx * tab_y + by, acc, mask=mask)
+
+
 # Host side ------------------------------------------------------------------------------------------------------------
 #: Tile settings, ``None`` for the defaults (the benchmark script sweeps them): ``tile_y`` query-tile width,
 #: ``block_k`` keys per block, ``warps`` per program, ``stages`` software pipelining, ``maxnreg`` a register cap per
 #: thread (0: none), all of the forward; ``bwd_block`` queries per block of the backward, ``bwd_warps``, ``bwd_stages``,
-#: ``bwd_maxnreg`` (0: none) its launch settings.
-TUNING: dict[str, int | None] = {
+#: ``bwd_maxnreg`` (0: none) its launch settings; ``bwd_bias_dot`` puts the bias in the backward's score products
+#: as the forward does (:func:`_logits`; off by default: on, the backward took 4% longer at NAT-T's stage 1 on an
+#: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``).
+TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
-    "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None,
+    "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
 }  # fmt: skip
 
 #: Bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch element while
@@ -524,18 +560,40 @@ def na2d_bwd(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    bias_dot = bool(TUNING["bwd_bias_dot"]) and _bias_dot(rpb, scale, half)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, half), NEED_DRPB=need, DS_STORE=store, HALF=half,
+        HAS_RPB=rpb is not None, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd, half),
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
     if need:
-        dsbuf = dsbuf[0] if slices == 1 else dsbuf.sum(0)
-        drpb.view(h, -1).scatter_add_(1, _table_index(x, y, kx, ky, dx, dy, rpb.shape, q.device), dsbuf.view(h, -1))
+        _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
     return dq, dk, dv, drpb
+
+
+#: Queries per program of the bias gradient's reduction (:func:`_bias_grad_kernel`), and programs per SM it aims at
+#: (the slices split into chunks, each chunk's sums added by atomics, until the grid has that many).
+BIAS_GRAD_BLOCK_Q, BIAS_GRAD_PER_SM = 32, 4
+
+
+def _bias_grad(dsbuf: torch.Tensor, drpb: torch.Tensor, x: int, y: int, kx: int, ky: int, dx: int, dy: int) -> None:
+    """Adds the sums over slices of ``dsbuf`` ``[slices, H, X, Y, kx * ky]`` to the table gradient ``drpb`` ``[H, 2 KSX
+    - 1, 2 KSY - 1]`` (float32) at each (query, slot)'s table index. One kernel: summing over the slices with
+    ``torch.sum`` and adding through an index tensor with ``scatter_add_`` took about 35 small kernels per backward
+    where the index could not be kept (every call under torch.compile's CUDA graphs: 1.4 + 0.36 ms of NAT-T's 38 ms
+    training step were such reductions and index additions)."""
+    slices, h = dsbuf.shape[0], drpb.shape[0]
+    ksx, ksy = (drpb.shape[1] + 1) // 2, (drpb.shape[2] + 1) // 2
+    q_blocks = cdiv(x * y, BIAS_GRAD_BLOCK_Q)
+    chunks = max(1, min(slices, BIAS_GRAD_PER_SM * _num_sms(dsbuf.device) // (q_blocks * h)))
+    per = cdiv(slices, chunks)
+    launch(_bias_grad_kernel, (q_blocks, h, cdiv(slices, per)),
+        dsbuf, drpb, x, y, kx, ky, dx, dy, ksx, ksy, per, slices, dsbuf.stride(0), dsbuf.stride(1),
+        BLOCK_Q=BIAS_GRAD_BLOCK_Q, BLOCK_W=next_pow2(kx * ky), num_warps=4,
+    )  # fmt: skip
 
 
 @na2d_bwd.register_fake
@@ -546,35 +604,6 @@ def _(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
         torch.empty_like(v, memory_format=torch.contiguous_format),
         q.new_empty(rpb.shape if rpb is not None else (0,), dtype=torch.float32),
     )
-
-
-def _table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
-    """Flat bias-table index ``[H, X * Y * kx * ky]`` of each (query, window slot), the slots row-major. Built once
-    per geometry and device (the host work of building it cost more than the backward kernels' launches) on the eager
-    path only (:func:`._eager.direct`): through the dispatcher the op may run in ``torch.compile``'s CUDA graphs,
-    whose pool a cached tensor must not outlive (they refused to run: "tensor(s) in the cudagraph pool not tracked as
-    outputs"); nor while a CUDA graph is being captured by hand (:func:`visionlin.kernels._common.may_keep_tensors`)."""
-    if not direct() or not may_keep_tensors() or x * y * kx * ky > TABLE_INDEX_CACHE_NUMEL:
-        return _build_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
-    return _cached_table_index(x, y, kx, ky, dx, dy, tuple(shape), device)
-
-
-def _build_table_index(x, y, kx, ky, dx, dy, shape, device) -> torch.Tensor:
-    from ..neighborhood import neighborhood_indices
-
-    ksx, ksy = (shape[1] + 1) // 2, (shape[2] + 1) // 2
-    # neighborhood_indices takes the table's kernel size and applies the same effective-window rule as the host.
-    _, bix = neighborhood_indices(x, ksx, dx, device)  # [X, kx]
-    _, biy = neighborhood_indices(y, ksy, dy, device)  # [Y, ky]
-    assert bix.shape[1] == kx and biy.shape[1] == ky
-    flat = bix[:, None, :, None] * shape[2] + biy[None, :, None, :]  # [X, Y, kx, ky]
-    return flat.reshape(1, -1).expand(shape[0], -1)
-
-
-#: Largest index (``X * Y * kx * ky`` int64 entries, 32 MiB) kept across backwards: NAT-T's stage 1 at 1024 px has 3.2M
-#: (at 4096 px it would be 51M, 411 MB, rebuilt each time instead of held); at most 16 geometries are kept.
-TABLE_INDEX_CACHE_NUMEL = 1 << 22
-_cached_table_index = functools.lru_cache(maxsize=16)(_build_table_index)
 
 
 def _setup(ctx, inputs, output):
