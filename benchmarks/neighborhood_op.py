@@ -185,6 +185,41 @@ def _bias_dot_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
     return rows
 
 
+def _bias_grad_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
+    """The backward's bias-gradient reduction at the benchmark's shape (one float32 slice per batch element, as the
+    backward stores them): the Triton kernel against ``torch.sum`` over the slices + the table index built from
+    ``neighborhood_indices`` + ``scatter_add_`` (what ran before; under CUDA graphs the index was built every call),
+    alternating ``rounds`` times, GPU time per call replayed from a CUDA graph."""
+    from visionlin.kernels import neighborhood as na
+    from visionlin.kernels.triton import neighborhood as nt
+
+    (kx, dx), (ky, dy) = (na.effective_window(args.size, args.kernel, args.dilation),) * 2
+    shape = (args.heads, 2 * args.kernel - 1, 2 * args.kernel - 1)
+    ds = torch.randn(args.batch, args.heads, args.size, args.size, kx * ky, device="cuda")
+    drpb = torch.zeros(shape, device="cuda")
+
+    def kernel():
+        nt._bias_grad(ds, drpb, args.size, args.size, kx, ky, dx, dy)
+
+    def torch_path():
+        _, bix = na.neighborhood_indices(args.size, args.kernel, dx, ds.device)
+        _, biy = na.neighborhood_indices(args.size, args.kernel, dy, ds.device)
+        index = (bix[:, None, :, None] * shape[2] + biy[None, :, None, :]).reshape(1, -1).expand(shape[0], -1)
+        drpb.view(shape[0], -1).scatter_add_(1, index, ds.sum(0).view(shape[0], -1))
+
+    drpb.zero_()
+    kernel()
+    got = drpb.clone()
+    drpb.zero_()
+    torch_path()
+    rows = [{"max_abs_diff": float((got - drpb).abs().max()), "max_abs": float(drpb.abs().max())}]
+    for r in range(rounds):
+        for name, fn in (("torch", torch_path), ("kernel", kernel)):
+            rows.append({"round": r, "method": name, "graph_ms": graph_ms(fn, args.warmup, args.iters)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _sweep(args: argparse.Namespace) -> list[dict]:
     """The forward alone over the forward's settings, then the backward alone (one saved forward, its graph kept)
     over the backward's: query block, warps, register cap. Each setting's keys in
@@ -268,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bias-dot-ab", action="store_true",
         help="also profile the kernels with the bias added after the score product and inside it, alternating",
     )  # fmt: skip
+    p.add_argument(
+        "--bias-grad-ab", action="store_true",
+        help="also time the bias gradient's reduction kernel against torch's sum + index + scatter, alternating",
+    )  # fmt: skip
     add_timing_flags(p, warmup=5, repeats=5)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
@@ -299,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile: {row['ms_per_step']:.3f} ms  x{row['calls_per_step']:.0f}  {row['kernel']}")
     if args.bias_dot_ab:
         result["bias_dot_ab"] = _bias_dot_ab(args)
+    if args.bias_grad_ab:
+        result["bias_grad_ab"] = _bias_grad_ab(args)
     if args.sweep:
         result["sweep"] = _sweep(args)
         for mode in ("forward", "backward"):

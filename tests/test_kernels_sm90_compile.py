@@ -442,9 +442,9 @@ def _neighborhood(dt, tdt):
         bdv = nt._blocks(dv)
         cases.append((nt._delta_kernel, dt, dict(BLOCK_R=max(8, 2048 // bdv), BLOCK_DV=bdv), {"num_warps": 8}))
     if dt == "bf16":  # the bias gradient's reduction (float32 whatever the inputs), windows of 7 x 7 and 13 x 13
-        for width in (64, 256):
-            cases.append((nt._bias_grad_kernel, "fp32", dict(BLOCK_Q=nt.BIAS_GRAD_BLOCK_Q, BLOCK_W=width),
-                          {"num_warps": 4}))  # fmt: skip
+        for kk in (49, 169):
+            block_q, width = nt._bias_grad_block(kk)
+            cases.append((nt._bias_grad_kernel, "fp32", dict(BLOCK_Q=block_q, BLOCK_W=width), {"num_warps": 4}))
     return cases
 
 
