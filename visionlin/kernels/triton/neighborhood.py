@@ -332,8 +332,7 @@ def _table_start(i, n, k, d, ks):
     """Bias-table index of window slot 0 of position ``i`` along an axis of length ``n`` (window ``k``, dilation ``d``,
     the table's kernel size ``ks``): ``start - pos + ks - 1``, slot ``a`` adding ``a`` (``neighborhood_indices``)."""
     pos, g = i // d, i % d
-    start = tl.minimum(tl.maximum(pos - k // 2, 0), (n - g + d - 1) // d - k)
-    return start - pos + ks - 1
+    return _start(pos, (n - g + d - 1) // d, k) - pos + ks - 1
 
 
 @triton.jit
@@ -598,8 +597,8 @@ def _bias_grad(dsbuf: torch.Tensor, drpb: torch.Tensor, x: int, y: int, kx: int,
     """Adds the sums over slices of ``dsbuf`` ``[slices, H, X, Y, kx * ky]`` to the table gradient ``drpb`` ``[H, 2 KSX
     - 1, 2 KSY - 1]`` (float32) at each (query, slot)'s table index. One kernel: summing over the slices with
     ``torch.sum`` and adding through an index tensor with ``scatter_add_`` took about 35 small kernels per backward
-    where the index could not be kept (every call under torch.compile's CUDA graphs: 1.4 + 0.36 ms of NAT-T's 38 ms
-    training step were such reductions and index additions)."""
+    where the index could not be kept (every call under torch.compile's CUDA graphs: NAT-T's 38 ms compiled training
+    step had 360 int64 index additions, 0.36 ms); 0.071 against 0.142 ms at NAT-T's stage 1 on an H200."""
     slices, h = dsbuf.shape[0], drpb.shape[0]
     ksx, ksy = (drpb.shape[1] + 1) // 2, (drpb.shape[2] + 1) // 2
     block_q, width = _bias_grad_block(kx * ky)
