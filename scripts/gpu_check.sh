@@ -68,6 +68,9 @@
 #                  DiNAT parity; S37_K: -k)                                                              ~3 min
 #   tests-s37b     stop 37: NA's bias-gradient reduction kernel, its opt-in bias-in-product backward, NAT / DiNAT
 #                  parity, the channels-last stems (FAST_PATHS["stem_channels_last"]) of NAT and MambaVision ~3 min
+#   bench-scan     benchmarks/scan_op.py: the selective scan's launch settings side by side (op forward, forward +
+#                  backward from CUDA graphs, errors against the reference; a MambaVision-T step; SCAN_ARGS) ~4 min
+#   tests-scan     every gpu test of the selective scan, MambaVision's parity and channels-last stem   ~2 min
 #   bench-wg       benchmarks/conv_op.py --weight-grad-sweep: the token conv's weight-gradient kernels ("tile", the
 #                  opt-in "rows", per tap, cuDNN) over their launch settings, the best per shape printed ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
@@ -201,6 +204,12 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
       # DiNAT parity, the channels-last convolutional stems (NAT, MambaVision) against the switch off
       run_tests s37b ${S37_LIMIT:-240} tests/test_kernels_triton_neighborhood.py tests/test_models_gpu_parity.py \
         tests/test_kernels_layer_norm.py --tb=short -k "${S37_K:-na or nat or stem_channels_last}" ;;
+    bench-scan)  # the selective scan's launch settings side by side (benchmarks/scan_op.py; SCAN_ARGS: its flags)
+      timeout ${SCAN_LIMIT:-330} python3 benchmarks/scan_op.py --out "$OUT" --commit "$COMMIT" ${SCAN_ARGS:-} 2>&1 \
+        | grep -vE "^\s*$|Warning|warn" | cut -c1-230 | tail -${SCAN_TAIL:-60} ;;
+    tests-scan)  # every gpu test of the selective scan, MambaVision's parity and channels-last stem
+      run_tests scan ${TESTS_LIMIT:-200} tests/test_kernels_triton_scan.py tests/test_models_gpu_parity.py \
+        tests/test_kernels_layer_norm.py --tb=short -k "${SCAN_K:-scan or mambavision}" ;;
     bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
         2>&1 | grep -E "x$|rror" | tail -16

@@ -492,12 +492,13 @@ def _scan(dt, tdt):
 
     cases = []
     for n in (1, 8, 16, 64):
-        t, bd, bn, fw, bw = st.scan_config(n)
-        flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=t, BLOCK_D=bd, BLOCK_N=bn)
+        cfg = st.scan_config(n)
+        flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, T=cfg.chunk, BLOCK_N=cfg.block_n)
+        bwd = dict(flags, HAS_GLAST=True, BLOCK_D=cfg.bwd_block_d)
         cases += [
-            (st._fwd_kernel, dt, flags, fw),
-            (st._bwd_kernel, dt, dict(flags, HAS_GLAST=True, GROUPED=False), bw),
-            (st._bwd_kernel, dt, dict(flags, HAS_GLAST=True, GROUPED=True), bw),
+            (st._fwd_kernel, dt, dict(flags, BLOCK_D=cfg.block_d), cfg.warps),
+            (st._bwd_kernel, dt, dict(bwd, GROUPED=False), cfg.bwd_warps),
+            (st._bwd_kernel, dt, dict(bwd, GROUPED=True), cfg.bwd_warps),
         ]
     return cases
 

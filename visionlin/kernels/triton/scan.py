@@ -33,6 +33,8 @@ gradients take the inputs' dtypes. ``N`` up to 64.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,7 @@ import triton.language as tl
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
 
-__all__ = ["MAX_STATE", "TUNING", "scan_config", "selective_scan_triton"]
+__all__ = ["MAX_STATE", "TUNING", "ScanConfig", "scan_config", "selective_scan_triton"]
 
 #: Largest state size ``N`` the kernels hold in registers.
 MAX_STATE = 64
@@ -262,19 +264,29 @@ def _bwd_kernel(
 
 
 # Host side ------------------------------------------------------------------------------------------------------------
-#: Tile settings, ``None`` for the defaults of :func:`scan_config`: ``chunk`` positions per chunk, ``block_d``
-#: channels per program, ``warps`` per program.
-TUNING: dict[str, int | None] = {"chunk": None, "block_d": None, "warps": None}
+#: Tile settings, ``None`` for the defaults of :func:`scan_config`: ``chunk`` positions per chunk (shared by both
+#: passes: the forward saves one state per chunk), ``block_d`` channels and ``warps`` per program of the forward, and
+#: ``bwd_block_d`` / ``bwd_warps`` of the backward (``None``: ``block_d`` / ``warps`` where those are set).
+TUNING: dict[str, int | None] = {"chunk": None, "block_d": None, "warps": None, "bwd_block_d": None, "bwd_warps": None}
 
 
-def scan_config(n: int) -> tuple[int, int, int, int, int]:
-    """``(T, BLOCK_D, BLOCK_N, forward warps, backward warps)`` for ``N`` states: about 2,048 float32 elements per
-    ``[T, BLOCK_D, N]`` tile (T = 16); the backward's dozen live tiles need 8 warps to stay in registers (4 spill at
-    sm_90)."""
+class ScanConfig(NamedTuple):
+    chunk: int
+    block_d: int
+    block_n: int
+    warps: int
+    bwd_block_d: int
+    bwd_warps: int
+
+
+def scan_config(n: int) -> ScanConfig:
+    """The launch settings for ``N`` states: about 2,048 float32 elements per ``[T, BLOCK_D, N]`` tile (T = 16); the
+    backward's dozen live tiles need 8 warps to stay in registers (4 spill at sm_90)."""
     bn = max(2, next_pow2(n))
     t = TUNING["chunk"] or 16
     bd = TUNING["block_d"] or max(1, 2048 // (t * bn))
-    return t, bd, bn, TUNING["warps"] or 4, TUNING["warps"] or 8
+    warps = TUNING["warps"] or 4
+    return ScanConfig(t, bd, bn, warps, TUNING["bwd_block_d"] or bd, TUNING["bwd_warps"] or TUNING["warps"] or 8)
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -307,7 +319,7 @@ def selective_scan_fwd(
     """``(y [B, L, D], last_state [B, D, N] float32, chunk states [B, L / T, D, N] float32)``."""
     b, length, d = u.shape
     n = A.shape[1]
-    t, bd, bn, warps, _ = scan_config(n)
+    t, bd, bn, warps, _, _ = scan_config(n)
     y = torch.empty(b, length, d, device=u.device, dtype=u.dtype)
     last = torch.zeros(b, d, n, device=u.device, dtype=torch.float32)
     states = torch.empty(b, cdiv(length, t), d, n, device=u.device, dtype=torch.float32)
@@ -330,7 +342,7 @@ def selective_scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     b, length, d = u.shape
     n = A.shape[1]
-    t = scan_config(n)[0]
+    t = scan_config(n).chunk
     return (
         u.new_empty(b, length, d),
         u.new_empty(b, d, n, dtype=torch.float32),
@@ -360,7 +372,7 @@ def selective_scan_bwd(
     u, delta, z = _dense(u), _dense(delta), _dense(z)
     b, length, d = u.shape
     n = A.shape[1]
-    t, bd, bn, _, warps = scan_config(n)
+    t, _, bn, _, bd, warps = scan_config(n)
     du = torch.empty(b, length, d, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, length, d, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, length, d, device=u.device, dtype=z.dtype if z is not None else u.dtype)
