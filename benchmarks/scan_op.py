@@ -29,7 +29,7 @@ from visionlin.train.bench import write_result  # noqa: E402
 STEM = "scan_op"
 #: Named settings: overrides of ``scan.TUNING`` (the rest as shipped). ``f<T>d<BD>w<W>``: both passes at chunk T,
 #: BD channels and W warps per program; ``b...``: the backward alone changed.
-CONFIGS: dict[str, dict] = {"shipped": {}}
+CONFIGS: dict[str, dict] = {"shipped": {}, "s37": {}}  # s37: the settings shipped until stop 37 (see _overrides)
 for _t, _bd, _w in ((16, 2, 1), (16, 4, 1), (16, 8, 1), (16, 4, 2), (16, 8, 2), (16, 16, 2), (8, 4, 1), (8, 8, 1),
                     (8, 8, 2), (32, 2, 1), (16, 8, 4)):  # fmt: skip
     CONFIGS[f"f{_t}d{_bd}w{_w}"] = {"chunk": _t, "block_d": _bd, "warps": _w}
@@ -40,21 +40,30 @@ for _bd, _w in ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4)):
 SHAPES = ((128, 196, 160, 8), (128, 49, 320, 8), (32, 784, 160, 8), (2, 16384, 192, 16))
 
 
-def _timed(fn, configs: list[str], args) -> dict[str, float]:
-    """Median ms of one CUDA-graph replay of ``fn`` under each config, the configs' order alternating between
-    repeats (each capture under its config)."""
+def _overrides(config: str, n: int) -> dict:
+    """``scan.TUNING`` overrides of ``config`` at ``N`` states: "s37" is the rule shipped until stop 37 (2,048-element
+    tiles, 4 warps forward, 8 backward)."""
+    if config == "s37":
+        return {"chunk": 16, "block_d": max(1, 2048 // (16 * max(2, 1 << (n - 1).bit_length()))), "warps": 4,
+                "bwd_warps": 8}  # fmt: skip
+    return CONFIGS[config]
+
+
+def _timed(fn, configs: list[str], args, n: int) -> dict[str, float]:
+    """Median ms of one CUDA-graph replay of ``fn`` under each config (at ``N`` states), the configs' order
+    alternating between repeats (each capture under its config)."""
     from visionlin.kernels.triton import scan
 
     times: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(args.repeats):
         for c in configs if r % 2 == 0 else configs[::-1]:
-            with tuned(scan.TUNING, **CONFIGS[c]):
+            with tuned(scan.TUNING, **_overrides(c, n)):
                 times[c].append(graph_ms(fn, args.warmup, args.iters))
     return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
 
 
-def _errors(leaves, do, config: str, kw: dict) -> float:
-    """The largest relative (Frobenius) error of ``y`` and every input gradient under ``config`` against the float32
+def _errors(leaves, do, config: str, kw: dict) -> dict[str, float]:
+    """The relative (Frobenius) errors of ``y`` and every input gradient under ``config`` against the float32
     reference on float32 copies of the same inputs."""
     from visionlin.kernels import selective_scan
     from visionlin.kernels.triton import scan
@@ -62,10 +71,20 @@ def _errors(leaves, do, config: str, kw: dict) -> float:
     ref_in = [t.detach().float().requires_grad_() for t in leaves]
     y_ref = selective_scan(*ref_in, **kw, backend="reference")
     ref = [y_ref, *torch.autograd.grad(y_ref, ref_in, do.float())]
-    with tuned(scan.TUNING, **CONFIGS[config]):
+    with tuned(scan.TUNING, **_overrides(config, leaves[2].shape[1])):
         y = selective_scan(*leaves, **kw, backend="triton")
         ours = [y, *torch.autograd.grad(y, leaves, do)]
-    return max(((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(ours, ref, strict=True))
+    names = ("y", "du", "ddelta", "dA", "dB", "dC", "dD")
+    return {
+        k: ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item() for k, a, b in zip(names, ours, ref, strict=True)
+    }
+
+
+def _rule() -> dict:
+    """The shipped rule's settings at N = 1, 8, 16, 64 (what "shipped" ran)."""
+    from visionlin.kernels.triton import scan
+
+    return {n: scan.scan_config(n)._asdict() for n in (1, 8, 16, 64)}
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -122,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
 
-    def record(what: str, shape: str, fn, errors=None) -> None:
+    def record(what: str, shape: str, fn, n: int, errors=None) -> None:
         try:
-            ms = _timed(fn, configs, args)
+            ms = _timed(fn, configs, args, n)
             for c in configs:
                 row = {"what": what, "shape": shape, "config": c, "ms": ms[c], "vs_shipped": ms["shipped"] / ms[c]}
                 if errors is not None:
-                    row["max_rel_err"] = errors(c)
+                    row["rel_err"] = errors(c)
+                    row["max_rel_err"] = max(row["rel_err"].values())
                 rows.append(row | {"status": "ok"})
                 print(rows[-1], flush=True)
         except Exception as e:  # noqa: BLE001 (recorded, the other rows still run)
@@ -159,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(y, leaves, do)
 
         shape = f"B{b} L{length} D{d} N{n}"
-        record("op forward", shape, fwd)
+        record("op forward", shape, fwd, n)
         record(
             "op forward+backward",
             shape,
             fwd_bwd,
+            n,
             lambda c, leaves=leaves, do=do, call=call: _errors(leaves, do, c, call),
         )
         del u, delta, bm, cm, leaves, do
@@ -177,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 loss = model(x).float().logsumexp(-1).mean()
             torch.autograd.grad(loss, params)
 
-        record(f"{args.model} forward+backward", f"224px bs{args.batch}", step)
-    meta = gpu_meta(argv, args.commit, configs={c: CONFIGS[c] for c in configs})
+        n = max(getattr(m, "d_state", 0) for m in model.modules())  # "s37" at the model's state size
+        record(f"{args.model} forward+backward", f"224px bs{args.batch}", step, n)
+    meta = gpu_meta(argv, args.commit, configs={c: CONFIGS[c] for c in configs}, scan_rule=_rule())
     result = {"benchmark": STEM, "meta": meta, "rows": rows}
     for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)

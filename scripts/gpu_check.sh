@@ -209,7 +209,7 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
         | grep -vE "^\s*$|Warning|warn" | cut -c1-230 | tail -${SCAN_TAIL:-60} ;;
     tests-scan)  # every gpu test of the selective scan, MambaVision's parity and channels-last stem
       run_tests scan ${TESTS_LIMIT:-200} tests/test_kernels_triton_scan.py tests/test_models_gpu_parity.py \
-        tests/test_kernels_layer_norm.py --tb=short -k "${SCAN_K:-scan or mambavision}" ;;
+        tests/test_kernels_layer_norm.py tests/test_bench_scan_op.py --tb=short -k "${SCAN_K:-scan or mambavision or short}" ;;
     bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
         2>&1 | grep -E "x$|rror" | tail -16

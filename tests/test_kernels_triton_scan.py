@@ -135,6 +135,24 @@ def test_interpreter_scan_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
+def test_scan_config_rule_and_overrides():
+    """One warp per program below N = 64 (the chunk's time axis inside each thread); the backward's tile half the
+    forward's; ``TUNING`` overrides the backward apart from the forward, and a forward override carries to it."""
+    pytest.importorskip("triton")
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import scan
+
+    assert tuple(scan.scan_config(8)) == (16, 4, 8, 1, 2, 1)
+    assert tuple(scan.scan_config(16)) == (16, 2, 16, 1, 1, 1)
+    assert tuple(scan.scan_config(64)) == (16, 1, 64, 2, 1, 4)
+    assert tuple(scan.scan_config(1)) == (16, 16, 2, 1, 8, 1)
+    with tuned(scan.TUNING, bwd_block_d=8, bwd_warps=4):
+        assert tuple(scan.scan_config(8)) == (16, 4, 8, 1, 8, 4)
+    with tuned(scan.TUNING, chunk=8, block_d=4):
+        assert tuple(scan.scan_config(8)) == (8, 4, 8, 1, 4, 1)
+    assert tuple(scan.scan_config(8)) == (16, 4, 8, 1, 2, 1)
+
+
 def _args(b=2, length=5, d=4, n=3, dtype=torch.float32, device="cpu"):
     u, delta = (torch.randn(b, length, d, dtype=dtype, device=device) for _ in range(2))
     bm, cm = (torch.randn(b, length, n, dtype=dtype, device=device) for _ in range(2))
