@@ -35,6 +35,10 @@ for _t, _bd, _w in ((16, 2, 1), (16, 4, 1), (16, 8, 1), (16, 4, 2), (16, 8, 2), 
     CONFIGS[f"f{_t}d{_bd}w{_w}"] = {"chunk": _t, "block_d": _bd, "warps": _w}
 for _bd, _w in ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4)):
     CONFIGS[f"b16d{_bd}w{_w}"] = {"bwd_block_d": _bd, "bwd_warps": _w}
+# dB / dC added into several float32 copies by the backward's channel blocks (fewer atomics on one address)
+for _k in (4, 16):
+    CONFIGS[f"sl{_k}"] = {"bc_slices": _k}
+CONFIGS["sl_all"] = {"bc_slices": 1 << 20}  # a copy per channel block
 #: (batch, tokens, channels, states): MambaVision-T's stage-3 and stage-4 mixers at 224 px, batch 128 (14 x 14 and
 #: 7 x 7 tokens, 160 / 320 scanned channels, N = 8); its stage 3 at 448 px, batch 32; a long sequence with N = 16.
 SHAPES = ((128, 196, 160, 8), (128, 49, 320, 8), (32, 784, 160, 8), (2, 16384, 192, 16))

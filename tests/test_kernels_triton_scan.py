@@ -124,6 +124,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_scan(3, length, 5, 8, f32, "cpu")
         check_scan(3, length, 5, 8, f32, "cpu", z=False, skip=False, bias=False, softplus=False)
     check_scan(3, 1, 5, 8, torch.float16, "cpu", groups=1)
+    scan.TUNING.update(bc_slices=2)  # dB / dC over two copies (3 channel blocks: 0 and 2 share one)
+    check_scan(2, 19, 10, 4, f32, "cpu")
+    check_scan(2, 13, 8, 2, f32, "cpu", groups=2)                          # grouped: one copy whatever the setting
     print("interpreter ok")
     """
 )
@@ -222,6 +225,19 @@ def test_gpu_scan_large_steps_and_layouts(dtype):
     _cuda_or_skip()
     check_scan(2, 512, 64, 16, dtype, "cuda", step_shift=2.0)
     check_scan(3, 100, 48, 8, dtype, "cuda", transposed=True, last=False)
+
+
+@gpu
+@pytest.mark.parametrize("slices", [4, 1 << 20], ids=["slices4", "slices_all"])
+def test_gpu_scan_bc_slices(slices):
+    """``dB`` / ``dC`` added into several float32 copies (``TUNING["bc_slices"]``): 4, and one per channel block."""
+    _cuda_or_skip()
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import scan
+
+    with tuned(scan.TUNING, bc_slices=slices):
+        check_scan(3, 196, 80, 8, torch.bfloat16, "cuda")
+        check_scan(2, 49, 40, 16, torch.float32, "cuda", z=False, last=False)
 
 
 @gpu

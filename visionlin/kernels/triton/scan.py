@@ -131,7 +131,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     U, DT, A, BM, CM, DP, Z, BIAS, G, GLAST, STATES,
     DU, DDT, DZ, DBM, DCM, DA, DDP, DBIAS,
-    L, DCH, N, CPG,
+    L, DCH, N, CPG, SLICES,
     su_b, su_l, su_d, sd_b, sd_l, sd_d, sa_d, sa_n, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
     sz_b, sz_l, sz_d, sg_b, sg_l, sg_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -244,13 +244,14 @@ def _bwd_kernel(
                  mask=td)  # fmt: skip
         db = dh * (dl * u)[:, :, None]  # [T, BD, BN]
         dc = gyp[:, :, None] * hh
-        # DBM / DCM are float32 [B, L, G, N], contiguous
+        # DBM / DCM are float32 [SLICES, B, L, G, N], contiguous: a channel block adds into slice pid_d % SLICES
         if GROUPED:
             ptr = ((b * L + t[:, None, None]) * (DCH // CPG) + grp[None, :, None]) * N + offs_n[None, None, :]
             tl.atomic_add(DBM + ptr, db, mask=tdn, sem="relaxed")
             tl.atomic_add(DCM + ptr, dc, mask=tdn, sem="relaxed")
         else:
-            ptr = (b * L + t[:, None]) * N + offs_n[None, :]
+            row = (pid_d % SLICES) * tl.num_programs(1) + b
+            ptr = (row * L + t[:, None]) * N + offs_n[None, :]
             tn_mask = tmask[:, None] & nmask[None, :]
             tl.atomic_add(DBM + ptr, tl.sum(tl.where(tdn, db, 0.0), axis=1), mask=tn_mask, sem="relaxed")
             tl.atomic_add(DCM + ptr, tl.sum(tl.where(tdn, dc, 0.0), axis=1), mask=tn_mask, sem="relaxed")
@@ -267,7 +268,11 @@ def _bwd_kernel(
 #: Tile settings, ``None`` for the defaults of :func:`scan_config`: ``chunk`` positions per chunk (shared by both
 #: passes: the forward saves one state per chunk), ``block_d`` channels and ``warps`` per program of the forward, and
 #: ``bwd_block_d`` / ``bwd_warps`` of the backward (``None``: the forward's where set, else the backward's rule).
-TUNING: dict[str, int | None] = {"chunk": None, "block_d": None, "warps": None, "bwd_block_d": None, "bwd_warps": None}
+#: ``bc_slices``: the float32 copies the backward's channel blocks add ``dB`` / ``dC`` into (block ``i`` into copy
+#: ``i % bc_slices``; ``None``: one), summed after the kernel: fewer atomics on one address for more memory.
+TUNING: dict[str, int | None] = {
+    "chunk": None, "block_d": None, "warps": None, "bwd_block_d": None, "bwd_warps": None, "bc_slices": None,
+}  # fmt: skip
 
 
 class ScanConfig(NamedTuple):
@@ -395,7 +400,9 @@ def selective_scan_bwd(
     dz = torch.empty(b, length, d, device=u.device, dtype=z.dtype if z is not None else u.dtype)
     bmat, sb, groups = _bc(B)
     cmat, sc, _ = _bc(C)
-    db = torch.zeros(b, length, groups, n, device=u.device, dtype=torch.float32)
+    # dB / dC of the channel blocks add into `slices` float32 copies, summed after the kernel (grouped: one copy)
+    slices = 1 if groups > 1 else max(1, min(TUNING["bc_slices"] or 1, cdiv(d, bd)))
+    db = torch.zeros(slices, b, length, groups, n, device=u.device, dtype=torch.float32)
     dc = torch.zeros_like(db)
     da = torch.zeros(b, d, n, device=u.device, dtype=torch.float32)
     dd = torch.zeros(b, d, device=u.device, dtype=torch.float32)
@@ -411,7 +418,7 @@ def selective_scan_bwd(
             u, delta, A, bmat, cmat, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
             g, g_last if g_last is not None else da, states,
             du, ddelta, dz, db, dc, da, dd, dbias,
-            length, d, n, d // groups,
+            length, d, n, d // groups, slices,
             *u.stride(), *delta.stride(), *A.stride(), *sb, *sc, *zz.stride(), *g.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_GLAST=g_last is not None, GROUPED=groups > 1, T=t, BLOCK_D=bd, BLOCK_N=bn, num_warps=warps,
@@ -422,8 +429,8 @@ def selective_scan_bwd(
         du.contiguous(),
         ddelta.contiguous(),
         da.sum(0).to(A.dtype),
-        db.view(B.shape).to(B.dtype),
-        dc.view(C.shape).to(C.dtype),
+        (db[0] if slices == 1 else db.sum(0)).view(B.shape).to(B.dtype),
+        (dc[0] if slices == 1 else dc.sum(0)).view(C.shape).to(C.dtype),
         dd.sum(0).to(D.dtype) if D is not None else dd.sum(0),
         dz.contiguous(),
         dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else dbias.sum(0),
