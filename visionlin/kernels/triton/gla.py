@@ -179,6 +179,18 @@ def _chunk(Q, K, V, GG, base_qk, base_v, c, L, s_l, s_lg, s_lv, s_k, s_v, K_DIM,
 
 
 @triton.jit
+def _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN: tl.constexpr):
+    """``(b, h, base_qk, GG, base_v)`` of (batch x head) row ``bh``: its batch and head (int64), the offsets of its
+    ``q`` / ``k`` and ``v`` rows, and ``GG`` moved to its gates' rows when they have their own strides (``G_OWN``;
+    else the gates' offsets are ``q``'s)."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    if G_OWN:
+        GG += b * sgg_b + h * sgg_h
+    return b, h, b * sq_b + h * sq_h, GG, b * sv_b + h * sv_h
+
+
+@triton.jit
 def _causal(T: tl.constexpr):
     """``s <= t`` over a chunk: ``[T(t), T(s)]``."""
     idx = tl.arange(0, T)
@@ -224,13 +236,8 @@ def _gla_fwd_kernel(
     """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
     chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     v0 = tl.program_id(1) * BV
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_v = b * sv_b + h * sv_h
     offs_v = v0 + tl.arange(0, BV)
     n_chunks = tl.cdiv(L, T)
     if SEGMENTED:
@@ -271,14 +278,9 @@ def _gla_seg_state_kernel(
     """Pass 1 of the segmented forward: segment ``program_id(2)``'s own contribution to the state (its walk from a
     zero state) into ``STATE[bh, vb, seg]`` and its total log-decay ``sum g`` into ``GSUM[bh, seg]`` (``[BK]``)."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     v0 = tl.program_id(1) * BV
     seg = tl.program_id(2)
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_v = b * sv_b + h * sv_h
     c0, c1 = _segment(seg, seg_chunks, L, T)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     gsum = tl.zeros([BK], dtype=tl.float32)
@@ -325,12 +327,7 @@ def _gla_bwd_q_kernel(
     ``INIT[bh, 0, seg]`` (every value channel in one block). ``INTRA``: ``DQ`` already holds the chunks' own terms
     (:func:`_gla_bwd_intra_kernel`); the walk adds the state's."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_v = b * sv_b + h * sv_h
+    b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
     n_chunks = tl.cdiv(L, T)
@@ -374,15 +371,10 @@ def _gla_seg_adj_kernel(
     :func:`_gla_seg_carry_kernel`'s walk over the slots turns them into the adjoint entering each segment from its
     right."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, base_qk, GG, base_g = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sg_b, sg_h, G_OWN)
     v0 = tl.program_id(1) * BV
     seg = tl.program_id(2)
     n_seg = tl.num_programs(2)
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_g = b * sg_b + h * sg_h
     c0, c1 = _segment(seg, seg_chunks, L, T)
     adj = tl.zeros([BK, BV], dtype=tl.float32)
     gsum = tl.zeros([BK], dtype=tl.float32)
@@ -418,14 +410,9 @@ def _gla_bwd_kv_kernel(
     ``[B, L, H, V]`` contiguous) already hold the chunks' own terms (:func:`_gla_bwd_intra_kernel`; ``dk``'s whole in
     value block 0's share); the walk adds the state adjoint's and writes ``dv`` in the inputs' dtype."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     v0 = tl.program_id(1) * BV
     DK += tl.program_id(1).to(tl.int64) * tl.num_programs(0) * L * K_DIM
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_v = b * sv_b + h * sv_h
     offs_k = tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
     n_chunks = tl.cdiv(L, T)
@@ -488,12 +475,7 @@ def _gla_bwd_intra_kernel(
     n_chunks = tl.cdiv(L, T)
     bh = pid // n_chunks
     c = (pid % n_chunks).to(tl.int32)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    base_qk = b * sq_b + h * sq_h
-    if G_OWN:  # the gates' (batch, head) rows (else their offsets are q's)
-        GG += b * sgg_b + h * sgg_h
-    base_v = b * sv_b + h * sv_h
+    b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
     q, k, g, v, pos, tmask = _chunk(Q, K, V, GG, base_qk, base_v, c, L, sq_l, sgg_l, sv_l, sq_k, sv_d,
