@@ -71,6 +71,8 @@
 #   bench-scan     benchmarks/scan_op.py: the selective scan's launch settings side by side (op forward, forward +
 #                  backward from CUDA graphs, errors against the reference; a MambaVision-T step; SCAN_ARGS) ~4 min
 #   tests-scan     every gpu test of the selective scan, MambaVision's parity and channels-last stem   ~2 min
+#   tests-s38      what stop 38 changed without a GPU: the GLA walk kernels' shared helper (every GLA gpu test, ViG's
+#                  parity), the scan's bc_slices; then bench-scan with SCAN_ARGS="--configs shipped,sl4,sl16,sl_all" ~3 min
 #   bench-wg       benchmarks/conv_op.py --weight-grad-sweep: the token conv's weight-gradient kernels ("tile", the
 #                  opt-in "rows", per tap, cuDNN) over their launch settings, the best per shape printed ~3 min
 #   profile-conv   benchmarks/conv_op.py --profile: one forward + backward's kernels, ours and cuDNN's    ~1 min
@@ -210,6 +212,9 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     tests-scan)  # every gpu test of the selective scan, MambaVision's parity and channels-last stem
       run_tests scan ${TESTS_LIMIT:-200} tests/test_kernels_triton_scan.py tests/test_models_gpu_parity.py \
         tests/test_kernels_layer_norm.py tests/test_bench_scan_op.py --tb=short -k "${SCAN_K:-scan or mambavision or short}" ;;
+    tests-s38)  # stop 38's CPU-only changes: the GLA kernels' _head_bases helper, the scan's bc_slices (S38_K: -k)
+      run_tests s38 ${S38_LIMIT:-200} tests/test_kernels_triton_gla.py tests/test_kernels_triton_scan.py \
+        tests/test_models_gpu_parity.py --tb=short -k "${S38_K:-gla or vig or slices}" ;;
     bench-wg)  # the token conv's weight-gradient kernels over their launch settings ("rows" among them), per shape
       timeout ${CONV_LIMIT:-200} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --weight-grad-sweep \
         2>&1 | grep -E "x$|rror" | tail -16
