@@ -296,11 +296,11 @@ def scan_config(n: int) -> ScanConfig:
     ``[T, BLOCK_D, N]`` tile of about ``TILE_PER_WARP`` (backward: ``BWD_TILE_PER_WARP``) float32 elements, and one
     warp per that many elements where one channel's tile is larger (``N`` = 64).
 
-    Timed at MambaVision's shapes (``benchmarks/results/h200/s38/scan_op_32f9a2e.json``) against the 2,048-element
-    tiles at 4 / 8 warps shipped before: one warp per program, with 512 elements in the forward and 256 in the backward,
-    made the op's forward + backward 2.1x faster at 128 x 196 tokens x 160 channels (N = 8; 512 in both: 3.1x), 1.44x
-    at 2 x 16,384 x 192 (N = 16), and a MambaVision-T training step's forward + backward 1.2x faster. At 4 or 8 warps
-    the chunk's time axis lies across warps and every scan step goes through shared memory.
+    Against the 2,048-element tiles at 4 / 8 warps shipped before, in one process on an H200
+    (``benchmarks/results/h200/s38/scan_op_342b0bf.json``): the op's forward + backward 2.59x faster at 128 x 196
+    tokens x 160 channels (N = 8), 2.04x at 2 x 16,384 x 192 (N = 16), a MambaVision-T forward + backward 32.3 vs
+    39.7 ms. At 4 or 8 warps the chunk's time axis lies across warps and every scan step goes through shared memory.
+    512-element backward tiles were 1.21x faster again at N = 8 (the same run, "f16d4w1") but spill with ``z`` on.
     """
     bn = max(2, next_pow2(n))
     t = TUNING["chunk"] or 16
