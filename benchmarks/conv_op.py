@@ -48,6 +48,8 @@ SHAPES = {
     "nala_t_stage1_cpe": (128, 56, 56, 64, 3, 0),
     "nala_t_stage1_ffn": (128, 56, 56, 256, 3, 0),
     "nala_t_stage3": (128, 14, 14, 256, 3, 0),
+    "flatten_swin_t_stage1": (128, 56, 56, 96, 5, 0),
+    "flatten_pvt_s_stage1": (128, 56, 56, 64, 5, 0),
 }
 
 
@@ -171,6 +173,51 @@ def _weight_grad_sweep(args) -> list[dict]:
     return sorted(rows, key=lambda r: (r["shape"], r["method"], r.get("ms", float("inf"))))
 
 
+def _strip_sweep(args) -> list[dict]:
+    """The strip kernels (``TUNING["conv"]`` / ``["weight_grad"] = "strip"``) against the shipped ones at every shape,
+    alternating in one process: the forward kernel over its strip settings, the weight-gradient kernel over its own,
+    and the op's forward + backward with each pair of defaults."""
+    from visionlin.kernels.triton import conv
+
+    rows = []
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        _, hh, ww, c, k, p = shape
+        fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
+        fwd = [dict(conv="tile")]
+        fwd += [
+            dict(conv="strip", strip_s=s, strip_r=r, block_c=bc) for s in (4, 8) for r in (8, 16, 32) for bc in (32, 64)
+        ]
+        for cfg in fwd:
+            with tuned(conv.TUNING, **cfg), torch.no_grad():
+                rows.append(_time({"shape": name, "method": "conv", "mode": "forward", "config": cfg}, fn, args))
+        g, x, dw, db = _weight_grad_buffers(shape, args)
+        wg = [dict(weight_grad="tile"), dict(weight_grad="rows")]
+        wg += [dict(weight_grad="strip", wg_strip_s=s, wg_strip_r=r, wg_per_sm=ps)
+               for s in (2, 4, 8) for r in (4, 8, 16) for ps in (4, 16)]  # fmt: skip
+        for cfg in wg:
+            step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
+            with tuned(conv.TUNING, **cfg):
+                row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}
+                rows.append(_time(row, step, args))
+        for cfg in (dict(conv="tile", weight_grad="tile"), dict(conv="strip", weight_grad="strip")) * 2:
+            x, w, bias, res = _inputs(shape, DTYPES[args.dtype], True)
+            step = _step(_method("triton", shape, x, w, bias, res), [x, w, bias, res])
+            with tuned(conv.TUNING, **cfg):
+                row = {"shape": name, "method": "op", "mode": "forward_backward", "config": cfg}
+                rows.append(_time(row, step, args))
+    for name in args.shapes.split(","):
+        for method in ("conv", "weight_grad", "op"):
+            mine = [r for r in rows if r["shape"] == name and r["method"] == method and "ms" in r]
+            base = min((r["ms"] for r in mine if "strip" not in r["config"].values()), default=None)
+            best = min((r for r in mine if "strip" in r["config"].values()), key=lambda r: r["ms"], default=None)
+            if base and best:
+                ratio = base / best["ms"]
+                print(f"{name} {method}: shipped {base:.4f} ms, best strip {best['ms']:.4f} ms ({ratio:.2f}x) "
+                      f"{best['config']}", flush=True)  # fmt: skip
+    return rows
+
+
 def _old_conv(path: Path):
     """The kernels and launchers of an older ``conv.py`` (its source up to the custom ops, which would register
     again), as a module of ``visionlin.kernels.triton`` (its relative imports resolve against this tree)."""
@@ -235,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the forward kernel over its tile settings")
     p.add_argument("--weight-grad-sweep", action="store_true", help="time the weight-gradient kernels, the backward")
     p.add_argument("--profile", action="store_true", help="also record one forward + backward's kernels")
+    p.add_argument("--strip", action="store_true", help="time the strip kernels against the shipped ones")
+    p.add_argument("--no-methods", action="store_true", help="skip the per-method rows (triton, torch, add bound)")
     p.add_argument("--old-conv", type=Path, help="an older conv.py: its weight-gradient kernel next to this one's")
     add_timing_flags(p)
     args = p.parse_args(argv)
@@ -249,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for name in args.shapes.split(","):
+    for name in [] if args.no_methods else args.shapes.split(","):
         for backend in ("triton", "triton_taps", "torch", None):
             modes = ("forward_backward",) if backend == "triton_taps" else ("forward", "forward_backward")
             rows += _measure(name, SHAPES[name], args, backend, modes)
@@ -264,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} forward_backward: weight gradient per tap / one-pass tile {taps / tile:.2f}x")
     sweep = _sweep(args) if args.sweep else []
     sweep += _weight_grad_sweep(args) if args.weight_grad_sweep else []
+    sweep += _strip_sweep(args) if args.strip else []
     sweep += _old_new_rows(args) if args.old_conv is not None else []
     profile = _profile(args) if args.profile else []
     result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows, "sweep": sweep, "profile": profile}

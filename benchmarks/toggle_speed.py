@@ -12,6 +12,8 @@ Switches (each a process-wide setting read at every forward):
 * ``stem_nhwc``: ``FAST_PATHS["stem_channels_last"]``: the convolutional image stems channels-last;
 * ``patch_gemm``: ``FAST_PATHS["patch_gemm"]``: the non-overlapping patch stems (DeiT 16 x 16, Swin / PVT 4 x 4) as
   one matrix product over the patches instead of cuDNN's convolution;
+* ``conv_strip``: the token depthwise convolution's strip kernels (``visionlin.kernels.triton.conv.TUNING["conv"]``
+  and ``["weight_grad"]`` ``"strip"``; off: ``"tile"``);
 * ``all``: every switch on.
 
 Usage (on a GPU machine):
@@ -41,7 +43,7 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "all")
+CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "all")
 TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
@@ -70,9 +72,10 @@ def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
 def switches(config: str) -> Iterator[None]:
     """The process-wide settings of ``config`` (``baseline``: every switch off, whatever the shipped defaults),
     restored afterwards."""
+    from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    saved = dict(norm.FAST_PATHS)
+    saved, saved_conv = dict(norm.FAST_PATHS), dict(conv.TUNING)
     try:
         if config != "default":
             norm.FAST_PATHS.update(
@@ -80,10 +83,14 @@ def switches(config: str) -> Iterator[None]:
                 stem_channels_last=config in ("stem_nhwc", "all"),
                 patch_gemm=config in ("patch_gemm", "all"),
             )
+            strip = "strip" if config in ("conv_strip", "all") else "tile"
+            conv.TUNING.update(conv=strip, weight_grad=strip)
         yield
     finally:
         norm.FAST_PATHS.clear()
         norm.FAST_PATHS.update(saved)
+        conv.TUNING.clear()
+        conv.TUNING.update(saved_conv)
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):

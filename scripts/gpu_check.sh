@@ -68,6 +68,9 @@
 #                  DiNAT parity; S37_K: -k)                                                              ~3 min
 #   tests-s37b     stop 37: NA's bias-gradient reduction kernel, its opt-in bias-in-product backward, NAT / DiNAT
 #                  parity, the channels-last stems (FAST_PATHS["stem_channels_last"]) of NAT and MambaVision ~3 min
+#   tests-strip    the token conv's strip kernels' gpu tests (every case, dtype and strip setting)   ~2 min
+#   bench-strip    benchmarks/conv_op.py --strip: the strip kernels against the shipped tile kernels, forward, weight
+#                  gradient and the op's forward + backward at every shape (STRIP_ARGS: more flags)   ~3 min
 #   bench-scan     benchmarks/scan_op.py: the selective scan's launch settings side by side (op forward, forward +
 #                  backward from CUDA graphs, errors against the reference; a MambaVision-T step; SCAN_ARGS) ~4 min
 #   tests-scan     every gpu test of the selective scan, MambaVision's parity and channels-last stem   ~2 min
@@ -212,6 +215,11 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     tests-scan)  # every gpu test of the selective scan, MambaVision's parity and channels-last stem
       run_tests scan ${TESTS_LIMIT:-200} tests/test_kernels_triton_scan.py tests/test_models_gpu_parity.py \
         tests/test_kernels_layer_norm.py tests/test_bench_scan_op.py --tb=short -k "${SCAN_K:-scan or mambavision or short}" ;;
+    tests-strip)  # the token conv's strip kernels (forward, input and weight gradients) against float64
+      run_tests strip ${STRIP_LIMIT:-200} tests/test_kernels_conv.py --tb=short -k "${STRIP_K:-strip}" ;;
+    bench-strip)  # the strip kernels against the shipped ones at every shape (benchmarks/conv_op.py --strip)
+      timeout ${CONV_LIMIT:-240} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --strip --no-methods \
+        --iters 10 ${STRIP_ARGS:-} 2>&1 | grep -E "strip [0-9.]* ms|rror" | cut -c1-260 ;;
     tests-s38)  # stop 38's CPU-only changes: the GLA kernels' _head_bases helper, the scan's bc_slices (S38_K: -k)
       run_tests s38 ${S38_LIMIT:-200} tests/test_kernels_triton_gla.py tests/test_kernels_triton_scan.py \
         tests/test_models_gpu_parity.py --tb=short -k "${S38_K:-gla or vig or slices}" ;;
@@ -463,7 +471,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
     profile-hier)  # where the hierarchical models below swin_tiny spend their forward and training step
       for m in ${PROFILE_MODES:-fwd ${PROFILE_TRAIN:+train}}; do  # PROFILE_MODES=train: the training step alone
         mode=$([[ $m == train ]] && echo --train)
-        timeout 120 python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
+        timeout ${PROFILE_LIMIT:-120} python3 benchmarks/profile_models.py $mode --out "$OUT" --twin $SWIN \
           --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,nat_tiny,agent_swin_tiny} --sizes 224:128 --configs ${PROFILE_CONFIGS:-default} --name "profile_hier${mode:+_train}_$COMMIT" \
           --commit "$COMMIT" > "$OUT/profile_hier${mode:+_train}_$COMMIT.log" 2>&1
         grep -A6 "^==" "$OUT/profile_hier${mode:+_train}_$COMMIT.log" | grep -v "^     "

@@ -28,13 +28,19 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 
 def test_switches_set_and_restore():
+    from visionlin.kernels.triton import conv
     from visionlin.layers import norm
 
-    before = dict(norm.FAST_PATHS)
+    before, before_conv = dict(norm.FAST_PATHS), dict(conv.TUNING)
     with toggle_speed.switches("all"):
         assert norm.FAST_PATHS == {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True}
+        assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
+        assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "tile"
+    with toggle_speed.switches("conv_strip"):
+        assert not any(norm.FAST_PATHS.values())
+        assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
     with toggle_speed.switches("default"):
         assert before == norm.FAST_PATHS  # the shipped settings, untouched
     with toggle_speed.switches("stem_nhwc"):
@@ -43,7 +49,7 @@ def test_switches_set_and_restore():
         assert norm.FAST_PATHS == {"pre_norm": False, "stem_channels_last": False, "patch_gemm": True}
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
         raise RuntimeError  # restored on error too
-    assert dict(norm.FAST_PATHS) == before
+    assert dict(norm.FAST_PATHS) == before and dict(conv.TUNING) == before_conv
 
 
 @pytest.mark.gpu

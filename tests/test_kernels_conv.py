@@ -144,6 +144,31 @@ def test_interpreter_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
+_STRIP_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_conv import CASES, check_backend
+    from visionlin.kernels.triton import conv
+    # the strip kernels (forward, input and weight gradients) at every case: kernel sizes 1-7, grids narrower than a
+    # strip and not a multiple of it, prefix tokens, per-sample kernels; then strips of 2 and 8 columns, 1-2 per
+    # program (several strip tiles per program: the weight gradient's walk)
+    conv.TUNING.update(conv="strip", weight_grad="strip")
+    for case in CASES:
+        check_backend(case, torch.float32, "cpu", "triton", direct=True)
+    check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
+    for ss, sr, case in ((2, 2, CASES[0]), (8, 1, CASES[1]), (2, 1, CASES[5])):
+        conv.TUNING.update(strip_s=ss, strip_r=sr, wg_strip_s=ss, wg_strip_r=sr)
+        check_backend(case, torch.float32, "cpu", "triton", direct=True)
+    print("interpreter ok")
+    """
+)
+
+
+def test_interpreter_strip_kernels_match_reference():
+    """The strip kernels' math on the CPU (Triton's interpreter)."""
+    run_in_interpreter(_STRIP_SCRIPT, timeout=600)
+
+
 gpu = pytest.mark.gpu
 
 
@@ -152,12 +177,29 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize(
     "case", [*CASES, (3, 14, 14, 384, 3, 1, True, False, True), (2, 64, 64, 64, 5, 1, False, True, True)]
 )
-@pytest.mark.parametrize("weight_grad", ["tile", "fused", "rows", "taps"])
+@pytest.mark.parametrize("weight_grad", ["tile", "fused", "rows", "taps", "strip"])
 def test_triton_matches_reference(case, dtype, weight_grad, monkeypatch):
     from visionlin.kernels.triton import conv
 
     monkeypatch.setitem(conv.TUNING, "weight_grad", weight_grad)
+    monkeypatch.setitem(conv.TUNING, "conv", "strip" if weight_grad == "strip" else "tile")
     check_backend(case, dtype, "cuda", "triton")
+
+
+@gpu
+@pytest.mark.parametrize("strip", [(2, 4), (4, 8), (4, 16), (8, 8), (8, 32)], ids=lambda s: f"s{s[0]}r{s[1]}")
+def test_triton_strip_settings(strip, monkeypatch):
+    """Every strip setting ``benchmarks/conv_op.py --strip`` times, forward and weight gradient, at k = 1-7 with
+    prefix tokens, per-sample kernels and a grid of 64 x 64 (the walk over many strip tiles), float32 and bfloat16."""
+    from visionlin.kernels.triton import conv
+
+    ss, sr = strip
+    for key, value in dict(conv="strip", weight_grad="strip", strip_s=ss, strip_r=sr, wg_strip_s=ss).items():
+        monkeypatch.setitem(conv.TUNING, key, value)
+    monkeypatch.setitem(conv.TUNING, "wg_strip_r", min(sr, 16))
+    for case in (*CASES, (2, 64, 64, 64, 5, 1, False, True, True), (3, 56, 56, 96, 5, 0, False, True, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_backend(case, dtype, "cuda", "triton")
 
 
 WEIGHT_GRAD_SETTINGS = ["taps", "tile 4096", "tile 8192", "tile 16384", "fused 4096", "fused 8192", "rows 8192"]
@@ -214,16 +256,45 @@ def test_rows_kernel_beyond_its_kernel_size_takes_the_tile_kernel_at_the_tile_si
     ]
 
 
+def test_strip_kernels_beyond_their_kernel_size_take_the_tile_kernels(monkeypatch):
+    """``"strip"`` runs up to ``STRIP_MAX_K`` (the weight gradient at its per-size settings); larger kernels take the
+    tile kernels, forward and weight gradient."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import conv
+
+    seen = []
+    monkeypatch.setattr(conv, "launch", lambda fn, grid, *args, **meta: seen.append((fn, meta.get("BLOCK_R"))))
+    monkeypatch.setitem(conv.TUNING, "weight_grad", "strip")
+    monkeypatch.setitem(conv.TUNING, "conv", "strip")
+    for k in (3, conv.STRIP_MAX_K, conv.STRIP_MAX_K + 2):
+        g = torch.zeros(1, 49, 64)
+        conv._launch_weight_grad(g, g, torch.zeros(1, k * k, 64), torch.zeros(64), k, True, 7, 7, 0, 0)
+        conv._launch_conv(g, torch.zeros(1, k * k, 64), k, False, None, None, g, 7, 7, 0, False)
+    assert seen == [
+        (conv._weight_grad_strip_kernel, conv.WG_STRIP[3][1]),
+        (conv._conv_strip_kernel, conv.STRIP_R),
+        (conv._weight_grad_strip_kernel, conv.WG_STRIP[conv.STRIP_MAX_K][1]),
+        (conv._conv_strip_kernel, conv.STRIP_R),
+        (conv._weight_grad_tile_kernel, None),
+        (conv._conv_kernel, None),
+    ]
+    assert set(conv.WG_STRIP) == set(range(1, conv.STRIP_MAX_K + 1, 2))
+
+
 def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     """A ``TUNING["weight_grad"]`` naming no kernel raises, naming the value and the choices (it does not silently run
     one of them); the tile shapes cover the kernel sizes the models use."""
     from visionlin.kernels.triton import conv
 
     monkeypatch.setitem(conv.TUNING, "weight_grad", "row")
-    match = r"TUNING\['weight_grad'\] = 'row': allowed \('tile', 'fused', 'rows', 'taps'\)"
+    match = r"TUNING\['weight_grad'\] = 'row': allowed \('tile', 'fused', 'rows', 'taps', 'strip'\)"
     with pytest.raises(ValueError, match=match):
         conv._launch_weight_grad(*[None] * 4, 3, True, 4, 4, 0, 0)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "tile")
+    monkeypatch.setitem(conv.TUNING, "conv", "strips")
+    with pytest.raises(ValueError, match=r"TUNING\['conv'\] = 'strips': allowed \('tile', 'strip'\)"):
+        conv._launch_conv(torch.empty(1, 4, 8), *[None] * 6, 2, 2, 0, False)
+    monkeypatch.setitem(conv.TUNING, "conv", "tile")
     for key, value, message in (
         ("wg_warps", 3, r"TUNING\['wg_warps'\] must be None or a power of two, got 3"),
         ("wg_per_sm", 0, r"TUNING\['wg_per_sm'\] must be None or a power of two, got 0"),

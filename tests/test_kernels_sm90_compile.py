@@ -339,6 +339,45 @@ def _conv_and_focus(dt, tdt):
             for rows_t in sorted({conv.weight_grad_tile(k, e)[2] for e in (8192, conv.ROWS_ELEMENTS)})
             if k <= conv.ROWS_MAX_K  # (larger kernels take the tile kernel)
         ]
+        # the strip kernels (opt-in): the forward / input gradient at its settings, the weight gradient at its own
+        cases += [
+            (
+                conv._conv_strip_kernel,
+                dt,
+                dict(
+                    K=k,
+                    FLIP=flip,
+                    HAS_BIAS=True,
+                    HAS_RES=True,
+                    S=conv.STRIP_S,
+                    BLOCK_R=conv.STRIP_R,
+                    BLOCK_C=conv.BLOCK_C,
+                    sx_c=1,
+                    sr_c=1,
+                    so_c=1,
+                ),
+                conv.WARPS,
+            )  # fmt: skip
+            for flip in (False, True)
+        ]
+        cases += [
+            (
+                conv._weight_grad_strip_kernel,
+                dt,
+                dict(
+                    K=k,
+                    T1=t1,
+                    T2=t2,
+                    HAS_BIAS=True,
+                    S=conv.WG_STRIP[k][0],
+                    BLOCK_R=conv.WG_STRIP[k][1],
+                    BLOCK_C=conv.BLOCK_C,
+                    sx_c=1,
+                    sg_c=1,
+                ),
+                conv.WARPS_WEIGHT_GRAD,
+            )  # fmt: skip
+        ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]
     cases += [

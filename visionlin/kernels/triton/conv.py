@@ -323,6 +323,162 @@ def _weight_grad_rows_kernel(
         tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
 
 
+@triton.jit
+def _strip_load(ptr, x0, ok, cm, WW, s_n, OFF: tl.constexpr, N: tl.constexpr):
+    """The rows at grid columns ``x0 + OFF .. x0 + OFF + N - 1`` of the strips starting at ``ptr`` (their first
+    token's row; ``ok``: the strip's grid row exists), float32 ``[BLOCK_R, BLOCK_C]`` each, zero outside the grid,
+    stacked by :func:`tl.join` on trailing size-2 dims (column ``OFF + i0 + 2 i1 + ...``), so each thread holds its
+    strips' columns. Callers ask for overlapping columns (every tap of a kernel row): the loads of one column are the
+    same operation on the same values, and the compiler keeps one (sm_90 PTX at k = 3, 4 columns: 6 loads per kernel
+    row, not 12), so a kernel row costs ``N + k - 1`` loads per strip instead of ``N * k``."""
+    if N == 1:
+        pos = x0 + OFF
+        m = ok & (pos >= 0) & (pos < WW)
+        return tl.load(ptr + OFF * s_n, mask=m[:, None] & cm, other=0.0).to(tl.float32)
+    else:
+        lo = _strip_load(ptr, x0, ok, cm, WW, s_n, OFF, N // 2)
+        hi = _strip_load(ptr, x0, ok, cm, WW, s_n, OFF + N // 2, N // 2)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _strip_store(ptr, v, x0, ok, cm, WW, s_n, OFF: tl.constexpr, N: tl.constexpr):
+    """Stores the ``N``-column stack ``v`` (as :func:`_strip_load` stacks) at the strips' columns from ``OFF``."""
+    if N == 1:
+        m = ok & (x0 + OFF < WW)
+        tl.store(ptr + OFF * s_n, v.to(ptr.dtype.element_ty), mask=m[:, None] & cm)
+    else:
+        lo, hi = tl.split(v)
+        _strip_store(ptr, lo, x0, ok, cm, WW, s_n, OFF, N // 2)
+        _strip_store(ptr, hi, x0, ok, cm, WW, s_n, OFF + N // 2, N // 2)
+
+
+@triton.jit
+def _strip_dot(acc, g, xs, N: tl.constexpr):
+    """``acc + sum_i g[..., i] * xs[..., i]`` over an ``N``-column stack: a chain of multiply-adds in registers."""
+    if N == 1:
+        return acc + g * xs
+    else:
+        g_lo, g_hi = tl.split(g)
+        x_lo, x_hi = tl.split(xs)
+        return _strip_dot(_strip_dot(acc, g_lo, x_lo, N // 2), g_hi, x_hi, N // 2)
+
+
+@triton.jit
+def _strip_sum(t, N: tl.constexpr):
+    """The sum of an ``N``-column stack over its columns."""
+    if N == 1:
+        return t
+    else:
+        lo, hi = tl.split(t)
+        return _strip_sum(lo + hi, N // 2)
+
+
+@triton.jit
+def _conv_strip_kernel(
+    X, W, BIAS, RES, OUT, HH, WW, NCH, P, NXS, sx_b, sx_n, sx_c, sw_b, sr_b, sr_n, sr_c, so_b, so_n, so_c,
+    K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """:func:`_conv_kernel`'s output, by strips: each of a program's ``BLOCK_R`` rows is a strip of ``S`` neighbouring
+    tokens of one grid row (``NXS`` strips per grid row), its ``S`` outputs a per-thread stack. A kernel row's ``S + k
+    - 1`` input columns are loaded once and serve all its ``k`` taps (:func:`_strip_load`): the tile kernel loads ``k``
+    shifted tiles per kernel row, every input token ``k * k`` times from L1, and was bound by those loads' instructions
+    (0.19 ms for 77 MB in + out at k = 5, 5x the bandwidth's time)."""
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    s = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok, cmask = s < HH * NXS, c < NCH
+    cm = cmask[None, :]
+    y = s // NXS
+    x0 = (s % NXS) * S
+    rows = (P + y * WW + x0).to(tl.int64)[:, None]  # each strip's first token
+    x_ptr = X + b * sx_b + rows * sx_n + c[None, :] * sx_c
+    w_ptr = W + b * sw_b + c
+    acc = _stack_zeros(BLOCK_R, BLOCK_C, S)
+    for dy in range(K):  # kernel rows in a loop, a row's taps unrolled (their shared columns loaded once)
+        yy = y + (dy - K // 2)
+        row_ok = ok & (yy >= 0) & (yy < HH)
+        row_ptr = x_ptr + ((dy - K // 2) * WW) * sx_n
+        for dx in tl.static_range(K):
+            tap = (K - 1 - dy) * K + (K - 1 - dx) if FLIP else dy * K + dx
+            wv = tl.load(w_ptr + tap * NCH, mask=cmask, other=0.0)
+            acc += _stacked(wv[None, :], S) * _strip_load(row_ptr, x0, row_ok, cm, WW, sx_n, dx - K // 2, S)
+    if HAS_BIAS:
+        acc += _stacked(tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :], S)
+    if HAS_RES:
+        acc += _strip_load(RES + b * sr_b + rows * sr_n + c[None, :] * sr_c, x0, ok, cm, WW, sr_n, 0, S)
+    _strip_store(OUT + b * so_b + rows * so_n + c[None, :] * so_c, acc, x0, ok, cm, WW, so_n, 0, S)
+
+
+@triton.jit
+def _strip_taps(acc, g, row0, x0, y, ok, cm, HH, WW, sx_n, TAP0: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                S: tl.constexpr):  # fmt: skip
+    """``acc`` (an ``N``-tap stack from ``TAP0``, stacked as :func:`_stack_offsets`) plus each tap's sum over the
+    strips' ``S`` columns of ``g * shifted x`` (:func:`_strip_dot`); ``row0``: the strips' first tokens' input rows."""
+    if N == 1:
+        dy: tl.constexpr = TAP0 // K - K // 2
+        dx: tl.constexpr = TAP0 % K - K // 2
+        yy = y + dy
+        row_ok = ok & (yy >= 0) & (yy < HH)
+        xs = _strip_load(row0 + (dy * WW) * sx_n, x0, row_ok, cm, WW, sx_n, dx, S)
+        return _strip_dot(acc, g, xs, S)
+    else:
+        lo, hi = tl.split(acc)
+        lo = _strip_taps(lo, g, row0, x0, y, ok, cm, HH, WW, sx_n, TAP0, N // 2, K, S)
+        hi = _strip_taps(hi, g, row0, x0, y, ok, cm, HH, WW, sx_n, TAP0 + N // 2, N // 2, K, S)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def _weight_grad_strip_kernel(
+    G, X, DW, DB, HH, WW, NCH, P, NXS, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
+    K: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HAS_BIAS: tl.constexpr, S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """:func:`_weight_grad_tile_kernel`'s sums (same tap groups ``T1 + T2 + 1``, atomic adds per program) by strips
+    as :func:`_conv_strip_kernel`: per tile of ``BLOCK_R`` strips the gradient's ``S`` columns are read once, each
+    kernel row's ``S + k - 1`` input columns once for its ``k`` taps, and every tap's products are a per-thread chain
+    of multiply-adds; the program walks ``per`` tiles. The tile kernel loads a shifted input tile per tap and spends
+    per-(tap, token) bounds and offsets: ~4-6 instructions per multiply-add."""
+    pid_s, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < NCH
+    cm = cmask[None, :]
+    if T1 > 0:  # (constexpr branches: a size-0 group does not exist)
+        acc1 = _stack_zeros(BLOCK_R, BLOCK_C, T1)
+    if T2 > 0:
+        acc2 = _stack_zeros(BLOCK_R, BLOCK_C, T2)
+    acc3 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)  # the last tap
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    s = pid_s * per * BLOCK_R + tl.arange(0, BLOCK_R)
+    for _ in range(per):
+        ok = s < HH * NXS
+        y = s // NXS
+        x0 = (s % NXS) * S
+        rows = (P + y * WW + x0).to(tl.int64)[:, None]
+        g = _strip_load(G + b * sg_b + rows * sg_n + c[None, :] * sg_c, x0, ok, cm, WW, sg_n, 0, S)
+        row0 = X + b * sx_b + rows * sx_n + c[None, :] * sx_c
+        if T1 > 0:
+            acc1 = _strip_taps(acc1, g, row0, x0, y, ok, cm, HH, WW, sx_n, 0, T1, K, S)
+        if T2 > 0:
+            acc2 = _strip_taps(acc2, g, row0, x0, y, ok, cm, HH, WW, sx_n, T1, T2, K, S)
+        acc3 = _strip_taps(acc3, g, row0, x0, y, ok, cm, HH, WW, sx_n, K * K - 1, 1, K, S)
+        if HAS_BIAS:
+            acc_b += _strip_sum(g, S)
+        s += BLOCK_R
+    dw_base = DW + b * sdw_b
+    if T1 > 0:
+        tl.atomic_add(dw_base + _stack_offsets(c, NCH, 0, T1), tl.sum(acc1, axis=0), mask=_stacked(cmask, T1))
+    if T2 > 0:
+        tl.atomic_add(dw_base + _stack_offsets(c, NCH, T1, T2), tl.sum(acc2, axis=0), mask=_stacked(cmask, T2))
+    tl.atomic_add(dw_base + (K * K - 1) * NCH + c, tl.sum(acc3, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.atomic_add(DB + c, tl.sum(acc_b, axis=0), mask=cmask)
+
+
 def weight_grad_tile(k: int, elements: int = 0) -> tuple[int, int, int]:
     """``(T1, T2, BLOCK_T)`` of :func:`_weight_grad_tile_kernel` at kernel size ``k``: the sizes of its first two tap
     groups (``k * k - 1 = T1 + T2``, powers of two or 0; the third group is the last tap), and the most tokens per
@@ -352,11 +508,24 @@ WEIGHT_GRAD_ELEMENTS = 8192
 #: compiled the kernel for an H200 into one whose kernel gradient was 40% off (float32, GPU-tested at 9ebf9cc; every
 #: setting up to 16384 matched float64 at k = 3, 5 and 7 with 4 and 8 warps).
 MAX_WEIGHT_GRAD_ELEMENTS = 16384
+#: The forward / input-gradient kernels: ``"tile"`` (:func:`_conv_kernel`, a tile of raster-order tokens, one shifted
+#: tile per tap) or ``"strip"`` (:func:`_conv_strip_kernel`, strips of ``strip_s`` neighbouring tokens per thread,
+#: each input column loaded once per kernel row).
+CONV_KERNELS = ("tile", "strip")
+#: Strip settings (columns per strip, strips per program) of the strip kernels: the forward's, and the weight
+#: gradient's per kernel size (its ``k * k`` tap sums per thread bound the strips per program: at 4 warps and 64
+#: channels, 16 strips hold 8 channels per thread, 190 registers at k = 3; k = 5 at 8 strips 179; k = 7 at 4 strips
+#: 168, without spills for sm_90). Kernels above ``STRIP_MAX_K`` take ``"tile"``.
+STRIP_S, STRIP_R = 4, 16
+WG_STRIP = {1: (4, 16), 3: (4, 16), 5: (4, 8), 7: (4, 4)}
+STRIP_MAX_K = 7
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
 #: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass), ``"rows"`` (the same
 #: sums with each tap's rows loaded as a tile and the taps stacked per thread; opt-in: on the H200 faster than "tile"
-#: only at 3,136 tokens, s37/conv_op_weight_grad_sweep_317b7cf.json) or ``"taps"`` (one pass per tap).
-WEIGHT_GRAD_KERNELS = ("tile", "fused", "rows", "taps")
+#: only at 3,136 tokens, s37/conv_op_weight_grad_sweep_317b7cf.json), ``"taps"`` (one pass per tap) or ``"strip"``
+#: (:func:`_weight_grad_strip_kernel`: strips of neighbouring tokens per thread, each input column loaded once per
+#: kernel row; kernels above ``STRIP_MAX_K`` take ``"tile"``).
+WEIGHT_GRAD_KERNELS = ("tile", "fused", "rows", "taps", "strip")
 #: Products per tile of the ``"rows"`` kernel (16 tokens at k = 3, the prototype's fastest without spills), and the
 #: largest kernel size it takes (at k = 7 each thread would hold 49 taps' rows: 208 bytes spilled for sm_90; larger
 #: kernels take ``"tile"``).
@@ -369,6 +538,12 @@ TUNING: dict[str, int | str | None] = {
     "block_c": BLOCK_C,
     "warps": WARPS,
     "stages": None,
+    "conv": "tile",
+    # the strip kernels' columns per strip and strips per program (None: STRIP_S / STRIP_R, WG_STRIP)
+    "strip_s": None,
+    "strip_r": None,
+    "wg_strip_s": None,
+    "wg_strip_r": None,
     "weight_grad": "tile",
     # the weight gradient's launch (None: the defaults): programs per SM, warps, products per tile of the tile kernel
     "wg_per_sm": None,
@@ -377,12 +552,30 @@ TUNING: dict[str, int | str | None] = {
 }
 
 
+def _conv_kernel_name() -> str:
+    """``TUNING["conv"]``, or a ``ValueError`` naming it and the choices."""
+    kernel = TUNING["conv"]
+    if kernel not in CONV_KERNELS:
+        raise ValueError(f"visionlin.kernels.triton.conv.TUNING['conv'] = {kernel!r}: allowed {CONV_KERNELS}")
+    return kernel
+
+
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     b, _, c = x.shape
     bt, bc = TUNING["block_t"], TUNING["block_c"]
-    grid = (cdiv(hh * ww, bt), cdiv(c, bc), b)
     res = residual if residual is not None else out
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
+    if _conv_kernel_name() == "strip" and k <= STRIP_MAX_K:
+        ss, sr = tuned(TUNING, "strip_s", STRIP_S, pow2=True), tuned(TUNING, "strip_r", STRIP_R, pow2=True)
+        nxs = cdiv(ww, ss)
+        launch(_conv_strip_kernel, (cdiv(hh * nxs, sr), cdiv(c, bc), b),
+            x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, nxs, *x.stride(),
+            w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
+            K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None, S=ss,
+            BLOCK_R=sr, BLOCK_C=bc, num_warps=TUNING["warps"], **stages,
+        )  # fmt: skip
+        return
+    grid = (cdiv(hh * ww, bt), cdiv(c, bc), b)
     launch(_conv_kernel, grid,
         x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, *x.stride(),
         w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
@@ -414,6 +607,17 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, per, *g.stride(), *x.stride(), sdw_b,
             K=k, HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=warps,
+        )  # fmt: skip
+        return False
+    if kernel == "strip" and k <= STRIP_MAX_K:
+        ss, sr = WG_STRIP.get(k, WG_STRIP[STRIP_MAX_K])
+        ss, sr = tuned(TUNING, "wg_strip_s", ss, pow2=True), tuned(TUNING, "wg_strip_r", sr, pow2=True)
+        t1, t2, _ = weight_grad_tile(k)
+        nxs = cdiv(ww, ss)
+        splits, per = _splits(hh * nxs, sr, b * c_blocks, x.device, per_sm)  # strip tiles: programs per SM
+        launch(_weight_grad_strip_kernel, (splits, c_blocks, b),
+            g, x, dw, db, hh, ww, c, p, nxs, per, *g.stride(), *x.stride(), sdw_b,
+            K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, S=ss, BLOCK_R=sr, BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
         return False
     fused = kernel == "fused"
