@@ -130,7 +130,7 @@ def _sweep(args) -> list[dict]:
         seen_k.add(shape[4])
         fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
         for bt, bc, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (None, 1)):
-            cfg = dict(block_t=bt, block_c=bc, warps=warps, stages=stages)
+            cfg = dict(conv="tile", block_t=bt, block_c=bc, warps=warps, stages=stages)
             with tuned(conv.TUNING, **cfg), torch.no_grad():
                 rows.append(_time({"shape": name, "method": "triton", "mode": "forward", "config": cfg}, fn, args))
     return sorted(rows, key=lambda r: (r["shape"], r.get("ms", float("inf"))))
@@ -186,7 +186,7 @@ def _strip_sweep(args) -> list[dict]:
         fn = _method("triton", shape, *_inputs(shape, DTYPES[args.dtype], False))
         fwd = [dict(conv="tile")]
         fwd += [
-            dict(conv="strip", strip_s=s, strip_r=r, block_c=bc) for s in (4, 8) for r in (8, 16, 32) for bc in (32, 64)
+            dict(conv="strip", strip_s=s, strip_r=r, strip_c=bc) for s in (4, 8) for r in (8, 16, 32) for bc in (32, 64)
         ]
         for cfg in fwd:
             with tuned(conv.TUNING, **cfg), torch.no_grad():

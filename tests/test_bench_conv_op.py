@@ -41,6 +41,7 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     args = ["--out", str(tmp_path), "--shapes", "tiny", "--warmup", "1", "--iters", "2", "--repeats", "1"]
     from visionlin.kernels.triton import conv
 
+    before = dict(conv.TUNING)
     assert conv_op.main([*args, "--sweep", "--weight-grad-sweep", "--profile", "--old-conv", conv.__file__]) == 0
     doc = json.loads((tmp_path / "conv_op.json").read_text())
     got = {(r["method"], r["mode"]) for r in doc["rows"] if r["status"] == "ok"}
@@ -49,16 +50,10 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     assert [(r["method"], r["kernel_ms"] > 0) for r in doc["profile"]] == [("triton", True), ("torch", True)]
     assert len(doc["sweep"]) == 24 + 36 + 11 + 4 and all(r["status"] == "ok" for r in doc["sweep"])
     assert [r["method"] for r in doc["sweep"][-4:]] == ["weight_grad_old", "weight_grad_new"] * 2
-    from visionlin.kernels.triton import conv
-
-    want = {
-        "block_t": conv.BLOCK_T,
-        "block_c": conv.BLOCK_C,
-        "warps": conv.WARPS,
-        "stages": None,
-        "weight_grad": "tile",
-        "wg_per_sm": None,
-        "wg_warps": None,
-        "wg_elements": None,
-    }
-    assert want == conv.TUNING  # the sweep and the per-tap rows restored it
+    assert before == conv.TUNING  # the sweeps and the per-tap rows restored it
+    # --strip alone (no per-method rows): every strip setting next to the tile kernels, and the op with each pair
+    assert conv_op.main([*args, "--strip", "--no-methods"]) == 0
+    doc = json.loads((tmp_path / "conv_op.json").read_text())
+    assert doc["rows"] == [] and all(r["status"] == "ok" for r in doc["sweep"])
+    assert [len([r for r in doc["sweep"] if r["method"] == m]) for m in ("conv", "weight_grad", "op")] == [13, 20, 4]
+    assert before == conv.TUNING

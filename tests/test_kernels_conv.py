@@ -108,7 +108,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
-    # every weight-gradient kernel (the one-pass tile, the one writing dx too, the stacked rows; the per-tap walks)
+    # every weight-gradient kernel (the one-pass tile, the one writing dx too, the stacked rows; the per-tap walks),
+    # with the tile forward (the strip kernels: _STRIP_SCRIPT)
+    conv.TUNING["conv"] = "tile"
     for kernel in ("tile", "fused", "rows", "taps"):
         conv.TUNING["weight_grad"] = kernel
         for case in CASES:

@@ -1,14 +1,15 @@
 """Depthwise 2-D convolution of a token grid, fused with bias and residual, in Triton (forward and backward); the math
 is :func:`visionlin.kernels.conv.token_depthwise_conv2d_reference`.
 
-Forward: one program per (block of ``BLOCK_T`` grid tokens, block of ``BLOCK_C`` channels, sample) sums the ``k * k``
-shifted token tiles (loads along channels are contiguous in the token layout; the neighbours come from L1 / L2) in
-float32, adds bias and residual, and writes the output rows. Backward: the input gradient is the same kernel on the
+Forward (shipped, ``TUNING["conv"] = "strip"``): one program per (block of ``BLOCK_R`` strips of ``S`` neighbouring
+tokens of a grid row, block of channels, sample); each thread holds its strips' ``S`` outputs and sums the ``k * k``
+taps in float32, loading each input column of a kernel row once for the row's ``k`` taps (loads along channels are
+contiguous in the token layout), adds bias and residual and writes the output rows. The tile kernel (``"tile"``)
+sums ``k * k`` shifted tiles of raster-order tokens instead. Backward: the input gradient is the same kernel on the
 output gradient with the kernel flipped (``FLIP``); the kernel (and bias) gradient sums ``dout * shifted x`` over the
-tokens of each sample in a second kernel, every tap of a token tile at once (one pass over the tokens; the per-tap
-kernel, one pass per tap, stays selectable as ``TUNING["weight_grad"] = "taps"``), split over token chunks that meet
-by float32 atomic adds (sums may differ between runs in the last bits). The residual's gradient is the output
-gradient itself.
+tokens of each sample in a second kernel, by strips as the forward (``TUNING["weight_grad"] = "strip"``; the one-pass
+tile, stacked-rows and per-tap kernels stay selectable), split over strip tiles that meet by float32 atomic adds
+(sums may differ between runs in the last bits). The residual's gradient is the output gradient itself.
 """
 
 from __future__ import annotations
@@ -508,23 +509,24 @@ WEIGHT_GRAD_ELEMENTS = 8192
 #: compiled the kernel for an H200 into one whose kernel gradient was 40% off (float32, GPU-tested at 9ebf9cc; every
 #: setting up to 16384 matched float64 at k = 3, 5 and 7 with 4 and 8 warps).
 MAX_WEIGHT_GRAD_ELEMENTS = 16384
-#: The forward / input-gradient kernels: ``"tile"`` (:func:`_conv_kernel`, a tile of raster-order tokens, one shifted
-#: tile per tap) or ``"strip"`` (:func:`_conv_strip_kernel`, strips of ``strip_s`` neighbouring tokens per thread,
-#: each input column loaded once per kernel row).
+#: The forward / input-gradient kernels: ``"strip"`` (:func:`_conv_strip_kernel`, strips of ``strip_s`` neighbouring
+#: tokens per thread, each input column loaded once per kernel row; shipped) or ``"tile"`` (:func:`_conv_kernel`, a
+#: tile of raster-order tokens, one shifted tile per tap).
 CONV_KERNELS = ("tile", "strip")
-#: Strip settings (columns per strip, strips per program) of the strip kernels: the forward's, and the weight
-#: gradient's per kernel size (its ``k * k`` tap sums per thread bound the strips per program: at 4 warps and 64
-#: channels, 16 strips hold 8 channels per thread, 190 registers at k = 3; k = 5 at 8 strips 179; k = 7 at 4 strips
-#: 168, without spills for sm_90). Kernels above ``STRIP_MAX_K`` take ``"tile"``.
-STRIP_S, STRIP_R = 4, 16
-WG_STRIP = {1: (4, 16), 3: (4, 16), 5: (4, 8), 7: (4, 4)}
+#: Settings of the strip kernels, chosen on an H200 (s39/conv_op_strip_36d1d35.json, every setting timed at seven
+#: model shapes, bf16): the forward's columns per strip, strips and channels per program (4 x 32 x 32: 1.01-1.31x the
+#: tile kernel at k = 3, 1.20-2.01x at k = 5), and the weight gradient's columns per strip and strips per program by
+#: kernel size (k = 3 at 8 x 8: 0.99-2.41x "tile"; k = 5 at 8 x 4: 1.15-2.72x; k = 1 and 7 not timed: k = 7 keeps 4 x
+#: 4, which compiles for sm_90 in 168 registers where 8 x 4 spills). Kernels above ``STRIP_MAX_K`` take ``"tile"``.
+STRIP_S, STRIP_R, STRIP_C = 4, 32, 32
+WG_STRIP = {1: (8, 8), 3: (8, 8), 5: (8, 4), 7: (4, 4)}
 STRIP_MAX_K = 7
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
 #: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass), ``"rows"`` (the same
 #: sums with each tap's rows loaded as a tile and the taps stacked per thread; opt-in: on the H200 faster than "tile"
 #: only at 3,136 tokens, s37/conv_op_weight_grad_sweep_317b7cf.json), ``"taps"`` (one pass per tap) or ``"strip"``
-#: (:func:`_weight_grad_strip_kernel`: strips of neighbouring tokens per thread, each input column loaded once per
-#: kernel row; kernels above ``STRIP_MAX_K`` take ``"tile"``).
+#: (:func:`_weight_grad_strip_kernel`, shipped: strips of neighbouring tokens per thread, each input column loaded
+#: once per kernel row; kernels above ``STRIP_MAX_K`` take ``"tile"``).
 WEIGHT_GRAD_KERNELS = ("tile", "fused", "rows", "taps", "strip")
 #: Products per tile of the ``"rows"`` kernel (16 tokens at k = 3, the prototype's fastest without spills), and the
 #: largest kernel size it takes (at k = 7 each thread would hold 49 taps' rows: 208 bytes spilled for sm_90; larger
@@ -538,13 +540,14 @@ TUNING: dict[str, int | str | None] = {
     "block_c": BLOCK_C,
     "warps": WARPS,
     "stages": None,
-    "conv": "tile",
-    # the strip kernels' columns per strip and strips per program (None: STRIP_S / STRIP_R, WG_STRIP)
+    "conv": "strip",
+    # the strip kernels' columns per strip, strips (and channels) per program (None: STRIP_S / _R / _C, WG_STRIP)
     "strip_s": None,
     "strip_r": None,
+    "strip_c": None,
     "wg_strip_s": None,
     "wg_strip_r": None,
-    "weight_grad": "tile",
+    "weight_grad": "strip",
     # the weight gradient's launch (None: the defaults): programs per SM, warps, products per tile of the tile kernel
     "wg_per_sm": None,
     "wg_warps": None,
@@ -567,7 +570,7 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
     if _conv_kernel_name() == "strip" and k <= STRIP_MAX_K:
         ss, sr = tuned(TUNING, "strip_s", STRIP_S, pow2=True), tuned(TUNING, "strip_r", STRIP_R, pow2=True)
-        nxs = cdiv(ww, ss)
+        bc, nxs = tuned(TUNING, "strip_c", STRIP_C, pow2=True), cdiv(ww, ss)
         launch(_conv_strip_kernel, (cdiv(hh * nxs, sr), cdiv(c, bc), b),
             x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, nxs, *x.stride(),
             w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
