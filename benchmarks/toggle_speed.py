@@ -14,6 +14,7 @@ Switches (each a process-wide setting read at every forward):
   one matrix product over the patches instead of cuDNN's convolution;
 * ``conv_strip``: the token depthwise convolution's strip kernels (``visionlin.kernels.triton.conv.TUNING["conv"]``
   and ``["weight_grad"]`` ``"strip"``; off: ``"tile"``);
+* ``rope_fused``: ``FAST_PATHS["rope_fused"]``: the softmax stages' queries and keys rotated by one Triton pass;
 * ``all``: every switch on.
 
 Usage (on a GPU machine):
@@ -43,7 +44,7 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "all")
+CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused", "all")
 TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
@@ -82,6 +83,7 @@ def switches(config: str) -> Iterator[None]:
                 pre_norm=config in ("pre_norm", "all"),
                 stem_channels_last=config in ("stem_nhwc", "all"),
                 patch_gemm=config in ("patch_gemm", "all"),
+                rope_fused=config in ("rope_fused", "all"),
             )
             strip = "strip" if config in ("conv_strip", "all") else "tile"
             conv.TUNING.update(conv=strip, weight_grad=strip)

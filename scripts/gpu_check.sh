@@ -68,7 +68,10 @@
 #                  DiNAT parity; S37_K: -k)                                                              ~3 min
 #   tests-s37b     stop 37: NA's bias-gradient reduction kernel, its opt-in bias-in-product backward, NAT / DiNAT
 #                  parity, the channels-last stems (FAST_PATHS["stem_channels_last"]) of NAT and MambaVision ~3 min
-#   tests-strip    the token conv's strip kernels' gpu tests (every case, dtype and strip setting)   ~2 min
+#   tests-rope-pair  the fused query / key RoPE's gpu tests, then time it with PROFILE_CONFIGS=default,rope_fused
+#                  PROFILE_HIER_MODELS=ravlt_tiny,nalaformer_tiny ... profile-compiled-hier              ~1.5 min
+#   tests-strip    the token conv's strip kernels' gpu tests (every case, dtype and strip setting), the conv users'
+#                  model parity                                                                          ~5.5 min
 #   bench-strip    benchmarks/conv_op.py --strip: the strip kernels against the shipped tile kernels, forward, weight
 #                  gradient and the op's forward + backward at every shape (STRIP_ARGS: more flags)   ~3 min
 #   bench-scan     benchmarks/scan_op.py: the selective scan's launch settings side by side (op forward, forward +
@@ -215,11 +218,16 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     tests-scan)  # every gpu test of the selective scan, MambaVision's parity and channels-last stem
       run_tests scan ${TESTS_LIMIT:-200} tests/test_kernels_triton_scan.py tests/test_models_gpu_parity.py \
         tests/test_kernels_layer_norm.py tests/test_bench_scan_op.py --tb=short -k "${SCAN_K:-scan or mambavision or short}" ;;
-    tests-strip)  # the token conv's strip kernels (forward, input and weight gradients) against float64
-      run_tests strip ${STRIP_LIMIT:-200} tests/test_kernels_conv.py --tb=short -k "${STRIP_K:-strip}" ;;
+    tests-strip)  # the token conv's strip kernels (forward, input and weight gradients) against float64, and the parity
+      # of the models that use the conv (STRIP_K: -k; ~330 s for the default selection on one H200)
+      run_tests strip ${STRIP_LIMIT:-330} tests/test_kernels_conv.py tests/test_models_gpu_parity.py --tb=short \
+        -k "${STRIP_K:-strip or (gpu_fast and (flatten or ravlt or nala or agent or inline or mavit) and (tiny or small))}" ;;
     bench-strip)  # the strip kernels against the shipped ones at every shape (benchmarks/conv_op.py --strip)
       timeout ${CONV_LIMIT:-240} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --strip --no-methods \
         --iters 10 ${STRIP_ARGS:-} 2>&1 | grep -E "strip [0-9.]* ms|rror" | cut -c1-260 ;;
+    tests-rope-pair)  # the softmax stages' fused query / key RoPE (apply_rope_2d_pair): op against float64, compile, the
+      # MAViT / RAVLT / NaLaFormer steps with FAST_PATHS["rope_fused"] on against off
+      run_tests rope_pair ${ROPE_LIMIT:-150} tests/test_kernels_rope_pair.py --tb=short ;;
     tests-s38)  # stop 38's CPU-only changes: the GLA kernels' _head_bases helper, the scan's bc_slices (S38_K: -k)
       run_tests s38 ${S38_LIMIT:-200} tests/test_kernels_triton_gla.py tests/test_kernels_triton_scan.py \
         tests/test_models_gpu_parity.py --tb=short -k "${S38_K:-gla or vig or slices}" ;;
@@ -353,6 +361,8 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_train_cudagraphs --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror|skip" ;;
     bench-hier-train-graphs)  # the hierarchical training steps under CUDA graphs next to swin_tiny under CUDA graphs
+      # (rows print when the whole block ends, and each model compiles for ~1-1.5 min: at most two HIER_MODELS per
+      # 330 s; s39 got nothing from 2 models in 120 s or 4 in 330 s)
       timeout ${GRAPHS_LIMIT:-330} python3 -m visionlin.cli bench train --quick --modes cudagraphs --models $HIER \
         --twin $SWIN --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_hier_train_cudagraphs --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
@@ -362,7 +372,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         > "$OUT/profile_compiled_train_$COMMIT.log" 2>&1; grep -A10 "^==" "$OUT/profile_compiled_train_$COMMIT.log" ;;
     profile-compiled-hier)  # the kernels of compiled hierarchical training steps (what CUDA graphs replay) and swin_tiny's
       timeout ${PROFILE_LIMIT:-300} python3 benchmarks/profile_models.py --train --compile --out "$OUT" --twin $SWIN \
-        --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,vig_small} --sizes 224:128 \
+        --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,vig_small} --sizes 224:128 --configs ${PROFILE_CONFIGS:-default} \
         --name "profile_compiled_hier_train_$COMMIT" --commit "$COMMIT" > "$OUT/profile_compiled_hier_train_$COMMIT.log" 2>&1
       grep -A16 "^==" "$OUT/profile_compiled_hier_train_$COMMIT.log" | cut -c1-160 ;;
     host-stacks)  # where a training step's host time goes, Python functions included: eager, then compiled

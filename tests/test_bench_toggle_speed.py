@@ -33,7 +33,7 @@ def test_switches_set_and_restore():
 
     before, before_conv = dict(norm.FAST_PATHS), dict(conv.TUNING)
     with toggle_speed.switches("all"):
-        assert norm.FAST_PATHS == {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True}
+        assert all(norm.FAST_PATHS.values()) and len(norm.FAST_PATHS) == 4
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
@@ -44,9 +44,21 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("default"):
         assert before == norm.FAST_PATHS  # the shipped settings, untouched
     with toggle_speed.switches("stem_nhwc"):
-        assert norm.FAST_PATHS == {"pre_norm": False, "stem_channels_last": True, "patch_gemm": False}
+        assert norm.FAST_PATHS == {
+            "pre_norm": False,
+            "stem_channels_last": True,
+            "patch_gemm": False,
+            "rope_fused": False,
+        }
     with toggle_speed.switches("patch_gemm"):
-        assert norm.FAST_PATHS == {"pre_norm": False, "stem_channels_last": False, "patch_gemm": True}
+        assert norm.FAST_PATHS == {
+            "pre_norm": False,
+            "stem_channels_last": False,
+            "patch_gemm": True,
+            "rope_fused": False,
+        }
+    with toggle_speed.switches("rope_fused"):
+        assert [k for k, on in norm.FAST_PATHS.items() if on] == ["rope_fused"]
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
         raise RuntimeError  # restored on error too
     assert dict(norm.FAST_PATHS) == before and dict(conv.TUNING) == before_conv

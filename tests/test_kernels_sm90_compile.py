@@ -48,7 +48,7 @@ POINTERS |= FP32_POINTERS | {"U", "DT", "BM", "CM", "Z", "YO", "DU", "DDT", "DZ"
 # Per kernel, pointers that are float32 although the name carries the inputs' dtype elsewhere.
 FP32_HERE = {"_key_backward_kernel": {"G"}}
 # Gated linear attention (triton/gla.py): the gates GG in the inputs' dtype, dq / dk float32 (dg is formed from them).
-POINTERS |= {"GG"}
+POINTERS |= {"GG", "OQ", "OK"}  # (OQ / OK: the RoPE pair's rotated queries and keys, triton/rope.py)
 FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}, "_gla_bwd_intra_kernel": {"DQ", "DK"}}
 FP32_HERE |= {"_gla_dg_kernel": {"DQ", "DKP"}}  # the walks' float32 dq and dk shares in; dg, dq, dk out in the dtype
 POINTERS |= {"DKP", "DG", "DQO", "DKO"}
@@ -431,6 +431,15 @@ def _rope_linear(dt, tdt):
                 cases.append((rl._kmax_kernel, dt, dict(MECH=mech, BLOCK_M=rows["state"], BLOCK_D=bd), 4))
             if mech == 1:
                 cases.append((rl._qsum_kernel, dt, dict(BLOCK_N=rows["state"], BLOCK_D=bd), 4))
+    # the softmax stages' query / key rotation (triton/rope.py) at the models' heads x head dims, both directions
+    from visionlin.kernels.triton import rope
+
+    for heads, d in ((8, 32), (16, 32), (4, 64), (8, 64)):
+        rows = max(1, min(64, rope.ELEMENTS // (heads * d)))
+        cases += [
+            (rope._rope_pair_kernel, dt, dict(D=d, BLOCK_R=rows, BLOCK_H=heads, BLOCK_D=d, BACKWARD=bwd), rope.WARPS)
+            for bwd in (False, True)
+        ]
     return cases
 
 

@@ -33,7 +33,7 @@ from .neighborhood import (
 from .norm_aware import norm_aware_linear_attention, norm_aware_linear_attention_reference
 from .rank_augmented import rank_augmented_linear_attention, rank_augmented_linear_attention_reference
 from .rms_mix import rms_gate_mix, rms_gate_mix_reference
-from .rope import apply_rope_2d, rope_2d_tables
+from .rope import apply_rope_2d, apply_rope_2d_pair, rope_2d_tables
 from .scan import (
     bidirectional_gated_linear_attention,
     bidirectional_gated_linear_attention_reference,
@@ -57,6 +57,7 @@ __all__ = [
     "agent_attention",
     "agent_attention_reference",
     "apply_rope_2d",
+    "apply_rope_2d_pair",
     "bidirectional_gated_linear_attention",
     "bidirectional_gated_linear_attention_reference",
     "block_sparse_attention",

@@ -21,6 +21,7 @@ from ._common import check_heads_last, check_real
 __all__ = [
     "RopeTables",
     "apply_rope_2d",
+    "apply_rope_2d_pair",
     "check_rope_attention_args",
     "check_rope_tables",
     "maybe_apply_rope",
@@ -116,6 +117,41 @@ def apply_rope_2d(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torc
     sin = sin.to(x.dtype)[:, None, :]  # [N, 1, D]
     cos = cos.to(x.dtype)[:, None, :]
     return x * cos + rotate_every_two(x) * sin
+
+
+def apply_rope_2d_pair(
+    q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, *, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope_2d` of the queries and the keys of one attention: ``(rope(q), rope(k))``.
+
+    Args:
+        q: Queries ``[B, N, H, D]``.
+        k: Keys, the same shape, dtype and device as ``q``.
+        sin: ``[N, D]``.
+        cos: ``[N, D]``.
+        fused: Rotate both in one Triton pass (forward and backward), in float32 from the tables, rounded once to the
+            inputs' dtype, where it applies: CUDA inputs in float32 / float16 / bfloat16 and tables that take no
+            gradient. Elsewhere (and with ``fused=False``) :func:`apply_rope_2d` twice, which rounds the tables to the
+            inputs' dtype first.
+
+    Raises:
+        ValueError: the tables are not ``[N, D]`` for ``q``, or ``k`` differs from ``q`` in shape, dtype or device.
+    """
+    check_rope_tables("apply_rope_2d_pair", q, (sin, cos))
+    if not isinstance(k, torch.Tensor) or (k.shape, k.dtype, k.device) != (q.shape, q.dtype, q.device):
+        got = f"{tuple(k.shape)} {k.dtype} on {k.device}" if isinstance(k, torch.Tensor) else type(k).__name__
+        raise ValueError(f"apply_rope_2d_pair: k must match q ({tuple(q.shape)} {q.dtype} on {q.device}), got {got}")
+    if fused and _fused_pair_applies(q, sin, cos):
+        from .triton.rope import rope_2d_pair_triton
+
+        return rope_2d_pair_triton(q, k, sin, cos)
+    return apply_rope_2d(q, sin, cos), apply_rope_2d(k, sin, cos)
+
+
+def _fused_pair_applies(q: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether the Triton pair kernel takes these inputs (else the PyTorch ops do)."""
+    grad_tables = torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad)
+    return q.is_cuda and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and not grad_tables
 
 
 def check_rope_tables(op: str, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -48,7 +48,11 @@ __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 #:   batch 256 on the H200. GPU time per forward with the switch on: InfViT-S 12.77 -> 11.13 ms, Agent-DeiT-S 16.89 ->
 #:   15.34, FLatten-DeiT-S 16.98 -> 15.39 (``profile_patch_6e8d144.json``); per training step at batch 128 -1.3 ms
 #:   (``profile_patch_train_af3eef6.json``).
-FAST_PATHS: dict[str, bool] = {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True}
+#: * ``"rope_fused"`` (off: not GPU-timed yet): the softmax stages of MAViT / RAVLT / NaLaFormer rotate queries and
+#:   keys with one Triton pass each way (:func:`visionlin.kernels.apply_rope_2d_pair`) instead of a chain of PyTorch
+#:   ops, whose backward Inductor fused with the ``qkvo`` bias-gradient sum into one slow outer reduction (2.07 ms of
+#:   RAVLT-T's 33 ms compiled training step, ``benchmarks/results/h200/s38/``).
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True, "rope_fused": False}
 
 
 @register_notrace_module

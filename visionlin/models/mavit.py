@@ -33,12 +33,12 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels.rope import apply_rope_2d
+from ..kernels.rope import apply_rope_2d_pair
 from ..kernels.softmax import softmax_attention
 from ..layers import MagnitudeAwareAttention, NormAwareAttention, PreNorm, RankAugmentedAttention
 from ..layers._base import TokenDepthwiseConv2d, check_tokens, merge_heads, split_heads
 from ..layers.magnitude import GatedRoPELinearAttention
-from ..layers.norm import stem_memory_format
+from ..layers.norm import FAST_PATHS, stem_memory_format
 from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
@@ -69,7 +69,8 @@ def rope_softmax_attention(
 ) -> torch.Tensor:
     """Softmax attention on 2-D-RoPE-rotated queries and keys, heads-last ``[B, N, H, D]`` (``eps`` unused)."""
     sin, cos = rope
-    return softmax_attention(apply_rope_2d(q, sin, cos), apply_rope_2d(k, sin, cos), v, scale=scale, backend=backend)
+    q, k = apply_rope_2d_pair(q, k, sin, cos, fused=FAST_PATHS["rope_fused"])
+    return softmax_attention(q, k, v, scale=scale, backend=backend)
 
 
 class GatedRoPESoftmaxAttention(GatedRoPELinearAttention):
