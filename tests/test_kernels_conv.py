@@ -152,13 +152,13 @@ _STRIP_SCRIPT = textwrap.dedent(
     from tests.test_kernels_conv import CASES, check_backend
     from visionlin.kernels.triton import conv
     # the strip kernels (forward, input and weight gradients) at every case: kernel sizes 1-7, grids narrower than a
-    # strip and not a multiple of it, prefix tokens, per-sample kernels; then strips of 2 and 8 columns, 1-2 per
+    # strip and not a multiple of it, prefix tokens, per-sample kernels; then strips of 2 and 8 columns, 2-4 per
     # program (several strip tiles per program: the weight gradient's walk)
     conv.TUNING.update(conv="strip", weight_grad="strip")
     for case in CASES:
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
     check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
-    for ss, sr, case in ((2, 2, CASES[0]), (8, 1, CASES[1]), (2, 1, CASES[5])):
+    for ss, sr, case in ((2, 2, CASES[0]), (8, 4, CASES[1]), (2, 4, CASES[5])):
         conv.TUNING.update(strip_s=ss, strip_r=sr, wg_strip_s=ss, wg_strip_r=sr)
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
     print("interpreter ok")

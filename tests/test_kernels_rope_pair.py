@@ -95,6 +95,8 @@ def test_bad_input_is_named():
         apply_rope_2d_pair(q, k, sin[:-1], cos[:-1])
     with pytest.raises(ValueError, match="expected a floating heads-last"):
         apply_rope_2d_pair(q[0], k[0], sin, cos)
+    with pytest.raises(ValueError, match="fused must be a bool, got 'yes'"):
+        apply_rope_2d_pair(q, k, sin, cos, fused="yes")
 
 
 def test_tables_that_take_gradients_keep_the_torch_path():

@@ -135,8 +135,11 @@ def apply_rope_2d_pair(
             inputs' dtype first.
 
     Raises:
-        ValueError: the tables are not ``[N, D]`` for ``q``, or ``k`` differs from ``q`` in shape, dtype or device.
+        ValueError: the tables are not ``[N, D]`` for ``q``, ``k`` differs from ``q`` in shape, dtype or device, or
+            ``fused`` is not a bool.
     """
+    if not isinstance(fused, bool):
+        raise ValueError(f"apply_rope_2d_pair: fused must be a bool, got {fused!r}")
     check_rope_tables("apply_rope_2d_pair", q, (sin, cos))
     if not isinstance(k, torch.Tensor) or (k.shape, k.dtype, k.device) != (q.shape, q.dtype, q.device):
         got = f"{tuple(k.shape)} {k.dtype} on {k.device}" if isinstance(k, torch.Tensor) else type(k).__name__
