@@ -351,7 +351,7 @@ def _conv_and_focus(dt, tdt):
                     HAS_RES=True,
                     S=conv.STRIP_S,
                     BLOCK_R=conv.STRIP_R,
-                    BLOCK_C=conv.BLOCK_C,
+                    BLOCK_C=conv.STRIP_C,
                     sx_c=1,
                     sr_c=1,
                     so_c=1,
@@ -833,3 +833,43 @@ def test_rope_linear_float32_tiles_fit_sm90_shared_memory():
         if isinstance(warps, dict):
             warps, stages = warps["num_warps"], warps.get("num_stages")
         _compile(fn, dtype, consts, warps, stages)
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
+def test_conv_strip_kernels_load_each_input_column_once_per_kernel_row():
+    """The strip kernels' speed rests on the compiler merging the loads that two taps share (the same operation on the
+    same values, written once per tap in the source): a kernel row costs ``S + k - 1`` loads per strip, not ``S * k``
+    (the weight gradient: ``S`` gradient columns plus ``k`` rows of ``S + k - 1``). Counted in the sm_90 PTX of the
+    shipped settings (bf16), whose loads are one vector instruction per thread and column at most 16 bytes wide; a
+    Triton that stopped merging them would fail here, not only run slower."""
+    import math
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from visionlin.kernels.triton import conv
+
+    def loads(fn, consts, warps):
+        params = list(inspect.signature(fn.fn).parameters)
+        sig = _signature(fn, "bf16", consts)
+        attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in sig.items() if t[0] == "*" or t == "i32"}
+        src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        return len(re.findall(r"ld\.(?:volatile\.)?global", ptx))
+
+    def vectors(elements: int, size: int) -> int:  # loads of a thread's share of a row, 16 bytes each at most
+        return math.ceil(elements * size / 16)
+
+    for k in (3, 5):
+        s, r, c = conv.STRIP_S, conv.STRIP_R, conv.STRIP_C
+        per_thread = r * c // (32 * conv.WARPS)
+        consts = dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, S=s, BLOCK_R=r, BLOCK_C=c, sx_c=1, sr_c=1, so_c=1)
+        # one kernel row (the loop over rows stays a loop): its columns, its k taps' weights; bias, residual columns
+        want = (s + k - 1) * vectors(per_thread, 2) + (k + 1) * vectors(per_thread, 4) + s * vectors(per_thread, 2)
+        assert loads(conv._conv_strip_kernel, consts, conv.WARPS) == want, k
+        t1, t2, _ = conv.weight_grad_tile(k)
+        s, r = conv.WG_STRIP[k]
+        per_thread = r * conv.BLOCK_C // (32 * conv.WARPS_WEIGHT_GRAD)
+        consts = dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, S=s, BLOCK_R=r, BLOCK_C=conv.BLOCK_C, sx_c=1, sg_c=1)
+        want = (s + k * (s + k - 1)) * vectors(per_thread, 2)  # every kernel row unrolled: all k rows' columns
+        assert loads(conv._weight_grad_strip_kernel, consts, conv.WARPS_WEIGHT_GRAD) == want, k
