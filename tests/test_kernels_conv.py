@@ -161,6 +161,9 @@ _STRIP_SCRIPT = textwrap.dedent(
     for ss, sr, case in ((2, 2, CASES[0]), (8, 4, CASES[1]), (2, 4, CASES[5])):
         conv.TUNING.update(strip_s=ss, strip_r=sr, wg_strip_s=ss, wg_strip_r=sr)
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
+    conv.I32_OFFSETS = 0  # the int64 token offsets (a sample spanning 2^31 elements)
+    check_backend(CASES[1], torch.float32, "cpu", "triton", direct=True)
+    check_backend(CASES[5], torch.float32, "cpu", "triton", direct=True)
     print("interpreter ok")
     """
 )

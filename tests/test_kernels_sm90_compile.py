@@ -350,6 +350,7 @@ def _conv_and_focus(dt, tdt):
                     HAS_BIAS=True,
                     HAS_RES=True,
                     S=conv.STRIP_S,
+                    I64=i64,
                     BLOCK_R=conv.STRIP_R,
                     BLOCK_C=conv.STRIP_C,
                     sx_c=1,
@@ -358,7 +359,7 @@ def _conv_and_focus(dt, tdt):
                 ),
                 conv.WARPS,
             )  # fmt: skip
-            for flip in (False, True)
+            for flip, i64 in ((False, False), (True, False), (False, k == 3))  # int64 offsets once
         ]
         cases += [
             (
@@ -370,6 +371,7 @@ def _conv_and_focus(dt, tdt):
                     T2=t2,
                     HAS_BIAS=True,
                     S=conv.WG_STRIP[k][0],
+                    I64=i64,
                     BLOCK_R=conv.WG_STRIP[k][1],
                     BLOCK_C=conv.BLOCK_C,
                     sx_c=1,
@@ -377,6 +379,7 @@ def _conv_and_focus(dt, tdt):
                 ),
                 conv.WARPS_WEIGHT_GRAD,
             )  # fmt: skip
+            for i64 in sorted({False, k == 3})
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]
@@ -653,8 +656,9 @@ def _gated_norm(dt, tdt):
 SPILL_ALLOWANCE = {
     # the token conv's strip weight gradient at k = 3, 8 x 8 strips, bf16 (conv.WG_STRIP): 12 bytes spilled at 128
     # registers, and the fastest setting of the H200 sweep all the same (s39/conv_op_strip_36d1d35.json: 2.41x / 2.25x
-    # the tile kernel at NaLaFormer-T's stage-1 shapes; 8 x 4, which does not spill, 2.24x / 1.98x)
-    ("visionlin.kernels.triton.conv", "_weight_grad_strip_kernel", "bf16", None, None): 16,
+    # the tile kernel at NaLaFormer-T's stage-1 shapes; 8 x 4, which does not spill, 2.24x / 1.98x); its int64-offset
+    # form (samples spanning 2^31 elements or more) 24 bytes
+    ("visionlin.kernels.triton.conv", "_weight_grad_strip_kernel", "bf16", None, None): 24,
     # the linear kernels' launch settings (linear._forward_settings / _backward_settings) spill at head dims 32-64, and
     # were measured faster than the spill-free settings tried on the H200, graph-timed (bf16:
     # linear_settings_grid_69e6057, linear_settings_ab_d{32,64}_bfloat16_15c3a07: e.g. the head-dim-64 backward 0.366
@@ -863,13 +867,14 @@ def test_conv_strip_kernels_load_each_input_column_once_per_kernel_row():
     for k in (3, 5):
         s, r, c = conv.STRIP_S, conv.STRIP_R, conv.STRIP_C
         per_thread = r * c // (32 * conv.WARPS)
-        consts = dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, S=s, BLOCK_R=r, BLOCK_C=c, sx_c=1, sr_c=1, so_c=1)
+        consts = dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, S=s, I64=False, BLOCK_R=r, BLOCK_C=c)
+        consts |= dict(sx_c=1, sr_c=1, so_c=1)
         # one kernel row (the loop over rows stays a loop): its columns, its k taps' weights; bias, residual columns
         want = (s + k - 1) * vectors(per_thread, 2) + (k + 1) * vectors(per_thread, 4) + s * vectors(per_thread, 2)
         assert loads(conv._conv_strip_kernel, consts, conv.WARPS) == want, k
         t1, t2, _ = conv.weight_grad_tile(k)
         s, r = conv.WG_STRIP[k]
         per_thread = r * conv.BLOCK_C // (32 * conv.WARPS_WEIGHT_GRAD)
-        consts = dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, S=s, BLOCK_R=r, BLOCK_C=conv.BLOCK_C, sx_c=1, sg_c=1)
+        consts = dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, S=s, I64=False, BLOCK_R=r, BLOCK_C=conv.BLOCK_C, sx_c=1, sg_c=1)
         want = (s + k * (s + k - 1)) * vectors(per_thread, 2)  # every kernel row unrolled: all k rows' columns
         assert loads(conv._weight_grad_strip_kernel, consts, conv.WARPS_WEIGHT_GRAD) == want, k

@@ -379,13 +379,14 @@ def _strip_sum(t, N: tl.constexpr):
 def _conv_strip_kernel(
     X, W, BIAS, RES, OUT, HH, WW, NCH, P, NXS, sx_b, sx_n, sx_c, sw_b, sr_b, sr_n, sr_c, so_b, so_n, so_c,
     K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, S: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    I64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """:func:`_conv_kernel`'s output, by strips: each of a program's ``BLOCK_R`` rows is a strip of ``S`` neighbouring
     tokens of one grid row (``NXS`` strips per grid row), its ``S`` outputs a per-thread stack. A kernel row's ``S + k
     - 1`` input columns are loaded once and serve all its ``k`` taps (:func:`_strip_load`): the tile kernel loads ``k``
     shifted tiles per kernel row, every input token ``k * k`` times from L1, and was bound by those loads' instructions
-    (0.19 ms for 77 MB in + out at k = 5, 5x the bandwidth's time)."""
+    (0.19 ms for 77 MB in + out at k = 5, 5x the bandwidth's time). ``I64``: token offsets in int64 (a sample's rows
+    span 2^31 elements or more; otherwise the row shifts and column offsets are int32 products)."""
     pid_r, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     s = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -394,7 +395,10 @@ def _conv_strip_kernel(
     cm = cmask[None, :]
     y = s // NXS
     x0 = (s % NXS) * S
-    rows = (P + y * WW + x0).to(tl.int64)[:, None]  # each strip's first token
+    if I64:  # token strides in int64: every row shift and column offset an int64 product (a constexpr branch)
+        i64 = tl.full([], 1, tl.int64)
+        sx_n, sr_n, so_n = sx_n * i64, sr_n * i64, so_n * i64
+    rows = (P + y.to(tl.int64) * WW + x0)[:, None]  # each strip's first token
     x_ptr = X + b * sx_b + rows * sx_n + c[None, :] * sx_c
     w_ptr = W + b * sw_b + c
     acc = _stack_zeros(BLOCK_R, BLOCK_C, S)
@@ -436,7 +440,7 @@ def _strip_taps(acc, g, row0, x0, y, ok, cm, HH, WW, sx_n, TAP0: tl.constexpr, N
 def _weight_grad_strip_kernel(
     G, X, DW, DB, HH, WW, NCH, P, NXS, per, sg_b, sg_n, sg_c, sx_b, sx_n, sx_c, sdw_b,
     K: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HAS_BIAS: tl.constexpr, S: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    I64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """:func:`_weight_grad_tile_kernel`'s sums (same tap groups ``T1 + T2 + 1``, atomic adds per program) by strips
     as :func:`_conv_strip_kernel`: per tile of ``BLOCK_R`` strips the gradient's ``S`` columns are read once, each
@@ -455,11 +459,14 @@ def _weight_grad_strip_kernel(
     acc3 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)  # the last tap
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     s = pid_s * per * BLOCK_R + tl.arange(0, BLOCK_R)
+    if I64:  # token strides in int64, as in _conv_strip_kernel
+        i64 = tl.full([], 1, tl.int64)
+        sg_n, sx_n = sg_n * i64, sx_n * i64
     for _ in range(per):
         ok = s < HH * NXS
         y = s // NXS
         x0 = (s % NXS) * S
-        rows = (P + y * WW + x0).to(tl.int64)[:, None]
+        rows = (P + y.to(tl.int64) * WW + x0)[:, None]
         g = _strip_load(G + b * sg_b + rows * sg_n + c[None, :] * sg_c, x0, ok, cm, WW, sg_n, 0, S)
         row0 = X + b * sx_b + rows * sx_n + c[None, :] * sx_c
         if T1 > 0:
@@ -563,6 +570,12 @@ def _conv_kernel_name() -> str:
     return kernel
 
 
+def _strip_i64(p: int, hh: int, ww: int, s: int, k: int, *tensors: torch.Tensor) -> bool:
+    """Whether the strip kernels need int64 token offsets: a sample's rows (a strip and a kernel's reach past the end
+    included) span ``I32_OFFSETS`` elements or more in one of ``tensors``."""
+    return (p + hh * ww + s + k) * max(t.stride(1) for t in tensors) >= I32_OFFSETS
+
+
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     b, _, c = x.shape
     bt, bc = TUNING["block_t"], TUNING["block_c"]
@@ -571,10 +584,11 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     if _conv_kernel_name() == "strip" and k <= STRIP_MAX_K:
         ss, sr = tuned(TUNING, "strip_s", STRIP_S, pow2=True), tuned(TUNING, "strip_r", STRIP_R, pow2=True)
         bc, nxs = tuned(TUNING, "strip_c", STRIP_C, pow2=True), cdiv(ww, ss)
+        i64 = _strip_i64(p, hh, ww, ss, k, x, res, out)
         launch(_conv_strip_kernel, (cdiv(hh * nxs, sr), cdiv(c, bc), b),
             x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, nxs, *x.stride(),
             w32.stride(0) if per_sample else 0, *res.stride(), *out.stride(),
-            K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None, S=ss,
+            K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None, S=ss, I64=i64,
             BLOCK_R=sr, BLOCK_C=bc, num_warps=TUNING["warps"], **stages,
         )  # fmt: skip
         return
@@ -620,7 +634,8 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         splits, per = _splits(hh * nxs, sr, b * c_blocks, x.device, per_sm)  # strip tiles: programs per SM
         launch(_weight_grad_strip_kernel, (splits, c_blocks, b),
             g, x, dw, db, hh, ww, c, p, nxs, per, *g.stride(), *x.stride(), sdw_b,
-            K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, S=ss, BLOCK_R=sr, BLOCK_C=BLOCK_C, num_warps=warps,
+            K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, S=ss, I64=_strip_i64(p, hh, ww, ss, k, g, x), BLOCK_R=sr,
+            BLOCK_C=BLOCK_C, num_warps=warps,
         )  # fmt: skip
         return False
     fused = kernel == "fused"

@@ -35,7 +35,7 @@ def _rotate(X, OUT, SIN, COS, r, rmask, N, HH, sx_b, sx_n, sx_h, so_b, so_n, so_
             BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):  # fmt: skip
     """One block of rows of one input: loads ``[BLOCK_R, heads, D]``, splits the channel pairs, rotates, stores."""
     b, n = r // N, r % N
-    h = tl.arange(0, BLOCK_H)
+    h = tl.arange(0, BLOCK_H).to(tl.int64)  # (a heads-major view's head stride times the heads may pass 2^31)
     d = tl.arange(0, BLOCK_D)
     mask = rmask[:, None, None] & (h < HH)[None, :, None] & (d < D)[None, None, :]
     x_off = (b * sx_b + n * sx_n)[:, None, None] + (h * sx_h)[None, :, None] + d[None, None, :]
@@ -86,6 +86,8 @@ def _launch_pair(q, k, oq, ok, sin, cos, backward: bool) -> None:
 
 
 def _pair(q, k, sin, cos, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    sin, cos = (t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in (sin, cos))
+    q, k = _unit_last(q), _unit_last(k)  # (the ops called directly, not through rope_2d_pair_triton, too)
     oq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     ok = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     if q.numel():
@@ -154,4 +156,4 @@ def rope_2d_pair_triton(
     """The Triton path of :func:`visionlin.kernels.rope.apply_rope_2d_pair` (checked there): float32 contiguous
     tables, unit channel strides."""
     tables = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in (sin, cos)]
-    return _rope_2d_pair_call(_unit_last(q), _unit_last(k), *tables)
+    return _rope_2d_pair_call(_unit_last(q), _unit_last(k), *tables)  # (the tables saved for the backward: float32)
