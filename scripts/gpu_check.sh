@@ -68,7 +68,8 @@
 #                  DiNAT parity; S37_K: -k)                                                              ~3 min
 #   tests-s37b     stop 37: NA's bias-gradient reduction kernel, its opt-in bias-in-product backward, NAT / DiNAT
 #                  parity, the channels-last stems (FAST_PATHS["stem_channels_last"]) of NAT and MambaVision ~3 min
-#   tests-s39      stop 39's untested: the strip conv users' parity, the s8r32 setting, the RoPE pair ~5 min
+#   tests-s39      stop 39's untested: the strip kernels after bba9b3f, the strip conv users' parity, the RoPE
+#                  pair                                                                                  ~6 min
 #   tests-rope-pair  the fused query / key RoPE's gpu tests, then time it with PROFILE_CONFIGS=default,rope_fused
 #                  PROFILE_HIER_MODELS=ravlt_tiny,nalaformer_tiny ... profile-compiled-hier              ~1.5 min
 #   tests-strip    the token conv's strip kernels' gpu tests (every case, dtype and strip setting), the conv users'
@@ -226,11 +227,11 @@ for k, g in itertools.groupby(sorted(rows, key=key), key=key):
     bench-strip)  # the strip kernels against the shipped ones at every shape (benchmarks/conv_op.py --strip)
       timeout ${CONV_LIMIT:-240} python3 benchmarks/conv_op.py --out "$OUT" --commit "$COMMIT" --strip --no-methods \
         --iters 10 ${STRIP_ARGS:-} 2>&1 | grep -E "strip [0-9.]* ms|rror" | cut -c1-260 ;;
-    tests-s39)  # what stop 39 could not GPU-run: the parity of the strip conv's other users (FLatten, InLine, MAViT,
-      # RAVLT, NaLaFormer), the s8r32 strip setting, and the fused query / key RoPE's tests (op, compile, models)
-      run_tests s39 ${S39_LIMIT:-330} tests/test_models_gpu_parity.py tests/test_kernels_conv.py \
-        tests/test_kernels_rope_pair.py --tb=short \
-        -k "${S39_K:-(gpu_fast and (flatten or inline or mavit or ravlt or nala) and (tiny or small)) or s8r32 or rope_pair}" ;;
+    tests-s39)  # what stop 39 could not GPU-run: the strip kernels after bba9b3f (their I64 form), the parity of the
+      # strip conv's other users (FLatten, InLine, MAViT, RAVLT, NaLaFormer), the fused query / key RoPE's tests
+      run_tests s39 ${S39_LIMIT:-400} tests/test_kernels_conv.py tests/test_kernels_rope_pair.py \
+        tests/test_models_gpu_parity.py --tb=short \
+        -k "${S39_K:-strip or rope_pair or (gpu_fast and (flatten or inline or mavit or ravlt or nala) and (tiny or small))}" ;;
     tests-rope-pair)  # the softmax stages' fused query / key RoPE (apply_rope_2d_pair): op against float64, compile, the
       # MAViT / RAVLT / NaLaFormer steps with FAST_PATHS["rope_fused"] on against off
       run_tests rope_pair ${ROPE_LIMIT:-150} tests/test_kernels_rope_pair.py --tb=short ;;
