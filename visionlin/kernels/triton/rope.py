@@ -103,13 +103,6 @@ def rope_2d_pair(
     return _pair(q, k, sin, cos, backward=False)
 
 
-@rope_2d_pair.register_fake
-def _(q, k, sin, cos):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
-        k, memory_format=torch.contiguous_format
-    )
-
-
 @torch.library.custom_op("visionlin::rope_2d_pair_bwd", mutates_args=())
 def rope_2d_pair_bwd(
     gq: torch.Tensor, gk: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
@@ -118,11 +111,13 @@ def rope_2d_pair_bwd(
     return _pair(gq, gk, sin, cos, backward=True)
 
 
-@rope_2d_pair_bwd.register_fake
-def _(gq, gk, sin, cos):
-    return torch.empty_like(gq, memory_format=torch.contiguous_format), torch.empty_like(
-        gk, memory_format=torch.contiguous_format
-    )
+def _pair_fake(a, b, sin, cos):
+    """Both ops' outputs: contiguous tensors shaped and typed as their two inputs."""
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a, b))
+
+
+rope_2d_pair.register_fake(_pair_fake)
+rope_2d_pair_bwd.register_fake(_pair_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -136,7 +131,7 @@ def _backward(ctx, gq, gk):
         ref = gq if gq is not None else gk
         gq = torch.zeros(ref.shape, device=ref.device, dtype=ref.dtype) if gq is None else gq
         gk = torch.zeros(ref.shape, device=ref.device, dtype=ref.dtype) if gk is None else gk
-    dq, dk = _rope_2d_pair_bwd_call(_unit_last(gq), _unit_last(gk), sin, cos)
+    dq, dk = _rope_2d_pair_bwd_call(gq, gk, sin, cos)  # (_pair gives them unit channel strides)
     return dq, dk, None, None
 
 
@@ -156,4 +151,4 @@ def rope_2d_pair_triton(
     """The Triton path of :func:`visionlin.kernels.rope.apply_rope_2d_pair` (checked there): float32 contiguous
     tables, unit channel strides."""
     tables = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in (sin, cos)]
-    return _rope_2d_pair_call(_unit_last(q), _unit_last(k), *tables)  # (the tables saved for the backward: float32)
+    return _rope_2d_pair_call(q, k, *tables)  # (tables saved for the backward: float32)
