@@ -177,14 +177,15 @@ def test_cuda_compiles_without_graph_break():
 @pytest.mark.parametrize("name", ["mavit_tiny", "ravlt_tiny", "nalaformer_tiny"])
 def test_models_with_the_fused_rotation_match_the_torch_ops(name, monkeypatch):
     """A training step's output and gradients with ``FAST_PATHS["rope_fused"]`` on against off (bf16 autocast): the
-    same up to the rounding the fused pass saves."""
+    same up to the rounding the fused pass saves. No stochastic depth: the tiny configurations drop paths at 0.1, which
+    made the two passes differ by 21% in float32 at the first GPU run (s40), with the rotation itself exact."""
     import timm
 
     import visionlin  # noqa: F401
     from visionlin.layers import norm
 
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).cuda()
+    model = timm.create_model(name, num_classes=10, drop_path_rate=0.0).cuda()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     results = []
     for fused in (False, True):
