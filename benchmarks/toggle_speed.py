@@ -1,6 +1,8 @@
 """The fast-path switches, each off and on, side by side in one process: the inference forward and the training step
 (forward, cross-entropy, backward, AdamW) of each model with each switch off and on, in alternating order, so that a
-switch is made the default on a measured ratio, not on a guess.
+switch is made the default on a measured ratio, not on a guess. ``--modes graphs``: the training step compiled with CUDA
+graphs (``torch.compile(mode="reduce-overhead")``, one compiled model per config), the setting of the training-speed
+bar.
 
 Switches (each a process-wide setting read at every forward):
 
@@ -109,7 +111,9 @@ def _step(model: torch.nn.Module, mode: str, batch: int, size: int):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     labels = torch.randint(0, model.num_classes, (batch,), device="cuda")
-
+    if mode == "graphs":  # compiled with CUDA graphs: the switches are read while it traces (its first calls)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        return functools.partial(train_step(compiled, opt, labels, new_step=True), x)
     return functools.partial(train_step(model, opt, labels), x)
 
 
@@ -133,17 +137,23 @@ def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
     batch = args.batch_infer if mode == "infer" else args.batch_train
     rows = []
     try:
-        model = timm.create_model(name).cuda()
-        fn = _step(model, mode, batch, args.size)
+        if mode == "graphs":  # one compiled model per config (same weights), each traced under its switches
+            fns = {}
+            for c in configs:
+                torch.manual_seed(0)
+                fns[c] = _step(timm.create_model(name).cuda(), mode, batch, args.size)
+        else:
+            fn = _step(timm.create_model(name).cuda(), mode, batch, args.size)
+            fns = dict.fromkeys(configs, fn)
         for c in configs:
             with switches(c):
-                for _ in range(args.warmup):
-                    fn()
+                for _ in range(max(args.warmup, 3) if mode == "graphs" else args.warmup):  # graphs: record, replay
+                    fns[c]()
         times: dict[str, list[float]] = {c: [] for c in configs}
         for r in range(args.repeats):
             for c in configs if r % 2 == 0 else configs[::-1]:
                 with switches(c):
-                    times[c].append(_seconds(fn, args.iters))
+                    times[c].append(_seconds(fns[c], args.iters))
     except torch.cuda.OutOfMemoryError as e:
         return [{"model": name, "mode": mode, "config": c, "status": "oom", "error": str(e)[:200]} for c in configs]
     except Exception as e:  # noqa: BLE001 (recorded; the other models still run)
@@ -192,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
     p.add_argument("--models", default=MODELS, help="comma-separated model names (visionlin's or timm's)")
     p.add_argument("--configs", default=",".join(TOGGLES), help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    p.add_argument("--modes", default="infer,train", help="comma-separated subset of infer, train")
+    p.add_argument(
+        "--modes",
+        default="infer,train",
+        help="comma-separated subset of infer, train, graphs (the training step compiled with CUDA graphs, "
+        "torch.compile mode='reduce-overhead': one compiled model per config, ~1 min each)",
+    )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-infer", type=int, default=256)
     p.add_argument("--batch-train", type=int, default=128)
@@ -206,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown config(s) {bad}; choose from {list(CONFIGS)}")
     if "baseline" not in configs:
         p.error("--configs must include baseline (the ratios are to it)")
-    if bad := sorted(set(modes) - {"infer", "train"}):
-        p.error(f"unknown mode(s) {bad}; choose from ['infer', 'train']")
+    if bad := sorted(set(modes) - {"infer", "train", "graphs"}):
+        p.error(f"unknown mode(s) {bad}; choose from ['infer', 'train', 'graphs']")
     for flag in ("size", "batch_infer", "batch_train", "warmup", "iters", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")

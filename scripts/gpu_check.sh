@@ -33,7 +33,8 @@
 #   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts; AUTHORS_PAIRS: a subset)              ~4.5 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~3 min
 #   bench-sla-parts  benchmarks/sla_parts.py --tiles (where the forward's time goes; settings sweep)   ~2 min
-#   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training ~4 min
+#   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training
+#                  (TOGGLE_ARGS="--modes graphs ...": CUDA-graph training steps, one compile per config) ~4 min
 #   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
 #   host-infer     benchmarks/host_overhead.py --stacks: eager vs CUDA-graph forward, launches, host ops (HOST_MODELS) ~1 min
@@ -390,8 +391,9 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --out "$OUT/compiled" --commit "$COMMIT" --models ${STACKS_COMPILED_MODELS:-infvit_small,deit_small_patch16_224} \
         2>&1 | grep -v "^\s*$" | tee "$OUT/host_stacks_compiled_$COMMIT.log" | grep -E "^==|Python \(cProfile" ;;
     bench-toggle)  # each FAST_PATHS switch off and on (benchmarks/toggle_speed.py)
+      # (TOGGLE_ARGS: more flags, e.g. "--modes graphs --configs baseline,rope_fused": CUDA-graph steps, ~1 min a config)
       timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
-        ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
+        ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} ${TOGGLE_ARGS:-} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
     bench-ln)  # the pre-norm LayerNorm op: Triton against F.layer_norm + cast, the backward launch sweep, host us per call
       timeout ${LN_LIMIT:-150} python3 benchmarks/layer_norm_op.py --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE '^\{' | tail -16 ;;

@@ -16,6 +16,7 @@ from benchmarks import toggle_speed
         (["--configs", "baseline,nope"], "unknown config(s) ['nope']"),
         (["--configs", "pre_norm"], "--configs must include baseline"),
         (["--modes", "infer,fly"], "unknown mode(s) ['fly']"),
+        (["--modes", "graphs,fly"], "choose from ['infer', 'train', 'graphs']"),
         (["--iters", "0"], "--iters must be a positive integer, got 0"),
         (["--size", "100"], "--size must be a multiple of 32"),
     ],
@@ -71,4 +72,18 @@ def test_short_cuda_run(tmp_path):
     assert toggle_speed.main([*args, "--warmup", "1", "--iters", "1", "--repeats", "2"]) == 0
     doc = json.loads((tmp_path / "toggle_speed.json").read_text())
     got = {(r["mode"], r["config"]) for r in doc["rows"] if r["status"] == "ok"}
-    assert got == {(m, c) for m in ("infer", "train") for c in toggle_speed.CONFIGS}
+    assert got == {(m, c) for m in ("infer", "train") for c in toggle_speed.TOGGLES}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_short_cuda_graphs_run(tmp_path):
+    """The CUDA-graph training step, one compiled model per config: both configs measured, a ratio between them."""
+    args = ["--out", str(tmp_path), "--models", "ravlt_tiny", "--modes", "graphs", "--batch-train", "4"]
+    assert toggle_speed.main([*args, "--configs", "baseline,rope_fused", "--iters", "2", "--repeats", "2"]) == 0
+    rows = json.loads((tmp_path / "toggle_speed.json").read_text())["rows"]
+    assert [(r["mode"], r["config"], r["status"]) for r in rows] == [
+        ("graphs", "baseline", "ok"),
+        ("graphs", "rope_fused", "ok"),
+    ]
+    assert rows[1]["speedup_vs_baseline"] > 0
