@@ -48,11 +48,13 @@ __all__ = ["FAST_PATHS", "PreNorm", "as_pre_norm", "stem_memory_format"]
 #:   batch 256 on the H200. GPU time per forward with the switch on: InfViT-S 12.77 -> 11.13 ms, Agent-DeiT-S 16.89 ->
 #:   15.34, FLatten-DeiT-S 16.98 -> 15.39 (``profile_patch_6e8d144.json``); per training step at batch 128 -1.3 ms
 #:   (``profile_patch_train_af3eef6.json``).
-#: * ``"rope_fused"`` (off: not GPU-timed yet): the softmax stages of MAViT / RAVLT / NaLaFormer rotate queries and
-#:   keys with one Triton pass each way (:func:`visionlin.kernels.apply_rope_2d_pair`) instead of a chain of PyTorch
-#:   ops, whose backward Inductor fused with the ``qkvo`` bias-gradient sum into one slow outer reduction (2.07 ms of
-#:   RAVLT-T's 33 ms compiled training step, ``benchmarks/results/h200/s38/``).
-FAST_PATHS: dict[str, bool] = {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True, "rope_fused": False}
+#: * ``"rope_fused"``: the softmax stages of MAViT / RAVLT / NaLaFormer rotate queries and keys with one Triton pass
+#:   each way (:func:`visionlin.kernels.apply_rope_2d_pair`) instead of a chain of PyTorch ops, whose backward
+#:   Inductor fused with the ``qkvo`` bias-gradient sum into one slow outer reduction (2.07 ms of RAVLT-T's 33 ms
+#:   compiled training step, ``benchmarks/results/h200/s38/``). CUDA-graph training step (H200, batch 128, switch
+#:   off / on, one run): RAVLT-T 35.28 -> 31.86 ms (1.107x), NaLaFormer-T 41.18 -> 39.16 ms (1.052x)
+#:   (``s40/toggle_speed_graphs_rope_5f74eaa.json``).
+FAST_PATHS: dict[str, bool] = {"pre_norm": True, "stem_channels_last": True, "patch_gemm": True, "rope_fused": True}
 
 
 @register_notrace_module
