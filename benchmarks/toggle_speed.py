@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from visionlin.train.bench import train_step, write_result  # noqa: E402
+from visionlin.train.bench import _compile_scope, train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
 CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused", "all")
@@ -137,23 +137,25 @@ def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
     batch = args.batch_infer if mode == "infer" else args.batch_train
     rows = []
     try:
-        if mode == "graphs":  # one compiled model per config (same weights), each traced under its switches
-            fns = {}
+        # graphs: a fresh dynamo cache per model (the models share forward code), a hit recompile limit raising
+        with _compile_scope(mode == "graphs"):
+            if mode == "graphs":  # one compiled model per config (same weights), each traced under its switches
+                fns = {}
+                for c in configs:
+                    torch.manual_seed(0)
+                    fns[c] = _step(timm.create_model(name).cuda(), mode, batch, args.size)
+            else:
+                fn = _step(timm.create_model(name).cuda(), mode, batch, args.size)
+                fns = dict.fromkeys(configs, fn)
             for c in configs:
-                torch.manual_seed(0)
-                fns[c] = _step(timm.create_model(name).cuda(), mode, batch, args.size)
-        else:
-            fn = _step(timm.create_model(name).cuda(), mode, batch, args.size)
-            fns = dict.fromkeys(configs, fn)
-        for c in configs:
-            with switches(c):
-                for _ in range(max(args.warmup, 3) if mode == "graphs" else args.warmup):  # graphs: record, replay
-                    fns[c]()
-        times: dict[str, list[float]] = {c: [] for c in configs}
-        for r in range(args.repeats):
-            for c in configs if r % 2 == 0 else configs[::-1]:
                 with switches(c):
-                    times[c].append(_seconds(fns[c], args.iters))
+                    for _ in range(max(args.warmup, 3) if mode == "graphs" else args.warmup):  # graphs: record, replay
+                        fns[c]()
+            times: dict[str, list[float]] = {c: [] for c in configs}
+            for r in range(args.repeats):
+                for c in configs if r % 2 == 0 else configs[::-1]:
+                    with switches(c):
+                        times[c].append(_seconds(fns[c], args.iters))
     except torch.cuda.OutOfMemoryError as e:
         return [{"model": name, "mode": mode, "config": c, "status": "oom", "error": str(e)[:200]} for c in configs]
     except Exception as e:  # noqa: BLE001 (recorded; the other models still run)
