@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh OUT COMMIT STAGE [STAGE ...]
 #
 # Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
+#   tests-files    the gpu tests of TEST_FILES (TEST_K: -k; TESTS_LIMIT: seconds)
 #   tests-new      gpu tests of the kernels added or changed last (focus, conv, pooled / pure InfSA)   ~3 min
 #   tests-linear   gpu tests of the linear-attention kernels                                           ~4 min
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
@@ -147,6 +148,9 @@ run_tests() {
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
+    tests-files)  # TEST_FILES (space-separated test files), TEST_K (a -k expression), TESTS_LIMIT (s, default 240)
+      # shellcheck disable=SC2086  # TEST_FILES is a list of words
+      run_tests files ${TESTS_LIMIT:-240} ${TEST_FILES:?TEST_FILES names the test files} ${TEST_K:+-k "$TEST_K"} --tb=short ;;
     tests-new)
       timeout 260 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_triton_agent.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
