@@ -17,6 +17,9 @@ Switches (each a process-wide setting read at every forward):
 * ``conv_strip``: the token depthwise convolution's strip kernels (``visionlin.kernels.triton.conv.TUNING["conv"]``
   and ``["weight_grad"]`` ``"strip"``; off: ``"tile"``);
 * ``rope_fused``: ``FAST_PATHS["rope_fused"]``: the softmax stages' queries and keys rotated by one Triton pass;
+* ``focus_tiles``: FLatten's focusing kernels at their shipped launch settings
+  (``visionlin.kernels.triton.focus.TUNING``: tiles of 2048 entries; off: ``focus.NARROW``, the 8- / 4-token tiles
+  before stop 41);
 * ``all``: every switch on.
 
 Usage (on a GPU machine):
@@ -46,7 +49,17 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from visionlin.train.bench import _compile_scope, train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
-CONFIGS = ("default", "baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused", "all")
+CONFIGS = (
+    "default",
+    "baseline",
+    "pre_norm",
+    "stem_nhwc",
+    "patch_gemm",
+    "conv_strip",
+    "rope_fused",
+    "focus_tiles",
+    "all",
+)
 TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
@@ -75,10 +88,10 @@ def parse_configs(parser: argparse.ArgumentParser, value: str) -> list[str]:
 def switches(config: str) -> Iterator[None]:
     """The process-wide settings of ``config`` (``baseline``: every switch off, whatever the shipped defaults),
     restored afterwards."""
-    from visionlin.kernels.triton import conv
+    from visionlin.kernels.triton import conv, focus
     from visionlin.layers import norm
 
-    saved, saved_conv = dict(norm.FAST_PATHS), dict(conv.TUNING)
+    saved, saved_conv, saved_focus = dict(norm.FAST_PATHS), dict(conv.TUNING), dict(focus.TUNING)
     try:
         if config != "default":
             norm.FAST_PATHS.update(
@@ -89,12 +102,16 @@ def switches(config: str) -> Iterator[None]:
             )
             strip = "strip" if config in ("conv_strip", "all") else "tile"
             conv.TUNING.update(conv=strip, weight_grad=strip)
+            if config not in ("focus_tiles", "all"):
+                focus.TUNING.update(focus.NARROW)
         yield
     finally:
         norm.FAST_PATHS.clear()
         norm.FAST_PATHS.update(saved)
         conv.TUNING.clear()
         conv.TUNING.update(saved_conv)
+        focus.TUNING.clear()
+        focus.TUNING.update(saved_focus)
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):

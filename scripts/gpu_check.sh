@@ -36,6 +36,7 @@
 #   bench-sla-parts  benchmarks/sla_parts.py --tiles (where the forward's time goes; settings sweep)   ~2 min
 #   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training
 #                  (TOGGLE_ARGS="--modes graphs ...": CUDA-graph training steps, one compile per config) ~4 min
+#   bench-focus    benchmarks/focus_op.py: FLatten's focusing kernels over their launch settings, the PVT-S step total ~3 min
 #   bench-ln       benchmarks/layer_norm_op.py: the pre-norm LayerNorm op vs F.layer_norm + cast, host us per call ~1 min
 #   host-train     benchmarks/host_overhead.py --train (HOST_MODELS, HOST_CONFIGS): host ops of a training step ~1 min
 #   host-infer     benchmarks/host_overhead.py --stacks: eager vs CUDA-graph forward, launches, host ops (HOST_MODELS) ~1 min
@@ -398,6 +399,9 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       # (TOGGLE_ARGS: more flags, e.g. "--modes graphs --configs baseline,rope_fused": CUDA-graph steps, ~1 min a config)
       timeout ${TOGGLE_LIMIT:-240} python3 benchmarks/toggle_speed.py --out "$OUT" --commit "$COMMIT" \
         ${TOGGLE_MODELS:+--models $TOGGLE_MODELS} ${TOGGLE_ARGS:-} 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -30 ;;
+    bench-focus)  # benchmarks/focus_op.py: FLatten's focusing kernels over their launch settings (FOCUS_ARGS: more flags)
+      timeout ${FOCUS_LIMIT:-240} python3 benchmarks/focus_op.py --out "$OUT" --commit "$COMMIT" ${FOCUS_ARGS:-} 2>&1 \
+        | grep -E "flatten_pvt_small|rror" | tail -30 ;;
     bench-ln)  # the pre-norm LayerNorm op: Triton against F.layer_norm + cast, the backward launch sweep, host us per call
       timeout ${LN_LIMIT:-150} python3 benchmarks/layer_norm_op.py --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -vE '^\{' | tail -16 ;;

@@ -12,6 +12,7 @@ import pytest
 SCRIPTS = {
     "authors_speed": (["--authors-dir", "."], "5 / 0 / 3"),
     "conv_op": (["--out", "unused"], "3 / 0 / 3"),
+    "focus_op": (["--out", "unused"], "2 / 0 / 1"),
     "gla_backward": (["--out", "unused"], "3 / 0 / 3"),
     "gla_segments": (["--out", "unused"], "2 / 0 / 3"),
     "layer_norm_op": (["--out", "unused"], "3 / 0 / 3"),

@@ -29,16 +29,23 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 
 def test_switches_set_and_restore():
-    from visionlin.kernels.triton import conv
+    from visionlin.kernels.triton import conv, focus
     from visionlin.layers import norm
 
-    before, before_conv = dict(norm.FAST_PATHS), dict(conv.TUNING)
+    before, before_conv, before_focus = dict(norm.FAST_PATHS), dict(conv.TUNING), dict(focus.TUNING)
+    narrow = dict(before_focus, **focus.NARROW)
+    assert narrow != before_focus  # the shipped tiles are not the narrow ones
     with toggle_speed.switches("all"):
         assert all(norm.FAST_PATHS.values()) and len(norm.FAST_PATHS) == 4
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
+        assert dict(focus.TUNING) == before_focus
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "tile"
+        assert dict(focus.TUNING) == narrow
+    with toggle_speed.switches("focus_tiles"):
+        assert not any(norm.FAST_PATHS.values()) and conv.TUNING["conv"] == "tile"
+        assert dict(focus.TUNING) == before_focus
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
@@ -62,7 +69,7 @@ def test_switches_set_and_restore():
         assert [k for k, on in norm.FAST_PATHS.items() if on] == ["rope_fused"]
     with pytest.raises(RuntimeError), toggle_speed.switches("pre_norm"):
         raise RuntimeError  # restored on error too
-    assert dict(norm.FAST_PATHS) == before and dict(conv.TUNING) == before_conv
+    assert dict(norm.FAST_PATHS) == before and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
 
 
 @pytest.mark.gpu

@@ -396,8 +396,9 @@ def _conv_and_focus(dt, tdt):
         )
         for sp in (1, 2)
     ]
-    for h in (3, 6, 12):
-        m, mb = focus._meta(h, 64, focus.BLOCK_T), focus._meta(h, 64, focus.BLOCK_T_BACKWARD)
+    # FLatten's channels: PVT 64-512 (64 per head), Swin 96-768 (32 per head), DeiT 192-768
+    for h, d in ((1, 64), (2, 64), (5, 64), (8, 64), (3, 32), (3, 64), (6, 64), (12, 64)):
+        m, mb = focus._meta(h, d, 4096, backward=False), focus._meta(h, d, 4096, backward=True)
         w, wb = m.pop("num_warps"), mb.pop("num_warps")
         cases += [
             (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=True, **m), w),
@@ -766,6 +767,10 @@ SPILL_ALLOWANCE = {
             ("_aggregate_backward_kernel", 64, 768),
         )
     },
+    # FLatten's focusing backward (no products, ~12 float32 temporaries per tile entry): at some tile / warp counts
+    # ptxas settles on 64 registers with one 4-8 byte stack slot (1024 entries over 8 warps at 512 channels: 4 bytes;
+    # the neighbouring settings none), an L1-resident word per thread
+    **{("visionlin.kernels.triton.focus", "_focus_backward_kernel", dt, None, None): 8 for dt in ("bf16", "fp16")},
     # float32 inputs at head dim 32 (IEEE products on float32 tiles; 168-255 registers): 20-36 bytes
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 40,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 40,

@@ -160,6 +160,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         check_focus((1, 5, 2, 24), dtype, "cpu", p=1.5, scale=False, zero_token=True)
     check_focus((2, 7, 6, 16), torch.float32, "cpu", p=4.0, std=30.0, non_contiguous=True)
     check_focus((2, 7, 3, 8), torch.float32, "cpu", heads_strided=True)
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import focus as tf
+    with tuned(tf.TUNING, fwd_tokens=1, bwd_tokens=2, bwd_programs=1):  # token blocks walked one after another
+        check_focus((2, 9, 3, 16), torch.float32, "cpu")
     check_focused_op((2, 37, 3, 16), torch.float32, "cpu")
     check_focused_op((1, 23, 2, 16), torch.float32, "cpu", m=41)
     check_focused_op((1, 45, 2, 20), torch.float32, "cpu", non_contiguous=True, scale=False, dv=24)
@@ -186,6 +190,30 @@ def test_triton_focus(shape, dtype):
     check_focus(shape, dtype, "cuda")
     check_focus(shape, dtype, "cuda", p=2.0, scale=False, zero_token=True, non_contiguous=True)
     check_focus(shape, dtype, "cuda", heads_strided=True)
+
+
+#: launch settings besides the shipped one: the narrow tiles before stop 41, the largest tiles and most warps the sweep
+#: (benchmarks/focus_op.py) times, one token per tile, many backward programs (more float32 atomics into dc)
+SETTINGS = {
+    "narrow": {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8},
+    "wide": {"fwd_elements": 4096, "bwd_elements": 4096, "warp_elements": 512, "bwd_warp_elements": 256},
+    "one_token": {"fwd_tokens": 1, "bwd_tokens": 1, "warp_elements": 64, "bwd_warp_elements": 64},
+    "many_programs": {"bwd_elements": 1024, "bwd_programs": 32},
+}
+
+
+@gpu
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("shape", [(3, 3136, 1, 64), (2, 197, 5, 64), (4, 49, 8, 64), (2, 784, 6, 32)])
+def test_triton_focus_settings(shape, setting):
+    """Every launch setting the sweep times computes the map and its gradients (float32, bf16), at FLatten-PVT /
+    Swin / DeiT channel counts."""
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import focus as tf
+
+    with tuned(tf.TUNING, **SETTINGS[setting]):
+        check_focus(shape, torch.float32, "cuda")
+        check_focus(shape, torch.bfloat16, "cuda", non_contiguous=True)
 
 
 @gpu

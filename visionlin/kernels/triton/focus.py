@@ -40,18 +40,27 @@ __all__ = ["focused_linear_attention_triton"]
 
 @triton.jit
 def _rows(
-    X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr,
+    X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr,
     FLAT: tl.constexpr,
 ):  # fmt: skip
     """``(x, t, mask)`` of tokens ``t`` of sample ``b``: ``x`` as float32 ``[BLOCK_T, BLOCK_C]`` and
-    ``t = (relu(x) + eps) / c`` (0 in padded channels)."""
+    ``t = (relu(x) + eps) / c`` (0 in padded channels; ``rc``: ``1 / c`` per channel, loaded once per program)."""
     cmask = ch < H * D
     mask = (t < N)[:, None] & cmask[None, :]
     x = tl.load(X + _offsets(b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT), mask=mask, other=0.0).to(tl.float32)
     tt = tl.maximum(x, 0.0) + eps
     if HAS_C:
-        tt = tt / tl.load(CS + ch, mask=cmask, other=1.0)[None, :]
+        tt = tt * rc[None, :]
     return x, tl.where(mask, tt, 0.0), mask
+
+
+@triton.jit
+def _inverse_scale(CS, ch, H, D, HAS_C: tl.constexpr):
+    """``1 / c`` per channel (1 in padded channels and without a scale): multiplications per element instead of
+    float32 divisions."""
+    if HAS_C:
+        return 1.0 / tl.load(CS + ch, mask=ch < H * D, other=1.0)
+    return tl.full(ch.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -69,7 +78,7 @@ def _normalised(tt, p):
     """``(t', s, n, S, m)`` per row (module docstring); rows that are all zero get ``m = 1`` and ``S = 1``."""
     m = tl.max(tt, axis=1)
     m = tl.where(m > 0, m, 1.0)
-    tp = tt / m[:, None]
+    tp = tt * (1.0 / m)[:, None]
     s = tl.where(tp > 0, tl.exp2(p * tl.log2(tl.maximum(tp, 1e-30))), 0.0)
     n = tl.sqrt(tl.sum(tp * tp, axis=1))
     big_s = tl.sqrt(tl.sum(s * s, axis=1))
@@ -84,9 +93,10 @@ def _focus_kernel(
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     ch = tl.arange(0, BLOCK_C)
+    rc = _inverse_scale(CS, ch, H, D, HAS_C)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        _, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
+        _, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
         tp, s, n, big_s, m = _normalised(tt, p)
         f = s * (m * n / big_s)[:, None]
         tl.store(F + _offsets(b, t, ch, D, sf_b, sf_n, sf_h, sf_d, True), f.to(F.dtype.element_ty), mask)
@@ -101,17 +111,17 @@ def _focus_backward_kernel(
     b = tl.program_id(1).to(tl.int64)
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < H * D
-    if HAS_C:
-        c = tl.load(CS + ch, mask=cmask, other=1.0)
+    rc = _inverse_scale(CS, ch, H, D, HAS_C)
     dc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        x, tt, mask = _rows(X, CS, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
+        x, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
         tp, s, n, big_s, m = _normalised(tt, p)
         goffs = _offsets(b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G)
         g = tl.load(G + goffs, mask=mask, other=0.0).to(tl.float32)
         gs = tl.sum(g * s, axis=1)
-        dpow = tl.where(tp > 0, p * s / tl.maximum(tp, 1e-30), 0.0)  # p t'^(p-1)
+        # p t'^(p-1) as p s / t' (the approximate division: a reciprocal and a product, 2 ulp)
+        dpow = tl.where(tp > 0, p * tl.fdiv(s, tl.maximum(tp, 1e-30), ieee_rounding=False), 0.0)
         n_safe = tl.where(n > 0, n, 1.0)
         dt = tp * (gs / (n_safe * big_s))[:, None] + (n / big_s)[:, None] * dpow * (
             g - (gs / (big_s * big_s))[:, None] * s
@@ -119,31 +129,55 @@ def _focus_backward_kernel(
         dt = tl.where(mask, dt, 0.0)
         dx = tl.where(x > 0, dt, 0.0)
         if HAS_C:
-            dx = dx / c[None, :]
+            dx = dx * rc[None, :]
             if NEED_DC:
-                dc += tl.sum(-dt * tt / c[None, :], axis=0)
+                dc += tl.sum(-dt * tt, axis=0) * rc
         doffs = _offsets(b, t, ch, D, sdx_b, sdx_n, sdx_h, sdx_d, True)
         tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask)
     if NEED_DC:
         tl.atomic_add(DC + ch, dc, mask=cmask)
 
 
-#: Tokens per step of the forward / backward kernels (the backward holds about twice as many row temporaries).
-BLOCK_T, BLOCK_T_BACKWARD = 8, 4
+#: Launch settings (``benchmarks/focus_op.py`` sweeps them). ``fwd_elements`` / ``bwd_elements``: entries of a tile
+#: (``BLOCK_T`` the largest power of two of whole tokens in them, at least 1, at most the tokens there are);
+#: ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``: from the elements);
+#: ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps; the backward holds about twice the
+#: temporaries per entry: at 16 warps ptxas gives it 64 registers, and 2048 entries spilled at 8 or 16 warps);
+#: ``bwd_programs``: the backward's programs per SM over the batch (each walks its share of a sample's token blocks and
+#: adds its share of ``dc`` once). ``NARROW``: the settings before stop 41 (8 / 4 tokens, 128 entries a warp), tiles
+#: of 256-512 entries at FLatten's 64-128 channels: too few bytes in flight.
+TUNING: dict[str, int | None] = {
+    "fwd_elements": 2048,
+    "bwd_elements": 1024,
+    "fwd_tokens": None,
+    "bwd_tokens": None,
+    "warp_elements": 256,
+    "bwd_warp_elements": 128,
+    "bwd_programs": 8,
+}
+NARROW = {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8}
 
 
 def _grid(b: int, n: int, device: torch.device, block_t: int) -> tuple[tuple[int, int], int]:
     blocks = cdiv(n, block_t)
-    want = min(blocks, max(1, cdiv(8 * _num_sms(device), max(b, 1))))
+    want = min(blocks, max(1, cdiv(int(TUNING["bwd_programs"]) * _num_sms(device), max(b, 1))))
     per = cdiv(blocks, want)
     return (cdiv(blocks, per), b), per
 
 
-def _meta(h: int, d: int, block_t: int) -> dict[str, int]:
+def _meta(h: int, d: int, n: int, backward: bool) -> dict[str, int]:
     block_c = next_pow2(h * d)
-    # One warp per 128 tile entries (4 per thread), 4 to 16: no register spills for sm_90 (ptxas; 8 warps spilled in
-    # the backward at 4 x 512)
-    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": min(16, max(4, block_t * block_c // 128))}
+    tokens = TUNING["bwd_tokens" if backward else "fwd_tokens"]
+    if tokens is None:
+        elements = int(TUNING["bwd_elements" if backward else "fwd_elements"])
+        tokens = min(next_pow2(max(1, elements // block_c + 1)) // 2 or 1, next_pow2(max(n, 1)))
+    elif tokens < 1 or tokens & (tokens - 1):
+        raise ValueError(
+            f"focus.TUNING: {'bwd' if backward else 'fwd'}_tokens must be a power of two >= 1, got {tokens}"
+        )
+    # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile without spills)
+    warps = min(16, max(4, tokens * block_c // int(TUNING["bwd_warp_elements" if backward else "warp_elements"])))
+    return {"BLOCK_T": tokens, "BLOCK_C": block_c, "num_warps": warps}
 
 
 def _flat(t: torch.Tensor) -> bool:
@@ -158,10 +192,11 @@ def _focus(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> tor
     if b * n * h * d:
         # One block of tokens per program (no atomics to amortise here, unlike the backward): every block's loads
         # in flight at once instead of each program walking its blocks one after another.
-        grid, per = (cdiv(n, BLOCK_T), b), 1
+        meta = _meta(h, d, n, backward=False)
+        grid, per = (cdiv(n, meta["BLOCK_T"]), b), 1
         launch(_focus_kernel, grid,
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
-            HAS_C=c is not None, FLAT_X=_flat(x), **_meta(h, d, BLOCK_T),
+            HAS_C=c is not None, FLAT_X=_flat(x), **meta,
         )  # fmt: skip
     return f
 
@@ -175,11 +210,11 @@ def _focus_grad(
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
     if b * n * h * d:
-        grid, per = _grid(b, n, x.device, BLOCK_T_BACKWARD)
+        meta = _meta(h, d, n, backward=True)
+        grid, per = _grid(b, n, x.device, meta["BLOCK_T"])
         launch(_focus_backward_kernel, grid,
             x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
-            HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g),
-            **_meta(h, d, BLOCK_T_BACKWARD),
+            HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g), **meta,
         )  # fmt: skip
     return dx, dc
 
