@@ -74,16 +74,23 @@ def _offsets(b, t, ch, D, s_b, s_n, s_h, s_d, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _normalised(tt, p):
-    """``(t', s, n, S, m)`` per row (module docstring); rows that are all zero get ``m = 1`` and ``S = 1``."""
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _powered(tt, p):
+    """``(t', s, m)`` per row (module docstring); rows that are all zero get ``m = 1``."""
     m = tl.max(tt, axis=1)
     m = tl.where(m > 0, m, 1.0)
     tp = tt * (1.0 / m)[:, None]
     s = tl.where(tp > 0, tl.exp2(p * tl.log2(tl.maximum(tp, 1e-30))), 0.0)
-    n = tl.sqrt(tl.sum(tp * tp, axis=1))
-    big_s = tl.sqrt(tl.sum(s * s, axis=1))
-    big_s = tl.where(big_s > 0, big_s, 1.0)
-    return tp, s, n, big_s, m
+    return tp, s, m
 
 
 @triton.jit
@@ -97,8 +104,10 @@ def _focus_kernel(
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         _, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
-        tp, s, n, big_s, m = _normalised(tt, p)
-        f = s * (m * n / big_s)[:, None]
+        tp, s, m = _powered(tt, p)
+        n2, s2 = tl.reduce((tp * tp, s * s), 1, _add2)  # both row sums in one reduction (one exchange per row)
+        big_s = tl.where(s2 > 0, tl.sqrt(s2), 1.0)
+        f = s * (m * tl.sqrt(n2) / big_s)[:, None]
         tl.store(F + _offsets(b, t, ch, D, sf_b, sf_n, sf_h, sf_d, True), f.to(F.dtype.element_ty), mask)
 
 
@@ -112,14 +121,18 @@ def _focus_backward_kernel(
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < H * D
     rc = _inverse_scale(CS, ch, H, D, HAS_C)
-    dc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # dc's terms summed per tile entry across the walk, reduced over the tokens once at the end (not one cross-warp
+    # reduction per tile)
+    dc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for i in range(per):
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        # both loads issued before any math: twice the bytes in flight
         x, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
-        tp, s, n, big_s, m = _normalised(tt, p)
-        goffs = _offsets(b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G)
-        g = tl.load(G + goffs, mask=mask, other=0.0).to(tl.float32)
-        gs = tl.sum(g * s, axis=1)
+        g = tl.load(G + _offsets(b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G), mask=mask, other=0.0).to(tl.float32)
+        tp, s, m = _powered(tt, p)
+        n2, s2, gs = tl.reduce((tp * tp, s * s, g * s), 1, _add3)  # the three row sums in one reduction
+        n = tl.sqrt(n2)
+        big_s = tl.where(s2 > 0, tl.sqrt(s2), 1.0)
         # p t'^(p-1) as p s / t' (the approximate division: a reciprocal and a product, 2 ulp)
         dpow = tl.where(tp > 0, p * tl.fdiv(s, tl.maximum(tp, 1e-30), ieee_rounding=False), 0.0)
         n_safe = tl.where(n > 0, n, 1.0)
@@ -131,11 +144,11 @@ def _focus_backward_kernel(
         if HAS_C:
             dx = dx * rc[None, :]
             if NEED_DC:
-                dc += tl.sum(-dt * tt, axis=0) * rc
+                dc += -dt * tt
         doffs = _offsets(b, t, ch, D, sdx_b, sdx_n, sdx_h, sdx_d, True)
         tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask)
     if NEED_DC:
-        tl.atomic_add(DC + ch, dc, mask=cmask)
+        tl.atomic_add(DC + ch, tl.sum(dc, axis=0) * rc, mask=cmask)
 
 
 #: Launch settings (``benchmarks/focus_op.py`` sweeps them). ``fwd_elements`` / ``bwd_elements``: entries of a tile
@@ -151,7 +164,7 @@ TUNING: dict[str, int | None] = {
     "bwd_elements": 1024,
     "fwd_tokens": None,
     "bwd_tokens": None,
-    "warp_elements": 256,
+    "warp_elements": 512,
     "bwd_warp_elements": 128,
     "bwd_programs": 8,
 }
