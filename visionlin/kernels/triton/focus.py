@@ -151,21 +151,22 @@ def _focus_backward_kernel(
         tl.atomic_add(DC + ch, tl.sum(dc, axis=0) * rc, mask=cmask)
 
 
-#: Launch settings (``benchmarks/focus_op.py`` sweeps them). ``fwd_elements`` / ``bwd_elements``: entries of a tile
-#: (``BLOCK_T`` the largest power of two of whole tokens in them, at least 1, at most the tokens there are);
-#: ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``: from the elements);
-#: ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps; the backward holds about twice the
-#: temporaries per entry: at 16 warps ptxas gives it 64 registers, and 2048 entries spilled at 8 or 16 warps);
+#: Launch settings (``benchmarks/focus_op.py`` sweeps them; the shipped ones were the best FLatten-PVT-S step total of
+#: its s41 run, within 6% of the best at every query shape; the 10-20 us key shapes vary more). ``fwd_elements`` /
+#: ``bwd_elements``: entries of a tile (``BLOCK_T`` the largest power of two of whole tokens in them, at least 1, at
+#: most the tokens there are); ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``:
+#: from the elements); ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps);
 #: ``bwd_programs``: the backward's programs per SM over the batch (each walks its share of a sample's token blocks and
-#: adds its share of ``dc`` once). ``NARROW``: the settings before stop 41 (8 / 4 tokens, 128 entries a warp), tiles
-#: of 256-512 entries at FLatten's 64-128 channels: too few bytes in flight.
+#: adds its share of ``dc`` once). ``NARROW``: the tiles before stop 41 (8 / 4 tokens, 128 entries a warp): 256-512
+#: entries at FLatten's 64-128 channels, too few bytes in flight (forward 1.17x, backward 1.32x slower over PVT-S's
+#: calls in the s41 run).
 TUNING: dict[str, int | None] = {
     "fwd_elements": 2048,
     "bwd_elements": 1024,
     "fwd_tokens": None,
     "bwd_tokens": None,
     "warp_elements": 512,
-    "bwd_warp_elements": 128,
+    "bwd_warp_elements": 256,
     "bwd_programs": 8,
 }
 NARROW = {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8}
