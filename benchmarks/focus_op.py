@@ -46,17 +46,31 @@ SHAPES = {
     "swin_t2": ((B, 784, 6, 32), 0),
     "deit_s": ((B, 197, 6, 64), 0),
 }
-#: (name, TUNING overrides) of the forward / backward sweeps; the first of each is the setting before stop 41
+
+
+#: (name, TUNING overrides) of the forward / backward sweeps; the first of each is the setting before stop 41.
+#: Names: e<entries a tile>_w<entries a warp>[_p<programs per SM: a walk of tiles per program>][_pf: the next tile
+#: loaded ahead]
+def _fwd(e: int, w: int, p: int | None = None, pf: bool = False) -> tuple[str, dict]:
+    name = f"e{e}_w{w}" + (f"_p{p}" if p else "") + ("_pf" if pf else "")
+    return name, {"fwd_tokens": None, "fwd_elements": e, "warp_elements": w, "fwd_programs": p, "prefetch": pf}
+
+
+def _bwd(e: int, w: int, p: int, pf: bool = False) -> tuple[str, dict]:
+    name = f"e{e}_w{w}_p{p}" + ("_pf" if pf else "")
+    return name, {"bwd_tokens": None, "bwd_elements": e, "bwd_warp_elements": w, "bwd_programs": p, "prefetch": pf}
+
+
 FORWARD = [
-    ("narrow", {"fwd_tokens": 8, "warp_elements": 128}),
-    *((f"e{e}_w{w}", {"fwd_tokens": None, "fwd_elements": e, "warp_elements": w})
-      for e, w in ((1024, 256), (2048, 128), (2048, 256), (2048, 512), (4096, 256), (4096, 512))),
+    ("narrow", {"fwd_tokens": 8, "warp_elements": 128, "fwd_programs": None, "prefetch": False}),
+    _fwd(1024, 256), _fwd(2048, 256), _fwd(2048, 512), _fwd(4096, 512), _fwd(2048, 512, 8),
+    _fwd(2048, 512, 8, True), _fwd(2048, 512, 16, True), _fwd(1024, 256, 16, True), _fwd(1024, 512, 16, True),
+    _fwd(4096, 512, 8, True),
 ]  # fmt: skip
 BACKWARD = [
-    ("narrow", {"bwd_tokens": 4, "bwd_warp_elements": 128, "bwd_programs": 8}),
-    *((f"e{e}_w{w}_p{p}", {"bwd_tokens": None, "bwd_elements": e, "bwd_warp_elements": w, "bwd_programs": p})
-      for e, w, p in ((512, 64, 8), (1024, 64, 8), (1024, 128, 8), (1024, 256, 8), (1024, 128, 16),
-                      (1024, 128, 32), (2048, 128, 8), (2048, 256, 8), (4096, 256, 8))),
+    ("narrow", {"bwd_tokens": 4, "bwd_warp_elements": 128, "bwd_programs": 8, "prefetch": False}),
+    _bwd(1024, 128, 8), _bwd(1024, 256, 8), _bwd(2048, 256, 8), _bwd(1024, 256, 16), _bwd(1024, 256, 8, True),
+    _bwd(1024, 256, 16, True), _bwd(1024, 128, 8, True), _bwd(512, 128, 16, True), _bwd(2048, 256, 8, True),
 ]  # fmt: skip
 
 

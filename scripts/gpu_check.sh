@@ -131,7 +131,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 HIER=flatten_pvt_small,agent_pvt_small,flatten_swin_tiny,agent_swin_tiny,nat_tiny,dinat_tiny,mambavision_tiny,vig_small
 HIER=${HIER_MODELS:-$HIER,mavit_tiny,ravlt_tiny,nalaformer_tiny}  # HIER_MODELS: a subset
 SWIN=swin_tiny_patch4_window7_224
-MODELS=infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small
+MODELS=${ISO_MODELS:-infvit_small,inline_deit_small,agent_deit_small,flatten_deit_small,infvit_pure_small}  # ISO_MODELS: a subset
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider -rf"
 XD=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${XDIST_N:-4}")
 

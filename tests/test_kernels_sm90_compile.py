@@ -400,12 +400,18 @@ def _conv_and_focus(dt, tdt):
     for h, d in ((1, 64), (2, 64), (5, 64), (8, 64), (3, 32), (3, 64), (6, 64), (12, 64)):
         m, mb = focus._meta(h, d, 4096, backward=False), focus._meta(h, d, 4096, backward=True)
         w, wb = m.pop("num_warps"), mb.pop("num_warps")
-        cases += [
-            (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=True, **m), w),
-            (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=False, **m), w),
-            (focus._focus_backward_kernel, dt, dict(HAS_C=True, NEED_DC=True, FLAT_X=True, FLAT_G=True, **mb), wb),
-            (focus._focus_backward_kernel, dt, dict(HAS_C=True, NEED_DC=True, FLAT_X=False, FLAT_G=False, **mb), wb),
-        ]
+        cases += [  # without the next tile loaded ahead (one tile per program) and with it if shipped (TUNING)
+            case
+            for pf in sorted({False, bool(focus.TUNING["prefetch"])})
+            for case in (
+                (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=True, PREFETCH=pf, **m), w),
+                (focus._focus_kernel, dt, dict(HAS_C=True, FLAT_X=False, PREFETCH=pf, **m), w),
+                (focus._focus_backward_kernel, dt,
+                 dict(HAS_C=True, NEED_DC=True, FLAT_X=True, FLAT_G=True, PREFETCH=pf, **mb), wb),
+                (focus._focus_backward_kernel, dt,
+                 dict(HAS_C=True, NEED_DC=True, FLAT_X=False, FLAT_G=False, PREFETCH=pf, **mb), wb),
+            )
+        ]  # fmt: skip
     return cases
 
 
@@ -767,10 +773,15 @@ SPILL_ALLOWANCE = {
             ("_aggregate_backward_kernel", 64, 768),
         )
     },
-    # FLatten's focusing backward (no products, ~12 float32 temporaries per tile entry): at some tile / warp counts
-    # ptxas settles on 64 registers with one 4-8 byte stack slot (1024 entries over 8 warps at 512 channels: 4 bytes;
-    # the neighbouring settings none), an L1-resident word per thread
-    **{("visionlin.kernels.triton.focus", "_focus_backward_kernel", dt, None, None): 8 for dt in ("bf16", "fp16")},
+    # FLatten's focusing kernels (no products, 6-15 float32 registers per tile entry): at some tile / warp counts
+    # ptxas settles on 64 or 128 registers with one 4-8 byte stack slot (the backward's 1024 entries over 8 warps at
+    # 512 channels, the forward's 2048 over 4 warps at 1024 channels: 4 bytes; the neighbouring settings none), an
+    # L1-resident word per thread
+    **{
+        ("visionlin.kernels.triton.focus", name, dt, None, None): 8
+        for name in ("_focus_kernel", "_focus_backward_kernel")
+        for dt in ("bf16", "fp16")
+    },
     # float32 inputs at head dim 32 (IEEE products on float32 tiles; 168-255 registers): 20-36 bytes
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 40,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 40,

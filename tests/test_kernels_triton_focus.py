@@ -164,6 +164,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from visionlin.kernels.triton import focus as tf
     with tuned(tf.TUNING, fwd_tokens=1, bwd_tokens=2, bwd_programs=1):  # token blocks walked one after another
         check_focus((2, 9, 3, 16), torch.float32, "cpu")
+    for prefetch in (False, True):  # the forward walking too, with and without the next tile loaded ahead
+        with tuned(tf.TUNING, fwd_tokens=2, bwd_tokens=2, fwd_programs=1, bwd_programs=1, prefetch=prefetch):
+            check_focus((2, 9, 3, 16), torch.float32, "cpu")
+            check_focus((1, 7, 2, 8), torch.float16, "cpu", non_contiguous=True)
     check_focused_op((2, 37, 3, 16), torch.float32, "cpu")
     check_focused_op((1, 23, 2, 16), torch.float32, "cpu", m=41)
     check_focused_op((1, 45, 2, 20), torch.float32, "cpu", non_contiguous=True, scale=False, dv=24)
@@ -199,6 +203,9 @@ SETTINGS = {
     "wide": {"fwd_elements": 4096, "bwd_elements": 4096, "warp_elements": 512, "bwd_warp_elements": 256},
     "one_token": {"fwd_tokens": 1, "bwd_tokens": 1, "warp_elements": 64, "bwd_warp_elements": 64},
     "many_programs": {"bwd_elements": 1024, "bwd_programs": 32},
+    "prefetch": {"fwd_programs": 8, "prefetch": True},
+    "prefetch_small_tiles": {"fwd_elements": 512, "bwd_elements": 512, "fwd_programs": 16, "prefetch": True},
+    "walk_no_prefetch": {"fwd_programs": 4, "prefetch": False},
 }
 
 

@@ -39,19 +39,27 @@ __all__ = ["focused_linear_attention_triton"]
 
 
 @triton.jit
-def _rows(
-    X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C: tl.constexpr, BLOCK_C: tl.constexpr,
-    FLAT: tl.constexpr,
-):  # fmt: skip
-    """``(x, t, mask)`` of tokens ``t`` of sample ``b``: ``x`` as float32 ``[BLOCK_T, BLOCK_C]`` and
-    ``t = (relu(x) + eps) / c`` (0 in padded channels; ``rc``: ``1 / c`` per channel, loaded once per program)."""
-    cmask = ch < H * D
-    mask = (t < N)[:, None] & cmask[None, :]
-    x = tl.load(X + _offsets(b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT), mask=mask, other=0.0).to(tl.float32)
+def _tile_mask(t, ch, H, D, N):
+    """The entries of tokens ``t`` and channels ``ch`` that exist (recomputed where needed: a carried boolean tile
+    costs a register per entry)."""
+    return (t < N)[:, None] & (ch < H * D)[None, :]
+
+
+@triton.jit
+def _load_rows(X, b, t, ch, D, s_b, s_n, s_h, s_d, FLAT: tl.constexpr, mask):
+    """Channels ``ch`` of tokens ``t`` of sample ``b`` in the input's dtype, ``[BLOCK_T, BLOCK_C]`` (0 off ``mask``)."""
+    return tl.load(X + _offsets(b, t, ch, D, s_b, s_n, s_h, s_d, FLAT), mask=mask, other=0.0)
+
+
+@triton.jit
+def _features_in(raw, mask, rc, eps, HAS_C: tl.constexpr):
+    """``(x, t)``: ``raw`` as float32 and ``t = (relu(x) + eps) / c`` (0 where ``mask`` is off; ``rc``: ``1 / c`` per
+    channel, loaded once per program)."""
+    x = raw.to(tl.float32)
     tt = tl.maximum(x, 0.0) + eps
     if HAS_C:
         tt = tt * rc[None, :]
-    return x, tl.where(mask, tt, 0.0), mask
+    return x, tl.where(mask, tt, 0.0)
 
 
 @triton.jit
@@ -97,25 +105,38 @@ def _powered(tt, p):
 def _focus_kernel(
     X, CS, F, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sf_b, sf_n, sf_h, sf_d, p, eps,
     HAS_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FLAT_X: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)  # offsets in int64: a tensor may span more than 2^31 elements
     ch = tl.arange(0, BLOCK_C)
     rc = _inverse_scale(CS, ch, H, D, HAS_C)
+    if PREFETCH:
+        t = (tl.program_id(0) * per * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        raw = _load_rows(X, b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, _tile_mask(t, ch, H, D, N))
     for i in range(per):
+        # the tile's tokens from i, not carried across iterations (a carried int64 row vector cost 50-80 registers)
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        _, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
+        mask = _tile_mask(t, ch, H, D, N)
+        if PREFETCH:  # the next tile's loads issued before this tile's math: twice the bytes in flight
+            mask_next = _tile_mask(t + BLOCK_T, ch, H, D, N) & (i + 1 < per)
+            raw_next = _load_rows(X, b, t + BLOCK_T, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, mask_next)
+        else:
+            raw = _load_rows(X, b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, mask)
+        _, tt = _features_in(raw, mask, rc, eps, HAS_C)
         tp, s, m = _powered(tt, p)
         n2, s2 = tl.reduce((tp * tp, s * s), 1, _add2)  # both row sums in one reduction (one exchange per row)
         big_s = tl.where(s2 > 0, tl.sqrt(s2), 1.0)
         f = s * (m * tl.sqrt(n2) / big_s)[:, None]
         tl.store(F + _offsets(b, t, ch, D, sf_b, sf_n, sf_h, sf_d, True), f.to(F.dtype.element_ty), mask)
+        if PREFETCH:
+            raw = raw_next
 
 
 @triton.jit
 def _focus_backward_kernel(
     X, CS, G, DX, DC, N, H, D, per, sx_b, sx_n, sx_h, sx_d, sg_b, sg_n, sg_h, sg_d, sdx_b, sdx_n, sdx_h, sdx_d, p, eps,
     HAS_C: tl.constexpr, NEED_DC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    FLAT_X: tl.constexpr, FLAT_G: tl.constexpr,
+    FLAT_X: tl.constexpr, FLAT_G: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
     ch = tl.arange(0, BLOCK_C)
@@ -124,11 +145,24 @@ def _focus_backward_kernel(
     # dc's terms summed per tile entry across the walk, reduced over the tokens once at the end (not one cross-warp
     # reduction per tile)
     dc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    if PREFETCH:
+        t = (tl.program_id(0) * per * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = _tile_mask(t, ch, H, D, N)
+        raw = _load_rows(X, b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, mask)
+        graw = _load_rows(G, b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G, mask)
     for i in range(per):
+        # both loads issued before any math; PREFETCH: the next tile's too, before this tile's math
         t = ((tl.program_id(0) * per + i) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        # both loads issued before any math: twice the bytes in flight
-        x, tt, mask = _rows(X, rc, b, t, ch, H, D, N, sx_b, sx_n, sx_h, sx_d, eps, HAS_C, BLOCK_C, FLAT_X)
-        g = tl.load(G + _offsets(b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G), mask=mask, other=0.0).to(tl.float32)
+        mask = _tile_mask(t, ch, H, D, N)
+        if PREFETCH:
+            mask_next = _tile_mask(t + BLOCK_T, ch, H, D, N) & (i + 1 < per)
+            raw_next = _load_rows(X, b, t + BLOCK_T, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, mask_next)
+            graw_next = _load_rows(G, b, t + BLOCK_T, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G, mask_next)
+        else:
+            raw = _load_rows(X, b, t, ch, D, sx_b, sx_n, sx_h, sx_d, FLAT_X, mask)
+            graw = _load_rows(G, b, t, ch, D, sg_b, sg_n, sg_h, sg_d, FLAT_G, mask)
+        x, tt = _features_in(raw, mask, rc, eps, HAS_C)
+        g = graw.to(tl.float32)
         tp, s, m = _powered(tt, p)
         n2, s2, gs = tl.reduce((tp * tp, s * s, g * s), 1, _add3)  # the three row sums in one reduction
         n = tl.sqrt(n2)
@@ -147,6 +181,8 @@ def _focus_backward_kernel(
                 dc += -dt * tt
         doffs = _offsets(b, t, ch, D, sdx_b, sdx_n, sdx_h, sdx_d, True)
         tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask)
+        if PREFETCH:
+            raw, graw = raw_next, graw_next
     if NEED_DC:
         tl.atomic_add(DC + ch, tl.sum(dc, axis=0) * rc, mask=cmask)
 
@@ -157,9 +193,11 @@ def _focus_backward_kernel(
 #: most the tokens there are); ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``:
 #: from the elements); ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps);
 #: ``bwd_programs``: the backward's programs per SM over the batch (each walks its share of a sample's token blocks and
-#: adds its share of ``dc`` once). ``NARROW``: the tiles before stop 41 (8 / 4 tokens, 128 entries a warp): 256-512
-#: entries at FLatten's 64-128 channels, too few bytes in flight (forward 1.17x, backward 1.32x slower over PVT-S's
-#: calls in the s41 run).
+#: adds its share of ``dc`` once); ``fwd_programs``: the same for the forward (``None``: one tile per program, no
+#: walk); ``prefetch``: a walk loads its next tile before the current tile's math (twice the bytes in flight per
+#: program at the registers of one more raw tile). ``NARROW``: the tiles before stop 41 (8 / 4 tokens, 128 entries a
+#: warp): 256-512 entries at FLatten's 64-128 channels, too few bytes in flight (forward 1.17x, backward 1.32x slower
+#: over PVT-S's calls in the s41 run).
 TUNING: dict[str, int | None] = {
     "fwd_elements": 2048,
     "bwd_elements": 1024,
@@ -168,13 +206,16 @@ TUNING: dict[str, int | None] = {
     "warp_elements": 512,
     "bwd_warp_elements": 256,
     "bwd_programs": 8,
+    "fwd_programs": None,
+    "prefetch": False,
 }
 NARROW = {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8}
 
 
-def _grid(b: int, n: int, device: torch.device, block_t: int) -> tuple[tuple[int, int], int]:
+def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> tuple[tuple[int, int], int]:
+    """The grid ``(token blocks, b)`` of programs each walking ``per`` blocks, about ``programs`` per SM in all."""
     blocks = cdiv(n, block_t)
-    want = min(blocks, max(1, cdiv(int(TUNING["bwd_programs"]) * _num_sms(device), max(b, 1))))
+    want = min(blocks, max(1, cdiv(programs * _num_sms(device), max(b, 1))))
     per = cdiv(blocks, want)
     return (cdiv(blocks, per), b), per
 
@@ -204,13 +245,17 @@ def _focus(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> tor
     b, n, h, d = x.shape
     f = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if b * n * h * d:
-        # One block of tokens per program (no atomics to amortise here, unlike the backward): every block's loads
-        # in flight at once instead of each program walking its blocks one after another.
+        # By default one block of tokens per program (no atomics to amortise here, unlike the backward); with
+        # TUNING["fwd_programs"] a walk of blocks per program (what prefetching needs)
         meta = _meta(h, d, n, backward=False)
-        grid, per = (cdiv(n, meta["BLOCK_T"]), b), 1
+        programs = TUNING["fwd_programs"]
+        if programs is None:
+            grid, per = (cdiv(n, meta["BLOCK_T"]), b), 1
+        else:
+            grid, per = _grid(b, n, x.device, meta["BLOCK_T"], int(programs))
         launch(_focus_kernel, grid,
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
-            HAS_C=c is not None, FLAT_X=_flat(x), **meta,
+            HAS_C=c is not None, FLAT_X=_flat(x), PREFETCH=bool(TUNING["prefetch"]) and per > 1, **meta,
         )  # fmt: skip
     return f
 
@@ -225,10 +270,11 @@ def _focus_grad(
     dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
     if b * n * h * d:
         meta = _meta(h, d, n, backward=True)
-        grid, per = _grid(b, n, x.device, meta["BLOCK_T"])
+        grid, per = _grid(b, n, x.device, meta["BLOCK_T"], int(TUNING["bwd_programs"]))
         launch(_focus_backward_kernel, grid,
             x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
-            HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g), **meta,
+            HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g),
+            PREFETCH=bool(TUNING["prefetch"]) and per > 1, **meta,
         )  # fmt: skip
     return dx, dc
 
