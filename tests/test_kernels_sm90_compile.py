@@ -773,12 +773,13 @@ SPILL_ALLOWANCE = {
             ("_aggregate_backward_kernel", 64, 768),
         )
     },
-    # FLatten's focusing kernels (no products, 6-15 float32 registers per tile entry): at some tile / warp counts
-    # ptxas settles on 64 or 128 registers with one 4-8 byte stack slot (the backward's 1024 entries over 8 warps at
-    # 512 channels, the forward's 2048 over 4 warps at 1024 channels: 4 bytes; the neighbouring settings none), an
-    # L1-resident word per thread
+    # FLatten's focusing kernels (no products, 6-16 float32 registers per tile entry): at some tile / warp counts
+    # ptxas settles on 64 or 128 registers with a 4-12 byte stack slot (the backward's 1024 entries over 8 warps at
+    # 512 channels, the forward's 2048 over 4 warps at 1024 channels: 4 bytes; the prefetching backward's 1024 over 4
+    # warps at 512 channels: 12 bytes, timed with it in focus_op_fe5053c.json; the neighbouring settings none), a few
+    # L1-resident words per thread
     **{
-        ("visionlin.kernels.triton.focus", name, dt, None, None): 8
+        ("visionlin.kernels.triton.focus", name, dt, None, None): 12
         for name in ("_focus_kernel", "_focus_backward_kernel")
         for dt in ("bf16", "fp16")
     },

@@ -199,7 +199,8 @@ def test_triton_focus(shape, dtype):
 #: launch settings besides the shipped one: the narrow tiles before stop 41, the largest tiles and most warps the sweep
 #: (benchmarks/focus_op.py) times, one token per tile, many backward programs (more float32 atomics into dc)
 SETTINGS = {
-    "narrow": {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8},
+    "narrow": {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "prefetch": False},
+    "no_prefetch": {"prefetch": False},
     "wide": {"fwd_elements": 4096, "bwd_elements": 4096, "warp_elements": 512, "bwd_warp_elements": 256},
     "one_token": {"fwd_tokens": 1, "bwd_tokens": 1, "warp_elements": 64, "bwd_warp_elements": 64},
     "many_programs": {"bwd_elements": 1024, "bwd_programs": 32},

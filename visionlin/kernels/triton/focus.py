@@ -187,8 +187,10 @@ def _focus_backward_kernel(
         tl.atomic_add(DC + ch, tl.sum(dc, axis=0) * rc, mask=cmask)
 
 
-#: Launch settings (``benchmarks/focus_op.py`` sweeps them; the shipped ones were the best FLatten-PVT-S step total of
-#: its s41 run, within 6% of the best at every query shape; the 10-20 us key shapes vary more). ``fwd_elements`` /
+#: Launch settings (``benchmarks/focus_op.py`` sweeps them; the shipped ones were the best FLatten-PVT-S step totals of
+#: its s41 runs, within 6% of the best at every query shape; the 10-20 us key shapes vary more: forward 1.32 ms, one
+#: tile per program (walks with or without prefetch 1.39-1.51); backward 1.24 ms with prefetch, 1.28 without, 3-9%
+#: less at the large query shapes). ``fwd_elements`` /
 #: ``bwd_elements``: entries of a tile (``BLOCK_T`` the largest power of two of whole tokens in them, at least 1, at
 #: most the tokens there are); ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``:
 #: from the elements); ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps);
@@ -207,9 +209,17 @@ TUNING: dict[str, int | None] = {
     "bwd_warp_elements": 256,
     "bwd_programs": 8,
     "fwd_programs": None,
+    "prefetch": True,
+}
+NARROW = {
+    "fwd_tokens": 8,
+    "bwd_tokens": 4,
+    "warp_elements": 128,
+    "bwd_warp_elements": 128,
+    "bwd_programs": 8,
+    "fwd_programs": None,
     "prefetch": False,
 }
-NARROW = {"fwd_tokens": 8, "bwd_tokens": 4, "warp_elements": 128, "bwd_warp_elements": 128, "bwd_programs": 8}
 
 
 def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> tuple[tuple[int, int], int]:
