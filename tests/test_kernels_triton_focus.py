@@ -184,6 +184,35 @@ def test_interpreter_focus_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("fwd_tokens", 3, "must be a power of two"),
+        ("bwd_tokens", 0, "must be an integer >= 1 or None"),
+        ("fwd_elements", 0, "must be an integer >= 1"),
+        ("bwd_elements", 1024.0, "must be an integer >= 1"),
+        ("warp_elements", 0, "must be an integer >= 1"),
+        ("bwd_warp_elements", True, "must be an integer >= 1"),
+        ("bwd_programs", -1, "must be an integer >= 1"),
+        ("fwd_programs", "8", "must be an integer >= 1 or None"),
+        ("prefetch", "no", "must be True or False"),
+    ],
+)
+def test_bad_tuning_is_refused(key, value, message):
+    """A launch setting that would divide by zero, fail inside a launch or read a string as on is refused before
+    anything runs, naming the key and the value (checked on the CPU: the launch arithmetic is plain Python)."""
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import focus as tf
+
+    with tuned(tf.TUNING, **{key: value}), pytest.raises(ValueError, match=message) as e:
+        tf._meta(3, 16, 9, backward=False)
+        tf._meta(3, 16, 9, backward=True)
+        tf._setting("bwd_programs")
+        tf._setting("fwd_programs", allow_none=True)
+        tf._prefetch()
+    assert repr(key) in str(e.value) and repr(value) in str(e.value)
+
+
 gpu = pytest.mark.gpu
 
 

@@ -222,6 +222,26 @@ NARROW = {
 }
 
 
+def _setting(key: str, allow_none: bool = False) -> int | None:
+    """``TUNING[key]``: an integer >= 1 (or ``None`` where ``allow_none``), else a ``ValueError`` naming it (a zero
+    would divide by zero, a string or a float would fail deep inside a launch)."""
+    value = TUNING[key]
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "an integer >= 1" + (" or None" if allow_none else "")
+        raise ValueError(f"visionlin.kernels.triton.focus.TUNING[{key!r}] = {value!r}: must be {allowed}")
+    return value
+
+
+def _prefetch() -> bool:
+    """``TUNING["prefetch"]``, a bool, else a ``ValueError`` (the string ``"no"`` would read as on)."""
+    value = TUNING["prefetch"]
+    if not isinstance(value, bool):
+        raise ValueError(f"visionlin.kernels.triton.focus.TUNING['prefetch'] = {value!r}: must be True or False")
+    return value
+
+
 def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> tuple[tuple[int, int], int]:
     """The grid ``(token blocks, b)`` of programs each walking ``per`` blocks, about ``programs`` per SM in all."""
     blocks = cdiv(n, block_t)
@@ -232,16 +252,15 @@ def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> 
 
 def _meta(h: int, d: int, n: int, backward: bool) -> dict[str, int]:
     block_c = next_pow2(h * d)
-    tokens = TUNING["bwd_tokens" if backward else "fwd_tokens"]
+    pre = "bwd_" if backward else "fwd_"
+    tokens = _setting(f"{pre}tokens", allow_none=True)
     if tokens is None:
-        elements = int(TUNING["bwd_elements" if backward else "fwd_elements"])
+        elements = _setting(f"{pre}elements")
         tokens = min(next_pow2(max(1, elements // block_c + 1)) // 2 or 1, next_pow2(max(n, 1)))
-    elif tokens < 1 or tokens & (tokens - 1):
-        raise ValueError(
-            f"focus.TUNING: {'bwd' if backward else 'fwd'}_tokens must be a power of two >= 1, got {tokens}"
-        )
+    elif tokens & (tokens - 1):
+        raise ValueError(f"visionlin.kernels.triton.focus.TUNING['{pre}tokens'] = {tokens!r}: must be a power of two")
     # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile without spills)
-    warps = min(16, max(4, tokens * block_c // int(TUNING["bwd_warp_elements" if backward else "warp_elements"])))
+    warps = min(16, max(4, tokens * block_c // _setting("bwd_warp_elements" if backward else "warp_elements")))
     return {"BLOCK_T": tokens, "BLOCK_C": block_c, "num_warps": warps}
 
 
@@ -258,14 +277,14 @@ def _focus(x: torch.Tensor, c: torch.Tensor | None, p: float, eps: float) -> tor
         # By default one block of tokens per program (no atomics to amortise here, unlike the backward); with
         # TUNING["fwd_programs"] a walk of blocks per program (what prefetching needs)
         meta = _meta(h, d, n, backward=False)
-        programs = TUNING["fwd_programs"]
+        programs = _setting("fwd_programs", allow_none=True)
         if programs is None:
             grid, per = (cdiv(n, meta["BLOCK_T"]), b), 1
         else:
-            grid, per = _grid(b, n, x.device, meta["BLOCK_T"], int(programs))
+            grid, per = _grid(b, n, x.device, meta["BLOCK_T"], programs)
         launch(_focus_kernel, grid,
             x, c if c is not None else x, f, n, h, d, per, *x.stride(), *f.stride(), p, eps,
-            HAS_C=c is not None, FLAT_X=_flat(x), PREFETCH=bool(TUNING["prefetch"]) and per > 1, **meta,
+            HAS_C=c is not None, FLAT_X=_flat(x), PREFETCH=_prefetch() and per > 1, **meta,
         )  # fmt: skip
     return f
 
@@ -280,11 +299,11 @@ def _focus_grad(
     dc = torch.zeros(h * d, device=x.device, dtype=torch.float32)
     if b * n * h * d:
         meta = _meta(h, d, n, backward=True)
-        grid, per = _grid(b, n, x.device, meta["BLOCK_T"], int(TUNING["bwd_programs"]))
+        grid, per = _grid(b, n, x.device, meta["BLOCK_T"], _setting("bwd_programs"))
         launch(_focus_backward_kernel, grid,
             x, c if c is not None else x, g, dx, dc, n, h, d, per, *x.stride(), *g.stride(), *dx.stride(), p, eps,
             HAS_C=c is not None, NEED_DC=need_dc and c is not None, FLAT_X=_flat(x), FLAT_G=_flat(g),
-            PREFETCH=bool(TUNING["prefetch"]) and per > 1, **meta,
+            PREFETCH=_prefetch() and per > 1, **meta,
         )  # fmt: skip
     return dx, dc
 
