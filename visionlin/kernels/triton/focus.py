@@ -188,17 +188,17 @@ def _focus_backward_kernel(
 
 
 #: Launch settings (``benchmarks/focus_op.py`` sweeps them; the shipped ones were the best FLatten-PVT-S step totals of
-#: its s41 runs, within 6% of the best at every query shape; the 10-20 us key shapes vary more: forward 1.32 ms, one
-#: tile per program (walks with or without prefetch 1.39-1.51); backward 1.24 ms with prefetch, 1.28 without, 3-9%
-#: less at the large query shapes). ``fwd_elements`` /
-#: ``bwd_elements``: entries of a tile (``BLOCK_T`` the largest power of two of whole tokens in them, at least 1, at
-#: most the tokens there are); ``fwd_tokens`` / ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``:
-#: from the elements); ``warp_elements`` / ``bwd_warp_elements``: tile entries per warp (4 to 16 warps);
+#: its s41 runs, within 6% of the best at every PVT-S, Swin-T and DeiT-S shape: forward 1.91 ms, one tile per
+#: program (walks with or without prefetch 2.08-2.27); backward 1.84 ms with prefetch, 1.92 without, 3-9% less at the
+#: large shapes). ``fwd_elements`` / ``bwd_elements``: entries of a tile (``BLOCK_T`` the largest power of two of
+#: whole tokens in them, at least 1, at most the power of two at or above the tokens there are); ``fwd_tokens`` /
+#: ``bwd_tokens``: a fixed power of two ``BLOCK_T`` instead (``None``: from the elements); ``warp_elements`` /
+#: ``bwd_warp_elements``: tile entries per warp, a power of two (4 to 16 warps);
 #: ``bwd_programs``: the backward's programs per SM over the batch (each walks its share of a sample's token blocks and
 #: adds its share of ``dc`` once); ``fwd_programs``: the same for the forward (``None``: one tile per program, no
 #: walk); ``prefetch``: a walk loads its next tile before the current tile's math (twice the bytes in flight per
 #: program at the registers of one more raw tile). ``NARROW``: the tiles before stop 41 (8 / 4 tokens, 128 entries a
-#: warp): 256-512 entries at FLatten's 64-128 channels, too few bytes in flight (forward 1.17x, backward 1.32x slower
+#: warp): 256-512 entries at FLatten's 64-128 channels, too few bytes in flight (forward 1.25x, backward 1.38x slower
 #: over PVT-S's calls in the s41 run).
 TUNING: dict[str, int | None] = {
     "fwd_elements": 2048,
@@ -259,8 +259,15 @@ def _meta(h: int, d: int, n: int, backward: bool) -> dict[str, int]:
         tokens = min(next_pow2(max(1, elements // block_c + 1)) // 2 or 1, next_pow2(max(n, 1)))
     elif tokens & (tokens - 1):
         raise ValueError(f"visionlin.kernels.triton.focus.TUNING['{pre}tokens'] = {tokens!r}: must be a power of two")
-    # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile without spills)
-    warps = min(16, max(4, tokens * block_c // _setting("bwd_warp_elements" if backward else "warp_elements")))
+    # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile within their spill
+    # allowances); a power of two, as Triton requires: the tile and the entries per warp are powers of two
+    per_warp_key = "bwd_warp_elements" if backward else "warp_elements"
+    per_warp = _setting(per_warp_key)
+    if per_warp & (per_warp - 1):
+        raise ValueError(
+            f"visionlin.kernels.triton.focus.TUNING[{per_warp_key!r}] = {per_warp!r}: must be a power of two"
+        )
+    warps = min(16, max(4, tokens * block_c // per_warp))
     return {"BLOCK_T": tokens, "BLOCK_C": block_c, "num_warps": warps}
 
 
