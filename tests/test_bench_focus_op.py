@@ -44,3 +44,34 @@ def test_short_cuda_run(tmp_path, monkeypatch):
     assert set(doc["pvt_s_ms_per_step"]) == {f"forward:{s}" for s, _ in focus_op.FORWARD} | {
         f"backward:{s}" for s, _ in focus_op.BACKWARD
     }
+
+
+def test_pvt_weights_match_the_model(monkeypatch):
+    """The per-step totals' weights are FLatten-PVT-S's own calls: at 224 px each of its layers focuses queries and
+    keys of the listed shape (batch aside), layers per shape as listed (the s41 runs had reduced keys that the model
+    does not have)."""
+    import timm
+
+    import visionlin  # noqa: F401  (registers the models)
+    from visionlin.layers import focused
+
+    seen = []
+    real = focused.focused_linear_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((tuple(q.shape[1:]), tuple(k.shape[1:])))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(focused, "focused_linear_attention", spy)
+    model = timm.create_model("flatten_pvt_small").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    want = {}
+    for shape, layers in focus_op.SHAPES.values():
+        if layers:
+            want[tuple(shape[1:])] = layers
+    got = {}
+    for q_shape, k_shape in seen:
+        assert q_shape == k_shape, (q_shape, k_shape)
+        got[q_shape] = got.get(q_shape, 0) + 1
+    assert got == want
