@@ -39,6 +39,28 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def tuning_flag(table: dict, owner: str, key: str) -> bool:
+    """``table[key]`` (a kernel module's ``TUNING``, ``owner`` its module name) as a bool, else a ``ValueError`` naming
+    it (the string ``"no"`` would read as on)."""
+    value = table[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be True or False")
+    return value
+
+
+def tuning_int(table: dict, owner: str, key: str, least: int = 1, allow_none: bool = False) -> int | None:
+    """``table[key]`` as an integer ``>= least`` (or ``None`` where ``allow_none``), else a ``ValueError`` naming it:
+    a zero or negative count would divide by zero or silently change a launch, a float or a string would fail deep
+    inside one."""
+    value = table[key]
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        allowed = f"an integer >= {least}" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be {allowed}")
+    return value
+
+
 def tile_dim(d: int) -> int:
     """A head (or feature) dim as the kernels tile it: the next power of two, at least 16 (``tl.dot``'s smallest K /
     N); the padding lanes are masked."""

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning_flag, tuning_int
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
 from .linear import FEATURE_MAP_IDS, NORMALIZATION_IDS, _num_sms, linear_backward, linear_forward, linear_state
@@ -223,23 +224,11 @@ NARROW = {
 
 
 def _setting(key: str, allow_none: bool = False) -> int | None:
-    """``TUNING[key]``: an integer >= 1 (or ``None`` where ``allow_none``), else a ``ValueError`` naming it (a zero
-    would divide by zero, a string or a float would fail deep inside a launch)."""
-    value = TUNING[key]
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "an integer >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"visionlin.kernels.triton.focus.TUNING[{key!r}] = {value!r}: must be {allowed}")
-    return value
+    return tuning_int(TUNING, __name__, key, allow_none=allow_none)
 
 
 def _prefetch() -> bool:
-    """``TUNING["prefetch"]``, a bool, else a ``ValueError`` (the string ``"no"`` would read as on)."""
-    value = TUNING["prefetch"]
-    if not isinstance(value, bool):
-        raise ValueError(f"visionlin.kernels.triton.focus.TUNING['prefetch'] = {value!r}: must be True or False")
-    return value
+    return tuning_flag(TUNING, __name__, "prefetch")
 
 
 def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> tuple[tuple[int, int], int]:
@@ -258,15 +247,13 @@ def _meta(h: int, d: int, n: int, backward: bool) -> dict[str, int]:
         elements = _setting(f"{pre}elements")
         tokens = min(next_pow2(max(1, elements // block_c + 1)) // 2 or 1, next_pow2(max(n, 1)))
     elif tokens & (tokens - 1):
-        raise ValueError(f"visionlin.kernels.triton.focus.TUNING['{pre}tokens'] = {tokens!r}: must be a power of two")
+        raise ValueError(f"{__name__}.TUNING['{pre}tokens'] = {tokens!r}: must be a power of two")
     # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile within their spill
     # allowances); a power of two, as Triton requires: the tile and the entries per warp are powers of two
     per_warp_key = "bwd_warp_elements" if backward else "warp_elements"
     per_warp = _setting(per_warp_key)
     if per_warp & (per_warp - 1):
-        raise ValueError(
-            f"visionlin.kernels.triton.focus.TUNING[{per_warp_key!r}] = {per_warp!r}: must be a power of two"
-        )
+        raise ValueError(f"{__name__}.TUNING[{per_warp_key!r}] = {per_warp!r}: must be a power of two")
     warps = min(16, max(4, tokens * block_c // per_warp))
     return {"BLOCK_T": tokens, "BLOCK_C": block_c, "num_warps": warps}
 

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning_flag, tuning_int
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
 from .linear import _num_sms
@@ -666,20 +667,11 @@ def _segments(programs: int, n_chunks: int, device: torch.device, backward: bool
 
 
 def _flag(key: str) -> bool:
-    """``TUNING[key]``, a bool, or a ``ValueError`` naming it (the string ``"no"`` would read as on)."""
-    value = TUNING[key]
-    if not isinstance(value, bool):
-        raise ValueError(f"visionlin.kernels.triton.gla.TUNING[{key!r}] = {value!r}: must be True or False")
-    return value
+    return tuning_flag(TUNING, __name__, key)
 
 
 def _setting(key: str, least: int = 1) -> int:
-    """``TUNING[key]``, an integer of at least ``least`` (a zero or negative count would divide by zero or never
-    segment, silently), or a ``ValueError`` naming it."""
-    value = TUNING[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"visionlin.kernels.triton.gla.TUNING[{key!r}] = {value!r}: must be an integer >= {least}")
-    return value
+    return tuning_int(TUNING, __name__, key, least)
 
 
 @gla_fwd.register_fake
