@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from benchmarks._timing import tuned  # noqa: E402
 from visionlin.train.bench import _compile_scope, train_step, write_result  # noqa: E402
 
 STEM = "toggle_speed"
@@ -91,27 +92,21 @@ def switches(config: str) -> Iterator[None]:
     from visionlin.kernels.triton import conv, focus
     from visionlin.layers import norm
 
-    saved, saved_conv, saved_focus = dict(norm.FAST_PATHS), dict(conv.TUNING), dict(focus.TUNING)
-    try:
-        if config != "default":
-            norm.FAST_PATHS.update(
-                pre_norm=config in ("pre_norm", "all"),
-                stem_channels_last=config in ("stem_nhwc", "all"),
-                patch_gemm=config in ("patch_gemm", "all"),
-                rope_fused=config in ("rope_fused", "all"),
-            )
-            strip = "strip" if config in ("conv_strip", "all") else "tile"
-            conv.TUNING.update(conv=strip, weight_grad=strip)
-            if config not in ("focus_tiles", "all"):
-                focus.TUNING.update(focus.NARROW)
+    def on(switch: str) -> bool:
+        return config in (switch, "all")
+
+    keep = config == "default"  # nothing changed, still restored afterwards
+    strip = "strip" if on("conv_strip") else "tile"
+    norm_kw = {} if keep else {
+        "pre_norm": on("pre_norm"),
+        "stem_channels_last": on("stem_nhwc"),
+        "patch_gemm": on("patch_gemm"),
+        "rope_fused": on("rope_fused"),
+    }  # fmt: skip
+    conv_kw = {} if keep else {"conv": strip, "weight_grad": strip}
+    focus_kw = {} if keep or on("focus_tiles") else focus.NARROW
+    with tuned(norm.FAST_PATHS, **norm_kw), tuned(conv.TUNING, **conv_kw), tuned(focus.TUNING, **focus_kw):
         yield
-    finally:
-        norm.FAST_PATHS.clear()
-        norm.FAST_PATHS.update(saved)
-        conv.TUNING.clear()
-        conv.TUNING.update(saved_conv)
-        focus.TUNING.clear()
-        focus.TUNING.update(saved_focus)
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):
