@@ -59,6 +59,7 @@ POINTERS |= FP32_POINTERS
 FP32_HERE["_bwd_dq_kernel"] = {"DQ"}
 FP32_HERE["_readout_bwd_kernel"] = {"DQ"}  # the SLA read-out backward: dq, dH_i, dZ_i and dW in float32
 FP32_HERE["_pool_kernel"] = {"OUT"}  # the block means
+FP32_HERE["_qbar_share_kernel"] = {"DQ"}  # RALA's float32 dq before its last term (triton/rope_linear.py)
 INT_POINTERS = {"LUT", "LUT_T", "CNT"}
 FP32_POINTERS |= {"HI", "ZI", "LSE", "DELTA", "DHI", "DZI", "HS", "ZS", "MARG"}
 POINTERS |= FP32_POINTERS | {"OS"} | INT_POINTERS
@@ -441,6 +442,8 @@ def _rope_linear(dt, tdt):
                 cases.append((rl._kmax_kernel, dt, dict(MECH=mech, BLOCK_M=rows["state"], BLOCK_D=bd), 4))
             if mech == 1:
                 cases.append((rl._qsum_kernel, dt, dict(BLOCK_N=rows["state"], BLOCK_D=bd), 4))
+                rows_q = rl.QBAR_ELEMENTS // bd
+                cases.append((rl._qbar_share_kernel, dt, dict(BLOCK_R=rows_q, BLOCK_D=bd, BLOCK_F=bf), 4))
     # the softmax stages' query / key rotation (triton/rope.py) at the models' heads x head dims, both directions
     from visionlin.kernels.triton import rope
 

@@ -26,10 +26,10 @@ formed in PyTorch from the small ``[B*H, F*Dv]`` state (no program has to hold b
 
 Backward, two kernels as :mod:`.linear`'s: the read-out backward writes ``dq`` and adds the gradients of
 ``(P, zb, u / M)`` (float32 atomics); PyTorch turns them into those of ``(S, z, u, W)``; the state backward writes
-``dk`` and ``dv`` (RALA also adds ``d qbar``, whose share ``phi'(q_i) d qbar / N`` of ``dq`` is added after). All sums
-and feature maps in float32; the products run through :func:`.linear._mm` (tensor cores with float32 accumulation in
-half precision, power-of-two operand scaling in float16, so 65k-token sums never overflow). One custom-op pair
-(``visionlin::rope_linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
+``dk`` and ``dv`` (RALA also adds ``d qbar``, whose share ``phi'(q_i) d qbar / N`` of ``dq`` a third kernel adds
+after). All sums and feature maps in float32; the products run through :func:`.linear._mm` (tensor cores with float32
+accumulation in half precision, power-of-two operand scaling in float16, so 65k-token sums never overflow). One
+custom-op pair (``visionlin::rope_linear_attention_fwd`` / ``_bwd``) with fake and autograd registrations.
 """
 
 from __future__ import annotations
@@ -475,6 +475,28 @@ def _state_backward_kernel(
     tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), vmask)
 
 
+@triton.jit
+def _qbar_share_kernel(
+    Q, DQ, DQBAR, OUT, NR, N, H, D, inv_n, sq_b, sq_n, sq_h, sq_d,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """RALA's last ``dq`` term in one pass: ``OUT = DQ + phi'(q) (d qbar / N)`` with ``phi'(q) = 1`` for ``q > 0``,
+    else ``exp(q)`` (ELU + 1), rounded once to ``OUT``'s dtype. ``NR`` rows ``r = (b, i, h)`` of ``[B, N, H, D]``:
+    ``Q`` at its strides, ``DQ`` (float32) and ``OUT`` contiguous, ``d qbar`` per ``(b, h)`` in rows of ``BLOCK_F``."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    mask = (r < NR)[:, None] & (c < D)[None, :]
+    h = r % H
+    b = r // H // N
+    i = r // H % N
+    q = tl.load(Q + (b * sq_b + i * sq_n + h * sq_h)[:, None] + c[None, :] * sq_d, mask=mask, other=0.0)
+    q = q.to(tl.float32)
+    dq = tl.load(DQ + r[:, None] * D + c[None, :], mask=mask, other=0.0)
+    bar = tl.load(DQBAR + (b * H + h)[:, None] * BLOCK_F + c[None, :], mask=mask, other=0.0)
+    dphi = tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0)))
+    tl.store(OUT + r[:, None] * D + c[None, :], (dq + dphi * (bar * inv_n)).to(OUT.dtype.element_ty), mask=mask)
+
+
 # Launch helpers -------------------------------------------------------------------------------------------------------
 def _blocks(mech: int, d: int, dv: int) -> tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_F, BLOCK_DV)``: padded head dims and the feature width (NaLa: two halves)."""
@@ -510,6 +532,8 @@ TUNING: dict[str, int | None] = {
 #: (:data:`SEARCHED_BACKWARD`): 1.56 ms against 1.82 at 4 warps, 16 rows (1.92 at the former 8 warps, 16 rows), the best
 #: found 1.54 (``rope_settings_grid_af3eef6.json``). tests/test_kernels_sm90_compile.py compiles every kernel at its
 #: rows and holds the measured spills.
+#: Elements per program of RALA's final ``dq`` pass (:func:`_qbar_share_kernel`, elementwise, Triton's 4 warps).
+QBAR_ELEMENTS = 1024
 ROWS = {"state": (128 * 64, 128 * 64), "readout": (128 * 64, 128 * 64), "readout_backward": (32 * 32, 64 * 64),
         "state_backward": (64 * 64, 128 * 64)}  # fmt: skip
 #: :data:`ROWS` for float32 inputs: the former rule (the largest tiles without register spills at 8 warps).
@@ -707,10 +731,15 @@ def rope_linear_attention_bwd(
         *k.stride(), *v.stride(), *dk.stride(), *dvv.stride(), BLOCK_M=rows_k, **meta,
     )  # fmt: skip
     if rala and n:
-        # d qbar reaches every query through qbar = mean_i (ELU(q_i) + 1): dq_i += phi'(q_i) d qbar / N.
-        qf = q.float()
-        dphi = torch.where(qf > 0, 1.0, torch.exp(qf.clamp(max=0.0)))
-        dq = dq + dphi * (dqbar[:, :d].view(b, 1, h, d) * inv_n)
+        # d qbar reaches every query through qbar = mean_i (ELU(q_i) + 1): dq_i += phi'(q_i) d qbar / N, one pass
+        # (as seven PyTorch ops inside the custom op, which Inductor cannot fuse, it took ~1 ms of RAVLT-T's step)
+        out = dq if q.dtype == torch.float32 else torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
+        bd = meta["BLOCK_D"]
+        rows_q = max(1, QBAR_ELEMENTS // bd)
+        launch(_qbar_share_kernel, (cdiv(b * n * h, rows_q),),
+            q, dq, dqbar, out, b * n * h, n, h, d, inv_n, *q.stride(), BLOCK_R=rows_q, BLOCK_D=bd, BLOCK_F=bf,
+        )  # fmt: skip
+        return out, dk, dvv
     return dq.to(q.dtype), dk, dvv
 
 
