@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check visionlin tests benchmarks scripts
 	$(BIN)/ruff format --check visionlin tests benchmarks scripts
-	$(BIN)/python -m pytest -n 2 -q --durations=30 tests
+	$(BIN)/python -m pytest -n 2 --maxschedchunk 2 -q --durations=30 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check visionlin tests benchmarks scripts

@@ -21,11 +21,11 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2
 # (B, H, W, C, k, P, per-sample kernels, bias, residual)
 CASES = [
     (2, 5, 7, 20, 3, 1, False, True, True),
-    (3, 4, 9, 70, 5, 0, True, False, True),
+    (2, 4, 9, 70, 5, 0, True, False, True),
     (2, 6, 6, 24, 3, 2, True, True, False),
     (1, 1, 1, 8, 5, 1, False, True, True),  # a 1 x 1 grid under a 5 x 5 kernel
     (2, 3, 4, 16, 1, 0, False, False, False),
-    (2, 9, 11, 24, 7, 1, False, True, False),  # k = 7: the one-pass weight gradient's tap groups 32 + 16 + 1
+    (1, 9, 11, 24, 7, 1, False, True, False),  # k = 7: the one-pass weight gradient's tap groups 32 + 16 + 1
 ]
 
 
@@ -115,7 +115,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         conv.TUNING["weight_grad"] = kernel
         for case in CASES:
             check_backend(case, torch.float32, "cpu", "triton", direct=True)
-        check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: fp32 ran batch 3
+        check_backend((1, *CASES[1][1:]), torch.float16, "cpu", "triton", direct=True)  # batch 1: fp32 ran batch 2
         check_backend(CASES[2], torch.float16, "cpu", "triton", direct=True)
     conv.TUNING["weight_grad"] = "tile"
     conv.I32_OFFSETS = 0  # the one-pass kernels' int64 token offsets (a sample spanning 2^31 elements)
