@@ -128,6 +128,18 @@ def test_append_splits_a_suite_over_calls(monkeypatch, tmp_path):
     assert "earlier_runs" not in json.loads((tmp_path / "bench_train.json").read_text())["meta"]
 
 
+@pytest.mark.parametrize("flag", [None, "--no-cudnn-benchmark", "--cudnn-benchmark"])
+def test_cudnn_benchmark_is_on_while_measuring_unless_turned_off_and_restored_after(monkeypatch, tmp_path, flag):
+    seen = []
+    monkeypatch.setattr(bench, "bench_train", lambda models, **kw: seen.append(torch.backends.cudnn.benchmark) or [])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    base = ["bench", "train", "--device", "cpu", "--models", "infvit_tiny", "--out", str(tmp_path)]
+    assert cli.main([*base, *([flag] if flag else [])]) == 0
+    want = flag != "--no-cudnn-benchmark"  # on by default, as timm's benchmark.py and train.py
+    assert seen == [want] and torch.backends.cudnn.benchmark is False
+    assert json.loads((tmp_path / "bench_train.json").read_text())["config"]["cudnn_benchmark"] is want
+
+
 def test_default_batches_and_device_slug():
     assert [bench.default_batch(s) for s in (224, 512, 1024, 2048, 4096)] == [256, 64, 16, 4, 1]
     assert bench.default_batch(448) == 64 and bench.default_batch(8192) == 1

@@ -1015,6 +1015,13 @@ def _add_common(p: argparse.ArgumentParser, name: str, *, cpu_ok: bool) -> None:
     p.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     p.add_argument("--quick", action="store_true", help="fewer and shorter measurements (see the defaults)")
     p.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let cuDNN time its convolution algorithms per shape and keep the fastest (torch.backends.cudnn."
+        "benchmark), as timm's benchmark.py and train.py do (default: on)",
+    )
+    p.add_argument(
         "--append",
         action="store_true",
         help="add to the existing result in --out (rows of the same model, mode and size are replaced; the earlier "
@@ -1352,6 +1359,8 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
         f"results go to {args.out}",
         flush=True,
     )
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
         if args.what == "models":
             rows = bench_models(
@@ -1373,6 +1382,8 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
     except KeyboardInterrupt:
         print(f"interrupted; the rows measured so far are in {args.out / (args.name + '.json')}", file=sys.stderr)
         return 130
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         notes = save(rows, final=True)
     except OSError as e:
