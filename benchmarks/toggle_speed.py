@@ -20,6 +20,8 @@ Switches (each a process-wide setting read at every forward):
 * ``focus_tiles``: FLatten's focusing kernels at their shipped launch settings
   (``visionlin.kernels.triton.focus.TUNING``: tiles of 2048 entries; off: ``focus.NARROW``, the 8- / 4-token tiles
   before stop 41);
+* ``focus_keep``: ``focus.TUNING["keep_features"]``: FLatten's focused features and state kept from the forward for
+  the backward (off: recomputed there, two focusing passes and the state kernel per layer);
 * ``all``: every switch on.
 
 Usage (on a GPU machine):
@@ -59,6 +61,7 @@ CONFIGS = (
     "conv_strip",
     "rope_fused",
     "focus_tiles",
+    "focus_keep",
     "all",
 )
 TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
@@ -104,7 +107,7 @@ def switches(config: str) -> Iterator[None]:
         "rope_fused": on("rope_fused"),
     }  # fmt: skip
     conv_kw = {} if keep else {"conv": strip, "weight_grad": strip}
-    focus_kw = {} if keep or on("focus_tiles") else focus.NARROW
+    focus_kw = {} if keep else {**({} if on("focus_tiles") else focus.NARROW), "keep_features": on("focus_keep")}
     with tuned(norm.FAST_PATHS, **norm_kw), tuned(conv.TUNING, **conv_kw), tuned(focus.TUNING, **focus_kw):
         yield
 

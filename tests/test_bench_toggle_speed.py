@@ -38,7 +38,7 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("all"):
         assert all(norm.FAST_PATHS.values()) and len(norm.FAST_PATHS) == 4
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
-        assert dict(focus.TUNING) == before_focus
+        assert dict(focus.TUNING) == dict(before_focus, keep_features=True)
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "tile"
@@ -46,6 +46,8 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("focus_tiles"):
         assert not any(norm.FAST_PATHS.values()) and conv.TUNING["conv"] == "tile"
         assert dict(focus.TUNING) == before_focus
+    with toggle_speed.switches("focus_keep"):
+        assert dict(focus.TUNING) == dict(narrow, keep_features=True)
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

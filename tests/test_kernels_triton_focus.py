@@ -151,6 +151,53 @@ def check_focused_op_paths(device):
     )
 
 
+def check_focused_keep(device):
+    """``TUNING["keep_features"]``: the op that keeps the features and the state from the forward gives what the
+    recomputing op gives (bitwise on the CPU, up to the order of float32 atomic adds on a GPU), through the dispatcher
+    as through the eager bypass; it keeps exactly its inputs, the two feature tensors and the float32 state; its
+    registrations pass ``torch.library.opcheck``."""
+    from interpreter_utils import saved_for_backward
+
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import focus as tf
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 13, 3, 8, generator=g).to(device) for _ in range(3))
+    k, v = k[:, :11], v[:, :11, :, :6]  # another key count and value width: a view, strided
+    scale = (torch.rand(3, 8, generator=g) + 0.5).to(device)
+    grad = torch.randn(2, 13, 3, 6, generator=g).to(device)
+    results = []
+    for keep, call in ((False, None), (True, None), (True, tf.focused_linear_keep_fwd)):
+        ins = [t.clone().requires_grad_() for t in (q, k, v, scale)]
+        with tuned(tf.TUNING, keep_features=keep):
+            if call is None:
+                out = tf.focused_linear_attention_triton(*ins[:3], 3.0, channel_scale=ins[3])
+            else:  # the op through the dispatcher (as torch.compile sees it)
+                out = call(*ins[:3], ins[3].view(24), 3.0, 1e-6)[0]
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in ins)])
+    exact = device == "cpu"
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    with tuned(tf.TUNING, keep_features=True):
+        saved = saved_for_backward(tf.focused_linear_attention_triton, *ins, 3.0, channel_scale=scale)
+    bd, bdv = tf._pad_dims(8, 6)
+    want = [(tuple(t.shape), t.dtype) for t in (q, k, v)] + [((24,), torch.float32)]
+    want += [(tuple(q.shape), q.dtype), (tuple(k.shape), k.dtype), ((2 * 3, bd * bdv + bd + bdv), torch.float32)]
+    assert sorted(saved, key=str) == sorted(want, key=str), saved
+    torch.library.opcheck(tf.focused_linear_keep_fwd, (q, k, v, scale.view(24).clone().requires_grad_(), 3.0, 1e-6))
+    torch.library.opcheck(tf.focused_linear_keep_fwd, (q, k, v, None, 2.0, 1e-4))
+    fq, fk, state = tf.focused_linear_keep_fwd(q, k, v, None, 2.0, 1e-4)[1:]
+    torch.library.opcheck(tf.focused_linear_bwd, (q, k, v, None, grad, 2.0, 1e-4, False, fq, fk, state))
+    with pytest.raises(ValueError, match="keep_features"), tuned(tf.TUNING, keep_features=2):
+        tf.focused_linear_attention_triton(q, k, v, 3.0)
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -173,6 +220,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_focused_op((1, 45, 2, 20), torch.float32, "cpu", non_contiguous=True, scale=False, dv=24)
     check_focused_op((1, 70, 2, 32), torch.float16, "cpu", non_contiguous=True)
     check_focused_op_paths("cpu")
+    check_focused_keep("cpu")
     print("interpreter ok")
     """
 )
@@ -277,3 +325,21 @@ def test_triton_focused_op(shape, dtype):
 @gpu
 def test_triton_focused_op_paths():
     check_focused_op_paths("cuda")
+
+
+@gpu
+def test_triton_focused_keep_paths():
+    check_focused_keep("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 197, 6, 64), (1, 65536, 2, 32)])
+def test_triton_focused_op_keeping_features(shape, dtype):
+    """``TUNING["keep_features"]``: the op that keeps the features and the state against float64."""
+    from benchmarks._timing import tuned
+    from visionlin.kernels.triton import focus as tf
+
+    with tuned(tf.TUNING, keep_features=True):
+        check_focused_op(shape, dtype, "cuda")
+        check_focused_op(shape, dtype, "cuda", non_contiguous=True, scale=False)

@@ -34,7 +34,15 @@ import triton.language as tl
 from . import tuning_flag, tuning_int
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, next_pow2
-from .linear import FEATURE_MAP_IDS, NORMALIZATION_IDS, _num_sms, linear_backward, linear_forward, linear_state
+from .linear import (
+    FEATURE_MAP_IDS,
+    NORMALIZATION_IDS,
+    _num_sms,
+    _pad_dims,
+    linear_backward,
+    linear_forward,
+    linear_state,
+)
 
 __all__ = ["focused_linear_attention_triton"]
 
@@ -211,6 +219,7 @@ TUNING: dict[str, int | None] = {
     "bwd_programs": 8,
     "fwd_programs": None,
     "prefetch": True,
+    "keep_features": False,
 }
 NARROW = {
     "fwd_tokens": 8,
@@ -321,6 +330,24 @@ def _(q, k, v, c, p, eps):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
+@torch.library.custom_op("visionlin::focused_linear_keep_fwd", mutates_args=())
+def focused_linear_keep_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, p: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`focused_linear_fwd` that also returns what its backward would recompute, ``(out, f(q), f(k), float32
+    state)``, for the backward to keep (``TUNING["keep_features"]``)."""
+    fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
+    out, state = linear_forward(fq, fk, v, _IDENTITY, _DIVIDE, 1.0, eps, save_state=True)
+    return out, fq, fk, state
+
+
+@focused_linear_keep_fwd.register_fake
+def _(q, k, v, c, p, eps):
+    bd, bdv = _pad_dims(q.shape[-1], v.shape[-1])
+    state = q.new_empty(q.shape[0] * q.shape[2], bd * bdv + bd + bdv, dtype=torch.float32)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape), k.new_empty(k.shape), state
+
+
 @torch.library.custom_op("visionlin::focused_linear_bwd", mutates_args=())
 def focused_linear_bwd(
     q: torch.Tensor,
@@ -331,12 +358,17 @@ def focused_linear_bwd(
     p: float,
     eps: float,
     need_dc: bool,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dc)`` of :func:`focused_linear_fwd` for the gradient ``g`` of its output, recomputing the
-    features and the state (two focusing passes and the state kernel: cheap next to keeping two ``[B, N, C]``
-    feature tensors and a float32 state per layer alive from the forward to the backward)."""
-    fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
-    state = linear_state(fk, v, _IDENTITY)
+    features and the state (two focusing passes and the state kernel, instead of keeping two ``[B, N, C]`` feature
+    tensors and a float32 state per layer alive from the forward to the backward) unless they are passed
+    (:func:`focused_linear_keep_fwd`'s)."""
+    if fq is None or fk is None or state is None:
+        fq, fk = _focus(q, c, p, eps), _focus(k, c, p, eps)
+        state = linear_state(fk, v, _IDENTITY)
     dfq, dfk, dv = linear_backward(fq, fk, v, None, state, g, _IDENTITY, _DIVIDE, 1.0, eps)
     del fq, fk, state
     dq, dc = _focus_grad(q, c, dfq, p, eps, need_dc)
@@ -346,7 +378,7 @@ def focused_linear_bwd(
 
 
 @focused_linear_bwd.register_fake
-def _(q, k, v, c, g, p, eps, need_dc):
+def _(q, k, v, c, g, p, eps, need_dc, fq=None, fk=None, state=None):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -368,9 +400,26 @@ def _fl_backward(ctx, g):
     return dq, dk, dv, (dc if ctx.c_grad else None), None, None
 
 
+def _keep_setup(ctx, inputs, output):
+    q, k, v, c, p, eps = inputs
+    _, fq, fk, state = output
+    ctx.mark_non_differentiable(fq, fk, state)
+    ctx.save_for_backward(q, k, v, c, fq, fk, state)
+    ctx.args = (p, eps)
+    ctx.c_grad = c is not None and c.requires_grad
+
+
+def _keep_backward(ctx, g, _g_fq=None, _g_fk=None, _g_state=None):
+    q, k, v, c, fq, fk, state = ctx.saved_tensors
+    dq, dk, dv, dc = _focused_linear_bwd_call(q, k, v, c, g, *ctx.args, ctx.c_grad, fq, fk, state)
+    return dq, dk, dv, (dc if ctx.c_grad else None), None, None
+
+
 focused_linear_fwd.register_autograd(_fl_backward, setup_context=_fl_setup)
+focused_linear_keep_fwd.register_autograd(_keep_backward, setup_context=_keep_setup)
 _focused_linear_bwd_call = eager_call(focused_linear_bwd)
 _focused_linear_fwd_call = eager_op(focused_linear_fwd, _fl_setup, _fl_backward)
+_focused_linear_keep_call = eager_op(focused_linear_keep_fwd, _keep_setup, _keep_backward)
 
 
 def _scale_vector(x: torch.Tensor, channel_scale: torch.Tensor | float | None) -> torch.Tensor | None:
@@ -401,5 +450,9 @@ def focused_linear_attention_triton(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """:func:`visionlin.kernels.focused.focused_linear_attention` with ``joint_heads=True`` on CUDA (one op: the
-    features and the state are recomputed in the backward, not kept), in ``q``'s dtype."""
-    return _focused_linear_fwd_call(q, k, v, _scale_vector(q, channel_scale), float(focusing_factor), float(eps))
+    features and the state are recomputed in the backward, or kept from the forward with ``TUNING["keep_features"]``),
+    in ``q``'s dtype."""
+    args = (q, k, v, _scale_vector(q, channel_scale), float(focusing_factor), float(eps))
+    if tuning_flag(TUNING, __name__, "keep_features"):
+        return _focused_linear_keep_call(*args)[0]
+    return _focused_linear_fwd_call(*args)
