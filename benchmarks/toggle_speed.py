@@ -20,8 +20,9 @@ Switches (each a process-wide setting read at every forward):
 * ``focus_tiles``: FLatten's focusing kernels at their shipped launch settings
   (``visionlin.kernels.triton.focus.TUNING``: tiles of 2048 entries; off: ``focus.NARROW``, the 8- / 4-token tiles
   before stop 41);
-* ``focus_keep``: ``focus.TUNING["keep_features"]``: FLatten's focused features and state kept from the forward for
-  the backward (off: recomputed there, two focusing passes and the state kernel per layer);
+* ``focus_keep``: the shipped settings (as ``default``, the config to compare it with) plus
+  ``focus.TUNING["keep_features"]``: FLatten's focused features and state kept from the forward for the backward
+  (off: recomputed there, two focusing passes and the state kernel per layer);
 * ``all``: every switch on.
 
 Usage (on a GPU machine):
@@ -98,7 +99,7 @@ def switches(config: str) -> Iterator[None]:
     def on(switch: str) -> bool:
         return config in (switch, "all")
 
-    keep = config == "default"  # nothing changed, still restored afterwards
+    keep = config in ("default", "focus_keep")  # the shipped settings, still restored afterwards
     strip = "strip" if on("conv_strip") else "tile"
     norm_kw = {} if keep else {
         "pre_norm": on("pre_norm"),
@@ -108,6 +109,8 @@ def switches(config: str) -> Iterator[None]:
     }  # fmt: skip
     conv_kw = {} if keep else {"conv": strip, "weight_grad": strip}
     focus_kw = {} if keep else {**({} if on("focus_tiles") else focus.NARROW), "keep_features": on("focus_keep")}
+    if config == "focus_keep":
+        focus_kw = {"keep_features": True}
     with tuned(norm.FAST_PATHS, **norm_kw), tuned(conv.TUNING, **conv_kw), tuned(focus.TUNING, **focus_kw):
         yield
 

@@ -46,8 +46,9 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("focus_tiles"):
         assert not any(norm.FAST_PATHS.values()) and conv.TUNING["conv"] == "tile"
         assert dict(focus.TUNING) == before_focus
-    with toggle_speed.switches("focus_keep"):
-        assert dict(focus.TUNING) == dict(narrow, keep_features=True)
+    with toggle_speed.switches("focus_keep"):  # the shipped settings plus the kept features
+        assert dict(focus.TUNING) == dict(before_focus, keep_features=True) and before == norm.FAST_PATHS
+        assert dict(conv.TUNING) == before_conv
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
