@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: CUDA-event and host timing, the timing flags and their check, runs under
-``TUNING`` overrides (``tuned``)."""
+"""What the benchmark scripts share: CUDA-event and host timing, the timing flags and their check, the op scripts'
+``--out`` / ``--commit`` / ``--shapes`` flags and their check, runs under ``TUNING`` overrides (``tuned``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from pathlib import Path
 
 import torch
 
@@ -118,3 +119,24 @@ def check_timing_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Refuse (``p.error``) timing flags below 1: zero iterations would divide by zero, zero repeats time nothing."""
     if min(args.warmup, args.iters, args.repeats) < 1:
         p.error(f"--warmup / --iters / --repeats must be >= 1, got {args.warmup} / {args.iters} / {args.repeats}")
+
+
+def add_op_flags(p: argparse.ArgumentParser, stem: str, shapes: Mapping[str, object]) -> None:
+    """The flags every op-level script has: ``--out`` (required: the folder for ``<stem>.json`` / ``.png``),
+    ``--commit`` and ``--shapes`` (a comma-separated subset of ``shapes``' names, all by default); read them back
+    with :func:`check_op_flags`."""
+    p.add_argument("--out", type=Path, required=True, help=f"folder for {stem}.json / .png")
+    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
+    p.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated subset of {', '.join(shapes)}")
+
+
+def check_op_flags(p: argparse.ArgumentParser, args: argparse.Namespace, shapes: Mapping[str, object]) -> list[str]:
+    """The names ``--shapes`` lists (``args.shapes`` rewritten without empty items); a usage error (``p.error``) for an
+    unknown name or none, or without CUDA."""
+    names = [s for s in args.shapes.split(",") if s]
+    if (unknown := sorted(set(names) - set(shapes))) or not names:
+        p.error(f"--shapes: unknown {unknown or args.shapes!r}; choose from {', '.join(shapes)}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    args.shapes = ",".join(names)
+    return names

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import finish, grouped_bars  # noqa: E402
-from benchmarks._timing import add_timing_flags, check_timing_flags, graph_ms, tuned  # noqa: E402
+from benchmarks._timing import add_op_flags, add_timing_flags, check_op_flags, check_timing_flags, graph_ms, tuned  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "focus_op"
@@ -143,17 +143,11 @@ def _plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/focus_op.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for focus_op.json / .png")
-    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    add_op_flags(p, "focus_op", SHAPES)
     add_timing_flags(p, iters=20, warmup=2, repeats=1)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
-    names = [s for s in args.shapes.split(",") if s]
-    if (unknown := sorted(set(names) - set(SHAPES))) or not names:
-        p.error(f"--shapes: unknown {unknown or args.shapes!r}; choose from {', '.join(SHAPES)}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    names = check_op_flags(p, args, SHAPES)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:

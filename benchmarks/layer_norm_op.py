@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms, host_us, tuned  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    add_op_flags,
+    add_timing_flags,
+    check_op_flags,
+    check_timing_flags,
+    cuda_ms,
+    host_us,
+    tuned,
+)
 from visionlin.kernels import layer_norm  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -97,18 +105,12 @@ def _plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/layer_norm_op.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for layer_norm_op.json / .png")
-    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    add_op_flags(p, "layer_norm_op", SHAPES)
     p.add_argument("--no-sweep", action="store_true", help="skip the backward launch-settings sweep")
     add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
-    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
-    if unknown:
-        p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    check_op_flags(p, args, SHAPES)
     args.out.mkdir(parents=True, exist_ok=True)
     from visionlin.kernels.triton import gated_norm
 

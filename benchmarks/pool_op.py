@@ -24,7 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, graph_ms, kernels_ms  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    DTYPES,
+    add_op_flags,
+    add_timing_flags,
+    check_op_flags,
+    check_timing_flags,
+    cuda_ms,
+    graph_ms,
+    kernels_ms,
+)
 from visionlin.kernels.pool import token_adaptive_avg_pool2d  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
@@ -85,18 +94,12 @@ def _plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/pool_op.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for pool_op.json / .png")
-    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    add_op_flags(p, "pool_op", SHAPES)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     add_timing_flags(p)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
-    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
-    if unknown:
-        p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    check_op_flags(p, args, SHAPES)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.shapes.split(","):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._plot import forward_backward_bars  # noqa: E402
-from benchmarks._timing import add_timing_flags, check_timing_flags, cuda_ms  # noqa: E402
+from benchmarks._timing import add_op_flags, add_timing_flags, check_op_flags, check_timing_flags, cuda_ms  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "rms_mix_op"
@@ -119,19 +119,12 @@ def _plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/rms_mix_op.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for rms_mix_op.json / .png")
-    p.add_argument("--commit", default=None, help="commit of the code measured (default: the checkout's HEAD)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    add_op_flags(p, "rms_mix_op", SHAPES)
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
     add_timing_flags(p)
     args = p.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
-    unknown = sorted(set(shapes) - set(SHAPES))
-    if unknown or not shapes:
-        p.error(f"--shapes: unknown {unknown} (choose from {', '.join(SHAPES)})")
     check_timing_flags(p, args)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    shapes = check_op_flags(p, args, SHAPES)
     rows = [_row(s, m, mode, args) for s in shapes for mode in ("forward", "forward_backward") for m in METHODS]
     by = {(r["shape"], r["method"], r["mode"]): r.get("ms") for r in rows}
     for s in shapes:

@@ -15,7 +15,7 @@ def test_unknown_shape_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         conv_op.main(["--out", "unused", "--shapes", "agent_deit_s,nope"])
     assert e.value.code == 2
-    assert "unknown shape(s) ['nope']" in capsys.readouterr().err
+    assert "--shapes: unknown ['nope']" in capsys.readouterr().err
 
 
 def test_old_conv_is_checked_and_loads(tmp_path, capsys):

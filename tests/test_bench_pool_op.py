@@ -14,7 +14,7 @@ def test_unknown_shape_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         pool_op.main(["--out", "unused", "--shapes", "agent_deit_s_224_bs256,nope"])
     assert e.value.code == 2
-    assert "unknown shape(s) ['nope']" in capsys.readouterr().err
+    assert "--shapes: unknown ['nope']" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from benchmarks import rms_mix_op
     ("argv", "message"),
     [
         (["--shapes", "vig_s,vig_b"], "--shapes: unknown ['vig_b']"),
-        (["--shapes", ","], "--shapes: unknown []"),
+        (["--shapes", ","], "--shapes: unknown ','"),
         (["--iters", "0"], "--warmup / --iters / --repeats must be >= 1"),
         (["--repeats", "-2"], "--warmup / --iters / --repeats must be >= 1"),
     ],
