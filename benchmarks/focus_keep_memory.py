@@ -51,10 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     args = p.parse_args(argv)
+    import timm
+
+    import visionlin  # noqa: F401  (registers the models)
+
+    models = [m for m in args.models.split(",") if m]
+    if (unknown := [m for m in [*models, args.twin] if not timm.is_model(m)]) or not models:
+        p.error(f"--models / --twin: unknown {unknown or args.models!r} (timm or visionlin model names)")
+    if min(args.batch, args.size) < 1:
+        p.error(f"--batch and --size must be >= 1, got {args.batch} and {args.size}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
     from visionlin.kernels.triton import focus
 
     rows = [{"model": args.twin, "keep_features": None, "peak_mib": peak_mib(args.twin, args.batch, args.size)}]
-    for name in args.models.split(","):
+    for name in models:
         for keep in (False, True):
             with tuned(focus.TUNING, keep_features=keep):
                 rows.append({"model": name, "keep_features": keep, "peak_mib": peak_mib(name, args.batch, args.size)})
