@@ -23,7 +23,7 @@ Switches (each a process-wide setting read at every forward):
 * ``focus_keep``: the shipped settings (as ``default``, the config to compare it with) plus
   ``focus.TUNING["keep_features"]``: FLatten's focused features and state kept from the forward for the backward
   (off: recomputed there, two focusing passes and the state kernel per layer);
-* ``all``: every switch on.
+* ``all``: every switch on (``focus_keep`` excepted: it trades memory, not a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -65,7 +65,8 @@ CONFIGS = (
     "focus_keep",
     "all",
 )
-TOGGLES = CONFIGS[1:]  # this script's default: each switch against all off
+# this script's default: each switch against all off (focus_keep is compared with default: ask for both)
+TOGGLES = tuple(c for c in CONFIGS[1:] if c != "focus_keep")
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
 
@@ -108,9 +109,10 @@ def switches(config: str) -> Iterator[None]:
         "rope_fused": on("rope_fused"),
     }  # fmt: skip
     conv_kw = {} if keep else {"conv": strip, "weight_grad": strip}
-    focus_kw = {} if keep else {**({} if on("focus_tiles") else focus.NARROW), "keep_features": on("focus_keep")}
-    if config == "focus_keep":
-        focus_kw = {"keep_features": True}
+    # the kept features are an opt-in memory trade: on in focus_keep only (not in all), off in the others but default
+    focus_kw = {} if config == "default" else {"keep_features": config == "focus_keep"}
+    if not keep and not on("focus_tiles"):
+        focus_kw.update(focus.NARROW)
     with tuned(norm.FAST_PATHS, **norm_kw), tuned(conv.TUNING, **conv_kw), tuned(focus.TUNING, **focus_kw):
         yield
 

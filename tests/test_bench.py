@@ -140,6 +140,29 @@ def test_cudnn_benchmark_is_on_while_measuring_unless_turned_off_and_restored_af
     assert json.loads((tmp_path / "bench_train.json").read_text())["config"]["cudnn_benchmark"] is want
 
 
+def test_cudnn_benchmark_is_restored_when_a_benchmark_raises(monkeypatch, tmp_path):
+    def boom(models, **kw):
+        assert torch.backends.cudnn.benchmark is True
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench, "bench_train", boom)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["bench", "train", "--device", "cpu", "--models", "infvit_tiny", "--out", str(tmp_path)])
+    assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize(("flag", "want"), [(None, False), ("--cudnn-benchmark", True)])
+def test_cudnn_benchmark_is_off_by_default_for_the_largest_input_search(monkeypatch, tmp_path, flag, want):
+    seen = []
+    monkeypatch.setattr(bench, "_check_device", lambda parser, text, cpu_ok: torch.device("cpu"))  # a GPU's path
+    monkeypatch.setattr(bench, "bench_largest", lambda models, **kw: seen.append(torch.backends.cudnn.benchmark) or [])
+    monkeypatch.setattr(bench, "plot_result", lambda result, path: path.write_bytes(b""))
+    argv = ["bench", "largest", "--models", "infvit_tiny", "--out", str(tmp_path), *([flag] if flag else [])]
+    assert cli.main(argv) == 0
+    assert seen == [want]
+
+
 def test_default_batches_and_device_slug():
     assert [bench.default_batch(s) for s in (224, 512, 1024, 2048, 4096)] == [256, 64, 16, 4, 1]
     assert bench.default_batch(448) == 64 and bench.default_batch(8192) == 1

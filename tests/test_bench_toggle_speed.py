@@ -28,6 +28,11 @@ def test_bad_flags_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_default_configs_are_each_switch_against_all_off():
+    assert toggle_speed.TOGGLES == ("baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused",
+                                    "focus_tiles", "all")  # fmt: skip
+
+
 def test_switches_set_and_restore():
     from visionlin.kernels.triton import conv, focus
     from visionlin.layers import norm
@@ -38,7 +43,7 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("all"):
         assert all(norm.FAST_PATHS.values()) and len(norm.FAST_PATHS) == 4
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
-        assert dict(focus.TUNING) == dict(before_focus, keep_features=True)
+        assert dict(focus.TUNING) == before_focus  # the kept features are no fast-path switch
     with toggle_speed.switches("baseline"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "tile"

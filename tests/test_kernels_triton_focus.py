@@ -196,12 +196,24 @@ def check_focused_keep(device):
     torch.library.opcheck(tf.focused_linear_bwd, (q, k, v, None, grad, 2.0, 1e-4, False, fq, fk, state))
     with pytest.raises(ValueError, match="keep_features"), tuned(tf.TUNING, keep_features=2):
         tf.focused_linear_attention_triton(q, k, v, 3.0)
+    # without a backward to follow (no_grad, or no input asking for a gradient) nothing is kept
+    keep_call, tf._focused_linear_keep_call = tf._focused_linear_keep_call, None  # a call would raise TypeError
+    try:
+        with tuned(tf.TUNING, keep_features=True):
+            with torch.no_grad():
+                out = tf.focused_linear_attention_triton(q.requires_grad_(), k, v, 3.0, channel_scale=scale)
+            assert torch.equal(out, results[0][0]) and not out.requires_grad
+            out = tf.focused_linear_attention_triton(q.detach(), k, v, 3.0, channel_scale=scale)
+            assert torch.equal(out, results[0][0])
+    finally:
+        tf._focused_linear_keep_call = keep_call
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from tests.test_kernels_triton_focus import check_focus, check_focused_op, check_focused_op_paths
+    from tests.test_kernels_triton_focus import check_focus, check_focused_keep, check_focused_op
+    from tests.test_kernels_triton_focus import check_focused_op_paths
     for dtype in (torch.float32, torch.float16):
         check_focus((2, 9, 3, 16), dtype, "cpu")
         check_focus((1, 5, 2, 24), dtype, "cpu", p=1.5, scale=False, zero_token=True)

@@ -1017,9 +1017,10 @@ def _add_common(p: argparse.ArgumentParser, name: str, *, cpu_ok: bool) -> None:
     p.add_argument(
         "--cudnn-benchmark",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="let cuDNN time its convolution algorithms per shape and keep the fastest (torch.backends.cudnn."
-        "benchmark), as timm's benchmark.py and train.py do (default: on)",
+        "benchmark), as timm's benchmark.py and train.py do (default: on; off for largest, whose every probe is a "
+        "new shape: the algorithm search would run inside the measured call and add its workspaces to the peak)",
     )
     p.add_argument(
         "--append",
@@ -1269,6 +1270,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         return
     _check_models(parser, args)
     _settings(args, what)
+    if args.cudnn_benchmark is None:
+        args.cudnn_benchmark = what != "largest"
     args.device = _check_device(parser, args.device, cpu_ok=what != "largest")
     if what == "models":
         bad = [s for s in args.batch_sizes if s not in args.sizes]

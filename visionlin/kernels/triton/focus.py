@@ -453,6 +453,11 @@ def focused_linear_attention_triton(
     features and the state are recomputed in the backward, or kept from the forward with ``TUNING["keep_features"]``),
     in ``q``'s dtype."""
     args = (q, k, v, _scale_vector(q, channel_scale), float(focusing_factor), float(eps))
-    if tuning_flag(TUNING, __name__, "keep_features"):
+    # kept only where a backward can follow (no_grad / inference would write the features and the state for nothing)
+    if tuning_flag(TUNING, __name__, "keep_features") and _wants_grad(args[:4]):
         return _focused_linear_keep_call(*args)[0]
     return _focused_linear_fwd_call(*args)
+
+
+def _wants_grad(tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
