@@ -202,8 +202,8 @@ def _strip_sweep(args) -> list[dict]:
                 rows.append(_time({"shape": name, "method": "conv", "mode": "forward", "config": cfg}, fn, args))
         g, x, dw, db = _weight_grad_buffers(shape, args)
         wg = [dict(weight_grad="tile"), dict(weight_grad="rows")]
-        wg += [dict(weight_grad="strip", wg_strip_s=s, wg_strip_r=r, wg_per_sm=ps)
-               for s in (2, 4, 8) for r in (4, 8, 16) for ps in (4, 16)]  # fmt: skip
+        wg += [dict(weight_grad="strip", wg_strip_s=s, wg_strip_r=r, wg_per_sm=ps, wg_strip_c=bc)
+               for s in (4, 8) for r in (4, 8, 16) for ps in (4, 8, 16) for bc in (16, 32, 64)]  # fmt: skip
         for cfg in wg:
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
             with tuned(conv.TUNING, **cfg):

@@ -162,6 +162,10 @@ _STRIP_SCRIPT = textwrap.dedent(
         conv.TUNING.update(strip_s=ss, strip_r=sr, wg_strip_s=ss, wg_strip_r=sr)
         check_backend(case, torch.float32, "cpu", "triton", direct=True)
     conv.TUNING.update(strip_s=None, strip_r=None, wg_strip_s=None, wg_strip_r=None)
+    conv.TUNING["wg_strip_c"] = 16  # the weight gradient over channel blocks of 16 (20 and 70 channels: partial blocks)
+    check_backend(CASES[0], torch.float32, "cpu", "triton", direct=True)
+    check_backend(CASES[1], torch.float32, "cpu", "triton", direct=True)
+    conv.TUNING["wg_strip_c"] = None
     conv.I32_OFFSETS = 0  # the int64 token offsets (a sample spanning 2^31 elements), at the shipped settings
     check_backend(CASES[0], torch.float32, "cpu", "triton", direct=True)
     check_backend(CASES[2], torch.float32, "cpu", "triton", direct=True)
@@ -204,6 +208,19 @@ def test_triton_strip_settings(strip, monkeypatch):
         monkeypatch.setitem(conv.TUNING, key, value)
     monkeypatch.setitem(conv.TUNING, "wg_strip_r", min(sr, 16))
     for case in (*CASES, (2, 64, 64, 64, 5, 1, False, True, True), (3, 56, 56, 96, 5, 0, False, True, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_backend(case, dtype, "cuda", "triton")
+
+
+@gpu
+@pytest.mark.parametrize("channels", [16, 32])
+def test_triton_weight_grad_strip_channel_blocks(channels, monkeypatch):
+    """``TUNING["wg_strip_c"]``: the strip weight gradient over narrower channel blocks (what ``conv_op.py --strip``
+    sweeps), at every case and two model-sized grids, float32 and bfloat16."""
+    from visionlin.kernels.triton import conv
+
+    monkeypatch.setitem(conv.TUNING, "wg_strip_c", channels)
+    for case in (*CASES, (2, 64, 64, 64, 5, 1, False, True, True), (3, 56, 56, 96, 3, 0, False, True, True)):
         for dtype in (torch.float32, torch.bfloat16):
             check_backend(case, dtype, "cuda", "triton")
 
@@ -311,6 +328,11 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
             m.setitem(conv.TUNING, key, value)
             with pytest.raises(ValueError, match=message):
                 conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
+    with monkeypatch.context() as m:
+        m.setitem(conv.TUNING, "weight_grad", "strip")
+        m.setitem(conv.TUNING, "wg_strip_c", 24)
+        with pytest.raises(ValueError, match=r"TUNING\['wg_strip_c'\] must be None or a power of two, got 24"):
+            conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
     for k, groups, tokens in ((1, (0, 0), 64), (3, (8, 0), 8), (5, (16, 8), 4), (7, (32, 16), 2)):
         t1, t2, bt = conv.weight_grad_tile(k)
         assert (t1, t2, bt) == (*groups, tokens) and t1 + t2 + 1 == k * k

@@ -374,13 +374,14 @@ def _conv_and_focus(dt, tdt):
                     S=conv.WG_STRIP[k][0],
                     I64=i64,
                     BLOCK_R=conv.WG_STRIP[k][1],
-                    BLOCK_C=conv.BLOCK_C,
+                    BLOCK_C=bc,
                     sx_c=1,
                     sg_c=1,
                 ),
                 conv.WARPS_WEIGHT_GRAD,
             )  # fmt: skip
-            for i64 in sorted({False, k == 3})
+            # the shipped channel block, and 32 (TUNING["wg_strip_c"], opt-in: 72-80 registers at k = 3 / 5)
+            for i64, bc in sorted({(False, conv.BLOCK_C), (k == 3, conv.BLOCK_C), (False, 32)})
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]

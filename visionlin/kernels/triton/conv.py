@@ -525,6 +525,9 @@ CONV_KERNELS = ("tile", "strip")
 #: tile kernel at k = 3, 1.20-2.01x at k = 5), and the weight gradient's columns per strip and strips per program by
 #: kernel size (k = 3 at 8 x 8: 0.99-2.41x "tile"; k = 5 at 8 x 4: 1.15-2.72x; k = 1 and 7 not timed: k = 7 keeps 4 x
 #: 4, which compiles for sm_90 in 168 registers where 8 x 4 spills). Kernels above ``STRIP_MAX_K`` take ``"tile"``.
+#: The weight gradient's channels per program are ``BLOCK_C`` (64) unless ``TUNING["wg_strip_c"]``: at 64 its k = 3
+#: and k = 5 settings compile for sm_90 in 128 registers at 4 warps (4 programs, 16 warps an SM), at 32 in 72 / 80
+#: (6-7 programs, 24-28 warps: more loads in flight for its walk), not yet timed (``conv_op.py --strip`` sweeps it).
 STRIP_S, STRIP_R, STRIP_C = 4, 32, 32
 WG_STRIP = {1: (8, 8), 3: (8, 8), 5: (8, 4), 7: (4, 4)}
 STRIP_MAX_K = 7
@@ -554,6 +557,7 @@ TUNING: dict[str, int | str | None] = {
     "strip_c": None,
     "wg_strip_s": None,
     "wg_strip_r": None,
+    "wg_strip_c": None,
     "weight_grad": "strip",
     # the weight gradient's launch (None: the defaults): programs per SM, warps, products per tile of the tile kernel
     "wg_per_sm": None,
@@ -629,13 +633,14 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
     if kernel == "strip" and k <= STRIP_MAX_K:
         ss, sr = WG_STRIP.get(k, WG_STRIP[STRIP_MAX_K])
         ss, sr = tuned(TUNING, "wg_strip_s", ss, pow2=True), tuned(TUNING, "wg_strip_r", sr, pow2=True)
+        bc = tuned(TUNING, "wg_strip_c", BLOCK_C, pow2=True)
         t1, t2, _ = weight_grad_tile(k)
         nxs = cdiv(ww, ss)
-        splits, per = _splits(hh * nxs, sr, b * c_blocks, x.device, per_sm)  # strip tiles: programs per SM
-        launch(_weight_grad_strip_kernel, (splits, c_blocks, b),
+        splits, per = _splits(hh * nxs, sr, b * cdiv(c, bc), x.device, per_sm)  # strip tiles: programs per SM
+        launch(_weight_grad_strip_kernel, (splits, cdiv(c, bc), b),
             g, x, dw, db, hh, ww, c, p, nxs, per, *g.stride(), *x.stride(), sdw_b,
             K=k, T1=t1, T2=t2, HAS_BIAS=has_bias, S=ss, I64=_strip_i64(p, hh, ww, ss, k, g, x), BLOCK_R=sr,
-            BLOCK_C=BLOCK_C, num_warps=warps,
+            BLOCK_C=bc, num_warps=warps,
         )  # fmt: skip
         return False
     fused = kernel == "fused"
