@@ -13,7 +13,9 @@ work) over their launch settings (``TUNING``'s ``weight_grad``, ``wg_per_sm``, `
 every shape, and the whole backward op (input, kernel and bias gradients) with the kernel that
 writes the input gradient in the same walk (``"fused"``) against the others. ``--profile`` records the kernels of one
 forward + backward (torch profiler: GPU microseconds per kernel and their sum) of our op and the ``"torch"`` backend at
-every shape.
+every shape. ``--strip`` times the strip kernels (forward over ``strip_s`` / ``strip_r`` / ``strip_c``, weight gradient
+over ``wg_strip_s`` / ``wg_strip_r`` / ``wg_per_sm`` / ``wg_strip_c``) next to the tile kernels as CUDA-graph replays
+(kernel time: eager calls at these shapes time the launcher), and the op's forward + backward with each pair.
 
 Usage (on a GPU machine):
     python benchmarks/conv_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -43,6 +45,7 @@ from benchmarks._timing import (  # noqa: E402
     check_op_flags,
     check_timing_flags,
     cuda_ms,
+    graph_ms,
     kernels_ms,
     tuned,
 )
@@ -100,9 +103,14 @@ def _step(fn, leaves: list[torch.Tensor] | None):
     return lambda: torch.autograd.grad(fn(), leaves, go)
 
 
-def _time(row: dict, step, args) -> dict:
+def _time(row: dict, step, args, graph: bool = False) -> dict:
+    """``row`` with the median ms per call of ``step`` (``graph``: replays of ``step`` captured in a CUDA graph, the
+    kernels' time without the host's; else back-to-back eager calls, host included) or the error it raised."""
     try:
-        row |= {"ms": cuda_ms(step, args.warmup, args.iters, args.repeats), "status": "ok"}
+        if graph:
+            row |= {"ms": graph_ms(step, args.warmup, args.iters), "timing": "graph", "status": "ok"}
+        else:
+            row |= {"ms": cuda_ms(step, args.warmup, args.iters, args.repeats), "status": "ok"}
     except Exception as e:  # noqa: BLE001 (recorded, the other rows still run)
         row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
     print(json.dumps(row), flush=True)
@@ -197,9 +205,10 @@ def _strip_sweep(args) -> list[dict]:
         fwd += [
             dict(conv="strip", strip_s=s, strip_r=r, strip_c=bc) for s in (4, 8) for r in (8, 16, 32) for bc in (32, 64)
         ]
-        for cfg in fwd:
+        for cfg in fwd:  # graph replays: at the models' shapes eager calls timed the launcher (a ~0.09 ms floor at s39)
             with tuned(conv.TUNING, **cfg), torch.no_grad():
-                rows.append(_time({"shape": name, "method": "conv", "mode": "forward", "config": cfg}, fn, args))
+                row = {"shape": name, "method": "conv", "mode": "forward", "config": cfg}
+                rows.append(_time(row, fn, args, graph=True))
         g, x, dw, db = _weight_grad_buffers(shape, args)
         wg = [dict(weight_grad="tile"), dict(weight_grad="rows")]
         wg += [dict(weight_grad="strip", wg_strip_s=s, wg_strip_r=r, wg_per_sm=ps, wg_strip_c=bc)
@@ -208,7 +217,7 @@ def _strip_sweep(args) -> list[dict]:
             step = functools.partial(conv._launch_weight_grad, g, x, dw, db, k, True, hh, ww, p, 0)
             with tuned(conv.TUNING, **cfg):
                 row = {"shape": name, "method": "weight_grad", "mode": "kernel", "config": cfg}
-                rows.append(_time(row, step, args))
+                rows.append(_time(row, step, args, graph=True))
         for cfg in (dict(conv="tile", weight_grad="tile"), dict(conv="strip", weight_grad="strip")) * 2:
             x, w, bias, res = _inputs(shape, DTYPES[args.dtype], True)
             step = _step(_method("triton", shape, x, w, bias, res), [x, w, bias, res])
