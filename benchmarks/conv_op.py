@@ -4,7 +4,9 @@ costs (``x + residual``: two reads and one write, the traffic the fused op canno
 backward, at the shapes of the models that use it.
 
 Shapes (bf16, with bias and residual): FLatten-DeiT-S (k 5, one kernel shared by the heads), Agent-DeiT-S (k 3), and
-NaLaFormer-T / MAViT-T stage 1 (CPE, k 3, 64 channels; ConvFFN, 256 channels) and stage 3 (256 channels).
+NaLaFormer-T stage 1 (CPE, k 3, 64 channels, as MAViT-T's / RAVLT-T's; ConvFFN, 256 channels at MLP ratio 4) and stage
+3 (256 channels), FLatten-Swin-T and FLatten-PVT-S stage 1 (k 5), RAVLT-T's / MAViT-T's stage-1 ConvFFN (224 channels,
+MLP ratio 3.5).
 ``triton_taps`` is our op with the per-tap weight-gradient kernel (``TUNING["weight_grad"] = "taps"``; forward +
 backward only, its forward is the same). ``--sweep`` also times the forward kernel over tile settings (``TUNING`` in
 ``visionlin/kernels/triton/conv.py``) for the first shape of each kernel size and records every one, the fastest
@@ -62,6 +64,7 @@ SHAPES = {
     "nala_t_stage3": (128, 14, 14, 256, 3, 0),
     "flatten_swin_t_stage1": (128, 56, 56, 96, 5, 0),
     "flatten_pvt_s_stage1": (128, 56, 56, 64, 5, 0),
+    "ravlt_t_stage1_ffn": (128, 56, 56, 224, 3, 0),  # RAVLT-T / MAViT-T's ConvFFN (MLP ratio 3.5)
 }
 
 
