@@ -48,16 +48,20 @@ def tuning_flag(table: dict, owner: str, key: str) -> bool:
     return value
 
 
-def tuning_int(table: dict, owner: str, key: str, least: int = 1, allow_none: bool = False) -> int | None:
-    """``table[key]`` as an integer ``>= least`` (or ``None`` where ``allow_none``), else a ``ValueError`` naming it:
-    a zero or negative count would divide by zero or silently change a launch, a float or a string would fail deep
-    inside one."""
+def tuning_int(
+    table: dict, owner: str, key: str, least: int = 1, allow_none: bool = False, pow2: bool = False
+) -> int | None:
+    """``table[key]`` as an integer ``>= least`` (or ``None`` where ``allow_none``; a power of two where ``pow2``),
+    else a ``ValueError`` naming it: a zero or negative count would divide by zero or silently change a launch, a float
+    or a string would fail deep inside one."""
     value = table[key]
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         allowed = f"an integer >= {least}" + (" or None" if allow_none else "")
         raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be {allowed}")
+    if pow2 and value & (value - 1):
+        raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be a power of two")
     return value
 
 

@@ -232,8 +232,8 @@ NARROW = {
 }
 
 
-def _setting(key: str, allow_none: bool = False) -> int | None:
-    return tuning_int(TUNING, __name__, key, allow_none=allow_none)
+def _setting(key: str, allow_none: bool = False, pow2: bool = False) -> int | None:
+    return tuning_int(TUNING, __name__, key, allow_none=allow_none, pow2=pow2)
 
 
 def _prefetch() -> bool:
@@ -251,18 +251,13 @@ def _grid(b: int, n: int, device: torch.device, block_t: int, programs: int) -> 
 def _meta(h: int, d: int, n: int, backward: bool) -> dict[str, int]:
     block_c = next_pow2(h * d)
     pre = "bwd_" if backward else "fwd_"
-    tokens = _setting(f"{pre}tokens", allow_none=True)
+    tokens = _setting(f"{pre}tokens", allow_none=True, pow2=True)
     if tokens is None:
         elements = _setting(f"{pre}elements")
         tokens = min(next_pow2(max(1, elements // block_c + 1)) // 2 or 1, next_pow2(max(n, 1)))
-    elif tokens & (tokens - 1):
-        raise ValueError(f"{__name__}.TUNING['{pre}tokens'] = {tokens!r}: must be a power of two")
     # 4 to 16 warps (tests/test_kernels_sm90_compile.py checks the shipped settings compile within their spill
     # allowances); a power of two, as Triton requires: the tile and the entries per warp are powers of two
-    per_warp_key = "bwd_warp_elements" if backward else "warp_elements"
-    per_warp = _setting(per_warp_key)
-    if per_warp & (per_warp - 1):
-        raise ValueError(f"{__name__}.TUNING[{per_warp_key!r}] = {per_warp!r}: must be a power of two")
+    per_warp = _setting("bwd_warp_elements" if backward else "warp_elements", pow2=True)
     warps = min(16, max(4, tokens * block_c // per_warp))
     return {"BLOCK_T": tokens, "BLOCK_C": block_c, "num_warps": warps}
 
@@ -388,38 +383,26 @@ def _(q, k, v, c, g, p, eps, need_dc, fq=None, fk=None, state=None):
 
 
 def _fl_setup(ctx, inputs, output):
+    """Both forward ops': the inputs saved, and :func:`focused_linear_keep_fwd`'s kept ``(f(q), f(k), state)``."""
     q, k, v, c, p, eps = inputs
-    ctx.save_for_backward(q, k, v, c)
+    kept = output[1:] if isinstance(output, tuple) else ()
+    ctx.mark_non_differentiable(*kept)
+    ctx.save_for_backward(q, k, v, c, *kept)
     ctx.args = (p, eps)
     ctx.c_grad = c is not None and c.requires_grad
 
 
-def _fl_backward(ctx, g):
-    q, k, v, c = ctx.saved_tensors
-    dq, dk, dv, dc = _focused_linear_bwd_call(q, k, v, c, g, *ctx.args, ctx.c_grad)
-    return dq, dk, dv, (dc if ctx.c_grad else None), None, None
-
-
-def _keep_setup(ctx, inputs, output):
-    q, k, v, c, p, eps = inputs
-    _, fq, fk, state = output
-    ctx.mark_non_differentiable(fq, fk, state)
-    ctx.save_for_backward(q, k, v, c, fq, fk, state)
-    ctx.args = (p, eps)
-    ctx.c_grad = c is not None and c.requires_grad
-
-
-def _keep_backward(ctx, g, _g_fq=None, _g_fk=None, _g_state=None):
-    q, k, v, c, fq, fk, state = ctx.saved_tensors
-    dq, dk, dv, dc = _focused_linear_bwd_call(q, k, v, c, g, *ctx.args, ctx.c_grad, fq, fk, state)
+def _fl_backward(ctx, g, *_kept_grads):
+    q, k, v, c, *kept = ctx.saved_tensors
+    dq, dk, dv, dc = _focused_linear_bwd_call(q, k, v, c, g, *ctx.args, ctx.c_grad, *kept)
     return dq, dk, dv, (dc if ctx.c_grad else None), None, None
 
 
 focused_linear_fwd.register_autograd(_fl_backward, setup_context=_fl_setup)
-focused_linear_keep_fwd.register_autograd(_keep_backward, setup_context=_keep_setup)
+focused_linear_keep_fwd.register_autograd(_fl_backward, setup_context=_fl_setup)
 _focused_linear_bwd_call = eager_call(focused_linear_bwd)
 _focused_linear_fwd_call = eager_op(focused_linear_fwd, _fl_setup, _fl_backward)
-_focused_linear_keep_call = eager_op(focused_linear_keep_fwd, _keep_setup, _keep_backward)
+_focused_linear_keep_call = eager_op(focused_linear_keep_fwd, _fl_setup, _fl_backward)
 
 
 def _scale_vector(x: torch.Tensor, channel_scale: torch.Tensor | float | None) -> torch.Tensor | None:
