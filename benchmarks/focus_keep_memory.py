@@ -10,22 +10,21 @@ Writes ``focus_keep_memory.json`` (meta: command, commit, date, GPU, versions).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import visionlin  # noqa: E402, F401  (registers the models)
 from benchmarks._meta import gpu_meta  # noqa: E402
 from benchmarks._timing import tuned  # noqa: E402
 
 
 def peak_mib(name: str, batch: int, size: int) -> float:
-    import timm
-
-    import visionlin  # noqa: F401  (registers the models)
-
     model = timm.create_model(name).cuda().train()
     x = torch.randn(batch, 3, size, size, device="cuda")
     for _ in range(2):
@@ -51,10 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     args = p.parse_args(argv)
-    import timm
-
-    import visionlin  # noqa: F401  (registers the models)
-
     models = [m for m in args.models.split(",") if m]
     if (unknown := [m for m in [*models, args.twin] if not timm.is_model(m)]) or not models:
         p.error(f"--models / --twin: unknown {unknown or args.models!r} (timm or visionlin model names)")
@@ -71,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": name, "keep_features": keep, "peak_mib": peak_mib(name, args.batch, args.size)})
     for r in rows:
         print(f"{r['model']:32s} keep_features={r['keep_features']!s:5s} peak {r['peak_mib']:8.0f} MiB", flush=True)
-    import json
-
     meta = gpu_meta(argv, args.commit)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "focus_keep_memory", "meta": meta, "batch": args.batch, "size": args.size, "rows": rows}
