@@ -23,13 +23,17 @@ Switches (each a process-wide setting read at every forward):
 * ``focus_keep``: the shipped settings (as ``default``, the config to compare it with) plus
   ``focus.TUNING["keep_features"]``: FLatten's focused features and state kept from the forward for the backward
   (off: recomputed there, two focusing passes and the state kernel per layer);
-* ``all``: every switch on (``focus_keep`` excepted: it trades memory, not a fast path of its own).
+* ``strip_s42``: the shipped settings with the token conv's strip settings of stop 42
+  (``visionlin.kernels.triton.conv.STRIP`` / ``WG_STRIP`` as :data:`STRIP_S42` holds them), to compare with
+  ``default``: the A/B of stop 43's per-kernel-size strip settings;
+* ``all``: every switch on (``focus_keep`` and ``strip_s42`` excepted: neither is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
 
 Writes ``toggle_speed.json`` (rows: model, mode, config, ms per call, img/s, ratio to the model's ``baseline`` in the
-same sweeps; meta: command, commit, date, GPU, versions) and ``toggle_speed.png``.
+same sweeps, or to ``default`` where no ``baseline`` was asked for: ``speedup_vs_<reference>``; meta: command, commit,
+date, GPU, versions) and ``toggle_speed.png``.
 """
 
 from __future__ import annotations
@@ -63,10 +67,16 @@ CONFIGS = (
     "rope_fused",
     "focus_tiles",
     "focus_keep",
+    "strip_s42",
     "all",
 )
-# this script's default: each switch against all off (focus_keep is compared with default: ask for both)
-TOGGLES = tuple(c for c in CONFIGS[1:] if c != "focus_keep")
+# this script's default: each switch against all off (focus_keep / strip_s42 are compared with default: ask for both)
+TOGGLES = tuple(c for c in CONFIGS[1:] if c not in ("focus_keep", "strip_s42"))
+#: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
+STRIP_S42 = (
+    {1: (4, 32, 32), 3: (4, 32, 32), 5: (4, 32, 32), 7: (4, 32, 32)},
+    {1: (8, 8, 64), 3: (8, 8, 64), 5: (8, 4, 64), 7: (4, 4, 64)},
+)
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
 
@@ -100,7 +110,7 @@ def switches(config: str) -> Iterator[None]:
     def on(switch: str) -> bool:
         return config in (switch, "all")
 
-    keep = config in ("default", "focus_keep")  # the shipped settings, still restored afterwards
+    keep = config in ("default", "focus_keep", "strip_s42")  # the shipped settings, still restored afterwards
     strip = "strip" if on("conv_strip") else "tile"
     norm_kw = {} if keep else {
         "pre_norm": on("pre_norm"),
@@ -113,8 +123,21 @@ def switches(config: str) -> Iterator[None]:
     focus_kw = {} if config == "default" else {"keep_features": config == "focus_keep"}
     if not keep and not on("focus_tiles"):
         focus_kw.update(focus.NARROW)
-    with tuned(norm.FAST_PATHS, **norm_kw), tuned(conv.TUNING, **conv_kw), tuned(focus.TUNING, **focus_kw):
+    strips = STRIP_S42 if config == "strip_s42" else (dict(conv.STRIP), dict(conv.WG_STRIP))
+    with contextlib.ExitStack() as stack:
+        for table, values in zip((conv.STRIP, conv.WG_STRIP), strips, strict=True):
+            stack.enter_context(tuned(table))  # restored afterwards, whatever the block does
+            table.update(values)
+        stack.enter_context(tuned(norm.FAST_PATHS, **norm_kw))
+        stack.enter_context(tuned(conv.TUNING, **conv_kw))
+        stack.enter_context(tuned(focus.TUNING, **focus_kw))
         yield
+
+
+def reference(configs: list[str]) -> str:
+    """The config the ratios are to: ``baseline`` (every switch off) if measured, else ``default`` (the shipped
+    settings: for the configs that change one setting of them, ``focus_keep`` and ``strip_s42``)."""
+    return "baseline" if "baseline" in configs else "default"
 
 
 def _step(model: torch.nn.Module, mode: str, batch: int, size: int):
@@ -184,14 +207,14 @@ def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
         return [{"model": name, "mode": mode, "config": c, "status": "error", "error": error} for c in configs]
     finally:
         torch.cuda.empty_cache()
-    base = statistics.median(times["baseline"]) if "baseline" in times else None
+    ref = reference(configs)
+    base = statistics.median(times[ref])
     for c in configs:
         s = statistics.median(times[c])
         row = {"model": name, "mode": mode, "config": c, "status": "ok", "batch": batch, "size": args.size,
                "ms": 1e3 * s, "img_s": batch / s, "sweeps_ms": [1e3 * t for t in times[c]]}  # fmt: skip
-        if base:
-            row["speedup_vs_baseline"] = base / s
-        print(f"{name:32s} {mode:5s} {c:10s} {1e3 * s:8.2f} ms  {row.get('speedup_vs_baseline', 1):.3f}x", flush=True)
+        row[f"speedup_vs_{ref}"] = base / s
+        print(f"{name:32s} {mode:5s} {c:10s} {1e3 * s:8.2f} ms  {base / s:.3f}x vs {ref}", flush=True)
         rows.append(row)
     return rows
 
@@ -202,17 +225,18 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["status"] == "ok" and "speedup_vs_baseline" in r]
+    key = f"speedup_vs_{result['reference']}"
+    rows = [r for r in result["rows"] if r["status"] == "ok" and key in r]
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=False):
         mrows = [r for r in rows if r["mode"] == mode]
         models = list(dict.fromkeys(r["model"] for r in mrows))
         configs = list(dict.fromkeys(r["config"] for r in mrows))
-        speedup = {(r["model"], r["config"]): r["speedup_vs_baseline"] for r in mrows}
+        speedup = {(r["model"], r["config"]): r[key] for r in mrows}
         grouped_bars(ax, models, configs, lambda m, c, sp=speedup: sp.get((m, c), 0), fontsize=7, rotation=20)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_ylabel("speed vs baseline (same sweeps)")
+        ax.set_ylabel(f"speed vs {result['reference']} (same sweeps)")
         ax.set_title(mode, fontsize=9)
         ax.legend(fontsize=7)
     finish(fig, result, path, fontsize=7)
@@ -241,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     if bad := sorted(set(configs) - set(CONFIGS)):
         p.error(f"unknown config(s) {bad}; choose from {list(CONFIGS)}")
-    if "baseline" not in configs:
-        p.error("--configs must include baseline (the ratios are to it)")
+    if "baseline" not in configs and "default" not in configs:
+        p.error("--configs must include baseline or default (the ratios are to baseline, else to default)")
     if bad := sorted(set(modes) - {"infer", "train", "graphs"}):
         p.error(f"unknown mode(s) {bad}; choose from ['infer', 'train', 'graphs']")
     for flag in ("size", "batch_infer", "batch_train", "warmup", "iters", "repeats"):
@@ -254,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "rows": rows}
+    result = {"benchmark": STEM, "meta": gpu_meta(argv, args.commit), "reference": reference(configs), "rows": rows}
     for name in args.models.split(","):
         for mode in modes:
             rows += measure(name, mode, configs, args)

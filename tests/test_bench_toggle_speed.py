@@ -14,7 +14,7 @@ from benchmarks import toggle_speed
     ("argv", "message"),
     [
         (["--configs", "baseline,nope"], "unknown config(s) ['nope']"),
-        (["--configs", "pre_norm"], "--configs must include baseline"),
+        (["--configs", "pre_norm"], "--configs must include baseline or default"),
         (["--modes", "infer,fly"], "unknown mode(s) ['fly']"),
         (["--modes", "graphs,fly"], "choose from ['infer', 'train', 'graphs']"),
         (["--iters", "0"], "--iters must be a positive integer, got 0"),
@@ -54,6 +54,11 @@ def test_switches_set_and_restore():
     with toggle_speed.switches("focus_keep"):  # the shipped settings plus the kept features
         assert dict(focus.TUNING) == dict(before_focus, keep_features=True) and before == norm.FAST_PATHS
         assert dict(conv.TUNING) == before_conv
+    strips = dict(conv.STRIP), dict(conv.WG_STRIP)
+    with toggle_speed.switches("strip_s42"):  # the shipped settings with stop 42's strip settings
+        assert (conv.STRIP, conv.WG_STRIP) == toggle_speed.STRIP_S42 != strips
+        assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
+    assert strips == (conv.STRIP, conv.WG_STRIP)
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
@@ -92,13 +97,16 @@ def test_short_cuda_run(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_short_cuda_graphs_run(tmp_path):
-    """The CUDA-graph training step, one compiled model per config: both configs measured, a ratio between them."""
+@pytest.mark.parametrize(
+    ("configs", "reference"), [("baseline,rope_fused", "baseline"), ("default,strip_s42", "default")]
+)
+def test_short_cuda_graphs_run(tmp_path, configs, reference):
+    """The CUDA-graph training step, one compiled model per config: both configs measured, a ratio between them (to
+    ``baseline``, or to ``default`` where no ``baseline`` runs)."""
     args = ["--out", str(tmp_path), "--models", "ravlt_tiny", "--modes", "graphs", "--batch-train", "4"]
-    assert toggle_speed.main([*args, "--configs", "baseline,rope_fused", "--iters", "2", "--repeats", "2"]) == 0
-    rows = json.loads((tmp_path / "toggle_speed.json").read_text())["rows"]
-    assert [(r["mode"], r["config"], r["status"]) for r in rows] == [
-        ("graphs", "baseline", "ok"),
-        ("graphs", "rope_fused", "ok"),
-    ]
-    assert rows[1]["speedup_vs_baseline"] > 0
+    assert toggle_speed.main([*args, "--configs", configs, "--iters", "2", "--repeats", "2"]) == 0
+    doc = json.loads((tmp_path / "toggle_speed.json").read_text())
+    rows = doc["rows"]
+    assert doc["reference"] == reference
+    assert [(r["mode"], r["config"], r["status"]) for r in rows] == [("graphs", c, "ok") for c in configs.split(",")]
+    assert rows[0][f"speedup_vs_{reference}"] == 1.0 and rows[1][f"speedup_vs_{reference}"] > 0

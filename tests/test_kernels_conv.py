@@ -295,13 +295,13 @@ def test_strip_kernels_beyond_their_kernel_size_take_the_tile_kernels(monkeypatc
         conv._launch_conv(g, torch.zeros(1, k * k, 64), k, False, None, None, g, 7, 7, 0, False)
     assert seen == [
         (conv._weight_grad_strip_kernel, conv.WG_STRIP[3][1]),
-        (conv._conv_strip_kernel, conv.STRIP_R),
+        (conv._conv_strip_kernel, conv.STRIP[3][1]),
         (conv._weight_grad_strip_kernel, conv.WG_STRIP[conv.STRIP_MAX_K][1]),
-        (conv._conv_strip_kernel, conv.STRIP_R),
+        (conv._conv_strip_kernel, conv.STRIP[conv.STRIP_MAX_K][1]),
         (conv._weight_grad_tile_kernel, None),
         (conv._conv_kernel, None),
     ]
-    assert set(conv.WG_STRIP) == set(range(1, conv.STRIP_MAX_K + 1, 2))
+    assert set(conv.WG_STRIP) == set(conv.STRIP) == set(range(1, conv.STRIP_MAX_K + 1, 2))
 
 
 def test_weight_grad_kernel_setting_is_checked(monkeypatch):

@@ -340,7 +340,8 @@ def _conv_and_focus(dt, tdt):
             for rows_t in sorted({conv.weight_grad_tile(k, e)[2] for e in (8192, conv.ROWS_ELEMENTS)})
             if k <= conv.ROWS_MAX_K  # (larger kernels take the tile kernel)
         ]
-        # the strip kernels (opt-in): the forward / input gradient at its settings, the weight gradient at its own
+        # the strip kernels (shipped): the forward / input gradient at its settings, the weight gradient at its own
+        wg_c = conv.WG_STRIP[k][2]
         cases += [
             (
                 conv._conv_strip_kernel,
@@ -350,10 +351,10 @@ def _conv_and_focus(dt, tdt):
                     FLIP=flip,
                     HAS_BIAS=True,
                     HAS_RES=True,
-                    S=conv.STRIP_S,
+                    S=conv.STRIP[k][0],
                     I64=i64,
-                    BLOCK_R=conv.STRIP_R,
-                    BLOCK_C=conv.STRIP_C,
+                    BLOCK_R=conv.STRIP[k][1],
+                    BLOCK_C=conv.STRIP[k][2],
                     sx_c=1,
                     sr_c=1,
                     so_c=1,
@@ -380,8 +381,9 @@ def _conv_and_focus(dt, tdt):
                 ),
                 conv.WARPS_WEIGHT_GRAD,
             )  # fmt: skip
-            # the shipped channel block, and 32 (TUNING["wg_strip_c"], opt-in: 72-80 registers at k = 3 / 5)
-            for i64, bc in sorted({(False, conv.BLOCK_C), (k == 3, conv.BLOCK_C), (False, 32)})
+            # the shipped channel block, and 32 where 64 ships (TUNING["wg_strip_c"]; at k = 5's 8 x 16 strips 32
+            # channels spill 12 bytes in fp16, 64 spill 1.4 KB)
+            for i64, bc in sorted({(False, wg_c), (k == 3, wg_c), (False, 32 if wg_c == 64 else wg_c)})
         ]
     # agent pooling (triton/pool.py): unit channel strides as the JIT specialises them for the models' tokens
     pt, pw = pool.TUNING, pool.TUNING["warps"]
@@ -665,11 +667,6 @@ def _gated_norm(dt, tdt):
 # 128 wide) and of MALA / RALA in float16 at D = 128; the opt-in SLA read-out backward at D = 128 (its resident
 # [D, Dv] state, [Dv, Dv] projection and dH_i accumulator in float32 exceed the register file).
 SPILL_ALLOWANCE = {
-    # the token conv's strip weight gradient at k = 3, 8 x 8 strips, bf16 (conv.WG_STRIP): 12 bytes spilled at 128
-    # registers, and the fastest setting of the H200 sweep all the same (s39/conv_op_strip_36d1d35.json: 2.41x / 2.25x
-    # the tile kernel at NaLaFormer-T's stage-1 shapes; 8 x 4, which does not spill, 2.24x / 1.98x); its int64-offset
-    # form (samples spanning 2^31 elements or more) 24 bytes
-    ("visionlin.kernels.triton.conv", "_weight_grad_strip_kernel", "bf16", None, None): 24,
     # the linear kernels' launch settings (linear._forward_settings / _backward_settings) spill at head dims 32-64, and
     # were measured faster than the spill-free settings tried on the H200, graph-timed (bf16:
     # linear_settings_grid_69e6057, linear_settings_ab_d{32,64}_bfloat16_15c3a07: e.g. the head-dim-64 backward 0.366
@@ -886,7 +883,7 @@ def test_conv_strip_kernels_load_each_input_column_once_per_kernel_row():
         return math.ceil(elements * size / 16)
 
     for k in (3, 5):
-        s, r, c = conv.STRIP_S, conv.STRIP_R, conv.STRIP_C
+        s, r, c = conv.STRIP[k]
         per_thread = r * c // (32 * conv.WARPS)
         consts = dict(K=k, FLIP=False, HAS_BIAS=True, HAS_RES=True, S=s, I64=False, BLOCK_R=r, BLOCK_C=c)
         consts |= dict(sx_c=1, sr_c=1, so_c=1)
@@ -894,8 +891,8 @@ def test_conv_strip_kernels_load_each_input_column_once_per_kernel_row():
         want = (s + k - 1) * vectors(per_thread, 2) + (k + 1) * vectors(per_thread, 4) + s * vectors(per_thread, 2)
         assert loads(conv._conv_strip_kernel, consts, conv.WARPS) == want, k
         t1, t2, _ = conv.weight_grad_tile(k)
-        s, r = conv.WG_STRIP[k]
-        per_thread = r * conv.BLOCK_C // (32 * conv.WARPS_WEIGHT_GRAD)
-        consts = dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, S=s, I64=False, BLOCK_R=r, BLOCK_C=conv.BLOCK_C, sx_c=1, sg_c=1)
+        s, r, c = conv.WG_STRIP[k]
+        per_thread = r * c // (32 * conv.WARPS_WEIGHT_GRAD)
+        consts = dict(K=k, T1=t1, T2=t2, HAS_BIAS=True, S=s, I64=False, BLOCK_R=r, BLOCK_C=c, sx_c=1, sg_c=1)
         want = (s + k * (s + k - 1)) * vectors(per_thread, 2)  # every kernel row unrolled: all k rows' columns
         assert loads(conv._weight_grad_strip_kernel, consts, conv.WARPS_WEIGHT_GRAD) == want, k

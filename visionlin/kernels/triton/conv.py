@@ -520,16 +520,18 @@ MAX_WEIGHT_GRAD_ELEMENTS = 16384
 #: tokens per thread, each input column loaded once per kernel row; shipped) or ``"tile"`` (:func:`_conv_kernel`, a
 #: tile of raster-order tokens, one shifted tile per tap).
 CONV_KERNELS = ("tile", "strip")
-#: Settings of the strip kernels, chosen on an H200 (s39/conv_op_strip_36d1d35.json, every setting timed at seven
-#: model shapes, bf16): the forward's columns per strip, strips and channels per program (4 x 32 x 32: 1.01-1.31x the
-#: tile kernel at k = 3, 1.20-2.01x at k = 5), and the weight gradient's columns per strip and strips per program by
-#: kernel size (k = 3 at 8 x 8: 0.99-2.41x "tile"; k = 5 at 8 x 4: 1.15-2.72x; k = 1 and 7 not timed: k = 7 keeps 4 x
-#: 4, which compiles for sm_90 in 168 registers where 8 x 4 spills). Kernels above ``STRIP_MAX_K`` take ``"tile"``.
-#: The weight gradient's channels per program are ``BLOCK_C`` (64) unless ``TUNING["wg_strip_c"]``: at 64 its k = 3
-#: and k = 5 settings compile for sm_90 in 128 registers at 4 warps (4 programs, 16 warps an SM), at 32 in 72 / 80
-#: (6-7 programs, 24-28 warps: more loads in flight for its walk), not yet timed (``conv_op.py --strip`` sweeps it).
-STRIP_S, STRIP_R, STRIP_C = 4, 32, 32
-WG_STRIP = {1: (8, 8), 3: (8, 8), 5: (8, 4), 7: (4, 4)}
+#: Settings of the strip kernels by kernel size, chosen on an H200 as CUDA-graph replays at the models' shapes (bf16):
+#: the forward's columns per strip, strips and channels per program, ``STRIP[k] = (S, BLOCK_R, BLOCK_C)``, and the
+#: weight gradient's, ``WG_STRIP[k]``. Forward: 4 x 32 x 32 (s39/conv_op_strip_36d1d35.json: 1.01-1.31x the tile
+#: kernel at k = 3, 1.20-2.01x at k = 5); at k = 5, 8 x 16 x 32 (s43/conv_op_strip_ad8ea03.json: 0.093 / 0.131 ms
+#: against 0.100 / 0.142 at FLatten-PVT-S / FLatten-Swin-T stage 1; at k = 3 within 3% of 4 x 32 x 32). Weight
+#: gradient (s43, 30 settings): k = 3 at 8 x 16 x 32 (0.439 ms summed over four NaLaFormer-T / RAVLT-T shapes against
+#: 0.471 for the former 8 x 8 x 64), k = 5 at 8 x 16 x 16 (0.260 against 0.350 for the former 8 x 4 x 64: narrower
+#: channel blocks take fewer registers, so more programs share an SM); k = 1 and 7 not timed (k = 7 keeps 4 x 4 x 64,
+#: which compiles for sm_90 in 168 registers where 8 x 4 spills). ``TUNING["strip_s"]`` and the others override a
+#: setting at every size. Kernels above ``STRIP_MAX_K`` take ``"tile"``.
+STRIP = {1: (4, 32, 32), 3: (4, 32, 32), 5: (8, 16, 32), 7: (4, 32, 32)}
+WG_STRIP = {1: (8, 8, 64), 3: (8, 16, 32), 5: (8, 16, 16), 7: (4, 4, 64)}
 STRIP_MAX_K = 7
 #: The weight gradient's kernels: ``"tile"`` (every tap of a token tile at once, one pass over the tokens),
 #: ``"fused"`` (the same walk also writing the input gradient: no separate input-gradient pass), ``"rows"`` (the same
@@ -551,7 +553,7 @@ TUNING: dict[str, int | str | None] = {
     "warps": WARPS,
     "stages": None,
     "conv": "strip",
-    # the strip kernels' columns per strip, strips (and channels) per program (None: STRIP_S / _R / _C, WG_STRIP)
+    # the strip kernels' columns per strip, strips (and channels) per program (None: STRIP, WG_STRIP by kernel size)
     "strip_s": None,
     "strip_r": None,
     "strip_c": None,
@@ -586,8 +588,9 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     res = residual if residual is not None else out
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
     if _conv_kernel_name() == "strip" and k <= STRIP_MAX_K:
-        ss, sr = tuned(TUNING, "strip_s", STRIP_S, pow2=True), tuned(TUNING, "strip_r", STRIP_R, pow2=True)
-        bc, nxs = tuned(TUNING, "strip_c", STRIP_C, pow2=True), cdiv(ww, ss)
+        ss, sr, bc = STRIP.get(k, STRIP[STRIP_MAX_K])
+        ss, sr = tuned(TUNING, "strip_s", ss, pow2=True), tuned(TUNING, "strip_r", sr, pow2=True)
+        bc, nxs = tuned(TUNING, "strip_c", bc, pow2=True), cdiv(ww, ss)
         i64 = _strip_i64(p, hh, ww, ss, k, x, res, out)
         launch(_conv_strip_kernel, (cdiv(hh * nxs, sr), cdiv(c, bc), b),
             x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, nxs, *x.stride(),
@@ -631,9 +634,9 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         )  # fmt: skip
         return False
     if kernel == "strip" and k <= STRIP_MAX_K:
-        ss, sr = WG_STRIP.get(k, WG_STRIP[STRIP_MAX_K])
+        ss, sr, bc = WG_STRIP.get(k, WG_STRIP[STRIP_MAX_K])
         ss, sr = tuned(TUNING, "wg_strip_s", ss, pow2=True), tuned(TUNING, "wg_strip_r", sr, pow2=True)
-        bc = tuned(TUNING, "wg_strip_c", BLOCK_C, pow2=True)
+        bc = tuned(TUNING, "wg_strip_c", bc, pow2=True)
         t1, t2, _ = weight_grad_tile(k)
         nxs = cdiv(ww, ss)
         splits, per = _splits(hh * nxs, sr, b * cdiv(c, bc), x.device, per_sm)  # strip tiles: programs per SM
