@@ -12,6 +12,10 @@ target: forward + backward at least 3x faster than dense SDPA over the same toke
 there on an H200). ``--sweep`` also times the Triton kernels over their tile settings (``TUNING`` in
 ``visionlin/kernels/triton/neighborhood.py``) and records every one, the fastest first.
 
+``--tile-sweep`` (alone): the query-tile width and the forward's keys per block / the backward's query block at
+NAT-T's and DiNAT-T's attention shapes (``--tile-shapes``), each kernel replayed from a CUDA graph, written to
+``neighborhood_op_tiles.json``.
+
 Usage (on a GPU machine):
     python benchmarks/neighborhood_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
         [--batch 64 --size 56 --heads 2 --dim 32 --kernel 7 --dilation 1 --dtype bf16 --no-rpb]
@@ -40,6 +44,17 @@ from visionlin.kernels import neighborhood_attention, neighborhood_attention_ref
 from visionlin.train.bench import write_result  # noqa: E402
 
 STEM = "neighborhood_op"
+#: NAT-T's and DiNAT-T's attention calls at 224 px (map side, heads, dilation; head dim 32, kernel 7, NAT's bias) and
+#: their calls per training step: what ``--tile-sweep`` times (at ``--batch``; 128 for the models' steps).
+TILE_SHAPES = {
+    "nat_t_s1": (56, 2, 1, 3),
+    "nat_t_s2": (28, 4, 1, 4),
+    "nat_t_s3": (14, 8, 1, 18),
+    "nat_t_s4": (7, 16, 1, 5),
+    "dinat_t_s1_d8": (56, 2, 8, 1),
+    "dinat_t_s2_d4": (28, 4, 4, 2),
+    "dinat_t_s3_d2": (14, 8, 2, 9),
+}
 
 
 def _inputs(args: argparse.Namespace, grad: bool):
@@ -260,6 +275,87 @@ def _sweep(args: argparse.Namespace) -> list[dict]:
     return sorted(rows, key=lambda r: (r["mode"], r.get("ms", float("inf"))))
 
 
+def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
+    """At each of ``--tile-shapes``: the forward alone over query-tile widths x keys per block, the backward alone
+    over query-tile widths x query blocks, each replayed from a CUDA graph (kernel time: at NAT-T's late stages an eager
+    call is the launcher's host time). The query tile's width sets the key tile of the backward too. ``save`` gets the
+    rows after each shape (a run cut by a time limit keeps what it measured)."""
+    from visionlin.kernels.triton import neighborhood as nt
+
+    rows = []
+    fn = _methods(args)["triton"]
+    for name in args.tile_shapes.split(","):
+        size, heads, dilation, calls = TILE_SHAPES[name]
+        shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
+        fwd = [dict(tile_y=ty, block_k=bk) for ty in (4, 8, 16) for bk in (16, 32, 64)]
+        bwd = [dict(tile_y=ty, bwd_block=bb) for ty in (4, 8, 16) for bb in (16, 32)]
+        for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):
+            for config in configs:  # {}: the shipped settings
+                row = {"shape": name, "calls": calls, "method": "triton", "mode": mode, "status": "ok"}
+                row["config"] = config
+                try:
+                    with tuned(nt.TUNING, **config):
+                        q, k, v, rpb = _inputs(shape, mode == "backward")
+                        if mode == "forward":
+
+                            def step(q=q, k=k, v=v, rpb=rpb):
+                                with torch.no_grad():
+                                    fn(q, k, v, rpb)
+                        else:
+                            ins = [t for t in (q, k, v, rpb) if t is not None]
+                            out = fn(q, k, v, rpb)
+                            go = torch.randn_like(out)
+
+                            def step(out=out, ins=ins, go=go):
+                                torch.autograd.grad(out, ins, go, retain_graph=True)
+
+                        row["graph_ms"] = graph_ms(step, args.warmup, args.iters)
+                except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
+                    row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        save(rows)
+    for mode in ("forward", "backward"):  # the best setting per shape against the shipped one
+        for name in args.tile_shapes.split(","):
+            mine = [r for r in rows if r["shape"] == name and r["mode"] == mode and r["status"] == "ok"]
+            shipped = next((r["graph_ms"] for r in mine if not r["config"]), None)
+            best = min(mine, key=lambda r: r["graph_ms"], default=None)
+            if shipped and best:
+                print(f"tile sweep {name} {mode}: shipped {shipped:.4f} ms, best {best['graph_ms']:.4f} ms "
+                      f"({shipped / best['graph_ms']:.2f}x) {best['config']}", flush=True)  # fmt: skip
+    return rows
+
+
+def _plot_tiles(result: dict, path: Path) -> None:
+    """Per mode: each shape's settings as speed relative to the shipped one (above 1: faster)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    fig, axes = plt.subplots(2, 1, figsize=(12, 7), squeeze=False)
+    for ax, mode in zip(axes[:, 0], ("forward", "backward"), strict=True):
+        mine = [r for r in rows if r["mode"] == mode]
+        shapes = list(dict.fromkeys(r["shape"] for r in mine))
+        labels = list(dict.fromkeys(",".join(f"{k}={v}" for k, v in r["config"].items()) or "shipped" for r in mine))
+        ms = {
+            (r["shape"], ",".join(f"{k}={v}" for k, v in r["config"].items()) or "shipped"): r["graph_ms"] for r in mine
+        }
+        shipped = {s: ms.get((s, "shipped")) for s in shapes}
+
+        def speed(shape: str, label: str, ms=ms, shipped=shipped) -> float:
+            t = ms.get((shape, label))
+            return shipped[shape] / t if t and shipped[shape] else 0.0
+
+        grouped_bars(ax, shapes, labels, speed, fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel(f"{mode}: speed vs shipped (CUDA graph)")
+        ax.legend(fontsize=5, ncol=4)
+    finish(fig, result, path, fontsize=7)
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -300,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over their tile settings")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
     p.add_argument(
+        "--tile-sweep", action="store_true",
+        help="only time the Triton kernels' query tiles and blocks at --tile-shapes (CUDA-graph replays), nothing else",
+    )  # fmt: skip
+    p.add_argument("--tile-shapes", default=",".join(TILE_SHAPES), help=f"subset of {', '.join(TILE_SHAPES)}")
+    p.add_argument(
         "--bias-dot-ab", action="store_true",
         help="also profile the kernels with the bias added after the score product and inside it, alternating",
     )  # fmt: skip
@@ -310,9 +411,23 @@ def main(argv: list[str] | None = None) -> int:
     add_timing_flags(p, warmup=5, repeats=5)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
+    shapes = [n for n in args.tile_shapes.split(",") if n]
+    if (bad := [n for n in shapes if n not in TILE_SHAPES]) or not shapes:
+        p.error(f"--tile-shapes: unknown {bad or args.tile_shapes!r}; choose from {', '.join(TILE_SHAPES)}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tile_sweep:
+        result = {"benchmark": f"{STEM}_tiles", "meta": gpu_meta(argv, args.commit), "batch": args.batch}
+        result |= {"dtype": args.dtype, "rows": []}
+
+        def save(rows: list[dict]) -> None:
+            write_result(result | {"rows": rows}, args.out, f"{STEM}_tiles", plot=False)
+
+        result["rows"] = _tile_sweep(args, save)
+        for note in write_result(result, args.out, f"{STEM}_tiles", plot=_plot_tiles):
+            print(note)
+        return 0
     rows = []
     for name, fn in _methods(args).items():
         for row in _measure(name, fn, args):

@@ -13,6 +13,7 @@ bound. The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import pytest
@@ -177,6 +178,39 @@ def test_tile_config_covers_the_key_rectangle():
                     assert tx * ty == ((16 if rpb else 32) if nx == 1 else 64) and math.log2(ty) % 1 == 0, (tx, ty)
                     assert kcols >= min(ty + min(k, ny) - 1, ny) and kcols >= 16
                     assert krows >= 1 and math.log2(krows * kcols) % 1 == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tile_y", 3, "TUNING['tile_y'] must be None or a power of two, got 3"),
+        ("tile_y", 128, "TUNING['tile_y'] = 128: at most 64"),
+        ("block_k", 0, "TUNING['block_k'] must be None or a power of two, got 0"),
+        ("warps", 6, "TUNING['warps'] must be None or a power of two, got 6"),
+        ("stages", -1, "TUNING['stages'] must be None or a non-negative int, got -1"),
+        ("maxnreg", 1.5, "TUNING['maxnreg'] must be None or a non-negative int, got 1.5"),
+        ("bwd_block", 24, "TUNING['bwd_block'] must be None or a power of two, got 24"),
+        ("bwd_warps", True, "TUNING['bwd_warps'] must be None or a power of two, got True"),
+        ("bwd_stages", "2", "TUNING['bwd_stages'] must be None or a non-negative int, got '2'"),
+        ("bwd_maxnreg", -128, "TUNING['bwd_maxnreg'] must be None or a non-negative int, got -128"),
+        ("bwd_bias_dot", "no", "TUNING['bwd_bias_dot'] = 'no': must be True or False"),
+    ],
+)
+def test_bad_launch_settings_raise_naming_them(key, value, message, monkeypatch):
+    """A launch setting the kernels cannot take raises a ``ValueError`` naming it and the value (a non-power-of-two
+    tile or block would fail deep inside Triton; the string ``"no"`` would read as on)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    monkeypatch.setitem(nt.TUNING, key, value)
+    q = torch.zeros(1, 8, 8, 1, 16)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if key == "bwd_bias_dot":
+            nt.na2d_bwd(q, q, q, torch.zeros(1, 13, 13), q, torch.zeros(1, 1, 8, 8), q, 7, 7, 1, 1, 0.25, True)
+        tx, ty, krows, kcols = nt.tile_config(8, 8, 7, 7, True)
+        nt.launch_meta(tx * ty, krows * kcols, 16)
+        nt._bwd_meta(16, True)
+        nt._bwd_block(kcols, True, 16)
 
 
 # Dispatch ----------------------------------------------------------------------------------------------------------

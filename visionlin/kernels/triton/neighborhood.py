@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning_flag
 from ._eager import eager_call, eager_op
-from ._launch import cdiv, launch, next_pow2, tile_dim
+from ._launch import cdiv, launch, next_pow2, tile_dim, tuned
 from .linear import _num_sms
 
 __all__ = ["MAX_KERNEL", "TUNING", "na2d_triton", "launch_meta", "tile_config"]
@@ -375,7 +376,8 @@ def _bias_grad_kernel(
 #: thread (0: none), all of the forward; ``bwd_block`` queries per block of the backward, ``bwd_warps``, ``bwd_stages``,
 #: ``bwd_maxnreg`` (0: none) its launch settings; ``bwd_bias_dot`` puts the bias in the backward's score products
 #: as the forward does (:func:`_logits`; off by default: on, the backward took 4% longer at NAT-T's stage 1 on an
-#: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``).
+#: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``). Tiles, blocks and warps are powers of two, the others
+#: non-negative ints (``bwd_bias_dot`` a bool): anything else raises ``ValueError`` naming the key and the value.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
@@ -400,11 +402,13 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
-        ty = TUNING["tile_y"] or (16 if ky >= 11 else 8)
+        ty = tuned(TUNING, "tile_y", 16 if ky >= 11 else 8, pow2=True)
+        if ty > 64:
+            raise ValueError(f"TUNING['tile_y'] = {ty}: at most 64 (the query tile holds 64 queries)")
         ty = min(ty, max(2, next_pow2(ny)))
         tx = 64 // ty
     kcols = tile_dim(min(ty + ky - 1, ny))
-    krows = max(1, (TUNING["block_k"] or 32) // kcols)
+    krows = max(1, tuned(TUNING, "block_k", 32, pow2=True) // kcols)
     return tx, ty, krows, kcols
 
 
@@ -415,10 +419,12 @@ def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -
     (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
     registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
     uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
-    small = block_q * block_k <= 512
-    meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or (1 if small else 2)}
-    cap = TUNING["maxnreg"]
-    cap = (MAXNREG if has_rpb and 32 < d <= 64 else 0) if cap is None else cap  # measured at 64 only
+    stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
+    meta = {
+        "num_warps": tuned(TUNING, "warps", _warps(d), pow2=True),
+        "num_stages": tuned(TUNING, "stages", 0) or stages,
+    }
+    cap = tuned(TUNING, "maxnreg", MAXNREG if has_rpb and 32 < d <= 64 else 0)  # measured at 64 only
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -443,7 +449,7 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
     """Query block ``QROWS x QCOLS`` of the backward: ``bwd_block`` queries (default 16 at head dims up to 32 with a
     bias table, 32 otherwise), in rows of at most ``kcols`` columns (the kernel steps through the columns of the
     inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled)."""
-    block = TUNING["bwd_block"] or (16 if has_rpb and d <= 32 else 32)
+    block = tuned(TUNING, "bwd_block", 16 if has_rpb and d <= 32 else 32, pow2=True)
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
@@ -454,9 +460,11 @@ def _bwd_meta(d: int, half: bool = True) -> dict[str, int]:
     20 without). Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms
     capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
     (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
-    meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
-    cap = TUNING["bwd_maxnreg"]
-    cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
+    meta = {
+        "num_warps": tuned(TUNING, "bwd_warps", _warps(d), pow2=True),
+        "num_stages": tuned(TUNING, "bwd_stages", 1) or 1,
+    }
+    cap = tuned(TUNING, "bwd_maxnreg", MAXNREG if d <= 32 and half else 0)
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -544,6 +552,7 @@ def na2d_bwd(
     need_drpb: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, drpb)``; ``drpb`` (float32, the table's shape) is zeros unless ``need_drpb``."""
+    bias_dot = tuning_flag(TUNING, __name__, "bwd_bias_dot")  # checked before any work
     b, x, y, h, d = q.shape
     dvd = v.shape[-1]
     dk = torch.empty(b, x, y, h, d, device=q.device, dtype=k.dtype)
@@ -567,7 +576,7 @@ def na2d_bwd(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
-    bias_dot = bool(TUNING["bwd_bias_dot"]) and _bias_dot(rpb, scale, half)
+    bias_dot = bias_dot and _bias_dot(rpb, scale, half)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
