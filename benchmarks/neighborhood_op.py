@@ -276,10 +276,11 @@ def _sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
-    """At each of ``--tile-shapes``: the forward alone over query-tile widths x keys per block, the backward alone
-    over query-tile widths x query blocks, each replayed from a CUDA graph (kernel time: at NAT-T's late stages an eager
-    call is the launcher's host time). The query tile's width sets the key tile of the backward too. ``save`` gets the
-    rows after each shape (a run cut by a time limit keeps what it measured)."""
+    """At each of ``--tile-shapes``: the forward alone over query-tile widths with and without narrow key blocks
+    (``TUNING["narrow_cols"]``) and over 16- / 32-query tiles (``tile_q``) at 2 and 4 warps, the backward alone over the
+    same and its query blocks, each replayed from a CUDA graph (kernel time: at NAT-T's late stages an eager call is
+    the launcher's host time). The query tile sets the key tile of the backward too. ``save`` gets the rows after
+    each shape (a run cut by a time limit keeps what it measured)."""
     from visionlin.kernels.triton import neighborhood as nt
 
     rows = []
@@ -287,8 +288,14 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
     for name in args.tile_shapes.split(","):
         size, heads, dilation, calls = TILE_SHAPES[name]
         shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
-        fwd = [dict(tile_y=ty, block_k=bk) for ty in (4, 8, 16) for bk in (16, 32, 64)]
-        bwd = [dict(tile_y=ty, bwd_block=bb) for ty in (4, 8, 16) for bb in (16, 32)]
+        # query-tile widths with and without narrow key blocks; 16- and 32-query tiles (narrow) at 2 and 4 warps
+        small = [dict(narrow_cols=True, tile_q=q, tile_y=ty) for q, ty in ((16, 2), (16, 4), (32, 2), (32, 4))]
+        fwd = [dict(tile_y=ty, narrow_cols=n) for n in (False, True) for ty in (4, 8, 16)]
+        fwd += [c | dict(warps=w) for c in small for w in (2, 4)]
+        bwd = [
+            dict(tile_y=ty, narrow_cols=n, bwd_block=bb) for n in (False, True) for ty in (4, 8, 16) for bb in (16, 32)
+        ]
+        bwd += [c | dict(bwd_warps=w) for c in small for w in (2, 4)]
         for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):
             for config in configs:  # {}: the shipped settings
                 row = {"shape": name, "calls": calls, "method": "triton", "mode": mode, "status": "ok"}

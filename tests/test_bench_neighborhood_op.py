@@ -46,7 +46,7 @@ def test_short_tile_sweep(tmp_path):
     assert all(r["status"] == "ok" and r["graph_ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
     for shape in ("nat_t_s4", "dinat_t_s3_d2"):
         modes = [r["mode"] for r in rows if r["shape"] == shape]
-        assert modes == ["forward"] * 10 + ["backward"] * 7
+        assert modes == ["forward"] * 15 + ["backward"] * 21
         assert [r["config"] for r in rows if r["shape"] == shape][0] == {}
     assert (tmp_path / "neighborhood_op_tiles.png").is_file()
     assert before == nt.TUNING

@@ -154,6 +154,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
+    nt.DS_BUFFER_BYTES = 256 << 20
+    # the opt-in tiles: key blocks narrower than 16 columns (a 7 x 7 map in rows of 8), 16-query tiles of 8 x 2
+    nt.TUNING["narrow_cols"] = True
+    check_na((7, 7), 7, 1, f32, "cpu", batch=1, heads=1)
+    check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=1)
+    nt.TUNING.update(tile_q=16, tile_y=2)
+    check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=1)
+    check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb=False, heads=1)
+    nt.TUNING.update(tile_q=None, tile_y=None, narrow_cols=False)
     print("interpreter ok")
     """
 )
@@ -165,19 +174,28 @@ def test_interpreter_neighborhood_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
-def test_tile_config_covers_the_key_rectangle():
-    """The key block's columns cover the tile's key rectangle (``TY + k - 1`` wide, or the whole row)."""
+@pytest.mark.parametrize(("queries", "tile_y", "narrow"), [(None, None, False), (64, 8, True), (16, 2, True)])
+def test_tile_config_covers_the_key_rectangle(queries, tile_y, narrow, monkeypatch):
+    """The key block's columns cover the tile's key rectangle (``TY + k - 1`` wide, or the whole row), at least 16
+    columns unless ``narrow_cols``; a key block and a query tile hold at least 16 (the products' smallest size)."""
     pytest.importorskip("triton")
-    from visionlin.kernels.triton.neighborhood import tile_config
+    from visionlin.kernels.triton import neighborhood as nt
 
+    monkeypatch.setitem(nt.TUNING, "tile_q", queries)
+    monkeypatch.setitem(nt.TUNING, "tile_y", tile_y)
+    monkeypatch.setitem(nt.TUNING, "narrow_cols", narrow)
     for k in (1, 3, 5, 7, 9, 11, 13):
-        for ny in (1, 2, 5, 13, 17, 56):
+        for ny in (1, 2, 5, 7, 13, 17, 56):
             for nx in (1, 3, 56):
                 for rpb in (False, True):
-                    tx, ty, krows, kcols = tile_config(nx, ny, min(k, nx), min(k, ny), rpb)
-                    assert tx * ty == ((16 if rpb else 32) if nx == 1 else 64) and math.log2(ty) % 1 == 0, (tx, ty)
-                    assert kcols >= min(ty + min(k, ny) - 1, ny) and kcols >= 16
-                    assert krows >= 1 and math.log2(krows * kcols) % 1 == 0
+                    tx, ty, krows, kcols = nt.tile_config(nx, ny, min(k, nx), min(k, ny), rpb)
+                    want = (16 if rpb else 32) if nx == 1 else (queries or 64)
+                    assert tx * ty == want and math.log2(ty) % 1 == 0, (tx, ty)
+                    width = min(ty + min(k, ny) - 1, ny)
+                    assert kcols >= width and (kcols >= 16 or (narrow and nx > 1 and kcols < 2 * width))
+                    assert krows * kcols >= 16 and math.log2(krows * kcols) % 1 == 0
+    monkeypatch.setitem(nt.TUNING, "block_k", 16)
+    assert nt.tile_config(7, 7, 7, 7, True)[2:] == ((2, 8) if narrow else (1, 16))  # a 7 x 7 map's rows in 8 columns
 
 
 @pytest.mark.parametrize(
@@ -194,6 +212,10 @@ def test_tile_config_covers_the_key_rectangle():
         ("bwd_stages", "2", "TUNING['bwd_stages'] must be None or a non-negative int, got '2'"),
         ("bwd_maxnreg", -128, "TUNING['bwd_maxnreg'] must be None or a non-negative int, got -128"),
         ("bwd_bias_dot", "no", "TUNING['bwd_bias_dot'] = 'no': must be True or False"),
+        ("bwd_block", 8, "TUNING['bwd_block'] = 8: at least 16"),
+        ("tile_q", 128, "TUNING['tile_q'] = 128: allowed 16, 32 or 64"),
+        ("tile_q", 8, "TUNING['tile_q'] = 8: allowed 16, 32 or 64"),
+        ("narrow_cols", 1, "TUNING['narrow_cols'] = 1: must be True or False"),
     ],
 )
 def test_bad_launch_settings_raise_naming_them(key, value, message, monkeypatch):
@@ -412,3 +434,40 @@ def test_gpu_na_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, b in zip((q.grad, k.grad, v.grad, rpb.grad), grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # drpb sums with atomics: order may differ
+
+
+# the opt-in tiles (TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"]) that neighborhood_op.py --tile-sweep times
+TILE_SETTINGS = {
+    "narrow": dict(narrow_cols=True),
+    "q16_y2_narrow": dict(tile_q=16, tile_y=2, narrow_cols=True),
+    "q32_y4_narrow": dict(tile_q=32, tile_y=4, narrow_cols=True),
+    "q16_y4": dict(tile_q=16, tile_y=4),
+}
+
+
+TILE_CASES = [
+    ((56, 56), 7, 1, 1),
+    ((14, 14), 7, 1, 3),
+    ((7, 7), 7, 1, 3),
+    ((56, 56), 7, 8, 1),
+    ((28, 28), 7, 4, 2),
+    ((5, 6), 7, 1, 3),
+    ((13, 17), 3, (2, 3), 1),
+    ((23, 29), 11, 1, 2),
+]
+
+
+@gpu
+@pytest.mark.parametrize("setting", sorted(TILE_SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_na_tile_settings(setting, dtype, monkeypatch):
+    """Every opt-in tile at NAT-T's 56 x 56 / 14 x 14 / 7 x 7 maps, DiNAT's dilation groups, a map smaller than the
+    kernel and odd maps, with the bias table at head dim 32 and without it at 64."""
+    _cuda_or_skip()
+    from visionlin.kernels.triton import neighborhood as nt
+
+    for key, value in TILE_SETTINGS[setting].items():
+        monkeypatch.setitem(nt.TUNING, key, value)
+    for spatial, kernel, dilation, batch in TILE_CASES:
+        check_na(spatial, kernel, dilation, dtype, "cuda", rpb=True, batch=batch, heads=3, dim=32)
+        check_na(spatial, kernel, dilation, dtype, "cuda", rpb=False, batch=batch, heads=2, dim=64)

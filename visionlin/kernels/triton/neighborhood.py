@@ -376,11 +376,15 @@ def _bias_grad_kernel(
 #: thread (0: none), all of the forward; ``bwd_block`` queries per block of the backward, ``bwd_warps``, ``bwd_stages``,
 #: ``bwd_maxnreg`` (0: none) its launch settings; ``bwd_bias_dot`` puts the bias in the backward's score products
 #: as the forward does (:func:`_logits`; off by default: on, the backward took 4% longer at NAT-T's stage 1 on an
-#: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``). Tiles, blocks and warps are powers of two, the others
+#: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``); ``tile_q`` queries per tile of 2-D maps (16, 32 or 64;
+#: the backward's keys per tile too) and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`),
+#: both opt-in, for the small maps of NAT's late stages and DiNAT's dilation groups (``neighborhood_op.py
+#: --tile-sweep`` times them). Tiles, blocks and warps are powers of two, the others
 #: non-negative ints (``bwd_bias_dot`` a bool): anything else raises ``ValueError`` naming the key and the value.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
+    "tile_q": None, "narrow_cols": False,
 }  # fmt: skip
 
 #: Bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch element while
@@ -390,25 +394,32 @@ DS_BUFFER_BYTES = 256 << 20
 
 
 def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
-    """Query tile ``TX x TY`` (64 queries, 32 or 16 on one-row maps) and key block ``KROWS x KCOLS`` for group lengths
-    ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes ``kx, ky``.
+    """Query tile ``TX x TY`` (``TUNING["tile_q"]`` queries, 64 by default; 32 or 16 on one-row maps) and key block
+    ``KROWS x KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes
+    ``kx, ky``.
 
     ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
     maps (1-D calls; 16 with a bias table, whose gathered offsets cost registers);
-    ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row); a key block holds
-    about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
-    ``neighborhood_op.json``'s sweep).
+    ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row), at least 16 unless
+    ``TUNING["narrow_cols"]`` (opt-in: a 7 x 7 map's key rows in blocks of 8 columns, not 16, half of them masked); a
+    key block holds about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against
+    0.21-0.33 with 16 keys, ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
+        queries = tuned(TUNING, "tile_q", 64, pow2=True)
+        if not 16 <= queries <= 64:
+            raise ValueError(f"TUNING['tile_q'] = {queries}: allowed 16, 32 or 64 (queries per tile)")
         ty = tuned(TUNING, "tile_y", 16 if ky >= 11 else 8, pow2=True)
-        if ty > 64:
-            raise ValueError(f"TUNING['tile_y'] = {ty}: at most 64 (the query tile holds 64 queries)")
+        if ty > queries:
+            raise ValueError(f"TUNING['tile_y'] = {ty}: at most {queries} (the query tile holds {queries} queries)")
         ty = min(ty, max(2, next_pow2(ny)))
-        tx = 64 // ty
-    kcols = tile_dim(min(ty + ky - 1, ny))
-    krows = max(1, tuned(TUNING, "block_k", 32, pow2=True) // kcols)
+        tx = queries // ty
+    width = min(ty + ky - 1, ny)
+    narrow = nx > 1 and tuning_flag(TUNING, __name__, "narrow_cols")
+    kcols = next_pow2(width) if narrow else tile_dim(width)
+    krows = max(1, max(16, tuned(TUNING, "block_k", 32, pow2=True)) // kcols)
     return tx, ty, krows, kcols
 
 
@@ -450,6 +461,8 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
     bias table, 32 otherwise), in rows of at most ``kcols`` columns (the kernel steps through the columns of the
     inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled)."""
     block = tuned(TUNING, "bwd_block", 16 if has_rpb and d <= 32 else 32, pow2=True)
+    if block < 16:
+        raise ValueError(f"TUNING['bwd_block'] = {block}: at least 16 (the score product's smallest height)")
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
