@@ -284,10 +284,10 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
     from visionlin.kernels.triton import neighborhood as nt
 
     rows = []
-    fn = _methods(args)["triton"]
-    for name in args.tile_shapes.split(","):
+    for name in args.tile_shapes:
         size, heads, dilation, calls = TILE_SHAPES[name]
         shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
+        fn = _methods(shape)["triton"]  # the shape's dilation, not the command line's
         # query-tile widths with and without narrow key blocks; 16- and 32-query tiles (narrow) at 2 and 4 warps
         small = [dict(narrow_cols=True, tile_q=q, tile_y=ty) for q, ty in ((16, 2), (16, 4), (32, 2), (32, 4))]
         fwd = [dict(tile_y=ty, narrow_cols=n) for n in (False, True) for ty in (4, 8, 16)]
@@ -305,7 +305,7 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
                         q, k, v, rpb = _inputs(shape, mode == "backward")
                         if mode == "forward":
 
-                            def step(q=q, k=k, v=v, rpb=rpb):
+                            def step(q=q, k=k, v=v, rpb=rpb, fn=fn):
                                 with torch.no_grad():
                                     fn(q, k, v, rpb)
                         else:
@@ -324,7 +324,7 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
                 print(json.dumps(row), flush=True)
         save(rows)
     for mode in ("forward", "backward"):  # the best setting per shape against the shipped one
-        for name in args.tile_shapes.split(","):
+        for name in args.tile_shapes:
             mine = [r for r in rows if r["shape"] == name and r["mode"] == mode and r["status"] == "ok"]
             shipped = next((r["graph_ms"] for r in mine if not r["config"]), None)
             best = min(mine, key=lambda r: r["graph_ms"], default=None)
@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [n for n in args.tile_shapes.split(",") if n]
     if (bad := [n for n in shapes if n not in TILE_SHAPES]) or not shapes:
         p.error(f"--tile-shapes: unknown {bad or args.tile_shapes!r}; choose from {', '.join(TILE_SHAPES)}")
+    args.tile_shapes = list(dict.fromkeys(shapes))  # each once, in the order given
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)

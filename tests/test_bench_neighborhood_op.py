@@ -25,11 +25,42 @@ def test_bad_tile_shapes_are_refused(argv, message, capsys):
 
 
 def test_tile_shapes_are_the_models_calls():
-    """NAT-T's blocks per stage (3, 4, 18, 5) and DiNAT-T's dilated ones (every other block), at 224 px."""
-    nat = [neighborhood_op.TILE_SHAPES[f"nat_t_s{i}"] for i in (1, 2, 3, 4)]
+    """NAT-T's blocks per stage (3, 4, 18, 5) and DiNAT-T's dilated ones (the middle one of 3 blocks in stage 1, every
+    other block of stages 2 and 3: 1, 2, 9), at 224 px."""
+    shapes = neighborhood_op.TILE_SHAPES
+    nat = [shapes[f"nat_t_s{i}"] for i in (1, 2, 3, 4)]
     assert [(size, calls) for size, _, _, calls in nat] == [(56, 3), (28, 4), (14, 18), (7, 5)]
-    for name, (size, _, dilation, _) in neighborhood_op.TILE_SHAPES.items():
+    dinat = [shapes[n] for n in ("dinat_t_s1_d8", "dinat_t_s2_d4", "dinat_t_s3_d2")]
+    assert [(size, dilation, calls) for size, _, dilation, calls in dinat] == [(56, 8, 1), (28, 4, 2), (14, 2, 9)]
+    for name, (size, _, dilation, _) in shapes.items():
         assert size % dilation == 0 and size // dilation >= 7, name  # kernel 7 fits every dilation group
+
+
+def test_tile_sweep_calls_each_shape_with_its_own_sizes(monkeypatch, tmp_path):
+    """Each shape of the sweep reaches the op with its map, heads and dilation (not the command line's), once each
+    however often it is named, and every row records it; the op and the timer stubbed (no GPU here)."""
+    seen = []
+
+    def fake_na(q, k, v, kernel, dilation, rpb=None, backend=None):
+        seen.append((q.shape[1], q.shape[3], dilation, kernel, backend))
+        return q * k + v
+
+    monkeypatch.setattr(neighborhood_op, "neighborhood_attention", fake_na)
+    monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters: step() or 1.0)
+    monkeypatch.setattr(neighborhood_op, "_inputs", lambda a, grad: (
+        torch.zeros(1, a.size, a.size, a.heads, 4, requires_grad=grad), *[torch.zeros(1, a.size, a.size, a.heads, 4,
+        requires_grad=grad) for _ in range(2)], None))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
+    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
+    argv = ["--out", str(tmp_path), "--tile-sweep", "--tile-shapes", "dinat_t_s2_d4,nat_t_s4,dinat_t_s2_d4,"]
+    assert neighborhood_op.main(argv) == 0
+    assert sorted(set(seen)) == [(7, 16, 1, 7, "triton"), (28, 4, 4, 7, "triton")]
+    doc = json.loads((tmp_path / "neighborhood_op_tiles.json").read_text())
+    assert [r["shape"] for r in doc["rows"]] == ["dinat_t_s2_d4"] * 36 + ["nat_t_s4"] * 36
+    assert all(r["status"] == "ok" for r in doc["rows"]), [r for r in doc["rows"] if r["status"] != "ok"][:1]
+    assert (tmp_path / "neighborhood_op_tiles.png").is_file()
 
 
 @pytest.mark.gpu

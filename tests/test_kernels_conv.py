@@ -280,28 +280,36 @@ def test_rows_kernel_beyond_its_kernel_size_takes_the_tile_kernel_at_the_tile_si
 
 
 def test_strip_kernels_beyond_their_kernel_size_take_the_tile_kernels(monkeypatch):
-    """``"strip"`` runs up to ``STRIP_MAX_K`` (the weight gradient at its per-size settings); larger kernels take the
-    tile kernels, forward and weight gradient."""
+    """``"strip"`` runs up to ``STRIP_MAX_K``, forward and weight gradient each at its settings for the kernel size
+    (``STRIP[k]``, ``WG_STRIP[k]``: columns per strip, strips and channels per program); larger kernels take the tile
+    kernels, forward and weight gradient."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import conv
 
     seen = []
-    monkeypatch.setattr(conv, "launch", lambda fn, grid, *args, **meta: seen.append((fn, meta.get("BLOCK_R"))))
+
+    def record(fn, grid, *args, **meta):
+        seen.append((fn, tuple(meta[m] for m in ("S", "BLOCK_R", "BLOCK_C")) if "S" in meta else None))
+
+    monkeypatch.setattr(conv, "launch", record)
     monkeypatch.setitem(conv.TUNING, "weight_grad", "strip")
     monkeypatch.setitem(conv.TUNING, "conv", "strip")
-    for k in (3, conv.STRIP_MAX_K, conv.STRIP_MAX_K + 2):
+    sizes = (1, 3, 5, conv.STRIP_MAX_K)
+    for k in (*sizes, conv.STRIP_MAX_K + 2):
         g = torch.zeros(1, 49, 64)
         conv._launch_weight_grad(g, g, torch.zeros(1, k * k, 64), torch.zeros(64), k, True, 7, 7, 0, 0)
         conv._launch_conv(g, torch.zeros(1, k * k, 64), k, False, None, None, g, 7, 7, 0, False)
+    want = [
+        ((conv._weight_grad_strip_kernel, conv.WG_STRIP[k]), (conv._conv_strip_kernel, conv.STRIP[k])) for k in sizes
+    ]
     assert seen == [
-        (conv._weight_grad_strip_kernel, conv.WG_STRIP[3][1]),
-        (conv._conv_strip_kernel, conv.STRIP[3][1]),
-        (conv._weight_grad_strip_kernel, conv.WG_STRIP[conv.STRIP_MAX_K][1]),
-        (conv._conv_strip_kernel, conv.STRIP[conv.STRIP_MAX_K][1]),
+        *(c for pair in want for c in pair),
         (conv._weight_grad_tile_kernel, None),
         (conv._conv_kernel, None),
     ]
     assert set(conv.WG_STRIP) == set(conv.STRIP) == set(range(1, conv.STRIP_MAX_K + 1, 2))
+    # the sizes' own settings, not one for all (s43's sweep: k = 5 differs from k = 3 in both kernels)
+    assert conv.STRIP[5] != conv.STRIP[3] and conv.WG_STRIP[5] != conv.WG_STRIP[3]
 
 
 def test_weight_grad_kernel_setting_is_checked(monkeypatch):

@@ -202,37 +202,75 @@ def test_tile_config_covers_the_key_rectangle(queries, tile_y, narrow, monkeypat
     ("key", "value", "message"),
     [
         ("tile_y", 3, "TUNING['tile_y'] must be None or a power of two, got 3"),
-        ("tile_y", 128, "TUNING['tile_y'] = 128: at most 64"),
+        ("tile_y", 128, "TUNING['tile_y'] = 128: allowed 1 to 64"),
         ("block_k", 0, "TUNING['block_k'] must be None or a power of two, got 0"),
+        ("block_k", 512, "TUNING['block_k'] = 512: allowed 1 to 256"),
         ("warps", 6, "TUNING['warps'] must be None or a power of two, got 6"),
+        ("warps", 64, "TUNING['warps'] = 64: allowed 1 to 32"),
         ("stages", -1, "TUNING['stages'] must be None or a non-negative int, got -1"),
+        ("stages", 9, "TUNING['stages'] = 9: allowed 0 to 8"),
         ("maxnreg", 1.5, "TUNING['maxnreg'] must be None or a non-negative int, got 1.5"),
+        ("maxnreg", 256, "TUNING['maxnreg'] = 256: allowed 0 to 255"),
         ("bwd_block", 24, "TUNING['bwd_block'] must be None or a power of two, got 24"),
+        ("bwd_block", 8, "TUNING['bwd_block'] = 8: allowed 16 to 256"),
         ("bwd_warps", True, "TUNING['bwd_warps'] must be None or a power of two, got True"),
         ("bwd_stages", "2", "TUNING['bwd_stages'] must be None or a non-negative int, got '2'"),
         ("bwd_maxnreg", -128, "TUNING['bwd_maxnreg'] must be None or a non-negative int, got -128"),
         ("bwd_bias_dot", "no", "TUNING['bwd_bias_dot'] = 'no': must be True or False"),
-        ("bwd_block", 8, "TUNING['bwd_block'] = 8: at least 16"),
         ("tile_q", 128, "TUNING['tile_q'] = 128: allowed 16, 32 or 64"),
         ("tile_q", 8, "TUNING['tile_q'] = 8: allowed 16, 32 or 64"),
+        ("tile_q", "abc", "TUNING['tile_q'] must be None or a power of two, got 'abc'"),
         ("narrow_cols", 1, "TUNING['narrow_cols'] = 1: must be True or False"),
     ],
 )
 def test_bad_launch_settings_raise_naming_them(key, value, message, monkeypatch):
-    """A launch setting the kernels cannot take raises a ``ValueError`` naming it and the value (a non-power-of-two
+    """A launch setting the kernels cannot take raises a ``ValueError`` naming it and the value, from every helper
+    that reads the settings, 1-D (one-row) maps included, and from the ops before any kernel runs (a non-power-of-two
     tile or block would fail deep inside Triton; the string ``"no"`` would read as on)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
     monkeypatch.setitem(nt.TUNING, key, value)
     q = torch.zeros(1, 8, 8, 1, 16)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        if key == "bwd_bias_dot":
-            nt.na2d_bwd(q, q, q, torch.zeros(1, 13, 13), q, torch.zeros(1, 1, 8, 8), q, 7, 7, 1, 1, 0.25, True)
-        tx, ty, krows, kcols = nt.tile_config(8, 8, 7, 7, True)
-        nt.launch_meta(tx * ty, krows * kcols, 16)
-        nt._bwd_meta(16, True)
-        nt._bwd_block(kcols, True, 16)
+    calls = [
+        lambda: nt.tile_config(8, 8, 7, 7, True),
+        lambda: nt.tile_config(1, 13, 1, 5, True),  # a one-row map reads no 2-D tile setting, and checks them all
+        lambda: nt.launch_meta(64, 32, 16),
+        lambda: nt._bwd_meta(16, True),
+        lambda: nt._bwd_block(16, True, 16),
+        lambda: nt.na2d_fwd(q, q, q, None, 7, 7, 1, 1, 0.25),  # on the CPU without the interpreter: a kernel
+        lambda: nt.na2d_bwd(q, q, q, None, q, torch.zeros(1, 1, 8, 8), q, 7, 7, 1, 1, 0.25, False),  # would raise
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+def test_a_checked_table_does_not_hide_a_bad_value_of_an_equal_number(monkeypatch):
+    """The check runs once per distinct table: ``1`` after ``True`` (equal in Python) or ``8.0`` after ``8`` is a new
+    table, and raises."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    for key, good, bad in (("narrow_cols", True, 1), ("tile_y", 8, 8.0)):
+        monkeypatch.setitem(nt.TUNING, key, good)
+        nt.tile_config(8, 8, 7, 7, True)
+        monkeypatch.setitem(nt.TUNING, key, bad)
+        with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):
+            nt.tile_config(8, 8, 7, 7, True)
+        monkeypatch.setitem(nt.TUNING, key, good)
+
+
+def test_tile_y_at_most_the_query_tile(monkeypatch):
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    monkeypatch.setitem(nt.TUNING, "tile_q", 16)
+    monkeypatch.setitem(nt.TUNING, "tile_y", 32)
+    with pytest.raises(ValueError, match=re.escape("TUNING['tile_y'] = 32: at most 16")):
+        nt.tile_config(8, 8, 7, 7, True)
+    monkeypatch.setitem(nt.TUNING, "tile_y", 16)
+    assert nt.tile_config(8, 8, 7, 7, True)[:2] == (2, 8)  # 16 wide, cut to the map's 8 columns: 2 x 8
 
 
 # Dispatch ----------------------------------------------------------------------------------------------------------

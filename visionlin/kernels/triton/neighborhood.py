@@ -379,8 +379,9 @@ def _bias_grad_kernel(
 #: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``); ``tile_q`` queries per tile of 2-D maps (16, 32 or 64;
 #: the backward's keys per tile too) and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`),
 #: both opt-in, for the small maps of NAT's late stages and DiNAT's dilation groups (``neighborhood_op.py
-#: --tile-sweep`` times them). Tiles, blocks and warps are powers of two, the others
-#: non-negative ints (``bwd_bias_dot`` a bool): anything else raises ``ValueError`` naming the key and the value.
+#: --tile-sweep`` times them). Tiles, blocks and warps are powers of two, the others non-negative ints, each within
+#: :data:`_BOUNDS` (``narrow_cols``, ``bwd_bias_dot`` bools): anything else raises ``ValueError`` naming the key and
+#: the value (:func:`_check_tuning`). ``stages`` 0 means its default, as ``None`` does; ``maxnreg`` 0 no cap.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
@@ -391,6 +392,35 @@ TUNING: dict[str, int | bool | None] = {
 #: they fit in this many bytes (plain stores), fewer slices shared by atomics beyond; one slice is always made, larger
 #: than this if it must be.
 DS_BUFFER_BYTES = 256 << 20
+
+#: Allowed ranges of the integer settings (also powers of two where :func:`_check_tuning` says so).
+_BOUNDS = {
+    "tile_q": (16, 64), "tile_y": (1, 64), "block_k": (1, 256), "warps": (1, 32), "stages": (0, 8),
+    "maxnreg": (0, 255), "bwd_block": (16, 256), "bwd_warps": (1, 32), "bwd_stages": (0, 8), "bwd_maxnreg": (0, 255),
+}  # fmt: skip
+_POW2 = ("tile_q", "tile_y", "block_k", "warps", "bwd_block", "bwd_warps")
+_checked: tuple | None = None
+
+
+def _check_tuning() -> None:
+    """Every ``TUNING`` value at once, before any kernel runs (once per distinct table: a tuple comparison after
+    that): a ``ValueError`` naming the key, the value and what is allowed. A non-power-of-two tile or block, or a value
+    past these bounds, would fail deep inside Triton or launch nothing useful."""
+    global _checked
+    state = tuple((key, type(value), value) for key, value in TUNING.items())  # (True == 1, 2 == 2.0: types too)
+    if state == _checked:
+        return
+    for key, (lo, hi) in _BOUNDS.items():
+        value = tuned(TUNING, key, lo, pow2=key in _POW2)
+        if not lo <= value <= hi:
+            allowed = "16, 32 or 64" if key == "tile_q" else f"{lo} to {hi}"
+            raise ValueError(f"TUNING[{key!r}] = {value}: allowed {allowed}")
+    queries = TUNING["tile_q"] or 64
+    if (TUNING["tile_y"] or 0) > queries:
+        raise ValueError(f"TUNING['tile_y'] = {TUNING['tile_y']}: at most {queries} (the query tile holds {queries})")
+    tuning_flag(TUNING, __name__, "narrow_cols")
+    tuning_flag(TUNING, __name__, "bwd_bias_dot")
+    _checked = state
 
 
 def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
@@ -405,21 +435,16 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     key block holds about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against
     0.21-0.33 with 16 keys, ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
+    _check_tuning()
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
-        queries = tuned(TUNING, "tile_q", 64, pow2=True)
-        if not 16 <= queries <= 64:
-            raise ValueError(f"TUNING['tile_q'] = {queries}: allowed 16, 32 or 64 (queries per tile)")
-        ty = tuned(TUNING, "tile_y", 16 if ky >= 11 else 8, pow2=True)
-        if ty > queries:
-            raise ValueError(f"TUNING['tile_y'] = {ty}: at most {queries} (the query tile holds {queries} queries)")
-        ty = min(ty, max(2, next_pow2(ny)))
+        queries = TUNING["tile_q"] or 64
+        ty = min(TUNING["tile_y"] or (16 if ky >= 11 else 8), queries, max(2, next_pow2(ny)))
         tx = queries // ty
     width = min(ty + ky - 1, ny)
-    narrow = nx > 1 and tuning_flag(TUNING, __name__, "narrow_cols")
-    kcols = next_pow2(width) if narrow else tile_dim(width)
-    krows = max(1, max(16, tuned(TUNING, "block_k", 32, pow2=True)) // kcols)
+    kcols = next_pow2(width) if nx > 1 and TUNING["narrow_cols"] else tile_dim(width)
+    krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
     return tx, ty, krows, kcols
 
 
@@ -430,12 +455,11 @@ def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -
     (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
     registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
     uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
+    _check_tuning()
     stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
-    meta = {
-        "num_warps": tuned(TUNING, "warps", _warps(d), pow2=True),
-        "num_stages": tuned(TUNING, "stages", 0) or stages,
-    }
-    cap = tuned(TUNING, "maxnreg", MAXNREG if has_rpb and 32 < d <= 64 else 0)  # measured at 64 only
+    meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or stages}
+    cap = TUNING["maxnreg"]
+    cap = (MAXNREG if has_rpb and 32 < d <= 64 else 0) if cap is None else cap  # measured at 64 only
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -460,9 +484,8 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
     """Query block ``QROWS x QCOLS`` of the backward: ``bwd_block`` queries (default 16 at head dims up to 32 with a
     bias table, 32 otherwise), in rows of at most ``kcols`` columns (the kernel steps through the columns of the
     inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled)."""
-    block = tuned(TUNING, "bwd_block", 16 if has_rpb and d <= 32 else 32, pow2=True)
-    if block < 16:
-        raise ValueError(f"TUNING['bwd_block'] = {block}: at least 16 (the score product's smallest height)")
+    _check_tuning()
+    block = TUNING["bwd_block"] or (16 if has_rpb and d <= 32 else 32)
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
@@ -473,11 +496,10 @@ def _bwd_meta(d: int, half: bool = True) -> dict[str, int]:
     20 without). Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms
     capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
     (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
-    meta = {
-        "num_warps": tuned(TUNING, "bwd_warps", _warps(d), pow2=True),
-        "num_stages": tuned(TUNING, "bwd_stages", 1) or 1,
-    }
-    cap = tuned(TUNING, "bwd_maxnreg", MAXNREG if d <= 32 and half else 0)
+    _check_tuning()
+    meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
+    cap = TUNING["bwd_maxnreg"]
+    cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -522,6 +544,7 @@ def na2d_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, X, Y, H, Dv], lse [B, H, X, Y] float32, base 2)`` for effective windows ``(kx, dx), (ky, dy)``."""
+    _check_tuning()
     b, x, y, h, d = q.shape
     dv = v.shape[-1]
     out = torch.empty(b, x, y, h, dv, device=q.device, dtype=q.dtype)
@@ -565,7 +588,7 @@ def na2d_bwd(
     need_drpb: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, drpb)``; ``drpb`` (float32, the table's shape) is zeros unless ``need_drpb``."""
-    bias_dot = tuning_flag(TUNING, __name__, "bwd_bias_dot")  # checked before any work
+    _check_tuning()  # before any work
     b, x, y, h, d = q.shape
     dvd = v.shape[-1]
     dk = torch.empty(b, x, y, h, d, device=q.device, dtype=k.dtype)
@@ -589,7 +612,7 @@ def na2d_bwd(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
-    bias_dot = bias_dot and _bias_dot(rpb, scale, half)
+    bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
