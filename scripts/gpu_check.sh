@@ -23,6 +23,8 @@
 #   tests-rerun    gpu tests of the kernels / converter fixed since their last GPU run (RALA/Efficient, scan, GLA,
 #                  hybrid, converter methods and tuning, the converter speed bench; the SLA fused read-out
 #                  backward)                                                                           ~3.5 min
+#   bench-na-tiles the NA kernels' tile settings at NAT-T / DiNAT-T's seven attention shapes, bs 128, CUDA-graph
+#                  timed (neighborhood_op.py --tile-sweep; TILES_ARGS, TILES_LIMIT)                      ~4 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
 #   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
 #                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
@@ -460,6 +462,12 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         tests/test_models_gpu_parity.py -k "pool or agent" ;;
     bench-na)
       timeout 100 python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" ${NA_ARGS:-} 2>&1 | tail -15 ;;
+    bench-na-tiles)  # the NA kernels' tiles at NAT-T / DiNAT-T's shapes, bs 128 (TILES_ARGS: e.g. --tile-shapes ...);
+      # every row goes to the log as it comes and the JSON is rewritten after each shape (a run cut by the limit keeps both)
+      # shellcheck disable=SC2086  # TILES_ARGS are separate words
+      timeout ${TILES_LIMIT:-300} python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" --tile-sweep \
+        --batch 128 ${TILES_ARGS:-} > "$OUT/neighborhood_op_tiles_$COMMIT.log" 2>&1
+      grep "tile sweep" "$OUT/neighborhood_op_tiles_$COMMIT.log" | tail -16 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
     bench-build-default)  # FLatten's memory with its positional tables resampled per forward instead of stored
