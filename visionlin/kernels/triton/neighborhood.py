@@ -33,6 +33,8 @@ fused qkv projection). 1-D calls run as 2-D with one row.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -407,7 +409,7 @@ def _check_tuning() -> None:
     that): a ``ValueError`` naming the key, the value and what is allowed. A non-power-of-two tile or block, or a value
     past these bounds, would fail deep inside Triton or launch nothing useful."""
     global _checked
-    state = tuple((key, type(value), value) for key, value in TUNING.items())  # (True == 1, 2 == 2.0: types too)
+    state = (*TUNING, *TUNING.values(), *map(type, TUNING.values()))  # (True == 1, 2 == 2.0: types too)
     if state == _checked:
         return
     for key, (lo, hi) in _BOUNDS.items():
@@ -423,6 +425,21 @@ def _check_tuning() -> None:
     _checked = state
 
 
+def _checking(fn):
+    """``fn`` checking ``TUNING`` first (:func:`_check_tuning`) when called on its own; the ops check once per call
+    and then call ``fn.unchecked`` (each check compares a snapshot of the table: a few microseconds, four helpers per
+    forward + backward, 30 calls per NAT-T step)."""
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        _check_tuning()
+        return fn(*args, **kwargs)
+
+    checked.unchecked = fn
+    return checked
+
+
+@_checking
 def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
     """Query tile ``TX x TY`` (``TUNING["tile_q"]`` queries, 64 by default; 32 or 16 on one-row maps) and key block
     ``KROWS x KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes
@@ -435,7 +452,6 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     key block holds about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against
     0.21-0.33 with 16 keys, ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
-    _check_tuning()
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
@@ -448,6 +464,7 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     return tx, ty, krows, kcols
 
 
+@_checking
 def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -> dict[str, int]:
     """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
     head dim ``d``: 4 warps up to head dim 64, 8 beyond; 2 stages (1 for tiles of at most 512 scores, 1-D with a bias
@@ -455,7 +472,6 @@ def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -
     (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
     registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
     uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
-    _check_tuning()
     stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
     meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or stages}
     cap = TUNING["maxnreg"]
@@ -480,23 +496,23 @@ def _warps(d: int) -> int:
 MAXNREG = 128
 
 
+@_checking
 def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
     """Query block ``QROWS x QCOLS`` of the backward: ``bwd_block`` queries (default 16 at head dims up to 32 with a
     bias table, 32 otherwise), in rows of at most ``kcols`` columns (the kernel steps through the columns of the
     inverse neighbourhood, so a row may be split: kernel 13 with a bias table, 32 columns, spilled)."""
-    _check_tuning()
     block = TUNING["bwd_block"] or (16 if has_rpb and d <= 32 else 32)
     qcols = min(kcols, block)
     return max(1, block // qcols), qcols
 
 
+@_checking
 def _bwd_meta(d: int, half: bool = True) -> dict[str, int]:
     """Launch settings of the backward: 4 warps up to head dim 64, no software pipelining, :data:`MAXNREG` registers
     up to head dim 32 for half-precision inputs (float32 tiles spilled 170-810 bytes under the cap at sm_90, at most
     20 without). Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms
     capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
     (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
-    _check_tuning()
     meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
     cap = TUNING["bwd_maxnreg"]
     cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
@@ -551,16 +567,17 @@ def na2d_fwd(
     lse = torch.empty(b, h, x, y, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.zero_()
-    tx, ty, krows, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    tx, ty, krows, kcols = tile_config.unchecked(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     bd, bdv = _blocks(d), _blocks(dv)
     half = q.dtype in (torch.float16, torch.bfloat16)
+    meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, rpb is not None)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **launch_meta(tx * ty, krows * kcols, bd, rpb is not None),
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     return out, lse
 
@@ -598,12 +615,12 @@ def na2d_bwd(
         return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
     delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
-    tx, ty, _, kcols = tile_config(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    tx, ty, _, kcols = tile_config.unchecked(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and rpb is not None)
     bd, bdv = _blocks(d), _blocks(dvd)
-    qrows, qcols = _bwd_block(kcols, rpb is not None, bd)
+    qrows, qcols = _bwd_block.unchecked(kcols, rpb is not None, bd)
     # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
     slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
     store = need and slices == b  # every (b, h, query, slot) entry stored exactly once: no zero fill needed
@@ -613,12 +630,13 @@ def na2d_bwd(
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
+    meta = _bwd_meta.unchecked(bd, half)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
         HAS_RPB=rpb is not None, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half,
-        TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **_bwd_meta(bd, half),
+        TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
     if need:
