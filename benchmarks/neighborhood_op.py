@@ -26,6 +26,7 @@ Writes ``neighborhood_op.json`` (rows + meta: command, commit, date, GPU, versio
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -235,38 +236,46 @@ def _bias_grad_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
     return rows
 
 
-def _sweep(args: argparse.Namespace) -> list[dict]:
-    """The forward alone over the forward's settings, then the backward alone (one saved forward, its graph kept)
-    over the backward's: query block, warps, register cap. Each setting's keys in
-    ``TUNING`` (the rest at their defaults); rows sorted fastest first per mode."""
+def _time_setting(args: argparse.Namespace, fn: Callable, mode: str, config: dict, timer: Callable, key: str,
+                  **extra) -> dict:  # fmt: skip
+    """One launch setting (``config``: keys of ``TUNING``, the rest at their defaults) timed by ``timer(step)`` into
+    ``row[key]``: the forward alone, without a gradient, or the backward alone (one saved forward, its graph kept);
+    an error is recorded in the row (the other settings still run). ``extra`` leads the row; the row is printed."""
     from visionlin.kernels.triton import neighborhood as nt
 
+    row = {**extra, "method": "triton", "mode": mode, "status": "ok", "config": config}
+    try:
+        with tuned(nt.TUNING, **config):
+            q, k, v, rpb = _inputs(args, mode == "backward")
+            if mode == "forward":
+
+                def step():
+                    with torch.no_grad():
+                        fn(q, k, v, rpb)
+            else:
+                ins = [t for t in (q, k, v, rpb) if t is not None]
+                out = fn(q, k, v, rpb)
+                go = torch.randn_like(out)
+
+                def step():
+                    torch.autograd.grad(out, ins, go, retain_graph=True)
+
+            row[key] = timer(step)
+    except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
+        row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _sweep(args: argparse.Namespace) -> list[dict]:
+    """The forward alone over the forward's settings, then the backward alone over the backward's: query block,
+    warps, register cap (:func:`_time_setting`, eager); rows sorted fastest first per mode."""
     fn = _methods(args)["triton"]
     rows = []
 
     def run(mode: str, config: dict) -> None:
-        row = {"method": "triton", "mode": mode, "status": "ok", "config": config}
-        try:
-            with tuned(nt.TUNING, **config):
-                q, k, v, rpb = _inputs(args, mode == "backward")
-                if mode == "forward":
-
-                    def step():
-                        with torch.no_grad():
-                            fn(q, k, v, rpb)
-                else:
-                    ins = [t for t in (q, k, v, rpb) if t is not None]
-                    out = fn(q, k, v, rpb)
-                    go = torch.randn_like(out)
-
-                    def step():
-                        torch.autograd.grad(out, ins, go, retain_graph=True)
-
-                row["ms"] = cuda_ms(step, args.warmup, args.iters, args.repeats)
-        except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
-            row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        timer = functools.partial(cuda_ms, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+        rows.append(_time_setting(args, fn, mode, config, timer, "ms"))
 
     for block_k, warps, stages, maxnreg in itertools.product((16, 32), (4, 8), (1, 2), (0, 128)):
         run("forward", dict(block_k=block_k, warps=warps, stages=stages, maxnreg=maxnreg))
@@ -281,8 +290,6 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
     same and its query blocks, each replayed from a CUDA graph (kernel time: at NAT-T's late stages an eager call is
     the launcher's host time). The query tile sets the key tile of the backward too. ``save`` gets the rows after
     each shape (a run cut by a time limit keeps what it measured)."""
-    from visionlin.kernels.triton import neighborhood as nt
-
     rows = []
     for name in args.tile_shapes:
         size, heads, dilation, calls = TILE_SHAPES[name]
@@ -298,30 +305,9 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
         bwd += [c | dict(bwd_warps=w) for c in small for w in (2, 4)]
         for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):
             for config in configs:  # {}: the shipped settings
-                row = {"shape": name, "calls": calls, "method": "triton", "mode": mode, "status": "ok"}
-                row["config"] = config
-                try:
-                    with tuned(nt.TUNING, **config):
-                        q, k, v, rpb = _inputs(shape, mode == "backward")
-                        if mode == "forward":
-
-                            def step(q=q, k=k, v=v, rpb=rpb, fn=fn):
-                                with torch.no_grad():
-                                    fn(q, k, v, rpb)
-                        else:
-                            ins = [t for t in (q, k, v, rpb) if t is not None]
-                            out = fn(q, k, v, rpb)
-                            go = torch.randn_like(out)
-
-                            def step(out=out, ins=ins, go=go):
-                                torch.autograd.grad(out, ins, go, retain_graph=True)
-
-                        row["graph_ms"] = graph_ms(step, args.warmup, args.iters)
-                except Exception as e:  # noqa: BLE001 (recorded; the other settings still run)
-                    row |= {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters)
+                rows.append(_time_setting(shape, fn, mode, config, timer, "graph_ms", shape=name, calls=calls))
                 torch.cuda.empty_cache()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
         save(rows)
     for mode in ("forward", "backward"):  # the best setting per shape against the shipped one
         for name in args.tile_shapes:
