@@ -123,11 +123,11 @@ def switches(config: str) -> Iterator[None]:
     focus_kw = {} if config == "default" else {"keep_features": config == "focus_keep"}
     if not keep and not on("focus_tiles"):
         focus_kw.update(focus.NARROW)
-    strips = STRIP_S42 if config == "strip_s42" else (dict(conv.STRIP), dict(conv.WG_STRIP))
     with contextlib.ExitStack() as stack:
-        for table, values in zip((conv.STRIP, conv.WG_STRIP), strips, strict=True):
-            stack.enter_context(tuned(table))  # restored afterwards, whatever the block does
-            table.update(values)
+        if config == "strip_s42":  # kernel-size keys: updated inside tuned(), restored afterwards
+            for table, values in zip((conv.STRIP, conv.WG_STRIP), STRIP_S42, strict=True):
+                stack.enter_context(tuned(table))
+                table.update(values)
         stack.enter_context(tuned(norm.FAST_PATHS, **norm_kw))
         stack.enter_context(tuned(conv.TUNING, **conv_kw))
         stack.enter_context(tuned(focus.TUNING, **focus_kw))
