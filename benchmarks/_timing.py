@@ -32,17 +32,20 @@ def cuda_ms(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> 
     return statistics.median(times)
 
 
-def graph_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+def graph_ms(fn: Callable[[], object], warmup: int, iters: int, stream: torch.cuda.Stream | None = None) -> float:
     """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: its kernels' time without the host's
-    (what a call costs inside a model whose host runs ahead of the GPU). ``fn`` must not synchronise."""
-    side = torch.cuda.Stream()
+    (what a call costs inside a model whose host runs ahead of the GPU). ``fn`` must not synchronise. ``stream``
+    (not the default stream): where ``fn`` is warmed up and captured; a backward alone must be captured on the
+    stream its forward ran on (autograd runs each backward op on its forward op's stream, which outside the capture
+    fails it: "operation failed due to a previous error during capture")."""
+    side = stream or torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture (lazy initialisation, compilation, allocator)
         for _ in range(max(1, warmup)):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
     return cuda_ms(graph.replay, warmup, 1, iters)
 

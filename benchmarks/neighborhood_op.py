@@ -26,6 +26,7 @@ Writes ``neighborhood_op.json`` (rows + meta: command, commit, date, GPU, versio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -237,10 +238,11 @@ def _bias_grad_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
 
 
 def _time_setting(args: argparse.Namespace, fn: Callable, mode: str, config: dict, timer: Callable, key: str,
-                  **extra) -> dict:  # fmt: skip
+                  stream: torch.cuda.Stream | None = None, **extra) -> dict:  # fmt: skip
     """One launch setting (``config``: keys of ``TUNING``, the rest at their defaults) timed by ``timer(step)`` into
-    ``row[key]``: the forward alone, without a gradient, or the backward alone (one saved forward, its graph kept);
-    an error is recorded in the row (the other settings still run). ``extra`` leads the row; the row is printed."""
+    ``row[key]``: the forward alone, without a gradient, or the backward alone (one saved forward, its graph kept,
+    run on ``stream`` when given: the stream a graph timer captures on); an error is recorded in the row (the other
+    settings still run). ``extra`` leads the row; the row is printed."""
     from visionlin.kernels.triton import neighborhood as nt
 
     row = {**extra, "method": "triton", "mode": mode, "status": "ok", "config": config}
@@ -254,8 +256,11 @@ def _time_setting(args: argparse.Namespace, fn: Callable, mode: str, config: dic
                         fn(q, k, v, rpb)
             else:
                 ins = [t for t in (q, k, v, rpb) if t is not None]
-                out = fn(q, k, v, rpb)
-                go = torch.randn_like(out)
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream())
+                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                    out = fn(q, k, v, rpb)
+                    go = torch.randn_like(out)
 
                 def step():
                     torch.autograd.grad(out, ins, go, retain_graph=True)
@@ -305,8 +310,10 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
         bwd += [c | dict(bwd_warps=w) for c in small for w in (2, 4)]
         for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):
             for config in configs:  # {}: the shipped settings
-                timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters)
-                rows.append(_time_setting(shape, fn, mode, config, timer, "graph_ms", shape=name, calls=calls))
+                stream = torch.cuda.Stream()  # the backward's forward runs where its graph is captured
+                timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters, stream=stream)
+                row = _time_setting(shape, fn, mode, config, timer, "graph_ms", stream, shape=name, calls=calls)
+                rows.append(row)
                 torch.cuda.empty_cache()
         save(rows)
     for mode in ("forward", "backward"):  # the best setting per shape against the shipped one

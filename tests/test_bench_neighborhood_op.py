@@ -46,7 +46,8 @@ def test_tile_sweep_calls_each_shape_with_its_own_sizes(monkeypatch, tmp_path):
         return q * k + v
 
     monkeypatch.setattr(neighborhood_op, "neighborhood_attention", fake_na)
-    monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters: step() or 1.0)
+    monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters, stream: step() or 1.0)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)  # no capture stream: the backward's forward runs inline
     monkeypatch.setattr(neighborhood_op, "_inputs", lambda a, grad: (
         torch.zeros(1, a.size, a.size, a.heads, 4, requires_grad=grad), *[torch.zeros(1, a.size, a.size, a.heads, 4,
         requires_grad=grad) for _ in range(2)], None))  # fmt: skip
