@@ -302,10 +302,13 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
         fn = _methods(shape)["triton"]  # the shape's dilation, not the command line's
         # query-tile widths with and without narrow key blocks; 16- and 32-query tiles (narrow) at 2 and 4 warps
         small = [dict(narrow_cols=True, tile_q=q, tile_y=ty) for q, ty in ((16, 2), (16, 4), (32, 2), (32, 4))]
-        fwd = [dict(tile_y=ty, narrow_cols=n) for n in (False, True) for ty in (4, 8, 16)]
+        fwd = [dict(tile_q=64, tile_y=ty, narrow_cols=n) for n in (False, True) for ty in (4, 8, 16)]
         fwd += [c | dict(warps=w) for c in small for w in (2, 4)]
         bwd = [
-            dict(tile_y=ty, narrow_cols=n, bwd_block=bb) for n in (False, True) for ty in (4, 8, 16) for bb in (16, 32)
+            dict(tile_q=64, tile_y=ty, narrow_cols=n, bwd_block=bb)
+            for n in (False, True)
+            for ty in (4, 8, 16)
+            for bb in (16, 32)
         ]
         bwd += [c | dict(bwd_warps=w) for c in small for w in (2, 4)]
         for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):

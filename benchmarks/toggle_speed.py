@@ -26,7 +26,11 @@ Switches (each a process-wide setting read at every forward):
 * ``strip_s42``: the shipped settings with the token conv's strip settings of stop 42
   (``visionlin.kernels.triton.conv.STRIP`` / ``WG_STRIP`` as :data:`STRIP_S42` holds them), to compare with
   ``default``: the A/B of stop 43's per-kernel-size strip settings;
-* ``all``: every switch on (``focus_keep`` and ``strip_s42`` excepted: neither is a fast path of its own).
+* ``na_tiles_s43``: the shipped settings with neighborhood attention's 2-D tiles of stop 43 (64-query 8 x 8 tiles
+  everywhere, key blocks at least 16 columns: :data:`NA_TILES_S43`, ``narrow_cols`` off), to compare with
+  ``default``: the A/B of stop 44's tiles by group row (``neighborhood.MEASURED_TILES``);
+* ``all``: every switch on (``focus_keep``, ``strip_s42`` and ``na_tiles_s43`` excepted: none is a fast path of its
+  own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -44,6 +48,7 @@ import functools
 import statistics
 import sys
 import time
+import unittest.mock
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,15 +73,21 @@ CONFIGS = (
     "focus_tiles",
     "focus_keep",
     "strip_s42",
+    "na_tiles_s43",
     "all",
 )
-# this script's default: each switch against all off (focus_keep / strip_s42 are compared with default: ask for both)
-TOGGLES = tuple(c for c in CONFIGS[1:] if c not in ("focus_keep", "strip_s42"))
+#: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
+SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43")
+# this script's default: each switch against all off
+TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
 STRIP_S42 = (
     {1: (4, 32, 32), 3: (4, 32, 32), 5: (4, 32, 32), 7: (4, 32, 32)},
     {1: (8, 8, 64), 3: (8, 8, 64), 5: (8, 4, 64), 7: (4, 4, 64)},
 )
+#: Neighborhood attention's tiles at stop 43 (``neighborhood.MEASURED_TILES``' form): 64 queries in rows of 8, the
+#: general rule's warps, forward and backward, at every group row.
+NA_TILES_S43 = ((None, (64, 8, None), (64, 8, None)),)
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
 
@@ -105,12 +116,13 @@ def switches(config: str) -> Iterator[None]:
     """The process-wide settings of ``config`` (``baseline``: every switch off, whatever the shipped defaults),
     restored afterwards."""
     from visionlin.kernels.triton import conv, focus
+    from visionlin.kernels.triton import neighborhood as na
     from visionlin.layers import norm
 
     def on(switch: str) -> bool:
         return config in (switch, "all")
 
-    keep = config in ("default", "focus_keep", "strip_s42")  # the shipped settings, still restored afterwards
+    keep = config in ("default", *SHIPPED_VARIANTS)  # the shipped settings, still restored afterwards
     strip = "strip" if on("conv_strip") else "tile"
     norm_kw = {} if keep else {
         "pre_norm": on("pre_norm"),
@@ -128,6 +140,9 @@ def switches(config: str) -> Iterator[None]:
             for table, values in zip((conv.STRIP, conv.WG_STRIP), STRIP_S42, strict=True):
                 stack.enter_context(tuned(table))
                 table.update(values)
+        if config == "na_tiles_s43":
+            stack.enter_context(tuned(na.TUNING, narrow_cols=False))
+            stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))
         stack.enter_context(tuned(norm.FAST_PATHS, **norm_kw))
         stack.enter_context(tuned(conv.TUNING, **conv_kw))
         stack.enter_context(tuned(focus.TUNING, **focus_kw))
@@ -136,7 +151,7 @@ def switches(config: str) -> Iterator[None]:
 
 def reference(configs: list[str]) -> str:
     """The config the ratios are to: ``baseline`` (every switch off) if measured, else ``default`` (the shipped
-    settings: for the configs that change one setting of them, ``focus_keep`` and ``strip_s42``)."""
+    settings: for the configs that change one setting of them, :data:`SHIPPED_VARIANTS`)."""
     return "baseline" if "baseline" in configs else "default"
 
 

@@ -462,46 +462,43 @@ def _rope_linear(dt, tdt):
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
 
-    def kernels(tx, ty, krows, kcols, rpb, d, bias_dot=None):  # bias_dot None: the shipped rpb / scale accumulator
+    def kernels(nx, ny, k, rpb, d, bias_dot=None, half=True, need_drpb=None, ds_store=True):
+        """The forward and the backward as the ops launch them at an ``nx x ny`` group with kernel ``k`` (each its
+        own tile, warps and meta); ``bias_dot`` None: the shipped rpb / scale accumulator."""
         fwd_dot = rpb if bias_dot is None else bias_dot
         bwd_dot = rpb and bool(nt.TUNING["bwd_bias_dot"]) if bias_dot is None else bias_dot
-        blocks = dict(HAS_RPB=rpb, HALF=True, TX=tx, TY=ty, BLOCK_D=d, BLOCK_DV=d)
-        qrows, qcols = nt._bwd_block(kcols, rpb, d)
+        kx = min(k, nx)
+        tx, ty, krows, kcols = nt.tile_config(nx, ny, kx, k, rpb, d)
+        btx, bty, _, bkcols = nt.tile_config(nx, ny, kx, k, rpb, d, backward=True)
+        warps = [nt._tile_warps(ny, k, rpb, d, b) if nx > 1 else None for b in (False, True)]
+        qrows, qcols = nt._bwd_block(bkcols, rpb, d)
+        blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
+        dt_ = dt if half else "fp32"
         return [
-            (nt._fwd_kernel, dt, dict(blocks, BIAS_DOT=fwd_dot, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
-             nt.launch_meta(tx * ty, krows * kcols, d, rpb)),
-            (nt._bwd_kernel, dt, dict(blocks, BIAS_DOT=bwd_dot, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty,
-                                      QROWS=qrows, QCOLS=qcols), nt._bwd_meta(d)),
+            (nt._fwd_kernel, dt_, dict(blocks, BIAS_DOT=fwd_dot and half, TX=tx, TY=ty, BLOCK_Q=tx * ty, KROWS=krows,
+                                       KCOLS=kcols), nt.launch_meta(tx * ty, krows * kcols, d, rpb, warps[0])),
+            (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb if need_drpb is None else
+                                       need_drpb, DS_STORE=ds_store, TX=btx, TY=bty, BLOCK_K=btx * bty, QROWS=qrows,
+                                       QCOLS=qcols), nt._bwd_meta(d, half, warps[1])),
         ]  # fmt: skip
 
     cases = []
     for d in (32, 64):
         for k in (3, 7, 13):
             for rpb in (False, True):
-                cases += kernels(*nt.tile_config(56, 56, k, k, rpb), rpb, d)
+                cases += kernels(56, 56, k, rpb, d)
+    for size in (7, 14, 28):  # NAT-T's later stages and DiNAT-T's dilation groups: MEASURED_TILES' other rows
+        cases += kernels(size, size, 7, True, 32)
     if dt == "bf16":  # head dim 128 (8 warps, no cap) and the bias gradient's atomic path, in one dtype (slow)
-        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 128)
-        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 32, bias_dot=False)  # scale outside its range
-        cases += kernels(*nt.tile_config(56, 56, 7, 7, True), True, 32, bias_dot=True)  # the backward's opt-in form
-        tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, True)
-        qrows, qcols = nt._bwd_block(kcols, True, 32)
-        blocks = dict(HAS_RPB=True, BIAS_DOT=bool(nt.TUNING["bwd_bias_dot"]), HALF=True, TX=tx, TY=ty, BLOCK_D=32,
-                      BLOCK_DV=32, BLOCK_K=tx * ty)  # fmt: skip
-        cases.append((nt._bwd_kernel, dt, dict(blocks, NEED_DRPB=True, DS_STORE=False, QROWS=qrows, QCOLS=qcols),
-                      nt._bwd_meta(32)))  # fmt: skip
+        cases += kernels(56, 56, 7, True, 128)
+        cases += kernels(56, 56, 7, True, 32, bias_dot=False)  # scale outside its range
+        cases += kernels(56, 56, 7, True, 32, bias_dot=True)  # the backward's opt-in form
+        cases += kernels(56, 56, 7, True, 32, ds_store=False)[1:]
         for rpb in (False, True):  # float32 inputs: IEEE products, no register cap
-            tx, ty, krows, kcols = nt.tile_config(56, 56, 7, 7, rpb)
-            qrows, qcols = nt._bwd_block(kcols, rpb, 32)
-            blocks = dict(HAS_RPB=rpb, BIAS_DOT=False, HALF=False, TX=tx, TY=ty, BLOCK_D=32, BLOCK_DV=32)
-            cases += [
-                (nt._fwd_kernel, "fp32", dict(blocks, BLOCK_Q=tx * ty, KROWS=krows, KCOLS=kcols),
-                 nt.launch_meta(tx * ty, krows * kcols, 32, rpb)),
-                (nt._bwd_kernel, "fp32", dict(blocks, NEED_DRPB=rpb, DS_STORE=True, BLOCK_K=tx * ty, QROWS=qrows,
-                                              QCOLS=qcols), nt._bwd_meta(32, half=False)),
-            ]  # fmt: skip
+            cases += kernels(56, 56, 7, rpb, 32, bias_dot=False, half=False)
     for d in (32, 64):
         for rpb in (False, True):  # 1-D: one row of queries
-            cases += kernels(*nt.tile_config(1, 3136, 1, 7, rpb), rpb, d)
+            cases += kernels(1, 3136, 7, rpb, d)
     for dv in (32, 64, 128):  # the backward's delta pre-pass, with _delta's block sizes
         bdv = nt._blocks(dv)
         cases.append((nt._delta_kernel, dt, dict(BLOCK_R=max(8, 2048 // bdv), BLOCK_DV=bdv), {"num_warps": 8}))

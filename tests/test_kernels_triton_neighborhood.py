@@ -12,6 +12,7 @@ bound. The ``gpu`` tests run on the GPU machine; the interpreter test runs the k
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import textwrap
@@ -155,14 +156,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 256 << 20
-    # the opt-in tiles: key blocks narrower than 16 columns (a 7 x 7 map in rows of 8), 16-query tiles of 8 x 2
-    nt.TUNING["narrow_cols"] = True
+    # the default tiles by group row (MEASURED_TILES): a 7 x 7 group in 8 x 8 tiles with key rows of 8 columns; rows
+    # of 9-16: 16 x 2 forward, 4 x 16 backward; 17-32: 16 x 2 forward, 4 x 4 backward
     check_na((7, 7), 7, 1, f32, "cpu", batch=1, heads=1)
+    check_na((5, 14), 5, 1, f32, "cpu", batch=1, heads=1)
+    check_na((4, 20), 3, 1, torch.float16, "cpu", batch=1, heads=1)
+    # key blocks at least 16 columns (narrow_cols off), 16-query tiles of 8 x 2
+    nt.TUNING["narrow_cols"] = False
     check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=1)
-    nt.TUNING.update(tile_q=16, tile_y=2)
+    nt.TUNING.update(tile_q=16, tile_y=2, narrow_cols=True)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=1)
     check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb=False, heads=1)
-    nt.TUNING.update(tile_q=None, tile_y=None, narrow_cols=False)
+    nt.TUNING.update(tile_q=None, tile_y=None)
     print("interpreter ok")
     """
 )
@@ -174,28 +179,62 @@ def test_interpreter_neighborhood_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
-@pytest.mark.parametrize(("queries", "tile_y", "narrow"), [(None, None, False), (64, 8, True), (16, 2, True)])
+@pytest.mark.parametrize(
+    ("queries", "tile_y", "narrow"), [(None, None, True), (None, None, False), (64, 8, True), (16, 2, True)]
+)
 def test_tile_config_covers_the_key_rectangle(queries, tile_y, narrow, monkeypatch):
     """The key block's columns cover the tile's key rectangle (``TY + k - 1`` wide, or the whole row), at least 16
-    columns unless ``narrow_cols``; a key block and a query tile hold at least 16 (the products' smallest size)."""
+    columns unless ``narrow_cols``; a key block and a query tile hold at least 16 (the products' smallest size), the
+    forward's and the backward's, at every head dim."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
     monkeypatch.setitem(nt.TUNING, "tile_q", queries)
     monkeypatch.setitem(nt.TUNING, "tile_y", tile_y)
     monkeypatch.setitem(nt.TUNING, "narrow_cols", narrow)
-    for k in (1, 3, 5, 7, 9, 11, 13):
-        for ny in (1, 2, 5, 7, 13, 17, 56):
-            for nx in (1, 3, 56):
-                for rpb in (False, True):
-                    tx, ty, krows, kcols = nt.tile_config(nx, ny, min(k, nx), min(k, ny), rpb)
-                    want = (16 if rpb else 32) if nx == 1 else (queries or 64)
-                    assert tx * ty == want and math.log2(ty) % 1 == 0, (tx, ty)
-                    width = min(ty + min(k, ny) - 1, ny)
-                    assert kcols >= width and (kcols >= 16 or (narrow and nx > 1 and kcols < 2 * width))
-                    assert krows * kcols >= 16 and math.log2(krows * kcols) % 1 == 0
+    for k, ny, nx, rpb, d, bwd in itertools.product(
+        (1, 3, 5, 7, 9, 11, 13), (1, 2, 5, 7, 13, 17, 28, 56), (1, 3, 56), (False, True), (16, 32, 64), (False, True)
+    ):
+        tx, ty, krows, kcols = nt.tile_config(nx, ny, min(k, nx), min(k, ny), rpb, d, bwd)
+        if nx == 1:
+            assert (tx, ty) == (1, 16 if rpb else 32)
+        else:
+            assert tx * ty == queries if queries else tx * ty in (16, 32, 64), (tx, ty)
+            assert math.log2(ty) % 1 == 0 and ty <= max(2, 2 ** math.ceil(math.log2(ny))), (tx, ty)
+        width = min(ty + min(k, ny) - 1, ny)
+        assert kcols >= width and (kcols >= 16 or (narrow and nx > 1 and kcols < 2 * width))
+        assert krows * kcols >= 16 and math.log2(krows * kcols) % 1 == 0
     monkeypatch.setitem(nt.TUNING, "block_k", 16)
     assert nt.tile_config(7, 7, 7, 7, True)[2:] == ((2, 8) if narrow else (1, 16))  # a 7 x 7 map's rows in 8 columns
+
+
+def test_measured_tiles_by_group_row(monkeypatch):
+    """The default 2-D tiles follow ``MEASURED_TILES`` by the dilation group's row length inside the range they were
+    measured in (bias table, kernel at most 7, head dim at most 32), forward and backward apart, with their warps; the
+    general rule (64 queries in rows of 8, warps by head dim) outside it; a tile set in ``TUNING`` drops the rule's
+    warps (they belong to its tile)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    def tile(n, k=7, rpb=True, d=32, bwd=False):
+        tx, ty, _, kcols = nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd)
+        return tx, ty, kcols, nt._tile_warps(n, k, rpb, d, bwd)
+
+    # NAT-T's four stages (56, 28, 14, 7) and DiNAT-T's 7 x 7 dilation groups, narrow key blocks
+    assert [tile(n) for n in (56, 28, 14, 7)] == [(8, 8, 16, None), (16, 2, 8, 2), (16, 2, 8, 2), (8, 8, 8, None)]
+    assert [tile(n, bwd=True) for n in (56, 28, 14, 7)] == [(8, 2, 8, 2), (4, 4, 16, 2), (4, 16, 16, None),
+                                                            (8, 8, 8, None)]  # fmt: skip
+    assert tile(9) == (16, 2, 8, 2) and tile(17, bwd=True) == (4, 4, 16, 2) and tile(33, bwd=True) == (8, 2, 8, 2)
+    for outside in (dict(rpb=False), dict(k=9), dict(d=64)):  # not measured: the general rule
+        assert tile(14, **outside)[:2] == (8, 8) and tile(14, bwd=True, **outside)[:2] == (8, 8)
+        assert tile(14, **outside)[3] is None
+    assert nt.launch_meta(32, 32, 32, True, 2)["num_warps"] == 2 and nt._bwd_meta(32, True, 2)["num_warps"] == 2
+    assert nt.launch_meta(32, 32, 32, True)["num_warps"] == 4 and nt._bwd_meta(32, True)["num_warps"] == 4
+    monkeypatch.setitem(nt.TUNING, "tile_q", 32)
+    assert tile(56)[:2] == (4, 8) and tile(14)[3] is None  # the set tile, without the rule's warps
+    monkeypatch.setitem(nt.TUNING, "tile_q", None)
+    monkeypatch.setitem(nt.TUNING, "bwd_warps", 8)
+    assert nt._bwd_meta(32, True, 2)["num_warps"] == 8  # a set warp count wins over the tile's
 
 
 @pytest.mark.parametrize(
@@ -474,9 +513,11 @@ def test_gpu_na_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # drpb sums with atomics: order may differ
 
 
-# the opt-in tiles (TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"]) that neighborhood_op.py --tile-sweep times
+# tiles of TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"] that neighborhood_op.py --tile-sweep times (the shipped
+# defaults: every other gpu test)
 TILE_SETTINGS = {
-    "narrow": dict(narrow_cols=True),
+    "shipped": {},
+    "wide": dict(narrow_cols=False),
     "q16_y2_narrow": dict(tile_q=16, tile_y=2, narrow_cols=True),
     "q32_y4_narrow": dict(tile_q=32, tile_y=4, narrow_cols=True),
     "q16_y4": dict(tile_q=16, tile_y=4),
@@ -485,6 +526,7 @@ TILE_SETTINGS = {
 
 TILE_CASES = [
     ((56, 56), 7, 1, 1),
+    ((28, 28), 7, 1, 2),
     ((14, 14), 7, 1, 3),
     ((7, 7), 7, 1, 3),
     ((56, 56), 7, 8, 1),
@@ -499,8 +541,8 @@ TILE_CASES = [
 @pytest.mark.parametrize("setting", sorted(TILE_SETTINGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_na_tile_settings(setting, dtype, monkeypatch):
-    """Every opt-in tile at NAT-T's 56 x 56 / 14 x 14 / 7 x 7 maps, DiNAT's dilation groups, a map smaller than the
-    kernel and odd maps, with the bias table at head dim 32 and without it at 64."""
+    """The shipped tiles (``MEASURED_TILES``) and swept ones at NAT-T's 56 / 28 / 14 / 7 maps, DiNAT's dilation
+    groups, a map smaller than the kernel and odd maps, with the bias table at head dim 32 and without it at 64."""
     _cuda_or_skip()
     from visionlin.kernels.triton import neighborhood as nt
 

@@ -387,8 +387,25 @@ def _bias_grad_kernel(
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": False,
+    "tile_q": None, "narrow_cols": True,
 }  # fmt: skip
+
+#: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
+#: shapes at 224 px, bf16, batch 128, kernel 7, head dim 32, NAT's bias table; CUDA-graph replays on an H200,
+#: ``benchmarks/results/h200/s44/neighborhood_op_tiles_665049b.json``), by the longest dilation group's row length
+#: ``ny``: the largest ``ny`` of each row, ``(queries, width, warps)`` of the forward's query tile, then of the
+#: backward's key tile (``None``: the general rule). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's
+#: stage 4, every DiNAT-T dilation group). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms for
+#: 8 x 8), the backward in 4 x 16 (the whole row; 0.278 against 0.326). 28: 16 x 2 forward (0.138 against 0.172), 4 x 4
+#: backward of 2 warps (0.534 against 0.604). Longer: 8 x 8 forward, 8 x 2 backward of 2 warps (0.924 against 1.007 at
+#: 56). Key blocks as narrow as the key rectangle everywhere (``narrow_cols``: 1.5-1.6x the forward, 1.2-1.3x the
+#: backward at 7 x 7 groups, no loss elsewhere).
+MEASURED_TILES = (
+    (8, (64, 8, None), (64, 8, None)),
+    (16, (32, 2, 2), (64, 16, None)),
+    (32, (32, 2, 2), (16, 4, 2)),
+    (None, (64, 8, None), (16, 2, 2)),
+)
 
 #: Bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch element while
 #: they fit in this many bytes (plain stores), fewer slices shared by atomics beyond; one slice is always made, larger
@@ -439,24 +456,38 @@ def _checking(fn):
     return checked
 
 
-@_checking
-def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int, int, int, int]:
-    """Query tile ``TX x TY`` (``TUNING["tile_q"]`` queries, 64 by default; 32 or 16 on one-row maps) and key block
-    ``KROWS x KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis) and effective kernel sizes
-    ``kx, ky``.
+def _measured_tile(ny: int, k: int, has_rpb: bool, d: int, backward: bool) -> tuple[int, int, int | None] | None:
+    """``(queries, width, warps)`` from :data:`MEASURED_TILES` for a 2-D call inside their measured range (bias table,
+    kernel at most 7, padded head dim at most 32), else ``None``."""
+    if not has_rpb or k > 7 or d > 32:
+        return None
+    row = next(r for r in MEASURED_TILES if r[0] is None or ny <= r[0])
+    return row[2] if backward else row[1]
 
-    ``TY`` is 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway) and 32 for one-row
-    maps (1-D calls; 16 with a bias table, whose gathered offsets cost registers);
-    ``KCOLS`` is the power of two covering the key rectangle's width ``TY + ky - 1`` (or the row), at least 16 unless
-    ``TUNING["narrow_cols"]`` (opt-in: a 7 x 7 map's key rows in blocks of 8 columns, not 16, half of them masked); a
-    key block holds about 32 keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against
-    0.21-0.33 with 16 keys, ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
+
+@_checking
+def tile_config(
+    nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int = 32, backward: bool = False
+) -> tuple[int, int, int, int]:
+    """Query tile ``TX x TY`` of the forward (the backward's key tile when ``backward``) and key block ``KROWS x
+    KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis), effective kernel sizes ``kx, ky`` and
+    padded head dim ``d``.
+
+    One-row maps (1-D calls): ``1 x 32`` (``1 x 16`` with a bias table, whose gathered offsets cost registers). 2-D:
+    ``TUNING["tile_q"]`` queries in rows of ``TUNING["tile_y"]``, each by default from :data:`MEASURED_TILES` where it
+    was measured, else 64 queries in rows of 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32
+    columns anyway), ``TY`` at most the group row's power of two; ``KCOLS`` is the power of two covering the key
+    rectangle's width ``TY + ky - 1`` (or the row), at least 16 unless ``TUNING["narrow_cols"]`` (on by default: a
+    7 x 7 group's key rows in blocks of 8 columns, not 16 of which half masked); a key block holds about 32 keys (at
+    NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
+    ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
-        queries = TUNING["tile_q"] or 64
-        ty = min(TUNING["tile_y"] or (16 if ky >= 11 else 8), queries, max(2, next_pow2(ny)))
+        rule = _measured_tile(ny, max(kx, ky), has_rpb, d, backward) or (64, 16 if ky >= 11 else 8, None)
+        queries = TUNING["tile_q"] or rule[0]
+        ty = min(TUNING["tile_y"] or rule[1], queries, max(2, next_pow2(ny)))
         tx = queries // ty
     width = min(ty + ky - 1, ny)
     kcols = next_pow2(width) if nx > 1 and TUNING["narrow_cols"] else tile_dim(width)
@@ -464,16 +495,28 @@ def tile_config(nx: int, ny: int, kx: int, ky: int, has_rpb: bool) -> tuple[int,
     return tx, ty, krows, kcols
 
 
+def _tile_warps(ny: int, k: int, has_rpb: bool, d: int, backward: bool) -> int | None:
+    """Warps of a 2-D tile from :data:`MEASURED_TILES` (``None``: the general rule), unless ``TUNING["tile_q"]``
+    or ``["tile_y"]`` set the tile (the rule's warps belong to its tile)."""
+    if TUNING["tile_q"] or TUNING["tile_y"]:
+        return None
+    rule = _measured_tile(ny, k, has_rpb, d, backward)
+    return rule[2] if rule else None
+
+
 @_checking
-def launch_meta(block_q: int, block_k: int, d: int = 32, has_rpb: bool = True) -> dict[str, int]:
+def launch_meta(
+    block_q: int, block_k: int, d: int = 32, has_rpb: bool = True, warps: int | None = None
+) -> dict[str, int]:
     """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
-    head dim ``d``: 4 warps up to head dim 64, 8 beyond; 2 stages (1 for tiles of at most 512 scores, 1-D with a bias
-    table); with a bias table at head dim 64, :data:`MAXNREG` registers a thread. Measured at NAT-T's stage-1 shape
-    (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which took about 150
-    registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms against 0.29
-    uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against 0.11 ms)."""
+    head dim ``d``: ``warps`` (the tile's, :func:`_tile_warps`) if given, else 4 up to head dim 64, 8 beyond; 2 stages
+    (1 for tiles of at most 512 scores, 1-D with a bias table); with a bias table at head dim 64, :data:`MAXNREG`
+    registers a thread. Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms
+    against 0.35-0.52 with 8 (which took about 150 registers a thread, one program per SM); at head dim 64 with the bias
+    table, 4 warps capped 0.20 ms against 0.29 uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the
+    cap cost time (0.17 against 0.11 ms)."""
     stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
-    meta = {"num_warps": TUNING["warps"] or _warps(d), "num_stages": TUNING["stages"] or stages}
+    meta = {"num_warps": TUNING["warps"] or warps or _warps(d), "num_stages": TUNING["stages"] or stages}
     cap = TUNING["maxnreg"]
     cap = (MAXNREG if has_rpb and 32 < d <= 64 else 0) if cap is None else cap  # measured at 64 only
     if cap:
@@ -507,13 +550,14 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
 
 
 @_checking
-def _bwd_meta(d: int, half: bool = True) -> dict[str, int]:
-    """Launch settings of the backward: 4 warps up to head dim 64, no software pipelining, :data:`MAXNREG` registers
-    up to head dim 32 for half-precision inputs (float32 tiles spilled 170-810 bytes under the cap at sm_90, at most
-    20 without). Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms
-    capped against 0.75 uncapped (16-query blocks), without one 0.48 against 0.53 (32-query blocks); at head dim 64
-    (bias table) 32-query blocks uncapped 0.80 against 0.92-1.28 for the others."""
-    meta = {"num_warps": TUNING["bwd_warps"] or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
+def _bwd_meta(d: int, half: bool = True, warps: int | None = None) -> dict[str, int]:
+    """Launch settings of the backward: ``warps`` (the key tile's, :func:`_tile_warps`) if given, else 4 up to head dim
+    64, 8 beyond; no software pipelining, :data:`MAXNREG` registers up to head dim 32 for half-precision inputs (float32
+    tiles spilled 170-810 bytes under the cap at sm_90, at most 20 without). Measured at NAT-T's stage-1 shape
+    (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms capped against 0.75 uncapped (16-query blocks),
+    without one 0.48 against 0.53 (32-query blocks); at head dim 64 (bias table) 32-query blocks uncapped 0.80 against
+    0.92-1.28 for the others."""
+    meta = {"num_warps": TUNING["bwd_warps"] or warps or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
     cap = TUNING["bwd_maxnreg"]
     cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
     if cap:
@@ -567,12 +611,14 @@ def na2d_fwd(
     lse = torch.empty(b, h, x, y, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.zero_()
-    tx, ty, krows, kcols = tile_config.unchecked(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    bd, bdv = _blocks(d), _blocks(dv)
+    nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
+    tx, ty, krows, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
-    bd, bdv = _blocks(d), _blocks(dv)
     half = q.dtype in (torch.float16, torch.bfloat16)
-    meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, rpb is not None)
+    warps = _tile_warps(ny, max(kx, ky), has_rpb, bd, False) if nx > 1 else None
+    meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
@@ -615,12 +661,13 @@ def na2d_bwd(
         return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
     delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
-    tx, ty, _, kcols = tile_config.unchecked(-(-x // dx), -(-y // dy), kx, ky, rpb is not None)
+    bd, bdv = _blocks(d), _blocks(dvd)
+    nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
+    tx, ty, _, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, backward=True)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
-    need = bool(need_drpb and rpb is not None)
-    bd, bdv = _blocks(d), _blocks(dvd)
-    qrows, qcols = _bwd_block.unchecked(kcols, rpb is not None, bd)
+    need = bool(need_drpb and has_rpb)
+    qrows, qcols = _bwd_block.unchecked(kcols, has_rpb, bd)
     # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
     slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
     store = need and slices == b  # every (b, h, query, slot) entry stored exactly once: no zero fill needed
@@ -630,7 +677,7 @@ def na2d_bwd(
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
-    meta = _bwd_meta.unchecked(bd, half)
+    meta = _bwd_meta.unchecked(bd, half, _tile_warps(ny, max(kx, ky), has_rpb, bd, True) if nx > 1 else None)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
