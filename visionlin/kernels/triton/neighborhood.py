@@ -379,11 +379,13 @@ def _bias_grad_kernel(
 #: ``bwd_maxnreg`` (0: none) its launch settings; ``bwd_bias_dot`` puts the bias in the backward's score products
 #: as the forward does (:func:`_logits`; off by default: on, the backward took 4% longer at NAT-T's stage 1 on an
 #: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``); ``tile_q`` queries per tile of 2-D maps (16, 32 or 64;
-#: the backward's keys per tile too) and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`),
-#: both opt-in, for the small maps of NAT's late stages and DiNAT's dilation groups (``neighborhood_op.py
-#: --tile-sweep`` times them). Tiles, blocks and warps are powers of two, the others non-negative ints, each within
-#: :data:`_BOUNDS` (``narrow_cols``, ``bwd_bias_dot`` bools): anything else raises ``ValueError`` naming the key and
-#: the value (:func:`_check_tuning`). ``stages`` 0 means its default, as ``None`` does; ``maxnreg`` 0 no cap.
+#: the backward's keys per tile too; by default from :data:`MEASURED_TILES`, the forward's and the backward's apart)
+#: and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`; on by default, off: at least 16),
+#: which ``neighborhood_op.py --tile-sweep`` times at NAT's and DiNAT's small maps and dilation groups. A set
+#: ``tile_q`` or ``tile_y`` holds in both passes (the other dimension stays the rule's) and drops the rule's warps.
+#: Tiles, blocks and warps are powers of two, the others non-negative ints, each within :data:`_BOUNDS`
+#: (``narrow_cols``, ``bwd_bias_dot`` bools): anything else raises ``ValueError`` naming the key and the value
+#: (:func:`_check_tuning`). ``stages`` 0 means its default, as ``None`` does; ``maxnreg`` 0 no cap.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
