@@ -62,12 +62,12 @@ def test_switches_set_and_restore():
     assert strips == (conv.STRIP, conv.WG_STRIP)
     tiles, na_tuning = na.MEASURED_TILES, dict(na.TUNING)
     with toggle_speed.switches("na_tiles_s43"):  # the shipped settings with stop 43's neighborhood tiles
-        assert na.MEASURED_TILES == toggle_speed.NA_TILES_S43 and not na.TUNING["narrow_cols"]
-        assert dict(na.TUNING, narrow_cols=True) == na_tuning
-        assert na.tile_config(14, 14, 7, 7, True, 32, True)[:2] == (8, 8)
-        assert na._tile_warps(14, 7, True, 32, True) is None
+        assert na.MEASURED_TILES == toggle_speed.NA_TILES_S43 and na.TUNING["narrow_cols"] is False
+        assert dict(na.TUNING, narrow_cols=None) == na_tuning
+        assert na.tile_config(14, 14, 7, 7, True, 32, True, True) == (8, 8, 2, 16)
+        assert na._tile_warps(14, 14, 7, 7, True, 32, True, True) is None
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
-    assert (na.MEASURED_TILES, dict(na.TUNING)) == (tiles, na_tuning) and na_tuning["narrow_cols"]
+    assert (na.MEASURED_TILES, dict(na.TUNING)) == (tiles, na_tuning) and na_tuning["narrow_cols"] is None
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

@@ -462,24 +462,24 @@ def _rope_linear(dt, tdt):
 def _neighborhood(dt, tdt):
     from visionlin.kernels.triton import neighborhood as nt
 
-    def kernels(nx, ny, k, rpb, d, bias_dot=None, half=True, need_drpb=None, ds_store=True):
+    def kernels(nx, ny, k, rpb, d, bias_dot=None, half=True, ds_store=True):
         """The forward and the backward as the ops launch them at an ``nx x ny`` group with kernel ``k`` (each its
         own tile, warps and meta); ``bias_dot`` None: the shipped rpb / scale accumulator."""
         fwd_dot = rpb if bias_dot is None else bias_dot
         bwd_dot = rpb and bool(nt.TUNING["bwd_bias_dot"]) if bias_dot is None else bias_dot
         kx = min(k, nx)
-        tx, ty, krows, kcols = nt.tile_config(nx, ny, kx, k, rpb, d)
-        btx, bty, _, bkcols = nt.tile_config(nx, ny, kx, k, rpb, d, backward=True)
-        warps = [nt._tile_warps(ny, k, rpb, d, b) if nx > 1 else None for b in (False, True)]
+        tx, ty, krows, kcols = nt.tile_config(nx, ny, kx, k, rpb, d, False, half)
+        btx, bty, _, bkcols = nt.tile_config(nx, ny, kx, k, rpb, d, True, half)
+        warps = [nt._tile_warps(nx, ny, kx, k, rpb, d, half, b) for b in (False, True)]
         qrows, qcols = nt._bwd_block(bkcols, rpb, d)
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [
             (nt._fwd_kernel, dt_, dict(blocks, BIAS_DOT=fwd_dot and half, TX=tx, TY=ty, BLOCK_Q=tx * ty, KROWS=krows,
                                        KCOLS=kcols), nt.launch_meta(tx * ty, krows * kcols, d, rpb, warps[0])),
-            (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb if need_drpb is None else
-                                       need_drpb, DS_STORE=ds_store, TX=btx, TY=bty, BLOCK_K=btx * bty, QROWS=qrows,
-                                       QCOLS=qcols), nt._bwd_meta(d, half, warps[1])),
+            (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb, DS_STORE=ds_store, TX=btx,
+                                       TY=bty, BLOCK_K=btx * bty, QROWS=qrows, QCOLS=qcols),
+             nt._bwd_meta(d, half, warps[1])),
         ]  # fmt: skip
 
     cases = []
@@ -488,14 +488,16 @@ def _neighborhood(dt, tdt):
             for rpb in (False, True):
                 cases += kernels(56, 56, k, rpb, d)
     for size in (7, 14, 28):  # NAT-T's later stages and DiNAT-T's dilation groups: MEASURED_TILES' other rows
-        cases += kernels(size, size, 7, True, 32)
+        for rpb in (False, True):  # (without a bias table: the general rule, as at 56)
+            cases += kernels(size, size, 7, rpb, 32)
     if dt == "bf16":  # head dim 128 (8 warps, no cap) and the bias gradient's atomic path, in one dtype (slow)
         cases += kernels(56, 56, 7, True, 128)
         cases += kernels(56, 56, 7, True, 32, bias_dot=False)  # scale outside its range
         cases += kernels(56, 56, 7, True, 32, bias_dot=True)  # the backward's opt-in form
         cases += kernels(56, 56, 7, True, 32, ds_store=False)[1:]
-        for rpb in (False, True):  # float32 inputs: IEEE products, no register cap
-            cases += kernels(56, 56, 7, rpb, 32, bias_dot=False, half=False)
+        for size in (7, 14, 28, 56):
+            for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
+                cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)
     for d in (32, 64):
         for rpb in (False, True):  # 1-D: one row of queries
             cases += kernels(1, 3136, 7, rpb, d)

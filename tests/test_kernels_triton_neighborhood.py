@@ -156,18 +156,20 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     nt.DS_BUFFER_BYTES = 2 * 6 * 7 * 9 * 4  # two slices for three batch elements (b % 2)
     check_na((6, 7), 3, 1, f32, "cpu", batch=3, heads=1)
     nt.DS_BUFFER_BYTES = 256 << 20
-    # the default tiles by group row (MEASURED_TILES): a 7 x 7 group in 8 x 8 tiles with key rows of 8 columns; rows
-    # of 9-16: 16 x 2 forward, 4 x 16 backward; 17-32: 16 x 2 forward, 4 x 4 backward
+    # MEASURED_TILES (half precision, bias table, 7 x 7 window, head dim 32) by group row: a 7 x 7 group in 8 x 8
+    # tiles with key rows of 8 columns; rows of 9-16: 16 x 2 forward, 4 x 16 backward; 17-32: 16 x 2 forward, 4 x 4
+    # backward; longer: 8 x 8 forward, 8 x 2 backward
+    for spatial in ((7, 7), (7, 14), (7, 20), (7, 34)):
+        check_na(spatial, 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    # narrow key blocks on request outside the table's range; then 16-query tiles of 8 x 2, with and without them
+    nt.TUNING["narrow_cols"] = True
     check_na((7, 7), 7, 1, f32, "cpu", batch=1, heads=1)
-    check_na((5, 14), 5, 1, f32, "cpu", batch=1, heads=1)
-    check_na((4, 20), 3, 1, torch.float16, "cpu", batch=1, heads=1)
-    # key blocks at least 16 columns (narrow_cols off), 16-query tiles of 8 x 2
-    nt.TUNING["narrow_cols"] = False
     check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=1)
-    nt.TUNING.update(tile_q=16, tile_y=2, narrow_cols=True)
+    nt.TUNING.update(tile_q=16, tile_y=2)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=1)
+    nt.TUNING["narrow_cols"] = False
     check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb=False, heads=1)
-    nt.TUNING.update(tile_q=None, tile_y=None)
+    nt.TUNING.update(tile_q=None, tile_y=None, narrow_cols=None)
     print("interpreter ok")
     """
 )
@@ -180,61 +182,107 @@ def test_interpreter_neighborhood_matches_reference():
 
 
 @pytest.mark.parametrize(
-    ("queries", "tile_y", "narrow"), [(None, None, True), (None, None, False), (64, 8, True), (16, 2, True)]
+    ("queries", "tile_y", "narrow"),
+    [(None, None, None), (None, None, True), (None, None, False), (64, 8, True), (16, 2, True), (32, None, None)],
 )
 def test_tile_config_covers_the_key_rectangle(queries, tile_y, narrow, monkeypatch):
     """The key block's columns cover the tile's key rectangle (``TY + k - 1`` wide, or the whole row), at least 16
-    columns unless ``narrow_cols``; a key block and a query tile hold at least 16 (the products' smallest size), the
-    forward's and the backward's, at every head dim."""
+    columns unless narrow (``narrow_cols``, by default inside ``MEASURED_TILES``' range); a key block and a query tile
+    hold at least 16 (the products' smallest size), the forward's and the backward's, at every head dim and
+    precision."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
     monkeypatch.setitem(nt.TUNING, "tile_q", queries)
     monkeypatch.setitem(nt.TUNING, "tile_y", tile_y)
     monkeypatch.setitem(nt.TUNING, "narrow_cols", narrow)
-    for k, ny, nx, rpb, d, bwd in itertools.product(
-        (1, 3, 5, 7, 9, 11, 13), (1, 2, 5, 7, 13, 17, 28, 56), (1, 3, 56), (False, True), (16, 32, 64), (False, True)
-    ):
-        tx, ty, krows, kcols = nt.tile_config(nx, ny, min(k, nx), min(k, ny), rpb, d, bwd)
+    for k, ny, nx, rpb, d, bwd, half in itertools.product(
+        (1, 3, 5, 7, 9, 11, 13), (1, 2, 5, 7, 13, 17, 28, 56), (1, 3, 7, 56), (False, True), (16, 32, 64),
+        (False, True), (False, True),
+    ):  # fmt: skip
+        kx, ky = min(k, nx), min(k, ny)
+        tx, ty, krows, kcols = nt.tile_config(nx, ny, kx, ky, rpb, d, bwd, half)
         if nx == 1:
             assert (tx, ty) == (1, 16 if rpb else 32)
         else:
             assert tx * ty == queries if queries else tx * ty in (16, 32, 64), (tx, ty)
             assert math.log2(ty) % 1 == 0 and ty <= max(2, 2 ** math.ceil(math.log2(ny))), (tx, ty)
-        width = min(ty + min(k, ny) - 1, ny)
-        assert kcols >= width and (kcols >= 16 or (narrow and nx > 1 and kcols < 2 * width))
+        width = min(ty + ky - 1, ny)
+        measured = nt._measured_tile(ny, kx, ky, rpb, d, half, bwd) is not None
+        may_narrow = nx > 1 and (narrow or (narrow is None and measured))
+        assert kcols >= width and (kcols >= 16 or (may_narrow and kcols < 2 * width))
         assert krows * kcols >= 16 and math.log2(krows * kcols) % 1 == 0
     monkeypatch.setitem(nt.TUNING, "block_k", 16)
-    assert nt.tile_config(7, 7, 7, 7, True)[2:] == ((2, 8) if narrow else (1, 16))  # a 7 x 7 map's rows in 8 columns
+    wide = narrow is False or (narrow is None and queries)  # a set tile drops the table's narrow blocks
+    assert nt.tile_config(7, 7, 7, 7, True)[2:] == ((1, 16) if wide else (2, 8))  # a 7 x 7 map's rows in 8 columns
 
 
 def test_measured_tiles_by_group_row(monkeypatch):
     """The default 2-D tiles follow ``MEASURED_TILES`` by the dilation group's row length inside the range they were
-    measured in (bias table, kernel at most 7, head dim at most 32), forward and backward apart, with their warps; the
-    general rule (64 queries in rows of 8, warps by head dim) outside it; a tile set in ``TUNING`` drops the rule's
-    warps (they belong to its tile)."""
+    measured in (half precision, bias table, 7 x 7 window, head dim 32), forward and backward apart, with their warps
+    and narrow key blocks; the general rule (64 queries in rows of 8, warps by head dim, blocks of at least 16 columns)
+    outside it; a tile set in ``TUNING`` drops the table (its warps and narrow blocks with it)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
-    def tile(n, k=7, rpb=True, d=32, bwd=False):
-        tx, ty, _, kcols = nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd)
-        return tx, ty, kcols, nt._tile_warps(n, k, rpb, d, bwd)
+    def tile(n, k=7, rpb=True, d=32, half=True, bwd=False):
+        tx, ty, _, kcols = nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd, half)
+        return tx, ty, kcols, nt._tile_warps(n, n, min(k, n), min(k, n), rpb, d, half, bwd)
 
     # NAT-T's four stages (56, 28, 14, 7) and DiNAT-T's 7 x 7 dilation groups, narrow key blocks
     assert [tile(n) for n in (56, 28, 14, 7)] == [(8, 8, 16, None), (16, 2, 8, 2), (16, 2, 8, 2), (8, 8, 8, None)]
     assert [tile(n, bwd=True) for n in (56, 28, 14, 7)] == [(8, 2, 8, 2), (4, 4, 16, 2), (4, 16, 16, None),
                                                             (8, 8, 8, None)]  # fmt: skip
     assert tile(9) == (16, 2, 8, 2) and tile(17, bwd=True) == (4, 4, 16, 2) and tile(33, bwd=True) == (8, 2, 8, 2)
-    for outside in (dict(rpb=False), dict(k=9), dict(d=64)):  # not measured: the general rule
-        assert tile(14, **outside)[:2] == (8, 8) and tile(14, bwd=True, **outside)[:2] == (8, 8)
-        assert tile(14, **outside)[3] is None
+    for outside in (dict(rpb=False), dict(k=5), dict(k=9), dict(d=16), dict(d=64), dict(half=False)):
+        for bwd in (False, True):  # not measured: the general rule, 16-column key blocks at 7 x 7
+            assert tile(14, bwd=bwd, **outside)[:2] == (8, 8) and tile(14, bwd=bwd, **outside)[3] is None
+        assert tile(56, bwd=True, **outside)[:2] == (8, 8)
+        if outside != dict(k=9):  # kernel 9 at a 7 x 7 map is a 7 x 7 window: the table's
+            assert tile(7, **outside)[2] == 16
+    assert nt.tile_config(1, 3136, 1, 7, True) == nt.tile_config(1, 3136, 1, 7, True, 32, True, False)  # 1-D
+    assert nt._tile_warps(1, 3136, 1, 7, True, 32, True, True) is None
     assert nt.launch_meta(32, 32, 32, True, 2)["num_warps"] == 2 and nt._bwd_meta(32, True, 2)["num_warps"] == 2
     assert nt.launch_meta(32, 32, 32, True)["num_warps"] == 4 and nt._bwd_meta(32, True)["num_warps"] == 4
     monkeypatch.setitem(nt.TUNING, "tile_q", 32)
-    assert tile(56)[:2] == (4, 8) and tile(14)[3] is None  # the set tile, without the rule's warps
+    assert tile(56)[:3] == (4, 8, 16) and tile(14)[3] is None  # the set tile, rows of 8, without the table's warps
     monkeypatch.setitem(nt.TUNING, "tile_q", None)
+    monkeypatch.setitem(nt.TUNING, "tile_y", 32)
+    assert tile(56) == (2, 32, 64, None) and tile(56, bwd=True)[:2] == (2, 32)  # 64 queries: the general default
+    monkeypatch.setitem(nt.TUNING, "tile_y", None)
+    monkeypatch.setitem(nt.TUNING, "narrow_cols", False)
+    assert tile(7)[2] == 16 and tile(28)[:2] == (16, 2)  # wide blocks, the table's tile kept
+    monkeypatch.setitem(nt.TUNING, "narrow_cols", True)
+    assert tile(7, half=False)[2] == 8  # narrow outside the table's range, on request
     monkeypatch.setitem(nt.TUNING, "bwd_warps", 8)
     assert nt._bwd_meta(32, True, 2)["num_warps"] == 8  # a set warp count wins over the tile's
+
+
+def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
+    """``na2d_fwd`` and ``na2d_bwd`` launch their kernels with the tile and warps of their own pass
+    (``tile_config(..., backward)``, ``_tile_warps``) at NAT-T's stage shapes, bf16 with a bias table; float32 takes
+    the general rule (the kernels stubbed: only the launch arguments are checked)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    seen = []
+    monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, meta)))
+    monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
+    want = {  # map side: (forward TX, TY, warps), (backward TX, TY, warps)
+        56: ((8, 8, 4), (8, 2, 2)), 28: ((16, 2, 2), (4, 4, 2)),
+        14: ((16, 2, 2), (4, 16, 4)), 7: ((8, 8, 4), (8, 8, 4)),
+    }  # fmt: skip
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, (fwd, bwd) in want.items():
+            q = torch.zeros(1, n, n, 2, 32, dtype=dtype)
+            rpb = torch.zeros(2, 13, 13)
+            seen.clear()
+            nt.na2d_fwd(q, q, q, rpb, 7, 7, 1, 1, 0.25)
+            nt.na2d_bwd(q, q, q, rpb, q, torch.zeros(1, 2, n, n), q, 7, 7, 1, 1, 0.25, False)
+            got = [(m["TX"], m["TY"], m["num_warps"]) for k, m in seen if k in (nt._fwd_kernel, nt._bwd_kernel)]
+            if dtype == torch.float32:
+                fwd = bwd = (8, 8, 4)
+            assert got == [fwd, bwd], (dtype, n, got)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +307,7 @@ def test_measured_tiles_by_group_row(monkeypatch):
         ("tile_q", 128, "TUNING['tile_q'] = 128: allowed 16, 32 or 64"),
         ("tile_q", 8, "TUNING['tile_q'] = 8: allowed 16, 32 or 64"),
         ("tile_q", "abc", "TUNING['tile_q'] must be None or a power of two, got 'abc'"),
-        ("narrow_cols", 1, "TUNING['narrow_cols'] = 1: must be True or False"),
+        ("narrow_cols", 1, "TUNING['narrow_cols'] = 1: must be None (the default), True or False"),
     ],
 )
 def test_bad_launch_settings_raise_naming_them(key, value, message, monkeypatch):
@@ -518,9 +566,10 @@ def test_gpu_na_torch_compile_fullgraph():
 TILE_SETTINGS = {
     "shipped": {},
     "wide": dict(narrow_cols=False),
+    "narrow": dict(narrow_cols=True),
     "q16_y2_narrow": dict(tile_q=16, tile_y=2, narrow_cols=True),
     "q32_y4_narrow": dict(tile_q=32, tile_y=4, narrow_cols=True),
-    "q16_y4": dict(tile_q=16, tile_y=4),
+    "q16_y4": dict(tile_q=16, tile_y=4, narrow_cols=False),
 }
 
 

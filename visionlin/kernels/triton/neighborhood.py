@@ -379,24 +379,27 @@ def _bias_grad_kernel(
 #: ``bwd_maxnreg`` (0: none) its launch settings; ``bwd_bias_dot`` puts the bias in the backward's score products
 #: as the forward does (:func:`_logits`; off by default: on, the backward took 4% longer at NAT-T's stage 1 on an
 #: H200, ``benchmarks/neighborhood_op.py --bias-dot-ab``); ``tile_q`` queries per tile of 2-D maps (16, 32 or 64;
-#: the backward's keys per tile too; by default from :data:`MEASURED_TILES`, the forward's and the backward's apart)
-#: and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`; on by default, off: at least 16),
-#: which ``neighborhood_op.py --tile-sweep`` times at NAT's and DiNAT's small maps and dilation groups. A set
-#: ``tile_q`` or ``tile_y`` holds in both passes (the other dimension stays the rule's) and drops the rule's warps.
-#: Tiles, blocks and warps are powers of two, the others non-negative ints, each within :data:`_BOUNDS`
-#: (``narrow_cols``, ``bwd_bias_dot`` bools): anything else raises ``ValueError`` naming the key and the value
-#: (:func:`_check_tuning`). ``stages`` 0 means its default, as ``None`` does; ``maxnreg`` 0 no cap.
+#: the backward's keys per tile too) and ``narrow_cols`` key blocks narrower than 16 columns (:func:`tile_config`),
+#: which ``neighborhood_op.py --tile-sweep`` times at NAT's and DiNAT's small maps and dilation groups. By default
+#: (``None``) both come from :data:`MEASURED_TILES` inside its measured range, the forward's and the backward's apart,
+#: else 64 queries and key blocks of at least 16 columns; a set ``tile_q`` or ``tile_y`` replaces the table in both
+#: passes (the other at its general default: 64 queries, rows of 8) and its warps. Tiles, blocks and warps are powers
+#: of two, the others non-negative ints, each within :data:`_BOUNDS` (``narrow_cols`` None or a bool, ``bwd_bias_dot``
+#: a bool): anything else raises ``ValueError`` naming the key and the value (:func:`_check_tuning`). ``stages`` 0
+#: means its default, as ``None`` does; ``maxnreg`` 0 no cap.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": True,
+    "tile_q": None, "narrow_cols": None,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
 #: shapes at 224 px, bf16, batch 128, kernel 7, head dim 32, NAT's bias table; CUDA-graph replays on an H200,
-#: ``benchmarks/results/h200/s44/neighborhood_op_tiles_665049b.json``), by the longest dilation group's row length
-#: ``ny``: the largest ``ny`` of each row, ``(queries, width, warps)`` of the forward's query tile, then of the
-#: backward's key tile (``None``: the general rule). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's
+#: ``benchmarks/results/h200/s44/neighborhood_op_tiles_665049b.json``), used for half-precision inputs with a bias
+#: table, a 7 x 7 window and head dim 32 (float32 tiles, other windows and head dims keep the general rule: at float32
+#: the narrow key blocks spill for sm_90), by the longest dilation group's row length ``ny``: the largest ``ny`` of
+#: each row, ``(queries, width, warps)`` of the forward's query tile, then of the backward's key tile (``None``: the
+#: general rule's warps). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's
 #: stage 4, every DiNAT-T dilation group). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms for
 #: 8 x 8), the backward in 4 x 16 (the whole row; 0.278 against 0.326). 28: 16 x 2 forward (0.138 against 0.172), 4 x 4
 #: backward of 2 warps (0.534 against 0.604). Longer: 8 x 8 forward, 8 x 2 backward of 2 warps (0.924 against 1.007 at
@@ -439,7 +442,9 @@ def _check_tuning() -> None:
     queries = TUNING["tile_q"] or 64
     if (TUNING["tile_y"] or 0) > queries:
         raise ValueError(f"TUNING['tile_y'] = {TUNING['tile_y']}: at most {queries} (the query tile holds {queries})")
-    tuning_flag(TUNING, __name__, "narrow_cols")
+    if TUNING["narrow_cols"] is not None and not isinstance(TUNING["narrow_cols"], bool):
+        value = TUNING["narrow_cols"]
+        raise ValueError(f"{__name__}.TUNING['narrow_cols'] = {value!r}: must be None (the default), True or False")
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     _checked = state
 
@@ -458,51 +463,54 @@ def _checking(fn):
     return checked
 
 
-def _measured_tile(ny: int, k: int, has_rpb: bool, d: int, backward: bool) -> tuple[int, int, int | None] | None:
-    """``(queries, width, warps)`` from :data:`MEASURED_TILES` for a 2-D call inside their measured range (bias table,
-    kernel at most 7, padded head dim at most 32), else ``None``."""
-    if not has_rpb or k > 7 or d > 32:
+def _measured_tile(
+    ny: int, kx: int, ky: int, has_rpb: bool, d: int, half: bool, backward: bool
+) -> tuple[int, int, int | None] | None:
+    """``(queries, width, warps)`` from :data:`MEASURED_TILES` for a 2-D call inside its measured range (half-precision
+    inputs, a bias table, a 7 x 7 window, padded head dim 32) unless ``TUNING["tile_q"]`` or ``["tile_y"]`` is set,
+    else ``None``."""
+    if TUNING["tile_q"] or TUNING["tile_y"] or not (half and has_rpb and kx == ky == 7 and d == 32):
         return None
-    row = next(r for r in MEASURED_TILES if r[0] is None or ny <= r[0])
-    return row[2] if backward else row[1]
+    row = next((r for r in MEASURED_TILES if r[0] is None or ny <= r[0]), None)
+    return None if row is None else row[2] if backward else row[1]
 
 
 @_checking
 def tile_config(
-    nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int = 32, backward: bool = False
+    nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int = 32, backward: bool = False, half: bool = True
 ) -> tuple[int, int, int, int]:
     """Query tile ``TX x TY`` of the forward (the backward's key tile when ``backward``) and key block ``KROWS x
-    KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis), effective kernel sizes ``kx, ky`` and
-    padded head dim ``d``.
+    KCOLS`` for group lengths ``nx, ny`` (the longest dilation group per axis), effective kernel sizes ``kx, ky``,
+    padded head dim ``d`` and half-precision (``half``) or float32 inputs.
 
     One-row maps (1-D calls): ``1 x 32`` (``1 x 16`` with a bias table, whose gathered offsets cost registers). 2-D:
-    ``TUNING["tile_q"]`` queries in rows of ``TUNING["tile_y"]``, each by default from :data:`MEASURED_TILES` where it
-    was measured, else 64 queries in rows of 8 (16 for kernels from 11, where ``8 + k - 1`` would round up to 32
-    columns anyway), ``TY`` at most the group row's power of two; ``KCOLS`` is the power of two covering the key
-    rectangle's width ``TY + ky - 1`` (or the row), at least 16 unless ``TUNING["narrow_cols"]`` (on by default: a
-    7 x 7 group's key rows in blocks of 8 columns, not 16 of which half masked); a key block holds about 32 keys (at
-    NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
+    :data:`MEASURED_TILES` inside its measured range, else ``TUNING["tile_q"]`` queries (64) in rows of
+    ``TUNING["tile_y"]`` (8; 16 for kernels from 11, where ``8 + k - 1`` would round up to 32 columns anyway), ``TY``
+    at most the group row's power of two; ``KCOLS`` is the power of two covering the key rectangle's width
+    ``TY + ky - 1`` (or the row), at least 16 unless narrow (``TUNING["narrow_cols"]``, by default inside the table's
+    range: a 7 x 7 group's key rows in blocks of 8 columns, not 16 of which half masked); a key block holds about 32
+    keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
     ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
+    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
-        rule = _measured_tile(ny, max(kx, ky), has_rpb, d, backward) or (64, 16 if ky >= 11 else 8, None)
-        queries = TUNING["tile_q"] or rule[0]
-        ty = min(TUNING["tile_y"] or rule[1], queries, max(2, next_pow2(ny)))
+        queries, row, _ = rule or (64, 16 if ky >= 11 else 8, None)
+        queries = TUNING["tile_q"] or queries
+        ty = min(TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
         tx = queries // ty
     width = min(ty + ky - 1, ny)
-    kcols = next_pow2(width) if nx > 1 and TUNING["narrow_cols"] else tile_dim(width)
+    narrow = rule is not None if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
+    kcols = next_pow2(width) if nx > 1 and narrow else tile_dim(width)
     krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
     return tx, ty, krows, kcols
 
 
-def _tile_warps(ny: int, k: int, has_rpb: bool, d: int, backward: bool) -> int | None:
-    """Warps of a 2-D tile from :data:`MEASURED_TILES` (``None``: the general rule), unless ``TUNING["tile_q"]``
-    or ``["tile_y"]`` set the tile (the rule's warps belong to its tile)."""
-    if TUNING["tile_q"] or TUNING["tile_y"]:
-        return None
-    rule = _measured_tile(ny, k, has_rpb, d, backward)
+def _tile_warps(nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int, half: bool, backward: bool) -> int | None:
+    """Warps of a 2-D tile from :data:`MEASURED_TILES` (``None``: the general rule; a set ``TUNING["tile_q"]`` or
+    ``["tile_y"]`` drops the table, its warps with it)."""
+    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
     return rule[2] if rule else None
 
 
@@ -615,11 +623,11 @@ def na2d_fwd(
         return out, lse.zero_()
     bd, bdv = _blocks(d), _blocks(dv)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
-    tx, ty, krows, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    tx, ty, krows, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, False, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    warps = _tile_warps(ny, max(kx, ky), has_rpb, bd, False) if nx > 1 else None
+    warps = _tile_warps(nx, ny, kx, ky, has_rpb, bd, half, False)
     meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
@@ -665,7 +673,8 @@ def na2d_bwd(
     delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
-    tx, ty, _, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, backward=True)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    tx, ty, _, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, True, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
@@ -673,13 +682,12 @@ def na2d_bwd(
     # The bias gradient's dS per (query, window slot): a float32 slice per batch element while DS_BUFFER_BYTES allows
     slices = max(1, min(b, DS_BUFFER_BYTES // (h * x * y * kx * ky * 4))) if need else 1
     store = need and slices == b  # every (b, h, query, slot) entry stored exactly once: no zero fill needed
-    half = q.dtype in (torch.float16, torch.bfloat16)
     dsbuf = (torch.empty if store else torch.zeros)(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
-    meta = _bwd_meta.unchecked(bd, half, _tile_warps(ny, max(kx, ky), has_rpb, bd, True) if nx > 1 else None)
+    meta = _bwd_meta.unchecked(bd, half, _tile_warps(nx, ny, kx, ky, has_rpb, bd, half, True))
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
