@@ -39,12 +39,15 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-def tuning_flag(table: dict, owner: str, key: str) -> bool:
-    """``table[key]`` (a kernel module's ``TUNING``, ``owner`` its module name) as a bool, else a ``ValueError`` naming
-    it (the string ``"no"`` would read as on)."""
+def tuning_flag(table: dict, owner: str, key: str, allow_none: bool = False) -> bool | None:
+    """``table[key]`` (a kernel module's ``TUNING``, ``owner`` its module name) as a bool (or ``None`` where
+    ``allow_none``: the module's default), else a ``ValueError`` naming it (the string ``"no"`` would read as on)."""
     value = table[key]
+    if value is None and allow_none:
+        return None
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be True or False")
+        allowed = "None (the default), True or False" if allow_none else "True or False"
+        raise ValueError(f"{owner}.TUNING[{key!r}] = {value!r}: must be {allowed}")
     return value
 
 
