@@ -65,7 +65,7 @@ def test_switches_set_and_restore():
         assert na.MEASURED_TILES == toggle_speed.NA_TILES_S43 and na.TUNING["narrow_cols"] is False
         assert dict(na.TUNING, narrow_cols=None) == na_tuning
         assert na.tile_config(14, 14, 7, 7, True, 32, True, True) == (8, 8, 2, 16)
-        assert na._tile_warps(14, 14, 7, 7, True, 32, True, True) is None
+        assert na._tile_plan(14, 14, 7, 7, True, 32, True, True)[4] is None
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
     assert (na.MEASURED_TILES, dict(na.TUNING)) == (tiles, na_tuning) and na_tuning["narrow_cols"] is None
     with toggle_speed.switches("conv_strip"):

@@ -226,8 +226,9 @@ def test_measured_tiles_by_group_row(monkeypatch):
     from visionlin.kernels.triton import neighborhood as nt
 
     def tile(n, k=7, rpb=True, d=32, half=True, bwd=False):
-        tx, ty, _, kcols = nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd, half)
-        return tx, ty, kcols, nt._tile_warps(n, n, min(k, n), min(k, n), rpb, d, half, bwd)
+        tx, ty, krows, kcols, warps = nt._tile_plan(n, n, min(k, n), min(k, n), rpb, d, bwd, half)
+        assert nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd, half) == (tx, ty, krows, kcols)
+        return tx, ty, kcols, warps
 
     # NAT-T's four stages (56, 28, 14, 7) and DiNAT-T's 7 x 7 dilation groups, narrow key blocks
     assert [tile(n) for n in (56, 28, 14, 7)] == [(8, 8, 16, None), (16, 2, 8, 2), (16, 2, 8, 2), (8, 8, 8, None)]
@@ -241,7 +242,7 @@ def test_measured_tiles_by_group_row(monkeypatch):
         if outside != dict(k=9):  # kernel 9 at a 7 x 7 map is a 7 x 7 window: the table's
             assert tile(7, **outside)[2] == 16
     assert nt.tile_config(1, 3136, 1, 7, True) == nt.tile_config(1, 3136, 1, 7, True, 32, True, False)  # 1-D
-    assert nt._tile_warps(1, 3136, 1, 7, True, 32, True, True) is None
+    assert nt._tile_plan(1, 3136, 1, 7, True, 32, True, True)[4] is None
     assert nt.launch_meta(32, 32, 32, True, 2)["num_warps"] == 2 and nt._bwd_meta(32, True, 2)["num_warps"] == 2
     assert nt.launch_meta(32, 32, 32, True)["num_warps"] == 4 and nt._bwd_meta(32, True)["num_warps"] == 4
     monkeypatch.setitem(nt.TUNING, "tile_q", 32)
@@ -260,7 +261,7 @@ def test_measured_tiles_by_group_row(monkeypatch):
 
 def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
     """``na2d_fwd`` and ``na2d_bwd`` launch their kernels with the tile and warps of their own pass
-    (``tile_config(..., backward)``, ``_tile_warps``) at NAT-T's stage shapes, bf16 with a bias table; float32 takes
+    (``_tile_plan``) at NAT-T's stage shapes, bf16 with a bias table; float32 takes
     the general rule (the kernels stubbed: only the launch arguments are checked)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt

@@ -399,12 +399,12 @@ TUNING: dict[str, int | bool | None] = {
 #: table, a 7 x 7 window and head dim 32 (float32 tiles, other windows and head dims keep the general rule: at float32
 #: the narrow key blocks spill for sm_90), by the longest dilation group's row length ``ny``: the largest ``ny`` of
 #: each row, ``(queries, width, warps)`` of the forward's query tile, then of the backward's key tile (``None``: the
-#: general rule's warps). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's
-#: stage 4, every DiNAT-T dilation group). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms for
+#: general rule's warps). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's stage 4, every DiNAT-T
+#: dilation group). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms for
 #: 8 x 8), the backward in 4 x 16 (the whole row; 0.278 against 0.326). 28: 16 x 2 forward (0.138 against 0.172), 4 x 4
 #: backward of 2 warps (0.534 against 0.604). Longer: 8 x 8 forward, 8 x 2 backward of 2 warps (0.924 against 1.007 at
-#: 56). Key blocks as narrow as the key rectangle everywhere (``narrow_cols``: 1.5-1.6x the forward, 1.2-1.3x the
-#: backward at 7 x 7 groups, no loss elsewhere).
+#: 56). Key blocks as narrow as the key rectangle wherever the table applies (``narrow_cols``: 1.5-1.6x the forward,
+#: 1.2-1.3x the backward at 7 x 7 groups, no loss at the other shapes).
 MEASURED_TILES = (
     (8, (64, 8, None), (64, 8, None)),
     (16, (32, 2, 2), (64, 16, None)),
@@ -442,9 +442,7 @@ def _check_tuning() -> None:
     queries = TUNING["tile_q"] or 64
     if (TUNING["tile_y"] or 0) > queries:
         raise ValueError(f"TUNING['tile_y'] = {TUNING['tile_y']}: at most {queries} (the query tile holds {queries})")
-    if TUNING["narrow_cols"] is not None and not isinstance(TUNING["narrow_cols"], bool):
-        value = TUNING["narrow_cols"]
-        raise ValueError(f"{__name__}.TUNING['narrow_cols'] = {value!r}: must be None (the default), True or False")
+    tuning_flag(TUNING, __name__, "narrow_cols", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     _checked = state
 
@@ -475,6 +473,27 @@ def _measured_tile(
     return None if row is None else row[2] if backward else row[1]
 
 
+def _tile_plan(
+    nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int, backward: bool, half: bool
+) -> tuple[int, int, int, int, int | None]:
+    """:func:`tile_config`'s tile and key block, and the tile's warps from :data:`MEASURED_TILES` (``None``: the
+    general rule's, :func:`_warps`; a set ``TUNING["tile_q"]`` or ``["tile_y"]`` drops the table, its warps with it):
+    one look-up of the table per pass."""
+    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
+    if nx == 1:
+        tx, ty = 1, 16 if has_rpb else 32
+    else:
+        queries, row, _ = rule or (64, 16 if ky >= 11 else 8, None)
+        queries = TUNING["tile_q"] or queries
+        ty = min(TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
+        tx = queries // ty
+    width = min(ty + ky - 1, ny)
+    narrow = rule is not None if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
+    kcols = next_pow2(width) if nx > 1 and narrow else tile_dim(width)
+    krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
+    return tx, ty, krows, kcols, rule[2] if rule else None
+
+
 @_checking
 def tile_config(
     nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int = 32, backward: bool = False, half: bool = True
@@ -492,26 +511,7 @@ def tile_config(
     keys (at NAT-T's stage-1 shape with a bias table, 4 warps: 0.21-0.23 ms against 0.21-0.33 with 16 keys,
     ``neighborhood_op.json``'s sweep), at least 16 (the score product's smallest width).
     """
-    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
-    if nx == 1:
-        tx, ty = 1, 16 if has_rpb else 32
-    else:
-        queries, row, _ = rule or (64, 16 if ky >= 11 else 8, None)
-        queries = TUNING["tile_q"] or queries
-        ty = min(TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
-        tx = queries // ty
-    width = min(ty + ky - 1, ny)
-    narrow = rule is not None if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
-    kcols = next_pow2(width) if nx > 1 and narrow else tile_dim(width)
-    krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
-    return tx, ty, krows, kcols
-
-
-def _tile_warps(nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int, half: bool, backward: bool) -> int | None:
-    """Warps of a 2-D tile from :data:`MEASURED_TILES` (``None``: the general rule; a set ``TUNING["tile_q"]`` or
-    ``["tile_y"]`` drops the table, its warps with it)."""
-    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
-    return rule[2] if rule else None
+    return _tile_plan(nx, ny, kx, ky, has_rpb, d, backward, half)[:4]
 
 
 @_checking
@@ -519,7 +519,7 @@ def launch_meta(
     block_q: int, block_k: int, d: int = 32, has_rpb: bool = True, warps: int | None = None
 ) -> dict[str, int]:
     """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
-    head dim ``d``: ``warps`` (the tile's, :func:`_tile_warps`) if given, else 4 up to head dim 64, 8 beyond; 2 stages
+    head dim ``d``: ``warps`` (the tile's, :func:`_tile_plan`) if given, else 4 up to head dim 64, 8 beyond; 2 stages
     (1 for tiles of at most 512 scores, 1-D with a bias table); with a bias table at head dim 64, :data:`MAXNREG`
     registers a thread. Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms
     against 0.35-0.52 with 8 (which took about 150 registers a thread, one program per SM); at head dim 64 with the bias
@@ -561,7 +561,7 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
 
 @_checking
 def _bwd_meta(d: int, half: bool = True, warps: int | None = None) -> dict[str, int]:
-    """Launch settings of the backward: ``warps`` (the key tile's, :func:`_tile_warps`) if given, else 4 up to head dim
+    """Launch settings of the backward: ``warps`` (the key tile's, :func:`_tile_plan`) if given, else 4 up to head dim
     64, 8 beyond; no software pipelining, :data:`MAXNREG` registers up to head dim 32 for half-precision inputs (float32
     tiles spilled 170-810 bytes under the cap at sm_90, at most 20 without). Measured at NAT-T's stage-1 shape
     (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms capped against 0.75 uncapped (16-query blocks),
@@ -624,15 +624,14 @@ def na2d_fwd(
     bd, bdv = _blocks(d), _blocks(dv)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
-    tx, ty, krows, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, False, half)
+    tx, ty, krows, kcols, warps = _tile_plan(nx, ny, kx, ky, has_rpb, bd, False, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
-    warps = _tile_warps(nx, ny, kx, ky, has_rpb, bd, half, False)
     meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
-        HAS_RPB=rpb is not None, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
+        HAS_RPB=has_rpb, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
         KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     return out, lse
@@ -674,7 +673,7 @@ def na2d_bwd(
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
-    tx, ty, _, kcols = tile_config.unchecked(nx, ny, kx, ky, has_rpb, bd, True, half)
+    tx, ty, _, kcols, warps = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
@@ -687,12 +686,12 @@ def na2d_bwd(
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
-    meta = _bwd_meta.unchecked(bd, half, _tile_warps(nx, ny, kx, ky, has_rpb, bd, half, True))
+    meta = _bwd_meta.unchecked(bd, half, warps)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=rpb is not None, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half,
+        HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     dq = dqacc.to(q.dtype)
