@@ -296,6 +296,8 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
     the launcher's host time). The query tile sets the key tile of the backward too. ``save`` gets the rows after
     each shape (a run cut by a time limit keeps what it measured)."""
     rows = []
+    stream = torch.cuda.Stream()  # the backward's forward runs where its graph is captured
+    timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters, stream=stream)
     for name in args.tile_shapes:
         size, heads, dilation, calls = TILE_SHAPES[name]
         shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
@@ -313,8 +315,6 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
         bwd += [c | dict(bwd_warps=w) for c in small for w in (2, 4)]
         for mode, configs in (("forward", [{}, *fwd]), ("backward", [{}, *bwd])):
             for config in configs:  # {}: the shipped settings
-                stream = torch.cuda.Stream()  # the backward's forward runs where its graph is captured
-                timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters, stream=stream)
                 row = _time_setting(shape, fn, mode, config, timer, "graph_ms", stream, shape=name, calls=calls)
                 rows.append(row)
                 torch.cuda.empty_cache()
@@ -337,15 +337,16 @@ def _plot_tiles(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(row: dict) -> str:
+        return ",".join(f"{k}={v}" for k, v in row["config"].items()) or "shipped"
+
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     fig, axes = plt.subplots(2, 1, figsize=(12, 7), squeeze=False)
     for ax, mode in zip(axes[:, 0], ("forward", "backward"), strict=True):
         mine = [r for r in rows if r["mode"] == mode]
         shapes = list(dict.fromkeys(r["shape"] for r in mine))
-        labels = list(dict.fromkeys(",".join(f"{k}={v}" for k, v in r["config"].items()) or "shipped" for r in mine))
-        ms = {
-            (r["shape"], ",".join(f"{k}={v}" for k, v in r["config"].items()) or "shipped"): r["graph_ms"] for r in mine
-        }
+        labels = list(dict.fromkeys(label(r) for r in mine))
+        ms = {(r["shape"], label(r)): r["graph_ms"] for r in mine}
         shipped = {s: ms.get((s, "shipped")) for s in shapes}
 
         def speed(shape: str, label: str, ms=ms, shipped=shipped) -> float:
