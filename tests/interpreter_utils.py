@@ -12,9 +12,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_in_interpreter(script: str, timeout: int = 900) -> None:
-    """Run ``script`` (Python source) under the interpreter; it must exit 0 and print ``interpreter ok``."""
+def run_in_interpreter(script: str, timeout: int = 900, fast: bool = True) -> None:
+    """Run ``script`` (Python source) under the interpreter; it must exit 0 and print ``interpreter ok``. ``fast``:
+    with :func:`interpreter_fast.install`'s slice-wise reductions and scans."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    if fast:  # custom-combine reductions and scans on whole slices (tests/interpreter_fast.py: same values)
+        script = "import interpreter_fast\ninterpreter_fast.install()\n" + script
+    if os.environ.get("VISIONLIN_INTERP_PROFILE"):  # a directory: each script's cProfile lands there, named by test
+        name = os.environ.get("PYTEST_CURRENT_TEST", "script").split(" ")[0].replace("/", "_").replace("::", "-")
+        out = os.path.join(os.environ["VISIONLIN_INTERP_PROFILE"], name + ".prof")
+        script = f"import cProfile\ncProfile.run(compile({script!r}, 'script', 'exec'), {out!r})\n"
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
