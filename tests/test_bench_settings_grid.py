@@ -48,7 +48,7 @@ _SCRIPT = textwrap.dedent(
     defaults = json.loads((out / "rope.json").read_text())["defaults"]
     assert defaults["0"]["warps_backward"] == defaults["1"]["warps_backward"] == rl.WARPS_LARGE, defaults  # float32
     bad = [r for r in json.loads((out / "linear.json").read_text())["rows"] if r.get("rows_backward") == 0]
-    assert bad and "must be None or a power of two" in bad[0]["error"], bad
+    assert bad and "TUNING['rows_backward'] = 0: must be an integer >= 1 or None" in bad[0]["error"], bad
     assert (dict(tri.TUNING), dict(rl.TUNING)) == before
     print("interpreter ok")
     """

@@ -329,9 +329,9 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
         conv._launch_conv(torch.empty(1, 4, 8), *[None] * 6, 2, 2, 0, False)
     monkeypatch.setitem(conv.TUNING, "conv", "tile")
     for key, value, message in (
-        ("wg_warps", 3, r"TUNING\['wg_warps'\] must be None or a power of two, got 3"),
-        ("wg_per_sm", 0, r"TUNING\['wg_per_sm'\] must be None or a power of two, got 0"),
-        ("wg_elements", -8, r"TUNING\['wg_elements'\] must be None or a power of two, got -8"),
+        ("wg_warps", 3, r"TUNING\['wg_warps'\] = 3: must be a power of two"),
+        ("wg_per_sm", 0, r"TUNING\['wg_per_sm'\] = 0: must be an integer >= 1 or None"),
+        ("wg_elements", -8, r"TUNING\['wg_elements'\] = -8: must be an integer >= 1 or None"),
         ("wg_elements", 32768, r"TUNING\['wg_elements'\] = 32768: at most 16384"),
     ):
         with monkeypatch.context() as m:
@@ -341,7 +341,7 @@ def test_weight_grad_kernel_setting_is_checked(monkeypatch):
     with monkeypatch.context() as m:
         m.setitem(conv.TUNING, "weight_grad", "strip")
         m.setitem(conv.TUNING, "wg_strip_c", 24)
-        with pytest.raises(ValueError, match=r"TUNING\['wg_strip_c'\] must be None or a power of two, got 24"):
+        with pytest.raises(ValueError, match=r"conv\.TUNING\['wg_strip_c'\] = 24: must be a power of two"):
             conv._launch_weight_grad(None, torch.empty(1, 4, 8), *[None] * 2, 3, True, 2, 2, 0, 0)
     for k, groups, tokens in ((1, (0, 0), 64), (3, (8, 0), 8), (5, (16, 8), 4), (7, (32, 16), 2)):
         t1, t2, bt = conv.weight_grad_tile(k)

@@ -190,7 +190,7 @@ def test_launch_settings_refuse_bad_tuning(key, value):
     before = dict(tlin.TUNING)
     try:
         tlin.TUNING[key] = value
-        with pytest.raises(ValueError, match=rf"TUNING\['{key}'\] must be None or"):
+        with pytest.raises(ValueError, match=rf"linear\.TUNING\['{key}'\] = {value}: must be (a power of two|an integer >= [01] or None)"):
             tlin._forward_settings(32, 32, False) if "backward" not in key else tlin._backward_settings(32, 32)
     finally:
         tlin.TUNING.clear()

@@ -31,7 +31,11 @@ from typing import Any
 import torch
 
 from .._common import PLAIN_TENSOR_TYPES
-from . import next_pow2, tile_dim  # (defined without Triton: the backends' supports() checks use them on any host)
+from . import (  # (defined without Triton: the backends' supports() checks use them on any host)
+    next_pow2,
+    tile_dim,
+    tuning_int,
+)
 
 try:
     from triton import knobs as _knobs
@@ -56,17 +60,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tuned(tuning: dict[str, Any], key: str, default: int, pow2: bool = False) -> int:
-    """A launch setting: ``tuning[key]`` (a kernel module's ``TUNING``) when set, else ``default``. A set value must be
-    a non-negative int, and a power of two with ``pow2`` (rows and warps); anything else raises ``ValueError``."""
-    value = tuning[key]
-    if value is None:
-        return default
-    bad = not isinstance(value, int) or isinstance(value, bool) or value < 0
-    if bad or (pow2 and (value < 1 or value & (value - 1))):
-        kind = "a power of two" if pow2 else "a non-negative int"
-        raise ValueError(f"TUNING[{key!r}] must be None or {kind}, got {value!r}")
-    return value
+def tuned(tuning: dict[str, Any], owner: str, key: str, default: int, pow2: bool = False) -> int:
+    """A launch setting: ``tuning[key]`` (the ``TUNING`` of kernel module ``owner``) when set, else ``default``. A set
+    value must be a non-negative int, and a power of two with ``pow2`` (rows and warps): checked by
+    :func:`~visionlin.kernels.triton.tuning_int`, whose ``ValueError`` names the module, the key and the value."""
+    value = tuning_int(tuning, owner, key, least=1 if pow2 else 0, allow_none=True, pow2=pow2)
+    return default if value is None else value
 
 
 def _params(kernel: Any) -> tuple | None:

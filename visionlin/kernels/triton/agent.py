@@ -335,11 +335,11 @@ def _bwd_meta(block_d: int, block_dv: int) -> tuple[int, dict[str, int]]:
     """``(rows, launch options)`` of the backward kernels: 64 rows, 4 warps, 1 pipeline stage at head dims above 32
     and 2 at 32 and below, unless ``TUNING`` sets them (rows a power of two >= 16, warps a power of two, stages a
     non-negative int; 0 leaves Triton's default)."""
-    rows = tuned(TUNING, "bwd_rows", 64, pow2=True)
+    rows = tuned(TUNING, __name__, "bwd_rows", 64, pow2=True)
     if rows < 16:
         raise ValueError(f"TUNING['bwd_rows'] must be a power of two >= 16 (a tl.dot operand), got {rows}")
-    meta = {"num_warps": tuned(TUNING, "bwd_warps", 4, pow2=True)}
-    stages = tuned(TUNING, "bwd_stages", 1 if max(block_d, block_dv) > 32 else 2)
+    meta = {"num_warps": tuned(TUNING, __name__, "bwd_warps", 4, pow2=True)}
+    stages = tuned(TUNING, __name__, "bwd_stages", 1 if max(block_d, block_dv) > 32 else 2)
     return rows, meta | ({"num_stages": stages} if stages else {})
 
 

@@ -582,6 +582,11 @@ def _strip_i64(p: int, hh: int, ww: int, s: int, k: int, *tensors: torch.Tensor)
     return (p + hh * ww + s + k) * max(t.stride(1) for t in tensors) >= I32_OFFSETS
 
 
+def _pow2(key: str, default: int) -> int:
+    """``TUNING[key]`` (a power of two) when set, else ``default``."""
+    return tuned(TUNING, __name__, key, default, pow2=True)
+
+
 def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     b, _, c = x.shape
     bt, bc = TUNING["block_t"], TUNING["block_c"]
@@ -589,8 +594,8 @@ def _launch_conv(x, w32, k, per_sample, bias, residual, out, hh, ww, p, flip):
     stages = {} if TUNING["stages"] is None else {"num_stages": TUNING["stages"]}
     if _conv_kernel_name() == "strip" and k <= STRIP_MAX_K:
         ss, sr, bc = STRIP.get(k, STRIP[STRIP_MAX_K])
-        ss, sr = tuned(TUNING, "strip_s", ss, pow2=True), tuned(TUNING, "strip_r", sr, pow2=True)
-        bc, nxs = tuned(TUNING, "strip_c", bc, pow2=True), cdiv(ww, ss)
+        ss, sr = _pow2("strip_s", ss), _pow2("strip_r", sr)
+        bc, nxs = _pow2("strip_c", bc), cdiv(ww, ss)
         i64 = _strip_i64(p, hh, ww, ss, k, x, res, out)
         launch(_conv_strip_kernel, (cdiv(hh * nxs, sr), cdiv(c, bc), b),
             x, w32, bias if bias is not None else w32, res, out, hh, ww, c, p, nxs, *x.stride(),
@@ -625,7 +630,7 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
     kernel = _weight_grad_kernel()
     b, _, c = x.shape
     c_blocks = cdiv(c, BLOCK_C)
-    per_sm, warps = tuned(TUNING, "wg_per_sm", 4, pow2=True), tuned(TUNING, "wg_warps", WARPS_WEIGHT_GRAD, pow2=True)
+    per_sm, warps = _pow2("wg_per_sm", 4), _pow2("wg_warps", WARPS_WEIGHT_GRAD)
     if kernel == "taps":
         splits, per = _splits(hh * ww, BLOCK_T, b * c_blocks, x.device, per_sm)
         launch(_weight_grad_taps_kernel, (splits, c_blocks, b),
@@ -635,8 +640,8 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         return False
     if kernel == "strip" and k <= STRIP_MAX_K:
         ss, sr, bc = WG_STRIP.get(k, WG_STRIP[STRIP_MAX_K])
-        ss, sr = tuned(TUNING, "wg_strip_s", ss, pow2=True), tuned(TUNING, "wg_strip_r", sr, pow2=True)
-        bc = tuned(TUNING, "wg_strip_c", bc, pow2=True)
+        ss, sr = _pow2("wg_strip_s", ss), _pow2("wg_strip_r", sr)
+        bc = _pow2("wg_strip_c", bc)
         t1, t2, _ = weight_grad_tile(k)
         nxs = cdiv(ww, ss)
         splits, per = _splits(hh * nxs, sr, b * cdiv(c, bc), x.device, per_sm)  # strip tiles: programs per SM
@@ -648,7 +653,7 @@ def _launch_weight_grad(g, x, dw, db, k, has_bias, hh, ww, p, sdw_b, w32=None, d
         return False
     fused = kernel == "fused"
     rows = kernel == "rows" and k <= ROWS_MAX_K  # (larger kernels take "tile", at its own tile size)
-    elements = tuned(TUNING, "wg_elements", ROWS_ELEMENTS if rows else WEIGHT_GRAD_ELEMENTS, pow2=True)
+    elements = _pow2("wg_elements", ROWS_ELEMENTS if rows else WEIGHT_GRAD_ELEMENTS)
     if elements > MAX_WEIGHT_GRAD_ELEMENTS:
         raise ValueError(
             f"visionlin.kernels.triton.conv.TUNING['wg_elements'] = {elements}: at most {MAX_WEIGHT_GRAD_ELEMENTS}"

@@ -458,7 +458,7 @@ _POW2_KNOBS = ("rows", "warps", "rows_backward", "warps_backward")
 
 def _tuned(defaults: dict[str, int]) -> dict[str, int]:
     """``defaults`` with the ``TUNING`` entries that are set (not ``None``) in their place, checked."""
-    return {key: tuned(TUNING, key, default, pow2=key in _POW2_KNOBS) for key, default in defaults.items()}
+    return {key: tuned(TUNING, __name__, key, default, pow2=key in _POW2_KNOBS) for key, default in defaults.items()}
 
 
 def _forward_settings(block_d: int, block_dv: int, fused: bool) -> dict[str, int]:

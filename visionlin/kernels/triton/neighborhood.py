@@ -435,7 +435,7 @@ def _check_tuning() -> None:
     if state == _checked:
         return
     for key, (lo, hi) in _BOUNDS.items():
-        value = tuned(TUNING, key, lo, pow2=key in _POW2)
+        value = tuned(TUNING, __name__, key, lo, pow2=key in _POW2)
         if not lo <= value <= hi:
             allowed = "16, 32 or 64" if key == "tile_q" else f"{lo} to {hi}"
             raise ValueError(f"TUNING[{key!r}] = {value}: allowed {allowed}")

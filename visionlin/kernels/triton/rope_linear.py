@@ -543,7 +543,7 @@ QBAR_ELEMENTS = 1024
 
 def _knob(key: str, default: int, pow2: bool = False) -> int:
     """``TUNING[key]`` if set (checked), else ``default``."""
-    return tuned(TUNING, key, default, pow2)
+    return tuned(TUNING, __name__, key, default, pow2)
 
 
 def _rows(kernel: str, bf: int, bdv: int, half: bool = True) -> int:
