@@ -14,7 +14,9 @@ there on an H200). ``--sweep`` also times the Triton kernels over their tile set
 
 ``--tile-sweep`` (alone): the query-tile width and the forward's keys per block / the backward's query block at
 NAT-T's and DiNAT-T's attention shapes (``--tile-shapes``), each kernel replayed from a CUDA graph, written to
-``neighborhood_op_tiles.json``.
+``neighborhood_op_tiles.json``. ``--bias-grad-sweep`` (alone): the backward's bias-gradient reduction
+(``_bias_grad_kernel``) at those shapes over its sums per program (``BIAS_GRAD_ELEMENTS``) and programs per SM
+(``BIAS_GRAD_PER_SM``), written to ``neighborhood_op_bias_grad.json``.
 
 Usage (on a GPU machine):
     python benchmarks/neighborhood_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -319,15 +321,72 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
                 rows.append(row)
                 torch.cuda.empty_cache()
         save(rows)
-    for mode in ("forward", "backward"):  # the best setting per shape against the shipped one
-        for name in args.tile_shapes:
+    _print_best(rows, args.tile_shapes, ("forward", "backward"))
+    return rows
+
+
+DEVICE = "cuda"  # (the CPU test of the sweep's plumbing sets "cpu")
+#: ``(BIAS_GRAD_ELEMENTS, BIAS_GRAD_PER_SM)`` settings ``--bias-grad-sweep`` times besides the shipped one.
+BIAS_GRAD_SETTINGS = tuple(itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8, 16, 32)))
+
+
+def _bias_grad_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
+    """At each of ``--tile-shapes``: the bias-gradient reduction of one backward (float32 ``dS`` slices, one per batch
+    element, as the backward stores them at these shapes) over :data:`BIAS_GRAD_SETTINGS`, each replayed from a CUDA
+    graph, with the largest difference from the shipped setting's table relative to its largest entry (float32 atomics:
+    the order of the adds differs). The module's constants are restored; ``save`` gets the rows after each shape."""
+    from visionlin.kernels import neighborhood as na
+    from visionlin.kernels.triton import neighborhood as nt
+
+    shipped = (nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM)
+    rows = []
+    for name in args.tile_shapes:
+        size, heads, dilation, calls = TILE_SHAPES[name]
+        (kx, dx), (ky, dy) = (na.effective_window(size, args.kernel, dilation),) * 2
+        ds = torch.randn(args.batch, heads, size, size, kx * ky, device=DEVICE)
+        drpb = torch.zeros(heads, 2 * args.kernel - 1, 2 * args.kernel - 1, device=DEVICE)
+
+        def step(ds=ds, drpb=drpb, size=size, kx=kx, ky=ky, dx=dx, dy=dy):
+            drpb.zero_()
+            nt._bias_grad(ds, drpb, size, size, kx, ky, dx, dy)
+
+        want = None
+        for config in ({}, *(dict(elements=e, per_sm=s) for e, s in BIAS_GRAD_SETTINGS)):
+            row = {"shape": name, "calls": calls, "method": "triton", "mode": "bias_grad", "status": "ok"}
+            row["config"] = config
+            try:
+                nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM = (
+                    config.get("elements", shipped[0]),
+                    config.get("per_sm", shipped[1]),
+                )
+                step()
+                got = drpb.clone()
+                want = got if want is None else want
+                row["max_rel_diff"] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                row["graph_ms"] = graph_ms(step, args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - a setting that fails is recorded, the others still run
+                row |= {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+            finally:
+                nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM = shipped
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del ds, drpb
+        torch.cuda.empty_cache()
+        save(rows)
+    _print_best(rows, args.tile_shapes, ("bias_grad",))
+    return rows
+
+
+def _print_best(rows: list[dict], shapes: list[str], modes: tuple[str, ...]) -> None:
+    """The best setting per shape and mode against the shipped one (``config == {}``)."""
+    for mode in modes:
+        for name in shapes:
             mine = [r for r in rows if r["shape"] == name and r["mode"] == mode and r["status"] == "ok"]
             shipped = next((r["graph_ms"] for r in mine if not r["config"]), None)
             best = min(mine, key=lambda r: r["graph_ms"], default=None)
             if shipped and best:
-                print(f"tile sweep {name} {mode}: shipped {shipped:.4f} ms, best {best['graph_ms']:.4f} ms "
+                print(f"sweep {name} {mode}: shipped {shipped:.4f} ms, best {best['graph_ms']:.4f} ms "
                       f"({shipped / best['graph_ms']:.2f}x) {best['config']}", flush=True)  # fmt: skip
-    return rows
 
 
 def _plot_tiles(result: dict, path: Path) -> None:
@@ -341,8 +400,9 @@ def _plot_tiles(result: dict, path: Path) -> None:
         return ",".join(f"{k}={v}" for k, v in row["config"].items()) or "shipped"
 
     rows = [r for r in result["rows"] if r["status"] == "ok"]
-    fig, axes = plt.subplots(2, 1, figsize=(12, 7), squeeze=False)
-    for ax, mode in zip(axes[:, 0], ("forward", "backward"), strict=True):
+    modes = list(dict.fromkeys(r["mode"] for r in rows)) or ["forward"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.5 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
         mine = [r for r in rows if r["mode"] == mode]
         shapes = list(dict.fromkeys(r["shape"] for r in mine))
         labels = list(dict.fromkeys(label(r) for r in mine))
@@ -403,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tile-sweep", action="store_true",
         help="only time the Triton kernels' query tiles and blocks at --tile-shapes (CUDA-graph replays), nothing else",
     )  # fmt: skip
+    p.add_argument(
+        "--bias-grad-sweep", action="store_true",
+        help="only time the bias gradient's reduction over its block and programs per SM at --tile-shapes",
+    )  # fmt: skip
     p.add_argument("--tile-shapes", default=",".join(TILE_SHAPES), help=f"subset of {', '.join(TILE_SHAPES)}")
     p.add_argument(
         "--bias-dot-ab", action="store_true",
@@ -419,18 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     if (bad := [n for n in shapes if n not in TILE_SHAPES]) or not shapes:
         p.error(f"--tile-shapes: unknown {bad or args.tile_shapes!r}; choose from {', '.join(TILE_SHAPES)}")
     args.tile_shapes = list(dict.fromkeys(shapes))  # each once, in the order given
+    if args.tile_sweep and args.bias_grad_sweep:
+        p.error("--tile-sweep and --bias-grad-sweep each run alone: choose one")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.tile_sweep:
-        result = {"benchmark": f"{STEM}_tiles", "meta": gpu_meta(argv, args.commit), "batch": args.batch}
+    if args.tile_sweep or args.bias_grad_sweep:
+        stem, sweep = (f"{STEM}_tiles", _tile_sweep) if args.tile_sweep else (f"{STEM}_bias_grad", _bias_grad_sweep)
+        result = {"benchmark": stem, "meta": gpu_meta(argv, args.commit), "batch": args.batch}
         result |= {"dtype": args.dtype, "rows": []}
 
         def save(rows: list[dict]) -> None:
-            write_result(result | {"rows": rows}, args.out, f"{STEM}_tiles", plot=False)
+            write_result(result | {"rows": rows}, args.out, stem, plot=False)
 
-        result["rows"] = _tile_sweep(args, save)
-        for note in write_result(result, args.out, f"{STEM}_tiles", plot=_plot_tiles):
+        result["rows"] = sweep(args, save)
+        for note in write_result(result, args.out, stem, plot=_plot_tiles):
             print(note)
         return 0
     rows = []

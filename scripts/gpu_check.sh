@@ -25,6 +25,8 @@
 #                  backward)                                                                           ~3.5 min
 #   bench-na-tiles the NA kernels' tile settings at NAT-T / DiNAT-T's seven attention shapes, bs 128, CUDA-graph
 #                  timed (neighborhood_op.py --tile-sweep; TILES_ARGS, TILES_LIMIT)                      ~4 min
+#   bench-na-bias-grad the NA backward's bias-gradient reduction over its block and programs per SM at those shapes
+#                  (neighborhood_op.py --bias-grad-sweep; TILES_ARGS, TILES_LIMIT)                      ~1 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
 #   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
 #                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
@@ -467,7 +469,12 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       # shellcheck disable=SC2086  # TILES_ARGS are separate words
       timeout ${TILES_LIMIT:-300} python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" --tile-sweep \
         --batch 128 ${TILES_ARGS:-} > "$OUT/neighborhood_op_tiles_$COMMIT.log" 2>&1
-      grep "tile sweep" "$OUT/neighborhood_op_tiles_$COMMIT.log" | tail -16 ;;
+      grep "^sweep " "$OUT/neighborhood_op_tiles_$COMMIT.log" | tail -16 ;;
+    bench-na-bias-grad)  # the bias gradient's reduction over its block and programs per SM at the same shapes, bs 128
+      # shellcheck disable=SC2086  # TILES_ARGS are separate words
+      timeout ${TILES_LIMIT:-300} python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" \
+        --bias-grad-sweep --batch 128 ${TILES_ARGS:-} > "$OUT/neighborhood_op_bias_grad_$COMMIT.log" 2>&1
+      grep "^sweep " "$OUT/neighborhood_op_bias_grad_$COMMIT.log" | tail -8 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
     bench-build-default)  # FLatten's memory with its positional tables resampled per forward instead of stored

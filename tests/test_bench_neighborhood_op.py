@@ -82,3 +82,44 @@ def test_short_tile_sweep(tmp_path):
         assert [r["config"] for r in rows if r["shape"] == shape][0] == {}
     assert (tmp_path / "neighborhood_op_tiles.png").is_file()
     assert before == nt.TUNING
+
+
+def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
+    """``--bias-grad-sweep``: at each shape the reduction runs with the shipped constants first, then with each of
+    :data:`BIAS_GRAD_SETTINGS` set while it runs (and its difference from the shipped table recorded), the module's
+    constants restored after; the kernel (a torch sum seeing the constants) and the timer stubbed (no GPU here)."""
+    from visionlin.kernels.triton import neighborhood as nt
+
+    shipped = (nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM)
+    seen = []
+
+    def fake_bias_grad(ds, drpb, x, y, kx, ky, dx, dy):
+        seen.append((tuple(ds.shape), x, dx, nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM))
+        drpb += ds.sum() * (1.0 if nt.BIAS_GRAD_PER_SM != 32 else 2.0)  # one setting "wrong": its diff is recorded
+
+    monkeypatch.setattr(nt, "_bias_grad", fake_bias_grad)
+    monkeypatch.setattr(neighborhood_op, "DEVICE", "cpu")
+    monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters: step() or 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
+    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
+    argv = ["--out", str(tmp_path), "--bias-grad-sweep", "--tile-shapes", "nat_t_s4,dinat_t_s3_d2", "--batch", "2"]
+    assert neighborhood_op.main(argv) == 0
+    assert shipped == (nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM)
+    settings = [shipped, *neighborhood_op.BIAS_GRAD_SETTINGS]
+    per_shape = [(e, s) for e, s in settings for _ in range(2)]  # one check call and one timed call each
+    assert [c[3:] for c in seen] == per_shape * 2
+    assert {c[:3] for c in seen} == {((2, 16, 7, 7, 49), 7, 1), ((2, 8, 14, 14, 49), 14, 2)}
+    doc = json.loads((tmp_path / "neighborhood_op_bias_grad.json").read_text())
+    rows = doc["rows"]
+    assert len(rows) == 2 * len(settings) and all(r["status"] == "ok" and r["mode"] == "bias_grad" for r in rows)
+    assert {r["config"].get("per_sm") == 32 for r in rows if r["max_rel_diff"] > 0.5} == {True}
+    assert all(r["max_rel_diff"] == 0 for r in rows if r["config"].get("per_sm") != 32)
+    assert (tmp_path / "neighborhood_op_bias_grad.png").is_file()
+
+
+def test_the_two_sweeps_run_alone(capsys):
+    with pytest.raises(SystemExit) as e:
+        neighborhood_op.main(["--out", "unused", "--tile-sweep", "--bias-grad-sweep"])
+    assert e.value.code == 2 and "each run alone" in capsys.readouterr().err

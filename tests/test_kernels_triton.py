@@ -190,7 +190,8 @@ def test_launch_settings_refuse_bad_tuning(key, value):
     before = dict(tlin.TUNING)
     try:
         tlin.TUNING[key] = value
-        with pytest.raises(ValueError, match=rf"linear\.TUNING\['{key}'\] = {value}: must be (a power of two|an integer >= [01] or None)"):
+        allowed = "(a power of two|an integer >= [01] or None)"
+        with pytest.raises(ValueError, match=rf"linear\.TUNING\['{key}'\] = {value}: must be {allowed}"):
             tlin._forward_settings(32, 32, False) if "backward" not in key else tlin._backward_settings(32, 32)
     finally:
         tlin.TUNING.clear()
