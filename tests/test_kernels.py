@@ -374,6 +374,24 @@ def test_pure_infsa_native_fp16_does_not_overflow():
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_unnormalised_half_precision_is_inf_only_where_the_output_is(dtype):
+    """``normalize="none"`` with a small ``scale``: the key-side state of 16k keys of values about 4 is past float16's
+    range while the output (about 52) is not; the native backend once gave inf everywhere (its state in the inputs'
+    dtype). Where the true output is past the range, the output is inf of the right sign, not NaN."""
+    g = torch.Generator().manual_seed(0)
+    n = 16384
+    q, k = (torch.randn(1, n, 1, 4, generator=g).to(dtype) for _ in range(2))
+    v = (torch.randn(1, n, 1, 4, generator=g) + 4).to(dtype)
+    ref = linear_attention(q.double(), k.double(), v.double(), normalize="none", scale=1 / n, backend="reference")
+    out = linear_attention(q, k, v, normalize="none", scale=1 / n, backend="torch")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 4 * torch.finfo(dtype).eps
+    big = torch.full((1, 4096, 1, 4), 1e3, dtype=torch.float16)
+    out = linear_attention(big, big, -big, normalize="none", backend="torch")  # true value -1.6e13: past float16
+    assert out.isinf().all() and (out < 0).all()
+
+
 # eps and scales where they matter ------------------------------------------------------------------------------------
 # On unit-variance inputs every eps above is ~1e-6 of its denominator and the 1/D of pure InfSA cancels in the
 # Frobenius normalisation: a wrong eps or scale moves the output by ~1e-7, inside the float64 tolerance above (two

@@ -130,6 +130,31 @@ def test_broadcast_bias_forms():
         torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
 
 
+def test_fully_masked_rows_give_zero_on_every_cpu_backend():
+    """An agent whose every key is masked (``agent_bias`` row all ``-inf``) or a query whose every agent is: 0 from
+    both the reference and SDPA (whose choice for such rows the reference follows: it had given NaN, spreading to every
+    query); a NaN logit still gives NaN. The same for ``softmax_attention``."""
+    from visionlin.kernels import softmax_attention
+
+    q, k, v, agents, agent_bias, query_bias = _detached(_inputs((1, 20, 2, 8, 4), torch.float32))
+    agent_bias, query_bias = agent_bias.clone(), query_bias.clone()
+    agent_bias[0, 0, 1] = float("-inf")  # agent 1 of head 0 sees no key: its value is 0
+    query_bias[0, 1, 3] = float("-inf")  # query 3 of head 1 sees no agent: its output is 0
+    outs = [
+        agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, backend=b)
+        for b in ("sdpa", "reference")
+    ]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(outs[1]).all() and (outs[1][0, 3, 1] == 0).all() and (outs[1][0, :, 0] != 0).any()
+    bias = torch.zeros(1, 2, 20, 20)
+    bias[0, 0, 5] = float("-inf")
+    outs = [softmax_attention(q, k, v, attn_bias=bias, backend=b) for b in ("sdpa", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert (outs[1][0, 5, 0] == 0).all() and torch.isfinite(outs[1]).all()
+    bias[0, 0, 5, 0] = float("nan")
+    assert softmax_attention(q, k, v, attn_bias=bias, backend="reference")[0, 5, 0].isnan().all()
+
+
 def test_non_contiguous_inputs():
     q, k, v = (torch.randn(2, 8, 12, 2).permute(0, 2, 3, 1) for _ in range(3))  # [B, N, H, D], D-stride != 1
     agents = torch.randn(2, 8, 4, 2).permute(0, 2, 3, 1)

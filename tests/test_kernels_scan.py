@@ -225,6 +225,20 @@ def test_gla_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda q, k, v, g: gated_linear_attention(q, k, v, g, chunk_size=4), (q, k, v, g))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gla_half_inputs_return_their_dtype(dtype):
+    """Both GLA ops compute in float32 and return ``v``'s dtype, empty or not (the bidirectional reference returned
+    float32: it had rebound ``v`` to its float32 copy before the final cast)."""
+    q, k, v, gf, gb = (t.to(dtype) for t in _gla_inputs(b=1, length=9, h=2))
+    ref = bidirectional_gated_linear_attention(*(t.double() for t in (q, k, v, gf, gb)))
+    for b in (1, 0):
+        args = [t[:b] for t in (q, k, v, gf, gb)]
+        both = bidirectional_gated_linear_attention(*args)
+        assert both.dtype == dtype and both.shape == args[2].shape
+        assert gated_linear_attention(*args[:4]).dtype == dtype
+    assert _rel(bidirectional_gated_linear_attention(q, k, v, gf, gb).double(), ref) < 1e-2
+
+
 def test_gla_empty_batch():
     q, k, v, gf, gb = _gla_inputs(b=0)
     assert bidirectional_gated_linear_attention(q, k, v, gf, gb).shape == (0, 37, 3, 5)

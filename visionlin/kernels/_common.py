@@ -362,6 +362,13 @@ def pow2_floor(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x > 0) & torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
 
 
+def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, with 0 weights in a row whose every logit is ``-inf`` (every key masked: softmax
+    gives 0 / 0 there), as PyTorch's SDPA returns for such a query, so references and fused backends agree; a NaN
+    logit still gives NaN."""
+    return torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0, logits.softmax(dim=-1))
+
+
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype references compute in: float64 stays float64, everything else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -23,6 +23,7 @@ from ._common import (
     check_side_tensor,
     fp32_reference,
     is_floating,
+    masked_softmax,
     reference_dtype,
 )
 from ._dispatch import Op
@@ -107,12 +108,12 @@ def agent_attention_reference(
         logits_a = torch.einsum("bahd,bmhd->bham", a, k.to(dt)) * s  # [B, H, n, M]
         if agent_bias is not None:
             logits_a = logits_a + agent_bias.to(dt)
-        w_a = F.dropout(logits_a.softmax(dim=-1), p=dropout_p) if dropout_p else logits_a.softmax(dim=-1)
+        w_a = F.dropout(masked_softmax(logits_a), p=dropout_p) if dropout_p else masked_softmax(logits_a)
         v_a = torch.einsum("bham,bmhe->bahe", w_a, v.to(dt))  # [B, n, H, Dv]
         logits_q = torch.einsum("bnhd,bahd->bhna", q.to(dt), a) * s  # [B, H, N, n]
         if query_bias is not None:
             logits_q = logits_q + query_bias.to(dt)
-        w_q = F.dropout(logits_q.softmax(dim=-1), p=dropout_p) if dropout_p else logits_q.softmax(dim=-1)
+        w_q = F.dropout(masked_softmax(logits_q), p=dropout_p) if dropout_p else masked_softmax(logits_q)
         out = torch.einsum("bhna,bahe->bnhe", w_q, v_a)
     return out.to(q.dtype)
 
@@ -225,6 +226,8 @@ def agent_attention(
     with :data:`TRITON_BACKWARD` off, and tiles larger than :data:`MAX_TILES` that need a gradient or are float32),
     ``"sdpa"`` (two
     ``torch.nn.functional.scaled_dot_product_attention`` calls: dropout and everything else) and ``"reference"``.
+    An agent whose every key is masked by ``agent_bias`` (or a query whose every agent is, by ``query_bias``) gets 0
+    from ``"sdpa"`` (on the CPU) and ``"reference"``; the Triton kernels do not special-case such rows (0 / 0: NaN).
 
     Args:
         q: Queries ``[B, N, H, D]``.

@@ -172,8 +172,8 @@ def scaled_linear_attention(
     scale: float = 1.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """The native ``O(N D Dv)`` core shared by every linear form: the key-side reduction in ``v``'s dtype, the rest
-    in float32.
+    """The native ``O(N D Dv)`` core shared by every linear form: the key-side reduction in ``v``'s dtype (the
+    ``"none"`` form's in float32), the rest in float32.
 
     Args:
         fq: Query features ``[B, N, H, D]``, in ``v``'s dtype or wider (:func:`feature_dtype`).
@@ -201,18 +201,20 @@ def scaled_linear_attention(
     in float32: ``eps`` next to a float16 denominator is rounded away or flushed (``eps / M`` is 1.5e-11 for per-query
     InfSA: a non-positive query gave 0 / 0), and a numerator and denominator rounded to half separately give noisy
     query gradients (a row with one active relu channel has a ratio independent of its scale). The un-normalised
-    ``"none"`` form keeps its textbook sum in the input dtype: no denominator to protect, and a rescaling would carry
-    its inverse (``M`` or the feature magnitudes) into the half-precision backward. Memory stays ``O(N D)``.
+    ``"none"`` form runs its textbook sum in float32 (in half precision the state overflowed where the output fits):
+    a rescaling would carry its inverse (``M`` or the feature magnitudes) into the backward. Memory stays ``O(N D)``.
     """
     acc = reference_dtype(v.dtype)
     dtype = v.dtype
     m = fk.shape[1]
     if normalize == "none":
-        # Un-normalised: s * phi(q_i) . sum_j phi(k_j) v_j^T, the state the sum it is. Its true value may exceed the
-        # float16 range (then the output is inf, correctly); no rescaling, whose inverse would carry large factors
-        # (M, or the feature magnitudes) into the half-precision backward.
-        num = torch.einsum("bnhd,bhde->bnhe", fq.to(dtype), torch.einsum("bmhd,bmhe->bhde", fk.to(dtype), v))
-        return num.to(acc) * scale
+        # Un-normalised: s * phi(q_i) . sum_j phi(k_j) v_j^T, every product and the state in float32. In the inputs'
+        # half dtype the state overflowed where the output fits (a small s: 16k keys of values ~4, s = 1/N, gave inf
+        # for a true 52), and inf - inf in the query product gave NaN where the output is inf; now a float16 output is
+        # inf only where the true value is past its range. No rescaling by powers of two as below: its inverse would
+        # carry large factors (M, or the feature magnitudes) into the backward.
+        num = torch.einsum("bnhd,bhde->bnhe", fq.to(acc), torch.einsum("bmhd,bmhe->bhde", fk.to(acc), v.to(acc)))
+        return num * scale
     r = 2.0 ** math.floor(math.log2(m) / -2)  # ~M^-1/2 as a power of two
     if normalize == "subtract":
         # Exact centred form: sum_j w_ij v_j = s * phi(q_i) . mean_j (phi(k_j) - kbar)(v_j - vbar)^T + vbar. The

@@ -14,10 +14,10 @@ and may be negative. Computed in ``O(N D^2)`` through the ``D x Dv`` state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
+from .linear import _elu1
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
 __all__ = ["magnitude_aware_linear_attention", "magnitude_aware_linear_attention_reference"]
@@ -58,8 +58,8 @@ def magnitude_aware_linear_attention_reference(
     m = k.shape[1]
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
-        fq = F.elu(q.to(dt)) + 1.0  # [B, N, H, D]
-        fk = F.elu(k.to(dt)) + 1.0  # [B, M, H, D]
+        fq = _elu1(q.to(dt))  # [B, N, H, D]: ELU + 1 without the cancellation of (exp(x) - 1) + 1
+        fk = _elu1(k.to(dt))  # [B, M, H, D]
         v = v.to(dt)
         tables = None if rope is None else (rope[0].to(dt), rope[1].to(dt))
         z = torch.einsum("bnhd,bhd->bnh", fq, fk.mean(dim=1)).unsqueeze(-1) * s  # [B, N, H, 1]

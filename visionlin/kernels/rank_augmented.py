@@ -16,10 +16,10 @@ sets the softmax temperature. The output rank augmentation (a gate on the output
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_real, fp32_reference, reference_dtype, supports_floating
 from ._dispatch import Op
+from .linear import _elu1
 from .rope import RopeTables, check_rope_attention_args, maybe_apply_rope
 
 __all__ = ["rank_augmented_linear_attention", "rank_augmented_linear_attention_reference"]
@@ -59,8 +59,8 @@ def rank_augmented_linear_attention_reference(
     m = k.shape[1]
     dt = reference_dtype(q.dtype)
     with fp32_reference(q.device):
-        fq = F.elu(q.to(dt)) + 1.0  # [B, N, H, D]
-        fk = F.elu(k.to(dt)) + 1.0  # [B, M, H, D]
+        fq = _elu1(q.to(dt))  # [B, N, H, D]: ELU + 1 without the cancellation of (exp(x) - 1) + 1
+        fk = _elu1(k.to(dt))  # [B, M, H, D]
         v = v.to(dt)
         tables = None if rope is None else (rope[0].to(dt), rope[1].to(dt))
         # mean_i phi(q_i); with no queries (N = 0) the output is empty and any finite summary will do (a mean over

@@ -521,6 +521,11 @@ def gated_linear_attention_reference(
     Returns:
         ``o`` ``[B, L, H, V]`` in ``v``'s dtype.
 
+    A NaN or infinite ``k`` or ``v`` makes every output of its chunk non-finite, the positions before it included
+    (the chunk's products give masked pairs a weight of 0, and 0 times inf is NaN, as in causal SDPA), and every
+    later one; finite inputs are never affected by this. ``g`` is not checked for ``<= 0`` (that would read the
+    tensor on the host): a positive gate grows the state and may overflow.
+
     Raises:
         ValueError: shapes that do not fit (named), non-floating dtypes, a non-finite ``scale``, a bad
             ``chunk_size``.
@@ -567,12 +572,12 @@ def bidirectional_gated_linear_attention_reference(
     dt = reference_dtype(v.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with fp32_reference(q.device):
-        q, k, v = (t.to(dt) for t in (q, k, v))
+        q32, k32, v32 = (t.to(dt) for t in (q, k, v))
         # Both directions in one batch: the backward one on flipped sequences.
         both = _gla_chunked(
-            torch.cat([q, q.flip(1)]),
-            torch.cat([k, k.flip(1)]),
-            torch.cat([v, v.flip(1)]),
+            torch.cat([q32, q32.flip(1)]),
+            torch.cat([k32, k32.flip(1)]),
+            torch.cat([v32, v32.flip(1)]),
             torch.cat([g_fwd.to(dt), g_bwd.to(dt).flip(1)]),
             scale,
             chunk_size,

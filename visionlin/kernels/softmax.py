@@ -11,6 +11,7 @@ from ._common import (
     check_real,
     check_side_tensor,
     fp32_reference,
+    masked_softmax,
     reference_dtype,
     same_floating_dtype,
     supports_floating,
@@ -52,7 +53,8 @@ def softmax_attention_reference(
         k: Keys ``[B, M, H, D]``.
         v: Values ``[B, M, H, Dv]``.
         scale: Score multiplier (finite); ``None`` means ``D ** -0.5``.
-        attn_bias: Additive floating-point bias broadcastable to ``[B, H, N, M]`` (``-inf`` masks a key).
+        attn_bias: Additive floating-point bias broadcastable to ``[B, H, N, M]`` (``-inf`` masks a key; a query
+            whose every key is masked gets 0, as from PyTorch's SDPA).
         dropout_p: Dropout probability on the attention weights, in ``[0, 1)`` (pass 0 in eval mode).
 
     Returns:
@@ -65,7 +67,7 @@ def softmax_attention_reference(
         s = torch.einsum("bnhd,bmhd->bhnm", q.to(dt), k.to(dt)) * scale  # [B, H, N, M]
         if attn_bias is not None:
             s = s + attn_bias.to(dt)
-        w = F.dropout(s.softmax(dim=-1), p=dropout_p) if dropout_p else s.softmax(dim=-1)
+        w = F.dropout(masked_softmax(s), p=dropout_p) if dropout_p else masked_softmax(s)
         out = torch.einsum("bhnm,bmhe->bnhe", w, v.to(dt))
     return out.to(q.dtype)
 
