@@ -82,6 +82,18 @@ def test_hybrid_zero_gate_is_neighborhood_and_full_window_plus_gate():
     torch.testing.assert_close(hybrid_attention(q, k, v, grid, 9, zero), dense, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_hybrid_empty_batch_and_no_heads(backend):
+    """B = 0 and H = 0 give empty outputs of the right shape (the torch backend's reshapes once inferred a -1 from
+    zero elements and raised)."""
+    q, k = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    v = torch.randn(2, 16, 2, 6)
+    out = hybrid_attention(q[:0], k[:0], v[:0], (4, 4), 3, torch.randn(2), backend=backend)
+    assert out.shape == (0, 16, 2, 6)
+    out = hybrid_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], (4, 4), 3, torch.randn(0), backend=backend)
+    assert out.shape == (2, 16, 0, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hybrid_torch_low_precision_near_reference(dtype):
     grid = (2, 6, 7)

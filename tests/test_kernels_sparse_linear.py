@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,6 +152,19 @@ def test_sparsity_edge_cases():
     torch.testing.assert_close(z, block_sparse_attention(q, k, v, topk=0.25, block_q=4, block_k=4))
 
 
+def test_blocks_longer_than_the_sequence_are_one_block_without_its_padding():
+    """``block_q`` / ``block_k`` past the sequence length select exactly as blocks of the length (one block) and do
+    not allocate the padding to them (the torch backend padded 40 tokens to 10**8 and asked for 6.4 GB)."""
+    q, k, v = _qkv(n=40)
+    w = torch.randn(5, 5) * 0.3
+    huge = 10**8
+    for backend in BACKENDS:
+        out = sparse_linear_attention(q, k, v, w, topk=0.5, block_q=huge, block_k=huge, backend=backend)
+        torch.testing.assert_close(out, sparse_linear_attention(q, k, v, w, topk=0.5, block_q=40, block_k=40))
+        out = block_sparse_attention(q, k, v, topk=0.5, block_q=huge, block_k=8, backend=backend)
+        torch.testing.assert_close(out, block_sparse_attention(q, k, v, topk=0.5, block_q=40, block_k=8))
+
+
 def test_empty_batch_and_dtypes():
     q, k, v = _qkv(b=0)
     assert sparse_linear_attention(q, k, v, torch.zeros(5, 5), block_q=8, block_k=8).shape == q.shape
@@ -191,6 +205,8 @@ def test_block_sparse_gradcheck(backend):
         ({"k_low": 1.0}, "k_low=1.0"),
         ({"k_low": -0.1}, "k_low=-0.1"),
         ({"topk": 0.6, "k_low": 0.5}, "topk=0.6, k_low=0.5"),
+        ({"topk": np.float32(0.75), "k_low": 0.5}, "topk=np.float32.0.75., k_low=0.5"),  # (was not summed)
+        ({"block_q": np.int64(64)}, "block_q=np.int64.64. must be a positive int"),
         ({"block_q": 0}, "block_q=0"),
         ({"block_k": 2.5}, "block_k=2.5"),
         ({"variant": "sla2"}, "variant='sla2'"),

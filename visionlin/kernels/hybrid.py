@@ -161,12 +161,12 @@ def _hybrid_torch(
     additional_keys=None, additional_values=None,
 ):  # fmt: skip
     """Composition of the two ops: ``O(N K D + N D^2)``, never ``[N, N]``."""
-    b, n, h, _ = q.shape
-    spatial = (b, *grid, h)
+    b, n, h, d = q.shape
+    spatial = (b, *grid, h)  # (explicit sizes: a -1 cannot be inferred from an empty batch or no heads)
     o_local = neighborhood_attention(
-        q.reshape(*spatial, -1), k.reshape(*spatial, -1), v.reshape(*spatial, -1), kernel_size, dilation,
+        q.reshape(*spatial, d), k.reshape(*spatial, d), v.reshape(*spatial, v.shape[-1]), kernel_size, dilation,
         scale=scale, additional_keys=additional_keys, additional_values=additional_values,
-    ).reshape(b, n, h, -1)  # fmt: skip
+    ).reshape(b, n, h, v.shape[-1])  # fmt: skip
     o_lin = linear_attention(q, k, v, feature_map=feature_map, normalize="divide", scale=1.0, eps=eps)
     dt = torch.promote_types(o_local.dtype, gate.dtype)
     return (o_local.to(dt) + gate.to(dt)[:, None] * o_lin.to(dt)).to(q.dtype)

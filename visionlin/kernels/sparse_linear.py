@@ -35,6 +35,7 @@ The feature map ``phi`` is ``"softmax"`` over the head dim (the paper's and code
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +73,15 @@ _BSA = "block_sparse_attention"
 
 def _check_block(op: str, name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{op}: {name}={value!r} must be a positive int (the paper uses 64 or 128)")
+        kind = type(value).__name__
+        raise ValueError(f"{op}: {name}={value!r} must be a positive int (the paper uses 64 or 128), got a {kind}")
 
 
 def _check_selection(op: str, topk: object, k_low: object, block_q: object, block_k: object) -> None:
     check_real(op, "topk", topk, low=0.0, low_open=True, high=1.0, high_open=False)
     check_real(op, "k_low", k_low, low=0.0, high=1.0)
-    if isinstance(topk, float | int) and isinstance(k_low, float | int) and topk + k_low > 1.0 + 1e-12:
+    real = isinstance(topk, numbers.Real) and isinstance(k_low, numbers.Real)  # (numpy's too; not symbolic ones)
+    if real and topk + k_low > 1.0 + 1e-12:
         raise ValueError(f"{op}: topk + k_low must be <= 1 (critical + negligible blocks), got {topk=}, {k_low=}")
     _check_block(op, "block_q", block_q)
     _check_block(op, "block_k", block_k)
@@ -321,6 +324,13 @@ def _gather_critical(k: torch.Tensor, idx: torch.Tensor, block_k: int) -> tuple[
     return g.reshape(b, h, nqb, n_c * block_k, e), (pos < m).reshape(b, h, nqb, n_c * block_k)
 
 
+def _fit_blocks(block_q: int, block_k: int, n: int, m: int) -> tuple[int, int]:
+    """Blocks no longer than the sequences: a block past the end holds what a block of exactly ``N`` (``M``) holds
+    (one block, the same mean and the same selection), and the padding to it is never allocated (``block_q = 10**8``
+    for 40 tokens asked for 6.4 GB)."""
+    return min(block_q, max(n, 1)), min(block_k, max(m, 1))
+
+
 def _blockwise_sparse(q, k, v, idx, block_q, block_k, scale, ak=None, av=None) -> torch.Tensor:
     """``O_s`` over the critical blocks (and the additional keys) only, ``O(N n_c block_k D)``: ``[B, N, H, Dv]`` in
     float32 (float64)."""
@@ -352,6 +362,7 @@ def _sla_native(
     acc = reference_dtype(q.dtype)
     b, n, h, _ = q.shape
     m = k.shape[1]
+    block_q, block_k = _fit_blocks(block_q, block_k, n, m)
     block_map = sla_block_map(q, k, topk=topk, k_low=k_low, block_q=block_q, block_k=block_k)
     n_c, _ = sla_block_counts(block_map.shape[-1], topk, k_low)
     idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices  # the n_c critical blocks
@@ -515,6 +526,7 @@ def block_sparse_attention_reference(
 def _bsa_native(q, k, v, *, topk=0.5, block_q=64, block_k=64, scale=None, additional_keys=None, additional_values=None):
     """``"torch"`` backend: gathers the critical key blocks (never materialises ``[N, M]``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block_q, block_k = _fit_blocks(block_q, block_k, q.shape[1], k.shape[1])
     block_map = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     n_c, _ = sla_block_counts(block_map.shape[-1], topk)
     idx = torch.topk(block_map.to(torch.int32), n_c, dim=-1, sorted=False).indices
