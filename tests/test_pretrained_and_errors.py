@@ -403,3 +403,18 @@ def test_checkpoint_messages_name_what_is_wrong(tmp_path):
         lambda: timm.create_model("infvit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path))),
         r"is a directory; pass the checkpoint file inside it",
     )
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "vig_tiny", "mavit_tiny", "flatten_pvt_tiny"])
+def test_pretrained_weights_load_into_one_channel_input(name, tmp_path):
+    """``pretrained=True, in_chans=1`` for the hierarchical families: timm adapts the first conv its
+    ``pretrained_cfg["first_conv"]`` names (summed over the input channels); visionlin's key check let only the ViTs'
+    ``patch_embed.proj`` through and refused every other family's stem as a shape mismatch."""
+    src = timm.create_model(name)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    dst = timm.create_model(name, pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(path)))
+    key = dst.pretrained_cfg["first_conv"] + ".weight"
+    got, want = dst.state_dict(), src.state_dict()
+    torch.testing.assert_close(got[key], want[key].sum(dim=1, keepdim=True))
+    assert all(torch.equal(got[k], want[k]) for k in want if k != key)

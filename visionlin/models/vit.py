@@ -715,10 +715,13 @@ def _check_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> 
         for k, v in state_dict.items()
         if k in ours and not k.startswith(classifier) and tuple(v.shape) != tuple(ours[k].shape)
     }
-    # Only the input-channel count differs: timm's loader adapts the first conv (adapt_input_conv) after filtering.
-    first = "patch_embed.proj.weight"
-    if first in wrong and wrong[first][0][:1] + wrong[first][0][2:] == wrong[first][1][:1] + wrong[first][1][2:]:
-        del wrong[first]
+    # Only the input-channel count differs: timm's loader adapts the first conv (adapt_input_conv) after filtering,
+    # the conv its pretrained_cfg names (every family's stem: "stem.proj.0", "stem.conv_down.0", ...).
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or "patch_embed.proj"
+    for name in [first] if isinstance(first, str) else first:
+        key = f"{name}.weight"
+        if key in wrong and wrong[key][0][:1] + wrong[key][0][2:] == wrong[key][1][:1] + wrong[key][1][2:]:
+            del wrong[key]
     if unexpected or missing or wrong:
         parts = []
         if wrong:
