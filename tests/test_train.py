@@ -116,7 +116,12 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--learning-rate", "1", *out])
     assert "unrecognized arguments: --learning-rate 1" in err
     err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--smoothing", "2", *out])
-    assert "'2' is not a probability" in err
+    assert "'2' is not a fraction in [0, 1)" in err
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--smoothing", "1", *out])
+    assert "'1' is not a fraction in [0, 1)" in err  # (was timm's AssertionError)
+    for flag in ("--clip-grad", "--crop-pct"):  # 0 zeroed every gradient / was swapped for the model's default
+        err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), flag, "0", *out])
+        assert "'0' is not a positive number" in err, flag
     err = usage_error(capsys, ["train", *TINY, "--model-kwargs", "depth", "--data-dir", str(data), *out])
     assert "model kwarg 'depth' is not KEY=VALUE" in err
     err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--torchcompile-mode", "fast", *out])
@@ -201,6 +206,11 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
     err = usage_error(capsys, ["validate", "--model", "infvit_pure_tiny", "--img-size", "32", "--checkpoint",
                                 str(run), "--data-dir", str(data)])  # fmt: skip
     assert "trained as model 'infvit_tiny'" in err and "this run builds 'infvit_pure_tiny'" in err
+    base = ["validate", *TINY, "--data-dir", str(data), "--workers", "0", "--device", "cpu"]
+    err = usage_error(capsys, [*base, "--use-ema"])  # (was ignored: the random weights reported as the EMA's)
+    assert "use_ema (--use-ema) needs a checkpoint (--checkpoint)" in err
+    for bad in ("0", "nan", "-1"):  # 0 was swapped for the model's default; nan reached the transform
+        assert f"{bad!r} is not a positive finite number" in usage_error(capsys, [*base, "--crop-pct", bad])
     err = usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path),
                                 "--experiment", "r"])  # fmt: skip
     assert "already has checkpoints (newest: step-000000006); pass --resume auto" in err

@@ -370,6 +370,8 @@ def finetune(
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    if clip_grad == 0:  # clip_grad_norm_(params, 0) zeroes every gradient: a run that trains nothing
+        raise ValueError("clip_grad=0 would zero every gradient; pass a positive norm, or None for no clipping")
     weight = _check_weight(feature_weight)
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}; choose 'no', 'bf16' or 'fp16'")

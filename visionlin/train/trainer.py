@@ -85,6 +85,14 @@ def _nonneg_float(text: str) -> float:
     return _check(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
 
+def _pos_float(text: str) -> float:
+    return _check(float, text, lambda v: v > 0 and math.isfinite(v), "a positive number")
+
+
+def _below_one(text: str) -> float:
+    return _check(float, text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
 def _prob(text: str) -> float:
     return _check(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
@@ -152,7 +160,7 @@ OPTIONS: tuple[Option, ...] = (
         "different processes (timm's RepeatAugSampler; 0: off)",
     ),  # fmt: skip
     Option("interpolation", None, _opt_str, "resize interpolation (default: the model's)"),
-    Option("crop_pct", None, _nonneg_float, "validation center-crop fraction (default: the model's)"),
+    Option("crop_pct", None, _pos_float, "validation center-crop fraction (default: the model's)"),
     # augmentation and regularisation
     Option("no_aug", False, BOOL, "no training augmentation (resize + center crop)"),
     Option("aa", None, _opt_str, "RandAugment / AutoAugment policy, e.g. rand-m9-mstd0.5-inc1"),
@@ -166,7 +174,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mixup_switch_prob", 0.5, _prob, "probability of cutmix instead of mixup when both are on"),
     Option("mixup_mode", "batch", str, "mixup granularity", choices=("batch", "pair", "elem")),
     Option("mixup_off_epoch", 0, _nonneg_int, "turn mixup / cutmix off from this epoch (0: never)"),
-    Option("smoothing", 0.1, _prob, "label smoothing"),
+    Option("smoothing", 0.1, _below_one, "label smoothing, in [0, 1)"),
     # optimisation
     Option("opt", "adamw", str, "timm optimizer name (timm.optim.create_optimizer_v2)"),
     Option("lr", None, _nonneg_float, "learning rate (default: --lr-base x global batch / --lr-base-size)"),
@@ -175,7 +183,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("opt_eps", None, _nonneg_float, "optimizer epsilon (default: the optimizer's)"),
     Option("momentum", 0.9, _nonneg_float, "SGD momentum"),
     Option("weight_decay", 0.05, _nonneg_float, "weight decay (not on biases, norms, the model's no_weight_decay)"),
-    Option("clip_grad", None, _nonneg_float, "clip gradients at this norm (or value with --clip-mode value)"),
+    Option("clip_grad", None, _pos_float, "clip gradients at this norm (or value with --clip-mode value)"),
     Option("clip_mode", "norm", str, "gradient clipping mode", choices=("norm", "value")),
     Option("sched", "cosine", str, "timm scheduler name (timm.scheduler.create_scheduler_v2)"),
     Option("epochs", 300, _pos_int, "epochs to train"),

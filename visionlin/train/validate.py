@@ -11,6 +11,7 @@ import argparse
 import ast
 import difflib
 import json
+import math
 import shlex
 import sys
 import time
@@ -177,7 +178,7 @@ def eval_transform(model: nn.Module, img_size: int, crop_pct: float | None = Non
         interpolation=interpolation or cfg["interpolation"],
         mean=cfg["mean"],
         std=cfg["std"],
-        crop_pct=crop_pct or cfg["crop_pct"],
+        crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,  # (0 is refused, not swapped for the default)
     )
 
 
@@ -264,6 +265,10 @@ def validate(
     :func:`evaluate` plus ``model``, ``checkpoint``, ``loaded_via``, ``img_size``, ``num_classes``."""
     check_model_name(model_name)
     ds = create_dataset(dataset, data_dir, split)
+    if use_ema and not checkpoint:  # (else ignored: the run would report the plain weights as the EMA's)
+        raise UsageError("use_ema (--use-ema) needs a checkpoint (--checkpoint) holding EMA weights")
+    if crop_pct is not None and not (isinstance(crop_pct, int | float) and 0 < crop_pct < math.inf):
+        raise UsageError(f"crop_pct={crop_pct!r} (--crop-pct) must be a positive finite number")
     weights = resolve_checkpoint(checkpoint, ema=use_ema) if checkpoint else None
     if num_classes is None:
         if weights is not None and weights.suffix == ".safetensors":
@@ -319,7 +324,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="ImageNet-layout root (DIR/<split>/<class>/<img>)")
     p.add_argument("--split", default="val", help="sub-folder of --data-dir ('' for the folder itself; default val)")
     p.add_argument("--img-size", type=_positive, default=224, help="input side in pixels (default 224)")
-    p.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction (default: the model's)")
+    p.add_argument("--crop-pct", type=_positive_float, default=None, help="center-crop fraction (default: the model's)")
     p.add_argument("-b", "--batch-size", type=_positive, default=64)
     p.add_argument("-j", "--workers", type=_non_negative, default=2)
     p.add_argument("--num-classes", type=_positive, default=None)
@@ -336,6 +341,16 @@ def _positive(text: str) -> int:
         v = 0
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
     return v
 
 
