@@ -119,6 +119,12 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     assert "'2' is not a fraction in [0, 1)" in err
     err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--smoothing", "1", *out])
     assert "'1' is not a fraction in [0, 1)" in err  # (was timm's AssertionError)
+    for flag, value, message in (
+        ("--opt", "bogusopt", "'bogusopt' is not a timm optimizer"),
+        ("--sched", "bogus", "'bogus' is not a timm scheduler; choose from constant, cosine"),
+        ("--interpolation", "cubic", "'cubic' is not an interpolation; choose from bicubic"),
+    ):  # (each was a traceback from inside timm)
+        assert message in usage_error(capsys, ["train", *TINY, "--data-dir", str(data), flag, value, *out])
     for flag in ("--clip-grad", "--crop-pct"):  # 0 zeroed every gradient / was swapped for the model's default
         err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), flag, "0", *out])
         assert "'0' is not a positive number" in err, flag

@@ -111,6 +111,36 @@ def _opt_str(text: str) -> str | None:
     return None if text in ("", "none", "None") else text
 
 
+#: The schedule names ``timm.scheduler.create_scheduler_v2`` takes (timm 1.0; an unknown one failed inside it).
+SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "step", "tanh")
+INTERPOLATIONS = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "random")
+
+
+def _optimizer(text: str) -> str:
+    """A name ``timm.optim.create_optimizer_v2`` takes: a registered optimizer, optionally ``lookahead_``-prefixed."""
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    if not isinstance(text, str) or text.lower().split("_")[-1] not in known:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a timm optimizer (e.g. adamw, sgd, lamb; {len(known)} known)"
+        )
+    return text
+
+
+def _scheduler(text: str) -> str:
+    if text not in SCHEDULERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm scheduler; choose from {', '.join(SCHEDULERS)}")
+    return text
+
+
+def _interpolation(text: str) -> str | None:
+    value = _opt_str(text)
+    if value is not None and value not in INTERPOLATIONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interpolation; choose from {', '.join(INTERPOLATIONS)}")
+    return value
+
+
 BOOL = bool  # marks a --flag / --no-flag option
 #: torch.compile's modes (--torchcompile-mode)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -159,7 +189,7 @@ OPTIONS: tuple[Option, ...] = (
         "repeated augmentation: each image N times per epoch, the copies on "
         "different processes (timm's RepeatAugSampler; 0: off)",
     ),  # fmt: skip
-    Option("interpolation", None, _opt_str, "resize interpolation (default: the model's)"),
+    Option("interpolation", None, _interpolation, "resize interpolation (default: the model's)"),
     Option("crop_pct", None, _pos_float, "validation center-crop fraction (default: the model's)"),
     # augmentation and regularisation
     Option("no_aug", False, BOOL, "no training augmentation (resize + center crop)"),
@@ -176,7 +206,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mixup_off_epoch", 0, _nonneg_int, "turn mixup / cutmix off from this epoch (0: never)"),
     Option("smoothing", 0.1, _below_one, "label smoothing, in [0, 1)"),
     # optimisation
-    Option("opt", "adamw", str, "timm optimizer name (timm.optim.create_optimizer_v2)"),
+    Option("opt", "adamw", _optimizer, "timm optimizer name (timm.optim.create_optimizer_v2)"),
     Option("lr", None, _nonneg_float, "learning rate (default: --lr-base x global batch / --lr-base-size)"),
     Option("lr_base", 5e-4, _nonneg_float, "learning rate at --lr-base-size images per update"),
     Option("lr_base_size", 512, _pos_int, "global batch at which --lr-base applies (DeiT: 512)"),
@@ -185,7 +215,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("weight_decay", 0.05, _nonneg_float, "weight decay (not on biases, norms, the model's no_weight_decay)"),
     Option("clip_grad", None, _pos_float, "clip gradients at this norm (or value with --clip-mode value)"),
     Option("clip_mode", "norm", str, "gradient clipping mode", choices=("norm", "value")),
-    Option("sched", "cosine", str, "timm scheduler name (timm.scheduler.create_scheduler_v2)"),
+    Option("sched", "cosine", _scheduler, "timm scheduler name (timm.scheduler.create_scheduler_v2)"),
     Option("epochs", 300, _pos_int, "epochs to train"),
     Option("warmup_epochs", 5, _nonneg_int, "linear warm-up epochs"),
     Option("warmup_lr", 1e-6, _nonneg_float, "learning rate at the start of warm-up"),
