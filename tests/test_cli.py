@@ -153,7 +153,12 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
         (
             ["--models", "vit_small_patch14_dinov2,infvit_tiny", "--sizes", "224,64"],
             "64 not a multiple of 112; every size must be a multiple of 112 px for these models "
-            "(patch size 14: vit_small_patch14_dinov2; patch size 16: infvit_tiny)",
+            "(stride 14: vit_small_patch14_dinov2; stride 16: infvit_tiny)",
+        ),
+        (
+            ["--models", "nat_mini,infvit_tiny", "--sizes", "48,64"],  # (48 failed inside the run, 64 never measured)
+            "48 not a multiple of 32; every size must be a multiple of 32 px for these models "
+            "(stride 16: infvit_tiny; stride 32: nat_mini)",
         ),
         (["--device", "tpu"], "argument --device: 'tpu' is not a torch device; use 'cpu', or 'cuda'"),
         (["--device", ""], "argument --device: '' is not a torch device"),

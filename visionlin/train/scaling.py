@@ -138,8 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_sizes,
         default=list(DEFAULT_SIZES),
         metavar="S,S,...",
-        help=f"comma-separated input sides in pixels, multiples of the models' patch size (16 for visionlin's "
-        f"models), at most {MAX_SIZE} (default: {','.join(map(str, DEFAULT_SIZES))})",
+        help=f"comma-separated input sides in pixels, multiples of the models' strides (16 for visionlin's ViTs, 32 "
+        f"for its four-stage models), at most {MAX_SIZE} (default: {','.join(map(str, DEFAULT_SIZES))})",
     )
     parser.add_argument(
         "--device", default="cpu", help="'cpu', or 'cuda' / 'cuda:N' for a GPU of this machine (default: cpu)"
@@ -166,8 +166,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _patch_size(name: str) -> int:
-    match = re.search(r"patch(\d+)", name)
-    return int(match.group(1)) if match else DEFAULT_PATCH
+    """The model's total stride: the side every input must be a multiple of (a ViT's patch size; 32 for the
+    four-stage models, whose last stage sees 1 / 32 of the side), from its ``feature_info`` on the meta device; the
+    name's ``patchN`` (else 16) when the model cannot be built there."""
+    import timm
+
+    try:
+        info = timm.create_model(name, device="meta").feature_info
+        return max(int(f["reduction"]) for f in info)
+    except Exception:  # noqa: BLE001 - any model timm cannot build on meta: the name's patch size
+        match = re.search(r"patch(\d+)", name)
+        return int(match.group(1)) if match else DEFAULT_PATCH
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -220,7 +229,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     bad = [s for s in args.sizes if s % multiple]
     if bad:
         by_patch = {p: [n for n in args.models if patches[n] == p] for p in sorted(set(patches.values()))}
-        needs = "; ".join(f"patch size {p}: {', '.join(names)}" for p, names in by_patch.items())
+        needs = "; ".join(f"stride {p}: {', '.join(names)}" for p, names in by_patch.items())
         parser.error(
             f"argument --sizes: {', '.join(map(str, bad))} not a multiple of {multiple}; every size must be a "
             f"multiple of {multiple} px for these models ({needs})"
