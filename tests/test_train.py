@@ -303,3 +303,24 @@ def test_killed_run_resumes_exactly(tmp_path, data):
     b = ckpt.read_checkpoint(ckpt.latest_checkpoint(ref_dir / "infvit_tiny-32"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in b["ema"])
+
+
+def test_plot_refuses_a_log_it_cannot_read(capsys, tmp_path):
+    """``visionlin plot`` on a log.jsonl that is not a run's (a non-JSON line before the last, no training records,
+    a record without its step) or with an ``--out`` that is a folder: a usage error naming it, no PNG (it had drawn a
+    blank one and exited 0). A last line cut short by a killed run is still skipped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "log.jsonl"
+    good = '{"kind": "train", "step": 1, "loss": 2.0, "lr": 0.1}\n{"kind": "train", "step": 2, "loss": 1.5, "lr": 0.1}'
+    for text, message in (
+        ("not json\n" + good, "line 1 is not JSON: 'not json'"),
+        ("", "has no training records"),
+        ('{"kind": "epoch"}\n' + good, "line 1: a 'epoch' record without its index"),
+    ):
+        log.write_text(text)
+        assert message in usage_error(capsys, ["plot", str(run)])
+        assert not (run / "curves.png").exists()
+    log.write_text(good + '\n{"kind": "tra')  # cut short
+    assert cli.main(["plot", str(run)]) == 0 and (run / "curves.png").is_file()
+    assert "must be a file path in an existing folder" in usage_error(capsys, ["plot", str(run), "--out", str(run)])

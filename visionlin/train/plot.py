@@ -15,21 +15,31 @@ INSTALL_PLOT = "pip install 'visionlin[bench]'"
 
 def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The run's records by kind. A resumed run re-logs the steps after its checkpoint: the later record of a step
-    (or epoch) replaces the earlier one."""
+    (or epoch) replaces the earlier one. A last line cut short (a killed process) is skipped; any other line that is
+    not a record, or a log without training records, raises ``ValueError`` naming it."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no log.jsonl in {str(run_dir)!r} (is it a `visionlin train` run folder?)")
     train: dict[int, dict] = {}
     epochs: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed process
-            continue
-        if rec.get("kind") == "train":
-            train[rec["step"]] = rec
-        elif rec.get("kind") == "epoch":
-            epochs[rec["epoch"]] = rec
+        except json.JSONDecodeError:
+            if i == len(lines):  # the last line cut short by a killed process
+                continue
+            raise ValueError(f"{str(path)!r} line {i} is not JSON: {line[:80]!r}") from None
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        try:
+            if kind == "train":
+                train[int(rec["step"])] = rec
+            elif kind == "epoch":
+                epochs[int(rec["epoch"])] = rec
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{str(path)!r} line {i}: a {kind!r} record without its index: {line[:80]!r}") from None
+    if not train:
+        raise ValueError(f"{str(path)!r} has no training records: nothing to plot")
     return {"train": [train[k] for k in sorted(train)], "epoch": [epochs[k] for k in sorted(epochs)]}
 
 
@@ -44,6 +54,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise ImportError(f"plotting needs matplotlib: {INSTALL_PLOT}") from e
     log = read_log(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
+    if out.is_dir() or not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {str(out)!r} must be a file path in an existing folder")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     steps = [r["step"] for r in log["train"]]
     axes[0].plot(steps, [r["loss"] for r in log["train"]], label="train (per step)")
@@ -79,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         print(f"wrote {plot_run(args.run_dir, args.out)}")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     except ImportError as e:
         print(f"visionlin plot: {e}", flush=True)
