@@ -217,6 +217,12 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
     assert "use_ema (--use-ema) needs a checkpoint (--checkpoint)" in err
     for bad in ("0", "nan", "-1"):  # 0 was swapped for the model's default; nan reached the transform
         assert f"{bad!r} is not a positive finite number" in usage_error(capsys, [*base, "--crop-pct", bad])
+    assert "device='bogus' (--device) is not a torch device" in usage_error(capsys, [*base[:-2], "--device", "bogus"])
+    if not torch.cuda.is_available():
+        assert "on a machine with a CUDA GPU" in usage_error(capsys, [*base[:-2], "--device", "cuda"])
+    for target in (tmp_path, tmp_path / "nowhere" / "r.json"):  # (refused after the whole evaluation before)
+        err = usage_error(capsys, [*base, "--checkpoint", str(run), "--results-file", str(target)])
+        assert "must be a file path in an existing folder" in err
     err = usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path),
                                 "--experiment", "r"])  # fmt: skip
     assert "already has checkpoints (newest: step-000000006); pass --resume auto" in err

@@ -269,6 +269,12 @@ def validate(
         raise UsageError("use_ema (--use-ema) needs a checkpoint (--checkpoint) holding EMA weights")
     if crop_pct is not None and not (isinstance(crop_pct, int | float) and 0 < crop_pct < math.inf):
         raise UsageError(f"crop_pct={crop_pct!r} (--crop-pct) must be a positive finite number")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device={device!r} (--device) is not a torch device; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"device={device!r} (--device): use cpu, or cuda[:N] on a machine with a CUDA GPU")
     weights = resolve_checkpoint(checkpoint, ema=use_ema) if checkpoint else None
     if num_classes is None:
         if weights is not None and weights.suffix == ".safetensors":
@@ -284,7 +290,6 @@ def validate(
     n_model = model.num_classes if hasattr(model, "num_classes") else None
     if n_model is not None and len(ds.classes) > n_model:
         raise UsageError(f"the data has {len(ds.classes)} classes but the model has {n_model} (pass --num-classes?)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     loader = DataLoader(
         SeededTransform(ds, eval_transform(model, img_size, crop_pct)),
@@ -365,6 +370,9 @@ def _non_negative(text: str) -> int:
 
 
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    results = Path(args.results_file) if args.results_file else None
+    if results is not None and (results.is_dir() or not results.parent.is_dir()):  # (before the evaluation runs)
+        parser.error(f"argument --results-file: {args.results_file!r} must be a file path in an existing folder")
     try:
         r = validate(
             args.model,
