@@ -125,6 +125,9 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
         ("--interpolation", "cubic", "'cubic' is not an interpolation; choose from bicubic"),
     ):  # (each was a traceback from inside timm)
         assert message in usage_error(capsys, ["train", *TINY, "--data-dir", str(data), flag, value, *out])
+    for name in ("../../etc", "a/b", ".."):  # (../../etc escaped --output)
+        err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--experiment", name, *out])
+        assert f"{name!r} is not a folder name" in err
     for flag in ("--clip-grad", "--crop-pct"):  # 0 zeroed every gradient / was swapped for the model's default
         err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), flag, "0", *out])
         assert "'0' is not a positive number" in err, flag

@@ -141,6 +141,14 @@ def _interpolation(text: str) -> str | None:
     return value
 
 
+def _folder_name(text: str) -> str | None:
+    """One folder name (no separators, not ``.`` / ``..``): the run folder stays under ``--output``."""
+    value = _opt_str(text)
+    if value is not None and (value in (".", "..") or "/" in value or "\\" in value or not value.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder name (the run folder goes under --output)")
+    return value
+
+
 BOOL = bool  # marks a --flag / --no-flag option
 #: torch.compile's modes (--torchcompile-mode)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -236,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
     # run
     Option("seed", 42, _nonneg_int, "seed of everything (order, augmentation, init)"),
     Option("output", "output/train", str, "parent folder of runs"),
-    Option("experiment", None, _opt_str, "run folder name under --output (default: <model>-<img-size>)"),
+    Option("experiment", None, _folder_name, "run folder name under --output (default: <model>-<img-size>)"),
     Option(
         "resume",
         None,
