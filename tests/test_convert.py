@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -268,6 +269,10 @@ def test_save_load_roundtrip(tmp_path, family):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     y = _run(model, family)
     save_conversion(model, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp_path.iterdir():  # an ordinary new file's mode (they were mkstemp's 0600)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, (f.name, oct(f.stat().st_mode))
     plan = json.loads((tmp_path / "conversion.json").read_text())
     entry = plan["components"]["model"]
     assert entry["method"] == "sla" and entry["options"]["variant"] == "code"

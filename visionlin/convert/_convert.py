@@ -6,7 +6,6 @@ import contextlib
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,14 +445,10 @@ def save_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Path:
 
 
 def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(tmp)`` then rename over ``path``, the file with an ordinary new file's mode (it had mkstemp's 0600)."""
+    from ..train.scaling import _atomic_write
+
+    _atomic_write(path, lambda p: write(str(p)))
 
 
 def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> ConversionReport:
