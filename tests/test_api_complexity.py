@@ -55,6 +55,8 @@ def test_name_equals_module_and_timm_attention_is_counted():
         ((_ConvLinear(), True), {}, r"img_size=True"),
         ((_ConvLinear(),), {}, r"img_size is needed: _ConvLinear has no pretrained_cfg"),
         ((_ConvLinear(), 8), {"num_classes": 3}, r"\['num_classes'\] only apply to a model name"),
+        ((_ConvLinear(), 8), {"cpu_sdpa": "no"}, r"cpu_sdpa='no' must be True or False"),  # (was read as on)
+        ((_ConvLinear().to("meta"), 8), {}, r"the module is on the meta device"),
     ],
 )
 def test_bad_input(args, kwargs, match):
@@ -67,3 +69,18 @@ def test_cpu_sdpa_products_are_optional():
     without = visionlin.model_complexity("deit_tiny_patch16_224", cpu_sdpa=False)["gmacs"]
     tokens, dim, depth = 197, 192, 12
     assert (with_attn - without) * 1e9 == pytest.approx(2 * tokens * tokens * dim * depth)  # q k^T and p v per block
+
+
+def test_input_follows_the_models_channels_dtype_and_size():
+    """The fake image has the model's input channels (``in_chans=1``), its parameters' dtype (a half model) and, with
+    no ``img_size``, the size it was built for (``img_size=64``, not the configuration's 224); numpy ints are sizes.
+    Each of these failed or counted another size before."""
+    import numpy as np
+
+    at64 = visionlin.model_complexity("infvit_tiny", 64)["gmacs"]
+    assert visionlin.model_complexity("infvit_tiny", np.int64(64))["gmacs"] == at64
+    assert visionlin.model_complexity(timm.create_model("infvit_tiny", img_size=64))["gmacs"] == at64
+    assert visionlin.model_complexity(timm.create_model("infvit_tiny").to(torch.bfloat16), 64)["gmacs"] == at64
+    one = visionlin.model_complexity("infvit_tiny", 64, in_chans=1)
+    assert one["gmacs"] < at64 and one["params_m"] < visionlin.model_complexity("infvit_tiny", 64)["params_m"]
+    assert visionlin.model_complexity("nat_mini", 64, in_chans=1)["gmacs"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Sequence
 
 import timm
@@ -74,10 +75,27 @@ def _sdpa_macs(query_shape, key_shape, value_shape, *args, out_shape=None, **kwa
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _in_chans(model: nn.Module, cfg: dict) -> int:
+    """Input channels: ``in_channels`` of the first conv ``pretrained_cfg`` names, else of the first conv, else 3."""
+    first = cfg.get("first_conv")
+    names = [first] if isinstance(first, str) else list(first or [])
+    convs = [m for n in names for m in [_submodule(model, n)] if isinstance(m, nn.Conv2d)]
+    convs = convs or [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[0].in_channels if convs else 3
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def model_complexity(
     model: str | nn.Module, img_size: int | Sequence[int] | None = None, *, cpu_sdpa: bool = True, **create_kwargs
 ) -> dict[str, float]:
-    """Parameters (millions) and multiply-accumulates (GMACs) of one forward on a ``1 x 3 x H x W`` image.
+    """Parameters (millions) and multiply-accumulates (GMACs) of one forward on a ``1 x C x H x W`` image (``C`` the
+    model's input channels, the input in its parameters' dtype).
 
     MACs are ``torch.utils.flop_counter.FlopCounterMode``'s FLOPs over two: matrix products, attention (SDPA, the
     CPU's fused kernel included) and convolutions; normalisation, activations and elementwise ops are not counted, as
@@ -87,8 +105,10 @@ def model_complexity(
     can see; ``visionlin.set_backend(model, "reference")`` first counts the reference's products).
 
     Args:
-        model: A registered model name (ours or timm's) or an ``nn.Module`` taking ``[B, 3, H, W]`` images.
-        img_size: ``H`` (square) or ``(H, W)``; ``None`` means the model's ``pretrained_cfg["input_size"]``.
+        model: A registered model name (ours or timm's) or an ``nn.Module`` taking ``[B, C, H, W]`` images (not on
+            the meta device: a name is built there and given empty storage).
+        img_size: ``H`` (square) or ``(H, W)``; ``None`` means the size the model was built for (its ``img_size`` or
+            ``patch_embed.img_size``), else its ``pretrained_cfg["input_size"]``.
         cpu_sdpa: Count the products of the CPU's fused SDPA kernel (torch's counter has no formula for it). The
             published tables of MAViT, RAVLT, NaLaFormer and MambaVision match the count without them (their counters
             leave the softmax-attention products out): ``False`` reproduces those tables.
@@ -99,7 +119,8 @@ def model_complexity(
 
     Raises:
         ValueError: ``model`` is neither a string nor a module, keyword arguments come with a module, ``img_size`` is
-            not one or two positive ints, or no size is given and the model has no ``pretrained_cfg``.
+            not one or two positive ints, no size is given and the model has no size of its own, ``cpu_sdpa`` is not
+            a bool, or the module is on the meta device.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -111,18 +132,31 @@ def model_complexity(
         raise ValueError(f"model must be a model name or an nn.Module, got {type(model).__name__}: {model!r:.80}")
     elif create_kwargs:
         raise ValueError(f"keyword arguments {sorted(create_kwargs)} only apply to a model name, not to a module")
+    if not isinstance(cpu_sdpa, bool):
+        raise ValueError(f"cpu_sdpa={cpu_sdpa!r} must be True or False")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
     if img_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" not in cfg:
+        # the size the model was built for: our hierarchical families' img_size, the ViTs' patch_embed.img_size
+        built = getattr(model, "img_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if isinstance(built, Sequence) and len(built) == 2 and all(isinstance(v, int) for v in built):
+            img_size = tuple(built)
+        elif "input_size" in cfg:
+            img_size = cfg["input_size"][-2:]
+        else:
             raise ValueError(f"img_size is needed: {type(model).__name__} has no pretrained_cfg['input_size']")
-        img_size = cfg["input_size"][-2:]
-    size = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    integral = isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool)
+    size = (int(img_size),) * 2 if integral else img_size
     if (
         not isinstance(size, Sequence)
         or len(size) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in size)
     ):
         raise ValueError(f"img_size={img_size!r} must be a positive int or a pair of them (H, W)")
+    size = tuple(int(v) for v in size)
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.is_meta for p in floating):
+        raise ValueError("the module is on the meta device: pass the model name, or model.to_empty(device='cpu')")
+    dtype = floating[0].dtype if floating else torch.float32  # (a half-precision model gets a half input)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     was_training = model.training
     model.eval()
@@ -131,7 +165,7 @@ def model_complexity(
     counter = FlopCounterMode(display=False, custom_mapping=extra)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
-            model(torch.empty(1, 3, *size))
+            model(torch.empty(1, _in_chans(model, cfg), *size, dtype=dtype))
     finally:
         model.train(was_training)
     return {"params_m": params, "gmacs": counter.get_total_flops() / 2e9}
