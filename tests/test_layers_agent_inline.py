@@ -143,6 +143,10 @@ def test_constructor_errors():
         InLineAttention(32, 2, kernel_func="softplus")
     with pytest.raises(ValueError, match="dim=30 is not divisible by num_heads=4"):
         InLineAttention(30, 4)
+    # a float, a string or a bool (qkv_bias=True passed positionally) as a size: refused, not a failing forward
+    for args, name in (((64, 4.0), "num_heads=4.0"), (("64", 4), "dim='64'"), ((64, True), "num_heads=True")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            create_attn("inline", *args)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))

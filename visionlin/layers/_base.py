@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -155,6 +156,10 @@ class TokenMixer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):  # (4.0 or "64" failed at the first forward)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{type(self).__name__}: {name}={value!r} must be a positive int")
+        dim, num_heads = int(dim), int(num_heads)
         if dim <= 0 or num_heads <= 0:
             raise ValueError(f"{type(self).__name__}: dim and num_heads must be positive, got {dim=}, {num_heads=}")
         if dim % num_heads:
