@@ -106,6 +106,10 @@ def test_defaults_are_every_small_model_and_quick_settings(monkeypatch, tmp_path
     assert seen["iters"] == 7 and seen["warmup"] == 2 and seen["repeats"] == 3  # an explicit flag wins over --quick
     assert seen["twin"] == "deit_small_patch16_224" and seen["backends"] == [None]
     assert (tmp_path / "benchmarks" / "results" / "cpu" / "bench_models.json").is_file()  # the default --out
+    # the hierarchical families' twin, a patch-4 Swin: its patch size divides 16 (its stride, 32, does not)
+    swin = "swin_tiny_patch4_window7_224"
+    assert cli.main(["bench", "models", "--device", "cpu", "--quick", "--models", "nat_tiny", "--twin", swin]) == 0
+    assert seen["twin"] == swin
 
 
 def test_append_splits_a_suite_over_calls(monkeypatch, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -166,17 +167,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _patch_size(name: str) -> int:
+    """The patch size a model's name states (``patchN``), else 16 (``bench``'s twin check)."""
+    match = re.search(r"patch(\d+)", name)
+    return int(match.group(1)) if match else DEFAULT_PATCH
+
+
+@functools.cache
+def _stride(name: str) -> int:
     """The model's total stride: the side every input must be a multiple of (a ViT's patch size; 32 for the
     four-stage models, whose last stage sees 1 / 32 of the side), from its ``feature_info`` on the meta device; the
-    name's ``patchN`` (else 16) when the model cannot be built there."""
+    name's ``patchN`` (else 16) when the model cannot be built there. Cached: the flag check and the measurement
+    both ask."""
     import timm
 
     try:
         info = timm.create_model(name, device="meta").feature_info
         return max(int(f["reduction"]) for f in info)
     except Exception:  # noqa: BLE001 - any model timm cannot build on meta: the name's patch size
-        match = re.search(r"patch(\d+)", name)
-        return int(match.group(1)) if match else DEFAULT_PATCH
+        return _patch_size(name)
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -224,12 +232,12 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     else:
         parser.error(f"argument --device: {text!r} is a torch device the demo does not measure; {allowed}")
 
-    patches = {name: _patch_size(name.split(".")[0]) for name in args.models}
-    multiple = math.lcm(*patches.values())
+    strides = {name: _stride(name.split(".")[0]) for name in args.models}
+    multiple = math.lcm(*strides.values())
     bad = [s for s in args.sizes if s % multiple]
     if bad:
-        by_patch = {p: [n for n in args.models if patches[n] == p] for p in sorted(set(patches.values()))}
-        needs = "; ".join(f"stride {p}: {', '.join(names)}" for p, names in by_patch.items())
+        by_stride = {p: [n for n in args.models if strides[n] == p] for p in sorted(set(strides.values()))}
+        needs = "; ".join(f"stride {p}: {', '.join(names)}" for p, names in by_stride.items())
         parser.error(
             f"argument --sizes: {', '.join(map(str, bad))} not a multiple of {multiple}; every size must be a "
             f"multiple of {multiple} px for these models ({needs})"
@@ -530,7 +538,7 @@ def measure(models: list[str], sizes: list[int], device: str, repeats: int, thre
                 bar.set_postfix_str(f"{name} {row['size']}px")
                 bar.update(1)
 
-            multiple = _patch_size(name.split(".")[0])
+            multiple = _stride(name.split(".")[0])
             failure = _measure(ctx, name, sizes, multiple, device, repeats, threads, on_row)
             if failure is not None:
                 rows.append(failure)
