@@ -3,8 +3,10 @@
 time in Python, which took two thirds of some interpreter scripts' time. A combine function is elementwise by Triton's
 definition, so the same left fold (reduce) or running fold (scan) can call it on whole slices across the axis, in the
 same order, giving the same values: :func:`install` swaps that in for the interpreter's slow fallbacks. The fast cases
-(sum, min, max, argmin, argmax, cumsum, cumprod) are Triton's own and untouched. If Triton's interpreter no longer has
-the methods this replaces, nothing is replaced (the slow path is correct, only slower)."""
+(sum, min, max, argmin, argmax, cumsum, cumprod) are Triton's own and untouched. It also patches the language once
+per launch instead of once per ``@triton.jit`` helper call (:func:`_once_per_launch`) and builds the dtype table once
+(:func:`_memoised_np_dtype`). If Triton's interpreter no longer has what a piece replaces, that piece is left alone
+(the slow path is correct, only slower)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import numpy as np
 
 
 def install() -> bool:
-    """Replace ``ReduceOps.generic_reduce`` and ``ScanOps.generic_scan`` in Triton's interpreter; ``False`` (nothing
-    changed) when this Triton has no such methods."""
+    """Replace ``ReduceOps.generic_reduce`` and ``ScanOps.generic_scan`` in Triton's interpreter, and wrap its
+    ``_patch_lang`` and ``_get_np_dtype`` where it has them; ``False`` (nothing changed) when it has no reduce / scan
+    fallbacks to replace."""
     try:
         from triton.runtime import interpreter as ti
     except ImportError:
