@@ -16,7 +16,9 @@ there on an H200). ``--sweep`` also times the Triton kernels over their tile set
 NAT-T's and DiNAT-T's attention shapes (``--tile-shapes``), each kernel replayed from a CUDA graph, written to
 ``neighborhood_op_tiles.json``. ``--bias-grad-sweep`` (alone): the backward's bias-gradient reduction
 (``_bias_grad_kernel``) at those shapes over its sums per program (``BIAS_GRAD_ELEMENTS``) and programs per SM
-(``BIAS_GRAD_PER_SM``), written to ``neighborhood_op_bias_grad.json``.
+(``BIAS_GRAD_PER_SM``), written to ``neighborhood_op_bias_grad.json``. ``--bwd-block-sweep`` (alone): the backward
+at each shape's shipped key tile over its query block, warps and register cap, written to
+``neighborhood_op_bwd_block.json``.
 
 Usage (on a GPU machine):
     python benchmarks/neighborhood_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -325,6 +327,40 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
     return rows
 
 
+#: ``(bwd_block, bwd_warps, bwd_maxnreg)`` settings ``--bwd-block-sweep`` times at each shape's shipped key tile.
+BWD_BLOCK_SETTINGS = tuple(itertools.product((16, 32, 64, 128, 256), (2, 4, 8), (None, 0)))
+
+
+def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
+    """At each of ``--tile-shapes``: the backward alone at the shipped key tile (``MEASURED_TILES``' row for the
+    shape's group row, set explicitly) over :data:`BWD_BLOCK_SETTINGS`: query blocks of 16 to 256 (at NAT-T's 14 x 14
+    and 7 x 7 maps a key tile's whole inverse neighbourhood in one or two blocks instead of a row at a time), 2 / 4 / 8
+    warps, the default register cap or none; each replayed from a CUDA graph, the shipped settings first."""
+    from visionlin.kernels.triton import neighborhood as nt
+
+    rows = []
+    stream = torch.cuda.Stream()
+    timer = functools.partial(graph_ms, warmup=args.warmup, iters=args.iters, stream=stream)
+    for name in args.tile_shapes:
+        size, heads, dilation, calls = TILE_SHAPES[name]
+        shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
+        fn = _methods(shape)["triton"]
+        ny = size // dilation
+        queries, width, _ = next(r for r in nt.MEASURED_TILES if r[0] is None or ny <= r[0])[2]
+        tile = dict(tile_q=queries, tile_y=width, narrow_cols=True)
+        configs = [{}] + [
+            tile | dict(bwd_block=bb, bwd_warps=w) | ({} if cap is None else dict(bwd_maxnreg=cap))
+            for bb, w, cap in BWD_BLOCK_SETTINGS
+        ]
+        for config in configs:
+            row = _time_setting(shape, fn, "backward", config, timer, "graph_ms", stream, shape=name, calls=calls)
+            rows.append(row)
+            torch.cuda.empty_cache()
+        save(rows)
+    _print_best(rows, args.tile_shapes, ("backward",))
+    return rows
+
+
 DEVICE = "cuda"  # (the CPU test of the sweep's plumbing sets "cpu")
 #: ``(BIAS_GRAD_ELEMENTS, BIAS_GRAD_PER_SM)`` settings ``--bias-grad-sweep`` times besides the shipped one.
 BIAS_GRAD_SETTINGS = tuple(itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8, 16, 32)))
@@ -467,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bias-grad-sweep", action="store_true",
         help="only time the bias gradient's reduction over its block and programs per SM at --tile-shapes",
     )  # fmt: skip
+    p.add_argument(
+        "--bwd-block-sweep", action="store_true",
+        help="only time the backward's query blocks, warps and register cap at each --tile-shapes' shipped key tile",
+    )  # fmt: skip
     p.add_argument("--tile-shapes", default=",".join(TILE_SHAPES), help=f"subset of {', '.join(TILE_SHAPES)}")
     p.add_argument(
         "--bias-dot-ab", action="store_true",
@@ -483,13 +523,16 @@ def main(argv: list[str] | None = None) -> int:
     if (bad := [n for n in shapes if n not in TILE_SHAPES]) or not shapes:
         p.error(f"--tile-shapes: unknown {bad or args.tile_shapes!r}; choose from {', '.join(TILE_SHAPES)}")
     args.tile_shapes = list(dict.fromkeys(shapes))  # each once, in the order given
-    if args.tile_sweep and args.bias_grad_sweep:
-        p.error("--tile-sweep and --bias-grad-sweep each run alone: choose one")
+    sweeps = {"tile": _tile_sweep, "bias_grad": _bias_grad_sweep, "bwd_block": _bwd_block_sweep}
+    chosen = [key for key in sweeps if getattr(args, f"{key}_sweep")]
+    if len(chosen) > 1:
+        names = ", ".join(f"--{key.replace('_', '-')}-sweep" for key in chosen)
+        p.error(f"{names} each run alone: choose one")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.tile_sweep or args.bias_grad_sweep:
-        stem, sweep = (f"{STEM}_tiles", _tile_sweep) if args.tile_sweep else (f"{STEM}_bias_grad", _bias_grad_sweep)
+    if chosen:
+        stem, sweep = f"{STEM}_{'tiles' if chosen[0] == 'tile' else chosen[0]}", sweeps[chosen[0]]
         result = {"benchmark": stem, "meta": gpu_meta(argv, args.commit), "batch": args.batch}
         result |= {"dtype": args.dtype, "rows": []}
 

@@ -27,6 +27,8 @@
 #                  timed (neighborhood_op.py --tile-sweep; TILES_ARGS, TILES_LIMIT)                      ~4 min
 #   bench-na-bias-grad the NA backward's bias-gradient reduction over its block and programs per SM at those shapes
 #                  (neighborhood_op.py --bias-grad-sweep; TILES_ARGS, TILES_LIMIT)                      ~1 min
+#   bench-na-bwd-block the NA backward's query block, warps and register cap at each shape's shipped key tile
+#                  (neighborhood_op.py --bwd-block-sweep; TILES_ARGS, TILES_LIMIT)                     ~4 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
 #   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
 #                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
@@ -475,6 +477,11 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       timeout ${TILES_LIMIT:-300} python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" \
         --bias-grad-sweep --batch 128 ${TILES_ARGS:-} > "$OUT/neighborhood_op_bias_grad_$COMMIT.log" 2>&1
       grep "^sweep " "$OUT/neighborhood_op_bias_grad_$COMMIT.log" | tail -8 ;;
+    bench-na-bwd-block)  # the backward's query blocks / warps / register cap at the shipped key tiles, bs 128
+      # shellcheck disable=SC2086  # TILES_ARGS are separate words
+      timeout ${TILES_LIMIT:-300} python3 benchmarks/neighborhood_op.py --out "$OUT" --commit "$COMMIT" \
+        --bwd-block-sweep --batch 128 ${TILES_ARGS:-} > "$OUT/neighborhood_op_bwd_block_$COMMIT.log" 2>&1
+      grep "^sweep " "$OUT/neighborhood_op_bwd_block_$COMMIT.log" | tail -8 ;;
     tests-half)
       timeout 150 $PYTEST tests/test_kernels_half_precision.py 2>&1 | tee "$OUT/gpu_tests_half_$COMMIT.log" | tail -5 ;;
     bench-build-default)  # FLatten's memory with its positional tables resampled per forward instead of stored

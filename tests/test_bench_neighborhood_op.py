@@ -119,7 +119,46 @@ def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
     assert (tmp_path / "neighborhood_op_bias_grad.png").is_file()
 
 
-def test_the_two_sweeps_run_alone(capsys):
+def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path):
+    """``--bwd-block-sweep``: at each shape the shipped backward first, then its group row's key tile from
+    ``MEASURED_TILES`` (set explicitly, narrow key blocks) with each query block / warps / register cap; the backward
+    alone at the shape's own sizes (the timing stubbed: no GPU here)."""
+    seen = []
+
+    def fake_time(args, fn, mode, config, timer, key, stream=None, **extra):
+        seen.append((extra["shape"], args.size, args.heads, args.dilation, mode, config))
+        return {**extra, "method": "triton", "mode": mode, "status": "ok", "config": config, key: 1.0}
+
+    monkeypatch.setattr(neighborhood_op, "_time_setting", fake_time)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
+    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
+    argv = ["--out", str(tmp_path), "--bwd-block-sweep", "--tile-shapes", "nat_t_s3,nat_t_s2"]
+    assert neighborhood_op.main(argv) == 0
+    settings = neighborhood_op.BWD_BLOCK_SETTINGS
+    assert len(seen) == 2 * (1 + len(settings)) and {s[4] for s in seen} == {"backward"}
+    for name, size, heads, tile in (("nat_t_s3", 14, 8, (64, 16)), ("nat_t_s2", 28, 4, (16, 4))):
+        mine = [s for s in seen if s[0] == name]
+        assert {s[1:4] for s in mine} == {(size, heads, 1)}
+        assert mine[0][5] == {}
+        for (bb, w, cap), s in zip(settings, mine[1:], strict=True):
+            want = dict(tile_q=tile[0], tile_y=tile[1], narrow_cols=True, bwd_block=bb, bwd_warps=w)
+            assert s[5] == want | ({} if cap is None else {"bwd_maxnreg": cap})
+    doc = json.loads((tmp_path / "neighborhood_op_bwd_block.json").read_text())
+    assert len(doc["rows"]) == len(seen)
+    assert (tmp_path / "neighborhood_op_bwd_block.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--tile-sweep", "--bias-grad-sweep"], "--tile-sweep, --bias-grad-sweep"),
+        (["--bias-grad-sweep", "--bwd-block-sweep"], "--bias-grad-sweep, --bwd-block-sweep"),
+    ],
+)
+def test_the_sweeps_run_alone(flags, names, capsys):
     with pytest.raises(SystemExit) as e:
-        neighborhood_op.main(["--out", "unused", "--tile-sweep", "--bias-grad-sweep"])
-    assert e.value.code == 2 and "each run alone" in capsys.readouterr().err
+        neighborhood_op.main(["--out", "unused", *flags])
+    assert e.value.code == 2 and f"{names} each run alone" in capsys.readouterr().err
