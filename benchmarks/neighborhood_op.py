@@ -346,7 +346,7 @@ def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
         shape = argparse.Namespace(**{**vars(args), "size": size, "heads": heads, "dilation": dilation})
         fn = _methods(shape)["triton"]
         ny = size // dilation
-        queries, width, _ = next(r for r in nt.MEASURED_TILES if r[0] is None or ny <= r[0])[2]
+        queries, width = next(r for r in nt.MEASURED_TILES if r[0] is None or ny <= r[0])[2][:2]
         tile = dict(tile_q=queries, tile_y=width, narrow_cols=True)
         configs = [{}] + [
             tile | dict(bwd_block=bb, bwd_warps=w) | ({} if cap is None else dict(bwd_maxnreg=cap))
@@ -362,7 +362,8 @@ def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
 
 
 DEVICE = "cuda"  # (the CPU test of the sweep's plumbing sets "cpu")
-#: ``(BIAS_GRAD_ELEMENTS, BIAS_GRAD_PER_SM)`` settings ``--bias-grad-sweep`` times besides the shipped one.
+#: ``(BIAS_GRAD_ELEMENTS, programs per SM)`` settings ``--bias-grad-sweep`` times besides the shipped one (the programs
+#: per SM at every map: ``BIAS_GRAD_PER_SM = ((None, s),)``).
 BIAS_GRAD_SETTINGS = tuple(itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8, 16, 32)))
 
 
@@ -393,7 +394,7 @@ def _bias_grad_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
             try:
                 nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM = (
                     config.get("elements", shipped[0]),
-                    config.get("per_sm", shipped[1]),
+                    ((None, config["per_sm"]),) if "per_sm" in config else shipped[1],
                 )
                 step()
                 got = drpb.clone()

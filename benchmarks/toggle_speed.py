@@ -29,8 +29,12 @@ Switches (each a process-wide setting read at every forward):
 * ``na_tiles_s43``: the shipped settings with neighborhood attention's 2-D tiles of stop 43 (64-query 8 x 8 tiles
   everywhere, key blocks at least 16 columns: :data:`NA_TILES_S43`, ``narrow_cols`` off), to compare with
   ``default``: the A/B of stop 44's tiles by group row (``neighborhood.MEASURED_TILES``);
-* ``all``: every switch on (``focus_keep``, ``strip_s42`` and ``na_tiles_s43`` excepted: none is a fast path of its
-  own).
+* ``na_s45``: the shipped settings with neighborhood attention's tiles and bias-gradient reduction of stop 45
+  (:data:`NA_TILES_S45`: the backward's register cap of 128 at rows of 8 and longer, 4 warps at rows of 8;
+  :data:`NA_BIAS_GRAD_PER_SM_S45`: 2 programs per SM at every map), to compare with ``default``: the A/B of s46's
+  settings;
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43`` and ``na_s45`` excepted: none is a fast
+  path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -74,10 +78,11 @@ CONFIGS = (
     "focus_keep",
     "strip_s42",
     "na_tiles_s43",
+    "na_s45",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
-SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43")
+SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45")
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
@@ -87,7 +92,16 @@ STRIP_S42 = (
 )
 #: Neighborhood attention's tiles at stop 43 (``neighborhood.MEASURED_TILES``' form): 64 queries in rows of 8, the
 #: general rule's warps, forward and backward, at every group row.
-NA_TILES_S43 = ((None, (64, 8, None), (64, 8, None)),)
+NA_TILES_S43 = ((None, (64, 8, None, None), (64, 8, None, None)),)
+#: Neighborhood attention's tiles at stop 45 (``neighborhood.MEASURED_TILES`` before s46's backward warps / register
+#: caps) and its bias-gradient reduction's programs per SM then (``BIAS_GRAD_PER_SM``: 2 at every map).
+NA_TILES_S45 = (
+    (8, (64, 8, None, None), (64, 8, None, None)),
+    (16, (32, 2, 2, None), (64, 16, None, None)),
+    (32, (32, 2, 2, None), (16, 4, 2, None)),
+    (None, (64, 8, None, None), (16, 2, 2, None)),
+)
+NA_BIAS_GRAD_PER_SM_S45 = ((None, 2),)
 MODELS = "nat_tiny,nalaformer_tiny,flatten_pvt_small,mavit_tiny,swin_tiny_patch4_window7_224,infvit_small"
 MODELS += ",agent_deit_small,flatten_deit_small,flatten_swin_tiny"
 
@@ -140,6 +154,9 @@ def switches(config: str) -> Iterator[None]:
             for table, values in zip((conv.STRIP, conv.WG_STRIP), STRIP_S42, strict=True):
                 stack.enter_context(tuned(table))
                 table.update(values)
+        if config == "na_s45":
+            stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S45))
+            stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
         if config == "na_tiles_s43":
             stack.enter_context(tuned(na.TUNING, narrow_cols=False))
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))

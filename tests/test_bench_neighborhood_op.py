@@ -95,7 +95,7 @@ def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
 
     def fake_bias_grad(ds, drpb, x, y, kx, ky, dx, dy):
         seen.append((tuple(ds.shape), x, dx, nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM))
-        drpb += ds.sum() * (1.0 if nt.BIAS_GRAD_PER_SM != 32 else 2.0)  # one setting "wrong": its diff is recorded
+        drpb += ds.sum() * (1.0 if nt.BIAS_GRAD_PER_SM != ((None, 32),) else 2.0)  # one setting "wrong": its diff
 
     monkeypatch.setattr(nt, "_bias_grad", fake_bias_grad)
     monkeypatch.setattr(neighborhood_op, "DEVICE", "cpu")
@@ -107,7 +107,7 @@ def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
     argv = ["--out", str(tmp_path), "--bias-grad-sweep", "--tile-shapes", "nat_t_s4,dinat_t_s3_d2", "--batch", "2"]
     assert neighborhood_op.main(argv) == 0
     assert shipped == (nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM)
-    settings = [shipped, *neighborhood_op.BIAS_GRAD_SETTINGS]
+    settings = [shipped, *((e, ((None, s),)) for e, s in neighborhood_op.BIAS_GRAD_SETTINGS)]
     per_shape = [(e, s) for e, s in settings for _ in range(2)]  # one check call and one timed call each
     assert [c[3:] for c in seen] == per_shape * 2
     assert {c[:3] for c in seen} == {((2, 16, 7, 7, 49), 7, 1), ((2, 8, 14, 14, 49), 14, 2)}

@@ -68,6 +68,12 @@ def test_switches_set_and_restore():
         assert na._tile_plan(14, 14, 7, 7, True, 32, True, True)[4] is None
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
     assert (na.MEASURED_TILES, dict(na.TUNING)) == (tiles, na_tuning) and na_tuning["narrow_cols"] is None
+    bias_per_sm = na.BIAS_GRAD_PER_SM
+    with toggle_speed.switches("na_s45"):  # the shipped settings with stop 45's tiles and reduction
+        assert na.MEASURED_TILES == toggle_speed.NA_TILES_S45 and na.BIAS_GRAD_PER_SM == ((None, 2),)
+        assert na._tile_plan(56, 56, 7, 7, True, 32, True, True)[4:] == (2, None)  # s46: (2, 0), uncapped
+        assert dict(na.TUNING) == na_tuning and before == norm.FAST_PATHS
+    assert (na.MEASURED_TILES, na.BIAS_GRAD_PER_SM) == (tiles, bias_per_sm) != (toggle_speed.NA_TILES_S45, ((None, 2),))
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

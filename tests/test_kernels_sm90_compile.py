@@ -468,17 +468,18 @@ def _neighborhood(dt, tdt):
         fwd_dot = rpb if bias_dot is None else bias_dot
         bwd_dot = rpb and bool(nt.TUNING["bwd_bias_dot"]) if bias_dot is None else bias_dot
         kx = min(k, nx)
-        tx, ty, krows, kcols, fwd_warps = nt._tile_plan(nx, ny, kx, k, rpb, d, False, half)
-        btx, bty, _, bkcols, bwd_warps = nt._tile_plan(nx, ny, kx, k, rpb, d, True, half)
+        tx, ty, krows, kcols, fwd_warps, fwd_cap = nt._tile_plan(nx, ny, kx, k, rpb, d, False, half)
+        btx, bty, _, bkcols, bwd_warps, bwd_cap = nt._tile_plan(nx, ny, kx, k, rpb, d, True, half)
         qrows, qcols = nt._bwd_block(bkcols, rpb, d)
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [
             (nt._fwd_kernel, dt_, dict(blocks, BIAS_DOT=fwd_dot and half, TX=tx, TY=ty, BLOCK_Q=tx * ty, KROWS=krows,
-                                       KCOLS=kcols), nt.launch_meta(tx * ty, krows * kcols, d, rpb, fwd_warps)),
+                                       KCOLS=kcols),
+             nt.launch_meta(tx * ty, krows * kcols, d, rpb, fwd_warps, fwd_cap)),
             (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb, DS_STORE=ds_store, TX=btx,
                                        TY=bty, BLOCK_K=btx * bty, QROWS=qrows, QCOLS=qcols),
-             nt._bwd_meta(d, half, bwd_warps)),
+             nt._bwd_meta(d, half, bwd_warps, bwd_cap)),
         ]  # fmt: skip
 
     cases = []

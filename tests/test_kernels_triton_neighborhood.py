@@ -226,18 +226,21 @@ def test_measured_tiles_by_group_row(monkeypatch):
     from visionlin.kernels.triton import neighborhood as nt
 
     def tile(n, k=7, rpb=True, d=32, half=True, bwd=False):
-        tx, ty, krows, kcols, warps = nt._tile_plan(n, n, min(k, n), min(k, n), rpb, d, bwd, half)
+        tx, ty, krows, kcols, warps, cap = nt._tile_plan(n, n, min(k, n), min(k, n), rpb, d, bwd, half)
         assert nt.tile_config(n, n, min(k, n), min(k, n), rpb, d, bwd, half) == (tx, ty, krows, kcols)
-        return tx, ty, kcols, warps
+        assert cap in (None, 0) and (warps is not None or cap is None)  # the table's cap comes with its warps
+        return tx, ty, kcols, warps, cap
 
     # NAT-T's four stages (56, 28, 14, 7) and DiNAT-T's 7 x 7 dilation groups, narrow key blocks
-    assert [tile(n) for n in (56, 28, 14, 7)] == [(8, 8, 16, None), (16, 2, 8, 2), (16, 2, 8, 2), (8, 8, 8, None)]
-    assert [tile(n, bwd=True) for n in (56, 28, 14, 7)] == [(8, 2, 8, 2), (4, 4, 16, 2), (4, 16, 16, None),
-                                                            (8, 8, 8, None)]  # fmt: skip
-    assert tile(9) == (16, 2, 8, 2) and tile(17, bwd=True) == (4, 4, 16, 2) and tile(33, bwd=True) == (8, 2, 8, 2)
+    assert [tile(n) for n in (56, 28, 14, 7)] == [(8, 8, 16, None, None), (16, 2, 8, 2, None), (16, 2, 8, 2, None),
+                                                  (8, 8, 8, None, None)]  # fmt: skip
+    assert [tile(n, bwd=True) for n in (56, 28, 14, 7)] == [(8, 2, 8, 2, 0), (4, 4, 16, 2, None),
+                                                            (4, 16, 16, None, None), (8, 8, 8, 2, 0)]  # fmt: skip
+    assert tile(9) == (16, 2, 8, 2, None) and tile(17, bwd=True) == (4, 4, 16, 2, None)
+    assert tile(33, bwd=True) == (8, 2, 8, 2, 0)
     for outside in (dict(rpb=False), dict(k=5), dict(k=9), dict(d=16), dict(d=64), dict(half=False)):
         for bwd in (False, True):  # not measured: the general rule, 16-column key blocks at 7 x 7
-            assert tile(14, bwd=bwd, **outside)[:2] == (8, 8) and tile(14, bwd=bwd, **outside)[3] is None
+            assert tile(14, bwd=bwd, **outside)[:2] == (8, 8) and tile(14, bwd=bwd, **outside)[3:] == (None, None)
         assert tile(56, bwd=True, **outside)[:2] == (8, 8)
         if outside != dict(k=9):  # kernel 9 at a 7 x 7 map is a 7 x 7 window: the table's
             assert tile(7, **outside)[2] == 16
@@ -245,11 +248,19 @@ def test_measured_tiles_by_group_row(monkeypatch):
     assert nt._tile_plan(1, 3136, 1, 7, True, 32, True, True)[4] is None
     assert nt.launch_meta(32, 32, 32, True, 2)["num_warps"] == 2 and nt._bwd_meta(32, True, 2)["num_warps"] == 2
     assert nt.launch_meta(32, 32, 32, True)["num_warps"] == 4 and nt._bwd_meta(32, True)["num_warps"] == 4
+    # the register cap: the tile's if given (0: none), else the rule's (MAXNREG at head dim 32 half / 64 with a table)
+    assert nt._bwd_meta(32, True, 2, 0).get("maxnreg") is None and nt._bwd_meta(32, True)["maxnreg"] == nt.MAXNREG
+    assert nt._bwd_meta(32, True, 2, 96)["maxnreg"] == 96 and nt._bwd_meta(32, False).get("maxnreg") is None
+    assert nt.launch_meta(32, 32, 64, True, 4, 0).get("maxnreg") is None
+    assert nt.launch_meta(32, 32, 64, True)["maxnreg"] == nt.MAXNREG
+    monkeypatch.setitem(nt.TUNING, "bwd_maxnreg", 200)
+    assert nt._bwd_meta(32, True, 2, 0)["maxnreg"] == 200  # TUNING wins over the tile's cap
+    monkeypatch.setitem(nt.TUNING, "bwd_maxnreg", None)
     monkeypatch.setitem(nt.TUNING, "tile_q", 32)
-    assert tile(56)[:3] == (4, 8, 16) and tile(14)[3] is None  # the set tile, rows of 8, without the table's warps
+    assert tile(56)[:3] == (4, 8, 16) and tile(14)[3:] == (None, None)  # the set tile, rows of 8, no table warps / cap
     monkeypatch.setitem(nt.TUNING, "tile_q", None)
     monkeypatch.setitem(nt.TUNING, "tile_y", 32)
-    assert tile(56) == (2, 32, 64, None) and tile(56, bwd=True)[:2] == (2, 32)  # 64 queries: the general default
+    assert tile(56) == (2, 32, 64, None, None) and tile(56, bwd=True)[:2] == (2, 32)  # 64 queries: the general rule
     monkeypatch.setitem(nt.TUNING, "tile_y", None)
     monkeypatch.setitem(nt.TUNING, "narrow_cols", False)
     assert tile(7)[2] == 16 and tile(28)[:2] == (16, 2)  # wide blocks, the table's tile kept
@@ -260,7 +271,7 @@ def test_measured_tiles_by_group_row(monkeypatch):
 
 
 def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
-    """``na2d_fwd`` and ``na2d_bwd`` launch their kernels with the tile and warps of their own pass
+    """``na2d_fwd`` and ``na2d_bwd`` launch their kernels with the tile, warps and register cap of their own pass
     (``_tile_plan``) at NAT-T's stage shapes, bf16 with a bias table; float32 takes
     the general rule (the kernels stubbed: only the launch arguments are checked)."""
     pytest.importorskip("triton")
@@ -269,9 +280,9 @@ def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
     seen = []
     monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, meta)))
     monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
-    want = {  # map side: (forward TX, TY, warps), (backward TX, TY, warps)
-        56: ((8, 8, 4), (8, 2, 2)), 28: ((16, 2, 2), (4, 4, 2)),
-        14: ((16, 2, 2), (4, 16, 4)), 7: ((8, 8, 4), (8, 8, 4)),
+    want = {  # map side: (forward TX, TY, warps, register cap), (backward TX, TY, warps, register cap)
+        56: ((8, 8, 4, None), (8, 2, 2, None)), 28: ((16, 2, 2, None), (4, 4, 2, 128)),
+        14: ((16, 2, 2, None), (4, 16, 4, 128)), 7: ((8, 8, 4, None), (8, 8, 2, None)),
     }  # fmt: skip
     for dtype in (torch.bfloat16, torch.float32):
         for n, (fwd, bwd) in want.items():
@@ -280,9 +291,10 @@ def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
             seen.clear()
             nt.na2d_fwd(q, q, q, rpb, 7, 7, 1, 1, 0.25)
             nt.na2d_bwd(q, q, q, rpb, q, torch.zeros(1, 2, n, n), q, 7, 7, 1, 1, 0.25, False)
-            got = [(m["TX"], m["TY"], m["num_warps"]) for k, m in seen if k in (nt._fwd_kernel, nt._bwd_kernel)]
+            got = [(m["TX"], m["TY"], m["num_warps"], m.get("maxnreg")) for k, m in seen
+                   if k in (nt._fwd_kernel, nt._bwd_kernel)]  # fmt: skip
             if dtype == torch.float32:
-                fwd = bwd = (8, 8, 4)
+                fwd = bwd = (8, 8, 4, None)
             assert got == [fwd, bwd], (dtype, n, got)
 
 
@@ -390,7 +402,7 @@ _BIAS_GRAD_SCRIPT = textwrap.dedent(
         (kx, dx), (ky, dy) = na.effective_window(x, ks[0], dil[0]), na.effective_window(y, ks[1], dil[1])
         shape = (h, 2 * ks[0] - 1, 2 * ks[1] - 1)
         for slices, per_sm in ((1, 4), (5, 4), (5, 1000), (3, 0)):  # one chunk, several, one slice each; per_sm 0: 1
-            nt.BIAS_GRAD_PER_SM = per_sm
+            nt.BIAS_GRAD_PER_SM = ((None, per_sm),)
             ds = torch.randn(slices, h, x, y, kx * ky)
             drpb = torch.zeros(shape)
             nt._bias_grad(ds, drpb, x, y, kx, ky, dx, dy)
@@ -405,6 +417,24 @@ _BIAS_GRAD_SCRIPT = textwrap.dedent(
     print("interpreter ok")
     """
 )
+
+
+def test_bias_gradient_reduction_programs_per_sm_by_map(monkeypatch):
+    """``BIAS_GRAD_PER_SM``: the first row holding the map's queries sets the programs per SM the slices are split
+    for (1 up to 28 x 28, 2 beyond); the grid's third axis is the chunk count (the kernel stubbed)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    grids = []
+    monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: grids.append(grid))
+    monkeypatch.setattr(nt, "_num_sms", lambda device: 132)
+    assert nt.BIAS_GRAD_PER_SM == ((784, 1), (None, 2))
+    for n, heads in ((14, 8), (28, 4), (56, 2)):
+        ds = torch.zeros(128, heads, n, n, 49)
+        nt._bias_grad(ds, torch.zeros(heads, 13, 13), n, n, 7, 7, 1, 1)
+    # 64 queries a program (4096 sums of 64 slots): 4 / 13 / 49 query blocks x heads = 32 / 52 / 98 programs before
+    # the split; chunks 132 // 32 = 4, 132 // 52 = 2 (1 a SM), 264 // 98 = 2 (2 a SM; 1 a SM would give 1 chunk)
+    assert grids == [(4, 8, 4), (13, 4, 2), (49, 2, 2)]
 
 
 def test_interpreter_bias_gradient_reduction():

@@ -398,18 +398,22 @@ TUNING: dict[str, int | bool | None] = {
 #: ``benchmarks/results/h200/s44/neighborhood_op_tiles_665049b.json``), used for half-precision inputs with a bias
 #: table, a 7 x 7 window and head dim 32 (float32 tiles, other windows and head dims keep the general rule: at float32
 #: the narrow key blocks spill for sm_90), by the longest dilation group's row length ``ny``: the largest ``ny`` of
-#: each row, ``(queries, width, warps)`` of the forward's query tile, then of the backward's key tile (``None``: the
-#: general rule's warps). Group rows of at most 8: 8 x 8 tiles over a 7 x 7 group (NAT-T's stage 4, every DiNAT-T
-#: dilation group). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms for
-#: 8 x 8), the backward in 4 x 16 (the whole row; 0.278 against 0.326). 28: 16 x 2 forward (0.138 against 0.172), 4 x 4
-#: backward of 2 warps (0.534 against 0.604). Longer: 8 x 8 forward, 8 x 2 backward of 2 warps (0.924 against 1.007 at
-#: 56). Key blocks as narrow as the key rectangle wherever the table applies (``narrow_cols``: 1.5-1.6x the forward,
-#: 1.2-1.3x the backward at 7 x 7 groups, no loss at the other shapes).
+#: each row, ``(queries, width, warps, maxnreg)`` of the forward's query tile, then of the backward's key tile
+#: (``None``: the general rule's warps / register cap; ``maxnreg`` 0: no cap). Group rows of at most 8: 8 x 8 tiles
+#: over a 7 x 7 group (NAT-T's stage 4, every DiNAT-T dilation group), the backward at 2 warps uncapped (0.096 against
+#: 0.101 ms at NAT-T's stage 4, 0.702 against 0.714 at DiNAT-T's stage 1; ``--bwd-block-sweep``,
+#: ``s46/neighborhood_op_bwd_block_153f216.json``). 14: the forward in 16 x 2 tiles of 2 warps (0.065 against 0.087 ms
+#: for 8 x 8), the backward in 4 x 16 (the whole row; 0.278 against 0.326). 28: 16 x 2 forward (0.138 against 0.172),
+#: 4 x 4 backward of 2 warps (0.534 against 0.604). Longer: 8 x 8 forward, 8 x 2 backward of 2 warps, uncapped since
+#: s46 (0.888 against 0.924 capped at 56; 1.007 for 8 x 8). Key blocks as narrow as the key rectangle wherever the
+#: table applies (``narrow_cols``: 1.5-1.6x the forward, 1.2-1.3x the backward at 7 x 7 groups, no loss at the other
+#: shapes). Query blocks of the backward beyond 16 were slower at every shape (32: 1.0-1.2x the time, 64-256: up to
+#: 30x, spilled).
 MEASURED_TILES = (
-    (8, (64, 8, None), (64, 8, None)),
-    (16, (32, 2, 2), (64, 16, None)),
-    (32, (32, 2, 2), (16, 4, 2)),
-    (None, (64, 8, None), (16, 2, 2)),
+    (8, (64, 8, None, None), (64, 8, 2, 0)),
+    (16, (32, 2, 2, None), (64, 16, None, None)),
+    (32, (32, 2, 2, None), (16, 4, 2, None)),
+    (None, (64, 8, None, None), (16, 2, 2, 0)),
 )
 
 #: Bias-gradient buffer (bytes) of the fused backward: one ``[H, X, Y, kx * ky]`` float32 slice per batch element while
@@ -463,10 +467,10 @@ def _checking(fn):
 
 def _measured_tile(
     ny: int, kx: int, ky: int, has_rpb: bool, d: int, half: bool, backward: bool
-) -> tuple[int, int, int | None] | None:
-    """``(queries, width, warps)`` from :data:`MEASURED_TILES` for a 2-D call inside its measured range (half-precision
-    inputs, a bias table, a 7 x 7 window, padded head dim 32) unless ``TUNING["tile_q"]`` or ``["tile_y"]`` is set,
-    else ``None``."""
+) -> tuple[int, int, int | None, int | None] | None:
+    """``(queries, width, warps, maxnreg)`` from :data:`MEASURED_TILES` for a 2-D call inside its measured range
+    (half-precision inputs, a bias table, a 7 x 7 window, padded head dim 32) unless ``TUNING["tile_q"]`` or
+    ``["tile_y"]`` is set, else ``None``."""
     if TUNING["tile_q"] or TUNING["tile_y"] or not (half and has_rpb and kx == ky == 7 and d == 32):
         return None
     row = next((r for r in MEASURED_TILES if r[0] is None or ny <= r[0]), None)
@@ -475,15 +479,15 @@ def _measured_tile(
 
 def _tile_plan(
     nx: int, ny: int, kx: int, ky: int, has_rpb: bool, d: int, backward: bool, half: bool
-) -> tuple[int, int, int, int, int | None]:
-    """:func:`tile_config`'s tile and key block, and the tile's warps from :data:`MEASURED_TILES` (``None``: the
-    general rule's, :func:`_warps`; a set ``TUNING["tile_q"]`` or ``["tile_y"]`` drops the table, its warps with it):
-    one look-up of the table per pass."""
+) -> tuple[int, int, int, int, int | None, int | None]:
+    """:func:`tile_config`'s tile and key block, and the tile's warps and register cap from :data:`MEASURED_TILES`
+    (``None``: the general rule's, :func:`_warps`, :func:`launch_meta`, :func:`_bwd_meta`; a set ``TUNING["tile_q"]``
+    or ``["tile_y"]`` drops the table, its warps and cap with it): one look-up of the table per pass."""
     rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
-        queries, row, _ = rule or (64, 16 if ky >= 11 else 8, None)
+        queries, row = rule[:2] if rule else (64, 16 if ky >= 11 else 8)
         queries = TUNING["tile_q"] or queries
         ty = min(TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
         tx = queries // ty
@@ -491,7 +495,7 @@ def _tile_plan(
     narrow = rule is not None if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
     kcols = next_pow2(width) if nx > 1 and narrow else tile_dim(width)
     krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
-    return tx, ty, krows, kcols, rule[2] if rule else None
+    return tx, ty, krows, kcols, *(rule[2:] if rule else (None, None))
 
 
 @_checking
@@ -516,19 +520,22 @@ def tile_config(
 
 @_checking
 def launch_meta(
-    block_q: int, block_k: int, d: int = 32, has_rpb: bool = True, warps: int | None = None
+    block_q: int, block_k: int, d: int = 32, has_rpb: bool = True, warps: int | None = None, cap: int | None = None
 ) -> dict[str, int]:
     """``num_warps``, ``num_stages`` and register cap of the forward for a ``block_q x block_k`` score tile at (padded)
     head dim ``d``: ``warps`` (the tile's, :func:`_tile_plan`) if given, else 4 up to head dim 64, 8 beyond; 2 stages
-    (1 for tiles of at most 512 scores, 1-D with a bias table); with a bias table at head dim 64, :data:`MAXNREG`
-    registers a thread. Measured at NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms
-    against 0.35-0.52 with 8 (which took about 150 registers a thread, one program per SM); at head dim 64 with the bias
-    table, 4 warps capped 0.20 ms against 0.29 uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the
-    cap cost time (0.17 against 0.11 ms)."""
+    (1 for tiles of at most 512 scores, 1-D with a bias table); the tile's register cap ``cap`` if given (0: none),
+    else with a bias table at head dim 64 :data:`MAXNREG` registers a thread; ``TUNING`` wins over both. Measured at
+    NAT-T's stage-1 shape (``neighborhood_op*.json``'s sweeps): 4 warps 0.21-0.23 ms against 0.35-0.52 with 8 (which
+    took about 150 registers a thread, one program per SM); at head dim 64 with the bias table, 4 warps capped 0.20 ms
+    against 0.29 uncapped and 0.80 with 8 warps; at head dim 32 without a bias table the cap cost time (0.17 against
+    0.11 ms)."""
     stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
     meta = {"num_warps": TUNING["warps"] or warps or _warps(d), "num_stages": TUNING["stages"] or stages}
-    cap = TUNING["maxnreg"]
-    cap = (MAXNREG if has_rpb and 32 < d <= 64 else 0) if cap is None else cap  # measured at 64 only
+    if TUNING["maxnreg"] is not None:
+        cap = TUNING["maxnreg"]
+    elif cap is None:
+        cap = MAXNREG if has_rpb and 32 < d <= 64 else 0  # measured at 64 only
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -560,16 +567,19 @@ def _bwd_block(kcols: int, has_rpb: bool, d: int) -> tuple[int, int]:
 
 
 @_checking
-def _bwd_meta(d: int, half: bool = True, warps: int | None = None) -> dict[str, int]:
+def _bwd_meta(d: int, half: bool = True, warps: int | None = None, cap: int | None = None) -> dict[str, int]:
     """Launch settings of the backward: ``warps`` (the key tile's, :func:`_tile_plan`) if given, else 4 up to head dim
-    64, 8 beyond; no software pipelining, :data:`MAXNREG` registers up to head dim 32 for half-precision inputs (float32
-    tiles spilled 170-810 bytes under the cap at sm_90, at most 20 without). Measured at NAT-T's stage-1 shape
+    64, 8 beyond; no software pipelining; the key tile's register cap ``cap`` if given (0: none), else
+    :data:`MAXNREG` registers up to head dim 32 for half-precision inputs (float32 tiles spilled 170-810 bytes under
+    the cap at sm_90, at most 20 without); ``TUNING`` wins over both. Measured at NAT-T's stage-1 shape
     (``neighborhood_op*.json``'s sweeps): with a bias table 0.57 ms capped against 0.75 uncapped (16-query blocks),
     without one 0.48 against 0.53 (32-query blocks); at head dim 64 (bias table) 32-query blocks uncapped 0.80 against
     0.92-1.28 for the others."""
     meta = {"num_warps": TUNING["bwd_warps"] or warps or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
-    cap = TUNING["bwd_maxnreg"]
-    cap = (MAXNREG if d <= 32 and half else 0) if cap is None else cap
+    if TUNING["bwd_maxnreg"] is not None:
+        cap = TUNING["bwd_maxnreg"]
+    elif cap is None:
+        cap = MAXNREG if d <= 32 and half else 0
     if cap:
         meta["maxnreg"] = cap
     return meta
@@ -624,10 +634,10 @@ def na2d_fwd(
     bd, bdv = _blocks(d), _blocks(dv)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
-    tx, ty, krows, kcols, warps = _tile_plan(nx, ny, kx, ky, has_rpb, bd, False, half)
+    tx, ty, krows, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, False, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
-    meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps)
+    meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps, cap)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
@@ -673,7 +683,7 @@ def na2d_bwd(
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
-    tx, ty, _, kcols, warps = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
+    tx, ty, _, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
@@ -686,7 +696,7 @@ def na2d_bwd(
     )
     dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
-    meta = _bwd_meta.unchecked(bd, half, warps)
+    meta = _bwd_meta.unchecked(bd, half, warps, cap)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
@@ -701,9 +711,14 @@ def na2d_bwd(
 
 
 #: (query, slot) sums per program of the bias gradient's reduction (:func:`_bias_grad_kernel`: 64 queries of a 7 x 7
-#: window; 8192 spilled 2.6 KB for sm_90 at 13 x 13), and programs per SM it aims at (the slices split into chunks,
-#: each chunk's sums added by atomics, until the grid has that many).
-BIAS_GRAD_ELEMENTS, BIAS_GRAD_PER_SM = 4096, 2
+#: window; 8192 spilled 2.6 KB for sm_90 at 13 x 13).
+BIAS_GRAD_ELEMENTS = 4096
+#: Programs per SM the reduction aims at (the slices split into chunks, each chunk's sums added by atomics, until the
+#: grid has that many), by the map's queries ``X * Y``: ``(most queries or None, programs per SM)``, the first row
+#: that holds the map. Maps of at most 28 x 28 at 1 (NAT-T's 14 x 14 stage, 18 calls a step: 0.035 against 0.044 ms at
+#: 2; DiNAT-T's 14 x 14 at dilation 2: 0.035 against 0.046), larger at 2 (NAT-T's 56 x 56: 0.097 against 0.121 at 1);
+#: ``neighborhood_op.py --bias-grad-sweep``, ``benchmarks/results/h200/s46/neighborhood_op_bias_grad_153f216.json``.
+BIAS_GRAD_PER_SM = ((28 * 28, 1), (None, 2))
 
 
 def _bias_grad_block(kk: int) -> tuple[int, int]:
@@ -722,7 +737,8 @@ def _bias_grad(dsbuf: torch.Tensor, drpb: torch.Tensor, x: int, y: int, kx: int,
     ksx, ksy = (drpb.shape[1] + 1) // 2, (drpb.shape[2] + 1) // 2
     block_q, width = _bias_grad_block(kx * ky)
     q_blocks = cdiv(x * y, block_q)
-    chunks = max(1, min(slices, BIAS_GRAD_PER_SM * _num_sms(dsbuf.device) // (q_blocks * h)))
+    per_sm = next(n for most, n in BIAS_GRAD_PER_SM if most is None or x * y <= most)
+    chunks = max(1, min(slices, per_sm * _num_sms(dsbuf.device) // (q_blocks * h)))
     per = cdiv(slices, chunks)
     launch(_bias_grad_kernel, (q_blocks, h, cdiv(slices, per)),
         dsbuf, drpb, x, y, kx, ky, dx, dy, ksx, ksy, per, slices, dsbuf.stride(0), dsbuf.stride(1),
