@@ -140,12 +140,19 @@ def test_fully_masked_rows_give_zero_on_every_cpu_backend():
     agent_bias, query_bias = agent_bias.clone(), query_bias.clone()
     agent_bias[0, 0, 1] = float("-inf")  # agent 1 of head 0 sees no key: its value is 0
     query_bias[0, 1, 3] = float("-inf")  # query 3 of head 1 sees no agent: its output is 0
+    leaves = [[t.clone().requires_grad_() for t in (q, k, v, agents, agent_bias, query_bias)] for _ in range(2)]
     outs = [
-        agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, backend=b)
-        for b in ("sdpa", "reference")
+        agent_attention(*t[:4], agent_bias=t[4], query_bias=t[5], backend=b)
+        for t, b in zip(leaves, ("sdpa", "reference"), strict=True)
     ]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     assert torch.isfinite(outs[1]).all() and (outs[1][0, 3, 1] == 0).all() and (outs[1][0, :, 0] != 0).any()
+    w = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(out, t, w) for out, t in zip(outs, leaves, strict=True)]
+    for name, a, b in zip(("q", "k", "v", "agents", "agent_bias", "query_bias"), *grads, strict=True):
+        assert torch.isfinite(b).all(), name  # the reference's backward gave NaN there (softmax of a -inf row)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not grads[1][4][0, 0, 1].any() and not grads[1][5][0, 1, 3].any()  # masked rows: no bias gradient
     bias = torch.zeros(1, 2, 20, 20)
     bias[0, 0, 5] = float("-inf")
     outs = [softmax_attention(q, k, v, attn_bias=bias, backend=b) for b in ("sdpa", "reference")]

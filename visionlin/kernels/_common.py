@@ -365,8 +365,10 @@ def pow2_floor(x: torch.Tensor) -> torch.Tensor:
 def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim, with 0 weights in a row whose every logit is ``-inf`` (every key masked: softmax
     gives 0 / 0 there), as PyTorch's SDPA returns for such a query, so references and fused backends agree; a NaN
-    logit still gives NaN."""
-    return torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0, logits.softmax(dim=-1))
+    logit still gives NaN. Such a row's softmax runs on zeros, so its gradient is 0 too (a softmax of the ``-inf``
+    row is NaN, and NaN times the 0 gradient ``where`` passes it is still NaN)."""
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return torch.where(dead, 0.0, torch.where(dead, 0.0, logits).softmax(dim=-1))
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -50,6 +50,23 @@ def _dot(a, b, HALF: tl.constexpr):
 
 
 @triton.jit
+def _lse(m_i, l_i):
+    """Natural log-sum-exp of rows with running maximum ``m_i`` and sum ``l_i``; ``+inf`` for a row whose every key is
+    masked (``l_i`` 0: a ``-inf`` bias row), so the backward's ``exp(s - lse)`` gives 0 there, not NaN."""
+    return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+
+
+@triton.jit
+def _masked_softmax(s):
+    """Softmax of each row of ``s``; 0 for a row whose every logit is ``-inf`` (as the reference's
+    ``masked_softmax`` and SDPA give), not NaN."""
+    mx = tl.max(s, axis=1)
+    p = tl.exp(s - tl.where(mx == float("-inf"), 0.0, mx)[:, None])
+    den = tl.sum(p, axis=1)
+    return p / tl.where(den > 0, den, 1.0)[:, None]
+
+
+@triton.jit
 def _aggregate_kernel(
     A, K, V, AB, VA, STATS, LSE, M, H, NA, D, DV, scale, per_split,
     sa_b, sa_n, sa_h, sa_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d, sab_b, sab_h, sab_a, sab_m,
@@ -94,8 +111,9 @@ def _aggregate_kernel(
             s += bias.to(tl.float32)
         s = tl.where(mmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: p and alpha 0, not NaN
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(
             V + b * sv_b + h * sv_h + offs_m[:, None] * sv_n + offs_e[None, :] * sv_d,
@@ -113,7 +131,7 @@ def _aggregate_kernel(
     else:
         tl.store(VA + bh * (BLOCK_A * BLOCK_DV) + tile, acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
         if SAVE:
-            tl.store(LSE + bh * BLOCK_A + offs_a, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
+            tl.store(LSE + bh * BLOCK_A + offs_a, _lse(m_i, l_i))
 
 
 @triton.jit
@@ -132,14 +150,15 @@ def _combine_kernel(
         part = sp * BH + bh
         m_s = tl.load(STATS + part * (2 * BLOCK_A) + offs_a)
         l_s = tl.load(STATS + part * (2 * BLOCK_A) + BLOCK_A + offs_a)
-        m_new = tl.maximum(m_i, m_s)  # finite: every split holds at least one key
-        alpha, beta = tl.exp(m_i - m_new), tl.exp(m_s - m_new)
+        m_new = tl.maximum(m_i, m_s)  # -inf while every key so far is masked for the agent (a -inf bias)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, beta = tl.exp(m_i - m_safe), tl.exp(m_s - m_safe)
         l_i = l_i * alpha + l_s * beta
         acc = acc * alpha[:, None] + tl.load(PART + part * (BLOCK_A * BLOCK_DV) + tile) * beta[:, None]
         m_i = m_new
     tl.store(VA + bh * (BLOCK_A * BLOCK_DV) + tile, acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
     if SAVE:
-        tl.store(LSE + bh * BLOCK_A + offs_a, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
+        tl.store(LSE + bh * BLOCK_A + offs_a, _lse(m_i, l_i))
 
 
 @triton.jit
@@ -175,9 +194,7 @@ def _broadcast_kernel(
             other=0.0,
         )
         s += bias.to(tl.float32)
-    s = tl.where(amask[None, :], s, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
+    p = _masked_softmax(tl.where(amask[None, :], s, float("-inf")))
     va = tl.load(VA + bh * (BLOCK_A * BLOCK_DV) + offs_a[:, None] * BLOCK_DV + offs_e[None, :])
     out = _dot(p.to(q.dtype), va.to(q.dtype), HALF)
     o_ptr = Out + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_e[None, :] * so_d
@@ -221,9 +238,7 @@ def _broadcast_backward_kernel(
             bias = tl.load(QB + b * sqb_b + h * sqb_h + offs_n[:, None] * sqb_n + offs_a[None, :] * sqb_a,
                            mask=nmask[:, None] & amask[None, :], other=0.0)  # fmt: skip
             s += bias.to(tl.float32)
-        s = tl.where(amask[None, :], s, float("-inf"))
-        p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
+        p = _masked_softmax(tl.where(amask[None, :], s, float("-inf")))
         p = tl.where(nmask[:, None], p, 0.0)  # rows past the range contribute nothing to dA / dV_A
         g = tl.load(G + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_e[None, :] * sg_d,
                     mask=nmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
