@@ -35,6 +35,7 @@ import functools
 import itertools
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -426,8 +427,14 @@ def _print_best(rows: list[dict], shapes: list[str], modes: tuple[str, ...]) -> 
                       f"({shipped / best['graph_ms']:.2f}x) {best['config']}", flush=True)  # fmt: skip
 
 
+#: Settings per shape drawn as bars by :func:`_plot_tiles` (more: dots).
+_MAX_BARS = 24
+
+
 def _plot_tiles(result: dict, path: Path) -> None:
-    """Per mode: each shape's settings as speed relative to the shipped one (above 1: faster)."""
+    """Per mode: each shape's settings as speed relative to the shipped one (above 1: faster): bars with a legend up to
+    :data:`_MAX_BARS` settings, else one dot per setting and the fastest named (a legend of 90 settings hid the
+    bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,10 +457,22 @@ def _plot_tiles(result: dict, path: Path) -> None:
             t = ms.get((shape, label))
             return shipped[shape] / t if t and shipped[shape] else 0.0
 
-        grouped_bars(ax, shapes, labels, speed, fontsize=7)
+        if len(labels) <= _MAX_BARS:
+            grouped_bars(ax, shapes, labels, speed, fontsize=7)
+            ax.legend(fontsize=5, ncol=4)
+        else:
+            ticks, top = [], 1.3
+            for j, shape in enumerate(shapes):
+                speeds = [(speed(shape, lab), lab) for lab in labels if (shape, lab) in ms]
+                ax.scatter([j] * len(speeds), [v for v, _ in speeds], s=8, alpha=0.6)
+                best, name = max(speeds)
+                top = max(top, 1.05 * best)
+                ax.scatter([j], [best], s=30, marker="*", color="black")
+                ticks.append("\n".join([shape, f"best {best:.2f}x:", *textwrap.wrap(name.replace(",", ", "), 24)]))
+            ax.set_xticks(range(len(shapes)), ticks, fontsize=5)
+            ax.set_ylim(0, top)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_ylabel(f"{mode}: speed vs shipped (CUDA graph)")
-        ax.legend(fontsize=5, ncol=4)
     finish(fig, result, path, fontsize=7)
 
 
