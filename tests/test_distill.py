@@ -170,4 +170,7 @@ def test_distill_bad_input_is_a_usage_error(capsys, tmp_path, data):
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3).state_dict(), wrong)
     err = usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
     assert f"--teacher-checkpoint '{wrong}' does not fit teacher 'deit_tiny_patch16_224'" in err
+    wrong.write_bytes(bytes(range(256)))  # not a checkpoint at all (was a traceback)
+    err = usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
+    assert f"cannot read checkpoint '{wrong}' as a torch.save'd state dict" in err
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))

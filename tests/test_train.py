@@ -146,6 +146,24 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     except ImportError:
         err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--tensorboard", *out])
         assert "pip install tensorboard" in err
+    # each was a traceback; the --img-size one after the run folder had been made (its check ran at the first step)
+    err = usage_error(capsys, ["train", *TINY, "--img-size", "33", "--data-dir", str(data), *out])
+    assert "--img-size 33 does not fit 'infvit_tiny': input size (33, 33) is not divisible by patch_size=16" in err
+    err = usage_error(capsys, ["train", *TINY, "-b", "4", "--data-dir", str(data), "--aa", "bogus", *out])
+    assert "--aa 'bogus': Unknown AA policy bogus; --aa takes timm's policy strings" in err
+    text, garbage, listed = tmp_path / "notes.pth", tmp_path / "noise.safetensors", tmp_path / "list.pth"
+    text.write_text("hello")
+    garbage.write_bytes(bytes(range(256)) * 4)
+    torch.save([1, 2], listed)
+    for path, message in (
+        (tmp_path / "nowhere.pth", "does not exist"),
+        (text, "as a torch.save'd state dict (KeyError"),
+        (garbage, "as a safetensors file (SafetensorError"),
+        (listed, "holds a list, not a state dict"),
+        (tmp_path, "is neither a checkpoint folder nor a run folder with complete checkpoints"),
+    ):
+        err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--initial-checkpoint", str(path), *out])
+        assert f"'{path}'" in err and message in err, (path, err)
     assert not (tmp_path / "runs").exists()
 
 
@@ -216,6 +234,12 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
                                 str(run), "--data-dir", str(data)])  # fmt: skip
     assert "trained as model 'infvit_tiny'" in err and "this run builds 'infvit_pure_tiny'" in err
     base = ["validate", *TINY, "--data-dir", str(data), "--workers", "0", "--device", "cpu"]
+    err = usage_error(capsys, [*base, "--img-size", "40"])  # (a traceback at the first batch)
+    assert "--img-size 40 does not fit 'infvit_tiny': input size (40, 40) is not divisible by patch_size=16" in err
+    garbage = tmp_path / "noise.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    err = usage_error(capsys, [*base, "--checkpoint", str(garbage)])
+    assert f"cannot read checkpoint '{garbage}' as a torch.save'd state dict" in err
     err = usage_error(capsys, [*base, "--use-ema"])  # (was ignored: the random weights reported as the EMA's)
     assert "use_ema (--use-ema) needs a checkpoint (--checkpoint)" in err
     for bad in ("0", "nan", "-1"):  # 0 was swapped for the model's default; nan reached the transform

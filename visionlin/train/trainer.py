@@ -58,7 +58,15 @@ from .data import (
     patch_posterize,
 )
 from .ema import make_ema
-from .validate import UsageError, build_model, eval_transform, evaluate, load_model_weights, parse_kwargs
+from .validate import (
+    UsageError,
+    build_model,
+    eval_transform,
+    evaluate,
+    load_model_weights,
+    parse_kwargs,
+    resolve_checkpoint,
+)
 
 __all__ = ["OPTIONS", "add_arguments", "execute", "list_recipes", "main", "resolve_config", "train"]
 
@@ -157,7 +165,8 @@ OPTIONS: tuple[Option, ...] = (
     # model
     Option("model", None, str, "model name: ours (`visionlin list`) or any timm model"),
     Option("pretrained", False, BOOL, "start from timm's pretrained weights of --model"),
-    Option("initial_checkpoint", None, str, "start from these weights (ours or the authors', checkpoint_filter_fn)"),
+    Option("initial_checkpoint", None, str, "start from these weights: a file (ours or the authors', through "
+           "checkpoint_filter_fn), a checkpoint folder or a run folder (its newest checkpoint)"),
     Option("num_classes", None, _pos_int, "classes of the head (default: the dataset's)"),
     Option("img_size", 224, _pos_int, "input side in pixels"),
     Option("model_kwargs", {}, None, "extra model arguments, KEY=VALUE ... (e.g. depth=2 attn_layer=softmax)"),
@@ -460,19 +469,26 @@ def _train_transform(model: nn.Module, cfg: dict[str, Any]):
 
     size = cfg["img_size"]
     data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
-    transform = create_transform(
-        input_size=(3, size, size),
-        is_training=True,
-        no_aug=cfg["no_aug"],
-        hflip=cfg["hflip"],
-        color_jitter=cfg["color_jitter"],
-        auto_augment=cfg["aa"],
-        interpolation=cfg["interpolation"] or data_cfg["interpolation"],
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        re_prob=cfg["reprob"],
-        re_mode=cfg["remode"],
-    )
+    try:
+        transform = create_transform(
+            input_size=(3, size, size),
+            is_training=True,
+            no_aug=cfg["no_aug"],
+            hflip=cfg["hflip"],
+            color_jitter=cfg["color_jitter"],
+            auto_augment=cfg["aa"],
+            interpolation=cfg["interpolation"] or data_cfg["interpolation"],
+            mean=data_cfg["mean"],
+            std=data_cfg["std"],
+            re_prob=cfg["reprob"],
+            re_mode=cfg["remode"],
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as e:  # timm asserts on an unknown --aa policy
+        aa = f" --aa {cfg['aa']!r}" if cfg["aa"] else ""
+        raise UsageError(
+            f"timm's create_transform refused the augmentation settings{aa}: {e}; --aa takes timm's policy strings, "
+            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, 3a, v0, original"
+        ) from e
     return patch_posterize(transform)
 
 
@@ -552,7 +568,7 @@ def train(
         **cfg["model_kwargs"],
     )
     if cfg["initial_checkpoint"]:
-        load_model_weights(model, cfg["initial_checkpoint"], cfg["model"])
+        load_model_weights(model, resolve_checkpoint(cfg["initial_checkpoint"]), cfg["model"])
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(device)

@@ -12,14 +12,17 @@ import ast
 import difflib
 import json
 import math
+import pickle
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -89,13 +92,35 @@ def build_model(name: str, *, num_classes: int | None, img_size: int | None, **k
     attempts = [{**kwargs, "img_size": img_size}, kwargs] if img_size and "img_size" not in kwargs else [kwargs]
     for i, kw in enumerate(attempts):
         try:
-            return timm.create_model(name, **kw)
+            model = timm.create_model(name, **kw)
         except TypeError as e:
             if i + 1 == len(attempts):
                 raise UsageError(f"cannot build {name!r} with {kwargs}: {e}") from e
         except ValueError as e:
             raise UsageError(f"cannot build {name!r} with {kw}: {e}") from e
+        else:
+            if img_size:
+                _check_img_size(name, kw, img_size)
+            return model
     raise AssertionError("unreachable")
+
+
+def _check_img_size(name: str, kw: dict[str, Any], img_size: int) -> None:
+    """Refuse an ``img_size`` the model cannot take before anything is written (a training run's folder, a
+    validation's data pass): one forward of a copy built on the meta device. Our models' input check raises
+    ``ValueError`` naming the size and what is allowed, timm's ViTs assert; any other failure there belongs to the meta
+    device (it has no autocast and no kernels), not to the size, and is left to the real run."""
+    import timm
+
+    probe_kw = {k: v for k, v in kw.items() if k != "pretrained"}  # (no download for a probe)
+    try:
+        probe = timm.create_model(name, device="meta", **probe_kw)
+        with torch.no_grad():
+            probe(torch.empty(1, kw.get("in_chans", 3), img_size, img_size, device="meta"))
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f"--img-size {img_size} does not fit {name!r}: {e}") from e
+    except Exception:  # noqa: BLE001, S110 - the meta device's limits, not the size's: the real run decides
+        pass
 
 
 def resolve_checkpoint(path: str | Path, *, ema: bool = False) -> Path:
@@ -116,9 +141,30 @@ def resolve_checkpoint(path: str | Path, *, ema: bool = False) -> Path:
     return p
 
 
+#: What reading a weights file that is not one raises: safetensors' header errors, torch.load's unpickling errors
+#: (``KeyError`` for a text file's first byte, ``UnpicklingError``), truncated files, unreadable paths.
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)`` with a missing, unreadable or malformed file as :class:`CheckpointError` naming the path."""
+    if not path.is_file():
+        what = "is a folder, not a weights file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
+    try:
+        return read(path)
+    except _READ_ERRORS as e:
+        kind = "safetensors file" if path.suffix == ".safetensors" else "torch.save'd state dict"
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} as a {kind} ({type(e).__name__}: {first}); weights files are "
+            ".safetensors or a torch.save'd state dict (.pth / .pt / .bin)"
+        ) from e
+
+
 def check_weights_model(path: str | Path, model_name: str) -> dict[str, str]:
     """Refuse our safetensors written for another model (before anything is built); returns its metadata."""
-    meta = read_weights_metadata(path) if Path(path).suffix == ".safetensors" else {}
+    meta = _read(Path(path), read_weights_metadata) if Path(path).suffix == ".safetensors" else {}
     saved = meta.get("model")
     if meta.get("format") == "visionlin" and saved and saved.split(".")[0] != model_name.split(".")[0]:
         raise CheckpointError(
@@ -134,15 +180,17 @@ def load_model_weights(model: nn.Module, path: str | Path, model_name: str) -> s
     path = Path(path)
     if path.suffix == ".safetensors":
         meta = check_weights_model(path, model_name)
-        state = load_weights(path)
+        state = _read(path, load_weights)
         if meta.get("format") == "visionlin":
             _load_strict(model, state, path, model_name)
             return "visionlin safetensors"
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if isinstance(state, dict) and "state_dict" in state and "model" not in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
     try:
         if filter_fn is not None:
             state = filter_fn(state, model)
@@ -156,6 +204,8 @@ def load_model_weights(model: nn.Module, path: str | Path, model_name: str) -> s
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
     own = model.state_dict()
+    if odd := [k for k in own if k in state and not isinstance(state[k], torch.Tensor)][:6]:
+        raise CheckpointError(f"checkpoint {str(path)!r}: entries {odd} are not tensors")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and
