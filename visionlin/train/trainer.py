@@ -165,8 +165,13 @@ OPTIONS: tuple[Option, ...] = (
     # model
     Option("model", None, str, "model name: ours (`visionlin list`) or any timm model"),
     Option("pretrained", False, BOOL, "start from timm's pretrained weights of --model"),
-    Option("initial_checkpoint", None, str, "start from these weights: a file (ours or the authors', through "
-           "checkpoint_filter_fn), a checkpoint folder or a run folder (its newest checkpoint)"),
+    Option(
+        "initial_checkpoint",
+        None,
+        str,
+        "start from these weights: a file (ours or the authors', through "
+        "checkpoint_filter_fn), a checkpoint folder or a run folder (its newest checkpoint)",
+    ),
     Option("num_classes", None, _pos_int, "classes of the head (default: the dataset's)"),
     Option("img_size", 224, _pos_int, "input side in pixels"),
     Option("model_kwargs", {}, None, "extra model arguments, KEY=VALUE ... (e.g. depth=2 attn_layer=softmax)"),
