@@ -55,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
 from benchmarks._plot import finish  # noqa: E402
-from visionlin.train.bench import _atomic_write, device_slug, run_meta, write_result  # noqa: E402
+from visionlin._io import atomic_write  # noqa: E402
+from visionlin.train.bench import device_slug, run_meta, write_result  # noqa: E402
 
 MODELS = ("wan", "flux")
 METHODS = ("dense", "sparse", "sla", "hybrid", "linear", "agent")
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             print("convert_speed.png skipped: matplotlib is not installed")
         else:
             png = out / "convert_speed.png"
-            _atomic_write(png, lambda path: plot(result, path))
+            atomic_write(png, lambda path: plot(result, path))
             print(f"wrote {png}")
     bad = [r for s in result["models"] for r in s["rows"] if r["status"] == "error"]
     return 1 if bad else 0

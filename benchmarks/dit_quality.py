@@ -73,7 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._convert_options import method_option, resolve_options  # noqa: E402
 from benchmarks._plot import finish  # noqa: E402
-from visionlin.train.bench import _atomic_write, run_meta, write_result  # noqa: E402
+from visionlin._io import atomic_write  # noqa: E402
+from visionlin.train.bench import run_meta, write_result  # noqa: E402
 
 METHODS = ("dense", "sparse", "sla", "hybrid", "linear", "agent")
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -549,7 +550,7 @@ def _grid(rows: dict[str, torch.Tensor], args, save_png: Path | None) -> None:
             a = ((im[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
             tile = Image.fromarray(a, mode="L").resize((s * scale, s * scale), Image.NEAREST)
             img.paste(tile, (label_w + c * cell + pad, r * cell + pad))
-    _atomic_write(save_png, lambda p: img.save(p, format="PNG"))
+    atomic_write(save_png, lambda p: img.save(p, format="PNG"))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -705,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict) -> None:
         write_result(result, out, "dit_quality", plot=False)
-        _atomic_write(out / "dit_quality.md", lambda p: p.write_text(table(result)))
+        atomic_write(out / "dit_quality.md", lambda p: p.write_text(table(result)))
 
     result = run(args, save)
     print(table(result))
@@ -715,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("dit_quality.png skipped: matplotlib is not installed")
         else:
-            _atomic_write(out / "dit_quality.png", lambda p: plot(result, p))
+            atomic_write(out / "dit_quality.png", lambda p: plot(result, p))
             print(f"wrote {out / 'dit_quality.png'}")
     return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
 

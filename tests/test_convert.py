@@ -408,6 +408,13 @@ def test_cli_convert(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(tmp_path / "dit"), "--method", "sparse", "--variant", "code"])
     assert e.value.code == 2 and "unknown option(s) ['variant'] for method='sparse'" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target, problem in ((afile, f"'{afile}' is a file, not a folder"),
+                            (afile / "sub", f"'{afile}' (in '{afile / 'sub'}') is a file, not a folder")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:  # (refused after the whole conversion before)
+            main(["convert", str(tmp_path / "dit"), "--method", "sla", "--out", str(target)])
+        assert e.value.code == 2 and f"argument --out: {problem}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["dit", "flux"])

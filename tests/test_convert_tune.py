@@ -410,6 +410,16 @@ def test_cli_finetune_conversion(tmp_path, capsys):
               "--output", str(run)])  # fmt: skip
     assert e.value.code == 2
     assert "is not a file" in capsys.readouterr().err
+    (tmp_path / "data.txt").write_text("not tensors")
+    afile = tmp_path / "data.txt"
+    for flags, message in (
+        (["--data", str(afile), "--output", str(tmp_path / "r2")], f"argument --data: '{afile}' is not a safetensors"),
+        ([*argv[2:4], "--output", str(afile)], f"argument --output: '{afile}' is a file, not a folder"),
+    ):  # (each a traceback, the second after the conversion)
+        with pytest.raises(SystemExit) as e:
+            main(["finetune-conversion", str(tmp_path / "dit"), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
     with pytest.raises(SystemExit):
         main([*argv, "--steps", "3", "--trainable", "all"])  # a run folder with checkpoints and no --resume
     assert "already has checkpoints" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ._adapter import Adapter
 from ._methods import CORE_ATTR, build_core, validate_options
 from ._processors import (
@@ -439,16 +440,9 @@ def save_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Path:
             "parameters": {k: list(v.shape) for k, v in sd.items()},
         }
         tensors.update({f"{comp}/{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
-    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _atomic(directory / PLAN_FILE, lambda p: Path(p).write_text(json.dumps(plan, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / PLAN_FILE, lambda p: p.write_text(json.dumps(plan, indent=2)))
     return directory
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``, the file with an ordinary new file's mode (it had mkstemp's 0600)."""
-    from ..train.scaling import _atomic_write
-
-    _atomic_write(path, lambda p: write(str(p)))
 
 
 def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> ConversionReport:

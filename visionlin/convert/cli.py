@@ -63,11 +63,14 @@ def _load(path: Path):
 
 
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .._io import folder_problem
     from . import convert, save_conversion
 
     path = Path(args.path)
     if not path.is_dir():
         parser.error(f"argument path: {args.path!r} is not a folder")
+    if args.out and (problem := folder_problem(args.out)):  # (found after the whole conversion before)
+        parser.error(f"argument --out: {problem}")
     options = method_options(args)
     try:
         obj = _load(path)

@@ -49,16 +49,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .._io import folder_problem
     from . import convert, finetune, load_conversion
 
     path = Path(args.path)
     if not path.is_dir():
         parser.error(f"argument path: {args.path!r} is not a folder")
+    if problem := folder_problem(args.output):  # (found after the conversion before)
+        parser.error(f"argument --output: {problem}")
+    tensors = {}
     for flag, value in (("--data", args.data), ("--shared", args.shared)):
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            continue
+        if not Path(value).is_file():
             parser.error(f"argument {flag}: {value!r} is not a file")
+        try:  # read before the model is loaded and converted
+            tensors[flag] = load_file(value)
+        except (SafetensorError, OSError) as e:
+            parser.error(f"argument {flag}: {value!r} is not a safetensors file ({type(e).__name__}: {e})")
     try:
         obj = _load(path)
         if args.conversion is not None:
@@ -67,7 +78,7 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             report = convert(obj, args.method, layers=args.layers, strict=args.strict, **method_options(args))
         print(report)
         result = finetune(
-            obj, load_file(args.data), shared=load_file(args.shared) if args.shared else None, steps=args.steps,
+            obj, tensors["--data"], shared=tensors.get("--shared"), steps=args.steps,
             batch_size=args.batch_size, trainable=args.trainable, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup_steps, clip_grad=args.clip_grad, feature_weight=args.feature_weight,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, output_dir=args.output,

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_write
+
 __all__ = [
     "DEFAULT_BATCHES",
     "TRAIN_BATCH",
@@ -771,18 +773,12 @@ def bench_largest(
 
 
 # Results --------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    from .scaling import _atomic_write as atomic
-
-    atomic(path, write)
-
-
 def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[dict, Path], None] = True) -> list[str]:
     """Write ``<stem>.json`` and (with matplotlib, ``plot``) ``<stem>.png`` drawn from it; one line per outcome.
     ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`)."""
     notes = []
     path = out / f"{stem}.json"
-    _atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
     notes.append(f"wrote {path}")
     if not plot:
         return notes
@@ -794,7 +790,7 @@ def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[d
         return [*notes, f"{stem}.png skipped: matplotlib is not installed; install it with {INSTALL_PLOT}"]
     png = out / f"{stem}.png"
     draw = plot if callable(plot) else plot_result
-    _atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
+    atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
     return [*notes, f"wrote {png}"]
 
 
@@ -1323,7 +1319,7 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
             print(f"error: the PNG needs matplotlib; install it with {INSTALL_PLOT}", file=sys.stderr)
             return 1
         png = path.with_suffix(".png")
-        _atomic_write(png, lambda p: plot_result(json.loads(path.read_text()), p))
+        atomic_write(png, lambda p: plot_result(json.loads(path.read_text()), p))
         print(f"wrote {png}")
         return 0
     if args.what == "op":

@@ -42,6 +42,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write
+
 __all__ = [
     "DEFAULT_MODELS",
     "DEFAULT_SIZES",
@@ -478,25 +480,11 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(result: dict, out_dir: Path) -> list[str]:
     """Write ``scaling.json`` and, with matplotlib, ``scaling.png`` to ``out_dir``; return one line per outcome."""
     notes = []
     json_path = out_dir / JSON_NAME
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     notes.append(f"wrote {json_path}")
     rows = [r for r in result["rows"] if "error" not in r]
     if not rows:
@@ -511,7 +499,7 @@ def write_results(result: dict, out_dir: Path) -> list[str]:
     commit = commit[:8] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
     title = f"{result['device']} | torch {result['versions']['torch']} | {commit} | {result['date']}"
     png_path = out_dir / PNG_NAME
-    _atomic_write(png_path, lambda p: _plot(rows, p, title))
+    atomic_write(png_path, lambda p: _plot(rows, p, title))
     notes.append(f"wrote {png_path}")
     return notes
 

@@ -1,0 +1,41 @@
+"""File-system helpers shared by the command-line tools and the converter: atomic writes and output-folder checks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write", "folder_problem"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file or
+    the whole new one, never a part. The file gets an ordinary new file's mode (``0666`` less the umask, not
+    ``mkstemp``'s ``0600``); the temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be used as an output folder (made with its parents if missing), or ``None``: it is an
+    existing file, or one of its existing ancestors is a file. Checked before long work, so a run does not fail at
+    its end (a conversion, a fine-tuning run) on an output path that never could have worked."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{str(p)!r} is a file, not a folder"
+    for parent in p.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{str(parent)!r} (in {str(p)!r}) is a file, not a folder"
+    return None
