@@ -167,6 +167,25 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     assert not (tmp_path / "runs").exists()
 
 
+def test_fresh_run_sets_aside_an_old_log(capsys, tmp_path, data):
+    """A fresh run into a folder that a run without checkpoints left: the old ``log.jsonl`` is renamed (the first
+    free ``log.previous-N.jsonl``), not appended to; the new log holds only the new run's records."""
+    from visionlin.train.trainer import set_aside_old_log
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"kind": "train", "step": 99, "loss": 7.0}\n')
+    (run / "log.previous-1.jsonl").write_text("older\n")
+    argv = ["train", *TINY, "-b", "4", "--epochs", "1", "--data-dir", str(data), "--output", str(tmp_path),
+            "--experiment", "r", "--log-interval", "1", "--no-plot", "--checkpoint-hist", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "moved to log.previous-2.jsonl" in capsys.readouterr().out
+    assert 'step": 99' in (run / "log.previous-2.jsonl").read_text()
+    assert (run / "log.previous-1.jsonl").read_text() == "older\n"
+    assert 99 not in _losses(run) and _losses(run)
+    assert set_aside_old_log(tmp_path / "nowhere") is None
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     w = {"model": {"a": torch.ones(3)}}
     kw = dict(weights_metadata={"format": "visionlin"}, train_state={"epoch": 0}, rng_states={0: ckpt.capture_rng()})

@@ -353,7 +353,7 @@ def finetune(
     from accelerate.utils import set_seed
 
     from ..train import checkpoint as ckpt
-    from ..train.trainer import _fmt_time, _resolve_resume, _RunLog, _say, new_accelerator
+    from ..train.trainer import _fmt_time, _resolve_resume, _RunLog, _say, new_accelerator, set_aside_old_log
 
     comp, model = _target(pipe_or_model, component)
     if trainable not in TRAINABLE:
@@ -466,6 +466,8 @@ def finetune(
         if run_dir is not None and accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(run_dir)
+            if resume_from is None and (moved := set_aside_old_log(run_dir)) is not None:
+                print(f"note: {run_dir} had a log.jsonl of an earlier run without checkpoints: moved to {moved.name}")
         accelerator.wait_for_everyone()
         log = _RunLog(run_dir or Path("."), run_dir is not None and accelerator.is_main_process, False)
         n_train = sum(named[n].numel() for n in train_names)

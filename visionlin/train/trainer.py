@@ -368,6 +368,20 @@ def run_dir_of(cfg: dict[str, Any]) -> Path:
 
 
 # Training
+def set_aside_old_log(run_dir: Path) -> Path | None:
+    """Before a fresh run (not a resumed one) writes to a folder that a run without checkpoints left (stopped before
+    its first): that run's ``log.jsonl`` renamed to ``log.previous-N.jsonl`` (the first free N), so the new run's
+    records are not appended after the old ones; returns the new name, or ``None`` if there was no log."""
+    old = run_dir / "log.jsonl"
+    if not old.is_file():
+        return None
+    n = 1
+    while (target := run_dir / f"log.previous-{n}.jsonl").exists():
+        n += 1
+    old.rename(target)
+    return target
+
+
 class _RunLog:
     """JSONL records (``RUN_DIR/log.jsonl``, appended: a resumed run continues the file) and optional TensorBoard."""
 
@@ -728,6 +742,8 @@ def train(
         stale = ckpt.remove_stale_temporaries(run_dir)
         if stale:
             print(f"removed {len(stale)} partial checkpoint(s) a stopped run left: {[p.name for p in stale]}")
+        if resume_from is None and (moved := set_aside_old_log(run_dir)) is not None:
+            print(f"note: {run_dir} had a log.jsonl of an earlier run without checkpoints: moved to {moved.name}")
         saved = {**cfg, "command": command, "lr_resolved": lr, "global_batch": global_batch, "processes": world}
         (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     accelerator.wait_for_everyone()
