@@ -60,6 +60,14 @@ def _usage_error(capsys, argv: list[str]) -> str:
         (["models", "--twin", "deit_smal_patch16_224"], "'deit_smal_patch16_224' is not a timm model (did you mean"),
         (["models", "--twin", "vit_small_patch14_dinov2"], "has patch size 14; the twin needs 16 or a divisor of it"),
         (["models", "--backends", "cuda"], "unknown backend 'cuda'; choose from auto, "),
+        (
+            ["models", "--device", "cpu", "--models", "nat_mini", "--sizes", "240"],
+            "240 is not a multiple of nat_mini's total stride 32",
+        ),  # (each row failed)
+        (
+            ["models", "--device", "cpu", "--models", "agent_deit_small,nat_mini", "--backends", "auto,sdpa"],
+            "'sdpa' cannot run nat_mini: backend 'sdpa' is not available for every mixer",
+        ),  # (each row failed)
         (["models", "--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
         (["models", "--device", "meta"], "'meta' is not measured; use 'cuda' or 'cuda:N', or 'cpu' for a smoke"),
         pytest.param(["models"], "'cuda' is not available on this machine", marks=NO_GPU),

@@ -363,6 +363,9 @@ def test_api_type_errors_and_set_backend_checks():
     with pytest.raises(ValueError, match=r"AgentAttention uses agent_attention"):
         visionlin.set_backend(mixed, "torch")
     assert {b.attn.backend for b in mixed.blocks} == {"sdpa"}
+    for backend in ("torch", None):  # (returned 0 silently)
+        _err(lambda b=backend: visionlin.set_backend(torch.nn.Sequential(torch.nn.Linear(2, 2)), b),
+             r"Sequential has no visionlin token mixers, so there is no backend to set")  # fmt: skip
 
 
 def test_unknown_mixer_keywords_and_agent_kwargs():

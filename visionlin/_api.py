@@ -42,9 +42,9 @@ def set_backend(model: nn.Module, backend: str | None) -> int:
         The number of token mixers changed.
 
     Raises:
-        ValueError: ``model`` is not an ``nn.Module``, ``backend`` is not a string or ``None``, it names no registered
-            backend, or some of the model's mixers call an op without that backend (the message lists them and the
-            backends they have).
+        ValueError: ``model`` is not an ``nn.Module`` or has no visionlin token mixer, ``backend`` is not a string or
+            ``None``, it names no registered backend, or some of the model's mixers call an op without that backend
+            (the message lists them and the backends they have).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(
@@ -53,6 +53,11 @@ def set_backend(model: nn.Module, backend: str | None) -> int:
     if backend is not None and not isinstance(backend, str):
         raise ValueError(f"backend={backend!r} must be a backend name (str) or None")
     mixers = [m for m in model.modules() if isinstance(m, TokenMixer)]
+    if not mixers:  # (returned 0 silently: a timm model, or a visionlin model's part without attention)
+        raise ValueError(
+            f"{type(model).__name__} has no visionlin token mixers, so there is no backend to set: set_backend applies "
+            "to visionlin models and their parts (`visionlin list`)"
+        )
     if backend is not None:
         ops = list_ops()
         known = sorted({b for backends in ops.values() for b in backends})

@@ -1238,6 +1238,13 @@ def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if b not in known:
             parser.error(f"argument --backends: unknown backend {b!r}; choose from {', '.join(known)}")
     args.backends = [None if b == "auto" else b for b in args.backends]
+    for name in args.models if any(args.backends) else ():  # each model's mixers must have each backend
+        model = timm.create_model(name, device="meta")
+        for b in filter(None, args.backends):
+            try:
+                visionlin.set_backend(model, b)
+            except ValueError as e:  # (was accepted, and each row failed at its first forward)
+                parser.error(f"argument --backends: {b!r} cannot run {name}: {e}")
 
 
 def _settings(args: argparse.Namespace, what: str) -> None:
@@ -1270,6 +1277,15 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.cudnn_benchmark = what != "largest"
     args.device = _check_device(parser, args.device, cpu_ok=what != "largest")
     if what == "models":
+        from .scaling import _stride
+
+        for name in args.models:  # (only multiples of 16 were checked: a four-stage model failed each row at 240)
+            stride = _stride(name)
+            if bad := [s for s in args.sizes if s % stride]:
+                parser.error(
+                    f"argument --sizes: {bad[0]} is not a multiple of {name}'s total stride {stride} (the side every "
+                    "input must be a multiple of)"
+                )
         bad = [s for s in args.batch_sizes if s not in args.sizes]
         if bad:
             parser.error(f"argument --batch-sizes: {bad[0]} is not one of --sizes {','.join(map(str, args.sizes))}")
