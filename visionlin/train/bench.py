@@ -487,7 +487,7 @@ def _inference_block(
 
     def build(e: _Entry) -> None:
         model = _create(e.model, device, size if build_for_input else None).eval()
-        if not e.twin:
+        if not e.twin and e.backend is not None:  # (a fresh model makes the automatic choice)
             visionlin.set_backend(model, e.backend)
         e.module = model
         e.own_bytes = _nbytes([*model.parameters(), *model.buffers()])
@@ -584,7 +584,7 @@ def _train_block(
 
     def build(e: _Entry) -> None:
         model = _create(e.model, device, size).train()
-        if not e.twin:
+        if not e.twin and e.backend is not None:  # (a fresh model makes the automatic choice)
             visionlin.set_backend(model, e.backend)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         fn = _compile(model, mode) if mode in COMPILE_MODES else model
@@ -717,7 +717,7 @@ def bench_largest(
 
         def build(e: _Entry = e) -> None:
             model = _create(e.model, device).eval()
-            if not e.twin:
+            if not e.twin and e.backend is not None:  # (a fresh model makes the automatic choice)
                 visionlin.set_backend(model, e.backend)
             e.module, e.own_bytes = model, _nbytes([*model.parameters(), *model.buffers()])
 
