@@ -244,6 +244,7 @@ def _err(fn, match):
         (dict(drop_rate=float("nan")), r"drop_rate=nan must be a probability"),
         (dict(attn_drop_rate=1.0), r"attn_drop_rate=1.0 must be a probability"),
         (dict(img_size=8), r"img_size=\(8, 8\) is smaller than one patch"),
+        (dict(img_size=(224, 200)), r"img_size=\(224, 200\) is not a multiple of patch_size=\(16, 16\)"),
         (dict(img_size="224"), r"img_size='224' must be an integer or a pair"),
         (dict(img_size=(224, 0)), r"img_size=\(224, 0\) must be an integer or a pair of integers"),
         (dict(patch_size=0), r"patch_size=0 must be an integer or a pair"),
@@ -260,6 +261,19 @@ def _err(fn, match):
 )
 def test_bad_model_arguments(kwargs, match):
     _err(lambda: timm.create_model("infvit_tiny", **kwargs), match)
+    if "img_size" in kwargs and kwargs["img_size"] == (224, 200):  # padded inputs: any size of at least a patch
+        assert timm.create_model("infvit_tiny", dynamic_img_pad=True, **kwargs).patch_embed.img_size == (224, 200)
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "agent_pvt_tiny", "mambavision_tiny"])
+def test_hierarchical_img_size_must_be_a_multiple_of_the_stride(name):
+    """(Built, then failed at the first forward of an input of its own size.)"""
+    for size in (200, 16):
+        _err(lambda s=size: timm.create_model(name, img_size=s), rf"img_size=\({size}, {size}\) is not a multiple of "
+             r"the stride 32: the model could not run an input of its own size")  # fmt: skip
+    model = timm.create_model(name, img_size=200, dynamic_img_pad=True, num_classes=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 200, 200)).shape == (1, 2)
 
 
 def test_entrypoint_settings_can_be_overridden():

@@ -562,6 +562,12 @@ class HierarchicalBackbone(nn.Module):
         self.stem = STEMS[stem_type](in_chans, dims[0], embed_norm_layer, **dict(stem_kwargs or {}), **dd)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.stride = self.stem.stride * 2 ** (n - 1)
+        multiple = self.input_multiple or self.stride  # what the forward's input check asks of every side
+        if not dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple):
+            raise ValueError(  # (built, then failed at the first forward)
+                f"img_size={img_size} is not a multiple of the stride {multiple}: the model could not run an input "
+                f"of its own size; use sides that are multiples of {multiple}, or dynamic_img_pad=True"
+            )
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         stages = []
         for i in range(n):

@@ -176,6 +176,11 @@ class EfficientVisionTransformer(nn.Module):
         patch_size = check_pair("patch_size", patch_size)
         if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
             raise ValueError(f"{img_size=} is smaller than one patch ({patch_size=}): the token grid would be empty")
+        if not dynamic_img_pad and (img_size[0] % patch_size[0] or img_size[1] % patch_size[1]):
+            raise ValueError(  # (built, then failed at the first forward)
+                f"{img_size=} is not a multiple of {patch_size=}: the model could not run an input of its own size; "
+                "use sides that are multiples of the patch size, or dynamic_img_pad=True"
+            )
         for name, value in (
             ("in_chans", in_chans),
             ("embed_dim", embed_dim),
