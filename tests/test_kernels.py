@@ -275,6 +275,16 @@ def test_dispatch_errors():
         linear_attention(q, torch.randn(1, 4, 2, 8), v)
     with pytest.raises(ValueError, match="focusing_factor=0"):
         focused_linear_attention(q, k, v, focusing_factor=0)
+    # public functions that run on another op name themselves in its messages (they named the inner op only)
+    from visionlin.kernels import linear_infsa_attention
+    from visionlin.kernels.gated_norm import layer_norm
+
+    with pytest.raises(NotImplementedError, match=r"^linear_infsa_attention \(op linear_infsa_context\): backend"):
+        linear_infsa_attention(q, k, v, backend="triton")  # (CPU tensors: triton refuses them)
+    with pytest.raises(ValueError, match=r"^layer_norm: weight of shape \(3,\) must be \[C\] = \(8,\)"):
+        layer_norm(q, weight=torch.randn(3))
+    with pytest.raises(ValueError, match=r"^layer_norm: eps=-1.0 must be a finite real number > 0.0"):
+        layer_norm(q, eps=-1.0)
 
 
 def test_set_backend_is_per_instance():

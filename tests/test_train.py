@@ -148,7 +148,7 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
         assert "pip install tensorboard" in err
     # each was a traceback; the --img-size one after the run folder had been made (its check ran at the first step)
     err = usage_error(capsys, ["train", *TINY, "--img-size", "33", "--data-dir", str(data), *out])
-    assert "--img-size 33 does not fit 'infvit_tiny': input size (33, 33) is not divisible by patch_size=16" in err
+    assert "img_size=(33, 33) is not a multiple of patch_size=(16, 16): the model could not run an input" in err
     err = usage_error(capsys, ["train", *TINY, "-b", "4", "--data-dir", str(data), "--aa", "bogus", *out])
     assert "--aa 'bogus': Unknown AA policy bogus; --aa takes timm's policy strings" in err
     text, garbage, listed = tmp_path / "notes.pth", tmp_path / "noise.safetensors", tmp_path / "list.pth"
@@ -167,6 +167,37 @@ def test_usage_errors_name_what_was_given(capsys, tmp_path, data):
     assert not (tmp_path / "runs").exists()
 
 
+def test_img_size_probe_on_the_meta_device(monkeypatch):
+    """``build_model``'s probe: a model that builds at a size and then refuses an input of it (``ValueError`` from our
+    input checks, ``AssertionError`` from timm's) is a usage error naming the size; a failure of the meta device itself
+    (no autocast, no kernels: ``RuntimeError``) is left to the real run."""
+    import timm
+
+    from visionlin.train import validate as val
+
+    seen = []
+    monkeypatch.setattr(val, "check_model_name", lambda name: name)
+
+    class Refuses(torch.nn.Module):
+        def __init__(self, error):
+            super().__init__()
+            self.error = error
+
+        def forward(self, x):
+            seen.append((tuple(x.shape), x.device.type))
+            raise self.error
+
+    for error, refused in ((ValueError("input 40 is not a multiple of 32"), True), (AssertionError("bad H"), True),
+                           (RuntimeError("unknown device type for autocast"), False)):  # fmt: skip
+        monkeypatch.setattr(timm, "create_model", lambda name, e=error, **kw: Refuses(e))
+        if refused:
+            with pytest.raises(UsageError, match=rf"--img-size 40 does not fit 'm': {error}"):
+                val.build_model("m", num_classes=2, img_size=40, in_chans=1)
+        else:
+            assert isinstance(val.build_model("m", num_classes=2, img_size=40, in_chans=1), Refuses)
+    assert seen == [((1, 1, 40, 40), "meta")] * 3
+
+
 def test_fresh_run_sets_aside_an_old_log(capsys, tmp_path, data):
     """A fresh run into a folder that a run without checkpoints left: the old ``log.jsonl`` is renamed (the first
     free ``log.previous-N.jsonl``), not appended to; the new log holds only the new run's records."""
@@ -177,7 +208,7 @@ def test_fresh_run_sets_aside_an_old_log(capsys, tmp_path, data):
     (run / "log.jsonl").write_text('{"kind": "train", "step": 99, "loss": 7.0}\n')
     (run / "log.previous-1.jsonl").write_text("older\n")
     argv = ["train", *TINY, "-b", "4", "--epochs", "1", "--data-dir", str(data), "--output", str(tmp_path),
-            "--experiment", "r", "--log-interval", "1", "--no-plot", "--checkpoint-hist", "1"]  # fmt: skip
+            "--experiment", "r", "--log-interval", "1", "--no-plot", "--workers", "0"]  # fmt: skip
     assert cli.main(argv) == 0
     assert "moved to log.previous-2.jsonl" in capsys.readouterr().out
     assert 'step": 99' in (run / "log.previous-2.jsonl").read_text()
@@ -254,7 +285,7 @@ def test_train_validate_plot_with_the_whole_recipe(capsys, tmp_path, data):
     assert "trained as model 'infvit_tiny'" in err and "this run builds 'infvit_pure_tiny'" in err
     base = ["validate", *TINY, "--data-dir", str(data), "--workers", "0", "--device", "cpu"]
     err = usage_error(capsys, [*base, "--img-size", "40"])  # (a traceback at the first batch)
-    assert "--img-size 40 does not fit 'infvit_tiny': input size (40, 40) is not divisible by patch_size=16" in err
+    assert "img_size=(40, 40) is not a multiple of patch_size=(16, 16)" in err
     garbage = tmp_path / "noise.pth"
     garbage.write_bytes(bytes(range(256)) * 4)
     err = usage_error(capsys, [*base, "--checkpoint", str(garbage)])

@@ -57,22 +57,22 @@ class Op:
             raise ValueError(f"backend {name!r} is already registered for op {self.name!r}")
         self.backends[name] = Backend(name, fn, supports)
 
-    def select(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Backend:
-        """Return the backend that will run this call.
+    def select(self, *args: Any, backend: str | None = None, caller: str | None = None, **kwargs: Any) -> Backend:
+        """Return the backend that will run this call; ``caller`` (a public function that runs on this op) names the
+        call in the messages, with the op.
 
         Raises:
             ValueError: ``backend`` names no registered backend.
             NotImplementedError: the named backend (or, with ``backend=None``, every backend) cannot run the call.
         """
+        where = self.name if caller is None else f"{caller} (op {self.name})"
         if backend is not None:
             if backend not in self.backends:
-                raise ValueError(f"{self.name}: unknown backend {backend!r}; choose one of {sorted(self.backends)}")
+                raise ValueError(f"{where}: unknown backend {backend!r}; choose one of {sorted(self.backends)}")
             chosen = self.backends[backend]
             reasons = chosen.supports(*args, **kwargs)
             if reasons:
-                raise NotImplementedError(
-                    f"{self.name}: backend {backend!r} cannot run this call: {'; '.join(reasons)}"
-                )
+                raise NotImplementedError(f"{where}: backend {backend!r} cannot run this call: {'; '.join(reasons)}")
             return chosen
         rejected = []
         for candidate in self.backends.values():
@@ -87,10 +87,10 @@ class Op:
                 self._logged.add(key)
                 _logger.debug("%s: backend %r rejected: %s", self.name, candidate.name, "; ".join(reasons))
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected)
-        raise NotImplementedError(f"{self.name}: no backend can run this call ({detail})")
+        raise NotImplementedError(f"{where}: no backend can run this call ({detail})")
 
-    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        return self.select(*args, backend=backend, **kwargs).fn(*args, **kwargs)
+    def __call__(self, *args: Any, backend: str | None = None, caller: str | None = None, **kwargs: Any) -> Any:
+        return self.select(*args, backend=backend, caller=caller, **kwargs).fn(*args, **kwargs)
 
     def supports(self, *args: Any, backend: str, **kwargs: Any) -> list[str]:
         """Reasons ``backend`` cannot run this call (empty if it can)."""

@@ -33,9 +33,11 @@ _OP = "gated_layer_norm"
 MAX_TRITON_CHANNELS = 4096
 
 
-def _check(x, gate, weight, bias, eps) -> None:
-    check_channel_rows(_OP, {"x": x, "gate": gate}, {"weight": weight, "bias": bias}, "a LayerNorm")
-    check_real(_OP, "eps", eps, low=0.0, low_open=True)
+def _check(x, gate, weight, bias, eps, op: str = _OP) -> None:
+    """``op`` names the public function in the messages (``layer_norm`` shares these checks)."""
+    rows = {"x": x, "gate": gate} if gate is not x else {"x": x}
+    check_channel_rows(op, rows, {"weight": weight, "bias": bias}, "a LayerNorm")
+    check_real(op, "eps", eps, low=0.0, low_open=True)
 
 
 def gated_layer_norm_reference(
@@ -149,7 +151,7 @@ _LN_OP = "layer_norm"
 def _check_ln(x, weight, bias, eps, out_dtype) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim == 0:
         raise ValueError(f"{_LN_OP}: x must be a floating torch.Tensor [..., C], got {x!r:.80}")
-    _check(x, x, weight, bias, eps)
+    _check(x, x, weight, bias, eps, _LN_OP)  # (its messages said gated_layer_norm)
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise ValueError(f"{_LN_OP}: out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
 

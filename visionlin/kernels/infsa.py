@@ -320,7 +320,8 @@ def linear_infsa_attention(
     result is :func:`linear_infsa_context` broadcast over the ``N`` queries (a stride-0 view, not ``N`` copies)."""
     _check("linear_infsa_attention", q, k, v, rho, eps, per_query)
     if not per_query:
-        return _context_op(q, k, v, rho=rho, eps=eps, backend=backend).expand(-1, q.shape[1], -1, -1)
+        ctx = _context_op(q, k, v, rho=rho, eps=eps, backend=backend, caller="linear_infsa_attention")
+        return ctx.expand(-1, q.shape[1], -1, -1)
     return _linear_op(q, k, v, rho=rho, eps=eps, per_query=True, backend=backend)
 
 

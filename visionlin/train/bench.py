@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ._parse import checked
 
 __all__ = [
     "DEFAULT_BATCHES",
@@ -927,13 +928,7 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+    return checked(float, text, lambda v: 0 < v < math.inf, "a positive number of seconds")
 
 
 def _size(text: str) -> int:

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from ._parse import checked
 from .data import DataError
-from .trainer import BOOL, OPTIONS, Option, _check, _nonneg_float, _prob, add_arguments, resolve_config, run_dir_of
+from .trainer import BOOL, OPTIONS, Option, _nonneg_float, _prob, add_arguments, resolve_config, run_dir_of
 from .validate import UsageError, build_model, check_model_name, load_model_weights, parse_kwargs, resolve_checkpoint
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 
 
 def _pos_float(text: str) -> float:
-    return _check(float, text, lambda v: v > 0 and v < float("inf"), "a positive number")
+    return checked(float, text, lambda v: v > 0 and v < float("inf"), "a positive number")
 
 
 def _layers(text: str) -> str | None:

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from ._parse import checked
 from .data import (
     DATASETS,
     DataError,
@@ -82,37 +83,27 @@ class Option:
 
 
 def _pos_int(text: str) -> int:
-    return _check(int, text, lambda v: v > 0, "a positive integer")
+    return checked(int, text, lambda v: v > 0, "a positive integer")
 
 
 def _nonneg_int(text: str) -> int:
-    return _check(int, text, lambda v: v >= 0, "a non-negative integer")
+    return checked(int, text, lambda v: v >= 0, "a non-negative integer")
 
 
 def _nonneg_float(text: str) -> float:
-    return _check(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+    return checked(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
 
 def _pos_float(text: str) -> float:
-    return _check(float, text, lambda v: v > 0 and math.isfinite(v), "a positive number")
+    return checked(float, text, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def _below_one(text: str) -> float:
-    return _check(float, text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+    return checked(float, text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _prob(text: str) -> float:
-    return _check(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-
-
-def _check(cast: Callable, text: Any, ok: Callable, what: str) -> Any:
-    try:
-        v = cast(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if isinstance(text, bool) or not ok(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-    return v
+    return checked(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
 
 def _opt_str(text: str) -> str | None:

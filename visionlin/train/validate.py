@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ._parse import checked
 from .checkpoint import CheckpointError, latest_checkpoint, load_weights, read_weights_metadata
 from .data import DATASETS, DataError, SeededTransform, collate_skipping, create_dataset
 
@@ -400,23 +401,11 @@ def _positive(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
-    return v
+    return checked(float, text, lambda v: 0 < v < math.inf, "a positive finite number")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
-    return v
+    return checked(int, text, lambda v: v >= 0, "a non-negative integer")
 
 
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
