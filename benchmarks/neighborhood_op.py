@@ -330,13 +330,20 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
 
 #: ``(bwd_block, bwd_warps, bwd_maxnreg)`` settings ``--bwd-block-sweep`` times at each shape's shipped key tile.
 BWD_BLOCK_SETTINGS = tuple(itertools.product((16, 32, 64, 128, 256), (2, 4, 8), (None, 0)))
+#: And then (opt-in, s46): the shipped settings with dq stored directly where a key tile holds its group
+#: (``bwd_dq_direct``), and the backward's own key tiles of 128 / 256 keys (``bwd_tile_q``) at 4 / 8 warps, uncapped.
+BWD_TILE_CONFIGS = (
+    {"bwd_dq_direct": True},
+    *(dict(bwd_tile_q=t, bwd_warps=w, bwd_maxnreg=0, bwd_dq_direct=True) for t in (128, 256) for w in (4, 8)),
+)
 
 
 def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
     """At each of ``--tile-shapes``: the backward alone at the shipped key tile (``MEASURED_TILES``' row for the
     shape's group row, set explicitly) over :data:`BWD_BLOCK_SETTINGS`: query blocks of 16 to 256 (at NAT-T's 14 x 14
     and 7 x 7 maps a key tile's whole inverse neighbourhood in one or two blocks instead of a row at a time), 2 / 4 / 8
-    warps, the default register cap or none; each replayed from a CUDA graph, the shipped settings first."""
+    warps, the default register cap or none; then :data:`BWD_TILE_CONFIGS`; each replayed from a CUDA graph, the
+    shipped settings first."""
     from visionlin.kernels.triton import neighborhood as nt
 
     rows = []
@@ -353,6 +360,7 @@ def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
             tile | dict(bwd_block=bb, bwd_warps=w) | ({} if cap is None else dict(bwd_maxnreg=cap))
             for bb, w, cap in BWD_BLOCK_SETTINGS
         ]
+        configs += list(BWD_TILE_CONFIGS)
         for config in configs:
             row = _time_setting(shape, fn, "backward", config, timer, "graph_ms", stream, shape=name, calls=calls)
             rows.append(row)

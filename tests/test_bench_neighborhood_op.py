@@ -137,15 +137,16 @@ def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path):
     monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
     argv = ["--out", str(tmp_path), "--bwd-block-sweep", "--tile-shapes", "nat_t_s3,nat_t_s2"]
     assert neighborhood_op.main(argv) == 0
-    settings = neighborhood_op.BWD_BLOCK_SETTINGS
-    assert len(seen) == 2 * (1 + len(settings)) and {s[4] for s in seen} == {"backward"}
+    settings, extra = neighborhood_op.BWD_BLOCK_SETTINGS, list(neighborhood_op.BWD_TILE_CONFIGS)
+    assert len(seen) == 2 * (1 + len(settings) + len(extra)) and {s[4] for s in seen} == {"backward"}
     for name, size, heads, tile in (("nat_t_s3", 14, 8, (64, 16)), ("nat_t_s2", 28, 4, (16, 4))):
         mine = [s for s in seen if s[0] == name]
         assert {s[1:4] for s in mine} == {(size, heads, 1)}
         assert mine[0][5] == {}
-        for (bb, w, cap), s in zip(settings, mine[1:], strict=True):
+        for (bb, w, cap), s in zip(settings, mine[1 : 1 + len(settings)], strict=True):
             want = dict(tile_q=tile[0], tile_y=tile[1], narrow_cols=True, bwd_block=bb, bwd_warps=w)
             assert s[5] == want | ({} if cap is None else {"bwd_maxnreg": cap})
+        assert [s[5] for s in mine[1 + len(settings) :]] == extra
     doc = json.loads((tmp_path / "neighborhood_op_bwd_block.json").read_text())
     assert len(doc["rows"]) == len(seen)
     assert (tmp_path / "neighborhood_op_bwd_block.png").is_file()

@@ -495,6 +495,27 @@ def _neighborhood(dt, tdt):
         cases += kernels(56, 56, 7, True, 32, bias_dot=False)  # scale outside its range
         cases += kernels(56, 56, 7, True, 32, bias_dot=True)  # the backward's opt-in form
         cases += kernels(56, 56, 7, True, 32, ds_store=False)[1:]
+        # opt-in: dq stored directly by a key tile that holds its group (the shipped 8 x 8 tile at a 7 x 7 map; the
+        # whole 14 x 14 map in a 16 x 16 tile, TUNING["bwd_tile_q"] = 256, at 8 warps uncapped: at 4 warps it spilled
+        # 1.1 KB uncapped, 3.6 KB capped at 128, and at 8 warps capped 0.7 KB)
+        for tx, ty, warps in ((8, 8, None), (16, 16, 8)):
+            qrows, qcols = nt._bwd_block(16 if ty == 16 else 8, True, 32)
+            consts = dict(
+                HAS_RPB=True,
+                HALF=True,
+                BLOCK_D=32,
+                BLOCK_DV=32,
+                BIAS_DOT=False,
+                NEED_DRPB=True,
+                DS_STORE=True,
+                TX=tx,
+                TY=ty,
+                BLOCK_K=tx * ty,
+                QROWS=qrows,
+                QCOLS=qcols,
+                DQ_DIRECT=True,
+            )
+            cases.append((nt._bwd_kernel, dt, consts, nt._bwd_meta(32, True, warps or 2, 0)))  # uncapped
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)

@@ -170,6 +170,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     nt.TUNING["narrow_cols"] = False
     check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb=False, heads=1)
     nt.TUNING.update(tile_q=None, tile_y=None, narrow_cols=None)
+    # the backward's own key tile (bwd_tile_q) and dq stored directly where one tile holds a whole dilation group:
+    # whole maps (9 x 11 in a 16 x 16 tile; the 7 x 7 groups of the shipped 8 x 8 tiles), dilation groups of unequal
+    # lengths, and a tile that does not hold the group (atomics)
+    nt.TUNING["bwd_dq_direct"] = True
+    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    nt.TUNING["bwd_tile_q"] = 256
+    check_na((9, 11), 5, 1, torch.float16, "cpu", batch=2, heads=1)
+    check_na((13, 11), 5, (2, 3), f32, "cpu", batch=1, heads=2)
+    nt.TUNING["bwd_tile_q"] = 32
+    check_na((9, 11), 5, 1, f32, "cpu", batch=1, heads=1)
+    nt.TUNING.update(bwd_tile_q=None, bwd_dq_direct=False)
     print("interpreter ok")
     """
 )
@@ -296,6 +307,42 @@ def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
             if dtype == torch.float32:
                 fwd = bwd = (8, 8, 4, None)
             assert got == [fwd, bwd], (dtype, n, got)
+
+
+def test_bwd_tile_and_direct_dq_launch(monkeypatch):
+    """``TUNING["bwd_tile_q"]`` sets the backward's key tile alone (whole group rows where they fit, the forward's
+    tile unchanged); with ``bwd_dq_direct`` a key tile that holds its whole dilation group stores dq in the inputs'
+    dtype (``DQ_DIRECT``, no float32 buffer), and only then (the kernels stubbed: the launch arguments checked)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    seen = []
+    monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, args, meta)))
+    monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
+
+    def bwd(n, dil=1):
+        seen.clear()
+        q = torch.zeros(1, n, n, 2, 32, dtype=torch.bfloat16)
+        dq = nt.na2d_bwd(q, q, q, torch.zeros(2, 13, 13), q, torch.zeros(1, 2, n, n), q, 7, 7, dil, dil, 0.25, False)[0]
+        ((args, meta),) = [(a, m) for k, a, m in seen if k is nt._bwd_kernel]
+        return (meta["TX"], meta["TY"], meta["DQ_DIRECT"]), args[7].dtype, dq.dtype
+
+    assert bwd(14) == ((4, 16, False), torch.float32, torch.bfloat16)  # the shipped tile, dq by float32 atomics
+    assert bwd(7) == ((8, 8, False), torch.float32, torch.bfloat16)  # one tile holds the map, but not opted in
+    monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", True)
+    assert bwd(7) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # stored directly
+    assert bwd(28, dil=4) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # DiNAT's 7 x 7 groups
+    assert bwd(14)[0] == (4, 16, False)  # four tiles a map: atomics still
+    monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 256)
+    assert bwd(14)[0] == (16, 16, True) and bwd(28)[0] == (8, 32, False)  # 28 x 28: four 8 x 32 tiles
+    assert nt.tile_config(14, 14, 7, 7, True, 32, False, True)[:2] == (16, 2)  # the forward's tile unchanged
+    monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
+    with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
+        bwd(7)
+    monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", False)
+    monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 512)
+    with pytest.raises(ValueError, match=r"TUNING\['bwd_tile_q'\] = 512: allowed 16 to 256"):
+        bwd(7)
 
 
 @pytest.mark.parametrize(

@@ -233,11 +233,12 @@ def _bwd_kernel(
     sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr,
     HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr,
-    QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_DIRECT: tl.constexpr = False,
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
     ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
-    atomics (a query's window spans a few key tiles, four at kernel 7, up to eight from 11: little contention), and,
+    atomics (a query's window spans a few key tiles, four at kernel 7, up to eight from 11: little contention; with
+    ``DQ_DIRECT``, a tile that holds its whole dilation group, stores it in the inputs' dtype instead), and,
     with ``NEED_DRPB``, writes ``dS`` per (query, window slot) into the bias-gradient buffer
     ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch element
     (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile and one query block), atomics otherwise."""
@@ -311,12 +312,11 @@ def _bwd_kernel(
             dsh = ds.to(q.dtype)
             dk += _dot(tl.trans(dsh), q, HALF)
             dq = _dot(dsh, k, HALF) * scale
-            tl.atomic_add(
-                dq_base + (qx * LY + qy)[:, None] * H * D + offs_d[None, :],
-                dq,
-                mask=qvalid[:, None] & (offs_d < D)[None, :],
-                sem="relaxed",
-            )
+            dq_ptr = dq_base + (qx * LY + qy)[:, None] * H * D + offs_d[None, :]
+            if DQ_DIRECT:  # the tile holds the query's whole group: its dq is complete here
+                tl.store(dq_ptr, dq.to(DQACC.dtype.element_ty), mask=qvalid[:, None] & (offs_d < D)[None, :])
+            else:
+                tl.atomic_add(dq_ptr, dq, mask=qvalid[:, None] & (offs_d < D)[None, :], sem="relaxed")
             if NEED_DRPB:
                 slot = (kpx[None, :] - sx[:, None]) * KY + (kpy[None, :] - sy[:, None])
                 ds_ptr = ds_base + (qx * LY + qy)[:, None] * (KX * KY) + slot
@@ -386,11 +386,14 @@ def _bias_grad_kernel(
 #: passes (the other at its general default: 64 queries, rows of 8) and its warps. Tiles, blocks and warps are powers
 #: of two, the others non-negative ints, each within :data:`_BOUNDS` (``narrow_cols`` None or a bool, ``bwd_bias_dot``
 #: a bool): anything else raises ``ValueError`` naming the key and the value (:func:`_check_tuning`). ``stages`` 0
-#: means its default, as ``None`` does; ``maxnreg`` 0 no cap.
+#: means its default, as ``None`` does; ``maxnreg`` 0 no cap. ``bwd_tile_q`` (16-256, opt-in) sets the backward's key
+#: tile alone, in whole group rows where they fit (:func:`_bwd_tile`). ``bwd_dq_direct`` (opt-in, not yet timed on
+#: a GPU): a key tile that holds a whole dilation group (the shipped 8 x 8 tiles at 7 x 7 groups; NAT-T's 14 x 14 maps
+#: with ``bwd_tile_q`` 256) stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": None,
+    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": False,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -425,8 +428,9 @@ DS_BUFFER_BYTES = 256 << 20
 _BOUNDS = {
     "tile_q": (16, 64), "tile_y": (1, 64), "block_k": (1, 256), "warps": (1, 32), "stages": (0, 8),
     "maxnreg": (0, 255), "bwd_block": (16, 256), "bwd_warps": (1, 32), "bwd_stages": (0, 8), "bwd_maxnreg": (0, 255),
+    "bwd_tile_q": (16, 256),
 }  # fmt: skip
-_POW2 = ("tile_q", "tile_y", "block_k", "warps", "bwd_block", "bwd_warps")
+_POW2 = ("tile_q", "tile_y", "block_k", "warps", "bwd_block", "bwd_warps", "bwd_tile_q")
 _checked: tuple | None = None
 
 
@@ -448,6 +452,7 @@ def _check_tuning() -> None:
         raise ValueError(f"TUNING['tile_y'] = {TUNING['tile_y']}: at most {queries} (the query tile holds {queries})")
     tuning_flag(TUNING, __name__, "narrow_cols", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
+    tuning_flag(TUNING, __name__, "bwd_dq_direct")
     _checked = state
 
 
@@ -585,6 +590,16 @@ def _bwd_meta(d: int, half: bool = True, warps: int | None = None, cap: int | No
     return meta
 
 
+def _bwd_tile(ny: int, ky: int, queries: int) -> tuple[int, int, int]:
+    """``(TX, TY, KCOLS)`` of the backward's key tile for ``TUNING["bwd_tile_q"] = queries``: rows as long as the
+    group row's power of two (at most ``queries``), key blocks as narrow as the key rectangle unless
+    ``TUNING["narrow_cols"]`` is ``False``."""
+    ty = min(queries, max(2, next_pow2(ny)))
+    width = min(ty + ky - 1, ny)
+    kcols = tile_dim(width) if TUNING["narrow_cols"] is False else next_pow2(width)
+    return queries // ty, ty, kcols
+
+
 def _launch_args(q, kx, ky, dx, dy, tx, ty):
     b, x, y, h, _ = q.shape
     nx_max, ny_max = -(-x // dx), -(-y // dy)
@@ -684,7 +699,10 @@ def na2d_bwd(
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
     tx, ty, _, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
+    if TUNING["bwd_tile_q"] and nx > 1:
+        (tx, ty, kcols), warps, cap = _bwd_tile(ny, ky, TUNING["bwd_tile_q"]), None, None
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
+    direct = TUNING["bwd_dq_direct"] and tbx * tby == 1  # one key tile a group: each dq whole in one program
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
     qrows, qcols = _bwd_block.unchecked(kcols, has_rpb, bd)
@@ -694,17 +712,21 @@ def na2d_bwd(
     dsbuf = (torch.empty if store else torch.zeros)(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
-    dqacc = torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    dqacc = (
+        torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
+        if direct
+        else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    )
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
-        HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half,
+        HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half, DQ_DIRECT=direct,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
-    dq = dqacc.to(q.dtype)
+    dq = dqacc if direct else dqacc.to(q.dtype)
     if need:
         _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
     return dq, dk, dv, drpb
