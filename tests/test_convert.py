@@ -289,6 +289,30 @@ def test_save_load_roundtrip(tmp_path, family):
     assert not hasattr(other, "_visionlin_conversion")
 
 
+def test_load_conversion_of_a_corrupt_weights_file_and_shared_components(tmp_path):
+    """A truncated ``converter.safetensors`` is a ValueError naming the file (was a bare SafetensorError), the target
+    unchanged; one model object under two pipeline components is refused (it was converted twice, and revert then
+    restored the converter's processors without their cores)."""
+    from types import SimpleNamespace
+
+    model = _dit()
+    convert(model, "sla", sparsity=0.5, block_size=16)
+    save_conversion(model, tmp_path)
+    weights = tmp_path / convert_impl.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:40])
+    fresh = _dit()
+    ref = _run(fresh, "dit")
+    with pytest.raises(ValueError, match=rf"{weights.name}: not a readable safetensors file \(SafetensorError"):
+        load_conversion(fresh, tmp_path)
+    assert not any(hasattr(m, "visionlin_core") for m in fresh.modules())
+    torch.testing.assert_close(_run(fresh, "dit"), ref, rtol=0, atol=0)
+    shared = _dit()
+    pipe = SimpleNamespace(components={"transformer": shared, "transformer_2": shared})
+    with pytest.raises(ValueError, match="components 'transformer' and 'transformer_2' are the same model object"):
+        convert(pipe, "sla")
+    assert not any(hasattr(m, "visionlin_core") for m in shared.modules())
+
+
 def test_dit_pipeline(tmp_path):
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -186,6 +187,17 @@ def test_calibrate_bad_input(kwargs, match):
         calibrate(model, _inputs("dit"), **kwargs)
     assert not any(hasattr(m, "visionlin_core") for m in model.modules())
     torch.testing.assert_close(_run(model, "dit"), ref, rtol=0, atol=0)
+
+
+def test_calibrate_refuses_non_finite_attention():
+    """NaN calibration inputs: every candidate's error read NaN, ``max(0.0, nan)`` kept 0.0 and the most aggressive
+    candidate was chosen as a perfect match; now a ValueError naming the layer, the model left as it was."""
+    model = _dit()
+    x = _inputs("dit")
+    x["hidden_states"] = torch.full_like(x["hidden_states"], float("nan"))
+    with pytest.raises(ValueError, match=r"dense attention output of model.transformer_blocks.0.attn1 is not finite"):
+        calibrate(model, x, candidates=[0.9, 0.5], block_size=16, apply=False)
+    assert not any(hasattr(m, "visionlin_core") for m in model.modules())
 
 
 def test_calibrate_bad_inputs_and_models():
@@ -380,6 +392,23 @@ def test_finetune_bad_models_and_data():
         _finetune(_sla(), "data.safetensors")
     with pytest.raises(ValueError, match="returned list"):
         _finetune(_sla(), lambda step, g: [])
+    # non-finite data: the loss was NaN and every step wrote NaN into the trained weights (the whole model's with
+    # trainable="all"), with no error
+    model = _sla()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan = _data()
+    nan["hidden_states"][0, 0, 0, 0] = float("nan")
+    for data, where in ((nan, "data"), ([_data(), nan], "data[1]"), (lambda step, g: nan, "data(0, generator)")):
+        with pytest.raises(ValueError, match=rf"{re.escape(where)}: \['hidden_states'\] hold NaN or inf values"):
+            _finetune(model, data, trainable="all")
+    with pytest.raises(ValueError, match=r"shared: \['extra'\] hold NaN or inf"):
+        _finetune(model, _data(), shared={"extra": torch.tensor([float("inf")])})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # data the model cannot run: with LoRA it had injected the adapters first and left them in the model
+    for trainable in ("lora", "lora+converter"):
+        with pytest.raises(ValueError, match=r"the data does not run through DiTTransformer2DModel \(KeyError"):
+            _finetune(model, {"bogus": torch.zeros(4, 3)}, trainable=trainable)
+    assert model.state_dict().keys() == before.keys()
 
 
 def test_cli_finetune_conversion(tmp_path, capsys):

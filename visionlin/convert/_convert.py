@@ -148,6 +148,14 @@ def _components(obj: Any) -> dict[str, nn.Module]:
     if not isinstance(comps, dict):
         raise ValueError(f"expected a diffusers pipeline or a model (nn.Module), got {type(obj).__name__}: {obj!r:.80}")
     found = {n: m for n, m in comps.items() if isinstance(m, nn.Module) and _adapter_for(m) is not None}
+    seen: dict[int, str] = {}
+    for name, model in found.items():  # (converted twice, its second "originals" were the converter's processors)
+        if id(model) in seen:
+            raise ValueError(
+                f"pipeline components {seen[id(model)]!r} and {name!r} are the same model object; convert it once "
+                "(pass the model itself, or a pipeline whose components are distinct)"
+            )
+        seen[id(model)] = name
     if not found:
         kinds = {n: type(m).__name__ for n, m in comps.items() if isinstance(m, nn.Module)}
         raise ValueError(
@@ -452,6 +460,7 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
         ValueError: missing files, a plan of another format, components / classes / layer names / parameter shapes
             that do not match the target (named in the message). The target is left unchanged on error.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -482,7 +491,10 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
         if model is None or type(model).__name__ != entry["class"]:
             got = None if model is None else type(model).__name__
             raise ValueError(f"plan component {comp!r} is a {entry['class']}, the target has {got}")
-    weights = load_file(str(weights_path))
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:  # (a bare SafetensorError)
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     report: ConversionReport | None = None
     done = []
     try:

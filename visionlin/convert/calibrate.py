@@ -252,7 +252,7 @@ def calibrate(
                         f"method={method!r} changes the attention's query / key projections; calibrate measures "
                         "methods on the stock attention inputs (sparse, sla, hybrid, agent)"
                     )
-                entry = {"errors": [0.0] * len(candidates), "calls": 0, "cores": None}
+                entry = {"errors": [0.0] * len(candidates), "calls": 0, "cores": None, "name": f"{comp}.{name}"}
                 stats[(comp, name)] = entry
                 core = getattr(named[name], CORE_ATTR)
                 handles.append(
@@ -291,10 +291,15 @@ def _probe(entry: dict[str, Any], method: str, cand_options: list[dict[str, Any]
         ak, av = a.get("additional_keys"), a.get("additional_values")
         if entry["cores"] is None:
             entry["cores"] = [build_core(method, o, q.shape[-1], q.device, attn) for o in cand_options]
+        if not bool(torch.isfinite(output).all()):  # (every candidate's error read NaN, and max(0, NaN) is 0)
+            raise ValueError(
+                f"calibrate: the dense attention output of {entry.get('name', 'a layer')} is not finite on these "
+                "inputs (NaN or inf in the calibration data?); calibrate on finite inputs"
+            )
         for i, cand in enumerate(entry["cores"]):
             cand.grid, cand.text_len = core.grid, core.text_len
-            err = relative_error(cand(q, k, v, scale, ak, av), output, metric)
-            entry["errors"][i] = max(entry["errors"][i], err)
+            err = float(relative_error(cand(q, k, v, scale, ak, av), output, metric))
+            entry["errors"][i] = max(entry["errors"][i], err if math.isfinite(err) else math.inf)  # NaN: no match
         entry["calls"] += 1
 
     return hook

@@ -212,6 +212,15 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _check_finite(where: str, batch: dict[str, Any]) -> None:
+    """``ValueError`` naming the keys of ``batch`` whose floating tensors hold NaN or inf: the loss would be NaN and
+    every step would write NaN into the trained weights (with ``trainable="all"`` the whole model's)."""
+    bad = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if bad:
+        raise ValueError(f"{where}: {bad} hold NaN or inf values; fine-tuning needs finite inputs")
+
+
 def _batches(
     data: Any, batch_size: int | None, seed: int, rank: int = 0, world: int = 1
 ) -> tuple[Callable[[int], dict[str, Any]], str]:
@@ -224,6 +233,7 @@ def _batches(
                 f"a dict of data must hold tensors with a leading sample dimension; {bad or 'it is empty'} are not "
                 "(pass per-call constants as shared=...)"
             )
+        _check_finite("data", data)
         sizes = {k: v.shape[0] for k, v in data.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"the data tensors have different leading sizes {sizes}; each must hold N samples")
@@ -246,10 +256,13 @@ def _batches(
             out = data(step, torch.Generator().manual_seed(seed * 1_000_003 + step * world + rank))
             if not isinstance(out, dict):
                 raise ValueError(f"data({step}, generator) returned {type(out).__name__}, not a dict of keywords")
+            _check_finite(f"data({step}, generator)", out)
             return out
 
         return call, "generated batches"
     if isinstance(data, list | tuple) and data and all(isinstance(b, dict) for b in data):
+        for i, b in enumerate(data):
+            _check_finite(f"data[{i}]", b)
         return (lambda step: data[(step * world + rank) % len(data)]), f"{len(data)} batches"
     raise ValueError(
         "data must be a dict of tensors (N samples each), a non-empty list of forward-keyword dicts, or a callable "
@@ -377,6 +390,8 @@ def finetune(
         raise ValueError(f"mixed_precision={mixed_precision!r}; choose 'no', 'bf16' or 'fp16'")
     if shared is not None and not isinstance(shared, dict):
         raise ValueError(f"shared must be a dict of forward keywords, got {type(shared).__name__}")
+    if shared is not None:
+        _check_finite("shared", shared)
     if isinstance(lora_targets, str) or not all(isinstance(t, str) for t in lora_targets) or not lora_targets:
         raise ValueError(f"lora_targets={lora_targets!r} must be a non-empty list of child module names ('to_q')")
     if resume is not None and output_dir is None:
@@ -405,6 +420,14 @@ def finetune(
     model.to(device)
     lora_config = None
     if "lora" in trainable:
+        try:  # the data must run before adapters go in: a failed call then leaves no adapter behind
+            with torch.no_grad():
+                model(**_to({**batch_of(0), **(shared or {})}, device))
+        except Exception as e:  # noqa: BLE001 - whatever the model raises on this data, named
+            raise ValueError(
+                f"the data does not run through {type(model).__name__} ({type(e).__name__}: {e}); nothing was "
+                "changed (no LoRA adapter injected)"
+            ) from e
         lora_config = _inject_lora(model, lora_rank, lora_alpha, tuple(lora_targets))
         model.to(device)
     named = dict(model.named_parameters())
