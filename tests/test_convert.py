@@ -306,6 +306,46 @@ def test_load_conversion_of_a_corrupt_weights_file_and_shared_components(tmp_pat
         load_conversion(fresh, tmp_path)
     assert not any(hasattr(m, "visionlin_core") for m in fresh.modules())
     torch.testing.assert_close(_run(fresh, "dit"), ref, rtol=0, atol=0)
+    # plan and weights edited by hand: each a ValueError naming the file or field (were TypeError / IndexError /
+    # UnicodeDecodeError, or loaded: wrong dtypes and NaN weights were copied in)
+    save_conversion(model, tmp_path)
+    plan_path = tmp_path / convert_impl.PLAN_FILE
+    good_plan, good_weights = plan_path.read_text(), weights.read_bytes()
+    for edit, message in (
+        (lambda p: p["components"]["model"].update(options=[1]), "needs 'class' and 'method' strings"),
+        (lambda p: p["components"]["model"].update(layers=None), "'layers' a list of layer names"),
+        (lambda p: p["components"]["model"]["options"].update(layers=["x"]), "'options' a dict of method options"),
+    ):
+        plan = json.loads(good_plan)
+        edit(plan)
+        plan_path.write_text(json.dumps(plan))
+        with pytest.raises(ValueError, match=message):
+            load_conversion(fresh, tmp_path)
+    plan_path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_conversion(fresh, tmp_path)
+    plan_path.write_text(good_plan)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    for change, message in (
+        (lambda t: t.update(nocomponent=torch.zeros(1)), r"keys \['nocomponent'\] are not COMPONENT/PARAMETER"),
+        (lambda t: t.update({k: torch.full_like(v, float("nan")) for k, v in list(t.items())[:1]}), "non-finite"),
+        (lambda t: t.update({k: v.long() for k, v in list(t.items())[:1]}), "torch.int64 with non-finite or non-float"),
+    ):
+        edited = dict(tensors)
+        change(edited)
+        save_file(edited, str(weights))
+        with pytest.raises(ValueError, match=message):
+            load_conversion(fresh, tmp_path)
+    weights.write_bytes(good_weights)
+    with pytest.raises(ValueError, match="expected a diffusers pipeline or a model .* got str"):
+        load_conversion("hello", tmp_path)
+    assert not any(hasattr(m, "visionlin_core") for m in fresh.modules())
+    torch.testing.assert_close(_run(fresh, "dit"), ref, rtol=0, atol=0)
+    load_conversion(fresh, tmp_path)  # the files restored: it loads
+    with pytest.raises(ValueError, match=r"unknown feature_map=\[\]"):  # (TypeError: unhashable type)
+        convert(_dit(), "sla", feature_map=[])
     shared = _dit()
     pipe = SimpleNamespace(components={"transformer": shared, "transformer_2": shared})
     with pytest.raises(ValueError, match="components 'transformer' and 'transformer_2' are the same model object"):

@@ -467,9 +467,14 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
     plan_path, weights_path = directory / PLAN_FILE, directory / WEIGHTS_FILE
     if not plan_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{directory} lacks {PLAN_FILE} and/or {WEIGHTS_FILE} (written by visionlin.save_conversion)")
+    if not isinstance(pipe_or_model, nn.Module) and not isinstance(getattr(pipe_or_model, "components", None), dict):
+        raise ValueError(
+            f"expected a diffusers pipeline or a model (nn.Module), got {type(pipe_or_model).__name__}: "
+            f"{pipe_or_model!r:.80}"
+        )
     try:
         plan = json.loads(plan_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{plan_path} is not valid JSON: {e}") from None
     if not isinstance(plan, dict) or plan.get("format") != _FORMAT or plan.get("version") != _VERSION:
         plan = plan if isinstance(plan, dict) else {}
@@ -486,6 +491,14 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
         or not all(isinstance(e, dict) and fields <= set(e) for e in entries.values())
     ):
         raise ValueError(f"{plan_path}: 'components' must map each component to {sorted(fields)}")
+    for comp, e in entries.items():  # (wrong types failed as TypeErrors inside convert, naming neither file nor field)
+        layers_ok = isinstance(e["layers"], list) and all(isinstance(n, str) for n in e["layers"])
+        options_ok = isinstance(e["options"], dict) and not {"layers", "layer_options"} & set(e["options"])
+        if not (isinstance(e["class"], str) and isinstance(e["method"], str) and layers_ok and options_ok):
+            raise ValueError(
+                f"{plan_path}: component {comp!r} needs 'class' and 'method' strings, 'layers' a list of layer names "
+                f"and 'options' a dict of method options; got { ({k: e[k] for k in sorted(fields)})!r:.300}"
+            )
     for comp, entry in plan["components"].items():
         model = comps.get(comp)
         if model is None or type(model).__name__ != entry["class"]:
@@ -495,6 +508,8 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:  # (a bare SafetensorError)
         raise ValueError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if bad := [k for k in weights if "/" not in k][:4]:  # (an IndexError)
+        raise ValueError(f"{weights_path}: keys {bad} are not COMPONENT/PARAMETER names written by save_conversion")
     report: ConversionReport | None = None
     done = []
     try:
@@ -515,6 +530,10 @@ def load_conversion(pipe_or_model: Any, directory: str | os.PathLike) -> Convers
             for k, v in mine.items():
                 if v.shape != sd[k].shape:
                     raise ValueError(f"{comp}: {k} has shape {tuple(v.shape)} in the file, {tuple(sd[k].shape)} here")
+                if v.is_floating_point() != sd[k].is_floating_point() or (
+                    v.is_floating_point() and not bool(torch.isfinite(v).all())
+                ):  # (int64 or NaN weights were copied in)
+                    raise ValueError(f"{comp}: {k} in the file is {v.dtype} with non-finite or non-float values")
             with torch.no_grad():
                 for k, v in mine.items():
                     sd[k].copy_(v)

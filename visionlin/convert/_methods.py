@@ -131,7 +131,7 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
     if method == "sla":
         if out["variant"] not in SLA_VARIANTS:
             raise ValueError(f"unknown variant={out['variant']!r}; choose one of {SLA_VARIANTS}")
-        if out["feature_map"] not in SLA_FEATURE_MAPS:
+        if not isinstance(out["feature_map"], str) or out["feature_map"] not in SLA_FEATURE_MAPS:  # ([] unhashable)
             raise ValueError(f"unknown feature_map={out['feature_map']!r}; choose one of {sorted(SLA_FEATURE_MAPS)}")
         if out["k_low"] is None:
             out["k_low"] = min(0.10, out["sparsity"]) if out["variant"] == "paper" else 0.0
