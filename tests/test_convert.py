@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -351,6 +352,25 @@ def test_load_conversion_of_a_corrupt_weights_file_and_shared_components(tmp_pat
     with pytest.raises(ValueError, match="components 'transformer' and 'transformer_2' are the same model object"):
         convert(pipe, "sla")
     assert not any(hasattr(m, "visionlin_core") for m in shared.modules())
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("hybrid", {"kernel_size": [3, 3, 3]}), ("hybrid", {"dilation": (1,)}), ("agent", {"pool": [2, 2, 2]})],
+)
+def test_per_axis_options_match_the_family_grid(method, options):
+    """One value per token-grid axis (2 for an image model): checked at conversion, the model unchanged (it was
+    converted and failed at the first forward); per-layer overrides too."""
+    model = _dit()
+    ref = _run(model, "dit")
+    ((key, value),) = options.items()
+    with pytest.raises(ValueError, match=rf"model: {key}={re.escape(str(list(value)))} gives {len(value)} axes but "
+                       r"DiTTransformer2DModel's token grid has 2"):  # fmt: skip
+        convert(model, method, **options)
+    with pytest.raises(ValueError, match="gives .* axes"):
+        convert(model, method, layer_options={"transformer_blocks.0.attn1": options})
+    assert not any(hasattr(m, "visionlin_core") for m in model.modules())
+    torch.testing.assert_close(_run(model, "dit"), ref, rtol=0, atol=0)
 
 
 def test_dit_pipeline(tmp_path):

@@ -28,6 +28,7 @@ class Adapter:
     family = ""
     classes: tuple[str, ...] = ()
     processor = "self"  # which converter processor the layers get: "self", "joint" (SD3), "flux", "wan", "cogvideox"
+    grid_dims = 2  # axes of the token grid its hooks publish: 2 (H, W) for images, 3 (T, H, W) for video
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes

@@ -203,6 +203,14 @@ def _plan(name: str, model: nn.Module, method: str, options: dict[str, Any], lay
         raise ValueError(
             f"{name}: already converted (method={state.method!r}); call visionlin.revert(...) before converting again"
         )
+    for opts in (options, *layer_options.values()) if layer_options else (options,):
+        for key in ("kernel_size", "dilation", "pool"):  # per-axis lists: one entry per grid axis of this family
+            value = opts.get(key)
+            if isinstance(value, list | tuple) and len(value) != adapter.grid_dims:
+                raise ValueError(  # (converted, then failed at the first forward)
+                    f"{name}: {key}={list(value)} gives {len(value)} axes but {type(model).__name__}'s token grid has "
+                    f"{adapter.grid_dims}; give one int or {adapter.grid_dims} values"
+                )
     cands = list(adapter.candidates(model))
     if layers is not None:
         known = {c.name for c in cands}

@@ -19,6 +19,7 @@ COGVIDEOX_PROCESSORS = ("CogVideoXAttnProcessor2_0",)
 
 
 class CogVideoXAdapter(Adapter):
+    grid_dims = 3
     family = "cogvideox"
     classes = ("CogVideoXTransformer3DModel",)
     processor = "cogvideox"

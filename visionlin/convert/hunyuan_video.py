@@ -22,6 +22,7 @@ HUNYUAN_PROCESSORS = ("HunyuanVideoAttnProcessor2_0",)
 
 
 class HunyuanVideoAdapter(Adapter):
+    grid_dims = 3
     family = "hunyuan_video"
     classes = ("HunyuanVideoTransformer3DModel",)
     processor = "hunyuan_video"

@@ -19,6 +19,7 @@ WAN_PROCESSORS = ("WanAttnProcessor",)
 
 
 class WanAdapter(Adapter):
+    grid_dims = 3
     family = "wan"
     classes = ("WanTransformer3DModel",)
     processor = "wan"
