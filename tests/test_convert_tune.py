@@ -189,6 +189,11 @@ def test_calibrate_bad_input(kwargs, match):
     torch.testing.assert_close(_run(model, "dit"), ref, rtol=0, atol=0)
 
 
+def test_calibrate_names_inputs_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"calibrate: inputs\[1\] \(keys \['bogus'\]\) do not fit the call of"):
+        calibrate(_dit(), [_inputs("dit"), {"bogus": 1}], block_size=16, apply=False)  # (a bare KeyError)
+
+
 def test_calibrate_refuses_non_finite_attention():
     """NaN calibration inputs: every candidate's error read NaN, ``max(0.0, nan)`` kept 0.0 and the most aggressive
     candidate was chosen as a perfect match; now a ValueError naming the layer, the model left as it was."""
@@ -212,7 +217,7 @@ def test_calibrate_bad_inputs_and_models():
     with pytest.raises(ValueError, match="expected a diffusers pipeline or a model"):
         calibrate(object(), _inputs("dit"))
     model = _dit()
-    with pytest.raises((TypeError, KeyError)):  # the model's (or its hook's) error; the model is restored
+    with pytest.raises(ValueError, match=r"inputs\[0\] \(keys \['nonsense'\]\) do not fit"):  # the model restored
         calibrate(model, {"nonsense": 1})
     assert not any(hasattr(m, "visionlin_core") for m in model.modules())
 
@@ -404,6 +409,8 @@ def test_finetune_bad_models_and_data():
     with pytest.raises(ValueError, match=r"shared: \['extra'\] hold NaN or inf"):
         _finetune(model, _data(), shared={"extra": torch.tensor([float("inf")])})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"the data's keywords \['bogus'\] do not fit DiTTransformer2DModel's call"):
+        _finetune(model, {"bogus": torch.zeros(4, 3)})  # (a bare KeyError)
     # data the model cannot run: with LoRA it had injected the adapters first and left them in the model
     for trainable in ("lora", "lora+converter"):
         with pytest.raises(ValueError, match=r"the data does not run through DiTTransformer2DModel \(KeyError"):

@@ -261,8 +261,14 @@ def calibrate(
                     )
                 )
         with torch.no_grad():
-            for kwargs in inputs:
-                pipe_or_model(**kwargs)
+            for i, kwargs in enumerate(inputs):
+                try:
+                    pipe_or_model(**kwargs)
+                except (KeyError, TypeError) as e:  # a keyword the model lacks or misses: named (was a bare KeyError)
+                    raise ValueError(
+                        f"calibrate: inputs[{i}] (keys {sorted(kwargs)}) do not fit the call of "
+                        f"{type(pipe_or_model).__name__} ({type(e).__name__}: {e})"
+                    ) from e
     finally:
         for h in handles:
             h.remove()

@@ -533,9 +533,18 @@ def finetune(
         raw.eval()  # teacher and student alike: no dropout, no class-label dropout (DiT), the same computation
         start = time.perf_counter()
         extra = {**(shared or {})}
+        first = step
         while step < steps:
             batch = _to({**batch_of(step), **extra}, device)
-            loss = _loss(student, raw, batch, weight, frozen, features, accelerator.autocast)
+            try:
+                loss = _loss(student, raw, batch, weight, frozen, features, accelerator.autocast)
+            except (KeyError, TypeError) as e:  # the first batch's keywords do not fit the model: named
+                if step != first:
+                    raise
+                raise ValueError(
+                    f"the data's keywords {sorted(batch)} do not fit {type(raw).__name__}'s call "
+                    f"({type(e).__name__}: {e})"
+                ) from e
             accelerator.backward(loss)
             if clip_grad is not None:
                 accelerator.clip_grad_norm_(params, clip_grad)
