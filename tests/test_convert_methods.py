@@ -267,6 +267,8 @@ def test_dense_warm_up(method):
         ("agent", {"pool": 0}, r"pool=0 must be an int >= 1"),
         ("agent", {"k_scale2": float("nan")}, r"k_scale2=nan must be a finite number"),
         ("agent", {"k_shortcut": "x"}, r"k_shortcut='x' must be a finite number"),
+        ("agent", {"k_scale2": -1e10}, r"k_scale2=-10000000000.0 must be in \[-16, 16\]"),  # (overflowed at forward)
+        ("agent", {"k_shortcut": 1e308}, r"k_shortcut=1e\+308 is not representable in float32"),  # (inf output)
     ],
 )
 def test_bad_options_name_the_values_and_leave_the_model(method, options, match):

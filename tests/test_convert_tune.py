@@ -366,6 +366,7 @@ def test_finetune_data_forms_and_progress_bar(capsys):
         ({"trainable": "heads"}, r"unknown trainable='heads'"),
         ({"steps": 0}, r"steps=0 must be an integer >= 1"),
         ({"lr": -1.0}, r"lr=-1.0 must be a finite number >= 0"),
+        ({"lr": 0}, r"lr=0 would train nothing"),  # (as clip_grad=0)
         ({"clip_grad": 0.0}, r"clip_grad=0 would zero every gradient"),  # (a run that trained nothing, exit 0)
         ({"feature_weight": -1}, r"feature_weight=-1"),
         ({"batch_size": 9}, r"batch_size=9 x 1 process\(es\) exceeds the 4 samples"),

@@ -128,6 +128,14 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
             if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
                 raise ValueError(f"{name}={x!r} must be a finite number")
             out[name] = float(x)
+        # (k_scale2=-1e10 overflowed scale ** k_scale2 at the first forward; k_shortcut=1e308 is inf in float32)
+        if abs(out["k_scale2"]) > 16:
+            raise ValueError(
+                f"k_scale2={out['k_scale2']!r} must be in [-16, 16]: the broadcast logits are scaled by "
+                "scale ** k_scale2 (scale = head_dim ** -0.5), which overflows beyond (the authors use 0.3)"
+            )
+        if abs(out["k_shortcut"]) > torch.finfo(torch.float32).max:
+            raise ValueError(f"k_shortcut={out['k_shortcut']!r} is not representable in float32")
     if method == "sla":
         if out["variant"] not in SLA_VARIANTS:
             raise ValueError(f"unknown variant={out['variant']!r}; choose one of {SLA_VARIANTS}")

@@ -383,6 +383,8 @@ def finetune(
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    if lr == 0:  # as clip_grad=0: a run that trains nothing
+        raise ValueError("lr=0 would train nothing; pass a positive learning rate")
     if clip_grad == 0:  # clip_grad_norm_(params, 0) zeroes every gradient: a run that trains nothing
         raise ValueError("clip_grad=0 would zero every gradient; pass a positive norm, or None for no clipping")
     weight = _check_weight(feature_weight)
