@@ -387,7 +387,7 @@ def _bias_grad_kernel(
 #: of two, the others non-negative ints, each within :data:`_BOUNDS` (``narrow_cols`` None or a bool, ``bwd_bias_dot``
 #: a bool): anything else raises ``ValueError`` naming the key and the value (:func:`_check_tuning`). ``stages`` 0
 #: means its default, as ``None`` does; ``maxnreg`` 0 no cap. ``bwd_tile_q`` (16-256, opt-in) sets the backward's key
-#: tile alone, in whole group rows where they fit (:func:`_bwd_tile`). ``bwd_dq_direct`` (opt-in, not yet timed on
+#: tile alone, in whole group rows where they fit (:func:`_tile_plan`). ``bwd_dq_direct`` (opt-in, not yet timed on
 #: a GPU): a key tile that holds a whole dilation group (the shipped 8 x 8 tiles at 7 x 7 groups; NAT-T's 14 x 14 maps
 #: with ``bwd_tile_q`` 256) stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast.
 TUNING: dict[str, int | bool | None] = {
@@ -487,17 +487,20 @@ def _tile_plan(
 ) -> tuple[int, int, int, int, int | None, int | None]:
     """:func:`tile_config`'s tile and key block, and the tile's warps and register cap from :data:`MEASURED_TILES`
     (``None``: the general rule's, :func:`_warps`, :func:`launch_meta`, :func:`_bwd_meta`; a set ``TUNING["tile_q"]``
-    or ``["tile_y"]`` drops the table, its warps and cap with it): one look-up of the table per pass."""
-    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 else None
+    or ``["tile_y"]`` drops the table, its warps and cap with it): one look-up of the table per pass. The backward's
+    own ``TUNING["bwd_tile_q"]`` drops the table too: that many keys in rows as long as the group row's power of two,
+    key blocks as narrow as the key rectangle unless ``narrow_cols`` is ``False``."""
+    own = TUNING["bwd_tile_q"] if backward and nx > 1 else None
+    rule = _measured_tile(ny, kx, ky, has_rpb, d, half, backward) if nx > 1 and not own else None
     if nx == 1:
         tx, ty = 1, 16 if has_rpb else 32
     else:
         queries, row = rule[:2] if rule else (64, 16 if ky >= 11 else 8)
-        queries = TUNING["tile_q"] or queries
-        ty = min(TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
+        queries = own or TUNING["tile_q"] or queries
+        ty = min(queries if own else TUNING["tile_y"] or row, queries, max(2, next_pow2(ny)))
         tx = queries // ty
     width = min(ty + ky - 1, ny)
-    narrow = rule is not None if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
+    narrow = (rule is not None or bool(own)) if TUNING["narrow_cols"] is None else TUNING["narrow_cols"]
     kcols = next_pow2(width) if nx > 1 and narrow else tile_dim(width)
     krows = max(1, max(16, TUNING["block_k"] or 32) // kcols)
     return tx, ty, krows, kcols, *(rule[2:] if rule else (None, None))
@@ -537,13 +540,7 @@ def launch_meta(
     0.11 ms)."""
     stages = 1 if block_q * block_k <= 512 else 2  # (a set 0 also means this default)
     meta = {"num_warps": TUNING["warps"] or warps or _warps(d), "num_stages": TUNING["stages"] or stages}
-    if TUNING["maxnreg"] is not None:
-        cap = TUNING["maxnreg"]
-    elif cap is None:
-        cap = MAXNREG if has_rpb and 32 < d <= 64 else 0  # measured at 64 only
-    if cap:
-        meta["maxnreg"] = cap
-    return meta
+    return meta | _cap("maxnreg", cap, MAXNREG if has_rpb and 32 < d <= 64 else 0)  # the default measured at 64 only
 
 
 def _blocks(d: int) -> int:
@@ -581,23 +578,14 @@ def _bwd_meta(d: int, half: bool = True, warps: int | None = None, cap: int | No
     without one 0.48 against 0.53 (32-query blocks); at head dim 64 (bias table) 32-query blocks uncapped 0.80 against
     0.92-1.28 for the others."""
     meta = {"num_warps": TUNING["bwd_warps"] or warps or _warps(d), "num_stages": TUNING["bwd_stages"] or 1}
-    if TUNING["bwd_maxnreg"] is not None:
-        cap = TUNING["bwd_maxnreg"]
-    elif cap is None:
-        cap = MAXNREG if d <= 32 and half else 0
-    if cap:
-        meta["maxnreg"] = cap
-    return meta
+    return meta | _cap("bwd_maxnreg", cap, MAXNREG if d <= 32 and half else 0)
 
 
-def _bwd_tile(ny: int, ky: int, queries: int) -> tuple[int, int, int]:
-    """``(TX, TY, KCOLS)`` of the backward's key tile for ``TUNING["bwd_tile_q"] = queries``: rows as long as the
-    group row's power of two (at most ``queries``), key blocks as narrow as the key rectangle unless
-    ``TUNING["narrow_cols"]`` is ``False``."""
-    ty = min(queries, max(2, next_pow2(ny)))
-    width = min(ty + ky - 1, ny)
-    kcols = tile_dim(width) if TUNING["narrow_cols"] is False else next_pow2(width)
-    return queries // ty, ty, kcols
+def _cap(key: str, tile: int | None, default: int) -> dict[str, int]:
+    """``{"maxnreg": cap}`` (empty for no cap, 0) of a pass: ``TUNING[key]`` if set, else the tile's ``tile`` (from
+    :data:`MEASURED_TILES`) if given, else ``default``."""
+    cap = TUNING[key] if TUNING[key] is not None else default if tile is None else tile
+    return {"maxnreg": cap} if cap else {}
 
 
 def _launch_args(q, kx, ky, dx, dy, tx, ty):
@@ -699,8 +687,6 @@ def na2d_bwd(
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
     tx, ty, _, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
-    if TUNING["bwd_tile_q"] and nx > 1:
-        (tx, ty, kcols), warps, cap = _bwd_tile(ny, ky, TUNING["bwd_tile_q"]), None, None
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     direct = TUNING["bwd_dq_direct"] and tbx * tby == 1  # one key tile a group: each dq whole in one program
     table, sr, offx, offy = _rpb_args(rpb, q)
