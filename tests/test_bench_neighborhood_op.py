@@ -36,7 +36,17 @@ def test_tile_shapes_are_the_models_calls():
         assert size % dilation == 0 and size // dilation >= 7, name  # kernel 7 fits every dilation group
 
 
-def test_tile_sweep_calls_each_shape_with_its_own_sizes(monkeypatch, tmp_path):
+@pytest.fixture
+def no_gpu_needed(monkeypatch):
+    """What the sweeps' plumbing asks of the GPU, stubbed: CUDA reported present, ``empty_cache`` a no-op, the run's
+    meta fixed (the kernels and timers are stubbed by each test)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
+    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
+
+
+def test_tile_sweep_calls_each_shape_with_its_own_sizes(monkeypatch, tmp_path, no_gpu_needed):
     """Each shape of the sweep reaches the op with its map, heads and dilation (not the command line's), once each
     however often it is named, and every row records it; the op and the timer stubbed (no GPU here)."""
     seen = []
@@ -51,10 +61,6 @@ def test_tile_sweep_calls_each_shape_with_its_own_sizes(monkeypatch, tmp_path):
     monkeypatch.setattr(neighborhood_op, "_inputs", lambda a, grad: (
         torch.zeros(1, a.size, a.size, a.heads, 4, requires_grad=grad), *[torch.zeros(1, a.size, a.size, a.heads, 4,
         requires_grad=grad) for _ in range(2)], None))  # fmt: skip
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
-    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
     argv = ["--out", str(tmp_path), "--tile-sweep", "--tile-shapes", "dinat_t_s2_d4,nat_t_s4,dinat_t_s2_d4,"]
     assert neighborhood_op.main(argv) == 0
     assert sorted(set(seen)) == [(7, 16, 1, 7, "triton"), (28, 4, 4, 7, "triton")]
@@ -84,7 +90,7 @@ def test_short_tile_sweep(tmp_path):
     assert before == nt.TUNING
 
 
-def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
+def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path, no_gpu_needed):
     """``--bias-grad-sweep``: at each shape the reduction runs with the shipped constants first, then with each of
     :data:`BIAS_GRAD_SETTINGS` set while it runs (and its difference from the shipped table recorded), the module's
     constants restored after; the kernel (a torch sum seeing the constants) and the timer stubbed (no GPU here)."""
@@ -100,10 +106,6 @@ def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
     monkeypatch.setattr(nt, "_bias_grad", fake_bias_grad)
     monkeypatch.setattr(neighborhood_op, "DEVICE", "cpu")
     monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters: step() or 1.0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
-    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
     argv = ["--out", str(tmp_path), "--bias-grad-sweep", "--tile-shapes", "nat_t_s4,dinat_t_s3_d2", "--batch", "2"]
     assert neighborhood_op.main(argv) == 0
     assert shipped == (nt.BIAS_GRAD_ELEMENTS, nt.BIAS_GRAD_PER_SM)
@@ -119,7 +121,7 @@ def test_bias_grad_sweep_sets_and_restores_each_setting(monkeypatch, tmp_path):
     assert (tmp_path / "neighborhood_op_bias_grad.png").is_file()
 
 
-def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path):
+def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path, no_gpu_needed):
     """``--bwd-block-sweep``: at each shape the shipped backward first, then its group row's key tile from
     ``MEASURED_TILES`` (set explicitly, narrow key blocks) with each query block / warps / register cap; the backward
     alone at the shape's own sizes (the timing stubbed: no GPU here)."""
@@ -131,10 +133,6 @@ def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path):
 
     monkeypatch.setattr(neighborhood_op, "_time_setting", fake_time)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    meta = {"commit": "abc1234", "gpu": "stub", "cpu": "", "torch": torch.__version__, "triton": "-", "date": "today"}
-    monkeypatch.setattr(neighborhood_op, "gpu_meta", lambda argv, commit: meta)
     argv = ["--out", str(tmp_path), "--bwd-block-sweep", "--tile-shapes", "nat_t_s3,nat_t_s2"]
     assert neighborhood_op.main(argv) == 0
     settings, extra = neighborhood_op.BWD_BLOCK_SETTINGS, list(neighborhood_op.BWD_TILE_CONFIGS)
