@@ -358,7 +358,7 @@ def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
         tile = dict(tile_q=queries, tile_y=width, narrow_cols=True)
         configs = [{}] + [
             tile | dict(bwd_block=bb, bwd_warps=w) | ({} if cap is None else dict(bwd_maxnreg=cap))
-            for bb, w, cap in BWD_BLOCK_SETTINGS
+            for bb, w, cap in (() if args.bwd_tiles_only else BWD_BLOCK_SETTINGS)
         ]
         configs += list(BWD_TILE_CONFIGS)
         for config in configs:
@@ -535,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bwd-block-sweep", action="store_true",
         help="only time the backward's query blocks, warps and register cap at each --tile-shapes' shipped key tile",
     )  # fmt: skip
+    p.add_argument(
+        "--bwd-tiles-only", action="store_true",
+        help="with --bwd-block-sweep: only the shipped backward and BWD_TILE_CONFIGS (no query-block settings)",
+    )  # fmt: skip
     p.add_argument("--tile-shapes", default=",".join(TILE_SHAPES), help=f"subset of {', '.join(TILE_SHAPES)}")
     p.add_argument(
         "--bias-dot-ab", action="store_true",
@@ -556,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(chosen) > 1:
         names = ", ".join(f"--{key.replace('_', '-')}-sweep" for key in chosen)
         p.error(f"{names} each run alone: choose one")
+    if args.bwd_tiles_only and not args.bwd_block_sweep:
+        p.error("--bwd-tiles-only goes with --bwd-block-sweep")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,15 @@ def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path, no_gp
     doc = json.loads((tmp_path / "neighborhood_op_bwd_block.json").read_text())
     assert len(doc["rows"]) == len(seen)
     assert (tmp_path / "neighborhood_op_bwd_block.png").is_file()
+    seen.clear()  # --bwd-tiles-only: the shipped backward and the key-tile settings, no query-block settings
+    assert neighborhood_op.main([*argv, "--bwd-tiles-only"]) == 0
+    assert [s[5] for s in seen] == ([{}] + extra) * 2
+
+
+def test_bwd_tiles_only_needs_the_bwd_block_sweep(capsys):
+    with pytest.raises(SystemExit) as e:
+        neighborhood_op.main(["--out", "unused", "--tile-sweep", "--bwd-tiles-only"])
+    assert e.value.code == 2 and "--bwd-tiles-only goes with --bwd-block-sweep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -639,8 +639,9 @@ def test_gpu_na_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # drpb sums with atomics: order may differ
 
 
-# tiles of TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"] that neighborhood_op.py --tile-sweep times (the shipped
-# defaults: every other gpu test)
+# tiles of TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"] that neighborhood_op.py --tile-sweep times, and the opt-in
+# backward key tiles / direct dq store its --bwd-block-sweep times (BWD_TILE_CONFIGS; the shipped defaults: every other
+# gpu test)
 TILE_SETTINGS = {
     "shipped": {},
     "wide": dict(narrow_cols=False),
@@ -648,6 +649,9 @@ TILE_SETTINGS = {
     "q16_y2_narrow": dict(tile_q=16, tile_y=2, narrow_cols=True),
     "q32_y4_narrow": dict(tile_q=32, tile_y=4, narrow_cols=True),
     "q16_y4": dict(tile_q=16, tile_y=4, narrow_cols=False),
+    "dq_direct": dict(bwd_dq_direct=True),
+    "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
+    "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
 }
 
 
