@@ -173,14 +173,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     # the backward's own key tile (bwd_tile_q) and dq stored directly where one tile holds a whole dilation group:
     # whole maps (9 x 11 in a 16 x 16 tile; the 7 x 7 groups of the shipped 8 x 8 tiles), dilation groups of unequal
     # lengths, and a tile that does not hold the group (atomics)
-    nt.TUNING["bwd_dq_direct"] = True
+    assert nt.TUNING["bwd_dq_direct"] is True  # shipped on; the float32 atomics it replaces checked too
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    nt.TUNING["bwd_dq_direct"] = False
+    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    nt.TUNING["bwd_dq_direct"] = True
     nt.TUNING["bwd_tile_q"] = 256
     check_na((9, 11), 5, 1, torch.float16, "cpu", batch=2, heads=1)
     check_na((13, 11), 5, (2, 3), f32, "cpu", batch=1, heads=2)
     nt.TUNING["bwd_tile_q"] = 32
     check_na((9, 11), 5, 1, f32, "cpu", batch=1, heads=1)
-    nt.TUNING.update(bwd_tile_q=None, bwd_dq_direct=False)
+    nt.TUNING["bwd_tile_q"] = None
     print("interpreter ok")
     """
 )
@@ -311,8 +314,9 @@ def test_ops_launch_each_pass_with_its_own_tile_and_warps(monkeypatch):
 
 def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     """``TUNING["bwd_tile_q"]`` sets the backward's key tile alone (whole group rows where they fit, the forward's
-    tile unchanged); with ``bwd_dq_direct`` a key tile that holds its whole dilation group stores dq in the inputs'
-    dtype (``DQ_DIRECT``, no float32 buffer), and only then (the kernels stubbed: the launch arguments checked)."""
+    tile unchanged); with ``bwd_dq_direct`` (on by default) a key tile that holds its whole dilation group stores dq in
+    the inputs' dtype (``DQ_DIRECT``, no float32 buffer), and only then (the kernels stubbed: the launch arguments
+    checked)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
@@ -328,9 +332,10 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
         return (meta["TX"], meta["TY"], meta["DQ_DIRECT"]), args[7].dtype, dq.dtype
 
     assert bwd(14) == ((4, 16, False), torch.float32, torch.bfloat16)  # the shipped tile, dq by float32 atomics
-    assert bwd(7) == ((8, 8, False), torch.float32, torch.bfloat16)  # one tile holds the map, but not opted in
+    assert bwd(7) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # one tile holds the map: stored directly
+    monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", False)
+    assert bwd(7) == ((8, 8, False), torch.float32, torch.bfloat16)  # switched off: atomics
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", True)
-    assert bwd(7) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # stored directly
     assert bwd(28, dil=4) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # DiNAT's 7 x 7 groups
     assert bwd(14)[0] == (4, 16, False)  # four tiles a map: atomics still
     monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 256)
@@ -649,7 +654,7 @@ TILE_SETTINGS = {
     "q16_y2_narrow": dict(tile_q=16, tile_y=2, narrow_cols=True),
     "q32_y4_narrow": dict(tile_q=32, tile_y=4, narrow_cols=True),
     "q16_y4": dict(tile_q=16, tile_y=4, narrow_cols=False),
-    "dq_direct": dict(bwd_dq_direct=True),
+    "dq_atomic": dict(bwd_dq_direct=False),
     "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
     "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
 }

@@ -387,13 +387,15 @@ def _bias_grad_kernel(
 #: of two, the others non-negative ints, each within :data:`_BOUNDS` (``narrow_cols`` None or a bool, ``bwd_bias_dot``
 #: a bool): anything else raises ``ValueError`` naming the key and the value (:func:`_check_tuning`). ``stages`` 0
 #: means its default, as ``None`` does; ``maxnreg`` 0 no cap. ``bwd_tile_q`` (16-256, opt-in) sets the backward's key
-#: tile alone, in whole group rows where they fit (:func:`_tile_plan`). ``bwd_dq_direct`` (opt-in, not yet timed on
-#: a GPU): a key tile that holds a whole dilation group (the shipped 8 x 8 tiles at 7 x 7 groups; NAT-T's 14 x 14 maps
-#: with ``bwd_tile_q`` 256) stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast.
+#: tile alone, in whole group rows where they fit (:func:`_tile_plan`); larger than the table's it was slower at every
+#: NAT-T / DiNAT-T shape (1.4-3.9x the time, ``neighborhood_op.py --bwd-block-sweep --bwd-tiles-only``, s47).
+#: ``bwd_dq_direct`` (on): a key tile that holds a whole dilation group (the shipped 8 x 8 tiles at 7 x 7 groups)
+#: stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast (the same sweep: NAT-T's
+#: stage 4 1.09x, DiNAT-T's 14 x 14 map at dilation 2 1.17x, its 56 x 56 at dilation 8 1.13x; elsewhere no change).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": False,
+    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
