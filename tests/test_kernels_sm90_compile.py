@@ -471,6 +471,10 @@ def _neighborhood(dt, tdt):
         tx, ty, krows, kcols, fwd_warps, fwd_cap = nt._tile_plan(nx, ny, kx, k, rpb, d, False, half)
         btx, bty, _, bkcols, bwd_warps, bwd_cap = nt._tile_plan(nx, ny, kx, k, rpb, d, True, half)
         qrows, qcols = nt._bwd_block(bkcols, rpb, d)
+        # dq stored directly where one key tile holds the group (na2d_bwd: TUNING["bwd_dq_direct"], one tile a group),
+        # the delta pass fused as TUNING says: the kernel's defaults of these constexprs are not what launches pass
+        direct = bool(nt.TUNING["bwd_dq_direct"]) and btx >= nx and bty >= ny and half
+        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=bool(nt.TUNING["bwd_delta_fused"]))
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [
@@ -478,7 +482,7 @@ def _neighborhood(dt, tdt):
                                        KCOLS=kcols),
              nt.launch_meta(tx * ty, krows * kcols, d, rpb, fwd_warps, fwd_cap)),
             (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb, DS_STORE=ds_store, TX=btx,
-                                       TY=bty, BLOCK_K=btx * bty, QROWS=qrows, QCOLS=qcols),
+                                       TY=bty, BLOCK_K=btx * bty, QROWS=qrows, QCOLS=qcols, **bwd_flags),
              nt._bwd_meta(d, half, bwd_warps, bwd_cap)),
         ]  # fmt: skip
 
@@ -514,8 +518,13 @@ def _neighborhood(dt, tdt):
                 QROWS=qrows,
                 QCOLS=qcols,
                 DQ_DIRECT=True,
+                DELTA_FUSED=False,
             )
             cases.append((nt._bwd_kernel, dt, consts, nt._bwd_meta(32, True, warps or 2, 0)))  # uncapped
+        # opt-in: the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row
+        for size in (7, 14, 28, 56):
+            ((fn, dt_, consts, meta),) = kernels(size, size, 7, True, 32)[1:]
+            cases.append((fn, dt_, dict(consts, DELTA_FUSED=True), meta))
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)

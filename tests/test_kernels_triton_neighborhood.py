@@ -180,10 +180,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     nt.TUNING["bwd_dq_direct"] = True
     nt.TUNING["bwd_tile_q"] = 256
     check_na((9, 11), 5, 1, torch.float16, "cpu", batch=2, heads=1)
-    check_na((13, 11), 5, (2, 3), f32, "cpu", batch=1, heads=2)
+    check_na((13, 11), 5, (2, 3), torch.float16, "cpu", batch=1, heads=2)
+    check_na((9, 11), 5, 1, f32, "cpu", batch=1, heads=1)  # float32: atomics (direct only in half precision)
     nt.TUNING["bwd_tile_q"] = 32
     check_na((9, 11), 5, 1, f32, "cpu", batch=1, heads=1)
     nt.TUNING["bwd_tile_q"] = None
+    # rowsum(dO * O) inside the backward instead of its own pass: one tile a group (direct dq), several (atomics),
+    # dilation groups of unequal lengths
+    nt.TUNING["bwd_delta_fused"] = True
+    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)
+    nt.TUNING["bwd_delta_fused"] = False
     print("interpreter ok")
     """
 )
@@ -324,9 +331,9 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, args, meta)))
     monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
 
-    def bwd(n, dil=1):
+    def bwd(n, dil=1, dtype=torch.bfloat16):
         seen.clear()
-        q = torch.zeros(1, n, n, 2, 32, dtype=torch.bfloat16)
+        q = torch.zeros(1, n, n, 2, 32, dtype=dtype)
         dq = nt.na2d_bwd(q, q, q, torch.zeros(2, 13, 13), q, torch.zeros(1, 2, n, n), q, 7, 7, dil, dil, 0.25, False)[0]
         ((args, meta),) = [(a, m) for k, a, m in seen if k is nt._bwd_kernel]
         return (meta["TX"], meta["TY"], meta["DQ_DIRECT"]), args[7].dtype, dq.dtype
@@ -337,10 +344,23 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     assert bwd(7) == ((8, 8, False), torch.float32, torch.bfloat16)  # switched off: atomics
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", True)
     assert bwd(28, dil=4) == ((8, 8, True), torch.bfloat16, torch.bfloat16)  # DiNAT's 7 x 7 groups
+    assert bwd(7, dtype=torch.float32)[0] == (8, 8, False)  # float32 inputs: atomics (direct spilled there)
     assert bwd(14)[0] == (4, 16, False)  # four tiles a map: atomics still
     monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 256)
     assert bwd(14)[0] == (16, 16, True) and bwd(28)[0] == (8, 32, False)  # 28 x 28: four 8 x 32 tiles
     assert nt.tile_config(14, 14, 7, 7, True, 32, False, True)[:2] == (16, 2)  # the forward's tile unchanged
+    monkeypatch.setitem(nt.TUNING, "bwd_tile_q", None)
+    deltas = []
+    monkeypatch.setattr(nt, "_delta", lambda g, out: deltas.append(1) or torch.zeros(1))
+    bwd(14)
+    assert len(deltas) == 1 and not [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", True)  # rowsum(dO * O) in the backward: no pass of its own
+    bwd(14)
+    assert len(deltas) == 1 and [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", 1)
+    with pytest.raises(ValueError, match=r"TUNING\['bwd_delta_fused'\] = 1: must be True or False"):
+        bwd(7)
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", False)
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)
@@ -657,6 +677,7 @@ TILE_SETTINGS = {
     "dq_atomic": dict(bwd_dq_direct=False),
     "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
     "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
+    "delta_fused": dict(bwd_delta_fused=True),
 }
 
 

@@ -227,13 +227,14 @@ def _inverse_range(a, b, n, k):
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, RPB, G, LSE, DELTA, DQACC, DK, DVv, DSBUF,
+    Q, K, V, RPB, G, LSE, DELTA, DQACC, DK, DVv, DSBUF, Out,
     LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale, NSLICE,
     sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
-    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y,
+    sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y, so_b, so_x, so_y, so_h, so_d,
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr,
     HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr,
     QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_DIRECT: tl.constexpr = False,
+    DELTA_FUSED: tl.constexpr = False,
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
     ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
@@ -241,7 +242,9 @@ def _bwd_kernel(
     ``DQ_DIRECT``, a tile that holds its whole dilation group, stores it in the inputs' dtype instead), and,
     with ``NEED_DRPB``, writes ``dS`` per (query, window slot) into the bias-gradient buffer
     ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch element
-    (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile and one query block), atomics otherwise."""
+    (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile and one query block), atomics otherwise.
+    With ``DELTA_FUSED`` each query block's ``rowsum(dO * O)`` is computed here from ``Out`` (read once per key tile
+    whose inverse neighbourhood holds the query, about four at kernel 7) instead of read from ``DELTA``."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -268,6 +271,7 @@ def _bwd_kernel(
     tab_last = 2 * OFFX * sr_x + 2 * OFFY * sr_y
     q_base = Q + b * sq_b + h * sq_h
     g_base = G + b * sg_b + h * sg_h
+    o_base = Out + b * so_b + h * so_h
     dq_base = DQACC + b * LX * LY * H * D + h * D
     rpb_base = RPB + h * sr_h
     ds_base = DSBUF + ((b % NSLICE) * H + h) * LX * LY * (KX * KY)
@@ -295,7 +299,15 @@ def _bwd_kernel(
             )
             row = bh.to(tl.int64) * LX * LY + qx * LY + qy
             lse = tl.load(LSE + row, mask=qvalid, other=0.0)
-            delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+            if DELTA_FUSED:
+                o = tl.load(
+                    o_base + qx[:, None] * so_x + qy[:, None] * so_y + offs_e[None, :] * so_d,
+                    mask=qvalid[:, None] & (offs_e < DV)[None, :],
+                    other=0.0,
+                )
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            else:
+                delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
             bias_off = ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :]
             s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)  # [queries, keys]
             inwin = (
@@ -389,13 +401,16 @@ def _bias_grad_kernel(
 #: means its default, as ``None`` does; ``maxnreg`` 0 no cap. ``bwd_tile_q`` (16-256, opt-in) sets the backward's key
 #: tile alone, in whole group rows where they fit (:func:`_tile_plan`); larger than the table's it was slower at every
 #: NAT-T / DiNAT-T shape (1.4-3.9x the time, ``neighborhood_op.py --bwd-block-sweep --bwd-tiles-only``, s47).
-#: ``bwd_dq_direct`` (on): a key tile that holds a whole dilation group (the shipped 8 x 8 tiles at 7 x 7 groups)
-#: stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast (the same sweep: NAT-T's
-#: stage 4 1.09x, DiNAT-T's 14 x 14 map at dilation 2 1.17x, its 56 x 56 at dilation 8 1.13x; elsewhere no change).
+#: ``bwd_dq_direct`` (on): with half-precision inputs, a key tile that holds a whole dilation group (the shipped 8 x 8
+#: tiles at 7 x 7 groups) stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast
+#: (the same sweep: NAT-T's stage 4 1.09x, DiNAT-T's 14 x 14 map at dilation 2 1.17x, its 56 x 56 at dilation 8
+#: 1.13x; elsewhere no change).
+#: ``bwd_delta_fused`` (opt-in, not yet timed on a GPU): the backward computes each query block's ``rowsum(dO * O)``
+#: itself instead of a separate pass (:func:`_delta`; 0.48 ms over NAT-T's 30 calls a compiled step at s44).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True,
+    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": False,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -455,6 +470,7 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "narrow_cols", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     tuning_flag(TUNING, __name__, "bwd_dq_direct")
+    tuning_flag(TUNING, __name__, "bwd_delta_fused")
     _checked = state
 
 
@@ -684,13 +700,17 @@ def na2d_bwd(
     if q.numel() == 0 or dvd == 0:
         return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
-    delta = _delta(g, out)  # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y]
+    fused = TUNING["bwd_delta_fused"]
+    # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y] (fused: computed in the kernel instead)
+    delta = lse if fused else _delta(g, out)
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
     tx, ty, _, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
-    direct = TUNING["bwd_dq_direct"] and tbx * tby == 1  # one key tile a group: each dq whole in one program
+    # one key tile a group: each dq whole in one program (half precision, where it was measured: float32 inputs'
+    # 8 x 8 tiles spilled 56 bytes for sm_90 with it, none with the atomics)
+    direct = TUNING["bwd_dq_direct"] and tbx * tby == 1 and half
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
     qrows, qcols = _bwd_block.unchecked(kcols, has_rpb, bd)
@@ -708,10 +728,11 @@ def na2d_bwd(
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
     launch(_bwd_kernel, grid,
-        q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf,
+        q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, out,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr, *out.stride(),
         HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half, DQ_DIRECT=direct,
+        DELTA_FUSED=fused,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     dq = dqacc if direct else dqacc.to(q.dtype)
