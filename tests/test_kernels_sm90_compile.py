@@ -474,7 +474,8 @@ def _neighborhood(dt, tdt):
         # dq stored directly where one key tile holds the group (na2d_bwd: TUNING["bwd_dq_direct"], one tile a group),
         # the delta pass fused as TUNING says: the kernel's defaults of these constexprs are not what launches pass
         direct = bool(nt.TUNING["bwd_dq_direct"]) and btx >= nx and bty >= ny and half
-        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=bool(nt.TUNING["bwd_delta_fused"]))
+        fused = nt.TUNING["bwd_delta_fused"]
+        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused))
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [

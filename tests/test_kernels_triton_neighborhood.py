@@ -190,7 +190,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     nt.TUNING["bwd_delta_fused"] = True
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)
-    nt.TUNING["bwd_delta_fused"] = False
+    nt.TUNING["bwd_delta_fused"] = None
     print("interpreter ok")
     """
 )
@@ -331,10 +331,11 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, args, meta)))
     monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
 
-    def bwd(n, dil=1, dtype=torch.bfloat16):
+    def bwd(n, dil=1, dtype=torch.bfloat16, rpb=True):
         seen.clear()
         q = torch.zeros(1, n, n, 2, 32, dtype=dtype)
-        dq = nt.na2d_bwd(q, q, q, torch.zeros(2, 13, 13), q, torch.zeros(1, 2, n, n), q, 7, 7, dil, dil, 0.25, False)[0]
+        table = torch.zeros(2, 13, 13) if rpb else None
+        dq = nt.na2d_bwd(q, q, q, table, q, torch.zeros(1, 2, n, n), q, 7, 7, dil, dil, 0.25, False)[0]
         ((args, meta),) = [(a, m) for k, a, m in seen if k is nt._bwd_kernel]
         return (meta["TX"], meta["TY"], meta["DQ_DIRECT"]), args[7].dtype, dq.dtype
 
@@ -352,15 +353,26 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setitem(nt.TUNING, "bwd_tile_q", None)
     deltas = []
     monkeypatch.setattr(nt, "_delta", lambda g, out: deltas.append(1) or torch.zeros(1))
-    bwd(14)
-    assert len(deltas) == 1 and not [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
-    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", True)  # rowsum(dO * O) in the backward: no pass of its own
-    bwd(14)
-    assert len(deltas) == 1 and [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
-    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", 1)
-    with pytest.raises(ValueError, match=r"TUNING\['bwd_delta_fused'\] = 1: must be True or False"):
-        bwd(7)
+
+    def fused(*args, **kw):
+        bwd(*args, **kw)
+        return [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
+
+    # rowsum(dO * O) in the backward (no pass of its own) by default only where one tile holds the group (these calls
+    # pass a bias table: without one, the pass)
+    assert not fused(14) and len(deltas) == 1
+    assert not fused(7, rpb=False) and len(deltas) == 2
+    deltas.clear()
+    assert fused(7) and fused(28, dil=4) and not deltas
+    assert not fused(7, dtype=torch.float32) and len(deltas) == 1  # (atomics there: not direct)
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", True)  # or everywhere / nowhere on request
+    assert fused(14) and fused(7, dtype=torch.float32) and fused(7, rpb=False) and len(deltas) == 1
     monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", False)
+    assert not fused(7) and len(deltas) == 2
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", 1)
+    with pytest.raises(ValueError, match=r"TUNING\['bwd_delta_fused'\] = 1: must be None \(the default\), True"):
+        bwd(7)
+    monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", None)
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)

@@ -405,12 +405,15 @@ def _bias_grad_kernel(
 #: tiles at 7 x 7 groups) stores ``dq`` directly in the inputs' dtype: no float32 buffer, zero fill, atomics or cast
 #: (the same sweep: NAT-T's stage 4 1.09x, DiNAT-T's 14 x 14 map at dilation 2 1.17x, its 56 x 56 at dilation 8
 #: 1.13x; elsewhere no change).
-#: ``bwd_delta_fused`` (opt-in, not yet timed on a GPU): the backward computes each query block's ``rowsum(dO * O)``
-#: itself instead of a separate pass (:func:`_delta`; 0.48 ms over NAT-T's 30 calls a compiled step at s44).
+#: ``bwd_delta_fused``: the backward computes each query block's ``rowsum(dO * O)`` itself instead of a separate pass
+#: (:func:`_delta`; 0.48 ms over NAT-T's 30 calls a compiled step at s44). ``None`` (default): with a bias table where
+#: dq is stored directly (one key tile a group: each query's ``O`` read once, as the pass reads it; NAT-T's stage 4
+#: 1.08x, DiNAT-T's 14 x 14 map at dilation 2 1.07x); elsewhere each query's ``O`` is read by every key tile whose
+#: inverse neighbourhood holds it, and fusing was 1.01-1.03x slower (``s47/neighborhood_op_bwd_block_4a5fa5b.json``).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
-    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": False,
+    "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": None,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -470,7 +473,7 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "narrow_cols", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     tuning_flag(TUNING, __name__, "bwd_dq_direct")
-    tuning_flag(TUNING, __name__, "bwd_delta_fused")
+    tuning_flag(TUNING, __name__, "bwd_delta_fused", allow_none=True)
     _checked = state
 
 
@@ -700,9 +703,6 @@ def na2d_bwd(
     if q.numel() == 0 or dvd == 0:
         return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
     g = g.to(q.dtype)
-    fused = TUNING["bwd_delta_fused"]
-    # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y] (fused: computed in the kernel instead)
-    delta = lse if fused else _delta(g, out)
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -711,6 +711,10 @@ def na2d_bwd(
     # one key tile a group: each dq whole in one program (half precision, where it was measured: float32 inputs'
     # 8 x 8 tiles spilled 56 bytes for sm_90 with it, none with the atomics)
     direct = TUNING["bwd_dq_direct"] and tbx * tby == 1 and half
+    # (measured with a bias table; without one the general rule's capped 4-warp 8 x 8 tile spilled 468 bytes with it)
+    fused = direct and has_rpb if TUNING["bwd_delta_fused"] is None else TUNING["bwd_delta_fused"]
+    # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y] (fused: computed in the kernel instead)
+    delta = lse if fused else _delta(g, out)
     table, sr, offx, offy = _rpb_args(rpb, q)
     need = bool(need_drpb and has_rpb)
     qrows, qcols = _bwd_block.unchecked(kcols, has_rpb, bd)
