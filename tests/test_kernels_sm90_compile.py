@@ -475,7 +475,9 @@ def _neighborhood(dt, tdt):
         # the delta pass fused as TUNING says: the kernel's defaults of these constexprs are not what launches pass
         direct = bool(nt.TUNING["bwd_dq_direct"]) and btx >= nx and bty >= ny and half
         fused = nt.TUNING["bwd_delta_fused"]
-        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused))
+        # int64 query offsets unless TUNING["bwd_int32_offsets"] (and then past 2^31 elements: na2d_bwd's _bwd_i64)
+        i64 = not nt.TUNING["bwd_int32_offsets"]
+        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused), I64=i64)
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [
@@ -520,12 +522,15 @@ def _neighborhood(dt, tdt):
                 QCOLS=qcols,
                 DQ_DIRECT=True,
                 DELTA_FUSED=False,
+                I64=True,
             )
             cases.append((nt._bwd_kernel, dt, consts, nt._bwd_meta(32, True, warps or 2, 0)))  # uncapped
-        # opt-in: the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row
+        # the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row, and the opt-in
+        # int32 query offsets (TUNING["bwd_int32_offsets"])
         for size in (7, 14, 28, 56):
             ((fn, dt_, consts, meta),) = kernels(size, size, 7, True, 32)[1:]
             cases.append((fn, dt_, dict(consts, DELTA_FUSED=True), meta))
+            cases.append((fn, dt_, dict(consts, I64=False), meta))
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)
@@ -783,8 +788,9 @@ SPILL_ALLOWANCE = {
     # still beat every setting that spills nothing (benchmarks/neighborhood_op.py --sweep at NAT-T's stage-1 shape,
     # benchmarks/results/h200/neighborhood_op*.json): the backward at head dim 32, 0.57 against 0.75 ms with a bias
     # table and 0.48 against 0.53 without; the forward at 64 with a bias table, 0.20 against 0.29; the backward at 64
-    # uncapped (255 registers) 0.80 against 0.92-1.28 for 16-query blocks or a cap.
-    **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 32): 320 for dt in ("bf16", "fp16")},
+    # uncapped (255 registers) 0.80 against 0.92-1.28 for 16-query blocks or a cap. (At head dim 32 up to 328 bytes:
+    # a 7 x 7 map without a bias table, dq stored directly, since s47.)
+    **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 32): 336 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_fwd_kernel", dt, None, 64): 800 for dt in ("bf16", "fp16")},
     **{("visionlin.kernels.triton.neighborhood", "_bwd_kernel", dt, None, 64): 160 for dt in ("bf16", "fp16")},
     # ... and at head dim 128 with the bias table (8 warps, not measured on the GPU yet): 48-72 bytes (the backward's

@@ -191,6 +191,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)
     nt.TUNING["bwd_delta_fused"] = None
+    # the backward's int32 query offsets (opt-in; int64 for maps, strides or bias-gradient slices past 2^31 elements)
+    nt.TUNING["bwd_int32_offsets"] = True
+    check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=2, heads=2)
+    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    i64 = nt._bwd_i64
+    nt._bwd_i64 = lambda *args: True
+    check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=2)
+    nt._bwd_i64 = i64
+    nt.TUNING["bwd_int32_offsets"] = False
     print("interpreter ok")
     """
 )
@@ -373,6 +382,15 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     with pytest.raises(ValueError, match=r"TUNING\['bwd_delta_fused'\] = 1: must be None \(the default\), True"):
         bwd(7)
     monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", None)
+    bwd(14)
+    assert [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]  # int64 query offsets unless asked
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", True)
+    bwd(14)
+    assert not [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
+    monkeypatch.setattr(nt, "_bwd_i64", lambda *args: True)  # past int32: int64 still
+    bwd(14)
+    assert [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", False)
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)
@@ -380,6 +398,26 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 512)
     with pytest.raises(ValueError, match=r"TUNING\['bwd_tile_q'\] = 512: allowed 16 to 256"):
         bwd(7)
+
+
+def test_bwd_i64_only_past_int32_offsets():
+    """The backward's query-side offsets within one (batch, head) stay int32 unless a stride, a ``dq`` row offset or
+    a bias-gradient slot offset reaches 2^31 (meta tensors: no memory)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    def t(shape, stride=None):
+        return torch.empty_strided(shape, stride or torch.empty(shape, device="meta").stride(), device="meta")
+
+    q = t((128, 56, 56, 2, 32))
+    assert not nt._bwd_i64(q, q, q, 49)
+    big = t((1, 2048, 2048, 16, 32))  # 2^31 elements a sample: dq rows past int32
+    assert nt._bwd_i64(big, big, big, 49)
+    wide = t((1, 8192, 8192, 1, 8))  # 2^29 elements, but 49 bias-gradient slots a query past int32
+    assert nt._bwd_i64(wide, wide, wide, 49) and not nt._bwd_i64(wide, wide, wide, 1)
+    strided = t((2, 4, 4, 1, 32), (2**33, 2**30, 2**20, 32, 1))  # a view whose rows lie 2^30 elements apart
+    assert nt._bwd_i64(q[:2, :4, :4, :1], strided, q[:2, :4, :4, :1], 49)
+    assert not nt._bwd_i64(q[:2, :4, :4, :1], q[:2, :4, :4, :1], q[:2, :4, :4, :1], 49)
 
 
 @pytest.mark.parametrize(
@@ -690,6 +728,7 @@ TILE_SETTINGS = {
     "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
     "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
     "delta_fused": dict(bwd_delta_fused=True),
+    "int32_offsets": dict(bwd_int32_offsets=True),
 }
 
 

@@ -234,7 +234,7 @@ def _bwd_kernel(
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr,
     HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr,
     QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_DIRECT: tl.constexpr = False,
-    DELTA_FUSED: tl.constexpr = False,
+    DELTA_FUSED: tl.constexpr = False, I64: tl.constexpr = True,
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
     ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
@@ -272,6 +272,8 @@ def _bwd_kernel(
     q_base = Q + b * sq_b + h * sq_h
     g_base = G + b * sg_b + h * sg_h
     o_base = Out + b * so_b + h * so_h
+    lse_base = LSE + bh.to(tl.int64) * LX * LY
+    delta_base = DELTA + bh.to(tl.int64) * LX * LY
     dq_base = DQACC + b * LX * LY * H * D + h * D
     rpb_base = RPB + h * sr_h
     ds_base = DSBUF + ((b % NSLICE) * H + h) * LX * LY * (KX * KY)
@@ -283,8 +285,10 @@ def _bwd_kernel(
             px = r0 + i // QCOLS
             py = c0 + i % QCOLS
             qvalid = (px <= x_hi) & (py <= y_hi)
-            qx = (px * DIL_X + gx).to(tl.int64)
-            qy = (py * DIL_Y + gy).to(tl.int64)
+            qx = px * DIL_X + gx
+            qy = py * DIL_Y + gy
+            if I64:
+                qx, qy = qx.to(tl.int64), qy.to(tl.int64)
             sx = _start(px, nx, KX)
             sy = _start(py, ny, KY)
             q = tl.load(
@@ -297,8 +301,8 @@ def _bwd_kernel(
                 mask=qvalid[:, None] & (offs_e < DV)[None, :],
                 other=0.0,
             )
-            row = bh.to(tl.int64) * LX * LY + qx * LY + qy
-            lse = tl.load(LSE + row, mask=qvalid, other=0.0)
+            row = qx * LY + qy
+            lse = tl.load(lse_base + row, mask=qvalid, other=0.0)
             if DELTA_FUSED:
                 o = tl.load(
                     o_base + qx[:, None] * so_x + qy[:, None] * so_y + offs_e[None, :] * so_d,
@@ -307,7 +311,7 @@ def _bwd_kernel(
                 )
                 delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             else:
-                delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
+                delta = tl.load(delta_base + row, mask=qvalid, other=0.0)
             bias_off = ((OFFX - px) * sr_x + (OFFY - py) * sr_y)[:, None] + k_bias[None, :]
             s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)  # [queries, keys]
             inwin = (
@@ -324,14 +328,14 @@ def _bwd_kernel(
             dsh = ds.to(q.dtype)
             dk += _dot(tl.trans(dsh), q, HALF)
             dq = _dot(dsh, k, HALF) * scale
-            dq_ptr = dq_base + (qx * LY + qy)[:, None] * H * D + offs_d[None, :]
+            dq_ptr = dq_base + row[:, None] * (H * D) + offs_d[None, :]
             if DQ_DIRECT:  # the tile holds the query's whole group: its dq is complete here
                 tl.store(dq_ptr, dq.to(DQACC.dtype.element_ty), mask=qvalid[:, None] & (offs_d < D)[None, :])
             else:
                 tl.atomic_add(dq_ptr, dq, mask=qvalid[:, None] & (offs_d < D)[None, :], sem="relaxed")
             if NEED_DRPB:
                 slot = (kpx[None, :] - sx[:, None]) * KY + (kpy[None, :] - sy[:, None])
-                ds_ptr = ds_base + (qx * LY + qy)[:, None] * (KX * KY) + slot
+                ds_ptr = ds_base + row[:, None] * (KX * KY) + slot
                 if DS_STORE:
                     tl.store(ds_ptr, ds, mask=inwin)
                 else:
@@ -410,10 +414,14 @@ def _bias_grad_kernel(
 #: dq is stored directly (one key tile a group: each query's ``O`` read once, as the pass reads it; NAT-T's stage 4
 #: 1.08x, DiNAT-T's 14 x 14 map at dilation 2 1.07x); elsewhere each query's ``O`` is read by every key tile whose
 #: inverse neighbourhood holds it, and fusing was 1.01-1.03x slower (``s47/neighborhood_op_bwd_block_4a5fa5b.json``).
+#: ``bwd_int32_offsets`` (opt-in, not yet timed on a GPU): the backward's loop addresses its queries with int32
+#: offsets where they fit (:func:`_bwd_i64`): 8-21% fewer sm_90 instructions a query block at NAT-T's four shapes,
+#: but more registers (228 against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
     "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": None,
+    "bwd_int32_offsets": False,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -474,6 +482,7 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     tuning_flag(TUNING, __name__, "bwd_dq_direct")
     tuning_flag(TUNING, __name__, "bwd_delta_fused", allow_none=True)
+    tuning_flag(TUNING, __name__, "bwd_int32_offsets")
     _checked = state
 
 
@@ -731,18 +740,30 @@ def na2d_bwd(
     )
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
+    i64 = not TUNING["bwd_int32_offsets"] or _bwd_i64(q, g, out, kx * ky)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, out,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr, *out.stride(),
         HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half, DQ_DIRECT=direct,
-        DELTA_FUSED=fused,
+        DELTA_FUSED=fused, I64=i64,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
     dq = dqacc if direct else dqacc.to(q.dtype)
     if need:
         _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
     return dq, dk, dv, drpb
+
+
+def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int) -> bool:
+    """Whether the backward's query-side offsets within one (batch, head) need int64: an element offset of ``q``,
+    ``dO`` or ``O`` (their strides), of a query's ``dq`` row or of its bias-gradient slots at or beyond 2^31. Below,
+    the loop's addresses may take int32 offsets (``TUNING["bwd_int32_offsets"]``; ``I64`` off: 633 instead of 706
+    sm_90 instructions a query block at NAT-T's 14 x 14 shape, the 64-bit adds gone)."""
+    b, x, y, h, d = q.shape
+    axes = (1, 2, 4)  # rows, columns, channels: a (batch, head) base is int64 in the kernel
+    reach = max(sum((t.shape[a] - 1) * t.stride(a) for a in axes) for t in (q, g, out))
+    return max(reach, x * y * h * max(d, out.shape[-1]), x * y * window) >= 2**31
 
 
 #: (query, slot) sums per program of the bias gradient's reduction (:func:`_bias_grad_kernel`: 64 queries of a 7 x 7
