@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import types
 import warnings
 
 import pytest
 import torch
 
-from visionlin.kernels import get_op, neighborhood_attention, neighborhood_attention_reference, neighborhood_indices
+from visionlin.kernels import (
+    get_op,
+    neighborhood_attention,
+    neighborhood_attention_qkv,
+    neighborhood_attention_reference,
+    neighborhood_indices,
+)
 from visionlin.kernels import neighborhood as na
 from visionlin.layers import NeighborhoodAttention
 
@@ -336,6 +343,63 @@ def test_bad_tensors():
         neighborhood_attention(q.long(), k, v, 3)
     with pytest.raises(ValueError, match=r"every spatial size must be >= 1"):
         neighborhood_attention(q[:, :0], k[:, :0], v[:, :0], 3)
+
+
+# Packed q, k, v -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "dilation"), [((11,), 5, 2), ((6, 7), 3, (1, 2)), ((4, 5, 3), (3, 3, 1), 1)], ids=str
+)
+def test_qkv_packed_matches_the_split_call(spatial, kernel, dilation):
+    """``neighborhood_attention_qkv(qkv)`` is ``neighborhood_attention(*qkv.unbind(-3))``: output and every gradient
+    (the packed one against the split call's three), 1-D / 2-D / 3-D, with the bias table."""
+    torch.manual_seed(0)
+    nd, heads = len(spatial), 2
+    qkv = torch.randn(2, *spatial, 3, heads, 8, dtype=torch.float64, requires_grad=True)
+    ks = (kernel,) * nd if isinstance(kernel, int) else kernel
+    rpb = torch.randn(heads, *(2 * k - 1 for k in ks), dtype=torch.float64, requires_grad=True)
+    out = neighborhood_attention_qkv(qkv, kernel, dilation, rpb=rpb, scale=0.3)
+    grad = torch.randn_like(out)
+    dqkv, drpb = torch.autograd.grad(out, (qkv, rpb), grad)
+    split = qkv.detach().clone().requires_grad_()
+    ref = neighborhood_attention(*split.unbind(-3), kernel, dilation, rpb=rpb, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close((dqkv, drpb), torch.autograd.grad(ref, (split, rpb), grad))
+
+
+def test_qkv_packed_bad_input():
+    qkv = torch.randn(1, 4, 4, 3, 2, 8)
+    with pytest.raises(ValueError, match="qkv must be a torch.Tensor, got list"):
+        neighborhood_attention_qkv([qkv], 3)
+    for bad in (qkv[..., :2, :, :], qkv[0, 0], torch.randn(1, 4, 4, 4, 4, 3, 2, 8)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=r"qkv must be \[B, \*spatial, 3, H, D\].*" + shape):
+            neighborhood_attention_qkv(bad, 3)
+    with pytest.raises(ValueError, match="kernel"):
+        neighborhood_attention_qkv(qkv, 2)  # the split call's checks too (even kernel)
+    with pytest.raises(NotImplementedError, match="neighborhood_attention_qkv .*triton"):
+        neighborhood_attention_qkv(qkv, 3, backend="triton")  # (no CUDA here: named reasons)
+
+
+def test_layer_takes_the_packed_call_without_prefix_or_qk_norm(monkeypatch):
+    """Without prefix tokens or q / k norms the layer hands its projection's output to ``neighborhood_attention_qkv``
+    packed (one gradient in the Triton backward); the result is the split call's."""
+    import visionlin.layers.neighborhood as layer_mod
+
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention(16, num_heads=2, kernel_size=3, dilation=(1, 2)).eval()
+    x = torch.randn(2, 5 * 6, 16)
+    calls = []
+    packed = layer_mod.neighborhood_attention_qkv
+    monkeypatch.setattr(layer_mod, "neighborhood_attention_qkv", lambda *a, **kw: calls.append(a) or packed(*a, **kw))
+    out = layer(x, (5, 6))
+    assert len(calls) == 1 and calls[0][0].shape == (2, 5, 6, 3, 2, 8)
+    q, k, v = layer.qkv(x).unflatten(-1, (3, 2, 8)).unbind(2)
+    grid = neighborhood_attention_reference(*(t.unflatten(1, (5, 6)) for t in (q, k, v)), (3, 3), (1, 2), rpb=layer.rpb)
+    torch.testing.assert_close(out, layer.proj(grid.flatten(1, 2).flatten(2)), rtol=1e-5, atol=1e-6)
+    normed = NeighborhoodAttention(16, num_heads=2, kernel_size=3, qk_norm=True).eval()
+    normed(x, (5, 6))
+    layer(torch.randn(2, 1 + 5 * 6, 16), (5, 6), num_prefix_tokens=1)
+    assert len(calls) == 1  # q / k norms or prefix tokens: the split call
 
 
 # Layer ----------------------------------------------------------------------------------------------------------------

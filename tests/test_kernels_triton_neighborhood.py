@@ -21,7 +21,12 @@ import pytest
 import torch
 from interpreter_utils import run_in_interpreter
 
-from visionlin.kernels import get_op, neighborhood_attention, neighborhood_attention_reference
+from visionlin.kernels import (
+    get_op,
+    neighborhood_attention,
+    neighborhood_attention_qkv,
+    neighborhood_attention_reference,
+)
 from visionlin.kernels import neighborhood as na
 
 
@@ -60,10 +65,14 @@ def check_na(
     dv=None,
     std=1.0,
     non_contiguous=False,
+    packed=False,
     seed=0,
     scale=None,
 ):
-    """Run the Triton backend on ``device`` and compare forward and gradients with the float64 reference."""
+    """Run the Triton backend on ``device`` and compare forward and gradients with the float64 reference; with
+    ``packed`` through one ``[B, *spatial, 3, H, D]`` tensor and its packed backward (``neighborhood_attention_qkv``'s
+    Triton path)."""
+    non_contiguous = non_contiguous or packed
     nd = len(spatial)
     kernel = (kernel,) * nd if isinstance(kernel, int) else tuple(kernel)
     dilation = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
@@ -95,7 +104,10 @@ def check_na(
     else:
         ours_in = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     ours_rpb = None if table is None else table.to(device, torch.float32).requires_grad_(rpb_grad)
-    out = na._triton(*ours_in, kernel, dilation, rpb=ours_rpb, scale=given)
+    if packed:
+        out = na._triton_qkv(fused, kernel, dilation, rpb=ours_rpb, scale=given)
+    else:
+        out = na._triton(*ours_in, kernel, dilation, rpb=ours_rpb, scale=given)
     assert out.dtype == dtype and out.shape == ref.shape
     out.backward(grad.to(device, dtype))
     grads = list(fused.grad.unbind(-3)) if non_contiguous else [t.grad for t in ours_in]
@@ -200,6 +212,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=2)
     nt._bwd_i64 = i64
     nt.TUNING["bwd_int32_offsets"] = False
+    # q, k, v packed in one tensor with one packed gradient: 2-D (dq by atomics and stored directly), dilation
+    # groups, 1-D, without a bias table
+    check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2, packed=True)
+    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=2, dim=32, packed=True)
+    check_na((13,), 5, 2, torch.float16, "cpu", batch=2, heads=1, packed=True)
+    check_na((6, 9), 3, 1, f32, "cpu", rpb=False, batch=1, heads=1, packed=True)
     print("interpreter ok")
     """
 )
@@ -712,6 +730,31 @@ def test_gpu_na_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, b in zip((q.grad, k.grad, v.grad, rpb.grad), grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # drpb sums with atomics: order may differ
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_na_qkv_packed(dtype):
+    """One packed ``qkv`` and its packed gradient (``neighborhood_attention_qkv``'s Triton path) against the float64
+    reference at NAT-T's maps (dq by atomics and stored directly), a dilation group and 1-D; then the public function
+    compiled with ``fullgraph=True`` against eager."""
+    _cuda_or_skip()
+    for spatial, kernel, dilation, batch in TILE_CASES[:6] + [((40,), 7, 2, 2)]:
+        check_na(spatial, kernel, dilation, dtype, "cuda", batch=batch, heads=3, dim=32, packed=True)
+    qkv = torch.randn(2, 14, 15, 3, 2, 32, device="cuda", dtype=dtype, requires_grad=True)
+    rpb = torch.randn(2, 13, 13, device="cuda", requires_grad=True)
+
+    def f(qkv, rpb):
+        return neighborhood_attention_qkv(qkv, 7, 2, rpb=rpb, backend="triton")
+
+    eager = f(qkv, rpb)
+    eager.float().square().sum().backward()
+    grads = [qkv.grad.clone(), rpb.grad.clone()]
+    qkv.grad = rpb.grad = None
+    compiled = torch.compile(f, fullgraph=True)(qkv, rpb)
+    compiled.float().square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close([qkv.grad, rpb.grad], grads, rtol=1e-5, atol=1e-5)  # atomics: order may differ
 
 
 # tiles of TUNING["tile_q"] / ["tile_y"] / ["narrow_cols"] that neighborhood_op.py --tile-sweep times, and the opt-in

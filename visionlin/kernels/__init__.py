@@ -27,6 +27,7 @@ from .magnitude import magnitude_aware_linear_attention, magnitude_aware_linear_
 from .neighborhood import (
     effective_window,
     neighborhood_attention,
+    neighborhood_attention_qkv,
     neighborhood_attention_reference,
     neighborhood_indices,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "magnitude_aware_linear_attention",
     "magnitude_aware_linear_attention_reference",
     "neighborhood_attention",
+    "neighborhood_attention_qkv",
     "neighborhood_attention_reference",
     "neighborhood_indices",
     "norm_aware_linear_attention",

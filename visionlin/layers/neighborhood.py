@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from ..kernels.neighborhood import neighborhood_attention
+from ..kernels.neighborhood import neighborhood_attention, neighborhood_attention_qkv
 from ..kernels.softmax import softmax_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
@@ -75,6 +75,7 @@ class NeighborhoodAttention(TokenMixer):
         self.dilation = _pair("dilation", dilation, odd=False)
         norm_layer = norm_layer or nn.LayerNorm
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.qk_norm = bool(qk_norm)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         if rel_pos_bias:
@@ -93,10 +94,16 @@ class NeighborhoodAttention(TokenMixer):
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         """Tokens ``[B, num_prefix_tokens + H*W, C]`` (grid row-major) in and out."""
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
-        q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)  # [B, N, H, D] each
-        q, k = self.q_norm(q), self.k_norm(k)
         drop = self.attn_drop if self.training else 0.0
         p = num_prefix_tokens
+        if not p and not self.qk_norm:  # q, k, v packed as the projection made them: one gradient in the backward
+            qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unflatten(1, tuple(feat_size))
+            out = neighborhood_attention_qkv(
+                qkv, self.kernel_size, self.dilation, rpb=self.rpb, dropout_p=drop, backend=self.backend
+            )  # [B, X, Y, H, D]
+            return self.proj_drop(self.proj(merge_heads(out.flatten(1, 2))))
+        q, k, v = split_heads(self.qkv(x), 3 * self.num_heads).chunk(3, dim=2)  # [B, N, H, D] each
+        q, k = self.q_norm(q), self.k_norm(k)
         grid = [t[:, p:].unflatten(1, tuple(feat_size)) for t in (q, k, v)]  # [B, X, Y, H, D]
         out = neighborhood_attention(
             *grid,

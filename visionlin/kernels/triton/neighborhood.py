@@ -231,13 +231,15 @@ def _bwd_kernel(
     LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale, NSLICE,
     sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
     sg_b, sg_x, sg_y, sg_h, sg_d, sr_h, sr_x, sr_y, so_b, so_x, so_y, so_h, so_d,
+    sdq_b, sdq_x, sdq_y, sdq_h, sdk_b, sdk_x, sdk_y, sdk_h, sdv_b, sdv_x, sdv_y, sdv_h,
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr,
     HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr,
     QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_DIRECT: tl.constexpr = False,
     DELTA_FUSED: tl.constexpr = False, I64: tl.constexpr = True,
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
-    ``dv`` in registers, adds each query block's ``dS K`` to the float32 ``dq`` buffer ``[B, X, Y, H, D]`` with
+    ``dv`` in registers (stored through their own strides, the last one 1: slices of one packed gradient too), adds
+    each query block's ``dS K`` to the float32 ``dq`` buffer (``sdq_*``) with
     atomics (a query's window spans a few key tiles, four at kernel 7, up to eight from 11: little contention; with
     ``DQ_DIRECT``, a tile that holds its whole dilation group, stores it in the inputs' dtype instead), and,
     with ``NEED_DRPB``, writes ``dS`` per (query, window slot) into the bias-gradient buffer
@@ -274,7 +276,7 @@ def _bwd_kernel(
     o_base = Out + b * so_b + h * so_h
     lse_base = LSE + bh.to(tl.int64) * LX * LY
     delta_base = DELTA + bh.to(tl.int64) * LX * LY
-    dq_base = DQACC + b * LX * LY * H * D + h * D
+    dq_base = DQACC + b * sdq_b + h * sdq_h
     rpb_base = RPB + h * sr_h
     ds_base = DSBUF + ((b % NSLICE) * H + h) * LX * LY * (KX * KY)
     k_bias = kpx * sr_x + kpy * sr_y
@@ -328,7 +330,7 @@ def _bwd_kernel(
             dsh = ds.to(q.dtype)
             dk += _dot(tl.trans(dsh), q, HALF)
             dq = _dot(dsh, k, HALF) * scale
-            dq_ptr = dq_base + row[:, None] * (H * D) + offs_d[None, :]
+            dq_ptr = dq_base + (qx * sdq_x + qy * sdq_y)[:, None] + offs_d[None, :]
             if DQ_DIRECT:  # the tile holds the query's whole group: its dq is complete here
                 tl.store(dq_ptr, dq.to(DQACC.dtype.element_ty), mask=qvalid[:, None] & (offs_d < D)[None, :])
             else:
@@ -340,9 +342,9 @@ def _bwd_kernel(
                     tl.store(ds_ptr, ds, mask=inwin)
                 else:
                     tl.atomic_add(ds_ptr, ds, mask=inwin, sem="relaxed")
-    dk_ptr = DK + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * D + h * D + offs_d[None, :]
+    dk_ptr = DK + b * sdk_b + h * sdk_h + kx[:, None] * sdk_x + ky[:, None] * sdk_y + offs_d[None, :]
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kvalid[:, None] & (offs_d < D)[None, :])
-    dv_ptr = DVv + ((b * LX + kx[:, None]) * LY + ky[:, None]) * H * DV + h * DV + offs_e[None, :]
+    dv_ptr = DVv + b * sdv_b + h * sdv_h + kx[:, None] * sdv_x + ky[:, None] * sdv_y + offs_e[None, :]
     tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=kvalid[:, None] & (offs_e < DV)[None, :])
 
 
@@ -658,6 +660,20 @@ def na2d_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, X, Y, H, Dv], lse [B, H, X, Y] float32, base 2)`` for effective windows ``(kx, dx), (ky, dy)``."""
     _check_tuning()
+    return _fwd(q, k, v, rpb, kx, ky, dx, dy, scale)
+
+
+@torch.library.custom_op("visionlin::na2d_fwd_qkv", mutates_args=())
+def na2d_fwd_qkv(
+    qkv: torch.Tensor, rpb: torch.Tensor | None, kx: int, ky: int, dx: int, dy: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`na2d_fwd` of ``q, k, v = qkv.unbind(3)`` for ``qkv`` ``[B, X, Y, 3, H, D]`` (a packed projection's
+    output); its backward (:func:`na2d_bwd_qkv`) writes one packed gradient."""
+    _check_tuning()
+    return _fwd(*qkv.unbind(3), rpb, kx, ky, dx, dy, scale)
+
+
+def _fwd(q, k, v, rpb, kx, ky, dx, dy, scale) -> tuple[torch.Tensor, torch.Tensor]:
     b, x, y, h, d = q.shape
     dv = v.shape[-1]
     out = torch.empty(b, x, y, h, dv, device=q.device, dtype=q.dtype)
@@ -686,6 +702,12 @@ def _(q, k, v, rpb, kx, ky, dx, dy, scale):
     return q.new_empty(b, x, y, h, v.shape[-1]), q.new_empty(b, h, x, y, dtype=torch.float32)
 
 
+@na2d_fwd_qkv.register_fake
+def _(qkv, rpb, kx, ky, dx, dy, scale):
+    b, x, y, _, h, d = qkv.shape
+    return qkv.new_empty(b, x, y, h, d), qkv.new_empty(b, h, x, y, dtype=torch.float32)
+
+
 @torch.library.custom_op("visionlin::na2d_bwd", mutates_args=())
 def na2d_bwd(
     q: torch.Tensor,
@@ -705,12 +727,46 @@ def na2d_bwd(
     """``(dq, dk, dv, drpb)``; ``drpb`` (float32, the table's shape) is zeros unless ``need_drpb``."""
     _check_tuning()  # before any work
     b, x, y, h, d = q.shape
-    dvd = v.shape[-1]
+    dq = torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, x, y, h, d, device=q.device, dtype=k.dtype)
-    dv = torch.empty(b, x, y, h, dvd, device=q.device, dtype=v.dtype)
+    dv = torch.empty(b, x, y, h, v.shape[-1], device=q.device, dtype=v.dtype)
+    drpb = _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, dk, dv)
+    return dq, dk, dv, drpb
+
+
+@torch.library.custom_op("visionlin::na2d_bwd_qkv", mutates_args=())
+def na2d_bwd_qkv(
+    qkv: torch.Tensor,
+    rpb: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    kx: int,
+    ky: int,
+    dx: int,
+    dy: int,
+    scale: float,
+    need_drpb: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dqkv, drpb)`` of :func:`na2d_fwd_qkv`: the three gradients written into one ``[B, X, Y, 3, H, D]`` tensor
+    (what the packed projection's backward reads: no concatenation)."""
+    _check_tuning()
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = qkv.unbind(3)
+    dq, dk, dv = dqkv.unbind(3)
+    return dqkv, _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, dk, dv)
+
+
+def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, dk, dv) -> torch.Tensor:
+    """The backward's kernels, writing ``dq``, ``dk``, ``dv`` (views with unit last strides, in the inputs' dtypes);
+    returns ``drpb`` (float32, the table's shape; zeros unless ``need_drpb``)."""
+    b, x, y, h, d = q.shape
+    dvd = v.shape[-1]
     drpb = torch.zeros(rpb.shape if rpb is not None else (0,), device=q.device, dtype=torch.float32)
     if q.numel() == 0 or dvd == 0:
-        return torch.zeros(b, x, y, h, d, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_(), drpb
+        for t in (dq, dk, dv):
+            t.zero_()
+        return drpb
     g = g.to(q.dtype)
     bd, bdv = _blocks(d), _blocks(dvd)
     nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
@@ -733,36 +789,34 @@ def na2d_bwd(
     dsbuf = (torch.empty if store else torch.zeros)(
         (slices, h, x, y, kx * ky) if need else (1,), device=q.device, dtype=torch.float32
     )
-    dqacc = (
-        torch.empty(b, x, y, h, d, device=q.device, dtype=q.dtype)
-        if direct
-        else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
-    )
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
-    i64 = not TUNING["bwd_int32_offsets"] or _bwd_i64(q, g, out, kx * ky)
+    dqacc = dq if direct else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    i64 = not TUNING["bwd_int32_offsets"] or _bwd_i64(q, g, out, kx * ky, dqacc)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, out,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr, *out.stride(),
+        *dqacc.stride()[:4], *dk.stride()[:4], *dv.stride()[:4],
         HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half, DQ_DIRECT=direct,
         DELTA_FUSED=fused, I64=i64,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
-    dq = dqacc if direct else dqacc.to(q.dtype)
+    if not direct:
+        dq.copy_(dqacc)
     if need:
         _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
-    return dq, dk, dv, drpb
+    return drpb
 
 
-def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int) -> bool:
+def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int, dq: torch.Tensor | None = None) -> bool:
     """Whether the backward's query-side offsets within one (batch, head) need int64: an element offset of ``q``,
-    ``dO`` or ``O`` (their strides), of a query's ``dq`` row or of its bias-gradient slots at or beyond 2^31. Below,
-    the loop's addresses may take int32 offsets (``TUNING["bwd_int32_offsets"]``; ``I64`` off: 633 instead of 706
+    ``dO``, ``O`` or ``dq`` (their strides), of a query's ``dq`` row or of its bias-gradient slots at or beyond 2^31.
+    Below, the loop's addresses may take int32 offsets (``TUNING["bwd_int32_offsets"]``; ``I64`` off: 633 instead of 706
     sm_90 instructions a query block at NAT-T's 14 x 14 shape, the 64-bit adds gone)."""
     b, x, y, h, d = q.shape
     axes = (1, 2, 4)  # rows, columns, channels: a (batch, head) base is int64 in the kernel
-    reach = max(sum((t.shape[a] - 1) * t.stride(a) for a in axes) for t in (q, g, out))
+    reach = max(sum((t.shape[a] - 1) * t.stride(a) for a in axes) for t in (q, g, out, dq) if t is not None)
     return max(reach, x * y * h * max(d, out.shape[-1]), x * y * window) >= 2**31
 
 
@@ -812,6 +866,12 @@ def _(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
     )
 
 
+@na2d_bwd_qkv.register_fake
+def _(qkv, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb):
+    drpb = qkv.new_empty(rpb.shape if rpb is not None else (0,), dtype=torch.float32)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), drpb
+
+
 def _setup(ctx, inputs, output):
     q, k, v, rpb, kx, ky, dx, dy, scale = inputs
     out, lse = output
@@ -833,6 +893,27 @@ _na2d_bwd_call = eager_call(na2d_bwd)
 _na2d_fwd_call = eager_op(na2d_fwd, _setup, _backward)
 
 
+def _setup_qkv(ctx, inputs, output):
+    qkv, rpb, kx, ky, dx, dy, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, rpb, out, lse)
+    ctx.window = (kx, ky, dx, dy, scale)
+    ctx.need_drpb = rpb is not None and ctx.needs_input_grad[1]
+
+
+def _backward_qkv(ctx, g, _g_lse=None):
+    qkv, rpb, out, lse = ctx.saved_tensors
+    dqkv, drpb = _na2d_bwd_qkv_call(qkv, rpb, out, lse, g, *ctx.window, ctx.need_drpb)
+    drpb = drpb.to(rpb.dtype) if ctx.need_drpb else None
+    return dqkv, drpb, None, None, None, None, None
+
+
+na2d_fwd_qkv.register_autograd(_backward_qkv, setup_context=_setup_qkv)
+_na2d_bwd_qkv_call = eager_call(na2d_bwd_qkv)
+_na2d_fwd_qkv_call = eager_op(na2d_fwd_qkv, _setup_qkv, _backward_qkv)
+
+
 def na2d_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -851,3 +932,17 @@ def na2d_triton(
     (kx, dx), (ky, dy) = window
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _na2d_fwd_call(q, k, v, rpb, kx, ky, dx, dy, s)[0]
+
+
+def na2d_triton_qkv(
+    qkv: torch.Tensor,
+    window: tuple[tuple[int, int], tuple[int, int]],
+    *,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`na2d_triton` of ``qkv.unbind(3)`` for ``qkv`` ``[B, X, Y, 3, H, D]``: the backward writes one packed
+    gradient (no concatenation of three for the projection that made ``qkv``)."""
+    (kx, dx), (ky, dy) = window
+    s = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _na2d_fwd_qkv_call(qkv, rpb, kx, ky, dx, dy, s)[0]
