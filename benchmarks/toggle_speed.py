@@ -33,8 +33,11 @@ Switches (each a process-wide setting read at every forward):
   (:data:`NA_TILES_S45`: the backward's register cap of 128 at rows of 8 and longer, 4 warps at rows of 8;
   :data:`NA_BIAS_GRAD_PER_SM_S45`: 2 programs per SM at every map), to compare with ``default``: the A/B of s46's
   settings;
-* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43`` and ``na_s45`` excepted: none is a fast
-  path of its own).
+* ``na_split_qkv``: the shipped settings with the neighborhood layers' q, k, v split before the op (three gradients
+  that autograd concatenates) instead of packed (:data:`visionlin.layers.neighborhood.FAST_PATHS`), to compare with
+  ``default``: the A/B of s47's packed call;
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45`` and ``na_split_qkv``
+  excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -79,10 +82,11 @@ CONFIGS = (
     "strip_s42",
     "na_tiles_s43",
     "na_s45",
+    "na_split_qkv",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
-SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45")
+SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split_qkv")
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
@@ -131,6 +135,7 @@ def switches(config: str) -> Iterator[None]:
     restored afterwards."""
     from visionlin.kernels.triton import conv, focus
     from visionlin.kernels.triton import neighborhood as na
+    from visionlin.layers import neighborhood as na_layer
     from visionlin.layers import norm
 
     def on(switch: str) -> bool:
@@ -157,6 +162,8 @@ def switches(config: str) -> Iterator[None]:
         if config == "na_s45":
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S45))
             stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
+        if config == "na_split_qkv":
+            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=False))
         if config == "na_tiles_s43":
             stack.enter_context(tuned(na.TUNING, narrow_cols=False))
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))

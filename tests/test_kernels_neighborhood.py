@@ -400,6 +400,9 @@ def test_layer_takes_the_packed_call_without_prefix_or_qk_norm(monkeypatch):
     normed(x, (5, 6))
     layer(torch.randn(2, 1 + 5 * 6, 16), (5, 6), num_prefix_tokens=1)
     assert len(calls) == 1  # q / k norms or prefix tokens: the split call
+    monkeypatch.setitem(layer_mod.FAST_PATHS, "qkv_packed", False)  # switched off: the split call, the same result
+    torch.testing.assert_close(layer(x, (5, 6)), out, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 1
 
 
 # Layer ----------------------------------------------------------------------------------------------------------------

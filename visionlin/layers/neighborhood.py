@@ -14,6 +14,11 @@ from ..kernels.softmax import softmax_attention
 from ._base import TokenMixer, check_tokens, merge_heads, split_heads
 from ._registry import register_attn
 
+#: Process-wide switches: ``qkv_packed`` hands the projection's output to :func:`neighborhood_attention_qkv` packed
+#: (one gradient in the Triton backward instead of three concatenated) where the layer has no prefix tokens or q / k
+#: norms; off, the split call (``benchmarks/toggle_speed.py``'s config ``na_split_qkv`` times the difference).
+FAST_PATHS: dict[str, bool] = {"qkv_packed": True}
+
 __all__ = ["NeighborhoodAttention"]
 
 
@@ -96,7 +101,7 @@ class NeighborhoodAttention(TokenMixer):
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         drop = self.attn_drop if self.training else 0.0
         p = num_prefix_tokens
-        if not p and not self.qk_norm:  # q, k, v packed as the projection made them: one gradient in the backward
+        if not p and not self.qk_norm and FAST_PATHS["qkv_packed"]:  # q, k, v as the projection made them
             qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unflatten(1, tuple(feat_size))
             out = neighborhood_attention_qkv(
                 qkv, self.kernel_size, self.dilation, rpb=self.rpb, dropout_p=drop, backend=self.backend
