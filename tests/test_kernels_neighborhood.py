@@ -374,8 +374,10 @@ def test_qkv_packed_bad_input():
         shape = re.escape(str(tuple(bad.shape)))
         with pytest.raises(ValueError, match=r"qkv must be \[B, \*spatial, 3, H, D\].*" + shape):
             neighborhood_attention_qkv(bad, 3)
-    with pytest.raises(ValueError, match="kernel"):
-        neighborhood_attention_qkv(qkv, 2)  # the split call's checks too (even kernel)
+    with pytest.raises(ValueError, match=r"neighborhood_attention_qkv \(q, k, v = qkv.unbind\(-3\)\): kernel_size=2 "):
+        neighborhood_attention_qkv(qkv, 2)  # the split call's checks too (even kernel), named as this call
+    with pytest.raises(ValueError, match=r"neighborhood_attention_qkv .*: q, k and v must be floating point"):
+        neighborhood_attention_qkv(qkv.long(), 3)
     with pytest.raises(NotImplementedError, match="neighborhood_attention_qkv .*triton"):
         neighborhood_attention_qkv(qkv, 3, backend="triton")  # (no CUDA here: named reasons)
 

@@ -949,7 +949,12 @@ def neighborhood_attention_qkv(
             f"along dim -3); got shape {tuple(qkv.shape)}"
         )
     q, k, v = qkv.unbind(-3)
-    kernel_size, dilation = _check_args(q, k, v, kernel_size, dilation, rpb, scale, dropout_p, None, None)
+    try:
+        kernel_size, dilation = _check_args(q, k, v, kernel_size, dilation, rpb, scale, dropout_p, None, None)
+    except ValueError as e:  # named as this function's call
+        raise ValueError(
+            f"neighborhood_attention_qkv (q, k, v = qkv.unbind(-3)): {str(e).removeprefix(_OP + ': ')}"
+        ) from None
     chosen = _op.select(
         q, k, v, kernel_size, dilation, rpb=rpb, scale=scale, dropout_p=dropout_p, backend=backend,
         caller="neighborhood_attention_qkv",
