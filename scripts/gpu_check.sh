@@ -510,8 +510,11 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
     bench-train)
       timeout 120 python3 -m visionlin.cli bench train --quick --models $MODELS --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror" ;;
-    bench-op)
-      timeout 120 python3 -m visionlin.cli bench op --out "$OUT" --commit "$COMMIT" 2>&1 | tail -8 ;;
+    bench-op)  # OP_ARGS: more flags, e.g. --profile (each case's Triton kernels per step: the forward's state vs
+      # read-out split that s24 could not state)
+      # shellcheck disable=SC2086  # OP_ARGS are separate words
+      timeout ${OP_LIMIT:-120} python3 -m visionlin.cli bench op --out "$OUT" --commit "$COMMIT" ${OP_ARGS:-} 2>&1 \
+        | tail -${OP_TAIL:-8} ;;
     bench-largest)
       timeout 280 python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap 40 --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;

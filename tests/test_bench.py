@@ -3,6 +3,7 @@ search (with fakes whose memory limit the test sets). No timing is asserted: the
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 from pathlib import Path
@@ -405,6 +406,40 @@ def test_op_plot_from_a_result_json(tmp_path):
     meta = {"gpu": "fake", "commit": "abc", "torch": "t", "triton": "x", "copy_bandwidth_GBs": 2.0}
     bench.plot_result({"benchmark": "op", "meta": meta, "rows": [row]}, tmp_path / "op.png")
     assert (tmp_path / "op.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_op_profile_rows_and_flag(monkeypatch, tmp_path, capsys):
+    """``bench op --profile``: each case's Triton kernels by GPU time per step (``kernel_rows``: host-only events left
+    out, the largest first), in the row as ``triton_kernels`` (the GPU parts stubbed: no CUDA here)."""
+    from types import SimpleNamespace as Ev
+
+    events = [
+        Ev(key="host_op", count=10, self_device_time_total=0),
+        Ev(key="_state_kernel", count=10, self_device_time_total=300.0),
+        Ev(key="_readout_kernel", count=10, self_device_time_total=500.0),
+    ]
+    rows = bench_op.kernel_rows(events, steps=5)
+    assert rows == [
+        {"kernel": "_readout_kernel", "ms_per_step": 0.1, "calls_per_step": 2.0},
+        {"kernel": "_state_kernel", "ms_per_step": 0.06, "calls_per_step": 2.0},
+    ]
+    times = {f"{i}_{p}_ms": 1.0 for i in ("triton", "torch") for p in ("fwd", "bwd", "fwd_graph")}
+    times |= {"triton_bwd_graph_ms": 2.0, "triton_fwd_GBs": 1.0}
+    monkeypatch.setattr(bench_op, "CASES", bench_op.CASES[:1])
+    monkeypatch.setattr(bench_op, "copy_bandwidth", lambda: 2.0)
+    shape = {"dtype": "torch.bfloat16", "B": 1, "N": 1, "H": 1, "D": 1}
+    monkeypatch.setattr(bench_op, "run_case", lambda *case, **kw: {"case": case[0], **shape, **times})
+    monkeypatch.setattr(bench_op, "profile_triton", lambda *case: rows)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(
+        bench, "run_meta", lambda *a, **kw: {"gpu": "fake", "commit": "abc", "torch": "t", "triton": "x", **kw}
+    )
+    args = bench_op.add_arguments(argparse.ArgumentParser()).parse_args(["--profile"])
+    args.out = tmp_path  # (the validated folder, as the cli hands it on)
+    assert bench_op.execute(args, "bench op --profile") == 0
+    result = json.loads((tmp_path / "op_linear.json").read_text())
+    assert result["config"] == {"sweep": False, "profile": True} and result["rows"][0]["triton_kernels"] == rows
+    assert "profile: 0.1000 ms x2 _readout_kernel" in capsys.readouterr().out
 
 
 def test_cudagraphs_mode_compiles_with_reduce_overhead_and_marks_steps(monkeypatch, tmp_path):

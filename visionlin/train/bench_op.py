@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CASES", "add_arguments", "copy_bandwidth", "execute", "plot", "run_case"]
+__all__ = ["CASES", "add_arguments", "copy_bandwidth", "execute", "kernel_rows", "plot", "profile_triton", "run_case"]
 
 CASES = [  # (label, B, N, H, D, feature_map, normalize)
     ("deit-s stage, relu/divide", 64, 3136, 3, 32, "relu", "divide"),
@@ -124,6 +124,40 @@ def _triton_bwd_graph_ms(q, k, v, g, fmap: str, norm: str) -> float:
         return _bench_graph(lambda: tri.linear_attention_bwd(q, k, v, out, state, g, *args))
 
 
+def kernel_rows(events, steps: int) -> list[dict]:
+    """``torch.profiler`` averages (``key``, ``count``, self device time in us) as rows ``{kernel, ms_per_step,
+    calls_per_step}``, the largest first; events without device time (host ops) are left out."""
+    rows = []
+    for e in events:
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": e.count / steps})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def profile_triton(b, n, h, d, fmap, norm, dtype=torch.bfloat16, steps: int = 5) -> list[dict]:
+    """GPU time per forward + backward step of each kernel of the Triton op (``torch.profiler``): how the forward
+    splits between its state and read-out kernels, and what the backward's kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from visionlin.kernels.triton.linear import linear_attention_triton
+
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(b, n, h, d, device="cuda", dtype=dtype)
+
+    def step():
+        torch.autograd.grad(linear_attention_triton(q, k, v, feature_map=fmap, normalize=norm), (q, k, v), g)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return kernel_rows(prof.key_averages(), steps)
+
+
 def _fwd_bytes(row: dict) -> int:
     es = 2 if "bfloat16" in row["dtype"] or "float16" in row["dtype"] else 4
     return 4 * row["B"] * row["N"] * row["H"] * row["D"] * es
@@ -141,6 +175,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="also sweep launch settings one at a time: the forward's rows and warps, the backward's rows, warps "
         "and register cap (first and third case)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each case's Triton forward + backward per kernel (torch.profiler): row key triton_kernels",
     )
     parser.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     return parser
@@ -165,6 +204,11 @@ def execute(args: argparse.Namespace, command: str) -> int:
         row["triton_bwd_over_fwd_graph"] = bwd_graph / graph_ms if bwd_graph and graph_ms else None
         row["triton_speedup_fwd_vs_torch"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
         row["triton_speedup_bwd_vs_torch"] = row["torch_bwd_ms"] / row["triton_bwd_ms"]
+        if getattr(args, "profile", False):
+            _, b, n, h, d, fmap, norm = case
+            row["triton_kernels"] = profile_triton(b, n, h, d, fmap, norm)
+            for kr in row["triton_kernels"][:6]:
+                print(f"  profile: {kr['ms_per_step']:.4f} ms x{kr['calls_per_step']:.0f} {kr['kernel']}")
         rows.append(row)
         print(
             f"{row['case']:34s} fwd {row['triton_fwd_ms']:.3f} ms (graph {graph_ms or float('nan'):.3f}, "
@@ -199,7 +243,8 @@ def execute(args: argparse.Namespace, command: str) -> int:
             tri.TUNING.clear()
             tri.TUNING.update(saved)
     meta = run_meta(command, args.device, args.commit, copy_bandwidth_GBs=bw)
-    result = {"benchmark": "op", "meta": meta, "config": {"sweep": args.sweep}, "rows": rows, "sweep": sweep}
+    config = {"sweep": args.sweep, "profile": bool(getattr(args, "profile", False))}
+    result = {"benchmark": "op", "meta": meta, "config": config, "rows": rows, "sweep": sweep}
     print("\n".join(write_result(result, args.out, args.name)))
     return 0
 
