@@ -339,14 +339,16 @@ BWD_TILE_CONFIGS = (
     {"bwd_delta_fused": True},  # (s47) rowsum(dO * O) in the backward kernel, no pass of its own
     {"bwd_int32_offsets": True},  # (s47) the backward loop's query offsets in int32
 )
+#: The forward's opt-in settings ``--bwd-block-sweep`` times after the backward's, against the shipped forward.
+FWD_CONFIGS = ({"fwd_int32_offsets": True},)  # (s47) the forward loop's key offsets in int32
 
 
 def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
     """At each of ``--tile-shapes``: the backward alone at the shipped key tile (``MEASURED_TILES``' row for the
     shape's group row, set explicitly) over :data:`BWD_BLOCK_SETTINGS`: query blocks of 16 to 256 (at NAT-T's 14 x 14
     and 7 x 7 maps a key tile's whole inverse neighbourhood in one or two blocks instead of a row at a time), 2 / 4 / 8
-    warps, the default register cap or none; then :data:`BWD_TILE_CONFIGS`; each replayed from a CUDA graph, the
-    shipped settings first."""
+    warps, the default register cap or none; then :data:`BWD_TILE_CONFIGS`; then the forward, shipped and with
+    :data:`FWD_CONFIGS`; each replayed from a CUDA graph, the shipped settings first."""
     from visionlin.kernels.triton import neighborhood as nt
 
     rows = []
@@ -364,12 +366,13 @@ def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None
             for bb, w, cap in (() if args.bwd_tiles_only else BWD_BLOCK_SETTINGS)
         ]
         configs += list(BWD_TILE_CONFIGS)
-        for config in configs:
-            row = _time_setting(shape, fn, "backward", config, timer, "graph_ms", stream, shape=name, calls=calls)
+        timed = [("backward", c) for c in configs] + [("forward", c) for c in ({}, *FWD_CONFIGS)]
+        for mode, config in timed:
+            row = _time_setting(shape, fn, mode, config, timer, "graph_ms", stream, shape=name, calls=calls)
             rows.append(row)
             torch.cuda.empty_cache()
         save(rows)
-    _print_best(rows, args.tile_shapes, ("backward",))
+    _print_best(rows, args.tile_shapes, ("backward", "forward"))
     return rows
 
 

@@ -136,7 +136,10 @@ def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path, no_gp
     argv = ["--out", str(tmp_path), "--bwd-block-sweep", "--tile-shapes", "nat_t_s3,nat_t_s2"]
     assert neighborhood_op.main(argv) == 0
     settings, extra = neighborhood_op.BWD_BLOCK_SETTINGS, list(neighborhood_op.BWD_TILE_CONFIGS)
-    assert len(seen) == 2 * (1 + len(settings) + len(extra)) and {s[4] for s in seen} == {"backward"}
+    fwd = [{}, *neighborhood_op.FWD_CONFIGS]
+    assert len(seen) == 2 * (1 + len(settings) + len(extra) + len(fwd))
+    assert [s[5] for s in seen if s[4] == "forward"] == fwd * 2  # the forward's opt-in settings after the backward's
+    seen[:] = [s for s in seen if s[4] == "backward"]
     for name, size, heads, tile in (("nat_t_s3", 14, 8, (64, 16)), ("nat_t_s2", 28, 4, (16, 4))):
         mine = [s for s in seen if s[0] == name]
         assert {s[1:4] for s in mine} == {(size, heads, 1)}
@@ -146,11 +149,11 @@ def test_bwd_block_sweep_times_the_shipped_key_tile(monkeypatch, tmp_path, no_gp
             assert s[5] == want | ({} if cap is None else {"bwd_maxnreg": cap})
         assert [s[5] for s in mine[1 + len(settings) :]] == extra
     doc = json.loads((tmp_path / "neighborhood_op_bwd_block.json").read_text())
-    assert len(doc["rows"]) == len(seen)
+    assert len(doc["rows"]) == len(seen) + len(fwd) * 2
     assert (tmp_path / "neighborhood_op_bwd_block.png").is_file()
     seen.clear()  # --bwd-tiles-only: the shipped backward and the key-tile settings, no query-block settings
     assert neighborhood_op.main([*argv, "--bwd-tiles-only"]) == 0
-    assert [s[5] for s in seen] == ([{}] + extra) * 2
+    assert [s[5] for s in seen] == ([{}] + extra + fwd) * 2
 
 
 def test_bwd_tiles_only_needs_the_bwd_block_sweep(capsys):

@@ -482,7 +482,7 @@ def _neighborhood(dt, tdt):
         dt_ = dt if half else "fp32"
         return [
             (nt._fwd_kernel, dt_, dict(blocks, BIAS_DOT=fwd_dot and half, TX=tx, TY=ty, BLOCK_Q=tx * ty, KROWS=krows,
-                                       KCOLS=kcols),
+                                       KCOLS=kcols, I64=not nt.TUNING["fwd_int32_offsets"]),
              nt.launch_meta(tx * ty, krows * kcols, d, rpb, fwd_warps, fwd_cap)),
             (nt._bwd_kernel, dt_, dict(blocks, BIAS_DOT=bwd_dot and half, NEED_DRPB=rpb, DS_STORE=ds_store, TX=btx,
                                        TY=bty, BLOCK_K=btx * bty, QROWS=qrows, QCOLS=qcols, **bwd_flags),
@@ -528,9 +528,10 @@ def _neighborhood(dt, tdt):
         # the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row, and the opt-in
         # int32 query offsets (TUNING["bwd_int32_offsets"])
         for size in (7, 14, 28, 56):
-            ((fn, dt_, consts, meta),) = kernels(size, size, 7, True, 32)[1:]
+            (fwd, dt_, fwd_consts, fwd_meta), (fn, _, consts, meta) = kernels(size, size, 7, True, 32)
             cases.append((fn, dt_, dict(consts, DELTA_FUSED=True), meta))
             cases.append((fn, dt_, dict(consts, I64=False), meta))
+            cases.append((fwd, dt_, dict(fwd_consts, I64=False), fwd_meta))  # TUNING["fwd_int32_offsets"]
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)

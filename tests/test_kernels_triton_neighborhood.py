@@ -203,15 +203,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)
     nt.TUNING["bwd_delta_fused"] = None
-    # the backward's int32 query offsets (opt-in; int64 for maps, strides or bias-gradient slices past 2^31 elements)
-    nt.TUNING["bwd_int32_offsets"] = True
+    # int32 query / key offsets (opt-in; int64 for maps, strides or bias-gradient slices past 2^31 elements)
+    nt.TUNING["bwd_int32_offsets"] = nt.TUNING["fwd_int32_offsets"] = True
     check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=2, heads=2)
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
-    i64 = nt._bwd_i64
-    nt._bwd_i64 = lambda *args: True
+    i64 = nt._bwd_i64, nt._fwd_i64
+    nt._bwd_i64 = nt._fwd_i64 = lambda *args: True
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=2)
-    nt._bwd_i64 = i64
-    nt.TUNING["bwd_int32_offsets"] = False
+    nt._bwd_i64, nt._fwd_i64 = i64
+    nt.TUNING["bwd_int32_offsets"] = nt.TUNING["fwd_int32_offsets"] = False
     # q, k, v packed in one tensor with one packed gradient: 2-D (dq by atomics and stored directly), dilation
     # groups, 1-D, without a bias table
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2, packed=True)
@@ -416,6 +416,23 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setitem(nt.TUNING, "bwd_tile_q", 512)
     with pytest.raises(ValueError, match=r"TUNING\['bwd_tile_q'\] = 512: allowed 16 to 256"):
         bwd(7)
+
+
+def test_fwd_int32_offsets_launch(monkeypatch):
+    """``TUNING["fwd_int32_offsets"]``: the forward's key offsets in int32 (``I64`` off) unless ``k`` / ``v`` reach
+    2^31 elements within a (batch, head); int64 by default (the kernels stubbed: the launch arguments checked)."""
+    pytest.importorskip("triton")
+    from visionlin.kernels.triton import neighborhood as nt
+
+    seen = []
+    monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append(meta["I64"]))
+    q = torch.zeros(1, 14, 14, 2, 32, dtype=torch.bfloat16)
+    nt._fwd(q, q, q, None, 7, 7, 1, 1, 0.25)
+    monkeypatch.setitem(nt.TUNING, "fwd_int32_offsets", True)
+    nt._fwd(q, q, q, None, 7, 7, 1, 1, 0.25)
+    wide = torch.empty_strided((1, 4, 4, 1, 32), (2**33, 2**30, 2**20, 32, 1), device="meta")
+    assert nt._fwd_i64(wide, wide) and not nt._fwd_i64(q, q)
+    assert seen[-2:] == [True, False]
 
 
 def test_bwd_i64_only_past_int32_offsets():
@@ -771,7 +788,7 @@ TILE_SETTINGS = {
     "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
     "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
     "delta_fused": dict(bwd_delta_fused=True),
-    "int32_offsets": dict(bwd_int32_offsets=True),
+    "int32_offsets": dict(bwd_int32_offsets=True, fwd_int32_offsets=True),
 }
 
 

@@ -111,8 +111,10 @@ def _fwd_kernel(
     so_b, so_x, so_y, so_h, so_d, sr_h, sr_x, sr_y,
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr,
     BLOCK_Q: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    I64: tl.constexpr = True,
 ):  # fmt: skip
-    """``out`` and the base-2 log-sum-exp of one tile of queries."""
+    """``out`` and the base-2 log-sum-exp of one tile of queries; key offsets within a (batch, head) in int32
+    unless ``I64``."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -134,7 +136,9 @@ def _fwd_kernel(
     col_lo = _start(py0, ny, KY)
     j = tl.arange(0, KROWS * KCOLS)
     ky_pos = col_lo + j % KCOLS
-    ky = (ky_pos * DIL_Y + gy).to(tl.int64)
+    ky = ky_pos * DIL_Y + gy
+    if I64:
+        ky = ky.to(tl.int64)
     # Padded queries are masked once here; the bias offset splits into a query part and a key part.
     in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
     q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
@@ -149,7 +153,9 @@ def _fwd_kernel(
     for r0 in range(row_lo, row_hi, KROWS):
         kx_pos = r0 + j // KCOLS
         kvalid = (kx_pos < row_hi) & (ky_pos < ny)
-        kx = (kx_pos * DIL_X + gx).to(tl.int64)
+        kx = kx_pos * DIL_X + gx
+        if I64:
+            kx = kx.to(tl.int64)
         k = tl.load(
             k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
             mask=kvalid[:, None] & (offs_d < D)[None, :],
@@ -418,12 +424,14 @@ def _bias_grad_kernel(
 #: inverse neighbourhood holds it, and fusing was 1.01-1.03x slower (``s47/neighborhood_op_bwd_block_4a5fa5b.json``).
 #: ``bwd_int32_offsets`` (opt-in, not yet timed on a GPU): the backward's loop addresses its queries with int32
 #: offsets where they fit (:func:`_bwd_i64`): 8-21% fewer sm_90 instructions a query block at NAT-T's four shapes,
-#: but more registers (228 against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7).
+#: but more registers (228 against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7). ``fwd_int32_offsets``
+#: (opt-in, not yet timed): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer instructions a key
+#: block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills.
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
     "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": None,
-    "bwd_int32_offsets": False,
+    "bwd_int32_offsets": False, "fwd_int32_offsets": False,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -485,6 +493,7 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "bwd_dq_direct")
     tuning_flag(TUNING, __name__, "bwd_delta_fused", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_int32_offsets")
+    tuning_flag(TUNING, __name__, "fwd_int32_offsets")
     _checked = state
 
 
@@ -687,11 +696,12 @@ def _fwd(q, k, v, rpb, kx, ky, dx, dy, scale) -> tuple[torch.Tensor, torch.Tenso
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
     table, sr, offx, offy = _rpb_args(rpb, q)
     meta = launch_meta.unchecked(tx * ty, krows * kcols, bd, has_rpb, warps, cap)
+    i64 = not TUNING["fwd_int32_offsets"] or _fwd_i64(k, v)
     launch(_fwd_kernel, grid,
         q, k, v, table, out, lse, x, y, h, d, dv, kx, ky, dx, dy, tbx, tby, offx, offy, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sr,
         HAS_RPB=has_rpb, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
+        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, I64=i64, **meta,
     )  # fmt: skip
     return out, lse
 
@@ -807,6 +817,12 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
     if need:
         _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
     return drpb
+
+
+def _fwd_i64(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward's key offsets within one (batch, head) need int64: an element offset of ``k`` or ``v``
+    (rows, columns, channels by their strides) at or beyond 2^31."""
+    return max(sum((t.shape[a] - 1) * t.stride(a) for a in (1, 2, 4)) for t in (k, v)) >= 2**31
 
 
 def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int, dq: torch.Tensor | None = None) -> bool:
