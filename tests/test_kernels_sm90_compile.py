@@ -276,8 +276,13 @@ def _conv_and_focus(dt, tdt):
             warps = agent._warps(ba, d, d)
             bwd_rows, bwd = agent._bwd_meta(d, d)  # the backward's launch settings
             cases += [
-                *((agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, BLOCK_M=agent.ROWS), warps) for sp in (0, 1)),
-                (agent._combine_kernel, dt, dict(BLOCK_A=ba, BLOCK_DV=d), 4),
+                # (SAVE: the log-sum-exp kept for a backward, or not: both as launched, not as a runtime int)
+                *(
+                    (agent._aggregate_kernel, dt, dict(blocks, SPLIT=sp, SAVE=save, BLOCK_M=agent.ROWS), warps)
+                    for sp in (0, 1)
+                    for save in (False, True)
+                ),
+                *((agent._combine_kernel, dt, dict(SAVE=save, BLOCK_A=ba, BLOCK_DV=d), 4) for save in (False, True)),
                 (agent._broadcast_kernel, dt, dict(blocks, BLOCK_N=agent.ROWS), warps),
                 *(
                     (fn, dt, dict(blocks, BIAS_GRAD=True, SPLIT=sp, **{rows: bwd_rows}), bwd)
@@ -573,7 +578,7 @@ def _sparse_linear(dt, tdt):
                 cases.append((sl._readout_bwd_kernel, dt, dict(consts, FMAP=fmap), warps))
         for fmap in (0, 1, 2):  # the code variant's state kernel, as sla_states launches it
             block_n, opts = sl.STATES_TILES.get(tdt, sl.STATES_DEFAULT_TILES)
-            consts = dict(BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, FMAP=fmap, PREC=sl._STATES_PREC[tdt])
+            consts = dict(BLOCK_N=block_n, BLOCK_D=d, BLOCK_DV=d, FMAP=fmap, PREC=sl._STATES_PREC[tdt], SPLIT_OUT=False)
             cases.append((sl._states_kernel, dt, consts, dict(opts)))
             for block in (64, 128):  # the paper variant's per-key-block states, as sla_block_states launches them
                 tile, block_opts = sl.block_states_config(block, tdt)
@@ -825,6 +830,28 @@ SPILL_ALLOWANCE = {
     ("visionlin.kernels.triton.neighborhood", "_fwd_kernel", "fp32", None, 32): 40,
     ("visionlin.kernels.triton.neighborhood", "_bwd_kernel", "fp32", None, 32): 40,
 }
+
+
+FAMILIES = (
+    _linear, _infsa, _conv_and_focus, _rope_linear, _neighborhood, _sparse_linear, _scan, _gla, _gated_norm, _rms_mix,
+    _agent_bias,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__.strip("_"))
+def test_every_case_sets_each_constexpr(family):
+    """Each compiled case gives every ``tl.constexpr`` parameter of its kernel a value, as the launches do: one left
+    out (even one with a Python default) compiles as a runtime integer, with both sides of its branches, and the record
+    then describes a kernel no launch runs (``DQ_DIRECT`` / ``DELTA_FUSED`` / ``I64`` and the agent kernels' ``SAVE``
+    had been, until s47)."""
+    import triton.language as tl
+
+    missing = set()
+    for fn, _, consts, _ in family("bf16", torch.bfloat16):
+        for name, p in inspect.signature(fn.fn).parameters.items():
+            if (p.annotation is tl.constexpr or "constexpr" in str(p.annotation)) and name not in consts:
+                missing.add(f"{fn.fn.__name__}.{name}")
+    assert not missing, sorted(missing)
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason=f"Triton ships no ptxas at {PTXAS}")
