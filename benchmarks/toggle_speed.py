@@ -33,10 +33,11 @@ Switches (each a process-wide setting read at every forward):
   (:data:`NA_TILES_S45`: the backward's register cap of 128 at rows of 8 and longer, 4 warps at rows of 8;
   :data:`NA_BIAS_GRAD_PER_SM_S45`: 2 programs per SM at every map), to compare with ``default``: the A/B of s46's
   settings;
-* ``na_split_qkv``: the shipped settings with the neighborhood layers' q, k, v split before the op (three gradients
-  that autograd concatenates) instead of packed (:data:`visionlin.layers.neighborhood.FAST_PATHS`), to compare with
-  ``default``: the A/B of s47's packed call;
-* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45`` and ``na_split_qkv``
+* ``na_qkv_packed``: the shipped settings with the neighborhood layers' q, k, v handed to the op packed (one packed
+  gradient) instead of split (three gradients that autograd concatenates;
+  :data:`visionlin.layers.neighborhood.FAST_PATHS`, off until GPU-tested), to compare with ``default``: the A/B of
+  s47's packed call;
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45`` and ``na_qkv_packed``
   excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
@@ -82,11 +83,11 @@ CONFIGS = (
     "strip_s42",
     "na_tiles_s43",
     "na_s45",
-    "na_split_qkv",
+    "na_qkv_packed",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
-SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split_qkv")
+SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed")
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
@@ -162,8 +163,8 @@ def switches(config: str) -> Iterator[None]:
         if config == "na_s45":
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S45))
             stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
-        if config == "na_split_qkv":
-            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=False))
+        if config == "na_qkv_packed":
+            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=True))
         if config == "na_tiles_s43":
             stack.enter_context(tuned(na.TUNING, narrow_cols=False))
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))

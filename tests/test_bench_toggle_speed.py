@@ -76,12 +76,12 @@ def test_switches_set_and_restore():
     assert (na.MEASURED_TILES, na.BIAS_GRAD_PER_SM) == (tiles, bias_per_sm) != (toggle_speed.NA_TILES_S45, ((None, 2),))
     from visionlin.layers import neighborhood as na_layer
 
-    with toggle_speed.switches("na_split_qkv"):  # the shipped settings with the neighborhood layers' split call
-        assert na_layer.FAST_PATHS == {"qkv_packed": False} and dict(na.TUNING) == na_tuning
+    with toggle_speed.switches("na_qkv_packed"):  # the shipped settings with the neighborhood layers' packed call
+        assert na_layer.FAST_PATHS == {"qkv_packed": True} and dict(na.TUNING) == na_tuning
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
-    assert na_layer.FAST_PATHS == {"qkv_packed": True}
+    assert na_layer.FAST_PATHS == {"qkv_packed": False}
     with toggle_speed.switches("baseline"):
-        assert na_layer.FAST_PATHS == {"qkv_packed": True}  # (a shipped variant only: not a switch of its own)
+        assert na_layer.FAST_PATHS == {"qkv_packed": False}  # (a shipped variant only: not a switch of its own)
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"
