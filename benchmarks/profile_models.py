@@ -44,7 +44,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) -> dict:
+def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False, graphs: bool = False) -> dict:
+    """Kernel time, wall time and kernel launches of one step; ``graphs``: the model compiled with
+    ``mode="reduce-overhead"`` (each training step marks a new CUDA-graph iteration)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -54,7 +56,7 @@ def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) 
         target = torch.randint(0, model.num_classes, (batch,), device="cuda")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-        step = functools.partial(train_step(model, opt, target), x)
+        step = functools.partial(train_step(model, opt, target, new_step=graphs), x)
 
     else:
         model.eval()
@@ -88,6 +90,9 @@ def profile(model: torch.nn.Module, size: int, batch: int, train: bool = False) 
     return {
         "gpu_us": total,
         "wall_ms": wall_ms,
+        # launches a step (what a replayed CUDA graph still pays a gap between) and distinct kernels
+        "kernels_per_step": sum(int(c) for _, c in kernels.values()),
+        "distinct_kernels": len(kernels),
         "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "us": us, "calls": c, "category": category(n)} for n, (us, c) in top],
     }
@@ -105,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="kernel backend for visionlin models (default: auto)")
     parser.add_argument("--train", action="store_true", help="profile a training step instead of a forward")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model first (warm-up compiles)")
+    parser.add_argument(
+        "--compile-mode", choices=("default", "reduce-overhead"), default="default",
+        help="with --compile: reduce-overhead replays CUDA graphs (the wall time then shows what replay adds to the "
+        "kernel time); the row also counts dynamo's graphs and graph breaks",
+    )  # fmt: skip
     parser.add_argument("--twin", default="deit_small_patch16_224", help="dense timm model profiled first")
     parser.add_argument("--name", default=None, help="JSON file stem (default profile_models / profile_train)")
     parser.add_argument("--commit", default=None)
@@ -128,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 visionlin.set_backend(model, args.backend)
             model = model.cuda()
             if args.compile:
-                model = torch.compile(model)
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                model = torch.compile(model, mode=args.compile_mode)
             r = {
                 "model": name,
                 "size": size,
@@ -136,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
                 "train": args.train,
                 "config": config,
                 "compiled": args.compile,
+                "compile_mode": args.compile_mode if args.compile else None,
             }
             with switches(config):
-                r.update(profile(model, size, batch, args.train))
+                r.update(profile(model, size, batch, args.train, graphs=args.compile_mode == "reduce-overhead"))
+            if args.compile:  # graphs dynamo made of the model, and the breaks that split them
+                stats = torch._dynamo.utils.counters
+                r["dynamo_graphs"] = int(stats["stats"]["unique_graphs"])
+                r["graph_breaks"] = int(sum(stats["graph_break"].values()))
             results.append(r)
             what = "training step" if args.train else "forward"
             print(
                 f"\n== {name} [{config}] {size}px bs{batch}: {r['gpu_us'] / 1e3:.2f} ms GPU, "
-                f"{r['wall_ms']:.2f} ms wall per {what}",
+                f"{r['wall_ms']:.2f} ms wall per {what}, {r['kernels_per_step']} kernels"
+                + (f", {r['dynamo_graphs']} graphs, {r['graph_breaks']} breaks" if args.compile else ""),
                 flush=True,
             )
             for cat, us in r["categories_us"].items():

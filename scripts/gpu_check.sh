@@ -391,7 +391,9 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --sizes 224:128 --name "profile_compiled_train_$COMMIT" --commit "$COMMIT" \
         > "$OUT/profile_compiled_train_$COMMIT.log" 2>&1; grep -A10 "^==" "$OUT/profile_compiled_train_$COMMIT.log" ;;
     profile-compiled-hier)  # the kernels of compiled hierarchical training steps (what CUDA graphs replay) and swin_tiny's
+      # PROFILE_MODE=reduce-overhead: CUDA-graph replay (wall vs kernel time, launches, dynamo graphs / breaks)
       timeout ${PROFILE_LIMIT:-300} python3 benchmarks/profile_models.py --train --compile --out "$OUT" --twin $SWIN \
+        --compile-mode ${PROFILE_MODE:-default} \
         --models ${PROFILE_HIER_MODELS:-nalaformer_tiny,vig_small} --sizes 224:128 --configs ${PROFILE_CONFIGS:-default} \
         --name "profile_compiled_hier_train_$COMMIT" --commit "$COMMIT" > "$OUT/profile_compiled_hier_train_$COMMIT.log" 2>&1
       grep -A16 "^==" "$OUT/profile_compiled_hier_train_$COMMIT.log" | cut -c1-160 ;;
