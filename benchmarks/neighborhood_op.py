@@ -49,6 +49,7 @@ from benchmarks._plot import finish, grouped_bars  # noqa: E402
 from benchmarks._timing import DTYPES, add_timing_flags, check_timing_flags, cuda_ms, graph_ms, tuned  # noqa: E402
 from visionlin.kernels import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
 from visionlin.train.bench import write_result  # noqa: E402
+from visionlin.train.bench_op import kernel_rows  # noqa: E402
 
 STEM = "neighborhood_op"
 #: NAT-T's and DiNAT-T's attention calls at 224 px (map side, heads, dilation; head dim 32, kernel 7, NAT's bias) and
@@ -178,12 +179,7 @@ def _profile(args: argparse.Namespace, steps: int = 5) -> list[dict]:
         for _ in range(steps):
             torch.autograd.grad(fn(q, k, v, rpb), ins, go)
         torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": e.key[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": e.count / steps})
-    return sorted(rows, key=lambda r: -r["ms_per_step"])
+    return kernel_rows(prof.key_averages(), steps)
 
 
 def _bias_dot_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:

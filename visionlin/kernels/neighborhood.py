@@ -502,12 +502,22 @@ def _triton(
     from .triton.neighborhood import na2d_triton
 
     assert not dropout_p and additional_keys is None, "supports() refuses these"
-    if q.ndim == 4:  # [B, L, H, D] -> [B, 1, L, H, D]; the bias table [H, 2k-1] -> [H, 1, 2k-1]
-        window = ((1, 1), effective_window(q.shape[1], kernel_size[0], dilation[0]))
-        bias = None if rpb is None else rpb.unsqueeze(1)
+    one_d, window, bias = _triton_window(q.shape[1:-2], kernel_size, dilation, rpb)
+    if one_d:  # [B, L, H, D] -> [B, 1, L, H, D]
         return na2d_triton(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), window, rpb=bias, scale=scale).squeeze(1)
-    window = tuple(effective_window(n, ks, d) for n, ks, d in zip(q.shape[1:3], kernel_size, dilation, strict=True))
-    return na2d_triton(q, k, v, window, rpb=rpb, scale=scale)
+    return na2d_triton(q, k, v, window, rpb=bias, scale=scale)
+
+
+def _triton_window(
+    spatial: Sequence[int], kernel_size: tuple[int, ...], dilation: tuple[int, ...], rpb: torch.Tensor | None
+) -> tuple[bool, tuple[tuple[int, int], tuple[int, int]], torch.Tensor | None]:
+    """``(one_d, window, rpb)`` of a 1-D or 2-D call for the 2-D Triton kernels: the effective windows
+    ``((kx, dx), (ky, dy))``; 1-D runs as one row of a 2-D map, its bias table ``[H, 2k-1]`` as ``[H, 1, 2k-1]``."""
+    if len(spatial) == 1:
+        window = ((1, 1), effective_window(spatial[0], kernel_size[0], dilation[0]))
+        return True, window, None if rpb is None else rpb.unsqueeze(1)
+    window = tuple(effective_window(n, ks, d) for n, ks, d in zip(spatial, kernel_size, dilation, strict=True))
+    return False, window, rpb
 
 
 # Chunked backend ----------------------------------------------------------------------------------------------------
@@ -976,9 +986,7 @@ def _triton_qkv(
     ``na2d_triton_qkv``)."""
     from .triton.neighborhood import na2d_triton_qkv
 
-    if qkv.ndim == 5:  # 1-D: one row of a 2-D map, the bias table [H, 2k-1] -> [H, 1, 2k-1]
-        window = ((1, 1), effective_window(qkv.shape[1], kernel_size[0], dilation[0]))
-        bias = None if rpb is None else rpb.unsqueeze(1)
+    one_d, window, bias = _triton_window(qkv.shape[1:-3], kernel_size, dilation, rpb)
+    if one_d:  # [B, L, 3, H, D] -> [B, 1, L, 3, H, D]
         return na2d_triton_qkv(qkv.unsqueeze(1), window, rpb=bias, scale=scale).squeeze(1)
-    window = tuple(effective_window(n, ks, d) for n, ks, d in zip(qkv.shape[1:3], kernel_size, dilation, strict=True))
-    return na2d_triton_qkv(qkv, window, rpb=rpb, scale=scale)
+    return na2d_triton_qkv(qkv, window, rpb=bias, scale=scale)

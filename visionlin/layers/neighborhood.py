@@ -81,7 +81,6 @@ class NeighborhoodAttention(TokenMixer):
         self.dilation = _pair("dilation", dilation, odd=False)
         norm_layer = norm_layer or nn.LayerNorm
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        self.qk_norm = bool(qk_norm)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         if rel_pos_bias:
@@ -102,7 +101,8 @@ class NeighborhoodAttention(TokenMixer):
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         drop = self.attn_drop if self.training else 0.0
         p = num_prefix_tokens
-        if not p and not self.qk_norm and FAST_PATHS["qkv_packed"]:  # q, k, v as the projection made them
+        plain_qk = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if not p and plain_qk and FAST_PATHS["qkv_packed"]:  # q, k, v as the projection made them
             qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unflatten(1, tuple(feat_size))
             out = neighborhood_attention_qkv(
                 qkv, self.kernel_size, self.dilation, rpb=self.rpb, dropout_p=drop, backend=self.backend

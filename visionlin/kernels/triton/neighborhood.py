@@ -819,10 +819,16 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
     return drpb
 
 
+def _reach(*tensors: torch.Tensor) -> int:
+    """The largest element offset within one (batch, head) of ``[B, X, Y, H, D]`` tensors: rows, columns and channels
+    by their strides (the (batch, head) base is int64 in the kernels)."""
+    return max(sum((t.shape[a] - 1) * t.stride(a) for a in (1, 2, 4)) for t in tensors)
+
+
 def _fwd_i64(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the forward's key offsets within one (batch, head) need int64: an element offset of ``k`` or ``v``
-    (rows, columns, channels by their strides) at or beyond 2^31."""
-    return max(sum((t.shape[a] - 1) * t.stride(a) for a in (1, 2, 4)) for t in (k, v)) >= 2**31
+    """Whether the forward's key offsets within one (batch, head) need int64: an element offset of ``k`` or ``v`` at
+    or beyond 2^31."""
+    return _reach(k, v) >= 2**31
 
 
 def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int, dq: torch.Tensor | None = None) -> bool:
@@ -831,8 +837,7 @@ def _bwd_i64(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, window: int, d
     Below, the loop's addresses may take int32 offsets (``TUNING["bwd_int32_offsets"]``; ``I64`` off: 633 instead of 706
     sm_90 instructions a query block at NAT-T's 14 x 14 shape, the 64-bit adds gone)."""
     b, x, y, h, d = q.shape
-    axes = (1, 2, 4)  # rows, columns, channels: a (batch, head) base is int64 in the kernel
-    reach = max(sum((t.shape[a] - 1) * t.stride(a) for a in axes) for t in (q, g, out, dq) if t is not None)
+    reach = _reach(*(t for t in (q, g, out, dq) if t is not None))
     return max(reach, x * y * h * max(d, out.shape[-1]), x * y * window) >= 2**31
 
 
