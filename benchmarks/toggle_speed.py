@@ -37,8 +37,12 @@ Switches (each a process-wide setting read at every forward):
   gradient) instead of split (three gradients that autograd concatenates;
   :data:`visionlin.layers.neighborhood.FAST_PATHS`, off until GPU-tested), to compare with ``default``: the A/B of
   s47's packed call;
-* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45`` and ``na_qkv_packed``
-  excepted: none is a fast path of its own).
+* ``gla_qkv_packed``: the shipped settings with ViG's layers handing their projections' outputs to the bidirectional
+  GLA op packed (one gradient for ``qkv_proj``'s output and one for the gates) instead of split (the two directions'
+  ten gradients that autograd sums and concatenates; :data:`visionlin.layers.gla.FAST_PATHS`, off until GPU-tested),
+  to compare with ``default``: the A/B of s48's packed call;
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_qkv_packed`` and
+  ``gla_qkv_packed`` excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -84,10 +88,11 @@ CONFIGS = (
     "na_tiles_s43",
     "na_s45",
     "na_qkv_packed",
+    "gla_qkv_packed",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
-SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed")
+SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed", "gla_qkv_packed")
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
@@ -136,6 +141,7 @@ def switches(config: str) -> Iterator[None]:
     restored afterwards."""
     from visionlin.kernels.triton import conv, focus
     from visionlin.kernels.triton import neighborhood as na
+    from visionlin.layers import gla as gla_layer
     from visionlin.layers import neighborhood as na_layer
     from visionlin.layers import norm
 
@@ -165,6 +171,8 @@ def switches(config: str) -> Iterator[None]:
             stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
         if config == "na_qkv_packed":
             stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=True))
+        if config == "gla_qkv_packed":
+            stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=True))
         if config == "na_tiles_s43":
             stack.enter_context(tuned(na.TUNING, narrow_cols=False))
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))

@@ -80,8 +80,15 @@ def test_switches_set_and_restore():
         assert na_layer.FAST_PATHS == {"qkv_packed": True} and dict(na.TUNING) == na_tuning
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
     assert na_layer.FAST_PATHS == {"qkv_packed": False}
+    from visionlin.layers import gla as gla_layer
+
+    with toggle_speed.switches("gla_qkv_packed"):  # the shipped settings with ViG's packed call
+        assert gla_layer.FAST_PATHS == {"qkv_packed": True} and na_layer.FAST_PATHS == {"qkv_packed": False}
+        assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
+    assert gla_layer.FAST_PATHS == {"qkv_packed": False}
     with toggle_speed.switches("baseline"):
         assert na_layer.FAST_PATHS == {"qkv_packed": False}  # (a shipped variant only: not a switch of its own)
+        assert gla_layer.FAST_PATHS == {"qkv_packed": False}
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

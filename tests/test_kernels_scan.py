@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from visionlin.kernels import (
     bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_qkv,
     gated_linear_attention,
     get_op,
     linear_scan_reference,
@@ -342,3 +343,78 @@ def test_gla_bad_scalars():
         gated_linear_attention(q, k, v, g, chunk_size=-1)
     with pytest.raises(ValueError, match=r"reverse=1 must be True or False"):
         gated_linear_attention(q, k, v, g, reverse=1)
+
+
+# The packed call (ViG's projections' outputs as they are) ---------------------------------------------------------
+def _packed(b=2, length=37, h=3, dk=8, dv=5, dtype=torch.float64, seed=0):
+    """``qkv`` ``[B, L, H (2 dk + dv)]`` and ``gates`` ``[B, L, 2 H dk]`` (logsigmoid / 16), leaves."""
+    g = _gen(seed)
+    qkv = torch.randn(b, length, h * (2 * dk + dv), generator=g, dtype=dtype)
+    gates = F.logsigmoid(torch.randn(b, length, 2 * h * dk, generator=g, dtype=dtype)) / 16
+    return qkv.requires_grad_(), gates.requires_grad_()
+
+
+def _split_call(qkv, gates, h, **kw):
+    kw_ = gates.shape[-1] // 2
+    q, k, v = (t.unflatten(-1, (h, -1)) for t in qkv.split([kw_, kw_, qkv.shape[-1] - 2 * kw_], -1))
+    gf, gb = (t.unflatten(-1, (h, -1)) for t in gates.chunk(2, -1))
+    return bidirectional_gated_linear_attention(q, k, v, gf, gb, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_gla_qkv_equals_the_split_call(dtype):
+    """``bidirectional_gated_linear_attention_qkv`` is the split call of its views: the same output and packed
+    gradients (the reference backend on the CPU: the same computation, bitwise), with a scale and a chunk size."""
+    results = []
+    for fn in (bidirectional_gated_linear_attention_qkv, _split_call):
+        qkv, gates = _packed(dtype=dtype)
+        out = fn(qkv, gates, 3, scale=0.3, chunk_size=8)
+        out.double().square().sum().backward()
+        results.append([out, qkv.grad, gates.grad])
+    assert results[0][0].shape == (2, 37, 3, 5) and results[0][0].dtype == dtype
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gla_qkv_gradcheck_and_empty():
+    qkv, gates = _packed(b=1, length=7, h=2, dk=3, dv=2)
+    assert torch.autograd.gradcheck(
+        lambda a, b: bidirectional_gated_linear_attention_qkv(a, b, 2, chunk_size=3), (qkv, gates)
+    )
+    qkv, gates = _packed(b=0)
+    assert bidirectional_gated_linear_attention_qkv(qkv, gates, 3).shape == (0, 37, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.randn(2, 37, 3, 21), None, 3), r"qkv must be a tensor \[B, L, C\], got"),
+        ((None, "gates", 3), r"gates must be a tensor \[B, L, C\], got"),
+        ((None, torch.randn(2, 37), 3), r"gates must be a tensor \[B, L, C\], got"),
+        ((None, None, 0), r"num_heads=0 must be an integer >= 1"),
+        ((None, None, True), r"num_heads=True must be an integer >= 1"),
+        ((None, None, 2.0), r"num_heads=2.0 must be an integer >= 1"),
+        ((None, torch.randn(2, 36, 48), 3), r"qkv and gates must share B, L, got"),
+        ((None, torch.randn(2, 37, 47), 3), r"gates width 47 \(K = 23.5\) and qkv width 63 \(V = 16\)"),
+        ((None, torch.randn(2, 37, 44), 3), r"multiples of num_heads=3; got gates width 44 \(K = 22\)"),
+        ((torch.randn(2, 37, 48), None, 3), r"qkv width 48 \(V = 0\)"),
+        ((torch.randn(2, 37, 40), None, 3), r"qkv width 40 \(V = -8\)"),
+        ((torch.randn(2, 37, 63).int(), None, 3), r"q, k and v must be floating point"),
+    ],
+)  # fmt: skip
+def test_gla_qkv_bad_input(args, match):
+    """Bad input is refused by name, as this function's call (never a shape error from the views)."""
+    qkv, gates = _packed(h=3, dk=8, dv=5)
+    qkv_, gates_, heads = args
+    qkv_ = qkv if qkv_ is None else qkv_
+    gates_ = gates if gates_ is None else gates_
+    with pytest.raises(ValueError, match=r"bidirectional_gated_linear_attention_qkv.*" + match):
+        bidirectional_gated_linear_attention_qkv(qkv_, gates_, heads)
+
+
+def test_gla_qkv_named_backend_refusals():
+    qkv, gates = _packed()
+    with pytest.raises(ValueError, match=r"bidirectional_gated_linear_attention_qkv \(op bidirectional_gated_linear"):
+        bidirectional_gated_linear_attention_qkv(qkv, gates, 3, backend="fla")
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' cannot run this call"):
+        bidirectional_gated_linear_attention_qkv(qkv, gates, 3, backend="triton")

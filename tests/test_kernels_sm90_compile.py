@@ -52,6 +52,8 @@ POINTERS |= {"GG", "OQ", "OK"}  # (OQ / OK: the RoPE pair's rotated queries and 
 FP32_HERE |= {"_gla_bwd_q_kernel": {"DQ"}, "_gla_bwd_kv_kernel": {"DK"}, "_gla_bwd_intra_kernel": {"DQ", "DK"}}
 FP32_HERE |= {"_gla_dg_kernel": {"DQ", "DKP"}}  # the walks' float32 dq and dk shares in; dg, dq, dk out in the dtype
 POINTERS |= {"DKP", "DG", "DQO", "DKO"}
+# the bidirectional op's first walk's float32 outputs, dv, dq and dk shares, added by the second walk
+FP32_POINTERS |= {"PREV", "DVP", "PDQ", "PDKP"}
 # the segmented walks' float32 states, adjoints and log-decay sums; the chunks' own dv terms
 FP32_POINTERS |= {"INIT", "STATE", "GSUM", "ADJ", "DVI"}
 POINTERS |= FP32_POINTERS
@@ -629,13 +631,20 @@ def _gla(dt, tdt):
         ):  # fmt: skip
             m = dict(own=own, prec=prec)
             fwd = gla._gla_fwd_kernel
-            cases += [walk(fwd, bk, bv_fwd, False, **m, FACTOR=factor, SEGMENTED=s) for s in (False, True)]
+            # ACC / DV_ACC: the packed bidirectional op's second walk adds the first's float32 outputs / dv (ViG's
+            # layout only; the segmented walks differ before the store, not in it)
+            acc = (False, True) if own else (False,)
+            cases += [walk(fwd, bk, bv_fwd, False, **m, FACTOR=factor, SEGMENTED=s, ACC=False) for s in (False, True)]
+            # (not with three TF32 products: 24 bytes spilled at K = 32, V = 64, so that walk does not accumulate)
+            acc_fwd = own and prec != "tf32x3"
+            cases += [walk(fwd, bk, bv_fwd, False, **m, FACTOR=factor, SEGMENTED=False, ACC=True)] if acc_fwd else []
             cases += [walk(gla._gla_seg_state_kernel, bk, bv_fwd, True, **m)]
             for seg in (False, True):
                 for intra in (False, True) if not own else (True,):
+                    cases += [walk(gla._gla_bwd_q_kernel, bk, bv, True, **m, SEGMENTED=seg, INTRA=intra)]
                     cases += [
-                        walk(gla._gla_bwd_q_kernel, bk, bv, True, **m, SEGMENTED=seg, INTRA=intra),
-                        walk(gla._gla_bwd_kv_kernel, bk, bv_kv, False, **m, SEGMENTED=seg, INTRA=intra),
+                        walk(gla._gla_bwd_kv_kernel, bk, bv_kv, False, **m, SEGMENTED=seg, INTRA=intra, DV_ACC=a)
+                        for a in (acc if not seg else (False,))
                     ]
             cases += [
                 walk(gla._gla_bwd_intra_kernel, bk, bv, False, **m, FACTOR=factor),
@@ -643,8 +652,8 @@ def _gla(dt, tdt):
             ]
         cases += [
             (gla._gla_seg_carry_kernel, dt, dict(BK=bk, BV=bv_fwd), 4),
-            (gla._gla_dg_kernel, dt, dict(REVERSE=False, BL=gla.DG_ROWS, BK=bk), 4),
         ]
+        cases += [(gla._gla_dg_kernel, dt, dict(REVERSE=False, PAIR=p, BL=gla.DG_ROWS, BK=bk), 4) for p in (0, 1, 2)]
     return cases
 
 

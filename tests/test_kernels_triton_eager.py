@@ -203,6 +203,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for reverse in (False, True):
         both(gla._gla_fwd_call, gla.gla_fwd, (qg, kg, vg, F.logsigmoid(gg), 0.25, reverse, False),
              (1, 1, 1, 1, 0, 0, 0))
+    qkv = torch.randn(2, 21, 3 * 32, generator=g)  # the packed bidirectional op: 2 heads of 16, packed gradients
+    gates = F.logsigmoid(torch.randn(2, 21, 2 * 32, generator=g))
+    both(gla._bigla_qkv_fwd_call, gla.bigla_qkv_fwd, (qkv, gates, 2, 0.25), (1, 1, 0, 0))
     mala = rope_linear.MECHANISM_IDS["magnitude"]
     both(rope_linear._rope_linear_fwd_call, rope_linear.rope_linear_attention_fwd,
          (q, k, v, None, None, mala, 0.25, 1e-6, 0.0), (1, 1, 1, 0, 0, 0, 0, 0, 0))

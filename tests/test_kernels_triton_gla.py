@@ -22,6 +22,7 @@ from interpreter_utils import run_in_interpreter
 
 from visionlin.kernels import (
     bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_qkv,
     bidirectional_gated_linear_attention_reference,
     gated_linear_attention,
     gated_linear_attention_reference,
@@ -99,6 +100,100 @@ def check_gla(b, length, h, kd, vd, dtype, device, *, mode="forward", gate_scale
     bad = {key: f"{e:.2e}" for key, e in errors.items() if not e <= bound[key]}
     assert not bad, ((b, length, h, kd, vd), mode, dtype, bad)
     return errors
+
+
+def check_gla_qkv(b, length, h, kd, vd, dtype, device, *, gate_scale=1.0, seed=0, strided=False, expect_pairs=None):
+    """The packed bidirectional op (:func:`~visionlin.kernels.triton.gla.bidirectional_gla_triton_qkv`, ViG's
+    projections' outputs as they are) on ``device`` against the float64 reference of its split views: output and the
+    packed gradients of ``qkv`` and ``gates`` (dtype, shape, contiguity), bounds as :func:`check_gla`. ``strided``:
+    ``qkv`` and ``gates`` as column slices of wider buffers (row strides past their widths). ``expect_pairs``: the
+    epilogue launches of the backward, by ``pair`` (``[1, 2]`` for the packed walks, ``[0, 0]`` where the fused
+    epilogue runs per direction, ``[]`` with the PyTorch epilogue)."""
+    from visionlin.kernels.triton import gla
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).double()
+
+    kw, vw = h * kd, h * vd
+    qkv64 = r(b, length, 2 * kw + vw)
+    gates64 = (F.logsigmoid(r(b, length, 2 * kw)) * gate_scale).to(dtype).double()
+    do = r(b, length, h, vd)
+    ref_in = [t.to(device).clone().requires_grad_() for t in (qkv64, gates64)]
+    q, k, v = (t.unflatten(-1, (h, -1)) for t in ref_in[0].split([kw, kw, vw], -1))
+    gf, gb = (t.unflatten(-1, (h, -1)) for t in ref_in[1].split([kw, kw], -1))
+    ref = bidirectional_gated_linear_attention_reference(q, k, v, gf, gb)
+    ref.backward(do.to(device))
+    if strided:  # column slices of wider buffers: row strides past the widths, channel stride 1
+        qkv = torch.cat([qkv64, qkv64[..., :3]], -1).to(device, dtype)[..., : 2 * kw + vw]
+        gates = torch.cat([gates64, gates64[..., :5]], -1).to(device, dtype)[..., : 2 * kw]
+        assert not qkv.is_contiguous() and not gates.is_contiguous()
+    else:
+        qkv, gates = qkv64.to(device, dtype), gates64.to(device, dtype)
+    qkv.requires_grad_()
+    gates.requires_grad_()
+    pairs, epilogue = [], gla._epilogue
+
+    def counted(*args, pair=0, **kwargs):
+        pairs.append(pair)
+        return epilogue(*args, pair=pair, **kwargs)
+
+    gla._epilogue = counted
+    try:
+        out = gla.bidirectional_gla_triton_qkv(qkv, gates, h)
+        assert out.dtype == dtype and out.shape == ref.shape
+        out.backward(do.to(device, dtype))
+    finally:
+        gla._epilogue = epilogue
+    if expect_pairs is not None:
+        assert pairs == expect_pairs, (pairs, expect_pairs)
+    for t in (qkv, gates):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape
+    errors = {"o": _rel(out, ref.detach()), "dqkv": _rel(qkv.grad, ref_in[0].grad)}
+    errors |= {
+        f"d{n}": _rel(a, c)
+        for n, a, c in zip(("gf", "gb"), gates.grad.chunk(2, -1), ref_in[1].grad.chunk(2, -1), strict=True)
+    }
+    bound = {key: (1e-4 if key.startswith("dg") else 2e-5) + ROUNDING[dtype] for key in errors}
+    bad = {key: f"{e:.2e}" for key, e in errors.items() if not e <= bound[key]}
+    assert not bad, ((b, length, h, kd, vd), dtype, bad)
+    return errors
+
+
+_INTERPRETER_QKV_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_kernels_triton_gla import check_gla_qkv
+    from visionlin.kernels.triton import gla
+    f32 = torch.float32
+    # the packed walks (the (batch, head) programs fill the interpreter's 4 "SMs"): partial chunks, padded head dims,
+    # two value blocks of dk / dv (V = 40 > KV_BLOCK_V), strong decays, float16, one position, strided inputs
+    check_gla_qkv(2, 21, 2, 8, 12, f32, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    check_gla_qkv(2, 37, 2, 8, 40, f32, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    check_gla_qkv(1, 33, 4, 8, 8, f32, "cpu", gate_scale=8.0, expect_pairs=[1, 2])
+    check_gla_qkv(2, 19, 2, 8, 16, torch.float16, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    check_gla_qkv(3, 1, 2, 8, 16, f32, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    check_gla_qkv(2, 21, 2, 8, 12, f32, "cpu", gate_scale=1 / 16, strided=True, expect_pairs=[1, 2])
+    # the segmented walks under the packed epilogue (segments of one chunk; fewer programs than "SMs" would not fuse,
+    # so segment at any count)
+    gla.TUNING.update(segment_chunks=1, bwd_segment_chunks=1, bwd_segment_below=10**6, bwd_segment_target=10**6)
+    check_gla_qkv(2, 45, 2, 8, 12, f32, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    gla.TUNING.update(segment_chunks=64, bwd_segment_chunks=16, bwd_segment_below=1, bwd_segment_target=4)
+    # the fallbacks: too few programs for the fused epilogue, the epilogue or the intra kernel off
+    check_gla_qkv(1, 21, 2, 8, 12, f32, "cpu", gate_scale=1 / 16, expect_pairs=[])
+    gla.TUNING.update(bwd_fused_dg=False)
+    check_gla_qkv(2, 21, 2, 8, 12, f32, "cpu", gate_scale=1 / 16, expect_pairs=[])
+    gla.TUNING.update(bwd_fused_dg=True, bwd_intra=False)
+    check_gla_qkv(2, 21, 2, 8, 12, torch.float16, "cpu", gate_scale=1 / 16, expect_pairs=[0, 0])
+    gla.TUNING.update(bwd_intra=True)
+    # three TF32 products: the forward's second walk does not accumulate (sums in PyTorch), the backward's still do
+    gla.TUNING.update(half_dot_precision="tf32x3")
+    check_gla_qkv(2, 21, 2, 8, 12, torch.float16, "cpu", gate_scale=1 / 16, expect_pairs=[1, 2])
+    gla.TUNING.update(half_dot_precision="auto")
+    print("interpreter ok")
+    """
+)
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
@@ -328,15 +423,25 @@ def test_interpreter_gla_backward_settings_match_reference():
     run_in_interpreter(_INTERPRETER_BACKWARD_SCRIPT)
 
 
+def test_interpreter_gla_qkv_matches_reference():
+    """The packed bidirectional op's forward and its packed backward (both directions' walks writing one ``qkv`` and
+    one ``gates`` gradient) on the CPU (Triton's interpreter), and its fallbacks."""
+    pytest.importorskip("triton")
+    run_in_interpreter(_INTERPRETER_QKV_SCRIPT)
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import torch
     from tests.test_kernels_triton_gla import _qkvg, check_compiled_matches_eager
-    from visionlin.kernels.triton.gla import bidirectional_gla_triton, gla_triton
+    from visionlin.kernels.triton.gla import bidirectional_gla_triton, bidirectional_gla_triton_qkv, gla_triton
     torch.manual_seed(0)
     inputs = [t.requires_grad_() for t in _qkvg(2, 20, 2, 16, 16, torch.bfloat16, "cpu")]
     def f(q, k, v, g):
-        return bidirectional_gla_triton(q, k, v, g, g * 0.5) + gla_triton(q, k, v, g)
+        qkv = torch.cat([t.flatten(2) for t in (q, k, v)], -1)  # the packed op too, its gradients through the cat
+        gates = torch.cat([g.flatten(2), (g * 0.5).flatten(2)], -1)
+        packed = bidirectional_gla_triton_qkv(qkv, gates, 2)
+        return bidirectional_gla_triton(q, k, v, g, g * 0.5) + gla_triton(q, k, v, g) + packed
     print(check_compiled_matches_eager(f, inputs))
     print("interpreter ok")
     """
@@ -405,6 +510,35 @@ def test_gpu_gla_strong_decays_and_views(dtype):
     check_gla(2, 300, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=8.0)
     check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", non_contiguous=True)
     check_gla(2, 77, 3, 32, 64, dtype, "cuda", mode="bidirectional", gate_scale=1 / 16, non_contiguous="vig")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_gla_qkv_packed(dtype):
+    """The packed bidirectional op (ViG's layer with ``layers.gla.FAST_PATHS["qkv_packed"]``) against the float64
+    reference: its packed walks where the (batch, head) programs fill the SMs (ViG-S's 224 px stage shapes at batch
+    48-64), strided inputs, strong decays and a value dim of two blocks; its fallback (fewer programs, a long
+    sequence); its custom ops' registrations (``opcheck``); compiled with ``fullgraph=True`` against eager."""
+    _cuda_or_skip()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, length, h, kd, vd in [(48, 196, 3, 32, 64), (64, 49, 6, 32, 64), (24, 197, 6, 24, 40)]:
+        packed = b * h >= sms
+        check_gla_qkv(b, length, h, kd, vd, dtype, "cuda", gate_scale=1 / 16, expect_pairs=[1, 2] if packed else [])
+    check_gla_qkv(48, 100, 3, 32, 64, dtype, "cuda", gate_scale=8.0, strided=True)
+    check_gla_qkv(2, 3136, 3, 32, 64, dtype, "cuda", gate_scale=1 / 16, expect_pairs=[])
+    from visionlin.kernels.triton import gla
+
+    qkv = torch.randn(4, 40, 3 * 64, device="cuda", dtype=dtype)
+    gates = F.logsigmoid(torch.randn(4, 40, 2 * 64, device="cuda", dtype=dtype)) / 16
+    torch.library.opcheck(gla.bigla_qkv_fwd, (qkv.requires_grad_(), gates.requires_grad_(), 2, 0.17))
+    torch.library.opcheck(
+        gla.bigla_qkv_bwd, (qkv, gates, torch.randn(4, 40, 2, 32, device="cuda", dtype=dtype), 2, 0.17)
+    )
+
+    def f(qkv, gates):
+        return bidirectional_gated_linear_attention_qkv(qkv, gates, 2, backend="triton")
+
+    check_compiled_matches_eager(f, (qkv, gates))
 
 
 @gpu

@@ -208,3 +208,24 @@ def test_no_weight_decay_covers_ssm_parameters():
     model = timm.create_model("mambavision_tiny", depths=(1, 1, 1, 1), embed_dim=16, in_dim=8)
     skip = model.no_weight_decay()
     assert {"stages.2.blocks.0.attn.A_log", "stages.2.blocks.0.attn.D"} <= skip
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_gla_mixer_packed_call_equals_split(prefix, monkeypatch):
+    """``layers.gla.FAST_PATHS["qkv_packed"]`` (the projections' outputs handed to the op packed) changes nothing but
+    the call: output, the input's and every parameter's gradient equal the split call's (on the CPU both run the
+    reference, bitwise), with and without a prefix token."""
+    from visionlin.layers import gla as gla_layer
+
+    results = []
+    for packed in (False, True):
+        monkeypatch.setitem(gla_layer.FAST_PATHS, "qkv_packed", packed)
+        torch.manual_seed(0)
+        layer = GatedLinearAttention2D(32, 2)
+        x = torch.randn(2, prefix + 12, 32, requires_grad=True)
+        out = layer(x, (3, 4), num_prefix_tokens=prefix)
+        out.square().sum().backward()
+        results.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    assert all(g is not None for g in results[1])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -37,6 +37,7 @@ from .rms_mix import rms_gate_mix, rms_gate_mix_reference
 from .rope import apply_rope_2d, apply_rope_2d_pair, rope_2d_tables
 from .scan import (
     bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_qkv,
     bidirectional_gated_linear_attention_reference,
     gated_linear_attention,
     gated_linear_attention_reference,
@@ -60,6 +61,7 @@ __all__ = [
     "apply_rope_2d",
     "apply_rope_2d_pair",
     "bidirectional_gated_linear_attention",
+    "bidirectional_gated_linear_attention_qkv",
     "bidirectional_gated_linear_attention_reference",
     "block_sparse_attention",
     "block_sparse_attention_reference",

@@ -10,11 +10,18 @@ from timm.layers import RmsNorm
 from torch import nn
 
 from ..kernels.rms_mix import rms_gate_mix
-from ..kernels.scan import bidirectional_gated_linear_attention
+from ..kernels.scan import bidirectional_gated_linear_attention, bidirectional_gated_linear_attention_qkv
 from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
 from ._registry import register_attn
 
-__all__ = ["GatedLinearAttention2D"]
+__all__ = ["FAST_PATHS", "GatedLinearAttention2D"]
+
+#: Process-wide switch: ``qkv_packed`` hands the projections' outputs to
+#: :func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv` packed (the Triton backward writes one gradient
+#: for ``qkv_proj``'s output and one for the gates, instead of the two directions' ten that autograd sums and
+#: concatenates); off, the split call. Off until its GPU tests pass (written at s48 without a GPU;
+#: ``benchmarks/toggle_speed.py``'s config ``gla_qkv_packed`` times it on against the default).
+FAST_PATHS: dict[str, bool] = {"qkv_packed": False}
 
 
 @register_attn("gla")
@@ -28,6 +35,8 @@ class GatedLinearAttention2D(TokenMixer):
     3. ``o = (GLA_fwd + GLA_bwd) / 4``: the bidirectional average of
        :func:`~visionlin.kernels.bidirectional_gated_linear_attention`, halved again as the authors' inference code
        does (their training code does not; ``g_norm`` below is scale-free, so the factor only moves its ``eps``).
+       With :data:`FAST_PATHS` ``["qkv_packed"]`` the projections' outputs go to
+       :func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv` as they are (the same function).
     4. 2-D gating locality injection: ``o = g_norm(o) * s + l_norm(local) * (1 - s)`` per head with
        ``s = sigmoid(g_proj(local))``; ``SiLU`` if ``use_out_act``; ``o_proj``. (The second halving of step 3 is
        ``g_norm``'s ``eps`` times 4, ``4 * norm_eps``: the same function with one op fewer.) Step 4 is one op,
@@ -129,14 +138,17 @@ class GatedLinearAttention2D(TokenMixer):
         local = map_to_tokens(self.in_proj(tokens_to_map(x[:, p:], feat_size)))
         if p:
             local = torch.cat([self.in_proj[1](x[:, :p]), local], dim=1)
-        q, k, v = self.qkv_proj(local).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        gates = F.logsigmoid(self.gk_proj(local)).to(q.dtype) / self.gate_logit_normalizer
-        g_fwd, g_bwd = gates.chunk(2, dim=-1)
-        h = self.num_heads
-        q, k, v, g_fwd, g_bwd = (split_heads(t, h) for t in (q, k, v, g_fwd, g_bwd))
-        o = bidirectional_gated_linear_attention(
-            q, k, v, g_fwd, g_bwd, scale=self.head_k_dim**-0.5, backend=self.backend
-        )  # [B, L, H, Dv]
+        qkv = self.qkv_proj(local)
+        gates = F.logsigmoid(self.gk_proj(local)).to(qkv.dtype) / self.gate_logit_normalizer
+        h, scale = self.num_heads, self.head_k_dim**-0.5
+        if FAST_PATHS["qkv_packed"]:  # the projections' outputs as they are (one gradient each in the backward)
+            o = bidirectional_gated_linear_attention_qkv(qkv, gates, h, scale=scale, backend=self.backend)
+        else:
+            q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            g_fwd, g_bwd = gates.chunk(2, dim=-1)
+            q, k, v, g_fwd, g_bwd = (split_heads(t, h) for t in (q, k, v, g_fwd, g_bwd))
+            o = bidirectional_gated_linear_attention(q, k, v, g_fwd, g_bwd, scale=scale, backend=self.backend)
+        # o: [B, L, H, Dv]
         # g_norm(o / 2) * s + l_norm(local) * (1 - s), SiLU'd with use_out_act (elementwise: per head or merged alike)
         o = rms_gate_mix(
             o, split_heads(local, h), split_heads(self.g_proj(local), h), self.g_norm.weight, self.l_norm.weight,

@@ -1,5 +1,9 @@
 """Gated linear attention (GLA) as a chunked Triton kernel, forward and backward, one direction per call; ViG's
 bidirectional form is the mean of a forward and a reversed call (the reversal is in the kernels' indexing, no copies).
+:func:`bidirectional_gla_triton_qkv` takes ViG's projections' outputs packed (``qkv``, ``gates``) and chains the two
+directions' kernels: the reversed walk adds the forward walk's float32 outputs before its one rounding, and in the
+backward the second direction's ``dv`` store and epilogue add the first's float32 ``dv``, ``dq`` and ``dk`` shares,
+writing one packed gradient for ``qkv`` and one for ``gates`` (the halving of the mean is in ``scale``).
 
 Math: :func:`visionlin.kernels.scan.gated_linear_attention_reference`, per (batch, head), ``G_t = sum_{r <= t} g_r``::
 
@@ -54,7 +58,14 @@ from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
 from .linear import _num_sms
 
-__all__ = ["MAX_KEY_DIM", "MAX_VALUE_DIM", "TUNING", "bidirectional_gla_triton", "gla_triton"]
+__all__ = [
+    "MAX_KEY_DIM",
+    "MAX_VALUE_DIM",
+    "TUNING",
+    "bidirectional_gla_triton",
+    "bidirectional_gla_triton_qkv",
+    "gla_triton",
+]
 
 #: Largest key head dim (the ``[T, T, K]`` decay tile stays in registers) and value head dim.
 MAX_KEY_DIM = 64
@@ -228,14 +239,16 @@ def _state_tile(STATES, slot, BK: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def _gla_fwd_kernel(
-    Q, K, V, GG, Out, INIT,
+    Q, K, V, GG, Out, INIT, PREV,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
     sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, so_b, so_l, so_h, so_d,
     REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr, SEGMENTED: tl.constexpr,
-    T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    ACC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """The outputs of one (batch, head) and value block: the whole walk from a zero state, or (``SEGMENTED``) the
-    chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32)."""
+    chunks of segment ``program_id(2)`` from its incoming state ``INIT[bh, vb, seg]`` (``[BK, BV]`` float32).
+    ``ACC``: the other direction's float32 outputs ``PREV`` (contiguous ``[B, L, H, V]``) are added before the one
+    rounding to ``Out``'s dtype (the bidirectional op's second walk)."""
     bh = tl.program_id(0)
     b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     v0 = tl.program_id(1) * BV
@@ -260,12 +273,12 @@ def _gla_fwd_kernel(
             a = tl.where(_causal(T), _dot(q * tl.exp(G - g_last[None, :]), tl.trans(kw), PREC), 0.0) * scale
         else:
             a = tl.sum(q[:, None, :] * k[None, :, :] * _decay(G, T), axis=2) * scale  # [T, T]
+        omask = tmask[:, None] & (offs_v < V_DIM)[None, :]
         o = _dot(a, v, PREC) + _dot(q * tl.exp(G) * scale, state, PREC)
-        tl.store(
-            Out + b * so_b + h * so_h + pos[:, None] * so_l + offs_v[None, :] * so_d,
-            o.to(Out.dtype.element_ty),
-            mask=tmask[:, None] & (offs_v < V_DIM)[None, :],
-        )
+        if ACC:
+            o += tl.load(PREV + ((b * L + pos[:, None]) * H + h) * V_DIM + offs_v[None, :], mask=omask, other=0.0)
+        tl.store(Out + b * so_b + h * so_h + pos[:, None] * so_l + offs_v[None, :] * so_d, o.to(Out.dtype.element_ty),
+                 mask=omask)  # fmt: skip
         state = tl.exp(g_last)[:, None] * state + _dot(tl.trans(kw), v, PREC)
 
 
@@ -398,18 +411,21 @@ def _gla_seg_adj_kernel(
 
 @triton.jit
 def _gla_bwd_kv_kernel(
-    Q, K, V, GG, G, DK, DVv, INIT, DVI,
+    Q, K, V, GG, G, DK, DVv, INIT, DVI, DVP,
     L, H, K_DIM, V_DIM, scale, seg_chunks,
-    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d,
+    sq_b, sq_l, sq_h, sq_k, sgg_b, sgg_l, sgg_h, sv_b, sv_l, sv_h, sv_d, sg_b, sg_l, sg_h, sg_d, sdv_b, sdv_l, sdv_h,
     REVERSE: tl.constexpr, G_OWN: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr, INTRA: tl.constexpr,
-    T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DV_ACC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (float32, this value block's share: ``DK[pid_v]`` of ``[n_blocks, B, L, H, K]``) and ``dv`` (the inputs'
     dtype) of one (batch, head) and block of value channels: a reverse walk carrying the state's adjoint, from a zero
     adjoint, or (``SEGMENTED``) over the chunks of segment ``program_id(2)`` from the adjoint entering it from its
     right (slot ``n_seg - 1 - seg`` of ``INIT``, :func:`_gla_seg_adj_kernel`). ``INTRA``: ``DK`` and ``DVI`` (float32,
     ``[B, L, H, V]`` contiguous) already hold the chunks' own terms (:func:`_gla_bwd_intra_kernel`; ``dk``'s whole in
-    value block 0's share); the walk adds the state adjoint's and writes ``dv`` in the inputs' dtype."""
+    value block 0's share); the walk adds the state adjoint's. ``dv`` goes to ``DVv`` (contiguous ``[B, L, H, V]``)
+    in ``DVv``'s dtype (the inputs', or float32 for the packed bidirectional op's first walk); ``DV_ACC`` (its second
+    walk): plus the other direction's float32 ``dv`` ``DVP`` (contiguous), before the one rounding, stored through
+    ``DVv``'s strides ``sdv_*`` (channel stride 1)."""
     bh = tl.program_id(0)
     b, h, base_qk, GG, base_v = _head_bases(bh, H, GG, sq_b, sq_h, sgg_b, sgg_h, sv_b, sv_h, G_OWN)
     v0 = tl.program_id(1) * BV
@@ -454,8 +470,13 @@ def _gla_bwd_kv_kernel(
             dv = _dot(tl.trans(a), do, PREC) + _dot(k * w, adj, PREC)
             ptr = (b * L + pos[:, None]) * H + h
         tl.store(DK + ptr * K_DIM + offs_k[None, :], dk, mask=tmask[:, None] & (offs_k < K_DIM)[None, :])
-        tl.store(DVv + ptr * V_DIM + offs_v[None, :], dv.to(DVv.dtype.element_ty),
-                 mask=tmask[:, None] & (offs_v < V_DIM)[None, :])  # fmt: skip
+        vmask = tmask[:, None] & (offs_v < V_DIM)[None, :]
+        if DV_ACC:  # (strided stores only here: three more offsets spilled the walks-only K = 64 kernel for sm_90)
+            dv += tl.load(DVP + ptr * V_DIM + offs_v[None, :], mask=vmask, other=0.0)
+            dv_ptr = DVv + b * sdv_b + h * sdv_h + pos[:, None] * sdv_l + offs_v[None, :]
+        else:
+            dv_ptr = DVv + ptr * V_DIM + offs_v[None, :]
+        tl.store(dv_ptr, dv.to(DVv.dtype.element_ty), mask=vmask)
         adj = tl.exp(g_last)[:, None] * adj + _dot(tl.trans(q * tl.exp(G_) * scale), do, PREC)
 
 
@@ -511,15 +532,18 @@ def _gla_bwd_intra_kernel(
 
 @triton.jit
 def _gla_dg_kernel(
-    Q, K, DQ, DKP, DG, DQO, DKO,
+    Q, K, DQ, DKP, DG, DQO, DKO, PDQ, PDKP,
     L, H, K_DIM, n_parts, part_stride,
-    sq_b, sq_l, sq_h, sq_k,
-    REVERSE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+    sq_b, sq_l, sq_h, sq_k, sdg_b, sdg_l, sdg_h, so_b, so_l, so_h,
+    REVERSE: tl.constexpr, PAIR: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """The backward's epilogue for one (batch, head), one pass instead of a dozen PyTorch ones: ``dk`` = the sum of
     the walks' value-block shares ``DKP``, ``dG = q * dq - k * dk`` and the gates' gradient ``dg_w = sum_{w' >= w}
     dG_w'`` in walk order (tiles from the walk's end, a float32 carry between them), 0 for the walk's first gate;
-    writes ``dg``, ``dq``, ``dk`` contiguous in the inputs' dtypes (``DQ`` / ``DKP`` float32, contiguous)."""
+    writes ``dg`` (strides ``sdg_*``), ``dq`` and ``dk`` (strides ``so_*``; channel strides 1) in their buffers' dtypes
+    (``DQ`` / ``DKP`` float32, contiguous). The bidirectional op's two walks (``PAIR``): the first (1) writes ``dg``
+    only; the second (2) adds the first's float32 ``dq`` ``PDQ`` and ``dk`` shares ``PDKP`` (laid out as ``DQ`` /
+    ``DKP``) to its own before writing ``dq`` and ``dk`` (0: a single direction)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -545,9 +569,16 @@ def _gla_dg_kernel(
         dg = tl.cumsum(dgg, axis=0, reverse=True) + carry[None, :]
         carry += tl.sum(dgg, axis=0)
         dg = tl.where((t == 0)[:, None], 0.0, dg)
-        tl.store(DG + dst, dg.to(DG.dtype.element_ty), mask=mask)
-        tl.store(DQO + dst, dq.to(DQO.dtype.element_ty), mask=mask)
-        tl.store(DKO + dst, dk.to(DKO.dtype.element_ty), mask=mask)
+        tl.store(DG + b * sdg_b + h * sdg_h + pos[:, None] * sdg_l + offs_k[None, :], dg.to(DG.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        if PAIR != 1:
+            if PAIR == 2:  # the first walk's dq and dk shares (same layout, same part count)
+                dq += tl.load(PDQ + dst, mask=mask, other=0.0)
+                for p in range(0, n_parts):
+                    dk += tl.load(PDKP + p * part_stride + dst, mask=mask, other=0.0)
+            out = b * so_b + h * so_h + pos[:, None] * so_l + offs_k[None, :]
+            tl.store(DQO + out, dq.to(DQO.dtype.element_ty), mask=mask)
+            tl.store(DKO + out, dk.to(DKO.dtype.element_ty), mask=mask)
 
 
 # Host side ------------------------------------------------------------------------------------------------------------
@@ -614,9 +645,24 @@ def gla_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, reverse: bool, float32_out: bool
 ) -> torch.Tensor:
     """``o`` ``[B, L, H, V]`` in ``v``'s dtype (float32 with ``float32_out``)."""
+    return _forward(q, k, v, g, scale, reverse, torch.float32 if float32_out else v.dtype)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    reverse: bool,
+    dtype: torch.dtype,
+    prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One direction's outputs ``[B, L, H, V]`` in ``dtype``; with ``prev`` (float32, contiguous, the other
+    direction's outputs) their sum, rounded once."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
-    out = torch.empty(b, length, h, vd, device=q.device, dtype=torch.float32 if float32_out else v.dtype)
+    out = torch.empty(b, length, h, vd, device=q.device, dtype=dtype)
     if out.numel() == 0:
         return out.zero_()
     bk, bv = _blocks(kd, vd)
@@ -633,10 +679,9 @@ def gla_fwd(
     if n_seg > 1:
         init = _incoming_states(q, k, v, g, g_own, prec, reverse, n_seg, seg_chunks, bk, bv_fwd)
     launch(_gla_fwd_kernel, (b * h, n_vb, n_seg),
-        q, k, v, g, out, init, length, h, kd, vd, scale, seg_chunks if n_seg > 1 else 0, *q.stride(), *g.stride()[:3],
-        *v.stride(),
-        *out.stride(),
-        SEGMENTED=n_seg > 1, **meta,
+        q, k, v, g, out, init, out if prev is None else prev, length, h, kd, vd, scale,
+        seg_chunks if n_seg > 1 else 0, *q.stride(), *g.stride()[:3], *v.stride(), *out.stride(),
+        SEGMENTED=n_seg > 1, ACC=prev is not None, **meta,
     )  # fmt: skip
     return out
 
@@ -684,19 +729,62 @@ def gla_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor, scale: float, reverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dg)`` in the inputs' dtypes."""
+    return _backward_one(q, k, v, g, do, scale, reverse)
+
+
+def _backward_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor, scale: float, reverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction's ``(dq, dk, dv, dg)`` in the inputs' dtypes."""
     b, length, h, kd = q.shape
     vd = v.shape[-1]
     if q.numel() == 0 or vd == 0:
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, g))
-    bk, bv = _blocks(kd, vd)
-    intra, fused_dg = _flag("bwd_intra"), _flag("bwd_fused_dg")
+    intra, fused = _flag("bwd_intra"), _flag("bwd_fused_dg")
     q, k, g, g_own = _gla_layout(q, k, g, own=intra)
+    dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
+    dq, dk_parts = _walks(q, k, v, g, g_own, do, scale, reverse, intra, dv)
+    if fused and _fused_epilogue(b * h, dk_parts.shape[0], q.device):
+        outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
+        _epilogue(q, k, dq, dk_parts, reverse, *outs)
+        dg, dq, dk = outs
+        return dq, dk, dv, dg
+    dk = dk_parts[0] if dk_parts.shape[0] == 1 else dk_parts.sum(0)
+    # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
+    dgg = q.float() * dq - k.float() * dk
+    dg = dgg.cumsum(1) if reverse else dgg.flip(1).cumsum(1).flip(1)
+    # The first gate of the walk only decays the zero initial state: its gradient (the sum of every dG_t, zero since
+    # the output depends on differences of G only) is exactly 0, not the float32 cancellation residue of the sum (at
+    # L = 1 that residue was the whole gradient, against an exact zero).
+    dg[:, -1 if reverse else 0] = 0.0
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype)
+
+
+def _walks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    g_own: bool,
+    do: torch.Tensor,
+    scale: float,
+    reverse: bool,
+    intra: bool,
+    dv: torch.Tensor,
+    dv_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction's backward kernels but the epilogue (``q``, ``k``, ``g`` as :func:`_gla_layout` gives them):
+    the intra kernel (``intra``), the ``dq`` walk and the ``dk`` / ``dv`` walk, which writes ``dv`` into ``dv``
+    (any strides with channel stride 1; plus ``dv_prev``, float32 contiguous, when given). Returns ``dq`` (float32
+    ``[B, L, H, K]``) and ``dk``'s value-block shares (float32 ``[n_blocks, B, L, H, K]``)."""
+    b, length, h, kd = q.shape
+    vd = v.shape[-1]
+    bk, bv = _blocks(kd, vd)
     prec = dot_precision(v.dtype, length, backward=True)
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
     bv_kv = min(bv, KV_BLOCK_V)
     n_vb = cdiv(vd, bv_kv)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
-    dv = torch.empty(b, length, h, vd, device=q.device, dtype=v.dtype)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _backward_segments(b * h, n_chunks, bk, bv, n_vb, bv_kv, q.device)
     s_in = h_in = dv_intra = dq  # placeholder pointers when not segmented / not split
@@ -713,23 +801,39 @@ def gla_bwd(
     common = dict(REVERSE=reverse, G_OWN=g_own, PREC=prec, SEGMENTED=n_seg > 1, INTRA=intra, T=CHUNK, BK=bk)
     launch(_gla_bwd_q_kernel, (b * h, n_seg), q, k, v, g, do, dq, s_in, *args, **common, BV=bv,
            **_meta("bwd_q", warps(bk)))  # fmt: skip
-    launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra, *args, **common,
+    launch(_gla_bwd_kv_kernel, (b * h, n_vb, n_seg), q, k, v, g, do, dk_parts, dv, h_in, dv_intra,
+           dv if dv_prev is None else dv_prev, *args, *dv.stride()[:3], **common, DV_ACC=dv_prev is not None,
            BV=bv_kv, **_meta("bwd_kv", warps(bk)))  # fmt: skip
-    if fused_dg and b * h >= _num_sms(q.device) and n_vb <= 2:
-        outs = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (g, q, k)]
-        launch(_gla_dg_kernel, (b * h,), q, k, dq, dk_parts, *outs, length, h, kd, n_vb,
-               dk_parts[0].numel(), *q.stride(), REVERSE=reverse, BL=DG_ROWS, BK=bk, **_meta("dg", 4))  # fmt: skip
-        dg, dq, dk = outs
-        return dq, dk, dv, dg
-    dk = dk_parts[0] if n_vb == 1 else dk_parts.sum(0)
-    # dG_t = q_t dq_t - k_t dk_t; g_r enters every G_t with t >= r in walk order (t <= r in memory order if reversed).
-    dgg = q.float() * dq - k.float() * dk
-    dg = dgg.cumsum(1) if reverse else dgg.flip(1).cumsum(1).flip(1)
-    # The first gate of the walk only decays the zero initial state: its gradient (the sum of every dG_t, zero since
-    # the output depends on differences of G only) is exactly 0, not the float32 cancellation residue of the sum (at
-    # L = 1 that residue was the whole gradient, against an exact zero).
-    dg[:, -1 if reverse else 0] = 0.0
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype)
+    return dq, dk_parts
+
+
+def _fused_epilogue(programs: int, n_parts: int, device: torch.device) -> bool:
+    """Whether the backward's epilogue may run as one Triton pass (:func:`_gla_dg_kernel`; with
+    ``TUNING["bwd_fused_dg"]`` on): the (batch, head) ``programs`` fill the SMs (each walks its whole sequence) and
+    ``dk`` comes in at most two shares."""
+    return programs >= _num_sms(device) and n_parts <= 2
+
+
+def _epilogue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    dq: torch.Tensor,
+    dk_parts: torch.Tensor,
+    reverse: bool,
+    dg: torch.Tensor,
+    dq_out: torch.Tensor,
+    dk_out: torch.Tensor,
+    pair: int = 0,
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """:func:`_gla_dg_kernel` over the walks' ``dq`` / ``dk`` shares: ``dg`` into ``dg``, ``dq`` and ``dk`` into
+    ``dq_out`` / ``dk_out`` (each any strides with channel stride 1; ``dq_out`` and ``dk_out`` share theirs). ``pair``
+    1 writes ``dg`` only; 2 adds ``prev`` (the first walk's ``dq`` and ``dk`` shares) to ``dq`` and ``dk``."""
+    b, length, h, kd = q.shape
+    pdq, pdk = prev if prev is not None else (dq, dk_parts)
+    launch(_gla_dg_kernel, (b * h,), q, k, dq, dk_parts, dg, dq_out, dk_out, pdq, pdk, length, h, kd,
+           dk_parts.shape[0], dk_parts[0].numel(), *q.stride(), *dg.stride()[:3], *dq_out.stride()[:3],
+           REVERSE=reverse, PAIR=pair, BL=DG_ROWS, BK=tile_dim(kd), **_meta("dg", 4))  # fmt: skip
 
 
 def _backward_segments(
@@ -803,6 +907,89 @@ _gla_bwd_call = eager_call(gla_bwd)
 _gla_fwd_call = eager_op(gla_fwd, _setup, _backward)
 
 
+# ViG's bidirectional op on the projections' packed outputs ------------------------------------------------------------
+def _packed_views(qkv: torch.Tensor, gates: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """``q, k, v, g_fwd, g_bwd`` ``[B, L, H, *]`` as views of ``qkv`` ``[B, L, 2 K + V]`` and ``gates``
+    ``[B, L, 2 K]`` (``K`` = ``gates.shape[-1] // 2``, head dims ``K / heads``, ``V / heads``)."""
+    kw = gates.shape[-1] // 2
+    q, k, v = qkv.split([kw, kw, qkv.shape[-1] - 2 * kw], dim=-1)
+    return tuple(t.unflatten(-1, (heads, -1)) for t in (q, k, v, *gates.split([kw, kw], dim=-1)))
+
+
+@torch.library.custom_op("visionlin::bigla_qkv_fwd", mutates_args=())
+def bigla_qkv_fwd(qkv: torch.Tensor, gates: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """ViG's ``(o_fwd + o_bwd) / 2`` ``[B, L, H, V]`` in ``qkv``'s dtype: the forward walk's float32 outputs, then
+    the reversed walk adds them before its one rounding. The halving is in ``scale`` (each output is linear in it)."""
+    q, k, v, gf, gb = _packed_views(qkv, gates, heads)
+    first = _forward(q, k, v, gf, scale * 0.5, False, torch.float32)
+    if dot_precision(qkv.dtype) == "tf32x3":  # (three TF32 products: the accumulating walk spilled 24 bytes, sm_90)
+        return (first + _forward(q, k, v, gb, scale * 0.5, True, torch.float32)).to(qkv.dtype)
+    return _forward(q, k, v, gb, scale * 0.5, True, qkv.dtype, prev=first)
+
+
+@bigla_qkv_fwd.register_fake
+def _(qkv, gates, heads, scale):
+    return qkv.new_empty(*qkv.shape[:2], heads, (qkv.shape[-1] - gates.shape[-1]) // heads)
+
+
+@torch.library.custom_op("visionlin::bigla_qkv_bwd", mutates_args=())
+def bigla_qkv_bwd(
+    qkv: torch.Tensor, gates: torch.Tensor, do: torch.Tensor, heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d_qkv, d_gates)``, packed as ``qkv`` and ``gates`` (contiguous, their dtypes). With the shipped backward
+    (intra kernel, fused epilogue, whose rule holds) the two walks write them directly: the first direction keeps its
+    ``dq``, ``dk`` shares and ``dv`` in float32, the second adds them in its epilogue and ``dv`` store; ``dg`` of each
+    direction goes to its half of ``d_gates``. Otherwise the two directions' gradients are summed and concatenated."""
+    d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    d_gates = torch.empty(gates.shape, device=gates.device, dtype=gates.dtype)
+    if qkv.numel() == 0 or gates.shape[-1] == 0:
+        return d_qkv.zero_(), d_gates.zero_()
+    qkv, gates = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, gates))  # one channel stride for the views
+    q, k, v, gf, gb = _packed_views(qkv, gates, heads)
+    s = scale * 0.5
+    b, _, h, kd = q.shape
+    n_vb = cdiv(v.shape[-1], min(tile_dim(v.shape[-1]), KV_BLOCK_V))
+    if not (_flag("bwd_intra") and _flag("bwd_fused_dg") and _fused_epilogue(b * h, n_vb, q.device)):
+        fwd, bwd = _backward_one(q, k, v, gf, do, s, False), _backward_one(q, k, v, gb, do, s, True)
+        torch.cat([(x.float() + y.float()).flatten(2) for x, y in zip(fwd[:3], bwd[:3], strict=True)], -1, out=d_qkv)
+        torch.cat([fwd[3].flatten(2), bwd[3].flatten(2)], -1, out=d_gates)
+        return d_qkv, d_gates
+    dq, dk, dv, dgf, dgb = _packed_views(d_qkv, d_gates, heads)
+    q, k, gf, own_f = _gla_layout(q, k, gf)  # (views of one buffer with channel stride 1: no copies)
+    q, k, gb, own_b = _gla_layout(q, k, gb)
+    dv_first = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    first = _walks(q, k, v, gf, own_f, do, s, False, True, dv_first)
+    _epilogue(q, k, *first, False, dgf, dq, dk, pair=1)
+    second = _walks(q, k, v, gb, own_b, do, s, True, True, dv, dv_prev=dv_first)
+    del dv_first
+    _epilogue(q, k, *second, True, dgb, dq, dk, pair=2, prev=first)
+    return d_qkv, d_gates
+
+
+@bigla_qkv_bwd.register_fake
+def _(qkv, gates, do, heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(
+        gates, memory_format=torch.contiguous_format
+    )
+
+
+def _setup_qkv(ctx, inputs, output):
+    qkv, gates, heads, scale = inputs
+    ctx.save_for_backward(qkv, gates)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _backward_qkv(ctx, do):
+    qkv, gates = ctx.saved_tensors
+    d_qkv, d_gates = _bigla_qkv_bwd_call(qkv, gates, do, ctx.heads, ctx.scale)
+    return d_qkv, d_gates, None, None
+
+
+bigla_qkv_fwd.register_autograd(_backward_qkv, setup_context=_setup_qkv)
+_bigla_qkv_bwd_call = eager_call(bigla_qkv_bwd)
+_bigla_qkv_fwd_call = eager_op(bigla_qkv_fwd, _setup_qkv, _backward_qkv)
+
+
 def gla_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -840,3 +1027,13 @@ def bidirectional_gla_triton(
     fwd = _gla_fwd_call(q, k, v, g_fwd, s, False, True)
     bwd = _gla_fwd_call(q, k, v, g_bwd, s, True, True)
     return ((fwd + bwd) * 0.5).to(v.dtype)
+
+
+def bidirectional_gla_triton_qkv(
+    qkv: torch.Tensor, gates: torch.Tensor, num_heads: int, *, scale: float | None = None
+) -> torch.Tensor:
+    """:func:`bidirectional_gla_triton` of ``q, k, v`` packed in one projection's output ``qkv`` ``[B, L, 2 K + V]``
+    and ``g_fwd, g_bwd`` in ``gates`` ``[B, L, 2 K]`` (``num_heads`` heads each): the same result; the backward writes
+    one gradient for each (no sums and concatenations of the two directions' five gradients)."""
+    s = (gates.shape[-1] // (2 * num_heads)) ** -0.5 if scale is None else float(scale)
+    return _bigla_qkv_fwd_call(qkv, gates, int(num_heads), s)
