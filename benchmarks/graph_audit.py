@@ -1,0 +1,197 @@
+"""What a training step asks of the GPU besides its kernels, without a GPU: the ATen graph of one forward + backward
+(``make_fx``), its non-view ops by target with the bytes of their outputs, per model and per switch setting.
+
+The step runs on ``meta`` tensors standing in for CUDA ones (bfloat16 weights, floating buffers and input, no
+autocast: a meta device has none), so each layer takes the path it takes on a GPU: the Triton custom ops are selected
+(their ``supports()`` sees a device they accept) and stay opaque nodes, while the PyTorch glue around them (casts,
+copies, concatenations, sums of gradients) shows op by op. This is the graph Inductor receives, before its fusions:
+a count of what there is to fuse or remove, not a timing (``profile_models.py`` on a GPU gives those). Memory formats
+follow the meta kernels, which may differ from cuDNN's choices (a convolution's output layout, hence the copies after
+it).
+
+Usage:
+    python benchmarks/graph_audit.py --models vig_small --toggles gla:qkv_packed [--batch 128] [--out DIR]
+
+``--toggles module:key`` (repeatable, comma-separated) names ``visionlin.layers.<module>.FAST_PATHS[key]`` switches:
+each model is traced with every named switch off, then on. Writes ``graph_audit.json`` (rows: model, switches, ops,
+output MiB, the targets by bytes; meta: command, commit, date, versions) and prints a table per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from visionlin.train.bench import run_meta  # noqa: E402
+
+#: Ops that only re-describe a tensor (no kernel, no bytes written): left out of the counts.
+VIEWS = frozenset(
+    {"aten.view.default", "aten._unsafe_view.default", "aten.t.default", "aten.expand.default", "aten.transpose.int",
+     "aten.permute.default", "aten.alias.default", "aten.split.Tensor", "aten.split_with_sizes.default",
+     "<built-in function getitem>", "aten.slice.Tensor", "aten.unsqueeze.default", "aten.squeeze.dim",
+     "aten.unbind.int", "aten.select.int", "aten.as_strided.default", "aten.detach.default", "aten.unflatten.int"}
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def meta_as_cuda() -> Iterator[None]:
+    """Within the context, the Triton backends accept ``meta`` tensors as CUDA ones (``supports()`` only: nothing is
+    launched, the custom ops' fake implementations run), and autocast counts as off on ``meta``."""
+    import visionlin.kernels.triton as kt
+
+    unavailable, autocast_enabled = kt.triton_unavailable, torch.is_autocast_enabled
+
+    def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
+        if all(t.device.type in ("cuda", "meta") for t in tensors):
+            return [r for r in unavailable(*tensors) if "CUDA" not in r]
+        return unavailable(*tensors)
+
+    def is_autocast_enabled(*args) -> bool:
+        return False if args and str(args[0]).startswith("meta") else autocast_enabled(*args)
+
+    kt.triton_unavailable, torch.is_autocast_enabled = triton_unavailable, is_autocast_enabled
+    try:
+        yield
+    finally:
+        kt.triton_unavailable, torch.is_autocast_enabled = unavailable, autocast_enabled
+
+
+@contextlib.contextmanager
+def switches(toggles: list[str], on: bool) -> Iterator[None]:
+    """``visionlin.layers.<module>.FAST_PATHS[key]`` set to ``on`` for each ``module:key`` in ``toggles``, restored
+    afterwards (a ``ValueError`` names a malformed or unknown one)."""
+    tables = []
+    for toggle in toggles:
+        module, _, key = toggle.partition(":")
+        try:
+            table = importlib.import_module(f"visionlin.layers.{module}").FAST_PATHS
+        except (ImportError, AttributeError):
+            table = None
+        if table is None or key not in table:
+            raise ValueError(
+                f"graph_audit: toggle {toggle!r} names no visionlin.layers.<module>.FAST_PATHS[key] switch"
+            )
+        tables.append((table, key, table[key]))
+    try:
+        for table, key, _ in tables:
+            table[key] = on
+        yield
+    finally:
+        for table, key, old in tables:
+            table[key] = old
+
+
+def audit(name: str, batch: int, size: int, top: int = 25, **model_kwargs) -> dict:
+    """The non-view ops of ``name``'s training step (forward, a sum of the logits, backward to every parameter) at
+    ``batch`` x 3 x ``size`` x ``size`` on meta tensors: their count, the MiB of their outputs, and the ``top`` targets
+    by output bytes (``model_kwargs`` go to ``timm.create_model``)."""
+    import timm
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import visionlin  # noqa: F401 (registers the models)
+
+    model = timm.create_model(name, **model_kwargs).train()
+    with meta_as_cuda():
+        params = {
+            k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta", requires_grad=True)
+            for k, v in model.named_parameters()
+        }
+        buffers = {
+            k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in model.named_buffers()
+        }
+        x = torch.empty(batch, 3, size, size, device="meta", dtype=torch.bfloat16)
+
+        def step(params, x):
+            out = torch.func.functional_call(model, {**params, **buffers}, (x,))
+            return torch.autograd.grad(out.float().sum(), list(params.values()))
+
+        graph = make_fx(step)(params, x).graph
+    count, written = collections.Counter(), collections.Counter()
+    for node in graph.nodes:
+        if node.op != "call_function" or str(node.target) in VIEWS:
+            continue
+        val = node.meta.get("val")
+        outs = val if isinstance(val, (tuple, list)) else [val]
+        count[str(node.target)] += 1
+        written[str(node.target)] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+    ranked = sorted(written, key=lambda t: (-written[t], t))[:top]
+    return {
+        "ops": sum(count.values()),
+        "output_mib": round(sum(written.values()) / 2**20, 1),
+        "targets": [{"target": t, "count": count[t], "output_mib": round(written[t] / 2**20, 1)} for t in ranked],
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="vig_small", help="comma-separated timm names")
+    parser.add_argument("--toggles", action="append", default=[], help="module:key switches (repeatable)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--top", type=int, default=25, help="targets kept per row")
+    parser.add_argument("--out", type=Path, default=None, help="directory for graph_audit.json")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.size < 1 or args.top < 1:
+        parser.error(f"--batch, --size and --top must be >= 1, got {args.batch}, {args.size}, {args.top}")
+    toggles = [t for group in args.toggles for t in group.split(",") if t]
+    with switches(toggles, False):  # every named switch checked before the first trace
+        pass
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        for on in [False, True] if toggles else [False]:
+            with switches(toggles, on):
+                row = {
+                    "model": name,
+                    "switches": {t: on for t in toggles},
+                    **audit(name, args.batch, args.size, args.top),
+                }
+            rows.append(row)
+            print(f"{name} {row['switches']}: {row['ops']} ops, {row['output_mib']:.0f} MiB of outputs")
+            for t in row["targets"]:
+                print(f"  {t['output_mib']:9.1f} MiB  x{t['count']:4d}  {t['target']}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["graph_audit.py", *(argv if argv is not None else sys.argv[1:])])
+        meta = run_meta(command, "cpu", batch=args.batch, size=args.size, device_traced="meta (standing in for cuda)")
+        result = {"meta": meta, "rows": rows}
+        (args.out / "graph_audit.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, args.out / "graph_audit.png")
+    return rows
+
+
+def _label(row: dict) -> str:
+    name = row["model"].split("_patch")[0]  # timm's long names: swin_tiny_patch4_window7_224 -> swin_tiny
+    if not row["switches"]:
+        return name
+    return f"{name}\n{'on' if any(row['switches'].values()) else 'off'}"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Two panels: non-view ops, and MiB of their outputs, per (model, switches) row (``--out``'s PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {_label(r): r for r in result["rows"]}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, title in zip(axes, ("ops", "output_mib"), ("non-view ATen ops", "MiB of op outputs"), strict=True):
+        grouped_bars(ax, list(rows), [key], lambda g, s: rows[g][s], label_fmt="{:.0f}", fontsize=6)
+        ax.set_title(f"training step, {title}", fontsize=8)
+    toggles = sorted({t for r in result["rows"] for t in r["switches"]})
+    finish(fig, result, path, note=f" (meta trace, before Inductor; on / off: {', '.join(toggles) or 'none'})")
+
+
+if __name__ == "__main__":
+    main()

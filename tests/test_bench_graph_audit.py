@@ -1,0 +1,51 @@
+"""``benchmarks/graph_audit.py``: the ATen graph of a training step traced on meta tensors standing in for CUDA."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import graph_audit  # noqa: E402
+
+
+def _targets(row):
+    return {t["target"]: t["count"] for t in row["targets"]}
+
+
+def test_audit_sees_the_gpu_path_and_the_packed_call():
+    """Traced as on a GPU: ViG's layers reach the Triton custom ops (opaque nodes), and the packed switch replaces the
+    two directions' ops and the concatenations of their gradients (two ``cat`` a layer fewer, the switch restored)."""
+    from visionlin.layers import gla
+
+    rows = {}
+    for on in (False, True):
+        with graph_audit.switches(["gla:qkv_packed"], on):
+            rows[on] = graph_audit.audit("vig_tiny", 2, 64, top=100, depth=2, img_size=64)
+    assert gla.FAST_PATHS["qkv_packed"] is False
+    split, packed = _targets(rows[False]), _targets(rows[True])
+    assert split["visionlin.gla_fwd.default"] == 4 and split["visionlin.gla_bwd.default"] == 4  # 2 layers x 2 ways
+    assert packed["visionlin.bigla_qkv_fwd.default"] == 2 and packed["visionlin.bigla_qkv_bwd.default"] == 2
+    assert "visionlin.gla_fwd.default" not in packed
+    assert packed["aten.cat.default"] == split["aten.cat.default"] - 4  # two a layer: q, k, v and the gates
+    assert rows[True]["ops"] < rows[False]["ops"] and rows[True]["output_mib"] < rows[False]["output_mib"]
+    assert not any(t in graph_audit.VIEWS for t in split)
+
+
+def test_cli_writes_rows_and_refuses_bad_toggles(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        graph_audit, "audit", lambda name, batch, size, top: {"ops": 1, "output_mib": 0.5, "targets": []}
+    )
+    rows = graph_audit.main(["--models", "vig_tiny", "--toggles", "gla:qkv_packed", "--out", str(tmp_path)])
+    assert [r["switches"] for r in rows] == [{"gla:qkv_packed": False}, {"gla:qkv_packed": True}]
+    saved = json.loads((tmp_path / "graph_audit.json").read_text())
+    assert saved["rows"] == rows and saved["meta"]["command"].startswith("graph_audit.py --models vig_tiny")
+    for bad in ("gla:nope", "nomodule:qkv_packed", "gla"):
+        with pytest.raises(ValueError, match="names no visionlin.layers"):
+            graph_audit.main(["--toggles", bad])
+    with pytest.raises(SystemExit):
+        graph_audit.main(["--batch", "0"])
