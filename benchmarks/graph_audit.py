@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._plot import finish, grouped_bars  # noqa: E402
+from benchmarks._plot import finish  # noqa: E402
 from visionlin.train.bench import run_meta  # noqa: E402
 
 #: Ops that only re-describe a tensor (no kernel, no bytes written): left out of the counts.
@@ -47,10 +47,15 @@ VIEWS = frozenset(
 @contextlib.contextmanager
 def meta_as_cuda() -> Iterator[None]:
     """Within the context, the Triton backends accept ``meta`` tensors as CUDA ones (``supports()`` only: nothing is
-    launched, the custom ops' fake implementations run), and autocast counts as off on ``meta``."""
+    launched, the custom ops' fake implementations run), ``Tensor.is_cuda`` is true on ``meta`` (the layers' own
+    fast-path checks: the fused RoPE pair, the channels-last stems) and autocast counts as off on ``meta``. Checks of
+    ``device.type == "cuda"`` still see ``"meta"`` (NATTEN's and FlexAttention's backends: not chosen on a GPU either
+    where the Triton one runs)."""
     import visionlin.kernels.triton as kt
 
     unavailable, autocast_enabled = kt.triton_unavailable, torch.is_autocast_enabled
+    own_is_cuda = "is_cuda" in torch.Tensor.__dict__  # (normally inherited from torch._C.TensorBase)
+    previous_is_cuda = torch.Tensor.__dict__.get("is_cuda")
 
     def triton_unavailable(*tensors: torch.Tensor) -> list[str]:
         if all(t.device.type in ("cuda", "meta") for t in tensors):
@@ -61,10 +66,15 @@ def meta_as_cuda() -> Iterator[None]:
         return False if args and str(args[0]).startswith("meta") else autocast_enabled(*args)
 
     kt.triton_unavailable, torch.is_autocast_enabled = triton_unavailable, is_autocast_enabled
+    torch.Tensor.is_cuda = property(lambda self: self.device.type in ("cuda", "meta"))
     try:
         yield
     finally:
         kt.triton_unavailable, torch.is_autocast_enabled = unavailable, autocast_enabled
+        if own_is_cuda:
+            torch.Tensor.is_cuda = previous_is_cuda
+        else:
+            del torch.Tensor.is_cuda
 
 
 @contextlib.contextmanager
@@ -174,22 +184,27 @@ def _label(row: dict) -> str:
     name = row["model"].split("_patch")[0]  # timm's long names: swin_tiny_patch4_window7_224 -> swin_tiny
     if not row["switches"]:
         return name
-    return f"{name}\n{'on' if any(row['switches'].values()) else 'off'}"
+    return f"{name} ({'on' if any(row['switches'].values()) else 'off'})"
 
 
 def plot(result: dict, path: Path) -> None:
-    """Two panels: non-view ops, and MiB of their outputs, per (model, switches) row (``--out``'s PNG)."""
+    """Two panels of horizontal bars, one per (model, switches) row: non-view ops, and MiB of their outputs
+    (``--out``'s PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {_label(r): r for r in result["rows"]}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    rows = result["rows"]
+    labels = [_label(r) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.28 * len(rows)), sharey=True)
     for ax, key, title in zip(axes, ("ops", "output_mib"), ("non-view ATen ops", "MiB of op outputs"), strict=True):
-        grouped_bars(ax, list(rows), [key], lambda g, s: rows[g][s], label_fmt="{:.0f}", fontsize=6)
+        bars = ax.barh(range(len(rows)), [r[key] for r in rows])
+        ax.bar_label(bars, fmt="{:.0f}", fontsize=6)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.set_title(f"training step, {title}", fontsize=8)
-    toggles = sorted({t for r in result["rows"] for t in r["switches"]})
+    axes[0].invert_yaxis()  # (the axes share y: once) the first row on top
+    toggles = sorted({t for r in rows for t in r["switches"]})
     finish(fig, result, path, note=f" (meta trace, before Inductor; on / off: {', '.join(toggles) or 'none'})")
 
 

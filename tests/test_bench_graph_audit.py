@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +35,16 @@ def test_audit_sees_the_gpu_path_and_the_packed_call():
     assert packed["aten.cat.default"] == split["aten.cat.default"] - 4  # two a layer: q, k, v and the gates
     assert rows[True]["ops"] < rows[False]["ops"] and rows[True]["output_mib"] < rows[False]["output_mib"]
     assert not any(t in graph_audit.VIEWS for t in split)
+    assert not torch.empty(1, device="meta").is_cuda  # the context restored Tensor.is_cuda
+
+
+def test_meta_stands_in_for_cuda_in_the_layers_own_checks():
+    """The layers' own ``is_cuda`` fast-path checks see meta tensors as CUDA ones (NaLaFormer's softmax stages rotate
+    q and k with the fused Triton pair: no PyTorch ``neg`` / ``stack`` of the unfused rotation in the step)."""
+    row = graph_audit.audit("nalaformer_tiny", 2, 64, top=200, depths=(1, 1, 1, 1))
+    targets = _targets(row)
+    assert "aten.neg.default" not in targets and "aten.stack.default" not in targets, targets
+    assert any("rope" in t for t in targets), targets
 
 
 def test_cli_writes_rows_and_refuses_bad_toggles(tmp_path, monkeypatch):
