@@ -1,16 +1,21 @@
-"""What a training step asks of the GPU besides its kernels, without a GPU: the ATen graph of one forward + backward
-(``make_fx``), its non-view ops by target with the bytes of their outputs, per model and per switch setting.
+"""What a training step asks of the GPU besides its kernels, without a GPU: the ATen graphs of one forward + backward
+(as ``torch.compile`` hands them to its backend, or as eager autograd runs them), their non-view ops by target with
+the bytes of their outputs, per model and per switch setting.
 
 The step runs on ``meta`` tensors standing in for CUDA ones (bfloat16 weights, floating buffers and input, no
 autocast: a meta device has none), so each layer takes the path it takes on a GPU: the Triton custom ops are selected
 (their ``supports()`` sees a device they accept) and stay opaque nodes, while the PyTorch glue around them (casts,
-copies, concatenations, sums of gradients) shows op by op. This is the graph Inductor receives, before its fusions:
-a count of what there is to fuse or remove, not a timing (``profile_models.py`` on a GPU gives those). Memory formats
-follow the meta kernels, which may differ from cuDNN's choices (a convolution's output layout, hence the copies after
-it).
+copies, concatenations, sums of gradients) shows op by op. Compiled, these are the graphs Inductor receives, before
+its fusions: a count of what there is to fuse or remove, not a timing (``profile_models.py`` on a GPU gives those).
+Memory formats follow the meta kernels, which may differ from cuDNN's choices (a convolution's output layout, hence
+the copies after it).
 
 Usage:
-    python benchmarks/graph_audit.py --models vig_small --toggles gla:qkv_packed [--batch 128] [--out DIR]
+    python benchmarks/graph_audit.py --models vig_small --toggles gla:qkv_packed [--mode compiled] [--batch 128]
+        [--out DIR]
+
+``--mode compiled`` (the default): the forward and backward graphs ``torch.compile`` hands its backend
+(AOTAutograd's, functionalized, what Inductor fuses); ``--mode eager``: the step as eager autograd runs it.
 
 ``--toggles module:key`` (repeatable, comma-separated) names ``visionlin.layers.<module>.FAST_PATHS[key]`` switches:
 each model is traced with every named switch off, then on. Writes ``graph_audit.json`` (rows: model, switches, ops,
@@ -102,31 +107,75 @@ def switches(toggles: list[str], on: bool) -> Iterator[None]:
             table[key] = old
 
 
-def audit(name: str, batch: int, size: int, top: int = 25, **model_kwargs) -> dict:
+MODES = ("eager", "compiled")
+
+
+def audit(name: str, batch: int, size: int, top: int = 25, mode: str = "eager", **model_kwargs) -> dict:
     """The non-view ops of ``name``'s training step (forward, a sum of the logits, backward to every parameter) at
     ``batch`` x 3 x ``size`` x ``size`` on meta tensors: their count, the MiB of their outputs, and the ``top`` targets
-    by output bytes (``model_kwargs`` go to ``timm.create_model``)."""
+    by output bytes (``model_kwargs`` go to ``timm.create_model``). ``mode`` ``"eager"``: the step as autograd runs
+    it (``make_fx`` of forward and backward, one graph); ``"compiled"``: the forward and backward graphs
+    ``torch.compile(fullgraph=True)`` hands its backend (AOTAutograd's, functionalized: in-place ops become
+    ``*_scatter`` / ``copy``), per graph under ``"graphs"`` and summed."""
     import timm
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     import visionlin  # noqa: F401 (registers the models)
 
+    if mode not in MODES:
+        raise ValueError(f"graph_audit: mode={mode!r}; allowed {MODES}")
     model = timm.create_model(name, **model_kwargs).train()
     with meta_as_cuda():
-        params = {
-            k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta", requires_grad=True)
-            for k, v in model.named_parameters()
-        }
-        buffers = {
-            k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in model.named_buffers()
-        }
         x = torch.empty(batch, 3, size, size, device="meta", dtype=torch.bfloat16)
+        graphs = _compiled_graphs(model, x) if mode == "compiled" else {"joint": _eager_graph(model, x)}
+    tallies = {kind: _tally(graph) for kind, graph in graphs.items()}
+    count, written = collections.Counter(), collections.Counter()
+    for c, w in tallies.values():
+        count.update(c)
+        written.update(w)
+    result = _summary(count, written, top)
+    if mode == "compiled":
+        result["graphs"] = {kind: _summary(c, w, top) for kind, (c, w) in tallies.items()}
+    return result
 
-        def step(params, x):
-            out = torch.func.functional_call(model, {**params, **buffers}, (x,))
-            return torch.autograd.grad(out.float().sum(), list(params.values()))
 
-        graph = make_fx(step)(params, x).graph
+def _eager_graph(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.Graph:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = {
+        k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        for k, v in model.named_parameters()
+    }
+    buffers = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in model.named_buffers()}
+
+    def step(params, x):
+        out = torch.func.functional_call(model, {**params, **buffers}, (x,))
+        return torch.autograd.grad(out.float().sum(), list(params.values()))
+
+    return make_fx(step)(params, x).graph
+
+
+def _compiled_graphs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.fx.Graph]:
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.Graph] = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    model = model.to("meta", torch.bfloat16)
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    compiled(x).float().sum().backward()
+    torch._dynamo.reset()
+    if len(graphs) != 2:
+        raise RuntimeError(f"graph_audit: expected one forward and one backward graph, got {len(graphs)}")
+    return dict(zip(("forward", "backward"), graphs, strict=True))
+
+
+def _tally(graph: torch.fx.Graph) -> tuple[collections.Counter, collections.Counter]:
+    """Non-view ops by target in ``graph``: their count and the bytes of their outputs."""
     count, written = collections.Counter(), collections.Counter()
     for node in graph.nodes:
         if node.op != "call_function" or str(node.target) in VIEWS:
@@ -135,7 +184,11 @@ def audit(name: str, batch: int, size: int, top: int = 25, **model_kwargs) -> di
         outs = val if isinstance(val, (tuple, list)) else [val]
         count[str(node.target)] += 1
         written[str(node.target)] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
-    ranked = sorted(written, key=lambda t: (-written[t], t))[:top]
+    return count, written
+
+
+def _summary(count: collections.Counter, written: collections.Counter, top: int) -> dict:
+    ranked = sorted(count, key=lambda t: (-written[t], t))[:top]
     return {
         "ops": sum(count.values()),
         "output_mib": round(sum(written.values()) / 2**20, 1),
@@ -150,6 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--top", type=int, default=25, help="targets kept per row")
+    parser.add_argument("--mode", choices=MODES, default="compiled", help="the graphs to audit (see audit())")
     parser.add_argument("--out", type=Path, default=None, help="directory for graph_audit.json")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size < 1 or args.top < 1:
@@ -161,19 +215,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in [m for m in args.models.split(",") if m]:
         for on in [False, True] if toggles else [False]:
             with switches(toggles, on):
-                row = {
-                    "model": name,
-                    "switches": {t: on for t in toggles},
-                    **audit(name, args.batch, args.size, args.top),
-                }
+                row = {"model": name, "switches": {t: on for t in toggles}, "mode": args.mode}
+                row |= audit(name, args.batch, args.size, args.top, mode=args.mode)
             rows.append(row)
-            print(f"{name} {row['switches']}: {row['ops']} ops, {row['output_mib']:.0f} MiB of outputs")
+            print(f"{name} {row['switches']} ({args.mode}): {row['ops']} ops, {row['output_mib']:.0f} MiB of outputs")
+            for kind, graph in row.get("graphs", {}).items():
+                print(f"  {kind}: {graph['ops']} ops, {graph['output_mib']:.0f} MiB")
             for t in row["targets"]:
                 print(f"  {t['output_mib']:9.1f} MiB  x{t['count']:4d}  {t['target']}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         command = " ".join(["graph_audit.py", *(argv if argv is not None else sys.argv[1:])])
-        meta = run_meta(command, "cpu", batch=args.batch, size=args.size, device_traced="meta (standing in for cuda)")
+        meta = run_meta(
+            command, "cpu", batch=args.batch, size=args.size, mode=args.mode, device_traced="meta (as cuda)"
+        )
         result = {"meta": meta, "rows": rows}
         (args.out / "graph_audit.json").write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.out / "graph_audit.png")

@@ -48,11 +48,13 @@ def test_meta_stands_in_for_cuda_in_the_layers_own_checks():
 
 
 def test_cli_writes_rows_and_refuses_bad_toggles(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        graph_audit, "audit", lambda name, batch, size, top: {"ops": 1, "output_mib": 0.5, "targets": []}
-    )
+    def fake(name, batch, size, top, mode):
+        return {"ops": 1, "output_mib": 0.5, "targets": []}
+
+    monkeypatch.setattr(graph_audit, "audit", fake)
     rows = graph_audit.main(["--models", "vig_tiny", "--toggles", "gla:qkv_packed", "--out", str(tmp_path)])
     assert [r["switches"] for r in rows] == [{"gla:qkv_packed": False}, {"gla:qkv_packed": True}]
+    assert {r["mode"] for r in rows} == {"compiled"}
     saved = json.loads((tmp_path / "graph_audit.json").read_text())
     assert saved["rows"] == rows and saved["meta"]["command"].startswith("graph_audit.py --models vig_tiny")
     for bad in ("gla:nope", "nomodule:qkv_packed", "gla"):
@@ -60,3 +62,22 @@ def test_cli_writes_rows_and_refuses_bad_toggles(tmp_path, monkeypatch):
             graph_audit.main(["--toggles", bad])
     with pytest.raises(SystemExit):
         graph_audit.main(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        graph_audit.main(["--mode", "jit"])
+
+
+def test_compiled_mode_reports_the_forward_and_backward_graphs():
+    """``mode="compiled"``: the two graphs AOTAutograd hands the backend, summed; functionalized, so FLatten's key
+    encoding (out of place in training) leaves no ``slice_scatter`` / ``copy`` of the projection in either."""
+    row = graph_audit.audit("flatten_deit_small", 2, 64, top=200, mode="compiled", depth=2, img_size=64)
+    fwd, bwd = row["graphs"]["forward"], row["graphs"]["backward"]
+    assert (
+        row["ops"] == fwd["ops"] + bwd["ops"] and abs(row["output_mib"] - fwd["output_mib"] - bwd["output_mib"]) < 0.2
+    )
+    assert "visionlin.focused_linear_fwd.default" in _targets(
+        fwd
+    ) and "visionlin.focused_linear_bwd.default" in _targets(bwd)
+    for graph in (fwd, bwd):
+        assert not {"aten.slice_scatter.default", "aten.copy.default"} & set(_targets(graph)), _targets(graph)
+    with pytest.raises(ValueError, match="mode='jit'; allowed"):
+        graph_audit.audit("flatten_deit_small", 2, 64, mode="jit")

@@ -464,3 +464,52 @@ def test_agent_keeps_its_biases_cast_for_sdpa_and_stays_exact():
     with torch.no_grad():
         layer(x, (8, 8), 1)
     assert all(t.dtype == torch.float32 for t in kept(layer)["biases"])
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_focused_key_positions_out_of_place_in_training(prefix):
+    """FLatten's key positional encoding: the training path (out of place over the projection's whole width) gives the
+    no-grad path's output (in place into the key slice) and the explicit formula's gradients, ``k + pe`` on the grid
+    keys; and its backward holds no copy of the projection gradient (autograd's backward of an in-place op on a view
+    showed as ``new_zeros`` / ``new_empty_strided`` / ``copy_`` in the traced step)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from visionlin.kernels import focused_linear_attention
+    from visionlin.layers.focused import FocusedLinearAttention
+
+    torch.manual_seed(0)
+    layer = _randomize(FocusedLinearAttention(32, 2, qkv_bias=True, pos_size=(4, 5))).double()
+    x = torch.randn(2, prefix + 20, 32, dtype=torch.float64, requires_grad=True)
+    out = layer(x, (4, 5), prefix)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, (4, 5), prefix), out, rtol=0, atol=0)
+    out.square().sum().backward()
+    got = [x.grad, layer.positional_encoding.grad, layer.qkv.weight.grad]
+
+    def formula(x):  # the module's math written out, the encoding added to a new k
+        q, k, v = layer.qkv(x).chunk(3, dim=-1)
+        k = torch.cat([k[:, :prefix], k[:, prefix:] + layer.positional_encoding], dim=1)
+        q, k, v = (t.unflatten(-1, (2, 16)) for t in (q, k, v))
+        o = focused_linear_attention(q, k, v, focusing_factor=layer.focusing_factor,
+                                     channel_scale=torch.nn.functional.softplus(layer.scale).view(2, 16))  # fmt: skip
+        from visionlin.kernels.conv import token_depthwise_conv2d
+
+        w = layer.dwc.weight[:, 0].repeat(2, 1, 1)
+        o = token_depthwise_conv2d(v.flatten(-2), w, layer.dwc.bias.repeat(2), feat_size=(4, 5),
+                                   num_prefix_tokens=prefix, residual=o.flatten(-2))  # fmt: skip
+        return layer.proj(o)
+
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    want = formula(x2)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    want.square().sum().backward()
+    for a, b in zip(got, [x2.grad, layer.positional_encoding.grad, layer.qkv.weight.grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    def step(x):
+        return torch.autograd.grad(layer(x, (4, 5), prefix).sum(), [x, layer.positional_encoding])
+
+    targets = {str(n.target) for n in make_fx(step)(x.detach().requires_grad_()).graph.nodes}
+    copies = {"aten.copy_.default", "aten.new_zeros.default", "aten.new_empty_strided.default"}  # (CopySlices')
+    assert not targets & copies, targets & copies

@@ -104,12 +104,20 @@ class FocusedLinearAttention(TokenMixer):
         # Tensors derived from parameters alone are kept between inference forwards (layers._cache): ~7 launches
         # per layer that cost more host time than GPU time at 224 px.
         if self.positional_encoding is not None:
-            # The grid keys' positional encoding added in place in the projection's output (the Linear's backward
-            # does not need it): a third of the traffic of building a new k with a cat. Cast: under autocast k is
-            # bf16/fp16 and an fp32 table would promote it (and the kernel) to fp32.
+            # The grid keys' positional encoding. Cast: under autocast qkv is bf16/fp16 and an fp32 table would
+            # promote it (and the kernel) to fp32.
             key = frozen_key(self.positional_encoding, extra=(tuple(feat_size), dt))
             pe = cached(self, "pos", key, lambda: self.key_pos_embed(feat_size).to(dt))
-            qkv[:, num_prefix_tokens:, self.dim : 2 * self.dim].add_(pe)
+            if torch.is_grad_enabled() and (qkv.requires_grad or pe.requires_grad):
+                # Training: out of place over the projection's whole width (the table padded with zeros for the q
+                # and v columns and the prefix rows). In place into the key slice, autograd's backward of an in-place
+                # op on a view (the Linear's output is one) copied the whole projection gradient several times a layer
+                # (clone, new_zeros, three copy_ eager; slice_scatters forward and backward once compiled: 8.3 -> 5.2
+                # GB of op outputs in FLatten-DeiT-S's compiled backward at batch 128, benchmarks/graph_audit.py); an
+                # out-of-place k + pe would keep a second key tensor a layer for the backward.
+                qkv = qkv + F.pad(pe, (self.dim, self.dim, num_prefix_tokens, 0))
+            else:  # no autograd: in place into the key slice, a third of the traffic
+                qkv[:, num_prefix_tokens:, self.dim : 2 * self.dim].add_(pe)
         q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
         channel_scale = cached(
             self, "scale", frozen_key(self.scale), lambda: F.softplus(self.scale).view(h, self.head_dim)
