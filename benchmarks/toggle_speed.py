@@ -41,8 +41,11 @@ Switches (each a process-wide setting read at every forward):
   GLA op packed (one gradient for ``qkv_proj``'s output and one for the gates) instead of split (the two directions'
   ten gradients that autograd sums and concatenates; :data:`visionlin.layers.gla.FAST_PATHS`, off until GPU-tested),
   to compare with ``default``: the A/B of s48's packed call;
-* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_qkv_packed`` and
-  ``gla_qkv_packed`` excepted: none is a fast path of its own).
+* ``gla_token_conv``: the shipped settings with ViG's locality convolution on the token layout
+  (:data:`visionlin.layers.gla.FAST_PATHS` ``["token_conv"]``, off until GPU-tested) instead of a ``Conv2d`` between
+  layout changes, to compare with ``default``;
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_qkv_packed``,
+  ``gla_qkv_packed`` and ``gla_token_conv`` excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -89,10 +92,13 @@ CONFIGS = (
     "na_s45",
     "na_qkv_packed",
     "gla_qkv_packed",
+    "gla_token_conv",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
-SHIPPED_VARIANTS = ("focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed", "gla_qkv_packed")
+SHIPPED_VARIANTS = (
+    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed", "gla_qkv_packed", "gla_token_conv",
+)  # fmt: skip
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
 #: The token conv's strip settings (forward, weight gradient) by kernel size at stop 42, before s43's sweep.
@@ -173,6 +179,8 @@ def switches(config: str) -> Iterator[None]:
             stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=True))
         if config == "gla_qkv_packed":
             stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=True))
+        if config == "gla_token_conv":
+            stack.enter_context(tuned(gla_layer.FAST_PATHS, token_conv=True))
         if config == "na_tiles_s43":
             stack.enter_context(tuned(na.TUNING, narrow_cols=False))
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S43))

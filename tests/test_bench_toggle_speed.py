@@ -82,13 +82,16 @@ def test_switches_set_and_restore():
     assert na_layer.FAST_PATHS == {"qkv_packed": False}
     from visionlin.layers import gla as gla_layer
 
-    with toggle_speed.switches("gla_qkv_packed"):  # the shipped settings with ViG's packed call
-        assert gla_layer.FAST_PATHS == {"qkv_packed": True} and na_layer.FAST_PATHS == {"qkv_packed": False}
-        assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
-    assert gla_layer.FAST_PATHS == {"qkv_packed": False}
+    gla_off = {"qkv_packed": False, "token_conv": False}
+    for config, key in (("gla_qkv_packed", "qkv_packed"), ("gla_token_conv", "token_conv")):
+        with toggle_speed.switches(config):  # the shipped settings with one of ViG's switches on
+            assert dict(gla_off, **{key: True}) == gla_layer.FAST_PATHS
+            assert na_layer.FAST_PATHS == {"qkv_packed": False} and before == norm.FAST_PATHS
+            assert dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
+        assert gla_off == gla_layer.FAST_PATHS
     with toggle_speed.switches("baseline"):
         assert na_layer.FAST_PATHS == {"qkv_packed": False}  # (a shipped variant only: not a switch of its own)
-        assert gla_layer.FAST_PATHS == {"qkv_packed": False}
+        assert gla_off == gla_layer.FAST_PATHS
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

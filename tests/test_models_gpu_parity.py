@@ -70,11 +70,15 @@ def test_gpu_fast_backends_match_reference(name):
     assert not bad, f"bfloat16 autocast: {bad}"
 
 
-@pytest.mark.parametrize(("name", "layer_module"), [("vig_tiny", "gla"), ("nat_tiny", "neighborhood")])
-def test_gpu_packed_calls_match_split(name, layer_module, monkeypatch):
-    """The layers' packed calls (``visionlin.layers.<module>.FAST_PATHS["qkv_packed"]``: ViG's projections' outputs,
-    NAT's ``qkv``, handed to the ops packed, with packed gradients) against the split calls, both on the fast backends,
-    at batch 64 (ViG's (batch, head) programs then fill the SMs: the packed walks, not the fallback), float32."""
+@pytest.mark.parametrize(
+    ("name", "layer_module", "key"),
+    [("vig_tiny", "gla", "qkv_packed"), ("nat_tiny", "neighborhood", "qkv_packed"), ("vig_tiny", "gla", "token_conv")],
+)
+def test_gpu_packed_calls_match_split(name, layer_module, key, monkeypatch):
+    """The layers' switches written without a GPU (``visionlin.layers.<module>.FAST_PATHS[key]``: ViG's projections'
+    outputs and NAT's ``qkv`` handed to the ops packed, with packed gradients; ViG's convolution on the token layout)
+    on against off, both on the fast backends, at batch 64 (ViG's (batch, head) programs then fill the SMs: the packed
+    walks, not the fallback), float32."""
     import importlib
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,9 +86,9 @@ def test_gpu_packed_calls_match_split(name, layer_module, monkeypatch):
     switches = importlib.import_module(f"visionlin.layers.{layer_module}").FAST_PATHS
     model = _create(name).cuda()
     x = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)).cuda()
-    monkeypatch.setitem(switches, "qkv_packed", False)
+    monkeypatch.setitem(switches, key, False)
     split = _run(model, x, None, autocast=False)
-    monkeypatch.setitem(switches, "qkv_packed", True)
+    monkeypatch.setitem(switches, key, True)
     packed = _run(model, x, None, autocast=False)
     errors = {k: _rel(packed[k], split[k]) for k in split}
     bad = {k: f"{e:.2e} > {FP32_BOUND:.0e}" for k, e in errors.items() if not e <= FP32_BOUND}

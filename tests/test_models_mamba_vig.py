@@ -165,8 +165,12 @@ def test_errors():
         MambaVisionMixer(33, 1)
 
 
-def test_gla_mixer_prefix_tokens():
+@pytest.mark.parametrize("token_conv", [False, True])
+def test_gla_mixer_prefix_tokens(token_conv, monkeypatch):
     """Prefix tokens skip the local convolution and lead the scanned sequence; grid tokens see them."""
+    from visionlin.layers import gla as gla_layer
+
+    monkeypatch.setitem(gla_layer.FAST_PATHS, "token_conv", token_conv)
     torch.manual_seed(0)
     layer = GatedLinearAttention2D(32, 2).eval()
     x = torch.randn(2, 1 + 12, 32)
@@ -192,7 +196,10 @@ def test_gla_mixer_gating_is_the_documented_formula():
     torch.nn.init.normal_(layer.l_norm.weight)
     x = torch.randn(2, 12, 32, dtype=torch.float64) * 1e-2
     with torch.no_grad():
-        local = map_to_tokens(layer.in_proj(tokens_to_map(x, (3, 4))))
+        conv = layer.in_proj[0]
+        local = layer.in_proj[1](
+            map_to_tokens(F.conv2d(tokens_to_map(x, (3, 4)), conv.weight, conv.bias, padding=1, groups=32))
+        )
         q, k, v = layer.qkv_proj(local).split([16, 16, 32], dim=-1)
         g_fwd, g_bwd = (F.logsigmoid(layer.gk_proj(local)) / 16).chunk(2, dim=-1)
         q, k, v, g_fwd, g_bwd = (split_heads(t, 2) for t in (q, k, v, g_fwd, g_bwd))
@@ -210,13 +217,15 @@ def test_no_weight_decay_covers_ssm_parameters():
     assert {"stages.2.blocks.0.attn.A_log", "stages.2.blocks.0.attn.D"} <= skip
 
 
+@pytest.mark.parametrize("token_conv", [False, True])
 @pytest.mark.parametrize("prefix", [0, 1])
-def test_gla_mixer_packed_call_equals_split(prefix, monkeypatch):
+def test_gla_mixer_packed_call_equals_split(prefix, token_conv, monkeypatch):
     """``layers.gla.FAST_PATHS["qkv_packed"]`` (the projections' outputs handed to the op packed) changes nothing but
     the call: output, the input's and every parameter's gradient equal the split call's (on the CPU both run the
     reference, bitwise), with and without a prefix token."""
     from visionlin.layers import gla as gla_layer
 
+    monkeypatch.setitem(gla_layer.FAST_PATHS, "token_conv", token_conv)
     results = []
     for packed in (False, True):
         monkeypatch.setitem(gla_layer.FAST_PATHS, "qkv_packed", packed)
@@ -229,3 +238,24 @@ def test_gla_mixer_packed_call_equals_split(prefix, monkeypatch):
     assert all(g is not None for g in results[1])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+@pytest.mark.parametrize("act", [True, False])
+def test_gla_mixer_token_conv_equals_conv2d(prefix, act, monkeypatch):
+    """``layers.gla.FAST_PATHS["token_conv"]`` (the locality convolution on the token layout) computes the
+    ``Conv2d``'s function: output and every gradient in float64, with prefix tokens (which skip the convolution) and
+    with / without the activation."""
+    from visionlin.layers import gla as gla_layer
+
+    results = []
+    for on in (False, True):
+        monkeypatch.setitem(gla_layer.FAST_PATHS, "token_conv", on)
+        torch.manual_seed(0)
+        layer = GatedLinearAttention2D(32, 2, use_act_in_conv=act, conv_bias=True).double()
+        x = torch.randn(2, prefix + 12, 32, dtype=torch.float64, requires_grad=True)
+        out = layer(x, (3, 4), num_prefix_tokens=prefix)
+        out.square().sum().backward()
+        results.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -11,24 +11,39 @@ from torch import nn
 
 from ..kernels.rms_mix import rms_gate_mix
 from ..kernels.scan import bidirectional_gated_linear_attention, bidirectional_gated_linear_attention_qkv
-from ._base import TokenMixer, check_tokens, map_to_tokens, merge_heads, split_heads, tokens_to_map
+from ._base import (
+    TokenDepthwiseConv2d,
+    TokenMixer,
+    check_tokens,
+    map_to_tokens,
+    merge_heads,
+    split_heads,
+    tokens_to_map,
+)
 from ._registry import register_attn
 
 __all__ = ["FAST_PATHS", "GatedLinearAttention2D"]
 
-#: Process-wide switch: ``qkv_packed`` hands the projections' outputs to
-#: :func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv` packed (the Triton backward writes one gradient
-#: for ``qkv_proj``'s output and one for the gates, instead of the two directions' ten that autograd sums and
-#: concatenates); off, the split call. Off until its GPU tests pass (written at s48 without a GPU;
-#: ``benchmarks/toggle_speed.py``'s config ``gla_qkv_packed`` times it on against the default).
-FAST_PATHS: dict[str, bool] = {"qkv_packed": False}
+#: Process-wide switches, each off until its GPU tests pass (written at s48 without a GPU;
+#: ``benchmarks/toggle_speed.py``'s configs ``gla_qkv_packed`` / ``gla_token_conv`` time them on against the default):
+#:
+#: * ``qkv_packed`` hands the projections' outputs to
+#:   :func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv` packed (the Triton backward writes one gradient
+#:   for ``qkv_proj``'s output and one for the gates, instead of the two directions' ten that autograd sums and
+#:   concatenates); off, the split call.
+#: * ``token_conv``: the locality convolution on the token layout (:func:`~visionlin.kernels.token_depthwise_conv2d`:
+#:   one Triton pass on CUDA) instead of the ``Conv2d`` between ``tokens_to_map`` and ``map_to_tokens``, whose
+#:   channel-major output each of the three projections copies (36 ``clone`` ops in ViG-S's compiled forward, traced on
+#:   meta tensors, ``benchmarks/graph_audit.py``; on a GPU the layout depends on the convolution cuDNN / ATen picks).
+FAST_PATHS: dict[str, bool] = {"qkv_packed": False, "token_conv": False}
 
 
 @register_attn("gla")
 class GatedLinearAttention2D(TokenMixer):
     """ViG's bidirectional gated linear attention (BiGLA) over the row-major token sequence.
 
-    1. Locality: ``local = act(DWConv3x3(x))`` on the ``H x W`` grid (``act`` = SiLU if ``use_act_in_conv``); prefix
+    1. Locality: ``local = act(DWConv3x3(x))`` on the ``H x W`` grid (``act`` = SiLU if ``use_act_in_conv``; with
+       :data:`FAST_PATHS` ``["token_conv"]`` on the token layout, in autocast's dtype as a ``Conv2d``'s); prefix
        tokens (class / register tokens, when used in an isotropic ViT) skip the convolution and lead the sequence.
     2. ``q, k, v = qkv_proj(local)`` (key width ``expand_k * C``, value width ``expand_v * C = C``); direction-wise
        forget gates ``g_fwd, g_bwd = logsigmoid(gk_proj(local)) / gate_logit_normalizer`` (a rank-16 projection).
@@ -112,8 +127,9 @@ class GatedLinearAttention2D(TokenMixer):
         self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         self.use_out_act = use_out_act
+        # (a depthwise Conv2d with the authors' keys that can also convolve the token layout: FAST_PATHS["token_conv"])
         self.in_proj = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=conv_bias, **dd),
+            TokenDepthwiseConv2d(dim, 3, bias=conv_bias, **dd),
             nn.SiLU() if use_act_in_conv else nn.Identity(),
         )
         self.qkv_proj = nn.Linear(dim, 2 * key_dim + value_dim, bias=qkv_bias, **dd)
@@ -135,9 +151,16 @@ class GatedLinearAttention2D(TokenMixer):
         """Tokens ``[B, num_prefix_tokens + H*W, C]`` (grid row-major) in and out."""
         check_tokens(x, feat_size, num_prefix_tokens, type(self).__name__, self.dim)
         p = num_prefix_tokens
-        local = map_to_tokens(self.in_proj(tokens_to_map(x[:, p:], feat_size)))
-        if p:
-            local = torch.cat([self.in_proj[1](x[:, :p]), local], dim=1)
+        conv, act = self.in_proj
+        if FAST_PATHS["token_conv"]:
+            local = conv(x, feat_size, num_prefix_tokens=p, backend=self.helper_backend("token_depthwise_conv2d"))
+            if p:  # prefix tokens skip the convolution (its output has zeros there)
+                local = torch.cat([x[:, :p].to(local.dtype), local[:, p:]], dim=1)
+            local = act(local)
+        else:
+            local = act(map_to_tokens(conv._conv_forward(tokens_to_map(x[:, p:], feat_size), conv.weight, conv.bias)))
+            if p:
+                local = torch.cat([act(x[:, :p]), local], dim=1)
         qkv = self.qkv_proj(local)
         gates = F.logsigmoid(self.gk_proj(local)).to(qkv.dtype) / self.gate_logit_normalizer
         h, scale = self.num_heads, self.head_k_dim**-0.5
