@@ -8,7 +8,8 @@ autocast: a meta device has none), so each layer takes the path it takes on a GP
 copies, concatenations, sums of gradients) shows op by op. Compiled, these are the graphs Inductor receives, before
 its fusions: a count of what there is to fuse or remove, not a timing (``profile_models.py`` on a GPU gives those).
 Memory formats follow the meta kernels, which may differ from cuDNN's choices (a convolution's output layout, hence
-the copies after it).
+the copies after it), and dense softmax attention decomposes into ``bmm`` / ``softmax`` with copies of its operands
+(no flash kernel on meta): such rows need a GPU profile to confirm.
 
 Usage:
     python benchmarks/graph_audit.py --models vig_small --toggles gla:qkv_packed [--mode compiled] [--batch 128]
@@ -166,6 +167,8 @@ def _compiled_graphs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch
 
     torch._dynamo.reset()
     model = model.to("meta", torch.bfloat16)
+    with torch.no_grad():  # bad input (a size the model refuses) raises its own error here, not inside dynamo's trace
+        model(x)
     compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
     compiled(x).float().sum().backward()
     torch._dynamo.reset()

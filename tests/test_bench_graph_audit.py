@@ -79,5 +79,7 @@ def test_compiled_mode_reports_the_forward_and_backward_graphs():
     ) and "visionlin.focused_linear_bwd.default" in _targets(bwd)
     for graph in (fwd, bwd):
         assert not {"aten.slice_scatter.default", "aten.copy.default"} & set(_targets(graph)), _targets(graph)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):  # the model's own message, not dynamo's
+        graph_audit.audit("vig_tiny", 1, 60, mode="compiled", depth=1, img_size=64)
     with pytest.raises(ValueError, match="mode='jit'; allowed"):
         graph_audit.audit("flatten_deit_small", 2, 64, mode="jit")
