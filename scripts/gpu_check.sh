@@ -5,6 +5,9 @@
 #
 # Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
 #   tests-files    the gpu tests of TEST_FILES (TEST_K: -k; TESTS_LIMIT: seconds)
+#   tests-s48      gpu tests of what stops 47-48 wrote without a GPU: the NA backward's strided stores and packed call,
+#                  the GLA kernels (fwd accumulate, bwd strided dv / epilogue stores) and the packed bidirectional op,
+#                  the packed / token-conv model switches, NAT / DiNAT / ViG / FLatten parity, the memory test  ~6 min
 #   tests-new      gpu tests of the kernels added or changed last (focus, conv, pooled / pure InfSA)   ~3 min
 #   tests-linear   gpu tests of the linear-attention kernels                                           ~4 min
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
@@ -159,6 +162,12 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # TEST_FILES is a list of words
       if [[ -z ${TEST_FILES:-} ]]; then echo "tests-files: TEST_FILES is not set (the test files to run); skipped"
       else run_tests files ${TESTS_LIMIT:-240} $TEST_FILES ${TEST_K:+-k "$TEST_K"} --tb=short; fi ;;
+    tests-s48)  # TESTS_LIMIT (s, default 400)
+      run_tests s48_na ${TESTS_LIMIT:-400} tests/test_kernels_triton_neighborhood.py -k "qkv_packed or tile_settings" \
+        --tb=short
+      run_tests s48_gla ${TESTS_LIMIT:-400} tests/test_kernels_triton_gla.py tests/test_kernels_triton_eager.py --tb=short
+      run_tests s48_models ${TESTS_LIMIT:-400} tests/test_models_gpu_parity.py tests/test_models_gpu_memory.py \
+        -k "nat or vig or flatten or packed_calls or memory" --tb=short ;;
     tests-new)
       timeout 260 $PYTEST tests/test_kernels_triton_focus.py tests/test_kernels_triton_agent.py tests/test_kernels_conv.py tests/test_kernels_triton_infsa.py \
         tests/test_kernels_triton_infsa_pure.py 2>&1 | tee "$OUT/gpu_tests_new_$COMMIT.log" | tail -5 ;;
