@@ -2,9 +2,14 @@
 walks against the segmented ones, for the bidirectional op (forward alone and forward + backward, with the peak
 memory above the inputs) at ViG's training shapes, and a ViG-S training step (224 px, eager, bf16 autocast, AdamW).
 
+``--packed`` also times the bidirectional op on ViG's packed projections
+(:func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv`: one ``qkv`` and one ``gates`` gradient, the
+two directions chained) at each shape and, with the model, the ViG-S step with
+``visionlin.layers.gla.FAST_PATHS["qkv_packed"]`` on, next to the split rows.
+
 Usage (on a GPU machine):
     python benchmarks/gla_backward.py --out benchmarks/results/h200 [--commit SHA] [--configs single,bwd16,...]
-        [--shapes 128x196x6,1x65536x6] [--no-model]
+        [--shapes 128x196x6,1x65536x6] [--no-model] [--packed]
 
 Writes ``gla_backward.json`` (rows: what, shape, config, ms, peak MiB; meta with each config's settings) and
 ``gla_backward.png``.
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="single,walks,shipped,intra,fused_dg", help=configs_help)
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="BxNxH, comma-separated")
     p.add_argument("--no-model", action="store_true", help="skip the ViG-S training step")
+    p.add_argument("--packed", action="store_true", help="also the packed op (and step): see the module docstring")
     add_timing_flags(p, iters=10)
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     import timm
 
     import visionlin  # noqa: F401 (registers the models)
-    from visionlin.kernels import bidirectional_gated_linear_attention
+    from visionlin.kernels import bidirectional_gated_linear_attention, bidirectional_gated_linear_attention_qkv
+    from visionlin.layers import gla as gla_layer
     from visionlin.train.bench import train_step
 
     rows: list[dict] = []
@@ -178,6 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         shape = f"B{b} N{n} H{h} K32 V64"
         record("op forward", shape, fwd)
         record("op forward+backward", shape, fwd_bwd, peak_of=fwd_bwd)
+        if args.packed:  # the same values packed as ViG's projections make them
+            qkv = torch.cat([t.detach().flatten(2) for t in (q, k, v)], -1).requires_grad_()
+            gates = torch.cat([t.detach().flatten(2) for t in (gf, gb)], -1).requires_grad_()
+
+            def packed_fwd(qkv=qkv, gates=gates, h=h):
+                with torch.no_grad():
+                    bidirectional_gated_linear_attention_qkv(qkv, gates, h, backend="triton")
+
+            def packed_fwd_bwd(qkv=qkv, gates=gates, h=h, do=do):
+                out = bidirectional_gated_linear_attention_qkv(qkv, gates, h, backend="triton")
+                torch.autograd.grad(out, [qkv, gates], do)
+
+            record("packed op forward", shape, packed_fwd)
+            record("packed op forward+backward", shape, packed_fwd_bwd, peak_of=packed_fwd_bwd)
+            del qkv, gates
         del q, k, v, gf, gb, leaves, do
     if not args.no_model:
         model = timm.create_model("vig_small").cuda().train()
@@ -186,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         step = train_step(model, opt, labels)
         x = torch.randn(128, 3, 224, 224, device="cuda")
         record("vig_small train step", "224px bs128", lambda: step(x))
+        if args.packed:
+            with tuned(gla_layer.FAST_PATHS, qkv_packed=True):
+                record("vig_small train step (packed)", "224px bs128", lambda: step(x))
     meta = gpu_meta(argv, args.commit, configs={c: CONFIGS[c] for c in configs})
     result = {"benchmark": STEM, "meta": meta, "rows": rows}
     for note in write_result(result, args.out, STEM, plot=_plot):

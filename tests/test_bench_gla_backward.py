@@ -51,9 +51,10 @@ def test_short_cuda_run(tmp_path):
 
     shipped = dict(gla.TUNING)
     args = ["--out", str(tmp_path), "--configs", "single,every", "--shapes", "2x50x2", "--no-model", "--iters", "1"]
-    assert gla_backward.main([*args, "--warmup", "1", "--repeats", "2"]) == 0
+    assert gla_backward.main([*args, "--warmup", "1", "--repeats", "2", "--packed"]) == 0
     doc = json.loads((tmp_path / "gla_backward.json").read_text())
-    assert [r["status"] for r in doc["rows"]] == ["ok"] * 4
+    assert [r["status"] for r in doc["rows"]] == ["ok"] * 8
+    assert {r["what"] for r in doc["rows"]} >= {"packed op forward", "packed op forward+backward"}
     assert shipped == gla.TUNING  # restored
 
 
