@@ -18,7 +18,8 @@ NAT-T's and DiNAT-T's attention shapes (``--tile-shapes``), each kernel replayed
 (``_bias_grad_kernel``) at those shapes over its sums per program (``BIAS_GRAD_ELEMENTS``) and programs per SM
 (``BIAS_GRAD_PER_SM``), written to ``neighborhood_op_bias_grad.json``. ``--bwd-block-sweep`` (alone): the backward
 at each shape's shipped key tile over its query block, warps and register cap, written to
-``neighborhood_op_bwd_block.json``.
+``neighborhood_op_bwd_block.json``. ``--packed-ab``: forward + backward from one packed ``qkv``, the split call on
+its views against ``neighborhood_attention_qkv``'s packed gradient (``packed_ab`` in the result).
 
 Usage (on a GPU machine):
     python benchmarks/neighborhood_op.py --out benchmarks/results/h200 [--sweep] [--commit SHA]
@@ -200,6 +201,33 @@ def _bias_dot_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
                 print(json.dumps(row), flush=True)
     finally:
         nt.BIAS_DOT_SCALES = shipped
+    return rows
+
+
+def _packed_ab(args: argparse.Namespace, rounds: int = 3) -> list[dict]:
+    """Forward + backward from one packed ``qkv`` leaf ``[B, X, Y, 3, H, D]`` (a projection's output): the split call
+    on its ``unbind`` views (autograd concatenates the three gradients) against ``neighborhood_attention_qkv`` (one
+    packed gradient), alternating ``rounds`` times, GPU time per call replayed from a CUDA graph."""
+    from visionlin.kernels import neighborhood_attention_qkv
+
+    q, _, _, rpb = _inputs(args, grad=True)
+    qkv = torch.randn(*q.shape[:3], 3, *q.shape[3:], device="cuda", dtype=q.dtype, requires_grad=True)
+    go = torch.randn_like(q)
+    ins = [t for t in (qkv, rpb) if t is not None]
+
+    def split():
+        out = neighborhood_attention(*qkv.unbind(3), args.kernel, args.dilation, rpb=rpb, backend="triton")
+        torch.autograd.grad(out, ins, go)
+
+    def packed():
+        out = neighborhood_attention_qkv(qkv, args.kernel, args.dilation, rpb=rpb, backend="triton")
+        torch.autograd.grad(out, ins, go)
+
+    rows = []
+    for r in range(rounds):
+        for name, fn in (("split", split), ("packed", packed)):
+            rows.append({"round": r, "call": name, "graph_ms": graph_ms(fn, args.warmup, args.iters)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -550,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bias-grad-ab", action="store_true",
         help="also time the bias gradient's reduction kernel against torch's sum + index + scatter, alternating",
     )  # fmt: skip
+    p.add_argument(
+        "--packed-ab", action="store_true",
+        help="also time forward + backward from one packed qkv: the split call on its views against the packed call",
+    )  # fmt: skip
     add_timing_flags(p, warmup=5, repeats=5)
     args = p.parse_args(argv)
     check_timing_flags(p, args)
@@ -606,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         result["bias_dot_ab"] = _bias_dot_ab(args)
     if args.bias_grad_ab:
         result["bias_grad_ab"] = _bias_grad_ab(args)
+    if args.packed_ab:
+        result["packed_ab"] = _packed_ab(args)
     if args.sweep:
         result["sweep"] = _sweep(args)
         for mode in ("forward", "backward"):

@@ -173,3 +173,41 @@ def test_the_sweeps_run_alone(flags, names, capsys):
     with pytest.raises(SystemExit) as e:
         neighborhood_op.main(["--out", "unused", *flags])
     assert e.value.code == 2 and f"{names} each run alone" in capsys.readouterr().err
+
+
+def test_packed_ab_alternates_the_split_and_packed_calls(monkeypatch):
+    """``--packed-ab``: one packed ``qkv`` leaf, the split call on its views and the packed call, alternating, each
+    replayed (the ops and the timer stubbed: no GPU here)."""
+    import argparse
+
+    import visionlin.kernels as vk
+
+    calls = []
+
+    def fake_split(q, k, v, kernel, dilation, rpb=None, backend=None):
+        calls.append(("split", q.shape, q._base is not None, backend))
+        return q * k + v
+
+    def fake_packed(qkv, kernel, dilation, rpb=None, backend=None):
+        calls.append(("packed", qkv.shape, backend))
+        return qkv.sum(3)
+
+    monkeypatch.setattr(neighborhood_op, "neighborhood_attention", fake_split)
+    monkeypatch.setattr(vk, "neighborhood_attention_qkv", fake_packed)
+    monkeypatch.setattr(neighborhood_op, "graph_ms", lambda step, warmup, iters: step() or 1.0)
+    monkeypatch.setattr(neighborhood_op, "_inputs", lambda a, grad: (torch.zeros(2, 5, 5, 3, 4), None, None, None))
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *s, device=None, **kw: real_randn(*s, **kw))  # no CUDA here
+    args = argparse.Namespace(kernel=3, dilation=1, warmup=1, iters=1)
+    rows = neighborhood_op._packed_ab(args, rounds=2)
+    assert [r["call"] for r in rows] == ["split", "packed", "split", "packed"]
+    assert calls == [("split", (2, 5, 5, 3, 4), True, "triton"), ("packed", (2, 5, 5, 3, 3, 4), "triton")] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_short_packed_ab(tmp_path):
+    args = ["--out", str(tmp_path), "--batch", "2", "--size", "14", "--no-reference", "--no-profile", "--packed-ab"]
+    assert neighborhood_op.main([*args, "--warmup", "1", "--iters", "2", "--repeats", "1"]) == 0
+    rows = json.loads((tmp_path / "neighborhood_op.json").read_text())["packed_ab"]
+    assert [r["call"] for r in rows] == ["split", "packed"] * 3 and all(r["graph_ms"] > 0 for r in rows)
