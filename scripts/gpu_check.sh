@@ -165,7 +165,9 @@ for stage in "$@"; do
     tests-s48)  # TESTS_LIMIT (s, default 400)
       run_tests s48_na ${TESTS_LIMIT:-400} tests/test_kernels_triton_neighborhood.py -k "qkv_packed or tile_settings" \
         --tb=short
-      run_tests s48_gla ${TESTS_LIMIT:-400} tests/test_kernels_triton_gla.py tests/test_kernels_triton_eager.py --tb=short
+      run_tests s48_gla ${TESTS_LIMIT:-400} tests/test_kernels_triton_gla.py tests/test_kernels_triton_eager.py \
+        tests/test_bench_gla_backward.py --tb=short
+      run_tests s48_bench ${TESTS_LIMIT:-400} tests/test_bench_neighborhood_op.py -k packed --tb=short
       run_tests s48_models ${TESTS_LIMIT:-400} tests/test_models_gpu_parity.py tests/test_models_gpu_memory.py \
         -k "nat or vig or flatten or packed_calls or memory" --tb=short ;;
     tests-new)
