@@ -699,6 +699,15 @@ def bidirectional_gated_linear_attention(
     return _bigla_op(q, k, v, g_fwd, g_bwd, scale=scale, chunk_size=chunk_size, backend=backend)
 
 
+def gla_packed_views(qkv: torch.Tensor, gates: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """``q, k, v, g_fwd, g_bwd`` ``[B, L, H, *]`` as views of ViG's packed projections ``qkv`` ``[B, L, 2 K + V]`` and
+    ``gates`` ``[B, L, 2 K]`` (``K = gates.shape[-1] // 2``; head dims ``K / num_heads`` and ``V / num_heads``): what
+    :func:`bidirectional_gated_linear_attention_qkv`, its Triton op and ViG's split call take apart (no checks)."""
+    kw = gates.shape[-1] // 2
+    q, k, v = qkv.split([kw, kw, qkv.shape[-1] - 2 * kw], dim=-1)
+    return tuple(t.unflatten(-1, (num_heads, -1)) for t in (q, k, v, *gates.split([kw, kw], dim=-1)))
+
+
 def bidirectional_gated_linear_attention_qkv(
     qkv: torch.Tensor,
     gates: torch.Tensor,
@@ -738,8 +747,7 @@ def bidirectional_gated_linear_attention_qkv(
             f"gates width {gates.shape[-1]} (K = {gates.shape[-1] / 2:g}) and qkv width {qkv.shape[-1]} (V = "
             f"{qkv.shape[-1] - gates.shape[-1]})"
         )
-    q, k, v = (t.unflatten(-1, (num_heads, -1)) for t in qkv.split([key_width, key_width, value_width], -1))
-    g_fwd, g_bwd = (t.unflatten(-1, (num_heads, -1)) for t in gates.split([key_width, key_width], -1))
+    q, k, v, g_fwd, g_bwd = gla_packed_views(qkv, gates, num_heads)
     try:
         _check_gla_args(_BIGLA, q, k, v, {"g_fwd": g_fwd, "g_bwd": g_bwd}, scale, chunk_size)
     except ValueError as e:  # named as this function's call

@@ -10,7 +10,11 @@ from timm.layers import RmsNorm
 from torch import nn
 
 from ..kernels.rms_mix import rms_gate_mix
-from ..kernels.scan import bidirectional_gated_linear_attention, bidirectional_gated_linear_attention_qkv
+from ..kernels.scan import (
+    bidirectional_gated_linear_attention,
+    bidirectional_gated_linear_attention_qkv,
+    gla_packed_views,
+)
 from ._base import (
     TokenDepthwiseConv2d,
     TokenMixer,
@@ -166,11 +170,9 @@ class GatedLinearAttention2D(TokenMixer):
         h, scale = self.num_heads, self.head_k_dim**-0.5
         if FAST_PATHS["qkv_packed"]:  # the projections' outputs as they are (one gradient each in the backward)
             o = bidirectional_gated_linear_attention_qkv(qkv, gates, h, scale=scale, backend=self.backend)
-        else:
-            q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-            g_fwd, g_bwd = gates.chunk(2, dim=-1)
-            q, k, v, g_fwd, g_bwd = (split_heads(t, h) for t in (q, k, v, g_fwd, g_bwd))
-            o = bidirectional_gated_linear_attention(q, k, v, g_fwd, g_bwd, scale=scale, backend=self.backend)
+        else:  # q, k, v and the two directions' gates as views of the projections' outputs
+            views = gla_packed_views(qkv, gates, h)
+            o = bidirectional_gated_linear_attention(*views, scale=scale, backend=self.backend)
         # o: [B, L, H, Dv]
         # g_norm(o / 2) * s + l_norm(local) * (1 - s), SiLU'd with use_out_act (elementwise: per head or merged alike)
         o = rms_gate_mix(

@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..scan import gla_packed_views
 from . import tuning_flag, tuning_int
 from ._eager import eager_call, eager_op
 from ._launch import cdiv, launch, tile_dim
@@ -586,6 +587,12 @@ def _blocks(kd: int, vd: int) -> tuple[int, int]:
     return tile_dim(kd), tile_dim(vd)
 
 
+def _kv_blocks(vd: int) -> tuple[int, int]:
+    """``(value channels per block, blocks)`` of the ``dk`` / ``dv`` walk (:data:`KV_BLOCK_V` at most per block)."""
+    bv_kv = min(tile_dim(vd), KV_BLOCK_V)
+    return bv_kv, cdiv(vd, bv_kv)
+
+
 def _meta(name: str, default_warps: int) -> dict[str, int]:
     """``num_warps`` (and ``num_stages``) of kernel ``name``: ``default_warps`` unless ``TUNING["launch"]`` overrides
     it (a ``ValueError`` naming a malformed override: an unknown kernel or key, a warp count not a power of two)."""
@@ -782,8 +789,7 @@ def _walks(
     bk, bv = _blocks(kd, vd)
     prec = dot_precision(v.dtype, length, backward=True)
     dq = torch.empty(b, length, h, kd, device=q.device, dtype=torch.float32)
-    bv_kv = min(bv, KV_BLOCK_V)
-    n_vb = cdiv(vd, bv_kv)
+    bv_kv, n_vb = _kv_blocks(vd)
     dk_parts = torch.empty(n_vb, b, length, h, kd, device=q.device, dtype=torch.float32)
     n_chunks = cdiv(length, CHUNK)
     n_seg, seg_chunks = _backward_segments(b * h, n_chunks, bk, bv, n_vb, bv_kv, q.device)
@@ -908,19 +914,11 @@ _gla_fwd_call = eager_op(gla_fwd, _setup, _backward)
 
 
 # ViG's bidirectional op on the projections' packed outputs ------------------------------------------------------------
-def _packed_views(qkv: torch.Tensor, gates: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
-    """``q, k, v, g_fwd, g_bwd`` ``[B, L, H, *]`` as views of ``qkv`` ``[B, L, 2 K + V]`` and ``gates``
-    ``[B, L, 2 K]`` (``K`` = ``gates.shape[-1] // 2``, head dims ``K / heads``, ``V / heads``)."""
-    kw = gates.shape[-1] // 2
-    q, k, v = qkv.split([kw, kw, qkv.shape[-1] - 2 * kw], dim=-1)
-    return tuple(t.unflatten(-1, (heads, -1)) for t in (q, k, v, *gates.split([kw, kw], dim=-1)))
-
-
 @torch.library.custom_op("visionlin::bigla_qkv_fwd", mutates_args=())
 def bigla_qkv_fwd(qkv: torch.Tensor, gates: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """ViG's ``(o_fwd + o_bwd) / 2`` ``[B, L, H, V]`` in ``qkv``'s dtype: the forward walk's float32 outputs, then
     the reversed walk adds them before its one rounding. The halving is in ``scale`` (each output is linear in it)."""
-    q, k, v, gf, gb = _packed_views(qkv, gates, heads)
+    q, k, v, gf, gb = gla_packed_views(qkv, gates, heads)
     first = _forward(q, k, v, gf, scale * 0.5, False, torch.float32)
     if dot_precision(qkv.dtype) == "tf32x3":  # (three TF32 products: the accumulating walk spilled 24 bytes, sm_90)
         return (first + _forward(q, k, v, gb, scale * 0.5, True, torch.float32)).to(qkv.dtype)
@@ -945,16 +943,16 @@ def bigla_qkv_bwd(
     if qkv.numel() == 0 or gates.shape[-1] == 0:
         return d_qkv.zero_(), d_gates.zero_()
     qkv, gates = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, gates))  # one channel stride for the views
-    q, k, v, gf, gb = _packed_views(qkv, gates, heads)
+    q, k, v, gf, gb = gla_packed_views(qkv, gates, heads)
     s = scale * 0.5
     b, _, h, kd = q.shape
-    n_vb = cdiv(v.shape[-1], min(tile_dim(v.shape[-1]), KV_BLOCK_V))
+    _, n_vb = _kv_blocks(v.shape[-1])
     if not (_flag("bwd_intra") and _flag("bwd_fused_dg") and _fused_epilogue(b * h, n_vb, q.device)):
         fwd, bwd = _backward_one(q, k, v, gf, do, s, False), _backward_one(q, k, v, gb, do, s, True)
         torch.cat([(x.float() + y.float()).flatten(2) for x, y in zip(fwd[:3], bwd[:3], strict=True)], -1, out=d_qkv)
         torch.cat([fwd[3].flatten(2), bwd[3].flatten(2)], -1, out=d_gates)
         return d_qkv, d_gates
-    dq, dk, dv, dgf, dgb = _packed_views(d_qkv, d_gates, heads)
+    dq, dk, dv, dgf, dgb = gla_packed_views(d_qkv, d_gates, heads)
     q, k, gf, own_f = _gla_layout(q, k, gf)  # (views of one buffer with channel stride 1: no copies)
     q, k, gb, own_b = _gla_layout(q, k, gb)
     dv_first = torch.empty(v.shape, device=v.device, dtype=torch.float32)
