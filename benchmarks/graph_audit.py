@@ -71,12 +71,26 @@ def meta_as_cuda() -> Iterator[None]:
     def is_autocast_enabled(*args) -> bool:
         return False if args and str(args[0]).startswith("meta") else autocast_enabled(*args)
 
+    # Dynamo answers ``x.is_cuda`` from the traced tensor's device itself, not through the property: patched too.
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    dynamo_is_cuda = TensorVariable.method_attr_is_cuda
+
+    def method_attr_is_cuda(self, tx):
+        if self.device is not None and self.device.type == "meta":
+            return VariableTracker.build(tx, True)
+        return dynamo_is_cuda(self, tx)
+
+    from torch._dynamo.variables.base import VariableTracker
+
     kt.triton_unavailable, torch.is_autocast_enabled = triton_unavailable, is_autocast_enabled
     torch.Tensor.is_cuda = property(lambda self: self.device.type in ("cuda", "meta"))
+    TensorVariable.method_attr_is_cuda = method_attr_is_cuda
     try:
         yield
     finally:
         kt.triton_unavailable, torch.is_autocast_enabled = unavailable, autocast_enabled
+        TensorVariable.method_attr_is_cuda = dynamo_is_cuda
         if own_is_cuda:
             torch.Tensor.is_cuda = previous_is_cuda
         else:

@@ -38,13 +38,16 @@ def test_audit_sees_the_gpu_path_and_the_packed_call():
     assert not torch.empty(1, device="meta").is_cuda  # the context restored Tensor.is_cuda
 
 
-def test_meta_stands_in_for_cuda_in_the_layers_own_checks():
-    """The layers' own ``is_cuda`` fast-path checks see meta tensors as CUDA ones (NaLaFormer's softmax stages rotate
-    q and k with the fused Triton pair: no PyTorch ``neg`` / ``stack`` of the unfused rotation in the step)."""
-    row = graph_audit.audit("nalaformer_tiny", 2, 64, top=200, depths=(1, 1, 1, 1))
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_meta_stands_in_for_cuda_in_the_layers_own_checks(mode):
+    """The layers' own ``is_cuda`` fast-path checks see meta tensors as CUDA ones, under dynamo too (which answers
+    ``x.is_cuda`` from the traced device, not the property): NaLaFormer's softmax stages rotate q and k with the
+    fused Triton pair, so no PyTorch ``neg`` / ``stack`` of the unfused rotation is in the step."""
+    row = graph_audit.audit("nalaformer_tiny", 2, 64, top=200, mode=mode, depths=(1, 1, 1, 1))
     targets = _targets(row)
-    assert "aten.neg.default" not in targets and "aten.stack.default" not in targets, targets
-    assert any("rope" in t for t in targets), targets
+    unfused = {"aten.neg.default", "aten.stack.default"} & set(targets)
+    assert not unfused and any("rope" in t for t in targets), targets
+    assert not torch.empty(1, device="meta").is_cuda
 
 
 def test_cli_writes_rows_and_refuses_bad_toggles(tmp_path, monkeypatch):
