@@ -54,9 +54,13 @@ VIEWS = frozenset(
 def meta_as_cuda() -> Iterator[None]:
     """Within the context, the Triton backends accept ``meta`` tensors as CUDA ones (``supports()`` only: nothing is
     launched, the custom ops' fake implementations run), ``Tensor.is_cuda`` is true on ``meta`` (the layers' own
-    fast-path checks: the fused RoPE pair, the channels-last stems) and autocast counts as off on ``meta``. Checks of
+    fast-path checks: the fused RoPE pair, the channels-last stems), also as dynamo answers it while tracing (from the
+    traced device, not through the property), and autocast counts as off on ``meta``. Checks of
     ``device.type == "cuda"`` still see ``"meta"`` (NATTEN's and FlexAttention's backends: not chosen on a GPU either
     where the Triton one runs)."""
+    from torch._dynamo.variables.base import VariableTracker
+    from torch._dynamo.variables.tensor import TensorVariable
+
     import visionlin.kernels.triton as kt
 
     unavailable, autocast_enabled = kt.triton_unavailable, torch.is_autocast_enabled
@@ -71,17 +75,12 @@ def meta_as_cuda() -> Iterator[None]:
     def is_autocast_enabled(*args) -> bool:
         return False if args and str(args[0]).startswith("meta") else autocast_enabled(*args)
 
-    # Dynamo answers ``x.is_cuda`` from the traced tensor's device itself, not through the property: patched too.
-    from torch._dynamo.variables.tensor import TensorVariable
-
     dynamo_is_cuda = TensorVariable.method_attr_is_cuda
 
     def method_attr_is_cuda(self, tx):
         if self.device is not None and self.device.type == "meta":
             return VariableTracker.build(tx, True)
         return dynamo_is_cuda(self, tx)
-
-    from torch._dynamo.variables.base import VariableTracker
 
     kt.triton_unavailable, torch.is_autocast_enabled = triton_unavailable, is_autocast_enabled
     torch.Tensor.is_cuda = property(lambda self: self.device.type in ("cuda", "meta"))

@@ -8,6 +8,8 @@
 #   tests-s48      gpu tests of what stops 47-48 wrote without a GPU: the NA backward's strided stores and packed call,
 #                  the GLA kernels (fwd accumulate, bwd strided dv / epilogue stores) and the packed bidirectional op,
 #                  the packed / token-conv model switches, NAT / DiNAT / ViG / FLatten parity, the memory test  ~6 min
+#   tests-s49      what the s49 run of tests-s48 did not reach: NA tile settings, the packed GLA op, the GLA
+#                  tensor-core / compile tests, NAT-T with the packed call, the memory test                    ~5 min
 #   tests-new      gpu tests of the kernels added or changed last (focus, conv, pooled / pure InfSA)   ~3 min
 #   tests-linear   gpu tests of the linear-attention kernels                                           ~4 min
 #   tests-half     the half-precision sweep (gpu copy)                                                 ~2 min
