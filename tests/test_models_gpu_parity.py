@@ -32,6 +32,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """TF32 off in PyTorch's matrix products and cuDNN for the test only (the float32 bound's premise), restored after
+    it, so that other tests in the same worker keep the defaults."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _run(model: torch.nn.Module, x: torch.Tensor, backend: str | None, autocast: bool) -> dict[str, torch.Tensor]:
     """Logits, input gradient and the concatenated parameter gradients under ``backend``."""
     visionlin.set_backend(model, backend)
@@ -48,9 +56,7 @@ def _run(model: torch.nn.Module, x: torch.Tensor, backend: str | None, autocast:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gpu_fast_backends_match_reference(name):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_fast_backends_match_reference(name, no_tf32):
     model = _create(name).cuda()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).cuda()
     ref = _run(model, x, "reference", autocast=False)
@@ -74,15 +80,13 @@ def test_gpu_fast_backends_match_reference(name):
     ("name", "layer_module", "key"),
     [("vig_tiny", "gla", "qkv_packed"), ("nat_tiny", "neighborhood", "qkv_packed"), ("vig_tiny", "gla", "token_conv")],
 )
-def test_gpu_packed_calls_match_split(name, layer_module, key, monkeypatch):
+def test_gpu_packed_calls_match_split(name, layer_module, key, monkeypatch, no_tf32):
     """The layers' switches written without a GPU (``visionlin.layers.<module>.FAST_PATHS[key]``: ViG's projections'
     outputs and NAT's ``qkv`` handed to the ops packed, with packed gradients; ViG's convolution on the token layout)
     on against off, both on the fast backends, at batch 64 (ViG's (batch, head) programs then fill the SMs: the packed
     walks, not the fallback), float32."""
     import importlib
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     switches = importlib.import_module(f"visionlin.layers.{layer_module}").FAST_PATHS
     model = _create(name).cuda()
     x = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)).cuda()
