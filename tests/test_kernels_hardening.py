@@ -295,6 +295,44 @@ def test_softmax_mixed_dtypes_run_in_the_reference():
     torch.testing.assert_close(sdpa, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keys", [1, 9, 15, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_backends_keep_a_nan_query_and_match_the_reference(keys, dtype):
+    """PyTorch's fused CPU attention returned 0 for a query row holding a NaN when there were fewer than 16 keys (or
+    agents): the ``"sdpa"`` backends hid it. The NaN row must come out NaN and every other row match the reference,
+    forward and backward; a row whose every key is masked still gets 0."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 7, 3, 16, dtype=dtype)
+    k, v = (torch.randn(2, keys, 3, 16, dtype=dtype) for _ in range(2))
+    q[1, 4, 2, 5] = float("nan")
+    bias = torch.randn(2, 3, 7, keys)
+    bias[0, 1, 3] = float("-inf")
+    agents = torch.randn(2, keys, 3, 16, dtype=dtype)
+    calls = {
+        "softmax": (softmax_attention, softmax_attention_reference, (q, k, v), {"attn_bias": bias}),
+        "agent": (
+            agent_attention,
+            agent_attention_reference,
+            (q, torch.randn_like(q), torch.randn_like(q), agents),
+            {},
+        ),
+    }
+    for name, (fn, ref_fn, args, kw) in calls.items():
+        leaves = [t.detach().requires_grad_() for t in args]
+        out = fn(*leaves, **kw, backend="sdpa")
+        assert out[1, 4, 2].isnan().all(), (name, out[1, 4, 2])
+        finite = torch.ones_like(out, dtype=torch.bool)
+        finite[1, 4, 2] = False
+        ref = ref_fn(*leaves, **kw)
+        torch.testing.assert_close(out[finite].float(), ref[finite].float(), rtol=2e-2, atol=2e-2)
+        if name == "softmax":
+            assert (out[0, 3, 1] == 0).all()
+        grads = torch.autograd.grad(out[finite].float().sum(), leaves[1:3])
+        ref_grads = torch.autograd.grad(ref[finite].float().sum(), leaves[1:3])
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g.float(), r.float(), rtol=5e-2, atol=5e-2, equal_nan=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_mixed_dtypes_fall_back_to_a_backend_that_takes_them(case):
     name, kw = case

@@ -38,6 +38,7 @@ __all__ = [
     "pow2_floor",
     "reference_dtype",
     "same_floating_dtype",
+    "sdpa",
     "supports_floating",
     "capturing",
     "real_plain_tensor",
@@ -236,6 +237,40 @@ def as_sdpa_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | N
         return None
     bias = bias.to(device=q.device, dtype=q.dtype)
     return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+
+
+# PyTorch's fused CPU attention kernel returns 0 instead of NaN for a query row holding a NaN when there are fewer keys
+# than this (seen on torch 2.11 to 2.14, float64 / float32 / bfloat16, any query count and head dim; with 16 keys or
+# more the NaN comes through). pytorch/pytorch#141128 reported the same symptom at 16 keys on torch 2.5.
+_CPU_FUSED_SDPA_MIN_KEYS = 16
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` tensors with a float ``attn_mask`` (or none), except on
+    the CPU with fewer than 16 keys: there PyTorch's fused kernel hides a NaN query (it returns 0), so the same
+    softmax runs unfused in float32, which costs nothing at that size. A row whose every key is masked gets 0, as from
+    SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from the references."""
+    if q.device.type != "cpu" or k.shape[-2] >= _CPU_FUSED_SDPA_MIN_KEYS:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dt = reference_dtype(q.dtype)
+    s = torch.matmul(q.to(dt), k.to(dt).transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        s = s + attn_mask.to(dt)
+    w = masked_softmax(s)
+    if dropout_p:
+        w = torch.nn.functional.dropout(w, p=dropout_p)
+    return torch.matmul(w, v.to(dt)).to(q.dtype)
 
 
 def may_keep_tensors() -> bool:

@@ -25,6 +25,7 @@ from ._common import (
     is_floating,
     masked_softmax,
     reference_dtype,
+    sdpa,
 )
 from ._dispatch import Op
 
@@ -128,7 +129,7 @@ def _sdpa(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, drop
     # SDPA wants [B, H, L, D]; the transposes are views. Float masks must have the query dtype.
     q, k, v, agents = (_unit_last_stride(t) for t in (q, k, v, agents))
     a = agents.transpose(1, 2)
-    v_a = F.scaled_dot_product_attention(
+    v_a = sdpa(
         a,
         k.transpose(1, 2),
         v.transpose(1, 2),
@@ -136,7 +137,7 @@ def _sdpa(q, k, v, agents, *, agent_bias=None, query_bias=None, scale=None, drop
         dropout_p=dropout_p,
         scale=scale,
     )  # [B, H, n, Dv]
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         q.transpose(1, 2),
         a,
         v_a,

@@ -14,6 +14,7 @@ from ._common import (
     masked_softmax,
     reference_dtype,
     same_floating_dtype,
+    sdpa,
     supports_floating,
 )
 from ._dispatch import Op
@@ -74,7 +75,7 @@ def softmax_attention_reference(
 
 def _sdpa(q, k, v, *, scale=None, attn_bias=None, dropout_p=0.0):
     # SDPA wants [B, H, N, D]; the transposes are views.
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
