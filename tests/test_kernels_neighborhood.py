@@ -149,6 +149,27 @@ def test_effective_window_rule():
 
 
 @pytest.mark.parametrize(
+    "length,kernel,dilation,match",
+    [
+        (4, 3, -1, r"dilation=-1 must be an integer >= 1"),  # gave index 5 on a length-4 axis
+        (4, 3, 0, r"dilation=0 must be"),  # ZeroDivisionError
+        (4, 0, 1, r"kernel_size=0 must be"),
+        (-2, 3, 1, r"length=-2 must be an integer >= 0"),
+        (4, 4, 1, r"kernel_size=4 must be odd"),
+        (4, 3, 1.5, r"dilation=1.5 must be an integer"),
+        (4.0, 3, 1, r"length=4.0 must be an integer"),
+        (4, True, 1, r"kernel_size=True must be an integer"),
+    ],
+)
+def test_window_helpers_refuse_bad_arguments(length, kernel, dilation, match):
+    for fn in (na.effective_window, neighborhood_indices):
+        with pytest.raises(ValueError, match=match):
+            fn(length, kernel, dilation)
+    nb, bi = neighborhood_indices(0, 3, 1)  # an empty axis has no neighbours
+    assert nb.shape == bi.shape == (0, 0)
+
+
+@pytest.mark.parametrize(
     "spatial,kernel,dilation",
     [((7,), (3,), (2,)), ((5, 4), (3, 3), (1, 2)), ((3, 5), (5, 3), (1, 1)), ((2, 3, 4), (1, 3, 3), (1, 1, 2))],
     ids=["1d", "2d", "2d_small", "3d"],

@@ -30,6 +30,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -59,13 +60,35 @@ _LAYOUTS = {1: "[B, L, H, D]", 2: "[B, X, Y, H, D]", 3: "[B, T, X, Y, H, D]"}
 
 
 # Windows ------------------------------------------------------------------------------------------------------------
+def _check_axis(fn: str, length: Any, kernel_size: Any, dilation: Any) -> None:
+    """The public per-axis helpers' arguments: ``length`` an int >= 0, ``kernel_size`` an odd int >= 1, ``dilation``
+    an int >= 1 (the rules :func:`neighborhood_attention` applies per axis). Symbolic sizes pass unchecked."""
+    for name, value, low in (("length", length, 0), ("kernel_size", kernel_size, 1), ("dilation", dilation, 1)):
+        if isinstance(value, torch.SymInt):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{fn}: {name}={value!r} must be an integer >= {low}")
+    if not isinstance(kernel_size, torch.SymInt) and kernel_size % 2 == 0:
+        raise ValueError(f"{fn}: kernel_size={kernel_size!r} must be odd (NAT/DiNAT windows are centred)")
+
+
 def effective_window(length: int, kernel_size: int, dilation: int) -> tuple[int, int]:
     """The ``(kernel_size, dilation)`` actually used along an axis of ``length`` positions.
 
     * ``kernel_size * dilation <= length`` (everything NATTEN accepts): unchanged.
     * ``kernel_size >= length``: ``(length, 1)``, every query attends to the whole axis.
     * otherwise: ``(kernel_size, length // kernel_size)``: the largest dilation whose window fits.
+
+    Raises:
+        ValueError: ``length`` not an integer >= 0, ``kernel_size`` not an odd integer >= 1 or ``dilation`` not an
+            integer >= 1.
     """
+    _check_axis("effective_window", length, kernel_size, dilation)
+    return _effective_window(length, kernel_size, dilation)
+
+
+def _effective_window(length: int, kernel_size: int, dilation: int) -> tuple[int, int]:
+    # effective_window without its checks, for callers whose arguments are already checked (every forward calls it).
     if kernel_size >= length:
         return length, 1
     return kernel_size, min(dilation, length // kernel_size)
@@ -84,8 +107,18 @@ def neighborhood_indices(
 
     Returns:
         ``(neighbours, bias_index)``, both int64 ``[length, k]``.
+
+    Raises:
+        ValueError: as :func:`effective_window`.
     """
-    k, d = effective_window(length, kernel_size, dilation)
+    _check_axis("neighborhood_indices", length, kernel_size, dilation)
+    return _neighborhood_indices(length, kernel_size, dilation, device)
+
+
+def _neighborhood_indices(
+    length: int, kernel_size: int, dilation: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k, d = _effective_window(length, kernel_size, dilation)
     i = torch.arange(length, device=device)
     group, pos = i % d, i // d
     group_len = (length - group + d - 1) // d
@@ -105,7 +138,7 @@ def _flat_windows(
     bias_index = []
     stride = 1
     for ax in reversed(range(nd)):
-        nb, bi = neighborhood_indices(spatial[ax], kernel_size[ax], dilation[ax], device)
+        nb, bi = _neighborhood_indices(spatial[ax], kernel_size[ax], dilation[ax], device)
         shape = [1] * (2 * nd)
         shape[ax], shape[nd + ax] = nb.shape
         flat = flat + nb.reshape(shape) * stride
@@ -418,7 +451,7 @@ def _natten(
     assert rpb is None and not dropout_p, "supports() refuses these"
     natten = _natten_module()
     nd = q.ndim - 3
-    windows = [effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)]
+    windows = [_effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)]
     fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[nd]
     return fn(
         q,
@@ -470,7 +503,7 @@ def _triton_supports(
     reasons += head_dim_reasons(q, v) + heads_grid_reasons(q)
     if nd in (1, 2):
         windows = [
-            effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)
+            _effective_window(n, ks, d) for n, ks, d in zip(q.shape[1 : 1 + nd], kernel_size, dilation, strict=True)
         ]
         if max(w[0] for w in windows) > _TRITON_MAX_KERNEL:
             reasons.append(
@@ -514,9 +547,9 @@ def _triton_window(
     """``(one_d, window, rpb)`` of a 1-D or 2-D call for the 2-D Triton kernels: the effective windows
     ``((kx, dx), (ky, dy))``; 1-D runs as one row of a 2-D map, its bias table ``[H, 2k-1]`` as ``[H, 1, 2k-1]``."""
     if len(spatial) == 1:
-        window = ((1, 1), effective_window(spatial[0], kernel_size[0], dilation[0]))
+        window = ((1, 1), _effective_window(spatial[0], kernel_size[0], dilation[0]))
         return True, window, None if rpb is None else rpb.unsqueeze(1)
-    window = tuple(effective_window(n, ks, d) for n, ks, d in zip(spatial, kernel_size, dilation, strict=True))
+    window = tuple(_effective_window(n, ks, d) for n, ks, d in zip(spatial, kernel_size, dilation, strict=True))
     return False, window, rpb
 
 
@@ -617,7 +650,7 @@ def _flex_mods(
     ``rpb``); the index is clamped to the table, it only matters for allowed keys where it is in range."""
     n = math.prod(spatial)
     axes = [
-        (length, *effective_window(length, ks, d), ks)
+        (length, *_effective_window(length, ks, d), ks)
         for length, ks, d in zip(spatial, kernel_size, dilation, strict=True)
     ]
 
