@@ -18,6 +18,7 @@ from timm.layers import register_notrace_function, resample_abs_pos_embed
 
 __all__ = [
     "check_bool",
+    "check_depths",
     "check_head_input",
     "check_image",
     "check_int",
@@ -37,6 +38,14 @@ def check_int(name: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name}={value!r} must be >= {minimum}")
     return value
+
+
+def check_depths(depths: Any) -> list[int]:
+    """A hierarchical model's ``depths`` as a list of block counts; ``ValueError`` naming it unless it is a non-empty
+    sequence of integers >= 1 (one per stage)."""
+    if isinstance(depths, str) or not isinstance(depths, Sequence) or len(depths) < 1:
+        raise ValueError(f"{depths=} must be a non-empty sequence of block counts (integers >= 1), one per stage")
+    return [check_int(f"depths[{i}]", d, minimum=1) for i, d in enumerate(depths)]
 
 
 def check_positive(name: str, value: Any) -> float:

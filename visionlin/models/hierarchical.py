@@ -28,6 +28,7 @@ multiples of 32 (the total stride), or pass ``dynamic_img_pad=True`` to pad them
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -45,6 +46,7 @@ from ..layers.norm import stem_memory_format
 from ..layers.window import window_partition, window_reverse
 from ._common import (
     check_bool,
+    check_depths,
     check_head_input,
     check_image,
     check_int,
@@ -483,9 +485,7 @@ class HierarchicalBackbone(nn.Module):
         img_size = check_pair("img_size", img_size)
         check_int("in_chans", in_chans, minimum=1)
         check_int("num_classes", num_classes, minimum=0)
-        if isinstance(depths, str) or not isinstance(depths, Sequence) or len(depths) < 1:
-            raise ValueError(f"{depths=} must be a non-empty sequence of block counts, one per stage")
-        depths = [check_int(f"depths[{i}]", d, minimum=1) for i, d in enumerate(depths)]
+        depths = check_depths(depths)
         n = len(depths)
         if isinstance(embed_dim, int) and not isinstance(embed_dim, bool):
             check_int("embed_dim", embed_dim, minimum=1)
@@ -792,7 +792,16 @@ def create_hierarchical(
     """Build a named variant with timm (``features_only`` gives the stages, ``out_indices`` checked with a
     ``ValueError``; ``patch_size`` goes to the patch stem); ``filter_fn`` maps the authors' checkpoints for
     ``pretrained=True``."""
+    if "depths" in kwargs:
+        kwargs["depths"] = check_depths(kwargs["depths"])
     if "patch_size" in kwargs:  # the patch stem's
+        params = inspect.signature(model_cls or HierarchicalBackbone).parameters
+        stem = kwargs.get("stem_type", params["stem_type"].default if "stem_type" in params else "conv")
+        if stem != "patch":
+            raise ValueError(
+                f"patch_size={kwargs['patch_size']!r}: {variant} has a {stem!r} stem (convolutions of fixed stride), "
+                "not a patch embedding; patch_size applies to the 'patch' stem (Swin, PVT) only"
+            )
         kwargs["stem_kwargs"] = {**dict(kwargs.get("stem_kwargs") or {}), "patch_size": kwargs.pop("patch_size")}
     depths = kwargs.get("depths", ())
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))

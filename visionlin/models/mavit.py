@@ -39,7 +39,7 @@ from ..layers import MagnitudeAwareAttention, NormAwareAttention, PreNorm, RankA
 from ..layers._base import TokenDepthwiseConv2d, check_tokens, merge_heads, split_heads
 from ..layers.magnitude import GatedRoPELinearAttention
 from ..layers.norm import FAST_PATHS, stem_memory_format
-from ._common import check_bool, check_int, check_pair, check_positive, check_rate, pretrained_cfg
+from ._common import check_bool, check_depths, check_int, check_pair, check_positive, check_rate, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, TokenBatchNorm, create_hierarchical
 from .hierarchical import checkpoint_filter_fn as _hierarchical_filter
 from .vit import _unwrap
@@ -315,10 +315,7 @@ class RoPEHybridBackbone(HierarchicalBackbone):
             raise ValueError(f"stage_types={stage_types!r}: {bad} not in ('linear', 'softmax')")
         if global_pool not in ("", "avg", "avgmax", "max"):
             raise ValueError(f"{global_pool=} is not one of ('', 'avg', 'avgmax', 'max')")
-        if not isinstance(depths, Sequence) or not depths:
-            raise ValueError(f"{depths=} must be a non-empty sequence of block counts")
-        for i, d in enumerate(depths):
-            check_int(f"depths[{i}]", d, minimum=1)
+        depths = check_depths(depths)
         dims = per_stage["embed_dim"]
         for i, (c, h) in enumerate(zip(dims, per_stage["num_heads"], strict=True)):
             check_int(f"embed_dim[{i}]", c, minimum=2)

@@ -22,7 +22,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from . import hierarchical
-from ._common import pretrained_cfg
+from ._common import check_depths, pretrained_cfg
 from .hierarchical import HierarchicalBackbone
 from .vit import _unwrap
 
@@ -131,8 +131,11 @@ def _create_nat(
 
 
 def _args(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
-    """An entrypoint's published settings, each overridable by the caller's keywords."""
-    return {**defaults, **kwargs}
+    """An entrypoint's published settings, each overridable by the caller's keywords (``depths`` checked first: the
+    per-block settings are built from it)."""
+    args = {**defaults, **kwargs}
+    args["depths"] = check_depths(args["depths"])
+    return args
 
 
 _MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)

@@ -32,7 +32,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from . import hierarchical
-from ._common import pretrained_cfg
+from ._common import check_depths, pretrained_cfg
 from .hierarchical import HierarchicalBackbone, create_hierarchical
 from .vit import _unwrap
 
@@ -187,7 +187,7 @@ def _create_swin(
     )
     args.update(kwargs)
     attn_type, window = args.pop("attn_type"), args.pop("softmax_window")
-    depths = args["depths"]
+    depths = args["depths"] = check_depths(args["depths"])
     per_stage = [dict(linear_kwargs or {}) for _ in depths]
     if "agent_num" in args:
         agents = args.pop("agent_num")
