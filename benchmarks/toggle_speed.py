@@ -33,10 +33,11 @@ Switches (each a process-wide setting read at every forward):
   (:data:`NA_TILES_S45`: the backward's register cap of 128 at rows of 8 and longer, 4 warps at rows of 8;
   :data:`NA_BIAS_GRAD_PER_SM_S45`: 2 programs per SM at every map), to compare with ``default``: the A/B of s46's
   settings;
-* ``na_qkv_packed``: the shipped settings with the neighborhood layers' q, k, v handed to the op packed (one packed
-  gradient) instead of split (three gradients that autograd concatenates;
-  :data:`visionlin.layers.neighborhood.FAST_PATHS`, off until GPU-tested), to compare with ``default``: the A/B of
-  s47's packed call;
+* ``na_packed``: :data:`visionlin.layers.neighborhood.FAST_PATHS` ``["qkv_packed"]`` (on since s50): the neighborhood
+  layers hand q, k, v to the op packed (one packed gradient) instead of split (three gradients that autograd
+  concatenates);
+* ``na_split``: the shipped settings with that switch off (s47-s49's layer), to compare with ``default`` (until s50
+  the config ``na_qkv_packed``, the packed call against the then shipped split one);
 * ``gla_qkv_packed``: the shipped settings with ViG's layers handing their projections' outputs to the bidirectional
   GLA op packed (one gradient for ``qkv_proj``'s output and one for the gates) instead of split (the two directions'
   ten gradients that autograd sums and concatenates; :data:`visionlin.layers.gla.FAST_PATHS`, off until GPU-tested),
@@ -44,7 +45,7 @@ Switches (each a process-wide setting read at every forward):
 * ``gla_token_conv``: the shipped settings with ViG's locality convolution on the token layout
   (:data:`visionlin.layers.gla.FAST_PATHS` ``["token_conv"]``, off until GPU-tested) instead of a ``Conv2d`` between
   layout changes, to compare with ``default``;
-* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_qkv_packed``,
+* ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_split``,
   ``gla_qkv_packed`` and ``gla_token_conv`` excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
@@ -90,14 +91,15 @@ CONFIGS = (
     "strip_s42",
     "na_tiles_s43",
     "na_s45",
-    "na_qkv_packed",
+    "na_packed",
+    "na_split",
     "gla_qkv_packed",
     "gla_token_conv",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
 SHIPPED_VARIANTS = (
-    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_qkv_packed", "gla_qkv_packed", "gla_token_conv",
+    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split", "gla_qkv_packed", "gla_token_conv",
 )  # fmt: skip
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
@@ -175,8 +177,10 @@ def switches(config: str) -> Iterator[None]:
         if config == "na_s45":
             stack.enter_context(unittest.mock.patch.object(na, "MEASURED_TILES", NA_TILES_S45))
             stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
-        if config == "na_qkv_packed":
-            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=True))
+        if not keep:
+            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=on("na_packed")))
+        if config == "na_split":
+            stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=False))
         if config == "gla_qkv_packed":
             stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=True))
         if config == "gla_token_conv":

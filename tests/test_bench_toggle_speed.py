@@ -30,7 +30,7 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 def test_default_configs_are_each_switch_against_all_off():
     assert toggle_speed.TOGGLES == ("baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused",
-                                    "focus_tiles", "all")  # fmt: skip
+                                    "focus_tiles", "na_packed", "all")  # fmt: skip
 
 
 def test_switches_set_and_restore():
@@ -76,21 +76,24 @@ def test_switches_set_and_restore():
     assert (na.MEASURED_TILES, na.BIAS_GRAD_PER_SM) == (tiles, bias_per_sm) != (toggle_speed.NA_TILES_S45, ((None, 2),))
     from visionlin.layers import neighborhood as na_layer
 
-    with toggle_speed.switches("na_qkv_packed"):  # the shipped settings with the neighborhood layers' packed call
-        assert na_layer.FAST_PATHS == {"qkv_packed": True} and dict(na.TUNING) == na_tuning
+    assert na_layer.FAST_PATHS == {"qkv_packed": True}  # shipped on since s50
+    with toggle_speed.switches("na_split"):  # the shipped settings with the neighborhood layers' split call
+        assert na_layer.FAST_PATHS == {"qkv_packed": False} and dict(na.TUNING) == na_tuning
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
-    assert na_layer.FAST_PATHS == {"qkv_packed": False}
+    assert na_layer.FAST_PATHS == {"qkv_packed": True}
+    with toggle_speed.switches("na_packed"):  # a switch: on with everything else off
+        assert na_layer.FAST_PATHS == {"qkv_packed": True} and not any(norm.FAST_PATHS.values())
     from visionlin.layers import gla as gla_layer
 
     gla_off = {"qkv_packed": False, "token_conv": False}
     for config, key in (("gla_qkv_packed", "qkv_packed"), ("gla_token_conv", "token_conv")):
         with toggle_speed.switches(config):  # the shipped settings with one of ViG's switches on
             assert dict(gla_off, **{key: True}) == gla_layer.FAST_PATHS
-            assert na_layer.FAST_PATHS == {"qkv_packed": False} and before == norm.FAST_PATHS
+            assert na_layer.FAST_PATHS == {"qkv_packed": True} and before == norm.FAST_PATHS
             assert dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
         assert gla_off == gla_layer.FAST_PATHS
     with toggle_speed.switches("baseline"):
-        assert na_layer.FAST_PATHS == {"qkv_packed": False}  # (a shipped variant only: not a switch of its own)
+        assert na_layer.FAST_PATHS == {"qkv_packed": False}  # every switch off
         assert gla_off == gla_layer.FAST_PATHS
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())

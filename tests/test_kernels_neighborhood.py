@@ -412,7 +412,7 @@ def test_layer_takes_the_packed_call_without_prefix_or_qk_norm(monkeypatch):
     layer = NeighborhoodAttention(16, num_heads=2, kernel_size=3, dilation=(1, 2)).eval()
     x = torch.randn(2, 5 * 6, 16)
     calls = []
-    monkeypatch.setitem(layer_mod.FAST_PATHS, "qkv_packed", True)  # (off until GPU-tested)
+    assert layer_mod.FAST_PATHS["qkv_packed"]  # shipped on since s50
     packed = layer_mod.neighborhood_attention_qkv
     monkeypatch.setattr(layer_mod, "neighborhood_attention_qkv", lambda *a, **kw: calls.append(a) or packed(*a, **kw))
     out = layer(x, (5, 6))

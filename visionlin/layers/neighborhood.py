@@ -16,9 +16,10 @@ from ._registry import register_attn
 
 #: Process-wide switches: ``qkv_packed`` hands the projection's output to :func:`neighborhood_attention_qkv` packed
 #: (one gradient in the Triton backward instead of three concatenated) where the layer has no prefix tokens or q / k
-#: norms; off, the split call. Off until its GPU tests pass (written at s47 without a GPU;
-#: ``benchmarks/toggle_speed.py``'s config ``na_qkv_packed`` times it on against the default).
-FAST_PATHS: dict[str, bool] = {"qkv_packed": False}
+#: norms; off, the split call. On since s50: its GPU tests passed (op at s49, NAT-T's model parity at s50, H100) and
+#: NAT-T / DiNAT-T CUDA-graph training steps took 1.022x / 1.025x on it (``benchmarks/toggle_speed.py``, config
+#: ``na_split`` against ``default``: ``benchmarks/results/h100/s50/``).
+FAST_PATHS: dict[str, bool] = {"qkv_packed": True}
 
 __all__ = ["NeighborhoodAttention"]
 
