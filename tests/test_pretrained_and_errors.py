@@ -62,6 +62,11 @@ def test_bad_inputs_raise_value_errors():
     attn = visionlin.create_attn("infsa", 32, num_heads=2)
     with pytest.raises(ValueError, match=r"17 tokens do not match num_prefix_tokens=0 \+ H\*W for feat_size=\(4, 4\)"):
         attn(torch.randn(1, 17, 32), (4, 4))
+    for name in ("gla", "neighborhood", "infsa"):  # gla / neighborhood gave TypeErrors from unflatten / bool()
+        attn = visionlin.create_attn(name, 32, num_heads=2)
+        for bad in [(4.0, 4.0), torch.tensor([4, 4]), (True, 4), "ab", (4,)]:
+            with pytest.raises(ValueError, match=r"feat_size must be \(H, W\), two integers >= 1"):
+                attn(torch.randn(1, 16, 32), bad)
 
 
 def test_fixed_size_model_rejects_other_sizes():
@@ -147,6 +152,45 @@ def test_class_token_checkpoint_into_avg_pool_model():
     dst.load_state_dict(checkpoint_filter_fn(src.state_dict(), dst), strict=True)
     torch.testing.assert_close(dst.fc_norm.weight, src.norm.weight)
     torch.testing.assert_close(dst.pos_embed, src.pos_embed[:, 1:])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("agent_deit_tiny", {"depth": 2}),
+        ("nat_mini", {"depths": (1, 1, 1, 1)}),
+        ("mavit_tiny", {"depths": (1, 1, 1, 1)}),
+    ],
+)
+def test_failed_load_state_dict_leaves_the_model_as_it_was(name, kwargs):
+    """``nn.Module.load_state_dict`` copied every tensor that fit before raising for the rest (33 of 53 tensors of
+    Agent-DeiT-T for one bad head shape); the models' load now changes nothing unless everything loads."""
+    src = timm.create_model(name, num_classes=10, **kwargs)
+    dst = timm.create_model(name, num_classes=10, **kwargs)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    good = src.state_dict()
+    first = next(iter(good))
+    bad_cases = {
+        "shape": dict(
+            good, **{"head.bias": torch.zeros(3)} if "head.bias" in good else {"head.fc.bias": torch.zeros(3)}
+        ),
+        "missing": {k: v for k, v in good.items() if k != first},
+        "unexpected": dict(good, **{"bogus.weight": torch.zeros(1)}),
+    }
+    for case, sd in bad_cases.items():
+        with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+            dst.load_state_dict(sd)
+        assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items()), case
+    with pytest.raises(RuntimeError, match="size mismatch"):  # strict=False still refuses shapes, as torch does
+        dst.load_state_dict(bad_cases["shape"], strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    assert dst.load_state_dict(bad_cases["missing"], strict=False).missing_keys == [first]
+    # A good load copies everything; Parameters handed in keep their own requires_grad.
+    frozen = src.requires_grad_(False).state_dict(keep_vars=True)
+    dst.load_state_dict(frozen)
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), good.values(), strict=True))
+    assert not any(p.requires_grad for p in src.parameters()) and all(p.requires_grad for p in dst.parameters())
+    assert not {p.data_ptr() for p in dst.parameters()} & {p.data_ptr() for p in src.parameters()}  # copied, not shared
 
 
 def test_non_square_checkpoint_needs_a_known_grid():

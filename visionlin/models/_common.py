@@ -9,14 +9,18 @@ them as single calls instead of tracing into their control flow. They read only 
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from timm.layers import register_notrace_function, resample_abs_pos_embed
+from torch import nn
 
 __all__ = [
+    "AllOrNothingLoad",
     "check_bool",
     "check_depths",
     "check_head_input",
@@ -29,6 +33,45 @@ __all__ = [
     "take_indices",
     "token_grid",
 ]
+
+
+class AllOrNothingLoad:
+    """Mixin for the models' top-level classes: ``load_state_dict`` changes nothing unless it can load everything.
+
+    ``nn.Module.load_state_dict`` copies every tensor that fits before it raises for the keys or shapes that do not,
+    leaving a model half-loaded. Here the same load first runs on a shadow of the model whose parameters and buffers
+    are meta tensors (``assign=True``: nothing is copied), with every ``_load_from_state_dict`` hook; it raises there
+    what the real load would raise (missing / unexpected keys, shape mismatches, a grid check), before the model is
+    touched. The shadow shares everything else with the model and costs no tensor memory."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if isinstance(state_dict, Mapping):  # (anything else: the real load's own error)
+            # Parameters detached: the assigning load would set their requires_grad to the model's.
+            trial = OrderedDict((k, v.detach() if isinstance(v, nn.Parameter) else v) for k, v in state_dict.items())
+            if (metadata := getattr(state_dict, "_metadata", None)) is not None:
+                # per-module versions (BatchNorm's, ...), as the real load reads them; a copy, because the load writes
+                # its assign flag into them, which the real load would then read
+                trial._metadata = copy.deepcopy(metadata)
+            nn.Module.load_state_dict(_meta_shadow(self, {}), trial, strict=strict, assign=True)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _meta_shadow(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    # A shallow copy of each module with its own parameter, buffer and child dicts, tensors on the meta device.
+    if id(module) in memo:
+        return memo[id(module)]
+    shadow = memo[id(module)] = copy.copy(module)
+
+    def meta(t):
+        if t is None:
+            return None
+        m = torch.empty_like(t, device="meta")
+        return nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+
+    shadow._parameters = {name: meta(p) for name, p in module._parameters.items()}
+    shadow._buffers = {name: meta(b) for name, b in module._buffers.items()}
+    shadow._modules = {name: None if c is None else _meta_shadow(c, memo) for name, c in module._modules.items()}
+    return shadow
 
 
 def check_int(name: str, value: Any, minimum: int = 0) -> int:

@@ -45,6 +45,7 @@ from ..layers._base import map_to_tokens, tokens_to_map
 from ..layers.norm import stem_memory_format
 from ..layers.window import window_partition, window_reverse
 from ._common import (
+    AllOrNothingLoad,
     check_bool,
     check_depths,
     check_head_input,
@@ -397,7 +398,7 @@ def _per_block(name: str, value: Any, depths: Sequence[int], leaf: Callable[[Any
     return out
 
 
-class HierarchicalBackbone(nn.Module):
+class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
     """Four-stage (any number of stages) vision backbone with token mixers chosen per stage or per block.
 
     Args:

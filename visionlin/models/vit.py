@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import ATTN_LAYERS, TokenMixer, as_patch_conv, as_pre_norm, create_attn
 from ._common import (
+    AllOrNothingLoad,
     check_bool,
     check_head_input,
     check_image,
@@ -97,7 +98,7 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class EfficientVisionTransformer(nn.Module):
+class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
     """DeiT-shaped vision transformer whose token mixer is chosen per block.
 
     Args:
