@@ -34,8 +34,13 @@ def check_tokens(
         raise ValueError(f"{name}: tokens have {x.shape[-1]} channels, the layer was built for dim={dim}")
     if num_prefix_tokens < 0:
         raise ValueError(f"{name}: {num_prefix_tokens=} must be >= 0")
-    if len(feat_size) != 2 or min(feat_size) < 1:
-        raise ValueError(f"{name}: feat_size must be (H, W) with H, W >= 1, got {feat_size=}")
+    if (
+        not isinstance(feat_size, (tuple, list, torch.Size))
+        or len(feat_size) != 2
+        or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in feat_size)
+        or min(feat_size) < 1
+    ):
+        raise ValueError(f"{name}: feat_size must be (H, W), two integers >= 1, got {feat_size=}")
     expected = num_prefix_tokens + feat_size[0] * feat_size[1]
     if x.shape[1] != expected:
         raise ValueError(
