@@ -48,18 +48,32 @@ def _one_or_list(values: list[int] | None) -> int | list[int] | None:
 
 
 def _load(path: Path):
+    """The pipeline or model saved in ``path``; ``ValueError`` naming the folder and the cause when it cannot be
+    loaded (diffusers raised OSErrors for missing or garbled weights, AttributeErrors for a config that is not a JSON
+    object or names no model class, TypeErrors for config values of the wrong type)."""
     import diffusers
 
     if (path / "model_index.json").is_file():
-        return diffusers.DiffusionPipeline.from_pretrained(str(path))
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path} has neither model_index.json (a pipeline) nor config.json (a model)")
-    name = json.loads(config.read_text()).get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None:
-        raise ValueError(f"{config}: _class_name={name!r} is not a diffusers class")
-    return cls.from_pretrained(str(path))
+        what, load = "pipeline", diffusers.DiffusionPipeline.from_pretrained
+    else:
+        config = path / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{path} has neither model_index.json (a pipeline) nor config.json (a model)")
+        try:
+            spec = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{config} holds a JSON {type(spec).__name__}, not an object with a _class_name")
+        name = spec.get("_class_name")
+        cls = getattr(diffusers, str(name), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise ValueError(f"{config}: _class_name={name!r} is not a diffusers model class")
+        what, load = name, cls.from_pretrained
+    try:
+        return load(str(path))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # the folder's files, not visionlin's code
+        raise ValueError(f"{path}: cannot load the {what} ({type(e).__name__}: {e})") from e
 
 
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -69,6 +83,8 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         parser.error(f"argument path: {args.path!r} is not a folder")
+    if args.out is not None and not args.out.strip():  # ("" skipped the save without a word)
+        parser.error(f"argument --out: {args.out!r} is not a folder name")
     if args.out and (problem := folder_problem(args.out)):  # (found after the whole conversion before)
         parser.error(f"argument --out: {problem}")
     options = method_options(args)

@@ -4,14 +4,17 @@ conversion) and fine-tune it by distillation from itself with the conversion off
 ``PATH`` is a ``save_pretrained`` folder (a model or a pipeline; nothing is downloaded). ``--data`` is a safetensors
 file of the converted model's forward keywords, each tensor with the same leading number of samples (latents,
 timesteps, ``encoder_hidden_states`` ...); ``--shared`` another of keywords passed unchanged to every call (Flux's
-``img_ids`` / ``txt_ids``). The run folder gets checkpoints, ``log.jsonl`` and at the end ``conversion/`` (for
-``visionlin.load_conversion``) plus ``lora.safetensors`` / ``model.safetensors`` for those modes; ``--resume auto``
-continues a stopped run exactly.
+``img_ids`` / ``txt_ids``; none may be a ``--data`` keyword). ``--conversion DIR`` takes the saved conversion's method
+and options (method flags beside it are refused). The run folder gets checkpoints, ``log.jsonl`` and at the end
+``conversion/`` (for ``visionlin.load_conversion``) plus ``lora.safetensors`` / ``model.safetensors`` for those
+modes; ``--resume auto`` continues a stopped run exactly (with the same conversion: other method settings are
+refused).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .cli import _load, add_method_arguments, method_options
@@ -27,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared", default=None, help="safetensors file of forward keywords passed unchanged to every call")
     p.add_argument("--conversion", default=None, help="load this saved conversion instead of converting (--method ...)")
     add_method_arguments(p)
+    p.set_defaults(method=None)  # (sla unless --conversion: a --method given with it is refused, not ignored)
     p.add_argument("--output", required=True, help="run folder (checkpoints, log.jsonl, final weights)")
     p.add_argument("--resume", default=None, help="'auto', a checkpoint folder or a run folder")
     p.add_argument("--trainable", default="converter", choices=TRAINABLE, help="what trains (default: converter)")
@@ -58,8 +62,20 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         parser.error(f"argument path: {args.path!r} is not a folder")
+    if not args.output.strip():  # (Path("") is the current directory: the run went there)
+        parser.error(f"argument --output: {args.output!r} is not a folder name")
     if problem := folder_problem(args.output):  # (found after the conversion before)
         parser.error(f"argument --output: {problem}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        parser.error(f"argument --lora-alpha: {args.lora_alpha!r} must be a finite number > 0")  # (nan: NaN losses)
+    if args.conversion is not None:  # the saved conversion fixes the method and its options (they were ignored)
+        given = [f"--{k}" for k, v in (("method", args.method), ("layers", args.layers)) if v is not None]
+        given += [f"--{k.replace('_', '-')}" for k in method_options(args)] + (["--strict"] if args.strict else [])
+        if given:
+            parser.error(
+                f"argument --conversion: {', '.join(given)} cannot be given with it (the saved conversion "
+                f"{args.conversion!r} fixes the method and its options); drop them, or convert without --conversion"
+            )
     tensors = {}
     for flag, value in (("--data", args.data), ("--shared", args.shared)):
         if value is None:
@@ -70,12 +86,14 @@ def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             tensors[flag] = load_file(value)
         except (SafetensorError, OSError) as e:
             parser.error(f"argument {flag}: {value!r} is not a safetensors file ({type(e).__name__}: {e})")
+    if both := sorted(set(tensors["--data"]) & set(tensors.get("--shared", ()))):  # (--shared's won silently)
+        parser.error(f"argument --shared: keys {both} are in --data {args.data!r} too; give each keyword in one file")
     try:
         obj = _load(path)
         if args.conversion is not None:
             report = load_conversion(obj, args.conversion)
         else:
-            report = convert(obj, args.method, layers=args.layers, strict=args.strict, **method_options(args))
+            report = convert(obj, args.method or "sla", layers=args.layers, strict=args.strict, **method_options(args))
         print(report)
         result = finetune(
             obj, tensors["--data"], shared=tensors.get("--shared"), steps=args.steps,

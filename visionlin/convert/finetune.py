@@ -45,6 +45,7 @@ from torch import nn
 
 from ._convert import (
     _STATE_ATTR,
+    PLAN_FILE,
     ConversionReport,
     _converted_components,
     disabled,
@@ -221,6 +222,28 @@ def _check_finite(where: str, batch: dict[str, Any]) -> None:
         raise ValueError(f"{where}: {bad} hold NaN or inf values; fine-tuning needs finite inputs")
 
 
+def _check_overlap(where: str, batch: dict[str, Any], shared: dict[str, Any]) -> None:
+    """``ValueError`` naming the keywords that both ``batch`` and ``shared`` give (``shared``'s value won silently)."""
+    if both := sorted(set(batch) & set(shared)):
+        raise ValueError(f"{where} and shared both give the keywords {both}; give each keyword in one of them")
+
+
+def _conversion_record(model: nn.Module) -> dict[str, Any]:
+    """The converted model's method, options and layers, as ``save_conversion`` writes them (JSON types)."""
+    state = getattr(model, _STATE_ATTR)
+    record = {"method": state.method, "options": state.options, "layers": list(state.originals),
+              "layer_options": state.layer_options}  # fmt: skip
+    return json.loads(json.dumps(record, default=str))
+
+
+def _conversion_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"name: saved -> now"`` for each conversion setting (method, option, layers) that differs."""
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("method", "layers", "layer_options")
+            if (saved.get(k) or None) != (now.get(k) or None)]  # fmt: skip
+    so, no = saved.get("options") or {}, now.get("options") or {}
+    return diff + [f"{k}: {so.get(k)!r} -> {no.get(k)!r}" for k in sorted({*so, *no}) if so.get(k) != no.get(k)]
+
+
 def _batches(
     data: Any, batch_size: int | None, seed: int, rank: int = 0, world: int = 1
 ) -> tuple[Callable[[int], dict[str, Any]], str]:
@@ -337,12 +360,12 @@ def finetune(
             there is one, unless ``cpu=True``).
         steps: Total optimizer steps; a resumed run continues up to it.
         batch_size: Rows per step and process for a dict of tensors (default: all, split over the processes).
-        shared: Forward keywords added unchanged to every batch.
+        shared: Forward keywords added unchanged to every batch (a keyword the data also gives is refused).
         trainable: ``"converter"``, ``"lora"``, ``"lora+converter"`` or ``"all"``.
         lr, weight_decay, warmup_steps, clip_grad: AdamW (no decay on 1-d parameters), linear warm-up, gradient
             norm clipping.
         feature_weight: Weight of the attention-output matching term (0: prediction matching only).
-        lora_rank, lora_alpha, lora_targets: The LoRA adapters (``lora_alpha`` defaults to the rank), put on these
+        lora_rank, lora_alpha, lora_targets: The LoRA adapters (``lora_alpha`` > 0, default the rank), put on these
             child modules of every converted attention module; B is zero-initialised, so training starts from the
             converted model.
         seed: Seeds the global generators (with the process rank) and the batch draws.
@@ -361,7 +384,7 @@ def finetune(
 
     Raises:
         ValueError: nothing converted, a bad option or data, a converter with no parameters for
-            ``trainable="converter"``, a checkpoint of another model or mode.
+            ``trainable="converter"``, a checkpoint of another model, mode or conversion (method, options, layers).
     """
     from accelerate.utils import set_seed
 
@@ -388,12 +411,21 @@ def finetune(
     if clip_grad == 0:  # clip_grad_norm_(params, 0) zeroes every gradient: a run that trains nothing
         raise ValueError("clip_grad=0 would zero every gradient; pass a positive norm, or None for no clipping")
     weight = _check_weight(feature_weight)
+    alpha_ok = isinstance(lora_alpha, int | float) and not isinstance(lora_alpha, bool)
+    if lora_alpha is not None and (not alpha_ok or not math.isfinite(lora_alpha) or lora_alpha <= 0):
+        # (nan gave NaN losses and a NaN-filled checkpoint; 0, adapters that never act)
+        raise ValueError(f"lora_alpha={lora_alpha!r} must be a finite number > 0, or None for the rank")
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}; choose 'no', 'bf16' or 'fp16'")
     if shared is not None and not isinstance(shared, dict):
         raise ValueError(f"shared must be a dict of forward keywords, got {type(shared).__name__}")
     if shared is not None:
         _check_finite("shared", shared)
+    if shared and isinstance(data, dict | list | tuple):  # (a callable's keywords are checked batch by batch)
+        batches = {"data": data} if isinstance(data, dict) else {f"data[{i}]": b for i, b in enumerate(data)}
+        for where, b in batches.items():
+            if isinstance(b, dict):
+                _check_overlap(where, b, shared)
     if isinstance(lora_targets, str) or not all(isinstance(t, str) for t in lora_targets) or not lora_targets:
         raise ValueError(f"lora_targets={lora_targets!r} must be a non-empty list of child module names ('to_q')")
     if resume is not None and output_dir is None:
@@ -403,11 +435,30 @@ def finetune(
     if run_dir is not None:
         resume_from = _resolve_resume({"resume": None if resume is None else str(resume)}, run_dir)
     meta = {"format": "visionlin.finetune", "model": type(model).__name__, "trainable": trainable}
+    conversion = _conversion_record(model)
     if resume_from is not None:  # checked before anything changes (LoRA injection)
         saved_meta = ckpt.read_weights_metadata(resume_from / "model.safetensors")
         got = {k: saved_meta.get(k) for k in meta}
         if got != meta:
             raise ckpt.CheckpointError(f"checkpoint {str(resume_from)!r} is {got}; this run is {meta}")
+        # the conversion it trained (recorded since; else its run's saved conversion): the converter weights fit
+        # another sparsity, block size ... as well, and the run went on with the settings silently changed
+        saved_conv = None
+        if "conversion" in saved_meta:
+            try:
+                saved_conv = json.loads(saved_meta["conversion"])
+            except ValueError as e:
+                where = f"checkpoint {str(resume_from)!r}"
+                raise ckpt.CheckpointError(f"{where}: its conversion record is not JSON ({e})") from e
+        else:  # (best effort: these checkpoints were resumed unchecked)
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+                plan = resume_from.parent.parent / "conversion" / PLAN_FILE
+                saved_conv = json.loads(plan.read_text())["components"][comp]
+        if isinstance(saved_conv, dict) and (diff := _conversion_diff(saved_conv, conversion)):
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(resume_from)!r} trained another conversion ({', '.join(diff)}: checkpoint -> this "
+                "run); resume with the checkpoint's conversion settings, or start a new run folder"
+            )
 
     if trainable == "converter" and not any(f".{CORE_ATTR}." in f".{n}" for n, _ in model.named_parameters()):
         raise ValueError(
@@ -418,13 +469,20 @@ def finetune(
     accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     batch_of, data_desc = _batches(data, batch_size, seed, rank, world)
+
+    def merged(step: int) -> dict[str, Any]:  # the step's batch and the shared keywords
+        batch = batch_of(step)
+        _check_overlap(f"the data of step {step}", batch, shared or {})
+        return {**batch, **(shared or {})}
+
     set_seed(seed + rank)
     model.to(device)
     lora_config = None
     if "lora" in trainable:
+        first_batch = _to(merged(0), device)
         try:  # the data must run before adapters go in: a failed call then leaves no adapter behind
             with torch.no_grad():
-                model(**_to({**batch_of(0), **(shared or {})}, device))
+                model(**first_batch)
         except Exception as e:  # noqa: BLE001 - whatever the model raises on this data, named
             raise ValueError(
                 f"the data does not run through {type(model).__name__} ({type(e).__name__}: {e}); nothing was "
@@ -514,7 +572,8 @@ def finetune(
                 train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "scaler": scaler, "step": step, "config": config}  # fmt: skip
                 path = ckpt.write_checkpoint(
-                    run_dir, step, weights={"model": {n: named[n] for n in train_names}}, weights_metadata=meta,
+                    run_dir, step, weights={"model": {n: named[n] for n in train_names}},
+                    weights_metadata={**meta, "conversion": json.dumps(conversion)},
                     train_state=train_state, rng_states=dict(enumerate(rngs)),
                     summary={"step": step, "reason": reason},
                 )  # fmt: skip
@@ -534,10 +593,9 @@ def finetune(
             ckpt.restore_rng(rng_state)
         raw.eval()  # teacher and student alike: no dropout, no class-label dropout (DiT), the same computation
         start = time.perf_counter()
-        extra = {**(shared or {})}
         first = step
         while step < steps:
-            batch = _to({**batch_of(step), **extra}, device)
+            batch = _to(merged(step), device)
             try:
                 loss = _loss(student, raw, batch, weight, frozen, features, accelerator.autocast)
             except (KeyError, TypeError) as e:  # the first batch's keywords do not fit the model: named

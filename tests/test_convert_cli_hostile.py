@@ -1,0 +1,151 @@
+"""``visionlin convert`` / ``finetune-conversion`` against hostile input (found by a hostile-user probe): broken model
+folders, --shared keys that shadow --data keys, a non-finite --lora-alpha, a resume with other conversion settings,
+an empty --output and method flags given with --conversion. Each was a traceback or a silently wrong run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from cli_utils import fresh_accelerate_state, usage_error  # noqa: F401  (the fixture is autouse in this module)
+
+pytest.importorskip("diffusers")
+
+from test_convert_tune import _data, _finetune, _sla, _tiny_dit  # noqa: E402
+
+from visionlin.convert import convert  # noqa: E402
+from visionlin.train import checkpoint as ckpt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny DiT saved with ``save_pretrained`` (``dit/``) and 4 samples for it (``data.safetensors``)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("hostile")
+    _tiny_dit().save_pretrained(root / "dit")
+    save_file(_data(), str(root / "data.safetensors"))
+    return root
+
+
+def _ft(files, *flags) -> list[str]:
+    return ["finetune-conversion", str(files / "dit"), "--data", str(files / "data.safetensors"), "--cpu", *flags]
+
+
+def _sla_flags() -> list[str]:
+    return ["--method", "sla", "--sparsity", "0.75", "--block-size", "4"]
+
+
+# 11: --shared keys that --data has too (shared's value won: trained on the zeros)
+
+
+def test_shared_keys_also_in_data_are_refused(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    shared = tmp_path / "shared.safetensors"
+    save_file({"hidden_states": torch.zeros(4, 4, 8, 8), "extra": torch.zeros(2)}, str(shared))
+    err = usage_error(capsys, _ft(files, *_sla_flags(), "--shared", str(shared), "--output", str(tmp_path / "run")))
+    assert f"argument --shared: keys ['hidden_states'] are in --data '{files / 'data.safetensors'}' too" in err
+    assert not (tmp_path / "run").exists()
+    # the API: checked before anything runs for a dict or a list of batches, batch by batch for a callable
+    zeros = {"hidden_states": torch.zeros(4, 4, 8, 8)}
+    for data, where in ((_data(), "data"), ([_data(), _data()], "data[0]"), (lambda s, g: _data(), "data of step 0")):
+        with pytest.raises(
+            ValueError, match=rf"{re.escape(where)} and shared both give the keywords \['hidden_states'\]"
+        ):
+            _finetune(_sla(), data, shared=zeros, steps=1)
+
+
+# 12: --lora-alpha nan / inf / 0 / negative (nan: NaN losses, a checkpoint written, exit 0)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "0", "-2"])
+def test_lora_alpha_must_be_finite_and_positive(files, tmp_path, capsys, alpha):
+    argv = _ft(files, *_sla_flags(), "--trainable", "lora", "--lora-alpha", alpha, "--output", str(tmp_path / "r"))
+    usage_error(capsys, argv, f"argument --lora-alpha: {float(alpha)!r} must be a finite number > 0")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match=r"lora_alpha=.* must be a finite number > 0"):
+        _finetune(_sla(), _data(), trainable="lora", lora_alpha=float(alpha))
+
+
+# 13: a resume with other conversion settings went on silently (and rewrote the saved conversion)
+
+
+def test_resume_with_other_conversion_settings_is_refused(files, tmp_path, capsys, monkeypatch):
+    from visionlin.cli import main
+
+    run = tmp_path / "run"
+    # (--method left out: sla, the default)
+    assert main(_ft(files, "--sparsity", "0.75", "--block-size", "4", "--output", str(run), "--steps", "1")) == 0
+    capsys.readouterr()
+    plan = (run / "conversion" / "conversion.json").read_text()
+    for flags, diff in (
+        (["--sparsity", "0.25", "--block-size", "4"], "sparsity: 0.75 -> 0.25"),
+        (["--sparsity", "0.75", "--block-size", "2"], "block_size: [4, 4] -> [2, 2]"),
+        (["--method", "sparse", "--sparsity", "0.75", "--block-size", "4"], "method: 'sla' -> 'sparse'"),
+    ):
+        err = usage_error(capsys, _ft(files, *flags, "--output", str(run), "--steps", "2", "--resume", "auto"))
+        assert "trained another conversion (" in err and diff in err, err
+    assert (run / "conversion" / "conversion.json").read_text() == plan
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000000001"]
+    # a checkpoint written before the conversion was recorded in it: the run's saved conversion is compared
+    read = ckpt.read_weights_metadata
+    old = lambda path: {k: v for k, v in read(path).items() if k != "conversion"}  # noqa: E731
+    monkeypatch.setattr(ckpt, "read_weights_metadata", old)
+    model = _tiny_dit()
+    convert(model, "sla", sparsity=0.5, block_size=4)
+    with pytest.raises(ckpt.CheckpointError, match=r"trained another conversion \(sparsity: 0.75 -> 0.5: checkpoint"):
+        _finetune(model, _data(), steps=2, output_dir=run, resume="auto")
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000000001"]
+
+
+# 16: broken model folders gave tracebacks from inside diffusers
+
+
+def _broken(root, files):
+    config = (files / "dit" / "config.json").read_text()
+    weights = (files / "dit" / "diffusion_pytorch_model.safetensors").read_bytes()
+    cases = {
+        "noweights": (config, None, "cannot load the DiTTransformer2DModel (OSError: Error no file named"),
+        "garbled": (config, b"garbage", "cannot load the DiTTransformer2DModel (OSError: Unable to load weights"),
+        "wrongtype": (config.replace('"num_layers": 1', '"num_layers": "x"'), weights, "(TypeError: "),
+        "scheduler": ('{"_class_name": "DDPMScheduler"}', None, "_class_name='DDPMScheduler' is not a diffusers model"),
+        "list": ("[1, 2]", None, "config.json holds a JSON list, not an object with a _class_name"),
+        "notjson": ("{x", None, "config.json is not valid JSON: "),
+    }
+    assert '"num_layers": 1' in config
+    for name, (text, blob, message) in cases.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(text)
+        if blob is not None:
+            (root / name / "diffusion_pytorch_model.safetensors").write_bytes(blob)
+        yield root / name, message
+
+
+def test_broken_model_folders_are_clean_errors(files, tmp_path, capsys):
+    for folder, message in _broken(tmp_path, files):
+        err = usage_error(capsys, ["convert", str(folder)])
+        assert f"{folder}" in err and message in err, err
+    # finetune-conversion loads the same way
+    argv = ["finetune-conversion", str(tmp_path / "garbled"), "--data", str(files / "data.safetensors")]
+    err = usage_error(capsys, [*argv, "--output", str(tmp_path / "run")])
+    assert f"{tmp_path / 'garbled'}: cannot load the DiTTransformer2DModel (OSError" in err
+    assert not (tmp_path / "run").exists()
+
+
+# 20: an empty --output (the run went into the current directory); method flags ignored beside --conversion
+
+
+def test_empty_output_and_method_flags_with_a_saved_conversion(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    usage_error(capsys, _ft(files, *_sla_flags(), "--output", ""), "argument --output: '' is not a folder name")
+    usage_error(capsys, ["convert", str(files / "dit"), "--out", ""], "argument --out: '' is not a folder name")
+    assert list(tmp_path.iterdir()) == []
+    for flags, given in (
+        (["--method", "sla", "--sparsity", "0.75"], "--method, --sparsity"),
+        (["--block-size", "4", "--layers", "a", "--strict"], "--layers, --block-size, --strict"),
+    ):
+        err = usage_error(capsys, _ft(files, "--conversion", str(tmp_path / "conv"), *flags, "--output", "run"))
+        assert f"argument --conversion: {given} cannot be given with it" in err, err
+    assert list(tmp_path.iterdir()) == []
