@@ -15,10 +15,11 @@ and every ratio to the twin uses the twin's median of the same sweeps. A model t
 ``"oom"`` and the others continue. Peak memory is the model's own weights (and optimizer state) plus the peak
 allocation above what was allocated before its timed passes, so the other resident models do not count.
 
-Each benchmark writes one JSON (``meta``: command, commit, date, GPU, versions; ``config``; ``rows``) after every
-block, so an interrupted run keeps what it measured, and one PNG drawn from that JSON, to ``--out`` (default:
-``benchmarks/results/<gpu>``, e.g. ``h200``). The measuring functions take ``device="cpu"`` for tests; the command
-needs a CUDA device for ``largest`` and ``op`` and refuses a machine without one (exit status 2).
+Each benchmark writes one JSON (``meta``: command, commit, date, GPU, versions; ``config``; ``rows``) and one PNG
+drawn from it to ``--out`` (default: ``benchmarks/results/<gpu>``, e.g. ``h200``) as ``<name>.json`` / ``.png``.
+While it runs, the rows so far go to ``<name>.partial.json`` after every block (removed at the end), so an interrupted
+run keeps what it measured and leaves a previous result whole. The measuring functions take ``device="cpu"`` for
+tests; the command needs a CUDA device for ``largest`` and ``op`` and refuses a machine without one (exit status 2).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ BUILD_SIZES = ("input", "default")
 #: per kernel: what a host-bound step needs; the twin is compiled the same way)
 COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}
 MAX_BATCH = 65536
+PARTIAL = ".partial"  # <name>.partial.json: the rows so far of a running benchmark
+MAX_NAME = 200  # characters of --name: room for the suffixes and atomic_write's temporary name
 INSTALL_PLOT = "pip install 'visionlin[bench]'"
 # Settings per benchmark: (full run, --quick). An explicit flag wins over both.
 PRESETS: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -165,19 +168,28 @@ def _create(name: str, device: torch.device, size: int | None = None) -> nn.Modu
     """Build ``name`` on ``device``: for ``size`` px inputs if given (as a user running that size would build it),
     else at its default size accepting any input size (``dynamic_img_size``). Not dynamic when built for the size:
     timm's Swin then builds its shifted-window masks in every forward instead of keeping them as buffers, a cost the
-    twin would carry that a user of that size does not."""
+    twin would carry that a user of that size does not. A model whose constructor takes neither keyword (a CNN twin
+    such as ``resnet18``: no grid-sized tables, any input side) is built without it."""
     import timm
 
     import visionlin  # noqa: F401  (registers the models)
 
-    kwargs: dict[str, Any] = {"img_size": size} if size is not None else {"dynamic_img_size": True}
-    torch.manual_seed(0)
+    def create(**kwargs: Any) -> nn.Module:
+        torch.manual_seed(0)
+        try:
+            return timm.create_model(name, device=device, **kwargs)
+        except TypeError as e:
+            if "device" not in str(e):
+                raise
+            return timm.create_model(name, **kwargs).to(device)  # an older timm without ``device=``
+
+    key, value = ("img_size", size) if size is not None else ("dynamic_img_size", True)
     try:
-        return timm.create_model(name, device=device, **kwargs)
-    except TypeError as e:
-        if "device" not in str(e):
+        return create(**{key: value})
+    except TypeError as e:  # (was an error row per size: "ResNet.__init__() got an unexpected keyword ...")
+        if f"unexpected keyword argument '{key}'" not in str(e):
             raise
-        return timm.create_model(name, **kwargs).to(device)  # an older timm without ``device=``
+    return create()
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -776,23 +788,77 @@ def bench_largest(
 # Results --------------------------------------------------------------------------------------------------------------
 def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[dict, Path], None] = True) -> list[str]:
     """Write ``<stem>.json`` and (with matplotlib, ``plot``) ``<stem>.png`` drawn from it; one line per outcome.
-    ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`)."""
+    ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`). A
+    ``<stem>.png`` that is not drawn anew (``plot=False``, nothing measured, no matplotlib, the drawing failed) is
+    removed: it was drawn from an earlier result, and the folder never pairs a JSON with another run's PNG."""
+    from .scaling import _drop_stale
+
     notes = []
     path = out / f"{stem}.json"
+    png = out / f"{stem}.png"
     atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
     notes.append(f"wrote {path}")
     if not plot:
-        return notes
+        return [*notes, *_drop_stale(png)]
     if not any(r.get("status", "ok") == "ok" for r in result["rows"]):
-        return [*notes, f"{stem}.png skipped: nothing was measured"]
+        return [*notes, f"{stem}.png skipped: nothing was measured", *_drop_stale(png)]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return [*notes, f"{stem}.png skipped: matplotlib is not installed; install it with {INSTALL_PLOT}"]
-    png = out / f"{stem}.png"
+        skipped = f"{stem}.png skipped: matplotlib is not installed; install it with {INSTALL_PLOT}"
+        return [*notes, skipped, *_drop_stale(png)]
     draw = plot if callable(plot) else plot_result
-    atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
+    try:
+        atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _drop_stale(png)
+        raise
     return [*notes, f"wrote {png}"]
+
+
+#: what ``plot_result`` reads of each benchmark: (keys of every row, keys of a measured row, keys of ``meta``)
+PLOT_NEEDS = {
+    "models": (
+        ("model", "backend", "mode", "size", "batch", "status"),
+        ("img_s", "peak_mib", "ratio_vs_twin"),
+        ("gpu", "torch", "triton", "commit", "date"),
+    ),
+    "train": (("model", "mode", "size", "batch", "status"), (), ("gpu", "torch", "triton", "commit", "date")),
+    "largest": (
+        ("model", "backend", "status"),
+        ("largest_px", "tokens", "limited_by"),
+        ("gpu", "torch", "triton", "commit", "date"),
+    ),
+    "op": (("case",), (), ("gpu", "torch", "triton", "commit", "copy_bandwidth_GBs")),
+}
+
+
+def _plot_problem(result: dict) -> str | None:
+    """Why ``plot_result`` cannot draw ``result`` (a benchmark's JSON, loaded), or ``None``."""
+    kind, rows, meta = result["benchmark"], result["rows"], result.get("meta")
+    every, measured, meta_keys = PLOT_NEEDS[kind]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return "has 'rows' that are not a list of objects"
+    if not rows:
+        return "has no rows: nothing to plot"
+    for i, row in enumerate(rows):
+        missing = [k for k in every if k not in row]
+        if not missing and row.get("status", "ok") == "ok":
+            missing = [k for k in measured if k not in row]
+        if missing:
+            also = f"; a measured one (status 'ok') also {', '.join(measured)}" if measured else ""
+            return f"has no {', '.join(map(repr, missing))} in row {i} (a {kind} row needs {', '.join(every)}{also})"
+    if not any(r.get("status", "ok") == "ok" for r in rows):
+        statuses = ", ".join(sorted({str(r.get("status")) for r in rows}))
+        return f"has no measured row (status 'ok'; its rows are {statuses}): nothing to plot"
+    if not isinstance(meta, dict):
+        return "has no 'meta' object (the plot's title comes from it)"
+    if kind != "op" and not meta.get("gpu"):
+        meta_keys = (*meta_keys, "cpu")  # the title names the CPU when there is no GPU
+    if missing := [k for k in meta_keys if k not in meta]:
+        return f"has no {', '.join(map(repr, missing))} in its 'meta'"
+    return None
 
 
 def _title(result: dict) -> str:
@@ -931,6 +997,29 @@ def _positive_float(text: str) -> float:
     return checked(float, text, lambda v: 0 < v < math.inf, "a positive number of seconds")
 
 
+def _stem(text: str) -> str:
+    """A ``--name``: the file stem of the result in ``--out`` (``<name>.json``, ``<name>.png``)."""
+    why = None
+    if not text.strip():
+        why = "is empty"
+    elif "/" in text or "\\" in text:
+        why = "is a path (the folder is --out)"
+    elif text.startswith((".", "-")):
+        why = f"starts with {text[0]!r}"
+    elif text.lower().endswith((".json", ".png")):
+        why = "ends with a file suffix (.json and .png are added)"
+    elif len(text) > MAX_NAME:
+        why = f"is longer than {MAX_NAME} characters"
+    elif bad := sorted(set(re.sub(r"[A-Za-z0-9_.+-]", "", text))):
+        why = f"has {', '.join(map(repr, bad))}"
+    if why:  # (an empty name wrote a hidden '.json' after the run, 'a/b' failed then, '../x' wrote outside --out)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} {why}; give a plain file stem: letters, digits, '_', '-', '+' and '.', not starting with '.' "
+            "or '-', e.g. bench_models_h200"
+        )
+    return text
+
+
 def _size(text: str) -> int:
     if not re.fullmatch(r"\d+", text.strip()) or int(text) == 0 or int(text) % PATCH:
         raise argparse.ArgumentTypeError(
@@ -1002,7 +1091,9 @@ def _add_common(p: argparse.ArgumentParser, name: str, *, cpu_ok: bool) -> None:
     p.add_argument(
         "--out", default=None, metavar="DIR", help="folder for the JSON and PNG (default: benchmarks/results/<gpu>)"
     )
-    p.add_argument("--name", default=f"bench_{name}", help=f"file stem of the JSON and PNG (default: bench_{name})")
+    p.add_argument(
+        "--name", type=_stem, default=f"bench_{name}", help=f"file stem of the JSON and PNG (default: bench_{name})"
+    )
     p.add_argument("--commit", default=None, help="commit to record (default: the checkout's HEAD)")
     p.add_argument("--quick", action="store_true", help="fewer and shorter measurements (see the defaults)")
     p.add_argument(
@@ -1198,7 +1289,7 @@ def _check_out(parser: argparse.ArgumentParser, text: str | None, device: torch.
             pass
     except OSError as e:
         parser.error(f"argument --out: cannot write to folder {str(out)!r} ({e.strerror or e})")
-    for suffix in (".json", ".png"):
+    for suffix in (".json", ".png", f"{PARTIAL}.json"):
         if (out / f"{stem}{suffix}").is_dir():
             parser.error(f"argument --out: {str(out / (stem + suffix))!r} is a folder; the result is written there")
     return out
@@ -1261,6 +1352,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             assert result["benchmark"] in ("models", "train", "largest", "op") and "rows" in result
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             parser.error(f"argument json: {args.json!r} is not a result written by visionlin bench")
+        if problem := _plot_problem(result):  # (was a KeyError or matplotlib's ValueError traceback)
+            parser.error(f"argument json: {args.json!r} {problem}")
         return
     if what == "op":
         args.device = _check_device(parser, args.device, cpu_ok=False)
@@ -1330,7 +1423,11 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
             print(f"error: the PNG needs matplotlib; install it with {INSTALL_PLOT}", file=sys.stderr)
             return 1
         png = path.with_suffix(".png")
-        atomic_write(png, lambda p: plot_result(json.loads(path.read_text()), p))
+        try:
+            atomic_write(png, lambda p: plot_result(json.loads(path.read_text()), p))
+        except (KeyError, TypeError, ValueError) as e:  # a value of the wrong type (the keys were checked)
+            print(f"error: cannot draw {png} from {path} ({_short(e)}); nothing written", file=sys.stderr)
+            return 1
         print(f"wrote {png}")
         return 0
     if args.what == "op":
@@ -1349,10 +1446,20 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
         ]
         kept = prev["rows"]
 
+    path, partial = args.out / f"{args.name}.json", args.out / f"{args.name}{PARTIAL}.json"
+    wrote_partial = False
+
     def save(rows: list[dict], final: bool = False) -> list[str]:
+        nonlocal wrote_partial
         new = {_row_key(r) for r in rows}
         result["rows"] = [r for r in kept if _row_key(r) not in new] + rows
-        return write_result(result, args.out, args.name, plot=final)
+        if not final:  # the previous result (its JSON and PNG) stays whole until this run ends
+            wrote_partial = True
+            return write_result(result, args.out, f"{args.name}{PARTIAL}", plot=False)
+        notes = write_result(result, args.out, args.name)
+        if wrote_partial:
+            partial.unlink(missing_ok=True)
+        return notes
 
     common = dict(twin=args.twin, backends=args.backends, device=args.device, on_rows=save)
     timing = {}
@@ -1390,7 +1497,11 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seq
                 args.models, start=args.start, max_size=args.max_size, time_cap=args.time_cap, **common
             )
     except KeyboardInterrupt:
-        print(f"interrupted; the rows measured so far are in {args.out / (args.name + '.json')}", file=sys.stderr)
+        unchanged = f"; {path} is unchanged" if path.exists() else ""
+        if wrote_partial:
+            print(f"interrupted; the rows measured so far are in {partial}{unchanged}", file=sys.stderr)
+        else:  # (said the rows were in <name>.json, which held the previous run)
+            print(f"interrupted before the first block was measured; nothing written{unchanged}", file=sys.stderr)
         return 130
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -165,11 +165,15 @@ def _fwd_bytes(row: dict) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The op benchmark's flags."""
+    from .bench import _stem
+
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N (default: cuda)")
     parser.add_argument(
         "--out", default=None, metavar="DIR", help="folder for the JSON and PNG (default: benchmarks/results/<gpu>)"
     )
-    parser.add_argument("--name", default="op_linear", help="file stem of the JSON and PNG (default: op_linear)")
+    parser.add_argument(
+        "--name", type=_stem, default="op_linear", help="file stem of the JSON and PNG (default: op_linear)"
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",

@@ -481,27 +481,43 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def write_results(result: dict, out_dir: Path) -> list[str]:
-    """Write ``scaling.json`` and, with matplotlib, ``scaling.png`` to ``out_dir``; return one line per outcome."""
+    """Write ``scaling.json`` and, with matplotlib, ``scaling.png`` to ``out_dir``; return one line per outcome. A
+    ``scaling.png`` there that is not drawn anew (no measurement, no matplotlib, the drawing failed) is removed: it
+    shows an earlier run, and the folder never pairs the JSON with another run's PNG."""
     notes = []
     json_path = out_dir / JSON_NAME
+    png_path = out_dir / PNG_NAME
     atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
     notes.append(f"wrote {json_path}")
     rows = [r for r in result["rows"] if "error" not in r]
     if not rows:
         notes.append(f"{PNG_NAME} skipped: no model produced a measurement")
-        return notes
+        return notes + _drop_stale(png_path)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         notes.append(f"{PNG_NAME} skipped: matplotlib is not installed; install it with {INSTALL_PLOT}")
-        return notes
+        return notes + _drop_stale(png_path)
     commit = result["commit"]
     commit = commit[:8] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
     title = f"{result['device']} | torch {result['versions']['torch']} | {commit} | {result['date']}"
-    png_path = out_dir / PNG_NAME
-    atomic_write(png_path, lambda p: _plot(rows, p, title))
+    try:
+        atomic_write(png_path, lambda p: _plot(rows, p, title))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _drop_stale(png_path)
+        raise
     notes.append(f"wrote {png_path}")
     return notes
+
+
+def _drop_stale(png_path: Path) -> list[str]:
+    """Remove ``png_path``, drawn from an earlier run than the JSON beside it now; a note if there was one."""
+    try:
+        png_path.unlink()
+    except FileNotFoundError:
+        return []
+    return [f"removed {png_path}: it showed an earlier run"]
 
 
 def measure(models: list[str], sizes: list[int], device: str, repeats: int, threads: int, command: str = "") -> dict:
