@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,17 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CKPT_SUBDIR",
     "CheckpointError",
     "capture_rng",
+    "check_complete",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_weights",
     "prune_checkpoints",
+    "read_part",
     "read_weights_metadata",
     "restore_rng",
     "save_weights",
@@ -210,19 +213,59 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def read_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
-    """Load a complete checkpoint folder: ``{"model", "ema" (or None), "train_state", "rng" (or None), "metadata",
-    "path"}``. Raises :class:`CheckpointError` for an incomplete folder."""
+#: What reading a damaged file raises: safetensors' header errors, torch.load's unpickling errors (``KeyError`` for a
+#: text file's first byte), truncated files, unreadable paths.
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _damaged(path: Path, name: str, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} is damaged: {name} {why}; resume from another checkpoint "
+                           f"(a step-... folder of {str(path.parent)!r}) or start afresh")  # fmt: skip
+
+
+def read_part(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path / name)`` with a damaged file as :class:`CheckpointError` naming the checkpoint and the file."""
+    try:
+        return read(path / name)
+    except _READ_ERRORS as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise _damaged(path, name, f"cannot be read ({type(e).__name__}: {first})") from e
+
+
+def _torch_load(p: Path) -> Any:
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def check_complete(path: str | Path) -> dict[str, int]:
+    """The files ``complete.json`` lists with their sizes, each checked to be there with that size; raises
+    :class:`CheckpointError` naming the folder and the file otherwise."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{str(path)!r} is not a complete checkpoint folder (no {MARKER})")
-    ema = path / "ema.safetensors"
-    rng = path / f"rng_rank{rank}.pth"
+    marker = read_part(path, MARKER, lambda p: json.loads(p.read_text()))
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise _damaged(path, MARKER, "does not list the checkpoint's files")
+    for name, size in files.items():
+        if not (path / name).is_file():
+            raise _damaged(path, name, "is missing")
+        if (path / name).stat().st_size != size:
+            raise _damaged(path, name, f"has {(path / name).stat().st_size} bytes, not the {size} written")
+    return files
+
+
+def read_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
+    """Load a complete checkpoint folder: ``{"model", "ema" (or None), "train_state", "rng" (or None), "metadata",
+    "path"}``. Raises :class:`CheckpointError` for an incomplete folder, or a missing, cut short or unreadable file,
+    naming the folder and the file."""
+    path = Path(path)
+    files = check_complete(path)
+    rng = f"rng_rank{rank}.pth"
     return {
-        "model": load_weights(path / "model.safetensors"),
-        "ema": load_weights(ema) if ema.is_file() else None,
-        "metadata": read_weights_metadata(path / "model.safetensors"),
-        "train_state": torch.load(path / "train_state.pth", map_location="cpu", weights_only=True),
-        "rng": torch.load(rng, map_location="cpu", weights_only=True) if rng.is_file() else None,
+        "model": read_part(path, "model.safetensors", load_weights),
+        "ema": read_part(path, "ema.safetensors", load_weights) if "ema.safetensors" in files else None,
+        "metadata": read_part(path, "model.safetensors", read_weights_metadata),
+        "train_state": read_part(path, "train_state.pth", _torch_load),
+        "rng": read_part(path, rng, _torch_load) if rng in files else None,
         "path": path,
     }

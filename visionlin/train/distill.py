@@ -45,8 +45,26 @@ from torch import nn
 from . import checkpoint as ckpt
 from ._parse import checked
 from .data import DataError
-from .trainer import BOOL, OPTIONS, Option, _nonneg_float, _prob, add_arguments, resolve_config, run_dir_of
-from .validate import UsageError, build_model, check_model_name, load_model_weights, parse_kwargs, resolve_checkpoint
+from .trainer import (
+    BOOL,
+    OPTIONS,
+    Option,
+    TrainingDiverged,
+    _nonneg_float,
+    _prob,
+    add_arguments,
+    resolve_config,
+    run_dir_of,
+)
+from .validate import (
+    UsageError,
+    build_model,
+    check_dedicated_kwargs,
+    check_model_name,
+    load_model_weights,
+    parse_kwargs,
+    resolve_checkpoint,
+)
 
 __all__ = [
     "DISTILL_OPTIONS",
@@ -363,6 +381,9 @@ def resolve_distill_config(given: dict[str, Any], recipe: str | None) -> dict[st
         raise UsageError("--teacher is required (e.g. --teacher deit_small_patch16_224 --teacher-checkpoint W.pth)")
     check_model_name(cfg["teacher"])
     check_model_name(cfg["model"])
+    # the teacher is built at the student's size and classes
+    check_dedicated_kwargs(cfg["teacher_kwargs"], {"img_size": "--img-size", "num_classes": "--num-classes"},
+                           "--teacher-kwargs")  # fmt: skip
     if cfg["mask_weight"] and not 0 < cfg["mask_ratio"] < 1:
         raise UsageError(f"--mask-weight {cfg['mask_weight']} needs 0 < --mask-ratio < 1, not {cfg['mask_ratio']}")
     if cfg["match_layers"]:
@@ -430,4 +451,7 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         train(cfg, command=shlex.join(["visionlin", *argv]), loss_fn=loss_fn, setup=setup)
     except (UsageError, DataError, ckpt.CheckpointError) as e:
         parser.error(str(e))
+    except TrainingDiverged as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0

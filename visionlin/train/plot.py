@@ -56,16 +56,22 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(run_dir) / "curves.png"
     if out.is_dir() or not out.parent.is_dir():
         raise FileNotFoundError(f"--out {str(out)!r} must be a file path in an existing folder")
+    fmt = out.suffix[1:].lower() or "png"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if fmt not in fig.canvas.get_supported_filetypes():  # (a .pdf got PNG bytes)
+        plt.close(fig)
+        raise ValueError(f"--out {str(out)!r}: matplotlib cannot write {out.suffix!r} files; use one of "
+                         f"{', '.join('.' + k for k in sorted(fig.canvas.get_supported_filetypes()))}")  # fmt: skip
     steps = [r["step"] for r in log["train"]]
     axes[0].plot(steps, [r["loss"] for r in log["train"]], label="train (per step)")
-    ep = log["epoch"]
-    if ep and "val_loss" in ep[0]:
-        ep_steps = [r["step"] for r in ep]
-        axes[0].plot(ep_steps, [r["val_loss"] for r in ep], "o-", label="validation")
-        for key, style in (("val_top1", "o-"), ("val_top5", "s--"), ("ema_val_top1", "^:")):
-            if key in ep[0]:
-                axes[1].plot([r["epoch"] + 1 for r in ep], [r[key] for r in ep], style, label=key.replace("_", " "))
+    # each series over the epochs that have it: a resumed run may have turned validation or the EMA off (or on)
+    val = [r for r in log["epoch"] if "val_loss" in r]
+    if val:
+        axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    for key, style in (("val_top1", "o-"), ("val_top5", "s--"), ("ema_val_top1", "^:")):
+        if have := [r for r in log["epoch"] if key in r]:
+            axes[1].plot([r["epoch"] + 1 for r in have], [r[key] for r in have], style, label=key.replace("_", " "))
+    if axes[1].lines:
         axes[1].legend()
     axes[0].set(xlabel="optimizer step", ylabel="loss", title="loss")
     axes[0].legend()
@@ -76,8 +82,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(str(Path(run_dir).resolve().name))
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = out.with_name(f".{out.name}.tmp.{fmt}")
+    fig.savefig(tmp, dpi=100, format=fmt)
     plt.close(fig)
     tmp.replace(out)
     return out
@@ -85,7 +91,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a `visionlin train` run folder (with log.jsonl)")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--out", default=None, help="image path, its format from the suffix (.png, .pdf, .svg, ...; "
+                   "default: RUN_DIR/curves.png)")  # fmt: skip
 
 
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import folder_problem
 from . import checkpoint as ckpt
 from ._parse import checked
 from .data import (
@@ -62,11 +63,16 @@ from .ema import make_ema
 from .validate import (
     UsageError,
     build_model,
+    check_crop_pct,
+    check_dedicated_kwargs,
     eval_transform,
     evaluate,
+    img_size_arg,
     load_model_weights,
+    no_image_read,
     parse_kwargs,
     resolve_checkpoint,
+    workers_arg,
 )
 
 __all__ = ["OPTIONS", "add_arguments", "execute", "list_recipes", "main", "resolve_config", "train"]
@@ -92,6 +98,15 @@ def _nonneg_int(text: str) -> int:
 
 def _nonneg_float(text: str) -> float:
     return checked(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+
+
+#: The largest learning rate, weight decay, epsilon or momentum taken: beyond float32's range the optimizer's step
+#: failed with "value cannot be converted to type float without overflow" (--lr 1e300), after the run folder existed.
+MAX_RATE = 1e6
+
+
+def _rate(text: str) -> float:
+    return checked(float, text, lambda v: 0 <= v <= MAX_RATE, f"a non-negative number up to {MAX_RATE:g}")
 
 
 def _pos_float(text: str) -> float:
@@ -164,7 +179,7 @@ OPTIONS: tuple[Option, ...] = (
         "checkpoint_filter_fn), a checkpoint folder or a run folder (its newest checkpoint)",
     ),
     Option("num_classes", None, _pos_int, "classes of the head (default: the dataset's)"),
-    Option("img_size", 224, _pos_int, "input side in pixels"),
+    Option("img_size", 224, img_size_arg, "input side in pixels"),
     Option("model_kwargs", {}, None, "extra model arguments, KEY=VALUE ... (e.g. depth=2 attn_layer=softmax)"),
     Option("drop", 0.0, _prob, "dropout rate (drop_rate)"),
     Option("drop_path", 0.0, _prob, "stochastic depth rate (drop_path_rate)"),
@@ -192,7 +207,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", None, str, "ImageNet-layout root: DIR/<train-split>/<class>/<img>, DIR/<val-split>/..."),
     Option("train_split", "train", str, "training sub-folder (fashion_mnist: train)"),
     Option("val_split", "val", _opt_str, "validation sub-folder ('none': no validation; fashion_mnist: test)"),
-    Option("workers", 4, _nonneg_int, "dataloader worker processes", short="-j"),
+    Option("workers", 4, workers_arg, "dataloader worker processes", short="-j"),
     Option("pin_mem", True, BOOL, "pinned host memory for batches (CUDA only)"),
     Option("persistent_workers", True, BOOL, "keep dataloader workers alive between epochs"),
     Option(
@@ -220,19 +235,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("smoothing", 0.1, _below_one, "label smoothing, in [0, 1)"),
     # optimisation
     Option("opt", "adamw", _optimizer, "timm optimizer name (timm.optim.create_optimizer_v2)"),
-    Option("lr", None, _nonneg_float, "learning rate (default: --lr-base x global batch / --lr-base-size)"),
-    Option("lr_base", 5e-4, _nonneg_float, "learning rate at --lr-base-size images per update"),
+    Option("lr", None, _rate, "learning rate (default: --lr-base x global batch / --lr-base-size)"),
+    Option("lr_base", 5e-4, _rate, "learning rate at --lr-base-size images per update"),
     Option("lr_base_size", 512, _pos_int, "global batch at which --lr-base applies (DeiT: 512)"),
-    Option("opt_eps", None, _nonneg_float, "optimizer epsilon (default: the optimizer's)"),
-    Option("momentum", 0.9, _nonneg_float, "SGD momentum"),
-    Option("weight_decay", 0.05, _nonneg_float, "weight decay (not on biases, norms, the model's no_weight_decay)"),
+    Option("opt_eps", None, _rate, "optimizer epsilon (default: the optimizer's)"),
+    Option("momentum", 0.9, _rate, "SGD momentum"),
+    Option("weight_decay", 0.05, _rate, "weight decay (not on biases, norms, the model's no_weight_decay)"),
     Option("clip_grad", None, _pos_float, "clip gradients at this norm (or value with --clip-mode value)"),
     Option("clip_mode", "norm", str, "gradient clipping mode", choices=("norm", "value")),
     Option("sched", "cosine", _scheduler, "timm scheduler name (timm.scheduler.create_scheduler_v2)"),
     Option("epochs", 300, _pos_int, "epochs to train"),
     Option("warmup_epochs", 5, _nonneg_int, "linear warm-up epochs"),
-    Option("warmup_lr", 1e-6, _nonneg_float, "learning rate at the start of warm-up"),
-    Option("min_lr", 1e-5, _nonneg_float, "learning rate at the end of the cosine"),
+    Option("warmup_lr", 1e-6, _rate, "learning rate at the start of warm-up"),
+    Option("min_lr", 1e-5, _rate, "learning rate at the end of the cosine"),
     Option("batch_size", 128, _pos_int, "images per process per micro-batch", short="-b"),
     Option("validation_batch_size", None, _pos_int, "validation batch (default: --batch-size)"),
     Option("grad_accum_steps", 1, _pos_int, "micro-batches per optimizer update"),
@@ -341,6 +356,8 @@ def resolve_config(given: dict[str, Any], recipe: str | None = None) -> tuple[di
         else:
             cfg[key] = _coerce(OPTION_BY_KEY[key], value, "flag")
         source[key] = "flag"
+    check_dedicated_kwargs(cfg["model_kwargs"], DEDICATED)
+    check_crop_pct(cfg["crop_pct"], cfg["img_size"])
     if cfg["dataset"] == "imagefolder" and not cfg["data_dir"]:
         raise UsageError("--data-dir is required with --dataset imagefolder (ImageNet layout: DIR/train/<class>/<img>)")
     if cfg["dataset"] == "fashion_mnist" and cfg["val_split"] == "val":
@@ -352,6 +369,11 @@ def resolve_config(given: dict[str, Any], recipe: str | None = None) -> tuple[di
                          "not supported (each micro-step's CUDA-graph replay reuses the gradient buffers the previous "
                          "one left in .grad); use --grad-accum-steps 1 or another mode")  # fmt: skip
     return cfg, source
+
+
+#: Model arguments that train passes itself (key -> its flag): not to be repeated in --model-kwargs.
+DEDICATED = {"img_size": "--img-size", "num_classes": "--num-classes", "pretrained": "--pretrained",
+             "drop_rate": "--drop", "drop_path_rate": "--drop-path"}  # fmt: skip
 
 
 def run_dir_of(cfg: dict[str, Any]) -> Path:
@@ -516,10 +538,19 @@ def _resolve_resume(cfg: dict[str, Any], run_dir: Path) -> Path | None:
         return ckpt.latest_checkpoint(run_dir)
     p = Path(resume)
     if (p / ckpt.MARKER).is_file():
-        return p
-    if p.is_dir() and ckpt.latest_checkpoint(p) is not None:
-        return ckpt.latest_checkpoint(p)
-    raise UsageError(f"--resume {resume!r}: not 'auto', a complete checkpoint folder, or a run folder with one")
+        found = p
+    elif p.is_dir() and ckpt.latest_checkpoint(p) is not None:
+        found = ckpt.latest_checkpoint(p)
+    else:
+        raise UsageError(f"--resume {resume!r}: not 'auto', a complete checkpoint folder, or a run folder with one")
+    own = ckpt.latest_checkpoint(run_dir)
+    if own is not None and found.resolve().parent != (run_dir / ckpt.CKPT_SUBDIR).resolve():
+        raise UsageError(
+            f"--resume {resume!r} continues another run ({str(found.parent.parent)!r}) but the run folder "
+            f"{str(run_dir)!r} already has checkpoints of its own (newest: {own.name}), which the continuation would "
+            "replace; pass another --output / --experiment, or --resume auto to continue this run folder"
+        )
+    return found
 
 
 def train(
@@ -557,6 +588,8 @@ def train(
     if fsdp and not accelerator.is_fsdp2:
         raise UsageError("FSDP1 (accelerate's default FSDP plugin) is not supported: pass --fsdp, which uses FSDP2")
     run_dir = run_dir_of(cfg)
+    if (problem := folder_problem(run_dir)) is not None:
+        raise UsageError(f"run folder (--output / --experiment): {problem}")
     resume_from = _resolve_resume(cfg, run_dir)
     set_seed(cfg["seed"])  # the same initial weights in every process: FSDP shards them without broadcasting
 
@@ -564,6 +597,9 @@ def train(
     train_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_split"])
     val_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_split"]) if cfg["val_split"] else None
     num_classes = cfg["num_classes"] or len(train_ds.classes)
+    if num_classes < len(train_ds.classes):  # (an index error at the first step, after the run folder was made)
+        raise UsageError(f"the data has {len(train_ds.classes)} classes but --num-classes is {num_classes}: pass at "
+                         f"least {len(train_ds.classes)}, or leave it out (the data's)")  # fmt: skip
     if val_ds is not None and val_ds.classes != train_ds.classes:
         raise DataError(f"train classes {train_ds.classes[:5]}... differ from validation classes {val_ds.classes[:5]}")
 
@@ -689,7 +725,7 @@ def train(
         if extra is not None:
             if not (resume_from / "extra.safetensors").is_file():
                 raise ckpt.CheckpointError(f"{str(resume_from)!r} has no extra.safetensors (the distillation parts)")
-            extra.load_state_dict(ckpt.load_weights(resume_from / "extra.safetensors"))
+            extra.load_state_dict(ckpt.read_part(resume_from, "extra.safetensors", ckpt.load_weights))
         if state["rng"] is None:
             raise ckpt.CheckpointError(f"{str(resume_from)!r} has no generator state for process {rank}")
         if cfg["model_ema"] and state["ema"] is None:
@@ -748,7 +784,38 @@ def train(
     log.write({"kind": "start", "step": step, "epoch": epoch, "resumed_from": str(resume_from or ""),
                "command": command, "params": nparams})  # fmt: skip
 
+    # Any non-finite training loss since the last check, kept on the device (no host sync per step) and read where the
+    # loss is read anyway (the log lines) and before every checkpoint, which also checks the weights: a diverged run
+    # stops there, its earlier checkpoints kept, instead of saving NaN weights and exiting 0. (A float16 grad scaler
+    # skips the steps of non-finite losses itself: only the weights are checked then.)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    checked_step = step
+
+    def stop(error: Exception) -> None:
+        log.write({"kind": "stopped", "step": step, "epoch": epoch, "error": str(error)})
+        log.close()
+        raise error
+
+    def check_finite(weights: bool = False) -> None:
+        nonlocal checked_step
+        bad = nonfinite.clone()
+        if weights:
+            params = [getattr(q, "to_local", lambda q=q: q)().detach() for q in prepared.parameters()]  # FSDP shards
+            bad |= ~torch.stack([torch.isfinite(q).all() for q in params]).all()
+        if world > 1:
+            bad = accelerator.reduce(bad.float(), "sum") > 0
+        if bool(bad):
+            what = "a non-finite training loss" if bool(nonfinite) or not weights else "non-finite weights"
+            newest = ckpt.latest_checkpoint(run_dir)
+            stop(TrainingDiverged(
+                f"training diverged: {what} at epoch {epoch}, steps {checked_step + 1}..{step} (lr {lr:.3g}, weight "
+                f"decay {cfg['weight_decay']:g}); stopped before saving it, the newest checkpoint is "
+                f"{newest.name if newest else 'none'} in {str(run_dir)!r}. Lower --lr / --weight-decay, or pass "
+                "--clip-grad"))  # fmt: skip
+        checked_step = step
+
     def save(epoch_: int, position_: int, reason: str) -> None:
+        check_finite(weights=True)
         rngs = [{**ckpt.capture_rng(), "skipped": skipped_total}]  # each process counts its own unreadable images
         if world > 1:
             from accelerate.utils import gather_object
@@ -842,6 +909,7 @@ def train(
         bar = tqdm(total=updates_per_epoch, initial=position // accum, desc=f"epoch {epoch}", leave=False,
                    dynamic_ncols=True) if use_bar else None  # fmt: skip
         wait_time = busy_time = 0.0
+        epoch_start, epoch_images, first_bad = position, 0, ""
         while position < batches_per_epoch:
             group = min(accum, batches_per_epoch - position)
             t0 = time.perf_counter()
@@ -853,6 +921,7 @@ def train(
                 position += 1
                 if bad:
                     skipped_total += len(bad)
+                    first_bad = first_bad or bad[0]
                     for reason in bad:
                         print(f"{where_}skipped unreadable image {reason}", flush=True)
                 if images is not None:
@@ -877,6 +946,8 @@ def train(
                 if weight:
                     micro_losses.append(loss.detach().float().clone() if graphs else loss.detach().float())
                     n_images += len(images)
+                    if accelerator.scaler is None:
+                        nonfinite |= ~torch.isfinite(micro_losses[-1])
             if cfg["clip_grad"] is not None:
                 if cfg["clip_mode"] == "norm":
                     accelerator.clip_grad_norm_(prepared.parameters(), cfg["clip_grad"])
@@ -891,6 +962,7 @@ def train(
                 ema.update(raw_model, step=step)
             elapsed = time.perf_counter() - t0
             wait_time, busy_time = wait_time + wait, busy_time + elapsed
+            epoch_images += n_images
             if bar is not None:
                 bar.update(1)
             if step % cfg["log_interval"] == 0 or position >= batches_per_epoch:
@@ -911,10 +983,15 @@ def train(
                     bar.set_postfix_str(line)
                 else:
                     _say(accelerator, f"epoch {epoch} step {step} ({position}/{batches_per_epoch}) {line}")
+                check_finite()
             if cfg["recovery_interval"] and step % cfg["recovery_interval"] == 0 and position < batches_per_epoch:
                 save(epoch, position, "recovery")
         if bar is not None:
             bar.close()
+        if world > 1:
+            epoch_images = int(accelerator.reduce(torch.tensor(epoch_images, device=device), "sum"))
+        if epoch_images == 0 and epoch_start == 0:  # (ran "on 0 images" and saved the untrained weights)
+            stop(DataError(no_image_read(train_ds, cfg["train_split"], [first_bad] if first_bad else [], "trained")))
         epoch, position = epoch + 1, 0
         scheduler.step(epoch)
         summary = {"kind": "epoch", "epoch": epoch - 1, "step": step,
@@ -922,6 +999,8 @@ def train(
         if val_loader is not None:
             autocast = accelerator.autocast if cfg["amp"] else None
             m = evaluate(eval_model, val_loader, device, autocast=autocast, reduce=accelerator.reduce)
+            if m["n"] == 0:  # (logged as val_loss 0.0000, val_n 0)
+                stop(DataError(no_image_read(val_ds, cfg["val_split"], m["skipped"])))
             summary.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             skipped_total += len(m["skipped"])
             if ema is not None:  # FSDP: the average in the model's own shards for the evaluation
@@ -952,6 +1031,10 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"run_dir": run_dir, "step": step, "epoch": epoch, "last_eval": last_eval, "skipped": skipped_total}
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the weights became non-finite: the run stopped before checkpointing them (exit status 1)."""
 
 
 # Command line
@@ -985,6 +1068,9 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         train(cfg, command=shlex.join(["visionlin", *argv]))
     except (UsageError, DataError, ckpt.CheckpointError) as e:
         parser.error(str(e))
+    except TrainingDiverged as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -12,9 +12,11 @@ import ast
 import difflib
 import json
 import math
+import os
 import pickle
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write
 from ._parse import checked
 from .checkpoint import CheckpointError, latest_checkpoint, load_weights, read_weights_metadata
 from .data import DATASETS, DataError, SeededTransform, collate_skipping, create_dataset
@@ -65,6 +68,14 @@ def parse_kwargs(items: list[str] | dict | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = value
     return out
+
+
+def check_dedicated_kwargs(kwargs: dict[str, Any], dedicated: dict[str, str], option: str = "--model-kwargs") -> None:
+    """Refuse a ``KEY=VALUE`` of ``option`` whose key has its own flag (``dedicated``: key -> flag): the command passes
+    that key itself, so a second value failed deep inside as ``got multiple values for keyword argument``."""
+    for key, flag in dedicated.items():
+        if key in kwargs:
+            raise UsageError(f"{option} {key}={kwargs[key]!r}: {key} has its own flag here, pass {flag} instead")
 
 
 def check_model_name(name: str | None) -> str:
@@ -115,13 +126,50 @@ def _check_img_size(name: str, kw: dict[str, Any], img_size: int) -> None:
 
     probe_kw = {k: v for k, v in kw.items() if k != "pretrained"}  # (no download for a probe)
     try:
-        probe = timm.create_model(name, device="meta", **probe_kw)
+        probe = timm.create_model(name, device="meta", **probe_kw).eval()  # (a throwaway; BatchNorm takes batch 1)
         with torch.no_grad():
             probe(torch.empty(1, kw.get("in_chans", 3), img_size, img_size, device="meta"))
     except (ValueError, AssertionError) as e:
         raise UsageError(f"--img-size {img_size} does not fit {name!r}: {e}") from e
     except Exception:  # noqa: BLE001, S110 - the meta device's limits, not the size's: the real run decides
         pass
+
+
+#: The largest --img-size / eval resize (the demo's limit, visionlin.train.scaling.MAX_SIZE): 1M tokens at 16 px
+#: patches, beyond any single device for a batch-1 forward; larger failed as an allocation error.
+MAX_IMG_SIZE = 16384
+
+
+def img_size_arg(text: str) -> int:
+    return checked(int, text, lambda v: 0 < v <= MAX_IMG_SIZE, f"a positive integer up to {MAX_IMG_SIZE}")
+
+
+def check_img_size(img_size: int) -> None:
+    if img_size > MAX_IMG_SIZE:
+        raise UsageError(f"--img-size {img_size} is too large: at most {MAX_IMG_SIZE} pixels")
+
+
+def check_crop_pct(crop_pct: float | None, img_size: int) -> None:
+    """The evaluation resize goes to ``floor(img_size / crop_pct)`` pixels before the center crop (timm's
+    ``transforms_imagenet_eval``): refuse a ``crop_pct`` for which that is below 1 px or above :data:`MAX_IMG_SIZE`
+    (it failed inside PIL after a whole training epoch)."""
+    if crop_pct is None:
+        return
+    scale = math.floor(img_size / crop_pct) if 0 < crop_pct < math.inf else 0
+    if not 1 <= scale <= MAX_IMG_SIZE:
+        raise UsageError(
+            f"--crop-pct {crop_pct} with --img-size {img_size} resizes the images to {scale} px before the center crop "
+            f"(floor(img_size / crop_pct)); allowed: {img_size / (MAX_IMG_SIZE + 1):.3g} < crop_pct <= {img_size} "
+            "(typically 0.875 to 1)"
+        )
+
+
+#: Worker processes allowed for --workers: more only exhausted the machine (each one holds a copy of the dataset).
+MAX_WORKERS = max(32, 8 * (os.cpu_count() or 1))
+
+
+def workers_arg(text: str) -> int:
+    return checked(int, text, lambda v: 0 <= v <= MAX_WORKERS, f"a number of worker processes in 0..{MAX_WORKERS}")
 
 
 def resolve_checkpoint(path: str | Path, *, ema: bool = False) -> Path:
@@ -223,6 +271,8 @@ def eval_transform(model: nn.Module, img_size: int, crop_pct: float | None = Non
     from timm.data import create_transform, resolve_data_config
 
     cfg = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    if interpolation == "random":  # a training augmentation; evaluation is deterministic (bicubic, as timm does)
+        interpolation = "bicubic"
     return create_transform(
         input_size=(3, img_size, img_size),
         is_training=False,
@@ -320,6 +370,11 @@ def validate(
         raise UsageError("use_ema (--use-ema) needs a checkpoint (--checkpoint) holding EMA weights")
     if crop_pct is not None and not (isinstance(crop_pct, int | float) and 0 < crop_pct < math.inf):
         raise UsageError(f"crop_pct={crop_pct!r} (--crop-pct) must be a positive finite number")
+    check_img_size(img_size)
+    check_crop_pct(crop_pct, img_size)
+    kwargs = parse_kwargs(model_kwargs)
+    check_dedicated_kwargs(kwargs, {"img_size": "--img-size", "num_classes": "--num-classes",
+                                    "pretrained": "--pretrained"})  # fmt: skip
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
@@ -333,7 +388,6 @@ def validate(
             num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
         if num_classes is None and weights is None and not pretrained:
             num_classes = len(ds.classes)
-    kwargs = parse_kwargs(model_kwargs)
     model = build_model(model_name, num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
     loaded_via = "timm pretrained" if pretrained else "random init"
     if weights is not None:
@@ -355,6 +409,8 @@ def validate(
         return torch.autocast(dev.type, dtype=torch.bfloat16)
 
     metrics = evaluate(model, loader, dev, autocast=autocast if amp else None)
+    if metrics["n"] == 0:  # (reported as top-1 0.00, loss 0.0000 on 0 images)
+        raise DataError(no_image_read(ds, split, metrics["skipped"]))
     return {
         "model": model_name,
         "checkpoint": str(weights) if weights else None,
@@ -364,6 +420,13 @@ def validate(
         "split": split,
         **metrics,
     }
+
+
+def no_image_read(ds: Any, split: str, skipped: list[str], done: str = "evaluated") -> str:
+    """The message for a split none of whose images could be read (no metric means anything then)."""
+    example = f", e.g. {skipped[0]}" if skipped else ""
+    return (f"none of the {len(ds)} images of split {split!r} ({str(ds.root)!r}) could be read{example}: "
+            f"nothing was {done}")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -379,10 +442,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="imagefolder", choices=DATASETS, help="default: imagefolder")
     p.add_argument("--data-dir", default=None, help="ImageNet-layout root (DIR/<split>/<class>/<img>)")
     p.add_argument("--split", default="val", help="sub-folder of --data-dir ('' for the folder itself; default val)")
-    p.add_argument("--img-size", type=_positive, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--img-size", type=img_size_arg, default=224, help="input side in pixels (default 224)")
     p.add_argument("--crop-pct", type=_positive_float, default=None, help="center-crop fraction (default: the model's)")
     p.add_argument("-b", "--batch-size", type=_positive, default=64)
-    p.add_argument("-j", "--workers", type=_non_negative, default=2)
+    p.add_argument("-j", "--workers", type=workers_arg, default=2)
     p.add_argument("--num-classes", type=_positive, default=None)
     p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -404,14 +467,16 @@ def _positive_float(text: str) -> float:
     return checked(float, text, lambda v: 0 < v < math.inf, "a positive finite number")
 
 
-def _non_negative(text: str) -> int:
-    return checked(int, text, lambda v: v >= 0, "a non-negative integer")
-
-
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     results = Path(args.results_file) if args.results_file else None
     if results is not None and (results.is_dir() or not results.parent.is_dir()):  # (before the evaluation runs)
         parser.error(f"argument --results-file: {args.results_file!r} must be a file path in an existing folder")
+    if results is not None:  # written at the end through a file beside it: that folder must take one now
+        try:
+            with tempfile.NamedTemporaryFile(dir=results.parent, prefix=f".{results.name}."):
+                pass
+        except OSError as e:
+            parser.error(f"argument --results-file: {args.results_file!r} cannot be written in its folder: {e}")
     try:
         r = validate(
             args.model,
@@ -440,5 +505,5 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         print(f"skipped {len(r['skipped'])} unreadable images, e.g. {r['skipped'][0]}")
     if args.results_file:
         out = {**r, "skipped": len(r["skipped"]), "command": shlex.join(["visionlin", *argv])}
-        Path(args.results_file).write_text(json.dumps(out, indent=1))
+        atomic_write(results, lambda q: q.write_text(json.dumps(out, indent=1)))
     return 0

@@ -1,0 +1,243 @@
+"""``visionlin train`` / ``validate`` / ``plot`` against hostile input: values that passed the flag checks and then
+failed deep inside (or, worse, gave a wrong result with exit status 0). Each case is refused up front with a usage
+error naming the value and what is allowed, or stops cleanly without leaving wrong files behind. Kept cheap: the
+checks are called directly where they can be, the end-to-end runs use a one-block model at 32 px."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from cli_utils import fresh_accelerate_state, usage_error  # noqa: F401  (the fixture: autouse here)
+from PIL import Image
+
+from visionlin import cli
+from visionlin.train import checkpoint as ckpt
+from visionlin.train.data import make_synthetic_imagefolder
+from visionlin.train.plot import plot_run
+from visionlin.train.trainer import TrainingDiverged, _resolve_resume, resolve_config, train
+from visionlin.train.validate import UsageError, build_model, check_crop_pct, eval_transform
+
+TINY = ["--model", "infvit_tiny", "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2"]
+RUN = ["-b", "4", "--epochs", "1", "--warmup-epochs", "0", "--log-interval", "1", "--no-plot", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), classes=3, train_per_class=4, val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def garbage(tmp_path_factory) -> Path:
+    """An image folder whose every .png is text."""
+    root = tmp_path_factory.mktemp("garbage")
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                (root / split / f"c{c}" / f"{i}.png").write_text("not an image")
+    return root
+
+
+def _fake_checkpoint(run_dir: Path, step: int) -> Path:
+    return ckpt.write_checkpoint(run_dir, step, weights={"model": {"w": torch.ones(4)}},
+                                 weights_metadata={"format": "visionlin", "model": "m", "num_classes": "3"},
+                                 train_state={"epoch": 1}, rng_states={0: ckpt.capture_rng()},
+                                 summary={"step": step})  # fmt: skip
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# 1: --resume of another run into a run folder with checkpoints of its own ---------------------------------------------
+def test_resume_from_another_run_does_not_replace_this_runs_checkpoints(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    _fake_checkpoint(a, 12)
+    theirs = _fake_checkpoint(b, 6)
+    before = _tree(a)
+    for resume in (str(b), str(theirs)):
+        with pytest.raises(UsageError, match="continues another run") as e:
+            _resolve_resume({"resume": resume}, a)
+        assert str(b) in str(e.value) and f"{str(a)!r} already has checkpoints" in str(e.value)
+    assert _tree(a) == before
+    assert _resolve_resume({"resume": str(b)}, tmp_path / "C") == theirs  # a fresh folder may continue another run
+    assert _resolve_resume({"resume": str(a)}, a) == ckpt.latest_checkpoint(a)  # its own run folder, by path
+
+
+# 2: divergence, and rates beyond float32 ------------------------------------------------------------------------------
+def test_diverged_training_stops_before_saving_nan_weights(capsys, tmp_path, data):
+    """A loss that turns NaN in the second epoch: the run stops with TrainingDiverged at that epoch's end, the first
+    epoch's checkpoint is the newest (no NaN weights saved); from the command line, exit status 1 and one line."""
+    cfg, _ = resolve_config({"data_dir": str(data), "model": "infvit_tiny", "img_size": 32, "batch_size": 4,
+                             "model_kwargs": ["depth=1", "embed_dim=32", "num_heads=2"], "epochs": 2,
+                             "warmup_epochs": 0, "workers": 0, "plot": False, "output": str(tmp_path),
+                             "experiment": "nan", "val_split": "none"})  # fmt: skip
+    calls = []
+
+    def loss_fn(model, images, targets):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        return loss * float("nan") if len(calls) > 3 else loss  # 12 images, batch 4: 3 steps an epoch
+
+    with pytest.raises(TrainingDiverged, match=r"non-finite training loss at epoch 1, steps 4\.\.6"):
+        train(cfg, loss_fn=loss_fn)
+    run = tmp_path / "nan"
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000000003"]
+    state = ckpt.read_checkpoint(ckpt.latest_checkpoint(run))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert '"kind": "stopped"' in (run / "log.jsonl").read_text()
+
+    argv = ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(tmp_path), "--experiment", "lr6",
+            "--lr", "1e6", "--val-split", "none"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "visionlin train: error: training diverged" in err and "Traceback" not in err
+    assert ckpt.complete_checkpoints(tmp_path / "lr6") == []
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--warmup-lr", "--min-lr", "--lr-base", "--opt-eps"])
+def test_rates_beyond_float32_are_refused_up_front(capsys, tmp_path, flag):
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(tmp_path), flag, "1e300"])
+    assert "'1e300' is not a non-negative number up to 1e+06" in err
+
+
+# 3: no readable image -------------------------------------------------------------------------------------------------
+def test_no_readable_image_is_an_error_not_a_metric(capsys, tmp_path, garbage):
+    err = usage_error(capsys, ["validate", *TINY, "--data-dir", str(garbage), "--workers", "0", "--device", "cpu"])
+    assert f"none of the 8 images of split 'val' ('{garbage / 'val'}') could be read" in err
+    assert "UnidentifiedImageError" in err and "top-1" not in capsys.readouterr().out
+    err = usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(garbage), "--output", str(tmp_path)])
+    assert f"none of the 8 images of split 'train' ('{garbage / 'train'}') could be read" in err
+    assert ckpt.complete_checkpoints(tmp_path / "infvit_tiny-32") == []
+
+
+# 4: --crop-pct that resizes to nothing (or to a giant) ----------------------------------------------------------------
+def test_crop_pct_must_give_a_sane_resize(capsys, tmp_path, data):
+    check_crop_pct(None, 32)
+    for ok in (0.875, 1.0, 32):
+        check_crop_pct(ok, 32)
+    for bad, scale in ((100, "0 px"), (32.5, "0 px"), (1e-9, "31999999999 px")):
+        with pytest.raises(UsageError, match=f"resizes the images to {scale}.*allowed: 0.00195 < crop_pct <= 32"):
+            check_crop_pct(bad, 32)
+    out = ["--output", str(tmp_path / "runs")]
+    assert "resizes the images to 0 px" in usage_error(capsys, ["train", *TINY, "--data-dir", str(data),
+                                                                "--crop-pct", "100", *out])  # fmt: skip
+    assert "resizes the images to 0 px" in usage_error(capsys, ["validate", *TINY, "--data-dir", str(data),
+                                                                "--crop-pct", "100"])  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+
+
+# 5 and 21: plotting a run whose epochs differ in what they record; --out's format -------------------------------------
+def test_plot_draws_each_series_over_the_epochs_that_have_it(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s, "lr": 0.1} for s in (1, 2, 3, 4)]
+    records += [{"kind": "epoch", "epoch": 0, "step": 2, "val_loss": 1.0, "val_top1": 50.0, "val_top5": 100.0,
+                 "ema_val_top1": 40.0},  # a resume turned validation and the EMA off
+                {"kind": "epoch", "epoch": 1, "step": 4}]  # fmt: skip
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_run(run).read_bytes()[:4] == b"\x89PNG"
+    records[-2], records[-1] = {"kind": "epoch", "epoch": 0, "step": 2}, {**records[-2], "epoch": 1, "step": 4}
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # turned on at a resume
+    assert plot_run(run).is_file()
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "c.pdf")]) == 0
+    assert (tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    err = usage_error(capsys, ["plot", str(run), "--out", str(tmp_path / "c.xyz")])
+    assert "matplotlib cannot write '.xyz' files" in err and ".png" in err
+    assert not (tmp_path / "c.xyz").exists()
+
+
+# 6: --model-kwargs repeating a dedicated flag -------------------------------------------------------------------------
+def test_model_kwargs_that_have_their_own_flag_are_refused(capsys, tmp_path, data):
+    base = ["train", *TINY, "--data-dir", str(data), "--output", str(tmp_path)]
+    for item, flag in (("img_size=32", "--img-size"), ("num_classes=3", "--num-classes"), ("drop_rate=0.1", "--drop"),
+                       ("pretrained=True", "--pretrained"), ("drop_path_rate=0.1", "--drop-path")):  # fmt: skip
+        err = usage_error(capsys, [*base, "--model-kwargs", "depth=1", item])
+        assert f"--model-kwargs {item}" in err and f"pass {flag} instead" in err, item
+    err = usage_error(capsys, ["validate", *TINY, "--data-dir", str(data), "--model-kwargs", "img_size=32"])
+    assert "--model-kwargs img_size=32: img_size has its own flag here, pass --img-size instead" in err
+    err = usage_error(capsys, ["distill", *base[1:], "--teacher", "infvit_tiny", "--teacher-kwargs", "depth=2",
+                               "num_classes=10"])  # fmt: skip
+    assert "--teacher-kwargs num_classes=10: num_classes has its own flag here, pass --num-classes instead" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# 7: a damaged checkpoint on --resume ----------------------------------------------------------------------------------
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 6)
+    assert torch.equal(ckpt.read_checkpoint(folder)["model"]["w"], torch.ones(4))
+    for name, message in (("model.safetensors", "cannot be read (SafetensorError"),
+                          ("train_state.pth", "cannot be read (UnpicklingError"),
+                          ("rng_rank0.pth", "cannot be read (UnpicklingError"),
+                          ("complete.json", "cannot be read (JSONDecodeError")):  # fmt: skip
+        path = folder / name
+        good = path.read_bytes()
+        path.write_bytes(b"x" * len(good))  # garbled in place, the size unchanged
+        with pytest.raises(
+            ckpt.CheckpointError, match=re.escape(f"checkpoint {str(folder)!r} is damaged: {name} {message}")
+        ):
+            ckpt.read_checkpoint(folder)
+        path.write_bytes(good[:-5])
+        if name != "complete.json":
+            with pytest.raises(ckpt.CheckpointError, match=f"{name} has {len(good) - 5} bytes, not the {len(good)}"):
+                ckpt.read_checkpoint(folder)
+        path.unlink()
+        with pytest.raises(ckpt.CheckpointError, match=f"{name} is missing|no complete.json"):
+            ckpt.read_checkpoint(folder)
+        path.write_bytes(good)
+
+
+# 8, 17, 18, 25: checked before anything is made -----------------------------------------------------------------------
+def test_flags_checked_before_the_run_folder_exists(capsys, tmp_path, data):
+    out = ["--output", str(tmp_path / "runs")]
+    err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--num-classes", "2", *out])
+    assert "the data has 3 classes but --num-classes is 2" in err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for output in (a_file, a_file / "sub"):
+        err = usage_error(capsys, ["train", *TINY, "--data-dir", str(data), "--output", str(output)])
+        assert f"{str(a_file)!r} (in " in err and "is a file, not a folder" in err
+    assert a_file.read_text() == "mine"
+    for cmd in ("train", "validate"):
+        err = usage_error(capsys, [cmd, *TINY, "--data-dir", str(data), "--img-size", "100000"])
+        assert "'100000' is not a positive integer up to 16384" in err
+        assert "is not a number of worker processes in 0.." in usage_error(capsys, [cmd, *TINY, "-j", "5000"])
+    assert not (tmp_path / "runs").exists()
+
+
+# 9: --interpolation random for evaluation -----------------------------------------------------------------------------
+def test_random_interpolation_evaluates_with_bicubic():
+    transform = eval_transform(torch.nn.Linear(2, 2), 32, None, "random")
+    assert "bicubic" in repr(transform).lower()
+    assert tuple(transform(Image.new("RGB", (40, 40))).shape) == (3, 32, 32)
+
+
+# 10: the --img-size probe and BatchNorm -------------------------------------------------------------------------------
+def test_img_size_probe_takes_batchnorm_models():
+    model = build_model("resnet18", num_classes=3, img_size=32)  # ('Expected more than 1 value per channel')
+    assert model.training
+
+
+# 19: recipe values for integer options --------------------------------------------------------------------------------
+def test_recipe_integer_options_refuse_fractions(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    for text, message in (("epochs: 2.9\n", "epochs: 2.9 is not a positive integer"),
+                          ("img_size: 32.5\n", "img_size: 32.5 is not a positive integer"),
+                          ("epochs: .inf\n", "epochs: inf is not a positive integer")):  # fmt: skip
+        recipe.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            resolve_config({"data_dir": "x"}, str(recipe))
+    recipe.write_text("epochs: 2.0\n")
+    assert resolve_config({"data_dir": "x"}, str(recipe))[0]["epochs"] == 2
+
+
+# 23: an unwritable --results-file -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="needs Linux /proc")
+def test_results_file_that_cannot_be_written_is_refused_before_evaluating(capsys, data):
+    err = usage_error(capsys, ["validate", *TINY, "--data-dir", str(data), "--results-file", "/proc/version"])
+    assert "argument --results-file: '/proc/version' cannot be written" in err
+    assert "top-1" not in capsys.readouterr().out
