@@ -193,6 +193,34 @@ def test_failed_load_state_dict_leaves_the_model_as_it_was(name, kwargs):
     assert not {p.data_ptr() for p in dst.parameters()} & {p.data_ptr() for p in src.parameters()}  # copied, not shared
 
 
+def test_load_state_dict_takes_what_the_plain_load_takes():
+    """The all-or-nothing load's dry run must not refuse a load ``nn.Module.load_state_dict`` accepts: tensors made
+    under inference mode, an integer tensor for a float parameter, a model with a load hook of its own (loaded
+    directly: the hook sees the real modules) or with a module the shadow cannot copy."""
+    src = timm.create_model("agent_deit_tiny", depth=1, num_classes=5)
+    dst = timm.create_model("agent_deit_tiny", depth=1, num_classes=5)
+    with torch.inference_mode():
+        inference = {k: v.clone() for k, v in src.state_dict().items()}
+    dst.load_state_dict(inference)
+    assert torch.equal(dst.head.weight, src.head.weight)
+    dst.load_state_dict(dict(src.state_dict(), **{"head.bias": torch.arange(5)}))
+    assert torch.equal(dst.head.bias, torch.arange(5.0))
+    calls = []
+    dst.head.register_load_state_dict_pre_hook(lambda *args: calls.append(1))
+    dst.load_state_dict(src.state_dict())
+    assert calls == [1]  # once: no dry run through the user's hook
+    torch.nn.utils.parametrizations.weight_norm(dst.head)  # refuses to be copied
+    dst.load_state_dict(dst.state_dict())
+
+
+def test_jit_trace_takes_the_token_grid_as_traced_sizes():
+    """Under ``torch.jit.trace`` the layers' ``feat_size`` comes as 0-d tensors: the integer check lets them through."""
+    model = timm.create_model("infvit_tiny", depth=1, img_size=32, num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_non_square_checkpoint_needs_a_known_grid():
     src = timm.create_model("infvit_tiny", img_size=(224, 160))
     gridless = {k: v for k, v in src.state_dict().items() if k != "pos_embed_grid"}  # e.g. a foreign checkpoint

@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 
+def _is_int(s: object) -> bool:
+    return isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool)
+
+
 def check_tokens(
     x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int, name: str, dim: int | None = None
 ) -> None:
@@ -37,7 +41,7 @@ def check_tokens(
     if (
         not isinstance(feat_size, (tuple, list, torch.Size))
         or len(feat_size) != 2
-        or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in feat_size)
+        or not (torch.jit.is_tracing() or all(_is_int(s) for s in feat_size))  # (jit: sizes are 0-d tensors)
         or min(feat_size) < 1
     ):
         raise ValueError(f"{name}: feat_size must be (H, W), two integers >= 1, got {feat_size=}")

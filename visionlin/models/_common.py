@@ -40,38 +40,59 @@ class AllOrNothingLoad:
 
     ``nn.Module.load_state_dict`` copies every tensor that fits before it raises for the keys or shapes that do not,
     leaving a model half-loaded. Here the same load first runs on a shadow of the model whose parameters and buffers
-    are meta tensors (``assign=True``: nothing is copied), with every ``_load_from_state_dict`` hook; it raises there
-    what the real load would raise (missing / unexpected keys, shape mismatches, a grid check), before the model is
-    touched. The shadow shares everything else with the model and costs no tensor memory."""
+    are meta tensors (``assign=True``: nothing is copied), through every module's ``_load_from_state_dict``; it raises
+    there what the real load would raise (missing / unexpected keys, shape mismatches, a grid check), before the model
+    is touched. The shadow shares everything else with the model and costs no tensor memory. Models with load hooks
+    of their own (registered by the user or a wrapper: they would see the real modules) or lazy parameters load
+    directly, as plain ``nn.Module`` does."""
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        if isinstance(state_dict, Mapping):  # (anything else: the real load's own error)
-            # Parameters detached: the assigning load would set their requires_grad to the model's.
+        shadow = _meta_shadow(self) if isinstance(state_dict, Mapping) else None  # (else: the real load's error)
+        if shadow is not None:
+            # Parameters detached: the assigning load would set their requires_grad to the shadow's.
             trial = OrderedDict((k, v.detach() if isinstance(v, nn.Parameter) else v) for k, v in state_dict.items())
             if (metadata := getattr(state_dict, "_metadata", None)) is not None:
                 # per-module versions (BatchNorm's, ...), as the real load reads them; a copy, because the load writes
                 # its assign flag into them, which the real load would then read
                 trial._metadata = copy.deepcopy(metadata)
-            nn.Module.load_state_dict(_meta_shadow(self, {}), trial, strict=strict, assign=True)
+            nn.Module.load_state_dict(shadow, trial, strict=strict, assign=True)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _meta_shadow(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
-    # A shallow copy of each module with its own parameter, buffer and child dicts, tensors on the meta device.
-    if id(module) in memo:
-        return memo[id(module)]
-    shadow = memo[id(module)] = copy.copy(module)
+def _meta_shadow(model: nn.Module) -> nn.Module | None:
+    """``model`` with its own parameter, buffer and child dicts in every module, tensors on the meta device (not
+    requiring gradients: the assigning load wraps inference and integer tensors too, as the copying load takes them),
+    everything else shared; ``None`` where a dry run could differ from the load (hooks, lazy parameters) or the
+    modules cannot be shallow-copied."""
+    modules = list(model.modules())
+    for m in modules:
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return None
+        if any(nn.parameter.is_lazy(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None):
+            return None
+    memo: dict[int, nn.Module] = {}
 
     def meta(t):
         if t is None:
             return None
         m = torch.empty_like(t, device="meta")
-        return nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return nn.Parameter(m, requires_grad=False) if isinstance(t, nn.Parameter) else m
 
-    shadow._parameters = {name: meta(p) for name, p in module._parameters.items()}
-    shadow._buffers = {name: meta(b) for name, b in module._buffers.items()}
-    shadow._modules = {name: None if c is None else _meta_shadow(c, memo) for name, c in module._modules.items()}
-    return shadow
+    def shadow_of(module: nn.Module) -> nn.Module:
+        if id(module) in memo:  # a module used twice stays one module
+            return memo[id(module)]
+        # (not copy.copy: FSDP2's sharded classes re-run __init__ in __new__, parametrized modules refuse to pickle)
+        shadow = memo[id(module)] = object.__new__(type(module))
+        shadow.__dict__.update(module.__dict__)
+        shadow.__dict__["_parameters"] = {name: meta(p) for name, p in module._parameters.items()}
+        shadow.__dict__["_buffers"] = {name: meta(b) for name, b in module._buffers.items()}
+        shadow.__dict__["_modules"] = {n: None if c is None else shadow_of(c) for n, c in module._modules.items()}
+        return shadow
+
+    try:
+        return shadow_of(model)
+    except Exception:  # noqa: BLE001 - a module this cannot shadow: the plain load, as nn.Module's
+        return None
 
 
 def check_int(name: str, value: Any, minimum: int = 0) -> int:
