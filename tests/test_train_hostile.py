@@ -235,6 +235,15 @@ def test_recipe_integer_options_refuse_fractions(tmp_path):
     assert resolve_config({"data_dir": "x"}, str(recipe))[0]["epochs"] == 2
 
 
+def test_mixup_needs_two_images_a_batch():
+    """Mixup pairs a batch's images and drops one of an odd batch: at -b 1 every batch was dropped, and the zero-image
+    check then said no image could be read."""
+    for flags in ({"mixup": 0.8}, {"cutmix": 1.0}):
+        with pytest.raises(UsageError, match=r"--batch-size 1 with mixup / cutmix .* needs at least 2"):
+            resolve_config({"data_dir": "x", "batch_size": 1, **flags})
+    assert resolve_config({"data_dir": "x", "batch_size": 2, "mixup": 0.8})[0]["batch_size"] == 2
+
+
 # 23: an unwritable --results-file -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not Path("/proc/version").is_file(), reason="needs Linux /proc")
 def test_results_file_that_cannot_be_written_is_refused_before_evaluating(capsys, data):

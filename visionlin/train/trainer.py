@@ -358,6 +358,12 @@ def resolve_config(given: dict[str, Any], recipe: str | None = None) -> tuple[di
         source[key] = "flag"
     check_dedicated_kwargs(cfg["model_kwargs"], DEDICATED)
     check_crop_pct(cfg["crop_pct"], cfg["img_size"])
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] < 2:  # (every 1-image batch dropped: no training)
+        raise UsageError(
+            f"--batch-size {cfg['batch_size']} with mixup / cutmix (--mixup {cfg['mixup']:g}, --cutmix "
+            f"{cfg['cutmix']:g}): they pair the images of a batch, so it needs at least 2; pass -b 2 or more, or "
+            "--mixup 0 --cutmix 0"
+        )
     if cfg["dataset"] == "imagefolder" and not cfg["data_dir"]:
         raise UsageError("--data-dir is required with --dataset imagefolder (ImageNet layout: DIR/train/<class>/<img>)")
     if cfg["dataset"] == "fashion_mnist" and cfg["val_split"] == "val":
