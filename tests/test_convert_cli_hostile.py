@@ -57,6 +57,13 @@ def test_shared_keys_also_in_data_are_refused(files, tmp_path, capsys):
             _finetune(_sla(), data, shared=zeros, steps=1)
 
 
+def test_data_without_samples_says_so():
+    """Every tensor with 0 rows was reported as "batch_size=0 x 1 process(es) exceeds the 0 samples"."""
+    empty = {k: v[:0] for k, v in _data().items()}
+    with pytest.raises(ValueError, match=r"the data holds no samples: every tensor's leading dimension is 0"):
+        _finetune(_sla(), empty, steps=1)
+
+
 # 12: --lora-alpha nan / inf / 0 / negative (nan: NaN losses, a checkpoint written, exit 0)
 
 

@@ -261,6 +261,8 @@ def _batches(
         if len(set(sizes.values())) != 1:
             raise ValueError(f"the data tensors have different leading sizes {sizes}; each must hold N samples")
         n = next(iter(sizes.values()))
+        if n == 0:  # (was reported as "batch_size=0 ... exceeds the 0 samples")
+            raise ValueError(f"the data holds no samples: every tensor's leading dimension is 0 ({sorted(sizes)})")
         bs = n // world if batch_size is None else batch_size
         if bs * world > n or bs == 0:
             raise ValueError(f"batch_size={bs} x {world} process(es) exceeds the {n} samples of the data")
