@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from cli_utils import usage_error
+from test_bench import no_measuring  # noqa: F401  (a fixture: bench's measuring functions fail if called)
 
 from visionlin import cli
 from visionlin.train import bench, scaling
@@ -155,16 +156,6 @@ def test_failed_demo_removes_the_previous_runs_png(capsys, monkeypatch, tmp_path
 
 
 # Defect 15: --name is a plain file stem -------------------------------------------------------------------------------
-@pytest.fixture
-def no_measuring(monkeypatch, tmp_path):
-    def fail(*args, **kwargs):
-        raise AssertionError("a bad flag got past the checks")
-
-    for name in ("bench_models", "bench_train", "bench_largest"):
-        monkeypatch.setattr(bench, name, fail)
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.mark.parametrize(
     ("name", "message"),
     [
@@ -181,7 +172,8 @@ def no_measuring(monkeypatch, tmp_path):
     ],
 )
 @pytest.mark.parametrize("what", ["models", "op"])
-def test_name_that_is_not_a_file_stem_is_a_usage_error(capsys, no_measuring, tmp_path, what, name, message):
+@pytest.mark.usefixtures("no_measuring")
+def test_name_that_is_not_a_file_stem_is_a_usage_error(capsys, tmp_path, what, name, message):
     err = usage_error(capsys, ["bench", what, "--device", "cpu", f"--name={name}"], f"usage: visionlin bench {what}")
     assert message in err
     assert not list(tmp_path.iterdir())  # refused before the output folder was made
