@@ -1,13 +1,15 @@
-"""File-system helpers shared by the command-line tools and the converter: atomic writes and output-folder checks."""
+"""File-system helpers shared by the command-line tools and the converter: atomic writes, output-folder checks and
+the removal of a result's image that an earlier run drew."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "folder_problem"]
+__all__ = ["atomic_write", "draw_or_remove", "folder_problem", "remove_stale"]
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -39,3 +41,24 @@ def folder_problem(path: str | os.PathLike) -> str | None:
         if parent.exists():
             return None if parent.is_dir() else f"{str(parent)!r} (in {str(p)!r}) is a file, not a folder"
     return None
+
+
+def remove_stale(path: Path) -> list[str]:
+    """Remove ``path``, an image drawn from an earlier result than the JSON just written beside it (a folder never
+    pairs a JSON with another run's image); one note if there was one to remove."""
+    try:
+        Path(path).unlink()
+    except FileNotFoundError:
+        return []
+    return [f"removed {path}: it showed an earlier run"]
+
+
+def draw_or_remove(path: Path, draw: Callable[[Path], object]) -> None:
+    """:func:`atomic_write` of an image drawn from the JSON just written; if drawing fails, the image an earlier run
+    left at ``path`` is removed (:func:`remove_stale`) before the error goes on."""
+    try:
+        atomic_write(path, draw)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_stale(path)
+        raise

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, draw_or_remove, remove_stale
 from ._parse import checked
 
 __all__ = [
@@ -791,29 +791,22 @@ def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[d
     ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`). A
     ``<stem>.png`` that is not drawn anew (``plot=False``, nothing measured, no matplotlib, the drawing failed) is
     removed: it was drawn from an earlier result, and the folder never pairs a JSON with another run's PNG."""
-    from .scaling import _drop_stale
-
     notes = []
     path = out / f"{stem}.json"
     png = out / f"{stem}.png"
     atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
     notes.append(f"wrote {path}")
     if not plot:
-        return [*notes, *_drop_stale(png)]
+        return [*notes, *remove_stale(png)]
     if not any(r.get("status", "ok") == "ok" for r in result["rows"]):
-        return [*notes, f"{stem}.png skipped: nothing was measured", *_drop_stale(png)]
+        return [*notes, f"{stem}.png skipped: nothing was measured", *remove_stale(png)]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         skipped = f"{stem}.png skipped: matplotlib is not installed; install it with {INSTALL_PLOT}"
-        return [*notes, skipped, *_drop_stale(png)]
+        return [*notes, skipped, *remove_stale(png)]
     draw = plot if callable(plot) else plot_result
-    try:
-        atomic_write(png, lambda p: draw(json.loads(path.read_text()), p))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _drop_stale(png)
-        raise
+    draw_or_remove(png, lambda p: draw(json.loads(path.read_text()), p))
     return [*notes, f"wrote {png}"]
 
 

@@ -42,7 +42,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write
+from .._io import atomic_write, draw_or_remove, remove_stale
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -492,32 +492,18 @@ def write_results(result: dict, out_dir: Path) -> list[str]:
     rows = [r for r in result["rows"] if "error" not in r]
     if not rows:
         notes.append(f"{PNG_NAME} skipped: no model produced a measurement")
-        return notes + _drop_stale(png_path)
+        return notes + remove_stale(png_path)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         notes.append(f"{PNG_NAME} skipped: matplotlib is not installed; install it with {INSTALL_PLOT}")
-        return notes + _drop_stale(png_path)
+        return notes + remove_stale(png_path)
     commit = result["commit"]
     commit = commit[:8] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
     title = f"{result['device']} | torch {result['versions']['torch']} | {commit} | {result['date']}"
-    try:
-        atomic_write(png_path, lambda p: _plot(rows, p, title))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _drop_stale(png_path)
-        raise
+    draw_or_remove(png_path, lambda p: _plot(rows, p, title))
     notes.append(f"wrote {png_path}")
     return notes
-
-
-def _drop_stale(png_path: Path) -> list[str]:
-    """Remove ``png_path``, drawn from an earlier run than the JSON beside it now; a note if there was one."""
-    try:
-        png_path.unlink()
-    except FileNotFoundError:
-        return []
-    return [f"removed {png_path}: it showed an earlier run"]
 
 
 def measure(models: list[str], sizes: list[int], device: str, repeats: int, threads: int, command: str = "") -> dict:
