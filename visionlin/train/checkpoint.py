@@ -40,10 +40,13 @@ __all__ = [
     "latest_checkpoint",
     "load_weights",
     "prune_checkpoints",
+    "READ_ERRORS",
+    "read_error",
     "read_part",
     "read_weights_metadata",
     "restore_rng",
     "save_weights",
+    "torch_load",
     "write_checkpoint",
 ]
 
@@ -213,9 +216,15 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-#: What reading a damaged file raises: safetensors' header errors, torch.load's unpickling errors (``KeyError`` for a
-#: text file's first byte), truncated files, unreadable paths.
-_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+#: What reading a damaged or foreign file raises: safetensors' header errors, torch.load's unpickling errors
+#: (``KeyError`` for a text file's first byte), truncated files, unreadable paths.
+READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def read_error(e: BaseException) -> str:
+    """``"<type>: <first line of the message>"`` of a :data:`READ_ERRORS` error, for a one-line message."""
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def _damaged(path: Path, name: str, why: str) -> CheckpointError:
@@ -227,12 +236,12 @@ def read_part(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
     """``read(path / name)`` with a damaged file as :class:`CheckpointError` naming the checkpoint and the file."""
     try:
         return read(path / name)
-    except _READ_ERRORS as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise _damaged(path, name, f"cannot be read ({type(e).__name__}: {first})") from e
+    except READ_ERRORS as e:
+        raise _damaged(path, name, f"cannot be read ({read_error(e)})") from e
 
 
-def _torch_load(p: Path) -> Any:
+def torch_load(p: Path) -> Any:
+    """A ``torch.save``'d file of tensors and plain containers, on the CPU (``weights_only``: no code runs)."""
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
@@ -265,7 +274,7 @@ def read_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
         "model": read_part(path, "model.safetensors", load_weights),
         "ema": read_part(path, "ema.safetensors", load_weights) if "ema.safetensors" in files else None,
         "metadata": read_part(path, "model.safetensors", read_weights_metadata),
-        "train_state": read_part(path, "train_state.pth", _torch_load),
-        "rng": read_part(path, rng, _torch_load) if rng in files else None,
+        "train_state": read_part(path, "train_state.pth", torch_load),
+        "rng": read_part(path, rng, torch_load) if rng in files else None,
         "path": path,
     }

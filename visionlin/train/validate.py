@@ -13,7 +13,6 @@ import difflib
 import json
 import math
 import os
-import pickle
 import shlex
 import sys
 import tempfile
@@ -24,13 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .._io import atomic_write
 from ._parse import checked
-from .checkpoint import CheckpointError, latest_checkpoint, load_weights, read_weights_metadata
+from .checkpoint import (
+    READ_ERRORS,
+    CheckpointError,
+    latest_checkpoint,
+    load_weights,
+    read_error,
+    read_weights_metadata,
+    torch_load,
+)
 from .data import DATASETS, DataError, SeededTransform, collate_skipping, create_dataset
 
 __all__ = [
@@ -190,11 +196,6 @@ def resolve_checkpoint(path: str | Path, *, ema: bool = False) -> Path:
     return p
 
 
-#: What reading a weights file that is not one raises: safetensors' header errors, torch.load's unpickling errors
-#: (``KeyError`` for a text file's first byte, ``UnpicklingError``), truncated files, unreadable paths.
-_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
-
-
 def _read(path: Path, read: Callable[[Path], Any]) -> Any:
     """``read(path)`` with a missing, unreadable or malformed file as :class:`CheckpointError` naming the path."""
     if not path.is_file():
@@ -202,11 +203,10 @@ def _read(path: Path, read: Callable[[Path], Any]) -> Any:
         raise CheckpointError(f"checkpoint {str(path)!r} {what}")
     try:
         return read(path)
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         kind = "safetensors file" if path.suffix == ".safetensors" else "torch.save'd state dict"
-        first = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r} as a {kind} ({type(e).__name__}: {first}); weights files are "
+            f"cannot read checkpoint {str(path)!r} as a {kind} ({read_error(e)}); weights files are "
             ".safetensors or a torch.save'd state dict (.pth / .pt / .bin)"
         ) from e
 
@@ -234,7 +234,7 @@ def load_model_weights(model: nn.Module, path: str | Path, model_name: str) -> s
             _load_strict(model, state, path, model_name)
             return "visionlin safetensors"
     else:
-        state = _read(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        state = _read(path, torch_load)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if isinstance(state, dict) and "state_dict" in state and "model" not in state:
         state = state["state_dict"]
