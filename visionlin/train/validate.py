@@ -38,6 +38,7 @@ from .checkpoint import (
     torch_load,
 )
 from .data import DATASETS, DataError, SeededTransform, collate_skipping, create_dataset
+from .scaling import MAX_SIZE
 
 __all__ = [
     "UsageError",
@@ -141,9 +142,8 @@ def _check_img_size(name: str, kw: dict[str, Any], img_size: int) -> None:
         pass
 
 
-#: The largest --img-size / eval resize (the demo's limit, visionlin.train.scaling.MAX_SIZE): 1M tokens at 16 px
-#: patches, beyond any single device for a batch-1 forward; larger failed as an allocation error.
-MAX_IMG_SIZE = 16384
+#: The largest --img-size / eval resize: the demo's limit (larger failed as an allocation error).
+MAX_IMG_SIZE = MAX_SIZE
 
 
 def img_size_arg(text: str) -> int:
