@@ -356,15 +356,17 @@ def _tile_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) ->
 BWD_BLOCK_SETTINGS = tuple(itertools.product((16, 32, 64, 128, 256), (2, 4, 8), (None, 0)))
 #: And then the shipped settings with dq stored directly where a key tile holds its group (``bwd_dq_direct``, s46; on
 #: since s47), the backward's own key tiles of 128 / 256 keys (``bwd_tile_q``) at 4 / 8 warps, uncapped, and (s47) the
-#: delta pass fused into the backward everywhere (``bwd_delta_fused``) and int32 query offsets (``bwd_int32_offsets``).
+#: delta pass fused into the backward everywhere (``bwd_delta_fused``), and the query offsets in int32 everywhere /
+#: int64 everywhere (``bwd_int32_offsets``; shipped since s51: int32 except at one key tile a group).
 BWD_TILE_CONFIGS = (
     {"bwd_dq_direct": True},
     *(dict(bwd_tile_q=t, bwd_warps=w, bwd_maxnreg=0, bwd_dq_direct=True) for t in (128, 256) for w in (4, 8)),
     {"bwd_delta_fused": True},  # (s47) rowsum(dO * O) in the backward kernel, no pass of its own
-    {"bwd_int32_offsets": True},  # (s47) the backward loop's query offsets in int32
+    {"bwd_int32_offsets": True},  # (s47) the backward loop's query offsets in int32, direct dq too
+    {"bwd_int32_offsets": False},  # (s51) in int64 everywhere: s50's shipped backward
 )
-#: The forward's opt-in settings ``--bwd-block-sweep`` times after the backward's, against the shipped forward.
-FWD_CONFIGS = ({"fwd_int32_offsets": True},)  # (s47) the forward loop's key offsets in int32
+#: The forward's other settings ``--bwd-block-sweep`` times after the backward's, against the shipped forward.
+FWD_CONFIGS = ({"fwd_int32_offsets": False},)  # the forward loop's key offsets in int64 (s50's shipped forward)
 
 
 def _bwd_block_sweep(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:

@@ -38,15 +38,16 @@ Switches (each a process-wide setting read at every forward):
   concatenates);
 * ``na_split``: the shipped settings with that switch off (s47-s49's layer), to compare with ``default`` (until s50
   the config ``na_qkv_packed``, the packed call against the then shipped split one);
-* ``gla_qkv_packed``: the shipped settings with ViG's layers handing their projections' outputs to the bidirectional
-  GLA op packed (one gradient for ``qkv_proj``'s output and one for the gates) instead of split (the two directions'
-  ten gradients that autograd sums and concatenates; :data:`visionlin.layers.gla.FAST_PATHS`, off until GPU-tested),
-  to compare with ``default``: the A/B of s48's packed call;
+* ``gla_packed``: :data:`visionlin.layers.gla.FAST_PATHS` ``["qkv_packed"]`` (on since s51): ViG's layers hand their
+  projections' outputs to the bidirectional GLA op packed (one gradient for ``qkv_proj``'s output and one for the
+  gates) instead of split (the two directions' ten gradients that autograd sums and concatenates);
+* ``gla_split``: the shipped settings with that switch off (s48-s50's layer), to compare with ``default`` (until s51
+  the config ``gla_qkv_packed``, the packed call against the then shipped split one);
 * ``gla_token_conv``: the shipped settings with ViG's locality convolution on the token layout
-  (:data:`visionlin.layers.gla.FAST_PATHS` ``["token_conv"]``, off until GPU-tested) instead of a ``Conv2d`` between
-  layout changes, to compare with ``default``;
+  (:data:`visionlin.layers.gla.FAST_PATHS` ``["token_conv"]``, off: 1.003x on ViG-S at s51) instead of a
+  ``Conv2d`` between layout changes, to compare with ``default``;
 * ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_split``,
-  ``gla_qkv_packed`` and ``gla_token_conv`` excepted: none is a fast path of its own).
+  ``gla_split`` and ``gla_token_conv`` excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -93,13 +94,14 @@ CONFIGS = (
     "na_s45",
     "na_packed",
     "na_split",
-    "gla_qkv_packed",
+    "gla_packed",
+    "gla_split",
     "gla_token_conv",
     "all",
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
 SHIPPED_VARIANTS = (
-    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split", "gla_qkv_packed", "gla_token_conv",
+    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split", "gla_split", "gla_token_conv",
 )  # fmt: skip
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
@@ -179,10 +181,11 @@ def switches(config: str) -> Iterator[None]:
             stack.enter_context(unittest.mock.patch.object(na, "BIAS_GRAD_PER_SM", NA_BIAS_GRAD_PER_SM_S45))
         if not keep:
             stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=on("na_packed")))
+            stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=on("gla_packed")))
         if config == "na_split":
             stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=False))
-        if config == "gla_qkv_packed":
-            stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=True))
+        if config == "gla_split":
+            stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=False))
         if config == "gla_token_conv":
             stack.enter_context(tuned(gla_layer.FAST_PATHS, token_conv=True))
         if config == "na_tiles_s43":

@@ -27,7 +27,7 @@ def test_audit_sees_the_gpu_path_and_the_packed_call():
     for on in (False, True):
         with graph_audit.switches(["gla:qkv_packed"], on):
             rows[on] = graph_audit.audit("vig_tiny", 2, 64, top=100, depth=2, img_size=64)
-    assert gla.FAST_PATHS["qkv_packed"] is False
+    assert gla.FAST_PATHS["qkv_packed"] is True  # shipped on since s51; the context restored it
     split, packed = _targets(rows[False]), _targets(rows[True])
     assert split["visionlin.gla_fwd.default"] == 4 and split["visionlin.gla_bwd.default"] == 4  # 2 layers x 2 ways
     assert packed["visionlin.bigla_qkv_fwd.default"] == 2 and packed["visionlin.bigla_qkv_bwd.default"] == 2

@@ -30,7 +30,7 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 def test_default_configs_are_each_switch_against_all_off():
     assert toggle_speed.TOGGLES == ("baseline", "pre_norm", "stem_nhwc", "patch_gemm", "conv_strip", "rope_fused",
-                                    "focus_tiles", "na_packed", "all")  # fmt: skip
+                                    "focus_tiles", "na_packed", "gla_packed", "all")  # fmt: skip
 
 
 def test_switches_set_and_restore():
@@ -85,16 +85,21 @@ def test_switches_set_and_restore():
         assert na_layer.FAST_PATHS == {"qkv_packed": True} and not any(norm.FAST_PATHS.values())
     from visionlin.layers import gla as gla_layer
 
-    gla_off = {"qkv_packed": False, "token_conv": False}
-    for config, key in (("gla_qkv_packed", "qkv_packed"), ("gla_token_conv", "token_conv")):
-        with toggle_speed.switches(config):  # the shipped settings with one of ViG's switches on
-            assert dict(gla_off, **{key: True}) == gla_layer.FAST_PATHS
+    shipped = {"qkv_packed": True, "token_conv": False}  # the packed call on since s51
+    assert shipped == gla_layer.FAST_PATHS
+    for config, change in (("gla_split", {"qkv_packed": False}), ("gla_token_conv", {"token_conv": True})):
+        with toggle_speed.switches(config):  # the shipped settings with one of ViG's switches changed
+            assert dict(shipped, **change) == gla_layer.FAST_PATHS
             assert na_layer.FAST_PATHS == {"qkv_packed": True} and before == norm.FAST_PATHS
             assert dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
-        assert gla_off == gla_layer.FAST_PATHS
+        assert shipped == gla_layer.FAST_PATHS
+    with toggle_speed.switches("gla_packed"):  # a switch: on with everything else off
+        assert shipped == gla_layer.FAST_PATHS and na_layer.FAST_PATHS == {"qkv_packed": False}
+        assert not any(norm.FAST_PATHS.values())
     with toggle_speed.switches("baseline"):
         assert na_layer.FAST_PATHS == {"qkv_packed": False}  # every switch off
-        assert gla_off == gla_layer.FAST_PATHS
+        assert gla_layer.FAST_PATHS == {"qkv_packed": False, "token_conv": False}
+    assert shipped == gla_layer.FAST_PATHS
     with toggle_speed.switches("conv_strip"):
         assert not any(norm.FAST_PATHS.values())
         assert conv.TUNING["conv"] == conv.TUNING["weight_grad"] == "strip"

@@ -482,8 +482,10 @@ def _neighborhood(dt, tdt):
         # the delta pass fused as TUNING says: the kernel's defaults of these constexprs are not what launches pass
         direct = bool(nt.TUNING["bwd_dq_direct"]) and btx >= nx and bty >= ny and half
         fused = nt.TUNING["bwd_delta_fused"]
-        # int64 query offsets unless TUNING["bwd_int32_offsets"] (and then past 2^31 elements: na2d_bwd's _bwd_i64)
-        i64 = not nt.TUNING["bwd_int32_offsets"]
+        # int32 query offsets as TUNING["bwd_int32_offsets"] says (None: unless direct; int64 past 2^31 elements too:
+        # na2d_bwd's _bwd_i64)
+        int32 = nt.TUNING["bwd_int32_offsets"]
+        i64 = not (not direct if int32 is None else int32)
         bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused), I64=i64)
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
@@ -532,13 +534,13 @@ def _neighborhood(dt, tdt):
                 I64=True,
             )
             cases.append((nt._bwd_kernel, dt, consts, nt._bwd_meta(32, True, warps or 2, 0)))  # uncapped
-        # the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row, and the opt-in
-        # int32 query offsets (TUNING["bwd_int32_offsets"])
+        # the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row, and the other
+        # width of the query / key offsets (TUNING["bwd_int32_offsets"] / ["fwd_int32_offsets"] True or False)
         for size in (7, 14, 28, 56):
             (fwd, dt_, fwd_consts, fwd_meta), (fn, _, consts, meta) = kernels(size, size, 7, True, 32)
             cases.append((fn, dt_, dict(consts, DELTA_FUSED=True), meta))
-            cases.append((fn, dt_, dict(consts, I64=False), meta))
-            cases.append((fwd, dt_, dict(fwd_consts, I64=False), fwd_meta))  # TUNING["fwd_int32_offsets"]
+            cases.append((fn, dt_, dict(consts, I64=not consts["I64"]), meta))
+            cases.append((fwd, dt_, dict(fwd_consts, I64=not fwd_consts["I64"]), fwd_meta))
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)

@@ -203,15 +203,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)
     nt.TUNING["bwd_delta_fused"] = None
-    # int32 query / key offsets (opt-in; int64 for maps, strides or bias-gradient slices past 2^31 elements)
-    nt.TUNING["bwd_int32_offsets"] = nt.TUNING["fwd_int32_offsets"] = True
+    # int32 query / key offsets everywhere (the shipped rule keeps int64 for the backward at one key tile a group,
+    # and for maps, strides or bias-gradient slices past 2^31 elements), then int64 everywhere (s50's kernels)
+    nt.TUNING["bwd_int32_offsets"] = True
     check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=2, heads=2)
     check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
+    nt.TUNING["bwd_int32_offsets"] = nt.TUNING["fwd_int32_offsets"] = False
+    check_na((9, 11), 5, (1, 2), torch.float16, "cpu", batch=1, heads=2)
+    nt.TUNING["bwd_int32_offsets"], nt.TUNING["fwd_int32_offsets"] = None, True
     i64 = nt._bwd_i64, nt._fwd_i64
     nt._bwd_i64 = nt._fwd_i64 = lambda *args: True
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=1, heads=2)
     nt._bwd_i64, nt._fwd_i64 = i64
-    nt.TUNING["bwd_int32_offsets"] = nt.TUNING["fwd_int32_offsets"] = False
     # q, k, v packed in one tensor with one packed gradient: 2-D (dq by atomics and stored directly), dilation
     # groups, 1-D, without a bias table
     check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2, packed=True)
@@ -400,15 +403,25 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     with pytest.raises(ValueError, match=r"TUNING\['bwd_delta_fused'\] = 1: must be None \(the default\), True"):
         bwd(7)
     monkeypatch.setitem(nt.TUNING, "bwd_delta_fused", None)
-    bwd(14)
-    assert [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]  # int64 query offsets unless asked
-    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", True)
-    bwd(14)
-    assert not [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
+
+    def i64(*args, **kw):
+        bwd(*args, **kw)
+        return [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
+
+    # int32 query offsets by default (s51), but not where one key tile holds the group (dq direct: spilled, slower)
+    assert not i64(14) and not i64(56) and not i64(7, dtype=torch.float32)
+    assert i64(7) and i64(28, dil=4)
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", True)  # everywhere on request
+    assert not i64(14) and not i64(7)
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", False)  # or nowhere
+    assert i64(14) and i64(7)
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", None)
     monkeypatch.setattr(nt, "_bwd_i64", lambda *args: True)  # past int32: int64 still
-    bwd(14)
-    assert [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
-    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", False)
+    assert i64(14)
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", "no")
+    with pytest.raises(ValueError, match=r"TUNING\['bwd_int32_offsets'\] = 'no': must be None \(the default\), True"):
+        bwd(14)
+    monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", None)
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)
@@ -419,8 +432,9 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
 
 
 def test_fwd_int32_offsets_launch(monkeypatch):
-    """``TUNING["fwd_int32_offsets"]``: the forward's key offsets in int32 (``I64`` off) unless ``k`` / ``v`` reach
-    2^31 elements within a (batch, head); int64 by default (the kernels stubbed: the launch arguments checked)."""
+    """``TUNING["fwd_int32_offsets"]``: the forward's key offsets in int32 (``I64`` off; the default since s51) unless
+    ``k`` / ``v`` reach 2^31 elements within a (batch, head); off, int64 (the kernels stubbed: the launch arguments
+    checked)."""
     pytest.importorskip("triton")
     from visionlin.kernels.triton import neighborhood as nt
 
@@ -428,11 +442,11 @@ def test_fwd_int32_offsets_launch(monkeypatch):
     monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append(meta["I64"]))
     q = torch.zeros(1, 14, 14, 2, 32, dtype=torch.bfloat16)
     nt._fwd(q, q, q, None, 7, 7, 1, 1, 0.25)
-    monkeypatch.setitem(nt.TUNING, "fwd_int32_offsets", True)
+    monkeypatch.setitem(nt.TUNING, "fwd_int32_offsets", False)
     nt._fwd(q, q, q, None, 7, 7, 1, 1, 0.25)
     wide = torch.empty_strided((1, 4, 4, 1, 32), (2**33, 2**30, 2**20, 32, 1), device="meta")
     assert nt._fwd_i64(wide, wide) and not nt._fwd_i64(q, q)
-    assert seen[-2:] == [True, False]
+    assert seen[-2:] == [False, True]
 
 
 def test_bwd_i64_only_past_int32_offsets():

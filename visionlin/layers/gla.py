@@ -28,18 +28,22 @@ from ._registry import register_attn
 
 __all__ = ["FAST_PATHS", "GatedLinearAttention2D"]
 
-#: Process-wide switches, each off until its GPU tests pass (written at s48 without a GPU;
-#: ``benchmarks/toggle_speed.py``'s configs ``gla_qkv_packed`` / ``gla_token_conv`` time them on against the default):
+#: Process-wide switches (written at s48 without a GPU; ``benchmarks/toggle_speed.py``'s configs ``gla_split`` /
+#: ``gla_token_conv`` time them against the default):
 #:
-#: * ``qkv_packed`` hands the projections' outputs to
+#: * ``qkv_packed`` (**on** since s51): the projections' outputs go to
 #:   :func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv` packed (the Triton backward writes one gradient
 #:   for ``qkv_proj``'s output and one for the gates, instead of the two directions' ten that autograd sums and
-#:   concatenates); off, the split call.
-#: * ``token_conv``: the locality convolution on the token layout (:func:`~visionlin.kernels.token_depthwise_conv2d`:
-#:   one Triton pass on CUDA) instead of the ``Conv2d`` between ``tokens_to_map`` and ``map_to_tokens``, whose
-#:   channel-major output each of the three projections copies (36 ``clone`` ops in ViG-S's compiled forward, traced on
-#:   meta tensors, ``benchmarks/graph_audit.py``; on a GPU the layout depends on the convolution cuDNN / ATen picks).
-FAST_PATHS: dict[str, bool] = {"qkv_packed": False, "token_conv": False}
+#:   concatenates): the op's gpu tests and ViG-T's model parity passed on an H100 (s49-s51), and ViG-S's CUDA-graph
+#:   training step took 1.023x with it (``benchmarks/results/h100/s51/toggle_speed_gla_229372b.json``); off, the split
+#:   call.
+#: * ``token_conv`` (off): the locality convolution on the token layout
+#:   (:func:`~visionlin.kernels.token_depthwise_conv2d`: one Triton pass on CUDA) instead of the ``Conv2d`` between
+#:   ``tokens_to_map`` and ``map_to_tokens``, whose channel-major output each of the three projections copies (36
+#:   ``clone`` ops in ViG-S's compiled forward, traced on meta tensors, ``benchmarks/graph_audit.py``; on a GPU the
+#:   layout depends on the convolution cuDNN / ATen picks). GPU-tested (ViG-T's parity, s49-s50), but 1.003x on
+#:   ViG-S's CUDA-graph step at s51, within the sweeps' spread: nothing to ship.
+FAST_PATHS: dict[str, bool] = {"qkv_packed": True, "token_conv": False}
 
 
 @register_attn("gla")

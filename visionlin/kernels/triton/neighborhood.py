@@ -422,16 +422,21 @@ def _bias_grad_kernel(
 #: dq is stored directly (one key tile a group: each query's ``O`` read once, as the pass reads it; NAT-T's stage 4
 #: 1.08x, DiNAT-T's 14 x 14 map at dilation 2 1.07x); elsewhere each query's ``O`` is read by every key tile whose
 #: inverse neighbourhood holds it, and fusing was 1.01-1.03x slower (``s47/neighborhood_op_bwd_block_4a5fa5b.json``).
-#: ``bwd_int32_offsets`` (opt-in, not yet timed on a GPU): the backward's loop addresses its queries with int32
-#: offsets where they fit (:func:`_bwd_i64`): 8-21% fewer sm_90 instructions a query block at NAT-T's four shapes,
-#: but more registers (228 against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7). ``fwd_int32_offsets``
-#: (opt-in, not yet timed): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer instructions a key
-#: block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills.
+#: ``bwd_int32_offsets``: the backward's loop addresses its queries with int32 offsets where they fit
+#: (:func:`_bwd_i64`): 8-21% fewer sm_90 instructions a query block at NAT-T's four shapes, but more registers (228
+#: against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7). ``None`` (default, since s51): int32 except where
+#: one key tile holds a whole dilation group (dq stored directly: the 7 x 7 groups, where the spills made it 1.05x
+#: slower), on an H100 0.990 against 1.006 ms at NAT-T's 56 x 56 shape, 0.543 / 0.553 at 28 x 28, 0.287 / 0.297 at
+#: 14 x 14, 0.088 / 0.084 at 7 x 7 (``neighborhood_op.py --bwd-block-sweep``,
+#: ``benchmarks/results/h100/s51/neighborhood_op_bwd_block_229372b.json``); ``True`` / ``False`` everywhere / nowhere.
+#: ``fwd_int32_offsets`` (on since s51): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer
+#: instructions a key block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills;
+#: faster at each of NAT-T's shapes in that sweep (1.04x, 1.03x, 1.03x, 1.12x from 56 x 56 to 7 x 7).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
     "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": None,
-    "bwd_int32_offsets": False, "fwd_int32_offsets": False,
+    "bwd_int32_offsets": None, "fwd_int32_offsets": True,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -492,7 +497,7 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "bwd_bias_dot")
     tuning_flag(TUNING, __name__, "bwd_dq_direct")
     tuning_flag(TUNING, __name__, "bwd_delta_fused", allow_none=True)
-    tuning_flag(TUNING, __name__, "bwd_int32_offsets")
+    tuning_flag(TUNING, __name__, "bwd_int32_offsets", allow_none=True)
     tuning_flag(TUNING, __name__, "fwd_int32_offsets")
     _checked = state
 
@@ -802,7 +807,9 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
     dqacc = dq if direct else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
-    i64 = not TUNING["bwd_int32_offsets"] or _bwd_i64(q, g, out, kx * ky, dqacc)
+    # int32 query offsets where they fit, but not where dq is stored directly (there they spilled: slower)
+    int32 = not direct if TUNING["bwd_int32_offsets"] is None else TUNING["bwd_int32_offsets"]
+    i64 = not int32 or _bwd_i64(q, g, out, kx * ky, dqacc)
     launch(_bwd_kernel, grid,
         q, k, v, table, g, lse, delta, dqacc, dk, dv, dsbuf, out,
         x, y, h, d, dvd, kx, ky, dx, dy, tbx, tby, offx, offy, scale, slices,
