@@ -456,3 +456,36 @@ def test_cudagraphs_mode_compiles_with_reduce_overhead_and_marks_steps(monkeypat
     assert bench.COMPILE_MODES == {"compiled": "default", "cudagraphs": "reduce-overhead"}
     with pytest.raises(SystemExit):
         cli.main(["bench", "train", *TINY, "--modes", "graphs", "--out", str(tmp_path)])
+
+
+def test_peak_counts_the_calls_after_the_first_as_cuda_graph_recording_allocates(monkeypatch):
+    """Under CUDA graphs the activations are allocated while a graph is recorded (the second call) and a replay
+    allocates nothing: the peak is the largest of the calls after the first (the first compiles: its workspaces do not
+    count), not of the timed replays alone (which read the weights and optimizer state alone until s51). CUDA's
+    allocator counters faked: no GPU here."""
+    mib = 2**20
+    state = {"allocated": 0, "peak": 0}
+
+    def transient(n: int) -> None:
+        state["peak"] = max(state["peak"], state["allocated"] + n)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    reset = lambda device=None: state.update(peak=state["allocated"])  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    calls = []
+
+    def build(e):
+        def step(x):
+            calls.append(e.label)
+            n = calls.count(e.label)
+            transient({1: 300 * mib, 2: 40 * mib}.get(n, 0))  # compile, record, then replays
+
+        e.step, e.own_bytes = step, 10 * mib
+
+    specs = [bench._Entry(label="m", model="m", backend=None, twin=False)]
+    bench._run_block(specs, build, torch.zeros(2), torch.device("cuda"), warmup=2, iters=1, repeats=2, min_time=0,
+                     budget=bench._Budget(None))  # fmt: skip
+    assert specs[0].status == "ok" and len(calls) == 5  # compile, record, the untimed call, two sweeps
+    assert max(specs[0].peaks) == 50  # the weights (10 MiB) and the recording's 40 MiB, not the compile's 300

@@ -12,8 +12,11 @@ The models default to every registered visionlin ``*_small`` model; the twin is 
 built with ``dynamic_img_size=True, img_size=size`` (fused SDPA). All models of one size and mode are resident in one
 process and measured in alternating order (sweeps forward, then backward, ...); img/s is the median over the sweeps
 and every ratio to the twin uses the twin's median of the same sweeps. A model that runs out of memory is recorded as
-``"oom"`` and the others continue. Peak memory is the model's own weights (and optimizer state) plus the peak
-allocation above what was allocated before its timed passes, so the other resident models do not count.
+``"oom"`` and the others continue. Peak memory is the model's own weights (and optimizer state) plus the largest
+allocation above what was allocated before each of its calls after the first (the warm-up calls and the timed ones),
+so the other resident models do not count. Under CUDA graphs (``cudagraphs``) that largest allocation is the graph
+recording's: the activations live in the graph's memory pool, allocated while it is recorded, and a replay allocates
+nothing (until s51 only the replays were counted, so those rows' peaks were the weights and optimizer state alone).
 
 Each benchmark writes one JSON (``meta``: command, commit, date, GPU, versions; ``config``; ``rows``) and one PNG
 drawn from it to ``--out`` (default: ``benchmarks/results/<gpu>``, e.g. ``h200``) as ``<name>.json`` / ``.png``.
@@ -338,14 +341,17 @@ def _run_block(
             _sync(device)
             e.first_call_s = time.perf_counter() - t0
             for _ in range(max(1, warmup - 1)):  # the first call may compile: the last of these sets the pace
-                per_call, _ = _timed(e, x, 1, device)
+                per_call, peak = _timed(e, x, 1, device)
+                _add_peak(e, peak)
             e.iters = max(1, min(iters, math.ceil(min_time / max(per_call, 1e-9))))
 
         _guard(e, device, warm)
     # One untimed call each, in the first sweep's order: a model compiled after another can change global state that
     # the other's compiled code guards on (a log-once set, say), and its recompilation must not land in a timed sweep.
+    # (Its peak counts, as the warm-up calls' after the first do: under CUDA graphs the activations are allocated
+    # while a graph is recorded, into its pool, and a replay allocates nothing.)
     for e in [e for e in specs if e.status == "ok"]:
-        _guard(e, device, lambda e=e: e.step(x))
+        _add_peak(e, _guard(e, device, lambda e=e: _timed(e, x, 1, device)[1]))
     for r in range(repeats):
         if budget.spent() and r:
             break
@@ -354,8 +360,12 @@ def _run_block(
             result = _guard(e, device, lambda e=e: _timed(e, x, e.iters, device))
             if result is not None:
                 e.rates.append(x.shape[0] / result[0])
-                if result[1] is not None:
-                    e.peaks.append(result[1])
+                _add_peak(e, result[1])
+
+
+def _add_peak(e: _Entry, peak: float | None) -> None:
+    if peak is not None:
+        e.peaks.append(peak)
 
 
 def _rows(specs: list[_Entry], common: dict) -> list[dict]:
