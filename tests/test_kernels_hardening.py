@@ -534,3 +534,21 @@ def test_focus_zero_token_and_large_magnitudes_are_finite():
     assert torch.isfinite(big).all()
     torch.testing.assert_close(big.double(), focus(x * 1000, 3.0), rtol=4e-3, atol=4e-3 * big.abs().max().item())
     assert math.isclose(f[0, 1].norm().item(), x[0, 1].relu().norm().item(), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("keys", [9, 16])
+def test_cpu_sdpa_fallback_returns_autocast_dtype_as_sdpa_does(keys):
+    """Under CPU autocast SDPA returns autocast's dtype; the unfused fallback (fewer than 16 keys) must too, or a
+    model's dtype would change with its key count. Float64 inputs are left alone by both."""
+    from visionlin.kernels._common import sdpa
+
+    q = torch.randn(1, 2, 5, 8)
+    k, v = torch.randn(1, 2, keys, 8), torch.randn(1, 2, keys, 8)
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            got = sdpa(q, k, v)
+        assert got.dtype == want.dtype == dt
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sdpa(q.double(), k.double(), v.double()).dtype == torch.float64

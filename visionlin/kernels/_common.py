@@ -257,7 +257,8 @@ def sdpa(
     """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` tensors with a float ``attn_mask`` (or none), except on
     the CPU with fewer than 16 keys: there PyTorch's fused kernel hides a NaN query (it returns 0), so the same
     softmax runs unfused in float32, which costs nothing at that size. A row whose every key is masked gets 0, as from
-    SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from the references."""
+    SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from the references. Under CPU
+    autocast the result has autocast's dtype, as SDPA's (which autocast runs in it; float64 inputs are left alone)."""
     if q.device.type != "cpu" or k.shape[-2] >= _CPU_FUSED_SDPA_MIN_KEYS:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
@@ -270,7 +271,10 @@ def sdpa(
     w = masked_softmax(s)
     if dropout_p:
         w = torch.nn.functional.dropout(w, p=dropout_p)
-    return torch.matmul(w, v.to(dt)).to(q.dtype)
+    out_dtype = q.dtype
+    if torch.is_autocast_enabled("cpu") and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out_dtype = torch.get_autocast_dtype("cpu")
+    return torch.matmul(w, v.to(dt)).to(out_dtype)
 
 
 def may_keep_tensors() -> bool:
