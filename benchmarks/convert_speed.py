@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = device_slug(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / slug
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args, save=lambda res: write_result(res, out, "convert_speed", plot=False))
+    result = run(args, save=lambda res: write_result(res, out, "convert_speed", partial=True))
     for note in write_result(result, out, "convert_speed", plot=False):
         print(note)
     if not args.no_plot:

@@ -349,7 +349,7 @@ def _failed(row: dict, e: BaseException) -> None:
     print(row["traceback"], file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
+def run(args: argparse.Namespace, save: Callable[..., None]) -> dict:
     import visionlin.convert as vc
 
     start = time.monotonic()
@@ -505,7 +505,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                             "sla_kid": sla["kid"], "dense_kid": dense_row["kid"],
                             "met": sla["kid"] <= 1.1 * dense_row["kid"]}  # fmt: skip
     result["seconds"] = round(time.monotonic() - start, 2)
-    save(result)
+    save(result, False)  # complete
     return result
 
 
@@ -704,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.out_png = None if args.no_plot else out / "dit_quality_samples.png"
 
-    def save(result: dict) -> None:
-        write_result(result, out, "dit_quality", plot=False)
+    def save(result: dict, partial: bool = True) -> None:
+        write_result(result, out, "dit_quality", plot=False, partial=partial)
         atomic_write(out / "dit_quality.md", lambda p: p.write_text(table(result)))
 
     result = run(args, save)

@@ -233,7 +233,7 @@ def _grid(
                         chosen = min(timed, key=lambda t: t[0])[1]
                 best[f"{label} | {part}"] = chosen
                 print(f"best {label} {part}: {chosen}", flush=True)
-            write_result(result, out, name, plot=False)
+            write_result(result, out, name, partial=True)
     finally:
         use()
     for note in write_result(result, out, name, plot=_plot_grid):

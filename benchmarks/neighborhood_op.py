@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         result |= {"dtype": args.dtype, "rows": []}
 
         def save(rows: list[dict]) -> None:
-            write_result(result | {"rows": rows}, args.out, stem, plot=False)
+            write_result(result | {"rows": rows}, args.out, stem, partial=True)
 
         result["rows"] = sweep(args, save)
         for note in write_result(result, args.out, stem, plot=_plot_tiles):

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU")
     out = args.out or Path(__file__).resolve().parent / "results" / device_slug(torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args, save=lambda res: write_result(res, out, "sla_op", plot=False))
+    result = run(args, save=lambda res: write_result(res, out, "sla_op", partial=True))
     for note in write_result(result, out, "sla_op", plot=False if args.no_plot else plot):
         print(note)
     return 0

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         for mode in modes:
             rows += measure(name, mode, configs, args)
-            write_result(result, args.out, STEM, plot=False)  # an interrupted run keeps what it measured
+            write_result(result, args.out, STEM, partial=True)  # an interrupted run keeps what it measured
     for note in write_result(result, args.out, STEM, plot=_plot):
         print(note)
     return 0

@@ -489,3 +489,16 @@ def test_peak_counts_the_calls_after_the_first_as_cuda_graph_recording_allocates
                      budget=bench._Budget(None))  # fmt: skip
     assert specs[0].status == "ok" and len(calls) == 5  # compile, record, the untimed call, two sweeps
     assert max(specs[0].peaks) == 50  # the weights (10 MiB) and the recording's 40 MiB, not the compile's 300
+
+
+def test_a_partial_write_says_so_and_the_complete_one_does_not(tmp_path):
+    """Benchmark scripts save their rows so far while they run (a run cut by a time limit keeps them): such a JSON
+    carries ``"partial": true`` and leaves no PNG of an earlier run beside it; the last, complete write drops the
+    key."""
+    (tmp_path / "x.png").write_bytes(b"an earlier run's plot")
+    result = {"benchmark": "x", "meta": {}, "rows": [{"status": "ok"}]}
+    notes = bench.write_result(result, tmp_path, "x", partial=True)
+    assert json.loads((tmp_path / "x.json").read_text())["partial"] is True and "partial" in notes[0]
+    assert not (tmp_path / "x.png").exists() and "partial" not in result  # the caller's dict untouched
+    bench.write_result({**result, "partial": True}, tmp_path, "x", plot=False)
+    assert "partial" not in json.loads((tmp_path / "x.json").read_text())

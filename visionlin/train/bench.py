@@ -796,17 +796,27 @@ def bench_largest(
 
 
 # Results --------------------------------------------------------------------------------------------------------------
-def write_result(result: dict, out: Path, stem: str, *, plot: bool | Callable[[dict, Path], None] = True) -> list[str]:
+def write_result(
+    result: dict,
+    out: Path,
+    stem: str,
+    *,
+    plot: bool | Callable[[dict, Path], None] = True,
+    partial: bool = False,
+) -> list[str]:
     """Write ``<stem>.json`` and (with matplotlib, ``plot``) ``<stem>.png`` drawn from it; one line per outcome.
     ``plot`` may be the drawing function itself (``plot(result, png_path)``; default :func:`plot_result`). A
     ``<stem>.png`` that is not drawn anew (``plot=False``, nothing measured, no matplotlib, the drawing failed) is
-    removed: it was drawn from an earlier result, and the folder never pairs a JSON with another run's PNG."""
+    removed: it was drawn from an earlier result, and the folder never pairs a JSON with another run's PNG.
+    ``partial``: the rows so far of a running benchmark (saved so that a run cut short keeps them): the JSON says so
+    (``"partial": true``) and no PNG is drawn; the run's last, complete write has no such key."""
     notes = []
     path = out / f"{stem}.json"
     png = out / f"{stem}.png"
-    atomic_write(path, lambda p: p.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n"))
-    notes.append(f"wrote {path}")
-    if not plot:
+    doc = {**result, "partial": True} if partial else {k: v for k, v in result.items() if k != "partial"}
+    atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
+    notes.append(f"wrote {path}" + (" (partial: the rows so far)" if partial else ""))
+    if not plot or partial:
         return [*notes, *remove_stale(png)]
     if not any(r.get("status", "ok") == "ok" for r in result["rows"]):
         return [*notes, f"{stem}.png skipped: nothing was measured", *remove_stale(png)]
