@@ -35,6 +35,8 @@
 #   bench-na-bwd-block the NA backward's query block, warps and register cap at each shape's shipped key tile
 #                  (neighborhood_op.py --bwd-block-sweep; TILES_ARGS, TILES_LIMIT)                     ~4 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
+#   bench-hier-train-1024  the hierarchical small models' training step at 1024 px next to swin_tiny (eager, bs 8;
+#                  HIER_MODELS, HIER_1024_BATCH, HIER_1024_LIMIT; --append)                            ~5 min
 #   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
 #                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
 #   check-4096     every hierarchical entrypoint once at 4096 x 4096, batch 1 (benchmarks/hires_every_model.py) ~2.5 min
@@ -306,6 +308,11 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --models $HIER --twin $SWIN --time-budget $((${HIER_LIMIT:-170} - 20)) --name bench_hier --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip"
       [[ -n ${HIER_NO_TRAIN:-} ]] || timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN \
         --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+    bench-hier-train-1024)  # issue 7 part 9's training step at 1024 px: HIER (HIER_MODELS) next to swin_tiny, eager,
+      # batch HIER_1024_BATCH (default 8); --append: a suite split over calls keeps the earlier calls' rows
+      timeout ${HIER_1024_LIMIT:-300} python3 -m visionlin.cli bench train --quick --modes eager --size 1024 \
+        --batch ${HIER_1024_BATCH:-8} --models $HIER --twin $SWIN --time-budget $((${HIER_1024_LIMIT:-300} - 20)) \
+        --name bench_hier_train_1024 --append --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     ab-train)  # an older tree (AB_OLD: a folder holding its visionlin/, e.g. `git archive C visionlin | tar -x -C
       # .old/C`, carried) against this one, in one session: training steps of AB_MODELS next to swin_tiny (AB_TWIN), old,
       # new, old, new; AB_MODES=cudagraphs times them under CUDA graphs (GPU time, no host time per kernel)
