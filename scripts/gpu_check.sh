@@ -5,6 +5,8 @@
 #
 # Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
 #   tests-files    the gpu tests of TEST_FILES (TEST_K: -k; TESTS_LIMIT: seconds)
+#   tests-shard    every gpu test, shard SHARD of SHARDS (default 1 of 6; scripts/gpu_shards.py balances the files by
+#                  test count): six calls run the whole suite at one commit                         ~9 min each
 #   tests-s48      gpu tests of what stops 47-48 wrote without a GPU: the NA backward's strided stores and packed call,
 #                  the GLA kernels (fwd accumulate, bwd strided dv / epilogue stores) and the packed bidirectional op,
 #                  the packed / token-conv model switches, NAT / DiNAT / ViG / FLatten parity, the memory test  ~6 min
@@ -166,6 +168,12 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # TEST_FILES is a list of words
       if [[ -z ${TEST_FILES:-} ]]; then echo "tests-files: TEST_FILES is not set (the test files to run); skipped"
       else run_tests files ${TESTS_LIMIT:-240} $TEST_FILES ${TEST_K:+-k "$TEST_K"} --tb=short; fi ;;
+    tests-shard)  # every gpu test at one commit over several calls: shard SHARD of SHARDS (default 1 of 6), files
+      # balanced by test count (scripts/gpu_shards.py); TESTS_LIMIT (s, default 540)
+      files=$(python3 scripts/gpu_shards.py "${SHARDS:-6}" "${SHARD:-1}") && [[ -n $files ]] \
+        || { echo "tests-shard: no test files in shard ${SHARD:-1} of ${SHARDS:-6}"; continue; }
+      # shellcheck disable=SC2086  # files is a list of words
+      run_tests "shard${SHARD:-1}of${SHARDS:-6}" ${TESTS_LIMIT:-540} $files --tb=short ;;
     tests-s48)  # TESTS_LIMIT (s, default 400)
       run_tests s48_na ${TESTS_LIMIT:-400} tests/test_kernels_triton_neighborhood.py -k "qkv_packed or tile_settings" \
         --tb=short
