@@ -417,7 +417,8 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         | grep -E "img/s|oom|rror|skip" ;;
     bench-hier-train-graphs)  # the hierarchical training steps under CUDA graphs next to swin_tiny under CUDA graphs
       # (rows print when the whole block ends, and each model compiles for ~1-1.5 min: at most two HIER_MODELS per
-      # 330 s; s39 got nothing from 2 models in 120 s or 4 in 330 s)
+      # 330 s; s39 got nothing from 2 models in 120 s or 4 in 330 s; s51 nothing from 1 model in 170 s, while 2 models
+      # took 235 s in a warm process)
       timeout ${GRAPHS_LIMIT:-330} python3 -m visionlin.cli bench train --quick --modes cudagraphs --models $HIER \
         --twin $SWIN --time-budget $((${GRAPHS_LIMIT:-330} - 30)) --name bench_hier_train_cudagraphs --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
