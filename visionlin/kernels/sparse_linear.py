@@ -495,6 +495,11 @@ def block_sparse_attention_reference(
     """Specification of :func:`block_sparse_attention`: softmax over the keys of each query's critical blocks
     (:func:`sla_block_map` with ``k_low = 0``), materialised, in float32.
 
+    Non-finite inputs: a NaN in ``q`` or ``k`` enters the pooled block scores, so which blocks are critical is then
+    arbitrary (every backend uses the same map). A NaN or inf in ``v`` of a block a query does not attend to reaches
+    that query here (the materialised product multiplies it by a zero weight) but not in the ``"torch"`` and
+    ``"triton"`` backends, which never read that block for it: compare such outputs only where the reference is finite.
+
     Args:
         q: Queries ``[B, N, H, D]``.
         k: Keys ``[B, M, H, D]``.
