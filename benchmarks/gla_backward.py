@@ -5,7 +5,8 @@ memory above the inputs) at ViG's training shapes, and a ViG-S training step (22
 ``--packed`` also times the bidirectional op on ViG's packed projections
 (:func:`~visionlin.kernels.bidirectional_gated_linear_attention_qkv`: one ``qkv`` and one ``gates`` gradient, the
 two directions chained) at each shape and, with the model, the ViG-S step with
-``visionlin.layers.gla.FAST_PATHS["qkv_packed"]`` on, next to the split rows.
+``visionlin.layers.gla.FAST_PATHS["qkv_packed"]`` off (the split call, ``(split)``) next to the shipped step (the
+packed call since s51).
 
 Usage (on a GPU machine):
     python benchmarks/gla_backward.py --out benchmarks/results/h200 [--commit SHA] [--configs single,bwd16,...]
@@ -207,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, 1000, (128,), device="cuda")
         step = train_step(model, opt, labels)
         x = torch.randn(128, 3, 224, 224, device="cuda")
-        record("vig_small train step", "224px bs128", lambda: step(x))
+        record("vig_small train step", "224px bs128", lambda: step(x))  # the shipped settings: the packed call
         if args.packed:
-            with tuned(gla_layer.FAST_PATHS, qkv_packed=True):
-                record("vig_small train step (packed)", "224px bs128", lambda: step(x))
+            with tuned(gla_layer.FAST_PATHS, qkv_packed=False):
+                record("vig_small train step (split)", "224px bs128", lambda: step(x))
     meta = gpu_meta(argv, args.commit, configs={c: CONFIGS[c] for c in configs})
     result = {"benchmark": STEM, "meta": meta, "rows": rows}
     for note in write_result(result, args.out, STEM, plot=_plot):

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         row = measure(name, args.size, device)
         result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        (out / f"hires_every_model_{args.size}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)  # the rows so far, marked partial until the last write below
+        (out / f"hires_every_model_{args.size}.json").write_text(json.dumps({**result, "partial": True}, indent=1))
+    (out / f"hires_every_model_{args.size}.json").write_text(json.dumps(result, indent=1))
     bad = [r["model"] for r in result["rows"] if r["status"] != "ok" or not r.get("finite")]
     print(f"{len(result['rows']) - len(bad)} of {len(result['rows'])} ran at {args.size} px; not: {bad}")
     return 0

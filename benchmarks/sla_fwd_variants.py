@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = gpu_meta(argv, args.commit)
     res = {"benchmark": "sla_fwd_variants", "meta": meta, "rows": rows}
 
-    def save():
-        (out_dir / "sla_fwd_variants.json").write_text(json.dumps(res, indent=1))
+    def save(final: bool = False) -> None:  # the rows so far are marked partial until the last write
+        doc = res if final else {**res, "partial": True}
+        (out_dir / "sla_fwd_variants.json").write_text(json.dumps(doc, indent=1))
 
     with torch.no_grad():
         lut, _ = sl.select_blocks(q, k, topk, 0.0, bq_sel, bk_sel, marginal=False)
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(rows[-1], flush=True)
         if INTERP:
+            save(final=True)
             return 0
         # states kernel settings (splits, tiles)
         base_states = sl.sla_states(k, v, 0)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             prof_rows.append(name + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
         res["profiles"] = prof_rows
         print("\n".join(prof_rows))
-        save()
+        save(final=True)
     return 0
 
 

@@ -5,8 +5,9 @@
 #
 # Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
 #   tests-files    the gpu tests of TEST_FILES (TEST_K: -k; TESTS_LIMIT: seconds)
-#   tests-shard    every gpu test, shard SHARD of SHARDS (default 1 of 6; scripts/gpu_shards.py balances the files by
-#                  test count): six calls run the whole suite at one commit                         ~9 min each
+#   tests-shard    every gpu test, shard SHARD of SHARDS (default 1 of 6; scripts/gpu_shards.py balances whole test
+#                  functions by test count): six calls run the suite at one commit (times not yet measured;
+#                  TESTS_LIMIT, default 480 s, cuts a shard and its log says where)
 #   tests-s48      gpu tests of what stops 47-48 wrote without a GPU: the NA backward's strided stores and packed call,
 #                  the GLA kernels (fwd accumulate, bwd strided dv / epilogue stores) and the packed bidirectional op,
 #                  the packed / token-conv model switches, NAT / DiNAT / ViG / FLatten parity, the memory test  ~6 min
@@ -38,7 +39,7 @@
 #                  (neighborhood_op.py --bwd-block-sweep; TILES_ARGS, TILES_LIMIT)                     ~4 min
 #   bench-hier     hierarchical small models next to swin_tiny: inference 224/1024/4096 px and training at 224  ~4 min
 #   bench-hier-train-1024  the hierarchical small models' training step at 1024 px next to swin_tiny (eager, bs 8;
-#                  HIER_MODELS, HIER_1024_BATCH, HIER_1024_LIMIT; --append)                            ~5 min
+#                  HIER_MODELS, HIER_1024_BATCH, HIER_1024_LIMIT; HIER_1024_PREV: an earlier call's JSON to add to) ~5 min
 #   ab-train       AB_OLD (an older tree's visionlin/, carried) vs this tree: training steps of AB_MODELS next to
 #                  swin_tiny, old / new / old / new in one session                                     ~4.5 min
 #   check-4096     every hierarchical entrypoint once at 4096 x 4096, batch 1 (benchmarks/hires_every_model.py) ~2.5 min
@@ -168,12 +169,12 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # TEST_FILES is a list of words
       if [[ -z ${TEST_FILES:-} ]]; then echo "tests-files: TEST_FILES is not set (the test files to run); skipped"
       else run_tests files ${TESTS_LIMIT:-240} $TEST_FILES ${TEST_K:+-k "$TEST_K"} --tb=short; fi ;;
-    tests-shard)  # every gpu test at one commit over several calls: shard SHARD of SHARDS (default 1 of 6), files
-      # balanced by test count (scripts/gpu_shards.py); TESTS_LIMIT (s, default 540)
-      files=$(python3 scripts/gpu_shards.py "${SHARDS:-6}" "${SHARD:-1}") && [[ -n $files ]] \
-        || { echo "tests-shard: no test files in shard ${SHARD:-1} of ${SHARDS:-6}"; continue; }
-      # shellcheck disable=SC2086  # files is a list of words
-      run_tests "shard${SHARD:-1}of${SHARDS:-6}" ${TESTS_LIMIT:-540} $files --tb=short ;;
+    tests-shard)  # every gpu test at one commit over several calls: shard SHARD of SHARDS (default 1 of 6), test
+      # functions balanced by test count (scripts/gpu_shards.py); TESTS_LIMIT (s, default 480)
+      units=$(python3 scripts/gpu_shards.py "${SHARDS:-6}" "${SHARD:-1}") && [[ -n $units ]] \
+        || { echo "tests-shard: no tests in shard ${SHARD:-1} of ${SHARDS:-6} (or the collection failed)"; continue; }
+      # shellcheck disable=SC2086  # units is a list of file::function words
+      run_tests "shard${SHARD:-1}of${SHARDS:-6}" ${TESTS_LIMIT:-480} $units --tb=short ;;
     tests-s48)  # TESTS_LIMIT (s, default 400)
       run_tests s48_na ${TESTS_LIMIT:-400} tests/test_kernels_triton_neighborhood.py -k "qkv_packed or tile_settings" \
         --tb=short
@@ -317,7 +318,11 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       [[ -n ${HIER_NO_TRAIN:-} ]] || timeout 100 python3 -m visionlin.cli bench train --quick --models $HIER --twin $SWIN \
         --time-budget 85 --name bench_hier_train --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     bench-hier-train-1024)  # issue 7 part 9's training step at 1024 px: HIER (HIER_MODELS) next to swin_tiny, eager,
-      # batch HIER_1024_BATCH (default 8); --append: a suite split over calls keeps the earlier calls' rows
+      # batch HIER_1024_BATCH (default 8). OUT starts empty on each device call: to split the suite over calls, carry
+      # the earlier call's JSON and name it in HIER_1024_PREV (copied into OUT, then --append adds to it)
+      if [[ -n ${HIER_1024_PREV:-} ]]; then
+        cp "$HIER_1024_PREV" "$OUT/bench_hier_train_1024.json" || { echo "bench-hier-train-1024: no $HIER_1024_PREV"; continue; }
+      fi
       timeout ${HIER_1024_LIMIT:-300} python3 -m visionlin.cli bench train --quick --modes eager --size 1024 \
         --batch ${HIER_1024_BATCH:-8} --models $HIER --twin $SWIN --time-budget $((${HIER_1024_LIMIT:-300} - 20)) \
         --name bench_hier_train_1024 --append --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;

@@ -489,6 +489,7 @@ def test_peak_counts_the_calls_after_the_first_as_cuda_graph_recording_allocates
                      budget=bench._Budget(None))  # fmt: skip
     assert specs[0].status == "ok" and len(calls) == 5  # compile, record, the untimed call, two sweeps
     assert max(specs[0].peaks) == 50  # the weights (10 MiB) and the recording's 40 MiB, not the compile's 300
+    assert len(specs[0].peaks) == 3  # the recording and the two sweeps (not the untimed call: it may recompile)
 
 
 def test_a_partial_write_says_so_and_the_complete_one_does_not(tmp_path):

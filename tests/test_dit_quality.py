@@ -35,6 +35,7 @@ def test_tiny_cpu_run_writes_every_method_row_finite(script, tmp_path):
     assert script.main([*TINY, "--data-dir", str(data), "--out", str(out)]) == 0
     result = json.loads((out / "dit_quality.json").read_text())
     assert result["benchmark"] == "dit_quality" and result["meta"]["gpu"] is None
+    assert "partial" not in result  # the complete write (the saves during the run say "partial": true)
     assert result["meta"]["command"].startswith("benchmarks/dit_quality.py --tiny")
     assert result["classifier"]["feature_dim"] == 128 and 0 <= result["classifier"]["test_top1"] <= 1
     assert result["dit"]["steps_done"] == 1 and result["dit"]["tokens"] == 16  # 8 px, patch 2

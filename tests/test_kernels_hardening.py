@@ -539,7 +539,8 @@ def test_focus_zero_token_and_large_magnitudes_are_finite():
 @pytest.mark.parametrize("keys", [9, 16])
 def test_cpu_sdpa_fallback_returns_autocast_dtype_as_sdpa_does(keys):
     """Under CPU autocast SDPA returns autocast's dtype; the unfused fallback (fewer than 16 keys) must too, or a
-    model's dtype would change with its key count. Float64 inputs are left alone by both."""
+    model's dtype would change with its key count. Float64 inputs are left alone by both. (16 keys: SDPA on both
+    sides, the control.)"""
     from visionlin.kernels._common import sdpa
 
     q = torch.randn(1, 2, 5, 8)

@@ -554,6 +554,16 @@ def _neighborhood(dt, tdt):
         for kk in (49, 169):
             block_q, width = nt._bias_grad_block(kk)
             cases.append((nt._bias_grad_kernel, "fp32", dict(BLOCK_Q=block_q, BLOCK_W=width), {"num_warps": 4}))
+    # every forward / backward case at both offset widths: the shipped rule picks one, and int64 still runs past 2^31
+    # elements (_fwd_i64 / _bwd_i64) or with TUNING[...] = False; int32 with TUNING["bwd_int32_offsets"] = True
+    seen = {(fn, dt_, tuple(sorted(c.items()))) for fn, dt_, c, _ in cases}
+    for fn, dt_, consts, meta in list(cases):
+        if "I64" in consts:
+            other = dict(consts, I64=not consts["I64"])
+            key = (fn, dt_, tuple(sorted(other.items())))
+            if key not in seen:
+                seen.add(key)
+                cases.append((fn, dt_, other, meta))
     return cases
 
 

@@ -802,7 +802,9 @@ TILE_SETTINGS = {
     "bwd_q128_w4_direct": dict(bwd_tile_q=128, bwd_warps=4, bwd_maxnreg=0, bwd_dq_direct=True),
     "bwd_q256_w8_direct": dict(bwd_tile_q=256, bwd_warps=8, bwd_maxnreg=0, bwd_dq_direct=True),
     "delta_fused": dict(bwd_delta_fused=True),
-    "int32_offsets": dict(bwd_int32_offsets=True, fwd_int32_offsets=True),
+    "int32_offsets": dict(bwd_int32_offsets=True, fwd_int32_offsets=True),  # the backward's direct tiles too
+    # int64 everywhere (s50's shipped offsets; what runs past 2^31 elements, where the shipped int32 would not fit)
+    "int64_offsets": dict(bwd_int32_offsets=False, fwd_int32_offsets=False),
 }
 
 

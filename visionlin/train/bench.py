@@ -13,10 +13,11 @@ built with ``dynamic_img_size=True, img_size=size`` (fused SDPA). All models of 
 process and measured in alternating order (sweeps forward, then backward, ...); img/s is the median over the sweeps
 and every ratio to the twin uses the twin's median of the same sweeps. A model that runs out of memory is recorded as
 ``"oom"`` and the others continue. Peak memory is the model's own weights (and optimizer state) plus the largest
-allocation above what was allocated before each of its calls after the first (the warm-up calls and the timed ones),
-so the other resident models do not count. Under CUDA graphs (``cudagraphs``) that largest allocation is the graph
-recording's: the activations live in the graph's memory pool, allocated while it is recorded, and a replay allocates
-nothing (until s51 only the replays were counted, so those rows' peaks were the weights and optimizer state alone).
+allocation above what was allocated before each of its warm-up calls after the first (the first compiles) and each
+timed call, so the other resident models do not count. Under CUDA graphs (``cudagraphs``) that largest allocation is
+the graph recording's (torch.compile records at the second call, the first one counted): the activations live in the
+graph's memory pool, allocated while it is recorded, and a replay allocates nothing (until s51 only the replays were
+counted, so those rows' peaks were the weights and optimizer state alone).
 
 Each benchmark writes one JSON (``meta``: command, commit, date, GPU, versions; ``config``; ``rows``) and one PNG
 drawn from it to ``--out`` (default: ``benchmarks/results/<gpu>``, e.g. ``h200``) as ``<name>.json`` / ``.png``.
@@ -347,11 +348,10 @@ def _run_block(
 
         _guard(e, device, warm)
     # One untimed call each, in the first sweep's order: a model compiled after another can change global state that
-    # the other's compiled code guards on (a log-once set, say), and its recompilation must not land in a timed sweep.
-    # (Its peak counts, as the warm-up calls' after the first do: under CUDA graphs the activations are allocated
-    # while a graph is recorded, into its pool, and a replay allocates nothing.)
+    # the other's compiled code guards on (a log-once set, say), and its recompilation must not land in a timed sweep
+    # (nor its peak: a recompilation's workspaces are not the step's).
     for e in [e for e in specs if e.status == "ok"]:
-        _add_peak(e, _guard(e, device, lambda e=e: _timed(e, x, 1, device)[1]))
+        _guard(e, device, lambda e=e: e.step(x))
     for r in range(repeats):
         if budget.spent() and r:
             break

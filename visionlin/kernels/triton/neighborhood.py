@@ -425,10 +425,11 @@ def _bias_grad_kernel(
 #: ``bwd_int32_offsets``: the backward's loop addresses its queries with int32 offsets where they fit
 #: (:func:`_bwd_i64`): 8-21% fewer sm_90 instructions a query block at NAT-T's four shapes, but more registers (228
 #: against 168 at 56 x 56) or spills (180 against 88 bytes at 7 x 7). ``None`` (default, since s51): int32 except where
-#: one key tile holds a whole dilation group (dq stored directly: the 7 x 7 groups, where the spills made it 1.05x
-#: slower), on an H100 0.990 against 1.006 ms at NAT-T's 56 x 56 shape, 0.543 / 0.553 at 28 x 28, 0.287 / 0.297 at
-#: 14 x 14, 0.088 / 0.084 at 7 x 7 (``neighborhood_op.py --bwd-block-sweep``,
-#: ``benchmarks/results/h100/s51/neighborhood_op_bwd_block_229372b.json``); ``True`` / ``False`` everywhere / nowhere.
+#: dq is stored directly (``bwd_dq_direct``: half-precision inputs, one key tile a dilation group, e.g. the 7 x 7
+#: groups, where the spills made it 1.05x slower), on an H100 0.990 against 1.006 ms at NAT-T's 56 x 56 shape,
+#: 0.543 / 0.553 at 28 x 28, 0.287 / 0.297 at 14 x 14, 0.088 / 0.084 at 7 x 7 (``neighborhood_op.py
+#: --bwd-block-sweep``, ``benchmarks/results/h100/s51/neighborhood_op_bwd_block_229372b.json``); ``True`` / ``False``
+#: everywhere / nowhere.
 #: ``fwd_int32_offsets`` (on since s51): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer
 #: instructions a key block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills;
 #: faster at each of NAT-T's shapes in that sweep (1.04x, 1.03x, 1.03x, 1.12x from 56 x 56 to 7 x 7).
