@@ -232,16 +232,40 @@ def _seconds(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+#: The configs that switch one layer type's call (``visionlin.layers.<module>``'s token mixer): on a model without
+#: such a layer they change nothing, and :func:`measure` records them as skipped instead of compiling and timing them.
+LAYER_CONFIGS = {
+    "na_packed": "neighborhood", "na_split": "neighborhood",
+    "gla_packed": "gla", "gla_split": "gla", "gla_token_conv": "gla",
+}  # fmt: skip
+
+
+def inapplicable(model: torch.nn.Module, configs: list[str]) -> dict[str, str]:
+    """``{config: reason}`` for the :data:`LAYER_CONFIGS` among ``configs`` that ``model`` has no layer for."""
+    from visionlin.layers import gla, neighborhood
+
+    kinds = {"neighborhood": neighborhood.NeighborhoodAttention, "gla": gla.GatedLinearAttention2D}
+    present = {k for k, cls in kinds.items() if any(isinstance(m, cls) for m in model.modules())}
+    return {
+        c: f"no {LAYER_CONFIGS[c]} layer: the config changes nothing"
+        for c in configs
+        if c in LAYER_CONFIGS and LAYER_CONFIGS[c] not in present
+    }
+
+
 def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
     """Every config of one model and mode: warm-up each (compiles its kernels), then ``repeats`` sweeps over the
-    configs in alternating order; the median seconds per call per config."""
+    configs in alternating order; the median seconds per call per config. A config that switches a layer the model
+    does not have (:func:`inapplicable`) is a ``skipped`` row, not measured."""
     import timm
 
     import visionlin  # noqa: F401 (registers the models)
 
     torch.manual_seed(0)
     batch = args.batch_infer if mode == "infer" else args.batch_train
-    rows = []
+    skip = inapplicable(timm.create_model(name, device="meta"), configs)  # (meta: no memory, no init)
+    rows = [{"model": name, "mode": mode, "config": c, "status": "skipped", "error": why} for c, why in skip.items()]
+    configs = [c for c in configs if c not in skip]
     try:
         # graphs: a fresh dynamo cache per model (the models share forward code), a hit recompile limit raising
         with _compile_scope(mode == "graphs"):
@@ -263,11 +287,12 @@ def measure(name: str, mode: str, configs: list[str], args) -> list[dict]:
                     with switches(c):
                         times[c].append(_seconds(fns[c], args.iters))
     except torch.cuda.OutOfMemoryError as e:
-        return [{"model": name, "mode": mode, "config": c, "status": "oom", "error": str(e)[:200]} for c in configs]
+        oom = str(e)[:200]
+        return rows + [{"model": name, "mode": mode, "config": c, "status": "oom", "error": oom} for c in configs]
     except Exception as e:  # noqa: BLE001 (recorded; the other models still run)
         error = f"{type(e).__name__}: {e}"[:300]
         print(f"{name} {mode}: {error}", flush=True)
-        return [{"model": name, "mode": mode, "config": c, "status": "error", "error": error} for c in configs]
+        return rows + [{"model": name, "mode": mode, "config": c, "status": "error", "error": error} for c in configs]
     finally:
         torch.cuda.empty_cache()
     ref = reference(configs)

@@ -151,3 +151,21 @@ def test_short_cuda_graphs_run(tmp_path, configs, reference):
     assert doc["reference"] == reference
     assert [(r["mode"], r["config"], r["status"]) for r in rows] == [("graphs", c, "ok") for c in configs.split(",")]
     assert rows[0][f"speedup_vs_{reference}"] == 1.0 and rows[1][f"speedup_vs_{reference}"] > 0
+
+
+def test_layer_configs_are_skipped_on_models_without_the_layer():
+    """``na_*`` / ``gla_*`` configs switch one layer type's call: a model without it would compile and time a config
+    that changes nothing, so it is a skipped row with the reason."""
+    import timm
+
+    import visionlin  # noqa: F401
+
+    configs = ["default", "na_packed", "na_split", "gla_packed", "gla_split", "gla_token_conv", "pre_norm"]
+    vig = timm.create_model("vig_tiny", device="meta")
+    assert set(toggle_speed.inapplicable(vig, configs)) == {"na_packed", "na_split"}
+    nat = timm.create_model("nat_mini", device="meta")
+    skipped = toggle_speed.inapplicable(nat, configs)
+    assert set(skipped) == {"gla_packed", "gla_split", "gla_token_conv"}
+    assert skipped["gla_packed"] == "no gla layer: the config changes nothing"
+    deit = timm.create_model("deit_tiny_patch16_224", device="meta")
+    assert set(toggle_speed.inapplicable(deit, configs)) == set(toggle_speed.LAYER_CONFIGS)
