@@ -390,6 +390,10 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setattr(nt, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, args, meta)))
     monkeypatch.setattr(nt, "_delta", lambda g, out: torch.zeros(1))
 
+    def launched(kernel):
+        """The meta of each launch of ``kernel`` since the last ``bwd`` call."""
+        return [m for k, a, m in seen if k is kernel]
+
     def bwd(n, dil=1, dtype=torch.bfloat16, rpb=True):
         seen.clear()
         q = torch.zeros(1, n, n, 2, 32, dtype=dtype)
@@ -415,7 +419,7 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
 
     def fused(*args, **kw):
         bwd(*args, **kw)
-        return [m for k, a, m in seen if k is nt._bwd_kernel][0]["DELTA_FUSED"]
+        return launched(nt._bwd_kernel)[0]["DELTA_FUSED"]
 
     # rowsum(dO * O) in the backward (no pass of its own) by default only where one tile holds the group (these calls
     # pass a bias table: without one, the pass)
@@ -435,7 +439,7 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
 
     def i64(*args, **kw):
         bwd(*args, **kw)
-        return [m for k, a, m in seen if k is nt._bwd_kernel][0]["I64"]
+        return launched(nt._bwd_kernel)[0]["I64"]
 
     # int32 query offsets by default (s51), but not where one key tile holds the group (dq direct: spilled, slower)
     assert not i64(14) and not i64(56) and not i64(7, dtype=torch.float32)
@@ -457,14 +461,14 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     monkeypatch.setitem(nt.TUNING, "bwd_dq_pass", True)  # dq by its own pass: the backward kernel skips it
     for n in (14, 7):  # (7: where dq would be stored directly)
         assert bwd(n)[1:] == (torch.bfloat16, torch.bfloat16)  # no float32 dq buffer
-        ((bwd_meta,),) = [[m for k, a, m in seen if k is nt._bwd_kernel]]
+        (bwd_meta,) = launched(nt._bwd_kernel)
         assert bwd_meta["DQ_SKIP"] and not bwd_meta["DQ_DIRECT"] and not bwd_meta["DELTA_FUSED"]
-        ((args, dq_meta),) = [(a, m) for k, a, m in seen if k is nt._dq_kernel]
+        (dq_meta,) = launched(nt._dq_kernel)
         assert dq_meta["TX"] * dq_meta["TY"] == dq_meta["BLOCK_Q"]  # the forward's query tiles
     monkeypatch.setitem(nt.TUNING, "bwd_dq_pass", False)
     bwd(14)
-    assert not [m for k, a, m in seen if k is nt._dq_kernel]
-    assert not [m for k, a, m in seen if k is nt._bwd_kernel][0]["DQ_SKIP"]
+    assert not launched(nt._dq_kernel)
+    assert not launched(nt._bwd_kernel)[0]["DQ_SKIP"]
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)

@@ -104,6 +104,57 @@ def _tile(pid, LX, LY, DIL_X, DIL_Y, TBX, TBY, TX: tl.constexpr, TY: tl.constexp
 
 
 @triton.jit
+def _key_rect(
+    px0, py0, px, py, sy, qvalid, nx, ny, gy, KX, KY, DIL_Y, OFFX, OFFY, sr_x, sr_y,
+    TX: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, I64: tl.constexpr,
+):  # fmt: skip
+    """The key rectangle of a query tile (the forward's and :func:`_dq_kernel`'s walk) in group positions: rows
+    ``[row_lo, row_hi)``, columns ``col_lo + [0, KCOLS)`` (``ky_pos``, their map columns ``ky``); ``in_y`` the column
+    half of each query's window with padded queries masked once here; the bias offset split into a query part
+    (``q_bias``) and a key-column part (``ky_bias``); ``tab_last`` the head's last table entry (tables are ``2 OFF + 1``
+    per axis)."""
+    row_lo = _start(px0, nx, KX)
+    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
+    col_lo = _start(py0, ny, KY)
+    j = tl.arange(0, KROWS * KCOLS)
+    ky_pos = col_lo + j % KCOLS
+    ky = ky_pos * DIL_Y + gy
+    if I64:
+        ky = ky.to(tl.int64)
+    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
+    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
+    ky_bias = ky_pos * sr_y
+    tab_last = 2 * OFFX * sr_x + 2 * OFFY * sr_y
+    return row_lo, row_hi, j, ky_pos, ky, in_y, q_bias, ky_bias, tab_last
+
+
+@triton.jit
+def _key_rows(r0, j, row_hi, ky_pos, ny, gx, DIL_X, KCOLS: tl.constexpr, I64: tl.constexpr):
+    """The key block from rectangle row ``r0``: group rows ``kx_pos``, their validity and map rows ``kx``."""
+    kx_pos = r0 + j // KCOLS
+    kvalid = (kx_pos < row_hi) & (ky_pos < ny)
+    kx = kx_pos * DIL_X + gx
+    if I64:
+        kx = kx.to(tl.int64)
+    return kx_pos, kvalid, kx
+
+
+@triton.jit
+def _window_scores(
+    q, k, kx_pos, sx, in_y, q_bias, ky_bias, sr_x, rpb_base, scale, tab_last, KX,
+    HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """Base-2 logits of a query tile against a key block, NAT's bias included (:func:`_logits`), and which pairs
+    lie in the query's window (``inwin``; the caller masks the rest)."""
+    bias_off = q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :]
+    s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)
+    inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
+    if HAS_RPB and not BIAS_DOT:
+        s += tl.load(rpb_base + bias_off, mask=inwin, other=0.0).to(tl.float32) * 1.4426950408889634
+    return s, inwin
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, RPB, Out, LSE,
     LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
@@ -130,20 +181,9 @@ def _fwd_kernel(
         mask=qvalid[:, None] & (offs_d < D)[None, :],
         other=0.0,
     )
-    # The tile's key rectangle in group positions: rows [row_lo, row_hi), columns col_lo + [0, KCOLS).
-    row_lo = _start(px0, nx, KX)
-    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
-    col_lo = _start(py0, ny, KY)
-    j = tl.arange(0, KROWS * KCOLS)
-    ky_pos = col_lo + j % KCOLS
-    ky = ky_pos * DIL_Y + gy
-    if I64:
-        ky = ky.to(tl.int64)
-    # Padded queries are masked once here; the bias offset splits into a query part and a key part.
-    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
-    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
-    ky_bias = ky_pos * sr_y
-    tab_last = 2 * OFFX * sr_x + 2 * OFFY * sr_y  # the head's last table entry (tables are 2 OFF + 1 per axis)
+    row_lo, row_hi, j, ky_pos, ky, in_y, q_bias, ky_bias, tab_last = _key_rect(
+        px0, py0, px, py, sy, qvalid, nx, ny, gy, KX, KY, DIL_Y, OFFX, OFFY, sr_x, sr_y, TX, KROWS, KCOLS, I64
+    )
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     rpb_base = RPB + h * sr_h
@@ -151,21 +191,14 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
     for r0 in range(row_lo, row_hi, KROWS):
-        kx_pos = r0 + j // KCOLS
-        kvalid = (kx_pos < row_hi) & (ky_pos < ny)
-        kx = kx_pos * DIL_X + gx
-        if I64:
-            kx = kx.to(tl.int64)
+        kx_pos, kvalid, kx = _key_rows(r0, j, row_hi, ky_pos, ny, gx, DIL_X, KCOLS, I64)
         k = tl.load(
             k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
             mask=kvalid[:, None] & (offs_d < D)[None, :],
             other=0.0,
         )
-        bias_off = q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :]
-        s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)
-        inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
-        if HAS_RPB and not BIAS_DOT:
-            s += tl.load(rpb_base + bias_off, mask=inwin, other=0.0).to(tl.float32) * 1.4426950408889634
+        s, inwin = _window_scores(q, k, kx_pos, sx, in_y, q_bias, ky_bias, sr_x, rpb_base, scale, tab_last, KX,
+                                  HAS_RPB, BIAS_DOT, HALF)  # fmt: skip
         s = tl.where(inwin, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -220,38 +253,21 @@ def _dq_kernel(
     row = bh.to(tl.int64) * LX * LY + qx * LY + qy
     lse = tl.load(LSE + row, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-    # The tile's key rectangle in group positions, as the forward's: rows [row_lo, row_hi), columns col_lo + [0, KCOLS).
-    row_lo = _start(px0, nx, KX)
-    row_hi = _start(tl.minimum(px0 + TX - 1, nx - 1), nx, KX) + KX
-    col_lo = _start(py0, ny, KY)
-    j = tl.arange(0, KROWS * KCOLS)
-    ky_pos = col_lo + j % KCOLS
-    ky = ky_pos * DIL_Y + gy
-    if I64:
-        ky = ky.to(tl.int64)
-    in_y = (ky_pos[None, :] >= sy[:, None]) & (ky_pos[None, :] < sy[:, None] + KY) & qvalid[:, None]
-    q_bias = (OFFX - px) * sr_x + (OFFY - py) * sr_y
-    ky_bias = ky_pos * sr_y
-    tab_last = 2 * OFFX * sr_x + 2 * OFFY * sr_y
+    row_lo, row_hi, j, ky_pos, ky, in_y, q_bias, ky_bias, tab_last = _key_rect(
+        px0, py0, px, py, sy, qvalid, nx, ny, gy, KX, KY, DIL_Y, OFFX, OFFY, sr_x, sr_y, TX, KROWS, KCOLS, I64
+    )
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     rpb_base = RPB + h * sr_h
     dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for r0 in range(row_lo, row_hi, KROWS):
-        kx_pos = r0 + j // KCOLS
-        kvalid = (kx_pos < row_hi) & (ky_pos < ny)
-        kx = kx_pos * DIL_X + gx
-        if I64:
-            kx = kx.to(tl.int64)
+        kx_pos, kvalid, kx = _key_rows(r0, j, row_hi, ky_pos, ny, gx, DIL_X, KCOLS, I64)
         k = tl.load(k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
                     mask=kvalid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
         v = tl.load(v_base + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
                     mask=kvalid[:, None] & (offs_e < DV)[None, :], other=0.0)  # fmt: skip
-        bias_off = q_bias[:, None] + (kx_pos * sr_x + ky_bias)[None, :]
-        s = _logits(q, k, rpb_base, bias_off, scale, tab_last, BIAS_DOT, HALF)
-        inwin = in_y & (kx_pos[None, :] >= sx[:, None]) & (kx_pos[None, :] < sx[:, None] + KX)
-        if HAS_RPB and not BIAS_DOT:
-            s += tl.load(rpb_base + bias_off, mask=inwin, other=0.0).to(tl.float32) * 1.4426950408889634
+        s, inwin = _window_scores(q, k, kx_pos, sx, in_y, q_bias, ky_bias, sr_x, rpb_base, scale, tab_last, KX,
+                                  HAS_RPB, BIAS_DOT, HALF)  # fmt: skip
         p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), HALF)
         ds = p * (dp - delta[:, None])
