@@ -5,9 +5,11 @@
 #
 # Stages (each bounded by `timeout`; a stage that runs out of time still leaves its log):
 #   tests-files    the gpu tests of TEST_FILES (TEST_K: -k; TESTS_LIMIT: seconds)
-#   tests-shard    every gpu test, shard SHARD of SHARDS (default 1 of 6; scripts/gpu_shards.py balances whole test
-#                  functions by test count): six calls run the suite at one commit (times not yet measured;
-#                  TESTS_LIMIT, default 480 s, cuts a shard and its log says where)
+#   tests-shard    every gpu test, shard SHARD of SHARDS (default 1 of 2; scripts/gpu_shards.py balances whole test
+#                  functions by test count) under 10 xdist workers: two calls run the suite at one commit (s52 on an
+#                  H100: 818 tests in 438 s at -n 10; TESTS_LIMIT, default 540 s, cuts a shard, its log says where)
+#   tests-nodes    the gpu tests named one per line in NODES_FILE (node ids, spaces allowed: a re-run of the failures
+#                  or the tests a cut shard did not reach; TESTS_LIMIT, default 240 s)
 #   tests-s48      gpu tests of what stops 47-48 wrote without a GPU: the NA backward's strided stores and packed call,
 #                  the GLA kernels (fwd accumulate, bwd strided dv / epilogue stores) and the packed bidirectional op,
 #                  the packed / token-conv model switches, NAT / DiNAT / ViG / FLatten parity, the memory test  ~6 min
@@ -169,12 +171,16 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # TEST_FILES is a list of words
       if [[ -z ${TEST_FILES:-} ]]; then echo "tests-files: TEST_FILES is not set (the test files to run); skipped"
       else run_tests files ${TESTS_LIMIT:-240} $TEST_FILES ${TEST_K:+-k "$TEST_K"} --tb=short; fi ;;
-    tests-shard)  # every gpu test at one commit over several calls: shard SHARD of SHARDS (default 1 of 6), test
-      # functions balanced by test count (scripts/gpu_shards.py); TESTS_LIMIT (s, default 480)
-      units=$(python3 scripts/gpu_shards.py "${SHARDS:-6}" "${SHARD:-1}") && [[ -n $units ]] \
-        || { echo "tests-shard: no tests in shard ${SHARD:-1} of ${SHARDS:-6} (or the collection failed)"; continue; }
-      # shellcheck disable=SC2086  # units is a list of file::function words
-      run_tests "shard${SHARD:-1}of${SHARDS:-6}" ${TESTS_LIMIT:-480} $units --tb=short ;;
+    tests-shard)  # every gpu test at one commit over several calls: shard SHARD of SHARDS (default 1 of 2), test
+      # functions balanced by test count (scripts/gpu_shards.py); TESTS_LIMIT (s, default 540). 10 workers unless
+      # XDIST_N says otherwise: 12 ran the card out of memory before tests/conftest.py released each test's cache (s52)
+      units=$(python3 scripts/gpu_shards.py "${SHARDS:-2}" "${SHARD:-1}") && [[ -n $units ]] \
+        || { echo "tests-shard: no tests in shard ${SHARD:-1} of ${SHARDS:-2} (or the collection failed)"; continue; }
+      # shellcheck disable=SC2086  # XD, units: lists of words
+      XD=${XD:+-n ${XDIST_N:-10}} run_tests "shard${SHARD:-1}of${SHARDS:-2}" ${TESTS_LIMIT:-540} $units --tb=short ;;
+    tests-nodes)  # NODES_FILE: node ids one per line (read as lines: parametrisation ids may hold spaces)
+      if [[ ! -s ${NODES_FILE:-} ]]; then echo "tests-nodes: NODES_FILE (${NODES_FILE:-unset}) is missing or empty"
+      else mapfile -t nodes < "$NODES_FILE"; run_tests nodes ${TESTS_LIMIT:-240} "${nodes[@]}" --tb=short; fi ;;
     tests-s48)  # TESTS_LIMIT (s, default 400)
       run_tests s48_na ${TESTS_LIMIT:-400} tests/test_kernels_triton_neighborhood.py -k "qkv_packed or tile_settings" \
         --tb=short

@@ -136,8 +136,13 @@ def test_short_cuda_run(tmp_path):
     args = ["--out", str(tmp_path), "--models", "nalaformer_tiny", "--batch-infer", "4", "--batch-train", "4"]
     assert toggle_speed.main([*args, "--warmup", "1", "--iters", "1", "--repeats", "2"]) == 0
     doc = json.loads((tmp_path / "toggle_speed.json").read_text())
-    got = {(r["mode"], r["config"]) for r in doc["rows"] if r["status"] == "ok"}
-    assert got == {(m, c) for m in ("infer", "train") for c in toggle_speed.TOGGLES}
+    status = {(r["mode"], r["config"]): r["status"] for r in doc["rows"]}
+    # NaLaFormer has neither neighborhood attention nor GLA: their configs are skipped rows, every other one is timed
+    layerless = {"na_packed", "gla_packed"}
+    assert layerless <= set(toggle_speed.TOGGLES)
+    assert status == {
+        (m, c): "skipped" if c in layerless else "ok" for m in ("infer", "train") for c in toggle_speed.TOGGLES
+    }
 
 
 @pytest.mark.gpu
