@@ -282,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             ratio = "n/a" if rec["ours_vs_authors"] is None else f"{rec['ours_vs_authors']:.2f}x"
             print(f"{pair} {rec['phase']} {size}px bs{batch}: ours/authors {ratio}   {cells}", flush=True)
-            # after every phase: a run stopped by a time limit still leaves what it measured
-            (args.out / "authors_speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            # after every phase: a run stopped by a time limit still leaves what it measured, marked partial
+            _write(args.out, {"meta": meta, "results": results, "partial": True})
+    _write(args.out, {"meta": meta, "results": results})
     _plot(results, args.out / "authors_speed.png")
     return 0
+
+
+def _write(out: Path, doc: dict) -> None:
+    (out / "authors_speed.json").write_text(json.dumps(doc, indent=2))
 
 
 def _plot(results: list[dict], path: Path) -> None:

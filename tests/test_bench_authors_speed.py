@@ -1,0 +1,32 @@
+"""``benchmarks/authors_speed.py`` without a GPU: the phases' rows and ratios, and the result file marked
+``"partial": true`` while the run goes on (a run cut by a time limit is not mistaken for a complete one)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import _meta, authors_speed
+
+
+def test_rows_ratios_and_partial_marker_until_the_last_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(authors_speed, "PAIRS", {"p": (lambda d: None, "ours_m", "twin_m", (1024,))})
+    seen = []
+
+    def measure(builders, size, batch, train, args):
+        out = tmp_path / "authors_speed.json"
+        seen.append(json.loads(out.read_text()) if out.exists() else None)  # what a cut run would have left
+        img_s = {"authors:p": 100.0, "ours:ours_m": 150.0, "twin:twin_m": 120.0}
+        return {name: {"img_s": img_s[name]} for name in builders}
+
+    monkeypatch.setattr(authors_speed, "measure", measure)
+    monkeypatch.setattr(authors_speed, "_plot", lambda results, path: None)
+    monkeypatch.setattr(_meta, "gpu_meta", lambda argv, commit=None, **extra: {"commit": commit})  # (needs CUDA)
+    argv = ["--authors-dir", str(tmp_path), "--out", str(tmp_path), "--train", "--commit", "abc1234"]
+    assert authors_speed.main(argv) == 0
+    assert seen[0] is None and all(s["partial"] is True for s in seen[1:])
+    assert [len(s["results"]) for s in seen[1:]] == [1, 2]  # each phase saved as it ended
+    doc = json.loads((tmp_path / "authors_speed.json").read_text())
+    assert "partial" not in doc and doc["meta"]["commit"] == "abc1234"
+    phases = [(r["phase"], r["size"], r["batch"]) for r in doc["results"]]
+    assert phases == [("infer", 224, 256), ("infer", 1024, 16), ("train", 224, 128)]
+    assert all(abs(r["ours_vs_authors"] - 1.5) < 1e-9 and abs(r["ours_vs_twin"] - 1.25) < 1e-9 for r in doc["results"])
