@@ -523,11 +523,11 @@ def _bias_grad_kernel(
 #: ``fwd_int32_offsets`` (on since s51): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer
 #: instructions a key block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills;
 #: faster at each of NAT-T's shapes in that sweep (1.04x, 1.03x, 1.03x, 1.12x from 56 x 56 to 7 x 7).
-#: ``bwd_dq_pass`` (opt-in, s51, not yet timed on a GPU): ``dq`` by a pass of its own over query tiles
-#: (:func:`_dq_kernel`, the forward's tiles and walk, recomputing ``P`` and ``dP``) instead of inside the key-tile
-#: backward, which then skips it: no float32 ``dq`` buffer, zero fill, atomics or cast (at NAT-T's 224 px step under
-#: CUDA graphs on an H100 the cast alone took 0.77 ms over 25 calls and the delta passes 0.47, s51's profile), for two
-#: more tile products per key block.
+#: ``bwd_dq_pass`` (opt-in, s51; slower, s52): ``dq`` by a pass of its own over query tiles (:func:`_dq_kernel`, the
+#: forward's walk, recomputing ``P`` and ``dP``), the key-tile backward skipping it: no float32 ``dq`` buffer, zero
+#: fill, atomics or cast (NAT-T's step on an H100: the cast 0.77 ms in 25 calls), for two more tile products per key
+#: block, which cost more: the backward 0.91x / 0.97x / 0.97x / 0.70x the shipped one at NAT-T's four shapes, NAT-T's
+#: CUDA-graph step 0.985x (H100, ``benchmarks/results/h100/s52/``).
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
