@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "gpu_test_summary",
         "gpu": args.gpu,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "scripts/gpu_test_summary.py", *(argv if argv is not None else sys.argv[1:])]),
         "logs": {log.name: commit_of(log) for log in args.logs},
         **summarise(texts, nodes),
