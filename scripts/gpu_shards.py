@@ -22,17 +22,21 @@ def shards(counts: dict[str, int], n: int) -> list[list[str]]:
     return [sorted(units) for _, units in bins]
 
 
-def gpu_test_counts() -> dict[str, int]:
-    """Collected ``gpu`` tests per ``file::function`` (``pytest --collect-only``); a collection that fails (a test
-    module that does not import would drop out of every shard) raises ``RuntimeError`` with pytest's output."""
+def gpu_test_ids(tests: str = "tests") -> list[str]:
+    """The node ids of the ``gpu`` tests that ``pytest --collect-only`` finds in ``tests``; a collection that fails (a
+    test module that does not import would drop out of every shard) raises ``RuntimeError`` with pytest's output."""
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", tests],
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     if run.returncode != 0:
         raise RuntimeError(f"pytest --collect-only exited {run.returncode}:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
-    units = (line.split("[")[0] for line in run.stdout.splitlines() if "::" in line)
-    return collections.Counter(units)
+    return [line.strip() for line in run.stdout.splitlines() if "::" in line]
+
+
+def gpu_test_counts() -> dict[str, int]:
+    """Collected ``gpu`` tests per ``file::function`` (:func:`gpu_test_ids`)."""
+    return collections.Counter(node.split("[")[0] for node in gpu_test_ids())
 
 
 def main(argv: list[str]) -> int:

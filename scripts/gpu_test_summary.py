@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (gpu_shards beside this file, however this one is loaded)
+from gpu_shards import gpu_test_ids as collected  # noqa: E402 (the collected gpu tests' node ids)
+
 #: ``[gw3] [ 58%] PASSED tests/x.py::t[a]`` (xdist) or ``tests/x.py::t[a] PASSED [ 58%]`` (one process), ``-vv``.
 #: (Parametrisation ids may hold spaces: ``t[tile 4096-4-4]``.)
 _XDIST = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::.+?)\s*$")
@@ -45,17 +48,6 @@ def commit_of(log: Path) -> str | None:
     """The commit in ``gpu_tests_NAME_COMMIT.log`` (7 to 40 hex digits), else None."""
     m = re.search(r"_([0-9a-f]{7,40})\.log$", log.name)
     return m.group(1) if m else None
-
-
-def collected(tests: str = "tests") -> list[str]:
-    """The ``gpu`` tests' node ids that ``pytest --collect-only`` finds here (raises ``RuntimeError`` if it fails)."""
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", tests],
-        capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
-    if run.returncode != 0:
-        raise RuntimeError(f"pytest --collect-only exited {run.returncode}:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
-    return [line.strip() for line in run.stdout.splitlines() if "::" in line]
 
 
 def summarise(logs: dict[str, str], nodes: list[str]) -> dict:
