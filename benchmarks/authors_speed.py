@@ -8,7 +8,9 @@ runs, with the import workarounds of ``../shared/specs/official_speed.md`` (a no
 registrations do not collide with ours; a stub ``fvcore``, imported by MALA / RALA for FLOP counting only). Each pair
 (authors' model, ours) is timed next to its dense timm twin with the same protocol: bf16 autocast, eager, inference at
 224 px (batch 256) and, for the models that run at other sizes, 1024 px (batch 16); optionally the training step at
-224 px (batch 128, AdamW). Sweeps alternate the model order; the median over sweeps is reported.
+224 px (batch 128, AdamW). Sweeps alternate the model order; the median over sweeps is reported. ``--kernels`` also
+profiles one call of each model's step and records the summed GPU time of its kernels (``kernels_ms``), so that a
+wall-time ratio can be split into GPU time and host time; ``--phases train`` runs only the training step.
 
 Usage (GPU machine):
     python benchmarks/authors_speed.py --authors-dir .authors --out benchmarks/results/h200 --train
@@ -34,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._timing import kernels_ms  # noqa: E402
 from visionlin.train.bench import train_step  # noqa: E402
 
 DEIT, SWIN = "deit_small_patch16_224", "swin_tiny_patch4_window7_224"
@@ -205,6 +208,7 @@ def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int,
         except Exception as e:  # an authors' model that cannot be built at this size: recorded, not fatal
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     times: dict[str, list[float]] = {n: [] for n in models}
+    steps: dict[str, Callable[[], None]] = {}
     order = list(models)
     for sweep in range(args.repeats):
         for name in order if sweep % 2 == 0 else order[::-1]:
@@ -212,7 +216,8 @@ def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int,
                 continue
             torch.cuda.reset_peak_memory_stats()
             try:
-                ms = _ms_per_call(_step(models[name], x, train), args.warmup, args.iters)
+                steps[name] = _step(models[name], x, train)
+                ms = _ms_per_call(steps[name], args.warmup, args.iters)
             except Exception as e:
                 rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 torch.cuda.empty_cache()
@@ -224,6 +229,8 @@ def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int,
         if ts and "error" not in rows[name]:
             ms = statistics.median(ts)
             rows[name].update(ms=ms, img_s=batch * 1e3 / ms, sweeps_ms=ts)
+            if getattr(args, "kernels", False):  # after the timed sweeps: the profiler's cost is not in them
+                rows[name]["kernels_ms"] = kernels_ms(steps[name])
     del models, x
     torch.cuda.empty_cache()
     return rows
@@ -240,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authors-dir", required=True, type=Path, help="folder holding the authors' checkouts")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")
     p.add_argument("--train", action="store_true", help="also the training step at 224 px, batch 128")
+    p.add_argument(
+        "--phases", choices=("all", "train"), default="all", help="train: the training step only (with --train)"
+    )
+    p.add_argument("--kernels", action="store_true", help="also each step's summed kernel time (one profiled call)")
     add_timing_flags(p, iters=15, warmup=5)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--commit", default=None)
@@ -248,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.pairs.split(",")) - set(PAIRS))
     if unknown:
         p.error(f"unknown pair(s) {unknown}; choose from {sorted(PAIRS)}")
+    if args.phases == "train" and not args.train:
+        p.error("--phases train needs --train")
     if not args.authors_dir.is_dir():
         p.error(f"--authors-dir {args.authors_dir} is not a folder")
     torch.manual_seed(0)
@@ -256,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for pair in args.pairs.split(","):
         build_theirs, ours, twin, extra_sizes = PAIRS[pair]
-        phases = [(224, BATCH[224], False)] + [(s, BATCH[s], False) for s in extra_sizes]
+        phases = (
+            [] if args.phases == "train" else [(224, BATCH[224], False)] + [(s, BATCH[s], False) for s in extra_sizes]
+        )
         if args.train:
             phases.append((224, 128, True))
         for size, batch, train in phases:
@@ -275,12 +290,23 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_vs_twin": ours_ / twin_ if ours_ and twin_ else None,
                 "authors_vs_twin": theirs_ / twin_ if theirs_ and twin_ else None,
             }  # fmt: skip
+            gpu_theirs = rows.get(f"authors:{pair}", {}).get("kernels_ms")
+            gpu_ours = rows.get(f"ours:{ours}", {}).get("kernels_ms")
+            if gpu_theirs and gpu_ours:  # > 1: our kernels take less GPU time than theirs
+                rec["ours_vs_authors_gpu"] = gpu_theirs / gpu_ours
             results.append(rec)
             cells = "  ".join(
                 f"{n} {r['img_s']:.0f} img/s" if "img_s" in r else f"{n} {r.get('error', 'n/a')[:60]}"
                 for n, r in rows.items()
             )
             ratio = "n/a" if rec["ours_vs_authors"] is None else f"{rec['ours_vs_authors']:.2f}x"
+            if "ours_vs_authors_gpu" in rec:
+                ratio += f" (GPU time {rec['ours_vs_authors_gpu']:.2f}x)"
+                cells += "  kernels ms: " + ", ".join(
+                    f"{n.split(':')[0]} {r['kernels_ms']:.1f} of {r['ms']:.1f}"
+                    for n, r in rows.items()
+                    if "kernels_ms" in r
+                )
             print(f"{pair} {rec['phase']} {size}px bs{batch}: ours/authors {ratio}   {cells}", flush=True)
             # after every phase: a run stopped by a time limit still leaves what it measured, marked partial
             _write(args.out, {"meta": meta, "results": results, "partial": True})

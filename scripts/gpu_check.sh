@@ -49,7 +49,8 @@
 #                  Debian's dataset-fashion-mnist .deb)                                               ~9.5 min
 #   fmnist-finish  the committed Fashion-MNIST runs reused: MambaVision's run trained, then the throughput column ~8 min
 #   fmnist-validate  visionlin train (nat_tiny, 1 epoch of Fashion-MNIST), then visionlin validate on its run folder ~1.5 min
-#   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts; AUTHORS_PAIRS: a subset)              ~4.5 min
+#   bench-authors  benchmarks/authors_speed.py (needs .authors carried: the authors' checkouts; AUTHORS_PAIRS: a subset;
+#                  AUTHORS_ARGS: more flags, e.g. "--phases train --kernels")              ~4.5 min
 #   bench-sla      benchmarks/sla_op.py                                                                ~3 min
 #   bench-sla-parts  benchmarks/sla_parts.py --tiles (where the forward's time goes; settings sweep)   ~2 min
 #   bench-toggle   benchmarks/toggle_speed.py: each FAST_PATHS switch off / on, side by side, inference and training
@@ -392,7 +393,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         2>&1 | tee "$OUT/gpu_tests_more_$COMMIT.log" | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
     bench-authors)
       timeout ${AUTHORS_LIMIT:-300} python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train ${AUTHORS_PAIRS:+--pairs $AUTHORS_PAIRS} \
-        --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
+        $AUTHORS_ARGS --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
     bench-sla)
       timeout 240 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
     bench-sla-parts)

@@ -30,3 +30,33 @@ def test_rows_ratios_and_partial_marker_until_the_last_write(tmp_path, monkeypat
     phases = [(r["phase"], r["size"], r["batch"]) for r in doc["results"]]
     assert phases == [("infer", 224, 256), ("infer", 1024, 16), ("train", 224, 128)]
     assert all(abs(r["ours_vs_authors"] - 1.5) < 1e-9 and abs(r["ours_vs_twin"] - 1.25) < 1e-9 for r in doc["results"])
+
+
+def test_phases_train_and_gpu_time_ratio(tmp_path, monkeypatch):
+    """``--phases train --kernels``: only the training step runs, and the kernel times give a GPU-time ratio (theirs
+    over ours) next to the wall-time one."""
+    monkeypatch.setattr(authors_speed, "PAIRS", {"p": (lambda d: None, "ours_m", "twin_m", (1024,))})
+    calls = []
+
+    def measure(builders, size, batch, train, args):
+        calls.append((size, batch, train, args.kernels))
+        ms = {"authors:p": (80.0, 60.0), "ours:ours_m": (100.0, 30.0), "twin:twin_m": (70.0, 50.0)}
+        return {n: {"img_s": batch * 1e3 / ms[n][0], "ms": ms[n][0], "kernels_ms": ms[n][1]} for n in builders}
+
+    monkeypatch.setattr(authors_speed, "measure", measure)
+    monkeypatch.setattr(authors_speed, "_plot", lambda results, path: None)
+    monkeypatch.setattr(_meta, "gpu_meta", lambda argv, commit=None, **extra: {"commit": commit})
+    argv = ["--authors-dir", str(tmp_path), "--out", str(tmp_path), "--train", "--phases", "train", "--kernels"]
+    assert authors_speed.main(argv) == 0
+    assert calls == [(224, 128, True, True)]
+    (rec,) = json.loads((tmp_path / "authors_speed.json").read_text())["results"]
+    assert abs(rec["ours_vs_authors"] - 0.8) < 1e-9  # slower in wall time ...
+    assert abs(rec["ours_vs_authors_gpu"] - 2.0) < 1e-9  # ... with half the GPU time
+
+
+def test_phases_train_needs_train(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        authors_speed.main(["--authors-dir", str(tmp_path), "--out", str(tmp_path), "--phases", "train"])
+    assert "--phases train needs --train" in capsys.readouterr().err
