@@ -125,10 +125,11 @@
 #                  the fused backward on) in training steps, GPU time and eager                      ~4 min
 #   host-block     benchmarks/host_block.py: host time per forward / block at batch 1, Python calls per block ~1 min
 #   bench-models   inference at 224-4096 px, eager, the small model of each family + twin              ~2.5 min
-#   bench-compiled inference at 224 and 1024 px under torch.compile                                    ~5 min
+#   bench-compiled inference under torch.compile against the compiled twin (COMPILED_SIZES, default 224,1024;
+#                  COMPILED_LIMIT seconds, default 330)                                                ~5 min
 #   bench-train    training step at 224 px                                                             ~1.5 min
 #   bench-op       linear-attention op level                                                           ~1.5 min
-#   bench-largest  largest input at batch 1 (long time cap)                                            ~4 min
+#   bench-largest  largest input at batch 1 (LARGEST_CAP seconds per model, default 40; LARGEST_LIMIT)   ~4 min
 #   profile        kernel-time profile of one forward at 224 px                                        ~1 min
 #   profile-train  kernel-time profile of one training step at 224 px                                  ~1 min
 #   profile-hier   the same, forward and training step, for NaLaFormer-T, NAT-T, Agent-Swin-T and swin_tiny ~2 min
@@ -555,8 +556,8 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       timeout 180 python3 -m visionlin.cli bench models --quick --modes eager --models $MODELS --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
     bench-compiled)
-      timeout 330 python3 -m visionlin.cli bench models --quick --modes compiled --sizes 224,1024 --models $MODELS \
-        --time-budget 300 --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+      timeout ${COMPILED_LIMIT:-330} python3 -m visionlin.cli bench models --quick --modes compiled \
+        --sizes ${COMPILED_SIZES:-224,1024} --models $MODELS --time-budget $(( ${COMPILED_LIMIT:-330} - 30 )) --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     bench-train)
       timeout 120 python3 -m visionlin.cli bench train --quick --models $MODELS --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror" ;;
@@ -566,7 +567,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       timeout ${OP_LIMIT:-120} python3 -m visionlin.cli bench op --out "$OUT" --commit "$COMMIT" ${OP_ARGS:-} 2>&1 \
         | tail -${OP_TAIL:-8} ;;
     bench-largest)
-      timeout 280 python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap 40 --out "$OUT" \
+      timeout ${LARGEST_LIMIT:-280} python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap ${LARGEST_CAP:-40} --out "$OUT" \
         --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;
     profile)
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${PROFILE_MODELS:-${MODELS%,infvit_pure_small}} \

@@ -648,6 +648,9 @@ def search_largest(
     ``torch.cuda.OutOfMemoryError``: doubling from ``start``, then bisection between the largest success and the
     smallest failure, until they are one ``multiple`` apart, ``max_size`` succeeds, or the next probe is predicted to
     end past ``time_cap`` seconds (the probe's time is extrapolated from the last two, as side^e with e in [2, 4]).
+    A successful probe that took more than twice its prediction (or the first one, which has none) runs once more at
+    the same side and its second time (``warm_seconds``) feeds the extrapolation: one-time costs at a new shape (Triton
+    compiling a kernel variant, cuDNN choosing an algorithm) would otherwise predict every later probe past the cap.
 
     ``run_at`` returns the peak memory in MiB (or ``None``); ``free`` runs after each failure. Returns
     ``{"largest_px", "peak_mib", "first_oom_px", "limited_by", "probes", "search_s"}``, ``limited_by`` one of
@@ -664,22 +667,32 @@ def search_largest(
         ok = [p for p in probes if p["ok"]]
         if not ok:
             return 0.0
-        last = ok[-1]
+        last, t_last = ok[-1], ok[-1].get("warm_seconds", ok[-1]["seconds"])
         e = 2.0
-        if len(ok) > 1 and ok[-2]["seconds"] > 0 and last["seconds"] > 0 and last["size"] > ok[-2]["size"]:
-            e = math.log(last["seconds"] / ok[-2]["seconds"]) / math.log(last["size"] / ok[-2]["size"])
-            e = min(4.0, max(2.0, e))
-        return last["seconds"] * (side / last["size"]) ** e
+        if len(ok) > 1 and last["size"] > ok[-2]["size"]:
+            t_prev = ok[-2].get("warm_seconds", ok[-2]["seconds"])
+            if t_prev > 0 and t_last > 0:
+                e = min(4.0, max(2.0, math.log(t_last / t_prev) / math.log(last["size"] / ok[-2]["size"])))
+        return t_last * (side / last["size"]) ** e
 
     def probe(side: int) -> bool:
         nonlocal lo, hi, lo_peak
+        expected = predicted(side)
         s = clock()
         ok = True
         try:
             peak = run_at(side)
         except torch.cuda.OutOfMemoryError:
             ok, peak = False, None
-        probes.append({"size": side, "ok": ok, "seconds": clock() - s, "peak_mib": peak})
+        row = {"size": side, "ok": ok, "seconds": clock() - s, "peak_mib": peak}
+        if ok and (expected <= 0 or row["seconds"] > 2 * expected):  # one-time costs? time it warm
+            s = clock()
+            try:
+                run_at(side)
+                row["warm_seconds"] = clock() - s
+            except torch.cuda.OutOfMemoryError:  # (it fitted once: the side stands; the first time is kept)
+                free()
+        probes.append(row)
         if ok:
             lo, lo_peak = side, peak
         else:
