@@ -409,6 +409,18 @@ def test_largest_search_times_a_slow_first_call_warm():
     assert slow == [224, 1792] and all(p["warm_seconds"] < 1.0 for p in found["probes"] if "warm_seconds" in p)
 
 
+def test_largest_search_skips_the_warm_rerun_the_time_cap_has_no_room_for():
+    now = [0.0]
+
+    def run_at(side: int) -> float:
+        now[0] += 20.0 if side == 224 else 0.01  # a first call of 20 s under a 30 s cap
+        return 0.0
+
+    found = bench.search_largest(run_at, start=224, max_size=448, time_cap=30.0, clock=lambda: now[0])
+    assert "warm_seconds" not in found["probes"][0] and found["search_s"] == 20.0
+    assert found["largest_px"] == 224 and found["limited_by"] == "time"
+
+
 def test_largest_benchmark_with_fake_models_on_cpu(monkeypatch, tmp_path):
     limits = {"infvit_tiny": 300, "deit_tiny_patch16_224": 100}
     monkeypatch.setattr(bench, "_create", lambda name, device, size=None: _LimitedModel(limits[name]))

@@ -685,7 +685,8 @@ def search_largest(
         except torch.cuda.OutOfMemoryError:
             ok, peak = False, None
         row = {"size": side, "ok": ok, "seconds": clock() - s, "peak_mib": peak}
-        if ok and (expected <= 0 or row["seconds"] > 2 * expected):  # one-time costs? time it warm
+        slow = ok and (expected <= 0 or row["seconds"] > 2 * expected)  # one-time costs? time it warm
+        if slow and clock() - t0 + row["seconds"] <= time_cap:  # (if the cap leaves room for it)
             s = clock()
             try:
                 run_at(side)
