@@ -13,7 +13,8 @@ profiles one call of each model's step and records the summed GPU time of its ke
 wall-time ratio can be split into GPU time and host time; ``--phases train`` runs only the training step.
 
 Usage (GPU machine):
-    python benchmarks/authors_speed.py --authors-dir .authors --out benchmarks/results/h200 --train
+    python benchmarks/authors_speed.py --authors-dir .authors --out benchmarks/results/h200 --train [--kernels]
+Redraw a result's plot (anywhere): ``python benchmarks/authors_speed.py --replot FILE.json`` (writes ``FILE.png``).
 """
 
 from __future__ import annotations
@@ -244,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks._timing import add_timing_flags, check_timing_flags
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--replot"]:  # --replot FILE.json: redraw FILE.png from a result (no GPU, no authors' code)
+        if len(argv) != 2 or not Path(argv[1]).is_file():
+            p.error(f"--replot takes one existing result file, got {argv[1:]}")
+        _plot(json.loads(Path(argv[1]).read_text())["results"], Path(argv[1]).with_suffix(".png"))
+        return 0
     p.add_argument("--authors-dir", required=True, type=Path, help="folder holding the authors' checkouts")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")
     p.add_argument("--train", action="store_true", help="also the training step at 224 px, batch 128")
@@ -319,6 +327,13 @@ def _write(out: Path, doc: dict) -> None:
     (out / "authors_speed.json").write_text(json.dumps(doc, indent=2))
 
 
+def _gpu_vs_twin(rec: dict) -> tuple[float, float]:
+    """(authors', ours) speed relative to the twin in GPU time (twin kernel ms over theirs), 0.0 where not profiled."""
+    ms = {name.split(":")[0]: row.get("kernels_ms") for name, row in rec["rows"].items()}
+    twin = ms.get("twin")
+    return tuple(twin / ms[k] if twin and ms.get(k) else 0.0 for k in ("authors", "ours"))  # type: ignore[return-value]
+
+
 def _plot(results: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -333,14 +348,19 @@ def _plot(results: list[dict], path: Path) -> None:
         return
     labels = [f"{r['pair']}\n{r['phase']} {r['size']}" for r in done]
     xs = range(len(done))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(done)), 4))
-    ax.bar([x - 0.2 for x in xs], [r["authors_vs_twin"] or 0 for r in done], 0.4, label="authors' code")
-    ax.bar([x + 0.2 for x in xs], [r["ours_vs_twin"] or 0 for r in done], 0.4, label="visionlin")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylabel("img/s relative to the dense timm twin")
-    ax.set_title("Authors' implementations vs visionlin (bf16, eager, same process)")
-    ax.legend()
+    gpu = [_gpu_vs_twin(r) for r in done]
+    panels = 2 if any(g != (0.0, 0.0) for g in gpu) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6, 1.1 * len(done)) * panels, 4), squeeze=False)
+    wall = [(r["authors_vs_twin"] or 0.0, r["ours_vs_twin"] or 0.0) for r in done]
+    titles = ("wall time (bf16, eager, same process)", "GPU time: summed kernels of one profiled step")
+    for ax, values, title in zip(axes[0], (wall, gpu)[:panels], titles[:panels], strict=True):
+        ax.bar([x - 0.2 for x in xs], [v[0] for v in values], 0.4, label="authors' code")
+        ax.bar([x + 0.2 for x in xs], [v[1] for v in values], 0.4, label="visionlin")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylabel("speed relative to the dense timm twin")
+        ax.set_title(f"Authors' implementations vs visionlin: {title}", fontsize=9)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

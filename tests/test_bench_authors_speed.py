@@ -60,3 +60,21 @@ def test_phases_train_needs_train(tmp_path, capsys):
     with pytest.raises(SystemExit):
         authors_speed.main(["--authors-dir", str(tmp_path), "--out", str(tmp_path), "--phases", "train"])
     assert "--phases train needs --train" in capsys.readouterr().err
+
+
+def test_replot_draws_the_gpu_time_panel_from_a_result(tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("matplotlib")
+    rows = {"authors:p": {"img_s": 80.0, "ms": 100.0, "kernels_ms": 60.0},
+            "ours:o": {"img_s": 100.0, "ms": 80.0, "kernels_ms": 30.0},
+            "twin:t": {"img_s": 120.0, "ms": 66.0, "kernels_ms": 45.0}}  # fmt: skip
+    rec = {"pair": "p", "size": 224, "batch": 128, "phase": "train", "rows": rows, "ours_vs_authors": 1.25,
+           "ours_vs_twin": 0.83, "authors_vs_twin": 0.67}  # fmt: skip
+    assert authors_speed._gpu_vs_twin(rec) == (0.75, 1.5)
+    assert authors_speed._gpu_vs_twin({**rec, "rows": {n: {"img_s": 1.0} for n in rows}}) == (0.0, 0.0)
+    result = tmp_path / "authors_speed.json"
+    result.write_text(json.dumps({"meta": {}, "results": [rec]}))
+    assert authors_speed.main(["--replot", str(result)]) == 0
+    assert (tmp_path / "authors_speed.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        authors_speed.main(["--replot", str(tmp_path / "missing.json")])
