@@ -250,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--replot"]:  # --replot FILE.json: redraw FILE.png from a result (no GPU, no authors' code)
         if len(argv) != 2 or not Path(argv[1]).is_file():
             p.error(f"--replot takes one existing result file, got {argv[1:]}")
-        _plot(json.loads(Path(argv[1]).read_text())["results"], Path(argv[1]).with_suffix(".png"))
+        try:
+            results = json.loads(Path(argv[1]).read_text())["results"]
+        except (ValueError, KeyError, TypeError) as e:
+            p.error(f"--replot {argv[1]}: not an authors_speed result ({type(e).__name__}: {e})")
+        _plot(results, Path(argv[1]).with_suffix(".png"))
         return 0
     p.add_argument("--authors-dir", required=True, type=Path, help="folder holding the authors' checkouts")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")

@@ -76,5 +76,8 @@ def test_replot_draws_the_gpu_time_panel_from_a_result(tmp_path):
     result.write_text(json.dumps({"meta": {}, "results": [rec]}))
     assert authors_speed.main(["--replot", str(result)]) == 0
     assert (tmp_path / "authors_speed.png").stat().st_size > 1000
-    with pytest.raises(SystemExit):
-        authors_speed.main(["--replot", str(tmp_path / "missing.json")])
+    for bad, text in ((tmp_path / "missing.json", None), (tmp_path / "x.json", "{"), (tmp_path / "y.json", "[1]")):
+        if text is not None:
+            bad.write_text(text)
+        with pytest.raises(SystemExit):
+            authors_speed.main(["--replot", str(bad)])
