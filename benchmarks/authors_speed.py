@@ -230,7 +230,7 @@ def measure(builders: dict[str, Callable[[], nn.Module]], size: int, batch: int,
         if ts and "error" not in rows[name]:
             ms = statistics.median(ts)
             rows[name].update(ms=ms, img_s=batch * 1e3 / ms, sweeps_ms=ts)
-            if getattr(args, "kernels", False):  # after the timed sweeps: the profiler's cost is not in them
+            if args.kernels:  # after the timed sweeps: the profiler's cost is not in them
                 rows[name]["kernels_ms"] = kernels_ms(steps[name])
     del models, x
     torch.cuda.empty_cache()

@@ -557,7 +557,8 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
     bench-compiled)
       timeout ${COMPILED_LIMIT:-330} python3 -m visionlin.cli bench models --quick --modes compiled \
-        --sizes ${COMPILED_SIZES:-224,1024} --models $MODELS --time-budget $(( ${COMPILED_LIMIT:-330} - 30 )) --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+        --sizes ${COMPILED_SIZES:-224,1024} --models $MODELS --time-budget $(( ${COMPILED_LIMIT:-330} - 30 )) \
+        --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
     bench-train)
       timeout 120 python3 -m visionlin.cli bench train --quick --models $MODELS --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror" ;;
@@ -567,8 +568,8 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
       timeout ${OP_LIMIT:-120} python3 -m visionlin.cli bench op --out "$OUT" --commit "$COMMIT" ${OP_ARGS:-} 2>&1 \
         | tail -${OP_TAIL:-8} ;;
     bench-largest)
-      timeout ${LARGEST_LIMIT:-280} python3 -m visionlin.cli bench largest --quick --models $MODELS --time-cap ${LARGEST_CAP:-40} --out "$OUT" \
-        --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;
+      timeout ${LARGEST_LIMIT:-280} python3 -m visionlin.cli bench largest --quick --models $MODELS \
+        --time-cap ${LARGEST_CAP:-40} --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "largest|rror" ;;
     profile)
       timeout 100 python3 benchmarks/profile_models.py --out "$OUT" --models ${PROFILE_MODELS:-${MODELS%,infvit_pure_small}} \
         --sizes ${PROFILE_SIZES:-224:256} --commit "$COMMIT" > "$OUT/profile_$COMMIT.log" 2>&1; grep -A8 "^==" "$OUT/profile_$COMMIT.log" | grep -v "^     " ;;

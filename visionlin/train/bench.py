@@ -664,16 +664,13 @@ def search_largest(
     lo_peak = None
 
     def predicted(side: int) -> float:
-        ok = [p for p in probes if p["ok"]]
+        ok = [(p["size"], p.get("warm_seconds", p["seconds"])) for p in probes if p["ok"]]
         if not ok:
             return 0.0
-        last, t_last = ok[-1], ok[-1].get("warm_seconds", ok[-1]["seconds"])
-        e = 2.0
-        if len(ok) > 1 and last["size"] > ok[-2]["size"]:
-            t_prev = ok[-2].get("warm_seconds", ok[-2]["seconds"])
-            if t_prev > 0 and t_last > 0:
-                e = min(4.0, max(2.0, math.log(t_last / t_prev) / math.log(last["size"] / ok[-2]["size"])))
-        return t_last * (side / last["size"]) ** e
+        (size, t), e = ok[-1], 2.0
+        if len(ok) > 1 and size > ok[-2][0] and ok[-2][1] > 0 and t > 0:
+            e = min(4.0, max(2.0, math.log(t / ok[-2][1]) / math.log(size / ok[-2][0])))
+        return t * (side / size) ** e
 
     def probe(side: int) -> bool:
         nonlocal lo, hi, lo_peak
