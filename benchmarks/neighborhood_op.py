@@ -364,7 +364,6 @@ BWD_TILE_CONFIGS = (
     {"bwd_delta_fused": True},  # (s47) rowsum(dO * O) in the backward kernel, no pass of its own
     {"bwd_int32_offsets": True},  # (s47) the backward loop's query offsets in int32, direct dq too
     {"bwd_int32_offsets": False},  # (s51) in int64 everywhere: s50's shipped backward
-    {"bwd_dq_pass": True},  # (s51, opt-in) dq by its own pass over query tiles: no dq atomics, buffer or cast
 )
 #: The forward's other settings ``--bwd-block-sweep`` times after the backward's, against the shipped forward.
 FWD_CONFIGS = ({"fwd_int32_offsets": False},)  # the forward loop's key offsets in int64 (s50's shipped forward)

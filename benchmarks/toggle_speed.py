@@ -43,13 +43,11 @@ Switches (each a process-wide setting read at every forward):
   gates) instead of split (the two directions' ten gradients that autograd sums and concatenates);
 * ``gla_split``: the shipped settings with that switch off (s48-s50's layer), to compare with ``default`` (until s51
   the config ``gla_qkv_packed``, the packed call against the then shipped split one);
-* ``na_dq_pass``: the shipped settings with neighborhood attention's ``dq`` by a pass of its own over query tiles
-  (``neighborhood.TUNING["bwd_dq_pass"]``, opt-in since s51), to compare with ``default``;
 * ``gla_token_conv``: the shipped settings with ViG's locality convolution on the token layout
   (:data:`visionlin.layers.gla.FAST_PATHS` ``["token_conv"]``, off: 1.003x on ViG-S at s51) instead of a
   ``Conv2d`` between layout changes, to compare with ``default``;
 * ``all``: every switch on (``focus_keep``, ``strip_s42``, ``na_tiles_s43``, ``na_s45``, ``na_split``,
-  ``na_dq_pass``, ``gla_split`` and ``gla_token_conv`` excepted: none is a fast path of its own).
+  ``gla_split`` and ``gla_token_conv`` excepted: none is a fast path of its own).
 
 Usage (on a GPU machine):
     python benchmarks/toggle_speed.py --out benchmarks/results/h200 [--models nat_tiny,...] [--configs ...]
@@ -96,7 +94,6 @@ CONFIGS = (
     "na_s45",
     "na_packed",
     "na_split",
-    "na_dq_pass",
     "gla_packed",
     "gla_split",
     "gla_token_conv",
@@ -104,7 +101,7 @@ CONFIGS = (
 )
 #: The configs that change one shipped setting, compared with ``default`` (ask for both), not switches.
 SHIPPED_VARIANTS = (
-    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split", "na_dq_pass", "gla_split", "gla_token_conv",
+    "focus_keep", "strip_s42", "na_tiles_s43", "na_s45", "na_split", "gla_split", "gla_token_conv",
 )  # fmt: skip
 # this script's default: each switch against all off
 TOGGLES = tuple(c for c in CONFIGS[1:] if c not in SHIPPED_VARIANTS)
@@ -187,8 +184,6 @@ def switches(config: str) -> Iterator[None]:
             stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=on("gla_packed")))
         if config == "na_split":
             stack.enter_context(tuned(na_layer.FAST_PATHS, qkv_packed=False))
-        if config == "na_dq_pass":
-            stack.enter_context(tuned(na.TUNING, bwd_dq_pass=True))
         if config == "gla_split":
             stack.enter_context(tuned(gla_layer.FAST_PATHS, qkv_packed=False))
         if config == "gla_token_conv":
@@ -240,7 +235,7 @@ def _seconds(fn, iters: int) -> float:
 #: The configs that switch one layer type's call (``visionlin.layers.<module>``'s token mixer): on a model without
 #: such a layer they change nothing, and :func:`measure` records them as skipped instead of compiling and timing them.
 LAYER_CONFIGS = {
-    "na_packed": "neighborhood", "na_split": "neighborhood", "na_dq_pass": "neighborhood",
+    "na_packed": "neighborhood", "na_split": "neighborhood",
     "gla_packed": "gla", "gla_split": "gla", "gla_token_conv": "gla",
 }  # fmt: skip
 

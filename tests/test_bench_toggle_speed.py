@@ -81,10 +81,6 @@ def test_switches_set_and_restore():
         assert na_layer.FAST_PATHS == {"qkv_packed": False} and dict(na.TUNING) == na_tuning
         assert before == norm.FAST_PATHS and dict(conv.TUNING) == before_conv and dict(focus.TUNING) == before_focus
     assert na_layer.FAST_PATHS == {"qkv_packed": True}
-    with toggle_speed.switches("na_dq_pass"):  # the shipped settings with the NA backward's dq pass (opt-in)
-        assert na.TUNING["bwd_dq_pass"] is True and na_layer.FAST_PATHS == {"qkv_packed": True}
-        assert before == norm.FAST_PATHS
-    assert na.TUNING["bwd_dq_pass"] is False
     with toggle_speed.switches("na_packed"):  # a switch: on with everything else off
         assert na_layer.FAST_PATHS == {"qkv_packed": True} and not any(norm.FAST_PATHS.values())
     from visionlin.layers import gla as gla_layer
@@ -171,7 +167,7 @@ def test_layer_configs_are_skipped_on_models_without_the_layer():
 
     configs = ["default", "pre_norm", *toggle_speed.LAYER_CONFIGS]
     vig = timm.create_model("vig_tiny", device="meta")
-    assert set(toggle_speed.inapplicable(vig, configs)) == {"na_packed", "na_split", "na_dq_pass"}
+    assert set(toggle_speed.inapplicable(vig, configs)) == {"na_packed", "na_split"}
     assert set(toggle_speed.LAYER_CONFIGS) <= set(toggle_speed.CONFIGS)
     nat = timm.create_model("nat_mini", device="meta")
     skipped = toggle_speed.inapplicable(nat, configs)

@@ -21,7 +21,6 @@ import fcntl
 import functools
 import hashlib
 import inspect
-import itertools
 import json
 import os
 import re
@@ -487,8 +486,7 @@ def _neighborhood(dt, tdt):
         # na2d_bwd's _bwd_i64)
         int32 = nt.TUNING["bwd_int32_offsets"]
         i64 = not (not direct if int32 is None else int32)
-        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused), I64=i64,
-                         DQ_SKIP=False)  # fmt: skip
+        bwd_flags = dict(DQ_DIRECT=direct, DELTA_FUSED=direct and rpb if fused is None else bool(fused), I64=i64)
         blocks = dict(HAS_RPB=rpb, HALF=half, BLOCK_D=d, BLOCK_DV=d)
         dt_ = dt if half else "fp32"
         return [
@@ -534,7 +532,6 @@ def _neighborhood(dt, tdt):
                 DQ_DIRECT=True,
                 DELTA_FUSED=False,
                 I64=True,
-                DQ_SKIP=False,
             )
             cases.append((nt._bwd_kernel, dt, consts, nt._bwd_meta(32, True, warps or 2, 0)))  # uncapped
         # the delta pass fused into the backward (TUNING["bwd_delta_fused"]) at each shipped tile row, and the other
@@ -547,15 +544,6 @@ def _neighborhood(dt, tdt):
         for size in (7, 14, 28, 56):
             for rpb in (False, True):  # float32 inputs: IEEE products, no register cap, the general rule's tiles
                 cases += kernels(size, size, 7, rpb, 32, bias_dot=False, half=False)
-    # opt-in (TUNING["bwd_dq_pass"]): dq by its own pass over the forward's query tiles, the backward without it
-    # (no direct store, no fused delta there), at NAT-T's shapes and DiNAT's groups, both precisions, with and without
-    # the bias table
-    for size, half, rpb in itertools.product((7, 14, 28, 56), (True, False), (True, False)):
-        (fwd, dt_, fwd_consts, fwd_meta), (fn, _, consts, meta) = kernels(size, size, 7, rpb, 32, half=half)
-        dq_meta = nt._dq_meta(fwd_consts["BLOCK_Q"], fwd_consts["KROWS"] * fwd_consts["KCOLS"], 32, rpb,
-                              fwd_meta["num_warps"], fwd_meta.get("maxnreg", 0), half)  # fmt: skip
-        cases.append((nt._dq_kernel, dt_, dict(fwd_consts), dq_meta))  # the forward's tiles and constexprs
-        cases.append((fn, dt_, dict(consts, DQ_DIRECT=False, DELTA_FUSED=False, DQ_SKIP=True), meta))
     for d in (32, 64):
         for rpb in (False, True):  # 1-D: one row of queries
             cases += kernels(1, 3136, 7, rpb, d)

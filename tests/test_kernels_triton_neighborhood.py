@@ -232,35 +232,6 @@ def test_interpreter_neighborhood_matches_reference():
     run_in_interpreter(_INTERPRETER_SCRIPT)
 
 
-_DQ_PASS_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    from tests.test_kernels_triton_neighborhood import check_na
-    from visionlin.kernels.triton import neighborhood as nt
-    f32 = torch.float32
-    _empty = torch.empty  # NaN-filled buffers: a dq element the pass leaves unwritten shows as NaN
-    torch.empty = lambda *a, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(_empty(*a, **kw))
-    nt.TUNING["bwd_dq_pass"] = True
-    check_na((9, 11), 5, (1, 2), f32, "cpu", batch=2, heads=2)  # dilation groups of unequal lengths, batch x heads
-    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)  # one key tile a group (direct otherwise)
-    check_na((10, 7), (3, 5), (3, 1), f32, "cpu", rpb=False, batch=1, heads=1)  # no bias table, unequal kernels
-    check_na((6, 9), 3, 1, f32, "cpu", batch=1, heads=1, packed=True)  # dq a slice of the packed gradient
-    check_na((13,), 5, 2, torch.float16, "cpu", batch=2, heads=1)  # 1-D
-    nt.TUNING["bwd_delta_fused"] = True  # asked for together: the pass still gets the delta pass's output
-    check_na((7, 7), 7, 1, torch.float16, "cpu", batch=1, heads=1, dim=32)
-    print("interpreter ok")
-    """
-)
-
-
-def test_interpreter_dq_pass_matches_reference():
-    """``TUNING["bwd_dq_pass"]``: dq by its own pass over query tiles (the key-tile backward skipping it) against the
-    float64 reference, forward and every gradient: 2-D with dilation groups, one key tile a group, no bias table,
-    the packed call, 1-D, and with the delta fusion asked for."""
-    pytest.importorskip("triton")
-    run_in_interpreter(_DQ_PASS_SCRIPT)
-
-
 @pytest.mark.parametrize(
     ("queries", "tile_y", "narrow"),
     [(None, None, None), (None, None, True), (None, None, False), (64, 8, True), (16, 2, True), (32, None, None)],
@@ -455,20 +426,6 @@ def test_bwd_tile_and_direct_dq_launch(monkeypatch):
     with pytest.raises(ValueError, match=r"TUNING\['bwd_int32_offsets'\] = 'no': must be None \(the default\), True"):
         bwd(14)
     monkeypatch.setitem(nt.TUNING, "bwd_int32_offsets", None)
-    monkeypatch.setitem(nt.TUNING, "bwd_dq_pass", 1)
-    with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_pass'\] = 1: must be True or False"):
-        bwd(14)
-    monkeypatch.setitem(nt.TUNING, "bwd_dq_pass", True)  # dq by its own pass: the backward kernel skips it
-    for n in (14, 7):  # (7: where dq would be stored directly)
-        assert bwd(n)[1:] == (torch.bfloat16, torch.bfloat16)  # no float32 dq buffer
-        (bwd_meta,) = launched(nt._bwd_kernel)
-        assert bwd_meta["DQ_SKIP"] and not bwd_meta["DQ_DIRECT"] and not bwd_meta["DELTA_FUSED"]
-        (dq_meta,) = launched(nt._dq_kernel)
-        assert dq_meta["TX"] * dq_meta["TY"] == dq_meta["BLOCK_Q"]  # the forward's query tiles
-    monkeypatch.setitem(nt.TUNING, "bwd_dq_pass", False)
-    bwd(14)
-    assert not launched(nt._dq_kernel)
-    assert not launched(nt._bwd_kernel)[0]["DQ_SKIP"]
     monkeypatch.setitem(nt.TUNING, "bwd_dq_direct", "yes")
     with pytest.raises(ValueError, match=r"TUNING\['bwd_dq_direct'\] = 'yes': must be True or False"):
         bwd(7)
@@ -852,7 +809,6 @@ TILE_SETTINGS = {
     "int32_offsets": dict(bwd_int32_offsets=True, fwd_int32_offsets=True),  # the backward's direct tiles too
     # int64 everywhere (s50's shipped offsets; what runs past 2^31 elements, where the shipped int32 would not fit)
     "int64_offsets": dict(bwd_int32_offsets=False, fwd_int32_offsets=False),
-    "dq_pass": dict(bwd_dq_pass=True),  # (s51, opt-in) dq by its own pass over query tiles
 }
 
 

@@ -108,7 +108,7 @@ def _key_rect(
     px0, py0, px, py, sy, qvalid, nx, ny, gy, KX, KY, DIL_Y, OFFX, OFFY, sr_x, sr_y,
     TX: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
-    """The key rectangle of a query tile (the forward's and :func:`_dq_kernel`'s walk) in group positions: rows
+    """The key rectangle of a query tile (the forward's walk) in group positions: rows
     ``[row_lo, row_hi)``, columns ``col_lo + [0, KCOLS)`` (``ky_pos``, their map columns ``ky``); ``in_y`` the column
     half of each query's window with padded queries masked once here; the bias offset split into a query part
     (``q_bias``) and a key-column part (``ky_bias``); ``tab_last`` the head's last table entry (tables are ``2 OFF + 1``
@@ -222,61 +222,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_kernel(
-    Q, K, V, RPB, G, LSE, DELTA, DQ,
-    LX, LY, H, D, DV, KX, KY, DIL_X, DIL_Y, TBX, TBY, OFFX, OFFY, scale,
-    sq_b, sq_x, sq_y, sq_h, sq_d, sk_b, sk_x, sk_y, sk_h, sk_d, sv_b, sv_x, sv_y, sv_h, sv_d,
-    sg_b, sg_x, sg_y, sg_h, sg_d, sdq_b, sdq_x, sdq_y, sdq_h, sr_h, sr_x, sr_y,
-    HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr,
-    BLOCK_Q: tl.constexpr, KROWS: tl.constexpr, KCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    I64: tl.constexpr,
-):  # fmt: skip
-    """``dq`` of one tile of queries (``TUNING["bwd_dq_pass"]``): the forward's walk over the tile's key rectangle,
-    each query's ``dS = P (dP - delta)`` against its window's keys summed in registers and stored once in ``dq``'s
-    dtype (no float32 buffer, zero fill, atomics or cast pass; the backward kernel then leaves ``dq`` out). Key
-    offsets within a (batch, head) in int32 unless ``I64``."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    gx, gy, nx, ny, px0, py0, px, py, qvalid = _tile(tl.program_id(0), LX, LY, DIL_X, DIL_Y, TBX, TBY, TX, TY, BLOCK_Q)
-    qx = (px * DIL_X + gx).to(tl.int64)
-    qy = (py * DIL_Y + gy).to(tl.int64)
-    sx = _start(px, nx, KX)
-    sy = _start(py, ny, KY)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    dmask = qvalid[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + qx[:, None] * sq_x + qy[:, None] * sq_y + offs_d[None, :] * sq_d,
-                mask=dmask, other=0.0)  # fmt: skip
-    do = tl.load(G + b * sg_b + h * sg_h + qx[:, None] * sg_x + qy[:, None] * sg_y + offs_e[None, :] * sg_d,
-                 mask=qvalid[:, None] & (offs_e < DV)[None, :], other=0.0)  # fmt: skip
-    row = bh.to(tl.int64) * LX * LY + qx * LY + qy
-    lse = tl.load(LSE + row, mask=qvalid, other=0.0)
-    delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-    row_lo, row_hi, j, ky_pos, ky, in_y, q_bias, ky_bias, tab_last = _key_rect(
-        px0, py0, px, py, sy, qvalid, nx, ny, gy, KX, KY, DIL_Y, OFFX, OFFY, sr_x, sr_y, TX, KROWS, KCOLS, I64
-    )
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    rpb_base = RPB + h * sr_h
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for r0 in range(row_lo, row_hi, KROWS):
-        kx_pos, kvalid, kx = _key_rows(r0, j, row_hi, ky_pos, ny, gx, DIL_X, KCOLS, I64)
-        k = tl.load(k_base + kx[:, None] * sk_x + ky[:, None] * sk_y + offs_d[None, :] * sk_d,
-                    mask=kvalid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        v = tl.load(v_base + kx[:, None] * sv_x + ky[:, None] * sv_y + offs_e[None, :] * sv_d,
-                    mask=kvalid[:, None] & (offs_e < DV)[None, :], other=0.0)  # fmt: skip
-        s, inwin = _window_scores(q, k, kx_pos, sx, in_y, q_bias, ky_bias, sr_x, rpb_base, scale, tab_last, KX,
-                                  HAS_RPB, BIAS_DOT, HALF)  # fmt: skip
-        p = tl.where(inwin, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), HALF)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, HALF, dq)
-    dq_ptr = DQ + b * sdq_b + h * sdq_h + qx[:, None] * sdq_x + qy[:, None] * sdq_y + offs_d[None, :]
-    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
 def _delta_kernel(
     G, Out, DELTA, NROWS, LX, LY, H, DV,
     sg_b, sg_x, sg_y, sg_h, sg_d, so_b, so_x, so_y, so_h, so_d,
@@ -329,7 +274,7 @@ def _bwd_kernel(
     HAS_RPB: tl.constexpr, BIAS_DOT: tl.constexpr, NEED_DRPB: tl.constexpr, DS_STORE: tl.constexpr,
     HALF: tl.constexpr, TX: tl.constexpr, TY: tl.constexpr, BLOCK_K: tl.constexpr, QROWS: tl.constexpr,
     QCOLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_DIRECT: tl.constexpr = False,
-    DELTA_FUSED: tl.constexpr = False, I64: tl.constexpr = True, DQ_SKIP: tl.constexpr = False,
+    DELTA_FUSED: tl.constexpr = False, I64: tl.constexpr = True,
 ):  # fmt: skip
     """The whole backward of one tile of keys: walks the queries of its inverse neighbourhood, accumulates ``dk`` and
     ``dv`` in registers (stored through their own strides, the last one 1: slices of one packed gradient too), adds
@@ -340,8 +285,7 @@ def _bwd_kernel(
     ``[NSLICE, H, X, Y, KX * KY]`` at slice ``b % NSLICE``: a plain store when there is a slice per batch element
     (``DS_STORE``: each (query, slot) pair belongs to exactly one key tile and one query block), atomics otherwise.
     With ``DELTA_FUSED`` each query block's ``rowsum(dO * O)`` is computed here from ``Out`` (read once per key tile
-    whose inverse neighbourhood holds the query, about four at kernel 7) instead of read from ``DELTA``. With
-    ``DQ_SKIP`` no ``dq`` at all (:func:`_dq_kernel` computes it)."""
+    whose inverse neighbourhood holds the query, about four at kernel 7) instead of read from ``DELTA``."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -424,13 +368,12 @@ def _bwd_kernel(
             ds = p * (dp - delta[:, None])
             dsh = ds.to(q.dtype)
             dk += _dot(tl.trans(dsh), q, HALF)
-            if not DQ_SKIP:
-                dq = _dot(dsh, k, HALF) * scale
-                dq_ptr = dq_base + (qx * sdq_x + qy * sdq_y)[:, None] + offs_d[None, :]
-                if DQ_DIRECT:  # the tile holds the query's whole group: its dq is complete here
-                    tl.store(dq_ptr, dq.to(DQACC.dtype.element_ty), mask=qvalid[:, None] & (offs_d < D)[None, :])
-                else:
-                    tl.atomic_add(dq_ptr, dq, mask=qvalid[:, None] & (offs_d < D)[None, :], sem="relaxed")
+            dq = _dot(dsh, k, HALF) * scale
+            dq_ptr = dq_base + (qx * sdq_x + qy * sdq_y)[:, None] + offs_d[None, :]
+            if DQ_DIRECT:  # the tile holds the query's whole group: its dq is complete here
+                tl.store(dq_ptr, dq.to(DQACC.dtype.element_ty), mask=qvalid[:, None] & (offs_d < D)[None, :])
+            else:
+                tl.atomic_add(dq_ptr, dq, mask=qvalid[:, None] & (offs_d < D)[None, :], sem="relaxed")
             if NEED_DRPB:
                 slot = (kpx[None, :] - sx[:, None]) * KY + (kpy[None, :] - sy[:, None])
                 ds_ptr = ds_base + row[:, None] * (KX * KY) + slot
@@ -523,16 +466,14 @@ def _bias_grad_kernel(
 #: ``fwd_int32_offsets`` (on since s51): the same for the forward's key offsets (:func:`_fwd_i64`): 4-7% fewer
 #: instructions a key block, registers 148 against 168 at 7 x 7 and 254 against 244 at 14 x 14 / 28 x 28, no spills;
 #: faster at each of NAT-T's shapes in that sweep (1.04x, 1.03x, 1.03x, 1.12x from 56 x 56 to 7 x 7).
-#: ``bwd_dq_pass`` (opt-in, s51; slower, s52): ``dq`` by a pass of its own over query tiles (:func:`_dq_kernel`, the
-#: forward's walk, recomputing ``P`` and ``dP``), the key-tile backward skipping it: no float32 ``dq`` buffer, zero
-#: fill, atomics or cast (NAT-T's step on an H100: the cast 0.77 ms in 25 calls), for two more tile products per key
-#: block, which cost more: the backward 0.91x / 0.97x / 0.97x / 0.70x the shipped one at NAT-T's four shapes, NAT-T's
-#: CUDA-graph step 0.985x (H100, ``benchmarks/results/h100/s52/``).
+#: (Tried and removed: ``dq`` by a pass of its own over the forward's query tiles, recomputing ``P`` and ``dP``, with
+#: no float32 ``dq`` buffer, atomics or cast: the backward 0.70-0.97x the shipped one at NAT-T's four shapes, NAT-T's
+#: CUDA-graph step 0.985x; H100, ``benchmarks/results/h100/s52/``.)
 TUNING: dict[str, int | bool | None] = {
     "tile_y": None, "block_k": None, "warps": None, "stages": None, "maxnreg": None,
     "bwd_block": None, "bwd_warps": None, "bwd_stages": None, "bwd_maxnreg": None, "bwd_bias_dot": False,
     "tile_q": None, "narrow_cols": None, "bwd_tile_q": None, "bwd_dq_direct": True, "bwd_delta_fused": None,
-    "bwd_int32_offsets": None, "fwd_int32_offsets": True, "bwd_dq_pass": False,
+    "bwd_int32_offsets": None, "fwd_int32_offsets": True,
 }  # fmt: skip
 
 #: The 2-D tiles where they were measured (``neighborhood_op.py --tile-sweep``: NAT-T's and DiNAT-T's seven attention
@@ -595,7 +536,6 @@ def _check_tuning() -> None:
     tuning_flag(TUNING, __name__, "bwd_delta_fused", allow_none=True)
     tuning_flag(TUNING, __name__, "bwd_int32_offsets", allow_none=True)
     tuning_flag(TUNING, __name__, "fwd_int32_offsets")
-    tuning_flag(TUNING, __name__, "bwd_dq_pass")
     _checked = state
 
 
@@ -885,13 +825,11 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
     half = q.dtype in (torch.float16, torch.bfloat16)
     tx, ty, _, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, True, half)
     grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
-    dq_pass = bool(TUNING["bwd_dq_pass"])  # dq by its own pass over query tiles (_dq_kernel), not here
     # one key tile a group: each dq whole in one program (half precision, where it was measured: float32 inputs'
     # 8 x 8 tiles spilled 56 bytes for sm_90 with it, none with the atomics)
-    direct = TUNING["bwd_dq_direct"] and tbx * tby == 1 and half and not dq_pass
+    direct = TUNING["bwd_dq_direct"] and tbx * tby == 1 and half
     # (measured with a bias table; without one the general rule's capped 4-warp 8 x 8 tile spilled 468 bytes with it)
     fused = direct and has_rpb if TUNING["bwd_delta_fused"] is None else TUNING["bwd_delta_fused"]
-    fused = fused and not dq_pass  # (the dq pass reads the delta pass's output)
     # rowsum(dout * out) in float32, laid out as the log-sum-exp [B, H, X, Y] (fused: computed in the kernel instead)
     delta = lse if fused else _delta(g, out)
     table, sr, offx, offy = _rpb_args(rpb, q)
@@ -905,7 +843,7 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
     )
     bias_dot = TUNING["bwd_bias_dot"] and _bias_dot(rpb, scale, half)
     meta = _bwd_meta.unchecked(bd, half, warps, cap)
-    dqacc = dq if direct or dq_pass else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
+    dqacc = dq if direct else torch.zeros(b, x, y, h, d, device=q.device, dtype=torch.float32)
     # int32 query offsets where they fit, but not where dq is stored directly (there they spilled: slower)
     int32 = not direct if TUNING["bwd_int32_offsets"] is None else TUNING["bwd_int32_offsets"]
     i64 = not int32 or _bwd_i64(q, g, out, kx * ky, dqacc)
@@ -915,45 +853,14 @@ def _bwd_into(q, k, v, rpb, out, lse, g, kx, ky, dx, dy, scale, need_drpb, dq, d
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *sr, *out.stride(),
         *dqacc.stride()[:4], *dk.stride()[:4], *dv.stride()[:4],
         HAS_RPB=has_rpb, BIAS_DOT=bias_dot, NEED_DRPB=need, DS_STORE=store, HALF=half, DQ_DIRECT=direct,
-        DELTA_FUSED=fused, I64=i64, DQ_SKIP=dq_pass,
+        DELTA_FUSED=fused, I64=i64,
         TX=tx, TY=ty, BLOCK_K=tx * ty, QROWS=qrows, QCOLS=qcols, BLOCK_D=bd, BLOCK_DV=bdv, **meta,
     )  # fmt: skip
-    if dq_pass:
-        _dq_pass(q, k, v, rpb, g, lse, delta, dq, kx, ky, dx, dy, scale, table, sr, offx, offy)
-    elif not direct:
+    if not direct:
         dq.copy_(dqacc)
     if need:
         _bias_grad(dsbuf, drpb, x, y, kx, ky, dx, dy)
     return drpb
-
-
-def _dq_pass(q, k, v, rpb, g, lse, delta, dq, kx, ky, dx, dy, scale, table, sr, offx, offy) -> None:
-    """``dq`` by :func:`_dq_kernel` over the forward's query tiles (``TUNING["bwd_dq_pass"]``), written into ``dq``
-    (a view with a unit last stride) in its dtype; ``delta`` is ``rowsum(dO * O)`` in the log-sum-exp's layout."""
-    b, x, y, h, d = q.shape
-    bd, bdv = _blocks(d), _blocks(v.shape[-1])
-    nx, ny, has_rpb = -(-x // dx), -(-y // dy), rpb is not None
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    tx, ty, krows, kcols, warps, cap = _tile_plan(nx, ny, kx, ky, has_rpb, bd, False, half)
-    grid, tbx, tby = _launch_args(q, kx, ky, dx, dy, tx, ty)
-    meta = _dq_meta(tx * ty, krows * kcols, bd, has_rpb, warps, cap, half)
-    i64 = not TUNING["fwd_int32_offsets"] or _fwd_i64(k, v)
-    launch(_dq_kernel, grid,
-        q, k, v, table, g, lse, delta, dq, x, y, h, d, v.shape[-1], kx, ky, dx, dy, tbx, tby, offx, offy, scale,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dq.stride()[:4], *sr,
-        HAS_RPB=has_rpb, BIAS_DOT=_bias_dot(rpb, scale, half), HALF=half, TX=tx, TY=ty, BLOCK_Q=tx * ty,
-        KROWS=krows, KCOLS=kcols, BLOCK_D=bd, BLOCK_DV=bdv, I64=i64, **meta,
-    )  # fmt: skip
-
-
-def _dq_meta(block_q, block_k, d, has_rpb, warps, cap, half) -> dict[str, int]:
-    """Launch settings of :func:`_dq_kernel`: the forward's (:func:`launch_meta`) for half-precision inputs; float32
-    tiles at 8 warps at least (at the forward's 4 they spilled 28-32 bytes for sm_90: ``dO``, ``dq`` and the ``dP``
-    tile held beside the forward's state)."""
-    meta = dict(launch_meta.unchecked(block_q, block_k, d, has_rpb, warps, cap))
-    if not half:
-        meta["num_warps"] = max(meta["num_warps"], 8)
-    return meta
 
 
 def _reach(*tensors: torch.Tensor) -> int:
