@@ -445,7 +445,9 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
         """Pool tokens ``[B, N, C] -> [B, C]`` (or pass them through for ``''``)."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == "token":
-            return x[:, 0]
+            # contiguous: the slice's row stride is the token count times the width, past 2**31 elements from
+            # 40,960 px at width 384, and cuBLAS then refuses the head's product (CUBLAS_STATUS_NOT_SUPPORTED)
+            return x[:, 0].contiguous()
         grid_tokens = x[:, self.num_prefix_tokens :]
         if pool_type == "avg":
             return grid_tokens.mean(dim=1)
