@@ -56,6 +56,10 @@ def _usage_error(capsys, argv: list[str]) -> str:
         (["models", "--device", "cpu", "--sizes", "224", "--batch-sizes", "512=4"], "512 is not one of --sizes 224"),
         (["models", "--device", "cpu", "--sizes", "224", "--compile-sizes", "1024"], "1024 is not one of --sizes"),
         (["models", "--modes", "jit"], "unknown mode 'jit'; choose from eager, compiled"),
+        (
+            ["models", "--device", "cpu", "--quick", "--modes", "compiled", "--sizes", "512,2048"],
+            "--quick compiles nothing of --sizes; not compiled: 512,2048, and --modes compiled has no eager mode",
+        ),
         (["models", "--iters", "0"], "argument --iters: '0' is not a positive integer"),
         (["models", "--time-budget", "-1"], "'-1' is not a positive number of seconds"),
         (["models", "--twin", "deit_smal_patch16_224"], "'deit_smal_patch16_224' is not a timm model (did you mean"),
@@ -98,7 +102,7 @@ def test_plot_refuses_a_json_it_did_not_write(capsys, no_measuring, tmp_path):
     assert "is not a result written by visionlin bench" in _usage_error(capsys, ["plot", "other.json"])
 
 
-def test_defaults_are_every_small_model_and_quick_settings(monkeypatch, tmp_path):
+def test_defaults_are_every_small_model_and_quick_settings(monkeypatch, tmp_path, capsys):
     seen = {}
 
     def fake(models, **kwargs):
@@ -112,6 +116,7 @@ def test_defaults_are_every_small_model_and_quick_settings(monkeypatch, tmp_path
     assert {"infvit_small", "infvit_pure_small", "flatten_deit_small", "agent_deit_small"} <= set(seen["models"])
     assert all(m.endswith("_small") for m in seen["models"])
     assert seen["sizes"] == [224, 512, 1024, 2048, 4096] and seen["compile_sizes"] == [224, 1024]
+    assert "note: --quick compiles only 224,1024 of --sizes; not compiled: 512,2048,4096" in capsys.readouterr().err
     assert seen["iters"] == 7 and seen["warmup"] == 2 and seen["repeats"] == 3  # an explicit flag wins over --quick
     assert seen["twin"] == "deit_small_patch16_224" and seen["backends"] == [None]
     assert (tmp_path / "benchmarks" / "results" / "cpu" / "bench_models.json").is_file()  # the default --out
@@ -371,6 +376,51 @@ def test_largest_search_finds_every_limit(limit):
 def test_largest_search_out_of_memory_at_the_start():
     found = bench.search_largest(_fake_run_at(100, []), start=224, time_cap=1e9)
     assert found["largest_px"] is None and found["first_oom_px"] == 224 and found["limited_by"] == "oom_at_start"
+
+
+@pytest.mark.parametrize("oom_at", [None, 5000, 1200])
+def test_largest_search_takes_another_error_above_a_success_as_a_limit(oom_at):
+    """A library's limit that is not memory (the H100 run at 3eb2ba7: cuBLAS refused InfViT-S's head at 40,960 px,
+    the class token's row stride past 2**31 elements) bounds the search like an out-of-memory and is named; before
+    this, it discarded every side the model had run."""
+
+    def run_at(side: int) -> float:
+        if oom_at is not None and side > oom_at:
+            raise _oom()
+        if side > 1000:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul`\nmore")
+        return float(side)
+
+    found = bench.search_largest(run_at, start=224, max_size=131072, time_cap=1e9)
+    assert found["largest_px"] == 992 and found["peak_mib"] == 992.0
+    assert found["first_error_px"] == 1008 and found["limited_by"] == "error"
+    assert found["error"] == "RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul`"
+    # an out-of-memory is kept apart: the smallest side that ran out (above 1,200 px when one did) or none
+    failed = [p for p in found["probes"] if not p["ok"]]
+    assert all(("error" in p) == (oom_at is None or p["size"] <= oom_at) for p in failed)
+    ooms = [p["size"] for p in failed if "error" not in p]
+    assert found["first_oom_px"] == (min(ooms) if ooms else None) and (oom_at == 1200) == bool(ooms)
+
+
+def test_largest_search_raises_an_error_before_any_success():
+    def run_at(side: int) -> float:
+        raise ValueError(f"broken at {side}")
+
+    with pytest.raises(ValueError, match="broken at 224"):
+        bench.search_largest(run_at, start=224, time_cap=1e9)
+
+
+def test_largest_search_smallest_failure_out_of_memory_is_memory():
+    def run_at(side: int) -> float:
+        if side > 1500:
+            raise RuntimeError("an int32 limit")
+        if side > 1000:
+            raise _oom()
+        return 0.0
+
+    found = bench.search_largest(run_at, start=224, max_size=131072, time_cap=1e9)
+    assert (found["largest_px"], found["limited_by"], found["first_oom_px"]) == (992, "memory", 1008)
+    assert found["first_error_px"] == 1792 and found["error"] == "RuntimeError: an int32 limit"
 
 
 def test_largest_search_stops_before_a_probe_that_would_pass_the_time_cap():

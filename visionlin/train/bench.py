@@ -652,9 +652,15 @@ def search_largest(
     the same side and its second time (``warm_seconds``) feeds the extrapolation: one-time costs at a new shape (Triton
     compiling a kernel variant, cuDNN choosing an algorithm) would otherwise predict every later probe past the cap.
 
+    Another exception at a side above a success is a limit too (a library's: cuBLAS refuses a matrix whose row
+    stride passes 2**31 elements, for one): that side bounds the bisection as an out-of-memory does, the probe keeps
+    the message, and ``limited_by`` is ``"error"`` when the smallest failing side is such a one. An exception at the
+    first probe, before anything ran, is raised: the model does not run at all.
+
     ``run_at`` returns the peak memory in MiB (or ``None``); ``free`` runs after each failure. Returns
-    ``{"largest_px", "peak_mib", "first_oom_px", "limited_by", "probes", "search_s"}``, ``limited_by`` one of
-    ``"memory"`` (bisected to ``multiple``), ``"time"``, ``"max_size"``, ``"oom_at_start"``.
+    ``{"largest_px", "peak_mib", "first_oom_px", "first_error_px", "error", "limited_by", "probes", "search_s"}``,
+    ``limited_by`` one of ``"memory"`` (bisected to ``multiple``), ``"error"`` (the same, the failure an exception
+    other than out-of-memory), ``"time"``, ``"max_size"``, ``"oom_at_start"``.
     """
     if start % multiple or start <= 0 or max_size < start:
         raise ValueError(f"{start=} must be a positive multiple of {multiple=} and at most {max_size=}")
@@ -662,6 +668,7 @@ def search_largest(
     probes: list[dict] = []
     lo = hi = None
     lo_peak = None
+    errors: dict[int, str] = {}  # side -> the message of an exception other than out-of-memory there
 
     def predicted(side: int) -> float:
         ok = [(p["size"], p.get("warm_seconds", p["seconds"])) for p in probes if p["ok"]]
@@ -677,11 +684,20 @@ def search_largest(
         expected = predicted(side)
         s = clock()
         ok = True
+        error = None
         try:
             peak = run_at(side)
         except torch.cuda.OutOfMemoryError:
             ok, peak = False, None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # a limit other than memory above a success; before any, the model's failure
+            if lo is None:
+                raise
+            ok, peak, error = False, None, _short(err)
         row = {"size": side, "ok": ok, "seconds": clock() - s, "peak_mib": peak}
+        if error is not None:
+            row["error"] = errors[side] = error
         slow = ok and (expected <= 0 or row["seconds"] > 2 * expected)  # one-time costs? time it warm
         if slow and clock() - t0 + row["seconds"] <= time_cap:  # (if the cap leaves room for it)
             s = clock()
@@ -718,11 +734,17 @@ def search_largest(
         probe(mid)
     if lo is None:
         limited_by = "oom_at_start"
+    ooms = [p["size"] for p in probes if not p["ok"] and "error" not in p]
+    first_error = min(errors) if errors else None
+    if limited_by is None and hi is not None and hi == first_error:
+        limited_by = "error"
     return {
         "largest_px": lo,
         "tokens": (lo // multiple) ** 2 if lo else None,
         "peak_mib": lo_peak,
-        "first_oom_px": hi,
+        "first_oom_px": min(ooms) if ooms else None,
+        "first_error_px": first_error,
+        "error": errors.get(first_error),
         "limited_by": limited_by or "memory",
         "probes": probes,
         "search_s": clock() - t0,
@@ -789,10 +811,11 @@ def bench_largest(
         _free(device)
         rows.append(row)
         if row["status"] == "ok":
+            error = f"; at {row['first_error_px']} px: {row['error']}" if row["error"] else ""
             print(
                 f"{row['model']:24s} largest {row['largest_px']} px ({row['tokens']} tokens), limited by "
                 f"{row['limited_by']}, first OOM {row['first_oom_px']}, peak {row['peak_mib']} MiB, "
-                f"{row['search_s']:.0f} s",
+                f"{row['search_s']:.0f} s{error}",
                 flush=True,
             )
         else:
@@ -1401,8 +1424,17 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         bad = [s for s in args.batch_sizes if s not in args.sizes]
         if bad:
             parser.error(f"argument --batch-sizes: {bad[0]} is not one of --sizes {','.join(map(str, args.sizes))}")
+        compiled = [m for m in args.modes if m in COMPILE_MODES]
         if args.compile_sizes is None:
             args.compile_sizes = [s for s in args.sizes if s in QUICK_COMPILE_SIZES] if args.quick else args.sizes
+            dropped = [s for s in args.sizes if s not in args.compile_sizes]
+            if compiled and dropped:  # (a 4096 px compile takes minutes: --quick leaves it out unless asked)
+                what = "nothing" if not args.compile_sizes else "only " + ",".join(map(str, args.compile_sizes))
+                note = f"--quick compiles {what} of --sizes; not compiled: {','.join(map(str, dropped))}"
+                if len(compiled) == len(args.modes) and not args.compile_sizes:
+                    parser.error(f"{note}, and --modes {','.join(args.modes)} has no eager mode: nothing to measure "
+                                 "(--compile-sizes chooses the compiled sizes)")  # fmt: skip
+                print(f"note: {note} (--compile-sizes chooses)", file=sys.stderr)
         bad = [s for s in args.compile_sizes if s not in args.sizes]
         if bad:
             parser.error(f"argument --compile-sizes: {bad[0]} is not one of --sizes {','.join(map(str, args.sizes))}")
