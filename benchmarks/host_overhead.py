@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.train:
                 r.update(measure_train(model, args.size, args.batch, args.iters, args.stacks, compiled))
             else:
-                r.update(measure(compiled or model, args.size, args.batch, args.iters, args.stacks))
+                r.update(
+                    measure(model if compiled is None else compiled, args.size, args.batch, args.iters, args.stacks)
+                )
         rows.append(r)
         replay = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
         print(f"\n== {name} [{config}] {args.size}px bs{args.batch}: eager {r['eager_ms']:.2f} ms, graph replay "

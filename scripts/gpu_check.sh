@@ -557,8 +557,9 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror" ;;
     bench-compiled)
       timeout ${COMPILED_LIMIT:-330} python3 -m visionlin.cli bench models --quick --modes compiled \
-        --sizes ${COMPILED_SIZES:-224,1024} --models $MODELS --time-budget $(( ${COMPILED_LIMIT:-330} - 30 )) \
-        --name bench_models_compiled --out "$OUT" --commit "$COMMIT" 2>&1 | grep -E "img/s|oom|rror|skip" ;;
+        --sizes ${COMPILED_SIZES:-224,1024} --compile-sizes ${COMPILED_SIZES:-224,1024} --models $MODELS \
+        --time-budget $(( ${COMPILED_LIMIT:-330} - 30 )) --name bench_models_compiled --out "$OUT" --commit "$COMMIT" \
+        2>&1 | grep -E "img/s|oom|rror|skip" ;;
     bench-train)
       timeout 120 python3 -m visionlin.cli bench train --quick --models $MODELS --out "$OUT" --commit "$COMMIT" 2>&1 \
         | grep -E "img/s|oom|rror" ;;
