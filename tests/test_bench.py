@@ -344,6 +344,16 @@ def test_time_budget_skips_the_remaining_blocks_and_warmups(monkeypatch):
     assert len(rows[1]["img_s_sweeps"]) == 1  # no sweep after the first once the budget is spent
 
 
+def test_console_row_flags_noisy_sweeps(capsys):
+    row = {"model": "m", "mode": "compiled", "size": 224, "batch": 256, "status": "ok", "img_s": 12570.0,
+           "ratio_vs_twin": 0.48, "backend": "auto", "peak_mib": 438.0, "spread": 0.274}  # fmt: skip
+    bench._report(row)
+    bench._report({**row, "spread": 0.02})
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith("(0.48x twin), peak 438 MiB; NOISY: the sweeps spread 27%")
+    assert second.endswith("(0.48x twin), peak 438 MiB")
+
+
 # Largest input --------------------------------------------------------------------------------------------------------
 def _fake_run_at(limit: int, seen: list[int]):
     def run_at(side: int) -> float:

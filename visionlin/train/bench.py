@@ -79,6 +79,9 @@ DEFAULT_BATCHES = {224: 256, 512: 64, 1024: 16, 2048: 4, 4096: 1}
 QUICK_COMPILE_SIZES = (224, 1024)
 TRAIN_SIZE, TRAIN_BATCH = 224, 128
 LARGEST_START, LARGEST_MAX = 224, 131072
+#: sweeps of one row further apart than this (max - min over the median) are flagged as noisy on the console: the
+#: s54 compiled run on cold caches spread 27-36% for three models (0.42-0.48x the twin) where a rerun spread under 2%
+NOISY_SPREAD = 0.10
 MODES = ("eager", "compiled", "cudagraphs")
 #: how ``bench models`` builds each model: for the input size, or at its default size (``--build-size``)
 BUILD_SIZES = ("input", "default")
@@ -424,7 +427,9 @@ def _report(row: dict, stream: Any = None) -> None:
         return
     ratio = f" ({row['ratio_vs_twin']:.2f}x twin)" if row.get("ratio_vs_twin") and row["backend"] != "twin" else ""
     peak = f", peak {row['peak_mib']:.0f} MiB" if row["peak_mib"] is not None else ""
-    print(f"{where} {row['img_s']:10.1f} img/s{ratio}{peak}", file=stream, flush=True)
+    spread = row.get("spread")
+    noisy = f"; NOISY: the sweeps spread {spread:.0%}" if spread is not None and spread > NOISY_SPREAD else ""
+    print(f"{where} {row['img_s']:10.1f} img/s{ratio}{peak}{noisy}", file=stream, flush=True)
 
 
 def bench_models(
