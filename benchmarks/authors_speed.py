@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._timing import kernels_ms  # noqa: E402
-from visionlin.train.bench import train_step  # noqa: E402
+from visionlin.train.bench import train_step, write_json  # noqa: E402
 
 DEIT, SWIN = "deit_small_patch16_224", "swin_tiny_patch4_window7_224"
 
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(out: Path, doc: dict) -> None:
-    (out / "authors_speed.json").write_text(json.dumps(doc, indent=2))
+    write_json(out / "authors_speed.json", doc, partial=doc.get("partial", False), indent=2)
 
 
 def _gpu_vs_twin(rec: dict) -> tuple[float, float]:

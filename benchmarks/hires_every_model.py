@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._meta import gpu_meta  # noqa: E402
+from visionlin.train.bench import write_json  # noqa: E402
 
 HIERARCHICAL = ("nat", "mambavision", "mavit", "nalaformer", "pvt", "ravlt", "swin", "vig")
 
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(name, args.size, device)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)  # the rows so far, marked partial until the last write below
-        (out / f"hires_every_model_{args.size}.json").write_text(json.dumps({**result, "partial": True}, indent=1))
-    (out / f"hires_every_model_{args.size}.json").write_text(json.dumps(result, indent=1))
+        write_json(out / f"hires_every_model_{args.size}.json", result, partial=True)
+    write_json(out / f"hires_every_model_{args.size}.json", result)
     bad = [r["model"] for r in result["rows"] if r["status"] != "ok" or not r.get("finite")]
     print(f"{len(result['rows']) - len(bad)} of {len(result['rows'])} ran at {args.size} px; not: {bad}")
     return 0

@@ -21,7 +21,6 @@ Usage (on a GPU machine)::
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import cuda_ms, graph_ms  # noqa: E402
+from visionlin.train.bench import write_json  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"benchmark": "sla_fwd_variants", "meta": meta, "rows": rows}
 
     def save(final: bool = False) -> None:  # the rows so far are marked partial until the last write
-        doc = res if final else {**res, "partial": True}
-        (out_dir / "sla_fwd_variants.json").write_text(json.dumps(doc, indent=1))
+        write_json(out_dir / "sla_fwd_variants.json", res, partial=not final)
 
     with torch.no_grad():
         lut, _ = sl.select_blocks(q, k, topk, 0.0, bq_sel, bk_sel, marginal=False)

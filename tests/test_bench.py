@@ -599,3 +599,18 @@ def test_a_partial_write_says_so_and_the_complete_one_does_not(tmp_path):
     assert not (tmp_path / "x.png").exists() and "partial" not in result  # the caller's dict untouched
     bench.write_result({**result, "partial": True}, tmp_path, "x", plot=False)
     assert "partial" not in json.loads((tmp_path / "x.json").read_text())
+
+
+def test_write_json_is_atomic_and_marks_partial(tmp_path, monkeypatch):
+    """``write_json`` (the scripts' mid-run writes: authors_speed, hires_every_model, sla_fwd_variants): a write that
+    fails leaves the previous file whole; ``partial`` adds the marker, a complete write drops it; ``allow_nan=False``
+    refuses a NaN before anything is written."""
+    path = tmp_path / "r.json"
+    bench.write_json(path, {"rows": [1]}, partial=True, indent=2)
+    assert json.loads(path.read_text()) == {"rows": [1], "partial": True} and path.read_text().endswith("\n")
+    assert path.read_text().startswith('{\n  "rows"')  # the indent asked for
+    with pytest.raises(ValueError, match="Out of range float"):
+        bench.write_json(path, {"rows": [float("nan")]}, allow_nan=False)
+    assert json.loads(path.read_text())["partial"] is True  # the earlier file, whole
+    bench.write_json(path, {"rows": [float("nan")], "partial": True})
+    assert "partial" not in json.loads(path.read_text()) and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -835,6 +835,15 @@ def bench_largest(
 
 
 # Results --------------------------------------------------------------------------------------------------------------
+def write_json(path: Path, doc: dict, *, partial: bool = False, indent: int = 1, allow_nan: bool = True) -> None:
+    """Write ``doc`` to ``path`` atomically (a run killed mid-write leaves the previous file whole). ``partial``: the
+    rows so far of a running benchmark, saved so that a run cut short keeps them: the file says ``"partial": true``;
+    a complete write drops the key. ``allow_nan=False`` raises on a NaN or infinity instead of writing one."""
+    doc = {**doc, "partial": True} if partial else {k: v for k, v in doc.items() if k != "partial"}
+    text = json.dumps(doc, indent=indent, allow_nan=allow_nan) + "\n"
+    atomic_write(Path(path), lambda p: p.write_text(text))
+
+
 def write_result(
     result: dict,
     out: Path,
@@ -852,8 +861,7 @@ def write_result(
     notes = []
     path = out / f"{stem}.json"
     png = out / f"{stem}.png"
-    doc = {**result, "partial": True} if partial else {k: v for k, v in result.items() if k != "partial"}
-    atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
+    write_json(path, result, partial=partial, allow_nan=False)
     notes.append(f"wrote {path}" + (" (partial: the rows so far)" if partial else ""))
     if not plot or partial:
         return [*notes, *remove_stale(png)]
