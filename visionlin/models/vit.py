@@ -445,9 +445,11 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
         """Pool tokens ``[B, N, C] -> [B, C]`` (or pass them through for ``''``)."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == "token":
-            # contiguous: the slice's row stride is the token count times the width, past 2**31 elements from
-            # 40,960 px at width 384, and cuBLAS then refuses the head's product (CUBLAS_STATUS_NOT_SUPPORTED)
-            return x[:, 0].contiguous()
+            # a compact copy: the slice keeps the tokens' row stride (the token count times the width), past 2**31
+            # elements from 40,960 px at width 384, and cuBLAS then refuses the head's product
+            # (CUBLAS_STATUS_NOT_SUPPORTED). ``.contiguous()`` would not do at batch 1: a size-1 dimension's stride
+            # does not count for contiguity, so it returns the slice, stride and all.
+            return x[:, 0].clone(memory_format=torch.contiguous_format)
         grid_tokens = x[:, self.num_prefix_tokens :]
         if pool_type == "avg":
             return grid_tokens.mean(dim=1)
