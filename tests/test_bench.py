@@ -588,6 +588,27 @@ def test_peak_counts_the_calls_after_the_first_as_cuda_graph_recording_allocates
     assert len(specs[0].peaks) == 3  # the recording and the two sweeps (not the untimed call: it may recompile)
 
 
+def test_sweeps_run_with_the_heap_frozen():
+    """The timed sweeps run with the objects alive before them frozen out of the collector's reach (not the warm-up
+    calls, which compile), and the heap is unfrozen after, also when a sweep raises."""
+    import gc
+
+    frozen = []
+
+    def build(e):
+        e.step, e.own_bytes = (lambda x: frozen.append(gc.get_freeze_count())), 0
+
+    specs = [bench._Entry(label="m", model="m", backend=None, twin=False)]
+    gc.unfreeze()
+    bench._run_block(specs, build, torch.zeros(2), torch.device("cpu"), warmup=2, iters=1, repeats=2, min_time=0,
+                     budget=bench._Budget(None))  # fmt: skip
+    assert frozen[:3] == [0, 0, 0] and all(n > 0 for n in frozen[3:]) and len(frozen) == 5
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt), bench._frozen_heap():
+        raise KeyboardInterrupt
+    assert gc.get_freeze_count() == 0
+
+
 def test_a_partial_write_says_so_and_the_complete_one_does_not(tmp_path):
     """Benchmark scripts save their rows so far while they run (a run cut by a time limit keeps them): such a JSON
     carries ``"partial": true`` and leaves no PNG of an earlier run beside it; the last, complete write drops the
