@@ -394,7 +394,7 @@ for k, g in itertools.groupby(sorted(rows, key=lambda r: str(key(r))), key=key):
         2>&1 | tee "$OUT/gpu_tests_more_$COMMIT.log" | grep -E "passed|failed|FAILED|ERROR|error" | tail -40 ;;
     bench-authors)
       timeout ${AUTHORS_LIMIT:-300} python3 benchmarks/authors_speed.py --authors-dir .authors --out "$OUT" --commit "$COMMIT" --train ${AUTHORS_PAIRS:+--pairs $AUTHORS_PAIRS} \
-        $AUTHORS_ARGS --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
+        ${AUTHORS_ARGS:-} --repeats 2 --iters 10 --warmup 3 2>&1 | grep -E "img/s|rror" ;;
     bench-sla)
       timeout 240 python3 benchmarks/sla_op.py --out "$OUT" --commit "$COMMIT" 2>&1 | tail -25 ;;
     bench-sla-parts)
