@@ -321,14 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"{pair} {rec['phase']} {size}px bs{batch}: ours/authors {ratio}   {cells}", flush=True)
             # after every phase: a run stopped by a time limit still leaves what it measured, marked partial
-            _write(args.out, {"meta": meta, "results": results, "partial": True})
-    _write(args.out, {"meta": meta, "results": results})
+            _write(args.out, meta, results, partial=True)
+    _write(args.out, meta, results)
     _plot(results, args.out / "authors_speed.png")
     return 0
 
 
-def _write(out: Path, doc: dict) -> None:
-    write_json(out / "authors_speed.json", doc, partial=doc.get("partial", False), indent=2)
+def _write(out: Path, meta: dict, results: list[dict], partial: bool = False) -> None:
+    write_json(out / "authors_speed.json", {"meta": meta, "results": results}, partial=partial, indent=2)
 
 
 def _gpu_vs_twin(rec: dict) -> tuple[float, float]:

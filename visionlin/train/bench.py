@@ -689,7 +689,6 @@ def search_largest(
     probes: list[dict] = []
     lo = hi = None
     lo_peak = None
-    errors: dict[int, str] = {}  # side -> the message of an exception other than out-of-memory there
 
     def predicted(side: int) -> float:
         ok = [(p["size"], p.get("warm_seconds", p["seconds"])) for p in probes if p["ok"]]
@@ -718,7 +717,7 @@ def search_largest(
             ok, peak, error = False, None, _short(err)
         row = {"size": side, "ok": ok, "seconds": clock() - s, "peak_mib": peak}
         if error is not None:
-            row["error"] = errors[side] = error
+            row["error"] = error
         slow = ok and (expected <= 0 or row["seconds"] > 2 * expected)  # one-time costs? time it warm
         if slow and clock() - t0 + row["seconds"] <= time_cap:  # (if the cap leaves room for it)
             s = clock()
@@ -756,6 +755,7 @@ def search_largest(
     if lo is None:
         limited_by = "oom_at_start"
     ooms = [p["size"] for p in probes if not p["ok"] and "error" not in p]
+    errors = {p["size"]: p["error"] for p in probes if "error" in p}  # exceptions other than out-of-memory
     first_error = min(errors) if errors else None
     if limited_by is None and hi is not None and hi == first_error:
         limited_by = "error"
