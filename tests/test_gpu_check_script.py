@@ -20,7 +20,7 @@ OPTIONAL = ("AUTHORS_ARGS", "AUTHORS_PAIRS", "AUTHORS_LIMIT", "COMPILED_SIZES", 
 def test_stage_runs_with_its_optional_variables_unset(tmp_path, stage):
     stub = tmp_path / "bin" / "python3"
     stub.parent.mkdir()
-    stub.write_text("#!/bin/sh\necho \"stub python3 $*\"\n")
+    stub.write_text('#!/bin/sh\necho "stub python3 $*"\n')
     stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in OPTIONAL}
     env["PATH"] = f"{stub.parent}{os.pathsep}{env['PATH']}"
