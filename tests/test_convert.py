@@ -570,3 +570,58 @@ def test_dense_warm_up_by_timestep(family):
     assert not torch.allclose(sparse, y_late, atol=1e-4)
     with pytest.raises(ValueError, match="dense_above_timestep='x'"):
         convert(FAMILIES[family](), "sparse", dense_above_timestep="x")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_deep_copy_drives_its_own_layers(family):
+    """The hooks that publish the token grid and the dense warm-up find the layers through the module they run on: a
+    deep copy's forward sets the copy's cores (a closure over the original's modules set the original's: the copy's
+    hybrid layers found no grid, its warm-up followed the original's flag)."""
+    import copy
+
+    model = FAMILIES[family]()
+    inputs = _inputs(family)
+    late = {**inputs, "timestep": inputs["timestep"] * 0 + (0.1 if family == "flux" else 1)}
+    with torch.no_grad():
+        stock, stock_late = model(**inputs).sample, model(**late).sample
+    threshold = 0.3 if family == "flux" else 400  # Flux's timesteps are fractions; the warm-up reads the batch max
+    convert(model, "hybrid", kernel_size=3, dense_above_timestep=threshold)
+    twin = copy.deepcopy(model)
+    cores = [m.visionlin_core for m in model.modules() if hasattr(m, "visionlin_core")]
+    twin_cores = [m.visionlin_core for m in twin.modules() if hasattr(m, "visionlin_core")]
+    assert cores and not {id(c) for c in cores} & {id(c) for c in twin_cores}
+    with torch.no_grad():
+        y_late = model(**late).sample  # original: sparse path, its grid set
+        grids = [c.grid for c in cores]
+        for c in cores:
+            c.grid, c.dense_now = None, None
+        torch.testing.assert_close(twin(**inputs).sample, stock, atol=2e-6, rtol=1e-5)  # warm-up: stock attention
+        assert all(c.dense_now is True for c in twin_cores) and all(c.dense_now is None for c in cores)
+        torch.testing.assert_close(twin(**late).sample, y_late)
+    assert [c.grid for c in twin_cores] == grids and all(c.grid is None for c in cores)
+    assert revert(twin) == 1
+    assert not any(hasattr(m, "visionlin_core") for m in twin.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**late).sample, y_late)  # the original stays converted, hooks in place
+        torch.testing.assert_close(twin(**late).sample, stock_late, atol=2e-6, rtol=1e-5)
+
+
+def test_revert_inside_disabled_leaves_a_working_stock_model():
+    """``revert`` inside ``disabled``: the exit restores nothing on a model that is no longer converted (it put the
+    converter's processors back on modules without their cores: every forward failed, convert and revert refused)."""
+    from visionlin.convert import disabled
+
+    model = _dit()
+    y0 = _run(model, "dit")
+    convert(model, "sla", sparsity=0.5, block_size=8)
+    with disabled(model):
+        assert revert(model) == 1
+    assert torch.equal(_run(model, "dit"), y0)
+    assert revert(model) == 0
+    convert(model, "sparse", sparsity=0.5, block_size=8)  # converts again
+    with disabled(model):
+        assert revert(model) == 1
+        convert(model, "dense")  # a new conversion inside: the exit leaves it alone
+        y1 = _run(model, "dit")
+    torch.testing.assert_close(_run(model, "dit"), y1)
+    assert revert(model) == 1 and torch.equal(_run(model, "dit"), y0)

@@ -38,9 +38,16 @@ class Adapter:
         raise NotImplementedError
 
     def install_hooks(
-        self, model: nn.Module, converted: dict[str, nn.Module], set_grid: Callable[[list[nn.Module], tuple], None]
+        self,
+        model: nn.Module,
+        converted: dict[str, nn.Module],
+        set_grid: Callable[[nn.Module, list[str], tuple], None],
     ) -> list:
-        """Register pre-forward hooks that publish the token grid to the converted modules; return the handles."""
+        """Register pre-forward hooks that publish the token grid to the converted modules; return the handles.
+
+        A hook calls ``set_grid(mod, names, grid[, text_len])`` with the module it runs on and the converted layers'
+        names relative to it, never with module objects it closed over: a ``copy.deepcopy`` of the model copies the
+        hook functions as they are, and those must then drive the copy's layers."""
         raise NotImplementedError
 
 

@@ -172,25 +172,29 @@ def _adapter_for(model: nn.Module) -> Adapter | None:
     return next((a for a in ADAPTERS if a.matches(model)), None)
 
 
-def _timestep_hook(model: nn.Module, modules: list[nn.Module], threshold: float):
-    """Dense warm-up: the converted layers compute dense attention while the forward's ``timestep`` (largest in the
-    batch, in the units the model receives) is ``>= threshold``; samplers run from high to low timesteps."""
+def _timestep_hook(model: nn.Module, names: list[str], threshold: float):
+    """Dense warm-up: the converted layers ``names`` (relative to ``model``) compute dense attention while the forward's
+    ``timestep`` (largest in the batch, in the units the model receives) is ``>= threshold``; samplers run from high to
+    low timesteps. The hook finds the layers through the module it runs on, so a ``copy.deepcopy`` of the model drives
+    its own layers (a closure over the module objects drove the original's)."""
     signature = inspect.signature(model.forward)
 
     def hook(mod, args, kwargs):
         t = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
         if t is None:
-            raise ValueError(f"dense_above_timestep is set but {type(model).__name__}.forward got no timestep")
+            raise ValueError(f"dense_above_timestep is set but {type(mod).__name__}.forward got no timestep")
         dense = float(torch.as_tensor(t).max()) >= threshold
-        for m in modules:
-            getattr(m, CORE_ATTR).dense_now = dense
+        for n in names:
+            getattr(mod.get_submodule(n), CORE_ATTR).dense_now = dense
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _set_grid(modules: list[nn.Module], grid: tuple[int, ...], text_len: int = 0) -> None:
-    for m in modules:
-        core = getattr(m, CORE_ATTR)
+def _set_grid(root: nn.Module, names: list[str], grid: tuple[int, ...], text_len: int = 0) -> None:
+    """Publish the token grid to the converted layers ``names`` under ``root`` (the module whose pre-forward hook
+    calls this: looked up at each call, so a deep copy of the model publishes to its own layers)."""
+    for n in names:
+        core = getattr(root.get_submodule(n), CORE_ATTR)
         core.grid, core.text_len = grid, text_len
 
 
@@ -333,13 +337,13 @@ def _install(comp, model, adapter, cands, method, options, per_layer) -> list[La
             n_new = sum(p.numel() for p in core.parameters())
             state.records.append(LayerRecord(comp, c.name, True, "", method, opts, n_new))
         state.hooks = adapter.install_hooks(model, converted, _set_grid)
-        by_threshold: dict[float, list[nn.Module]] = {}
-        for name, attn in converted.items():
+        by_threshold: dict[float, list[str]] = {}
+        for name in converted:
             t = per_layer.get(name, options).get("dense_above_timestep")
             if t is not None:
-                by_threshold.setdefault(t, []).append(attn)
-        for t, modules in by_threshold.items():
-            state.hooks.append(_timestep_hook(model, modules, t))
+                by_threshold.setdefault(t, []).append(name)
+        for t, names in by_threshold.items():
+            state.hooks.append(_timestep_hook(model, names, t))
         setattr(model, _STATE_ATTR, state)
     except BaseException:
         _undo(model, state)
@@ -389,7 +393,7 @@ def disabled(pipe_or_model: Any):
     """Context manager: inside it, every converted attention module runs its original (stock) processor, so the
     model computes exactly what it computed before :func:`convert` with the same weights (the teacher of
     :func:`visionlin.finetune`). The converter's modules and hooks stay in place; on exit the converter's processors
-    are restored.
+    are restored (on the components still under the same conversion: one reverted inside the block stays reverted).
 
     Raises:
         ValueError: nothing in ``pipe_or_model`` is converted.
@@ -397,18 +401,22 @@ def disabled(pipe_or_model: Any):
     comps = _converted_components(pipe_or_model)
     if not comps:
         raise ValueError(f"{type(pipe_or_model).__name__} has no converted component; call visionlin.convert first")
-    swapped: list[tuple[nn.Module, Any]] = []
+    swapped: list[tuple[nn.Module, Any, nn.Module, Any]] = []  # (model, its conversion state, module, processor)
     try:
         for model in comps.values():
             named = dict(model.named_modules())
-            for name, original in getattr(model, _STATE_ATTR).originals.items():
+            state = getattr(model, _STATE_ATTR)
+            for name, original in state.originals.items():
                 attn = named[name]
-                swapped.append((attn, attn.processor))
+                swapped.append((model, state, attn, attn.processor))
                 attn.set_processor(original)
         yield
     finally:
-        for attn, proc in reversed(swapped):
-            attn.set_processor(proc)
+        for model, state, attn, proc in reversed(swapped):
+            # a model reverted inside the block (and maybe converted again) keeps what it has now: the converter's
+            # processors of the conversion that was undone would find no core
+            if getattr(model, _STATE_ATTR, None) is state:
+                attn.set_processor(proc)
 
 
 def _converted_components(obj: Any) -> dict[str, nn.Module]:

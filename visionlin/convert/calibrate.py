@@ -241,9 +241,8 @@ def calibrate(
         for comp, model in comps.items():
             state = getattr(model, _STATE_ATTR)
             named = dict(model.named_modules())
-            modules = [named[n] for n in state.originals]
             if fixed.get("dense_above_timestep") is not None:
-                handles.append(_timestep_hook(model, modules, fixed["dense_above_timestep"]))
+                handles.append(_timestep_hook(model, list(state.originals), fixed["dense_above_timestep"]))
             for name in state.originals:
                 attn = named[name]
                 head_dim = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads

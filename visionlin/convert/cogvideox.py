@@ -33,11 +33,11 @@ class CogVideoXAdapter(Adapter):
 
     def install_hooks(self, model, converted, set_grid):
         p, pt = int(model.config.patch_size), model.config.patch_size_t
-        modules = list(converted.values())
+        names = list(converted)
 
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             f, h, w = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
-            set_grid(modules, (f if pt is None else -(-f // int(pt)), h // p, w // p))
+            set_grid(mod, names, (f if pt is None else -(-f // int(pt)), h // p, w // p))
 
         return [model.register_forward_pre_hook(hook, with_kwargs=True)]

@@ -33,7 +33,7 @@ class FluxAdapter(Adapter):
                 yield Candidate(name, module, reason)
 
     def install_hooks(self, model, converted, set_grid):
-        modules = list(converted.values())
+        names = list(converted)
 
         def hook(mod, args, kwargs):
             ehs = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
@@ -44,6 +44,6 @@ class FluxAdapter(Adapter):
                 )
             ids = ids[0] if ids.ndim == 3 else ids  # batched ids are deprecated in diffusers
             grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-            set_grid(modules, grid, int(ehs.shape[1]))
+            set_grid(mod, names, grid, int(ehs.shape[1]))
 
         return [model.register_forward_pre_hook(hook, with_kwargs=True)]

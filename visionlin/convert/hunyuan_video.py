@@ -42,11 +42,11 @@ class HunyuanVideoAdapter(Adapter):
 
     def install_hooks(self, model, converted, set_grid):
         p, pt = int(model.config.patch_size), int(model.config.patch_size_t)
-        modules = list(converted.values())
+        names = list(converted)
 
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             f, h, w = (int(s) for s in x.shape[-3:])
-            set_grid(modules, (f // pt, h // p, w // p))
+            set_grid(mod, names, (f // pt, h // p, w // p))
 
         return [model.register_forward_pre_hook(hook, with_kwargs=True)]

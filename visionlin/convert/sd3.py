@@ -34,10 +34,10 @@ class SD3Adapter(Adapter):
 
     def install_hooks(self, model, converted, set_grid):
         patch = int(model.config.patch_size)
-        modules = list(converted.values())
+        names = list(converted)
 
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            set_grid(modules, (int(x.shape[-2]) // patch, int(x.shape[-1]) // patch))
+            set_grid(mod, names, (int(x.shape[-2]) // patch, int(x.shape[-1]) // patch))
 
         return [model.register_forward_pre_hook(hook, with_kwargs=True)]

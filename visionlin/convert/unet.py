@@ -26,9 +26,9 @@ class UNetAdapter(Adapter):
                 yield Candidate(name, module, legacy_self_attention_reason(module))
 
     def install_hooks(self, model, converted, set_grid):
-        owners: dict[str, list[nn.Module]] = {}
+        owners: dict[str, list[str]] = {}  # owner -> converted layers, by name relative to the owner
         named = dict(model.named_modules())
-        for name, module in converted.items():
+        for name in converted:
             parts = name.split(".")
             owner = next(
                 (
@@ -40,13 +40,13 @@ class UNetAdapter(Adapter):
             )
             if owner is None:
                 raise ValueError(f"{name}: no enclosing Transformer2DModel to read the token grid from")
-            owners.setdefault(owner, []).append(module)
+            owners.setdefault(owner, []).append(name[len(owner) + 1 :])
         handles = []
-        for owner, modules in owners.items():
+        for owner, names in owners.items():
 
-            def hook(mod, args, kwargs, modules=modules):
+            def hook(mod, args, kwargs, names=names):
                 x = args[0] if args else kwargs["hidden_states"]
-                set_grid(modules, (int(x.shape[-2]), int(x.shape[-1])))
+                set_grid(mod, names, (int(x.shape[-2]), int(x.shape[-1])))
 
             handles.append(named[owner].register_forward_pre_hook(hook, with_kwargs=True))
         return handles

@@ -39,11 +39,11 @@ class WanAdapter(Adapter):
 
     def install_hooks(self, model, converted, set_grid):
         pt, ph, pw = (int(p) for p in model.config.patch_size)
-        modules = list(converted.values())
+        names = list(converted)
 
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             f, h, w = (int(s) for s in x.shape[-3:])
-            set_grid(modules, (f // pt, h // ph, w // pw))
+            set_grid(mod, names, (f // pt, h // ph, w // pw))
 
         return [model.register_forward_pre_hook(hook, with_kwargs=True)]
