@@ -1,9 +1,11 @@
-"""``visionlin convert`` / ``finetune-conversion`` against hostile input (found by a hostile-user probe): broken model
-folders, --shared keys that shadow --data keys, a non-finite --lora-alpha, a resume with other conversion settings,
-an empty --output and method flags given with --conversion. Each was a traceback or a silently wrong run."""
+"""``visionlin convert`` / ``finetune-conversion`` against hostile input (found by hostile-user probes): broken model
+and pipeline folders, --shared keys that shadow --data keys, a non-finite --lora-alpha, a resume with other conversion
+settings, an empty --output and method flags given with --conversion, data the model cannot run, edited LoRA files.
+Each was a traceback, a half-changed model or a silently wrong run."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -14,7 +16,7 @@ pytest.importorskip("diffusers")
 
 from test_convert_tune import _data, _finetune, _sla, _tiny_dit  # noqa: E402
 
-from visionlin.convert import convert  # noqa: E402
+from visionlin.convert import convert, load_finetuned  # noqa: E402
 from visionlin.train import checkpoint as ckpt  # noqa: E402
 
 
@@ -156,3 +158,102 @@ def test_empty_output_and_method_flags_with_a_saved_conversion(files, tmp_path, 
         err = usage_error(capsys, _ft(files, "--conversion", str(tmp_path / "conv"), *flags, "--output", "run"))
         assert f"argument --conversion: {given} cannot be given with it" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# stop 55: broken model_index.json (tracebacks: 'NoneType' object has no attribute 'pop', module diffusers has no
+# attribute ...)
+
+
+def test_broken_pipeline_folders_are_clean_errors(tmp_path, capsys):
+    cases = {
+        "null": ("null", "model_index.json holds a JSON NoneType, not an object with a _class_name"),
+        "str": ('"x"', "model_index.json holds a JSON str, not an object with a _class_name"),
+        "unknown": ('{"_class_name": "NoSuchPipeline"}', "_class_name='NoSuchPipeline' is not a diffusers pipeline"),
+        "model": ('{"_class_name": "DiTTransformer2DModel"}', "_class_name='DiTTransformer2DModel' is not a diffusers"),
+        "listname": ('{"_class_name": ["a", "b"]}', "_class_name=['a', 'b'] is not a diffusers pipeline"),
+        "notjson": ("{x", "model_index.json is not valid JSON: "),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(text)
+        err = usage_error(capsys, ["convert", str(tmp_path / name)])
+        assert f"{tmp_path / name}" in err and message in err, err
+
+
+# stop 55: data the model cannot run failed at the first step with the model's own error (AttributeError,
+# RuntimeError ...), the run folder already written; only the LoRA modes tried the data first
+
+
+@pytest.mark.parametrize("trainable", ["converter", "all"])
+def test_data_the_model_cannot_run_is_refused_before_the_run_folder(files, tmp_path, capsys, trainable):
+    from safetensors.torch import save_file
+
+    bad = {
+        "notimestep": {"hidden_states": _data()["hidden_states"]},  # (AttributeError inside diffusers)
+        "channels": {**_data(), "hidden_states": torch.randn(4, 3, 8, 8)},  # (RuntimeError: expected 4 channels)
+        "labels": {**_data(), "class_labels": torch.zeros(4)},  # float class labels (RuntimeError: indices)
+    }
+    for name, data in bad.items():
+        model = _sla()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"the data does not run through DiTTransformer2DModel \("):
+            _finetune(model, data, trainable=trainable, steps=1, output_dir=tmp_path / name)
+        assert not (tmp_path / name).exists()
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        save_file(data, str(tmp_path / f"{name}.safetensors"))
+        argv = ["finetune-conversion", str(files / "dit"), "--data", str(tmp_path / f"{name}.safetensors"), "--cpu"]
+        err = usage_error(capsys, [*argv, *_sla_flags(), "--steps", "1", "--output", str(tmp_path / f"cli-{name}")])
+        assert "the data does not run through DiTTransformer2DModel" in err, err
+        assert not (tmp_path / f"cli-{name}").exists()
+
+
+def test_finetune_output_dir_and_learning_rate_bounds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for output_dir in ("", "  ", 3):  # ("" wrote checkpoints/, conversion/ and log.jsonl into the current folder)
+        with pytest.raises(ValueError, match=rf"output_dir={re.escape(repr(output_dir))} must be a folder path"):
+            _finetune(_sla(), _data(), steps=1, output_dir=output_dir)
+    for name in ("lr", "weight_decay", "clip_grad"):  # (lr=1e300: the optimizer's "cannot be converted" RuntimeError)
+        with pytest.raises(ValueError, match=rf"{name}=1e\+300 must be at most 3\.403e\+38"):
+            _finetune(_sla(), _data(), steps=1, **{name: 1e300})
+    assert list(tmp_path.iterdir()) == []
+    np = pytest.importorskip("numpy")
+    result = _finetune(_sla(), _data(), steps=1, lr=np.float32(1e-3), weight_decay=np.float64(0.0))
+    assert result.step == 1
+
+
+# stop 55: load_finetuned took a lora.safetensors with a tensor missing (left at its random init) or holding NaN, and
+# on a refused file left peft's layers in the model
+
+
+def test_load_finetuned_refuses_edited_lora_files_and_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    _finetune(_sla(), _data(), steps=1, trainable="lora", lora_rank=2, output_dir=run)
+    path = run / "lora.safetensors"
+    original = path.read_bytes()
+    meta = ckpt.read_weights_metadata(path)
+    weights = load_file(str(path))
+    first = sorted(weights)[0]
+    edits = {
+        "missing": ({k: v for k, v in weights.items() if k != first}, r"do not match"),
+        "extra": ({**weights, "transformer_blocks.0.attn1.to_q.lora_A.visionlin.bias": torch.zeros(2)}, "do not match"),
+        "nan": ({**weights, first: torch.full_like(weights[first], float("nan"))}, r"hold NaN or inf values"),
+        "shape": ({**weights, first: weights[first][:1]}, r"do not match"),
+    }
+    for name, (edited, message) in edits.items():
+        save_file(edited, str(path), metadata=meta)
+        model = _tiny_dit()
+        keys = list(model.state_dict())
+        modules = [n for n, _ in model.named_modules()]
+        with pytest.raises(ValueError, match=message):
+            load_finetuned(model, run)
+        assert list(model.state_dict()) == keys, name
+        assert [n for n, _ in model.named_modules()] == modules, name
+        assert not hasattr(model, "peft_config") and not any(hasattr(m, "visionlin_core") for m in model.modules())
+    path.write_bytes(original)
+    model = _tiny_dit()
+    load_finetuned(model, run)
+    assert any("lora_A" in k for k in model.state_dict())
+    assert json.loads(meta["lora_config"])["r"] == 2

@@ -47,32 +47,42 @@ def _one_or_list(values: list[int] | None) -> int | list[int] | None:
     return values if values is None or len(values) > 1 else values[0]
 
 
+def _class_of(spec_file: Path, base: type, kind: str):
+    """The diffusers class ``spec_file`` (a ``model_index.json`` or ``config.json``) names in ``_class_name``: a
+    subclass of ``base``; ``ValueError`` naming the file for one that is not JSON, not an object, or names no such
+    class (diffusers raised AttributeErrors for those, deep inside ``from_pretrained``)."""
+    import diffusers
+
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{spec_file} is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file} holds a JSON {type(spec).__name__}, not an object with a _class_name")
+    name = spec.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{spec_file}: _class_name={name!r} is not a diffusers {kind} class")
+    return cls
+
+
 def _load(path: Path):
     """The pipeline or model saved in ``path``; ``ValueError`` naming the folder and the cause when it cannot be
     loaded (diffusers raised OSErrors for missing or garbled weights, AttributeErrors for a config that is not a JSON
-    object or names no model class, TypeErrors for config values of the wrong type)."""
+    object or names no class, TypeErrors for config values of the wrong type)."""
     import diffusers
 
     if (path / "model_index.json").is_file():
+        _class_of(path / "model_index.json", diffusers.DiffusionPipeline, "pipeline")
         what, load = "pipeline", diffusers.DiffusionPipeline.from_pretrained
     else:
-        config = path / "config.json"
-        if not config.is_file():
+        if not (path / "config.json").is_file():
             raise ValueError(f"{path} has neither model_index.json (a pipeline) nor config.json (a model)")
-        try:
-            spec = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config} is not valid JSON: {e}") from None
-        if not isinstance(spec, dict):
-            raise ValueError(f"{config} holds a JSON {type(spec).__name__}, not an object with a _class_name")
-        name = spec.get("_class_name")
-        cls = getattr(diffusers, str(name), None)
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-            raise ValueError(f"{config}: _class_name={name!r} is not a diffusers model class")
-        what, load = name, cls.from_pretrained
+        cls = _class_of(path / "config.json", diffusers.ModelMixin, "model")
+        what, load = cls.__name__, cls.from_pretrained
     try:
         return load(str(path))
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # the folder's files, not visionlin's code
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:  # the folder's files
         raise ValueError(f"{path}: cannot load the {what} ({type(e).__name__}: {e})") from e
 
 

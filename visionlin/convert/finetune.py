@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ TRAINABLE = ("converter", "lora", "lora+converter", "all")
 LORA_ADAPTER = "visionlin"  # peft adapter name of the LoRA layers finetune injects
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE, MODEL_FILE = "lora.safetensors", "model.safetensors"
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -200,6 +202,10 @@ def distillation_loss(
     features = _Features(_converted_modules(model)) if weight > 0 else None
     try:
         return _loss(model, model, batch, weight, None, features, contextlib.nullcontext)
+    except (KeyError, TypeError) as e:  # a keyword the model lacks or misses: named (was a bare KeyError)
+        raise ValueError(
+            f"batch keywords {sorted(batch)} do not fit {type(model).__name__}'s call ({type(e).__name__}: {e})"
+        ) from e
     finally:
         if features is not None:
             features.remove()
@@ -325,6 +331,26 @@ def _inject_lora(
     return config_out
 
 
+def _peft_layers(model: nn.Module) -> set[str]:
+    """Names of the modules of ``model`` that are peft adapter layers (an empty set without peft)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    return {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _remove_lora(model: nn.Module, before: set[str], had_config: bool) -> None:
+    """Undo an injection: every peft layer not in ``before`` is replaced by the layer it wraps (whose weights it never
+    changed), and the ``peft_config`` attribute peft set goes unless the model had one."""
+    for name in sorted(_peft_layers(model) - before, key=len, reverse=True):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, model.get_submodule(name).get_base_layer())
+    if not had_config and "peft_config" in vars(model):
+        delattr(model, "peft_config")
+
+
 def finetune(
     pipe_or_model: Any,
     data: Any,
@@ -406,8 +432,12 @@ def finetune(
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("clip_grad", clip_grad)):
         if value is None and name == "clip_grad":
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if value > FLOAT32_MAX:  # (the optimizer's float32 arithmetic failed on it: "cannot be converted ... overflow")
+            raise ValueError(f"{name}={value!r} must be at most {FLOAT32_MAX:.4g} (float32's largest value)")
+    lr, weight_decay = float(lr), float(weight_decay)
+    clip_grad = None if clip_grad is None else float(clip_grad)
     if lr == 0:  # as clip_grad=0: a run that trains nothing
         raise ValueError("lr=0 would train nothing; pass a positive learning rate")
     if clip_grad == 0:  # clip_grad_norm_(params, 0) zeroes every gradient: a run that trains nothing
@@ -430,6 +460,10 @@ def finetune(
                 _check_overlap(where, b, shared)
     if isinstance(lora_targets, str) or not all(isinstance(t, str) for t in lora_targets) or not lora_targets:
         raise ValueError(f"lora_targets={lora_targets!r} must be a non-empty list of child module names ('to_q')")
+    if output_dir is not None and (not isinstance(output_dir, str | Path) or not str(output_dir).strip()):
+        raise ValueError(  # ("" was the current directory: checkpoints/, conversion/ and log.jsonl written there)
+            f"output_dir={output_dir!r} must be a folder path (a non-empty str or Path), or None for no run folder"
+        )
     if resume is not None and output_dir is None:
         raise ValueError("resume needs output_dir (the run folder whose checkpoints it continues)")
     run_dir = Path(output_dir) if output_dir is not None else None
@@ -479,17 +513,18 @@ def finetune(
 
     set_seed(seed + rank)
     model.to(device)
+    first_batch = _to(merged(0), device)
+    try:  # the data must run before adapters go in and the run folder is written: a failed call leaves neither
+        with torch.no_grad(), accelerator.autocast():
+            model(**first_batch)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on this data, named
+        raise ValueError(
+            f"the data does not run through {type(model).__name__} ({type(e).__name__}: {e}); nothing was "
+            "changed (no LoRA adapter injected, no run folder written)"
+        ) from e
+    del first_batch
     lora_config = None
     if "lora" in trainable:
-        first_batch = _to(merged(0), device)
-        try:  # the data must run before adapters go in: a failed call then leaves no adapter behind
-            with torch.no_grad():
-                model(**first_batch)
-        except Exception as e:  # noqa: BLE001 - whatever the model raises on this data, named
-            raise ValueError(
-                f"the data does not run through {type(model).__name__} ({type(e).__name__}: {e}); nothing was "
-                "changed (no LoRA adapter injected)"
-            ) from e
         lora_config = _inject_lora(model, lora_rank, lora_alpha, tuple(lora_targets))
         model.to(device)
     named = dict(model.named_parameters())
@@ -677,6 +712,7 @@ def load_finetuned(pipe_or_model: Any, run_dir: str | Path) -> ConversionReport:
     if not (run_dir / "conversion" / "conversion.json").is_file():
         raise ValueError(f"{str(run_dir)!r} has no conversion/ (written when visionlin.finetune finishes)")
     report = load_conversion(pipe_or_model, run_dir / "conversion")
+    injected: list[tuple[nn.Module, set[str], bool]] = []  # (model, its peft layers before, had peft_config)
     try:
         for name in (LORA_FILE, MODEL_FILE):
             path = run_dir / name
@@ -691,15 +727,26 @@ def load_finetuned(pipe_or_model: Any, run_dir: str | Path) -> ConversionReport:
             weights = load_weights(path)
             if name == LORA_FILE:
                 cfg = json.loads(meta["lora_config"])
+                injected.append((model, _peft_layers(model), hasattr(model, "peft_config")))
                 _inject_lora(model, cfg["r"], cfg["lora_alpha"], (), names=cfg["target_modules"])
-            params = dict(model.state_dict())
+                params = dict(model.state_dict())
+                expected = {k for k in params if "lora_" in k and f".{LORA_ADAPTER}." in f".{k}."}
+            else:
+                params = dict(model.state_dict())
+                expected = set(params)
             bad = sorted(k for k in weights if k not in params or params[k].shape != weights[k].shape)
-            if bad or (name == MODEL_FILE and set(weights) != set(params)):
-                raise ValueError(f"{path}: tensors {(bad or sorted(set(params) ^ set(weights)))[:6]} do not match")
+            if bad or set(weights) != expected:
+                raise ValueError(f"{path}: tensors {(bad or sorted(expected ^ set(weights)))[:6]} do not match "
+                                 "(missing, extra or of another shape)")  # fmt: skip
+            trained = expected if name == LORA_FILE else {n for n, _ in model.named_parameters()}
+            if nonfinite := sorted(k for k in trained if k in weights and not bool(torch.isfinite(weights[k]).all())):
+                raise ValueError(f"{path}: tensors {nonfinite[:6]} hold NaN or inf values")
             with torch.no_grad():
                 for k, v in weights.items():
                     params[k].copy_(v)
     except BaseException:
+        for model, before, had_config in injected:
+            _remove_lora(model, before, had_config)
         revert(pipe_or_model)
         raise
     return report
