@@ -125,9 +125,10 @@ def _agent_brute(q, k, v, grid, pool, s, sb, shortcut, ak=None, av=None):
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("extra", [0, 4], ids=["noextra", "extra4"])
 @pytest.mark.parametrize("grid,pool", [((7,), (2,)), ((5, 7), (2, 2)), ((3, 4, 5), (1, 2, 2)), ((3, 3), (3, 2))])
-def test_pooled_agent_matches_brute_force_forward_backward(grid, pool, extra, backend):
+@pytest.mark.parametrize("sb_power", [0.3, 1.0, 2.5], ids=["sb>s", "sb=s", "sb<s"])  # the torch backend's 3 branches
+def test_pooled_agent_matches_brute_force_forward_backward(grid, pool, extra, backend, sb_power):
     q, k, v, ak, av = _inputs(grid, e=extra)
-    s, sb = 8**-0.5, (8**-0.5) ** 0.3
+    s, sb = 8**-0.5, (8**-0.5) ** sb_power
     out = pooled_agent_attention(
         q, k, v, grid, pool, broadcast_scale=sb, shortcut=0.075, additional_keys=ak, additional_values=av,
         backend=backend,
@@ -177,6 +178,8 @@ def test_hybrid_bad_input(kwargs, match):
         ({"pool": (2, 2, 2)}, r"pool=\(2, 2, 2\) must be an int >= 1 or 2 such"),
         ({"shortcut": float("inf")}, r"shortcut=inf must be"),
         ({"grid": (5, 5)}, r"holds 25 tokens but the inputs have N=20"),
+        ({"scale": 0.0}, r"scale=0.0 must be a finite real number > 0.0"),  # (ZeroDivisionError in the torch backend)
+        ({"broadcast_scale": -1.0}, r"broadcast_scale=-1.0 must be a finite real number > 0.0"),
     ],
 )
 def test_pooled_agent_bad_input(kwargs, match):
@@ -184,6 +187,22 @@ def test_pooled_agent_bad_input(kwargs, match):
     args = {"grid": (4, 5), "pool": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         pooled_agent_attention(q, k, v, args.pop("grid"), args.pop("pool"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("s,sb", [(64**-0.5, (64**-0.5) ** -4), (64**-0.5, 1e-6), (1e-3, 1.0)])
+def test_pooled_agent_scale_ratios_do_not_overflow_half_precision(dtype, s, sb):
+    """The torch backend folds the second scale into the queries or keys by a factor of magnitude <= 1: scaling the
+    queries by s_b / s = 32,768 (the converter's k_scale2=-4 at head_dim 64) overflowed float16 at |q| > 2."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 2, 64, generator=g) * 4 for _ in range(3))
+    out = pooled_agent_attention(*(t.to(dtype) for t in (q, k, v)), (8, 8), 2, scale=s, broadcast_scale=sb)
+    ref = pooled_agent_attention_reference(q.double(), k.double(), v.double(), (8, 8), 2, scale=s, broadcast_scale=sb)
+    assert torch.isfinite(out).all()
+    # against the reference on the same half-precision inputs: the inputs' and agents' rounding, amplified by the
+    # logits (up to |q . A| s_b ~ 1e3 here), is what remains
+    low = pooled_agent_attention_reference(*(t.to(dtype) for t in (q, k, v)), (8, 8), 2, scale=s, broadcast_scale=sb)
+    assert (out.double() - low.double()).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_additional_keys_need_both():

@@ -238,8 +238,9 @@ def _check_agent(q, k, v, grid, pool, scale, broadcast_scale, shortcut, ak, av):
     check_heads_last(_AG, q, k, v, same_length=True)
     grid = _check_grid(_AG, grid, q.shape[1])
     pool = _check_pool(pool, len(grid))
-    check_real(_AG, "scale", scale, low=None, optional=True)
-    check_real(_AG, "broadcast_scale", broadcast_scale, low=None, optional=True)
+    # (scale=0 divided by zero in the "torch" backend; a zero scale makes a softmax uniform, which no model means)
+    check_real(_AG, "scale", scale, low=0.0, low_open=True, optional=True)
+    check_real(_AG, "broadcast_scale", broadcast_scale, low=0.0, low_open=True, optional=True)
     check_real(_AG, "shortcut", shortcut, low=None)
     _check_additional(_AG, q, v, ak, av)
     return grid, pool
@@ -316,8 +317,15 @@ def _agent_torch(
         k, vk = torch.cat([k, additional_keys], dim=1), torch.cat([v, additional_values], dim=1)
     else:
         vk = v
-    # One op scale s for both softmaxes: the broadcast's s_b enters through the queries, (s_b / s) q . A * s.
-    out = agent_attention(q * (sb / s), k, vk, agents, scale=s)
+    # One op scale for both softmaxes. The other one enters through a factor of magnitude <= 1, so nothing overflows
+    # in half precision: the queries' (s_b / s) q . A * s where |s_b| < |s|, else the keys' A . (s / s_b) k * s_b (the
+    # queries scaled by s_b / s = 32,768 overflowed float16 at |q| > 2: the converter's k_scale2=-4, head_dim 64).
+    if sb == s:
+        out = agent_attention(q, k, vk, agents, scale=s)
+    elif abs(sb) < abs(s):
+        out = agent_attention(q * (sb / s), k, vk, agents, scale=s)
+    else:
+        out = agent_attention(q, k * (s / sb), vk, agents, scale=sb)
     return out + shortcut * v if shortcut else out
 
 
@@ -347,8 +355,8 @@ def pooled_agent_attention(
     and ``"reference"`` (pooling matrix, materialised weights).
 
     Raises:
-        ValueError: shapes that do not fit, a grid whose product is not ``N``, a pool size below 1, non-finite
-            scales or shortcut.
+        ValueError: shapes that do not fit, a grid whose product is not ``N``, a pool size below 1, scales that are
+            not finite numbers > 0, a non-finite shortcut.
     """
     _check_agent(q, k, v, grid, pool, scale, broadcast_scale, shortcut, additional_keys, additional_values)
     return _ag_op(
