@@ -625,3 +625,23 @@ def test_revert_inside_disabled_leaves_a_working_stock_model():
         y1 = _run(model, "dit")
     torch.testing.assert_close(_run(model, "dit"), y1)
     assert revert(model) == 1 and torch.equal(_run(model, "dit"), y0)
+
+
+def test_numpy_scalars_are_options_and_come_out_json_ready():
+    """numpy numbers are numbers (``sparsity=np.float32(0.5)`` was refused as "must be a number in [0, 1)");
+    the validated options are plain Python values (the plan is JSON); an int too large for a float is refused."""
+    np = pytest.importorskip("numpy")
+    from visionlin.convert._methods import validate_options
+
+    opts = validate_options("sla", {"sparsity": np.float32(0.5), "block_size": np.int64(8)})
+    assert opts["sparsity"] == 0.5 and opts["block_size"] == [8, 8]
+    assert type(opts["sparsity"]) is float and all(type(b) is int for b in opts["block_size"])
+    opts = validate_options("hybrid", {"kernel_size": [np.int32(3), 5], "dense_above_timestep": np.float32(400)})
+    assert opts["kernel_size"] == [3, 5] and all(type(x) is int for x in opts["kernel_size"])
+    assert type(opts["dense_above_timestep"]) is float
+    opts = validate_options("linear", {"eps": np.float32(1e-3), "mid_dim_scale": np.int64(2)})
+    assert type(opts["eps"]) is float and type(opts["mid_dim_scale"]) is int
+    json.dumps(validate_options("agent", {"pool": np.int8(2), "k_scale2": np.float32(0.3)}))
+    for option, value in (("sparsity", 10**400), ("dense_above_timestep", -(10**400))):
+        with pytest.raises(ValueError, match=rf"{option}=-?1000"):  # (OverflowError from math.isfinite)
+            validate_options("sparse", {option: value})

@@ -9,6 +9,7 @@ kernel op.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -49,27 +50,38 @@ METHODS: dict[str, dict[str, Any]] = {
 _POSITIVE_MAPS = ("elu", "relu", "sigmoid")
 
 
+def _finite(x: numbers.Real) -> bool:
+    """``math.isfinite`` that answers False for an int too large for a float (it raised OverflowError)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _ints(name: str, value: Any, *, odd: bool = False) -> int | list[int]:
     """An int >= 1 or a list of 1 to 3 such (one per grid axis), JSON-ready; odd where ``odd``."""
-    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    values = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
     ok = (
         isinstance(values, list | tuple)
         and 1 <= len(values) <= 3
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 and (x % 2 == 1 or not odd) for x in values)
+        and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 and (x % 2 == 1 or not odd)
+            for x in values
+        )
     )
     if not ok:
         kind = "an odd int >= 1" if odd else "an int >= 1"
         raise ValueError(f"{name}={value!r} must be {kind} or a list of 1 to 3 such (one per token-grid axis)")
-    return int(value) if isinstance(value, int) else [int(x) for x in values]
+    return int(value) if isinstance(value, numbers.Integral) else [int(x) for x in values]
 
 
 def _block_pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value), int(value)
     if (
         isinstance(value, tuple | list)
         and len(value) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)
+        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in value)
     ):
         return int(value[0]), int(value[1])
     raise ValueError(
@@ -79,7 +91,7 @@ def _block_pair(value: Any) -> tuple[int, int]:
 
 
 def _fraction(name: str, value: Any, *, high_open: bool = True) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
     if not ok or value < 0 or (value >= 1 if high_open else value > 1):
         raise ValueError(f"{name}={value!r} must be a number in [0, 1{')' if high_open else ']'}")
     return float(value)
@@ -104,7 +116,7 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
         out["block_size"] = list(_block_pair(out["block_size"]))
     t = out.get("dense_above_timestep")
     if t is not None:
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not _finite(t):
             raise ValueError(f"dense_above_timestep={t!r} must be a finite number (the model's timestep units) or None")
         out["dense_above_timestep"] = float(t)
     if method == "hybrid":
@@ -115,17 +127,18 @@ def validate_options(method: Any, options: dict[str, Any]) -> dict[str, Any]:
                          f"{list(_POSITIVE_MAPS)}")  # fmt: skip
     if method == "linear":
         e = out["eps"]
-        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e <= 0:
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not _finite(e) or e <= 0:
             raise ValueError(f"eps={e!r} must be a finite number > 0 (added to the mean-normalised denominator)")
         out["eps"] = float(e)
         m = out["mid_dim_scale"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
             raise ValueError(f"mid_dim_scale={m!r} must be an int >= 1 (MLP width = input channels // mid_dim_scale)")
+        out["mid_dim_scale"] = int(m)
     if method == "agent":
         out["pool"] = _ints("pool", out["pool"])
         for name in ("k_scale2", "k_shortcut"):
             x = out[name]
-            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not _finite(x):
                 raise ValueError(f"{name}={x!r} must be a finite number")
             out[name] = float(x)
         # (k_scale2=-1e10 overflowed scale ** k_scale2 at the first forward; k_shortcut=1e308 is inf in float32)
