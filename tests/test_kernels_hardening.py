@@ -11,6 +11,7 @@ maps, RoPE tables and ``feat_size``. The eager-only value check (``channel_scale
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -553,3 +554,108 @@ def test_cpu_sdpa_fallback_returns_autocast_dtype_as_sdpa_does(keys):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert sdpa(q.double(), k.double(), v.double()).dtype == torch.float64
+
+
+# Found by the stop-55 hostile probe ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_cpu_sdpa_in_half_precision_keeps_an_inf_score_visible(dtype, where):
+    """PyTorch's fused CPU kernel in float16 / bfloat16 gave 0 for a row with a +inf score (float32: NaN, as the
+    reference); such calls now run it in float32, so softmax and agent attention agree with their references on which
+    entries are NaN."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 1, 4, generator=g).to(dtype) for _ in range(3))
+    (q if where == "q" else k)[0, 3, 0, 1] = float("inf")
+    for fast, ref in (
+        (softmax_attention(q, k, v), softmax_attention_reference(q, k, v)),
+        (agent_attention(q, k, v, q[:, :20].nan_to_num(posinf=1.0)),
+         agent_attention_reference(q, k, v, q[:, :20].nan_to_num(posinf=1.0))),
+    ):  # fmt: skip
+        assert fast.dtype == dtype
+        assert torch.equal(torch.isnan(fast), torch.isnan(ref)) and torch.isnan(ref).any()
+        finite = ~torch.isnan(ref)
+        torch.testing.assert_close(fast[finite].float(), ref[finite].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_float16_attention_saturates_a_large_float32_bias_instead_of_making_it_inf():
+    """A float32 ``attn_bias`` of 1e5 went to +inf in float16 (the row came out 0, or NaN below 16 keys); it
+    saturates at float16's largest value now, which still selects that key, and a ``-inf`` (masked) stays masked."""
+    g = torch.Generator().manual_seed(1)
+    for n in (8, 32):
+        q, k, v = (torch.randn(1, n, 1, 4, generator=g, dtype=torch.float16) for _ in range(3))
+        bias = torch.zeros(n, n)
+        bias[:, 3] = 1e5
+        bias[:, 5] = -math.inf
+        out = softmax_attention(q, k, v, attn_bias=bias)
+        ref = softmax_attention_reference(q, k, v, attn_bias=bias)
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(out[0, :, 0], v[0, 3, 0].expand(n, -1), rtol=1e-3, atol=1e-3)
+        masked = bias.clone()
+        masked[:, 3] = 0.0
+        masked[0] = -math.inf  # query 0 attends to nothing: 0, as from SDPA
+        out = softmax_attention(q, k, v, attn_bias=masked)
+        assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+        torch.testing.assert_close(out, softmax_attention_reference(q, k, v, attn_bias=masked), rtol=2e-3, atol=2e-3)
+
+
+def test_stop55_argument_checks():
+    from fractions import Fraction
+
+    from visionlin.kernels import gated_linear_attention, neighborhood_attention
+    from visionlin.kernels.agent_bias import agent_position_biases
+    from visionlin.kernels.conv import token_depthwise_conv2d
+
+    q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+    # a callable feature map must keep the dtype and device (meta: uninitialised memory came back; float64: a crash)
+    for fm, got in (
+        (lambda x: x.double().relu(), "torch.float64 on cpu"),
+        (lambda x: x.to("meta"), "torch.float32 on meta"),
+    ):
+        for backend in ("torch", "reference"):
+            with pytest.raises(ValueError, match=f"feature_map must keep q's dtype and device .*got {got}"):
+                linear_attention(q, k, v, feature_map=fm, backend=backend)
+    # a 0-d side tensor on another device than the CPU is refused, a CPU scalar accepted
+    meta = torch.tensor(2.0, device="meta")
+    with pytest.raises(ValueError, match="rho is on meta but the queries are on cpu"):
+        pure_infsa_attention(q, k, v, rho=meta)
+    with pytest.raises(ValueError, match="attn_bias is on meta but the queries are on cpu"):
+        softmax_attention(q, k, v, attn_bias=meta)
+    torch.testing.assert_close(
+        pure_infsa_attention(q, k, v, rho=torch.tensor(2.0)), pure_infsa_attention(q, k, v, rho=2.0)
+    )
+    # numbers other than int / float / numpy ones, and ints past float64, are refused (they failed inside the op)
+    with pytest.raises(ValueError, match=r"scale=Fraction\(1, 2\) must be a finite real number"):
+        linear_attention(q, k, v, scale=Fraction(1, 2))
+    with pytest.raises(ValueError, match="eps=1000+ must be a finite real number"):
+        linear_attention(q, k, v, eps=10**400)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(linear_attention(q, k, v, scale=np.float32(0.5)), linear_attention(q, k, v, scale=0.5))
+    with pytest.raises(ValueError, match="kernel_size=100000000000000000001 must be an odd integer >= 1 below 2"):
+        neighborhood_attention(q, k, v, 10**20 + 1)
+    # an unhashable backend or op name ("unhashable type: 'list'")
+    with pytest.raises(ValueError, match=r"unknown backend \['torch'\]"):
+        linear_attention(q, k, v, backend=["torch"])
+    with pytest.raises(ValueError, match=r"unknown op \['x'\]"):
+        get_op(["x"])
+    # GLA's message named a `u` it does not have
+    with pytest.raises(ValueError, match="g is on meta, q is on cpu"):
+        gated_linear_attention(q, k, v, (-torch.rand_like(q)).to("meta"))
+    # the prefix tables of the agent biases must be floating point (complex lost its imaginary part)
+    h, n = 2, 4
+    tables = [torch.randn(s) for s in [(h, n, 7, 7), (h, n, 7, 7), (1, h, n, 3, 1), (1, h, n, 1, 3), (1, h, 3, 1, n),
+                                        (1, h, 1, 3, n)]]  # fmt: skip
+    for dt in (torch.complex64, torch.int64):
+        ac, ca = torch.ones(1, h, n, 1, dtype=dt), torch.ones(1, h, 1, n, dtype=dt)
+        with pytest.raises(ValueError, match="ac_bias / ca_bias must be floating point"):
+            agent_position_biases(*tables, ac, ca, num_prefix_tokens=1)
+    # RoPE tables whose angles or phases overflow float32 (NaN tables) are refused
+    for theta in (1e-40, 1e39):
+        with pytest.raises(ValueError, match=f"theta={re.escape(repr(theta))} overflows torch.float32"):
+            rope_2d_tables((2, 2), 8, theta=theta)
+    assert torch.isfinite(torch.stack(rope_2d_tables((14, 14), 8, theta=1e-3))).all()
+    # zero channels: an empty output, as every other op ("non-positive groups is not supported")
+    for backend in ("torch", "reference"):
+        out = token_depthwise_conv2d(torch.randn(2, 16, 0), torch.randn(0, 3, 3), feat_size=(4, 4), backend=backend)
+        assert out.shape == (2, 16, 0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,6 +89,9 @@ def check_heads_last(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"{op}: query/key head dim D = {q.shape[-1]} must be >= 1 (got {q.shape=}, {k.shape=})")
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def check_real(
     op: str,
     name: str,
@@ -114,11 +117,15 @@ def check_real(
     if type(value) is not float and type(value) is not int:  # (plain numbers, the per-forward case, skip both)
         if isinstance(value, (torch.SymInt, torch.SymFloat)):
             return
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        # numpy's numbers work with tensors; other Reals (Fraction) did not ("unsupported operand type")
+        if isinstance(value, bool) or not isinstance(value, int | float) and type(value).__module__ != "numpy":
             raise ValueError(
                 f"{op}: {name}={value!r} must be {_allowed(low, low_open, high, high_open, optional)}, "
                 f"got {type(value).__name__}"
             )
+    if type(value) is not float and isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+        # (an int past float64's range passed the comparisons below and raised OverflowError in the op)
+        raise ValueError(f"{op}: {name}={value!r} must be {_allowed(low, low_open, high, high_open, optional)}")
     # Comparisons, not math.isfinite: Dynamo traces them for a float it keeps symbolic (torch 2.11 does so for a float
     # read from a dict default argument, and math.isfinite then breaks a fullgraph compile).
     ok = -math.inf < value < math.inf
@@ -220,7 +227,7 @@ def check_side_tensor(
         )
     if not t.is_floating_point():
         raise ValueError(f"{op}: {name} must be floating point, got {name}.dtype={t.dtype}")
-    if t.device != like.device and t.ndim > 0:
+    if t.device != like.device and (t.ndim > 0 or t.device.type != "cpu"):  # (a CPU scalar goes anywhere)
         raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {like.device}")
     # broadcasts without growing: each trailing dim 1 or equal (torch.broadcast_shapes is a Python reference
     # implementation with symbolic-shape guards: ~50 us of host time per call, and these checks run every forward)
@@ -235,6 +242,11 @@ def as_sdpa_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | N
     (SDPA's CPU path rejects a broadcastable 1-D mask with an IndexError)."""
     if bias is None:
         return None
+    if q.dtype == torch.float16 and bias.dtype != torch.float16:
+        # finite values past float16's range saturate instead of becoming inf (a +inf logit made the row NaN or 0);
+        # -inf (a masked key) stays -inf
+        top = torch.finfo(torch.float16).max
+        bias = torch.where(torch.isinf(bias), bias, bias.clamp(-top, top))
     bias = bias.to(device=q.device, dtype=q.dtype)
     return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
 
@@ -243,6 +255,20 @@ def as_sdpa_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | N
 # than this (seen on torch 2.11 to 2.14, float64 / float32 / bfloat16, any query count and head dim; with 16 keys or
 # more the NaN comes through). pytorch/pytorch#141128 reported the same symptom at 16 keys on torch 2.5.
 _CPU_FUSED_SDPA_MIN_KEYS = 16
+
+
+def _cpu_half_hides_inf(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """A CPU call the fused kernel would run in float16 / bfloat16 (the inputs' dtype or CPU autocast's) whose q, k or
+    mask holds a non-finite value; False while tracing (values are not readable there)."""
+    half = (torch.float16, torch.bfloat16)
+    runs_half = q.dtype in half or (
+        torch.is_autocast_enabled("cpu") and q.dtype == torch.float32 and torch.get_autocast_dtype("cpu") in half
+    )
+    if not runs_half or not values_are_checkable(q, k):
+        return False
+    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+        return True
+    return attn_mask is not None and attn_mask.dtype != torch.bool and bool(torch.isposinf(attn_mask).any())
 
 
 def sdpa(
@@ -260,6 +286,16 @@ def sdpa(
     SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from the references. Under CPU
     autocast the result has autocast's dtype, as SDPA's (which autocast runs in it; float64 inputs are left alone)."""
     if q.device.type != "cpu" or k.shape[-2] >= _CPU_FUSED_SDPA_MIN_KEYS:
+        if q.device.type == "cpu" and _cpu_half_hides_inf(q, k, attn_mask):
+            # the fused CPU kernel in float16 / bfloat16 turns a row with a +inf score into 0 (float32 gives NaN):
+            # such calls (eager only: the check reads values) run it in float32
+            out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+            with torch.autocast("cpu", enabled=False):
+                mask = None if attn_mask is None else attn_mask.float()
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, scale=scale
+                )
+            return out.to(out_dtype)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
         )
@@ -418,5 +454,8 @@ def reference_dtype(dtype: torch.dtype) -> torch.dtype:
 @contextlib.contextmanager
 def fp32_reference(device: torch.device) -> Iterator[None]:
     """Disable autocast for the enclosed reference math (it runs in float32 or float64)."""
+    if device.type == "meta":  # (no autocast exists for it: "unsupported scalarType")
+        yield
+        return
     with torch.autocast(device_type=device.type, enabled=False):
         yield

@@ -67,7 +67,7 @@ class Op:
         """
         where = self.name if caller is None else f"{caller} (op {self.name})"
         if backend is not None:
-            if backend not in self.backends:
+            if not isinstance(backend, str) or backend not in self.backends:  # (a list: "unhashable type")
                 raise ValueError(f"{where}: unknown backend {backend!r}; choose one of {sorted(self.backends)}")
             chosen = self.backends[backend]
             reasons = chosen.supports(*args, **kwargs)
@@ -101,7 +101,7 @@ class Op:
 
 def get_op(name: str) -> Op:
     """Return the registered op called ``name``."""
-    if name not in _OPS:
+    if not isinstance(name, str) or name not in _OPS:
         raise ValueError(f"unknown op {name!r}; choose one of {sorted(_OPS)}")
     return _OPS[name]
 

@@ -61,6 +61,8 @@ def _check(tables: Tables, prefix: tuple[torch.Tensor | None, torch.Tensor | Non
     if ac is not None:
         if not (isinstance(ac, torch.Tensor) and isinstance(ca, torch.Tensor)):
             raise ValueError(f"{_NAME}: ac_bias / ca_bias must be tensors, got {type(ac)} / {type(ca)}")
+        if not (ac.is_floating_point() and ca.is_floating_point()):  # (complex lost its imaginary part, ints passed)
+            raise ValueError(f"{_NAME}: ac_bias / ca_bias must be floating point, got {ac.dtype} / {ca.dtype}")
         if tuple(ac.shape) != (1, h, n, p) or tuple(ca.shape) != (1, h, p, n):
             raise ValueError(f"{_NAME}: with num_prefix_tokens={p}, ac_bias must be {[1, h, n, p]} and ca_bias "
                              f"{[1, h, p, n]}, got {list(ac.shape)} / {list(ca.shape)}")  # fmt: skip

@@ -64,6 +64,8 @@ def _conv(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     """Depthwise convolution of ``[B, C, H, W]`` with ``[C, k, k]`` or per-sample ``[B, C, k, k]`` kernels."""
     b, c, hh, ww = grid.shape
     k = weight.shape[-1]
+    if c == 0:  # (F.conv2d: "non-positive groups is not supported")
+        return grid * 0.0
     if weight.ndim == 3:
         return F.conv2d(grid, weight.unsqueeze(1), bias, padding=k // 2, groups=c)
     if b * c == 0:

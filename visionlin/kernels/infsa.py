@@ -66,7 +66,7 @@ def _check(
                 f"{op}: rho must be a scalar or one value per head (shape () or [H]=({heads},)), "
                 f"got shape {tuple(rho.shape)}"
             )
-        if rho.ndim and rho.device != q.device:
+        if rho.device != q.device and (rho.ndim or rho.device.type != "cpu"):  # (a CPU scalar goes anywhere)
             raise ValueError(f"{op}: rho is on {rho.device} but the queries are on {q.device}")
     else:
         check_real(op, "rho", rho, low=None)

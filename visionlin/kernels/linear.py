@@ -93,6 +93,12 @@ def _features(
             )
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"{op}: feature_map gave q and k different widths: {fq.shape[-1]=} vs {fk.shape[-1]=}")
+    for name, x, f in (("q", q, fq), ("k", k, fk)):  # (a meta result gave uninitialised memory; float64, a crash)
+        if f.dtype != x.dtype or f.device != x.device:
+            raise ValueError(
+                f"{op}: feature_map must keep {name}'s dtype and device ({x.dtype}, {x.device}), got {f.dtype} on "
+                f"{f.device}"
+            )
     return fq, fk
 
 

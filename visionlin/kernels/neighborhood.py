@@ -156,9 +156,11 @@ def _per_dim(name: str, value: Any, nd: int, *, odd: bool) -> tuple[int, ...]:
         not isinstance(values, Sequence)
         or isinstance(values, str)
         or len(values) != nd
-        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values)
-    ):
-        raise ValueError(f"{_OP}: {name}={value!r} must be {kind} or a tuple of {nd} such (one per spatial axis)")
+        or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x < 2**31 for x in values)
+    ):  # (an int past int64 raised OverflowError inside the op)
+        raise ValueError(
+            f"{_OP}: {name}={value!r} must be {kind} below 2**31 or a tuple of {nd} such (one per spatial axis)"
+        )
     if odd and any(x % 2 == 0 for x in values):
         raise ValueError(f"{_OP}: {name}={value!r} must be odd along every axis (NAT/DiNAT windows are centred)")
     return tuple(int(x) for x in values)

@@ -78,6 +78,14 @@ def rope_2d_tables(
     dtype = dtype or torch.float32
     work = torch.float64 if dtype == torch.float64 else torch.float32
     hh, ww = int(feat_size[0]), int(feat_size[1])
+    # the angles run from 1 to 1 / theta, the phases up to max(H, W) x the largest: each must be finite in `work`
+    # (theta=1e-40 gave NaN tables, theta=1e39 an infinite base and every angle but the first 0)
+    top = torch.finfo(work).max
+    if not (theta < top and max(hh, ww) / min(float(theta), 1.0) < top):
+        raise ValueError(
+            f"rope_2d_tables: theta={theta!r} overflows {work} angles or phases for feat_size={tuple(feat_size)} "
+            f"(1 / theta and max(H, W) / min(theta, 1) must stay below {top:.3g}; RoPE uses theta around 10 to 1e4)"
+        )
     angle = 1.0 / (theta ** torch.linspace(0, 1, head_dim // 4, device=device, dtype=work))
     angle = angle.repeat_interleave(2)  # [D/2]: a0, a0, a1, a1, ...
     rows = torch.arange(hh, device=device, dtype=work)[:, None] * angle  # [H, D/2]

@@ -154,7 +154,9 @@ def _check_chunk(op: str, chunk_size: Any, minimum: int = 1) -> None:
         raise ValueError(f"{op}: chunk_size={chunk_size!r} must be an integer >= {minimum}")
 
 
-def _check_tensor(op: str, name: str, t: Any, shape: tuple[int, ...], layout: str, device: torch.device) -> None:
+def _check_tensor(
+    op: str, name: str, t: Any, shape: tuple[int, ...], layout: str, device: torch.device, lead: str = "u"
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor {layout}={shape}, got {type(t).__name__}")
     if t.is_complex():
@@ -164,7 +166,7 @@ def _check_tensor(op: str, name: str, t: Any, shape: tuple[int, ...], layout: st
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must be {layout}={tuple(shape)}, got {name}.shape={tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, u is on {device}")
+        raise ValueError(f"{op}: {name} is on {t.device}, {lead} is on {device}")
 
 
 def _check_nonpositive(op: str, name: str, t: torch.Tensor) -> None:
@@ -451,7 +453,7 @@ def _check_gla_args(op: str, q: Any, k: Any, v: Any, gates: dict[str, Any], scal
     if q.shape[-1] == 0:
         raise ValueError(f"{op}: key head dim K = 0 (got {q.shape=}); K must be >= 1")
     for name, g in gates.items():
-        _check_tensor(op, name, g, tuple(q.shape), "[B, L, H, K]", q.device)
+        _check_tensor(op, name, g, tuple(q.shape), "[B, L, H, K]", q.device, lead="q")
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf
     ):
