@@ -163,6 +163,19 @@ def test_forward_intermediates(name):
     pruned = _create(name)
     kept = pruned.prune_intermediate_layers(indices=[0, 2], prune_head=True)
     assert kept == [0, 2] and len(pruned.stages if hasattr(pruned, "stages") else pruned.blocks) == 3
+    # the pruned model still runs end to end, its intermediates unchanged (the hierarchical families failed on the
+    # last stage's norm or the head's width); for every prune_norm / prune_head, and a new classifier fits it
+    for prune_norm, prune_head in ((False, False), (True, True)):
+        pruned = _create(name)
+        pruned.prune_intermediate_layers(indices=[0, 2], prune_norm=prune_norm, prune_head=prune_head)
+        got = pruned.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        for a, b in zip(got, full, strict=True):
+            torch.testing.assert_close(a, b)
+        feats = pruned.forward_features(x)
+        assert feats.shape[-1] == pruned.num_features
+        torch.testing.assert_close(pruned(x), pruned.forward_head(feats))  # (the head pruned: global_pool="")
+        pruned.reset_classifier(5, "avg")
+        assert pruned(x).shape == (2, 5)
 
 
 @pytest.mark.parametrize("name", MODELS)

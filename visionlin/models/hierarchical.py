@@ -773,12 +773,17 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop stages (and optionally norm / head) not needed for the requested intermediates."""
+        """Drop stages (and optionally norm / head) not needed for the requested intermediates, as timm's Swin does:
+        when the last kept stage is not the last one, the final norm (sized for the last stage) and the classifier go
+        too and ``num_features`` becomes that stage's width, so ``forward`` / ``forward_features`` keep working (they
+        failed on the last stage's norm or the head's width)."""
         wanted, max_index = take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # (MAViT's: the projection head, which set num_features)
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return wanted
 

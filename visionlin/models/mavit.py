@@ -382,15 +382,6 @@ class RoPEHybridBackbone(HierarchicalBackbone):
         kwargs["norm"] = False
         return super().forward_intermediates(x, indices, **kwargs)
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop stages (and optionally the projection head / classifier) not needed for the intermediates."""
-        wanted = super().prune_intermediate_layers(indices, prune_norm, prune_head)
-        if prune_norm:
-            self.num_features = self.head_hidden_size = self.embed_dims[len(self.stages) - 1]
-        return wanted
-
 
 # Checkpoint conversion ------------------------------------------------------------------------------------------------
 _BLOCK_RENAMES = (("norm1.norm.", "norm1."), ("norm2.norm.", "norm2."), ("pos.", "cpe1."))
