@@ -521,3 +521,58 @@ def test_pretrained_weights_load_into_one_channel_input(name, tmp_path):
     got, want = dst.state_dict(), src.state_dict()
     torch.testing.assert_close(got[key], want[key].sum(dim=1, keepdim=True))
     assert all(torch.equal(got[k], want[k]) for k in want if k != key)
+
+
+@pytest.mark.parametrize("name", ["flatten_pvt_tiny", "flatten_swin_tiny", "agent_pvt_tiny"])
+def test_hierarchical_transposed_grid_checkpoint_is_resampled_or_refused(name):
+    """The hierarchical models with grid-sized tables (stage position embeddings, FLatten's positional encodings)
+    record their stage-0 grid: a (64, 96) checkpoint loaded into a (96, 64) model silently (the token counts agree),
+    now it is refused as is and resampled correctly through checkpoint_filter_fn (equal to the source resampling on
+    the fly); an older checkpoint without the record loads where that is unambiguous."""
+    from visionlin.models.hierarchical import checkpoint_filter_fn as filter_fn
+
+    src = timm.create_model(name, img_size=(64, 96)).eval()
+    with torch.no_grad():
+        for key, p in src.named_parameters():
+            if key.endswith(("pos_embed", "positional_encoding")):
+                p.normal_()
+    dst = timm.create_model(name, img_size=(96, 64)).eval()
+    with pytest.raises(ValueError, match=r"saved for a 16 x 24 stage-0 token grid, this model has 24 x 16"):
+        dst.load_state_dict(src.state_dict())
+    dst.load_state_dict(filter_fn(src.state_dict(), dst), strict=True)
+    assert dst.pos_embed_grid.tolist() == [24, 16]
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=1e-4, atol=1e-5)
+        other = timm.create_model(name, img_size=(128, 64)).eval()  # another size: resampled from the record
+        other.load_state_dict(filter_fn(src.state_dict(), other))
+        y = torch.randn(1, 3, 128, 64)
+        torch.testing.assert_close(other(y), src(y), rtol=1e-4, atol=1e-5)
+    old = {k: v for k, v in src.state_dict().items() if k != "pos_embed_grid"}  # a checkpoint from before the record
+    same = timm.create_model(name, img_size=(96, 64))
+    with pytest.raises(ValueError, match=r"has no pos_embed_grid and this model's stage-0 grid \(24, 16\) is not"):
+        same.load_state_dict(old)
+    square = timm.create_model(name, img_size=(64, 64))
+    square.load_state_dict({k: v for k, v in square.state_dict().items() if k != "pos_embed_grid"})
+    assert "pos_embed_grid" not in dict(timm.create_model("nat_mini", img_size=64).named_buffers())  # no tables
+
+
+def test_hierarchical_layout_keywords():
+    """attn_kwargs without attn_layer on the Swin variants replaced the published layout with the backbone's default
+    mixer (and dropped agent_num); now they reach the layout's linear layers. Keywords that only shape the published
+    layout are refused next to attn_layer; agent_num with attn_kwargs on PVT was a TypeError; MAViT-family dynamic
+    flags are checked."""
+    m = timm.create_model("flatten_swin_tiny", attn_kwargs=dict(focusing_factor=2.0))
+    kinds = {(type(b.attn).__name__, getattr(b.attn, "focusing_factor", None)) for s in m.stages for b in s.blocks}
+    assert kinds == {("ShiftedWindowAttention", None), ("FocusedLinearAttention", 2.0)}
+    m = timm.create_model("agent_swin_tiny", attn_kwargs={})
+    assert {type(b.attn).__name__ for s in m.stages for b in s.blocks} == {"AgentAttention", "ShiftedWindowAttention"}
+    with pytest.raises(ValueError, match=r"\['agent_num'\] only apply to the published layout"):
+        timm.create_model("agent_swin_tiny", attn_layer="agent", agent_num=4)
+    with pytest.raises(ValueError, match=r"without attn_layer must be one dict"):
+        timm.create_model("agent_swin_tiny", attn_kwargs=[{}] * 4)
+    with pytest.raises(ValueError, match="give agent_num inside attn_kwargs"):
+        timm.create_model("agent_pvt_tiny", agent_num=9, attn_kwargs={"agent_num": 4})
+    for flag in ("dynamic_img_size", "dynamic_img_pad"):
+        with pytest.raises(ValueError, match=rf"{flag}='no' must be True or False"):
+            timm.create_model("mavit_tiny", img_size=64, **{flag: "no"})

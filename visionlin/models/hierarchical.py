@@ -59,7 +59,7 @@ from ._common import (
     token_grid,
 )
 from ._pretrained import build_with_weights, resolve_cfg
-from .vit import Block, _check_matches, _unwrap
+from .vit import Block, _check_matches, _saved_grid, _unwrap
 
 __all__ = [
     "ConvBlock",
@@ -610,6 +610,12 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
                 )
             )
         self.stages = nn.ModuleList(stages)
+        if stage_pos_embed or any(getattr(ATTN_LAYERS[a], "grid_kwarg", None) for stage in layers for a in stage):
+            # The stage-0 token grid that the grid-sized tables (stage position embeddings, FLatten's positional
+            # encodings) are laid out on, saved with the weights: their token counts alone cannot tell H x W from
+            # W x H (a transposed checkpoint loaded silently). Stage i's grid is this one divided by 2**i, rounded up.
+            grid0 = (-(-img_size[0] // self.stem.stride), -(-img_size[1] // self.stem.stride))
+            self.register_buffer("pos_embed_grid", torch.tensor(grid0, dtype=torch.int64, device=device))
         self.feature_info = [
             dict(num_chs=dims[i], reduction=self.stem.stride * 2**i, module=f"stages.{i}") for i in range(n)
         ]
@@ -770,6 +776,39 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Refuse grid-sized tables laid out on another grid; fill in the grid of older or foreign checkpoints where
+        the tables' shapes make it unambiguous (this model's grid square, or no grid-sized table given)."""
+        if "pos_embed_grid" in self._buffers:
+            key = prefix + "pos_embed_grid"
+            grid = tuple(int(g) for g in self.pos_embed_grid_size)
+            if key in state_dict:
+                theirs = _saved_grid(state_dict[key])
+                if theirs != grid:
+                    raise ValueError(
+                        f"checkpoint was saved for a {theirs[0]} x {theirs[1]} stage-0 token grid, this model has "
+                        f"{grid[0]} x {grid[1]} (img_size={tuple(self.img_size)}); load it through "
+                        f"{type(self).__module__}.checkpoint_filter_fn, which resamples the grid-sized tables, or "
+                        "build the model at the checkpoint's img_size"
+                    )
+            else:
+                tables = [k for k in state_dict if k.startswith(prefix) and k.endswith(_GRID_TABLES)]
+                if tables and grid[0] != grid[1]:
+                    raise ValueError(
+                        f"checkpoint has no pos_embed_grid and this model's stage-0 grid {grid} is not square: its "
+                        f"grid-sized tables ({tables[0]}, ...) could be laid out {grid} or {grid[::-1]}; add "
+                        "state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the stage-0 grid it was trained "
+                        "on (img_size / the stem stride) and load it through checkpoint_filter_fn"
+                    )
+                state_dict[key] = torch.tensor(grid, dtype=torch.int64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    @property
+    def pos_embed_grid_size(self) -> tuple[int, int]:
+        """The stage-0 token grid of the nominal ``img_size`` (the grid-sized tables' layout), as Python ints."""
+        size = tuple(self.img_size)
+        return -(-size[0] // self.stem.stride), -(-size[1] // self.stem.stride)
+
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
@@ -786,6 +825,10 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return wanted
+
+
+# Keys of grid-sized tables (stage position embeddings, FLatten's positional encodings).
+_GRID_TABLES = (".pos_embed", ".positional_encoding")
 
 
 def create_hierarchical(
@@ -862,13 +905,24 @@ def rename_level_keys(
     return out
 
 
-def _resample_stage_pos_embed(pe: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
-    """A stage position embedding ``[1, n, C]`` saved for a square grid (the authors' and ours at square
-    ``img_size``), resampled to ``size`` as :func:`~visionlin.models._common.grid_pos_embed` does on the fly."""
-    side = int(round(pe.shape[1] ** 0.5))
-    if side * side != pe.shape[1]:
-        raise ValueError(f"{name}: cannot infer the grid of a position embedding with {pe.shape[1]} tokens ({size=})")
-    return resample_abs_pos_embed(pe, new_size=list(size), old_size=[side, side], num_prefix_tokens=0, verbose=False)
+def _resample_stage_pos_embed(
+    pe: torch.Tensor, size: tuple[int, int], name: str, old: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A stage position embedding ``[1, n, C]`` saved for the grid ``old`` (where the checkpoint records it) or a
+    square grid (the authors'), resampled to ``size`` as :func:`~visionlin.models._common.grid_pos_embed` does on the
+    fly."""
+    if old is not None:
+        if old[0] * old[1] != pe.shape[1]:
+            raise ValueError(f"{name}: {pe.shape[1]} tokens do not fit the checkpoint's grid {old} (pos_embed_grid)")
+    else:
+        side = int(round(pe.shape[1] ** 0.5))
+        if side * side != pe.shape[1]:
+            raise ValueError(
+                f"{name}: cannot infer the grid of a position embedding with {pe.shape[1]} tokens ({size=}); a "
+                "checkpoint of a non-square model needs its pos_embed_grid"
+            )
+        old = (side, side)
+    return resample_abs_pos_embed(pe, new_size=list(size), old_size=list(old), num_prefix_tokens=0, verbose=False)
 
 
 def checkpoint_filter_fn(
@@ -885,20 +939,35 @@ def checkpoint_filter_fn(
     """
     out: dict[str, torch.Tensor] = {}
     per_block: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for k, v in _unwrap(state_dict).items():
+    state_dict = _unwrap(state_dict)
+    old_grid0 = _saved_grid(state_dict["pos_embed_grid"]) if "pos_embed_grid" in state_dict else None
+    for k, v in state_dict.items():
         m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.(.+)$", k)
         if m and int(m.group(1)) < len(model.stages) and int(m.group(2)) < len(model.stages[int(m.group(1))].blocks):
             per_block.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = v
         else:
             out[k] = v
+
+    def old_grid(i: int) -> tuple[int, int] | None:  # stage i's grid in the checkpoint, where it says so
+        return None if old_grid0 is None else (-(-old_grid0[0] // 2**i), -(-old_grid0[1] // 2**i))
+
     for (i, j), sub in per_block.items():
         attn: TokenMixer = model.stages[i].blocks[j].attn
-        sub = attn.adapt_state_dict(attn.convert_official_state_dict(sub))
+        sub = attn.adapt_state_dict(attn.convert_official_state_dict(sub), old_grid=old_grid(i))
         out.update({f"stages.{i}.blocks.{j}.attn.{k}": v for k, v in sub.items()})
     for i, stage in enumerate(model.stages):
         pe = out.get(f"stages.{i}.pos_embed")
-        if pe is not None and stage.pos_embed is not None and pe.ndim == 3 and pe.shape != stage.pos_embed.shape:
-            out[f"stages.{i}.pos_embed"] = _resample_stage_pos_embed(pe, stage.pos_embed_size, f"stages.{i}.pos_embed")
+        if pe is None or stage.pos_embed is None or pe.ndim != 3:
+            continue
+        old = old_grid(i)
+        if pe.shape != stage.pos_embed.shape or (old is not None and old != tuple(stage.pos_embed_size)):
+            out[f"stages.{i}.pos_embed"] = _resample_stage_pos_embed(
+                pe, stage.pos_embed_size, f"stages.{i}.pos_embed", old
+            )
+    if "pos_embed_grid" in getattr(model, "_buffers", {}):
+        out["pos_embed_grid"] = model.pos_embed_grid.detach().clone()
+    else:
+        out.pop("pos_embed_grid", None)
     if strict:  # every key present and of the right shape (False: map what can be mapped, e.g. for distillation)
         _check_matches(out, model)
     return out

@@ -328,6 +328,8 @@ class RoPEHybridBackbone(HierarchicalBackbone):
         check_int("num_classes", num_classes, minimum=0)
         check_int("projection", projection, minimum=1)
         check_bool("two_cpe", two_cpe)
+        check_bool("dynamic_img_size", dynamic_img_size)  # ("no" is truthy: it padded and resized)
+        check_bool("dynamic_img_pad", dynamic_img_pad)
         for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
             check_rate(name, value)
         check_rate("drop_path_rate", drop_path_rate)

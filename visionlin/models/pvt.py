@@ -117,6 +117,8 @@ def _create_pvt(
         **defaults,
     )
     args.update(kwargs)
+    if "agent_num" in kwargs and "attn_kwargs" in kwargs:  # (a TypeError from the backbone's constructor)
+        raise ValueError(f"{variant}: give agent_num inside attn_kwargs, or agent_num without attn_kwargs, not both")
     if agent_num is not None and "attn_kwargs" not in kwargs:
         agents = args.pop("agent_num", agent_num)
         if isinstance(agents, Sequence) and not isinstance(agents, str):

@@ -195,7 +195,24 @@ def _create_swin(
         if len(agents) != len(depths):
             raise ValueError(f"agent_num={agents} needs one entry per stage ({len(depths)} stages)")
         per_stage = [{**kw, "agent_num": n} for kw, n in zip(per_stage, agents, strict=True)]
-    if "attn_layer" not in kwargs and "attn_kwargs" not in kwargs:
+    if "attn_layer" in kwargs:  # the caller's own layout: the published layout's settings do not apply to it
+        given = sorted(k for k in ("agent_num", "attn_type") if k in kwargs)
+        if given:
+            raise ValueError(
+                f"{variant}: {given} only apply to the published layout, which attn_layer replaces; give agent_num "
+                "through attn_kwargs, or drop attn_layer"
+            )
+    else:
+        # attn_kwargs without attn_layer: keywords for the layout's linear layers (it replaced the whole layout with
+        # the backbone's default mixer, and agent_num went unused)
+        extra = args.pop("attn_kwargs", None)
+        if extra is not None:
+            if not isinstance(extra, Mapping):
+                raise ValueError(
+                    f"{variant}: attn_kwargs={extra!r} without attn_layer must be one dict of keywords for the "
+                    f"published layout's {linear_layer!r} layers; per-block lists need attn_layer too"
+                )
+            per_stage = [{**kw, **extra} for kw in per_stage]
         args["attn_layer"], args["attn_kwargs"] = swin_layout(attn_type, depths, linear_layer, per_stage, window)
     return create_hierarchical(variant, pretrained, checkpoint_filter_fn, **args)
 
