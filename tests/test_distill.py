@@ -174,3 +174,20 @@ def test_distill_bad_input_is_a_usage_error(capsys, tmp_path, data):
     err = usage_error(capsys, [*base, *TEACHER, "--teacher-checkpoint", str(wrong)])
     assert f"cannot read checkpoint '{wrong}' as a torch.save'd state dict" in err
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))
+
+
+def test_initial_weights_turn_the_teacher_initialisation_off(capsys, tmp_path):
+    """--initial-checkpoint / --pretrained loaded the student, then --init-from-teacher (on by default) copied the
+    teacher's weights over them: now the default yields to them, and asking for both is a usage error."""
+    from visionlin.train.distill import resolve_distill_config
+    from visionlin.train.validate import UsageError
+
+    weights = tmp_path / "student.pth"
+    torch.save(timm.create_model("infvit_tiny", img_size=32, num_classes=3).state_dict(), weights)
+    given = {"model": "infvit_tiny", "teacher": "deit_tiny_patch16_224", "initial_checkpoint": str(weights),
+             "data_dir": str(tmp_path)}  # fmt: skip
+    assert resolve_distill_config(given, None)["init_from_teacher"] is False
+    assert "--initial-checkpoint initialise(s) the student: --init-from-teacher is off" in capsys.readouterr().out
+    assert resolve_distill_config({**given, "initial_checkpoint": None}, None)["init_from_teacher"] is True
+    with pytest.raises(UsageError, match="--initial-checkpoint and --init-from-teacher both initialise the student"):
+        resolve_distill_config({**given, "init_from_teacher": True}, None)

@@ -250,3 +250,91 @@ def test_results_file_that_cannot_be_written_is_refused_before_evaluating(capsys
     err = usage_error(capsys, ["validate", *TINY, "--data-dir", str(data), "--results-file", "/proc/version"])
     assert "argument --results-file: '/proc/version' cannot be written" in err
     assert "top-1" not in capsys.readouterr().out
+
+
+# stop 55: a resumption restored the checkpoint's optimizer groups and schedule over the new settings it announced
+
+
+def test_resumption_applies_changed_lr_weight_decay_and_epochs(capsys, tmp_path, data):
+    """Resuming a finished 1-epoch run with --epochs 2, another --lr and --weight-decay: the steps after the checkpoint
+    follow the new schedule (as a straight 2-epoch run with those settings does; they ran at the old schedule's lr 0)
+    and the optimizer groups carry the new weight decay (they kept the old one while the note said otherwise)."""
+    base = [*TINY, "-b", "4", "--warmup-epochs", "0", "--log-interval", "1", "--no-plot", "--workers", "0",
+            "--data-dir", str(data), "--min-lr", "0"]  # fmt: skip
+    run = tmp_path / "run"
+    assert (
+        cli.main(["train", *base, "--epochs", "1", "--lr", "1e-3", "--weight-decay", "0.05", "--output", str(run)]) == 0
+    )
+    assert cli.main(["train", *base, "--epochs", "2", "--lr", "2e-3", "--weight-decay", "0.5", "--output", str(run),
+                     "--resume", "auto"]) == 0  # fmt: skip
+    assert "the learning-rate schedule follows this run's settings from step 3 on: lr: 0.001 -> 0.002" in (
+        capsys.readouterr().out
+    )
+    straight = tmp_path / "straight"
+    assert cli.main(["train", *base, "--epochs", "2", "--lr", "2e-3", "--weight-decay", "0.5", "--output",
+                     str(straight)]) == 0  # fmt: skip
+    from visionlin.train.plot import read_log
+
+    def lrs(path):
+        return {r["step"]: r["lr"] for r in read_log(next(path.iterdir()))["train"]}
+
+    resumed, want = lrs(run), lrs(straight)
+    assert [resumed[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)] and want[4] > 0
+    state = ckpt.read_checkpoint(ckpt.latest_checkpoint(next(run.iterdir())))
+    decays = sorted({g["weight_decay"] for g in state["train_state"]["optimizer"]["param_groups"]})
+    assert decays == [0.0, 0.5]
+
+
+def test_validate_maps_labels_by_class_name_and_use_ema_needs_a_folder(capsys, tmp_path, data):
+    """A validation folder without one of the training classes numbered the others from 0 (scored against the wrong
+    outputs, exit 0): the run records its class names and validate maps the folder's labels by them, or refuses a
+    class it did not train on. ``--use-ema`` with a weights file was ignored (the plain weights were reported)."""
+    import shutil
+
+    from visionlin.train.validate import validate
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(run), "--model-ema"]) == 0
+    folder = next(run.iterdir())
+    part = tmp_path / "part"
+    shutil.copytree(data / "val", part / "val")
+    first = sorted(p.name for p in (part / "val").iterdir())[0]
+    shutil.rmtree(part / "val" / first)
+    kw = dict(checkpoint=str(folder), data_dir=str(part), img_size=32, batch_size=4, workers=0, device="cpu",
+              model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
+    full = validate("infvit_tiny", **{**kw, "data_dir": str(data)})
+    partial = validate("infvit_tiny", **kw)
+    # the same model on the other classes' images: per-image correctness is the full run's, restricted
+    from visionlin.train.data import create_dataset
+
+    ds = create_dataset("imagefolder", str(part), "val")
+    assert ds.classes != create_dataset("imagefolder", str(data), "val").classes
+    assert partial["n"] == full["n"] - 2
+    import torch.nn.functional as F  # noqa: N812
+
+    from visionlin.train.validate import build_model, eval_transform, load_model_weights
+
+    model = build_model("infvit_tiny", num_classes=3, img_size=32, **kw["model_kwargs"]).eval()
+    load_model_weights(model, ckpt.latest_checkpoint(folder) / "model.safetensors", "infvit_tiny")
+    tf = eval_transform(model, 32, None)
+    images, labels = zip(
+        *[
+            (
+                tf(Image.open(p).convert("RGB")),
+                sorted(c.name for c in (data / "val").iterdir()).index(Path(p).parent.name),
+            )
+            for p, _ in ds.samples
+        ],
+        strict=True,
+    )
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    want = float(F.cross_entropy(logits, torch.tensor(labels)))
+    assert partial["loss"] == pytest.approx(want, rel=1e-5)
+    (part / "val" / "stranger").mkdir()
+    Image.new("RGB", (32, 32)).save(part / "val" / "stranger" / "x.png")
+    with pytest.raises(UsageError, match=r"the data's classes \['stranger'\] are not among the 3 classes"):
+        validate("infvit_tiny", **kw)
+    weights = ckpt.latest_checkpoint(folder) / "model.safetensors"
+    with pytest.raises(UsageError, match=r"use_ema \(--use-ema\) picks ema.safetensors in a checkpoint or run folder"):
+        validate("infvit_tiny", **{**kw, "checkpoint": str(weights), "use_ema": True})

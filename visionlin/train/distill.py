@@ -384,6 +384,13 @@ def resolve_distill_config(given: dict[str, Any], recipe: str | None) -> dict[st
     # the teacher is built at the student's size and classes
     check_dedicated_kwargs(cfg["teacher_kwargs"], {"img_size": "--img-size", "num_classes": "--num-classes"},
                            "--teacher-kwargs")  # fmt: skip
+    own = [f"--{k.replace('_', '-')}" for k in ("initial_checkpoint", "pretrained") if cfg.get(k)]
+    if own and cfg["init_from_teacher"]:
+        # (the teacher's weights were copied over the student's initial weights after they were loaded)
+        if "init_from_teacher" in given:
+            raise UsageError(f"{' and '.join(own)} and --init-from-teacher both initialise the student; give one")
+        cfg["init_from_teacher"] = False
+        print(f"note: {' and '.join(own)} initialise(s) the student: --init-from-teacher is off", flush=True)
     if cfg["mask_weight"] and not 0 < cfg["mask_ratio"] < 1:
         raise UsageError(f"--mask-weight {cfg['mask_weight']} needs 0 < --mask-ratio < 1, not {cfg['mask_ratio']}")
     if cfg["match_layers"]:

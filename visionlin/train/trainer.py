@@ -280,6 +280,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu", False, BOOL, "train on the CPU even when a GPU is present"),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+# Settings that shape the learning-rate schedule: changed at a resumption, the schedule is rebuilt from them (timm's
+# train.py does the same) instead of restored from the checkpoint.
+SCHEDULE_KEYS = ("lr", "lr_base", "lr_base_size", "sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr")
+# Optimizer group settings taken from this run's configuration, not the checkpoint's, at a resumption.
+_GROUP_SETTINGS = ("weight_decay", "momentum", "eps")
 # Keys whose change between a checkpoint and its resumption would break exactness; other changes are only noted.
 NOT_COMPARED = {"resume", "workers", "log_interval", "output", "experiment", "tensorboard", "plot", "pin_mem",
                 "persistent_workers", "checkpoint_hist", "recovery_interval", "epochs"}  # fmt: skip
@@ -704,7 +709,12 @@ def train(
 
     # state; the weights are loaded before accelerate wraps (and, with FSDP, shards) the model
     epoch, position, step, skipped_total = 0, 0, 0, 0
-    weights_meta = {"format": "visionlin", "model": cfg["model"], "num_classes": str(num_classes)}
+    weights_meta = {
+        "format": "visionlin",
+        "model": cfg["model"],
+        "num_classes": str(num_classes),
+        "class_names": json.dumps(list(train_ds.classes)),
+    }  # (validate maps a folder's labels by name)
     optimizer_format = "fsdp_full" if fsdp else "torch"
     rng_state = ts = state = None
     if resume_from is not None:
@@ -749,6 +759,9 @@ def train(
     eval_model = prepared if fsdp else raw_model  # a sharded model is only whole inside the wrapper's forward
 
     if state is not None:
+        # this run's settings, which the checkpoint's optimizer state would overwrite (a changed --weight-decay was
+        # reported as used and not applied)
+        fresh = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -756,7 +769,19 @@ def train(
                                      options=StateDictOptions(full_state_dict=True))  # fmt: skip
         else:
             optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
+        for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+            group.update(settings)
+        moved = {k: (ts["config"].get(k), cfg[k]) for k in SCHEDULE_KEYS if ts["config"].get(k) != cfg[k]}
+        old_sched = ts["scheduler"]
+        for field in ("base_values", "t_initial"):  # the resolved lr (batch-scaled) and the steps of the schedule
+            if field in old_sched and old_sched[field] != getattr(scheduler, field, old_sched[field]):
+                moved[field] = (old_sched[field], getattr(scheduler, field))
+        if not moved:
+            scheduler.load_state_dict(old_sched)
+        else:  # (the checkpoint's schedule was restored over the new one: a longer run spent its new epochs at lr 0)
+            scheduler.step_update(num_updates=ts["step"])
+            _say(accelerator, f"note: the learning-rate schedule follows this run's settings from step {ts['step']} "
+                 "on: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in moved.items()))  # fmt: skip
         if ema is not None:
             ema.load_full_state_dict(raw_model, state["ema"])
         if accelerator.scaler is not None and ts.get("scaler") is not None:

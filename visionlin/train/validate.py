@@ -344,6 +344,29 @@ def evaluate(
     }
 
 
+def _map_labels_by_name(ds: Any, names_json: str | None, weights: Path | None) -> None:
+    """Give the folder's samples the labels the checkpoint's training run gave their class names (recorded in its
+    weights' metadata since stop 55): a validation folder without some of the training classes numbered the rest from
+    0 and scored them against the wrong outputs, exit 0. ``UsageError`` for a class the run did not train on."""
+    if names_json is None or not hasattr(ds, "samples"):
+        return
+    try:
+        trained = json.loads(names_json)
+    except ValueError:
+        return  # (not ours to judge: an unreadable record leaves the labels as they are)
+    if not isinstance(trained, list) or list(ds.classes) == trained:
+        return
+    unknown = [c for c in ds.classes if c not in trained]
+    if unknown:
+        raise UsageError(
+            f"the data's classes {unknown[:5]} are not among the {len(trained)} classes {str(weights)!r} was trained "
+            f"on ({trained[:5]}{' ...' if len(trained) > 5 else ''})"
+        )
+    index = {c: trained.index(c) for c in ds.classes}
+    ds.samples = [(path, index[ds.classes[t]]) for path, t in ds.samples]
+    ds.targets = [t for _, t in ds.samples]
+
+
 def validate(
     model_name: str,
     *,
@@ -381,13 +404,19 @@ def validate(
         raise UsageError(f"device={device!r} (--device) is not a torch device; use cpu or cuda[:N]") from None
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
         raise UsageError(f"device={device!r} (--device): use cpu, or cuda[:N] on a machine with a CUDA GPU")
+    if use_ema and checkpoint and not Path(checkpoint).is_dir():
+        # (a weights file is what it is: the flag was ignored and a run's plain weights reported as evaluated)
+        raise UsageError(
+            f"use_ema (--use-ema) picks ema.safetensors in a checkpoint or run folder; {str(checkpoint)!r} is a file: "
+            "pass the EMA weights file itself without --use-ema, or the folder with it"
+        )
     weights = resolve_checkpoint(checkpoint, ema=use_ema) if checkpoint else None
+    meta = check_weights_model(weights, model_name) if weights is not None and weights.suffix == ".safetensors" else {}
     if num_classes is None:
-        if weights is not None and weights.suffix == ".safetensors":
-            meta = check_weights_model(weights, model_name)
-            num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
+        num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
         if num_classes is None and weights is None and not pretrained:
             num_classes = len(ds.classes)
+    _map_labels_by_name(ds, meta.get("class_names"), weights)
     model = build_model(model_name, num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
     loaded_via = "timm pretrained" if pretrained else "random init"
     if weights is not None:
