@@ -338,3 +338,31 @@ def test_validate_maps_labels_by_class_name_and_use_ema_needs_a_folder(capsys, t
     weights = ckpt.latest_checkpoint(folder) / "model.safetensors"
     with pytest.raises(UsageError, match=r"use_ema \(--use-ema\) picks ema.safetensors in a checkpoint or run folder"):
         validate("infvit_tiny", **{**kw, "checkpoint": str(weights), "use_ema": True})
+
+
+def test_stop55_flag_and_recipe_checks(capsys, tmp_path, data):
+    """Found by the stop-55 probe: a recipe's null passed unchecked (tracebacks later, weight_decay silently 0); any
+    prefix before "_" passed as an optimizer ("lookahaed_adamw" ran plain AdamW); seeds past numpy's range were a
+    traceback; float16 autocast on the CPU was silently off; a schedule above the peak lr or a warm-up longer than the
+    run went unsaid."""
+    recipe = tmp_path / "r.yaml"
+    for key in ("epochs", "weight_decay", "opt", "sched", "log_interval"):
+        recipe.write_text(f"{key}: null\n")
+        with pytest.raises(UsageError, match=rf"{key} cannot be null \(its default is"):
+            resolve_config({"data_dir": "x"}, str(recipe))
+    recipe.write_text("lr: null\nclip_grad: null\n")  # options whose default is None take null
+    assert resolve_config({"data_dir": "x"}, str(recipe))[0]["lr"] is None
+    out = ["--output", str(tmp_path / "runs")]
+    base = ["train", *TINY, "--data-dir", str(data), *out]
+    for opt in ("lookahaed_adamw", "bogus_adamw"):
+        assert f"{opt!r} is not a timm optimizer" in usage_error(capsys, [*base, "--opt", opt])
+    assert resolve_config({"data_dir": "x", "opt": "lookahead_adamw"}, None)[0]["opt"] == "lookahead_adamw"
+    for seed in ("4294967295", "99999999999999999999"):
+        assert f"'{seed}' is not an integer in [0, 4294901760]" in usage_error(capsys, [*base, "--seed", seed])
+    err = usage_error(capsys, [*base, "--amp", "--amp-dtype", "float16", "--cpu"])
+    assert "--amp --amp-dtype float16 does not run on the CPU" in err
+    assert not (tmp_path / "runs").exists()
+    assert cli.main([*base, *RUN, "--epochs", "1", "--warmup-epochs", "1", "--lr", "1e-6", "--min-lr", "1e-5"]) == 0
+    said = capsys.readouterr().out
+    assert "note: the schedule rises above the peak lr 1e-06: --min-lr 1e-05" in said
+    assert "note: the warm-up (1 epochs) covers the whole run (1 epochs)" in said

@@ -96,6 +96,14 @@ def _nonneg_int(text: str) -> int:
     return checked(int, text, lambda v: v >= 0, "a non-negative integer")
 
 
+#: The largest seed: the processes seed numpy with ``seed + 1 + rank``, which must stay below 2**32.
+MAX_SEED = 2**32 - 2**16
+
+
+def _seed(text: str) -> int:
+    return checked(int, text, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+
+
 def _nonneg_float(text: str) -> float:
     return checked(float, text, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
@@ -135,7 +143,9 @@ def _optimizer(text: str) -> str:
     from timm.optim import list_optimizers
 
     known = list_optimizers()
-    if not isinstance(text, str) or text.lower().split("_")[-1] not in known:
+    # (any prefix before "_" passed: "lookahaed_adamw" ran plain AdamW; timm takes only "lookahead_")
+    base = text.lower().removeprefix("lookahead_") if isinstance(text, str) else None
+    if base not in known:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a timm optimizer (e.g. adamw, sgd, lamb; {len(known)} known)"
         )
@@ -262,7 +272,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("amp", False, BOOL, "mixed precision autocast (see --amp-dtype)"),
     Option("amp_dtype", "bfloat16", str, "autocast dtype", choices=("bfloat16", "float16")),
     # run
-    Option("seed", 42, _nonneg_int, "seed of everything (order, augmentation, init)"),
+    Option("seed", 42, _seed, "seed of everything (order, augmentation, init)"),
     Option("output", "output/train", str, "parent folder of runs"),
     Option("experiment", None, _folder_name, "run folder name under --output (default: <model>-<img-size>)"),
     Option(
@@ -317,6 +327,8 @@ def _load_recipe(name: str) -> tuple[dict[str, Any], str]:
 
 def _coerce(opt: Option, value: Any, where: str) -> Any:
     if value is None:
+        if opt.default is not None:  # (null passed unchecked: tracebacks later, or weight_decay silently 0)
+            raise UsageError(f"{where}: {opt.key} cannot be null (its default is {opt.default!r})")
         return None
     if opt.key == "model_kwargs":
         if not isinstance(value, dict):
@@ -592,6 +604,9 @@ def train(
     if world != launched:
         raise UsageError(f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {world} "
                          f"({accelerator.distributed_type.value}): the processes would overwrite one run")  # fmt: skip
+    if mixed == "fp16" and device.type == "cpu":  # (accelerate turns float16 autocast off on the CPU, silently)
+        raise UsageError("--amp --amp-dtype float16 does not run on the CPU (accelerate turns it off): use "
+                         "--amp-dtype bfloat16, or train on a GPU")  # fmt: skip
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if cfg["fsdp"] and not fsdp:
         raise UsageError(f"--fsdp needs several GPU processes (accelerate launch --num_processes N or torchrun); this "
@@ -689,6 +704,12 @@ def train(
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
     )
+    if cfg["min_lr"] > lr or (cfg["warmup_epochs"] and cfg["warmup_lr"] > lr):
+        _say(accelerator, f"note: the schedule rises above the peak lr {lr:.3g}: --min-lr {cfg['min_lr']:.3g}, "
+             f"--warmup-lr {cfg['warmup_lr']:.3g} (lower them, or raise --lr / --lr-base)")  # fmt: skip
+    if cfg["warmup_epochs"] >= cfg["epochs"] and cfg["sched"] != "none":
+        _say(accelerator, f"note: the warm-up ({cfg['warmup_epochs']} epochs) covers the whole run "
+             f"({cfg['epochs']} epochs): the lr never reaches {lr:.3g}")  # fmt: skip
     mixup_fn = None
     if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
         mixup_fn = Mixup(
