@@ -366,3 +366,68 @@ def test_stop55_flag_and_recipe_checks(capsys, tmp_path, data):
     said = capsys.readouterr().out
     assert "note: the schedule rises above the peak lr 1e-06: --min-lr 1e-05" in said
     assert "note: the warm-up (1 epochs) covers the whole run (1 epochs)" in said
+
+
+def test_a_model_that_cannot_take_the_images_is_refused_before_the_run_folder(capsys, tmp_path, data):
+    """A student or teacher that cannot take the data's images failed at the first step with a traceback, after
+    config.yaml and log.jsonl were written; an output folder that cannot be written failed at its first file."""
+    out = tmp_path / "runs"
+    big_patch = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", "patch_size=64", "depth=1"]
+    err = usage_error(capsys, ["train", *big_patch, *RUN, "--data-dir", str(data), "--output", str(out)])
+    assert "model 'vit_tiny_patch16_224' cannot take the data's images ([B, 3, 32, 32])" in err
+    err = usage_error(capsys, ["train", *TINY[:-3], "embed_dim=32", "num_heads=2", "in_chans=1", *RUN, "--data-dir",
+                               str(data), "--output", str(out)])  # fmt: skip
+    assert "cannot take the data's images" in err and "in_chans=1" in err
+    teacher = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", "depth=1", "patch_size=64"]
+    err = usage_error(capsys, ["distill", *TINY, *teacher, *RUN, "--data-dir", str(data), "--output", str(out)])
+    assert "teacher 'vit_tiny_patch16_224' cannot take the data's images" in err
+    assert not out.exists()
+    if Path("/proc").is_dir():  # a folder nobody can create anything in
+        err = usage_error(capsys, ["train", *TINY, *RUN, "--data-dir", str(data), "--output", "/proc/visionlin-x"])
+        assert "cannot write to folder '/proc'" in err
+
+
+def test_plot_names_damaged_records_and_unwritable_outputs(capsys, tmp_path):
+    """``plot`` on records without the values it draws (KeyError tracebacks), with a string loss (drawn as a category
+    axis, exit 0), a binary log, or an --out it cannot write (a PermissionError traceback): usage errors."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "log.jsonl"
+    good = '{"kind": "train", "step": 1, "loss": 2.0, "lr": 0.1}\n'
+    for text, message in (
+        ('{"kind": "train", "step": 1, "lr": 0.1}\n', "a 'train' record whose 'loss' is not a number"),
+        ('{"kind": "train", "step": 1, "loss": "abc", "lr": 0.1}\n', "whose 'loss' is not a number"),
+        (good + '{"kind": "epoch", "epoch": 0, "val_loss": 1.0}\n', "a 'epoch' record whose 'step' is not a number"),
+    ):
+        log.write_text(text)
+        assert message in usage_error(capsys, ["plot", str(run)])
+    log.write_bytes(b"\xff\xfe\x00garbage")
+    assert "is not a text log" in usage_error(capsys, ["plot", str(run)])
+    log.write_text(good)
+    if Path("/proc").is_dir():
+        assert "cannot write" in usage_error(capsys, ["plot", str(run), "--out", "/proc/self/x.png"])
+
+
+def test_damaged_fashion_mnist_files_are_named(tmp_path):
+    """A truncated or non-gzip .gz and an IDX file of the wrong size were tracebacks (EOFError, BadGzipFile, a
+    reshape) naming no file."""
+    import gzip
+
+    import numpy as np
+    from test_train import _write_fashion
+
+    from visionlin.train.data import FashionMNIST
+
+    _write_fashion(tmp_path, n=6)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    for blob, message in (
+        (good[: len(good) // 2], "cannot read Fashion-MNIST file"),
+        (b"not gzip at all", "cannot read Fashion-MNIST file"),
+        (gzip.compress(np.array([2051, 6, 28, 28], ">i4").tobytes() + bytes(100)), r"header says \[6, 28, 28\]"),
+        (gzip.compress(np.array([2049, 6], ">i4").tobytes() + bytes(6)), "is not an IDX file of 3-D unsigned bytes"),
+    ):
+        images.write_bytes(blob)
+        with pytest.raises(ValueError, match=message) as caught:
+            FashionMNIST(tmp_path, "train")
+        assert str(images) in str(caught.value)

@@ -37,9 +37,19 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         return f"{str(p)!r} is a file, not a folder"
-    for parent in p.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"{str(parent)!r} (in {str(p)!r}) is a file, not a folder"
+    existing = p if p.exists() else next((q for q in p.parents if q.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{str(existing)!r} (in {str(p)!r}) is a file, not a folder"
+    try:  # writable? (a read-only or virtual file system failed only when the run wrote its first file)
+        os.rmdir(tempfile.mkdtemp(prefix=".visionlin-write-check-", dir=existing))
+    except OSError as e:
+        return (
+            f"cannot write to folder {str(existing)!r}"
+            + (f" (for {str(p)!r})" if existing != p else "")
+            + (f": {e.strerror or e}")
+        )
     return None
 
 

@@ -110,10 +110,28 @@ class ImageFolder(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
+#: IDX magic numbers: unsigned bytes, 3 dimensions (images) / 1 dimension (labels).
+_IDX_MAGIC = {16: 0x00000803, 8: 0x00000801}
+
+
 def _read_idx(path: Path, offset: int) -> np.ndarray:
+    """The payload of an IDX file (``offset``: its header's size), checked against the header: a truncated or
+    non-gzip ``.gz`` and a file of the wrong size were tracebacks (EOFError, BadGzipFile, a reshape) naming no file."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # (gzip.BadGzipFile is an OSError)
+        raise DataError(f"cannot read Fashion-MNIST file {str(path)!r}: {e}") from e
+    dims = offset // 4 - 1  # 3 (count, rows, cols) for images, 1 (count) for labels
+    if len(raw) < offset or int.from_bytes(raw[:4], "big") != _IDX_MAGIC[offset]:
+        raise DataError(f"{str(path)!r} is not an IDX file of {dims}-D unsigned bytes (bad header)")
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    if len(raw) - offset != int(np.prod(shape)):
+        raise DataError(
+            f"{str(path)!r}: its header says {shape} ({int(np.prod(shape))} bytes) but it holds {len(raw) - offset}"
+        )
+    return np.frombuffer(raw, np.uint8, offset=offset)
 
 
 class FashionMNIST(Dataset):

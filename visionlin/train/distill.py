@@ -61,6 +61,7 @@ from .validate import (
     build_model,
     check_dedicated_kwargs,
     check_model_name,
+    check_takes_images,
     load_model_weights,
     parse_kwargs,
     resolve_checkpoint,
@@ -428,6 +429,7 @@ def make_setup(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
         else:
             say(f"warning: no --teacher-checkpoint: the teacher {cfg['teacher']} is randomly initialised", flush=True)
         teacher.to(accelerator.device).eval().requires_grad_(False)
+        check_takes_images(teacher, cfg["img_size"], accelerator.device, f"teacher {cfg['teacher']!r}")
         amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["amp_dtype"]] if cfg["amp"] else None
         loss = DistillLoss(model, teacher, cfg, amp_dtype=amp)
         if cfg["init_from_teacher"]:

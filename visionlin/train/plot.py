@@ -13,6 +13,13 @@ __all__ = ["add_arguments", "execute", "plot_run", "read_log"]
 INSTALL_PLOT = "pip install 'visionlin[bench]'"
 
 
+_EPOCH_SERIES = ("val_loss", "val_top1", "val_top5", "ema_val_top1")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The run's records by kind. A resumed run re-logs the steps after its checkpoint: the later record of a step
     (or epoch) replaces the earlier one. A last line cut short (a killed process) is skipped; any other line that is
@@ -22,7 +29,10 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
         raise FileNotFoundError(f"no log.jsonl in {str(run_dir)!r} (is it a `visionlin train` run folder?)")
     train: dict[int, dict] = {}
     epochs: dict[int, dict] = {}
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not a text log ({e})") from None
     for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
@@ -38,6 +48,12 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
                 epochs[int(rec["epoch"])] = rec
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{str(path)!r} line {i}: a {kind!r} record without its index: {line[:80]!r}") from None
+        # the values the plot draws: numbers (a missing loss was a KeyError, a string a category axis, exit 0)
+        needed = ("loss", "lr") if kind == "train" else ("step",) if kind == "epoch" and "val_loss" in rec else ()
+        for key in needed + tuple(k for k in _EPOCH_SERIES if kind == "epoch" and k in rec):
+            if not _number(rec.get(key)):
+                raise ValueError(f"{str(path)!r} line {i}: a {kind!r} record whose {key!r} is not a number: "
+                                 f"{line[:80]!r}")  # fmt: skip
     if not train:
         raise ValueError(f"{str(path)!r} has no training records: nothing to plot")
     return {"train": [train[k] for k in sorted(train)], "epoch": [epochs[k] for k in sorted(epochs)]}
@@ -98,8 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         print(f"wrote {plot_run(args.run_dir, args.out)}")
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # ours name the problem; the file system's name the file (a PermissionError traceback)
+        parser.error(f"cannot write {args.out or 'curves.png'!r}: {e.strerror or e}" if e.filename else str(e))
     except ImportError as e:
         print(f"visionlin plot: {e}", flush=True)
         return 1

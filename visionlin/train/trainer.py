@@ -65,6 +65,7 @@ from .validate import (
     build_model,
     check_crop_pct,
     check_dedicated_kwargs,
+    check_takes_images,
     eval_transform,
     evaluate,
     img_size_arg,
@@ -325,9 +326,19 @@ def _load_recipe(name: str) -> tuple[dict[str, Any], str]:
     return data, where
 
 
+def _nullable(opt: Option) -> bool:
+    """Whether ``opt`` takes None: its default is None, or its flag spells None ("none": --val-split none)."""
+    if opt.default is None:
+        return True
+    try:
+        return opt.type is not BOOL and opt.type is not str and opt.type("none") is None
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+
+
 def _coerce(opt: Option, value: Any, where: str) -> Any:
     if value is None:
-        if opt.default is not None:  # (null passed unchecked: tracebacks later, or weight_decay silently 0)
+        if not _nullable(opt):  # (null passed unchecked: tracebacks later, or weight_decay silently 0)
             raise UsageError(f"{where}: {opt.key} cannot be null (its default is {opt.default!r})")
         return None
     if opt.key == "model_kwargs":
@@ -644,6 +655,7 @@ def train(
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(device)
+    check_takes_images(model, cfg["img_size"], device, f"model {cfg['model']!r}")
     extra = setup(model, accelerator) if setup is not None else None
     set_seed(cfg["seed"] + 1 + rank)  # from here on each process draws its own (dropout, mixup, masks)
 

@@ -142,6 +142,23 @@ def _check_img_size(name: str, kw: dict[str, Any], img_size: int) -> None:
         pass
 
 
+def check_takes_images(model: torch.nn.Module, img_size: int, device: torch.device, what: str) -> None:
+    """One forward of two blank ``[3, img_size, img_size]`` images (what the data pipelines give) on ``device``, in
+    eval mode without gradients, before anything is written: a model that cannot take them failed at the first
+    training step, with a traceback, after the run folder and its config were written. ``UsageError`` with the cause.
+    """
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, img_size, img_size, device=device))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on such images, named
+        raise UsageError(
+            f"{what} cannot take the data's images ([B, 3, {img_size}, {img_size}]): {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        model.train(was_training)
+
+
 #: The largest --img-size / eval resize: the demo's limit (larger failed as an allocation error).
 MAX_IMG_SIZE = MAX_SIZE
 
