@@ -431,3 +431,35 @@ def test_damaged_fashion_mnist_files_are_named(tmp_path):
         with pytest.raises(ValueError, match=message) as caught:
             FashionMNIST(tmp_path, "train")
         assert str(images) in str(caught.value)
+
+
+def test_image_folder_refuses_empty_classes_and_walks_a_link_loop_once(capsys, tmp_path):
+    """An empty class folder became a class of its own (a wider head, silently); a link to a parent folder made the
+    walk repeat the same images until the path was too long (4 images read as 324)."""
+    import os
+
+    from visionlin.train.data import DataError, ImageFolder
+
+    root = make_synthetic_imagefolder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2)
+    n = len(ImageFolder(root / "train"))
+    os.symlink(".", root / "train" / "class_0" / "loop")
+    (root / "train" / "class_1" / "deeper").mkdir()
+    os.symlink("..", root / "train" / "class_1" / "deeper" / "up")
+    assert len(ImageFolder(root / "train")) == n == 8
+    (root / "train" / "class_2").mkdir()
+    with pytest.raises(DataError, match=r"class folders without images: \['class_2'\]"):
+        ImageFolder(root / "train")
+
+
+def test_logged_lr_is_the_steps_own_and_ema_decay_below_one(capsys, tmp_path, data):
+    """The log gave each step the lr of the next (step 1 showed the second warm-up value); --model-ema-decay 1 kept
+    the EMA at the initial weights."""
+    from visionlin.train.plot import read_log
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, *RUN, "--data-dir", str(data), "--output", str(run), "--epochs", "2"]
+    assert cli.main([*argv, "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--lr", "1e-3", "--min-lr", "0"]) == 0
+    lrs = [r["lr"] for r in read_log(next(run.iterdir()))["train"]]
+    # 3 steps an epoch: the warm-up runs 1e-6, then + (1e-3 - 1e-6) / 3 a step (timm's linear warm-up)
+    assert lrs[:3] == pytest.approx([1e-6, 1e-6 + (1e-3 - 1e-6) / 3, 1e-6 + 2 * (1e-3 - 1e-6) / 3])
+    assert "'1' is not a decay in [0, 1)" in usage_error(capsys, [*argv, "--model-ema", "--model-ema-decay", "1"])

@@ -65,6 +65,19 @@ class DataError(ValueError):
     """The data given cannot be used: a missing or empty folder, missing dataset files, an unknown split."""
 
 
+def _walk_once(top: Path):
+    """``(dirpath, files)`` of every folder under ``top``, following links but entering each real folder once (a link
+    to a parent made the walk loop until the path was too long: the same images many times over)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, files
+
+
 class ImageFolder(Dataset):
     """``root/<class>/<image>`` (ImageNet layout). Classes are the sorted sub-folder names.
 
@@ -82,15 +95,25 @@ class ImageFolder(Dataset):
         self.root, self.classes, self.transform = root, classes, transform
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.samples: list[tuple[str, int]] = []
+        empty = []
         for c in classes:
-            for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
+            found = [(dirpath, files) for dirpath, files in _walk_once(root / c)]
+            n = len(self.samples)
+            for dirpath, files in sorted(found):
                 for f in sorted(files):
                     if f.lower().endswith(IMG_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
+            if len(self.samples) == n:
+                empty.append(c)
         if not self.samples:
             raise DataError(
                 f"image folder {str(root)!r} has {len(classes)} class folders but no images "
                 f"(extensions: {', '.join(IMG_EXTENSIONS)})"
+            )
+        if empty:  # (each was a class of its own, with no image: a wider head, silently; torchvision refuses too)
+            raise DataError(
+                f"image folder {str(root)!r}: class folders without images: {empty[:8]}"
+                f"{' ...' if len(empty) > 8 else ''} (extensions: {', '.join(IMG_EXTENSIONS)}); remove them"
             )
         self.targets = [t for _, t in self.samples]
 

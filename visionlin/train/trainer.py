@@ -126,6 +126,10 @@ def _below_one(text: str) -> float:
     return checked(float, text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
+def _decay(text: str) -> float:
+    return checked(float, text, lambda v: 0 <= v < 1, "a decay in [0, 1)")
+
+
 def _prob(text: str) -> float:
     return checked(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
@@ -268,7 +272,7 @@ OPTIONS: tuple[Option, ...] = (
         BOOL,
         "keep an exponential moving average of the weights (timm ModelEmaV3; with --fsdp per shard)",
     ),
-    Option("model_ema_decay", 0.9998, _prob, "EMA decay"),
+    Option("model_ema_decay", 0.9998, _decay, "EMA decay, in [0, 1) (1 would keep the initial weights)"),
     Option("model_ema_warmup", False, BOOL, "EMA decay warm-up"),
     Option("amp", False, BOOL, "mixed precision autocast (see --amp-dtype)"),
     Option("amp_dtype", "bfloat16", str, "autocast dtype", choices=("bfloat16", "float16")),
@@ -1017,6 +1021,7 @@ def train(
                     accelerator.clip_grad_norm_(prepared.parameters(), cfg["clip_grad"])
                 else:
                     accelerator.clip_grad_value_(prepared.parameters(), cfg["clip_grad"])
+            step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the log gave the next step's)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -1033,7 +1038,7 @@ def train(
                 loss_value = float(torch.stack(micro_losses).mean()) if micro_losses else float("nan")
                 if world > 1:
                     loss_value = float(accelerator.reduce(torch.tensor(loss_value, device=device), "mean"))
-                lr_now = optimizer.param_groups[0]["lr"]
+                lr_now = step_lr
                 img_s = n_images * world / elapsed
                 rate = (time.perf_counter() - run_start) / steps_this_run
                 eta = rate * (total_steps - step)
