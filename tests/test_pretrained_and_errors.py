@@ -576,3 +576,24 @@ def test_hierarchical_layout_keywords():
     for flag in ("dynamic_img_size", "dynamic_img_pad"):
         with pytest.raises(ValueError, match=rf"{flag}='no' must be True or False"):
             timm.create_model("mavit_tiny", img_size=64, **{flag: "no"})
+
+
+def test_stop55_model_argument_checks():
+    """features_only / forward_intermediates indices out of block order or repeated (feature_info listed them as
+    given, the outputs came in block order, once each); attn_type not a str, a stem width of 0 (the default, silently),
+    attn_kwargs that repeat the model's own arguments (TypeErrors)."""
+    for out_indices in ([3, 0], (1, 1), (-1, 0)):
+        with pytest.raises(ValueError, match=r"must name each block once, in increasing block order"):
+            timm.create_model("nat_mini", features_only=True, out_indices=out_indices, img_size=64)
+    model = timm.create_model("nat_mini", features_only=True, out_indices=(0, -1), img_size=64)
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == model.feature_info.channels() == [64, 512]
+    with pytest.raises(ValueError, match=r"block indices \[5, 2\] must name each block once"):
+        timm.create_model("infvit_tiny", img_size=64).forward_intermediates(torch.randn(1, 3, 64, 64), indices=[5, 2])
+    with pytest.raises(ValueError, match=r"attn_type=5 must be a str"):
+        timm.create_model("flatten_swin_tiny", attn_type=5)
+    with pytest.raises(ValueError, match=r"stem width=0 must be >= 1"):
+        timm.create_model("mambavision_tiny", in_dim=0)
+    for name, kw in (("infvit_tiny", {"qkv_bias": False}), ("flatten_pvt_tiny", {"num_heads": 2})):
+        with pytest.raises(ValueError, match=rf"attn_kwargs \['{next(iter(kw))}'\] are set by the model"):
+            timm.create_model(name, attn_kwargs=kw)

@@ -234,6 +234,14 @@ def take_indices(num_blocks: int, indices: Any) -> tuple[list[int], int]:
             raise ValueError(
                 f"block indices {bad} are out of range for {num_blocks} blocks ([-{num_blocks}, {num_blocks}))"
             )
+        absolute = [i % num_blocks for i in indices]
+        if any(b <= a for a, b in zip(absolute, absolute[1:], strict=False)):
+            # (the outputs come in block order, once each: features_only's feature_info listed [3, 0] as given and
+            # (1, 1) twice, for outputs that were [0, 3] and one map)
+            raise ValueError(
+                f"block indices {list(indices)} must name each block once, in increasing block order ({absolute}): "
+                "the outputs come in block order"
+            )
     else:
         raise ValueError(f"indices={indices!r} must be None, an int or a non-empty sequence of block indices")
     return feature_take_indices(num_blocks, indices)

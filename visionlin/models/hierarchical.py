@@ -164,7 +164,7 @@ class ConvBNStem(nn.Module):
         **dd: Any,
     ) -> None:
         super().__init__()
-        width = width or dim // 2
+        width = dim // 2 if width is None else width  # (0 meant the default, silently)
         check_int("stem width", width, minimum=1)
         self.conv_down = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False, **dd),

@@ -64,6 +64,8 @@ def swin_layout(
         ValueError: ``attn_type`` has not one known letter per stage, or ``M`` without a count that fits its stage.
     """
     n = len(depths)
+    if not isinstance(attn_type, str):  # (an int: "'int' object is not subscriptable")
+        raise ValueError(f"{attn_type=} must be a str of one letter per stage (e.g. 'LLSS', 'AAMB2')")
     letters, rest = attn_type[:n], attn_type[n:]
     known = _LINEAR + _WINDOW + ("M",)
     if len(letters) != n or any(c not in known for c in letters) or (rest and not rest.isdigit()):

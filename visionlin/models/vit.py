@@ -48,6 +48,20 @@ from ._pretrained import build_with_weights, resolve_cfg
 __all__ = ["Block", "EfficientVisionTransformer", "checkpoint_filter_fn"]
 
 
+# Keywords a block passes to its mixer itself (not to be given again in attn_kwargs).
+_BLOCK_ATTN_KEYS = {
+    "num_heads",
+    "qkv_bias",
+    "qk_norm",
+    "attn_drop",
+    "proj_drop",
+    "norm_layer",
+    "dim",
+    "device",
+    "dtype",
+}
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (optional LayerScale)."""
 
@@ -72,6 +86,12 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        taken = sorted(set(attn_kwargs or {}) & _BLOCK_ATTN_KEYS)
+        if taken:  # (a TypeError: "create_attn() got multiple values for keyword argument 'qkv_bias'")
+            raise ValueError(
+                f"attn_kwargs {taken} are set by the model (its own arguments: qkv_bias=..., num_heads=...); pass "
+                "them to the model, not in attn_kwargs"
+            )
         self.norm1 = as_pre_norm(norm_layer(dim, **dd))  # feeds only the mixer's projections
         self.attn: TokenMixer = create_attn(
             attn_layer,
