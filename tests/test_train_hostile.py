@@ -463,3 +463,27 @@ def test_logged_lr_is_the_steps_own_and_ema_decay_below_one(capsys, tmp_path, da
     # 3 steps an epoch: the warm-up runs 1e-6, then + (1e-3 - 1e-6) / 3 a step (timm's linear warm-up)
     assert lrs[:3] == pytest.approx([1e-6, 1e-6 + (1e-3 - 1e-6) / 3, 1e-6 + 2 * (1e-3 - 1e-6) / 3])
     assert "'1' is not a decay in [0, 1)" in usage_error(capsys, [*argv, "--model-ema", "--model-ema-decay", "1"])
+
+
+def test_a_hierarchical_checkpoint_from_before_the_grid_record_loads_through_the_cli_path(tmp_path):
+    """The CLI's strict load counted the new ``pos_embed_grid`` buffer missing in a checkpoint saved before it existed
+    (resume, validate, --initial-checkpoint, --teacher-checkpoint all refused); the model fills it in itself."""
+    import timm
+    from safetensors.torch import save_file
+
+    from visionlin.train.validate import load_model_weights
+
+    src = timm.create_model("flatten_pvt_tiny", img_size=64, num_classes=3)
+    old = {k: v.contiguous() for k, v in src.state_dict().items() if k != "pos_embed_grid"}
+    path = tmp_path / "model.safetensors"
+    save_file(old, str(path), metadata={"format": "visionlin", "model": "flatten_pvt_tiny", "num_classes": "3"})
+    dst = timm.create_model("flatten_pvt_tiny", img_size=64, num_classes=3)
+    load_model_weights(dst, path, "flatten_pvt_tiny")
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+    square_only = timm.create_model("flatten_pvt_tiny", img_size=(64, 96), num_classes=3)
+    save_file({k: v.contiguous() for k, v in square_only.state_dict().items() if k != "pos_embed_grid"}, str(path),
+              metadata={"format": "visionlin", "model": "flatten_pvt_tiny", "num_classes": "3"})  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="has no pos_embed_grid"):
+        load_model_weights(
+            timm.create_model("flatten_pvt_tiny", img_size=(64, 96), num_classes=3), path, "flatten_pvt_tiny"
+        )

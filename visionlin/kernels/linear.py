@@ -93,13 +93,11 @@ def _features(
             )
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"{op}: feature_map gave q and k different widths: {fq.shape[-1]=} vs {fk.shape[-1]=}")
-    for name, x, f in (("q", q, fq), ("k", k, fk)):  # (a meta result gave uninitialised memory; float64, a crash)
-        if f.dtype != x.dtype or f.device != x.device:
-            raise ValueError(
-                f"{op}: feature_map must keep {name}'s dtype and device ({x.dtype}, {x.device}), got {f.dtype} on "
-                f"{f.device}"
-            )
-    return fq, fk
+    for name, x, f in (("q", q, fq), ("k", k, fk)):  # (a meta result gave uninitialised memory)
+        if f.device != x.device:
+            raise ValueError(f"{op}: feature_map must keep {name}'s device ({x.device}), got {f.device}")
+    # the inputs' dtype (a float64 map crashed the reference; under CUDA autocast exp / norm give float32 for bf16)
+    return fq.to(q.dtype), fk.to(k.dtype)
 
 
 def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map, normalize, scale, eps) -> None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CKPT_SUBDIR",
+    "SELF_FILLED",
     "CheckpointError",
     "capture_rng",
     "check_complete",
@@ -85,6 +86,11 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+#: State-dict entries a model fills in itself when a checkpoint lacks them (the grid records, ``pos_embed_grid``, that
+#: checkpoints saved before a model family had one lack).
+SELF_FILLED = ("pos_embed_grid",)
 
 
 def read_weights_metadata(path: str | Path) -> dict[str, str]:

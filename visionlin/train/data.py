@@ -75,6 +75,7 @@ def _walk_once(top: Path):
             dirnames[:] = []
             continue
         seen.add(real)
+        dirnames.sort()  # (which of two links to one folder is kept must not depend on the listing order)
         yield dirpath, files
 
 

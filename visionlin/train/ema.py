@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .checkpoint import SELF_FILLED
+
 __all__ = ["ShardedEma", "WholeEma", "make_ema"]
 
 
@@ -81,11 +83,15 @@ class ShardedEma:
         """Take each process's shards of a whole average (as :meth:`full_state_dict` returns it)."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        missing = [n for n in self.names if n not in state]
+        # (a grid record, which the model fills in for checkpoints saved before it had one, is taken from the model)
+        missing = [n for n in self.names if n not in state and not n.endswith(SELF_FILLED)]
         unexpected = [n for n in state if n not in self.names]
         if missing or unexpected:
             raise ValueError(f"EMA weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for i, (name, ref) in enumerate(zip(self.names, model.state_dict().values(), strict=True)):
+            if name not in state:
+                self.averages[i].copy_(_local(ref))
+                continue
             full = state[name].to(device=_local(ref).device, dtype=ref.dtype)
             if tuple(full.shape) != tuple(ref.shape):
                 raise ValueError(f"EMA entry {name!r} has shape {tuple(full.shape)}; the model's is {tuple(ref.shape)}")

@@ -30,6 +30,7 @@ from .._io import atomic_write
 from ._parse import checked
 from .checkpoint import (
     READ_ERRORS,
+    SELF_FILLED,
     CheckpointError,
     latest_checkpoint,
     load_weights,
@@ -272,7 +273,9 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
     own = model.state_dict()
     if odd := [k for k in own if k in state and not isinstance(state[k], torch.Tensor)][:6]:
         raise CheckpointError(f"checkpoint {str(path)!r}: entries {odd} are not tensors")
-    missing = sorted(set(own) - set(state))
+    # (a grid record the model fills in itself for checkpoints saved before it had one: its _load_from_state_dict
+    # decides; counted missing here, every hierarchical checkpoint from before stop 55 was refused)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(SELF_FILLED))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and
               tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
@@ -281,7 +284,10 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, m
                  (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped (file vs model)", shapes))
                  if vals]  # fmt: skip
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit {model_name!r}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except ValueError as e:  # the model's own checks (a grid record that differs or cannot be inferred)
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {model_name!r}: {e}") from e
 
 
 def eval_transform(model: nn.Module, img_size: int, crop_pct: float | None = None, interpolation: str | None = None):
