@@ -257,3 +257,21 @@ def test_load_finetuned_refuses_edited_lora_files_and_leaves_the_model_as_it_was
     load_finetuned(model, run)
     assert any("lora_A" in k for k in model.state_dict())
     assert json.loads(meta["lora_config"])["r"] == 2
+
+
+def test_a_pipeline_whose_libraries_are_missing_says_which(tmp_path, capsys, monkeypatch):
+    """Without transformers, diffusers' pipeline names are stand-ins (DummyObject): the class check called such a
+    pipeline "not a diffusers pipeline class"; it names the missing libraries now."""
+    import diffusers
+
+    class DummyObject(type):  # the name diffusers' stand-ins' metaclass has
+        pass
+
+    class NeedsTransformersPipeline(metaclass=DummyObject):
+        _backends = ["torch", "transformers"]
+
+    monkeypatch.setattr(diffusers, "NeedsTransformersPipeline", NeedsTransformersPipeline, raising=False)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "model_index.json").write_text('{"_class_name": "NeedsTransformersPipeline"}')
+    err = usage_error(capsys, ["convert", str(tmp_path / "p")])
+    assert "NeedsTransformersPipeline needs ['torch', 'transformers'] installed" in err, err

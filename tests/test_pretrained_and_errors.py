@@ -552,6 +552,8 @@ def test_hierarchical_transposed_grid_checkpoint_is_resampled_or_refused(name):
     same = timm.create_model(name, img_size=(96, 64))
     with pytest.raises(ValueError, match=r"has no pos_embed_grid and this model's stage-0 grid \(24, 16\) is not"):
         same.load_state_dict(old)
+    with pytest.raises(ValueError, match=r"has no pos_embed_grid and this model's stage-0 grid \(24, 16\)"):
+        filter_fn(old, same)  # the filter too (it resampled nothing and loaded the transposed tables)
     square = timm.create_model(name, img_size=(64, 64))
     square.load_state_dict({k: v for k, v in square.state_dict().items() if k != "pos_embed_grid"})
     assert "pos_embed_grid" not in dict(timm.create_model("nat_mini", img_size=64).named_buffers())  # no tables

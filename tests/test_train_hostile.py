@@ -405,7 +405,7 @@ def test_plot_names_damaged_records_and_unwritable_outputs(capsys, tmp_path):
     assert "is not a text log" in usage_error(capsys, ["plot", str(run)])
     log.write_text(good)
     if Path("/proc").is_dir():
-        assert "cannot write" in usage_error(capsys, ["plot", str(run), "--out", "/proc/self/x.png"])
+        assert "cannot use" in usage_error(capsys, ["plot", str(run), "--out", "/proc/self/x.png"])
 
 
 def test_damaged_fashion_mnist_files_are_named(tmp_path):
@@ -446,9 +446,14 @@ def test_image_folder_refuses_empty_classes_and_walks_a_link_loop_once(capsys, t
     (root / "train" / "class_1" / "deeper").mkdir()
     os.symlink("..", root / "train" / "class_1" / "deeper" / "up")
     assert len(ImageFolder(root / "train")) == n == 8
+    os.symlink("../class_1", root / "train" / "class_0" / "sibling")  # a link elsewhere is followed, as before
+    assert len(ImageFolder(root / "train")) == n + 4
+    os.remove(root / "train" / "class_0" / "sibling")
     (root / "train" / "class_2").mkdir()
     with pytest.raises(DataError, match=r"class folders without images: \['class_2'\]"):
         ImageFolder(root / "train")
+    (root / "val" / "class_2").mkdir()  # an evaluation split may lack a class's images (its labels keep their places)
+    assert ImageFolder(root / "val", allow_empty=True).classes == ["class_0", "class_1", "class_2"]
 
 
 def test_logged_lr_is_the_steps_own_and_ema_decay_below_one(capsys, tmp_path, data):

@@ -32,7 +32,8 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def folder_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be used as an output folder (made with its parents if missing), or ``None``: it is an
-    existing file, or one of its existing ancestors is a file. Checked before long work, so a run does not fail at
+    existing file, one of its existing ancestors is a file, or the nearest existing folder cannot be written (an empty
+    temporary folder is made there and removed at once). Checked before long work, so a run does not fail at
     its end (a conversion, a fine-tuning run) on an output path that never could have worked."""
     p = Path(path)
     if p.exists() and not p.is_dir():

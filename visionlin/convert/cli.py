@@ -61,6 +61,8 @@ def _class_of(spec_file: Path, base: type, kind: str):
         raise ValueError(f"{spec_file} holds a JSON {type(spec).__name__}, not an object with a _class_name")
     name = spec.get("_class_name")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if type(cls).__name__ == "DummyObject":  # diffusers' stand-in for a class whose libraries are not installed
+        raise ValueError(f"{spec_file}: {name} needs {list(getattr(cls, '_backends', []))} installed (pip install ...)")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"{spec_file}: _class_name={name!r} is not a diffusers {kind} class")
     return cls

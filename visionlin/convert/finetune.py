@@ -432,7 +432,10 @@ def finetune(
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("clip_grad", clip_grad)):
         if value is None and name == "clip_grad":
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        # (comparisons, not math.isfinite, which raised OverflowError for an int past float64)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or value == math.inf:
+            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if value < 0:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         if value > FLOAT32_MAX:  # (the optimizer's float32 arithmetic failed on it: "cannot be converted ... overflow")
             raise ValueError(f"{name}={value!r} must be at most {FLOAT32_MAX:.4g} (float32's largest value)")
@@ -514,14 +517,17 @@ def finetune(
     set_seed(seed + rank)
     model.to(device)
     first_batch = _to(merged(0), device)
+    was_training = model.training
     try:  # the data must run before adapters go in and the run folder is written: a failed call leaves neither
         with torch.no_grad(), accelerator.autocast():
-            model(**first_batch)
+            model.eval()(**first_batch)  # (as the training steps run it: no dropout, no random draws)
     except Exception as e:  # noqa: BLE001 - whatever the model raises on this data, named
         raise ValueError(
             f"the data does not run through {type(model).__name__} ({type(e).__name__}: {e}); nothing was "
             "changed (no LoRA adapter injected, no run folder written)"
         ) from e
+    finally:
+        model.train(was_training)
     del first_batch
     lora_config = None
     if "lora" in trainable:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -118,7 +119,8 @@ def check_real(
         if isinstance(value, (torch.SymInt, torch.SymFloat)):
             return
         # numpy's numbers work with tensors; other Reals (Fraction) did not ("unsupported operand type")
-        if isinstance(value, bool) or not isinstance(value, int | float) and type(value).__module__ != "numpy":
+        numpy_real = isinstance(value, numbers.Real) and type(value).__module__ == "numpy"  # (not np.bool_ / complex)
+        if isinstance(value, bool) or not (isinstance(value, int | float) or numpy_real):
             raise ValueError(
                 f"{op}: {name}={value!r} must be {_allowed(low, low_open, high, high_open, optional)}, "
                 f"got {type(value).__name__}"
@@ -291,7 +293,7 @@ def sdpa(
             # such calls (eager only: the check reads values) run it in float32
             out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
             with torch.autocast("cpu", enabled=False):
-                mask = None if attn_mask is None else attn_mask.float()
+                mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, scale=scale
                 )

@@ -941,6 +941,18 @@ def checkpoint_filter_fn(
     per_block: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     state_dict = _unwrap(state_dict)
     old_grid0 = _saved_grid(state_dict["pos_embed_grid"]) if "pos_embed_grid" in state_dict else None
+    if old_grid0 is None and "pos_embed_grid" in getattr(model, "_buffers", {}):
+        grid0 = model.pos_embed_grid_size
+        own = model.state_dict()
+        same = [k for k in state_dict if k.endswith(_GRID_TABLES) and k in own and
+                tuple(getattr(state_dict[k], "shape", ())) == tuple(own[k].shape)]  # fmt: skip
+        if grid0[0] != grid0[1] and same:  # (an old non-square checkpoint, transposed or not, loaded silently)
+            raise ValueError(
+                f"checkpoint has no pos_embed_grid and this model's stage-0 grid {grid0} is not square: its "
+                f"grid-sized tables ({same[0]}, ...) have this model's token counts but could be laid out {grid0} "
+                f"or {grid0[::-1]}; add state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the stage-0 grid "
+                "it was trained on (img_size / the stem stride)"
+            )
     for k, v in state_dict.items():
         m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.(.+)$", k)
         if m and int(m.group(1)) < len(model.stages) and int(m.group(2)) < len(model.stages[int(m.group(1))].blocks):

@@ -66,16 +66,17 @@ class DataError(ValueError):
 
 
 def _walk_once(top: Path):
-    """``(dirpath, files)`` of every folder under ``top``, following links but entering each real folder once (a link
-    to a parent made the walk loop until the path was too long: the same images many times over)."""
-    seen: set[str] = set()
+    """``(dirpath, files)`` of every folder under ``top``, following links except those that lead back to a folder the
+    walk is inside (a link to a parent made the walk loop until the path was too long: the same images many times
+    over; a link to the split root pulled in the other classes). Links elsewhere are followed as before."""
     for dirpath, dirnames, files in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames.sort()  # (which of two links to one folder is kept must not depend on the listing order)
+        here = os.path.realpath(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not (here == real or here.startswith(real.rstrip(os.sep) + os.sep)):
+                keep.append(d)
+        dirnames[:] = keep
         yield dirpath, files
 
 
@@ -86,7 +87,7 @@ class ImageFolder(Dataset):
     with the path recorded in ``self.last_error`` when the file cannot be decoded.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, allow_empty: bool = False) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {str(root)!r} does not exist (expected ImageNet layout: root/<class>/<img>)")
@@ -111,7 +112,8 @@ class ImageFolder(Dataset):
                 f"image folder {str(root)!r} has {len(classes)} class folders but no images "
                 f"(extensions: {', '.join(IMG_EXTENSIONS)})"
             )
-        if empty:  # (each was a class of its own, with no image: a wider head, silently; torchvision refuses too)
+        if empty and not allow_empty:  # (each was a class of its own with no image: a wider head, silently; an
+            # evaluation split may lack images of a class it must still list, to keep the training classes' labels)
             raise DataError(
                 f"image folder {str(root)!r}: class folders without images: {empty[:8]}"
                 f"{' ...' if len(empty) > 8 else ''} (extensions: {', '.join(IMG_EXTENSIONS)}); remove them"
@@ -200,9 +202,12 @@ class FashionMNIST(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
-def create_dataset(name: str, root: str | Path | None, split: str) -> ImageFolder | FashionMNIST:
+def create_dataset(
+    name: str, root: str | Path | None, split: str, *, evaluation: bool = False
+) -> ImageFolder | FashionMNIST:
     """``name`` ``"imagefolder"`` (``root/split/<class>/<img>``; ``split=""`` means ``root`` itself) or
-    ``"fashion_mnist"`` (``root`` the IDX folder, default Debian's)."""
+    ``"fashion_mnist"`` (``root`` the IDX folder, default Debian's). An ``evaluation`` split may have class folders
+    without images (a training split may not: each would be a class of its own)."""
     if name == "fashion_mnist":
         return FashionMNIST(root, split)
     if name != "imagefolder":
@@ -215,7 +220,7 @@ def create_dataset(name: str, root: str | Path | None, split: str) -> ImageFolde
     if split and not folder.is_dir():
         subdirs = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
         raise DataError(f"split folder {str(folder)!r} does not exist; {str(root)!r} has sub-folders {subdirs}")
-    return ImageFolder(folder)
+    return ImageFolder(folder, allow_empty=evaluation)
 
 
 class SeededTransform(Dataset):

@@ -117,7 +117,7 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:  # ours name the problem; the file system's name the file (a PermissionError traceback)
-        parser.error(f"cannot write {args.out or 'curves.png'!r}: {e.strerror or e}" if e.filename else str(e))
+        parser.error(f"cannot use {e.filename!r}: {e.strerror or e}" if e.filename else str(e))
     except ImportError as e:
         print(f"visionlin plot: {e}", flush=True)
         return 1

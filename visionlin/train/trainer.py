@@ -636,7 +636,9 @@ def train(
 
     # data
     train_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["train_split"])
-    val_ds = create_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_split"]) if cfg["val_split"] else None
+    val_ds = (
+        create_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_split"], evaluation=True) if cfg["val_split"] else None
+    )
     num_classes = cfg["num_classes"] or len(train_ds.classes)
     if num_classes < len(train_ds.classes):  # (an index error at the first step, after the run folder was made)
         raise UsageError(f"the data has {len(train_ds.classes)} classes but --num-classes is {num_classes}: pass at "
@@ -723,7 +725,7 @@ def train(
     if cfg["min_lr"] > lr or (cfg["warmup_epochs"] and cfg["warmup_lr"] > lr):
         _say(accelerator, f"note: the schedule rises above the peak lr {lr:.3g}: --min-lr {cfg['min_lr']:.3g}, "
              f"--warmup-lr {cfg['warmup_lr']:.3g} (lower them, or raise --lr / --lr-base)")  # fmt: skip
-    if cfg["warmup_epochs"] >= cfg["epochs"] and cfg["sched"] != "none":
+    if cfg["warmup_epochs"] >= cfg["epochs"]:
         _say(accelerator, f"note: the warm-up ({cfg['warmup_epochs']} epochs) covers the whole run "
              f"({cfg['epochs']} epochs): the lr never reaches {lr:.3g}")  # fmt: skip
     mixup_fn = None

@@ -152,6 +152,8 @@ def check_takes_images(model: torch.nn.Module, img_size: int, device: torch.devi
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, 3, img_size, img_size, device=device))
+    except torch.OutOfMemoryError:
+        raise  # (not the images' fault)
     except Exception as e:  # noqa: BLE001 - whatever the model raises on such images, named
         raise UsageError(
             f"{what} cannot take the data's images ([B, 3, {img_size}, {img_size}]): {type(e).__name__}: {e}"
@@ -388,6 +390,7 @@ def _map_labels_by_name(ds: Any, names_json: str | None, weights: Path | None) -
     index = {c: trained.index(c) for c in ds.classes}
     ds.samples = [(path, index[ds.classes[t]]) for path, t in ds.samples]
     ds.targets = [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = list(trained), {c: i for i, c in enumerate(trained)}  # (the labels' names now)
 
 
 def validate(
@@ -411,7 +414,7 @@ def validate(
     """Evaluate ``model_name`` (with ``checkpoint`` loaded) on ``split`` of the data; returns the metrics dict of
     :func:`evaluate` plus ``model``, ``checkpoint``, ``loaded_via``, ``img_size``, ``num_classes``."""
     check_model_name(model_name)
-    ds = create_dataset(dataset, data_dir, split)
+    ds = create_dataset(dataset, data_dir, split, evaluation=True)
     if use_ema and not checkpoint:  # (else ignored: the run would report the plain weights as the EMA's)
         raise UsageError("use_ema (--use-ema) needs a checkpoint (--checkpoint) holding EMA weights")
     if crop_pct is not None and not (isinstance(crop_pct, int | float) and 0 < crop_pct < math.inf):
@@ -427,7 +430,7 @@ def validate(
         raise UsageError(f"device={device!r} (--device) is not a torch device; use cpu or cuda[:N]") from None
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
         raise UsageError(f"device={device!r} (--device): use cpu, or cuda[:N] on a machine with a CUDA GPU")
-    if use_ema and checkpoint and not Path(checkpoint).is_dir():
+    if use_ema and checkpoint and Path(checkpoint).is_file():
         # (a weights file is what it is: the flag was ignored and a run's plain weights reported as evaluated)
         raise UsageError(
             f"use_ema (--use-ema) picks ema.safetensors in a checkpoint or run folder; {str(checkpoint)!r} is a file: "
