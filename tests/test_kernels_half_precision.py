@@ -272,15 +272,20 @@ def test_native_half_precision_within_bound_cuda(case, point, dtype):
 def test_gpu_linear_attention_under_bf16_autocast_keeps_the_inputs_dtype(feature_map, head_dim):
     """CUDA autocast runs exp / norm in float32: the maps gave float32 features for bfloat16 inputs, which a check of
     stop 55 refused (the torch backend, every linear-attention model without Triton); the features now take the
-    inputs' dtype. Tolerance: bfloat16's (3e-2 of the output's scale) against the float64 reference."""
+    inputs' dtype. Tolerance: bfloat16's (3e-2 of the output's scale) against the float64 reference. The cosine map
+    (signed features) runs un-normalised: its division by sums of signed scores is ill-conditioned in any precision
+    (s55 H100: an error of 1.2x the output's scale in bfloat16 at this shape, the dtype itself right)."""
     from visionlin.kernels import linear_attention, linear_attention_reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 256, 3, head_dim, device="cuda", generator=g) for _ in range(3))
     fm = feature_map if isinstance(feature_map, str) else (lambda x: feature_map(x * 0.1))
-    ref = linear_attention_reference(q.double(), k.double(), v.double(), feature_map=fm)
+    norm = "none" if feature_map == "cosine" else "divide"
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), feature_map=fm, normalize=norm)
     for backend in ("torch", None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), feature_map=fm, backend=backend)
+            out = linear_attention(
+                q.bfloat16(), k.bfloat16(), v.bfloat16(), feature_map=fm, normalize=norm, backend=backend
+            )
         assert out.dtype == torch.bfloat16
         assert (out.double() - ref).abs().max() <= 3e-2 * ref.abs().max()
