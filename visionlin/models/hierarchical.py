@@ -59,7 +59,7 @@ from ._common import (
     token_grid,
 )
 from ._pretrained import build_with_weights, resolve_cfg
-from .vit import Block, _check_matches, _saved_grid, _unwrap
+from .vit import Block, _check_matches, _saved_grid, _unwrap, refuse_other_grid
 
 __all__ = [
     "ConvBlock",
@@ -614,8 +614,9 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
             # The stage-0 token grid that the grid-sized tables (stage position embeddings, FLatten's positional
             # encodings) are laid out on, saved with the weights: their token counts alone cannot tell H x W from
             # W x H (a transposed checkpoint loaded silently). Stage i's grid is this one divided by 2**i, rounded up.
-            grid0 = (-(-img_size[0] // self.stem.stride), -(-img_size[1] // self.stem.stride))
-            self.register_buffer("pos_embed_grid", torch.tensor(grid0, dtype=torch.int64, device=device))
+            self.register_buffer(
+                "pos_embed_grid", torch.tensor(self.pos_embed_grid_size, dtype=torch.int64, device=device)
+            )
         self.feature_info = [
             dict(num_chs=dims[i], reduction=self.stem.stride * 2**i, module=f"stages.{i}") for i in range(n)
         ]
@@ -781,25 +782,16 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         the tables' shapes make it unambiguous (this model's grid square, or no grid-sized table given)."""
         if "pos_embed_grid" in self._buffers:
             key = prefix + "pos_embed_grid"
-            grid = tuple(int(g) for g in self.pos_embed_grid_size)
+            grid = self.pos_embed_grid_size
             if key in state_dict:
-                theirs = _saved_grid(state_dict[key])
-                if theirs != grid:
-                    raise ValueError(
-                        f"checkpoint was saved for a {theirs[0]} x {theirs[1]} stage-0 token grid, this model has "
-                        f"{grid[0]} x {grid[1]} (img_size={tuple(self.img_size)}); load it through "
-                        f"{type(self).__module__}.checkpoint_filter_fn, which resamples the grid-sized tables, or "
-                        "build the model at the checkpoint's img_size"
-                    )
+                refuse_other_grid(
+                    state_dict[key], grid, "stage-0 token grid", tuple(self.img_size),
+                    f"{type(self).__module__}.checkpoint_filter_fn, which resamples the grid-sized tables",
+                )  # fmt: skip
             else:
-                tables = [k for k in state_dict if k.startswith(prefix) and k.endswith(_GRID_TABLES)]
-                if tables and grid[0] != grid[1]:
-                    raise ValueError(
-                        f"checkpoint has no pos_embed_grid and this model's stage-0 grid {grid} is not square: its "
-                        f"grid-sized tables ({tables[0]}, ...) could be laid out {grid} or {grid[::-1]}; add "
-                        "state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the stage-0 grid it was trained "
-                        "on (img_size / the stem stride) and load it through checkpoint_filter_fn"
-                    )
+                _refuse_ambiguous_grid(
+                    grid, [k for k in state_dict if k.startswith(prefix) and k.endswith(_GRID_TABLES)]
+                )
                 state_dict[key] = torch.tensor(grid, dtype=torch.int64)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
@@ -829,6 +821,18 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
 
 # Keys of grid-sized tables (stage position embeddings, FLatten's positional encodings).
 _GRID_TABLES = (".pos_embed", ".positional_encoding")
+
+
+def _refuse_ambiguous_grid(grid: tuple[int, int], tables: list[str]) -> None:
+    """``ValueError`` for a checkpoint without ``pos_embed_grid`` holding the grid-sized ``tables`` for a model whose
+    stage-0 ``grid`` is not square: their token counts cannot tell ``H x W`` from ``W x H``."""
+    if tables and grid[0] != grid[1]:
+        raise ValueError(
+            f"checkpoint has no pos_embed_grid and this model's stage-0 grid {grid} is not square: its grid-sized "
+            f"tables ({tables[0]}, ...) could be laid out {grid} or {grid[::-1]}; add state_dict['pos_embed_grid'] = "
+            "torch.tensor([H, W]) with the stage-0 grid it was trained on (img_size / the stem stride) and load it "
+            "through checkpoint_filter_fn"
+        )
 
 
 def create_hierarchical(
@@ -946,13 +950,7 @@ def checkpoint_filter_fn(
         own = model.state_dict()
         same = [k for k in state_dict if k.endswith(_GRID_TABLES) and k in own and
                 tuple(getattr(state_dict[k], "shape", ())) == tuple(own[k].shape)]  # fmt: skip
-        if grid0[0] != grid0[1] and same:  # (an old non-square checkpoint, transposed or not, loaded silently)
-            raise ValueError(
-                f"checkpoint has no pos_embed_grid and this model's stage-0 grid {grid0} is not square: its "
-                f"grid-sized tables ({same[0]}, ...) have this model's token counts but could be laid out {grid0} "
-                f"or {grid0[::-1]}; add state_dict['pos_embed_grid'] = torch.tensor([H, W]) with the stage-0 grid "
-                "it was trained on (img_size / the stem stride)"
-            )
+        _refuse_ambiguous_grid(grid0, same)  # (an old non-square checkpoint, transposed or not, loaded silently)
     for k, v in state_dict.items():
         m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.(.+)$", k)
         if m and int(m.group(1)) < len(model.stages) and int(m.group(2)) < len(model.stages[int(m.group(1))].blocks):

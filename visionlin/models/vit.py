@@ -398,14 +398,10 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
         key = prefix + "pos_embed_grid"
         grid = tuple(self.patch_embed.grid_size)
         if key in state_dict:
-            theirs = _saved_grid(state_dict[key])
-            if theirs != grid:
-                raise ValueError(
-                    f"checkpoint was saved for a {theirs[0]} x {theirs[1]} token grid, this model has "
-                    f"{grid[0]} x {grid[1]} (img_size={tuple(self.patch_embed.img_size)}); load it through "
-                    "visionlin.models.vit.checkpoint_filter_fn, which resamples position embeddings and grid-sized "
-                    "tables, or build the model at the checkpoint's img_size"
-                )
+            refuse_other_grid(
+                state_dict[key], grid, "token grid", tuple(self.patch_embed.img_size),
+                "visionlin.models.vit.checkpoint_filter_fn, which resamples position embeddings and grid-sized tables",
+            )  # fmt: skip
         elif prefix + "pos_embed" in state_dict:
             pos = state_dict[prefix + "pos_embed"]
             if tuple(pos.shape) == tuple(self.pos_embed.shape) and grid[0] != grid[1]:
@@ -665,6 +661,17 @@ def _saved_grid(value: Any) -> tuple[int, int]:
     if saved.numel() != 2 or saved.is_floating_point() or bool((saved < 1).any()):
         raise ValueError(f"checkpoint pos_embed_grid must hold two integers (H, W), got {saved.tolist()}; both >= 1")
     return int(saved[0]), int(saved[1])
+
+
+def refuse_other_grid(saved: Any, grid: tuple[int, int], what: str, img_size: tuple, loader: str) -> None:
+    """``ValueError`` when a checkpoint's grid record ``saved`` is not the model's ``grid`` (``what``: which grid, for
+    the message; ``loader``: the filter that resamples such a checkpoint, and what it resamples)."""
+    theirs = _saved_grid(saved)
+    if theirs != grid:
+        raise ValueError(
+            f"checkpoint was saved for a {theirs[0]} x {theirs[1]} {what}, this model has {grid[0]} x {grid[1]} "
+            f"(img_size={img_size}); load it through {loader}, or build the model at the checkpoint's img_size"
+        )
 
 
 def _checkpoint_grid(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionTransformer) -> tuple[int, int]:
