@@ -283,21 +283,15 @@ def sdpa(
     scale: float | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` tensors with a float ``attn_mask`` (or none), except on
-    the CPU with fewer than 16 keys: there PyTorch's fused kernel hides a NaN query (it returns 0), so the same
-    softmax runs unfused in float32, which costs nothing at that size. A row whose every key is masked gets 0, as from
-    SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from the references. Under CPU
-    autocast the result has autocast's dtype, as SDPA's (which autocast runs in it; float64 inputs are left alone)."""
-    if q.device.type != "cpu" or k.shape[-2] >= _CPU_FUSED_SDPA_MIN_KEYS:
-        if q.device.type == "cpu" and _cpu_half_hides_inf(q, k, attn_mask):
-            # the fused CPU kernel in float16 / bfloat16 turns a row with a +inf score into 0 (float32 gives NaN):
-            # such calls (eager only: the check reads values) run it in float32
-            out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-            with torch.autocast("cpu", enabled=False):
-                mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, scale=scale
-                )
-            return out.to(out_dtype)
+    the CPU with fewer than 16 keys, or in half precision with a non-finite q, k or +inf mask value (eager): there
+    PyTorch's fused kernel hides a NaN query or a +inf score (it returns 0), so the same softmax runs unfused in
+    float32, which costs nothing at the small size and is taken only for broken inputs otherwise. A row whose every
+    key is masked gets 0, as from SDPA (:func:`masked_softmax`); a NaN anywhere in a row's scores gives NaN, as from
+    the references. Under CPU autocast the result has autocast's dtype, as SDPA's (which autocast runs in it; float64
+    inputs are left alone)."""
+    # the fused CPU kernel hides a NaN query below 16 keys, and in float16 / bfloat16 turns a row with a +inf score
+    # into 0 (float32 gives NaN): such calls (the latter eager only: the check reads values) run unfused
+    if q.device.type != "cpu" or (k.shape[-2] >= _CPU_FUSED_SDPA_MIN_KEYS and not _cpu_half_hides_inf(q, k, attn_mask)):
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
         )
