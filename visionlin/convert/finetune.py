@@ -432,10 +432,8 @@ def finetune(
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("clip_grad", clip_grad)):
         if value is None and name == "clip_grad":
             continue
-        # (comparisons, not math.isfinite, which raised OverflowError for an int past float64)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or value == math.inf:
-            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-        if value < 0:
+        # (comparisons, not math.isfinite, which raised OverflowError for an int past float64; NaN fails both)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         if value > FLOAT32_MAX:  # (the optimizer's float32 arithmetic failed on it: "cannot be converted ... overflow")
             raise ValueError(f"{name}={value!r} must be at most {FLOAT32_MAX:.4g} (float32's largest value)")

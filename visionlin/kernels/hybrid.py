@@ -322,7 +322,7 @@ def _agent_torch(
     # queries scaled by s_b / s = 32,768 overflowed float16 at |q| > 2: the converter's k_scale2=-4, head_dim 64).
     if sb == s:
         out = agent_attention(q, k, vk, agents, scale=s)
-    elif abs(sb) < abs(s):
+    elif sb < s:  # (both > 0: checked)
         out = agent_attention(q * (sb / s), k, vk, agents, scale=s)
     else:
         out = agent_attention(q, k * (s / sb), vk, agents, scale=sb)
