@@ -1096,9 +1096,7 @@ def train(
             _say(accelerator, f"wrote {plot_run(run_dir)}")
         except ImportError as e:
             _say(accelerator, f"no curves: {e}")
-    # Every process reaches the end before the group is torn down: a process that destroyed its gloo group while
-    # another was still writing the curves or finishing the last reduction aborted at exit ("terminate called without
-    # an active exception", the CPU FSDP resume test under a loaded CI machine).
+    # Every process reaches the end (the main one writes the curves) before the group is torn down.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"run_dir": run_dir, "step": step, "epoch": epoch, "last_eval": last_eval, "skipped": skipped_total}
