@@ -46,6 +46,7 @@ ONE = ["-b", "8"]  # one process: 8 images per step
 TWO = ["-b", "2", "--grad-accum-steps", "2"]  # two processes x 2 images x 2 micro-batches: 8 images per step
 RTOL = 1e-5  # float32 sums in another order (the gradient all-reduce, the per-process loss means)
 TIMEOUT = 300
+HELPER = str(Path(__file__).with_name("fsdp_on_cpu.py"))  # the command with accelerate's FSDP path on CPU processes
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -81,7 +82,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args]
+    """``args``: a module and its arguments, or a script (``*.py``) and its arguments."""
+    module = [] if args[0].endswith(".py") else ["-m"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *module, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=cwd,
                             start_new_session=True, **popen)  # fmt: skip
 
@@ -252,7 +255,10 @@ def test_distill_in_two_processes_follows_one_process(tmp_path, data):
               "1"]  # fmt: skip
     common = [*TINY, *teacher, *losses, *RUN, "--epochs", "1", "--data-dir", str(data)]
     out2 = tmp_path / "two"
-    _run2(["visionlin.cli", "distill", *common, *TWO, "--output", str(out2)], tmp_path)
+    # through the helper (no --fsdp: DDP as `python -m visionlin.cli`), which reports gloo's threads after the command
+    text = _run2([HELPER, "distill", *common, *TWO, "--output", str(out2)], tmp_path)
+    # a DDP run's group is destroyed before the command returns (the FSDP one is not, hence the helper's os._exit)
+    assert text.count("gloo threads left after the command: 0") == 2, text
     assert cli.main(["distill", *common, *ONE, "--output", str(tmp_path / "one")]) == 0
     one, two = _losses(tmp_path / "one" / "infvit_tiny-32"), _losses(out2 / "infvit_tiny-32")
     assert list(one) == list(two) == [1, 2, 3]
@@ -285,8 +291,7 @@ def test_fsdp_follows_ddp_and_resumes_exactly(tmp_path, data, two_process_run):
     # with the reference's EMA: under FSDP each process averages its own shards (visionlin.train.ema)
     ref_run, common, _ = two_process_run
     assert "--model-ema" in common
-    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
-    args = [helper, "train", *common, "--fsdp", "--checkpoint-hist", "0", "--output", str(tmp_path)]
+    args = [HELPER, "train", *common, "--fsdp", "--checkpoint-hist", "0", "--output", str(tmp_path)]
 
     def run(*extra):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
