@@ -221,6 +221,71 @@ def test_checkpoint_roundtrip_and_resize(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_set_input_size_equals_a_model_built_at_that_size(name):
+    """``set_input_size`` (timm's resize) leaves the weights, grid records and outputs of a model built at the new
+    size that loaded these weights through the family's checkpoint_filter_fn (a non-square size: the grid-sized
+    tables must not come out transposed); a size the model cannot run is refused with nothing changed."""
+    src = _create(name)
+    stride = _stride(src)
+    size = (3 * stride, 4 * stride)
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    bad = [0, (size[0], -size[1]), "96"]
+    multiple = getattr(src, "input_multiple", None) or stride
+    if multiple > 1:  # (MAViT-family models take any size)
+        bad.append((size[0] + 1, size[1]))
+    for value in bad:
+        with pytest.raises(ValueError, match="img_size"):
+            src.set_input_size(value)
+    after = src.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    ref = _build(name, img_size=size).eval()
+    ref.load_state_dict(_filter_fn(name)(src.state_dict(), ref), strict=True)
+    src.set_input_size(size)
+    mine, theirs = src.state_dict(), ref.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=0, msg=k)
+    x = _x(batch=1, h=size[0], w=size[1])
+    torch.testing.assert_close(src(x), ref(x))
+    src.set_input_size(None)  # (timm: nothing to change)
+    assert src.state_dict().keys() == theirs.keys()
+    pruned = _create(name)
+    pruned.prune_intermediate_layers([0])  # (the mixers of the blocks or stages it drops are gone)
+    pruned.set_input_size(size)
+    reduction = pruned.feature_info[0]["reduction"]
+    feature = pruned.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
+    assert feature.shape[-2:] == (size[0] // reduction, size[1] // reduction)
+
+
+@pytest.mark.parametrize("name", ["infvit_tiny", "agent_deit_tiny", "flatten_pvt_tiny", "agent_swin_tiny"])
+def test_set_input_size_moves_a_fixed_size_model(name):
+    """With ``dynamic_img_size=False`` the model takes the new size, and only it; the resized tables train."""
+    model = _build(name, dynamic_img_size=False)
+    stride = _stride(model)
+    old, new = (4 * stride, 4 * stride), (4 * stride, 6 * stride)
+    model.set_input_size(new)
+    model(_x(batch=1, h=new[0], w=new[1])).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError):
+        model(_x(batch=1, h=old[0], w=old[1]))
+
+
+def test_set_input_size_keeps_tables_given_their_own_grid():
+    """A mixer given its grid in ``attn_kwargs`` (here Agent's ``bias_size``) keeps its tables; one that took the
+    model's grid follows it. ``patch_size`` is not changed (refused, naming both)."""
+    model = _build("agent_deit_tiny", depth=2, attn_kwargs=[{"bias_size": (7, 7)}, {}])
+    fixed = model.blocks[0].attn.ah_bias.detach().clone()
+    model.set_input_size((96, 160))
+    assert model.blocks[0].attn.bias_size == (7, 7) and torch.equal(model.blocks[0].attn.ah_bias, fixed)
+    assert model.blocks[1].attn.bias_size == (6, 10) and model.blocks[1].attn.ah_bias.shape[3] == 6
+    with pytest.raises(NotImplementedError, match=r"patch_size \(\(16, 16\) -> \(8, 8\)\)"):
+        model.set_input_size(patch_size=8)
+    meta = _build("agent_pvt_tiny", device="meta")  # resized before its weights exist (the resampling ran autocast)
+    meta.set_input_size((256, 320))
+    assert meta.stages[0].blocks[0].attn.bias_size == (64, 80) and meta.pos_embed_grid_size == (64, 80)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_no_mixed_dtypes_under_autocast(name, monkeypatch):
     """Under bf16 autocast every kernel call gets one dtype: an fp32 table promoting q/k/v would silently send the
     call to the float32 reference instead of the native path."""

@@ -202,3 +202,20 @@ class TokenMixer(nn.Module):
                 layer infer it from the table shapes.
         """
         return dict(state_dict)
+
+    def grid_tables_for(self, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """This layer's grid-sized tables laid out for the token grid ``grid`` (resampled from the layer's own grid
+        as :meth:`adapt_state_dict` resamples a checkpoint saved for it), keys relative to the layer; ``{}`` when the
+        layer has none or ``grid`` is its own. Changes nothing: the caller assigns them and sets the grid
+        attribute (``grid_kwarg``), as the models' ``set_input_size`` does."""
+        name = self.grid_kwarg
+        old = None if name is None else getattr(self, name, None)
+        if old is None or tuple(old) == tuple(grid):
+            return {}
+        own = {k: v.detach() for k, v in self.state_dict().items()}
+        setattr(self, name, tuple(grid))
+        try:
+            new = self.adapt_state_dict(own, old_grid=tuple(old))
+        finally:
+            setattr(self, name, old)
+        return {k: v for k, v in new.items() if k in own and v is not own[k]}

@@ -13,6 +13,7 @@ differs, ours resamples them along their spatial axis (linear, ``align_corners=F
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -62,7 +63,8 @@ def _resample_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     if t.shape[dim] == size:
         return t
     dt = torch.promote_types(t.dtype, torch.float32)
-    with torch.autocast(t.device.type, enabled=False):
+    # (no autocast on the meta device: a model built there and resized, or traced for its shapes)
+    with torch.autocast(t.device.type, enabled=False) if t.device.type != "meta" else contextlib.nullcontext():
         out = torch.matmul(t.movedim(dim, -1).to(dt), _linear_matrix(t.shape[dim], size, t.device, dt).t())
     return out.to(t.dtype).movedim(-1, dim)
 

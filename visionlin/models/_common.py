@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 
 __all__ = [
     "AllOrNothingLoad",
+    "assign_tensors",
+    "relayout_grid_layers",
+    "record_input_size",
     "check_bool",
     "check_depths",
     "check_head_input",
@@ -33,6 +36,52 @@ __all__ = [
     "take_indices",
     "token_grid",
 ]
+
+
+def assign_tensors(root: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put ``tensors`` (keyed as ``root.state_dict()``) into ``root``: copied into the parameter or buffer where the
+    shape is unchanged, as a new one (same device, dtype and ``requires_grad``; an optimizer built before holds the
+    old one, as after timm's ``set_input_size``) where it changed."""
+    for key, value in tensors.items():
+        path, _, name = key.rpartition(".")
+        module = root.get_submodule(path) if path else root
+        old = getattr(module, name)
+        value = value.detach().to(device=old.device, dtype=old.dtype)
+        if tuple(value.shape) == tuple(old.shape):
+            with torch.no_grad():
+                old.copy_(value)
+        elif name in module._parameters:
+            setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(name, value.clone(), persistent=name not in module._non_persistent_buffers_set)
+
+
+def relayout_grid_layers(
+    model: nn.Module, layers: Sequence[tuple[str, tuple[int, int]]], tensors: dict[str, torch.Tensor]
+) -> Callable[[], None]:
+    """For ``set_input_size``: add to ``tensors`` the grid-sized tables of each mixer ``model.<path>`` laid out for
+    its new ``grid`` (``TokenMixer.grid_tables_for``), and return the step that then sets the mixers' grids (run it
+    once the tensors are assigned: nothing changes before)."""
+    for path, grid in layers:
+        layer_tables = model.get_submodule(path).grid_tables_for(grid)
+        tensors.update({f"{path}.{k}": v for k, v in layer_tables.items()})
+
+    def set_grids() -> None:
+        for path, grid in layers:
+            layer = model.get_submodule(path)
+            setattr(layer, layer.grid_kwarg, tuple(grid))
+
+    return set_grids
+
+
+def record_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
+    """Record a ``set_input_size`` where timm keeps a model's current input size (``update_model_input_size``, read
+    by ``timm.models.get_model_traits`` and saved with timm's checkpoints); a no-op on a timm without it."""
+    try:
+        from timm.models._input import update_model_input_size
+    except ImportError:  # (older timm: nothing records the size besides the model's own attributes)
+        return
+    update_model_input_size(model, img_size)
 
 
 class AllOrNothingLoad:

@@ -46,6 +46,7 @@ from ..layers.norm import stem_memory_format
 from ..layers.window import window_partition, window_reverse
 from ._common import (
     AllOrNothingLoad,
+    assign_tensors,
     check_bool,
     check_depths,
     check_head_input,
@@ -55,6 +56,8 @@ from ._common import (
     check_positive,
     check_rate,
     grid_pos_embed,
+    record_input_size,
+    relayout_grid_layers,
     take_indices,
     token_grid,
 )
@@ -571,14 +574,16 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
             )
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         stages = []
+        self._grid_layers: list[str] = []  # mixers on their stage's nominal grid (set_input_size lays them out anew)
         for i in range(n):
             start = sum(depths[:i])
-            reduction = self.stem.stride * 2**i
-            grid = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
+            grid = self._stage_grid(img_size, i)
             stage_kwargs = []
-            for name, kw in zip(layers[i], kwargs[i], strict=True):
+            for j, (name, kw) in enumerate(zip(layers[i], kwargs[i], strict=True)):
                 kw, layer_cls = dict(kw or {}), ATTN_LAYERS[name]
                 if getattr(layer_cls, "grid_kwarg", None):  # size-dependent mixers: the stage's nominal grid
+                    if layer_cls.grid_kwarg not in kw:
+                        self._grid_layers.append(f"stages.{i}.blocks.{j}.attn")
                     kw.setdefault(layer_cls.grid_kwarg, grid)
                 if getattr(layer_cls, "prefix_kwarg", None):
                     kw.setdefault(layer_cls.prefix_kwarg, 0)
@@ -798,8 +803,53 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
     @property
     def pos_embed_grid_size(self) -> tuple[int, int]:
         """The stage-0 token grid of the nominal ``img_size`` (the grid-sized tables' layout), as Python ints."""
-        size = tuple(self.img_size)
-        return -(-size[0] // self.stem.stride), -(-size[1] // self.stem.stride)
+        return self._stage_grid(self.img_size, 0)
+
+    def _stage_grid(self, img_size: tuple[int, int], i: int) -> tuple[int, int]:
+        """Stage ``i``'s token grid for an input of ``img_size`` (each reduction rounds up)."""
+        reduction = self.stem.stride * 2**i
+        return -(-int(img_size[0]) // reduction), -(-int(img_size[1]) // reduction)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
+        """Set the nominal input size (as timm's Swin ``set_input_size`` does for its grid-sized parts): the stage
+        position embeddings and every grid-sized table (FLatten's positional encodings, Agent's biases) are resampled
+        to the new stage grids, as loading this model's weights through the family's ``checkpoint_filter_fn`` into a
+        model built at ``img_size`` would (the same outputs); with ``dynamic_img_size=False`` the model then takes
+        that size only. Resized parameters are new ``nn.Parameter`` objects (build the optimizer afterwards).
+
+        Raises:
+            ValueError: ``img_size`` is not a pair of positive ints, or (without ``dynamic_img_pad``) not a multiple
+                of what the model's input check asks; nothing is changed then.
+        """
+        if img_size is None:
+            return
+        img_size = check_pair("img_size", img_size)
+        multiple = getattr(self, "input_multiple", None) or self.stride
+        if not self.dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple):
+            raise ValueError(
+                f"set_input_size: img_size={img_size} is not a multiple of the stride {multiple}: the model could not "
+                f"run an input of that size; use multiples of {multiple} (or build it with dynamic_img_pad=True)"
+            )
+        tensors: dict[str, torch.Tensor] = {}  # everything computed before anything changes
+        grids = [self._stage_grid(img_size, i) for i in range(len(self.stages))]
+        for i, stage in enumerate(self.stages):
+            size = getattr(stage, "pos_embed_size", None)
+            if size is not None and tuple(size) != grids[i]:
+                tensors[f"stages.{i}.pos_embed"] = _resample_stage_pos_embed(
+                    stage.pos_embed.detach(), grids[i], f"stages.{i}.pos_embed", tuple(size)
+                )
+        layers = [(path, grids[int(path.split(".")[1])]) for path in getattr(self, "_grid_layers", ())]
+        set_grids = relayout_grid_layers(self, layers, tensors)  # ("stages.<i>.blocks.<j>.attn")
+        if "pos_embed_grid" in self._buffers:
+            tensors["pos_embed_grid"] = torch.tensor(grids[0], dtype=torch.int64)
+        assign_tensors(self, tensors)
+        for i, stage in enumerate(self.stages):
+            if getattr(stage, "pos_embed_size", None) is not None:
+                stage.pos_embed_size = grids[i]
+        set_grids()
+        self.img_size = img_size
+        record_input_size(self, img_size)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -811,6 +861,8 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         wanted, max_index = take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
+        if hasattr(self, "_grid_layers"):
+            self._grid_layers = [p for p in self._grid_layers if int(p.split(".")[1]) <= max_index]
         if prune_norm or prune_end:
             self.norm = nn.Identity()  # (MAViT's: the projection head, which set num_features)
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]

@@ -77,6 +77,16 @@ class ViGPatchEmbed(nn.Module):
             LayerNorm2d(embed_dim, eps=norm_eps, **dd),
         )
 
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
+        """The nominal input size and its grid (as timm ``PatchEmbed.set_input_size``; the patch size is fixed)."""
+        if patch_size is not None and check_pair("patch_size", patch_size) != self.patch_size:
+            raise NotImplementedError(f"ViGPatchEmbed: changing patch_size ({self.patch_size}) is not supported")
+        if img_size is not None:
+            self.img_size = check_pair("img_size", img_size)
+            p = self.patch_size[0]
+            self.grid_size = (self.img_size[0] // p, self.img_size[1] // p)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C_in, H, W]`` -> patches ``[B, H/p, W/p, C]`` (padded at the bottom / right to multiples of
         ``p`` first with ``dynamic_img_pad``)."""

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import ATTN_LAYERS, TokenMixer, as_patch_conv, as_pre_norm, create_attn
 from ._common import (
     AllOrNothingLoad,
+    assign_tensors,
     check_bool,
     check_head_input,
     check_image,
@@ -40,6 +41,8 @@ from ._common import (
     check_rate,
     grid_pos_embed,
     pretrained_cfg,
+    record_input_size,
+    relayout_grid_layers,
     take_indices,
     token_grid,
 )
@@ -301,9 +304,14 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         blocks = []
+        # the mixers whose grid-sized tables take the model's grid (not one given in attn_kwargs): set_input_size
+        # lays them out anew
+        self._grid_layers: list[str] = []
         for i, (name, kw) in enumerate(zip(attn_layers, per_block_kwargs, strict=True)):
             layer_cls = ATTN_LAYERS[name]
             if getattr(layer_cls, "grid_kwarg", None):
+                if layer_cls.grid_kwarg not in kw:
+                    self._grid_layers.append(f"blocks.{i}.attn")
                 kw.setdefault(layer_cls.grid_kwarg, grid)
             if getattr(layer_cls, "prefix_kwarg", None):
                 kw.setdefault(layer_cls.prefix_kwarg, self.num_prefix_tokens)
@@ -391,6 +399,60 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
             if num_classes > 0
             else nn.Identity()
         )
+
+    @torch.jit.ignore
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Set the nominal input size, as timm's ``VisionTransformer.set_input_size``: the position embedding and
+        every grid-sized table (FLatten's positional encodings, Agent's biases) are resampled to the new token grid,
+        as loading this model's weights through :func:`checkpoint_filter_fn` into a model built at ``img_size`` would
+        (the same outputs at every input size); with ``dynamic_img_size=False`` the model then takes that size only.
+        Resized parameters are new ``nn.Parameter`` objects (build the optimizer afterwards).
+
+        Raises:
+            ValueError: ``img_size`` is not a pair of positive ints, is smaller than one patch, or (without
+                ``dynamic_img_pad``) not a multiple of the patch size; nothing is changed then.
+            NotImplementedError: ``patch_size`` differs from the model's (resampling the patch projection is not
+                supported), or the patch embedding has no ``set_input_size``.
+        """
+        patch = tuple(self.patch_embed.patch_size)
+        if patch_size is not None and check_pair("patch_size", patch_size) != patch:
+            raise NotImplementedError(
+                f"set_input_size: changing patch_size ({patch} -> {check_pair('patch_size', patch_size)}) is not "
+                "supported; build the model with the new patch_size and load its weights through checkpoint_filter_fn"
+            )
+        if img_size is None:
+            return
+        img_size = check_pair("img_size", img_size)
+        if img_size[0] < patch[0] or img_size[1] < patch[1]:
+            raise ValueError(f"set_input_size: {img_size=} is smaller than one patch ({patch=})")
+        if not self.patch_embed.dynamic_img_pad and (img_size[0] % patch[0] or img_size[1] % patch[1]):
+            raise ValueError(
+                f"set_input_size: {img_size=} is not a multiple of the patch size {patch}: the model could not run an "
+                "input of that size; use multiples of it (or build the model with dynamic_img_pad=True)"
+            )
+        if not callable(getattr(self.patch_embed, "set_input_size", None)):
+            raise NotImplementedError(
+                f"set_input_size: the patch embedding ({type(self.patch_embed).__name__}) has no set_input_size"
+            )
+        old, grid = tuple(self.patch_embed.grid_size), (img_size[0] // patch[0], img_size[1] // patch[1])
+        tensors: dict[str, torch.Tensor] = {}  # everything computed before anything changes
+        if grid != old:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            tensors["pos_embed"] = resample_abs_pos_embed(
+                self.pos_embed.detach(),
+                new_size=list(grid),
+                old_size=list(old),
+                num_prefix_tokens=prefix,
+                verbose=False,
+            )
+            tensors["pos_embed_grid"] = torch.tensor(grid, dtype=torch.int64)
+        set_grids = relayout_grid_layers(self, [(path, grid) for path in self._grid_layers], tensors)
+        self.patch_embed.set_input_size(img_size=img_size)
+        assign_tensors(self, tensors)
+        set_grids()
+        record_input_size(self, img_size)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """Refuse weights laid out on another grid; fill in the grid of older or foreign checkpoints where the
@@ -542,6 +604,7 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
         """Drop blocks (and optionally norm / head) not needed for the requested intermediates."""
         wanted, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
+        self._grid_layers = [p for p in self._grid_layers if int(p.split(".")[1]) <= max_index]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
