@@ -176,6 +176,30 @@ def test_explicit_triton_off_cuda_names_the_reason():
         token_adaptive_avg_pool2d(torch.randn(2, 12, 4, dtype=torch.float64), (3, 4), (2, 2), backend="triton")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_uneven_bins_compile_to_the_eager_layout(batch):
+    """``F.adaptive_avg_pool2d`` on the channels-last view of the tokens returned a contiguous map on the CPU at batch 1
+    while its meta function declared channels-last: a compiled graph (``aot_eager``) read the pooled agents with the
+    declared strides, and Agent attention on them gave NaN / 1e37 (Agent models at non-square sizes)."""
+    from visionlin.kernels.agent import agent_attention
+    from visionlin.layers._base import split_heads
+
+    torch.manual_seed(0)
+    qkv = torch.nn.Linear(32, 96)
+
+    def f(x):
+        q, k, v = qkv(x).chunk(3, dim=-1)
+        agents = token_adaptive_avg_pool2d(q[:, 1:], (7, 7), (3, 3), backend="torch")  # uneven bins
+        heads = [split_heads(t, 2) for t in (q, k, v, agents)]
+        return agent_attention(*heads, scale=0.25, backend="sdpa")
+
+    x = torch.randn(batch, 50, 32)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(compiled, f(x))
+
+
 def test_agent_model_with_matrix_pooling_traces_exports_and_compiles(monkeypatch):
     """The large-bin pooling path (autocast turned off inside) through FX, ``torch.export`` and
     ``torch.compile(fullgraph=True)``, equal to eager."""

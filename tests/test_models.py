@@ -240,7 +240,9 @@ def test_set_input_size_equals_a_model_built_at_that_size(name):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     ref = _build(name, img_size=size).eval()
     ref.load_state_dict(_filter_fn(name)(src.state_dict(), ref), strict=True)
+    snapshot = src.state_dict()  # (not copied: a state dict taken before keeps the old tensors, grid record too)
     src.set_input_size(size)
+    assert all(torch.equal(snapshot[k], before[k]) for k in before)
     mine, theirs = src.state_dict(), ref.state_dict()
     assert mine.keys() == theirs.keys()
     for k in theirs:
@@ -280,9 +282,58 @@ def test_set_input_size_keeps_tables_given_their_own_grid():
     assert model.blocks[1].attn.bias_size == (6, 10) and model.blocks[1].attn.ah_bias.shape[3] == 6
     with pytest.raises(NotImplementedError, match=r"patch_size \(\(16, 16\) -> \(8, 8\)\)"):
         model.set_input_size(patch_size=8)
+    with pytest.raises(ValueError, match="smaller than or not a multiple of the stride 32"):
+        _build("flatten_pvt_tiny", dynamic_img_pad=True).set_input_size((24, 64))  # (padding makes 24 run, not < 32)
     meta = _build("agent_pvt_tiny", device="meta")  # resized before its weights exist (the resampling ran autocast)
     meta.set_input_size((256, 320))
     assert meta.stages[0].blocks[0].attn.bias_size == (64, 80) and meta.pos_embed_grid_size == (64, 80)
+
+
+def test_set_input_size_changes_nothing_when_it_cannot_finish():
+    """A model it cannot resize whole is left as it was: a parametrised position embedding, a grid-following mixer
+    replaced after construction, an object without the record of its grid-following mixers (older visionlin)."""
+    from torch.nn.utils import parametrize
+
+    def state(m):
+        return {k: v.clone() for k, v in m.state_dict().items()}, tuple(m.patch_embed.img_size)
+
+    class Same(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = _build("agent_deit_tiny", depth=2)
+    parametrize.register_parametrization(model, "pos_embed", Same())
+    before = state(model)
+    with pytest.raises(NotImplementedError, match="cannot replace 'pos_embed'"):
+        model.set_input_size((96, 160))
+    after = state(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+    assert model.blocks[1].attn.bias_size == (14, 14)
+    model = _build("agent_deit_tiny", depth=2)
+    model.blocks[0].attn = ATTN_LAYERS["softmax"](192, 3)
+    before = state(model)
+    with pytest.raises(RuntimeError, match="blocks.0.attn was built as a mixer on the model's grid"):
+        model.set_input_size((96, 160))
+    after = state(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+    for name in ("agent_deit_tiny", "flatten_pvt_tiny"):
+        model = _build(name)
+        del model._grid_layers
+        with pytest.raises(RuntimeError, match="no record of which mixers follow its grid"):
+            model.set_input_size(256)
+        model.prune_intermediate_layers([0])  # (still works without the record)
+
+
+def test_checkpoint_filter_takes_a_no_embed_class_checkpoint_to_another_grid():
+    """A ``no_embed_class`` model's own weights (class token, position rows for the grid only) load into a model of
+    another size: the recorded grid tells the rows apart (they were read as one class row + 195 grid rows)."""
+    from visionlin.models.vit import checkpoint_filter_fn
+
+    src = _create("infvit_tiny", depth=2, no_embed_class=True)
+    dst = _build("infvit_tiny", depth=2, no_embed_class=True, img_size=(96, 160)).eval()
+    dst.load_state_dict(checkpoint_filter_fn(src.state_dict(), dst))
+    src.set_input_size((96, 160))
+    torch.testing.assert_close(dst.pos_embed, src.pos_embed, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", MODELS)

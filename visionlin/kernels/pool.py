@@ -82,7 +82,10 @@ def _native(x: torch.Tensor, feat_size: tuple[int, int], out_size: tuple[int, in
     if hh % oh == 0 and ww % ow == 0:
         return x.unflatten(1, (oh, hh // oh, ow, ww // ow)).mean(dim=(2, 4)).flatten(1, 2).to(x.dtype)
     if -(-hh // oh) * -(-ww // ow) < LARGE_POOL_BIN:
-        return F.adaptive_avg_pool2d(_map(x, feat_size), out_size).flatten(2).transpose(1, 2)
+        # On a contiguous map: on the channels-last view, the CPU kernel's output layout (contiguous at batch 1) and
+        # the one its meta function declares (channels-last) differ, and a compiled graph (aot_eager) read the pooled
+        # agents with the declared strides: Agent models gave NaN / 1e37 at non-square sizes.
+        return F.adaptive_avg_pool2d(_map(x, feat_size).contiguous(), out_size).flatten(2).transpose(1, 2)
     b, _, c = x.shape
     with torch.autocast(x.device.type, enabled=False):
         rows = torch.matmul(_bin_matrix(hh, oh, x.device), x.float().reshape(b, hh, ww * c))  # [B, oh, W*C]

@@ -22,6 +22,7 @@ from torch import nn
 __all__ = [
     "AllOrNothingLoad",
     "assign_tensors",
+    "grid_layer_paths",
     "relayout_grid_layers",
     "record_input_size",
     "check_bool",
@@ -39,21 +40,30 @@ __all__ = [
 
 
 def assign_tensors(root: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Put ``tensors`` (keyed as ``root.state_dict()``) into ``root``: copied into the parameter or buffer where the
-    shape is unchanged, as a new one (same device, dtype and ``requires_grad``; an optimizer built before holds the
-    old one, as after timm's ``set_input_size``) where it changed."""
+    """Put ``tensors`` (keyed as ``root.state_dict()``) into ``root`` as new parameters / buffers (same device, dtype,
+    ``requires_grad`` and buffer persistence): an optimizer built before, or a state dict taken before, keeps the old
+    tensors, as after timm's ``set_input_size``. Every target is checked before any is replaced.
+
+    Raises:
+        NotImplementedError: a target is not a plain parameter or buffer of its module (a ``parametrize``d one, say);
+            nothing is changed then.
+    """
+    from torch.nn.utils import parametrize
+
+    plan = []
     for key, value in tensors.items():
         path, _, name = key.rpartition(".")
         module = root.get_submodule(path) if path else root
+        plain = name in module._parameters or name in module._buffers
+        if not plain or parametrize.is_parametrized(module, name) or getattr(module, name, None) is None:
+            raise NotImplementedError(f"cannot replace {key!r}: not a plain parameter or buffer of its module")
         old = getattr(module, name)
-        value = value.detach().to(device=old.device, dtype=old.dtype)
-        if tuple(value.shape) == tuple(old.shape):
-            with torch.no_grad():
-                old.copy_(value)
-        elif name in module._parameters:
-            setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+        plan.append((module, name, old, value.detach().to(device=old.device, dtype=old.dtype).clone()))
+    for module, name, old, value in plan:
+        if name in module._parameters:
+            setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
         else:
-            module.register_buffer(name, value.clone(), persistent=name not in module._non_persistent_buffers_set)
+            module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
 
 
 def relayout_grid_layers(
@@ -61,9 +71,23 @@ def relayout_grid_layers(
 ) -> Callable[[], None]:
     """For ``set_input_size``: add to ``tensors`` the grid-sized tables of each mixer ``model.<path>`` laid out for
     its new ``grid`` (``TokenMixer.grid_tables_for``), and return the step that then sets the mixers' grids (run it
-    once the tensors are assigned: nothing changes before)."""
+    once the tensors are assigned: nothing changes before).
+
+    Raises:
+        RuntimeError: a path no longer names a mixer with a grid (replaced after the model was built).
+    """
     for path, grid in layers:
-        layer_tables = model.get_submodule(path).grid_tables_for(grid)
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if getattr(layer, "grid_kwarg", None) is None or not callable(getattr(layer, "grid_tables_for", None)):
+            raise RuntimeError(
+                f"set_input_size: {path} was built as a mixer on the model's grid and is now "
+                f"{type(layer).__name__} (replaced after the model was built?); build the model with the mixers you "
+                "want and load its weights through checkpoint_filter_fn"
+            )
+        layer_tables = layer.grid_tables_for(grid)
         tensors.update({f"{path}.{k}": v for k, v in layer_tables.items()})
 
     def set_grids() -> None:
@@ -72,6 +96,21 @@ def relayout_grid_layers(
             setattr(layer, layer.grid_kwarg, tuple(grid))
 
     return set_grids
+
+
+def grid_layer_paths(model: nn.Module) -> list[str]:
+    """``model._grid_layers`` (the mixers that took the model's grid when it was built).
+
+    Raises:
+        RuntimeError: the model object has no such record (made before ``set_input_size`` existed, e.g. unpickled).
+    """
+    paths = getattr(model, "_grid_layers", None)
+    if paths is None:
+        raise RuntimeError(
+            f"set_input_size: this {type(model).__name__} object has no record of which mixers follow its grid (made "
+            "by an older visionlin); build the model anew and load its state dict"
+        )
+    return list(paths)
 
 
 def record_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:

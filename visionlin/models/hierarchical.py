@@ -55,6 +55,7 @@ from ._common import (
     check_pair,
     check_positive,
     check_rate,
+    grid_layer_paths,
     grid_pos_embed,
     record_input_size,
     relayout_grid_layers,
@@ -567,6 +568,8 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.stride = self.stem.stride * 2 ** (n - 1)
         multiple = self.input_multiple or self.stride  # what the forward's input check asks of every side
+        if img_size[0] < multiple or img_size[1] < multiple:  # (built, then refused every input of its size)
+            raise ValueError(f"img_size={img_size} is smaller than the stride {multiple}: no input of it could run")
         if not dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple):
             raise ValueError(  # (built, then failed at the first forward)
                 f"img_size={img_size} is not a multiple of the stride {multiple}: the model could not run an input "
@@ -826,10 +829,15 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
             return
         img_size = check_pair("img_size", img_size)
         multiple = getattr(self, "input_multiple", None) or self.stride
-        if not self.dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple):
+        if (
+            img_size[0] < multiple
+            or img_size[1] < multiple
+            or (not self.dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple))
+        ):
             raise ValueError(
-                f"set_input_size: img_size={img_size} is not a multiple of the stride {multiple}: the model could not "
-                f"run an input of that size; use multiples of {multiple} (or build it with dynamic_img_pad=True)"
+                f"set_input_size: img_size={img_size} is smaller than or not a multiple of the stride {multiple}: the "
+                f"model could not run an input of that size; use multiples of {multiple} (other sides >= {multiple} "
+                "with dynamic_img_pad=True)"
             )
         tensors: dict[str, torch.Tensor] = {}  # everything computed before anything changes
         grids = [self._stage_grid(img_size, i) for i in range(len(self.stages))]
@@ -839,7 +847,7 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
                 tensors[f"stages.{i}.pos_embed"] = _resample_stage_pos_embed(
                     stage.pos_embed.detach(), grids[i], f"stages.{i}.pos_embed", tuple(size)
                 )
-        layers = [(path, grids[int(path.split(".")[1])]) for path in getattr(self, "_grid_layers", ())]
+        layers = [(path, grids[int(path.split(".")[1])]) for path in grid_layer_paths(self)]
         set_grids = relayout_grid_layers(self, layers, tensors)  # ("stages.<i>.blocks.<j>.attn")
         if "pos_embed_grid" in self._buffers:
             tensors["pos_embed_grid"] = torch.tensor(grids[0], dtype=torch.int64)
@@ -861,7 +869,7 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         wanted, max_index = take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if hasattr(self, "_grid_layers"):
+        if hasattr(self, "_grid_layers"):  # (older objects have no record)
             self._grid_layers = [p for p in self._grid_layers if int(p.split(".")[1]) <= max_index]
         if prune_norm or prune_end:
             self.norm = nn.Identity()  # (MAViT's: the projection head, which set num_features)

@@ -344,6 +344,7 @@ class RoPEHybridBackbone(HierarchicalBackbone):
         self.dynamic_img_size = dynamic_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
+        self._grid_layers: list[str] = []  # (no grid-sized tables: RoPE and the convolutional encodings take any grid)
 
         self.stem = ConvBNStem(in_chans, dims[0], **dd)
         self.pos_drop = nn.Identity()

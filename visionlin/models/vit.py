@@ -39,6 +39,7 @@ from ._common import (
     check_pair,
     check_positive,
     check_rate,
+    grid_layer_paths,
     grid_pos_embed,
     pretrained_cfg,
     record_input_size,
@@ -448,9 +449,9 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
                 verbose=False,
             )
             tensors["pos_embed_grid"] = torch.tensor(grid, dtype=torch.int64)
-        set_grids = relayout_grid_layers(self, [(path, grid) for path in self._grid_layers], tensors)
+        set_grids = relayout_grid_layers(self, [(path, grid) for path in grid_layer_paths(self)], tensors)
+        assign_tensors(self, tensors)  # (checks every target, then replaces them)
         self.patch_embed.set_input_size(img_size=img_size)
-        assign_tensors(self, tensors)
         set_grids()
         record_input_size(self, img_size)
 
@@ -604,7 +605,8 @@ class EfficientVisionTransformer(AllOrNothingLoad, nn.Module):
         """Drop blocks (and optionally norm / head) not needed for the requested intermediates."""
         wanted, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
-        self._grid_layers = [p for p in self._grid_layers if int(p.split(".")[1]) <= max_index]
+        if hasattr(self, "_grid_layers"):  # (older objects have no record)
+            self._grid_layers = [p for p in self._grid_layers if int(p.split(".")[1]) <= max_index]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -709,6 +711,10 @@ def _prefix_rows(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionT
     n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
     n_prefix = int("cls_token" in state_dict) + int("dist_token" in state_dict) + n_reg
     grid = tuple(model.patch_embed.grid_size)
+    if "pos_embed_grid" in state_dict:  # (the recorded grid tells: rows of a no_embed_class checkpoint, any grid)
+        saved = _saved_grid(state_dict["pos_embed_grid"])
+        if pos.shape[1] == saved[0] * saved[1]:
+            return 0
     if pos.shape[1] - n_prefix <= 0 or (pos.shape[1] == grid[0] * grid[1] and model.no_embed_class):
         return 0
     return n_prefix
