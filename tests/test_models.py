@@ -284,6 +284,8 @@ def test_set_input_size_keeps_tables_given_their_own_grid():
         model.set_input_size(patch_size=8)
     with pytest.raises(ValueError, match="smaller than or not a multiple of the stride 32"):
         _build("flatten_pvt_tiny", dynamic_img_pad=True).set_input_size((24, 64))  # (padding makes 24 run, not < 32)
+    with pytest.raises(ValueError, match="img_size=.24, 24. is smaller than the stride 32"):
+        _build("flatten_pvt_tiny", dynamic_img_pad=True, img_size=24)  # (the constructor, likewise)
     meta = _build("agent_pvt_tiny", device="meta")  # resized before its weights exist (the resampling ran autocast)
     meta.set_input_size((256, 320))
     assert meta.stages[0].blocks[0].attn.bias_size == (64, 80) and meta.pos_embed_grid_size == (64, 80)

@@ -568,13 +568,13 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.stride = self.stem.stride * 2 ** (n - 1)
         multiple = self.input_multiple or self.stride  # what the forward's input check asks of every side
-        if img_size[0] < multiple or img_size[1] < multiple:  # (built, then refused every input of its size)
-            raise ValueError(f"img_size={img_size} is smaller than the stride {multiple}: no input of it could run")
         if not dynamic_img_pad and (img_size[0] % multiple or img_size[1] % multiple):
             raise ValueError(  # (built, then failed at the first forward)
                 f"img_size={img_size} is not a multiple of the stride {multiple}: the model could not run an input "
                 f"of its own size; use sides that are multiples of {multiple}, or dynamic_img_pad=True"
             )
+        if img_size[0] < multiple or img_size[1] < multiple:  # (with dynamic_img_pad: every input of its size refused)
+            raise ValueError(f"img_size={img_size} is smaller than the stride {multiple}: no input of it could run")
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         stages = []
         self._grid_layers: list[str] = []  # mixers on their stage's nominal grid (set_input_size lays them out anew)

@@ -711,7 +711,7 @@ def _prefix_rows(state_dict: Mapping[str, torch.Tensor], model: EfficientVisionT
     n_reg = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
     n_prefix = int("cls_token" in state_dict) + int("dist_token" in state_dict) + n_reg
     grid = tuple(model.patch_embed.grid_size)
-    if "pos_embed_grid" in state_dict:  # (the recorded grid tells: rows of a no_embed_class checkpoint, any grid)
+    if model.no_embed_class and "pos_embed_grid" in state_dict:  # (a no_embed_class checkpoint of another grid)
         saved = _saved_grid(state_dict["pos_embed_grid"])
         if pos.shape[1] == saved[0] * saved[1]:
             return 0
