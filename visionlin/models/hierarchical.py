@@ -828,7 +828,7 @@ class HierarchicalBackbone(AllOrNothingLoad, nn.Module):
         if img_size is None:
             return
         img_size = check_pair("img_size", img_size)
-        multiple = getattr(self, "input_multiple", None) or self.stride
+        multiple = self.input_multiple or self.stride  # (as the constructor and the forward's input check)
         if (
             img_size[0] < multiple
             or img_size[1] < multiple
